@@ -1,0 +1,227 @@
+"""Store and snapshot commands: init, info, snapshot, log, show, diff, restore, gc."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from narrative.errors import InvalidInput
+
+from .context import open_store
+from .output import emit, json_option, note
+
+__all__ = ["COMMANDS"]
+
+
+def _short(snap: dict[str, Any]) -> str:
+    msg = snap["message"].splitlines()[0] if snap["message"] else ""
+    return f"{snap['id']}  {snap['created_at']}  {snap['commit'][:12]}  {msg}"
+
+
+@click.command()
+@click.argument("path", required=False, type=click.Path(file_okay=False))
+@json_option
+@click.pass_context
+def init(ctx: click.Context, path: str | None, as_json: bool) -> None:
+    """Create the shadow store for the workspace at PATH (default: current directory)."""
+    from narrative.store import Store
+
+    store = Store.init(path or os.getcwd(), ctx.find_root().obj.get("store_dir"))
+    data = _info(store)
+    emit(as_json, data, f"initialised narrative store {store.git_dir} for {store.workspace}")
+
+
+def _info(store: Any) -> dict[str, Any]:
+    return {
+        "workspace": store.workspace,
+        "store": store.git_dir,
+        "default_objective": store.config.default_objective,
+        "default_thread": store.config.default_thread,
+        "max_file_size": store.config.max_file_size,
+        "threads": len(store.thread_heads()),
+    }
+
+
+@click.command()
+@json_option
+@click.pass_context
+def info(ctx: click.Context, as_json: bool) -> None:
+    """Where the workspace and its store are, and the defaults in use."""
+    data = _info(open_store(ctx))
+    emit(as_json, data, lambda: "\n".join(f"{k}: {v}" for k, v in data.items()))
+
+
+@click.command()
+@click.option("-m", "--message", default="", help="Snapshot message.")
+@click.option("--thread", "thread_ref", help="Thread id or name (default: the default thread).")
+@click.option("--run", "run_id", help="Agent run this snapshot belongs to.")
+@click.option("--allow-empty", is_flag=True, help="Snapshot even if nothing changed.")
+@json_option
+@click.pass_context
+def snapshot(ctx: click.Context, message: str, thread_ref: str | None, run_id: str | None,
+             allow_empty: bool, as_json: bool) -> None:
+    """Capture the workspace as a new snapshot on a thread."""
+    from narrative.snapshot import take_snapshot
+
+    store = open_store(ctx)
+    thread_id = None
+    if run_id is not None:
+        from narrative.hierarchy import get_run
+
+        thread_id = get_run(store, run_id).thread_id
+    if thread_ref is not None:
+        from narrative.hierarchy import resolve_thread
+
+        resolved = resolve_thread(store, thread_ref).id
+        if thread_id is not None and resolved != thread_id:
+            raise InvalidInput(f"run {run_id} belongs to thread {thread_id}, not {resolved}")
+        thread_id = resolved
+    result = take_snapshot(store, thread_id, run_id, message, allow_empty)
+    data = {**result.snapshot.to_dict(), "created": result.created}
+    if not result.created:
+        note(f"nothing changed since snapshot {result.snapshot.id}; no new snapshot "
+             "(use --allow-empty to force one)")
+    emit(as_json, data, result.snapshot.id)
+
+
+@click.command()
+@click.option("--thread", "thread_ref", help="Only this thread (id or name).")
+@click.option("--objective", "objective_ref", help="Every thread of this objective.")
+@click.option("--all", "all_threads", is_flag=True, help="Every thread.")
+@click.option("-n", "--max-count", type=click.IntRange(min=1), help="At most N snapshots.")
+@json_option
+@click.pass_context
+def log(ctx: click.Context, thread_ref: str | None, objective_ref: str | None, all_threads: bool,
+        max_count: int | None, as_json: bool) -> None:
+    """List snapshots, newest first (default: the default thread)."""
+    from narrative import hierarchy
+    from narrative.history import all_snapshots, thread_snapshots
+
+    if sum(bool(x) for x in (thread_ref, objective_ref, all_threads)) > 1:
+        raise click.UsageError("use at most one of --thread, --objective, --all")
+    store = open_store(ctx)
+    if all_threads:
+        snaps = list(all_snapshots(store))
+    elif objective_ref:
+        objective = hierarchy.resolve_objective(store, objective_ref)
+        snaps = [s for t in hierarchy.list_threads(store, objective.id)
+                 for s in thread_snapshots(store, t.id)]
+    else:
+        snaps = list(thread_snapshots(store, hierarchy.resolve_thread(store, thread_ref).id))
+    snaps.sort(key=lambda s: (s.created_at, s.id), reverse=True)
+    data = [s.to_dict() for s in snaps[:max_count]]
+    emit(as_json, data, lambda: "\n".join(_short(s) for s in data))
+
+
+@click.command()
+@click.argument("snapshot_ref")
+@json_option
+@click.pass_context
+def show(ctx: click.Context, snapshot_ref: str, as_json: bool) -> None:
+    """Show one snapshot (id, unique prefix, thread id for its head, or commit)."""
+    from narrative.history import resolve_snapshot
+
+    snap = resolve_snapshot(open_store(ctx), snapshot_ref).to_dict()
+
+    def human() -> str:
+        lines = [f"snapshot {snap['id']}", f"commit   {snap['commit']}", f"tree     {snap['tree']}",
+                 f"thread   {snap['thread']}", f"run      {snap['run'] or '-'}",
+                 f"parent   {snap['parent'] or '-'}", f"created  {snap['created_at']}",
+                 f"stats    {snap['stats']}"]
+        lines += [f"skipped  {s.get('path')} ({s.get('reason')})" for s in snap["skipped"]]
+        return "\n".join(lines) + "\n\n    " + snap["message"].replace("\n", "\n    ")
+
+    emit(as_json, snap, human)
+
+
+@click.command()
+@click.argument("old")
+@click.argument("new", required=False)
+@click.option("--stat", "mode", flag_value="stat", help="Per-file line counts.")
+@click.option("--name-status", "mode", flag_value="name-status", help="Status letter and path.")
+@click.option("--patch", "mode", flag_value="patch", help="Unified patch (default).")
+@json_option
+@click.pass_context
+def diff(ctx: click.Context, old: str, new: str | None, mode: str | None, as_json: bool) -> None:
+    """Changes from snapshot OLD to snapshot NEW (default: the live workspace)."""
+    from narrative.diff import diff_snapshots
+    from narrative.history import resolve_snapshot
+
+    store = open_store(ctx)
+    mode = mode or "patch"
+    a = resolve_snapshot(store, old)
+    b = resolve_snapshot(store, new) if new else None
+    result = diff_snapshots(store, a, b, patch=mode == "patch",
+                            counts=mode != "name-status" or as_json)
+
+    def human() -> str:
+        if mode == "name-status":
+            return "\n".join(f"{f.status}\t{f.path}" for f in result.files)
+        if mode == "stat":
+            width = max((len(f.path) for f in result.files), default=0)
+            rows = [f" {f.path:<{width}} | " + ("Bin" if f.binary else
+                    f"{f.insertions + f.deletions} {'+' * min(f.insertions, 40)}"
+                    f"{'-' * min(f.deletions, 40)}") for f in result.files]
+            total = result.to_dict()["totals"]
+            rows.append(f" {total['files']} files changed, {total['insertions']} insertions(+), "
+                        f"{total['deletions']} deletions(-)")
+            return "\n".join(rows)
+        return result.patch or ""
+
+    emit(as_json, result.to_dict(), human)
+
+
+@click.command()
+@click.argument("snapshot_ref")
+@click.option("--to", "target", type=click.Path(), help="Materialise into this (empty) directory.")
+@click.option("--thread", "thread_ref", help="Thread for the safety snapshot (default thread).")
+@json_option
+@click.pass_context
+def restore(ctx: click.Context, snapshot_ref: str, target: str | None, thread_ref: str | None,
+            as_json: bool) -> None:
+    """Restore a snapshot into the workspace (after a safety snapshot) or into --to DIR."""
+    from dataclasses import asdict
+
+    from narrative.history import resolve_snapshot
+    from narrative.restore import materialize, restore_workspace
+
+    store = open_store(ctx)
+    snap = resolve_snapshot(store, snapshot_ref)
+    if target is not None:
+        result = materialize(store, snap, target)
+    else:
+        from narrative.hierarchy import resolve_thread
+
+        thread_id = resolve_thread(store, thread_ref).id if thread_ref else None
+        result = restore_workspace(store, snap, thread_id)
+        note(f"safety snapshot {result.safety_snapshot} taken first "
+             f"(undo with: narrative restore {result.safety_snapshot})")
+    emit(as_json, asdict(result),
+         f"restored {snap.id} into {result.target}: {result.written} written, "
+         f"{result.deleted} deleted")
+
+
+@click.command()
+@click.option("--keep-last", type=click.IntRange(min=1), help="Keep the newest N per thread.")
+@click.option("--keep-within", help="Keep snapshots younger than this (e.g. 7d, 12h, 30m).")
+@click.option("--dry-run", is_flag=True, help="Only report what would be dropped.")
+@json_option
+@click.pass_context
+def gc(ctx: click.Context, keep_last: int | None, keep_within: str | None, dry_run: bool,
+       as_json: bool) -> None:
+    """Drop old snapshots by a retention policy and pack the store."""
+    from dataclasses import asdict
+
+    from narrative.gc import RetentionPolicy, collect_garbage, parse_duration
+
+    policy = RetentionPolicy(keep_last, parse_duration(keep_within) if keep_within else None)
+    report = collect_garbage(open_store(ctx), policy, dry_run=dry_run)
+    emit(as_json, asdict(report),
+         f"{'would drop' if dry_run else 'dropped'} {len(report.dropped)} snapshots; "
+         f"{report.packs_before} packs -> {report.packs_after}; "
+         f"{report.bytes_before} -> {report.bytes_after} bytes")
+
+
+COMMANDS = [init, info, snapshot, log, show, diff, restore, gc]

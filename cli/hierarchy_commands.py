@@ -1,0 +1,214 @@
+"""Objective, thread and run commands."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .context import open_store
+from .output import emit, json_option
+
+__all__ = ["COMMANDS"]
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    return "\n".join("  ".join(str(r.get(c) if r.get(c) is not None else "-") for c in columns)
+                     for r in rows)
+
+
+@click.group()
+def objective() -> None:
+    """Create and inspect objectives."""
+
+
+@objective.command("create")
+@click.argument("title")
+@click.option("-d", "--description", default="", help="Longer description.")
+@json_option
+@click.pass_context
+def objective_create(ctx: click.Context, title: str, description: str, as_json: bool) -> None:
+    """Create an objective."""
+    from narrative.hierarchy import create_objective
+
+    obj = create_objective(open_store(ctx), title, description)
+    emit(as_json, obj.to_dict(), obj.id)
+
+
+@objective.command("list")
+@json_option
+@click.pass_context
+def objective_list(ctx: click.Context, as_json: bool) -> None:
+    """List objectives."""
+    from narrative.hierarchy import list_objectives
+
+    rows = [o.to_dict() for o in list_objectives(open_store(ctx))]
+    emit(as_json, rows, lambda: _table(rows, ["id", "status", "created_at", "title"]))
+
+
+@objective.command("show")
+@click.argument("ref")
+@json_option
+@click.pass_context
+def objective_show(ctx: click.Context, ref: str, as_json: bool) -> None:
+    """Show an objective and its threads."""
+    from narrative.hierarchy import list_threads, resolve_objective
+
+    store = open_store(ctx)
+    obj = resolve_objective(store, ref)
+    data = {**obj.to_dict(), "threads": [t.to_dict() for t in list_threads(store, obj.id)]}
+    emit(as_json, data, lambda: _table([data], ["id", "status", "title"]) + "\n"
+         + _table(data["threads"], ["id", "name", "forked_from"]))
+
+
+@objective.command("set-status")
+@click.argument("ref")
+@click.argument("status", type=click.Choice(["open", "done", "abandoned"]))
+@json_option
+@click.pass_context
+def objective_status(ctx: click.Context, ref: str, status: str, as_json: bool) -> None:
+    """Mark an objective open, done or abandoned."""
+    from narrative.hierarchy import resolve_objective, set_objective_status
+
+    store = open_store(ctx)
+    obj = set_objective_status(store, resolve_objective(store, ref).id, status)
+    emit(as_json, obj.to_dict(), f"{obj.id} {obj.status}")
+
+
+@click.group()
+def thread() -> None:
+    """Create, fork and inspect threads."""
+
+
+@thread.command("create")
+@click.argument("name")
+@click.option("--objective", "objective_ref", help="Objective (default: the default one).")
+@click.option("--from", "from_snapshot", help="Fork from this snapshot.")
+@json_option
+@click.pass_context
+def thread_create(ctx: click.Context, name: str, objective_ref: str | None,
+                  from_snapshot: str | None, as_json: bool) -> None:
+    """Create a thread, optionally forked from a snapshot."""
+    from narrative.hierarchy import create_thread, resolve_objective
+    from narrative.history import resolve_snapshot
+
+    store = open_store(ctx)
+    objective_id = (resolve_objective(store, objective_ref).id if objective_ref
+                    else store.config.default_objective)
+    fork = resolve_snapshot(store, from_snapshot).id if from_snapshot else None
+    created = create_thread(store, objective_id, name, fork)
+    emit(as_json, created.to_dict(), created.id)
+
+
+@thread.command("list")
+@click.option("--objective", "objective_ref", help="Only threads of this objective.")
+@json_option
+@click.pass_context
+def thread_list(ctx: click.Context, objective_ref: str | None, as_json: bool) -> None:
+    """List threads with their head snapshot commit."""
+    from narrative.hierarchy import list_threads, resolve_objective
+
+    store = open_store(ctx)
+    objective_id = resolve_objective(store, objective_ref).id if objective_ref else None
+    heads = store.thread_heads()
+    rows = [{**t.to_dict(), "head": heads[t.id].hex() if t.id in heads else None}
+            for t in list_threads(store, objective_id)]
+    emit(as_json, rows, lambda: _table(rows, ["id", "name", "objective_id", "head"]))
+
+
+@thread.command("show")
+@click.argument("ref")
+@json_option
+@click.pass_context
+def thread_show(ctx: click.Context, ref: str, as_json: bool) -> None:
+    """Show a thread with its snapshot count and runs."""
+    from narrative.hierarchy import list_runs, resolve_thread
+    from narrative.history import thread_snapshots
+
+    store = open_store(ctx)
+    t = resolve_thread(store, ref)
+    snaps = list(thread_snapshots(store, t.id))
+    data = {**t.to_dict(), "head": snaps[0].id if snaps else None, "snapshots": len(snaps),
+            "runs": [r.id for r in list_runs(store, t.id)]}
+    emit(as_json, data, lambda: "\n".join(f"{k}: {v}" for k, v in data.items()))
+
+
+@click.group()
+def run() -> None:
+    """Record agent runs on threads."""
+
+
+@run.command("start")
+@click.option("--thread", "thread_ref", help="Thread (id or name; default thread).")
+@click.option("--agent", default="agent", show_default=True, help="Agent name.")
+@click.option("--env", "environment", default="local", show_default=True, help="Environment.")
+@click.option("--no-snapshot", is_flag=True, help="Do not snapshot the workspace as the base.")
+@json_option
+@click.pass_context
+def run_start(ctx: click.Context, thread_ref: str | None, agent: str, environment: str,
+              no_snapshot: bool, as_json: bool) -> None:
+    """Start a run; its base is a snapshot of the workspace taken now."""
+    from narrative.hierarchy import resolve_thread, start_run
+    from narrative.snapshot import take_snapshot
+
+    store = open_store(ctx)
+    t = resolve_thread(store, thread_ref)
+    base = None
+    if not no_snapshot:
+        base = take_snapshot(store, t.id, message=f"base of a run by {agent}").snapshot.id
+    started = start_run(store, t.id, agent, environment, base)
+    emit(as_json, started.to_dict(), started.id)
+
+
+@run.command("finish")
+@click.argument("run_id")
+@click.option("--status", type=click.Choice(["succeeded", "failed", "cancelled", "killed"]),
+              default="succeeded", show_default=True)
+@click.option("--exit-code", type=int, help="Exit code of the agent.")
+@click.option("--no-snapshot", is_flag=True, help="Do not snapshot the result.")
+@click.option("-m", "--message", default="", help="Message of the result snapshot.")
+@json_option
+@click.pass_context
+def run_finish(ctx: click.Context, run_id: str, status: str, exit_code: int | None,
+               no_snapshot: bool, message: str, as_json: bool) -> None:
+    """Finish a run, snapshotting its result onto the run's thread."""
+    from narrative.hierarchy import finish_run, get_run
+    from narrative.snapshot import take_snapshot
+
+    store = open_store(ctx)
+    current = get_run(store, run_id)
+    result = None
+    if not no_snapshot:
+        result = take_snapshot(store, current.thread_id, run_id,
+                               message or f"result of run {run_id}").snapshot.id
+    done = finish_run(store, run_id, status, exit_code, result)
+    emit(as_json, done.to_dict(), f"{done.id} {done.status}")
+
+
+@run.command("list")
+@click.option("--thread", "thread_ref", help="Only runs on this thread.")
+@json_option
+@click.pass_context
+def run_list(ctx: click.Context, thread_ref: str | None, as_json: bool) -> None:
+    """List agent runs."""
+    from narrative.hierarchy import list_runs, resolve_thread
+
+    store = open_store(ctx)
+    thread_id = resolve_thread(store, thread_ref).id if thread_ref else None
+    rows = [r.to_dict() for r in list_runs(store, thread_id)]
+    emit(as_json, rows, lambda: _table(rows, ["id", "status", "agent", "thread", "started_at"]))
+
+
+@run.command("show")
+@click.argument("run_id")
+@json_option
+@click.pass_context
+def run_show(ctx: click.Context, run_id: str, as_json: bool) -> None:
+    """Show one run."""
+    from narrative.hierarchy import get_run
+
+    data = get_run(open_store(ctx), run_id).to_dict()
+    emit(as_json, data, lambda: "\n".join(f"{k}: {v}" for k, v in data.items()))
+
+
+COMMANDS = [objective, thread, run]

@@ -1,0 +1,3 @@
+"""narrative package."""
+
+__all__: list[str] = []

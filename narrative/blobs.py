@@ -1,0 +1,127 @@
+"""Turn files into blobs in a pack, on every core.
+
+Reading, SHA-1 and zlib all release the GIL, so a small thread pool keeps both cores busy on a
+first snapshot. Files are hashed before they are compressed, so content the store already holds
+costs one read and one hash. Files above :data:`STREAM_THRESHOLD` are streamed through a spool
+file so memory stays flat whatever the size cap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+from .objects import MODE_LINK, hash_object, object_header
+from .odb import ObjectStore, PackWriter, deflate
+from .scan import FileJob
+from .statcache import RACY_KEY
+
+__all__ = ["STREAM_THRESHOLD", "write_blobs"]
+
+STREAM_THRESHOLD = 8 << 20
+_CHUNK = 1 << 20
+_PARALLEL_MIN_JOBS = 32
+
+
+class _Changed(Exception):
+    """The file changed size while it was read; it will be retried."""
+
+
+def _read_small(path: str, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(size + 1)
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise _Changed
+    return data
+
+
+def _hash_stream(path: str, size: int) -> bytes:
+    h = hashlib.sha1(object_header("blob", size))
+    got = 0
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            got += len(chunk)
+    if got != size:
+        raise _Changed
+    return h.digest()
+
+
+def _write_stream(writer: PackWriter, path: str, size: int, oid: bytes) -> None:
+    h = hashlib.sha1(object_header("blob", size))
+    comp = zlib.compressobj(1)
+    with tempfile.SpooledTemporaryFile(max_size=_CHUNK * 4) as spool:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+                spool.write(comp.compress(chunk))
+        spool.write(comp.flush())
+        if h.digest() != oid:
+            raise _Changed
+        spool.seek(0)
+        writer.add_stream("blob", oid, size, spool)
+
+
+def _store_one(job: FileJob, store: ObjectStore, writer: PackWriter | None) -> None:
+    if job.mode == MODE_LINK:
+        data = os.fsencode(os.readlink(job.path))
+        oid = writer.add_raw("blob", data) if writer else hash_object("blob", data)
+    else:
+        size = job.key[2]
+        for _attempt in range(3):
+            try:
+                if size <= STREAM_THRESHOLD:
+                    data = _read_small(job.path, size)
+                    h = hashlib.sha1(object_header("blob", size))
+                    h.update(data)
+                    oid = h.digest()
+                    if writer is not None and oid not in writer and not store.exists(oid):
+                        writer.add("blob", oid, size, deflate(data))
+                else:
+                    oid = _hash_stream(job.path, size)
+                    if writer is not None and oid not in writer and not store.exists(oid):
+                        _write_stream(writer, job.path, size, oid)
+                break
+            except _Changed:
+                # Being written right now: take its current state, and never trust the stat key.
+                size = os.lstat(job.path).st_size
+                job.key = RACY_KEY
+        else:
+            raise OSError(f"{job.rel} keeps changing while being read")
+    job.entry[2] = oid
+
+
+def write_blobs(
+    jobs: list[FileJob], store: ObjectStore, writer: PackWriter | None
+) -> list[FileJob]:
+    """Store every job's file as a blob (only hash it without a writer); returns the jobs that
+    could not be read.
+
+    A file that disappeared or became unreadable since the walk is dropped from the snapshot
+    (reported back) rather than failing the whole snapshot.
+    """
+    failed: list[FileJob] = []
+
+    def run(job: FileJob) -> None:
+        try:
+            _store_one(job, store, writer)
+        except OSError:
+            failed.append(job)
+
+    if len(jobs) < _PARALLEL_MIN_JOBS:
+        for job in jobs:
+            run(job)
+    else:
+        workers = max(2, min(4, os.cpu_count() or 2))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(run, jobs, chunksize=16))
+    return failed

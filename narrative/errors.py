@@ -1,0 +1,160 @@
+"""The error tree of the Narrative Engine core.
+
+Every error raised on purpose by the packages derives from :class:`NarrativeError`, so the CLI
+can print one clear line and exit 1. Errors carry structured attributes, and mix in a built-in
+where one fits (``LookupError`` for unknown ids, ``TimeoutError`` for lock waits)::
+
+    NarrativeError
+    ├── StoreError
+    │   ├── StoreNotFound            no store for this workspace
+    │   ├── StoreExists              init over an existing store
+    │   ├── StoreCorrupted           objects/refs/metadata unreadable
+    │   └── LockTimeout (+TimeoutError)
+    ├── NotFound (+LookupError)
+    │   ├── ObjectiveNotFound(objective_id)
+    │   ├── ThreadNotFound(thread_id)
+    │   ├── RunNotFound(run_id)
+    │   └── SnapshotNotFound(snapshot_id)
+    ├── AmbiguousId(prefix, candidates)
+    ├── InvalidInput (+ValueError)   bad ids, names, options, paths
+    ├── ConcurrentUpdate             compare-and-swap lost too many times
+    ├── NothingToSnapshot            unchanged tree without --allow-empty
+    └── RestoreError                 a restore that would lose data, or cannot proceed
+
+Sibling packages (transfer, gateway, providers) hang their own subtrees below
+:class:`NarrativeError`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AmbiguousId",
+    "ConcurrentUpdate",
+    "InvalidInput",
+    "LockTimeout",
+    "NarrativeError",
+    "NotFound",
+    "NothingToSnapshot",
+    "ObjectiveNotFound",
+    "RestoreError",
+    "RunNotFound",
+    "SnapshotNotFound",
+    "StoreCorrupted",
+    "StoreError",
+    "StoreExists",
+    "StoreNotFound",
+    "ThreadNotFound",
+]
+
+
+class NarrativeError(Exception):
+    """Root of every error the toolkit raises on purpose."""
+
+
+class StoreError(NarrativeError):
+    """The shadow store is missing, unusable or busy."""
+
+
+class StoreNotFound(StoreError):
+    """No narrative store was found for a workspace."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"no narrative store for {path} (run 'narrative init')")
+        self.path = path
+
+
+class StoreExists(StoreError):
+    """``init`` was asked to create a store where one already exists."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"a narrative store already exists at {path}")
+        self.path = path
+
+
+class StoreCorrupted(StoreError):
+    """Objects, refs or metadata of the store cannot be read."""
+
+
+class LockTimeout(StoreError, TimeoutError):
+    """A store lock could not be taken in time."""
+
+    def __init__(self, path: str, seconds: float) -> None:
+        super().__init__(f"timed out after {seconds:.0f}s waiting for lock {path}")
+        self.path = path
+        self.seconds = seconds
+
+
+class NotFound(NarrativeError, LookupError):
+    """An id names nothing in the store."""
+
+    kind = "object"
+
+    def __init__(self, ident: str) -> None:
+        super().__init__(f"unknown {self.kind}: {ident}")
+        self.ident = ident
+
+
+class ObjectiveNotFound(NotFound):
+    """No objective with this id."""
+
+    kind = "objective"
+
+    @property
+    def objective_id(self) -> str:
+        return self.ident
+
+
+class ThreadNotFound(NotFound):
+    """No thread with this id or name."""
+
+    kind = "thread"
+
+    @property
+    def thread_id(self) -> str:
+        return self.ident
+
+
+class RunNotFound(NotFound):
+    """No agent run with this id."""
+
+    kind = "run"
+
+    @property
+    def run_id(self) -> str:
+        return self.ident
+
+
+class SnapshotNotFound(NotFound):
+    """No snapshot with this id, commit or prefix."""
+
+    kind = "snapshot"
+
+    @property
+    def snapshot_id(self) -> str:
+        return self.ident
+
+
+class AmbiguousId(NarrativeError, LookupError):
+    """A prefix matches more than one id."""
+
+    def __init__(self, prefix: str, candidates: list[str]) -> None:
+        shown = ", ".join(sorted(candidates)[:5])
+        super().__init__(f"ambiguous id {prefix!r}: matches {shown}")
+        self.prefix = prefix
+        self.candidates = candidates
+
+
+class InvalidInput(NarrativeError, ValueError):
+    """An argument, option, id or path is malformed."""
+
+
+class ConcurrentUpdate(NarrativeError):
+    """A compare-and-swap update kept losing against other writers."""
+
+
+class NothingToSnapshot(NarrativeError):
+    """The workspace equals the thread head and ``allow_empty`` was not given."""
+
+
+class RestoreError(NarrativeError):
+    """A restore cannot proceed without risking unsnapshotted work."""

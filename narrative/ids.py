@@ -1,0 +1,48 @@
+"""Identifiers for objectives, threads, runs and snapshots.
+
+Ids are ``<kind>-<20 chars>``: 10 Crockford base32 characters of millisecond time followed by 10
+random ones, so they sort by creation time, are unique across machines without coordination, and
+never change once written into git objects.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+from .errors import InvalidInput
+
+__all__ = ["KINDS", "is_id", "new_id", "validate_id"]
+
+_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+KINDS = {"objective": "obj", "thread": "th", "run": "run", "snapshot": "snap"}
+_ID_RE = re.compile(r"^(obj|th|run|snap)-[0-9a-hjkmnp-tv-z]{20}$")
+
+
+def _b32(value: int, length: int) -> str:
+    chars = []
+    for _ in range(length):
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def new_id(kind: str) -> str:
+    """A fresh id for ``kind`` (one of :data:`KINDS`)."""
+    prefix = KINDS[kind]
+    return f"{prefix}-{_b32(time.time_ns() // 1_000_000, 10)}{_b32(secrets.randbits(50), 10)}"
+
+
+def is_id(value: str, kind: str | None = None) -> bool:
+    """Whether ``value`` is a well-formed id (of ``kind`` if given)."""
+    if not _ID_RE.match(value):
+        return False
+    return kind is None or value.startswith(KINDS[kind] + "-")
+
+
+def validate_id(value: str, kind: str) -> str:
+    """Return ``value`` if it is a well-formed id of ``kind``, else raise InvalidInput."""
+    if not is_id(value, kind):
+        raise InvalidInput(f"malformed {kind} id: {value!r}")
+    return value

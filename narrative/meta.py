@@ -1,0 +1,143 @@
+"""Objectives, threads and runs as JSON records in git objects, under one metadata ref.
+
+``refs/narrative/meta`` points at a commit whose tree is::
+
+    objectives/<objective-id>.json
+    threads/<thread-id>.json
+    runs/<run-id>.json
+
+Every change is a new commit on that ref, made with compare-and-swap and retried when another
+process got there first, so concurrent writers never lose a record. Because it is an ordinary
+ref, a bundle carries the whole hierarchy with it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+from .errors import ConcurrentUpdate, StoreCorrupted
+from .objects import MODE_DIR, MODE_FILE, Commit, Signature, encode_commit, encode_tree, parse_commit, parse_tree
+from .odb import ObjectStore
+from .refs import RefStore
+
+__all__ = ["META_REF", "RECORD_KINDS", "MetaStore"]
+
+META_REF = "refs/narrative/meta"
+RECORD_KINDS = ("objectives", "threads", "runs")
+_IDENTITY = ("narrative", "narrative@localhost")
+_MAX_ATTEMPTS = 50
+
+
+class MetaStore:
+    """Read and write hierarchy records."""
+
+    def __init__(
+        self,
+        odb: ObjectStore,
+        refs: RefStore,
+        writer_lock: Callable[[], AbstractContextManager[None]],
+    ) -> None:
+        self.odb = odb
+        self.refs = refs
+        self._writer_lock = writer_lock
+
+    def _head(self) -> tuple[bytes | None, dict[bytes, bytes]]:
+        """Current meta commit and its root tree entries (name → subtree oid)."""
+        head = self.refs.read(META_REF)
+        if head is None:
+            return None, {}
+        kind, data = self.odb.read(head)
+        if kind != "commit":
+            raise StoreCorrupted(f"{META_REF} does not point at a commit")
+        _, tdata = self.odb.read(parse_commit(data).tree)
+        return head, {name: oid for name, _mode, oid in parse_tree(tdata)}
+
+    def _subtree(self, root: dict[bytes, bytes], kind: str) -> dict[bytes, bytes]:
+        oid = root.get(kind.encode())
+        if oid is None:
+            return {}
+        _, data = self.odb.read(oid)
+        return {name: boid for name, _mode, boid in parse_tree(data)}
+
+    def _decode(self, oid: bytes, name: bytes) -> dict[str, Any]:
+        _, data = self.odb.read(oid)
+        try:
+            record = json.loads(data)
+        except ValueError as exc:
+            raise StoreCorrupted(f"metadata record {name.decode()} is not JSON") from exc
+        if not isinstance(record, dict):
+            raise StoreCorrupted(f"metadata record {name.decode()} is not an object")
+        return record
+
+    def get(self, kind: str, ident: str) -> dict[str, Any] | None:
+        """One record, or None."""
+        _, root = self._head()
+        name = f"{ident}.json".encode()
+        oid = self._subtree(root, kind).get(name)
+        return None if oid is None else self._decode(oid, name)
+
+    def all(self, kind: str) -> list[dict[str, Any]]:
+        """Every record of ``kind``, ordered by id (ids sort by creation time)."""
+        _, root = self._head()
+        sub = self._subtree(root, kind)
+        return [self._decode(sub[name], name) for name in sorted(sub)]
+
+    def ids(self, kind: str) -> list[str]:
+        """Ids of every record of ``kind`` without reading the records."""
+        _, root = self._head()
+        return sorted(n.decode()[: -len(".json")] for n in self._subtree(root, kind))
+
+    def update(
+        self,
+        kind: str,
+        ident: str,
+        change: Callable[[dict[str, Any] | None], dict[str, Any] | None],
+        message: str,
+    ) -> dict[str, Any] | None:
+        """Read-modify-write one record atomically; ``change`` gets the current record or None
+        and returns the new one (None deletes). Retried on concurrent updates."""
+        with self._writer_lock():
+            return self._update(kind, ident, change, message)
+
+    def _update(
+        self,
+        kind: str,
+        ident: str,
+        change: Callable[[dict[str, Any] | None], dict[str, Any] | None],
+        message: str,
+    ) -> dict[str, Any] | None:
+        delay = 0.001
+        for _attempt in range(_MAX_ATTEMPTS):
+            head, root = self._head()
+            sub = self._subtree(root, kind)
+            name = f"{ident}.json".encode()
+            current = self._decode(sub[name], name) if name in sub else None
+            new = change(current)
+            if new is not None:
+                blob = json.dumps(new, sort_keys=True, indent=1).encode() + b"\n"
+                sub[name] = self.odb.write_loose("blob", blob)
+            else:
+                sub.pop(name, None)
+            root = dict(root)
+            entries = [(n, MODE_FILE, o) for n, o in sub.items()]
+            if entries:
+                root[kind.encode()] = self.odb.write_loose("tree", encode_tree(entries))
+            else:
+                root.pop(kind.encode(), None)
+            tree = self.odb.write_loose(
+                "tree", encode_tree([(n, MODE_DIR, o) for n, o in root.items()])
+            )
+            sig = Signature(*_IDENTITY, int(time.time()))
+            commit = encode_commit(Commit(tree, (head,) if head else (), sig, sig, message))
+            oid = self.odb.write_loose("commit", commit)
+            try:
+                self.refs.update(META_REF, oid, expected=head)
+                return new
+            except ConcurrentUpdate:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        raise ConcurrentUpdate(f"could not update {kind} record {ident}: too much contention")

@@ -1,0 +1,475 @@
+"""The object database of the shadow store: pack writing and fast existence checks.
+
+New objects are always written as a pack (one ``.pack`` + ``.idx`` per write batch) instead of
+loose files: one file create and two fsyncs instead of tens of thousands of small files, and no
+loose-object explosion. Objects are deflated once, by the caller's threads (zlib releases the
+GIL), at level 1, or stored uncompressed when a sample shows the data is incompressible.
+
+Reading stays with libgit2 (pygit2), loaded lazily: the snapshot fast path only needs
+:meth:`ObjectStore.exists`, which reads pack indexes directly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import mmap
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from typing import IO, Any
+
+from .errors import StoreCorrupted
+from .objects import hash_object, object_header
+
+__all__ = ["ObjectStore", "PackWriter", "deflate", "TYPE_CODES"]
+
+TYPE_CODES = {"commit": 1, "tree": 2, "blob": 3, "tag": 4}
+_CODE_TYPES = {v: k for k, v in TYPE_CODES.items()}
+_SAMPLE = 4096
+
+
+def deflate(data: bytes | memoryview) -> bytes:
+    """zlib-deflate ``data`` at level 1, or store it when a sample does not compress."""
+    if len(data) > 2 * _SAMPLE:
+        sample = bytes(data[:_SAMPLE])
+        if len(zlib.compress(sample, 1)) > _SAMPLE * 0.94:
+            return zlib.compress(data, 0)
+    return zlib.compress(data, 1)
+
+
+def _pack_object_header(code: int, size: int) -> bytes:
+    out = bytearray()
+    byte = (code << 4) | (size & 15)
+    size >>= 4
+    while size:
+        out.append(byte | 0x80)
+        byte = size & 0x7F
+        size >>= 7
+    out.append(byte)
+    return bytes(out)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PackWriter:
+    """Appends deflated objects to a temporary pack and publishes it atomically.
+
+    Thread-safe: workers call :meth:`add` concurrently. Nothing is visible to readers until
+    :meth:`publish` renames the finished ``.pack`` and then its ``.idx`` into ``objects/pack``
+    (git ignores a pack without an index, so a crash at any point leaves only a temp file).
+    """
+
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+        os.makedirs(store.tmp_dir, exist_ok=True)
+        fd, self._tmp_path = _mkstemp(store.tmp_dir, "pack-")
+        self._file: IO[bytes] = os.fdopen(fd, "w+b")
+        self._file.write(b"PACK" + struct.pack(">II", 2, 0))
+        self._offset = 12
+        self._entries: dict[bytes, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, oid: bytes) -> bool:
+        return oid in self._entries
+
+    def add(self, kind: str, oid: bytes, size: int, deflated: bytes) -> None:
+        """Append one object whose zlib stream is ``deflated``; duplicates are dropped."""
+        header = _pack_object_header(TYPE_CODES[kind], size)
+        crc = zlib.crc32(deflated, zlib.crc32(header))
+        with self._lock:
+            if oid in self._entries:
+                return
+            self._file.write(header)
+            self._file.write(deflated)
+            self._entries[oid] = (self._offset, crc)
+            self._offset += len(header) + len(deflated)
+
+    def add_stream(self, kind: str, oid: bytes, size: int, deflated: IO[bytes]) -> None:
+        """Like :meth:`add`, copying the zlib stream from a file object (large blobs)."""
+        header = _pack_object_header(TYPE_CODES[kind], size)
+        with self._lock:
+            if oid in self._entries:
+                return
+            crc = zlib.crc32(header)
+            self._file.write(header)
+            length = len(header)
+            while chunk := deflated.read(1 << 20):
+                crc = zlib.crc32(chunk, crc)
+                self._file.write(chunk)
+                length += len(chunk)
+            self._entries[oid] = (self._offset, crc)
+            self._offset += length
+
+    def add_raw(self, kind: str, data: bytes, dedupe: bool = True) -> bytes:
+        """Hash, deflate and append an object given as raw content; returns its oid.
+
+        With ``dedupe`` objects the store already holds are skipped."""
+        oid = hash_object(kind, data)
+        if oid not in self._entries and not (dedupe and self._store.exists(oid)):
+            self.add(kind, oid, len(data), deflate(data))
+        return oid
+
+    def add_entry(self, oid: bytes, entry: bytes) -> None:
+        """Append a complete pack entry (header + zlib stream) copied from another pack."""
+        with self._lock:
+            if oid in self._entries:
+                return
+            self._file.write(entry)
+            self._entries[oid] = (self._offset, zlib.crc32(entry))
+            self._offset += len(entry)
+
+    def abort(self) -> None:
+        """Discard everything written so far."""
+        self._file.close()
+        _unlink_quiet(self._tmp_path)
+
+    def publish(self, durable: bool = True) -> str | None:
+        """Finish the pack and move it into the store; returns its name, or None if empty."""
+        if not self._entries:
+            self.abort()
+            return None
+        f = self._file
+        f.seek(8)
+        f.write(struct.pack(">I", len(self._entries)))
+        f.flush()
+        # The trailer hashes the whole file, header included, so it is computed after patching
+        # the object count: one sequential re-read, mostly from the page cache.
+        digest = hashlib.sha1()
+        f.seek(0)
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+        pack_sha = digest.digest()
+        f.seek(0, os.SEEK_END)
+        f.write(pack_sha)
+        f.flush()
+        if durable:
+            os.fsync(f.fileno())
+        f.close()
+        idx_tmp = self._tmp_path + ".idx"
+        with open(idx_tmp, "wb") as idx:
+            idx.write(_encode_idx(self._entries, pack_sha))
+            idx.flush()
+            if durable:
+                os.fsync(idx.fileno())
+        name = "pack-" + pack_sha.hex()
+        pack_dir = self._store.pack_dir
+        os.makedirs(pack_dir, exist_ok=True)
+        os.replace(self._tmp_path, os.path.join(pack_dir, name + ".pack"))
+        os.replace(idx_tmp, os.path.join(pack_dir, name + ".idx"))
+        if durable:
+            _fsync_dir(pack_dir)
+        self._store.invalidate()
+        return name
+
+
+def _encode_idx(entries: dict[bytes, tuple[int, int]], pack_sha: bytes) -> bytes:
+    oids = sorted(entries)
+    fanout = [0] * 256
+    for oid in oids:
+        fanout[oid[0]] += 1
+    total = 0
+    for i in range(256):
+        total += fanout[i]
+        fanout[i] = total
+    large: list[int] = []
+    offsets = bytearray()
+    for oid in oids:
+        off = entries[oid][0]
+        if off < 0x80000000:
+            offsets += struct.pack(">I", off)
+        else:
+            offsets += struct.pack(">I", 0x80000000 | len(large))
+            large.append(off)
+    body = b"".join(
+        [
+            b"\xfftOc",
+            struct.pack(">I", 2),
+            struct.pack(">256I", *fanout),
+            b"".join(oids),
+            b"".join(struct.pack(">I", entries[o][1]) for o in oids),
+            bytes(offsets),
+            b"".join(struct.pack(">Q", off) for off in large),
+            pack_sha,
+        ]
+    )
+    return body + hashlib.sha1(body).digest()
+
+
+class _PackIndex:
+    """Read-only view of one ``.idx`` (version 2) for lookups."""
+
+    def __init__(self, path: str) -> None:
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if self._map[:8] != b"\xfftOc\x00\x00\x00\x02":
+            raise StoreCorrupted(f"unsupported pack index {path}")
+        self.pack_path = path[:-4] + ".pack"
+        self._fanout = struct.unpack_from(">256I", self._map, 8)
+        self.count = self._fanout[255]
+        self._oid_base = 8 + 1024
+        self._pack: mmap.mmap | None = None
+        self._sorted_offsets: list[int] | None = None
+
+    def _oid_at(self, i: int) -> bytes:
+        start = self._oid_base + 20 * i
+        return self._map[start : start + 20]
+
+    def find(self, oid: bytes) -> int | None:
+        """Position of ``oid`` in the index, or None."""
+        lo = self._fanout[oid[0] - 1] if oid[0] else 0
+        hi = self._fanout[oid[0]]
+        i = bisect.bisect_left(_OidView(self), oid, lo, hi)
+        if i < hi and self._oid_at(i) == oid:
+            return i
+        return None
+
+    def offset(self, i: int) -> int:
+        base = self._oid_base + 24 * self.count
+        off: int = struct.unpack_from(">I", self._map, base + 4 * i)[0]
+        if off & 0x80000000:
+            large_base = base + 4 * self.count
+            off = struct.unpack_from(">Q", self._map, large_base + 8 * (off & 0x7FFFFFFF))[0]
+        return off
+
+    def oid_at(self, i: int) -> bytes:
+        return self._oid_at(i)
+
+    def oids(self) -> Iterator[bytes]:
+        for i in range(self.count):
+            yield self._oid_at(i)
+
+    def pack_map(self) -> mmap.mmap:
+        """The pack file, mapped on first use."""
+        if self._pack is None:
+            with open(self.pack_path, "rb") as f:
+                self._pack = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._pack
+
+    def next_offset(self, i: int, pack_end: int) -> int:
+        """Where the object after index entry ``i`` starts (objects are contiguous)."""
+        if self._sorted_offsets is None:
+            self._sorted_offsets = sorted(self.offset(j) for j in range(self.count))
+        offsets = self._sorted_offsets
+        k = bisect.bisect_right(offsets, self.offset(i))
+        return offsets[k] if k < len(offsets) else pack_end
+
+    def close(self) -> None:
+        self._map.close()
+        if self._pack is not None:
+            self._pack.close()
+
+
+class _OidView:
+    """Sequence adapter so :func:`bisect.bisect_left` can search the mmapped oid table."""
+
+    def __init__(self, index: _PackIndex) -> None:
+        self._index = index
+
+    def __getitem__(self, i: int) -> bytes:
+        return self._index._oid_at(i)
+
+    def __len__(self) -> int:
+        return self._index.count
+
+
+class ObjectStore:
+    """Existence checks and raw reads over loose objects and packs of one git dir."""
+
+    def __init__(self, git_dir: str) -> None:
+        self.git_dir = git_dir
+        self.objects_dir = os.path.join(git_dir, "objects")
+        self.pack_dir = os.path.join(self.objects_dir, "pack")
+        self.tmp_dir = os.path.join(git_dir, "narrative", "tmp")
+        self._indexes: dict[str, _PackIndex] | None = None
+        self._loose_dirs: set[str] | None = None
+        self._repo: Any = None
+
+    def invalidate(self) -> None:
+        """Forget cached pack indexes (new packs appeared or old ones were removed)."""
+        if self._indexes:
+            for idx in self._indexes.values():
+                idx.close()
+        self._indexes = None
+        self._loose_dirs = None
+        self._repo = None
+
+    def _pack_indexes(self) -> dict[str, _PackIndex]:
+        if self._indexes is None:
+            self._indexes = {}
+            try:
+                names = os.listdir(self.pack_dir)
+            except FileNotFoundError:
+                names = []
+            for name in sorted(names):
+                if name.endswith(".idx") and name[:-4] + ".pack" in names:
+                    path = os.path.join(self.pack_dir, name)
+                    try:
+                        self._indexes[path] = _PackIndex(path)
+                    except (OSError, ValueError):
+                        continue  # a pack being removed by gc at this instant
+        return self._indexes
+
+    def _loose_path(self, oid: bytes) -> str:
+        hexed = oid.hex()
+        return os.path.join(self.objects_dir, hexed[:2], hexed[2:])
+
+    def _loose_fanout(self) -> set[str]:
+        if self._loose_dirs is None:
+            try:
+                self._loose_dirs = {
+                    n for n in os.listdir(self.objects_dir) if len(n) == 2 and n != "pa"
+                }
+            except FileNotFoundError:
+                self._loose_dirs = set()
+        return self._loose_dirs
+
+    def _exists_once(self, oid: bytes) -> bool:
+        if any(idx.find(oid) is not None for idx in self._pack_indexes().values()):
+            return True
+        # Skip the stat when no loose object shares the first byte (the common case here).
+        if oid[:1].hex() not in self._loose_fanout():
+            return False
+        return os.path.exists(self._loose_path(oid))
+
+    def exists(self, oid: bytes) -> bool:
+        """Whether the store holds ``oid``, as of the last :meth:`invalidate`.
+
+        Packs published by other processes afterwards are not seen; the worst outcome is a
+        duplicate object, never a missing one.
+        """
+        return self._exists_once(oid)
+
+    def write_loose(self, kind: str, data: bytes) -> bytes:
+        """Write one small object as a loose file (fsynced, then renamed); returns its oid."""
+        oid = hash_object(kind, data)
+        if self.exists(oid):
+            return oid
+        path = self._loose_path(oid)
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        fd, tmp = _mkstemp(self.tmp_dir, "obj-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(zlib.compress(object_header(kind, len(data)) + data, 1))
+                f.flush()
+                os.fsync(f.fileno())
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quiet(tmp)
+            raise
+        self._loose_fanout().add(oid[:1].hex())
+        return oid
+
+    def pack_count(self) -> int:
+        """Number of packs currently in the store."""
+        return len(self._pack_indexes())
+
+    def repo(self) -> Any:
+        """A pygit2 Repository on this git dir, loaded on first use."""
+        if self._repo is None:
+            from ._pygit2 import open_repository
+
+            self._repo = open_repository(self.git_dir)
+        return self._repo
+
+    def read(self, oid: bytes) -> tuple[str, bytes]:
+        """Type and content of an object; StoreCorrupted if missing or unreadable."""
+        try:
+            with open(self._loose_path(oid), "rb") as f:
+                raw = zlib.decompress(f.read())
+            header, _, data = raw.partition(b"\x00")
+            kind = header.split(b" ")[0].decode()
+            return kind, data
+        except FileNotFoundError:
+            pass
+        except zlib.error as exc:
+            raise StoreCorrupted(f"corrupt loose object {oid.hex()}: {exc}") from exc
+        for idx in self._pack_indexes().values():
+            i = idx.find(oid)
+            if i is None:
+                continue
+            found = self._read_packed(idx, i)
+            if found is not None:
+                return found
+            break
+        return self._read_libgit2(oid)
+
+    def _read_packed(self, idx: _PackIndex, i: int) -> tuple[str, bytes] | None:
+        """Read an undeltified packed object directly; None for deltas (libgit2 handles those).
+
+        zlib releases the GIL, so restores can inflate on several threads at once.
+        """
+        pack = idx.pack_map()
+        start = idx.offset(i)
+        byte = pack[start]
+        code = (byte >> 4) & 7
+        if code not in _CODE_TYPES:
+            return None
+        size = byte & 15
+        shift, pos = 4, start
+        while byte & 0x80:
+            pos += 1
+            byte = pack[pos]
+            size |= (byte & 0x7F) << shift
+            shift += 7
+        end = idx.next_offset(i, len(pack) - 20)
+        try:
+            data = zlib.decompress(pack[pos + 1 : end])
+        except zlib.error as exc:
+            raise StoreCorrupted(f"corrupt object {idx.oid_at(i).hex()} in {idx.pack_path}") from exc
+        if len(data) != size:
+            raise StoreCorrupted(f"corrupt object {idx.oid_at(i).hex()} in {idx.pack_path}")
+        return _CODE_TYPES[code], data
+
+    def raw_entry(self, oid: bytes) -> bytes | None:
+        """The undeltified pack entry of ``oid`` verbatim, for copying without recompression."""
+        for idx in self._pack_indexes().values():
+            i = idx.find(oid)
+            if i is None:
+                continue
+            pack = idx.pack_map()
+            start = idx.offset(i)
+            if ((pack[start] >> 4) & 7) not in _CODE_TYPES:
+                return None
+            return pack[start : idx.next_offset(i, len(pack) - 20)]
+        return None
+
+    def _read_libgit2(self, oid: bytes) -> tuple[str, bytes]:
+        from ._pygit2 import read_object
+
+        try:
+            return read_object(self.repo(), oid)
+        except KeyError:
+            raise StoreCorrupted(f"object {oid.hex()} is missing from the store") from None
+
+    def all_packed_oids(self) -> Iterator[bytes]:
+        """Every oid in every pack (used by repacking)."""
+        for idx in self._pack_indexes().values():
+            yield from idx.oids()
+
+
+
+def _mkstemp(directory: str, prefix: str) -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(prefix=prefix, dir=directory)
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,205 @@
+"""Materialising snapshots: into an empty directory, or back into the workspace without loss.
+
+Restoring into the workspace first takes a safety snapshot (so the restore can be undone), then
+changes only paths that snapshot holds: ignored files, skipped (too-large) files and anything
+else the snapshot did not capture are never deleted or overwritten. Every file is re-checked
+against the safety snapshot's stat key just before it is touched; a file edited in between stops
+the restore with an error instead of being lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat as stat_mod
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .errors import RestoreError, StoreCorrupted
+from .models import Snapshot
+from .objects import MODE_DIR, MODE_EXEC, MODE_LINK, parse_tree
+from .odb import ObjectStore
+from .store import Store
+
+__all__ = ["RestoreResult", "flatten_tree", "materialize", "restore_workspace"]
+
+FlatTree = dict[str, tuple[int, bytes]]
+_PARALLEL_MIN = 64
+
+
+@dataclass
+class RestoreResult:
+    """What a restore did."""
+
+    snapshot: str
+    target: str
+    written: int = 0
+    deleted: int = 0
+    safety_snapshot: str | None = None
+    kept: list[str] = field(default_factory=list)
+
+
+def flatten_tree(odb: ObjectStore, tree: bytes, prefix: str = "") -> FlatTree:
+    """path → (mode, oid) for every non-directory entry below ``tree``."""
+    out: FlatTree = {}
+    kind, data = odb.read(tree)
+    if kind != "tree":
+        raise StoreCorrupted(f"{tree.hex()} is not a tree")
+    for name, mode, oid in parse_tree(data):
+        path = prefix + os.fsdecode(name)
+        _check_entry_name(name, path)
+        if mode == MODE_DIR:
+            out.update(flatten_tree(odb, oid, path + "/"))
+        else:
+            out[path] = (mode, oid)
+    return out
+
+
+def _check_entry_name(name: bytes, path: str) -> None:
+    if name in (b"", b".", b"..", b".git") or b"/" in name or b"\x00" in name:
+        raise StoreCorrupted(f"tree entry {path!r} is not a safe file name")
+
+
+def _write_file(odb: ObjectStore, root: str, path: str, mode: int, oid: bytes) -> None:
+    kind, data = odb.read(oid)
+    if kind != "blob":
+        raise StoreCorrupted(f"{path}: {oid.hex()} is not a blob")
+    full = os.path.join(root, path)
+    if mode == MODE_LINK:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(full)
+        os.symlink(os.fsdecode(data), full)
+        return
+    directory = os.path.dirname(full)
+    fd, tmp = tempfile.mkstemp(prefix=".narrative-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o755 if mode == MODE_EXEC else 0o644)
+        os.replace(tmp, full)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_all(odb: ObjectStore, root: str, items: list[tuple[str, int, bytes]]) -> None:
+    for directory in sorted({os.path.dirname(p) for p, _m, _o in items}):
+        if directory:
+            os.makedirs(os.path.join(root, directory), exist_ok=True)
+    if len(items) < _PARALLEL_MIN:
+        for path, mode, oid in items:
+            _write_file(odb, root, path, mode, oid)
+        return
+    with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
+        list(pool.map(lambda it: _write_file(odb, root, *it), items, chunksize=32))
+
+
+def materialize(store: Store, snapshot: Snapshot, target: str) -> RestoreResult:
+    """Write ``snapshot`` into ``target``, which must be missing or empty."""
+    target = os.path.abspath(target)
+    if os.path.lexists(target) and (not os.path.isdir(target) or os.listdir(target)):
+        raise RestoreError(f"target {target} exists and is not an empty directory")
+    flat = flatten_tree(store.odb, bytes.fromhex(snapshot.tree))
+    os.makedirs(target, exist_ok=True)
+    _write_all(store.odb, target, [(p, m, o) for p, (m, o) in flat.items()])
+    return RestoreResult(snapshot.id, target, written=len(flat))
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def restore_workspace(
+    store: Store, snapshot: Snapshot, thread_id: str | None = None
+) -> RestoreResult:
+    """Make the workspace equal ``snapshot`` for every path the safety snapshot holds."""
+    from .snapshot import take_snapshot
+
+    ws = store.workspace
+    safety = take_snapshot(
+        store, thread_id=thread_id, message=f"safety snapshot before restoring {snapshot.id}"
+    )
+    current = flatten_tree(store.odb, bytes.fromhex(safety.snapshot.tree))
+    target = flatten_tree(store.odb, bytes.fromhex(snapshot.tree))
+    keys = safety.keys
+    _refuse_unsafe(ws, current, target)
+
+    def check_unchanged(path: str) -> None:
+        st = _lstat(os.path.join(ws, path))
+        if st is None:
+            return
+        seen = keys.get(path)
+        if not seen or tuple(seen[:4]) != (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino):
+            raise RestoreError(f"{path} changed during the restore; it was left as it is")
+
+    removed = [p for p in current if p not in target]
+    for path in sorted(removed, reverse=True):
+        check_unchanged(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(ws, path))
+    _prune_empty_dirs(ws, {os.path.dirname(p) for p in removed})
+    writes = [(p, m, o) for p, (m, o) in target.items() if current.get(p) != (m, o)]
+    for path, _m, _o in writes:
+        if path in current:
+            check_unchanged(path)
+        st = _lstat(os.path.join(ws, path))
+        if st is not None and stat_mod.S_ISDIR(st.st_mode):
+            raise RestoreError(f"directory {path} is in the way of a file and is not empty")
+    _write_all(store.odb, ws, writes)
+    return RestoreResult(
+        snapshot.id,
+        ws,
+        written=len(writes),
+        deleted=len(removed),
+        safety_snapshot=safety.snapshot.id,
+    )
+
+
+def _refuse_unsafe(ws: str, current: FlatTree, target: FlatTree) -> None:
+    """Fail before touching anything if the restore would have to remove unsnapshotted data."""
+    checked: set[str] = set()
+    for path in target:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent in checked:
+                continue
+            checked.add(parent)
+            st = _lstat(os.path.join(ws, parent))
+            if st is not None and not stat_mod.S_ISDIR(st.st_mode) and parent not in current:
+                raise RestoreError(f"{parent} is in the way of {path} and was never snapshotted")
+        st = _lstat(os.path.join(ws, path))
+        if st is not None and stat_mod.S_ISDIR(st.st_mode):
+            untracked = _untracked_below(os.path.join(ws, path), path, current)
+            if untracked:
+                raise RestoreError(
+                    f"directory {path} holds files that are not snapshotted ({untracked[0]}); "
+                    "move them away or snapshot them first"
+                )
+
+
+def _untracked_below(directory: str, rel_dir: str, current: FlatTree) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(directory):
+        rel_root = os.path.relpath(root, directory)
+        base = rel_dir if rel_root == "." else rel_dir + "/" + rel_root.replace(os.sep, "/")
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        found += [f"{base}/{n}" for n in files + links if f"{base}/{n}" not in current]
+        if ".git" in dirs:
+            found.append(f"{base}/.git")
+    return found
+
+
+def _prune_empty_dirs(ws: str, dirs: set[str]) -> None:
+    for rel in sorted(dirs, key=len, reverse=True):
+        while rel:
+            try:
+                os.rmdir(os.path.join(ws, rel))
+            except OSError:
+                break  # not empty: it holds ignored or other files, which stay
+            rel = os.path.dirname(rel)

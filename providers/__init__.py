@@ -1,0 +1,3 @@
+"""providers package."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""transfer package."""
+
+__all__: list[str] = []
