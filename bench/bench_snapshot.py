@@ -430,6 +430,7 @@ class Bench:
                             self.ours.reset()
                         except SideError as exc:
                             log(f"  ours init FAILED: {exc}")
+                            sc.ours.errors.append(f"init: {exc}")
                 elif key == "one":
                     workspace.touch_files(self.ws, 1, f"one-{rep}")
                 elif key == "thousand":

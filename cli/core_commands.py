@@ -60,8 +60,14 @@ def info(ctx: click.Context, as_json: bool) -> None:
 @click.option("--allow-empty", is_flag=True, help="Snapshot even if nothing changed.")
 @json_option
 @click.pass_context
-def snapshot(ctx: click.Context, message: str, thread_ref: str | None, run_id: str | None,
-             allow_empty: bool, as_json: bool) -> None:
+def snapshot(
+    ctx: click.Context,
+    message: str,
+    thread_ref: str | None,
+    run_id: str | None,
+    allow_empty: bool,
+    as_json: bool,
+) -> None:
     """Capture the workspace as a new snapshot on a thread."""
     from narrative.snapshot import take_snapshot
 
@@ -81,8 +87,10 @@ def snapshot(ctx: click.Context, message: str, thread_ref: str | None, run_id: s
     result = take_snapshot(store, thread_id, run_id, message, allow_empty)
     data = {**result.snapshot.to_dict(), "created": result.created}
     if not result.created:
-        note(f"nothing changed since snapshot {result.snapshot.id}; no new snapshot "
-             "(use --allow-empty to force one)")
+        note(
+            f"nothing changed since snapshot {result.snapshot.id}; no new snapshot "
+            "(use --allow-empty to force one)"
+        )
     emit(as_json, data, result.snapshot.id)
 
 
@@ -93,8 +101,14 @@ def snapshot(ctx: click.Context, message: str, thread_ref: str | None, run_id: s
 @click.option("-n", "--max-count", type=click.IntRange(min=1), help="At most N snapshots.")
 @json_option
 @click.pass_context
-def log(ctx: click.Context, thread_ref: str | None, objective_ref: str | None, all_threads: bool,
-        max_count: int | None, as_json: bool) -> None:
+def log(
+    ctx: click.Context,
+    thread_ref: str | None,
+    objective_ref: str | None,
+    all_threads: bool,
+    max_count: int | None,
+    as_json: bool,
+) -> None:
     """List snapshots, newest first (default: the default thread)."""
     from narrative import hierarchy
     from narrative.history import all_snapshots, thread_snapshots
@@ -106,8 +120,11 @@ def log(ctx: click.Context, thread_ref: str | None, objective_ref: str | None, a
         snaps = list(all_snapshots(store))
     elif objective_ref:
         objective = hierarchy.resolve_objective(store, objective_ref)
-        snaps = [s for t in hierarchy.list_threads(store, objective.id)
-                 for s in thread_snapshots(store, t.id)]
+        snaps = [
+            s
+            for t in hierarchy.list_threads(store, objective.id)
+            for s in thread_snapshots(store, t.id)
+        ]
     else:
         snaps = list(thread_snapshots(store, hierarchy.resolve_thread(store, thread_ref).id))
     snaps.sort(key=lambda s: (s.created_at, s.id), reverse=True)
@@ -126,12 +143,19 @@ def show(ctx: click.Context, snapshot_ref: str, as_json: bool) -> None:
     snap = resolve_snapshot(open_store(ctx), snapshot_ref).to_dict()
 
     def human() -> str:
-        lines = [f"snapshot {snap['id']}", f"commit   {snap['commit']}", f"tree     {snap['tree']}",
-                 f"thread   {snap['thread']}", f"run      {snap['run'] or '-'}",
-                 f"parent   {snap['parent'] or '-'}", f"created  {snap['created_at']}",
-                 f"stats    {snap['stats']}"]
+        lines = [
+            f"snapshot {snap['id']}",
+            f"commit   {snap['commit']}",
+            f"tree     {snap['tree']}",
+            f"thread   {snap['thread']}",
+            f"run      {snap['run'] or '-'}",
+            f"parent   {snap['parent'] or '-'}",
+            f"created  {snap['created_at']}",
+            f"stats    {snap['stats']}",
+        ]
         lines += [f"skipped  {s.get('path')} ({s.get('reason')})" for s in snap["skipped"]]
-        return "\n".join(lines) + "\n\n    " + snap["message"].replace("\n", "\n    ")
+        message = str(snap["message"]).replace("\n", "\n    ")
+        return "\n".join(lines) + "\n\n    " + message
 
     emit(as_json, snap, human)
 
@@ -153,20 +177,30 @@ def diff(ctx: click.Context, old: str, new: str | None, mode: str | None, as_jso
     mode = mode or "patch"
     a = resolve_snapshot(store, old)
     b = resolve_snapshot(store, new) if new else None
-    result = diff_snapshots(store, a, b, patch=mode == "patch",
-                            counts=mode != "name-status" or as_json)
+    result = diff_snapshots(
+        store, a, b, patch=mode == "patch", counts=mode != "name-status" or as_json
+    )
 
     def human() -> str:
         if mode == "name-status":
             return "\n".join(f"{f.status}\t{f.path}" for f in result.files)
         if mode == "stat":
             width = max((len(f.path) for f in result.files), default=0)
-            rows = [f" {f.path:<{width}} | " + ("Bin" if f.binary else
-                    f"{f.insertions + f.deletions} {'+' * min(f.insertions, 40)}"
-                    f"{'-' * min(f.deletions, 40)}") for f in result.files]
+            rows = [
+                f" {f.path:<{width}} | "
+                + (
+                    "Bin"
+                    if f.binary
+                    else f"{f.insertions + f.deletions} {'+' * min(f.insertions, 40)}"
+                    f"{'-' * min(f.deletions, 40)}"
+                )
+                for f in result.files
+            ]
             total = result.to_dict()["totals"]
-            rows.append(f" {total['files']} files changed, {total['insertions']} insertions(+), "
-                        f"{total['deletions']} deletions(-)")
+            rows.append(
+                f" {total['files']} files changed, {total['insertions']} insertions(+), "
+                f"{total['deletions']} deletions(-)"
+            )
             return "\n".join(rows)
         return result.patch or ""
 
@@ -179,8 +213,9 @@ def diff(ctx: click.Context, old: str, new: str | None, mode: str | None, as_jso
 @click.option("--thread", "thread_ref", help="Thread for the safety snapshot (default thread).")
 @json_option
 @click.pass_context
-def restore(ctx: click.Context, snapshot_ref: str, target: str | None, thread_ref: str | None,
-            as_json: bool) -> None:
+def restore(
+    ctx: click.Context, snapshot_ref: str, target: str | None, thread_ref: str | None, as_json: bool
+) -> None:
     """Restore a snapshot into the workspace (after a safety snapshot) or into --to DIR."""
     from dataclasses import asdict
 
@@ -196,11 +231,16 @@ def restore(ctx: click.Context, snapshot_ref: str, target: str | None, thread_re
 
         thread_id = resolve_thread(store, thread_ref).id if thread_ref else None
         result = restore_workspace(store, snap, thread_id)
-        note(f"safety snapshot {result.safety_snapshot} taken first "
-             f"(undo with: narrative restore {result.safety_snapshot})")
-    emit(as_json, asdict(result),
-         f"restored {snap.id} into {result.target}: {result.written} written, "
-         f"{result.deleted} deleted")
+        note(
+            f"safety snapshot {result.safety_snapshot} taken first "
+            f"(undo with: narrative restore {result.safety_snapshot})"
+        )
+    emit(
+        as_json,
+        asdict(result),
+        f"restored {snap.id} into {result.target}: {result.written} written, "
+        f"{result.deleted} deleted",
+    )
 
 
 @click.command()
@@ -209,8 +249,9 @@ def restore(ctx: click.Context, snapshot_ref: str, target: str | None, thread_re
 @click.option("--dry-run", is_flag=True, help="Only report what would be dropped.")
 @json_option
 @click.pass_context
-def gc(ctx: click.Context, keep_last: int | None, keep_within: str | None, dry_run: bool,
-       as_json: bool) -> None:
+def gc(
+    ctx: click.Context, keep_last: int | None, keep_within: str | None, dry_run: bool, as_json: bool
+) -> None:
     """Drop old snapshots by a retention policy and pack the store."""
     from dataclasses import asdict
 
@@ -218,10 +259,13 @@ def gc(ctx: click.Context, keep_last: int | None, keep_within: str | None, dry_r
 
     policy = RetentionPolicy(keep_last, parse_duration(keep_within) if keep_within else None)
     report = collect_garbage(open_store(ctx), policy, dry_run=dry_run)
-    emit(as_json, asdict(report),
-         f"{'would drop' if dry_run else 'dropped'} {len(report.dropped)} snapshots; "
-         f"{report.packs_before} packs -> {report.packs_after}; "
-         f"{report.bytes_before} -> {report.bytes_after} bytes")
+    emit(
+        as_json,
+        asdict(report),
+        f"{'would drop' if dry_run else 'dropped'} {len(report.dropped)} snapshots; "
+        f"{report.packs_before} packs -> {report.packs_after}; "
+        f"{report.bytes_before} -> {report.bytes_after} bytes",
+    )
 
 
 COMMANDS = [init, info, snapshot, log, show, diff, restore, gc]

@@ -13,8 +13,9 @@ __all__ = ["COMMANDS"]
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    return "\n".join("  ".join(str(r.get(c) if r.get(c) is not None else "-") for c in columns)
-                     for r in rows)
+    return "\n".join(
+        "  ".join(str(r.get(c) if r.get(c) is not None else "-") for c in columns) for r in rows
+    )
 
 
 @click.group()
@@ -57,8 +58,15 @@ def objective_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     store = open_store(ctx)
     obj = resolve_objective(store, ref)
     data = {**obj.to_dict(), "threads": [t.to_dict() for t in list_threads(store, obj.id)]}
-    emit(as_json, data, lambda: _table([data], ["id", "status", "title"]) + "\n"
-         + _table(data["threads"], ["id", "name", "forked_from"]))
+    emit(
+        as_json,
+        data,
+        lambda: (
+            _table([data], ["id", "status", "title"])
+            + "\n"
+            + _table(data["threads"], ["id", "name", "forked_from"])
+        ),
+    )
 
 
 @objective.command("set-status")
@@ -86,15 +94,23 @@ def thread() -> None:
 @click.option("--from", "from_snapshot", help="Fork from this snapshot.")
 @json_option
 @click.pass_context
-def thread_create(ctx: click.Context, name: str, objective_ref: str | None,
-                  from_snapshot: str | None, as_json: bool) -> None:
+def thread_create(
+    ctx: click.Context,
+    name: str,
+    objective_ref: str | None,
+    from_snapshot: str | None,
+    as_json: bool,
+) -> None:
     """Create a thread, optionally forked from a snapshot."""
     from narrative.hierarchy import create_thread, resolve_objective
     from narrative.history import resolve_snapshot
 
     store = open_store(ctx)
-    objective_id = (resolve_objective(store, objective_ref).id if objective_ref
-                    else store.config.default_objective)
+    objective_id = (
+        resolve_objective(store, objective_ref).id
+        if objective_ref
+        else store.config.default_objective
+    )
     fork = resolve_snapshot(store, from_snapshot).id if from_snapshot else None
     created = create_thread(store, objective_id, name, fork)
     emit(as_json, created.to_dict(), created.id)
@@ -111,8 +127,10 @@ def thread_list(ctx: click.Context, objective_ref: str | None, as_json: bool) ->
     store = open_store(ctx)
     objective_id = resolve_objective(store, objective_ref).id if objective_ref else None
     heads = store.thread_heads()
-    rows = [{**t.to_dict(), "head": heads[t.id].hex() if t.id in heads else None}
-            for t in list_threads(store, objective_id)]
+    rows = [
+        {**t.to_dict(), "head": heads[t.id].hex() if t.id in heads else None}
+        for t in list_threads(store, objective_id)
+    ]
     emit(as_json, rows, lambda: _table(rows, ["id", "name", "objective_id", "head"]))
 
 
@@ -128,8 +146,12 @@ def thread_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     store = open_store(ctx)
     t = resolve_thread(store, ref)
     snaps = list(thread_snapshots(store, t.id))
-    data = {**t.to_dict(), "head": snaps[0].id if snaps else None, "snapshots": len(snaps),
-            "runs": [r.id for r in list_runs(store, t.id)]}
+    data = {
+        **t.to_dict(),
+        "head": snaps[0].id if snaps else None,
+        "snapshots": len(snaps),
+        "runs": [r.id for r in list_runs(store, t.id)],
+    }
     emit(as_json, data, lambda: "\n".join(f"{k}: {v}" for k, v in data.items()))
 
 
@@ -145,8 +167,14 @@ def run() -> None:
 @click.option("--no-snapshot", is_flag=True, help="Do not snapshot the workspace as the base.")
 @json_option
 @click.pass_context
-def run_start(ctx: click.Context, thread_ref: str | None, agent: str, environment: str,
-              no_snapshot: bool, as_json: bool) -> None:
+def run_start(
+    ctx: click.Context,
+    thread_ref: str | None,
+    agent: str,
+    environment: str,
+    no_snapshot: bool,
+    as_json: bool,
+) -> None:
     """Start a run; its base is a snapshot of the workspace taken now."""
     from narrative.hierarchy import resolve_thread, start_run
     from narrative.snapshot import take_snapshot
@@ -162,15 +190,26 @@ def run_start(ctx: click.Context, thread_ref: str | None, agent: str, environmen
 
 @run.command("finish")
 @click.argument("run_id")
-@click.option("--status", type=click.Choice(["succeeded", "failed", "cancelled", "killed"]),
-              default="succeeded", show_default=True)
+@click.option(
+    "--status",
+    type=click.Choice(["succeeded", "failed", "cancelled", "killed"]),
+    default="succeeded",
+    show_default=True,
+)
 @click.option("--exit-code", type=int, help="Exit code of the agent.")
 @click.option("--no-snapshot", is_flag=True, help="Do not snapshot the result.")
 @click.option("-m", "--message", default="", help="Message of the result snapshot.")
 @json_option
 @click.pass_context
-def run_finish(ctx: click.Context, run_id: str, status: str, exit_code: int | None,
-               no_snapshot: bool, message: str, as_json: bool) -> None:
+def run_finish(
+    ctx: click.Context,
+    run_id: str,
+    status: str,
+    exit_code: int | None,
+    no_snapshot: bool,
+    message: str,
+    as_json: bool,
+) -> None:
     """Finish a run, snapshotting its result onto the run's thread."""
     from narrative.hierarchy import finish_run, get_run
     from narrative.snapshot import take_snapshot
@@ -179,8 +218,9 @@ def run_finish(ctx: click.Context, run_id: str, status: str, exit_code: int | No
     current = get_run(store, run_id)
     result = None
     if not no_snapshot:
-        result = take_snapshot(store, current.thread_id, run_id,
-                               message or f"result of run {run_id}").snapshot.id
+        result = take_snapshot(
+            store, current.thread_id, run_id, message or f"result of run {run_id}"
+        ).snapshot.id
     done = finish_run(store, run_id, status, exit_code, result)
     emit(as_json, done.to_dict(), f"{done.id} {done.status}")
 

@@ -34,18 +34,29 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-C", "directory", type=click.Path(file_okay=False), help="Run as if started in DIR.")
-@click.option("--store", "store_dir", envvar="NARRATIVE_STORE", type=click.Path(file_okay=False),
-              help="Store directory (default: nearest .narrative; env NARRATIVE_STORE).")
+@click.option(
+    "--store",
+    "store_dir",
+    envvar="NARRATIVE_STORE",
+    type=click.Path(file_okay=False),
+    help="Store directory (default: nearest .narrative; env NARRATIVE_STORE).",
+)
 @click.option("-v", "--verbose", count=True, help="More logging on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.version_option(package_name="narrative-engine")
 @click.pass_context
-def cli(ctx: click.Context, directory: str | None, store_dir: str | None, verbose: int,
-        quiet: bool) -> None:
+def cli(
+    ctx: click.Context, directory: str | None, store_dir: str | None, verbose: int, quiet: bool
+) -> None:
     """Snapshot, ship, restore, diff and merge agent workspaces."""
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else
-                                         logging.INFO if verbose else logging.WARNING)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    level = (
+        logging.ERROR
+        if quiet
+        else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    )
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
     if directory:
         try:
             os.chdir(directory)

@@ -12,14 +12,13 @@ from typing import Any
 
 __all__ = ["open_repository", "read_object"]
 
-_configured = False
+_state = {"configured": False}
 
 
 def _pygit2() -> Any:
-    global _configured
     import pygit2
 
-    if not _configured:
+    if not _state["configured"]:
         empty = os.path.join(tempfile.gettempdir(), "narrative-empty-config")
         os.makedirs(empty, exist_ok=True)
         for level in (
@@ -29,7 +28,7 @@ def _pygit2() -> Any:
             pygit2.enums.ConfigLevel.PROGRAMDATA,
         ):
             pygit2.settings.search_path[level] = empty
-        _configured = True
+        _state["configured"] = True
     return pygit2
 
 

@@ -43,7 +43,8 @@ def encode_message(
         trailers.append(f"Narrative-Run: {run_id}")
     trailers.append("Narrative-Stats: " + json.dumps(stats, sort_keys=True, separators=(",", ":")))
     trailers += [
-        "Narrative-Skipped: " + json.dumps(s, sort_keys=True, separators=(",", ":")) for s in skipped
+        "Narrative-Skipped: " + json.dumps(s, sort_keys=True, separators=(",", ":"))
+        for s in skipped
     ]
     return body + "\n\n" + "\n".join(trailers) + "\n"
 

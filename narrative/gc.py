@@ -13,12 +13,14 @@ published before any old pack or loose object is removed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
 from dataclasses import dataclass, field
 
 from .errors import ConcurrentUpdate, InvalidInput
+from .fsutil import unlink_quiet
 from .hierarchy import list_runs, list_threads
 from .history import read_commit, thread_snapshots
 from .models import Snapshot
@@ -110,8 +112,9 @@ def collect_garbage(store: Store, policy: RetentionPolicy, dry_run: bool = False
     return report
 
 
-def _keep(index: int, snap: Snapshot, policy: RetentionPolicy, protected: set[str],
-          now: float) -> bool:
+def _keep(
+    index: int, snap: Snapshot, policy: RetentionPolicy, protected: set[str], now: float
+) -> bool:
     if policy.keep_last is None and policy.keep_within is None:
         return True
     return (
@@ -122,8 +125,9 @@ def _keep(index: int, snap: Snapshot, policy: RetentionPolicy, protected: set[st
     )
 
 
-def _rewrite(store: Store, heads: dict[str, bytes], plans: dict[str, list[Snapshot]],
-             report: GcReport) -> None:
+def _rewrite(
+    store: Store, heads: dict[str, bytes], plans: dict[str, list[Snapshot]], report: GcReport
+) -> None:
     """Re-chain the kept snapshots of each planned thread, fork parents first."""
     mapping: dict[bytes, bytes] = {}
     pending = dict(plans)
@@ -141,8 +145,9 @@ def _rewrite(store: Store, heads: dict[str, bytes], plans: dict[str, list[Snapsh
                 if c.parents == ((parent,) if parent else ()):
                     new_oid = old_oid
                 else:
-                    new = Commit(c.tree, (parent,) if parent else (), c.author, c.committer,
-                                 c.message)
+                    new = Commit(
+                        c.tree, (parent,) if parent else (), c.author, c.committer, c.message
+                    )
                     new_oid = store.odb.write_loose("commit", encode_commit(new))
                 mapping[old_oid] = new_oid
                 parent = new_oid
@@ -220,15 +225,13 @@ def _repack(store: Store) -> None:
     for name in old_packs:
         if new_name and name.startswith(new_name + "."):
             continue
-        _unlink_quiet(os.path.join(odb.pack_dir, name))
+        unlink_quiet(os.path.join(odb.pack_dir, name))
     for path in loose:
-        _unlink_quiet(path)
+        unlink_quiet(path)
     for d in os.listdir(odb.objects_dir):
         if len(d) == 2:
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(os.path.join(odb.objects_dir, d))
-            except OSError:
-                pass
     odb.invalidate()
     _prune_caches(store, keep)
 
@@ -263,10 +266,3 @@ def _clean_tmp(store: Store) -> None:
                 os.unlink(path)
         except OSError:
             continue
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -54,13 +54,19 @@ def create_objective(store: Store, title: str, description: str = "") -> Objecti
     if not title.strip():
         raise InvalidInput("an objective needs a title")
     objective = Objective(id=new_id("objective"), title=title.strip(), description=description)
-    store.meta.update("objectives", objective.id, lambda _cur: objective.to_dict(),
-                      f"objective {objective.id}: create")
+    store.meta.update(
+        "objectives",
+        objective.id,
+        lambda _cur: objective.to_dict(),
+        f"objective {objective.id}: create",
+    )
     return objective
 
 
 def get_objective(store: Store, objective_id: str) -> Objective:
-    record = store.meta.get("objectives", objective_id) if is_id(objective_id, "objective") else None
+    record = (
+        store.meta.get("objectives", objective_id) if is_id(objective_id, "objective") else None
+    )
     if record is None:
         raise ObjectiveNotFound(objective_id)
     return Objective.from_dict(record)
@@ -112,10 +118,12 @@ def create_thread(
     _check_name(name)
     if any(t.name == name for t in list_threads(store, objective_id)):
         raise InvalidInput(f"objective {objective_id} already has a thread named {name!r}")
-    thread = Thread(id=new_id("thread"), objective_id=objective_id, name=name,
-                    forked_from=forked_from)
-    store.meta.update("threads", thread.id, lambda _cur: thread.to_dict(),
-                      f"thread {thread.id}: create")
+    thread = Thread(
+        id=new_id("thread"), objective_id=objective_id, name=name, forked_from=forked_from
+    )
+    store.meta.update(
+        "threads", thread.id, lambda _cur: thread.to_dict(), f"thread {thread.id}: create"
+    )
     return thread
 
 
@@ -162,8 +170,13 @@ def start_run(
     get_thread(store, thread_id)
     if not agent.strip() or not environment.strip():
         raise InvalidInput("agent and environment names must not be empty")
-    run = AgentRun(id=new_id("run"), thread_id=thread_id, agent=agent, environment=environment,
-                   base_snapshot=base_snapshot)
+    run = AgentRun(
+        id=new_id("run"),
+        thread_id=thread_id,
+        agent=agent,
+        environment=environment,
+        base_snapshot=base_snapshot,
+    )
     store.meta.update("runs", run.id, lambda _cur: run.to_dict(), f"run {run.id}: start")
     return run
 

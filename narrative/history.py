@@ -50,7 +50,8 @@ def thread_snapshots(store: Store, thread_id: str, head: bytes | None = None) ->
         parent_commit = read_commit(store, parent_oid) if parent_oid is not None else None
         parent_id = (
             snapshot_from_commit(parent_oid, parent_commit, None).id
-            if parent_oid is not None and parent_commit is not None
+            if parent_oid is not None
+            and parent_commit is not None
             and is_snapshot_commit(parent_commit)
             else None
         )
@@ -87,7 +88,7 @@ def resolve_snapshot(store: Store, ref: str) -> Snapshot:
     for snap in all_snapshots(store):
         if snap.id.startswith(ref) or (is_hex and snap.commit.startswith(ref)):
             matches[snap.id] = snap
-            if snap.id == ref or snap.commit == ref:
+            if ref in (snap.id, snap.commit):
                 return snap
     if len(matches) == 1:
         return next(iter(matches.values()))

@@ -20,7 +20,16 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from .errors import ConcurrentUpdate, StoreCorrupted
-from .objects import MODE_DIR, MODE_FILE, Commit, Signature, encode_commit, encode_tree, parse_commit, parse_tree
+from .objects import (
+    MODE_DIR,
+    MODE_FILE,
+    Commit,
+    Signature,
+    encode_commit,
+    encode_tree,
+    parse_commit,
+    parse_tree,
+)
 from .odb import ObjectStore
 from .refs import RefStore
 

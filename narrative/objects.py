@@ -93,7 +93,9 @@ class Signature:
         gt = text.rindex(">")
         stamp, tz = text[gt + 1 :].split()
         offset = int(tz[1:3]) * 60 + int(tz[3:5])
-        return cls(text[:lt].strip(), text[lt + 1 : gt], int(stamp), -offset if tz[0] == "-" else offset)
+        return cls(
+            text[:lt].strip(), text[lt + 1 : gt], int(stamp), -offset if tz[0] == "-" else offset
+        )
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,14 @@ import hashlib
 import mmap
 import os
 import struct
+import tempfile
 import threading
 import zlib
 from collections.abc import Iterator
 from typing import IO, Any
 
 from .errors import StoreCorrupted
+from .fsutil import fsync_dir, unlink_quiet
 from .objects import hash_object, object_header
 
 __all__ = ["ObjectStore", "PackWriter", "deflate", "TYPE_CODES"]
@@ -52,14 +54,6 @@ def _pack_object_header(code: int, size: int) -> bytes:
     return bytes(out)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class PackWriter:
     """Appends deflated objects to a temporary pack and publishes it atomically.
 
@@ -71,7 +65,7 @@ class PackWriter:
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
         os.makedirs(store.tmp_dir, exist_ok=True)
-        fd, self._tmp_path = _mkstemp(store.tmp_dir, "pack-")
+        fd, self._tmp_path = tempfile.mkstemp(prefix="pack-", dir=store.tmp_dir)
         self._file: IO[bytes] = os.fdopen(fd, "w+b")
         self._file.write(b"PACK" + struct.pack(">II", 2, 0))
         self._offset = 12
@@ -133,7 +127,7 @@ class PackWriter:
     def abort(self) -> None:
         """Discard everything written so far."""
         self._file.close()
-        _unlink_quiet(self._tmp_path)
+        unlink_quiet(self._tmp_path)
 
     def publish(self, durable: bool = True) -> str | None:
         """Finish the pack and move it into the store; returns its name, or None if empty."""
@@ -169,7 +163,7 @@ class PackWriter:
         os.replace(self._tmp_path, os.path.join(pack_dir, name + ".pack"))
         os.replace(idx_tmp, os.path.join(pack_dir, name + ".idx"))
         if durable:
-            _fsync_dir(pack_dir)
+            fsync_dir(pack_dir)
         self._store.invalidate()
         return name
 
@@ -216,8 +210,8 @@ class _PackIndex:
         if self._map[:8] != b"\xfftOc\x00\x00\x00\x02":
             raise StoreCorrupted(f"unsupported pack index {path}")
         self.pack_path = path[:-4] + ".pack"
-        self._fanout = struct.unpack_from(">256I", self._map, 8)
-        self.count = self._fanout[255]
+        self._fanout: tuple[int, ...] = struct.unpack_from(">256I", self._map, 8)
+        self.count: int = self._fanout[255]
         self._oid_base = 8 + 1024
         self._pack: mmap.mmap | None = None
         self._sorted_offsets: list[int] | None = None
@@ -358,7 +352,7 @@ class ObjectStore:
             return oid
         path = self._loose_path(oid)
         os.makedirs(self.tmp_dir, exist_ok=True)
-        fd, tmp = _mkstemp(self.tmp_dir, "obj-")
+        fd, tmp = tempfile.mkstemp(prefix="obj-", dir=self.tmp_dir)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(zlib.compress(object_header(kind, len(data)) + data, 1))
@@ -368,7 +362,7 @@ class ObjectStore:
             os.chmod(tmp, 0o444)
             os.replace(tmp, path)
         except BaseException:
-            _unlink_quiet(tmp)
+            unlink_quiet(tmp)
             raise
         self._loose_fanout().add(oid[:1].hex())
         return oid
@@ -429,7 +423,9 @@ class ObjectStore:
         try:
             data = zlib.decompress(pack[pos + 1 : end])
         except zlib.error as exc:
-            raise StoreCorrupted(f"corrupt object {idx.oid_at(i).hex()} in {idx.pack_path}") from exc
+            raise StoreCorrupted(
+                f"corrupt object {idx.oid_at(i).hex()} in {idx.pack_path}"
+            ) from exc
         if len(data) != size:
             raise StoreCorrupted(f"corrupt object {idx.oid_at(i).hex()} in {idx.pack_path}")
         return _CODE_TYPES[code], data
@@ -459,17 +455,3 @@ class ObjectStore:
         """Every oid in every pack (used by repacking)."""
         for idx in self._pack_indexes().values():
             yield from idx.oids()
-
-
-
-def _mkstemp(directory: str, prefix: str) -> tuple[int, str]:
-    import tempfile
-
-    return tempfile.mkstemp(prefix=prefix, dir=directory)
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

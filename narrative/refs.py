@@ -14,6 +14,7 @@ import time
 from typing import Final
 
 from .errors import ConcurrentUpdate, InvalidInput, LockTimeout, StoreCorrupted
+from .fsutil import unlink_quiet
 
 __all__ = ["ANY", "RefStore", "STALE_LOCK_SECONDS", "validate_ref_name"]
 
@@ -141,7 +142,7 @@ class RefStore:
         fd = self._acquire(lock_path)
         try:
             current = self.read(name)
-            if expected != ANY and current != expected:
+            if expected not in (ANY, current):
                 raise ConcurrentUpdate(f"ref {name} moved concurrently")
             if new is None:
                 self._delete_locked(name, path)
@@ -159,11 +160,11 @@ class RefStore:
         except BaseException:
             if fd >= 0:
                 os.close(fd)
-            _unlink_quiet(lock_path)
+            unlink_quiet(lock_path)
             raise
 
     def _delete_locked(self, name: str, path: str) -> None:
-        _unlink_quiet(path)
+        unlink_quiet(path)
         packed_path = os.path.join(self.git_dir, "packed-refs")
         if name not in self._packed():
             return
@@ -190,11 +191,4 @@ class RefStore:
         finally:
             if fd >= 0:
                 os.close(fd)
-                _unlink_quiet(lock)
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+                unlink_quiet(lock)

@@ -196,7 +196,8 @@ def _untracked_below(directory: str, rel_dir: str, current: FlatTree) -> list[st
 
 
 def _prune_empty_dirs(ws: str, dirs: set[str]) -> None:
-    for rel in sorted(dirs, key=len, reverse=True):
+    for start in sorted(dirs, key=len, reverse=True):
+        rel = start
         while rel:
             try:
                 os.rmdir(os.path.join(ws, rel))

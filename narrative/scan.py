@@ -82,7 +82,9 @@ class _Scanner:
         self.file_count = 0
         self.byte_count = 0
 
-    def _rules_for(self, abs_dir: str, rel_dir: str, names: set[str], rules: IgnoreRules) -> IgnoreRules:
+    def _rules_for(
+        self, abs_dir: str, rel_dir: str, names: set[str], rules: IgnoreRules
+    ) -> IgnoreRules:
         if ".git" in names:
             exclude = os.path.join(abs_dir, ".git", "info", "exclude")
             rules = rules.extend(read_ignore_file(exclude), rel_dir)

@@ -43,7 +43,9 @@ class SnapshotResult:
     """Stat key of every file as it was read (restore uses it to detect later edits)."""
 
 
-def _build_tree(node: DirNode, writer: PackWriter | None, trees: dict[str, tuple[bytes, int]]) -> bytes | None:
+def _build_tree(
+    node: DirNode, writer: PackWriter | None, trees: dict[str, tuple[bytes, int]]
+) -> bytes | None:
     """Tree id of ``node`` (written to ``writer`` when new); None when it ended up empty."""
     if node.reusable and node.oid is not None:
         trees[node.rel] = (node.oid, len(node.entries))
@@ -51,10 +53,9 @@ def _build_tree(node: DirNode, writer: PackWriter | None, trees: dict[str, tuple
         return node.oid
     entries = []
     for name, mode, value in node.entries:
-        if mode == MODE_DIR:
-            value = _build_tree(value, writer, trees)
-        if value is not None:
-            entries.append((name, mode, value))
+        oid = _build_tree(value, writer, trees) if mode == MODE_DIR else value
+        if oid is not None:
+            entries.append((name, mode, oid))
     if not entries:
         return None
     data = encode_tree(entries)
@@ -70,8 +71,11 @@ def _keep_cached_subtrees(node: DirNode, trees: dict[str, tuple[bytes, int]]) ->
             _keep_cached_subtrees(child, trees)
 
 
-def scan_tree(store: Store, workspace: str | None = None, writer: PackWriter | None = None,
-              ) -> tuple[ScanResult, bytes | None, StatCache, dict[str, tuple[bytes, int]]]:
+def scan_tree(
+    store: Store,
+    workspace: str | None = None,
+    writer: PackWriter | None = None,
+) -> tuple[ScanResult, bytes | None, StatCache, dict[str, tuple[bytes, int]]]:
     """Walk and hash a workspace; returns the scan, root tree id, old cache and new tree cache.
 
     Without a writer nothing is stored (used by ``diff`` against the live workspace).
@@ -107,14 +111,50 @@ def _drop_failed(result: ScanResult, failed: list) -> None:  # type: ignore[type
         result.skipped.append({"path": job.rel, "reason": "vanished or unreadable"})
 
 
-def _new_cache(result: ScanResult, trees: dict[str, tuple[bytes, int]], start_ns: int,
-               head: tuple[bytes, bytes, str]) -> StatCache:
-    files = dict(result.files)
-    racy_after = start_ns - RACY_WINDOW_NS
-    for job in result.jobs:
-        key = job.key if job.key and job.key[0] < racy_after else RACY_KEY
-        files[job.rel] = (key, job.entry[2])
-    return StatCache(files, trees, head)
+@dataclass
+class _Capture:
+    """A scanned and hashed workspace state, ready to be committed."""
+
+    store: Store
+    workspace: str
+    result: ScanResult
+    root: bytes
+    trees: dict[str, tuple[bytes, int]]
+    cache: StatCache
+    start_ns: int
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "files": self.result.file_count,
+            "bytes": self.result.byte_count,
+            "hashed": len(self.result.jobs),
+            "skipped": len(self.result.skipped),
+        }
+
+    def keys(self) -> dict[str, StatKey]:
+        keys = {rel: entry[0] for rel, entry in self.result.files.items()}
+        keys.update((job.rel, job.key) for job in self.result.jobs)
+        return keys
+
+    def head_info(self, head: bytes) -> tuple[bytes, str]:
+        """(tree, snapshot id) of a thread head, from the cache when it is still current."""
+        cached = self.cache.head
+        if cached is not None and cached[0] == head:
+            return cached[1], str(cached[2])
+        snap = snapshot_at(self.store, head)
+        return bytes.fromhex(snap.tree), snap.id
+
+    def save_cache(self, head: tuple[bytes, bytes, str]) -> None:
+        """Persist the stat cache (only when it changed); racy entries are kept unusable."""
+        files = dict(self.result.files)
+        racy_after = self.start_ns - RACY_WINDOW_NS
+        for job in self.result.jobs:
+            key = job.key if job.key and job.key[0] < racy_after else RACY_KEY
+            files[job.rel] = (key, job.entry[2])
+        new = StatCache(files, self.trees, head)
+        old = self.cache
+        if new.files != old.files or new.trees != old.trees or new.head != old.head:
+            new.save(cache_path(self.store.git_dir, self.workspace))
 
 
 def take_snapshot(
@@ -146,78 +186,58 @@ def take_snapshot(
             result, root, cache, trees = scan_tree(store, ws, writer)
             if root is None:
                 root = writer.add_raw("tree", b"")
-            return _commit(store, ref, thread_id, run_id, message, allow_empty, head,
-                           fork_parent, root, result, trees, cache, writer, start_ns, ws)
+            capture = _Capture(store, ws, result, root, trees, cache, start_ns)
+            if head is not None and not allow_empty:
+                head_tree, head_snap = capture.head_info(head)
+                if head_tree == root:
+                    writer.abort()
+                    capture.save_cache((head, root, head_snap))
+                    return SnapshotResult(snapshot_at(store, head), False, capture.keys())
+            stats = capture.stats()
+            message = encode_message(
+                message, new_id("snapshot"), thread_id, run_id, stats, result.skipped
+            )
+            commit = _commit_object(root, head or fork_parent, message)
+            oid = writer.add_raw("commit", encode_commit(commit))
+            writer.publish()
         except BaseException:
             writer.abort()
             raise
+        return _advance(capture, ref, head, fork_parent, commit, oid, allow_empty)
 
 
-def _head_info(store: Store, head: bytes, cache: StatCache) -> tuple[bytes, str]:
-    """(tree, snapshot id) of the thread head, from the cache when it is still current."""
-    if cache.head is not None and cache.head[0] == head:
-        return cache.head[1], str(cache.head[2])
-    snap = snapshot_at(store, head)
-    return bytes.fromhex(snap.tree), snap.id
+def _commit_object(root: bytes, parent: bytes | None, message: str) -> Commit:
+    sig = Signature("narrative", "narrative@localhost", int(time.time()))
+    return Commit(root, (parent,) if parent else (), sig, sig, message)
 
 
-def _commit(store: Store, ref: str, thread_id: str, run_id: str | None, message: str,
-            allow_empty: bool, head: bytes | None, fork_parent: bytes | None, root: bytes,
-            result: ScanResult, trees: dict[str, tuple[bytes, int]], cache: StatCache,
-            writer: PackWriter, start_ns: int, ws: str) -> SnapshotResult:
-    stats = {
-        "files": result.file_count,
-        "bytes": result.byte_count,
-        "hashed": len(result.jobs),
-        "skipped": len(result.skipped),
-    }
-    snap_id = new_id("snapshot")
-    parent = head or fork_parent
-    attempt = 0
-    while True:
-        attempt += 1
-        if head is not None and not allow_empty:
-            head_tree, head_snap = _head_info(store, head, cache)
-            if head_tree == root:
-                writer.abort()
-                _save_cache(store, ws, cache, result, trees, start_ns, (head, root, head_snap))
-                return SnapshotResult(snapshot_at(store, head), False, _keys(result))
-        now = int(time.time())
-        sig = Signature("narrative", "narrative@localhost", now)
-        commit = Commit(
-            root, (parent,) if parent else (), sig, sig,
-            encode_message(message, snap_id, thread_id, run_id, stats, result.skipped),
-        )
-        data = encode_commit(commit)
-        if attempt == 1:
-            oid = writer.add_raw("commit", data)
-            writer.publish()
-        else:
-            oid = store.odb.write_loose("commit", data)
+def _advance(
+    capture: _Capture,
+    ref: str,
+    head: bytes | None,
+    fork_parent: bytes | None,
+    commit: Commit,
+    oid: bytes,
+    allow_empty: bool,
+) -> SnapshotResult:
+    """Move the thread ref to ``oid``; on a lost race, re-parent onto the new head and retry."""
+    store = capture.store
+    for _attempt in range(_MAX_ATTEMPTS):
         try:
             store.refs.update(ref, oid, expected=head)
             break
         except ConcurrentUpdate:
-            if attempt >= _MAX_ATTEMPTS:
-                raise
             head = store.refs.read(ref)
-            parent = head or fork_parent
-    _save_cache(store, ws, cache, result, trees, start_ns, (oid, root, snap_id))
+            if head is not None and not allow_empty and capture.head_info(head)[0] == capture.root:
+                # Another writer captured this very state: that snapshot is ours too.
+                return SnapshotResult(snapshot_at(store, head), False, capture.keys())
+            commit = _commit_object(capture.root, head or fork_parent, commit.message)
+            oid = store.odb.write_loose("commit", encode_commit(commit))
+    else:
+        raise ConcurrentUpdate(f"could not advance {ref}: too many concurrent writers")
+    capture.save_cache((oid, capture.root, snapshot_from_commit(oid, commit, None).id))
+    parent = commit.parents[0] if commit.parents else None
     parent_id = None
     if parent is not None:
         parent_id = snapshot_from_commit(parent, read_commit(store, parent), None).id
-    return SnapshotResult(snapshot_from_commit(oid, commit, parent_id), True, _keys(result))
-
-
-def _keys(result: ScanResult) -> dict[str, StatKey]:
-    keys = {rel: entry[0] for rel, entry in result.files.items()}
-    keys.update((job.rel, job.key) for job in result.jobs)
-    return keys
-
-
-def _save_cache(store: Store, ws: str, old: StatCache, result: ScanResult,
-                trees: dict[str, tuple[bytes, int]], start_ns: int,
-                head: tuple[bytes, bytes, str]) -> None:
-    new = _new_cache(result, trees, start_ns, head)
-    if new.files != old.files or new.trees != old.trees or new.head != old.head:
-        new.save(cache_path(store.git_dir, ws))
+    return SnapshotResult(snapshot_from_commit(oid, commit, parent_id), True, capture.keys())

@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import marshal
 import os
-import tempfile
 from dataclasses import dataclass, field
+
+from .fsutil import write_atomic
 
 __all__ = ["RACY_KEY", "RACY_WINDOW_NS", "StatCache", "StatKey", "cache_path"]
 
@@ -42,7 +43,7 @@ class StatCache:
     files: dict[str, tuple[StatKey, bytes]] = field(default_factory=dict)
     trees: dict[str, tuple[bytes, int]] = field(default_factory=dict)
     head: tuple[bytes, bytes, str] | None = None
-    """(commit, tree, snapshot id) of the snapshot this cache was saved with, to skip reading the head."""
+    """(commit, tree, snapshot id) of the snapshot the cache was saved with (skips a read)."""
 
     @classmethod
     def load(cls, path: str) -> StatCache:
@@ -57,15 +58,6 @@ class StatCache:
             return cls()
 
     def save(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".stat-", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                marshal.dump((_VERSION, self.files, self.trees, self.head), f)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        # Not fsynced: after a power cut a stale or missing cache only costs a re-hash.
+        data = marshal.dumps((_VERSION, self.files, self.trees, self.head))
+        write_atomic(path, data, durable=False)

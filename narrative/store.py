@@ -19,13 +19,13 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidInput, LockTimeout, StoreCorrupted, StoreExists, StoreNotFound
+from .fsutil import write_atomic
 from .meta import MetaStore
 from .odb import ObjectStore
 from .refs import RefStore
@@ -94,21 +94,6 @@ class StoreConfig:
         return cfg
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _is_store(path: str) -> bool:
     return os.path.isfile(os.path.join(path, _CONFIG))
 
@@ -158,10 +143,10 @@ class Store:
             os.makedirs(os.path.join(git_dir, sub), exist_ok=True)
         os.makedirs(hooks, exist_ok=True)
         os.makedirs(os.path.join(git_dir, "narrative", "tmp"), exist_ok=True)
-        _write_atomic(os.path.join(git_dir, "HEAD"), b"ref: refs/heads/main\n")
-        _write_atomic(os.path.join(git_dir, "config"), _GIT_CONFIG.format(hooks=hooks).encode())
-        _write_atomic(os.path.join(git_dir, ".gitignore"), b"*\n")
-        _write_atomic(
+        write_atomic(os.path.join(git_dir, "HEAD"), b"ref: refs/heads/main\n")
+        write_atomic(os.path.join(git_dir, "config"), _GIT_CONFIG.format(hooks=hooks).encode())
+        write_atomic(os.path.join(git_dir, ".gitignore"), b"*\n")
+        write_atomic(
             os.path.join(git_dir, "description"), b"narrative-engine shadow store (do not edit)\n"
         )
         config = StoreConfig(workspace=workspace)
@@ -201,7 +186,7 @@ class Store:
 
     def save_config(self) -> None:
         data = json.dumps(self.config.to_dict(), indent=2).encode() + b"\n"
-        _write_atomic(os.path.join(self.git_dir, _CONFIG), data)
+        write_atomic(os.path.join(self.git_dir, _CONFIG), data)
 
     # -- locking --------------------------------------------------------------------------------
 
