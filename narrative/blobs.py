@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from .objects import MODE_LINK, hash_object, object_header
 from .odb import ObjectStore, PackWriter, deflate
 from .scan import FileJob
-from .statcache import RACY_KEY
 
 __all__ = ["STREAM_THRESHOLD", "write_blobs"]
 
@@ -94,7 +93,7 @@ def _store_one(job: FileJob, store: ObjectStore, writer: PackWriter | None) -> N
             except _Changed:
                 # Being written right now: take its current state, and never trust the stat key.
                 size = os.lstat(job.path).st_size
-                job.key = RACY_KEY
+                job.changed = True
         else:
             raise OSError(f"{job.rel} keeps changing while being read")
     job.entry[2] = oid

@@ -92,11 +92,15 @@ def diff_trees(old: FlatTree, new: FlatTree) -> list[FileChange]:
     return changes
 
 
-def _flatten_node(node: DirNode, out: FlatTree) -> FlatTree:
+def _flatten_node(store: Store, node: DirNode, out: FlatTree) -> FlatTree:
     prefix = node.rel + "/" if node.rel else ""
+    if node.record is not None:
+        if node.oid is not None:
+            out.update(flatten_tree(store.odb, node.oid, prefix))
+        return out
     for name, mode, value in node.entries:
         if mode == MODE_DIR:
-            _flatten_node(value, out)
+            _flatten_node(store, value, out)
         elif value is not None:
             out[prefix + os.fsdecode(name)] = (mode, value)
     return out
@@ -118,8 +122,8 @@ def diff_snapshots(
     if new is None:
         from .snapshot import scan_tree
 
-        result, _root, _cache, _trees = scan_tree(store)
-        new_flat = _flatten_node(result.root, {})
+        result, _root, _cache = scan_tree(store)
+        new_flat = _flatten_node(store, result.root, {})
         ws = store.workspace
 
         def read_new(path: str, oid: bytes) -> bytes:

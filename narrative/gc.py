@@ -245,12 +245,9 @@ def _prune_caches(store: Store, keep: set[bytes]) -> None:
         if not name.startswith("stat-"):
             continue
         path = os.path.join(cache_dir, name)
-        cache = StatCache.load(path)
-        files = {k: v for k, v in cache.files.items() if v[1] in keep}
-        trees = {k: v for k, v in cache.trees.items() if v[0] in keep}
-        head = cache.head if cache.head and cache.head[0] in keep else None
-        if (files, trees, head) != (cache.files, cache.trees, cache.head):
-            StatCache(files, trees, head).save(path)
+        cache = StatCache.load(path, store.config.max_file_size)
+        if not cache.oids() <= keep or (cache.head and cache.head[0] not in keep):
+            unlink_quiet(path)
 
 
 def _clean_tmp(store: Store) -> None:

@@ -235,6 +235,34 @@ class _Branch(NamedTuple):
     first: frozenset[int]  # characters the reversed path can start with when it matches
     negated: bool
     dir_only: bool
+    star: bool  # the full regex is "[^/]*+" + regex (see _join)
+
+
+_TERMINATORS = ("/", "(?:/|\\Z)", "\\Z", _DSTAR_SLASH[0])  # must start at a '/' or the end
+
+
+def _join(toks: list[_Token]) -> tuple[bool, str]:
+    """Join reversed tokens into a regex; (True, rest) when it is ``[^/]*+`` + rest.
+
+    A ``*`` followed by a '/' or the end can only stop there, so it is made possessive. A
+    leading ``*`` followed by single characters up to a '/' (or the end) must consume the rest
+    of that name ("npm-debug.log*" reversed): scanning possessively and checking those
+    characters with a lookbehind avoids backtracking, and lets branches share one scan.
+    """
+    parts = [
+        "[^/]*+" if tok is _STAR and toks[k + 1][0] in _TERMINATORS else tok[0]
+        for k, tok in enumerate(toks[:-1])
+    ]
+    parts.append(toks[-1][0])
+    if toks[0] is _STAR:
+        k = 1
+        while not toks[k][2] and _SLASH not in toks[k][1]:
+            k += 1  # single non-'/' characters: literals, '?', classes
+        if toks[k][0] in _TERMINATORS:
+            fixed = "".join(parts[1:k])
+            rest = "".join(parts[k:])
+            return True, f"(?<={fixed}){rest}" if fixed else rest
+    return False, "".join(parts)
 
 
 def _parse_line(line: str) -> _Branch | None:
@@ -272,66 +300,79 @@ def _parse_line(line: str) -> _Branch | None:
         first |= chars
         if not nullable:
             break
-    regex = "".join(tok[0] for tok in toks)
-    return _Branch(regex, frozenset(first), negated, dir_only)
+    star, regex = _join(toks)
+    return _Branch(regex, frozenset(first), negated, dir_only, star)
 
 
-# Above this many possible last characters the pre-check costs more than it saves.
-_MAX_FIRST = 96
+@functools.lru_cache(maxsize=1024)
+def _compile(branches: tuple[_Branch, ...]) -> _Match | None:
+    """One regex, highest precedence first; negated branches end in ``()`` (sets lastindex).
 
-
-class _Compiled(NamedTuple):
-    """The matcher of one source for files or for directories."""
-
-    match: _Match
-    last_chars: frozenset[str] | None  # a matching path ends in one of these; None: unknown
-
-
-def _never(text: str, pos: int, endpos: int) -> None:
-    return None
-
-
-_NO_MATCH = _Compiled(_never, frozenset())
-
-
-@functools.lru_cache(maxsize=256)
-def _compile(branches: tuple[_Branch, ...]) -> _Compiled:
-    """One regex for a source, highest precedence first; negated branches end in ``()``."""
+    Only the polarity of the first matching alternative matters, so alternatives may be
+    reordered within a run of equal polarity: there, all ``[^/]*+`` branches share one scan.
+    """
     if not branches:
-        return _NO_MATCH
-    alts = [b.regex + "()" if b.negated else b.regex for b in reversed(branches)]
-    first: set[int] = set()
-    for branch in branches:
-        first |= branch.first
-    chars = frozenset(map(chr, first)) if len(first) <= _MAX_FIRST else None
-    return _Compiled(re.compile("|".join(alts), re.DOTALL).match, chars)
+        return None
+    alts: list[str] = []
+    starred: list[str] = []
+
+    def flush() -> None:
+        if starred:
+            alts.append(
+                "[^/]*+" + (starred[0] if len(starred) == 1 else f"(?:{'|'.join(starred)})")
+            )
+            starred.clear()
+
+    negated = False
+    for b in reversed(branches):
+        if b.negated != negated:
+            flush()
+            negated = b.negated
+        body = b.regex + "()" if b.negated else b.regex
+        (starred if b.star else alts).append(body)
+    flush()
+    return re.compile("|".join(alts), re.DOTALL).match
 
 
-class _Source:
-    """The patterns of one ignore file, with matchers compiled on first use."""
+class _Table(dict[str, "_Match | None"]):
+    """Matchers keyed by the path's last character, built on first use.
 
-    __slots__ = ("_branches", "compiled", "cut", "prefix")
+    Only the branches that can match a path ending in that character go into its regex, so
+    most calls try a handful of alternatives, and a character no pattern ends with (the fast
+    path) maps straight to None.
+    """
 
-    def __init__(self, branches: tuple[_Branch, ...], base: str) -> None:
+    __slots__ = ("_branches",)
+
+    def __init__(self, branches: tuple[_Branch, ...]) -> None:
+        super().__init__()
         self._branches = branches
-        self.prefix = _to_bytes_text(base) + "/" if base else ""
-        self.cut = len(self.prefix)
-        self.compiled: list[_Compiled | None] = [None, None]  # indexed by is_dir
 
-    def compile(self, is_dir: bool) -> _Compiled:
-        """Build (once) the matcher for directories or for files."""
-        branches = tuple(b for b in self._branches if is_dir or not b.dir_only)
-        result = self.compiled[is_dir] = _compile(branches)
-        return result
+    def __missing__(self, last: str) -> _Match | None:
+        code = ord(last) if last else -1
+        match = _compile(tuple(b for b in self._branches if code in b.first))
+        self[last] = match
+        return match
+
+
+# One ignore file in a chain: (base + "/" or "", its length, matcher table).
+_Link = tuple[str, int, _Table]
 
 
 class IgnoreRules:
     """Immutable set of ignore patterns in precedence order (later sources override earlier)."""
 
-    __slots__ = ("_any_positive", "_sources")
+    __slots__ = ("_any_positive", "_dirs", "_files")
 
-    def __init__(self, sources: tuple[_Source, ...] = (), any_positive: bool = False) -> None:
-        self._sources = sources  # highest precedence first
+    def __init__(
+        self,
+        files: tuple[_Link, ...] = (),
+        dirs: tuple[_Link, ...] = (),
+        any_positive: bool = False,
+    ) -> None:
+        # Highest precedence first; directories also see the patterns ending in '/'.
+        self._files = files
+        self._dirs = dirs
         self._any_positive = any_positive
 
     @classmethod
@@ -354,8 +395,13 @@ class IgnoreRules:
         branches = tuple(b for b in map(_parse_line, lines) if b is not None)
         if not branches:
             return self
-        any_positive = self._any_positive or any(not b.negated for b in branches)
-        return IgnoreRules((_Source(branches, base), *self._sources), any_positive)
+        prefix = _to_bytes_text(base) + "/" if base else ""
+        files = _Table(tuple(b for b in branches if not b.dir_only))
+        return IgnoreRules(
+            ((prefix, len(prefix), files), *self._files),
+            ((prefix, len(prefix), _Table(branches)), *self._dirs),
+            self._any_positive or any(not b.negated for b in branches),
+        )
 
     def is_ignored(self, relpath: str, is_dir: bool) -> bool:
         """Whether git would ignore ``relpath`` itself (parent directories are not consulted).
@@ -369,15 +415,17 @@ class IgnoreRules:
         """
         if not relpath.isascii():
             relpath = _to_bytes_text(relpath)
-        rev = relpath[::-1]
-        size = len(rev)
-        for src in self._sources:
-            if src.cut and not relpath.startswith(src.prefix):
+        last = relpath[-1:]
+        rev = ""
+        for prefix, cut, table in self._dirs if is_dir else self._files:
+            if cut and not relpath.startswith(prefix):
                 continue
-            match, last_chars = src.compiled[is_dir] or src.compile(is_dir)
-            if last_chars is not None and rev[:1] not in last_chars:
-                continue  # fast path: no pattern can match this basename
-            m = match(rev, 0, size - src.cut)
+            match = table[last]
+            if match is None:
+                continue  # fast path: no pattern can match a name ending in this character
+            if not rev:
+                rev = relpath[::-1]
+            m = match(rev, 0, len(rev) - cut)
             if m is not None:
                 return m.lastindex is None
         return False
@@ -387,7 +435,7 @@ class IgnoreRules:
         return self._any_positive
 
     def __repr__(self) -> str:
-        return f"<IgnoreRules sources={len(self._sources)}>"
+        return f"<IgnoreRules sources={len(self._files)}>"
 
 
 _EMPTY = IgnoreRules()

@@ -419,9 +419,11 @@ class ObjectStore:
             byte = pack[pos]
             size |= (byte & 0x7F) << shift
             shift += 7
-        end = idx.next_offset(i, len(pack) - 20)
+        # Deflate never expands by more than 5 bytes per 16 KiB block plus a few header bytes,
+        # so this bound covers the whole stream without locating the next object.
+        end = min(pos + 1 + size + 5 * (size // 16000 + 1) + 64, len(pack) - 20)
         try:
-            data = zlib.decompress(pack[pos + 1 : end])
+            data = zlib.decompressobj().decompress(pack[pos + 1 : end])
         except zlib.error as exc:
             raise StoreCorrupted(
                 f"corrupt object {idx.oid_at(i).hex()} in {idx.pack_path}"

@@ -126,7 +126,7 @@ def restore_workspace(
     )
     current = flatten_tree(store.odb, bytes.fromhex(safety.snapshot.tree))
     target = flatten_tree(store.odb, bytes.fromhex(snapshot.tree))
-    keys = safety.keys
+    keys = safety.cache.file_keys()
     _refuse_unsafe(ws, current, target)
 
     def check_unchanged(path: str) -> None:

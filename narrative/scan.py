@@ -6,24 +6,30 @@ every ``.git`` entry are excluded. Files inside nested repos are ordinary files.
 recorded as symlinks (never followed); only regular files, symlinks and directories are taken;
 regular files over the size cap are skipped and reported.
 
-The walk compares each file's stat key with the :class:`~narrative.statcache.StatCache`; misses
-become :class:`FileJob` objects that the blob writer hashes later, in parallel.
+The walk is the hot path of every snapshot, so per directory it only lists, stats and hashes the
+stat keys into a signature (see :mod:`narrative.statcache`); a directory whose signature matches
+and whose subdirectories are all unchanged reuses its cached tree without further work. Only
+changed directories look at individual files; files whose stat key moved become
+:class:`FileJob` objects that the blob writer hashes later, in parallel.
 """
 
 from __future__ import annotations
 
 import os
 import stat as stat_mod
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from .ignore import IgnoreRules, read_ignore_file
 from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK
-from .statcache import StatCache, StatKey
+from .statcache import DirRecord, FileDetail, StatCache, StatKey, decode_details
 
 __all__ = ["DirNode", "FileJob", "ScanResult", "scan_workspace"]
 
-IGNORE_FILES = (".gitignore", ".narrativeignore")
+_SPECIAL = frozenset((".git", ".gitignore", ".narrativeignore"))
+_PARALLEL_STAT_MIN = 2000
+_STAT_THREADS = 4
 
 
 @dataclass(slots=True)
@@ -36,16 +42,23 @@ class FileJob:
     mode: int
     entry: list[Any]
     """The owning directory's entry ``[name, mode, oid]``; the writer fills in the oid."""
+    changed: bool = False
+    """Set when the file changed while being read (its key must not be trusted)."""
 
 
 @dataclass(slots=True)
 class DirNode:
-    """One directory: its tree entries and whether its cached tree id is still valid."""
+    """One directory. ``record`` is set when its cached record is reused as is."""
 
     rel: str
+    sig: int | None = None
+    record: DirRecord | None = None
     entries: list[list[Any]] = field(default_factory=list)
     children: list[DirNode] = field(default_factory=list)
-    reusable: bool = True
+    files: list[tuple[str, StatKey, list[Any]]] = field(default_factory=list)
+    file_count: int = 0
+    byte_count: int = 0
+    skipped: list[dict[str, Any]] = field(default_factory=list)
     oid: bytes | None = None
 
 
@@ -55,10 +68,8 @@ class ScanResult:
 
     root: DirNode
     jobs: list[FileJob]
-    files: dict[str, tuple[StatKey, bytes]]
+    dirs: list[DirNode]
     skipped: list[dict[str, Any]]
-    file_count: int = 0
-    byte_count: int = 0
 
 
 def _mode_of(st_mode: int) -> int | None:
@@ -69,31 +80,84 @@ def _mode_of(st_mode: int) -> int | None:
     return None
 
 
+@dataclass(slots=True)
+class _Listing:
+    """A listed directory whose entries are still to be stat'ed."""
+
+    rel: str
+    files: list[os.DirEntry[str]]
+    subdirs: list[_Listing]
+    names: str
+    keys: list[StatKey] = field(default_factory=list)
+    sig: int = 0
+    complete: bool = True
+    """False when a subdirectory could not be read: the cached tree must not be reused."""
+
+
+def _stat_listings(listings: list[_Listing]) -> None:
+    """Stat every file of ``listings`` and compute each directory's signature.
+
+    Runs on several threads: the lstat system calls release the GIL and dominate the cost.
+    """
+    for listing in listings:
+        try:
+            stats = [e.stat(follow_symlinks=False) for e in listing.files]
+        except OSError:
+            listing.files, stats = _stat_slowly(listing.files)
+        keys = [(s.st_mtime_ns, s.st_ctime_ns, s.st_size, s.st_ino, s.st_mode) for s in stats]
+        names = "\0".join([e.name for e in listing.files]) + listing.names
+        listing.keys = keys
+        listing.sig = hash((tuple(keys), zlib.crc32(names.encode("utf-8", "surrogateescape"))))
+
+
+def _stat_slowly(
+    files: list[os.DirEntry[str]],
+) -> tuple[list[os.DirEntry[str]], list[os.stat_result]]:
+    """Stat one by one, dropping entries that vanished since the listing."""
+    kept, stats = [], []
+    for entry in files:
+        try:
+            stats.append(entry.stat(follow_symlinks=False))
+            kept.append(entry)
+        except OSError:
+            continue
+    return kept, stats
+
+
+def _balanced_batches(listings: list[_Listing], count: int) -> list[list[_Listing]]:
+    batches: list[list[_Listing]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for listing in sorted(listings, key=lambda item: -len(item.files)):
+        i = loads.index(min(loads))
+        batches[i].append(listing)
+        loads[i] += len(listing.files) + 1
+    return batches
+
+
 class _Scanner:
-    def __init__(self, workspace: str, cache: StatCache, exclude: set[str], max_size: int):
-        self.workspace = workspace
-        self.cache_files = cache.files
-        self.cache_trees = cache.trees
+    def __init__(self, cache: StatCache, exclude: set[str], max_size: int) -> None:
+        self.cached = cache.dirs
         self.exclude = exclude
         self.max_size = max_size
         self.jobs: list[FileJob] = []
-        self.files: dict[str, tuple[StatKey, bytes]] = {}
+        self.dirs: list[DirNode] = []
         self.skipped: list[dict[str, Any]] = []
-        self.file_count = 0
-        self.byte_count = 0
+        self.listings: list[_Listing] = []
+        self.file_total = 0
 
-    def _rules_for(
-        self, abs_dir: str, rel_dir: str, names: set[str], rules: IgnoreRules
-    ) -> IgnoreRules:
+    @staticmethod
+    def _rules_for(abs_dir: str, rel_dir: str, names: set[str], rules: IgnoreRules) -> IgnoreRules:
         if ".git" in names:
             exclude = os.path.join(abs_dir, ".git", "info", "exclude")
             rules = rules.extend(read_ignore_file(exclude), rel_dir)
-        for fname in IGNORE_FILES:
+        for fname in (".gitignore", ".narrativeignore"):
             if fname in names:
-                rules = rules.extend(read_ignore_file(os.path.join(abs_dir, fname)), rel_dir)
+                lines = read_ignore_file(os.path.join(abs_dir, fname), follow_symlinks=False)
+                rules = rules.extend(lines, rel_dir)
         return rules
 
-    def scan(self, abs_dir: str, rel_dir: str, rules: IgnoreRules) -> DirNode | None:
+    def list_dir(self, abs_dir: str, rel_dir: str, rules: IgnoreRules) -> _Listing | None:
+        """List a directory tree, applying ignore rules (no stat calls yet)."""
         try:
             with os.scandir(abs_dir) as it:
                 entries = list(it)
@@ -101,63 +165,96 @@ class _Scanner:
             self.skipped.append({"path": rel_dir or ".", "reason": f"unreadable: {exc.strerror}"})
             return None
         names = {e.name for e in entries}
-        if names & {".git", ".gitignore", ".narrativeignore"}:
+        if not names.isdisjoint(_SPECIAL):
             rules = self._rules_for(abs_dir, rel_dir, names, rules)
-        node = DirNode(rel_dir)
         prefix = rel_dir + "/" if rel_dir else ""
-        cache_files = self.cache_files
-        reusable = True
+        files: list[os.DirEntry[str]] = []
+        subdirs: list[os.DirEntry[str]] = []
         for entry in entries:
             name = entry.name
             if name == ".git":
                 continue
-            rel = prefix + name
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
             except OSError:
                 continue
             if is_dir:
-                if entry.path in self.exclude or (rules and rules.is_ignored(rel, True)):
+                if entry.path in self.exclude or (rules and rules.is_ignored(prefix + name, True)):
                     continue
-                child = self.scan(entry.path, rel, rules)
-                if child is None or not child.entries:
-                    continue
-                reusable = reusable and child.reusable
-                node.children.append(child)
-                node.entries.append([os.fsencode(name), MODE_DIR, child])
-                continue
-            if rules and rules.is_ignored(rel, False):
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue  # vanished since the listing
-            mode = _mode_of(st.st_mode)
+                subdirs.append(entry)
+            elif not (rules and rules.is_ignored(prefix + name, False)):
+                files.append(entry)
+        listing = _Listing(rel_dir, files, [], "\0/\0" + "\0".join(e.name for e in subdirs))
+        self.listings.append(listing)
+        self.file_total += len(files)
+        for entry in subdirs:
+            child = self.list_dir(entry.path, prefix + entry.name, rules)
+            if child is not None:
+                listing.subdirs.append(child)
+            else:
+                listing.complete = False
+        return listing
+
+    def stat_all(self) -> None:
+        if self.file_total < _PARALLEL_STAT_MIN:
+            _stat_listings(self.listings)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=_STAT_THREADS) as pool:
+            list(pool.map(_stat_listings, _balanced_batches(self.listings, _STAT_THREADS * 2)))
+
+    def resolve(self, listing: _Listing) -> DirNode:
+        """Decide, bottom-up, which directories keep their cached tree."""
+        node = DirNode(listing.rel, listing.sig if listing.complete else None)
+        reusable = listing.complete
+        for sub in listing.subdirs:
+            child = self.resolve(sub)
+            node.children.append(child)
+            reusable = reusable and child.record is not None
+        cached = self.cached.get(listing.rel)
+        if reusable and cached is not None and cached[0] == listing.sig:
+            node.record = cached
+            node.oid = cached[1] or None
+            node.file_count, node.byte_count = cached[2], cached[3]
+            node.skipped = cached[4]
+        else:
+            details = decode_details(cached[5]) if cached is not None else {}
+            prefix = listing.rel + "/" if listing.rel else ""
+            self._fill(node, prefix, listing.files, listing.keys, details)
+        self.dirs.append(node)
+        self.skipped.extend(node.skipped)
+        return node
+
+    def _fill(
+        self,
+        node: DirNode,
+        prefix: str,
+        files: list[os.DirEntry[str]],
+        keys: list[StatKey],
+        details: dict[str, FileDetail],
+    ) -> None:
+        """Build the entries of a changed directory, queueing files whose stat key moved."""
+        for entry, key in zip(files, keys, strict=True):
+            mode = _mode_of(key[4])
             if mode is None:
                 continue  # sockets, fifos, devices: never content
-            if mode != MODE_LINK and st.st_size > self.max_size:
-                self.skipped.append({"path": rel, "size": st.st_size, "reason": "too-large"})
+            name = entry.name
+            if mode != MODE_LINK and key[2] > self.max_size:
+                node.skipped.append({"path": prefix + name, "size": key[2], "reason": "too-large"})
                 continue
-            self.file_count += 1
-            self.byte_count += st.st_size
-            key = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, mode)
-            hit = cache_files.get(rel)
-            if hit is not None and hit[0] == key:
-                node.entries.append([os.fsencode(name), mode, hit[1]])
-                self.files[rel] = hit
+            node.file_count += 1
+            node.byte_count += key[2]
+            hit = details.get(name)
+            item: list[Any] = [os.fsencode(name), mode, None]
+            if hit is not None and hit[0] == key and not hit[2]:
+                item[2] = hit[1]
             else:
-                item: list[Any] = [os.fsencode(name), mode, None]
-                node.entries.append(item)
-                self.jobs.append(FileJob(rel, entry.path, key, mode, item))
-                reusable = False
-        if reusable:
-            cached = self.cache_trees.get(rel_dir)
-            if cached is not None and cached[1] == len(node.entries):
-                node.oid = cached[0]
-            else:
-                reusable = False
-        node.reusable = reusable
-        return node
+                self.jobs.append(FileJob(prefix + name, entry.path, key, mode, item))
+            node.entries.append(item)
+            node.files.append((name, key, item))
+        for child in node.children:
+            node.entries.append([os.fsencode(os.path.basename(child.rel)), MODE_DIR, child])
 
 
 def scan_workspace(
@@ -167,10 +264,12 @@ def scan_workspace(
 
     ``exclude`` holds absolute directory paths never to enter (the store, worktrees).
     """
-    scanner = _Scanner(workspace, cache, exclude, max_size)
-    root = scanner.scan(workspace, "", IgnoreRules.empty())
-    if root is None:
-        root = DirNode("", reusable=False)
-    return ScanResult(
-        root, scanner.jobs, scanner.files, scanner.skipped, scanner.file_count, scanner.byte_count
-    )
+    scanner = _Scanner(cache, exclude, max_size)
+    listing = scanner.list_dir(workspace, "", IgnoreRules.empty())
+    scanner.stat_all()
+    if listing is None:
+        root = DirNode("")
+        scanner.dirs.append(root)
+    else:
+        root = scanner.resolve(listing)
+    return ScanResult(root, scanner.jobs, scanner.dirs, scanner.skipped)

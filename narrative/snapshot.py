@@ -24,8 +24,15 @@ from .ids import new_id
 from .models import Snapshot
 from .objects import MODE_DIR, Commit, Signature, encode_commit, encode_tree, hash_object
 from .odb import PackWriter
-from .scan import DirNode, ScanResult, scan_workspace
-from .statcache import RACY_KEY, RACY_WINDOW_NS, StatCache, StatKey, cache_path
+from .scan import DirNode, FileJob, ScanResult, scan_workspace
+from .statcache import (
+    RACY_WINDOW_NS,
+    DirRecord,
+    FileDetail,
+    StatCache,
+    cache_path,
+    encode_details,
+)
 from .store import Store
 
 __all__ = ["SnapshotResult", "take_snapshot", "scan_tree"]
@@ -39,76 +46,82 @@ class SnapshotResult:
 
     snapshot: Snapshot
     created: bool
-    keys: dict[str, StatKey] = field(default_factory=dict, repr=False)
-    """Stat key of every file as it was read (restore uses it to detect later edits)."""
+    cache: StatCache = field(default_factory=StatCache, repr=False)
+    """The workspace's stat records as of this snapshot (restore checks edits against it)."""
 
 
-def _build_tree(
-    node: DirNode, writer: PackWriter | None, trees: dict[str, tuple[bytes, int]]
-) -> bytes | None:
+def _build_tree(node: DirNode, writer: PackWriter | None) -> bytes | None:
     """Tree id of ``node`` (written to ``writer`` when new); None when it ended up empty."""
-    if node.reusable and node.oid is not None:
-        trees[node.rel] = (node.oid, len(node.entries))
-        _keep_cached_subtrees(node, trees)
+    if node.record is not None:
         return node.oid
     entries = []
     for name, mode, value in node.entries:
-        oid = _build_tree(value, writer, trees) if mode == MODE_DIR else value
+        oid = _build_tree(value, writer) if mode == MODE_DIR else value
         if oid is not None:
             entries.append((name, mode, oid))
     if not entries:
         return None
     data = encode_tree(entries)
-    oid = writer.add_raw("tree", data) if writer is not None else hash_object("tree", data)
-    trees[node.rel] = (oid, len(node.entries))
-    return oid
-
-
-def _keep_cached_subtrees(node: DirNode, trees: dict[str, tuple[bytes, int]]) -> None:
-    for child in node.children:
-        if child.oid is not None:
-            trees[child.rel] = (child.oid, len(child.entries))
-            _keep_cached_subtrees(child, trees)
+    node.oid = writer.add_raw("tree", data) if writer is not None else hash_object("tree", data)
+    return node.oid
 
 
 def scan_tree(
-    store: Store,
-    workspace: str | None = None,
-    writer: PackWriter | None = None,
-) -> tuple[ScanResult, bytes | None, StatCache, dict[str, tuple[bytes, int]]]:
-    """Walk and hash a workspace; returns the scan, root tree id, old cache and new tree cache.
+    store: Store, workspace: str | None = None, writer: PackWriter | None = None
+) -> tuple[ScanResult, bytes | None, StatCache]:
+    """Walk and hash a workspace; returns the scan, its root tree id and the old stat cache.
 
     Without a writer nothing is stored (used by ``diff`` against the live workspace).
     """
     ws = os.path.realpath(workspace or store.workspace)
     if not os.path.isdir(ws):
         raise InvalidInput(f"workspace {ws} does not exist")
-    cache = StatCache.load(cache_path(store.git_dir, ws))
+    cache = StatCache.load(cache_path(store.git_dir, ws), store.config.max_file_size)
     result = scan_workspace(ws, cache, {store.git_dir}, store.config.max_file_size)
     store.odb.invalidate()
     failed = write_blobs(result.jobs, store.odb, writer)
     if failed:
         _drop_failed(result, failed)
-    trees: dict[str, tuple[bytes, int]] = {}
-    root = _build_tree(result.root, writer, trees)
-    return result, root, cache, trees
+    return result, _build_tree(result.root, writer), cache
 
 
-def _drop_failed(result: ScanResult, failed: list) -> None:  # type: ignore[type-arg]
+def _drop_failed(result: ScanResult, failed: list[FileJob]) -> None:
+    """Leave out files that vanished or became unreadable after the walk."""
     gone = {id(job.entry) for job in failed}
     result.jobs = [j for j in result.jobs if id(j.entry) not in gone]
+    for node in result.dirs:
+        if node.record is None:
+            node.entries = [e for e in node.entries if id(e) not in gone]
+            node.files = [f for f in node.files if id(f[2]) not in gone]
+            node.sig = None
+    result.skipped += [{"path": job.rel, "reason": "vanished or unreadable"} for job in failed]
 
-    def prune(node: DirNode) -> None:
-        before = len(node.entries)
-        node.entries = [e for e in node.entries if id(e) not in gone]
-        if len(node.entries) != before:
-            node.reusable = False
-        for child in node.children:
-            prune(child)
 
-    prune(result.root)
-    for job in failed:
-        result.skipped.append({"path": job.rel, "reason": "vanished or unreadable"})
+def _new_cache(result: ScanResult, old: StatCache, start_ns: int) -> StatCache:
+    """Records for every directory: reused ones as they were, changed ones rebuilt."""
+    racy_after = start_ns - RACY_WINDOW_NS
+    changed = {id(job.entry) for job in result.jobs if job.changed}
+    dirs: dict[str, DirRecord] = {}
+    for node in result.dirs:
+        if node.record is not None:
+            dirs[node.rel] = node.record
+            continue
+        details: dict[str, FileDetail] = {}
+        sig = node.sig
+        for name, key, item in node.files:
+            racy = key[0] >= racy_after or id(item) in changed
+            if racy:
+                sig = None
+            details[name] = (key, item[2], racy)
+        dirs[node.rel] = (
+            sig,
+            node.oid or b"",
+            node.file_count,
+            node.byte_count,
+            node.skipped,
+            encode_details(details),
+        )
+    return StatCache(dirs, old.head, old.max_file_size)
 
 
 @dataclass
@@ -119,42 +132,34 @@ class _Capture:
     workspace: str
     result: ScanResult
     root: bytes
-    trees: dict[str, tuple[bytes, int]]
-    cache: StatCache
+    old_cache: StatCache
     start_ns: int
+
+    def __post_init__(self) -> None:
+        self.cache = _new_cache(self.result, self.old_cache, self.start_ns)
 
     def stats(self) -> dict[str, int]:
         return {
-            "files": self.result.file_count,
-            "bytes": self.result.byte_count,
+            "files": sum(n.file_count for n in self.result.dirs),
+            "bytes": sum(n.byte_count for n in self.result.dirs),
             "hashed": len(self.result.jobs),
             "skipped": len(self.result.skipped),
         }
 
-    def keys(self) -> dict[str, StatKey]:
-        keys = {rel: entry[0] for rel, entry in self.result.files.items()}
-        keys.update((job.rel, job.key) for job in self.result.jobs)
-        return keys
-
     def head_info(self, head: bytes) -> tuple[bytes, str]:
         """(tree, snapshot id) of a thread head, from the cache when it is still current."""
-        cached = self.cache.head
+        cached = self.old_cache.head
         if cached is not None and cached[0] == head:
             return cached[1], str(cached[2])
         snap = snapshot_at(self.store, head)
         return bytes.fromhex(snap.tree), snap.id
 
     def save_cache(self, head: tuple[bytes, bytes, str]) -> None:
-        """Persist the stat cache (only when it changed); racy entries are kept unusable."""
-        files = dict(self.result.files)
-        racy_after = self.start_ns - RACY_WINDOW_NS
-        for job in self.result.jobs:
-            key = job.key if job.key and job.key[0] < racy_after else RACY_KEY
-            files[job.rel] = (key, job.entry[2])
-        new = StatCache(files, self.trees, head)
-        old = self.cache
-        if new.files != old.files or new.trees != old.trees or new.head != old.head:
-            new.save(cache_path(self.store.git_dir, self.workspace))
+        """Persist the stat cache, only when something in it changed."""
+        self.cache.head = head
+        old = self.old_cache
+        if self.cache.dirs != old.dirs or self.cache.head != old.head:
+            self.cache.save(cache_path(self.store.git_dir, self.workspace))
 
 
 def take_snapshot(
@@ -183,16 +188,16 @@ def take_snapshot(
     with store.lock("gc", shared=True):
         writer = PackWriter(store.odb)
         try:
-            result, root, cache, trees = scan_tree(store, ws, writer)
+            result, root, cache = scan_tree(store, ws, writer)
             if root is None:
                 root = writer.add_raw("tree", b"")
-            capture = _Capture(store, ws, result, root, trees, cache, start_ns)
+            capture = _Capture(store, ws, result, root, cache, start_ns)
             if head is not None and not allow_empty:
                 head_tree, head_snap = capture.head_info(head)
                 if head_tree == root:
                     writer.abort()
                     capture.save_cache((head, root, head_snap))
-                    return SnapshotResult(snapshot_at(store, head), False, capture.keys())
+                    return SnapshotResult(snapshot_at(store, head), False, capture.cache)
             stats = capture.stats()
             message = encode_message(
                 message, new_id("snapshot"), thread_id, run_id, stats, result.skipped
@@ -230,7 +235,7 @@ def _advance(
             head = store.refs.read(ref)
             if head is not None and not allow_empty and capture.head_info(head)[0] == capture.root:
                 # Another writer captured this very state: that snapshot is ours too.
-                return SnapshotResult(snapshot_at(store, head), False, capture.keys())
+                return SnapshotResult(snapshot_at(store, head), False, capture.cache)
             commit = _commit_object(capture.root, head or fork_parent, commit.message)
             oid = store.odb.write_loose("commit", encode_commit(commit))
     else:
@@ -240,4 +245,4 @@ def _advance(
     parent_id = None
     if parent is not None:
         parent_id = snapshot_from_commit(parent, read_commit(store, parent), None).id
-    return SnapshotResult(snapshot_from_commit(oid, commit, parent_id), True, capture.keys())
+    return SnapshotResult(snapshot_from_commit(oid, commit, parent_id), True, capture.cache)

@@ -1,16 +1,21 @@
 """The private stat cache that makes repeated snapshots cheap.
 
-For every file of the last snapshot it remembers ``(mtime_ns, ctime_ns, size, inode, mode)`` and
-the blob id, and for every directory the tree id and entry count. A file whose stat key is
-unchanged is not read again; a directory whose entries all hit and whose count is unchanged keeps
-its tree id without re-encoding.
+One record per directory of the last snapshot of a workspace::
 
-Racy entries — files modified within :data:`RACY_WINDOW_NS` of the scan — are stored with an
-empty key so they are re-read next time: a change landing in the same timestamp tick as the read
-would otherwise go unnoticed (git's "racy clean" problem).
+    rel dir -> (signature, tree id, file count, byte count, skipped, details)
 
-The cache is one marshal file per workspace, replaced atomically; any unreadable cache is simply
-ignored. It is an optimisation only: deleting it never changes a snapshot's result.
+``signature`` hashes the names and ``(mtime_ns, ctime_ns, size, inode, mode)`` of every entry
+the directory contributes; when it is unchanged and every subdirectory is reusable, the cached
+tree id is taken as is, without looking at a single file record. ``details`` (marshal bytes,
+decoded only for directories that changed) maps each file name to ``(stat key, blob id, racy)``
+so that only files whose stat key moved are read again.
+
+Racy entries — files modified within :data:`RACY_WINDOW_NS` of the scan — are never trusted
+next time (their directory's signature is stored as None): a change landing in the same
+timestamp tick as the read would otherwise go unnoticed (git's "racy clean" problem).
+
+The cache is one marshal file per workspace, replaced atomically; an unreadable cache is ignored.
+It is an optimisation only: deleting it never changes a snapshot's result.
 """
 
 from __future__ import annotations
@@ -19,15 +24,19 @@ import hashlib
 import marshal
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from .fsutil import write_atomic
 
-__all__ = ["RACY_KEY", "RACY_WINDOW_NS", "StatCache", "StatKey", "cache_path"]
+__all__ = ["RACY_WINDOW_NS", "DirRecord", "FileDetail", "StatCache", "StatKey", "cache_path"]
 
-StatKey = tuple[int, ...]
-RACY_KEY: StatKey = ()
+StatKey = tuple[int, int, int, int, int]
+FileDetail = tuple[StatKey, bytes, bool]
+"""(stat key, blob id, racy)."""
+DirRecord = tuple[int | None, bytes, int, int, list[dict[str, Any]], bytes]
+"""(signature, tree id or b"" when empty, file count, byte count, skipped, details)."""
 RACY_WINDOW_NS = 2_000_000_000
-_VERSION = 2
+_VERSION = 3
 
 
 def cache_path(store_dir: str, workspace: str) -> str:
@@ -36,28 +45,57 @@ def cache_path(store_dir: str, workspace: str) -> str:
     return os.path.join(store_dir, "narrative", "cache", f"stat-{digest[:16]}")
 
 
+def encode_details(details: dict[str, FileDetail]) -> bytes:
+    return marshal.dumps(details)
+
+
+def decode_details(raw: bytes) -> dict[str, FileDetail]:
+    try:
+        value = marshal.loads(raw)
+    except (EOFError, ValueError, TypeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 @dataclass
 class StatCache:
-    """File and tree entries of the last snapshot of one workspace."""
+    """Directory records of the last snapshot of one workspace."""
 
-    files: dict[str, tuple[StatKey, bytes]] = field(default_factory=dict)
-    trees: dict[str, tuple[bytes, int]] = field(default_factory=dict)
+    dirs: dict[str, DirRecord] = field(default_factory=dict)
     head: tuple[bytes, bytes, str] | None = None
     """(commit, tree, snapshot id) of the snapshot the cache was saved with (skips a read)."""
+    max_file_size: int = 0
 
     @classmethod
-    def load(cls, path: str) -> StatCache:
+    def load(cls, path: str, max_file_size: int) -> StatCache:
         try:
             with open(path, "rb") as f:
-                data = marshal.load(f)
-            version, files, trees, head = data
-            if version != _VERSION or not isinstance(files, dict) or not isinstance(trees, dict):
-                return cls()
-            return cls(files, trees, head if isinstance(head, tuple) else None)
+                version, size_cap, dirs, head = marshal.load(f)
         except (OSError, EOFError, ValueError, TypeError):
-            return cls()
+            return cls(max_file_size=max_file_size)
+        if version != _VERSION or size_cap != max_file_size or not isinstance(dirs, dict):
+            return cls(max_file_size=max_file_size)
+        return cls(dirs, head if isinstance(head, tuple) else None, max_file_size)
 
     def save(self, path: str) -> None:
         # Not fsynced: after a power cut a stale or missing cache only costs a re-hash.
-        data = marshal.dumps((_VERSION, self.files, self.trees, self.head))
+        data = marshal.dumps((_VERSION, self.max_file_size, self.dirs, self.head))
         write_atomic(path, data, durable=False)
+
+    def file_keys(self) -> dict[str, StatKey]:
+        """Stat key of every file, as read by the snapshot that saved the cache."""
+        keys: dict[str, StatKey] = {}
+        for rel, record in self.dirs.items():
+            prefix = rel + "/" if rel else ""
+            for name, detail in decode_details(record[5]).items():
+                keys[prefix + name] = detail[0]
+        return keys
+
+    def oids(self) -> set[bytes]:
+        """Every tree and blob id the cache refers to."""
+        found: set[bytes] = set()
+        for record in self.dirs.values():
+            if record[1]:
+                found.add(record[1])
+            found.update(detail[1] for detail in decode_details(record[5]).values())
+        return found
