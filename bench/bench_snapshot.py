@@ -66,34 +66,69 @@ class Proc:
     stderr: str
 
 
+class SideError(RuntimeError):
+    """A command of one side failed; carries a short description."""
+
+
+# Peak RSS needs a small parent: on Linux a child's ru_maxrss starts at the RSS of the process
+# it was forked from (exec records the old mm's high-water mark), so forking straight from this
+# process (hundreds of MB after generating the workspace) would inflate every figure. This tiny
+# launcher (~7 MB) forks/execs the command, times it and reports wait4's rusage; the timing thus
+# excludes the launcher's own start-up and covers fork, exec and wait only.
+_LAUNCHER = r"""
+import os, sys, time
+out, argv = sys.argv[1], sys.argv[2:]
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        os.write(2, f"launcher: cannot run {argv[0]}: {exc}\n".encode())
+    os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+dt = time.perf_counter() - t0
+with open(out, "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {dt!r} {ru.ru_maxrss}\n")
+"""
+
+
 def run(argv: list[str], *, env: dict[str, str], cwd: Path) -> Proc:
     """Run ``argv``; wall time and peak RSS (``ru_maxrss`` from ``wait4``, KiB on Linux).
 
-    Output goes to temp files (not pipes) so a chatty child can never block, and so that the
-    only thing between the two clock readings is fork/exec and ``wait4``.
+    The peak covers the process and every descendant it waited for. Output goes to temp files
+    (not pipes) so a chatty child can never block.
     """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
+    argv = [str(a) for a in argv]
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.NamedTemporaryFile("r", suffix=".rusage") as res,
+    ):
         p = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err
+            [sys.executable, "-I", "-S", "-c", _LAUNCHER, res.name, *argv],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
         )
-        _, status, ru = os.wait4(p.pid, 0)
-        dt = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
+        p.wait()
         out.seek(0)
         err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+        fields = res.read().split()
+        if p.returncode != 0 or len(fields) != 3:
+            raise SideError(f"launcher failed ({p.returncode}) for {argv}: {stderr[-500:]}")
         return Proc(
-            argv=[str(a) for a in argv],
-            rc=p.returncode,
-            seconds=dt,
-            maxrss_kib=ru.ru_maxrss,
-            stdout=out.read().decode(errors="replace"),
-            stderr=err.read().decode(errors="replace"),
+            argv=argv,
+            rc=int(fields[0]),
+            seconds=float(fields[1]),
+            maxrss_kib=int(fields[2]),
+            stdout=stdout,
+            stderr=stderr,
         )
-
-
-class SideError(RuntimeError):
-    """A command of one side failed; carries a short description."""
 
 
 def _check(p: Proc) -> Proc:
@@ -115,11 +150,13 @@ class SnapResult:
     tree: str | None
     commit: str | None
     snapshot_id: str | None = None
+    #: Extra fields ours reported (``created``, ``stats``), kept in the JSON results.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def isolated_env(home: Path) -> dict[str, str]:
-    """Inherited env minus every GIT_* variable, with a private HOME and no git config."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    """Inherited env minus GIT_* and NARRATIVE_* variables; private HOME, no git config."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "NARRATIVE_"))}
     env.update(
         HOME=str(home),
         XDG_CONFIG_HOME=str(home / ".config"),
@@ -170,6 +207,7 @@ class Ours:
             str(tree) if tree is not None else None,
             str(commit) if commit is not None else None,
             str(sid) if sid is not None else None,
+            {k: info[k] for k in ("created", "stats") if k in info},
         )
 
     def restore(self, dest: Path) -> Sample:
@@ -296,6 +334,7 @@ class Scenario:
     order: list[str] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    ours_reported: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ratio(self) -> float | None:
@@ -373,8 +412,10 @@ class Bench:
                     self.warmup_errors.append(f"snapshot: {exc}")
                 continue
             trees[side.name] = res.tree
-            if stats is not None:
-                stats.add(res.sample)
+            if sc is not None:
+                getattr(sc, side.name).add(res.sample)
+                if res.extra:
+                    sc.ours_reported.append(res.extra)
             sample = res.sample
             log(f"  {side.name:6s} {sample.seconds:8.3f}s  rss {sample.maxrss_kib >> 10} MB")
         if sc is not None:
@@ -644,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
                     "order": sc.order,
                     "mismatches": sc.mismatches,
                     "notes": sc.notes,
+                    "ours_reported": sc.ours_reported,
                     "ours": asdict(sc.ours)
                     | {"median": sc.ours.median, "peak_mb": sc.ours.peak_mb},
                     "anchor": asdict(sc.anchor)

@@ -127,7 +127,9 @@ def log(
         ]
     else:
         snaps = list(thread_snapshots(store, hierarchy.resolve_thread(store, thread_ref).id))
-    snaps.sort(key=lambda s: (s.created_at, s.id), reverse=True)
+    if all_threads or objective_ref:
+        # Stable: snapshots of one thread keep their chain order within the same second.
+        snaps.sort(key=lambda s: s.created_at, reverse=True)
     data = [s.to_dict() for s in snaps[:max_count]]
     emit(as_json, data, lambda: "\n".join(_short(s) for s in data))
 

@@ -32,5 +32,8 @@ def emit(as_json: bool, data: Any, human: str | Callable[[], str]) -> None:
 
 
 def note(message: str) -> None:
-    """A remark for the person at the terminal (stderr, never mixed into results)."""
+    """A remark for the person at the terminal (stderr, never mixed into results; off with -q)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and (ctx.find_root().obj or {}).get("quiet"):
+        return
     click.echo(message, err=True)

@@ -1,8 +1,8 @@
 """Identifiers for objectives, threads, runs and snapshots.
 
-Ids are ``<kind>-<20 chars>``: 10 Crockford base32 characters of millisecond time followed by 10
-random ones, so they sort by creation time, are unique across machines without coordination, and
-never change once written into git objects.
+Ids are ``<kind>-<20 chars>``: 10 random Crockford base32 characters followed by 10 of
+millisecond time. Random first, so that a short prefix (as with git commit ids) is enough to name
+one; unique across machines without coordination; never changed once written into git objects.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _b32(value: int, length: int) -> str:
 def new_id(kind: str) -> str:
     """A fresh id for ``kind`` (one of :data:`KINDS`)."""
     prefix = KINDS[kind]
-    return f"{prefix}-{_b32(time.time_ns() // 1_000_000, 10)}{_b32(secrets.randbits(50), 10)}"
+    return f"{prefix}-{_b32(secrets.randbits(50), 10)}{_b32(time.time_ns() // 1_000_000, 10)}"
 
 
 def is_id(value: str, kind: str | None = None) -> bool:

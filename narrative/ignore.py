@@ -4,12 +4,14 @@ Implements the pattern semantics of gitignore(5) exactly as git's ``dir.c`` and 
 do (case-sensitive, as with ``core.ignoreCase=false``). The scanner walks directories itself and
 asks :meth:`IgnoreRules.is_ignored` once per entry, so matching has to be cheap:
 
-* Each ignore file becomes one *source*. Its patterns are translated into one regex over the
+* Each ignore file becomes one *source*. Its patterns are translated into regexes over the
   **reversed** path, alternatives in reverse line order, so the first alternative that matches
-  is the winning (last) pattern. Reversing puts the basename first: most branches then start
-  with a literal (``*.pyc`` becomes ``cyp\\.[^/]*``), which ``re`` rejects in one step.
-* The path is matched relative to the source's base by passing ``endpos``, so the compiled regex
-  does not depend on where the file lives and identical files share it.
+  is the winning (last) pattern. Reversing puts the basename first, so a source keeps one regex
+  per last character of the path, holding only the patterns that can end in it (most
+  branches then start with a literal: ``*.pyc`` becomes ``cyp\\.[^/]*+``). A character that no
+  pattern ends with is the fast path: a dict lookup and no regex at all.
+* The path is matched relative to the source's base by passing ``endpos``, so the compiled
+  regexes do not depend on where the file lives and identical files share them.
 * Paths and patterns are compared as UTF-8 bytes (``?`` matches one byte, as in git): non-ASCII
   text is mapped to code points 0-255 through latin-1 before matching.
 """
@@ -238,7 +240,11 @@ class _Branch(NamedTuple):
     star: bool  # the full regex is "[^/]*+" + regex (see _join)
 
 
-_TERMINATORS = ("/", "(?:/|\\Z)", "\\Z", _DSTAR_SLASH[0])  # must start at a '/' or the end
+def _at_slash(toks: list[_Token], k: int) -> bool:
+    """Whether the reversed tokens from ``k`` on can only match at a '/' or the end."""
+    while toks[k] is _DSTAR_SLASH:
+        k += 1  # '(?:/.*)?' may match nothing ("a**/b" keeps no '/' before it)
+    return toks[k][0] in ("/", "(?:/|\\Z)", "\\Z")
 
 
 def _join(toks: list[_Token]) -> tuple[bool, str]:
@@ -250,7 +256,7 @@ def _join(toks: list[_Token]) -> tuple[bool, str]:
     characters with a lookbehind avoids backtracking, and lets branches share one scan.
     """
     parts = [
-        "[^/]*+" if tok is _STAR and toks[k + 1][0] in _TERMINATORS else tok[0]
+        "[^/]*+" if tok is _STAR and _at_slash(toks, k + 1) else tok[0]
         for k, tok in enumerate(toks[:-1])
     ]
     parts.append(toks[-1][0])
@@ -258,7 +264,7 @@ def _join(toks: list[_Token]) -> tuple[bool, str]:
         k = 1
         while not toks[k][2] and _SLASH not in toks[k][1]:
             k += 1  # single non-'/' characters: literals, '?', classes
-        if toks[k][0] in _TERMINATORS:
+        if _at_slash(toks, k):
             fixed = "".join(parts[1:k])
             rest = "".join(parts[k:])
             return True, f"(?<={fixed}){rest}" if fixed else rest

@@ -90,7 +90,7 @@ class MetaStore:
         return None if oid is None else self._decode(oid, name)
 
     def all(self, kind: str) -> list[dict[str, Any]]:
-        """Every record of ``kind``, ordered by id (ids sort by creation time)."""
+        """Every record of ``kind``, in id order."""
         _, root = self._head()
         sub = self._subtree(root, kind)
         return [self._decode(sub[name], name) for name in sorted(sub)]

@@ -26,6 +26,7 @@ from typing import Any
 
 from .errors import InvalidInput, LockTimeout, StoreCorrupted, StoreExists, StoreNotFound
 from .fsutil import write_atomic
+from .ids import is_id
 from .meta import MetaStore
 from .odb import ObjectStore
 from .refs import RefStore
@@ -91,6 +92,8 @@ class StoreConfig:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreCorrupted(f"invalid store config {path}: {exc}") from exc
+        if not (is_id(cfg.default_thread, "thread") and is_id(cfg.default_objective, "objective")):
+            raise StoreCorrupted(f"invalid store config {path}: no default objective/thread")
         return cfg
 
 

@@ -7,6 +7,7 @@ import random
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,10 @@ def root_rules(*lines: str) -> IgnoreRules:
         (["x/**b"], "x/y/b", False, False),
         (["x/**b"], "x/yb", False, True),
         (["foo**/bar"], "foo/x/y/bar", False, True),  # git quirk: '**' right after the literal
+        (["foo**/bar"], "foo/bar", False, True),
+        (["a**/b*"], "ab", False, True),
+        (["a**/b*"], "axx/y/bz", False, True),
+        (["*", "!a**/b*"], "ab", False, False),
         (["a/**/"], "a/b", True, True),
         (["a/**/"], "a/b", False, False),
         (["a/***/b"], "a/x/y/b", False, True),
@@ -220,6 +225,18 @@ def test_files_and_dirs_are_cached_separately() -> None:
         assert not rules.is_ignored("x/d", False)
         assert rules.is_ignored("f", False)
         assert rules.is_ignored("f", True)
+
+
+def test_star_patterns_keep_precedence() -> None:
+    # '[^/]*'-led branches share one scan; polarity runs must stay in order
+    rules = root_rules("npm-debug.log*", "!npm-debug.log.keep*", "npm-debug.log.keep.x*", ".cov*")
+    assert rules.is_ignored("npm-debug.log", False)
+    assert rules.is_ignored("d/npm-debug.log.1", False)
+    assert not rules.is_ignored("npm-debug.log.keep", False)
+    assert rules.is_ignored("npm-debug.log.keep.xy", False)
+    assert rules.is_ignored(".coverage", False)
+    assert not rules.is_ignored("x.cov", False)
+    assert not rules.is_ignored("pm-debug.log", False)
 
 
 def test_many_patterns_last_one_wins() -> None:
@@ -464,6 +481,7 @@ PATTERN_ATOMS = ["a", "b", "c", "ab", "a.b", "é", "*", "?", "**", "*.b", "a*", 
 PATTERN_ATOMS += ["[!a]", "[^b]*", "[a-c]", "[[:alpha:]]", "[[:digit:]]", "\\*", "\\[a]", "x y"]
 PATTERN_ATOMS += ["#a", "\\#a", "\\!b", "[]a]", "[a-]", "?*", "\\b", "a\\ ", "[[:space:]]"]
 PATTERN_ATOMS += ["tmp", "9", "A1", "b\udce9", "[!]]", "a-b", "[a"]
+DENSE_ATOMS = ["a", "b", "*", "?", "[ab]", "/", "é", "-", "**", "!", "\\", "[!a]"]
 
 
 def random_pattern(rng: random.Random) -> str:
@@ -484,6 +502,12 @@ def random_pattern(rng: random.Random) -> str:
     if rng.random() < 0.3:
         pattern = "!" + pattern
     return pattern
+
+
+def dense_pattern(rng: random.Random) -> str:
+    """Short patterns over a tiny alphabet: wildcards next to each other, odd '**' places."""
+    body = "".join(rng.choice(DENSE_ATOMS) for _ in range(rng.randint(1, 7)))
+    return ("!" if rng.random() < 0.4 else "") + body
 
 
 def random_tree(rng: random.Random) -> tuple[list[str], dict[str, list[str]]]:
@@ -516,7 +540,10 @@ def test_randomized_trees_match_git(tmp_path: Path, git_env: dict[str, str], see
 
 
 @needs_git
-def test_many_random_paths_match_git(tmp_path: Path, git_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("generator", [random_pattern, dense_pattern])
+def test_many_random_paths_match_git(
+    tmp_path: Path, git_env: dict[str, str], generator: Callable[[random.Random], str]
+) -> None:
     """Rounds of random patterns against a few thousand paths, each judged on its own."""
     rng = random.Random(4242)
     entries: set[str] = set()
@@ -532,7 +559,7 @@ def test_many_random_paths_match_git(tmp_path: Path, git_env: dict[str, str]) ->
     exclude.parent.mkdir(exist_ok=True)
     compared = 0
     for _ in range(16):
-        patterns = [random_pattern(rng) for _ in range(30)]
+        patterns = [generator(rng) for _ in range(rng.randint(1, 30))]
         exclude.write_bytes("".join(p + "\n" for p in patterns).encode("utf-8", "surrogateescape"))
         expected = git_ignored(root, all_paths, git_env)
         rules = IgnoreRules.empty().extend(patterns, "")

@@ -1,0 +1,109 @@
+"""Shared fixtures: isolated HOME and git config, workspaces, stores, and CLI runners."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from narrative.store import Store
+
+NARRATIVE = str(Path(sys.executable).with_name("narrative"))
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the developer's HOME, git config or store variables."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "Test")
+    monkeypatch.setenv("GIT_AUTHOR_EMAIL", "test@example.invalid")
+    monkeypatch.setenv("GIT_COMMITTER_NAME", "Test")
+    monkeypatch.setenv("GIT_COMMITTER_EMAIL", "test@example.invalid")
+    for var in ("NARRATIVE_STORE", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def git(*args: str, cwd: Path | str | None = None, env: dict[str, str] | None = None,
+        check: bool = True) -> str:
+    """Run stock git (the oracle) and return stdout."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(["git", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} failed: {proc.stderr}")
+    return proc.stdout
+
+
+def git_tree_of(workspace: Path, tmp_path: Path, exclude: tuple[str, ...] = ("/.narrative",)) -> str:
+    """The tree id stock git computes for a workspace (anchor of DESIGN.md §6)."""
+    shadow = tmp_path / f"oracle-{os.urandom(4).hex()}.git"
+    git("init", "-q", "--bare", str(shadow))
+    (shadow / "info").mkdir(exist_ok=True)
+    (shadow / "info" / "exclude").write_text("\n".join(exclude) + "\n")
+    env = {"GIT_DIR": str(shadow), "GIT_WORK_TREE": str(workspace)}
+    git("add", "-A", env=env)
+    return git("write-tree", env=env).strip()
+
+
+class Cli:
+    """Runs the real ``narrative`` executable in a workspace."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
+
+    def run(self, *args: str, check: bool = True, env: dict[str, str] | None = None,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([NARRATIVE, *args], cwd=self.cwd, capture_output=True, text=True,
+                              env={**os.environ, **(env or {})}, input=input, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"narrative {' '.join(args)} failed ({proc.returncode}): "
+                                 f"{proc.stderr}")
+        return proc
+
+    def json(self, *args: str, **kwargs: Any) -> Any:
+        return json.loads(self.run(*args, "--json", **kwargs).stdout)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "README.md").write_text("# demo\n")
+    (ws / "src").mkdir()
+    (ws / "src" / "app.py").write_text("print('hello')\n")
+    return ws
+
+
+@pytest.fixture
+def store(workspace: Path) -> Iterator[Store]:
+    yield Store.init(str(workspace))
+
+
+@pytest.fixture
+def cli(workspace: Path) -> Cli:
+    return Cli(workspace)
+
+
+def tree_bytes(path: Path) -> dict[str, bytes]:
+    """Every file below ``path`` with its content (symlinks as their target), for equality."""
+    out: dict[str, bytes] = {}
+    for root, dirs, files in os.walk(path):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, path)
+            if os.path.islink(full):
+                out[rel] = b"link:" + os.readlink(full).encode()
+            else:
+                with open(full, "rb") as f:
+                    out[rel] = f.read() + b"|mode:" + oct(os.stat(full).st_mode & 0o777).encode()
+    return out
