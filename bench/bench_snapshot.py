@@ -588,7 +588,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=Path(sys.executable).parent / "narrative",
         help="our CLI (default: next to this Python)",
     )
-    ap.add_argument("--workdir", type=Path, help="where to build (default: a fresh temp dir)")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        help="empty or absent dir to build in, kept afterwards (default: a temp dir, removed)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--json-out", type=Path, help="results file (default bench/results/...)")
     args = ap.parse_args(argv)
@@ -602,6 +606,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
     if args.reps < 1:
         ap.error("--reps must be >= 1")
+    if args.workdir is not None:
+        if args.workdir.exists() and any(args.workdir.iterdir()):
+            ap.error(f"--workdir {args.workdir} is not empty")
+        args.keep = True  # never delete a directory the user named
     return args
 
 

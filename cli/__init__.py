@@ -1,3 +1,5 @@
-"""cli package."""
+"""The ``narrative`` command line (click)."""
 
-__all__: list[str] = []
+from .main import cli, main
+
+__all__ = ["cli", "main"]

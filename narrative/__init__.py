@@ -1,3 +1,81 @@
-"""narrative package."""
+"""Narrative Engine core: a shadow-git store of Objective → Thread → Agent Run → Snapshot.
 
-__all__: list[str] = []
+The public names below are loaded lazily (PEP 562) so that ``import narrative.x`` stays cheap
+for the CLI's fast paths.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .diff import DiffResult, diff_snapshots
+    from .errors import NarrativeError
+    from .gc import GcReport, RetentionPolicy, collect_garbage
+    from .hierarchy import (
+        create_objective,
+        create_thread,
+        finish_run,
+        list_objectives,
+        list_runs,
+        list_threads,
+        resolve_thread,
+        start_run,
+    )
+    from .history import all_snapshots, resolve_snapshot, thread_snapshots
+    from .models import AgentRun, Objective, Snapshot, Thread
+    from .restore import RestoreResult, materialize, restore_workspace
+    from .snapshot import SnapshotResult, take_snapshot
+    from .store import Store
+
+__all__ = [
+    "AgentRun",
+    "DiffResult",
+    "GcReport",
+    "NarrativeError",
+    "Objective",
+    "RestoreResult",
+    "RetentionPolicy",
+    "Snapshot",
+    "SnapshotResult",
+    "Store",
+    "Thread",
+    "all_snapshots",
+    "collect_garbage",
+    "create_objective",
+    "create_thread",
+    "diff_snapshots",
+    "finish_run",
+    "list_objectives",
+    "list_runs",
+    "list_threads",
+    "materialize",
+    "resolve_snapshot",
+    "resolve_thread",
+    "restore_workspace",
+    "start_run",
+    "take_snapshot",
+    "thread_snapshots",
+]
+
+_HOMES = {
+    "DiffResult": "diff", "diff_snapshots": "diff",
+    "NarrativeError": "errors",
+    "GcReport": "gc", "RetentionPolicy": "gc", "collect_garbage": "gc",
+    "create_objective": "hierarchy", "create_thread": "hierarchy", "finish_run": "hierarchy",
+    "list_objectives": "hierarchy", "list_runs": "hierarchy", "list_threads": "hierarchy",
+    "resolve_thread": "hierarchy", "start_run": "hierarchy",
+    "all_snapshots": "history", "resolve_snapshot": "history", "thread_snapshots": "history",
+    "AgentRun": "models", "Objective": "models", "Snapshot": "models", "Thread": "models",
+    "RestoreResult": "restore", "materialize": "restore", "restore_workspace": "restore",
+    "SnapshotResult": "snapshot", "take_snapshot": "snapshot",
+    "Store": "store",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'narrative' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)

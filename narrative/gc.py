@@ -92,7 +92,7 @@ def collect_garbage(store: Store, policy: RetentionPolicy, dry_run: bool = False
         for r in list_runs(store):
             protected |= {s for s in (r.base_snapshot, r.result_snapshot) if s}
         now = time.time()
-        plans: dict[str, list[Snapshot]] = {}
+        plans: dict[str, tuple[list[Snapshot], bytes | None]] = {}
         for thread_id, head in heads.items():
             snaps = list(thread_snapshots(store, thread_id, head))
             kept = [s for i, s in enumerate(snaps) if _keep(i, s, policy, protected, now)]
@@ -100,7 +100,8 @@ def collect_garbage(store: Store, policy: RetentionPolicy, dry_run: bool = False
             dropped = [s.id for s in snaps if s not in kept]
             if dropped:
                 report.dropped += dropped
-                plans[thread_id] = list(reversed(kept))
+                root_parent = snaps[-1].parent_commit
+                plans[thread_id] = (kept[::-1], bytes.fromhex(root_parent) if root_parent else None)
         if dry_run:
             report.packs_after, report.bytes_after = report.packs_before, report.bytes_before
             return report
@@ -126,16 +127,17 @@ def _keep(
 
 
 def _rewrite(
-    store: Store, heads: dict[str, bytes], plans: dict[str, list[Snapshot]], report: GcReport
+    store: Store,
+    heads: dict[str, bytes],
+    plans: dict[str, tuple[list[Snapshot], bytes | None]],
+    report: GcReport,
 ) -> None:
     """Re-chain the kept snapshots of each planned thread, fork parents first."""
     mapping: dict[bytes, bytes] = {}
     pending = dict(plans)
     while pending:
         progressed = False
-        for thread_id, kept in list(pending.items()):
-            oldest = read_commit(store, bytes.fromhex(kept[0].commit))
-            fork = oldest.parents[0] if oldest.parents else None
+        for thread_id, (kept, fork) in list(pending.items()):
             if fork is not None and _commit_thread(store, fork) in pending:
                 continue  # its fork point is on a thread not rewritten yet
             parent = mapping.get(fork, fork) if fork else None

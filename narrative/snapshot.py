@@ -192,12 +192,14 @@ def take_snapshot(
             if root is None:
                 root = writer.add_raw("tree", b"")
             capture = _Capture(store, ws, result, root, cache, start_ns)
-            if head is not None and not allow_empty:
-                head_tree, head_snap = capture.head_info(head)
+            # A new forked thread whose workspace still equals the fork point needs no snapshot.
+            current = head or fork_parent
+            if current is not None and not allow_empty:
+                head_tree, head_snap = capture.head_info(current)
                 if head_tree == root:
                     writer.abort()
-                    capture.save_cache((head, root, head_snap))
-                    return SnapshotResult(snapshot_at(store, head), False, capture.cache)
+                    capture.save_cache((current, root, head_snap))
+                    return SnapshotResult(snapshot_at(store, current), False, capture.cache)
             stats = capture.stats()
             message = encode_message(
                 message, new_id("snapshot"), thread_id, run_id, stats, result.skipped

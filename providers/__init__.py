@@ -1,3 +1,3 @@
-"""providers package."""
+"""providers package (see DESIGN.md §2); its features arrive with their issues."""
 
 __all__: list[str] = []

@@ -33,18 +33,22 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
         monkeypatch.delenv(var, raising=False)
 
 
-def git(*args: str, cwd: Path | str | None = None, env: dict[str, str] | None = None,
-        check: bool = True) -> str:
+def git(
+    *args: str, cwd: Path | str | None = None, env: dict[str, str] | None = None, check: bool = True
+) -> str:
     """Run stock git (the oracle) and return stdout."""
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run(["git", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        ["git", *args], cwd=cwd, env=full_env, capture_output=True, text=True, check=False
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"git {' '.join(args)} failed: {proc.stderr}")
     return proc.stdout
 
 
-def git_tree_of(workspace: Path, tmp_path: Path, exclude: tuple[str, ...] = ("/.narrative",)) -> str:
+def git_tree_of(
+    workspace: Path, tmp_path: Path, exclude: tuple[str, ...] = ("/.narrative",)
+) -> str:
     """The tree id stock git computes for a workspace (anchor of DESIGN.md §6)."""
     shadow = tmp_path / f"oracle-{os.urandom(4).hex()}.git"
     git("init", "-q", "--bare", str(shadow))
@@ -61,13 +65,26 @@ class Cli:
     def __init__(self, cwd: Path) -> None:
         self.cwd = cwd
 
-    def run(self, *args: str, check: bool = True, env: dict[str, str] | None = None,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([NARRATIVE, *args], cwd=self.cwd, capture_output=True, text=True,
-                              env={**os.environ, **(env or {})}, input=input, check=False)
+    def run(
+        self,
+        *args: str,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [NARRATIVE, *args],
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            input=input,
+            check=False,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"narrative {' '.join(args)} failed ({proc.returncode}): "
-                                 f"{proc.stderr}")
+            raise AssertionError(
+                f"narrative {' '.join(args)} failed ({proc.returncode}): {proc.stderr}"
+            )
         return proc
 
     def json(self, *args: str, **kwargs: Any) -> Any:

@@ -107,7 +107,9 @@ def test_diff_against_git(cli: Cli, workspace: Path) -> None:
     os.unlink(workspace / "src" / "app.py")
     live = cli.json("diff", a["id"], "--name-status")
     assert [(f["status"], f["path"]) for f in live["files"]] == [
-        ("M", "README.md"), ("A", "added.txt"), ("D", "src/app.py")
+        ("M", "README.md"),
+        ("A", "added.txt"),
+        ("D", "src/app.py"),
     ]
     assert live["to"] == "workspace"
     b = cli.json("snapshot")

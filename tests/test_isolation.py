@@ -8,7 +8,7 @@ from pathlib import Path
 from .conftest import Cli, git
 from .test_cli import _digest_tree
 
-_FAILING_HOOK = "#!/bin/sh\necho ran > \"{marker}\"\nexit 1\n"
+_FAILING_HOOK = '#!/bin/sh\necho ran > "{marker}"\nexit 1\n'
 
 
 def test_user_repository_is_byte_for_byte_unchanged(workspace: Path, tmp_path: Path) -> None:
@@ -17,8 +17,14 @@ def test_user_repository_is_byte_for_byte_unchanged(workspace: Path, tmp_path: P
     git("commit", "-qm", "user commit", cwd=workspace)
     marker = tmp_path / "hook-ran"
     hooks = workspace / ".git" / "hooks"
-    for name in ("pre-commit", "post-commit", "reference-transaction", "post-checkout",
-                 "pre-auto-gc", "post-index-change"):
+    for name in (
+        "pre-commit",
+        "post-commit",
+        "reference-transaction",
+        "post-checkout",
+        "pre-auto-gc",
+        "post-index-change",
+    ):
         (hooks / name).write_text(_FAILING_HOOK.format(marker=marker))
         (hooks / name).chmod(0o755)
     # a hostile global config: hooks elsewhere, signing on

@@ -32,8 +32,18 @@ def test_restore_to_matches_git_checkout(store: Store, workspace: Path, tmp_path
     assert result.written == 5
     oracle = tmp_path / "oracle"
     oracle.mkdir()
-    git("--git-dir", store.git_dir, "--work-tree", str(oracle), "checkout", "-f", snap.commit,
-        "--", ".", env={"GIT_INDEX_FILE": str(tmp_path / "idx")})
+    git(
+        "--git-dir",
+        store.git_dir,
+        "--work-tree",
+        str(oracle),
+        "checkout",
+        "-f",
+        snap.commit,
+        "--",
+        ".",
+        env={"GIT_INDEX_FILE": str(tmp_path / "idx")},
+    )
     assert tree_bytes(ours) == tree_bytes(oracle)
     assert os.readlink(ours / "alias") == "tool.sh"
     assert os.stat(ours / "tool.sh").st_mode & 0o111

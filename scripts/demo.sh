@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The main job on embedded defaults (local store, no daemon, no cloud): a workspace is
+# snapshotted, an "agent" changes it, we look at the diff, and restore without losing anything.
+set -euo pipefail
+demo=$(mktemp -d -t narrative-demo-XXXXXX)
+trap 'rm -rf "$demo"' EXIT
+ws="$demo/workspace"
+mkdir -p "$ws/src"
+printf 'def add(a, b):\n    return a + b\n' > "$ws/src/calc.py"
+printf '# calc\n' > "$ws/README.md"
+printf '*.log\n' > "$ws/.gitignore"
+printf 'ignored, never snapshotted, never deleted\n' > "$ws/debug.log"
+cd "$ws"
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "init a shadow store beside the workspace"
+narrative init
+step "snapshot the starting state"
+base=$(narrative -q snapshot -m "starting point")
+echo "$base"
+step "an agent run on its own thread"
+thread=$(narrative thread create agent-attempt --from "$base" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+run=$(narrative run start --thread agent-attempt --agent demo-agent --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+printf 'def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n' > "$ws/src/calc.py"
+printf 'mul is new\n' > "$ws/CHANGES.md"
+narrative run finish "$run" --exit-code 0
+step "what did the run change?"
+narrative diff "$base" "$thread" --stat
+narrative diff "$base" "$thread" --patch
+step "history"
+narrative log --all
+step "restore the starting point (a safety snapshot is taken first)"
+narrative restore "$base"
+test ! -e "$ws/CHANGES.md"
+test -e "$ws/debug.log"
+step "restore --to: materialise the agent's result elsewhere"
+narrative restore "$thread" --to "$demo/result"
+ls -R "$demo/result"
+step "git can read the store"
+git --git-dir "$ws/.narrative" log --oneline --glob='refs/narrative/threads/*' | head -5
+echo
+echo "demo finished: every state above is still in the store"
