@@ -68,9 +68,7 @@ def test_eight_concurrent_processes_lose_nothing(workspace: Path) -> None:
     # concurrent writer took after the write (then its own snapshot was a no-op).
     chain = _chain(store, f"refs/narrative/threads/{main}")
     for n in range(4):
-        seen = {
-            git("--git-dir", store, "show", f"{c}:w{n}.txt", check=False) for c in chain
-        }
+        seen = {git("--git-dir", store, "show", f"{c}:w{n}.txt", check=False) for c in chain}
         assert f"{n}-2\n" in seen, f"writer {n}'s last state was lost"
     # the final state is exactly what git sees
     final = cli.json("snapshot", "--allow-empty")
