@@ -26,6 +26,7 @@ from .history import read_commit, thread_snapshots
 from .models import Snapshot
 from .objects import MODE_DIR, Commit, encode_commit, parse_commit, parse_tree
 from .odb import PackWriter
+from .repack import copy_objects
 from .statcache import StatCache
 from .store import Store
 
@@ -213,13 +214,7 @@ def _repack(store: Store) -> None:
     keep = _reachable(store)
     writer = PackWriter(odb)
     try:
-        for oid in sorted(keep):
-            raw = odb.raw_entry(oid)
-            if raw is not None:
-                writer.add_entry(oid, raw)
-            else:
-                kind, data = odb.read(oid)
-                writer.add_raw(kind, data, dedupe=False)
+        copy_objects(odb, sorted(keep), writer)
         new_name = writer.publish()
     except BaseException:
         writer.abort()

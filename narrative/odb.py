@@ -453,7 +453,7 @@ class ObjectStore:
         except KeyError:
             raise StoreCorrupted(f"object {oid.hex()} is missing from the store") from None
 
-    def all_packed_oids(self) -> Iterator[bytes]:
-        """Every oid in every pack (used by repacking)."""
-        for idx in self._pack_indexes().values():
-            yield from idx.oids()
+    def pack_oids(self, idx_path: str) -> list[bytes]:
+        """Every oid in one pack, by the path of its index."""
+        idx = self._pack_indexes().get(idx_path)
+        return list(idx.oids()) if idx is not None else []

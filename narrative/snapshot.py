@@ -24,6 +24,7 @@ from .ids import new_id
 from .models import Snapshot
 from .objects import MODE_DIR, Commit, Signature, encode_commit, encode_tree, hash_object
 from .odb import PackWriter
+from .repack import MAX_PACKS, consolidate_small_packs
 from .scan import DirNode, FileJob, ScanResult, scan_workspace
 from .statcache import (
     RACY_WINDOW_NS,
@@ -210,7 +211,10 @@ def take_snapshot(
         except BaseException:
             writer.abort()
             raise
-        return _advance(capture, ref, head, fork_parent, commit, oid, allow_empty)
+        outcome = _advance(capture, ref, head, fork_parent, commit, oid, allow_empty)
+        if store.odb.pack_count() > MAX_PACKS:
+            consolidate_small_packs(store.odb)
+        return outcome
 
 
 def _commit_object(root: bytes, parent: bytes | None, message: str) -> Commit:

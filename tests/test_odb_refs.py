@@ -96,3 +96,16 @@ def test_stale_lock_from_a_killed_writer_is_broken(store: Store) -> None:
 def test_bad_ref_names_are_refused(store: Store, name: str) -> None:
     with pytest.raises(InvalidInput):
         RefStore(store.git_dir).read(name)
+
+
+def test_pack_count_stays_bounded(store: Store, workspace: Path) -> None:
+    from narrative.repack import MAX_PACKS
+
+    commits = []
+    for i in range(MAX_PACKS + 6):
+        (workspace / "n.txt").write_text(f"{i}\n")
+        commits.append(take_snapshot(store).snapshot.commit)
+    assert store.odb.pack_count() <= MAX_PACKS
+    git("--git-dir", store.git_dir, "fsck", "--strict", "--no-dangling")
+    for commit in commits:
+        assert git("--git-dir", store.git_dir, "cat-file", "-t", commit).strip() == "commit"
