@@ -50,12 +50,12 @@ def test_user_repository_is_byte_for_byte_unchanged(workspace: Path, tmp_path: P
     cli.json("snapshot", env=hostile)
     cli.run("restore", first["id"], env=hostile)
     cli.run("diff", first["id"], env=hostile)
-    cli.run("gc", "--keep-last", "1", env=hostile)
-    assert _digest_tree(workspace / ".git") == user_git_before
-    assert not marker.exists()
     store = cli.json("info")["store"]
     names = git("--git-dir", store, "ls-tree", "-r", "--name-only", first["tree"]).split()
     assert "token.secret" not in names and "work.txt" in names
+    cli.run("gc", "--keep-last", "1", env=hostile)
+    assert _digest_tree(workspace / ".git") == user_git_before
+    assert not marker.exists()
     # the store does not borrow the user's objects: it stands alone
     assert not os.path.exists(os.path.join(store, "objects", "info", "alternates"))
     git("--git-dir", store, "fsck", "--strict", "--no-dangling")
