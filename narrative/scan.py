@@ -6,15 +6,20 @@ every ``.git`` entry are excluded. Files inside nested repos are ordinary files.
 recorded as symlinks (never followed); only regular files, symlinks and directories are taken;
 regular files over the size cap are skipped and reported.
 
-The walk is the hot path of every snapshot, so per directory it only lists, stats and hashes the
-stat keys into a signature (see :mod:`narrative.statcache`); a directory whose signature matches
-and whose subdirectories are all unchanged reuses its cached tree without further work. Only
-changed directories look at individual files; files whose stat key moved become
+The walk is the hot path of every snapshot. Per directory it lists, stats, and hashes the stat
+keys and names into a signature (see :mod:`narrative.statcache`); a directory whose signature
+matches and whose subdirectories are all unchanged reuses its cached tree without further work.
+Only changed directories look at individual files; files whose stat key moved become
 :class:`FileJob` objects that the blob writer hashes later, in parallel.
+
+``lstat`` dominates and scales across processes (not threads: here they contend), so large
+workspaces are walked by forked worker processes, each taking a share of the subtrees and
+sending back only signatures, plus file listings of the directories that changed.
 """
 
 from __future__ import annotations
 
+import marshal
 import os
 import stat as stat_mod
 import zlib
@@ -28,8 +33,9 @@ from .statcache import DirRecord, FileDetail, StatCache, StatKey, decode_details
 __all__ = ["DirNode", "FileJob", "ScanResult", "scan_workspace"]
 
 _SPECIAL = frozenset((".git", ".gitignore", ".narrativeignore"))
-_PARALLEL_STAT_MIN = 2000
-_STAT_THREADS = 4
+_PARALLEL_MIN_DIRS = 200
+"""Fork workers only for workspaces whose last snapshot had at least this many directories."""
+_UNITS_PER_WORKER = 8
 
 
 @dataclass(slots=True)
@@ -72,6 +78,11 @@ class ScanResult:
     skipped: list[dict[str, Any]]
 
 
+_DirScan = tuple[str, int, bool, list[str], list[tuple[str, StatKey]] | None]
+"""(rel, signature, complete, child rels, files) — files is None when the directory's own
+entries are exactly those of its cached record."""
+
+
 def _mode_of(st_mode: int) -> int | None:
     if stat_mod.S_ISREG(st_mode):
         return MODE_EXEC if st_mode & stat_mod.S_IXUSR else MODE_FILE
@@ -80,70 +91,14 @@ def _mode_of(st_mode: int) -> int | None:
     return None
 
 
-@dataclass(slots=True)
-class _Listing:
-    """A listed directory whose entries are still to be stat'ed."""
+class _Walker:
+    """Lists and stats directories; shared by the parent and the forked workers."""
 
-    rel: str
-    files: list[os.DirEntry[str]]
-    subdirs: list[_Listing]
-    names: str
-    keys: list[StatKey] = field(default_factory=list)
-    sig: int = 0
-    complete: bool = True
-    """False when a subdirectory could not be read: the cached tree must not be reused."""
-
-
-def _stat_listings(listings: list[_Listing]) -> None:
-    """Stat every file of ``listings`` and compute each directory's signature.
-
-    Runs on several threads: the lstat system calls release the GIL and dominate the cost.
-    """
-    for listing in listings:
-        try:
-            stats = [e.stat(follow_symlinks=False) for e in listing.files]
-        except OSError:
-            listing.files, stats = _stat_slowly(listing.files)
-        keys = [(s.st_mtime_ns, s.st_ctime_ns, s.st_size, s.st_ino, s.st_mode) for s in stats]
-        names = "\0".join([e.name for e in listing.files]) + listing.names
-        listing.keys = keys
-        listing.sig = hash((tuple(keys), zlib.crc32(names.encode("utf-8", "surrogateescape"))))
-
-
-def _stat_slowly(
-    files: list[os.DirEntry[str]],
-) -> tuple[list[os.DirEntry[str]], list[os.stat_result]]:
-    """Stat one by one, dropping entries that vanished since the listing."""
-    kept, stats = [], []
-    for entry in files:
-        try:
-            stats.append(entry.stat(follow_symlinks=False))
-            kept.append(entry)
-        except OSError:
-            continue
-    return kept, stats
-
-
-def _balanced_batches(listings: list[_Listing], count: int) -> list[list[_Listing]]:
-    batches: list[list[_Listing]] = [[] for _ in range(count)]
-    loads = [0] * count
-    for listing in sorted(listings, key=lambda item: -len(item.files)):
-        i = loads.index(min(loads))
-        batches[i].append(listing)
-        loads[i] += len(listing.files) + 1
-    return batches
-
-
-class _Scanner:
-    def __init__(self, cache: StatCache, exclude: set[str], max_size: int) -> None:
-        self.cached = cache.dirs
+    def __init__(self, cached: dict[str, DirRecord], exclude: set[str]) -> None:
+        self.cached = cached
         self.exclude = exclude
-        self.max_size = max_size
-        self.jobs: list[FileJob] = []
-        self.dirs: list[DirNode] = []
-        self.skipped: list[dict[str, Any]] = []
-        self.listings: list[_Listing] = []
-        self.file_total = 0
+        self.scans: list[_DirScan] = []
+        self.unreadable: list[dict[str, Any]] = []
 
     @staticmethod
     def _rules_for(abs_dir: str, rel_dir: str, names: set[str], rules: IgnoreRules) -> IgnoreRules:
@@ -156,13 +111,17 @@ class _Scanner:
                 rules = rules.extend(lines, rel_dir)
         return rules
 
-    def list_dir(self, abs_dir: str, rel_dir: str, rules: IgnoreRules) -> _Listing | None:
-        """List a directory tree, applying ignore rules (no stat calls yet)."""
+    def visit(
+        self, abs_dir: str, rel_dir: str, rules: IgnoreRules
+    ) -> tuple[list[str], list[tuple[str, str, IgnoreRules]]] | None:
+        """Scan one directory; returns its subdirectory rels and what to visit next."""
         try:
             with os.scandir(abs_dir) as it:
                 entries = list(it)
         except OSError as exc:
-            self.skipped.append({"path": rel_dir or ".", "reason": f"unreadable: {exc.strerror}"})
+            self.unreadable.append(
+                {"path": rel_dir or ".", "reason": f"unreadable: {exc.strerror}"}
+            )
             return None
         names = {e.name for e in entries}
         if not names.isdisjoint(_SPECIAL):
@@ -184,62 +143,159 @@ class _Scanner:
                 subdirs.append(entry)
             elif not (rules and rules.is_ignored(prefix + name, False)):
                 files.append(entry)
-        listing = _Listing(rel_dir, files, [], "\0/\0" + "\0".join(e.name for e in subdirs))
-        self.listings.append(listing)
-        self.file_total += len(files)
-        for entry in subdirs:
-            child = self.list_dir(entry.path, prefix + entry.name, rules)
-            if child is not None:
-                listing.subdirs.append(child)
-            else:
-                listing.complete = False
-        return listing
+        try:
+            stats = [e.stat(follow_symlinks=False) for e in files]
+        except OSError:
+            files, stats = _stat_slowly(files)
+        keys = [(s.st_mtime_ns, s.st_ctime_ns, s.st_size, s.st_ino, s.st_mode) for s in stats]
+        file_names = [e.name for e in files]
+        sub_names = [e.name for e in subdirs]
+        listing = "\0".join(file_names) + "\0/\0" + "\0".join(sub_names)
+        sig = hash((tuple(keys), zlib.crc32(listing.encode("utf-8", "surrogateescape"))))
+        cached = self.cached.get(rel_dir)
+        own = None if cached is not None and cached[0] == sig else list(zip(file_names, keys, strict=True))
+        children = [prefix + n for n in sub_names]
+        self.scans.append((rel_dir, sig, True, children, own))
+        return children, [(e.path, prefix + e.name, rules) for e in subdirs]
 
-    def stat_all(self) -> None:
-        if self.file_total < _PARALLEL_STAT_MIN:
-            _stat_listings(self.listings)
-            return
-        from concurrent.futures import ThreadPoolExecutor
+    def walk(self, abs_dir: str, rel_dir: str, rules: IgnoreRules) -> bool:
+        """Scan a whole subtree; False if its top could not be read."""
+        visited = self.visit(abs_dir, rel_dir, rules)
+        if visited is None:
+            return False
+        index = len(self.scans) - 1
+        complete = True
+        for child_abs, child_rel, child_rules in visited[1]:
+            complete = self.walk(child_abs, child_rel, child_rules) and complete
+        if not complete:
+            rel, sig, _c, children, own = self.scans[index]
+            self.scans[index] = (rel, sig, False, children, own)
+        return True
 
-        with ThreadPoolExecutor(max_workers=_STAT_THREADS) as pool:
-            list(pool.map(_stat_listings, _balanced_batches(self.listings, _STAT_THREADS * 2)))
 
-    def resolve(self, listing: _Listing) -> DirNode:
-        """Decide, bottom-up, which directories keep their cached tree."""
-        node = DirNode(listing.rel, listing.sig if listing.complete else None)
-        reusable = listing.complete
-        for sub in listing.subdirs:
-            child = self.resolve(sub)
+def _stat_slowly(
+    files: list[os.DirEntry[str]],
+) -> tuple[list[os.DirEntry[str]], list[os.stat_result]]:
+    """Stat one by one, dropping entries that vanished since the listing."""
+    kept, stats = [], []
+    for entry in files:
+        try:
+            stats.append(entry.stat(follow_symlinks=False))
+            kept.append(entry)
+        except OSError:
+            continue
+    return kept, stats
+
+
+def _walk_in_workers(
+    walker: _Walker, units: list[tuple[str, str, IgnoreRules]], workers: int
+) -> set[str] | None:
+    """Walk ``units`` in forked processes; returns the rels of unreadable units, or None
+    if forking is not possible (the caller then walks them itself)."""
+    shares = [units[i::workers] for i in range(workers)]
+    pipes: list[tuple[int, int]] = []
+    try:
+        for share in shares:
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child
+                os.close(read_fd)
+                code = 0
+                try:
+                    child = _Walker(walker.cached, walker.exclude)
+                    failed = [rel for path, rel, rules in share if not child.walk(path, rel, rules)]
+                    payload = marshal.dumps((child.scans, child.unreadable, failed))
+                    with os.fdopen(write_fd, "wb") as out:
+                        out.write(payload)
+                except BaseException:
+                    code = 1
+                os._exit(code)
+            os.close(write_fd)
+            pipes.append((pid, read_fd))
+    except OSError:
+        for pid, read_fd in pipes:
+            os.close(read_fd)
+            os.waitpid(pid, 0)
+        return None
+    failed_units: set[str] = set()
+    broken = False
+    for pid, read_fd in pipes:
+        with os.fdopen(read_fd, "rb") as inp:
+            data = inp.read()
+        _, status = os.waitpid(pid, 0)
+        if status != 0 or not data:
+            broken = True
+            continue
+        scans, unreadable, failed = marshal.loads(data)
+        walker.scans.extend(scans)
+        walker.unreadable.extend(unreadable)
+        failed_units.update(failed)
+    if broken:
+        raise OSError("a workspace scanning worker failed")
+    return failed_units
+
+
+class _Resolver:
+    """Turns directory scans into DirNodes, reusing cached trees where nothing changed."""
+
+    def __init__(
+        self, workspace: str, cache: StatCache, max_size: int, scans: dict[str, _DirScan]
+    ) -> None:
+        self.workspace = workspace
+        self.cached = cache.dirs
+        self.max_size = max_size
+        self.scans = scans
+        self.jobs: list[FileJob] = []
+        self.dirs: list[DirNode] = []
+        self.skipped: list[dict[str, Any]] = []
+
+    def resolve(self, rel: str) -> DirNode:
+        _, sig, complete, children, own = self.scans[rel]
+        node = DirNode(rel, sig if complete else None)
+        reusable = complete
+        for child_rel in children:
+            if child_rel not in self.scans:
+                reusable = False  # unreadable: never reuse the parent's old tree
+                continue
+            child = self.resolve(child_rel)
             node.children.append(child)
             reusable = reusable and child.record is not None
-        cached = self.cached.get(listing.rel)
-        if reusable and cached is not None and cached[0] == listing.sig:
+        cached = self.cached.get(rel)
+        if reusable and cached is not None and cached[0] == sig:
             node.record = cached
             node.oid = cached[1] or None
             node.file_count, node.byte_count = cached[2], cached[3]
             node.skipped = cached[4]
+        elif own is None and cached is not None:
+            self._fill_from_cache(node, cached)
         else:
             details = decode_details(cached[5]) if cached is not None else {}
-            prefix = listing.rel + "/" if listing.rel else ""
-            self._fill(node, prefix, listing.files, listing.keys, details)
+            self._fill(node, own or [], details)
+        for child in node.children:
+            node.entries.append([os.fsencode(os.path.basename(child.rel)), MODE_DIR, child])
         self.dirs.append(node)
         self.skipped.extend(node.skipped)
         return node
 
+    @staticmethod
+    def _fill_from_cache(node: DirNode, cached: DirRecord) -> None:
+        """Own files unchanged (only a subdirectory moved): entries straight from the cache."""
+        node.file_count, node.byte_count, node.skipped = cached[2], cached[3], cached[4]
+        for name, (key, oid, _racy) in decode_details(cached[5]).items():
+            item: list[Any] = [os.fsencode(name), _mode_of(key[4]), oid]
+            node.entries.append(item)
+            node.files.append((name, key, item))
+
     def _fill(
-        self,
-        node: DirNode,
-        prefix: str,
-        files: list[os.DirEntry[str]],
-        keys: list[StatKey],
-        details: dict[str, FileDetail],
+        self, node: DirNode, files: list[tuple[str, StatKey]], details: dict[str, FileDetail]
     ) -> None:
         """Build the entries of a changed directory, queueing files whose stat key moved."""
-        for entry, key in zip(files, keys, strict=True):
+        prefix = node.rel + "/" if node.rel else ""
+        base = os.path.join(self.workspace, node.rel) if node.rel else self.workspace
+        for name, key in files:
             mode = _mode_of(key[4])
             if mode is None:
                 continue  # sockets, fifos, devices: never content
-            name = entry.name
             if mode != MODE_LINK and key[2] > self.max_size:
                 node.skipped.append({"path": prefix + name, "size": key[2], "reason": "too-large"})
                 continue
@@ -247,14 +303,33 @@ class _Scanner:
             node.byte_count += key[2]
             hit = details.get(name)
             item: list[Any] = [os.fsencode(name), mode, None]
-            if hit is not None and hit[0] == key and not hit[2]:
+            if hit is not None and tuple(hit[0]) == key and not hit[2]:
                 item[2] = hit[1]
             else:
-                self.jobs.append(FileJob(prefix + name, entry.path, key, mode, item))
+                path = os.path.join(base, name)
+                self.jobs.append(FileJob(prefix + name, path, key, mode, item))
             node.entries.append(item)
             node.files.append((name, key, item))
-        for child in node.children:
-            node.entries.append([os.fsencode(os.path.basename(child.rel)), MODE_DIR, child])
+
+
+def _units(walker: _Walker, workspace: str, want: int) -> list[tuple[str, str, IgnoreRules]] | None:
+    """Scan the top of the tree in this process until there are ``want`` subtrees to share."""
+    frontier: list[tuple[str, str, IgnoreRules]] = [(workspace, "", IgnoreRules.empty())]
+    top = True
+    while frontier and (top or len(frontier) < want):
+        expanded: list[tuple[str, str, IgnoreRules]] = []
+        for path, rel, rules in frontier:
+            visited = walker.visit(path, rel, rules)
+            if visited is None:
+                if top:
+                    return None
+                continue
+            expanded.extend(visited[1])
+        frontier = expanded
+        top = False
+        if len(walker.scans) > 64:
+            break
+    return frontier
 
 
 def scan_workspace(
@@ -264,12 +339,21 @@ def scan_workspace(
 
     ``exclude`` holds absolute directory paths never to enter (the store, worktrees).
     """
-    scanner = _Scanner(cache, exclude, max_size)
-    listing = scanner.list_dir(workspace, "", IgnoreRules.empty())
-    scanner.stat_all()
-    if listing is None:
-        root = DirNode("")
-        scanner.dirs.append(root)
+    walker = _Walker(cache.dirs, exclude)
+    workers = min(os.cpu_count() or 1, 4)
+    if workers > 1 and len(cache.dirs) >= _PARALLEL_MIN_DIRS:
+        units = _units(walker, workspace, workers * _UNITS_PER_WORKER)
+        failed = _walk_in_workers(walker, units, workers) if units else None
+        if units and failed is None:
+            failed = {rel for path, rel, rules in units if not walker.walk(path, rel, rules)}
+        del failed  # unreadable units are absent from the scans; resolve() handles that
     else:
-        root = scanner.resolve(listing)
-    return ScanResult(root, scanner.jobs, scanner.dirs, scanner.skipped)
+        walker.walk(workspace, "", IgnoreRules.empty())
+    scans = {scan[0]: scan for scan in walker.scans}
+    resolver = _Resolver(workspace, cache, max_size, scans)
+    if "" in scans:
+        root = resolver.resolve("")
+    else:
+        root = DirNode("")
+        resolver.dirs.append(root)
+    return ScanResult(root, resolver.jobs, resolver.dirs, walker.unreadable + resolver.skipped)

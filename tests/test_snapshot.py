@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,3 +187,38 @@ def test_snapshot_ids_resolve_by_prefix_and_commit(store: Store, workspace: Path
     assert resolve_snapshot(store, snap.id[:12]).id == snap.id
     assert resolve_snapshot(store, snap.commit[:10]).id == snap.id
     assert resolve_snapshot(store, store.config.default_thread).id == snap.id
+
+
+def test_parallel_walk_of_a_large_tree_matches_git(
+    store: Store, workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from narrative import scan
+
+    forks = []
+    real = scan._walk_in_workers
+
+    def counting(*args: Any) -> Any:
+        forks.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(scan, "_walk_in_workers", counting)
+
+    for i in range(scan._PARALLEL_MIN_DIRS + 20):
+        d = workspace / f"top{i % 7}" / f"mid{i % 13}" / f"leaf{i}"
+        d.mkdir(parents=True)
+        (d / "f.txt").write_text(f"{i}\n")
+    (workspace / "top3" / ".gitignore").write_text("*.tmp\n")
+    (workspace / "top3" / "mid0" / "x.tmp").write_text("ignored below top3\n")
+    first = take_snapshot(store).snapshot  # serial: no cache yet
+    assert first.tree == git_tree_of(workspace, tmp_path)
+    # now the cache is large enough for forked workers; change things at several depths
+    (workspace / "top1" / "mid1" / "leaf1" / "f.txt").write_text("changed\n")
+    (workspace / "top2" / "new.txt").write_text("new\n")
+    os.unlink(workspace / "README.md")
+    (workspace / "top4" / "mid4" / "leaf4" / "f.txt").unlink()
+    (workspace / "top4" / "mid4" / "leaf4").rmdir()
+    second = take_snapshot(store).snapshot
+    assert forks, "the large tree must take the forked-worker path"
+    assert second.tree == git_tree_of(workspace, tmp_path)
+    third = take_snapshot(store)
+    assert not third.created and third.snapshot.id == second.id
