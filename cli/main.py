@@ -6,7 +6,6 @@ Heavy modules are imported inside commands so that ``narrative snapshot`` starts
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import Any
@@ -49,14 +48,14 @@ def cli(
     ctx: click.Context, directory: str | None, store_dir: str | None, verbose: int, quiet: bool
 ) -> None:
     """Snapshot, ship, restore, diff and merge agent workspaces."""
-    level = (
-        logging.ERROR
-        if quiet
-        else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    )
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
+    if verbose or quiet:
+        # Imported only on demand: logging costs a noticeable share of start-up time.
+        import logging
+
+        level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+        logging.basicConfig(
+            level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+        )
     if directory:
         try:
             os.chdir(directory)

@@ -213,7 +213,9 @@ class _PackIndex:
         self._fanout: tuple[int, ...] = struct.unpack_from(">256I", self._map, 8)
         self.count: int = self._fanout[255]
         self._oid_base = 8 + 1024
-        self._pack: mmap.mmap | None = None
+        self._pack_fd = -1
+        self._open_lock = threading.Lock()
+        self.pack_size = 0
         self._sorted_offsets: list[int] | None = None
 
     def _oid_at(self, i: int) -> bytes:
@@ -244,12 +246,16 @@ class _PackIndex:
         for i in range(self.count):
             yield self._oid_at(i)
 
-    def pack_map(self) -> mmap.mmap:
-        """The pack file, mapped on first use."""
-        if self._pack is None:
-            with open(self.pack_path, "rb") as f:
-                self._pack = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._pack
+    def pread(self, length: int, offset: int) -> bytes:
+        """Bytes of the pack file. Positional reads rather than a mapping: safe on several
+        threads, and restoring a 1 GB pack does not grow the process by 1 GB of mapped pages."""
+        if self._pack_fd < 0:
+            with self._open_lock:
+                if self._pack_fd < 0:
+                    fd = os.open(self.pack_path, os.O_RDONLY)
+                    self.pack_size = os.fstat(fd).st_size
+                    self._pack_fd = fd
+        return os.pread(self._pack_fd, length, offset)
 
     def next_offset(self, i: int, pack_end: int) -> int:
         """Where the object after index entry ``i`` starts (objects are contiguous)."""
@@ -261,8 +267,9 @@ class _PackIndex:
 
     def close(self) -> None:
         self._map.close()
-        if self._pack is not None:
-            self._pack.close()
+        if self._pack_fd >= 0:
+            os.close(self._pack_fd)
+            self._pack_fd = -1
 
 
 class _OidView:
@@ -406,24 +413,25 @@ class ObjectStore:
 
         zlib releases the GIL, so restores can inflate on several threads at once.
         """
-        pack = idx.pack_map()
         start = idx.offset(i)
-        byte = pack[start]
+        head = idx.pread(16, start)
+        byte = head[0]
         code = (byte >> 4) & 7
         if code not in _CODE_TYPES:
             return None
         size = byte & 15
-        shift, pos = 4, start
+        shift, pos = 4, 0
         while byte & 0x80:
             pos += 1
-            byte = pack[pos]
+            byte = head[pos]
             size |= (byte & 0x7F) << shift
             shift += 7
         # Deflate never expands by more than 5 bytes per 16 KiB block plus a few header bytes,
         # so this bound covers the whole stream without locating the next object.
-        end = min(pos + 1 + size + 5 * (size // 16000 + 1) + 64, len(pack) - 20)
+        data_start = start + pos + 1
+        end = min(data_start + size + 5 * (size // 16000 + 1) + 64, idx.pack_size - 20)
         try:
-            data = zlib.decompressobj().decompress(pack[pos + 1 : end])
+            data = zlib.decompressobj().decompress(idx.pread(end - data_start, data_start))
         except zlib.error as exc:
             raise StoreCorrupted(
                 f"corrupt object {idx.oid_at(i).hex()} in {idx.pack_path}"
@@ -438,11 +446,10 @@ class ObjectStore:
             i = idx.find(oid)
             if i is None:
                 continue
-            pack = idx.pack_map()
             start = idx.offset(i)
-            if ((pack[start] >> 4) & 7) not in _CODE_TYPES:
+            if ((idx.pread(1, start)[0] >> 4) & 7) not in _CODE_TYPES:
                 return None
-            return pack[start : idx.next_offset(i, len(pack) - 20)]
+            return idx.pread(idx.next_offset(i, idx.pack_size - 20) - start, start)
         return None
 
     def _read_libgit2(self, oid: bytes) -> tuple[str, bytes]:

@@ -61,15 +61,30 @@ def _check_entry_name(name: bytes, path: str) -> None:
         raise StoreCorrupted(f"tree entry {path!r} is not a safe file name")
 
 
-def _write_file(odb: ObjectStore, root: str, path: str, mode: int, oid: bytes) -> None:
+def _write_file(
+    odb: ObjectStore, root: str, path: str, mode: int, oid: bytes, fresh: bool = False
+) -> None:
+    """Write one blob. ``fresh``: the target directory started empty, so create directly;
+    otherwise write a temp file and rename it over the old one (never a torn file)."""
     kind, data = odb.read(oid)
     if kind != "blob":
         raise StoreCorrupted(f"{path}: {oid.hex()} is not a blob")
     full = os.path.join(root, path)
     if mode == MODE_LINK:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(full)
+        if not fresh:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(full)
         os.symlink(os.fsdecode(data), full)
+        return
+    if fresh:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(full, flags, 0o755 if mode == MODE_EXEC else 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
         return
     directory = os.path.dirname(full)
     fd, tmp = tempfile.mkstemp(prefix=".narrative-", dir=directory)
@@ -84,16 +99,25 @@ def _write_file(odb: ObjectStore, root: str, path: str, mode: int, oid: bytes) -
         raise
 
 
-def _write_all(odb: ObjectStore, root: str, items: list[tuple[str, int, bytes]]) -> None:
+def _write_all(
+    odb: ObjectStore, root: str, items: list[tuple[str, int, bytes]], fresh: bool = False
+) -> None:
     for directory in sorted({os.path.dirname(p) for p, _m, _o in items}):
         if directory:
             os.makedirs(os.path.join(root, directory), exist_ok=True)
+
+    def write_batch(batch: list[tuple[str, int, bytes]]) -> None:
+        for path, mode, oid in batch:
+            _write_file(odb, root, path, mode, oid, fresh)
+
     if len(items) < _PARALLEL_MIN:
-        for path, mode, oid in items:
-            _write_file(odb, root, path, mode, oid)
+        write_batch(items)
         return
-    with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
-        list(pool.map(lambda it: _write_file(odb, root, *it), items, chunksize=32))
+    # inflate and write on several threads (zlib and file writes release the GIL)
+    workers = max(2, min(4, os.cpu_count() or 2))
+    batches = [items[i :: workers * 4] for i in range(workers * 4)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(write_batch, batches))
 
 
 def materialize(store: Store, snapshot: Snapshot, target: str) -> RestoreResult:
@@ -103,7 +127,7 @@ def materialize(store: Store, snapshot: Snapshot, target: str) -> RestoreResult:
         raise RestoreError(f"target {target} exists and is not an empty directory")
     flat = flatten_tree(store.odb, bytes.fromhex(snapshot.tree))
     os.makedirs(target, exist_ok=True)
-    _write_all(store.odb, target, [(p, m, o) for p, (m, o) in flat.items()])
+    _write_all(store.odb, target, [(p, m, o) for p, (m, o) in flat.items()], fresh=True)
     return RestoreResult(snapshot.id, target, written=len(flat))
 
 

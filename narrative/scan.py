@@ -153,7 +153,11 @@ class _Walker:
         listing = "\0".join(file_names) + "\0/\0" + "\0".join(sub_names)
         sig = hash((tuple(keys), zlib.crc32(listing.encode("utf-8", "surrogateescape"))))
         cached = self.cached.get(rel_dir)
-        own = None if cached is not None and cached[0] == sig else list(zip(file_names, keys, strict=True))
+        own = (
+            None
+            if cached is not None and cached[0] == sig
+            else list(zip(file_names, keys, strict=True))
+        )
         children = [prefix + n for n in sub_names]
         self.scans.append((rel_dir, sig, True, children, own))
         return children, [(e.path, prefix + e.name, rules) for e in subdirs]
