@@ -270,4 +270,38 @@ def gc(
     )
 
 
-COMMANDS = [init, info, snapshot, log, show, diff, restore, gc]
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _parse_size(text: str) -> int:
+    import re
+
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", text.lower())
+    if not match:
+        raise InvalidInput(f"invalid size {text!r} (examples: 50M, 1G, 4096)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+@click.command()
+@click.argument("key", required=False, type=click.Choice(["max_file_size", "default_thread"]))
+@click.argument("value", required=False)
+@json_option
+@click.pass_context
+def config(ctx: click.Context, key: str | None, value: str | None, as_json: bool) -> None:
+    """Show the store's settings, or set KEY to VALUE (sizes like 100M; a thread name or id)."""
+    store = open_store(ctx)
+    if key is not None and value is not None:
+        if key == "max_file_size":
+            store.config.max_file_size = _parse_size(value)
+        else:
+            from narrative.hierarchy import resolve_thread
+
+            store.config.default_thread = resolve_thread(store, value).id
+        store.save_config()
+    data = {k: v for k, v in store.config.to_dict().items() if k != "version"}
+    if key is not None:
+        data = {key: data[key]}
+    emit(as_json, data, lambda: "\n".join(f"{k} = {v}" for k, v in data.items()))
+
+
+COMMANDS = [init, info, snapshot, log, show, diff, restore, gc, config]

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import InvalidInput, ObjectiveNotFound, RunNotFound, ThreadNotFound
+from .errors import (
+    AmbiguousId,
+    InvalidInput,
+    NotFound,
+    ObjectiveNotFound,
+    RunNotFound,
+    ThreadNotFound,
+)
 from .ids import is_id, new_id
 from .models import OBJECTIVE_STATUSES, RUN_STATUSES, AgentRun, Objective, Thread, now_iso
 
@@ -47,6 +54,31 @@ def create_defaults(store: Store) -> tuple[str, str]:
     return objective.id, thread.id
 
 
+def _record(
+    store: Store, collection: str, kind: str, ident: str, missing: type[NotFound]
+) -> dict[str, Any]:
+    record = store.meta.get(collection, ident) if is_id(ident, kind) else None
+    if record is None:
+        raise missing(ident)
+    return record
+
+
+_Named = TypeVar("_Named", Objective, Thread)
+
+
+def _pick(
+    ref: str, items: list[_Named], id_prefix: str, label: str, missing: type[NotFound]
+) -> _Named:
+    """One item by unique id prefix, else by exact name or title."""
+    matches = [i for i in items if i.id.startswith(ref)] if ref.startswith(id_prefix) else []
+    matches = matches or [i for i in items if getattr(i, label) == ref]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise missing(ref)
+    raise AmbiguousId(ref, [i.id for i in matches])
+
+
 # -- objectives ---------------------------------------------------------------------------------
 
 
@@ -64,12 +96,9 @@ def create_objective(store: Store, title: str, description: str = "") -> Objecti
 
 
 def get_objective(store: Store, objective_id: str) -> Objective:
-    record = (
-        store.meta.get("objectives", objective_id) if is_id(objective_id, "objective") else None
+    return Objective.from_dict(
+        _record(store, "objectives", "objective", objective_id, ObjectiveNotFound)
     )
-    if record is None:
-        raise ObjectiveNotFound(objective_id)
-    return Objective.from_dict(record)
 
 
 def list_objectives(store: Store) -> list[Objective]:
@@ -81,16 +110,7 @@ def resolve_objective(store: Store, ref: str) -> Objective:
     """An objective by id, unique id prefix or exact title."""
     if is_id(ref, "objective"):
         return get_objective(store, ref)
-    objectives = list_objectives(store)
-    matches = [o for o in objectives if o.id.startswith(ref)] if ref.startswith("obj-") else []
-    matches = matches or [o for o in objectives if o.title == ref]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise ObjectiveNotFound(ref)
-    from .errors import AmbiguousId
-
-    raise AmbiguousId(ref, [o.id for o in matches])
+    return _pick(ref, list_objectives(store), "obj-", "title", ObjectiveNotFound)
 
 
 def set_objective_status(store: Store, objective_id: str, status: str) -> Objective:
@@ -129,10 +149,7 @@ def create_thread(
 
 
 def get_thread(store: Store, thread_id: str) -> Thread:
-    record = store.meta.get("threads", thread_id) if is_id(thread_id, "thread") else None
-    if record is None:
-        raise ThreadNotFound(thread_id)
-    return Thread.from_dict(record)
+    return Thread.from_dict(_record(store, "threads", "thread", thread_id, ThreadNotFound))
 
 
 def list_threads(store: Store, objective_id: str | None = None) -> list[Thread]:
@@ -147,16 +164,7 @@ def resolve_thread(store: Store, ref: str | None) -> Thread:
         return get_thread(store, store.config.default_thread)
     if is_id(ref, "thread"):
         return get_thread(store, ref)
-    threads = list_threads(store)
-    matches = [t for t in threads if t.id.startswith(ref)] if ref.startswith("th-") else []
-    matches = matches or [t for t in threads if t.name == ref]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise ThreadNotFound(ref)
-    from .errors import AmbiguousId
-
-    raise AmbiguousId(ref, [t.id for t in matches])
+    return _pick(ref, list_threads(store), "th-", "name", ThreadNotFound)
 
 
 # -- runs ---------------------------------------------------------------------------------------
@@ -184,10 +192,7 @@ def start_run(
 
 
 def get_run(store: Store, run_id: str) -> AgentRun:
-    record = store.meta.get("runs", run_id) if is_id(run_id, "run") else None
-    if record is None:
-        raise RunNotFound(run_id)
-    return AgentRun.from_dict(record)
+    return AgentRun.from_dict(_record(store, "runs", "run", run_id, RunNotFound))
 
 
 def list_runs(store: Store, thread_id: str | None = None) -> list[AgentRun]:

@@ -39,6 +39,7 @@ META_REF = "refs/narrative/meta"
 RECORD_KINDS = ("objectives", "threads", "runs")
 _IDENTITY = ("narrative", "narrative@localhost")
 _MAX_ATTEMPTS = 50
+_Change = Callable[[dict[str, Any] | None], dict[str, Any] | None]
 
 
 class MetaStore:
@@ -104,7 +105,7 @@ class MetaStore:
         self,
         kind: str,
         ident: str,
-        change: Callable[[dict[str, Any] | None], dict[str, Any] | None],
+        change: _Change,
         message: str,
     ) -> dict[str, Any] | None:
         """Read-modify-write one record atomically; ``change`` gets the current record or None
@@ -113,11 +114,7 @@ class MetaStore:
             return self._update(kind, ident, change, message)
 
     def _update(
-        self,
-        kind: str,
-        ident: str,
-        change: Callable[[dict[str, Any] | None], dict[str, Any] | None],
-        message: str,
+        self, kind: str, ident: str, change: _Change, message: str
     ) -> dict[str, Any] | None:
         delay = 0.001
         for _attempt in range(_MAX_ATTEMPTS):

@@ -180,3 +180,17 @@ def test_corrupted_store_is_reported(cli: Cli, workspace: Path) -> None:
     next(ref_dir.iterdir()).write_text("garbage\n")
     proc = cli.run("log", "--all", check=False)
     assert proc.returncode == 1 and "unreadable" in proc.stderr
+
+
+def test_config_sets_the_size_cap_and_default_thread(cli: Cli, workspace: Path) -> None:
+    cli.run("init")
+    assert cli.json("config", "max_file_size", "1k") == {"max_file_size": 1024}
+    (workspace / "big.bin").write_bytes(b"b" * 2000)
+    snap = cli.json("snapshot")
+    assert [s["path"] for s in snap["skipped"]] == ["big.bin"]
+    other = cli.json("thread", "create", "other")
+    assert cli.json("config", "default_thread", "other") == {"default_thread": other["id"]}
+    (workspace / "x.txt").write_text("x")
+    assert cli.json("snapshot")["thread"] == other["id"]
+    bad = cli.run("config", "max_file_size", "lots", check=False)
+    assert bad.returncode == 1 and "invalid size" in bad.stderr
