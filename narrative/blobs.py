@@ -12,7 +12,6 @@ import hashlib
 import os
 import tempfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 
 from .objects import MODE_LINK, hash_object, object_header
 from .odb import ObjectStore, PackWriter, deflate
@@ -120,7 +119,16 @@ def write_blobs(
         for job in jobs:
             run(job)
     else:
+        from concurrent.futures import ThreadPoolExecutor  # imported late: costly at start-up
+
         workers = max(2, min(4, os.cpu_count() or 2))
+
+        def run_batch(batch: list[FileJob]) -> None:
+            for job in batch:
+                run(job)
+
+        # a few large batches: one future per file costs more than hashing small files
+        batches = [jobs[i :: workers * 8] for i in range(workers * 8)]
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(run, jobs, chunksize=16))
+            list(pool.map(run_batch, batches))
     return failed

@@ -13,7 +13,6 @@ import contextlib
 import os
 import stat as stat_mod
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .errors import RestoreError, StoreCorrupted
@@ -116,6 +115,8 @@ def _write_all(
     # inflate and write on several threads (zlib and file writes release the GIL)
     workers = max(2, min(4, os.cpu_count() or 2))
     batches = [items[i :: workers * 4] for i in range(workers * 4)]
+    from concurrent.futures import ThreadPoolExecutor  # imported late: costly at start-up
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(write_batch, batches))
 
