@@ -26,7 +26,7 @@ from .errors import StoreCorrupted
 from .fsutil import fsync_dir, unlink_quiet
 from .objects import hash_object, object_header
 
-__all__ = ["ObjectStore", "PackWriter", "deflate", "TYPE_CODES"]
+__all__ = ["TYPE_CODES", "ObjectStore", "PackWriter", "deflate", "pack_object_header"]
 
 TYPE_CODES = {"commit": 1, "tree": 2, "blob": 3, "tag": 4}
 _CODE_TYPES = {v: k for k, v in TYPE_CODES.items()}
@@ -40,6 +40,11 @@ def deflate(data: bytes | memoryview) -> bytes:
         if len(zlib.compress(sample, 1)) > _SAMPLE * 0.94:
             return zlib.compress(data, 0)
     return zlib.compress(data, 1)
+
+
+def pack_object_header(kind: str, size: int) -> bytes:
+    """The type-and-size header that starts a pack entry."""
+    return _pack_object_header(TYPE_CODES[kind], size)
 
 
 def _pack_object_header(code: int, size: int) -> bytes:
