@@ -1,0 +1,268 @@
+"""Taking in a received pack: parse, resolve deltas, verify every object, then store it.
+
+The pack comes from outside (a bundle on some bucket), so nothing is trusted: the trailer
+checksum is checked, every object is inflated and re-hashed, deltas are applied only to bases
+that exist (in the pack or, for thin packs, in the store), sizes are bounded, and commits and
+trees must parse. Only then are the objects written — as a fresh, delta-free pack of our own,
+published atomically — so a refused pack leaves the store exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from narrative.objects import hash_object, parse_commit, parse_tree
+from narrative.odb import ObjectStore, PackWriter, deflate
+
+__all__ = ["PackError", "ReceivedPack", "receive_pack"]
+
+_TYPES = {1: "commit", 2: "tree", 3: "blob", 4: "tag"}
+_OFS_DELTA = 6
+_REF_DELTA = 7
+_CHUNK = 1 << 20
+_BASE_CACHE = 64 << 20
+
+
+class PackError(ValueError):
+    """The pack is malformed, truncated, corrupted or over a limit."""
+
+
+@dataclass
+class ReceivedPack:
+    """Objects a pack added to the store (type by oid)."""
+
+    objects: dict[bytes, str]
+    pack_name: str | None
+
+
+class _Reader:
+    """Random access to the spooled pack with a byte-bounded cache of inflated objects."""
+
+    def __init__(self, f: BinaryIO, size: int, odb: ObjectStore, max_object: int) -> None:
+        self.f = f
+        self.size = size
+        self.odb = odb
+        self.max_object = max_object
+        self.cache: OrderedDict[int, tuple[str, bytes]] = OrderedDict()
+        self.cached_bytes = 0
+        self.by_oid: dict[bytes, int] = {}
+
+    def _header(self, offset: int) -> tuple[int, int, int]:
+        """(type code, size, data offset) of the entry at ``offset``."""
+        self.f.seek(offset)
+        head = self.f.read(32)
+        if not head:
+            raise PackError("truncated pack")
+        byte = head[0]
+        code, size, shift, pos = (byte >> 4) & 7, byte & 15, 4, 0
+        while byte & 0x80:
+            pos += 1
+            if pos >= len(head) or shift > 56:
+                raise PackError("corrupt object header")
+            byte = head[pos]
+            size |= (byte & 0x7F) << shift
+            shift += 7
+        if size > self.max_object:
+            raise PackError(f"object of {size} bytes is over the limit of {self.max_object}")
+        return code, size, offset + pos + 1
+
+    def _inflate(self, offset: int, size: int) -> tuple[bytes, int]:
+        """Inflate a zlib stream at ``offset``; returns data and the offset after it."""
+        self.f.seek(offset)
+        dec = zlib.decompressobj()
+        parts: list[bytes] = []
+        got = 0
+        consumed = 0
+        while not dec.eof:
+            chunk = self.f.read(_CHUNK)
+            if not chunk:
+                raise PackError("truncated object data")
+            try:
+                out = dec.decompress(chunk, size + 1 - got)
+            except zlib.error as exc:
+                raise PackError(f"corrupt object data: {exc}") from exc
+            got += len(out)
+            if got > size:
+                raise PackError("object inflates past its declared size")
+            parts.append(out)
+            consumed += len(chunk) - len(dec.unused_data) - len(dec.unconsumed_tail)
+            if dec.unconsumed_tail and not dec.eof:
+                raise PackError("object inflates past its declared size")
+        if got != size:
+            raise PackError("object is shorter than its declared size")
+        return b"".join(parts), offset + consumed
+
+    def entry(self, offset: int, depth: int = 0) -> tuple[str, bytes, int]:
+        """(type, content, end offset) of the object at ``offset``, deltas resolved."""
+        if depth > 64:
+            raise PackError("delta chain too deep")
+        code, size, pos = self._header(offset)
+        if code in _TYPES:
+            data, end = self._inflate(pos, size)
+            return _TYPES[code], data, end
+        if code == _OFS_DELTA:
+            self.f.seek(pos)
+            raw = self.f.read(10)
+            byte = raw[0]
+            back, i = byte & 0x7F, 0
+            while byte & 0x80:
+                i += 1
+                if i >= len(raw):
+                    raise PackError("corrupt delta offset")
+                byte = raw[i]
+                back = ((back + 1) << 7) | (byte & 0x7F)
+            base_offset = offset - back
+            if base_offset < 12 or base_offset >= offset:
+                raise PackError("delta base offset out of range")
+            delta, end = self._inflate(pos + i + 1, size)
+            kind, base = self._cached(base_offset, depth)
+        elif code == _REF_DELTA:
+            self.f.seek(pos)
+            base_oid = self.f.read(20)
+            delta, end = self._inflate(pos + 20, size)
+            kind, base = self._base_by_oid(base_oid, depth)
+        else:
+            raise PackError(f"unknown object type {code}")
+        return kind, _apply_delta(base, delta, self.max_object), end
+
+    def _cached(self, offset: int, depth: int) -> tuple[str, bytes]:
+        hit = self.cache.get(offset)
+        if hit is not None:
+            self.cache.move_to_end(offset)
+            return hit
+        kind, data, _end = self.entry(offset, depth + 1)
+        self.cache[offset] = (kind, data)
+        self.cached_bytes += len(data)
+        while self.cached_bytes > _BASE_CACHE and len(self.cache) > 1:
+            _off, (_k, old) = self.cache.popitem(last=False)
+            self.cached_bytes -= len(old)
+        return kind, data
+
+    def _base_by_oid(self, oid: bytes, depth: int) -> tuple[str, bytes]:
+        offset = self.by_oid.get(oid)
+        if offset is not None:
+            return self._cached(offset, depth)
+        if self.odb.exists(oid):  # a thin pack: the base is one we already hold
+            return self.odb.read(oid)
+        raise PackError(f"delta base {oid.hex()} is neither in the pack nor in the store")
+
+
+def _varint(delta: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= len(delta):
+            raise PackError("truncated delta")
+        byte = delta[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _apply_delta(base: bytes, delta: bytes, limit: int) -> bytes:
+    source_size, pos = _varint(delta, 0)
+    target_size, pos = _varint(delta, pos)
+    if source_size != len(base):
+        raise PackError("delta does not fit its base")
+    if target_size > limit:
+        raise PackError(f"object of {target_size} bytes is over the limit of {limit}")
+    out = bytearray()
+    end = len(delta)
+    while pos < end:
+        op = delta[pos]
+        pos += 1
+        if op & 0x80:
+            offset = size = 0
+            for bit in range(4):
+                if op & (1 << bit):
+                    offset |= delta[pos] << (8 * bit)
+                    pos += 1
+            for bit in range(3):
+                if op & (0x10 << bit):
+                    size |= delta[pos] << (8 * bit)
+                    pos += 1
+            size = size or 0x10000
+            if offset + size > len(base):
+                raise PackError("delta copies past the end of its base")
+            out += base[offset : offset + size]
+        elif op:
+            out += delta[pos : pos + op]
+            pos += op
+        else:
+            raise PackError("invalid delta opcode 0")
+    if len(out) != target_size:
+        raise PackError("delta result has the wrong size")
+    return bytes(out)
+
+
+def _check_well_formed(kind: str, data: bytes, oid: bytes) -> None:
+    try:
+        if kind == "commit":
+            if len(parse_commit(data).tree) != 20:
+                raise ValueError("no tree")
+        elif kind == "tree":
+            for name, _mode, child in parse_tree(data):
+                if not name or b"/" in name or name in (b".", b"..") or len(child) != 20:
+                    raise ValueError(f"bad entry {name!r}")
+    except (ValueError, IndexError) as exc:
+        raise PackError(f"malformed {kind} {oid.hex()}: {exc}") from exc
+
+
+def receive_pack(
+    stream: BinaryIO, odb: ObjectStore, max_object: int = 1 << 30, max_total: int = 64 << 30
+) -> ReceivedPack:
+    """Read a pack from ``stream``, verify everything, and store its objects.
+
+    Raises PackError (nothing stored) on any problem. Objects are checked individually here;
+    whether the received history is complete is for the caller to check (it knows the refs).
+    """
+    with tempfile.TemporaryFile(dir=odb.tmp_dir if os.path.isdir(odb.tmp_dir) else None) as spool:
+        digest = hashlib.sha1()
+        total = 0
+        tail = b""
+        while chunk := stream.read(_CHUNK):
+            total += len(chunk)
+            if total > max_total:
+                raise PackError(f"pack is over the limit of {max_total} bytes")
+            spool.write(chunk)
+            data = tail + chunk
+            digest_part, tail = data[:-20], data[-20:]
+            digest.update(digest_part)
+        if total < 32 or digest.digest() != tail:
+            raise PackError("pack checksum mismatch (truncated or corrupted)")
+        spool.seek(0)
+        head = spool.read(12)
+        if head[:4] != b"PACK" or struct.unpack(">I", head[4:8])[0] not in (2, 3):
+            raise PackError("not a git pack")
+        count = struct.unpack(">I", head[8:12])[0]
+        reader = _Reader(spool, total - 20, odb, max_object)
+        writer = PackWriter(odb)
+        objects: dict[bytes, str] = {}
+        try:
+            offset = 12
+            for _ in range(count):
+                if offset >= total - 20:
+                    raise PackError("pack holds fewer objects than it declares")
+                kind, data, end = reader.entry(offset)
+                oid = hash_object(kind, data)
+                _check_well_formed(kind, data, oid)
+                reader.by_oid[oid] = offset
+                objects[oid] = kind
+                if oid not in writer and not odb.exists(oid):
+                    writer.add(kind, oid, len(data), deflate(data))
+                offset = end
+            if offset != total - 20:
+                raise PackError("unexpected data after the last object")
+            name = writer.publish()
+        except BaseException:
+            writer.abort()
+            raise
+    return ReceivedPack(objects, name)
