@@ -19,7 +19,15 @@ from typing import BinaryIO
 from narrative.objects import MODE_DIR, parse_commit, parse_tree
 from narrative.odb import ObjectStore, deflate, pack_object_header
 
-__all__ = ["BUNDLE_SIGNATURE", "BundleStats", "collect_objects", "write_bundle"]
+__all__ = [
+    "BUNDLE_SIGNATURE",
+    "BundleFormatError",
+    "BundleHeader",
+    "BundleStats",
+    "collect_objects",
+    "read_bundle_header",
+    "write_bundle",
+]
 
 BUNDLE_SIGNATURE = b"# v2 git bundle\n"
 _GITLINK = 0o160000
@@ -134,3 +142,69 @@ def write_bundle(
         len(objects),
         len(header) + pack.size + 20,
     )
+
+
+@dataclass(frozen=True)
+class BundleHeader:
+    """The parsed text header of a bundle; the pack follows at ``pack_offset``."""
+
+    prerequisites: dict[bytes, str]
+    refs: dict[str, bytes]
+    pack_offset: int
+
+
+_MAX_HEADER = 1 << 20
+
+
+def read_bundle_header(stream: BinaryIO, ref_prefix: str = "refs/narrative/") -> BundleHeader:
+    """Parse and validate a v2 bundle header, leaving ``stream`` at the start of the pack.
+
+    Refuses (BundleFormatError) anything but v2, malformed lines, duplicate refs, and refs outside
+    ``ref_prefix`` — a bundle may never move a ref the narrative namespace does not own.
+    """
+    from narrative.errors import InvalidInput
+    from narrative.refs import validate_ref_name
+
+    first = stream.readline(len(BUNDLE_SIGNATURE) + 1)
+    if first != BUNDLE_SIGNATURE:
+        raise BundleFormatError("not a v2 git bundle")
+    consumed = len(first)
+    prerequisites: dict[bytes, str] = {}
+    refs: dict[str, bytes] = {}
+    while True:
+        line = stream.readline(_MAX_HEADER)
+        consumed += len(line)
+        if consumed > _MAX_HEADER or not line.endswith(b"\n"):
+            raise BundleFormatError("bundle header is truncated or too long")
+        if line == b"\n":
+            break
+        text = line[:-1].decode("utf-8", "replace")
+        if text.startswith("-"):
+            oid_hex, _, comment = text[1:].partition(" ")
+            prerequisites[_oid(oid_hex)] = comment
+            continue
+        oid_hex, sep, name = text.partition(" ")
+        if not sep:
+            raise BundleFormatError(f"malformed bundle header line {text[:80]!r}")
+        try:
+            validate_ref_name(name)
+        except InvalidInput as exc:
+            raise BundleFormatError(str(exc)) from None
+        if not name.startswith(ref_prefix):
+            raise BundleFormatError(f"bundle ref {name} is outside {ref_prefix}")
+        if name in refs:
+            raise BundleFormatError(f"bundle names ref {name} twice")
+        refs[name] = _oid(oid_hex)
+    if not refs:
+        raise BundleFormatError("bundle carries no refs")
+    return BundleHeader(prerequisites, refs, consumed)
+
+
+def _oid(text: str) -> bytes:
+    if len(text) != 40 or any(c not in "0123456789abcdef" for c in text):
+        raise BundleFormatError(f"malformed object id {text[:50]!r} in bundle header")
+    return bytes.fromhex(text)
+
+
+class BundleFormatError(ValueError):
+    """The bundle header is malformed or names refs it may not."""

@@ -83,3 +83,33 @@ def test_incremental_bundle_is_small(store: Store, workspace: Path, tmp_path: Pa
     git("--git-dir", str(clone), "fetch", "-q", str(inc), f"{ref}:{ref}")
     git("--git-dir", str(clone), "fsck", "--strict", "--no-dangling")
     assert git("--git-dir", str(clone), "rev-parse", ref).strip() == after.commit
+
+
+def test_header_round_trip_and_hostile_headers(store: Store, workspace: Path) -> None:
+    import pytest
+
+    from transfer.bundle import BundleFormatError, read_bundle_header
+
+    snap = take_snapshot(store).snapshot
+    buf = io.BytesIO()
+    ref = store.thread_ref(store.config.default_thread)
+    write_bundle(store.odb, buf, {ref: bytes.fromhex(snap.commit)}, {b"\x01" * 20: "base"})
+    buf.seek(0)
+    header = read_bundle_header(buf)
+    assert header.refs == {ref: bytes.fromhex(snap.commit)}
+    assert header.prerequisites == {b"\x01" * 20: "base"}
+    assert buf.read(4) == b"PACK"
+    oid = snap.commit
+    hostile = [
+        b"# v3 git bundle\n",
+        b"not a bundle at all",
+        b"# v2 git bundle\n" + f"{oid} refs/heads/main\n\n".encode(),
+        b"# v2 git bundle\n" + f"{oid} refs/narrative/../../HEAD\n\n".encode(),
+        b"# v2 git bundle\n" + f"{oid} refs/narrative/a\n{oid} refs/narrative/a\n\n".encode(),
+        b"# v2 git bundle\n" + b"xyz refs/narrative/a\n\n",
+        b"# v2 git bundle\n" + f"{oid} refs/narrative/a\n".encode(),  # no blank line
+        b"# v2 git bundle\n\n",
+    ]
+    for raw in hostile:
+        with pytest.raises(BundleFormatError):
+            read_bundle_header(io.BytesIO(raw))
