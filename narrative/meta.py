@@ -110,40 +110,54 @@ class MetaStore:
     ) -> dict[str, Any] | None:
         """Read-modify-write one record atomically; ``change`` gets the current record or None
         and returns the new one (None deletes). Retried on concurrent updates."""
-        with self._writer_lock():
-            return self._update(kind, ident, change, message)
+        return self.update_many({(kind, ident): change}, message)[(kind, ident)]
 
-    def _update(
-        self, kind: str, ident: str, change: _Change, message: str
-    ) -> dict[str, Any] | None:
-        delay = 0.001
-        for _attempt in range(_MAX_ATTEMPTS):
-            head, root = self._head()
-            sub = self._subtree(root, kind)
-            name = f"{ident}.json".encode()
-            current = self._decode(sub[name], name) if name in sub else None
-            new = change(current)
-            if new is not None:
-                blob = json.dumps(new, sort_keys=True, indent=1).encode() + b"\n"
-                sub[name] = self.odb.write_loose("blob", blob)
-            else:
-                sub.pop(name, None)
-            root = dict(root)
-            entries = [(n, MODE_FILE, o) for n, o in sub.items()]
-            if entries:
-                root[kind.encode()] = self.odb.write_loose("tree", encode_tree(entries))
-            else:
-                root.pop(kind.encode(), None)
-            tree = self.odb.write_loose(
-                "tree", encode_tree([(n, MODE_DIR, o) for n, o in root.items()])
-            )
-            sig = Signature(*_IDENTITY, int(time.time()))
-            commit = encode_commit(Commit(tree, (head,) if head else (), sig, sig, message))
-            oid = self.odb.write_loose("commit", commit)
-            try:
-                self.refs.update(META_REF, oid, expected=head)
-                return new
-            except ConcurrentUpdate:
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
-        raise ConcurrentUpdate(f"could not update {kind} record {ident}: too much contention")
+    def update_many(
+        self, changes: dict[tuple[str, str], _Change], message: str
+    ) -> dict[tuple[str, str], dict[str, Any] | None]:
+        """Like :meth:`update` for several records in one commit (made only if one changed)."""
+        with self._writer_lock():
+            delay = 0.001
+            for _attempt in range(_MAX_ATTEMPTS):
+                head, root = self._head()
+                root = dict(root)
+                results: dict[tuple[str, str], dict[str, Any] | None] = {}
+                changed = False
+                for kind in sorted({k for k, _i in changes}):
+                    sub = self._subtree(root, kind)
+                    before = dict(sub)
+                    for (k, ident), change in changes.items():
+                        if k != kind:
+                            continue
+                        name = f"{ident}.json".encode()
+                        current = self._decode(sub[name], name) if name in sub else None
+                        new = change(current)
+                        results[(kind, ident)] = new
+                        if new is None:
+                            sub.pop(name, None)
+                        elif new != current:
+                            blob = json.dumps(new, sort_keys=True, indent=1).encode() + b"\n"
+                            sub[name] = self.odb.write_loose("blob", blob)
+                    if sub == before:
+                        continue
+                    changed = True
+                    entries = [(n, MODE_FILE, o) for n, o in sub.items()]
+                    if entries:
+                        root[kind.encode()] = self.odb.write_loose("tree", encode_tree(entries))
+                    else:
+                        root.pop(kind.encode(), None)
+                if not changed:
+                    return results
+                tree = self.odb.write_loose(
+                    "tree", encode_tree([(n, MODE_DIR, o) for n, o in root.items()])
+                )
+                sig = Signature(*_IDENTITY, int(time.time()))
+                commit = encode_commit(Commit(tree, (head,) if head else (), sig, sig, message))
+                oid = self.odb.write_loose("commit", commit)
+                try:
+                    self.refs.update(META_REF, oid, expected=head)
+                    return results
+                except ConcurrentUpdate:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+        raise ConcurrentUpdate("could not update metadata records: too much contention")

@@ -14,10 +14,12 @@ import hashlib
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
-from narrative.objects import MODE_DIR, parse_commit, parse_tree
+from narrative.objects import MODE_DIR, hash_object, parse_commit, parse_tree
 from narrative.odb import ObjectStore, deflate, pack_object_header
+
+from .errors import InvalidArtifact
 
 __all__ = [
     "BUNDLE_SIGNATURE",
@@ -99,8 +101,14 @@ def collect_objects(odb: ObjectStore, tips: Iterable[bytes], haves: Iterable[byt
     return list(out)
 
 
+class Sink(Protocol):
+    """Anything bytes can be written to (a file, an fsspec publish stream)."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
 class _HashingWriter:
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: Sink) -> None:
         self.out = out
         self.sha = hashlib.sha1()
         self.size = 0
@@ -113,13 +121,21 @@ class _HashingWriter:
 
 def write_bundle(
     odb: ObjectStore,
-    out: BinaryIO,
+    out: Sink,
     refs: dict[str, bytes],
     prerequisites: dict[bytes, str] | None = None,
+    extra: list[tuple[str, bytes]] | None = None,
 ) -> BundleStats:
-    """Stream a v2 bundle of ``refs`` to ``out``; ``prerequisites`` maps commit → comment."""
+    """Stream a v2 bundle of ``refs`` to ``out``; ``prerequisites`` maps commit → comment.
+
+    ``extra`` objects (kind, content) are built by the caller in memory and shipped as well
+    (their refs must be in ``refs``); they are never written to the store.
+    """
     prerequisites = prerequisites or {}
-    objects = collect_objects(odb, refs.values(), prerequisites)
+    in_memory = {hash_object(kind, data): (kind, data) for kind, data in extra or []}
+    tips = [oid for oid in refs.values() if oid not in in_memory]
+    objects = collect_objects(odb, tips, prerequisites)
+    objects += [oid for oid in in_memory if oid not in set(objects)]
     header = bytearray(BUNDLE_SIGNATURE)
     for oid, comment in sorted(prerequisites.items()):
         header += b"-" + oid.hex().encode() + (b" " + comment.encode() if comment else b"") + b"\n"
@@ -130,9 +146,9 @@ def write_bundle(
     pack = _HashingWriter(out)
     pack.write(b"PACK" + struct.pack(">II", 2, len(objects)))
     for oid in objects:
-        entry = odb.raw_entry(oid)
+        entry = None if oid in in_memory else odb.raw_entry(oid)
         if entry is None:
-            kind, data = odb.read(oid)
+            kind, data = in_memory[oid] if oid in in_memory else odb.read(oid)
             entry = pack_object_header(kind, len(data)) + deflate(data)
         pack.write(entry)
     out.write(pack.sha.digest())
@@ -206,5 +222,5 @@ def _oid(text: str) -> bytes:
     return bytes.fromhex(text)
 
 
-class BundleFormatError(ValueError):
+class BundleFormatError(InvalidArtifact):
     """The bundle header is malformed or names refs it may not."""

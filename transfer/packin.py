@@ -18,8 +18,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from narrative.objects import hash_object, parse_commit, parse_tree
+from narrative.objects import MODE_DIR, hash_object, parse_commit, parse_tree
 from narrative.odb import ObjectStore, PackWriter, deflate
+
+from .errors import InvalidArtifact
 
 __all__ = ["PackError", "ReceivedPack", "receive_pack"]
 
@@ -30,16 +32,54 @@ _CHUNK = 1 << 20
 _BASE_CACHE = 64 << 20
 
 
-class PackError(ValueError):
+class PackError(InvalidArtifact):
     """The pack is malformed, truncated, corrupted or over a limit."""
+
+
+_GITLINK = 0o160000
+_KEEP_SMALL = 64 << 10
+_KEEP_BUDGET = 64 << 20
 
 
 @dataclass
 class ReceivedPack:
-    """Objects a pack added to the store (type by oid)."""
+    """A verified pack whose objects wait in an unpublished writer.
+
+    Nothing is visible in the store until :meth:`publish`; :meth:`abort` drops it all, so the
+    caller can run its own checks (connectivity, refs, metadata) first.
+    """
 
     objects: dict[bytes, str]
-    pack_name: str | None
+    """Type of every object in the pack."""
+    links: dict[bytes, list[bytes]]
+    """Objects each commit (tree, parents) and tree (entries) points to."""
+    small: dict[bytes, bytes]
+    """Content of commits, trees and small blobs (metadata records are read from here)."""
+    writer: PackWriter
+
+    def publish(self) -> str | None:
+        return self.writer.publish()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+    def missing_below(self, tips: list[bytes], odb: ObjectStore) -> list[bytes]:
+        """Objects reachable from ``tips`` that are neither in the pack nor in the store.
+
+        An object already in the store is complete below it (the store's own invariant)."""
+        missing: list[bytes] = []
+        seen: set[bytes] = set()
+        stack = list(tips)
+        while stack:
+            oid = stack.pop()
+            if oid in seen:
+                continue
+            seen.add(oid)
+            if oid in self.objects:
+                stack.extend(self.links.get(oid, ()))
+            elif not odb.exists(oid):
+                missing.append(oid)
+        return missing
 
 
 class _Reader:
@@ -203,26 +243,38 @@ def _apply_delta(base: bytes, delta: bytes, limit: int) -> bytes:
     return bytes(out)
 
 
-def _check_well_formed(kind: str, data: bytes, oid: bytes) -> None:
+def _links(kind: str, data: bytes, oid: bytes) -> list[bytes]:
+    """What a commit or tree points to; PackError if it does not parse or names unsafe paths."""
     try:
         if kind == "commit":
-            if len(parse_commit(data).tree) != 20:
+            commit = parse_commit(data)
+            if len(commit.tree) != 20:
                 raise ValueError("no tree")
-        elif kind == "tree":
-            for name, _mode, child in parse_tree(data):
-                if not name or b"/" in name or name in (b".", b"..") or len(child) != 20:
-                    raise ValueError(f"bad entry {name!r}")
+            return [commit.tree, *commit.parents]
+        if kind == "tree":
+            out = []
+            for name, mode, child in parse_tree(data):
+                if not name or b"/" in name or name in (b".", b"..", b".git") or len(child) != 20:
+                    raise ValueError(f"unsafe entry {name!r}")
+                if mode not in (0o100644, 0o100755, 0o120000, MODE_DIR, _GITLINK):
+                    raise ValueError(f"unknown mode {mode:o}")
+                if mode != _GITLINK:
+                    out.append(child)
+            return out
     except (ValueError, IndexError) as exc:
         raise PackError(f"malformed {kind} {oid.hex()}: {exc}") from exc
+    return []
 
 
 def receive_pack(
     stream: BinaryIO, odb: ObjectStore, max_object: int = 1 << 30, max_total: int = 64 << 30
 ) -> ReceivedPack:
-    """Read a pack from ``stream``, verify everything, and store its objects.
+    """Read a pack from ``stream`` and verify every object; nothing is stored until the
+    caller publishes the returned :class:`ReceivedPack`.
 
     Raises PackError (nothing stored) on any problem. Objects are checked individually here;
-    whether the received history is complete is for the caller to check (it knows the refs).
+    whether the received history is complete is for the caller to check with
+    :meth:`ReceivedPack.missing_below` (it knows the refs).
     """
     with tempfile.TemporaryFile(dir=odb.tmp_dir if os.path.isdir(odb.tmp_dir) else None) as spool:
         digest = hashlib.sha1()
@@ -246,6 +298,9 @@ def receive_pack(
         reader = _Reader(spool, total - 20, odb, max_object)
         writer = PackWriter(odb)
         objects: dict[bytes, str] = {}
+        links: dict[bytes, list[bytes]] = {}
+        small: dict[bytes, bytes] = {}
+        kept = 0
         try:
             offset = 12
             for _ in range(count):
@@ -253,7 +308,11 @@ def receive_pack(
                     raise PackError("pack holds fewer objects than it declares")
                 kind, data, end = reader.entry(offset)
                 oid = hash_object(kind, data)
-                _check_well_formed(kind, data, oid)
+                if kind in ("commit", "tree"):
+                    links[oid] = _links(kind, data, oid)
+                if kind != "blob" or (len(data) <= _KEEP_SMALL and kept < _KEEP_BUDGET):
+                    small[oid] = data
+                    kept += len(data)
                 reader.by_oid[oid] = offset
                 objects[oid] = kind
                 if oid not in writer and not odb.exists(oid):
@@ -261,8 +320,7 @@ def receive_pack(
                 offset = end
             if offset != total - 20:
                 raise PackError("unexpected data after the last object")
-            name = writer.publish()
         except BaseException:
             writer.abort()
             raise
-    return ReceivedPack(objects, name)
+    return ReceivedPack(objects, links, small, writer)

@@ -45,6 +45,8 @@ def test_own_bundle_pack_round_trip(store: Store, workspace: Path, tmp_path: Pat
     other = _other_store(tmp_path)
     got = receive_pack(io.BytesIO(pack), other.odb)
     assert bytes.fromhex(snap.commit) in got.objects
+    assert got.missing_below([bytes.fromhex(snap.commit)], other.odb) == []
+    got.publish()
     other.refs.update("refs/narrative/x", bytes.fromhex(snap.commit))
     git("--git-dir", other.git_dir, "fsck", "--strict", "--no-dangling")
 
@@ -66,13 +68,16 @@ def test_git_deltas_and_thin_packs(tmp_path: Path) -> None:
     store = _other_store(tmp_path, "a")
     got = receive_pack(io.BytesIO(full), store.odb)
     assert bytes.fromhex(head) in got.objects and bytes.fromhex(base) in got.objects
+    got.publish()
     store.refs.update("refs/narrative/t", bytes.fromhex(head))
     git("--git-dir", store.git_dir, "fsck", "--strict", "--no-dangling")
     # a thin pack deltas against objects only the receiver has
     store2 = _other_store(tmp_path, "b")
-    receive_pack(io.BytesIO(_git_pack(repo / ".git", f"{base}\n")), store2.odb)
+    receive_pack(io.BytesIO(_git_pack(repo / ".git", f"{base}\n")), store2.odb).publish()
     thin = _git_pack(repo / ".git", f"{head}\n^{base}\n", "--thin")
-    receive_pack(io.BytesIO(thin), store2.odb)
+    partial = receive_pack(io.BytesIO(thin), store2.odb)
+    assert partial.missing_below([bytes.fromhex(head)], store2.odb) == []
+    partial.publish()
     store2.refs.update("refs/narrative/t", bytes.fromhex(head))
     git("--git-dir", store2.git_dir, "fsck", "--strict", "--no-dangling")
     # ... and is refused where the bases are missing

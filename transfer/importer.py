@@ -1,0 +1,229 @@
+"""``import``: take in a bundle or archive from any fsspec URL, verified before any ref moves.
+
+Order (what makes a refused import leave the store exactly as it was): read and check the whole
+artifact against its sha256 sidecar while parsing it; verify every object, that the history is
+complete (connected down to objects the store already has), that every thread ref names a
+snapshot of that thread, and that every record is valid — all before anything is published.
+Then the objects are published, records merged, and thread refs moved by compare-and-swap:
+fast-forwards move; a thread that moved on both sides keeps the local head and gets the
+incoming one under ``refs/narrative/remotes/<source>/threads/<id>``. Importing twice changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from fsspec.callbacks import Callback
+
+from narrative.commitmsg import is_snapshot_commit, snapshot_from_commit
+from narrative.errors import ConcurrentUpdate
+from narrative.objects import parse_commit
+from narrative.store import THREAD_REF_PREFIX, Store
+
+from . import fsio
+from .bundle import BUNDLE_SIGNATURE, BundleFormatError, read_bundle_header
+from .errors import InvalidArtifact
+from .packin import receive_pack
+from .records import BUNDLE_META_REF, merge_records, parse_records
+
+__all__ = ["ImportResult", "import_", "import_stream"]
+
+_REMOTE_PREFIX = "refs/narrative/remotes/"
+_GZIP = b"\x1f\x8b"
+_ZSTD = b"\x28\xb5\x2f\xfd"
+
+
+@dataclass
+class ImportResult:
+    """What an import changed."""
+
+    url: str
+    format: str
+    source: str
+    objects: int = 0
+    updated: dict[str, str] = field(default_factory=dict)
+    """thread id → new head commit (created or fast-forwarded)."""
+    unchanged: list[str] = field(default_factory=list)
+    diverged: dict[str, str] = field(default_factory=dict)
+    """thread id → ref where the incoming head was kept beside the local one."""
+    records: int = 0
+    conflicts: list[str] = field(default_factory=list)
+    snapshot: str | None = None
+
+
+def source_name(url: str) -> str:
+    """A ref-safe name for where an import came from."""
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "-", url.rstrip("/").rsplit("/", 1)[-1])[:40].strip("-.")
+    return f"{tail or 'import'}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
+
+
+def import_(
+    store: Store,
+    url: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    callback: Callback | None = None,
+    source: str | None = None,
+) -> ImportResult:
+    """Import the artifact at ``url`` (format detected from its content)."""
+    with fsio.open_verified(url, storage_options, callback=callback) as stream:
+        return import_stream(store, stream, url, source or source_name(url))
+
+
+class _Peek:
+    """A stream whose first bytes were looked at for format detection."""
+
+    def __init__(self, stream: BinaryIO, head: bytes) -> None:
+        self._stream = stream
+        self._head = head
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            if n < 0:
+                data, self._head = self._head + self._stream.read(), b""
+                return data
+            data, self._head = self._head[:n], self._head[n:]
+            if len(data) < n:
+                data += self._stream.read(n - len(data))
+            return data
+        return self._stream.read(n)
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = b""
+        while limit < 0 or len(line) < limit:
+            ch = self.read(1)
+            if not ch:
+                break
+            line += ch
+            if ch == b"\n":
+                break
+        return line
+
+
+def import_stream(store: Store, stream: BinaryIO, url: str, source: str) -> ImportResult:
+    """Import from an open stream (see :func:`import_`)."""
+    head = stream.read(len(BUNDLE_SIGNATURE))
+    peek: Any = _Peek(stream, head)
+    if head.startswith(BUNDLE_SIGNATURE[:12]):
+        return _import_bundle(store, peek, url, source)
+    if head.startswith((_GZIP, _ZSTD)):
+        return _import_archive(store, peek, url, source)
+    raise InvalidArtifact(f"{url} is neither a narrative bundle nor a narrative archive")
+
+
+def _is_ancestor(store: Store, ancestor: bytes, descendant: bytes, limit: int = 100_000) -> bool:
+    stack, seen = [descendant], set()
+    while stack and len(seen) < limit:
+        oid = stack.pop()
+        if oid == ancestor:
+            return True
+        if oid in seen:
+            continue
+        seen.add(oid)
+        stack.extend(parse_commit(store.odb.read(oid)[1]).parents)
+    return False
+
+
+def _import_bundle(store: Store, stream: Any, url: str, source: str) -> ImportResult:
+    header = read_bundle_header(stream)
+    for oid, comment in header.prerequisites.items():
+        if not store.odb.exists(oid):
+            raise InvalidArtifact(
+                f"{url} needs snapshot {comment or oid.hex()} ({oid.hex()[:12]}) which this "
+                "store does not have: import the earlier bundle first"
+            )
+    received = receive_pack(stream, store.odb)
+    try:
+        tail = stream.read(1)  # reaching EOF makes the verified reader check the sidecar
+        if tail:
+            raise InvalidArtifact(f"{url} has data after its pack")
+        missing = received.missing_below(list(header.refs.values()), store.odb)
+        if missing:
+            raise InvalidArtifact(
+                f"{url} is incomplete: object {missing[0].hex()} is neither in the bundle nor "
+                "in this store"
+            )
+        threads = _check_thread_refs(store, header.refs, received.small)
+        records: dict[str, Any] = {}
+        meta = header.refs.get(BUNDLE_META_REF)
+        if meta is not None:
+            commit = received.small.get(meta)
+            if commit is None:
+                raise InvalidArtifact(f"{url} names records it does not carry")
+
+            def read(oid: bytes) -> bytes | None:
+                if oid in received.small:
+                    return received.small[oid]
+                return store.odb.read(oid)[1] if store.odb.exists(oid) else None
+
+            records = parse_records(read, parse_commit(commit).tree)
+        known = set(records.get("threads", {})) | set(store.meta.ids("threads"))
+        unknown = sorted(set(threads) - known)
+        if unknown:
+            raise InvalidArtifact(f"{url} carries thread {unknown[0]} without its record")
+    except BaseException:
+        received.abort()
+        raise
+    received.publish()
+    result = ImportResult(url, "bundle", source, objects=len(received.objects))
+    result.records, result.conflicts = merge_records(store, records, source)
+    for thread_id, incoming in sorted(threads.items()):
+        _move_thread(store, thread_id, incoming, source, result)
+    return result
+
+
+def _check_thread_refs(
+    store: Store, refs: dict[str, bytes], small: dict[bytes, bytes]
+) -> dict[str, bytes]:
+    """Every ref besides the records must be a thread ref naming a snapshot of that thread."""
+    threads: dict[str, bytes] = {}
+    for name, oid in refs.items():
+        if name == BUNDLE_META_REF:
+            continue
+        if not name.startswith(THREAD_REF_PREFIX):
+            raise BundleFormatError(f"bundle ref {name} is not a thread ref")
+        thread_id = name[len(THREAD_REF_PREFIX) :]
+        data = small.get(oid)
+        if data is None:
+            data = store.odb.read(oid)[1]
+        commit = parse_commit(data)
+        if not is_snapshot_commit(commit):
+            raise InvalidArtifact(f"bundle ref {name} does not point at a snapshot")
+        snap = snapshot_from_commit(oid, commit, None)
+        if snap.thread != thread_id:
+            raise InvalidArtifact(f"bundle ref {name} points at a snapshot of {snap.thread}")
+        threads[thread_id] = oid
+    return threads
+
+
+def _move_thread(
+    store: Store, thread_id: str, incoming: bytes, source: str, result: ImportResult
+) -> None:
+    ref = store.thread_ref(thread_id)
+    for _attempt in range(20):
+        local = store.refs.read(ref)
+        if local == incoming or (local is not None and _is_ancestor(store, incoming, local)):
+            result.unchanged.append(thread_id)
+            return
+        if local is None or _is_ancestor(store, local, incoming):
+            try:
+                store.refs.update(ref, incoming, expected=local)
+            except ConcurrentUpdate:
+                continue
+            result.updated[thread_id] = incoming.hex()
+            return
+        side = f"{_REMOTE_PREFIX}{source}/threads/{thread_id}"
+        store.refs.update(side, incoming)
+        result.diverged[thread_id] = side
+        return
+    raise ConcurrentUpdate(f"thread {thread_id} keeps moving; import it again")
+
+
+def _import_archive(store: Store, stream: Any, url: str, source: str) -> ImportResult:
+    from .archive_import import import_archive_snapshot
+
+    return import_archive_snapshot(store, stream, url, source)
