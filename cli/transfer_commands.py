@@ -118,4 +118,117 @@ def import_cmd(ctx: click.Context, url: str, storage_pairs: tuple[str, ...], as_
     emit(as_json, asdict(result), human)
 
 
-COMMANDS = [export_cmd, import_cmd]
+@click.group()
+def remote() -> None:
+    """Manage remotes: fsspec directories of bundles shared by several stores."""
+
+
+@remote.command("add")
+@click.argument("name")
+@click.argument("url")
+@_storage_option
+@json_option
+@click.pass_context
+def remote_add(
+    ctx: click.Context, name: str, url: str, storage_pairs: tuple[str, ...], as_json: bool
+) -> None:
+    """Add a remote NAME at URL."""
+    from transfer.fsio import parse_storage_options
+    from transfer.remotes import add_remote
+
+    added = add_remote(open_store(ctx), name, url, parse_storage_options(storage_pairs))
+    emit(as_json, asdict(added), f"added remote {added.name} at {added.url}")
+
+
+@remote.command("list")
+@json_option
+@click.pass_context
+def remote_list(ctx: click.Context, as_json: bool) -> None:
+    """List remotes."""
+    from transfer.remotes import list_remotes
+
+    rows = [asdict(r) for r in list_remotes(open_store(ctx))]
+    emit(as_json, rows, lambda: "\n".join(f"{r['name']}  {r['url']}" for r in rows))
+
+
+@remote.command("remove")
+@click.argument("name")
+@json_option
+@click.pass_context
+def remote_remove(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Remove a remote and its remote-tracking refs (nothing on the remote is deleted)."""
+    from transfer.remotes import remove_remote
+
+    remove_remote(open_store(ctx), name)
+    emit(as_json, {"removed": name}, f"removed remote {name}")
+
+
+@click.command()
+@click.argument("name")
+@click.option("--thread", "threads", multiple=True, help="Thread to push (repeatable).")
+@_storage_option
+@json_option
+@click.pass_context
+def push(
+    ctx: click.Context,
+    name: str,
+    threads: tuple[str, ...],
+    storage_pairs: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Send what remote NAME lacks (one incremental bundle)."""
+    from transfer.remotes import push as push_threads
+
+    result = push_threads(
+        open_store(ctx), name, list(threads) or None, _storage_options(storage_pairs)
+    )
+    emit(
+        as_json,
+        asdict(result),
+        lambda: (
+            f"pushed {len(result.pushed)} threads to {name} ({result.size} bytes)"
+            if result.pushed
+            else f"{name} is up to date"
+        ),
+    )
+
+
+def _fetch(
+    ctx: click.Context, name: str, storage_pairs: tuple[str, ...], as_json: bool, move: bool
+) -> None:
+    from transfer.remotes import fetch as fetch_remote
+
+    results = fetch_remote(
+        open_store(ctx), name, move_threads=move, storage_options=_storage_options(storage_pairs)
+    )
+    for result in results:
+        for thread_id, ref in result.diverged.items():
+            note(
+                f"thread {thread_id} moved on both sides: the local head is kept, the "
+                f"incoming one is at {ref}"
+            )
+    data = [asdict(r) for r in results]
+    emit(as_json, data, f"imported {len(results)} bundles from {name}")
+
+
+@click.command()
+@click.argument("name")
+@_storage_option
+@json_option
+@click.pass_context
+def fetch(ctx: click.Context, name: str, storage_pairs: tuple[str, ...], as_json: bool) -> None:
+    """Import what remote NAME has and this store lacks; local threads stay put."""
+    _fetch(ctx, name, storage_pairs, as_json, move=False)
+
+
+@click.command()
+@click.argument("name")
+@_storage_option
+@json_option
+@click.pass_context
+def pull(ctx: click.Context, name: str, storage_pairs: tuple[str, ...], as_json: bool) -> None:
+    """Fetch from remote NAME and fast-forward local threads."""
+    _fetch(ctx, name, storage_pairs, as_json, move=True)
+
+
+COMMANDS = [export_cmd, import_cmd, remote, push, fetch, pull]

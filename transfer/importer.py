@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 from fsspec.callbacks import Callback
 
@@ -30,7 +30,7 @@ from .errors import InvalidArtifact
 from .packin import receive_pack
 from .records import BUNDLE_META_REF, merge_records, parse_records
 
-__all__ = ["ImportResult", "import_", "import_stream"]
+__all__ = ["ImportResult", "fast_forward", "import_", "import_stream", "is_ancestor"]
 
 _REMOTE_PREFIX = "refs/narrative/remotes/"
 _GZIP = b"\x1f\x8b"
@@ -74,10 +74,16 @@ def import_(
         return import_stream(store, stream, url, source or source_name(url))
 
 
+class Readable(Protocol):
+    """A binary stream to import from."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 class _Peek:
     """A stream whose first bytes were looked at for format detection."""
 
-    def __init__(self, stream: BinaryIO, head: bytes) -> None:
+    def __init__(self, stream: Readable, head: bytes) -> None:
         self._stream = stream
         self._head = head
 
@@ -104,19 +110,22 @@ class _Peek:
         return line
 
 
-def import_stream(store: Store, stream: BinaryIO, url: str, source: str) -> ImportResult:
-    """Import from an open stream (see :func:`import_`)."""
+def import_stream(
+    store: Store, stream: Readable, url: str, source: str, *, move_threads: bool = True
+) -> ImportResult:
+    """Import from an open stream (see :func:`import_`). Without ``move_threads`` only objects
+    and records are taken in (``fetch``); thread refs stay where they are."""
     head = stream.read(len(BUNDLE_SIGNATURE))
     peek: Any = _Peek(stream, head)
     if head.startswith(BUNDLE_SIGNATURE[:12]):
-        return _import_bundle(store, peek, url, source)
+        return _import_bundle(store, peek, url, source, move_threads)
     if head.startswith((_GZIP, _ZSTD)):
         return _import_archive(store, peek, url, source)
     raise InvalidArtifact(f"{url} is neither a narrative bundle nor a narrative archive")
 
 
-def _is_ancestor(store: Store, ancestor: bytes, descendant: bytes, limit: int = 100_000) -> bool:
-    stack, seen = [descendant], set()
+def is_ancestor(store: Store, ancestor: bytes, descendant: bytes, limit: int = 100_000) -> bool:
+    stack, seen = [descendant], set[bytes]()
     while stack and len(seen) < limit:
         oid = stack.pop()
         if oid == ancestor:
@@ -128,7 +137,9 @@ def _is_ancestor(store: Store, ancestor: bytes, descendant: bytes, limit: int = 
     return False
 
 
-def _import_bundle(store: Store, stream: Any, url: str, source: str) -> ImportResult:
+def _import_bundle(
+    store: Store, stream: Any, url: str, source: str, move_threads: bool
+) -> ImportResult:
     header = read_bundle_header(stream)
     for oid, comment in header.prerequisites.items():
         if not store.odb.exists(oid):
@@ -171,8 +182,10 @@ def _import_bundle(store: Store, stream: Any, url: str, source: str) -> ImportRe
     received.publish()
     result = ImportResult(url, "bundle", source, objects=len(received.objects))
     result.records, result.conflicts = merge_records(store, records, source)
-    for thread_id, incoming in sorted(threads.items()):
-        _move_thread(store, thread_id, incoming, source, result)
+    store.odb.invalidate()
+    if move_threads:
+        for thread_id, incoming in sorted(threads.items()):
+            fast_forward(store, thread_id, incoming, source, result)
     return result
 
 
@@ -200,16 +213,18 @@ def _check_thread_refs(
     return threads
 
 
-def _move_thread(
+def fast_forward(
     store: Store, thread_id: str, incoming: bytes, source: str, result: ImportResult
 ) -> None:
+    """Move a thread to ``incoming`` if that is a fast-forward; if both sides moved, keep the
+    local head and put the incoming one under ``refs/narrative/remotes/<source>/``."""
     ref = store.thread_ref(thread_id)
     for _attempt in range(20):
         local = store.refs.read(ref)
-        if local == incoming or (local is not None and _is_ancestor(store, incoming, local)):
+        if local == incoming or (local is not None and is_ancestor(store, incoming, local)):
             result.unchanged.append(thread_id)
             return
-        if local is None or _is_ancestor(store, local, incoming):
+        if local is None or is_ancestor(store, local, incoming):
             try:
                 store.refs.update(ref, incoming, expected=local)
             except ConcurrentUpdate:
