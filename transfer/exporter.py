@@ -137,7 +137,12 @@ def _export_archive(
     storage_options: dict[str, Any] | None,
     callback: Callback | None,
 ) -> ExportResult:
-    from .archive import write_archive
+    from importlib import import_module
+
+    try:
+        write_archive = import_module("transfer.archive").write_archive
+    except ModuleNotFoundError:
+        raise InvalidInput(f"the {fmt} format is not available in this build") from None
 
     if snapshot is not None:
         snap = resolve_snapshot(store, snapshot)

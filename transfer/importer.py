@@ -239,6 +239,11 @@ def fast_forward(
 
 
 def _import_archive(store: Store, stream: Any, url: str, source: str) -> ImportResult:
-    from .archive_import import import_archive_snapshot
+    from importlib import import_module
 
-    return import_archive_snapshot(store, stream, url, source)
+    try:
+        run = import_module("transfer.archive_import").import_archive_snapshot
+    except ModuleNotFoundError:
+        raise InvalidArtifact(f"{url} is an archive, not supported by this build") from None
+    result: ImportResult = run(store, stream, url, source)
+    return result
