@@ -1,3 +1,22 @@
-"""transfer package (see DESIGN.md §2); its features arrive with their issues."""
+"""Transfer: git bundles and tar archives over any fsspec URL, imports, and remotes.
 
-__all__: list[str] = []
+``transfer.export(store, url, ...)`` and ``transfer.import_(store, url, ...)`` mirror the CLI.
+"""
+
+from __future__ import annotations
+
+from .exporter import ExportResult, export
+from .importer import ImportResult, import_
+from .remotes import add_remote, fetch, list_remotes, push, remove_remote
+
+__all__ = [
+    "ExportResult",
+    "ImportResult",
+    "add_remote",
+    "export",
+    "fetch",
+    "import_",
+    "list_remotes",
+    "push",
+    "remove_remote",
+]
