@@ -3,9 +3,11 @@ between machines goes through here.
 
 Public functions take ``url: str, storage_options: dict | None`` and resolve them with
 :func:`fsspec.core.url_to_fs`, so plain paths, ``file://``, ``memory://``, ``s3://`` and
-chained URLs (``simplecache::s3://bucket/key``) all work. With a chained URL, top-level storage
-options go to the outermost layer (fsspec's rule); options for an inner layer are nested under
-its protocol, e.g. ``{"s3": {"key": ..., "client_kwargs": {...}}}``.
+chained URLs (``simplecache::s3://bucket/key``) all work. With a chained URL, options for a
+layer can be nested under its protocol (fsspec's rule), e.g.
+``{"s3": {"key": ..., "client_kwargs": {...}}, "cache_storage": "/tmp/c"}``; flat options that
+a caching layer does not take are passed on to the storage below it, so ``--storage-option
+key=...`` works the same with or without ``simplecache::``.
 
 Publication protocol
 --------------------
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -52,6 +55,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+import fsspec
 import fsspec.core
 from fsspec import AbstractFileSystem
 from fsspec.asyn import AsyncFileSystem
@@ -236,7 +240,36 @@ def resolve(
         raise InvalidInput(f"bad storage options for {shown}: {_describe(exc)}") from exc
     except OSError as exc:
         raise StorageError(shown, f"cannot open {shown}: {_describe(exc)}") from exc
+    rerouted = _route_to_target(fs, options)
+    if rerouted is not None:
+        return resolve(url, rerouted)
     return fs, str(path)
+
+
+def _route_to_target(fs: AbstractFileSystem, options: dict[str, Any]) -> dict[str, Any] | None:
+    """Options for a caching chain with flat storage options moved to the storage layer.
+
+    fsspec hands top-level options to the outermost layer, where a cache silently ignores
+    ``key``/``secret``/``client_kwargs``; credentials would then be dropped without a word.
+    Options the cache layer does not take go to the layer below it instead (merged under
+    explicit per-protocol ones). Returns None when nothing needs to move.
+    """
+    if not isinstance(fs, CachingFileSystem) or not options:
+        return None
+    own: set[str] = set()
+    for cls in type(fs).__mro__:  # subclasses pass most options up as **kwargs
+        init = vars(cls).get("__init__")
+        if issubclass(cls, CachingFileSystem) and callable(init):
+            params = inspect.signature(init).parameters.values()
+            own |= {p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    protocols = set(fsspec.available_protocols())
+    stray = {k: v for k, v in options.items() if k not in own and k not in protocols}
+    if not stray:
+        return None
+    target = _protocols(fs.fs)[0]
+    routed = {k: v for k, v in options.items() if k not in stray}
+    routed[target] = merge_storage_options(stray, options.get(target) or {})
+    return routed
 
 
 def _storage_fs(fs: AbstractFileSystem) -> AbstractFileSystem:
@@ -451,6 +484,19 @@ def _put_small(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         tmp = _tmp_path(path)
         fs.pipe_file(tmp, data)
         fs.mv(tmp, path)
+
+
+def _exists(fs: AbstractFileSystem, path: str) -> bool:
+    """Whether a file is at ``path``; backend failures raise rather than read as absent.
+
+    fsspec's own ``exists`` swallows every exception, so an unreachable endpoint or a
+    permission error would look like "no such artifact".
+    """
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return False
+    return not (isinstance(info, Mapping) and info.get("type") == "directory")
 
 
 def _rm_if_exists(fs: AbstractFileSystem, path: str) -> bool:
@@ -994,7 +1040,7 @@ def read_small(
             _fresh(fs, path)
             expected = _read_sidecar(fs, path, url)
             if expected is None:
-                if last or not fs.exists(path):
+                if last or not _exists(fs, path):
                     raise _not_published(url)
                 time.sleep(delay)
                 delay *= 2
@@ -1026,7 +1072,7 @@ def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, path = resolve(url, storage_options)
     with _translate(url, "checking"):
         _fresh(fs, path)
-        return bool(fs.exists(path + SIDECAR_SUFFIX)) and bool(fs.exists(path))
+        return _exists(fs, path + SIDECAR_SUFFIX) and _exists(fs, path)
 
 
 def list_dir(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -1081,8 +1127,8 @@ def remove(
         _fresh(fs, path)
         side = path + SIDECAR_SUFFIX
         # Ask first: an S3 DELETE of a missing key succeeds, so rm cannot tell us.
-        had_sidecar = bool(fs.exists(side))
-        had_data = bool(fs.exists(path))
+        had_sidecar = _exists(fs, side)
+        had_data = _exists(fs, path)
         if had_sidecar:
             _rm_if_exists(fs, side)
         if had_data:
@@ -1159,11 +1205,11 @@ class _StorageLock:
             return True
         if isinstance(fs, MemoryFileSystem):
             with _MEMORY_MUTEX:
-                if fs.exists(self.path):
+                if _exists(fs, self.path):
                     return False
                 fs.pipe_file(self.path, self.body)
             return True
-        if fs.exists(self.path):  # other backends: not atomic, see the class docstring
+        if _exists(fs, self.path):  # other backends: not atomic, see the class docstring
             return False
         fs.pipe_file(self.path, self.body)
         return self._owner() == self.token
