@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from fsspec.callbacks import Callback
 
@@ -137,12 +137,7 @@ def _export_archive(
     storage_options: dict[str, Any] | None,
     callback: Callback | None,
 ) -> ExportResult:
-    from importlib import import_module
-
-    try:
-        write_archive = import_module("transfer.archive").write_archive
-    except ModuleNotFoundError:
-        raise InvalidInput(f"the {fmt} format is not available in this build") from None
+    from .archive import write_archive
 
     if snapshot is not None:
         snap = resolve_snapshot(store, snapshot)
@@ -162,5 +157,5 @@ def _export_archive(
         "run": get_run(store, snap.run).to_dict() if snap.run else None,
     }
     with fsio.publish(url, storage_options, callback=callback) as out:
-        stats = write_archive(store, snap, out, fmt, records=records)
+        stats = write_archive(store, snap, cast(BinaryIO, out), fmt, records=records)
     return ExportResult(url, fmt, out.size, out.sha256, stats.files, snapshot=snap.id)

@@ -239,11 +239,6 @@ def fast_forward(
 
 
 def _import_archive(store: Store, stream: Any, url: str, source: str) -> ImportResult:
-    from importlib import import_module
+    from .archive_import import import_archive_snapshot
 
-    try:
-        run = import_module("transfer.archive_import").import_archive_snapshot
-    except ModuleNotFoundError:
-        raise InvalidArtifact(f"{url} is an archive, not supported by this build") from None
-    result: ImportResult = run(store, stream, url, source)
-    return result
+    return import_archive_snapshot(store, stream, url, source)

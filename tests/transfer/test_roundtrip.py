@@ -174,3 +174,30 @@ def test_hostile_bundles_are_refused_and_change_nothing(
     bare = tmp_path / "bare.bundle"
     bare.write_bytes(good.read_bytes())
     refused(bare, "(?i)not published|sidecar|not found")
+
+
+@pytest.mark.parametrize("fmt", ["tar.gz", "tar.zst"])
+def test_archive_round_trip_recreates_the_snapshot(
+    backend: Backend, store: Store, workspace: Path, tmp_path: Path, fmt: str
+) -> None:
+    (workspace / "bin").mkdir()
+    (workspace / "bin" / "tool").write_text("#!/bin/sh\n")
+    (workspace / "bin" / "tool").chmod(0o755)
+    (workspace / "alias").symlink_to("README.md")
+    run = start_run(store, store.config.default_thread, agent="claude")
+    snap = take_snapshot(store, run_id=run.id, message="archived").snapshot
+    url = backend.url(f"snap.{fmt}")
+    result = export(store, url, fmt=fmt, storage_options=backend.options)
+    assert result.snapshot == snap.id and result.sha256
+
+    other = _second_store(tmp_path)
+    imported = import_(other, url, storage_options=backend.options)
+    assert imported.format == "archive" and imported.snapshot == snap.id
+    got = next(s for s in all_snapshots(other) if s.id == snap.id)
+    assert got.tree == snap.tree and got.run == run.id and got.message == "archived"
+    assert any(r.id == run.id for r in list_runs(other))
+    git("--git-dir", other.git_dir, "fsck", "--strict", "--no-dangling")
+    before = _digest(_store_state(other))
+    again = import_(other, url, storage_options=backend.options)
+    assert again.updated == {}
+    assert _digest(_store_state(other)) == before
