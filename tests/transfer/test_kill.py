@@ -58,7 +58,6 @@ def test_kill_during_export_and_import(tmp_path: Path) -> None:
                 fsio.verify(url)
             else:
                 assert not (out / f"x{i}.bundle").exists(), "partial artifact under final name"
-            )
     good = str(out / "good.bundle")
     cli.run("export", good)
     for _ in range(4):
