@@ -149,6 +149,8 @@ def _export_archive(
         )
         if len(picked) != 1:
             raise InvalidInput("an archive holds one snapshot: name it with --snapshot")
+        if picked[0] not in store.thread_heads():
+            raise InvalidInput(f"thread {picked[0]} has no snapshots: name one with --snapshot")
         snap = resolve_snapshot(store, picked[0])
     thread = get_thread(store, snap.thread)
     records: dict[str, Any] = {
