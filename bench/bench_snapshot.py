@@ -33,8 +33,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,104 +42,17 @@ from pathlib import Path
 from typing import Any
 
 import workspace
+from common import MIB, RESULTS_DIR, Sample, SideError, SideStats, isolated_env, log, run
+from common import check as _check
+from common import cpu_model as _cpu_model
+from common import fmt as _fmt
+from common import git_version as _git_version
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-MIB = 1024 * 1024
 RSS_TARGET_MB = 300.0
 FIXED_DATE = "1704067200 +0000"  # 2024-01-01T00:00:00Z
 
 
 # --------------------------------------------------------------------------- processes
-
-
-@dataclass
-class Proc:
-    """One finished child process."""
-
-    argv: list[str]
-    rc: int
-    seconds: float
-    maxrss_kib: int
-    stdout: str
-    stderr: str
-
-
-class SideError(RuntimeError):
-    """A command of one side failed; carries a short description."""
-
-
-# Peak RSS needs a small parent: on Linux a child's ru_maxrss starts at the RSS of the process
-# it was forked from (exec records the old mm's high-water mark), so forking straight from this
-# process (hundreds of MB after generating the workspace) would inflate every figure. This tiny
-# launcher (~7 MB) forks/execs the command, times it and reports wait4's rusage; the timing thus
-# excludes the launcher's own start-up and covers fork, exec and wait only.
-_LAUNCHER = r"""
-import os, sys, time
-out, argv = sys.argv[1], sys.argv[2:]
-t0 = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execvp(argv[0], argv)
-    except OSError as exc:
-        os.write(2, f"launcher: cannot run {argv[0]}: {exc}\n".encode())
-    os._exit(127)
-_, status, ru = os.wait4(pid, 0)
-dt = time.perf_counter() - t0
-with open(out, "w") as f:
-    f.write(f"{os.waitstatus_to_exitcode(status)} {dt!r} {ru.ru_maxrss}\n")
-"""
-
-
-def run(argv: list[str], *, env: dict[str, str], cwd: Path) -> Proc:
-    """Run ``argv``; wall time and peak RSS (``ru_maxrss`` from ``wait4``, KiB on Linux).
-
-    The peak covers the process and every descendant it waited for. Output goes to temp files
-    (not pipes) so a chatty child can never block.
-    """
-    argv = [str(a) for a in argv]
-    with (
-        tempfile.TemporaryFile() as out,
-        tempfile.TemporaryFile() as err,
-        tempfile.NamedTemporaryFile("r", suffix=".rusage") as res,
-    ):
-        p = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _LAUNCHER, res.name, *argv],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-        )
-        p.wait()
-        out.seek(0)
-        err.seek(0)
-        stdout = out.read().decode(errors="replace")
-        stderr = err.read().decode(errors="replace")
-        fields = res.read().split()
-        if p.returncode != 0 or len(fields) != 3:
-            raise SideError(f"launcher failed ({p.returncode}) for {argv}: {stderr[-500:]}")
-        return Proc(
-            argv=argv,
-            rc=int(fields[0]),
-            seconds=float(fields[1]),
-            maxrss_kib=int(fields[2]),
-            stdout=stdout,
-            stderr=stderr,
-        )
-
-
-def _check(p: Proc) -> Proc:
-    if p.rc != 0:
-        tail = (p.stderr.strip() or p.stdout.strip())[-1500:]
-        raise SideError(f"`{' '.join(p.argv)}` exited {p.rc}: {tail}")
-    return p
-
-
-@dataclass
-class Sample:
-    seconds: float
-    maxrss_kib: int
 
 
 @dataclass
@@ -152,22 +63,6 @@ class SnapResult:
     snapshot_id: str | None = None
     #: Extra fields ours reported (``created``, ``stats``), kept in the JSON results.
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def isolated_env(home: Path) -> dict[str, str]:
-    """Inherited env minus GIT_* and NARRATIVE_* variables; private HOME, no git config."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "NARRATIVE_"))}
-    env.update(
-        HOME=str(home),
-        XDG_CONFIG_HOME=str(home / ".config"),
-        XDG_CACHE_HOME=str(home / ".cache"),
-        XDG_DATA_HOME=str(home / ".local" / "share"),
-        GIT_CONFIG_NOSYSTEM="1",
-        GIT_CONFIG_GLOBAL="/dev/null",
-        NO_COLOR="1",
-        LC_ALL="C",
-    )
-    return env
 
 
 # --------------------------------------------------------------------------- the two sides
@@ -306,25 +201,6 @@ class Anchor:
 
 
 @dataclass
-class SideStats:
-    seconds: list[float] = field(default_factory=list)
-    maxrss_kib: list[int] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-    def add(self, s: Sample) -> None:
-        self.seconds.append(s.seconds)
-        self.maxrss_kib.append(s.maxrss_kib)
-
-    @property
-    def median(self) -> float | None:
-        return statistics.median(self.seconds) if self.seconds else None
-
-    @property
-    def peak_mb(self) -> float | None:
-        return max(self.maxrss_kib) / 1024 if self.maxrss_kib else None
-
-
-@dataclass
 class Scenario:
     key: str
     label: str
@@ -368,10 +244,6 @@ SCENARIOS: dict[str, tuple[str, float]] = {
     "thousand": ("1,000-file change", 1.0),
     "restore": ("restore --to (empty dir)", 1.0),
 }
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 class Bench:
@@ -515,10 +387,6 @@ class Bench:
 # --------------------------------------------------------------------------- report
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "—" if x is None else format(x, spec)
-
-
 def render(bench: Bench, header: str) -> str:
     anchor_only = bench.ours is None
     lines = [
@@ -545,23 +413,6 @@ def render(bench: Bench, header: str) -> str:
         lines.extend(f"**ERROR** {sc.label}: ours: {e}" for e in sc.ours.errors[:2])
         lines.extend(f"**ERROR** {sc.label}: anchor: {e}" for e in sc.anchor.errors[:2])
     return "\n".join(lines)
-
-
-def _git_version(env: dict[str, str]) -> str:
-    try:
-        return run(["git", "--version"], env=env, cwd=Path.cwd()).stdout.strip()
-    except OSError:
-        return "git not found"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # --------------------------------------------------------------------------- main

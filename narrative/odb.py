@@ -111,6 +111,36 @@ class PackWriter:
             self._entries[oid] = (self._offset, crc)
             self._offset += length
 
+    def read_pending(self, oid: bytes) -> tuple[str, bytes] | None:
+        """An object written to this (unpublished) pack, read back; None if not in it."""
+        with self._lock:
+            found = self._entries.get(oid)
+            if found is None:
+                return None
+            self._file.flush()
+            self._file.seek(found[0])
+            head = self._file.read(32)
+            byte = head[0]
+            code, size, shift, pos = (byte >> 4) & 7, byte & 15, 4, 0
+            while byte & 0x80:
+                pos += 1
+                byte = head[pos]
+                size |= (byte & 0x7F) << shift
+                shift += 7
+            self._file.seek(found[0] + pos + 1)
+            dec = zlib.decompressobj()
+            parts = []
+            while not dec.eof:
+                chunk = self._file.read(1 << 20)
+                if not chunk:
+                    break
+                parts.append(dec.decompress(chunk))
+            self._file.seek(0, os.SEEK_END)
+        data = b"".join(parts)
+        if len(data) != size:
+            raise StoreCorrupted(f"pending object {oid.hex()} is damaged")
+        return _CODE_TYPES[code], data
+
     def add_raw(self, kind: str, data: bytes, dedupe: bool = True) -> bytes:
         """Hash, deflate and append an object given as raw content; returns its oid.
 

@@ -169,6 +169,9 @@ def _import_bundle(
             def read(oid: bytes) -> bytes | None:
                 if oid in received.small:
                     return received.small[oid]
+                pending = received.writer.read_pending(oid)
+                if pending is not None:
+                    return pending[1]
                 return store.odb.read(oid)[1] if store.odb.exists(oid) else None
 
             records = parse_records(read, parse_commit(commit).tree)

@@ -269,12 +269,13 @@ def fetch(
     store.odb.invalidate()
     _track(store, name, {k: bytes.fromhex(v) for k, v in index["heads"].items()})
     if move_threads:
+        # threads whose objects were already here (no bundle imported for them) still move
+        done = {t for r in results for t in (*r.updated, *r.unchanged, *r.diverged)}
+        rest = ImportResult(remote.url, "bundle", name)
         for ref, oid in index["heads"].items():
-            fast_forward(
-                store,
-                ref[len(THREAD_REF_PREFIX) :],
-                bytes.fromhex(oid),
-                name,
-                results[-1] if results else ImportResult(remote.url, "bundle", name),
-            )
+            thread_id = ref[len(THREAD_REF_PREFIX) :]
+            if thread_id not in done:
+                fast_forward(store, thread_id, bytes.fromhex(oid), name, rest)
+        if rest.updated or rest.unchanged or rest.diverged:
+            results.append(rest)
     return results

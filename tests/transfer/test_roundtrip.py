@@ -201,3 +201,21 @@ def test_archive_round_trip_recreates_the_snapshot(
     again = import_(other, url, storage_options=backend.options)
     assert again.updated == {}
     assert _digest(_store_state(other)) == before
+
+
+def test_records_survive_a_pack_bigger_than_the_in_memory_budget(
+    store: Store, workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transfer import packin
+
+    monkeypatch.setattr(packin, "_KEEP_BUDGET", 10_000)  # as if the pack were huge
+    for i in range(20):
+        (workspace / f"blob{i}.bin").write_bytes(os.urandom(3000))
+    run = start_run(store, store.config.default_thread)
+    take_snapshot(store, run_id=run.id)
+    url = str(tmp_path / "big.bundle")
+    export(store, url)
+    other = _second_store(tmp_path)
+    result = import_(other, url)
+    assert result.records >= 3
+    assert any(r.id == run.id for r in list_runs(other))
