@@ -26,7 +26,14 @@ from .errors import StoreCorrupted
 from .fsutil import fsync_dir, unlink_quiet
 from .objects import hash_object, object_header
 
-__all__ = ["TYPE_CODES", "ObjectStore", "PackWriter", "deflate", "pack_object_header"]
+__all__ = [
+    "TYPE_CODES",
+    "ObjectStore",
+    "PackWriter",
+    "deflate",
+    "pack_entry_header",
+    "pack_object_header",
+]
 
 TYPE_CODES = {"commit": 1, "tree": 2, "blob": 3, "tag": 4}
 _CODE_TYPES = {v: k for k, v in TYPE_CODES.items()}
@@ -44,10 +51,11 @@ def deflate(data: bytes | memoryview) -> bytes:
 
 def pack_object_header(kind: str, size: int) -> bytes:
     """The type-and-size header that starts a pack entry."""
-    return _pack_object_header(TYPE_CODES[kind], size)
+    return pack_entry_header(TYPE_CODES[kind], size)
 
 
-def _pack_object_header(code: int, size: int) -> bytes:
+def pack_entry_header(code: int, size: int) -> bytes:
+    """Pack entry header for a type code (1-4 objects, 6/7 deltas) and inflated size."""
     out = bytearray()
     byte = (code << 4) | (size & 15)
     size >>= 4
@@ -85,7 +93,7 @@ class PackWriter:
 
     def add(self, kind: str, oid: bytes, size: int, deflated: bytes) -> None:
         """Append one object whose zlib stream is ``deflated``; duplicates are dropped."""
-        header = _pack_object_header(TYPE_CODES[kind], size)
+        header = pack_entry_header(TYPE_CODES[kind], size)
         crc = zlib.crc32(deflated, zlib.crc32(header))
         with self._lock:
             if oid in self._entries:
@@ -97,7 +105,7 @@ class PackWriter:
 
     def add_stream(self, kind: str, oid: bytes, size: int, deflated: IO[bytes]) -> None:
         """Like :meth:`add`, copying the zlib stream from a file object (large blobs)."""
-        header = _pack_object_header(TYPE_CODES[kind], size)
+        header = pack_entry_header(TYPE_CODES[kind], size)
         with self._lock:
             if oid in self._entries:
                 return

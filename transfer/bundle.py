@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from narrative.objects import MODE_DIR, hash_object, parse_commit, parse_tree
-from narrative.odb import ObjectStore, deflate, pack_object_header
+from narrative.odb import ObjectStore, deflate, pack_entry_header, pack_object_header
 
 from .errors import InvalidArtifact
 
@@ -55,9 +56,17 @@ def _tree_entries(odb: ObjectStore, oid: bytes | None) -> dict[bytes, tuple[int,
 
 
 def _new_tree_objects(
-    odb: ObjectStore, new: bytes, old: bytes | None, out: dict[bytes, None]
+    odb: ObjectStore,
+    new: bytes,
+    old: bytes | None,
+    out: dict[bytes, None],
+    bases: dict[bytes, bytes] | None,
 ) -> None:
-    """Add ``new`` and everything below it that is not also in ``old`` at the same place."""
+    """Add ``new`` and everything below it that is not also in ``old`` at the same place.
+
+    With ``bases`` (the old tree is known to the receiver), a changed file's previous blob is
+    remembered as a delta base for it.
+    """
     if new == old or new in out:
         return
     out[new] = None
@@ -68,16 +77,24 @@ def _new_tree_objects(
             continue
         if mode == MODE_DIR:
             old_sub = prev[1] if prev is not None and prev[0] == MODE_DIR else None
-            _new_tree_objects(odb, oid, old_sub, out)
+            _new_tree_objects(odb, oid, old_sub, out, bases)
         elif mode != _GITLINK:
             out.setdefault(oid, None)
+            if bases is not None and prev is not None and prev[0] == mode:
+                bases.setdefault(oid, prev[1])
 
 
-def collect_objects(odb: ObjectStore, tips: Iterable[bytes], haves: Iterable[bytes]) -> list[bytes]:
+def collect_objects(
+    odb: ObjectStore,
+    tips: Iterable[bytes],
+    haves: Iterable[bytes],
+    bases: dict[bytes, bytes] | None = None,
+) -> list[bytes]:
     """Every object reachable from ``tips`` and not from ``haves`` (commits the receiver has).
 
     Trees are diffed against the first parent's tree; a blob that moved between directories may
-    be sent again, which the receiver tolerates (it already holds it).
+    be sent again, which the receiver tolerates (it already holds it). When ``bases`` is given,
+    it is filled with new blob → previous version, for commits whose parent the receiver has.
     """
     have = set(haves)
     out: dict[bytes, None] = {}
@@ -96,15 +113,87 @@ def collect_objects(odb: ObjectStore, tips: Iterable[bytes], haves: Iterable[byt
         parent_tree = None
         if commit.parents:
             parent_tree = parse_commit(odb.read(commit.parents[0])[1]).tree
-        _new_tree_objects(odb, commit.tree, parent_tree, out)
+        known = bases if commit.parents and commit.parents[0] in have else None
+        _new_tree_objects(odb, commit.tree, parent_tree, out, known)
         stack.extend(commit.parents)
     return list(out)
+
+
+_DELTA_MIN = 1024
+_COPY_MAX = 0x10000
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _copy_op(offset: int, size: int) -> bytes:
+    op = 0x80
+    args = bytearray()
+    for i in range(4):
+        byte = (offset >> (8 * i)) & 0xFF
+        if byte:
+            op |= 1 << i
+            args.append(byte)
+    for i in range(2):
+        byte = (size >> (8 * i)) & 0xFF
+        if byte:
+            op |= 0x10 << i
+            args.append(byte)
+    return bytes([op]) + bytes(args)
+
+
+def prefix_suffix_delta(base: bytes, target: bytes) -> bytes:
+    """A git delta turning ``base`` into ``target``: copy the common prefix and suffix, insert
+    the middle. Cheap, and exact for the usual edit: a few changed lines in a big file."""
+    limit = min(len(base), len(target))
+    prefix = 0
+    while prefix < limit and base[prefix] == target[prefix]:
+        prefix += 1
+    suffix = 0
+    while (
+        suffix < limit - prefix and base[len(base) - 1 - suffix] == target[len(target) - 1 - suffix]
+    ):
+        suffix += 1
+    ops = bytearray(_varint(len(base)) + _varint(len(target)))
+    for start in range(0, prefix, _COPY_MAX):
+        ops += _copy_op(start, min(_COPY_MAX, prefix - start))
+    middle = target[prefix : len(target) - suffix]
+    for start in range(0, len(middle), 127):
+        chunk = middle[start : start + 127]
+        ops += bytes([len(chunk)]) + chunk
+    tail = len(base) - suffix
+    for start in range(0, suffix, _COPY_MAX):
+        size = min(_COPY_MAX, suffix - start)
+        ops += _copy_op(tail + start, size)
+    return bytes(ops)
 
 
 class Sink(Protocol):
     """Anything bytes can be written to (a file, an fsspec publish stream)."""
 
     def write(self, data: bytes, /) -> object: ...
+
+
+def _delta_entry(odb: ObjectStore, oid: bytes, base_oid: bytes) -> bytes | None:
+    """A REF_DELTA pack entry for ``oid`` against ``base_oid`` (which the receiver holds),
+    or None when a delta would not pay."""
+    _kind, target = odb.read(oid)
+    if len(target) < _DELTA_MIN:
+        return None
+    _base_kind, base = odb.read(base_oid)
+    delta = prefix_suffix_delta(base, target)
+    if len(delta) > len(target) // 2:
+        return None
+    return pack_entry_header(7, len(delta)) + base_oid + zlib.compress(delta, 6)
 
 
 class _HashingWriter:
@@ -134,7 +223,8 @@ def write_bundle(
     prerequisites = prerequisites or {}
     in_memory = {hash_object(kind, data): (kind, data) for kind, data in extra or []}
     tips = [oid for oid in refs.values() if oid not in in_memory]
-    objects = collect_objects(odb, tips, prerequisites)
+    bases: dict[bytes, bytes] = {}
+    objects = collect_objects(odb, tips, prerequisites, bases)
     objects += [oid for oid in in_memory if oid not in set(objects)]
     header = bytearray(BUNDLE_SIGNATURE)
     for oid, comment in sorted(prerequisites.items()):
@@ -146,6 +236,12 @@ def write_bundle(
     pack = _HashingWriter(out)
     pack.write(b"PACK" + struct.pack(">II", 2, len(objects)))
     for oid in objects:
+        base = bases.get(oid)
+        if base is not None:
+            entry = _delta_entry(odb, oid, base)
+            if entry is not None:
+                pack.write(entry)
+                continue
         entry = None if oid in in_memory else odb.raw_entry(oid)
         if entry is None:
             kind, data = in_memory[oid] if oid in in_memory else odb.read(oid)
