@@ -139,6 +139,10 @@ class _Reader:
             raise PackError("object is shorter than its declared size")
         return b"".join(parts), offset + consumed
 
+    def is_whole(self, offset: int) -> bool:
+        """Whether the entry at ``offset`` is a whole object (not a delta)."""
+        return self._header(offset)[0] in _TYPES
+
     def entry(self, offset: int, depth: int = 0) -> tuple[str, bytes, int]:
         """(type, content, end offset) of the object at ``offset``, deltas resolved."""
         if depth > 64:
@@ -316,7 +320,12 @@ def receive_pack(
                 reader.by_oid[oid] = offset
                 objects[oid] = kind
                 if oid not in writer and not odb.exists(oid):
-                    writer.add(kind, oid, len(data), deflate(data))
+                    if reader.is_whole(offset):
+                        # stored whole and verified: copy the entry as it is, no recompression
+                        spool.seek(offset)
+                        writer.add_entry(oid, spool.read(end - offset))
+                    else:
+                        writer.add(kind, oid, len(data), deflate(data))
                 offset = end
             if offset != total - 20:
                 raise PackError("unexpected data after the last object")
