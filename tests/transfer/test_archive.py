@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import tarfile
@@ -40,6 +41,12 @@ from transfer.errors import InvalidArtifact
 from ..conftest import git, tree_bytes
 
 FORMATS = pytest.mark.parametrize("fmt", ARCHIVE_FORMATS)
+
+
+def _noise(size: int) -> bytes:
+    """Incompressible bytes, the same on every run: corruption tests must not depend on luck
+    (a flipped bit must hit the same place in the same data every time)."""
+    return random.Random(size).randbytes(size)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -96,7 +103,7 @@ def rich_workspace(workspace: Path) -> Path:
     (workspace / "a" / "up").symlink_to("../README.md")
     (workspace / "empty").write_bytes(b"")
     (workspace / "ünïcödé ✓.txt").write_text("unicode\n")
-    (workspace / "big.bin").write_bytes(os.urandom(9 << 20))
+    (workspace / "big.bin").write_bytes(_noise(9 << 20))
     text = "".join(f"line {i} of a compressible text file\n" for i in range(40_000))
     (workspace / "a" / "text.log").write_text(text)
     return workspace
@@ -209,7 +216,7 @@ def test_export_is_deterministic(
 
 
 def test_incompressible_pieces_are_stored(store: Store, workspace: Path) -> None:
-    (workspace / "noise.bin").write_bytes(os.urandom(6 << 20))
+    (workspace / "noise.bin").write_bytes(_noise(6 << 20))
     snap = take_snapshot(store).snapshot
     data = _export(store, snap, "tar.gz")
     assert len(data) < (6 << 20) * 1.01  # stored blocks, not a deflate that grows the data
@@ -236,7 +243,7 @@ def test_tar_headers_match_tarfile() -> None:
 
 @FORMATS
 def test_memory_stays_flat(store: Store, workspace: Path, tmp_path: Path, fmt: str) -> None:
-    (workspace / "huge.bin").write_bytes(os.urandom(40 << 20))
+    (workspace / "huge.bin").write_bytes(_noise(40 << 20))
     snap = take_snapshot(store).snapshot
     path = tmp_path / f"huge.{fmt}"
     for spool in (True, False):
@@ -720,7 +727,7 @@ def test_hostile_zstd_variants(target: Store, fmt: str) -> None:
 
 @FORMATS
 def test_corrupted_data_is_refused(target: Store, fmt: str) -> None:
-    files = GOOD_FILES | {"noise.bin": ("100644", os.urandom(200_000))}
+    files = GOOD_FILES | {"noise.bin": ("100644", _noise(200_000))}
     data = _archive(files=files, fmt=fmt)
     read_archive(io.BytesIO(data), _other_store(Path(target.workspace).parent, "sanity"))
     for pos in (20, len(data) // 4, len(data) // 2, (3 * len(data)) // 4, len(data) - 12):
@@ -737,7 +744,7 @@ def test_truncated_stream_is_refused(target: Store, fmt: str) -> None:
 
 
 def test_own_archive_truncated_or_flipped(store: Store, workspace: Path, tmp_path: Path) -> None:
-    (workspace / "noise.bin").write_bytes(os.urandom(3 << 20))
+    (workspace / "noise.bin").write_bytes(_noise(3 << 20))
     snap = take_snapshot(store).snapshot
     other = _other_store(tmp_path)
     for fmt in ARCHIVE_FORMATS:
