@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench bench-quick clean
+.PHONY: demo test lint bench bench-quick bench-transfer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench: $(STAMP)  ## full benchmarks (50,000 files / 1 GB; takes a while)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/bench_snapshot.py --quick
+
+bench-transfer: $(STAMP)  ## export/import/remote benchmarks (add ARGS=--quick for a smoke run)
+	$(BIN)/python bench/bench_transfer.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
