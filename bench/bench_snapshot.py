@@ -42,7 +42,17 @@ from pathlib import Path
 from typing import Any
 
 import workspace
-from common import MIB, RESULTS_DIR, Sample, SideError, SideStats, isolated_env, log, run
+from common import (
+    MIB,
+    RESULTS_DIR,
+    Sample,
+    SideError,
+    SideStats,
+    isolated_env,
+    log,
+    parse_bench_args,
+    run,
+)
 from common import check as _check
 from common import cpu_model as _cpu_model
 from common import fmt as _fmt
@@ -418,50 +428,17 @@ def render(bench: Bench, header: str) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description="Snapshot engine benchmark: narrative CLI vs stock git (ratios, peak RSS)."
-    )
-    ap.add_argument("--files", type=int, help=f"files (default {workspace.DEFAULT_FILES:,})")
-    ap.add_argument("--size-mb", type=float, help=f"MiB (default {workspace.DEFAULT_SIZE_MB})")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 5,000 files / 100 MiB")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions per scenario (default 3)")
-    ap.add_argument("--seed", type=int, default=workspace.DEFAULT_SEED)
-    ap.add_argument(
-        "--scenarios",
-        default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {','.join(SCENARIOS)}",
-    )
+def _snapshot_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--anchor-only", action="store_true", help="run only the git anchor")
-    ap.add_argument(
-        "--narrative",
-        type=Path,
-        default=Path(sys.executable).parent / "narrative",
-        help="our CLI (default: next to this Python)",
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parse_bench_args(
+        argv,
+        "Snapshot engine benchmark: narrative CLI vs stock git (ratios, peak RSS).",
+        SCENARIOS,
+        _snapshot_options,
     )
-    ap.add_argument(
-        "--workdir",
-        type=Path,
-        help="empty or absent dir to build in, kept afterwards (default: a temp dir, removed)",
-    )
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--json-out", type=Path, help="results file (default bench/results/...)")
-    args = ap.parse_args(argv)
-    if args.files is None:
-        args.files = 5000 if args.quick else workspace.DEFAULT_FILES
-    if args.size_mb is None:
-        args.size_mb = 100.0 if args.quick else float(workspace.DEFAULT_SIZE_MB)
-    args.scenario_keys = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = [s for s in args.scenario_keys if s not in SCENARIOS]
-    if unknown:
-        ap.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
-    if args.reps < 1:
-        ap.error("--reps must be >= 1")
-    if args.workdir is not None:
-        if args.workdir.exists() and any(args.workdir.iterdir()):
-            ap.error(f"--workdir {args.workdir} is not empty")
-        args.keep = True  # never delete a directory the user named
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,12 +5,14 @@ statistics, and small reporting utilities.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,3 +176,55 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def parse_bench_args(
+    argv: list[str] | None,
+    description: str,
+    scenarios: Iterable[str],
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The options every benchmark takes (size, reps, scenarios, work dir), validated."""
+    import workspace
+
+    names = list(scenarios)
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--files", type=int, help=f"files (default {workspace.DEFAULT_FILES:,})")
+    ap.add_argument("--size-mb", type=float, help=f"MiB (default {workspace.DEFAULT_SIZE_MB})")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 5,000 files / 100 MiB")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per scenario (default 3)")
+    ap.add_argument("--seed", type=int, default=workspace.DEFAULT_SEED)
+    ap.add_argument(
+        "--scenarios", default=",".join(names), help=f"comma-separated subset of {','.join(names)}"
+    )
+    if extra is not None:
+        extra(ap)
+    ap.add_argument(
+        "--narrative",
+        type=Path,
+        default=Path(sys.executable).parent / "narrative",
+        help="our CLI (default: next to this Python)",
+    )
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        help="empty or absent dir to build in, kept afterwards (default: a temp dir, removed)",
+    )
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--json-out", type=Path, help="results file (default bench/results/...)")
+    args = ap.parse_args(argv)
+    if args.files is None:
+        args.files = 5000 if args.quick else workspace.DEFAULT_FILES
+    if args.size_mb is None:
+        args.size_mb = 100.0 if args.quick else float(workspace.DEFAULT_SIZE_MB)
+    args.scenario_keys = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in args.scenario_keys if s not in names]
+    if unknown:
+        ap.error(f"unknown scenario(s) {unknown}; choose from {names}")
+    if args.reps < 1:
+        ap.error("--reps must be >= 1")
+    if args.workdir is not None:
+        if args.workdir.exists() and any(args.workdir.iterdir()):
+            ap.error(f"--workdir {args.workdir} is not empty")
+        args.keep = True  # never delete a directory the user named
+    return args
