@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -44,7 +43,6 @@ from typing import Any
 import workspace
 from common import (
     MIB,
-    RESULTS_DIR,
     Sample,
     SideError,
     SideStats,
@@ -52,6 +50,7 @@ from common import (
     log,
     parse_bench_args,
     run,
+    write_results,
 )
 from common import check as _check
 from common import cpu_model as _cpu_model
@@ -488,50 +487,35 @@ def main(argv: list[str] | None = None) -> int:
         report = render(bench, header)
         print(report, flush=True)
 
-        out = args.json_out or RESULTS_DIR / time.strftime("snapshot-%Y%m%d-%H%M%S.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        doc: dict[str, Any] = {
-            "benchmark": "snapshot",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "args": {
-                k: (str(v) if isinstance(v, Path) else v)
-                for k, v in vars(args).items()
-                if k != "scenario_keys"
+        out = write_results(
+            "snapshot",
+            args,
+            info,
+            total,
+            {"git": git_version, "ours": ours_version},
+            {
+                "warmup_mismatch": bench.warmup_mismatch,
+                "warmup_errors": bench.warmup_errors,
+                "scenarios": {
+                    key: {
+                        "label": sc.label,
+                        "target_ratio": sc.target,
+                        "ratio": sc.ratio,
+                        "status": sc.status(bench.ours is None),
+                        "order": sc.order,
+                        "mismatches": sc.mismatches,
+                        "notes": sc.notes,
+                        "ours_reported": sc.ours_reported,
+                        "ours": asdict(sc.ours)
+                        | {"median": sc.ours.median, "peak_mb": sc.ours.peak_mb},
+                        "anchor": asdict(sc.anchor)
+                        | {"median": sc.anchor.median, "peak_mb": sc.anchor.peak_mb},
+                    }
+                    for key, sc in bench.results.items()
+                },
+                "rss_target_mb": RSS_TARGET_MB,
             },
-            "machine": {
-                "cpus": os.cpu_count(),
-                "cpu": _cpu_model(),
-                "python": sys.version.split()[0],
-                "platform": platform.platform(),
-                "git": git_version,
-                "ours": ours_version,
-            },
-            "workspace": {
-                k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(info).items()
-            },
-            "total_seconds": total,
-            "warmup_mismatch": bench.warmup_mismatch,
-            "warmup_errors": bench.warmup_errors,
-            "scenarios": {
-                key: {
-                    "label": sc.label,
-                    "target_ratio": sc.target,
-                    "ratio": sc.ratio,
-                    "status": sc.status(bench.ours is None),
-                    "order": sc.order,
-                    "mismatches": sc.mismatches,
-                    "notes": sc.notes,
-                    "ours_reported": sc.ours_reported,
-                    "ours": asdict(sc.ours)
-                    | {"median": sc.ours.median, "peak_mb": sc.ours.peak_mb},
-                    "anchor": asdict(sc.anchor)
-                    | {"median": sc.anchor.median, "peak_mb": sc.anchor.peak_mb},
-                }
-                for key, sc in bench.results.items()
-            },
-            "rss_target_mb": RSS_TARGET_MB,
-        }
-        out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        )
         log(f"results: {out}  (total {total:.0f}s)")
         bad = (
             bench.warmup_mismatch

@@ -49,7 +49,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -63,7 +62,6 @@ from typing import Any
 import workspace
 from common import (
     MIB,
-    RESULTS_DIR,
     Proc,
     Sample,
     SideError,
@@ -76,6 +74,7 @@ from common import (
     log,
     parse_bench_args,
     run,
+    write_results,
 )
 
 RSS_TARGET_MB = 256.0
@@ -907,52 +906,39 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(render(bench, header), flush=True)
 
-        out = args.json_out or RESULTS_DIR / time.strftime("transfer-%Y%m%d-%H%M%S.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        doc: dict[str, Any] = {
-            "benchmark": "transfer",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "args": {
-                k: (str(v) if isinstance(v, Path) else v)
-                for k, v in vars(args).items()
-                if k != "scenario_keys"
+        out = write_results(
+            "transfer",
+            args,
+            info,
+            total,
+            dict(versions),
+            {
+                "scenario_seconds": timings,
+                "setup_errors": bench.setup_errors,
+                "rss_target_mb": RSS_TARGET_MB,
+                "rows": {
+                    key: {
+                        "label": r.label,
+                        "target": r.target_text(),
+                        "ratio": r.ratio,
+                        "status": r.status(),
+                        "order": r.order,
+                        "mismatches": r.mismatches,
+                        "notes": r.notes,
+                        "ours_bytes": r.ours_bytes,
+                        "anchor_bytes": r.anchor_bytes,
+                        "mb_per_s": r.mb_per_s,
+                        "ours_reported": r.ours_reported,
+                        "anchor_reported": r.anchor_reported,
+                        "ours": asdict(r.ours)
+                        | {"median": r.ours.median, "peak_mb": r.ours.peak_mb},
+                        "anchor": asdict(r.anchor)
+                        | {"median": r.anchor.median, "peak_mb": r.anchor.peak_mb},
+                    }
+                    for key, r in bench.rows.items()
+                },
             },
-            "machine": {
-                "cpus": os.cpu_count(),
-                "cpu": cpu_model(),
-                "python": sys.version.split()[0],
-                "platform": platform.platform(),
-                **versions,
-            },
-            "workspace": {
-                k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(info).items()
-            },
-            "total_seconds": total,
-            "scenario_seconds": timings,
-            "setup_errors": bench.setup_errors,
-            "rss_target_mb": RSS_TARGET_MB,
-            "rows": {
-                key: {
-                    "label": r.label,
-                    "target": r.target_text(),
-                    "ratio": r.ratio,
-                    "status": r.status(),
-                    "order": r.order,
-                    "mismatches": r.mismatches,
-                    "notes": r.notes,
-                    "ours_bytes": r.ours_bytes,
-                    "anchor_bytes": r.anchor_bytes,
-                    "mb_per_s": r.mb_per_s,
-                    "ours_reported": r.ours_reported,
-                    "anchor_reported": r.anchor_reported,
-                    "ours": asdict(r.ours) | {"median": r.ours.median, "peak_mb": r.ours.peak_mb},
-                    "anchor": asdict(r.anchor)
-                    | {"median": r.anchor.median, "peak_mb": r.anchor.peak_mb},
-                }
-                for key, r in bench.rows.items()
-            },
-        }
-        out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        )
         log(f"results: {out}  (total {total:.0f}s)")
         bad = bench.setup_errors or any(
             r.mismatches or r.ours.errors or r.anchor.errors for r in bench.rows.values()

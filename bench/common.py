@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MIB = 1024 * 1024
@@ -228,3 +229,40 @@ def parse_bench_args(
             ap.error(f"--workdir {args.workdir} is not empty")
         args.keep = True  # never delete a directory the user named
     return args
+
+
+def write_results(
+    kind: str,
+    args: argparse.Namespace,
+    info: Any,
+    total: float,
+    machine: dict[str, Any],
+    body: dict[str, Any],
+) -> Path:
+    """Write a benchmark's JSON results (common header + ``body``); returns the path."""
+    import json
+    import time
+    from dataclasses import asdict
+
+    def plain(v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else v
+
+    out: Path = args.json_out or RESULTS_DIR / time.strftime(f"{kind}-%Y%m%d-%H%M%S.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "benchmark": kind,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "args": {k: plain(v) for k, v in vars(args).items() if k != "scenario_keys"},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": cpu_model(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            **machine,
+        },
+        "workspace": {k: plain(v) for k, v in asdict(info).items()},
+        "total_seconds": total,
+        **body,
+    }
+    out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return out

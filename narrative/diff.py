@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,7 +17,7 @@ from .restore import FlatTree, flatten_tree
 from .scan import DirNode
 from .store import Store
 
-__all__ = ["DiffResult", "FileChange", "diff_snapshots", "diff_trees", "render_patch"]
+__all__ = ["DiffResult", "FileChange", "diff_snapshots", "diff_trees"]
 
 _BINARY_PROBE = 8000
 _MAX_TEXT = 4 << 20
@@ -181,11 +180,3 @@ def render_patch_header(change: FileChange) -> str:
     old = (change.old_oid or "0" * 40)[:12]
     new = (change.new_oid or "0" * 40)[:12]
     return head + f"index {old}..{new}\n"
-
-
-def render_patch(diff: DiffResult) -> str:
-    """The patch text (computed by :func:`diff_snapshots` with ``patch=True``)."""
-    return diff.patch or ""
-
-
-ReadFn = Callable[[str, bytes], bytes]

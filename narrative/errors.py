@@ -18,7 +18,6 @@ where one fits (``LookupError`` for unknown ids, ``TimeoutError`` for lock waits
     ├── AmbiguousId(prefix, candidates)
     ├── InvalidInput (+ValueError)   bad ids, names, options, paths
     ├── ConcurrentUpdate             compare-and-swap lost too many times
-    ├── NothingToSnapshot            unchanged tree without --allow-empty
     └── RestoreError                 a restore that would lose data, or cannot proceed
 
 Sibling packages (transfer, gateway, providers) hang their own subtrees below
@@ -34,7 +33,6 @@ __all__ = [
     "LockTimeout",
     "NarrativeError",
     "NotFound",
-    "NothingToSnapshot",
     "ObjectiveNotFound",
     "RestoreError",
     "RunNotFound",
@@ -150,10 +148,6 @@ class InvalidInput(NarrativeError, ValueError):
 
 class ConcurrentUpdate(NarrativeError):
     """A compare-and-swap update kept losing against other writers."""
-
-
-class NothingToSnapshot(NarrativeError):
-    """The workspace equals the thread head and ``allow_empty`` was not given."""
 
 
 class RestoreError(NarrativeError):

@@ -33,6 +33,7 @@ __all__ = [
     "deflate",
     "pack_entry_header",
     "pack_object_header",
+    "parse_entry_header",
 ]
 
 TYPE_CODES = {"commit": 1, "tree": 2, "blob": 3, "tag": 4}
@@ -52,6 +53,23 @@ def deflate(data: bytes | memoryview) -> bytes:
 def pack_object_header(kind: str, size: int) -> bytes:
     """The type-and-size header that starts a pack entry."""
     return pack_entry_header(TYPE_CODES[kind], size)
+
+
+def parse_entry_header(head: bytes) -> tuple[int, int, int]:
+    """(type code, inflated size, header length) of the pack entry starting ``head``.
+
+    ValueError when the header runs past ``head`` or encodes an absurd size (hostile packs).
+    """
+    byte = head[0]
+    code, size, shift, pos = (byte >> 4) & 7, byte & 15, 4, 0
+    while byte & 0x80:
+        pos += 1
+        if pos >= len(head) or shift > 56:
+            raise ValueError("corrupt pack entry header")
+        byte = head[pos]
+        size |= (byte & 0x7F) << shift
+        shift += 7
+    return code, size, pos + 1
 
 
 def pack_entry_header(code: int, size: int) -> bytes:
@@ -127,15 +145,8 @@ class PackWriter:
                 return None
             self._file.flush()
             self._file.seek(found[0])
-            head = self._file.read(32)
-            byte = head[0]
-            code, size, shift, pos = (byte >> 4) & 7, byte & 15, 4, 0
-            while byte & 0x80:
-                pos += 1
-                byte = head[pos]
-                size |= (byte & 0x7F) << shift
-                shift += 7
-            self._file.seek(found[0] + pos + 1)
+            code, size, header_len = parse_entry_header(self._file.read(32))
+            self._file.seek(found[0] + header_len)
             dec = zlib.decompressobj()
             parts = []
             while not dec.eof:
@@ -457,21 +468,12 @@ class ObjectStore:
         zlib releases the GIL, so restores can inflate on several threads at once.
         """
         start = idx.offset(i)
-        head = idx.pread(16, start)
-        byte = head[0]
-        code = (byte >> 4) & 7
+        code, size, header_len = parse_entry_header(idx.pread(32, start))
         if code not in _CODE_TYPES:
             return None
-        size = byte & 15
-        shift, pos = 4, 0
-        while byte & 0x80:
-            pos += 1
-            byte = head[pos]
-            size |= (byte & 0x7F) << shift
-            shift += 7
         # Deflate never expands by more than 5 bytes per 16 KiB block plus a few header bytes,
         # so this bound covers the whole stream without locating the next object.
-        data_start = start + pos + 1
+        data_start = start + header_len
         end = min(data_start + size + 5 * (size // 16000 + 1) + 64, idx.pack_size - 20)
         try:
             data = zlib.decompressobj().decompress(idx.pread(end - data_start, data_start))

@@ -59,6 +59,20 @@ def git_tree_of(
     return git("write-tree", env=env).strip()
 
 
+def kill_after(args: list[str], cwd: Path, delay: float) -> int:
+    """Start ``narrative ARGS``, SIGKILL it after ``delay`` seconds; returns its exit status
+    (``-SIGKILL`` when the kill interrupted it)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [NARRATIVE, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait()
+
+
 class Cli:
     """Runs the real ``narrative`` executable in a workspace."""
 

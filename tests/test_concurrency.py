@@ -7,12 +7,11 @@ import os
 import random
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import NARRATIVE, Cli, git, git_tree_of
+from .conftest import NARRATIVE, Cli, git, git_tree_of, kill_after
 
 
 def _fsck(store: str) -> None:
@@ -83,15 +82,6 @@ def _populate(ws: Path, files: int, seed: int) -> None:
         (d / f"f{i}.txt").write_bytes(rng.randbytes(rng.randint(100, 20000)))
 
 
-def _kill_after(args: list[str], cwd: Path, delay: float) -> int:
-    proc = subprocess.Popen(
-        [NARRATIVE, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    return proc.wait()
-
-
 @pytest.mark.slow
 def test_kill_9_at_any_moment_leaves_a_consistent_store(workspace: Path) -> None:
     cli = Cli(workspace)
@@ -105,7 +95,7 @@ def test_kill_9_at_any_moment_leaves_a_consistent_store(workspace: Path) -> None
             path.write_bytes(os.urandom(rng.randint(100, 20000)))
         (workspace / f"round{round_no}.txt").write_text(str(round_no))
         args = ["gc", "--keep-last", "2"] if round_no % 3 == 2 else ["snapshot", "-m", "r"]
-        if _kill_after(args, workspace, rng.uniform(0.05, 0.9)) == -signal.SIGKILL:
+        if kill_after(args, workspace, rng.uniform(0.05, 0.9)) == -signal.SIGKILL:
             killed += 1
         _fsck(store)
         for line in git("--git-dir", store, "for-each-ref", "--format=%(objectname)").split():

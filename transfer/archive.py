@@ -71,7 +71,7 @@ from narrative.objects import (
     encode_tree,
     object_header,
 )
-from narrative.odb import ObjectStore, PackWriter, deflate
+from narrative.odb import ObjectStore, PackWriter, deflate, parse_entry_header
 from narrative.restore import flatten_tree
 from narrative.store import Store
 
@@ -420,18 +420,6 @@ def _check_links(links: Mapping[str, str]) -> None:
 # ----------------------------------------------------------------------------- reading blobs
 
 
-def _parse_pack_header(head: bytes) -> tuple[int, int, int]:
-    """(type code, size, header length) of a pack entry."""
-    byte = head[0]
-    code, size, shift, pos = (byte >> 4) & 7, byte & 15, 4, 0
-    while byte & 0x80:
-        pos += 1
-        byte = head[pos]
-        size |= (byte & 0x7F) << shift
-        shift += 7
-    return code, size, pos + 1
-
-
 def _inflate(read: Any, size: int, oid: bytes) -> Iterator[bytes]:
     """Chunks of a zlib stream (``read(n)`` gives compressed bytes), never more than
     :data:`_CHUNK` decompressed at a time, checked to total ``size``."""
@@ -511,7 +499,7 @@ class _BlobSource:
                     fd = self._packs.fd(idx.pack_path)
                 except FileNotFoundError:
                     break  # repacked away since the index was read: look again
-                code, size, hlen = _parse_pack_header(os.pread(fd, 32, start))
+                code, size, hlen = parse_entry_header(os.pread(fd, 32, start))
                 if code == 3:
                     self._pack = (fd, start + hlen)
                     return size

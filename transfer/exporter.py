@@ -48,7 +48,7 @@ class ExportResult:
     nothing_new: bool = False
 
 
-def _selected_threads(store: Store, threads: list[str] | None, objective: str | None) -> list[str]:
+def selected_threads(store: Store, threads: list[str] | None, objective: str | None) -> list[str]:
     if objective is not None:
         obj = resolve_objective(store, objective)
         picked = [t.id for t in list_threads(store, obj.id)]
@@ -103,7 +103,7 @@ def _export_bundle(
         thread_ids = [snap.thread]
         refs[store.thread_ref(snap.thread)] = bytes.fromhex(snap.commit)
     else:
-        thread_ids = _selected_threads(store, threads, objective)
+        thread_ids = selected_threads(store, threads, objective)
         refs = {store.thread_ref(t): heads[t] for t in thread_ids if t in heads}
     prerequisites: dict[bytes, str] = {}
     if since is not None:
@@ -143,7 +143,7 @@ def _export_archive(
         snap = resolve_snapshot(store, snapshot)
     else:
         picked = (
-            _selected_threads(store, threads, objective)
+            selected_threads(store, threads, objective)
             if threads or objective
             else [store.config.default_thread]
         )

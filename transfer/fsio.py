@@ -38,6 +38,7 @@ caller passes in.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import inspect
@@ -560,21 +561,21 @@ def _not_published(url: str) -> ArtifactNotFound:
 # --------------------------------------------------------------------------- publishing
 
 
-class _Stage:
+class _Stage(abc.ABC):
     """One in-flight write: where the bytes go, how they become visible, how to undo it."""
 
     file: Any
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # noqa: B027 - a hook: stages with nothing to flush keep it
         """Flush and make durable everything written so far (before anything is visible)."""
 
+    @abc.abstractmethod
     def commit(self) -> None:
         """Make the data visible under the final name."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def abort(self) -> None:
         """Throw the write away, leaving nothing behind."""
-        raise NotImplementedError
 
 
 class _LocalStage(_Stage):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from narrative.objects import MODE_DIR, hash_object, parse_commit, parse_tree
-from narrative.odb import ObjectStore, PackWriter, deflate
+from narrative.odb import ObjectStore, PackWriter, deflate, parse_entry_header
 
 from .errors import InvalidArtifact
 
@@ -100,18 +100,13 @@ class _Reader:
         head = self.f.read(32)
         if not head:
             raise PackError("truncated pack")
-        byte = head[0]
-        code, size, shift, pos = (byte >> 4) & 7, byte & 15, 4, 0
-        while byte & 0x80:
-            pos += 1
-            if pos >= len(head) or shift > 56:
-                raise PackError("corrupt object header")
-            byte = head[pos]
-            size |= (byte & 0x7F) << shift
-            shift += 7
+        try:
+            code, size, header_len = parse_entry_header(head)
+        except ValueError:
+            raise PackError("corrupt object header") from None
         if size > self.max_object:
             raise PackError(f"object of {size} bytes is over the limit of {self.max_object}")
-        return code, size, offset + pos + 1
+        return code, size, offset + header_len
 
     def _inflate(self, offset: int, size: int) -> tuple[bytes, int]:
         """Inflate a zlib stream at ``offset``; returns data and the offset after it."""

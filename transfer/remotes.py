@@ -37,7 +37,7 @@ from narrative.store import THREAD_REF_PREFIX, Store
 from . import fsio
 from .bundle import write_bundle
 from .errors import ArtifactNotFound, InvalidArtifact, TransferError
-from .exporter import _selected_threads
+from .exporter import selected_threads
 from .importer import ImportResult, fast_forward, import_stream, is_ancestor
 from .records import BUNDLE_META_REF, collect_records, encode_records
 
@@ -166,7 +166,7 @@ def push(
     """Send the selected threads (default: all) to remote ``name``."""
     remote = get_remote(store, name)
     options = _options(remote, storage_options)
-    thread_ids = _selected_threads(store, threads, None)
+    thread_ids = selected_threads(store, threads, None)
     heads = store.thread_heads()
     result = PushResult(name)
     bundle_url: str | None = None

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from transfer import fsio
 
-from ..conftest import NARRATIVE, Cli, git
+from ..conftest import Cli, git, kill_after
 
 
 def _populate(ws: Path, files: int) -> None:
@@ -21,15 +19,6 @@ def _populate(ws: Path, files: int) -> None:
         d = ws / f"d{i % 41}"
         d.mkdir(exist_ok=True)
         (d / f"f{i}.bin").write_bytes(rng.randbytes(rng.randint(2000, 40000)))
-
-
-def _killed(args: list[str], cwd: Path, delay: float) -> bool:
-    proc = subprocess.Popen(
-        [NARRATIVE, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    return proc.wait() == -signal.SIGKILL
 
 
 @pytest.mark.slow
@@ -50,7 +39,7 @@ def test_kill_during_export_and_import(tmp_path: Path) -> None:
     kills = 0
     for i in range(6):
         url = str(out / f"x{i}.bundle")
-        if _killed(["export", url], src, rng.uniform(0.05, 0.6)):
+        if kill_after(["export", url], src, rng.uniform(0.05, 0.6)) == -signal.SIGKILL:
             kills += 1
             # never a half-published artifact: either complete and verified, or no object at all
             # under its final name
@@ -61,7 +50,7 @@ def test_kill_during_export_and_import(tmp_path: Path) -> None:
     good = str(out / "good.bundle")
     cli.run("export", good)
     for _ in range(4):
-        if _killed(["import", good], dst, rng.uniform(0.05, 0.6)):
+        if kill_after(["import", good], dst, rng.uniform(0.05, 0.6)) == -signal.SIGKILL:
             kills += 1
         git("--git-dir", store, "fsck", "--strict", "--no-dangling", "--connectivity-only")
         for oid in git("--git-dir", store, "for-each-ref", "--format=%(objectname)").split():
