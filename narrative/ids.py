@@ -16,8 +16,14 @@ from .errors import InvalidInput
 __all__ = ["KINDS", "is_id", "new_id", "validate_id"]
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
-KINDS = {"objective": "obj", "thread": "th", "run": "run", "snapshot": "snap"}
-_ID_RE = re.compile(r"^(obj|th|run|snap)-[0-9a-hjkmnp-tv-z]{20}$")
+KINDS = {
+    "objective": "obj",
+    "thread": "th",
+    "run": "run",
+    "snapshot": "snap",
+    "environment": "env",
+}
+_ID_RE = re.compile(r"^(obj|th|run|snap|env)-[0-9a-hjkmnp-tv-z]{20}$")
 
 
 def _b32(value: int, length: int) -> str:

@@ -1,0 +1,178 @@
+"""The provider interface: one ABC for every place a snapshot can be restored into and run.
+
+Lifecycle (create/start/stop/delete/reconnect/health) is kept apart from operations (exec,
+files, restore, collect), as SWE-ReX splits deployments from runtimes. A provider is stateless
+apart from its configuration: everything it must remember about an environment lives in the
+persisted record (``resource_id``), so a fresh process can reconnect to an environment that an
+earlier one created. Each provider has a pydantic config model discriminated by ``type``.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from narrative.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from narrative.models import Snapshot
+    from narrative.store import Store
+
+__all__ = [
+    "BaseProvider",
+    "Category",
+    "ExecResult",
+    "Health",
+    "OutputFn",
+    "ProviderConfig",
+    "ProviderContext",
+    "check_relative_path",
+]
+
+Category = Literal["local", "cloud", "hybrid"]
+OutputFn = Callable[[str, bytes], None]
+"""Receives ``("stdout" | "stderr", chunk)`` while a command runs."""
+
+
+class Health(StrEnum):
+    """What a health probe found."""
+
+    OK = "ok"
+    """The resource exists and answers."""
+    UNREACHABLE = "unreachable"
+    """The resource may exist but does not answer (daemon down, network, paused)."""
+    GONE = "gone"
+    """The resource no longer exists."""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """The outcome of one command."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+
+
+@dataclass(frozen=True)
+class ProviderContext:
+    """What a provider knows about its surroundings."""
+
+    store: Store
+    owner: str
+    """Label value marking resources created for this store (leaked ones are swept by it)."""
+    env_id: str
+    env_name: str
+
+
+class ProviderConfig(BaseModel):
+    """Base of every provider's configuration model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def check_relative_path(path: str) -> str:
+    """Normalise a path inside an environment's workspace; refuse absolute or escaping ones."""
+    if not path or "\x00" in path:
+        raise InvalidInput(f"invalid path {path!r}")
+    if path.startswith("/"):
+        raise InvalidInput(f"path must be relative to the environment's workspace: {path}")
+    norm = posixpath.normpath(path)
+    if norm == ".." or norm.startswith("../") or norm == ".":
+        raise InvalidInput(f"path escapes the environment's workspace: {path}")
+    return norm
+
+
+class BaseProvider(ABC):
+    """An environment backend. Subclasses set the class attributes and implement the methods.
+
+    Resource ids are whatever the backend uses (a directory, a container id, a sandbox id);
+    file paths given to the file operations are relative to the environment's workspace.
+    """
+
+    name: ClassVar[str]
+    category: ClassVar[Category]
+    capabilities: ClassVar[frozenset[str]]
+    config_model: ClassVar[type[ProviderConfig]]
+
+    def __init__(self, context: ProviderContext, config: ProviderConfig) -> None:
+        self.context = context
+        self.config = config
+
+    @classmethod
+    def capabilities_for(cls, config: ProviderConfig) -> frozenset[str]:
+        """Capabilities of an environment with ``config`` (default: the class's)."""
+        return cls.capabilities
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @abstractmethod
+    def create(self) -> str:
+        """Create the resource (not yet started); return its id."""
+
+    @abstractmethod
+    def start(self, resource_id: str) -> None:
+        """Start (or resume) the resource."""
+
+    @abstractmethod
+    def stop(self, resource_id: str) -> None:
+        """Stop (or pause) the resource, keeping its state."""
+
+    @abstractmethod
+    def delete(self, resource_id: str) -> None:
+        """Destroy the resource. Idempotent: a resource that is gone already is fine."""
+
+    @abstractmethod
+    def reconnect(self, resource_id: str) -> None:
+        """Attach to an existing resource from a fresh process; ``ResourceGone`` if it is not."""
+
+    @abstractmethod
+    def health(self, resource_id: str) -> Health:
+        """Probe the resource without changing it."""
+
+    def list_resources(self) -> list[str]:
+        """Ids of every resource labelled with this store's owner (for sweeping leaks)."""
+        return []
+
+    # -- operations -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def exec(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputFn | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` in the environment's workspace, streaming output to ``on_output``."""
+
+    @abstractmethod
+    def read_file(self, resource_id: str, path: str) -> bytes:
+        """Content of a file in the workspace."""
+
+    @abstractmethod
+    def write_file(self, resource_id: str, path: str, data: bytes) -> None:
+        """Create or replace a file in the workspace (parents created)."""
+
+    @abstractmethod
+    def delete_file(self, resource_id: str, path: str) -> None:
+        """Remove a file from the workspace."""
+
+    @abstractmethod
+    def restore(self, resource_id: str, snapshot: Snapshot) -> None:
+        """Make the environment's workspace hold exactly ``snapshot``."""
+
+    @abstractmethod
+    def collect(
+        self, resource_id: str, thread_id: str, run_id: str | None, message: str
+    ) -> Snapshot:
+        """Snapshot the environment's workspace onto ``thread_id`` in the local store."""

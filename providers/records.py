@@ -1,0 +1,151 @@
+"""Persisted environment records: ``<store>/narrative/environments.json``.
+
+One JSON document holding every environment (archived ones included, for history). Changes are
+read-modify-write under the store's ``environments`` lock and replace the file atomically, so a
+crash at any moment leaves either the old or the new document. The file is local state of one
+store (like ``config.json``): it is never shipped in bundles. What is read back is validated —
+it is input from disk — and a damaged file gives one clear error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from narrative.fsutil import write_atomic
+from narrative.ids import new_id
+from narrative.models import now_iso
+from narrative.store import Store
+
+from .errors import EnvironmentExists, EnvironmentNotFound, EnvironmentStateError
+from .lifecycle import EnvState
+
+__all__ = ["EnvironmentRecord", "EnvironmentStore", "records_path"]
+
+_FILE = os.path.join("narrative", "environments.json")
+_VERSION = 1
+T = TypeVar("T")
+
+
+class EnvironmentRecord(BaseModel):
+    """One environment as persisted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(default_factory=lambda: new_id("environment"))
+    """Stable id (``env-…``)."""
+    name: str
+    """Unique among the environments that are not archived."""
+    provider: str
+    """Registry name of the provider (``worktree``, ``docker``, ...)."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """Provider configuration, validated by the provider's own model."""
+    resource_id: str | None = None
+    """The provider's handle: a directory, a container id, a sandbox id."""
+    state: EnvState = EnvState.CREATED
+    capabilities: list[str] = Field(default_factory=list)
+    created_at: str = Field(default_factory=now_iso)
+    updated_at: str = Field(default_factory=now_iso)
+    last_health_at: str | None = None
+    """When the last health check ran."""
+    error_count: int = 0
+    """Errors seen over the environment's life."""
+    consecutive_failures: int = 0
+    """Health checks failed in a row (reset by a good one)."""
+    last_error: str | None = None
+    history: list[dict[str, str]] = Field(default_factory=list)
+    """State changes, oldest first: ``{"at", "from", "to", "reason"}`` (last 50)."""
+
+
+class _Document(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int
+    environments: list[EnvironmentRecord]
+
+
+def records_path(store: Store) -> str:
+    return os.path.join(store.git_dir, _FILE)
+
+
+class EnvironmentStore:
+    """Load and change the environment records of one store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.path = records_path(store)
+
+    def load(self) -> list[EnvironmentRecord]:
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise EnvironmentStateError(f"cannot read {self.path}: {exc}") from exc
+        try:
+            doc = _Document.model_validate_json(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise EnvironmentStateError(
+                f"invalid environment records in {self.path}: {where}: {first['msg']}"
+            ) from None
+        if doc.version != _VERSION:
+            raise EnvironmentStateError(f"unsupported version {doc.version} in {self.path}")
+        return doc.environments
+
+    def _save(self, records: list[EnvironmentRecord]) -> None:
+        doc = _Document(version=_VERSION, environments=records)
+        data = json.dumps(doc.model_dump(mode="json"), indent=2).encode() + b"\n"
+        write_atomic(self.path, data)
+
+    @contextmanager
+    def _locked(self) -> Iterator[list[EnvironmentRecord]]:
+        with self.store.lock("environments"):
+            records = self.load()
+            yield records
+            self._save(records)
+
+    def live(self) -> list[EnvironmentRecord]:
+        """Every environment that is not archived, oldest first."""
+        return [r for r in self.load() if r.state is not EnvState.ARCHIVED]
+
+    def get(self, name_or_id: str) -> EnvironmentRecord:
+        """A live environment by name or id (an archived one only by its exact id)."""
+        records = self.load()
+        for record in records:
+            if record.state is not EnvState.ARCHIVED and name_or_id in (record.name, record.id):
+                return record
+        for record in records:
+            if record.id == name_or_id:
+                return record
+        raise EnvironmentNotFound(name_or_id)
+
+    def add(self, record: EnvironmentRecord) -> EnvironmentRecord:
+        with self._locked() as records:
+            if any(r.name == record.name and r.state is not EnvState.ARCHIVED for r in records):
+                raise EnvironmentExists(record.name)
+            records.append(record)
+        return record
+
+    def change(
+        self, env_id: str, fn: Callable[[EnvironmentRecord], T]
+    ) -> tuple[EnvironmentRecord, T]:
+        """Apply ``fn`` to the record under the lock and save it (unless ``fn`` raises)."""
+        with self.store.lock("environments"):
+            records = self.load()
+            for index, record in enumerate(records):
+                if record.id == env_id:
+                    copy = record.model_copy(deep=True)
+                    result = fn(copy)
+                    copy.updated_at = now_iso()
+                    records[index] = copy
+                    self._save(records)
+                    return copy, result
+        raise EnvironmentNotFound(env_id)

@@ -1,0 +1,102 @@
+"""Provider registry: name → ``"module:Class"``, imported only when used (fsspec's pattern).
+
+Built-in providers are listed here; third-party ones register through the entry-point group
+``narrative.providers`` (``name = "package.module:Class"``). A provider whose optional
+dependency is missing fails with an install hint rather than an ``ImportError``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from importlib.metadata import entry_points
+
+from .base import BaseProvider
+from .errors import MissingDependency, NoProviderAvailable, ProviderError, ProviderNotFound
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "available",
+    "get_provider_class",
+    "pick_provider",
+    "register",
+]
+
+ENTRY_POINT_GROUP = "narrative.providers"
+
+_BUILTIN: dict[str, tuple[str, str | None]] = {
+    # name: (import path, pip extra that provides its dependency)
+    "local": ("providers.local:LocalProvider", None),
+    "worktree": ("providers.worktree:WorktreeProvider", None),
+    "docker": ("providers.docker_provider:DockerProvider", "docker"),
+    "e2b": ("providers.e2b_provider:E2BProvider", "e2b"),
+}
+_EXTRA: dict[str, tuple[str, str | None]] = {}
+_LOADED: dict[str, type[BaseProvider]] = {}
+
+
+def register(name: str, target: str | type[BaseProvider], extra: str | None = None) -> None:
+    """Register a provider under ``name`` (a class or a ``"module:Class"`` string)."""
+    if isinstance(target, str):
+        _EXTRA[name] = (target, extra)
+        _LOADED.pop(name, None)
+    else:
+        _LOADED[name] = target
+
+
+def _known() -> dict[str, tuple[str, str | None]]:
+    known = dict(_BUILTIN)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        known.setdefault(ep.name, (ep.value, None))
+    known.update(_EXTRA)
+    return known
+
+
+def available() -> list[str]:
+    """Every registered provider name (nothing is imported)."""
+    return sorted(set(_known()) | set(_LOADED))
+
+
+def get_provider_class(name: str) -> type[BaseProvider]:
+    """Import and return the provider class registered as ``name``."""
+    if name in _LOADED:
+        return _LOADED[name]
+    known = _known()
+    if name not in known:
+        raise ProviderNotFound(name, available())
+    target, extra = known[name]
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        missing = exc.name or str(exc)
+        if module_name.startswith("providers.") and missing.split(".")[0] != "providers":
+            raise MissingDependency(name, extra or name, f"cannot import {missing}") from exc
+        raise ProviderError(f"provider {name!r} cannot be imported: {exc}") from exc
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, BaseProvider)):
+        raise ProviderError(f"provider {name!r}: {target} is not a BaseProvider subclass")
+    _LOADED[name] = cls
+    return cls
+
+
+def pick_provider(requirements: Iterable[str], candidates: Iterable[str] | None = None) -> str:
+    """The first provider (local ones first) that declares every required capability."""
+    wanted = sorted({r.strip() for r in requirements if r.strip()})
+    order = {"local": 0, "hybrid": 1, "cloud": 2}
+    missing: dict[str, list[str]] = {}
+    fits: list[tuple[int, str]] = []
+    for name in candidates if candidates is not None else available():
+        try:
+            cls = get_provider_class(name)
+        except MissingDependency:
+            missing[name] = ["(not installed)"]
+            continue
+        lacking = [cap for cap in wanted if cap not in cls.capabilities]
+        if lacking:
+            missing[name] = lacking
+        else:
+            fits.append((order.get(cls.category, 3), name))
+    if not fits:
+        raise NoProviderAvailable(wanted, missing)
+    return min(fits)[1]

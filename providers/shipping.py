@@ -1,0 +1,132 @@
+"""Moving a workspace in and out of environments that only speak tar (Docker, E2B).
+
+Out: :func:`write_snapshot_tar` streams one snapshot's files as a plain tar (directories, regular
+files with their exec bit, symlinks), reading blobs straight from the store.
+
+In: :func:`snapshot_from_tar` treats the environment's tar as hostile input. Members are
+extracted into a scratch directory inside the store with Python's ``data`` filter, which refuses
+absolute paths, ``..``, links that escape, device files and fifos; a size limit stops tar bombs.
+The scratch directory is then snapshotted like any workspace (its ``.gitignore`` honoured), so
+what comes back is exactly what a snapshot of that tree would hold, and is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import stat as stat_mod
+import tarfile
+from typing import IO
+
+from narrative.errors import InvalidInput
+from narrative.models import Snapshot
+from narrative.objects import MODE_EXEC, MODE_LINK
+from narrative.restore import flatten_tree
+from narrative.snapshot import take_snapshot
+from narrative.store import Store
+
+__all__ = ["DEFAULT_MAX_COLLECT_BYTES", "scratch_dir", "snapshot_from_tar", "write_snapshot_tar"]
+
+DEFAULT_MAX_COLLECT_BYTES = 8 << 30
+
+
+def write_snapshot_tar(store: Store, snapshot: Snapshot, out: IO[bytes], prefix: str = "") -> int:
+    """Write ``snapshot`` as a tar stream to ``out``; members are named ``prefix + path``.
+
+    Returns the number of files written.
+    """
+    flat = flatten_tree(store.odb, bytes.fromhex(snapshot.tree))
+    dirs: set[str] = set()
+    for path in flat:
+        parent = os.path.dirname(path)
+        while parent and parent not in dirs:
+            dirs.add(parent)
+            parent = os.path.dirname(parent)
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for directory in sorted(dirs):
+            info = tarfile.TarInfo(prefix + directory)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            tar.addfile(info)
+        for path, (mode, oid) in sorted(flat.items()):
+            _kind, data = store.odb.read(oid)
+            info = tarfile.TarInfo(prefix + path)
+            if mode == MODE_LINK:
+                info.type = tarfile.SYMTYPE
+                info.linkname = os.fsdecode(data)
+                tar.addfile(info)
+                continue
+            info.size = len(data)
+            info.mode = 0o755 if mode == MODE_EXEC else 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return len(flat)
+
+
+def scratch_dir(store: Store, env_id: str) -> str:
+    """A per-environment scratch directory inside the store (same file system as the store)."""
+    return os.path.join(store.git_dir, "narrative", "envs", env_id, "collect")
+
+
+def _strip(member: tarfile.TarInfo, strip: str) -> tarfile.TarInfo | None:
+    name = member.name
+    if strip:
+        if name.rstrip("/") == strip.rstrip("/"):
+            return None
+        if not name.startswith(strip):
+            raise InvalidInput(
+                f"unexpected member {name!r} outside {strip!r} in the environment tar"
+            )
+        name = name[len(strip) :]
+    return member.replace(name=name, deep=False)
+
+
+def snapshot_from_tar(
+    store: Store,
+    stream: IO[bytes],
+    scratch: str,
+    thread_id: str,
+    run_id: str | None,
+    message: str,
+    strip: str = "",
+    max_bytes: int = DEFAULT_MAX_COLLECT_BYTES,
+) -> Snapshot:
+    """Extract a (hostile) tar stream safely, snapshot it onto ``thread_id``, clean up.
+
+    ``strip`` removes a leading directory (``docker get_archive`` names members ``work/...``).
+    """
+    shutil.rmtree(scratch, ignore_errors=True)
+    os.makedirs(scratch)
+    try:
+        total = 0
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                stripped = _strip(member, strip)
+                if stripped is None:
+                    continue
+                if member.isreg():
+                    total += member.size
+                    if total > max_bytes:
+                        raise InvalidInput(
+                            f"environment workspace exceeds the collect limit of {max_bytes} bytes"
+                        )
+                try:
+                    tar.extract(stripped, scratch, filter="data")
+                except tarfile.FilterError as exc:
+                    raise InvalidInput(f"refused member of the environment tar: {exc}") from None
+        _normalise_modes(scratch)
+        return take_snapshot(
+            store, thread_id=thread_id, run_id=run_id, message=message, workspace=scratch
+        ).snapshot
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _normalise_modes(root: str) -> None:
+    """The data filter may drop permissions; make directories traversable for the walk."""
+    for dirpath, dirnames, _files in os.walk(root):
+        for name in dirnames:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if stat_mod.S_ISDIR(st.st_mode):
+                os.chmod(full, (st.st_mode & 0o777) | 0o700)
