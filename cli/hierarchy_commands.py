@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from .context import open_store
-from .output import emit, json_option
+from .output import emit, json_option, note
 
 __all__ = ["COMMANDS"]
 
@@ -160,22 +160,39 @@ def run() -> None:
     """Record agent runs on threads."""
 
 
-@run.command("start")
+@run.command("start", context_settings={"ignore_unknown_options": True})
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--thread", "thread_ref", help="Thread (id or name; default thread).")
 @click.option("--agent", default="agent", show_default=True, help="Agent name.")
 @click.option("--env", "environment", default="local", show_default=True, help="Environment.")
+@click.option("--snapshot", "snapshot_ref", help="Base snapshot of an isolated run.")
+@click.option("--timeout", type=float, help="Kill an isolated run's command after N seconds.")
 @click.option("--no-snapshot", is_flag=True, help="Do not snapshot the workspace as the base.")
 @json_option
 @click.pass_context
 def run_start(
     ctx: click.Context,
+    command: tuple[str, ...],
     thread_ref: str | None,
     agent: str,
     environment: str,
+    snapshot_ref: str | None,
+    timeout: float | None,
     no_snapshot: bool,
     as_json: bool,
 ) -> None:
-    """Start a run; its base is a snapshot of the workspace taken now."""
+    """Start a run; its base is a snapshot of the workspace taken now.
+
+    With a command (after --) the run executes in environment --env: the base (--snapshot,
+    the head of --thread, or a fresh snapshot of the workspace) is restored there, the command
+    runs with its output streamed, and the result is captured on a new thread forked from the
+    base. The workspace is not touched. Exits 1 when the command fails.
+    """
+    if command:
+        _run_isolated(ctx, command, thread_ref, agent, environment, snapshot_ref, timeout, as_json)
+        return
+    if snapshot_ref or timeout is not None:
+        raise click.UsageError("--snapshot and --timeout need a command (after --)")
     from narrative.hierarchy import resolve_thread, start_run
     from narrative.snapshot import take_snapshot
 
@@ -186,6 +203,44 @@ def run_start(
         base = take_snapshot(store, t.id, message=f"base of a run by {agent}").snapshot.id
     started = start_run(store, t.id, agent, environment, base)
     emit(as_json, started.to_dict(), started.id)
+
+
+def _run_isolated(
+    ctx: click.Context,
+    command: tuple[str, ...],
+    thread_ref: str | None,
+    agent: str,
+    environment: str,
+    snapshot_ref: str | None,
+    timeout: float | None,
+    as_json: bool,
+) -> None:
+    from providers.runs import pick_base, run_isolated
+
+    from .env_commands import open_manager, stream_output
+
+    if snapshot_ref and thread_ref:
+        raise click.UsageError("give --snapshot or --thread, not both")
+    manager = open_manager(ctx)
+    manager.require_active(environment)
+    base = pick_base(manager, snapshot_ref, thread_ref)
+    outcome = run_isolated(
+        manager,
+        environment,
+        list(command),
+        base,
+        agent=agent,
+        timeout=timeout,
+        on_output=stream_output(as_json),
+    )
+    run = outcome.run
+    data = {**run.to_dict(), "timed_out": outcome.timed_out}
+    emit(
+        as_json, data, f"{run.id} {run.status} (exit {run.exit_code}) result {run.result_snapshot}"
+    )
+    if run.status != "succeeded":
+        note(f"run {run.id} {run.status}" + (" (timed out)" if outcome.timed_out else ""))
+        ctx.exit(1)
 
 
 @run.command("finish")

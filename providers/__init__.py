@@ -1,3 +1,55 @@
-"""providers package (see DESIGN.md §2); its features arrive with their issues."""
+"""Providers: environments a snapshot is restored into and run in, behind one interface.
 
-__all__: list[str] = []
+``EnvironmentManager`` persists environment records and drives their lifecycle; providers
+(``local``, ``worktree``, ``docker``, ``e2b``, or third-party ones from the entry-point group
+``narrative.providers``) are imported only when used; ``run_isolated`` runs a command in an
+environment from a snapshot and records the result as an Agent Run.
+"""
+
+from .base import BaseProvider, ExecResult, Health, ProviderConfig, ProviderContext
+from .errors import (
+    EnvironmentExists,
+    EnvironmentNotFound,
+    IllegalTransition,
+    ImageNotFound,
+    MissingDependency,
+    NoProviderAvailable,
+    ProviderError,
+    ProviderNotFound,
+    ProviderUnavailable,
+    ResourceGone,
+)
+from .lifecycle import EnvState
+from .manager import EnvironmentManager, HealthReport
+from .records import EnvironmentRecord
+from .registry import available, get_provider_class, pick_provider, register
+from .runs import IsolatedRun, pick_base, run_isolated
+
+__all__ = [
+    "BaseProvider",
+    "EnvState",
+    "EnvironmentExists",
+    "EnvironmentManager",
+    "EnvironmentNotFound",
+    "EnvironmentRecord",
+    "ExecResult",
+    "Health",
+    "HealthReport",
+    "IllegalTransition",
+    "ImageNotFound",
+    "IsolatedRun",
+    "MissingDependency",
+    "NoProviderAvailable",
+    "ProviderConfig",
+    "ProviderContext",
+    "ProviderError",
+    "ProviderNotFound",
+    "ProviderUnavailable",
+    "ResourceGone",
+    "available",
+    "get_provider_class",
+    "pick_base",
+    "pick_provider",
+    "register",
+    "run_isolated",
+]

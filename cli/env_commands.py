@@ -1,0 +1,194 @@
+"""``narrative env ...``: create, drive and inspect environments."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from .context import open_store
+from .output import emit, json_option, note
+
+if TYPE_CHECKING:
+    from providers.manager import EnvironmentManager
+
+__all__ = ["COMMANDS", "open_manager", "parse_config", "stream_output"]
+
+
+def open_manager(ctx: click.Context) -> EnvironmentManager:
+    from providers.manager import EnvironmentManager
+
+    return EnvironmentManager(open_store(ctx))
+
+
+def parse_config(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; a VALUE that parses as JSON (numbers, lists, objects) is used so."""
+    config: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--config")
+        try:
+            config[key] = json.loads(value)
+        except ValueError:
+            config[key] = value
+    return config
+
+
+def stream_output(as_json: bool) -> Any:
+    """An output callback writing the command's streams through (stdout to stderr under --json,
+    so that stdout holds only the JSON document)."""
+
+    def write(stream: str, chunk: bytes) -> None:
+        target = sys.stderr if as_json or stream == "stderr" else sys.stdout
+        target.buffer.write(chunk)
+        target.flush()
+
+    return write
+
+
+def _row(record: Any) -> dict[str, Any]:
+    return dict(record.model_dump(mode="json"))
+
+
+def _human(data: dict[str, Any]) -> str:
+    keys = ["id", "name", "provider", "state", "resource_id", "capabilities", "last_error"]
+    return "\n".join(f"{k}: {data[k]}" for k in keys if data.get(k) not in (None, []))
+
+
+@click.group()
+def env() -> None:
+    """Environments (local directory, worktree, Docker, E2B) that runs execute in."""
+
+
+@env.command("create")
+@click.argument("name")
+@click.option("--provider", help="Provider name (default: the first that meets --require).")
+@click.option("--require", default="", help="Comma-separated capabilities, e.g. gpu,python.")
+@click.option("--config", "config_pairs", multiple=True, metavar="KEY=VALUE", help="Config.")
+@click.option("--no-start", is_flag=True, help="Create without starting.")
+@json_option
+@click.pass_context
+def env_create(
+    ctx: click.Context,
+    name: str,
+    provider: str | None,
+    require: str,
+    config_pairs: tuple[str, ...],
+    no_start: bool,
+    as_json: bool,
+) -> None:
+    """Create an environment, picking a provider that has the required capabilities."""
+    manager = open_manager(ctx)
+    record = manager.create(
+        name,
+        provider=provider,
+        config=parse_config(config_pairs),
+        require=require.split(","),
+        start=not no_start,
+    )
+    emit(as_json, _row(record), f"{record.name} ({record.provider}) {record.state.value}")
+
+
+@env.command("list")
+@click.option("--all", "include_archived", is_flag=True, help="Include archived environments.")
+@json_option
+@click.pass_context
+def env_list(ctx: click.Context, include_archived: bool, as_json: bool) -> None:
+    """List environments."""
+    rows = [_row(r) for r in open_manager(ctx).environments(include_archived)]
+
+    def human() -> str:
+        return "\n".join(
+            f"{r['name']:20} {r['provider']:10} {r['state']:14} {r['id']}" for r in rows
+        )
+
+    emit(as_json, rows, human)
+
+
+@env.command("show")
+@click.argument("name")
+@json_option
+@click.pass_context
+def env_show(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Show one environment's record."""
+    data = _row(open_manager(ctx).get(name))
+    emit(as_json, data, lambda: _human(data))
+
+
+def _lifecycle(action: str, doc: str) -> click.Command:
+    @click.argument("name")
+    @json_option
+    @click.pass_context
+    def command(ctx: click.Context, name: str, as_json: bool) -> None:
+        record = getattr(open_manager(ctx), action)(name)
+        emit(as_json, _row(record), f"{record.name} {record.state.value}")
+
+    command.__doc__ = doc
+    return env.command(action)(command)
+
+
+_lifecycle("start", "Start (or resume) an environment.")
+_lifecycle("stop", "Stop an environment, keeping its state.")
+_lifecycle("restart", "Stop and start an environment.")
+_lifecycle("delete", "Destroy an environment's resource and archive its record (any state).")
+
+
+@env.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--timeout", type=float, help="Kill the command after this many seconds.")
+@json_option
+@click.pass_context
+def env_exec(
+    ctx: click.Context, name: str, command: tuple[str, ...], timeout: float | None, as_json: bool
+) -> None:
+    """Run a command in an environment (put it after --); exits with the command's code."""
+    result = open_manager(ctx).exec(
+        name, list(command), timeout=timeout, on_output=stream_output(as_json)
+    )
+    if as_json:
+        emit(True, {"exit_code": result.exit_code, "timed_out": result.timed_out}, "")
+    if result.timed_out:
+        note(f"command timed out after {timeout}s")
+    ctx.exit(result.exit_code)
+
+
+@env.command("logs")
+@click.argument("name")
+@click.option("--tail", type=click.IntRange(min=1), help="Only the last N lines.")
+@json_option
+@click.pass_context
+def env_logs(ctx: click.Context, name: str, tail: int | None, as_json: bool) -> None:
+    """Show an environment's log: lifecycle events and command output."""
+    lines = open_manager(ctx).logs(name, tail)
+    emit(as_json, lines, "\n".join(lines))
+
+
+@env.command("health")
+@click.argument("names", nargs=-1)
+@json_option
+@click.pass_context
+def env_health(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> None:
+    """Check environments now (all by default) and update their states."""
+    reports = open_manager(ctx).check_health(names or None)
+    rows = [{"name": r.name, "health": r.health, "state": r.state} for r in reports]
+    emit(
+        as_json,
+        rows,
+        lambda: "\n".join(f"{r['name']:20} {r['health']:12} {r['state']}" for r in rows),
+    )
+
+
+@env.command("sweep")
+@json_option
+@click.pass_context
+def env_sweep(ctx: click.Context, as_json: bool) -> None:
+    """Delete resources labelled with this store that no environment record knows."""
+    swept = open_manager(ctx).sweep()
+    emit(as_json, swept, "\n".join(swept) or "nothing to sweep")
+
+
+COMMANDS = [env]

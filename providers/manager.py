@@ -1,0 +1,406 @@
+"""The environment manager: records + providers + lifecycle, in one place.
+
+Every state change goes through :meth:`EnvironmentManager._move`, which checks the lifecycle
+table and persists the record (with a short history) before and after the provider acts, so a
+crash mid-operation leaves a record that says what was under way (``starting``, ``stopping``...)
+and the next health check or :meth:`reconnect_all` settles it. Each environment has an
+append-only log (``<store>/narrative/envs/<env-id>/log``) of lifecycle events and command output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from narrative.errors import InvalidInput, NarrativeError
+from narrative.models import now_iso
+from narrative.store import Store
+
+from .base import BaseProvider, ExecResult, Health, OutputFn, ProviderContext
+from .errors import IllegalTransition, ProviderError, ProviderUnavailable, ResourceGone
+from .lifecycle import EnvState, can_transition, is_active
+from .records import EnvironmentRecord, EnvironmentStore
+from .registry import get_provider_class, pick_provider
+
+__all__ = ["DEFAULT_HEALTH_INTERVAL", "EnvironmentManager", "HealthReport"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEALTH_INTERVAL = 30.0
+_HISTORY = 50
+_NAME_MAX = 64
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """One environment's health check: what was found and where it left the environment."""
+
+    name: str
+    health: str
+    state: str
+
+
+def _check_env_name(name: str) -> str:
+    ok = name and len(name) <= _NAME_MAX and name[0].isalnum()
+    if not ok or not all(c.isalnum() or c in "._-" for c in name):
+        raise InvalidInput(f"invalid environment name {name!r}: letters, digits, '.', '_', '-'")
+    return name
+
+
+class EnvironmentManager:
+    """Create, drive and watch the environments of one store."""
+
+    def __init__(
+        self,
+        store: Store,
+        health_interval: float = DEFAULT_HEALTH_INTERVAL,
+        failure_threshold: int = 3,
+    ) -> None:
+        self.store = store
+        self.records = EnvironmentStore(store)
+        self.health_interval = health_interval
+        self.failure_threshold = failure_threshold
+        digest = hashlib.sha256(os.path.realpath(store.git_dir).encode()).hexdigest()
+        self.owner = f"narrative-{digest[:16]}"
+        """Label value on every resource this store creates (leaked ones are swept by it)."""
+        self._providers: dict[str, BaseProvider] = {}
+
+    # -- providers ------------------------------------------------------------------------------
+
+    def provider(self, record: EnvironmentRecord) -> BaseProvider:
+        """The provider instance driving ``record`` (cached per environment)."""
+        cached = self._providers.get(record.id)
+        if cached is not None:
+            return cached
+        cls = get_provider_class(record.provider)
+        config = cls.config_model.model_validate({**record.config, "type": record.provider})
+        context = ProviderContext(self.store, self.owner, record.id, record.name)
+        instance = cls(context, config)
+        self._providers[record.id] = instance
+        return instance
+
+    def _log(self, record: EnvironmentRecord, line: str) -> None:
+        path = os.path.join(self.store.git_dir, "narrative", "envs", record.id, "log")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "ab") as f:
+            f.write(f"{now_iso()} {line}\n".encode(errors="surrogateescape"))
+
+    def logs(self, name: str, tail: int | None = None) -> list[str]:
+        """The environment's log lines (the last ``tail`` of them)."""
+        record = self.records.get(name)
+        path = os.path.join(self.store.git_dir, "narrative", "envs", record.id, "log")
+        try:
+            with open(path, "rb") as f:
+                lines = f.read().decode(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+        return lines[-tail:] if tail else lines
+
+    # -- records and transitions ----------------------------------------------------------------
+
+    def get(self, name: str) -> EnvironmentRecord:
+        return self.records.get(name)
+
+    def environments(self, include_archived: bool = False) -> list[EnvironmentRecord]:
+        return self.records.load() if include_archived else self.records.live()
+
+    def _move(
+        self, record: EnvironmentRecord, target: EnvState, reason: str = "", **fields: Any
+    ) -> EnvironmentRecord:
+        """Persist ``record`` → ``target`` if the lifecycle table allows it."""
+
+        def change(cur: EnvironmentRecord) -> None:
+            if cur.state is not target and not can_transition(cur.state, target):
+                raise IllegalTransition(cur.name, cur.state.value, target.value)
+            for key, value in fields.items():
+                setattr(cur, key, value)
+            if cur.state is not target:
+                cur.history.append(
+                    {"at": now_iso(), "from": cur.state.value, "to": target.value, "reason": reason}
+                )
+                del cur.history[:-_HISTORY]
+            cur.state = target
+
+        updated, _ = self.records.change(record.id, change)
+        if record.state is not target:
+            self._log(updated, f"state {record.state.value} -> {target.value} {reason}".rstrip())
+        return updated
+
+    def _fail(self, record: EnvironmentRecord, exc: BaseException) -> None:
+        """Record an error on the environment (best effort: the original error is what counts)."""
+        try:
+            current = self.records.get(record.id)
+            target = EnvState.NOT_AVAILABLE if isinstance(exc, ResourceGone) else EnvState.ERROR
+            if can_transition(current.state, target):
+                self._move(
+                    current,
+                    target,
+                    str(exc),
+                    last_error=str(exc),
+                    error_count=current.error_count + 1,
+                )
+        except NarrativeError:
+            log.warning("could not record the failure of %s", record.name, exc_info=True)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def create(
+        self,
+        name: str,
+        provider: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        require: Iterable[str] = (),
+        start: bool = True,
+    ) -> EnvironmentRecord:
+        """Create an environment (and start it unless ``start`` is False).
+
+        ``provider`` defaults to the first one that declares every capability in ``require``.
+        """
+        _check_env_name(name)
+        wanted = sorted({r.strip() for r in require if r.strip()})
+        provider = provider or pick_provider(wanted)
+        cls = get_provider_class(provider)
+        try:
+            model = cls.config_model.model_validate({**(config or {}), "type": provider})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "config"
+            raise InvalidInput(f"invalid {provider} config: {where}: {first['msg']}") from None
+        capabilities = cls.capabilities_for(model)
+        lacking = [cap for cap in wanted if cap not in capabilities]
+        if lacking:
+            from .errors import NoProviderAvailable
+
+            raise NoProviderAvailable(wanted, {provider: lacking})
+        stored = model.model_dump(mode="json", exclude={"type"}, exclude_defaults=True)
+        record = self.records.add(
+            EnvironmentRecord(
+                name=name,
+                provider=provider,
+                config=stored,
+                capabilities=sorted(capabilities),
+            )
+        )
+        self._log(record, f"created with provider {provider}")
+        try:
+            resource = self.provider(record).create()
+        except BaseException as exc:
+            self._fail(record, exc)
+            raise
+        record, _ = self.records.change(record.id, lambda r: setattr(r, "resource_id", resource))
+        self._log(record, f"resource {resource}")
+        return self.start(record.id) if start else record
+
+    def _resource(self, record: EnvironmentRecord) -> str:
+        if record.resource_id is None:
+            raise ProviderError(f"environment {record.name!r} has no resource (creation failed)")
+        return record.resource_id
+
+    def start(self, name: str) -> EnvironmentRecord:
+        record = self.records.get(name)
+        if record.state is EnvState.RUNNING:
+            return record
+        resource = self._resource(record)
+        record = self._move(record, EnvState.STARTING)
+        try:
+            self.provider(record).start(resource)
+        except BaseException as exc:
+            self._fail(record, exc)
+            raise
+        return self._move(record, EnvState.RUNNING, consecutive_failures=0)
+
+    def stop(self, name: str) -> EnvironmentRecord:
+        record = self.records.get(name)
+        if record.state is EnvState.STOPPED:
+            return record
+        resource = self._resource(record)
+        record = self._move(record, EnvState.STOPPING)
+        try:
+            self.provider(record).stop(resource)
+        except BaseException as exc:
+            self._fail(record, exc)
+            raise
+        return self._move(record, EnvState.STOPPED)
+
+    def restart(self, name: str) -> EnvironmentRecord:
+        record = self.records.get(name)
+        resource = self._resource(record)
+        record = self._move(record, EnvState.RESTARTING)
+        provider = self.provider(record)
+        try:
+            provider.stop(resource)
+            provider.start(resource)
+        except BaseException as exc:
+            self._fail(record, exc)
+            raise
+        return self._move(record, EnvState.RUNNING, consecutive_failures=0)
+
+    def delete(self, name: str) -> EnvironmentRecord:
+        """Destroy the resource and archive the record; works from any state."""
+        record = self.records.get(name)
+        if record.state is EnvState.ARCHIVED:
+            return record
+        if record.resource_id is not None:
+            try:
+                self.provider(record).delete(record.resource_id)
+            except ResourceGone:
+                pass
+            except BaseException as exc:
+                self._fail(record, exc)
+                raise
+        self._providers.pop(record.id, None)
+        return self._move(record, EnvState.ARCHIVED, "deleted")
+
+    # -- operations -----------------------------------------------------------------------------
+
+    def require_active(self, name: str) -> tuple[EnvironmentRecord, BaseProvider, str]:
+        """The record, provider and resource of an environment that can run commands."""
+        record = self.records.get(name)
+        if not is_active(record.state):
+            raise ProviderError(
+                f"environment {record.name!r} is {record.state.value}; start it first"
+            )
+        return record, self.provider(record), self._resource(record)
+
+    def exec(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputFn | None = None,
+    ) -> ExecResult:
+        """Run a command in the environment; output is streamed and appended to its log."""
+        record, provider, resource = self.require_active(name)
+        self._log(record, f"exec {' '.join(argv)}")
+        path = os.path.join(self.store.git_dir, "narrative", "envs", record.id, "log")
+        with open(path, "ab") as logf:
+
+            def tee(stream: str, chunk: bytes) -> None:
+                logf.write(chunk)
+                logf.flush()
+                if on_output is not None:
+                    on_output(stream, chunk)
+
+            try:
+                result = provider.exec(resource, argv, env=env, timeout=timeout, on_output=tee)
+            except (ResourceGone, ProviderUnavailable) as exc:
+                self._fail(record, exc)
+                raise
+        suffix = " (timed out)" if result.timed_out else ""
+        self._log(record, f"exit {result.exit_code}{suffix}")
+        return result
+
+    # -- health, reconnect, sweep -----------------------------------------------------------------
+
+    def check_health(self, names: Iterable[str] | None = None) -> list[HealthReport]:
+        """Probe environments once and move them between running / disconnected /
+        unconnectable / not_available as the result says."""
+        wanted = set(names) if names is not None else None
+        reports = []
+        for record in self.records.live():
+            if wanted is not None and not ({record.name, record.id} & wanted):
+                continue
+            if record.resource_id is None or record.state in (
+                EnvState.CREATED,
+                EnvState.STARTING,
+                EnvState.STOPPING,
+                EnvState.RESTARTING,
+            ):
+                continue
+            reports.append(self._check_one(record, record.resource_id))
+        return reports
+
+    def _check_one(self, record: EnvironmentRecord, resource: str) -> HealthReport:
+        try:
+            health = self.provider(record).health(resource)
+        except ProviderError:
+            health = Health.UNREACHABLE
+        updated = self._apply_health(record, health)
+        return HealthReport(updated.name, health.value, updated.state.value)
+
+    def _apply_health(self, record: EnvironmentRecord, health: Health) -> EnvironmentRecord:
+        now = now_iso()
+        state = record.state
+        if health is Health.GONE:
+            return self._move(record, EnvState.NOT_AVAILABLE, "resource gone", last_health_at=now)
+        if health is Health.OK:
+            if state in (EnvState.DISCONNECTED, EnvState.UNCONNECTABLE):
+                return self._move(
+                    record, EnvState.RUNNING, "reachable again",
+                    consecutive_failures=0, last_health_at=now,
+                )  # fmt: skip
+            return self._move(record, state, consecutive_failures=0, last_health_at=now)
+        failures = record.consecutive_failures + 1
+        fields: dict[str, Any] = {"consecutive_failures": failures, "last_health_at": now}
+        if state is EnvState.RUNNING:
+            return self._move(record, EnvState.DISCONNECTED, "health check failed", **fields)
+        if state is EnvState.DISCONNECTED and failures >= self.failure_threshold:
+            reason = f"{failures} health checks failed"
+            return self._move(record, EnvState.UNCONNECTABLE, reason, **fields)
+        return self._move(record, state, **fields)
+
+    def reconnect_all(self) -> list[HealthReport]:
+        """On start-up: reattach to every environment whose resource still exists."""
+        return [
+            self._reconnect_one(record, record.resource_id)
+            for record in self.records.live()
+            if record.resource_id is not None
+        ]
+
+    def _reconnect_one(self, record: EnvironmentRecord, resource: str) -> HealthReport:
+        try:
+            self.provider(record).reconnect(resource)
+        except ResourceGone:
+            if record.state is not EnvState.NOT_AVAILABLE:
+                record = self._move(record, EnvState.NOT_AVAILABLE, "resource gone")
+            return HealthReport(record.name, Health.GONE.value, record.state.value)
+        except ProviderError as exc:
+            log.info("cannot reconnect %s: %s", record.name, exc)
+            record = self._apply_health(record, Health.UNREACHABLE)
+            return HealthReport(record.name, Health.UNREACHABLE.value, record.state.value)
+        if record.state in (EnvState.STARTING, EnvState.RESTARTING):
+            record = self._move(record, EnvState.RUNNING, "reconnected")
+        elif record.state is EnvState.STOPPING:
+            record = self._move(record, EnvState.STOPPED, "reconnected")
+        record = self._apply_health(record, Health.OK)
+        return HealthReport(record.name, Health.OK.value, record.state.value)
+
+    def sweep(self, providers: Iterable[str] | None = None) -> list[str]:
+        """Delete resources labelled with this store's owner that no record knows."""
+        known = {r.resource_id for r in self.records.live() if r.resource_id}
+        names = (
+            set(providers)
+            if providers is not None
+            else {r.provider for r in self.environments(True)}
+        )
+        swept = []
+        for name in sorted(names):
+            cls = get_provider_class(name)
+            config = cls.config_model.model_construct()
+            context = ProviderContext(self.store, self.owner, "env-sweep", "sweep")
+            instance = cls(context, config)
+            for resource in instance.list_resources():
+                if resource not in known:
+                    log.info("sweeping leaked %s resource %s", name, resource)
+                    instance.delete(resource)
+                    swept.append(resource)
+        return swept
+
+    def watch(self, stop: threading.Event) -> None:
+        """Run health checks every ``health_interval`` seconds until ``stop`` is set."""
+        while not stop.wait(self.health_interval):
+            started = time.monotonic()
+            try:
+                self.check_health()
+            except NarrativeError:
+                log.warning("health check failed", exc_info=True)
+            log.debug("health check took %.3fs", time.monotonic() - started)

@@ -1,0 +1,111 @@
+"""Isolated agent runs: restore a snapshot into an environment, run a command there, capture
+the result as a snapshot on a new thread, and record the run from start to finish.
+
+The user's workspace is only read (for the default base snapshot), never written. The run's
+thread is forked from the base, so ``narrative diff RUN`` and ``narrative merge RUN`` compare the
+result with exactly what the environment started from. Whatever happens — a non-zero exit, a
+timeout, Ctrl-C, a provider failure — the run is finished with a status, and a result snapshot
+is taken if the environment can still be read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from narrative.errors import NarrativeError
+from narrative.hierarchy import create_thread, finish_run, get_thread, resolve_thread, start_run
+from narrative.history import resolve_snapshot, snapshot_at
+from narrative.ids import new_id
+from narrative.models import AgentRun, Snapshot
+from narrative.snapshot import take_snapshot
+
+from .base import OutputFn
+from .manager import EnvironmentManager
+
+__all__ = ["IsolatedRun", "pick_base", "run_isolated"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IsolatedRun:
+    """What an isolated run did."""
+
+    run: AgentRun
+    base: Snapshot
+    result: Snapshot | None
+    exit_code: int | None
+    timed_out: bool = False
+
+
+def pick_base(
+    manager: EnvironmentManager, snapshot: str | None = None, thread: str | None = None
+) -> Snapshot:
+    """The base of a run: a named snapshot, the head of a thread, or (default) a fresh
+    snapshot of the workspace."""
+    store = manager.store
+    if snapshot is not None:
+        return resolve_snapshot(store, snapshot)
+    if thread is not None:
+        found = resolve_thread(store, thread)
+        head = store.refs.read(store.thread_ref(found.id))
+        if head is None:
+            if found.forked_from:
+                return resolve_snapshot(store, found.forked_from)
+            raise NarrativeError(f"thread {found.name!r} has no snapshot to start from")
+        return snapshot_at(store, head)
+    return take_snapshot(store, message="base of an isolated run").snapshot
+
+
+def run_isolated(
+    manager: EnvironmentManager,
+    env_name: str,
+    argv: Sequence[str],
+    base: Snapshot,
+    agent: str = "agent",
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    on_output: OutputFn | None = None,
+) -> IsolatedRun:
+    """Run ``argv`` in environment ``env_name`` starting from ``base``."""
+    store = manager.store
+    record, provider, resource = manager.require_active(env_name)
+    objective = get_thread(store, base.thread).objective_id
+    thread = create_thread(
+        store, objective, f"run/{record.name}/{new_id('run')[4:14]}", forked_from=base.id
+    )
+    run = start_run(store, thread.id, agent=agent, environment=record.name, base_snapshot=base.id)
+    status, exit_code, timed_out = "failed", None, False
+    result: Snapshot | None = None
+    try:
+        provider.restore(resource, base)
+        outcome = manager.exec(record.name, argv, env=env, timeout=timeout, on_output=on_output)
+        exit_code, timed_out = outcome.exit_code, outcome.timed_out
+        status = "succeeded" if exit_code == 0 and not timed_out else "failed"
+    except KeyboardInterrupt:
+        status = "cancelled"
+        raise
+    finally:
+        result = _collect(manager, env_name, thread.id, run.id, status)
+        run = finish_run(
+            store,
+            run.id,
+            status,
+            exit_code=exit_code,
+            result_snapshot=result.id if result is not None else None,
+        )
+    return IsolatedRun(run, base, result, exit_code, timed_out)
+
+
+def _collect(
+    manager: EnvironmentManager, env_name: str, thread_id: str, run_id: str, status: str
+) -> Snapshot | None:
+    """The run's result snapshot, or None when the environment cannot be read any more."""
+    try:
+        _record, provider, resource = manager.require_active(env_name)
+        return provider.collect(resource, thread_id, run_id, f"result of run {run_id} ({status})")
+    except NarrativeError as exc:
+        log.warning("no result snapshot for run %s: %s", run_id, exc)
+        return None
