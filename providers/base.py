@@ -101,6 +101,8 @@ class BaseProvider(ABC):
     category: ClassVar[Category]
     capabilities: ClassVar[frozenset[str]]
     config_model: ClassVar[type[ProviderConfig]]
+    preference: ClassVar[int] = 50
+    """Lower is picked first when several providers meet a ``--require`` (ties: by name)."""
 
     def __init__(self, context: ProviderContext, config: ProviderConfig) -> None:
         self.context = context

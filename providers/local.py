@@ -29,6 +29,7 @@ class LocalConfig(ProviderConfig):
 class LocalProvider(DirectoryProvider):
     name = "local"
     config_model = LocalConfig
+    preference = 20
 
     def create(self) -> str:
         assert isinstance(self.config, LocalConfig)

@@ -81,7 +81,7 @@ class EnvironmentManager:
         if cached is not None:
             return cached
         cls = get_provider_class(record.provider)
-        config = cls.config_model.model_validate({**record.config, "type": record.provider})
+        config = cls.config_model.model_validate(record.config)
         context = ProviderContext(self.store, self.owner, record.id, record.name)
         instance = cls(context, config)
         self._providers[record.id] = instance
@@ -169,7 +169,7 @@ class EnvironmentManager:
         provider = provider or pick_provider(wanted)
         cls = get_provider_class(provider)
         try:
-            model = cls.config_model.model_validate({**(config or {}), "type": provider})
+            model = cls.config_model.model_validate(dict(config or {}))
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "config"

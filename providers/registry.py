@@ -81,9 +81,8 @@ def get_provider_class(name: str) -> type[BaseProvider]:
 
 
 def pick_provider(requirements: Iterable[str], candidates: Iterable[str] | None = None) -> str:
-    """The first provider (local ones first) that declares every required capability."""
+    """The preferred provider (lowest ``preference``) that declares every required capability."""
     wanted = sorted({r.strip() for r in requirements if r.strip()})
-    order = {"local": 0, "hybrid": 1, "cloud": 2}
     missing: dict[str, list[str]] = {}
     fits: list[tuple[int, str]] = []
     for name in candidates if candidates is not None else available():
@@ -92,11 +91,14 @@ def pick_provider(requirements: Iterable[str], candidates: Iterable[str] | None 
         except MissingDependency:
             missing[name] = ["(not installed)"]
             continue
+        except ProviderError:
+            missing[name] = ["(cannot be imported)"]
+            continue
         lacking = [cap for cap in wanted if cap not in cls.capabilities]
         if lacking:
             missing[name] = lacking
         else:
-            fits.append((order.get(cls.category, 3), name))
+            fits.append((cls.preference, name))
     if not fits:
         raise NoProviderAvailable(wanted, missing)
     return min(fits)[1]

@@ -35,6 +35,7 @@ def worktrees_dir(git_dir: str) -> str:
 class WorktreeProvider(DirectoryProvider):
     name = "worktree"
     config_model = WorktreeConfig
+    preference = 10  # needs no configuration: the default pick
 
     def _target(self) -> str:
         assert isinstance(self.config, WorktreeConfig)

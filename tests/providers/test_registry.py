@@ -1,0 +1,79 @@
+"""The provider registry: lazy imports, entry points, install hints, capability routing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from providers import registry
+from providers.errors import MissingDependency, NoProviderAvailable, ProviderNotFound
+from providers.worktree import WorktreeProvider
+
+
+def test_builtins_are_listed_without_importing_them() -> None:
+    for name in ("docker", "e2b"):
+        registry._LOADED.pop(name, None)
+    before = set(sys.modules)
+    names = registry.available()
+    assert {"local", "worktree", "docker", "e2b"} <= set(names)
+    assert not {m for m in set(sys.modules) - before if m.startswith("providers.docker")}
+
+
+def test_unknown_provider() -> None:
+    with pytest.raises(ProviderNotFound, match=r"known: .*worktree"):
+        registry.get_provider_class("nope")
+
+
+@pytest.mark.parametrize(("provider", "module"), [("docker", "docker"), ("e2b", "e2b")])
+def test_missing_optional_dependency_gives_install_hint(
+    monkeypatch: pytest.MonkeyPatch, provider: str, module: str
+) -> None:
+    monkeypatch.delitem(registry._LOADED, provider, raising=False)
+    monkeypatch.delitem(sys.modules, f"providers.{provider}_provider", raising=False)
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    with pytest.raises(MissingDependency) as info:
+        registry.get_provider_class(provider)
+    assert f"pip install 'narrative-engine[{provider}]'" in str(info.value)
+
+
+def test_entry_point_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A third-party package registers a provider through ``narrative.providers``."""
+    (tmp_path / "thirdparty_env.py").write_text(
+        "from providers.worktree import WorktreeProvider\n"
+        "class GpuBox(WorktreeProvider):\n"
+        "    name = 'gpubox'\n"
+        "    capabilities = WorktreeProvider.capabilities | {'gpu'}\n"
+    )
+    dist = tmp_path / "thirdparty_env-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-env\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[narrative.providers]\ngpubox = thirdparty_env:GpuBox\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(registry._LOADED, "gpubox", raising=False)
+    assert "gpubox" in registry.available()
+    cls = registry.get_provider_class("gpubox")
+    assert issubclass(cls, WorktreeProvider) and cls.__name__ == "GpuBox"
+    assert registry.pick_provider(["gpu", "python"]) == "gpubox"
+    registry._LOADED.pop("gpubox")
+
+
+def test_pick_prefers_the_worktree_and_explains_misses() -> None:
+    assert registry.pick_provider([]) == "worktree"
+    assert registry.pick_provider(["python", "git"]) == "worktree"
+    with pytest.raises(NoProviderAvailable) as info:
+        registry.pick_provider(["gpu", "python"], candidates=["worktree", "local"])
+    assert info.value.missing == {"worktree": ["gpu"], "local": ["gpu"]}
+    assert "worktree lacks gpu" in str(info.value)
+
+
+def test_non_provider_target_is_refused() -> None:
+    registry.register("bogus", "json:dumps")
+    try:
+        with pytest.raises(Exception, match="not a BaseProvider subclass"):
+            registry.get_provider_class("bogus")
+    finally:
+        registry._EXTRA.pop("bogus")
