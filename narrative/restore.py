@@ -21,7 +21,7 @@ from .objects import MODE_DIR, MODE_EXEC, MODE_LINK, parse_tree
 from .odb import ObjectStore
 from .store import Store
 
-__all__ = ["RestoreResult", "flatten_tree", "materialize", "restore_workspace"]
+__all__ = ["RestoreResult", "flatten_tree", "materialize", "restore_workspace", "sync_directory"]
 
 FlatTree = dict[str, tuple[int, bytes]]
 _PARALLEL_MIN = 64
@@ -130,6 +130,27 @@ def materialize(store: Store, snapshot: Snapshot, target: str) -> RestoreResult:
     os.makedirs(target, exist_ok=True)
     _write_all(store.odb, target, [(p, m, o) for p, (m, o) in flat.items()], fresh=True)
     return RestoreResult(snapshot.id, target, written=len(flat))
+
+
+def sync_directory(store: Store, root: str, current: FlatTree, target: FlatTree) -> RestoreResult:
+    """Turn a directory known to hold ``current`` into ``target``, touching only what differs.
+
+    For directories the store owns (environments): the caller has verified that ``root`` holds
+    exactly ``current``, so there are no safety snapshot or stat re-checks here. Files that
+    are not part of ``current`` (ignored ones) are left alone.
+    """
+    removed = [p for p in current if p not in target]
+    for path in sorted(removed, reverse=True):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(root, path))
+    _prune_empty_dirs(root, {os.path.dirname(p) for p in removed})
+    writes = [(p, m, o) for p, (m, o) in target.items() if current.get(p) != (m, o)]
+    for path, _m, _o in writes:
+        st = _lstat(os.path.join(root, path))
+        if st is not None and stat_mod.S_ISDIR(st.st_mode):
+            raise RestoreError(f"directory {path} is in the way of a file and is not empty")
+    _write_all(store.odb, root, writes)
+    return RestoreResult("", root, written=len(writes), deleted=len(removed))
 
 
 def _lstat(path: str) -> os.stat_result | None:

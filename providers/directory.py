@@ -21,7 +21,7 @@ from narrative.errors import InvalidInput, RestoreError
 from narrative.fsutil import write_atomic
 from narrative.models import Snapshot
 from narrative.objects import hash_object
-from narrative.restore import materialize
+from narrative.restore import FlatTree, flatten_tree, materialize, sync_directory
 from narrative.snapshot import scan_tree, take_snapshot
 
 from .base import BaseProvider, ExecResult, Health, OutputFn, check_relative_path
@@ -97,19 +97,33 @@ class DirectoryProvider(BaseProvider):
     # -- workspace ------------------------------------------------------------------------------
 
     def restore(self, resource_id: str, snapshot: Snapshot) -> None:
-        """Empty the directory and write ``snapshot`` into it.
+        """Make the directory hold exactly ``snapshot``.
 
-        Anything the directory holds is snapshotted onto the environment's own thread first,
-        so a restore never destroys work that was not captured.
+        When it still holds the tree it was last restored to or collected as (the usual case
+        between runs), only the paths that differ are written, like a checkout switching
+        commits. Otherwise whatever it holds is first snapshotted onto the environment's own
+        thread, so a restore never destroys work that was not captured, and it is rewritten.
         """
         self.reconnect(resource_id)
-        if os.listdir(resource_id):
-            self.save_leftovers(resource_id, f"left in {self.context.env_name} before a restore")
-            _empty(resource_id)
+        store = self.context.store
+        target = flatten_tree(store.odb, bytes.fromhex(snapshot.tree))
+        known = self._known_tree()
         try:
-            materialize(self.context.store, snapshot, resource_id)
-        except RestoreError:
-            raise
+            if known is not None and self._captured(resource_id, known):
+                try:
+                    sync_directory(store, resource_id, flatten_tree(store.odb, known), target)
+                    _remove_strays(resource_id, target)
+                    self._remember(snapshot.tree)
+                    return
+                except RestoreError:
+                    pass  # an ignored file blocks a path: rewrite everything instead
+                _empty(resource_id)
+                materialize(store, snapshot, resource_id)
+            else:
+                if os.listdir(resource_id):
+                    self.save_leftovers(resource_id, f"left in {self.context.env_name}")
+                    _empty(resource_id)
+                materialize(store, snapshot, resource_id)
         except OSError as exc:
             raise RestoreError(f"cannot restore into {resource_id}: {exc}") from exc
         self._remember(snapshot.tree)
@@ -136,22 +150,27 @@ class DirectoryProvider(BaseProvider):
         """Record the tree the directory is known to hold (restored or collected)."""
         write_atomic(self._marker(), tree.encode(), durable=False)
 
-    def _captured(self, resource_id: str) -> bool:
-        """Whether the directory still holds the tree last restored or collected."""
+    def _known_tree(self) -> bytes | None:
+        """The tree last restored or collected, if recorded."""
         try:
             with open(self._marker(), "rb") as f:
-                known = f.read().decode()
-        except (FileNotFoundError, UnicodeDecodeError):
+                return bytes.fromhex(f.read().decode())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _captured(self, resource_id: str, known: bytes | None) -> bool:
+        """Whether the directory still holds ``known`` (the tree last restored or collected)."""
+        if known is None:
             return False
         _scan, root, _cache = scan_tree(self.context.store, resource_id)
-        return (root or hash_object("tree", b"")).hex() == known
+        return (root or hash_object("tree", b"")) == known
 
     def save_leftovers(self, resource_id: str, message: str) -> Snapshot | None:
         """Snapshot the directory onto the environment's thread (created on first use), unless
         it holds exactly what was last restored or collected (then it is saved already)."""
         from narrative.hierarchy import create_thread, list_threads
 
-        if self._captured(resource_id):
+        if self._captured(resource_id, self._known_tree()):
             return None
         store = self.context.store
         name = f"env/{self.context.env_name}"
@@ -189,6 +208,32 @@ class DirectoryProvider(BaseProvider):
         except OSError as exc:
             raise ExecFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
         return _wait_streaming(proc, timeout, on_output)
+
+
+def _remove_strays(root: str, target: FlatTree) -> None:
+    """Remove what ``target`` does not hold (ignored files left by an earlier run)."""
+    dirs = {""}
+    for path in target:
+        parent = os.path.dirname(path)
+        while parent not in dirs:
+            dirs.add(parent)
+            parent = os.path.dirname(parent)
+    for current, subdirs, files in os.walk(root):
+        rel = os.path.relpath(current, root)
+        rel = "" if rel == "." else rel.replace(os.sep, "/")
+        prefix = rel + "/" if rel else ""
+        for name in list(subdirs):
+            full = os.path.join(current, name)
+            if os.path.islink(full):
+                files.append(name)
+            elif prefix + name not in dirs:
+                shutil.rmtree(full)
+            else:
+                continue
+            subdirs.remove(name)
+        for name in files:
+            if prefix + name not in target:
+                os.unlink(os.path.join(current, name))
 
 
 def _empty(directory: str) -> None:

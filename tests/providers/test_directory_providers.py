@@ -102,6 +102,34 @@ def test_restore_then_collect_matches_git(
     assert result.tree != base.tree
 
 
+def test_restore_between_runs_touches_only_what_differs(
+    provider: BaseProvider, store: Store, workspace: Path, tmp_path: Path
+) -> None:
+    (workspace / ".gitignore").write_text("*.log\n")
+    (workspace / "keep").mkdir()
+    (workspace / "keep" / "same.txt").write_text("unchanged\n")
+    first = take_snapshot(store).snapshot
+    (workspace / "README.md").write_text("# second\n")
+    (workspace / "src" / "app.py").unlink()
+    (workspace / "src" / "app.py").mkdir()  # a file becomes a directory
+    (workspace / "src" / "app.py" / "main.py").write_text("pass\n")
+    second = take_snapshot(store).snapshot
+    rid = provider.create()
+    provider.restore(rid, first)
+    inode = os.stat(Path(rid) / "keep" / "same.txt").st_ino
+    (Path(rid) / "build.log").write_text("ignored output of a run\n")
+    (Path(rid) / "cache").mkdir()
+    (Path(rid) / "cache" / "x.log").write_text("ignored\n")
+    provider.restore(rid, second)
+    assert os.stat(Path(rid) / "keep" / "same.txt").st_ino == inode  # not rewritten
+    assert not (Path(rid) / "build.log").exists() and not (Path(rid) / "cache").exists()
+    assert git_tree_of(Path(rid), tmp_path, exclude=()) == second.tree
+    (Path(rid) / "src" / "app.py" / "debug.log").write_text("ignored, in the way\n")
+    provider.restore(rid, first)  # the directory must become a file again
+    assert git_tree_of(Path(rid), tmp_path, exclude=()) == first.tree
+    assert not [t for t in list_threads(store) if t.name == "env/box"]  # nothing uncaptured
+
+
 def test_restore_saves_uncaptured_leftovers(provider: BaseProvider, store: Store) -> None:
     base = take_snapshot(store).snapshot
     rid = provider.create()

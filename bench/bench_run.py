@@ -1,0 +1,150 @@
+"""Isolated-run benchmark: the overhead of ``narrative run`` around a trivial command
+(DESIGN.md §6; issue 4 targets).
+
+On a generated 5,000-file workspace (``workspace.py``), for each provider OUR CLI as a user runs
+it (``narrative run start --env E -- true``: fresh base snapshot, restore into the environment,
+exec, collect the result as a snapshot, bookkeeping) and the ANCHOR alternate, several reps,
+medians, ratio ours/anchor:
+
+* ``worktree`` (target ≤ 1.5x): ``git worktree add --detach DIR HEAD`` + ``git -C DIR add -A``
+  + ``git -C DIR commit --allow-empty -q -m run`` in a plain git repository holding the same
+  tree (``git worktree remove --force`` afterwards, untimed).
+* ``docker`` (target ≤ 1.5x): ``docker run`` of the same image + ``docker cp`` of the workspace
+  in and out (``bench_docker_anchor.py``); needs a reachable engine (``DOCKER_HOST``) and the
+  offline test image, else the row says why it was skipped.
+
+Usage::
+
+    python bench/bench_run.py --quick          # 5,000 files / 100 MiB, 3 reps
+    python bench/bench_run.py --reps 5 --scenarios worktree
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import workspace
+from common import (
+    SideError,
+    check,
+    cpu_model,
+    fmt,
+    git_version,
+    isolated_env,
+    log,
+    parse_bench_args,
+    run,
+    write_results,
+)
+
+SCENARIOS = {"worktree": ("run in a worktree", 1.5), "docker": ("run in Docker", 1.5)}
+
+
+def _git(env: dict[str, str], cwd: Path, *args: str) -> None:
+    check(run(["git", *args], env=env, cwd=cwd))
+
+
+def _alternate(
+    reps: int, ours: Callable[[], float], anchor: Callable[[], float]
+) -> tuple[list[float], list[float]]:
+    o: list[float] = []
+    a: list[float] = []
+    for rep in range(reps):
+        pair = [(o, ours), (a, anchor)]
+        for sink, fn in pair if rep % 2 == 0 else reversed(pair):
+            sink.append(fn())
+    return o, a
+
+
+def bench_worktree(root: Path, ws: Path, env: dict[str, str], narrative: Path, reps: int):
+    """Medians (ours, anchor) for the worktree scenario."""
+    check(run([narrative, "env", "create", "wt", "--provider", "worktree"], env=env, cwd=ws))
+    repo = root / "anchor-repo"
+    shutil.copytree(ws, repo, ignore=shutil.ignore_patterns(".narrative"), symlinks=True)
+    _git(env, repo, "init", "-q")
+    _git(env, repo, "add", "-A")
+    _git(env, repo, "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "-m", "base")
+    counter = iter(range(1_000_000))
+
+    def ours() -> float:
+        p = check(run([narrative, "run", "start", "--env", "wt", "--", "true"], env=env, cwd=ws))
+        return p.seconds
+
+    def anchor() -> float:
+        dest = root / f"anchor-wt-{next(counter)}"
+        total = 0.0
+        total += check(run(["git", "worktree", "add", "-q", "--detach", str(dest), "HEAD"],
+                           env=env, cwd=repo)).seconds  # fmt: skip
+        total += check(run(["git", "add", "-A"], env=env, cwd=dest)).seconds
+        total += check(run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit",
+                            "--allow-empty", "-q", "-m", "run"], env=env, cwd=dest)).seconds  # fmt: skip
+        _git(env, repo, "worktree", "remove", "--force", str(dest))
+        return total
+
+    return _alternate(reps, ours, anchor)
+
+
+def bench_docker(root: Path, ws: Path, env: dict[str, str], narrative: Path, reps: int):
+    try:
+        import bench_docker_anchor as anchor_mod
+    except ImportError as exc:
+        raise SideError(f"docker anchor unavailable: {exc}") from None
+    return anchor_mod.bench_pair(root, ws, env, narrative, reps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_bench_args(argv, __doc__ or "", SCENARIOS)
+    if not args.quick and args.files == workspace.DEFAULT_FILES:
+        args.files, args.size_mb = 5000, 100.0  # the issue's workspace size
+    started = time.perf_counter()
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="bench-run-"))
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        env = isolated_env(root / "home")
+        (root / "home").mkdir(exist_ok=True)
+        ws = root / "ws"
+        log(f"generating {args.files:,} files / {args.size_mb:g} MiB in {ws}")
+        info = workspace.generate(ws, args.files, args.size_mb, args.seed)
+        check(run([args.narrative, "init"], env=env, cwd=ws))
+        check(run([args.narrative, "snapshot", "-m", "first"], env=env, cwd=ws))
+        for key in args.scenario_keys:
+            label, target = SCENARIOS[key]
+            log(f"scenario {key}")
+            try:
+                fn = bench_worktree if key == "worktree" else bench_docker
+                ours, anchor = fn(root, ws, env, args.narrative, args.reps)
+            except SideError as exc:
+                rows.append({"key": key, "label": label, "target": target, "error": str(exc)})
+                continue
+            o, a = statistics.median(ours), statistics.median(anchor)
+            rows.append({"key": key, "label": label, "target": target, "ours": ours,
+                         "anchor": anchor, "ratio": o / a})  # fmt: skip
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"\n{args.files:,} files, {args.reps} reps, git {git_version(env)}, {cpu_model()}\n")
+    print("| operation | ours (s) | anchor (s) | ratio | target | status |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['label']} | – | – | – | ≤ {r['target']:.1f}x | skipped: {r['error']} |")
+            continue
+        ok = "ok" if r["ratio"] <= r["target"] else "**MISS**"
+        print(f"| {r['label']} | {fmt(statistics.median(r['ours']), '.3f')} | "
+              f"{fmt(statistics.median(r['anchor']), '.3f')} | {r['ratio']:.2f}x | "
+              f"≤ {r['target']:.1f}x | {ok} |")  # fmt: skip
+    machine = {"cpu": cpu_model(), "python": sys.version.split()[0]}
+    path = write_results("run", args, info, time.perf_counter() - started, machine, {"rows": rows})
+    log(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
