@@ -43,7 +43,11 @@ from common import (
     write_results,
 )
 
-SCENARIOS = {"worktree": ("run in a worktree", 1.5), "docker": ("run in Docker", 1.5)}
+SCENARIOS = {
+    "worktree": ("run in a worktree (reused environment)", 1.5),
+    "worktree-cold": ("run in a new worktree (env create + run)", 1.5),
+    "docker": ("run in Docker", 1.5),
+}
 
 
 def _git(env: dict[str, str], cwd: Path, *args: str) -> None:
@@ -62,22 +66,33 @@ def _alternate(
     return o, a
 
 
-def bench_worktree(root: Path, ws: Path, env: dict[str, str], narrative: Path, reps: int):
-    """Medians (ours, anchor) for the worktree scenario."""
-    check(run([narrative, "env", "create", "wt", "--provider", "worktree"], env=env, cwd=ws))
+def bench_worktree(
+    root: Path, ws: Path, env: dict[str, str], narrative: Path, reps: int, cold: bool = False
+):
+    """Samples (ours, anchor) for the worktree scenarios. Reused: one environment serves every
+    run (restores are incremental); cold: each run creates its environment first."""
+    if not cold:
+        check(run([narrative, "env", "create", "wt", "--provider", "worktree"], env=env, cwd=ws))
     repo = root / "anchor-repo"
-    shutil.copytree(ws, repo, ignore=shutil.ignore_patterns(".narrative"), symlinks=True)
-    _git(env, repo, "init", "-q")
-    _git(env, repo, "add", "-A")
-    _git(env, repo, "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "-m", "base")
+    if not repo.exists():
+        shutil.copytree(ws, repo, ignore=shutil.ignore_patterns(".narrative"), symlinks=True)
+        _git(env, repo, "init", "-q")
+        _git(env, repo, "add", "-A")
+        _git(env, repo, "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "-m", "b")
     counter = iter(range(1_000_000))
 
     def ours() -> float:
-        p = check(run([narrative, "run", "start", "--env", "wt", "--", "true"], env=env, cwd=ws))
-        return p.seconds
+        name, total = "wt", 0.0
+        if cold:
+            name = f"cold{next(counter)}"
+            total += check(run([narrative, "env", "create", name], env=env, cwd=ws)).seconds
+        p = check(run([narrative, "run", "start", "--env", name, "--", "true"], env=env, cwd=ws))
+        if cold:
+            check(run([narrative, "env", "delete", name], env=env, cwd=ws))
+        return total + p.seconds
 
     def anchor() -> float:
-        dest = root / f"anchor-wt-{next(counter)}"
+        dest = root / f"anchor-wt-{'cold' if cold else 'warm'}-{next(counter)}"
         total = 0.0
         total += check(run(["git", "worktree", "add", "-q", "--detach", str(dest), "HEAD"],
                            env=env, cwd=repo)).seconds  # fmt: skip
@@ -118,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
             label, target = SCENARIOS[key]
             log(f"scenario {key}")
             try:
-                fn = bench_worktree if key == "worktree" else bench_docker
-                ours, anchor = fn(root, ws, env, args.narrative, args.reps)
+                if key == "docker":
+                    ours, anchor = bench_docker(root, ws, env, args.narrative, args.reps)
+                else:
+                    cold = key == "worktree-cold"
+                    ours, anchor = bench_worktree(root, ws, env, args.narrative, args.reps, cold)
             except SideError as exc:
                 rows.append({"key": key, "label": label, "target": target, "error": str(exc)})
                 continue

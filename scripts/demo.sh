@@ -37,6 +37,15 @@ test -e "$ws/debug.log"
 step "restore --to: materialise the agent's result elsewhere"
 narrative restore "$thread" --to "$demo/result"
 ls -R "$demo/result"
+step "an isolated run: the same agent work in a worktree environment, the workspace untouched"
+narrative env create sandbox --require python,git
+narrative run start --env sandbox --snapshot "$base" --agent demo-agent -- \
+    sh -c 'printf "\n\ndef sub(a, b):\n    return a - b\n" >> src/calc.py && echo "sub added"'
+test ! -e "$ws/CHANGES.md"
+iso_run=$(narrative run list --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
+narrative run show "$iso_run"
+narrative env list
+narrative env delete sandbox
 step "git can read the store"
 git --git-dir "$ws/.narrative" log --oneline --glob='refs/narrative/threads/*' | head -5
 echo
