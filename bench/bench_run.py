@@ -97,8 +97,8 @@ def bench_worktree(
         total += check(run(["git", "worktree", "add", "-q", "--detach", str(dest), "HEAD"],
                            env=env, cwd=repo)).seconds  # fmt: skip
         total += check(run(["git", "add", "-A"], env=env, cwd=dest)).seconds
-        total += check(run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit",
-                            "--allow-empty", "-q", "-m", "run"], env=env, cwd=dest)).seconds  # fmt: skip
+        commit = ["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "--allow-empty"]
+        total += check(run([*commit, "-q", "-m", "run"], env=env, cwd=dest)).seconds
         _git(env, repo, "worktree", "remove", "--force", str(dest))
         return total
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['label']} | – | – | – | ≤ {r['target']:.1f}x | skipped: {r['error']} |")
+            print(f"| {r['label']} | - | - | - | ≤ {r['target']:.1f}x | skipped: {r['error']} |")
             continue
         ok = "ok" if r["ratio"] <= r["target"] else "**MISS**"
         print(f"| {r['label']} | {fmt(statistics.median(r['ours']), '.3f')} | "
