@@ -182,6 +182,28 @@ def env_health(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> Non
     )
 
 
+@env.command("watch")
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+    help="Seconds between health checks.",
+)  # fmt: skip
+@click.option("--count", type=click.IntRange(min=1), help="Stop after N checks.")
+@click.pass_context
+def env_watch(ctx: click.Context, interval: float, count: int | None) -> None:
+    """Reconnect every environment, then check their health every --interval seconds."""
+    import time
+
+    manager = open_manager(ctx)
+    for report in manager.reconnect_all():
+        note(f"{report.name}: {report.health} ({report.state})")
+    done = 0
+    while count is None or done < count:
+        time.sleep(interval)
+        for report in manager.check_health():
+            click.echo(f"{report.name:20} {report.health:12} {report.state}")
+        done += 1
+
+
 @env.command("sweep")
 @json_option
 @click.pass_context

@@ -87,6 +87,15 @@ def test_cli_env_commands(cli: Cli) -> None:
     assert cli.json("env", "sweep") == []
 
 
+def test_cli_env_watch_reconnects_and_reports(cli: Cli) -> None:
+    cli.run("init")
+    record = cli.json("env", "create", "wt")
+    __import__("shutil").rmtree(record["resource_id"])
+    out = cli.run("env", "watch", "--interval", "0.1", "--count", "1")
+    assert "wt: gone (not_available)" in out.stderr
+    assert out.stdout.split() == ["wt", "gone", "not_available"]
+
+
 def test_api_run_from_a_chosen_snapshot(store: Store, workspace: Path) -> None:
     first = take_snapshot(store).snapshot
     (workspace / "README.md").write_text("# changed later\n")
