@@ -22,6 +22,7 @@ Fidelity, and where it stops:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -36,6 +37,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -112,10 +114,8 @@ class SandboxState:
 
 
 def _signal_group(popen: subprocess.Popen[bytes], sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(popen.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _entry(sandbox: SandboxState, host: Path) -> filesystem_pb.EntryInfo:
@@ -159,7 +159,9 @@ class _Filesystem:
         try:
             return self.sandbox.host_path(path)
         except PathEscape:
-            raise ConnectError(Code.PERMISSION_DENIED, f"path '{path}' escapes the sandbox")
+            raise ConnectError(
+                Code.PERMISSION_DENIED, f"path '{path}' escapes the sandbox"
+            ) from None
 
     def _existing(self, path: str) -> Path:
         host = self._path(path)
@@ -242,7 +244,9 @@ class _Process:
         try:
             cwd = self.sandbox.host_path(cwd_path)
         except PathEscape:
-            raise ConnectError(Code.PERMISSION_DENIED, f"cwd '{cwd_path}' escapes the sandbox")
+            raise ConnectError(
+                Code.PERMISSION_DENIED, f"cwd '{cwd_path}' escapes the sandbox"
+            ) from None
         if not cwd.is_dir():
             raise ConnectError(Code.INVALID_ARGUMENT, f"cwd '{cwd_path}' does not exist")
         want_stdin = request.stdin if request.has_field("stdin") else True
@@ -258,9 +262,7 @@ class _Process:
             )
         except OSError as exc:
             raise ConnectError(Code.INTERNAL, f"error starting process: {exc}") from exc
-        proc = _Proc(
-            popen.pid, popen, config, request.tag if request.has_field("tag") else None
-        )
+        proc = _Proc(popen.pid, popen, config, request.tag if request.has_field("tag") else None)
         with self.sandbox.lock:
             self.sandbox.procs[proc.pid] = proc
         return self._stream(proc, ctx)
@@ -447,7 +449,9 @@ class _FilesRoute:
                 uploads = files.getlist("file")
                 for upload in uploads:
                     target = path if path and len(uploads) == 1 else upload.filename or ""
-                    written.append(self._write(target, iter(lambda: upload.stream.read(65536), b"")))
+                    written.append(
+                        self._write(target, iter(partial(upload.stream.read, 65536), b""))
+                    )
             else:
                 if not path:
                     return _error(start_response, 400, "missing path")
