@@ -306,6 +306,10 @@ class _Process:
                 data = process_pb.ProcessEvent.DataEvent(output=Oneof(name, chunk))
                 yield event(event=Oneof("data", data))
             code = proc.popen.wait()
+            if not self.sandbox.alive:
+                # The VM is gone: the proxy cuts the stream, no end event is ever sent.
+                message = f"the connection to sandbox {self.sandbox.id} ended mid-stream"
+                raise ConnectError(Code.UNAVAILABLE, message)
             if code < 0:
                 end = process_pb.ProcessEvent.EndEvent(
                     exit_code=-1, exited=False, status=f"signal: {signal.Signals(-code).name}"
@@ -447,11 +451,15 @@ class _FilesRoute:
             if content_type.startswith("multipart/form-data"):
                 _stream, _form, files = parse_form_data(environ)
                 uploads = files.getlist("file")
-                for upload in uploads:
-                    target = path if path and len(uploads) == 1 else upload.filename or ""
-                    written.append(
-                        self._write(target, iter(partial(upload.stream.read, 65536), b""))
-                    )
+                try:
+                    for upload in uploads:
+                        single = path and len(uploads) == 1
+                        target = path if single else upload.filename or ""
+                        chunks = iter(partial(upload.stream.read, 65536), b"")
+                        written.append(self._write(target or "", chunks))
+                finally:
+                    for upload in files.values():
+                        upload.close()
             else:
                 if not path:
                     return _error(start_response, 400, "missing path")
