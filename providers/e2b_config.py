@@ -1,0 +1,143 @@
+"""Configuration of the E2B provider, and the rule that keeps credentials out of sandboxes.
+
+A sandbox is someone else's machine. Project configuration the agent needs there (such as the
+gateway's ``proxyExecution.json``) is uploaded by listing it in ``upload``; credentials never
+are. :func:`check_upload_name` refuses, by name, anything that conventionally holds secrets
+(``.env*``, ``*.pem``/``*.key``/``*.p12``/``*.pfx``, ``id_rsa*``/``id_ed25519*``/``id_ecdsa*``/
+``id_dsa*``, ``.netrc``, ``.npmrc``, ``.pypirc``, ``.git-credentials``, ``credentials*``,
+anything under ``.aws/``, ``.ssh/``, ``.gnupg/``, ``.docker/``, ``.kube/``, ``.config/gcloud/``),
+and :func:`check_upload_content` refuses files whose content looks like it holds a key (a
+private-key block, a cloud or API token in a known format, or a ``key``/``secret``/``token``/
+``password``-like field set to a literal value). Both run before anything is sent, so a refused
+list uploads nothing. The rule errs on the side of refusing: reference secrets through
+environment variables (``"${NAME}"``) instead of writing them into uploaded files.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from narrative.errors import InvalidInput
+
+from .base import ProviderConfig, check_relative_path
+
+__all__ = ["DEFAULT_WORKDIR", "E2BConfig", "check_upload_content", "check_upload_name"]
+
+DEFAULT_WORKDIR = "/home/user/workspace"
+
+_REFUSED_NAMES = (
+    ".env",
+    ".env.*",
+    "*.env",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.keystore",
+    "*.jks",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    ".netrc",
+    "_netrc",
+    ".npmrc",
+    ".pypirc",
+    ".git-credentials",
+    ".htpasswd",
+    "credentials",
+    "credentials.*",
+    "*.tfvars",
+)
+_REFUSED_DIRS = {".aws", ".ssh", ".gnupg", ".docker", ".kube", ".azure"}
+_REFUSED_PREFIXES = (".config/gcloud/",)
+
+_SECRET_PATTERNS = (
+    re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----"),
+    re.compile(rb"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),  # AWS access key id
+    re.compile(rb"\bgh[pousr]_[A-Za-z0-9]{30,}\b"),  # GitHub tokens
+    re.compile(rb"\bgithub_pat_[A-Za-z0-9_]{30,}\b"),
+    re.compile(rb"\bxox[abposr]-[A-Za-z0-9-]{10,}\b"),  # Slack
+    re.compile(rb"\bsk-[A-Za-z0-9_-]{20,}\b"),  # OpenAI / Anthropic style API keys
+    re.compile(rb"\be2b_[0-9a-f]{20,}\b"),  # E2B API keys
+    re.compile(rb"\bAIza[0-9A-Za-z_-]{35}\b"),  # Google API keys
+    re.compile(rb"\bglpat-[A-Za-z0-9_-]{20,}\b"),  # GitLab
+    # A secret-looking field (JSON, YAML, INI, env) assigned a literal of 8+ characters; values
+    # that reference the environment ("${NAME}", "$NAME", "env:NAME") are fine.
+    re.compile(
+        rb"""(?ix)
+        ["']?[a-z0-9_.-]*(api[_-]?key|secret|token|passw(or)?d|credential|private[_-]?key)
+        [a-z0-9_.-]*["']?\s*[:=]\s*["']?(?!\$|env:)[^\s"',}{]{8,}
+        """
+    ),
+)
+
+
+def check_upload_name(path: str) -> str:
+    """Normalise an upload path; refuse absolute, escaping or credential-like ones."""
+    norm = check_relative_path(path)
+    parts = norm.split("/")
+    name = parts[-1]
+    if any(part in _REFUSED_DIRS for part in parts[:-1]) or norm.startswith(_REFUSED_PREFIXES):
+        raise InvalidInput(f"refusing to upload {path}: it lies in a credentials directory")
+    if any(fnmatch.fnmatch(name.lower(), pattern) for pattern in _REFUSED_NAMES):
+        raise InvalidInput(f"refusing to upload {path}: files named like this hold credentials")
+    return norm
+
+
+def check_upload_content(path: str, data: bytes) -> None:
+    """Refuse a file whose content looks like it holds a key or token (the value never shown)."""
+    for pattern in _SECRET_PATTERNS:
+        if pattern.search(data):
+            raise InvalidInput(
+                f"refusing to upload {path}: its content looks like it holds a credential; "
+                "reference secrets through environment variables instead"
+            )
+
+
+class E2BConfig(ProviderConfig):
+    """An E2B sandbox per environment."""
+
+    type: Literal["e2b"] = "e2b"
+    template: str | None = None
+    """Sandbox template name or id (``None``: E2B's default ``base`` template)."""
+    timeout: int = Field(default=3600, ge=1)
+    """Seconds the sandbox may live before E2B ends it (renewed on start)."""
+    workdir: str = DEFAULT_WORKDIR
+    """Absolute path of the workspace inside the sandbox."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Environment variables for every command (not secrets: records persist them)."""
+    metadata: dict[str, str] = Field(default_factory=dict)
+    """Extra sandbox metadata; ``narrative.owner``/``narrative.env`` are always added."""
+    api_key_env: str = "E2B_API_KEY"
+    """Name of the environment variable holding the API key; the key itself is never stored."""
+    upload: list[str] = Field(default_factory=list)
+    """Project config files (relative to the workspace) uploaded on create and start, e.g.
+    ``proxyExecution.json``. Credentials are refused (see the module docstring)."""
+    extra_capabilities: list[str] = Field(default_factory=list)
+    """Capabilities the template adds (``gpu``, ``browser``, ...)."""
+
+    @field_validator("workdir")
+    @classmethod
+    def _absolute_workdir(cls, value: str) -> str:
+        norm = posixpath.normpath(value)
+        if not norm.startswith("/") or norm == "/":
+            raise ValueError("workdir must be an absolute path below /")
+        return norm
+
+    @field_validator("upload")
+    @classmethod
+    def _safe_uploads(cls, value: list[str]) -> list[str]:
+        return [check_upload_name(path) for path in value]
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError("api_key_env must name an environment variable, not hold a key")
+        return value

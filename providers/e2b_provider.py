@@ -1,0 +1,451 @@
+"""The ``e2b`` provider: one E2B cloud sandbox per environment, through the real ``e2b`` SDK.
+
+The sandbox id is the resource id, so any later process reconnects with ``Sandbox.connect``.
+Snapshots travel as tar streams: restore uploads a tar written by
+:func:`~providers.shipping.write_snapshot_tar` and extracts it with ``tar`` in the sandbox;
+collect runs ``tar -c`` there, downloads the stream and hands it to
+:func:`~providers.shipping.snapshot_from_tar`, which treats it as hostile. Commands run with
+relative paths and ``cwd`` so they do not depend on where the sandbox keeps its files.
+
+With ``E2B_DEBUG=true`` the SDK talks to a local envd and has no control plane: create always
+yields the sandbox ``debug_sandbox_id``, connect and kill are no-ops, and sandbox metadata and
+env vars are dropped. The provider then skips the control-plane calls the SDK would still make
+(pause, info, list): ``stop`` leaves the sandbox running, ``health`` probes envd only, and
+``list_resources`` returns nothing. Every e2b error is translated in :func:`_translate`.
+API keys are read from the environment variable the config names and never logged or stored.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import posixpath
+import shlex
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from e2b import (
+    AuthenticationException,
+    CommandExitException,
+    ConnectionConfig,
+    FileNotFoundException,
+    FileType,
+    InvalidArgumentException,
+    NotFoundException,
+    RateLimitException,
+    Sandbox,
+    SandboxException,
+    SandboxNotFoundException,
+    SandboxQuery,
+    TimeoutException,
+)
+from e2b.exceptions import SandboxNotRunningException, SandboxUnreachableException
+
+from narrative.errors import InvalidInput, NarrativeError
+from narrative.restore import flatten_tree
+
+from .base import (
+    BaseProvider,
+    ExecResult,
+    Health,
+    OutputFn,
+    ProviderConfig,
+    ProviderContext,
+    check_relative_path,
+)
+from .e2b_config import E2BConfig, check_upload_content, check_upload_name
+from .errors import ProviderError, ProviderUnavailable, ResourceGone
+from .shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
+
+if TYPE_CHECKING:
+    from narrative.models import Snapshot
+
+__all__ = ["E2BConfig", "E2BProvider"]
+
+log = logging.getLogger(__name__)
+
+_STAGING = ".narrative-staging"
+"""Directory beside the workdir for tars in transit (never inside the collected tree)."""
+
+
+def _translate(exc: Exception, resource_id: str | None, path: str | None = None) -> Exception:
+    """The one place e2b SDK and transport errors become the providers' error tree."""
+    if isinstance(exc, NarrativeError | OSError) and not isinstance(exc, ConnectionError):
+        return exc  # ours already (or a builtin file error we raised on purpose)
+    if isinstance(exc, FileNotFoundException) and path is not None:
+        return FileNotFoundError(f"{path}: no such file in the environment")
+    if isinstance(exc, SandboxNotFoundException | SandboxNotRunningException):
+        return ResourceGone(resource_id or "(e2b sandbox)")
+    if isinstance(exc, AuthenticationException):
+        return ProviderUnavailable("e2b refused the API key (check the configured api_key_env)")
+    if isinstance(exc, RateLimitException):
+        return ProviderUnavailable(f"e2b rate limit: {exc}")
+    if isinstance(exc, SandboxUnreachableException | httpx.TransportError | ConnectionError) or (
+        isinstance(exc, TimeoutException) and not isinstance(exc, SandboxNotRunningException)
+    ):
+        return ProviderUnavailable(f"e2b sandbox {resource_id} unreachable: {exc}")
+    if isinstance(exc, InvalidArgumentException):
+        return InvalidInput(f"e2b refused the request: {exc}")
+    if isinstance(exc, NotFoundException) and path is not None:
+        return FileNotFoundError(f"{path}: no such file in the environment")
+    if isinstance(exc, SandboxException):
+        return ProviderError(f"e2b: {exc}")
+    return exc
+
+
+@contextmanager
+def _translating(resource_id: str | None, path: str | None = None) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        translated = _translate(exc, resource_id, path)
+        if translated is exc:
+            raise
+        raise translated from exc
+
+
+def _tar_failed(what: str, resource_id: str, result: ExecResult) -> ProviderError:
+    detail = result.stderr.decode(errors="replace").strip()
+    return ProviderError(
+        f"{what} e2b sandbox {resource_id} failed (tar exit {result.exit_code}): {detail}"
+    )
+
+
+class _StreamReader(io.RawIOBase):
+    """A file object over an iterator of byte chunks (a streamed download, for tarfile)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            try:
+                self._pending = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+class E2BProvider(BaseProvider):
+    """Environments in E2B sandboxes (cloud, isolated, with network)."""
+
+    name = "e2b"
+    category = "cloud"
+    capabilities = frozenset({"python", "exec", "files", "network", "isolation"})
+    config_model = E2BConfig
+
+    def __init__(self, context: ProviderContext, config: ProviderConfig) -> None:
+        if not isinstance(config, E2BConfig):
+            raise InvalidInput(f"e2b provider needs an E2BConfig, not {type(config).__name__}")
+        super().__init__(context, config)
+        self.cfg = config
+        self._handles: dict[str, Sandbox] = {}
+
+    @classmethod
+    def capabilities_for(cls, config: ProviderConfig) -> frozenset[str]:
+        extra = config.extra_capabilities if isinstance(config, E2BConfig) else []
+        return cls.capabilities | frozenset(extra)
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def _opts(self) -> dict[str, Any]:
+        """SDK options; the API key comes from the configured variable, never from records."""
+        key = os.environ.get(self.cfg.api_key_env)
+        return {"api_key": key} if key else {}
+
+    @property
+    def _debug(self) -> bool:
+        return bool(ConnectionConfig(**self._opts()).debug)
+
+    def _sandbox(self, resource_id: str) -> Sandbox:
+        """A handle on the sandbox (connecting resumes a paused one, as E2B defines it)."""
+        handle = self._handles.get(resource_id)
+        if handle is None:
+            with _translating(resource_id):
+                handle = Sandbox.connect(resource_id, timeout=self.cfg.timeout, **self._opts())
+            self._handles[resource_id] = handle
+        return handle
+
+    def _probe(self, sandbox: Sandbox, resource_id: str) -> bool:
+        with _translating(resource_id):
+            return bool(sandbox.is_running())
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def create(self) -> str:
+        metadata = {
+            **self.cfg.metadata,
+            "narrative.owner": self.context.owner,
+            "narrative.env": self.context.env_id,
+        }
+        with _translating(None):
+            sandbox = Sandbox.create(
+                template=self.cfg.template,
+                timeout=self.cfg.timeout,
+                metadata=metadata,
+                envs=dict(self.cfg.env) or None,
+                **self._opts(),
+            )
+        resource_id = str(sandbox.sandbox_id)
+        self._handles[resource_id] = sandbox
+        log.info("created e2b sandbox %s for environment %s", resource_id, self.context.env_name)
+        with _translating(resource_id):
+            sandbox.files.make_dir(self.cfg.workdir)
+        self._upload_config(resource_id, sandbox)
+        return resource_id
+
+    def start(self, resource_id: str) -> None:
+        self._handles.pop(resource_id, None)  # connect afresh: that is what resumes
+        sandbox = self._sandbox(resource_id)
+        if not self._probe(sandbox, resource_id):
+            raise ResourceGone(resource_id)
+        with _translating(resource_id):
+            sandbox.files.make_dir(self.cfg.workdir)
+        self._upload_config(resource_id, sandbox)
+
+    def stop(self, resource_id: str) -> None:
+        if self._debug:
+            # No control plane in debug mode: nothing can pause the sandbox; it keeps running.
+            log.debug("e2b debug mode: sandbox %s left running on stop", resource_id)
+            return
+        with _translating(resource_id):
+            Sandbox.pause(resource_id, **self._opts())
+        self._handles.pop(resource_id, None)
+
+    def delete(self, resource_id: str) -> None:
+        self._handles.pop(resource_id, None)
+        try:
+            with _translating(resource_id):
+                Sandbox.kill(resource_id, **self._opts())  # False when it is gone already
+        except ResourceGone:
+            pass
+
+    def reconnect(self, resource_id: str) -> None:
+        self._handles.pop(resource_id, None)
+        sandbox = self._sandbox(resource_id)
+        if not self._probe(sandbox, resource_id):
+            self._handles.pop(resource_id, None)
+            raise ResourceGone(resource_id)
+
+    def health(self, resource_id: str) -> Health:
+        try:
+            if not self._debug:
+                with _translating(resource_id):
+                    info = Sandbox.get_info(resource_id, **self._opts())
+                if str(info.state) != "running":
+                    return Health.UNREACHABLE  # paused: exists, does not answer until resumed
+            handle = self._handles.get(resource_id)
+            if handle is None:
+                handle = self._sandbox(resource_id)
+            return Health.OK if self._probe(handle, resource_id) else Health.GONE
+        except ResourceGone:
+            return Health.GONE
+        except ProviderUnavailable:
+            return Health.UNREACHABLE
+
+    def list_resources(self) -> list[str]:
+        if self._debug:
+            return []  # debug mode has no control plane to list from
+        query = SandboxQuery(metadata={"narrative.owner": self.context.owner})
+        ids: list[str] = []
+        with _translating(None):
+            paginator = Sandbox.list(query=query, **self._opts())
+            while paginator.has_next:
+                ids.extend(str(info.sandbox_id) for info in paginator.next_items())
+        return ids
+
+    # -- operations -----------------------------------------------------------------------------
+
+    def exec(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputFn | None = None,
+    ) -> ExecResult:
+        if not argv:
+            raise InvalidInput("empty command")
+        return self._run(
+            resource_id,
+            shlex.join(argv),
+            cwd=self.cfg.workdir,
+            env={**self.cfg.env, **(env or {})},
+            timeout=timeout,
+            on_output=on_output,
+        )
+
+    def _run(
+        self,
+        resource_id: str,
+        command: str,
+        *,
+        cwd: str,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputFn | None = None,
+    ) -> ExecResult:
+        """Run a shell command; output is streamed, a non-zero exit is a result, not an error.
+
+        The SDK decodes output as UTF-8 (invalid bytes replaced), so the bytes in the result
+        are that text re-encoded; move binary data through files instead.
+        """
+        sandbox = self._sandbox(resource_id)
+        stdout: list[str] = []
+        stderr: list[str] = []
+
+        def sink(kind: str, chunks: list[str]) -> Any:
+            def receive(text: str) -> None:
+                chunks.append(text)
+                if on_output is not None:
+                    on_output(kind, text.encode())
+
+            return receive
+
+        with _translating(resource_id):
+            handle = sandbox.commands.run(
+                command,
+                background=True,
+                envs=dict(env or {}),
+                cwd=cwd,
+                timeout=timeout or 0,
+                retain_output=False,
+            )
+            try:
+                result = handle.wait(
+                    on_stdout=sink("stdout", stdout), on_stderr=sink("stderr", stderr)
+                )
+                code = int(result.exit_code)
+            except CommandExitException as exc:
+                code = int(exc.exit_code)
+            except TimeoutException as exc:
+                if isinstance(exc, SandboxNotRunningException | SandboxUnreachableException):
+                    raise
+                try:
+                    handle.kill()
+                except SandboxException:
+                    log.debug("e2b: process %s was gone before the kill", handle.pid)
+                return ExecResult(
+                    -1, "".join(stdout).encode(), "".join(stderr).encode(), timed_out=True
+                )
+        return ExecResult(code, "".join(stdout).encode(), "".join(stderr).encode())
+
+    def _abs(self, path: str) -> str:
+        return posixpath.join(self.cfg.workdir, check_relative_path(path))
+
+    def read_file(self, resource_id: str, path: str) -> bytes:
+        target = self._abs(path)
+        sandbox = self._sandbox(resource_id)
+        with _translating(resource_id, path):
+            return bytes(sandbox.files.read(target, format="bytes"))
+
+    def write_file(self, resource_id: str, path: str, data: bytes) -> None:
+        target = self._abs(path)
+        sandbox = self._sandbox(resource_id)
+        with _translating(resource_id, path):
+            sandbox.files.write(target, data)
+
+    def delete_file(self, resource_id: str, path: str) -> None:
+        target = self._abs(path)
+        sandbox = self._sandbox(resource_id)
+        with _translating(resource_id, path):
+            info = sandbox.files.get_info(target)
+            if info.type == FileType.DIR:
+                raise IsADirectoryError(f"{path} is a directory")
+            sandbox.files.remove(target)
+
+    def _upload_config(
+        self, resource_id: str, sandbox: Sandbox, skip: set[str] | None = None
+    ) -> None:
+        """Upload the configured project files; all are checked before any is sent."""
+        files: list[tuple[str, bytes]] = []
+        for rel in self.cfg.upload:
+            norm = check_upload_name(rel)
+            if skip and norm in skip:
+                continue
+            local = os.path.join(self.context.store.workspace, *norm.split("/"))
+            try:
+                with open(local, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                raise InvalidInput(
+                    f"configured upload {rel} does not exist in the workspace"
+                ) from None
+            check_upload_content(rel, data)
+            files.append((norm, data))
+        for norm, data in files:
+            with _translating(resource_id, norm):
+                sandbox.files.write(posixpath.join(self.cfg.workdir, norm), data)
+            log.debug("uploaded %s to e2b sandbox %s", norm, resource_id)
+
+    def restore(self, resource_id: str, snapshot: Snapshot) -> None:
+        sandbox = self._sandbox(resource_id)
+        staging = posixpath.join(posixpath.dirname(self.cfg.workdir), _STAGING)
+        name = f"restore-{uuid.uuid4().hex}.tar"
+        staged = shlex.quote(f"../{_STAGING}/{name}")
+        with tempfile.TemporaryFile() as tar:
+            write_snapshot_tar(self.context.store, snapshot, tar)
+            tar.seek(0)
+            with _translating(resource_id):
+                sandbox.files.write(posixpath.join(staging, name), tar)
+                if sandbox.files.exists(self.cfg.workdir):
+                    sandbox.files.remove(self.cfg.workdir)
+                sandbox.files.make_dir(self.cfg.workdir)
+        result = self._run(
+            resource_id,
+            f"tar -x -f {staged} && rm -f {staged}",
+            cwd=self.cfg.workdir,
+        )
+        if result.exit_code != 0:
+            raise _tar_failed("restore into", resource_id, result)
+        present = set(flatten_tree(self.context.store.odb, bytes.fromhex(snapshot.tree)))
+        self._upload_config(resource_id, sandbox, skip=present)
+
+    def collect(
+        self, resource_id: str, thread_id: str, run_id: str | None, message: str
+    ) -> Snapshot:
+        sandbox = self._sandbox(resource_id)
+        parent = posixpath.dirname(self.cfg.workdir)
+        name = f"collect-{uuid.uuid4().hex}.tar"
+        staged = posixpath.join(parent, _STAGING, name)
+        with _translating(resource_id):
+            sandbox.files.make_dir(posixpath.join(parent, _STAGING))
+        result = self._run(
+            resource_id,
+            f"tar -c -f {shlex.quote(f'../{_STAGING}/{name}')} .",
+            cwd=self.cfg.workdir,
+        )
+        if result.exit_code != 0:
+            raise _tar_failed("collect from", resource_id, result)
+        try:
+            with _translating(resource_id):
+                reader = sandbox.files.read(staged, format="stream")
+                with reader, io.BufferedReader(_StreamReader(iter(reader))) as stream:
+                    return snapshot_from_tar(
+                        self.context.store,
+                        stream,
+                        scratch_dir(self.context.store, self.context.env_id),
+                        thread_id,
+                        run_id,
+                        message,
+                        strip="./",
+                    )
+        finally:
+            try:
+                with _translating(resource_id):
+                    sandbox.files.remove(staged)
+            except ProviderError as exc:
+                log.warning("could not remove %s from e2b sandbox %s: %s", staged, resource_id, exc)

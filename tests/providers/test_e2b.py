@@ -1,0 +1,349 @@
+"""The e2b provider through the real e2b SDK, against the local envd stand-in (E2B_DEBUG)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from e2b import (
+    AuthenticationException,
+    FileNotFoundException,
+    InvalidArgumentException,
+    RateLimitException,
+)
+from e2b.exceptions import (
+    SandboxNotFoundException,
+    SandboxNotRunningException,
+    SandboxUnreachableException,
+)
+from pydantic import ValidationError
+
+from narrative.errors import InvalidInput
+from narrative.snapshot import take_snapshot
+from narrative.store import Store
+from providers.base import Health
+from providers.e2b_provider import E2BProvider, _translate
+from providers.errors import ProviderError, ProviderUnavailable, ResourceGone
+from providers.registry import get_provider_class
+from tests.conftest import git_tree_of
+from tests.providers.e2b_support import (  # noqa: F401  (fixtures)
+    WORKDIR,
+    envd_fixture,
+    envd_server_fixture,
+    make_provider,
+    on_disk,
+)
+from tests.providers.envd_standin import EnvdStandIn
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_registry_and_capabilities() -> None:
+    assert get_provider_class("e2b") is E2BProvider
+    config = E2BProvider.config_model.model_validate({"type": "e2b", "extra_capabilities": ["gpu"]})
+    caps = E2BProvider.capabilities_for(config)
+    assert {"python", "exec", "files", "network", "isolation", "gpu"} <= caps
+    assert E2BProvider.category == "cloud"
+    with pytest.raises(ValidationError):
+        E2BProvider.config_model.model_validate({"type": "e2b", "workdir": "relative"})
+    with pytest.raises(ValidationError):
+        E2BProvider.config_model.model_validate({"type": "e2b", "api_key_env": "e2b_123 key"})
+
+
+def test_exec_streams_output_env_cwd_and_exit_codes(envd: EnvdStandIn, store: Store) -> None:
+    provider = make_provider(store, env={"FROM_CONFIG": "c"})
+    rid = provider.create()
+    assert rid == "debug_sandbox_id"
+    chunks: list[tuple[str, bytes]] = []
+    result = provider.exec(
+        rid,
+        ["sh", "-c", 'echo "out $FROM_CONFIG $FROM_CALL"; echo err >&2; pwd; exit 3'],
+        env={"FROM_CALL": "x y"},
+        on_output=lambda kind, data: chunks.append((kind, data)),
+    )
+    assert result.exit_code == 3 and not result.timed_out
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "out c x y"
+    assert lines[1].endswith("/home/user/workspace")  # cwd is the workdir
+    assert result.stderr == b"err\n"
+    assert b"".join(d for k, d in chunks if k == "stdout") == result.stdout
+    assert b"".join(d for k, d in chunks if k == "stderr") == b"err\n"
+    # Arguments are passed through the sandbox shell exactly (quoting survives).
+    ok = provider.exec(rid, ["printf", "%s|", "a b", "$HOME", "it's"])
+    assert (ok.exit_code, ok.stdout) == (0, b"a b|$HOME|it's|")
+    missing = provider.exec(rid, ["definitely-not-a-command-xyz"])
+    assert missing.exit_code == 127
+    with pytest.raises(InvalidInput):
+        provider.exec(rid, [])
+
+
+def test_exec_timeout_kills_the_command(envd: EnvdStandIn, store: Store) -> None:
+    provider = make_provider(store)
+    rid = provider.create()
+    started = time.monotonic()
+    result = provider.exec(rid, ["sh", "-c", "echo begun; sleep 30"], timeout=1.5)
+    assert result.timed_out and result.exit_code == -1
+    assert result.stdout == b"begun\n"
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 5
+    while envd.sandboxes[rid].procs and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not envd.sandboxes[rid].procs, "the timed-out command still runs in the sandbox"
+
+
+def test_files_round_trip_including_binary(envd: EnvdStandIn, store: Store) -> None:
+    provider = make_provider(store)
+    rid = provider.create()
+    blob = bytes(range(256)) * 64 + b"\x00\xff\r\n"
+    provider.write_file(rid, "deep/dir/blob.bin", blob)
+    assert provider.read_file(rid, "deep/dir/blob.bin") == blob
+    assert on_disk(envd, f"{WORKDIR}/deep/dir/blob.bin").read_bytes() == blob
+    provider.write_file(rid, "deep/dir/blob.bin", b"replaced")
+    assert provider.read_file(rid, "./deep/dir/../dir/blob.bin") == b"replaced"
+    provider.delete_file(rid, "deep/dir/blob.bin")
+    assert not on_disk(envd, f"{WORKDIR}/deep/dir/blob.bin").exists()
+    with pytest.raises(FileNotFoundError):
+        provider.read_file(rid, "deep/dir/blob.bin")
+    with pytest.raises(FileNotFoundError):
+        provider.delete_file(rid, "deep/dir/blob.bin")
+    with pytest.raises(IsADirectoryError):
+        provider.delete_file(rid, "deep")
+
+
+@pytest.mark.parametrize("path", ["../outside", "/etc/passwd", "a/../../outside", "", "."])
+def test_escaping_paths_refused(envd: EnvdStandIn, store: Store, path: str) -> None:
+    provider = make_provider(store)
+    rid = provider.create()
+    with pytest.raises(InvalidInput):
+        provider.write_file(rid, path, b"x")
+    with pytest.raises(InvalidInput):
+        provider.read_file(rid, path)
+    with pytest.raises(InvalidInput):
+        provider.delete_file(rid, path)
+    assert not on_disk(envd, "/home/user/outside").exists()
+
+
+def test_standin_refuses_symlinks_out_of_its_root(
+    envd: EnvdStandIn, store: Store, tmp_path: Path
+) -> None:
+    secret = tmp_path / "host-secret"
+    secret.mkdir()
+    (secret / "key").write_text("host only")
+    provider = make_provider(store)
+    rid = provider.create()
+    assert provider.exec(rid, ["ln", "-s", str(secret), "escape"]).exit_code == 0
+    with pytest.raises(ProviderError) as info:
+        provider.read_file(rid, "escape/key")
+    assert "host only" not in str(info.value)
+    with pytest.raises(ProviderError):
+        provider.write_file(rid, "escape/planted", b"x")
+    assert not (secret / "planted").exists()
+
+
+def _rich_workspace(workspace: Path) -> None:
+    (workspace / "bin").mkdir()
+    tool = workspace / "bin" / "tool.sh"
+    tool.write_text("#!/bin/sh\necho tool\n")
+    tool.chmod(0o755)
+    (workspace / "data.bin").write_bytes(bytes(range(256)) * 8)
+    (workspace / "link").symlink_to("src/app.py")
+    (workspace / "empty.txt").write_bytes(b"")
+    (workspace / "a" / "b" / "c").mkdir(parents=True)
+    (workspace / "a" / "b" / "c" / "deep.txt").write_text("deep\n")
+    (workspace / "ünïcode name.txt").write_text("ü\n")
+
+
+def test_restore_then_collect_gives_the_identical_tree(
+    envd: EnvdStandIn, store: Store, workspace: Path, tmp_path: Path
+) -> None:
+    _rich_workspace(workspace)
+    base = take_snapshot(store, message="base").snapshot
+    assert base.tree == git_tree_of(workspace, tmp_path)
+    provider = make_provider(store)
+    rid = provider.create()
+    provider.write_file(rid, "stale.txt", b"must vanish on restore")
+    provider.restore(rid, base)
+    assert not on_disk(envd, f"{WORKDIR}/stale.txt").exists()
+    assert provider.exec(rid, ["./bin/tool.sh"]).stdout == b"tool\n"  # exec bit survived
+    assert os.readlink(on_disk(envd, f"{WORKDIR}/link")) == "src/app.py"
+
+    same = provider.collect(rid, store.config.default_thread, None, "collect unchanged")
+    assert same.tree == base.tree == git_tree_of(workspace, tmp_path)
+
+    provider.exec(rid, ["sh", "-c", "echo changed > README.md && rm data.bin && echo n > new.txt"])
+    changed = provider.collect(rid, store.config.default_thread, None, "collect changed")
+    (workspace / "README.md").write_text("changed\n")
+    (workspace / "data.bin").unlink()
+    (workspace / "new.txt").write_text("n\n")
+    assert changed.tree == git_tree_of(workspace, tmp_path) != base.tree
+    leftovers = list(on_disk(envd, "/home/user/.narrative-staging").iterdir())
+    assert leftovers == [], "staged tars must be removed from the sandbox"
+
+
+def test_reconnect_by_sandbox_id_from_a_fresh_provider(envd: EnvdStandIn, store: Store) -> None:
+    first = make_provider(store)
+    rid = first.create()
+    first.write_file(rid, "note.txt", b"kept across processes")
+    fresh = make_provider(store)  # a new process knows only the persisted resource id
+    fresh.reconnect(rid)
+    assert fresh.read_file(rid, "note.txt") == b"kept across processes"
+    fresh.start(rid)
+    assert fresh.health(rid) is Health.OK
+    with pytest.raises(ResourceGone):
+        fresh.reconnect("sandbox-that-never-was")
+    assert fresh.health("sandbox-that-never-was") is Health.GONE
+
+
+PROXY_CONFIG = b'{"gateway": "ws://127.0.0.1:9000", "token": "${NARRATIVE_GATEWAY_TOKEN}"}\n'
+
+
+def test_config_upload_on_create_and_start(
+    envd: EnvdStandIn, store: Store, workspace: Path
+) -> None:
+    (workspace / "proxyExecution.json").write_bytes(PROXY_CONFIG)
+    (workspace / "conf").mkdir()
+    (workspace / "conf" / "tool.toml").write_text("[tool]\nname = 'x'\n")
+    provider = make_provider(store, upload=["proxyExecution.json", "conf/tool.toml"])
+    rid = provider.create()
+    uploaded = on_disk(envd, f"{WORKDIR}/proxyExecution.json")
+    assert uploaded.read_bytes() == PROXY_CONFIG
+    assert on_disk(envd, f"{WORKDIR}/conf/tool.toml").read_text() == "[tool]\nname = 'x'\n"
+    uploaded.unlink()
+    provider.start(rid)
+    assert uploaded.read_bytes() == PROXY_CONFIG
+    # A restore of a snapshot that lacks the (ignored) config keeps it in place.
+    (workspace / ".gitignore").write_text("proxyExecution.json\n")
+    snapshot = take_snapshot(store, message="without config").snapshot
+    provider.restore(rid, snapshot)
+    assert uploaded.read_bytes() == PROXY_CONFIG
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ".env",
+        ".env.local",
+        "conf/prod.env",
+        "certs/server.pem",
+        "tls.key",
+        "id_rsa",
+        "keys/id_ed25519.pub",
+        ".aws/credentials",
+        ".ssh/config",
+        ".netrc",
+        ".npmrc",
+        ".pypirc",
+        ".git-credentials",
+        ".config/gcloud/application_default_credentials.json",
+        "../outside.json",
+        "/etc/passwd",
+    ],
+)
+def test_credential_files_refused_by_name(store: Store, path: str) -> None:
+    with pytest.raises(ValidationError):
+        make_provider(store, upload=["proxyExecution.json", path])
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn\n-----END OPENSSH PRIVATE KEY-----\n",
+        b'{"aws": "AKIAABCDEFGHIJKLMNOP"}',
+        b'{"openai": "sk-proj-abcdefghijklmnopqrstuvwx"}',
+        b'{"apiKey": "s3cr3t-value-123"}',
+        b"password = hunter2hunter2\n",
+        b'{"e2b": "e2b_0123456789abcdef0123456789"}',
+        b"GITHUB=ghp_abcdefghijklmnopqrstuvwxyz0123456789\n",
+    ],
+)
+def test_files_holding_keys_are_never_uploaded(
+    envd: EnvdStandIn, store: Store, workspace: Path, content: bytes
+) -> None:
+    (workspace / "proxyExecution.json").write_bytes(PROXY_CONFIG)
+    (workspace / "settings.json").write_bytes(content)
+    provider = make_provider(store, upload=["proxyExecution.json", "settings.json"])
+    with pytest.raises(InvalidInput) as info:
+        provider.create()
+    assert content.decode() not in str(info.value)  # the secret is not echoed either
+    # All files are checked before any is sent: not even the harmless one arrived.
+    assert not on_disk(envd, f"{WORKDIR}/settings.json").exists()
+    assert not on_disk(envd, f"{WORKDIR}/proxyExecution.json").exists()
+
+
+def test_health_ok_then_gone_after_the_sandbox_is_killed(envd: EnvdStandIn, store: Store) -> None:
+    provider = make_provider(store)
+    rid = provider.create()
+    assert provider.health(rid) is Health.OK
+    provider.stop(rid)  # debug mode: no control plane to pause with; the sandbox keeps running
+    assert provider.health(rid) is Health.OK
+    assert provider.list_resources() == []  # debug mode: nothing to list from
+    provider.delete(rid)
+    # In debug mode the SDK's kill is a no-op; the stand-in plays the control plane's kill.
+    envd.kill(rid)
+    assert provider.health(rid) is Health.GONE
+    assert make_provider(store).health(rid) is Health.GONE
+    with pytest.raises(ResourceGone):
+        provider.reconnect(rid)
+    with pytest.raises(ResourceGone):
+        provider.exec(rid, ["true"])
+    with pytest.raises(ResourceGone):
+        provider.read_file(rid, "anything")
+    provider.delete(rid)  # idempotent on a gone sandbox
+
+
+def test_kill_mid_command_is_resource_gone(envd: EnvdStandIn, store: Store) -> None:
+    provider = make_provider(store)
+    rid = provider.create()
+    import threading
+
+    timer = threading.Timer(0.5, envd.kill, args=(rid,))
+    timer.start()
+    try:
+        with pytest.raises((ResourceGone, ProviderUnavailable)):
+            provider.exec(rid, ["sleep", "20"], timeout=10)
+    finally:
+        timer.cancel()
+
+
+def test_unreachable_envd_is_provider_unavailable(
+    envd: EnvdStandIn, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    monkeypatch.setenv("E2B_SANDBOX_URL", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.setenv("E2B_CONNECTION_RETRIES", "0")
+    provider = make_provider(store)
+    assert provider.health("debug_sandbox_id") is Health.UNREACHABLE
+    with pytest.raises(ProviderUnavailable):
+        provider.read_file("debug_sandbox_id", "x")
+
+
+def test_sdk_errors_translated_in_one_place() -> None:
+    assert isinstance(_translate(SandboxNotRunningException("was not found"), "sb"), ResourceGone)
+    assert isinstance(_translate(SandboxNotFoundException("nope"), "sb"), ResourceGone)
+    auth = _translate(AuthenticationException("bad key e2b_secret"), "sb")
+    assert isinstance(auth, ProviderUnavailable) and "e2b_secret" not in str(auth)
+    assert isinstance(_translate(SandboxUnreachableException("x"), "sb"), ProviderUnavailable)
+    assert isinstance(_translate(RateLimitException("slow down"), "sb"), ProviderUnavailable)
+    assert isinstance(_translate(InvalidArgumentException("bad"), "sb"), InvalidInput)
+    missing = _translate(FileNotFoundException("no file"), "sb", "a.txt")
+    assert isinstance(missing, FileNotFoundError) and "a.txt" in str(missing)
+    other = ValueError("not an e2b error")
+    assert _translate(other, "sb") is other
+
+
+def test_api_key_is_read_from_the_named_variable_and_never_persisted(
+    envd: EnvdStandIn, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MY_E2B_KEY", "e2b_not_a_real_key_0000")
+    provider = make_provider(store, api_key_env="MY_E2B_KEY")
+    assert provider._opts() == {"api_key": "e2b_not_a_real_key_0000"}
+    rid = provider.create()
+    assert provider.exec(rid, ["true"]).exit_code == 0
+    dumped = provider.cfg.model_dump_json()
+    assert "e2b_not_a_real_key_0000" not in dumped and "MY_E2B_KEY" in dumped
