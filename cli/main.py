@@ -67,9 +67,9 @@ def cli(
 
 
 def _register() -> None:
-    from . import core_commands, hierarchy_commands, transfer_commands
+    from . import core_commands, hierarchy_commands, merge_commands, transfer_commands
 
-    for module in (core_commands, hierarchy_commands, transfer_commands):
+    for module in (core_commands, hierarchy_commands, transfer_commands, merge_commands):
         for command in module.COMMANDS:
             cli.add_command(command)
 
