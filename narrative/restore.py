@@ -23,7 +23,14 @@ from .odb import ObjectStore
 from .statcache import StatKey
 from .store import Store
 
-__all__ = ["RestoreResult", "apply_changes", "flatten_tree", "materialize", "restore_workspace"]
+__all__ = [
+    "RestoreResult",
+    "apply_changes",
+    "check_changes",
+    "flatten_tree",
+    "materialize",
+    "restore_workspace",
+]
 
 FlatTree = dict[str, tuple[int, bytes]]
 _PARALLEL_MIN = 64
@@ -165,6 +172,24 @@ def restore_workspace(
     )
 
 
+def check_changes(
+    store: Store,
+    current: FlatTree,
+    writes: list[tuple[str, int, bytes]],
+    targets: Iterable[str] | None = None,
+) -> None:
+    """Raise RestoreError if writing ``writes`` over the workspace snapshotted as ``current``
+    would destroy data no snapshot holds; changes nothing. ``targets`` are the paths checked for
+    unsnapshotted data in the way (default: the written paths)."""
+    ws = store.workspace
+    _refuse_unsafe(ws, current, targets if targets is not None else [p for p, _m, _o in writes])
+    for path, _m, _o in writes:
+        st = _lstat(os.path.join(ws, path)) if path not in current else None
+        if st is not None and not stat_mod.S_ISDIR(st.st_mode):
+            # e.g. an ignored file: replacing it would lose data that no snapshot holds
+            raise RestoreError(f"{path} exists but was never snapshotted; move it away first")
+
+
 def apply_changes(
     store: Store,
     current: FlatTree,
@@ -178,11 +203,10 @@ def apply_changes(
 
     ``current`` must be a snapshot just taken and ``keys`` its stat keys: every file is re-checked
     against them just before it is touched, so an edit made meanwhile stops the change instead
-    of being lost. ``targets`` are the paths checked for unsnapshotted data in the way (default:
-    the written paths). Nothing is written before those checks pass.
+    of being lost. :func:`check_changes` runs first; nothing is written unless it passes.
     """
     ws = store.workspace
-    _refuse_unsafe(ws, current, targets if targets is not None else [p for p, _m, _o in writes])
+    check_changes(store, current, writes, targets)
 
     def check_unchanged(path: str) -> None:
         st = _lstat(os.path.join(ws, path))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,13 +32,19 @@ from .commitmsg import is_snapshot_commit, merged_from
 from .errors import MergeError, MergeInProgress, NoMergeInProgress, StoreCorrupted
 from .fsutil import unlink_quiet, write_atomic
 from .history import all_snapshots, read_commit, resolve_snapshot, snapshot_at
-from .merge import Conflict, Strategy, TreeMerge, merge_trees
+from .merge import Conflict, Strategy, merge_trees
 from .models import Snapshot, now_iso
+from .objects import MODE_LINK, hash_object
 from .odb import PackWriter
-from .restore import RestoreResult, apply_changes, flatten_tree, restore_workspace
+from .restore import (
+    RestoreResult,
+    apply_changes,
+    check_changes,
+    flatten_tree,
+    restore_workspace,
+)
 from .runs import is_run_ref, resolve_run, run_snapshots
 from .snapshot import take_snapshot
-from .statcache import StatKey
 from .store import Store
 
 __all__ = [
@@ -267,39 +273,28 @@ def merge_workspace(
             if not merged.edits:
                 result.up_to_date = True
                 return result
+            current = flatten_tree(store.odb, bytes.fromhex(ours.tree))
+            writes = [(p, e[0], e[1]) for p, e in sorted(merged.edits.items()) if e is not None]
+            removed = [p for p, e in merged.edits.items() if e is None and p in current]
+            check_changes(store, current, writes)  # refusals come before any state or write
             state = MergeState(
                 ref, theirs.id, result.base, ours.id, thread_id, result.tree, run_id, strategy
             )
             state.conflicts = [c.to_dict() for c in merged.conflicts]
             _save_state(store, state)
-            _apply(store, ours, pre.cache.file_keys(), merged, result)
+            try:
+                apply_changes(store, current, pre.cache.file_keys(), writes, removed)
+            except Exception as exc:
+                raise MergeError(
+                    f"{exc}; the workspace may be partly merged: 'narrative merge --abort' "
+                    f"returns it to the pre-merge snapshot {ours.id}"
+                ) from exc
+            result.written, result.deleted = len(writes), len(removed)
             state.phase = "applied"
             _save_state(store, state)
         if commit and merged.clean:
             result.snapshot = _record(store, state)
         return result
-
-
-def _apply(
-    store: Store,
-    ours: Snapshot,
-    keys: Mapping[str, StatKey],
-    merged: TreeMerge,
-    result: MergeResult,
-) -> None:
-    current = flatten_tree(store.odb, bytes.fromhex(ours.tree))
-    writes = [(p, e[0], e[1]) for p, e in sorted(merged.edits.items()) if e is not None]
-    removed = [p for p, e in merged.edits.items() if e is None and p in current]
-    try:
-        apply_changes(store, current, keys, writes, removed)
-    except MergeError:
-        raise
-    except Exception as exc:
-        raise MergeError(
-            f"{exc}; the workspace may be partly merged: 'narrative merge --abort' returns it "
-            f"to the pre-merge snapshot {ours.id}"
-        ) from exc
-    result.written, result.deleted = len(writes), len(removed)
 
 
 def _record(store: Store, state: MergeState) -> str:
@@ -352,6 +347,39 @@ def abort_merge(store: Store) -> RestoreResult:
         state = merge_state(store)
         if state is None:
             raise NoMergeInProgress()
-        result = restore_workspace(store, resolve_snapshot(store, state.pre_merge), state.thread)
+        pre = resolve_snapshot(store, state.pre_merge)
+        result = restore_workspace(store, pre, state.thread)
+        _drop_unsnapshotted_writes(store, pre, bytes.fromhex(state.tree))
         unlink_quiet(_state_path(store))
         return result
+
+
+def _drop_unsnapshotted_writes(store: Store, pre: Snapshot, merged_tree: bytes) -> None:
+    """Remove files the merge added that no snapshot sees (ignored paths), but only while they
+    still hold exactly what the merge wrote: then the merged tree keeps them, nothing is lost."""
+    before = flatten_tree(store.odb, bytes.fromhex(pre.tree))
+    for path, (mode, oid) in flatten_tree(store.odb, merged_tree).items():
+        if path in before:
+            continue
+        full = os.path.join(store.workspace, path)
+        try:
+            if mode == MODE_LINK:
+                data = os.fsencode(os.readlink(full))
+            else:
+                with open(full, "rb", opener=_no_follow) as f:
+                    data = f.read()
+        except OSError:
+            continue
+        if hash_object("blob", data) == oid:
+            unlink_quiet(full)
+            parent = os.path.dirname(path)
+            while parent:  # empty directories it left behind, never the workspace itself
+                try:
+                    os.rmdir(os.path.join(store.workspace, parent))
+                except OSError:
+                    break
+                parent = os.path.dirname(parent)
+
+
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW)
