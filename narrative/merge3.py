@@ -34,9 +34,28 @@ class TextMerge:
 
 
 def _matches(base: list[bytes], side: list[bytes]) -> list[tuple[int, int, int]]:
+    """Matching blocks (base start, side start, length), ending with a zero-length sentinel.
+
+    The common head and tail are matched directly and only the middle goes to SequenceMatcher:
+    a typical edit touches a few lines of a long file, and the matcher is superlinear.
+    """
+    limit = min(len(base), len(side))
+    head = 0
+    while head < limit and base[head] == side[head]:
+        head += 1
+    tail = 0
+    while tail < limit - head and base[-1 - tail] == side[-1 - tail]:
+        tail += 1
     # autojunk off: it would treat frequent lines (blank lines, braces) as noise and mis-align.
-    matcher = SequenceMatcher(None, base, side, autojunk=False)
-    return [(m.a, m.b, m.size) for m in matcher.get_matching_blocks()]
+    matcher = SequenceMatcher(
+        None, base[head : len(base) - tail], side[head : len(side) - tail], autojunk=False
+    )
+    blocks = [(0, 0, head)] if head else []
+    blocks += [(m.a + head, m.b + head, m.size) for m in matcher.get_matching_blocks() if m.size]
+    if tail:
+        blocks.append((len(base) - tail, len(side) - tail, tail))
+    blocks.append((len(base), len(side), 0))
+    return blocks
 
 
 def _sync_regions(
