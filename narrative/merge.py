@@ -110,7 +110,7 @@ class _Trees:
             for name, mode, child in parse_tree(data):
                 if name in (b"", b".", b"..", b".git") or b"/" in name or b"\x00" in name:
                     raise StoreCorrupted(f"tree {oid.hex()} has an unsafe entry {name!r}")
-                found[os.fsdecode(name)] = (mode, child)
+                found[name.decode("utf-8", "surrogateescape")] = (mode, child)  # os.fsdecode
             self._cache[oid] = found
         return found
 
@@ -315,6 +315,19 @@ def _check_paths(m: _Merger, ours_tree: bytes, edits: dict[str, Entry | None]) -
     """Drop (and report) edits that would put a file where a directory must stay, or below a
     path that stays a file."""
     trees = m.trees
+    stays_file: dict[str, bool] = {}  # parent path → it is a file in the result
+
+    def is_file(parent: str) -> bool:
+        known = stays_file.get(parent)
+        if known is None:
+            if parent in edits:
+                known = edits[parent] is not None
+            else:
+                found = trees.lookup(ours_tree, parent)
+                known = found is not None and found[0] != MODE_DIR
+            stays_file[parent] = known
+        return known
+
     for path, entry in sorted(edits.items()):
         if entry is None:
             continue
@@ -322,14 +335,8 @@ def _check_paths(m: _Merger, ours_tree: bytes, edits: dict[str, Entry | None]) -
         parts = path.split("/")
         for depth in range(1, len(parts)):
             parent = "/".join(parts[:depth])
-            if parent in edits:
-                if edits[parent] is not None:
-                    blocker = parent
-            else:
-                found = trees.lookup(ours_tree, parent)
-                if found is not None and found[0] != MODE_DIR:
-                    blocker = parent
-            if blocker:
+            if is_file(parent):
+                blocker = parent
                 break
         if blocker is None:
             found = trees.lookup(ours_tree, path)

@@ -12,7 +12,6 @@ merges and on simple conflicts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from difflib import SequenceMatcher
 from typing import Literal
 
 __all__ = ["TextMerge", "is_binary", "merge_text"]
@@ -33,25 +32,47 @@ class TextMerge:
     conflicts: int
 
 
+def _common_head(a: list[bytes], b: list[bytes]) -> int:
+    """Number of equal leading lines, by bisection on slice equality (C speed, no loop)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _common_tail(a: list[bytes], b: list[bytes], limit: int) -> int:
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid :] == b[len(b) - mid :]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _matches(base: list[bytes], side: list[bytes]) -> list[tuple[int, int, int]]:
     """Matching blocks (base start, side start, length), ending with a zero-length sentinel.
 
     The common head and tail are matched directly and only the middle goes to SequenceMatcher:
     a typical edit touches a few lines of a long file, and the matcher is superlinear.
     """
-    limit = min(len(base), len(side))
-    head = 0
-    while head < limit and base[head] == side[head]:
-        head += 1
-    tail = 0
-    while tail < limit - head and base[-1 - tail] == side[-1 - tail]:
-        tail += 1
-    # autojunk off: it would treat frequent lines (blank lines, braces) as noise and mis-align.
-    matcher = SequenceMatcher(
-        None, base[head : len(base) - tail], side[head : len(side) - tail], autojunk=False
-    )
+    head = _common_head(base, side)
+    tail = _common_tail(base, side, min(len(base), len(side)) - head)
     blocks = [(0, 0, head)] if head else []
-    blocks += [(m.a + head, m.b + head, m.size) for m in matcher.get_matching_blocks() if m.size]
+    middle_base, middle_side = base[head : len(base) - tail], side[head : len(side) - tail]
+    if middle_base and middle_side:
+        from difflib import SequenceMatcher  # only paid for files both sides edited
+
+        # autojunk off: it would treat frequent lines (blank lines, braces) as noise.
+        matcher = SequenceMatcher(None, middle_base, middle_side, autojunk=False)
+        blocks += [
+            (m.a + head, m.b + head, m.size) for m in matcher.get_matching_blocks() if m.size
+        ]
     if tail:
         blocks.append((len(base) - tail, len(side) - tail, tail))
     blocks.append((len(base), len(side), 0))
