@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from narrative.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from narrative.models import Snapshot
 
 from .context import open_store
 from .output import emit, json_option, note
@@ -163,7 +166,7 @@ def show(ctx: click.Context, snapshot_ref: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("old")
+@click.argument("old", metavar="OLD|RUN")
 @click.argument("new", required=False)
 @click.option("--stat", "mode", flag_value="stat", help="Per-file line counts.")
 @click.option("--name-status", "mode", flag_value="name-status", help="Status letter and path.")
@@ -171,14 +174,27 @@ def show(ctx: click.Context, snapshot_ref: str, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def diff(ctx: click.Context, old: str, new: str | None, mode: str | None, as_json: bool) -> None:
-    """Changes from snapshot OLD to snapshot NEW (default: the live workspace)."""
+    """Changes from snapshot OLD to snapshot NEW (default: the live workspace).
+
+    OLD may be an agent run (id or prefix, ``run-...``) without NEW: what the run changed, from
+    its base snapshot to its result snapshot.
+    """
     from narrative.diff import diff_snapshots
     from narrative.history import resolve_snapshot
+    from narrative.runs import is_run_ref, resolve_run, run_snapshots
 
     store = open_store(ctx)
     mode = mode or "patch"
-    a = resolve_snapshot(store, old)
-    b = resolve_snapshot(store, new) if new else None
+    b: Snapshot | None
+    if is_run_ref(old) and new is None:
+        run = resolve_run(store, old)
+        base, result_snap = run_snapshots(store, run)
+        if base is None:
+            raise InvalidInput(f"run {run.id} has no base snapshot to diff against")
+        a, b = base, result_snap
+    else:
+        a = resolve_snapshot(store, old)
+        b = resolve_snapshot(store, new) if new else None
     result = diff_snapshots(
         store, a, b, patch=mode == "patch", counts=mode != "name-status" or as_json
     )

@@ -67,9 +67,16 @@ def cli(
 
 
 def _register() -> None:
-    from . import core_commands, env_commands, hierarchy_commands, transfer_commands
+    from . import (
+        core_commands,
+        env_commands,
+        hierarchy_commands,
+        merge_commands,
+        transfer_commands,
+    )
 
-    for module in (core_commands, hierarchy_commands, transfer_commands, env_commands):
+    modules = (core_commands, hierarchy_commands, transfer_commands, merge_commands, env_commands)
+    for module in modules:
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -24,15 +24,27 @@ if TYPE_CHECKING:
         start_run,
     )
     from .history import all_snapshots, resolve_snapshot, thread_snapshots
+    from .merge import Conflict, TreeMerge, merge_trees
+    from .merge3 import merge_text
     from .models import AgentRun, Objective, Snapshot, Thread
     from .restore import RestoreResult, materialize, restore_workspace
     from .snapshot import SnapshotResult, take_snapshot
     from .store import Store
+    from .workspace_merge import (
+        MergeResult,
+        abort_merge,
+        continue_merge,
+        merge_base,
+        merge_state,
+        merge_workspace,
+    )
 
 __all__ = [
     "AgentRun",
+    "Conflict",
     "DiffResult",
     "GcReport",
+    "MergeResult",
     "NarrativeError",
     "Objective",
     "RestoreResult",
@@ -41,8 +53,11 @@ __all__ = [
     "SnapshotResult",
     "Store",
     "Thread",
+    "TreeMerge",
+    "abort_merge",
     "all_snapshots",
     "collect_garbage",
+    "continue_merge",
     "create_objective",
     "create_thread",
     "diff_snapshots",
@@ -51,6 +66,11 @@ __all__ = [
     "list_runs",
     "list_threads",
     "materialize",
+    "merge_base",
+    "merge_state",
+    "merge_text",
+    "merge_trees",
+    "merge_workspace",
     "resolve_snapshot",
     "resolve_thread",
     "restore_workspace",
@@ -67,10 +87,14 @@ _HOMES = {
     "list_objectives": "hierarchy", "list_runs": "hierarchy", "list_threads": "hierarchy",
     "resolve_thread": "hierarchy", "start_run": "hierarchy",
     "all_snapshots": "history", "resolve_snapshot": "history", "thread_snapshots": "history",
+    "Conflict": "merge", "TreeMerge": "merge", "merge_trees": "merge", "merge_text": "merge3",
     "AgentRun": "models", "Objective": "models", "Snapshot": "models", "Thread": "models",
     "RestoreResult": "restore", "materialize": "restore", "restore_workspace": "restore",
     "SnapshotResult": "snapshot", "take_snapshot": "snapshot",
     "Store": "store",
+    "MergeResult": "workspace_merge", "abort_merge": "workspace_merge",
+    "continue_merge": "workspace_merge", "merge_base": "workspace_merge",
+    "merge_state": "workspace_merge", "merge_workspace": "workspace_merge",
 }  # fmt: skip
 
 

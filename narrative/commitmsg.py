@@ -9,6 +9,7 @@ A snapshot commit's message is the user's message followed by one trailer paragr
     Narrative-Run: run-01jd...                       (only for snapshots taken by a run)
     Narrative-Stats: {"files": 50000, "bytes": 1048576000, "hashed": 1}
     Narrative-Skipped: {"path": "big.iso", "size": 734003200, "reason": "too-large"}
+    Narrative-Merged-From: snap-01jd...              (only on merge results)
 
 Trailers travel inside the commit, so bundles carry them and ids are identical on every machine.
 """
@@ -23,7 +24,7 @@ from .ids import is_id
 from .models import Snapshot, iso_from_timestamp
 from .objects import Commit
 
-__all__ = ["encode_message", "is_snapshot_commit", "snapshot_from_commit"]
+__all__ = ["encode_message", "is_snapshot_commit", "merged_from", "snapshot_from_commit"]
 
 _PREFIX = "Narrative-"
 
@@ -35,8 +36,10 @@ def encode_message(
     run_id: str | None,
     stats: dict[str, int],
     skipped: list[dict[str, Any]],
+    extra: dict[str, str] | None = None,
 ) -> str:
-    """The full commit message for a new snapshot."""
+    """The full commit message for a new snapshot; ``extra`` adds ``Narrative-<key>`` trailers
+    (e.g. ``Merged-From`` on a merge), which readers that do not know them ignore."""
     body = message.strip() or "snapshot"
     trailers = [f"Narrative-Snapshot: {snapshot_id}", f"Narrative-Thread: {thread_id}"]
     if run_id:
@@ -46,6 +49,7 @@ def encode_message(
         "Narrative-Skipped: " + json.dumps(s, sort_keys=True, separators=(",", ":"))
         for s in skipped
     ]
+    trailers += [f"Narrative-{key}: {value}" for key, value in (extra or {}).items()]
     return body + "\n\n" + "\n".join(trailers) + "\n"
 
 
@@ -65,6 +69,11 @@ def _trailers(message: str) -> tuple[str, dict[str, list[str]]]:
 def is_snapshot_commit(commit: Commit) -> bool:
     """Whether a commit carries snapshot trailers."""
     return "Snapshot" in _trailers(commit.message)[1]
+
+
+def merged_from(commit: Commit) -> list[str]:
+    """Snapshot ids named by ``Narrative-Merged-From`` trailers (merge results only)."""
+    return _trailers(commit.message)[1].get("Merged-From", [])
 
 
 def snapshot_from_commit(

@@ -18,7 +18,10 @@ where one fits (``LookupError`` for unknown ids, ``TimeoutError`` for lock waits
     ├── AmbiguousId(prefix, candidates)
     ├── InvalidInput (+ValueError)   bad ids, names, options, paths
     ├── ConcurrentUpdate             compare-and-swap lost too many times
-    └── RestoreError                 a restore that would lose data, or cannot proceed
+    ├── RestoreError                 a restore that would lose data, or cannot proceed
+    └── MergeError                   a workspace merge cannot start, continue or be undone
+        ├── MergeInProgress          another merge has not been finished or aborted
+        └── NoMergeInProgress        --continue/--abort with nothing to act on
 
 Sibling packages (transfer, gateway, providers) hang their own subtrees below
 :class:`NarrativeError`.
@@ -31,7 +34,10 @@ __all__ = [
     "ConcurrentUpdate",
     "InvalidInput",
     "LockTimeout",
+    "MergeError",
+    "MergeInProgress",
     "NarrativeError",
+    "NoMergeInProgress",
     "NotFound",
     "ObjectiveNotFound",
     "RestoreError",
@@ -152,3 +158,25 @@ class ConcurrentUpdate(NarrativeError):
 
 class RestoreError(NarrativeError):
     """A restore cannot proceed without risking unsnapshotted work."""
+
+
+class MergeError(NarrativeError):
+    """A workspace merge cannot start, continue or be undone."""
+
+
+class MergeInProgress(MergeError):
+    """A merge was started and has not been continued or aborted yet."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__(
+            f"a merge of {source} is in progress: finish it with 'narrative merge --continue' "
+            "or undo it with 'narrative merge --abort'"
+        )
+        self.source = source
+
+
+class NoMergeInProgress(MergeError):
+    """``--continue`` or ``--abort`` was asked for, but no merge is in progress."""
+
+    def __init__(self) -> None:
+        super().__init__("no merge is in progress")

@@ -13,15 +13,25 @@ import contextlib
 import os
 import stat as stat_mod
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .errors import RestoreError, StoreCorrupted
 from .models import Snapshot
 from .objects import MODE_DIR, MODE_EXEC, MODE_LINK, parse_tree
 from .odb import ObjectStore
+from .statcache import StatKey
 from .store import Store
 
-__all__ = ["RestoreResult", "flatten_tree", "materialize", "restore_workspace", "sync_directory"]
+__all__ = [
+    "RestoreResult",
+    "apply_changes",
+    "check_changes",
+    "flatten_tree",
+    "materialize",
+    "restore_workspace",
+    "sync_directory",
+]
 
 FlatTree = dict[str, tuple[int, bytes]]
 _PARALLEL_MIN = 64
@@ -172,31 +182,9 @@ def restore_workspace(
     )
     current = flatten_tree(store.odb, bytes.fromhex(safety.snapshot.tree))
     target = flatten_tree(store.odb, bytes.fromhex(snapshot.tree))
-    keys = safety.cache.file_keys()
-    _refuse_unsafe(ws, current, target)
-
-    def check_unchanged(path: str) -> None:
-        st = _lstat(os.path.join(ws, path))
-        if st is None:
-            return
-        seen = keys.get(path)
-        if not seen or tuple(seen[:4]) != (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino):
-            raise RestoreError(f"{path} changed during the restore; it was left as it is")
-
     removed = [p for p in current if p not in target]
-    for path in sorted(removed, reverse=True):
-        check_unchanged(path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(ws, path))
-    _prune_empty_dirs(ws, {os.path.dirname(p) for p in removed})
     writes = [(p, m, o) for p, (m, o) in target.items() if current.get(p) != (m, o)]
-    for path, _m, _o in writes:
-        if path in current:
-            check_unchanged(path)
-        st = _lstat(os.path.join(ws, path))
-        if st is not None and stat_mod.S_ISDIR(st.st_mode):
-            raise RestoreError(f"directory {path} is in the way of a file and is not empty")
-    _write_all(store.odb, ws, writes)
+    apply_changes(store, current, safety.cache.file_keys(), writes, removed, target)
     return RestoreResult(
         snapshot.id,
         ws,
@@ -206,7 +194,65 @@ def restore_workspace(
     )
 
 
-def _refuse_unsafe(ws: str, current: FlatTree, target: FlatTree) -> None:
+def check_changes(
+    store: Store,
+    current: FlatTree,
+    writes: list[tuple[str, int, bytes]],
+    targets: Iterable[str] | None = None,
+) -> None:
+    """Raise RestoreError if writing ``writes`` over the workspace snapshotted as ``current``
+    would destroy data no snapshot holds; changes nothing. ``targets`` are the paths checked for
+    unsnapshotted data in the way (default: the written paths)."""
+    ws = store.workspace
+    _refuse_unsafe(ws, current, targets if targets is not None else [p for p, _m, _o in writes])
+    for path, _m, _o in writes:
+        st = _lstat(os.path.join(ws, path)) if path not in current else None
+        if st is not None and not stat_mod.S_ISDIR(st.st_mode):
+            # e.g. an ignored file: replacing it would lose data that no snapshot holds
+            raise RestoreError(f"{path} exists but was never snapshotted; move it away first")
+
+
+def apply_changes(
+    store: Store,
+    current: FlatTree,
+    keys: Mapping[str, StatKey],
+    writes: list[tuple[str, int, bytes]],
+    removed: list[str],
+    targets: Iterable[str] | None = None,
+) -> None:
+    """Turn the workspace from ``current`` into the target by deleting ``removed`` and writing
+    ``writes`` (path, mode, oid), touching nothing else.
+
+    ``current`` must be a snapshot just taken and ``keys`` its stat keys: every file is re-checked
+    against them just before it is touched, so an edit made meanwhile stops the change instead
+    of being lost. :func:`check_changes` runs first; nothing is written unless it passes.
+    """
+    ws = store.workspace
+    check_changes(store, current, writes, targets)
+
+    def check_unchanged(path: str) -> None:
+        st = _lstat(os.path.join(ws, path))
+        if st is None:
+            return
+        seen = keys.get(path)
+        if not seen or tuple(seen[:4]) != (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino):
+            raise RestoreError(f"{path} changed during the restore; it was left as it is")
+
+    for path in sorted(removed, reverse=True):
+        check_unchanged(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(ws, path))
+    _prune_empty_dirs(ws, {os.path.dirname(p) for p in removed})
+    for path, _m, _o in writes:
+        if path in current:
+            check_unchanged(path)
+        st = _lstat(os.path.join(ws, path))
+        if st is not None and stat_mod.S_ISDIR(st.st_mode):
+            raise RestoreError(f"directory {path} is in the way of a file and is not empty")
+    _write_all(store.odb, ws, writes)
+
+
+def _refuse_unsafe(ws: str, current: FlatTree, target: Iterable[str]) -> None:
     """Fail before touching anything if the restore would have to remove unsnapshotted data."""
     checked: set[str] = set()
     for path in target:

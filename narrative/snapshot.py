@@ -170,8 +170,12 @@ def take_snapshot(
     message: str = "",
     allow_empty: bool = False,
     workspace: str | None = None,
+    trailers: dict[str, str] | None = None,
 ) -> SnapshotResult:
-    """Snapshot the workspace onto a thread (default: the store's default thread)."""
+    """Snapshot the workspace onto a thread (default: the store's default thread).
+
+    ``trailers`` adds ``Narrative-<key>: value`` lines to the commit (merges record their source).
+    """
     thread_id = thread_id or store.config.default_thread
     ref = store.thread_ref(thread_id)
     head = store.refs.read(ref)
@@ -203,7 +207,7 @@ def take_snapshot(
                     return SnapshotResult(snapshot_at(store, current), False, capture.cache)
             stats = capture.stats()
             message = encode_message(
-                message, new_id("snapshot"), thread_id, run_id, stats, result.skipped
+                message, new_id("snapshot"), thread_id, run_id, stats, result.skipped, trailers
             )
             commit = _commit_object(root, head or fork_parent, message)
             oid = writer.add_raw("commit", encode_commit(commit))

@@ -1,0 +1,141 @@
+"""The ``merge`` command: three-way merge of a run's result (or a snapshot) into the workspace.
+
+Exit status 1 when conflicts are left in the workspace (as ``git merge`` does), also with
+``--json``, whose document then lists them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from narrative.errors import InvalidInput
+
+from .context import open_store
+from .output import emit, json_option, note
+
+__all__ = ["COMMANDS"]
+
+_HINTS = {
+    "content": "conflict markers written",
+    "add/add": "conflict markers written",
+    "binary": "kept ours; theirs stays in {theirs}",
+    "modify/delete": "kept ours (modified); theirs deleted it",
+    "delete/modify": "kept theirs (modified); ours deleted it",
+    "mode": "kept ours' mode",
+    "symlink": "kept ours",
+    "type": "kept ours",
+    "rename/delete": "kept the renamed file",
+    "rename/rename": "kept both names",
+    "directory/file": "kept ours; theirs' entry is in {theirs}",
+}
+
+
+def _conflict_lines(data: dict[str, Any]) -> list[str]:
+    lines = []
+    for c in data["conflicts"]:
+        hint = _HINTS.get(c["kind"], "kept ours").format(theirs=data["theirs"])
+        other = f" (and {c['other']})" if c.get("other") else ""
+        lines.append(f"CONFLICT ({c['kind']}): {c['path']}{other}: {hint}")
+    return lines
+
+
+def _human(data: dict[str, Any]) -> str:
+    if data["up_to_date"]:
+        return f"already up to date with {data['theirs']}"
+    lines = [
+        f"merged {data['source']} ({data['theirs']}) into the workspace: "
+        f"{data['written']} written, {data['deleted']} deleted"
+    ]
+    lines += [
+        f"resolved ({c['kind']}) with {data['strategy']}: {c['path']}" for c in data["resolved"]
+    ]
+    lines += _conflict_lines(data)
+    if data["snapshot"]:
+        lines.append(f"recorded merge snapshot {data['snapshot']}")
+    elif data["conflicts"]:
+        lines.append(
+            "fix the conflicts, then 'narrative merge --continue' (or 'narrative merge --abort')"
+        )
+    else:
+        lines.append("not recorded (--no-commit): 'narrative merge --continue' records it")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("source", metavar="[RUN|SNAPSHOT]", required=False)
+@click.option(
+    "--strategy",
+    type=click.Choice(["ours", "theirs"]),
+    help="Settle conflicts in favour of one side (per hunk for text).",
+)
+@click.option("--no-commit", is_flag=True, help="Apply the merge but do not record a snapshot.")
+@click.option("--continue", "cont", is_flag=True, help="Record the resolved merge as a snapshot.")
+@click.option("--abort", is_flag=True, help="Return the workspace to the pre-merge snapshot.")
+@json_option
+@click.pass_context
+def merge(
+    ctx: click.Context,
+    source: str | None,
+    strategy: str | None,
+    no_commit: bool,
+    cont: bool,
+    abort: bool,
+    as_json: bool,
+) -> None:
+    """Merge a run's result (or a snapshot) into the workspace, three-way.
+
+    Base is the run's base snapshot (for a snapshot: the merge base with the workspace's
+    thread); ours is the workspace, snapshotted first; theirs is the result. Without arguments,
+    shows the merge in progress.
+    """
+    from narrative import workspace_merge as wm
+
+    if cont and abort:
+        raise click.UsageError("use either --continue or --abort")
+    if (cont or abort) and (source or strategy or no_commit):
+        raise click.UsageError("--continue/--abort take no SOURCE, --strategy or --no-commit")
+    store = open_store(ctx)
+    if abort:
+        restored = wm.abort_merge(store)
+        note(f"safety snapshot {restored.safety_snapshot} holds the merged state")
+        emit(
+            as_json,
+            {"aborted": True, "restored": restored.snapshot, "safety": restored.safety_snapshot},
+            f"merge aborted: workspace restored to {restored.snapshot}",
+        )
+        return
+    if cont:
+        snap = wm.continue_merge(store)
+        emit(as_json, {"snapshot": snap}, f"recorded merge snapshot {snap}")
+        return
+    if source is None:
+        state = wm.merge_state(store)
+        data = state.to_dict() if state is not None else None
+        emit(
+            as_json,
+            data,
+            "no merge in progress"
+            if state is None
+            else f"merging {state.source} ({state.theirs}), {state.phase}; "
+            f"{len(state.conflicts)} conflict(s); pre-merge snapshot {state.pre_merge}",
+        )
+        return
+    if not source.strip():
+        raise InvalidInput("empty merge source")
+    result = wm.merge_workspace(
+        store,
+        source,
+        strategy="ours" if strategy == "ours" else "theirs" if strategy == "theirs" else None,
+        commit=not no_commit,
+    )
+    data = result.to_dict()
+    if not result.up_to_date:
+        note(f"pre-merge snapshot {result.pre_merge}; base {result.base or '(none: two-way)'}")
+    emit(as_json, data, lambda: _human(data))
+    if result.conflicts:
+        ctx.exit(1)
+
+
+COMMANDS = [merge]

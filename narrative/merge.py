@@ -1,0 +1,430 @@
+"""Three-way merge of git trees: base / ours / theirs → merged tree + conflicts.
+
+The result is expressed as *edits against ours* (path → new entry, or None to delete), because
+ours is the user's workspace: applying exactly those edits is what a workspace merge does. Only
+subtrees whose ids differ are read (the diff recurses into differing directories only), and the
+merged tree is rebuilt along edited paths only, so untouched subtrees keep their ids.
+
+Per path, git's rules: a side that did not change takes the other; equal changes merge; text
+changed by both is merged line by line (:mod:`narrative.merge3`), with conflict markers when
+hunks overlap; binary conflicts keep ours in the tree (theirs stays in its snapshot);
+modify/delete keeps the modified version; add/add merges against an empty base; exec-bit
+changes merge like content. Exact-content renames (a deleted path whose blob reappears under a
+new path on the same side) are followed, so a rename on one side plus an edit on the other
+merges cleanly at the new path. A strategy of ``ours``/``theirs`` settles every conflict in
+favour of that side (per hunk for text, like ``git merge -X ours|theirs``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import InvalidInput, StoreCorrupted
+from .merge3 import is_binary, merge_text
+from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK, encode_tree, parse_tree
+from .odb import ObjectStore, PackWriter
+
+__all__ = ["STRATEGIES", "Conflict", "Entry", "Strategy", "TreeMerge", "merge_trees"]
+
+Entry = tuple[int, bytes]
+"""(mode, 20-byte oid) of a non-directory tree entry."""
+Strategy = Literal["ours", "theirs"]
+STRATEGIES: tuple[Strategy, ...] = ("ours", "theirs")
+
+_Change = tuple[Entry | None, Entry | None]  # (base, side) of one changed path
+_EMPTY_BLOB = bytes.fromhex("e69de29bb2d1d6434b8b29ae775ad8c2e48c5391")
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A path the merge could not settle on its own.
+
+    kind: ``content`` (both edited the same lines), ``add/add``, ``binary``, ``modify/delete``
+    (ours modified, theirs deleted), ``delete/modify``, ``mode``, ``symlink``, ``type`` (file vs
+    symlink), ``rename/delete``, ``rename/rename``, ``directory/file``. ``markers``: the merged
+    file holds ``<<<<<<<`` markers. ``other`` names the second path of a rename conflict.
+    """
+
+    path: str
+    kind: str
+    base: Entry | None
+    ours: Entry | None
+    theirs: Entry | None
+    markers: bool = False
+    other: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        def show(entry: Entry | None) -> dict[str, str] | None:
+            return None if entry is None else {"mode": f"{entry[0]:06o}", "oid": entry[1].hex()}
+
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "markers": self.markers,
+            "other": self.other,
+            "base": show(self.base),
+            "ours": show(self.ours),
+            "theirs": show(self.theirs),
+        }
+
+
+@dataclass
+class TreeMerge:
+    """The outcome of :func:`merge_trees`.
+
+    ``tree`` is the merged tree (conflicted text files with markers, binary conflicts as ours);
+    ``edits`` turn ours into it; ``conflicts`` are unresolved, ``resolved`` lists conflicts a
+    strategy settled; ``renames`` are the detected (side, old path, new path).
+    """
+
+    tree: bytes
+    edits: dict[str, Entry | None] = field(default_factory=dict)
+    conflicts: list[Conflict] = field(default_factory=list)
+    resolved: list[Conflict] = field(default_factory=list)
+    renames: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.conflicts
+
+
+class _Trees:
+    """Parsed trees by id (each read once), path lookups, and validated entry names."""
+
+    def __init__(self, odb: ObjectStore) -> None:
+        self.odb = odb
+        self._cache: dict[bytes, dict[str, tuple[int, bytes]]] = {}
+
+    def entries(self, oid: bytes | None) -> dict[str, tuple[int, bytes]]:
+        if oid is None:
+            return {}
+        found = self._cache.get(oid)
+        if found is None:
+            kind, data = self.odb.read(oid)
+            if kind != "tree":
+                raise StoreCorrupted(f"{oid.hex()} is not a tree")
+            found = {}
+            for name, mode, child in parse_tree(data):
+                if name in (b"", b".", b"..", b".git") or b"/" in name or b"\x00" in name:
+                    raise StoreCorrupted(f"tree {oid.hex()} has an unsafe entry {name!r}")
+                found[name.decode("utf-8", "surrogateescape")] = (mode, child)  # os.fsdecode
+            self._cache[oid] = found
+        return found
+
+    def lookup(self, root: bytes | None, path: str) -> tuple[int, bytes] | None:
+        """The entry at ``path`` (a directory entry included), or None."""
+        node: tuple[int, bytes] | None = None
+        tree = root
+        for part in path.split("/"):
+            if tree is None:
+                return None
+            node = self.entries(tree).get(part)
+            if node is None:
+                return None
+            tree = node[1] if node[0] == MODE_DIR else None
+        return node
+
+    def files_below(self, tree: bytes, prefix: str) -> Iterable[str]:
+        for name, (mode, oid) in self.entries(tree).items():
+            if mode == MODE_DIR:
+                yield from self.files_below(oid, f"{prefix}{name}/")
+            else:
+                yield prefix + name
+
+    def diff(self, a: bytes | None, b: bytes | None, prefix: str, out: dict[str, _Change]) -> None:
+        """Changed non-directory paths from tree ``a`` to ``b``; equal subtrees are skipped."""
+        if a == b:
+            return
+        ea, eb = self.entries(a), self.entries(b)
+        for name in ea.keys() | eb.keys():
+            x, y = ea.get(name), eb.get(name)
+            if x == y:
+                continue
+            path = prefix + name
+            x_dir = x is not None and x[0] == MODE_DIR
+            y_dir = y is not None and y[0] == MODE_DIR
+            if x_dir or y_dir:
+                self.diff(
+                    x[1] if x is not None and x_dir else None,
+                    y[1] if y is not None and y_dir else None,
+                    path + "/",
+                    out,
+                )
+            fx = None if x_dir else x
+            fy = None if y_dir else y
+            if fx != fy:
+                out[path] = (fx, fy)
+
+
+def _exact_renames(changes: dict[str, _Change]) -> dict[str, str]:
+    """old path → new path for deletions whose blob was added elsewhere on the same side."""
+    added: dict[Entry, list[str]] = {}
+    for path, (old, new) in changes.items():
+        if old is None and new is not None and new[1] != _EMPTY_BLOB:
+            added.setdefault(new, []).append(path)
+    if not added:
+        return {}
+    renames: dict[str, str] = {}
+    for path, (old, new) in sorted(changes.items()):
+        if new is not None or old is None:
+            continue
+        candidates = added.get(old) or added.get(
+            (MODE_EXEC if old[0] == MODE_FILE else MODE_FILE, old[1])
+        )
+        if not candidates:
+            continue
+        # Prefer a destination with the same file name (a move between directories).
+        base = path.rsplit("/", 1)[-1]
+        pick = next((c for c in candidates if c.rsplit("/", 1)[-1] == base), candidates[0])
+        candidates.remove(pick)
+        renames[path] = pick
+    return renames
+
+
+class _Merger:
+    def __init__(self, odb: ObjectStore, writer: PackWriter, strategy: Strategy | None) -> None:
+        self.odb = odb
+        self.trees = _Trees(odb)
+        self.writer = writer
+        self.strategy = strategy
+        self.conflicts: list[Conflict] = []
+        self.resolved: list[Conflict] = []
+
+    def _blob(self, oid: bytes) -> bytes:
+        kind, data = self.odb.read(oid)
+        if kind != "blob":
+            raise StoreCorrupted(f"{oid.hex()} is not a blob")
+        return data
+
+    def _report(self, conflict: Conflict) -> None:
+        (self.resolved if self.strategy else self.conflicts).append(conflict)
+
+    def _pick(self, ours: Entry | None, theirs: Entry | None) -> Entry | None:
+        """The side a strategy favours; without one, ours, else theirs if ours is gone."""
+        if self.strategy == "theirs":
+            return theirs
+        if self.strategy == "ours":
+            return ours
+        return ours if ours is not None else theirs
+
+    def entry(
+        self, path: str, base: Entry | None, ours: Entry | None, theirs: Entry | None
+    ) -> Entry | None:
+        """Merge one path's three versions; records a conflict when they cannot be combined."""
+        if theirs in (ours, base):
+            return ours
+        if base == ours:
+            return theirs
+        if ours is None or theirs is None:
+            kind = "delete/modify" if ours is None else "modify/delete"
+            self._report(Conflict(path, kind, base, ours, theirs))
+            return self._pick(ours, theirs)
+        if ours[0] == MODE_LINK or theirs[0] == MODE_LINK:
+            kind = "symlink" if ours[0] == theirs[0] else "type"
+            self._report(Conflict(path, kind, base, ours, theirs))
+            return self._pick(ours, theirs)
+        mode = self._mode(path, base, ours, theirs)
+        if ours[1] == theirs[1]:
+            return mode, ours[1]
+        if base is not None and base[1] == ours[1]:
+            return mode, theirs[1]
+        if base is not None and base[1] == theirs[1]:
+            return mode, ours[1]
+        return self._content(path, base, ours, theirs, mode)
+
+    def _mode(self, path: str, base: Entry | None, ours: Entry, theirs: Entry) -> int:
+        if ours[0] == theirs[0] or (base is not None and base[0] == theirs[0]):
+            return ours[0]
+        if base is not None and base[0] == ours[0]:
+            return theirs[0]
+        self._report(Conflict(path, "mode", base, ours, theirs))
+        picked = self._pick(ours, theirs)
+        return picked[0] if picked is not None else ours[0]
+
+    def _content(
+        self, path: str, base: Entry | None, ours: Entry, theirs: Entry, mode: int
+    ) -> Entry:
+        kind = "content" if base is not None else "add/add"
+        b_data = self._blob(base[1]) if base is not None else b""
+        o_data, t_data = self._blob(ours[1]), self._blob(theirs[1])
+        if is_binary(b_data) or is_binary(o_data) or is_binary(t_data):
+            self._report(Conflict(path, "binary", base, ours, theirs))
+            return mode, (theirs if self.strategy == "theirs" else ours)[1]
+        merged = merge_text(b_data, o_data, t_data, favour=self.strategy)
+        if merged.conflicts:
+            self._report(Conflict(path, kind, base, ours, theirs, markers=self.strategy is None))
+        return mode, self.writer.add_raw("blob", merged.data)
+
+
+def _rename_pass(
+    m: _Merger,
+    side_renames: dict[str, str],
+    mine: dict[str, _Change],
+    other: dict[str, _Change],
+    other_renames: dict[str, str],
+    theirs_side: bool,
+    edits: dict[str, Entry | None],
+    handled: set[str],
+) -> None:
+    """Follow the renames of one side onto the other side's edits of the old path."""
+    for src, dst in side_renames.items():
+        if src not in other or src in handled or dst in other:
+            continue  # the other side left src alone (nothing to carry), or dst is contested
+        base = mine[src][0]
+        moved = mine[dst][1]
+        edited = other[src][1]
+        if edited is None:
+            other_dst = other_renames.get(src)
+            if other_dst == dst:
+                continue  # both sides made the same move
+            handled.add(src)
+            elsewhere = other[other_dst][1] if other_dst is not None else None
+            ours_dst, theirs_dst = (other_dst, dst) if theirs_side else (dst, other_dst)
+            m._report(
+                Conflict(
+                    dst,
+                    "rename/rename" if other_dst is not None else "rename/delete",
+                    base,
+                    elsewhere if theirs_side else moved,
+                    moved if theirs_side else elsewhere,
+                    other=other_dst,
+                )
+            )
+            if m.strategy == "ours" and theirs_dst is not None:
+                handled.add(theirs_dst)  # theirs' copy never arrives
+                edits.pop(theirs_dst, None)
+            elif m.strategy == "theirs" and ours_dst is not None:
+                edits[ours_dst] = None
+            continue
+        handled.update((src, dst))
+        if theirs_side:
+            # ours edited src, theirs moved it: the merged file lives at dst, src goes away.
+            edits[src] = None
+            edits[dst] = m.entry(dst, base, edited, moved)
+        else:
+            # ours moved src to dst, theirs edited src: merge theirs' edit into ours' dst.
+            merged = m.entry(dst, base, moved, edited)
+            if merged != moved:
+                edits[dst] = merged
+
+
+def _check_paths(m: _Merger, ours_tree: bytes, edits: dict[str, Entry | None]) -> None:
+    """Drop (and report) edits that would put a file where a directory must stay, or below a
+    path that stays a file."""
+    trees = m.trees
+    stays_file: dict[str, bool] = {}  # parent path → it is a file in the result
+
+    def is_file(parent: str) -> bool:
+        known = stays_file.get(parent)
+        if known is None:
+            if parent in edits:
+                known = edits[parent] is not None
+            else:
+                found = trees.lookup(ours_tree, parent)
+                known = found is not None and found[0] != MODE_DIR
+            stays_file[parent] = known
+        return known
+
+    for path, entry in sorted(edits.items()):
+        if entry is None:
+            continue
+        blocker = None
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if is_file(parent):
+                blocker = parent
+                break
+        if blocker is None:
+            found = trees.lookup(ours_tree, path)
+            if found is not None and found[0] == MODE_DIR:
+                remaining = [p for p in trees.files_below(found[1], path + "/") if p not in edits]
+                remaining += [p for p, e in edits.items() if e and p.startswith(path + "/")]
+                if remaining:
+                    blocker = remaining[0]
+        if blocker is not None:
+            found = trees.lookup(ours_tree, path)
+            mine = found if found is not None and found[0] != MODE_DIR else None
+            m._report(Conflict(path, "directory/file", None, mine, entry, other=blocker))
+            del edits[path]
+
+
+def _build(
+    trees: _Trees, writer: PackWriter, tree: bytes | None, edits: dict[str, Entry | None]
+) -> bytes | None:
+    """``tree`` with ``edits`` applied (new trees written); None when it ends up empty."""
+    direct: dict[str, Entry | None] = {}
+    nested: dict[str, dict[str, Entry | None]] = {}
+    for path, entry in edits.items():
+        head, sep, rest = path.partition("/")
+        if sep:
+            nested.setdefault(head, {})[rest] = entry
+        else:
+            direct[head] = entry
+    entries = dict(trees.entries(tree))
+    for name, sub in nested.items():
+        current = entries.get(name)
+        subtree = current[1] if current is not None and current[0] == MODE_DIR else None
+        built = _build(trees, writer, subtree, sub)
+        if built is not None:
+            entries[name] = (MODE_DIR, built)
+        elif subtree is not None:
+            del entries[name]
+    for name, entry in direct.items():
+        if entry is not None:
+            entries[name] = entry
+        elif name in entries and entries[name][0] != MODE_DIR:
+            del entries[name]  # a file that became a directory keeps the directory built above
+    if not entries:
+        return None
+    data = encode_tree([(os.fsencode(n), mode, oid) for n, (mode, oid) in entries.items()])
+    return writer.add_raw("tree", data)
+
+
+def merge_trees(
+    odb: ObjectStore,
+    base: bytes | None,
+    ours: bytes,
+    theirs: bytes,
+    writer: PackWriter,
+    strategy: Strategy | None = None,
+) -> TreeMerge:
+    """Three-way merge of tree ids; new blobs and trees go to ``writer`` (the caller publishes).
+
+    ``base`` None merges two unrelated trees (every path both sides hold is an add/add).
+    """
+    if strategy is not None and strategy not in STRATEGIES:
+        raise InvalidInput(f"unknown merge strategy {strategy!r} (use ours or theirs)")
+    m = _Merger(odb, writer, strategy)
+    if theirs in (ours, base):
+        return TreeMerge(ours)
+    d_ours: dict[str, _Change] = {}
+    d_theirs: dict[str, _Change] = {}
+    m.trees.diff(base, ours, "", d_ours)
+    m.trees.diff(base, theirs, "", d_theirs)
+    r_ours, r_theirs = _exact_renames(d_ours), _exact_renames(d_theirs)
+    edits: dict[str, Entry | None] = {}
+    handled: set[str] = set()
+    _rename_pass(m, r_theirs, d_theirs, d_ours, r_ours, True, edits, handled)
+    _rename_pass(m, r_ours, d_ours, d_theirs, r_theirs, False, edits, handled)
+    for path, (b, t) in d_theirs.items():
+        if path in handled:
+            continue
+        if path not in d_ours:
+            edits[path] = t
+            continue
+        o = d_ours[path][1]
+        merged = m.entry(path, b, o, t)
+        if merged != o:
+            edits[path] = merged
+    _check_paths(m, ours, edits)
+    tree = _build(m.trees, writer, ours, edits) if edits else ours
+    if tree is None:
+        tree = writer.add_raw("tree", b"")
+    renames = [("ours", s, d) for s, d in sorted(r_ours.items())]
+    renames += [("theirs", s, d) for s, d in sorted(r_theirs.items())]
+    m.conflicts.sort(key=lambda c: c.path)
+    return TreeMerge(tree, edits, m.conflicts, m.resolved, renames)
