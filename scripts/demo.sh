@@ -43,8 +43,13 @@ narrative run start --env sandbox --snapshot "$base" --agent demo-agent -- \
     sh -c 'printf "\n\ndef sub(a, b):\n    return a - b\n" >> src/calc.py && echo "sub added"'
 test ! -e "$ws/CHANGES.md"
 iso_run=$(narrative run list --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
-narrative run show "$iso_run"
 narrative env list
+step "what did the isolated run change? merge it into the workspace (three-way, nothing lost)"
+narrative diff "$iso_run" --patch
+printf '# calc, edited by the user meanwhile\n' > "$ws/README.md"
+narrative merge "$iso_run"
+grep -q 'def sub' "$ws/src/calc.py"
+grep -q 'edited by the user' "$ws/README.md"
 narrative env delete sandbox
 step "git can read the store"
 git --git-dir "$ws/.narrative" log --oneline --glob='refs/narrative/threads/*' | head -5
