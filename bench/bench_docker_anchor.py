@@ -131,14 +131,8 @@ def time_docker_anchor(
     volumes = [arg for m in (HOST_MOUNTS if mounts is None else mounts) for arg in ("-v", m)]
     cwd = src.parent
     try:
-        started = check(
-            run(
-                ["docker", "run", "--name", name, "--network", "none", "-w", workdir]
-                + [*volumes, image, "true"],
-                env=env,
-                cwd=cwd,
-            )
-        )
+        argv = ["docker", "run", "--name", name, "--network", "none", "-w", workdir, *volumes]
+        started = check(run([*argv, image, "true"], env=env, cwd=cwd))
         cp_in = check(run(["docker", "cp", f"{src}/.", f"{name}:{workdir}"], env=env, cwd=cwd))
         cp_out = check(run(["docker", "cp", f"{name}:{workdir}", str(out)], env=env, cwd=cwd))
         return AnchorRound(started, cp_in, cp_out)
