@@ -9,10 +9,12 @@ and ``export DOCKER_HOST=unix:///tmp/narrative-dockerd/docker.sock``.
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import tarfile
 import uuid
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,11 +66,23 @@ def connect() -> Any:
         import docker
     except ImportError:
         docker_unavailable("the docker SDK is not installed")
+    kwargs = docker.utils.kwargs_from_env()
+    url = str(kwargs.get("base_url") or "unix:///var/run/docker.sock")
+    if url.startswith("unix://") and not os.path.exists(url[len("unix://") :]):
+        docker_unavailable(f"no Docker engine socket at {url}")
+    reason = ""
     try:
-        api = docker.APIClient(version="auto", timeout=30, **docker.utils.kwargs_from_env())
+        api = docker.APIClient(version="auto", timeout=30, **kwargs)
         api.ping()
     except Exception as exc:
-        docker_unavailable(f"no Docker engine reachable at DOCKER_HOST: {exc}")
+        reason = f"no Docker engine reachable at {url}: {exc}"
+    if reason:
+        # The SDK leaks the socket of a failed unix connect; collect it quietly here rather
+        # than as an unraisable warning in some later test.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+        docker_unavailable(reason)
     return api
 
 

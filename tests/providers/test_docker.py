@@ -72,9 +72,22 @@ def test_missing_image_is_refused_without_pull(
     make_docker_provider: MakeProvider, docker_api: Any
 ) -> None:
     provider = make_docker_provider(image="narrative-absent/never:1")
+    # Every request the provider makes is recorded: a pull (POST /images/create) must not be
+    # among them; with no registry reachable, a failed pull would leave no event behind.
+    requests_made: list[tuple[str, str]] = []
+    send = provider.api.request
+
+    def record(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        requests_made.append((method, url))
+        return send(method, url, *args, **kwargs)
+
+    provider.api.request = record
     since = int(time.time()) - 1
     with pytest.raises(ImageNotFound) as info:
         provider.create()
+    assert requests_made, "the provider's requests were not observed"
+    assert not [url for _method, url in requests_made if "/images/create" in url]
+    assert not [url for _method, url in requests_made if "/containers/create" in url]
     assert "narrative-absent/never:1" in str(info.value)
     assert provider.list_resources() == []
     until = int(time.time()) + 1
@@ -186,7 +199,7 @@ def test_resource_limits_and_read_only_mounts(
     assert b"Read-only file system" in denied.stderr
 
 
-def test_capabilities_follow_config(make_docker_provider: MakeProvider) -> None:
+def test_capabilities_follow_config() -> None:
     from providers.docker_config import DockerConfig
     from providers.docker_provider import DockerProvider
     from providers.registry import get_provider_class
