@@ -5,6 +5,7 @@ validated (CLI, environment records) without the optional ``docker`` SDK install
 from __future__ import annotations
 
 import posixpath
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -78,6 +79,15 @@ class DockerConfig(ProviderConfig):
         if norm in ("", "/") or "\x00" in value:
             raise ValueError(f"workdir must be an absolute directory other than / ({value!r})")
         return norm
+
+    @field_validator("mem_limit")
+    @classmethod
+    def _mem_limit(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, str) and not re.fullmatch(r"[0-9]+[bkmgBKMG]?", value):
+            raise ValueError(f"mem_limit must be bytes or a number with b/k/m/g ({value!r})")
+        if isinstance(value, int) and value <= 0:
+            raise ValueError("mem_limit must be positive")
+        return value
 
     @field_validator("image")
     @classmethod

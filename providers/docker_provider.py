@@ -135,9 +135,8 @@ def _translate(
         return ProviderUnavailable(f"docker daemon did not answer in time ({op}): {exc}")
     if isinstance(exc, requests.exceptions.RequestException):
         return ProviderUnavailable(f"docker daemon unreachable ({op}): {exc}")
-    if isinstance(exc, (docker.errors.DockerException, OSError)):
-        # Raised by the client itself (the API version cannot be fetched) or by a stream's
-        # socket when the daemon goes away mid-command.
+    if isinstance(exc, OSError) or "fetching server API version" in str(exc):
+        # A stream's socket failing mid-command, or the client's start-up version probe.
         return ProviderUnavailable(f"docker daemon unreachable ({op}): {exc}")
     return ProviderError(f"docker {op} failed: {exc}")
 

@@ -392,3 +392,26 @@ def test_hostile_collect_is_refused(
     assert store_state(store) == before
     scratch = Path(store.git_dir) / "narrative" / "envs" / provider.context.env_id / "collect"
     assert not scratch.exists()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"mem_limit": "lots"},
+        {"mem_limit": 0},
+        {"cpus": 0},
+        {"workdir": "relative"},
+        {"workdir": "/"},
+        {"mounts": [{"source": "usr", "target": "/usr"}]},
+        {"mounts": [{"source": "/a:b", "target": "/usr"}]},
+        {"image": " "},
+        {"unknown": 1},
+    ],
+)
+def test_bad_config_is_refused(fields: dict[str, Any]) -> None:
+    from pydantic import ValidationError
+
+    from providers.docker_config import DockerConfig
+
+    with pytest.raises(ValidationError):
+        DockerConfig.model_validate({"image": "x", **fields})
