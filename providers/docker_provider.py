@@ -1,0 +1,583 @@
+"""The ``docker`` provider: one container per environment, through the Docker Engine API.
+
+The container runs a keep-alive command (under the daemon's tiny init, so stop signals and
+orphans are handled); every command is an ``exec`` in the workdir. Files move with the archive
+endpoints (``put_archive``/``get_archive``), which are binary-safe, streamed and work on stopped
+containers too; restore and collect use :mod:`providers.shipping`, which treats what comes back
+from the container as hostile. Images are never pulled: a missing image is an
+:class:`~providers.errors.ImageNotFound` naming it, and no container is created.
+
+The image needs a POSIX ``sh`` with ``rm``, ``grep`` and ``sleep`` (restore empties the workdir,
+``delete_file`` removes a file, and an exec that times out is killed by a marker in its
+environment). Every error of the SDK, of requests and of urllib3 is translated into the
+providers error tree in :func:`_translate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import posixpath
+import re
+import secrets
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Any, ClassVar, cast
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from narrative.errors import InvalidInput, NarrativeError
+
+from .base import (
+    BaseProvider,
+    ExecResult,
+    Health,
+    OutputFn,
+    ProviderConfig,
+    ProviderContext,
+    check_relative_path,
+)
+from .docker_config import DockerConfig, DockerMount
+from .errors import (
+    ExecFailed,
+    ImageNotFound,
+    ProviderError,
+    ProviderUnavailable,
+    ResourceGone,
+)
+from .shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
+
+if TYPE_CHECKING:
+    from narrative.models import Snapshot
+
+__all__ = ["EXEC_MARKER_VAR", "LABEL_ENV", "LABEL_NAME", "LABEL_OWNER", "DockerProvider"]
+
+log = logging.getLogger(__name__)
+
+LABEL_OWNER = "narrative.owner"
+LABEL_ENV = "narrative.env"
+LABEL_NAME = "narrative.name"
+EXEC_MARKER_VAR = "NARRATIVE_EXEC_ID"
+"""Set in every exec's environment so that a timed-out command and its children can be found."""
+
+_CHUNK = 1 << 20
+_GRACE = 5.0
+"""Seconds to wait for an exec's output to end once its processes were killed."""
+_DIR_BIT = 1 << 31
+"""``os.ModeDir`` of Go, as found in the ``mode`` of the archive stat header."""
+
+# Kills every process whose environment carries the marker (children inherit it). All are
+# stopped before any is killed, so that no parent reacts to a child's death (a shell would go on
+# to its next command); repeated until none is left, since a process may fork meanwhile. Plain
+# ``kill PID``: dash's builtin takes neither ``--`` nor process groups.
+_KILL_SCRIPT = r"""
+m="$0=$1"
+for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+    pids=
+    for p in /proc/[0-9]*; do
+        if grep -qzxF -- "$m" "$p/environ" 2>/dev/null; then
+            pids="$pids ${p#/proc/}"
+        fi
+    done
+    [ -n "$pids" ] || exit 0
+    for pid in $pids; do kill -STOP "$pid" 2>/dev/null; done
+    for pid in $pids; do kill -9 "$pid" 2>/dev/null; done
+    sleep 0.05
+done
+exit 1
+"""
+# Empties a directory, dot files included, without removing the directory itself (it may be a
+# mount point or carry the image's ownership).
+_EMPTY_SCRIPT = r"""
+cd -- "$1" || exit 1
+rm -rf -- ./* ./.[!.]* ./..?*
+"""
+# Removes one file (or symlink); 2: absent, 3: a directory.
+_DELETE_SCRIPT = r"""
+if [ -d "$1" ] && [ ! -L "$1" ]; then exit 3; fi
+if [ ! -e "$1" ] && [ ! -L "$1" ]; then exit 2; fi
+rm -f -- "$1"
+"""
+
+
+def _translate(
+    exc: BaseException,
+    op: str,
+    resource_id: str | None = None,
+    image: str | None = None,
+    path: str | None = None,
+) -> Exception:
+    """The error of the providers tree (or a built-in file error) standing for ``exc``."""
+    if isinstance(exc, docker.errors.APIError):
+        explanation = str(exc.explanation or exc)
+        status = exc.response.status_code if exc.response is not None else None
+        if isinstance(exc, docker.errors.NotFound):
+            if image is not None:
+                return ImageNotFound(image)
+            if resource_id is not None and "no such container" in explanation.lower():
+                return ResourceGone(resource_id)
+            if path is not None:
+                return FileNotFoundError(f"{path}: no such file in the environment")
+            if resource_id is not None:
+                return ResourceGone(resource_id)
+        if status == 409 and ("not running" in explanation or "paused" in explanation):
+            detail = f"container {resource_id} is not running: {explanation}"
+            return ExecFailed(detail) if op == "exec" else ProviderUnavailable(detail)
+        return ProviderError(f"docker {op} failed: {explanation}")
+    if isinstance(exc, requests.exceptions.Timeout):
+        return ProviderUnavailable(f"docker daemon did not answer in time ({op}): {exc}")
+    if isinstance(exc, requests.exceptions.RequestException):
+        return ProviderUnavailable(f"docker daemon unreachable ({op}): {exc}")
+    if isinstance(exc, OSError) or "fetching server API version" in str(exc):
+        # A stream's socket failing mid-command, or the client's start-up version probe.
+        return ProviderUnavailable(f"docker daemon unreachable ({op}): {exc}")
+    return ProviderError(f"docker {op} failed: {exc}")
+
+
+_SDK_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
+
+
+@contextlib.contextmanager
+def _errors(
+    op: str, resource_id: str | None = None, image: str | None = None, path: str | None = None
+) -> Iterator[None]:
+    try:
+        yield
+    except _SDK_ERRORS as exc:
+        raise _translate(exc, op, resource_id, image, path) from exc
+
+
+class _ChunkReader(io.RawIOBase):
+    """A file-like view of an iterator of byte chunks (the SDK's archive stream)."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = chunk
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), len(self._pending))
+        view[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+class _OutputPump(threading.Thread):
+    """Reads an exec's demultiplexed stream, forwarding chunks as they arrive."""
+
+    def __init__(self, stream: Any, on_output: OutputFn | None) -> None:
+        super().__init__(name="docker-exec-output", daemon=True)
+        self.stream = stream
+        self.on_output = on_output
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for out, err in self.stream:
+                if out:
+                    self._deliver("stdout", out, self.stdout)
+                if err:
+                    self._deliver("stderr", err, self.stderr)
+        except BaseException as exc:  # handed to the caller's thread
+            self.error = exc
+
+    def _deliver(self, name: str, chunk: bytes, sink: bytearray) -> None:
+        sink += chunk
+        if self.on_output is not None:
+            self.on_output(name, chunk)
+
+
+def _close_stream(stream: Any) -> None:
+    """Close an exec's attached stream for good. ``CancellableStream.close`` shuts the socket
+    down only while the response is open, and never closes the response (which owns the
+    socket), so both are done here."""
+    with contextlib.suppress(OSError):
+        stream.close()
+    with contextlib.suppress(OSError):
+        stream._response.close()
+
+
+def _container_name(env_id: str) -> str:
+    return "narrative-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", env_id)
+
+
+def _bind(mount: DockerMount) -> str:
+    return f"{mount.source}:{mount.target}:{'ro' if mount.read_only else 'rw'}"
+
+
+class DockerProvider(BaseProvider):
+    """One container per environment; the resource id is the full container id."""
+
+    name: ClassVar[str] = "docker"
+    category = "local"
+    capabilities: ClassVar[frozenset[str]] = frozenset({"docker", "isolation", "exec", "files"})
+    config_model: ClassVar[type[ProviderConfig]] = DockerConfig
+
+    def __init__(self, context: ProviderContext, config: ProviderConfig) -> None:
+        if not isinstance(config, DockerConfig):
+            raise InvalidInput(f"docker provider needs a DockerConfig, not {type(config).__name__}")
+        super().__init__(context, config)
+        self.cfg: DockerConfig = config
+        self._api: Any = None
+
+    @classmethod
+    def capabilities_for(cls, config: ProviderConfig) -> frozenset[str]:
+        """The class's capabilities, the image's declared ones, and ``network`` if enabled."""
+        extra: set[str] = set()
+        if isinstance(config, DockerConfig):
+            extra.update(config.capabilities)
+            if config.network:
+                extra.add("network")
+        return cls.capabilities | extra
+
+    # -- connection -----------------------------------------------------------------------------
+
+    @property
+    def api(self) -> Any:
+        """The low-level Engine API client, connected on first use."""
+        if self._api is None:
+            with _errors("connect"):
+                if self.cfg.base_url is not None:
+                    kwargs: dict[str, Any] = {"base_url": self.cfg.base_url}
+                else:
+                    kwargs = docker.utils.kwargs_from_env()
+                url = str(kwargs.get("base_url") or "unix:///var/run/docker.sock")
+                # Checked here because the SDK leaks a socket when a unix connect fails.
+                if url.startswith("unix://") and not os.path.exists(url[len("unix://") :]):
+                    raise ProviderUnavailable(f"docker daemon unreachable: no socket at {url}")
+                self._api = docker.APIClient(version="auto", timeout=self.cfg.api_timeout, **kwargs)
+        return self._api
+
+    def close(self) -> None:
+        """Release the client's connections (a provider is usable again afterwards)."""
+        if self._api is not None:
+            self._api.close()
+            self._api = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def create(self) -> str:
+        cfg = self.cfg
+        # Checked first: create_container itself never pulls, but nothing must be created for
+        # an image that is absent, and the error must name the image.
+        with _errors("create", image=cfg.image):
+            self.api.inspect_image(cfg.image)
+        labels = {
+            LABEL_OWNER: self.context.owner,
+            LABEL_ENV: self.context.env_id,
+            LABEL_NAME: self.context.env_name,
+        }
+        with _errors("create", image=cfg.image):
+            host_config = self.api.create_host_config(
+                binds=[_bind(m) for m in cfg.mounts] or None,
+                network_mode=None if cfg.network else "none",
+                mem_limit=cfg.mem_limit,
+                nano_cpus=round(cfg.cpus * 1e9) if cfg.cpus is not None else None,
+                pids_limit=cfg.pids_limit,
+                init=cfg.init,
+            )
+        name = _container_name(self.context.env_id)
+        for attempt in (1, 2):
+            try:
+                with _errors("create", image=cfg.image):
+                    created = self.api.create_container(
+                        cfg.image,
+                        command=list(cfg.command),
+                        working_dir=cfg.workdir,
+                        environment=dict(cfg.env),
+                        labels=labels,
+                        host_config=host_config,
+                        network_disabled=not cfg.network,
+                        stop_timeout=cfg.stop_timeout,
+                        name=name,
+                    )
+                break
+            except ProviderError as exc:
+                cause = exc.__cause__
+                conflict = (
+                    isinstance(cause, docker.errors.APIError)
+                    and cause.response is not None
+                    and cause.response.status_code == 409
+                )
+                if not conflict or attempt == 2 or not self._remove_leftover(name):
+                    raise
+        container_id = str(created["Id"])
+        log.debug("created container %s for %s", container_id, self.context.env_name)
+        return container_id
+
+    def _remove_leftover(self, name: str) -> bool:
+        """Remove a container left under ``name`` by an earlier, interrupted create of this
+        very environment; anything else holding the name is left alone."""
+        with _errors("create", name):
+            try:
+                labels = self.api.inspect_container(name)["Config"].get("Labels") or {}
+            except docker.errors.NotFound:
+                return True
+            mine = (
+                labels.get(LABEL_ENV) == self.context.env_id
+                and labels.get(LABEL_OWNER) == self.context.owner
+            )
+            if mine:
+                self.api.remove_container(name, force=True, v=True)
+        return bool(mine)
+
+    def start(self, resource_id: str) -> None:
+        with _errors("start", resource_id):
+            self.api.start(resource_id)
+
+    def stop(self, resource_id: str) -> None:
+        with _errors("stop", resource_id):
+            self.api.stop(resource_id, timeout=self.cfg.stop_timeout)
+
+    def delete(self, resource_id: str) -> None:
+        try:
+            with _errors("delete", resource_id):
+                self.api.remove_container(resource_id, force=True, v=True)
+        except ResourceGone:
+            return
+        except ProviderError as exc:
+            # Two deletes racing: the daemon is removing it already.
+            if "already in progress" not in str(exc):
+                raise
+
+    def reconnect(self, resource_id: str) -> None:
+        with _errors("reconnect", resource_id):
+            labels = self.api.inspect_container(resource_id)["Config"].get("Labels") or {}
+        if labels.get(LABEL_ENV) != self.context.env_id:
+            # The id names some other container: for this environment, its resource is gone.
+            raise ResourceGone(resource_id)
+
+    def health(self, resource_id: str) -> Health:
+        try:
+            with _errors("health", resource_id):
+                state = self.api.inspect_container(resource_id)["State"]
+        except ResourceGone:
+            return Health.GONE
+        except NarrativeError:
+            return Health.UNREACHABLE
+        if state.get("Running") and not state.get("Paused"):
+            return Health.OK
+        return Health.UNREACHABLE
+
+    def list_resources(self) -> list[str]:
+        with _errors("list"):
+            found = self.api.containers(
+                all=True, filters={"label": f"{LABEL_OWNER}={self.context.owner}"}
+            )
+        return sorted(str(c["Id"]) for c in found)
+
+    # -- exec -----------------------------------------------------------------------------------
+
+    def exec(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputFn | None = None,
+    ) -> ExecResult:
+        if not argv:
+            raise InvalidInput("empty command")
+        marker = secrets.token_hex(12)
+        environment = {**(env or {}), EXEC_MARKER_VAR: marker}
+        with _errors("exec", resource_id):
+            exec_id = self.api.exec_create(
+                resource_id,
+                list(argv),
+                stdout=True,
+                stderr=True,
+                workdir=self.cfg.workdir,
+                environment=environment,
+            )["Id"]
+            stream = self.api.exec_start(exec_id, stream=True, demux=True)
+        pump = _OutputPump(stream, on_output)
+        pump.start()
+        try:
+            pump.join(timeout)
+            timed_out = pump.is_alive()
+            if timed_out or pump.error is not None:
+                # Timed out, or the caller's callback failed: the command must not run on.
+                self._kill_marked(resource_id, marker)
+                pump.join(_GRACE)
+        finally:
+            _close_stream(stream)  # also unblocks a pump still waiting for output
+            pump.join(_GRACE)
+        if pump.error is not None and not timed_out:
+            if isinstance(pump.error, (*_SDK_ERRORS, OSError)):
+                raise _translate(pump.error, "exec", resource_id) from pump.error
+            raise pump.error
+        exit_code = self._exit_code(resource_id, exec_id)
+        stdout, stderr = bytes(pump.stdout), bytes(pump.stderr)
+        if exit_code in (126, 127) and stdout.startswith(b"OCI runtime exec failed"):
+            raise ExecFailed(f"cannot run {argv[0]!r}: {stdout.decode(errors='replace').strip()}")
+        return ExecResult(exit_code, stdout, stderr, timed_out)
+
+    def _exit_code(self, resource_id: str, exec_id: str) -> int:
+        # The stream can end a moment before the daemon records the exit code.
+        deadline = time.monotonic() + _GRACE
+        with _errors("exec", resource_id):
+            while True:
+                info = self.api.exec_inspect(exec_id)
+                if not info.get("Running") and info.get("ExitCode") is not None:
+                    return int(info["ExitCode"])
+                if time.monotonic() > deadline:
+                    return -1
+                time.sleep(0.02)
+
+    def _kill_marked(self, resource_id: str, marker: str) -> None:
+        try:
+            self._run_quiet(resource_id, ["sh", "-c", _KILL_SCRIPT, EXEC_MARKER_VAR, marker])
+        except NarrativeError as exc:
+            log.warning("could not kill a timed-out command in %s: %s", resource_id, exc)
+
+    def _run_quiet(self, resource_id: str, argv: list[str]) -> tuple[int, bytes]:
+        """Run a helper command to completion; its exit code and combined output."""
+        with _errors("exec", resource_id):
+            exec_id = self.api.exec_create(resource_id, argv, workdir=self.cfg.workdir)["Id"]
+            output = self.api.exec_start(exec_id)
+        return self._exit_code(resource_id, exec_id), bytes(output or b"")
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def _container_path(self, rel: str) -> str:
+        return posixpath.join(self.cfg.workdir, rel)
+
+    def _path_stat(self, resource_id: str, rel: str) -> dict[str, Any] | None:
+        """The daemon's stat of a workspace path (HEAD of the archive endpoint); None if absent.
+
+        docker-py exposes no HEAD helper, so the request is made on the client session itself.
+        """
+        url = self.api._url("/containers/{0}/archive", resource_id)
+        with _errors("stat", resource_id, path=rel):
+            response = self.api.head(url, params={"path": self._container_path(rel)})
+            if response.status_code == 404:
+                self.api.inspect_container(resource_id)  # ResourceGone if the container is
+                return None
+            self.api._raise_for_status(response)
+            header = response.headers.get("X-Docker-Container-Path-Stat")
+        return cast(dict[str, Any], docker.utils.decode_json_header(header)) if header else {}
+
+    @contextlib.contextmanager
+    def _archive(self, resource_id: str, path: str) -> Iterator[IO[bytes]]:
+        """The tar stream of a container path, read as it arrives; the response is closed on
+        exit even when the stream was not read to its end (``get_archive`` leaves it open)."""
+        url = self.api._url("/containers/{0}/archive", resource_id)
+        response = self.api.get(
+            url,
+            params={"path": path},
+            headers={"Accept-Encoding": "identity"},
+            stream=True,
+            timeout=self.cfg.api_timeout,
+        )
+        try:
+            self.api._raise_for_status(response)
+            yield io.BufferedReader(_ChunkReader(response.iter_content(_CHUNK)), _CHUNK)
+        finally:
+            response.close()
+
+    def read_file(self, resource_id: str, path: str) -> bytes:
+        rel = check_relative_path(path)
+        with (
+            _errors("read_file", resource_id, path=rel),
+            self._archive(resource_id, self._container_path(rel)) as stream,
+            tarfile.open(fileobj=stream, mode="r|") as tar,
+        ):
+            member = tar.next()
+            if member is None:
+                raise FileNotFoundError(f"{path}: no such file in the environment")
+            if member.isdir():
+                raise IsADirectoryError(f"{path} is a directory")
+            if not member.isreg():
+                raise InvalidInput(f"{path} is not a regular file")
+            handle = tar.extractfile(member)
+            assert handle is not None
+            return handle.read()
+
+    def write_file(self, resource_id: str, path: str, data: bytes) -> None:
+        rel = check_relative_path(path)
+        stat = self._path_stat(resource_id, rel)
+        # Extracting a file over a directory would replace the whole directory.
+        if stat is not None and int(stat.get("mode", 0)) & _DIR_BIT:
+            raise IsADirectoryError(f"{path} is a directory")
+        with tempfile.SpooledTemporaryFile(max_size=8 * _CHUNK) as spool:
+            with tarfile.open(fileobj=spool, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                info = tarfile.TarInfo(rel)
+                info.size = len(data)
+                info.mode = 0o644
+                info.mtime = int(time.time())
+                tar.addfile(info, io.BytesIO(data))
+            spool.seek(0)
+            self._put_archive(resource_id, spool, "write_file")
+
+    def _put_archive(self, resource_id: str, tar: IO[bytes], op: str) -> None:
+        with _errors(op, resource_id):
+            if not self.api.put_archive(resource_id, self.cfg.workdir, tar):
+                raise ProviderError(f"docker {op} failed: the daemon refused the archive")
+
+    def delete_file(self, resource_id: str, path: str) -> None:
+        rel = check_relative_path(path)
+        code, output = self._run_quiet(resource_id, ["sh", "-c", _DELETE_SCRIPT, "sh", rel])
+        if code == 2:
+            raise FileNotFoundError(f"{path}: no such file in the environment")
+        if code == 3:
+            raise IsADirectoryError(f"{path} is a directory")
+        if code != 0:
+            raise ProviderError(f"cannot delete {path}: {output.decode(errors='replace').strip()}")
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def restore(self, resource_id: str, snapshot: Snapshot) -> None:
+        store = self.context.store
+        code, output = self._run_quiet(
+            resource_id, ["sh", "-c", _EMPTY_SCRIPT, "sh", self.cfg.workdir]
+        )
+        if code != 0:
+            raise ProviderError(
+                f"cannot empty {self.cfg.workdir} in {resource_id}: "
+                f"{output.decode(errors='replace').strip()}"
+            )
+        # Spooled to disk in the store's tmp dir: the snapshot may be far larger than memory.
+        tmp = posixpath.join(store.git_dir, "narrative", "tmp")
+        with tempfile.TemporaryFile(dir=tmp) as spool:
+            write_snapshot_tar(store, snapshot, spool)
+            spool.seek(0)
+            self._put_archive(resource_id, spool, "restore")
+
+    def collect(
+        self, resource_id: str, thread_id: str, run_id: str | None, message: str
+    ) -> Snapshot:
+        store = self.context.store
+        # Streamed straight into the hostile-tar extractor: the size limit applies while
+        # reading, so a huge file in the container never lands on disk in full.
+        with (
+            _errors("collect", resource_id),
+            self._archive(resource_id, self.cfg.workdir) as stream,
+        ):
+            return snapshot_from_tar(
+                store,
+                stream,
+                scratch_dir(store, self.context.env_id),
+                thread_id,
+                run_id,
+                message,
+                strip=posixpath.basename(self.cfg.workdir) + "/",
+                max_bytes=self.cfg.max_collect_bytes,
+            )

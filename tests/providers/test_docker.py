@@ -1,0 +1,417 @@
+"""The docker provider against a real Docker engine (DESIGN.md §5): an image built offline,
+``network_mode=none``, never a pull. Skips without a daemon unless NARRATIVE_REQUIRE_DOCKER=1.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from narrative.errors import InvalidInput
+from narrative.hierarchy import create_thread
+from narrative.snapshot import take_snapshot
+from narrative.store import Store
+from providers.base import Health
+from providers.errors import ExecFailed, ImageNotFound, ProviderUnavailable, ResourceGone
+from tests.conftest import git_tree_of
+
+pytestmark = pytest.mark.heavy
+
+MakeProvider = Callable[..., Any]
+
+
+def running(make: MakeProvider, **config: Any) -> tuple[Any, str]:
+    provider = make(**config)
+    cid = provider.create()
+    provider.start(cid)
+    return provider, cid
+
+
+def sh(provider: Any, cid: str, script: str, **kwargs: Any) -> Any:
+    return provider.exec(cid, ["sh", "-c", script], **kwargs)
+
+
+def new_thread(store: Store, name: str) -> str:
+    return create_thread(store, store.config.default_objective, name).id
+
+
+def store_state(store: Store) -> tuple[dict[str, bytes], list[str]]:
+    packs = sorted(os.listdir(os.path.join(store.git_dir, "objects", "pack")))
+    return store.thread_heads(), packs
+
+
+# -- lifecycle ----------------------------------------------------------------------------------
+
+
+def test_create_labels_without_starting(
+    make_docker_provider: MakeProvider, docker_api: Any
+) -> None:
+    provider = make_docker_provider()
+    cid = provider.create()
+    info = docker_api.inspect_container(cid)
+    assert info["State"]["Status"] == "created"
+    labels = info["Config"]["Labels"]
+    assert labels["narrative.owner"] == provider.context.owner
+    assert labels["narrative.env"] == provider.context.env_id
+    assert labels["narrative.name"] == "test-env"
+    assert info["Config"]["WorkingDir"] == "/work"
+    assert provider.list_resources() == [cid]
+    other = make_docker_provider()
+    assert other.list_resources() == []
+    assert provider.health(cid) is Health.UNREACHABLE
+    provider.start(cid)
+    assert provider.health(cid) is Health.OK
+
+
+def test_missing_image_is_refused_without_pull(
+    make_docker_provider: MakeProvider, docker_api: Any
+) -> None:
+    provider = make_docker_provider(image="narrative-absent/never:1")
+    # Every request the provider makes is recorded: a pull (POST /images/create) must not be
+    # among them; with no registry reachable, a failed pull would leave no event behind.
+    requests_made: list[tuple[str, str]] = []
+    send = provider.api.request
+
+    def record(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        requests_made.append((method, url))
+        return send(method, url, *args, **kwargs)
+
+    provider.api.request = record
+    since = int(time.time()) - 1
+    with pytest.raises(ImageNotFound) as info:
+        provider.create()
+    assert requests_made, "the provider's requests were not observed"
+    assert not [url for _method, url in requests_made if "/images/create" in url]
+    assert not [url for _method, url in requests_made if "/containers/create" in url]
+    assert "narrative-absent/never:1" in str(info.value)
+    assert provider.list_resources() == []
+    until = int(time.time()) + 1
+    pulls = docker_api.events(
+        since=since, until=until, decode=True, filters={"type": "image", "event": "pull"}
+    )
+    assert list(pulls) == []
+    mine = docker_api.events(
+        since=since,
+        until=until,
+        decode=True,
+        filters={"label": f"narrative.owner={provider.context.owner}"},
+    )
+    assert list(mine) == []
+    with pytest.raises(Exception, match="No such image"):
+        docker_api.inspect_image("narrative-absent/never:1")
+
+
+def test_stop_start_keeps_state(make_docker_provider: MakeProvider) -> None:
+    provider, cid = running(make_docker_provider)
+    provider.write_file(cid, "kept.txt", b"still here\n")
+    provider.stop(cid)
+    assert provider.health(cid) is Health.UNREACHABLE
+    with pytest.raises(ExecFailed, match="not running"):
+        provider.exec(cid, ["true"])
+    # The archive endpoints work on a stopped container.
+    assert provider.read_file(cid, "kept.txt") == b"still here\n"
+    provider.start(cid)
+    assert provider.health(cid) is Health.OK
+    assert sh(provider, cid, "cat kept.txt").stdout == b"still here\n"
+
+
+def test_reconnect_from_fresh_instance(make_docker_provider: MakeProvider) -> None:
+    provider, cid = running(make_docker_provider)
+    provider.write_file(cid, "state", b"1")
+    ctx = provider.context
+    fresh = make_docker_provider(owner=ctx.owner, env_id=ctx.env_id)
+    fresh.reconnect(cid)
+    assert fresh.exec(cid, ["cat", "state"]).stdout == b"1"
+    stranger = make_docker_provider(owner=ctx.owner)
+    with pytest.raises(ResourceGone):
+        stranger.reconnect(cid)
+    provider.delete(cid)
+    with pytest.raises(ResourceGone):
+        fresh.reconnect(cid)
+
+
+def test_health_gone_and_idempotent_delete(
+    make_docker_provider: MakeProvider, docker_api: Any
+) -> None:
+    provider, cid = running(make_docker_provider)
+    docker_api.remove_container(cid, force=True)  # behind the provider's back
+    assert provider.health(cid) is Health.GONE
+    with pytest.raises(ResourceGone):
+        provider.exec(cid, ["true"])
+    with pytest.raises(ResourceGone):
+        provider.read_file(cid, "x")
+    with pytest.raises(ResourceGone):
+        provider.start(cid)
+    provider.delete(cid)
+    provider.delete(cid)
+    assert provider.list_resources() == []
+
+
+def test_unreachable_daemon(make_docker_provider: MakeProvider, tmp_path: Path) -> None:
+    provider = make_docker_provider(base_url=f"unix://{tmp_path}/absent.sock")
+    with pytest.raises(ProviderUnavailable):
+        provider.create()
+    assert provider.health("0" * 64) is Health.UNREACHABLE
+
+
+def test_create_replaces_leftover_of_same_environment(make_docker_provider: MakeProvider) -> None:
+    provider = make_docker_provider()
+    first = provider.create()  # as if the record was never written (crash after create)
+    second = provider.create()
+    assert second != first
+    assert provider.list_resources() == [second]
+
+
+# -- isolation and limits -----------------------------------------------------------------------
+
+
+def test_no_network_by_default(make_docker_provider: MakeProvider, docker_api: Any) -> None:
+    provider, cid = running(make_docker_provider)
+    assert docker_api.inspect_container(cid)["HostConfig"]["NetworkMode"] == "none"
+    lines = sh(provider, cid, "cat /proc/net/dev").stdout.decode().splitlines()[2:]
+    assert [line.split(":")[0].strip() for line in lines] == ["lo"]
+    assert "network" not in type(provider).capabilities_for(provider.config)
+
+
+def test_resource_limits_and_read_only_mounts(
+    make_docker_provider: MakeProvider, docker_api: Any
+) -> None:
+    provider, cid = running(make_docker_provider, mem_limit="256m", cpus=0.5, pids_limit=64)
+    host = docker_api.inspect_container(cid)["HostConfig"]
+    assert host["Memory"] == 256 * 1024 * 1024
+    assert host["NanoCpus"] == 500_000_000
+    assert host["PidsLimit"] == 64
+    assert host["Init"] is True
+    # The kernel enforces them: the container's own cgroup files say so.
+    limits = sh(
+        provider,
+        cid,
+        "cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max",
+    ).stdout
+    assert limits.strip() == b"64"
+    denied = sh(provider, cid, "touch /usr/narrative-probe")
+    assert denied.exit_code != 0
+    assert b"Read-only file system" in denied.stderr
+
+
+def test_capabilities_follow_config() -> None:
+    from providers.docker_config import DockerConfig
+    from providers.docker_provider import DockerProvider
+    from providers.registry import get_provider_class
+
+    assert get_provider_class("docker") is DockerProvider
+    caps = DockerProvider.capabilities_for(
+        DockerConfig(image="x", network=True, capabilities=["python"])
+    )
+    assert {"docker", "isolation", "exec", "files", "python", "network"} <= caps
+
+
+# -- exec ---------------------------------------------------------------------------------------
+
+
+def test_exec_streams_output_as_it_arrives(make_docker_provider: MakeProvider) -> None:
+    provider, cid = running(make_docker_provider)
+    seen: list[tuple[str, bytes]] = []
+
+    def on_output(stream: str, chunk: bytes) -> None:
+        seen.append((stream, chunk))
+        if b"ready" in chunk:
+            # The command waits for this file: it only appears if output is streamed.
+            provider.write_file(cid, "go", b"")
+
+    result = sh(
+        provider,
+        cid,
+        "echo ready; while [ ! -e go ]; do sleep 0.05; done; "
+        "echo err1 >&2; sleep 0.2; echo out2; sleep 0.2; echo err2 >&2",
+        timeout=20,
+        on_output=on_output,
+    )
+    assert not result.timed_out
+    assert result.exit_code == 0
+    assert result.stdout == b"ready\nout2\n"
+    assert result.stderr == b"err1\nerr2\n"
+    assert [(s, c.strip()) for s, c in seen] == [
+        ("stdout", b"ready"),
+        ("stderr", b"err1"),
+        ("stdout", b"out2"),
+        ("stderr", b"err2"),
+    ]
+
+
+def test_exec_exit_code_env_and_workdir(make_docker_provider: MakeProvider) -> None:
+    provider, cid = running(make_docker_provider, env={"FROM_CONFIG": "c"})
+    result = sh(provider, cid, 'echo "$PWD $GREETING $FROM_CONFIG"; exit 7', env={"GREETING": "hi"})
+    assert result.exit_code == 7
+    assert result.stdout == b"/work hi c\n"
+    assert provider.exec(cid, ["true"]).exit_code == 0
+    with pytest.raises(ExecFailed):
+        provider.exec(cid, ["/no/such/binary"])
+    with pytest.raises(InvalidInput):
+        provider.exec(cid, [])
+
+
+def test_exec_timeout_kills_the_command(make_docker_provider: MakeProvider) -> None:
+    provider, cid = running(make_docker_provider)
+    start = time.monotonic()
+    result = sh(provider, cid, "echo begun; sleep 41 & sleep 42; echo never", timeout=1)
+    assert result.timed_out
+    assert result.stdout == b"begun\n"
+    assert result.exit_code != 0
+    assert time.monotonic() - start < 10
+    left = sh(provider, cid, "cat /proc/[0-9]*/cmdline | tr '\\0' ' '").stdout
+    assert b"sleep 41" not in left
+    assert b"sleep 42" not in left
+
+
+def test_exec_callback_error_stops_the_command(make_docker_provider: MakeProvider) -> None:
+    provider, cid = running(make_docker_provider)
+
+    def explode(stream: str, chunk: bytes) -> None:
+        raise RuntimeError("consumer failed")
+
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        sh(provider, cid, "echo x; sleep 43", on_output=explode, timeout=30)
+    left = sh(provider, cid, "cat /proc/[0-9]*/cmdline | tr '\\0' ' '").stdout
+    assert b"sleep 43" not in left
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+def test_files_round_trip(make_docker_provider: MakeProvider) -> None:
+    provider, cid = running(make_docker_provider)
+    binary = bytes(range(256)) * 3
+    large = os.urandom(24 * 1024 * 1024 + 17)
+    provider.write_file(cid, "notes.txt", b"hello\n")
+    provider.write_file(cid, "deep/er/blob.bin", binary)
+    provider.write_file(cid, "large.bin", large)
+    assert provider.read_file(cid, "notes.txt") == b"hello\n"
+    assert provider.read_file(cid, "deep/er/blob.bin") == binary
+    assert provider.read_file(cid, "./deep//er/blob.bin") == binary
+    assert provider.read_file(cid, "large.bin") == large
+    assert sh(provider, cid, "wc -c < large.bin").stdout.strip() == str(len(large)).encode()
+    provider.write_file(cid, "notes.txt", b"replaced")
+    assert provider.read_file(cid, "notes.txt") == b"replaced"
+    provider.delete_file(cid, "notes.txt")
+    with pytest.raises(FileNotFoundError):
+        provider.read_file(cid, "notes.txt")
+    with pytest.raises(FileNotFoundError):
+        provider.delete_file(cid, "notes.txt")
+    with pytest.raises(IsADirectoryError):
+        provider.read_file(cid, "deep")
+    with pytest.raises(IsADirectoryError):
+        provider.write_file(cid, "deep", b"would wipe the directory")
+    with pytest.raises(IsADirectoryError):
+        provider.delete_file(cid, "deep")
+    assert provider.read_file(cid, "deep/er/blob.bin") == binary
+
+
+@pytest.mark.parametrize("path", ["../etc/passwd", "/etc/passwd", "a/../../x", "", ".", "a\x00b"])
+def test_escaping_paths_are_refused(make_docker_provider: MakeProvider, path: str) -> None:
+    provider, cid = running(make_docker_provider)
+    sh(provider, cid, "echo secret > /tmp/secret; echo x > /etc/probe")
+    for op in (
+        lambda: provider.read_file(cid, path),
+        lambda: provider.write_file(cid, path, b"x"),
+        lambda: provider.delete_file(cid, path),
+    ):
+        with pytest.raises(InvalidInput):
+            op()
+    assert sh(provider, cid, "cat /etc/probe").stdout == b"x\n"
+
+
+# -- snapshots ----------------------------------------------------------------------------------
+
+
+def _rich_workspace(ws: Path) -> None:
+    (ws / "bin").mkdir()
+    tool = ws / "bin" / "tool.sh"
+    tool.write_text("#!/bin/sh\necho tool\n")
+    tool.chmod(0o755)
+    (ws / "data.bin").write_bytes(bytes(range(256)) * 64)
+    (ws / "link").symlink_to("src/app.py")
+    (ws / ".hidden").write_text("dot file\n")
+    (ws / "a" / "b" / "c").mkdir(parents=True)
+    (ws / "a" / "b" / "c" / "deep.txt").write_text("deep\n")
+
+
+def test_restore_then_collect_is_identical(
+    make_docker_provider: MakeProvider, store: Store, workspace: Path, tmp_path: Path
+) -> None:
+    _rich_workspace(workspace)
+    snap = take_snapshot(store, message="base").snapshot
+    assert snap.tree == git_tree_of(workspace, tmp_path)
+    provider, cid = running(make_docker_provider)
+    sh(provider, cid, "mkdir -p old && echo stale > old/x && echo stale > .stale")
+    provider.restore(cid, snap)
+    listing = sh(provider, cid, "ls -A; test -x bin/tool.sh && readlink link").stdout
+    assert b"old" not in listing and b".stale" not in listing
+    assert listing.endswith(b"src/app.py\n")
+    assert sh(provider, cid, "./bin/tool.sh").stdout == b"tool\n"
+
+    thread = new_thread(store, "docker-result")
+    same = provider.collect(cid, thread, None, "unchanged")
+    assert same.tree == snap.tree
+
+    sh(provider, cid, "echo new > src/new.py && rm README.md && chmod +x data.bin")
+    changed = provider.collect(cid, thread, None, "changed")
+    (workspace / "src" / "new.py").write_text("new\n")
+    (workspace / "README.md").unlink()
+    (workspace / "data.bin").chmod(0o755)
+    assert changed.tree == git_tree_of(workspace, tmp_path)
+    assert changed.tree != snap.tree
+    assert changed.thread == thread
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "ln -s /etc/passwd escape",
+        "mkdir d && ln -s ../../../etc d/up",
+        "head -c 3000000 /dev/zero > big",
+    ],
+    ids=["absolute-symlink", "relative-escape", "over-size-limit"],
+)
+def test_hostile_collect_is_refused(
+    make_docker_provider: MakeProvider, store: Store, script: str
+) -> None:
+    snap = take_snapshot(store, message="base").snapshot
+    provider, cid = running(make_docker_provider, max_collect_bytes=1024 * 1024)
+    provider.restore(cid, snap)
+    sh(provider, cid, script)
+    thread = new_thread(store, "hostile")
+    before = store_state(store)
+    with pytest.raises(InvalidInput):
+        provider.collect(cid, thread, None, "hostile")
+    assert store_state(store) == before
+    scratch = Path(store.git_dir) / "narrative" / "envs" / provider.context.env_id / "collect"
+    assert not scratch.exists()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"mem_limit": "lots"},
+        {"mem_limit": 0},
+        {"cpus": 0},
+        {"workdir": "relative"},
+        {"workdir": "/"},
+        {"mounts": [{"source": "usr", "target": "/usr"}]},
+        {"mounts": [{"source": "/a:b", "target": "/usr"}]},
+        {"image": " "},
+        {"unknown": 1},
+    ],
+)
+def test_bad_config_is_refused(fields: dict[str, Any]) -> None:
+    from pydantic import ValidationError
+
+    from providers.docker_config import DockerConfig
+
+    with pytest.raises(ValidationError):
+        DockerConfig.model_validate({"image": "x", **fields})
