@@ -72,7 +72,7 @@ def _write_stream(writer: PackWriter, path: str, size: int, oid: bytes) -> None:
 def _store_one(job: FileJob, store: ObjectStore, writer: PackWriter | None) -> None:
     if job.mode == MODE_LINK:
         data = os.fsencode(os.readlink(job.path))
-        oid = writer.add_raw("blob", data) if writer else hash_object("blob", data)
+        oid = writer.add_raw("blob", data) if writer is not None else hash_object("blob", data)
     else:
         size = job.key[2]
         for _attempt in range(3):

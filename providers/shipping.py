@@ -5,13 +5,16 @@ files with their exec bit, symlinks), reading blobs straight from the store.
 
 In: :func:`snapshot_from_tar` treats the environment's tar as hostile input. Members are
 extracted into a scratch directory inside the store with Python's ``data`` filter, which refuses
-absolute paths, ``..``, links that escape, device files and fifos; a size limit stops tar bombs.
+absolute paths, ``..``, paths through symlinks that leave the directory, device files and
+fifos; a size limit stops tar bombs. Symlinks themselves are recorded with whatever target they
+have (a workspace may legitimately point at ``/usr/bin/python3``): they are data, never followed.
 The scratch directory is then snapshotted like any workspace (its ``.gitignore`` honoured), so
 what comes back is exactly what a snapshot of that tree would hold, and is removed afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -70,6 +73,8 @@ def scratch_dir(store: Store, env_id: str) -> str:
 
 def _strip(member: tarfile.TarInfo, strip: str) -> tarfile.TarInfo | None:
     name = member.name
+    if name.startswith("/"):
+        raise InvalidInput(f"refused member of the environment tar: absolute path {name!r}")
     if strip:
         if name.rstrip("/") == strip.rstrip("/"):
             return None
@@ -110,6 +115,9 @@ def snapshot_from_tar(
                         raise InvalidInput(
                             f"environment workspace exceeds the collect limit of {max_bytes} bytes"
                         )
+                if stripped.issym():
+                    _place_symlink(scratch, stripped)
+                    continue
                 try:
                     tar.extract(stripped, scratch, filter="data")
                 except tarfile.FilterError as exc:
@@ -120,6 +128,26 @@ def snapshot_from_tar(
         ).snapshot
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _place_symlink(scratch: str, member: tarfile.TarInfo) -> None:
+    """Create a symlink member as it is: its target is data (git stores any target, and
+    refusing one would lose the whole result). It is never followed here, and ``data``
+    extraction of later members refuses any path that leads through it out of ``scratch``."""
+    parts = [p for p in member.name.split("/") if p not in ("", ".")]
+    if member.name.startswith("/") or not parts or ".." in parts:
+        raise InvalidInput(f"refused member of the environment tar: {member.name!r}")
+    root = os.path.realpath(scratch)
+    parent = os.path.realpath(os.path.join(root, *parts[:-1]))
+    if parent != root and not parent.startswith(root + os.sep):
+        raise InvalidInput(f"refused member of the environment tar: {member.name!r} escapes")
+    os.makedirs(parent, exist_ok=True)
+    dest = os.path.join(parent, parts[-1])
+    if os.path.isdir(dest) and not os.path.islink(dest):
+        raise InvalidInput(f"refused member of the environment tar: {member.name!r} is a directory")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(dest)
+    os.symlink(member.linkname, dest)
 
 
 def _normalise_modes(root: str) -> None:

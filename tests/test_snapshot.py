@@ -222,3 +222,15 @@ def test_parallel_walk_of_a_large_tree_matches_git(
     assert second.tree == git_tree_of(workspace, tmp_path)
     third = take_snapshot(store)
     assert not third.created and third.snapshot.id == second.id
+
+
+def test_a_symlink_hashed_first_is_stored(tmp_path: Path) -> None:
+    """Regression: the link's blob was only hashed, never written, while the pack was empty."""
+    ws = tmp_path / "only-links"
+    (ws / "sub").mkdir(parents=True)
+    os.symlink("../../..", ws / "sub" / "up")
+    store = Store.init(str(ws))
+    snap = take_snapshot(store).snapshot
+    git("--git-dir", store.git_dir, "fsck", "--full", "--no-dangling")
+    tree = git("--git-dir", store.git_dir, "ls-tree", "-r", snap.tree).split()
+    assert git("--git-dir", store.git_dir, "cat-file", "-p", tree[2]) == "../../.."

@@ -19,6 +19,7 @@ from narrative.store import Store
 from providers.base import Health
 from providers.errors import ExecFailed, ImageNotFound, ProviderUnavailable, ResourceGone
 from tests.conftest import git_tree_of
+from tests.providers.test_shipping import entries
 
 pytestmark = pytest.mark.heavy
 
@@ -369,15 +370,20 @@ def test_restore_then_collect_is_identical(
     assert changed.thread == thread
 
 
-@pytest.mark.parametrize(
-    "script",
-    [
-        "ln -s /etc/passwd escape",
-        "mkdir d && ln -s ../../../etc d/up",
-        "head -c 3000000 /dev/zero > big",
-    ],
-    ids=["absolute-symlink", "relative-escape", "over-size-limit"],
-)
+def test_links_out_of_the_workspace_are_collected_as_data(
+    make_docker_provider: MakeProvider, store: Store, tmp_path: Path
+) -> None:
+    snap = take_snapshot(store, message="base").snapshot
+    provider, cid = running(make_docker_provider)
+    provider.restore(cid, snap)
+    sh(provider, cid, "ln -s /etc/passwd escape && mkdir d && ln -s ../../../etc d/up")
+    result = provider.collect(cid, new_thread(store, "links"), None, "links")
+    tree = entries(store, bytes.fromhex(result.tree))
+    assert tree["escape"] == (0o120000, b"/etc/passwd")
+    assert entries(store, tree["d"][1])["up"] == (0o120000, b"../../../etc")
+
+
+@pytest.mark.parametrize("script", ["head -c 3000000 /dev/zero > big"], ids=["over-size-limit"])
 def test_hostile_collect_is_refused(
     make_docker_provider: MakeProvider, store: Store, script: str
 ) -> None:
