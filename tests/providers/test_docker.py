@@ -421,3 +421,17 @@ def test_bad_config_is_refused(fields: dict[str, Any]) -> None:
 
     with pytest.raises(ValidationError):
         DockerConfig.model_validate({"image": "x", **fields})
+
+
+def test_missing_sdk_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from providers import registry
+    from providers.errors import MissingDependency
+
+    # As if the optional SDK were not installed: importing it raises ImportError(name="docker").
+    monkeypatch.setitem(sys.modules, "docker", None)
+    monkeypatch.delitem(sys.modules, "providers.docker_provider", raising=False)
+    monkeypatch.delitem(registry._LOADED, "docker", raising=False)
+    with pytest.raises(MissingDependency, match=r"narrative-engine\[docker\]"):
+        registry.get_provider_class("docker")
