@@ -16,14 +16,13 @@ import hashlib
 import mmap
 import os
 import struct
-import tempfile
 import threading
 import zlib
 from collections.abc import Iterator
 from typing import IO, Any
 
 from .errors import StoreCorrupted
-from .fsutil import fsync_dir, unlink_quiet
+from .fsutil import fsync_dir, mkstemp, unlink_quiet
 from .objects import hash_object, object_header
 
 __all__ = [
@@ -96,7 +95,7 @@ class PackWriter:
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
         os.makedirs(store.tmp_dir, exist_ok=True)
-        fd, self._tmp_path = tempfile.mkstemp(prefix="pack-", dir=store.tmp_dir)
+        fd, self._tmp_path = mkstemp("pack-", store.tmp_dir)
         self._file: IO[bytes] = os.fdopen(fd, "w+b")
         self._file.write(b"PACK" + struct.pack(">II", 2, 0))
         self._offset = 12
@@ -413,7 +412,7 @@ class ObjectStore:
             return oid
         path = self._loose_path(oid)
         os.makedirs(self.tmp_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="obj-", dir=self.tmp_dir)
+        fd, tmp = mkstemp("obj-", self.tmp_dir)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(zlib.compress(object_header(kind, len(data)) + data, 1))
