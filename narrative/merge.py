@@ -17,6 +17,7 @@ favour of that side (per hunk for text, like ``git merge -X ours|theirs``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -91,6 +92,7 @@ class TreeMerge:
 
 
 _MODES = {b"100644": MODE_FILE, b"100755": MODE_EXEC, b"120000": MODE_LINK, b"40000": MODE_DIR}
+_TREE_ENTRY = re.compile(rb"([0-7]+) ([^\x00]*)\x00(.{20})", re.DOTALL)  # mode, name, oid
 _UNSAFE_NAMES = frozenset((b"", b".", b"..", b".git"))
 
 
@@ -130,17 +132,12 @@ class _Trees:
     def _parse(oid: bytes, data: bytes) -> dict[bytes, tuple[int, bytes]]:
         """:func:`narrative.objects.parse_tree` into a dict, fused with the name checks."""
         found: dict[bytes, tuple[int, bytes]] = {}
-        index, modes = data.index, _MODES
-        pos, end = 0, len(data)
-        while pos < end:
-            space = index(b" ", pos)
-            nul = index(b"\x00", space)
-            mode = data[pos:space]
-            found[data[space + 1 : nul]] = (
-                modes.get(mode) or int(mode, 8),
-                data[nul + 1 : nul + 21],
-            )
-            pos = nul + 21
+        modes, size = _MODES, 0
+        for mode, name, child in _TREE_ENTRY.findall(data):
+            found[name] = (modes.get(mode) or int(mode, 8), child)
+            size += len(mode) + len(name) + 22
+        if size != len(data):  # the matches must tile the whole tree, nothing skipped
+            raise StoreCorrupted(f"tree {oid.hex()} is malformed")
         # Checked in bulk: names never hold NUL (it ends them), so joining on NUL is lossless.
         if not _UNSAFE_NAMES.isdisjoint(found) or b"/" in b"\x00".join(found):
             bad = next(n for n in found if n in _UNSAFE_NAMES or b"/" in n)
