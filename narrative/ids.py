@@ -7,8 +7,8 @@ one; unique across machines without coordination; never changed once written int
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 import time
 
 from .errors import InvalidInput
@@ -26,6 +26,12 @@ KINDS = {
 _ID_RE = re.compile(r"^(obj|th|run|snap|env)-[0-9a-hjkmnp-tv-z]{20}$")
 
 
+def _random_bits50() -> int:
+    """50 random bits from the OS (as ``secrets.randbits(50)``, without importing secrets,
+    which pulls in ``random``, ``hmac`` and ``base64`` on every CLI start)."""
+    return int.from_bytes(os.urandom(7), "big") >> 6
+
+
 def _b32(value: int, length: int) -> str:
     chars = []
     for _ in range(length):
@@ -37,7 +43,7 @@ def _b32(value: int, length: int) -> str:
 def new_id(kind: str) -> str:
     """A fresh id for ``kind`` (one of :data:`KINDS`)."""
     prefix = KINDS[kind]
-    return f"{prefix}-{_b32(secrets.randbits(50), 10)}{_b32(time.time_ns() // 1_000_000, 10)}"
+    return f"{prefix}-{_b32(_random_bits50(), 10)}{_b32(time.time_ns() // 1_000_000, 10)}"
 
 
 def is_id(value: str, kind: str | None = None) -> bool:

@@ -17,14 +17,14 @@ favour of that side (per hunk for text, like ``git merge -X ours|theirs``).
 
 from __future__ import annotations
 
-import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import InvalidInput, StoreCorrupted
 from .merge3 import is_binary, merge_text
-from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK, encode_tree, parse_tree
+from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK, encode_tree
 from .odb import ObjectStore, PackWriter
 
 __all__ = ["STRATEGIES", "Conflict", "Entry", "Strategy", "TreeMerge", "merge_trees"]
@@ -91,14 +91,32 @@ class TreeMerge:
         return not self.conflicts
 
 
+_MODES = {b"100644": MODE_FILE, b"100755": MODE_EXEC, b"120000": MODE_LINK, b"40000": MODE_DIR}
+_TREE_ENTRY = re.compile(rb"([0-7]+) ([^\x00]*)\x00(.{20})", re.DOTALL)  # mode, name, oid
+_UNSAFE_NAMES = frozenset((b"", b".", b"..", b".git"))
+
+
+def _name(raw: bytes) -> str:
+    """A tree entry name as a path component (``os.fsdecode`` on POSIX)."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _raw(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
 class _Trees:
-    """Parsed trees by id (each read once), path lookups, and validated entry names."""
+    """Parsed trees by id (each read once), path lookups, and validated entry names.
+
+    Entries are keyed by their raw (bytes) names: a name is decoded only when a path through it
+    is reported, not for each of the thousands of entries merely compared.
+    """
 
     def __init__(self, odb: ObjectStore) -> None:
         self.odb = odb
-        self._cache: dict[bytes, dict[str, tuple[int, bytes]]] = {}
+        self._cache: dict[bytes, dict[bytes, tuple[int, bytes]]] = {}
 
-    def entries(self, oid: bytes | None) -> dict[str, tuple[int, bytes]]:
+    def entries(self, oid: bytes | None) -> dict[bytes, tuple[int, bytes]]:
         if oid is None:
             return {}
         found = self._cache.get(oid)
@@ -106,12 +124,24 @@ class _Trees:
             kind, data = self.odb.read(oid)
             if kind != "tree":
                 raise StoreCorrupted(f"{oid.hex()} is not a tree")
-            found = {}
-            for name, mode, child in parse_tree(data):
-                if name in (b"", b".", b"..", b".git") or b"/" in name or b"\x00" in name:
-                    raise StoreCorrupted(f"tree {oid.hex()} has an unsafe entry {name!r}")
-                found[name.decode("utf-8", "surrogateescape")] = (mode, child)  # os.fsdecode
+            found = self._parse(oid, data)
             self._cache[oid] = found
+        return found
+
+    @staticmethod
+    def _parse(oid: bytes, data: bytes) -> dict[bytes, tuple[int, bytes]]:
+        """:func:`narrative.objects.parse_tree` into a dict, fused with the name checks."""
+        found: dict[bytes, tuple[int, bytes]] = {}
+        modes, size = _MODES, 0
+        for mode, name, child in _TREE_ENTRY.findall(data):
+            found[name] = (modes.get(mode) or int(mode, 8), child)
+            size += len(mode) + len(name) + 22
+        if size != len(data):  # the matches must tile the whole tree, nothing skipped
+            raise StoreCorrupted(f"tree {oid.hex()} is malformed")
+        # Checked in bulk: names never hold NUL (it ends them), so joining on NUL is lossless.
+        if not _UNSAFE_NAMES.isdisjoint(found) or b"/" in b"\x00".join(found):
+            bad = next(n for n in found if n in _UNSAFE_NAMES or b"/" in n)
+            raise StoreCorrupted(f"tree {oid.hex()} has an unsafe entry {bad!r}")
         return found
 
     def lookup(self, root: bytes | None, path: str) -> tuple[int, bytes] | None:
@@ -121,7 +151,7 @@ class _Trees:
         for part in path.split("/"):
             if tree is None:
                 return None
-            node = self.entries(tree).get(part)
+            node = self.entries(tree).get(_raw(part))
             if node is None:
                 return None
             tree = node[1] if node[0] == MODE_DIR else None
@@ -130,9 +160,9 @@ class _Trees:
     def files_below(self, tree: bytes, prefix: str) -> Iterable[str]:
         for name, (mode, oid) in self.entries(tree).items():
             if mode == MODE_DIR:
-                yield from self.files_below(oid, f"{prefix}{name}/")
+                yield from self.files_below(oid, f"{prefix}{_name(name)}/")
             else:
-                yield prefix + name
+                yield prefix + _name(name)
 
     def diff(self, a: bytes | None, b: bytes | None, prefix: str, out: dict[str, _Change]) -> None:
         """Changed non-directory paths from tree ``a`` to ``b``; equal subtrees are skipped."""
@@ -143,7 +173,7 @@ class _Trees:
             x, y = ea.get(name), eb.get(name)
             if x == y:
                 continue
-            path = prefix + name
+            path = prefix + _name(name)
             x_dir = x is not None and x[0] == MODE_DIR
             y_dir = y is not None and y[0] == MODE_DIR
             if x_dir or y_dir:
@@ -356,14 +386,14 @@ def _build(
     trees: _Trees, writer: PackWriter, tree: bytes | None, edits: dict[str, Entry | None]
 ) -> bytes | None:
     """``tree`` with ``edits`` applied (new trees written); None when it ends up empty."""
-    direct: dict[str, Entry | None] = {}
-    nested: dict[str, dict[str, Entry | None]] = {}
+    direct: dict[bytes, Entry | None] = {}
+    nested: dict[bytes, dict[str, Entry | None]] = {}
     for path, entry in edits.items():
         head, sep, rest = path.partition("/")
         if sep:
-            nested.setdefault(head, {})[rest] = entry
+            nested.setdefault(_raw(head), {})[rest] = entry
         else:
-            direct[head] = entry
+            direct[_raw(head)] = entry
     entries = dict(trees.entries(tree))
     for name, sub in nested.items():
         current = entries.get(name)
@@ -380,7 +410,7 @@ def _build(
             del entries[name]  # a file that became a directory keeps the directory built above
     if not entries:
         return None
-    data = encode_tree([(os.fsencode(n), mode, oid) for n, (mode, oid) in entries.items()])
+    data = encode_tree([(n, mode, oid) for n, (mode, oid) in entries.items()])
     return writer.add_raw("tree", data)
 
 

@@ -16,14 +16,13 @@ import hashlib
 import mmap
 import os
 import struct
-import tempfile
 import threading
 import zlib
 from collections.abc import Iterator
 from typing import IO, Any
 
 from .errors import StoreCorrupted
-from .fsutil import fsync_dir, unlink_quiet
+from .fsutil import fsync_dir, mkstemp, unlink_quiet
 from .objects import hash_object, object_header
 
 __all__ = [
@@ -39,6 +38,8 @@ __all__ = [
 TYPE_CODES = {"commit": 1, "tree": 2, "blob": 3, "tag": 4}
 _CODE_TYPES = {v: k for k, v in TYPE_CODES.items()}
 _SAMPLE = 4096
+_SCAN_BUCKET = 256  # fan-out buckets up to this many oids are searched, not bisected
+_FIRST_READ = 8192  # first pread of a packed object: the header and, often, all of its data
 
 
 def deflate(data: bytes | memoryview) -> bytes:
@@ -96,7 +97,7 @@ class PackWriter:
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
         os.makedirs(store.tmp_dir, exist_ok=True)
-        fd, self._tmp_path = tempfile.mkstemp(prefix="pack-", dir=store.tmp_dir)
+        fd, self._tmp_path = mkstemp("pack-", store.tmp_dir)
         self._file: IO[bytes] = os.fdopen(fd, "w+b")
         self._file.write(b"PACK" + struct.pack(">II", 2, 0))
         self._offset = 12
@@ -280,6 +281,17 @@ class _PackIndex:
         """Position of ``oid`` in the index, or None."""
         lo = self._fanout[oid[0] - 1] if oid[0] else 0
         hi = self._fanout[oid[0]]
+        if hi - lo <= _SCAN_BUCKET:
+            # A small fan-out bucket: one slice and a C-speed substring search beat a bisection
+            # through Python-level __getitem__ calls. A hit must sit on a 20-byte boundary.
+            start = self._oid_base + 20 * lo
+            bucket = self._map[start : start + 20 * (hi - lo)]
+            pos = bucket.find(oid)
+            while pos >= 0:
+                if pos % 20 == 0:
+                    return lo + pos // 20
+                pos = bucket.find(oid, pos + 1)
+            return None
         i = bisect.bisect_left(_OidView(self), oid, lo, hi)
         if i < hi and self._oid_at(i) == oid:
             return i
@@ -413,7 +425,7 @@ class ObjectStore:
             return oid
         path = self._loose_path(oid)
         os.makedirs(self.tmp_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="obj-", dir=self.tmp_dir)
+        fd, tmp = mkstemp("obj-", self.tmp_dir)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(zlib.compress(object_header(kind, len(data)) + data, 1))
@@ -472,15 +484,20 @@ class ObjectStore:
         zlib releases the GIL, so restores can inflate on several threads at once.
         """
         start = idx.offset(i)
-        code, size, header_len = parse_entry_header(idx.pread(32, start))
+        first = idx.pread(_FIRST_READ, start)
+        code, size, header_len = parse_entry_header(first[:32])
         if code not in _CODE_TYPES:
             return None
         # Deflate never expands by more than 5 bytes per 16 KiB block plus a few header bytes,
         # so this bound covers the whole stream without locating the next object.
         data_start = start + header_len
         end = min(data_start + size + 5 * (size // 16000 + 1) + 64, idx.pack_size - 20)
+        if end <= start + len(first):
+            stream = first[header_len : end - start]  # small objects: one read, not two
+        else:
+            stream = idx.pread(end - data_start, data_start)
         try:
-            data = zlib.decompressobj().decompress(idx.pread(end - data_start, data_start))
+            data = zlib.decompressobj().decompress(stream)
         except zlib.error as exc:
             raise StoreCorrupted(
                 f"corrupt object {idx.oid_at(i).hex()} in {idx.pack_path}"
