@@ -12,7 +12,7 @@ import pytest
 
 from narrative.errors import MergeInProgress, RestoreError
 from narrative.hierarchy import create_thread, finish_run, start_run
-from narrative.history import resolve_snapshot
+from narrative.history import read_commit, resolve_snapshot
 from narrative.merge3 import merge_text
 from narrative.restore import materialize
 from narrative.snapshot import take_snapshot
@@ -384,8 +384,13 @@ def test_killed_merge_leaves_store_consistent_and_work_recoverable(
         opened = Store.open(store.git_dir)
         if merge_state(opened) is not None:
             abort_merge(opened)  # the work before the merge comes back exactly
-        elif status == 0:
-            continue  # finished before the kill: nothing to recover
+        elif status == 0 or _user_files(workspace) != before:
+            # finished (the kill came after the merge snapshot and the state file's removal):
+            # the merged result is recorded, so nothing is left to recover
+            head = opened.refs.read(opened.thread_ref(opened.config.default_thread))
+            assert head is not None
+            assert "Narrative-Merged-From" in read_commit(opened, head).message, delay
+            break
         assert _user_files(workspace) == before, delay
         assert not [p for p in tree_bytes(workspace) if ".narrative-" in p]
     assert -9 in outcomes  # at least one kill landed mid-merge
