@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick bench-transfer bench-merge clean
+.PHONY: demo test lint bench bench-quick bench-transfer bench-merge bench-run clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench: $(STAMP)  ## full benchmarks (50,000 files / 1 GB; takes a while)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/bench_snapshot.py --quick
+
+bench-run: $(STAMP)  ## isolated-run overhead per provider (docker needs DOCKER_HOST)
+	$(BIN)/python bench/bench_run.py $(ARGS)
 
 bench-transfer: $(STAMP)  ## export/import/remote benchmarks (add ARGS=--quick for a smoke run)
 	$(BIN)/python bench/bench_transfer.py $(ARGS)
