@@ -67,9 +67,9 @@ def cli(
 
 
 def _register() -> None:
-    from . import core_commands, hierarchy_commands, transfer_commands
+    from . import core_commands, gateway_commands, hierarchy_commands, transfer_commands
 
-    for module in (core_commands, hierarchy_commands, transfer_commands):
+    for module in (core_commands, hierarchy_commands, transfer_commands, gateway_commands):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -17,6 +17,7 @@ import contextlib
 import os
 import secrets
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +46,16 @@ class Confined:
 
     Args:
         root: The directory calls may touch; it must exist.
+        deny: Paths inside the root that calls may not touch either (the shadow store and the
+            gateway key live in the workspace; a remote caller must never read them).
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, deny: Iterable[str | Path] = ()) -> None:
         real = os.path.realpath(root)
         if not os.path.isdir(real):
             raise InvalidInput(f"handler root {root} is not a directory")
         self.root = real
+        self.deny = tuple(os.path.realpath(d) for d in deny)
 
     def resolve(self, rel: str) -> str:
         """The absolute path for ``rel``.
@@ -68,21 +72,37 @@ class Confined:
         real = os.path.realpath(os.path.join(self.root, rel))
         if real != self.root and not real.startswith(self.root + os.sep):
             raise AccessDenied(f"path escapes the root: {rel}")
+        if self.denied(real):
+            raise AccessDenied(f"path is off limits: {rel}")
         return real
+
+    def denied(self, real: str) -> bool:
+        """Whether the resolved path ``real`` is, or is inside, a denied path."""
+        return any(real == d or real.startswith(d + os.sep) for d in self.deny)
 
     def relative(self, path: str) -> str:
         return os.path.relpath(path, self.root)
 
 
 def install_builtins(
-    registry: HandlerRegistry, root: str | Path, *, max_bytes: int = DEFAULT_MAX_BYTES
+    registry: HandlerRegistry,
+    root: str | Path,
+    *,
+    deny: Iterable[str | Path] = (),
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Confined:
     """Register the file and command handlers on ``registry``, confined to ``root``.
+
+    Args:
+        registry: Where to register them.
+        root: The only directory they touch.
+        deny: Paths below ``root`` they must not touch (the store, the key file).
+        max_bytes: Largest file read or written in one call.
 
     Returns:
         The :class:`Confined` resolver they share.
     """
-    box = Confined(root)
+    box = Confined(root, deny)
 
     @registry.handler("fs", "readFile")
     async def read_file(ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -172,9 +192,13 @@ def install_builtins(
             raise TargetNotFound(f"no such directory: {rel}")
         entries: list[dict[str, Any]] = []
         for dirpath, dirnames, filenames in os.walk(top):
-            dirnames.sort()
+            dirnames[:] = sorted(
+                d for d in dirnames if not box.denied(os.path.realpath(os.path.join(dirpath, d)))
+            )
             for name in sorted(dirnames + filenames):
                 full = os.path.join(dirpath, name)
+                if box.denied(os.path.realpath(full)):
+                    continue
                 info = os.lstat(full)
                 kind = (
                     "dir"
