@@ -83,7 +83,7 @@ class GatewayClient:
             AuthError: the token was refused.
             Unavailable: no connection within the transport timeout.
         """
-        self.gateway.claim(self.name)
+        self.gateway.claim(self)
         link = await self.gateway.connect(self.url, self._token, ssl=self._ssl)
         self.server = link.peer
         return self.server or ""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from pydantic_core import PydanticSerializationError, to_json
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -136,7 +137,7 @@ class Gateway:
             self.limits,
         )
         self.handlers = HandlerRegistry()
-        self._owner: str | None = None
+        self._owner: object | None = None
         self._conns: dict[str, list[Connection]] = {}
         self._pending: dict[str, _Pending] = {}
         self._running: dict[Key, _Running] = {}
@@ -177,31 +178,34 @@ class Gateway:
 
     @property
     def claimed_by(self) -> str | None:
-        """The plugin holding the gateway, or None."""
-        return self._owner
+        """The name of the plugin holding the gateway, or None."""
+        if self._owner is None:
+            return None
+        return self._owner if isinstance(self._owner, str) else getattr(self._owner, "name", "?")
 
-    def claim(self, owner: str) -> None:
-        """Claim the gateway exclusively for ``owner``; proxying is on while it is claimed.
+    def claim(self, owner: object) -> None:
+        """Claim the gateway exclusively for ``owner`` (a plugin object, or a name); proxying is
+        on while it is claimed. Claiming again with the same owner is a no-op.
 
         Raises:
             ClaimError: another owner holds it.
         """
-        if self._owner is not None and self._owner != owner:
-            raise ClaimError(f"gateway {self.environment_id} is already claimed by {self._owner}")
+        if self._owner is not None and self._owner is not owner:
+            raise ClaimError(
+                f"gateway {self.environment_id} is already claimed by {self.claimed_by}"
+            )
         self._owner = owner
         self.state.proxying = True
 
-    def relinquish(self, owner: str) -> None:
+    def relinquish(self, owner: object) -> None:
         """Give the claim back; proxying stops (calls already proxied finish).
 
         Raises:
             ClaimError: ``owner`` does not hold the claim.
         """
-        if self._owner != owner:
-            raise ClaimError(
-                f"{owner} cannot relinquish gateway {self.environment_id}: "
-                + (f"claimed by {self._owner}" if self._owner else "not claimed")
-            )
+        if self._owner is None or self._owner is not owner:
+            held = f"claimed by {self.claimed_by}" if self._owner is not None else "not claimed"
+            raise ClaimError(f"cannot relinquish gateway {self.environment_id}: {held}")
         self._owner = None
         self.state.proxying = False
 
@@ -576,19 +580,27 @@ class Gateway:
 
             ctx = HandlerContext(request, env, partial, notify, running.inbox)
             try:
-                outcome = Outcome(True, await handler(ctx, request.originalMessage), None, env)
+                result = await handler(ctx, request.originalMessage)
+                # Checked here, once, so a bad result fails this call instead of the send of
+                # its reply (and so a handler behaves the same for local and remote callers).
+                to_json(result)
+                outcome = Outcome(True, result, None, env)
             except asyncio.CancelledError:
                 self._running.pop(key, None)
                 raise
+            except PydanticSerializationError as exc:
+                log.error(
+                    "%s:%s returned non-JSON data: %s",
+                    request.originalType,
+                    request.originalAction,
+                    exc,
+                )
+                failure = ErrorBody(code="handler_error", message="handler returned non-JSON data")
+                outcome = Outcome(False, None, failure, env)
             except Exception as exc:
                 outcome = Outcome(False, error=error_body(exc, env), environment_id=env)
         self._running.pop(key, None)
-        try:
-            await self._apply(self.state.local_done(key, outcome))
-        except ValueError as exc:  # a result that is not JSON-serializable
-            log.error("handler result of %s is not JSON: %s", request.originalType, exc)
-            failure = ErrorBody(code="handler_error", message="handler returned non-JSON data")
-            await self._apply(self.state.local_done(key, Outcome(False, None, failure, env)))
+        await self._apply(self.state.local_done(key, outcome))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -826,10 +838,14 @@ class Link:
         delay = 0.05
         while not self._done.is_set():
             try:
+                # wss:// without a context of ours: websockets uses the system's trust store.
+                tls: dict[str, Any] = (
+                    {"ssl": self._ssl} if self._ssl and self.url.startswith("wss:") else {}
+                )
                 async with connect(
                     self.url,
                     additional_headers={"Authorization": f"Bearer {self._token}"},
-                    ssl=self._ssl if self.url.startswith("wss:") else None,
+                    **tls,
                     proxy=None,
                     compression=None,
                     open_timeout=limits.transport_timeout,

@@ -4,9 +4,11 @@ the gateway (so proxying is on) and runs the ProviderServer other environments c
 
 from __future__ import annotations
 
+import contextlib
 import ssl as ssl_module
 from types import TracebackType
 
+from .errors import ClaimError
 from .node import Gateway
 from .server import DEFAULT_HOST, DEFAULT_PORT, ProviderServer
 from .tokens import TokenSigner
@@ -57,18 +59,18 @@ class RemoteExecutionPlugin:
             ClaimError: another plugin holds the gateway.
             OSError: the address is in use or not available.
         """
-        self.gateway.claim(self.name)
+        self.gateway.claim(self)
         try:
             await self.server.start()
         except BaseException:
-            self.gateway.relinquish(self.name)
+            self.gateway.relinquish(self)
             raise
 
     async def stop(self) -> None:
         """Stop serving and relinquish the claim."""
         await self.server.stop()
-        if self.gateway.claimed_by == self.name:
-            self.gateway.relinquish(self.name)
+        with contextlib.suppress(ClaimError):  # stopped twice, or never started
+            self.gateway.relinquish(self)
 
     async def __aenter__(self) -> RemoteExecutionPlugin:
         await self.start()

@@ -178,7 +178,7 @@ def test_budget_shrinks_along_the_path() -> None:
     assert leg.timeoutMs == 2000
     a2 = node("a2", {"*": {"mode": "proxy", "environment": "b"}})
     a2.peer_up("b", [])
-    rid, acts = a2.call("fs", "readFile", {}, 5.0, timeout=1.25)
+    _rid, acts = a2.call("fs", "readFile", {}, 5.0, timeout=1.25)
     assert only(acts, Send).message.timeoutMs == 1250
 
 
@@ -268,7 +268,7 @@ def test_done_cache_and_timer_heap_stay_bounded() -> None:
 def test_call_via_bypasses_rules() -> None:
     a = node("a")  # rules say local
     a.peer_up("hub", [])
-    rid, acts = a.call("fs", "readFile", {}, 0.0, via="hub", target="far")
+    _rid, acts = a.call("fs", "readFile", {}, 0.0, via="hub", target="far")
     msg = only(acts, Send).message
     assert msg.target == "far" and msg.routePath == ["a"]
     with pytest.raises(AssertionError):
