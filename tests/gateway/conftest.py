@@ -111,15 +111,12 @@ class Processes:
         self.key = key_path
         self.started: list[GatewayProcess] = []
 
-    def start(
-        self,
-        *specs: tuple[str, dict[str, Any] | None, list[GatewayProcess]],
-        extra: tuple[str, ...] = (),
-    ) -> list[GatewayProcess]:
-        """Start one process per ``(env, rules, peers-to-dial)``, all at once; wait for each
-        to print its ready line (its --connect links are up by then)."""
+    def start(self, *specs: tuple[Any, ...]) -> list[GatewayProcess]:
+        """Start one process per ``(env, rules, peers-to-dial[, extra CLI args])``, all at
+        once; wait for each to print its ready line (its --connect links are up by then)."""
         pending = []
-        for env, rules, peers in specs:
+        for env, rules, peers, *more in specs:
+            extra: tuple[str, ...] = more[0] if more else ()
             root = self.tmp / f"root-{env}"
             root.mkdir()
             (root / "whoami.txt").write_text(env)
