@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick bench-transfer clean
+.PHONY: demo test lint bench bench-quick bench-transfer bench-gateway clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ bench-quick: $(STAMP)
 
 bench-transfer: $(STAMP)  ## export/import/remote benchmarks (add ARGS=--quick for a smoke run)
 	$(BIN)/python bench/bench_transfer.py $(ARGS)
+
+bench-gateway: $(STAMP)  ## gateway vs raw websockets echo (add ARGS=--quick for a smoke run)
+	$(BIN)/python bench/bench_gateway.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
