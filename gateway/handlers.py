@@ -38,7 +38,7 @@ class HandlerContext:
         environment_id: str,
         send_partial: Callable[[Any], Awaitable[None]],
         send_notification: Callable[[str, Any], Awaitable[None]],
-        inbox: asyncio.Queue[Notification],
+        inbox: Callable[[], asyncio.Queue[Notification]],
     ) -> None:
         self.request = request
         self.environment_id = environment_id
@@ -75,7 +75,7 @@ class HandlerContext:
         Raises:
             TimeoutError: none arrived within ``timeout`` seconds.
         """
-        return await asyncio.wait_for(self._inbox.get(), timeout)
+        return await asyncio.wait_for(self._inbox().get(), timeout)
 
 
 Handler = Callable[[HandlerContext, dict[str, Any]], Awaitable[Any]]

@@ -13,8 +13,8 @@ import contextlib
 import logging
 import secrets
 import ssl as ssl_module
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -88,14 +88,18 @@ class _Pending:
     notes: asyncio.Queue[Notification] | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Running:
     """A local handler at work, and the notifications its caller sent down to it."""
 
-    inbox: asyncio.Queue[Notification] = field(
-        default_factory=lambda: asyncio.Queue(_PARTIAL_QUEUE)
-    )
     task: asyncio.Task[None] | None = None
+    #: made on first use: most calls never see a notification from their caller
+    _inbox: asyncio.Queue[Notification] | None = None
+
+    def inbox(self) -> asyncio.Queue[Notification]:
+        if self._inbox is None:
+            self._inbox = asyncio.Queue(_PARTIAL_QUEUE)
+        return self._inbox
 
 
 class Gateway:
@@ -144,7 +148,8 @@ class Gateway:
         self._listeners: list[NotificationListener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._links: list[Link] = []
-        self._slots: asyncio.Semaphore | None = None
+        # Bounds this process's outstanding calls (the caller waits: backpressure, not errors).
+        self._slots = asyncio.Semaphore(self.limits.max_pending)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closed = False
@@ -237,7 +242,7 @@ class Gateway:
                 :class:`~gateway.errors.TargetNotFound`, :class:`~gateway.errors.GatewayTimeout`,
                 :class:`~gateway.errors.Unavailable`); ``environment_id`` says where.
         """
-        async with self._slot():
+        async with self._slots:
             request_id, pending, actions = self._start(
                 kind, action, payload, timeout, target, via, None
             )
@@ -378,14 +383,6 @@ class Gateway:
 
     # ------------------------------------------------------------------ internals: calls
 
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        # Created lazily: a Semaphore must be made inside the loop that uses it.
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.limits.max_pending)
-        async with self._slots:
-            yield
-
     def _start(
         self,
         kind: str,
@@ -483,7 +480,7 @@ class Gateway:
             await _send_ws(ws, response(requestId=message.requestId, success=True, result=result))
             return
         kind, action, payload = _provider_call(message)
-        async with self._slot():
+        async with self._slots:
             request_id, pending, actions = self._start(
                 kind, action, payload, None, None, None, [peer]
             )
@@ -537,7 +534,7 @@ class Gateway:
             elif isinstance(action, NotifyLocal):
                 running = self._running.get(action.key)
                 if running is not None:
-                    _offer(running.inbox, action.notification, "notification")
+                    _offer(running.inbox(), action.notification, "notification")
             elif isinstance(action, DeliverNotification):
                 self._deliver_note(action)
         self._rearm()
@@ -609,7 +606,9 @@ class Gateway:
         return task
 
     def _rearm(self) -> None:
-        when = self.state.next_deadline()
+        # The earliest entry may be stale (its call finished); firing for it is harmless and
+        # cheaper than cleaning the heap on every call.
+        when = self.state.earliest_deadline()
         if when is None or (self._timer_at is not None and self._timer_at <= when):
             return
         if self._timer is not None:
@@ -679,8 +678,10 @@ def _provider_call(message: Any) -> tuple[str, str, dict[str, Any]]:
 
 
 async def _send_ws(ws: Connection, message: Any) -> None:
-    with contextlib.suppress(ConnectionClosed):
+    try:  # noqa: SIM105 - per message: contextlib.suppress costs more than the send's framing
         await ws.send(dump(message))
+    except ConnectionClosed:
+        pass  # the state learns of it from the reader; resends happen on reconnect
 
 
 def _offer(queue: asyncio.Queue[Any], item: Any, what: str) -> None:

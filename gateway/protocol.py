@@ -25,7 +25,7 @@ so the caller can answer with an error reply instead of dropping the frame.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
@@ -61,6 +61,7 @@ __all__ = [
     "Welcome",
     "dump",
     "parse_message",
+    "trusted",
 ]
 
 #: Environment and runtime ids: short, printable, safe in logs and file names.
@@ -384,6 +385,26 @@ def _diagnose(frame: str | bytes, exc: ValidationError) -> ProtocolError:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"][1:]) or "message"
     return ProtocolError(f"invalid {kind}: {where}: {first['msg']}", request_id=request_id)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def trusted(cls: type[M], **fields: Any) -> M:
+    """Build a message from values this process already holds validated, without validating
+    again (what ``model_construct`` does, at a fifth of its cost: a reply per call is the hot
+    path). Never use it for data that came from outside.
+    """
+    data = {
+        name: fields[name] if name in fields else info.get_default(call_default_factory=True)
+        for name, info in cls.model_fields.items()
+    }
+    message = cls.__new__(cls)
+    object.__setattr__(message, "__dict__", data)
+    object.__setattr__(message, "__pydantic_fields_set__", set(fields))
+    object.__setattr__(message, "__pydantic_extra__", None)
+    object.__setattr__(message, "__pydantic_private__", None)
+    return message
 
 
 def dump(message: BaseModel) -> str:

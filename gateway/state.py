@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import Busy, Cancelled, GatewayError, GatewayTimeout, RoutingError, Unavailable
-from .protocol import Cancel, ErrorBody, Notification, Partial, Reply, Request
+from .protocol import Cancel, ErrorBody, Notification, Partial, Reply, Request, trusted
 from .router import Decision, Router
 
 __all__ = [
@@ -254,6 +254,10 @@ class GatewayState:
         """Calls currently running here or proxied from here."""
         return len(self._calls)
 
+    def earliest_deadline(self) -> float | None:
+        """The earliest armed deadline, possibly stale (a cheap lower bound for timers)."""
+        return self._timers[0][0] if self._timers else None
+
     def next_deadline(self) -> float | None:
         """When :meth:`tick` next has something to do, or None."""
         while self._timers:
@@ -348,7 +352,8 @@ class GatewayState:
         path = [*request.routePath, self.environment_id]
         remaining = max(1, int((call.deadline - now) * 1000))
         for target in decision.targets:
-            leg = Request(
+            leg = trusted(
+                Request,
                 requestId=self.new_id(),
                 originalType=request.originalType,
                 originalAction=request.originalAction,
@@ -580,7 +585,8 @@ class GatewayState:
         return [Send(peer, reply)]
 
     def _reply(self, request: Request, outcome: Outcome) -> Reply:
-        return Reply(
+        return trusted(
+            Reply,
             requestId=self.new_id(),
             replyRequestId=request.requestId,
             success=outcome.success,
@@ -595,7 +601,8 @@ class GatewayState:
             self._done.popitem(last=False)
 
     def _partial_up(self, call: _Call, result: Any, source: str) -> list[Action]:
-        partial = Partial(
+        partial = trusted(
+            Partial,
             replyRequestId=call.request.requestId,
             seq=next(call.seq),
             result=result,
