@@ -19,18 +19,13 @@ from types import TracebackType
 from typing import Any
 
 from pydantic_core import PydanticSerializationError, to_json
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.connection import Connection
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 
 from .config import ProxyExecutionConfig
 from .errors import (
     ClaimError,
-    GatewayError,
     ProtocolError,
-    TokenInvalid,
-    Unavailable,
-    error_from_wire,
 )
 from .handlers import Handler, HandlerContext, HandlerRegistry, error_body
 from .protocol import (
@@ -70,6 +65,10 @@ from .state import (
 )
 
 __all__ = ["CallStream", "Gateway", "Link", "NotificationListener"]
+
+# Re-exported: they are part of this module's API (Gateway.stream / Gateway.connect return them).
+from .link import Link
+from .stream import CallStream
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +246,7 @@ class Gateway:
                 kind, action, payload, timeout, target, via, None
             )
             await self._apply(actions)
-            return _result(await self._wait(request_id, pending))
+            return (await self._wait(request_id, pending)).unwrap()
 
     def stream(
         self,
@@ -689,199 +688,3 @@ def _offer(queue: asyncio.Queue[Any], item: Any, what: str) -> None:
         queue.put_nowait(item)
     except asyncio.QueueFull:
         log.warning("%s dropped: its reader is %d behind", what, queue.qsize())
-
-
-def _result(outcome: Outcome) -> Any:
-    if outcome.success:
-        return outcome.result
-    error = outcome.error or ErrorBody(code="internal", message="failed without an error")
-    raise error_from_wire(error.code, error.message, outcome.environment_id)
-
-
-class CallStream:
-    """A call in progress whose partial results are iterated (see :meth:`Gateway.stream`).
-
-    Attributes:
-        result: The final result, once iteration ended.
-    """
-
-    def __init__(
-        self,
-        gateway: Gateway,
-        kind: str,
-        action: str,
-        payload: dict[str, Any] | None,
-        timeout: float | None,
-        target: str | None,
-        via: str | None,
-    ) -> None:
-        self._gateway = gateway
-        self._args = (kind, action, payload, timeout, target, via)
-        self._request_id: str | None = None
-        self._pending: _Pending | None = None
-        self._waiter: asyncio.Task[Outcome] | None = None
-        self.result: Any = None
-        self.finished = False
-
-    async def __aenter__(self) -> CallStream:
-        kind, action, payload, timeout, target, via = self._args
-        gw = self._gateway
-        self._request_id, self._pending, actions = gw._start(
-            kind, action, payload, timeout, target, via, None, streaming=True
-        )
-        await gw._apply(actions)
-        self._waiter = asyncio.ensure_future(gw._wait(self._request_id, self._pending))
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.cancel()  # cancels the call along its whole path
-            with contextlib.suppress(asyncio.CancelledError, GatewayError):
-                await self._waiter
-
-    def __aiter__(self) -> CallStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        if self._pending is None or self._waiter is None or self._pending.partials is None:
-            raise RuntimeError("use 'async with gateway.stream(...)' first")
-        partials = self._pending.partials
-        if self.finished:
-            raise StopAsyncIteration
-        if partials.empty() and not self._waiter.done():
-            getter = asyncio.ensure_future(partials.get())
-            await asyncio.wait({getter, self._waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                return getter.result().result
-            getter.cancel()
-        if not partials.empty():
-            return partials.get_nowait().result
-        self.finished = True
-        self.result = _result(self._waiter.result())
-        raise StopAsyncIteration
-
-    async def notify(self, kind: str, result: Any) -> None:
-        """Send a notification down to the handler running this call."""
-        if self._request_id is not None:
-            gw = self._gateway
-            await gw._apply(gw.state.notify_down(self._request_id, kind, result))
-
-    async def next_notification(self, timeout: float | None = None) -> Notification:
-        """The next notification the handler sent back about this call."""
-        if self._pending is None or self._pending.notes is None:
-            raise RuntimeError("use 'async with gateway.stream(...)' first")
-        return await asyncio.wait_for(self._pending.notes.get(), timeout)
-
-
-class Link:
-    """A dialled connection to a peer gateway, kept up with reconnects (see
-    :meth:`Gateway.connect`)."""
-
-    def __init__(
-        self, gateway: Gateway, url: str, token: str, ssl: ssl_module.SSLContext | None
-    ) -> None:
-        self.gateway = gateway
-        self.url = url
-        self._token = token
-        self._ssl = ssl
-        self.peer: str | None = None
-        self.error: GatewayError | None = None
-        self._up = asyncio.Event()
-        self._done = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._ws: ClientConnection | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    @property
-    def connected(self) -> bool:
-        return self._up.is_set()
-
-    async def wait_connected(self, timeout: float) -> str:
-        """Wait for the connection; return the peer's environment id.
-
-        Raises:
-            AuthError: the peer refused the token (the link gives up).
-            Unavailable: not connected within ``timeout`` seconds.
-        """
-        up = asyncio.ensure_future(self._up.wait())
-        done = asyncio.ensure_future(self._done.wait())
-        try:
-            await asyncio.wait({up, done}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            up.cancel()
-            done.cancel()
-        if self.error is not None:
-            raise self.error
-        if not self._up.is_set() or self.peer is None:
-            raise Unavailable(f"cannot connect to {self.url} within {timeout:g}s")
-        return self.peer
-
-    async def close(self) -> None:
-        """Stop reconnecting and close the connection."""
-        self._done.set()
-        if self._ws is not None:
-            await self._ws.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        gw = self.gateway
-        limits = gw.limits
-        delay = 0.05
-        while not self._done.is_set():
-            try:
-                # wss:// without a context of ours: websockets uses the system's trust store.
-                tls: dict[str, Any] = (
-                    {"ssl": self._ssl} if self._ssl and self.url.startswith("wss:") else {}
-                )
-                async with connect(
-                    self.url,
-                    additional_headers={"Authorization": f"Bearer {self._token}"},
-                    **tls,
-                    proxy=None,
-                    compression=None,
-                    open_timeout=limits.transport_timeout,
-                    ping_interval=limits.transport_timeout,
-                    ping_timeout=limits.transport_timeout,
-                    close_timeout=1,
-                    max_size=limits.max_frame,
-                    max_queue=limits.max_queue,
-                ) as ws:
-                    self._ws = ws
-                    await ws.send(dump(gw.hello()))
-                    frame = await asyncio.wait_for(ws.recv(), limits.transport_timeout)
-                    welcome = parse_message(frame)
-                    if not isinstance(welcome, Welcome):
-                        raise ProtocolError(f"expected a welcome, got {welcome.type}")
-                    self.peer = welcome.environmentId
-                    self._up.set()
-                    delay = 0.05
-                    log.info("connected to %s at %s", self.peer, self.url)
-                    await gw.run_connection(ws, welcome.environmentId, welcome.capabilities)
-            except InvalidStatus as exc:
-                status = exc.response.status_code
-                if status in (401, 403):
-                    body = exc.response.body.decode("utf-8", "replace").strip()[:200]
-                    self.error = TokenInvalid(f"{self.url} refused the token: {body}")
-                    self._done.set()
-                    return
-                log.warning("connecting to %s: HTTP %s", self.url, status)
-            except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, GatewayError) as exc:
-                log.info("link to %s: %s", self.url, exc or type(exc).__name__)
-            finally:
-                self._ws = None
-                self._up.clear()
-            if self._done.is_set():
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._done.wait(), delay)
-            delay = min(delay * 2, 2.0)

@@ -24,7 +24,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import Busy, Cancelled, GatewayError, GatewayTimeout, RoutingError, Unavailable
+from .errors import (
+    Busy,
+    Cancelled,
+    GatewayError,
+    GatewayTimeout,
+    RoutingError,
+    Unavailable,
+    error_from_wire,
+)
 from .protocol import Cancel, ErrorBody, Notification, Partial, Reply, Request, trusted
 from .router import Decision, Router
 
@@ -94,6 +102,13 @@ class Outcome:
     @classmethod
     def failure(cls, exc: GatewayError, environment_id: str | None) -> Outcome:
         return cls(False, None, ErrorBody(code=exc.code, message=str(exc)), environment_id)
+
+    def unwrap(self) -> Any:
+        """The result, or raise the error as its :mod:`gateway.errors` class."""
+        if self.success:
+            return self.result
+        error = self.error or ErrorBody(code="internal", message="failed without an error")
+        raise error_from_wire(error.code, error.message, self.environment_id)
 
     def as_dict(self) -> dict[str, Any]:
         """The per-target entry of a gathered fan-out result."""

@@ -107,3 +107,23 @@ def _subclasses(cls: type) -> set[type]:
     for sub in cls.__subclasses__():
         out |= {sub} | _subclasses(sub)
     return out
+
+
+def test_trusted_construction_equals_validated() -> None:
+    from gateway.protocol import Partial, trusted
+
+    fields = {"requestId": "a-1", "replyRequestId": "b-2", "success": True, "result": {"x": [1]}}
+    assert trusted(Reply, **fields) == Reply(**fields)
+    assert dump(trusted(Reply, **fields)) == dump(Reply(**fields))
+    leg = {"requestId": "c", "originalType": "fs", "originalAction": "readFile", "routePath": ["a"]}
+    assert dump(trusted(Request, **leg)) == dump(Request(**leg))
+    assert trusted(Partial, replyRequestId="r", seq=2) == Partial(replyRequestId="r", seq=2)
+
+
+def test_package_exports_resolve() -> None:
+    import gateway
+
+    for name in gateway.__all__:
+        assert getattr(gateway, name) is not None
+    with pytest.raises(AttributeError):
+        _ = gateway.nothing_here
