@@ -129,21 +129,23 @@ class Processes:
                 argv += ["--config", str(config)]
             for peer in peers:
                 argv += ["--connect", peer.url]
-            proc = subprocess.Popen(
-                argv,
-                cwd=root,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            # stderr to a file, not a pipe nobody reads: a chatty child must never block
+            with open(self.tmp / f"{env}.log", "w") as log:
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=root,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    text=True,
+                )
             pending.append((env, proc, root))
         out = []
         for env, proc, root in pending:
             assert proc.stdout is not None
             line = proc.stdout.readline()
             if not line:
-                err = proc.stderr.read() if proc.stderr else ""
+                err = (self.tmp / f"{env}.log").read_text()
                 raise AssertionError(f"gateway {env} died: {err}")
             ready = json.loads(line)
             gp = GatewayProcess(env, proc, ready["url"], root)
@@ -161,9 +163,8 @@ class Processes:
                 gp.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 gp.kill()
-            for stream in (gp.proc.stdout, gp.proc.stderr):
-                if stream is not None:
-                    stream.close()
+            if gp.proc.stdout is not None:
+                gp.proc.stdout.close()
 
 
 @pytest.fixture
