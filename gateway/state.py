@@ -29,6 +29,7 @@ from .errors import (
     Cancelled,
     GatewayError,
     GatewayTimeout,
+    ProtocolError,
     RoutingError,
     Unavailable,
     error_from_wire,
@@ -339,6 +340,8 @@ class GatewayState:
                 return [Send(peer, done)]
         budget = request.timeoutMs / 1000 if request.timeoutMs else self.limits.execution_timeout
         try:
+            if peer:
+                self._check_sender(peer, request)
             if peer and len(self._calls) >= self.limits.max_inflight:
                 raise Busy(f"{self.environment_id} has {len(self._calls)} calls in flight")
             if via is not None:
@@ -391,6 +394,28 @@ class GatewayState:
                 state.lost_since = lost = info.lost_at or now
                 self._arm(lost + self.limits.transport_timeout, "leg", leg.requestId)
         return actions
+
+    @staticmethod
+    def _check_sender(peer: str, request: Request) -> None:
+        # Each hop appends itself before forwarding, so the path must end with the sender and
+        # start with the origin: a peer cannot hide a loop or speak for another environment.
+        path = request.routePath
+        if not path or path[-1] != peer:
+            raise ProtocolError(
+                f"routePath must end with the sending environment {peer!r}",
+                request_id=request.requestId,
+            )
+        if request.originEnvironmentId not in (
+            None,
+            path[0],
+        ) or request.parentEnvironmentId not in (
+            None,
+            peer,
+        ):
+            raise ProtocolError(
+                "originEnvironmentId/parentEnvironmentId disagree with routePath",
+                request_id=request.requestId,
+            )
 
     def cancel(self, request_id: str) -> list[Action]:
         """This process gives up on its call ``request_id``."""

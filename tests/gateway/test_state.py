@@ -233,10 +233,8 @@ def test_cancel_propagates_and_caches_cancelled() -> None:
 def test_refusals_reply_with_codes() -> None:
     a = node("a", {"*": {"mode": "proxy", "environment": "b"}}, max_inflight=1)
     a.peer_up("b", [])
-    assert (
-        only(a.receive_request("x", req("loop", path=["x", "a"]), 0), Send).message.error.code
-        == "loop"
-    )
+    looped = req("loop", path=["a", "x"])  # came back to a
+    assert only(a.receive_request("x", looped, 0), Send).message.error.code == "loop"
     assert (
         only(a.receive_request("b", req("back", path=["b"]), 0), Send).message.error.code == "loop"
     )
@@ -244,7 +242,7 @@ def test_refusals_reply_with_codes() -> None:
     busy = only(a.receive_request("x", req("second"), 0), Send).message
     assert busy.error.code == "busy"
     limited = GatewayState("z", "rt", Router(parse_config({"hopLimit": 2})))
-    hop = only(limited.receive_request("x", req("h", path=["p", "q"]), 0), Send).message
+    hop = only(limited.receive_request("q", req("h", path=["p", "q"]), 0), Send).message
     assert hop.error.code == "hop_limit"
 
 
@@ -273,3 +271,19 @@ def test_call_via_bypasses_rules() -> None:
     assert msg.target == "far" and msg.routePath == ["a"]
     with pytest.raises(AssertionError):
         only(a.call("fs", "readFile", {}, 0.0, via="nobody")[1], Send)
+
+
+@pytest.mark.parametrize(
+    "spoof",
+    [
+        {"routePath": []},
+        {"routePath": ["y"]},  # does not end with the sender
+        {"routePath": ["x"], "originEnvironmentId": "admin"},
+        {"routePath": ["o", "x"], "parentEnvironmentId": "o"},
+    ],
+)
+def test_a_peer_cannot_spoof_the_path(spoof: dict[str, Any]) -> None:
+    a = node("a")
+    fields = {"requestId": "s1", "originalType": "fs", "originalAction": "readFile", **spoof}
+    out = only(a.receive_request("x", Request(**fields), 0), Send).message
+    assert out.error.code == "bad_request" and a.inflight == 0
