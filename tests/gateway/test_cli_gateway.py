@@ -161,3 +161,34 @@ def test_serve_and_call(ws_cli: Cli, workspace: Path) -> None:
         port = sock.getsockname()[1]
         res = ws_cli.run("gateway", "serve", "--port", str(port), check=False)
         assert res.returncode == 1 and "cannot listen" in res.stderr
+
+
+def test_serve_tls_and_call_with_cafile(
+    ws_cli: Cli, workspace: Path, tls_files: tuple[Path, Path]
+) -> None:
+    cert, key = tls_files
+    proc = subprocess.Popen(
+        [NARRATIVE, "gateway", "serve", "--port", "0", "--json", "--env", "box",
+         "--tls-cert", str(cert), "--tls-key", str(key)],
+        cwd=workspace,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        url = json.loads(proc.stdout.readline())["url"]
+        assert url.startswith("wss://127.0.0.1:")
+        token = ws_cli.run("gateway", "token", "--run", "r", "--env", "agent").stdout.strip()
+        got = ws_cli.json(
+            "gateway", "call", "gateway", "echo", "--payload", '{"tls": true}',
+            "--url", url, "--token", token, "--cafile", str(cert),
+        )  # fmt: skip
+        assert got["result"] == {"tls": True}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    res = ws_cli.run("gateway", "serve", "--tls-cert", str(cert), check=False)
+    assert res.returncode == 2 and "go together" in res.stderr
