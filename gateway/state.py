@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from .errors import (
     Busy,
     Cancelled,
@@ -311,20 +313,28 @@ class GatewayState:
 
         Returns:
             The call's request id and the actions to perform.
+
+        Raises:
+            ProtocolError: an argument cannot go on the wire (malformed name, budget, target).
         """
         budget = self.limits.execution_timeout if timeout is None else timeout
         path = route_path or []
-        request = Request(
-            requestId=self.new_id(),
-            originalType=kind,
-            originalAction=action,
-            originalMessage=payload,
-            routePath=path,
-            originRuntimeId=self.runtime_id,
-            originEnvironmentId=path[0] if path else self.environment_id,
-            timeoutMs=max(1, int(budget * 1000)),
-            target=target,
-        )
+        try:
+            request = Request(
+                requestId=self.new_id(),
+                originalType=kind,
+                originalAction=action,
+                originalMessage=payload,
+                routePath=path,
+                originRuntimeId=self.runtime_id,
+                originEnvironmentId=path[0] if path else self.environment_id,
+                timeoutMs=max(1, int(budget * 1000)),
+                target=target,
+            )
+        except ValidationError as exc:  # the caller's own arguments: say which one is wrong
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ProtocolError(f"invalid call {kind}:{action}: {where}: {first['msg']}") from None
         return request.requestId, self.receive_request("", request, now, via=via)
 
     def receive_request(

@@ -287,3 +287,23 @@ def test_a_peer_cannot_spoof_the_path(spoof: dict[str, Any]) -> None:
     fields = {"requestId": "s1", "originalType": "fs", "originalAction": "readFile", **spoof}
     out = only(a.receive_request("x", Request(**fields), 0), Send).message
     assert out.error.code == "bad_request" and a.inflight == 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "action", "kw"),
+    [
+        ("a b", "x", {}),
+        ("fs", "", {}),
+        ("fs", "x", {"target": "../etc"}),
+        ("fs", "x", {"timeout": 1e9}),
+    ],
+)
+def test_bad_call_arguments_are_refused_before_anything_is_sent(
+    kind: str, action: str, kw: dict[str, Any]
+) -> None:
+    from gateway.errors import ProtocolError
+
+    a = node("a")
+    with pytest.raises(ProtocolError, match="invalid call"):
+        a.call(kind, action, {}, 0.0, **kw)
+    assert a.inflight == 0
