@@ -440,3 +440,25 @@ async def test_tls(signer: TokenSigner, tls_files: tuple[Path, Path]) -> None:
     finally:
         await plugin.stop()
         await node.close()
+
+
+@async_test
+async def test_two_gateways_dialling_each_other_share_one_peer(signer: TokenSigner) -> None:
+    async with hub(signer, env="a") as (a, pa), hub(signer, env="b") as (b, pb):
+        link_ab = await a.connect(pb.url, signer.issue("r", "a", 60))
+        await b.connect(pa.url, signer.issue("r", "b", 60))
+        for _ in range(100):  # both directions registered on both sides
+            if len(a._conns.get("b", [])) == 2 and len(b._conns.get("a", [])) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert len(a._conns["b"]) == 2 and len(b._conns["a"]) == 2
+        assert (await a.call("gateway", "whoami", target="b"))["environmentId"] == "b"
+        assert (await b.call("gateway", "whoami", target="a"))["environmentId"] == "a"
+        await link_ab.close()  # one of the two connections goes away: the peer stays up
+        for _ in range(100):
+            if len(a._conns.get("b", [])) == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert len(a._conns["b"]) == 1
+        assert a.peers() == {"b": []}
+        assert (await a.call("gateway", "whoami", target="b"))["routePath"] == ["a"]
