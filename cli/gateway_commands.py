@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from narrative.errors import InvalidInput, StoreError
+from narrative.errors import InvalidInput, NarrativeError, StoreError
 
 from .context import open_store
 from .output import emit, json_option, note
@@ -150,7 +150,10 @@ def serve(
         import ssl
 
         server_ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server_ssl.load_cert_chain(tls_cert, tls_key)
+        try:
+            server_ssl.load_cert_chain(tls_cert, tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise InvalidInput(f"cannot load TLS certificate {tls_cert}: {exc}") from None
     limits = Limits(
         execution_timeout=execution_timeout,
         transport_timeout=transport_timeout,
@@ -159,9 +162,11 @@ def serve(
     try:
         node = Gateway(env_id, config=config, capabilities=capabilities, limits=limits)
         install_builtins(node.handlers, root, deny=deny)
-    except ValueError as exc:
+        link_token = token or signer.issue(run_id or "local", env_id, _LINK_TTL)
+    except ValueError as exc:  # GatewayError subclasses included: a bad --env/--run/...
+        if isinstance(exc, NarrativeError):
+            raise
         raise InvalidInput(str(exc)) from None
-    link_token = token or signer.issue(run_id or "local", env_id, _LINK_TTL)
 
     async def main() -> None:
         import signal

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_json
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
@@ -111,6 +112,9 @@ class Gateway:
         capabilities: Capabilities this environment declares to peers.
         limits: Timeouts and bounds.
 
+    Raises:
+        ProtocolError: a malformed environment id or capability name.
+
     Example::
 
         gw = Gateway("laptop")
@@ -139,6 +143,16 @@ class Gateway:
             Router(config),
             self.limits,
         )
+        try:  # what this node says in hello/welcome: refuse a bad identity now, not on connect
+            self._hello = Hello(
+                environmentId=environment_id,
+                runtimeId=self.state.runtime_id,
+                capabilities=self.capabilities,
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ProtocolError(f"invalid gateway identity: {where}: {first['msg']}") from None
         self.handlers = HandlerRegistry()
         self._owner: object | None = None
         self._conns: dict[str, list[Connection]] = {}
@@ -328,11 +342,7 @@ class Gateway:
 
     def hello(self) -> Hello:
         """This node's hello (what it says when it dials)."""
-        return Hello(
-            environmentId=self.environment_id,
-            runtimeId=self.runtime_id,
-            capabilities=self.capabilities,
-        )
+        return self._hello
 
     def welcome(self) -> Welcome:
         """This node's welcome (what it answers to a hello)."""

@@ -192,3 +192,18 @@ def test_serve_tls_and_call_with_cafile(
             proc.stdout.close()
     res = ws_cli.run("gateway", "serve", "--tls-cert", str(cert), check=False)
     assert res.returncode == 2 and "go together" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--env", "no spaces"],
+        ["--run", "../x"],
+        ["--capability", "a b"],
+        ["--tls-cert", "README.md", "--tls-key", "README.md"],
+    ],
+)
+def test_serve_refuses_bad_options_in_one_line(ws_cli: Cli, args: list[str]) -> None:
+    res = ws_cli.run("gateway", "serve", "--port", "0", *args, check=False)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith("narrative: error:") and "Traceback" not in res.stderr
