@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick bench-transfer bench-merge bench-run clean
+.PHONY: demo test lint bench bench-quick bench-transfer bench-merge bench-run bench-gateway clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench-transfer: $(STAMP)  ## export/import/remote benchmarks (add ARGS=--quick f
 
 bench-merge: $(STAMP)  ## merge vs git merge-tree --write-tree (add ARGS=--quick for a smoke run)
 	$(BIN)/python bench/bench_merge.py $(ARGS)
+
+bench-gateway: $(STAMP)  ## gateway vs raw websockets echo (add ARGS=--quick for a smoke run)
+	$(BIN)/python bench/bench_gateway.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

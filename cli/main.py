@@ -70,12 +70,20 @@ def _register() -> None:
     from . import (
         core_commands,
         env_commands,
+        gateway_commands,
         hierarchy_commands,
         merge_commands,
         transfer_commands,
     )
 
-    modules = (core_commands, hierarchy_commands, transfer_commands, merge_commands, env_commands)
+    modules = (
+        core_commands,
+        hierarchy_commands,
+        transfer_commands,
+        merge_commands,
+        env_commands,
+        gateway_commands,
+    )
     for module in modules:
         for command in module.COMMANDS:
             cli.add_command(command)

@@ -1,3 +1,73 @@
-"""gateway package (see DESIGN.md §2); its features arrive with their issues."""
+"""The Proxy Execution Gateway: decides per capability call whether it runs here or in another
+environment, and chains environments in any topology (linear, fan-out, tree, mesh, hub).
 
-__all__: list[str] = []
+Layers, bottom up: :mod:`gateway.protocol` (wire messages), :mod:`gateway.config`
+(``proxyExecution.json``), :mod:`gateway.router` and :mod:`gateway.state` (every decision,
+free of I/O), :mod:`gateway.tokens` (run-scoped HMAC tokens), :mod:`gateway.handlers` and
+:mod:`gateway.builtins` (local work), then the asyncio shell: :mod:`gateway.node`,
+:mod:`gateway.server`, :mod:`gateway.plugins` and :mod:`gateway.client`.
+
+Names are imported lazily, so ``import gateway.errors`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .builtins import Confined, install_builtins
+    from .client import GatewayClient
+    from .config import ProxyExecutionConfig, load_config
+    from .handlers import HandlerContext
+    from .node import CallStream, Gateway, Link
+    from .plugins import RemoteExecutionPlugin
+    from .router import Router
+    from .server import ProviderServer
+    from .state import Limits
+    from .tokens import TokenClaims, TokenSigner, load_or_create_key
+
+__all__ = [
+    "CallStream",
+    "Confined",
+    "Gateway",
+    "GatewayClient",
+    "HandlerContext",
+    "Limits",
+    "Link",
+    "ProviderServer",
+    "ProxyExecutionConfig",
+    "RemoteExecutionPlugin",
+    "Router",
+    "TokenClaims",
+    "TokenSigner",
+    "install_builtins",
+    "load_config",
+    "load_or_create_key",
+]
+
+_HOME = {
+    "CallStream": "node",
+    "Confined": "builtins",
+    "Gateway": "node",
+    "GatewayClient": "client",
+    "HandlerContext": "handlers",
+    "Limits": "state",
+    "Link": "node",
+    "ProviderServer": "server",
+    "ProxyExecutionConfig": "config",
+    "RemoteExecutionPlugin": "plugins",
+    "Router": "router",
+    "TokenClaims": "tokens",
+    "TokenSigner": "tokens",
+    "install_builtins": "builtins",
+    "load_config": "config",
+    "load_or_create_key": "tokens",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gateway' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -1,0 +1,179 @@
+"""``proxyExecution.json``: which capability calls run here and which are proxied, and where.
+
+Example::
+
+    {
+      "hopLimit": 8,
+      "rules": {
+        "fs:*":          {"mode": "local"},
+        "exec:run":      {"mode": "proxy", "environment": "sandbox"},
+        "llm":           {"mode": "proxy", "capability": "llm"},
+        "search:*":      {"mode": "proxy", "environments": ["b", "c", "d"]},
+        "*":             {"mode": "local"}
+      }
+    }
+
+Rule keys are ``type``, ``type:action``, ``type:*`` (same as ``type``), ``*:action`` or ``*``.
+The most specific matching key wins (``type:action`` > ``type`` > ``*:action`` > ``*``); with no
+match the call runs locally. The JSON Schema published next to this module
+(``proxyExecution.schema.json``) is generated from :class:`ProxyExecutionConfig`; regenerate it
+with ``python -m gateway.config``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+from .protocol import ENV_ID_PATTERN
+
+__all__ = [
+    "RULE_KEY_PATTERN",
+    "SCHEMA_PATH",
+    "LocalRule",
+    "ProxyExecutionConfig",
+    "ProxyRule",
+    "Rule",
+    "config_schema",
+    "load_config",
+    "parse_config",
+]
+
+_SEG = r"(?:\*|[A-Za-z0-9_][A-Za-z0-9._-]{0,63})"
+#: A rule key: ``type``, ``type:action``, with ``*`` allowed for either segment.
+RULE_KEY_PATTERN = rf"^{_SEG}(?::{_SEG})?$"
+_KEY_RE = re.compile(RULE_KEY_PATTERN)
+SCHEMA_PATH = Path(__file__).with_name("proxyExecution.schema.json")
+
+EnvId = Annotated[str, Field(pattern=ENV_ID_PATTERN)]
+Capability = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")]
+
+
+class LocalRule(BaseModel):
+    """Run matching calls in this environment, with the handler registered for them."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    mode: Literal["local"]
+    """Run here."""
+
+
+class ProxyRule(BaseModel):
+    """Send matching calls to another environment (exactly one kind of target)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    mode: Literal["proxy"]
+    """Run elsewhere."""
+    environment: EnvId | None = None
+    """A named environment connected to this gateway."""
+    environments: Annotated[list[EnvId], Field(min_length=1, max_length=64)] | None = None
+    """Fan-out: every one of these environments; the results are gathered in this order."""
+    capability: Capability | None = None
+    """Any connected environment that declares this capability (the first by id)."""
+    fanout: bool = False
+    """With ``capability``: every connected environment declaring it, results gathered."""
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Self:
+        given = [
+            n for n in ("environment", "environments", "capability") if getattr(self, n) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "a proxy rule needs exactly one of environment, environments, capability"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.fanout and self.capability is None:
+            raise ValueError("fanout applies to capability targets only")
+        if self.environments is not None and len(set(self.environments)) != len(self.environments):
+            raise ValueError("environments lists an environment twice")
+        return self
+
+
+Rule = Annotated[LocalRule | ProxyRule, Field(discriminator="mode")]
+
+
+class ProxyExecutionConfig(BaseModel):
+    """The whole ``proxyExecution.json`` document."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, use_attribute_docstrings=True)
+
+    schema_: str | None = Field(default=None, alias="$schema")
+    """Optional pointer to the JSON Schema, for editors; ignored."""
+    version: Literal[1] = 1
+    """Format version."""
+    hopLimit: Annotated[int, Field(ge=1, le=64)] = 8
+    """Most gateways a call may pass through, the origin included."""
+    rules: dict[Annotated[str, Field(pattern=RULE_KEY_PATTERN)], Rule] = Field(
+        default={}, json_schema_extra={"propertyNames": {"pattern": RULE_KEY_PATTERN}}
+    )
+    """Rule key -> rule; the most specific key matching a call decides."""
+
+    @model_validator(mode="after")
+    def _no_synonyms(self) -> Self:
+        # "fs" and "fs:*" mean the same thing; both present would make precedence arbitrary.
+        for key in self.rules:
+            if key.endswith(":*") and key[:-2] in self.rules and key != "*:*":
+                raise ValueError(f"rules {key[:-2]!r} and {key!r} are the same rule")
+        if "*:*" in self.rules and "*" in self.rules:
+            raise ValueError("rules '*' and '*:*' are the same rule")
+        return self
+
+
+def parse_config(data: Any, path: str = "<config>") -> ProxyExecutionConfig:
+    """Validate an already-decoded document.
+
+    Raises:
+        ConfigError: naming ``path`` and the offending field.
+    """
+    try:
+        return ProxyExecutionConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p not in ("local", "proxy")) or "document"
+        raise ConfigError(path, f"{where}: {first['msg']}") from None
+
+
+def load_config(path: str | Path) -> ProxyExecutionConfig:
+    """Read and validate a ``proxyExecution.json`` file.
+
+    Raises:
+        ConfigError: the file cannot be read, is not JSON, or breaks the schema; the message
+            names the file and the offending field.
+    """
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(name, f"cannot read: {reason}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(name, f"not valid JSON: {exc}") from None
+    return parse_config(data, name)
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema of ``proxyExecution.json`` (what ``proxyExecution.schema.json`` holds)."""
+    schema = ProxyExecutionConfig.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "proxyExecution.json"
+    return schema
+
+
+def schema_text() -> str:
+    """The schema file's exact text."""
+    return json.dumps(config_schema(), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover - maintenance entry point
+    SCHEMA_PATH.write_text(schema_text(), encoding="utf-8")
+    sys.stderr.write(f"wrote {SCHEMA_PATH}\n")

@@ -1,0 +1,131 @@
+"""A dialled connection to a peer gateway, kept up with reconnects (``Gateway.connect``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl as ssl_module
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from .errors import GatewayError, ProtocolError, TokenInvalid, Unavailable
+from .protocol import Welcome, dump, parse_message
+
+if TYPE_CHECKING:
+    from .node import Gateway
+
+__all__ = ["Link"]
+
+log = logging.getLogger(__name__)
+
+
+class Link:
+    """A dialled connection to a peer gateway, kept up with reconnects (see
+    :meth:`Gateway.connect`)."""
+
+    def __init__(
+        self, gateway: Gateway, url: str, token: str, ssl: ssl_module.SSLContext | None
+    ) -> None:
+        self.gateway = gateway
+        self.url = url
+        self._token = token
+        self._ssl = ssl
+        self.peer: str | None = None
+        self.error: GatewayError | None = None
+        self._up = asyncio.Event()
+        self._done = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._ws: ClientConnection | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    @property
+    def connected(self) -> bool:
+        return self._up.is_set()
+
+    async def wait_connected(self, timeout: float) -> str:
+        """Wait for the connection; return the peer's environment id.
+
+        Raises:
+            AuthError: the peer refused the token (the link gives up).
+            Unavailable: not connected within ``timeout`` seconds.
+        """
+        up = asyncio.ensure_future(self._up.wait())
+        done = asyncio.ensure_future(self._done.wait())
+        try:
+            await asyncio.wait({up, done}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            up.cancel()
+            done.cancel()
+        if self.error is not None:
+            raise self.error
+        if not self._up.is_set() or self.peer is None:
+            raise Unavailable(f"cannot connect to {self.url} within {timeout:g}s")
+        return self.peer
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the connection."""
+        self._done.set()
+        if self._ws is not None:
+            await self._ws.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        gw = self.gateway
+        limits = gw.limits
+        delay = 0.05
+        while not self._done.is_set():
+            try:
+                # wss:// without a context of ours: websockets uses the system's trust store.
+                tls: dict[str, Any] = (
+                    {"ssl": self._ssl} if self._ssl and self.url.startswith("wss:") else {}
+                )
+                async with connect(
+                    self.url,
+                    additional_headers={"Authorization": f"Bearer {self._token}"},
+                    **tls,
+                    proxy=None,
+                    compression=None,
+                    open_timeout=limits.transport_timeout,
+                    ping_interval=limits.transport_timeout,
+                    ping_timeout=limits.transport_timeout,
+                    close_timeout=1,
+                    max_size=limits.max_frame,
+                    max_queue=limits.max_queue,
+                ) as ws:
+                    self._ws = ws
+                    await ws.send(dump(gw.hello()))
+                    frame = await asyncio.wait_for(ws.recv(), limits.transport_timeout)
+                    welcome = parse_message(frame)
+                    if not isinstance(welcome, Welcome):
+                        raise ProtocolError(f"expected a welcome, got {welcome.type}")
+                    self.peer = welcome.environmentId
+                    self._up.set()
+                    delay = 0.05
+                    log.info("connected to %s at %s", self.peer, self.url)
+                    await gw.run_connection(ws, welcome.environmentId, welcome.capabilities)
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status in (401, 403):
+                    body = exc.response.body.decode("utf-8", "replace").strip()[:200]
+                    self.error = TokenInvalid(f"{self.url} refused the token: {body}")
+                    self._done.set()
+                    return
+                log.warning("connecting to %s: HTTP %s", self.url, status)
+            except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, GatewayError) as exc:
+                log.info("link to %s: %s", self.url, exc or type(exc).__name__)
+            finally:
+                self._ws = None
+                self._up.clear()
+            if self._done.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._done.wait(), delay)
+            delay = min(delay * 2, 2.0)

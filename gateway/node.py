@@ -1,0 +1,700 @@
+"""The gateway node: the thin asyncio shell around :class:`~gateway.state.GatewayState`.
+
+It owns the WebSocket connections (accepted by :mod:`gateway.server` or dialled by
+:meth:`Gateway.connect`), runs local handlers as tasks, keeps the one timer the state asks for,
+and turns the state's actions into I/O. Every decision is the state's; this module only moves
+bytes and schedules work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import ssl as ssl_module
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError, to_json
+from websockets.asyncio.connection import Connection
+from websockets.exceptions import ConnectionClosed
+
+from .config import ProxyExecutionConfig
+from .errors import (
+    ClaimError,
+    ProtocolError,
+)
+from .handlers import Handler, HandlerContext, HandlerRegistry, error_body
+from .protocol import (
+    PROVIDER_TYPES,
+    Cancel,
+    ErrorBody,
+    Heartbeat,
+    Hello,
+    Notification,
+    Partial,
+    ProviderAgentStart,
+    ProviderDeleteFile,
+    ProviderReadFile,
+    ProviderStart,
+    ProviderStop,
+    ProviderWriteFile,
+    Reply,
+    Request,
+    Welcome,
+    dump,
+    parse_message,
+)
+from .router import Router
+from .state import (
+    Action,
+    CancelLocal,
+    Deliver,
+    DeliverNotification,
+    DeliverPartial,
+    GatewayState,
+    Key,
+    Limits,
+    NotifyLocal,
+    Outcome,
+    RunLocal,
+    Send,
+)
+
+__all__ = ["CallStream", "Gateway", "Link", "NotificationListener"]
+
+# Re-exported: they are part of this module's API (Gateway.stream / Gateway.connect return them).
+from .link import Link
+from .stream import CallStream
+
+log = logging.getLogger(__name__)
+
+#: ``listener(peer or None, notification)``; peer is None for notifications about own calls.
+NotificationListener = Callable[[str | None, Notification], None]
+
+_PARTIAL_QUEUE = 1024
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A call this process is waiting on."""
+
+    future: asyncio.Future[Outcome]
+    partials: asyncio.Queue[Partial] | None = None
+    notes: asyncio.Queue[Notification] | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Running:
+    """A local handler at work, and the notifications its caller sent down to it."""
+
+    task: asyncio.Task[None] | None = None
+    #: made on first use: most calls never see a notification from their caller
+    _inbox: asyncio.Queue[Notification] | None = None
+
+    def inbox(self) -> asyncio.Queue[Notification]:
+        if self._inbox is None:
+            self._inbox = asyncio.Queue(_PARTIAL_QUEUE)
+        return self._inbox
+
+
+class Gateway:
+    """One gateway node: local handlers, routing, and connections to peer gateways.
+
+    Args:
+        environment_id: This environment's id (what peers route to).
+        runtime_id: This process's id (default: random).
+        config: Routing rules (default: everything local).
+        capabilities: Capabilities this environment declares to peers.
+        limits: Timeouts and bounds.
+
+    Raises:
+        ProtocolError: a malformed environment id or capability name.
+
+    Example::
+
+        gw = Gateway("laptop")
+
+        @gw.handler("math", "add")
+        async def add(ctx, payload):
+            return payload["a"] + payload["b"]
+
+        assert await gw.call("math", "add", {"a": 1, "b": 2}) == 3
+    """
+
+    def __init__(
+        self,
+        environment_id: str,
+        *,
+        runtime_id: str | None = None,
+        config: ProxyExecutionConfig | None = None,
+        capabilities: Iterable[str] = (),
+        limits: Limits | None = None,
+    ) -> None:
+        self.limits = limits or Limits()
+        self.capabilities = sorted(set(capabilities))
+        self.state = GatewayState(
+            environment_id,
+            runtime_id or f"rt-{secrets.token_hex(6)}",
+            Router(config),
+            self.limits,
+        )
+        try:  # what this node says in hello/welcome: refuse a bad identity now, not on connect
+            self._hello = Hello(
+                environmentId=environment_id,
+                runtimeId=self.state.runtime_id,
+                capabilities=self.capabilities,
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ProtocolError(f"invalid gateway identity: {where}: {first['msg']}") from None
+        self.handlers = HandlerRegistry()
+        self._owner: object | None = None
+        self._conns: dict[str, list[Connection]] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._running: dict[Key, _Running] = {}
+        self._listeners: list[NotificationListener] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._links: list[Link] = []
+        # Bounds this process's outstanding calls (the caller waits: backpressure, not errors).
+        self._slots = asyncio.Semaphore(self.limits.max_pending)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._closed = False
+        self.handlers.register("gateway", "echo", _echo)
+        self.handlers.register("gateway", "whoami", self._whoami)
+
+    # ------------------------------------------------------------------ identity and config
+
+    @property
+    def environment_id(self) -> str:
+        return self.state.environment_id
+
+    @property
+    def runtime_id(self) -> str:
+        return self.state.runtime_id
+
+    def set_config(self, config: ProxyExecutionConfig) -> None:
+        """Replace the routing rules (calls already routed are unaffected)."""
+        self.state.router = Router(config)
+
+    def handler(self, kind: str, action: str) -> Callable[[Handler], Handler]:
+        """Decorator: register an ``async (ctx, payload) -> result`` handler for ``kind:action``
+        (``action`` may be ``"*"``)."""
+        return self.handlers.handler(kind, action)
+
+    def peers(self) -> dict[str, list[str]]:
+        """Reachable peer environments and the capabilities each declared."""
+        return {p: sorted(c) for p, c in self.state.peers().items()}
+
+    # ------------------------------------------------------------------ claims
+
+    @property
+    def claimed_by(self) -> str | None:
+        """The name of the plugin holding the gateway, or None."""
+        if self._owner is None:
+            return None
+        return self._owner if isinstance(self._owner, str) else getattr(self._owner, "name", "?")
+
+    def claim(self, owner: object) -> None:
+        """Claim the gateway exclusively for ``owner`` (a plugin object, or a name); proxying is
+        on while it is claimed. Claiming again with the same owner is a no-op.
+
+        Raises:
+            ClaimError: another owner holds it.
+        """
+        if self._owner is not None and self._owner is not owner:
+            raise ClaimError(
+                f"gateway {self.environment_id} is already claimed by {self.claimed_by}"
+            )
+        self._owner = owner
+        self.state.proxying = True
+
+    def relinquish(self, owner: object) -> None:
+        """Give the claim back; proxying stops (calls already proxied finish).
+
+        Raises:
+            ClaimError: ``owner`` does not hold the claim.
+        """
+        if self._owner is None or self._owner is not owner:
+            held = f"claimed by {self.claimed_by}" if self._owner is not None else "not claimed"
+            raise ClaimError(f"cannot relinquish gateway {self.environment_id}: {held}")
+        self._owner = None
+        self.state.proxying = False
+
+    # ------------------------------------------------------------------ calls
+
+    async def call(
+        self,
+        kind: str,
+        action: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        target: str | None = None,
+        via: str | None = None,
+    ) -> Any:
+        """Make a capability call and return its final result.
+
+        Args:
+            kind: Capability family, e.g. ``"fs"``.
+            action: Action, e.g. ``"readFile"``.
+            payload: The handler's input (JSON-serializable).
+            timeout: Execution budget in seconds, for the whole path (default
+                ``limits.execution_timeout``).
+            target: Run in exactly this environment.
+            via: Send to this peer first, whatever the rules say.
+
+        Raises:
+            GatewayError: the subclass for the error code the call failed with (for example
+                :class:`~gateway.errors.TargetNotFound`, :class:`~gateway.errors.GatewayTimeout`,
+                :class:`~gateway.errors.Unavailable`); ``environment_id`` says where.
+        """
+        async with self._slots:
+            request_id, pending, actions = self._start(
+                kind, action, payload, timeout, target, via, None
+            )
+            await self._apply(actions)
+            return (await self._wait(request_id, pending)).unwrap()
+
+    def stream(
+        self,
+        kind: str,
+        action: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        target: str | None = None,
+        via: str | None = None,
+    ) -> CallStream:
+        """Make a call whose partial results are iterated before its final result.
+
+        Example::
+
+            async with gw.stream("exec", "run", {"argv": ["make"]}) as call:
+                async for part in call:
+                    print(part["data"], end="")
+            print(call.result["exitCode"])
+        """
+        return CallStream(self, kind, action, payload, timeout, target, via)
+
+    async def notify(self, kind: str, result: Any, *, peer: str | None = None) -> None:
+        """Send a notification to one neighbour (or every connected one)."""
+        note = Notification(originalType=kind, result=result, environmentId=self.environment_id)
+        for name in [peer] if peer else list(self._conns):
+            await self._send(name, note)
+
+    def add_listener(self, listener: NotificationListener) -> None:
+        """Receive notifications from neighbours and about this process's own calls."""
+        self._listeners.append(listener)
+
+    # ------------------------------------------------------------------ connections
+
+    async def connect(
+        self,
+        url: str,
+        token: str,
+        *,
+        ssl: ssl_module.SSLContext | None = None,
+        wait: bool = True,
+    ) -> Link:
+        """Dial a peer gateway and keep the connection up (reconnecting with backoff).
+
+        Unanswered requests to that peer are resent on every reconnect; the peer answers each
+        request id once.
+
+        Args:
+            url: ``ws://`` or ``wss://`` URL of the peer's server.
+            token: This environment's run-scoped token for that server.
+            ssl: TLS context for ``wss://`` (default: the system's).
+            wait: Wait until the first connection is up (or refused).
+
+        Raises:
+            AuthError: the peer refused the token.
+            Unavailable: no connection within ``limits.transport_timeout`` (with ``wait``).
+        """
+        link = Link(self, url, token, ssl)
+        self._links.append(link)
+        link.start()
+        if wait:
+            await link.wait_connected(self.limits.transport_timeout)
+        return link
+
+    async def run_connection(self, ws: Connection, peer: str, capabilities: Iterable[str]) -> None:
+        """Serve one established connection to ``peer`` until it closes (hello done)."""
+        conns = self._conns.setdefault(peer, [])
+        conns.append(ws)
+        if len(conns) == 1:
+            await self._apply(self.state.peer_up(peer, capabilities))
+        try:
+            await self._read(ws, peer)
+        finally:
+            conns.remove(ws)
+            if not conns:
+                del self._conns[peer]
+                if not self._closed:
+                    await self._apply(self.state.peer_down(peer, self._now()))
+
+    def hello(self) -> Hello:
+        """This node's hello (what it says when it dials)."""
+        return self._hello
+
+    def welcome(self) -> Welcome:
+        """This node's welcome (what it answers to a hello)."""
+        return Welcome(
+            environmentId=self.environment_id,
+            runtimeId=self.runtime_id,
+            capabilities=self.capabilities,
+        )
+
+    async def close(self) -> None:
+        """Stop links, handlers and timers; fail the calls still waiting as unavailable."""
+        self._closed = True
+        for link in self._links:
+            await link.close()
+        for conns in list(self._conns.values()):
+            for ws in list(conns):
+                await ws.close()
+        for running in list(self._running.values()):
+            if running.task is not None:
+                running.task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_result(
+                    Outcome(
+                        False,
+                        error=ErrorBody(code="unavailable", message="gateway closed"),
+                        environment_id=self.environment_id,
+                    )
+                )
+        if self._timer is not None:
+            self._timer.cancel()
+
+    async def __aenter__(self) -> Gateway:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ internals: calls
+
+    def _start(
+        self,
+        kind: str,
+        action: str,
+        payload: dict[str, Any] | None,
+        timeout: float | None,
+        target: str | None,
+        via: str | None,
+        route_path: list[str] | None,
+        *,
+        streaming: bool = False,
+    ) -> tuple[str, _Pending, list[Action]]:
+        loop = asyncio.get_running_loop()
+        request_id, actions = self.state.call(
+            kind,
+            action,
+            payload or {},
+            loop.time(),
+            timeout=timeout,
+            target=target,
+            via=via,
+            route_path=route_path,
+        )
+        pending = _Pending(loop.create_future())
+        if streaming:
+            pending.partials = asyncio.Queue(_PARTIAL_QUEUE)
+            pending.notes = asyncio.Queue(_PARTIAL_QUEUE)
+        self._pending[request_id] = pending
+        return request_id, pending, actions
+
+    async def _wait(self, request_id: str, pending: _Pending) -> Outcome:
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            if self._pending.pop(request_id, None) is not None:
+                await asyncio.shield(self._apply(self.state.cancel(request_id)))
+            raise
+        finally:
+            self._pending.pop(request_id, None)
+
+    # ------------------------------------------------------------------ internals: I/O
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def _read(self, ws: Connection, peer: str) -> None:
+        bad = 0
+        with contextlib.suppress(ConnectionClosed):
+            async for frame in ws:
+                try:
+                    message = parse_message(frame)
+                except ProtocolError as exc:
+                    bad += 1
+                    log.warning("bad frame from %s: %s", peer, exc)
+                    await self._send_error(ws, exc)
+                    if bad > self.limits.max_bad_frames:
+                        await ws.close(1008, "too many malformed messages")
+                        return
+                    continue
+                handler = _DISPATCH.get(type(message))
+                if handler is None:
+                    await self._send_error(
+                        ws, ProtocolError(f"unexpected {message.type} on an open connection")
+                    )
+                    continue
+                await handler(self, peer, ws, message)
+
+    async def _on_request(self, peer: str, ws: Connection, message: Any) -> None:
+        await self._apply(self.state.receive_request(peer, message, self._now()))
+
+    async def _on_reply(self, peer: str, ws: Connection, message: Any) -> None:
+        await self._apply(self.state.receive_reply(peer, message))
+
+    async def _on_partial(self, peer: str, ws: Connection, message: Any) -> None:
+        await self._apply(self.state.receive_partial(peer, message))
+
+    async def _on_notification(self, peer: str, ws: Connection, message: Any) -> None:
+        await self._apply(self.state.receive_notification(peer, message))
+
+    async def _on_cancel(self, peer: str, ws: Connection, message: Any) -> None:
+        await self._apply(self.state.receive_cancel(peer, message))
+
+    async def _on_provider(self, peer: str, ws: Connection, message: Any) -> None:
+        # Provider messages are answered out of line, so a slow file read does not stall the
+        # connection's other traffic.
+        self._spawn(self._provider(peer, ws, message))
+
+    async def _on_response(self, peer: str, ws: Connection, message: Any) -> None:
+        log.debug("%s from %s ignored: this gateway sends no provider messages", message.type, peer)
+
+    async def _provider(self, peer: str, ws: Connection, message: Any) -> None:
+        response = PROVIDER_TYPES[message.type]
+        if isinstance(message, Heartbeat):
+            result: Any = {"environmentId": self.environment_id, "timestamp": message.timestamp}
+            await _send_ws(ws, response(requestId=message.requestId, success=True, result=result))
+            return
+        kind, action, payload = _provider_call(message)
+        async with self._slots:
+            request_id, pending, actions = self._start(
+                kind, action, payload, None, None, None, [peer]
+            )
+            await self._apply(actions)
+            outcome = await self._wait(request_id, pending)
+        await _send_ws(
+            ws,
+            response(
+                requestId=message.requestId,
+                success=outcome.success,
+                result=outcome.result,
+                error=outcome.error,
+            ),
+        )
+
+    async def _send_error(self, ws: Connection, exc: ProtocolError) -> None:
+        reply = Reply(
+            requestId=self.state.new_id(),
+            replyRequestId=exc.request_id,
+            success=False,
+            error=ErrorBody(code=exc.code, message=str(exc)[:4096]),
+            environmentId=self.environment_id,
+        )
+        await _send_ws(ws, reply)
+
+    async def _send(self, peer: str, message: Any) -> None:
+        conns = self._conns.get(peer)
+        if not conns:
+            log.debug("%s not connected; %s held or dropped", peer, message.type)
+            return
+        await _send_ws(conns[-1], message)
+
+    async def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                await self._send(action.peer, action.message)
+            elif isinstance(action, Deliver):
+                pending = self._pending.get(action.request_id)
+                if pending is not None and not pending.future.done():
+                    pending.future.set_result(action.outcome)
+            elif isinstance(action, RunLocal):
+                self._run_local(action.key, action.request)
+            elif isinstance(action, DeliverPartial):
+                pending = self._pending.get(action.request_id)
+                if pending is not None and pending.partials is not None:
+                    _offer(pending.partials, action.partial, "partial result")
+            elif isinstance(action, CancelLocal):
+                running = self._running.pop(action.key, None)
+                if running is not None and running.task is not None:
+                    running.task.cancel()
+            elif isinstance(action, NotifyLocal):
+                running = self._running.get(action.key)
+                if running is not None:
+                    _offer(running.inbox(), action.notification, "notification")
+            elif isinstance(action, DeliverNotification):
+                self._deliver_note(action)
+        self._rearm()
+
+    def _deliver_note(self, action: DeliverNotification) -> None:
+        if action.request_id is not None:
+            pending = self._pending.get(action.request_id)
+            if pending is not None and pending.notes is not None:
+                _offer(pending.notes, action.notification, "notification")
+        for listener in self._listeners:
+            try:
+                listener(action.peer, action.notification)
+            except Exception:
+                log.exception("notification listener failed")
+
+    def _run_local(self, key: Key, request: Request) -> None:
+        handler = self.handlers.lookup(request.originalType, request.originalAction)
+        running = _Running()
+        self._running[key] = running
+        running.task = self._spawn(self._execute(key, request, handler, running))
+
+    async def _execute(
+        self, key: Key, request: Request, handler: Handler | None, running: _Running
+    ) -> None:
+        env = self.environment_id
+        if handler is None:
+            name = f"{request.originalType}:{request.originalAction}"
+            outcome = Outcome(
+                False,
+                error=ErrorBody(code="no_handler", message=f"no handler for {name} in {env}"),
+                environment_id=env,
+            )
+        else:
+
+            async def partial(result: Any) -> None:
+                await self._apply(self.state.local_partial(key, result))
+
+            async def notify(kind: str, result: Any) -> None:
+                await self._apply(self.state.local_notify(key, kind, result))
+
+            ctx = HandlerContext(request, env, partial, notify, running.inbox)
+            try:
+                result = await handler(ctx, request.originalMessage)
+                # Checked here, once, so a bad result fails this call instead of the send of
+                # its reply (and so a handler behaves the same for local and remote callers).
+                to_json(result)
+                outcome = Outcome(True, result, None, env)
+            except asyncio.CancelledError:
+                self._running.pop(key, None)
+                raise
+            except PydanticSerializationError as exc:
+                log.error(
+                    "%s:%s returned non-JSON data: %s",
+                    request.originalType,
+                    request.originalAction,
+                    exc,
+                )
+                failure = ErrorBody(code="handler_error", message="handler returned non-JSON data")
+                outcome = Outcome(False, None, failure, env)
+            except Exception as exc:
+                outcome = Outcome(False, error=error_body(exc, env), environment_id=env)
+        self._running.pop(key, None)
+        await self._apply(self.state.local_done(key, outcome))
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _rearm(self) -> None:
+        # The earliest entry may be stale (its call finished); firing for it is harmless and
+        # cheaper than cleaning the heap on every call.
+        when = self.state.earliest_deadline()
+        if when is None or (self._timer_at is not None and self._timer_at <= when):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = asyncio.get_running_loop().call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = self._timer_at = None
+        actions = self.state.tick(self._now())
+        if actions:
+            self._spawn(self._apply(actions))
+        else:
+            self._rearm()
+
+    async def _whoami(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "environmentId": self.environment_id,
+            "runtimeId": self.runtime_id,
+            "routePath": ctx.route_path,
+            "capabilities": self.capabilities,
+        }
+
+
+_DISPATCH: dict[type, Callable[[Gateway, str, Connection, Any], Awaitable[None]]] = {
+    Request: Gateway._on_request,
+    Reply: Gateway._on_reply,
+    Partial: Gateway._on_partial,
+    Notification: Gateway._on_notification,
+    Cancel: Gateway._on_cancel,
+    **{
+        cls: Gateway._on_provider
+        for cls in (
+            ProviderStart,
+            ProviderAgentStart,
+            ProviderStop,
+            ProviderReadFile,
+            ProviderWriteFile,
+            ProviderDeleteFile,
+            Heartbeat,
+        )
+    },
+    **{cls: Gateway._on_response for cls in PROVIDER_TYPES.values()},
+}
+
+
+async def _echo(ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+    return payload
+
+
+def _provider_call(message: Any) -> tuple[str, str, dict[str, Any]]:
+    """The capability call a provider-facing message stands for."""
+    if isinstance(message, ProviderReadFile):
+        return "fs", "readFile", {"path": message.path, "encoding": message.encoding}
+    if isinstance(message, ProviderWriteFile):
+        payload = {"path": message.path, "content": message.content, "encoding": message.encoding}
+        return "fs", "writeFile", payload
+    if isinstance(message, ProviderDeleteFile):
+        return "fs", "deleteFile", {"path": message.path}
+    if isinstance(message, ProviderAgentStart):
+        return "provider", "agentStart", {"agent": message.agent, "options": message.options}
+    if isinstance(message, ProviderStart):
+        return "provider", "start", {"options": message.options}
+    if isinstance(message, ProviderStop):
+        return "provider", "stop", {}
+    raise ProtocolError(f"not a provider message: {message.type}")
+
+
+async def _send_ws(ws: Connection, message: Any) -> None:
+    try:  # noqa: SIM105 - per message: contextlib.suppress costs more than the send's framing
+        await ws.send(dump(message))
+    except ConnectionClosed:
+        pass  # the state learns of it from the reader; resends happen on reconnect
+
+
+def _offer(queue: asyncio.Queue[Any], item: Any, what: str) -> None:
+    try:
+        queue.put_nowait(item)
+    except asyncio.QueueFull:
+        log.warning("%s dropped: its reader is %d behind", what, queue.qsize())

@@ -1,0 +1,145 @@
+"""The ProviderServer: a WebSocket server that admits peers with a run-scoped token and hands
+each connection to a :class:`~gateway.node.Gateway`.
+
+The token is checked during the HTTP upgrade (``Authorization: Bearer <token>``): a missing,
+forged, expired or wrong-run token gets HTTP 401 and the WebSocket is never opened, so no
+message from an unauthenticated client is ever parsed. After the upgrade the peer must send a
+hello for the environment its token names, within the transport timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl as ssl_module
+from http import HTTPStatus
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request as HttpRequest
+from websockets.http11 import Response as HttpResponse
+
+from .errors import AuthError, ProtocolError
+from .node import Gateway
+from .protocol import Hello, dump, parse_message
+from .tokens import TokenClaims, TokenSigner
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ProviderServer", "bearer_token"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 3100
+
+
+def bearer_token(headers: Headers) -> str | None:
+    """The token in an ``Authorization: Bearer`` header, or None."""
+    value = headers.get("Authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+class ProviderServer:
+    """Accepts peer gateways and providers for one :class:`Gateway`.
+
+    Args:
+        gateway: The node the connections are attached to.
+        signer: Verifies the tokens connections present.
+        host: Interface to listen on (default loopback).
+        port: Port (0 picks a free one; see :attr:`port`).
+        ssl: TLS context to serve ``wss://``.
+        run_id: When set, only tokens for this run are accepted.
+    """
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        signer: TokenSigner,
+        *,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        ssl: ssl_module.SSLContext | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.signer = signer
+        self.host = host
+        self.port = port
+        self.ssl = ssl
+        self.run_id = run_id
+        self._server: Server | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL peers connect to."""
+        scheme = "wss" if self.ssl else "ws"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Listen; with port 0, :attr:`port` becomes the port chosen."""
+        limits = self.gateway.limits
+        self._server = await serve(
+            self._handle,
+            self.host,
+            self.port,
+            ssl=self.ssl,
+            process_request=self._authorize,
+            compression=None,
+            open_timeout=limits.transport_timeout,
+            ping_interval=limits.transport_timeout,
+            ping_timeout=limits.transport_timeout,
+            close_timeout=1,
+            max_size=limits.max_frame,
+            max_queue=limits.max_queue,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("gateway %s listening on %s", self.gateway.environment_id, self.url)
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def _verify(self, headers: Headers) -> TokenClaims:
+        return self.signer.verify(bearer_token(headers), run_id=self.run_id)
+
+    def _authorize(self, conn: ServerConnection, request: HttpRequest) -> HttpResponse | None:
+        try:
+            self._verify(request.headers)
+        except AuthError as exc:
+            log.warning("refused a connection from %s: %s", conn.remote_address, exc)
+            return conn.respond(HTTPStatus.UNAUTHORIZED, f"{exc}\n")
+        return None
+
+    async def _handle(self, conn: ServerConnection) -> None:
+        gw = self.gateway
+        try:
+            assert conn.request is not None  # set once the handshake completed
+            claims = self._verify(conn.request.headers)
+            frame = await asyncio.wait_for(conn.recv(), gw.limits.transport_timeout)
+            hello = parse_message(frame)
+            if not isinstance(hello, Hello):
+                raise ProtocolError(f"expected a hello, got {hello.type}")
+            if hello.environmentId != claims.environment_id:
+                raise AuthError(
+                    f"hello from {hello.environmentId!r} with a token for {claims.environment_id!r}"
+                )
+            if hello.environmentId == gw.environment_id:
+                raise ProtocolError(f"{hello.environmentId!r} is this gateway's own id")
+        except (AuthError, ProtocolError) as exc:
+            log.warning("closing connection from %s: %s", conn.remote_address, exc)
+            await conn.close(1008, str(exc)[:120])
+            return
+        except (TimeoutError, ConnectionClosed):
+            await conn.close(1008, "no hello in time")
+            return
+        with contextlib.suppress(ConnectionClosed):
+            await conn.send(dump(gw.welcome()))
+            await gw.run_connection(conn, hello.environmentId, hello.capabilities)

@@ -1,0 +1,112 @@
+"""Run-scoped HMAC tokens and the key file."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import AuthError, TokenExpired, TokenInvalid, TokenMissing
+from gateway.tokens import TokenSigner, load_or_create_key, parse_ttl
+
+
+@pytest.fixture
+def signer(tmp_path: Path) -> TokenSigner:
+    return TokenSigner(load_or_create_key(tmp_path / "store" / "gateway.key"))
+
+
+def test_issue_and_verify(signer: TokenSigner) -> None:
+    token = signer.issue("run-1", "sandbox", 60, now=1000.0)
+    claims = signer.verify(token, run_id="run-1", now=1059.0)
+    assert (claims.run_id, claims.environment_id, claims.expires_at) == ("run-1", "sandbox", 1060.0)
+
+
+def test_expired_forged_wrong_run_missing(signer: TokenSigner, tmp_path: Path) -> None:
+    token = signer.issue("run-1", "sandbox", 60, now=1000.0)
+    with pytest.raises(TokenExpired):
+        signer.verify(token, now=1060.0)
+    with pytest.raises(TokenInvalid, match="run"):
+        signer.verify(token, run_id="run-2", now=1001.0)
+    other = TokenSigner(load_or_create_key(tmp_path / "other.key"))
+    with pytest.raises(TokenInvalid, match="signature"):
+        other.verify(token, now=1001.0)
+    prefix, body, sig = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(body + "=="))
+    claims["exp"] = 9e12  # extend its life: the signature no longer matches
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    with pytest.raises(TokenInvalid, match="signature"):
+        signer.verify(f"{prefix}.{forged}.{sig}", now=1001.0)
+    for bad in (
+        "x",
+        "ng1.a",
+        "ng1.a.b.c",
+        "ng2." + body + "." + sig,
+        token + "x" * 3000,
+        "ng1.%%.!!",
+    ):
+        with pytest.raises(TokenInvalid):
+            signer.verify(bad, now=1001.0)
+    for missing in (None, ""):
+        with pytest.raises(TokenMissing):
+            signer.verify(missing)
+    with pytest.raises(ValueError):
+        signer.issue("run 1", "x", 60)
+    with pytest.raises(ValueError):
+        signer.issue("run", "x", 0)
+
+
+def test_key_file_created_0600_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "s" / "gateway.key"
+    key = load_or_create_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(key) == 32 and load_or_create_key(path) == key
+    assert [p.name for p in path.parent.iterdir()] == ["gateway.key"]  # no temp left over
+
+
+def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.key"
+    load_or_create_key(path)
+    os.chmod(path, 0o644)
+    with pytest.raises(AuthError, match="chmod 600"):
+        load_or_create_key(path)
+    link = tmp_path / "link.key"
+    os.chmod(path, 0o600)
+    link.symlink_to(path)
+    with pytest.raises(AuthError):
+        load_or_create_key(link)
+    short = tmp_path / "short.key"
+    short.write_bytes(b"abc")
+    os.chmod(short, 0o600)
+    with pytest.raises(AuthError, match="32-byte"):
+        load_or_create_key(short)
+
+
+def test_racing_creators_agree_on_one_key(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.key"
+    keys: list[bytes] = []
+    threads = [
+        threading.Thread(target=lambda: keys.append(load_or_create_key(path))) for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(keys)) == 1 and len(keys) == 8
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("1h", 3600), ("7d", 604800)]
+)
+def test_parse_ttl(text: str, seconds: float) -> None:
+    assert parse_ttl(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "1y", "-5m", "h"])
+def test_parse_ttl_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_ttl(text)
