@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,44 +204,41 @@ class EnvironmentManager:
             raise ProviderError(f"environment {record.name!r} has no resource (creation failed)")
         return record.resource_id
 
-    def start(self, name: str) -> EnvironmentRecord:
+    def _drive(
+        self,
+        name: str,
+        via: EnvState,
+        done: EnvState,
+        act: Callable[[BaseProvider, str], None],
+        already: bool = True,
+    ) -> EnvironmentRecord:
+        """Move through ``via`` to ``done`` around the provider's ``act``; a failure is
+        recorded on the environment (error / not_available) and re-raised."""
         record = self.records.get(name)
-        if record.state is EnvState.RUNNING:
+        if already and record.state is done:
             return record
         resource = self._resource(record)
-        record = self._move(record, EnvState.STARTING)
+        record = self._move(record, via)
         try:
-            self.provider(record).start(resource)
+            act(self.provider(record), resource)
         except BaseException as exc:
             self._fail(record, exc)
             raise
-        return self._move(record, EnvState.RUNNING, consecutive_failures=0)
+        extra: dict[str, Any] = {"consecutive_failures": 0} if done is EnvState.RUNNING else {}
+        return self._move(record, done, "", **extra)
+
+    def start(self, name: str) -> EnvironmentRecord:
+        return self._drive(name, EnvState.STARTING, EnvState.RUNNING, lambda p, r: p.start(r))
 
     def stop(self, name: str) -> EnvironmentRecord:
-        record = self.records.get(name)
-        if record.state is EnvState.STOPPED:
-            return record
-        resource = self._resource(record)
-        record = self._move(record, EnvState.STOPPING)
-        try:
-            self.provider(record).stop(resource)
-        except BaseException as exc:
-            self._fail(record, exc)
-            raise
-        return self._move(record, EnvState.STOPPED)
+        return self._drive(name, EnvState.STOPPING, EnvState.STOPPED, lambda p, r: p.stop(r))
 
     def restart(self, name: str) -> EnvironmentRecord:
-        record = self.records.get(name)
-        resource = self._resource(record)
-        record = self._move(record, EnvState.RESTARTING)
-        provider = self.provider(record)
-        try:
+        def act(provider: BaseProvider, resource: str) -> None:
             provider.stop(resource)
             provider.start(resource)
-        except BaseException as exc:
-            self._fail(record, exc)
-            raise
-        return self._move(record, EnvState.RUNNING, consecutive_failures=0)
+
+        return self._drive(name, EnvState.RESTARTING, EnvState.RUNNING, act, already=False)
 
     def delete(self, name: str) -> EnvironmentRecord:
         """Destroy the resource and archive the record; works from any state."""
