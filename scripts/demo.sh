@@ -52,6 +52,6 @@ grep -q 'def sub' "$ws/src/calc.py"
 grep -q 'edited by the user' "$ws/README.md"
 narrative env delete sandbox
 step "git can read the store"
-git --git-dir "$ws/.narrative" log --oneline --glob='refs/narrative/threads/*' | head -5
+git --git-dir "$ws/.narrative" log -n 5 --oneline --glob='refs/narrative/threads/*'
 echo
 echo "demo finished: every state above is still in the store"
