@@ -26,6 +26,7 @@ from narrative.snapshot import scan_tree, take_snapshot
 
 from .base import BaseProvider, ExecResult, Health, OutputFn, check_relative_path
 from .errors import ExecFailed, ResourceGone
+from .records import env_state_dir
 
 __all__ = ["DirectoryProvider"]
 
@@ -105,28 +106,31 @@ class DirectoryProvider(BaseProvider):
         thread, so a restore never destroys work that was not captured, and it is rewritten.
         """
         self.reconnect(resource_id)
-        store = self.context.store
-        target = flatten_tree(store.odb, bytes.fromhex(snapshot.tree))
         known = self._known_tree()
         try:
             if known is not None and self._captured(resource_id, known):
-                try:
-                    sync_directory(store, resource_id, flatten_tree(store.odb, known), target)
-                    _remove_strays(resource_id, target)
+                if self._sync(resource_id, known, snapshot):
                     self._remember(snapshot.tree)
                     return
-                except RestoreError:
-                    pass  # an ignored file blocks a path: rewrite everything instead
-                _empty(resource_id)
-                materialize(store, snapshot, resource_id)
-            else:
-                if os.listdir(resource_id):
-                    self.save_leftovers(resource_id, f"left in {self.context.env_name}")
-                    _empty(resource_id)
-                materialize(store, snapshot, resource_id)
+            elif os.listdir(resource_id):
+                self._save_to_env_thread(resource_id, f"left in {self.context.env_name}")
+            _empty(resource_id)
+            materialize(self.context.store, snapshot, resource_id)
         except OSError as exc:
             raise RestoreError(f"cannot restore into {resource_id}: {exc}") from exc
         self._remember(snapshot.tree)
+
+    def _sync(self, resource_id: str, known: bytes, snapshot: Snapshot) -> bool:
+        """Write only what differs between ``known`` and ``snapshot``; False when an ignored
+        file blocks a path (the caller then rewrites everything)."""
+        store = self.context.store
+        target = flatten_tree(store.odb, bytes.fromhex(snapshot.tree))
+        try:
+            sync_directory(store, resource_id, flatten_tree(store.odb, known), target)
+        except RestoreError:
+            return False
+        _remove_strays(resource_id, target)
+        return True
 
     def collect(
         self, resource_id: str, thread_id: str, run_id: str | None, message: str
@@ -143,8 +147,7 @@ class DirectoryProvider(BaseProvider):
         return snapshot
 
     def _marker(self) -> str:
-        store = self.context.store
-        return os.path.join(store.git_dir, "narrative", "envs", self.context.env_id, "tree")
+        return os.path.join(env_state_dir(self.context.store, self.context.env_id), "tree")
 
     def _remember(self, tree: str) -> None:
         """Record the tree the directory is known to hold (restored or collected)."""
@@ -168,10 +171,13 @@ class DirectoryProvider(BaseProvider):
     def save_leftovers(self, resource_id: str, message: str) -> Snapshot | None:
         """Snapshot the directory onto the environment's thread (created on first use), unless
         it holds exactly what was last restored or collected (then it is saved already)."""
-        from narrative.hierarchy import create_thread, list_threads
-
         if self._captured(resource_id, self._known_tree()):
             return None
+        return self._save_to_env_thread(resource_id, message)
+
+    def _save_to_env_thread(self, resource_id: str, message: str) -> Snapshot:
+        from narrative.hierarchy import create_thread, list_threads
+
         store = self.context.store
         name = f"env/{self.context.env_name}"
         objective = store.config.default_objective

@@ -27,7 +27,7 @@ from narrative.store import Store
 from .base import BaseProvider, ExecResult, Health, OutputFn, ProviderContext
 from .errors import IllegalTransition, ProviderError, ProviderUnavailable, ResourceGone
 from .lifecycle import EnvState, can_transition, is_active
-from .records import EnvironmentRecord, EnvironmentStore
+from .records import EnvironmentRecord, EnvironmentStore, env_state_dir
 from .registry import get_provider_class, pick_provider
 
 __all__ = ["DEFAULT_HEALTH_INTERVAL", "EnvironmentManager", "HealthReport"]
@@ -87,16 +87,18 @@ class EnvironmentManager:
         self._providers[record.id] = instance
         return instance
 
+    def _log_path(self, record: EnvironmentRecord) -> str:
+        return os.path.join(env_state_dir(self.store, record.id), "log")
+
     def _log(self, record: EnvironmentRecord, line: str) -> None:
-        path = os.path.join(self.store.git_dir, "narrative", "envs", record.id, "log")
+        path = self._log_path(record)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "ab") as f:
             f.write(f"{now_iso()} {line}\n".encode(errors="surrogateescape"))
 
     def logs(self, name: str, tail: int | None = None) -> list[str]:
         """The environment's log lines (the last ``tail`` of them)."""
-        record = self.records.get(name)
-        path = os.path.join(self.store.git_dir, "narrative", "envs", record.id, "log")
+        path = self._log_path(self.records.get(name))
         try:
             with open(path, "rb") as f:
                 lines = f.read().decode(errors="replace").splitlines()
@@ -278,8 +280,7 @@ class EnvironmentManager:
         """Run a command in the environment; output is streamed and appended to its log."""
         record, provider, resource = self.require_active(name)
         self._log(record, f"exec {' '.join(argv)}")
-        path = os.path.join(self.store.git_dir, "narrative", "envs", record.id, "log")
-        with open(path, "ab") as logf:
+        with open(self._log_path(record), "ab") as logf:
 
             def tee(stream: str, chunk: bytes) -> None:
                 logf.write(chunk)

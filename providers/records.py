@@ -25,7 +25,7 @@ from narrative.store import Store
 from .errors import EnvironmentExists, EnvironmentNotFound, EnvironmentStateError
 from .lifecycle import EnvState
 
-__all__ = ["EnvironmentRecord", "EnvironmentStore", "records_path"]
+__all__ = ["EnvironmentRecord", "EnvironmentStore", "env_state_dir", "records_path"]
 
 _FILE = os.path.join("narrative", "environments.json")
 _VERSION = 1
@@ -67,6 +67,11 @@ class _Document(BaseModel):
 
     version: int
     environments: list[EnvironmentRecord]
+
+
+def env_state_dir(store: Store, env_id: str) -> str:
+    """Local working state of one environment: its log, scratch space, last known tree."""
+    return os.path.join(store.git_dir, "narrative", "envs", env_id)
 
 
 def records_path(store: Store) -> str:

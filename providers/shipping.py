@@ -29,6 +29,8 @@ from narrative.restore import flatten_tree
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 
+from .records import env_state_dir
+
 __all__ = ["DEFAULT_MAX_COLLECT_BYTES", "scratch_dir", "snapshot_from_tar", "write_snapshot_tar"]
 
 DEFAULT_MAX_COLLECT_BYTES = 8 << 30
@@ -68,7 +70,7 @@ def write_snapshot_tar(store: Store, snapshot: Snapshot, out: IO[bytes], prefix:
 
 def scratch_dir(store: Store, env_id: str) -> str:
     """A per-environment scratch directory inside the store (same file system as the store)."""
-    return os.path.join(store.git_dir, "narrative", "envs", env_id, "collect")
+    return os.path.join(env_state_dir(store, env_id), "collect")
 
 
 def _strip(member: tarfile.TarInfo, strip: str) -> tarfile.TarInfo | None:
