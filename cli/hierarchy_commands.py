@@ -164,10 +164,18 @@ def run() -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--thread", "thread_ref", help="Thread (id or name; default thread).")
 @click.option("--agent", default="agent", show_default=True, help="Agent name.")
-@click.option("--env", "environment", default="local", show_default=True, help="Environment.")
+@click.option(
+    "--env",
+    "environments",
+    multiple=True,
+    help="Environment (repeat to fan one run out to several; default local).",
+)
 @click.option("--snapshot", "snapshot_ref", help="Base snapshot of an isolated run.")
-@click.option("--timeout", type=float, help="Kill an isolated run's command after N seconds.")
+@click.option("--timeout", type=float, help="Stop an isolated run's command after N seconds.")
 @click.option("--no-snapshot", is_flag=True, help="Do not snapshot the workspace as the base.")
+@click.option(
+    "--direct", is_flag=True, help="Run without a hub or runtime (the provider runs the command)."
+)
 @json_option
 @click.pass_context
 def run_start(
@@ -175,22 +183,38 @@ def run_start(
     command: tuple[str, ...],
     thread_ref: str | None,
     agent: str,
-    environment: str,
+    environments: tuple[str, ...],
     snapshot_ref: str | None,
     timeout: float | None,
     no_snapshot: bool,
+    direct: bool,
     as_json: bool,
 ) -> None:
     """Start a run; its base is a snapshot of the workspace taken now.
 
-    With a command (after --) the run executes in environment --env: the base (--snapshot,
-    the head of --thread, or a fresh snapshot of the workspace) is restored there, the command
-    runs with its output streamed, and the result is captured on a new thread forked from the
-    base. The workspace is not touched. Exits 1 when the command fails.
+    With a command (after --) the run executes in environment --env through the hub (the
+    store's `narrative serve`, or one embedded for the run): a runtime started in the
+    environment pulls the base (--snapshot, the head of --thread, or a fresh snapshot of the
+    workspace) as a bundle, runs the command with its output streamed, and the result comes
+    back as a bundle on a new thread forked from the base. The workspace is not touched.
+    Several --env fan the run out. Exits 1 when a command fails.
     """
+    environment = environments[0] if environments else "local"
+    if command and not direct:
+        from .hub_commands import start_through_hub
+
+        if snapshot_ref and thread_ref:
+            raise click.UsageError("give --snapshot or --thread, not both")
+        envs = environments or ("local",)
+        start_through_hub(ctx, command, envs, agent, snapshot_ref, thread_ref, timeout, as_json)
+        return
+    if len(environments) > 1:
+        raise click.UsageError("several --env need a command run through the hub")
     if command:
         _run_isolated(ctx, command, thread_ref, agent, environment, snapshot_ref, timeout, as_json)
         return
+    if direct:
+        raise click.UsageError("--direct needs a command (after --)")
     if snapshot_ref or timeout is not None:
         raise click.UsageError("--snapshot and --timeout need a command (after --)")
     from narrative.hierarchy import resolve_thread, start_run
@@ -299,11 +323,22 @@ def run_list(ctx: click.Context, thread_ref: str | None, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def run_show(ctx: click.Context, run_id: str, as_json: bool) -> None:
-    """Show one run."""
-    from narrative.hierarchy import get_run
+    """Show one run, with its event log and the route each proxied call took."""
+    from narrative.runs import resolve_run
+    from providers.events import RunEventLog
 
-    data = get_run(open_store(ctx), run_id).to_dict()
-    emit(as_json, data, lambda: "\n".join(f"{k}: {v}" for k, v in data.items()))
+    store = open_store(ctx)
+    found = resolve_run(store, run_id)
+    events = RunEventLog(store, found.id).read()
+    data = {**found.to_dict(), "events": events}
+
+    def human() -> str:
+        from .hub_commands import render_events
+
+        text = "\n".join(f"{k}: {v}" for k, v in found.to_dict().items())
+        return text + ("\n" + render_events(events) if events else "")
+
+    emit(as_json, data, human)
 
 
 COMMANDS = [objective, thread, run]

@@ -72,6 +72,7 @@ def _register() -> None:
         env_commands,
         gateway_commands,
         hierarchy_commands,
+        hub_commands,
         merge_commands,
         transfer_commands,
     )
@@ -83,6 +84,7 @@ def _register() -> None:
         merge_commands,
         env_commands,
         gateway_commands,
+        hub_commands,
     )
     for module in modules:
         for command in module.COMMANDS:

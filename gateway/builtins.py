@@ -90,6 +90,7 @@ def install_builtins(
     *,
     deny: Iterable[str | Path] = (),
     max_bytes: int = DEFAULT_MAX_BYTES,
+    commands: bool = True,
 ) -> Confined:
     """Register the file and command handlers on ``registry``, confined to ``root``.
 
@@ -98,6 +99,8 @@ def install_builtins(
         root: The only directory they touch.
         deny: Paths below ``root`` they must not touch (the store, the key file).
         max_bytes: Largest file read or written in one call.
+        commands: Register ``exec:run`` too (a hub serving the user's own workspace leaves it
+            out unless told otherwise).
 
     Returns:
         The :class:`Confined` resolver they share.
@@ -213,6 +216,9 @@ def install_builtins(
             if not recursive:
                 break
         return {"path": rel, "entries": entries}
+
+    if not commands:
+        return box
 
     @registry.handler("exec", "run")
     async def run(ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:

@@ -40,6 +40,10 @@ class Link:
         self._task: asyncio.Task[None] | None = None
         self._ws: ClientConnection | None = None
 
+    def set_token(self, token: str) -> None:
+        """Use ``token`` from the next reconnect on (the current connection stays as it is)."""
+        self._token = token
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 

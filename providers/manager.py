@@ -152,6 +152,22 @@ class EnvironmentManager:
         except NarrativeError:
             log.warning("could not record the failure of %s", record.name, exc_info=True)
 
+    def mark_error(self, name: str, reason: str) -> EnvironmentRecord:
+        """Record that the environment failed underneath a run (its runtime or resource died)."""
+        record = self.records.get(name)
+        self._fail(record, ProviderError(reason))
+        return self.records.get(record.id)
+
+    def connection_changed(self, name: str, connected: bool) -> EnvironmentRecord:
+        """Follow the runtime's connection: running while it is up, disconnected while it is
+        down (a later health check may move it on to unconnectable)."""
+        record = self.records.get(name)
+        if connected and record.state in (EnvState.DISCONNECTED, EnvState.UNCONNECTABLE):
+            return self._move(record, EnvState.RUNNING, "runtime connected", consecutive_failures=0)
+        if not connected and record.state is EnvState.RUNNING:
+            return self._move(record, EnvState.DISCONNECTED, "runtime connection lost")
+        return record
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     def create(

@@ -1,0 +1,222 @@
+"""``narrative serve`` (the hub), ``narrative runtime`` (inside an environment), and the run
+commands that talk to a hub: ``run stop``, ``run kill``, and the hub side of ``run start``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from .context import open_store
+from .hierarchy_commands import run
+from .output import emit, json_option, note
+
+__all__ = ["COMMANDS", "render_events", "start_through_hub"]
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=3100, show_default=True)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Routing rules (proxyExecution.json) for calls passing through the hub.",
+)
+@click.option(
+    "--handlers",
+    "plugins",
+    multiple=True,
+    metavar="MODULE[:FUNC]",
+    help="Load handler plugins (FUNC, default register, gets the handler registry).",
+)
+@click.option("--allow-exec", is_flag=True, help="Serve exec:run in the workspace too.")
+@click.option("--reconnect-grace", type=click.FloatRange(0.1), default=30.0, show_default=True)
+@click.option("--token-ttl", type=click.FloatRange(1.0), default=3600.0, show_default=True)
+@json_option
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    config_path: str | None,
+    plugins: tuple[str, ...],
+    allow_exec: bool,
+    reconnect_grace: float,
+    token_ttl: float,
+    as_json: bool,
+) -> None:
+    """Serve the hub: environments, runs and the gateway, until interrupted.
+
+    Runs started with `narrative run start --env E -- CMD` go through it; runs it finds
+    unfinished from an earlier hub are adopted when their runtimes reconnect.
+    """
+    from gateway.config import load_config
+    from providers.hub import Hub
+
+    store = open_store(ctx)
+    config = load_config(config_path) if config_path else None
+
+    async def main() -> None:
+        import signal
+
+        hub = Hub(
+            store,
+            host=host,
+            port=port,
+            config=config,
+            allow_exec=allow_exec,
+            plugins=plugins,
+            daemon=True,
+            reconnect_grace=reconnect_grace,
+            token_ttl=token_ttl,
+        )
+        await hub.start()
+        try:
+            ready = {"url": hub.url, "pid": os.getpid(), "environment": hub.environment_id}
+            line = json.dumps(ready) if as_json else f"hub listening on {hub.url}"
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+        finally:
+            await hub.close()
+
+    asyncio.run(main())
+
+
+@click.command()
+@click.option("--connect", "url", required=True, metavar="URL", help="The hub's ws:// URL.")
+@click.option("--token", envvar="NARRATIVE_TOKEN", required=True, help="Run-scoped token.")
+@click.option(
+    "--workspace",
+    type=click.Path(file_okay=False, exists=True),
+    default=".",
+    show_default=True,
+    help="The environment's workspace.",
+)
+@click.option("--stop-grace", type=click.FloatRange(0), default=10.0, show_default=True)
+@click.pass_context
+def runtime(ctx: click.Context, url: str, token: str, workspace: str, stop_grace: float) -> None:
+    """Run inside an environment: connect back to the hub and run its agent."""
+    from providers.runtime import Runtime
+
+    store_dir = (ctx.find_root().obj or {}).get("store_dir")
+
+    async def main() -> int:
+        node = Runtime(url, token, workspace, store_dir=store_dir, stop_grace=stop_grace)
+        return await node.serve()
+
+    ctx.exit(asyncio.run(main()))
+
+
+def start_through_hub(
+    ctx: click.Context,
+    command: tuple[str, ...],
+    environments: tuple[str, ...],
+    agent: str,
+    snapshot_ref: str | None,
+    thread_ref: str | None,
+    timeout: float | None,
+    as_json: bool,
+) -> None:
+    """``run start --env E [--env F ...] -- CMD`` through the hub (fan-out with several)."""
+    from providers.hub_client import run_through_hub
+    from providers.hub_runs import RunRequest
+
+    store = open_store(ctx)
+    requests = [
+        RunRequest(
+            environment=env,
+            argv=list(command),
+            agent=agent,
+            snapshot=snapshot_ref,
+            thread=thread_ref,
+            timeout=timeout,
+        )
+        for env in environments
+    ]
+    many = len(requests) > 1
+
+    def show(run_: Any, event: dict[str, Any]) -> None:
+        if event["type"] == "agent.output":
+            target = sys.stderr if as_json or event.get("stream") == "stderr" else sys.stdout
+            data = str(event.get("data", ""))
+            if many:
+                data = "".join(f"[{run_.environment}] {line}" for line in data.splitlines(True))
+            target.write(data)
+            target.flush()
+        elif event["type"] in ("run.error", "runtime.lost", "result.unavailable"):
+            note(f"{run_.id}: {event.get('reason')}")
+
+    runs = asyncio.run(run_through_hub(store, requests, show))
+    data = [r.to_dict() for r in runs]
+    lines = [f"{r.id} {r.status} (exit {r.exit_code}) result {r.result_snapshot}" for r in runs]
+    emit(as_json, data if many else data[0], "\n".join(lines))
+    if any(r.status != "succeeded" for r in runs):
+        ctx.exit(1)
+
+
+def render_events(events: list[dict[str, Any]]) -> str:
+    """The event log and the routes of a run, for people."""
+    lines, routes = ["events:"], []
+    for event in events:
+        kind = event["type"]
+        if kind == "call.routed":
+            status = "ok" if event.get("success") else f"error {event.get('error')}"
+            route = " -> ".join(event.get("route", []))
+            routes.append(
+                f"  {event.get('call')}: {route} (ran in {event.get('ranIn')}, "
+                f"{event.get('ms')} ms, {status})"
+            )
+            continue
+        skip = ("seq", "time", "type", "at", "rseq")
+        if kind == "agent.output":
+            detail = repr(str(event.get("data", ""))[:120])
+        else:
+            detail = " ".join(f"{k}={v}" for k, v in event.items() if k not in skip)
+        lines.append(f"  {event['time']} {kind} {detail}".rstrip())
+    if routes:
+        lines += ["routes:", *routes]
+    return "\n".join(lines)
+
+
+@run.command("stop")
+@click.argument("run_id")
+@click.option("--grace", type=click.FloatRange(0), help="Seconds before killing (hub default).")
+@json_option
+@click.pass_context
+def run_stop(ctx: click.Context, run_id: str, grace: float | None, as_json: bool) -> None:
+    """Ask a run's agent to stop; it is killed if it has not stopped after --grace seconds."""
+    from narrative.runs import resolve_run
+    from providers.hub_client import stop_run
+
+    store = open_store(ctx)
+    found = resolve_run(store, run_id)
+    asyncio.run(stop_run(store, found, grace))
+    emit(as_json, {"run": found.id, "requested": "stop"}, f"stopping {found.id}")
+
+
+@run.command("kill")
+@click.argument("run_id")
+@json_option
+@click.pass_context
+def run_kill(ctx: click.Context, run_id: str, as_json: bool) -> None:
+    """Kill a run's runtime and agent at once (the run is recorded as killed)."""
+    from narrative.runs import resolve_run
+    from providers.hub_client import kill_run
+
+    store = open_store(ctx)
+    found = resolve_run(store, run_id)
+    asyncio.run(kill_run(store, found))
+    emit(as_json, {"run": found.id, "requested": "kill"}, f"killing {found.id}")
+
+
+COMMANDS = [serve, runtime]

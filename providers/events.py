@@ -1,0 +1,92 @@
+"""The event log of a run driven by a hub: ``<store>/narrative/runs/<run-id>/events.jsonl``.
+
+Append-only JSON lines, one event each, numbered from 1. The hub is the only writer (it is the
+authority for run state), so appends need no lock; each line is written with one ``write`` on
+an ``O_APPEND`` descriptor and flushed to disk, so a crash leaves whole lines plus at most one
+torn last line, which readers skip. Readers (``narrative run show``, a CLI following its run)
+only read, so they can run in any process at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from narrative.models import now_iso
+from narrative.store import Store
+
+__all__ = ["RunEventLog", "events_path"]
+
+
+def events_path(store: Store, run_id: str) -> str:
+    """Where the event log of ``run_id`` lives."""
+    return os.path.join(store.git_dir, "narrative", "runs", run_id, "events.jsonl")
+
+
+class RunEventLog:
+    """The event log of one run.
+
+    Args:
+        store: The hub's store.
+        run_id: The run.
+    """
+
+    def __init__(self, store: Store, run_id: str) -> None:
+        self.path = events_path(store, run_id)
+        self.run_id = run_id
+        self._seq: int | None = None
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def append(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Append one event of ``kind`` and return it (with its ``seq`` and ``time``)."""
+        if self._seq is None:
+            self._seq = max((e["seq"] for e in self.read()), default=0)
+        self._seq += 1
+        event = {"seq": self._seq, "time": now_iso(), "type": kind, **fields}
+        line = json.dumps(event, separators=(",", ":"), default=str).encode() + b"\n"
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return event
+
+    def read(self, since: int = 0) -> list[dict[str, Any]]:
+        """Events with ``seq`` greater than ``since``, oldest first (a torn last line skipped)."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        events = []
+        for raw in data.splitlines():
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue  # the torn tail of an interrupted append
+            if isinstance(event, dict) and isinstance(event.get("seq"), int):
+                if event["seq"] > since:
+                    events.append(event)
+        return events
+
+    def follow(
+        self, since: int = 0, poll: float = 0.05, timeout: float | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Yield events as they are appended, until a ``run.finished`` event (or ``timeout``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for event in self.read(since):
+                since = event["seq"]
+                yield event
+                if event["type"] == "run.finished":
+                    return
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            time.sleep(poll)

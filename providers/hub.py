@@ -1,0 +1,401 @@
+"""The hub: the environment manager and the gateway in one process, the single authority for
+run state (``narrative serve``; a ``narrative run start`` with no hub serving embeds one).
+
+A run through the hub: the hub creates the run's thread and record, has the provider start
+``narrative runtime`` in the environment with a run-scoped token and the hub's URL, waits for
+the runtime to connect back, ships the base snapshot in as a bundle (``providerStart``), starts
+the agent (``providerAgentStart``), records the runtime's events (output, routes, exit) in the
+run's event log, and pulls the result snapshot back as a bundle. See :mod:`providers.hub_runs`.
+
+The hub also serves capabilities to the environments it drives: files (and, when allowed,
+commands) in its workspace, ``narrative:snapshot``, the bundle capabilities of
+:mod:`providers.narratives`, and whatever handler plugins the user loads (an ``inference``
+handler only the hub can serve is the canonical example). Control calls (``hub:*``) are only
+taken from a direct peer holding a ``control`` token, which only the owner of the store's key
+can mint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import entry_points
+from typing import Any, TypeVar
+
+from gateway.builtins import install_builtins
+from gateway.config import ProxyExecutionConfig
+from gateway.errors import AccessDenied, TargetNotFound
+from gateway.handlers import HandlerContext, HandlerRegistry
+from gateway.node import Gateway
+from gateway.plugins import RemoteExecutionPlugin
+from gateway.protocol import Notification
+from gateway.server import DEFAULT_HOST
+from gateway.state import Limits
+from gateway.tokens import TokenSigner, load_or_create_key
+from narrative.errors import InvalidInput, NarrativeError
+from narrative.fsutil import write_atomic
+from narrative.hierarchy import get_run
+from narrative.models import AgentRun, now_iso
+from narrative.snapshot import take_snapshot
+from narrative.store import Store
+
+from .manager import EnvironmentManager
+from .narratives import BundleShelf
+
+__all__ = [
+    "CONTROL_RUN",
+    "HANDLER_GROUP",
+    "Hub",
+    "control_token",
+    "find_hub",
+    "hub_files",
+    "load_handler_plugin",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: The run claim of tokens allowed to make control calls (``hub:*``).
+CONTROL_RUN = "control"
+#: Entry-point group of handler plugins: ``register(registry: HandlerRegistry) -> None``.
+HANDLER_GROUP = "narrative.handlers"
+_CONTROL_TTL = 24 * 3600.0
+
+
+def key_path(store: Store) -> str:
+    """The store's gateway signing key."""
+    return os.path.join(store.git_dir, "gateway.key")
+
+
+def control_token(store: Store, name: str) -> str:
+    """A token that lets the holder of the store's key drive the store's hub."""
+    signer = TokenSigner(load_or_create_key(key_path(store)))
+    return signer.issue(CONTROL_RUN, name, _CONTROL_TTL)
+
+
+def hub_files(store: Store) -> str:
+    return os.path.join(store.git_dir, "narrative", "hubs")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def find_hub(store: Store, pid: int | None = None) -> dict[str, Any] | None:
+    """The serving hub of ``store`` (a daemon one), or the hub with ``pid``; None if none
+    is alive."""
+    directory = hub_files(store)
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return None
+    for name in names:
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
+            continue
+        if pid is not None and info["pid"] != pid:
+            continue
+        if pid is None and not info.get("daemon"):
+            continue
+        if _alive(info["pid"]):
+            return info
+    return None
+
+
+def load_handler_plugin(spec: str, registry: HandlerRegistry) -> None:
+    """Load ``module`` or ``module:function`` and let it register handlers.
+
+    The function (default ``register``) is called with the hub's handler registry.
+
+    Raises:
+        InvalidInput: the module or function cannot be loaded.
+    """
+    module_name, _, func_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        register = getattr(module, func_name or "register")
+    except (ImportError, AttributeError) as exc:
+        raise InvalidInput(f"cannot load handler plugin {spec!r}: {exc}") from None
+    register(registry)
+
+
+class Hub:
+    """Environments, gateway and runs of one store.
+
+    Args:
+        store: The store (its workspace is what the hub's file handlers serve).
+        environment_id: This node's id on the gateway.
+        host: Interface to listen on (loopback by default).
+        port: Port (0: a free one).
+        config: Routing rules for calls that pass through the hub.
+        limits: Gateway timeouts and bounds.
+        allow_exec: Serve ``exec:run`` in the hub's workspace (off: environments may read and
+            write the workspace's files through the hub, never run commands on it).
+        plugins: Handler plugins to load (``module[:function]``); entry points of the group
+            ``narrative.handlers`` are loaded as well.
+        daemon: Announce the hub as the store's serving hub (``narrative serve``).
+        token_ttl: Lifetime of a runtime's token; the hub renews it while the run lasts.
+        startup_timeout: Seconds for a runtime to connect back.
+        reconnect_grace: Seconds a runtime may stay disconnected before its run fails.
+        stop_grace: Seconds between asking an agent to stop and killing it.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        environment_id: str = "hub",
+        host: str = DEFAULT_HOST,
+        port: int = 0,
+        config: ProxyExecutionConfig | None = None,
+        limits: Limits | None = None,
+        allow_exec: bool = False,
+        plugins: Iterable[str] = (),
+        daemon: bool = False,
+        token_ttl: float = 3600.0,
+        startup_timeout: float = 60.0,
+        reconnect_grace: float = 30.0,
+        stop_grace: float = 10.0,
+        capabilities: Iterable[str] = (),
+    ) -> None:
+        self.store = store
+        self.manager = EnvironmentManager(store)
+        self.daemon = daemon
+        self.token_ttl = token_ttl
+        self.startup_timeout = startup_timeout
+        self.reconnect_grace = reconnect_grace
+        self.stop_grace = stop_grace
+        self.signer = TokenSigner(load_or_create_key(key_path(store)))
+        self.gateway = Gateway(
+            environment_id, config=config, limits=limits, capabilities=capabilities
+        )
+        self.plugin = RemoteExecutionPlugin(self.gateway, self.signer, host=host, port=port)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hub-store")
+        self.shelf = BundleShelf(store, self.blocking)
+        self.drivers: dict[str, Any] = {}
+        """run id → :class:`providers.hub_runs.RunDriver` of the runs this hub drives."""
+        self._by_env: dict[str, Any] = {}
+        self._hub_file: str | None = None
+        self._install(allow_exec, plugins)
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return self.plugin.url
+
+    @property
+    def environment_id(self) -> str:
+        return self.gateway.environment_id
+
+    async def blocking(self, func: Callable[[], T]) -> T:
+        """Run store or provider work on the hub's one store thread (the store is not
+        thread-safe, and the event loop must not block)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, func)
+
+    def _install(self, allow_exec: bool, plugins: Iterable[str]) -> None:
+        registry = self.gateway.handlers
+        install_builtins(
+            registry,
+            self.workspace_root(),
+            deny=[self.store.git_dir, key_path(self.store)],
+            commands=allow_exec,
+        )
+        self.shelf.install(registry)
+        registry.register("narrative", "snapshot", self._snapshot)
+        for action, handler in (
+            ("runStart", self._control_start),
+            ("runWait", self._control_wait),
+            ("runStop", self._control_stop),
+            ("runKill", self._control_kill),
+            ("runs", self._control_runs),
+        ):
+            registry.register("hub", action, handler)
+        for entry in entry_points(group=HANDLER_GROUP):
+            entry.load()(registry)
+        for spec in plugins:
+            load_handler_plugin(spec, registry)
+        self.gateway.add_listener(self._on_notification)
+        self.gateway.add_peer_listener(self._on_peer)
+
+    def workspace_root(self) -> str:
+        """The directory the hub's file handlers serve."""
+        return self.store.workspace
+
+    async def start(self) -> None:
+        """Listen, announce the hub, reconnect environments and adopt interrupted runs."""
+        await self.plugin.start()
+        await self.blocking(self.manager.reconnect_all)
+        self._announce()
+        from .hub_runs import adopt_interrupted
+
+        await adopt_interrupted(self)
+
+    def _announce(self) -> None:
+        info = {
+            "url": self.url,
+            "pid": os.getpid(),
+            "environment": self.environment_id,
+            "daemon": self.daemon,
+            "started": now_iso(),
+        }
+        self._hub_file = os.path.join(hub_files(self.store), f"{os.getpid()}.json")
+        write_atomic(self._hub_file, json.dumps(info).encode())
+
+    async def close(self) -> None:
+        """Stop serving. Runs still going keep their runtimes; a hub started later adopts them."""
+        for driver in list(self.drivers.values()):
+            driver.detach()
+        await self.plugin.stop()
+        await self.gateway.close()
+        if self._hub_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._hub_file)
+        self._pool.shutdown(wait=True)
+
+    async def __aenter__(self) -> Hub:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- runs -----------------------------------------------------------------------------------
+
+    async def submit(self, request: Any) -> AgentRun:
+        """Start a run (see :class:`providers.hub_runs.RunRequest`); returns once it is recorded.
+
+        Raises:
+            NarrativeError: the request is invalid or the environment cannot run it (nothing
+                is recorded then).
+        """
+        from .hub_runs import RunDriver
+
+        driver = await RunDriver.create(self, request)
+        return driver.run
+
+    async def wait(self, run_id: str) -> AgentRun:
+        """Wait until a run this hub drives has finished; its final record."""
+        driver = self.drivers.get(run_id)
+        if driver is not None:
+            await asyncio.shield(driver.finished.wait())
+        return await self.blocking(lambda: get_run(self.store, run_id))
+
+    async def stop_run(self, run_id: str, grace: float | None = None) -> None:
+        """Ask the run's agent to stop; kill it if it has not after ``grace`` seconds."""
+        await self._driver(run_id).stop(self.stop_grace if grace is None else grace)
+
+    async def kill_run(self, run_id: str) -> None:
+        """Kill the run's runtime and agent at once."""
+        await self._driver(run_id).kill()
+
+    def _driver(self, run_id: str) -> Any:
+        driver = self.drivers.get(run_id)
+        if driver is None:
+            raise TargetNotFound(f"run {run_id} is not driven by this hub")
+        return driver
+
+    def driver_for_env(self, environment: str) -> Any:
+        return self._by_env.get(environment)
+
+    def register(self, driver: Any) -> None:
+        self.drivers[driver.run.id] = driver
+        self._by_env[driver.gateway_id] = driver
+
+    def unregister(self, driver: Any) -> None:
+        self.drivers.pop(driver.run.id, None)
+        if self._by_env.get(driver.gateway_id) is driver:
+            del self._by_env[driver.gateway_id]
+
+    # -- events from runtimes -------------------------------------------------------------------
+
+    def _on_notification(self, peer: str | None, note: Notification) -> None:
+        if peer is None or note.originalType != "runtime.event":
+            return
+        driver = self._by_env.get(peer)
+        if driver is not None and isinstance(note.result, dict):
+            driver.on_event(note.result)
+
+    def _on_peer(self, peer: str, up: bool) -> None:
+        driver = self._by_env.get(peer)
+        if driver is not None:
+            driver.on_connection(up)
+
+    # -- handlers -------------------------------------------------------------------------------
+
+    async def _snapshot(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+        message = payload.get("message", f"snapshot requested by {ctx.route_path[0]}")
+        if not isinstance(message, str):
+            raise InvalidInput("'message' must be a string")
+        result = await self.blocking(lambda: take_snapshot(self.store, message=message))
+        snap = result.snapshot
+        return {"snapshot": snap.id, "commit": snap.commit, "created": result.created}
+
+    def _check_control(self, ctx: HandlerContext) -> None:
+        path = ctx.route_path
+        claims = self.gateway.peer_claims(path[0]) if len(path) == 1 else None
+        if claims is None or claims.run_id != CONTROL_RUN:
+            raise AccessDenied("hub control calls need a control token from the store's owner")
+
+    async def _control_start(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+        from .hub_runs import RunRequest
+
+        self._check_control(ctx)
+        run = await self.submit(RunRequest.from_payload(payload))
+        return run.to_dict()
+
+    async def _control_wait(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+        self._check_control(ctx)
+        return (await self.wait(_run_id(payload))).to_dict()
+
+    async def _control_stop(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+        self._check_control(ctx)
+        grace = payload.get("grace")
+        if grace is not None and (not isinstance(grace, int | float) or grace < 0):
+            raise InvalidInput("'grace' must be a non-negative number of seconds")
+        await self.stop_run(_run_id(payload), grace)
+        return {}
+
+    async def _control_kill(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+        self._check_control(ctx)
+        await self.kill_run(_run_id(payload))
+        return {}
+
+    async def _control_runs(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+        self._check_control(ctx)
+        return {"runs": sorted(self.drivers)}
+
+
+def _run_id(payload: dict[str, Any]) -> str:
+    run_id = payload.get("run")
+    if not isinstance(run_id, str) or not run_id:
+        raise InvalidInput("'run' must be a run id")
+    return run_id
+
+
+def wait_for_hub_file(store: Store, pid: int, timeout: float) -> dict[str, Any]:
+    """Wait until the hub with ``pid`` announced itself (tests and scripts)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = find_hub(store, pid)
+        if info is not None:
+            return info
+        time.sleep(0.05)
+    raise NarrativeError(f"no hub with pid {pid} announced itself within {timeout:g}s")

@@ -1,0 +1,533 @@
+"""One run driven by a hub, from the runtime's start to the result snapshot coming home.
+
+The driver records every step in the run's event log (:mod:`providers.events`) before it acts
+on the next one. Runtime events carry their own sequence numbers (``rseq``): one that arrives
+out of order, or a reconnect, makes the driver ask the runtime for what it missed
+(``runtime:events``), so a dropped connection loses nothing. Whatever happens — the agent
+exits, is stopped or killed, the runtime or its environment dies, the hub is interrupted — the
+run ends with a recorded status and whatever result snapshot could be taken: through the
+runtime when it is alive, else by the provider reading the environment directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gateway.errors import GatewayError
+from gateway.protocol import ProviderAgentStart, ProviderStart, ProviderStop
+from narrative.errors import InvalidInput, NarrativeError
+from narrative.hierarchy import create_thread, finish_run, get_thread, list_runs, start_run
+from narrative.history import resolve_snapshot
+from narrative.ids import new_id
+from narrative.models import AgentRun, Snapshot
+
+from .events import RunEventLog
+from .narratives import fetch_bundle
+from .runs import pick_base
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+__all__ = ["RunDriver", "RunRequest", "adopt_interrupted"]
+
+log = logging.getLogger(__name__)
+
+_CALL_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What to run, where, from which snapshot."""
+
+    environment: str
+    argv: list[str]
+    agent: str = "agent"
+    snapshot: str | None = None
+    thread: str | None = None
+    timeout: float | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    routing: dict[str, Any] | None = None
+    """``proxyExecution.json`` content for the runtime (default: the one in the snapshot)."""
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> RunRequest:
+        """Validate a control call's payload."""
+        argv = payload.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise InvalidInput("'argv' must be a non-empty list of strings")
+        env = payload.get("env") or {}
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise InvalidInput("'env' must map names to strings")
+        timeout = payload.get("timeout")
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+            raise InvalidInput("'timeout' must be a positive number of seconds")
+        routing = payload.get("routing")
+        if routing is not None and not isinstance(routing, dict):
+            raise InvalidInput("'routing' must be a proxyExecution document")
+        strings = {}
+        for name in ("environment", "agent", "snapshot", "thread"):
+            value = payload.get(name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidInput(f"{name!r} must be a string")
+            strings[name] = value
+        if not strings["environment"]:
+            raise InvalidInput("'environment' is required")
+        return cls(
+            environment=strings["environment"],
+            argv=list(argv),
+            agent=strings["agent"] or "agent",
+            snapshot=strings["snapshot"],
+            thread=strings["thread"],
+            timeout=float(timeout) if timeout is not None else None,
+            env=dict(env),
+            routing=routing,
+        )
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "environment": self.environment,
+            "argv": self.argv,
+            "agent": self.agent,
+            "snapshot": self.snapshot,
+            "thread": self.thread,
+            "timeout": self.timeout,
+            "env": self.env,
+            "routing": self.routing,
+        }
+
+
+class RunFailed(NarrativeError):
+    """The run cannot go on (the reason is recorded in its event log)."""
+
+
+class RunDriver:
+    """Drives one run; created by :meth:`create` (or :func:`adopt_interrupted`)."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        run: AgentRun,
+        base: Snapshot,
+        request: RunRequest,
+        events: RunEventLog,
+    ) -> None:
+        self.hub = hub
+        self.run = run
+        self.base = base
+        self.request = request
+        self.events = events
+        self.gateway_id = request.environment
+        self.finished = asyncio.Event()
+        self.handle: str | None = None
+        self.exit_event: dict[str, Any] | None = None
+        self.last_rseq = 0
+        self._exited = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._disconnected_at: float | None = None
+        self._ending: str | None = None
+        self._filling = False
+        self._detached = False
+        self._task: asyncio.Task[None] | None = None
+        self._renewal: asyncio.Task[None] | None = None
+
+    # -- creation -------------------------------------------------------------------------------
+
+    @classmethod
+    async def create(cls, hub: Hub, request: RunRequest) -> RunDriver:
+        """Validate, record the run and its thread, and start driving it."""
+        if hub.driver_for_env(request.environment) is not None:
+            raise InvalidInput(f"environment {request.environment!r} is busy with another run")
+
+        def prepare() -> tuple[AgentRun, Snapshot]:
+            manager = hub.manager
+            manager.require_active(request.environment)
+            if request.snapshot and request.thread:
+                raise InvalidInput("give a snapshot or a thread, not both")
+            base = pick_base(manager, request.snapshot, request.thread)
+            objective = get_thread(hub.store, base.thread).objective_id
+            name = f"run/{request.environment}/{new_id('run')[4:14]}"
+            thread = create_thread(hub.store, objective, name, forked_from=base.id)
+            run = start_run(hub.store, thread.id, request.agent, request.environment, base.id)
+            return run, base
+
+        run, base = await hub.blocking(prepare)
+        events = RunEventLog(hub.store, run.id)
+        events.append(
+            "run.created",
+            hub={"url": hub.url, "pid": os.getpid(), "environment": hub.environment_id},
+            environment=request.environment,
+            thread=run.thread_id,
+            base=base.id,
+            request=request.to_payload(),
+        )
+        driver = cls(hub, run, base, request, events)
+        hub.register(driver)
+        driver._task = asyncio.get_running_loop().create_task(driver._drive(adopted=False))
+        return driver
+
+    # -- the run --------------------------------------------------------------------------------
+
+    async def _drive(self, adopted: bool) -> None:
+        status, exit_code, result_id, reason = "failed", None, None, ""
+        try:
+            if adopted:
+                await self._await_connection(self.hub.reconnect_grace, "after a hub restart")
+                self._start_renewal()
+            else:
+                await self._launch()
+                await self._ship_in()
+                await self._start_agent()
+            await self._await_exit()
+            exit_event = self.exit_event or {}
+            exit_code = exit_event.get("exitCode")
+            stopped = exit_event.get("reason")
+            if self._ending == "kill":
+                status = "killed"
+            elif stopped == "stop" or self._ending == "stop":
+                status = "cancelled"
+            else:
+                status = "succeeded" if exit_code == 0 else "failed"
+            if exit_event.get("resultSnapshot"):
+                result_id = await self._ship_back(exit_event["resultSnapshot"])
+        except RunFailed as exc:
+            reason = str(exc)
+        except (NarrativeError, GatewayError, OSError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        except asyncio.CancelledError:
+            if self._detached:  # the hub is closing: a later hub adopts the run
+                raise
+            reason = "the hub stopped driving the run"
+        finally:
+            if not self._detached:
+                await self._finish(status, exit_code, result_id, reason)
+
+    async def _launch(self) -> None:
+        hub = self.hub
+        token = hub.signer.issue(self.run.id, self.gateway_id, hub.token_ttl)
+
+        def spawn() -> tuple[str, list[str]]:
+            _record, provider, _resource = hub.manager.require_active(self.request.environment)
+            argv = [*provider.runtime_command(), "runtime", "--connect", hub.url]
+            # The runtime uses the store in its own workspace, never one named by the hub's
+            # environment; the token travels in the environment, not on the command line.
+            env = {"NARRATIVE_TOKEN": token, "NARRATIVE_STORE": ""}
+            return hub.manager.spawn(self.request.environment, argv, env=env), argv
+
+        self.handle, argv = await hub.blocking(spawn)
+        self.events.append("runtime.spawned", handle=self.handle, argv=argv)
+        await self._await_connection(hub.startup_timeout, "start")
+        self._start_renewal()
+
+    def _start_renewal(self) -> None:
+        self._renewal = asyncio.get_running_loop().create_task(self._renew_tokens())
+
+    async def _await_connection(self, timeout: float, what: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._connected.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), 0.5)
+            if self._connected.is_set():
+                return
+            if self.handle is not None and not await self._runtime_alive():
+                raise RunFailed(f"the runtime exited before connecting ({what})")
+            if loop.time() > deadline:
+                raise RunFailed(f"the runtime did not connect within {timeout:g}s ({what})")
+
+    async def _runtime_alive(self) -> bool:
+        handle = self.handle
+        if handle is None:
+            return False
+        try:
+            return await self.hub.blocking(
+                lambda: self.hub.manager.alive(self.request.environment, handle)
+            )
+        except NarrativeError:
+            return False
+
+    async def _ship_in(self) -> None:
+        options = {
+            "run": self.run.id,
+            "thread": self.run.thread_id,
+            "snapshot": self.base.id,
+            "routing": self.request.routing,
+        }
+        message = ProviderStart(requestId=self._request_id(), options=options)
+        response = await self.hub.gateway.provider_request(
+            self.gateway_id, message, timeout=_CALL_TIMEOUT
+        )
+        self.events.append("snapshot.shipped", **(response.result or {}))
+
+    async def _start_agent(self) -> None:
+        options = {"argv": self.request.argv, "env": self.request.env}
+        if self.request.timeout is not None:
+            options["timeout"] = self.request.timeout
+        message = ProviderAgentStart(
+            requestId=self._request_id(), agent=self.request.agent, options=options
+        )
+        await self.hub.gateway.provider_request(self.gateway_id, message, timeout=_CALL_TIMEOUT)
+
+    async def _await_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._exited.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), 1.0)
+            if self._exited.is_set() or self._ending == "kill":
+                return
+            if self._disconnected_at is None:
+                continue
+            if not await self._runtime_alive():
+                await self._lost("the runtime died")
+            elif loop.time() - self._disconnected_at > self.hub.reconnect_grace:
+                await self._lost(
+                    f"the runtime stayed disconnected for over {self.hub.reconnect_grace:g}s"
+                )
+
+    async def _lost(self, why: str) -> None:
+        env = self.request.environment
+        await self.hub.blocking(lambda: self.hub.manager.mark_error(env, why))
+        self.events.append("runtime.lost", reason=why)
+        raise RunFailed(why)
+
+    async def _ship_back(self, result_snapshot: str) -> str | None:
+        spec = {"changed": True, "threads": [self.run.thread_id], "have": [self.base.commit]}
+
+        async def call(kind: str, action: str, payload: dict[str, Any]) -> Any:
+            return await self.hub.gateway.call(
+                kind, action, payload, target=self.gateway_id, timeout=_CALL_TIMEOUT
+            )
+
+        result, size = await fetch_bundle(
+            call, self.hub.store, spec, self.hub.blocking, self.gateway_id
+        )
+        snap = await self.hub.blocking(lambda: resolve_snapshot(self.hub.store, result_snapshot))
+        self.events.append(
+            "result.collected",
+            snapshot=snap.id,
+            bytes=size,
+            objects=result.objects,
+            threads=sorted(result.updated),
+        )
+        return snap.id
+
+    async def _collect_directly(self) -> str | None:
+        """The result read by the provider from the environment (the runtime is gone)."""
+        hub = self.hub
+
+        def collect() -> str:
+            _record, provider, resource = hub.manager.require_active(self.request.environment)
+            message = f"result of run {self.run.id} (collected by the provider)"
+            return provider.collect(resource, self.run.thread_id, self.run.id, message).id
+
+        try:
+            snap_id = await hub.blocking(collect)
+        except NarrativeError as exc:
+            self.events.append("result.unavailable", reason=str(exc))
+            return None
+        self.events.append("result.collected", snapshot=snap_id, by="provider")
+        return snap_id
+
+    async def _finish(
+        self, status: str, exit_code: int | None, result_id: str | None, reason: str
+    ) -> None:
+        hub = self.hub
+        if self._renewal is not None:
+            self._renewal.cancel()
+        try:
+            if result_id is None and status != "succeeded":
+                result_id = await self._collect_directly()
+            if reason:
+                self.events.append("run.error", reason=reason)
+            final = await hub.blocking(
+                lambda: finish_run(hub.store, self.run.id, status, exit_code, result_id)
+            )
+            self.run = final
+            self.events.append(
+                "run.finished", status=status, exitCode=exit_code, resultSnapshot=result_id
+            )
+            await self._retire_runtime()
+        finally:
+            hub.unregister(self)
+            self.finished.set()
+
+    async def _retire_runtime(self) -> None:
+        if self._connected.is_set():
+            with contextlib.suppress(GatewayError, NarrativeError):
+                await self.hub.gateway.call(
+                    "runtime", "shutdown", {}, target=self.gateway_id, timeout=5
+                )
+        for _ in range(50):
+            if not await self._runtime_alive():
+                return
+            await asyncio.sleep(0.1)
+        handle = self.handle
+        if handle is not None:
+            with contextlib.suppress(NarrativeError):
+                await self.hub.blocking(
+                    lambda: self.hub.manager.signal(self.request.environment, handle, "kill")
+                )
+
+    async def _renew_tokens(self) -> None:
+        """Hand the runtime a fresh token well before the current one expires, so it can
+        always reconnect while the run lasts (tokens stay short-lived)."""
+        ttl = self.hub.token_ttl
+        while True:
+            await asyncio.sleep(ttl / 3)
+            token = self.hub.signer.issue(self.run.id, self.gateway_id, ttl)
+            try:
+                await self.hub.gateway.call(
+                    "runtime", "setToken", {"token": token}, target=self.gateway_id, timeout=10
+                )
+            except GatewayError as exc:
+                log.info("could not renew the token of %s: %s", self.gateway_id, exc)
+
+    # -- stop and kill --------------------------------------------------------------------------
+
+    async def stop(self, grace: float) -> None:
+        """Ask the runtime to stop the agent (TERM, then KILL after ``grace``); kill the
+        runtime through the provider if it does not answer."""
+        if self._exited.is_set():
+            return
+        self._ending = self._ending or "stop"
+        self.events.append("run.stopping", grace=grace)
+        try:
+            message = ProviderStop(requestId=self._request_id())
+            await self.hub.gateway.call(
+                "runtime", "setStopGrace", {"grace": grace}, target=self.gateway_id, timeout=5
+            )
+            await self.hub.gateway.provider_request(
+                self.gateway_id, message, timeout=grace + 30
+            )
+        except GatewayError as exc:
+            self.events.append("run.stop_failed", reason=str(exc))
+            await self.kill()
+
+    async def kill(self) -> None:
+        """Kill the runtime and the agent at once, through the provider."""
+        self._ending = "kill"
+        self.events.append("run.killing")
+        handle = self.handle
+        if handle is not None:
+            await self.hub.blocking(
+                lambda: self.hub.manager.signal(self.request.environment, handle, "kill")
+            )
+        self._exited.set()
+
+    def detach(self) -> None:
+        """Stop driving without finishing the run (the hub is closing; the run is adopted by
+        the next hub of this store)."""
+        self._detached = True
+        if self._task is not None:
+            self._task.cancel()
+        if self._renewal is not None:
+            self._renewal.cancel()
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def on_connection(self, up: bool) -> None:
+        loop = asyncio.get_running_loop()
+        env = self.request.environment
+        if up:
+            first = not self._connected.is_set() and self._disconnected_at is None
+            self._connected.set()
+            self._disconnected_at = None
+            self.events.append("runtime.connected")
+            if not first:
+                loop.create_task(self._fill())
+        else:
+            self._connected.clear()
+            self._disconnected_at = loop.time()
+            self.events.append("runtime.disconnected")
+
+        async def follow() -> None:
+            with contextlib.suppress(NarrativeError):
+                await self.hub.blocking(lambda: self.hub.manager.connection_changed(env, up))
+
+        loop.create_task(follow())
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        rseq = event.get("rseq")
+        if not isinstance(rseq, int) or event.get("run") != self.run.id:
+            return
+        if rseq <= self.last_rseq:
+            return
+        if rseq > self.last_rseq + 1:
+            asyncio.get_running_loop().create_task(self._fill())
+            return
+        self._record(event)
+
+    def _record(self, event: dict[str, Any]) -> None:
+        self.last_rseq = event["rseq"]
+        fields = {k: v for k, v in event.items() if k not in ("type", "run", "time")}
+        self.events.append(str(event.get("type", "runtime.event")), at=event.get("time"), **fields)
+        if event.get("type") == "agent.exited":
+            self.exit_event = event
+            self._exited.set()
+
+    async def _fill(self) -> None:
+        """Ask the runtime for the events after the last one recorded."""
+        if self._filling:
+            return
+        self._filling = True
+        try:
+            reply = await self.hub.gateway.call(
+                "runtime", "events", {"since": self.last_rseq}, target=self.gateway_id, timeout=30
+            )
+            for event in reply.get("events", []):
+                if isinstance(event, dict) and event.get("rseq") == self.last_rseq + 1:
+                    self._record(event)
+        except GatewayError as exc:
+            log.info("could not fetch the missed events of %s: %s", self.run.id, exc)
+        finally:
+            self._filling = False
+
+    def _request_id(self) -> str:
+        return self.hub.gateway.state.new_id()
+
+
+async def adopt_interrupted(hub: Hub) -> None:
+    """Take over the runs an earlier hub of this store was driving when it stopped: wait for
+    their runtimes to reconnect (they keep trying) and carry on; finish the others."""
+
+    def interrupted() -> list[tuple[AgentRun, list[dict[str, Any]]]]:
+        found = []
+        for run in list_runs(hub.store):
+            if run.status != "running":
+                continue
+            events = RunEventLog(hub.store, run.id)
+            history = events.read()
+            if history and history[0]["type"] == "run.created":
+                found.append((run, history))
+        return found
+
+    for run, history in await hub.blocking(interrupted):
+        created = history[0]
+        try:
+            request = RunRequest.from_payload(created.get("request") or {})
+            base = await hub.blocking(lambda c=created: resolve_snapshot(hub.store, c["base"]))
+        except NarrativeError as exc:
+            log.warning("cannot adopt run %s: %s", run.id, exc)
+            continue
+        if hub.driver_for_env(request.environment) is not None:
+            continue
+        events = RunEventLog(hub.store, run.id)
+        driver = RunDriver(hub, run, base, request, events)
+        for event in history:
+            if event["type"] == "runtime.spawned":
+                driver.handle = event.get("handle")
+            if isinstance(event.get("rseq"), int):
+                driver.last_rseq = max(driver.last_rseq, event["rseq"])
+            if event["type"] == "agent.exited":
+                driver.exit_event = event
+                driver._exited.set()
+        events.append("run.adopted", hub={"url": hub.url, "pid": os.getpid()})
+        hub.register(driver)
+        driver._disconnected_at = asyncio.get_running_loop().time()
+        driver._task = asyncio.get_running_loop().create_task(driver._drive(adopted=True))

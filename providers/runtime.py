@@ -1,0 +1,301 @@
+"""``narrative runtime``: the process a hub starts inside an environment.
+
+It dials the hub with its run-scoped token (reconnecting with backoff when the connection
+drops), answers the provider messages — ``providerStart`` pulls the base snapshot as a bundle
+into the environment's own store and restores the workspace, ``providerAgentStart`` starts the
+agent, ``providerStop`` stops it gracefully, file reads and writes — and reports the agent's
+output, its calls' routes and its exit as numbered events. When the agent exits, the runtime
+snapshots the workspace onto the run's thread; the hub pulls that snapshot back as a bundle.
+
+A runtime is a hub itself (:class:`~providers.hub.Hub`): the agent connects to it with its own
+token, and its calls run here or are proxied by the routing rules (``proxyExecution.json`` in
+the workspace, or the rules the hub sent) — to the hub upstream or to environments this runtime
+drives in turn, which is how a chain A → B → C is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+from gateway.client import token_environment
+from gateway.config import load_config, parse_config
+from gateway.errors import Busy
+from gateway.handlers import HandlerContext
+from gateway.link import Link
+from gateway.observe import RouteRecord
+from gateway.state import Limits
+from narrative.errors import InvalidInput, StoreNotFound
+from narrative.history import resolve_snapshot
+from narrative.models import now_iso
+from narrative.restore import restore_workspace
+from narrative.snapshot import take_snapshot
+from narrative.store import DEFAULT_STORE_NAME, Store
+
+from .agent_process import AgentProcess
+from .hub import Hub
+from .narratives import fetch_bundle, have_commits
+
+__all__ = ["Runtime", "open_runtime_store"]
+
+log = logging.getLogger(__name__)
+
+_ROUTING_FILE = "proxyExecution.json"
+
+
+def open_runtime_store(workspace: str, store_dir: str | None = None) -> Store:
+    """The environment's own store (``<workspace>/.narrative`` unless told), created if
+    missing. Never discovered upwards: a worktree lives inside the hub's store."""
+    git_dir = store_dir or os.path.join(workspace, DEFAULT_STORE_NAME)
+    try:
+        return Store.open(store_dir=git_dir)
+    except StoreNotFound:
+        return Store.init(workspace, store_dir=git_dir)
+
+
+class Runtime(Hub):
+    """The runtime of one environment.
+
+    Args:
+        url: The hub's WebSocket URL.
+        token: This environment's run-scoped token (names the environment).
+        workspace: The environment's workspace.
+        store_dir: The environment's store (default ``<workspace>/.narrative``).
+        stop_grace: Seconds between SIGTERM and SIGKILL when stopping the agent.
+        limits: Gateway timeouts and bounds.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        workspace: str,
+        *,
+        store_dir: str | None = None,
+        stop_grace: float = 10.0,
+        limits: Limits | None = None,
+    ) -> None:
+        workspace = os.path.realpath(workspace)
+        store = open_runtime_store(workspace, store_dir)
+        super().__init__(
+            store,
+            environment_id=token_environment(token),
+            limits=limits,
+            allow_exec=True,
+            daemon=True,
+            stop_grace=stop_grace,
+            capabilities=["runtime"],
+        )
+        self.upstream_url = url
+        self._token = token
+        self.link: Link | None = None
+        self.upstream: str | None = None
+        self.agent: AgentProcess | None = None
+        self.run_id: str | None = None
+        self.thread_id: str | None = None
+        self.events: list[dict[str, Any]] = []
+        self._agent_done = asyncio.Event()
+        self._shutdown = asyncio.Event()
+        self._baseline: set[bytes] = set()
+        registry = self.gateway.handlers
+        registry.register("provider", "start", self._provider_start)
+        registry.register("provider", "agentStart", self._agent_start)
+        registry.register("provider", "stop", self._provider_stop)
+        registry.register("runtime", "events", self._events)
+        registry.register("runtime", "shutdown", self._shutdown_call)
+        registry.register("runtime", "setToken", self._set_token)
+        registry.register("runtime", "setStopGrace", self._set_stop_grace)
+        registry.register("narrative", "snapshot", self._snapshot, replace=True)
+        self.gateway.add_route_observer(self._on_route)
+
+    # -- life -----------------------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        """Connect to the hub and serve until told to shut down (or SIGTERM/SIGINT)."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._shutdown.set)
+        try:
+            self.link = await self.gateway.connect(self.upstream_url, self._token)
+            self.upstream = self.link.peer
+            await self._shutdown.wait()
+        finally:
+            if self.agent is not None and self.agent.proc.returncode is None:
+                await self.agent.stop(self.stop_grace)
+            await self.close()
+        return 0
+
+    # -- provider messages ----------------------------------------------------------------------
+
+    async def _provider_start(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+        options = payload.get("options") or {}
+        run, thread, snapshot = (options.get(k) for k in ("run", "thread", "snapshot"))
+        if not all(isinstance(v, str) and v for v in (run, thread, snapshot)):
+            raise InvalidInput("providerStart needs run, thread and snapshot")
+        assert isinstance(run, str) and isinstance(thread, str) and isinstance(snapshot, str)
+        if self.agent is not None and self.agent.proc.returncode is None:
+            raise Busy(f"{self.environment_id} is running the agent of run {self.run_id}")
+        store = self.store
+        have = await self.blocking(lambda: have_commits(store))
+        spec = {"snapshot": snapshot, "threads": [thread], "have": have}
+        imported, size = await fetch_bundle(
+            self._call_upstream, store, spec, self.blocking, self.upstream or "hub"
+        )
+
+        def restore() -> int:
+            snap = resolve_snapshot(store, snapshot)
+            result = restore_workspace(store, snap, thread_id=store.config.default_thread)
+            self._baseline = set(store.thread_heads().values())
+            return result.written
+
+        written = await self.blocking(restore)
+        self.run_id, self.thread_id = run, thread
+        self.events = []
+        self._agent_done.clear()
+        self._load_routing(options.get("routing"))
+        return {"snapshot": snapshot, "bytes": size, "objects": imported.objects, "written": written}
+
+    def _load_routing(self, routing: Any) -> None:
+        path = os.path.join(self.store.workspace, _ROUTING_FILE)
+        if routing is not None:
+            self.gateway.set_config(parse_config(routing, "the hub's routing rules"))
+        elif os.path.isfile(path):
+            self.gateway.set_config(load_config(path))
+
+    async def _agent_start(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+        if self.run_id is None or self.thread_id is None:
+            raise InvalidInput("providerAgentStart before providerStart")
+        if self.agent is not None and self.agent.proc.returncode is None:
+            raise Busy(f"the agent of run {self.run_id} is still running")
+        options = payload.get("options") or {}
+        argv, extra, timeout = options.get("argv"), options.get("env") or {}, options.get("timeout")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise InvalidInput("'argv' must be a non-empty list of strings")
+        if not isinstance(extra, dict):
+            raise InvalidInput("'env' must map names to strings")
+        agent_id = f"{self.environment_id[:56]}.agent"
+        env = {k: v for k, v in os.environ.items() if k != "NARRATIVE_TOKEN"}
+        env.update({str(k): str(v) for k, v in extra.items()})
+        env.update(
+            {
+                "NARRATIVE_GATEWAY_URL": self.url,
+                "NARRATIVE_GATEWAY_TOKEN": self.signer.issue(self.run_id, agent_id, 86400.0),
+                "NARRATIVE_RUN": self.run_id,
+                "NARRATIVE_THREAD": self.thread_id,
+                "NARRATIVE_ENVIRONMENT": self.environment_id,
+                "NARRATIVE_STORE": self.store.git_dir,
+            }
+        )
+        self.agent = await AgentProcess.start(argv, self.store.workspace, env, self._output)
+        await self._event("agent.started", pid=self.agent.pid, argv=argv)
+        limit = float(timeout) if isinstance(timeout, int | float) else None
+        asyncio.get_running_loop().create_task(self._watch(self.agent, limit))
+        return {"pid": self.agent.pid}
+
+    async def _watch(self, agent: AgentProcess, timeout: float | None) -> None:
+        try:
+            code = await asyncio.wait_for(asyncio.shield(agent.wait()), timeout)
+        except TimeoutError:
+            code = await agent.stop(self.stop_grace, "timeout")
+        run_id, thread_id, store = self.run_id, self.thread_id, self.store
+        message = f"result of run {run_id} (exit {code})"
+        try:
+            snap = (
+                await self.blocking(lambda: take_snapshot(store, thread_id, run_id, message))
+            ).snapshot
+            result: dict[str, Any] = {"resultSnapshot": snap.id, "resultCommit": snap.commit}
+        except Exception as exc:  # the exit must be reported whatever went wrong
+            log.error("cannot snapshot the result of %s: %s", run_id, exc)
+            result = {"resultSnapshot": None, "error": str(exc)}
+        await self._event("agent.exited", exitCode=code, reason=agent.stopping, **result)
+        self._agent_done.set()
+
+    async def _provider_stop(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+        agent = self.agent
+        if agent is None:
+            return {}
+        if agent.proc.returncode is None:
+            await agent.stop(self.stop_grace, "stop")
+        await self._agent_done.wait()
+        return {"exitCode": agent.proc.returncode}
+
+    # -- runtime calls from the hub ---------------------------------------------------------------
+
+    async def _events(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+        since = payload.get("since", 0)
+        if not isinstance(since, int) or since < 0:
+            raise InvalidInput("'since' must be a non-negative integer")
+        return {"events": self.events[since : since + 1000]}
+
+    async def _shutdown_call(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+        # after the reply has gone out
+        asyncio.get_running_loop().call_later(0.05, self._shutdown.set)
+        return {}
+
+    async def _set_token(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+        token = payload.get("token")
+        if not isinstance(token, str) or token_environment(token) != self.environment_id:
+            raise InvalidInput("'token' must be a token for this environment")
+        if self.link is not None:
+            self.link.set_token(token)
+        return {}
+
+    async def _set_stop_grace(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+        grace = payload.get("grace")
+        if not isinstance(grace, int | float) or grace < 0:
+            raise InvalidInput("'grace' must be a non-negative number of seconds")
+        self.stop_grace = float(grace)
+        return {}
+
+    async def _snapshot(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+        message = payload.get("message", "snapshot requested by the agent")
+        if not isinstance(message, str):
+            raise InvalidInput("'message' must be a string")
+        store, thread_id = self.store, self.thread_id
+        result = await self.blocking(lambda: take_snapshot(store, thread_id, message=message))
+        snap = result.snapshot
+        return {"snapshot": snap.id, "commit": snap.commit, "created": result.created}
+
+    # -- events ---------------------------------------------------------------------------------
+
+    async def _call_upstream(self, kind: str, action: str, payload: dict[str, Any]) -> Any:
+        return await self.gateway.call(kind, action, payload, target=self.upstream, timeout=600)
+
+    async def _event(self, kind: str, **fields: Any) -> None:
+        event = {
+            "rseq": len(self.events) + 1,
+            "run": self.run_id,
+            "type": kind,
+            "time": now_iso(),
+            **fields,
+        }
+        self.events.append(event)
+        if self.upstream is not None:
+            await self.gateway.notify("runtime.event", event, peer=self.upstream)
+
+    async def _output(self, stream: str, chunk: bytes) -> None:
+        await self._event("agent.output", stream=stream, data=chunk.decode("utf-8", "replace"))
+
+    def _on_route(self, record: RouteRecord) -> None:
+        if self.run_id is None or not record.origin.endswith(".agent"):
+            return
+        route = [*record.route_path]
+        if record.next_hop is not None:
+            route.append(record.next_hop)
+        if record.ran_in and record.ran_in != route[-1]:
+            route.append(record.ran_in)
+        asyncio.get_running_loop().create_task(
+            self._event(
+                "call.routed",
+                call=f"{record.kind}:{record.action}",
+                route=route,
+                ranIn=record.ran_in,
+                success=record.success,
+                error=record.error_code,
+                ms=round(record.duration_ms, 2),
+            )
+        )
