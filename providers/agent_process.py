@@ -117,10 +117,8 @@ class AgentProcess:
         tree = descendants(self.pid)
         if self.proc.returncode is None:
             _send(tree, signal.SIGTERM)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.proc.wait()), grace)
-            except TimeoutError:
-                pass
         # Whatever is left of the tree (children reparented once the agent exited) goes too.
         _send(tree + descendants(self.pid), signal.SIGKILL)
         return await self.wait()

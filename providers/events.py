@@ -71,9 +71,12 @@ class RunEventLog:
                 event = json.loads(raw)
             except ValueError:
                 continue  # the torn tail of an interrupted append
-            if isinstance(event, dict) and isinstance(event.get("seq"), int):
-                if event["seq"] > since:
-                    events.append(event)
+            if (
+                isinstance(event, dict)
+                and isinstance(event.get("seq"), int)
+                and event["seq"] > since
+            ):
+                events.append(event)
         return events
 
     def follow(

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import entry_points
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.builtins import install_builtins
 from gateway.config import ProxyExecutionConfig
@@ -48,6 +48,9 @@ from narrative.store import Store
 
 from .manager import EnvironmentManager
 from .narratives import BundleShelf
+
+if TYPE_CHECKING:
+    from .hub_runs import RunDriver, RunRequest
 
 __all__ = [
     "CONTROL_RUN",
@@ -189,9 +192,9 @@ class Hub:
         self.plugin = RemoteExecutionPlugin(self.gateway, self.signer, host=host, port=port)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hub-store")
         self.shelf = BundleShelf(store, self.blocking)
-        self.drivers: dict[str, Any] = {}
+        self.drivers: dict[str, RunDriver] = {}
         """run id → :class:`providers.hub_runs.RunDriver` of the runs this hub drives."""
-        self._by_env: dict[str, Any] = {}
+        self._by_env: dict[str, RunDriver] = {}
         self._hub_file: str | None = None
         self._install(allow_exec, plugins)
 
@@ -279,7 +282,7 @@ class Hub:
 
     # -- runs -----------------------------------------------------------------------------------
 
-    async def submit(self, request: Any) -> AgentRun:
+    async def submit(self, request: RunRequest) -> AgentRun:
         """Start a run (see :class:`providers.hub_runs.RunRequest`); returns once it is recorded.
 
         Raises:
@@ -306,20 +309,20 @@ class Hub:
         """Kill the run's runtime and agent at once."""
         await self._driver(run_id).kill()
 
-    def _driver(self, run_id: str) -> Any:
+    def _driver(self, run_id: str) -> RunDriver:
         driver = self.drivers.get(run_id)
         if driver is None:
             raise TargetNotFound(f"run {run_id} is not driven by this hub")
         return driver
 
-    def driver_for_env(self, environment: str) -> Any:
+    def driver_for_env(self, environment: str) -> RunDriver | None:
         return self._by_env.get(environment)
 
-    def register(self, driver: Any) -> None:
+    def register(self, driver: RunDriver) -> None:
         self.drivers[driver.run.id] = driver
         self._by_env[driver.gateway_id] = driver
 
-    def unregister(self, driver: Any) -> None:
+    def unregister(self, driver: RunDriver) -> None:
         self.drivers.pop(driver.run.id, None)
         if self._by_env.get(driver.gateway_id) is driver:
             del self._by_env[driver.gateway_id]

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -136,6 +137,7 @@ class RunDriver:
         self._detached = False
         self._task: asyncio.Task[None] | None = None
         self._renewal: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- creation -------------------------------------------------------------------------------
 
@@ -266,7 +268,7 @@ class RunDriver:
         self.events.append("snapshot.shipped", **(response.result or {}))
 
     async def _start_agent(self) -> None:
-        options = {"argv": self.request.argv, "env": self.request.env}
+        options: dict[str, Any] = {"argv": self.request.argv, "env": self.request.env}
         if self.request.timeout is not None:
             options["timeout"] = self.request.timeout
         message = ProviderAgentStart(
@@ -402,9 +404,7 @@ class RunDriver:
             await self.hub.gateway.call(
                 "runtime", "setStopGrace", {"grace": grace}, target=self.gateway_id, timeout=5
             )
-            await self.hub.gateway.provider_request(
-                self.gateway_id, message, timeout=grace + 30
-            )
+            await self.hub.gateway.provider_request(self.gateway_id, message, timeout=grace + 30)
         except GatewayError as exc:
             self.events.append("run.stop_failed", reason=str(exc))
             await self.kill()
@@ -440,7 +440,7 @@ class RunDriver:
             self._disconnected_at = None
             self.events.append("runtime.connected")
             if not first:
-                loop.create_task(self._fill())
+                self._background(self._fill())
         else:
             self._connected.clear()
             self._disconnected_at = loop.time()
@@ -450,7 +450,7 @@ class RunDriver:
             with contextlib.suppress(NarrativeError):
                 await self.hub.blocking(lambda: self.hub.manager.connection_changed(env, up))
 
-        loop.create_task(follow())
+        self._background(follow())
 
     def on_event(self, event: dict[str, Any]) -> None:
         rseq = event.get("rseq")
@@ -459,7 +459,7 @@ class RunDriver:
         if rseq <= self.last_rseq:
             return
         if rseq > self.last_rseq + 1:
-            asyncio.get_running_loop().create_task(self._fill())
+            self._background(self._fill())
             return
         self._record(event)
 
@@ -488,6 +488,11 @@ class RunDriver:
         finally:
             self._filling = False
 
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _request_id(self) -> str:
         return self.hub.gateway.state.new_id()
 
@@ -511,7 +516,8 @@ async def adopt_interrupted(hub: Hub) -> None:
         created = history[0]
         try:
             request = RunRequest.from_payload(created.get("request") or {})
-            base = await hub.blocking(lambda c=created: resolve_snapshot(hub.store, c["base"]))
+            base_id = str(created.get("base"))
+            base = await hub.blocking(lambda: resolve_snapshot(hub.store, base_id))
         except NarrativeError as exc:
             log.warning("cannot adopt run %s: %s", run.id, exc)
             continue

@@ -22,14 +22,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import os
 import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from gateway.handlers import HandlerContext, HandlerRegistry
 from narrative.errors import InvalidInput, NarrativeError
@@ -49,12 +49,21 @@ _ID_RE = re.compile(r"^[0-9a-f]{16}$")
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 T = TypeVar("T")
 
+
+class Blocking(Protocol):
+    """Runs a function off the event loop and returns its result."""
+
+    def __call__(self, func: Callable[[], T], /) -> Awaitable[T]: ...
+
+
 Call = Callable[[str, str, dict[str, Any]], Awaitable[Any]]
 """``call(kind, action, payload)`` towards the peer holding the bundle."""
 
 
 def _commits(value: Any) -> list[bytes]:
-    if not isinstance(value, list) or not all(isinstance(c, str) and _HEX40.match(c) for c in value):
+    if not isinstance(value, list) or not all(
+        isinstance(c, str) and _HEX40.match(c) for c in value
+    ):
         raise InvalidInput("'have' must be a list of commit ids")
     return [bytes.fromhex(c) for c in value]
 
@@ -120,9 +129,7 @@ class BundleShelf:
             thread-safe).
     """
 
-    def __init__(
-        self, store: Store, run_blocking: Callable[[Callable[[], T]], Awaitable[T]]
-    ) -> None:
+    def __init__(self, store: Store, run_blocking: Blocking) -> None:
         self.store = store
         self.directory = os.path.join(store.git_dir, "narrative", "tmp", "bundles")
         self._run = run_blocking
@@ -175,21 +182,19 @@ class BundleShelf:
                 if os.stat(path).st_mtime < cutoff:
                     os.unlink(path)
             except FileNotFoundError:
-                pass
+                continue
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 async def fetch_bundle(
     call: Call,
     store: Store,
     spec: dict[str, Any],
-    run_blocking: Callable[[Callable[[], ImportResult]], Awaitable[ImportResult]],
+    run_blocking: Blocking,
     source: str,
 ) -> tuple[ImportResult, int]:
     """Pull the bundle ``spec`` describes from a peer and import it into ``store``.
@@ -220,10 +225,8 @@ async def fetch_bundle(
         return await run_blocking(take_in), size
     finally:
         _unlink(path)
-        try:
+        with contextlib.suppress(Exception):  # best effort: it expires anyway
             await call("narrative", "dropBundle", {"bundleId": bundle_id})
-        except Exception:  # best effort: it expires anyway
-            pass
 
 
 async def _pull(call: Call, bundle_id: str, size: int, path: str) -> None:
@@ -232,7 +235,10 @@ async def _pull(call: Call, bundle_id: str, size: int, path: str) -> None:
         for start in range(0, len(offsets), _WINDOW):
             window = offsets[start : start + _WINDOW]
             parts = await asyncio.gather(
-                *(call("narrative", "readBundle", {"bundleId": bundle_id, "offset": o}) for o in window)
+                *(
+                    call("narrative", "readBundle", {"bundleId": bundle_id, "offset": o})
+                    for o in window
+                )
             )
             for offset, part in zip(window, parts, strict=True):
                 try:

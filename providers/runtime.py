@@ -21,12 +21,13 @@ import os
 import signal
 from typing import Any
 
+from gateway.observe import RouteRecord
+
 from gateway.client import token_environment
 from gateway.config import load_config, parse_config
 from gateway.errors import Busy
 from gateway.handlers import HandlerContext
 from gateway.link import Link
-from gateway.observe import RouteRecord
 from gateway.state import Limits
 from narrative.errors import InvalidInput, StoreNotFound
 from narrative.history import resolve_snapshot
@@ -100,6 +101,7 @@ class Runtime(Hub):
         self._agent_done = asyncio.Event()
         self._shutdown = asyncio.Event()
         self._baseline: set[bytes] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         registry = self.gateway.handlers
         registry.register("provider", "start", self._provider_start)
         registry.register("provider", "agentStart", self._agent_start)
@@ -157,7 +159,12 @@ class Runtime(Hub):
         self.events = []
         self._agent_done.clear()
         self._load_routing(options.get("routing"))
-        return {"snapshot": snapshot, "bytes": size, "objects": imported.objects, "written": written}
+        return {
+            "snapshot": snapshot,
+            "bytes": size,
+            "objects": imported.objects,
+            "written": written,
+        }
 
     def _load_routing(self, routing: Any) -> None:
         path = os.path.join(self.store.workspace, _ROUTING_FILE)
@@ -193,7 +200,9 @@ class Runtime(Hub):
         self.agent = await AgentProcess.start(argv, self.store.workspace, env, self._output)
         await self._event("agent.started", pid=self.agent.pid, argv=argv)
         limit = float(timeout) if isinstance(timeout, int | float) else None
-        asyncio.get_running_loop().create_task(self._watch(self.agent, limit))
+        watcher = asyncio.get_running_loop().create_task(self._watch(self.agent, limit))
+        self._tasks.add(watcher)
+        watcher.add_done_callback(self._tasks.discard)
         return {"pid": self.agent.pid}
 
     async def _watch(self, agent: AgentProcess, timeout: float | None) -> None:
@@ -288,7 +297,7 @@ class Runtime(Hub):
             route.append(record.next_hop)
         if record.ran_in and record.ran_in != route[-1]:
             route.append(record.ran_in)
-        asyncio.get_running_loop().create_task(
+        task = asyncio.get_running_loop().create_task(
             self._event(
                 "call.routed",
                 call=f"{record.kind}:{record.action}",
@@ -299,3 +308,5 @@ class Runtime(Hub):
                 ms=round(record.duration_ms, 2),
             )
         )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
