@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import GatewayError
@@ -516,8 +517,9 @@ async def adopt_interrupted(hub: Hub) -> None:
         created = history[0]
         try:
             request = RunRequest.from_payload(created.get("request") or {})
-            base_id = str(created.get("base"))
-            base = await hub.blocking(lambda: resolve_snapshot(hub.store, base_id))
+            base = await hub.blocking(
+                partial(resolve_snapshot, hub.store, str(created.get("base")))
+            )
         except NarrativeError as exc:
             log.warning("cannot adopt run %s: %s", run.id, exc)
             continue
