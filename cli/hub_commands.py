@@ -144,8 +144,11 @@ def start_through_hub(
         for env in environments
     ]
     many = len(requests) > 1
+    timed_out: set[str] = set()
 
     def show(run_: Any, event: dict[str, Any]) -> None:
+        if event["type"] == "agent.exited" and event.get("reason") == "timeout":
+            timed_out.add(run_.id)
         if event["type"] == "agent.output":
             target = sys.stderr if as_json or event.get("stream") == "stderr" else sys.stdout
             data = str(event.get("data", ""))
@@ -157,10 +160,13 @@ def start_through_hub(
             note(f"{run_.id}: {event.get('reason')}")
 
     runs = asyncio.run(run_through_hub(store, requests, show))
-    data = [r.to_dict() for r in runs]
+    data = [{**r.to_dict(), "timed_out": r.id in timed_out} for r in runs]
     lines = [f"{r.id} {r.status} (exit {r.exit_code}) result {r.result_snapshot}" for r in runs]
     emit(as_json, data if many else data[0], "\n".join(lines))
-    if any(r.status != "succeeded" for r in runs):
+    failed = [r for r in runs if r.status != "succeeded"]
+    for r in failed:
+        note(f"run {r.id} {r.status}" + (" (timed out)" if r.id in timed_out else ""))
+    if failed:
         ctx.exit(1)
 
 

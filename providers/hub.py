@@ -87,7 +87,7 @@ def hub_files(store: Store) -> str:
     return os.path.join(store.git_dir, "narrative", "hubs")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -117,7 +117,7 @@ def find_hub(store: Store, pid: int | None = None) -> dict[str, Any] | None:
             continue
         if pid is None and not info.get("daemon"):
             continue
-        if _alive(info["pid"]):
+        if pid_alive(info["pid"]):
             return info
     return None
 

@@ -29,6 +29,7 @@ from narrative.ids import new_id
 from narrative.models import AgentRun, Snapshot
 
 from .events import RunEventLog
+from .hub import pid_alive
 from .narratives import fetch_bundle
 from .runs import pick_base
 
@@ -509,8 +510,14 @@ async def adopt_interrupted(hub: Hub) -> None:
                 continue
             events = RunEventLog(hub.store, run.id)
             history = events.read()
-            if history and history[0]["type"] == "run.created":
-                found.append((run, history))
+            if not history or history[0]["type"] != "run.created":
+                continue
+            pids = [e["hub"].get("pid") for e in history if isinstance(e.get("hub"), dict)]
+            driver_pid = pids[-1] if pids else None
+            # A hub that is still alive (an embedded one, say) keeps driving its own runs.
+            if isinstance(driver_pid, int) and driver_pid != os.getpid() and pid_alive(driver_pid):
+                continue
+            found.append((run, history))
         return found
 
     for run, history in await hub.blocking(interrupted):

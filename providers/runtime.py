@@ -209,7 +209,8 @@ class Runtime(Hub):
         try:
             code = await asyncio.wait_for(asyncio.shield(agent.wait()), timeout)
         except TimeoutError:
-            code = await agent.stop(self.stop_grace, "timeout")
+            await agent.stop(self.stop_grace, "timeout")
+            code = 124  # what timeout(1) exits with
         run_id, thread_id, store = self.run_id, self.thread_id, self.store
         message = f"result of run {run_id} (exit {code})"
         try:

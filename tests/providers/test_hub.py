@@ -1,0 +1,422 @@
+"""Runs through the hub end to end, on one machine: the real ``narrative`` executable, runtimes
+started by the worktree provider that connect back over loopback with run-scoped tokens,
+bundles along the chain, capability calls routed across environments, and the faults a hub
+must survive (dropped connections, expiring tokens, a restarted hub, stop and kill).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from narrative.hierarchy import get_run, list_threads
+from narrative.history import resolve_snapshot
+from narrative.store import Store
+from providers.events import RunEventLog
+from providers.hub import Hub
+from providers.hub_client import follow_runs
+from providers.hub_runs import RunRequest
+
+from ..conftest import NARRATIVE, Cli, git, tree_bytes
+
+pytestmark = pytest.mark.timeout(180) if hasattr(pytest.mark, "timeout") else []
+
+#: An agent that talks to its runtime through gateway.client (env set by the runtime).
+AGENT = textwrap.dedent(
+    """
+    import asyncio, json, os, sys
+    from gateway.client import GatewayClient
+
+    async def main():
+        url, token = os.environ["NARRATIVE_GATEWAY_URL"], os.environ["NARRATIVE_GATEWAY_TOKEN"]
+        async with GatewayClient(url, token) as client:
+            readme = await client.call("fs", "readFile", {"path": "README.md"})
+            ran = await client.call("exec", "run", {"argv": ["sh", "-c", "echo local; pwd"]})
+            extra = {}
+            for spec in sys.argv[1:]:
+                kind, action = spec.split(":")
+                extra[spec] = await client.call(kind, action, {"prompt": "2+2"})
+        with open("agent-result.json", "w") as f:
+            json.dump({"readme": readme["content"], "exec": ran, "extra": extra}, f)
+        print("agent done", flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+#: Routing rules the agent's environment uses: files from the hub, commands where it runs.
+ROUTING = {
+    "rules": {
+        "fs": {"mode": "proxy", "environment": "hub"},
+        "exec": {"mode": "local"},
+        "inference": {"mode": "proxy", "environment": "hub"},
+    }
+}
+
+#: A handler plugin only the hub serves.
+PLUGIN = textwrap.dedent(
+    """
+    async def complete(ctx, payload):
+        return {"completion": "4", "servedBy": ctx.environment_id, "prompt": payload["prompt"]}
+
+    def register(registry):
+        registry.register("inference", "complete", complete)
+    """
+)
+
+
+def _events(store_dir: Path, run_id: str) -> list[dict[str, Any]]:
+    return RunEventLog(Store.open(str(store_dir)), run_id).read()
+
+
+def _types(events: list[dict[str, Any]]) -> list[str]:
+    return [e["type"] for e in events]
+
+
+def _user_files(ws: Path) -> dict[str, bytes]:
+    return {k: v for k, v in tree_bytes(ws).items() if not k.startswith(".narrative")}
+
+
+@pytest.fixture
+def hub_cli(cli: Cli, workspace: Path) -> Cli:
+    cli.run("init")
+    cli.run("env", "create", "sandbox", "--provider", "worktree")
+    return cli
+
+
+def test_run_through_an_embedded_hub_ships_bundles_both_ways(hub_cli: Cli, workspace: Path) -> None:
+    before = _user_files(workspace)
+    proc = hub_cli.run(
+        "run", "start", "--env", "sandbox", "--json", "--",
+        "sh", "-c", "echo working; echo changed >> README.md; echo new > new.txt; rm src/app.py",
+    )  # fmt: skip
+    run = json.loads(proc.stdout)
+    assert "working" in proc.stderr
+    assert run["status"] == "succeeded" and run["exit_code"] == 0
+    assert _user_files(workspace) == before
+    names = hub_cli.run("diff", run["id"], "--name-status").stdout
+    assert sorted(names.splitlines()) == ["A\tnew.txt", "D\tsrc/app.py", "M\tREADME.md"]
+    events = _events(workspace / ".narrative", run["id"])
+    kinds = _types(events)
+    for expected in (
+        "run.created",
+        "runtime.spawned",
+        "runtime.connected",
+        "snapshot.shipped",
+        "agent.started",
+        "agent.output",
+        "agent.exited",
+        "result.collected",
+        "run.finished",
+    ):
+        assert expected in kinds, kinds
+    assert kinds.index("snapshot.shipped") < kinds.index("agent.started")
+    assert (
+        kinds.index("agent.exited") < kinds.index("result.collected") < kinds.index("run.finished")
+    )
+    shipped = events[kinds.index("snapshot.shipped")]
+    assert shipped["bytes"] > 0 and shipped["snapshot"] == run["base_snapshot"]
+    # the result came back with its hierarchy: the snapshot names the run and its thread
+    result = hub_cli.json("show", run["result_snapshot"])
+    assert result["run"] == run["id"] and result["thread"] == run["thread"]
+    git("fsck", "--strict", cwd=workspace / ".narrative")
+    # no hub left announced, no runtime left running
+    assert not list((workspace / ".narrative" / "narrative" / "hubs").glob("*.json"))
+    spawned = events[kinds.index("runtime.spawned")]
+    assert spawned["handle"]
+    shown = hub_cli.run("run", "show", run["id"]).stdout
+    assert "agent.exited" in shown and "run.finished" in shown
+
+
+def test_failed_timed_out_and_second_runs_reuse_the_environment(hub_cli: Cli) -> None:
+    failed = hub_cli.run(
+        "run", "start", "--env", "sandbox", "--", "sh", "-c", "exit 5", check=False
+    )
+    assert failed.returncode == 1 and "failed" in failed.stderr
+    slow = hub_cli.run(
+        "run", "start", "--env", "sandbox", "--timeout", "1", "--json", "--", "sleep", "30",
+        check=False,
+    )  # fmt: skip
+    data = json.loads(slow.stdout)
+    assert slow.returncode == 1 and data["timed_out"] and data["exit_code"] == 124
+    ok = hub_cli.json("run", "start", "--env", "sandbox", "--", "cat", "README.md")
+    assert ok["status"] == "succeeded"
+    runs = hub_cli.json("run", "list")
+    assert [(r["status"], r["exit_code"]) for r in runs] == [
+        ("failed", 5),
+        ("failed", 124),
+        ("succeeded", 0),
+    ]
+    assert all(r["result_snapshot"] for r in runs)
+
+
+def test_agent_calls_are_routed_and_the_routes_recorded(
+    hub_cli: Cli, workspace: Path, tmp_path: Path
+) -> None:
+    (workspace / "agent.py").write_text(AGENT)
+    (workspace / "proxyExecution.json").write_text(json.dumps(ROUTING))
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "hub_inference.py").write_text(PLUGIN)
+    env = {"PYTHONPATH": str(plugins)}
+    with _serve(hub_cli, workspace, "--handlers", "hub_inference", env=env):
+        run = hub_cli.json(
+            "run", "start", "--env", "sandbox", "--",
+            sys.executable, "agent.py", "inference:complete",
+        )  # fmt: skip
+    assert run["status"] == "succeeded", run
+    snap = Store.open(str(workspace / ".narrative"))
+    result = json.loads(_file(snap, run["result_snapshot"], "agent-result.json"))
+    assert result["readme"] == "# demo\n"
+    assert result["exec"]["stdout"].startswith("local\n")
+    # exec ran in the environment's workspace, not in the user's
+    assert result["exec"]["stdout"].split("\n")[1] != str(workspace)
+    assert result["extra"]["inference:complete"] == {
+        "completion": "4",
+        "servedBy": "hub",
+        "prompt": "2+2",
+    }
+    routes = {
+        e["call"]: e
+        for e in _events(workspace / ".narrative", run["id"])
+        if e["type"] == "call.routed"
+    }
+    assert routes["fs:readFile"]["route"] == ["sandbox.agent", "sandbox", "hub"]
+    assert routes["fs:readFile"]["ranIn"] == "hub"
+    assert routes["exec:run"]["route"] == ["sandbox.agent", "sandbox"]
+    assert routes["exec:run"]["ranIn"] == "sandbox"
+    assert routes["inference:complete"]["ranIn"] == "hub"
+    shown = hub_cli.run("run", "show", run["id"]).stdout
+    assert "fs:readFile: sandbox.agent -> sandbox -> hub (ran in hub" in shown
+
+
+def _file(store: Store, snapshot: str, path: str) -> str:
+    repo = store.odb.repo()
+    tree = repo[bytes.fromhex(resolve_snapshot(store, snapshot).tree)]
+    return str(repo[tree[path.encode()][1]].data.decode())
+
+
+def test_fan_out_to_three_environments_gathers_three_results(hub_cli: Cli, workspace: Path) -> None:
+    for name in ("b", "c"):
+        hub_cli.run("env", "create", name, "--provider", "worktree")
+    runs = hub_cli.json(
+        "run", "start", "--env", "sandbox", "--env", "b", "--env", "c", "--",
+        "sh", "-c", 'echo "$NARRATIVE_ENVIRONMENT" > where.txt',
+    )  # fmt: skip
+    assert [r["environment"] for r in runs] == ["sandbox", "b", "c"]
+    assert all(r["status"] == "succeeded" for r in runs)
+    assert len({r["base_snapshot"] for r in runs}) == 1
+    store = Store.open(str(workspace / ".narrative"))
+    for r in runs:
+        assert _file(store, r["result_snapshot"], "where.txt") == f"{r['environment']}\n"
+        diff = hub_cli.run("diff", r["id"], "--name-status").stdout
+        assert diff.splitlines() == ["A\twhere.txt"]
+
+
+def test_chain_a_b_c_brings_both_narratives_home(hub_cli: Cli, workspace: Path) -> None:
+    """A (the hub) runs B; B's agent forwards a run to C through B's runtime and merges C's
+    result; A gets B's result and C's run with its thread, in one bundle."""
+    script = textwrap.dedent(
+        """
+        set -e
+        narrative env create c --provider worktree >/dev/null
+        narrative run start --env c --json -- sh -c 'echo from-c > c.txt' > c-run.json
+        run=$(python3 -c 'import json;print(json.load(open("c-run.json"))["id"])')
+        narrative merge "$run" >/dev/null
+        rm c-run.json
+        echo from-b > b.txt
+        """
+    )
+    (workspace / "chain.sh").write_text(script)
+    bin_dir = str(Path(NARRATIVE).parent)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    run = hub_cli.json("run", "start", "--env", "sandbox", "--", "sh", "chain.sh", env=env)
+    assert run["status"] == "succeeded", run
+    names = hub_cli.run("diff", run["id"], "--name-status").stdout.splitlines()
+    assert sorted(names) == ["A\tb.txt", "A\tc.txt"]
+    store = Store.open(str(workspace / ".narrative"))
+    threads = {t.name for t in list_threads(store)}
+    assert any(name.startswith("run/c/") for name in threads), threads
+    c_runs = [r for r in store.meta.all("runs") if r["environment"] == "c"]
+    assert len(c_runs) == 1 and c_runs[0]["status"] == "succeeded"
+    git("fsck", "--strict", cwd=workspace / ".narrative")
+
+
+def test_stop_and_kill(hub_cli: Cli, workspace: Path) -> None:
+    (workspace / "patient.sh").write_text(
+        "trap 'echo bye > bye.txt; exit 3' TERM\necho started\nwhile true; do sleep 0.1; done\n"
+    )
+    with _serve(hub_cli, workspace):
+        for action, expected in (("stop", "cancelled"), ("kill", "killed")):
+            starter = subprocess.Popen(
+                [NARRATIVE, "run", "start", "--env", "sandbox", "--json", "--", "sh", "patient.sh"],
+                cwd=workspace,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            run_id = _wait_for_output(workspace, "started")
+            hub_cli.run("run", action, run_id)
+            out, _err = starter.communicate(timeout=60)
+            run = json.loads(out)
+            assert run["status"] == expected
+            assert run["result_snapshot"], run
+            names = hub_cli.run("diff", run_id, "--name-status").stdout.splitlines()
+            if action == "stop":
+                assert "A\tbye.txt" in names  # the agent got SIGTERM and cleaned up
+                assert run["exit_code"] == 3
+    again = hub_cli.run("run", "kill", run_id, check=False)
+    assert again.returncode == 1 and "already finished" in again.stderr
+
+
+def _wait_for_output(workspace: Path, text: str, timeout: float = 60) -> str:
+    store = Store.open(str(workspace / ".narrative"))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in store.meta.all("runs"):
+            if run["status"] != "running":
+                continue
+            for event in RunEventLog(store, run["id"]).read():
+                if event["type"] == "agent.output" and text in event.get("data", ""):
+                    return str(run["id"])
+        time.sleep(0.05)
+    raise AssertionError(f"no running run printed {text!r}")
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+class _serve:
+    """``narrative serve`` in the background for the duration of a with block."""
+
+    def __init__(self, cli: Cli, workspace: Path, *args: str, env: dict[str, str] | None = None):
+        self.cmd = [NARRATIVE, "serve", "--port", "0", "--json", *args]
+        self.workspace = workspace
+        self.env = {**os.environ, **(env or {})}
+
+    def __enter__(self) -> dict[str, Any]:
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=self.workspace, env=self.env, stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, "narrative serve exited before announcing itself"
+        return dict(json.loads(line))
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+# -- faults, with the hub in this process ---------------------------------------------------------
+
+
+async def _drive(
+    store: Store, request: RunRequest, during: Any, **hub_options: Any
+) -> tuple[Any, list[dict[str, Any]]]:
+    async with Hub(store, **hub_options) as hub:
+        run = await hub.submit(request)
+        await during(hub, run)
+        await follow_runs(store, [run], lambda r, e: None)
+        final = await hub.wait(run.id)
+    return final, RunEventLog(store, run.id).read()
+
+
+async def _until(predicate: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+def _output(events: list[dict[str, Any]]) -> str:
+    return "".join(e["data"] for e in events if e["type"] == "agent.output")
+
+
+def _counting_agent(n: int, pause: float) -> list[str]:
+    return ["sh", "-c", f"for i in $(seq 1 {n}); do echo line-$i; sleep {pause}; done"]
+
+
+def test_dropped_connection_reconnects_and_loses_no_output(store: Store) -> None:
+    from providers.manager import EnvironmentManager
+
+    EnvironmentManager(store).create("sandbox")
+
+    async def drop(hub: Hub, run: Any) -> None:
+        log = RunEventLog(store, run.id)
+        await _until(lambda: "line-3" in _output(log.read()))
+        for ws in list(hub.gateway._conns.get("sandbox", [])):
+            await ws.close()
+
+    request = RunRequest("sandbox", _counting_agent(30, 0.05))
+    final, events = asyncio.run(_drive(store, request, drop))
+    assert final.status == "succeeded"
+    assert _output(events) == "".join(f"line-{i}\n" for i in range(1, 31))
+    kinds = _types(events)
+    assert "runtime.disconnected" in kinds
+    assert kinds.count("runtime.connected") >= 2
+
+
+def test_token_expiring_mid_run_is_renewed(store: Store) -> None:
+    from providers.manager import EnvironmentManager
+
+    EnvironmentManager(store).create("sandbox")
+
+    async def drop_after_expiry(hub: Hub, run: Any) -> None:
+        await asyncio.sleep(2.5)  # the first token (ttl 1.5 s) has expired by now
+        for ws in list(hub.gateway._conns.get("sandbox", [])):
+            await ws.close()
+
+    request = RunRequest("sandbox", _counting_agent(40, 0.1))
+    final, events = asyncio.run(_drive(store, request, drop_after_expiry, token_ttl=1.5))
+    assert final.status == "succeeded", _types(events)
+    assert _output(events).count("line-") == 40
+    assert _types(events).count("runtime.connected") >= 2
+
+
+def test_hub_restart_adopts_the_run(hub_cli: Cli, workspace: Path) -> None:
+    port = _free_port()  # the runtime keeps dialling the same address
+    with _serve(hub_cli, workspace, "--port", port) as first:
+        starter = subprocess.Popen(
+            [
+                NARRATIVE,
+                "run",
+                "start",
+                "--env",
+                "sandbox",
+                "--json",
+                "--",
+                *_counting_agent(40, 0.1),
+            ],
+            cwd=workspace,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        run_id = _wait_for_output(workspace, "line-3")
+        os.kill(first["pid"], signal.SIGKILL)
+    with _serve(hub_cli, workspace, "--port", port):
+        out, _err = starter.communicate(timeout=90)
+    run = json.loads(out)
+    assert run["id"] == run_id and run["status"] == "succeeded", run
+    events = _events(workspace / ".narrative", run_id)
+    assert "run.adopted" in _types(events)
+    assert _output(events) == "".join(f"line-{i}\n" for i in range(1, 41))
+    store = Store.open(str(workspace / ".narrative"))
+    assert get_run(store, run_id).result_snapshot == run["result_snapshot"]
