@@ -32,12 +32,15 @@ __all__ = [
     "OutputFn",
     "ProviderConfig",
     "ProviderContext",
+    "Signal",
     "check_relative_path",
 ]
 
 Category = Literal["local", "cloud", "hybrid"]
 OutputFn = Callable[[str, bytes], None]
 """Receives ``("stdout" | "stderr", chunk)`` while a command runs."""
+Signal = Literal["term", "kill"]
+"""A signal :meth:`BaseProvider.signal` can send: SIGTERM or SIGKILL."""
 
 
 class Health(StrEnum):
@@ -178,3 +181,70 @@ class BaseProvider(ABC):
         self, resource_id: str, thread_id: str, run_id: str | None, message: str
     ) -> Snapshot:
         """Snapshot the environment's workspace onto ``thread_id`` in the local store."""
+
+    # -- background processes -------------------------------------------------------------------
+
+    @abstractmethod
+    def spawn(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> str:
+        """Start ``argv`` in the environment's workspace in the background.
+
+        The process is detached from the caller: it runs in its own session (process group)
+        and outlives the calling process. The returned handle is an opaque string that stays
+        valid across restarts of the caller, so that a fresh process with a new provider
+        instance for the same resource can :meth:`signal` it or ask whether it is
+        :meth:`alive`.
+
+        Args:
+            resource_id: The environment's resource (it must be running).
+            argv: The command and its arguments.
+            env: Variables added to the environment of the command.
+            log_path: A host path the process's stdout and stderr are appended to, where the
+                provider can do that; providers that cannot write host files document where
+                the output goes instead. Without it the output is discarded.
+
+        Returns:
+            The process handle.
+
+        Raises:
+            InvalidInput: ``argv`` is empty.
+            ExecFailed: The command could not be started.
+        """
+
+    @abstractmethod
+    def signal(self, resource_id: str, handle: str, sig: Signal) -> None:
+        """Send SIGTERM (``"term"``) or SIGKILL (``"kill"``) to a spawned process and all
+        its descendants.
+
+        Args:
+            resource_id: The environment's resource.
+            handle: What :meth:`spawn` returned.
+            sig: Which signal to send.
+
+        Raises:
+            InvalidInput: ``handle`` is not a handle this provider issues.
+
+        A process that has exited already is no error: nothing is signalled.
+        """
+
+    @abstractmethod
+    def alive(self, resource_id: str, handle: str) -> bool:
+        """Whether a spawned process is still running (a zombie counts as not running).
+
+        Args:
+            resource_id: The environment's resource.
+            handle: What :meth:`spawn` returned.
+
+        Raises:
+            InvalidInput: ``handle`` is not a handle this provider issues.
+        """
+
+    @abstractmethod
+    def runtime_command(self) -> list[str]:
+        """The argv prefix that runs the ``narrative`` CLI inside the environment."""

@@ -4,16 +4,31 @@
 Commands run as child processes of the caller in the directory (a new session, so a timeout
 kills the whole process group). There is no sandbox: these providers isolate the *files* of a
 run from the user's workspace, not its processes — use ``docker`` or ``e2b`` for that.
+
+Commands see the caller's environment without the variables that point git at a repository
+(``GIT_DIR``, ``GIT_WORK_TREE``, ``GIT_INDEX_FILE``, ...: the list of
+``git rev-parse --local-env-vars``), so a ``git`` run in the directory never writes the
+caller's repository; the variables a call passes are added on top.
+
+Background processes (:meth:`DirectoryProvider.spawn`) run in a session of their own, with
+``NARRATIVE_SPAWN_ID`` in their environment. Their handle is ``proc:<pid>:<start>:<token>``
+(``start``: the start time from ``/proc/<pid>/stat``, which guards against a reused pid);
+:meth:`~DirectoryProvider.signal` signals the process group and every process still carrying
+the token (descendants that left the group), so it needs Linux's ``/proc``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import IO, ClassVar
 
@@ -24,13 +39,54 @@ from narrative.objects import hash_object
 from narrative.restore import FlatTree, flatten_tree, materialize, sync_directory
 from narrative.snapshot import scan_tree, take_snapshot
 
-from .base import BaseProvider, ExecResult, Health, OutputFn, check_relative_path
+from .base import BaseProvider, ExecResult, Health, OutputFn, Signal, check_relative_path
 from .errors import ExecFailed, ResourceGone
 from .records import env_state_dir
 
-__all__ = ["DirectoryProvider"]
+__all__ = ["SPAWN_MARKER_VAR", "DirectoryProvider", "command_env"]
 
 _CHUNK = 64 * 1024
+
+SPAWN_MARKER_VAR = "NARRATIVE_SPAWN_ID"
+"""Set in a spawned process's environment (and so inherited by its descendants)."""
+
+# What ``git rev-parse --local-env-vars`` lists: the variables that tie git to one repository.
+_GIT_REPO_VARS = frozenset(
+    {
+        "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+        "GIT_CONFIG",
+        "GIT_CONFIG_PARAMETERS",
+        "GIT_CONFIG_COUNT",
+        "GIT_OBJECT_DIRECTORY",
+        "GIT_DIR",
+        "GIT_WORK_TREE",
+        "GIT_IMPLICIT_WORK_TREE",
+        "GIT_GRAFT_FILE",
+        "GIT_INDEX_FILE",
+        "GIT_NO_REPLACE_OBJECTS",
+        "GIT_REPLACE_REF_BASE",
+        "GIT_PREFIX",
+        "GIT_INTERNAL_SUPER_PREFIX",
+        "GIT_SHALLOW_FILE",
+        "GIT_COMMON_DIR",
+    }
+)
+_GIT_CONFIG_PAIRS = ("GIT_CONFIG_KEY_", "GIT_CONFIG_VALUE_")
+_HANDLE = re.compile(r"proc:([1-9][0-9]{0,9}):([0-9]{1,20}):([0-9a-f]{24})")
+_SIGNALS = {"term": signal.SIGTERM, "kill": signal.SIGKILL}
+
+
+def command_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a command run in a directory environment: the caller's, minus the
+    variables that point git at a repository (``GIT_CONFIG_KEY_<n>``/``VALUE_<n>`` go with
+    ``GIT_CONFIG_COUNT``), plus ``extra``."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in _GIT_REPO_VARS and not key.startswith(_GIT_CONFIG_PAIRS)
+    }
+    env.update(extra or {})
+    return env
 
 
 class DirectoryProvider(BaseProvider):
@@ -200,12 +256,11 @@ class DirectoryProvider(BaseProvider):
         self.reconnect(resource_id)
         if not argv:
             raise InvalidInput("no command given")
-        full_env = {**os.environ, **(env or {})}
         try:
             proc = subprocess.Popen(
                 list(argv),
                 cwd=resource_id,
-                env=full_env,
+                env=command_env(env),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -214,6 +269,141 @@ class DirectoryProvider(BaseProvider):
         except OSError as exc:
             raise ExecFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
         return _wait_streaming(proc, timeout, on_output)
+
+    # -- background processes -------------------------------------------------------------------
+
+    def spawn(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> str:
+        """Start ``argv`` in the directory, in a new session, detached from the caller.
+
+        Output is appended to ``log_path`` (created if missing), else discarded. While the
+        caller lives, a daemon thread waits for the process so that it never lingers as a
+        zombie; once the caller has exited, the process is an orphan reaped by init.
+        """
+        self.reconnect(resource_id)
+        if not argv:
+            raise InvalidInput("no command given")
+        token = secrets.token_hex(12)
+        output: IO[bytes] | None = None
+        try:
+            if log_path is not None:
+                os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+                output = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+            proc = subprocess.Popen(
+                list(argv),
+                cwd=resource_id,
+                env=command_env({**(env or {}), SPAWN_MARKER_VAR: token}),
+                stdin=subprocess.DEVNULL,
+                stdout=output if output is not None else subprocess.DEVNULL,
+                stderr=subprocess.STDOUT if output is not None else subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise ExecFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
+        finally:
+            if output is not None:
+                output.close()
+        # Read before the reaper starts: even a process that exited at once is still a zombie.
+        stat = _proc_stat(proc.pid)
+        threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
+        start = stat[19] if stat is not None else "0"
+        return f"proc:{proc.pid}:{start}:{token}"
+
+    def signal(self, resource_id: str, handle: str, sig: Signal) -> None:
+        """Signal the process group of the spawned process and every process that still
+        carries its token; stopped first, when killing, so that none reacts to another's
+        death by starting something new."""
+        pid, start, token = _parse_handle(handle)
+        # A process may fork while it is being killed: repeated until none is left.
+        for _round in range(20 if sig == "kill" else 1):
+            targets = _tree(pid, start, token)
+            if not targets:
+                return
+            if sig == "kill":
+                for target in targets:
+                    _send(target, signal.SIGSTOP)
+            for target in targets:
+                _send(target, _SIGNALS[sig])
+            if sig == "kill":
+                time.sleep(0.01)
+
+    def alive(self, resource_id: str, handle: str) -> bool:
+        pid, start, _token = _parse_handle(handle)
+        stat = _proc_stat(pid)
+        return stat is not None and stat[19] == start and stat[0] not in ("Z", "X")
+
+    def runtime_command(self) -> list[str]:
+        """The configured ``runtime``, else this interpreter running ``cli.main``."""
+        runtime: list[str] | None = getattr(self.config, "runtime", None)
+        return list(runtime) if runtime else [sys.executable, "-m", "cli.main"]
+
+
+def _parse_handle(handle: str) -> tuple[int, str, str]:
+    match = _HANDLE.fullmatch(handle) if isinstance(handle, str) else None
+    if match is None:
+        raise InvalidInput(f"not a process handle of a directory environment: {handle!r}")
+    return int(match[1]), match[2], match[3]
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (``[0]`` is the state,
+    ``[2]`` the process group, ``[19]`` the start time); None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def _tree(pid: int, start: str, token: str) -> set[int]:
+    """The live processes of a spawned tree: its process group and whoever carries its token."""
+    targets = set(_marked(token))
+    stat = _proc_stat(pid)
+    members = _group_members(pid)
+    # The pid still names our group when it is the leader (same start time), or when the leader
+    # is gone: a pid is not reused while a process group of that number has members.
+    if stat is None or stat[19] == start:
+        targets.update(members)
+    return targets
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for pid in _pids():
+        stat = _proc_stat(pid)
+        if stat is not None and stat[2] == str(pgid) and stat[0] not in ("Z", "X"):
+            members.append(pid)
+    return members
+
+
+def _marked(token: str) -> list[int]:
+    """Processes whose (initial) environment carries the spawn token."""
+    needle = f"{SPAWN_MARKER_VAR}={token}".encode()
+    found = []
+    for pid in _pids():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(pid)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def _send(pid: int, number: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, number)
 
 
 def _remove_strays(root: str, target: FlatTree) -> None:

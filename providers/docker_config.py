@@ -45,8 +45,11 @@ class DockerConfig(ProviderConfig):
     """Image to run; it must already be present on the daemon (it is never pulled)."""
     workdir: str = "/work"
     """Absolute directory in the container holding the workspace; commands run there."""
-    network: bool = False
-    """Give the container a network (the daemon's default); off means ``network_mode=none``."""
+    network: bool | Literal["host"] = False
+    """``False`` (default): no network at all (``network_mode=none``, only loopback inside).
+    ``True``: the daemon's default network. ``"host"``: the host's network namespace, so a
+    process in the container reaches servers listening on the host's ``127.0.0.1`` (how a
+    runtime in the container calls back over loopback)."""
     mem_limit: int | str | None = None
     """Memory limit in bytes or with a unit (``"512m"``); none by default."""
     cpus: float | None = Field(default=None, gt=0)
@@ -71,6 +74,9 @@ class DockerConfig(ProviderConfig):
     """Extra capabilities the image provides (``python``, ``git``, ...)."""
     max_collect_bytes: int = Field(default=DEFAULT_MAX_COLLECT_BYTES, gt=0)
     """Upper bound on the file bytes a collect accepts from the container."""
+    runtime: list[str] | None = None
+    """argv prefix that runs the narrative CLI in the environment
+    (default: ``narrative`` on the container's PATH)."""
 
     @field_validator("workdir")
     @classmethod

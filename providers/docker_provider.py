@@ -7,9 +7,15 @@ containers too; restore and collect use :mod:`providers.shipping`, which treats 
 from the container as hostile. Images are never pulled: a missing image is an
 :class:`~providers.errors.ImageNotFound` naming it, and no container is created.
 
+Background processes (:meth:`DockerProvider.spawn`) are detached execs; they and their
+descendants carry a marker in their environment (:mod:`providers.proctree`), by which
+:meth:`~DockerProvider.signal` finds and signals the whole tree, wherever it was re-parented.
+With ``network="host"`` the container shares the host's network namespace, so such a process
+can call back to a server on the host's loopback.
+
 The image needs a POSIX ``sh`` with ``rm``, ``grep`` and ``sleep`` (restore empties the workdir,
-``delete_file`` removes a file, and an exec that times out is killed by a marker in its
-environment). Every error of the SDK, of requests and of urllib3 is translated into the
+``delete_file`` removes a file, and an exec that times out, or a spawned process, is killed by
+its marker). Every error of the SDK, of requests and of urllib3 is translated into the
 providers error tree in :func:`_translate`.
 """
 
@@ -42,6 +48,7 @@ from .base import (
     OutputFn,
     ProviderConfig,
     ProviderContext,
+    Signal,
     check_relative_path,
 )
 from .docker_config import DockerConfig, DockerMount
@@ -52,6 +59,7 @@ from .errors import (
     ProviderUnavailable,
     ResourceGone,
 )
+from .proctree import MARKER_VAR, signal_argv
 from .shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
 
 if TYPE_CHECKING:
@@ -64,8 +72,11 @@ log = logging.getLogger(__name__)
 LABEL_OWNER = "narrative.owner"
 LABEL_ENV = "narrative.env"
 LABEL_NAME = "narrative.name"
-EXEC_MARKER_VAR = "NARRATIVE_EXEC_ID"
+EXEC_MARKER_VAR = MARKER_VAR
 """Set in every exec's environment so that a timed-out command and its children can be found."""
+_HANDLE = re.compile(r"docker:([0-9a-f]{64}):([0-9a-f]{24})")
+_SPAWN_LOG = "/tmp/narrative-spawn-{marker}.log"
+"""Where a spawned process's output goes inside the container when a log is asked for."""
 
 _CHUNK = 1 << 20
 _GRACE = 5.0
@@ -73,26 +84,6 @@ _GRACE = 5.0
 _DIR_BIT = 1 << 31
 """``os.ModeDir`` of Go, as found in the ``mode`` of the archive stat header."""
 
-# Kills every process whose environment carries the marker (children inherit it). All are
-# stopped before any is killed, so that no parent reacts to a child's death (a shell would go on
-# to its next command); repeated until none is left, since a process may fork meanwhile. Plain
-# ``kill PID``: dash's builtin takes neither ``--`` nor process groups.
-_KILL_SCRIPT = r"""
-m="$0=$1"
-for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
-    pids=
-    for p in /proc/[0-9]*; do
-        if grep -qzxF -- "$m" "$p/environ" 2>/dev/null; then
-            pids="$pids ${p#/proc/}"
-        fi
-    done
-    [ -n "$pids" ] || exit 0
-    for pid in $pids; do kill -STOP "$pid" 2>/dev/null; done
-    for pid in $pids; do kill -9 "$pid" 2>/dev/null; done
-    sleep 0.05
-done
-exit 1
-"""
 # Empties a directory, dot files included, without removing the directory itself (it may be a
 # mount point or carry the image's ownership).
 _EMPTY_SCRIPT = r"""
@@ -129,7 +120,10 @@ def _translate(
                 return ResourceGone(resource_id)
         if status == 409 and ("not running" in explanation or "paused" in explanation):
             detail = f"container {resource_id} is not running: {explanation}"
-            return ExecFailed(detail) if op == "exec" else ProviderUnavailable(detail)
+            return ExecFailed(detail) if op in ("exec", "spawn") else ProviderUnavailable(detail)
+        if op == "spawn" and "OCI runtime exec failed" in explanation:
+            # a detached exec reports a program that cannot be started as the API call's error
+            return ExecFailed(f"cannot start the command: {explanation}")
         return ProviderError(f"docker {op} failed: {explanation}")
     if isinstance(exc, requests.exceptions.Timeout):
         return ProviderUnavailable(f"docker daemon did not answer in time ({op}): {exc}")
@@ -218,6 +212,12 @@ def _container_name(env_id: str) -> str:
     return "narrative-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", env_id)
 
 
+def _network_mode(network: bool | str) -> str | None:
+    if network == "host":
+        return "host"
+    return None if network else "none"
+
+
 def _bind(mount: DockerMount) -> str:
     return f"{mount.source}:{mount.target}:{'ro' if mount.read_only else 'rw'}"
 
@@ -287,7 +287,7 @@ class DockerProvider(BaseProvider):
         with _errors("create", image=cfg.image):
             host_config = self.api.create_host_config(
                 binds=[_bind(m) for m in cfg.mounts] or None,
-                network_mode=None if cfg.network else "none",
+                network_mode=_network_mode(cfg.network),
                 mem_limit=cfg.mem_limit,
                 nano_cpus=round(cfg.cpus * 1e9) if cfg.cpus is not None else None,
                 pids_limit=cfg.pids_limit,
@@ -444,7 +444,7 @@ class DockerProvider(BaseProvider):
 
     def _kill_marked(self, resource_id: str, marker: str) -> None:
         try:
-            self._run_quiet(resource_id, ["sh", "-c", _KILL_SCRIPT, EXEC_MARKER_VAR, marker])
+            self._run_quiet(resource_id, signal_argv(marker, "kill"))
         except NarrativeError as exc:
             log.warning("could not kill a timed-out command in %s: %s", resource_id, exc)
 
@@ -454,6 +454,86 @@ class DockerProvider(BaseProvider):
             exec_id = self.api.exec_create(resource_id, argv, workdir=self.cfg.workdir)["Id"]
             output = self.api.exec_start(exec_id)
         return self._exit_code(resource_id, exec_id), bytes(output or b"")
+
+    # -- background processes -------------------------------------------------------------------
+
+    def spawn(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> str:
+        """Start ``argv`` as a detached exec in the workdir (the container must be running).
+
+        The process is a child of the container's runtime, not of the caller, so it outlives
+        the caller; it and its descendants carry a marker in their environment, which is how
+        :meth:`signal` finds the whole tree. The handle is ``docker:<exec-id>:<marker>``.
+        ``log_path`` cannot be written from inside the container: with it, the output is
+        appended to ``/tmp/narrative-spawn-<marker>.log`` *in the container* (needs ``sh``);
+        without it, the output is discarded.
+        """
+        if not argv:
+            raise InvalidInput("empty command")
+        marker = secrets.token_hex(12)
+        command = list(argv)
+        if log_path is not None:
+            # exec: the spawned process is argv itself, not a shell waiting for it
+            command = ["sh", "-c", 'exec "$@" >>"$0" 2>&1', _SPAWN_LOG.format(marker=marker)]
+            command += argv
+        with _errors("spawn", resource_id):
+            exec_id = str(
+                self.api.exec_create(
+                    resource_id,
+                    command,
+                    stdout=False,
+                    stderr=False,
+                    workdir=self.cfg.workdir,
+                    environment={**(env or {}), EXEC_MARKER_VAR: marker},
+                )["Id"]
+            )
+            self.api.exec_start(exec_id, detach=True)
+        log.debug("spawned %s in %s as exec %s", argv[0], resource_id, exec_id)
+        return f"docker:{exec_id}:{marker}"
+
+    def _spawned(self, resource_id: str, handle: str) -> tuple[dict[str, Any] | None, str]:
+        """The daemon's record of a spawned exec (None once it forgot it) and its marker."""
+        match = _HANDLE.fullmatch(handle) if isinstance(handle, str) else None
+        if match is None:
+            raise InvalidInput(f"not a process handle of a docker environment: {handle!r}")
+        try:
+            with _errors("spawn", resource_id):
+                info: dict[str, Any] = self.api.exec_inspect(match[1])
+        except ResourceGone:  # the daemon forgets an exec some time after it exited
+            return None, match[2]
+        if not str(info.get("ContainerID", "")).startswith(resource_id):
+            raise InvalidInput(f"process handle {handle!r} belongs to another container")
+        return info, match[2]
+
+    def signal(self, resource_id: str, handle: str, sig: Signal) -> None:
+        """Send ``sig`` to every process in the container that carries the handle's marker
+        (the spawned process and all its descendants); nothing when none is left or the
+        container is not running (its processes died with it)."""
+        _info, marker = self._spawned(resource_id, handle)
+        with _errors("spawn", resource_id):
+            state = self.api.inspect_container(resource_id)["State"]
+        if not state.get("Running") or state.get("Paused"):
+            return
+        code, output = self._run_quiet(resource_id, signal_argv(marker, sig))
+        if code != 0:
+            raise ProviderError(
+                f"could not signal {handle} in {resource_id}: "
+                f"{output.decode(errors='replace').strip() or f'exit {code}'}"
+            )
+
+    def alive(self, resource_id: str, handle: str) -> bool:
+        info, _marker = self._spawned(resource_id, handle)
+        return info is not None and bool(info.get("Running"))
+
+    def runtime_command(self) -> list[str]:
+        """The configured ``runtime``, else ``narrative`` from the container's ``PATH``."""
+        return list(self.cfg.runtime) if self.cfg.runtime else ["narrative"]
 
     # -- files ----------------------------------------------------------------------------------
 

@@ -121,6 +121,9 @@ class E2BConfig(ProviderConfig):
     ``proxyExecution.json``. Credentials are refused (see the module docstring)."""
     extra_capabilities: list[str] = Field(default_factory=list)
     """Capabilities the template adds (``gpu``, ``browser``, ...)."""
+    runtime: list[str] | None = None
+    """argv prefix that runs the narrative CLI in the environment
+    (default: ``narrative`` on the sandbox's PATH)."""
 
     @field_validator("workdir")
     @classmethod

@@ -13,6 +13,13 @@ env vars are dropped. The provider then skips the control-plane calls the SDK wo
 (pause, info, list): ``stop`` leaves the sandbox running, ``health`` probes envd only, and
 ``list_resources`` returns nothing. Every e2b error is translated in :func:`_translate`.
 API keys are read from the environment variable the config names and never logged or stored.
+
+Background processes (:meth:`E2BProvider.spawn`) are envd processes started without a time
+limit and left running when the SDK disconnects from them. They carry a marker in their
+environment (:mod:`providers.proctree`): :meth:`~E2BProvider.signal` runs a small ``sh``
+script in the sandbox that signals every process carrying it (envd's own ``SendSignal``
+reaches only the process itself, not its descendants), and :meth:`~E2BProvider.alive` asks
+envd's process list for the pid with that marker.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import io
 import logging
 import os
 import posixpath
+import re
+import secrets
 import shlex
 import tempfile
 import uuid
@@ -56,10 +65,12 @@ from .base import (
     OutputFn,
     ProviderConfig,
     ProviderContext,
+    Signal,
     check_relative_path,
 )
 from .e2b_config import E2BConfig, check_upload_content, check_upload_name
-from .errors import ProviderError, ProviderUnavailable, ResourceGone
+from .errors import ExecFailed, ProviderError, ProviderUnavailable, ResourceGone
+from .proctree import MARKER_VAR, signal_argv
 from .shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
 
 if TYPE_CHECKING:
@@ -71,6 +82,7 @@ log = logging.getLogger(__name__)
 
 _STAGING = ".narrative-staging"
 """Directory beside the workdir for tars in transit (never inside the collected tree)."""
+_HANDLE = re.compile(r"e2b:([1-9][0-9]{0,9}):([0-9a-f]{24})")
 
 
 def _translate(exc: Exception, resource_id: str | None, path: str | None = None) -> Exception:
@@ -342,6 +354,80 @@ class E2BProvider(BaseProvider):
                     -1, "".join(stdout).encode(), "".join(stderr).encode(), timed_out=True
                 )
         return ExecResult(code, "".join(stdout).encode(), "".join(stderr).encode())
+
+    # -- background processes -------------------------------------------------------------------
+
+    def spawn(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> str:
+        """Start ``argv`` in the workdir as an envd process with no time limit, and
+        disconnect from it (envd keeps it running).
+
+        The handle is ``e2b:<pid>:<marker>``. ``log_path`` cannot be written from the
+        sandbox: with it, the output is appended to ``.narrative-staging/spawn-<marker>.log``
+        beside the workdir *in the sandbox*; without it, the output is discarded.
+        """
+        if not argv:
+            raise InvalidInput("empty command")
+        sandbox = self._sandbox(resource_id)
+        marker = secrets.token_hex(12)
+        # exec: the process envd reports is argv itself, not a shell waiting for it
+        command = f"exec {shlex.join(argv)}"
+        if log_path is not None:
+            parent = posixpath.dirname(self.cfg.workdir)
+            with _translating(resource_id):
+                sandbox.files.make_dir(posixpath.join(parent, _STAGING))
+            log_file = shlex.quote(f"../{_STAGING}/spawn-{marker}.log")
+            command += f" >>{log_file} 2>&1"
+        else:
+            command += " >/dev/null 2>&1"
+        with _translating(resource_id):
+            handle = sandbox.commands.run(
+                command,
+                background=True,
+                envs={**self.cfg.env, **(env or {}), MARKER_VAR: marker},
+                cwd=self.cfg.workdir,
+                timeout=0,  # envd ends a process whose stream's deadline passes
+                retain_output=False,
+            )
+            pid = int(handle.pid)
+            handle.disconnect()
+        if not pid:
+            raise ExecFailed(f"e2b did not start {argv[0]!r}")
+        return f"e2b:{pid}:{marker}"
+
+    def _spawned(self, handle: str) -> tuple[int, str]:
+        match = _HANDLE.fullmatch(handle) if isinstance(handle, str) else None
+        if match is None:
+            raise InvalidInput(f"not a process handle of an e2b environment: {handle!r}")
+        return int(match[1]), match[2]
+
+    def signal(self, resource_id: str, handle: str, sig: Signal) -> None:
+        """Send ``sig`` to every process in the sandbox that carries the handle's marker (the
+        spawned process and all its descendants); nothing when none is left."""
+        _pid, marker = self._spawned(handle)
+        result = self._run(resource_id, shlex.join(signal_argv(marker, sig)), cwd=self.cfg.workdir)
+        if result.exit_code != 0:
+            detail = result.stderr.decode(errors="replace").strip() or f"exit {result.exit_code}"
+            raise ProviderError(f"could not signal {handle} in e2b sandbox {resource_id}: {detail}")
+
+    def alive(self, resource_id: str, handle: str) -> bool:
+        """Whether envd still lists the spawned pid with the handle's marker (envd waits for
+        its processes, so an exited one is no longer listed)."""
+        pid, marker = self._spawned(handle)
+        sandbox = self._sandbox(resource_id)
+        with _translating(resource_id):
+            processes = sandbox.commands.list()
+        return any(p.pid == pid and p.envs.get(MARKER_VAR) == marker for p in processes)
+
+    def runtime_command(self) -> list[str]:
+        """The configured ``runtime``, else ``narrative`` from the sandbox's ``PATH``."""
+        return list(self.cfg.runtime) if self.cfg.runtime else ["narrative"]
 
     def _abs(self, path: str) -> str:
         return posixpath.join(self.cfg.workdir, check_relative_path(path))

@@ -24,6 +24,9 @@ class LocalConfig(ProviderConfig):
     type: Literal["local"] = "local"
     path: str = Field(min_length=1)
     """The directory of the environment (created if missing; must be empty if it exists)."""
+    runtime: list[str] | None = None
+    """argv prefix that runs the narrative CLI in the environment
+    (default: this interpreter with ``-m cli.main``)."""
 
 
 class LocalProvider(DirectoryProvider):

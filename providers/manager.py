@@ -4,7 +4,9 @@ Every state change goes through :meth:`EnvironmentManager._move`, which checks t
 table and persists the record (with a short history) before and after the provider acts, so a
 crash mid-operation leaves a record that says what was under way (``starting``, ``stopping``...)
 and the next health check or :meth:`reconnect_all` settles it. Each environment has an
-append-only log (``<store>/narrative/envs/<env-id>/log``) of lifecycle events and command output.
+append-only log (``<store>/narrative/envs/<env-id>/log``) of lifecycle events and command output;
+background processes (:meth:`EnvironmentManager.spawn`) write theirs to ``runtime.log`` beside
+it, where the provider can write host files (directory providers).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from narrative.errors import InvalidInput, NarrativeError
 from narrative.models import now_iso
 from narrative.store import Store
 
-from .base import BaseProvider, ExecResult, Health, OutputFn, ProviderContext
+from .base import BaseProvider, ExecResult, Health, OutputFn, ProviderContext, Signal
 from .errors import IllegalTransition, ProviderError, ProviderUnavailable, ResourceGone
 from .lifecycle import EnvState, can_transition, is_active
 from .records import EnvironmentRecord, EnvironmentStore, env_state_dir
@@ -89,6 +91,11 @@ class EnvironmentManager:
 
     def _log_path(self, record: EnvironmentRecord) -> str:
         return os.path.join(env_state_dir(self.store, record.id), "log")
+
+    def runtime_log_path(self, name: str) -> str:
+        """Where the output of the environment's background processes goes (directory
+        providers; docker and e2b keep it inside the environment, see their ``spawn``)."""
+        return os.path.join(env_state_dir(self.store, self.records.get(name).id), "runtime.log")
 
     def _log(self, record: EnvironmentRecord, line: str) -> None:
         path = self._log_path(record)
@@ -312,6 +319,39 @@ class EnvironmentManager:
         suffix = " (timed out)" if result.timed_out else ""
         self._log(record, f"exit {result.exit_code}{suffix}")
         return result
+
+    def spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
+        """Start a background process in the environment (which must be active); return its
+        handle for :meth:`signal` and :meth:`alive`. Its output goes to :meth:`runtime_log_path`.
+        """
+        record, provider, resource = self.require_active(name)
+        self._log(record, f"spawn {' '.join(argv)}")
+        log_path = self.runtime_log_path(record.id)
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        try:
+            handle = provider.spawn(resource, argv, env=env, log_path=log_path)
+        except (ResourceGone, ProviderUnavailable) as exc:
+            self._fail(record, exc)
+            raise
+        self._log(record, f"spawned {handle}")
+        return handle
+
+    def signal(self, name: str, handle: str, sig: Signal) -> None:
+        """Send SIGTERM/SIGKILL to a spawned process and its descendants (no error when it has
+        exited). Allowed in any state in which the environment has a resource."""
+        record = self.records.get(name)
+        resource = self._resource(record)
+        self._log(record, f"signal {sig} {handle}")
+        try:
+            self.provider(record).signal(resource, handle, sig)
+        except (ResourceGone, ProviderUnavailable) as exc:
+            self._fail(record, exc)
+            raise
+
+    def alive(self, name: str, handle: str) -> bool:
+        """Whether a spawned process is still running."""
+        record = self.records.get(name)
+        return self.provider(record).alive(self._resource(record), handle)
 
     # -- health, reconnect, sweep -----------------------------------------------------------------
 

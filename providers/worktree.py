@@ -26,6 +26,9 @@ class WorktreeConfig(ProviderConfig):
     type: Literal["worktree"] = "worktree"
     path: str | None = None
     """Where the checkout lives (default: inside the store, which snapshots never walk)."""
+    runtime: list[str] | None = None
+    """argv prefix that runs the narrative CLI in the environment
+    (default: this interpreter with ``-m cli.main``)."""
 
 
 def worktrees_dir(git_dir: str) -> str:

@@ -286,6 +286,7 @@ class _Process:
         def event(**kwargs: Any) -> Any:
             return process_pb.StartResponse(event=process_pb.ProcessEvent(**kwargs))
 
+        deadline_passed = False
         try:
             yield event(event=Oneof("start", process_pb.ProcessEvent.StartEvent(pid=proc.pid)))
             open_streams = 2
@@ -294,6 +295,7 @@ class _Process:
                 if end_at is not None:
                     wait = min(wait, end_at - time.monotonic())
                     if wait <= 0:
+                        deadline_passed = True
                         raise ConnectError(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
                 try:
                     name, chunk = proc.events.get(timeout=wait)
@@ -320,16 +322,31 @@ class _Process:
                 )
             yield event(event=Oneof("end", end))
         finally:
-            # envd ties a process to the request that started it: a client that goes away
-            # (or whose deadline passed) takes the process with it.
-            if proc.popen.poll() is None:
+            # envd bounds a process by the deadline of the request that started it (none when
+            # the client sent no timeout), not by the client staying connected: a client that
+            # disconnects leaves it running, and it stays listed until it exits.
+            if deadline_passed and proc.popen.poll() is None:
                 _signal_group(proc.popen, signal.SIGKILL)
-            proc.popen.wait()
-            for pipe in (proc.popen.stdin, proc.popen.stdout, proc.popen.stderr):
-                if pipe is not None:
-                    pipe.close()
-            with self.sandbox.lock:
-                self.sandbox.procs.pop(proc.pid, None)
+            if proc.popen.poll() is None:
+                threading.Thread(
+                    target=self._finish, args=(proc, end_at), name="envd-reap", daemon=True
+                ).start()
+            else:
+                self._finish(proc, None)
+
+    def _finish(self, proc: _Proc, end_at: float | None) -> None:
+        """Wait for the process (killing it when its deadline passes), then forget it."""
+        timeout = None if end_at is None else max(0.0, end_at - time.monotonic())
+        try:
+            proc.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.popen, signal.SIGKILL)
+        proc.popen.wait()
+        for pipe in (proc.popen.stdin, proc.popen.stdout, proc.popen.stderr):
+            if pipe is not None:
+                pipe.close()
+        with self.sandbox.lock:
+            self.sandbox.procs.pop(proc.pid, None)
 
     def _find(self, selector: process_pb.ProcessSelector | None) -> _Proc:
         with self.sandbox.lock:

@@ -1,0 +1,52 @@
+"""Finding a command's whole process tree inside an environment by a marker in its environment.
+
+Commands that ``docker`` and ``e2b`` start carry ``NARRATIVE_EXEC_ID=<random>`` in their
+environment; children inherit it, and it survives re-parenting, new sessions and a parent's
+death, so every process of a tree can be found without knowing their pids or process groups.
+:data:`SIGNAL_SCRIPT` is the POSIX ``sh`` that does it inside the environment (it needs ``grep``
+with ``-z``, ``kill`` and ``sleep``); :func:`signal_argv` builds its command line.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+__all__ = ["MARKER_VAR", "SIGNAL_SCRIPT", "signal_argv"]
+
+MARKER_VAR = "NARRATIVE_EXEC_ID"
+"""Set in the environment of each command so that the command and its children can be found."""
+
+# $0: the variable, $1: its value, $2: ``term`` or ``kill`` (the default). ``term`` sends
+# SIGTERM once to every marked process. ``kill`` stops them all before killing any, so that no
+# parent reacts to a child's death (a shell would go on to its next command), and repeats until
+# none is left, since a process may fork meanwhile. Plain ``kill PID``: dash's builtin takes
+# neither ``--`` nor process groups. Zombies are not matched (their environ reads empty).
+SIGNAL_SCRIPT = r"""
+m="$0=$1"
+marked() {
+    pids=
+    for p in /proc/[0-9]*; do
+        if grep -qzxF -- "$m" "$p/environ" 2>/dev/null; then
+            pids="$pids ${p#/proc/}"
+        fi
+    done
+}
+if [ "$2" = term ]; then
+    marked
+    for pid in $pids; do kill -TERM "$pid" 2>/dev/null; done
+    exit 0
+fi
+for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+    marked
+    [ -n "$pids" ] || exit 0
+    for pid in $pids; do kill -STOP "$pid" 2>/dev/null; done
+    for pid in $pids; do kill -9 "$pid" 2>/dev/null; done
+    sleep 0.05
+done
+exit 1
+"""
+
+
+def signal_argv(marker: str, sig: Literal["term", "kill"] = "kill") -> list[str]:
+    """The command that sends ``sig`` to every process carrying ``MARKER_VAR=marker``."""
+    return ["sh", "-c", SIGNAL_SCRIPT, MARKER_VAR, marker, sig]

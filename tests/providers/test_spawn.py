@@ -1,0 +1,467 @@
+"""Background processes (``spawn``/``signal``/``alive``) against real processes: the worktree and
+local providers on this machine, a real Docker engine, and the e2b SDK against the envd stand-in.
+
+The oracle is the host's ``/proc``: every test tree carries a variable of its own
+(``SPAWN_TEST=<random>``, independent of the providers' markers), so its processes are found by
+scanning ``/proc/*/environ`` — which sees container processes and the stand-in's too, since both
+run on this kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from narrative.errors import InvalidInput
+from narrative.store import Store
+from providers.base import BaseProvider, ProviderContext
+from providers.errors import ExecFailed, ProviderError
+from providers.local import LocalConfig, LocalProvider
+from providers.manager import EnvironmentManager
+from providers.worktree import WorktreeConfig, WorktreeProvider
+from tests.providers.e2b_support import envd_fixture, envd_server_fixture  # noqa: F401
+
+pytestmark = pytest.mark.timeout(120)
+
+TREE = "sleep 60 & sleep 60 & wait"
+"""A shell with two children: three processes, none of which ends on its own in a test's time."""
+ENV_ID = "env-0000000000spawn00000"
+DEADLINE = 15.0
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.02)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2]
+
+
+def running(pid: int) -> bool:
+    """Exists and is not a zombie."""
+    return _state(pid) not in (None, "Z", "X")
+
+
+def tagged(tag: str) -> set[int]:
+    """Running processes whose environment carries ``SPAWN_TEST=tag``."""
+    needle = f"SPAWN_TEST={tag}".encode()
+    found = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle in f.read().split(b"\0") and running(int(name)):
+                    found.add(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_tree(tag: str, count: int = 3) -> set[int]:
+    """The tagged processes, once there are ``count`` of them."""
+
+    def complete() -> set[int] | None:
+        found = tagged(tag)
+        return found if len(found) == count else None
+
+    result: set[int] = wait_for(complete, what=f"{count} processes tagged {tag}")
+    return result
+
+
+def spawn_tree(
+    provider: BaseProvider, resource: str, count: int = 3, **kwargs: Any
+) -> tuple[str, str, set[int]]:
+    """Spawn :data:`TREE` and wait until all of its processes run; (handle, tag, pids)."""
+    tag = uuid.uuid4().hex
+    handle = provider.spawn(resource, ["sh", "-c", TREE], env={"SPAWN_TEST": tag}, **kwargs)
+    return handle, tag, wait_tree(tag, count)
+
+
+def assert_gone(pids: set[int]) -> None:
+    wait_for(lambda: not any(running(pid) for pid in pids), what=f"{pids} to end")
+
+
+def check_contract(provider: BaseProvider, resource: str, garbage: list[str]) -> None:
+    """What every provider promises: alive, term kills the whole tree, kill too, signals after
+    the exit are no-ops, handles that are not the provider's are refused."""
+    handle, _tag, pids = spawn_tree(provider, resource)
+    assert provider.alive(resource, handle)
+    provider.signal(resource, handle, "term")
+    assert_gone(pids)
+    wait_for(lambda: not provider.alive(resource, handle), what="alive() to turn false")
+    provider.signal(resource, handle, "term")  # exited: no error
+    provider.signal(resource, handle, "kill")
+
+    handle, _tag, pids = spawn_tree(provider, resource)
+    provider.signal(resource, handle, "kill")
+    assert_gone(pids)
+    wait_for(lambda: not provider.alive(resource, handle), what="alive() to turn false")
+
+    for bad in garbage:
+        with pytest.raises(InvalidInput):
+            provider.signal(resource, bad, "term")
+        with pytest.raises(InvalidInput):
+            provider.alive(resource, bad)
+    with pytest.raises(InvalidInput):
+        provider.spawn(resource, [])
+
+
+# ---------------------------------------------------------------------------------------------
+# worktree and local
+# ---------------------------------------------------------------------------------------------
+
+DIR_GARBAGE = ["", "garbage", "proc:1", "proc:0:1:" + "0" * 24, "docker:x:y", "proc:12:34:zz"]
+
+
+def _directory_provider(kind: str, store: Store, tmp_path: Path) -> BaseProvider:
+    context = ProviderContext(store, "owner-test", ENV_ID, "box")
+    if kind == "local":
+        return LocalProvider(context, LocalConfig(path=str(tmp_path / "local-env")))
+    return WorktreeProvider(context, WorktreeConfig())
+
+
+@pytest.fixture(params=["worktree", "local"])
+def directory(
+    request: pytest.FixtureRequest, store: Store, tmp_path: Path
+) -> Iterator[tuple[BaseProvider, str]]:
+    provider = _directory_provider(request.param, store, tmp_path)
+    yield provider, provider.create()
+
+
+def test_directory_contract(directory: tuple[BaseProvider, str]) -> None:
+    provider, resource = directory
+    check_contract(provider, resource, DIR_GARBAGE)
+
+
+def test_directory_env_cwd_log_and_session(
+    directory: tuple[BaseProvider, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider, resource = directory
+    monkeypatch.setenv("GIT_DIR", "/nowhere/.git")  # must not reach the command
+    monkeypatch.setenv("FROM_HOST", "host-value")
+    log = tmp_path / "logs" / "runtime.log"
+    log.parent.mkdir()
+    log.write_bytes(b"earlier\n")
+    script = (
+        'echo "out $GREETING $FROM_HOST git=${GIT_DIR-unset} cwd=$(pwd)"; echo err >&2; '
+        'read line; echo "stdin=${line:-eof}"; exec sleep 60'
+    )
+    tag = uuid.uuid4().hex
+    handle = provider.spawn(
+        resource,
+        ["sh", "-c", script],
+        env={"GREETING": "hello", "SPAWN_TEST": tag},
+        log_path=str(log),
+    )
+    wait_for(lambda: b"stdin=" in log.read_bytes(), what="output in the log")
+    (pid,) = wait_tree(tag, 1)
+    text = log.read_text()
+    assert text.startswith("earlier\n")  # appended, not truncated
+    assert f"out hello host-value git=unset cwd={os.path.realpath(resource)}" in text
+    assert "err\n" in text and "stdin=eof" in text
+    # its own session and process group, apart from the caller's
+    assert os.getsid(pid) == pid and os.getpgid(pid) == pid != os.getpgid(0)
+    provider.signal(resource, handle, "term")
+    assert_gone({pid})
+
+
+def test_directory_handle_guards_against_pid_reuse(directory: tuple[BaseProvider, str]) -> None:
+    provider, resource = directory
+    handle, _tag, pids = spawn_tree(provider, resource)
+    kind, pid, start, _token = handle.split(":")
+    # the same pid with another start time: what a handle looks like once the pid was reused
+    reused = f"{kind}:{pid}:{int(start) + 1}:{'0' * 24}"
+    assert not provider.alive(resource, reused)
+    provider.signal(resource, reused, "kill")
+    time.sleep(0.1)  # a kill would have landed by now (the kill path itself waits 10 ms)
+    assert all(running(p) for p in pids)  # neither the group nor any marked process was hit
+    provider.signal(resource, handle, "kill")
+    assert_gone(pids)
+
+
+def test_directory_process_outlives_the_caller(
+    directory: tuple[BaseProvider, str], store: Store, tmp_path: Path
+) -> None:
+    """Spawned from a child Python process that exits; then found, signalled and reaped from
+    this process with a fresh provider instance."""
+    provider, resource = directory
+    tag = uuid.uuid4().hex
+    kind = "local" if isinstance(provider, LocalProvider) else "worktree"
+    program = f"""
+import json, sys
+from narrative.store import Store
+from providers.base import ProviderContext
+from providers.local import LocalConfig, LocalProvider
+from providers.worktree import WorktreeConfig, WorktreeProvider
+store = Store.open({store.git_dir!r})
+context = ProviderContext(store, "owner-test", {ENV_ID!r}, "box")
+if {kind!r} == "local":
+    provider = LocalProvider(context, LocalConfig(path={str(tmp_path / "local-env")!r}))
+else:
+    provider = WorktreeProvider(context, WorktreeConfig())
+handle = provider.spawn({resource!r}, ["sh", "-c", {TREE!r}], env={{"SPAWN_TEST": {tag!r}}})
+print(json.dumps(handle))
+"""
+    child = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=True, timeout=60
+    )
+    handle = json.loads(child.stdout)
+    pids = wait_tree(tag)
+    fresh = _directory_provider(kind, store, tmp_path)
+    assert fresh.alive(resource, handle)
+    fresh.signal(resource, handle, "term")
+    assert_gone(pids)
+    assert not fresh.alive(resource, handle)
+
+
+def test_directory_missing_program_and_runtime(store: Store, tmp_path: Path) -> None:
+    provider = _directory_provider("worktree", store, tmp_path)
+    resource = provider.create()
+    with pytest.raises(ExecFailed):
+        provider.spawn(resource, ["/nonexistent/program"])
+    assert provider.runtime_command() == [sys.executable, "-m", "cli.main"]
+    context = ProviderContext(store, "owner-test", ENV_ID, "box")
+    custom = WorktreeProvider(context, WorktreeConfig(runtime=["/opt/narrative", "--quiet"]))
+    assert custom.runtime_command() == ["/opt/narrative", "--quiet"]
+    # the default really runs the CLI
+    version = subprocess.run(
+        [*provider.runtime_command(), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert version.returncode == 0 and "Usage" in version.stdout
+
+
+def test_manager_spawn_signal_alive(store: Store) -> None:
+    manager = EnvironmentManager(store)
+    record = manager.create("box", "worktree")
+    tag = uuid.uuid4().hex
+    handle = manager.spawn("box", ["sh", "-c", f"echo started; {TREE}"], env={"SPAWN_TEST": tag})
+    pids = wait_tree(tag)
+    assert manager.alive("box", handle)
+    log = Path(manager.runtime_log_path("box"))
+    assert log.parent.name == record.id
+    wait_for(lambda: log.exists() and b"started" in log.read_bytes(), what="runtime.log")
+    manager.signal("box", handle, "term")
+    assert_gone(pids)
+    assert not manager.alive("box", handle)
+    lines = manager.logs("box")
+    assert any(line.endswith(f"spawned {handle}") for line in lines)
+    assert any(line.endswith(f"signal term {handle}") for line in lines)
+    manager.stop("box")
+    with pytest.raises(ProviderError, match="start it first"):
+        manager.spawn("box", ["true"])
+
+
+# ---------------------------------------------------------------------------------------------
+# docker (real engine at DOCKER_HOST)
+# ---------------------------------------------------------------------------------------------
+
+PYTHON = os.path.join(sys.base_prefix, "bin", f"python{sys.version_info[0]}.{sys.version_info[1]}")
+"""The host's interpreter, run in containers from a read-only mount at the same path."""
+PYTHON_MOUNTS: list[dict[str, Any]] = [{"source": "/usr", "target": "/usr", "read_only": True}]
+if not sys.base_prefix.startswith("/usr/"):
+    PYTHON_MOUNTS.append({"source": sys.base_prefix, "target": sys.base_prefix, "read_only": True})
+DOCKER_GARBAGE = ["", "garbage", "proc:1:2:" + "0" * 24, "docker:abc:def", "e2b:1:" + "0" * 24]
+
+
+@pytest.fixture
+def container(make_docker_provider: Callable[..., Any]) -> tuple[Any, str]:
+    provider = make_docker_provider()
+    resource = provider.create()
+    provider.start(resource)
+    return provider, resource
+
+
+def test_docker_contract(container: tuple[Any, str]) -> None:
+    provider, resource = container
+    check_contract(provider, resource, DOCKER_GARBAGE)
+    assert provider.runtime_command() == ["narrative"]
+
+
+def test_docker_env_log_and_outlives_caller(
+    container: tuple[Any, str], make_docker_provider: Callable[..., Any], tmp_path: Path
+) -> None:
+    provider, resource = container
+    handle, _tag, pids = spawn_tree(provider, resource, log_path=str(tmp_path / "ignored.log"))
+    marker = handle.rsplit(":", 1)[1]
+    # a fresh client (no state shared with the one that spawned) finds and signals it
+    provider.close()
+    fresh = make_docker_provider(owner=provider.context.owner, env_id=provider.context.env_id)
+    assert fresh.alive(resource, handle)
+    fresh.signal(resource, handle, "term")
+    assert_gone(pids)
+    assert not fresh.alive(resource, handle)
+    # output went to the documented file inside the container
+    probe = fresh.exec(
+        resource,
+        ["sh", "-c", f'echo "$GREETING $PWD"; cat /tmp/narrative-spawn-{marker}.log'],
+        env={"GREETING": "hi"},
+    )
+    assert probe.stdout.startswith(b"hi /work\n")
+    handle = fresh.spawn(
+        resource, ["sh", "-c", 'echo "x=$X in $PWD"; echo e >&2'], env={"X": "1"}, log_path="l"
+    )
+    wait_for(lambda: not fresh.alive(resource, handle), what="short process to end")
+    marker = handle.rsplit(":", 1)[1]
+    assert fresh.exec(resource, ["cat", f"/tmp/narrative-spawn-{marker}.log"]).stdout == (
+        b"x=1 in /work\ne\n"
+    )
+    # another container's handle is refused
+    other = make_docker_provider()
+    other_resource = other.create()
+    other.start(other_resource)
+    with pytest.raises(InvalidInput):
+        other.alive(other_resource, handle)
+
+
+def test_docker_missing_program_and_stopped_container(container: tuple[Any, str]) -> None:
+    provider, resource = container
+    with pytest.raises(ExecFailed, match="nonexistent"):
+        provider.spawn(resource, ["/nonexistent/program"])
+    handle, _tag, pids = spawn_tree(provider, resource)
+    provider.stop(resource)
+    assert_gone(pids)
+    assert not provider.alive(resource, handle)
+    provider.signal(resource, handle, "kill")  # not running: nothing to do, no error
+    with pytest.raises(ExecFailed):
+        provider.spawn(resource, ["sleep", "1"])
+
+
+def test_docker_host_network_reaches_host_loopback(
+    make_docker_provider: Callable[..., Any],
+) -> None:
+    """With ``network="host"`` a process in the container connects to a server this test
+    listens on at 127.0.0.1 (the host's Python is mounted read-only at the same path)."""
+    provider = make_docker_provider(network="host", mounts=PYTHON_MOUNTS)
+    assert "network" in provider.capabilities_for(provider.cfg)
+    resource = provider.create()
+    provider.start(resource)
+    assert provider.api.inspect_container(resource)["HostConfig"]["NetworkMode"] == "host"
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(DEADLINE)
+        port = server.getsockname()[1]
+        received: list[bytes] = []
+
+        def accept() -> None:
+            conn, _addr = server.accept()
+            with conn:
+                received.append(conn.recv(100))
+
+        acceptor = threading.Thread(target=accept, daemon=True)
+        acceptor.start()
+        client = (
+            "import socket, sys; "
+            f"s = socket.create_connection(('127.0.0.1', {port}), timeout=10); "
+            "s.sendall(b'hello from the container'); s.close()"
+        )
+        handle = provider.spawn(resource, [PYTHON, "-I", "-S", "-c", client], log_path="l")
+        acceptor.join(DEADLINE)
+    marker = handle.rsplit(":", 1)[1]
+    log = provider.exec(resource, ["cat", f"/tmp/narrative-spawn-{marker}.log"]).stdout
+    assert received == [b"hello from the container"], log
+
+
+def test_docker_default_network_cannot_reach_host_loopback(
+    make_docker_provider: Callable[..., Any],
+) -> None:
+    """The counterpart: without ``network="host"`` the same connection is refused (the
+    container's loopback is its own), so the test above cannot pass by accident."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        provider = make_docker_provider(mounts=PYTHON_MOUNTS)
+        resource = provider.create()
+        provider.start(resource)
+        result = provider.exec(
+            resource,
+            [
+                PYTHON,
+                "-I",
+                "-S",
+                "-c",
+                f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=5)",
+            ],
+            timeout=30,
+        )
+        assert result.exit_code != 0 and b"ConnectionRefused" in result.stderr
+
+
+def test_docker_host_network_config() -> None:
+    from providers.docker_config import DockerConfig
+
+    assert DockerConfig(image="x", network="host").network == "host"
+    assert DockerConfig(image="x", runtime=["/usr/local/bin/narrative"]).runtime == [
+        "/usr/local/bin/narrative"
+    ]
+    with pytest.raises(ValueError):
+        DockerConfig.model_validate({"image": "x", "network": "bridge"})
+
+
+# ---------------------------------------------------------------------------------------------
+# e2b (the real SDK against the envd stand-in)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sandbox(envd: Any, store: Store) -> tuple[Any, str]:
+    from tests.providers.e2b_support import make_provider
+
+    provider = make_provider(store)
+    return provider, provider.create()
+
+
+def test_e2b_contract(sandbox: tuple[Any, str]) -> None:
+    provider, resource = sandbox
+    check_contract(provider, resource, ["", "garbage", "e2b:0:" + "0" * 24, "e2b:12:short"])
+    assert provider.runtime_command() == ["narrative"]
+
+
+def test_e2b_outlives_caller_log_and_env(envd: Any, store: Store) -> None:
+    from tests.providers.e2b_support import WORKDIR, make_provider, on_disk
+
+    provider = make_provider(store, env={"FROM_CONFIG": "c"})
+    resource = provider.create()
+    tag = uuid.uuid4().hex
+    handle = provider.spawn(
+        resource,
+        ["sh", "-c", 'echo "$FROM_CONFIG $X"; ' + TREE],
+        env={"X": "x", "SPAWN_TEST": tag},
+        log_path="ignored-on-the-host",
+    )
+    pids = wait_tree(tag)
+    marker = handle.rsplit(":", 1)[1]
+    log = on_disk(envd, os.path.dirname(WORKDIR) + f"/.narrative-staging/spawn-{marker}.log")
+    wait_for(lambda: log.exists() and log.read_bytes() == b"c x\n", what="log in the sandbox")
+    # a fresh provider (new SDK connection) still sees it: the spawning stream is gone
+    fresh = make_provider(store)
+    assert fresh.alive(resource, handle)
+    fresh.signal(resource, handle, "term")
+    assert_gone(pids)
+    wait_for(lambda: not fresh.alive(resource, handle), what="envd to forget the process")
