@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .config import ProxyExecutionConfig, load_config
     from .handlers import HandlerContext
     from .node import CallStream, Gateway, Link
+    from .observe import RouteRecord
     from .plugins import RemoteExecutionPlugin
     from .router import Router
     from .server import ProviderServer
@@ -38,6 +39,7 @@ __all__ = [
     "ProviderServer",
     "ProxyExecutionConfig",
     "RemoteExecutionPlugin",
+    "RouteRecord",
     "Router",
     "TokenClaims",
     "TokenSigner",
@@ -57,6 +59,7 @@ _HOME = {
     "ProviderServer": "server",
     "ProxyExecutionConfig": "config",
     "RemoteExecutionPlugin": "plugins",
+    "RouteRecord": "observe",
     "Router": "router",
     "TokenClaims": "tokens",
     "TokenSigner": "tokens",

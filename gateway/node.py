@@ -26,9 +26,13 @@ from websockets.exceptions import ConnectionClosed
 from .config import ProxyExecutionConfig
 from .errors import (
     ClaimError,
+    GatewayTimeout,
     ProtocolError,
+    Unavailable,
+    error_from_wire,
 )
 from .handlers import Handler, HandlerContext, HandlerRegistry, error_body
+from .observe import PeerListener, RouteObserver, RouteRecord
 from .protocol import (
     PROVIDER_TYPES,
     Cancel,
@@ -39,7 +43,9 @@ from .protocol import (
     Partial,
     ProviderAgentStart,
     ProviderDeleteFile,
+    ProviderMessage,
     ProviderReadFile,
+    ProviderResponse,
     ProviderStart,
     ProviderStop,
     ProviderWriteFile,
@@ -64,8 +70,17 @@ from .state import (
     RunLocal,
     Send,
 )
+from .tokens import TokenClaims
 
-__all__ = ["CallStream", "Gateway", "Link", "NotificationListener"]
+__all__ = [
+    "CallStream",
+    "Gateway",
+    "Link",
+    "NotificationListener",
+    "PeerListener",
+    "RouteObserver",
+    "RouteRecord",
+]
 
 # Re-exported: they are part of this module's API (Gateway.stream / Gateway.connect return them).
 from .link import Link
@@ -86,6 +101,24 @@ class _Pending:
     future: asyncio.Future[Outcome]
     partials: asyncio.Queue[Partial] | None = None
     notes: asyncio.Queue[Notification] | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Asked:
+    """A provider message sent to a neighbour, waiting for its ``<type>Response``."""
+
+    ws: Connection
+    future: asyncio.Future[Any]
+    response: type[Any]
+
+
+@dataclass(eq=False, slots=True)
+class _Track:
+    """A request from a peer being watched for route observers, until its reply is sent."""
+
+    request: Request
+    start: float
+    hops: list[str]
 
 
 @dataclass(eq=False, slots=True)
@@ -161,6 +194,14 @@ class Gateway:
         self._listeners: list[NotificationListener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._links: list[Link] = []
+        #: token claims of accepted connections (dialled ones have none)
+        self._claims: dict[Connection, TokenClaims] = {}
+        self._peer_listeners: list[PeerListener] = []
+        self._observers: list[RouteObserver] = []
+        #: requests from peers awaiting their reply, only while route observers are registered
+        self._tracked: dict[Key, _Track] = {}
+        #: (peer, requestId) -> provider message awaiting its response
+        self._asked: dict[tuple[str, str], _Asked] = {}
         # Bounds this process's outstanding calls (the caller waits: backpressure, not errors).
         self._slots = asyncio.Semaphore(self.limits.max_pending)
         self._timer: asyncio.TimerHandle | None = None
@@ -191,6 +232,20 @@ class Gateway:
     def peers(self) -> dict[str, list[str]]:
         """Reachable peer environments and the capabilities each declared."""
         return {p: sorted(c) for p, c in self.state.peers().items()}
+
+    def peer_claims(self, peer: str) -> TokenClaims | None:
+        """The verified token claims ``peer`` connected with.
+
+        Returns:
+            The claims of the peer's most recent accepted connection that is still open; None
+            when the peer is not connected, or only by connections this node dialled (those
+            present no token to us). Claims are forgotten when the connection closes.
+        """
+        for ws in reversed(self._conns.get(peer, ())):
+            claims = self._claims.get(ws)
+            if claims is not None:
+                return claims
+        return None
 
     # ------------------------------------------------------------------ claims
 
@@ -293,6 +348,103 @@ class Gateway:
         """Receive notifications from neighbours and about this process's own calls."""
         self._listeners.append(listener)
 
+    def new_request_id(self) -> str:
+        """A fresh request id, unique to this node (for :meth:`provider_request` messages)."""
+        return self.state.new_id()
+
+    async def provider_request(
+        self, peer: str, message: ProviderMessage, *, timeout: float | None = None
+    ) -> ProviderResponse:
+        """Send a provider message to a connected neighbour and wait for its response.
+
+        The message is sent as given; its ``requestId`` (see :meth:`new_request_id`) must not
+        be waiting for an answer from ``peer`` already. The neighbour answers with the
+        ``<type>Response`` carrying the same ``requestId`` (a gateway node maps the message to
+        its ``provider:*`` / ``fs:*`` handlers, see the provider-facing messages in
+        :mod:`gateway.protocol`).
+
+        Args:
+            peer: The neighbour's environment id.
+            message: The provider message (``providerStart``, ``providerReadFile``, ...,
+                ``heartbeat``).
+            timeout: Seconds to wait for the response (default ``limits.execution_timeout``).
+
+        Returns:
+            The successful response (``result`` holds the handler's result).
+
+        Raises:
+            Unavailable: ``peer`` is not connected, or its connection closed before it answered.
+            GatewayTimeout: no response within ``timeout``.
+            ProtocolError: the id is already waiting for ``peer``, or the peer answered with a
+                response of another type.
+            GatewayError: the subclass for the error code of a response with ``success`` false
+                (e.g. :class:`~gateway.errors.TargetNotFound`); ``environment_id`` is ``peer``.
+        """
+        conns = self._conns.get(peer)
+        if not conns or self._closed:
+            raise Unavailable(
+                f"{peer} is not connected to {self.environment_id}",
+                environment_id=self.environment_id,
+            )
+        key = (peer, message.requestId)
+        if key in self._asked:
+            raise ProtocolError(
+                f"{message.type} {message.requestId}: that request id is already waiting for "
+                f"an answer from {peer}",
+                request_id=message.requestId,
+            )
+        # Registered before the send, with no await in between: if the connection closes
+        # from here on, run_connection's cleanup fails this future as unavailable.
+        asked = _Asked(
+            conns[-1], asyncio.get_running_loop().create_future(), PROVIDER_TYPES[message.type]
+        )
+        self._asked[key] = asked
+        budget = self.limits.execution_timeout if timeout is None else timeout
+        try:
+            await _send_ws(asked.ws, message)
+            async with asyncio.timeout(budget):
+                response: ProviderResponse = await asked.future
+        except TimeoutError:
+            raise GatewayTimeout(
+                f"{peer} did not answer {message.type} {message.requestId} within {budget:g}s",
+                environment_id=self.environment_id,
+            ) from None
+        finally:
+            if self._asked.get(key) is asked:
+                del self._asked[key]
+        if not response.success:
+            error = response.error or ErrorBody(code="internal", message="failed without an error")
+            raise error_from_wire(error.code, error.message, peer)
+        return response
+
+    def add_peer_listener(self, listener: PeerListener) -> None:
+        """Learn when peers come and go: ``listener(peer, True)`` when a peer's first
+        connection is up (after hello/welcome, accepted or dialled), ``listener(peer, False)``
+        when its last connection closes. Nothing is reported for the connections that
+        :meth:`close` itself shuts down. Exceptions are logged and otherwise ignored.
+        """
+        self._peer_listeners.append(listener)
+
+    def remove_peer_listener(self, listener: PeerListener) -> None:
+        """Stop calling ``listener`` (no error if it is not registered)."""
+        with contextlib.suppress(ValueError):
+            self._peer_listeners.remove(listener)
+
+    def add_route_observer(self, observer: RouteObserver) -> None:
+        """Receive a :class:`~gateway.observe.RouteRecord` for every request a peer sends here,
+        once, when its reply is sent back (refusals, timeouts and errors included; a cancel
+        from the caller yields a record with ``error_code`` ``"cancelled"``). Only requests
+        received while an observer is registered are recorded; calls made in this process
+        (including provider messages relayed to local handlers) are not. Exceptions are
+        logged and otherwise ignored.
+        """
+        self._observers.append(observer)
+
+    def remove_route_observer(self, observer: RouteObserver) -> None:
+        """Stop calling ``observer`` (no error if it is not registered)."""
+        with contextlib.suppress(ValueError):
+            self._observers.remove(observer)
+
     # ------------------------------------------------------------------ connections
 
     async def connect(
@@ -325,20 +477,44 @@ class Gateway:
             await link.wait_connected(self.limits.transport_timeout)
         return link
 
-    async def run_connection(self, ws: Connection, peer: str, capabilities: Iterable[str]) -> None:
-        """Serve one established connection to ``peer`` until it closes (hello done)."""
+    async def run_connection(
+        self,
+        ws: Connection,
+        peer: str,
+        capabilities: Iterable[str],
+        *,
+        claims: TokenClaims | None = None,
+    ) -> None:
+        """Serve one established connection to ``peer`` until it closes (hello done).
+
+        Args:
+            ws: The open connection.
+            peer: The environment on the other end.
+            capabilities: What it declared in its hello/welcome.
+            claims: The verified token it connected with (accepted connections), for
+                :meth:`peer_claims`.
+        """
         conns = self._conns.setdefault(peer, [])
         conns.append(ws)
-        if len(conns) == 1:
-            await self._apply(self.state.peer_up(peer, capabilities))
+        if claims is not None:
+            self._claims[ws] = claims
+        first = len(conns) == 1
         try:
+            if first:
+                await self._apply(self.state.peer_up(peer, capabilities))
+                self._peer_event(peer, True)
             await self._read(ws, peer)
         finally:
             conns.remove(ws)
+            self._claims.pop(ws, None)
+            if self._asked:
+                self._fail_asked(ws, f"connection to {peer} closed before it answered")
             if not conns:
-                del self._conns[peer]
+                if self._conns.get(peer) is conns:
+                    del self._conns[peer]
                 if not self._closed:
                     await self._apply(self.state.peer_down(peer, self._now()))
+                    self._peer_event(peer, False)
 
     def hello(self) -> Hello:
         """This node's hello (what it says when it dials)."""
@@ -376,6 +552,8 @@ class Gateway:
                         environment_id=self.environment_id,
                     )
                 )
+        self._fail_asked(None, "gateway closed")
+        self._tracked.clear()
         if self._timer is not None:
             self._timer.cancel()
 
@@ -460,6 +638,9 @@ class Gateway:
                 await handler(self, peer, ws, message)
 
     async def _on_request(self, peer: str, ws: Connection, message: Any) -> None:
+        if self._observers:
+            await self._apply(self._track(peer, message))
+            return
         await self._apply(self.state.receive_request(peer, message, self._now()))
 
     async def _on_reply(self, peer: str, ws: Connection, message: Any) -> None:
@@ -472,6 +653,10 @@ class Gateway:
         await self._apply(self.state.receive_notification(peer, message))
 
     async def _on_cancel(self, peer: str, ws: Connection, message: Any) -> None:
+        if self._tracked:
+            track = self._tracked.pop((peer, message.requestId), None)
+            if track is not None:  # no reply will be sent: the record is made here
+                self._observe(peer, track, False, "cancelled", self.environment_id)
         await self._apply(self.state.receive_cancel(peer, message))
 
     async def _on_provider(self, peer: str, ws: Connection, message: Any) -> None:
@@ -480,7 +665,22 @@ class Gateway:
         self._spawn(self._provider(peer, ws, message))
 
     async def _on_response(self, peer: str, ws: Connection, message: Any) -> None:
-        log.debug("%s from %s ignored: this gateway sends no provider messages", message.type, peer)
+        asked = self._asked.get((peer, message.requestId))
+        if asked is None or asked.future.done():
+            log.debug(
+                "%s %s from %s ignored: nothing waits for it", message.type, message.requestId, peer
+            )
+            return
+        if type(message) is asked.response:
+            asked.future.set_result(message)
+        else:
+            asked.future.set_exception(
+                ProtocolError(
+                    f"{peer} answered {message.requestId} with {message.type}, "
+                    f"expected {asked.response.__name__}",
+                    request_id=message.requestId,
+                )
+            )
 
     async def _provider(self, peer: str, ws: Connection, message: Any) -> None:
         response = PROVIDER_TYPES[message.type]
@@ -526,6 +726,8 @@ class Gateway:
         for action in actions:
             if isinstance(action, Send):
                 await self._send(action.peer, action.message)
+                if self._tracked and type(action.message) is Reply:
+                    self._replied(action.peer, action.message)
             elif isinstance(action, Deliver):
                 pending = self._pending.get(action.request_id)
                 if pending is not None and not pending.future.done():
@@ -547,6 +749,84 @@ class Gateway:
             elif isinstance(action, DeliverNotification):
                 self._deliver_note(action)
         self._rearm()
+
+    # ------------------------------------------------------------------ internals: observers
+
+    def _peer_event(self, peer: str, up: bool) -> None:
+        for listener in list(self._peer_listeners):
+            try:
+                listener(peer, up)
+            except Exception:
+                log.exception("peer listener failed for %s (%s)", peer, "up" if up else "down")
+
+    def _fail_asked(self, ws: Connection | None, why: str) -> None:
+        """Fail the provider messages waiting on ``ws`` (None: all of them) as unavailable."""
+        for asked in list(self._asked.values()):
+            if (ws is None or asked.ws is ws) and not asked.future.done():
+                asked.future.set_exception(Unavailable(why, environment_id=self.environment_id))
+
+    def _track(self, peer: str, request: Request) -> list[Action]:
+        """Hand ``request`` to the state and note where it went (route observers only).
+
+        The state's actions for a new request say it all: a RunLocal (runs here), Sends of
+        fresh Requests (forwarded to those peers) or a Send of the Reply (refused here).
+        """
+        now = self._now()
+        rid = request.requestId
+        resend = self.state.seen(peer, rid)
+        actions = self.state.receive_request(peer, request, now)
+        if resend:  # answered (or being answered) once: recorded once
+            return actions
+        hops: list[str] = []
+        for action in actions:
+            if isinstance(action, RunLocal):
+                hops = [self.environment_id]
+                break
+            if isinstance(action, Send):
+                if type(action.message) is Reply:
+                    hops = []
+                    break
+                if type(action.message) is Request:
+                    hops.append(action.peer)
+        else:
+            # legs for a peer that is away are held, not sent: the state still knows them
+            targets = self.state.forwarded_to(peer, rid)
+            if len(hops) < len(targets):
+                hops = list(targets)
+        self._tracked[(peer, rid)] = _Track(request, now, hops)
+        return actions
+
+    def _replied(self, peer: str, reply: Reply) -> None:
+        rid = reply.replyRequestId
+        track = self._tracked.pop((peer, rid), None) if rid is not None else None
+        if track is not None:
+            code = reply.error.code if reply.error is not None else None
+            self._observe(peer, track, reply.success, code, reply.environmentId)
+
+    def _observe(
+        self, peer: str, track: _Track, success: bool, code: str | None, ran_in: str | None
+    ) -> None:
+        request = track.request
+        path = list(request.routePath)
+        record = RouteRecord(
+            kind=request.originalType,
+            action=request.originalAction,
+            route_path=path,
+            origin=path[0] if path else peer,
+            from_peer=peer,
+            next_hop=track.hops[0] if track.hops else None,
+            next_hops=list(track.hops),
+            ran_in=ran_in,
+            success=success,
+            error_code=code,
+            duration_ms=(self._now() - track.start) * 1000,
+            request_id=request.requestId,
+        )
+        for observer in list(self._observers):
+            try:
+                observer(record)
+            except Exception:
+                log.exception("route observer failed")
 
     def _deliver_note(self, action: DeliverNotification) -> None:
         if action.request_id is not None:

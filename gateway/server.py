@@ -142,4 +142,4 @@ class ProviderServer:
             return
         with contextlib.suppress(ConnectionClosed):
             await conn.send(dump(gw.welcome()))
-            await gw.run_connection(conn, hello.environmentId, hello.capabilities)
+            await gw.run_connection(conn, hello.environmentId, hello.capabilities, claims=claims)

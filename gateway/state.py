@@ -267,6 +267,20 @@ class GatewayState:
         info = self._peers.get(peer)
         return info is not None and info.connected
 
+    def seen(self, peer: str, request_id: str) -> bool:
+        """Whether request ``request_id`` from ``peer`` is running here or was answered (so a
+        request with that id is a resend, answered once)."""
+        key = (peer, request_id)
+        return key in self._calls or key in self._done
+
+    def forwarded_to(self, peer: str, request_id: str) -> tuple[str, ...]:
+        """The neighbours the running call ``request_id`` from ``peer`` was proxied to (``()``
+        when it runs here or is unknown), including legs held for a peer that is away."""
+        call = self._calls.get((peer, request_id))
+        if call is None or call.local:
+            return ()
+        return call.targets
+
     @property
     def inflight(self) -> int:
         """Calls currently running here or proxied from here."""
