@@ -21,13 +21,12 @@ import os
 import signal
 from typing import Any
 
-from gateway.observe import RouteRecord
-
 from gateway.client import token_environment
 from gateway.config import load_config, parse_config
 from gateway.errors import Busy
 from gateway.handlers import HandlerContext
 from gateway.link import Link
+from gateway.observe import RouteRecord
 from gateway.state import Limits
 from narrative.errors import InvalidInput, StoreNotFound
 from narrative.history import resolve_snapshot
@@ -293,8 +292,8 @@ class Runtime(Hub):
     def _on_route(self, record: RouteRecord) -> None:
         if self.run_id is None or not record.origin.endswith(".agent"):
             return
-        route = [*record.route_path]
-        if record.next_hop is not None:
+        route = [*record.route_path, self.environment_id]
+        if record.next_hop not in (None, self.environment_id):
             route.append(record.next_hop)
         if record.ran_in and record.ran_in != route[-1]:
             route.append(record.ran_in)

@@ -75,6 +75,11 @@ PLUGIN = textwrap.dedent(
 )
 
 
+def _start(cli: Cli, *args: str, env: dict[str, str] | None = None) -> Any:
+    """``narrative run start --json ARGS`` (``--json`` before the command's ``--``)."""
+    return json.loads(cli.run("run", "start", "--json", *args, env=env).stdout)
+
+
 def _events(store_dir: Path, run_id: str) -> list[dict[str, Any]]:
     return RunEventLog(Store.open(str(store_dir)), run_id).read()
 
@@ -149,7 +154,7 @@ def test_failed_timed_out_and_second_runs_reuse_the_environment(hub_cli: Cli) ->
     )  # fmt: skip
     data = json.loads(slow.stdout)
     assert slow.returncode == 1 and data["timed_out"] and data["exit_code"] == 124
-    ok = hub_cli.json("run", "start", "--env", "sandbox", "--", "cat", "README.md")
+    ok = _start(hub_cli, "--env", "sandbox", "--", "cat", "README.md")
     assert ok["status"] == "succeeded"
     runs = hub_cli.json("run", "list")
     assert [(r["status"], r["exit_code"]) for r in runs] == [
@@ -170,8 +175,8 @@ def test_agent_calls_are_routed_and_the_routes_recorded(
     (plugins / "hub_inference.py").write_text(PLUGIN)
     env = {"PYTHONPATH": str(plugins)}
     with _serve(hub_cli, workspace, "--handlers", "hub_inference", env=env):
-        run = hub_cli.json(
-            "run", "start", "--env", "sandbox", "--",
+        run = _start(
+            hub_cli, "--env", "sandbox", "--",
             sys.executable, "agent.py", "inference:complete",
         )  # fmt: skip
     assert run["status"] == "succeeded", run
@@ -202,15 +207,15 @@ def test_agent_calls_are_routed_and_the_routes_recorded(
 
 def _file(store: Store, snapshot: str, path: str) -> str:
     repo = store.odb.repo()
-    tree = repo[bytes.fromhex(resolve_snapshot(store, snapshot).tree)]
-    return str(repo[tree[path.encode()][1]].data.decode())
+    tree = repo[resolve_snapshot(store, snapshot).tree]
+    return str(repo[tree[path].id].data.decode())
 
 
 def test_fan_out_to_three_environments_gathers_three_results(hub_cli: Cli, workspace: Path) -> None:
     for name in ("b", "c"):
         hub_cli.run("env", "create", name, "--provider", "worktree")
-    runs = hub_cli.json(
-        "run", "start", "--env", "sandbox", "--env", "b", "--env", "c", "--",
+    runs = _start(
+        hub_cli, "--env", "sandbox", "--env", "b", "--env", "c", "--",
         "sh", "-c", 'echo "$NARRATIVE_ENVIRONMENT" > where.txt',
     )  # fmt: skip
     assert [r["environment"] for r in runs] == ["sandbox", "b", "c"]
@@ -240,7 +245,7 @@ def test_chain_a_b_c_brings_both_narratives_home(hub_cli: Cli, workspace: Path) 
     (workspace / "chain.sh").write_text(script)
     bin_dir = str(Path(NARRATIVE).parent)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    run = hub_cli.json("run", "start", "--env", "sandbox", "--", "sh", "chain.sh", env=env)
+    run = _start(hub_cli, "--env", "sandbox", "--", "sh", "chain.sh", env=env)
     assert run["status"] == "succeeded", run
     names = hub_cli.run("diff", run["id"], "--name-status").stdout.splitlines()
     assert sorted(names) == ["A\tb.txt", "A\tc.txt"]
@@ -321,6 +326,8 @@ class _serve:
     def __exit__(self, *exc: object) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=30)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
 
 
 # -- faults, with the hub in this process ---------------------------------------------------------
