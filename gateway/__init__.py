@@ -4,8 +4,9 @@ environment, and chains environments in any topology (linear, fan-out, tree, mes
 Layers, bottom up: :mod:`gateway.protocol` (wire messages), :mod:`gateway.config`
 (``proxyExecution.json``), :mod:`gateway.router` and :mod:`gateway.state` (every decision,
 free of I/O), :mod:`gateway.tokens` (run-scoped HMAC tokens), :mod:`gateway.handlers` and
-:mod:`gateway.builtins` (local work), then the asyncio shell: :mod:`gateway.node`,
-:mod:`gateway.server`, :mod:`gateway.plugins` and :mod:`gateway.client`.
+:mod:`gateway.builtins` (local work), then the asyncio shell: :mod:`gateway.node`
+(with :mod:`gateway.observe`: route records and peer events), :mod:`gateway.server`,
+:mod:`gateway.plugins` and :mod:`gateway.client`.
 
 Names are imported lazily, so ``import gateway.errors`` stays cheap.
 """
