@@ -496,7 +496,7 @@ class RunDriver:
         task.add_done_callback(self._tasks.discard)
 
     def _request_id(self) -> str:
-        return self.hub.gateway.state.new_id()
+        return self.hub.gateway.new_request_id()
 
 
 async def adopt_interrupted(hub: Hub) -> None:

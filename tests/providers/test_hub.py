@@ -13,83 +13,37 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from narrative.hierarchy import get_run, list_threads
-from narrative.history import resolve_snapshot
 from narrative.store import Store
 from providers.events import RunEventLog
 from providers.hub import Hub
 from providers.hub_client import follow_runs
 from providers.hub_runs import RunRequest
 
-from ..conftest import NARRATIVE, Cli, git, tree_bytes
+from ..conftest import NARRATIVE, Cli, git
+from .hub_support import (
+    AGENT,
+    PLUGIN,
+    ROUTING,
+    counting_agent,
+    events,
+    file,
+    free_port,
+    output,
+    serve,
+    start,
+    types,
+    until,
+    user_files,
+    wait_for_output,
+)
 
 pytestmark = pytest.mark.timeout(180) if hasattr(pytest.mark, "timeout") else []
-
-#: An agent that talks to its runtime through gateway.client (env set by the runtime).
-AGENT = textwrap.dedent(
-    """
-    import asyncio, json, os, sys
-    from gateway.client import GatewayClient
-
-    async def main():
-        url, token = os.environ["NARRATIVE_GATEWAY_URL"], os.environ["NARRATIVE_GATEWAY_TOKEN"]
-        async with GatewayClient(url, token) as client:
-            readme = await client.call("fs", "readFile", {"path": "README.md"})
-            ran = await client.call("exec", "run", {"argv": ["sh", "-c", "echo local; pwd"]})
-            extra = {}
-            for spec in sys.argv[1:]:
-                kind, action = spec.split(":")
-                extra[spec] = await client.call(kind, action, {"prompt": "2+2"})
-        with open("agent-result.json", "w") as f:
-            json.dump({"readme": readme["content"], "exec": ran, "extra": extra}, f)
-        print("agent done", flush=True)
-
-    asyncio.run(main())
-    """
-)
-
-#: Routing rules the agent's environment uses: files from the hub, commands where it runs.
-ROUTING = {
-    "rules": {
-        "fs": {"mode": "proxy", "environment": "hub"},
-        "exec": {"mode": "local"},
-        "inference": {"mode": "proxy", "environment": "hub"},
-    }
-}
-
-#: A handler plugin only the hub serves.
-PLUGIN = textwrap.dedent(
-    """
-    async def complete(ctx, payload):
-        return {"completion": "4", "servedBy": ctx.environment_id, "prompt": payload["prompt"]}
-
-    def register(registry):
-        registry.register("inference", "complete", complete)
-    """
-)
-
-
-def _start(cli: Cli, *args: str, env: dict[str, str] | None = None) -> Any:
-    """``narrative run start --json ARGS`` (``--json`` before the command's ``--``)."""
-    return json.loads(cli.run("run", "start", "--json", *args, env=env).stdout)
-
-
-def _events(store_dir: Path, run_id: str) -> list[dict[str, Any]]:
-    return RunEventLog(Store.open(str(store_dir)), run_id).read()
-
-
-def _types(events: list[dict[str, Any]]) -> list[str]:
-    return [e["type"] for e in events]
-
-
-def _user_files(ws: Path) -> dict[str, bytes]:
-    return {k: v for k, v in tree_bytes(ws).items() if not k.startswith(".narrative")}
 
 
 @pytest.fixture
@@ -100,7 +54,7 @@ def hub_cli(cli: Cli, workspace: Path) -> Cli:
 
 
 def test_run_through_an_embedded_hub_ships_bundles_both_ways(hub_cli: Cli, workspace: Path) -> None:
-    before = _user_files(workspace)
+    before = user_files(workspace)
     proc = hub_cli.run(
         "run", "start", "--env", "sandbox", "--json", "--",
         "sh", "-c", "echo working; echo changed >> README.md; echo new > new.txt; rm src/app.py",
@@ -108,11 +62,11 @@ def test_run_through_an_embedded_hub_ships_bundles_both_ways(hub_cli: Cli, works
     run = json.loads(proc.stdout)
     assert "working" in proc.stderr
     assert run["status"] == "succeeded" and run["exit_code"] == 0
-    assert _user_files(workspace) == before
+    assert user_files(workspace) == before
     names = hub_cli.run("diff", run["id"], "--name-status").stdout
     assert sorted(names.splitlines()) == ["A\tnew.txt", "D\tsrc/app.py", "M\tREADME.md"]
-    events = _events(workspace / ".narrative", run["id"])
-    kinds = _types(events)
+    history = events(workspace / ".narrative", run["id"])
+    kinds = types(history)
     for expected in (
         "run.created",
         "runtime.spawned",
@@ -129,7 +83,7 @@ def test_run_through_an_embedded_hub_ships_bundles_both_ways(hub_cli: Cli, works
     assert (
         kinds.index("agent.exited") < kinds.index("result.collected") < kinds.index("run.finished")
     )
-    shipped = events[kinds.index("snapshot.shipped")]
+    shipped = history[kinds.index("snapshot.shipped")]
     assert shipped["bytes"] > 0 and shipped["snapshot"] == run["base_snapshot"]
     # the result came back with its hierarchy: the snapshot names the run and its thread
     result = hub_cli.json("show", run["result_snapshot"])
@@ -137,7 +91,7 @@ def test_run_through_an_embedded_hub_ships_bundles_both_ways(hub_cli: Cli, works
     git("fsck", "--strict", cwd=workspace / ".narrative")
     # no hub left announced, no runtime left running
     assert not list((workspace / ".narrative" / "narrative" / "hubs").glob("*.json"))
-    spawned = events[kinds.index("runtime.spawned")]
+    spawned = history[kinds.index("runtime.spawned")]
     assert spawned["handle"]
     shown = hub_cli.run("run", "show", run["id"]).stdout
     assert "agent.exited" in shown and "run.finished" in shown
@@ -154,7 +108,7 @@ def test_failed_timed_out_and_second_runs_reuse_the_environment(hub_cli: Cli) ->
     )  # fmt: skip
     data = json.loads(slow.stdout)
     assert slow.returncode == 1 and data["timed_out"] and data["exit_code"] == 124
-    ok = _start(hub_cli, "--env", "sandbox", "--", "cat", "README.md")
+    ok = start(hub_cli, "--env", "sandbox", "--", "cat", "README.md")
     assert ok["status"] == "succeeded"
     runs = hub_cli.json("run", "list")
     assert [(r["status"], r["exit_code"]) for r in runs] == [
@@ -174,14 +128,14 @@ def test_agent_calls_are_routed_and_the_routes_recorded(
     plugins.mkdir()
     (plugins / "hub_inference.py").write_text(PLUGIN)
     env = {"PYTHONPATH": str(plugins)}
-    with _serve(hub_cli, workspace, "--handlers", "hub_inference", env=env):
-        run = _start(
+    with serve(hub_cli, workspace, "--handlers", "hub_inference", env=env):
+        run = start(
             hub_cli, "--env", "sandbox", "--",
             sys.executable, "agent.py", "inference:complete",
         )  # fmt: skip
     assert run["status"] == "succeeded", run
     snap = Store.open(str(workspace / ".narrative"))
-    result = json.loads(_file(snap, run["result_snapshot"], "agent-result.json"))
+    result = json.loads(file(snap, run["result_snapshot"], "agent-result.json"))
     assert result["readme"] == "# demo\n"
     assert result["exec"]["stdout"].startswith("local\n")
     # exec ran in the environment's workspace, not in the user's
@@ -193,7 +147,7 @@ def test_agent_calls_are_routed_and_the_routes_recorded(
     }
     routes = {
         e["call"]: e
-        for e in _events(workspace / ".narrative", run["id"])
+        for e in events(workspace / ".narrative", run["id"])
         if e["type"] == "call.routed"
     }
     assert routes["fs:readFile"]["route"] == ["sandbox.agent", "sandbox", "hub"]
@@ -205,16 +159,10 @@ def test_agent_calls_are_routed_and_the_routes_recorded(
     assert "fs:readFile: sandbox.agent -> sandbox -> hub (ran in hub" in shown
 
 
-def _file(store: Store, snapshot: str, path: str) -> str:
-    repo = store.odb.repo()
-    tree = repo[resolve_snapshot(store, snapshot).tree]
-    return str(repo[tree[path].id].data.decode())
-
-
 def test_fan_out_to_three_environments_gathers_three_results(hub_cli: Cli, workspace: Path) -> None:
     for name in ("b", "c"):
         hub_cli.run("env", "create", name, "--provider", "worktree")
-    runs = _start(
+    runs = start(
         hub_cli, "--env", "sandbox", "--env", "b", "--env", "c", "--",
         "sh", "-c", 'echo "$NARRATIVE_ENVIRONMENT" > where.txt',
     )  # fmt: skip
@@ -223,7 +171,7 @@ def test_fan_out_to_three_environments_gathers_three_results(hub_cli: Cli, works
     assert len({r["base_snapshot"] for r in runs}) == 1
     store = Store.open(str(workspace / ".narrative"))
     for r in runs:
-        assert _file(store, r["result_snapshot"], "where.txt") == f"{r['environment']}\n"
+        assert file(store, r["result_snapshot"], "where.txt") == f"{r['environment']}\n"
         diff = hub_cli.run("diff", r["id"], "--name-status").stdout
         assert diff.splitlines() == ["A\twhere.txt"]
 
@@ -245,7 +193,7 @@ def test_chain_a_b_c_brings_both_narratives_home(hub_cli: Cli, workspace: Path) 
     (workspace / "chain.sh").write_text(script)
     bin_dir = str(Path(NARRATIVE).parent)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    run = _start(hub_cli, "--env", "sandbox", "--", "sh", "chain.sh", env=env)
+    run = start(hub_cli, "--env", "sandbox", "--", "sh", "chain.sh", env=env)
     assert run["status"] == "succeeded", run
     names = hub_cli.run("diff", run["id"], "--name-status").stdout.splitlines()
     assert sorted(names) == ["A\tb.txt", "A\tc.txt"]
@@ -261,7 +209,7 @@ def test_stop_and_kill(hub_cli: Cli, workspace: Path) -> None:
     (workspace / "patient.sh").write_text(
         "trap 'echo bye > bye.txt; exit 3' TERM\necho started\nwhile true; do sleep 0.1; done\n"
     )
-    with _serve(hub_cli, workspace):
+    with serve(hub_cli, workspace):
         for action, expected in (("stop", "cancelled"), ("kill", "killed")):
             starter = subprocess.Popen(
                 [NARRATIVE, "run", "start", "--env", "sandbox", "--json", "--", "sh", "patient.sh"],
@@ -270,7 +218,7 @@ def test_stop_and_kill(hub_cli: Cli, workspace: Path) -> None:
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            run_id = _wait_for_output(workspace, "started")
+            run_id = wait_for_output(workspace, "started")
             hub_cli.run("run", action, run_id)
             out, _err = starter.communicate(timeout=60)
             run = json.loads(out)
@@ -282,52 +230,6 @@ def test_stop_and_kill(hub_cli: Cli, workspace: Path) -> None:
                 assert run["exit_code"] == 3
     again = hub_cli.run("run", "kill", run_id, check=False)
     assert again.returncode == 1 and "already finished" in again.stderr
-
-
-def _wait_for_output(workspace: Path, text: str, timeout: float = 60) -> str:
-    store = Store.open(str(workspace / ".narrative"))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for run in store.meta.all("runs"):
-            if run["status"] != "running":
-                continue
-            for event in RunEventLog(store, run["id"]).read():
-                if event["type"] == "agent.output" and text in event.get("data", ""):
-                    return str(run["id"])
-        time.sleep(0.05)
-    raise AssertionError(f"no running run printed {text!r}")
-
-
-def _free_port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-class _serve:
-    """``narrative serve`` in the background for the duration of a with block."""
-
-    def __init__(self, cli: Cli, workspace: Path, *args: str, env: dict[str, str] | None = None):
-        self.cmd = [NARRATIVE, "serve", "--port", "0", "--json", *args]
-        self.workspace = workspace
-        self.env = {**os.environ, **(env or {})}
-
-    def __enter__(self) -> dict[str, Any]:
-        self.proc = subprocess.Popen(
-            self.cmd, cwd=self.workspace, env=self.env, stdout=subprocess.PIPE, text=True
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, "narrative serve exited before announcing itself"
-        return dict(json.loads(line))
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
 
 
 # -- faults, with the hub in this process ---------------------------------------------------------
@@ -344,22 +246,6 @@ async def _drive(
     return final, RunEventLog(store, run.id).read()
 
 
-async def _until(predicate: Any, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-
-
-def _output(events: list[dict[str, Any]]) -> str:
-    return "".join(e["data"] for e in events if e["type"] == "agent.output")
-
-
-def _counting_agent(n: int, pause: float) -> list[str]:
-    return ["sh", "-c", f"for i in $(seq 1 {n}); do echo line-$i; sleep {pause}; done"]
-
-
 def test_dropped_connection_reconnects_and_loses_no_output(store: Store) -> None:
     from providers.manager import EnvironmentManager
 
@@ -367,15 +253,15 @@ def test_dropped_connection_reconnects_and_loses_no_output(store: Store) -> None
 
     async def drop(hub: Hub, run: Any) -> None:
         log = RunEventLog(store, run.id)
-        await _until(lambda: "line-3" in _output(log.read()))
+        await until(lambda: "line-3" in output(log.read()))
         for ws in list(hub.gateway._conns.get("sandbox", [])):
             await ws.close()
 
-    request = RunRequest("sandbox", _counting_agent(30, 0.05))
+    request = RunRequest("sandbox", counting_agent(30, 0.05))
     final, events = asyncio.run(_drive(store, request, drop))
     assert final.status == "succeeded"
-    assert _output(events) == "".join(f"line-{i}\n" for i in range(1, 31))
-    kinds = _types(events)
+    assert output(events) == "".join(f"line-{i}\n" for i in range(1, 31))
+    kinds = types(events)
     assert "runtime.disconnected" in kinds
     assert kinds.count("runtime.connected") >= 2
 
@@ -390,16 +276,16 @@ def test_token_expiring_mid_run_is_renewed(store: Store) -> None:
         for ws in list(hub.gateway._conns.get("sandbox", [])):
             await ws.close()
 
-    request = RunRequest("sandbox", _counting_agent(40, 0.1))
+    request = RunRequest("sandbox", counting_agent(40, 0.1))
     final, events = asyncio.run(_drive(store, request, drop_after_expiry, token_ttl=1.5))
-    assert final.status == "succeeded", _types(events)
-    assert _output(events).count("line-") == 40
-    assert _types(events).count("runtime.connected") >= 2
+    assert final.status == "succeeded", types(events)
+    assert output(events).count("line-") == 40
+    assert types(events).count("runtime.connected") >= 2
 
 
 def test_hub_restart_adopts_the_run(hub_cli: Cli, workspace: Path) -> None:
-    port = _free_port()  # the runtime keeps dialling the same address
-    with _serve(hub_cli, workspace, "--port", port) as first:
+    port = free_port()  # the runtime keeps dialling the same address
+    with serve(hub_cli, workspace, "--port", port) as first:
         starter = subprocess.Popen(
             [
                 NARRATIVE,
@@ -409,21 +295,21 @@ def test_hub_restart_adopts_the_run(hub_cli: Cli, workspace: Path) -> None:
                 "sandbox",
                 "--json",
                 "--",
-                *_counting_agent(40, 0.1),
+                *counting_agent(40, 0.1),
             ],
             cwd=workspace,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        run_id = _wait_for_output(workspace, "line-3")
+        run_id = wait_for_output(workspace, "line-3")
         os.kill(first["pid"], signal.SIGKILL)
-    with _serve(hub_cli, workspace, "--port", port):
+    with serve(hub_cli, workspace, "--port", port):
         out, _err = starter.communicate(timeout=90)
     run = json.loads(out)
     assert run["id"] == run_id and run["status"] == "succeeded", run
-    events = _events(workspace / ".narrative", run_id)
-    assert "run.adopted" in _types(events)
-    assert _output(events) == "".join(f"line-{i}\n" for i in range(1, 41))
+    history = events(workspace / ".narrative", run_id)
+    assert "run.adopted" in types(history)
+    assert output(history) == "".join(f"line-{i}\n" for i in range(1, 41))
     store = Store.open(str(workspace / ".narrative"))
     assert get_run(store, run_id).result_snapshot == run["result_snapshot"]

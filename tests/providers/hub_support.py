@@ -1,0 +1,148 @@
+"""Shared pieces of the hub tests: agents, routing rules, a background ``narrative serve``, and
+readers of run event logs and snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from narrative.history import resolve_snapshot
+from narrative.store import Store
+from providers.events import RunEventLog
+
+from ..conftest import NARRATIVE, Cli, tree_bytes
+
+#: An agent that talks to its runtime through gateway.client (env set by the runtime).
+AGENT = textwrap.dedent(
+    """
+    import asyncio, json, os, sys
+    from gateway.client import GatewayClient
+
+    async def main():
+        url, token = os.environ["NARRATIVE_GATEWAY_URL"], os.environ["NARRATIVE_GATEWAY_TOKEN"]
+        async with GatewayClient(url, token) as client:
+            readme = await client.call("fs", "readFile", {"path": "README.md"})
+            ran = await client.call("exec", "run", {"argv": ["sh", "-c", "echo local; pwd"]})
+            extra = {}
+            for spec in sys.argv[1:]:
+                kind, action = spec.split(":")
+                extra[spec] = await client.call(kind, action, {"prompt": "2+2"})
+        with open("agent-result.json", "w") as f:
+            json.dump({"readme": readme["content"], "exec": ran, "extra": extra}, f)
+        print("agent done", flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+#: Routing rules the agent's environment uses: files from the hub, commands where it runs.
+ROUTING = {
+    "rules": {
+        "fs": {"mode": "proxy", "environment": "hub"},
+        "exec": {"mode": "local"},
+        "inference": {"mode": "proxy", "environment": "hub"},
+    }
+}
+
+#: A handler plugin only the hub serves.
+PLUGIN = textwrap.dedent(
+    """
+    async def complete(ctx, payload):
+        return {"completion": "4", "servedBy": ctx.environment_id, "prompt": payload["prompt"]}
+
+    def register(registry):
+        registry.register("inference", "complete", complete)
+    """
+)
+
+
+def start(cli: Cli, *args: str, env: dict[str, str] | None = None) -> Any:
+    """``narrative run start --json ARGS`` (``--json`` before the command's ``--``)."""
+    return json.loads(cli.run("run", "start", "--json", *args, env=env).stdout)
+
+
+def events(store_dir: Path, run_id: str) -> list[dict[str, Any]]:
+    return RunEventLog(Store.open(str(store_dir)), run_id).read()
+
+
+def types(events: list[dict[str, Any]]) -> list[str]:
+    return [e["type"] for e in events]
+
+
+def user_files(ws: Path) -> dict[str, bytes]:
+    return {k: v for k, v in tree_bytes(ws).items() if not k.startswith(".narrative")}
+
+
+def file(store: Store, snapshot: str, path: str) -> str:
+    repo = store.odb.repo()
+    tree = repo[resolve_snapshot(store, snapshot).tree]
+    return str(repo[tree[path].id].data.decode())
+
+
+def wait_for_output(workspace: Path, text: str, timeout: float = 60) -> str:
+    store = Store.open(str(workspace / ".narrative"))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in store.meta.all("runs"):
+            if run["status"] != "running":
+                continue
+            for event in RunEventLog(store, run["id"]).read():
+                if event["type"] == "agent.output" and text in event.get("data", ""):
+                    return str(run["id"])
+        time.sleep(0.05)
+    raise AssertionError(f"no running run printed {text!r}")
+
+
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+class serve:
+    """``narrative serve`` in the background for the duration of a with block."""
+
+    def __init__(self, cli: Cli, workspace: Path, *args: str, env: dict[str, str] | None = None):
+        self.cmd = [NARRATIVE, "serve", "--port", "0", "--json", *args]
+        self.workspace = workspace
+        self.env = {**os.environ, **(env or {})}
+
+    def __enter__(self) -> dict[str, Any]:
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=self.workspace, env=self.env, stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, "narrative serve exited before announcing itself"
+        return dict(json.loads(line))
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+async def until(predicate: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+def output(events: list[dict[str, Any]]) -> str:
+    return "".join(e["data"] for e in events if e["type"] == "agent.output")
+
+
+def counting_agent(n: int, pause: float) -> list[str]:
+    return ["sh", "-c", f"for i in $(seq 1 {n}); do echo line-$i; sleep {pause}; done"]
