@@ -146,3 +146,8 @@ def output(events: list[dict[str, Any]]) -> str:
 
 def counting_agent(n: int, pause: float) -> list[str]:
     return ["sh", "-c", f"for i in $(seq 1 {n}); do echo line-$i; sleep {pause}; done"]
+
+
+def routes(store_dir: Path, run_id: str) -> dict[str, dict[str, Any]]:
+    """The ``call.routed`` events of a run, by call name."""
+    return {e["call"]: e for e in events(store_dir, run_id) if e["type"] == "call.routed"}

@@ -42,6 +42,9 @@ from .hub_support import (
     user_files,
     wait_for_output,
 )
+from .hub_support import (
+    routes as routes_of,
+)
 
 pytestmark = pytest.mark.timeout(180) if hasattr(pytest.mark, "timeout") else []
 
@@ -145,11 +148,7 @@ def test_agent_calls_are_routed_and_the_routes_recorded(
         "servedBy": "hub",
         "prompt": "2+2",
     }
-    routes = {
-        e["call"]: e
-        for e in events(workspace / ".narrative", run["id"])
-        if e["type"] == "call.routed"
-    }
+    routes = routes_of(workspace / ".narrative", run["id"])
     assert routes["fs:readFile"]["route"] == ["sandbox.agent", "sandbox", "hub"]
     assert routes["fs:readFile"]["ranIn"] == "hub"
     assert routes["exec:run"]["route"] == ["sandbox.agent", "sandbox"]

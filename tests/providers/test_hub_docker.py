@@ -1,0 +1,114 @@
+"""The hub with a Docker environment (real engine, DESIGN.md §5): the runtime runs inside the
+container and connects back over loopback (host networking, nothing leaves the machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from narrative.store import Store
+
+from ..conftest import NARRATIVE, Cli, git
+from .hub_support import (
+    AGENT,
+    ROUTING,
+    counting_agent,
+    events,
+    file,
+    serve,
+    start,
+    types,
+    wait_for_output,
+)
+from .hub_support import (
+    routes as routes_of,
+)
+
+REPO = str(Path(__file__).resolve().parents[2])
+WORKDIR = "/agent"  # outside every mount below
+
+
+def runtime_config(image: str) -> list[str]:
+    """``--config`` pairs of a container whose runtime is this checkout, mounted read-only."""
+    mounts = [
+        {"source": path, "target": path, "read_only": True}
+        for path in sorted({"/usr", sys.base_prefix, sys.prefix, REPO})
+    ]
+    pairs = {
+        "image": image,
+        "network": "host",
+        "workdir": WORKDIR,
+        "runtime": json.dumps([sys.executable, "-m", "cli.main"]),
+        "mounts": json.dumps(mounts),
+        "env": json.dumps({"HOME": "/tmp"}),
+    }
+    return [arg for key, value in pairs.items() for arg in ("--config", f"{key}={value}")]
+
+
+def create_box(cli: Cli, image: str, name: str = "box") -> dict[str, Any]:
+    out = cli.run("env", "create", name, "--provider", "docker", "--json", *runtime_config(image))
+    return dict(json.loads(out.stdout))
+
+
+def test_agent_in_a_container_reads_through_the_hub_and_runs_commands_locally(
+    cli: Cli, workspace: Path, docker_image: str
+) -> None:
+    cli.run("init")
+    create_box(cli, docker_image)
+    cli.run("env", "create", "wt", "--provider", "worktree")
+    (workspace / "agent.py").write_text(AGENT)
+    (workspace / "proxyExecution.json").write_text(json.dumps(ROUTING))
+    runs = start(cli, "--env", "box", "--env", "wt", "--", sys.executable, "agent.py")
+    assert [(r["environment"], r["status"]) for r in runs] == [
+        ("box", "succeeded"),
+        ("wt", "succeeded"),
+    ], runs
+    store = Store.open(str(workspace / ".narrative"))
+    for run in runs:
+        result = json.loads(file(store, run["result_snapshot"], "agent-result.json"))
+        assert result["readme"] == "# demo\n"  # served by the hub from the user's workspace
+        where = result["exec"]["stdout"].split("\n")[1]
+        routes = routes_of(workspace / ".narrative", run["id"])
+        env = run["environment"]
+        assert routes["fs:readFile"]["route"] == [f"{env}.agent", env, "hub"]
+        assert routes["exec:run"]["ranIn"] == env
+        if env == "box":
+            assert where == WORKDIR  # the command ran inside the container
+        else:
+            assert where != str(workspace)
+        names = cli.run("diff", run["id"], "--name-status").stdout.splitlines()
+        assert names == ["A\tagent-result.json"]
+    git("fsck", "--strict", cwd=workspace / ".narrative")
+
+
+def test_container_killed_mid_run_fails_the_run_and_the_hub_keeps_serving(
+    cli: Cli, workspace: Path, docker_image: str, docker_api: Any
+) -> None:
+    cli.run("init")
+    box = create_box(cli, docker_image)
+    cli.run("env", "create", "wt", "--provider", "worktree")
+    with serve(cli, workspace, "--reconnect-grace", "30"):
+        starter = subprocess.Popen(
+            [NARRATIVE, "run", "start", "--env", "box", "--json", "--", *counting_agent(600, 0.1)],
+            cwd=workspace,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ,
+        )
+        run_id = wait_for_output(workspace, "line-3")
+        docker_api.kill(box["resource_id"])
+        out, _err = starter.communicate(timeout=90)
+        run = json.loads(out)
+        assert run["id"] == run_id and run["status"] == "failed", run
+        assert starter.returncode == 1
+        history = events(workspace / ".narrative", run_id)
+        assert "runtime.lost" in types(history) and types(history)[-1] == "run.finished"
+        assert cli.json("env", "show", "box")["state"] == "error"
+        # the same hub still serves the next run
+        ok = start(cli, "--env", "wt", "--", "true")
+        assert ok["status"] == "succeeded"
