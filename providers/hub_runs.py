@@ -136,6 +136,8 @@ class RunDriver:
         self._disconnected_at: float | None = None
         self._ending: str | None = None
         self._filling = False
+        self._fill_wanted = False
+        self._retiring = False
         self._detached = False
         self._task: asyncio.Task[None] | None = None
         self._renewal: asyncio.Task[None] | None = None
@@ -362,6 +364,7 @@ class RunDriver:
             self.finished.set()
 
     async def _retire_runtime(self) -> None:
+        self._retiring = True
         if self._connected.is_set():
             with contextlib.suppress(GatewayError, NarrativeError):
                 await self.hub.gateway.call(
@@ -434,6 +437,8 @@ class RunDriver:
     # -- events ---------------------------------------------------------------------------------
 
     def on_connection(self, up: bool) -> None:
+        if self._retiring:  # the run is over: the runtime leaving is expected
+            return
         loop = asyncio.get_running_loop()
         env = self.request.environment
         if up:
@@ -442,7 +447,7 @@ class RunDriver:
             self._disconnected_at = None
             self.events.append("runtime.connected")
             if not first:
-                self._background(self._fill())
+                self._request_fill()
         else:
             self._connected.clear()
             self._disconnected_at = loop.time()
@@ -461,7 +466,7 @@ class RunDriver:
         if rseq <= self.last_rseq:
             return
         if rseq > self.last_rseq + 1:
-            self._background(self._fill())
+            self._request_fill()
             return
         self._record(event)
 
@@ -473,18 +478,32 @@ class RunDriver:
             self.exit_event = event
             self._exited.set()
 
+    def _request_fill(self) -> None:
+        self._fill_wanted = True
+        if not self._filling:
+            self._filling = True
+            self._background(self._fill())
+
     async def _fill(self) -> None:
-        """Ask the runtime for the events after the last one recorded."""
-        if self._filling:
-            return
-        self._filling = True
+        """Ask the runtime for the events after the last one recorded, until it has no more
+        (and again if another gap showed while asking)."""
         try:
-            reply = await self.hub.gateway.call(
-                "runtime", "events", {"since": self.last_rseq}, target=self.gateway_id, timeout=30
-            )
-            for event in reply.get("events", []):
-                if isinstance(event, dict) and event.get("rseq") == self.last_rseq + 1:
-                    self._record(event)
+            while self._fill_wanted:
+                self._fill_wanted = False
+                while True:
+                    reply = await self.hub.gateway.call(
+                        "runtime",
+                        "events",
+                        {"since": self.last_rseq},
+                        target=self.gateway_id,
+                        timeout=30,
+                    )
+                    batch = reply.get("events", [])
+                    for event in batch:
+                        if isinstance(event, dict) and event.get("rseq") == self.last_rseq + 1:
+                            self._record(event)
+                    if not batch or self._exited.is_set():
+                        break
         except GatewayError as exc:
             log.info("could not fetch the missed events of %s: %s", self.run.id, exc)
         finally:

@@ -74,8 +74,12 @@ def _thread_ids(value: Any) -> list[str]:
     return list(value)
 
 
-def make_bundle(store: Store, path: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Write the bundle ``spec`` asks for to ``path`` (see the module docstring)."""
+def make_bundle(
+    store: Store, path: str, spec: dict[str, Any], baseline: frozenset[bytes] = frozenset()
+) -> dict[str, Any]:
+    """Write the bundle ``spec`` asks for to ``path`` (see the module docstring); with
+    ``changed``, thread heads in ``baseline`` (what the store held when the run began) stay
+    home too."""
     have = [c for c in _commits(spec.get("have", [])) if store.odb.exists(c)]
     threads = _thread_ids(spec.get("threads", []))
     refs: dict[str, bytes] = {}
@@ -86,7 +90,7 @@ def make_bundle(store: Store, path: str, spec: dict[str, Any]) -> dict[str, Any]
         snap = resolve_snapshot(store, snapshot)
         refs[store.thread_ref(snap.thread)] = bytes.fromhex(snap.commit)
     if spec.get("changed"):
-        held = set(have) | set(_commits(spec.get("have", [])))
+        held = set(have) | set(_commits(spec.get("have", []))) | baseline
         for thread_id, head in store.thread_heads().items():
             if head not in held:
                 refs[store.thread_ref(thread_id)] = head
@@ -125,12 +129,20 @@ class BundleShelf:
 
     Args:
         store: The store bundles are made from.
+        baseline: Thread heads a ``changed`` bundle leaves out (a runtime's heads right after
+            it restored the base: its own bookkeeping never travels home).
         run_blocking: Runs store work off the event loop (one worker: the store is not
             thread-safe).
     """
 
-    def __init__(self, store: Store, run_blocking: Blocking) -> None:
+    def __init__(
+        self,
+        store: Store,
+        run_blocking: Blocking,
+        baseline: Callable[[], frozenset[bytes]] = frozenset,
+    ) -> None:
         self.store = store
+        self.baseline = baseline
         self.directory = os.path.join(store.git_dir, "narrative", "tmp", "bundles")
         self._run = run_blocking
 
@@ -154,7 +166,8 @@ class BundleShelf:
         bundle_id = secrets.token_hex(8)
         path = os.path.join(self.directory, f"{bundle_id}.bundle")
         try:
-            info = await self._run(lambda: make_bundle(self.store, path, payload))
+            baseline = self.baseline()
+            info = await self._run(lambda: make_bundle(self.store, path, payload, baseline))
         except BaseException:
             _unlink(path)
             raise

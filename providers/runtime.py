@@ -99,7 +99,8 @@ class Runtime(Hub):
         self.events: list[dict[str, Any]] = []
         self._agent_done = asyncio.Event()
         self._shutdown = asyncio.Event()
-        self._baseline: set[bytes] = set()
+        self._baseline: frozenset[bytes] = frozenset()
+        self.shelf.baseline = lambda: self._baseline
         self._tasks: set[asyncio.Task[None]] = set()
         registry = self.gateway.handlers
         registry.register("provider", "start", self._provider_start)
@@ -150,7 +151,7 @@ class Runtime(Hub):
         def restore() -> int:
             snap = resolve_snapshot(store, snapshot)
             result = restore_workspace(store, snap, thread_id=store.config.default_thread)
-            self._baseline = set(store.thread_heads().values())
+            self._baseline = frozenset(store.thread_heads().values())
             return result.written
 
         written = await self.blocking(restore)

@@ -37,13 +37,15 @@ test -e "$ws/debug.log"
 step "restore --to: materialise the agent's result elsewhere"
 narrative restore "$thread" --to "$demo/result"
 ls -R "$demo/result"
-step "an isolated run: the same agent work in a worktree environment, the workspace untouched"
+step "an isolated run through the hub: a runtime in a worktree environment, the workspace untouched"
 narrative env create sandbox --require python,git
 narrative run start --env sandbox --snapshot "$base" --agent demo-agent -- \
     sh -c 'printf "\n\ndef sub(a, b):\n    return a - b\n" >> src/calc.py && echo "sub added"'
 test ! -e "$ws/CHANGES.md"
 iso_run=$(narrative run list --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
 narrative env list
+step "its event log: the runtime connected back, the base went in and the result came out as bundles"
+narrative run show "$iso_run"
 step "what did the isolated run change? merge it into the workspace (three-way, nothing lost)"
 narrative diff "$iso_run" --patch
 printf '# calc, edited by the user meanwhile\n' > "$ws/README.md"

@@ -86,6 +86,10 @@ def test_run_through_an_embedded_hub_ships_bundles_both_ways(hub_cli: Cli, works
     assert (
         kinds.index("agent.exited") < kinds.index("result.collected") < kinds.index("run.finished")
     )
+    collected = history[kinds.index("result.collected")]
+    assert collected["threads"] == [run["thread"]]  # the runtime's own bookkeeping stays there
+    assert kinds[-1] == "run.finished"
+    assert hub_cli.json("env", "show", "sandbox")["state"] == "running"
     shipped = history[kinds.index("snapshot.shipped")]
     assert shipped["bytes"] > 0 and shipped["snapshot"] == run["base_snapshot"]
     # the result came back with its hierarchy: the snapshot names the run and its thread
