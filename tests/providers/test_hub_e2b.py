@@ -1,0 +1,41 @@
+"""The hub with an E2B environment: the real e2b SDK against the local envd stand-in starts the
+runtime in the sandbox, and the runtime connects back over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+from narrative.models import AgentRun
+from narrative.store import Store
+from providers.events import RunEventLog
+from providers.hub import Hub
+from providers.hub_runs import RunRequest
+from providers.manager import EnvironmentManager
+from tests.providers.e2b_support import (  # noqa: F401  (fixtures)
+    envd_fixture,
+    envd_server_fixture,
+)
+from tests.providers.envd_standin import EnvdStandIn
+
+from .hub_support import file, output
+
+
+def test_run_in_an_e2b_sandbox_through_the_hub(store: Store, envd: EnvdStandIn) -> None:
+    runtime = [sys.executable, "-m", "cli.main"]
+    EnvironmentManager(store).create("sb", provider="e2b", config={"runtime": runtime})
+
+    async def main() -> tuple[AgentRun, list[dict[str, Any]]]:
+        async with Hub(store) as hub:
+            run = await hub.submit(
+                RunRequest("sb", ["sh", "-c", "echo in-sandbox; cat README.md > copy.md"])
+            )
+            final = await hub.wait(run.id)
+        return final, RunEventLog(store, run.id).read()
+
+    final, history = asyncio.run(main())
+    assert final.status == "succeeded", [e["type"] for e in history]
+    assert output(history) == "in-sandbox\n"
+    assert final.result_snapshot is not None
+    assert file(store, final.result_snapshot, "copy.md") == "# demo\n"
