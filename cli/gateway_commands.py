@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +14,7 @@ from narrative.errors import InvalidInput, NarrativeError, StoreError
 
 from .context import open_store
 from .output import emit, json_option, note
+from .serving import announce_and_wait
 
 if TYPE_CHECKING:
     import ssl
@@ -169,8 +169,6 @@ def serve(
         raise InvalidInput(str(exc)) from None
 
     async def main() -> None:
-        import signal
-
         from gateway.errors import Unavailable
 
         plugin = RemoteExecutionPlugin(
@@ -184,17 +182,8 @@ def serve(
                 except Unavailable as exc:
                     note(f"{exc}; retrying in the background")
             ready = {"url": plugin.url, "environment": env_id, "pid": os.getpid(), "root": root}
-            # One line, flushed: whoever started the server waits for it as the ready signal.
-            if as_json:
-                sys.stdout.write(json.dumps(ready) + "\n")
-            else:
-                sys.stdout.write(f"gateway {env_id} listening on {plugin.url} (root {root})\n")
-            sys.stdout.flush()
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            human = f"gateway {env_id} listening on {plugin.url} (root {root})"
+            await announce_and_wait(json.dumps(ready) if as_json else human)
         finally:
             await plugin.stop()
             await node.close()

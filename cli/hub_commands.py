@@ -14,6 +14,7 @@ import click
 from .context import open_store
 from .hierarchy_commands import run
 from .output import emit, json_option, note
+from .serving import announce_and_wait
 
 __all__ = ["COMMANDS", "render_events", "start_through_hub"]
 
@@ -62,8 +63,6 @@ def serve(
     config = load_config(config_path) if config_path else None
 
     async def main() -> None:
-        import signal
-
         hub = Hub(
             store,
             host=host,
@@ -78,14 +77,7 @@ def serve(
         await hub.start()
         try:
             ready = {"url": hub.url, "pid": os.getpid(), "environment": hub.environment_id}
-            line = json.dumps(ready) if as_json else f"hub listening on {hub.url}"
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            await announce_and_wait(json.dumps(ready) if as_json else f"hub listening on {hub.url}")
         finally:
             await hub.close()
 

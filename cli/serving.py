@@ -1,0 +1,21 @@
+"""Long-running commands (``serve``, ``gateway serve``): announce readiness, then wait."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+__all__ = ["announce_and_wait"]
+
+
+async def announce_and_wait(line: str) -> None:
+    """Print ``line`` (one line, flushed: whoever started the server waits for it as the ready
+    signal), then wait for SIGINT or SIGTERM."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
