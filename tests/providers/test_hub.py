@@ -316,3 +316,41 @@ def test_hub_restart_adopts_the_run(hub_cli: Cli, workspace: Path) -> None:
     assert output(history) == "".join(f"line-{i}\n" for i in range(1, 41))
     store = Store.open(str(workspace / ".narrative"))
     assert get_run(store, run_id).result_snapshot == run["result_snapshot"]
+
+
+def test_control_calls_need_a_control_token_and_bad_requests_record_nothing(
+    store: Store,
+) -> None:
+    from gateway.client import GatewayClient
+    from gateway.errors import AccessDenied, GatewayError, ProtocolError
+    from narrative.hierarchy import list_runs
+    from providers.hub import control_token
+    from providers.manager import EnvironmentManager
+
+    EnvironmentManager(store).create("sandbox")
+    before = store.refs.list("refs/narrative/")
+
+    async def main() -> None:
+        async with Hub(store) as hub:
+            run_token = hub.signer.issue("run-x", "sandbox", 60)
+            async with GatewayClient(hub.url, run_token) as runtime_like:
+                with pytest.raises(AccessDenied):
+                    await runtime_like.call(
+                        "hub", "runStart", {"environment": "sandbox", "argv": ["true"]}
+                    )
+                with pytest.raises(ProtocolError, match="bundle id"):
+                    await runtime_like.call(
+                        "narrative", "readBundle", {"bundleId": "../../gateway.key"}
+                    )
+            async with GatewayClient(hub.url, control_token(store, "cli-test")) as cli:
+                for payload, message in (
+                    ({"environment": "sandbox", "argv": []}, "argv"),
+                    ({"environment": "sandbox", "argv": ["true"], "timeout": -1}, "timeout"),
+                    ({"environment": "nope", "argv": ["true"]}, "nope"),
+                ):
+                    with pytest.raises(GatewayError, match=message):
+                        await cli.call("hub", "runStart", payload, target="hub")
+
+    asyncio.run(main())
+    assert list_runs(store) == []
+    assert store.refs.list("refs/narrative/") == before
