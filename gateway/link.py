@@ -44,6 +44,12 @@ class Link:
         """Use ``token`` from the next reconnect on (the current connection stays as it is)."""
         self._token = token
 
+    async def drop(self) -> None:
+        """Close the current connection (a reconnect follows): for a connection that looks
+        open but no longer answers."""
+        if self._ws is not None:
+            await self._ws.close()
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 

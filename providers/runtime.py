@@ -19,14 +19,16 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from typing import Any
 
 from gateway.client import token_environment
 from gateway.config import load_config, parse_config
-from gateway.errors import Busy
+from gateway.errors import Busy, GatewayError, GatewayTimeout
 from gateway.handlers import HandlerContext
 from gateway.link import Link
 from gateway.observe import RouteRecord
+from gateway.protocol import Heartbeat
 from gateway.state import Limits
 from narrative.errors import InvalidInput, StoreNotFound
 from narrative.history import resolve_snapshot
@@ -65,6 +67,8 @@ class Runtime(Hub):
         workspace: The environment's workspace.
         store_dir: The environment's store (default ``<workspace>/.narrative``).
         stop_grace: Seconds between SIGTERM and SIGKILL when stopping the agent.
+        heartbeat_interval: Seconds between heartbeats to the hub; one left unanswered for
+            that long drops the connection, and the link reconnects.
         limits: Gateway timeouts and bounds.
     """
 
@@ -76,6 +80,7 @@ class Runtime(Hub):
         *,
         store_dir: str | None = None,
         stop_grace: float = 10.0,
+        heartbeat_interval: float = 15.0,
         limits: Limits | None = None,
     ) -> None:
         workspace = os.path.realpath(workspace)
@@ -90,6 +95,9 @@ class Runtime(Hub):
             capabilities=["runtime"],
         )
         self.upstream_url = url
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeats = 0
+        """Heartbeats the hub answered."""
         self._token = token
         self.link: Link | None = None
         self.upstream: str | None = None
@@ -124,12 +132,31 @@ class Runtime(Hub):
         try:
             self.link = await self.gateway.connect(self.upstream_url, self._token)
             self.upstream = self.link.peer
+            beating = loop.create_task(self._heartbeats(self.link))
             await self._shutdown.wait()
+            beating.cancel()
         finally:
             if self.agent is not None and self.agent.proc.returncode is None:
                 await self.agent.stop(self.stop_grace)
             await self.close()
         return 0
+
+    async def _heartbeats(self, link: Link) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            if not link.connected or link.peer is None:
+                continue
+            beat = Heartbeat(requestId=self.gateway.new_request_id(), timestamp=time.time())
+            try:
+                await self.gateway.provider_request(
+                    link.peer, beat, timeout=self.heartbeat_interval
+                )
+                self.heartbeats += 1
+            except GatewayTimeout:
+                log.warning("the hub did not answer a heartbeat: reconnecting")
+                await link.drop()
+            except GatewayError as exc:
+                log.info("heartbeat: %s", exc)
 
     # -- provider messages ----------------------------------------------------------------------
 

@@ -30,6 +30,8 @@ AGENT = textwrap.dedent(
         async with GatewayClient(url, token) as client:
             readme = await client.call("fs", "readFile", {"path": "README.md"})
             ran = await client.call("exec", "run", {"argv": ["sh", "-c", "echo local; pwd"]})
+            with open("progress.txt", "w") as f:
+                f.write("half way\\n")  # so a snapshot taken now differs from the base
             extra = {}
             for spec in sys.argv[1:]:
                 kind, action = spec.split(":")

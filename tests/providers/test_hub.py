@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from narrative.hierarchy import get_run, list_threads
+from narrative.history import resolve_snapshot
 from narrative.store import Store
 from providers.events import RunEventLog
 from providers.hub import Hub
@@ -138,7 +139,7 @@ def test_agent_calls_are_routed_and_the_routes_recorded(
     with serve(hub_cli, workspace, "--handlers", "hub_inference", env=env):
         run = start(
             hub_cli, "--env", "sandbox", "--",
-            sys.executable, "agent.py", "inference:complete",
+            sys.executable, "agent.py", "inference:complete", "narrative:snapshot",
         )  # fmt: skip
     assert run["status"] == "succeeded", run
     snap = Store.open(str(workspace / ".narrative"))
@@ -158,6 +159,10 @@ def test_agent_calls_are_routed_and_the_routes_recorded(
     assert routes["exec:run"]["route"] == ["sandbox.agent", "sandbox"]
     assert routes["exec:run"]["ranIn"] == "sandbox"
     assert routes["inference:complete"]["ranIn"] == "hub"
+    # a snapshot the agent took in its environment came home on the run's thread
+    taken = resolve_snapshot(snap, result["extra"]["narrative:snapshot"]["snapshot"])
+    assert taken.thread == run["thread"] and routes["narrative:snapshot"]["ranIn"] == "sandbox"
+    assert taken.id not in (run["base_snapshot"], run["result_snapshot"])
     shown = hub_cli.run("run", "show", run["id"]).stdout
     assert "fs:readFile: sandbox.agent -> sandbox -> hub (ran in hub" in shown
 
@@ -354,3 +359,23 @@ def test_control_calls_need_a_control_token_and_bad_requests_record_nothing(
     asyncio.run(main())
     assert list_runs(store) == []
     assert store.refs.list("refs/narrative/") == before
+
+
+def test_runtime_heartbeats_are_answered_by_the_hub(store: Store, tmp_path: Path) -> None:
+    from providers.runtime import Runtime
+
+    box = tmp_path / "box"
+    box.mkdir()
+
+    async def main() -> int:
+        async with Hub(store) as hub:
+            token = hub.signer.issue("run-beat", "box", 60)
+            runtime = Runtime(hub.url, token, str(box), heartbeat_interval=0.05)
+            serving = asyncio.get_running_loop().create_task(runtime.serve())
+            await until(lambda: runtime.heartbeats >= 3, timeout=20)
+            assert hub.gateway.peers().keys() >= {"box"}
+            runtime._shutdown.set()
+            await serving
+            return runtime.heartbeats
+
+    assert asyncio.run(main()) >= 3

@@ -81,7 +81,7 @@ def test_agent_in_a_container_reads_through_the_hub_and_runs_commands_locally(
         else:
             assert where != str(workspace)
         names = cli.run("diff", run["id"], "--name-status").stdout.splitlines()
-        assert names == ["A\tagent-result.json"]
+        assert names == ["A\tagent-result.json", "A\tprogress.txt"]
     git("fsck", "--strict", cwd=workspace / ".narrative")
 
 
