@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick bench-transfer bench-merge bench-run bench-gateway clean
+.PHONY: demo test lint bench bench-quick bench-transfer bench-merge bench-run bench-gateway bench-chain clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench-merge: $(STAMP)  ## merge vs git merge-tree --write-tree (add ARGS=--quick
 
 bench-gateway: $(STAMP)  ## gateway vs raw websockets echo (add ARGS=--quick for a smoke run)
 	$(BIN)/python bench/bench_gateway.py $(ARGS)
+
+bench-chain: $(STAMP)  ## hub: proxied calls vs raw echo, Docker run round trip vs docker cp/exec (ARGS=--quick)
+	$(BIN)/python bench/bench_chain.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -166,7 +166,7 @@ class Servers:
 async def raw_latency(url: str, n: int) -> list[float]:
     frame = json.dumps(PAYLOAD)
     async with connect(url, compression=None, proxy=None) as ws:
-        return await _timed(n, lambda: _raw_roundtrip(ws, frame))
+        return await timed(n, lambda: _raw_roundtrip(ws, frame))
 
 
 async def _raw_roundtrip(ws: ClientConnection, frame: str) -> None:
@@ -176,10 +176,10 @@ async def _raw_roundtrip(ws: ClientConnection, frame: str) -> None:
 
 async def ours_latency(url: str, token: str, n: int) -> list[float]:
     async with GatewayClient(url, token, limits=Limits(transport_timeout=10)) as client:
-        return await _timed(n, lambda: client.call("gateway", "echo", PAYLOAD))
+        return await timed(n, lambda: client.call("gateway", "echo", PAYLOAD))
 
 
-async def _timed(n: int, once: Callable[[], Awaitable[Any]]) -> list[float]:
+async def timed(n: int, once: Callable[[], Awaitable[Any]]) -> list[float]:
     for _ in range(min(200, n)):  # warm-up: connection, caches, allocator
         await once()
     samples = []

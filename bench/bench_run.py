@@ -2,9 +2,13 @@
 (DESIGN.md §6; issue 4 targets).
 
 On a generated 5,000-file workspace (``workspace.py``), for each provider OUR CLI as a user runs
-it (``narrative run start --env E -- true``: fresh base snapshot, restore into the environment,
-exec, collect the result as a snapshot, bookkeeping) and the ANCHOR alternate, several reps,
-medians, ratio ours/anchor:
+it (``narrative run start --direct --env E -- true``: fresh base snapshot, restore into the
+environment, exec, collect the result as a snapshot, bookkeeping) and the ANCHOR alternate,
+several reps, medians, ratio ours/anchor.
+
+``--direct`` is the path without hub or runtime (the provider restores, execs and collects
+itself); these rows measured it before runs went through the hub by default and keep measuring
+it. The hub path (runtime in the environment, bundles both ways) is ``bench_chain.py``'s.
 
 * ``worktree`` (target ≤ 1.5x): ``git worktree add --detach DIR HEAD`` + ``git -C DIR add -A``
   + ``git -C DIR commit --allow-empty -q -m run`` in a plain git repository holding the same
@@ -86,7 +90,8 @@ def bench_worktree(
         if cold:
             name = f"cold{next(counter)}"
             total += check(run([narrative, "env", "create", name], env=env, cwd=ws)).seconds
-        p = check(run([narrative, "run", "start", "--env", name, "--", "true"], env=env, cwd=ws))
+        start = [narrative, "run", "start", "--direct", "--env", name, "--", "true"]
+        p = check(run(start, env=env, cwd=ws))
         if cold:
             check(run([narrative, "env", "delete", name], env=env, cwd=ws))
         return total + p.seconds
@@ -127,7 +132,7 @@ def bench_docker(root: Path, ws: Path, env: dict[str, str], narrative: Path, rep
         config = ["--config", f"image={image}", "--config", f"mounts={json.dumps(mounts)}"]
         create = [narrative, "env", "create", name, "--provider", "docker", *config]
         total = check(run(create, env=env, cwd=ws)).seconds
-        started = [narrative, "run", "start", "--env", name, "--", "true"]
+        started = [narrative, "run", "start", "--direct", "--env", name, "--", "true"]
         total += check(run(started, env=env, cwd=ws)).seconds
         check(run([narrative, "env", "delete", name], env=env, cwd=ws))
         return total
