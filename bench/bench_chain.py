@@ -349,7 +349,7 @@ class DockerSide:
             "image": self.image,
             "mounts": json.dumps(self.mounts),
             "network": "host",
-            "runtime": json.dumps([sys.executable, "-m", "cli.main"]),
+            "runtime": json.dumps([sys.executable, "-m", "cli"]),
             "workdir": WORKDIR,
         }
         argv: list[Any] = [self.narrative, "env", "create", name, "--provider", "docker"]

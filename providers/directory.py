@@ -339,9 +339,9 @@ class DirectoryProvider(BaseProvider):
         return stat is not None and stat[19] == start and stat[0] not in ("Z", "X")
 
     def runtime_command(self) -> list[str]:
-        """The configured ``runtime``, else this interpreter running ``cli.main``."""
+        """The configured ``runtime``, else this interpreter running ``python -m cli``."""
         runtime: list[str] | None = getattr(self.config, "runtime", None)
-        return list(runtime) if runtime else [sys.executable, "-m", "cli.main"]
+        return list(runtime) if runtime else [sys.executable, "-m", "cli"]
 
 
 def _parse_handle(handle: str) -> tuple[int, str, str]:

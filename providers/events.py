@@ -20,6 +20,8 @@ from narrative.store import Store
 
 __all__ = ["RunEventLog", "events_path"]
 
+_VOLATILE = frozenset({"agent.output", "call.routed"})
+
 
 def events_path(store: Store, run_id: str) -> str:
     """Where the event log of ``run_id`` lives."""
@@ -43,7 +45,12 @@ class RunEventLog:
         return os.path.exists(self.path)
 
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Append one event of ``kind`` and return it (with its ``seq`` and ``time``)."""
+        """Append one event of ``kind`` and return it (with its ``seq`` and ``time``).
+
+        Lifecycle events are flushed to disk before this returns; the high-volume ones
+        (output, routes) reach the page cache only, so a busy agent does not wait on the disk
+        (a crash of the process loses none of them; a power cut may lose the last few).
+        """
         if self._seq is None:
             self._seq = max((e["seq"] for e in self.read()), default=0)
         self._seq += 1
@@ -53,7 +60,8 @@ class RunEventLog:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
-            os.fsync(fd)
+            if kind not in _VOLATILE:
+                os.fsync(fd)
         finally:
             os.close(fd)
         return event

@@ -42,7 +42,7 @@ def runtime_config(image: str) -> list[str]:
         "image": image,
         "network": "host",
         "workdir": WORKDIR,
-        "runtime": json.dumps([sys.executable, "-m", "cli.main"]),
+        "runtime": json.dumps([sys.executable, "-m", "cli"]),
         "mounts": json.dumps(mounts),
         "env": json.dumps({"HOME": "/tmp"}),
     }

@@ -23,7 +23,7 @@ from .hub_support import file, output
 
 
 def test_run_in_an_e2b_sandbox_through_the_hub(store: Store, envd: EnvdStandIn) -> None:
-    runtime = [sys.executable, "-m", "cli.main"]
+    runtime = [sys.executable, "-m", "cli"]
     EnvironmentManager(store).create("sb", provider="e2b", config={"runtime": runtime})
 
     async def main() -> tuple[AgentRun, list[dict[str, Any]]]:

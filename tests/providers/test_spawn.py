@@ -243,7 +243,7 @@ def test_directory_missing_program_and_runtime(store: Store, tmp_path: Path) -> 
     resource = provider.create()
     with pytest.raises(ExecFailed):
         provider.spawn(resource, ["/nonexistent/program"])
-    assert provider.runtime_command() == [sys.executable, "-m", "cli.main"]
+    assert provider.runtime_command() == [sys.executable, "-m", "cli"]
     context = ProviderContext(store, "owner-test", ENV_ID, "box")
     custom = WorktreeProvider(context, WorktreeConfig(runtime=["/opt/narrative", "--quiet"]))
     assert custom.runtime_command() == ["/opt/narrative", "--quiet"]
