@@ -379,3 +379,31 @@ def test_runtime_heartbeats_are_answered_by_the_hub(store: Store, tmp_path: Path
             return runtime.heartbeats
 
     assert asyncio.run(main()) >= 3
+
+
+def test_kill_with_no_hub_alive_kills_the_orphaned_runtime(hub_cli: Cli, workspace: Path) -> None:
+    """The process embedding the hub dies (kill -9); `run kill` then reaches the runtime through
+    the provider, collects what the environment holds and records the run as killed."""
+    from providers.manager import EnvironmentManager
+
+    starter = subprocess.Popen(
+        [NARRATIVE, "run", "start", "--env", "sandbox", "--", *counting_agent(600, 0.1)],
+        cwd=workspace,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    run_id = wait_for_output(workspace, "line-3")
+    starter.kill()
+    starter.wait()
+    handle = next(
+        e["handle"]
+        for e in events(workspace / ".narrative", run_id)
+        if e["type"] == "runtime.spawned"
+    )
+    manager = EnvironmentManager(Store.open(str(workspace / ".narrative")))
+    assert manager.alive("sandbox", handle)  # orphaned, still running
+    hub_cli.run("run", "kill", run_id)
+    run = hub_cli.json("run", "show", run_id)
+    assert run["status"] == "killed" and run["result_snapshot"]
+    assert not manager.alive("sandbox", handle)
+    assert types(run["events"])[-1] == "run.finished"
