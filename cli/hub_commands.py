@@ -36,6 +36,7 @@ __all__ = ["COMMANDS", "render_events", "start_through_hub"]
     help="Load handler plugins (FUNC, default register, gets the handler registry).",
 )
 @click.option("--allow-exec", is_flag=True, help="Serve exec:run in the workspace too.")
+@click.option("--allow-writes", is_flag=True, help="Let environments write the workspace.")
 @click.option("--reconnect-grace", type=click.FloatRange(0.1), default=30.0, show_default=True)
 @click.option("--token-ttl", type=click.FloatRange(1.0), default=3600.0, show_default=True)
 @json_option
@@ -47,6 +48,7 @@ def serve(
     config_path: str | None,
     plugins: tuple[str, ...],
     allow_exec: bool,
+    allow_writes: bool,
     reconnect_grace: float,
     token_ttl: float,
     as_json: bool,
@@ -69,6 +71,7 @@ def serve(
             port=port,
             config=config,
             allow_exec=allow_exec,
+            allow_writes=allow_writes,
             plugins=plugins,
             daemon=True,
             reconnect_grace=reconnect_grace,

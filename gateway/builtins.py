@@ -17,14 +17,14 @@ import contextlib
 import os
 import secrets
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from narrative.errors import InvalidInput
 
 from .errors import AccessDenied, FrameTooLarge, TargetNotFound
-from .handlers import HandlerContext, HandlerRegistry
+from .handlers import Handler, HandlerContext, HandlerRegistry
 
 __all__ = ["DEFAULT_MAX_BYTES", "Confined", "install_builtins"]
 
@@ -91,6 +91,7 @@ def install_builtins(
     deny: Iterable[str | Path] = (),
     max_bytes: int = DEFAULT_MAX_BYTES,
     commands: bool = True,
+    writes: bool = True,
 ) -> Confined:
     """Register the file and command handlers on ``registry``, confined to ``root``.
 
@@ -101,6 +102,7 @@ def install_builtins(
         max_bytes: Largest file read or written in one call.
         commands: Register ``exec:run`` too (a hub serving the user's own workspace leaves it
             out unless told otherwise).
+        writes: Register ``fs:writeFile`` and ``fs:deleteFile`` too (off: read-only).
 
     Returns:
         The :class:`Confined` resolver they share.
@@ -135,7 +137,10 @@ def install_builtins(
             raise InvalidInput(f"unknown encoding {encoding!r}")
         return {"path": rel, "content": content, "encoding": encoding, "size": len(data)}
 
-    @registry.handler("fs", "writeFile")
+    def writing(kind: str, action: str) -> Callable[[Handler], Handler]:
+        return registry.handler(kind, action) if writes else (lambda func: func)
+
+    @writing("fs", "writeFile")
     async def write_file(ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         rel = _str(payload, "path")
         content = _str(payload, "content")
@@ -170,7 +175,7 @@ def install_builtins(
             raise
         return {"path": rel, "size": len(data)}
 
-    @registry.handler("fs", "deleteFile")
+    @writing("fs", "deleteFile")
     async def delete_file(ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         rel = _str(payload, "path")
         path = box.resolve(rel)

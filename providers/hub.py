@@ -149,8 +149,10 @@ class Hub:
         port: Port (0: a free one).
         config: Routing rules for calls that pass through the hub.
         limits: Gateway timeouts and bounds.
-        allow_exec: Serve ``exec:run`` in the hub's workspace (off: environments may read and
-            write the workspace's files through the hub, never run commands on it).
+        allow_exec: Serve ``exec:run`` in the hub's workspace (off: environments never run
+            commands on it).
+        allow_writes: Serve ``fs:writeFile``/``fs:deleteFile`` in the hub's workspace (off:
+            environments may only read its files through the hub).
         plugins: Handler plugins to load (``module[:function]``); entry points of the group
             ``narrative.handlers`` are loaded as well.
         daemon: Announce the hub as the store's serving hub (``narrative serve``).
@@ -170,6 +172,7 @@ class Hub:
         config: ProxyExecutionConfig | None = None,
         limits: Limits | None = None,
         allow_exec: bool = False,
+        allow_writes: bool = False,
         plugins: Iterable[str] = (),
         daemon: bool = False,
         token_ttl: float = 3600.0,
@@ -196,7 +199,7 @@ class Hub:
         """run id → :class:`providers.hub_runs.RunDriver` of the runs this hub drives."""
         self._by_env: dict[str, RunDriver] = {}
         self._hub_file: str | None = None
-        self._install(allow_exec, plugins)
+        self._install(allow_exec, allow_writes, plugins)
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -213,13 +216,14 @@ class Hub:
         thread-safe, and the event loop must not block)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, func)
 
-    def _install(self, allow_exec: bool, plugins: Iterable[str]) -> None:
+    def _install(self, allow_exec: bool, allow_writes: bool, plugins: Iterable[str]) -> None:
         registry = self.gateway.handlers
         install_builtins(
             registry,
             self.workspace_root(),
             deny=[self.store.git_dir, key_path(self.store)],
             commands=allow_exec,
+            writes=allow_writes,
         )
         self.shelf.install(registry)
         registry.register("narrative", "snapshot", self._snapshot)

@@ -90,6 +90,7 @@ class Runtime(Hub):
             environment_id=token_environment(token),
             limits=limits,
             allow_exec=True,
+            allow_writes=True,
             daemon=True,
             stop_grace=stop_grace,
             capabilities=["runtime"],

@@ -327,7 +327,7 @@ def test_control_calls_need_a_control_token_and_bad_requests_record_nothing(
     store: Store,
 ) -> None:
     from gateway.client import GatewayClient
-    from gateway.errors import AccessDenied, GatewayError, ProtocolError
+    from gateway.errors import AccessDenied, GatewayError, NoHandler, ProtocolError
     from narrative.hierarchy import list_runs
     from providers.hub import control_token
     from providers.manager import EnvironmentManager
@@ -343,6 +343,13 @@ def test_control_calls_need_a_control_token_and_bad_requests_record_nothing(
                     await runtime_like.call(
                         "hub", "runStart", {"environment": "sandbox", "argv": ["true"]}
                     )
+                # the hub serves the user's workspace read-only unless told otherwise
+                readme = await runtime_like.call("fs", "readFile", {"path": "README.md"})
+                assert readme["content"] == "# demo\n"
+                for action in ("writeFile", "deleteFile"):
+                    with pytest.raises(NoHandler):
+                        payload = {"path": "README.md", "content": "x"}
+                        await runtime_like.call("fs", action, payload, target="hub")
                 with pytest.raises(ProtocolError, match="bundle id"):
                     await runtime_like.call(
                         "narrative", "readBundle", {"bundleId": "../../gateway.key"}
