@@ -564,4 +564,7 @@ async def adopt_interrupted(hub: Hub) -> None:
         events.append("run.adopted", hub={"url": hub.url, "pid": os.getpid()})
         hub.register(driver)
         driver._disconnected_at = asyncio.get_running_loop().time()
+        if hub.gateway.state.connected(driver.gateway_id):
+            # the runtime reconnected while this hub was still starting up
+            driver.on_connection(True)
         driver._task = asyncio.get_running_loop().create_task(driver._drive(adopted=True))
