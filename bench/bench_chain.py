@@ -77,6 +77,7 @@ from common import (
     log,
     parse_bench_args,
     run,
+    start_announcing,
     write_results,
 )
 
@@ -185,19 +186,7 @@ class HubSide:
         create = [narrative, "env", "create", "sandbox", "--provider", "worktree"]
         check(run(create, env=self.env, cwd=self.ws))
         argv = [str(narrative), "serve", "--port", "0", "--json", "--handlers", "bench_echo"]
-        proc = subprocess.Popen(
-            argv,
-            cwd=self.ws,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            raise SideError(f"narrative serve exited before announcing itself ({proc.wait()})")
+        proc, line = start_announcing(argv, env=self.env, cwd=self.ws)
         self.server = gw.Server(proc, str(json.loads(line)["url"]))
         key = self.ws / ".narrative" / "gateway.key"
         self.signer = TokenSigner(load_or_create_key(key))

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS_DIR, cpu_model, isolated_env, log
+from common import RESULTS_DIR, cpu_model, isolated_env, log, start_announcing
 from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.client import GatewayClient
@@ -112,19 +112,7 @@ class Servers:
         self.started: list[Server] = []
 
     def _start(self, argv: list[str], parse: Callable[[str], str]) -> Server:
-        proc = subprocess.Popen(
-            argv,
-            cwd=self.work,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{argv[:3]} exited before it was ready ({proc.wait()})")
+        proc, line = start_announcing(argv, env=self.env, cwd=self.work)
         server = Server(proc, parse(line))
         self.started.append(server)
         return server

@@ -101,6 +101,26 @@ def run(argv: list[str], *, env: dict[str, str], cwd: Path) -> Proc:
         )
 
 
+def start_announcing(
+    argv: list[str], *, env: dict[str, str], cwd: Path
+) -> tuple[subprocess.Popen[str], str]:
+    """Start a server that prints one line when it is ready; the process and that line."""
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise SideError(f"{' '.join(argv[:3])} exited before it was ready ({proc.wait()})")
+    return proc, line
+
+
 def check(p: Proc) -> Proc:
     if p.rc != 0:
         tail = (p.stderr.strip() or p.stdout.strip())[-1500:]
