@@ -98,15 +98,36 @@ def serve(
     help="The environment's workspace.",
 )
 @click.option("--stop-grace", type=click.FloatRange(0), default=10.0, show_default=True)
+@click.option(
+    "--give-up-after",
+    type=click.FloatRange(1),
+    default=600.0,
+    show_default=True,
+    help="Seconds without a hub before stopping the agent and exiting.",
+)
 @click.pass_context
-def runtime(ctx: click.Context, url: str, token: str, workspace: str, stop_grace: float) -> None:
+def runtime(
+    ctx: click.Context,
+    url: str,
+    token: str,
+    workspace: str,
+    stop_grace: float,
+    give_up_after: float,
+) -> None:
     """Run inside an environment: connect back to the hub and run its agent."""
     from providers.runtime import Runtime
 
     store_dir = (ctx.find_root().obj or {}).get("store_dir")
 
     async def main() -> int:
-        node = Runtime(url, token, workspace, store_dir=store_dir, stop_grace=stop_grace)
+        node = Runtime(
+            url,
+            token,
+            workspace,
+            store_dir=store_dir,
+            stop_grace=stop_grace,
+            give_up_after=give_up_after,
+        )
         return await node.serve()
 
     ctx.exit(asyncio.run(main()))

@@ -70,6 +70,7 @@ CONTROL_RUN = "control"
 #: Entry-point group of handler plugins: ``register(registry: HandlerRegistry) -> None``.
 HANDLER_GROUP = "narrative.handlers"
 _CONTROL_TTL = 24 * 3600.0
+_RETIRE_WAIT = 10.0
 
 
 def key_path(store: Store) -> str:
@@ -267,7 +268,12 @@ class Hub:
         write_atomic(self._hub_file, json.dumps(info).encode())
 
     async def close(self) -> None:
-        """Stop serving. Runs still going keep their runtimes; a hub started later adopts them."""
+        """Stop serving. Runs still going keep their runtimes; a hub started later adopts them.
+        Runs already finished get their runtimes retired first (a few seconds at most)."""
+        retiring = [d.finished.wait() for d in self.drivers.values() if d.retiring]
+        if retiring:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*retiring), _RETIRE_WAIT)
         for driver in list(self.drivers.values()):
             driver.detach()
         await self.plugin.stop()

@@ -355,6 +355,7 @@ class RunDriver:
                 lambda: finish_run(hub.store, self.run.id, status, exit_code, result_id)
             )
             self.run = final
+            self._retiring = True
             self.events.append(
                 "run.finished", status=status, exitCode=exit_code, resultSnapshot=result_id
             )
@@ -424,6 +425,11 @@ class RunDriver:
                 lambda: self.hub.manager.signal(self.request.environment, handle, "kill")
             )
         self._exited.set()
+
+    @property
+    def retiring(self) -> bool:
+        """The run is recorded as finished and its runtime is being sent away."""
+        return self._retiring
 
     def detach(self) -> None:
         """Stop driving without finishing the run (the hub is closing; the run is adopted by

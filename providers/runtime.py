@@ -69,6 +69,8 @@ class Runtime(Hub):
         stop_grace: Seconds between SIGTERM and SIGKILL when stopping the agent.
         heartbeat_interval: Seconds between heartbeats to the hub; one left unanswered for
             that long drops the connection, and the link reconnects.
+        give_up_after: Seconds without a hub after which the runtime stops its agent and
+            exits (a hub that restarts within that time adopts the run).
         limits: Gateway timeouts and bounds.
     """
 
@@ -81,6 +83,7 @@ class Runtime(Hub):
         store_dir: str | None = None,
         stop_grace: float = 10.0,
         heartbeat_interval: float = 15.0,
+        give_up_after: float = 600.0,
         limits: Limits | None = None,
     ) -> None:
         workspace = os.path.realpath(workspace)
@@ -97,6 +100,7 @@ class Runtime(Hub):
         )
         self.upstream_url = url
         self.heartbeat_interval = heartbeat_interval
+        self.give_up_after = give_up_after
         self.heartbeats = 0
         """Heartbeats the hub answered."""
         self._token = token
@@ -143,10 +147,18 @@ class Runtime(Hub):
         return 0
 
     async def _heartbeats(self, link: Link) -> None:
+        loop = asyncio.get_running_loop()
+        alone_since: float | None = None
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             if not link.connected or link.peer is None:
+                alone_since = alone_since if alone_since is not None else loop.time()
+                if loop.time() - alone_since > self.give_up_after:
+                    log.warning("no hub for %.0fs: stopping", loop.time() - alone_since)
+                    self._shutdown.set()
+                    return
                 continue
+            alone_since = None
             beat = Heartbeat(requestId=self.gateway.new_request_id(), timestamp=time.time())
             try:
                 await self.gateway.provider_request(

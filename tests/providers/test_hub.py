@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -414,3 +415,24 @@ def test_kill_with_no_hub_alive_kills_the_orphaned_runtime(hub_cli: Cli, workspa
     assert run["status"] == "killed" and run["result_snapshot"]
     assert not manager.alive("sandbox", handle)
     assert types(run["events"])[-1] == "run.finished"
+
+
+def test_runtime_gives_up_when_no_hub_comes_back(store: Store, tmp_path: Path) -> None:
+    from providers.runtime import Runtime
+
+    box = tmp_path / "box"
+    box.mkdir()
+
+    async def main() -> float:
+        hub = Hub(store)
+        await hub.start()
+        token = hub.signer.issue("run-alone", "box", 60)
+        runtime = Runtime(hub.url, token, str(box), heartbeat_interval=0.05, give_up_after=0.5)
+        serving = asyncio.get_running_loop().create_task(runtime.serve())
+        await until(lambda: runtime.heartbeats >= 1, timeout=20)
+        await hub.close()  # and no hub comes back
+        started = time.monotonic()
+        await asyncio.wait_for(serving, 20)
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) >= 0.5
