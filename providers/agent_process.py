@@ -107,10 +107,6 @@ class AgentProcess:
             pump.cancel()
         return code
 
-    def signal_tree(self, sig: int) -> None:
-        """Send ``sig`` to the agent and everything it started."""
-        _send(descendants(self.pid), sig)
-
     async def stop(self, grace: float, reason: str = "stop") -> int:
         """SIGTERM the tree, SIGKILL it after ``grace`` seconds; the exit code."""
         self.stopping = self.stopping or reason

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Iterator
 from typing import Any
 
 from narrative.models import now_iso
@@ -40,6 +38,7 @@ class RunEventLog:
         self.path = events_path(store, run_id)
         self.run_id = run_id
         self._seq: int | None = None
+        self._offset = 0
 
     def exists(self) -> bool:
         return os.path.exists(self.path)
@@ -68,36 +67,33 @@ class RunEventLog:
 
     def read(self, since: int = 0) -> list[dict[str, Any]]:
         """Events with ``seq`` greater than ``since``, oldest first (a torn last line skipped)."""
+        return [e for e in _parse(self._bytes_from(0)[0]) if e["seq"] > since]
+
+    def read_new(self) -> list[dict[str, Any]]:
+        """The events appended since the last call (only whole lines; a follower polls this
+        without reading the log from the start each time)."""
+        data, self._offset = self._bytes_from(self._offset)
+        return _parse(data)
+
+    def _bytes_from(self, offset: int) -> tuple[bytes, int]:
+        """The complete lines from ``offset`` on, and the offset after them."""
         try:
             with open(self.path, "rb") as f:
+                f.seek(offset)
                 data = f.read()
         except FileNotFoundError:
-            return []
-        events = []
-        for raw in data.splitlines():
-            try:
-                event = json.loads(raw)
-            except ValueError:
-                continue  # the torn tail of an interrupted append
-            if (
-                isinstance(event, dict)
-                and isinstance(event.get("seq"), int)
-                and event["seq"] > since
-            ):
-                events.append(event)
-        return events
+            return b"", offset
+        whole = data[: data.rfind(b"\n") + 1]
+        return whole, offset + len(whole)
 
-    def follow(
-        self, since: int = 0, poll: float = 0.05, timeout: float | None = None
-    ) -> Iterator[dict[str, Any]]:
-        """Yield events as they are appended, until a ``run.finished`` event (or ``timeout``)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            for event in self.read(since):
-                since = event["seq"]
-                yield event
-                if event["type"] == "run.finished":
-                    return
-            if deadline is not None and time.monotonic() > deadline:
-                return
-            time.sleep(poll)
+
+def _parse(data: bytes) -> list[dict[str, Any]]:
+    events = []
+    for raw in data.splitlines():
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            continue  # an interrupted append's torn line
+        if isinstance(event, dict) and isinstance(event.get("seq"), int):
+            events.append(event)
+    return events

@@ -23,7 +23,6 @@ import importlib
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import entry_points
@@ -39,7 +38,7 @@ from gateway.protocol import Notification
 from gateway.server import DEFAULT_HOST
 from gateway.state import Limits
 from gateway.tokens import TokenSigner, load_or_create_key
-from narrative.errors import InvalidInput, NarrativeError
+from narrative.errors import InvalidInput
 from narrative.fsutil import write_atomic
 from narrative.hierarchy import get_run
 from narrative.models import AgentRun, now_iso
@@ -250,7 +249,8 @@ class Hub:
     async def start(self) -> None:
         """Listen, announce the hub, reconnect environments and adopt interrupted runs."""
         await self.plugin.start()
-        await self.blocking(self.manager.reconnect_all)
+        if self.daemon:  # a hub embedded in one command reconnects lazily, as commands do
+            await self.blocking(self.manager.reconnect_all)
         self._announce()
         from .hub_runs import adopt_interrupted
 
@@ -353,11 +353,16 @@ class Hub:
 
     # -- handlers -------------------------------------------------------------------------------
 
+    def snapshot_thread(self) -> str | None:
+        """The thread ``narrative:snapshot`` snapshots onto (None: the store's default)."""
+        return None
+
     async def _snapshot(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         message = payload.get("message", f"snapshot requested by {ctx.route_path[0]}")
         if not isinstance(message, str):
             raise InvalidInput("'message' must be a string")
-        result = await self.blocking(lambda: take_snapshot(self.store, message=message))
+        thread = self.snapshot_thread()
+        result = await self.blocking(lambda: take_snapshot(self.store, thread, message=message))
         snap = result.snapshot
         return {"snapshot": snap.id, "commit": snap.commit, "created": result.created}
 
@@ -401,14 +406,3 @@ def _run_id(payload: dict[str, Any]) -> str:
     if not isinstance(run_id, str) or not run_id:
         raise InvalidInput("'run' must be a run id")
     return run_id
-
-
-def wait_for_hub_file(store: Store, pid: int, timeout: float) -> dict[str, Any]:
-    """Wait until the hub with ``pid`` announced itself (tests and scripts)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = find_hub(store, pid)
-        if info is not None:
-            return info
-        time.sleep(0.05)
-    raise NarrativeError(f"no hub with pid {pid} announced itself within {timeout:g}s")

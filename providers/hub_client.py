@@ -20,7 +20,8 @@ from narrative.store import Store
 
 from .events import RunEventLog
 from .hub import Hub, control_token, find_hub
-from .hub_runs import RunRequest
+from .hub_runs import RunRequest, collect_from_environment
+from .manager import EnvironmentManager
 
 __all__ = ["follow_runs", "kill_run", "run_through_hub", "stop_run"]
 
@@ -29,11 +30,10 @@ EventFn = Callable[[AgentRun, dict[str, Any]], None]
 
 async def follow_runs(store: Store, runs: Sequence[AgentRun], on_event: EventFn) -> None:
     """Report every event of ``runs`` as it is appended, until each run finished."""
-    logs = {run.id: (run, RunEventLog(store, run.id), [0]) for run in runs}
+    logs = {run.id: (run, RunEventLog(store, run.id)) for run in runs}
     while logs:
-        for run_id, (run, events, seen) in list(logs.items()):
-            for event in events.read(seen[0]):
-                seen[0] = event["seq"]
+        for run_id, (run, events) in list(logs.items()):
+            for event in events.read_new():
                 on_event(run, event)
                 if event["type"] == "run.finished":
                     del logs[run_id]
@@ -120,21 +120,15 @@ def _check_running(run: AgentRun) -> None:
 
 
 def _kill_orphan(store: Store, run: AgentRun) -> None:
-    from .manager import EnvironmentManager
-
     events = RunEventLog(store, run.id)
     handles = [e.get("handle") for e in events.read() if e["type"] == "runtime.spawned"]
     manager = EnvironmentManager(store)
     events.append("run.killing", by="cli (no hub alive)")
-    result: str | None = None
-    try:
-        if handles and isinstance(handles[-1], str):
+    if handles and isinstance(handles[-1], str):
+        try:
             manager.signal(run.environment, handles[-1], "kill")
-        _record, provider, resource = manager.require_active(run.environment)
-        message = f"result of run {run.id} (collected by the provider)"
-        result = provider.collect(resource, run.thread_id, run.id, message).id
-        events.append("result.collected", snapshot=result, by="provider")
-    except NarrativeError as exc:
-        events.append("result.unavailable", reason=str(exc))
+        except NarrativeError as exc:
+            events.append("run.kill_failed", reason=str(exc))
+    result = collect_from_environment(manager, run, events)
     finish_run(store, run.id, "killed", None, result)
     events.append("run.finished", status="killed", exitCode=None, resultSnapshot=result)

@@ -30,13 +30,14 @@ from narrative.models import AgentRun, Snapshot
 
 from .events import RunEventLog
 from .hub import pid_alive
+from .manager import EnvironmentManager
 from .narratives import fetch_bundle
 from .runs import pick_base
 
 if TYPE_CHECKING:
     from .hub import Hub
 
-__all__ = ["RunDriver", "RunRequest", "adopt_interrupted"]
+__all__ = ["RunDriver", "RunRequest", "adopt_interrupted", "collect_from_environment"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,22 @@ class RunRequest:
             "env": self.env,
             "routing": self.routing,
         }
+
+
+def collect_from_environment(
+    manager: EnvironmentManager, run: AgentRun, events: RunEventLog
+) -> str | None:
+    """The run's result read by the provider straight from its environment (when the runtime
+    cannot ship it); the snapshot id, or None when the environment cannot be read."""
+    try:
+        _record, provider, resource = manager.require_active(run.environment)
+        message = f"result of run {run.id} (collected by the provider)"
+        snap_id = provider.collect(resource, run.thread_id, run.id, message).id
+    except NarrativeError as exc:
+        events.append("result.unavailable", reason=str(exc))
+        return None
+    events.append("result.collected", snapshot=snap_id, by="provider")
+    return snap_id
 
 
 class RunFailed(NarrativeError):
@@ -325,20 +342,9 @@ class RunDriver:
 
     async def _collect_directly(self) -> str | None:
         """The result read by the provider from the environment (the runtime is gone)."""
-        hub = self.hub
-
-        def collect() -> str:
-            _record, provider, resource = hub.manager.require_active(self.request.environment)
-            message = f"result of run {self.run.id} (collected by the provider)"
-            return provider.collect(resource, self.run.thread_id, self.run.id, message).id
-
-        try:
-            snap_id = await hub.blocking(collect)
-        except NarrativeError as exc:
-            self.events.append("result.unavailable", reason=str(exc))
-            return None
-        self.events.append("result.collected", snapshot=snap_id, by="provider")
-        return snap_id
+        return await self.hub.blocking(
+            partial(collect_from_environment, self.hub.manager, self.run, self.events)
+        )
 
     async def _finish(
         self, status: str, exit_code: int | None, result_id: str | None, reason: str

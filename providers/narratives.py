@@ -28,7 +28,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from gateway.handlers import HandlerContext, HandlerRegistry
@@ -80,7 +80,8 @@ def make_bundle(
     """Write the bundle ``spec`` asks for to ``path`` (see the module docstring); with
     ``changed``, thread heads in ``baseline`` (what the store held when the run began) stay
     home too."""
-    have = [c for c in _commits(spec.get("have", [])) if store.odb.exists(c)]
+    offered = _commits(spec.get("have", []))
+    have = [c for c in offered if store.odb.exists(c)]
     threads = _thread_ids(spec.get("threads", []))
     refs: dict[str, bytes] = {}
     snapshot = spec.get("snapshot")
@@ -90,7 +91,7 @@ def make_bundle(
         snap = resolve_snapshot(store, snapshot)
         refs[store.thread_ref(snap.thread)] = bytes.fromhex(snap.commit)
     if spec.get("changed"):
-        held = set(have) | set(_commits(spec.get("have", []))) | baseline
+        held = set(offered) | baseline
         for thread_id, head in store.thread_heads().items():
             if head not in held:
                 refs[store.thread_ref(thread_id)] = head
@@ -266,6 +267,6 @@ async def _pull(call: Call, bundle_id: str, size: int, path: str) -> None:
                 f.write(data)
 
 
-def have_commits(store: Store, extra: Iterable[bytes] = ()) -> list[str]:
+def have_commits(store: Store) -> list[str]:
     """Commits a store holds that a bundle sender may leave out: its thread heads."""
-    return sorted({h.hex() for h in store.thread_heads().values()} | {e.hex() for e in extra})
+    return sorted({h.hex() for h in store.thread_heads().values()})

@@ -123,7 +123,6 @@ class Runtime(Hub):
         registry.register("runtime", "shutdown", self._shutdown_call)
         registry.register("runtime", "setToken", self._set_token)
         registry.register("runtime", "setStopGrace", self._set_stop_grace)
-        registry.register("narrative", "snapshot", self._snapshot, replace=True)
         self.gateway.add_route_observer(self._on_route)
 
     # -- life -----------------------------------------------------------------------------------
@@ -301,14 +300,9 @@ class Runtime(Hub):
         self.stop_grace = float(grace)
         return {}
 
-    async def _snapshot(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
-        message = payload.get("message", "snapshot requested by the agent")
-        if not isinstance(message, str):
-            raise InvalidInput("'message' must be a string")
-        store, thread_id = self.store, self.thread_id
-        result = await self.blocking(lambda: take_snapshot(store, thread_id, message=message))
-        snap = result.snapshot
-        return {"snapshot": snap.id, "commit": snap.commit, "created": result.created}
+    def snapshot_thread(self) -> str | None:
+        """An agent's snapshots land on its run's thread."""
+        return self.thread_id
 
     # -- events ---------------------------------------------------------------------------------
 
