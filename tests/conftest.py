@@ -46,6 +46,29 @@ def git(
     return proc.stdout
 
 
+def call_in_own_process(function: str, *args: Any) -> Any:
+    """Call `module:function(*args)` in a fresh interpreter and return its JSON result.
+
+    Memory tests need this: tracemalloc counts every thread of the process, and earlier tests
+    leave some running (the in-process moto server, hub loops) whose allocations would count."""
+    module, name = function.split(":")
+    script = (
+        "import importlib, json, sys\n"
+        f"fn = getattr(importlib.import_module({module!r}), {name!r})\n"
+        "print(json.dumps(fn(*json.loads(sys.argv[1]))))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(list(args))],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def git_tree_of(
     workspace: Path, tmp_path: Path, exclude: tuple[str, ...] = ("/.narrative",)
 ) -> str:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
-import sys
 import threading
 import time
 import tracemalloc
@@ -27,6 +25,7 @@ from transfer.errors import (
     TransferError,
 )
 
+from ..conftest import call_in_own_process
 from .conftest import BUCKET, Backend
 
 MiB = 1 << 20
@@ -145,11 +144,18 @@ def _stream_and_measure(url: str, options: dict[str, Any], total_mib: int) -> tu
     return write_peak, read_peak
 
 
+def _measure_in_own_process(url: str, options: dict[str, Any]) -> tuple[int, int]:
+    write_peak, read_peak = call_in_own_process(
+        "tests.transfer.test_fsio:_stream_and_measure", url, options, 50
+    )
+    return int(write_peak), int(read_peak)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["local", "file"])
 def test_streaming_50mb_bounded_memory(kind: str, tmp_path: Path) -> None:
     url = str(tmp_path / "big.bin") if kind == "local" else f"file://{tmp_path}/big.bin"
-    write_peak, read_peak = _stream_and_measure(url, {}, 50)
+    write_peak, read_peak = _measure_in_own_process(url, {})
     assert write_peak < 4 * MiB, write_peak
     assert read_peak < 4 * MiB, read_peak
     assert (tmp_path / "big.bin").stat().st_size == 50 * MiB
@@ -158,25 +164,7 @@ def test_streaming_50mb_bounded_memory(kind: str, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_streaming_50mb_s3_multipart(s3_bucket: str, s3_options: dict[str, Any]) -> None:
-    # The moto server lives in this process and keeps every uploaded part in memory, so the
-    # client is measured in a process of its own.
-    script = (
-        "import json, sys\n"
-        "from tests.transfer.test_fsio import _stream_and_measure\n"
-        "url, opts = json.loads(sys.argv[1])\n"
-        "print(json.dumps(_stream_and_measure(url, opts, 50)))\n"
-    )
-    arg = json.dumps([f"{s3_bucket}/big.bin", s3_options])
-    proc = subprocess.run(
-        [sys.executable, "-c", script, arg],
-        cwd=Path(__file__).parents[2],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    write_peak, read_peak = json.loads(proc.stdout.strip().splitlines()[-1])
+    write_peak, read_peak = _measure_in_own_process(f"{s3_bucket}/big.bin", s3_options)
     # Bounded by the 8 MiB part / read-ahead block (the buffer, the part being sent and the
     # block being received), not by the payload: the same figures come out for 20 MiB.
     assert write_peak < 32 * MiB, write_peak
