@@ -144,6 +144,7 @@ def start_through_hub(
     as_json: bool,
 ) -> None:
     """``run start --env E [--env F ...] -- CMD`` through the hub (fan-out with several)."""
+    from providers.agent_output import output_bytes
     from providers.hub_client import run_through_hub
     from providers.hub_runs import RunRequest
 
@@ -167,11 +168,13 @@ def start_through_hub(
             timed_out.add(run_.id)
         if event["type"] == "agent.output":
             target = sys.stderr if as_json or event.get("stream") == "stderr" else sys.stdout
-            data = str(event.get("data", ""))
+            data = output_bytes(event)
             if many:
-                data = "".join(f"[{run_.environment}] {line}" for line in data.splitlines(True))
-            target.write(data)
-            target.flush()
+                prefix = f"[{run_.environment}] ".encode()
+                data = b"".join(prefix + line for line in data.splitlines(True))
+            target.flush()  # text written before must come out first
+            target.buffer.write(data)
+            target.buffer.flush()
         elif event["type"] in ("run.error", "runtime.lost", "result.unavailable"):
             note(f"{run_.id}: {event.get('reason')}")
 
@@ -188,6 +191,8 @@ def start_through_hub(
 
 def render_events(events: list[dict[str, Any]]) -> str:
     """The event log and the routes of a run, for people."""
+    from providers.agent_output import output_bytes
+
     lines, routes = ["events:"], []
     for event in events:
         kind = event["type"]
@@ -201,7 +206,7 @@ def render_events(events: list[dict[str, Any]]) -> str:
             continue
         skip = ("seq", "time", "type", "at", "rseq")
         if kind == "agent.output":
-            detail = repr(str(event.get("data", ""))[:120])
+            detail = repr(output_bytes(event).decode("utf-8", "replace")[:120])
         else:
             detail = " ".join(f"{k}={v}" for k, v in event.items() if k not in skip)
         lines.append(f"  {event['time']} {kind} {detail}".rstrip())

@@ -1,22 +1,27 @@
-"""The event log of a run driven by a hub: ``<store>/narrative/runs/<run-id>/events.jsonl``.
+"""Event logs of runs driven by a hub.
 
+:class:`RunEventLog` is the hub's log of a run: ``<store>/narrative/runs/<run-id>/events.jsonl``.
 Append-only JSON lines, one event each, numbered from 1. The hub is the only writer (it is the
 authority for run state), so appends need no lock; each line is written with one ``write`` on
 an ``O_APPEND`` descriptor and flushed to disk, so a crash leaves whole lines plus at most one
 torn last line, which readers skip. Readers (``narrative run show``, a CLI following its run)
 only read, so they can run in any process at any time.
+
+:class:`RuntimeEvents` is the runtime's side: what it reported for its run, kept (in bounded
+memory, spilled to a file) until the hub has it, so a dropped connection loses nothing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import deque
 from typing import Any
 
 from narrative.models import now_iso
 from narrative.store import Store
 
-__all__ = ["RunEventLog", "events_path"]
+__all__ = ["RunEventLog", "RuntimeEvents", "events_path"]
 
 _VOLATILE = frozenset({"agent.output", "call.routed"})
 
@@ -54,15 +59,7 @@ class RunEventLog:
             self._seq = max((e["seq"] for e in self.read()), default=0)
         self._seq += 1
         event = {"seq": self._seq, "time": now_iso(), "type": kind, **fields}
-        line = json.dumps(event, separators=(",", ":"), default=str).encode() + b"\n"
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            if kind not in _VOLATILE:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        _append_line(self.path, event, sync=kind not in _VOLATILE)
         return event
 
     def read(self, since: int = 0) -> list[dict[str, Any]]:
@@ -76,24 +73,83 @@ class RunEventLog:
         return _parse(data)
 
     def _bytes_from(self, offset: int) -> tuple[bytes, int]:
-        """The complete lines from ``offset`` on, and the offset after them."""
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(offset)
-                data = f.read()
-        except FileNotFoundError:
-            return b"", offset
-        whole = data[: data.rfind(b"\n") + 1]
-        return whole, offset + len(whole)
+        return _whole_lines(self.path, offset)
 
 
-def _parse(data: bytes) -> list[dict[str, Any]]:
+class RuntimeEvents:
+    """The events a runtime reports for one run, numbered by ``rseq`` from 1, kept until the
+    hub has them: every event is appended to ``path`` and only the newest ``keep`` stay in
+    memory, so a chatty agent costs a bounded amount of memory and a hub that was away for
+    long still gets every event (older ones are read back from the file).
+
+    Args:
+        path: The file the events are spilled to (replaced: one file per run).
+        keep: How many of the newest events stay in memory.
+    """
+
+    def __init__(self, path: str, keep: int = 2000) -> None:
+        self.path = path
+        self.count = 0
+        self._recent: deque[dict[str, Any]] = deque(maxlen=keep)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb"):
+            pass  # truncated: a runtime reused for another run starts numbering again
+
+    def append(self, event: dict[str, Any]) -> dict[str, Any]:
+        """Number ``event`` (sets its ``rseq``) and keep it; returns it."""
+        self.count += 1
+        event["rseq"] = self.count
+        # Not synced: the file outlives a dropped connection, not the runtime's own crash,
+        # and a run whose runtime crashed is lost anyway.
+        _append_line(self.path, event, sync=False)
+        self._recent.append(event)
+        return event
+
+    def since(self, rseq: int, limit: int = 1000) -> list[dict[str, Any]]:
+        """Up to ``limit`` events after ``rseq``, oldest first."""
+        if rseq >= self.count:
+            return []
+        first = self._recent[0]["rseq"] if self._recent else self.count + 1
+        if rseq + 1 >= first:
+            start = rseq + 1 - first
+            return [self._recent[i] for i in range(start, min(len(self._recent), start + limit))]
+        older = (e for e in _parse(_whole_lines(self.path, 0)[0], "rseq") if e["rseq"] > rseq)
+        return [e for _, e in zip(range(limit), older, strict=False)]
+
+
+def _append_line(path: str, event: dict[str, Any], *, sync: bool) -> None:
+    """One ``write`` of one JSON line on an ``O_APPEND`` descriptor (so a crash leaves whole
+    lines and at most one torn last line), flushed to disk if ``sync``."""
+    line = json.dumps(event, separators=(",", ":"), default=str).encode() + b"\n"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _whole_lines(path: str, offset: int) -> tuple[bytes, int]:
+    """The complete lines of ``path`` from ``offset`` on, and the offset after them."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return b"", offset
+    whole = data[: data.rfind(b"\n") + 1]
+    return whole, offset + len(whole)
+
+
+def _parse(data: bytes, number: str = "seq") -> list[dict[str, Any]]:
     events = []
     for raw in data.splitlines():
         try:
             event = json.loads(raw)
         except ValueError:
             continue  # an interrupted append's torn line
-        if isinstance(event, dict) and isinstance(event.get("seq"), int):
+        if isinstance(event, dict) and isinstance(event.get(number), int):
             events.append(event)
     return events

@@ -37,7 +37,9 @@ from narrative.restore import restore_workspace
 from narrative.snapshot import take_snapshot
 from narrative.store import DEFAULT_STORE_NAME, Store
 
+from .agent_output import OutputEncoder
 from .agent_process import AgentProcess
+from .events import RuntimeEvents
 from .hub import Hub
 from .narratives import fetch_bundle, have_commits
 
@@ -46,6 +48,7 @@ __all__ = ["Runtime", "open_runtime_store"]
 log = logging.getLogger(__name__)
 
 _ROUTING_FILE = "proxyExecution.json"
+_EVENTS_FILE = "runtime-events.jsonl"  # in the environment's store: what the hub may still ask for
 
 
 def open_runtime_store(workspace: str, store_dir: str | None = None) -> Store:
@@ -109,7 +112,10 @@ class Runtime(Hub):
         self.agent: AgentProcess | None = None
         self.run_id: str | None = None
         self.thread_id: str | None = None
-        self.events: list[dict[str, Any]] = []
+        self.events = RuntimeEvents(
+            os.path.join(store.git_dir, "narrative", "runtime-events.jsonl")
+        )
+        self._encoders: dict[str, OutputEncoder] = {}
         self._agent_done = asyncio.Event()
         self._shutdown = asyncio.Event()
         self._baseline: frozenset[bytes] = frozenset()
@@ -195,7 +201,7 @@ class Runtime(Hub):
 
         written = await self.blocking(restore)
         self.run_id, self.thread_id = run, thread
-        self.events = []
+        self.events = RuntimeEvents(self.events.path)
         self._agent_done.clear()
         self._load_routing(options.get("routing"))
         return {
@@ -236,6 +242,7 @@ class Runtime(Hub):
                 "NARRATIVE_STORE": self.store.git_dir,
             }
         )
+        self._encoders = {}
         self.agent = await AgentProcess.start(argv, self.store.workspace, env, self._output)
         await self._event("agent.started", pid=self.agent.pid, argv=argv)
         limit = float(timeout) if isinstance(timeout, int | float) else None
@@ -250,6 +257,9 @@ class Runtime(Hub):
         except TimeoutError:
             await agent.stop(self.stop_grace, "timeout")
             code = 124  # what timeout(1) exits with
+        for stream, encoder in self._encoders.items():
+            if (tail := encoder.flush()) is not None:
+                await self._event("agent.output", stream=stream, **tail)
         run_id, thread_id, store = self.run_id, self.thread_id, self.store
         message = f"result of run {run_id} (exit {code})"
         try:
@@ -278,7 +288,7 @@ class Runtime(Hub):
         since = payload.get("since", 0)
         if not isinstance(since, int) or since < 0:
             raise InvalidInput("'since' must be a non-negative integer")
-        return {"events": self.events[since : since + 1000]}
+        return {"events": self.events.since(since)}
 
     async def _shutdown_call(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         # after the reply has gone out
@@ -310,19 +320,14 @@ class Runtime(Hub):
         return await self.gateway.call(kind, action, payload, target=self.upstream, timeout=600)
 
     async def _event(self, kind: str, **fields: Any) -> None:
-        event = {
-            "rseq": len(self.events) + 1,
-            "run": self.run_id,
-            "type": kind,
-            "time": now_iso(),
-            **fields,
-        }
-        self.events.append(event)
+        event = self.events.append({"run": self.run_id, "type": kind, "time": now_iso(), **fields})
         if self.upstream is not None:
             await self.gateway.notify("runtime.event", event, peer=self.upstream)
 
     async def _output(self, stream: str, chunk: bytes) -> None:
-        await self._event("agent.output", stream=stream, data=chunk.decode("utf-8", "replace"))
+        encoder = self._encoders.setdefault(stream, OutputEncoder())
+        if (fields := encoder.encode(chunk)) is not None:
+            await self._event("agent.output", stream=stream, **fields)
 
     def _on_route(self, record: RouteRecord) -> None:
         if self.run_id is None or not record.origin.endswith(".agent"):

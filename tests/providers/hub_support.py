@@ -15,6 +15,7 @@ from typing import Any
 
 from narrative.history import resolve_snapshot
 from narrative.store import Store
+from providers.agent_output import output_bytes
 from providers.events import RunEventLog
 
 from ..conftest import NARRATIVE, Cli, tree_bytes
@@ -96,7 +97,7 @@ def wait_for_output(workspace: Path, text: str, timeout: float = 60) -> str:
             if run["status"] != "running":
                 continue
             for event in RunEventLog(store, run["id"]).read():
-                if event["type"] == "agent.output" and text in event.get("data", ""):
+                if event["type"] == "agent.output" and text.encode() in output_bytes(event):
                     return str(run["id"])
         time.sleep(0.05)
     raise AssertionError(f"no running run printed {text!r}")
@@ -142,8 +143,17 @@ async def until(predicate: Any, timeout: float = 30) -> None:
         await asyncio.sleep(0.05)
 
 
-def output(events: list[dict[str, Any]]) -> str:
-    return "".join(e["data"] for e in events if e["type"] == "agent.output")
+def output(events: list[dict[str, Any]], stream: str | None = None) -> str:
+    """What the agent wrote (to ``stream``, or to both), decoded as UTF-8."""
+    return output_raw(events, stream).decode()
+
+
+def output_raw(events: list[dict[str, Any]], stream: str | None = None) -> bytes:
+    return b"".join(
+        output_bytes(e)
+        for e in events
+        if e["type"] == "agent.output" and stream in (None, e.get("stream"))
+    )
 
 
 def counting_agent(n: int, pause: float) -> list[str]:

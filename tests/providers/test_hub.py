@@ -37,6 +37,7 @@ from .hub_support import (
     file,
     free_port,
     output,
+    output_raw,
     serve,
     start,
     types,
@@ -104,6 +105,30 @@ def test_run_through_an_embedded_hub_ships_bundles_both_ways(hub_cli: Cli, works
     assert spawned["handle"]
     shown = hub_cli.run("run", "show", run["id"]).stdout
     assert "agent.exited" in shown and "run.finished" in shown
+
+
+def test_agent_output_arrives_byte_for_byte(hub_cli: Cli, workspace: Path) -> None:
+    # every byte value, and a character cut across two writes with a pause between them
+    agent = (
+        "import sys, time; out = sys.stdout.buffer; out.write(bytes(range(256))); out.flush();"
+        "out.write('✓'.encode()[:2]); out.flush(); time.sleep(0.3);"
+        "out.write('✓'.encode()[2:] + b'\\n'); out.flush(); sys.stderr.write('é\\n')"
+    )
+    proc = subprocess.run(
+        [NARRATIVE, "run", "start", "--env", "sandbox", "--", sys.executable, "-c", agent],
+        cwd=workspace,
+        capture_output=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    expected = bytes(range(256)) + "✓\n".encode()
+    assert proc.stdout.startswith(expected), proc.stdout[:300]
+    assert "é\n".encode() in proc.stderr
+    run_id = proc.stdout[len(expected) :].split()[0].decode()
+    history = events(workspace / ".narrative", run_id)
+    assert output_raw(history, "stdout") == expected
+    assert output(history, "stderr") == "é\n"
+    assert "✓" in hub_cli.run("run", "show", run_id).stdout
 
 
 def test_failed_timed_out_and_second_runs_reuse_the_environment(hub_cli: Cli) -> None:
