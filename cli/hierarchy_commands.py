@@ -168,7 +168,12 @@ def run() -> None:
     "--env",
     "environments",
     multiple=True,
-    help="Environment (repeat to fan one run out to several; default local).",
+    help="Environment (repeat to fan one run out to several; default: the hub selects one).",
+)
+@click.option(
+    "--require",
+    default="",
+    help="Comma-separated capabilities the environment the hub selects must have (no --env).",
 )
 @click.option("--snapshot", "snapshot_ref", help="Base snapshot of an isolated run.")
 @click.option("--timeout", type=float, help="Stop an isolated run's command after N seconds.")
@@ -184,6 +189,7 @@ def run_start(
     thread_ref: str | None,
     agent: str,
     environments: tuple[str, ...],
+    require: str,
     snapshot_ref: str | None,
     timeout: float | None,
     no_snapshot: bool,
@@ -197,16 +203,22 @@ def run_start(
     environment pulls the base (--snapshot, the head of --thread, or a fresh snapshot of the
     workspace) as a bundle, runs the command with its output streamed, and the result comes
     back as a bundle on a new thread forked from the base. The workspace is not touched.
-    Several --env fan the run out. Exits 1 when a command fails.
+    Several --env fan the run out. Without --env the hub selects an idle environment that has
+    the --require capabilities, or creates one. Exits 1 when a command fails.
     """
     environment = environments[0] if environments else "local"
+    wanted = [c.strip() for c in require.split(",") if c.strip()]
+    if wanted and (environments or direct or not command):
+        raise click.UsageError("--require selects an environment for a command: not with --env")
     if command and not direct:
         from .hub_commands import start_through_hub
 
         if snapshot_ref and thread_ref:
             raise click.UsageError("give --snapshot or --thread, not both")
-        envs = environments or ("local",)
-        start_through_hub(ctx, command, envs, agent, snapshot_ref, thread_ref, timeout, as_json)
+        envs: tuple[str | None, ...] = environments or (None,)
+        start_through_hub(
+            ctx, command, envs, wanted, agent, snapshot_ref, thread_ref, timeout, as_json
+        )
         return
     if len(environments) > 1:
         raise click.UsageError("several --env need a command run through the hub")

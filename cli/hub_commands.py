@@ -136,14 +136,16 @@ def runtime(
 def start_through_hub(
     ctx: click.Context,
     command: tuple[str, ...],
-    environments: tuple[str, ...],
+    environments: tuple[str | None, ...],
+    require: list[str],
     agent: str,
     snapshot_ref: str | None,
     thread_ref: str | None,
     timeout: float | None,
     as_json: bool,
 ) -> None:
-    """``run start --env E [--env F ...] -- CMD`` through the hub (fan-out with several)."""
+    """``run start --env E [--env F ...] -- CMD`` through the hub (fan-out with several; an
+    environment None: the hub selects one with the ``require`` capabilities)."""
     from providers.agent_output import output_bytes
     from providers.hub_client import run_through_hub
     from providers.hub_runs import RunRequest
@@ -157,6 +159,7 @@ def start_through_hub(
             snapshot=snapshot_ref,
             thread=thread_ref,
             timeout=timeout,
+            require=require if env is None else [],
         )
         for env in environments
     ]
@@ -175,6 +178,8 @@ def start_through_hub(
             target.flush()  # text written before must come out first
             target.buffer.write(data)
             target.buffer.flush()
+        elif event["type"] == "environment.selected":
+            note(f"{run_.id}: in environment {event.get('environment')} ({event.get('how')})")
         elif event["type"] in ("run.error", "runtime.lost", "result.unavailable"):
             note(f"{run_.id}: {event.get('reason')}")
 

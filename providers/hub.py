@@ -325,9 +325,6 @@ class Hub:
             raise TargetNotFound(f"run {run_id} is not driven by this hub")
         return driver
 
-    def driver_for_env(self, environment: str) -> RunDriver | None:
-        return self._by_env.get(environment)
-
     def register(self, driver: RunDriver) -> None:
         self.drivers[driver.run.id] = driver
         self._by_env[driver.gateway_id] = driver

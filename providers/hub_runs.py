@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -30,9 +30,12 @@ from narrative.models import AgentRun, Snapshot
 
 from .events import RunEventLog
 from .hub import pid_alive
+from .leases import EnvironmentBusy
+from .leases import EnvironmentLease as Lease
 from .manager import EnvironmentManager
 from .narratives import fetch_bundle
 from .runs import pick_base
+from .selection import select_environment
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -48,7 +51,8 @@ _CALL_TIMEOUT = 600.0
 class RunRequest:
     """What to run, where, from which snapshot."""
 
-    environment: str
+    environment: str | None
+    """The environment's name; None: the hub selects one with the ``require`` capabilities."""
     argv: list[str]
     agent: str = "agent"
     snapshot: str | None = None
@@ -57,6 +61,8 @@ class RunRequest:
     env: dict[str, str] = field(default_factory=dict)
     routing: dict[str, Any] | None = None
     """``proxyExecution.json`` content for the runtime (default: the one in the snapshot)."""
+    require: list[str] = field(default_factory=list)
+    """Capabilities the selected environment must have (only without ``environment``)."""
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> RunRequest:
@@ -81,10 +87,14 @@ class RunRequest:
             if value is not None and not isinstance(value, str):
                 raise InvalidInput(f"{name!r} must be a string")
             strings[name] = value
-        if not strings["environment"]:
-            raise InvalidInput("'environment' is required")
+        require = payload.get("require") or []
+        if not isinstance(require, list) or not all(isinstance(r, str) for r in require):
+            raise InvalidInput("'require' must be a list of capability names")
+        if strings["environment"] is not None and require:
+            raise InvalidInput("give an environment or the capabilities to select one, not both")
         return cls(
-            environment=strings["environment"],
+            environment=strings["environment"] or None,
+            require=list(require),
             argv=list(argv),
             agent=strings["agent"] or "agent",
             snapshot=strings["snapshot"],
@@ -104,6 +114,7 @@ class RunRequest:
             "timeout": self.timeout,
             "env": self.env,
             "routing": self.routing,
+            "require": self.require,
         }
 
 
@@ -121,6 +132,26 @@ def collect_from_environment(
         return None
     events.append("result.collected", snapshot=snap_id, by="provider")
     return snap_id
+
+
+def _lease_environment(
+    manager: EnvironmentManager, request: RunRequest
+) -> tuple[Lease, str, str | None]:
+    """The run's environment, leased and able to run commands: the one named, or one the hub
+    selects (then also how: reused, started or created)."""
+    if request.environment is None:
+        chosen = select_environment(manager, request.require)
+        return chosen.lease, chosen.record.name, chosen.how
+    record = manager.get(request.environment)
+    lease = Lease.acquire(manager.store, record.id)
+    if lease is None:
+        raise EnvironmentBusy(record.name, Lease.holder(manager.store, record.id))
+    try:
+        manager.require_active(record.id)
+    except BaseException:
+        lease.release()
+        raise
+    return lease, record.name, None
 
 
 class RunFailed(NarrativeError):
@@ -143,7 +174,10 @@ class RunDriver:
         self.base = base
         self.request = request
         self.events = events
+        assert request.environment is not None, "the hub selects the environment first"
+        self.environment: str = request.environment
         self.gateway_id = request.environment
+        self.lease: Lease | None = None
         self.finished = asyncio.Event()
         self.handle: str | None = None
         self.exit_event: dict[str, Any] | None = None
@@ -164,23 +198,30 @@ class RunDriver:
 
     @classmethod
     async def create(cls, hub: Hub, request: RunRequest) -> RunDriver:
-        """Validate, record the run and its thread, and start driving it."""
-        if hub.driver_for_env(request.environment) is not None:
-            raise InvalidInput(f"environment {request.environment!r} is busy with another run")
+        """Validate, lease (or select) the environment, record the run and its thread, and
+        start driving it."""
 
-        def prepare() -> tuple[AgentRun, Snapshot]:
+        def prepare() -> tuple[AgentRun, Snapshot, Lease, str | None]:
             manager = hub.manager
-            manager.require_active(request.environment)
             if request.snapshot and request.thread:
                 raise InvalidInput("give a snapshot or a thread, not both")
-            base = pick_base(manager, request.snapshot, request.thread)
-            objective = get_thread(hub.store, base.thread).objective_id
-            name = f"run/{request.environment}/{new_id('run')[4:14]}"
-            thread = create_thread(hub.store, objective, name, forked_from=base.id)
-            run = start_run(hub.store, thread.id, request.agent, request.environment, base.id)
-            return run, base
+            named = request.snapshot or request.thread  # resolved before anything changes
+            base = pick_base(manager, request.snapshot, request.thread) if named else None
+            lease, env, how = _lease_environment(manager, request)
+            try:
+                base = base or pick_base(manager)
+                objective = get_thread(hub.store, base.thread).objective_id
+                name = f"run/{env}/{new_id('run')[4:14]}"
+                thread = create_thread(hub.store, objective, name, forked_from=base.id)
+                run = start_run(hub.store, thread.id, request.agent, env, base.id)
+            except BaseException:
+                lease.release()
+                raise
+            lease.note(run.id)
+            return run, base, lease, how
 
-        run, base = await hub.blocking(prepare)
+        run, base, lease, how = await hub.blocking(prepare)
+        request = replace(request, environment=run.environment, require=[])
         events = RunEventLog(hub.store, run.id)
         events.append(
             "run.created",
@@ -190,7 +231,10 @@ class RunDriver:
             base=base.id,
             request=request.to_payload(),
         )
+        if how is not None:
+            events.append("environment.selected", environment=run.environment, how=how)
         driver = cls(hub, run, base, request, events)
+        driver.lease = lease
         hub.register(driver)
         driver._task = asyncio.get_running_loop().create_task(driver._drive(adopted=False))
         return driver
@@ -236,12 +280,12 @@ class RunDriver:
         token = hub.signer.issue(self.run.id, self.gateway_id, hub.token_ttl)
 
         def spawn() -> tuple[str, list[str]]:
-            _record, provider, _resource = hub.manager.require_active(self.request.environment)
+            _record, provider, _resource = hub.manager.require_active(self.environment)
             argv = [*provider.runtime_command(), "runtime", "--connect", hub.url]
             # The runtime uses the store in its own workspace, never one named by the hub's
             # environment; the token travels in the environment, not on the command line.
             env = {"NARRATIVE_TOKEN": token, "NARRATIVE_STORE": ""}
-            return hub.manager.spawn(self.request.environment, argv, env=env), argv
+            return hub.manager.spawn(self.environment, argv, env=env), argv
 
         self.handle, argv = await hub.blocking(spawn)
         self.events.append("runtime.spawned", handle=self.handle, argv=argv)
@@ -269,9 +313,7 @@ class RunDriver:
         if handle is None:
             return False
         try:
-            return await self.hub.blocking(
-                lambda: self.hub.manager.alive(self.request.environment, handle)
-            )
+            return await self.hub.blocking(lambda: self.hub.manager.alive(self.environment, handle))
         except NarrativeError:
             return False
 
@@ -314,7 +356,7 @@ class RunDriver:
                 )
 
     async def _lost(self, why: str) -> None:
-        env = self.request.environment
+        env = self.environment
         await self.hub.blocking(lambda: self.hub.manager.mark_error(env, why))
         self.events.append("runtime.lost", reason=why)
         raise RunFailed(why)
@@ -367,6 +409,8 @@ class RunDriver:
             )
             await self._retire_runtime()
         finally:
+            if self.lease is not None:
+                self.lease.release()
             hub.unregister(self)
             self.finished.set()
 
@@ -385,7 +429,7 @@ class RunDriver:
         if handle is not None:
             with contextlib.suppress(NarrativeError):
                 await self.hub.blocking(
-                    lambda: self.hub.manager.signal(self.request.environment, handle, "kill")
+                    lambda: self.hub.manager.signal(self.environment, handle, "kill")
                 )
 
     async def _renew_tokens(self) -> None:
@@ -428,7 +472,7 @@ class RunDriver:
         handle = self.handle
         if handle is not None:
             await self.hub.blocking(
-                lambda: self.hub.manager.signal(self.request.environment, handle, "kill")
+                lambda: self.hub.manager.signal(self.environment, handle, "kill")
             )
         self._exited.set()
 
@@ -441,6 +485,8 @@ class RunDriver:
         """Stop driving without finishing the run (the hub is closing; the run is adopted by
         the next hub of this store)."""
         self._detached = True
+        if self.lease is not None:
+            self.lease.release()  # the next hub takes it again when it adopts the run
         if self._task is not None:
             self._task.cancel()
         if self._renewal is not None:
@@ -452,7 +498,7 @@ class RunDriver:
         if self._retiring:  # the run is over: the runtime leaving is expected
             return
         loop = asyncio.get_running_loop()
-        env = self.request.environment
+        env = self.environment
         if up:
             first = not self._connected.is_set() and self._disconnected_at is None
             self._connected.set()
@@ -558,13 +604,19 @@ async def adopt_interrupted(hub: Hub) -> None:
             base = await hub.blocking(
                 partial(resolve_snapshot, hub.store, str(created.get("base")))
             )
+            environment = request.environment or run.environment
+            env_id = (await hub.blocking(partial(hub.manager.get, environment))).id
         except NarrativeError as exc:
             log.warning("cannot adopt run %s: %s", run.id, exc)
             continue
-        if hub.driver_for_env(request.environment) is not None:
+        lease = await hub.blocking(partial(Lease.acquire, hub.store, env_id))
+        if lease is None:
+            log.warning("cannot adopt run %s: its environment is leased by another hub", run.id)
             continue
+        lease.note(run.id)
         events = RunEventLog(hub.store, run.id)
-        driver = RunDriver(hub, run, base, request, events)
+        driver = RunDriver(hub, run, base, replace(request, environment=environment), events)
+        driver.lease = lease
         for event in history:
             if event["type"] == "runtime.spawned":
                 driver.handle = event.get("handle")
