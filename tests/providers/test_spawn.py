@@ -396,6 +396,43 @@ def test_docker_spawn_log_tail_running_stopped_and_removed(container: tuple[Any,
     assert provider.read_spawn_log(resource, handle) == SpawnLog(0, b"")
 
 
+def test_docker_manager_copies_the_runtime_log_to_the_host_once(
+    store: Store, docker_image: str
+) -> None:
+    """Output that stays in the container reaches the host's runtime.log: a part while the
+    process runs, the rest once it ended, and nothing twice however often it is synced."""
+    from .docker_support import HOST_MOUNTS
+
+    manager = EnvironmentManager(store)
+    config = {"image": docker_image, "mounts": HOST_MOUNTS, "stop_timeout": 2}
+    manager.create("box", "docker", config=config)
+    try:
+        script = "echo first; while [ ! -e go ]; do sleep 0.05; done; echo second; echo oops >&2"
+        handle = manager.spawn("box", ["sh", "-c", script])
+        log = Path(manager.runtime_log_path("box"))
+        wait_for(lambda: manager.runtime_log_tail("box", handle) == ["first"], what="first line")
+        manager.sync_runtime_log("box")  # every process still running
+        assert manager.alive("box", handle)
+        assert log.read_text().splitlines()[1:] == ["first"]
+        manager.exec("box", ["touch", "go"])
+        wait_for(lambda: not manager.alive("box", handle), what="the process to end")
+        assert manager.runtime_log_tail("box", handle) == ["first", "second", "oops"]
+        manager.sync_runtime_log("box", handle)
+        manager.sync_runtime_log("box", handle)
+        lines = manager.runtime_logs("box")
+        assert lines[0].startswith("--- narrative: ") and handle in lines[0]
+        assert lines[1:] == ["first", "second", "oops"]
+        assert manager.runtime_logs("box", tail=2) == ["second", "oops"]
+        # a finished process was copied for good: a later sync adds nothing
+        manager.stop("box")
+        manager.sync_runtime_log("box")
+        assert manager.runtime_logs("box")[1:] == ["first", "second", "oops"]
+    finally:
+        provider: Any = manager.provider(manager.get("box"))
+        manager.delete("box")
+        provider.close()
+
+
 def test_docker_missing_program_and_stopped_container(container: tuple[Any, str]) -> None:
     provider, resource = container
     with pytest.raises(ExecFailed, match="nonexistent"):
