@@ -174,6 +174,10 @@ def start_through_hub(
             target.flush()
         elif event["type"] in ("run.error", "runtime.lost", "result.unavailable"):
             note(f"{run_.id}: {event.get('reason')}")
+        elif event["type"] == "runtime.log":
+            note(f"{run_.id}: the runtime's last output:")
+            for line in event.get("lines") or []:
+                note(f"  | {line}")
 
     runs = asyncio.run(run_through_hub(store, requests, show))
     data = [{**r.to_dict(), "timed_out": r.id in timed_out} for r in runs]
@@ -202,6 +206,10 @@ def render_events(events: list[dict[str, Any]]) -> str:
         skip = ("seq", "time", "type", "at", "rseq")
         if kind == "agent.output":
             detail = repr(str(event.get("data", ""))[:120])
+        elif kind == "runtime.log":
+            detail = f"handle={event.get('handle')}" + "".join(
+                f"\n    | {line}" for line in event.get("lines") or []
+            )
         else:
             detail = " ".join(f"{k}={v}" for k, v in event.items() if k not in skip)
         lines.append(f"  {event['time']} {kind} {detail}".rstrip())
