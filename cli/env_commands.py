@@ -159,11 +159,21 @@ def env_exec(
 @env.command("logs")
 @click.argument("name")
 @click.option("--tail", type=click.IntRange(min=1), help="Only the last N lines.")
+@click.option(
+    "--runtime",
+    "runtime_log",
+    is_flag=True,
+    help="The output of the hub's runtimes instead (copied from the environment first).",
+)
 @json_option
 @click.pass_context
-def env_logs(ctx: click.Context, name: str, tail: int | None, as_json: bool) -> None:
-    """Show an environment's log: lifecycle events and command output."""
-    lines = open_manager(ctx).logs(name, tail)
+def env_logs(
+    ctx: click.Context, name: str, tail: int | None, runtime_log: bool, as_json: bool
+) -> None:
+    """Show an environment's log: lifecycle events and command output, or with --runtime what
+    the runtimes started in it printed."""
+    manager = open_manager(ctx)
+    lines = manager.runtime_logs(name, tail) if runtime_log else manager.logs(name, tail)
     emit(as_json, lines, "\n".join(lines))
 
 

@@ -182,6 +182,10 @@ def start_through_hub(
             note(f"{run_.id}: in environment {event.get('environment')} ({event.get('how')})")
         elif event["type"] in ("run.error", "runtime.lost", "result.unavailable"):
             note(f"{run_.id}: {event.get('reason')}")
+        elif event["type"] == "runtime.log":
+            note(f"{run_.id}: the runtime's last output:")
+            for line in event.get("lines") or []:
+                note(f"  | {line}")
 
     runs = asyncio.run(run_through_hub(store, requests, show))
     data = [{**r.to_dict(), "timed_out": r.id in timed_out} for r in runs]
@@ -212,6 +216,10 @@ def render_events(events: list[dict[str, Any]]) -> str:
         skip = ("seq", "time", "type", "at", "rseq")
         if kind == "agent.output":
             detail = repr(output_bytes(event).decode("utf-8", "replace")[:120])
+        elif kind == "runtime.log":
+            detail = f"handle={event.get('handle')}" + "".join(
+                f"\n    | {line}" for line in event.get("lines") or []
+            )
         else:
             detail = " ".join(f"{k}={v}" for k, v in event.items() if k not in skip)
         lines.append(f"  {event['time']} {kind} {detail}".rstrip())

@@ -6,7 +6,7 @@
 environment from a snapshot and records the result as an Agent Run.
 """
 
-from .base import BaseProvider, ExecResult, Health, ProviderConfig, ProviderContext
+from .base import BaseProvider, ExecResult, Health, ProviderConfig, ProviderContext, SpawnLog
 from .errors import (
     EnvironmentExists,
     EnvironmentNotFound,
@@ -46,6 +46,7 @@ __all__ = [
     "ProviderNotFound",
     "ProviderUnavailable",
     "ResourceGone",
+    "SpawnLog",
     "available",
     "get_provider_class",
     "pick_base",

@@ -32,8 +32,11 @@ __all__ = [
     "OutputFn",
     "ProviderConfig",
     "ProviderContext",
+    "SPAWN_LOG_LIMIT",
     "Signal",
+    "SpawnLog",
     "check_relative_path",
+    "tail_start",
 ]
 
 Category = Literal["local", "cloud", "hybrid"]
@@ -41,6 +44,8 @@ OutputFn = Callable[[str, bytes], None]
 """Receives ``("stdout" | "stderr", chunk)`` while a command runs."""
 Signal = Literal["term", "kill"]
 """A signal :meth:`BaseProvider.signal` can send: SIGTERM or SIGKILL."""
+SPAWN_LOG_LIMIT = 64 * 1024
+"""Default bound on what :meth:`BaseProvider.read_spawn_log` returns, in bytes."""
 
 
 class Health(StrEnum):
@@ -62,6 +67,27 @@ class ExecResult:
     stdout: bytes
     stderr: bytes
     timed_out: bool = False
+
+
+@dataclass(frozen=True)
+class SpawnLog:
+    """The end of a spawned process's output log."""
+
+    size: int
+    """The log's length in bytes (0 when there is no log)."""
+    data: bytes
+    """Its last bytes: those after the offset asked for, at most the limit asked for."""
+
+    @property
+    def start(self) -> int:
+        """The offset of ``data`` in the log."""
+        return self.size - len(self.data)
+
+
+def tail_start(size: int, since: int, limit: int) -> int:
+    """Where a read of the end of a ``size``-byte log starts: after ``since`` (ignored when the
+    log is shorter, i.e. was replaced), and no more than ``limit`` bytes before its end."""
+    return max(since if since <= size else 0, size - limit, 0)
 
 
 @dataclass(frozen=True)
@@ -240,6 +266,38 @@ class BaseProvider(ABC):
         Args:
             resource_id: The environment's resource.
             handle: What :meth:`spawn` returned.
+
+        Raises:
+            InvalidInput: ``handle`` is not a handle this provider issues.
+        """
+
+    spawn_log_on_host: ClassVar[bool] = False
+    """Whether :meth:`spawn` appends the output to the host's ``log_path`` itself; when not,
+    the output stays in the environment and :meth:`read_spawn_log` fetches it."""
+
+    @abstractmethod
+    def read_spawn_log(
+        self,
+        resource_id: str,
+        handle: str,
+        *,
+        log_path: str | None = None,
+        since: int = 0,
+        limit: int = SPAWN_LOG_LIMIT,
+    ) -> SpawnLog:
+        """The end of a spawned process's output log, wherever :meth:`spawn` put it.
+
+        Works while the process runs and after it exited, on a stopped environment where the
+        backend can read one; a log that does not exist (the process was spawned without one,
+        or the environment is gone or unreachable) is an empty :class:`SpawnLog`, not an error.
+
+        Args:
+            resource_id: The environment's resource.
+            handle: What :meth:`spawn` returned.
+            log_path: The ``log_path`` given to :meth:`spawn` (read by providers that write
+                the output to the host; the others ignore it).
+            since: Only the bytes after this offset (what an earlier call returned already).
+            limit: At most this many bytes, the last ones.
 
         Raises:
             InvalidInput: ``handle`` is not a handle this provider issues.

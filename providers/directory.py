@@ -39,7 +39,17 @@ from narrative.objects import hash_object
 from narrative.restore import FlatTree, flatten_tree, materialize, sync_directory
 from narrative.snapshot import scan_tree, take_snapshot
 
-from .base import BaseProvider, ExecResult, Health, OutputFn, Signal, check_relative_path
+from .base import (
+    SPAWN_LOG_LIMIT,
+    BaseProvider,
+    ExecResult,
+    Health,
+    OutputFn,
+    Signal,
+    SpawnLog,
+    check_relative_path,
+    tail_start,
+)
 from .errors import ExecFailed, ResourceGone
 from .records import env_state_dir
 
@@ -94,6 +104,7 @@ class DirectoryProvider(BaseProvider):
 
     category = "local"
     capabilities: ClassVar[frozenset[str]] = frozenset({"exec", "files", "git", "python"})
+    spawn_log_on_host: ClassVar[bool] = True
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -337,6 +348,30 @@ class DirectoryProvider(BaseProvider):
         pid, start, _token = _parse_handle(handle)
         stat = _proc_stat(pid)
         return stat is not None and stat[19] == start and stat[0] not in ("Z", "X")
+
+    def read_spawn_log(
+        self,
+        resource_id: str,
+        handle: str,
+        *,
+        log_path: str | None = None,
+        since: int = 0,
+        limit: int = SPAWN_LOG_LIMIT,
+    ) -> SpawnLog:
+        """The end of ``log_path``, the host file :meth:`spawn` appended the output to (the
+        handle does not name it; without it there is nothing to read). The file is shared by
+        every process spawned with it, so its end may hold earlier processes' output too."""
+        _parse_handle(handle)
+        if log_path is None:
+            return SpawnLog(0, b"")
+        try:
+            with open(log_path, "rb") as f:
+                start = tail_start(os.fstat(f.fileno()).st_size, since, limit)
+                f.seek(start)
+                data = f.read(limit)  # the file may grow meanwhile: the size is what was read
+        except (FileNotFoundError, IsADirectoryError):
+            return SpawnLog(0, b"")
+        return SpawnLog(start + len(data), data)
 
     def runtime_command(self) -> list[str]:
         """The configured ``runtime``, else this interpreter running ``python -m cli``."""

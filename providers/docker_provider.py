@@ -42,6 +42,7 @@ import requests.exceptions
 from narrative.errors import InvalidInput, NarrativeError
 
 from .base import (
+    SPAWN_LOG_LIMIT,
     BaseProvider,
     ExecResult,
     Health,
@@ -49,7 +50,9 @@ from .base import (
     ProviderConfig,
     ProviderContext,
     Signal,
+    SpawnLog,
     check_relative_path,
+    tail_start,
 )
 from .docker_config import DockerConfig, DockerMount
 from .errors import (
@@ -206,6 +209,14 @@ def _close_stream(stream: Any) -> None:
         stream.close()
     with contextlib.suppress(OSError):
         stream._response.close()
+
+
+def _parse_handle(handle: str) -> tuple[str, str]:
+    """The exec id and the marker of a spawn handle."""
+    match = _HANDLE.fullmatch(handle) if isinstance(handle, str) else None
+    if match is None:
+        raise InvalidInput(f"not a process handle of a docker environment: {handle!r}")
+    return match[1], match[2]
 
 
 def _container_name(env_id: str) -> str:
@@ -499,17 +510,15 @@ class DockerProvider(BaseProvider):
 
     def _spawned(self, resource_id: str, handle: str) -> tuple[dict[str, Any] | None, str]:
         """The daemon's record of a spawned exec (None once it forgot it) and its marker."""
-        match = _HANDLE.fullmatch(handle) if isinstance(handle, str) else None
-        if match is None:
-            raise InvalidInput(f"not a process handle of a docker environment: {handle!r}")
+        exec_id, marker = _parse_handle(handle)
         try:
             with _errors("spawn", resource_id):
-                info: dict[str, Any] = self.api.exec_inspect(match[1])
+                info: dict[str, Any] = self.api.exec_inspect(exec_id)
         except ResourceGone:  # the daemon forgets an exec some time after it exited
-            return None, match[2]
+            return None, marker
         if not str(info.get("ContainerID", "")).startswith(resource_id):
             raise InvalidInput(f"process handle {handle!r} belongs to another container")
-        return info, match[2]
+        return info, marker
 
     def signal(self, resource_id: str, handle: str, sig: Signal) -> None:
         """Send ``sig`` to every process in the container that carries the handle's marker
@@ -530,6 +539,42 @@ class DockerProvider(BaseProvider):
     def alive(self, resource_id: str, handle: str) -> bool:
         info, _marker = self._spawned(resource_id, handle)
         return info is not None and bool(info.get("Running"))
+
+    def read_spawn_log(
+        self,
+        resource_id: str,
+        handle: str,
+        *,
+        log_path: str | None = None,
+        since: int = 0,
+        limit: int = SPAWN_LOG_LIMIT,
+    ) -> SpawnLog:
+        """The end of ``/tmp/narrative-spawn-<marker>.log`` in the container, through the
+        archive endpoint, which (unlike an exec) also reads a stopped container. No such file,
+        no such container or no daemon: an empty log."""
+        _exec_id, marker = _parse_handle(handle)
+        path = _SPAWN_LOG.format(marker=marker)
+        try:
+            with (
+                _errors("read_spawn_log", resource_id, path=path),
+                self._archive(resource_id, path) as stream,
+                tarfile.open(fileobj=stream, mode="r|") as tar,
+            ):
+                member = tar.next()
+                content = tar.extractfile(member) if member is not None else None
+                if member is None or content is None:  # nothing, or not a regular file
+                    return SpawnLog(0, b"")
+                start = tail_start(member.size, since, limit)
+                skipped = 0
+                while skipped < start:  # a tar stream cannot seek: read past, keep nothing
+                    chunk = content.read(min(start - skipped, _CHUNK))
+                    if not chunk:
+                        return SpawnLog(0, b"")  # cut short
+                    skipped += len(chunk)
+                return SpawnLog(member.size, content.read(member.size - start))
+        except (NarrativeError, OSError, tarfile.TarError) as exc:
+            log.debug("no spawn log %s in %s: %s", path, resource_id, exc)
+            return SpawnLog(0, b"")
 
     def runtime_command(self) -> list[str]:
         """The configured ``runtime``, else ``narrative`` from the container's ``PATH``."""

@@ -59,6 +59,7 @@ from narrative.errors import InvalidInput, NarrativeError
 from narrative.restore import flatten_tree
 
 from .base import (
+    SPAWN_LOG_LIMIT,
     BaseProvider,
     ExecResult,
     Health,
@@ -66,7 +67,9 @@ from .base import (
     ProviderConfig,
     ProviderContext,
     Signal,
+    SpawnLog,
     check_relative_path,
+    tail_start,
 )
 from .e2b_config import E2BConfig, check_upload_content, check_upload_name
 from .errors import ExecFailed, ProviderError, ProviderUnavailable, ResourceGone
@@ -424,6 +427,37 @@ class E2BProvider(BaseProvider):
         with _translating(resource_id):
             processes = sandbox.commands.list()
         return any(p.pid == pid and p.envs.get(MARKER_VAR) == marker for p in processes)
+
+    def read_spawn_log(
+        self,
+        resource_id: str,
+        handle: str,
+        *,
+        log_path: str | None = None,
+        since: int = 0,
+        limit: int = SPAWN_LOG_LIMIT,
+    ) -> SpawnLog:
+        """The end of ``.narrative-staging/spawn-<marker>.log`` beside the workdir in the
+        sandbox, downloaded through the files API as a stream of which only the last ``limit``
+        bytes are kept. No such file, or a sandbox that is gone or unreachable: an empty log."""
+        _pid, marker = self._spawned(handle)
+        path = posixpath.join(posixpath.dirname(self.cfg.workdir), _STAGING, f"spawn-{marker}.log")
+        tail = bytearray()
+        size = 0
+        try:
+            sandbox = self._sandbox(resource_id)
+            with _translating(resource_id, path):
+                reader = sandbox.files.read(path, format="stream")
+                with reader:
+                    for chunk in reader:
+                        size += len(chunk)
+                        tail += chunk
+                        del tail[: max(len(tail) - limit, 0)]
+        except (NarrativeError, OSError) as exc:
+            log.debug("no spawn log %s in e2b sandbox %s: %s", path, resource_id, exc)
+            return SpawnLog(0, b"")
+        wanted = size - tail_start(size, since, limit)
+        return SpawnLog(size, bytes(tail[len(tail) - wanted :]))
 
     def runtime_command(self) -> list[str]:
         """The configured ``runtime``, else ``narrative`` from the sandbox's ``PATH``."""

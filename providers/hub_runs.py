@@ -45,6 +45,8 @@ __all__ = ["RunDriver", "RunRequest", "adopt_interrupted", "collect_from_environ
 log = logging.getLogger(__name__)
 
 _CALL_TIMEOUT = 600.0
+_LOG_LINES = 20
+"""Lines of the runtime's own output recorded when a run fails."""
 
 
 @dataclass(frozen=True)
@@ -399,6 +401,7 @@ class RunDriver:
                 result_id = await self._collect_directly()
             if reason:
                 self.events.append("run.error", reason=reason)
+                await self._record_runtime_log()
             final = await hub.blocking(
                 lambda: finish_run(hub.store, self.run.id, status, exit_code, result_id)
             )
@@ -414,6 +417,22 @@ class RunDriver:
             hub.unregister(self)
             self.finished.set()
 
+    async def _record_runtime_log(self) -> None:
+        """Put the end of the runtime's own output into the event log: why a runtime failed
+        (a traceback, a bad command) is there, and with docker and e2b nowhere on the host."""
+        handle, env = self.handle, self.environment
+        if handle is None:
+            return
+        try:
+            lines = await self.hub.blocking(
+                lambda: self.hub.manager.runtime_log_tail(env, handle, _LOG_LINES)
+            )
+        except (NarrativeError, OSError) as exc:
+            log.info("cannot read the runtime log of %s: %s", self.run.id, exc)
+            return
+        if lines:
+            self.events.append("runtime.log", handle=handle, lines=lines)
+
     async def _retire_runtime(self) -> None:
         self._retiring = True
         if self._connected.is_set():
@@ -421,16 +440,21 @@ class RunDriver:
                 await self.hub.gateway.call(
                     "runtime", "shutdown", {}, target=self.gateway_id, timeout=5
                 )
+        handle, env = self.handle, self.environment
+        if handle is None:
+            return
         for _ in range(50):
             if not await self._runtime_alive():
-                return
+                break
             await asyncio.sleep(0.1)
-        handle = self.handle
-        if handle is not None:
+        else:
             with contextlib.suppress(NarrativeError):
-                await self.hub.blocking(
-                    lambda: self.hub.manager.signal(self.environment, handle, "kill")
-                )
+                await self.hub.blocking(lambda: self.hub.manager.signal(env, handle, "kill"))
+        # Docker and e2b keep the runtime's output inside: copy it next to the others'.
+        try:
+            await self.hub.blocking(lambda: self.hub.manager.sync_runtime_log(env, handle))
+        except (NarrativeError, OSError) as exc:
+            log.info("cannot copy the runtime log of %s: %s", self.run.id, exc)
 
     async def _renew_tokens(self) -> None:
         """Hand the runtime a fresh token well before the current one expires, so it can

@@ -5,24 +5,30 @@ table and persists the record (with a short history) before and after the provid
 crash mid-operation leaves a record that says what was under way (``starting``, ``stopping``...)
 and the next health check or :meth:`reconnect_all` settles it. Each environment has an
 append-only log (``<store>/narrative/envs/<env-id>/log``) of lifecycle events and command output;
-background processes (:meth:`EnvironmentManager.spawn`) write theirs to ``runtime.log`` beside
-it, where the provider can write host files (directory providers).
+the output of background processes (:meth:`EnvironmentManager.spawn`, the hub's runtimes) goes to
+``runtime.log`` beside it: directly where the provider can write host files (directory
+providers), else copied from the environment by :meth:`EnvironmentManager.sync_runtime_log`
+(docker, e2b), which remembers in ``runtime-sync.json`` how much of each process's log it copied.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
 from narrative.errors import InvalidInput, NarrativeError
+from narrative.fsutil import write_atomic
 from narrative.models import now_iso
 from narrative.store import Store
 
@@ -39,6 +45,10 @@ log = logging.getLogger(__name__)
 DEFAULT_HEALTH_INTERVAL = 30.0
 _HISTORY = 50
 _NAME_MAX = 64
+_SYNC_KEEP = 100
+"""Processes remembered in ``runtime-sync.json`` (the oldest finished ones are forgotten)."""
+_HEADER = "--- narrative: "
+"""Starts the lines the manager writes into ``runtime.log`` between processes' output."""
 
 
 @dataclass(frozen=True)
@@ -93,8 +103,9 @@ class EnvironmentManager:
         return os.path.join(env_state_dir(self.store, record.id), "log")
 
     def runtime_log_path(self, name: str) -> str:
-        """Where the output of the environment's background processes goes (directory
-        providers; docker and e2b keep it inside the environment, see their ``spawn``)."""
+        """Where the output of the environment's background processes goes on the host
+        (written there by directory providers; copied there by :meth:`sync_runtime_log` from
+        docker and e2b, which keep it inside the environment, see their ``spawn``)."""
         return os.path.join(env_state_dir(self.store, self.records.get(name).id), "runtime.log")
 
     def _log(self, record: EnvironmentRecord, line: str) -> None:
@@ -112,6 +123,113 @@ class EnvironmentManager:
         except FileNotFoundError:
             return []
         return lines[-tail:] if tail else lines
+
+    def runtime_logs(self, name: str, tail: int | None = None) -> list[str]:
+        """The lines of the host's ``runtime.log`` (the last ``tail`` of them), after copying
+        what the environment holds that is not there yet, when it can be read."""
+        try:
+            self.sync_runtime_log(name)
+        except NarrativeError as exc:  # what the host has is still worth showing
+            log.info("cannot copy the runtime log of %s: %s", name, exc)
+        try:
+            with open(self.runtime_log_path(name), "rb") as f:
+                lines = f.read().decode(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+        return lines[-tail:] if tail else lines
+
+    def runtime_log_tail(self, name: str, handle: str, lines: int = 20) -> list[str]:
+        """The last ``lines`` lines one spawned process wrote (read from the environment, or
+        from the host file that directory providers share between processes, from the
+        manager's line before that process on); [] when there is nothing to read."""
+        record = self.records.get(name)
+        if record.resource_id is None:
+            return []
+        provider = self.provider(record)
+        try:
+            piece = provider.read_spawn_log(
+                record.resource_id, handle, log_path=self.runtime_log_path(record.id)
+            )
+        except NarrativeError as exc:
+            log.info("cannot read the log of %s in %s: %s", handle, record.name, exc)
+            return []
+        found = piece.data.decode(errors="replace").splitlines()
+        if provider.spawn_log_on_host:
+            starts = [i for i, line in enumerate(found) if line.startswith(_HEADER)]
+            found = found[starts[-1] + 1 :] if starts else found
+        return found[-lines:]
+
+    def sync_runtime_log(self, name: str, handle: str | None = None) -> None:
+        """Append to the host's ``runtime.log`` what the environment holds of the output of
+        ``handle`` (default: of every spawned process whose output may still grow) that was
+        not copied yet. Nothing to do for providers that write that file themselves.
+
+        Best effort: an environment that cannot be read adds nothing now (a later call
+        copies it). A process found finished is copied one last time and then left alone.
+        Concurrent calls (a hub and ``env logs``) are serialised by a lock on the log.
+        """
+        record = self.records.get(name)
+        resource = record.resource_id
+        provider = self.provider(record)
+        if resource is None or provider.spawn_log_on_host:
+            return
+        with self._syncing(record) as (out, state):
+            if handle is not None:
+                state.setdefault(handle, {"copied": 0, "done": False})
+            for known, entry in state.items():
+                if entry["done"] or (handle is not None and known != handle):
+                    continue
+                try:
+                    finished = not provider.alive(resource, known)  # asked before the read
+                except (ResourceGone, InvalidInput):  # gone, or never a handle of this resource
+                    entry["done"] = True
+                    continue
+                except NarrativeError:
+                    finished = False
+                piece = provider.read_spawn_log(resource, known, since=entry["copied"])
+                if piece.data:
+                    if entry["copied"] == 0:
+                        out.write(f"{_HEADER}{now_iso()} output of {known} ---\n".encode())
+                    if piece.start > entry["copied"]:
+                        skipped = piece.start - entry["copied"]
+                        out.write(f"{_HEADER}{skipped} bytes left out ---\n".encode())
+                    out.write(piece.data)
+                    if finished and not piece.data.endswith(b"\n"):
+                        out.write(b"\n")  # the next process's output starts on a line of its own
+                    entry["copied"] = piece.size
+                entry["done"] = finished
+
+    @contextlib.contextmanager
+    def _syncing(
+        self, record: EnvironmentRecord
+    ) -> Iterator[tuple[BinaryIO, dict[str, dict[str, Any]]]]:
+        """The host's ``runtime.log`` open for appending, locked, and how much of each spawned
+        process's log was copied into it (saved on exit). A damaged state file counts as
+        empty: at worst some output is copied twice."""
+        path = self.runtime_log_path(record.id)
+        state_path = os.path.join(os.path.dirname(path), "runtime-sync.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "ab") as out:
+            fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+            try:
+                with open(state_path, "rb") as f:
+                    raw = json.loads(f.read())
+            except (FileNotFoundError, ValueError):
+                raw = {}
+            state = {
+                str(key): {"copied": entry["copied"], "done": entry["done"]}
+                for key, entry in (raw.items() if isinstance(raw, dict) else ())
+                if isinstance(entry, dict)
+                and isinstance(entry.get("copied"), int)
+                and isinstance(entry.get("done"), bool)
+            }
+            try:
+                yield out, state
+            finally:  # also after a failure part way: what was written is recorded as copied
+                done = [key for key, entry in state.items() if entry["done"]]
+                for key in done[: max(len(state) - _SYNC_KEEP, 0)]:
+                    del state[key]
+                write_atomic(state_path, json.dumps(state).encode(), durable=False)
 
     # -- records and transitions ----------------------------------------------------------------
 
@@ -328,12 +446,20 @@ class EnvironmentManager:
         self._log(record, f"spawn {' '.join(argv)}")
         log_path = self.runtime_log_path(record.id)
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        if provider.spawn_log_on_host:
+            # The file holds every process's output: this line marks where this one's starts.
+            with open(log_path, "ab") as f:
+                f.write(f"{_HEADER}{now_iso()} spawn {' '.join(argv)} ---\n".encode())
         try:
             handle = provider.spawn(resource, argv, env=env, log_path=log_path)
         except (ResourceGone, ProviderUnavailable) as exc:
             self._fail(record, exc)
             raise
         self._log(record, f"spawned {handle}")
+        if not provider.spawn_log_on_host:
+            # Remembered, so that a sync without a handle (``env logs --runtime``) copies it.
+            with self._syncing(record) as (_out, state):
+                state[handle] = {"copied": 0, "done": False}
         return handle
 
     def signal(self, name: str, handle: str, sig: Signal) -> None:

@@ -17,6 +17,7 @@ from narrative.history import resolve_snapshot
 from narrative.store import Store
 from providers.agent_output import output_bytes
 from providers.events import RunEventLog
+from providers.manager import EnvironmentManager
 
 from ..conftest import NARRATIVE, Cli, tree_bytes
 
@@ -163,3 +164,36 @@ def counting_agent(n: int, pause: float) -> list[str]:
 def routes(store_dir: Path, run_id: str) -> dict[str, dict[str, Any]]:
     """The ``call.routed`` events of a run, by call name."""
     return {e["call"]: e for e in events(store_dir, run_id) if e["type"] == "call.routed"}
+
+
+#: A ``runtime`` command that fails at once, saying why on stderr (the literal text
+#: ``boom-marker`` is in its output only, not in its command line).
+FAILING_RUNTIME = ["sh", "-c", "printf 'boom-%s\\n' marker >&2; exit 3"]
+
+
+def check_failing_runtime(cli: Cli, workspace: Path, env: str) -> None:
+    """A run in ``env``, whose runtime is :data:`FAILING_RUNTIME`: the run fails, and what the
+    runtime printed reaches the user through ``run start``, the event log, ``run show`` and
+    ``env logs --runtime`` (exactly once in the host's runtime.log, however often asked)."""
+    proc = cli.run("run", "start", "--env", env, "--json", "--", "true", check=False)
+    assert proc.returncode == 1, proc.stderr
+    run = json.loads(proc.stdout)
+    assert run["status"] == "failed"
+    assert "| boom-marker" in proc.stderr
+    history = events(workspace / ".narrative", run["id"])
+    kinds = types(history)
+    assert "exited before connecting" in history[kinds.index("run.error")]["reason"]
+    logged = history[kinds.index("runtime.log")]
+    assert logged["lines"] == ["boom-marker"] and logged["handle"]
+    assert kinds.index("runtime.log") < kinds.index("run.finished")
+    assert "| boom-marker" in cli.run("run", "show", run["id"]).stdout
+    # on the host already: written there, or copied when the runtime was retired
+    store = Store.open(str(workspace / ".narrative"))
+    host_log = EnvironmentManager(store).runtime_log_path(env)
+    with open(host_log) as f:
+        assert f.read().count("boom-marker") == 1
+    for _ in range(2):
+        lines = cli.json("env", "logs", env, "--runtime")
+        assert lines[-1] == "boom-marker" and "\n".join(lines).count("boom-marker") == 1
+    assert cli.run("env", "logs", env, "--runtime", "--tail", "1").stdout == "boom-marker\n"
+    assert "boom-marker" not in "\n".join(cli.json("env", "logs", env))  # the lifecycle log

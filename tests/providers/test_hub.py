@@ -30,8 +30,10 @@ from providers.hub_runs import RunRequest
 from ..conftest import NARRATIVE, Cli, git
 from .hub_support import (
     AGENT,
+    FAILING_RUNTIME,
     PLUGIN,
     ROUTING,
+    check_failing_runtime,
     counting_agent,
     events,
     file,
@@ -151,6 +153,22 @@ def test_failed_timed_out_and_second_runs_reuse_the_environment(hub_cli: Cli) ->
         ("succeeded", 0),
     ]
     assert all(r["result_snapshot"] for r in runs)
+
+
+def test_runtime_failing_at_once_shows_its_output(hub_cli: Cli, workspace: Path) -> None:
+    runtime = json.dumps(FAILING_RUNTIME)
+    hub_cli.run(
+        "env", "create", "broken", "--provider", "worktree", "--config", f"runtime={runtime}"
+    )
+    check_failing_runtime(hub_cli, workspace, "broken")
+    # the next runtime's output starts after it in the shared file, and a run's event
+    # carries only its own runtime's lines
+    again = hub_cli.run("run", "start", "--env", "broken", "--json", "--", "true", check=False)
+    run = json.loads(again.stdout)
+    history = events(workspace / ".narrative", run["id"])
+    assert [e["lines"] for e in history if e["type"] == "runtime.log"] == [["boom-marker"]]
+    lines = hub_cli.json("env", "logs", "broken", "--runtime")
+    assert lines.count("boom-marker") == 2 and lines[-1] == "boom-marker"
 
 
 def test_agent_calls_are_routed_and_the_routes_recorded(

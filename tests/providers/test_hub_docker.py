@@ -15,7 +15,9 @@ from narrative.store import Store
 from ..conftest import NARRATIVE, Cli, git
 from .hub_support import (
     AGENT,
+    FAILING_RUNTIME,
     ROUTING,
+    check_failing_runtime,
     counting_agent,
     events,
     file,
@@ -49,8 +51,9 @@ def runtime_config(image: str) -> list[str]:
     return [arg for key, value in pairs.items() for arg in ("--config", f"{key}={value}")]
 
 
-def create_box(cli: Cli, image: str, name: str = "box") -> dict[str, Any]:
-    out = cli.run("env", "create", name, "--provider", "docker", "--json", *runtime_config(image))
+def create_box(cli: Cli, image: str, name: str = "box", *extra: str) -> dict[str, Any]:
+    config = [*runtime_config(image), *extra]
+    out = cli.run("env", "create", name, "--provider", "docker", "--json", *config)
     return dict(json.loads(out.stdout))
 
 
@@ -112,3 +115,18 @@ def test_container_killed_mid_run_fails_the_run_and_the_hub_keeps_serving(
         # the same hub still serves the next run
         ok = start(cli, "--env", "wt", "--", "true")
         assert ok["status"] == "succeeded"
+
+
+def test_runtime_failing_at_once_in_a_container_shows_its_output(
+    cli: Cli, workspace: Path, docker_image: str, docker_api: Any
+) -> None:
+    """The runtime's output stays in the container; the user still sees it."""
+    cli.run("init")
+    box = create_box(cli, docker_image, "box", "--config", f"runtime={json.dumps(FAILING_RUNTIME)}")
+    try:
+        check_failing_runtime(cli, workspace, "box")
+        # the host's copy outlives the container (removed behind the store's back)
+        docker_api.remove_container(box["resource_id"], force=True, v=True)
+        assert cli.json("env", "logs", "box", "--runtime")[-1] == "boom-marker"
+    finally:
+        cli.run("env", "delete", "box")

@@ -19,7 +19,7 @@ from tests.providers.e2b_support import (  # noqa: F401  (fixtures)
 )
 from tests.providers.envd_standin import EnvdStandIn
 
-from .hub_support import file, output
+from .hub_support import FAILING_RUNTIME, file, output
 
 
 def test_run_in_an_e2b_sandbox_through_the_hub(store: Store, envd: EnvdStandIn) -> None:
@@ -39,3 +39,28 @@ def test_run_in_an_e2b_sandbox_through_the_hub(store: Store, envd: EnvdStandIn) 
     assert output(history) == "in-sandbox\n"
     assert final.result_snapshot is not None
     assert file(store, final.result_snapshot, "copy.md") == "# demo\n"
+
+
+def test_runtime_failing_at_once_in_a_sandbox_shows_its_output(
+    store: Store, envd: EnvdStandIn
+) -> None:
+    """The runtime's output stays in the sandbox: the failed run's events carry its end, and
+    the host's runtime.log gets a copy when the runtime is retired (once)."""
+    manager = EnvironmentManager(store)
+    manager.create("sb", provider="e2b", config={"runtime": FAILING_RUNTIME})
+
+    async def main() -> tuple[AgentRun, list[dict[str, Any]]]:
+        async with Hub(store) as hub:
+            run = await hub.submit(RunRequest("sb", ["true"]))
+            final = await hub.wait(run.id)
+        return final, RunEventLog(store, run.id).read()
+
+    final, history = asyncio.run(main())
+    assert final.status == "failed"
+    logged = [e for e in history if e["type"] == "runtime.log"]
+    assert [e["lines"] for e in logged] == [["boom-marker"]]
+    with open(manager.runtime_log_path("sb")) as f:
+        copied = f.read()
+    assert copied.count("boom-marker") == 1 and logged[0]["handle"] in copied
+    assert manager.runtime_logs("sb")[-1:] == ["boom-marker"]
+    assert manager.runtime_logs("sb").count("boom-marker") == 1

@@ -25,7 +25,7 @@ import pytest
 
 from narrative.errors import InvalidInput
 from narrative.store import Store
-from providers.base import BaseProvider, ProviderContext
+from providers.base import SPAWN_LOG_LIMIT, BaseProvider, ProviderContext, SpawnLog
 from providers.errors import ExecFailed, ProviderError
 from providers.local import LocalConfig, LocalProvider
 from providers.manager import EnvironmentManager
@@ -38,6 +38,30 @@ TREE = "sleep 60 & sleep 60 & wait"
 """A shell with two children: three processes, none of which ends on its own in a test's time."""
 ENV_ID = "env-0000000000spawn00000"
 DEADLINE = 15.0
+
+
+LONG_OUTPUT = ["sh", "-c", "seq 1 20000; echo done >&2"]
+"""Prints over 100 KiB: more than :data:`SPAWN_LOG_LIMIT`, so a tail is a real cut."""
+
+
+def check_log_tail(
+    provider: BaseProvider, resource: str, handle: str, full: bytes, **kw: Any
+) -> None:
+    """``read_spawn_log`` against the whole log ``full``, read by other means."""
+    assert len(full) > SPAWN_LOG_LIMIT and full.endswith(b"\n20000\ndone\n")
+    size = len(full)
+    assert provider.read_spawn_log(resource, handle, **kw) == SpawnLog(
+        size, full[-SPAWN_LOG_LIMIT:]
+    )
+    assert provider.read_spawn_log(resource, handle, limit=10, **kw) == SpawnLog(size, full[-10:])
+    piece = provider.read_spawn_log(resource, handle, since=size - 12, **kw)
+    assert piece == SpawnLog(size, b"\n20000\ndone\n") and piece.start == size - 12
+    assert provider.read_spawn_log(resource, handle, since=size, **kw) == SpawnLog(size, b"")
+    # an offset beyond the end: the log was replaced, so its end is read afresh
+    beyond = provider.read_spawn_log(resource, handle, since=size + 1, limit=5, **kw)
+    assert beyond == SpawnLog(size, b"done\n")
+    with pytest.raises(InvalidInput):
+        provider.read_spawn_log(resource, "garbage", **kw)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE, what: str = "") -> Any:
@@ -187,6 +211,19 @@ def test_directory_env_cwd_log_and_session(
     assert os.getsid(pid) == pid and os.getpgid(pid) == pid != os.getpgid(0)
     provider.signal(resource, handle, "term")
     assert_gone({pid})
+
+
+def test_directory_spawn_log_tail(directory: tuple[BaseProvider, str], tmp_path: Path) -> None:
+    provider, resource = directory
+    log = tmp_path / "runtime.log"
+    handle = provider.spawn(resource, LONG_OUTPUT, log_path=str(log))
+    wait_for(lambda: not provider.alive(resource, handle), what="the output to end")
+    assert provider.spawn_log_on_host
+    check_log_tail(provider, resource, handle, log.read_bytes(), log_path=str(log))
+    # no log to read: none given, or it is missing
+    assert provider.read_spawn_log(resource, handle) == SpawnLog(0, b"")
+    missing = str(tmp_path / "missing.log")
+    assert provider.read_spawn_log(resource, handle, log_path=missing) == SpawnLog(0, b"")
 
 
 def test_directory_handle_guards_against_pid_reuse(directory: tuple[BaseProvider, str]) -> None:
@@ -341,6 +378,61 @@ def test_docker_env_log_and_outlives_caller(
         other.alive(other_resource, handle)
 
 
+def test_docker_spawn_log_tail_running_stopped_and_removed(container: tuple[Any, str]) -> None:
+    provider, resource = container
+    assert not provider.spawn_log_on_host
+    handle = provider.spawn(resource, LONG_OUTPUT, log_path="ignored-on-the-host")
+    wait_for(lambda: not provider.alive(resource, handle), what="the output to end")
+    marker = handle.rsplit(":", 1)[1]
+    full = provider.exec(resource, ["cat", f"/tmp/narrative-spawn-{marker}.log"]).stdout
+    check_log_tail(provider, resource, handle, full)
+    quiet = provider.spawn(resource, ["sh", "-c", "echo discarded"])  # no log asked for
+    wait_for(lambda: not provider.alive(resource, quiet), what="the quiet process to end")
+    assert provider.read_spawn_log(resource, quiet) == SpawnLog(0, b"")
+    # the archive endpoint reads a stopped container, where no exec runs
+    provider.stop(resource)
+    assert provider.read_spawn_log(resource, handle, limit=5) == SpawnLog(len(full), b"done\n")
+    provider.delete(resource)
+    assert provider.read_spawn_log(resource, handle) == SpawnLog(0, b"")
+
+
+def test_docker_manager_copies_the_runtime_log_to_the_host_once(
+    store: Store, docker_image: str
+) -> None:
+    """Output that stays in the container reaches the host's runtime.log: a part while the
+    process runs, the rest once it ended, and nothing twice however often it is synced."""
+    from .docker_support import HOST_MOUNTS
+
+    manager = EnvironmentManager(store)
+    config = {"image": docker_image, "mounts": HOST_MOUNTS, "stop_timeout": 2}
+    manager.create("box", "docker", config=config)
+    try:
+        script = "echo first; while [ ! -e go ]; do sleep 0.05; done; echo second; echo oops >&2"
+        handle = manager.spawn("box", ["sh", "-c", script])
+        log = Path(manager.runtime_log_path("box"))
+        wait_for(lambda: manager.runtime_log_tail("box", handle) == ["first"], what="first line")
+        manager.sync_runtime_log("box")  # every process still running
+        assert manager.alive("box", handle)
+        assert log.read_text().splitlines()[1:] == ["first"]
+        manager.exec("box", ["touch", "go"])
+        wait_for(lambda: not manager.alive("box", handle), what="the process to end")
+        assert manager.runtime_log_tail("box", handle) == ["first", "second", "oops"]
+        manager.sync_runtime_log("box", handle)
+        manager.sync_runtime_log("box", handle)
+        lines = manager.runtime_logs("box")
+        assert lines[0].startswith("--- narrative: ") and handle in lines[0]
+        assert lines[1:] == ["first", "second", "oops"]
+        assert manager.runtime_logs("box", tail=2) == ["second", "oops"]
+        # a finished process was copied for good: a later sync adds nothing
+        manager.stop("box")
+        manager.sync_runtime_log("box")
+        assert manager.runtime_logs("box")[1:] == ["first", "second", "oops"]
+    finally:
+        provider: Any = manager.provider(manager.get("box"))
+        manager.delete("box")
+        provider.close()
+
+
 def test_docker_missing_program_and_stopped_container(container: tuple[Any, str]) -> None:
     provider, resource = container
     with pytest.raises(ExecFailed, match="nonexistent"):
@@ -465,3 +557,20 @@ def test_e2b_outlives_caller_log_and_env(envd: Any, store: Store) -> None:
     fresh.signal(resource, handle, "term")
     assert_gone(pids)
     wait_for(lambda: not fresh.alive(resource, handle), what="envd to forget the process")
+
+
+def test_e2b_spawn_log_tail(envd: Any, store: Store) -> None:
+    from tests.providers.e2b_support import WORKDIR, make_provider, on_disk
+
+    provider = make_provider(store)
+    resource = provider.create()
+    assert not provider.spawn_log_on_host
+    handle = provider.spawn(resource, LONG_OUTPUT, log_path="ignored-on-the-host")
+    wait_for(lambda: not provider.alive(resource, handle), what="the output to end")
+    marker = handle.rsplit(":", 1)[1]
+    log = on_disk(envd, os.path.dirname(WORKDIR) + f"/.narrative-staging/spawn-{marker}.log")
+    check_log_tail(provider, resource, handle, log.read_bytes())
+    quiet = provider.spawn(resource, ["sh", "-c", "echo discarded"])  # no log asked for
+    assert provider.read_spawn_log(resource, quiet) == SpawnLog(0, b"")
+    envd.kill()  # the sandbox is gone: nothing to read, and no error
+    assert provider.read_spawn_log(resource, handle) == SpawnLog(0, b"")
