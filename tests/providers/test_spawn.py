@@ -354,7 +354,8 @@ def test_docker_env_log_and_outlives_caller(
     assert fresh.alive(resource, handle)
     fresh.signal(resource, handle, "term")
     assert_gone(pids)
-    assert not fresh.alive(resource, handle)
+    # the daemon marks the exec ended a moment after its process is gone
+    wait_for(lambda: not fresh.alive(resource, handle), what="docker to see the exec end")
     # output went to the documented file inside the container
     probe = fresh.exec(
         resource,
