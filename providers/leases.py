@@ -74,10 +74,6 @@ class EnvironmentLease:
                 os.ftruncate(fd, 0)
             os.close(fd)  # closing drops the lock
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
 
 def _lease_path(store: Store, env_id: str) -> str:
     return os.path.join(env_state_dir(store, env_id), "lease")

@@ -116,13 +116,7 @@ class EnvironmentManager:
 
     def logs(self, name: str, tail: int | None = None) -> list[str]:
         """The environment's log lines (the last ``tail`` of them)."""
-        path = self._log_path(self.records.get(name))
-        try:
-            with open(path, "rb") as f:
-                lines = f.read().decode(errors="replace").splitlines()
-        except FileNotFoundError:
-            return []
-        return lines[-tail:] if tail else lines
+        return _tail_lines(self._log_path(self.records.get(name)), tail)
 
     def runtime_logs(self, name: str, tail: int | None = None) -> list[str]:
         """The lines of the host's ``runtime.log`` (the last ``tail`` of them), after copying
@@ -131,12 +125,7 @@ class EnvironmentManager:
             self.sync_runtime_log(name)
         except NarrativeError as exc:  # what the host has is still worth showing
             log.info("cannot copy the runtime log of %s: %s", name, exc)
-        try:
-            with open(self.runtime_log_path(name), "rb") as f:
-                lines = f.read().decode(errors="replace").splitlines()
-        except FileNotFoundError:
-            return []
-        return lines[-tail:] if tail else lines
+        return _tail_lines(self.runtime_log_path(name), tail)
 
     def runtime_log_tail(self, name: str, handle: str, lines: int = 20) -> list[str]:
         """The last ``lines`` lines one spawned process wrote (read from the environment, or
@@ -584,3 +573,13 @@ class EnvironmentManager:
             except NarrativeError:
                 log.warning("health check failed", exc_info=True)
             log.debug("health check took %.3fs", time.monotonic() - started)
+
+
+def _tail_lines(path: str, tail: int | None) -> list[str]:
+    """The lines of a log file (the last ``tail`` of them); [] when there is none yet."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    return lines[-tail:] if tail else lines
