@@ -1,11 +1,13 @@
 """Writing git bundles (v2) straight from the store, without the ``git`` CLI.
 
 A bundle is a short text header (prerequisite commits the receiver must already have, then the
-refs it carries) followed by one pack. Objects are chosen by walking the selected commits back to
-the prerequisites and diffing each commit's tree against its parent's, so an incremental bundle
-after a one-file change holds one blob, the trees on its path and one commit. Pack entries are
-copied verbatim from the store's packs (no recompression, no delta search): exporting is mostly
-sequential I/O, and stock git reads the result (``git bundle verify``, ``git fetch``).
+refs it carries) followed by one pack. Objects are chosen as ``git rev-list --objects`` chooses
+them (everything reachable from the tips, minus everything in the trees of the prerequisites the
+walk meets), so an incremental bundle after a one-file change holds one blob, the trees on its
+path and one commit; the selection is checked to be closed before a byte is written. Pack
+entries are copied verbatim from the store's packs (no recompression, no delta search):
+exporting is mostly sequential I/O, and stock git reads the result (``git bundle verify``,
+``git fetch``).
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
-from narrative.objects import MODE_DIR, hash_object, parse_commit, parse_tree
+from narrative.errors import StoreCorrupted
+from narrative.objects import MODE_DIR, Commit, hash_object, parse_commit, parse_tree
 from narrative.odb import ObjectStore, deflate, pack_entry_header, pack_object_header
 
-from .errors import InvalidArtifact
+from .errors import InvalidArtifact, TransferError
 
 __all__ = [
     "BUNDLE_SIGNATURE",
     "BundleFormatError",
     "BundleHeader",
     "BundleStats",
+    "IncompleteBundle",
     "collect_objects",
     "read_bundle_header",
     "write_bundle",
@@ -46,41 +50,90 @@ class BundleStats:
     size: int
 
 
-def _tree_entries(odb: ObjectStore, oid: bytes | None) -> dict[bytes, tuple[int, bytes]]:
-    if oid is None:
-        return {}
+def _tree_entries(odb: ObjectStore, oid: bytes) -> list[tuple[bytes, int, bytes]]:
     kind, data = odb.read(oid)
     if kind != "tree":
-        raise ValueError(f"{oid.hex()} is not a tree")
-    return {name: (mode, child) for name, mode, child in parse_tree(data)}
+        raise StoreCorrupted(f"object {oid.hex()} is a {kind}, where a tree was expected")
+    return parse_tree(data)
 
 
-def _new_tree_objects(
+def _read_commit(odb: ObjectStore, oid: bytes) -> Commit:
+    kind, data = odb.read(oid)
+    if kind != "commit":
+        raise StoreCorrupted(f"object {oid.hex()} is a {kind}, where a commit was expected")
+    return parse_commit(data)
+
+
+class _ObjectWalk:
+    """Object selection as ``git rev-list --objects TIPS --not HAVES`` does it.
+
+    Trees of the boundary (commits the receiver has, met as parents of commits being sent) are
+    walked in full first and everything below them is *known*. Then every sent commit's tree is
+    walked in full, pruned only by objects already known or already selected. A tree is added to
+    the selection only while being walked to the end, so a selected tree always implies its whole
+    content is selected or known; per-commit tree diffs, which made that untrue, are not used for
+    selection (issue 12, bug 1).
+    """
+
+    def __init__(self, odb: ObjectStore) -> None:
+        self.odb = odb
+        self.known: set[bytes] = set()
+        self.selected: dict[bytes, None] = {}
+        # tree → the oids its entries name, for the connectivity check
+        self.children: dict[bytes, list[bytes]] = {}
+
+    def mark_known(self, tree: bytes) -> None:
+        stack = [tree]
+        while stack:
+            oid = stack.pop()
+            if oid in self.known:
+                continue
+            self.known.add(oid)
+            for _name, mode, child in _tree_entries(self.odb, oid):
+                if mode == MODE_DIR:
+                    stack.append(child)
+                elif mode != _GITLINK:
+                    self.known.add(child)
+
+    def select_tree(self, tree: bytes) -> None:
+        stack = [tree]
+        while stack:
+            oid = stack.pop()
+            if oid in self.known or oid in self.selected:
+                continue
+            self.selected[oid] = None
+            entries = _tree_entries(self.odb, oid)
+            self.children[oid] = [child for _n, mode, child in entries if mode != _GITLINK]
+            for _name, mode, child in reversed(entries):
+                if mode == MODE_DIR:
+                    stack.append(child)
+                elif mode != _GITLINK and child not in self.known:
+                    self.selected.setdefault(child, None)
+
+
+def _pair_delta_bases(
     odb: ObjectStore,
     new: bytes,
-    old: bytes | None,
-    out: dict[bytes, None],
-    bases: dict[bytes, bytes] | None,
+    old: bytes,
+    selected: dict[bytes, None],
+    bases: dict[bytes, bytes],
 ) -> None:
-    """Add ``new`` and everything below it that is not also in ``old`` at the same place.
-
-    With ``bases`` (the old tree is known to the receiver), a changed file's previous blob is
-    remembered as a delta base for it.
-    """
-    if new == old or new in out:
-        return
-    out[new] = None
-    before = _tree_entries(odb, old)
-    for name, (mode, oid) in _tree_entries(odb, new).items():
-        prev = before.get(name)
-        if prev is not None and prev[1] == oid:
+    """Remember, for each blob of ``new`` that is being sent, the blob at the same path in
+    ``old`` (a tree the receiver holds) as its delta base. Only an optimisation: selection
+    never depends on it."""
+    pairs = [(new, old)]
+    while pairs:
+        new_tree, old_tree = pairs.pop()
+        if new_tree == old_tree:
             continue
-        if mode == MODE_DIR:
-            old_sub = prev[1] if prev is not None and prev[0] == MODE_DIR else None
-            _new_tree_objects(odb, oid, old_sub, out, bases)
-        elif mode != _GITLINK:
-            out.setdefault(oid, None)
-            if bases is not None and prev is not None and prev[0] == mode:
+        before = {name: (mode, oid) for name, mode, oid in _tree_entries(odb, old_tree)}
+        for name, mode, oid in _tree_entries(odb, new_tree):
+            prev = before.get(name)
+            if prev is None or prev[1] == oid or prev[0] != mode:
+                continue
+            if mode == MODE_DIR:
+                pairs.append((oid, prev[1]))
+            elif mode != _GITLINK and oid in selected:
                 bases.setdefault(oid, prev[1])
 
 
@@ -90,33 +143,71 @@ def collect_objects(
     haves: Iterable[bytes],
     bases: dict[bytes, bytes] | None = None,
 ) -> list[bytes]:
-    """Every object reachable from ``tips`` and not from ``haves`` (commits the receiver has).
+    """Every object reachable from ``tips`` and not from ``haves`` (commits the receiver has,
+    with all their history and content), checked to be closed before it is returned.
 
-    Trees are diffed against the first parent's tree; a blob that moved between directories may
-    be sent again, which the receiver tolerates (it already holds it). When ``bases`` is given,
-    it is filled with new blob → previous version, for commits whose parent the receiver has.
+    When ``bases`` is given, it is filled with new blob → previous version at the same path, for
+    commits whose parent the receiver has (delta bases; see :func:`write_bundle`).
+
+    Raises:
+        IncompleteBundle: An object the selection needs is missing from the store, or the
+            selection is not closed (a bug: nothing may be published then).
     """
     have = set(haves)
-    out: dict[bytes, None] = {}
-    stack = [t for t in tips if t not in have]
-    seen: set[bytes] = set()
-    while stack:
-        oid = stack.pop()
-        if oid in seen or oid in have:
-            continue
-        seen.add(oid)
-        kind, data = odb.read(oid)
-        if kind != "commit":
-            raise ValueError(f"{oid.hex()} is not a commit")
-        commit = parse_commit(data)
-        out[oid] = None
-        parent_tree = None
-        if commit.parents:
-            parent_tree = parse_commit(odb.read(commit.parents[0])[1]).tree
-        known = bases if commit.parents and commit.parents[0] in have else None
-        _new_tree_objects(odb, commit.tree, parent_tree, out, known)
-        stack.extend(commit.parents)
-    return list(out)
+    commits: dict[bytes, Commit] = {}
+    boundary: dict[bytes, None] = {}
+    stack = list(tips)
+    try:
+        while stack:
+            oid = stack.pop()
+            if oid in have:
+                boundary[oid] = None
+                continue
+            if oid in commits:
+                continue
+            commit = _read_commit(odb, oid)
+            commits[oid] = commit
+            stack.extend(commit.parents)
+        walk = _ObjectWalk(odb)
+        for oid in boundary:
+            walk.mark_known(_read_commit(odb, oid).tree)
+        ordered: dict[bytes, None] = {}
+        for oid, commit in commits.items():
+            ordered[oid] = None
+            walk.select_tree(commit.tree)
+            if bases is not None and commit.parents and commit.parents[0] in boundary:
+                parent_tree = _read_commit(odb, commit.parents[0]).tree
+                _pair_delta_bases(odb, commit.tree, parent_tree, walk.selected, bases)
+    except StoreCorrupted as exc:
+        raise IncompleteBundle(f"cannot export: {exc}") from exc
+    ordered.update(walk.selected)
+    _check_closed(odb, commits, walk, boundary)
+    return list(ordered)
+
+
+def _check_closed(
+    odb: ObjectStore, commits: dict[bytes, Commit], walk: _ObjectWalk, boundary: dict[bytes, None]
+) -> None:
+    """Connectivity check: everything a selected object names is selected or held by the
+    receiver, and every selected object exists in the store."""
+    selected = walk.selected
+
+    def present(oid: bytes) -> bool:
+        return oid in selected or oid in walk.known or oid in commits
+
+    for oid, commit in commits.items():
+        missing = [p for p in commit.parents if p not in commits and p not in boundary]
+        if not present(commit.tree):
+            missing.append(commit.tree)
+        if missing:
+            raise IncompleteBundle(f"commit {oid.hex()} names {missing[0].hex()}, not sent")
+    for tree, children in walk.children.items():
+        for child in children:
+            if not present(child):
+                raise IncompleteBundle(f"tree {tree.hex()} names {child.hex()}, not sent")
+    for oid in selected:
+        if oid not in walk.children and not odb.exists(oid):
+            raise IncompleteBundle(f"object {oid.hex()} is missing from the store")
 
 
 _DELTA_MIN = 1024
@@ -320,3 +411,8 @@ def _oid(text: str) -> bytes:
 
 class BundleFormatError(InvalidArtifact):
     """The bundle header is malformed or names refs it may not."""
+
+
+class IncompleteBundle(TransferError):
+    """The objects selected for a bundle are not closed under reachability (or the store lacks
+    one of them): the bundle would not be usable, so nothing is written or published."""
