@@ -52,7 +52,7 @@ import tempfile
 import threading
 import zlib
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, cast
@@ -69,13 +69,14 @@ from narrative.objects import (
     MODE_LINK,
     TreeEntry,
     encode_tree,
+    hash_object,
     object_header,
 )
 from narrative.odb import ObjectStore, PackWriter, deflate, parse_entry_header
 from narrative.restore import flatten_tree
 from narrative.store import Store
 
-from .errors import InvalidArtifact
+from .errors import IncompleteExport, InvalidArtifact
 
 __all__ = [
     "ARCHIVE_FORMATS",
@@ -819,6 +820,13 @@ def write_archive(
             _check_header(json.loads(json.dumps(header)))
         except ArchiveError as exc:
             raise InvalidInput(f"cannot archive snapshot {snapshot.id}: {exc}") from None
+        # Connectivity check before anything is published: the files as hashed while being
+        # archived must rebuild exactly the snapshot's tree.
+        built = manifest_tree(files, lambda data: hash_object("tree", data)).hex()
+        if built != snapshot.tree:
+            raise IncompleteExport(
+                f"archive of snapshot {snapshot.id} would build tree {built}, not {snapshot.tree}"
+            )
         return manifest
 
     with store.lock("gc", shared=True), writer, _PackFiles() as packs:
@@ -1222,6 +1230,35 @@ class _Dir(dict[str, Any]):
     """A directory while trees are rebuilt (values: manifest entries or _Dir)."""
 
 
+def manifest_tree(files: Iterable[dict[str, Any]], store_tree: Callable[[bytes], bytes]) -> bytes:
+    """The root tree id that manifest file entries build. ``store_tree`` receives each encoded
+    tree, deepest first, and returns its id (hash it, or write it to a pack). Iterative: a
+    hostile manifest's deep paths cannot exhaust the interpreter's stack."""
+    root = _Dir()
+    for entry in files:
+        node = root
+        *dirs, leaf = entry["path"].split("/")
+        for part in dirs:
+            node = node.setdefault(part, _Dir())
+        node[leaf] = entry
+    ids: dict[int, bytes] = {}
+    stack: list[tuple[_Dir, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((child, False) for child in node.values() if isinstance(child, _Dir))
+            continue
+        entries: list[TreeEntry] = [
+            (_path_bytes(name), MODE_DIR, ids[id(value)])
+            if isinstance(value, _Dir)
+            else (_path_bytes(name), _MODES[value["mode"]], bytes.fromhex(value["blob"]))
+            for name, value in node.items()
+        ]
+        ids[id(node)] = store_tree(encode_tree(entries))
+    return ids[id(root)]
+
+
 class _Intake:
     """Verifies members against the manifest and writes their blobs into one pack."""
 
@@ -1328,30 +1365,12 @@ class _Intake:
             if path not in self.seen:
                 raise ArchiveError(f"archive is missing member {FILES_PREFIX}{path}")
         _check_links(self.links)
-        root = _Dir()
-        for path, entry in self.expected.items():
-            node = root
-            *dirs, leaf = path.split("/")
-            for part in dirs:
-                node = node.setdefault(part, _Dir())
-            node[leaf] = entry
-        tree = self._tree(root)
+        tree = manifest_tree(self.expected.values(), lambda data: self.writer.add_raw("tree", data))
         if tree.hex() != manifest.tree:
             raise ArchiveError(
                 f"archive content builds tree {tree.hex()}, the manifest says {manifest.tree}"
             )
         return tree
-
-    def _tree(self, node: _Dir) -> bytes:
-        entries: list[TreeEntry] = []
-        for name, value in node.items():
-            if isinstance(value, _Dir):
-                entries.append((_path_bytes(name), MODE_DIR, self._tree(value)))
-            else:
-                entries.append(
-                    (_path_bytes(name), _MODES[value["mode"]], bytes.fromhex(value["blob"]))
-                )
-        return self.writer.add_raw("tree", encode_tree(entries))
 
 
 def _decompressor(stream: BinaryIO) -> tuple[Any, _ZstdFrames | None]:

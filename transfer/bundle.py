@@ -23,14 +23,13 @@ from narrative.errors import StoreCorrupted
 from narrative.objects import MODE_DIR, Commit, hash_object, parse_commit, parse_tree
 from narrative.odb import ObjectStore, deflate, pack_entry_header, pack_object_header
 
-from .errors import InvalidArtifact, TransferError
+from .errors import IncompleteExport, InvalidArtifact
 
 __all__ = [
     "BUNDLE_SIGNATURE",
     "BundleFormatError",
     "BundleHeader",
     "BundleStats",
-    "IncompleteBundle",
     "collect_objects",
     "read_bundle_header",
     "write_bundle",
@@ -150,7 +149,7 @@ def collect_objects(
     commits whose parent the receiver has (delta bases; see :func:`write_bundle`).
 
     Raises:
-        IncompleteBundle: An object the selection needs is missing from the store, or the
+        IncompleteExport: An object the selection needs is missing from the store, or the
             selection is not closed (a bug: nothing may be published then).
     """
     have = set(haves)
@@ -179,7 +178,7 @@ def collect_objects(
                 parent_tree = _read_commit(odb, commit.parents[0]).tree
                 _pair_delta_bases(odb, commit.tree, parent_tree, walk.selected, bases)
     except StoreCorrupted as exc:
-        raise IncompleteBundle(f"cannot export: {exc}") from exc
+        raise IncompleteExport(f"cannot export: {exc}") from exc
     ordered.update(walk.selected)
     _check_closed(odb, commits, walk, boundary)
     return list(ordered)
@@ -200,14 +199,14 @@ def _check_closed(
         if not present(commit.tree):
             missing.append(commit.tree)
         if missing:
-            raise IncompleteBundle(f"commit {oid.hex()} names {missing[0].hex()}, not sent")
+            raise IncompleteExport(f"commit {oid.hex()} names {missing[0].hex()}, not sent")
     for tree, children in walk.children.items():
         for child in children:
             if not present(child):
-                raise IncompleteBundle(f"tree {tree.hex()} names {child.hex()}, not sent")
+                raise IncompleteExport(f"tree {tree.hex()} names {child.hex()}, not sent")
     for oid in selected:
         if oid not in walk.children and not odb.exists(oid):
-            raise IncompleteBundle(f"object {oid.hex()} is missing from the store")
+            raise IncompleteExport(f"object {oid.hex()} is missing from the store")
 
 
 _DELTA_MIN = 1024
@@ -411,8 +410,3 @@ def _oid(text: str) -> bytes:
 
 class BundleFormatError(InvalidArtifact):
     """The bundle header is malformed or names refs it may not."""
-
-
-class IncompleteBundle(TransferError):
-    """The objects selected for a bundle are not closed under reachability (or the store lacks
-    one of them): the bundle would not be usable, so nothing is written or published."""

@@ -10,8 +10,11 @@ the raiser) and mix in a built-in where one fits::
         │   └── StorageLockTimeout(url, seconds) (+TimeoutError) a storage lock stayed taken
         ├── ArtifactNotFound(url) (+LookupError) no such artifact, or not published (no sidecar)
         ├── ChecksumMismatch(url, expected, actual)  content differs from its ``.sha256`` sidecar
-        └── InvalidArtifact (+ValueError)        bad or hostile content: malformed sidecar,
-                                                 oversized document, ...
+        ├── InvalidArtifact (+ValueError)        bad or hostile content: malformed sidecar,
+        │                                        oversized document, ...
+        └── IncompleteExport                     an artifact about to be written would not be
+                                                 complete (its objects are not closed, or the
+                                                 files do not rebuild the snapshot's tree)
 
 Backend exceptions (``OSError`` from local files, botocore/s3fs/aiohttp errors) are translated
 into this tree in exactly one place, :func:`transfer.fsio._translate`.
@@ -24,6 +27,7 @@ from narrative.errors import NarrativeError
 __all__ = [
     "ArtifactNotFound",
     "ChecksumMismatch",
+    "IncompleteExport",
     "InvalidArtifact",
     "StorageError",
     "StorageLockTimeout",
@@ -100,3 +104,9 @@ class InvalidArtifact(TransferError, ValueError):
     def __init__(self, message: str, url: str | None = None) -> None:
         super().__init__(message)
         self.url = url
+
+
+class IncompleteExport(TransferError):
+    """A bundle or archive being written would not be complete: an object it needs is missing
+    from the store, or what was selected is not closed under reachability. Nothing is published.
+    """

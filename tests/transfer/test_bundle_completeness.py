@@ -15,7 +15,8 @@ import pytest
 
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
-from transfer.bundle import IncompleteBundle, write_bundle
+from transfer.bundle import write_bundle
+from transfer.errors import IncompleteExport
 
 from ..conftest import Cli, git
 
@@ -113,5 +114,31 @@ def test_an_incomplete_bundle_fails_loudly_and_publishes_nothing(
     assert "missing" in proc.stderr and missing in proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.glob("x.bundle*")) == []
-    with pytest.raises(IncompleteBundle):
+    with pytest.raises(IncompleteExport):
         write_bundle(store.odb, io.BytesIO(), {"refs/narrative/t": bytes.fromhex(commit)})
+
+
+def test_an_archive_missing_a_file_is_never_published(
+    store: Store, workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The archive's connectivity check: if the file list ever lost an entry (simulated here by
+    a tree flattener that drops one), the archive would not rebuild its snapshot's tree, so the
+    export fails before anything is published."""
+    import transfer.archive
+    from narrative.restore import flatten_tree
+    from transfer.exporter import export
+
+    (workspace / "src" / "more.py").write_text("x = 1\n")
+    snap = take_snapshot(store).snapshot
+
+    def lossy(*args: object) -> dict[str, tuple[int, bytes]]:
+        flat = flatten_tree(*args)  # type: ignore[arg-type]
+        flat.pop("src/more.py")
+        return flat
+
+    monkeypatch.setattr(transfer.archive, "flatten_tree", lossy)
+    for fmt in ("tar.gz", "tar.zst"):
+        out = tmp_path / f"x.{fmt}"
+        with pytest.raises(IncompleteExport, match="would build tree"):
+            export(store, str(out), fmt=fmt, snapshot=snap.id)
+        assert list(tmp_path.glob("x.*")) == []
