@@ -3,7 +3,9 @@
 Policy (per thread): keep the newest ``keep_last``, keep those younger than ``keep_within``;
 always keep the head, every snapshot an agent run points to and every fork point of another
 thread. Dropping snapshots from the middle of a thread rewrites the kept ones on top of each
-other; their snapshot ids (carried in trailers) never change, only their commits.
+other; their snapshot ids (carried in trailers) never change, only their commits. History that
+another machine may hold (pushed, exported, shipped: :mod:`narrative.shared`) is never
+rewritten, so the same snapshot keeps the same commit everywhere.
 
 Safety: gc holds the store's ``gc`` lock exclusively while every snapshot and metadata writer
 holds it shared, so no writer can be reusing an object gc is about to delete. Thread refs move
@@ -27,6 +29,7 @@ from .models import Snapshot
 from .objects import MODE_DIR, Commit, encode_commit, parse_commit, parse_tree
 from .odb import PackWriter
 from .repack import copy_objects
+from .shared import shared_commits
 from .statcache import StatCache
 from .store import Store
 
@@ -92,16 +95,25 @@ def collect_garbage(store: Store, policy: RetentionPolicy, dry_run: bool = False
         protected = {t.forked_from for t in list_threads(store) if t.forked_from}
         for r in list_runs(store):
             protected |= {s for s in (r.base_snapshot, r.result_snapshot) if s}
+        shared = shared_commits(store)
         now = time.time()
         plans: dict[str, tuple[list[Snapshot], bytes | None]] = {}
         for thread_id, head in heads.items():
             snaps = list(thread_snapshots(store, thread_id, head))
-            kept = [s for i, s in enumerate(snaps) if _keep(i, s, policy, protected, now)]
-            report.kept += len(kept)
-            dropped = [s.id for s in snaps if s not in kept]
+            # Only what no other machine holds may be rewritten: the newest shared snapshot
+            # and everything below it stay exactly as they are (same commits).
+            frozen = next(
+                (i for i, s in enumerate(snaps) if bytes.fromhex(s.commit) in shared), len(snaps)
+            )
+            open_part = snaps[:frozen]
+            kept = [s for i, s in enumerate(open_part) if _keep(i, s, policy, protected, now)]
+            report.kept += len(kept) + len(snaps) - frozen
+            dropped = [s.id for s in open_part if s not in kept]
             if dropped:
                 report.dropped += dropped
-                root_parent = snaps[-1].parent_commit
+                root_parent = (
+                    snaps[frozen].commit if frozen < len(snaps) else snaps[-1].parent_commit
+                )
                 plans[thread_id] = (kept[::-1], bytes.fromhex(root_parent) if root_parent else None)
         if dry_run:
             report.packs_after, report.bytes_after = report.packs_before, report.bytes_before

@@ -34,7 +34,8 @@ from typing import Any, Protocol, TypeVar
 from gateway.handlers import HandlerContext, HandlerRegistry
 from narrative.errors import InvalidInput, NarrativeError
 from narrative.history import resolve_snapshot
-from narrative.store import Store
+from narrative.shared import mark_shared
+from narrative.store import THREAD_REF_PREFIX, Store
 from transfer.bundle import write_bundle
 from transfer.importer import ImportResult, import_stream
 from transfer.records import BUNDLE_META_REF, collect_records, encode_records
@@ -122,6 +123,8 @@ def make_bundle(
             {c: "" for c in have},
             extra=meta_objects,
         )
+    # the peer now holds these commits: gc must keep them as they are (narrative.shared)
+    mark_shared(store, {ref[len(THREAD_REF_PREFIX) :]: oid for ref, oid in refs.items()})
     return {"size": size, "sha256": digest.hexdigest(), "objects": stats.objects}
 
 

@@ -22,7 +22,8 @@ from narrative.hierarchy import (
     resolve_thread,
 )
 from narrative.history import resolve_snapshot
-from narrative.store import Store
+from narrative.shared import mark_shared
+from narrative.store import THREAD_REF_PREFIX, Store
 
 from . import fsio
 from .bundle import write_bundle
@@ -122,6 +123,7 @@ def _export_bundle(
             prerequisites,
             extra=meta_objects,
         )
+    mark_shared(store, {ref[len(THREAD_REF_PREFIX) :]: oid for ref, oid in refs.items()})
     return ExportResult(
         url, "bundle", out.size, out.sha256, stats.objects, stats.refs, stats.prerequisites
     )
@@ -160,4 +162,5 @@ def _export_archive(
     }
     with fsio.publish(url, storage_options, callback=callback) as out:
         stats = write_archive(store, snap, cast(BinaryIO, out), fmt, records=records)
+    mark_shared(store, {snap.thread: bytes.fromhex(snap.commit)})
     return ExportResult(url, fmt, out.size, out.sha256, stats.files, snapshot=snap.id)
