@@ -83,3 +83,43 @@ def test_keep_within(store: Store, workspace: Path) -> None:
     assert parse_duration("2w") == 14 * 86400
     with pytest.raises(InvalidInput):
         parse_duration("soon")
+
+
+def test_gc_never_rewrites_history_that_left_the_store(tmp_path: Path) -> None:
+    """Issue 12 clarification: gc may drop old snapshots, but never rewrite commits another
+    machine holds (exported or pushed), or the next incremental transfer breaks."""
+    from .conftest import Cli
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    cli = Cli(ws)
+    cli.run("init")
+    ids = []
+    for i in range(6):
+        (ws / "counter.txt").write_text(f"{i}\n")
+        ids.append(cli.json("snapshot", "-m", f"s{i}")["id"])
+    full = tmp_path / "full.bundle"
+    cli.run("export", str(full))  # ids[0..5] now exist elsewhere
+    commits = {i: cli.json("show", i)["commit"] for i in ids}
+    for i in range(6, 9):
+        (ws / "counter.txt").write_text(f"{i}\n")
+        ids.append(cli.json("snapshot", "-m", f"s{i}")["id"])
+    report = cli.json("gc", "--keep-last", "1")
+    # only unshared snapshots were dropped; every shared one keeps its commit
+    assert sorted(report["dropped"]) == sorted(ids[6:8])
+    for i in ids[:6]:
+        assert cli.json("show", i)["commit"] == commits[i]
+    # so a receiver of the first bundle takes an incremental one made after gc
+    other = tmp_path / "other"
+    other.mkdir()
+    receiver = Cli(other)
+    receiver.run("init")
+    receiver.run("import", str(full))
+    inc = tmp_path / "inc.bundle"
+    cli.run("export", str(inc), "--since", ids[5])
+    receiver.run("import", str(inc))
+    out = tmp_path / "out"
+    receiver.run("restore", ids[8], "--to", str(out))
+    assert (out / "counter.txt").read_text() == "8\n"
+    store = Store.open(workspace=str(ws))
+    git("--git-dir", store.git_dir, "fsck", "--strict", "--no-dangling")
