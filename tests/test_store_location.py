@@ -166,7 +166,7 @@ def _old_layout_store(workspace: Path) -> Cli:
     cli.run("--store", str(workspace / ".narrative"), "init")
     config = workspace / ".narrative" / "narrative" / "config.json"
     data = json.loads(config.read_text())
-    del data["workspace_id"]
+    data.pop("workspace_id", None)
     config.write_text(json.dumps(data))
     return cli
 
@@ -213,7 +213,7 @@ def test_an_old_layout_migration_killed_at_any_point_loses_nothing(
         shutil.copytree(store_dir, workspace / ".narrative", symlinks=True)  # old layout again
         config = workspace / ".narrative" / "narrative" / "config.json"
         data = json.loads(config.read_text())
-        del data["workspace_id"]
+        data.pop("workspace_id", None)
         config.write_text(json.dumps(data))
         data_stores = store_dir.parent
         for leftover in data_stores.iterdir():
