@@ -74,7 +74,16 @@ def _info(store: Any) -> dict[str, Any]:
         "default_thread": store.config.default_thread,
         "max_file_size": store.config.max_file_size,
         "threads": len(store.thread_heads()),
+        "orphaned_checkouts": _orphaned_checkouts(),
     }
+
+
+def _orphaned_checkouts() -> list[str] | None:
+    """Worktree checkouts whose store was removed (None when there are none, so the human
+    output stays quiet)."""
+    from narrative.store import orphaned_checkouts
+
+    return orphaned_checkouts() or None
 
 
 @click.command()

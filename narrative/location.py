@@ -7,7 +7,8 @@ copy of the workspace can neither destroy nor alias it::
     $XDG_DATA_HOME/narrative/          (platformdirs' user data directory)
         stores/<workspace-id>/         the store (a bare git repository, see narrative.store)
         index/<digest>                 canonical workspace path → workspace id, one file each
-        checkouts/<store-key>/<env>    checkouts of worktree environments (providers.worktree)
+        checkouts/<store-key>/<env>    checkouts of worktree environments (providers.worktree);
+                                       ``.owner`` names the store, to report orphans
         locks/<digest>.lock            serialises init, migration, adopt and fork per workspace
     <workspace>/.narrative/            the marker: ignores itself and holds only the id
         .gitignore                     "*"
@@ -37,6 +38,7 @@ __all__ = [
     "MARKER_NAME",
     "Found",
     "checkouts_root",
+    "claim_checkouts",
     "data_dir",
     "default_store_dir",
     "find_workspace",
@@ -47,6 +49,7 @@ __all__ = [
     "legacy_store_dir",
     "marker_dir",
     "marker_is_clean",
+    "orphaned_checkouts",
     "read_marker",
     "workspace_lock",
     "write_marker",
@@ -80,6 +83,41 @@ def default_store_dir(workspace_id: str) -> str:
 def checkouts_root(store_key: str) -> str:
     """The directory holding the worktree checkouts of one store (not created)."""
     return os.path.join(data_dir(), "checkouts", store_key)
+
+
+_OWNER = ".owner"
+
+
+def claim_checkouts(store_key: str, git_dir: str) -> str:
+    """Create the checkouts directory of a store, recording which store owns it (so that
+    checkouts outliving their store are found by :func:`orphaned_checkouts`)."""
+    root = checkouts_root(store_key)
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    owner = os.path.join(root, _OWNER)
+    if not os.path.isfile(owner):
+        write_atomic(owner, git_dir.encode("utf-8", "surrogateescape") + b"\n")
+    return root
+
+
+def orphaned_checkouts(is_store: Callable[[str], bool]) -> list[str]:
+    """Checkouts whose store is gone: the work they may hold is nobody's to collect now, so
+    they are reported (never removed silently)."""
+    base = os.path.join(data_dir(), "checkouts")
+    try:
+        roots = sorted(os.listdir(base))
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in roots:
+        root = os.path.join(base, name)
+        try:
+            with open(os.path.join(root, _OWNER), "rb") as f:
+                owner = f.read(4096).decode("utf-8", "surrogateescape").strip()
+        except OSError:
+            continue
+        if not is_store(owner):
+            found += [os.path.join(root, n) for n in sorted(os.listdir(root)) if n != _OWNER]
+    return found
 
 
 def marker_dir(workspace: str) -> str:

@@ -55,6 +55,7 @@ __all__ = [
     "Store",
     "StoreConfig",
     "discover_store",
+    "orphaned_checkouts",
 ]
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,11 @@ def _read_config(git_dir: str) -> StoreConfig | None:
             return StoreConfig.from_dict(json.load(f), path)
     except (OSError, ValueError, StoreCorrupted):
         return None
+
+
+def orphaned_checkouts() -> list[str]:
+    """Worktree checkouts in the data directory whose store no longer exists."""
+    return location.orphaned_checkouts(_is_store)
 
 
 def _indexed_store_matches(workspace: str, workspace_id: str) -> bool:

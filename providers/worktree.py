@@ -17,7 +17,7 @@ import shutil
 from typing import Literal
 
 from narrative.errors import InvalidInput
-from narrative.location import checkouts_root
+from narrative.location import checkouts_root, claim_checkouts
 from narrative.store import Store
 
 from .base import ProviderConfig
@@ -65,6 +65,7 @@ class WorktreeProvider(DirectoryProvider):
                 raise InvalidInput(f"a worktree cannot live inside {what} {inside}")
         if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
             raise InvalidInput(f"{path} exists and is not an empty directory")
+        claim_checkouts(self.context.store.key, self.context.store.git_dir)
         os.makedirs(path, exist_ok=True)
         return path
 
