@@ -85,6 +85,20 @@ def test_rm_rf_of_a_worktree_checkout_leaves_the_store_intact(
     cli.run("env", "delete", "box")
 
 
+def test_removing_a_store_reports_the_checkouts_it_leaves(cli: Cli, workspace: Path) -> None:
+    cli.run("init")
+    cli.run("snapshot")
+    cli.run("env", "create", "box", "--provider", "worktree")
+    checkout = Path(cli.json("env", "show", "box")["resource_id"])
+    (checkout / "uncollected.txt").write_text("work nobody collected\n")
+    assert cli.json("info")["orphaned_checkouts"] is None
+    shutil.rmtree(store_dir_of(workspace))
+    cli.run("init")  # a new store for the same workspace
+    assert cli.json("info")["orphaned_checkouts"] == [str(checkout)]
+    assert "orphaned_checkouts: " in cli.run("info").stdout
+    assert (checkout / "uncollected.txt").is_file()  # reported, never removed
+
+
 def _copy(workspace: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-a", str(workspace), str(copy)], check=True)
