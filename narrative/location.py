@@ -31,6 +31,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from .errors import StoreError
 from .fsutil import unlink_quiet, write_atomic
 from .ids import is_id
 
@@ -125,7 +126,8 @@ def marker_dir(workspace: str) -> str:
 
 
 def legacy_store_dir(workspace: str) -> str | None:
-    """``<workspace>/.narrative`` when it still is a whole store of the old layout."""
+    """``<workspace>/.narrative`` when it is a whole store, not a marker: one of the old
+    layout, or one put there on purpose with ``--store``."""
     path = marker_dir(workspace)
     if read_marker(workspace) is None and os.path.isfile(os.path.join(path, _LEGACY_CONFIG)):
         return path
@@ -161,7 +163,7 @@ def _remove_leftovers(path: str) -> None:
     import shutil  # only needed right after a migration
 
     for name in os.listdir(path):
-        if name in _MARKER_KEEP:
+        if name in _MARKER_KEEP or name.startswith(".tmp-"):  # another writer's temp file
             continue
         full = os.path.join(path, name)
         if os.path.isdir(full) and not os.path.islink(full):
@@ -223,8 +225,11 @@ def index_forget(workspace: str, workspace_id: str) -> None:
 def workspace_lock(workspace: str) -> Iterator[None]:
     """Serialise the commands that create, migrate, adopt or fork the store of ``workspace``
     (an flock: released by the kernel when its holder dies)."""
-    path = os.path.join(_private_dir("locks"), _digest(workspace) + ".lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        path = os.path.join(_private_dir("locks"), _digest(workspace) + ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot use the narrative data directory {data_dir()}: {exc}") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -38,6 +38,7 @@ from .errors import (
     InvalidInput,
     LockTimeout,
     StoreCorrupted,
+    StoreError,
     StoreExists,
     StoreNotFound,
     WorkspaceCopied,
@@ -232,10 +233,16 @@ class Store:
             if os.path.lexists(marker) and not os.path.isdir(marker):
                 raise InvalidInput(f"{marker} exists and is not a directory")
             workspace_id = new_id("workspace")
-            store = cls._create(location.default_store_dir(workspace_id), workspace, workspace_id)
-            # The store is complete before anything points at it: index, then marker.
-            location.index_record(workspace, workspace_id)
-            location.write_marker(workspace, workspace_id)
+            git_dir = location.default_store_dir(workspace_id)
+            try:
+                store = cls._create(git_dir, workspace, workspace_id)
+                # The store is complete before anything points at it: index, then marker.
+                location.index_record(workspace, workspace_id)
+                location.write_marker(workspace, workspace_id)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create the store of {workspace} at {git_dir}: {exc}"
+                ) from exc
             store.opened_in = workspace
             return store
 
@@ -274,7 +281,15 @@ class Store:
             raise StoreNotFound(start)
         migrated_from = None
         if found.workspace_id is None:
-            migrated_from = location.marker_dir(found.workspace)
+            in_place = location.marker_dir(found.workspace)
+            placed = _read_config(in_place)
+            if placed is not None and placed.workspace_id:
+                # Put in the workspace on purpose (``init --store <ws>/.narrative``, the store of
+                # an environment's runtime): used where it is, never moved.
+                store = cls._load(in_place)
+                store.opened_in = found.workspace
+                return store
+            migrated_from = in_place
             workspace_id = _migrate_legacy(found.workspace)
         else:
             workspace_id = found.workspace_id
@@ -292,7 +307,7 @@ class Store:
             location.read_marker(found.workspace) == workspace_id
             and location.marker_is_clean(found.workspace)
         ):
-            location.write_marker(found.workspace, workspace_id)  # git clean -fdx removed it
+            _repair_marker(found.workspace, workspace_id)
         return store
 
     @classmethod
@@ -314,15 +329,15 @@ class Store:
     def adopt(cls, start: str) -> Store:
         """Make the workspace at or above ``start`` the workspace of the store its marker
         names (the original was moved, or the copy is to carry on in its place)."""
-        found = _copied_workspace(start)
-        assert found.workspace_id is not None
+        found, git_dir = _copied_workspace(start)
         with location.workspace_lock(found.workspace):
-            store = cls._load(location.default_store_dir(found.workspace_id))
+            store = cls._load(git_dir)
             previous = store.config.workspace
             store.config.workspace = found.workspace
             store.save_config()
-            location.index_record(found.workspace, found.workspace_id)
-            location.index_forget(previous, found.workspace_id)
+            if found.workspace_id is not None:
+                location.index_record(found.workspace, found.workspace_id)
+                location.index_forget(previous, found.workspace_id)
         store.opened_in = found.workspace
         return store
 
@@ -331,10 +346,14 @@ class Store:
         """Give the copied workspace at or above ``start`` a store of its own, seeded with the
         history of the store its marker names (so snapshot ids stay shared); that store is
         left exactly as it was."""
-        found = _copied_workspace(start)
-        assert found.workspace_id is not None
+        found, git_dir = _copied_workspace(start)
+        if found.workspace_id is None:
+            raise InvalidInput(
+                f"the store of {found.workspace} lives inside it ({git_dir}): a copy of the "
+                "workspace holds a copy of the store, so adopt it with 'narrative init --adopt'"
+            )
         with location.workspace_lock(found.workspace):
-            source = cls._load(location.default_store_dir(found.workspace_id))
+            source = cls._load(git_dir)
             workspace_id = new_id("workspace")
             config = replace(source.config, workspace=found.workspace, workspace_id=workspace_id)
             with source.lock("gc", shared=True):  # gc must not prune what is being copied
@@ -387,21 +406,36 @@ class Store:
         }
 
 
-def _copied_workspace(start: str) -> location.Found:
-    """The workspace at or above ``start``, which must be a copy (or move) of its store's."""
+def _copied_workspace(start: str) -> tuple[location.Found, str]:
+    """The workspace at or above ``start`` and its store directory; the workspace must be a
+    copy (or a move) of the one its store records."""
     found = location.find_workspace(os.path.abspath(start))
-    if found is None or found.workspace_id is None or not found.by_marker:
+    if found is None or not found.by_marker:
         raise InvalidInput(f"no workspace marker at or above {os.path.abspath(start)}")
-    config = _read_config(location.default_store_dir(found.workspace_id))
+    if found.workspace_id is None:
+        git_dir = location.marker_dir(found.workspace)  # a store kept in the workspace
+    else:
+        git_dir = location.default_store_dir(found.workspace_id)
+    config = _read_config(git_dir)
     if config is None:
         raise StoreNotFound(
             found.workspace,
-            f"the store of workspace {found.workspace_id} is gone: nothing to adopt or fork "
-            "(run 'narrative init' to start a new one)",
+            f"the store of {found.workspace} ({git_dir}) is gone or unreadable: nothing to "
+            "adopt or fork (run 'narrative init' to start a new one)",
         )
     if config.workspace == found.workspace:
         raise InvalidInput(f"{found.workspace} already is the workspace of its store")
-    return found
+    return found, git_dir
+
+
+def _repair_marker(workspace: str, workspace_id: str) -> None:
+    """Write the marker again (``git clean -fdx`` removed it). Best effort: a workspace that
+    cannot be written is still found by its path."""
+    try:
+        with location.workspace_lock(workspace):
+            location.write_marker(workspace, workspace_id)
+    except (OSError, StoreError) as exc:
+        log.warning("cannot write the marker of %s: %s", workspace, exc)
 
 
 def _write_skeleton(git_dir: str, final_dir: str) -> None:
@@ -515,6 +549,16 @@ def _migrate_legacy(workspace: str) -> str:
     store stops being one only when the marker's id is written — after which the rest of the
     old directory is removed.
     """
+    try:
+        return _migrate_legacy_locked(workspace)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot move the store of {workspace} out of the workspace: {exc} (the store in "
+            f"{location.marker_dir(workspace)} is still the one in use)"
+        ) from exc
+
+
+def _migrate_legacy_locked(workspace: str) -> str:
     with location.workspace_lock(workspace):
         legacy = location.legacy_store_dir(workspace)
         if legacy is None:  # another process migrated it meanwhile
