@@ -206,6 +206,28 @@ def test_an_old_layout_store_migrates_on_first_use(workspace: Path, tmp_path: Pa
     assert cli.json("snapshot")["created"] is False  # the same workspace, nothing changed
 
 
+def test_a_store_put_in_the_workspace_on_purpose_stays_there(cli: Cli, workspace: Path) -> None:
+    inside = workspace / ".narrative"
+    cli.run("--store", str(inside), "init")
+    snap = cli.json("snapshot", env={"NARRATIVE_STORE": str(inside)})
+    proc = cli.run("log", "--json")  # found from the workspace, used where it is
+    assert proc.stderr == "" and json.loads(proc.stdout)[0]["id"] == snap["id"]
+    assert cli.json("info")["store"] == str(inside.resolve())
+    assert (inside / "narrative" / "config.json").is_file()
+
+
+def test_an_unusable_data_directory_is_one_clear_error(workspace: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    cli = Cli(workspace)
+    before = tree_bytes(workspace)
+    proc = cli.run("init", check=False, env={"XDG_DATA_HOME": str(blocker)})
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot use the narrative data directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert tree_bytes(workspace) == before
+
+
 @pytest.mark.slow
 def test_an_old_layout_migration_killed_at_any_point_loses_nothing(
     workspace: Path, tmp_path: Path
