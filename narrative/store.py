@@ -66,6 +66,9 @@ DEFAULT_MAX_FILE_SIZE = 50 << 20
 THREAD_REF_PREFIX = "refs/narrative/threads/"
 _CONFIG = os.path.join("narrative", "config.json")
 _MIGRATING_TO = os.path.join("narrative", "migrating-to")
+# Local files a fork takes along besides objects and refs: its remotes and the event logs of
+# the runs its history names. Environments, hubs, caches and keys stay with the original.
+_FORK_SHARED = (os.path.join("narrative", "remotes.json"), os.path.join("narrative", "runs"))
 
 _GIT_CONFIG = """\
 [core]
@@ -463,7 +466,8 @@ def _replicate(source: Store, final: str, config: StoreConfig, whole: bool) -> S
 
     ``whole`` copies every file (a migration: environments, caches and keys move with the
     store, and absolute paths into the old directory in its JSON state are rewritten); else
-    only the history — objects and refs — goes into a fresh store (a fork). The copy is opened
+    only the history — objects, refs, remotes and run event logs — goes into a fresh store (a
+    fork). The copy is opened
     and its refs checked against the source's before it gets its final name, so a crash
     leaves at worst an unreferenced temporary directory.
     """
@@ -503,6 +507,12 @@ def _replicate(source: Store, final: str, config: StoreConfig, whole: bool) -> S
                 dirs_exist_ok=True,
                 ignore=shutil.ignore_patterns("*.lock", ".tmp-*", "tmp_*"),
             )
+            for shared in _FORK_SHARED:  # not history, but what the copy needs to go on
+                src = os.path.join(source.git_dir, shared)
+                if os.path.isdir(src):
+                    shutil.copytree(src, os.path.join(tmp, shared), symlinks=True)
+                elif os.path.isfile(src):
+                    shutil.copy2(src, os.path.join(tmp, shared))
         write_atomic(
             os.path.join(tmp, _CONFIG), json.dumps(config.to_dict(), indent=2).encode() + b"\n"
         )
