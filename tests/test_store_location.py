@@ -133,11 +133,13 @@ def test_fork_gives_the_copy_its_own_store_with_the_shared_history(
 ) -> None:
     cli.run("init")
     first = cli.json("snapshot", "-m", "original")["id"]
+    cli.run("remote", "add", "origin", (tmp_path / "remote").as_uri())
     copy = _copy(workspace, tmp_path)
     store_dir = store_dir_of(workspace)
     before = tree_bytes(store_dir)
     in_copy = Cli(copy)
     forked = in_copy.json("init", "--fork")
+    assert in_copy.json("remote", "list") == cli.json("remote", "list")  # goes on syncing
     assert forked["workspace"] == str(copy.resolve()) and forked["copy_of"] is None
     assert forked["store"] != str(store_dir)
     snap = in_copy.json("snapshot", "-m", "in the copy")
