@@ -475,7 +475,11 @@ def _replicate(source: Store, final: str, config: StoreConfig, whole: bool) -> S
 
     parent = os.path.dirname(final)
     os.makedirs(parent, mode=0o700, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(final)}-{os.urandom(6).hex()}")
+    stale = f".tmp-{os.path.basename(final)}-"
+    for name in os.listdir(parent):  # an earlier attempt killed mid-copy (same id: same lock)
+        if name.startswith(stale):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    tmp = os.path.join(parent, stale + os.urandom(6).hex())
     try:
         expected = source.refs.list("refs/")
         if whole:
