@@ -240,11 +240,20 @@ def test_an_old_layout_migration_killed_at_any_point_loses_nothing(
         (workspace / f"f{n}.bin").write_bytes(os.urandom(2000))
     first = cli.json("snapshot", env=legacy)["id"]
     expected = _user_files(workspace)
-    for delay in (0.05, 0.15, 0.25, 0.35, 0.5):
+    landed = 0
+    for step in range(12):  # around the ~20 ms a migration takes after a ~100 ms start-up
+        delay = 0.06 + 0.01 * step
         kill_after(["log"], workspace, delay)
+        legacy = workspace / ".narrative" / "narrative" / "migrating-to"
+        leftovers = list(
+            (Path(os.environ["XDG_DATA_HOME"]) / "narrative" / "stores").glob(".tmp-*")
+        )
+        landed += legacy.exists() or bool(leftovers)
         # whatever state the kill left: the snapshot is still there and restores
         assert [s["id"] for s in cli.json("log")] == [first]
-        assert _restored(cli, first, tmp_path / f"check-{delay}") == expected
+        stores = Path(os.environ["XDG_DATA_HOME"]) / "narrative" / "stores"
+        assert not list(stores.glob(".tmp-*"))  # what a killed copy left is cleaned up
+        assert _restored(cli, first, tmp_path / f"check-{step}") == expected
         store_dir = store_dir_of(workspace)
         _fsck(store_dir)
         shutil.rmtree(workspace / ".narrative")
@@ -256,3 +265,4 @@ def test_an_old_layout_migration_killed_at_any_point_loses_nothing(
         data_stores = store_dir.parent
         for leftover in data_stores.iterdir():
             shutil.rmtree(leftover)
+    print(f"{landed} of 12 kills landed mid-migration")
