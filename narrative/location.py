@@ -249,11 +249,7 @@ class Found:
     workspace_id: str | None
     """The id from its marker or the index; None for an old-layout store."""
     by_marker: bool
-    """Whether the marker named the id (else the index did, or it is the old layout)."""
-
-    @property
-    def legacy(self) -> bool:
-        return self.workspace_id is None
+    """Whether ``.narrative`` is there (a marker, or a whole store); else the index knew it."""
 
 
 def inspect_directory(
