@@ -9,6 +9,7 @@ where one fits (``LookupError`` for unknown ids, ``TimeoutError`` for lock waits
     │   ├── StoreNotFound            no store for this workspace
     │   ├── StoreExists              init over an existing store
     │   ├── StoreCorrupted           objects/refs/metadata unreadable
+    │   ├── WorkspaceCopied          the workspace is a copy or move of the store's workspace
     │   └── LockTimeout (+TimeoutError)
     ├── NotFound (+LookupError)
     │   ├── ObjectiveNotFound(objective_id)
@@ -48,6 +49,7 @@ __all__ = [
     "StoreExists",
     "StoreNotFound",
     "ThreadNotFound",
+    "WorkspaceCopied",
 ]
 
 
@@ -62,8 +64,8 @@ class StoreError(NarrativeError):
 class StoreNotFound(StoreError):
     """No narrative store was found for a workspace."""
 
-    def __init__(self, path: str) -> None:
-        super().__init__(f"no narrative store for {path} (run 'narrative init')")
+    def __init__(self, path: str, detail: str | None = None) -> None:
+        super().__init__(detail or f"no narrative store for {path} (run 'narrative init')")
         self.path = path
 
 
@@ -77,6 +79,23 @@ class StoreExists(StoreError):
 
 class StoreCorrupted(StoreError):
     """Objects, refs or metadata of the store cannot be read."""
+
+
+class WorkspaceCopied(StoreError):
+    """The workspace's marker names a store whose workspace is another directory: this one is a
+    copy (or the original was moved). Nothing reads or writes its files until the user says
+    which it is."""
+
+    def __init__(self, path: str, recorded: str, workspace_id: str) -> None:
+        super().__init__(
+            f"{path} is a copy or a move of the workspace {recorded} (workspace id "
+            f"{workspace_id}): run 'narrative init --adopt' in it to make it that store's "
+            "workspace (the original was moved), or 'narrative init --fork' to give it a store "
+            "of its own that starts with the same history"
+        )
+        self.path = path
+        self.recorded = recorded
+        self.workspace_id = workspace_id
 
 
 class LockTimeout(StoreError, TimeoutError):

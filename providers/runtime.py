@@ -53,7 +53,7 @@ _EVENTS_FILE = "runtime-events.jsonl"  # in the environment's store: what the hu
 
 def open_runtime_store(workspace: str, store_dir: str | None = None) -> Store:
     """The environment's own store (``<workspace>/.narrative`` unless told), created if
-    missing. Never discovered upwards: a worktree lives inside the hub's store."""
+    missing. Named, never discovered: the hub's workspace may be above the environment's."""
     git_dir = store_dir or os.path.join(workspace, DEFAULT_STORE_NAME)
     try:
         return Store.open(store_dir=git_dir)
