@@ -179,7 +179,10 @@ def test_agent_calls_are_routed_and_the_routes_recorded(
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "hub_inference.py").write_text(PLUGIN)
-    env = {"PYTHONPATH": str(plugins)}
+    # keep the caller's path: a worktree's code, not the installed one, serves the hub
+    env = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")]))
+    }
     with serve(hub_cli, workspace, "--handlers", "hub_inference", env=env):
         run = start(
             hub_cli, "--env", "sandbox", "--",
