@@ -566,15 +566,19 @@ class Gateway:
             capabilities=self.capabilities,
         )
 
-    async def revoke(self, run_id: str, reason: str) -> int:
-        """Close every accepted connection whose token is for ``run_id`` (close code 1008,
-        reason ``token revoked: <reason>``). The policy must refuse the run's tokens from now on
-        too, or the peer simply reconnects.
+    async def revoke(self, reason: str, *, run_id: str | None = None, token_id: str = "") -> int:
+        """Close every accepted connection whose token is for ``run_id``, or is the token
+        ``token_id`` (close code 1008, reason ``token revoked: <reason>``). The policy must
+        refuse those tokens from now on too, or the peer simply reconnects.
 
         Returns:
             How many connections were closed.
         """
-        doomed = [ws for ws, claims in self._claims.items() if claims.run_id == run_id]
+        doomed = [
+            ws
+            for ws, claims in self._claims.items()
+            if claims.run_id == run_id or (token_id and claims.token_id == token_id)
+        ]
         for ws in doomed:
             claims = self._claims[ws]
             log.warning(

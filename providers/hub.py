@@ -336,7 +336,7 @@ class Hub:
     async def end_tokens(self, run_id: str, reason: str) -> None:
         """Void the tokens of ``run_id``: refuse them from now on and close their connections."""
         self.policy.end(run_id)
-        await self.gateway.revoke(run_id, reason)
+        await self.gateway.revoke(reason, run_id=run_id)
 
     def register(self, driver: RunDriver) -> None:
         self.drivers[driver.run.id] = driver

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.errors import GatewayError, OutOfScope
 from gateway.protocol import ProviderAgentStart, ProviderStart, ProviderStop
+from gateway.tokens import TokenClaims
 from narrative.errors import InvalidInput, NarrativeError
 from narrative.hierarchy import create_thread, finish_run, get_thread, list_runs, start_run
 from narrative.history import resolve_snapshot
@@ -197,6 +198,7 @@ class RunDriver:
         self._task: asyncio.Task[None] | None = None
         self._renewal: asyncio.Task[None] | None = None
         self._token_expires = 0.0  # unknown (an adopted run): renew at once
+        self._token_claims: TokenClaims | None = None  # of the token the runtime holds
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- creation -------------------------------------------------------------------------------
@@ -301,8 +303,7 @@ class RunDriver:
         """A fresh token for the run's runtime, scoped to the run (see
         :func:`providers.token_policy.run_token`)."""
         ttl = self.hub.token_ttl
-        self._token_expires = time.time() + ttl
-        return run_token(
+        token = run_token(
             self.hub.signer,
             self.run.id,
             self.gateway_id,
@@ -310,6 +311,9 @@ class RunDriver:
             thread=self.run.thread_id,
             base=self.base.id,
         )
+        self._token_claims = self.hub.signer.verify(token)
+        self._token_expires = self._token_claims.expires_at
+        return token
 
     def _start_renewal(self) -> None:
         self._renewal = asyncio.get_running_loop().create_task(self._renew_tokens())
@@ -493,7 +497,7 @@ class RunDriver:
         ttl = self.hub.token_ttl
         while True:
             await asyncio.sleep(max(0.0, self._token_expires - ttl * 2 / 3 - time.time()))
-            held = self._token_expires
+            held, held_claims = self._token_expires, self._token_claims
             token = self._token()
             try:
                 await self.hub.gateway.call(
@@ -501,9 +505,14 @@ class RunDriver:
                 )
             except GatewayError as exc:
                 log.info("could not renew the token of %s: %s", self.gateway_id, exc)
-                self._token_expires = held  # the runtime still holds the old one
+                self._token_expires, self._token_claims = held, held_claims  # still the old one
                 await asyncio.sleep(min(ttl / 10, 5.0))
                 continue
+            if held_claims is not None:
+                # the runtime holds (and its connection presented) the new one: the old one,
+                # which may be read from the runtime's environment, is void
+                await self.hub.policy.revoke_token(held_claims)
+                await self.hub.gateway.revoke("renewed", token_id=held_claims.token_id)
 
     # -- stop and kill --------------------------------------------------------------------------
 

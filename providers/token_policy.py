@@ -8,6 +8,9 @@ for every call from a connection that presented a token (and at the connection's
 
 * tokens of runs that ended are refused (``revoked``): the run's record in the store says so,
   which a restarted hub reads too, and a hub that ends a run closes its connections;
+* so are tokens revoked by id (a runtime's previous token once it holds a renewed one: the
+  token in its process environment is void after the first renewal), kept in the store
+  (``narrative/revoked-tokens.json``) until they would have expired anyway;
 * ``narrative:prepareBundle`` only for the snapshots and threads of the token's read scope,
   never ``changed`` (every thread of the store);
 * ``narrative:snapshot`` only onto a thread of the token's write scope;
@@ -21,13 +24,17 @@ The owner's ``control`` tokens are not held to a run.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from gateway.errors import OutOfScope, TokenRevoked
 from gateway.tokens import TokenClaims, TokenSigner
 from narrative.errors import NarrativeError
+from narrative.fsutil import write_atomic
 from narrative.hierarchy import get_run
 from narrative.store import Store
 
@@ -113,6 +120,34 @@ class RunTokenPolicy:
         self._run_at = run_at
         #: runs whose tokens are refused from now on (their record may not say so yet)
         self.ended: set[str] = set()
+        self._revoked_file = os.path.join(store.git_dir, "narrative", "revoked-tokens.json")
+        #: token id → its expiry, for tokens revoked before they expire
+        self.revoked: dict[str, float] = self._load_revoked()
+
+    def _load_revoked(self) -> dict[str, float]:
+        try:
+            with open(self._revoked_file, "rb") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            # refusing to start would leave every run stranded; the tokens expire soon anyway
+            log.warning("ignoring unreadable %s: %s", self._revoked_file, exc)
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): float(v) for k, v in data.items() if isinstance(v, int | float)}
+
+    async def revoke_token(self, claims: TokenClaims) -> None:
+        """Refuse the token with ``claims`` from now on, also after a restart (kept in the
+        store until it expires)."""
+        self.revoked[claims.token_id] = claims.expires_at
+        now = time.time()
+        for token_id, expires in list(self.revoked.items()):
+            if expires <= now:
+                del self.revoked[token_id]
+        data = json.dumps(self.revoked, sort_keys=True).encode()
+        await self._blocking(lambda: write_atomic(self._revoked_file, data))
 
     def end(self, run_id: str) -> None:
         """Refuse the tokens of ``run_id`` from now on."""
@@ -165,6 +200,8 @@ class RunTokenPolicy:
     def _check_live(self, claims: TokenClaims) -> None:
         if claims.run_id in self.ended:
             raise TokenRevoked(f"run {claims.run_id} has ended; its token is void")
+        if claims.token_id in self.revoked:
+            raise TokenRevoked(f"this token of run {claims.run_id} was revoked (renewed)")
 
 
 def _check_read(claims: TokenClaims, spec: dict[str, Any]) -> None:
