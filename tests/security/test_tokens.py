@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,35 @@ def test_a_run_token_is_void_once_the_run_ends(
     assert reason.startswith("token revoked")
     assert f"run {run_id} has ended" in after_stop
     assert f"run {run_id} has ended" in after_restart
+
+
+def test_a_renewed_runtime_token_voids_the_one_in_its_environment(store: Store) -> None:
+    EnvironmentManager(store).create("sandbox")
+
+    async def main() -> tuple[str, str]:
+        async with Hub(store, token_ttl=6.0) as hub:
+            run = await hub.submit(RunRequest("sandbox", counting_agent(100, 0.1)))
+            await until(lambda: "line-1" in output(RunEventLog(store, run.id).read()))
+            stolen = runtime_token(hub.url)  # what the agent reads from /proc/<runtime>/environ
+            claims = hub.signer.verify(stolen)
+            while True:  # the hub renews it a third into its life (2 s), well before it expires
+                assert time.time() < claims.expires_at - 1, "the stolen token still works"
+                try:
+                    ws = await dial(hub.url, stolen, "sandbox")
+                except InvalidStatus as exc:
+                    body = exc.response.body.decode()
+                    break
+                await ws.close()
+                await asyncio.sleep(0.2)
+            await hub.stop_run(run.id, 1.0)
+            final = await hub.wait(run.id)
+            assert final.status == "cancelled"  # the runtime itself carried on with its new token
+        return body, claims.token_id
+
+    body, token_id = asyncio.run(main())
+    assert "was revoked" in body
+    # a hub started later still refuses it
+    assert token_id in Hub(store).policy.revoked
 
 
 def test_an_expired_tokens_connection_is_closed(store: Store) -> None:
