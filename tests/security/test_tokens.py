@@ -94,6 +94,27 @@ PLANTER = textwrap.dedent(
 )
 
 
+#: A run nesting work: it creates a thread of its own (as a nested run's would be) in its
+#: environment's store and snapshots onto it; that thread comes home with its result.
+NESTER = textwrap.dedent(
+    """
+    import os
+    from narrative.hierarchy import create_thread, get_thread
+    from narrative.snapshot import take_snapshot
+    from narrative.store import Store
+
+    store = Store.open(store_dir=os.environ["NARRATIVE_STORE"])
+    own = get_thread(store, os.environ["NARRATIVE_THREAD"])
+    nested = create_thread(store, own.objective_id, "nested", forked_from=own.forked_from)
+    with open("nested.txt", "w") as f:
+        f.write("work of the nested run\\n")
+    take_snapshot(store, nested.id, message="nested work")
+    with open("nested-thread.txt", "w") as f:
+        f.write(nested.id)
+    """
+)
+
+
 def runtime_token(hub_url: str) -> str:
     """The token in the environment of the runtime connected to ``hub_url`` (what an agent of
     the same uid reads from /proc)."""
@@ -234,6 +255,28 @@ def test_a_result_cannot_move_an_existing_thread(
     # the run's work still came home, on its own thread
     assert final.result_snapshot is not None
     assert file(store, final.result_snapshot, "planted.txt") == "planted by the agent\n"
+
+
+def test_threads_a_run_creates_come_home(store: Store, secrets_elsewhere: dict[str, str]) -> None:
+    """The other side of the write scope: new threads (its nested runs') are the run's to write.
+    The full chain A -> B -> C is tests/providers/test_hub.py::test_chain_a_b_c_*."""
+    ids = secrets_elsewhere
+    users_head = store.thread_heads()[ids["base_thread"]]
+
+    async def main() -> Any:
+        async with Hub(store) as hub:
+            request = RunRequest("sandbox", [sys.executable, "-c", NESTER], snapshot=ids["base"])
+            run = await hub.submit(request)
+            await follow_runs(store, [run], lambda r, e: None)
+            return await hub.wait(run.id)
+
+    final = asyncio.run(main())
+    history = RunEventLog(store, final.id).read()
+    assert final.status == "succeeded" and "result.refused" not in types(history)
+    nested = file(store, final.result_snapshot, "nested-thread.txt")
+    head = store.thread_heads()[nested]
+    assert file(store, head.hex(), "nested.txt") == "work of the nested run\n"
+    assert store.thread_heads()[ids["base_thread"]] == users_head
 
 
 def test_a_run_token_is_void_once_the_run_ends(
