@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 import textwrap
@@ -180,9 +181,10 @@ def secrets_elsewhere(store: Store, workspace: Path) -> dict[str, str]:
 
 
 def test_a_stolen_run_token_reaches_only_the_runs_own_input(
-    store: Store, secrets_elsewhere: dict[str, str]
+    store: Store, secrets_elsewhere: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     ids = secrets_elsewhere
+    caplog.set_level(logging.WARNING, logger="gateway")
 
     async def main() -> tuple[Any, Any, dict[str, Any]]:
         async with Hub(store) as hub:
@@ -232,6 +234,12 @@ def test_a_stolen_run_token_reaches_only_the_runs_own_input(
     for thread, head in heads_before.items():
         assert store.thread_heads()[thread] == head
     assert final_b.status == "cancelled"
+    # each refusal is logged on one line with the run, the environment and the reason; never a
+    # token
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert len(refusals) >= 7, refusals
+    assert all(f"run {final_a.id}, env sandbox: " in line for line in refusals), refusals
+    assert "ng2." not in caplog.text
 
 
 def test_a_result_cannot_move_an_existing_thread(
