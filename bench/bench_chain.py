@@ -190,7 +190,7 @@ class HubSide:
         proc, line = start_announcing(argv, env=self.env, cwd=self.ws)
         self.server = gw.Server(proc, str(json.loads(line)["url"]))
         key = store_of(narrative, self.ws, self.env) / "gateway.key"
-        self.signer = TokenSigner(load_or_create_key(key))
+        self.signer = TokenSigner(load_or_create_key(key), "hub")  # the hub's audience
 
     def token(self, environment: str) -> str:
         """A run-scoped token, as the hub issues its runtimes (``signer.issue(run, env, ttl)``)."""

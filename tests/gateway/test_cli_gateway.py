@@ -24,7 +24,7 @@ def test_token_creates_the_key_in_the_store(ws_cli: Cli, workspace: Path) -> Non
     key = store_dir_of(workspace) / "gateway.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     plain = ws_cli.run("gateway", "token", "--run", "run-1", "--env", "sandbox").stdout.strip()
-    assert plain.startswith("ng1.") and plain != data["token"]
+    assert plain.startswith("ng2.") and plain != data["token"]
     bad = ws_cli.run("gateway", "token", "--run", "r", "--env", "e", "--ttl", "soon", check=False)
     assert bad.returncode == 2 and "--ttl" in bad.stderr
     bad = ws_cli.run("gateway", "token", "--run", "r r", "--env", "e", check=False)

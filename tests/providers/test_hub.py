@@ -179,6 +179,7 @@ def test_agent_calls_are_routed_and_the_routes_recorded(
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "hub_inference.py").write_text(PLUGIN)
+    # keep the caller's path: a worktree's code, not the installed one, serves the hub
     env = {
         "PYTHONPATH": os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")]))
     }
