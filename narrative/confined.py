@@ -152,9 +152,10 @@ class ConfinedRoot:
             except OSError as exc:
                 shown = os.fsdecode(path)
                 raise self._refusal(exc, dir_fd, shown, shown.split("/")) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InvalidInput(f"not a regular file: {os.fsdecode(path)}")
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise InvalidInput(f"not a regular file: {os.fsdecode(path)}")
             return f.read() if limit is None else f.read(limit + 1)
 
     def write_bytes(self, path: str | bytes, data: bytes, *, mode: int = 0o644) -> None:
