@@ -158,8 +158,16 @@ class ConfinedRoot:
         with os.fdopen(fd, "rb") as f:
             return f.read() if limit is None else f.read(limit + 1)
 
-    def write_bytes(self, path: str | bytes, data: bytes, *, mode: int = 0o644) -> None:
+    def write_bytes(
+        self, path: str | bytes, data: bytes, *, mode: int = 0o644, durable: bool = False
+    ) -> None:
         """Replace (or create) the file ``path`` with ``data``, creating its directories.
+
+        Args:
+            path: The file.
+            data: Its new content.
+            mode: Permission bits of a new file (before the umask).
+            durable: fsync the file and its directory before returning.
 
         Raises:
             UnsafePath: refused by the path rule, or a symlink on the way.
@@ -171,8 +179,13 @@ class ConfinedRoot:
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
+                    if durable:
+                        f.flush()
+                        os.fsync(f.fileno())
                 # rename(2) replaces a symlink in the target's place; it never follows it
                 os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                if durable:
+                    os.fsync(dir_fd)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=dir_fd)

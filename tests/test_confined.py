@@ -29,7 +29,7 @@ def test_read_write_unlink_inside(layout: tuple[ConfinedRoot, Path, Path]) -> No
     assert (root / "a/b/c.txt").read_bytes() == b"data"
     assert box.read_bytes("a/b/c.txt") == b"data"
     assert box.read_bytes("a/b/c.txt", limit=2) == b"dat"  # limit + 1: the caller sees "more"
-    box.write_bytes("a/b/c.txt", b"new")
+    box.write_bytes("a/b/c.txt", b"new", durable=True)
     assert box.read_bytes("a/b/c.txt") == b"new"
     assert [n for n in os.listdir(root / "a/b")] == ["c.txt"]  # no temp file left behind
     box.unlink("a/b/c.txt")
