@@ -18,6 +18,7 @@ where one fits (``LookupError`` for unknown ids, ``TimeoutError`` for lock waits
     │   └── SnapshotNotFound(snapshot_id)
     ├── AmbiguousId(prefix, candidates)
     ├── InvalidInput (+ValueError)   bad ids, names, options, paths
+    │   └── UnsafePath(path, reason)  a path the path rule refuses (narrative.paths)
     ├── ConcurrentUpdate             compare-and-swap lost too many times
     ├── RestoreError                 a restore that would lose data, or cannot proceed
     └── MergeError                   a workspace merge cannot start, continue or be undone
@@ -49,6 +50,7 @@ __all__ = [
     "StoreExists",
     "StoreNotFound",
     "ThreadNotFound",
+    "UnsafePath",
     "WorkspaceCopied",
 ]
 
@@ -169,6 +171,21 @@ class AmbiguousId(NarrativeError, LookupError):
 
 class InvalidInput(NarrativeError, ValueError):
     """An argument, option, id or path is malformed."""
+
+
+class UnsafePath(InvalidInput):
+    """A path that may not be written (or read) in a workspace: see :mod:`narrative.paths`.
+
+    Attributes:
+        path: The offending path, as given (``str`` or ``bytes``).
+        reason: Why it is refused.
+    """
+
+    def __init__(self, path: str | bytes, reason: str) -> None:
+        shown = path if isinstance(path, str) else path.decode("utf-8", "backslashreplace")
+        super().__init__(f"unsafe path {shown!r}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 class ConcurrentUpdate(NarrativeError):
