@@ -65,6 +65,8 @@ def init(ctx: click.Context, path: str | None, adopt: bool, fork: bool, as_json:
 
 
 def _info(store: Any) -> dict[str, Any]:
+    from narrative.head import describe_head
+
     return {
         "workspace": store.opened_in or store.config.workspace,
         "workspace_id": store.config.workspace_id,
@@ -74,6 +76,7 @@ def _info(store: Any) -> dict[str, Any]:
         "default_thread": store.config.default_thread,
         "max_file_size": store.config.max_file_size,
         "threads": len(store.thread_heads()),
+        **describe_head(store),
         "orphaned_checkouts": _orphaned_checkouts(),
     }
 
@@ -131,7 +134,15 @@ def snapshot(
             raise InvalidInput(f"run {run_id} belongs to thread {thread_id}, not {resolved}")
         thread_id = resolved
     result = take_snapshot(store, thread_id, run_id, message, allow_empty)
-    data = {**result.snapshot.to_dict(), "created": result.created}
+    data = {**result.snapshot.to_dict(), "created": result.created, "new_thread": result.new_thread}
+    if result.new_thread:
+        from narrative.hierarchy import get_thread
+
+        note(
+            "the workspace was not at the head of its thread (restored or pulled past it): "
+            f"this snapshot starts thread {get_thread(store, result.snapshot.thread).name} "
+            f"({result.snapshot.thread})"
+        )
     if not result.created:
         note(
             f"nothing changed since snapshot {result.snapshot.id}; no new snapshot "
@@ -214,9 +225,17 @@ def show(ctx: click.Context, snapshot_ref: str, as_json: bool) -> None:
 @click.option("--stat", "mode", flag_value="stat", help="Per-file line counts.")
 @click.option("--name-status", "mode", flag_value="name-status", help="Status letter and path.")
 @click.option("--patch", "mode", flag_value="patch", help="Unified patch (default).")
+@click.option("--allow-failed", is_flag=True, help="Show the result of a run that did not succeed.")
 @json_option
 @click.pass_context
-def diff(ctx: click.Context, old: str, new: str | None, mode: str | None, as_json: bool) -> None:
+def diff(
+    ctx: click.Context,
+    old: str,
+    new: str | None,
+    mode: str | None,
+    allow_failed: bool,
+    as_json: bool,
+) -> None:
     """Changes from snapshot OLD to snapshot NEW (default: the live workspace).
 
     OLD may be an agent run (id or prefix, ``run-...``) without NEW: what the run changed, from
@@ -231,7 +250,7 @@ def diff(ctx: click.Context, old: str, new: str | None, mode: str | None, as_jso
     b: Snapshot | None
     if is_run_ref(old) and new is None:
         run = resolve_run(store, old)
-        base, result_snap = run_snapshots(store, run)
+        base, result_snap = run_snapshots(store, run, allow_failed=allow_failed)
         if base is None:
             raise InvalidInput(f"run {run.id} has no base snapshot to diff against")
         a, b = base, result_snap
@@ -271,13 +290,23 @@ def diff(ctx: click.Context, old: str, new: str | None, mode: str | None, as_jso
 @click.command()
 @click.argument("snapshot_ref")
 @click.option("--to", "target", type=click.Path(), help="Materialise into this (empty) directory.")
-@click.option("--thread", "thread_ref", help="Thread for the safety snapshot (default thread).")
+@click.option(
+    "--thread",
+    "thread_ref",
+    help="Thread for the safety snapshot of what the workspace held (default: restore-backup).",
+)
 @json_option
 @click.pass_context
 def restore(
     ctx: click.Context, snapshot_ref: str, target: str | None, thread_ref: str | None, as_json: bool
 ) -> None:
-    """Restore a snapshot into the workspace (after a safety snapshot) or into --to DIR."""
+    """Restore a snapshot into the workspace, or into --to DIR.
+
+    What the workspace held is kept first (a safety snapshot on the restore-backup thread,
+    unless it equals the snapshot last restored or taken). No thread moves: the workspace HEAD
+    names the restored snapshot, and if that is not its thread's head, the next snapshot starts
+    a new thread forked from it.
+    """
     from dataclasses import asdict
 
     from narrative.history import resolve_snapshot
@@ -293,7 +322,7 @@ def restore(
         thread_id = resolve_thread(store, thread_ref).id if thread_ref else None
         result = restore_workspace(store, snap, thread_id)
         note(
-            f"safety snapshot {result.safety_snapshot} taken first "
+            f"what the workspace held is snapshot {result.safety_snapshot} "
             f"(undo with: narrative restore {result.safety_snapshot})"
         )
     emit(

@@ -73,6 +73,12 @@ def _human(data: dict[str, Any]) -> str:
 @click.option("--no-commit", is_flag=True, help="Apply the merge but do not record a snapshot.")
 @click.option("--continue", "cont", is_flag=True, help="Record the resolved merge as a snapshot.")
 @click.option("--abort", is_flag=True, help="Return the workspace to the pre-merge snapshot.")
+@click.option(
+    "--allow-failed", is_flag=True, help="Merge the result of a run that did not succeed."
+)
+@click.option(
+    "--force", is_flag=True, help="With --allow-failed: even a result deleting most files."
+)
 @json_option
 @click.pass_context
 def merge(
@@ -82,6 +88,8 @@ def merge(
     no_commit: bool,
     cont: bool,
     abort: bool,
+    allow_failed: bool,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Merge a run's result (or a snapshot) into the workspace, three-way.
@@ -129,6 +137,8 @@ def merge(
         source,
         strategy="ours" if strategy == "ours" else "theirs" if strategy == "theirs" else None,
         commit=not no_commit,
+        allow_failed=allow_failed,
+        force=force,
     )
     data = result.to_dict()
     if not result.up_to_date:

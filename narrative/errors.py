@@ -18,7 +18,8 @@ where one fits (``LookupError`` for unknown ids, ``TimeoutError`` for lock waits
     │   └── SnapshotNotFound(snapshot_id)
     ├── AmbiguousId(prefix, candidates)
     ├── InvalidInput (+ValueError)   bad ids, names, options, paths
-    │   └── UnsafePath(path, reason)  a path the path rule refuses (narrative.paths)
+    │   ├── UnsafePath(path, reason)  a path the path rule refuses (narrative.paths)
+    │   └── RunNotUsable(run_id)      a run's result that is missing, or from a failed run
     ├── ConcurrentUpdate             compare-and-swap lost too many times
     ├── RestoreError                 a restore that would lose data, or cannot proceed
     └── MergeError                   a workspace merge cannot start, continue or be undone
@@ -44,6 +45,7 @@ __all__ = [
     "ObjectiveNotFound",
     "RestoreError",
     "RunNotFound",
+    "RunNotUsable",
     "SnapshotNotFound",
     "StoreCorrupted",
     "StoreError",
@@ -216,3 +218,16 @@ class NoMergeInProgress(MergeError):
 
     def __init__(self) -> None:
         super().__init__("no merge is in progress")
+
+
+class RunNotUsable(InvalidInput):
+    """A run has no result to diff or merge, or it did not succeed and its result is only used
+    when asked for (``--allow-failed``), or the result deletes most of its base (``--force``).
+
+    Attributes:
+        run_id: The run.
+    """
+
+    def __init__(self, run_id: str, message: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id

@@ -170,21 +170,52 @@ def _lstat(path: str) -> os.stat_result | None:
         return None
 
 
+#: The thread that keeps what a restore replaced in the workspace (``narrative log --all``).
+RESTORE_BACKUP_THREAD = "restore-backup"
+
+
+def restore_backup_thread(store: Store) -> str:
+    """The id of the store's ``restore-backup`` thread (created on first use)."""
+    from .hierarchy import create_thread, list_threads
+
+    objective = store.config.default_objective
+    for thread in list_threads(store, objective):
+        if thread.name == RESTORE_BACKUP_THREAD:
+            return thread.id
+    return create_thread(store, objective, RESTORE_BACKUP_THREAD).id
+
+
 def restore_workspace(
     store: Store, snapshot: Snapshot, thread_id: str | None = None
 ) -> RestoreResult:
-    """Make the workspace equal ``snapshot`` for every path the safety snapshot holds."""
+    """Make the workspace equal ``snapshot`` for every path the safety snapshot holds.
+
+    What the workspace held is kept first: unchanged since the workspace HEAD, it is that
+    snapshot; otherwise a safety snapshot on ``thread_id`` (default: the ``restore-backup``
+    thread, never the thread being restored from, whose head must not move). The workspace
+    HEAD then names ``snapshot``; it continues ``snapshot``'s thread when it is that thread's
+    head, and the next snapshot starts a new thread otherwise (:func:`take_snapshot`).
+    """
+    from .head import read_head, set_head
     from .snapshot import take_snapshot
 
     ws = store.workspace
+    backup = thread_id or restore_backup_thread(store)
     safety = take_snapshot(
-        store, thread_id=thread_id, message=f"safety snapshot before restoring {snapshot.id}"
+        store,
+        thread_id=backup,
+        message=f"workspace before restoring {snapshot.id}",
+        unchanged_if=read_head(store),
+        track_head=False,
     )
     current = flatten_tree(store.odb, bytes.fromhex(safety.snapshot.tree))
     target = flatten_tree(store.odb, bytes.fromhex(snapshot.tree))
     removed = [p for p in current if p not in target]
     writes = [(p, m, o) for p, (m, o) in target.items() if current.get(p) != (m, o)]
     apply_changes(store, current, safety.cache.file_keys(), writes, removed, target)
+    commit = bytes.fromhex(snapshot.commit)
+    at_head = store.refs.read(store.thread_ref(snapshot.thread)) == commit
+    set_head(store, commit, snapshot.thread if at_head else None)
     return RestoreResult(
         snapshot.id,
         ws,

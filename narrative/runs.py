@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import AmbiguousId, InvalidInput, RunNotFound
+from .errors import AmbiguousId, RunNotFound, RunNotUsable
 from .hierarchy import get_run, list_runs
 from .history import resolve_snapshot
 from .ids import is_id
@@ -13,7 +13,7 @@ from .models import AgentRun, Snapshot
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["is_run_ref", "resolve_run", "run_snapshots"]
+__all__ = ["check_deletions", "is_run_ref", "resolve_run", "run_snapshots"]
 
 
 def is_run_ref(ref: str) -> bool:
@@ -34,9 +34,46 @@ def resolve_run(store: Store, ref: str) -> AgentRun:
     raise AmbiguousId(ref, [r.id for r in matches])
 
 
-def run_snapshots(store: Store, run: AgentRun) -> tuple[Snapshot | None, Snapshot]:
-    """(base, result) snapshots of a run; InvalidInput while it has no result."""
+def run_snapshots(
+    store: Store, run: AgentRun, *, allow_failed: bool = False
+) -> tuple[Snapshot | None, Snapshot]:
+    """(base, result) snapshots of a run.
+
+    A run that did not succeed (failed, cancelled, killed, or still going) has no usable
+    result unless ``allow_failed``: its result may be partial, or the state of an environment
+    that never received the input, and merging it would delete the user's files.
+
+    Raises:
+        RunNotUsable: no result, or a result of a run that did not succeed.
+    """
     if run.result_snapshot is None:
-        raise InvalidInput(f"run {run.id} has no result snapshot yet (status: {run.status})")
+        raise RunNotUsable(
+            run.id, f"run {run.id} has no result snapshot yet (status: {run.status})"
+        )
+    if run.status != "succeeded" and not allow_failed:
+        code = f", exit {run.exit_code}" if run.exit_code is not None else ""
+        raise RunNotUsable(
+            run.id,
+            f"run {run.id} did not succeed ({run.status}{code}): its result is only used with "
+            "--allow-failed",
+        )
     base = resolve_snapshot(store, run.base_snapshot) if run.base_snapshot else None
     return base, resolve_snapshot(store, run.result_snapshot)
+
+
+def check_deletions(store: Store, base: Snapshot | None, result: Snapshot, force: bool) -> None:
+    """Refuse a result that deletes more than half of its base's files, unless ``force``:
+    what an agent that wiped its checkout (or never received it) would look like."""
+    if force or base is None:
+        return
+    from .restore import flatten_tree
+
+    before = flatten_tree(store.odb, bytes.fromhex(base.tree))
+    after = flatten_tree(store.odb, bytes.fromhex(result.tree))
+    deleted = sum(1 for path in before if path not in after)
+    if before and deleted * 2 > len(before):
+        raise RunNotUsable(
+            result.run or result.id,
+            f"the result deletes {deleted} of the {len(before)} files of its base; "
+            "merge it with --force if that is what you want",
+        )

@@ -12,6 +12,7 @@ its snapshot is returned).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from .blobs import write_blobs
 from .commitmsg import encode_message, snapshot_from_commit
 from .errors import ConcurrentUpdate, InvalidInput
+from .head import fork_thread, read_head, set_head
 from .history import read_commit, resolve_snapshot, snapshot_at
 from .ids import new_id
 from .models import Snapshot
@@ -49,6 +51,8 @@ class SnapshotResult:
     created: bool
     cache: StatCache = field(default_factory=StatCache, repr=False)
     """The workspace's stat records as of this snapshot (restore checks edits against it)."""
+    new_thread: bool = False
+    """The snapshot started a new thread (the workspace was not at its thread's head)."""
 
 
 def _build_tree(node: DirNode, writer: PackWriter | None) -> bytes | None:
@@ -171,16 +175,42 @@ def take_snapshot(
     allow_empty: bool = False,
     workspace: str | None = None,
     trailers: dict[str, str] | None = None,
+    *,
+    unchanged_if: bytes | None = None,
+    track_head: bool = True,
 ) -> SnapshotResult:
-    """Snapshot the workspace onto a thread (default: the store's default thread).
+    """Snapshot the workspace onto a thread.
 
-    ``trailers`` adds ``Narrative-<key>: value`` lines to the commit (merges record their source).
+    With no ``thread_id``, the snapshot continues the workspace's thread when the workspace
+    HEAD (:mod:`narrative.head`) is that thread's head, and otherwise starts a new thread
+    ``<name>-<n>`` forked from the HEAD (``SnapshotResult.new_thread``): a thread is never
+    given a state that silently drops a later snapshot's work. Snapshots of the store's own
+    workspace move the HEAD (unless ``track_head`` is False); ``workspace`` names another
+    directory (an environment's checkout), which has no HEAD here.
+
+    ``trailers`` adds ``Narrative-<key>: value`` lines to the commit (merges record their
+    source). ``unchanged_if`` names a commit whose tree counts as "nothing changed" instead of
+    the thread's head (a restore's safety snapshot compares with the workspace HEAD).
     """
+    tracks = track_head and (
+        workspace is None or os.path.realpath(workspace) == os.path.realpath(store.workspace)
+    )
+    fork_from: Snapshot | None = None
+    if thread_id is None and tracks:
+        workspace_head = read_head(store)
+        current_head = store.refs.read(store.thread_ref(store.config.default_thread))
+        # (an empty thread the user switched to is continued: there is nothing to drop)
+        if (
+            workspace_head is not None
+            and current_head is not None
+            and workspace_head != current_head
+        ):
+            fork_from = snapshot_at(store, workspace_head)
     thread_id = thread_id or store.config.default_thread
     ref = store.thread_ref(thread_id)
-    head = store.refs.read(ref)
-    fork_parent: bytes | None = None
-    if head is None or run_id is not None:
+    head = None if fork_from is not None else store.refs.read(ref)
+    fork_parent: bytes | None = bytes.fromhex(fork_from.commit) if fork_from else None
+    if (head is None and fork_from is None) or run_id is not None:
         from .hierarchy import get_run, get_thread
 
         thread = get_thread(store, thread_id)
@@ -198,13 +228,19 @@ def take_snapshot(
                 root = writer.add_raw("tree", b"")
             capture = _Capture(store, ws, result, root, cache, start_ns)
             # A new forked thread whose workspace still equals the fork point needs no snapshot.
-            current = head or fork_parent
+            current = unchanged_if or head or fork_parent
             if current is not None and not allow_empty:
                 head_tree, head_snap = capture.head_info(current)
                 if head_tree == root:
                     writer.abort()
                     capture.save_cache((current, root, head_snap))
+                    if tracks and unchanged_if is None and fork_from is None:
+                        set_head(store, current, thread_id)
                     return SnapshotResult(snapshot_at(store, current), False, capture.cache)
+            if fork_from is not None:
+                # the workspace moved away from its thread's head: continue on a new thread
+                thread_id = fork_thread(store, fork_from.thread, fork_from.id).id
+                ref = store.thread_ref(thread_id)
             stats = capture.stats()
             message = encode_message(
                 message, new_id("snapshot"), thread_id, run_id, stats, result.skipped, trailers
@@ -216,6 +252,10 @@ def take_snapshot(
             writer.abort()
             raise
         outcome = _advance(capture, ref, head, fork_parent, commit, oid, allow_empty)
+        if tracks:
+            set_head(store, bytes.fromhex(outcome.snapshot.commit), thread_id)
+        if fork_from is not None:
+            outcome = dataclasses.replace(outcome, new_thread=True)
         if store.odb.pack_count() > MAX_PACKS:
             consolidate_small_packs(store.odb)
         return outcome

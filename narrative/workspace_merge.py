@@ -43,7 +43,7 @@ from .restore import (
     flatten_tree,
     restore_workspace,
 )
-from .runs import is_run_ref, resolve_run, run_snapshots
+from .runs import check_deletions, is_run_ref, resolve_run, run_snapshots
 from .snapshot import take_snapshot
 from .store import Store
 
@@ -195,12 +195,12 @@ def merge_base(store: Store, a: bytes, b: bytes) -> bytes | None:
 
 
 def _sources(
-    store: Store, ref: str, ours: Snapshot
+    store: Store, ref: str, ours: Snapshot, allow_failed: bool = False
 ) -> tuple[Snapshot | None, Snapshot, str | None]:
     """(base, theirs, run id) for the RUN|SNAPSHOT argument."""
     if is_run_ref(ref):
         run = resolve_run(store, ref)
-        base, theirs = run_snapshots(store, run)
+        base, theirs = run_snapshots(store, run, allow_failed=allow_failed)
         if base is not None:
             return base, theirs, run.id
         run_id: str | None = run.id
@@ -216,6 +216,9 @@ def merge_workspace(
     strategy: Strategy | None = None,
     commit: bool = True,
     thread_id: str | None = None,
+    *,
+    allow_failed: bool = False,
+    force: bool = False,
 ) -> MergeResult:
     """Merge run ``ref``'s result (or snapshot ``ref``) into the workspace.
 
@@ -225,24 +228,30 @@ def merge_workspace(
         strategy: settle conflicts in favour of ``ours`` or ``theirs`` (per hunk for text).
         commit: record a clean merge as a snapshot (with a ``Narrative-Merged-From`` trailer);
             False leaves it in progress for :func:`continue_merge` or :func:`abort_merge`.
-        thread_id: thread of the pre-merge and merge snapshots (default: the default thread).
+        thread_id: thread of the pre-merge and merge snapshots (default: where the workspace's
+            next snapshot goes, see :func:`take_snapshot`).
+        allow_failed: merge the result of a run that did not succeed.
+        force: merge such a result even when it deletes most of its base's files.
 
     Conflicts are written into the workspace (text with markers, binary as ours) and leave the
     merge in progress. Bad input raises before anything is written.
     """
-    thread_id = thread_id or store.config.default_thread
     with store.lock("merge", timeout=5.0):
         state = merge_state(store)
         if state is not None:
             raise MergeInProgress(state.source)
         # Resolve what can be resolved before snapshotting, so bad input writes nothing.
         if is_run_ref(ref):
-            run_snapshots(store, resolve_run(store, ref))
+            run = resolve_run(store, ref)
+            run_base, run_result = run_snapshots(store, run, allow_failed=allow_failed)
+            if run.status != "succeeded":
+                check_deletions(store, run_base, run_result, force)
         else:
             resolve_snapshot(store, ref)
         pre = take_snapshot(store, thread_id, message=f"pre-merge snapshot before merging {ref}")
         ours = pre.snapshot
-        base, theirs, run_id = _sources(store, ref, ours)
+        thread_id = ours.thread
+        base, theirs, run_id = _sources(store, ref, ours, allow_failed)
         with store.lock("gc", shared=True):
             writer = PackWriter(store.odb)
             try:

@@ -191,6 +191,9 @@ class RunDriver:
         self._connected = asyncio.Event()
         self._disconnected_at: float | None = None
         self._ending: str | None = None
+        # A result exists only if the environment received the run's input: an environment
+        # that never restored it holds a stale or empty tree, and "merging" that deletes files.
+        self._input_restored = False
         self._filling = False
         self._fill_wanted = False
         self._retiring = False
@@ -252,11 +255,15 @@ class RunDriver:
         status, exit_code, result_id, reason = "failed", None, None, ""
         try:
             if adopted:
+                self._input_restored = any(
+                    e.get("type") == "snapshot.shipped" for e in self.events.read()
+                )
                 await self._await_connection(self.hub.reconnect_grace, "after a hub restart")
                 self._start_renewal()
             else:
                 await self._launch()
                 await self._ship_in()
+                self._input_restored = True
                 await self._start_agent()
             await self._await_exit()
             exit_event = self.exit_event or {}
@@ -428,8 +435,12 @@ class RunDriver:
         if self._renewal is not None:
             self._renewal.cancel()
         try:
-            if result_id is None and status != "succeeded":
+            if result_id is None and self._input_restored:
+                # the runtime did not ship a result (it failed, was killed, or the transfer
+                # broke): read the environment directly, so the agent's work is not lost
                 result_id = await self._collect_directly()
+            elif result_id is None:
+                self.events.append("result.none", reason="the environment never got the input")
             if reason:
                 self.events.append("run.error", reason=reason)
                 await self._record_runtime_log()

@@ -79,8 +79,10 @@ def run_isolated(
     run = start_run(store, thread.id, agent=agent, environment=record.name, base_snapshot=base.id)
     status, exit_code, timed_out = "failed", None, False
     result: Snapshot | None = None
+    restored = False
     try:
         provider.restore(resource, base)
+        restored = True
         outcome = manager.exec(record.name, argv, env=env, timeout=timeout, on_output=on_output)
         exit_code, timed_out = outcome.exit_code, outcome.timed_out
         status = "succeeded" if exit_code == 0 and not timed_out else "failed"
@@ -88,7 +90,8 @@ def run_isolated(
         status = "cancelled"
         raise
     finally:
-        result = _collect(manager, env_name, thread.id, run.id, status)
+        # no result from an environment that never received the base: it holds another state
+        result = _collect(manager, env_name, thread.id, run.id, status) if restored else None
         run = finish_run(
             store,
             run.id,

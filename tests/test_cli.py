@@ -72,7 +72,7 @@ def test_snapshot_log_show_json_shapes(cli: Cli, workspace: Path) -> None:
     assert second["parent"] == snap["id"]
     log = cli.json("log")
     assert [s["id"] for s in log] == [second["id"], snap["id"]]
-    assert set(log[0]) >= set(snap) - {"created"}
+    assert set(log[0]) >= set(snap) - {"created", "new_thread"}
     shown = cli.json("show", second["id"][:10])
     assert shown["id"] == second["id"] and shown["message"] == "second"
     quiet = cli.run("-q", "snapshot")

@@ -30,14 +30,15 @@ def test_keep_last_drops_old_snapshots_but_keeps_ids(
     store: Store, workspace: Path, tmp_path: Path
 ) -> None:
     ids = _snapshots(store, workspace, 6)
-    run = start_run(store, store.config.default_thread, base_snapshot=ids[1])
+    main = store.config.default_thread
+    run = start_run(store, main, base_snapshot=ids[1])
     finish_run(store, run.id, "succeeded", 0, ids[1])
     fork = create_thread(store, store.config.default_objective, "fork", ids[2])
     (workspace / "fork.txt").write_text("fork\n")
     forked = take_snapshot(store, fork.id).snapshot
     before = {i: resolve_snapshot(store, i) for i in ids}
     report = collect_garbage(store, RetentionPolicy(keep_last=2))
-    kept = [s.id for s in thread_snapshots(store, store.config.default_thread)]
+    kept = [s.id for s in thread_snapshots(store, main)]
     # newest two, the run's snapshot and the fork point survive, in order
     assert kept == [ids[5], ids[4], ids[2], ids[1]]
     assert sorted(report.dropped) == sorted([ids[0], ids[3]])

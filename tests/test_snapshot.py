@@ -169,6 +169,7 @@ def test_racy_edit_within_the_same_tick_is_seen(store: Store, workspace: Path) -
 
 def test_threads_runs_and_forks(store: Store, workspace: Path) -> None:
     base = take_snapshot(store).snapshot
+    main = store.config.default_thread
     fork = create_thread(store, store.config.default_objective, "experiment", base.id)
     (workspace / "exp.txt").write_text("experiment\n")
     run = start_run(store, fork.id, agent="claude", base_snapshot=base.id)
@@ -177,7 +178,7 @@ def test_threads_runs_and_forks(store: Store, workspace: Path) -> None:
     git("--git-dir", store.git_dir, "merge-base", "--is-ancestor", base.commit, snap.commit)
     assert [s.id for s in thread_snapshots(store, fork.id)] == [snap.id]
     with pytest.raises(InvalidInput):
-        take_snapshot(store, store.config.default_thread, run.id)
+        take_snapshot(store, main, run.id)
     with pytest.raises(ThreadNotFound):
         take_snapshot(store, "th-0000000000zzzzzzzzzz")
 
