@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import InvalidInput, UnsafePath
+from .fsutil import WORKSPACE_TMP_PREFIX
 from .paths import check_path, is_safe_path
 
 __all__ = ["ConfinedRoot", "Entry"]
@@ -174,7 +175,7 @@ class ConfinedRoot:
             IsADirectoryError: ``path`` is a directory.
         """
         with self.parent(path, create=True) as (dir_fd, name):
-            tmp = f".tmp-{os.urandom(6).hex()}"
+            tmp = WORKSPACE_TMP_PREFIX + os.urandom(8).hex()
             fd = os.open(tmp, _CREATE_FLAGS, mode, dir_fd=dir_fd)
             try:
                 with os.fdopen(fd, "wb") as f:

@@ -4,8 +4,36 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import time
 
-__all__ = ["fsync_dir", "mkstemp", "unlink_quiet", "write_atomic"]
+__all__ = [
+    "WORKSPACE_TMP_PREFIX",
+    "fsync_dir",
+    "is_workspace_tmp",
+    "mkstemp",
+    "remove_stale_workspace_tmp",
+    "unlink_quiet",
+    "write_atomic",
+]
+
+WORKSPACE_TMP_PREFIX = ".narrative-tmp-"
+"""Prefix of the temporary files restore, merge and the gateway write next to their targets
+in a workspace (then rename over them): never snapshotted, and removed once stale."""
+_WORKSPACE_TMP = re.compile(re.escape(WORKSPACE_TMP_PREFIX) + r"[0-9a-f]{16}")
+_STALE_TMP_SECONDS = 10.0
+
+
+def is_workspace_tmp(name: str) -> bool:
+    """Whether a file name is one of our in-flight temporary files."""
+    return _WORKSPACE_TMP.fullmatch(name) is not None
+
+
+def remove_stale_workspace_tmp(path: str, st: os.stat_result) -> None:
+    """Remove a temporary file left by a killed writer (no change for a while: a live writer
+    renames it within moments of its last write)."""
+    if time.time() - st.st_mtime > _STALE_TMP_SECONDS:
+        unlink_quiet(path)
 
 
 def mkstemp(prefix: str, dir: str) -> tuple[int, str]:

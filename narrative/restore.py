@@ -12,11 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import stat as stat_mod
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .errors import RestoreError, StoreCorrupted
+from .fsutil import WORKSPACE_TMP_PREFIX, mkstemp
 from .models import Snapshot
 from .objects import MODE_DIR, MODE_EXEC, MODE_LINK, parse_tree
 from .odb import ObjectStore
@@ -96,7 +96,7 @@ def _write_file(
             os.close(fd)
         return
     directory = os.path.dirname(full)
-    fd, tmp = tempfile.mkstemp(prefix=".narrative-", dir=directory)
+    fd, tmp = mkstemp(WORKSPACE_TMP_PREFIX, directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -19,6 +19,7 @@ sending back only signatures, plus file listings of the directories that changed
 
 from __future__ import annotations
 
+import contextlib
 import marshal
 import os
 import stat as stat_mod
@@ -26,6 +27,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from .fsutil import is_workspace_tmp, remove_stale_workspace_tmp
 from .ignore import IgnoreRules, read_ignore_file
 from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK
 from .statcache import DirRecord, FileDetail, StatCache, StatKey, decode_details
@@ -132,6 +134,11 @@ class _Walker:
         for entry in entries:
             name = entry.name
             if name == ".git":
+                continue
+            if is_workspace_tmp(name):
+                # a restore's or merge's file in flight (or left by a kill): never captured
+                with contextlib.suppress(OSError):
+                    remove_stale_workspace_tmp(entry.path, entry.stat(follow_symlinks=False))
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
