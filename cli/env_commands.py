@@ -184,12 +184,18 @@ def env_logs(
 def env_health(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> None:
     """Check environments now (all by default) and update their states."""
     reports = open_manager(ctx).check_health(names or None)
-    rows = [{"name": r.name, "health": r.health, "state": r.state} for r in reports]
-    emit(
-        as_json,
-        rows,
-        lambda: "\n".join(f"{r['name']:20} {r['health']:12} {r['state']}" for r in rows),
-    )
+    rows = [
+        {"name": r.name, "health": r.health, "state": r.state, "detail": r.detail} for r in reports
+    ]
+
+    def human() -> str:
+        lines = [f"{r['name']:20} {r['health']:12} {r['state']}" for r in rows]
+        return "\n".join(
+            line + (f"  ({r['detail']})" if r["detail"] else "")
+            for line, r in zip(lines, rows, strict=True)
+        )
+
+    emit(as_json, rows, human)
 
 
 @env.command("watch")

@@ -50,12 +50,23 @@ from .base import (
     check_relative_path,
     tail_start,
 )
-from .errors import ExecFailed, ResourceGone
+from .errors import ExecFailed, ResourceGone, RuntimeBroken
 from .records import env_state_dir
 
-__all__ = ["SPAWN_MARKER_VAR", "DirectoryProvider", "command_env"]
+__all__ = ["RUNTIME_BOOTSTRAP", "SPAWN_MARKER_VAR", "DirectoryProvider", "command_env"]
 
 _CHUNK = 64 * 1024
+
+RUNTIME_BOOTSTRAP = (
+    "import runpy, sys; root = sys.argv.pop(1); "
+    "root in sys.path or sys.path.insert(0, root); "
+    "runpy.run_module('cli', run_name='__main__', alter_sys=True)"
+)
+"""What ``python -I -c`` runs to start the runtime. Isolated mode (``-I``) keeps the working
+directory (the environment's workspace, which the agent controls) off ``sys.path`` and ignores
+``PYTHON*`` variables, so no workspace file (``cli/``, ``json.py``...) replaces a module of the
+runtime; the installation's own directory (the first argument) is put back explicitly, which
+also serves a checkout run through ``PYTHONPATH`` or an editable install."""
 
 SPAWN_MARKER_VAR = "NARRATIVE_SPAWN_ID"
 """Set in a spawned process's environment (and so inherited by its descendants)."""
@@ -117,9 +128,6 @@ class DirectoryProvider(BaseProvider):
     def reconnect(self, resource_id: str) -> None:
         if not os.path.isdir(resource_id):
             raise ResourceGone(resource_id)
-
-    def health(self, resource_id: str) -> Health:
-        return Health.OK if os.path.isdir(resource_id) else Health.GONE
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -374,9 +382,52 @@ class DirectoryProvider(BaseProvider):
         return SpawnLog(start + len(data), data)
 
     def runtime_command(self) -> list[str]:
-        """The configured ``runtime``, else this interpreter running ``python -m cli``."""
+        """The configured ``runtime``, else this interpreter in isolated mode running this
+        installation's ``cli`` (see :data:`RUNTIME_BOOTSTRAP`)."""
         runtime: list[str] | None = getattr(self.config, "runtime", None)
-        return list(runtime) if runtime else [sys.executable, "-m", "cli"]
+        if runtime:
+            return list(runtime)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return [sys.executable, "-I", "-c", RUNTIME_BOOTSTRAP, root]
+
+    def health(self, resource_id: str) -> Health:
+        """GONE without the directory; otherwise the runtime's import check, run exactly as
+        the hub starts the runtime (same command, working directory and environment).
+
+        Raises:
+            RuntimeBroken: the runtime does not start, or a module of the workspace shadows
+                one of its own (named in the message).
+        """
+        if not os.path.isdir(resource_id):
+            return Health.GONE
+        argv = [*self.runtime_command(), "runtime", "--check"]
+        result = self.exec(resource_id, argv, env={"NARRATIVE_STORE": ""}, timeout=120)
+        shadowed = _check_report(result.stdout)
+        if result.exit_code != 0 or shadowed is None:
+            tail = (result.stderr or result.stdout).decode(errors="replace").strip()
+            tail = tail.splitlines()[-1] if tail else f"exit code {result.exit_code}"
+            if shadowed:
+                modules = ", ".join(f"{name} ({path})" for name, path in sorted(shadowed.items()))
+                tail = f"workspace files shadow its modules: {modules}"
+            raise RuntimeBroken(f"the runtime in {resource_id} is broken: {tail}")
+        return Health.OK
+
+
+def _check_report(stdout: bytes) -> dict[str, str] | None:
+    """The shadowed modules ``narrative runtime --check`` reported, or None when it did not
+    finish its report."""
+    from .runtime import CHECK_DONE
+
+    lines = stdout.decode(errors="replace").splitlines()
+    if not lines or not lines[-1].startswith(CHECK_DONE + " "):
+        return None
+    shadowed = {}
+    for line in lines[:-1]:
+        kind, _, rest = line.partition("\t")
+        name, _, path = rest.partition("\t")
+        if kind == "shadowed" and name:
+            shadowed[name] = path
+    return shadowed
 
 
 def _parse_handle(handle: str) -> tuple[int, str, str]:

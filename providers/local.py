@@ -26,7 +26,7 @@ class LocalConfig(ProviderConfig):
     """The directory of the environment (created if missing; must be empty if it exists)."""
     runtime: list[str] | None = None
     """argv prefix that runs the narrative CLI in the environment
-    (default: this interpreter with ``-m cli``)."""
+    (default: this interpreter in isolated mode, ``python -I``, running this installation)."""
 
 
 class LocalProvider(DirectoryProvider):

@@ -28,7 +28,7 @@ class WorktreeConfig(ProviderConfig):
     """Where the checkout lives (default: inside the store, which snapshots never walk)."""
     runtime: list[str] | None = None
     """argv prefix that runs the narrative CLI in the environment
-    (default: this interpreter with ``-m cli``)."""
+    (default: this interpreter in isolated mode, ``python -I``, running this installation)."""
 
 
 def worktrees_dir(git_dir: str) -> str:
