@@ -55,7 +55,8 @@ def _row(record: Any) -> dict[str, Any]:
 
 def _human(data: dict[str, Any]) -> str:
     keys = ["id", "name", "provider", "state", "resource_id", "capabilities", "last_error"]
-    return "\n".join(f"{k}: {data[k]}" for k in keys if data.get(k) not in (None, []))
+    lines = [f"{k}: {data[k]}" for k in keys if data.get(k) not in (None, [])]
+    return "\n".join([*lines, *(f"warning: {w}" for w in data.get("warnings", []))])
 
 
 @click.group()
@@ -89,6 +90,8 @@ def env_create(
         require=require.split(","),
         start=not no_start,
     )
+    for warning in manager.provider(record).warnings():
+        note(f"warning: {warning}")
     emit(as_json, _row(record), f"{record.name} ({record.provider}) {record.state.value}")
 
 
@@ -113,8 +116,10 @@ def env_list(ctx: click.Context, include_archived: bool, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def env_show(ctx: click.Context, name: str, as_json: bool) -> None:
-    """Show one environment's record."""
-    data = _row(open_manager(ctx).get(name))
+    """Show one environment's record (with warnings about its isolation)."""
+    manager = open_manager(ctx)
+    record = manager.get(name)
+    data = {**_row(record), "warnings": manager.provider(record).warnings()}
     emit(as_json, data, lambda: _human(data))
 
 

@@ -303,6 +303,10 @@ class BaseProvider(ABC):
             InvalidInput: ``handle`` is not a handle this provider issues.
         """
 
+    def warnings(self) -> list[str]:
+        """What the user should know about this environment's isolation (``env show``)."""
+        return []
+
     @abstractmethod
     def runtime_command(self) -> list[str]:
         """The argv prefix that runs the ``narrative`` CLI inside the environment."""

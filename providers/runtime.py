@@ -42,6 +42,7 @@ from .agent_process import AgentProcess
 from .events import RuntimeEvents
 from .hub import Hub
 from .narratives import fetch_bundle, have_commits
+from .sandbox import keep_environment_private
 
 __all__ = ["CHECK_DONE", "Runtime", "open_runtime_store", "shadowed_modules"]
 
@@ -163,6 +164,7 @@ class Runtime(Hub):
 
     async def serve(self) -> int:
         """Connect to the hub and serve until told to shut down (or SIGTERM/SIGINT)."""
+        keep_environment_private()  # the agent below must not read the token from /proc
         await self.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

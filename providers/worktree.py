@@ -16,13 +16,13 @@ from typing import Literal
 
 from narrative.errors import InvalidInput
 
-from .base import ProviderConfig
 from .directory import DirectoryProvider
+from .sandbox import SandboxConfig
 
 __all__ = ["WorktreeConfig", "WorktreeProvider", "worktrees_dir"]
 
 
-class WorktreeConfig(ProviderConfig):
+class WorktreeConfig(SandboxConfig):
     type: Literal["worktree"] = "worktree"
     path: str | None = None
     """Where the checkout lives (default: inside the store, which snapshots never walk)."""
@@ -47,6 +47,7 @@ class WorktreeProvider(DirectoryProvider):
         return os.path.join(worktrees_dir(self.context.store.git_dir), self.context.env_id)
 
     def create(self) -> str:
+        self.check_sandbox()
         path = self._target()
         workspace = os.path.realpath(self.context.store.workspace)
         store = os.path.realpath(self.context.store.git_dir)
