@@ -52,6 +52,7 @@ from .base import (
     tail_start,
 )
 from .errors import ExecFailed, ResourceGone, RuntimeBroken, SandboxUnavailable
+from .keys import key_path
 from .records import env_state_dir
 from .sandbox import (
     SandboxPlan,
@@ -423,8 +424,6 @@ class DirectoryProvider(BaseProvider):
     def hidden_paths(self) -> list[str]:
         """What a sandboxed command must not see: the user's workspace, the store, the gateway
         key and the home directory's secrets (see :mod:`providers.sandbox`)."""
-        from .hub import key_path
-
         store = self.context.store
         paths = [store.workspace, store.git_dir, key_path(store), *secret_paths()]
         configured_key = os.environ.get("NARRATIVE_GATEWAY_KEY")
