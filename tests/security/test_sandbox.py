@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from narrative.store import Store
-from providers.hub import control_token, key_path
+from providers.hub import control_token
+from providers.keys import key_path
 
 from ..conftest import Cli, git, tree_bytes
 
