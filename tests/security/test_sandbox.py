@@ -110,7 +110,7 @@ def attack(
     key = Path(key_path(store))
     outside = tmp_path / "outside"
     outside.mkdir()
-    config = ["--config", f"sandbox={sandbox}"]
+    config = [] if sandbox == "default" else ["--config", f"sandbox={sandbox}"]
     if provider == "local":
         config += ["--config", f"path={tmp_path / 'local-env'}"]
     cli.run("env", "create", "box", "--provider", provider, *config)
@@ -147,7 +147,7 @@ def attack(
 def test_an_agent_in_the_sandbox_reaches_nothing_outside_its_checkout(
     sandbox_required: None, cli: Cli, workspace: Path, tmp_path: Path, provider: str
 ) -> None:
-    results = attack(cli, workspace, tmp_path, provider, "bwrap")
+    results = attack(cli, workspace, tmp_path, provider, "default")  # sandboxed by default
     assert {name: results[name] for name in ATTACKS} == dict.fromkeys(ATTACKS, "denied"), results
     assert results["_workspace_same"] == "True" and results["_store_same"] == "True", results
     assert results["_canaries"] == "", results
