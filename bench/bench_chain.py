@@ -78,6 +78,7 @@ from common import (
     parse_bench_args,
     run,
     start_announcing,
+    store_of,
     write_results,
 )
 
@@ -188,8 +189,8 @@ class HubSide:
         argv = [str(narrative), "serve", "--port", "0", "--json", "--handlers", "bench_echo"]
         proc, line = start_announcing(argv, env=self.env, cwd=self.ws)
         self.server = gw.Server(proc, str(json.loads(line)["url"]))
-        key = self.ws / ".narrative" / "gateway.key"
-        self.signer = TokenSigner(load_or_create_key(key))
+        key = store_of(narrative, self.ws, self.env) / "gateway.key"
+        self.signer = TokenSigner(load_or_create_key(key), "hub")  # the hub's audience
 
     def token(self, environment: str) -> str:
         """A run-scoped token, as the hub issues its runtimes (``signer.issue(run, env, ttl)``)."""
@@ -358,7 +359,7 @@ class DockerSide:
         done = json.loads(p.stdout)
         if done.get("status") != "succeeded":
             raise SideError(f"run in {name} did not succeed: {done}")
-        where = phases(self.ws / ".narrative", done["id"], t0, t0 + p.seconds)
+        where = phases(store_of(self.narrative, self.ws, self.env), done["id"], t0, t0 + p.seconds)
         return p.seconds, p.maxrss_kib, where
 
     # anchor

@@ -46,6 +46,7 @@ from common import (
     Sample,
     SideError,
     SideStats,
+    drop_store,
     isolated_env,
     log,
     parse_bench_args,
@@ -90,7 +91,7 @@ class Ours:
 
     def reset(self) -> None:
         """Fresh store (untimed)."""
-        shutil.rmtree(self.ws / ".narrative", ignore_errors=True)
+        drop_store(self.exe, self.ws, self.env)
         _check(run([str(self.exe), "init", str(self.ws)], env=self.env, cwd=self.ws.parent))
         self.last_id = None
 

@@ -2,16 +2,16 @@
 
 Generates a deterministic workspace (``workspace.py``), ``narrative init``s it and takes a first
 snapshot plus a few more after small mutations, so the store is a few snapshots deep. Our store
-is a real bare git repository (``WS/.narrative``), so the anchors operate on the very same store
-and workspace. For each scenario OUR CLI (as a user would run it, subprocesses) and the ANCHOR
-run alternately (who goes first alternates between reps), several reps, medians; a markdown
-table goes to stdout (progress to stderr) and every sample to a JSON file under
-``bench/results/``.
+is a real bare git repository (``STORE``, from ``narrative info``), so the anchors operate on
+the very same store and workspace. For each scenario OUR CLI (as a user would run it,
+subprocesses) and the ANCHOR run alternately (who goes first alternates between reps), several
+reps, medians; a markdown table goes to stdout (progress to stderr) and every sample to a JSON
+file under ``bench/results/``.
 
 Scenarios (target = ours/anchor median ratio unless stated):
 
 * ``bundle``: ``narrative export OUT.bundle --json`` vs
-  ``git --git-dir WS/.narrative bundle create OUT --all``; target ≤ 0.25x.
+  ``git --git-dir STORE bundle create OUT --all``; target ≤ 0.25x.
 * ``zst``: ``narrative export OUT --format tar.zst`` vs
   ``tar -c -C WS --exclude=.narrative . | zstd -T2 -q -o OUT``; target ≤ 1.2x.
 * ``gz``: ``narrative export OUT --format tar.gz`` vs
@@ -68,12 +68,14 @@ from common import (
     SideStats,
     check,
     cpu_model,
+    drop_store,
     fmt,
     git_version,
     isolated_env,
     log,
     parse_bench_args,
     run,
+    store_of,
     write_results,
 )
 
@@ -253,7 +255,7 @@ class Bench:
         self.exe = str(args.narrative)
         self.workdir = workdir
         self.ws = workdir / "ws"
-        self.store = self.ws / ".narrative"
+        self.store = self.ws / ".narrative"  # set by the first init (the data directory)
         self.out = workdir / "out"
         self.tmp = workdir / "tmp"
         home = workdir / "home"
@@ -339,6 +341,7 @@ class Bench:
         )
         t0 = time.perf_counter()
         self.ours("init", self.ws, cwd=self.workdir)
+        self.store = store_of(self.exe, self.ws, self.env)
         p = run([self.exe, "snapshot", "-m", "first", "--json"], env=self.env, cwd=self.ws)
         check(p)
         log(f"  first snapshot {p.seconds:.1f}s, rss {p.maxrss_kib >> 10} MB")
@@ -617,6 +620,7 @@ class Bench:
         mirror, rest_a = self.workdir / "import-anchor.git", self.workdir / "restore-anchor"
 
         def ours() -> tuple[Sample, int | None]:
+            drop_store(self.exe, store_o, self.env)
             _fresh_dir(store_o)
             _fresh_dir(rest_o)
             self.ours("init", store_o, cwd=self.workdir)
@@ -739,6 +743,7 @@ class Bench:
                 def do_pull(
                     url: str = url, pushed: dict[str, Any] = pushed
                 ) -> tuple[Sample, int | None]:
+                    drop_store(self.exe, puller, self.env)
                     _fresh_dir(puller)
                     self.ours("init", puller, cwd=self.workdir)
                     self.ours("remote", "add", "origin", url, *opts, cwd=puller)
@@ -755,7 +760,7 @@ class Bench:
                     try:
                         ref = f"refs/narrative/threads/{head.get('thread')}"
                         got = self.git(
-                            "--git-dir", puller / ".narrative", "rev-parse", ref
+                            "--git-dir", store_of(self.exe, puller, self.env), "rev-parse", ref
                         ).stdout.strip()
                         if got != head.get("commit"):
                             self.mismatch(

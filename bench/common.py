@@ -136,6 +136,29 @@ class Sample:
     maxrss_kib: int
 
 
+def store_of(exe: str | Path, ws: Path, env: dict[str, str]) -> Path:
+    """The store directory of the workspace ``ws`` (stores live in the per-user data directory
+    of ``env``, not in the workspace)."""
+    import json
+
+    p = check(run([str(exe), "info", "--json"], env=env, cwd=ws))
+    return Path(json.loads(p.stdout)["store"])
+
+
+def drop_store(exe: str | Path, ws: Path, env: dict[str, str]) -> None:
+    """Remove the store of ``ws`` and its marker, if it has one (an untimed reset: a store
+    outlives its workspace directory, and a new ``init`` at the same path would find it)."""
+    import shutil
+
+    ws.mkdir(parents=True, exist_ok=True)  # a store is found by its workspace's path too
+    try:
+        store = store_of(exe, ws, env)
+    except SideError:
+        return
+    shutil.rmtree(store, ignore_errors=True)
+    shutil.rmtree(ws / ".narrative", ignore_errors=True)
+
+
 def isolated_env(home: Path) -> dict[str, str]:
     """Inherited env minus GIT_* and NARRATIVE_* variables; private HOME, no git config."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "NARRATIVE_"))}

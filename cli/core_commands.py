@@ -25,26 +25,65 @@ def _short(snap: dict[str, Any]) -> str:
 
 @click.command()
 @click.argument("path", required=False, type=click.Path(file_okay=False))
+@click.option(
+    "--adopt",
+    is_flag=True,
+    help="This copied or moved workspace becomes the workspace of its marker's store.",
+)
+@click.option(
+    "--fork",
+    is_flag=True,
+    help="Give this copied workspace a store of its own, seeded with the original's history.",
+)
 @json_option
 @click.pass_context
-def init(ctx: click.Context, path: str | None, as_json: bool) -> None:
-    """Create the shadow store for the workspace at PATH (default: current directory)."""
+def init(ctx: click.Context, path: str | None, adopt: bool, fork: bool, as_json: bool) -> None:
+    """Create the shadow store for the workspace at PATH (default: current directory).
+
+    The store lives in the per-user data directory (or at --store DIR); the workspace only
+    gets a small self-ignoring marker, .narrative/, holding its id.
+    """
     from narrative.store import Store
 
-    store = Store.init(path or os.getcwd(), ctx.find_root().obj.get("store_dir"))
+    store_dir = ctx.find_root().obj.get("store_dir")
+    if adopt and fork:
+        raise click.UsageError("use at most one of --adopt, --fork")
+    if (adopt or fork) and store_dir:
+        raise click.UsageError("--adopt and --fork work on the store a workspace marker names")
+    where = path or os.getcwd()
+    if adopt:
+        store = Store.adopt(where)
+        done = "adopted"
+    elif fork:
+        store = Store.fork(where)
+        done = "forked"
+    else:
+        store = Store.init(where, store_dir)
+        done = "initialised"
     data = _info(store)
-    emit(as_json, data, f"initialised narrative store {store.git_dir} for {store.workspace}")
+    emit(as_json, data, f"{done} narrative store {store.git_dir} for {store.workspace}")
 
 
 def _info(store: Any) -> dict[str, Any]:
     return {
-        "workspace": store.workspace,
+        "workspace": store.opened_in or store.config.workspace,
+        "workspace_id": store.config.workspace_id,
         "store": store.git_dir,
+        "copy_of": store.copy_of,
         "default_objective": store.config.default_objective,
         "default_thread": store.config.default_thread,
         "max_file_size": store.config.max_file_size,
         "threads": len(store.thread_heads()),
+        "orphaned_checkouts": _orphaned_checkouts(),
     }
+
+
+def _orphaned_checkouts() -> list[str] | None:
+    """Worktree checkouts whose store was removed (None when there are none, so the human
+    output stays quiet)."""
+    from narrative.store import orphaned_checkouts
+
+    return orphaned_checkouts() or None
 
 
 @click.command()
@@ -53,7 +92,11 @@ def _info(store: Any) -> dict[str, Any]:
 def info(ctx: click.Context, as_json: bool) -> None:
     """Where the workspace and its store are, and the defaults in use."""
     data = _info(open_store(ctx))
-    emit(as_json, data, lambda: "\n".join(f"{k}: {v}" for k, v in data.items()))
+    emit(
+        as_json,
+        data,
+        lambda: "\n".join(f"{k}: {v}" for k, v in data.items() if v is not None),
+    )
 
 
 @click.command()

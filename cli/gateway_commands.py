@@ -40,7 +40,7 @@ def _key_path(ctx: click.Context, key_file: str | None) -> Path:
 def _signer(ctx: click.Context, key_file: str | None) -> Any:
     from gateway.tokens import TokenSigner, load_or_create_key
 
-    return TokenSigner(load_or_create_key(_key_path(ctx, key_file)))
+    return TokenSigner(load_or_create_key(_key_path(ctx, key_file)), "gateway")
 
 
 def _config(path: str | None) -> tuple[ProxyExecutionConfig, str | None]:

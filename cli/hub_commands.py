@@ -38,7 +38,7 @@ __all__ = ["COMMANDS", "render_events", "start_through_hub"]
 @click.option("--allow-exec", is_flag=True, help="Serve exec:run in the workspace too.")
 @click.option("--allow-writes", is_flag=True, help="Let environments write the workspace.")
 @click.option("--reconnect-grace", type=click.FloatRange(0.1), default=30.0, show_default=True)
-@click.option("--token-ttl", type=click.FloatRange(1.0), default=3600.0, show_default=True)
+@click.option("--token-ttl", type=click.FloatRange(1.0), default=900.0, show_default=True)
 @json_option
 @click.pass_context
 def serve(

@@ -38,7 +38,8 @@ class _Group(click.Group):
     "store_dir",
     envvar="NARRATIVE_STORE",
     type=click.Path(file_okay=False),
-    help="Store directory (default: nearest .narrative; env NARRATIVE_STORE).",
+    help="Store directory (default: the store of the workspace marked by the nearest "
+    ".narrative/, kept in the per-user data directory; env NARRATIVE_STORE).",
 )
 @click.option("-v", "--verbose", count=True, help="More logging on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")

@@ -1,11 +1,17 @@
 """Built-in handlers: files and commands inside one root directory.
 
 ``fs:readFile``, ``fs:writeFile``, ``fs:deleteFile``, ``fs:listFiles`` and ``exec:run`` take
-paths relative to the root; absolute paths, ``..`` that climbs out, and symlinks that point out
-are refused with ``forbidden``. Final path components are opened with ``O_NOFOLLOW`` so a
-symlink swapped in after the check is not followed either. ``exec:run`` confines the working
-directory, not what the command itself does: it is for trusted commands in an isolated
-environment, which is why a node only runs it where the routing rules send it.
+``/``-separated paths relative to the root. Every path must pass the path rule
+(:func:`narrative.paths.check_path`: no absolute paths, no ``..``, no ``.git`` at any depth, no
+``.narrative`` at the top, with the look-alikes file systems fold to them); reads also refuse
+credential-like names (:mod:`narrative.credentials`: ``.env*``, ``id_rsa``, ``*.pem``...) unless
+the handlers were installed with ``read_credentials=True``. Refusals cross the wire as
+``forbidden``. Every file is reached through :class:`narrative.confined.ConfinedRoot`: one
+component at a time relative to its parent's descriptor with ``O_NOFOLLOW``, so no symlink is
+ever followed, and one swapped in between a check and a use cannot lead outside the root.
+``exec:run`` confines the working directory, not what the command itself does: it is for
+trusted commands in an isolated environment, which is why a node only runs it where the routing
+rules send it.
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ import base64
 import binascii
 import contextlib
 import os
-import secrets
-import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from narrative.errors import InvalidInput
+from narrative.confined import ConfinedRoot
+from narrative.credentials import credential_name_problem
+from narrative.errors import InvalidInput, UnsafePath
+from narrative.paths import check_path
 
 from .errors import AccessDenied, FrameTooLarge, TargetNotFound
 from .handlers import Handler, HandlerContext, HandlerRegistry
@@ -41,43 +48,83 @@ def _str(payload: dict[str, Any], name: str, default: str | None = None) -> str:
     return value
 
 
+@contextlib.contextmanager
+def _as_gateway_errors(rel: str) -> Iterator[None]:
+    """Turn what the file system says about ``rel`` into the gateway's wire codes."""
+    try:
+        yield
+    except UnsafePath as exc:
+        raise AccessDenied(str(exc)) from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise TargetNotFound(f"no such file: {rel}") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"{rel} is a directory") from None
+    except OSError as exc:
+        raise AccessDenied(f"cannot access {rel}: {exc.strerror}") from None
+
+
 class Confined:
-    """Resolves caller-supplied relative paths inside ``root``, refusing any that escape.
+    """Checks caller-supplied relative paths, and reaches them only inside ``root``.
 
     Args:
         root: The directory calls may touch; it must exist.
         deny: Paths inside the root that calls may not touch either (the shadow store and the
-            gateway key live in the workspace; a remote caller must never read them).
+            gateway key may live in the workspace; a remote caller must never reach them).
+        read_credentials: Serve reads of credential-like names too (off by default).
     """
 
-    def __init__(self, root: str | Path, deny: Iterable[str | Path] = ()) -> None:
-        real = os.path.realpath(root)
-        if not os.path.isdir(real):
+    def __init__(
+        self,
+        root: str | Path,
+        deny: Iterable[str | Path] = (),
+        *,
+        read_credentials: bool = False,
+    ) -> None:
+        if not os.path.isdir(root):
             raise InvalidInput(f"handler root {root} is not a directory")
-        self.root = real
+        self.files = ConfinedRoot(root)
+        self.root = self.files.root
         self.deny = tuple(os.path.realpath(d) for d in deny)
+        self.read_credentials = read_credentials
 
-    def resolve(self, rel: str) -> str:
-        """The absolute path for ``rel``.
+    def check(self, rel: str, *, reading: bool) -> str:
+        """``rel`` if a call may touch it (``reading``: to read it).
+
+        Paths are never resolved through symlinks (the file actions refuse to follow any), so
+        the path joined to the root is the file that would be touched.
 
         Raises:
-            AccessDenied: ``rel`` is absolute, or resolves (through ``..`` or symlinks)
-                outside the root.
-            InvalidInput: ``rel`` is empty or contains a NUL byte.
+            AccessDenied: the path rule refuses ``rel``, it is denied, or (reading) it looks
+                like it holds credentials.
+            InvalidInput: ``rel`` is empty or contains a NUL byte (malformed, not refused).
         """
         if not rel or "\x00" in rel:
             raise InvalidInput("path must be a non-empty string without NUL bytes")
-        if os.path.isabs(rel):
-            raise AccessDenied(f"absolute path refused: {rel}")
-        real = os.path.realpath(os.path.join(self.root, rel))
-        if real != self.root and not real.startswith(self.root + os.sep):
-            raise AccessDenied(f"path escapes the root: {rel}")
-        if self.denied(real):
+        with _as_gateway_errors(rel):
+            path = check_path(rel)
+        if self.denied(os.path.join(self.root, path)):
             raise AccessDenied(f"path is off limits: {rel}")
-        return real
+        if reading and not self.read_credentials:
+            reason = credential_name_problem(path)
+            if reason is not None:
+                raise AccessDenied(f"refusing to read {rel}: {reason}")
+        return path
+
+    def resolve(self, rel: str) -> str:
+        """The absolute path of the directory ``rel`` (``.``: the root), checked and reached
+        without following symlinks.
+
+        Raises:
+            AccessDenied: as :meth:`check`, or a symlink on the way.
+            TargetNotFound: no such directory.
+        """
+        path = "" if rel in ("", ".") else self.check(rel, reading=True)
+        with _as_gateway_errors(rel):
+            os.close(self.files.open_dir(path))
+        return os.path.join(self.root, path) if path else self.root
 
     def denied(self, real: str) -> bool:
-        """Whether the resolved path ``real`` is, or is inside, a denied path."""
+        """Whether the absolute path ``real`` is, or is inside, a denied path."""
         return any(real == d or real.startswith(d + os.sep) for d in self.deny)
 
     def relative(self, path: str) -> str:
@@ -92,6 +139,7 @@ def install_builtins(
     max_bytes: int = DEFAULT_MAX_BYTES,
     commands: bool = True,
     writes: bool = True,
+    read_credentials: bool = False,
 ) -> Confined:
     """Register the file and command handlers on ``registry``, confined to ``root``.
 
@@ -103,27 +151,21 @@ def install_builtins(
         commands: Register ``exec:run`` too (a hub serving the user's own workspace leaves it
             out unless told otherwise).
         writes: Register ``fs:writeFile`` and ``fs:deleteFile`` too (off: read-only).
+        read_credentials: Let ``fs:readFile`` serve credential-like names (``.env``,
+            ``id_rsa``...) too; off by default.
 
     Returns:
         The :class:`Confined` resolver they share.
     """
-    box = Confined(root, deny)
+    box = Confined(root, deny, read_credentials=read_credentials)
 
     @registry.handler("fs", "readFile")
     async def read_file(ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         rel = _str(payload, "path")
         encoding = _str(payload, "encoding", "utf-8")
-        path = box.resolve(rel)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            raise TargetNotFound(f"no such file: {rel}") from None
-        except OSError as exc:
-            raise AccessDenied(f"cannot open {rel}: {exc.strerror}") from None
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise InvalidInput(f"not a regular file: {rel}")
-            data = f.read(max_bytes + 1)
+        path = box.check(rel, reading=True)
+        with _as_gateway_errors(rel):
+            data = box.files.read_bytes(path, max_bytes)
         if len(data) > max_bytes:
             raise FrameTooLarge(f"{rel} is larger than {max_bytes} bytes")
         if encoding == "base64":
@@ -156,70 +198,32 @@ def install_builtins(
             raise InvalidInput(f"unknown encoding {encoding!r}")
         if len(data) > max_bytes:
             raise FrameTooLarge(f"content is larger than {max_bytes} bytes")
-        path = box.resolve(rel)
-        if path == box.root:
-            raise InvalidInput("cannot write the root itself")
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        box.resolve(box.relative(parent))  # a parent created through a racing symlink
-        # Temp file + rename: readers never see a half-written file.
-        tmp = os.path.join(parent, f".gateway-{secrets.token_hex(6)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        path = box.check(rel, reading=False)
+        with _as_gateway_errors(rel):
+            box.files.write_bytes(path, data)
         return {"path": rel, "size": len(data)}
 
     @writing("fs", "deleteFile")
     async def delete_file(ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         rel = _str(payload, "path")
-        path = box.resolve(rel)
-        # The symlink itself is what "path" names; resolve() followed it, so lstat the
-        # unresolved name inside the root instead.
-        name = os.path.join(box.root, os.path.normpath(rel))
-        try:
-            info = os.lstat(name)
-        except FileNotFoundError:
-            raise TargetNotFound(f"no such file: {rel}") from None
-        if stat.S_ISDIR(info.st_mode):
-            raise InvalidInput(f"{rel} is a directory")
-        os.unlink(name if stat.S_ISLNK(info.st_mode) else path)
+        path = box.check(rel, reading=False)
+        with _as_gateway_errors(rel):
+            box.files.unlink(path)
         return {"path": rel, "deleted": True}
 
     @registry.handler("fs", "listFiles")
     async def list_files(ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         rel = _str(payload, "path", ".")
         recursive = bool(payload.get("recursive", False))
-        top = box.resolve(rel)
-        if not os.path.isdir(top):
-            raise TargetNotFound(f"no such directory: {rel}")
+        top = "" if rel in ("", ".") else box.check(rel, reading=True)
         entries: list[dict[str, Any]] = []
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = sorted(
-                d for d in dirnames if not box.denied(os.path.realpath(os.path.join(dirpath, d)))
-            )
-            for name in sorted(dirnames + filenames):
-                full = os.path.join(dirpath, name)
-                if box.denied(os.path.realpath(full)):
+        with _as_gateway_errors(rel):
+            for entry in box.files.walk(top, recursive=recursive):
+                if box.denied(os.path.join(box.root, entry.path)):
                     continue
-                info = os.lstat(full)
-                kind = (
-                    "dir"
-                    if stat.S_ISDIR(info.st_mode)
-                    else "symlink"
-                    if stat.S_ISLNK(info.st_mode)
-                    else "file"
-                )
-                entries.append({"path": box.relative(full), "type": kind, "size": info.st_size})
+                entries.append({"path": entry.path, "type": entry.kind, "size": entry.size})
                 if len(entries) > _MAX_LIST:
                     raise FrameTooLarge(f"more than {_MAX_LIST} entries below {rel}")
-            if not recursive:
-                break
         return {"path": rel, "entries": entries}
 
     if not commands:

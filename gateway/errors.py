@@ -14,7 +14,10 @@ receiving side turns the code back into the class below (:func:`error_from_wire`
         ├── AuthError                              "unauthorized"
         │   ├── TokenMissing
         │   ├── TokenInvalid                       forged, malformed, or for another run
-        │   └── TokenExpired
+        │   │   └── WrongAudience                  "wrong_audience": a hub token at a gateway
+        │   ├── TokenExpired
+        │   ├── TokenRevoked                       "revoked": its run ended, or revoked
+        │   └── OutOfScope                         "out_of_scope": not what the token allows
         ├── AccessDenied (+PermissionError)        "forbidden": a path escapes the root
         ├── TargetNotFound (+LookupError)          "not_found": no such file or resource
         ├── RoutingError                           "no_route": no environment can take the call
@@ -50,6 +53,7 @@ __all__ = [
     "HandlerFailed",
     "HopLimitExceeded",
     "NoHandler",
+    "OutOfScope",
     "ProtocolError",
     "RouteLoop",
     "RoutingError",
@@ -57,8 +61,10 @@ __all__ = [
     "TokenExpired",
     "TokenInvalid",
     "TokenMissing",
+    "TokenRevoked",
     "Unavailable",
     "UnknownMessageType",
+    "WrongAudience",
     "error_from_wire",
 ]
 
@@ -67,6 +73,9 @@ ErrorCode = Literal[
     "unknown_type",
     "too_large",
     "unauthorized",
+    "wrong_audience",
+    "revoked",
+    "out_of_scope",
     "forbidden",
     "not_found",
     "no_route",
@@ -156,8 +165,27 @@ class TokenInvalid(AuthError):
     """The token is malformed, its signature does not verify, or it is for another run."""
 
 
+class WrongAudience(TokenInvalid):
+    """A token for the other audience (a gateway token at a hub, or the reverse)."""
+
+    code: ErrorCode = "wrong_audience"
+
+
 class TokenExpired(AuthError):
     """The token's expiry has passed."""
+
+
+class TokenRevoked(AuthError):
+    """The token was revoked: its run ended (or it was revoked by id)."""
+
+    code: ErrorCode = "revoked"
+
+
+class OutOfScope(AuthError):
+    """The token is valid, but not for this: another run's or thread's data, another
+    environment, or a write it does not allow."""
+
+    code: ErrorCode = "out_of_scope"
 
 
 class AccessDenied(GatewayError, PermissionError):
@@ -237,6 +265,9 @@ _BY_CODE: dict[str, type[GatewayError]] = {
     "unknown_type": UnknownMessageType,
     "too_large": FrameTooLarge,
     "unauthorized": AuthError,
+    "wrong_audience": WrongAudience,
+    "revoked": TokenRevoked,
+    "out_of_scope": OutOfScope,
     "forbidden": AccessDenied,
     "not_found": TargetNotFound,
     "no_route": RoutingError,

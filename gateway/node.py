@@ -13,10 +13,11 @@ import contextlib
 import logging
 import secrets
 import ssl as ssl_module
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_json
@@ -25,9 +26,13 @@ from websockets.exceptions import ConnectionClosed
 
 from .config import ProxyExecutionConfig
 from .errors import (
+    AuthError,
     ClaimError,
+    GatewayError,
     GatewayTimeout,
     ProtocolError,
+    TokenExpired,
+    TokenInvalid,
     Unavailable,
     error_from_wire,
 )
@@ -80,6 +85,7 @@ __all__ = [
     "PeerListener",
     "RouteObserver",
     "RouteRecord",
+    "TokenPolicy",
 ]
 
 # Re-exported: they are part of this module's API (Gateway.stream / Gateway.connect return them).
@@ -92,6 +98,29 @@ log = logging.getLogger(__name__)
 NotificationListener = Callable[[str | None, Notification], None]
 
 _PARTIAL_QUEUE = 1024
+
+
+class TokenPolicy(Protocol):
+    """What the holder of a verified token may do on this node, beyond the token itself.
+
+    A node without a policy lets any valid token make any call; a hub installs one that keeps
+    each run to its own threads and refuses the tokens of runs that ended.
+    """
+
+    async def admit(self, claims: TokenClaims) -> None:
+        """Raise an :class:`~gateway.errors.AuthError` to refuse a connection at its upgrade
+        (may look at the store: a run that ended stays refused after a restart)."""
+
+    def authorize(
+        self,
+        claims: TokenClaims,
+        kind: str,
+        action: str,
+        payload: dict[str, Any],
+        target: str | None,
+    ) -> None:
+        """Raise an :class:`~gateway.errors.AuthError` to refuse one call (``kind:action`` with
+        ``payload``, for ``target``) from a connection that presented ``claims``."""
 
 
 @dataclass(eq=False)
@@ -196,6 +225,12 @@ class Gateway:
         self._links: list[Link] = []
         #: token claims of accepted connections (dialled ones have none)
         self._claims: dict[Connection, TokenClaims] = {}
+        #: closes an accepted connection when its token expires (re-armed by :meth:`refresh`)
+        self._expiry: dict[Connection, asyncio.TimerHandle] = {}
+        #: checks every call from an accepted connection (see :class:`TokenPolicy`)
+        self.token_policy: TokenPolicy | None = None
+        #: verifies the fresh token a peer presents with ``gateway:refresh`` (set by the server)
+        self.verify_token: Callable[[str], TokenClaims] | None = None
         self._peer_listeners: list[PeerListener] = []
         self._observers: list[RouteObserver] = []
         #: requests from peers awaiting their reply, only while route observers are registered
@@ -498,6 +533,7 @@ class Gateway:
         conns.append(ws)
         if claims is not None:
             self._claims[ws] = claims
+            self._arm_expiry(ws, claims)
         first = len(conns) == 1
         try:
             if first:
@@ -507,6 +543,8 @@ class Gateway:
         finally:
             conns.remove(ws)
             self._claims.pop(ws, None)
+            if (timer := self._expiry.pop(ws, None)) is not None:
+                timer.cancel()
             if self._asked:
                 self._fail_asked(ws, f"connection to {peer} closed before it answered")
             if not conns:
@@ -528,9 +566,36 @@ class Gateway:
             capabilities=self.capabilities,
         )
 
+    async def revoke(self, reason: str, *, run_id: str | None = None, token_id: str = "") -> int:
+        """Close every accepted connection whose token is for ``run_id``, or is the token
+        ``token_id`` (close code 1008, reason ``token revoked: <reason>``). The policy must
+        refuse those tokens from now on too, or the peer simply reconnects.
+
+        Returns:
+            How many connections were closed.
+        """
+        doomed = [
+            ws
+            for ws, claims in self._claims.items()
+            if claims.run_id == run_id or (token_id and claims.token_id == token_id)
+        ]
+        for ws in doomed:
+            claims = self._claims[ws]
+            log.warning(
+                "closing connection: run %s, env %s: token revoked (%s)",
+                claims.run_id,
+                claims.environment_id,
+                reason,
+            )
+            await ws.close(1008, f"token revoked: {reason}"[:120])
+        return len(doomed)
+
     async def close(self) -> None:
         """Stop links, handlers and timers; fail the calls still waiting as unavailable."""
         self._closed = True
+        for timer in self._expiry.values():
+            timer.cancel()
+        self._expiry.clear()
         for link in self._links:
             await link.close()
         for conns in list(self._conns.values()):
@@ -637,11 +702,108 @@ class Gateway:
                     continue
                 await handler(self, peer, ws, message)
 
+    def _arm_expiry(self, ws: Connection, claims: TokenClaims) -> None:
+        if (old := self._expiry.pop(ws, None)) is not None:
+            old.cancel()
+        delay = max(0.0, claims.expires_at - time.time())
+        self._expiry[ws] = asyncio.get_running_loop().call_later(delay, self._expire, ws)
+
+    def _expire(self, ws: Connection) -> None:
+        self._expiry.pop(ws, None)
+        claims = self._claims.get(ws)
+        if claims is None:
+            return
+        log.warning(
+            "closing connection: run %s, env %s: token expired",
+            claims.run_id,
+            claims.environment_id,
+        )
+        self._spawn(ws.close(1008, "token expired"))
+
+    def _refusal(
+        self, ws: Connection, peer: str, kind: str, action: str, payload: Any, target: str | None
+    ) -> GatewayError | None:
+        """Why a call from ``ws`` is refused, or None: connections that presented a token are
+        held to it (expiry, then the node's :class:`TokenPolicy`), at this one place."""
+        claims = self._claims.get(ws)
+        if claims is None:  # a connection this node dialled: its peer is our upstream
+            return None
+        try:
+            if time.time() >= claims.expires_at:
+                raise TokenExpired(f"token for {claims.environment_id} expired")
+            if self.token_policy is not None:
+                self.token_policy.authorize(
+                    claims, kind, action, payload if isinstance(payload, dict) else {}, target
+                )
+        except AuthError as exc:
+            log.warning(
+                "refused %s:%s from %s: run %s, env %s: %s",
+                kind,
+                action,
+                peer,
+                claims.run_id,
+                claims.environment_id,
+                exc,
+            )
+            return exc
+        return None
+
     async def _on_request(self, peer: str, ws: Connection, message: Any) -> None:
+        refused = self._refusal(
+            ws,
+            peer,
+            message.originalType,
+            message.originalAction,
+            message.originalMessage,
+            message.target,
+        )
+        if refused is not None:
+            await self._send_error(ws, refused, message.requestId)
+            return
+        if (message.originalType, message.originalAction) == ("gateway", "refresh") and (
+            ws in self._claims
+        ):
+            await self._refresh(ws, peer, message)
+            return
         if self._observers:
             await self._apply(self._track(peer, message))
             return
         await self._apply(self.state.receive_request(peer, message, self._now()))
+
+    async def _refresh(self, ws: Connection, peer: str, message: Request) -> None:
+        """``gateway:refresh {token}``: the peer holds a renewed token; this connection lives
+        until the new expiry (it is closed at the old one otherwise). Only a token for the same
+        run and environment, verified here, extends it."""
+        claims = self._claims[ws]
+        token = message.originalMessage.get("token")
+        try:
+            if self.verify_token is None:
+                raise AuthError(f"{self.environment_id} does not verify tokens")
+            if not isinstance(token, str):
+                raise TokenInvalid("'token' must be a token")
+            fresh = self.verify_token(token)
+            if (fresh.run_id, fresh.environment_id) != (claims.run_id, claims.environment_id):
+                raise TokenInvalid("a refreshed token must be for the same run and environment")
+        except AuthError as exc:
+            log.warning(
+                "refused a token refresh from %s: run %s, env %s: %s",
+                peer,
+                claims.run_id,
+                claims.environment_id,
+                exc,
+            )
+            await self._send_error(ws, exc, message.requestId)
+            return
+        self._claims[ws] = fresh
+        self._arm_expiry(ws, fresh)
+        reply = Reply(
+            requestId=self.state.new_id(),
+            replyRequestId=message.requestId,
+            success=True,
+            result={"expiresAt": fresh.expires_at},
+            environmentId=self.environment_id,
+        )
+        await _send_ws(ws, reply)
 
     async def _on_reply(self, peer: str, ws: Connection, message: Any) -> None:
         await self._apply(self.state.receive_reply(peer, message))
@@ -689,6 +851,11 @@ class Gateway:
             await _send_ws(ws, response(requestId=message.requestId, success=True, result=result))
             return
         kind, action, payload = _provider_call(message)
+        refused = self._refusal(ws, peer, kind, action, payload, None)
+        if refused is not None:
+            body = ErrorBody(code=refused.code, message=str(refused)[:4096])
+            await _send_ws(ws, response(requestId=message.requestId, success=False, error=body))
+            return
         async with self._slots:
             request_id, pending, actions = self._start(
                 kind, action, payload, None, None, None, [peer]
@@ -705,10 +872,14 @@ class Gateway:
             ),
         )
 
-    async def _send_error(self, ws: Connection, exc: ProtocolError) -> None:
+    async def _send_error(
+        self, ws: Connection, exc: GatewayError, request_id: str | None = None
+    ) -> None:
+        if request_id is None and isinstance(exc, ProtocolError):
+            request_id = exc.request_id
         reply = Reply(
             requestId=self.state.new_id(),
-            replyRequestId=exc.request_id,
+            replyRequestId=request_id,
             success=False,
             error=ErrorBody(code=exc.code, message=str(exc)[:4096]),
             environmentId=self.environment_id,

@@ -2,9 +2,12 @@
 each connection to a :class:`~gateway.node.Gateway`.
 
 The token is checked during the HTTP upgrade (``Authorization: Bearer <token>``): a missing,
-forged, expired or wrong-run token gets HTTP 401 and the WebSocket is never opened, so no
-message from an unauthenticated client is ever parsed. After the upgrade the peer must send a
-hello for the environment its token names, within the transport timeout.
+forged, expired, wrong-audience or wrong-run token, or one the gateway's
+:class:`~gateway.node.TokenPolicy` refuses (its run ended), gets HTTP 401 and the WebSocket is
+never opened, so no message from an unauthenticated client is ever parsed. After the upgrade
+the peer must send a hello for the environment its token names, within the transport timeout;
+from then on the gateway holds every call to the token and closes the connection when the
+token expires or is revoked.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class ProviderServer:
         self.ssl = ssl
         self.run_id = run_id
         self._server: Server | None = None
+        gateway.verify_token = lambda token: signer.verify(token, run_id=run_id)
 
     @property
     def url(self) -> str:
@@ -110,11 +114,23 @@ class ProviderServer:
     def _verify(self, headers: Headers) -> TokenClaims:
         return self.signer.verify(bearer_token(headers), run_id=self.run_id)
 
-    def _authorize(self, conn: ServerConnection, request: HttpRequest) -> HttpResponse | None:
+    async def _authorize(self, conn: ServerConnection, request: HttpRequest) -> HttpResponse | None:
+        claims: TokenClaims | None = None
         try:
-            self._verify(request.headers)
+            claims = self._verify(request.headers)
+            if self.gateway.token_policy is not None:
+                await self.gateway.token_policy.admit(claims)
         except AuthError as exc:
-            log.warning("refused a connection from %s: %s", conn.remote_address, exc)
+            if claims is None:
+                log.warning("refused a connection from %s: %s", conn.remote_address, exc)
+            else:
+                log.warning(
+                    "refused a connection from %s: run %s, env %s: %s",
+                    conn.remote_address,
+                    claims.run_id,
+                    claims.environment_id,
+                    exc,
+                )
             return conn.respond(HTTPStatus.UNAUTHORIZED, f"{exc}\n")
         return None
 

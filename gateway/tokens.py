@@ -1,9 +1,22 @@
-"""Run-scoped connection tokens: HMAC-SHA256 over ``{run, env, exp}``, with a key kept on disk.
+"""Least-privilege connection tokens: HMAC-SHA256 over the claims, with a key kept on disk.
 
-A token reads ``ng1.<claims>.<signature>`` (both parts base64url, unpadded). The key is 32
-random bytes in a file created on first use with mode 0600 (exclusively, so two processes
-racing to create it agree on one key); a key file that others can read is refused rather than
-trusted. Verification is constant-time and checks the signature before looking at the claims.
+A token reads ``ng2.<claims>.<signature>`` (both parts base64url, unpadded). Its claims say
+who may use it and for what:
+
+* ``aud``: the audience, ``gateway`` (a ``narrative gateway serve`` node) or ``hub`` (a hub or
+  runtime). Each audience signs with its own key, derived from the key file with a distinct
+  label, so a token for one audience does not even verify at the other.
+* ``run``, ``env``: the run and the environment it is scoped to.
+* ``exp``: its expiry (tokens are short-lived; a hub renews its runtimes' tokens).
+* ``jti``: a random token id, for logs and revocation.
+* ``read``: the snapshots and threads the holder may fetch (a run's input).
+* ``write``: the threads it may write (a run's result thread) and whether it may create new
+  threads (its nested runs' threads).
+
+The key is 32 random bytes in a file created on first use with mode 0600 (exclusively, so two
+processes racing to create it agree on one key); a key file that others can read is refused
+rather than trusted. Verification is constant-time and checks the signature before trusting
+the claims. Tokens of the older ``ng1`` format are refused with a message saying so.
 """
 
 from __future__ import annotations
@@ -18,17 +31,30 @@ import re
 import secrets
 import stat
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .errors import AuthError, TokenExpired, TokenInvalid, TokenMissing
+from .errors import AuthError, TokenExpired, TokenInvalid, TokenMissing, WrongAudience
 
-__all__ = ["TokenClaims", "TokenSigner", "load_or_create_key", "parse_ttl"]
+__all__ = [
+    "AUDIENCES",
+    "TokenClaims",
+    "TokenSigner",
+    "load_or_create_key",
+    "parse_ttl",
+    "token_audience",
+]
 
-_PREFIX = "ng1"
+_PREFIX = "ng2"
+_OLD_PREFIXES = ("ng1",)
 _KEY_BYTES = 32
-_MAX_TOKEN = 2048
+_MAX_TOKEN = 4096
+_MAX_SCOPE = 64
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Who a token is for: a stand-alone gateway node, or a hub (and the runtimes it starts).
+AUDIENCES = ("gateway", "hub")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +65,23 @@ class TokenClaims:
         run_id: The run the token is scoped to.
         environment_id: The environment allowed to connect with it.
         expires_at: Unix time after which it is refused.
+        audience: ``gateway`` or ``hub``.
+        token_id: Random id of this token (for logs and revocation).
+        read_snapshots: Snapshots the holder may fetch.
+        read_threads: Threads whose records (and heads) the holder may fetch.
+        write_threads: Threads the holder may write (its result thread).
+        create_threads: Whether the holder may create new threads (its nested runs' threads).
     """
 
     run_id: str
     environment_id: str
     expires_at: float
+    audience: str = "gateway"
+    token_id: str = ""
+    read_snapshots: frozenset[str] = frozenset()
+    read_threads: frozenset[str] = frozenset()
+    write_threads: frozenset[str] = frozenset()
+    create_threads: bool = False
 
 
 def _b64(data: bytes) -> str:
@@ -118,28 +156,70 @@ def parse_ttl(text: str) -> float:
     return seconds
 
 
+def token_audience(token: str) -> str | None:
+    """The audience a token claims, read without verifying (for error messages only)."""
+    try:
+        data = json.loads(_unb64(token.split(".")[1]))
+    except (IndexError, ValueError, binascii.Error):
+        return None
+    aud = data.get("aud") if isinstance(data, dict) else None
+    return aud if isinstance(aud, str) else None
+
+
+def _scope(values: Iterable[str], what: str) -> list[str]:
+    found = sorted(set(values))
+    if len(found) > _MAX_SCOPE:
+        raise ValueError(f"too many {what} in one token ({len(found)})")
+    for value in found:
+        if not _ID_RE.match(value):
+            raise ValueError(f"malformed {what[:-1]} id: {value!r}")
+    return found
+
+
+def _strings(value: Any) -> frozenset[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError("a scope must be a list of ids")
+    return frozenset(value)
+
+
 class TokenSigner:
-    """Issues and verifies tokens with one key.
+    """Issues and verifies the tokens of one audience.
 
     Args:
-        key: The HMAC key (see :func:`load_or_create_key`).
+        key: The key file's key (see :func:`load_or_create_key`); the signer derives its own
+            key from it for ``audience``, so tokens of another audience never verify here.
+        audience: ``gateway`` or ``hub``.
     """
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, audience: str = "gateway") -> None:
         if len(key) < 16:
             raise ValueError("gateway key too short")
-        self._key = key
+        if audience not in AUDIENCES:
+            raise ValueError(f"unknown token audience {audience!r} (one of {AUDIENCES})")
+        self.audience = audience
+        label = b"narrative token key: " + audience.encode()
+        self._key = hmac.new(key, label, hashlib.sha256).digest()
 
     def _mac(self, body: bytes) -> bytes:
         return hmac.new(self._key, _PREFIX.encode() + b"." + body, hashlib.sha256).digest()
 
     def issue(
-        self, run_id: str, environment_id: str, ttl: float, *, now: float | None = None
+        self,
+        run_id: str,
+        environment_id: str,
+        ttl: float,
+        *,
+        read_snapshots: Iterable[str] = (),
+        read_threads: Iterable[str] = (),
+        write_threads: Iterable[str] = (),
+        create_threads: bool = False,
+        now: float | None = None,
     ) -> str:
-        """A token letting ``environment_id`` connect for run ``run_id`` for ``ttl`` seconds.
+        """A token letting ``environment_id`` connect for run ``run_id`` for ``ttl`` seconds,
+        allowed to read and write what the scopes name (nothing by default).
 
         Raises:
-            ValueError: an id is malformed or ``ttl`` is not positive.
+            ValueError: an id is malformed, a scope too large, or ``ttl`` is not positive.
         """
         for what, value in (("run id", run_id), ("environment id", environment_id)):
             if not _ID_RE.match(value):
@@ -147,10 +227,19 @@ class TokenSigner:
         if ttl <= 0:
             raise ValueError("ttl must be positive")
         exp = (time.time() if now is None else now) + ttl
-        claims = json.dumps(
-            {"run": run_id, "env": environment_id, "exp": round(exp, 3)}, separators=(",", ":")
-        ).encode()
-        body = _b64(claims).encode()
+        data = {
+            "aud": self.audience,
+            "run": run_id,
+            "env": environment_id,
+            "exp": round(exp, 3),
+            "jti": secrets.token_hex(8),
+            "read": {
+                "snapshots": _scope(read_snapshots, "snapshots"),
+                "threads": _scope(read_threads, "threads"),
+            },
+            "write": {"threads": _scope(write_threads, "threads"), "create": create_threads},
+        }
+        body = _b64(json.dumps(data, separators=(",", ":")).encode()).encode()
         return f"{_PREFIX}.{body.decode()}.{_b64(self._mac(body))}"
 
     def verify(
@@ -165,12 +254,18 @@ class TokenSigner:
 
         Raises:
             TokenMissing: no token.
-            TokenInvalid: malformed, bad signature, or another run.
+            TokenInvalid: malformed, an old format, bad signature, or another run.
+            WrongAudience: a valid-looking token for the other audience.
             TokenExpired: past its expiry.
         """
         if not token:
             raise TokenMissing("no token presented")
         parts = token.split(".")
+        if parts[0] in _OLD_PREFIXES:
+            raise TokenInvalid(
+                f"token format {parts[0]} is no longer accepted (tokens are {_PREFIX} now): "
+                "ask for a new token"
+            )
         if len(token) > _MAX_TOKEN or len(parts) != 3 or parts[0] != _PREFIX:
             raise TokenInvalid("malformed token")
         body, sig = parts[1].encode("ascii", "replace"), parts[2]
@@ -179,12 +274,31 @@ class TokenSigner:
         except (binascii.Error, ValueError):
             raise TokenInvalid("malformed token") from None
         if not hmac.compare_digest(given, self._mac(body)):
+            claimed = token_audience(token)
+            if claimed in AUDIENCES and claimed != self.audience:
+                raise WrongAudience(
+                    f"a {claimed} token is not accepted here (this server takes {self.audience} "
+                    "tokens)"
+                )
             raise TokenInvalid("token signature does not verify")
         try:
             data = json.loads(_unb64(parts[1]))
-            claims = TokenClaims(str(data["run"]), str(data["env"]), float(data["exp"]))
+            read, write = data["read"], data["write"]
+            claims = TokenClaims(
+                run_id=str(data["run"]),
+                environment_id=str(data["env"]),
+                expires_at=float(data["exp"]),
+                audience=str(data["aud"]),
+                token_id=str(data["jti"]),
+                read_snapshots=_strings(read["snapshots"]),
+                read_threads=_strings(read["threads"]),
+                write_threads=_strings(write["threads"]),
+                create_threads=write["create"] is True,
+            )
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise TokenInvalid("malformed token claims") from None
+        if claims.audience != self.audience:  # same key, other label: cannot happen, but cheap
+            raise WrongAudience(f"token is for the {claims.audience}, not the {self.audience}")
         if (time.time() if now is None else now) >= claims.expires_at:
             raise TokenExpired(f"token for {claims.environment_id} expired")
         if run_id is not None and claims.run_id != run_id:

@@ -9,6 +9,7 @@ where one fits (``LookupError`` for unknown ids, ``TimeoutError`` for lock waits
     │   ├── StoreNotFound            no store for this workspace
     │   ├── StoreExists              init over an existing store
     │   ├── StoreCorrupted           objects/refs/metadata unreadable
+    │   ├── WorkspaceCopied          the workspace is a copy or move of the store's workspace
     │   └── LockTimeout (+TimeoutError)
     ├── NotFound (+LookupError)
     │   ├── ObjectiveNotFound(objective_id)
@@ -17,6 +18,7 @@ where one fits (``LookupError`` for unknown ids, ``TimeoutError`` for lock waits
     │   └── SnapshotNotFound(snapshot_id)
     ├── AmbiguousId(prefix, candidates)
     ├── InvalidInput (+ValueError)   bad ids, names, options, paths
+    │   └── UnsafePath(path, reason)  a path the path rule refuses (narrative.paths)
     ├── ConcurrentUpdate             compare-and-swap lost too many times
     ├── RestoreError                 a restore that would lose data, or cannot proceed
     └── MergeError                   a workspace merge cannot start, continue or be undone
@@ -48,6 +50,8 @@ __all__ = [
     "StoreExists",
     "StoreNotFound",
     "ThreadNotFound",
+    "UnsafePath",
+    "WorkspaceCopied",
 ]
 
 
@@ -62,8 +66,8 @@ class StoreError(NarrativeError):
 class StoreNotFound(StoreError):
     """No narrative store was found for a workspace."""
 
-    def __init__(self, path: str) -> None:
-        super().__init__(f"no narrative store for {path} (run 'narrative init')")
+    def __init__(self, path: str, detail: str | None = None) -> None:
+        super().__init__(detail or f"no narrative store for {path} (run 'narrative init')")
         self.path = path
 
 
@@ -77,6 +81,23 @@ class StoreExists(StoreError):
 
 class StoreCorrupted(StoreError):
     """Objects, refs or metadata of the store cannot be read."""
+
+
+class WorkspaceCopied(StoreError):
+    """The workspace's marker names a store whose workspace is another directory: this one is a
+    copy (or the original was moved). Nothing reads or writes its files until the user says
+    which it is."""
+
+    def __init__(self, path: str, recorded: str, workspace_id: str) -> None:
+        super().__init__(
+            f"{path} is a copy or a move of the workspace {recorded} (workspace id "
+            f"{workspace_id}): run 'narrative init --adopt' in it to make it that store's "
+            "workspace (the original was moved), or 'narrative init --fork' to give it a store "
+            "of its own that starts with the same history"
+        )
+        self.path = path
+        self.recorded = recorded
+        self.workspace_id = workspace_id
 
 
 class LockTimeout(StoreError, TimeoutError):
@@ -150,6 +171,21 @@ class AmbiguousId(NarrativeError, LookupError):
 
 class InvalidInput(NarrativeError, ValueError):
     """An argument, option, id or path is malformed."""
+
+
+class UnsafePath(InvalidInput):
+    """A path that may not be written (or read) in a workspace: see :mod:`narrative.paths`.
+
+    Attributes:
+        path: The offending path, as given (``str`` or ``bytes``).
+        reason: Why it is refused.
+    """
+
+    def __init__(self, path: str | bytes, reason: str) -> None:
+        shown = path if isinstance(path, str) else path.decode("utf-8", "backslashreplace")
+        super().__init__(f"unsafe path {shown!r}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 class ConcurrentUpdate(NarrativeError):

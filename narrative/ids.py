@@ -22,8 +22,9 @@ KINDS = {
     "run": "run",
     "snapshot": "snap",
     "environment": "env",
+    "workspace": "ws",
 }
-_ID_RE = re.compile(r"^(obj|th|run|snap|env)-[0-9a-hjkmnp-tv-z]{20}$")
+_ID_RE = re.compile(r"^(obj|th|run|snap|env|ws)-[0-9a-hjkmnp-tv-z]{20}$")
 
 
 def _random_bits50() -> int:

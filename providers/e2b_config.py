@@ -10,18 +10,19 @@ and :func:`check_upload_content` refuses files whose content looks like it holds
 private-key block, a cloud or API token in a known format, or a ``key``/``secret``/``token``/
 ``password``-like field set to a literal value). Both run before anything is sent, so a refused
 list uploads nothing. The rule errs on the side of refusing: reference secrets through
-environment variables (``"${NAME}"``) instead of writing them into uploaded files.
+environment variables (``"${NAME}"``) instead of writing them into uploaded files. The name rule
+is :mod:`narrative.credentials`, shared with the gateway's file reads.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import posixpath
 import re
 from typing import Literal
 
 from pydantic import Field, field_validator
 
+from narrative.credentials import credential_name_problem
 from narrative.errors import InvalidInput
 
 from .base import ProviderConfig, check_relative_path
@@ -29,33 +30,6 @@ from .base import ProviderConfig, check_relative_path
 __all__ = ["DEFAULT_WORKDIR", "E2BConfig", "check_upload_content", "check_upload_name"]
 
 DEFAULT_WORKDIR = "/home/user/workspace"
-
-_REFUSED_NAMES = (
-    ".env",
-    ".env.*",
-    "*.env",
-    "*.pem",
-    "*.key",
-    "*.p12",
-    "*.pfx",
-    "*.keystore",
-    "*.jks",
-    "id_rsa*",
-    "id_dsa*",
-    "id_ecdsa*",
-    "id_ed25519*",
-    ".netrc",
-    "_netrc",
-    ".npmrc",
-    ".pypirc",
-    ".git-credentials",
-    ".htpasswd",
-    "credentials",
-    "credentials.*",
-    "*.tfvars",
-)
-_REFUSED_DIRS = {".aws", ".ssh", ".gnupg", ".docker", ".kube", ".azure"}
-_REFUSED_PREFIXES = (".config/gcloud/",)
 
 _SECRET_PATTERNS = (
     re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----"),
@@ -81,12 +55,9 @@ _SECRET_PATTERNS = (
 def check_upload_name(path: str) -> str:
     """Normalise an upload path; refuse absolute, escaping or credential-like ones."""
     norm = check_relative_path(path)
-    parts = norm.split("/")
-    name = parts[-1]
-    if any(part in _REFUSED_DIRS for part in parts[:-1]) or norm.startswith(_REFUSED_PREFIXES):
-        raise InvalidInput(f"refusing to upload {path}: it lies in a credentials directory")
-    if any(fnmatch.fnmatch(name.lower(), pattern) for pattern in _REFUSED_NAMES):
-        raise InvalidInput(f"refusing to upload {path}: files named like this hold credentials")
+    reason = credential_name_problem(norm)
+    if reason is not None:
+        raise InvalidInput(f"refusing to upload {path}: {reason}")
     return norm
 
 

@@ -12,7 +12,7 @@ commands) in its workspace, ``narrative:snapshot``, the bundle capabilities of
 :mod:`providers.narratives`, and whatever handler plugins the user loads (an ``inference``
 handler only the hub can serve is the canonical example). Control calls (``hub:*``) are only
 taken from a direct peer holding a ``control`` token, which only the owner of the store's key
-can mint.
+can mint. Every other token is held to its run by :class:`providers.token_policy.RunTokenPolicy`.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from narrative.store import Store
 from .keys import key_path
 from .manager import EnvironmentManager
 from .narratives import BundleShelf
+from .token_policy import CONTROL_RUN, RunTokenPolicy
 
 if TYPE_CHECKING:
     from .hub_runs import RunDriver, RunRequest
@@ -65,8 +66,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: The run claim of tokens allowed to make control calls (``hub:*``).
-CONTROL_RUN = "control"
 #: Entry-point group of handler plugins: ``register(registry: HandlerRegistry) -> None``.
 HANDLER_GROUP = "narrative.handlers"
 _CONTROL_TTL = 24 * 3600.0
@@ -75,7 +74,7 @@ _RETIRE_WAIT = 10.0
 
 def control_token(store: Store, name: str) -> str:
     """A token that lets the holder of the store's key drive the store's hub."""
-    signer = TokenSigner(load_or_create_key(key_path(store)))
+    signer = TokenSigner(load_or_create_key(key_path(store)), "hub")
     return signer.issue(CONTROL_RUN, name, _CONTROL_TTL)
 
 
@@ -171,7 +170,7 @@ class Hub:
         allow_writes: bool = False,
         plugins: Iterable[str] = (),
         daemon: bool = False,
-        token_ttl: float = 3600.0,
+        token_ttl: float = 900.0,
         startup_timeout: float = 60.0,
         reconnect_grace: float = 30.0,
         stop_grace: float = 10.0,
@@ -184,10 +183,14 @@ class Hub:
         self.startup_timeout = startup_timeout
         self.reconnect_grace = reconnect_grace
         self.stop_grace = stop_grace
-        self.signer = TokenSigner(load_or_create_key(key_path(store)))
+        self.signer = TokenSigner(load_or_create_key(key_path(store)), "hub")
         self.gateway = Gateway(
             environment_id, config=config, limits=limits, capabilities=capabilities
         )
+        self.policy = RunTokenPolicy(
+            store, environment_id, self.blocking, self.snapshot_thread, self.driven_run
+        )
+        self.gateway.token_policy = self.policy
         self.plugin = RemoteExecutionPlugin(self.gateway, self.signer, host=host, port=port)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hub-store")
         self.shelf = BundleShelf(store, self.blocking)
@@ -320,6 +323,16 @@ class Hub:
         if driver is None:
             raise TargetNotFound(f"run {run_id} is not driven by this hub")
         return driver
+
+    def driven_run(self, environment: str) -> str | None:
+        """The run this hub drives in ``environment``, if any."""
+        driver = self._by_env.get(environment)
+        return driver.run.id if driver is not None else None
+
+    async def end_tokens(self, run_id: str, reason: str) -> None:
+        """Void the tokens of ``run_id``: refuse them from now on and close their connections."""
+        self.policy.end(run_id)
+        await self.gateway.revoke(reason, run_id=run_id)
 
     def register(self, driver: RunDriver) -> None:
         self.drivers[driver.run.id] = driver

@@ -15,13 +15,15 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, OutOfScope
 from gateway.protocol import ProviderAgentStart, ProviderStart, ProviderStop
+from gateway.tokens import TokenClaims
 from narrative.errors import InvalidInput, NarrativeError
 from narrative.hierarchy import create_thread, finish_run, get_thread, list_runs, start_run
 from narrative.history import resolve_snapshot
@@ -36,6 +38,7 @@ from .manager import EnvironmentManager
 from .narratives import fetch_bundle
 from .runs import pick_base
 from .selection import select_environment
+from .token_policy import result_scope, run_token
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -194,6 +197,8 @@ class RunDriver:
         self._detached = False
         self._task: asyncio.Task[None] | None = None
         self._renewal: asyncio.Task[None] | None = None
+        self._token_expires = 0.0  # unknown (an adopted run): renew at once
+        self._token_claims: TokenClaims | None = None  # of the token the runtime holds
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- creation -------------------------------------------------------------------------------
@@ -279,7 +284,7 @@ class RunDriver:
 
     async def _launch(self) -> None:
         hub = self.hub
-        token = hub.signer.issue(self.run.id, self.gateway_id, hub.token_ttl)
+        token = self._token()
 
         def spawn() -> tuple[str, list[str]]:
             _record, provider, _resource = hub.manager.require_active(self.environment)
@@ -293,6 +298,22 @@ class RunDriver:
         self.events.append("runtime.spawned", handle=self.handle, argv=argv)
         await self._await_connection(hub.startup_timeout, "start")
         self._start_renewal()
+
+    def _token(self) -> str:
+        """A fresh token for the run's runtime, scoped to the run (see
+        :func:`providers.token_policy.run_token`)."""
+        ttl = self.hub.token_ttl
+        token = run_token(
+            self.hub.signer,
+            self.run.id,
+            self.gateway_id,
+            ttl,
+            thread=self.run.thread_id,
+            base=self.base.id,
+        )
+        self._token_claims = self.hub.signer.verify(token)
+        self._token_expires = self._token_claims.expires_at
+        return token
 
     def _start_renewal(self) -> None:
         self._renewal = asyncio.get_running_loop().create_task(self._renew_tokens())
@@ -371,9 +392,19 @@ class RunDriver:
                 kind, action, payload, target=self.gateway_id, timeout=_CALL_TIMEOUT
             )
 
-        result, size = await fetch_bundle(
-            call, self.hub.store, spec, self.hub.blocking, self.gateway_id
-        )
+        # the result may move the run's own thread and bring its nested runs' new threads,
+        # nothing else: a runtime that tries is refused, and the result is read directly
+        scope = result_scope(self.hub.store, self.run.thread_id, f"run {self.run.id}")
+        try:
+            result, size = await fetch_bundle(
+                call, self.hub.store, spec, self.hub.blocking, self.gateway_id, check_threads=scope
+            )
+        except OutOfScope as exc:
+            log.warning(
+                "refused the result of run %s, env %s: %s", self.run.id, self.gateway_id, exc
+            )
+            self.events.append("result.refused", reason=str(exc))
+            return await self._collect_directly()
         snap = await self.hub.blocking(lambda: resolve_snapshot(self.hub.store, result_snapshot))
         self.events.append(
             "result.collected",
@@ -407,10 +438,12 @@ class RunDriver:
             )
             self.run = final
             self._retiring = True
+            hub.policy.end(self.run.id)  # its runtime's calls are refused from now on
             self.events.append(
                 "run.finished", status=status, exitCode=exit_code, resultSnapshot=result_id
             )
             await self._retire_runtime()
+            await hub.end_tokens(self.run.id, "the run ended")
         finally:
             if self.lease is not None:
                 self.lease.release()
@@ -457,18 +490,29 @@ class RunDriver:
             log.info("cannot copy the runtime log of %s: %s", self.run.id, exc)
 
     async def _renew_tokens(self) -> None:
-        """Hand the runtime a fresh token well before the current one expires, so it can
-        always reconnect while the run lasts (tokens stay short-lived)."""
+        """Hand the runtime a fresh token when a third of the current one's lifetime is left
+        at most, so it can always reconnect while the run lasts (tokens stay short-lived); the
+        runtime presents it on its connection (``gateway:refresh``), which is closed at the old
+        token's expiry otherwise."""
         ttl = self.hub.token_ttl
         while True:
-            await asyncio.sleep(ttl / 3)
-            token = self.hub.signer.issue(self.run.id, self.gateway_id, ttl)
+            await asyncio.sleep(max(0.0, self._token_expires - ttl * 2 / 3 - time.time()))
+            held, held_claims = self._token_expires, self._token_claims
+            token = self._token()
             try:
                 await self.hub.gateway.call(
                     "runtime", "setToken", {"token": token}, target=self.gateway_id, timeout=10
                 )
             except GatewayError as exc:
                 log.info("could not renew the token of %s: %s", self.gateway_id, exc)
+                self._token_expires, self._token_claims = held, held_claims  # still the old one
+                await asyncio.sleep(min(ttl / 10, 5.0))
+                continue
+            if held_claims is not None:
+                # the runtime holds (and its connection presented) the new one: the old one,
+                # which may be read from the runtime's environment, is void
+                await self.hub.policy.revoke_token(held_claims)
+                await self.hub.gateway.revoke("renewed", token_id=held_claims.token_id)
 
     # -- stop and kill --------------------------------------------------------------------------
 

@@ -213,8 +213,11 @@ async def fetch_bundle(
     spec: dict[str, Any],
     run_blocking: Blocking,
     source: str,
+    *,
+    check_threads: Callable[[dict[str, bytes]], None] | None = None,
 ) -> tuple[ImportResult, int]:
-    """Pull the bundle ``spec`` describes from a peer and import it into ``store``.
+    """Pull the bundle ``spec`` describes from a peer and import it into ``store``
+    (``check_threads``: see :func:`transfer.importer.import_stream`).
 
     Returns:
         The import's result and the bundle's size in bytes.
@@ -237,7 +240,9 @@ async def fetch_bundle(
 
         def take_in() -> ImportResult:
             with open(path, "rb") as f:
-                return import_stream(store, f, f"gateway:{source}", source)
+                return import_stream(
+                    store, f, f"gateway:{source}", source, check_threads=check_threads
+                )
 
         return await run_blocking(take_in), size
     finally:

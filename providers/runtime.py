@@ -43,6 +43,7 @@ from .events import RuntimeEvents
 from .hub import Hub
 from .narratives import fetch_bundle, have_commits
 from .sandbox import keep_environment_private
+from .token_policy import run_token
 
 __all__ = ["CHECK_DONE", "Runtime", "open_runtime_store", "shadowed_modules"]
 
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 
 _ROUTING_FILE = "proxyExecution.json"
 _EVENTS_FILE = "runtime-events.jsonl"  # in the environment's store: what the hub may still ask for
+#: The agent's token lives as long as a run may; it is void as soon as the agent exits.
+_AGENT_TOKEN_TTL = 86400.0
 
 
 def shadowed_modules(workspace: str) -> dict[str, str]:
@@ -82,7 +85,7 @@ _RUNTIME_MODULES = ("providers.runtime", "gateway.client", "gateway.server", "we
 
 def open_runtime_store(workspace: str, store_dir: str | None = None) -> Store:
     """The environment's own store (``<workspace>/.narrative`` unless told), created if
-    missing. Never discovered upwards: a worktree lives inside the hub's store."""
+    missing. Named, never discovered: the hub's workspace may be above the environment's."""
     git_dir = store_dir or os.path.join(workspace, DEFAULT_STORE_NAME)
     try:
         return Store.open(store_dir=git_dir)
@@ -265,7 +268,9 @@ class Runtime(Hub):
         env.update(
             {
                 "NARRATIVE_GATEWAY_URL": self.url,
-                "NARRATIVE_GATEWAY_TOKEN": self.signer.issue(self.run_id, agent_id, 86400.0),
+                "NARRATIVE_GATEWAY_TOKEN": run_token(
+                    self.signer, self.run_id, agent_id, _AGENT_TOKEN_TTL, thread=self.thread_id
+                ),
                 "NARRATIVE_RUN": self.run_id,
                 "NARRATIVE_THREAD": self.thread_id,
                 "NARRATIVE_ENVIRONMENT": self.environment_id,
@@ -302,6 +307,8 @@ class Runtime(Hub):
             result = {"resultSnapshot": None, "error": str(exc)}
         await self._event("agent.exited", exitCode=code, reason=agent.stopping, **result)
         self._agent_done.set()
+        if run_id is not None:  # whatever the agent left running has no business here now
+            await self.end_tokens(run_id, "its agent exited")
 
     async def _provider_stop(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         agent = self.agent
@@ -331,6 +338,10 @@ class Runtime(Hub):
             raise InvalidInput("'token' must be a token for this environment")
         if self.link is not None:
             self.link.set_token(token)
+            # the open connection lives until the new expiry too, not only the next one
+            await self.gateway.call(
+                "gateway", "refresh", {"token": token}, target=self.upstream, timeout=10
+            )
         return {}
 
     async def _set_stop_grace(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:

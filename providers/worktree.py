@@ -1,7 +1,9 @@
 """``worktree``: an isolated checkout of a snapshot, managed by the store.
 
 The equivalent of a ``git worktree`` of the shadow store without git's per-worktree index and
-HEAD: the checkout is a plain directory (default ``<store>/narrative/worktrees/<env-id>``),
+HEAD: the checkout is a plain directory (default ``<data dir>/checkouts/<store-key>/<env-id>``,
+outside both the store and the workspace, so that ``rm -rf`` of a checkout never touches the
+store and removing a store never removes a checkout that still holds uncollected work),
 filled from a snapshot by ``restore`` and captured back by ``collect`` onto the run's thread with
 the ordinary snapshot engine (stat cache included, so collecting an unchanged checkout is cheap).
 Deleting the environment snapshots whatever it still holds onto the environment's thread before
@@ -15,6 +17,8 @@ import shutil
 from typing import Literal
 
 from narrative.errors import InvalidInput
+from narrative.location import checkouts_root, claim_checkouts
+from narrative.store import Store
 
 from .directory import DirectoryProvider
 from .sandbox import SandboxConfig
@@ -25,14 +29,20 @@ __all__ = ["WorktreeConfig", "WorktreeProvider", "worktrees_dir"]
 class WorktreeConfig(SandboxConfig):
     type: Literal["worktree"] = "worktree"
     path: str | None = None
-    """Where the checkout lives (default: inside the store, which snapshots never walk)."""
+    """Where the checkout lives (default: in the per-user data directory, beside the stores)."""
     runtime: list[str] | None = None
     """argv prefix that runs the narrative CLI in the environment
     (default: this interpreter in isolated mode, ``python -I``, running this installation)."""
 
 
-def worktrees_dir(git_dir: str) -> str:
-    return os.path.join(git_dir, "narrative", "worktrees")
+def worktrees_dir(store: Store) -> str:
+    """Where the checkouts of ``store``'s worktree environments go by default."""
+    return checkouts_root(store.key)
+
+
+def _legacy_worktrees_dir(store: Store) -> str:
+    """Where checkouts went before they moved out of the store (a migrated store keeps them)."""
+    return os.path.join(store.git_dir, "narrative", "worktrees")
 
 
 class WorktreeProvider(DirectoryProvider):
@@ -44,19 +54,19 @@ class WorktreeProvider(DirectoryProvider):
         assert isinstance(self.config, WorktreeConfig)
         if self.config.path:
             return os.path.realpath(os.path.expanduser(self.config.path))
-        return os.path.join(worktrees_dir(self.context.store.git_dir), self.context.env_id)
+        return os.path.join(worktrees_dir(self.context.store), self.context.env_id)
 
     def create(self) -> str:
         self.check_sandbox()
         path = self._target()
         workspace = os.path.realpath(self.context.store.workspace)
         store = os.path.realpath(self.context.store.git_dir)
-        if (path == workspace or path.startswith(workspace + os.sep)) and not path.startswith(
-            store + os.sep
-        ):
-            raise InvalidInput(f"a worktree cannot live inside the workspace {workspace}")
+        for inside, what in ((workspace, "the workspace"), (store, "the store")):
+            if path == inside or path.startswith(inside + os.sep):
+                raise InvalidInput(f"a worktree cannot live inside {what} {inside}")
         if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)):
             raise InvalidInput(f"{path} exists and is not an empty directory")
+        claim_checkouts(self.context.store.key, self.context.store.git_dir)
         os.makedirs(path, exist_ok=True)
         return path
 
@@ -68,9 +78,11 @@ class WorktreeProvider(DirectoryProvider):
         shutil.rmtree(resource_id)
 
     def list_resources(self) -> list[str]:
-        root = worktrees_dir(self.context.store.git_dir)
-        try:
-            names = sorted(os.listdir(root))
-        except FileNotFoundError:
-            return []
-        return [os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))]
+        found = []
+        for root in (worktrees_dir(self.context.store), _legacy_worktrees_dir(self.context.store)):
+            try:
+                names = sorted(os.listdir(root))
+            except FileNotFoundError:
+                continue
+            found += [os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))]
+        return found

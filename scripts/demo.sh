@@ -4,6 +4,7 @@
 set -euo pipefail
 demo=$(mktemp -d -t narrative-demo-XXXXXX)
 trap 'rm -rf "$demo"' EXIT
+export XDG_DATA_HOME="$demo/data"  # the demo's store goes with it (stores live in the data dir)
 ws="$demo/workspace"
 mkdir -p "$ws/src"
 printf 'def add(a, b):\n    return a + b\n' > "$ws/src/calc.py"
@@ -54,6 +55,6 @@ grep -q 'def sub' "$ws/src/calc.py"
 grep -q 'edited by the user' "$ws/README.md"
 narrative env delete sandbox
 step "git can read the store"
-git --git-dir "$ws/.narrative" log -n 5 --oneline --glob='refs/narrative/threads/*'
+git --git-dir "$(narrative info --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["store"])')" log -n 5 --oneline --glob='refs/narrative/threads/*'
 echo
 echo "demo finished: every state above is still in the store"

@@ -19,10 +19,12 @@ NARRATIVE = str(Path(sys.executable).with_name("narrative"))
 
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test sees the developer's HOME, git config or store variables."""
+    """No test sees the developer's HOME, data directory, git config or store variables; no
+    two tests share a data directory (where stores live by default)."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
     monkeypatch.setenv("GIT_AUTHOR_NAME", "Test")
@@ -44,6 +46,15 @@ def git(
     if check and proc.returncode != 0:
         raise AssertionError(f"git {' '.join(args)} failed: {proc.stderr}")
     return proc.stdout
+
+
+def store_dir_of(workspace: Path) -> Path:
+    """The store directory of ``workspace`` (found through its marker, as the CLI finds it)."""
+    from narrative.store import discover_store
+
+    found = discover_store(str(workspace))
+    assert found is not None, f"no store for {workspace}"
+    return Path(found)
 
 
 def call_in_own_process(function: str, *args: Any) -> Any:

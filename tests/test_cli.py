@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from .conftest import Cli, git
+from .conftest import Cli, git, store_dir_of
 
 
 def _digest_tree(path: Path) -> str:
@@ -31,9 +31,15 @@ def _digest_tree(path: Path) -> str:
 def test_init_info_and_store_layout(cli: Cli, workspace: Path) -> None:
     info = cli.json("init")
     assert info["workspace"] == str(workspace.resolve())
-    assert info["store"] == str((workspace / ".narrative").resolve())
+    # the store lives in the per-user data directory; the workspace holds only a marker
+    data_home = Path(os.environ["XDG_DATA_HOME"]).resolve()
+    assert info["store"] == str(data_home / "narrative" / "stores" / info["workspace_id"])
     assert cli.json("info")["store"] == info["store"]
+    assert cli.json("info")["workspace_id"] == info["workspace_id"]
     assert (workspace / ".narrative" / ".gitignore").read_text() == "*\n"
+    assert (workspace / ".narrative" / "id").read_text() == info["workspace_id"] + "\n"
+    assert sorted(os.listdir(workspace / ".narrative")) == [".gitignore", "id"]
+    assert "store: " + info["store"] in cli.run("info").stdout
     # a real repository for stock git
     assert git("--git-dir", info["store"], "rev-parse", "--is-bare-repository").strip() == "true"
     again = cli.run("init", check=False)
@@ -166,7 +172,7 @@ def test_errors_are_one_line_and_write_nothing(cli: Cli, workspace: Path, tmp_pa
 
 def test_corrupted_store_is_reported(cli: Cli, workspace: Path) -> None:
     cli.run("init")
-    config = workspace / ".narrative" / "narrative" / "config.json"
+    config = store_dir_of(workspace) / "narrative" / "config.json"
     good = config.read_text()
     config.write_text("{not json")
     proc = cli.run("snapshot", check=False)
@@ -175,7 +181,7 @@ def test_corrupted_store_is_reported(cli: Cli, workspace: Path) -> None:
     proc = cli.run("snapshot", check=False)
     assert proc.returncode == 1 and "invalid store config" in proc.stderr
     config.write_text(good)
-    ref_dir = workspace / ".narrative" / "refs" / "narrative" / "threads"
+    ref_dir = store_dir_of(workspace) / "refs" / "narrative" / "threads"
     cli.run("snapshot")
     next(ref_dir.iterdir()).write_text("garbage\n")
     proc = cli.run("log", "--all", check=False)

@@ -88,6 +88,7 @@ __all__ = [
     "compare_and_swap_small",
     "exists",
     "list_dir",
+    "location_exists",
     "merge_storage_options",
     "open_verified",
     "parse_storage_options",
@@ -1074,6 +1075,23 @@ def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
     with _translate(url, "checking"):
         _fresh(fs, path)
         return _exists(fs, path + SIDECAR_SUFFIX) and _exists(fs, path)
+
+
+def location_exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether anything is at ``url``: a directory, a file, or (object stores) a bucket or a
+    prefix holding at least one object. Distinguishes an empty place from a wrong URL.
+
+    Raises:
+        StorageError: The backend failed (an unreachable endpoint is never "absent").
+    """
+    fs, path = resolve(url, storage_options)
+    with _translate(url, "checking"):
+        _fresh(fs, path)
+        try:
+            fs.info(path.rstrip("/") or path)
+        except FileNotFoundError:
+            return False
+        return True
 
 
 def list_dir(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -111,14 +112,24 @@ class _Peek:
 
 
 def import_stream(
-    store: Store, stream: Readable, url: str, source: str, *, move_threads: bool = True
+    store: Store,
+    stream: Readable,
+    url: str,
+    source: str,
+    *,
+    move_threads: bool = True,
+    check_threads: Callable[[dict[str, bytes]], None] | None = None,
 ) -> ImportResult:
     """Import from an open stream (see :func:`import_`). Without ``move_threads`` only objects
-    and records are taken in (``fetch``); thread refs stay where they are."""
+    and records are taken in (``fetch``); thread refs stay where they are. ``check_threads``
+    sees the bundle's thread heads (thread id → commit) before anything is stored, and raises
+    to refuse the whole import (only bundles are accepted then)."""
     head = stream.read(len(BUNDLE_SIGNATURE))
     peek: Any = _Peek(stream, head)
     if head.startswith(BUNDLE_SIGNATURE[:12]):
-        return _import_bundle(store, peek, url, source, move_threads)
+        return _import_bundle(store, peek, url, source, move_threads, check_threads)
+    if check_threads is not None:
+        raise InvalidArtifact(f"{url} is not a narrative bundle")
     if head.startswith((_GZIP, _ZSTD)):
         return _import_archive(store, peek, url, source)
     raise InvalidArtifact(f"{url} is neither a narrative bundle nor a narrative archive")
@@ -138,7 +149,12 @@ def is_ancestor(store: Store, ancestor: bytes, descendant: bytes, limit: int = 1
 
 
 def _import_bundle(
-    store: Store, stream: Any, url: str, source: str, move_threads: bool
+    store: Store,
+    stream: Any,
+    url: str,
+    source: str,
+    move_threads: bool,
+    check_threads: Callable[[dict[str, bytes]], None] | None = None,
 ) -> ImportResult:
     header = read_bundle_header(stream)
     for oid, comment in header.prerequisites.items():
@@ -159,6 +175,8 @@ def _import_bundle(
                 "in this store"
             )
         threads = _check_thread_refs(store, header.refs, received.small)
+        if check_threads is not None:
+            check_threads(threads)
         records: dict[str, Any] = {}
         meta = header.refs.get(BUNDLE_META_REF)
         if meta is not None:

@@ -44,6 +44,7 @@ from .records import BUNDLE_META_REF, collect_records, encode_records
 __all__ = [
     "PushResult",
     "Remote",
+    "RemoteNotFound",
     "add_remote",
     "fetch",
     "get_remote",
@@ -55,6 +56,21 @@ __all__ = [
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MAX_ATTEMPTS = 20
 _INDEX = "index.json"
+
+
+class RemoteNotFound(ArtifactNotFound):
+    """Nothing exists at a remote's URL (no such directory, bucket or prefix).
+
+    Attributes:
+        name: The remote's name.
+        url: Its URL.
+    """
+
+    def __init__(self, name: str, url: str) -> None:
+        super().__init__(
+            url, f"remote {name}: nothing at {url} (no such directory or bucket; check the URL)"
+        )
+        self.name = name
 
 
 class PushRejected(TransferError):
@@ -125,11 +141,18 @@ def _options(remote: Remote, extra: dict[str, Any] | None) -> dict[str, Any]:
     return fsio.merge_storage_options(remote.storage_options, extra or {})
 
 
-def _read_index(remote: Remote, options: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+def _read_index(
+    remote: Remote, options: dict[str, Any], *, must_exist: bool = False
+) -> tuple[dict[str, Any], str | None]:
+    """The remote's index and its digest (None when it has none yet). With ``must_exist``
+    (reading from the remote), a remote URL where nothing is at all is an error, not an empty
+    remote: a typo in a path or bucket name must never read as "nothing new"."""
     url = posixpath.join(remote.url, _INDEX)
     try:
         raw = fsio.read_small(url, options, limit=64 << 20)
     except ArtifactNotFound:
+        if must_exist and not fsio.location_exists(remote.url, options):
+            raise RemoteNotFound(remote.name, remote.url) from None
         return {"version": 1, "heads": {}, "bundles": []}, None
     try:
         index = json.loads(raw)
@@ -257,7 +280,7 @@ def fetch(
     """
     remote = get_remote(store, name)
     options = _options(remote, storage_options)
-    index, _digest = _read_index(remote, options)
+    index, _digest = _read_index(remote, options, must_exist=True)
     results = []
     for entry in index["bundles"]:
         refs = entry.get("refs", {})

@@ -58,7 +58,7 @@ async def test_escaping_paths_are_refused(root: Path, tmp_path: Path) -> None:
     (root / ".narrative").mkdir()
     (root / ".narrative" / "gateway.key").write_text("k")
     gw = _node(root, deny=[root / ".narrative"])
-    for path in ("../secret.txt", str(outside), "out/secret.txt", "leak", "a/../../secret.txt"):
+    for path in ("../secret.txt", str(outside), "out/secret.txt", "a/../../secret.txt"):
         for action, extra in (
             ("readFile", {}),
             ("writeFile", {"content": "pwned"}),
@@ -66,8 +66,22 @@ async def test_escaping_paths_are_refused(root: Path, tmp_path: Path) -> None:
         ):
             with pytest.raises(AccessDenied):
                 await gw.call("fs", action, {"path": path, **extra})
-    with pytest.raises(AccessDenied, match="off limits"):
+    # a symlink is never followed: reading refuses it, writing and deleting act on the link
+    with pytest.raises(AccessDenied, match="symbolic link"):
+        await gw.call("fs", "readFile", {"path": "leak"})
+    await gw.call("fs", "writeFile", {"path": "leak", "content": "mine"})
+    assert not (root / "leak").is_symlink() and (root / "leak").read_text() == "mine"
+    (root / "leak").unlink()
+    (root / "leak").symlink_to(outside)
+    await gw.call("fs", "deleteFile", {"path": "leak"})
+    assert not (root / "leak").is_symlink()
+    with pytest.raises(AccessDenied, match="shadow store"):
         await gw.call("fs", "readFile", {"path": ".narrative/gateway.key"})
+    (root / "gateway.key").write_text("k")
+    gw2 = _node(root, deny=[root / "gateway.key"])
+    with pytest.raises(AccessDenied, match="off limits"):
+        await gw2.call("fs", "readFile", {"path": "gateway.key"})
+    await gw2.close()
     with pytest.raises(AccessDenied):
         await gw.call("fs", "listFiles", {"path": ".."})
     with pytest.raises(AccessDenied):

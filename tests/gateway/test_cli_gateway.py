@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import NARRATIVE, Cli
+from ..conftest import NARRATIVE, Cli, store_dir_of
 
 
 @pytest.fixture
@@ -21,10 +21,10 @@ def ws_cli(cli: Cli) -> Cli:
 def test_token_creates_the_key_in_the_store(ws_cli: Cli, workspace: Path) -> None:
     data = ws_cli.json("gateway", "token", "--run", "run-1", "--env", "sandbox", "--ttl", "15m")
     assert data["run"] == "run-1" and data["environment"] == "sandbox"
-    key = workspace / ".narrative" / "gateway.key"
+    key = store_dir_of(workspace) / "gateway.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     plain = ws_cli.run("gateway", "token", "--run", "run-1", "--env", "sandbox").stdout.strip()
-    assert plain.startswith("ng1.") and plain != data["token"]
+    assert plain.startswith("ng2.") and plain != data["token"]
     bad = ws_cli.run("gateway", "token", "--run", "r", "--env", "e", "--ttl", "soon", check=False)
     assert bad.returncode == 2 and "--ttl" in bad.stderr
     bad = ws_cli.run("gateway", "token", "--run", "r r", "--env", "e", check=False)
@@ -105,20 +105,21 @@ def test_serve_and_call(ws_cli: Cli, workspace: Path) -> None:
             env=env,
         )
         assert json.loads(res.stdout)["exitCode"] == 0 and res.stderr == "hi\n"
-        # the store and its key are off limits to callers
+        # the store and its key live outside the workspace: out of every caller's reach
+        key = store_dir_of(workspace) / "gateway.key"
         res = ws_cli.run(
             "gateway",
             "call",
             "fs",
             "readFile",
             "--payload",
-            '{"path": ".narrative/gateway.key"}',
+            json.dumps({"path": str(key)}),
             "--url",
             url,
             env=env,
             check=False,
         )
-        assert res.returncode == 1 and "off limits" in res.stderr
+        assert res.returncode == 1 and "absolute path" in res.stderr
         res = ws_cli.run("gateway", "call", "gateway", "echo", "--url", url, check=False)
         assert res.returncode == 2 and "no token" in res.stderr
         res = ws_cli.run(

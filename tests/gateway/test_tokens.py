@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import AuthError, TokenExpired, TokenInvalid, TokenMissing
+from gateway.errors import AuthError, TokenExpired, TokenInvalid, TokenMissing, WrongAudience
 from gateway.tokens import TokenSigner, load_or_create_key, parse_ttl
 
 
@@ -45,12 +45,14 @@ def test_expired_forged_wrong_run_missing(signer: TokenSigner, tmp_path: Path) -
         "x",
         "ng1.a",
         "ng1.a.b.c",
-        "ng2." + body + "." + sig,
+        "ng3." + body + "." + sig,
         token + "x" * 3000,
         "ng1.%%.!!",
     ):
         with pytest.raises(TokenInvalid):
             signer.verify(bad, now=1001.0)
+    with pytest.raises(TokenInvalid, match="ng1 is no longer accepted"):
+        signer.verify("ng1." + body + "." + sig, now=1001.0)
     for missing in (None, ""):
         with pytest.raises(TokenMissing):
             signer.verify(missing)
@@ -58,6 +60,40 @@ def test_expired_forged_wrong_run_missing(signer: TokenSigner, tmp_path: Path) -
         signer.issue("run 1", "x", 60)
     with pytest.raises(ValueError):
         signer.issue("run", "x", 0)
+
+
+def test_audiences_sign_with_their_own_keys(tmp_path: Path) -> None:
+    key = load_or_create_key(tmp_path / "gateway.key")
+    hub, gateway = TokenSigner(key, "hub"), TokenSigner(key, "gateway")
+    hub_token = hub.issue("run-1", "sandbox", 60, now=1000.0)
+    assert hub.verify(hub_token, now=1001.0).audience == "hub"
+    with pytest.raises(WrongAudience, match="a hub token is not accepted here"):
+        gateway.verify(hub_token, now=1001.0)
+    with pytest.raises(WrongAudience, match="a gateway token"):
+        hub.verify(gateway.issue("run-1", "sandbox", 60, now=1000.0), now=1001.0)
+    with pytest.raises(ValueError, match="audience"):
+        TokenSigner(key, "everyone")
+
+
+def test_scopes_and_token_ids_travel_in_the_claims(signer: TokenSigner) -> None:
+    token = signer.issue(
+        "run-1",
+        "sandbox",
+        60,
+        read_snapshots=["snap-1"],
+        read_threads=["thr-1"],
+        write_threads=["thr-1"],
+        create_threads=True,
+        now=1000.0,
+    )
+    claims = signer.verify(token, now=1001.0)
+    assert claims.read_snapshots == {"snap-1"} and claims.read_threads == {"thr-1"}
+    assert claims.write_threads == {"thr-1"} and claims.create_threads
+    bare = signer.verify(signer.issue("run-1", "sandbox", 60, now=1000.0), now=1001.0)
+    assert not (bare.read_snapshots or bare.read_threads or bare.write_threads)
+    assert not bare.create_threads and bare.token_id != claims.token_id
+    with pytest.raises(ValueError, match="thread"):
+        signer.issue("run-1", "sandbox", 60, write_threads=["../x"])
 
 
 def test_key_file_created_0600_and_reused(tmp_path: Path) -> None:

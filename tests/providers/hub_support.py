@@ -19,7 +19,7 @@ from providers.agent_output import output_bytes
 from providers.events import RunEventLog
 from providers.manager import EnvironmentManager
 
-from ..conftest import NARRATIVE, Cli, tree_bytes
+from ..conftest import NARRATIVE, Cli, store_dir_of, tree_bytes
 
 #: An agent that talks to its runtime through gateway.client (env set by the runtime).
 AGENT = textwrap.dedent(
@@ -91,7 +91,7 @@ def file(store: Store, snapshot: str, path: str) -> str:
 
 
 def wait_for_output(workspace: Path, text: str, timeout: float = 60) -> str:
-    store = Store.open(str(workspace / ".narrative"))
+    store = Store.open(str(store_dir_of(workspace)))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for run in store.meta.all("runs"):
@@ -180,7 +180,7 @@ def check_failing_runtime(cli: Cli, workspace: Path, env: str) -> None:
     run = json.loads(proc.stdout)
     assert run["status"] == "failed"
     assert "| boom-marker" in proc.stderr
-    history = events(workspace / ".narrative", run["id"])
+    history = events(store_dir_of(workspace), run["id"])
     kinds = types(history)
     assert "exited before connecting" in history[kinds.index("run.error")]["reason"]
     logged = history[kinds.index("runtime.log")]
@@ -188,7 +188,7 @@ def check_failing_runtime(cli: Cli, workspace: Path, env: str) -> None:
     assert kinds.index("runtime.log") < kinds.index("run.finished")
     assert "| boom-marker" in cli.run("run", "show", run["id"]).stdout
     # on the host already: written there, or copied when the runtime was retired
-    store = Store.open(str(workspace / ".narrative"))
+    store = Store.open(str(store_dir_of(workspace)))
     host_log = EnvironmentManager(store).runtime_log_path(env)
     with open(host_log) as f:
         assert f.read().count("boom-marker") == 1

@@ -27,7 +27,7 @@ from providers.hub import Hub
 from providers.hub_client import follow_runs
 from providers.hub_runs import RunRequest
 
-from ..conftest import NARRATIVE, Cli, git
+from ..conftest import NARRATIVE, Cli, git, store_dir_of
 from .hub_support import (
     AGENT,
     FAILING_RUNTIME,
@@ -73,7 +73,7 @@ def test_run_through_an_embedded_hub_ships_bundles_both_ways(hub_cli: Cli, works
     assert user_files(workspace) == before
     names = hub_cli.run("diff", run["id"], "--name-status").stdout
     assert sorted(names.splitlines()) == ["A\tnew.txt", "D\tsrc/app.py", "M\tREADME.md"]
-    history = events(workspace / ".narrative", run["id"])
+    history = events(store_dir_of(workspace), run["id"])
     kinds = types(history)
     for expected in (
         "run.created",
@@ -100,9 +100,9 @@ def test_run_through_an_embedded_hub_ships_bundles_both_ways(hub_cli: Cli, works
     # the result came back with its hierarchy: the snapshot names the run and its thread
     result = hub_cli.json("show", run["result_snapshot"])
     assert result["run"] == run["id"] and result["thread"] == run["thread"]
-    git("fsck", "--strict", cwd=workspace / ".narrative")
+    git("fsck", "--strict", cwd=store_dir_of(workspace))
     # no hub left announced, no runtime left running
-    assert not list((workspace / ".narrative" / "narrative" / "hubs").glob("*.json"))
+    assert not list((store_dir_of(workspace) / "narrative" / "hubs").glob("*.json"))
     spawned = history[kinds.index("runtime.spawned")]
     assert spawned["handle"]
     shown = hub_cli.run("run", "show", run["id"]).stdout
@@ -127,7 +127,7 @@ def test_agent_output_arrives_byte_for_byte(hub_cli: Cli, workspace: Path) -> No
     assert proc.stdout.startswith(expected), proc.stdout[:300]
     assert "é\n".encode() in proc.stderr
     run_id = proc.stdout[len(expected) :].split()[0].decode()
-    history = events(workspace / ".narrative", run_id)
+    history = events(store_dir_of(workspace), run_id)
     assert output_raw(history, "stdout") == expected
     assert output(history, "stderr") == "é\n"
     assert "✓" in hub_cli.run("run", "show", run_id).stdout
@@ -165,7 +165,7 @@ def test_runtime_failing_at_once_shows_its_output(hub_cli: Cli, workspace: Path)
     # carries only its own runtime's lines
     again = hub_cli.run("run", "start", "--env", "broken", "--json", "--", "true", check=False)
     run = json.loads(again.stdout)
-    history = events(workspace / ".narrative", run["id"])
+    history = events(store_dir_of(workspace), run["id"])
     assert [e["lines"] for e in history if e["type"] == "runtime.log"] == [["boom-marker"]]
     lines = hub_cli.json("env", "logs", "broken", "--runtime")
     assert lines.count("boom-marker") == 2 and lines[-1] == "boom-marker"
@@ -179,14 +179,17 @@ def test_agent_calls_are_routed_and_the_routes_recorded(
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "hub_inference.py").write_text(PLUGIN)
-    env = {"PYTHONPATH": str(plugins)}
+    # keep the caller's path: a worktree's code, not the installed one, serves the hub
+    env = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(plugins), os.environ.get("PYTHONPATH")]))
+    }
     with serve(hub_cli, workspace, "--handlers", "hub_inference", env=env):
         run = start(
             hub_cli, "--env", "sandbox", "--",
             sys.executable, "agent.py", "inference:complete", "narrative:snapshot",
         )  # fmt: skip
     assert run["status"] == "succeeded", run
-    snap = Store.open(str(workspace / ".narrative"))
+    snap = Store.open(str(store_dir_of(workspace)))
     result = json.loads(file(snap, run["result_snapshot"], "agent-result.json"))
     assert result["readme"] == "# demo\n"
     assert result["exec"]["stdout"].startswith("local\n")
@@ -197,7 +200,7 @@ def test_agent_calls_are_routed_and_the_routes_recorded(
         "servedBy": "hub",
         "prompt": "2+2",
     }
-    routes = routes_of(workspace / ".narrative", run["id"])
+    routes = routes_of(store_dir_of(workspace), run["id"])
     assert routes["fs:readFile"]["route"] == ["sandbox.agent", "sandbox", "hub"]
     assert routes["fs:readFile"]["ranIn"] == "hub"
     assert routes["exec:run"]["route"] == ["sandbox.agent", "sandbox"]
@@ -221,7 +224,7 @@ def test_fan_out_to_three_environments_gathers_three_results(hub_cli: Cli, works
     assert [r["environment"] for r in runs] == ["sandbox", "b", "c"]
     assert all(r["status"] == "succeeded" for r in runs)
     assert len({r["base_snapshot"] for r in runs}) == 1
-    store = Store.open(str(workspace / ".narrative"))
+    store = Store.open(str(store_dir_of(workspace)))
     for r in runs:
         assert file(store, r["result_snapshot"], "where.txt") == f"{r['environment']}\n"
         diff = hub_cli.run("diff", r["id"], "--name-status").stdout
@@ -249,12 +252,12 @@ def test_chain_a_b_c_brings_both_narratives_home(hub_cli: Cli, workspace: Path) 
     assert run["status"] == "succeeded", run
     names = hub_cli.run("diff", run["id"], "--name-status").stdout.splitlines()
     assert sorted(names) == ["A\tb.txt", "A\tc.txt"]
-    store = Store.open(str(workspace / ".narrative"))
+    store = Store.open(str(store_dir_of(workspace)))
     threads = {t.name for t in list_threads(store)}
     assert any(name.startswith("run/c/") for name in threads), threads
     c_runs = [r for r in store.meta.all("runs") if r["environment"] == "c"]
     assert len(c_runs) == 1 and c_runs[0]["status"] == "succeeded"
-    git("fsck", "--strict", cwd=workspace / ".narrative")
+    git("fsck", "--strict", cwd=store_dir_of(workspace))
 
 
 def test_stop_and_kill(hub_cli: Cli, workspace: Path) -> None:
@@ -359,11 +362,11 @@ def test_hub_restart_adopts_the_run(hub_cli: Cli, workspace: Path) -> None:
     with serve(hub_cli, workspace, "--port", port):
         out, _err = starter.communicate(timeout=90)
     run = json.loads(out)
-    history = events(workspace / ".narrative", run_id)
+    history = events(store_dir_of(workspace), run_id)
     assert run["id"] == run_id and run["status"] == "succeeded", history[-6:]
     assert "run.adopted" in types(history)
     assert output(history) == "".join(f"line-{i}\n" for i in range(1, 41))
-    store = Store.open(str(workspace / ".narrative"))
+    store = Store.open(str(store_dir_of(workspace)))
     assert get_run(store, run_id).result_snapshot == run["result_snapshot"]
 
 
@@ -448,10 +451,10 @@ def test_kill_with_no_hub_alive_kills_the_orphaned_runtime(hub_cli: Cli, workspa
     starter.wait()
     handle = next(
         e["handle"]
-        for e in events(workspace / ".narrative", run_id)
+        for e in events(store_dir_of(workspace), run_id)
         if e["type"] == "runtime.spawned"
     )
-    manager = EnvironmentManager(Store.open(str(workspace / ".narrative")))
+    manager = EnvironmentManager(Store.open(str(store_dir_of(workspace))))
     assert manager.alive("sandbox", handle)  # orphaned, still running
     hub_cli.run("run", "kill", run_id)
     run = hub_cli.json("run", "show", run_id)

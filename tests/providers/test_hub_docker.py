@@ -12,7 +12,7 @@ from typing import Any
 
 from narrative.store import Store
 
-from ..conftest import NARRATIVE, Cli, git
+from ..conftest import NARRATIVE, Cli, git, store_dir_of
 from .hub_support import (
     AGENT,
     FAILING_RUNTIME,
@@ -70,12 +70,12 @@ def test_agent_in_a_container_reads_through_the_hub_and_runs_commands_locally(
         ("box", "succeeded"),
         ("wt", "succeeded"),
     ], runs
-    store = Store.open(str(workspace / ".narrative"))
+    store = Store.open(str(store_dir_of(workspace)))
     for run in runs:
         result = json.loads(file(store, run["result_snapshot"], "agent-result.json"))
         assert result["readme"] == "# demo\n"  # served by the hub from the user's workspace
         where = result["exec"]["stdout"].split("\n")[1]
-        routes = routes_of(workspace / ".narrative", run["id"])
+        routes = routes_of(store_dir_of(workspace), run["id"])
         env = run["environment"]
         assert routes["fs:readFile"]["route"] == [f"{env}.agent", env, "hub"]
         assert routes["exec:run"]["ranIn"] == env
@@ -85,7 +85,7 @@ def test_agent_in_a_container_reads_through_the_hub_and_runs_commands_locally(
             assert where != str(workspace)
         names = cli.run("diff", run["id"], "--name-status").stdout.splitlines()
         assert names == ["A\tagent-result.json", "A\tprogress.txt"]
-    git("fsck", "--strict", cwd=workspace / ".narrative")
+    git("fsck", "--strict", cwd=store_dir_of(workspace))
 
 
 def test_container_killed_mid_run_fails_the_run_and_the_hub_keeps_serving(
@@ -109,7 +109,7 @@ def test_container_killed_mid_run_fails_the_run_and_the_hub_keeps_serving(
         run = json.loads(out)
         assert run["id"] == run_id and run["status"] == "failed", run
         assert starter.returncode == 1
-        history = events(workspace / ".narrative", run_id)
+        history = events(store_dir_of(workspace), run_id)
         assert "runtime.lost" in types(history) and types(history)[-1] == "run.finished"
         assert cli.json("env", "show", "box")["state"] == "error"
         # the same hub still serves the next run

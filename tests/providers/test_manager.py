@@ -161,7 +161,7 @@ def test_interrupted_start_is_settled_on_reconnect(store: Store) -> None:
 def test_leaked_resources_are_swept(store: Store) -> None:
     manager = EnvironmentManager(store)
     kept = manager.create("kept")
-    leaked = Path(worktrees_dir(store.git_dir)) / "env-leaked"
+    leaked = Path(worktrees_dir(store)) / "env-leaked"
     leaked.mkdir(parents=True)
     (leaked / "work.txt").write_text("from a crashed manager\n")
     assert manager.sweep(["worktree"]) == [str(leaked)]

@@ -19,7 +19,7 @@ from providers.hub_runs import RunRequest
 from providers.leases import EnvironmentLease
 from providers.manager import EnvironmentManager
 
-from ..conftest import NARRATIVE, Cli, tree_bytes
+from ..conftest import NARRATIVE, Cli, store_dir_of, tree_bytes
 from .hub_support import events, types, wait_for_output
 
 
@@ -63,7 +63,7 @@ def test_a_lease_is_exclusive_until_released_or_its_holder_dies(store: Store) ->
 
 def test_the_hub_creates_reuses_and_starts_environments(cli: Cli, workspace: Path) -> None:
     cli.run("init")
-    store_dir = workspace / ".narrative"
+    store_dir = store_dir_of(workspace)
     first = json.loads(cli.run("run", "start", "--json", "--", "sh", "-c", "echo a > a.txt").stdout)
     assert first["status"] == "succeeded"
     assert _selected(store_dir, first["id"]) == ("auto-worktree-1", "created")
@@ -102,14 +102,14 @@ def test_a_run_in_a_busy_environment_is_refused_across_processes(cli: Cli, works
     )  # fmt: skip
     try:
         holder = wait_for_output(workspace, "started")
-        store = Store.open(str(workspace / ".narrative"))
+        store = Store.open(str(store_dir_of(workspace)))
         runs_before = {r.id for r in list_runs(store)}
-        before = tree_bytes(workspace / ".narrative")
+        before = tree_bytes(store_dir_of(workspace))
         refused = cli.run("run", "start", "--env", "sandbox", "--", "true", check=False)
         assert refused.returncode != 0
         assert f"environment 'sandbox' is busy with run {holder}" in refused.stderr
         assert {r.id for r in list_runs(store)} == runs_before  # nothing recorded
-        after = tree_bytes(workspace / ".narrative")
+        after = tree_bytes(store_dir_of(workspace))
         changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
         # only the running run's own files (its event log, the runtime's workspace) moved
         assert all(holder in k or "/envs/" in k or "worktrees/" in k for k in changed), changed
@@ -126,10 +126,10 @@ def test_selection_refuses_missing_capabilities_and_changes_nothing(
 ) -> None:
     cli.run("init")
     cli.run("gateway", "token", "--run", "r", "--env", "probe")  # the store's key exists now
-    before = tree_bytes(workspace / ".narrative")
+    before = tree_bytes(store_dir_of(workspace))
     refused = cli.run("run", "start", "--require", "gpu", "--", "true", check=False)
     assert refused.returncode != 0 and "no provider offers gpu" in refused.stderr
-    assert tree_bytes(workspace / ".narrative") == before
+    assert tree_bytes(store_dir_of(workspace)) == before
     both = cli.run("run", "start", "--env", "x", "--require", "gpu", "--", "true", check=False)
     assert both.returncode == 2 and "not with --env" in both.stderr
 
