@@ -424,8 +424,12 @@ class DirectoryProvider(BaseProvider):
     def hidden_paths(self) -> list[str]:
         """What a sandboxed command must not see: the user's workspace, the store, the gateway
         key and the home directory's secrets (see :mod:`providers.sandbox`)."""
+        from narrative.location import data_dir
+
         store = self.context.store
-        paths = [store.workspace, store.git_dir, key_path(store), *secret_paths()]
+        # data_dir: every store, worktree checkout and index of the user (this environment's
+        # own checkout, when it lies there, is bound back writable)
+        paths = [store.workspace, store.git_dir, key_path(store), data_dir(), *secret_paths()]
         configured_key = os.environ.get("NARRATIVE_GATEWAY_KEY")
         if configured_key:
             paths.append(configured_key)

@@ -210,9 +210,19 @@ def bwrap_options(plan: SandboxPlan, environment: Mapping[str, str]) -> list[str
     if not plan.network:
         cmd.append("--unshare-net")
     cmd.append("--clearenv")
-    for key, value in {**environment, "TMPDIR": "/tmp"}.items():
+    for key, value in {**environment, **_PRIVATE_DIRS}.items():
         cmd += ["--setenv", key, value]
     return cmd
+
+
+# Where a sandboxed process writes what would go to the (read-only, partly hidden) home
+# directory: its private /tmp. Environments a run nests keep their checkouts there too.
+_PRIVATE_DIRS = {
+    "TMPDIR": "/tmp",
+    "XDG_DATA_HOME": "/tmp/.local/share",
+    "XDG_STATE_HOME": "/tmp/.local/state",
+    "XDG_CACHE_HOME": "/tmp/.cache",
+}
 
 
 @contextlib.contextmanager
