@@ -142,6 +142,12 @@ class BaseProvider(ABC):
         """Capabilities of an environment with ``config`` (default: the class's)."""
         return cls.capabilities
 
+    @classmethod
+    def check_config(cls, config: ProviderConfig) -> None:
+        """Refuse a configuration this machine cannot honour, before anything is recorded or
+        created (default: accept)."""
+        return None
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     @abstractmethod

@@ -46,6 +46,7 @@ from .base import (
     ExecResult,
     Health,
     OutputFn,
+    ProviderConfig,
     Signal,
     SpawnLog,
     check_relative_path,
@@ -403,14 +404,20 @@ class DirectoryProvider(BaseProvider):
         """Whether commands run under bubblewrap (every setting but ``sandbox=none``)."""
         return getattr(self.config, "sandbox", "none") != "none"
 
-    def check_sandbox(self) -> None:
-        """Refuse an environment whose sandbox cannot be set up here.
+    @classmethod
+    def check_config(cls, config: ProviderConfig) -> None:
+        """Refuse a sandboxed environment where ``bwrap`` is missing.
 
         Raises:
-            SandboxUnavailable: ``bwrap`` is missing (the message says how to install it).
+            SandboxUnavailable: the message says how to install it.
         """
-        if self.sandbox_enabled and not inside_sandbox():
+        if getattr(config, "sandbox", "none") != "none" and not inside_sandbox():
             require_bwrap()
+
+    def check_sandbox(self) -> None:
+        """:meth:`check_config` of this environment's configuration (also when the provider
+        is used without the manager)."""
+        self.check_config(self.config)
 
     def warnings(self) -> list[str]:
         """What the user should know about this environment's isolation."""

@@ -308,6 +308,7 @@ class EnvironmentManager:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "config"
             raise InvalidInput(f"invalid {provider} config: {where}: {first['msg']}") from None
+        cls.check_config(model)
         capabilities = cls.capabilities_for(model)
         lacking = [cap for cap in wanted if cap not in capabilities]
         if lacking:
