@@ -58,6 +58,7 @@ from .records import env_state_dir
 from .sandbox import (
     SandboxPlan,
     inside_sandbox,
+    installation_root,
     interpreter_paths,
     require_bwrap,
     sandboxed,
@@ -484,8 +485,7 @@ class DirectoryProvider(BaseProvider):
         runtime: list[str] | None = getattr(self.config, "runtime", None)
         if runtime:
             return list(runtime)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return [sys.executable, "-I", "-c", RUNTIME_BOOTSTRAP, root]
+        return [sys.executable, "-I", "-c", RUNTIME_BOOTSTRAP, installation_root()]
 
     def health(self, resource_id: str) -> Health:
         """GONE without the directory; otherwise the runtime's import check, run exactly as

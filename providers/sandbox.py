@@ -40,6 +40,7 @@ __all__ = [
     "bwrap_options",
     "find_bwrap",
     "inside_sandbox",
+    "installation_root",
     "interpreter_paths",
     "keep_environment_private",
     "require_bwrap",
@@ -149,11 +150,15 @@ def secret_paths(home: str | None = None) -> list[str]:
     return [path for path in paths if os.path.lexists(path)]
 
 
+def installation_root() -> str:
+    """The directory holding this distribution's packages (site-packages, or a checkout)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def interpreter_paths() -> list[str]:
     """What the default runtime needs to read: the interpreter's prefixes and the directories
     of this distribution's packages."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    packages = [os.path.join(root, name) for name in _PACKAGES]
+    packages = [os.path.join(installation_root(), name) for name in _PACKAGES]
     return [sys.prefix, sys.base_prefix, *packages]
 
 
