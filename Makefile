@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick bench-transfer bench-merge bench-run bench-gateway bench-chain clean
+.PHONY: demo test lint bench bench-quick bench-transfer bench-merge bench-run bench-sandbox bench-gateway bench-chain clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ bench-quick: $(STAMP)
 
 bench-run: $(STAMP)  ## isolated-run overhead per provider (docker needs DOCKER_HOST)
 	$(BIN)/python bench/bench_run.py $(ARGS)
+
+bench-sandbox: $(STAMP)  ## worktree runs with and without the bwrap sandbox (target ≤ 1.1x)
+	$(BIN)/python bench/bench_sandbox.py $(ARGS)
 
 bench-transfer: $(STAMP)  ## export/import/remote benchmarks (add ARGS=--quick for a smoke run)
 	$(BIN)/python bench/bench_transfer.py $(ARGS)

@@ -55,7 +55,8 @@ def _row(record: Any) -> dict[str, Any]:
 
 def _human(data: dict[str, Any]) -> str:
     keys = ["id", "name", "provider", "state", "resource_id", "capabilities", "last_error"]
-    return "\n".join(f"{k}: {data[k]}" for k in keys if data.get(k) not in (None, []))
+    lines = [f"{k}: {data[k]}" for k in keys if data.get(k) not in (None, [])]
+    return "\n".join([*lines, *(f"warning: {w}" for w in data.get("warnings", []))])
 
 
 @click.group()
@@ -89,6 +90,8 @@ def env_create(
         require=require.split(","),
         start=not no_start,
     )
+    for warning in manager.provider(record).warnings():
+        note(f"warning: {warning}")
     emit(as_json, _row(record), f"{record.name} ({record.provider}) {record.state.value}")
 
 
@@ -113,8 +116,10 @@ def env_list(ctx: click.Context, include_archived: bool, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def env_show(ctx: click.Context, name: str, as_json: bool) -> None:
-    """Show one environment's record."""
-    data = _row(open_manager(ctx).get(name))
+    """Show one environment's record (with warnings about its isolation)."""
+    manager = open_manager(ctx)
+    record = manager.get(name)
+    data = {**_row(record), "warnings": manager.provider(record).warnings()}
     emit(as_json, data, lambda: _human(data))
 
 
@@ -184,12 +189,18 @@ def env_logs(
 def env_health(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> None:
     """Check environments now (all by default) and update their states."""
     reports = open_manager(ctx).check_health(names or None)
-    rows = [{"name": r.name, "health": r.health, "state": r.state} for r in reports]
-    emit(
-        as_json,
-        rows,
-        lambda: "\n".join(f"{r['name']:20} {r['health']:12} {r['state']}" for r in rows),
-    )
+    rows = [
+        {"name": r.name, "health": r.health, "state": r.state, "detail": r.detail} for r in reports
+    ]
+
+    def human() -> str:
+        lines = [f"{r['name']:20} {r['health']:12} {r['state']}" for r in rows]
+        return "\n".join(
+            line + (f"  ({r['detail']})" if r["detail"] else "")
+            for line, r in zip(lines, rows, strict=True)
+        )
+
+    emit(as_json, rows, human)
 
 
 @env.command("watch")

@@ -88,8 +88,8 @@ def serve(
 
 
 @click.command()
-@click.option("--connect", "url", required=True, metavar="URL", help="The hub's ws:// URL.")
-@click.option("--token", envvar="NARRATIVE_TOKEN", required=True, help="Run-scoped token.")
+@click.option("--connect", "url", metavar="URL", help="The hub's ws:// URL (required).")
+@click.option("--token", envvar="NARRATIVE_TOKEN", help="Run-scoped token (required).")
 @click.option(
     "--workspace",
     type=click.Path(file_okay=False, exists=True),
@@ -105,18 +105,34 @@ def serve(
     show_default=True,
     help="Seconds without a hub before stopping the agent and exiting.",
 )
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Only check that no file of the workspace shadows a module of the runtime "
+    "(prints one line per shadowing module; exit 1 when there is one).",
+)
 @click.pass_context
 def runtime(
     ctx: click.Context,
-    url: str,
-    token: str,
+    url: str | None,
+    token: str | None,
     workspace: str,
     stop_grace: float,
     give_up_after: float,
+    check: bool,
 ) -> None:
     """Run inside an environment: connect back to the hub and run its agent."""
-    from providers.runtime import Runtime
+    from providers.runtime import CHECK_DONE, Runtime, shadowed_modules
 
+    if check:
+        # Plain lines, no json: a shadowed json module must not hide its own report.
+        shadowed = shadowed_modules(workspace)
+        for name, path in shadowed.items():
+            click.echo(f"shadowed\t{name}\t{path}")
+        click.echo(f"{CHECK_DONE} {'broken' if shadowed else 'ok'}")
+        ctx.exit(1 if shadowed else 0)
+    if not url or not token:
+        raise click.UsageError("--connect and --token (or NARRATIVE_TOKEN) are required")
     store_dir = (ctx.find_root().obj or {}).get("store_dir")
 
     async def main() -> int:

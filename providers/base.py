@@ -142,6 +142,12 @@ class BaseProvider(ABC):
         """Capabilities of an environment with ``config`` (default: the class's)."""
         return cls.capabilities
 
+    @classmethod
+    def check_config(cls, config: ProviderConfig) -> None:
+        """Refuse a configuration this machine cannot honour, before anything is recorded or
+        created (default: accept)."""
+        return None
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     @abstractmethod
@@ -302,6 +308,10 @@ class BaseProvider(ABC):
         Raises:
             InvalidInput: ``handle`` is not a handle this provider issues.
         """
+
+    def warnings(self) -> list[str]:
+        """What the user should know about this environment's isolation (``env show``)."""
+        return []
 
     @abstractmethod
     def runtime_command(self) -> list[str]:

@@ -2,8 +2,9 @@
 ``worktree``.
 
 Commands run as child processes of the caller in the directory (a new session, so a timeout
-kills the whole process group). There is no sandbox: these providers isolate the *files* of a
-run from the user's workspace, not its processes — use ``docker`` or ``e2b`` for that.
+kills the whole process group), inside a bubblewrap sandbox unless the environment says
+``sandbox=none`` (:mod:`providers.sandbox`: the file system read-only but for the directory,
+the user's workspace, the store, the keys and the home directory's secrets hidden).
 
 Commands see the caller's environment without the variables that point git at a repository
 (``GIT_DIR``, ``GIT_WORK_TREE``, ``GIT_INDEX_FILE``, ...: the list of
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, ClassVar
 
 from narrative.errors import InvalidInput, RestoreError
@@ -45,17 +46,39 @@ from .base import (
     ExecResult,
     Health,
     OutputFn,
+    ProviderConfig,
     Signal,
     SpawnLog,
     check_relative_path,
     tail_start,
 )
-from .errors import ExecFailed, ResourceGone
+from .errors import ExecFailed, ResourceGone, RuntimeBroken, SandboxUnavailable
+from .keys import key_path
 from .records import env_state_dir
+from .sandbox import (
+    SandboxPlan,
+    inside_sandbox,
+    installation_root,
+    interpreter_paths,
+    require_bwrap,
+    sandboxed,
+    secret_paths,
+)
 
-__all__ = ["SPAWN_MARKER_VAR", "DirectoryProvider", "command_env"]
+__all__ = ["RUNTIME_BOOTSTRAP", "SPAWN_MARKER_VAR", "DirectoryProvider", "command_env"]
 
 _CHUNK = 64 * 1024
+
+RUNTIME_BOOTSTRAP = (
+    "import runpy, sys; root = sys.argv.pop(1); "
+    "root in sys.path or sys.path.insert(0, root); "
+    "runpy.run_module('cli', run_name='__main__', alter_sys=True)"
+)
+"""What ``python -I -c`` runs to start the runtime. Isolated mode (``-I``) keeps the working
+directory (the environment's workspace, which the agent controls) off ``sys.path`` and ignores
+``PYTHON*`` variables, so no workspace file (``cli/``, ``json.py``...) replaces a module of the
+runtime; the installation's own directory (the first argument) is put back explicitly, which
+also serves a checkout run through ``PYTHONPATH`` or an editable install."""
 
 SPAWN_MARKER_VAR = "NARRATIVE_SPAWN_ID"
 """Set in a spawned process's environment (and so inherited by its descendants)."""
@@ -117,9 +140,6 @@ class DirectoryProvider(BaseProvider):
     def reconnect(self, resource_id: str) -> None:
         if not os.path.isdir(resource_id):
             raise ResourceGone(resource_id)
-
-    def health(self, resource_id: str) -> Health:
-        return Health.OK if os.path.isdir(resource_id) else Health.GONE
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -268,15 +288,17 @@ class DirectoryProvider(BaseProvider):
         if not argv:
             raise InvalidInput("no command given")
         try:
-            proc = subprocess.Popen(
-                list(argv),
-                cwd=resource_id,
-                env=command_env(env),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
+            with self._command(resource_id, argv, command_env(env), False) as (cmd, cmd_env, fds):
+                proc = subprocess.Popen(
+                    cmd,
+                    cwd=resource_id,
+                    env=cmd_env,
+                    pass_fds=fds,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                )
         except OSError as exc:
             raise ExecFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
         return _wait_streaming(proc, timeout, on_output)
@@ -301,20 +323,23 @@ class DirectoryProvider(BaseProvider):
         if not argv:
             raise InvalidInput("no command given")
         token = secrets.token_hex(12)
+        environment = command_env({**(env or {}), SPAWN_MARKER_VAR: token})
         output: IO[bytes] | None = None
         try:
             if log_path is not None:
                 os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
                 output = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
-            proc = subprocess.Popen(
-                list(argv),
-                cwd=resource_id,
-                env=command_env({**(env or {}), SPAWN_MARKER_VAR: token}),
-                stdin=subprocess.DEVNULL,
-                stdout=output if output is not None else subprocess.DEVNULL,
-                stderr=subprocess.STDOUT if output is not None else subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            with self._command(resource_id, argv, environment, True) as (cmd, cmd_env, fds):
+                proc = subprocess.Popen(
+                    cmd,
+                    cwd=resource_id,
+                    env=cmd_env,
+                    pass_fds=fds,
+                    stdin=subprocess.DEVNULL,
+                    stdout=output if output is not None else subprocess.DEVNULL,
+                    stderr=subprocess.STDOUT if output is not None else subprocess.DEVNULL,
+                    start_new_session=True,
+                )
         except OSError as exc:
             raise ExecFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
         finally:
@@ -373,10 +398,144 @@ class DirectoryProvider(BaseProvider):
             return SpawnLog(0, b"")
         return SpawnLog(start + len(data), data)
 
+    # -- sandbox --------------------------------------------------------------------------------
+
+    @property
+    def sandbox_enabled(self) -> bool:
+        """Whether commands run under bubblewrap (every setting but ``sandbox=none``)."""
+        return getattr(self.config, "sandbox", "none") != "none"
+
+    @classmethod
+    def check_config(cls, config: ProviderConfig) -> None:
+        """Refuse a sandboxed environment where ``bwrap`` is missing.
+
+        Raises:
+            SandboxUnavailable: the message says how to install it.
+        """
+        if getattr(config, "sandbox", "none") != "none" and not inside_sandbox():
+            require_bwrap()
+
+    def check_sandbox(self) -> None:
+        """:meth:`check_config` of this environment's configuration (also when the provider
+        is used without the manager)."""
+        self.check_config(self.config)
+
+    def warnings(self) -> list[str]:
+        """What the user should know about this environment's isolation."""
+        if self.sandbox_enabled:
+            return []
+        return [
+            "no sandbox (sandbox=none): commands and agents run as you, with your whole file "
+            "system, home directory secrets, workspace and store in reach"
+        ]
+
+    def hidden_paths(self) -> list[str]:
+        """What a sandboxed command must not see: the user's workspace, the store, the gateway
+        key and the home directory's secrets (see :mod:`providers.sandbox`)."""
+        from narrative.location import data_dir
+
+        store = self.context.store
+        # data_dir: every store, worktree checkout and index of the user (this environment's
+        # own checkout, when it lies there, is bound back writable)
+        paths = [store.workspace, store.git_dir, key_path(store), data_dir(), *secret_paths()]
+        configured_key = os.environ.get("NARRATIVE_GATEWAY_KEY")
+        if configured_key:
+            paths.append(configured_key)
+        return paths
+
+    @contextlib.contextmanager
+    def _command(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        environment: dict[str, str],
+        background: bool,
+    ) -> Iterator[tuple[list[str], dict[str, str], tuple[int, ...]]]:
+        """``(command, environment, pass_fds)`` running ``argv`` in the environment's sandbox
+        (as it is with ``sandbox=none``); Popen is called inside the block.
+
+        ``background`` is a spawned process (the runtime): it outlives its caller, since a hub
+        that restarts adopts it, so it is not tied to the caller's life.
+        """
+        if not self.sandbox_enabled or inside_sandbox():
+            yield list(argv), environment, ()
+            return
+        bwrap = require_bwrap()
+        network = getattr(self.config, "network", "host") != "none"
+        if background and not network:
+            raise SandboxUnavailable(
+                "network=none: the runtime of a run through the hub needs the hub's loopback "
+                "address, and the hub cannot listen on a unix socket yet; use network=host, or "
+                "run the command with `narrative run start --direct`"
+            )
+        _check_program(resource_id, argv[0], environment)
+        plan = SandboxPlan(
+            writable=resource_id,
+            hidden=tuple(self.hidden_paths()),
+            exposed=tuple(interpreter_paths()),
+            network=network,
+            die_with_parent=not background,
+        )
+        with sandboxed(bwrap, plan, argv, environment) as command:
+            yield command
+
     def runtime_command(self) -> list[str]:
-        """The configured ``runtime``, else this interpreter running ``python -m cli``."""
+        """The configured ``runtime``, else this interpreter in isolated mode running this
+        installation's ``cli`` (see :data:`RUNTIME_BOOTSTRAP`)."""
         runtime: list[str] | None = getattr(self.config, "runtime", None)
-        return list(runtime) if runtime else [sys.executable, "-m", "cli"]
+        if runtime:
+            return list(runtime)
+        return [sys.executable, "-I", "-c", RUNTIME_BOOTSTRAP, installation_root()]
+
+    def health(self, resource_id: str) -> Health:
+        """GONE without the directory; otherwise the runtime's import check, run exactly as
+        the hub starts the runtime (same command, working directory and environment).
+
+        Raises:
+            RuntimeBroken: the runtime does not start, or a module of the workspace shadows
+                one of its own (named in the message).
+        """
+        if not os.path.isdir(resource_id):
+            return Health.GONE
+        argv = [*self.runtime_command(), "runtime", "--check"]
+        result = self.exec(resource_id, argv, env={"NARRATIVE_STORE": ""}, timeout=120)
+        shadowed = _check_report(result.stdout)
+        if result.exit_code != 0 or shadowed is None:
+            tail = (result.stderr or result.stdout).decode(errors="replace").strip()
+            tail = tail.splitlines()[-1] if tail else f"exit code {result.exit_code}"
+            if shadowed:
+                modules = ", ".join(f"{name} ({path})" for name, path in sorted(shadowed.items()))
+                tail = f"workspace files shadow its modules: {modules}"
+            raise RuntimeBroken(f"the runtime in {resource_id} is broken: {tail}")
+        return Health.OK
+
+
+def _check_program(cwd: str, program: str, environment: Mapping[str, str]) -> None:
+    """Raise ExecFailed for a program that does not exist (as Popen does outside a sandbox;
+    inside, bwrap would start and the command fail with exit code 1)."""
+    if os.sep in program:
+        found = os.access(os.path.join(cwd, program), os.X_OK)
+    else:
+        found = shutil.which(program, path=environment.get("PATH", os.defpath)) is not None
+    if not found:
+        raise ExecFailed(f"cannot run {program!r}: No such file or directory")
+
+
+def _check_report(stdout: bytes) -> dict[str, str] | None:
+    """The shadowed modules ``narrative runtime --check`` reported, or None when it did not
+    finish its report."""
+    from .runtime import CHECK_DONE
+
+    lines = stdout.decode(errors="replace").splitlines()
+    if not lines or not lines[-1].startswith(CHECK_DONE + " "):
+        return None
+    shadowed = {}
+    for line in lines[:-1]:
+        kind, _, rest = line.partition("\t")
+        name, _, path = rest.partition("\t")
+        if kind == "shadowed" and name:
+            shadowed[name] = path
+    return shadowed
 
 
 def _parse_handle(handle: str) -> tuple[int, str, str]:

@@ -9,13 +9,15 @@ line and exits 1::
         ├── MissingDependency(provider, extra)            optional package not installed
         ├── NoProviderAvailable(requirements, missing)    nothing satisfies ``--require``
         ├── ProviderUnavailable                           daemon / API unreachable
+        │   └── SandboxUnavailable                        bwrap missing, or a setting refused
         ├── ImageNotFound(image) (+LookupError)           a Docker image is absent (never pulled)
         ├── ResourceGone(resource_id) (+LookupError)      the resource behind it no longer exists
         ├── EnvironmentNotFound(name) (+LookupError)
         ├── EnvironmentExists(name)
         ├── IllegalTransition(name, current, target)      refused by the lifecycle table
         ├── EnvironmentStateError                         environment records unreadable
-        └── ExecFailed                                    a command could not be started at all
+        ├── ExecFailed                                    a command could not be started at all
+        └── RuntimeBroken                                 the runtime's import check failed
 
 Errors of the Docker SDK and the e2b SDK are translated into this tree in one place each
 (``providers.docker_provider._translate`` and ``providers.e2b_provider._translate``).
@@ -40,6 +42,8 @@ __all__ = [
     "ProviderNotFound",
     "ProviderUnavailable",
     "ResourceGone",
+    "RuntimeBroken",
+    "SandboxUnavailable",
 ]
 
 
@@ -134,3 +138,13 @@ class EnvironmentStateError(ProviderError):
 
 class ExecFailed(ProviderError):
     """A command could not be started in the environment (not: it exited non-zero)."""
+
+
+class SandboxUnavailable(ProviderUnavailable):
+    """An environment's sandbox cannot be set up (``bwrap`` missing, or a setting it cannot
+    honour)."""
+
+
+class RuntimeBroken(ProviderError):
+    """The runtime of an environment does not start as it should (e.g. a module of the
+    environment's workspace shadows one of the runtime's)."""

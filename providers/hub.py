@@ -45,6 +45,7 @@ from narrative.models import AgentRun, now_iso
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 
+from .keys import key_path
 from .manager import EnvironmentManager
 from .narratives import BundleShelf
 from .token_policy import CONTROL_RUN, RunTokenPolicy
@@ -69,11 +70,6 @@ T = TypeVar("T")
 HANDLER_GROUP = "narrative.handlers"
 _CONTROL_TTL = 24 * 3600.0
 _RETIRE_WAIT = 10.0
-
-
-def key_path(store: Store) -> str:
-    """The store's gateway signing key."""
-    return os.path.join(store.git_dir, "gateway.key")
 
 
 def control_token(store: Store, name: str) -> str:

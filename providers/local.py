@@ -14,19 +14,19 @@ from pydantic import Field
 
 from narrative.errors import InvalidInput
 
-from .base import ProviderConfig
 from .directory import DirectoryProvider
+from .sandbox import SandboxConfig
 
 __all__ = ["LocalConfig", "LocalProvider"]
 
 
-class LocalConfig(ProviderConfig):
+class LocalConfig(SandboxConfig):
     type: Literal["local"] = "local"
     path: str = Field(min_length=1)
     """The directory of the environment (created if missing; must be empty if it exists)."""
     runtime: list[str] | None = None
     """argv prefix that runs the narrative CLI in the environment
-    (default: this interpreter with ``-m cli``)."""
+    (default: this interpreter in isolated mode, ``python -I``, running this installation)."""
 
 
 class LocalProvider(DirectoryProvider):
@@ -35,6 +35,7 @@ class LocalProvider(DirectoryProvider):
     preference = 20
 
     def create(self) -> str:
+        self.check_sandbox()
         assert isinstance(self.config, LocalConfig)
         path = os.path.realpath(os.path.expanduser(self.config.path))
         store = os.path.realpath(self.context.store.git_dir)

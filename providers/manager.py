@@ -58,6 +58,8 @@ class HealthReport:
     name: str
     health: str
     state: str
+    detail: str = ""
+    """Why the check failed, when the provider said (e.g. the runtime's import check)."""
 
 
 def _check_env_name(name: str) -> str:
@@ -306,6 +308,7 @@ class EnvironmentManager:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "config"
             raise InvalidInput(f"invalid {provider} config: {where}: {first['msg']}") from None
+        cls.check_config(model)
         capabilities = cls.capabilities_for(model)
         lacking = [cap for cap in wanted if cap not in capabilities]
         if lacking:
@@ -489,12 +492,13 @@ class EnvironmentManager:
         return reports
 
     def _check_one(self, record: EnvironmentRecord, resource: str) -> HealthReport:
+        detail = ""
         try:
             health = self.provider(record).health(resource)
-        except ProviderError:
-            health = Health.UNREACHABLE
+        except ProviderError as exc:
+            health, detail = Health.UNREACHABLE, str(exc)
         updated = self._apply_health(record, health)
-        return HealthReport(updated.name, health.value, updated.state.value)
+        return HealthReport(updated.name, health.value, updated.state.value, detail)
 
     def _apply_health(self, record: EnvironmentRecord, health: Health) -> EnvironmentRecord:
         now = now_iso()

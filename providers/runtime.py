@@ -42,9 +42,14 @@ from .agent_process import AgentProcess
 from .events import RuntimeEvents
 from .hub import Hub
 from .narratives import fetch_bundle, have_commits
+from .sandbox import keep_environment_private
 from .token_policy import run_token
 
-__all__ = ["Runtime", "open_runtime_store"]
+__all__ = ["CHECK_DONE", "Runtime", "open_runtime_store", "shadowed_modules"]
+
+CHECK_DONE = "narrative-runtime-check"
+"""Starts the last line of ``narrative runtime --check`` (then ``ok`` or ``broken``), after
+one ``shadowed<TAB>module<TAB>file`` line per module the workspace replaced."""
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,30 @@ _ROUTING_FILE = "proxyExecution.json"
 _EVENTS_FILE = "runtime-events.jsonl"  # in the environment's store: what the hub may still ask for
 #: The agent's token lives as long as a run may; it is void as soon as the agent exits.
 _AGENT_TOKEN_TTL = 86400.0
+
+
+def shadowed_modules(workspace: str) -> dict[str, str]:
+    """The modules this process loaded from ``workspace`` (name → file), after importing
+    everything a runtime needs: a runtime must load none of its code from the workspace it
+    serves, which the agent controls. What ``narrative runtime --check`` reports."""
+    import importlib
+    import sys
+
+    for name in _RUNTIME_MODULES:
+        importlib.import_module(name)
+    root = os.path.realpath(workspace)
+    shadowed = {}
+    for name, module in sorted(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str):
+            real = os.path.realpath(path)
+            if real == root or real.startswith(root + os.sep):
+                shadowed[name] = real
+    return shadowed
+
+
+# What a runtime imports before it serves (importing this module pulled in most already).
+_RUNTIME_MODULES = ("providers.runtime", "gateway.client", "gateway.server", "websockets")
 
 
 def open_runtime_store(workspace: str, store_dir: str | None = None) -> Store:
@@ -138,6 +167,7 @@ class Runtime(Hub):
 
     async def serve(self) -> int:
         """Connect to the hub and serve until told to shut down (or SIGTERM/SIGINT)."""
+        keep_environment_private()  # the agent below must not read the token from /proc
         await self.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -20,19 +20,19 @@ from narrative.errors import InvalidInput
 from narrative.location import checkouts_root, claim_checkouts
 from narrative.store import Store
 
-from .base import ProviderConfig
 from .directory import DirectoryProvider
+from .sandbox import SandboxConfig
 
 __all__ = ["WorktreeConfig", "WorktreeProvider", "worktrees_dir"]
 
 
-class WorktreeConfig(ProviderConfig):
+class WorktreeConfig(SandboxConfig):
     type: Literal["worktree"] = "worktree"
     path: str | None = None
     """Where the checkout lives (default: in the per-user data directory, beside the stores)."""
     runtime: list[str] | None = None
     """argv prefix that runs the narrative CLI in the environment
-    (default: this interpreter with ``-m cli``)."""
+    (default: this interpreter in isolated mode, ``python -I``, running this installation)."""
 
 
 def worktrees_dir(store: Store) -> str:
@@ -57,6 +57,7 @@ class WorktreeProvider(DirectoryProvider):
         return os.path.join(worktrees_dir(self.context.store), self.context.env_id)
 
     def create(self) -> str:
+        self.check_sandbox()
         path = self._target()
         workspace = os.path.realpath(self.context.store.workspace)
         store = os.path.realpath(self.context.store.git_dir)

@@ -79,7 +79,8 @@ def test_cli_env_commands(cli: Cli) -> None:
     assert (out.returncode, out.stdout) == (4, "hi\n")
     assert "hi" in cli.json("env", "logs", "wt")
     assert [e["name"] for e in cli.json("env", "list")] == ["wt"]
-    assert cli.json("env", "health") == [{"name": "wt", "health": "ok", "state": "running"}]
+    health = [{"name": "wt", "health": "ok", "state": "running", "detail": ""}]
+    assert cli.json("env", "health") == health
     assert cli.json("env", "stop", "wt")["state"] == "stopped"
     assert cli.json("env", "delete", "wt")["state"] == "archived"
     assert cli.json("env", "list") == []

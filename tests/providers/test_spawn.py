@@ -162,10 +162,12 @@ DIR_GARBAGE = ["", "garbage", "proc:1", "proc:0:1:" + "0" * 24, "docker:x:y", "p
 
 
 def _directory_provider(kind: str, store: Store, tmp_path: Path) -> BaseProvider:
+    """Unsandboxed: these tests count the processes of a spawned tree, and bwrap adds its own
+    (the sandbox is tested in tests/security/test_sandbox.py)."""
     context = ProviderContext(store, "owner-test", ENV_ID, "box")
     if kind == "local":
-        return LocalProvider(context, LocalConfig(path=str(tmp_path / "local-env")))
-    return WorktreeProvider(context, WorktreeConfig())
+        return LocalProvider(context, LocalConfig(path=str(tmp_path / "local-env"), sandbox="none"))
+    return WorktreeProvider(context, WorktreeConfig(sandbox="none"))
 
 
 @pytest.fixture(params=["worktree", "local"])
@@ -280,7 +282,7 @@ def test_directory_missing_program_and_runtime(store: Store, tmp_path: Path) -> 
     resource = provider.create()
     with pytest.raises(ExecFailed):
         provider.spawn(resource, ["/nonexistent/program"])
-    assert provider.runtime_command() == [sys.executable, "-m", "cli"]
+    assert provider.runtime_command()[:2] == [sys.executable, "-I"]  # isolated: see attack 6
     context = ProviderContext(store, "owner-test", ENV_ID, "box")
     custom = WorktreeProvider(context, WorktreeConfig(runtime=["/opt/narrative", "--quiet"]))
     assert custom.runtime_command() == ["/opt/narrative", "--quiet"]

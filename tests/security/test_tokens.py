@@ -171,7 +171,9 @@ def secrets_elsewhere(store: Store, workspace: Path) -> dict[str, str]:
     (workspace / "secret.txt").unlink()
     base = take_snapshot(store, None, message="base").snapshot
     for name in ("sandbox", "other"):
-        EnvironmentManager(store).create(name)
+        # unsandboxed: the bwrap sandbox keeps the runtime's token from its agent, and these
+        # tests are about what the token is worth once stolen (as in Docker, same uid)
+        EnvironmentManager(store).create(name, config={"sandbox": "none"})
     return {
         "private_thread": private.id,
         "secret_snapshot": secret.id,
