@@ -24,6 +24,7 @@ from .statcache import StatKey
 from .store import Store
 
 __all__ = [
+    "WORKSPACE_LOCK",
     "RestoreResult",
     "apply_changes",
     "check_changes",
@@ -170,6 +171,10 @@ def _lstat(path: str) -> os.stat_result | None:
         return None
 
 
+#: Held by every command that writes files into the workspace (restore, merge): its scan may
+#: then sweep temporary files, which can only be leftovers of a killed writer.
+WORKSPACE_LOCK = "workspace"
+
 #: The thread that keeps what a restore replaced in the workspace (``narrative log --all``).
 RESTORE_BACKUP_THREAD = "restore-backup"
 
@@ -186,7 +191,10 @@ def restore_backup_thread(store: Store) -> str:
 
 
 def restore_workspace(
-    store: Store, snapshot: Snapshot, thread_id: str | None = None
+    store: Store,
+    snapshot: Snapshot,
+    thread_id: str | None = None,
+    continue_thread: str | None = None,
 ) -> RestoreResult:
     """Make the workspace equal ``snapshot`` for every path the safety snapshot holds.
 
@@ -194,28 +202,32 @@ def restore_workspace(
     snapshot; otherwise a safety snapshot on ``thread_id`` (default: the ``restore-backup``
     thread, never the thread being restored from, whose head must not move). The workspace
     HEAD then names ``snapshot``; it continues ``snapshot``'s thread when it is that thread's
-    head, and the next snapshot starts a new thread otherwise (:func:`take_snapshot`).
+    head, and the next snapshot starts a new thread otherwise (:func:`take_snapshot`);
+    ``continue_thread`` names the thread the workspace continues instead (a run's runtime: its
+    thread, forked from the restored base).
     """
     from .head import read_head, set_head
     from .snapshot import take_snapshot
 
     ws = store.workspace
     backup = thread_id or restore_backup_thread(store)
-    safety = take_snapshot(
-        store,
-        thread_id=backup,
-        message=f"workspace before restoring {snapshot.id}",
-        unchanged_if=read_head(store),
-        track_head=False,
-    )
-    current = flatten_tree(store.odb, bytes.fromhex(safety.snapshot.tree))
-    target = flatten_tree(store.odb, bytes.fromhex(snapshot.tree))
-    removed = [p for p in current if p not in target]
-    writes = [(p, m, o) for p, (m, o) in target.items() if current.get(p) != (m, o)]
-    apply_changes(store, current, safety.cache.file_keys(), writes, removed, target)
+    with store.lock(WORKSPACE_LOCK, timeout=60.0):
+        safety = take_snapshot(
+            store,
+            thread_id=backup,
+            message=f"workspace before restoring {snapshot.id}",
+            unchanged_if=read_head(store),
+            track_head=False,
+            sweep_tmp=True,
+        )
+        current = flatten_tree(store.odb, bytes.fromhex(safety.snapshot.tree))
+        target = flatten_tree(store.odb, bytes.fromhex(snapshot.tree))
+        removed = [p for p in current if p not in target]
+        writes = [(p, m, o) for p, (m, o) in target.items() if current.get(p) != (m, o)]
+        apply_changes(store, current, safety.cache.file_keys(), writes, removed, target)
     commit = bytes.fromhex(snapshot.commit)
     at_head = store.refs.read(store.thread_ref(snapshot.thread)) == commit
-    set_head(store, commit, snapshot.thread if at_head else None)
+    set_head(store, commit, continue_thread or (snapshot.thread if at_head else None))
     return RestoreResult(
         snapshot.id,
         ws,

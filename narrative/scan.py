@@ -96,9 +96,12 @@ def _mode_of(st_mode: int) -> int | None:
 class _Walker:
     """Lists and stats directories; shared by the parent and the forked workers."""
 
-    def __init__(self, cached: dict[str, DirRecord], exclude: set[str]) -> None:
+    def __init__(
+        self, cached: dict[str, DirRecord], exclude: set[str], sweep_tmp: bool = False
+    ) -> None:
         self.cached = cached
         self.exclude = exclude
+        self.sweep_tmp = sweep_tmp
         self.scans: list[_DirScan] = []
         self.unreadable: list[dict[str, Any]] = []
 
@@ -136,9 +139,13 @@ class _Walker:
             if name == ".git":
                 continue
             if is_workspace_tmp(name):
-                # a restore's or merge's file in flight (or left by a kill): never captured
+                # a restore's or merge's file in flight (or left by a kill): never captured;
+                # swept at once by a writer holding the workspace lock, else once stale
                 with contextlib.suppress(OSError):
-                    remove_stale_workspace_tmp(entry.path, entry.stat(follow_symlinks=False))
+                    if self.sweep_tmp:
+                        os.unlink(entry.path)
+                    else:
+                        remove_stale_workspace_tmp(entry.path, entry.stat(follow_symlinks=False))
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
@@ -213,7 +220,7 @@ def _walk_in_workers(
                 os.close(read_fd)
                 code = 0
                 try:
-                    child = _Walker(walker.cached, walker.exclude)
+                    child = _Walker(walker.cached, walker.exclude, walker.sweep_tmp)
                     failed = [rel for path, rel, rules in share if not child.walk(path, rel, rules)]
                     payload = marshal.dumps((child.scans, child.unreadable, failed))
                     with os.fdopen(write_fd, "wb") as out:
@@ -344,13 +351,15 @@ def _units(walker: _Walker, workspace: str, want: int) -> list[tuple[str, str, I
 
 
 def scan_workspace(
-    workspace: str, cache: StatCache, exclude: set[str], max_size: int
+    workspace: str, cache: StatCache, exclude: set[str], max_size: int, sweep_tmp: bool = False
 ) -> ScanResult:
     """Walk ``workspace`` (absolute) and return its tree plus the files still to hash.
 
     ``exclude`` holds absolute directory paths never to enter (the store, worktrees).
+    ``sweep_tmp``: remove every temporary file of ours found (the caller holds the workspace
+    lock, so none of them belongs to a live writer).
     """
-    walker = _Walker(cache.dirs, exclude)
+    walker = _Walker(cache.dirs, exclude, sweep_tmp)
     workers = min(os.cpu_count() or 1, 4)
     if workers > 1 and len(cache.dirs) >= _PARALLEL_MIN_DIRS:
         units = _units(walker, workspace, workers * _UNITS_PER_WORKER)

@@ -72,7 +72,10 @@ def _build_tree(node: DirNode, writer: PackWriter | None) -> bytes | None:
 
 
 def scan_tree(
-    store: Store, workspace: str | None = None, writer: PackWriter | None = None
+    store: Store,
+    workspace: str | None = None,
+    writer: PackWriter | None = None,
+    sweep_tmp: bool = False,
 ) -> tuple[ScanResult, bytes | None, StatCache]:
     """Walk and hash a workspace; returns the scan, its root tree id and the old stat cache.
 
@@ -82,7 +85,7 @@ def scan_tree(
     if not os.path.isdir(ws):
         raise InvalidInput(f"workspace {ws} does not exist")
     cache = StatCache.load(cache_path(store.git_dir, ws), store.config.max_file_size)
-    result = scan_workspace(ws, cache, {store.git_dir}, store.config.max_file_size)
+    result = scan_workspace(ws, cache, {store.git_dir}, store.config.max_file_size, sweep_tmp)
     store.odb.invalidate()
     failed = write_blobs(result.jobs, store.odb, writer)
     if failed:
@@ -178,6 +181,7 @@ def take_snapshot(
     *,
     unchanged_if: bytes | None = None,
     track_head: bool = True,
+    sweep_tmp: bool = False,
 ) -> SnapshotResult:
     """Snapshot the workspace onto a thread.
 
@@ -191,6 +195,8 @@ def take_snapshot(
     ``trailers`` adds ``Narrative-<key>: value`` lines to the commit (merges record their
     source). ``unchanged_if`` names a commit whose tree counts as "nothing changed" instead of
     the thread's head (a restore's safety snapshot compares with the workspace HEAD).
+    ``sweep_tmp``: the caller holds the workspace lock; temporary files left in the workspace
+    are removed whatever their age.
     """
     tracks = track_head and (
         workspace is None or os.path.realpath(workspace) == os.path.realpath(store.workspace)
@@ -223,7 +229,7 @@ def take_snapshot(
     with store.lock("gc", shared=True):
         writer = PackWriter(store.odb)
         try:
-            result, root, cache = scan_tree(store, ws, writer)
+            result, root, cache = scan_tree(store, ws, writer, sweep_tmp)
             if root is None:
                 root = writer.add_raw("tree", b"")
             capture = _Capture(store, ws, result, root, cache, start_ns)

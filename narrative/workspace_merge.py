@@ -37,6 +37,7 @@ from .models import Snapshot, now_iso
 from .objects import MODE_LINK, hash_object
 from .odb import PackWriter
 from .restore import (
+    WORKSPACE_LOCK,
     RestoreResult,
     apply_changes,
     check_changes,
@@ -236,7 +237,7 @@ def merge_workspace(
     Conflicts are written into the workspace (text with markers, binary as ours) and leave the
     merge in progress. Bad input raises before anything is written.
     """
-    with store.lock("merge", timeout=5.0):
+    with store.lock("merge", timeout=5.0), store.lock(WORKSPACE_LOCK, timeout=60.0):
         state = merge_state(store)
         if state is not None:
             raise MergeInProgress(state.source)
@@ -248,7 +249,9 @@ def merge_workspace(
                 check_deletions(store, run_base, run_result, force)
         else:
             resolve_snapshot(store, ref)
-        pre = take_snapshot(store, thread_id, message=f"pre-merge snapshot before merging {ref}")
+        pre = take_snapshot(
+            store, thread_id, message=f"pre-merge snapshot before merging {ref}", sweep_tmp=True
+        )
         ours = pre.snapshot
         thread_id = ours.thread
         base, theirs, run_id = _sources(store, ref, ours, allow_failed)

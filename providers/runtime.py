@@ -228,7 +228,11 @@ class Runtime(Hub):
 
         def restore() -> int:
             snap = resolve_snapshot(store, snapshot)
-            result = restore_workspace(store, snap, thread_id=store.config.default_thread)
+            # the agent's own snapshots (and merges) continue the run's thread, never the
+            # thread the base came from: that one is the user's
+            result = restore_workspace(
+                store, snap, thread_id=store.config.default_thread, continue_thread=thread
+            )
             self._baseline = frozenset(store.thread_heads().values())
             return result.written
 
