@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick bench-transfer bench-merge bench-run bench-sandbox bench-gateway bench-chain clean
+.PHONY: demo test soak lint bench bench-quick bench-transfer bench-merge bench-run bench-sandbox bench-gateway bench-chain clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ demo: $(STAMP)  ## the main job on embedded defaults: snapshot, change, diff, re
 
 test: $(STAMP)  ## the test suite (what CI runs)
 	$(BIN)/pytest -q
+
+soak: $(STAMP)  ## the model-based store test with its long hypothesis profile (~an hour)
+	NARRATIVE_HYPOTHESIS_PROFILE=soak $(BIN)/pytest -q tests/model --hypothesis-show-statistics
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
