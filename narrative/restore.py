@@ -15,11 +15,12 @@ import stat as stat_mod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .errors import RestoreError, StoreCorrupted
+from .errors import RestoreError, StoreCorrupted, UnsafePath
 from .fsutil import WORKSPACE_TMP_PREFIX, mkstemp
 from .models import Snapshot
 from .objects import MODE_DIR, MODE_EXEC, MODE_LINK, parse_tree
 from .odb import ObjectStore
+from .paths import check_component, check_path
 from .statcache import StatKey
 from .store import Store
 
@@ -51,24 +52,34 @@ class RestoreResult:
 
 
 def flatten_tree(odb: ObjectStore, tree: bytes, prefix: str = "") -> FlatTree:
-    """path → (mode, oid) for every non-directory entry below ``tree``."""
+    """path → (mode, oid) for every non-directory entry below ``tree``.
+
+    Every entry name passes the path rule (:mod:`narrative.paths`): a tree that would write
+    into a ``.git`` or the store is refused whole (:class:`UnsafePath`), before anything is
+    written. Iterative, so a hostile deep tree cannot exhaust the stack.
+    """
     out: FlatTree = {}
-    kind, data = odb.read(tree)
-    if kind != "tree":
-        raise StoreCorrupted(f"{tree.hex()} is not a tree")
-    for name, mode, oid in parse_tree(data):
-        path = prefix + os.fsdecode(name)
-        _check_entry_name(name, path)
-        if mode == MODE_DIR:
-            out.update(flatten_tree(odb, oid, path + "/"))
-        else:
-            out[path] = (mode, oid)
+    # depth first in tree order (as git lists a tree), without recursion
+    stack: list[tuple[bytes, str] | tuple[str, int, bytes]] = [(tree, prefix)]
+    while stack:
+        item = stack.pop()
+        if len(item) == 3:
+            path, mode, blob = item
+            out[path] = (mode, blob)
+            continue
+        oid, at = item
+        kind, data = odb.read(oid)
+        if kind != "tree":
+            raise StoreCorrupted(f"{oid.hex()} is not a tree")
+        children: list[tuple[bytes, str] | tuple[str, int, bytes]] = []
+        for name, mode, child in parse_tree(data):
+            path = at + os.fsdecode(name)
+            if b"/" in name:
+                raise UnsafePath(path, "a tree entry name holds '/'")
+            check_component(name, top_level=not at, path=path)
+            children.append((child, path + "/") if mode == MODE_DIR else (path, mode, child))
+        stack.extend(reversed(children))
     return out
-
-
-def _check_entry_name(name: bytes, path: str) -> None:
-    if name in (b"", b".", b"..", b".git") or b"/" in name or b"\x00" in name:
-        raise StoreCorrupted(f"tree entry {path!r} is not a safe file name")
 
 
 def _write_file(
@@ -247,6 +258,8 @@ def check_changes(
     would destroy data no snapshot holds; changes nothing. ``targets`` are the paths checked for
     unsnapshotted data in the way (default: the written paths)."""
     ws = store.workspace
+    for path, _m, _o in writes:
+        check_path(path)  # whatever tree they came from (a merge builds its own)
     _refuse_unsafe(ws, current, targets if targets is not None else [p for p, _m, _o in writes])
     for path, _m, _o in writes:
         st = _lstat(os.path.join(ws, path)) if path not in current else None

@@ -30,6 +30,7 @@ from typing import Any
 from .fsutil import is_workspace_tmp, remove_stale_workspace_tmp
 from .ignore import IgnoreRules, read_ignore_file
 from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK
+from .paths import STORE_DIR_NAME, component_problem, is_plain_name
 from .statcache import DirRecord, FileDetail, StatCache, StatKey, decode_details
 
 __all__ = ["DirNode", "FileJob", "ScanResult", "scan_workspace"]
@@ -138,6 +139,15 @@ class _Walker:
             name = entry.name
             if name == ".git":
                 continue
+            if not rel_dir and name == STORE_DIR_NAME:
+                continue  # the store's marker: never captured, whatever an agent put there
+            if not is_plain_name(name):
+                problem = component_problem(name, top_level=not rel_dir)
+                if problem is not None:
+                    # e.g. ".GIT", "git~1", ".Narrative": never stored, so no restore, merge
+                    # or import elsewhere can write it into a .git or the store
+                    self.unreadable.append({"path": prefix + name, "reason": f"unsafe: {problem}"})
+                    continue
             if is_workspace_tmp(name):
                 # a restore's or merge's file in flight (or left by a kill): never captured;
                 # swept at once by a writer holding the workspace lock, else once stale

@@ -73,6 +73,7 @@ from narrative.objects import (
     object_header,
 )
 from narrative.odb import ObjectStore, PackWriter, deflate, parse_entry_header
+from narrative.paths import path_problem
 from narrative.restore import flatten_tree
 from narrative.store import Store
 
@@ -333,15 +334,11 @@ def _check_path(path: Any) -> str:
     if "\x00" in path:
         raise ArchiveError(f"archive path {path!r} contains a NUL byte")
     _path_bytes(path)
-    if "/." not in path and not path.startswith(".") and "//" not in path and path[-1] != "/":
-        return path  # the common case: no component can be "", ".", ".." or ".git"
-    for part in path.split("/"):
-        if part == "..":
-            raise ArchiveError(f"archive path {path!r} escapes the tree")
-        if part in ("", "."):
-            raise ArchiveError(f"archive path {path!r} is not normalised")
-        if part == ".git":
-            raise ArchiveError(f"archive path {path!r} has a .git component")
+    if ".." in path.split("/"):
+        raise ArchiveError(f"archive path {path!r} escapes the tree")
+    problem = path_problem(path)  # the one path rule: .git look-alikes, .narrative, ...
+    if problem is not None:
+        raise ArchiveError(f"archive path {path!r} is refused: {problem}")
     return path
 
 

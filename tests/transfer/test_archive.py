@@ -627,7 +627,7 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
     ),
     "manifest .git path": (
         lambda: _archive(files={".git/config": ("100644", b"[core]\n")}),
-        "has a .git component",
+        "a ..git. component",
     ),
     "manifest dot-dot path": (
         lambda: _archive(manifest=_patched_entry("a.txt", path="dir/../a.txt")),
@@ -639,7 +639,7 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
     ),
     "manifest unnormalised path": (
         lambda: _archive(manifest=_patched_entry("a.txt", path="dir//a.txt")),
-        "is not normalised",
+        "empty path component",
     ),
     "manifest duplicate path": (
         lambda: _archive(manifest=_patched_entry("a.txt", path="dir/b.txt")),
