@@ -60,6 +60,7 @@ from typing import IO, Any, BinaryIO, cast
 import zstandard
 
 from narrative.errors import InvalidInput, NarrativeError, StoreCorrupted
+from narrative.fsck import object_problems
 from narrative.ids import is_id
 from narrative.models import AgentRun, Objective, Snapshot, Thread
 from narrative.objects import (
@@ -1351,7 +1352,11 @@ class _Intake:
                 entries.append(
                     (_path_bytes(name), _MODES[value["mode"]], bytes.fromhex(value["blob"]))
                 )
-        return self.writer.add_raw("tree", encode_tree(entries))
+        data = encode_tree(entries)
+        problems = object_problems("tree", data)
+        if problems:  # names git refuses on checkout (".GIT", "git~1", ...) or fsck rejects
+            raise ArchiveError(f"archive builds a tree git rejects: {'; '.join(problems)}")
+        return self.writer.add_raw("tree", data)
 
 
 def _decompressor(stream: BinaryIO) -> tuple[Any, _ZstdFrames | None]:

@@ -18,7 +18,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from narrative.objects import MODE_DIR, hash_object, parse_commit, parse_tree
+from narrative.fsck import object_problems, tree_links
+from narrative.objects import hash_object, parse_commit
 from narrative.odb import ObjectStore, PackWriter, deflate, parse_entry_header
 
 from .errors import InvalidArtifact
@@ -36,7 +37,6 @@ class PackError(InvalidArtifact):
     """The pack is malformed, truncated, corrupted or over a limit."""
 
 
-_GITLINK = 0o160000
 _KEEP_SMALL = 64 << 10
 _KEEP_BUDGET = 64 << 20
 
@@ -243,25 +243,15 @@ def _apply_delta(base: bytes, delta: bytes, limit: int) -> bytes:
 
 
 def _links(kind: str, data: bytes, oid: bytes) -> list[bytes]:
-    """What a commit or tree points to; PackError if it does not parse or names unsafe paths."""
-    try:
-        if kind == "commit":
-            commit = parse_commit(data)
-            if len(commit.tree) != 20:
-                raise ValueError("no tree")
-            return [commit.tree, *commit.parents]
-        if kind == "tree":
-            out = []
-            for name, mode, child in parse_tree(data):
-                if not name or b"/" in name or name in (b".", b"..", b".git") or len(child) != 20:
-                    raise ValueError(f"unsafe entry {name!r}")
-                if mode not in (0o100644, 0o100755, 0o120000, MODE_DIR, _GITLINK):
-                    raise ValueError(f"unknown mode {mode:o}")
-                if mode != _GITLINK:
-                    out.append(child)
-            return out
-    except (ValueError, IndexError) as exc:
-        raise PackError(f"malformed {kind} {oid.hex()}: {exc}") from exc
+    """What a commit or tree points to; PackError if ``git fsck --strict`` would reject it."""
+    problems = object_problems(kind, data)
+    if problems:
+        raise PackError(f"malformed {kind} {oid.hex()}: {'; '.join(problems)}")
+    if kind == "commit":
+        commit = parse_commit(data)
+        return [commit.tree, *commit.parents]
+    if kind == "tree":
+        return tree_links(data)
     return []
 
 
@@ -307,7 +297,7 @@ def receive_pack(
                     raise PackError("pack holds fewer objects than it declares")
                 kind, data, end = reader.entry(offset)
                 oid = hash_object(kind, data)
-                if kind in ("commit", "tree"):
+                if kind != "blob":
                     links[oid] = _links(kind, data, oid)
                 if kind != "blob" or (len(data) <= _KEEP_SMALL and kept < _KEEP_BUDGET):
                     small[oid] = data

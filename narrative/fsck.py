@@ -1,0 +1,173 @@
+"""The object checks of ``git fsck --strict``, in one place, for every object from outside.
+
+Imports run :func:`object_problems` on every new commit and tree before any ref moves, and
+``narrative fsck`` runs it on every object of the store, so a store never holds an object that
+stock ``git fsck --strict`` would reject. Warnings that ``--strict`` turns into errors count as
+problems here (``.git`` entries, ``.``/``..``/empty names, names holding ``/``, zero-padded
+modes), and so do modes git only reports (group-writable files): the engine never writes them.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["object_problems", "tree_links"]
+
+_HEX40 = re.compile(rb"[0-9a-f]{40}")
+_MODES = {b"100644", b"100755", b"120000", b"40000", b"160000"}
+_GITLINK = b"160000"
+# code points HFS+ ignores when comparing names, so ".g\u200cit" is ".git" there (git's
+# is_hfs_dotgit)
+_HFS_IGNORED = re.compile("[\u200c-\u200f\u202a-\u202e\u206a-\u206f\ufeff]")
+
+
+def _is_dotgit(name: bytes) -> bool:
+    """Names that some file system treats as ``.git`` (git's verify_path rules)."""
+    lowered = name.lower()
+    if lowered == b".git" or lowered.rstrip(b". ") in (b".git", b"git~1"):
+        return True
+    try:
+        text = name.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return _HFS_IGNORED.sub("", text).lower() == ".git"
+
+
+def _tree_entries(data: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    """(raw mode, name, oid) of each entry; ValueError when the tree does not parse."""
+    entries: list[tuple[bytes, bytes, bytes]] = []
+    pos, end = 0, len(data)
+    while pos < end:
+        space = data.find(b" ", pos)
+        nul = data.find(b"\x00", space + 1) if space >= 0 else -1
+        if space < 0 or nul < 0 or nul + 21 > end:
+            raise ValueError("truncated tree entry")
+        mode = data[pos:space]
+        if not mode or not mode.isdigit() or any(c > ord("7") for c in mode):
+            raise ValueError(f"bad mode {mode!r}")
+        entries.append((mode, data[space + 1 : nul], data[nul + 1 : nul + 21]))
+        pos = nul + 21
+    return entries
+
+
+def _tree_problems(data: bytes) -> list[str]:
+    try:
+        entries = _tree_entries(data)
+    except ValueError as exc:
+        return [f"badTree: {exc}"]
+    problems: list[str] = []
+    names: set[bytes] = set()
+    previous: bytes | None = None
+    for mode, name, oid in entries:
+        shown = name.decode("utf-8", "replace")
+        if oid == bytes(20):
+            problems.append(f"nullSha1: entry {shown!r} points to the null id")
+        if not name:
+            problems.append("emptyName: entry with an empty name")
+        elif b"/" in name:
+            problems.append(f"fullPathname: entry {shown!r} holds a '/'")
+        elif name == b".":
+            problems.append("hasDot: entry named '.'")
+        elif name == b"..":
+            problems.append("hasDotdot: entry named '..'")
+        elif _is_dotgit(name):
+            problems.append(f"hasDotgit: entry {shown!r} is a .git")
+        if mode.startswith(b"0"):
+            problems.append(f"zeroPaddedFilemode: entry {shown!r} has mode {mode.decode()}")
+        elif mode not in _MODES:
+            problems.append(f"badFilemode: entry {shown!r} has mode {mode.decode()}")
+        if name in names:
+            problems.append(f"duplicateEntries: {shown!r} appears twice")
+        names.add(name)
+        key = name + b"/" if mode.lstrip(b"0") == b"40000" else name
+        if previous is not None and key < previous:
+            problems.append(f"treeNotSorted: entry {shown!r} is out of order")
+        previous = key
+    return problems
+
+
+def _ident_problem(line: bytes) -> str | None:
+    """git's fsck_ident: ``Name <email> 1234567890 +0000``."""
+    lt = line.find(b"<")
+    if lt == 0:
+        return "missingNameBeforeEmail"
+    first = re.search(rb"[<>\n]", line)
+    if first is None or first.group() != b"<":
+        return "badName" if first is not None and first.group() == b">" else "missingEmail"
+    if line[lt - 1 : lt] != b" ":
+        return "missingSpaceBeforeEmail"
+    gt = re.search(rb"[<>\n]", line[lt + 1 :])
+    if gt is None or gt.group() != b">":
+        return "badEmail"
+    rest = line[lt + 1 + gt.start() + 1 :]
+    match = re.fullmatch(rb" ([0-9]+) ([+-][0-9]{4})", rest)
+    if not rest.startswith(b" "):
+        return "missingSpaceBeforeDate"
+    if match is None:
+        return "badDate" if not re.match(rb" [0-9]+ ", rest) else "badTimezone"
+    date = match.group(1)
+    if date.startswith(b"0") and date != b"0":
+        return "zeroPaddedDate"
+    if int(date) >= 1 << 63:
+        return "badDateOverflow"
+    return None
+
+
+def _commit_problems(data: bytes) -> list[str]:
+    end = data.find(b"\n\n")
+    head = data if end < 0 else data[:end]
+    if b"\x00" in head:
+        return ["nulInHeader: NUL byte in the commit header"]
+    if end < 0 and not data.endswith(b"\n"):
+        return ["unterminatedHeader: commit header does not end"]
+    lines = head.split(b"\n")
+    pos = 0
+
+    def take(key: bytes) -> bytes | None:
+        nonlocal pos
+        if pos < len(lines) and lines[pos].startswith(key + b" "):
+            pos += 1
+            return lines[pos - 1][len(key) + 1 :]
+        return None
+
+    tree = take(b"tree")
+    if tree is None:
+        return ["missingTree: commit does not start with a tree line"]
+    if not _HEX40.fullmatch(tree):
+        return [f"badTreeSha1: invalid tree id {tree[:60]!r}"]
+    while (parent := take(b"parent")) is not None:
+        if not _HEX40.fullmatch(parent):
+            return [f"badParentSha1: invalid parent id {parent[:60]!r}"]
+    author = take(b"author")
+    if author is None:
+        return ["missingAuthor: no author line after tree and parents"]
+    problem = _ident_problem(author)
+    if problem:
+        return [f"{problem}: invalid author line"]
+    if take(b"author") is not None:
+        return ["multipleAuthors: more than one author line"]
+    committer = take(b"committer")
+    if committer is None:
+        return ["missingCommitter: no committer line after the author"]
+    problem = _ident_problem(committer)
+    if problem:
+        return [f"{problem}: invalid committer line"]
+    return []
+
+
+def object_problems(kind: str, data: bytes) -> list[str]:
+    """What ``git fsck --strict`` would report about one object (empty: the object is fine).
+
+    Each problem starts with git's message id (``duplicateEntries: ...``)."""
+    if kind == "tree":
+        return _tree_problems(data)
+    if kind == "commit":
+        return _commit_problems(data)
+    if kind == "blob":
+        return []
+    return [f"unsupportedType: {kind} objects are not accepted"]
+
+
+def tree_links(data: bytes) -> list[bytes]:
+    """Object ids a (valid) tree points to; submodule commits are not ours to hold."""
+    return [oid for mode, _name, oid in _tree_entries(data) if mode != _GITLINK]
