@@ -275,6 +275,10 @@ def _check_snapshot(value: Any, tree: str) -> dict[str, Any]:
     for key in ("message", "created_at"):
         if not isinstance(value[key], str):
             raise bad(key)
+    try:  # checked here, before any object is written, not when the commit is rebuilt
+        dt.datetime.strptime(value["created_at"], "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        raise bad("created_at") from None
     stats = value["stats"]
     if not isinstance(stats, dict) or not all(
         isinstance(k, str) and type(v) is int for k, v in stats.items()
