@@ -1,17 +1,28 @@
-"""The object checks of ``git fsck --strict``, in one place, for every object from outside.
+"""The object checks of ``git fsck --strict``, in one place, and the store check built on them.
 
 Imports run :func:`object_problems` on every new commit and tree before any ref moves, and
-``narrative fsck`` runs it on every object of the store, so a store never holds an object that
-stock ``git fsck --strict`` would reject. Warnings that ``--strict`` turns into errors count as
-problems here (``.git`` entries, ``.``/``..``/empty names, names holding ``/``, zero-padded
-modes), and so do modes git only reports (group-writable files): the engine never writes them.
+``narrative fsck`` (:func:`check_store`) runs it on every object reachable from any ref, so a
+store never holds an object that stock ``git fsck --strict`` would reject. Warnings that
+``--strict`` turns into errors count as problems here (``.git`` entries, ``.``/``..``/empty
+names, names holding ``/``, zero-padded modes), and so do modes git only reports
+(group-writable files): the engine never writes them.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["object_problems", "tree_links"]
+from .commitmsg import is_snapshot_commit, snapshot_from_commit
+from .errors import NarrativeError
+from .models import AgentRun, Objective, Thread
+from .objects import parse_commit
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["check_store", "object_problems", "tree_links"]
 
 _HEX40 = re.compile(rb"[0-9a-f]{40}")
 _MODES = {b"100644", b"100755", b"120000", b"40000", b"160000"}
@@ -171,3 +182,87 @@ def object_problems(kind: str, data: bytes) -> list[str]:
 def tree_links(data: bytes) -> list[bytes]:
     """Object ids a (valid) tree points to; submodule commits are not ours to hold."""
     return [oid for mode, _name, oid in _tree_entries(data) if mode != _GITLINK]
+
+
+_RECORD_MODELS: dict[str, Any] = {
+    "objectives": Objective.from_dict,
+    "threads": Thread.from_dict,
+    "runs": AgentRun.from_dict,
+}
+
+
+def check_store(store: Store) -> list[str]:
+    """Everything wrong with a store, one line each (empty: all is well).
+
+    Every ref resolves; every object reachable from any ref exists and passes
+    :func:`object_problems`; every record under the metadata ref parses and is filed under its
+    id; every thread ref has a thread record and points at a snapshot of that thread."""
+    problems: list[str] = []
+    refs = store.refs.list("refs/")
+    seen: set[bytes] = set()
+    for name, tip in sorted(refs.items()):
+        stack = [(tip, name)]
+        while stack:
+            oid, via = stack.pop()
+            if oid in seen:
+                continue
+            seen.add(oid)
+            try:
+                kind, data = store.odb.read(oid)
+            except NarrativeError:
+                problems.append(f"missing object {oid.hex()} (reachable from {via})")
+                continue
+            found = object_problems(kind, data)
+            problems += [f"{kind} {oid.hex()}: {problem}" for problem in found]
+            if found:
+                continue
+            if kind == "commit":
+                commit = parse_commit(data)
+                stack += [(child, via) for child in (commit.tree, *commit.parents)]
+            elif kind == "tree":
+                stack += [(child, via) for child in tree_links(data)]
+    problems += _record_problems(store, refs)
+    return problems
+
+
+def _record_problems(store: Store, refs: dict[str, bytes]) -> list[str]:
+    problems: list[str] = []
+    ids: dict[str, set[str]] = {}
+    threads: dict[str, Thread] = {}
+    for kind, parse in _RECORD_MODELS.items():
+        ids[kind] = set()
+        try:
+            records = store.meta.all(kind)
+        except (NarrativeError, RecursionError) as exc:
+            problems.append(f"{kind} records are unreadable: {exc}")
+            continue
+        for record in records:
+            try:
+                model = parse(record)
+            except (NarrativeError, KeyError, TypeError, ValueError) as exc:
+                shown = json.dumps(record)[:80]
+                problems.append(f"invalid {kind[:-1]} record {shown}: {exc}")
+                continue
+            ids[kind].add(model.id)
+            if isinstance(model, Thread):
+                threads[model.id] = model
+    for thread in threads.values():
+        if ids["objectives"] and thread.objective_id not in ids["objectives"]:
+            problems.append(f"thread {thread.id} names a missing objective {thread.objective_id}")
+    prefix = "refs/narrative/threads/"
+    for name, oid in sorted(refs.items()):
+        if not name.startswith(prefix):
+            continue
+        thread_id = name[len(prefix) :]
+        if thread_id not in threads:
+            problems.append(f"ref {name} has no thread record")
+        try:
+            kind, data = store.odb.read(oid)
+            commit = parse_commit(data) if kind == "commit" else None
+        except (NarrativeError, ValueError):
+            continue  # reported by the walk
+        if commit is None or not is_snapshot_commit(commit):
+            problems.append(f"ref {name} does not point at a snapshot")
+        elif snapshot_from_commit(oid, commit, None).thread != thread_id:
+            problems.append(f"ref {name} points at a snapshot of another thread")
+    return problems
