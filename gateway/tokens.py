@@ -183,7 +183,7 @@ class TokenSigner:
         try:
             data = json.loads(_unb64(parts[1]))
             claims = TokenClaims(str(data["run"]), str(data["env"]), float(data["exp"]))
-        except (ValueError, KeyError, TypeError, binascii.Error):
+        except (ValueError, KeyError, TypeError, binascii.Error, RecursionError):
             raise TokenInvalid("malformed token claims") from None
         if (time.time() if now is None else now) >= claims.expires_at:
             raise TokenExpired(f"token for {claims.environment_id} expired")
