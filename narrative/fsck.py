@@ -22,7 +22,12 @@ from .objects import parse_commit
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["check_store", "object_problems", "tree_links"]
+__all__ = ["NAME_MAX", "PATH_MAX", "check_store", "long_names", "object_problems", "tree_links"]
+
+NAME_MAX = 255
+"""Longest file name (bytes) Linux file systems accept: longer ones could never be restored."""
+PATH_MAX = 4095
+"""Longest path (bytes, relative to the workspace) accepted from outside."""
 
 _HEX40 = re.compile(rb"[0-9a-f]{40}")
 _MODES = {b"100644", b"100755", b"120000", b"40000", b"160000"}
@@ -177,6 +182,11 @@ def object_problems(kind: str, data: bytes) -> list[str]:
     if kind == "blob":
         return []
     return [f"unsupportedType: {kind} objects are not accepted"]
+
+
+def long_names(data: bytes) -> list[bytes]:
+    """Names in a (valid) tree that no file system here could hold."""
+    return [name for _mode, name, _oid in _tree_entries(data) if len(name) > NAME_MAX]
 
 
 def tree_links(data: bytes) -> list[bytes]:

@@ -60,7 +60,7 @@ from typing import IO, Any, BinaryIO, cast
 import zstandard
 
 from narrative.errors import InvalidInput, NarrativeError, StoreCorrupted
-from narrative.fsck import object_problems
+from narrative.fsck import NAME_MAX, PATH_MAX, object_problems
 from narrative.ids import is_id
 from narrative.models import AgentRun, Objective, Snapshot, Thread
 from narrative.objects import (
@@ -336,7 +336,12 @@ def _check_path(path: Any) -> str:
         raise ArchiveError(f"archive path {path!r} is absolute")
     if "\x00" in path:
         raise ArchiveError(f"archive path {path!r} contains a NUL byte")
-    _path_bytes(path)
+    encoded = _path_bytes(path)
+    if len(encoded) > PATH_MAX or any(len(part) > NAME_MAX for part in encoded.split(b"/")):
+        raise ArchiveError(
+            f"archive path {path[:80]!r}... is longer than file systems allow "
+            f"({NAME_MAX} bytes a name, {PATH_MAX} a path)"
+        )
     if "/." not in path and not path.startswith(".") and "//" not in path and path[-1] != "/":
         return path  # the common case: no component can be "", ".", ".." or ".git"
     for part in path.split("/"):

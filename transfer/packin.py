@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from narrative.fsck import object_problems, tree_links
+from narrative.fsck import NAME_MAX, long_names, object_problems, tree_links
 from narrative.objects import hash_object, parse_commit
 from narrative.odb import ObjectStore, PackWriter, deflate, parse_entry_header
 
@@ -251,6 +251,12 @@ def _links(kind: str, data: bytes, oid: bytes) -> list[bytes]:
         commit = parse_commit(data)
         return [commit.tree, *commit.parents]
     if kind == "tree":
+        too_long = long_names(data)
+        if too_long:
+            raise PackError(
+                f"tree {oid.hex()} holds a name of {len(too_long[0])} bytes, longer than file "
+                f"systems allow ({NAME_MAX})"
+            )
         return tree_links(data)
     return []
 
