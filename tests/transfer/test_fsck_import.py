@@ -191,3 +191,21 @@ def test_import_refuses_what_git_fsck_strict_rejects(
     good = (tmp_path / "good.bundle").read_bytes()
     import_stream(target, io.BytesIO(good), "good.bundle", "good")
     git("--git-dir", target.git_dir, "fsck", "--strict", "--no-dangling")
+
+
+def test_import_refuses_names_longer_than_file_systems_allow(
+    tmp_path: Path, snapshot_bundle: tuple[bytes, Path]
+) -> None:
+    """git accepts a 300-byte name; no file system here could restore it."""
+    header, scratch = snapshot_bundle
+    bundle, fsck_exit, _output = _with_object(
+        scratch, "tree", _entry(b"100644", b"n" * 300), header
+    )
+    assert fsck_exit == 0
+    target_ws = tmp_path / "target"
+    target_ws.mkdir()
+    target = Store.init(str(target_ws))
+    before = store_listing(target.git_dir)
+    with pytest.raises(InvalidArtifact, match="longer than file systems allow"):
+        import_stream(target, io.BytesIO(bundle), "long.bundle", "long")
+    assert store_listing(target.git_dir) == before
