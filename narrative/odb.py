@@ -12,6 +12,7 @@ Reading stays with libgit2 (pygit2), loaded lazily: the snapshot fast path only 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import mmap
 import os
@@ -180,9 +181,11 @@ class PackWriter:
             self._offset += len(entry)
 
     def abort(self) -> None:
-        """Discard everything written so far."""
-        self._file.close()
+        """Discard everything written so far (also after a failed :meth:`publish`)."""
+        with contextlib.suppress(OSError):  # on a full disk, flushing the buffer fails: drop it
+            self._file.close()
         unlink_quiet(self._tmp_path)
+        unlink_quiet(self._tmp_path + ".idx")
 
     def publish(self, durable: bool = True) -> str | None:
         """Finish the pack and move it into the store; returns its name, or None if empty."""
