@@ -40,8 +40,8 @@ def test_eight_concurrent_snapshots_never_traceback_nor_lose_work(
     store: Store, workspace: Path
 ) -> None:
     printed: list[str] = []
-    for round_ in range(4):
-        _small_packs(store, MAX_PACKS + 2)  # every snapshot of the round will consolidate
+    for round_ in range(8):
+        _small_packs(store, MAX_PACKS + 40)  # every snapshot of the round will consolidate
         procs = []
         for i in range(8):
             (workspace / f"file{i}.txt").write_text(f"round {round_} writer {i}\n")
