@@ -366,6 +366,12 @@ def _check_file_entry(entry: Any) -> dict[str, Any]:
         raise ArchiveError(f"archive file {path!r} has an invalid size {size!r}")
     if entry["mode"] == "120000" and size == 0:
         raise ArchiveError(f"archive symlink {path!r} has an empty target")
+    if entry["mode"] == "120000" and size > PATH_MAX:
+        # also bounds the tar header bytes allowed per member (see _header_allowance)
+        raise ArchiveError(
+            f"archive symlink {path!r} has a {size}-byte target, longer than file systems "
+            f"allow ({PATH_MAX})"
+        )
     if not _is_hex(entry["sha256"], 64):
         raise ArchiveError(f"archive file {path!r} has an invalid sha256 {entry['sha256']!r}")
     if not _is_hex(entry["blob"], 40):
