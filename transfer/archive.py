@@ -77,6 +77,7 @@ from narrative.restore import flatten_tree
 from narrative.store import Store
 
 from .errors import InvalidArtifact
+from .packin import DEFAULT_MAX_EXPANDED
 
 __all__ = [
     "ARCHIVE_FORMATS",
@@ -1439,7 +1440,7 @@ def read_archive(
     stream: BinaryIO,
     store: Store,
     *,
-    max_total: int = 8 << 30,
+    max_total: int = DEFAULT_MAX_EXPANDED,
     max_files: int = 1_000_000,
     max_manifest: int = 16 << 20,
 ) -> ArchiveImport:
