@@ -358,6 +358,23 @@ def gc(
     )
 
 
+@click.command()
+@json_option
+@click.pass_context
+def fsck(ctx: click.Context, as_json: bool) -> None:
+    """Check the store: refs, connectivity, every object (as git fsck --strict), records."""
+    from narrative.fsck import check_store
+
+    problems = check_store(open_store(ctx))
+    emit(
+        as_json,
+        {"ok": not problems, "problems": problems},
+        "\n".join(problems) if problems else "store is consistent",
+    )
+    if problems:
+        ctx.exit(1)
+
+
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -392,4 +409,4 @@ def config(ctx: click.Context, key: str | None, value: str | None, as_json: bool
     emit(as_json, data, lambda: "\n".join(f"{k} = {v}" for k, v in data.items()))
 
 
-COMMANDS = [init, info, snapshot, log, show, diff, restore, gc, config]
+COMMANDS = [init, info, snapshot, log, show, diff, restore, gc, fsck, config]

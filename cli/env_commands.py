@@ -32,7 +32,7 @@ def parse_config(pairs: tuple[str, ...]) -> dict[str, Any]:
             raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--config")
         try:
             config[key] = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             config[key] = value
     return config
 

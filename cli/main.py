@@ -6,6 +6,7 @@ Heavy modules are imported inside commands so that ``narrative snapshot`` starts
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Any
@@ -28,6 +29,17 @@ class _Group(click.Group):
             ctx.exit(1)
         except BrokenPipeError:
             sys.stderr.close()
+            ctx.exit(1)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # every store write is staged and published by rename: the store stays valid
+            where = f" writing {exc.filename}" if exc.filename else ""
+            click.echo(
+                f"narrative: error: no space left on device{where}; the operation was "
+                "abandoned and the store is still valid (free some space and retry)",
+                err=True,
+            )
             ctx.exit(1)
 
 

@@ -41,7 +41,7 @@ def token_environment(token: str) -> str:
         body = token.split(".")[1]
         data = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
         env = data["env"]
-    except (IndexError, ValueError, KeyError, TypeError, binascii.Error):
+    except (IndexError, ValueError, KeyError, TypeError, binascii.Error, RecursionError):
         raise TokenInvalid("malformed token") from None
     if not isinstance(env, str):
         raise TokenInvalid("malformed token")

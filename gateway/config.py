@@ -156,7 +156,7 @@ def load_config(path: str | Path) -> ProxyExecutionConfig:
         raise ConfigError(name, f"cannot read: {reason}") from None
     try:
         data = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ConfigError(name, f"not valid JSON: {exc}") from None
     return parse_config(data, name)
 

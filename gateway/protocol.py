@@ -372,7 +372,7 @@ def parse_message(frame: str | bytes) -> Message:
 def _diagnose(frame: str | bytes, exc: ValidationError) -> ProtocolError:
     try:
         data = json.loads(frame)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return ProtocolError("frame is not valid JSON")
     if not isinstance(data, dict):
         return ProtocolError("frame is not a JSON object")

@@ -295,7 +295,7 @@ class TokenSigner:
                 write_threads=_strings(write["threads"]),
                 create_threads=write["create"] is True,
             )
-        except (ValueError, KeyError, TypeError, binascii.Error):
+        except (ValueError, KeyError, TypeError, binascii.Error, RecursionError):
             raise TokenInvalid("malformed token claims") from None
         if claims.audience != self.audience:  # same key, other label: cannot happen, but cheap
             raise WrongAudience(f"token is for the {claims.audience}, not the {self.audience}")

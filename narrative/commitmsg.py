@@ -87,7 +87,7 @@ def snapshot_from_commit(
         run = trailers.get("Run", [None])[0]
         stats = json.loads(trailers.get("Stats", ["{}"])[0])
         skipped = [json.loads(s) for s in trailers.get("Skipped", [])]
-    except (KeyError, IndexError, ValueError) as exc:
+    except (KeyError, IndexError, ValueError, RecursionError) as exc:
         raise StoreCorrupted(f"commit {commit_oid.hex()} is not a valid snapshot") from exc
     if not (is_id(snap_id, "snapshot") and is_id(thread, "thread")):
         raise StoreCorrupted(f"commit {commit_oid.hex()} has malformed snapshot trailers")

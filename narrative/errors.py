@@ -106,7 +106,9 @@ class LockTimeout(StoreError, TimeoutError):
     """A store lock could not be taken in time."""
 
     def __init__(self, path: str, seconds: float) -> None:
-        super().__init__(f"timed out after {seconds:.0f}s waiting for lock {path}")
+        super().__init__(
+            f"store busy, retry: timed out after {seconds:.0f}s waiting for lock {path}"
+        )
         self.path = path
         self.seconds = seconds
 

@@ -77,7 +77,7 @@ class MetaStore:
         _, data = self.odb.read(oid)
         try:
             record = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise StoreCorrupted(f"metadata record {name.decode()} is not JSON") from exc
         if not isinstance(record, dict):
             raise StoreCorrupted(f"metadata record {name.decode()} is not an object")

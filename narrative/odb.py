@@ -12,6 +12,7 @@ Reading stays with libgit2 (pygit2), loaded lazily: the snapshot fast path only 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import mmap
 import os
@@ -180,9 +181,11 @@ class PackWriter:
             self._offset += len(entry)
 
     def abort(self) -> None:
-        """Discard everything written so far."""
-        self._file.close()
+        """Discard everything written so far (also after a failed :meth:`publish`)."""
+        with contextlib.suppress(OSError):  # on a full disk, flushing the buffer fails: drop it
+            self._file.close()
         unlink_quiet(self._tmp_path)
+        unlink_quiet(self._tmp_path + ".idx")
 
     def publish(self, durable: bool = True) -> str | None:
         """Finish the pack and move it into the store; returns its name, or None if empty."""
@@ -468,15 +471,26 @@ class ObjectStore:
             pass
         except zlib.error as exc:
             raise StoreCorrupted(f"corrupt loose object {oid.hex()}: {exc}") from exc
-        for idx in self._pack_indexes().values():
-            i = idx.find(oid)
-            if i is None:
+        for _attempt in range(2):
+            try:
+                found = self._read_whole_packed(oid)
+            except FileNotFoundError:
+                # the pack was merged into another and removed since our listing (a concurrent
+                # snapshot consolidated small packs): list the packs again
+                self.invalidate()
                 continue
-            found = self._read_packed(idx, i)
             if found is not None:
                 return found
             break
         return self._read_libgit2(oid)
+
+    def _read_whole_packed(self, oid: bytes) -> tuple[str, bytes] | None:
+        """An undeltified packed object; None when it is not packed whole in a known pack."""
+        for idx in self._pack_indexes().values():
+            i = idx.find(oid)
+            if i is not None:
+                return self._read_packed(idx, i)
+        return None
 
     def _read_packed(self, idx: _PackIndex, i: int) -> tuple[str, bytes] | None:
         """Read an undeltified packed object directly; None for deltas (libgit2 handles those).
@@ -508,6 +522,13 @@ class ObjectStore:
 
     def raw_entry(self, oid: bytes) -> bytes | None:
         """The undeltified pack entry of ``oid`` verbatim, for copying without recompression."""
+        try:
+            return self._raw_entry_once(oid)
+        except FileNotFoundError:  # its pack was removed since our listing: list them again
+            self.invalidate()
+            return self._raw_entry_once(oid)
+
+    def _raw_entry_once(self, oid: bytes) -> bytes | None:
         for idx in self._pack_indexes().values():
             i = idx.find(oid)
             if i is None:
@@ -525,6 +546,10 @@ class ObjectStore:
             return read_object(self.repo(), oid)
         except KeyError:
             raise StoreCorrupted(f"object {oid.hex()} is missing from the store") from None
+
+    def pack_index_paths(self) -> list[str]:
+        """Index paths of the packs known as of the last :meth:`invalidate`."""
+        return list(self._pack_indexes())
 
     def pack_oids(self, idx_path: str) -> list[bytes]:
         """Every oid in one pack, by the path of its index."""

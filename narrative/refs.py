@@ -1,28 +1,99 @@
 """Compare-and-swap ref updates, interoperable with stock git's locking protocol.
 
-A ref is updated by creating ``<ref>.lock`` exclusively, checking the current value, writing and
-fsyncing the new value into the lock file and renaming it over the ref: exactly what git does, so
-a concurrent ``git update-ref`` and our writers exclude each other. A crash leaves either the old
-or the new value, never a torn one. Locks older than :data:`STALE_LOCK_SECONDS` are left by a
-killed process (we hold them for microseconds) and are broken.
+A ref is updated while holding ``<ref>.lock`` (created exclusively, as git does, so a concurrent
+``git update-ref`` and our writers exclude each other): the current value is checked, the new one
+is written and fsynced to a dot-file beside the ref (git ignores dot-files in ``refs/``) and
+renamed over the ref, then the lock is removed. A crash leaves either the old or the new value,
+never a torn one.
+
+Our lock files name their owner (host, boot, pid and the process's start time), so a lock whose
+owner is gone on this host is broken at once, and a reused pid is told apart by its start time.
+Locks we cannot attribute (git's own, which are empty or hold an id, or another host's) are
+taken to be left by a killed process once older than :data:`STALE_LOCK_SECONDS`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 import time
 from typing import Final
 
 from .errors import ConcurrentUpdate, InvalidInput, LockTimeout, StoreCorrupted
-from .fsutil import unlink_quiet
+from .fsutil import mkstemp, unlink_quiet, write_atomic
 
-__all__ = ["ANY", "RefStore", "STALE_LOCK_SECONDS", "validate_ref_name"]
+__all__ = [
+    "ANY",
+    "STALE_LOCK_SECONDS",
+    "RefStore",
+    "lock_owner_stamp",
+    "owner_is_gone",
+    "process_start_time",
+    "validate_ref_name",
+]
 
 STALE_LOCK_SECONDS: Final = 30.0
 ANY: Final = b"any"
 """Pass as ``expected`` to update a ref whatever its current value."""
 
 _ZERO = b"\x00" * 20
+_OWNER_MAGIC = b"narrative-lock"
+
+
+def process_start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), or None if there is no such
+    process (or no /proc to ask)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: count after the last ')'
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return fields[19].decode() if len(fields) > 19 else None
+
+
+@functools.cache
+def _this_host() -> tuple[str, str]:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "-"
+    return socket.gethostname(), boot
+
+
+def lock_owner_stamp() -> bytes:
+    """What our lock files hold: who owns them, so a lock left by a dead owner is recognised."""
+    host, boot = _this_host()
+    start = process_start_time(os.getpid()) or "-"
+    return b"%s %s %s %d %s\n" % (
+        _OWNER_MAGIC,
+        host.encode(),
+        boot.encode(),
+        os.getpid(),
+        start.encode(),
+    )
+
+
+def owner_is_gone(stamp: bytes) -> bool | None:
+    """Whether the owner named by a lock's content is gone: True/False when it ran on this
+    host, None when that cannot be told (an empty or foreign lock, another host)."""
+    parts = stamp.split()
+    if len(parts) != 5 or parts[0] != _OWNER_MAGIC:
+        return None
+    host, boot = _this_host()
+    try:
+        owner_host, owner_boot = parts[1].decode(), parts[2].decode()
+        pid, start = int(parts[3]), parts[4].decode()
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if owner_host != host or boot == "-" or start == "-":
+        return None
+    if owner_boot != boot:
+        return True  # the machine rebooted since: every process of that boot is gone
+    return process_start_time(pid) != start
 
 
 def validate_ref_name(name: str) -> str:
@@ -93,8 +164,8 @@ class RefStore:
         base = os.path.join(self.git_dir, *prefix.rstrip("/").split("/"))
         for root, _dirs, files in os.walk(base):
             for fname in files:
-                if fname.endswith(".lock"):
-                    continue
+                if fname.endswith(".lock") or fname.startswith("."):
+                    continue  # locks, and our writers' temporary files
                 path = os.path.join(root, fname)
                 name = os.path.relpath(path, self.git_dir).replace(os.sep, "/")
                 oid = self._read_loose(path, name)
@@ -102,33 +173,67 @@ class RefStore:
                     refs[name] = oid
         return refs
 
-    def _acquire(self, lock_path: str) -> int:
+    def _acquire(self, lock_path: str) -> None:
         deadline = time.monotonic() + self.lock_timeout
         delay = 0.001
         while True:
-            try:
-                return os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                self._break_if_stale(lock_path)
+            if self._create_lock(lock_path):
+                return
+            self._break_if_stale(lock_path)
             if time.monotonic() > deadline:
                 raise LockTimeout(lock_path, self.lock_timeout)
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
     @staticmethod
+    def _create_lock(lock_path: str) -> bool:
+        """Create ``lock_path`` holding our owner stamp; False if it exists.
+
+        The stamp is written to a dot-file first and hard-linked into place, so the lock is
+        never seen empty (an empty lock could only be judged by its age)."""
+        fd, tmp = mkstemp(".lock-", os.path.dirname(lock_path))
+        try:
+            os.write(fd, lock_owner_stamp())
+            os.close(fd)
+            fd = -1
+            os.link(tmp, lock_path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            unlink_quiet(tmp)
+
+    @staticmethod
     def _break_if_stale(lock_path: str) -> None:
         try:
-            age = time.time() - os.stat(lock_path).st_mtime
+            with open(lock_path, "rb") as f:
+                stamp = f.read(512)
+                age = time.time() - os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
             return
-        if age > STALE_LOCK_SECONDS:
-            # Rename first: only one breaker wins, and never a fresh lock taken meanwhile.
-            stale = f"{lock_path}.stale-{os.getpid()}"
-            try:
-                os.rename(lock_path, stale)
-                os.unlink(stale)
-            except FileNotFoundError:
-                pass
+        except OSError:
+            stamp, age = b"", 0.0
+        gone = owner_is_gone(stamp)
+        if gone is False or (gone is None and age <= STALE_LOCK_SECONDS):
+            return
+        # Rename first: only one breaker wins. If what we moved is not the lock we judged (it
+        # was broken and retaken meanwhile), put it back.
+        stale = f"{lock_path}.stale-{os.getpid()}"
+        try:
+            os.rename(lock_path, stale)
+        except FileNotFoundError:
+            return
+        try:
+            with open(stale, "rb") as f:
+                moved = f.read(512)
+            if moved != stamp:
+                os.link(stale, lock_path)
+        except OSError:
+            pass
+        finally:
+            unlink_quiet(stale)
 
     def update(self, name: str, new: bytes | None, expected: bytes | None = ANY) -> None:
         """Point ``name`` at ``new`` (None deletes) if it currently equals ``expected``.
@@ -139,29 +244,19 @@ class RefStore:
         path = self._path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         lock_path = path + ".lock"
-        fd = self._acquire(lock_path)
+        self._acquire(lock_path)
         try:
             current = self.read(name)
             if expected not in (ANY, current):
                 raise ConcurrentUpdate(f"ref {name} moved concurrently")
             if new is None:
                 self._delete_locked(name, path)
-                os.close(fd)
-                fd = -1
-                os.unlink(lock_path)
                 return
             if new == _ZERO or len(new) != 20:
                 raise InvalidInput(f"invalid object id for ref {name}")
-            os.write(fd, new.hex().encode() + b"\n")
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(lock_path, path)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
+            write_atomic(path, new.hex().encode() + b"\n")
+        finally:
             unlink_quiet(lock_path)
-            raise
 
     def _delete_locked(self, name: str, path: str) -> None:
         unlink_quiet(path)
@@ -169,7 +264,7 @@ class RefStore:
         if name not in self._packed():
             return
         lock = packed_path + ".lock"
-        fd = self._acquire(lock)
+        self._acquire(lock)
         try:
             with open(packed_path, "rb") as f:
                 lines = f.read().splitlines(keepends=True)
@@ -183,12 +278,6 @@ class RefStore:
                 skip_peel = line.rstrip(b"\n").endswith(b" " + name.encode())
                 if not skip_peel:
                     kept.append(line)
-            os.write(fd, b"".join(kept))
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(lock, packed_path)
+            write_atomic(packed_path, b"".join(kept))
         finally:
-            if fd >= 0:
-                os.close(fd)
-                unlink_quiet(lock)
+            unlink_quiet(lock)

@@ -8,8 +8,10 @@ drops one, so it runs under the shared ``gc`` lock next to concurrent snapshots.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from .fsutil import unlink_quiet
 from .odb import ObjectStore, PackWriter
@@ -31,20 +33,49 @@ def copy_objects(odb: ObjectStore, oids: Iterable[bytes], writer: PackWriter) ->
             writer.add_raw(kind, data, dedupe=False)
 
 
+@contextlib.contextmanager
+def _consolidation_lock(odb: ObjectStore) -> Iterator[bool]:
+    """One consolidator at a time; yields False (without waiting) when another one runs."""
+    os.makedirs(odb.tmp_dir, exist_ok=True)
+    fd = os.open(os.path.join(os.path.dirname(odb.tmp_dir), "repack.lock"), os.O_RDWR | os.O_CREAT)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def consolidate_small_packs(odb: ObjectStore) -> bool:
-    """Merge the small packs into one when there are more than :data:`MAX_PACKS`."""
+    """Merge the small packs into one when there are more than :data:`MAX_PACKS`.
+
+    Concurrent snapshots all reach this point at once: only one of them merges (the others
+    skip, it is an optimisation), and only packs whose index was read are merged and removed,
+    so a pack published meanwhile is never removed without its objects having been copied."""
     odb.invalidate()
     if odb.pack_count() <= MAX_PACKS:
         return False
+    with _consolidation_lock(odb) as held:
+        if not held:
+            return False
+        odb.invalidate()  # another consolidator may have finished while we looked
+        return _consolidate_locked(odb)
+
+
+def _consolidate_locked(odb: ObjectStore) -> bool:
+    if odb.pack_count() <= MAX_PACKS:
+        return False
     small = []
-    for name in os.listdir(odb.pack_dir):
-        if name.endswith(".pack"):
-            path = os.path.join(odb.pack_dir, name)
-            try:
-                if os.path.getsize(path) < SMALL_PACK_BYTES and os.path.exists(path[:-5] + ".idx"):
-                    small.append(path[:-5])
-            except FileNotFoundError:
-                continue
+    for idx_path in odb.pack_index_paths():
+        base = idx_path[:-4]
+        try:
+            if os.path.getsize(base + ".pack") < SMALL_PACK_BYTES:
+                small.append(base)
+        except FileNotFoundError:
+            continue
     if len(small) < 2:
         return False
     oids = sorted({oid for base in small for oid in odb.pack_oids(base + ".idx")})

@@ -295,7 +295,7 @@ def _advance(
             commit = _commit_object(capture.root, head or fork_parent, commit.message)
             oid = store.odb.write_loose("commit", encode_commit(commit))
     else:
-        raise ConcurrentUpdate(f"could not advance {ref}: too many concurrent writers")
+        raise ConcurrentUpdate(f"store busy, retry: too many concurrent writers advanced {ref}")
     capture.save_cache((oid, capture.root, snapshot_from_commit(oid, commit, None).id))
     parent = commit.parents[0] if commit.parents else None
     parent_id = None

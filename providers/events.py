@@ -148,7 +148,7 @@ def _parse(data: bytes, number: str = "seq") -> list[dict[str, Any]]:
     for raw in data.splitlines():
         try:
             event = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue  # an interrupted append's torn line
         if isinstance(event, dict) and isinstance(event.get(number), int):
             events.append(event)

@@ -205,7 +205,7 @@ class EnvironmentManager:
             try:
                 with open(state_path, "rb") as f:
                     raw = json.loads(f.read())
-            except (FileNotFoundError, ValueError):
+            except (FileNotFoundError, ValueError, RecursionError):
                 raw = {}
             state = {
                 str(key): {"copied": entry["copied"], "done": entry["done"]}

@@ -60,6 +60,7 @@ from typing import IO, Any, BinaryIO, cast
 import zstandard
 
 from narrative.errors import InvalidInput, NarrativeError, StoreCorrupted
+from narrative.fsck import NAME_MAX, PATH_MAX, object_problems
 from narrative.ids import is_id
 from narrative.models import AgentRun, Objective, Snapshot, Thread
 from narrative.objects import (
@@ -78,6 +79,7 @@ from narrative.restore import flatten_tree
 from narrative.store import Store
 
 from .errors import IncompleteExport, InvalidArtifact
+from .packin import DEFAULT_MAX_EXPANDED
 
 __all__ = [
     "ARCHIVE_FORMATS",
@@ -276,6 +278,10 @@ def _check_snapshot(value: Any, tree: str) -> dict[str, Any]:
     for key in ("message", "created_at"):
         if not isinstance(value[key], str):
             raise bad(key)
+    try:  # checked here, before any object is written, not when the commit is rebuilt
+        dt.datetime.strptime(value["created_at"], "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        raise bad("created_at") from None
     stats = value["stats"]
     if not isinstance(stats, dict) or not all(
         isinstance(k, str) and type(v) is int for k, v in stats.items()
@@ -333,7 +339,12 @@ def _check_path(path: Any) -> str:
         raise ArchiveError(f"archive path {path!r} is absolute")
     if "\x00" in path:
         raise ArchiveError(f"archive path {path!r} contains a NUL byte")
-    _path_bytes(path)
+    encoded = _path_bytes(path)
+    if len(encoded) > PATH_MAX or any(len(part) > NAME_MAX for part in encoded.split(b"/")):
+        raise ArchiveError(
+            f"archive path {path[:80]!r}... is longer than file systems allow "
+            f"({NAME_MAX} bytes a name, {PATH_MAX} a path)"
+        )
     if ".." in path.split("/"):
         raise ArchiveError(f"archive path {path!r} escapes the tree")
     problem = path_problem(path)  # the one path rule: .git look-alikes, .narrative, ...
@@ -354,6 +365,12 @@ def _check_file_entry(entry: Any) -> dict[str, Any]:
         raise ArchiveError(f"archive file {path!r} has an invalid size {size!r}")
     if entry["mode"] == "120000" and size == 0:
         raise ArchiveError(f"archive symlink {path!r} has an empty target")
+    if entry["mode"] == "120000" and size > PATH_MAX:
+        # also bounds the tar header bytes allowed per member (see _header_allowance)
+        raise ArchiveError(
+            f"archive symlink {path!r} has a {size}-byte target, longer than file systems "
+            f"allow ({PATH_MAX})"
+        )
     if not _is_hex(entry["sha256"], 64):
         raise ArchiveError(f"archive file {path!r} has an invalid sha256 {entry['sha256']!r}")
     if not _is_hex(entry["blob"], 40):
@@ -1362,12 +1379,18 @@ class _Intake:
             if path not in self.seen:
                 raise ArchiveError(f"archive is missing member {FILES_PREFIX}{path}")
         _check_links(self.links)
-        tree = manifest_tree(self.expected.values(), lambda data: self.writer.add_raw("tree", data))
+        tree = manifest_tree(self.expected.values(), self._add_tree)
         if tree.hex() != manifest.tree:
             raise ArchiveError(
                 f"archive content builds tree {tree.hex()}, the manifest says {manifest.tree}"
             )
         return tree
+
+    def _add_tree(self, data: bytes) -> bytes:
+        problems = object_problems("tree", data)
+        if problems:  # names git refuses on checkout (".GIT", "git~1", ...) or fsck rejects
+            raise ArchiveError(f"archive builds a tree git rejects: {'; '.join(problems)}")
+        return self.writer.add_raw("tree", data)
 
 
 def _decompressor(stream: BinaryIO) -> tuple[Any, _ZstdFrames | None]:
@@ -1435,7 +1458,7 @@ def read_archive(
     stream: BinaryIO,
     store: Store,
     *,
-    max_total: int = 8 << 30,
+    max_total: int = DEFAULT_MAX_EXPANDED,
     max_files: int = 1_000_000,
     max_manifest: int = 16 << 20,
 ) -> ArchiveImport:

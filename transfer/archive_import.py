@@ -61,7 +61,9 @@ def import_archive_snapshot(store: Any, stream: Readable, url: str, source: str)
         return result
     parent_hex = snap.get("parent_commit")
     parent = bytes.fromhex(parent_hex) if parent_hex else None
-    if parent is not None and not store.odb.exists(parent):
+    if parent is not None and (
+        not store.odb.exists(parent) or store.odb.read(parent)[0] != "commit"
+    ):
         parent = None  # history before this snapshot did not travel: it starts a new line
     when = _timestamp(snap["created_at"])
     sig = Signature("narrative", "narrative@localhost", when)

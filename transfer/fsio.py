@@ -336,7 +336,7 @@ def _sidecar_text(digest: str, path: str) -> bytes:
 def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
 
 
@@ -1240,7 +1240,7 @@ class _StorageLock:
             return None
         try:
             body = json.loads(raw[:_SIDECAR_LIMIT])
-        except ValueError:
+        except (ValueError, RecursionError):
             return {}
         return body if isinstance(body, dict) else {}
 

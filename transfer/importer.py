@@ -36,6 +36,7 @@ __all__ = ["ImportResult", "fast_forward", "import_", "import_stream", "is_ances
 _REMOTE_PREFIX = "refs/narrative/remotes/"
 _GZIP = b"\x1f\x8b"
 _ZSTD = b"\x28\xb5\x2f\xfd"
+_LINE_CHUNK = 64 << 10
 
 
 @dataclass
@@ -82,33 +83,54 @@ class Readable(Protocol):
 
 
 class _Peek:
-    """A stream whose first bytes were looked at for format detection."""
+    """A stream whose first bytes were looked at for format detection, with line reads.
+
+    Lines are cut from a read-ahead buffer (never byte by byte, never by re-joining what was
+    read so far), so a long crafted header line costs linear time."""
 
     def __init__(self, stream: Readable, head: bytes) -> None:
         self._stream = stream
-        self._head = head
+        self._buffer = head
+        self._pos = 0
+
+    def _buffered(self) -> int:
+        return len(self._buffer) - self._pos
+
+    def _take(self, n: int) -> bytes:
+        data = self._buffer[self._pos : self._pos + n]
+        self._pos += len(data)
+        if self._pos == len(self._buffer):
+            self._buffer, self._pos = b"", 0
+        return data
 
     def read(self, n: int = -1) -> bytes:
-        if self._head:
-            if n < 0:
-                data, self._head = self._head + self._stream.read(), b""
-                return data
-            data, self._head = self._head[:n], self._head[n:]
-            if len(data) < n:
-                data += self._stream.read(n - len(data))
-            return data
-        return self._stream.read(n)
+        if not self._buffered():
+            return self._stream.read(n)
+        if n < 0:
+            return self._take(self._buffered()) + self._stream.read()
+        data = self._take(n)
+        if len(data) < n:
+            data += self._stream.read(n - len(data))
+        return data
 
     def readline(self, limit: int = -1) -> bytes:
-        line = b""
-        while limit < 0 or len(line) < limit:
-            ch = self.read(1)
-            if not ch:
+        parts: list[bytes] = []
+        size = 0
+        while limit < 0 or size < limit:
+            if not self._buffered():
+                self._buffer, self._pos = self._stream.read(_LINE_CHUNK), 0
+                if not self._buffer:
+                    break
+            end = (
+                len(self._buffer) if limit < 0 else min(len(self._buffer), self._pos + limit - size)
+            )
+            newline = self._buffer.find(b"\n", self._pos, end)
+            piece = self._take((end if newline < 0 else newline + 1) - self._pos)
+            parts.append(piece)
+            size += len(piece)
+            if newline >= 0:
                 break
-            line += ch
-            if ch == b"\n":
-                break
-        return line
+        return b"".join(parts)
 
 
 def import_stream(

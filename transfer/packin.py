@@ -15,16 +15,20 @@ import struct
 import tempfile
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO, BinaryIO, cast
 
-from narrative.objects import MODE_DIR, hash_object, parse_commit, parse_tree
+from narrative.fsck import NAME_MAX, long_names, object_problems, tree_links
+from narrative.objects import hash_object, object_header, parse_commit
 from narrative.odb import ObjectStore, PackWriter, deflate, parse_entry_header
 
 from .errors import InvalidArtifact
 
-__all__ = ["PackError", "ReceivedPack", "receive_pack"]
+__all__ = ["DEFAULT_MAX_EXPANDED", "PackError", "ReceivedPack", "receive_pack"]
 
+DEFAULT_MAX_EXPANDED = 4 << 30
+"""Default limit on one object's size and on all objects' inflated size together."""
 _TYPES = {1: "commit", 2: "tree", 3: "blob", 4: "tag"}
 _OFS_DELTA = 6
 _REF_DELTA = 7
@@ -32,11 +36,28 @@ _CHUNK = 1 << 20
 _BASE_CACHE = 64 << 20
 
 
+_STREAM_BLOB = 16 << 20
+"""Whole blobs larger than this are hashed and copied as streams, never held in memory."""
+
+
+class _Slice:
+    """Bytes ``start:end`` of a file, read as a stream."""
+
+    def __init__(self, f: BinaryIO, start: int, end: int) -> None:
+        self.f, self.pos, self.end = f, start, end
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.end - self.pos if n < 0 else min(n, self.end - self.pos)
+        self.f.seek(self.pos)
+        data = self.f.read(n)
+        self.pos += len(data)
+        return data
+
+
 class PackError(InvalidArtifact):
     """The pack is malformed, truncated, corrupted or over a limit."""
 
 
-_GITLINK = 0o160000
 _KEEP_SMALL = 64 << 10
 _KEEP_BUDGET = 64 << 20
 
@@ -94,7 +115,7 @@ class _Reader:
         self.cached_bytes = 0
         self.by_oid: dict[bytes, int] = {}
 
-    def _header(self, offset: int) -> tuple[int, int, int]:
+    def header(self, offset: int) -> tuple[int, int, int]:
         """(type code, size, data offset) of the entry at ``offset``."""
         self.f.seek(offset)
         head = self.f.read(32)
@@ -108,41 +129,48 @@ class _Reader:
             raise PackError(f"object of {size} bytes is over the limit of {self.max_object}")
         return code, size, offset + header_len
 
-    def _inflate(self, offset: int, size: int) -> tuple[bytes, int]:
-        """Inflate a zlib stream at ``offset``; returns data and the offset after it."""
+    def inflate_into(self, offset: int, size: int, sink: Callable[[bytes], object]) -> int:
+        """Inflate the zlib stream at ``offset`` piece by piece into ``sink`` (memory stays
+        bounded whatever the size); returns the offset after the stream."""
         self.f.seek(offset)
         dec = zlib.decompressobj()
-        parts: list[bytes] = []
-        got = 0
-        consumed = 0
+        got = read = 0
+        pending = b""
         while not dec.eof:
-            chunk = self.f.read(_CHUNK)
-            if not chunk:
-                raise PackError("truncated object data")
+            if not pending:
+                pending = self.f.read(_CHUNK)
+                if not pending:
+                    raise PackError("truncated object data")
+                read += len(pending)
             try:
-                out = dec.decompress(chunk, size + 1 - got)
+                out = dec.decompress(pending, _CHUNK)
             except zlib.error as exc:
                 raise PackError(f"corrupt object data: {exc}") from exc
             got += len(out)
             if got > size:
                 raise PackError("object inflates past its declared size")
-            parts.append(out)
-            consumed += len(chunk) - len(dec.unused_data) - len(dec.unconsumed_tail)
-            if dec.unconsumed_tail and not dec.eof:
-                raise PackError("object inflates past its declared size")
+            if out:
+                sink(out)
+            pending = dec.unconsumed_tail
         if got != size:
             raise PackError("object is shorter than its declared size")
-        return b"".join(parts), offset + consumed
+        return offset + read - len(dec.unused_data)
+
+    def _inflate(self, offset: int, size: int) -> tuple[bytes, int]:
+        """Inflate a zlib stream at ``offset``; returns data and the offset after it."""
+        parts: list[bytes] = []
+        end = self.inflate_into(offset, size, parts.append)
+        return b"".join(parts), end
 
     def is_whole(self, offset: int) -> bool:
         """Whether the entry at ``offset`` is a whole object (not a delta)."""
-        return self._header(offset)[0] in _TYPES
+        return self.header(offset)[0] in _TYPES
 
     def entry(self, offset: int, depth: int = 0) -> tuple[str, bytes, int]:
         """(type, content, end offset) of the object at ``offset``, deltas resolved."""
         if depth > 64:
             raise PackError("delta chain too deep")
-        code, size, pos = self._header(offset)
+        code, size, pos = self.header(offset)
         if code in _TYPES:
             data, end = self._inflate(pos, size)
             return _TYPES[code], data, end
@@ -243,33 +271,37 @@ def _apply_delta(base: bytes, delta: bytes, limit: int) -> bytes:
 
 
 def _links(kind: str, data: bytes, oid: bytes) -> list[bytes]:
-    """What a commit or tree points to; PackError if it does not parse or names unsafe paths."""
-    try:
-        if kind == "commit":
-            commit = parse_commit(data)
-            if len(commit.tree) != 20:
-                raise ValueError("no tree")
-            return [commit.tree, *commit.parents]
-        if kind == "tree":
-            out = []
-            for name, mode, child in parse_tree(data):
-                if not name or b"/" in name or name in (b".", b"..", b".git") or len(child) != 20:
-                    raise ValueError(f"unsafe entry {name!r}")
-                if mode not in (0o100644, 0o100755, 0o120000, MODE_DIR, _GITLINK):
-                    raise ValueError(f"unknown mode {mode:o}")
-                if mode != _GITLINK:
-                    out.append(child)
-            return out
-    except (ValueError, IndexError) as exc:
-        raise PackError(f"malformed {kind} {oid.hex()}: {exc}") from exc
+    """What a commit or tree points to; PackError if ``git fsck --strict`` would reject it."""
+    problems = object_problems(kind, data)
+    if problems:
+        raise PackError(f"malformed {kind} {oid.hex()}: {'; '.join(problems)}")
+    if kind == "commit":
+        commit = parse_commit(data)
+        return [commit.tree, *commit.parents]
+    if kind == "tree":
+        too_long = long_names(data)
+        if too_long:
+            raise PackError(
+                f"tree {oid.hex()} holds a name of {len(too_long[0])} bytes, longer than file "
+                f"systems allow ({NAME_MAX})"
+            )
+        return tree_links(data)
     return []
 
 
 def receive_pack(
-    stream: BinaryIO, odb: ObjectStore, max_object: int = 1 << 30, max_total: int = 64 << 30
+    stream: BinaryIO,
+    odb: ObjectStore,
+    max_object: int = DEFAULT_MAX_EXPANDED,
+    max_total: int = 64 << 30,
+    max_expanded: int = DEFAULT_MAX_EXPANDED,
 ) -> ReceivedPack:
     """Read a pack from ``stream`` and verify every object; nothing is stored until the
     caller publishes the returned :class:`ReceivedPack`.
+
+    ``max_object`` bounds each object's size, ``max_total`` the pack's bytes and
+    ``max_expanded`` the sum of every object's inflated size (decompression bombs). Large
+    blobs are streamed: memory stays bounded whatever their size.
 
     Raises PackError (nothing stored) on any problem. Objects are checked individually here;
     whether the received history is complete is for the caller to check with
@@ -299,15 +331,31 @@ def receive_pack(
         objects: dict[bytes, str] = {}
         links: dict[bytes, list[bytes]] = {}
         small: dict[bytes, bytes] = {}
-        kept = 0
+        kept = expanded = 0
         try:
             offset = 12
             for _ in range(count):
                 if offset >= total - 20:
                     raise PackError("pack holds fewer objects than it declares")
+                code, size, data_start = reader.header(offset)
+                expanded += size
+                if expanded > max_expanded:
+                    raise PackError(f"pack expands to more than the limit of {max_expanded} bytes")
+                if _TYPES.get(code) == "blob" and size > _STREAM_BLOB:
+                    digest_blob = hashlib.sha1(object_header("blob", size))
+                    end = reader.inflate_into(data_start, size, digest_blob.update)
+                    oid = digest_blob.digest()
+                    reader.by_oid[oid] = offset
+                    objects[oid] = "blob"
+                    if oid not in writer and not odb.exists(oid):
+                        writer.add_stream(
+                            "blob", oid, size, cast(IO[bytes], _Slice(spool, data_start, end))
+                        )
+                    offset = end
+                    continue
                 kind, data, end = reader.entry(offset)
                 oid = hash_object(kind, data)
-                if kind in ("commit", "tree"):
+                if kind != "blob":
                     links[oid] = _links(kind, data, oid)
                 if kind != "blob" or (len(data) <= _KEEP_SMALL and kept < _KEEP_BUDGET):
                     small[oid] = data

@@ -127,7 +127,7 @@ def parse_records(read: Callable[[bytes], bytes | None], commit_tree: bytes) -> 
             try:
                 record = json.loads(data)
                 model = _MODELS[kind](record)
-            except (ValueError, NarrativeError) as exc:
+            except (ValueError, NarrativeError, RecursionError) as exc:
                 raise InvalidArtifact(f"invalid {kind} record {name!r}: {exc}") from None
             if name != f"{model.id}.json".encode():
                 raise InvalidArtifact(f"{kind} record {name!r} is filed under the wrong id")

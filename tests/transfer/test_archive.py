@@ -846,3 +846,16 @@ def test_manifest_dict_round_trip() -> None:
     for bad in (None, [], {"version": 1}, raw | {"files": {}}, raw | {"tree": "A" * 40}):
         with pytest.raises(ArchiveError):
             ArchiveManifest.from_dict(bad)
+
+
+@pytest.mark.parametrize(
+    "path", ["n" * 256, "/".join(["d" * 200] * 21) + "/f"], ids=["name", "path"]
+)
+def test_paths_longer_than_file_systems_allow_are_refused(target: Store, path: str) -> None:
+    _refused(target, _archive(files={path: ("100644", b"x\n")}), "longer than file systems allow")
+
+
+def test_symlink_target_longer_than_file_systems_allow_is_refused(target: Store) -> None:
+    """Its length also sets how many header bytes each member may take (parsing cost)."""
+    files = GOOD_FILES | {"long-link": ("120000", b"t" * 5000)}
+    _refused(target, _archive(files=files), "longer than file systems allow")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import subprocess
+import zlib
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from narrative.store import Store
 from transfer.bundle import write_bundle
 from transfer.packin import PackError, receive_pack
 
-from ..conftest import git
+from ..conftest import call_in_own_process, git
 
 
 def _git_pack(repo: Path, revs: str, *extra: str) -> bytes:
@@ -125,3 +127,75 @@ def test_oversized_objects_are_refused(store: Store, workspace: Path, tmp_path: 
     pack = buf.getvalue().split(b"\n\n", 1)[1]
     with pytest.raises(PackError, match="over the limit"):
         receive_pack(io.BytesIO(pack), _other_store(tmp_path).odb, max_object=50_000)
+
+
+def _zero_blob_pack(path: str, size: int) -> str:
+    """A pack holding one blob of ``size`` zero bytes, written as a stream; returns its id."""
+    from narrative.objects import object_header
+    from narrative.odb import pack_object_header
+
+    blob_id = hashlib.sha1(object_header("blob", size))
+    comp = zlib.compressobj(1)
+    body = hashlib.sha1()
+    with open(path, "wb") as f:
+
+        def put(data: bytes) -> None:
+            body.update(data)
+            f.write(data)
+
+        put(b"PACK" + (2).to_bytes(4, "big") + (1).to_bytes(4, "big"))
+        put(pack_object_header("blob", size))
+        zeros = bytes(1 << 20)
+        for _ in range(size >> 20):
+            blob_id.update(zeros)
+            put(comp.compress(zeros))
+        put(comp.flush())
+        f.write(body.digest())
+    return blob_id.hexdigest()
+
+
+def receive_zero_blob_peak_rss(tmp: str, size: int) -> dict[str, object]:
+    """Run in a fresh interpreter: receive a pack with a ``size``-byte zero blob; peak RSS."""
+    import resource
+
+    from narrative.store import Store
+
+    ws = os.path.join(tmp, "ws")
+    os.makedirs(ws)
+    store = Store.init(ws)
+    pack_path = os.path.join(tmp, "zero.pack")
+    expected = _zero_blob_pack(pack_path, size)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open(pack_path, "rb") as f:
+        got = receive_pack(f, store.odb)
+    oids = [oid.hex() for oid in got.objects]
+    got.publish()
+    store.odb.invalidate()
+    return {
+        "oids": oids,
+        "expected": expected,
+        "stored": store.odb.exists(bytes.fromhex(expected)),
+        "git_dir": store.git_dir,
+        "before_kib": before,
+        "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }
+
+
+def test_a_1gib_zero_blob_is_received_in_bounded_memory(tmp_path: Path) -> None:
+    result = call_in_own_process(
+        "tests.transfer.test_packin:receive_zero_blob_peak_rss", str(tmp_path), 1 << 30
+    )
+    assert result["oids"] == [result["expected"]] and result["stored"]
+    assert result["peak_kib"] - result["before_kib"] < 128 << 10, result  # < 128 MiB growth
+    git("--git-dir", result["git_dir"], "cat-file", "-e", result["expected"])
+
+
+def test_pack_expanding_past_the_limit_is_refused(store: Store, tmp_path: Path) -> None:
+    path = str(tmp_path / "zero.pack")
+    _zero_blob_pack(path, 64 << 20)
+    before = sorted(os.listdir(store.odb.tmp_dir)) if os.path.isdir(store.odb.tmp_dir) else []
+    with open(path, "rb") as f, pytest.raises(PackError, match="limit"):
+        receive_pack(f, store.odb, max_expanded=32 << 20)
+    assert (
+        sorted(os.listdir(store.odb.tmp_dir)) if os.path.isdir(store.odb.tmp_dir) else []
+    ) == before
