@@ -19,7 +19,7 @@ test: $(STAMP)  ## the test suite (what CI runs)
 	$(BIN)/pytest -q
 
 soak: $(STAMP)  ## the model-based store test with its long hypothesis profile (~an hour)
-	NARRATIVE_HYPOTHESIS_PROFILE=soak $(BIN)/pytest -q tests/model --hypothesis-show-statistics
+	NARRATIVE_HYPOTHESIS_PROFILE=soak $(BIN)/pytest -q tests/model --timeout 0 --hypothesis-show-statistics
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
