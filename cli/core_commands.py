@@ -77,8 +77,16 @@ def _info(store: Any) -> dict[str, Any]:
         "max_file_size": store.config.max_file_size,
         "threads": len(store.thread_heads()),
         **describe_head(store),
+        "pending_merges": _pending_merges(store),
         "orphaned_checkouts": _orphaned_checkouts(),
     }
+
+
+def _pending_merges(store: Any) -> dict[str, dict[str, str]] | None:
+    """Threads a pull found moved on both sides (None when there are none)."""
+    from transfer.remotes import pending_merges
+
+    return pending_merges(store) or None
 
 
 def _orphaned_checkouts() -> list[str] | None:
@@ -152,6 +160,7 @@ def snapshot(
 
 
 @click.command()
+@click.argument("start", metavar="[SNAPSHOT]", required=False)
 @click.option("--thread", "thread_ref", help="Only this thread (id or name).")
 @click.option("--objective", "objective_ref", help="Every thread of this objective.")
 @click.option("--all", "all_threads", is_flag=True, help="Every thread.")
@@ -160,20 +169,28 @@ def snapshot(
 @click.pass_context
 def log(
     ctx: click.Context,
+    start: str | None,
     thread_ref: str | None,
     objective_ref: str | None,
     all_threads: bool,
     max_count: int | None,
     as_json: bool,
 ) -> None:
-    """List snapshots, newest first (default: the default thread)."""
-    from narrative import hierarchy
-    from narrative.history import all_snapshots, thread_snapshots
+    """List snapshots, newest first (default: the default thread).
 
-    if sum(bool(x) for x in (thread_ref, objective_ref, all_threads)) > 1:
-        raise click.UsageError("use at most one of --thread, --objective, --all")
+    SNAPSHOT starts the list there, on its thread: any name ``show`` takes, such as
+    ``origin/main`` (the thread as the remote ``origin`` last had it).
+    """
+    from narrative import hierarchy
+    from narrative.history import all_snapshots, resolve_snapshot, thread_snapshots
+
+    if sum(bool(x) for x in (start, thread_ref, objective_ref, all_threads)) > 1:
+        raise click.UsageError("use at most one of SNAPSHOT, --thread, --objective, --all")
     store = open_store(ctx)
-    if all_threads:
+    if start:
+        first = resolve_snapshot(store, start)
+        snaps = list(thread_snapshots(store, first.thread, bytes.fromhex(first.commit)))
+    elif all_threads:
         snaps = list(all_snapshots(store))
     elif objective_ref:
         objective = hierarchy.resolve_objective(store, objective_ref)

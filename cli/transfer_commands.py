@@ -227,8 +227,37 @@ def fetch(ctx: click.Context, name: str, storage_pairs: tuple[str, ...], as_json
 @json_option
 @click.pass_context
 def pull(ctx: click.Context, name: str, storage_pairs: tuple[str, ...], as_json: bool) -> None:
-    """Fetch from remote NAME and fast-forward local threads."""
-    _fetch(ctx, name, storage_pairs, as_json, move=True)
+    """Fetch from remote NAME, fast-forward local threads, and merge the workspace's thread
+    when it moved on both sides (exit 1 on conflicts, with the merge left in progress: resolve,
+    then 'narrative merge --continue'). Other threads that moved on both sides are listed as
+    pending merges by 'narrative info'."""
+    from transfer.remotes import pull as pull_remote
+
+    result = pull_remote(open_store(ctx), name, storage_options=_storage_options(storage_pairs))
+    for thread_id in result.pending:
+        note(
+            f"thread {thread_id} moved on both sides: pending merge (restore it, then "
+            f"'narrative merge {name}/{thread_id}')"
+        )
+    merge = result.merge
+    data = {
+        "imports": [asdict(r) for r in result.imports],
+        "merge": merge.to_dict() if merge is not None else None,
+        "pending": result.pending,
+        "updated_workspace": result.updated_workspace,
+    }
+    human = f"imported {len(result.imports)} bundles from {name}"
+    if merge is not None:
+        human += (
+            f"; merged {name}'s work into the workspace (snapshot {merge.snapshot})"
+            if not merge.conflicts
+            else f"; merge stopped with {len(merge.conflicts)} conflict(s): "
+            + ", ".join(c.path for c in merge.conflicts)
+            + " (resolve, then 'narrative merge --continue')"
+        )
+    emit(as_json, data, human)
+    if merge is not None and merge.conflicts:
+        ctx.exit(1)
 
 
 COMMANDS = [export_cmd, import_cmd, remote, push, fetch, pull]

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from .commitmsg import is_snapshot_commit, snapshot_from_commit
-from .errors import AmbiguousId, SnapshotNotFound, StoreCorrupted
+from .errors import AmbiguousId, InvalidInput, SnapshotNotFound, StoreCorrupted
 from .models import Snapshot
 from .objects import Commit, parse_commit
 
@@ -76,13 +76,22 @@ def all_snapshots(store: Store) -> Iterator[Snapshot]:
 
 
 def resolve_snapshot(store: Store, ref: str) -> Snapshot:
-    """A snapshot by id, unique id prefix, ``<thread>`` head, or (prefix of) commit id."""
+    """A snapshot by id, unique id prefix, the head of a thread (id or name), the head of a
+    thread as a remote last had it (``<remote>/<thread id or name>``, e.g. ``origin/main``), or
+    (prefix of) commit id."""
     ref = ref.strip()
     if not ref:
         raise SnapshotNotFound(ref)
     heads = store.thread_heads()
     if ref in heads:
         return snapshot_at(store, heads[ref])
+    if "/" in ref:
+        tracked = _remote_thread_head(store, ref)
+        if tracked is not None:
+            return snapshot_at(store, tracked)
+    named = _named_thread_head(store, ref, heads)
+    if named is not None:
+        return snapshot_at(store, named)
     matches: dict[str, Snapshot] = {}
     is_hex = len(ref) >= 4 and all(c in "0123456789abcdef" for c in ref)
     for snap in all_snapshots(store):
@@ -95,3 +104,42 @@ def resolve_snapshot(store: Store, ref: str) -> Snapshot:
     if not matches:
         raise SnapshotNotFound(ref)
     raise AmbiguousId(ref, list(matches))
+
+
+def _thread_names(store: Store) -> dict[str, str]:
+    return {str(r["id"]): str(r.get("name", "")) for r in store.meta.all("threads")}
+
+
+def _remote_thread_head(store: Store, ref: str) -> bytes | None:
+    """The remote-tracking head ``refs/narrative/remotes/<remote>/threads/<id>`` that
+    ``<remote>/<thread>`` names (thread id, unique id prefix or name), or None if no such
+    remote is tracked."""
+    remote, _, wanted = ref.partition("/")
+    prefix = f"refs/narrative/remotes/{remote}/threads/"
+    try:
+        tracked = {name[len(prefix) :]: oid for name, oid in store.refs.list(prefix).items()}
+    except InvalidInput:
+        return None
+    if not tracked:
+        return None
+    names = _thread_names(store)
+    found = [t for t in tracked if t == wanted or names.get(t) == wanted]
+    found = found or [t for t in tracked if t.startswith(wanted)]
+    if len(found) == 1:
+        return tracked[found[0]]
+    if not found:
+        raise SnapshotNotFound(ref)
+    raise AmbiguousId(ref, [f"{remote}/{t}" for t in found])
+
+
+def _named_thread_head(store: Store, ref: str, heads: dict[str, bytes]) -> bytes | None:
+    """The head of the thread named ``ref``; two threads of that name (a pulled one beside the
+    store's own) resolve to the workspace's current one if it is among them."""
+    found = [t for t, name in _thread_names(store).items() if name == ref and t in heads]
+    if len(found) > 1 and store.config.default_thread in found:
+        found = [store.config.default_thread]
+    if len(found) == 1:
+        return heads[found[0]]
+    if found:
+        raise AmbiguousId(ref, found)
+    return None

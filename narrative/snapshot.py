@@ -182,6 +182,7 @@ def take_snapshot(
     unchanged_if: bytes | None = None,
     track_head: bool = True,
     sweep_tmp: bool = False,
+    merge_parents: tuple[bytes, ...] = (),
 ) -> SnapshotResult:
     """Snapshot the workspace onto a thread.
 
@@ -195,6 +196,8 @@ def take_snapshot(
     ``trailers`` adds ``Narrative-<key>: value`` lines to the commit (merges record their
     source). ``unchanged_if`` names a commit whose tree counts as "nothing changed" instead of
     the thread's head (a restore's safety snapshot compares with the workspace HEAD).
+    ``merge_parents`` are further parents after the thread's head (a merge of another
+    thread's work records it, so that thread's head is an ancestor and a push fast-forwards).
     ``sweep_tmp``: the caller holds the workspace lock; temporary files left in the workspace
     are removed whatever their age.
     """
@@ -251,7 +254,7 @@ def take_snapshot(
             message = encode_message(
                 message, new_id("snapshot"), thread_id, run_id, stats, result.skipped, trailers
             )
-            commit = _commit_object(root, head or fork_parent, message)
+            commit = _commit_object(root, head or fork_parent, message, merge_parents)
             oid = writer.add_raw("commit", encode_commit(commit))
             writer.publish()
         except BaseException:
@@ -267,9 +270,12 @@ def take_snapshot(
         return outcome
 
 
-def _commit_object(root: bytes, parent: bytes | None, message: str) -> Commit:
+def _commit_object(
+    root: bytes, parent: bytes | None, message: str, merge_parents: tuple[bytes, ...] = ()
+) -> Commit:
     sig = Signature("narrative", "narrative@localhost", int(time.time()))
-    return Commit(root, (parent,) if parent else (), sig, sig, message)
+    parents = ((parent,) if parent else ()) + tuple(p for p in merge_parents if p != parent)
+    return Commit(root, parents, sig, sig, message)
 
 
 def _advance(
@@ -292,7 +298,9 @@ def _advance(
             if head is not None and not allow_empty and capture.head_info(head)[0] == capture.root:
                 # Another writer captured this very state: that snapshot is ours too.
                 return SnapshotResult(snapshot_at(store, head), False, capture.cache)
-            commit = _commit_object(capture.root, head or fork_parent, commit.message)
+            commit = _commit_object(
+                capture.root, head or fork_parent, commit.message, commit.parents[1:]
+            )
             oid = store.odb.write_loose("commit", encode_commit(commit))
     else:
         raise ConcurrentUpdate(f"store busy, retry: too many concurrent writers advanced {ref}")

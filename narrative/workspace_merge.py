@@ -29,7 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .commitmsg import is_snapshot_commit, merged_from
-from .errors import MergeError, MergeInProgress, NoMergeInProgress, StoreCorrupted
+from .errors import (
+    MergeError,
+    MergeInProgress,
+    NarrativeError,
+    NoMergeInProgress,
+    StoreCorrupted,
+)
 from .fsutil import unlink_quiet, write_atomic
 from .history import all_snapshots, read_commit, resolve_snapshot, snapshot_at
 from .merge import Conflict, Strategy, merge_trees
@@ -310,12 +316,21 @@ def merge_workspace(
 
 
 def _record(store: Store, state: MergeState) -> str:
+    # theirs becomes a second parent unless the thread already holds it: the merge is then a
+    # real two-parent commit, and a push of the thread fast-forwards the side merged in
+    try:  # a remote-tracking name reaches snapshots that no local thread holds yet
+        theirs = bytes.fromhex(resolve_snapshot(store, state.source).commit)
+    except NarrativeError:
+        theirs = bytes.fromhex(resolve_snapshot(store, state.theirs).commit)
+    head = store.refs.read(store.thread_ref(state.thread))
+    held = head is not None and merge_base(store, theirs, head) == theirs
     snap = take_snapshot(
         store,
         state.thread,
         message=f"merge {state.source}",
         allow_empty=True,
         trailers={"Merged-From": state.theirs},
+        merge_parents=() if held else (theirs,),
     )
     unlink_quiet(_state_path(store))
     return snap.snapshot.id

@@ -22,6 +22,7 @@ from narrative.hierarchy import (
     resolve_thread,
 )
 from narrative.history import resolve_snapshot
+from narrative.restore import RESTORE_BACKUP_THREAD
 from narrative.shared import mark_shared
 from narrative.store import THREAD_REF_PREFIX, Store
 
@@ -57,7 +58,8 @@ def selected_threads(store: Store, threads: list[str] | None, objective: str | N
         picked = []
     picked += [resolve_thread(store, t).id for t in threads or []]
     if not picked and objective is None:
-        picked = [t.id for t in list_threads(store)]
+        # by default every thread but the local safety net of restores (it is this machine's)
+        picked = [t.id for t in list_threads(store) if t.name != RESTORE_BACKUP_THREAD]
     return sorted(set(picked))
 
 

@@ -42,6 +42,7 @@ from .importer import ImportResult, fast_forward, import_stream, is_ancestor
 from .records import BUNDLE_META_REF, collect_records, encode_records
 
 __all__ = [
+    "PullResult",
     "PushResult",
     "Remote",
     "RemoteNotFound",
@@ -49,6 +50,8 @@ __all__ = [
     "fetch",
     "get_remote",
     "list_remotes",
+    "pending_merges",
+    "pull",
     "push",
     "remove_remote",
 ]
@@ -302,3 +305,80 @@ def fetch(
         if rest.updated or rest.unchanged or rest.diverged:
             results.append(rest)
     return results
+
+
+_PENDING = os.path.join("narrative", "pending-merges.json")
+
+
+def pending_merges(store: Store) -> dict[str, dict[str, str]]:
+    """Threads that moved on both sides and wait to be merged: thread id → remote and the
+    remote's head. Listed by ``narrative info``; merged with ``narrative merge REMOTE/THREAD``
+    once the workspace is on that thread (or by the next pull then)."""
+    try:
+        with open(os.path.join(store.git_dir, _PENDING), "rb") as f:
+            data = json.loads(f.read())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InvalidArtifact(f"unreadable {_PENDING}: {exc}") from None
+    return {str(k): dict(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _save_pending(store: Store, pending: dict[str, dict[str, str]]) -> None:
+    data = json.dumps(pending, indent=1, sort_keys=True).encode() + b"\n"
+    write_atomic(os.path.join(store.git_dir, _PENDING), data)
+
+
+@dataclass
+class PullResult:
+    """What a pull did: the imports, the merge into the workspace (if the workspace's thread
+    had moved on both sides), and the diverged threads left pending."""
+
+    imports: list[ImportResult]
+    merge: Any = None
+    pending: list[str] = field(default_factory=list)
+    updated_workspace: bool = False
+
+
+def pull(
+    store: Store,
+    name: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    strategy: Any = None,
+) -> PullResult:
+    """Fetch from remote ``name``, fast-forward threads that only moved there, and merge a
+    thread that moved on both sides, as ``git pull`` would: into the workspace when it is the
+    workspace's thread and the workspace is at its head (a two-parent merge snapshot, or a
+    conflict report with the merge left in progress), else recorded as pending."""
+    from narrative.head import read_head
+    from narrative.history import snapshot_at
+    from narrative.restore import restore_workspace
+    from narrative.workspace_merge import merge_workspace
+
+    current = store.config.default_thread
+    before = store.refs.read(store.thread_ref(current))
+    at_head = read_head(store) in (None, before)
+    imports = fetch(store, name, move_threads=True, storage_options=storage_options)
+    result = PullResult(imports)
+    after = store.refs.read(store.thread_ref(current))
+    if at_head and before is not None and after is not None and after != before:
+        # the workspace's thread fast-forwarded: bring the workspace along, as git pull does
+        # (what the workspace held is kept first; unsnapshotted files are never overwritten)
+        restore_workspace(store, snapshot_at(store, after))
+        result.updated_workspace = True
+    pending = pending_merges(store)
+    diverged = {t: ref for r in imports for t, ref in r.diverged.items()}
+    for thread_id in sorted(diverged):
+        current = store.config.default_thread
+        local = store.refs.read(store.thread_ref(thread_id))
+        if thread_id == current and read_head(store) in (None, local) and result.merge is None:
+            pending.pop(thread_id, None)
+            _save_pending(store, pending)
+            result.merge = merge_workspace(store, f"{name}/{thread_id}", strategy)
+            continue
+        tracking = store.refs.read(f"refs/narrative/remotes/{name}/threads/{thread_id}")
+        pending[thread_id] = {"remote": name, "theirs": tracking.hex() if tracking else ""}
+        result.pending.append(thread_id)
+    _save_pending(store, pending)
+    return result
