@@ -239,6 +239,72 @@ def test_readme_cli_reference_line(line: str) -> None:
     assert not problems, f"{README}: {line!r}: " + "; ".join(problems)
 
 
+# --- walkthroughs: console sessions that run exactly as written ----------------------------------
+
+#: Level-2 sections whose ```console blocks are shell sessions run as written, one bash script
+#: per section (blocks in order), in a fresh directory with the package's ``narrative`` on PATH.
+#: A command line ending in ``# fails`` must exit non-zero; lines without ``$ `` are sample output.
+WALKTHROUGHS = ("Two machines",)
+
+
+def walkthrough_script(blocks: list[Block], section: str) -> str:
+    """The bash script a walkthrough section's console blocks make."""
+    lines = ["set -euo pipefail"]
+    for block in blocks:
+        if block.lang != "console" or not _same(block.section, section):
+            continue
+        pending = ""
+        for raw in block.text.splitlines():
+            if pending:
+                pending += "\n" + raw
+            elif raw.startswith("$ "):
+                pending = raw[2:]
+            else:
+                continue
+            if pending.endswith("\\"):
+                continue
+            command, expect_failure = pending, False
+            if re.search(r"#\s*fails\b[^\n]*$", command):
+                command, expect_failure = command[: command.rindex("#")].rstrip(), True
+            lines.append(f"if {command}; then exit 97; fi" if expect_failure else command)
+            pending = ""
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("section", WALKTHROUGHS)
+def test_readme_walkthrough_runs_as_written(section: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = walkthrough_script(_BLOCKS, section)
+    assert script.count("\n") > 2, f"{README} has no console blocks in '## {section}'"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        f"'## {section}' of {README} failed (exit {proc.returncode}; 97: a '# fails' line "
+        f"succeeded):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+
+
+def test_walkthrough_script_follows_the_session() -> None:
+    text = (
+        "## Two machines\n\n```console\n$ mkdir a\nsome output\n$ cd a && \\\n  true\n"
+        "$ narrative push origin   # fails: pull first\n```\n"
+    )
+    assert walkthrough_script(parse_blocks(text), "Two machines") == (
+        "set -euo pipefail\nmkdir a\ncd a && \\\n  true\n"
+        "if narrative push origin; then exit 97; fi\n"
+    )
+
+
 # --- the checker itself, so a lenient checker cannot pass a drifted README --------------------
 
 
