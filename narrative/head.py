@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import re
 
-from .errors import ThreadNotFound
+from .errors import ConcurrentUpdate, InvalidInput, ThreadNotFound
 from .hierarchy import create_thread, get_thread, list_threads
 from .models import Thread
 from .refs import ANY
 from .store import Store
 
-__all__ = ["WORKSPACE_HEAD_REF", "fork_thread_name", "read_head", "set_head"]
+__all__ = ["HEAD_LOCK", "WORKSPACE_HEAD_REF", "fork_thread_name", "read_head", "set_head"]
 
 WORKSPACE_HEAD_REF = "refs/narrative/workspace/head"
+#: The store lock a snapshot of the workspace holds while it reads and moves the HEAD.
+HEAD_LOCK = "head"
 
 
 def read_head(store: Store) -> bytes | None:
@@ -52,9 +54,15 @@ def fork_thread(store: Store, from_thread: str, from_snapshot: str) -> Thread:
         thread = get_thread(store, from_thread)
     except ThreadNotFound:
         thread = get_thread(store, store.config.default_thread)
-    return create_thread(
-        store, thread.objective_id, fork_thread_name(store, thread), forked_from=from_snapshot
-    )
+    for _attempt in range(20):  # another process may take the same name at the same moment
+        try:
+            return create_thread(
+                store, thread.objective_id, fork_thread_name(store, thread), from_snapshot
+            )
+        except InvalidInput as exc:
+            if "already has a thread named" not in str(exc):
+                raise
+    raise ConcurrentUpdate("could not name a new thread: too many concurrent snapshots")
 
 
 def describe_head(store: Store) -> dict[str, str | None]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from .blobs import write_blobs
 from .commitmsg import encode_message, snapshot_from_commit
 from .errors import ConcurrentUpdate, InvalidInput
-from .head import fork_thread, read_head, set_head
+from .head import HEAD_LOCK, fork_thread, read_head, set_head
 from .history import read_commit, resolve_snapshot, snapshot_at
 from .ids import new_id
 from .models import Snapshot
@@ -204,6 +204,33 @@ def take_snapshot(
     tracks = track_head and (
         workspace is None or os.path.realpath(workspace) == os.path.realpath(store.workspace)
     )
+    if not tracks:
+        return _take(
+            store, thread_id, run_id, message, allow_empty, workspace, trailers,
+            unchanged_if, False, sweep_tmp, merge_parents,
+        )  # fmt: skip
+    # The workspace HEAD and the thread head move together: snapshots of one workspace take
+    # turns, or one could see the thread moved before the HEAD did and fork a thread for nothing.
+    with store.lock(HEAD_LOCK, timeout=120.0):
+        return _take(
+            store, thread_id, run_id, message, allow_empty, workspace, trailers,
+            unchanged_if, True, sweep_tmp, merge_parents,
+        )  # fmt: skip
+
+
+def _take(
+    store: Store,
+    thread_id: str | None,
+    run_id: str | None,
+    message: str,
+    allow_empty: bool,
+    workspace: str | None,
+    trailers: dict[str, str] | None,
+    unchanged_if: bytes | None,
+    tracks: bool,
+    sweep_tmp: bool,
+    merge_parents: tuple[bytes, ...],
+) -> SnapshotResult:
     fork_from: Snapshot | None = None
     if thread_id is None and tracks:
         workspace_head = read_head(store)

@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,6 +42,9 @@ def _clear(root: Path) -> None:
             os.unlink(entry.path)
 
 
+# the gateway's loop thread (and earlier tests' servers) use `random` while hypothesis draws,
+# which it reports as a strategy using `random`; the draws here do not
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
 @settings(
     max_examples=300,
     deadline=None,
