@@ -31,8 +31,11 @@ def read_head(store: Store) -> bytes | None:
 
 
 def set_head(store: Store, commit: bytes, thread_id: str | None = None) -> None:
-    """Record that the workspace holds ``commit``; with ``thread_id`` it continues that thread."""
-    store.refs.update(WORKSPACE_HEAD_REF, commit, expected=ANY)
+    """Record that the workspace holds ``commit``; with ``thread_id`` it continues that thread.
+
+    Writes only what changed: a snapshot that finds nothing new must not pay a ref update."""
+    if read_head(store) != commit:
+        store.refs.update(WORKSPACE_HEAD_REF, commit, expected=ANY)
     if thread_id is not None and thread_id != store.config.default_thread:
         store.config.default_thread = thread_id
         store.save_config()

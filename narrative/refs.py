@@ -231,7 +231,7 @@ class RefStore:
             if moved != stamp:
                 os.link(stale, lock_path)
         except OSError:
-            pass
+            pass  # the put-back lost to a new owner, who holds the lock now: nothing to undo
         finally:
             unlink_quiet(stale)
 

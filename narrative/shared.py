@@ -23,14 +23,21 @@ SHARED_REF_PREFIX = "refs/narrative/shared/"
 REMOTE_REF_PREFIX = "refs/narrative/remotes/"
 
 
-def _ancestors(store: Store, tips: Iterable[bytes]) -> set[bytes]:
+def _ancestors(store: Store, tips: Iterable[bytes], wanted: set[bytes] | None = None) -> set[bytes]:
+    """Commits reachable from ``tips``; with ``wanted``, the walk stops once every wanted
+    commit was met (an export's walk then ends at the thread's previous mark, not the root)."""
     seen: set[bytes] = set()
+    missing = set(wanted) if wanted is not None else None
     stack = list(tips)
     while stack:
         oid = stack.pop()
         if oid in seen:
             continue
         seen.add(oid)
+        if missing is not None:
+            missing.discard(oid)
+            if not missing:
+                break
         try:
             stack.extend(read_commit(store, oid).parents)
         except StoreCorrupted:
@@ -43,18 +50,16 @@ def mark_shared(store: Store, heads: Mapping[str, bytes]) -> None:
     for thread_id, oid in heads.items():
         prefix = f"{SHARED_REF_PREFIX}{thread_id}/"
         marks = store.refs.list(prefix)
-        below = _ancestors(store, [oid])
-        older = {name: mark for name, mark in marks.items() if mark in below}
-        if any(
-            mark != oid and oid in _ancestors(store, [mark])
-            for mark in marks.values()
-            if mark not in below
-        ):
+        if oid in marks.values():
+            continue
+        below = _ancestors(store, [oid], wanted=set(marks.values()))
+        later = [mark for mark in marks.values() if mark not in below]
+        if later and oid in _ancestors(store, later, wanted={oid}):
             continue  # a later mark already covers it
         with contextlib.suppress(ConcurrentUpdate):
             store.refs.update(prefix + oid.hex(), oid, expected=None)
-        for name, mark in older.items():
-            if mark != oid:
+        for name, mark in marks.items():
+            if mark in below:  # now covered by the new mark
                 with contextlib.suppress(ConcurrentUpdate):
                     store.refs.update(name, None, expected=mark)
 

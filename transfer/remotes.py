@@ -367,18 +367,19 @@ def pull(
         # (what the workspace held is kept first; unsnapshotted files are never overwritten)
         restore_workspace(store, snapshot_at(store, after))
         result.updated_workspace = True
-    pending = pending_merges(store)
-    diverged = {t: ref for r in imports for t, ref in r.diverged.items()}
+    before_pending = pending_merges(store)
+    pending = dict(before_pending)
+    diverged = {t for r in imports for t in r.diverged}
     for thread_id in sorted(diverged):
-        current = store.config.default_thread
         local = store.refs.read(store.thread_ref(thread_id))
         if thread_id == current and read_head(store) in (None, local) and result.merge is None:
-            pending.pop(thread_id, None)
-            _save_pending(store, pending)
+            # merged now (a failure raises and leaves it listed as pending)
             result.merge = merge_workspace(store, f"{name}/{thread_id}", strategy)
+            pending.pop(thread_id, None)
             continue
         tracking = store.refs.read(f"refs/narrative/remotes/{name}/threads/{thread_id}")
         pending[thread_id] = {"remote": name, "theirs": tracking.hex() if tracking else ""}
         result.pending.append(thread_id)
-    _save_pending(store, pending)
+    if pending != before_pending:
+        _save_pending(store, pending)
     return result
