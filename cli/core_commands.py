@@ -331,6 +331,7 @@ def restore(
 
     store = open_store(ctx)
     snap = resolve_snapshot(store, snapshot_ref)
+    merge = None
     if target is not None:
         result = materialize(store, snap, target)
     else:
@@ -342,12 +343,22 @@ def restore(
             f"what the workspace held is snapshot {result.safety_snapshot} "
             f"(undo with: narrative restore {result.safety_snapshot})"
         )
-    emit(
-        as_json,
-        asdict(result),
+        from transfer.remotes import merge_pending
+
+        merge = merge_pending(store)  # this thread moved on both sides at the last pull
+    data = asdict(result)
+    human = (
         f"restored {snap.id} into {result.target}: {result.written} written, "
-        f"{result.deleted} deleted",
+        f"{result.deleted} deleted"
     )
+    if merge is not None:
+        from .merge_commands import merge_summary
+
+        data["pending_merge"] = merge.to_dict()
+        human += "\nthis thread had a pending merge: " + merge_summary(merge.to_dict())
+    emit(as_json, data, human)
+    if merge is not None and merge.conflicts:
+        ctx.exit(1)
 
 
 @click.command()

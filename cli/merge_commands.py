@@ -41,7 +41,8 @@ def _conflict_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _human(data: dict[str, Any]) -> str:
+def merge_summary(data: dict[str, Any]) -> str:
+    """What a merge did, for people (shared by merge and by restore's pending merge)."""
     if data["up_to_date"]:
         return f"already up to date with {data['theirs']}"
     lines = [
@@ -143,7 +144,7 @@ def merge(
     data = result.to_dict()
     if not result.up_to_date:
         note(f"pre-merge snapshot {result.pre_merge}; base {result.base or '(none: two-way)'}")
-    emit(as_json, data, lambda: _human(data))
+    emit(as_json, data, lambda: merge_summary(data))
     if result.conflicts:
         ctx.exit(1)
 

@@ -236,8 +236,8 @@ def pull(ctx: click.Context, name: str, storage_pairs: tuple[str, ...], as_json:
     result = pull_remote(open_store(ctx), name, storage_options=_storage_options(storage_pairs))
     for thread_id in result.pending:
         note(
-            f"thread {thread_id} moved on both sides: pending merge (restore it, then "
-            f"'narrative merge {name}/{thread_id}')"
+            f"thread {thread_id} moved on both sides: pending merge "
+            f"('narrative restore {thread_id}' merges {name}/{thread_id} into it)"
         )
     merge = result.merge
     data = {
