@@ -75,3 +75,42 @@ def test_conflicting_pull_stops_with_both_sides_kept(tmp_path: Path) -> None:
     alice.run("restore", "origin/main", "--to", str(out))
     assert "bob's line 2" in (out / "notes.txt").read_text()
     _fsck(a_ws)
+
+
+def test_a_pending_merge_of_another_thread_is_merged_when_that_thread_is_restored(
+    tmp_path: Path,
+) -> None:
+    """A thread that is not the workspace's current one and moved on both sides: pull writes
+    nothing to the workspace and lists it in info; restoring it merges the remote's side."""
+    alice, bob, a_ws, b_ws, main = _pair(tmp_path)
+    alice.run("thread", "create", "side")
+    (a_ws / "side.txt").write_text("side 1\n")
+    side = alice.json("snapshot", "--thread", "side", "-m", "side")["thread"]
+    alice.run("restore", main)  # alice works on main again
+    alice.run("push", "origin")
+    bob.run("pull", "origin")
+    bob.run("restore", "origin/side")
+    (b_ws / "bob-side.txt").write_text("bob\n")
+    assert bob.json("snapshot", "-m", "bob on side")["thread"] == side
+    bob.run("push", "origin")
+    alice.run("restore", "side")
+    (a_ws / "alice-side.txt").write_text("alice\n")
+    alice.run("snapshot", "-m", "alice on side")
+    alice.run("restore", main)
+    before = sorted(p.name for p in a_ws.iterdir())
+    pulled = alice.json("pull", "origin")
+    assert pulled["pending"] == [side] and pulled["merge"] is None
+    assert sorted(p.name for p in a_ws.iterdir()) == before  # nothing written
+    assert side in alice.json("info")["pending_merges"]
+    restored = alice.json("restore", "side")
+    assert restored["pending_merge"]["snapshot"], restored  # a recorded two-parent merge
+    assert (a_ws / "bob-side.txt").read_text() == "bob\n"
+    assert (a_ws / "alice-side.txt").read_text() == "alice\n"
+    assert alice.json("info")["pending_merges"] is None
+    store = Store.open(workspace=str(a_ws))
+    parents = git(
+        "--git-dir", store.git_dir, "rev-list", "--parents", "-n1", store.thread_ref(side)
+    )
+    assert len(parents.split()) == 3
+    alice.run("push", "origin")  # a fast-forward now
+    _fsck(a_ws)
