@@ -416,7 +416,9 @@ def _parse_size(text: str) -> int:
 
 
 @click.command()
-@click.argument("key", required=False, type=click.Choice(["max_file_size", "default_thread"]))
+@click.argument(
+    "key", required=False, type=click.Choice(["max_file_size", "max_import_size", "default_thread"])
+)
 @click.argument("value", required=False)
 @json_option
 @click.pass_context
@@ -426,6 +428,8 @@ def config(ctx: click.Context, key: str | None, value: str | None, as_json: bool
     if key is not None and value is not None:
         if key == "max_file_size":
             store.config.max_file_size = _parse_size(value)
+        elif key == "max_import_size":
+            store.config.max_import_size = _parse_size(value)
         else:
             from narrative.hierarchy import resolve_thread
 

@@ -51,6 +51,7 @@ from .refs import RefStore
 
 __all__ = [
     "DEFAULT_MAX_FILE_SIZE",
+    "DEFAULT_MAX_IMPORT_SIZE",
     "DEFAULT_STORE_NAME",
     "THREAD_REF_PREFIX",
     "Store",
@@ -63,6 +64,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORE_NAME = location.MARKER_NAME
 DEFAULT_MAX_FILE_SIZE = 50 << 20
+#: The most bytes one import may expand to (and so the largest single file it may carry):
+#: a hostile bundle or archive must not fill the disk or memory. ``config max_import_size``.
+DEFAULT_MAX_IMPORT_SIZE = 4 << 30
 THREAD_REF_PREFIX = "refs/narrative/threads/"
 _CONFIG = os.path.join("narrative", "config.json")
 _MIGRATING_TO = os.path.join("narrative", "migrating-to")
@@ -96,6 +100,7 @@ class StoreConfig:
     default_objective: str = ""
     default_thread: str = ""
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
+    max_import_size: int = DEFAULT_MAX_IMPORT_SIZE
     workspace_id: str = ""
     """The id the workspace's marker holds (empty in stores of the old layout)."""
 
@@ -107,6 +112,7 @@ class StoreConfig:
             "default_objective": self.default_objective,
             "default_thread": self.default_thread,
             "max_file_size": self.max_file_size,
+            "max_import_size": self.max_import_size,
         }
 
     @classmethod
@@ -117,6 +123,7 @@ class StoreConfig:
                 default_objective=str(data.get("default_objective", "")),
                 default_thread=str(data.get("default_thread", "")),
                 max_file_size=int(data.get("max_file_size", DEFAULT_MAX_FILE_SIZE)),
+                max_import_size=int(data.get("max_import_size", DEFAULT_MAX_IMPORT_SIZE)),
                 workspace_id=str(data.get("workspace_id", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:

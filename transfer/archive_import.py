@@ -37,7 +37,8 @@ def _timestamp(created_at: str) -> int:
 
 def import_archive_snapshot(store: Any, stream: Readable, url: str, source: str) -> ImportResult:
     """Import one archived snapshot (see the module docstring)."""
-    imported = read_archive(stream, store)  # type: ignore[arg-type]
+    limit = store.config.max_import_size
+    imported = read_archive(stream, store, max_total=limit)  # type: ignore[arg-type]
     while stream.read(1 << 20):
         pass  # drain to the end so the sidecar checksum is verified
     manifest = imported.manifest

@@ -185,7 +185,8 @@ def _import_bundle(
                 f"{url} needs snapshot {comment or oid.hex()} ({oid.hex()[:12]}) which this "
                 "store does not have: import the earlier bundle first"
             )
-    received = receive_pack(stream, store.odb)
+    limit = store.config.max_import_size
+    received = receive_pack(stream, store.odb, max_object=limit, max_expanded=limit)
     try:
         tail = stream.read(1)  # reaching EOF makes the verified reader check the sidecar
         if tail:

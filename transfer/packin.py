@@ -22,12 +22,13 @@ from typing import IO, BinaryIO, cast
 from narrative.fsck import NAME_MAX, long_names, object_problems, tree_links
 from narrative.objects import hash_object, object_header, parse_commit
 from narrative.odb import ObjectStore, PackWriter, deflate, parse_entry_header
+from narrative.store import DEFAULT_MAX_IMPORT_SIZE
 
 from .errors import InvalidArtifact
 
 __all__ = ["DEFAULT_MAX_EXPANDED", "PackError", "ReceivedPack", "receive_pack"]
 
-DEFAULT_MAX_EXPANDED = 4 << 30
+DEFAULT_MAX_EXPANDED = DEFAULT_MAX_IMPORT_SIZE
 """Default limit on one object's size and on all objects' inflated size together."""
 _TYPES = {1: "commit", 2: "tree", 3: "blob", 4: "tag"}
 _OFS_DELTA = 6
