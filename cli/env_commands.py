@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import TYPE_CHECKING, Any
 
 import click
+
+from narrative.jsonio import parse_json
 
 from .context import open_store
 from .output import emit, json_option, note
@@ -31,8 +32,8 @@ def parse_config(pairs: tuple[str, ...]) -> dict[str, Any]:
         if not sep or not key:
             raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--config")
         try:
-            config[key] = json.loads(value)
-        except (ValueError, RecursionError):
+            config[key] = parse_json(value)
+        except ValueError:
             config[key] = value
     return config
 

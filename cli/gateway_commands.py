@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from narrative.errors import InvalidInput, NarrativeError, StoreError
+from narrative.jsonio import parse_json
 
 from .context import open_store
 from .output import emit, json_option, note
@@ -251,8 +252,8 @@ def call(
     if not token:
         raise click.UsageError("no token: pass --token or set NARRATIVE_TOKEN")
     try:
-        body = json.loads(payload)
-    except (ValueError, RecursionError) as exc:
+        body = parse_json(payload)
+    except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from None
     if not isinstance(body, dict):
         raise click.BadParameter("must be a JSON object", param_hint="--payload")

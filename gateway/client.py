@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import ssl as ssl_module
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
+
+from narrative.jsonio import parse_json
 
 from .errors import TokenInvalid
 from .handlers import Handler
@@ -39,9 +40,9 @@ def token_environment(token: str) -> str:
     """
     try:
         body = token.split(".")[1]
-        data = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        data = parse_json(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
         env = data["env"]
-    except (IndexError, ValueError, KeyError, TypeError, binascii.Error, RecursionError):
+    except (IndexError, ValueError, KeyError, TypeError, binascii.Error):
         raise TokenInvalid("malformed token") from None
     if not isinstance(env, str):
         raise TokenInvalid("malformed token")

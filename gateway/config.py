@@ -30,6 +30,8 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from narrative.jsonio import parse_json
+
 from .errors import ConfigError
 from .protocol import ENV_ID_PATTERN
 
@@ -155,8 +157,8 @@ def load_config(path: str | Path) -> ProxyExecutionConfig:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(name, f"cannot read: {reason}") from None
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
+        data = parse_json(text)
+    except ValueError as exc:
         raise ConfigError(name, f"not valid JSON: {exc}") from None
     return parse_config(data, name)
 

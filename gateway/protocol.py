@@ -24,10 +24,11 @@ so the caller can answer with an error reply instead of dropping the frame.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from narrative.jsonio import parse_json
 
 from .errors import ErrorCode, ProtocolError, UnknownMessageType
 
@@ -371,8 +372,8 @@ def parse_message(frame: str | bytes) -> Message:
 
 def _diagnose(frame: str | bytes, exc: ValidationError) -> ProtocolError:
     try:
-        data = json.loads(frame)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        data = parse_json(frame)
+    except ValueError:
         return ProtocolError("frame is not valid JSON")
     if not isinstance(data, dict):
         return ProtocolError("frame is not a JSON object")

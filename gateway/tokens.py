@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from narrative.jsonio import parse_json
+
 from .errors import AuthError, TokenExpired, TokenInvalid, TokenMissing, WrongAudience
 
 __all__ = [
@@ -159,7 +161,7 @@ def parse_ttl(text: str) -> float:
 def token_audience(token: str) -> str | None:
     """The audience a token claims, read without verifying (for error messages only)."""
     try:
-        data = json.loads(_unb64(token.split(".")[1]))
+        data = parse_json(_unb64(token.split(".")[1]))
     except (IndexError, ValueError, binascii.Error):
         return None
     aud = data.get("aud") if isinstance(data, dict) else None
@@ -282,7 +284,7 @@ class TokenSigner:
                 )
             raise TokenInvalid("token signature does not verify")
         try:
-            data = json.loads(_unb64(parts[1]))
+            data = parse_json(_unb64(parts[1]))
             read, write = data["read"], data["write"]
             claims = TokenClaims(
                 run_id=str(data["run"]),
@@ -295,7 +297,7 @@ class TokenSigner:
                 write_threads=_strings(write["threads"]),
                 create_threads=write["create"] is True,
             )
-        except (ValueError, KeyError, TypeError, binascii.Error, RecursionError):
+        except (ValueError, KeyError, TypeError, binascii.Error):
             raise TokenInvalid("malformed token claims") from None
         if claims.audience != self.audience:  # same key, other label: cannot happen, but cheap
             raise WrongAudience(f"token is for the {claims.audience}, not the {self.audience}")

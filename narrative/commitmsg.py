@@ -21,6 +21,7 @@ from typing import Any
 
 from .errors import StoreCorrupted
 from .ids import is_id
+from .jsonio import parse_json
 from .models import Snapshot, iso_from_timestamp
 from .objects import Commit
 
@@ -85,9 +86,9 @@ def snapshot_from_commit(
         snap_id = trailers["Snapshot"][0]
         thread = trailers["Thread"][0]
         run = trailers.get("Run", [None])[0]
-        stats = json.loads(trailers.get("Stats", ["{}"])[0])
-        skipped = [json.loads(s) for s in trailers.get("Skipped", [])]
-    except (KeyError, IndexError, ValueError, RecursionError) as exc:
+        stats = parse_json(trailers.get("Stats", ["{}"])[0])
+        skipped = [parse_json(s) for s in trailers.get("Skipped", [])]
+    except (KeyError, IndexError, ValueError) as exc:
         raise StoreCorrupted(f"commit {commit_oid.hex()} is not a valid snapshot") from exc
     if not (is_id(snap_id, "snapshot") and is_id(thread, "thread")):
         raise StoreCorrupted(f"commit {commit_oid.hex()} has malformed snapshot trailers")

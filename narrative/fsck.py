@@ -243,7 +243,7 @@ def _record_problems(store: Store, refs: dict[str, bytes]) -> list[str]:
         ids[kind] = set()
         try:
             records = store.meta.all(kind)
-        except (NarrativeError, RecursionError) as exc:
+        except NarrativeError as exc:
             problems.append(f"{kind} records are unreadable: {exc}")
             continue
         for record in records:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from .errors import StoreError
 from .fsutil import unlink_quiet, write_atomic
 from .ids import is_id
+from .jsonio import parse_json
 
 __all__ = [
     "MARKER_NAME",
@@ -199,7 +200,7 @@ def index_lookup(workspace: str) -> str | None:
     """
     try:
         with open(_index_file(workspace), "rb") as f:
-            entry = json.loads(f.read(4096))
+            entry = parse_json(f.read(4096))
     except (OSError, ValueError):
         return None
     if not isinstance(entry, dict) or entry.get("path") != workspace:

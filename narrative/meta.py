@@ -20,6 +20,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from .errors import ConcurrentUpdate, StoreCorrupted
+from .jsonio import parse_json
 from .objects import (
     MODE_DIR,
     MODE_FILE,
@@ -76,8 +77,8 @@ class MetaStore:
     def _decode(self, oid: bytes, name: bytes) -> dict[str, Any]:
         _, data = self.odb.read(oid)
         try:
-            record = json.loads(data)
-        except (ValueError, RecursionError) as exc:
+            record = parse_json(data)
+        except ValueError as exc:
             raise StoreCorrupted(f"metadata record {name.decode()} is not JSON") from exc
         if not isinstance(record, dict):
             raise StoreCorrupted(f"metadata record {name.decode()} is not an object")

@@ -45,6 +45,7 @@ from .errors import (
 )
 from .fsutil import fsync_dir, write_atomic
 from .ids import is_id, new_id
+from .jsonio import load_json
 from .meta import MetaStore
 from .odb import ObjectStore
 from .refs import RefStore
@@ -144,7 +145,7 @@ def _read_config(git_dir: str) -> StoreConfig | None:
     path = os.path.join(git_dir, _CONFIG)
     try:
         with open(path, "rb") as f:
-            return StoreConfig.from_dict(json.load(f), path)
+            return StoreConfig.from_dict(load_json(f), path)
     except (OSError, ValueError, StoreCorrupted):
         return None
 
@@ -330,7 +331,7 @@ class Store:
                 raise StoreCorrupted(f"store {git_dir} is missing {required}")
         try:
             with open(config_path, "rb") as f:
-                data = json.load(f)
+                data = load_json(f)
         except (OSError, ValueError) as exc:
             raise StoreCorrupted(f"unreadable store config {config_path}: {exc}") from exc
         return cls(git_dir, StoreConfig.from_dict(data, config_path))

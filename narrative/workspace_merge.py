@@ -38,6 +38,7 @@ from .errors import (
 )
 from .fsutil import unlink_quiet, write_atomic
 from .history import all_snapshots, read_commit, resolve_snapshot, snapshot_at
+from .jsonio import load_json
 from .merge import Conflict, Strategy, merge_trees
 from .models import Snapshot, now_iso
 from .objects import MODE_LINK, hash_object
@@ -157,7 +158,7 @@ def merge_state(store: Store) -> MergeState | None:
     path = _state_path(store)
     try:
         with open(path, "rb") as f:
-            data = json.load(f)
+            data = load_json(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:

@@ -18,6 +18,7 @@ import os
 from collections import deque
 from typing import Any
 
+from narrative.jsonio import parse_json
 from narrative.models import now_iso
 from narrative.store import Store
 
@@ -147,8 +148,8 @@ def _parse(data: bytes, number: str = "seq") -> list[dict[str, Any]]:
     events = []
     for raw in data.splitlines():
         try:
-            event = json.loads(raw)
-        except (ValueError, RecursionError):
+            event = parse_json(raw)
+        except ValueError:
             continue  # an interrupted append's torn line
         if isinstance(event, dict) and isinstance(event.get(number), int):
             events.append(event)

@@ -41,6 +41,7 @@ from gateway.tokens import TokenSigner, load_or_create_key
 from narrative.errors import InvalidInput
 from narrative.fsutil import write_atomic
 from narrative.hierarchy import get_run
+from narrative.jsonio import load_json
 from narrative.models import AgentRun, now_iso
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
@@ -103,7 +104,7 @@ def find_hub(store: Store, pid: int | None = None) -> dict[str, Any] | None:
     for name in names:
         try:
             with open(os.path.join(directory, name), "rb") as f:
-                info = json.load(f)
+                info = load_json(f)
         except (OSError, ValueError):
             continue
         if not isinstance(info, dict) or not isinstance(info.get("pid"), int):

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from narrative.errors import InvalidInput, NarrativeError
 from narrative.fsutil import write_atomic
+from narrative.jsonio import parse_json
 from narrative.models import now_iso
 from narrative.store import Store
 
@@ -204,8 +205,8 @@ class EnvironmentManager:
             fcntl.flock(out.fileno(), fcntl.LOCK_EX)
             try:
                 with open(state_path, "rb") as f:
-                    raw = json.loads(f.read())
-            except (FileNotFoundError, ValueError, RecursionError):
+                    raw = parse_json(f.read())
+            except (FileNotFoundError, ValueError):
                 raw = {}
             state = {
                 str(key): {"copied": entry["copied"], "done": entry["done"]}

@@ -36,6 +36,7 @@ from gateway.tokens import TokenClaims, TokenSigner
 from narrative.errors import NarrativeError
 from narrative.fsutil import write_atomic
 from narrative.hierarchy import get_run
+from narrative.jsonio import load_json
 from narrative.store import Store
 
 __all__ = ["CONTROL_RUN", "RunTokenPolicy", "result_scope", "run_token"]
@@ -127,7 +128,7 @@ class RunTokenPolicy:
     def _load_revoked(self) -> dict[str, float]:
         try:
             with open(self._revoked_file, "rb") as f:
-                data = json.load(f)
+                data = load_json(f)
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:

@@ -62,6 +62,7 @@ import zstandard
 from narrative.errors import InvalidInput, NarrativeError, StoreCorrupted
 from narrative.fsck import NAME_MAX, PATH_MAX, object_problems
 from narrative.ids import is_id
+from narrative.jsonio import parse_json
 from narrative.models import AgentRun, Objective, Snapshot, Thread
 from narrative.objects import (
     MODE_DIR,
@@ -831,7 +832,7 @@ def write_archive(
         # as JSON would carry it, so every archive written here is one the reader accepts.
         header = manifest.to_dict() | {"files": []}
         try:
-            _check_header(json.loads(json.dumps(header)))
+            _check_header(parse_json(json.dumps(header)))
         except ArchiveError as exc:
             raise InvalidInput(f"cannot archive snapshot {snapshot.id}: {exc}") from None
         # Connectivity check before anything is published: the files as hashed while being
@@ -1434,12 +1435,12 @@ def _read_manifest(tar: tarfile.TarFile, max_manifest: int) -> ArchiveManifest:
         raise ArchiveError(f"archive manifest holds {name}")
 
     try:
-        data = json.loads(
+        data = parse_json(
             document.decode("utf-8"),
             object_pairs_hook=no_duplicates,
             parse_constant=no_constants,
         )
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except ValueError as exc:
         raise ArchiveError(f"archive manifest is not valid JSON: {exc}") from None
     return ArchiveManifest.from_dict(data)
 

@@ -66,6 +66,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from narrative.errors import InvalidInput, NarrativeError
+from narrative.jsonio import parse_json
 
 from .errors import (
     ArtifactNotFound,
@@ -335,8 +336,8 @@ def _sidecar_text(digest: str, path: str) -> bytes:
 
 def _parse_value(text: str) -> Any:
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
+        return parse_json(text)
+    except ValueError:
         return text
 
 
@@ -1239,8 +1240,8 @@ class _StorageLock:
         except FileNotFoundError:
             return None
         try:
-            body = json.loads(raw[:_SIDECAR_LIMIT])
-        except (ValueError, RecursionError):
+            body = parse_json(raw[:_SIDECAR_LIMIT])
+        except ValueError:
             return {}
         return body if isinstance(body, dict) else {}
 

@@ -19,6 +19,7 @@ from typing import Any
 from narrative.errors import NarrativeError
 from narrative.hierarchy import list_objectives, list_runs, list_threads
 from narrative.history import resolve_snapshot
+from narrative.jsonio import parse_json
 from narrative.models import AgentRun, Objective, Thread
 from narrative.objects import (
     MODE_DIR,
@@ -125,9 +126,9 @@ def parse_records(read: Callable[[bytes], bytes | None], commit_tree: bytes) -> 
             if data is None or len(data) > _MAX_RECORD:
                 raise InvalidArtifact(f"bundle record {name!r} is missing or too large")
             try:
-                record = json.loads(data)
+                record = parse_json(data)
                 model = _MODELS[kind](record)
-            except (ValueError, NarrativeError, RecursionError) as exc:
+            except (ValueError, NarrativeError) as exc:
                 raise InvalidArtifact(f"invalid {kind} record {name!r}: {exc}") from None
             if name != f"{model.id}.json".encode():
                 raise InvalidArtifact(f"{kind} record {name!r} is filed under the wrong id")

@@ -32,6 +32,7 @@ from typing import Any
 
 from narrative.errors import InvalidInput, NotFound
 from narrative.fsutil import write_atomic
+from narrative.jsonio import load_json, parse_json
 from narrative.store import THREAD_REF_PREFIX, Store
 
 from . import fsio
@@ -97,7 +98,7 @@ def _config_path(store: Store) -> str:
 def list_remotes(store: Store) -> list[Remote]:
     try:
         with open(_config_path(store), "rb") as f:
-            data = json.load(f)
+            data = load_json(f)
     except FileNotFoundError:
         return []
     except ValueError as exc:
@@ -159,7 +160,7 @@ def _read_index(
             raise RemoteNotFound(remote.name, remote.url) from None
         return {"version": 1, "heads": {}, "bundles": []}, None
     try:
-        index = json.loads(raw)
+        index = parse_json(raw)
         if index.get("version") != 1 or not isinstance(index.get("heads"), dict):
             raise ValueError("unknown layout")
         if not isinstance(index.get("bundles"), list):
@@ -319,10 +320,10 @@ def pending_merges(store: Store) -> dict[str, dict[str, str]]:
     is done, however it got merged, and is not listed."""
     try:
         with open(os.path.join(store.git_dir, _PENDING), "rb") as f:
-            data = json.loads(f.read())
+            data = parse_json(f.read())
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError, RecursionError) as exc:
+    except (OSError, ValueError) as exc:
         raise InvalidArtifact(f"unreadable {_PENDING}: {exc}") from None
     if not isinstance(data, dict):
         return {}
