@@ -42,3 +42,56 @@ def test_nested_gateway_config_is_a_clear_error(tmp_path: Path) -> None:
     path.write_bytes(DEEP)
     with pytest.raises(NarrativeError):
         load_config(path)
+
+
+def test_a_nested_remote_index_is_one_line_exit_1(tmp_path: Path) -> None:
+    """The remote's index comes from whoever can write the bucket."""
+    from .conftest import Cli, store_dir_of, tree_bytes
+
+    remote, ws = tmp_path / "remote", tmp_path / "ws"
+    remote.mkdir()
+    ws.mkdir()
+    from transfer.fsio import write_small_atomic
+
+    write_small_atomic(str(remote / "index.json"), DEEP)  # published, with its sidecar
+    cli = Cli(ws)
+    cli.run("init")
+    cli.run("remote", "add", "origin", str(remote))
+    before = tree_bytes(store_dir_of(ws))
+    for command in ("fetch", "pull", "push"):
+        proc = cli.run(command, "origin", check=False)
+        assert proc.returncode == 1, (command, proc)
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert tree_bytes(store_dir_of(ws)) == before
+
+
+def test_a_nested_token_payload_is_refused() -> None:
+    """A token arrives from the network before anything about it is verified."""
+    import base64
+
+    from gateway.tokens import token_audience
+
+    body = base64.urlsafe_b64encode(DEEP).rstrip(b"=").decode()
+    assert token_audience(f"ng2.{body}.sig") is None
+
+
+def test_every_json_reader_goes_through_parse_json() -> None:
+    """The class of bug: a reader that calls json.load(s) directly and catches only
+    ValueError lets a nested document through as a RecursionError traceback."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    direct = []
+    for package in ("narrative", "transfer", "providers", "gateway", "cli"):
+        for path in sorted((root / package).rglob("*.py")):
+            if path.name == "jsonio.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (
+                    isinstance(node, ast.Attribute)
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id == "json"
+                    and node.attr in ("load", "loads")
+                ):
+                    direct.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert direct == [], f"parse with narrative.jsonio instead: {direct}"
