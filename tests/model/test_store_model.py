@@ -1,11 +1,14 @@
 """Model-based test of the promise "your work is never lost" (issue 12).
 
-Two workspaces, each a real git repository with its own store, and one shared remote directory.
-Hypothesis drives random sequences of what users do — edit files (create, modify, delete, revert
-to an earlier content, chmod, symlink, in nested directories), snapshot, restore, export and
-import bundles and archives (full and incremental), push, pull, merge, gc — and SIGKILLs real
-``narrative`` processes mid-write. The model is a plain dict: snapshot id → the files that
-snapshot must hold. After every step, stock git and the model decide:
+Two workspaces, each a real git repository with its own store, and two shared remotes: a
+directory (``file://``, which killed subprocesses share) and ``memory://``. Hypothesis drives
+random sequences of what users do — edit files (create, modify, delete, rename, revert to an
+earlier content, chmod, symlink, in nested directories), snapshot, restore, create threads,
+export and import bundles and archives (full and incremental), push, fetch, pull (with its
+merge), merge, gc — and SIGKILLs real ``narrative`` processes mid-write (the statistics,
+``--hypothesis-show-statistics``, count the kills that landed mid-run). The model is a plain
+dict: snapshot id → the files that snapshot must hold. After every step, stock git and the
+model decide:
 
 * every store passes ``git fsck --strict``;
 * every snapshot ever reported (and not dropped by gc on purpose) still restores
@@ -29,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import uuid
 from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, event, settings
@@ -37,6 +41,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from narrative.errors import NarrativeError
 from narrative.gc import RetentionPolicy, collect_garbage
+from narrative.hierarchy import create_thread, get_thread
 from narrative.history import all_snapshots, resolve_snapshot
 from narrative.restore import materialize, restore_workspace
 from narrative.snapshot import take_snapshot
@@ -44,7 +49,7 @@ from narrative.store import THREAD_REF_PREFIX, Store
 from narrative.workspace_merge import abort_merge, merge_state, merge_workspace
 from transfer.exporter import export
 from transfer.importer import import_
-from transfer.remotes import add_remote, fetch, push
+from transfer.remotes import add_remote, fetch, pull, push
 
 from ..conftest import NARRATIVE, git
 
@@ -76,6 +81,10 @@ Files = dict[str, tuple[str, bytes]]
 PATHS = ("d/x.txt", "d/y.txt", "a.txt", "d/x.txt", "d/e/z.txt")
 CONTENTS = (b"one\n", b"two\n" * 40)
 STORES = st.integers(min_value=0, max_value=1)
+#: ``origin`` is a file:// directory (the kill rule's subprocesses share it); ``mem`` a
+#: memory:// one, visible to this process only
+EDITS = ("write", "write", "write", "remove", "rename", "chmod", "symlink")
+REMOTES = st.sampled_from(("origin", "mem"))
 #: picks among what exists at run time: drawn independently of that state (a draw whose bounds
 #: depend on it would make hypothesis' replays inconsistent), then reduced modulo its size
 PICK = st.integers(min_value=0, max_value=1 << 16)
@@ -128,6 +137,7 @@ class StoreModel(RuleBasedStateMachine):
         self.root = Path(tempfile.mkdtemp(prefix="narrative-model-"))
         self.remote = self.root / "remote"
         self.remote.mkdir()
+        self.memory_remote = f"memory://narrative-model-{uuid.uuid4().hex}"
         self.model: dict[str, Files] = {}
         self.workspaces: list[Path] = []
         self.stores: list[Store] = []
@@ -144,7 +154,8 @@ class StoreModel(RuleBasedStateMachine):
             git("add", "README", cwd=ws)
             git("commit", "-q", "-m", "start", cwd=ws)
             store = Store.init(str(ws))
-            add_remote(store, "origin", str(self.remote))
+            add_remote(store, "origin", self.remote.as_uri())
+            add_remote(store, "mem", self.memory_remote)
             self.workspaces.append(ws)
             self.stores.append(store)
             self.reported.append({})
@@ -158,6 +169,11 @@ class StoreModel(RuleBasedStateMachine):
                     self._check_restores(i, snap_id)
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+            import fsspec
+
+            fs = fsspec.filesystem("memory")
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(self.memory_remote, recursive=True)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -195,7 +211,7 @@ class StoreModel(RuleBasedStateMachine):
         i=STORES,
         edits=st.lists(
             st.tuples(
-                st.sampled_from(("write", "write", "write", "remove", "chmod", "symlink")),
+                st.sampled_from(EDITS),
                 st.sampled_from(PATHS),
                 st.sampled_from(CONTENTS),
             ),
@@ -204,7 +220,8 @@ class StoreModel(RuleBasedStateMachine):
         ),
     )
     def edit(self, i: int, edits: list[tuple[str, str, bytes]]) -> None:
-        """Create, modify, delete, chmod files and point a symlink, in nested directories."""
+        """Create, modify, delete, rename, chmod files and point a symlink, in nested
+        directories (a rename moves the file to the next path of :data:`PATHS`)."""
         for action, path, content in edits:
             target = self.workspaces[i] / path
             if action == "write":
@@ -214,6 +231,11 @@ class StoreModel(RuleBasedStateMachine):
                 target.write_bytes(content)
             elif action == "remove" and (target.is_file() or target.is_symlink()):
                 target.unlink()
+            elif action == "rename" and target.is_file() and not target.is_symlink():
+                to = self.workspaces[i] / PATHS[(PATHS.index(path) + 1) % len(PATHS)]
+                if to != target and not to.is_symlink():
+                    to.parent.mkdir(parents=True, exist_ok=True)
+                    target.rename(to)
             elif action == "chmod" and target.is_file() and not target.is_symlink():
                 target.chmod(target.stat().st_mode ^ 0o111)
             elif action == "symlink":
@@ -253,6 +275,20 @@ class StoreModel(RuleBasedStateMachine):
             assert self.model[snap.id] == state, "an unchanged workspace reused another state"
         self.model[snap.id] = state
         self.reported[i][snap.id] = None
+
+    @rule(i=STORES, pick=PICK)
+    def thread_create(self, i: int, pick: int) -> None:
+        """A new thread forked from a known snapshot; the workspace snapshots onto it."""
+        store = self._store(i)
+        if not self.reported[i] or merge_state(store) is not None:
+            return
+        base = _choose(list(self.reported[i]), pick)
+        objective = get_thread(store, store.config.default_thread).objective_id
+        thread = create_thread(store, objective, f"t{len(self.model)}-{pick % 97}", base)
+        state = read_files(self.workspaces[i])
+        snap = take_snapshot(store, thread_id=thread.id, message="model", allow_empty=True)
+        self.model[snap.snapshot.id] = state
+        self.reported[i][snap.snapshot.id] = None
 
     @rule(i=STORES, pick=PICK)
     def restore(self, i: int, pick: int) -> None:
@@ -332,19 +368,39 @@ class StoreModel(RuleBasedStateMachine):
         finally:
             shutil.rmtree(clone, ignore_errors=True)
 
-    @rule(i=STORES)
-    def push(self, i: int) -> None:
+    @rule(i=STORES, remote=REMOTES)
+    def push(self, i: int, remote: str) -> None:
         # refused when diverged: that must change nothing that matters (the invariants)
         with contextlib.suppress(NarrativeError):
-            push(self._store(i), "origin")
+            push(self._store(i), remote)
 
-    @rule(i=STORES)
-    def pull(self, i: int) -> None:
+    @rule(i=STORES, remote=REMOTES)
+    def fetch(self, i: int, remote: str) -> None:
         if merge_state(self._store(i)) is not None:
             return
         with contextlib.suppress(NarrativeError):
-            fetch(self._store(i), "origin", move_threads=True)
+            fetch(self._store(i), remote, move_threads=True)
         self._learn(i)
+
+    @rule(i=STORES, remote=REMOTES)
+    def pull(self, i: int, remote: str) -> None:
+        """``narrative pull``: fast-forwards (bringing the workspace), merges the workspace's
+        thread when it moved on both sides; a conflict is aborted (nothing may be lost)."""
+        store = self._store(i)
+        if merge_state(store) is not None:
+            return
+        try:
+            result = pull(store, remote, strategy=None)
+        except NarrativeError:
+            return
+        finally:
+            self._learn(i)
+        if merge_state(self._store(i)) is not None:
+            abort_merge(self._store(i))
+        elif result.merge is not None and result.merge.snapshot:
+            # the merge snapshot holds what it wrote into the workspace
+            self.model[result.merge.snapshot] = read_files(self.workspaces[i])
+            self.reported[i][result.merge.snapshot] = None
 
     @rule(i=STORES, pick=PICK)
     def merge(self, i: int, pick: int) -> None:
