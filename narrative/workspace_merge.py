@@ -32,7 +32,6 @@ from .commitmsg import is_snapshot_commit, merged_from
 from .errors import (
     MergeError,
     MergeInProgress,
-    NarrativeError,
     NoMergeInProgress,
     StoreCorrupted,
 )
@@ -84,6 +83,9 @@ class MergeState:
     phase: str = "applying"
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     started_at: str = field(default_factory=now_iso)
+    theirs_commit: str = ""
+    """The commit merged, fixed when the merge starts: a name like ``origin/main`` may move
+    (a fetch) before ``--continue``, and the second parent must be what was merged."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": 1, **self.__dict__}
@@ -300,6 +302,7 @@ def merge_workspace(
                 ref, theirs.id, result.base, ours.id, thread_id, result.tree, run_id, strategy
             )
             state.conflicts = [c.to_dict() for c in merged.conflicts]
+            state.theirs_commit = theirs.commit
             _save_state(store, state)
             try:
                 apply_changes(store, current, pre.cache.file_keys(), writes, removed)
@@ -319,9 +322,9 @@ def merge_workspace(
 def _record(store: Store, state: MergeState) -> str:
     # theirs becomes a second parent unless the thread already holds it: the merge is then a
     # real two-parent commit, and a push of the thread fast-forwards the side merged in
-    try:  # a remote-tracking name reaches snapshots that no local thread holds yet
-        theirs = bytes.fromhex(resolve_snapshot(store, state.source).commit)
-    except NarrativeError:
+    if state.theirs_commit:
+        theirs = bytes.fromhex(state.theirs_commit)
+    else:  # a merge state written before theirs_commit was kept
         theirs = bytes.fromhex(resolve_snapshot(store, state.theirs).commit)
     head = store.refs.read(store.thread_ref(state.thread))
     held = head is not None and merge_base(store, theirs, head) == theirs
