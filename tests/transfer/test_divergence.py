@@ -114,3 +114,31 @@ def test_a_pending_merge_of_another_thread_is_merged_when_that_thread_is_restore
     assert len(parents.split()) == 3
     alice.run("push", "origin")  # a fast-forward now
     _fsck(a_ws)
+
+
+def test_continue_records_what_was_merged_even_after_the_name_moved(tmp_path: Path) -> None:
+    """A merge of ``origin/main`` stopped on a conflict; a fetch then moves ``origin/main``.
+    The merge snapshot's second parent must be the commit merged, not the new head: claiming
+    the newer one would mark work as merged that never reached the workspace."""
+    alice, bob, a_ws, b_ws, thread = _pair(tmp_path)
+    (b_ws / "notes.txt").write_text("line 1\nbob's line 2\nline 3\n")
+    bob.run("snapshot", "-m", "bob")
+    bob.run("push", "origin")
+    (a_ws / "notes.txt").write_text("line 1\nalice's line 2\nline 3\n")
+    alice.run("snapshot", "-m", "alice")
+    assert alice.run("pull", "origin", check=False).returncode == 1  # conflict, in progress
+    store = Store.open(workspace=str(a_ws))
+    merged = store.refs.read(f"refs/narrative/remotes/origin/threads/{thread}")
+    (b_ws / "later.txt").write_text("bob's later work\n")
+    bob.run("snapshot", "-m", "bob later")
+    bob.run("push", "origin")
+    alice.run("fetch", "origin")  # origin/main moves on
+    (a_ws / "notes.txt").write_text("line 1\nboth line 2s\nline 3\n")
+    alice.run("merge", "--continue")
+    parents = git(
+        "--git-dir", store.git_dir, "rev-list", "--parents", "-n1", store.thread_ref(thread)
+    ).split()
+    assert merged is not None and parents[2] == merged.hex()
+    alice.run("pull", "origin")  # bob's later work is still to come, and comes
+    assert (a_ws / "later.txt").read_text() == "bob's later work\n"
+    _fsck(a_ws)
