@@ -75,6 +75,7 @@ def _info(store: Any) -> dict[str, Any]:
         "default_objective": store.config.default_objective,
         "default_thread": store.config.default_thread,
         "max_file_size": store.config.max_file_size,
+        "max_import_size": store.config.max_import_size,
         "threads": len(store.thread_heads()),
         **describe_head(store),
         "pending_merges": _pending_merges(store),

@@ -15,32 +15,52 @@ import click
 
 from narrative.errors import NarrativeError
 
+from .output import fail
+
 __all__ = ["cli", "main"]
 
 
-class _Group(click.Group):
-    """Turns NarrativeError into one line and exit status 1."""
+def _before_double_dash(args: list[str]) -> list[str]:
+    """The arguments that belong to narrative (after ``--`` they belong to the command run)."""
+    return args[: args.index("--")] if "--" in args else args
 
-    def invoke(self, ctx: click.Context) -> Any:
+
+class _Group(click.Group):
+    """Errors in one place: a NarrativeError is one line and exit 1, a usage error exit 2;
+    with ``--json`` anywhere before ``--``, either is ``{"error": {"code", "message"}}`` on
+    stdout instead (see :func:`cli.output.fail`)."""
+
+    def main(  # type: ignore[override]
+        self, args: list[str] | None = None, prog_name: str | None = None, **extra: Any
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        as_json = "--json" in _before_double_dash(argv)
         try:
-            return super().invoke(ctx)
+            code = super().main(argv, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            if not as_json:
+                exc.show()
+            fail(as_json, "usage", exc.format_message(), exc.exit_code)
+        except click.ClickException as exc:
+            fail(as_json, "usage", exc.format_message(), exc.exit_code)
+        except click.Abort:
+            fail(as_json, "aborted", "aborted", 1)
         except NarrativeError as exc:
-            click.echo(f"narrative: error: {exc}", err=True)
-            ctx.exit(1)
+            fail(as_json, exc.code, str(exc), 1)
         except BrokenPipeError:
             sys.stderr.close()
-            ctx.exit(1)
+            sys.exit(1)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             # every store write is staged and published by rename: the store stays valid
             where = f" writing {exc.filename}" if exc.filename else ""
-            click.echo(
-                f"narrative: error: no space left on device{where}; the operation was "
-                "abandoned and the store is still valid (free some space and retry)",
-                err=True,
+            message = (
+                f"no space left on device{where}; the operation was abandoned and the store "
+                "is still valid (free some space and retry)"
             )
-            ctx.exit(1)
+            fail(as_json, "no_space", message, 1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,22 +81,64 @@ def cli(
     ctx: click.Context, directory: str | None, store_dir: str | None, verbose: int, quiet: bool
 ) -> None:
     """Snapshot, ship, restore, diff and merge agent workspaces."""
-    if verbose or quiet:
-        # Imported only on demand: logging costs a noticeable share of start-up time.
-        import logging
+    ctx.ensure_object(dict)
+    ctx.obj["store_dir"] = store_dir
+    ctx.obj["quiet"] = False
+    _set_verbosity(ctx, verbose, quiet)
+    _change_directory(directory)
 
-        level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO
-        logging.basicConfig(
-            level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-        )
+
+def _set_verbosity(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    if not (verbose or quiet):
+        return
+    # Imported only on demand: logging costs a noticeable share of start-up time.
+    import logging
+
+    level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+    if quiet:
+        ctx.find_root().obj["quiet"] = True
+
+
+def _change_directory(directory: str | None) -> None:
     if directory:
         try:
             os.chdir(directory)
         except OSError as exc:
             raise click.UsageError(f"cannot change to {directory}: {exc.strerror}") from exc
-    ctx.ensure_object(dict)
-    ctx.obj["store_dir"] = store_dir
-    ctx.obj["quiet"] = quiet
+
+
+def _global_options(command: click.Command) -> None:
+    """The global options work after the subcommand too (``narrative log -q``, ``narrative
+    run list -C DIR``), as hidden options of every command; after ``--`` nothing is parsed, so
+    ``run start -- python -v`` keeps its ``-v``."""
+
+    def store(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            ctx.find_root().obj["store_dir"] = value
+
+    def verbosity(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value:
+            _set_verbosity(ctx, value if param.name == "verbose" else 0, param.name == "quiet")
+
+    def directory(_ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        _change_directory(value)
+
+    path = click.Path(file_okay=False)
+    command.params += [
+        click.Option(["-C", "directory"], type=path, hidden=True, expose_value=False,
+                     callback=directory, is_eager=True),
+        click.Option(["--store", "store_dir"], type=path, hidden=True, expose_value=False,
+                     callback=store),
+        click.Option(["-v", "--verbose"], count=True, hidden=True, expose_value=False,
+                     callback=verbosity),
+        click.Option(["-q", "--quiet"], is_flag=True, hidden=True, expose_value=False,
+                     callback=verbosity),
+    ]  # fmt: skip
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _global_options(sub)
 
 
 def _register() -> None:
@@ -101,6 +163,7 @@ def _register() -> None:
     )
     for module in modules:
         for command in module.COMMANDS:
+            _global_options(command)
             cli.add_command(command)
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
-__all__ = ["emit", "json_option", "note"]
+__all__ = ["emit", "fail", "json_option", "note"]
 
 
 def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -37,3 +37,14 @@ def note(message: str) -> None:
     if ctx is not None and (ctx.find_root().obj or {}).get("quiet"):
         return
     click.echo(message, err=True)
+
+
+def fail(as_json: bool, code: str, message: str, exit_code: int) -> NoReturn:
+    """End the command with an error: ``{"error": {"code", "message"}}`` on stdout with
+    ``--json`` (so a script reads one document either way), else one line on stderr (a usage
+    error has already shown click's usage text)."""
+    if as_json:
+        sys.stdout.write(json.dumps({"error": {"code": code, "message": message}}) + "\n")
+    elif code != "usage":
+        click.echo(f"narrative: error: {message}", err=True)
+    sys.exit(exit_code)

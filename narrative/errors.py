@@ -60,6 +60,15 @@ __all__ = [
 class NarrativeError(Exception):
     """Root of every error the toolkit raises on purpose."""
 
+    @property
+    def code(self) -> str:
+        """A stable machine-readable name for the error: its class name in snake_case
+        (``SnapshotNotFound`` → ``snapshot_not_found``), as ``--json`` errors report it."""
+        name = type(self).__name__
+        return "".join(
+            "_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(name)
+        )
+
 
 class StoreError(NarrativeError):
     """The shadow store is missing, unusable or busy."""
