@@ -112,6 +112,55 @@ def info(ctx: click.Context, as_json: bool) -> None:
 
 
 @click.command()
+@json_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Where the workspace stands: its thread and snapshot, what changed since, the merge in
+    progress, pending merges and running runs. Writes nothing.
+
+    Example: narrative status --json
+    """
+    from narrative.status import workspace_status
+
+    store = open_store(ctx)
+    data = workspace_status(store).to_dict()
+    data["pending_merges"] = _pending_merges(store)
+    emit(as_json, data, lambda: _status_text(data))
+
+
+def _status_text(data: dict[str, Any]) -> str:
+    lines = [
+        f"on thread {data['thread_name'] or data['thread']} ({data['thread']}), "
+        f"at snapshot {data['head'] or '(none yet)'}"
+    ]
+    if data["next_snapshot"] != data["thread"]:
+        lines.append(f"the next snapshot goes to {data['next_snapshot']}")
+    changes = data["changes"]
+    if changes is None:
+        lines.append("nothing snapshotted yet ('narrative snapshot' takes the first)")
+    elif changes:
+        lines.append(f"changed since {data['head']}:")
+        lines += [f"  {c['status']}  {c['path']}" for c in changes]
+    else:
+        lines.append("nothing changed since that snapshot")
+    merge = data["merge"]
+    if merge is not None:
+        conflicts = merge["conflicts"]
+        lines.append(
+            f"merging {merge['source']} ({merge['phase']}); {len(conflicts)} conflict(s)"
+            + (f": {', '.join(conflicts)}" if conflicts else "")
+            + " — 'narrative merge --continue' or '--abort'"
+        )
+    for thread_id, entry in (data["pending_merges"] or {}).items():
+        lines.append(f"pending merge: thread {thread_id} moved on {entry.get('remote')} too")
+    for run in data["running_runs"]:
+        age = f", {run['age_seconds']}s ago" if run["age_seconds"] is not None else ""
+        lines.append(f"running: {run['id']} ({run['agent']} on {run['environment']}{age})")
+    lines.append(f"store: {data['store']}")
+    return "\n".join(lines)
+
+
+@click.command()
 @click.option("-m", "--message", default="", help="Snapshot message.")
 @click.option("--thread", "thread_ref", help="Thread id or name (default: the default thread).")
 @click.option("--run", "run_id", help="Agent run this snapshot belongs to.")
@@ -442,4 +491,4 @@ def config(ctx: click.Context, key: str | None, value: str | None, as_json: bool
     emit(as_json, data, lambda: "\n".join(f"{k} = {v}" for k, v in data.items()))
 
 
-COMMANDS = [init, info, snapshot, log, show, diff, restore, gc, fsck, config]
+COMMANDS = [init, info, status, snapshot, log, show, diff, restore, gc, fsck, config]
