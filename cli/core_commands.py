@@ -467,19 +467,26 @@ def _parse_size(text: str) -> int:
 
 @click.command()
 @click.argument(
-    "key", required=False, type=click.Choice(["max_file_size", "max_import_size", "default_thread"])
+    "key",
+    required=False,
+    type=click.Choice(["max_file_size", "max_import_size", "manual_run_timeout", "default_thread"]),
 )
 @click.argument("value", required=False)
 @json_option
 @click.pass_context
 def config(ctx: click.Context, key: str | None, value: str | None, as_json: bool) -> None:
-    """Show the store's settings, or set KEY to VALUE (sizes like 100M; a thread name or id)."""
+    """Show the store's settings, or set KEY to VALUE (sizes like 100M, durations like 12h, a
+    thread name or id)."""
     store = open_store(ctx)
     if key is not None and value is not None:
         if key == "max_file_size":
             store.config.max_file_size = _parse_size(value)
         elif key == "max_import_size":
             store.config.max_import_size = _parse_size(value)
+        elif key == "manual_run_timeout":
+            from narrative.gc import parse_duration
+
+            store.config.manual_run_timeout = parse_duration(value)
         else:
             from narrative.hierarchy import resolve_thread
 

@@ -181,6 +181,11 @@ def run() -> None:
 @click.option(
     "--direct", is_flag=True, help="Run without a hub or runtime (the provider runs the command)."
 )
+@click.option(
+    "--manual",
+    is_flag=True,
+    help="No command: record a run that you (or your agent) end with 'narrative run finish'.",
+)
 @json_option
 @click.pass_context
 def run_start(
@@ -194,6 +199,7 @@ def run_start(
     timeout: float | None,
     no_snapshot: bool,
     direct: bool,
+    manual: bool,
     as_json: bool,
 ) -> None:
     """Start a run; its base is a snapshot of the workspace taken now.
@@ -205,9 +211,18 @@ def run_start(
     back as a bundle on a new thread forked from the base. The workspace is not touched.
     Several --env fan the run out. Without --env the hub selects an idle environment that has
     the --require capabilities, or creates one. Exits 1 when a command fails.
+
+    With --manual there is no command: the run is recorded and waits for 'narrative run
+    finish' (an agent working in the workspace itself); one left running longer than
+    'config manual_run_timeout' (default 24h) is recorded as cancelled (abandoned).
+
+    Examples: narrative run start --env box -- python agent.py
+              narrative run start --manual --agent me --json
     """
     environment = environments[0] if environments else "local"
     wanted = [c.strip() for c in require.split(",") if c.strip()]
+    if manual and command:
+        raise click.UsageError("--manual runs no command: drop the command or --manual")
     if wanted and (environments or direct or not command):
         raise click.UsageError("--require selects an environment for a command: not with --env")
     if command and not direct:
@@ -229,15 +244,21 @@ def run_start(
         raise click.UsageError("--direct needs a command (after --)")
     if snapshot_ref or timeout is not None:
         raise click.UsageError("--snapshot and --timeout need a command (after --)")
-    from narrative.hierarchy import resolve_thread, start_run
+    if not manual:
+        raise click.UsageError(
+            "give the command to run after -- (narrative run start --env ENV -- CMD), or "
+            "--manual for a run you end yourself with 'narrative run finish'"
+        )
+    from narrative.hierarchy import resolve_thread, start_run, sweep_abandoned_runs
     from narrative.snapshot import take_snapshot
 
     store = open_store(ctx)
+    _note_swept(sweep_abandoned_runs(store))
     t = resolve_thread(store, thread_ref)
     base = None
     if not no_snapshot:
         base = take_snapshot(store, t.id, message=f"base of a run by {agent}").snapshot.id
-    started = start_run(store, t.id, agent, environment, base)
+    started = start_run(store, t.id, agent, environment, base, manual=True)
     emit(as_json, started.to_dict(), started.id)
 
 
@@ -321,13 +342,38 @@ def run_finish(
 @json_option
 @click.pass_context
 def run_list(ctx: click.Context, thread_ref: str | None, as_json: bool) -> None:
-    """List agent runs."""
-    from narrative.hierarchy import list_runs, resolve_thread
+    """List agent runs (manual runs still running show how long they have waited for
+    'narrative run finish'; abandoned ones are swept first, see 'run start --manual')."""
+    from narrative.hierarchy import list_runs, resolve_thread, run_age, sweep_abandoned_runs
 
     store = open_store(ctx)
+    _note_swept(sweep_abandoned_runs(store))
     thread_id = resolve_thread(store, thread_ref).id if thread_ref else None
-    rows = [r.to_dict() for r in list_runs(store, thread_id)]
-    emit(as_json, rows, lambda: _table(rows, ["id", "status", "agent", "thread", "started_at"]))
+    rows = []
+    for r in list_runs(store, thread_id):
+        age = run_age(r)
+        waiting = r.manual and r.status == "running"
+        rows.append(
+            {
+                **r.to_dict(),
+                "age_seconds": int(age) if age is not None else None,
+                "waiting": f"run finish ({_duration(age)})" if waiting and age is not None else "",
+            }
+        )
+    columns = ["id", "status", "agent", "thread", "started_at", "waiting"]
+    emit(as_json, rows, lambda: _table(rows, columns))
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def _note_swept(runs: list[Any]) -> None:
+    for run in runs:
+        note(f"run {run.id} was abandoned: {run.reason} (recorded as cancelled)")
 
 
 @run.command("show")

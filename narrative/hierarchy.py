@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import time
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import (
@@ -32,7 +35,9 @@ __all__ = [
     "list_threads",
     "resolve_objective",
     "resolve_thread",
+    "run_age",
     "set_objective_status",
+    "sweep_abandoned_runs",
     "start_run",
 ]
 
@@ -176,7 +181,11 @@ def start_run(
     agent: str = "agent",
     environment: str = "local",
     base_snapshot: str | None = None,
+    *,
+    manual: bool = False,
 ) -> AgentRun:
+    """Record a run starting on ``thread_id``; ``manual``: no command runs it, the caller
+    ends it with :func:`finish_run` (else :func:`sweep_abandoned_runs` does)."""
     get_thread(store, thread_id)
     if not agent.strip() or not environment.strip():
         raise InvalidInput("agent and environment names must not be empty")
@@ -186,6 +195,7 @@ def start_run(
         agent=agent,
         environment=environment,
         base_snapshot=base_snapshot,
+        manual=manual,
     )
     store.meta.update("runs", run.id, lambda _cur: run.to_dict(), f"run {run.id}: start")
     return run
@@ -207,6 +217,7 @@ def finish_run(
     status: str,
     exit_code: int | None = None,
     result_snapshot: str | None = None,
+    reason: str | None = None,
 ) -> AgentRun:
     """Record the end of a run; a run that already finished is refused."""
     if status not in RUN_STATUSES or status == "running":
@@ -223,7 +234,31 @@ def finish_run(
             "exit_code": exit_code,
             "result_snapshot": result_snapshot,
             "finished_at": now_iso(),
+            **({"reason": reason} if reason else {}),
         }
 
     record = store.meta.update("runs", run_id, change, f"run {run_id}: {status}")
     return AgentRun.from_dict(record or {})
+
+
+def run_age(run: AgentRun, now: float | None = None) -> float | None:
+    """Seconds since ``run`` started (None when its start time is unreadable)."""
+    try:
+        started = datetime.fromisoformat(run.started_at.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return max(0.0, (time.time() if now is None else now) - started.timestamp())
+
+
+def sweep_abandoned_runs(store: Store, now: float | None = None) -> list[AgentRun]:
+    """Manual runs still running after ``config manual_run_timeout`` seconds are recorded as
+    cancelled (reason: abandoned); returns them. A run finished meanwhile is left alone."""
+    limit = store.config.manual_run_timeout
+    swept = []
+    for run in list_runs(store):
+        age = run_age(run, now)
+        if run.manual and run.status == "running" and age is not None and age > limit:
+            reason = f"abandoned: no 'narrative run finish' within {int(limit)}s"
+            with contextlib.suppress(InvalidInput):  # finished by someone else just now
+                swept.append(finish_run(store, run.id, "cancelled", reason=reason))
+    return swept

@@ -120,6 +120,10 @@ class AgentRun:
     exit_code: int | None = None
     started_at: str = field(default_factory=now_iso)
     finished_at: str | None = None
+    manual: bool = False
+    """Started without a command (``run start --manual``): it waits for ``run finish``."""
+    reason: str | None = None
+    """Why the run ended as it did, when it was not told (e.g. swept as abandoned)."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -146,6 +150,8 @@ class AgentRun:
             exit_code=exit_code,
             started_at=_require(data, "started_at", str),
             finished_at=finished if isinstance(finished, str) else None,
+            manual=data.get("manual") is True,
+            reason=reason if isinstance(reason := data.get("reason"), str) else None,
         )
 
 

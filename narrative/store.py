@@ -51,6 +51,7 @@ from .odb import ObjectStore
 from .refs import RefStore
 
 __all__ = [
+    "DEFAULT_MANUAL_RUN_TIMEOUT",
     "DEFAULT_MAX_FILE_SIZE",
     "DEFAULT_MAX_IMPORT_SIZE",
     "DEFAULT_STORE_NAME",
@@ -68,6 +69,7 @@ DEFAULT_MAX_FILE_SIZE = 50 << 20
 #: The most bytes one import may expand to (and so the largest single file it may carry):
 #: a hostile bundle or archive must not fill the disk or memory. ``config max_import_size``.
 DEFAULT_MAX_IMPORT_SIZE = 4 << 30
+DEFAULT_MANUAL_RUN_TIMEOUT = 24 * 3600.0
 THREAD_REF_PREFIX = "refs/narrative/threads/"
 _CONFIG = os.path.join("narrative", "config.json")
 _MIGRATING_TO = os.path.join("narrative", "migrating-to")
@@ -102,6 +104,8 @@ class StoreConfig:
     default_thread: str = ""
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     max_import_size: int = DEFAULT_MAX_IMPORT_SIZE
+    manual_run_timeout: float = DEFAULT_MANUAL_RUN_TIMEOUT
+    """Seconds a ``run start --manual`` run may wait for ``run finish`` before it is swept."""
     workspace_id: str = ""
     """The id the workspace's marker holds (empty in stores of the old layout)."""
 
@@ -114,6 +118,7 @@ class StoreConfig:
             "default_thread": self.default_thread,
             "max_file_size": self.max_file_size,
             "max_import_size": self.max_import_size,
+            "manual_run_timeout": self.manual_run_timeout,
         }
 
     @classmethod
@@ -125,6 +130,9 @@ class StoreConfig:
                 default_thread=str(data.get("default_thread", "")),
                 max_file_size=int(data.get("max_file_size", DEFAULT_MAX_FILE_SIZE)),
                 max_import_size=int(data.get("max_import_size", DEFAULT_MAX_IMPORT_SIZE)),
+                manual_run_timeout=float(
+                    data.get("manual_run_timeout", DEFAULT_MANUAL_RUN_TIMEOUT)
+                ),
                 workspace_id=str(data.get("workspace_id", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:

@@ -22,7 +22,7 @@ base=$(narrative -q snapshot -m "starting point")
 echo "$base"
 step "an agent run on its own thread"
 thread=$(narrative thread create agent-attempt --from "$base" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-run=$(narrative run start --thread agent-attempt --agent demo-agent --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+run=$(narrative run start --manual --thread agent-attempt --agent demo-agent --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 printf 'def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n' > "$ws/src/calc.py"
 printf 'mul is new\n' > "$ws/CHANGES.md"
 narrative run finish "$run" --exit-code 0

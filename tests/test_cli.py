@@ -85,7 +85,7 @@ def test_hierarchy_commands(cli: Cli, workspace: Path) -> None:
     assert obj["title"] == "Fix the parser"
     thread = cli.json("thread", "create", "attempt-1", "--objective", obj["id"])
     assert thread["objective_id"] == obj["id"]
-    run = cli.json("run", "start", "--thread", "attempt-1", "--agent", "claude")
+    run = cli.json("run", "start", "--manual", "--thread", "attempt-1", "--agent", "claude")
     assert run["status"] == "running" and run["thread"] == thread["id"]
     assert run["base_snapshot"]
     (workspace / "fix.py").write_text("fixed = True\n")

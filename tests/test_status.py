@@ -45,7 +45,7 @@ def test_status_shows_a_merge_in_progress_and_running_runs(cli: Cli, workspace: 
     theirs = cli.json("snapshot", "--thread", "other", "-m", "theirs")
     cli.run("restore", "main")
     assert cli.run("merge", theirs["id"], check=False).returncode == 1  # a conflict
-    run = cli.json("run", "start", "--agent", "tester")
+    run = cli.json("run", "start", "--manual", "--agent", "tester")
     status = cli.json("status")
     assert status["merge"]["conflicts"] == ["notes.txt"]
     assert [r["id"] for r in status["running_runs"]] == [run["id"]]
