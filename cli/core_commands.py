@@ -117,8 +117,6 @@ def info(ctx: click.Context, as_json: bool) -> None:
 def status(ctx: click.Context, as_json: bool) -> None:
     """Where the workspace stands: its thread and snapshot, what changed since, the merge in
     progress, pending merges and running runs. Writes nothing.
-
-    Example: narrative status --json
     """
     from narrative.status import workspace_status
 

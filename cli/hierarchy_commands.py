@@ -215,9 +215,6 @@ def run_start(
     With --manual there is no command: the run is recorded and waits for 'narrative run
     finish' (an agent working in the workspace itself); one left running longer than
     'config manual_run_timeout' (default 24h) is recorded as cancelled (abandoned).
-
-    Examples: narrative run start --env box -- python agent.py
-              narrative run start --manual --agent me --json
     """
     environment = environments[0] if environments else "local"
     wanted = [c.strip() for c in require.split(",") if c.strip()]

@@ -15,6 +15,7 @@ import click
 
 from narrative.errors import NarrativeError
 
+from .help import add_example, format_sections
 from .output import fail
 
 __all__ = ["cli", "main"]
@@ -61,6 +62,9 @@ class _Group(click.Group):
             )
             fail(as_json, "no_space", message, 1)
         sys.exit(code if isinstance(code, int) else 0)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        format_sections(self, ctx, formatter)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -164,6 +168,7 @@ def _register() -> None:
     for module in modules:
         for command in module.COMMANDS:
             _global_options(command)
+            add_example(command, command.name or "")
             cli.add_command(command)
 
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import click
+import pytest
+
 from .conftest import Cli
 
 
@@ -58,3 +61,59 @@ def test_options_after_double_dash_belong_to_the_command(cli: Cli, workspace: Pa
     cli.run("env", "create", "box", "--provider", "worktree")
     proc = cli.run("env", "exec", "box", "--", "echo", "-v", "-q", "--json", "-C", "x")
     assert proc.stdout.strip() == "-v -q --json -C x"
+
+
+def _commands() -> list[tuple[str, click.Command]]:
+    from cli.main import cli as root
+
+    found = []
+
+    def walk(command: click.Command, path: str) -> None:
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                walk(sub, f"{path} {name}".strip())
+        else:
+            found.append((path, command))
+
+    walk(root, "")
+    return found
+
+
+def test_every_command_has_an_example_and_a_section() -> None:
+    from cli.help import EXAMPLES, SECTIONS
+    from cli.main import cli as root
+
+    missing = [path for path, _command in _commands() if path not in EXAMPLES]
+    assert missing == [], f"commands without an example in cli/help.py: {missing}"
+    stale = set(EXAMPLES) - {path for path, _command in _commands()}
+    assert stale == set(), f"examples of commands that do not exist: {stale}"
+    sectioned = {name for names in SECTIONS.values() for name in names}
+    assert set(root.commands) == sectioned
+
+
+def test_help_is_grouped_and_shows_the_example(cli: Cli) -> None:
+    top = cli.run("--help").stdout
+    for title in ("Snapshots:", "History:", "Transfer:", "Environments and runs:", "Gateway:"):
+        assert title in top
+    assert "Other:" not in top
+    shown = cli.run("remote", "add", "--help").stdout
+    assert "Example:" in shown and "narrative remote add origin" in shown
+
+
+def test_every_example_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each example's options and arguments are ones its command accepts (parsed by click,
+    nothing run)."""
+    import shlex
+
+    from cli.help import EXAMPLES
+
+    monkeypatch.chdir(tmp_path)
+    commands = dict(_commands())
+    for path, example in EXAMPLES.items():
+        words = shlex.split(example, comments=True)
+        assert words[: 1 + len(path.split())] == ["narrative", *path.split()], example
+        args = words[1 + len(path.split()) :]
+        try:
+            commands[path].make_context(path, args)
+        except click.UsageError as exc:
+            raise AssertionError(f"{example!r}: {exc.format_message()}") from None
