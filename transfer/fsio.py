@@ -88,6 +88,7 @@ __all__ = [
     "VerifiedReader",
     "compare_and_swap_small",
     "exists",
+    "flat_storage_options",
     "list_dir",
     "location_exists",
     "merge_storage_options",
@@ -139,6 +140,11 @@ def _redact(url: str) -> str:
     return _USERINFO.sub("***@", url)
 
 
+_UNKNOWN_OPTION = re.compile(r"unexpected keyword argument '([^']+)'")
+#: botocore's and aiohttp's names for "nothing answers at that address"
+_UNREACHABLE = re.compile(r"EndpointConnectionError|ConnectTimeout|ClientConnectorError")
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return _USERINFO.sub("***@", text)
@@ -172,11 +178,24 @@ def _translate(url: str, action: str, *, writing: bool = False) -> Iterator[None
     except OSError as exc:
         shown = _redact(url)
         raise StorageError(shown, f"{action} {shown} failed: {_describe(exc)}") from exc
+    except TypeError as exc:
+        # backends take their options as **kwargs and may only use them at the first request:
+        # an option they do not know is bad input, named, not a traceback
+        option = _UNKNOWN_OPTION.search(str(exc))
+        if option is None:
+            raise
+        raise InvalidInput(
+            f"storage option {option.group(1)!r} is not accepted for {_redact(url)} "
+            f"({_describe(exc)})"
+        ) from exc
     except Exception as exc:
         if not _is_backend_error(exc):
             raise
         shown = _redact(url)
-        raise StorageError(shown, f"{action} {shown} failed: {_describe(exc)}") from exc
+        hint = ""
+        if _UNREACHABLE.search(type(exc).__name__):
+            hint = " (is the endpoint right? set it with client_kwargs.endpoint_url)"
+        raise StorageError(shown, f"{action} {shown} failed: {_describe(exc)}{hint}") from exc
 
 
 def _error_codes(exc: BaseException) -> set[str]:
@@ -443,6 +462,26 @@ def merge_storage_options(base: Mapping[str, Any], override: Mapping[str, Any]) 
             out[key] = merge_storage_options(out[key], value)
         else:
             out[key] = value
+    return out
+
+
+#: option names that hold credentials (``key``/``secret``/``token`` of s3fs, botocore's
+#: ``aws_secret_access_key``, passwords...): shown as ``***``, never printed
+_SECRET_OPTION = re.compile(r"(^|_)(key|secret|token|password|passwd|credentials?)(_|$)", re.I)
+
+
+def flat_storage_options(options: Mapping[str, Any], *, redact: bool = True) -> dict[str, str]:
+    """Options as the dotted ``KEY=VALUE`` pairs ``--storage-option`` takes, with the values
+    of credential options replaced by ``***`` (for listings and logs)."""
+    out: dict[str, str] = {}
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            for sub, text in flat_storage_options(value, redact=redact).items():
+                out[f"{key}.{sub}"] = text
+        elif redact and _SECRET_OPTION.search(str(key)):
+            out[str(key)] = "***"
+        else:
+            out[str(key)] = value if isinstance(value, str) else json.dumps(value)
     return out
 
 
