@@ -25,8 +25,22 @@ _storage_option = click.option(
     "storage_pairs",
     multiple=True,
     metavar="KEY=VALUE",
-    help="fsspec storage option (repeatable; also NARRATIVE_STORAGE_* variables).",
+    help="fsspec storage option, repeatable. Dotted keys nest and values may be JSON: "
+    "client_kwargs.endpoint_url=http://127.0.0.1:9000 (MinIO, moto), anon=true. The same "
+    "from variables: NARRATIVE_STORAGE_CLIENT_KWARGS__ENDPOINT_URL=... (__ nests). Keep "
+    "credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile, not here.",
 )
+
+
+def _remote_row(remote: Any) -> dict[str, Any]:
+    """A remote for output: its options flattened, credentials shown as ***."""
+    from transfer.fsio import flat_storage_options
+
+    return {
+        "name": remote.name,
+        "url": remote.url,
+        "storage_options": flat_storage_options(remote.storage_options),
+    }
 
 
 @click.command("export")
@@ -132,23 +146,38 @@ def remote() -> None:
 def remote_add(
     ctx: click.Context, name: str, url: str, storage_pairs: tuple[str, ...], as_json: bool
 ) -> None:
-    """Add a remote NAME at URL."""
-    from transfer.fsio import parse_storage_options
+    """Add a remote NAME at URL (a directory, file://, s3://bucket/prefix, memory://...). Its
+    --storage-option values are kept with it (in the store, in plain text)."""
+    from transfer.fsio import flat_storage_options, parse_storage_options
     from transfer.remotes import add_remote
 
     added = add_remote(open_store(ctx), name, url, parse_storage_options(storage_pairs))
-    emit(as_json, asdict(added), f"added remote {added.name} at {added.url}")
+    for key, value in flat_storage_options(added.storage_options).items():
+        if value == "***":
+            note(
+                f"warning: storage option {key} is kept in plain text in the store; prefer "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or NARRATIVE_STORAGE_* "
+                "variables"
+            )
+    emit(as_json, _remote_row(added), f"added remote {added.name} at {added.url}")
 
 
 @remote.command("list")
 @json_option
 @click.pass_context
 def remote_list(ctx: click.Context, as_json: bool) -> None:
-    """List remotes."""
+    """List remotes with their storage options (credentials shown as ***)."""
     from transfer.remotes import list_remotes
 
-    rows = [asdict(r) for r in list_remotes(open_store(ctx))]
-    emit(as_json, rows, lambda: "\n".join(f"{r['name']}  {r['url']}" for r in rows))
+    rows = [_remote_row(r) for r in list_remotes(open_store(ctx))]
+
+    def human() -> str:
+        return "\n".join(
+            "  ".join([r["name"], r["url"], *(f"{k}={v}" for k, v in r["storage_options"].items())])
+            for r in rows
+        )
+
+    emit(as_json, rows, human)
 
 
 @remote.command("remove")
