@@ -24,6 +24,8 @@ import pytest
 
 from cli.main import cli as root_cli
 
+from .transfer.conftest import s3_endpoint, s3_options  # noqa: F401 - fixtures
+
 README = Path(
     os.environ.get("NARRATIVE_README") or Path(__file__).resolve().parents[1] / "README.md"
 )
@@ -273,12 +275,32 @@ def walkthrough_script(blocks: list[Block], section: str) -> str:
 
 @pytest.mark.parametrize("section", WALKTHROUGHS)
 def test_readme_walkthrough_runs_as_written(section: str, tmp_path: Path) -> None:
+    run_walkthrough(section, tmp_path, {})
+
+
+def test_readme_s3_walkthrough_runs_against_moto(
+    s3_endpoint: str,  # noqa: F811 - the imported fixture
+    s3_options: dict[str, object],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """'## S3 and MinIO', with moto as the endpoint (s3_options sets the AWS variables and
+    creates the bucket)."""
+    from .transfer.conftest import BUCKET
+
+    run_walkthrough("S3 and MinIO", tmp_path, {"S3_ENDPOINT": s3_endpoint, "S3_BUCKET": BUCKET})
+
+
+def run_walkthrough(section: str, tmp_path: Path, extra_env: dict[str, str]) -> None:
     import subprocess
     import sys
 
     script = walkthrough_script(_BLOCKS, section)
     assert script.count("\n") > 2, f"{README} has no console blocks in '## {section}'"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        **extra_env,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     proc = subprocess.run(
         ["bash", "-c", script],
         cwd=tmp_path,
