@@ -12,7 +12,9 @@ import hashlib
 import os
 import tempfile
 import zlib
+from collections.abc import Callable
 
+from . import progress
 from .objects import MODE_LINK, hash_object, object_header
 from .odb import ObjectStore, PackWriter, deflate
 from .scan import FileJob
@@ -108,13 +110,20 @@ def write_blobs(
     (reported back) rather than failing the whole snapshot.
     """
     failed: list[FileJob] = []
+    with progress.stage("hashing", sum(job.key[2] for job in jobs), "bytes") as advance:
 
-    def run(job: FileJob) -> None:
-        try:
-            _store_one(job, store, writer)
-        except OSError:
-            failed.append(job)
+        def run(job: FileJob) -> None:
+            try:
+                _store_one(job, store, writer)
+            except OSError:
+                failed.append(job)
+            advance(job.key[2])
 
+        _run_jobs(jobs, run)
+    return failed
+
+
+def _run_jobs(jobs: list[FileJob], run: Callable[[FileJob], None]) -> None:
     if len(jobs) < _PARALLEL_MIN_JOBS:
         for job in jobs:
             run(job)
@@ -131,4 +140,3 @@ def write_blobs(
         batches = [jobs[i :: workers * 8] for i in range(workers * 8)]
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(run_batch, batches))
-    return failed

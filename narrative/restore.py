@@ -15,6 +15,7 @@ import stat as stat_mod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from . import progress
 from .errors import RestoreError, StoreCorrupted, UnsafePath
 from .fsutil import WORKSPACE_TMP_PREFIX, mkstemp
 from .models import Snapshot
@@ -127,20 +128,23 @@ def _write_all(
         if directory:
             os.makedirs(os.path.join(root, directory), exist_ok=True)
 
-    def write_batch(batch: list[tuple[str, int, bytes]]) -> None:
-        for path, mode, oid in batch:
-            _write_file(odb, root, path, mode, oid, fresh)
+    with progress.stage("restoring", len(items), "files") as advance:
 
-    if len(items) < _PARALLEL_MIN:
-        write_batch(items)
-        return
-    # inflate and write on several threads (zlib and file writes release the GIL)
-    workers = max(2, min(4, os.cpu_count() or 2))
-    batches = [items[i :: workers * 4] for i in range(workers * 4)]
-    from concurrent.futures import ThreadPoolExecutor  # imported late: costly at start-up
+        def write_batch(batch: list[tuple[str, int, bytes]]) -> None:
+            for path, mode, oid in batch:
+                _write_file(odb, root, path, mode, oid, fresh)
+                advance(1)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(write_batch, batches))
+        if len(items) < _PARALLEL_MIN:
+            write_batch(items)
+            return
+        # inflate and write on several threads (zlib and file writes release the GIL)
+        workers = max(2, min(4, os.cpu_count() or 2))
+        batches = [items[i :: workers * 4] for i in range(workers * 4)]
+        from concurrent.futures import ThreadPoolExecutor  # imported late: costly at start-up
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(write_batch, batches))
 
 
 def materialize(store: Store, snapshot: Snapshot, target: str) -> RestoreResult:

@@ -24,9 +24,11 @@ import marshal
 import os
 import stat as stat_mod
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import progress
 from .fsutil import is_workspace_tmp, remove_stale_workspace_tmp
 from .ignore import IgnoreRules, read_ignore_file
 from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK
@@ -94,6 +96,10 @@ def _mode_of(st_mode: int) -> int | None:
     return None
 
 
+def _uncounted(_files: int) -> None:
+    pass
+
+
 class _Walker:
     """Lists and stats directories; shared by the parent and the forked workers."""
 
@@ -105,6 +111,8 @@ class _Walker:
         self.sweep_tmp = sweep_tmp
         self.scans: list[_DirScan] = []
         self.unreadable: list[dict[str, Any]] = []
+        #: counts the files listed (a no-op in forked workers: the parent counts theirs)
+        self.advance: Callable[[int], None] = _uncounted
 
     @staticmethod
     def _rules_for(abs_dir: str, rel_dir: str, names: set[str], rules: IgnoreRules) -> IgnoreRules:
@@ -172,6 +180,7 @@ class _Walker:
         except OSError:
             files, stats = _stat_slowly(files)
         keys = [(s.st_mtime_ns, s.st_ctime_ns, s.st_size, s.st_ino, s.st_mode) for s in stats]
+        self.advance(len(keys))
         file_names = [e.name for e in files]
         sub_names = [e.name for e in subdirs]
         listing = "\0".join(file_names) + "\0/\0" + "\0".join(sub_names)
@@ -255,6 +264,7 @@ def _walk_in_workers(
             broken = True
             continue
         scans, unreadable, failed = marshal.loads(data)
+        walker.advance(sum(len(scan[4]) for scan in scans if scan[4] is not None))
         walker.scans.extend(scans)
         walker.unreadable.extend(unreadable)
         failed_units.update(failed)
@@ -371,14 +381,15 @@ def scan_workspace(
     """
     walker = _Walker(cache.dirs, exclude, sweep_tmp)
     workers = min(os.cpu_count() or 1, 4)
-    if workers > 1 and len(cache.dirs) >= _PARALLEL_MIN_DIRS:
-        units = _units(walker, workspace, workers * _UNITS_PER_WORKER)
-        failed = _walk_in_workers(walker, units, workers) if units else None
-        if units and failed is None:
-            failed = {rel for path, rel, rules in units if not walker.walk(path, rel, rules)}
-        del failed  # unreadable units are absent from the scans; resolve() handles that
-    else:
-        walker.walk(workspace, "", IgnoreRules.empty())
+    with progress.stage("scanning", None, "files") as walker.advance:
+        if workers > 1 and len(cache.dirs) >= _PARALLEL_MIN_DIRS:
+            units = _units(walker, workspace, workers * _UNITS_PER_WORKER)
+            failed = _walk_in_workers(walker, units, workers) if units else None
+            if units and failed is None:
+                failed = {rel for path, rel, rules in units if not walker.walk(path, rel, rules)}
+            del failed  # unreadable units are absent from the scans; resolve() handles that
+        else:
+            walker.walk(workspace, "", IgnoreRules.empty())
     scans = {scan[0]: scan for scan in walker.scans}
     resolver = _Resolver(workspace, cache, max_size, scans)
     if "" in scans:

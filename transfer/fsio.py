@@ -53,7 +53,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -65,6 +65,7 @@ from fsspec.implementations.cached import CachingFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
+from narrative import progress
 from narrative.errors import InvalidInput, NarrativeError
 from narrative.jsonio import parse_json
 
@@ -797,7 +798,8 @@ def publish(
     _check_artifact_path(path, url)
     with _translate(url, "opening for write", writing=True):
         stage = _stage(fs, path, size)
-    writer = PublishWriter(stage.file, url, callback)
+    shown = _StageProgress("sending", size) if callback is None else None
+    writer = PublishWriter(stage.file, url, callback or shown)
     if callback is not None and size is not None:
         callback.set_size(size)
     try:
@@ -808,6 +810,9 @@ def publish(
         _abort(stage, url)
         writer.close()
         raise
+    finally:
+        if shown is not None:
+            shown.finish()
     writer.close()
     side = path + SIDECAR_SUFFIX
     with _translate(url, "publishing", writing=True):
@@ -885,9 +890,16 @@ class VerifiedReader(io.BufferedIOBase):
     """
 
     def __init__(
-        self, raw: Any, url: str, expected: str, size: int | None, callback: Callback | None
+        self,
+        raw: Any,
+        url: str,
+        expected: str,
+        size: int | None,
+        callback: Callback | None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
+        self._on_close = on_close
         self._raw = raw
         self._url = url
         self._expected = expected
@@ -975,7 +987,28 @@ class VerifiedReader(io.BufferedIOBase):
                 with _translate(self._url, "closing"):
                     self._raw.close()
             finally:
+                if self._on_close is not None:
+                    self._on_close()
                 super().close()
+
+
+class _StageProgress(Callback):  # type: ignore[misc]
+    """The default callback of a transfer: its bytes advance a :mod:`narrative.progress` stage
+    (shown by the CLI on a terminal; free when nobody listens)."""
+
+    def __init__(self, label: str, size: int | None) -> None:
+        super().__init__()
+        self._stage = progress.stage(label, size, "bytes")
+        self._advance = self._stage.__enter__()
+        self._open = True
+
+    def relative_update(self, inc: int = 1) -> None:
+        self._advance(inc)
+
+    def finish(self) -> None:
+        if self._open:
+            self._open = False
+            self._stage.__exit__(None, None, None)
 
 
 def open_verified(
@@ -1017,6 +1050,9 @@ def open_verified(
     size = size if isinstance(size, int) else None
     if callback is not None and size is not None:
         callback.set_size(size)
+    if callback is None:
+        shown = _StageProgress("receiving", size)
+        return VerifiedReader(raw, url, expected, size, shown, on_close=shown.finish)
     return VerifiedReader(raw, url, expected, size, callback)
 
 
