@@ -17,6 +17,7 @@ from narrative.errors import NarrativeError
 
 from .help import add_example, format_sections
 from .output import fail
+from .progress import reporting
 
 __all__ = ["cli", "main"]
 
@@ -37,7 +38,8 @@ class _Group(click.Group):
         argv = list(sys.argv[1:] if args is None else args)
         as_json = "--json" in _before_double_dash(argv)
         try:
-            code = super().main(argv, prog_name, standalone_mode=False, **extra)
+            with reporting(enabled=not as_json):
+                code = super().main(argv, prog_name, standalone_mode=False, **extra)
         except click.UsageError as exc:
             if not as_json:
                 exc.show()

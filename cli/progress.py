@@ -1,53 +1,111 @@
-"""Progress bars for long transfers: rich on a terminal, nothing when piped, --json or -q."""
+"""Progress on a terminal: the stages the packages announce (:mod:`narrative.progress`:
+files scanned, bytes hashed, files restored, bytes sent and received) drawn as a rich bar on
+stderr with rate and ETA; nothing when stderr is not a terminal, with ``--json`` or ``-q``."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import click
 
-__all__ = ["progress_callback"]
+__all__ = ["reporting"]
 
 
 @contextlib.contextmanager
-def progress_callback(ctx: click.Context, label: str, enabled: bool = True) -> Iterator[Any]:
-    """An fsspec Callback drawing a byte progress bar, or None when no bar should show."""
-    quiet = (ctx.find_root().obj or {}).get("quiet")
-    if not enabled or quiet or not sys.stderr.isatty():
-        yield None
+def reporting(enabled: bool = True) -> Iterator[None]:
+    """Show the progress of whatever runs in the block (see the module docstring); the bar is
+    only on screen while a stage runs, so commands that stream output are not disturbed."""
+    from narrative.progress import installed
+
+    if not enabled or not sys.stderr.isatty():
+        yield
         return
-    from fsspec.callbacks import Callback
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TransferSpeedColumn,
-    )
-
-    with Progress(
-        f"[bold]{label}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=_stderr_console(),
-        transient=True,
-    ) as progress:
-        task = progress.add_task(label, total=None)
-
-        class _Bar(Callback):  # type: ignore[misc]
-            def set_size(self, size: int | None) -> None:
-                progress.update(task, total=size)
-
-            def relative_update(self, inc: int = 1) -> None:
-                progress.update(task, advance=inc)
-
-        yield _Bar()
-
-
-def _stderr_console() -> Any:
     from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Console(stderr=True)
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        _Amount(),
+        _Rate(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        redirect_stdout=False,
+        redirect_stderr=False,
+    )
+    reporter = _RichReporter(bar)
+    try:
+        with installed(reporter):
+            yield
+    finally:
+        reporter.finish()
+
+
+def _columns() -> tuple[type, type]:
+    from rich.progress import DownloadColumn, ProgressColumn, TransferSpeedColumn
+    from rich.text import Text
+
+    class Amount(ProgressColumn):
+        """``12.3/40.0 MB`` for bytes, ``120/4000 files`` (or ``120 files``) for files."""
+
+        def render(self, task: Any) -> Any:
+            if task.fields.get("unit") == "bytes":
+                return DownloadColumn().render(task)
+            total = f"/{int(task.total)}" if task.total is not None else ""
+            return Text(f"{int(task.completed)}{total} files")
+
+    class Rate(ProgressColumn):
+        """``4.2 MB/s`` for bytes, ``350 files/s`` for files."""
+
+        def render(self, task: Any) -> Any:
+            if task.fields.get("unit") == "bytes":
+                return TransferSpeedColumn().render(task)
+            return Text(f"{task.speed:.0f} files/s" if task.speed else "")
+
+    return Amount, Rate
+
+
+def _Amount() -> Any:
+    return _columns()[0]()
+
+
+def _Rate() -> Any:
+    return _columns()[1]()
+
+
+class _RichReporter:
+    """A rich task per stage, the display live only during one (``-q``, which may come after
+    the subcommand, is read when a stage starts); thread-safe (workers advance stages)."""
+
+    def __init__(self, bar: Any) -> None:
+        self._bar = bar
+        self._lock = threading.Lock()
+        self._task: Any = None
+
+    def start(self, label: str, total: int | None, unit: str) -> None:
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None and (ctx.find_root().obj or {}).get("quiet"):
+            return
+        with self._lock:
+            if self._task is None:
+                self._bar.start()
+            else:  # a stage inside a stage: the inner one replaces it on screen
+                self._bar.remove_task(self._task)
+            self._task = self._bar.add_task(label, total=total, unit=unit)
+
+    def advance(self, amount: int) -> None:
+        task = self._task
+        if task is not None:
+            self._bar.update(task, advance=amount)
+
+    def finish(self) -> None:
+        with self._lock:
+            if self._task is not None:
+                self._bar.remove_task(self._task)
+                self._task = None
+                self._bar.stop()

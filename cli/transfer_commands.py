@@ -9,7 +9,6 @@ import click
 
 from .context import open_store
 from .output import emit, json_option, note
-from .progress import progress_callback
 
 __all__ = ["COMMANDS"]
 
@@ -74,18 +73,16 @@ def export_cmd(
     from transfer.exporter import export
 
     store = open_store(ctx)
-    with progress_callback(ctx, "export", enabled=not as_json) as callback:
-        result = export(
-            store,
-            url,
-            fmt=fmt,
-            threads=list(threads) or None,
-            objective=objective,
-            snapshot=snapshot,
-            since=since,
-            storage_options=_storage_options(storage_pairs),
-            callback=callback,
-        )
+    result = export(
+        store,
+        url,
+        fmt=fmt,
+        threads=list(threads) or None,
+        objective=objective,
+        snapshot=snapshot,
+        since=since,
+        storage_options=_storage_options(storage_pairs),
+    )
     if result.nothing_new:
         note(f"nothing new since {since}: no bundle written")
     emit(
@@ -110,10 +107,7 @@ def import_cmd(ctx: click.Context, url: str, storage_pairs: tuple[str, ...], as_
     from transfer.importer import import_
 
     store = open_store(ctx)
-    with progress_callback(ctx, "import", enabled=not as_json) as callback:
-        result = import_(
-            store, url, storage_options=_storage_options(storage_pairs), callback=callback
-        )
+    result = import_(store, url, storage_options=_storage_options(storage_pairs))
     for thread_id, ref in result.diverged.items():
         note(
             f"thread {thread_id} moved on both sides: the local head is kept, the incoming one "
