@@ -8,7 +8,7 @@ from narrative.store import Store
 
 from .output import note
 
-__all__ = ["open_store"]
+__all__ = ["complete_refs", "open_store"]
 
 
 def open_store(ctx: click.Context) -> Store:
@@ -22,3 +22,23 @@ def open_store(ctx: click.Context) -> Store:
             f"{store.migrated_from} to {store.git_dir} (stores now live outside the workspace)"
         )
     return store
+
+
+def complete_refs(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of snapshot references: thread names, ``<remote>/<thread>`` names
+    and run ids (read-only; nothing when there is no store here)."""
+    from narrative.errors import NarrativeError
+    from narrative.hierarchy import list_runs
+
+    try:
+        store = Store.open(store_dir=(ctx.find_root().obj or {}).get("store_dir"))
+        names = {str(r["id"]): str(r.get("name", "")) for r in store.meta.all("threads")}
+        found = set(names.values())
+        prefix = "refs/narrative/remotes/"
+        for ref in store.refs.list(prefix):
+            remote, _, thread_id = ref[len(prefix) :].partition("/threads/")
+            found.add(f"{remote}/{names.get(thread_id) or thread_id}")
+        found.update(run.id for run in list_runs(store))
+    except (NarrativeError, OSError):
+        return []
+    return sorted(name for name in found if name and name.startswith(incomplete))

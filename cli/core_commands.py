@@ -12,7 +12,7 @@ from narrative.errors import InvalidInput
 if TYPE_CHECKING:
     from narrative.models import Snapshot
 
-from .context import open_store
+from .context import complete_refs, open_store
 from .output import emit, json_option, note
 
 __all__ = ["COMMANDS"]
@@ -208,7 +208,7 @@ def snapshot(
 
 
 @click.command()
-@click.argument("start", metavar="[SNAPSHOT]", required=False)
+@click.argument("start", metavar="[SNAPSHOT]", required=False, shell_complete=complete_refs)
 @click.option("--thread", "thread_ref", help="Only this thread (id or name).")
 @click.option("--objective", "objective_ref", help="Every thread of this objective.")
 @click.option("--all", "all_threads", is_flag=True, help="Every thread.")
@@ -257,7 +257,7 @@ def log(
 
 
 @click.command()
-@click.argument("snapshot_ref")
+@click.argument("snapshot_ref", shell_complete=complete_refs)
 @json_option
 @click.pass_context
 def show(ctx: click.Context, snapshot_ref: str, as_json: bool) -> None:
@@ -285,8 +285,8 @@ def show(ctx: click.Context, snapshot_ref: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("old", metavar="OLD|RUN")
-@click.argument("new", required=False)
+@click.argument("old", metavar="OLD|RUN", shell_complete=complete_refs)
+@click.argument("new", required=False, shell_complete=complete_refs)
 @click.option("--stat", "mode", flag_value="stat", help="Per-file line counts.")
 @click.option("--name-status", "mode", flag_value="name-status", help="Status letter and path.")
 @click.option("--patch", "mode", flag_value="patch", help="Unified patch (default).")
@@ -353,7 +353,7 @@ def diff(
 
 
 @click.command()
-@click.argument("snapshot_ref")
+@click.argument("snapshot_ref", shell_complete=complete_refs)
 @click.option("--to", "target", type=click.Path(), help="Materialise into this (empty) directory.")
 @click.option(
     "--thread",

@@ -12,7 +12,7 @@ import click
 
 from narrative.errors import InvalidInput
 
-from .context import open_store
+from .context import complete_refs, open_store
 from .output import emit, json_option, note
 
 __all__ = ["COMMANDS"]
@@ -65,7 +65,7 @@ def merge_summary(data: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.argument("source", metavar="[RUN|SNAPSHOT]", required=False)
+@click.argument("source", metavar="[RUN|SNAPSHOT]", required=False, shell_complete=complete_refs)
 @click.option(
     "--strategy",
     type=click.Choice(["ours", "theirs"]),

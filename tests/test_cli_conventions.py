@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import pytest
 
-from .conftest import Cli
+from .conftest import NARRATIVE, Cli
 
 
 def test_a_json_error_is_one_document_on_stdout(cli: Cli, workspace: Path) -> None:
@@ -117,3 +117,32 @@ def test_every_example_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             commands[path].make_context(path, args)
         except click.UsageError as exc:
             raise AssertionError(f"{example!r}: {exc.format_message()}") from None
+
+
+def test_shell_completion_as_the_readme_installs_it(cli: Cli, workspace: Path) -> None:
+    """The README's line sets up bash completion; it completes commands and thread names."""
+    import os
+    import subprocess
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = 'eval "$(_NARRATIVE_COMPLETE=bash_source narrative)"'
+    assert line in readme
+    cli.run("init")
+    (workspace / "a.txt").write_text("a\n")
+    cli.run("snapshot", "-m", "a")
+    cli.run("thread", "create", "feature")
+    bin_dir = str(Path(NARRATIVE).parent)
+    script = f"""{line}
+complete -p narrative
+COMP_WORDS=(narrative restore fe); COMP_CWORD=2; _narrative_completion narrative
+echo "${{COMPREPLY[@]}}"
+COMPREPLY=(); COMP_WORDS=(narrative sta); COMP_CWORD=1; _narrative_completion narrative
+echo "${{COMPREPLY[@]}}"
+"""
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        ["bash", "-c", script], cwd=workspace, env=env, capture_output=True, text=True, check=True
+    )
+    lines = proc.stdout.splitlines()
+    assert "_narrative_completion" in lines[0]
+    assert lines[1] == "feature" and lines[2] == "status"
