@@ -39,7 +39,7 @@ from .errors import (
 from .fsutil import unlink_quiet, write_atomic
 from .history import all_snapshots, read_commit, resolve_snapshot, snapshot_at
 from .merge import Conflict, Strategy, merge_trees
-from .models import Snapshot, now_iso
+from .models import AgentRun, Snapshot, now_iso
 from .objects import MODE_LINK, hash_object
 from .odb import PackWriter
 from .restore import (
@@ -50,7 +50,7 @@ from .restore import (
     flatten_tree,
     restore_workspace,
 )
-from .runs import check_deletions, is_run_ref, resolve_run, run_snapshots
+from .runs import check_deletions, is_run_ref, resolve_run, run_snapshots, withheld_files
 from .snapshot import take_snapshot
 from .store import Store
 
@@ -117,6 +117,8 @@ class MergeResult:
     deleted: int = 0
     snapshot: str | None = None
     up_to_date: bool = False
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    """Files of theirs left out: secret-looking files withheld from a run's result."""
 
     @property
     def clean(self) -> bool:
@@ -145,6 +147,7 @@ class MergeResult:
             "conflicts": [c.to_dict() for c in self.conflicts],
             "resolved": [c.to_dict() for c in self.resolved],
             "renames": [{"side": s, "from": a, "to": b} for s, a, b in self.renames],
+            "skipped": self.skipped,
         }
 
 
@@ -202,19 +205,25 @@ def merge_base(store: Store, a: bytes, b: bytes) -> bytes | None:
 
 
 def _sources(
-    store: Store, ref: str, ours: Snapshot, allow_failed: bool = False
-) -> tuple[Snapshot | None, Snapshot, str | None]:
-    """(base, theirs, run id) for the RUN|SNAPSHOT argument."""
+    store: Store,
+    ref: str,
+    ours: bytes | None,
+    allow_failed: bool = False,
+    include_secrets: bool = False,
+) -> tuple[Snapshot | None, Snapshot, AgentRun | None]:
+    """(base, theirs, run) for the RUN|SNAPSHOT argument, merged into commit ``ours``."""
     if is_run_ref(ref):
         run = resolve_run(store, ref)
-        base, theirs = run_snapshots(store, run, allow_failed=allow_failed)
+        base, theirs = run_snapshots(
+            store, run, allow_failed=allow_failed, include_secrets=include_secrets
+        )
         if base is not None:
-            return base, theirs, run.id
-        run_id: str | None = run.id
+            return base, theirs, run
+        run_or_none: AgentRun | None = run
     else:
-        theirs, run_id = resolve_snapshot(store, ref), None
-    found = merge_base(store, bytes.fromhex(theirs.commit), bytes.fromhex(ours.commit))
-    return (snapshot_at(store, found) if found is not None else None), theirs, run_id
+        theirs, run_or_none = resolve_snapshot(store, ref), None
+    found = merge_base(store, bytes.fromhex(theirs.commit), ours) if ours is not None else None
+    return (snapshot_at(store, found) if found is not None else None), theirs, run_or_none
 
 
 def merge_workspace(
@@ -226,6 +235,7 @@ def merge_workspace(
     *,
     allow_failed: bool = False,
     force: bool = False,
+    include_secrets: bool = False,
 ) -> MergeResult:
     """Merge run ``ref``'s result (or snapshot ``ref``) into the workspace.
 
@@ -239,6 +249,8 @@ def merge_workspace(
             next snapshot goes, see :func:`take_snapshot`).
         allow_failed: merge the result of a run that did not succeed.
         force: merge such a result even when it deletes most of its base's files.
+        include_secrets: merge a run's result with the secret-looking files withheld from it
+            (:func:`narrative.runs.withhold_secrets`); without, they are listed as skipped.
 
     Conflicts are written into the workspace (text with markers, binary as ours) and leave the
     merge in progress. Bad input raises before anything is written.
@@ -250,7 +262,9 @@ def merge_workspace(
         # Resolve what can be resolved before snapshotting, so bad input writes nothing.
         if is_run_ref(ref):
             run = resolve_run(store, ref)
-            run_base, run_result = run_snapshots(store, run, allow_failed=allow_failed)
+            run_base, run_result = run_snapshots(
+                store, run, allow_failed=allow_failed, include_secrets=include_secrets
+            )
             if run.status != "succeeded":
                 check_deletions(store, run_base, run_result, force)
         else:
@@ -260,7 +274,10 @@ def merge_workspace(
         )
         ours = pre.snapshot
         thread_id = ours.thread
-        base, theirs, run_id = _sources(store, ref, ours, allow_failed)
+        base, theirs, source_run = _sources(
+            store, ref, bytes.fromhex(ours.commit), allow_failed, include_secrets
+        )
+        run_id = source_run.id if source_run is not None else None
         with store.lock("gc", shared=True):
             writer = PackWriter(store.odb)
             try:
@@ -287,6 +304,7 @@ def merge_workspace(
                 merged.conflicts,
                 merged.resolved,
                 merged.renames,
+                skipped=withheld_files(theirs),
             )
             if not merged.edits:
                 result.up_to_date = True
