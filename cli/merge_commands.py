@@ -89,7 +89,10 @@ def _human(data: dict[str, Any]) -> str:
     "--allow-failed", is_flag=True, help="Merge the result of a run that did not succeed."
 )
 @click.option(
-    "--force", is_flag=True, help="With --allow-failed: even a result deleting most files."
+    "--force",
+    is_flag=True,
+    help="Merge even a result that changes ignore files, proxyExecution.json or narrative.toml"
+    " (or, with --allow-failed, deletes most files).",
 )
 @click.option(
     "--include-secrets",

@@ -1,5 +1,6 @@
 """Naming agent runs on the command line, the two snapshots that bound a run, and the guards
-a run's result passes on its way home (:func:`withhold_secrets`).
+a run's result passes: on its way home (:func:`withhold_secrets`) and into the workspace
+(:func:`check_merge`).
 
 **Secrets stay out of results.** A run's result is screened once, where it is recorded (every
 provider's result, collected directly or shipped by the runtime, goes through
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .commitmsg import encode_message
 from .credentials import credential_name_problem, secret_content_problem
-from .errors import AmbiguousId, RunNotFound, RunNotUsable
+from .errors import AmbiguousId, ProtectedChange, RunNotFound, RunNotUsable
 from .hierarchy import get_run, list_runs
 from .history import read_commit, resolve_snapshot, snapshot_at
 from .ids import is_id, new_id
@@ -32,8 +33,11 @@ if TYPE_CHECKING:
     from .store import Store
 
 __all__ = [
+    "PROTECTED_NAMES",
     "WITHHELD_REF_PREFIX",
     "check_deletions",
+    "check_merge",
+    "is_protected",
     "is_run_ref",
     "resolve_run",
     "run_snapshots",
@@ -43,6 +47,11 @@ __all__ = [
 
 #: Where a run's unscreened result is kept (local to this store; see the module docstring).
 WITHHELD_REF_PREFIX: Final = "refs/narrative/withheld/"
+#: File names (any directory, compared lower-cased) whose change a merge applies only with
+#: ``force``: they decide what later snapshots ignore, and how the gateway routes calls.
+PROTECTED_NAMES: Final = frozenset(
+    {".gitignore", ".narrativeignore", "proxyexecution.json", "narrative.toml"}
+)
 _SECRET: Final = "secret"
 
 
@@ -183,6 +192,43 @@ def withhold_secrets(
 
 def _blob_size(store: Store, entry: Entry | None) -> int:
     return 0 if entry is None else len(store.odb.read(entry[1])[1])
+
+
+def is_protected(path: str) -> bool:
+    """Whether a merge changes ``path`` only with ``force`` (:data:`PROTECTED_NAMES`)."""
+    return path.rsplit("/", 1)[-1].lower() in PROTECTED_NAMES
+
+
+def check_merge(
+    store: Store,
+    base: Snapshot | None,
+    theirs: Snapshot,
+    ours: bytes | None,
+    *,
+    force: bool,
+    deletions: bool,
+) -> None:
+    """Refuse, unless ``force``, a merge of ``theirs`` that looks like an accident or an
+    attack rather than work: one that changes a protected file (:func:`is_protected`; only
+    where ``theirs`` differs from both its ``base`` and the tree ``ours``), and with
+    ``deletions`` (a failed run's result) one that deletes most of its base.
+
+    Raises:
+        ProtectedChange: protected files would change.
+        RunNotUsable: the result deletes more than half of its base's files.
+    """
+    if force:
+        return
+    if deletions:
+        check_deletions(store, base, theirs, force)
+    theirs_tree = bytes.fromhex(theirs.tree)
+    changed = tree_changes(store.odb, bytes.fromhex(base.tree) if base else None, theirs_tree)
+    protected = [p for p in changed if is_protected(p)]
+    if protected and ours is not None:
+        differs = tree_changes(store.odb, ours, theirs_tree)
+        protected = [p for p in protected if p in differs]
+    if protected:
+        raise ProtectedChange(sorted(protected))
 
 
 def check_deletions(store: Store, base: Snapshot | None, result: Snapshot, force: bool) -> None:

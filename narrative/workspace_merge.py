@@ -37,6 +37,7 @@ from .errors import (
     StoreCorrupted,
 )
 from .fsutil import unlink_quiet, write_atomic
+from .head import read_head
 from .history import all_snapshots, read_commit, resolve_snapshot, snapshot_at
 from .merge import Conflict, Strategy, merge_trees
 from .models import AgentRun, Snapshot, now_iso
@@ -50,7 +51,7 @@ from .restore import (
     flatten_tree,
     restore_workspace,
 )
-from .runs import check_deletions, is_run_ref, resolve_run, run_snapshots, withheld_files
+from .runs import check_merge, is_run_ref, resolve_run, run_snapshots, withheld_files
 from .snapshot import take_snapshot
 from .store import Store
 
@@ -248,7 +249,8 @@ def merge_workspace(
         thread_id: thread of the pre-merge and merge snapshots (default: where the workspace's
             next snapshot goes, see :func:`take_snapshot`).
         allow_failed: merge the result of a run that did not succeed.
-        force: merge such a result even when it deletes most of its base's files.
+        force: merge even a failed run's result that deletes most of its base's files, or a
+            result or snapshot that changes protected files (:func:`narrative.runs.check_merge`).
         include_secrets: merge a run's result with the secret-looking files withheld from it
             (:func:`narrative.runs.withhold_secrets`); without, they are listed as skipped.
 
@@ -259,16 +261,18 @@ def merge_workspace(
         state = merge_state(store)
         if state is not None:
             raise MergeInProgress(state.source)
-        # Resolve what can be resolved before snapshotting, so bad input writes nothing.
-        if is_run_ref(ref):
-            run = resolve_run(store, ref)
-            run_base, run_result = run_snapshots(
-                store, run, allow_failed=allow_failed, include_secrets=include_secrets
-            )
-            if run.status != "succeeded":
-                check_deletions(store, run_base, run_result, force)
-        else:
-            resolve_snapshot(store, ref)
+        # Resolve and check what can be before snapshotting, so a refusal writes nothing
+        # (the workspace HEAD stands in for the pre-merge snapshot it will be the parent of).
+        head = read_head(store)
+        first = _sources(store, ref, head, allow_failed, include_secrets)
+        check_merge(
+            store,
+            first[0],
+            first[1],
+            bytes.fromhex(snapshot_at(store, head).tree) if head is not None else None,
+            force=force,
+            deletions=first[2] is not None and first[2].status != "succeeded",
+        )
         pre = take_snapshot(
             store, thread_id, message=f"pre-merge snapshot before merging {ref}", sweep_tmp=True
         )
