@@ -282,6 +282,12 @@ def merge_workspace(
             store, ref, bytes.fromhex(ours.commit), allow_failed, include_secrets
         )
         run_id = source_run.id if source_run is not None else None
+        # what the merge records as merged (its second parent, Merged-From): a run's result as
+        # the run's thread holds it, also when its withheld files were merged too: the
+        # unscreened result stays off every thread
+        merged_id = theirs.id
+        if source_run is not None and source_run.result_snapshot is not None:
+            merged_id = source_run.result_snapshot
         with store.lock("gc", shared=True):
             writer = PackWriter(store.odb)
             try:
@@ -299,7 +305,7 @@ def merge_workspace(
                 raise
             result = MergeResult(
                 ref,
-                theirs.id,
+                merged_id,
                 base.id if base is not None else None,
                 ours.id,
                 merged.tree.hex(),
@@ -318,7 +324,7 @@ def merge_workspace(
             removed = [p for p, e in merged.edits.items() if e is None and p in current]
             check_changes(store, current, writes)  # refusals come before any state or write
             state = MergeState(
-                ref, theirs.id, result.base, ours.id, thread_id, result.tree, run_id, strategy
+                ref, merged_id, result.base, ours.id, thread_id, result.tree, run_id, strategy
             )
             state.conflicts = [c.to_dict() for c in merged.conflicts]
             _save_state(store, state)
