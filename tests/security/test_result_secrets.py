@@ -125,8 +125,13 @@ def test_secrets_an_agent_writes_do_not_come_home(
 ) -> None:
     run_id = run_agent(cli, workspace, provider, AGENT)
     store_dir = store_dir_of(workspace)
-    # the agent did write its token: the unscreened result (local only) holds it
-    dump = git("show", f"refs/narrative/withheld/{run_id}:env-dump.txt", cwd=store_dir)
+    # the agent did write its token: the unscreened result (local only) holds it (with no
+    # screening at all, the run's recorded result would)
+    withheld = f"refs/narrative/withheld/{run_id}"
+    if not git("rev-parse", "-q", "--verify", withheld, cwd=store_dir, check=False).strip():
+        withheld = cli.json("run", "show", run_id)["result_snapshot"]
+        withheld = cli.json("show", withheld)["commit"]
+    dump = git("show", f"{withheld}:env-dump.txt", cwd=store_dir)
     found = _TOKEN.search(dump.encode())
     assert found is not None, dump
     token = found.group(1)
@@ -145,16 +150,16 @@ def test_secrets_an_agent_writes_do_not_come_home(
         assert (workspace / ".aws" / "credentials").exists()
         assert token in thread_objects(store_dir)  # the merge snapshot holds it now
         return
+    assert token not in workspace_bytes(workspace)
+    assert token not in thread_objects(store_dir)
+    assert b"BEGIN OPENSSH PRIVATE KEY" not in thread_objects(store_dir)
+    for path in ("env-dump.txt", ".aws", "notes.txt"):
+        assert not (workspace / path).exists(), path
+    assert (workspace / "id_rsa").read_text() == USER_KEY  # skipped, never changed or deleted
     assert sorted(s["path"] for s in data["skipped"]) == SECRETS, data
     assert all(s["reason"] for s in data["skipped"])
     assert "--include-secrets" in diff.stderr and "env-dump.txt" in diff.stderr
     assert "work.txt" in diff.stdout and "env-dump.txt" not in diff.stdout
-    for path in ("env-dump.txt", ".aws", "notes.txt"):
-        assert not (workspace / path).exists(), path
-    assert (workspace / "id_rsa").read_text() == USER_KEY  # skipped, never changed or deleted
-    assert token not in workspace_bytes(workspace)
-    assert token not in thread_objects(store_dir)
-    assert b"BEGIN OPENSSH PRIVATE KEY" not in thread_objects(store_dir)
     human = cli.run("diff", run_id, "--stat")
     assert "secret-looking" in human.stderr and "--include-secrets" in human.stderr
 
