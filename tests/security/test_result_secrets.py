@@ -14,6 +14,7 @@ changes ``.gitignore``/``.narrativeignore``/``proxyExecution.json`` is refused w
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -24,6 +25,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from narrative.credentials import secret_content_problem, secret_forms
+from narrative.hierarchy import create_thread, get_thread, start_run
+from narrative.history import resolve_snapshot
+from narrative.runs import withheld_files, withhold_secrets
+from narrative.snapshot import take_snapshot
+from narrative.store import Store
 
 from ..conftest import Cli, git, store_dir_of, tree_bytes
 
@@ -228,3 +236,35 @@ def test_a_snapshot_merge_changing_narrativeignore_needs_force(cli: Cli, workspa
     assert (tree_bytes(workspace), store_bytes(store_dir)) == before
     cli.run("merge", theirs, "--force")
     assert (workspace / ".narrativeignore").read_text() == "*.tmp\n"
+
+
+def test_the_gateway_key_and_the_runs_tokens_are_found_in_any_encoding(
+    store: Store, workspace: Path, tmp_path: Path
+) -> None:
+    """The content rule looks for the exact secrets the caller knows (the gateway key raw, in
+    hex or base64; the run's tokens) besides the well-known shapes; a harmless file passes,
+    and screening twice changes nothing."""
+    key = bytes(range(7, 39))
+    base = take_snapshot(store, message="base").snapshot
+    thread = create_thread(store, get_thread(store, base.thread).objective_id, "r", base.id)
+    run = start_run(store, thread.id, base_snapshot=base.id)
+    env = tmp_path / "env"
+    shutil.copytree(workspace, env, ignore=shutil.ignore_patterns(".narrative*"))
+    (env / "key-hex.txt").write_text(f"key: {key.hex()}\n")
+    (env / "key-b64.txt").write_bytes(base64.b64encode(key) + b"\n")
+    (env / "key-raw.bin").write_bytes(b"\0" + key)
+    (env / "pat.txt").write_text("github_pat_" + "x1" * 20 + "\n")
+    (env / "plain.txt").write_text("sk-short, AKIA-not-a-key, ng2 mentioned\n")
+    result = take_snapshot(store, thread.id, run.id, "result", workspace=str(env)).snapshot
+    known = secret_forms(key)
+    screened = withhold_secrets(store, run.id, result.id, known)
+    assert screened is not None and screened != result.id
+    snap = resolve_snapshot(store, screened)
+    withheld = {w["path"]: w["reason"] for w in withheld_files(snap)}
+    assert sorted(withheld) == ["key-b64.txt", "key-hex.txt", "key-raw.bin", "pat.txt"], withheld
+    assert "well-known" in withheld["pat.txt"] and "of this run" in withheld["key-hex.txt"]
+    assert "plain.txt" in git("ls-tree", "-r", "--name-only", snap.commit, cwd=store.git_dir)
+    assert snap.parent_commit == base.commit  # no commit the agent made reaches it
+    assert withhold_secrets(store, run.id, screened, known) == screened
+    ng2 = b"ng2.abcdefghijklmnopqrstu." + b"A" * 43
+    assert secret_content_problem(b"x" * 100 + b"\nTOKEN=" + ng2 + b"\n") is not None
