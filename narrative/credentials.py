@@ -67,6 +67,8 @@ CREDENTIAL_NAMES: Final = (
 CREDENTIAL_DIRS: Final = frozenset({".aws", ".ssh", ".gnupg", ".docker", ".kube", ".azure"})
 #: Relative path prefixes whose whole content is credentials.
 CREDENTIAL_PREFIXES: Final = (".config/gcloud/",)
+# the name patterns as one regex (fnmatch's own translation): one match per path, not twenty
+_NAME_RULE: Final = re.compile("|".join(fnmatch.translate(p) for p in CREDENTIAL_NAMES))
 
 
 def credential_name_problem(path: str) -> str | None:
@@ -75,8 +77,7 @@ def credential_name_problem(path: str) -> str | None:
     parts = path.split("/")
     if any(part in CREDENTIAL_DIRS for part in parts[:-1]) or path.startswith(CREDENTIAL_PREFIXES):
         return "it lies in a credentials directory"
-    name = parts[-1].lower()
-    if any(fnmatch.fnmatch(name, pattern) for pattern in CREDENTIAL_NAMES):
+    if _NAME_RULE.match(parts[-1].lower()):
         return "files named like this hold credentials"
     return None
 
@@ -88,21 +89,23 @@ def is_credential_name(path: str) -> bool:
 
 #: Bytes of a file the content rule reads (a secret further in is not found).
 SCAN_LIMIT: Final = 32 << 20
-#: Keys and tokens in well-known formats; the value itself is never shown.
-TOKEN_PATTERNS: Final = (
-    re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----"),
-    re.compile(rb"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),  # AWS access key id
-    re.compile(rb"\bgh[pousr]_[A-Za-z0-9]{30,}\b"),  # GitHub tokens
-    re.compile(rb"\bgithub_pat_[A-Za-z0-9_]{30,}\b"),
-    re.compile(rb"\bxox[abposr]-[A-Za-z0-9-]{10,}\b"),  # Slack
-    re.compile(rb"\bsk-[A-Za-z0-9_-]{20,}\b"),  # OpenAI / Anthropic style API keys
-    re.compile(rb"\be2b_[0-9a-f]{20,}\b"),  # E2B API keys
-    re.compile(rb"\bAIza[0-9A-Za-z_-]{35}\b"),  # Google API keys
-    re.compile(rb"\bglpat-[A-Za-z0-9_-]{20,}\b"),  # GitLab
+#: Keys and tokens in well-known formats, each with the literals one of which it must contain
+#: (a fast substring search picks the few regexes worth running); the value is never shown.
+_SHAPES: Final = (
+    ((b"PRIVATE KEY",), rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----"),
+    ((b"AKIA", b"ASIA"), rb"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),  # AWS access key id
+    ((b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_"), rb"\bgh[pousr]_[A-Za-z0-9]{30,}\b"),  # GitHub
+    ((b"github_pat_",), rb"\bgithub_pat_[A-Za-z0-9_]{30,}\b"),
+    ((b"xox",), rb"\bxox[abposr]-[A-Za-z0-9-]{10,}\b"),  # Slack
+    ((b"sk-",), rb"\bsk-[A-Za-z0-9_-]{20,}\b"),  # OpenAI / Anthropic style API keys
+    ((b"e2b_",), rb"\be2b_[0-9a-f]{20,}\b"),  # E2B API keys
+    ((b"AIza",), rb"\bAIza[0-9A-Za-z_-]{35}\b"),  # Google API keys
+    ((b"glpat-",), rb"\bglpat-[A-Za-z0-9_-]{20,}\b"),  # GitLab
     # our own gateway tokens: ng2.<claims>.<HMAC-SHA256>, base64url unpadded (gateway.tokens)
-    re.compile(rb"\bng2\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])"),
+    ((b"ng2.",), rb"\bng2\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])"),
 )
-_ANY_TOKEN = re.compile(b"|".join(b"(?:" + p.pattern + b")" for p in TOKEN_PATTERNS))
+TOKEN_PATTERNS: Final = tuple(re.compile(pattern) for _literals, pattern in _SHAPES)
+"""The shapes as compiled regexes (the E2B upload check adds its own to these)."""
 
 
 def secret_forms(secret: bytes) -> list[bytes]:
@@ -130,9 +133,9 @@ def secret_content_problem(data: bytes, known: Iterable[bytes] = ()) -> str | No
     for secret in known:
         if secret and secret in head:
             return "it holds a token or key of this run"
-    found = _ANY_TOKEN.search(head)
-    if found is None:
-        return None
-    if found.group().startswith(b"-----BEGIN"):
-        return "it holds a private key"
-    return "it holds a token in a well-known format"
+    for (literals, _pattern), compiled in zip(_SHAPES, TOKEN_PATTERNS, strict=True):
+        if any(literal in head for literal in literals) and compiled.search(head):
+            if literals[0] == b"PRIVATE KEY":
+                return "it holds a private key"
+            return "it holds a token in a well-known format"
+    return None
