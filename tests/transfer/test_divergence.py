@@ -75,3 +75,20 @@ def test_conflicting_pull_stops_with_both_sides_kept(tmp_path: Path) -> None:
     alice.run("restore", "origin/main", "--to", str(out))
     assert "bob's line 2" in (out / "notes.txt").read_text()
     _fsck(a_ws)
+
+
+def test_pull_merges_a_teammates_gitignore_edit(
+    tmp_path: Path,
+) -> None:
+    """``pull`` merges like ``git pull``, an ignore-file change included (only ``narrative
+    merge`` holds such a change for ``--force``, see docs/security.md)."""
+    alice, bob, a_ws, b_ws, _ = _pair(tmp_path)
+    (b_ws / ".gitignore").write_text("*.log\n")
+    bob.run("snapshot", "-m", "bob ignores logs")
+    bob.run("push", "origin")
+    (a_ws / "alice.txt").write_text("alice\n")
+    alice.run("snapshot", "-m", "alice")
+    alice.run("pull", "origin")
+    assert (a_ws / ".gitignore").read_text() == "*.log\n"
+    assert alice.json("log", "-n", "1")[0]["message"].startswith("merge")
+    _fsck(a_ws)
