@@ -248,7 +248,7 @@ class ProtectedChange(InvalidInput):
     def __init__(self, paths: list[str]) -> None:
         shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
         super().__init__(
-            f"the merge would change {shown}, which decide what is ignored or how calls are "
-            "routed: check them ('narrative diff'), then merge with --force"
+            f"the merge would change {shown} (ignore rules, gateway routing or config): "
+            "check the change with 'narrative diff', then merge with --force"
         )
         self.paths = paths
