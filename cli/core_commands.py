@@ -291,6 +291,11 @@ def show(ctx: click.Context, snapshot_ref: str, as_json: bool) -> None:
 @click.option("--name-status", "mode", flag_value="name-status", help="Status letter and path.")
 @click.option("--patch", "mode", flag_value="patch", help="Unified patch (default).")
 @click.option("--allow-failed", is_flag=True, help="Show the result of a run that did not succeed.")
+@click.option(
+    "--include-secrets",
+    is_flag=True,
+    help="Show the secret-looking files withheld from a run's result too.",
+)
 @json_option
 @click.pass_context
 def diff(
@@ -299,26 +304,34 @@ def diff(
     new: str | None,
     mode: str | None,
     allow_failed: bool,
+    include_secrets: bool,
     as_json: bool,
 ) -> None:
     """Changes from snapshot OLD to snapshot NEW (default: the live workspace).
 
     OLD may be an agent run (id or prefix, ``run-...``) without NEW: what the run changed, from
-    its base snapshot to its result snapshot.
+    its base snapshot to its result snapshot (secret-looking files withheld from the result are
+    listed as skipped; --include-secrets shows them).
     """
     from narrative.diff import diff_snapshots
     from narrative.history import resolve_snapshot
-    from narrative.runs import is_run_ref, resolve_run, run_snapshots
+    from narrative.runs import is_run_ref, resolve_run, run_snapshots, withheld_files
+
+    from .merge_commands import skipped_lines
 
     store = open_store(ctx)
     mode = mode or "patch"
     b: Snapshot | None
+    skipped: list[dict[str, Any]] | None = None
     if is_run_ref(old) and new is None:
         run = resolve_run(store, old)
-        base, result_snap = run_snapshots(store, run, allow_failed=allow_failed)
+        base, result_snap = run_snapshots(
+            store, run, allow_failed=allow_failed, include_secrets=include_secrets
+        )
         if base is None:
             raise InvalidInput(f"run {run.id} has no base snapshot to diff against")
         a, b = base, result_snap
+        skipped = withheld_files(result_snap)
     else:
         a = resolve_snapshot(store, old)
         b = resolve_snapshot(store, new) if new else None
@@ -349,7 +362,12 @@ def diff(
             return "\n".join(rows)
         return result.patch or ""
 
-    emit(as_json, result.to_dict(), human)
+    doc = result.to_dict()
+    if skipped is not None:
+        doc["skipped"] = skipped
+        for line in skipped_lines(skipped):
+            note(line)
+    emit(as_json, doc, human)
 
 
 @click.command()

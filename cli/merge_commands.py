@@ -15,7 +15,7 @@ from narrative.errors import InvalidInput
 from .context import complete_refs, open_store
 from .output import emit, json_option, note
 
-__all__ = ["COMMANDS"]
+__all__ = ["COMMANDS", "skipped_lines"]
 
 _HINTS = {
     "content": "conflict markers written",
@@ -41,10 +41,21 @@ def _conflict_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def skipped_lines(skipped: list[dict[str, Any]]) -> list[str]:
+    """The secret-looking files withheld from a run's result, for people."""
+    lines = [f"skipped (secret-looking, {s['reason']}): {s['path']}" for s in skipped]
+    if lines:
+        lines.append(
+            f"{len(lines)} file(s) withheld from the result (--include-secrets brings them)"
+        )
+    return lines
+
+
 def merge_summary(data: dict[str, Any]) -> str:
     """What a merge did, for people (shared by merge and by restore's pending merge)."""
     if data["up_to_date"]:
-        return f"already up to date with {data['theirs']}"
+        lines = [f"already up to date with {data['theirs']}", *skipped_lines(data["skipped"])]
+        return "\n".join(lines)
     lines = [
         f"merged {data['source']} ({data['theirs']}) into the workspace: "
         f"{data['written']} written, {data['deleted']} deleted"
@@ -53,6 +64,7 @@ def merge_summary(data: dict[str, Any]) -> str:
         f"resolved ({c['kind']}) with {data['strategy']}: {c['path']}" for c in data["resolved"]
     ]
     lines += _conflict_lines(data)
+    lines += skipped_lines(data["skipped"])
     if data["snapshot"]:
         lines.append(f"recorded merge snapshot {data['snapshot']}")
     elif data["conflicts"]:
@@ -78,7 +90,15 @@ def merge_summary(data: dict[str, Any]) -> str:
     "--allow-failed", is_flag=True, help="Merge the result of a run that did not succeed."
 )
 @click.option(
-    "--force", is_flag=True, help="With --allow-failed: even a result deleting most files."
+    "--force",
+    is_flag=True,
+    help="Merge even a result that changes ignore files, proxyExecution.json or narrative.toml"
+    " (or, with --allow-failed, deletes most files).",
+)
+@click.option(
+    "--include-secrets",
+    is_flag=True,
+    help="Bring the secret-looking files withheld from a run's result too.",
 )
 @json_option
 @click.pass_context
@@ -91,6 +111,7 @@ def merge(
     abort: bool,
     allow_failed: bool,
     force: bool,
+    include_secrets: bool,
     as_json: bool,
 ) -> None:
     """Merge a run's result (or a snapshot) into the workspace, three-way.
@@ -140,6 +161,7 @@ def merge(
         commit=not no_commit,
         allow_failed=allow_failed,
         force=force,
+        include_secrets=include_secrets,
     )
     data = result.to_dict()
     if not result.up_to_date:

@@ -19,7 +19,8 @@ where one fits (``LookupError`` for unknown ids, ``TimeoutError`` for lock waits
     ├── AmbiguousId(prefix, candidates)
     ├── InvalidInput (+ValueError)   bad ids, names, options, paths
     │   ├── UnsafePath(path, reason)  a path the path rule refuses (narrative.paths)
-    │   └── RunNotUsable(run_id)      a run's result that is missing, or from a failed run
+    │   ├── RunNotUsable(run_id)      a run's result that is missing, or from a failed run
+    │   └── ProtectedChange(paths)    a merge changing ignore files or config, without --force
     ├── ConcurrentUpdate             compare-and-swap lost too many times
     ├── RestoreError                 a restore that would lose data, or cannot proceed
     └── MergeError                   a workspace merge cannot start, continue or be undone
@@ -43,6 +44,7 @@ __all__ = [
     "NoMergeInProgress",
     "NotFound",
     "ObjectiveNotFound",
+    "ProtectedChange",
     "RestoreError",
     "RunNotFound",
     "RunNotUsable",
@@ -242,3 +244,20 @@ class RunNotUsable(InvalidInput):
     def __init__(self, run_id: str, message: str) -> None:
         super().__init__(message)
         self.run_id = run_id
+
+
+class ProtectedChange(InvalidInput):
+    """A merge would change files that steer what the store and the gateway do (ignore files,
+    ``proxyExecution.json``, ``narrative.toml``); refused unless forced.
+
+    Attributes:
+        paths: The protected paths the merge would change.
+    """
+
+    def __init__(self, paths: list[str]) -> None:
+        shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+        super().__init__(
+            f"the merge would change {shown} (ignore rules, gateway routing or config): "
+            "check the change with 'narrative diff', then merge with --force"
+        )
+        self.paths = paths

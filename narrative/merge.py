@@ -27,7 +27,16 @@ from .merge3 import is_binary, merge_text
 from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK, encode_tree
 from .odb import ObjectStore, PackWriter
 
-__all__ = ["STRATEGIES", "Conflict", "Entry", "Strategy", "TreeMerge", "merge_trees"]
+__all__ = [
+    "STRATEGIES",
+    "Conflict",
+    "Entry",
+    "Strategy",
+    "TreeMerge",
+    "edit_tree",
+    "merge_trees",
+    "tree_changes",
+]
 
 Entry = tuple[int, bytes]
 """(mode, 20-byte oid) of a non-directory tree entry."""
@@ -412,6 +421,25 @@ def _build(
         return None
     data = encode_tree([(n, mode, oid) for n, (mode, oid) in entries.items()])
     return writer.add_raw("tree", data)
+
+
+def tree_changes(
+    odb: ObjectStore, a: bytes | None, b: bytes | None
+) -> dict[str, tuple[Entry | None, Entry | None]]:
+    """path → (entry in ``a``, entry in ``b``) for every non-directory path that differs
+    between the two trees (None: absent); equal subtrees are not read."""
+    out: dict[str, _Change] = {}
+    _Trees(odb).diff(a, b, "", out)
+    return out
+
+
+def edit_tree(
+    odb: ObjectStore, writer: PackWriter, tree: bytes, edits: dict[str, Entry | None]
+) -> bytes:
+    """``tree`` with ``edits`` applied (path → entry, None removes); new trees go to
+    ``writer``, untouched subtrees keep their ids."""
+    built = _build(_Trees(odb), writer, tree, edits) if edits else tree
+    return built if built is not None else writer.add_raw("tree", b"")
 
 
 def merge_trees(

@@ -36,10 +36,11 @@ from .errors import (
     StoreCorrupted,
 )
 from .fsutil import unlink_quiet, write_atomic
+from .head import read_head
 from .history import all_snapshots, read_commit, resolve_snapshot, snapshot_at
 from .jsonio import load_json
 from .merge import Conflict, Strategy, merge_trees
-from .models import Snapshot, now_iso
+from .models import AgentRun, Snapshot, now_iso
 from .objects import MODE_LINK, hash_object
 from .odb import PackWriter
 from .restore import (
@@ -50,7 +51,7 @@ from .restore import (
     flatten_tree,
     restore_workspace,
 )
-from .runs import check_deletions, is_run_ref, resolve_run, run_snapshots
+from .runs import check_merge, is_run_ref, resolve_run, run_snapshots, withheld_files
 from .snapshot import take_snapshot
 from .store import Store
 
@@ -120,6 +121,8 @@ class MergeResult:
     deleted: int = 0
     snapshot: str | None = None
     up_to_date: bool = False
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    """Files of theirs left out: secret-looking files withheld from a run's result."""
 
     @property
     def clean(self) -> bool:
@@ -148,6 +151,7 @@ class MergeResult:
             "conflicts": [c.to_dict() for c in self.conflicts],
             "resolved": [c.to_dict() for c in self.resolved],
             "renames": [{"side": s, "from": a, "to": b} for s, a, b in self.renames],
+            "skipped": self.skipped,
         }
 
 
@@ -205,19 +209,25 @@ def merge_base(store: Store, a: bytes, b: bytes) -> bytes | None:
 
 
 def _sources(
-    store: Store, ref: str, ours: Snapshot, allow_failed: bool = False
-) -> tuple[Snapshot | None, Snapshot, str | None]:
-    """(base, theirs, run id) for the RUN|SNAPSHOT argument."""
+    store: Store,
+    ref: str,
+    ours: bytes | None,
+    allow_failed: bool = False,
+    include_secrets: bool = False,
+) -> tuple[Snapshot | None, Snapshot, AgentRun | None]:
+    """(base, theirs, run) for the RUN|SNAPSHOT argument, merged into commit ``ours``."""
     if is_run_ref(ref):
         run = resolve_run(store, ref)
-        base, theirs = run_snapshots(store, run, allow_failed=allow_failed)
+        base, theirs = run_snapshots(
+            store, run, allow_failed=allow_failed, include_secrets=include_secrets
+        )
         if base is not None:
-            return base, theirs, run.id
-        run_id: str | None = run.id
+            return base, theirs, run
+        run_or_none: AgentRun | None = run
     else:
-        theirs, run_id = resolve_snapshot(store, ref), None
-    found = merge_base(store, bytes.fromhex(theirs.commit), bytes.fromhex(ours.commit))
-    return (snapshot_at(store, found) if found is not None else None), theirs, run_id
+        theirs, run_or_none = resolve_snapshot(store, ref), None
+    found = merge_base(store, bytes.fromhex(theirs.commit), ours) if ours is not None else None
+    return (snapshot_at(store, found) if found is not None else None), theirs, run_or_none
 
 
 def merge_workspace(
@@ -229,6 +239,7 @@ def merge_workspace(
     *,
     allow_failed: bool = False,
     force: bool = False,
+    include_secrets: bool = False,
 ) -> MergeResult:
     """Merge run ``ref``'s result (or snapshot ``ref``) into the workspace.
 
@@ -241,7 +252,10 @@ def merge_workspace(
         thread_id: thread of the pre-merge and merge snapshots (default: where the workspace's
             next snapshot goes, see :func:`take_snapshot`).
         allow_failed: merge the result of a run that did not succeed.
-        force: merge such a result even when it deletes most of its base's files.
+        force: merge even a failed run's result that deletes most of its base's files, or a
+            result or snapshot that changes protected files (:func:`narrative.runs.check_merge`).
+        include_secrets: merge a run's result with the secret-looking files withheld from it
+            (:func:`narrative.runs.withhold_secrets`); without, they are listed as skipped.
 
     Conflicts are written into the workspace (text with markers, binary as ours) and leave the
     merge in progress. Bad input raises before anything is written.
@@ -250,20 +264,33 @@ def merge_workspace(
         state = merge_state(store)
         if state is not None:
             raise MergeInProgress(state.source)
-        # Resolve what can be resolved before snapshotting, so bad input writes nothing.
-        if is_run_ref(ref):
-            run = resolve_run(store, ref)
-            run_base, run_result = run_snapshots(store, run, allow_failed=allow_failed)
-            if run.status != "succeeded":
-                check_deletions(store, run_base, run_result, force)
-        else:
-            resolve_snapshot(store, ref)
+        # Resolve and check what can be before snapshotting, so a refusal writes nothing
+        # (the workspace HEAD stands in for the pre-merge snapshot it will be the parent of).
+        head = read_head(store)
+        first = _sources(store, ref, head, allow_failed, include_secrets)
+        check_merge(
+            store,
+            first[0],
+            first[1],
+            bytes.fromhex(snapshot_at(store, head).tree) if head is not None else None,
+            force=force,
+            deletions=first[2] is not None and first[2].status != "succeeded",
+        )
         pre = take_snapshot(
             store, thread_id, message=f"pre-merge snapshot before merging {ref}", sweep_tmp=True
         )
         ours = pre.snapshot
         thread_id = ours.thread
-        base, theirs, run_id = _sources(store, ref, ours, allow_failed)
+        base, theirs, source_run = _sources(
+            store, ref, bytes.fromhex(ours.commit), allow_failed, include_secrets
+        )
+        run_id = source_run.id if source_run is not None else None
+        # what the merge records as merged (its second parent, Merged-From): a run's result as
+        # the run's thread holds it, also when its withheld files were merged too: the
+        # unscreened result stays off every thread
+        merged_id = theirs.id
+        if source_run is not None and source_run.result_snapshot is not None:
+            merged_id = source_run.result_snapshot
         with store.lock("gc", shared=True):
             writer = PackWriter(store.odb)
             try:
@@ -281,7 +308,7 @@ def merge_workspace(
                 raise
             result = MergeResult(
                 ref,
-                theirs.id,
+                merged_id,
                 base.id if base is not None else None,
                 ours.id,
                 merged.tree.hex(),
@@ -290,6 +317,7 @@ def merge_workspace(
                 merged.conflicts,
                 merged.resolved,
                 merged.renames,
+                skipped=withheld_files(theirs),
             )
             if not merged.edits:
                 result.up_to_date = True
@@ -299,7 +327,7 @@ def merge_workspace(
             removed = [p for p, e in merged.edits.items() if e is None and p in current]
             check_changes(store, current, writes)  # refusals come before any state or write
             state = MergeState(
-                ref, theirs.id, result.base, ours.id, thread_id, result.tree, run_id, strategy
+                ref, merged_id, result.base, ours.id, thread_id, result.tree, run_id, strategy
             )
             state.conflicts = [c.to_dict() for c in merged.conflicts]
             state.theirs_commit = theirs.commit

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from narrative.credentials import credential_name_problem
+from narrative.credentials import TOKEN_PATTERNS, credential_name_problem
 from narrative.errors import InvalidInput
 
 from .base import ProviderConfig, check_relative_path
@@ -31,16 +31,10 @@ __all__ = ["DEFAULT_WORKDIR", "E2BConfig", "check_upload_content", "check_upload
 
 DEFAULT_WORKDIR = "/home/user/workspace"
 
+# The shared token shapes, plus a secret-looking field: what a config file for upload must
+# not hold (a result file may: it is screened by the shapes only).
 _SECRET_PATTERNS = (
-    re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----"),
-    re.compile(rb"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),  # AWS access key id
-    re.compile(rb"\bgh[pousr]_[A-Za-z0-9]{30,}\b"),  # GitHub tokens
-    re.compile(rb"\bgithub_pat_[A-Za-z0-9_]{30,}\b"),
-    re.compile(rb"\bxox[abposr]-[A-Za-z0-9-]{10,}\b"),  # Slack
-    re.compile(rb"\bsk-[A-Za-z0-9_-]{20,}\b"),  # OpenAI / Anthropic style API keys
-    re.compile(rb"\be2b_[0-9a-f]{20,}\b"),  # E2B API keys
-    re.compile(rb"\bAIza[0-9A-Za-z_-]{35}\b"),  # Google API keys
-    re.compile(rb"\bglpat-[A-Za-z0-9_-]{20,}\b"),  # GitLab
+    *TOKEN_PATTERNS,
     # A secret-looking field (JSON, YAML, INI, env) assigned a literal of 8+ characters; values
     # that reference the environment ("${NAME}", "$NAME", "env:NAME") are fine.
     re.compile(

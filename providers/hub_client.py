@@ -22,6 +22,7 @@ from .events import RunEventLog
 from .hub import Hub, control_token, find_hub
 from .hub_runs import RunRequest, collect_from_environment
 from .manager import EnvironmentManager
+from .runs import screen_result
 
 __all__ = ["follow_runs", "kill_run", "run_through_hub", "stop_run"]
 
@@ -129,6 +130,6 @@ def _kill_orphan(store: Store, run: AgentRun) -> None:
             manager.signal(run.environment, handles[-1], "kill")
         except NarrativeError as exc:
             events.append("run.kill_failed", reason=str(exc))
-    result = collect_from_environment(manager, run, events)
+    result = screen_result(store, run.id, collect_from_environment(manager, run, events))
     finish_run(store, run.id, "killed", None, result)
     events.append("run.finished", status="killed", exitCode=None, resultSnapshot=result)

@@ -29,6 +29,7 @@ from narrative.hierarchy import create_thread, finish_run, get_thread, list_runs
 from narrative.history import resolve_snapshot
 from narrative.ids import new_id
 from narrative.models import AgentRun, Snapshot
+from narrative.runs import withheld_files
 
 from .events import RunEventLog
 from .hub import pid_alive
@@ -36,7 +37,7 @@ from .leases import EnvironmentBusy
 from .leases import EnvironmentLease as Lease
 from .manager import EnvironmentManager
 from .narratives import fetch_bundle
-from .runs import pick_base
+from .runs import pick_base, screen_result
 from .selection import select_environment
 from .token_policy import result_scope, run_token
 
@@ -202,6 +203,7 @@ class RunDriver:
         self._renewal: asyncio.Task[None] | None = None
         self._token_expires = 0.0  # unknown (an adopted run): renew at once
         self._token_claims: TokenClaims | None = None  # of the token the runtime holds
+        self._issued: list[str] = []  # every token handed to the runtime
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- creation -------------------------------------------------------------------------------
@@ -320,6 +322,7 @@ class RunDriver:
         )
         self._token_claims = self.hub.signer.verify(token)
         self._token_expires = self._token_claims.expires_at
+        self._issued.append(token)  # the result is screened for each of them
         return token
 
     def _start_renewal(self) -> None:
@@ -428,6 +431,26 @@ class RunDriver:
             partial(collect_from_environment, self.hub.manager, self.run, self.events)
         )
 
+    async def _screen(self, result_id: str | None) -> str | None:
+        """The result with secret-looking files withheld (see :func:`screen_result`)."""
+        if result_id is None:
+            return None
+        store, run_id, tokens = self.hub.store, self.run.id, list(self._issued)
+        screened = await self.hub.blocking(lambda: screen_result(store, run_id, result_id, tokens))
+        if screened != result_id:
+            snap = (
+                await self.hub.blocking(lambda: resolve_snapshot(store, screened))
+                if screened is not None
+                else None
+            )
+            withheld = withheld_files(snap) if snap is not None else []
+            self.events.append(
+                "result.screened",
+                snapshot=screened,
+                withheld=[w["path"] for w in withheld],
+            )
+        return screened
+
     async def _finish(
         self, status: str, exit_code: int | None, result_id: str | None, reason: str
     ) -> None:
@@ -441,6 +464,7 @@ class RunDriver:
                 result_id = await self._collect_directly()
             elif result_id is None:
                 self.events.append("result.none", reason="the environment never got the input")
+            result_id = await self._screen(result_id)
             if reason:
                 self.events.append("run.error", reason=reason)
                 await self._record_runtime_log()

@@ -14,17 +14,21 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from narrative.credentials import secret_forms
 from narrative.errors import NarrativeError
 from narrative.hierarchy import create_thread, finish_run, get_thread, resolve_thread, start_run
 from narrative.history import resolve_snapshot, snapshot_at
 from narrative.ids import new_id
 from narrative.models import AgentRun, Snapshot
+from narrative.runs import withhold_secrets
 from narrative.snapshot import take_snapshot
+from narrative.store import Store
 
 from .base import OutputFn
+from .keys import key_path
 from .manager import EnvironmentManager
 
-__all__ = ["IsolatedRun", "pick_base", "run_isolated"]
+__all__ = ["IsolatedRun", "pick_base", "run_isolated", "screen_result"]
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +96,35 @@ def run_isolated(
     finally:
         # no result from an environment that never received the base: it holds another state
         result = _collect(manager, env_name, thread.id, run.id, status) if restored else None
-        run = finish_run(
-            store,
-            run.id,
-            status,
-            exit_code=exit_code,
-            result_snapshot=result.id if result is not None else None,
-        )
+        screened = screen_result(store, run.id, result.id if result is not None else None)
+        if result is not None and screened != result.id:
+            result = resolve_snapshot(store, screened) if screened is not None else None
+        run = finish_run(store, run.id, status, exit_code=exit_code, result_snapshot=screened)
     return IsolatedRun(run, base, result, exit_code, timed_out)
+
+
+def screen_result(
+    store: Store, run_id: str, result_id: str | None, tokens: Sequence[str] = ()
+) -> str | None:
+    """The result to record for a run whose environment left ``result_id``: screened for
+    secrets (:func:`narrative.runs.withhold_secrets`), every provider's result on every path,
+    looking also for the run's ``tokens`` and the store's gateway key. None when it cannot be
+    screened (then it is not recorded: an unscreened result is never offered for a merge)."""
+    if result_id is None:
+        return None
+    known = [form for token in tokens for form in secret_forms(token.encode())]
+    try:
+        with open(key_path(store), "rb") as f:
+            known += secret_forms(f.read(4096))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot read the gateway key to screen run %s for it: %s", run_id, exc)
+    try:
+        return withhold_secrets(store, run_id, result_id, known)
+    except NarrativeError as exc:
+        log.warning("cannot screen the result of run %s for secrets: %s", run_id, exc)
+        return None
 
 
 def _collect(

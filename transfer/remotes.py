@@ -412,8 +412,10 @@ def pull(
     for thread_id in sorted(diverged):
         local = store.refs.read(store.thread_ref(thread_id))
         if thread_id == current and read_head(store) in (None, local) and result.merge is None:
-            # merged now (a failure raises and leaves it listed as pending)
-            result.merge = merge_workspace(store, f"{name}/{thread_id}", strategy)
+            # merged now (a failure raises and leaves it listed as pending); as git pull
+            # does, whatever it changes: ignore files and config are only held for --force
+            # when a run's result or a snapshot is merged by hand
+            result.merge = merge_workspace(store, f"{name}/{thread_id}", strategy, force=True)
             pending.pop(thread_id, None)
             continue
         tracking = store.refs.read(f"refs/narrative/remotes/{name}/threads/{thread_id}")

@@ -142,3 +142,20 @@ def test_continue_records_what_was_merged_even_after_the_name_moved(tmp_path: Pa
     alice.run("pull", "origin")  # bob's later work is still to come, and comes
     assert (a_ws / "later.txt").read_text() == "bob's later work\n"
     _fsck(a_ws)
+
+
+def test_pull_merges_a_teammates_gitignore_edit(
+    tmp_path: Path,
+) -> None:
+    """``pull`` merges like ``git pull``, an ignore-file change included (only ``narrative
+    merge`` holds such a change for ``--force``, see docs/security.md)."""
+    alice, bob, a_ws, b_ws, _ = _pair(tmp_path)
+    (b_ws / ".gitignore").write_text("*.log\n")
+    bob.run("snapshot", "-m", "bob ignores logs")
+    bob.run("push", "origin")
+    (a_ws / "alice.txt").write_text("alice\n")
+    alice.run("snapshot", "-m", "alice")
+    alice.run("pull", "origin")
+    assert (a_ws / ".gitignore").read_text() == "*.log\n"
+    assert alice.json("log", "-n", "1")[0]["message"].startswith("merge")
+    _fsck(a_ws)
