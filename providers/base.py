@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -141,6 +141,13 @@ class BaseProvider(ABC):
     def capabilities_for(cls, config: ProviderConfig) -> frozenset[str]:
         """Capabilities of an environment with ``config`` (default: the class's)."""
         return cls.capabilities
+
+    @classmethod
+    def resource_config(cls, resources: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """The config keys that enforce ``resources`` (``cpus``, ``memory``, ``disk`` from the
+        project file) and the names of those this provider cannot enforce (default: none
+        enforced)."""
+        return {}, sorted(resources)
 
     @classmethod
     def check_config(cls, config: ProviderConfig) -> None:

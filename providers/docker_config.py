@@ -54,6 +54,9 @@ class DockerConfig(ProviderConfig):
     """Memory limit in bytes or with a unit (``"512m"``); none by default."""
     cpus: float | None = Field(default=None, gt=0)
     """CPU quota in cores (``1.5``); none by default."""
+    disk: str | None = None
+    """Size of the container's writable layer (``"10g"``); needs a storage driver that
+    supports it (overlay2 on xfs with pquota): elsewhere the engine refuses to create."""
     pids_limit: int | None = Field(default=None, gt=0)
     """Maximum number of processes in the container (fork-bomb guard)."""
     mounts: list[DockerMount] = Field(default_factory=list)

@@ -249,6 +249,14 @@ class DockerProvider(BaseProvider):
         self._api: Any = None
 
     @classmethod
+    def resource_config(cls, resources: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """cpus → ``cpus`` (a CPU quota), memory → ``mem_limit``, disk → ``disk`` (the
+        container's writable layer; the engine refuses it where its storage driver cannot)."""
+        keys = {"cpus": "cpus", "memory": "mem_limit", "disk": "disk"}
+        config = {keys[k]: v for k, v in resources.items() if k in keys}
+        return config, sorted(k for k in resources if k not in keys)
+
+    @classmethod
     def capabilities_for(cls, config: ProviderConfig) -> frozenset[str]:
         """The class's capabilities, the image's declared ones, and ``network`` if enabled."""
         extra: set[str] = set()
@@ -302,6 +310,7 @@ class DockerProvider(BaseProvider):
                 mem_limit=cfg.mem_limit,
                 nano_cpus=round(cfg.cpus * 1e9) if cfg.cpus is not None else None,
                 pids_limit=cfg.pids_limit,
+                storage_opt={"size": cfg.disk} if cfg.disk else None,
                 init=cfg.init,
             )
         name = _container_name(self.context.env_id)

@@ -297,14 +297,24 @@ class EnvironmentManager:
     ) -> EnvironmentRecord:
         """Create an environment (and start it unless ``start`` is False).
 
-        ``provider`` defaults to the first one that declares every capability in ``require``.
+        The project file (:mod:`providers.project`) fills in what is not given: the profile
+        of ``name``, the default provider, each provider's base config and the resource
+        limits. ``provider`` defaults to the first one that declares every capability in
+        ``require``.
         """
+        from .project import load_project
+
         _check_env_name(name)
-        wanted = sorted({r.strip() for r in require if r.strip()})
+        project = load_project(self.store.workspace)
+        provider, merged, wanted, resources = project.environment(
+            name, provider, dict(config or {}), require
+        )
         provider = provider or pick_provider(wanted)
         cls = get_provider_class(provider)
+        limits = resources.given()
+        enforced, unenforced = cls.resource_config(limits)
         try:
-            model = cls.config_model.model_validate(dict(config or {}))
+            model = cls.config_model.model_validate({**enforced, **merged})
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "config"
@@ -323,6 +333,8 @@ class EnvironmentManager:
                 provider=provider,
                 config=stored,
                 capabilities=sorted(capabilities),
+                resources=limits,
+                unenforced=unenforced,
             )
         )
         self._log(record, f"created with provider {provider}")

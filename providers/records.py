@@ -49,6 +49,10 @@ class EnvironmentRecord(BaseModel):
     """The provider's handle: a directory, a container id, a sandbox id."""
     state: EnvState = EnvState.CREATED
     capabilities: list[str] = Field(default_factory=list)
+    resources: dict[str, Any] = Field(default_factory=dict)
+    """Resource limits asked for by the project file (``cpus``, ``memory``, ``disk``)."""
+    unenforced: list[str] = Field(default_factory=list)
+    """Those of ``resources`` the provider cannot enforce (reported, never silently dropped)."""
     created_at: str = Field(default_factory=now_iso)
     updated_at: str = Field(default_factory=now_iso)
     last_health_at: str | None = None
