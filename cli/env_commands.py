@@ -55,8 +55,11 @@ def _row(record: Any) -> dict[str, Any]:
 
 
 def _human(data: dict[str, Any]) -> str:
-    keys = ["id", "name", "provider", "state", "resource_id", "capabilities", "last_error"]
-    lines = [f"{k}: {data[k]}" for k in keys if data.get(k) not in (None, [])]
+    keys = [
+        "id", "name", "provider", "state", "resource_id", "capabilities", "resources",
+        "last_error",
+    ]  # fmt: skip
+    lines = [f"{k}: {data[k]}" for k in keys if data.get(k) not in (None, [], {})]
     return "\n".join([*lines, *(f"warning: {w}" for w in data.get("warnings", []))])
 
 
@@ -67,7 +70,11 @@ def env() -> None:
 
 @env.command("create")
 @click.argument("name")
-@click.option("--provider", help="Provider name (default: the first that meets --require).")
+@click.option(
+    "--provider",
+    help="Provider name (default: narrative.toml's profile or default, else the first that "
+    "meets --require).",
+)
 @click.option("--require", default="", help="Comma-separated capabilities, e.g. gpu,python.")
 @click.option("--config", "config_pairs", multiple=True, metavar="KEY=VALUE", help="Config.")
 @click.option("--no-start", is_flag=True, help="Create without starting.")
@@ -82,7 +89,11 @@ def env_create(
     no_start: bool,
     as_json: bool,
 ) -> None:
-    """Create an environment, picking a provider that has the required capabilities."""
+    """Create an environment, picking a provider that has the required capabilities.
+
+    narrative.toml fills in what is not given: [environments.NAME] (provider, config,
+    resources), [defaults] provider, [providers.P] base config and [resources] limits.
+    """
     manager = open_manager(ctx)
     record = manager.create(
         name,
@@ -91,9 +102,18 @@ def env_create(
         require=require.split(","),
         start=not no_start,
     )
-    for warning in manager.provider(record).warnings():
+    for warning in _warnings(manager, record):
         note(f"warning: {warning}")
     emit(as_json, _row(record), f"{record.name} ({record.provider}) {record.state.value}")
+
+
+def _warnings(manager: EnvironmentManager, record: Any) -> list[str]:
+    """The provider's isolation warnings, and the project's limits it cannot enforce."""
+    found = list(manager.provider(record).warnings())
+    if record.unenforced:
+        asked = ", ".join(f"{k}={record.resources[k]}" for k in record.unenforced)
+        found.append(f"resource limits not enforced by the {record.provider} provider: {asked}")
+    return found
 
 
 @env.command("list")
@@ -120,7 +140,7 @@ def env_show(ctx: click.Context, name: str, as_json: bool) -> None:
     """Show one environment's record (with warnings about its isolation)."""
     manager = open_manager(ctx)
     record = manager.get(name)
-    data = {**_row(record), "warnings": manager.provider(record).warnings()}
+    data = {**_row(record), "warnings": _warnings(manager, record)}
     emit(as_json, data, lambda: _human(data))
 
 

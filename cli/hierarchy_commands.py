@@ -163,7 +163,11 @@ def run() -> None:
 @run.command("start", context_settings={"ignore_unknown_options": True})
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--thread", "thread_ref", help="Thread (id or name; default thread).")
-@click.option("--agent", default="agent", show_default=True, help="Agent name.")
+@click.option(
+    "--agent",
+    help="Agent name; with no command, narrative.toml's [agents.NAME] gives the command, "
+    "environment, capabilities and timeout (default: [defaults] agent, else 'agent').",
+)
 @click.option(
     "--env",
     "environments",
@@ -192,7 +196,7 @@ def run_start(
     ctx: click.Context,
     command: tuple[str, ...],
     thread_ref: str | None,
-    agent: str,
+    agent: str | None,
     environments: tuple[str, ...],
     require: str,
     snapshot_ref: str | None,
@@ -216,12 +220,23 @@ def run_start(
     finish' (an agent working in the workspace itself); one left running longer than
     'config manual_run_timeout' (default 24h) is recorded as cancelled (abandoned).
     """
-    environment = environments[0] if environments else "local"
     wanted = [c.strip() for c in require.split(",") if c.strip()]
     if manual and command:
         raise click.UsageError("--manual runs no command: drop the command or --manual")
-    if wanted and (environments or direct or not command):
+    if wanted and environments:
         raise click.UsageError("--require selects an environment for a command: not with --env")
+    if not manual:  # narrative.toml: the agent's manifest and the project's defaults
+        from providers.project import load_project
+
+        settings = load_project(open_store(ctx).workspace).run(
+            agent, list(command), list(environments), wanted, timeout
+        )
+        agent, command, timeout = settings.agent, tuple(settings.command), settings.timeout
+        environments, wanted = tuple(settings.environments), settings.require
+    agent = agent or "agent"
+    environment = environments[0] if environments else "local"
+    if wanted and (direct or not command):
+        raise click.UsageError("--require selects an environment for a command run through the hub")
     if command and not direct:
         from .hub_commands import start_through_hub
 
