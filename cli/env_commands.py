@@ -68,7 +68,41 @@ def env() -> None:
     """Environments (local directory, worktree, Docker, E2B) that runs execute in."""
 
 
-@env.command("create")
+class _CreateCommand(click.Command):
+    """``env create``, whose --help lists the config keys of ``--provider P`` (generated from
+    the provider's pydantic model: types, defaults, each field's docstring)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # --help is eager: it runs before --provider is parsed, so read it from the raw args
+        for i, arg in enumerate(args):
+            if arg == "--provider" and i + 1 < len(args):
+                ctx.meta["help_provider"] = args[i + 1]
+            elif arg.startswith("--provider="):
+                ctx.meta["help_provider"] = arg.partition("=")[2]
+        return super().parse_args(ctx, args)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from narrative.errors import NarrativeError
+        from providers.base import config_help
+        from providers.registry import available, get_provider_class
+
+        name = ctx.meta.get("help_provider")
+        if name is None:
+            with formatter.section("Providers (--provider P --help lists P's --config keys)"):
+                formatter.write_dl([(p, "") for p in available()])
+        else:
+            try:
+                rows = config_help(get_provider_class(name).config_model)
+            except NarrativeError as exc:
+                rows = [("(unavailable)", str(exc))]
+            with formatter.section(
+                f"--config keys of the {name} provider (KEY=VALUE; JSON values)"
+            ):
+                formatter.write_dl(rows)
+        super().format_epilog(ctx, formatter)
+
+
+@env.command("create", cls=_CreateCommand)
 @click.argument("name")
 @click.option(
     "--provider",

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from narrative.store import Store
 
 __all__ = [
+    "config_help",
     "BaseProvider",
     "Category",
     "ExecResult",
@@ -102,9 +103,45 @@ class ProviderContext:
 
 
 class ProviderConfig(BaseModel):
-    """Base of every provider's configuration model."""
+    """Base of every provider's configuration model (each field's docstring is its help:
+    ``narrative env create --provider P --help`` lists them, see :func:`config_help`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+def _type_name(annotation: Any) -> str:
+    """``bool | 'host'``, ``list[str]``, ``int | str | None``: how a value is written."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(annotation))
+        return f"{getattr(origin, '__name__', origin)}[{args}]"
+    if annotation is type(None):
+        return "None"
+    return str(getattr(annotation, "__name__", annotation))
+
+
+def config_help(model: type[BaseModel]) -> list[tuple[str, str]]:
+    """``(key=TYPE [default], description)`` for every settable field of a config model."""
+    rows = []
+    for name, field in model.model_fields.items():
+        if name == "type":
+            continue  # the discriminator, not a setting
+        annotation = _type_name(field.annotation)
+        if field.is_required():
+            default = "required"
+        else:
+            value = field.get_default(call_default_factory=True)
+            default = f"default {value!r}" if value not in (None, [], {}) else "optional"
+        text = " ".join((field.description or "").replace("``", "").split())
+        rows.append((f"{name}={annotation}", f"[{default}] {text}".strip()))
+    return rows
 
 
 def check_relative_path(path: str) -> str:

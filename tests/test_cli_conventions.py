@@ -146,3 +146,18 @@ echo "${{COMPREPLY[@]}}"
     lines = proc.stdout.splitlines()
     assert "_narrative_completion" in lines[0]
     assert lines[1] == "feature" and lines[2] == "status"
+
+
+def test_env_create_help_lists_each_providers_config_keys(cli: Cli) -> None:
+    from providers.registry import available, get_provider_class
+
+    listing = cli.run("env", "create", "--help").stdout
+    for name in available():
+        assert name in listing
+        model = get_provider_class(name).config_model
+        shown = cli.run("env", "create", "--provider", name, "--help").stdout
+        for field in model.model_fields:
+            if field != "type":
+                assert f"{field}=" in shown, (name, field)
+    docker = " ".join(cli.run("env", "create", "--help", "--provider=docker").stdout.split())
+    assert "image=str [required]" in docker and "network=bool | 'host' [default False]" in docker
