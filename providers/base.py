@@ -29,6 +29,7 @@ __all__ = [
     "Category",
     "ExecResult",
     "Health",
+    "HubSocket",
     "OutputFn",
     "ProviderConfig",
     "ProviderContext",
@@ -88,6 +89,16 @@ def tail_start(size: int, since: int, limit: int) -> int:
     """Where a read of the end of a ``size``-byte log starts: after ``since`` (ignored when the
     log is shorter, i.e. was replaced), and no more than ``limit`` bytes before its end."""
     return max(since if since <= size else 0, size - limit, 0)
+
+
+@dataclass(frozen=True)
+class HubSocket:
+    """The unix socket a hub serves an environment's runtime on (see :mod:`gateway.unix`)."""
+
+    host_path: str
+    """Where the hub listens, on this machine (in a private directory, mode 0700)."""
+    environment_path: str
+    """The same socket as the runtime in the environment sees it (a bind mount)."""
 
 
 @dataclass(frozen=True)
@@ -316,3 +327,9 @@ class BaseProvider(ABC):
     @abstractmethod
     def runtime_command(self) -> list[str]:
         """The argv prefix that runs the ``narrative`` CLI inside the environment."""
+
+    def hub_socket(self, resource_id: str) -> HubSocket | None:
+        """The unix socket through which the runtime of this environment reaches a hub on
+        this machine (which listens there while it drives a run here); None: the runtime
+        dials the hub's TCP address (default)."""
+        return None

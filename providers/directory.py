@@ -45,6 +45,7 @@ from .base import (
     BaseProvider,
     ExecResult,
     Health,
+    HubSocket,
     OutputFn,
     ProviderConfig,
     Signal,
@@ -52,9 +53,9 @@ from .base import (
     check_relative_path,
     tail_start,
 )
-from .errors import ExecFailed, ResourceGone, RuntimeBroken, SandboxUnavailable
+from .errors import ExecFailed, ResourceGone, RuntimeBroken
 from .keys import key_path
-from .records import env_state_dir
+from .records import HUB_SOCKET, env_state_dir, hub_socket_dir
 from .sandbox import (
     SandboxPlan,
     inside_sandbox,
@@ -461,19 +462,15 @@ class DirectoryProvider(BaseProvider):
             yield list(argv), environment, ()
             return
         bwrap = require_bwrap()
-        network = getattr(self.config, "network", "host") != "none"
-        if background and not network:
-            raise SandboxUnavailable(
-                "network=none: the runtime of a run through the hub needs the hub's loopback "
-                "address, and the hub cannot listen on a unix socket yet; use network=host, or "
-                "run the command with `narrative run start --direct`"
-            )
         _check_program(resource_id, argv[0], environment)
+        # the runtime (a background process) reaches the hub through the socket directory
+        shared = (os.path.dirname(self.hub_socket(resource_id).host_path),) if background else ()
         plan = SandboxPlan(
             writable=resource_id,
             hidden=tuple(self.hidden_paths()),
             exposed=tuple(interpreter_paths()),
-            network=network,
+            shared=shared,
+            network=getattr(self.config, "network", "host") != "none",
             die_with_parent=not background,
         )
         with sandboxed(bwrap, plan, argv, environment) as command:
@@ -508,6 +505,12 @@ class DirectoryProvider(BaseProvider):
                 tail = f"workspace files shadow its modules: {modules}"
             raise RuntimeBroken(f"the runtime in {resource_id} is broken: {tail}")
         return Health.OK
+
+    def hub_socket(self, resource_id: str) -> HubSocket:
+        """The environment's private socket directory, bound read-only into the sandbox at
+        the same path (so the runtime reaches the hub even with ``network=none``)."""
+        path = os.path.join(hub_socket_dir(self.context.store, self.context.env_id), HUB_SOCKET)
+        return HubSocket(path, path)
 
 
 def _check_program(cwd: str, program: str, environment: Mapping[str, str]) -> None:
