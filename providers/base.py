@@ -333,3 +333,41 @@ class BaseProvider(ABC):
         this machine (which listens there while it drives a run here); None: the runtime
         dials the hub's TCP address (default)."""
         return None
+
+    def check_runtime(self, resource_id: str) -> None:
+        """Run the runtime's import check (``narrative runtime --check``) in the environment,
+        with the same command, working directory and environment the hub starts it with.
+
+        Raises:
+            RuntimeBroken: the runtime does not start, or a module of the workspace shadows
+                one of its own (named in the message).
+        """
+        from .errors import RuntimeBroken
+
+        argv = [*self.runtime_command(), "runtime", "--check"]
+        result = self.exec(resource_id, argv, env={"NARRATIVE_STORE": ""}, timeout=120)
+        shadowed = _check_report(result.stdout)
+        if result.exit_code != 0 or shadowed is None:
+            tail = (result.stderr or result.stdout).decode(errors="replace").strip()
+            tail = tail.splitlines()[-1] if tail else f"exit code {result.exit_code}"
+            if shadowed:
+                modules = ", ".join(f"{name} ({path})" for name, path in sorted(shadowed.items()))
+                tail = f"workspace files shadow its modules: {modules}"
+            raise RuntimeBroken(f"the runtime in {resource_id} is broken: {tail}")
+
+
+def _check_report(stdout: bytes) -> dict[str, str] | None:
+    """The shadowed modules ``narrative runtime --check`` reported, or None when it did not
+    finish its report."""
+    from .runtime import CHECK_DONE
+
+    lines = stdout.decode(errors="replace").splitlines()
+    if not lines or not lines[-1].startswith(CHECK_DONE + " "):
+        return None
+    shadowed = {}
+    for line in lines[:-1]:
+        kind, _, rest = line.partition("\t")
+        name, _, path = rest.partition("\t")
+        if kind == "shadowed" and name:
+            shadowed[name] = path
+    return shadowed

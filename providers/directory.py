@@ -53,7 +53,7 @@ from .base import (
     check_relative_path,
     tail_start,
 )
-from .errors import ExecFailed, ResourceGone, RuntimeBroken
+from .errors import ExecFailed, ResourceGone
 from .keys import key_path
 from .records import HUB_SOCKET, env_state_dir, hub_socket_dir
 from .sandbox import (
@@ -485,8 +485,8 @@ class DirectoryProvider(BaseProvider):
         return [sys.executable, "-I", "-c", RUNTIME_BOOTSTRAP, installation_root()]
 
     def health(self, resource_id: str) -> Health:
-        """GONE without the directory; otherwise the runtime's import check, run exactly as
-        the hub starts the runtime (same command, working directory and environment).
+        """GONE without the directory; otherwise the runtime's import check
+        (:meth:`~providers.base.BaseProvider.check_runtime`).
 
         Raises:
             RuntimeBroken: the runtime does not start, or a module of the workspace shadows
@@ -494,16 +494,7 @@ class DirectoryProvider(BaseProvider):
         """
         if not os.path.isdir(resource_id):
             return Health.GONE
-        argv = [*self.runtime_command(), "runtime", "--check"]
-        result = self.exec(resource_id, argv, env={"NARRATIVE_STORE": ""}, timeout=120)
-        shadowed = _check_report(result.stdout)
-        if result.exit_code != 0 or shadowed is None:
-            tail = (result.stderr or result.stdout).decode(errors="replace").strip()
-            tail = tail.splitlines()[-1] if tail else f"exit code {result.exit_code}"
-            if shadowed:
-                modules = ", ".join(f"{name} ({path})" for name, path in sorted(shadowed.items()))
-                tail = f"workspace files shadow its modules: {modules}"
-            raise RuntimeBroken(f"the runtime in {resource_id} is broken: {tail}")
+        self.check_runtime(resource_id)
         return Health.OK
 
     def hub_socket(self, resource_id: str) -> HubSocket:
@@ -522,23 +513,6 @@ def _check_program(cwd: str, program: str, environment: Mapping[str, str]) -> No
         found = shutil.which(program, path=environment.get("PATH", os.defpath)) is not None
     if not found:
         raise ExecFailed(f"cannot run {program!r}: No such file or directory")
-
-
-def _check_report(stdout: bytes) -> dict[str, str] | None:
-    """The shadowed modules ``narrative runtime --check`` reported, or None when it did not
-    finish its report."""
-    from .runtime import CHECK_DONE
-
-    lines = stdout.decode(errors="replace").splitlines()
-    if not lines or not lines[-1].startswith(CHECK_DONE + " "):
-        return None
-    shadowed = {}
-    for line in lines[:-1]:
-        kind, _, rest = line.partition("\t")
-        name, _, path = rest.partition("\t")
-        if kind == "shadowed" and name:
-            shadowed[name] = path
-    return shadowed
 
 
 def _parse_handle(handle: str) -> tuple[int, str, str]:

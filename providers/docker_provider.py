@@ -394,6 +394,13 @@ class DockerProvider(BaseProvider):
             raise ResourceGone(resource_id)
 
     def health(self, resource_id: str) -> Health:
+        """GONE without the container, UNREACHABLE when it does not run; with a ``runtime``
+        configured, the runtime's import check too
+        (:meth:`~providers.base.BaseProvider.check_runtime`).
+
+        Raises:
+            RuntimeBroken: the runtime does not start, or workspace files shadow its modules.
+        """
         try:
             with _errors("health", resource_id):
                 state = self.api.inspect_container(resource_id)["State"]
@@ -401,9 +408,11 @@ class DockerProvider(BaseProvider):
             return Health.GONE
         except NarrativeError:
             return Health.UNREACHABLE
-        if state.get("Running") and not state.get("Paused"):
-            return Health.OK
-        return Health.UNREACHABLE
+        if not state.get("Running") or state.get("Paused"):
+            return Health.UNREACHABLE
+        if self.cfg.runtime:  # the default runtime may be absent: nothing runs it yet
+            self.check_runtime(resource_id)
+        return Health.OK
 
     def hub_socket(self, resource_id: str) -> HubSocket | None:
         """The socket in the environment's hub directory, mounted at :data:`HUB_SOCKET_MOUNT`
