@@ -173,3 +173,25 @@ def test_runs_need_no_network_and_the_agent_cannot_reach_host_loopback(
     assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
     assert os.listdir(directory) == []
 
+
+#: A runtime that starts in the workspace with it on ``sys.path`` (``python -m cli``, this
+#: checkout on PYTHONPATH): what the check must catch.
+EXPOSED_RUNTIME = json.dumps(["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "cli"])
+
+
+def test_health_runs_the_runtime_import_check_in_the_container(
+    cli: Cli, workspace: Path, docker_image: str
+) -> None:
+    """A workspace holding ``json.py`` replaces the module of a runtime started among its
+    files: ``env health`` says so (not ok, the module named); the isolated runtime stays ok."""
+    (workspace / "json.py").write_text("raise SystemExit('planted json.py ran')\n")
+    cli.run("init")
+    create_box(cli, docker_image, "exposed", "--config", f"runtime={EXPOSED_RUNTIME}")
+    create_box(cli, docker_image, "isolated")
+    for env in ("exposed", "isolated"):
+        assert cli.json("env", "health", env)[0]["health"] == "ok"  # an empty workdir
+        cli.run("run", "start", "--env", env, "--direct", "--", "true")  # restores json.py
+    report = cli.json("env", "health", "exposed")[0]
+    assert report["health"] != "ok" and "broken" in report["detail"], report
+    assert "planted json.py ran" in report["detail"], report
+    assert cli.json("env", "health", "isolated")[0]["health"] == "ok"
