@@ -500,7 +500,7 @@ class DirectoryProvider(BaseProvider):
     def hub_socket(self, resource_id: str) -> HubSocket:
         """The environment's private socket directory, bound read-only into the sandbox at
         the same path (so the runtime reaches the hub even with ``network=none``)."""
-        path = os.path.join(hub_socket_dir(self.context.store, self.context.env_id), HUB_SOCKET)
+        path = os.path.join(hub_socket_dir(self.context.env_id), HUB_SOCKET)
         return HubSocket(path, path)
 
 

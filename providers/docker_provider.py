@@ -310,7 +310,7 @@ class DockerProvider(BaseProvider):
             LABEL_NAME: self.context.env_name,
         }
         hub_dir = DockerMount(
-            source=hub_socket_dir(self.context.store, self.context.env_id),
+            source=hub_socket_dir(self.context.env_id),
             target=HUB_SOCKET_MOUNT,
         )
         with _errors("create", image=cfg.image):

@@ -84,13 +84,17 @@ def env_state_dir(store: Store, env_id: str) -> str:
     return os.path.join(store.git_dir, "narrative", "envs", env_id)
 
 
-def hub_socket_dir(store: Store, env_id: str) -> str:
-    """The private directory (mode 0700, created) holding the unix socket through which the
-    environment's runtime reaches the hub; bind-mounted read-only into the environment, it
-    holds nothing but that socket."""
-    path = os.path.join(env_state_dir(store, env_id), "hub")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)  # whatever the umask, or an older directory, left
+def hub_socket_dir(env_id: str, *, create: bool = True) -> str:
+    """The private directory (mode 0700, created unless told) holding the unix socket through
+    which the environment's runtime reaches the hub; bind-mounted read-only into the
+    environment, it holds nothing but that socket. In the user's data directory, outside every
+    store: a live socket is no file a copy or a hash of the store should meet."""
+    from narrative.location import data_dir
+
+    path = os.path.join(data_dir(), "hub-sockets", env_id)
+    if create:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)  # whatever the umask, or an older directory, left
     return path
 
 
