@@ -15,7 +15,7 @@ from typing import Any
 from narrative.store import Store
 from providers.directory import RUNTIME_BOOTSTRAP
 from providers.manager import EnvironmentManager
-from providers.records import env_state_dir
+from providers.records import hub_socket_dir
 
 from ..conftest import NARRATIVE, Cli, git, store_dir_of
 from .hub_support import (
@@ -169,9 +169,11 @@ def test_runs_need_no_network_and_the_agent_cannot_reach_host_loopback(
         assert server.connections == 1
     # the socket's directory is private to the user, and the socket is gone with its run
     env_id = EnvironmentManager(store).get("box").id
-    directory = os.path.join(env_state_dir(store, env_id), "hub")
+    directory = hub_socket_dir(env_id, create=False)
     assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
     assert os.listdir(directory) == []
+    cli.run("env", "delete", "box")
+    assert not os.path.exists(directory)
 
 
 #: A runtime that starts in the workspace with it on ``sys.path`` (``python -m cli``, this
