@@ -88,7 +88,12 @@ def serve(
 
 
 @click.command()
-@click.option("--connect", "url", metavar="URL", help="The hub's ws:// URL (required).")
+@click.option(
+    "--connect",
+    "url",
+    metavar="URL",
+    help="The hub's ws:// URL, or ws+unix:///PATH of its unix socket (required).",
+)
 @click.option("--token", envvar="NARRATIVE_TOKEN", help="Run-scoped token (required).")
 @click.option(
     "--workspace",

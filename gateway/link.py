@@ -8,11 +8,12 @@ import logging
 import ssl as ssl_module
 from typing import TYPE_CHECKING, Any
 
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from .errors import GatewayError, ProtocolError, TokenInvalid, Unavailable
 from .protocol import Welcome, dump, parse_message
+from .unix import dialable_path, unix_socket_path
 
 if TYPE_CHECKING:
     from .node import Gateway
@@ -97,19 +98,24 @@ class Link:
                 tls: dict[str, Any] = (
                     {"ssl": self._ssl} if self._ssl and self.url.startswith("wss:") else {}
                 )
-                async with connect(
-                    self.url,
-                    additional_headers={"Authorization": f"Bearer {self._token}"},
-                    **tls,
-                    proxy=None,
-                    compression=None,
-                    open_timeout=limits.transport_timeout,
-                    ping_interval=limits.transport_timeout,
-                    ping_timeout=limits.transport_timeout,
-                    close_timeout=1,
-                    max_size=limits.max_frame,
-                    max_queue=limits.max_queue,
-                ) as ws:
+                options: dict[str, Any] = {
+                    "additional_headers": {"Authorization": f"Bearer {self._token}"},
+                    "compression": None,
+                    "open_timeout": limits.transport_timeout,
+                    "ping_interval": limits.transport_timeout,
+                    "ping_timeout": limits.transport_timeout,
+                    "close_timeout": 1,
+                    "max_size": limits.max_frame,
+                    "max_queue": limits.max_queue,
+                }
+                async with contextlib.AsyncExitStack() as stack:
+                    socket_path = unix_socket_path(self.url)
+                    if socket_path is not None:
+                        address = stack.enter_context(dialable_path(socket_path))
+                        dial = unix_connect(address, "ws://localhost/", **options)
+                    else:
+                        dial = connect(self.url, **tls, proxy=None, **options)
+                    ws = await stack.enter_async_context(dial)
                     self._ws = ws
                     await ws.send(dump(gw.hello()))
                     frame = await asyncio.wait_for(ws.recv(), limits.transport_timeout)

@@ -496,7 +496,8 @@ class Gateway:
         request id once.
 
         Args:
-            url: ``ws://`` or ``wss://`` URL of the peer's server.
+            url: ``ws://`` or ``wss://`` URL of the peer's server, or ``ws+unix://PATH`` of
+                its unix socket (see :mod:`gateway.unix`).
             token: This environment's run-scoped token for that server.
             ssl: TLS context for ``wss://`` (default: the system's).
             wait: Wait until the first connection is up (or refused).

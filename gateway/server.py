@@ -8,6 +8,10 @@ never opened, so no message from an unauthenticated client is ever parsed. After
 the peer must send a hello for the environment its token names, within the transport timeout;
 from then on the gateway holds every call to the token and closes the connection when the
 token expires or is revoked.
+
+Besides its TCP port, the server may listen on unix sockets (:meth:`ProviderServer.listen_unix`,
+addresses ``ws+unix://PATH``, see :mod:`gateway.unix`), with the same handshake and checks: how
+a runtime in an environment without a network reaches its hub.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl as ssl_module
 from http import HTTPStatus
+from typing import Any
 
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, serve, unix_serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request as HttpRequest
@@ -28,6 +34,7 @@ from .errors import AuthError, ProtocolError
 from .node import Gateway
 from .protocol import Hello, dump, parse_message
 from .tokens import TokenClaims, TokenSigner
+from .unix import bind_unix, unix_url
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ProviderServer", "bearer_token"]
 
@@ -75,6 +82,7 @@ class ProviderServer:
         self.ssl = ssl
         self.run_id = run_id
         self._server: Server | None = None
+        self._unix: dict[str, Server] = {}
         gateway.verify_token = lambda token: signer.verify(token, run_id=run_id)
 
     @property
@@ -86,30 +94,60 @@ class ProviderServer:
 
     async def start(self) -> None:
         """Listen; with port 0, :attr:`port` becomes the port chosen."""
-        limits = self.gateway.limits
-        self._server = await serve(
-            self._handle,
-            self.host,
-            self.port,
-            ssl=self.ssl,
-            process_request=self._authorize,
-            compression=None,
-            open_timeout=limits.transport_timeout,
-            ping_interval=limits.transport_timeout,
-            ping_timeout=limits.transport_timeout,
-            close_timeout=1,
-            max_size=limits.max_frame,
-            max_queue=limits.max_queue,
-        )
+        self._server = await serve(self._handle, self.host, self.port, **self._options())
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("gateway %s listening on %s", self.gateway.environment_id, self.url)
 
+    def _options(self) -> dict[str, Any]:
+        limits = self.gateway.limits
+        return {
+            "ssl": self.ssl,
+            "process_request": self._authorize,
+            "compression": None,
+            "open_timeout": limits.transport_timeout,
+            "ping_interval": limits.transport_timeout,
+            "ping_timeout": limits.transport_timeout,
+            "close_timeout": 1,
+            "max_size": limits.max_frame,
+            "max_queue": limits.max_queue,
+        }
+
+    async def listen_unix(self, path: str) -> str:
+        """Also listen on the unix socket ``path`` (replacing a stale socket there); its URL.
+        Listening on a path already served is a no-op.
+
+        Raises:
+            OSError: the socket cannot be bound (missing directory, something else there).
+        """
+        if path not in self._unix:
+            # plain WebSocket: the socket never leaves this machine
+            options = {**self._options(), "ssl": None}
+            self._unix[path] = await unix_serve(self._handle, sock=bind_unix(path), **options)
+            log.info("gateway %s listening on %s", self.gateway.environment_id, unix_url(path))
+        return unix_url(path)
+
+    async def close_unix(self, path: str) -> None:
+        """Stop listening on the unix socket ``path``, close its connections, remove it."""
+        server = self._unix.pop(path, None)
+        if server is None:
+            return
+        server.close()
+        await server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
     async def stop(self) -> None:
-        """Stop listening and close every connection."""
+        """Stop listening and close every connection (unix sockets stay in place: a server
+        started later, adopting the runs, listens on them again)."""
+        for server in self._unix.values():
+            server.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        for server in self._unix.values():
+            await server.wait_closed()
+        self._unix.clear()
 
     def _verify(self, headers: Headers) -> TokenClaims:
         return self.signer.verify(bearer_token(headers), run_id=self.run_id)

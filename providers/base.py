@@ -30,6 +30,7 @@ __all__ = [
     "Category",
     "ExecResult",
     "Health",
+    "HubSocket",
     "OutputFn",
     "ProviderConfig",
     "ProviderContext",
@@ -89,6 +90,16 @@ def tail_start(size: int, since: int, limit: int) -> int:
     """Where a read of the end of a ``size``-byte log starts: after ``since`` (ignored when the
     log is shorter, i.e. was replaced), and no more than ``limit`` bytes before its end."""
     return max(since if since <= size else 0, size - limit, 0)
+
+
+@dataclass(frozen=True)
+class HubSocket:
+    """The unix socket a hub serves an environment's runtime on (see :mod:`gateway.unix`)."""
+
+    host_path: str
+    """Where the hub listens, on this machine (in a private directory, mode 0700)."""
+    environment_path: str
+    """The same socket as the runtime in the environment sees it (a bind mount)."""
 
 
 @dataclass(frozen=True)
@@ -360,3 +371,47 @@ class BaseProvider(ABC):
     @abstractmethod
     def runtime_command(self) -> list[str]:
         """The argv prefix that runs the ``narrative`` CLI inside the environment."""
+
+    def hub_socket(self, resource_id: str) -> HubSocket | None:
+        """The unix socket through which the runtime of this environment reaches a hub on
+        this machine (which listens there while it drives a run here); None: the runtime
+        dials the hub's TCP address (default)."""
+        return None
+
+    def check_runtime(self, resource_id: str) -> None:
+        """Run the runtime's import check (``narrative runtime --check``) in the environment,
+        with the same command, working directory and environment the hub starts it with.
+
+        Raises:
+            RuntimeBroken: the runtime does not start, or a module of the workspace shadows
+                one of its own (named in the message).
+        """
+        from .errors import RuntimeBroken
+
+        argv = [*self.runtime_command(), "runtime", "--check"]
+        result = self.exec(resource_id, argv, env={"NARRATIVE_STORE": ""}, timeout=120)
+        shadowed = _check_report(result.stdout)
+        if result.exit_code != 0 or shadowed is None:
+            tail = (result.stderr or result.stdout).decode(errors="replace").strip()
+            tail = tail.splitlines()[-1] if tail else f"exit code {result.exit_code}"
+            if shadowed:
+                modules = ", ".join(f"{name} ({path})" for name, path in sorted(shadowed.items()))
+                tail = f"workspace files shadow its modules: {modules}"
+            raise RuntimeBroken(f"the runtime in {resource_id} is broken: {tail}")
+
+
+def _check_report(stdout: bytes) -> dict[str, str] | None:
+    """The shadowed modules ``narrative runtime --check`` reported, or None when it did not
+    finish its report."""
+    from .runtime import CHECK_DONE
+
+    lines = stdout.decode(errors="replace").splitlines()
+    if not lines or not lines[-1].startswith(CHECK_DONE + " "):
+        return None
+    shadowed = {}
+    for line in lines[:-1]:
+        kind, _, rest = line.partition("\t")
+        name, _, path = rest.partition("\t")
+        if kind == "shadowed" and name:
+            shadowed[name] = path
+    return shadowed

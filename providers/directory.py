@@ -45,6 +45,7 @@ from .base import (
     BaseProvider,
     ExecResult,
     Health,
+    HubSocket,
     OutputFn,
     ProviderConfig,
     Signal,
@@ -52,9 +53,9 @@ from .base import (
     check_relative_path,
     tail_start,
 )
-from .errors import ExecFailed, ResourceGone, RuntimeBroken, SandboxUnavailable
+from .errors import ExecFailed, ResourceGone
 from .keys import key_path
-from .records import env_state_dir
+from .records import HUB_SOCKET, env_state_dir, hub_socket_dir
 from .sandbox import (
     SandboxPlan,
     inside_sandbox,
@@ -461,19 +462,15 @@ class DirectoryProvider(BaseProvider):
             yield list(argv), environment, ()
             return
         bwrap = require_bwrap()
-        network = getattr(self.config, "network", "host") != "none"
-        if background and not network:
-            raise SandboxUnavailable(
-                "network=none: the runtime of a run through the hub needs the hub's loopback "
-                "address, and the hub cannot listen on a unix socket yet; use network=host, or "
-                "run the command with `narrative run start --direct`"
-            )
         _check_program(resource_id, argv[0], environment)
+        # the runtime (a background process) reaches the hub through the socket directory
+        shared = (os.path.dirname(self.hub_socket(resource_id).host_path),) if background else ()
         plan = SandboxPlan(
             writable=resource_id,
             hidden=tuple(self.hidden_paths()),
             exposed=tuple(interpreter_paths()),
-            network=network,
+            shared=shared,
+            network=getattr(self.config, "network", "host") != "none",
             die_with_parent=not background,
         )
         with sandboxed(bwrap, plan, argv, environment) as command:
@@ -488,8 +485,8 @@ class DirectoryProvider(BaseProvider):
         return [sys.executable, "-I", "-c", RUNTIME_BOOTSTRAP, installation_root()]
 
     def health(self, resource_id: str) -> Health:
-        """GONE without the directory; otherwise the runtime's import check, run exactly as
-        the hub starts the runtime (same command, working directory and environment).
+        """GONE without the directory; otherwise the runtime's import check
+        (:meth:`~providers.base.BaseProvider.check_runtime`).
 
         Raises:
             RuntimeBroken: the runtime does not start, or a module of the workspace shadows
@@ -497,17 +494,14 @@ class DirectoryProvider(BaseProvider):
         """
         if not os.path.isdir(resource_id):
             return Health.GONE
-        argv = [*self.runtime_command(), "runtime", "--check"]
-        result = self.exec(resource_id, argv, env={"NARRATIVE_STORE": ""}, timeout=120)
-        shadowed = _check_report(result.stdout)
-        if result.exit_code != 0 or shadowed is None:
-            tail = (result.stderr or result.stdout).decode(errors="replace").strip()
-            tail = tail.splitlines()[-1] if tail else f"exit code {result.exit_code}"
-            if shadowed:
-                modules = ", ".join(f"{name} ({path})" for name, path in sorted(shadowed.items()))
-                tail = f"workspace files shadow its modules: {modules}"
-            raise RuntimeBroken(f"the runtime in {resource_id} is broken: {tail}")
+        self.check_runtime(resource_id)
         return Health.OK
+
+    def hub_socket(self, resource_id: str) -> HubSocket:
+        """The environment's private socket directory, bound read-only into the sandbox at
+        the same path (so the runtime reaches the hub even with ``network=none``)."""
+        path = os.path.join(hub_socket_dir(self.context.env_id), HUB_SOCKET)
+        return HubSocket(path, path)
 
 
 def _check_program(cwd: str, program: str, environment: Mapping[str, str]) -> None:
@@ -519,23 +513,6 @@ def _check_program(cwd: str, program: str, environment: Mapping[str, str]) -> No
         found = shutil.which(program, path=environment.get("PATH", os.defpath)) is not None
     if not found:
         raise ExecFailed(f"cannot run {program!r}: No such file or directory")
-
-
-def _check_report(stdout: bytes) -> dict[str, str] | None:
-    """The shadowed modules ``narrative runtime --check`` reported, or None when it did not
-    finish its report."""
-    from .runtime import CHECK_DONE
-
-    lines = stdout.decode(errors="replace").splitlines()
-    if not lines or not lines[-1].startswith(CHECK_DONE + " "):
-        return None
-    shadowed = {}
-    for line in lines[:-1]:
-        kind, _, rest = line.partition("\t")
-        name, _, path = rest.partition("\t")
-        if kind == "shadowed" and name:
-            shadowed[name] = path
-    return shadowed
 
 
 def _parse_handle(handle: str) -> tuple[int, str, str]:

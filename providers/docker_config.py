@@ -46,10 +46,11 @@ class DockerConfig(ProviderConfig):
     workdir: str = "/work"
     """Absolute directory in the container holding the workspace; commands run there."""
     network: bool | Literal["host"] = False
-    """``False`` (default): no network at all (``network_mode=none``, only loopback inside).
-    ``True``: the daemon's default network. ``"host"``: the host's network namespace, so a
-    process in the container reaches servers listening on the host's ``127.0.0.1`` (how a
-    runtime in the container calls back over loopback)."""
+    """``False`` (default): no network at all (``network_mode=none``, only loopback inside);
+    runs through the hub work so, their runtime reaches the hub through a unix socket mounted
+    into the container. ``True``: the daemon's default network. ``"host"``: the host's
+    network namespace, so every process in the container (the agent too) reaches every
+    server listening on the host's ``127.0.0.1``: avoid it."""
     mem_limit: int | str | None = None
     """Memory limit in bytes or with a unit (``"512m"``); none by default."""
     cpus: float | None = Field(default=None, gt=0)

@@ -10,8 +10,11 @@ from the container as hostile. Images are never pulled: a missing image is an
 Background processes (:meth:`DockerProvider.spawn`) are detached execs; they and their
 descendants carry a marker in their environment (:mod:`providers.proctree`), by which
 :meth:`~DockerProvider.signal` finds and signals the whole tree, wherever it was re-parented.
-With ``network="host"`` the container shares the host's network namespace, so such a process
-can call back to a server on the host's loopback.
+The container has no network by default (``network_mode=none``): the runtime a hub spawns
+there reaches the hub through a unix socket in a private host directory (mode 0700,
+:func:`~providers.records.hub_socket_dir`) that is bind-mounted read-only at
+:data:`HUB_SOCKET_MOUNT`; ``network="host"`` would let every process in the container reach
+every service on the host's loopback, and no run needs it.
 
 The image needs a POSIX ``sh`` with ``rm``, ``grep`` and ``sleep`` (restore empties the workdir,
 ``delete_file`` removes a file, and an exec that times out, or a spawned process, is killed by
@@ -46,6 +49,7 @@ from .base import (
     BaseProvider,
     ExecResult,
     Health,
+    HubSocket,
     OutputFn,
     ProviderConfig,
     ProviderContext,
@@ -63,12 +67,20 @@ from .errors import (
     ResourceGone,
 )
 from .proctree import MARKER_VAR, signal_argv
+from .records import HUB_SOCKET, hub_socket_dir
 from .shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
 
 if TYPE_CHECKING:
     from narrative.models import Snapshot
 
-__all__ = ["EXEC_MARKER_VAR", "LABEL_ENV", "LABEL_NAME", "LABEL_OWNER", "DockerProvider"]
+__all__ = [
+    "EXEC_MARKER_VAR",
+    "HUB_SOCKET_MOUNT",
+    "LABEL_ENV",
+    "LABEL_NAME",
+    "LABEL_OWNER",
+    "DockerProvider",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +89,8 @@ LABEL_ENV = "narrative.env"
 LABEL_NAME = "narrative.name"
 EXEC_MARKER_VAR = MARKER_VAR
 """Set in every exec's environment so that a timed-out command and its children can be found."""
+HUB_SOCKET_MOUNT = "/run/narrative-hub"
+"""Where the environment's hub socket directory is mounted in the container."""
 _HANDLE = re.compile(r"docker:([0-9a-f]{64}):([0-9a-f]{24})")
 _SPAWN_LOG = "/tmp/narrative-spawn-{marker}.log"
 """Where a spawned process's output goes inside the container when a log is asked for."""
@@ -303,9 +317,13 @@ class DockerProvider(BaseProvider):
             LABEL_ENV: self.context.env_id,
             LABEL_NAME: self.context.env_name,
         }
+        hub_dir = DockerMount(
+            source=hub_socket_dir(self.context.env_id),
+            target=HUB_SOCKET_MOUNT,
+        )
         with _errors("create", image=cfg.image):
             host_config = self.api.create_host_config(
-                binds=[_bind(m) for m in cfg.mounts] or None,
+                binds=[_bind(m) for m in [*cfg.mounts, hub_dir]],
                 network_mode=_network_mode(cfg.network),
                 mem_limit=cfg.mem_limit,
                 nano_cpus=round(cfg.cpus * 1e9) if cfg.cpus is not None else None,
@@ -385,6 +403,13 @@ class DockerProvider(BaseProvider):
             raise ResourceGone(resource_id)
 
     def health(self, resource_id: str) -> Health:
+        """GONE without the container, UNREACHABLE when it does not run; with a ``runtime``
+        configured, the runtime's import check too
+        (:meth:`~providers.base.BaseProvider.check_runtime`).
+
+        Raises:
+            RuntimeBroken: the runtime does not start, or workspace files shadow its modules.
+        """
         try:
             with _errors("health", resource_id):
                 state = self.api.inspect_container(resource_id)["State"]
@@ -392,9 +417,22 @@ class DockerProvider(BaseProvider):
             return Health.GONE
         except NarrativeError:
             return Health.UNREACHABLE
-        if state.get("Running") and not state.get("Paused"):
-            return Health.OK
-        return Health.UNREACHABLE
+        if not state.get("Running") or state.get("Paused"):
+            return Health.UNREACHABLE
+        if self.cfg.runtime:  # the default runtime may be absent: nothing runs it yet
+            self.check_runtime(resource_id)
+        return Health.OK
+
+    def hub_socket(self, resource_id: str) -> HubSocket | None:
+        """The socket in the environment's hub directory, mounted at :data:`HUB_SOCKET_MOUNT`
+        (None for a container created before that mount existed: it dials TCP)."""
+        with _errors("inspect", resource_id):
+            mounts = self.api.inspect_container(resource_id).get("Mounts") or []
+        for mount in mounts:
+            if mount.get("Destination") == HUB_SOCKET_MOUNT and mount.get("Source"):
+                host = posixpath.join(str(mount["Source"]), HUB_SOCKET)
+                return HubSocket(host, posixpath.join(HUB_SOCKET_MOUNT, HUB_SOCKET))
+        return None
 
     def list_resources(self) -> list[str]:
         with _errors("list"):

@@ -255,6 +255,13 @@ class E2BProvider(BaseProvider):
             raise ResourceGone(resource_id)
 
     def health(self, resource_id: str) -> Health:
+        """GONE without the sandbox, UNREACHABLE when it is paused or envd does not answer;
+        with a ``runtime`` configured, the runtime's import check too
+        (:meth:`~providers.base.BaseProvider.check_runtime`).
+
+        Raises:
+            RuntimeBroken: the runtime does not start, or workspace files shadow its modules.
+        """
         try:
             if not self._debug:
                 with _translating(resource_id):
@@ -264,11 +271,15 @@ class E2BProvider(BaseProvider):
             handle = self._handles.get(resource_id)
             if handle is None:
                 handle = self._sandbox(resource_id)
-            return Health.OK if self._probe(handle, resource_id) else Health.GONE
+            if not self._probe(handle, resource_id):
+                return Health.GONE
         except ResourceGone:
             return Health.GONE
         except ProviderUnavailable:
             return Health.UNREACHABLE
+        if self.cfg.runtime:  # the default runtime may be absent: nothing runs it yet
+            self.check_runtime(resource_id)
+        return Health.OK
 
     def list_resources(self) -> list[str]:
         if self._debug:

@@ -207,6 +207,15 @@ class Hub:
     def url(self) -> str:
         return self.plugin.url
 
+    async def listen_unix(self, path: str) -> str:
+        """Serve on the unix socket ``path`` too (a runtime without a network reaches the hub
+        there, see :meth:`providers.base.BaseProvider.hub_socket`)."""
+        return await self.plugin.server.listen_unix(path)
+
+    async def close_unix(self, path: str) -> None:
+        """Stop serving on the unix socket ``path`` and remove it."""
+        await self.plugin.server.close_unix(path)
+
     @property
     def environment_id(self) -> str:
         return self.gateway.environment_id

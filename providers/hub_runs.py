@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.errors import GatewayError, OutOfScope
 from gateway.protocol import ProviderAgentStart, ProviderStart, ProviderStop
 from gateway.tokens import TokenClaims
+from gateway.unix import unix_url
 from narrative.errors import InvalidInput, NarrativeError
 from narrative.hierarchy import create_thread, finish_run, get_thread, list_runs, start_run
 from narrative.history import resolve_snapshot
@@ -31,6 +32,7 @@ from narrative.ids import new_id
 from narrative.models import AgentRun, Snapshot
 from narrative.runs import withheld_files
 
+from .base import HubSocket
 from .events import RunEventLog
 from .hub import pid_alive
 from .leases import EnvironmentBusy
@@ -204,6 +206,7 @@ class RunDriver:
         self._token_expires = 0.0  # unknown (an adopted run): renew at once
         self._token_claims: TokenClaims | None = None  # of the token the runtime holds
         self._issued: list[str] = []  # every token handed to the runtime
+        self._socket: str | None = None  # the unix socket this hub listens on for the runtime
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- creation -------------------------------------------------------------------------------
@@ -295,9 +298,11 @@ class RunDriver:
         hub = self.hub
         token = self._token()
 
+        url = await self._listen()
+
         def spawn() -> tuple[str, list[str]]:
             _record, provider, _resource = hub.manager.require_active(self.environment)
-            argv = [*provider.runtime_command(), "runtime", "--connect", hub.url]
+            argv = [*provider.runtime_command(), "runtime", "--connect", url]
             # The runtime uses the store in its own workspace, never one named by the hub's
             # environment; the token travels in the environment, not on the command line.
             env = {"NARRATIVE_TOKEN": token, "NARRATIVE_STORE": ""}
@@ -307,6 +312,22 @@ class RunDriver:
         self.events.append("runtime.spawned", handle=self.handle, argv=argv)
         await self._await_connection(hub.startup_timeout, "start")
         self._start_renewal()
+
+    async def _listen(self) -> str:
+        """Listen on the environment's unix socket, when it has one; the URL its runtime
+        dials (that socket as the environment sees it, or the hub's TCP address)."""
+        hub = self.hub
+
+        def socket() -> HubSocket | None:
+            _record, provider, resource = hub.manager.require_active(self.environment)
+            return provider.hub_socket(resource)
+
+        found = await hub.blocking(socket)
+        if found is None:
+            return hub.url
+        await hub.listen_unix(found.host_path)
+        self._socket = found.host_path
+        return unix_url(found.environment_path)
 
     def _token(self) -> str:
         """A fresh token for the run's runtime, scoped to the run (see
@@ -480,6 +501,8 @@ class RunDriver:
             await self._retire_runtime()
             await hub.end_tokens(self.run.id, "the run ended")
         finally:
+            if self._socket is not None:
+                await hub.close_unix(self._socket)
             if self.lease is not None:
                 self.lease.release()
             hub.unregister(self)
@@ -728,6 +751,10 @@ async def adopt_interrupted(hub: Hub) -> None:
             if event["type"] == "agent.exited":
                 driver.exit_event = event
                 driver._exited.set()
+        try:  # the runtime dials the environment's socket again, if it has one
+            await driver._listen()
+        except (NarrativeError, OSError) as exc:
+            log.warning("cannot listen for the runtime of run %s: %s", run.id, exc)
         events.append("run.adopted", hub={"url": hub.url, "pid": os.getpid()})
         hub.register(driver)
         driver._disconnected_at = asyncio.get_running_loop().time()

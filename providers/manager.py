@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -36,7 +37,7 @@ from narrative.store import Store
 from .base import BaseProvider, ExecResult, Health, OutputFn, ProviderContext, Signal
 from .errors import IllegalTransition, ProviderError, ProviderUnavailable, ResourceGone
 from .lifecycle import EnvState, can_transition, is_active
-from .records import EnvironmentRecord, EnvironmentStore, env_state_dir
+from .records import EnvironmentRecord, EnvironmentStore, env_state_dir, hub_socket_dir
 from .registry import get_provider_class, pick_provider
 
 __all__ = ["DEFAULT_HEALTH_INTERVAL", "EnvironmentManager", "HealthReport"]
@@ -402,6 +403,7 @@ class EnvironmentManager:
                 self._fail(record, exc)
                 raise
         self._providers.pop(record.id, None)
+        shutil.rmtree(hub_socket_dir(record.id, create=False), ignore_errors=True)
         return self._move(record, EnvState.ARCHIVED, "deleted")
 
     # -- operations -----------------------------------------------------------------------------

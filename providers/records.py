@@ -25,7 +25,17 @@ from narrative.store import Store
 from .errors import EnvironmentExists, EnvironmentNotFound, EnvironmentStateError
 from .lifecycle import EnvState
 
-__all__ = ["EnvironmentRecord", "EnvironmentStore", "env_state_dir", "records_path"]
+__all__ = [
+    "HUB_SOCKET",
+    "EnvironmentRecord",
+    "EnvironmentStore",
+    "env_state_dir",
+    "hub_socket_dir",
+    "records_path",
+]
+
+HUB_SOCKET = "hub.sock"
+"""The name of the socket a hub serves an environment's runtime on, in :func:`hub_socket_dir`."""
 
 _FILE = os.path.join("narrative", "environments.json")
 _VERSION = 1
@@ -76,6 +86,20 @@ class _Document(BaseModel):
 def env_state_dir(store: Store, env_id: str) -> str:
     """Local working state of one environment: its log, scratch space, last known tree."""
     return os.path.join(store.git_dir, "narrative", "envs", env_id)
+
+
+def hub_socket_dir(env_id: str, *, create: bool = True) -> str:
+    """The private directory (mode 0700, created unless told) holding the unix socket through
+    which the environment's runtime reaches the hub; bind-mounted read-only into the
+    environment, it holds nothing but that socket. In the user's data directory, outside every
+    store: a live socket is no file a copy or a hash of the store should meet."""
+    from narrative.location import data_dir
+
+    path = os.path.join(data_dir(), "hub-sockets", env_id)
+    if create:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)  # whatever the umask, or an older directory, left
+    return path
 
 
 def records_path(store: Store) -> str:

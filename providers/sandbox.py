@@ -13,7 +13,9 @@ spawns there (with the agent below it) run under ``bwrap`` (Debian package ``bub
 * a fresh PID namespace (``--unshare-pid``: no other process of the user is visible), fresh
   ``/dev`` and ``/proc``, every capability dropped (so root inside cannot read another
   process's memory or a non-dumpable process's ``/proc/<pid>/environ``);
-* the network shared (the runtime dials the hub on loopback), or none with ``network=none``.
+* the network shared, or none with ``network=none`` (``--unshare-net``: only a loopback of
+  its own); either way the runtime reaches the hub through a unix socket in a private
+  directory bound read-only into the sandbox (:attr:`SandboxPlan.shared`).
 
 This module only builds command lines; :class:`~providers.directory.DirectoryProvider` runs them.
 """
@@ -91,9 +93,10 @@ class SandboxConfig(ProviderConfig):
     """``bwrap``: commands and the runtime run under bubblewrap (refused where it is missing);
     ``none``: they run as the user, with everything the user can reach."""
     network: Literal["host", "none"] = "host"
-    """``host``: the sandbox shares the machine's network (the runtime reaches the hub on
-    loopback); ``none``: no network at all (commands only: runs through the hub are refused
-    until the hub can listen on a unix socket)."""
+    """``host``: the sandbox shares the machine's network (so an agent reaches every service
+    listening on the machine, loopback included); ``none``: no network at all but a loopback
+    of its own (runs through the hub still work: the runtime reaches the hub through a unix
+    socket bound into the sandbox)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,9 @@ class SandboxPlan:
     """Paths replaced by an empty tmpfs (directories) or ``/dev/null`` (files)."""
     exposed: tuple[str, ...] = ()
     """Paths bound back read-only when a hidden directory holds them (the interpreter)."""
+    shared: tuple[str, ...] = ()
+    """Directories bound read-only at their own path whatever hides them (the directory of
+    the hub's unix socket, which lies in the hidden store)."""
     network: bool = True
     die_with_parent: bool = True
     """Kill the sandbox when its caller dies (not for the runtime: it outlives a hub restart)."""
@@ -203,6 +209,8 @@ def bwrap_options(plan: SandboxPlan, environment: Mapping[str, str]) -> list[str
     for path in _outermost(plan.exposed, []):
         if any(_inside(path, h) for h in ["/tmp", *hidden]) and os.path.exists(path):
             cmd += ["--ro-bind", path, path]
+    for path in plan.shared:
+        cmd += ["--ro-bind", path, path]
     cmd += ["--bind", writable, writable, "--chdir", writable]
     # Read-only once the mount points inside them exist: a write there fails rather than
     # landing in a tmpfs that vanishes with the sandbox.

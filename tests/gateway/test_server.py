@@ -462,3 +462,58 @@ async def test_two_gateways_dialling_each_other_share_one_peer(signer: TokenSign
         assert len(a._conns["b"]) == 1
         assert a.peers() == {"b": []}
         assert (await a.call("gateway", "whoami", target="b"))["routePath"] == ["a"]
+
+
+@async_test
+async def test_unix_socket_admits_exactly_what_tcp_admits(
+    signer: TokenSigner, tmp_path: Path
+) -> None:
+    """``ws+unix://``: the same token checks as over TCP (forged, expired and other runs' tokens
+    get 401, the client gives up with an auth error), a valid token gets through, also at a
+    path too long for a socket address; closing the socket removes it and a stale one left by a
+    dead server is replaced."""
+    from websockets.asyncio.client import unix_connect
+
+    from gateway.tokens import load_or_create_key
+    from gateway.unix import unix_url
+
+    forger = TokenSigner(load_or_create_key(tmp_path / "forged.key"))
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True, mode=0o700)
+    short, long = str(tmp_path / "hub.sock"), str(deep / "hub.sock")
+    node = Gateway("hub", limits=FAST)
+    plugin = RemoteExecutionPlugin(node, signer, port=0, run_id="run-1")
+    await plugin.start()
+    try:
+        url = await plugin.server.listen_unix(short)
+        assert url == unix_url(short) == f"ws+unix://{short}"
+        for token in (None, forger.issue("run-1", "a", 60), signer.issue("run-2", "a", 60)):
+            headers = {"Authorization": f"Bearer {token}"} if token else None
+            with pytest.raises(InvalidStatus) as info:
+                async with unix_connect(short, additional_headers=headers):
+                    pass
+            assert info.value.response.status_code == 401
+        with pytest.raises(TokenInvalid, match="refused"):
+            async with GatewayClient(url, forger.issue("run-1", "agent", 60), limits=FAST):
+                pass
+        long_url = await plugin.server.listen_unix(long)
+        for address in (url, long_url):
+            async with GatewayClient(address, signer.issue("run-1", "a", 60), limits=FAST) as c:
+                assert await c.call("gateway", "echo", {"ok": 1}) == {"ok": 1}
+        await plugin.server.close_unix(long)
+        assert not Path(long).exists()
+    finally:
+        await plugin.stop()
+        await node.close()
+    # the server is gone, its socket is not: the next one replaces it
+    assert Path(short).is_socket()
+    node = Gateway("hub", limits=FAST)
+    plugin = RemoteExecutionPlugin(node, signer, port=0)
+    await plugin.start()
+    try:
+        url = await plugin.server.listen_unix(short)
+        async with GatewayClient(url, signer.issue("run-1", "a", 60), limits=FAST) as c:
+            assert await c.call("gateway", "echo", {"ok": 1}) == {"ok": 1}
+    finally:
+        await plugin.stop()
+        await node.close()

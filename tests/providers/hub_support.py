@@ -197,3 +197,58 @@ def check_failing_runtime(cli: Cli, workspace: Path, env: str) -> None:
         assert lines[-1] == "boom-marker" and "\n".join(lines).count("boom-marker") == 1
     assert cli.run("env", "logs", env, "--runtime", "--tail", "1").stdout == "boom-marker\n"
     assert "boom-marker" not in "\n".join(cli.json("env", "logs", env))  # the lifecycle log
+
+
+#: An agent that dials ``127.0.0.1:<port>`` (its first argument) and writes what it got, or
+#: why it got nothing, to ``probe.txt`` in its workspace (so the result snapshot carries it).
+LOOPBACK_PROBE = textwrap.dedent(
+    """
+    import socket, sys
+    try:
+        with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5) as conn:
+            got = conn.recv(64).decode()
+    except OSError as exc:
+        got = f"unreachable: {exc}"
+    with open("probe.txt", "w") as f:
+        f.write(got)
+    """
+)
+
+
+class LoopbackServer:
+    """A TCP server on the host's ``127.0.0.1`` that greets every connection with
+    :attr:`SECRET` and counts them: what an agent must not reach without a network."""
+
+    SECRET = "LOOPBACK-SECRET"
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _addr = self.sock.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            with conn:
+                conn.sendall(self.SECRET.encode())
+
+    def __enter__(self) -> LoopbackServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import socket
+
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(5)

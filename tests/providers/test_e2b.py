@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,8 +25,9 @@ from narrative.errors import InvalidInput
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from providers.base import Health
+from providers.directory import RUNTIME_BOOTSTRAP
 from providers.e2b_provider import E2BProvider, _translate
-from providers.errors import ProviderError, ProviderUnavailable, ResourceGone
+from providers.errors import ProviderError, ProviderUnavailable, ResourceGone, RuntimeBroken
 from providers.registry import get_provider_class
 from tests.conftest import git_tree_of
 from tests.providers.e2b_support import (  # noqa: F401  (fixtures)
@@ -347,3 +349,20 @@ def test_api_key_is_read_from_the_named_variable_and_never_persisted(
     assert provider.exec(rid, ["true"]).exit_code == 0
     dumped = provider.cfg.model_dump_json()
     assert "e2b_not_a_real_key_0000" not in dumped and "MY_E2B_KEY" in dumped
+
+
+def test_health_runs_the_runtime_import_check(envd: EnvdStandIn, store: Store) -> None:
+    """With a runtime configured, health runs ``narrative runtime --check`` in the sandbox: a
+    workspace ``json.py`` that replaces a module of a runtime started among its files makes
+    it broken; the isolated runtime is not fooled."""
+    repo = str(Path(__file__).resolve().parents[2])
+    exposed = make_provider(
+        store, runtime=["env", f"PYTHONPATH={repo}", sys.executable, "-m", "cli"]
+    )
+    isolated = make_provider(store, runtime=[sys.executable, "-I", "-c", RUNTIME_BOOTSTRAP, repo])
+    rid = exposed.create()
+    assert exposed.health(rid) is Health.OK
+    exposed.write_file(rid, "json.py", b"raise SystemExit('planted json.py ran')\n")
+    with pytest.raises(RuntimeBroken, match=r"broken: planted json\.py ran"):
+        exposed.health(rid)
+    assert isolated.health(rid) is Health.OK

@@ -340,8 +340,11 @@ def test_token_expiring_mid_run_is_renewed(store: Store) -> None:
     assert types(events).count("runtime.connected") >= 2
 
 
-def test_hub_restart_adopts_the_run(hub_cli: Cli, workspace: Path) -> None:
-    port = free_port()  # the runtime keeps dialling the same address
+@pytest.mark.parametrize("same_port", [True, False], ids=["same-port", "other-port"])
+def test_hub_restart_adopts_the_run(hub_cli: Cli, workspace: Path, same_port: bool) -> None:
+    """The runtime keeps dialling its hub's unix socket (a fixed path per environment), so a
+    hub restarted on another TCP port adopts the run as well as one on the same port."""
+    port = free_port()
     with serve(hub_cli, workspace, "--port", port) as first:
         starter = subprocess.Popen(
             [
@@ -361,7 +364,7 @@ def test_hub_restart_adopts_the_run(hub_cli: Cli, workspace: Path) -> None:
         )
         run_id = wait_for_output(workspace, "line-3")
         os.kill(first["pid"], signal.SIGKILL)
-    with serve(hub_cli, workspace, "--port", port):
+    with serve(hub_cli, workspace, "--port", port if same_port else free_port()):
         out, _err = starter.communicate(timeout=90)
     run = json.loads(out)
     history = events(store_dir_of(workspace), run_id)

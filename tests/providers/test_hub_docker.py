@@ -1,22 +1,29 @@
-"""The hub with a Docker environment (real engine, DESIGN.md §5): the runtime runs inside the
-container and connects back over loopback (host networking, nothing leaves the machine)."""
+"""The hub with a Docker environment (real engine, DESIGN.md §5): the runtime runs inside a
+container without a network and reaches the hub through the unix socket mounted into it; an
+agent there cannot reach a server on the host's loopback (with ``network=host`` it could)."""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from narrative.store import Store
+from providers.directory import RUNTIME_BOOTSTRAP
+from providers.manager import EnvironmentManager
+from providers.records import hub_socket_dir
 
 from ..conftest import NARRATIVE, Cli, git, store_dir_of
 from .hub_support import (
     AGENT,
     FAILING_RUNTIME,
+    LOOPBACK_PROBE,
     ROUTING,
+    LoopbackServer,
     check_failing_runtime,
     counting_agent,
     events,
@@ -32,6 +39,8 @@ from .hub_support import (
 
 REPO = str(Path(__file__).resolve().parents[2])
 WORKDIR = "/agent"  # outside every mount below
+#: This checkout's CLI in isolated mode, as the directory providers start it.
+RUNTIME = [sys.executable, "-I", "-c", RUNTIME_BOOTSTRAP, REPO]
 
 
 def runtime_config(image: str) -> list[str]:
@@ -42,11 +51,11 @@ def runtime_config(image: str) -> list[str]:
     ]
     pairs = {
         "image": image,
-        "network": "host",
         "workdir": WORKDIR,
-        "runtime": json.dumps([sys.executable, "-m", "cli"]),
+        "runtime": json.dumps(RUNTIME),
         "mounts": json.dumps(mounts),
-        "env": json.dumps({"HOME": "/tmp"}),
+        # the agent imports gateway.client from this checkout
+        "env": json.dumps({"HOME": "/tmp", "PYTHONPATH": REPO}),
     }
     return [arg for key, value in pairs.items() for arg in ("--config", f"{key}={value}")]
 
@@ -130,3 +139,61 @@ def test_runtime_failing_at_once_in_a_container_shows_its_output(
         assert cli.json("env", "logs", "box", "--runtime")[-1] == "boom-marker"
     finally:
         cli.run("env", "delete", "box")
+
+
+def test_runs_need_no_network_and_the_agent_cannot_reach_host_loopback(
+    cli: Cli, workspace: Path, docker_image: str, docker_api: Any
+) -> None:
+    """A container with the default ``network=none``: the run succeeds through the hub's unix
+    socket, and its agent cannot connect to a server on the host's 127.0.0.1. The negative
+    control, ``network=host``, reaches it (so the probe can fail)."""
+    cli.run("init")
+    box = create_box(cli, docker_image)
+    create_box(cli, docker_image, "open", "--config", "network=host")
+    assert docker_api.inspect_container(box["resource_id"])["HostConfig"]["NetworkMode"] == "none"
+    (workspace / "probe.py").write_text(LOOPBACK_PROBE)
+    cli.run("snapshot", "-m", "probe")
+    store = Store.open(str(store_dir_of(workspace)))
+    with LoopbackServer() as server:
+        port = str(server.port)
+        run = start(cli, "--env", "box", "--", sys.executable, "probe.py", port)
+        assert run["status"] == "succeeded", run
+        probe = file(store, run["result_snapshot"], "probe.txt")
+        assert probe.startswith("unreachable") and server.connections == 0, probe
+        history = events(store_dir_of(workspace), run["id"])
+        spawned = history[types(history).index("runtime.spawned")]
+        assert "ws+unix:///run/narrative-hub/hub.sock" in spawned["argv"]
+        control = start(cli, "--env", "open", "--", sys.executable, "probe.py", port)
+        assert control["status"] == "succeeded", control
+        assert file(store, control["result_snapshot"], "probe.txt") == LoopbackServer.SECRET
+        assert server.connections == 1
+    # the socket's directory is private to the user, and the socket is gone with its run
+    env_id = EnvironmentManager(store).get("box").id
+    directory = hub_socket_dir(env_id, create=False)
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    assert os.listdir(directory) == []
+    cli.run("env", "delete", "box")
+    assert not os.path.exists(directory)
+
+
+#: A runtime that starts in the workspace with it on ``sys.path`` (``python -m cli``, this
+#: checkout on PYTHONPATH): what the check must catch.
+EXPOSED_RUNTIME = json.dumps(["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "cli"])
+
+
+def test_health_runs_the_runtime_import_check_in_the_container(
+    cli: Cli, workspace: Path, docker_image: str
+) -> None:
+    """A workspace holding ``json.py`` replaces the module of a runtime started among its
+    files: ``env health`` says so (not ok, the module named); the isolated runtime stays ok."""
+    (workspace / "json.py").write_text("raise SystemExit('planted json.py ran')\n")
+    cli.run("init")
+    create_box(cli, docker_image, "exposed", "--config", f"runtime={EXPOSED_RUNTIME}")
+    create_box(cli, docker_image, "isolated")
+    for env in ("exposed", "isolated"):
+        assert cli.json("env", "health", env)[0]["health"] == "ok"  # an empty workdir
+        cli.run("run", "start", "--env", env, "--direct", "--", "true")  # restores json.py
+    report = cli.json("env", "health", "exposed")[0]
+    assert report["health"] != "ok" and "broken" in report["detail"], report
+    assert "planted json.py ran" in report["detail"], report
+    assert cli.json("env", "health", "isolated")[0]["health"] == "ok"

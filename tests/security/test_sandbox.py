@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,15 @@ from narrative.store import Store
 from providers.hub import control_token
 from providers.keys import key_path
 
-from ..conftest import Cli, git, tree_bytes
+from ..conftest import Cli, git, store_dir_of, tree_bytes
+from ..providers.hub_support import (
+    LOOPBACK_PROBE,
+    LoopbackServer,
+    events,
+    file,
+    start,
+    types,
+)
 
 HAVE_BWRAP = shutil.which("bwrap") is not None
 REQUIRE_SANDBOX = os.environ.get("NARRATIVE_REQUIRE_SANDBOX") == "1"
@@ -202,15 +211,34 @@ def test_without_bwrap_env_create_refuses_and_says_how_to_install(
     cli.run("env", "create", "open", "--provider", "worktree", "--config", "sandbox=none", env=env)
 
 
-def test_network_none_refuses_runs_through_the_hub_but_runs_commands_offline(
+def test_network_none_runs_through_the_hub_but_cannot_reach_host_loopback(
     sandbox_required: None, cli: Cli, workspace: Path
 ) -> None:
+    """``network=none``: the sandbox has only a loopback of its own, the run still goes through
+    the hub (its runtime dials the unix socket bound into the sandbox), and the agent cannot
+    connect to a server on the host's 127.0.0.1. The negative control (``network=host``, the
+    default) reaches that server, so the probe can fail."""
     cli.run("init")
     cli.run("env", "create", "offline", "--provider", "worktree", "--config", "network=none")
+    cli.run("env", "create", "online", "--provider", "worktree")
     links = cli.run("env", "exec", "offline", "--", "cat", "/proc/net/dev")
     assert "lo:" in links.stdout and "eth" not in links.stdout and "veth" not in links.stdout
     command = ["run", "start", "--env", "offline", "--direct", "--", "sh", "-c", "echo > a.txt"]
     direct = cli.run(*command, check=False)
     assert direct.returncode == 0, direct.stderr
-    proc = cli.run("run", "start", "--env", "offline", "--", "true", check=False)
-    assert proc.returncode == 1 and "unix socket" in proc.stderr, proc.stderr
+    (workspace / "probe.py").write_text(LOOPBACK_PROBE)
+    cli.run("snapshot", "-m", "probe")
+    store = Store.open(str(store_dir_of(workspace)))
+    with LoopbackServer() as server:
+        port = str(server.port)
+        run = start(cli, "--env", "offline", "--", sys.executable, "probe.py", port)
+        assert run["status"] == "succeeded", run
+        probe = file(store, run["result_snapshot"], "probe.txt")
+        assert probe.startswith("unreachable") and server.connections == 0, probe
+        history = events(store_dir_of(workspace), run["id"])
+        spawned = history[types(history).index("runtime.spawned")]
+        assert any(arg.startswith("ws+unix:///") for arg in spawned["argv"]), spawned
+        control = start(cli, "--env", "online", "--", sys.executable, "probe.py", port)
+        assert control["status"] == "succeeded", control
+        assert file(store, control["result_snapshot"], "probe.txt") == LoopbackServer.SECRET
+        assert server.connections == 1

@@ -30,6 +30,7 @@ from gateway.node import Gateway
 from gateway.plugins import RemoteExecutionPlugin
 from gateway.protocol import Hello, Welcome, dump, parse_message
 from gateway.tokens import TokenSigner, load_or_create_key
+from gateway.unix import unix_url
 from narrative.hierarchy import create_objective, create_thread, get_run
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
@@ -38,6 +39,7 @@ from providers.hub import Hub, control_token, key_path
 from providers.hub_client import follow_runs
 from providers.hub_runs import RunRequest
 from providers.manager import EnvironmentManager
+from providers.records import HUB_SOCKET, hub_socket_dir
 
 from ..conftest import Cli
 from ..providers.hub_support import counting_agent, file, output, types, until
@@ -114,6 +116,12 @@ NESTER = textwrap.dedent(
         f.write(nested.id)
     """
 )
+
+
+def runtime_url(store: Store, environment: str) -> str:
+    """The address a hub hands the runtime of a directory environment: its unix socket."""
+    env_id = EnvironmentManager(store).get(environment).id
+    return unix_url(os.path.join(hub_socket_dir(env_id, create=False), HUB_SOCKET))
 
 
 def runtime_token(hub_url: str) -> str:
@@ -296,7 +304,7 @@ def test_a_run_token_is_void_once_the_run_ends(
         async with Hub(store) as hub:
             run = await hub.submit(RunRequest("sandbox", counting_agent(600, 0.1)))
             await until(lambda: "line-2" in output(RunEventLog(store, run.id).read()))
-            stolen = runtime_token(hub.url)
+            stolen = runtime_token(runtime_url(store, "sandbox"))
             # another connection holding a token of the run (not the runtime's own)
             probe = await dial(hub.url, hub.signer.issue(run.id, "probe", 600), "probe")
             await hub.stop_run(run.id, 1.0)
@@ -321,7 +329,8 @@ def test_a_renewed_runtime_token_voids_the_one_in_its_environment(store: Store) 
         async with Hub(store, token_ttl=6.0) as hub:
             run = await hub.submit(RunRequest("sandbox", counting_agent(100, 0.1)))
             await until(lambda: "line-1" in output(RunEventLog(store, run.id).read()))
-            stolen = runtime_token(hub.url)  # what the agent reads from /proc/<runtime>/environ
+            # what the agent reads from /proc/<runtime>/environ
+            stolen = runtime_token(runtime_url(store, "sandbox"))
             claims = hub.signer.verify(stolen)
             while True:  # the hub renews it a third into its life (2 s), well before it expires
                 assert time.time() < claims.expires_at - 1, "the stolen token still works"
