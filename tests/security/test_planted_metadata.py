@@ -3,8 +3,9 @@
 ``diff``/``merge`` of the run must bring only its legitimate work: the user's ``.git`` and store
 stay byte-identical apart from the merge, and no planted program ever runs (a canary).
 
-Runs for every provider that runs here: ``worktree`` and ``local`` in their sandbox, and the
-negative control shows that the canary would appear if the planted config reached ``.git``.
+Runs for every provider that runs here (``worktree`` and ``local`` in their sandbox, Docker on
+the private engine); the negative control shows that the canary would appear if the planted
+config reached ``.git``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from narrative.store import Store
 
 from ..conftest import Cli, git, tree_bytes
-from .test_sandbox import sandbox_required  # noqa: F401 - a fixture
 
 PLANTED = (
     ".narrative/hooks/post-checkout",
@@ -47,13 +45,8 @@ echo "the agent's work" > result.txt
 """
 
 
-@pytest.mark.parametrize("provider", ["worktree", "local"])
 def test_planted_hooks_and_configs_never_come_home(
-    sandbox_required: None,  # noqa: F811
-    cli: Cli,
-    workspace: Path,
-    tmp_path: Path,
-    provider: str,
+    isolated_env: list[str], cli: Cli, workspace: Path, tmp_path: Path
 ) -> None:
     (workspace / "README.md").write_text("# the user's project\n")
     git("init", "-q", cwd=workspace)
@@ -63,8 +56,7 @@ def test_planted_hooks_and_configs_never_come_home(
     cli.run("snapshot", "-m", "before the run")
     store_dir = Path(Store.open(workspace=str(workspace)).git_dir)
     canary = tmp_path / "CANARY"
-    config = ["--config", f"path={tmp_path / 'env'}"] if provider == "local" else []
-    cli.run("env", "create", "box", "--provider", provider, *config)
+    cli.run("env", "create", "box", *isolated_env)
     env = {"PLANTED": " ".join(PLANTED), "CANARY": str(canary)}
     proc = cli.run("run", "start", "--env", "box", "--json", "--", "sh", "-c", AGENT, env=env)
     run = json.loads(proc.stdout)

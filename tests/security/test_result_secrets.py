@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,9 +31,8 @@ from narrative.snapshot import take_snapshot
 from narrative.store import Store
 
 from ..conftest import Cli, git, store_dir_of, tree_bytes
+from .conftest import env_create_args, sandbox_or_skip
 
-HAVE_BWRAP = shutil.which("bwrap") is not None
-REQUIRE_SANDBOX = os.environ.get("NARRATIVE_REQUIRE_SANDBOX") == "1"
 USER_KEY = "the user's own key\n"
 AGENT_KEY = "the agent's key\n"
 #: The agent: secrets next to real work.
@@ -53,31 +49,10 @@ SECRETS = [".aws/credentials", "env-dump.txt", "id_rsa", "notes.txt"]
 _TOKEN = re.compile(rb"NARRATIVE_GATEWAY_TOKEN=(ng2\.[A-Za-z0-9_.-]+)")
 
 
-@pytest.fixture(scope="module")
-def docker_image_or_skip() -> Iterator[str]:
-    from ..providers.docker_support import ensure_image, session_api
-
-    for api in session_api():
-        yield ensure_image(api)
-
-
 @pytest.fixture(params=["worktree", "docker"])
-def provider(request: pytest.FixtureRequest) -> list[str]:
+def provider(request: pytest.FixtureRequest, tmp_path: Path) -> list[str]:
     """``env create`` arguments of the environment the agent runs in."""
-    if request.param == "docker":
-        from providers.directory import RUNTIME_BOOTSTRAP
-
-        from ..providers.test_hub_docker import REPO, runtime_config
-
-        image = request.getfixturevalue("docker_image_or_skip")
-        # this checkout's runtime, mounted read-only, started in isolated mode as on the host
-        runtime = json.dumps([sys.executable, "-I", "-c", RUNTIME_BOOTSTRAP, REPO])
-        return ["--provider", "docker", *runtime_config(image), "--config", f"runtime={runtime}"]
-    if not HAVE_BWRAP:
-        if REQUIRE_SANDBOX:
-            pytest.fail("bwrap is missing and NARRATIVE_REQUIRE_SANDBOX=1")
-        pytest.skip("bwrap (bubblewrap) is not installed")
-    return ["--provider", "worktree"]  # sandboxed: the default
+    return env_create_args(request, request.param, tmp_path)
 
 
 def run_agent(cli: Cli, workspace: Path, env_args: list[str], script: str) -> str:
@@ -181,8 +156,7 @@ def test_secrets_an_agent_writes_do_not_come_home(
 def test_a_result_deleting_the_users_credentials_leaves_them(cli: Cli, workspace: Path) -> None:
     """Withheld is skipped, never deleted: a run that removes ``id_rsa`` does not remove the
     user's copy on merge (``--direct``, so the provider's own collection path is screened)."""
-    if not HAVE_BWRAP:
-        pytest.skip("bwrap (bubblewrap) is not installed")
+    sandbox_or_skip()
     cli.run("init")
     (workspace / "id_rsa").write_text(USER_KEY)
     cli.run("env", "create", "box", "--provider", "worktree")

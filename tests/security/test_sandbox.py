@@ -1,5 +1,6 @@
 """Attack 7 of issue 13: an agent in a ``worktree`` or ``local`` environment runs in a
-bubblewrap sandbox. Driven through the real CLI and hub (``narrative env create``,
+bubblewrap sandbox, and one in a Docker environment in a container without a network; the
+same attacks run against all three. Driven through the real CLI and hub (``narrative env create``,
 ``narrative run start --env box -- sh -c ...``), an agent that really tries reads a fake
 ``~/.ssh/id_rsa``, the store and the gateway key, writes into the user's workspace (and its
 ``.git``), the store and a directory under /tmp outside its checkout, and reads the runtime's
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -102,9 +104,7 @@ def user_files(workspace: Path) -> str:
     return digest({k: v for k, v in files.items() if not k.startswith(".narrative")})
 
 
-def attack(
-    cli: Cli, workspace: Path, tmp_path: Path, provider: str, sandbox: str
-) -> dict[str, str]:
+def attack(cli: Cli, workspace: Path, tmp_path: Path, env_args: list[str]) -> dict[str, str]:
     """Create environment ``box`` and run the agent there through the hub; what each attempt
     achieved, and the checks on everything outside the environment."""
     home = Path(os.environ["HOME"])
@@ -119,21 +119,20 @@ def attack(
     key = Path(key_path(store))
     outside = tmp_path / "outside"
     outside.mkdir()
-    config = [] if sandbox == "default" else ["--config", f"sandbox={sandbox}"]
-    if provider == "local":
-        config += ["--config", f"path={tmp_path / 'local-env'}"]
-    cli.run("env", "create", "box", "--provider", provider, *config)
+    cli.run("env", "create", "box", *env_args)
     control_token(store, "test")  # creates the gateway key: there must be one to steal
     before = (user_files(workspace), digest(store_files(store_dir)))
-    env = {
+    targets = {
         "SSH_KEY": str(home / ".ssh" / "id_rsa"),
         "STORE": str(store_dir),
         "KEY": str(key),
         "WS": str(workspace),
         "OUTSIDE": str(outside),
     }
-    command = ["run", "start", "--env", "box", "--json", "--", "sh", "-c", AGENT]
-    proc = cli.run(*command, env=env, check=False)
+    # written into the script: the user's environment variables do not reach a container
+    prelude = "".join(f"{name}={shlex.quote(value)}\n" for name, value in targets.items())
+    command = ["run", "start", "--env", "box", "--json", "--", "sh", "-c", prelude + AGENT]
+    proc = cli.run(*command, check=False)
     run = json.loads(proc.stdout)
     assert run["status"] == "succeeded", proc.stderr
     results = {}
@@ -152,12 +151,17 @@ def attack(
     return results
 
 
-@pytest.mark.parametrize("provider", ["worktree", "local"])
-def test_an_agent_in_the_sandbox_reaches_nothing_outside_its_checkout(
-    sandbox_required: None, cli: Cli, workspace: Path, tmp_path: Path, provider: str
+def test_an_agent_in_its_environment_reaches_nothing_outside_its_checkout(
+    isolated_env: list[str], cli: Cli, workspace: Path, tmp_path: Path
 ) -> None:
-    results = attack(cli, workspace, tmp_path, provider, "default")  # sandboxed by default
-    assert {name: results[name] for name in ATTACKS} == dict.fromkeys(ATTACKS, "denied"), results
+    """Every provider as users get it: worktree and local sandboxed (the default), Docker."""
+    results = attack(cli, workspace, tmp_path, isolated_env)
+    denied = set(ATTACKS)
+    if "docker" in isolated_env:
+        # the agent shares the container and its uid with the runtime, so it can read the
+        # runtime's token; that token is worth nothing beyond this run (test_tokens.py)
+        denied.discard("runtime_environ")
+    assert {name: results[name] for name in denied} == dict.fromkeys(denied, "denied"), results
     assert results["_workspace_same"] == "True" and results["_store_same"] == "True", results
     assert results["_canaries"] == "", results
     assert results["_result_written"] == "True", results  # its own checkout stays writable
@@ -167,7 +171,10 @@ def test_an_agent_in_the_sandbox_reaches_nothing_outside_its_checkout(
 def test_negative_control_without_the_sandbox_every_attack_succeeds(
     cli: Cli, workspace: Path, tmp_path: Path, provider: str
 ) -> None:
-    results = attack(cli, workspace, tmp_path, provider, "none")
+    config = ["--provider", provider, "--config", "sandbox=none"]
+    if provider == "local":
+        config += ["--config", f"path={tmp_path / 'local-env'}"]
+    results = attack(cli, workspace, tmp_path, config)
     succeeded = {name for name in ATTACKS if results[name] == "SUCCEEDED"}
     expected = set(ATTACKS)
     if os.geteuid() != 0 or not Path("/proc/self/environ").exists():
