@@ -5,13 +5,18 @@ environment; children inherit it, and it survives re-parenting, new sessions and
 death, so every process of a tree can be found without knowing their pids or process groups.
 :data:`SIGNAL_SCRIPT` is the POSIX ``sh`` that does it inside the environment (it needs ``grep``
 with ``-z``, ``kill`` and ``sleep``); :func:`signal_argv` builds its command line.
+
+Every command of an environment also carries :func:`environment_marker`, one variable per
+environment, so that whatever a run left behind there (a daemon, a background job) is found and
+killed before the next run starts in it, whichever command started it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
-__all__ = ["MARKER_VAR", "SIGNAL_SCRIPT", "signal_argv"]
+__all__ = ["MARKER_VAR", "SIGNAL_SCRIPT", "environment_marker", "signal_argv"]
 
 MARKER_VAR = "NARRATIVE_EXEC_ID"
 """Set in the environment of each command so that the command and its children can be found."""
@@ -47,6 +52,16 @@ exit 1
 """
 
 
-def signal_argv(marker: str, sig: Literal["term", "kill"] = "kill") -> list[str]:
-    """The command that sends ``sig`` to every process carrying ``MARKER_VAR=marker``."""
-    return ["sh", "-c", SIGNAL_SCRIPT, MARKER_VAR, marker, sig]
+def signal_argv(
+    marker: str, sig: Literal["term", "kill"] = "kill", var: str = MARKER_VAR
+) -> list[str]:
+    """The command that sends ``sig`` to every process carrying ``var=marker``."""
+    return ["sh", "-c", SIGNAL_SCRIPT, var, marker, sig]
+
+
+def environment_marker(env_id: str) -> tuple[str, str]:
+    """``(variable, value)`` set in the environment of every command run in environment
+    ``env_id``. The variable's name holds the environment, so that a nested environment's
+    commands carry the marker of each environment they run in (a value would be overridden)."""
+    digest = hashlib.sha256(env_id.encode()).hexdigest()[:16]
+    return f"NARRATIVE_ENV_{digest.upper()}", "1"
