@@ -502,8 +502,10 @@ class DirectoryProvider(BaseProvider):
             network=network,
             die_with_parent=not background,
         )
-        with sandboxed(bwrap, plan, argv, environment) as command:
-            yield command
+        with sandboxed(bwrap, plan, argv, environment) as (command, bwrap_env, fds):
+            # bwrap itself carries the marker too: killing its init (PID 1 of the sandbox's
+            # namespace) ends every process in there, also one that dropped its environment
+            yield command, {**bwrap_env, **self._marker_env()}, fds
 
     def runtime_command(self) -> list[str]:
         """The configured ``runtime``, else this interpreter in isolated mode running this

@@ -62,7 +62,7 @@ from .errors import (
     ProviderUnavailable,
     ResourceGone,
 )
-from .proctree import MARKER_VAR, environment_marker, signal_argv
+from .proctree import MARKER_VAR, signal_argv, sweep_argv
 from .shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
 
 if TYPE_CHECKING:
@@ -415,7 +415,7 @@ class DockerProvider(BaseProvider):
         if not argv:
             raise InvalidInput("empty command")
         marker = secrets.token_hex(12)
-        environment = {**(env or {}), **self._marker_env(), EXEC_MARKER_VAR: marker}
+        environment = {**(env or {}), EXEC_MARKER_VAR: marker}
         with _errors("exec", resource_id):
             exec_id = self.api.exec_create(
                 resource_id,
@@ -508,22 +508,18 @@ class DockerProvider(BaseProvider):
                     stdout=False,
                     stderr=False,
                     workdir=self.cfg.workdir,
-                    environment={**(env or {}), **self._marker_env(), EXEC_MARKER_VAR: marker},
+                    environment={**(env or {}), EXEC_MARKER_VAR: marker},
                 )["Id"]
             )
             self.api.exec_start(exec_id, detach=True)
         log.debug("spawned %s in %s as exec %s", argv[0], resource_id, exec_id)
         return f"docker:{exec_id}:{marker}"
 
-    def _marker_env(self) -> dict[str, str]:
-        var, value = environment_marker(self.context.env_id)
-        return {var: value}
-
     def end_leftovers(self, resource_id: str) -> None:
-        """Kill every process in the container that carries the environment's marker: what
-        any exec or spawned process of an earlier run left behind."""
-        var, value = environment_marker(self.context.env_id)
-        code, output = self._run_quiet(resource_id, signal_argv(value, "kill", var))
+        """Kill every process in the container but its init and keep-alive command: what any
+        exec or spawned process of an earlier run left behind, also one that dropped its
+        environment (and so the exec marker) or left its session."""
+        code, output = self._run_quiet(resource_id, sweep_argv(self.cfg.init))
         if code != 0:
             raise ProviderError(
                 f"could not kill what earlier runs left in {resource_id}: "
