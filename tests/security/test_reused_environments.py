@@ -5,11 +5,13 @@ run's input; nothing of one run is visible to the next.
 Driven through the real CLI, directly (``narrative run start --direct``) and through the hub
 (``narrative run start``), for ``worktree`` and ``local`` in their sandbox, ``worktree`` with
 ``sandbox=none`` and ``docker`` on the private engine. Run 1's agent leaves a ``sleep 1000``
-job, a daemonised python that appends to ``canary.log`` every 100 ms, an untracked and an
+job, a daemonised python that appends to ``canary-<tag>.log`` every 100 ms, an untracked and an
 ignored file, a file in its temp dir and a symlink ``src -> <outside dir>`` in place of the
-tracked ``src/``. Run 2's agent, in the same environment, lists what it finds: exactly the
-base's files, no canary (it would grow), no such process, nothing in its temp dir; the user's
-workspace and the outside directory are untouched.
+tracked ``src/``; in a sandbox or container also a loop that dropped its environment (``env -i``)
+and its session (without a sandbox such a process is out of reach: docs/security.md). Run 2's
+agent, in the same environment, lists what it finds: exactly the base's files, no canary (it
+would grow), no such process, nothing in its temp dir; the user's workspace and the outside
+directory are untouched.
 
 The negative controls run the same two runs with the reset disabled (the CLI's
 ``prepare_run`` patched back to a plain restore, through a ``sitecustomize`` on its
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import textwrap
 import time
@@ -31,6 +34,8 @@ from typing import Any
 
 import pytest
 
+from providers.proctree import environment_marker
+
 from ..conftest import Cli, git, tree_bytes
 from ..providers.conftest import docker_api, docker_image  # noqa: F401 - fixtures
 from ..providers.docker_support import HOST_MOUNTS
@@ -39,7 +44,7 @@ from .test_sandbox import digest, sandbox_required  # noqa: F401 - fixture
 
 DAEMON = textwrap.dedent(
     """
-    import os, time
+    import os, sys, time
     if os.fork():
         os._exit(0)
     os.setsid()
@@ -48,7 +53,7 @@ DAEMON = textwrap.dedent(
     for fd in (0, 1, 2):
         os.close(fd)
     while True:
-        with open("canary.log", "a") as f:
+        with open(sys.argv[1], "a") as f:
             f.write("alive\\n")
         time.sleep(0.1)
     """
@@ -59,17 +64,22 @@ rm -rf src && ln -s "$OUTSIDE" src
 echo untracked > untracked.txt
 echo ignored > build.log
 echo temp > "${TMPDIR:-/tmp}/run1-temp.txt"
-sleep 1000 </dev/null >/dev/null 2>&1 &
-python3 -c "$DAEMON"
+sleep "1000.$TAG" </dev/null >/dev/null 2>&1 &
+python3 -c "$DAEMON" "canary-$TAG.log"
+if [ "$ESCAPE" = 1 ]; then
+    # a process that drops its whole environment (and any marker in it) and its session
+    setsid env -i sh -c 'while :; do echo escaped >> "$0"; sleep 0.1; done' "canary-$TAG.log" \
+        </dev/null >/dev/null 2>&1 &
+fi
 sleep 0.3
 echo "AGENT1 done"
 """
 
-# The patterns are split ("10""00") so that this script's own command line does not match.
+# Run 1's processes are told by $TAG in their command lines (this script's own holds "$TAG").
 AGENT_2 = r"""
 for f in $(ls -A); do echo "LIST $f"; done
 if [ -d src ] && [ ! -L src ]; then echo "SRC dir"; fi
-canary="canary"".log"
+canary="canary-$TAG.log"
 a=$(cat "$canary" 2>/dev/null | wc -l)
 sleep 0.5
 b=$(cat "$canary" 2>/dev/null | wc -l)
@@ -77,7 +87,7 @@ echo "CANARY $a $b"
 n=0
 for p in /proc/[0-9]*; do
     c=$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)
-    case "$c" in *"sleep 10""00"*|*"canary"".log"*) n=$((n + 1));; esac
+    case "$c" in *"sleep 1000.$TAG"*|*"$canary"*) n=$((n + 1));; esac
 done
 echo "PROCS $n"
 for f in $(ls -A "${TMPDIR:-/tmp}"); do echo "TMP $f"; done
@@ -115,8 +125,8 @@ def no_reset(tmp_path: Path) -> dict[str, str]:
     return {"PYTHONPATH": path, "REUSE_TEST_NO_RESET": "1"}
 
 
-def _marked_pids(token: str) -> list[int]:
-    needle = f"REUSE_TEST_TOKEN={token}".encode()
+def _marked_pids(token: str, var: str = "REUSE_TEST_TOKEN") -> list[int]:
+    needle = f"{var}={token}".encode()
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -133,7 +143,11 @@ def token() -> Iterator[str]:
     negative control leaves them running)."""
     value = uuid.uuid4().hex
     yield value
-    for pid in _marked_pids(value):
+    _kill(_marked_pids(value))
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -157,12 +171,20 @@ def _environment(cli: Cli, tmp_path: Path, kind: str, hub: bool, request: Any) -
     if kind == "local":
         config += ["--config", f"path={tmp_path / 'local-env'}"]
     cli.run("env", "create", "box", "--provider", provider, *config)
+    env_id = cli.json("env", "show", "box")["id"]
+    # a sandbox's processes (the escaped loop too) die with its bwrap, which carries the marker
+    var, value = environment_marker(env_id)
+    request.addfinalizer(lambda: _kill(_marked_pids(value, var)))
 
 
 def _run(cli: Cli, hub: bool, script: str, env: dict[str, str]) -> list[str]:
     mode = [] if hub else ["--direct"]
     proc = cli.run("run", "start", *mode, "--env", "box", "--", "sh", "-c", script, env=env)
     return (proc.stdout + proc.stderr).splitlines()
+
+
+def _exports(variables: dict[str, str]) -> str:
+    return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in variables.items())
 
 
 def two_runs(
@@ -185,10 +207,18 @@ def two_runs(
     temp = tmp_path / "user-tmp"
     temp.mkdir()
     extra = {**extra, "TMPDIR": str(temp)}
-    env = {"OUTSIDE": str(outside), "DAEMON": DAEMON, "REUSE_TEST_TOKEN": token, **extra}
-    first = _run(cli, hub, AGENT_1, env)
+    # in the script itself: a container's commands do not see the caller's environment
+    tag = {"TAG": str(uuid.uuid4().int % 10**9)}
+    given = {
+        **tag,
+        "OUTSIDE": str(outside),
+        "DAEMON": DAEMON,
+        "REUSE_TEST_TOKEN": token,
+        "ESCAPE": "0" if kind == "worktree-nosandbox" else "1",
+    }
+    first = _run(cli, hub, _exports(given) + AGENT_1, extra)
     assert "AGENT1 done" in first, first
-    seen = _run(cli, hub, AGENT_2, extra)
+    seen = _run(cli, hub, _exports(tag) + AGENT_2, extra)
     report: dict[str, Any] = {
         "files": {line[5:] for line in seen if line.startswith("LIST ")} - {".narrative"},
         "src_dir": "SRC dir" in seen,
