@@ -34,8 +34,6 @@ from typing import Any
 
 import pytest
 
-from providers.proctree import environment_marker
-
 from ..conftest import Cli, git, tree_bytes
 from ..providers.conftest import docker_api, docker_image  # noqa: F401 - fixtures
 from ..providers.docker_support import HOST_MOUNTS
@@ -125,29 +123,26 @@ def no_reset(tmp_path: Path) -> dict[str, str]:
     return {"PYTHONPATH": path, "REUSE_TEST_NO_RESET": "1"}
 
 
-def _marked_pids(token: str, var: str = "REUSE_TEST_TOKEN") -> list[int]:
-    needle = f"{var}={token}".encode()
+def _tagged_pids(tag: str) -> list[int]:
+    """This machine's processes with ``tag`` in their command line (run 1's leftovers, in a
+    sandbox or a container on the local engine too)."""
     found = []
     for name in os.listdir("/proc"):
-        if not name.isdigit():
+        if not name.isdigit() or int(name) == os.getpid():
             continue
-        with contextlib.suppress(OSError), open(f"/proc/{name}/environ", "rb") as f:
-            if needle in f.read().split(b"\0"):
+        with contextlib.suppress(OSError), open(f"/proc/{name}/cmdline", "rb") as f:
+            if tag.encode() in f.read():
                 found.append(int(name))
     return found
 
 
 @pytest.fixture
-def token() -> Iterator[str]:
-    """Marks run 1's processes on this machine; whatever carries it is killed afterwards (a
-    negative control leaves them running)."""
-    value = uuid.uuid4().hex
+def tag() -> Iterator[str]:
+    """In the command line of each process run 1 leaves; whatever carries it is killed
+    afterwards (a negative control leaves them running)."""
+    value = str(uuid.uuid4().int % 10**12)
     yield value
-    _kill(_marked_pids(value))
-
-
-def _kill(pids: list[int]) -> None:
-    for pid in pids:
+    for pid in _tagged_pids(value):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -171,10 +166,6 @@ def _environment(cli: Cli, tmp_path: Path, kind: str, hub: bool, request: Any) -
     if kind == "local":
         config += ["--config", f"path={tmp_path / 'local-env'}"]
     cli.run("env", "create", "box", "--provider", provider, *config)
-    env_id = cli.json("env", "show", "box")["id"]
-    # a sandbox's processes (the escaped loop too) die with its bwrap, which carries the marker
-    var, value = environment_marker(env_id)
-    request.addfinalizer(lambda: _kill(_marked_pids(value, var)))
 
 
 def _run(cli: Cli, hub: bool, script: str, env: dict[str, str]) -> list[str]:
@@ -202,18 +193,16 @@ def two_runs(
     outside.mkdir()
     (outside / "keep.txt").write_text("the user's\n")
     before = (digest(tree_bytes(workspace)), digest(tree_bytes(outside)))
-    token = request.getfixturevalue("token")
     # without a sandbox, TMPDIR is the user's: here one of the test's own
     temp = tmp_path / "user-tmp"
     temp.mkdir()
     extra = {**extra, "TMPDIR": str(temp)}
     # in the script itself: a container's commands do not see the caller's environment
-    tag = {"TAG": str(uuid.uuid4().int % 10**9)}
+    tag = {"TAG": request.getfixturevalue("tag")}
     given = {
         **tag,
         "OUTSIDE": str(outside),
         "DAEMON": DAEMON,
-        "REUSE_TEST_TOKEN": token,
         "ESCAPE": "0" if kind == "worktree-nosandbox" else "1",
     }
     first = _run(cli, hub, _exports(given) + AGENT_1, extra)
@@ -247,7 +236,7 @@ def test_nothing_of_one_run_reaches_the_next(
     assert seen["outside_same"] and seen["workspace_same"], seen
     # nothing of run 1 runs on this machine either (the sandbox=none case)
     time.sleep(0.3)
-    assert _marked_pids(request.getfixturevalue("token")) == []
+    assert _tagged_pids(request.getfixturevalue("tag")) == []
 
 
 # Where something of run 1 reached run 2 before the reset: through the hub every provider kept
