@@ -26,13 +26,19 @@ import os
 import shlex
 import signal
 import textwrap
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from narrative.errors import NarrativeError
+from narrative.restore import materialize, materialize_confined
+from narrative.snapshot import take_snapshot
+from narrative.store import Store
 
 from ..conftest import Cli, git, tree_bytes
 from ..providers.conftest import docker_api, docker_image  # noqa: F401 - fixtures
@@ -272,3 +278,55 @@ def test_negative_control_without_the_reset_run_2_sees_run_1(
         or "run1-temp.txt" in seen["temp"]
     )
     assert leaked, seen
+
+
+def _swap_in_symlinks(target: Path, outside: Path, stop: threading.Event) -> None:
+    """What a process of the previous run would do while the checkout is restored: move the
+    freshly created ``src`` away and put a symlink to ``outside`` in its place."""
+    n = 0
+    while not stop.is_set():
+        with contextlib.suppress(OSError):
+            os.rename(target / "src", target / f"moved-{n}")
+            os.symlink(outside, target / "src")
+            n += 1
+
+
+def _restore_under_attack(
+    store: Store, tmp_path: Path, restore: Callable[[Store, Any, str], Any], attempts: int
+) -> list[str]:
+    """Restore a snapshot with many files under ``src/`` into fresh directories while
+    ``src`` is swapped for a symlink; what landed in the outside directory."""
+    src = Path(store.workspace) / "src"
+    for i in range(300):
+        (src / f"f{i}.py").write_text(f"x = {i}\n")
+    snapshot = take_snapshot(store, message="input").snapshot
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for attempt in range(attempts):
+        target = tmp_path / f"target-{attempt}"
+        target.mkdir()
+        stop = threading.Event()
+        swapper = threading.Thread(target=_swap_in_symlinks, args=(target, outside, stop))
+        swapper.start()
+        try:
+            restore(store, snapshot, str(target))
+        except (NarrativeError, OSError):
+            pass  # refused part way: what matters is where the files went
+        finally:
+            stop.set()
+            swapper.join()
+        if os.listdir(outside):
+            break
+    return sorted(os.listdir(outside))
+
+
+def test_restore_into_a_checkout_never_follows_a_planted_symlink(
+    store: Store, tmp_path: Path
+) -> None:
+    assert _restore_under_attack(store, tmp_path, materialize_confined, attempts=20) == []
+
+
+def test_negative_control_a_plain_restore_follows_the_planted_symlink(
+    store: Store, tmp_path: Path
+) -> None:
+    assert _restore_under_attack(store, tmp_path, materialize, attempts=20) != []
