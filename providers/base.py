@@ -227,11 +227,11 @@ class BaseProvider(ABC):
         included) and restored afresh, and the environment's private temporary directories
         are emptied too. Called after :meth:`end_leftovers`, so nothing writes meanwhile.
 
-        Default: :meth:`restore` (a backend that restores into an emptied workspace anyway).
+        Default: :meth:`restore` (a backend that restores into an emptied workspace anyway);
+        with None, nothing (the runtime restores the run's input over what is there).
         """
-        if snapshot is None:
-            raise InvalidInput(f"the {self.name} provider cannot empty a workspace")
-        self.restore(resource_id, snapshot)
+        if snapshot is not None:
+            self.restore(resource_id, snapshot)
 
     # -- background processes -------------------------------------------------------------------
 

@@ -11,6 +11,10 @@ Commands see the caller's environment without the variables that point git at a 
 ``git rev-parse --local-env-vars``), so a ``git`` run in the directory never writes the
 caller's repository; the variables a call passes are added on top.
 
+Every command, spawned process and sandbox (``bwrap`` itself) carries the environment's marker
+(:func:`providers.proctree.environment_marker`), by which
+:meth:`~DirectoryProvider.end_leftovers` kills what earlier runs left before the next starts.
+
 Background processes (:meth:`DirectoryProvider.spawn`) run in a session of their own, with
 ``NARRATIVE_SPAWN_ID`` in their environment. Their handle is ``proc:<pid>:<start>:<token>``
 (``start``: the start time from ``/proc/<pid>/stat``, which guards against a reused pid);
