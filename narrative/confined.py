@@ -201,6 +201,17 @@ class ConfinedRoot:
         with self.parent(path) as (dir_fd, name):
             os.unlink(name, dir_fd=dir_fd)
 
+    def symlink(self, path: str | bytes, target: str | bytes) -> None:
+        """Create the symlink ``path`` (its directories too) pointing at ``target``, which is
+        stored as it is, never resolved.
+
+        Raises:
+            UnsafePath: refused by the path rule, or a symlink on the way.
+            FileExistsError: something is at ``path`` already.
+        """
+        with self.parent(path, create=True) as (dir_fd, name):
+            os.symlink(target, name, dir_fd=dir_fd)
+
     def walk(self, path: str | bytes = "", *, recursive: bool = True) -> Iterator[Entry]:
         """The entries below the directory ``path``, sorted per directory, top-down.
 

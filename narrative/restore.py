@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from . import progress
+from .confined import ConfinedRoot
 from .errors import RestoreError, StoreCorrupted, UnsafePath
 from .fsutil import WORKSPACE_TMP_PREFIX, mkstemp
 from .models import Snapshot
@@ -32,6 +33,7 @@ __all__ = [
     "check_changes",
     "flatten_tree",
     "materialize",
+    "materialize_confined",
     "restore_workspace",
     "sync_directory",
 ]
@@ -88,9 +90,7 @@ def _write_file(
 ) -> None:
     """Write one blob. ``fresh``: the target directory started empty, so create directly;
     otherwise write a temp file and rename it over the old one (never a torn file)."""
-    kind, data = odb.read(oid)
-    if kind != "blob":
-        raise StoreCorrupted(f"{path}: {oid.hex()} is not a blob")
+    data = _blob(odb, path, oid)
     full = os.path.join(root, path)
     if mode == MODE_LINK:
         if not fresh:
@@ -145,6 +145,33 @@ def _write_all(
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(write_batch, batches))
+
+
+def _blob(odb: ObjectStore, path: str, oid: bytes) -> bytes:
+    kind, data = odb.read(oid)
+    if kind != "blob":
+        raise StoreCorrupted(f"{path}: {oid.hex()} is not a blob")
+    return data
+
+
+def materialize_confined(store: Store, snapshot: Snapshot, target: str) -> RestoreResult:
+    """Write ``snapshot`` into the empty directory ``target`` through :class:`ConfinedRoot`:
+    every component is opened relative to its parent with ``O_NOFOLLOW``, so a symlink that
+    appears in ``target`` meanwhile (a process of the directory's previous user planted it)
+    makes the restore fail with :class:`~narrative.errors.UnsafePath` instead of writing
+    outside ``target``.
+    """
+    root = ConfinedRoot(target)
+    if os.listdir(root.root):
+        raise RestoreError(f"target {target} is not an empty directory")
+    flat = flatten_tree(store.odb, bytes.fromhex(snapshot.tree))
+    for path, (mode, oid) in flat.items():
+        data = _blob(store.odb, path, oid)
+        if mode == MODE_LINK:
+            root.symlink(path, os.fsdecode(data))
+        else:
+            root.write_bytes(path, data, mode=0o755 if mode == MODE_EXEC else 0o644)
+    return RestoreResult(snapshot.id, root.root, written=len(flat))
 
 
 def materialize(store: Store, snapshot: Snapshot, target: str) -> RestoreResult:

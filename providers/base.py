@@ -269,6 +269,25 @@ class BaseProvider(ABC):
     ) -> Snapshot:
         """Snapshot the environment's workspace onto ``thread_id`` in the local store."""
 
+    def end_leftovers(self, resource_id: str) -> None:
+        """Kill every process that earlier commands and spawned processes left running in the
+        environment (before a new run starts there: nothing of one run may reach the next).
+
+        Default: nothing, for a backend whose processes all end with their command."""
+        return None
+
+    def reset(self, resource_id: str, snapshot: Snapshot | None) -> None:
+        """Make the workspace hold exactly ``snapshot`` (None: nothing) for a new run, whatever
+        an earlier run left there: it is emptied (ignored files, symlinks, the runtime's store
+        included) and restored afresh, and the environment's private temporary directories
+        are emptied too. Called after :meth:`end_leftovers`, so nothing writes meanwhile.
+
+        Default: :meth:`restore` (a backend that restores into an emptied workspace anyway);
+        with None, nothing (the runtime restores the run's input over what is there).
+        """
+        if snapshot is not None:
+            self.restore(resource_id, snapshot)
+
     # -- background processes -------------------------------------------------------------------
 
     @abstractmethod

@@ -11,6 +11,10 @@ Commands see the caller's environment without the variables that point git at a 
 ``git rev-parse --local-env-vars``), so a ``git`` run in the directory never writes the
 caller's repository; the variables a call passes are added on top.
 
+Every command, spawned process and sandbox (``bwrap`` itself) carries the environment's marker
+(:func:`providers.proctree.environment_marker`), by which
+:meth:`~DirectoryProvider.end_leftovers` kills what earlier runs left before the next starts.
+
 Background processes (:meth:`DirectoryProvider.spawn`) run in a session of their own, with
 ``NARRATIVE_SPAWN_ID`` in their environment. Their handle is ``proc:<pid>:<start>:<token>``
 (``start``: the start time from ``/proc/<pid>/stat``, which guards against a reused pid);
@@ -30,14 +34,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, ClassVar
 
 from narrative.errors import InvalidInput, RestoreError
 from narrative.fsutil import write_atomic
 from narrative.models import Snapshot
 from narrative.objects import hash_object
-from narrative.restore import FlatTree, flatten_tree, materialize, sync_directory
+from narrative.restore import (
+    FlatTree,
+    flatten_tree,
+    materialize,
+    materialize_confined,
+    sync_directory,
+)
 from narrative.snapshot import scan_tree, take_snapshot
 
 from .base import (
@@ -55,6 +65,7 @@ from .base import (
 )
 from .errors import ExecFailed, ResourceGone
 from .keys import key_path
+from .proctree import environment_marker
 from .records import HUB_SOCKET, env_state_dir, hub_socket_dir
 from .sandbox import (
     SandboxPlan,
@@ -108,6 +119,7 @@ _GIT_REPO_VARS = frozenset(
 _GIT_CONFIG_PAIRS = ("GIT_CONFIG_KEY_", "GIT_CONFIG_VALUE_")
 _HANDLE = re.compile(r"proc:([1-9][0-9]{0,9}):([0-9]{1,20}):([0-9a-f]{24})")
 _SIGNALS = {"term": signal.SIGTERM, "kill": signal.SIGKILL}
+_EMPTY_TREE = hash_object("tree", b"")
 
 
 def command_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -220,6 +232,31 @@ class DirectoryProvider(BaseProvider):
         _remove_strays(resource_id, target)
         return True
 
+    def reset(self, resource_id: str, snapshot: Snapshot | None) -> None:
+        """Empty the directory (what it holds that was never captured is first snapshotted
+        onto the environment's thread) and restore ``snapshot`` into it through confined
+        opens. A sandboxed command's private ``/tmp`` is a tmpfs of its own sandbox: fresh for
+        every command and every run already."""
+        self.reconnect(resource_id)
+        try:
+            if os.listdir(resource_id):
+                self.save_leftovers(resource_id, f"left in {self.context.env_name}")
+            _empty(resource_id)
+            if snapshot is not None:
+                materialize_confined(self.context.store, snapshot, resource_id)
+        except OSError as exc:
+            raise RestoreError(f"cannot reset {resource_id}: {exc}") from exc
+        self._remember(snapshot.tree if snapshot is not None else _EMPTY_TREE.hex())
+
+    def end_leftovers(self, resource_id: str) -> None:
+        """Kill every process carrying this environment's marker (a sandboxed command's
+        processes die with its sandbox's PID namespace already; this catches those of
+        ``sandbox=none`` and of a runtime whose hub went away). Never this process or its
+        ancestors, which carry it when a run in this environment drives the environment."""
+        var, value = environment_marker(self.context.env_id)
+        spared = _ancestors(os.getpid())
+        _kill_all(lambda: set(_marked(value, var)) - spared, "kill")
+
     def collect(
         self, resource_id: str, thread_id: str, run_id: str | None, message: str
     ) -> Snapshot:
@@ -254,7 +291,7 @@ class DirectoryProvider(BaseProvider):
         if known is None:
             return False
         _scan, root, _cache = scan_tree(self.context.store, resource_id)
-        return (root or hash_object("tree", b"")) == known
+        return (root or _EMPTY_TREE) == known
 
     def save_leftovers(self, resource_id: str, message: str) -> Snapshot | None:
         """Snapshot the directory onto the environment's thread (created on first use), unless
@@ -289,7 +326,8 @@ class DirectoryProvider(BaseProvider):
         if not argv:
             raise InvalidInput("no command given")
         try:
-            with self._command(resource_id, argv, command_env(env), False) as (cmd, cmd_env, fds):
+            environment = command_env({**(env or {}), **self._marker_env()})
+            with self._command(resource_id, argv, environment, False) as (cmd, cmd_env, fds):
                 proc = subprocess.Popen(
                     cmd,
                     cwd=resource_id,
@@ -324,7 +362,7 @@ class DirectoryProvider(BaseProvider):
         if not argv:
             raise InvalidInput("no command given")
         token = secrets.token_hex(12)
-        environment = command_env({**(env or {}), SPAWN_MARKER_VAR: token})
+        environment = command_env({**(env or {}), **self._marker_env(), SPAWN_MARKER_VAR: token})
         output: IO[bytes] | None = None
         try:
             if log_path is not None:
@@ -352,23 +390,15 @@ class DirectoryProvider(BaseProvider):
         start = stat[19] if stat is not None else "0"
         return f"proc:{proc.pid}:{start}:{token}"
 
+    def _marker_env(self) -> dict[str, str]:
+        var, value = environment_marker(self.context.env_id)
+        return {var: value}
+
     def signal(self, resource_id: str, handle: str, sig: Signal) -> None:
         """Signal the process group of the spawned process and every process that still
-        carries its token; stopped first, when killing, so that none reacts to another's
-        death by starting something new."""
+        carries its token."""
         pid, start, token = _parse_handle(handle)
-        # A process may fork while it is being killed: repeated until none is left.
-        for _round in range(20 if sig == "kill" else 1):
-            targets = _tree(pid, start, token)
-            if not targets:
-                return
-            if sig == "kill":
-                for target in targets:
-                    _send(target, signal.SIGSTOP)
-            for target in targets:
-                _send(target, _SIGNALS[sig])
-            if sig == "kill":
-                time.sleep(0.01)
+        _kill_all(lambda: _tree(pid, start, token), sig)
 
     def alive(self, resource_id: str, handle: str) -> bool:
         pid, start, _token = _parse_handle(handle)
@@ -473,8 +503,10 @@ class DirectoryProvider(BaseProvider):
             network=getattr(self.config, "network", "host") != "none",
             die_with_parent=not background,
         )
-        with sandboxed(bwrap, plan, argv, environment) as command:
-            yield command
+        with sandboxed(bwrap, plan, argv, environment) as (command, bwrap_env, fds):
+            # bwrap itself carries the marker too: killing its init (PID 1 of the sandbox's
+            # namespace) ends every process in there, also one that dropped its environment
+            yield command, {**bwrap_env, **self._marker_env()}, fds
 
     def runtime_command(self) -> list[str]:
         """The configured ``runtime``, else this interpreter in isolated mode running this
@@ -545,6 +577,33 @@ def _tree(pid: int, start: str, token: str) -> set[int]:
     return targets
 
 
+def _kill_all(find: Callable[[], set[int]], sig: Signal) -> None:
+    """Send ``sig`` to the processes ``find`` returns; when killing, they are stopped first,
+    so that none reacts to another's death by starting something new, and it is repeated
+    until none is left (a process may fork while it is being killed)."""
+    for _round in range(20 if sig == "kill" else 1):
+        targets = find()
+        if not targets:
+            return
+        if sig == "kill":
+            for target in targets:
+                _send(target, signal.SIGSTOP)
+        for target in targets:
+            _send(target, _SIGNALS[sig])
+        if sig == "kill":
+            time.sleep(0.01)
+
+
+def _ancestors(pid: int) -> set[int]:
+    """``pid`` and its ancestors."""
+    found = set()
+    while pid > 0 and pid not in found:
+        found.add(pid)
+        stat = _proc_stat(pid)
+        pid = int(stat[1]) if stat is not None else 0
+    return found
+
+
 def _pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
@@ -558,9 +617,9 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
-def _marked(token: str) -> list[int]:
-    """Processes whose (initial) environment carries the spawn token."""
-    needle = f"{SPAWN_MARKER_VAR}={token}".encode()
+def _marked(token: str, var: str = SPAWN_MARKER_VAR) -> list[int]:
+    """Processes whose (initial) environment carries ``var=token`` (the spawn token)."""
+    needle = f"{var}={token}".encode()
     found = []
     for pid in _pids():
         try:

@@ -66,7 +66,7 @@ from .errors import (
     ProviderUnavailable,
     ResourceGone,
 )
-from .proctree import MARKER_VAR, signal_argv
+from .proctree import MARKER_VAR, signal_argv, sweep_argv
 from .records import HUB_SOCKET, hub_socket_dir
 from .shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
 
@@ -101,12 +101,19 @@ _GRACE = 5.0
 _DIR_BIT = 1 << 31
 """``os.ModeDir`` of Go, as found in the ``mode`` of the archive stat header."""
 
-# Empties a directory, dot files included, without removing the directory itself (it may be a
-# mount point or carry the image's ownership).
+# Empties directories, dot files included, without removing the directories themselves (they
+# may be mount points or carry the image's ownership). The first one must exist; later ones
+# (temporary directories the image may lack) are skipped when missing.
 _EMPTY_SCRIPT = r"""
-cd -- "$1" || exit 1
-rm -rf -- ./* ./.[!.]* ./..?*
+[ -d "$1" ] || { echo "no directory $1" >&2; exit 1; }
+for d in "$@"; do
+    if [ -L "$d" ]; then echo "$d is a symbolic link" >&2; exit 1; fi
+    [ -d "$d" ] || continue
+    (cd -- "$d" && rm -rf -- ./* ./.[!.]* ./..?*) || exit 1
+done
 """
+_TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+"""What a run may write besides the workdir, emptied before the next run starts."""
 # Removes one file (or symlink); 2: absent, 3: a directory.
 _DELETE_SCRIPT = r"""
 if [ -d "$1" ] && [ ! -L "$1" ]; then exit 3; fi
@@ -555,6 +562,17 @@ class DockerProvider(BaseProvider):
         log.debug("spawned %s in %s as exec %s", argv[0], resource_id, exec_id)
         return f"docker:{exec_id}:{marker}"
 
+    def end_leftovers(self, resource_id: str) -> None:
+        """Kill every process in the container but its init and keep-alive command: what any
+        exec or spawned process of an earlier run left behind, also one that dropped its
+        environment (and so the exec marker) or left its session."""
+        code, output = self._run_quiet(resource_id, sweep_argv(self.cfg.init))
+        if code != 0:
+            raise ProviderError(
+                f"could not kill what earlier runs left in {resource_id}: "
+                f"{output.decode(errors='replace').strip() or f'exit {code}'}"
+            )
+
     def _spawned(self, resource_id: str, handle: str) -> tuple[dict[str, Any] | None, str]:
         """The daemon's record of a spawned exec (None once it forgot it) and its marker."""
         exec_id, marker = _parse_handle(handle)
@@ -717,15 +735,25 @@ class DockerProvider(BaseProvider):
     # -- snapshots ------------------------------------------------------------------------------
 
     def restore(self, resource_id: str, snapshot: Snapshot) -> None:
-        store = self.context.store
-        code, output = self._run_quiet(
-            resource_id, ["sh", "-c", _EMPTY_SCRIPT, "sh", self.cfg.workdir]
-        )
+        self._empty(resource_id, [self.cfg.workdir])
+        self._put_snapshot(resource_id, snapshot)
+
+    def reset(self, resource_id: str, snapshot: Snapshot | None) -> None:
+        """Empty the workdir and the temporary directories, then restore ``snapshot``."""
+        self._empty(resource_id, [self.cfg.workdir, *_TEMP_DIRS])
+        if snapshot is not None:
+            self._put_snapshot(resource_id, snapshot)
+
+    def _empty(self, resource_id: str, directories: list[str]) -> None:
+        code, output = self._run_quiet(resource_id, ["sh", "-c", _EMPTY_SCRIPT, "sh", *directories])
         if code != 0:
             raise ProviderError(
-                f"cannot empty {self.cfg.workdir} in {resource_id}: "
+                f"cannot empty {' '.join(directories)} in {resource_id}: "
                 f"{output.decode(errors='replace').strip()}"
             )
+
+    def _put_snapshot(self, resource_id: str, snapshot: Snapshot) -> None:
+        store = self.context.store
         # Spooled to disk in the store's tmp dir: the snapshot may be far larger than memory.
         tmp = posixpath.join(store.git_dir, "narrative", "tmp")
         with tempfile.TemporaryFile(dir=tmp) as spool:

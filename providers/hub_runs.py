@@ -301,6 +301,9 @@ class RunDriver:
         url = await self._listen()
 
         def spawn() -> tuple[str, list[str]]:
+            # nothing of an earlier run may reach this one: its processes are killed and the
+            # workspace emptied (the runtime restores the run's input into it)
+            hub.manager.prepare_run(self.environment, None)
             _record, provider, _resource = hub.manager.require_active(self.environment)
             argv = [*provider.runtime_command(), "runtime", "--connect", url]
             # The runtime uses the store in its own workspace, never one named by the hub's

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from narrative.errors import InvalidInput, NarrativeError
 from narrative.fsutil import write_atomic
 from narrative.jsonio import parse_json
-from narrative.models import now_iso
+from narrative.models import Snapshot, now_iso
 from narrative.store import Store
 
 from .base import BaseProvider, ExecResult, Health, OutputFn, ProviderContext, Signal
@@ -444,6 +444,26 @@ class EnvironmentManager:
         suffix = " (timed out)" if result.timed_out else ""
         self._log(record, f"exit {result.exit_code}{suffix}")
         return result
+
+    def prepare_run(self, name: str, snapshot: Snapshot | None) -> None:
+        """Make environment ``name`` ready for a new run, so that nothing of an earlier run
+        there reaches it: every process earlier runs left is killed, then the workspace is
+        emptied and ``snapshot`` restored into it (None: left empty, for a runtime that
+        restores the run's input itself) and the private temporary directories emptied.
+        The caller holds the environment's lease."""
+        record, provider, resource = self.require_active(name)
+        self._log(record, f"reset for a run from {snapshot.id if snapshot else 'nothing'}")
+        try:
+            # the output of earlier runtimes is copied out before their temp files go
+            self.sync_runtime_log(record.id)
+        except NarrativeError as exc:
+            log.info("cannot copy the runtime log of %s: %s", name, exc)
+        try:
+            provider.end_leftovers(resource)
+            provider.reset(resource, snapshot)
+        except (ResourceGone, ProviderUnavailable) as exc:
+            self._fail(record, exc)
+            raise
 
     def spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
         """Start a background process in the environment (which must be active); return its

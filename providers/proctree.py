@@ -5,13 +5,27 @@ environment; children inherit it, and it survives re-parenting, new sessions and
 death, so every process of a tree can be found without knowing their pids or process groups.
 :data:`SIGNAL_SCRIPT` is the POSIX ``sh`` that does it inside the environment (it needs ``grep``
 with ``-z``, ``kill`` and ``sleep``); :func:`signal_argv` builds its command line.
+
+Every command of a directory environment also carries :func:`environment_marker`, one variable
+per environment, so that whatever a run left behind there (a daemon, a background job) is found
+and killed before the next run starts in it, whichever command started it. In a container, where
+a process can drop its environment (``env -i``) but nothing else runs, :data:`SWEEP_SCRIPT`
+kills every process but the container's own.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
-__all__ = ["MARKER_VAR", "SIGNAL_SCRIPT", "signal_argv"]
+__all__ = [
+    "MARKER_VAR",
+    "SIGNAL_SCRIPT",
+    "SWEEP_SCRIPT",
+    "environment_marker",
+    "signal_argv",
+    "sweep_argv",
+]
 
 MARKER_VAR = "NARRATIVE_EXEC_ID"
 """Set in the environment of each command so that the command and its children can be found."""
@@ -47,6 +61,63 @@ exit 1
 """
 
 
-def signal_argv(marker: str, sig: Literal["term", "kill"] = "kill") -> list[str]:
-    """The command that sends ``sig`` to every process carrying ``MARKER_VAR=marker``."""
-    return ["sh", "-c", SIGNAL_SCRIPT, MARKER_VAR, marker, sig]
+# $0: ``init`` when PID 1 is an init whose first child is the container's command, else
+# ``none`` (PID 1 is the command). Kills every other process of the PID namespace but this
+# script and its own children (its ``sleep``), stopping them all first and repeating until none
+# is left, as SIGNAL_SCRIPT does; the command is the init's child that started first (orphans
+# re-parented to the init started later). /proc/<pid>/stat after the name's ``) ``: $1 state,
+# $2 parent, ${20} start time. Builtins only while scanning: a subshell would be a target.
+SWEEP_SCRIPT = r"""
+self=$$
+main=
+if [ "$0" = init ]; then
+    first=
+    for p in /proc/[0-9]*; do
+        read -r line < "$p/stat" 2>/dev/null || continue
+        set -- ${line##*") "}
+        [ "$2" = 1 ] || continue
+        if [ -z "$first" ] || [ "${20}" -lt "$first" ]; then first=${20}; main=${p#/proc/}; fi
+    done
+fi
+others() {
+    pids=
+    for p in /proc/[0-9]*; do
+        pid=${p#/proc/}
+        case " 1 $self $main " in *" $pid "*) continue;; esac
+        read -r line < "$p/stat" 2>/dev/null || continue
+        set -- ${line##*") "}
+        [ "$1" = Z ] && continue
+        [ "$2" = "$self" ] && continue
+        pids="$pids $pid"
+    done
+}
+for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+    others
+    [ -n "$pids" ] || exit 0
+    for pid in $pids; do kill -STOP "$pid" 2>/dev/null; done
+    for pid in $pids; do kill -9 "$pid" 2>/dev/null; done
+    sleep 0.05
+done
+exit 1
+"""
+
+
+def sweep_argv(init: bool) -> list[str]:
+    """The command that kills every process of a container but its init and command (``init``:
+    PID 1 is the daemon's init, the command its first child)."""
+    return ["sh", "-c", SWEEP_SCRIPT, "init" if init else "none"]
+
+
+def signal_argv(
+    marker: str, sig: Literal["term", "kill"] = "kill", var: str = MARKER_VAR
+) -> list[str]:
+    """The command that sends ``sig`` to every process carrying ``var=marker``."""
+    return ["sh", "-c", SIGNAL_SCRIPT, var, marker, sig]
+
+
+def environment_marker(env_id: str) -> tuple[str, str]:
+    """``(variable, value)`` set in the environment of every command run in environment
+    ``env_id``. The variable's name holds the environment, so that a nested environment's
+    commands carry the marker of each environment they run in (a value would be overridden)."""
+    digest = hashlib.sha256(env_id.encode()).hexdigest()[:16]
+    return f"NARRATIVE_ENV_{digest.upper()}", "1"

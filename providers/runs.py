@@ -1,7 +1,10 @@
 """Isolated agent runs: restore a snapshot into an environment, run a command there, capture
 the result as a snapshot on a new thread, and record the run from start to finish.
 
-The user's workspace is only read (for the default base snapshot), never written. The run's
+The user's workspace is only read (for the default base snapshot), never written. The run holds
+the environment's lease, and the environment is reset before it starts
+(:meth:`~providers.manager.EnvironmentManager.prepare_run`): nothing an earlier run left there,
+process or file, reaches it. The run's
 thread is forked from the base, so ``narrative diff RUN`` and ``narrative merge RUN`` compare the
 result with exactly what the environment started from. Whatever happens — a non-zero exit, a
 timeout, Ctrl-C, a provider failure — the run is finished with a status, and a result snapshot
@@ -26,6 +29,7 @@ from narrative.store import Store
 
 from .base import OutputFn
 from .keys import key_path
+from .leases import EnvironmentBusy, EnvironmentLease
 from .manager import EnvironmentManager
 
 __all__ = ["IsolatedRun", "pick_base", "run_isolated", "screen_result"]
@@ -75,17 +79,40 @@ def run_isolated(
 ) -> IsolatedRun:
     """Run ``argv`` in environment ``env_name`` starting from ``base``."""
     store = manager.store
-    record, provider, resource = manager.require_active(env_name)
+    record, _provider, _resource = manager.require_active(env_name)
+    lease = EnvironmentLease.acquire(store, record.id)
+    if lease is None:
+        raise EnvironmentBusy(record.name, EnvironmentLease.holder(store, record.id))
+    try:
+        return _run_leased(manager, lease, record.name, argv, base, agent, env, timeout, on_output)
+    finally:
+        lease.release()
+
+
+def _run_leased(
+    manager: EnvironmentManager,
+    lease: EnvironmentLease,
+    env_name: str,
+    argv: Sequence[str],
+    base: Snapshot,
+    agent: str,
+    env: Mapping[str, str] | None,
+    timeout: float | None,
+    on_output: OutputFn | None,
+) -> IsolatedRun:
+    store = manager.store
+    record = manager.get(env_name)
     objective = get_thread(store, base.thread).objective_id
     thread = create_thread(
         store, objective, f"run/{record.name}/{new_id('run')[4:14]}", forked_from=base.id
     )
     run = start_run(store, thread.id, agent=agent, environment=record.name, base_snapshot=base.id)
+    lease.note(run.id)
     status, exit_code, timed_out = "failed", None, False
     result: Snapshot | None = None
     restored = False
     try:
-        provider.restore(resource, base)
+        manager.prepare_run(env_name, base)
         restored = True
         outcome = manager.exec(record.name, argv, env=env, timeout=timeout, on_output=on_output)
         exit_code, timed_out = outcome.exit_code, outcome.timed_out

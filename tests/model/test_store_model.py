@@ -431,7 +431,7 @@ class StoreModel(RuleBasedStateMachine):
 
     @rule(
         i=STORES,
-        command=st.sampled_from(("snapshot", "restore", "push")),
+        command=st.sampled_from(("snapshot", "restore", "push", "pull", "merge")),
         delay=st.floats(min_value=0.0, max_value=0.4),
     )
     def kill(self, i: int, command: str, delay: float) -> None:
@@ -439,7 +439,10 @@ class StoreModel(RuleBasedStateMachine):
         if args is None:
             if not self.reported[i] or merge_state(self._store(i)) is not None:
                 return
-            args = ["restore", next(iter(self.reported[i]))]
+            if command == "pull":
+                args = ["pull", "origin"]
+            else:
+                args = [command, next(iter(self.reported[i]))]
         proc = subprocess.Popen(
             [NARRATIVE, "-C", str(self.workspaces[i]), *args],
             stdout=subprocess.DEVNULL,
@@ -451,6 +454,11 @@ class StoreModel(RuleBasedStateMachine):
             proc.send_signal(signal.SIGKILL)
         # how many kills interrupted a running process: --hypothesis-show-statistics
         event("kill landed mid-run" if proc.wait() == -signal.SIGKILL else "kill after exit")
+        store = self._store(i)
+        if merge_state(store) is not None:
+            # a merge (or pull) killed half-way, or stopped on a conflict: what a user does
+            abort_merge(store)
+        self._learn(i)
 
     # -- invariants ------------------------------------------------------------------------
 
