@@ -155,6 +155,35 @@ def thread_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     emit(as_json, data, lambda: "\n".join(f"{k}: {v}" for k, v in data.items()))
 
 
+@thread.command("reset")
+@click.argument("thread_ref", metavar="THREAD")
+@click.argument("snapshot_ref", metavar="SNAPSHOT")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also move backwards or sideways (the old head stays as THREAD@{1}).",
+)
+@json_option
+@click.pass_context
+def thread_reset(
+    ctx: click.Context, thread_ref: str, snapshot_ref: str, force: bool, as_json: bool
+) -> None:
+    """Move THREAD's head to SNAPSHOT, one of its snapshots.
+
+    Without --force only forward (SNAPSHOT must descend from the head); with --force anywhere,
+    and the head it had stays reachable as THREAD@{1} (its head log), e.g. to reset back.
+    """
+    from narrative.hierarchy import reset_thread, resolve_thread
+    from narrative.history import resolve_snapshot
+
+    store = open_store(ctx)
+    t = resolve_thread(store, thread_ref)
+    snap = resolve_snapshot(store, snapshot_ref)
+    old = reset_thread(store, t.id, snap, force=force)
+    data = {"thread": t.id, "head": snap.id, "previous_commit": old.hex() if old else None}
+    emit(as_json, data, f"thread {t.name} is now at {snap.id}")
+
+
 @click.group()
 def run() -> None:
     """Record agent runs on threads."""

@@ -22,6 +22,7 @@ where one fits (``LookupError`` for unknown ids, ``TimeoutError`` for lock waits
     │   ├── RunNotUsable(run_id)      a run's result that is missing, or from a failed run
     │   └── ProtectedChange(paths)    a merge changing ignore files or config, without --force
     ├── ConcurrentUpdate             compare-and-swap lost too many times
+    ├── NonFastForward(ref, old, new) a thread head would stop descending from its old value
     ├── RestoreError                 a restore that would lose data, or cannot proceed
     └── MergeError                   a workspace merge cannot start, continue or be undone
         ├── MergeInProgress          another merge has not been finished or aborted
@@ -42,6 +43,7 @@ __all__ = [
     "MergeInProgress",
     "NarrativeError",
     "NoMergeInProgress",
+    "NonFastForward",
     "NotFound",
     "ObjectiveNotFound",
     "ProtectedChange",
@@ -205,6 +207,23 @@ class UnsafePath(InvalidInput):
 
 class ConcurrentUpdate(NarrativeError):
     """A compare-and-swap update kept losing against other writers."""
+
+
+class NonFastForward(NarrativeError):
+    """A thread head would move to a commit that does not descend from it (or be deleted):
+    snapshots would drop out of the thread's history. Only a forced move may do that
+    (``narrative thread reset --force``, gc's history rewrite)."""
+
+    def __init__(self, ref: str, old: bytes, new: bytes | None) -> None:
+        target = new.hex()[:12] if new is not None else "nothing (a deletion)"
+        super().__init__(
+            f"refusing to move {ref} from {old.hex()[:12]} to {target}: that is not a "
+            "descendant, so snapshots would drop out of the thread "
+            "(use 'narrative thread reset --force' to do it anyway)"
+        )
+        self.ref = ref
+        self.old = old
+        self.new = new
 
 
 class RestoreError(NarrativeError):

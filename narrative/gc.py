@@ -11,6 +11,11 @@ Safety: gc holds the store's ``gc`` lock exclusively while every snapshot and me
 holds it shared, so no writer can be reusing an object gc is about to delete. Thread refs move
 by compare-and-swap; a thread that moved meanwhile is left alone and reported. The new pack is
 published before any old pack or loose object is removed.
+
+Head logs: every commit a thread's head log names (each head the thread ever had, see
+:mod:`narrative.refs`) stays reachable, so a head left behind by a forced reset or by gc's own
+rewrite survives; log entries older than the retention (``keep_within``, else
+:data:`HEAD_LOG_RETENTION`) are expired first and then protect nothing.
 """
 
 from __future__ import annotations
@@ -33,10 +38,19 @@ from .shared import shared_commits
 from .statcache import StatCache
 from .store import Store
 
-__all__ = ["GcReport", "RetentionPolicy", "collect_garbage", "parse_duration"]
+__all__ = [
+    "HEAD_LOG_RETENTION",
+    "GcReport",
+    "RetentionPolicy",
+    "collect_garbage",
+    "parse_duration",
+]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _TMP_MAX_AGE = 3600.0
+#: How long head log entries keep old heads when the policy has no ``keep_within`` (git's
+#: default reflog expiry).
+HEAD_LOG_RETENTION = 90 * 86400.0
 
 
 def parse_duration(text: str) -> float:
@@ -119,6 +133,9 @@ def collect_garbage(store: Store, policy: RetentionPolicy, dry_run: bool = False
             report.packs_after, report.bytes_after = report.packs_before, report.bytes_before
             return report
         _rewrite(store, heads, plans, report)
+        retention = policy.keep_within if policy.keep_within is not None else HEAD_LOG_RETENTION
+        for ref in store.refs.logged_refs():
+            store.refs.expire_head_log(ref, now - retention)
         _repack(store)
         _clean_tmp(store)
     report.packs_after = store.odb.pack_count()
@@ -167,7 +184,14 @@ def _rewrite(
                 mapping[old_oid] = new_oid
                 parent = new_oid
             try:
-                store.refs.update(store.thread_ref(thread_id), parent, expected=heads[thread_id])
+                # the one history rewrite allowed; the head log keeps the old head named
+                store.refs.update(
+                    store.thread_ref(thread_id),
+                    parent,
+                    expected=heads[thread_id],
+                    force=True,
+                    reason="gc: history rewritten",
+                )
                 report.rewritten_threads.append(thread_id)
             except ConcurrentUpdate:
                 report.moved_threads.append(thread_id)
@@ -185,9 +209,12 @@ def _commit_thread(store: Store, oid: bytes) -> str | None:
 
 
 def _reachable(store: Store) -> set[bytes]:
-    """Every object reachable from any ref of the store."""
+    """Every object reachable from any ref of the store or any entry of a head log."""
     seen: set[bytes] = set()
     commits = list(store.refs.list("refs/").values())
+    for ref in store.refs.logged_refs():
+        for entry in store.refs.head_log(ref):
+            commits += [oid for oid in (entry.old, entry.new) if oid is not None]
     trees: list[bytes] = []
     while commits:
         oid = commits.pop()

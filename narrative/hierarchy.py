@@ -17,7 +17,15 @@ from .errors import (
     ThreadNotFound,
 )
 from .ids import is_id, new_id
-from .models import OBJECTIVE_STATUSES, RUN_STATUSES, AgentRun, Objective, Thread, now_iso
+from .models import (
+    OBJECTIVE_STATUSES,
+    RUN_STATUSES,
+    AgentRun,
+    Objective,
+    Snapshot,
+    Thread,
+    now_iso,
+)
 
 if TYPE_CHECKING:
     from .store import Store
@@ -33,6 +41,7 @@ __all__ = [
     "list_objectives",
     "list_runs",
     "list_threads",
+    "reset_thread",
     "resolve_objective",
     "resolve_thread",
     "run_age",
@@ -170,6 +179,34 @@ def resolve_thread(store: Store, ref: str | None) -> Thread:
     if is_id(ref, "thread"):
         return get_thread(store, ref)
     return _pick(ref, list_threads(store), "th-", "name", ThreadNotFound)
+
+
+def reset_thread(
+    store: Store, thread_id: str, snapshot: Snapshot, force: bool = False
+) -> bytes | None:
+    """Move thread ``thread_id``'s head to ``snapshot`` (one of its own snapshots); returns
+    the head it had.
+
+    Only a move forward (to a descendant) unless ``force``; a forced move leaves the old head
+    in the thread's head log, as ``<thread>@{1}``, so it can be reset back.
+
+    Raises:
+        NonFastForward: ``snapshot`` does not descend from the head, and not ``force``.
+        InvalidInput: ``snapshot`` belongs to another thread.
+    """
+    if snapshot.thread != thread_id:
+        raise InvalidInput(
+            f"snapshot {snapshot.id} belongs to thread {snapshot.thread}, not {thread_id}: "
+            "a thread can only be reset to one of its own snapshots"
+        )
+    ref = store.thread_ref(thread_id)
+    with store.lock("gc", shared=True):  # gc must not be rewriting the commits in question
+        old = store.refs.read(ref)
+        reason = f"reset to {snapshot.id}{' (forced)' if force else ''}"
+        store.refs.update(
+            ref, bytes.fromhex(snapshot.commit), expected=old, force=force, reason=reason
+        )
+    return old
 
 
 # -- runs ---------------------------------------------------------------------------------------

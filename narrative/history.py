@@ -1,7 +1,11 @@
-"""Reading snapshots back: walking threads, and resolving ids, prefixes and commits."""
+"""Reading snapshots back: walking threads, and resolving ids, prefixes and commits.
+
+:func:`resolve_snapshot` is the one resolver of snapshot names every command uses.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -75,13 +79,23 @@ def all_snapshots(store: Store) -> Iterator[Snapshot]:
             yield snap
 
 
+_PREVIOUS_HEAD = re.compile(r"(.+)@\{(\d+)\}")
+
+
 def resolve_snapshot(store: Store, ref: str) -> Snapshot:
-    """A snapshot by id, unique id prefix, the head of a thread (id or name), the head of a
-    thread as a remote last had it (``<remote>/<thread id or name>``, e.g. ``origin/main``), or
-    (prefix of) commit id."""
+    """A snapshot by id, unique id prefix, the head of a thread (id or name), a previous head of
+    a thread (``<thread>@{n}``: n moves ago, from its head log; ``@{0}`` is the head), the head
+    of a thread as a remote last had it (``<remote>/<thread id or name>``, e.g.
+    ``origin/main``), the result of a run that succeeded (run id or prefix), or (prefix of)
+    commit id."""
     ref = ref.strip()
     if not ref:
         raise SnapshotNotFound(ref)
+    previous = _PREVIOUS_HEAD.fullmatch(ref)
+    if previous is not None:
+        return snapshot_at(store, _previous_head(store, previous.group(1), int(previous.group(2))))
+    if ref.startswith("run-"):
+        return _run_result(store, ref)
     heads = store.thread_heads()
     if ref in heads:
         return snapshot_at(store, heads[ref])
@@ -89,9 +103,9 @@ def resolve_snapshot(store: Store, ref: str) -> Snapshot:
         tracked = _remote_thread_head(store, ref)
         if tracked is not None:
             return snapshot_at(store, tracked)
-    named = _named_thread_head(store, ref, heads)
+    named = _named_thread(store, ref, heads)
     if named is not None:
-        return snapshot_at(store, named)
+        return snapshot_at(store, heads[named])
     matches: dict[str, Snapshot] = {}
     is_hex = len(ref) >= 4 and all(c in "0123456789abcdef" for c in ref)
     for snap in all_snapshots(store):
@@ -132,14 +146,41 @@ def _remote_thread_head(store: Store, ref: str) -> bytes | None:
     raise AmbiguousId(ref, [f"{remote}/{t}" for t in found])
 
 
-def _named_thread_head(store: Store, ref: str, heads: dict[str, bytes]) -> bytes | None:
-    """The head of the thread named ``ref``; two threads of that name (a pulled one beside the
-    store's own) resolve to the workspace's current one if it is among them."""
+def _named_thread(store: Store, ref: str, heads: dict[str, bytes]) -> str | None:
+    """The id of the thread with a head named ``ref``; two threads of that name (a pulled one
+    beside the store's own) resolve to the workspace's current one if it is among them."""
     found = [t for t, name in _thread_names(store).items() if name == ref and t in heads]
     if len(found) > 1 and store.config.default_thread in found:
         found = [store.config.default_thread]
     if len(found) == 1:
-        return heads[found[0]]
+        return found[0]
     if found:
         raise AmbiguousId(ref, found)
     return None
+
+
+def _previous_head(store: Store, thread: str, n: int) -> bytes:
+    """The commit thread ``thread`` (id, name or id prefix) was at ``n`` moves ago."""
+    heads = store.thread_heads()
+    thread_id = thread if thread in heads else _named_thread(store, thread, heads)
+    if thread_id is None:
+        from .hierarchy import resolve_thread
+
+        thread_id = resolve_thread(store, thread).id
+    ref = store.thread_ref(thread_id)
+    if n == 0:
+        head = store.refs.read(ref)
+    else:
+        log = store.refs.head_log(ref)
+        head = log[-n].old if n <= len(log) else None
+    if head is None:
+        raise SnapshotNotFound(f"{thread}@{{{n}}}")
+    return head
+
+
+def _run_result(store: Store, ref: str) -> Snapshot:
+    """The result snapshot of run ``ref`` (id or unique prefix): only a run that succeeded has
+    one a plain name may use (``diff``/``merge RUN --allow-failed`` read the others)."""
+    from .runs import resolve_run, run_snapshots
+
+    return run_snapshots(store, resolve_run(store, ref))[1]

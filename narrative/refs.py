@@ -6,6 +6,14 @@ is written and fsynced to a dot-file beside the ref (git ignores dot-files in ``
 renamed over the ref, then the lock is removed. A crash leaves either the old or the new value,
 never a torn one.
 
+Thread heads (``refs/narrative/threads/<id>``) are guarded here, under that lock, so that no
+caller can skip it: a thread head only moves to a descendant of its current value, and is never
+deleted, unless the caller passes ``force=True`` (only ``narrative thread reset --force``,
+gc's history rewrite, and a run's screened result replacing its raw one on the run's own new
+thread do). Every move of a thread head is first appended to its *head log*,
+``logs/<ref>`` in git's reflog format (``git reflog show <ref>`` reads it), so a head a forced
+move left behind is still named, resolvable as ``<thread>@{n}`` and kept by gc.
+
 Our lock files name their owner (host, boot, pid and the process's start time), so a lock whose
 owner is gone on this host is broken at once, and a reused pid is told apart by its start time.
 Locks we cannot attribute (git's own, which are empty or hold an id, or another host's) are
@@ -14,18 +22,24 @@ taken to be left by a killed process once older than :data:`STALE_LOCK_SECONDS`.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import os
 import socket
 import time
+from dataclasses import dataclass
 from typing import Final
 
-from .errors import ConcurrentUpdate, InvalidInput, LockTimeout, StoreCorrupted
+from .ancestry import is_ancestor
+from .errors import ConcurrentUpdate, InvalidInput, LockTimeout, NonFastForward, StoreCorrupted
 from .fsutil import mkstemp, unlink_quiet, write_atomic
+from .odb import ObjectStore
 
 __all__ = [
     "ANY",
     "STALE_LOCK_SECONDS",
+    "THREAD_REF_PREFIX",
+    "HeadLogEntry",
     "RefStore",
     "lock_owner_stamp",
     "owner_is_gone",
@@ -37,7 +51,11 @@ STALE_LOCK_SECONDS: Final = 30.0
 ANY: Final = b"any"
 """Pass as ``expected`` to update a ref whatever its current value."""
 
+THREAD_REF_PREFIX: Final = "refs/narrative/threads/"
+"""Refs under this prefix are thread heads: guarded and logged by :meth:`RefStore.update`."""
+
 _ZERO = b"\x00" * 20
+_LOG_IDENTITY = b"narrative <narrative@localhost>"
 _OWNER_MAGIC = b"narrative-lock"
 
 
@@ -112,12 +130,32 @@ def validate_ref_name(name: str) -> str:
     return name
 
 
-class RefStore:
-    """Read and update refs of one git dir."""
+@dataclass(frozen=True)
+class HeadLogEntry:
+    """One move of a thread head: from ``old`` to ``new`` (None: absent), when and why."""
 
-    def __init__(self, git_dir: str, lock_timeout: float = 10.0) -> None:
+    old: bytes | None
+    new: bytes | None
+    time: int
+    reason: str
+
+
+class RefStore:
+    """Read and update refs of one git dir (``odb``: its object store, for the ancestry check
+    of thread heads; opened on first use when not given)."""
+
+    def __init__(
+        self, git_dir: str, lock_timeout: float = 10.0, odb: ObjectStore | None = None
+    ) -> None:
         self.git_dir = git_dir
         self.lock_timeout = lock_timeout
+        self._odb = odb
+
+    @property
+    def odb(self) -> ObjectStore:
+        if self._odb is None:
+            self._odb = ObjectStore(self.git_dir)
+        return self._odb
 
     def _path(self, name: str) -> str:
         return os.path.join(self.git_dir, *validate_ref_name(name).split("/"))
@@ -235,13 +273,28 @@ class RefStore:
         finally:
             unlink_quiet(stale)
 
-    def update(self, name: str, new: bytes | None, expected: bytes | None = ANY) -> None:
+    def update(
+        self,
+        name: str,
+        new: bytes | None,
+        expected: bytes | None = ANY,
+        *,
+        force: bool = False,
+        reason: str = "update",
+    ) -> None:
         """Point ``name`` at ``new`` (None deletes) if it currently equals ``expected``.
 
         ``expected=None`` requires that the ref does not exist yet; :data:`ANY` skips the check.
-        Raises ConcurrentUpdate when the current value differs.
+        A thread head (:data:`THREAD_REF_PREFIX`) moves only to a descendant of its current
+        value unless ``force``; each move of one is appended to its head log with ``reason``.
+
+        Raises:
+            ConcurrentUpdate: the current value differs from ``expected``.
+            NonFastForward: a thread head would move to a non-descendant or be deleted.
         """
         path = self._path(name)
+        if new is not None and (new == _ZERO or len(new) != 20):
+            raise InvalidInput(f"invalid object id for ref {name}")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         lock_path = path + ".lock"
         self._acquire(lock_path)
@@ -249,12 +302,113 @@ class RefStore:
             current = self.read(name)
             if expected not in (ANY, current):
                 raise ConcurrentUpdate(f"ref {name} moved concurrently")
+            if name.startswith(THREAD_REF_PREFIX) and current != new:
+                if (
+                    current is not None
+                    and not force
+                    and (new is None or not is_ancestor(self.odb, current, new))
+                ):
+                    raise NonFastForward(name, current, new)
+                # logged before the ref moves: a crash never leaves the old head unnamed
+                self._append_log(name, HeadLogEntry(current, new, int(time.time()), reason))
             if new is None:
                 self._delete_locked(name, path)
                 return
-            if new == _ZERO or len(new) != 20:
-                raise InvalidInput(f"invalid object id for ref {name}")
             write_atomic(path, new.hex().encode() + b"\n")
+        finally:
+            unlink_quiet(lock_path)
+
+    # -- head logs of thread refs -------------------------------------------------------------
+
+    def _log_path(self, name: str) -> str:
+        return os.path.join(self.git_dir, "logs", *validate_ref_name(name).split("/"))
+
+    def _append_log(self, name: str, entry: HeadLogEntry) -> None:
+        reason = " ".join(entry.reason.split()) or "update"
+        line = b"%s %s %s %d +0000\t%s\n" % (
+            (entry.old or _ZERO).hex().encode(),
+            (entry.new or _ZERO).hex().encode(),
+            _LOG_IDENTITY,
+            entry.time,
+            reason.encode("utf-8", "replace"),
+        )
+        path = self._log_path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            except OSError:
+                os.ftruncate(fd, size)  # no torn line (a full disk): the move is refused whole
+                raise
+        finally:
+            os.close(fd)
+
+    def head_log(self, name: str) -> builtins.list[HeadLogEntry]:
+        """The moves of thread head ``name``, oldest first (unreadable lines are skipped)."""
+        try:
+            with open(self._log_path(name), "rb") as f:
+                lines = f.read().splitlines()
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        entries = []
+        for line in lines:
+            head, tab, reason = line.partition(b"\t")
+            fields = head.split(b" ")
+            try:
+                old, new = bytes.fromhex(fields[0].decode()), bytes.fromhex(fields[1].decode())
+                stamp = int(fields[-2])
+            except (IndexError, ValueError, UnicodeDecodeError):
+                continue
+            if not tab or len(old) != 20 or len(new) != 20:
+                continue
+            entries.append(
+                HeadLogEntry(
+                    None if old == _ZERO else old,
+                    None if new == _ZERO else new,
+                    stamp,
+                    reason.decode("utf-8", "replace"),
+                )
+            )
+        return entries
+
+    def logged_refs(self) -> builtins.list[str]:
+        """Every thread ref that has a head log (deleted refs included)."""
+        base = os.path.join(self.git_dir, "logs", *THREAD_REF_PREFIX.rstrip("/").split("/"))
+        names = []
+        for root, _dirs, files in os.walk(base):
+            for fname in files:
+                if not fname.startswith("."):
+                    path = os.path.join(root, fname)
+                    names.append(
+                        os.path.relpath(path, os.path.join(self.git_dir, "logs")).replace(
+                            os.sep, "/"
+                        )
+                    )
+        return sorted(names)
+
+    def expire_head_log(self, name: str, older_than: float) -> None:
+        """Drop the entries of ``name``'s head log recorded before time ``older_than``."""
+        path = self._path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lock_path = path + ".lock"
+        self._acquire(lock_path)
+        try:
+            log_path = self._log_path(name)
+            try:
+                with open(log_path, "rb") as f:
+                    lines = f.read().splitlines(keepends=True)
+            except FileNotFoundError:
+                return
+            kept = [
+                line
+                for line in lines
+                if (stamp := _log_time(line)) is not None and stamp >= older_than
+            ]
+            if kept != lines:
+                write_atomic(log_path, b"".join(kept))
         finally:
             unlink_quiet(lock_path)
 
@@ -281,3 +435,10 @@ class RefStore:
             write_atomic(packed_path, b"".join(kept))
         finally:
             unlink_quiet(lock)
+
+
+def _log_time(line: bytes) -> int | None:
+    try:
+        return int(line.partition(b"\t")[0].split(b" ")[-2])
+    except (IndexError, ValueError):
+        return None

@@ -186,7 +186,9 @@ def withhold_secrets(
             raise
         # the raw result first, so that a crash between the two loses nothing
         store.refs.update(WITHHELD_REF_PREFIX + run.id, raw)
-        store.refs.update(ref, oid, expected=raw)
+        # the documented exception to forward-only heads: the screened result replaces the raw
+        # one on the run's own thread (the raw one stays named, by the withheld ref and the log)
+        store.refs.update(ref, oid, expected=raw, force=True, reason="run result: secrets withheld")
     return snapshot_id
 
 

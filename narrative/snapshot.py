@@ -318,7 +318,8 @@ def _advance(
     store = capture.store
     for _attempt in range(_MAX_ATTEMPTS):
         try:
-            store.refs.update(ref, oid, expected=head)
+            reason = "merge" if len(commit.parents) > 1 else "snapshot"
+            store.refs.update(ref, oid, expected=head, reason=reason)
             break
         except ConcurrentUpdate:
             head = store.refs.read(ref)

@@ -48,7 +48,7 @@ from .ids import is_id, new_id
 from .jsonio import load_json
 from .meta import MetaStore
 from .odb import ObjectStore
-from .refs import RefStore
+from .refs import THREAD_REF_PREFIX, RefStore
 
 __all__ = [
     "DEFAULT_MANUAL_RUN_TIMEOUT",
@@ -70,7 +70,6 @@ DEFAULT_MAX_FILE_SIZE = 50 << 20
 #: a hostile bundle or archive must not fill the disk or memory. ``config max_import_size``.
 DEFAULT_MAX_IMPORT_SIZE = 4 << 30
 DEFAULT_MANUAL_RUN_TIMEOUT = 24 * 3600.0
-THREAD_REF_PREFIX = "refs/narrative/threads/"
 _CONFIG = os.path.join("narrative", "config.json")
 _MIGRATING_TO = os.path.join("narrative", "migrating-to")
 # Local files a fork takes along besides objects and refs: its remotes and the event logs of
@@ -192,7 +191,8 @@ class Store:
         self.migrated_from: str | None = None
         """The old-layout store directory this store was migrated from while opening it."""
         self.odb = ObjectStore(git_dir)
-        self.refs = RefStore(git_dir)
+        # thread heads only move forward, whoever moves them (see narrative.refs)
+        self.refs = RefStore(git_dir, odb=self.odb)
         self.meta = MetaStore(self.odb, self.refs, lambda: self.lock("gc", shared=True))
 
     @property

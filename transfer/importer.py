@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from fsspec.callbacks import Callback
 
+from narrative import ancestry
 from narrative.commitmsg import is_snapshot_commit, snapshot_from_commit
 from narrative.errors import ConcurrentUpdate
 from narrative.objects import parse_commit
@@ -158,16 +159,8 @@ def import_stream(
 
 
 def is_ancestor(store: Store, ancestor: bytes, descendant: bytes, limit: int = 100_000) -> bool:
-    stack, seen = [descendant], set[bytes]()
-    while stack and len(seen) < limit:
-        oid = stack.pop()
-        if oid == ancestor:
-            return True
-        if oid in seen:
-            continue
-        seen.add(oid)
-        stack.extend(parse_commit(store.odb.read(oid)[1]).parents)
-    return False
+    """:func:`narrative.ancestry.is_ancestor` in ``store``, giving up after ``limit`` commits."""
+    return ancestry.is_ancestor(store.odb, ancestor, descendant, limit)
 
 
 def _import_bundle(
@@ -270,7 +263,8 @@ def fast_forward(
             return
         if local is None or is_ancestor(store, local, incoming):
             try:
-                store.refs.update(ref, incoming, expected=local)
+                reason = f"fast-forward from {source}"
+                store.refs.update(ref, incoming, expected=local, reason=reason)
             except ConcurrentUpdate:
                 continue
             result.updated[thread_id] = incoming.hex()
