@@ -37,6 +37,7 @@ EXAMPLES: dict[str, str] = {
     "thread create": "narrative thread create experiment --from main",
     "thread list": "narrative thread list",
     "thread show": "narrative thread show main",
+    "thread reset": "narrative thread reset main main@{1}   # back to the previous head",
     "export": "narrative export /tmp/work.bundle --thread main",
     "import": "narrative import /tmp/work.bundle",
     "remote add": "narrative remote add origin s3://bucket/team --storage-option "
