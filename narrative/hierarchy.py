@@ -43,6 +43,7 @@ __all__ = [
     "list_threads",
     "reset_thread",
     "resolve_objective",
+    "prefer_current_thread",
     "resolve_thread",
     "run_age",
     "set_objective_status",
@@ -178,7 +179,19 @@ def resolve_thread(store: Store, ref: str | None) -> Thread:
         return get_thread(store, store.config.default_thread)
     if is_id(ref, "thread"):
         return get_thread(store, ref)
-    return _pick(ref, list_threads(store), "th-", "name", ThreadNotFound)
+    threads = list_threads(store)
+    named = prefer_current_thread(store, [t.id for t in threads if t.name == ref])
+    if len(named) == 1:
+        return get_thread(store, named[0])
+    return _pick(ref, threads, "th-", "name", ThreadNotFound)
+
+
+def prefer_current_thread(store: Store, thread_ids: list[str]) -> list[str]:
+    """Of several threads sharing a name (a pulled one beside the store's own), the
+    workspace's current one when it is among them: every name lookup decides the same way."""
+    if len(thread_ids) > 1 and store.config.default_thread in thread_ids:
+        return [store.config.default_thread]
+    return thread_ids
 
 
 def reset_thread(

@@ -149,9 +149,10 @@ def _remote_thread_head(store: Store, ref: str) -> bytes | None:
 def _named_thread(store: Store, ref: str, heads: dict[str, bytes]) -> str | None:
     """The id of the thread with a head named ``ref``; two threads of that name (a pulled one
     beside the store's own) resolve to the workspace's current one if it is among them."""
+    from .hierarchy import prefer_current_thread
+
     found = [t for t, name in _thread_names(store).items() if name == ref and t in heads]
-    if len(found) > 1 and store.config.default_thread in found:
-        found = [store.config.default_thread]
+    found = prefer_current_thread(store, found)
     if len(found) == 1:
         return found[0]
     if found:
