@@ -159,3 +159,14 @@ def test_pull_merges_a_teammates_gitignore_edit(
     assert (a_ws / ".gitignore").read_text() == "*.log\n"
     assert alice.json("log", "-n", "1")[0]["message"].startswith("merge")
     _fsck(a_ws)
+
+
+def test_a_thread_name_shared_after_a_pull_means_the_current_thread(tmp_path: Path) -> None:
+    """Bob's store has his own empty ``main`` and Alice's pulled ``main``; every name lookup
+    (snapshot references and thread arguments alike) picks the one his workspace is on."""
+    _alice, bob, _a_ws, _b_ws, thread = _pair(tmp_path)
+    names = [t["name"] for t in bob.json("thread", "list")]
+    assert names.count("main") == 2
+    assert bob.json("thread", "show", "main")["id"] == thread
+    assert bob.json("show", "main")["thread"] == thread
+    bob.run("thread", "reset", "main", "main")  # a no-op move, but resolved without ambiguity
