@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -19,6 +17,7 @@ from .serving import announce_and_wait
 
 if TYPE_CHECKING:
     import ssl
+    from pathlib import Path
 
     from gateway.config import ProxyExecutionConfig
     from narrative.store import Store
@@ -33,6 +32,8 @@ _LINK_TTL = 24 * 3600.0
 
 def _key_path(ctx: click.Context, key_file: str | None) -> Path:
     """``--key-file``, else ``gateway.key`` in the store directory."""
+    from pathlib import Path
+
     if key_file:
         return Path(key_file)
     return Path(open_store(ctx).git_dir) / _KEY_NAME
@@ -190,6 +191,8 @@ def serve(
             await node.close()
 
     try:
+        import asyncio  # imported late: it costs every command's start-up
+
         asyncio.run(main())
     except OSError as exc:
         raise InvalidInput(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -268,6 +271,8 @@ def call(
                     if not as_json:
                         _show_partial(part)
             return run.result
+
+    import asyncio
 
     result = asyncio.run(main())
     if as_json:

@@ -3,7 +3,6 @@ commands that talk to a hub: ``run stop``, ``run kill``, and the hub side of ``r
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -84,6 +83,8 @@ def serve(
         finally:
             await hub.close()
 
+    import asyncio  # imported late: it costs every command's start-up
+
     asyncio.run(main())
 
 
@@ -151,6 +152,8 @@ def runtime(
         )
         return await node.serve()
 
+    import asyncio  # imported late: it costs every command's start-up
+
     ctx.exit(asyncio.run(main()))
 
 
@@ -208,6 +211,8 @@ def start_through_hub(
             for line in event.get("lines") or []:
                 note(f"  | {line}")
 
+    import asyncio  # imported late: it costs every command's start-up
+
     runs = asyncio.run(run_through_hub(store, requests, show))
     data = [{**r.to_dict(), "timed_out": r.id in timed_out} for r in runs]
     lines = [f"{r.id} {r.status} (exit {r.exit_code}) result {r.result_snapshot}" for r in runs]
@@ -261,6 +266,8 @@ def run_stop(ctx: click.Context, run_id: str, grace: float | None, as_json: bool
 
     store = open_store(ctx)
     found = resolve_run(store, run_id)
+    import asyncio  # imported late: it costs every command's start-up
+
     asyncio.run(stop_run(store, found, grace))
     emit(as_json, {"run": found.id, "requested": "stop"}, f"stopping {found.id}")
 
@@ -276,6 +283,8 @@ def run_kill(ctx: click.Context, run_id: str, as_json: bool) -> None:
 
     store = open_store(ctx)
     found = resolve_run(store, run_id)
+    import asyncio  # imported late: it costs every command's start-up
+
     asyncio.run(kill_run(store, found))
     emit(as_json, {"run": found.id, "requested": "kill"}, f"killing {found.id}")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import sys
 
@@ -12,6 +11,8 @@ __all__ = ["announce_and_wait"]
 async def announce_and_wait(line: str) -> None:
     """Print ``line`` (one line, flushed: whoever started the server waits for it as the ready
     signal), then wait for SIGINT or SIGTERM."""
+    import asyncio  # running already (this is a coroutine); not imported by every command
+
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
     stop = asyncio.Event()
