@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from narrative.errors import InvalidInput
 
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from narrative.store import Store
 
 __all__ = [
+    "DEFAULT_MAX_EVENTS",
+    "DEFAULT_MAX_EVENT_BYTES",
+    "DEFAULT_MAX_OUTPUT_BYTES",
     "BaseProvider",
     "Category",
     "ExecResult",
@@ -101,10 +104,25 @@ class ProviderContext:
     env_name: str
 
 
+DEFAULT_MAX_EVENTS = 10_000
+DEFAULT_MAX_EVENT_BYTES = 16 << 20
+DEFAULT_MAX_OUTPUT_BYTES = 64 << 20
+
+
 class ProviderConfig(BaseModel):
-    """Base of every provider's configuration model."""
+    """Base of every provider's configuration model, with the caps on what a run in the
+    environment may send home (all of it is hostile input: the agent controls the environment
+    and its runtime)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    max_events: int = Field(default=DEFAULT_MAX_EVENTS, gt=0)
+    """Most events of its runtime a run's log records (then one ``events.truncated``)."""
+    max_event_bytes: int = Field(default=DEFAULT_MAX_EVENT_BYTES, gt=0)
+    """Most bytes of its runtime's events a run's log records."""
+    max_output_bytes: int = Field(default=DEFAULT_MAX_OUTPUT_BYTES, gt=0)
+    """Most bytes of agent output a run's log records (the head; then one
+    ``output.truncated``)."""
 
 
 def check_relative_path(path: str) -> str:

@@ -30,7 +30,8 @@ from narrative.history import resolve_snapshot
 from narrative.ids import new_id
 from narrative.models import AgentRun, Snapshot
 
-from .events import RunEventLog
+from .base import ProviderConfig
+from .events import EventBudget, RunEventLog
 from .hub import pid_alive
 from .leases import EnvironmentBusy
 from .leases import EnvironmentLease as Lease
@@ -208,6 +209,7 @@ class RunDriver:
         self.handle: str | None = None
         self.exit_event: dict[str, Any] | None = None
         self.last_rseq = 0
+        self.budget = EventBudget()
         self._result_id: str | None = None
         self._deadline: float | None = None  # loop time the hub stops a run with a timeout
         self._timed_out = False
@@ -278,6 +280,7 @@ class RunDriver:
     async def _drive(self, adopted: bool) -> None:
         reason = ""
         try:
+            await self._load_limits()
             if adopted:
                 self._input_restored = any(
                     e.get("type") == "snapshot.shipped" for e in self.events.read()
@@ -305,6 +308,18 @@ class RunDriver:
         finally:
             if not self._detached:
                 await self._finish(reason)
+
+    async def _load_limits(self) -> None:
+        """The caps of the run's environment (its config's ``max_*`` keys)."""
+
+        def read() -> ProviderConfig:
+            manager = self.hub.manager
+            return manager.provider(manager.get(self.environment)).config
+
+        config = await self.hub.blocking(read)
+        self.budget = EventBudget(
+            config.max_events, config.max_event_bytes, config.max_output_bytes
+        )
 
     def _set_deadline(self) -> None:
         if self.request.timeout is not None:
@@ -682,7 +697,7 @@ class RunDriver:
 
     def _record(self, event: dict[str, Any]) -> None:
         """Record one of the runtime's events: under its own type only if it is one a runtime
-        reports, without the fields only the hub writes. The first
+        reports, without the fields only the hub writes, within the run's caps. The first
         ``agent.exited`` ends the agent (later ones are claims recorded as such)."""
         self.last_rseq = event["rseq"]
         kind, fields = event.get("type"), _claimed(event)
@@ -694,7 +709,8 @@ class RunDriver:
             return
         if kind not in _RUNTIME_EVENTS or kind == "agent.exited":
             kind, fields["event"] = "runtime.event", str(kind)[:200]
-        self.events.append(kind, **fields)
+        for admitted_kind, admitted in self.budget.admit(kind, fields):
+            self.events.append(admitted_kind, **admitted)
 
     def _request_fill(self) -> None:
         self._fill_wanted = True
