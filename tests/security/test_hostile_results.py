@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -21,12 +22,14 @@ import pytest
 
 from narrative.history import resolve_snapshot
 from narrative.store import Store
+from providers.agent_output import output_bytes
+from providers.events import events_path
 from providers.hub import Hub
 from providers.hub_client import follow_runs
 from providers.hub_runs import RunRequest
 
 from ..conftest import Cli, git, store_dir_of
-from ..providers.hub_support import events, types
+from ..providers.hub_support import events, start, types
 
 pytestmark = pytest.mark.timeout(180) if hasattr(pytest.mark, "timeout") else []
 
@@ -62,6 +65,9 @@ HOSTILE_RUNTIME = textwrap.dedent(
             await honest_event(self, "runtime.spawned", handle="forged-handle")
             # success claimed for an exit of 3, with the user's own snapshot as the result
             fields.update(exitCode=False, status="succeeded", resultSnapshot=self.base_snapshot)
+        if mode == "flood" and kind == "agent.started":
+            for i in range(2000):
+                await honest_event(self, "call.routed", call="fs:readFile", pad="x" * 4096)
         await honest_event(self, kind, **fields)
 
     Runtime._event, Runtime._provider_start = event, provider_start
@@ -85,6 +91,10 @@ def hostile_env(cli: Cli, tmp_path: Path, name: str, mode: str, *config: str) ->
 
 def fsck(workspace: Path) -> None:
     git("--git-dir", str(store_dir_of(workspace)), "fsck", "--strict", "--no-dangling")
+
+
+def recorded_output(history: list[dict[str, Any]]) -> bytes:
+    return b"".join(output_bytes(e) for e in history if e["type"] == "agent.output")
 
 
 @pytest.fixture
@@ -121,6 +131,45 @@ def test_a_runtime_claiming_success_and_forging_the_finish_changes_nothing(
     assert result.thread == run["thread_id"]
     assert "result.refused" in kinds
     assert git("--git-dir", store.git_dir, "show", f"{result.commit}:work.txt") == "work\n"
+    fsck(workspace)
+
+
+def test_a_flood_of_events_is_capped_with_one_marker(
+    ready: Cli, workspace: Path, tmp_path: Path
+) -> None:
+    hostile_env(ready, tmp_path, "flood", "flood", "max_events=50", "max_event_bytes=65536")
+    run = start(ready, "--env", "flood", "--", "sh", "-c", "echo done > done.txt")
+    assert run["status"] == "succeeded" and run["exit_code"] == 0
+    history = events(store_dir_of(workspace), run["id"])
+    kinds = types(history)
+    assert kinds.count("events.truncated") == 1
+    assert kinds.count("call.routed") < 50
+    assert kinds[-1] == "run.finished" and "agent.exited" in kinds
+    # 2000 events of 4 KiB were sent (8 MiB): the log holds the first 64 KiB of them
+    size = os.path.getsize(events_path(Store.open(str(store_dir_of(workspace))), run["id"]))
+    assert size < 256 * 1024, size
+    fsck(workspace)
+
+
+def test_huge_output_keeps_its_head_and_notes_the_truncation(ready: Cli, workspace: Path) -> None:
+    ready.run("env", "create", "chatty", "--provider", "worktree", "--config",
+              "max_output_bytes=1048576")  # fmt: skip
+    agent = (  # 48 MiB of numbered lines
+        "import sys\n"
+        "for i in range(48): sys.stdout.buffer.write(b''.join("
+        "b'%07d\\n' % n for n in range(i << 17, (i + 1) << 17)))\n"
+    )
+    proc = ready.run(
+        "run", "start", "--env", "chatty", "--json", "--", sys.executable, "-c", agent
+    )  # fmt: skip
+    run = json.loads(proc.stdout)
+    assert run["status"] == "succeeded"
+    history = events(store_dir_of(workspace), run["id"])
+    # the log holds exactly the first MiB and says it was cut
+    assert recorded_output(history) == b"".join(b"%07d\n" % n for n in range(1 << 17))
+    assert types(history).count("output.truncated") == 1
+    size = os.path.getsize(events_path(Store.open(str(store_dir_of(workspace))), run["id"]))
+    assert size < 4 * 1024 * 1024, size
     fsck(workspace)
 
 
