@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_MAX_EVENTS",
     "DEFAULT_MAX_EVENT_BYTES",
     "DEFAULT_MAX_OUTPUT_BYTES",
+    "DEFAULT_MAX_RESULT_BYTES",
     "BaseProvider",
     "Category",
     "ExecResult",
@@ -104,6 +105,8 @@ class ProviderContext:
     env_name: str
 
 
+DEFAULT_MAX_RESULT_BYTES = 4 << 30
+"""Default cap on a run's result, as on an import (``transfer.packin.DEFAULT_MAX_EXPANDED``)."""
 DEFAULT_MAX_EVENTS = 10_000
 DEFAULT_MAX_EVENT_BYTES = 16 << 20
 DEFAULT_MAX_OUTPUT_BYTES = 64 << 20
@@ -116,6 +119,9 @@ class ProviderConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    max_result_bytes: int = Field(default=DEFAULT_MAX_RESULT_BYTES, gt=0)
+    """Most bytes a run's result may take: the bundle its runtime ships, the objects in it once
+    inflated, the files a provider collects."""
     max_events: int = Field(default=DEFAULT_MAX_EVENTS, gt=0)
     """Most events of its runtime a run's log records (then one ``events.truncated``)."""
     max_event_bytes: int = Field(default=DEFAULT_MAX_EVENT_BYTES, gt=0)

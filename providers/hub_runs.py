@@ -30,7 +30,8 @@ from narrative.history import resolve_snapshot
 from narrative.ids import new_id
 from narrative.models import AgentRun, Snapshot
 
-from .base import ProviderConfig
+from .base import DEFAULT_MAX_RESULT_BYTES, ProviderConfig
+from .errors import ResultTooLarge
 from .events import EventBudget, RunEventLog
 from .hub import pid_alive
 from .leases import EnvironmentBusy
@@ -210,7 +211,9 @@ class RunDriver:
         self.exit_event: dict[str, Any] | None = None
         self.last_rseq = 0
         self.budget = EventBudget()
+        self.max_result_bytes = DEFAULT_MAX_RESULT_BYTES
         self._result_id: str | None = None
+        self._result_refused = False  # over its cap: it stays in the environment
         self._deadline: float | None = None  # loop time the hub stops a run with a timeout
         self._timed_out = False
         self._exited = asyncio.Event()
@@ -320,6 +323,7 @@ class RunDriver:
         self.budget = EventBudget(
             config.max_events, config.max_event_bytes, config.max_output_bytes
         )
+        self.max_result_bytes = config.max_result_bytes
 
     def _set_deadline(self) -> None:
         if self.request.timeout is not None:
@@ -478,7 +482,14 @@ class RunDriver:
                 self.hub.blocking,
                 self.gateway_id,
                 check_threads=scope,
+                max_bytes=self.max_result_bytes,
             )
+        except ResultTooLarge as exc:
+            # nothing of it was stored; it stays in the environment, and a direct collect
+            # of the same files would be as large
+            self._result_refused = True
+            self.events.append("result.refused", reason=str(exc))
+            raise RunFailed(str(exc)) from None
         except OutOfScope as exc:
             log.warning(
                 "refused the result of run %s, env %s: %s", self.run.id, self.gateway_id, exc
@@ -521,11 +532,11 @@ class RunDriver:
         if self._renewal is not None:
             self._renewal.cancel()
         try:
-            if self._result_id is None and self._input_restored:
+            if self._result_id is None and self._input_restored and not self._result_refused:
                 # the runtime did not ship a result (it failed, was killed, or the transfer
                 # broke): read the environment directly, so the agent's work is not lost
                 self._result_id = await self._collect_directly()
-            elif self._result_id is None:
+            elif self._result_id is None and not self._result_refused:
                 self.events.append("result.none", reason="the environment never got the input")
             if reason:
                 self.events.append("run.error", reason=reason)

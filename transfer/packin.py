@@ -25,7 +25,7 @@ from narrative.odb import ObjectStore, PackWriter, deflate, parse_entry_header
 
 from .errors import InvalidArtifact
 
-__all__ = ["DEFAULT_MAX_EXPANDED", "PackError", "ReceivedPack", "receive_pack"]
+__all__ = ["DEFAULT_MAX_EXPANDED", "PackError", "PackTooLarge", "ReceivedPack", "receive_pack"]
 
 DEFAULT_MAX_EXPANDED = 4 << 30
 """Default limit on one object's size and on all objects' inflated size together."""
@@ -56,6 +56,10 @@ class _Slice:
 
 class PackError(InvalidArtifact):
     """The pack is malformed, truncated, corrupted or over a limit."""
+
+
+class PackTooLarge(PackError):
+    """The pack, one of its objects or all of them inflated are over a limit."""
 
 
 _KEEP_SMALL = 64 << 10
@@ -126,7 +130,7 @@ class _Reader:
         except ValueError:
             raise PackError("corrupt object header") from None
         if size > self.max_object:
-            raise PackError(f"object of {size} bytes is over the limit of {self.max_object}")
+            raise PackTooLarge(f"object of {size} bytes is over the limit of {self.max_object}")
         return code, size, offset + header_len
 
     def inflate_into(self, offset: int, size: int, sink: Callable[[bytes], object]) -> int:
@@ -240,7 +244,7 @@ def _apply_delta(base: bytes, delta: bytes, limit: int) -> bytes:
     if source_size != len(base):
         raise PackError("delta does not fit its base")
     if target_size > limit:
-        raise PackError(f"object of {target_size} bytes is over the limit of {limit}")
+        raise PackTooLarge(f"object of {target_size} bytes is over the limit of {limit}")
     out = bytearray()
     end = len(delta)
     while pos < end:
@@ -314,7 +318,7 @@ def receive_pack(
         while chunk := stream.read(_CHUNK):
             total += len(chunk)
             if total > max_total:
-                raise PackError(f"pack is over the limit of {max_total} bytes")
+                raise PackTooLarge(f"pack is over the limit of {max_total} bytes")
             spool.write(chunk)
             data = tail + chunk
             digest_part, tail = data[:-20], data[-20:]
@@ -340,7 +344,9 @@ def receive_pack(
                 code, size, data_start = reader.header(offset)
                 expanded += size
                 if expanded > max_expanded:
-                    raise PackError(f"pack expands to more than the limit of {max_expanded} bytes")
+                    raise PackTooLarge(
+                        f"pack expands to more than the limit of {max_expanded} bytes"
+                    )
                 if _TYPES.get(code) == "blob" and size > _STREAM_BLOB:
                     digest_blob = hashlib.sha1(object_header("blob", size))
                     end = reader.inflate_into(data_start, size, digest_blob.update)
