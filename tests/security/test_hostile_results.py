@@ -173,6 +173,37 @@ def test_huge_output_keeps_its_head_and_notes_the_truncation(ready: Cli, workspa
     fsck(workspace)
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param("os.urandom(3 << 20)", id="bundle-over-the-cap"),
+        pytest.param("bytes(40 << 20)", id="inflates-over-the-cap"),
+    ],
+)
+def test_a_result_over_the_cap_is_refused_and_the_store_stays_valid(
+    ready: Cli, workspace: Path, content: str
+) -> None:
+    ready.run("env", "create", "big", "--provider", "worktree", "--config",
+              "max_result_bytes=1048576")  # fmt: skip
+    agent = f"import os\nopen('big.bin', 'wb').write({content})\n"
+    proc = ready.run(
+        "run", "start", "--env", "big", "--json", "--", sys.executable, "-c", agent,
+        check=False,
+    )  # fmt: skip
+    run = json.loads(proc.stdout)
+    assert proc.returncode == 1
+    assert run["status"] == "failed" and run["exit_code"] == 0 and run["result_snapshot"] is None
+    history = events(store_dir_of(workspace), run["id"])
+    refused = [e["reason"] for e in history if e["type"] == "result.refused"]
+    assert len(refused) == 1 and "max_result_bytes" in refused[0]
+    assert "result.collected" not in types(history)
+    # nothing of it came home: the user's store holds no object of that size
+    sizes = git("--git-dir", str(store_dir_of(workspace)), "cat-file", "--batch-all-objects",
+                "--batch-check=%(objectsize)")  # fmt: skip
+    assert max(int(n) for n in sizes.split()) < 1 << 20
+    fsck(workspace)
+
+
 def test_a_runtime_ignoring_the_timeout_is_stopped_by_the_hub(store: Store, tmp_path: Path) -> None:
     cli = Cli(Path(store.workspace))
     hostile_env(cli, tmp_path, "slow", "no-timeout")
