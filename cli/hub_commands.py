@@ -191,7 +191,9 @@ def start_through_hub(
     timed_out: set[str] = set()
 
     def show(run_: Any, event: dict[str, Any]) -> None:
-        if event["type"] == "agent.exited" and event.get("reason") == "timeout":
+        if event["type"] == "run.timed_out" or (
+            event["type"] == "agent.exited" and event.get("reason") == "timeout"
+        ):
             timed_out.add(run_.id)
         if event["type"] == "agent.output":
             target = sys.stderr if as_json or event.get("stream") == "stderr" else sys.stdout

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from narrative.errors import InvalidInput
 
@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from narrative.store import Store
 
 __all__ = [
+    "DEFAULT_MAX_EVENTS",
+    "DEFAULT_MAX_EVENT_BYTES",
+    "DEFAULT_MAX_OUTPUT_BYTES",
+    "DEFAULT_MAX_RESULT_BYTES",
     "config_help",
     "BaseProvider",
     "Category",
@@ -113,11 +117,31 @@ class ProviderContext:
     env_name: str
 
 
+DEFAULT_MAX_RESULT_BYTES = 4 << 30
+"""Default cap on a run's result, as on an import (``transfer.packin.DEFAULT_MAX_EXPANDED``)."""
+DEFAULT_MAX_EVENTS = 10_000
+DEFAULT_MAX_EVENT_BYTES = 16 << 20
+DEFAULT_MAX_OUTPUT_BYTES = 64 << 20
+
+
 class ProviderConfig(BaseModel):
-    """Base of every provider's configuration model (each field's docstring is its help:
-    ``narrative env create --provider P --help`` lists them, see :func:`config_help`)."""
+    """Base of every provider's configuration model, with the caps on what a run in the
+    environment may send home (all of it is hostile input: the agent controls the environment
+    and its runtime). Each field's docstring is its help: ``narrative env create --provider P
+    --help`` lists them (:func:`config_help`)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    max_result_bytes: int = Field(default=DEFAULT_MAX_RESULT_BYTES, gt=0)
+    """Most bytes a run's result may take: the bundle its runtime ships, the objects in it once
+    inflated, the files a provider collects."""
+    max_events: int = Field(default=DEFAULT_MAX_EVENTS, gt=0)
+    """Most events of its runtime a run's log records (then one ``events.truncated``)."""
+    max_event_bytes: int = Field(default=DEFAULT_MAX_EVENT_BYTES, gt=0)
+    """Most bytes of its runtime's events a run's log records."""
+    max_output_bytes: int = Field(default=DEFAULT_MAX_OUTPUT_BYTES, gt=0)
+    """Most bytes of agent output a run's log records (the head; then one
+    ``output.truncated``)."""
 
 
 def _type_name(annotation: Any) -> str:

@@ -779,5 +779,5 @@ class DockerProvider(BaseProvider):
                 run_id,
                 message,
                 strip=posixpath.basename(self.cfg.workdir) + "/",
-                max_bytes=self.cfg.max_collect_bytes,
+                max_bytes=min(self.cfg.max_collect_bytes, self.cfg.max_result_bytes),
             )

@@ -573,6 +573,7 @@ class E2BProvider(BaseProvider):
                         run_id,
                         message,
                         strip="./",
+                        max_bytes=self.config.max_result_bytes,
                     )
         finally:
             try:

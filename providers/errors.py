@@ -17,7 +17,8 @@ line and exits 1::
         ├── IllegalTransition(name, current, target)      refused by the lifecycle table
         ├── EnvironmentStateError                         environment records unreadable
         ├── ExecFailed                                    a command could not be started at all
-        └── RuntimeBroken                                 the runtime's import check failed
+        ├── RuntimeBroken                                 the runtime's import check failed
+        └── ResultTooLarge                                a run's result is over its cap
 
 Errors of the Docker SDK and the e2b SDK are translated into this tree in one place each
 (``providers.docker_provider._translate`` and ``providers.e2b_provider._translate``).
@@ -42,6 +43,7 @@ __all__ = [
     "ProviderNotFound",
     "ProviderUnavailable",
     "ResourceGone",
+    "ResultTooLarge",
     "RuntimeBroken",
     "SandboxUnavailable",
 ]
@@ -148,3 +150,8 @@ class SandboxUnavailable(ProviderUnavailable):
 class RuntimeBroken(ProviderError):
     """The runtime of an environment does not start as it should (e.g. a module of the
     environment's workspace shadows one of the runtime's)."""
+
+
+class ResultTooLarge(ProviderError):
+    """A run's result is over the environment's ``max_result_bytes``: nothing of it is taken
+    in (it stays in the environment)."""

@@ -7,12 +7,16 @@ an ``O_APPEND`` descriptor and flushed to disk, so a crash leaves whole lines pl
 torn last line, which readers skip. Readers (``narrative run show``, a CLI following its run)
 only read, so they can run in any process at any time.
 
+:class:`EventBudget` caps what of a runtime's reporting a run's log takes (the runtime is
+hostile input: the agent controls its environment).
+
 :class:`RuntimeEvents` is the runtime's side: what it reported for its run, kept (in bounded
 memory, spilled to a file) until the hub has it, so a dropped connection loses nothing.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections import deque
@@ -22,7 +26,10 @@ from narrative.jsonio import parse_json
 from narrative.models import now_iso
 from narrative.store import Store
 
-__all__ = ["RunEventLog", "RuntimeEvents", "events_path"]
+from .agent_output import output_bytes
+from .base import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_EVENTS, DEFAULT_MAX_OUTPUT_BYTES
+
+__all__ = ["EventBudget", "RunEventLog", "RuntimeEvents", "events_path"]
 
 _VOLATILE = frozenset({"agent.output", "call.routed"})
 
@@ -75,6 +82,70 @@ class RunEventLog:
 
     def _bytes_from(self, offset: int) -> tuple[bytes, int]:
         return _whole_lines(self.path, offset)
+
+
+class EventBudget:
+    """How much of a runtime's reporting one run's log records: at most ``max_events`` events
+    of at most ``max_bytes`` bytes together, of which at most ``max_output`` bytes of agent
+    output (its head: the event that crosses the cap is cut). What is over a cap is dropped,
+    with one ``events.truncated`` or ``output.truncated`` event recorded in its place.
+    """
+
+    def __init__(
+        self,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        max_output: int = DEFAULT_MAX_OUTPUT_BYTES,
+    ) -> None:
+        self.max_events, self.max_bytes, self.max_output = max_events, max_bytes, max_output
+        self.events = self.bytes = self.output = 0
+        self.truncated: set[str] = set()
+
+    def admit(self, kind: str, fields: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """The events to record for the runtime's event ``kind`` with ``fields``: itself (the
+        head of its output, for the output that crosses the cap), a truncation marker the
+        first time a cap is reached, or nothing."""
+        markers: list[tuple[str, dict[str, Any]]] = []
+        if kind == "agent.output":
+            kept, whole = self._output_head(fields)
+            if not whole and "output" not in self.truncated:
+                self.truncated.add("output")
+                markers.append(("output.truncated", {"limit": self.max_output}))
+            if kept is None:
+                return markers
+            fields = kept
+        size = len(json.dumps(fields, separators=(",", ":"), default=str))
+        if self.events + 1 > self.max_events or self.bytes + size > self.max_bytes:
+            if "events" not in self.truncated:
+                self.truncated.add("events")
+                limits = {"maxEvents": self.max_events, "maxBytes": self.max_bytes}
+                markers.append(("events.truncated", limits))
+            return markers
+        self.events += 1
+        self.bytes += size
+        return [(kind, fields), *markers]
+
+    def _output_head(self, fields: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+        """``fields`` of an output event cut to the room left under the output cap (None: no
+        room left), and whether they are whole."""
+        try:
+            data = output_bytes(fields)
+        except ValueError:  # not base64: the runtime sent something no runtime sends
+            data = b""
+        room = self.max_output - self.output
+        if len(data) <= room:
+            self.output += len(data)
+            return fields, True
+        if room <= 0:
+            return None, False
+        self.output = self.max_output
+        head = data[:room]
+        cut = {k: v for k, v in fields.items() if k not in ("data", "data64")}
+        try:
+            cut["data"] = head.decode("utf-8")
+        except UnicodeDecodeError:
+            cut["data64"] = base64.b64encode(head).decode("ascii")
+        return cut, False
 
 
 class RuntimeEvents:

@@ -32,8 +32,9 @@ from narrative.ids import new_id
 from narrative.models import AgentRun, Snapshot
 from narrative.runs import withheld_files
 
-from .base import HubSocket
-from .events import RunEventLog
+from .base import DEFAULT_MAX_RESULT_BYTES, HubSocket, ProviderConfig
+from .errors import ResultTooLarge
+from .events import EventBudget, RunEventLog
 from .hub import pid_alive
 from .leases import EnvironmentBusy
 from .leases import EnvironmentLease as Lease
@@ -53,6 +54,27 @@ log = logging.getLogger(__name__)
 _CALL_TIMEOUT = 600.0
 _LOG_LINES = 20
 """Lines of the runtime's own output recorded when a run fails."""
+_DEADLINE_MARGIN = 5.0
+"""Seconds past a run's timeout (and the stop grace) the hub waits for the runtime to end the
+agent and report before it stops the run itself (the stop still waits for the runtime to
+snapshot the result)."""
+_TIMEOUT_EXIT = 124  # what timeout(1) exits with, as the runtime reports a timeout
+_RUNTIME_EVENTS = frozenset({"agent.started", "agent.output", "agent.exited", "call.routed"})
+"""What a runtime reports. Anything else it sends is recorded as ``runtime.event`` (its claimed
+type in ``event``), never as one of the hub's own events (``run.finished``, ``runtime.spawned``)."""
+_HUB_FIELDS = frozenset({"seq", "time", "type", "kind", "run", "hub", "at", "event"})
+"""Fields only the hub writes into its log (readers trust ``hub`` to find the driving hub)."""
+
+
+def _claimed(fields: dict[str, Any]) -> dict[str, Any]:
+    """What a runtime sent, without the fields only the hub writes."""
+    return {k: v for k, v in fields.items() if k not in _HUB_FIELDS}
+
+
+def _exit_code(event: dict[str, Any] | None) -> int | None:
+    """The agent's exit code a runtime reported, if it is one (negative: killed by a signal)."""
+    code = (event or {}).get("exitCode")
+    return code if type(code) is int and -128 <= code <= 255 else None
 
 
 @dataclass(frozen=True)
@@ -190,6 +212,12 @@ class RunDriver:
         self.handle: str | None = None
         self.exit_event: dict[str, Any] | None = None
         self.last_rseq = 0
+        self.budget = EventBudget()
+        self.max_result_bytes = DEFAULT_MAX_RESULT_BYTES
+        self._result_id: str | None = None
+        self._result_refused = False  # over its cap: it stays in the environment
+        self._deadline: float | None = None  # loop time the hub stops a run with a timeout
+        self._timed_out = False
         self._exited = asyncio.Event()
         self._connected = asyncio.Event()
         self._disconnected_at: float | None = None
@@ -257,8 +285,9 @@ class RunDriver:
     # -- the run --------------------------------------------------------------------------------
 
     async def _drive(self, adopted: bool) -> None:
-        status, exit_code, result_id, reason = "failed", None, None, ""
+        reason = ""
         try:
+            await self._load_limits()
             if adopted:
                 self._input_restored = any(
                     e.get("type") == "snapshot.shipped" for e in self.events.read()
@@ -270,18 +299,11 @@ class RunDriver:
                 await self._ship_in()
                 self._input_restored = True
                 await self._start_agent()
+            self._set_deadline()
             await self._await_exit()
-            exit_event = self.exit_event or {}
-            exit_code = exit_event.get("exitCode")
-            stopped = exit_event.get("reason")
-            if self._ending == "kill":
-                status = "killed"
-            elif stopped == "stop" or self._ending == "stop":
-                status = "cancelled"
-            else:
-                status = "succeeded" if exit_code == 0 else "failed"
-            if exit_event.get("resultSnapshot"):
-                result_id = await self._ship_back(exit_event["resultSnapshot"])
+            claimed = (self.exit_event or {}).get("resultSnapshot")
+            if isinstance(claimed, str) and claimed:
+                self._result_id = await self._ship_back(claimed)
         except RunFailed as exc:
             reason = str(exc)
         except (NarrativeError, GatewayError, OSError) as exc:
@@ -292,7 +314,41 @@ class RunDriver:
             reason = "the hub stopped driving the run"
         finally:
             if not self._detached:
-                await self._finish(status, exit_code, result_id, reason)
+                await self._finish(reason)
+
+    async def _load_limits(self) -> None:
+        """The caps of the run's environment (its config's ``max_*`` keys)."""
+
+        def read() -> ProviderConfig:
+            manager = self.hub.manager
+            return manager.provider(manager.get(self.environment)).config
+
+        config = await self.hub.blocking(read)
+        self.budget = EventBudget(
+            config.max_events, config.max_event_bytes, config.max_output_bytes
+        )
+        self.max_result_bytes = config.max_result_bytes
+
+    def _set_deadline(self) -> None:
+        if self.request.timeout is not None:
+            slack = self.hub.stop_grace + _DEADLINE_MARGIN
+            self._deadline = asyncio.get_running_loop().time() + self.request.timeout + slack
+
+    def _outcome(self, failure: str) -> tuple[str, int | None]:
+        """The run's status and exit code, from what the hub decided and verified itself: a
+        kill or stop it asked for, a deadline it enforced, an error it met, whether it holds a
+        result. The agent's exit code is only a runtime's report (an int, the first one sent),
+        so it can make a run fail, but a run succeeds only when the hub also got its result."""
+        exit_code = _exit_code(self.exit_event)
+        if self._timed_out:  # (and stopped or killed for it)
+            return "failed", _TIMEOUT_EXIT
+        if self._ending == "kill":
+            return "killed", exit_code
+        if self._ending == "stop":
+            return "cancelled", exit_code
+        if failure or exit_code != 0 or self._result_id is None:
+            return "failed", exit_code
+        return "succeeded", exit_code
 
     async def _launch(self) -> None:
         hub = self.hub
@@ -385,7 +441,8 @@ class RunDriver:
         response = await self.hub.gateway.provider_request(
             self.gateway_id, message, timeout=_CALL_TIMEOUT
         )
-        self.events.append("snapshot.shipped", **(response.result or {}))
+        reply = response.result if isinstance(response.result, dict) else {}
+        self.events.append("snapshot.shipped", **_claimed(reply))
 
     async def _start_agent(self) -> None:
         options: dict[str, Any] = {"argv": self.request.argv, "env": self.request.env}
@@ -403,6 +460,9 @@ class RunDriver:
                 await asyncio.wait_for(self._exited.wait(), 1.0)
             if self._exited.is_set() or self._ending == "kill":
                 return
+            if self._deadline is not None and loop.time() > self._deadline:
+                await self._enforce_timeout()
+                continue
             if self._disconnected_at is None:
                 continue
             if not await self._runtime_alive():
@@ -411,6 +471,17 @@ class RunDriver:
                 await self._lost(
                     f"the runtime stayed disconnected for over {self.hub.reconnect_grace:g}s"
                 )
+
+    async def _enforce_timeout(self) -> None:
+        """The runtime let the run outlast its timeout: stop it, and kill it if that does not
+        end it in time either."""
+        if self._timed_out:
+            await self.kill()
+            return
+        self._timed_out = True
+        self.events.append("run.timed_out", timeout=self.request.timeout)
+        self._deadline = asyncio.get_running_loop().time() + self.hub.stop_grace + 30
+        await self.stop(self.hub.stop_grace)
 
     async def _lost(self, why: str) -> None:
         env = self.environment
@@ -431,15 +502,31 @@ class RunDriver:
         scope = result_scope(self.hub.store, self.run.thread_id, f"run {self.run.id}")
         try:
             result, size = await fetch_bundle(
-                call, self.hub.store, spec, self.hub.blocking, self.gateway_id, check_threads=scope
+                call,
+                self.hub.store,
+                spec,
+                self.hub.blocking,
+                self.gateway_id,
+                check_threads=scope,
+                max_bytes=self.max_result_bytes,
             )
+        except ResultTooLarge as exc:
+            # nothing of it was stored; it stays in the environment, and a direct collect
+            # of the same files would be as large
+            self._result_refused = True
+            self.events.append("result.refused", reason=str(exc))
+            raise RunFailed(str(exc)) from None
         except OutOfScope as exc:
             log.warning(
                 "refused the result of run %s, env %s: %s", self.run.id, self.gateway_id, exc
             )
             self.events.append("result.refused", reason=str(exc))
             return await self._collect_directly()
-        snap = await self.hub.blocking(lambda: resolve_snapshot(self.hub.store, result_snapshot))
+        snap = await self.hub.blocking(partial(self._claimed_result, result_snapshot))
+        if snap is None:
+            why = f"the result {result_snapshot!r} the runtime named is not its run's thread head"
+            self.events.append("result.refused", reason=why)
+            return await self._collect_directly()
         self.events.append(
             "result.collected",
             snapshot=snap.id,
@@ -448,6 +535,17 @@ class RunDriver:
             threads=sorted(result.updated),
         )
         return snap.id
+
+    def _claimed_result(self, claimed: str) -> Snapshot | None:
+        """The snapshot a runtime named as its result, if it is what the hub now holds as the
+        head of the run's thread (else the runtime named some other snapshot of the store)."""
+        store = self.hub.store
+        head = store.thread_heads().get(self.run.thread_id)
+        try:
+            snap = resolve_snapshot(store, claimed)
+        except NarrativeError:
+            return None
+        return snap if head is not None and snap.commit == head.hex() else None
 
     async def _collect_directly(self) -> str | None:
         """The result read by the provider from the environment (the runtime is gone)."""
@@ -475,23 +573,23 @@ class RunDriver:
             )
         return screened
 
-    async def _finish(
-        self, status: str, exit_code: int | None, result_id: str | None, reason: str
-    ) -> None:
+    async def _finish(self, reason: str) -> None:
         hub = self.hub
         if self._renewal is not None:
             self._renewal.cancel()
         try:
-            if result_id is None and self._input_restored:
+            if self._result_id is None and self._input_restored and not self._result_refused:
                 # the runtime did not ship a result (it failed, was killed, or the transfer
                 # broke): read the environment directly, so the agent's work is not lost
-                result_id = await self._collect_directly()
-            elif result_id is None:
+                self._result_id = await self._collect_directly()
+            elif self._result_id is None and not self._result_refused:
                 self.events.append("result.none", reason="the environment never got the input")
-            result_id = await self._screen(result_id)
+            self._result_id = await self._screen(self._result_id)
             if reason:
                 self.events.append("run.error", reason=reason)
                 await self._record_runtime_log()
+            status, exit_code = self._outcome(reason)
+            result_id = self._result_id
             final = await hub.blocking(
                 lambda: finish_run(hub.store, self.run.id, status, exit_code, result_id)
             )
@@ -658,12 +756,21 @@ class RunDriver:
         self._record(event)
 
     def _record(self, event: dict[str, Any]) -> None:
+        """Record one of the runtime's events: under its own type only if it is one a runtime
+        reports, without the fields only the hub writes, within the run's caps. The first
+        ``agent.exited`` ends the agent (later ones are claims recorded as such)."""
         self.last_rseq = event["rseq"]
-        fields = {k: v for k, v in event.items() if k not in ("type", "run", "time")}
-        self.events.append(str(event.get("type", "runtime.event")), at=event.get("time"), **fields)
-        if event.get("type") == "agent.exited":
+        kind, fields = event.get("type"), _claimed(event)
+        fields["at"] = event.get("time")
+        if kind == "agent.exited" and self.exit_event is None:
             self.exit_event = event
             self._exited.set()
+            self.events.append(kind, **fields)  # the one event past the caps: the run ends
+            return
+        if kind not in _RUNTIME_EVENTS or kind == "agent.exited":
+            kind, fields["event"] = "runtime.event", str(kind)[:200]
+        for admitted_kind, admitted in self.budget.admit(kind, fields):
+            self.events.append(admitted_kind, **admitted)
 
     def _request_fill(self) -> None:
         self._fill_wanted = True
@@ -685,11 +792,14 @@ class RunDriver:
                         target=self.gateway_id,
                         timeout=30,
                     )
-                    batch = reply.get("events", [])
+                    batch = reply.get("events", []) if isinstance(reply, dict) else []
+                    if not isinstance(batch, list):
+                        break
+                    recorded = self.last_rseq
                     for event in batch:
                         if isinstance(event, dict) and event.get("rseq") == self.last_rseq + 1:
                             self._record(event)
-                    if not batch or self._exited.is_set():
+                    if self.last_rseq == recorded or self._exited.is_set():
                         break
         except GatewayError as exc:
             log.info("could not fetch the missed events of %s: %s", self.run.id, exc)

@@ -38,7 +38,10 @@ from narrative.shared import mark_shared
 from narrative.store import THREAD_REF_PREFIX, Store
 from transfer.bundle import write_bundle
 from transfer.importer import ImportResult, import_stream
+from transfer.packin import PackTooLarge
 from transfer.records import BUNDLE_META_REF, collect_records, encode_records
+
+from .errors import ResultTooLarge
 
 __all__ = ["CHUNK", "BundleShelf", "fetch_bundle"]
 
@@ -215,19 +218,34 @@ async def fetch_bundle(
     source: str,
     *,
     check_threads: Callable[[dict[str, bytes]], None] | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[ImportResult, int]:
     """Pull the bundle ``spec`` describes from a peer and import it into ``store``
-    (``check_threads``: see :func:`transfer.importer.import_stream`).
+    (``check_threads``: see :func:`transfer.importer.import_stream`). With ``max_bytes``, a
+    bundle announced larger is refused before a byte is pulled, and its objects are held to
+    the same cap while they are imported.
 
     Returns:
         The import's result and the bundle's size in bytes.
 
     Raises:
-        InvalidArtifact: the bundle is damaged or does not fit this store (nothing imported).
+        InvalidArtifact: the bundle is damaged, over ``max_bytes`` once inflated, or does not
+            fit this store (nothing imported).
+        ResultTooLarge: the bundle is over ``max_bytes`` (nothing pulled).
         GatewayError: the peer failed or went away.
     """
     info = await call("narrative", "prepareBundle", spec)
-    bundle_id, size, sha256 = info["bundleId"], int(info["size"]), str(info["sha256"])
+    try:
+        bundle_id, size, sha256 = str(info["bundleId"]), int(info["size"]), str(info["sha256"])
+    except (KeyError, TypeError, ValueError):
+        raise NarrativeError(f"{source} answered a malformed bundle description") from None
+    if max_bytes is not None and size > max_bytes:
+        with contextlib.suppress(Exception):  # best effort: it expires anyway
+            await call("narrative", "dropBundle", {"bundleId": bundle_id})
+        raise ResultTooLarge(
+            f"the bundle from {source} is {size} bytes, over the limit of {max_bytes} "
+            "(max_result_bytes)"
+        )
     scratch = os.path.join(store.git_dir, "narrative", "tmp")
     os.makedirs(scratch, exist_ok=True)
     path = os.path.join(scratch, f"incoming-{secrets.token_hex(8)}.bundle")
@@ -241,10 +259,20 @@ async def fetch_bundle(
         def take_in() -> ImportResult:
             with open(path, "rb") as f:
                 return import_stream(
-                    store, f, f"gateway:{source}", source, check_threads=check_threads
+                    store,
+                    f,
+                    f"gateway:{source}",
+                    source,
+                    check_threads=check_threads,
+                    max_bytes=max_bytes,
                 )
 
-        return await run_blocking(take_in), size
+        try:
+            return await run_blocking(take_in), size
+        except PackTooLarge as exc:
+            if max_bytes is None:
+                raise
+            raise ResultTooLarge(f"the bundle from {source}: {exc} (max_result_bytes)") from None
     finally:
         _unlink(path)
         with contextlib.suppress(Exception):  # best effort: it expires anyway

@@ -142,15 +142,18 @@ def import_stream(
     *,
     move_threads: bool = True,
     check_threads: Callable[[dict[str, bytes]], None] | None = None,
+    max_bytes: int | None = None,
 ) -> ImportResult:
     """Import from an open stream (see :func:`import_`). Without ``move_threads`` only objects
     and records are taken in (``fetch``); thread refs stay where they are. ``check_threads``
     sees the bundle's thread heads (thread id → commit) before anything is stored, and raises
-    to refuse the whole import (only bundles are accepted then)."""
+    to refuse the whole import (only bundles are accepted then). ``max_bytes`` caps a bundle's
+    pack, each object and all objects inflated together (the limits of
+    :func:`transfer.packin.receive_pack`), for bundles from hostile peers."""
     head = stream.read(len(BUNDLE_SIGNATURE))
     peek: Any = _Peek(stream, head)
     if head.startswith(BUNDLE_SIGNATURE[:12]):
-        return _import_bundle(store, peek, url, source, move_threads, check_threads)
+        return _import_bundle(store, peek, url, source, move_threads, check_threads, max_bytes)
     if check_threads is not None:
         raise InvalidArtifact(f"{url} is not a narrative bundle")
     if head.startswith((_GZIP, _ZSTD)):
@@ -170,6 +173,7 @@ def _import_bundle(
     source: str,
     move_threads: bool,
     check_threads: Callable[[dict[str, bytes]], None] | None = None,
+    max_bytes: int | None = None,
 ) -> ImportResult:
     header = read_bundle_header(stream)
     for oid, comment in header.prerequisites.items():
@@ -179,7 +183,13 @@ def _import_bundle(
                 "store does not have: import the earlier bundle first"
             )
     limit = store.config.max_import_size
-    received = receive_pack(stream, store.odb, max_object=limit, max_expanded=limit)
+    if max_bytes is None:
+        received = receive_pack(stream, store.odb, max_object=limit, max_expanded=limit)
+    else:
+        limit = min(limit, max_bytes)
+        received = receive_pack(
+            stream, store.odb, max_object=limit, max_total=max_bytes, max_expanded=limit
+        )
     try:
         tail = stream.read(1)  # reaching EOF makes the verified reader check the sidecar
         if tail:

@@ -26,7 +26,7 @@ from narrative.store import DEFAULT_MAX_IMPORT_SIZE
 
 from .errors import InvalidArtifact
 
-__all__ = ["DEFAULT_MAX_EXPANDED", "PackError", "ReceivedPack", "receive_pack"]
+__all__ = ["DEFAULT_MAX_EXPANDED", "PackError", "PackTooLarge", "ReceivedPack", "receive_pack"]
 
 DEFAULT_MAX_EXPANDED = DEFAULT_MAX_IMPORT_SIZE
 """Default limit on one object's size and on all objects' inflated size together."""
@@ -57,6 +57,10 @@ class _Slice:
 
 class PackError(InvalidArtifact):
     """The pack is malformed, truncated, corrupted or over a limit."""
+
+
+class PackTooLarge(PackError):
+    """The pack, one of its objects or all of them inflated are over a limit."""
 
 
 _KEEP_SMALL = 64 << 10
@@ -127,7 +131,7 @@ class _Reader:
         except ValueError:
             raise PackError("corrupt object header") from None
         if size > self.max_object:
-            raise PackError(f"object of {size} bytes is over the limit of {self.max_object}")
+            raise PackTooLarge(f"object of {size} bytes is over the limit of {self.max_object}")
         return code, size, offset + header_len
 
     def inflate_into(self, offset: int, size: int, sink: Callable[[bytes], object]) -> int:
@@ -241,7 +245,7 @@ def _apply_delta(base: bytes, delta: bytes, limit: int) -> bytes:
     if source_size != len(base):
         raise PackError("delta does not fit its base")
     if target_size > limit:
-        raise PackError(f"object of {target_size} bytes is over the limit of {limit}")
+        raise PackTooLarge(f"object of {target_size} bytes is over the limit of {limit}")
     out = bytearray()
     end = len(delta)
     while pos < end:
@@ -315,7 +319,7 @@ def receive_pack(
         while chunk := stream.read(_CHUNK):
             total += len(chunk)
             if total > max_total:
-                raise PackError(f"pack is over the limit of {max_total} bytes")
+                raise PackTooLarge(f"pack is over the limit of {max_total} bytes")
             spool.write(chunk)
             data = tail + chunk
             digest_part, tail = data[:-20], data[-20:]
@@ -341,7 +345,9 @@ def receive_pack(
                 code, size, data_start = reader.header(offset)
                 expanded += size
                 if expanded > max_expanded:
-                    raise PackError(f"pack expands to more than the limit of {max_expanded} bytes")
+                    raise PackTooLarge(
+                        f"pack expands to more than the limit of {max_expanded} bytes"
+                    )
                 if _TYPES.get(code) == "blob" and size > _STREAM_BLOB:
                     digest_blob = hashlib.sha1(object_header("blob", size))
                     end = reader.inflate_into(data_start, size, digest_blob.update)
