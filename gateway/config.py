@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from narrative.errors import validation_problem
 from narrative.jsonio import parse_json
 
 from .errors import ConfigError
@@ -138,9 +139,8 @@ def parse_config(data: Any, path: str = "<config>") -> ProxyExecutionConfig:
     try:
         return ProxyExecutionConfig.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p not in ("local", "proxy")) or "document"
-        raise ConfigError(path, f"{where}: {first['msg']}") from None
+        problem = validation_problem(exc, "document", drop=("local", "proxy"))
+        raise ConfigError(path, problem) from None
 
 
 def load_config(path: str | Path) -> ProxyExecutionConfig:

@@ -100,13 +100,7 @@ class Link:
                 )
                 options: dict[str, Any] = {
                     "additional_headers": {"Authorization": f"Bearer {self._token}"},
-                    "compression": None,
-                    "open_timeout": limits.transport_timeout,
-                    "ping_interval": limits.transport_timeout,
-                    "ping_timeout": limits.transport_timeout,
-                    "close_timeout": 1,
-                    "max_size": limits.max_frame,
-                    "max_queue": limits.max_queue,
+                    **limits.websocket_options(),
                 }
                 async with contextlib.AsyncExitStack() as stack:
                     socket_path = unix_socket_path(self.url)

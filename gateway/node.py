@@ -24,6 +24,8 @@ from pydantic_core import PydanticSerializationError, to_json
 from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 
+from narrative.errors import validation_problem
+
 from .config import ProxyExecutionConfig
 from .errors import (
     AuthError,
@@ -212,9 +214,7 @@ class Gateway:
                 capabilities=self.capabilities,
             )
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ProtocolError(f"invalid gateway identity: {where}: {first['msg']}") from None
+            raise ProtocolError(f"invalid gateway identity: {validation_problem(exc)}") from None
         self.handlers = HandlerRegistry()
         self._owner: object | None = None
         self._conns: dict[str, list[Connection]] = {}

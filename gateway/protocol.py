@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from narrative.errors import validation_problem
 from narrative.jsonio import parse_json
 
 from .errors import ErrorCode, ProtocolError, UnknownMessageType
@@ -383,9 +384,8 @@ def _diagnose(frame: str | bytes, exc: ValidationError) -> ProtocolError:
     if not isinstance(kind, str) or kind not in _KNOWN_TYPES:
         shown = repr(kind)[:80]
         return UnknownMessageType(f"unknown message type {shown}", request_id=request_id)
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"][1:]) or "message"
-    return ProtocolError(f"invalid {kind}: {where}: {first['msg']}", request_id=request_id)
+    problem = validation_problem(exc, "message", skip=1)
+    return ProtocolError(f"invalid {kind}: {problem}", request_id=request_id)
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -103,13 +103,7 @@ class ProviderServer:
         return {
             "ssl": self.ssl,
             "process_request": self._authorize,
-            "compression": None,
-            "open_timeout": limits.transport_timeout,
-            "ping_interval": limits.transport_timeout,
-            "ping_timeout": limits.transport_timeout,
-            "close_timeout": 1,
-            "max_size": limits.max_frame,
-            "max_queue": limits.max_queue,
+            **limits.websocket_options(),
         }
 
     async def listen_unix(self, path: str) -> str:

@@ -26,6 +26,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from narrative.errors import validation_problem
+
 from .errors import (
     Busy,
     Cancelled,
@@ -84,6 +86,18 @@ class Limits:
     max_pending: int = 1024
     done_cache: int = 4096
     max_bad_frames: int = 64
+
+    def websocket_options(self) -> dict[str, Any]:
+        """The websockets settings both ends of a gateway connection use (server and link)."""
+        return {
+            "compression": None,
+            "open_timeout": self.transport_timeout,
+            "ping_interval": self.transport_timeout,
+            "ping_timeout": self.transport_timeout,
+            "close_timeout": 1,
+            "max_size": self.max_frame,
+            "max_queue": self.max_queue,
+        }
 
 
 @dataclass(slots=True)
@@ -346,9 +360,8 @@ class GatewayState:
                 target=target,
             )
         except ValidationError as exc:  # the caller's own arguments: say which one is wrong
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ProtocolError(f"invalid call {kind}:{action}: {where}: {first['msg']}") from None
+            problem = validation_problem(exc)
+            raise ProtocolError(f"invalid call {kind}:{action}: {problem}") from None
         return request.requestId, self.receive_request("", request, now, via=via)
 
     def receive_request(

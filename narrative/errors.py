@@ -34,7 +34,10 @@ Sibling packages (transfer, gateway, providers) hang their own subtrees below
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
+    "validation_problem",
     "AmbiguousId",
     "ConcurrentUpdate",
     "InvalidInput",
@@ -280,3 +283,12 @@ class ProtectedChange(InvalidInput):
             "check the change with 'narrative diff', then merge with --force"
         )
         self.paths = paths
+
+
+def validation_problem(exc: Any, top: str = "", skip: int = 0, drop: tuple[str, ...] = ()) -> str:
+    """``where: what`` of a pydantic ``ValidationError``'s first error, for a one-line message:
+    the field's dotted location (its first ``skip`` parts and any in ``drop`` left out; ``top``
+    when nothing is left) and pydantic's reason."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"][skip:] if p not in drop) or top
+    return f"{where}: {first['msg']}"

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
-from narrative.errors import InvalidInput, NarrativeError
+from narrative.errors import InvalidInput, NarrativeError, validation_problem
 from narrative.fsutil import write_atomic
 from narrative.jsonio import parse_json
 from narrative.models import Snapshot, now_iso
@@ -317,9 +317,8 @@ class EnvironmentManager:
         try:
             model = cls.config_model.model_validate({**enforced, **merged})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "config"
-            raise InvalidInput(f"invalid {provider} config: {where}: {first['msg']}") from None
+            problem = validation_problem(exc, "config")
+            raise InvalidInput(f"invalid {provider} config: {problem}") from None
         cls.check_config(model)
         capabilities = cls.capabilities_for(model)
         lacking = [cap for cap in wanted if cap not in capabilities]

@@ -30,11 +30,23 @@ __all__ = [
 MARKER_VAR = "NARRATIVE_EXEC_ID"
 """Set in the environment of each command so that the command and its children can be found."""
 
+# The end of both scripts below: ``{find}`` (a shell function) sets $pids; they are all stopped
+# before any is killed, so that no parent reacts to a child's death (a shell would go on to
+# its next command), and the round repeats until none is left (a process may fork meanwhile).
+_KILL_ALL = r"""for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+    {find}
+    [ -n "$pids" ] || exit 0
+    for pid in $pids; do kill -STOP "$pid" 2>/dev/null; done
+    for pid in $pids; do kill -9 "$pid" 2>/dev/null; done
+    sleep 0.05
+done
+exit 1
+"""
+
 # $0: the variable, $1: its value, $2: ``term`` or ``kill`` (the default). ``term`` sends
-# SIGTERM once to every marked process. ``kill`` stops them all before killing any, so that no
-# parent reacts to a child's death (a shell would go on to its next command), and repeats until
-# none is left, since a process may fork meanwhile. Plain ``kill PID``: dash's builtin takes
-# neither ``--`` nor process groups. Zombies are not matched (their environ reads empty).
+# SIGTERM once to every marked process; ``kill`` is :data:`_KILL_ALL`. Plain ``kill PID``:
+# dash's builtin takes neither ``--`` nor process groups. Zombies are not matched (their
+# environ reads empty).
 SIGNAL_SCRIPT = r"""
 m="$0=$1"
 marked() {
@@ -50,15 +62,7 @@ if [ "$2" = term ]; then
     for pid in $pids; do kill -TERM "$pid" 2>/dev/null; done
     exit 0
 fi
-for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
-    marked
-    [ -n "$pids" ] || exit 0
-    for pid in $pids; do kill -STOP "$pid" 2>/dev/null; done
-    for pid in $pids; do kill -9 "$pid" 2>/dev/null; done
-    sleep 0.05
-done
-exit 1
-"""
+""" + _KILL_ALL.format(find="marked")
 
 
 # $0: ``init`` when PID 1 is an init whose first child is the container's command, else
@@ -91,15 +95,7 @@ others() {
         pids="$pids $pid"
     done
 }
-for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
-    others
-    [ -n "$pids" ] || exit 0
-    for pid in $pids; do kill -STOP "$pid" 2>/dev/null; done
-    for pid in $pids; do kill -9 "$pid" 2>/dev/null; done
-    sleep 0.05
-done
-exit 1
-"""
+""" + _KILL_ALL.format(find="others")
 
 
 def sweep_argv(init: bool) -> list[str]:

@@ -43,7 +43,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from narrative.errors import InvalidInput
+from narrative.errors import InvalidInput, validation_problem
 
 __all__ = [
     "PROJECT_FILE",
@@ -200,8 +200,6 @@ def load_project(workspace: str) -> Project:
     try:
         project = Project.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top)"
-        raise InvalidInput(f"{path}: {where}: {first['msg']}") from None
+        raise InvalidInput(f"{path}: {validation_problem(exc, '(top)')}") from None
     project.path = path
     return project

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from narrative.errors import validation_problem
 from narrative.fsutil import write_atomic
 from narrative.ids import new_id
 from narrative.models import now_iso
@@ -124,10 +125,8 @@ class EnvironmentStore:
         try:
             doc = _Document.model_validate_json(raw)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
             raise EnvironmentStateError(
-                f"invalid environment records in {self.path}: {where}: {first['msg']}"
+                f"invalid environment records in {self.path}: {validation_problem(exc)}"
             ) from None
         if doc.version != _VERSION:
             raise EnvironmentStateError(f"unsupported version {doc.version} in {self.path}")

@@ -252,3 +252,28 @@ class LoopbackServer:
         self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self._thread.join(5)
+
+
+def check_loopback_isolation(cli: Cli, workspace: Path, isolated: str, control: str) -> Any:
+    """Run :data:`LOOPBACK_PROBE` in environment ``isolated`` (no network) and ``control``
+    (with one) against a :class:`LoopbackServer`: the first reaches nothing and its run still
+    succeeds through the hub, the second reads the server's secret. Returns the isolated run's
+    ``runtime.spawned`` event (how its runtime dialled the hub)."""
+    import sys
+
+    (workspace / "probe.py").write_text(LOOPBACK_PROBE)
+    cli.run("snapshot", "-m", "probe")
+    store = Store.open(str(store_dir_of(workspace)))
+    with LoopbackServer() as server:
+        port = str(server.port)
+        run = start(cli, "--env", isolated, "--", sys.executable, "probe.py", port)
+        assert run["status"] == "succeeded", run
+        probe = file(store, run["result_snapshot"], "probe.txt")
+        assert probe.startswith("unreachable") and server.connections == 0, probe
+        history = events(store_dir_of(workspace), run["id"])
+        spawned = history[types(history).index("runtime.spawned")]
+        reached = start(cli, "--env", control, "--", sys.executable, "probe.py", port)
+        assert reached["status"] == "succeeded", reached
+        assert file(store, reached["result_snapshot"], "probe.txt") == LoopbackServer.SECRET
+        assert server.connections == 1
+    return spawned

@@ -21,10 +21,9 @@ from ..conftest import NARRATIVE, Cli, git, store_dir_of
 from .hub_support import (
     AGENT,
     FAILING_RUNTIME,
-    LOOPBACK_PROBE,
     ROUTING,
-    LoopbackServer,
     check_failing_runtime,
+    check_loopback_isolation,
     counting_agent,
     events,
     file,
@@ -151,24 +150,10 @@ def test_runs_need_no_network_and_the_agent_cannot_reach_host_loopback(
     box = create_box(cli, docker_image)
     create_box(cli, docker_image, "open", "--config", "network=host")
     assert docker_api.inspect_container(box["resource_id"])["HostConfig"]["NetworkMode"] == "none"
-    (workspace / "probe.py").write_text(LOOPBACK_PROBE)
-    cli.run("snapshot", "-m", "probe")
-    store = Store.open(str(store_dir_of(workspace)))
-    with LoopbackServer() as server:
-        port = str(server.port)
-        run = start(cli, "--env", "box", "--", sys.executable, "probe.py", port)
-        assert run["status"] == "succeeded", run
-        probe = file(store, run["result_snapshot"], "probe.txt")
-        assert probe.startswith("unreachable") and server.connections == 0, probe
-        history = events(store_dir_of(workspace), run["id"])
-        spawned = history[types(history).index("runtime.spawned")]
-        assert "ws+unix:///run/narrative-hub/hub.sock" in spawned["argv"]
-        control = start(cli, "--env", "open", "--", sys.executable, "probe.py", port)
-        assert control["status"] == "succeeded", control
-        assert file(store, control["result_snapshot"], "probe.txt") == LoopbackServer.SECRET
-        assert server.connections == 1
+    spawned = check_loopback_isolation(cli, workspace, "box", "open")
+    assert "ws+unix:///run/narrative-hub/hub.sock" in spawned["argv"]
     # the socket's directory is private to the user, and the socket is gone with its run
-    env_id = EnvironmentManager(store).get("box").id
+    env_id = EnvironmentManager(Store.open(str(store_dir_of(workspace)))).get("box").id
     directory = hub_socket_dir(env_id, create=False)
     assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
     assert os.listdir(directory) == []

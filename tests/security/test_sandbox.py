@@ -19,7 +19,6 @@ import json
 import os
 import shlex
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,15 +27,8 @@ from narrative.store import Store
 from providers.hub import control_token
 from providers.keys import key_path
 
-from ..conftest import Cli, git, store_dir_of, tree_bytes
-from ..providers.hub_support import (
-    LOOPBACK_PROBE,
-    LoopbackServer,
-    events,
-    file,
-    start,
-    types,
-)
+from ..conftest import Cli, git, tree_bytes
+from ..providers.hub_support import check_loopback_isolation
 
 HAVE_BWRAP = shutil.which("bwrap") is not None
 REQUIRE_SANDBOX = os.environ.get("NARRATIVE_REQUIRE_SANDBOX") == "1"
@@ -233,19 +225,5 @@ def test_network_none_runs_through_the_hub_but_cannot_reach_host_loopback(
     command = ["run", "start", "--env", "offline", "--direct", "--", "sh", "-c", "echo > a.txt"]
     direct = cli.run(*command, check=False)
     assert direct.returncode == 0, direct.stderr
-    (workspace / "probe.py").write_text(LOOPBACK_PROBE)
-    cli.run("snapshot", "-m", "probe")
-    store = Store.open(str(store_dir_of(workspace)))
-    with LoopbackServer() as server:
-        port = str(server.port)
-        run = start(cli, "--env", "offline", "--", sys.executable, "probe.py", port)
-        assert run["status"] == "succeeded", run
-        probe = file(store, run["result_snapshot"], "probe.txt")
-        assert probe.startswith("unreachable") and server.connections == 0, probe
-        history = events(store_dir_of(workspace), run["id"])
-        spawned = history[types(history).index("runtime.spawned")]
-        assert any(arg.startswith("ws+unix:///") for arg in spawned["argv"]), spawned
-        control = start(cli, "--env", "online", "--", sys.executable, "probe.py", port)
-        assert control["status"] == "succeeded", control
-        assert file(store, control["result_snapshot"], "probe.txt") == LoopbackServer.SECRET
-        assert server.connections == 1
+    spawned = check_loopback_isolation(cli, workspace, "offline", "online")
+    assert any(arg.startswith("ws+unix:///") for arg in spawned["argv"]), spawned
