@@ -172,3 +172,18 @@ def tree_bytes(path: Path) -> dict[str, bytes]:
                 with open(full, "rb") as f:
                     out[rel] = f.read() + b"|mode:" + oct(os.stat(full).st_mode & 0o777).encode()
     return out
+
+
+def two_machines(
+    tmp_path: Path, names: tuple[str, str] = ("alice", "bob")
+) -> tuple[Path, Cli, Cli]:
+    """A remote directory and two empty workspaces (not yet initialised) with their CLIs: the
+    two-machine setup of the transfer tests."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    clis = []
+    for name in names:
+        ws = tmp_path / name
+        ws.mkdir()
+        clis.append(Cli(ws))
+    return remote, clis[0], clis[1]

@@ -20,7 +20,7 @@ from narrative.refs import RefStore
 from narrative.snapshot import take_snapshot
 from narrative.store import THREAD_REF_PREFIX, Store
 
-from .conftest import Cli, git, tree_bytes
+from .conftest import Cli, git, tree_bytes, two_machines
 
 
 def _thread_heads(git_dir: str) -> dict[str, str]:
@@ -64,12 +64,8 @@ class _Watch:
 
 
 def test_no_command_moves_a_thread_head_backwards(tmp_path: Path) -> None:
-    remote = tmp_path / "remote"
-    remote.mkdir()
-    a_ws, b_ws = tmp_path / "alice", tmp_path / "bob"
-    a_ws.mkdir()
-    b_ws.mkdir()
-    alice, bob = Cli(a_ws), Cli(b_ws)
+    remote, alice, bob = two_machines(tmp_path)
+    a_ws, b_ws = alice.cwd, bob.cwd
     watch = _Watch(a_ws, b_ws)
 
     def step(cli: Cli, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:

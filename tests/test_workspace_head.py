@@ -7,7 +7,7 @@ from pathlib import Path
 
 from narrative.store import Store
 
-from .conftest import Cli, git
+from .conftest import Cli, git, two_machines
 
 
 def _head(cli: Cli, thread: str) -> str:
@@ -81,12 +81,8 @@ def test_after_a_pull_a_restore_and_snapshot_never_drop_the_other_sides_work(
 ) -> None:
     """The issue's scenario: A and B share a thread through a remote; B's work arrives at A by
     pull; A restores an older snapshot and snapshots. The thread still ends in B's work."""
-    remote = tmp_path / "remote"
-    remote.mkdir()
-    a_ws, b_ws = tmp_path / "a", tmp_path / "b"
-    a_ws.mkdir()
-    b_ws.mkdir()
-    a, b = Cli(a_ws), Cli(b_ws)
+    remote, a, b = two_machines(tmp_path, ("a", "b"))
+    a_ws, b_ws = a.cwd, b.cwd
     a.run("init")
     (a_ws / "shared.txt").write_text("zero\n")
     zero = a.json("snapshot", "-m", "zero")

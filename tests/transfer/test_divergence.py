@@ -8,17 +8,13 @@ from pathlib import Path
 
 from narrative.store import Store
 
-from ..conftest import Cli, git
+from ..conftest import Cli, git, two_machines
 
 
 def _pair(tmp_path: Path) -> tuple[Cli, Cli, Path, Path, str]:
     """Alice and Bob share a thread through a directory remote; returns its id."""
-    remote = tmp_path / "remote"
-    remote.mkdir()
-    a_ws, b_ws = tmp_path / "alice", tmp_path / "bob"
-    a_ws.mkdir()
-    b_ws.mkdir()
-    alice, bob = Cli(a_ws), Cli(b_ws)
+    remote, alice, bob = two_machines(tmp_path)
+    a_ws, b_ws = alice.cwd, bob.cwd
     alice.run("init")
     (a_ws / "notes.txt").write_text("line 1\nline 2\nline 3\n")
     thread = alice.json("snapshot", "-m", "first")["thread"]
