@@ -11,6 +11,12 @@ paths as its base had them (so a merge leaves the user's copy alone: withheld co
 never as deleted), listed in the snapshot's ``skipped`` entries with ``kind: secret``. The raw
 result stays in this store only, under ``refs/narrative/withheld/<run>``, which no export, push
 or bundle carries; ``merge``/``diff`` with ``include_secrets`` use it.
+
+A result never reaches a thread unscreened: whoever brings it in (an import of the runtime's
+bundle, a provider collecting the environment) stages it under :func:`incoming_ref`, and
+:func:`withhold_secrets` moves the run's thread forward to what passed the screening. A crash
+in between leaves the result staged, on no thread, so nothing exports or pushes it; and the
+thread head only ever moves to a descendant.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
-from .commitmsg import encode_message
+from .commitmsg import encode_message, snapshot_from_commit
 from .credentials import credential_name_problem, secret_content_problem
 from .errors import AmbiguousId, ProtectedChange, RunNotFound, RunNotUsable
 from .hierarchy import get_run, list_runs
@@ -35,8 +41,10 @@ if TYPE_CHECKING:
 __all__ = [
     "PROTECTED_NAMES",
     "WITHHELD_REF_PREFIX",
+    "INCOMING_REF_PREFIX",
     "check_deletions",
     "check_merge",
+    "incoming_ref",
     "is_protected",
     "is_run_ref",
     "resolve_run",
@@ -47,12 +55,19 @@ __all__ = [
 
 #: Where a run's unscreened result is kept (local to this store; see the module docstring).
 WITHHELD_REF_PREFIX: Final = "refs/narrative/withheld/"
+#: Where a run's result waits to be screened (see the module docstring).
+INCOMING_REF_PREFIX: Final = "refs/narrative/incoming/"
 #: File names (any directory, compared lower-cased) whose change a merge applies only with
 #: ``force``: they decide what later snapshots ignore, and how the gateway routes calls.
 PROTECTED_NAMES: Final = frozenset(
     {".gitignore", ".narrativeignore", "proxyexecution.json", "narrative.toml"}
 )
 _SECRET: Final = "secret"
+
+
+def incoming_ref(run_id: str) -> str:
+    """The ref a run's result is staged under until :func:`withhold_secrets` records it."""
+    return INCOMING_REF_PREFIX + run_id
 
 
 def is_run_ref(ref: str) -> bool:
@@ -117,25 +132,29 @@ def withheld_files(snapshot: Snapshot) -> list[dict[str, Any]]:
 def withhold_secrets(
     store: Store, run_id: str, result_id: str | None, known: Iterable[bytes] = ()
 ) -> str | None:
-    """Screen run ``run_id``'s result ``result_id`` (the head of the run's thread) for secrets;
-    returns the snapshot to record as the run's result.
+    """Screen run ``run_id``'s result ``result_id`` for secrets and record what passes on the
+    run's thread; returns the snapshot to record as the run's result.
 
-    Only paths the result changed from the run's base are read. When something is withheld
-    (see the module docstring), a new snapshot on the run's thread replaces the result: the
-    base's commit as its parent (so no commit the agent made reaches it), the withheld paths
-    as the base had them. ``known``: exact secrets to look for (the run's tokens, the gateway
-    key, each in the forms :func:`narrative.credentials.secret_forms` gives).
+    The result is the one staged under :func:`incoming_ref` (or, when the environment held
+    nothing new, an existing snapshot such as the base, recorded as it is). Only paths it
+    changed from the run's base are read. When something is withheld (see the module
+    docstring), a new snapshot takes its place: the base's commit as its parent (so no commit
+    the agent made reaches a thread), the withheld paths as the base had them. The run's
+    thread then moves forward to it, and the staged ref goes. ``known``: exact secrets to look
+    for (the run's tokens, the gateway key, each in the forms
+    :func:`narrative.credentials.secret_forms` gives).
 
     Raises:
-        ConcurrentUpdate: the run's thread moved away from the result meanwhile (the result
-            is then kept under the withheld ref, and not recorded).
+        ConcurrentUpdate: the run's thread moved meanwhile (the result stays staged, and is
+            not recorded).
+        NonFastForward: the result does not descend from the run's thread head.
     """
     if result_id is None:
         return None
     run = get_run(store, run_id)
-    ref = store.thread_ref(run.thread_id)
-    head = store.refs.read(ref)
-    result = snapshot_at(store, head) if head is not None else None
+    staged_ref = incoming_ref(run.id)
+    staged = store.refs.read(staged_ref)
+    result = snapshot_at(store, staged) if staged is not None else None
     if result is None or result.id != result_id:
         result = resolve_snapshot(store, result_id)
     base = resolve_snapshot(store, run.base_snapshot) if run.base_snapshot else None
@@ -158,9 +177,9 @@ def withhold_secrets(
         edits[path] = old
         withheld.append({"path": path, "reason": reason, "kind": _SECRET})
         size_change += _blob_size(store, old) - _blob_size(store, new)
-    if not withheld:
-        return result.id
     raw = bytes.fromhex(result.commit)
+    if not withheld:
+        return _record_result(store, run, result, raw, staged)
     parents = (bytes.fromhex(base.commit),) if base else read_commit(store, raw).parents
     stats = dict(result.stats)
     stats["files"] = stats.get("files", 0) + sum(
@@ -184,12 +203,25 @@ def withhold_secrets(
         except BaseException:
             writer.abort()
             raise
-        # the raw result first, so that a crash between the two loses nothing
+        # the raw result is named first, so that a crash before the thread moves loses nothing
         store.refs.update(WITHHELD_REF_PREFIX + run.id, raw)
-        # the documented exception to forward-only heads: the screened result replaces the raw
-        # one on the run's own thread (the raw one stays named, by the withheld ref and the log)
-        store.refs.update(ref, oid, expected=raw, force=True, reason="run result: secrets withheld")
-    return snapshot_id
+        screened = snapshot_from_commit(oid, commit, base.id if base else None)
+        return _record_result(store, run, screened, oid, staged)
+
+
+def _record_result(
+    store: Store, run: AgentRun, result: Snapshot, oid: bytes, staged: bytes | None
+) -> str:
+    """Move the run's thread forward to ``oid`` (a result of that thread), then drop the
+    staged ref ``staged`` named; the result's id."""
+    if result.thread == run.thread_id:
+        ref = store.thread_ref(run.thread_id)
+        head = store.refs.read(ref)
+        if head != oid:
+            store.refs.update(ref, oid, expected=head, reason=f"result of run {run.id}")
+    if staged is not None:
+        store.refs.update(incoming_ref(run.id), None, expected=staged)
+    return result.id
 
 
 def _blob_size(store: Store, entry: Entry | None) -> int:

@@ -183,6 +183,7 @@ def take_snapshot(
     track_head: bool = True,
     sweep_tmp: bool = False,
     merge_parents: tuple[bytes, ...] = (),
+    stage_as: str | None = None,
 ) -> SnapshotResult:
     """Snapshot the workspace onto a thread.
 
@@ -199,22 +200,26 @@ def take_snapshot(
     ``merge_parents`` are further parents after the thread's head (a merge of another
     thread's work records it, so that thread's head is an ancestor and a push fast-forwards).
     ``sweep_tmp``: the caller holds the workspace lock; temporary files left in the workspace
-    are removed whatever their age.
+    are removed whatever their age. ``stage_as`` names a ref (not a thread's) that receives the
+    snapshot instead of the thread, which stays where it is: a run's result waits there to be
+    screened (:func:`narrative.runs.withhold_secrets`).
     """
-    tracks = track_head and (
-        workspace is None or os.path.realpath(workspace) == os.path.realpath(store.workspace)
+    tracks = (
+        track_head
+        and stage_as is None
+        and (workspace is None or os.path.realpath(workspace) == os.path.realpath(store.workspace))
     )
     if not tracks:
         return _take(
             store, thread_id, run_id, message, allow_empty, workspace, trailers,
-            unchanged_if, False, sweep_tmp, merge_parents,
+            unchanged_if, False, sweep_tmp, merge_parents, stage_as,
         )  # fmt: skip
     # The workspace HEAD and the thread head move together: snapshots of one workspace take
     # turns, or one could see the thread moved before the HEAD did and fork a thread for nothing.
     with store.lock(HEAD_LOCK, timeout=120.0):
         return _take(
             store, thread_id, run_id, message, allow_empty, workspace, trailers,
-            unchanged_if, True, sweep_tmp, merge_parents,
+            unchanged_if, True, sweep_tmp, merge_parents, None,
         )  # fmt: skip
 
 
@@ -230,6 +235,7 @@ def _take(
     tracks: bool,
     sweep_tmp: bool,
     merge_parents: tuple[bytes, ...],
+    stage_as: str | None,
 ) -> SnapshotResult:
     fork_from: Snapshot | None = None
     if thread_id is None and tracks:
@@ -287,6 +293,11 @@ def _take(
         except BaseException:
             writer.abort()
             raise
+        if stage_as is not None:
+            store.refs.update(stage_as, oid, reason="staged")
+            parent = commit.parents[0] if commit.parents else None
+            parent_id = snapshot_at(store, parent).id if parent is not None else None
+            return SnapshotResult(snapshot_from_commit(oid, commit, parent_id), True, capture.cache)
         outcome = _advance(capture, ref, head, fork_parent, commit, oid, allow_empty)
         if tracks:
             set_head(store, bytes.fromhex(outcome.snapshot.commit), thread_id)

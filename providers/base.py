@@ -291,7 +291,9 @@ class BaseProvider(ABC):
     def collect(
         self, resource_id: str, thread_id: str, run_id: str | None, message: str
     ) -> Snapshot:
-        """Snapshot the environment's workspace onto ``thread_id`` in the local store."""
+        """Snapshot the environment's workspace onto ``thread_id`` in the local store; with a
+        ``run_id`` (a run's result) staged under :func:`narrative.runs.incoming_ref` instead,
+        for the secret screening to record on the thread."""
 
     def end_leftovers(self, resource_id: str) -> None:
         """Kill every process that earlier commands and spawned processes left running in the

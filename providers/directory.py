@@ -48,6 +48,7 @@ from narrative.restore import (
     materialize_confined,
     sync_directory,
 )
+from narrative.runs import incoming_ref
 from narrative.snapshot import scan_tree, take_snapshot
 
 from .base import (
@@ -267,6 +268,7 @@ class DirectoryProvider(BaseProvider):
             run_id=run_id,
             message=message,
             workspace=resource_id,
+            stage_as=incoming_ref(run_id) if run_id else None,  # a result: screened first
         ).snapshot
         self._remember(snapshot.tree)
         return snapshot

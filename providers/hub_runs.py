@@ -27,10 +27,10 @@ from gateway.tokens import TokenClaims
 from gateway.unix import unix_url
 from narrative.errors import InvalidInput, NarrativeError
 from narrative.hierarchy import create_thread, finish_run, get_thread, list_runs, start_run
-from narrative.history import resolve_snapshot
+from narrative.history import resolve_snapshot, snapshot_at
 from narrative.ids import new_id
 from narrative.models import AgentRun, Snapshot
-from narrative.runs import withheld_files
+from narrative.runs import incoming_ref, withheld_files
 
 from .base import DEFAULT_MAX_RESULT_BYTES, HubSocket, ProviderConfig
 from .errors import ResultTooLarge
@@ -509,6 +509,7 @@ class RunDriver:
                 self.gateway_id,
                 check_threads=scope,
                 max_bytes=self.max_result_bytes,
+                stage={self.run.thread_id: incoming_ref(self.run.id)},  # screened before it lands
             )
         except ResultTooLarge as exc:
             # nothing of it was stored; it stays in the environment, and a direct collect
@@ -537,9 +538,17 @@ class RunDriver:
         return snap.id
 
     def _claimed_result(self, claimed: str) -> Snapshot | None:
-        """The snapshot a runtime named as its result, if it is what the hub now holds as the
-        head of the run's thread (else the runtime named some other snapshot of the store)."""
+        """The snapshot a runtime named as its result, if it is what the hub now holds for the
+        run: the result just staged (:func:`narrative.runs.incoming_ref`), the head of the
+        run's thread, or its base when nothing changed (else the runtime named some other
+        snapshot of the store)."""
         store = self.hub.store
+        staged = store.refs.read(incoming_ref(self.run.id))
+        if staged is not None:
+            snap = snapshot_at(store, staged)
+            return snap if snap.id == claimed else None
+        if claimed == self.base.id:
+            return self.base
         head = store.thread_heads().get(self.run.thread_id)
         try:
             snap = resolve_snapshot(store, claimed)

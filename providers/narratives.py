@@ -28,7 +28,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from gateway.handlers import HandlerContext, HandlerRegistry
@@ -219,11 +219,12 @@ async def fetch_bundle(
     *,
     check_threads: Callable[[dict[str, bytes]], None] | None = None,
     max_bytes: int | None = None,
+    stage: Mapping[str, str] | None = None,
 ) -> tuple[ImportResult, int]:
     """Pull the bundle ``spec`` describes from a peer and import it into ``store``
-    (``check_threads``: see :func:`transfer.importer.import_stream`). With ``max_bytes``, a
-    bundle announced larger is refused before a byte is pulled, and its objects are held to
-    the same cap while they are imported.
+    (``check_threads``, ``stage``: see :func:`transfer.importer.import_stream`). With
+    ``max_bytes``, a bundle announced larger is refused before a byte is pulled, and its
+    objects are held to the same cap while they are imported.
 
     Returns:
         The import's result and the bundle's size in bytes.
@@ -265,6 +266,7 @@ async def fetch_bundle(
                     source,
                     check_threads=check_threads,
                     max_bytes=max_bytes,
+                    stage=stage,
                 )
 
         try:

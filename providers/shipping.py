@@ -26,6 +26,7 @@ from narrative.errors import InvalidInput
 from narrative.models import Snapshot
 from narrative.objects import MODE_EXEC, MODE_LINK
 from narrative.restore import flatten_tree
+from narrative.runs import incoming_ref
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 
@@ -126,7 +127,12 @@ def snapshot_from_tar(
                     raise InvalidInput(f"refused member of the environment tar: {exc}") from None
         _normalise_modes(scratch)
         return take_snapshot(
-            store, thread_id=thread_id, run_id=run_id, message=message, workspace=scratch
+            store,
+            thread_id=thread_id,
+            run_id=run_id,
+            message=message,
+            workspace=scratch,
+            stage_as=incoming_ref(run_id) if run_id else None,  # a result: screened first
         ).snapshot
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

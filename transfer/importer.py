@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,6 +53,8 @@ class ImportResult:
     unchanged: list[str] = field(default_factory=list)
     diverged: dict[str, str] = field(default_factory=dict)
     """thread id → ref where the incoming head was kept beside the local one."""
+    staged: dict[str, str] = field(default_factory=dict)
+    """thread id → incoming head, put under the ref ``stage`` named instead of the thread."""
     records: int = 0
     conflicts: list[str] = field(default_factory=list)
     snapshot: str | None = None
@@ -143,9 +145,12 @@ def import_stream(
     move_threads: bool = True,
     check_threads: Callable[[dict[str, bytes]], None] | None = None,
     max_bytes: int | None = None,
+    stage: Mapping[str, str] | None = None,
 ) -> ImportResult:
     """Import from an open stream (see :func:`import_`). Without ``move_threads`` only objects
-    and records are taken in (``fetch``); thread refs stay where they are. ``check_threads``
+    and records are taken in (``fetch``); thread refs stay where they are. ``stage`` maps a
+    thread id to a ref that receives its incoming head instead of the thread (a run's result,
+    screened before it reaches the thread). ``check_threads``
     sees the bundle's thread heads (thread id → commit) before anything is stored, and raises
     to refuse the whole import (only bundles are accepted then). ``max_bytes`` caps a bundle's
     pack, each object and all objects inflated together (the limits of
@@ -153,7 +158,9 @@ def import_stream(
     head = stream.read(len(BUNDLE_SIGNATURE))
     peek: Any = _Peek(stream, head)
     if head.startswith(BUNDLE_SIGNATURE[:12]):
-        return _import_bundle(store, peek, url, source, move_threads, check_threads, max_bytes)
+        return _import_bundle(
+            store, peek, url, source, move_threads, check_threads, max_bytes, stage or {}
+        )
     if check_threads is not None:
         raise InvalidArtifact(f"{url} is not a narrative bundle")
     if head.startswith((_GZIP, _ZSTD)):
@@ -174,6 +181,7 @@ def _import_bundle(
     move_threads: bool,
     check_threads: Callable[[dict[str, bytes]], None] | None = None,
     max_bytes: int | None = None,
+    stage: Mapping[str, str] | None = None,
 ) -> ImportResult:
     header = read_bundle_header(stream)
     for oid, comment in header.prerequisites.items():
@@ -232,7 +240,12 @@ def _import_bundle(
     store.odb.invalidate()
     if move_threads:
         for thread_id, incoming in sorted(threads.items()):
-            fast_forward(store, thread_id, incoming, source, result)
+            staged_ref = (stage or {}).get(thread_id)
+            if staged_ref is None:
+                fast_forward(store, thread_id, incoming, source, result)
+            else:
+                store.refs.update(staged_ref, incoming, reason=f"staged from {source}")
+                result.staged[thread_id] = incoming.hex()
     return result
 
 
