@@ -26,7 +26,7 @@ import pytest
 from narrative.credentials import secret_content_problem, secret_forms
 from narrative.hierarchy import create_thread, get_thread, start_run
 from narrative.history import resolve_snapshot
-from narrative.runs import withheld_files, withhold_secrets
+from narrative.runs import WITHHELD_REF_PREFIX, incoming_ref, withheld_files, withhold_secrets
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 
@@ -135,6 +135,11 @@ def test_secrets_an_agent_writes_do_not_come_home(
         return
     assert token not in workspace_bytes(workspace)
     assert token not in thread_objects(store_dir)
+    # the unscreened result never sat on a thread, even for a moment: no thread's head log
+    # (every move of a thread head, in git's reflog format) names it
+    raw = git("rev-parse", withheld, cwd=store_dir).strip()
+    head_logs = (store_dir / "logs" / "refs" / "narrative" / "threads").rglob("*")
+    assert not [p for p in head_logs if p.is_file() and raw in p.read_text()]
     assert b"BEGIN OPENSSH PRIVATE KEY" not in thread_objects(store_dir)
     for path in ("env-dump.txt", ".aws", "notes.txt"):
         assert not (workspace / path).exists(), path
@@ -229,10 +234,19 @@ def test_the_gateway_key_and_the_runs_tokens_are_found_in_any_encoding(
     (env / "key-raw.bin").write_bytes(b"\0" + key)
     (env / "pat.txt").write_text("github_pat_" + "x1" * 20 + "\n")
     (env / "plain.txt").write_text("sk-short, AKIA-not-a-key, ng2 mentioned\n")
-    result = take_snapshot(store, thread.id, run.id, "result", workspace=str(env)).snapshot
+    staged = incoming_ref(run.id)  # where every provider puts a run's result
+    result = take_snapshot(
+        store, thread.id, run.id, "result", workspace=str(env), stage_as=staged
+    ).snapshot
+    assert store.refs.read(store.thread_ref(thread.id)) is None  # not on the thread yet
     known = secret_forms(key)
     screened = withhold_secrets(store, run.id, result.id, known)
     assert screened is not None and screened != result.id
+    # the raw result never reached the thread: not its head, not in its head log (stock git)
+    assert store.refs.read(staged) is None
+    assert store.refs.read(WITHHELD_REF_PREFIX + run.id) == bytes.fromhex(result.commit)
+    head_log = git("reflog", "show", "--format=%H", store.thread_ref(thread.id), cwd=store.git_dir)
+    assert result.commit not in head_log.split()
     snap = resolve_snapshot(store, screened)
     withheld = {w["path"]: w["reason"] for w in withheld_files(snap)}
     assert sorted(withheld) == ["key-b64.txt", "key-hex.txt", "key-raw.bin", "pat.txt"], withheld
