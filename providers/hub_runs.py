@@ -533,7 +533,7 @@ class RunDriver:
             snapshot=snap.id,
             bytes=size,
             objects=result.objects,
-            threads=sorted(result.updated),
+            threads=sorted({*result.updated, *result.staged}),  # its own is staged, then screened
         )
         return snap.id
 
