@@ -33,8 +33,14 @@ class _Group(click.Group):
     stdout instead (see :func:`cli.output.fail`)."""
 
     def main(  # type: ignore[override]
-        self, args: list[str] | None = None, prog_name: str | None = None, **extra: Any
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
     ) -> Any:
+        if not standalone_mode:  # embedded use (click's CliRunner, tests): click's own way
+            return super().main(args, prog_name, standalone_mode=False, **extra)
         argv = list(sys.argv[1:] if args is None else args)
         as_json = "--json" in _before_double_dash(argv)
         try:
