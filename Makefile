@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak lint bench bench-quick bench-transfer bench-merge bench-run bench-sandbox bench-gateway bench-chain clean
+.PHONY: demo test test-long soak lint bench bench-quick bench-transfer bench-merge bench-run bench-sandbox bench-gateway bench-chain clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## the main job on embedded defaults: snapshot, change, diff, restore
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
-test: $(STAMP)  ## the test suite (what CI runs)
-	$(BIN)/pytest -q
+test: $(STAMP)  ## the test suite, under ten minutes (CI runs it and test-long)
+	$(BIN)/pytest -q -m "not long"
+
+test-long: $(STAMP)  ## the long tests: the model-based store test (ci profile), the wheel install
+	$(BIN)/pytest -q -m long
 
 soak: $(STAMP)  ## the model-based store test with its long hypothesis profile (~an hour)
 	NARRATIVE_HYPOTHESIS_PROFILE=soak $(BIN)/pytest -q tests/model --timeout 0 --hypothesis-show-statistics

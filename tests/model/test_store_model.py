@@ -35,6 +35,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -506,4 +507,4 @@ class StoreModel(RuleBasedStateMachine):
                 self._check_restores(i, self.rng.choice(list(self.reported[i])))
 
 
-TestStoreModel = StoreModel.TestCase
+TestStoreModel = pytest.mark.long(StoreModel.TestCase)

@@ -195,7 +195,6 @@ def env_create_args(request: pytest.FixtureRequest, provider: str, tmp_path: Pat
     return ["--provider", provider]
 
 
-@pytest.fixture(params=ISOLATED_PROVIDERS)
-def isolated_env(request: pytest.FixtureRequest, tmp_path: Path) -> list[str]:
-    """``env create`` arguments for each provider in :data:`ISOLATED_PROVIDERS`."""
-    return env_create_args(request, request.param, tmp_path)
+#: parametrizes a test over :data:`ISOLATED_PROVIDERS` (``env_create_args(request,
+#: provider, tmp_path)`` then gives its environment)
+over_isolated_providers = pytest.mark.parametrize("provider", ISOLATED_PROVIDERS)

@@ -15,9 +15,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from narrative.store import Store
 
 from ..conftest import Cli, git, tree_bytes
+from .conftest import env_create_args, over_isolated_providers
 
 PLANTED = (
     ".narrative/hooks/post-checkout",
@@ -45,9 +48,11 @@ echo "the agent's work" > result.txt
 """
 
 
+@over_isolated_providers
 def test_planted_hooks_and_configs_never_come_home(
-    isolated_env: list[str], cli: Cli, workspace: Path, tmp_path: Path
+    provider: str, request: pytest.FixtureRequest, cli: Cli, workspace: Path, tmp_path: Path
 ) -> None:
+    isolated_env = env_create_args(request, provider, tmp_path)
     (workspace / "README.md").write_text("# the user's project\n")
     git("init", "-q", cwd=workspace)
     git("add", "-A", cwd=workspace)

@@ -29,6 +29,7 @@ from providers.keys import key_path
 
 from ..conftest import Cli, git, tree_bytes
 from ..providers.hub_support import check_loopback_isolation
+from .conftest import env_create_args, over_isolated_providers
 
 HAVE_BWRAP = shutil.which("bwrap") is not None
 REQUIRE_SANDBOX = os.environ.get("NARRATIVE_REQUIRE_SANDBOX") == "1"
@@ -143,10 +144,12 @@ def attack(cli: Cli, workspace: Path, tmp_path: Path, env_args: list[str]) -> di
     return results
 
 
+@over_isolated_providers
 def test_an_agent_in_its_environment_reaches_nothing_outside_its_checkout(
-    isolated_env: list[str], cli: Cli, workspace: Path, tmp_path: Path
+    provider: str, request: pytest.FixtureRequest, cli: Cli, workspace: Path, tmp_path: Path
 ) -> None:
     """Every provider as users get it: worktree and local sandboxed (the default), Docker."""
+    isolated_env = env_create_args(request, provider, tmp_path)
     results = attack(cli, workspace, tmp_path, isolated_env)
     denied = set(ATTACKS)
     if "docker" in isolated_env:
