@@ -134,8 +134,8 @@ class NotFound(NarrativeError, LookupError):
 
     kind = "object"
 
-    def __init__(self, ident: str) -> None:
-        super().__init__(f"unknown {self.kind}: {ident}")
+    def __init__(self, ident: str, hint: str = "") -> None:
+        super().__init__(f"unknown {self.kind}: {ident}" + (f" ({hint})" if hint else ""))
         self.ident = ident
 
 

@@ -116,8 +116,24 @@ def resolve_snapshot(store: Store, ref: str) -> Snapshot:
     if len(matches) == 1:
         return next(iter(matches.values()))
     if not matches:
-        raise SnapshotNotFound(ref)
+        raise _not_found(store, ref)
     raise AmbiguousId(ref, list(matches))
+
+
+def _not_found(store: Store, ref: str) -> SnapshotNotFound:
+    """The error for a name that resolves to nothing, with the names it may have meant."""
+    import difflib  # only on this error path
+
+    names = set(_thread_names(store).values())
+    for tracking in store.refs.list("refs/narrative/remotes/"):
+        remote, _, thread_id = tracking[len("refs/narrative/remotes/") :].partition("/threads/")
+        names.add(f"{remote}/{_thread_names(store).get(thread_id) or thread_id}")
+    close = difflib.get_close_matches(ref, sorted(n for n in names if n), n=3)
+    if close:
+        return SnapshotNotFound(ref, f"did you mean {' or '.join(close)}?")
+    return SnapshotNotFound(
+        ref, "'narrative log --all' lists snapshots, 'narrative thread list' threads"
+    )
 
 
 def _thread_names(store: Store) -> dict[str, str]:

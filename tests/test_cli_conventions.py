@@ -161,3 +161,15 @@ def test_env_create_help_lists_each_providers_config_keys(cli: Cli) -> None:
                 assert f"{field}=" in shown, (name, field)
     docker = " ".join(cli.run("env", "create", "--help", "--provider=docker").stdout.split())
     assert "image=str [required]" in docker and "network=bool | 'host' [default False]" in docker
+
+
+def test_an_unknown_name_suggests_what_it_may_have_meant(cli: Cli, workspace: Path) -> None:
+    """Issue 14 item 4: one "not found" message, with candidates where there are close ones."""
+    cli.run("init")
+    (workspace / "a.txt").write_text("a\n")
+    cli.run("snapshot", "-m", "a")
+    cli.run("thread", "create", "feature")
+    typo = cli.run("show", "featur", check=False)
+    assert typo.returncode == 1 and "did you mean feature?" in typo.stderr, typo.stderr
+    unknown = cli.run("restore", "zzzz", check=False)
+    assert unknown.returncode == 1 and "narrative log --all" in unknown.stderr
