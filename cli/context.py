@@ -29,16 +29,11 @@ def complete_refs(ctx: click.Context, _param: click.Parameter, incomplete: str) 
     and run ids (read-only; nothing when there is no store here)."""
     from narrative.errors import NarrativeError
     from narrative.hierarchy import list_runs
+    from narrative.history import reference_names
 
     try:
         store = Store.open(store_dir=(ctx.find_root().obj or {}).get("store_dir"))
-        names = {str(r["id"]): str(r.get("name", "")) for r in store.meta.all("threads")}
-        found = set(names.values())
-        prefix = "refs/narrative/remotes/"
-        for ref in store.refs.list(prefix):
-            remote, _, thread_id = ref[len(prefix) :].partition("/threads/")
-            found.add(f"{remote}/{names.get(thread_id) or thread_id}")
-        found.update(run.id for run in list_runs(store))
+        found = [*reference_names(store), *(run.id for run in list_runs(store))]
     except (NarrativeError, OSError):
         return []
-    return sorted(name for name in found if name and name.startswith(incomplete))
+    return sorted(name for name in found if name.startswith(incomplete))

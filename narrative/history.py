@@ -17,7 +17,14 @@ from .objects import Commit, parse_commit
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["all_snapshots", "read_commit", "resolve_snapshot", "snapshot_at", "thread_snapshots"]
+__all__ = [
+    "all_snapshots",
+    "read_commit",
+    "reference_names",
+    "resolve_snapshot",
+    "snapshot_at",
+    "thread_snapshots",
+]
 
 
 def read_commit(store: Store, oid: bytes) -> Commit:
@@ -124,16 +131,26 @@ def _not_found(store: Store, ref: str) -> SnapshotNotFound:
     """The error for a name that resolves to nothing, with the names it may have meant."""
     import difflib  # only on this error path
 
-    names = set(_thread_names(store).values())
-    for tracking in store.refs.list("refs/narrative/remotes/"):
-        remote, _, thread_id = tracking[len("refs/narrative/remotes/") :].partition("/threads/")
-        names.add(f"{remote}/{_thread_names(store).get(thread_id) or thread_id}")
-    close = difflib.get_close_matches(ref, sorted(n for n in names if n), n=3)
+    close = difflib.get_close_matches(ref, reference_names(store), n=3)
     if close:
         return SnapshotNotFound(ref, f"did you mean {' or '.join(close)}?")
     return SnapshotNotFound(
         ref, "'narrative log --all' lists snapshots, 'narrative thread list' threads"
     )
+
+
+def reference_names(store: Store) -> list[str]:
+    """The names a user gives snapshots by: thread names and ``<remote>/<thread name>`` (for
+    suggestions and shell completion)."""
+    threads = _thread_names(store)
+    names = set(threads.values())
+    for tracking in store.refs.list(_REMOTES_PREFIX):
+        remote, _, thread_id = tracking[len(_REMOTES_PREFIX) :].partition("/threads/")
+        names.add(f"{remote}/{threads.get(thread_id) or thread_id}")
+    return sorted(n for n in names if n)
+
+
+_REMOTES_PREFIX = "refs/narrative/remotes/"
 
 
 def _thread_names(store: Store) -> dict[str, str]:

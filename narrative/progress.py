@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-__all__ = ["Reporter", "installed", "stage"]
+__all__ = ["Reporter", "ignore", "installed", "stage"]
 
 
 class Reporter(Protocol):
@@ -33,8 +33,8 @@ class Reporter(Protocol):
 _installed: list[Reporter | None] = [None]
 
 
-def _ignore(_amount: int) -> None:
-    pass
+def ignore(_amount: int) -> None:
+    """An advance that goes nowhere (what :func:`stage` yields when nobody listens)."""
 
 
 @contextlib.contextmanager
@@ -44,7 +44,7 @@ def stage(
     """Announce a stage; yields the function that advances it."""
     reporter = _installed[0]
     if reporter is None:
-        yield _ignore
+        yield ignore
         return
     reporter.start(label, total, unit)
     try:

@@ -8,9 +8,8 @@ never a torn one.
 
 Thread heads (``refs/narrative/threads/<id>``) are guarded here, under that lock, so that no
 caller can skip it: a thread head only moves to a descendant of its current value, and is never
-deleted, unless the caller passes ``force=True`` (only ``narrative thread reset --force``,
-gc's history rewrite, and a run's screened result replacing its raw one on the run's own new
-thread do). Every move of a thread head is first appended to its *head log*,
+deleted, unless the caller passes ``force=True`` (only ``narrative thread reset --force`` and
+gc's history rewrite do). Every move of a thread head is first appended to its *head log*,
 ``logs/<ref>`` in git's reflog format (``git reflog show <ref>`` reads it), so a head a forced
 move left behind is still named, resolvable as ``<thread>@{n}`` and kept by gc.
 
@@ -357,12 +356,12 @@ class RefStore:
         for line in lines:
             head, tab, reason = line.partition(b"\t")
             fields = head.split(b" ")
+            stamp = _log_time(line)
             try:
                 old, new = bytes.fromhex(fields[0].decode()), bytes.fromhex(fields[1].decode())
-                stamp = int(fields[-2])
             except (IndexError, ValueError, UnicodeDecodeError):
                 continue
-            if not tab or len(old) != 20 or len(new) != 20:
+            if stamp is None or not tab or len(old) != 20 or len(new) != 20:
                 continue
             entries.append(
                 HeadLogEntry(

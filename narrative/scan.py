@@ -96,10 +96,6 @@ def _mode_of(st_mode: int) -> int | None:
     return None
 
 
-def _uncounted(_files: int) -> None:
-    pass
-
-
 class _Walker:
     """Lists and stats directories; shared by the parent and the forked workers."""
 
@@ -112,7 +108,7 @@ class _Walker:
         self.scans: list[_DirScan] = []
         self.unreadable: list[dict[str, Any]] = []
         #: counts the files listed (a no-op in forked workers: the parent counts theirs)
-        self.advance: Callable[[int], None] = _uncounted
+        self.advance: Callable[[int], None] = progress.ignore
 
     @staticmethod
     def _rules_for(abs_dir: str, rel_dir: str, names: set[str], rules: IgnoreRules) -> IgnoreRules:

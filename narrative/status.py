@@ -7,14 +7,14 @@ capture), the merge in progress and the runs still running.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from .diff import diff_snapshots
 from .errors import ThreadNotFound
 from .head import describe_head, read_head
-from .hierarchy import get_thread, list_runs
+from .hierarchy import get_thread, list_runs, run_age
 from .history import snapshot_at
 from .store import Store
 from .workspace_merge import merge_state
@@ -50,9 +50,10 @@ def workspace_status(store: Store) -> WorkspaceStatus:
     except ThreadNotFound:
         thread_name = ""
     head = read_head(store) or store.refs.read(store.thread_ref(thread_id))
+    head_snapshot = snapshot_at(store, head) if head is not None else None
     changes = None
-    if head is not None:
-        diff = diff_snapshots(store, snapshot_at(store, head), None, counts=False)
+    if head_snapshot is not None:
+        diff = diff_snapshots(store, head_snapshot, None, counts=False)
         changes = [{"status": f.status, "path": f.path} for f in diff.files]
     state = merge_state(store)
     merge = None
@@ -64,7 +65,7 @@ def workspace_status(store: Store) -> WorkspaceStatus:
             "conflicts": [c.get("path") for c in state.conflicts],
             "pre_merge": state.pre_merge,
         }
-    now = datetime.now(UTC)
+    now = time.time()
     running = [
         {
             "id": run.id,
@@ -72,7 +73,7 @@ def workspace_status(store: Store) -> WorkspaceStatus:
             "agent": run.agent,
             "environment": run.environment,
             "started_at": run.started_at,
-            "age_seconds": _age(run.started_at, now),
+            "age_seconds": int(age) if (age := run_age(run, now)) is not None else None,
         }
         for run in list_runs(store)
         if run.status == "running"
@@ -82,17 +83,9 @@ def workspace_status(store: Store) -> WorkspaceStatus:
         store=store.git_dir,
         thread=thread_id,
         thread_name=thread_name,
-        head=where["workspace_head"] or (snapshot_at(store, head).id if head else None),
+        head=head_snapshot.id if head_snapshot is not None else None,
         next_snapshot=where["next_snapshot"],
         changes=changes,
         merge=merge,
         running_runs=running,
     )
-
-
-def _age(started_at: str, now: datetime) -> int | None:
-    try:
-        started = datetime.fromisoformat(started_at.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return max(0, int((now - started).total_seconds()))
