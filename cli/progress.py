@@ -18,27 +18,14 @@ __all__ = ["reporting"]
 @contextlib.contextmanager
 def reporting(enabled: bool = True) -> Iterator[None]:
     """Show the progress of whatever runs in the block (see the module docstring); the bar is
-    only on screen while a stage runs, so commands that stream output are not disturbed."""
+    only on screen while a stage runs, so commands that stream output are not disturbed, and
+    rich is imported only when a stage starts (every command runs in this block)."""
     from narrative.progress import installed
 
     if not enabled or not sys.stderr.isatty():
         yield
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        _Amount(),
-        _Rate(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-        redirect_stdout=False,
-        redirect_stderr=False,
-    )
-    reporter = _RichReporter(bar)
+    reporter = _RichReporter()
     try:
         with installed(reporter):
             yield
@@ -46,8 +33,18 @@ def reporting(enabled: bool = True) -> Iterator[None]:
         reporter.finish()
 
 
-def _columns() -> tuple[type, type]:
-    from rich.progress import DownloadColumn, ProgressColumn, TransferSpeedColumn
+def _bar() -> Any:
+    """The rich progress display: label, bar, amount, rate and ETA, per the stage's unit."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
     from rich.text import Text
 
     class Amount(ProgressColumn):
@@ -67,23 +64,25 @@ def _columns() -> tuple[type, type]:
                 return TransferSpeedColumn().render(task)
             return Text(f"{task.speed:.0f} files/s" if task.speed else "")
 
-    return Amount, Rate
-
-
-def _Amount() -> Any:
-    return _columns()[0]()
-
-
-def _Rate() -> Any:
-    return _columns()[1]()
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        Amount(),
+        Rate(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        redirect_stdout=False,
+        redirect_stderr=False,
+    )
 
 
 class _RichReporter:
     """A rich task per stage, the display live only during one (``-q``, which may come after
     the subcommand, is read when a stage starts); thread-safe (workers advance stages)."""
 
-    def __init__(self, bar: Any) -> None:
-        self._bar = bar
+    def __init__(self) -> None:
+        self._bar: Any = None  # built at the first stage
         self._lock = threading.Lock()
         self._task: Any = None
 
@@ -92,6 +91,8 @@ class _RichReporter:
         if ctx is not None and (ctx.find_root().obj or {}).get("quiet"):
             return
         with self._lock:
+            if self._bar is None:
+                self._bar = _bar()
             if self._task is None:
                 self._bar.start()
             else:  # a stage inside a stage: the inner one replaces it on screen
