@@ -31,6 +31,7 @@ from .base import OutputFn
 from .keys import key_path
 from .leases import EnvironmentBusy, EnvironmentLease
 from .manager import EnvironmentManager
+from .records import EnvironmentRecord
 
 __all__ = ["IsolatedRun", "pick_base", "run_isolated", "screen_result"]
 
@@ -84,7 +85,7 @@ def run_isolated(
     if lease is None:
         raise EnvironmentBusy(record.name, EnvironmentLease.holder(store, record.id))
     try:
-        return _run_leased(manager, lease, record.name, argv, base, agent, env, timeout, on_output)
+        return _run_leased(manager, lease, record, argv, base, agent, env, timeout, on_output)
     finally:
         lease.release()
 
@@ -92,7 +93,7 @@ def run_isolated(
 def _run_leased(
     manager: EnvironmentManager,
     lease: EnvironmentLease,
-    env_name: str,
+    record: EnvironmentRecord,
     argv: Sequence[str],
     base: Snapshot,
     agent: str,
@@ -101,7 +102,7 @@ def _run_leased(
     on_output: OutputFn | None,
 ) -> IsolatedRun:
     store = manager.store
-    record = manager.get(env_name)
+    env_name = record.name
     objective = get_thread(store, base.thread).objective_id
     thread = create_thread(
         store, objective, f"run/{record.name}/{new_id('run')[4:14]}", forked_from=base.id
