@@ -28,6 +28,14 @@ def _pair(tmp_path: Path) -> tuple[Cli, Cli, Path, Path, str]:
     return alice, bob, a_ws, b_ws, thread
 
 
+def _head_and_parents(ws: Path, thread: str) -> list[str]:
+    """A thread's head commit and its parents, as stock git reads them."""
+    store = Store.open(workspace=str(ws))
+    return git(
+        "--git-dir", store.git_dir, "rev-list", "--parents", "-n1", store.thread_ref(thread)
+    ).split()
+
+
 def _fsck(ws: Path) -> None:
     git("--git-dir", Store.open(workspace=str(ws)).git_dir, "fsck", "--strict", "--no-dangling")
 
@@ -43,11 +51,7 @@ def test_pull_merges_a_diverged_thread_and_push_then_fast_forwards(tmp_path: Pat
     assert refused.returncode == 1 and "pull" in refused.stderr
     alice.run("pull", "origin")
     assert (a_ws / "bob.txt").read_text() == "bob\n" and (a_ws / "alice.txt").exists()
-    store = Store.open(workspace=str(a_ws))
-    parents = git(
-        "--git-dir", store.git_dir, "rev-list", "--parents", "-n1", store.thread_ref(thread)
-    )
-    assert len(parents.split()) == 3  # the merge snapshot has two parents
+    assert len(_head_and_parents(a_ws, thread)) == 3  # the merge snapshot has two parents
     alice.run("push", "origin")  # a fast-forward now
     bob.run("pull", "origin")
     assert (b_ws / "alice.txt").read_text() == "alice\n"  # the workspace followed the pull
@@ -103,11 +107,7 @@ def test_a_pending_merge_of_another_thread_is_merged_when_that_thread_is_restore
     assert (a_ws / "bob-side.txt").read_text() == "bob\n"
     assert (a_ws / "alice-side.txt").read_text() == "alice\n"
     assert alice.json("info")["pending_merges"] is None
-    store = Store.open(workspace=str(a_ws))
-    parents = git(
-        "--git-dir", store.git_dir, "rev-list", "--parents", "-n1", store.thread_ref(side)
-    )
-    assert len(parents.split()) == 3
+    assert len(_head_and_parents(a_ws, side)) == 3
     alice.run("push", "origin")  # a fast-forward now
     _fsck(a_ws)
 
@@ -131,10 +131,7 @@ def test_continue_records_what_was_merged_even_after_the_name_moved(tmp_path: Pa
     alice.run("fetch", "origin")  # origin/main moves on
     (a_ws / "notes.txt").write_text("line 1\nboth line 2s\nline 3\n")
     alice.run("merge", "--continue")
-    parents = git(
-        "--git-dir", store.git_dir, "rev-list", "--parents", "-n1", store.thread_ref(thread)
-    ).split()
-    assert merged is not None and parents[2] == merged.hex()
+    assert merged is not None and _head_and_parents(a_ws, thread)[2] == merged.hex()
     alice.run("pull", "origin")  # bob's later work is still to come, and comes
     assert (a_ws / "later.txt").read_text() == "bob's later work\n"
     _fsck(a_ws)
