@@ -18,13 +18,11 @@ Usage (starts a private engine with ``scripts/docker-engine.sh`` when DOCKER_HOS
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -33,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import Proc, check, log, run
+
+from providers.docker_image import skeleton_rootfs
 
 __all__ = [
     "BENCH_IMAGE",
@@ -73,30 +73,6 @@ class AnchorRound:
         return max(self.run.maxrss_kib, self.cp_in.maxrss_kib, self.cp_out.maxrss_kib)
 
 
-def _skeleton_tar() -> bytes:
-    """``/bin -> usr/bin`` and friends, ``/etc/passwd``, ``/tmp``, ``/work``: enough to run
-    the host's ``/usr`` in (``/sbin`` is a real directory: the daemon mounts its init there)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, kind, mode, target, data in (
-            ("etc", tarfile.DIRTYPE, 0o755, "", b""),
-            ("usr", tarfile.DIRTYPE, 0o755, "", b""),
-            ("work", tarfile.DIRTYPE, 0o755, "", b""),
-            ("sbin", tarfile.DIRTYPE, 0o755, "", b""),
-            ("root", tarfile.DIRTYPE, 0o700, "", b""),
-            ("tmp", tarfile.DIRTYPE, 0o1777, "", b""),
-            ("bin", tarfile.SYMTYPE, 0o777, "usr/bin", b""),
-            ("lib", tarfile.SYMTYPE, 0o777, "usr/lib", b""),
-            ("lib64", tarfile.SYMTYPE, 0o777, "usr/lib64", b""),
-            ("etc/passwd", tarfile.REGTYPE, 0o644, "", b"root:x:0:0:root:/root:/bin/sh\n"),
-            ("etc/group", tarfile.REGTYPE, 0o644, "", b"root:x:0:\n"),
-        ):
-            info = tarfile.TarInfo(name)
-            info.type, info.mode, info.linkname, info.size = kind, mode, target, len(data)
-            tar.addfile(info, io.BytesIO(data) if data else None)
-    return buf.getvalue()
-
-
 def ensure_image(env: dict[str, str], image: str = BENCH_IMAGE) -> str:
     """``image`` on the daemon of ``env``'s DOCKER_HOST, imported offline if absent."""
     probe = subprocess.run(
@@ -105,7 +81,7 @@ def ensure_image(env: dict[str, str], image: str = BENCH_IMAGE) -> str:
     if probe.returncode != 0:
         subprocess.run(
             ["docker", "import", "-", image],
-            input=_skeleton_tar(),
+            input=skeleton_rootfs(),
             env=env,
             capture_output=True,
             check=True,

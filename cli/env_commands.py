@@ -289,4 +289,27 @@ def env_sweep(ctx: click.Context, as_json: bool) -> None:
     emit(as_json, swept, "\n".join(swept) or "nothing to sweep")
 
 
+@env.group("image")
+def env_image() -> None:
+    """Images for the docker provider (built offline; nothing is ever pulled)."""
+
+
+@env_image.command("build")
+@click.option(
+    "--tag", default=None, metavar="NAME:TAG",
+    help="Image name (default: the docker provider's default image).",
+)  # fmt: skip
+@click.option("--base-url", default=None, help="Docker daemon address (default: DOCKER_HOST).")
+@json_option
+def env_image_build(tag: str | None, base_url: str | None, as_json: bool) -> None:
+    """Build the default docker image: a skeleton that runs this host's Python and
+    narrative, mounted read-only (env create builds it on first use; this rebuilds it)."""
+    from providers.docker_config import DEFAULT_IMAGE
+    from providers.docker_provider import build_default_image
+
+    name = tag or DEFAULT_IMAGE
+    image_id = build_default_image(name, base_url)
+    emit(as_json, {"image": name, "id": image_id}, f"built {name} ({image_id[:19]})")
+
+
 COMMANDS = [env]

@@ -57,6 +57,7 @@ EXAMPLES: dict[str, str] = {
     "env exec": "narrative env exec box -- ls -la",
     "env logs": "narrative env logs box --tail 50",
     "env health": "narrative env health",
+    "env image build": "narrative env image build",
     "env watch": "narrative env watch --interval 10 --count 3",
     "env sweep": "narrative env sweep",
     "run start": "narrative run start --env box -- python agent.py",

@@ -243,7 +243,8 @@ def run_start(
     workspace) as a bundle, runs the command with its output streamed, and the result comes
     back as a bundle on a new thread forked from the base. The workspace is not touched.
     Several --env fan the run out. Without --env the hub selects an idle environment that has
-    the --require capabilities, or creates one. Exits 1 when a command fails.
+    the --require capabilities, or creates one. Exits 1 when a command fails. With -q, stdout
+    holds only the run ids (the command's output goes to stderr): run=$(narrative -q run ...).
 
     With --manual there is no command: the run is recorded and waits for 'narrative run
     finish' (an agent working in the workspace itself); one left running longer than

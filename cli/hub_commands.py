@@ -12,7 +12,7 @@ import click
 
 from .context import open_store
 from .hierarchy_commands import run
-from .output import emit, json_option, note
+from .output import emit, json_option, note, quiet
 from .serving import announce_and_wait
 
 __all__ = ["COMMANDS", "render_events", "start_through_hub"]
@@ -196,7 +196,9 @@ def start_through_hub(
         ):
             timed_out.add(run_.id)
         if event["type"] == "agent.output":
-            target = sys.stderr if as_json or event.get("stream") == "stderr" else sys.stdout
+            # with --json or -q, stdout holds only the document or the run ids
+            to_stdout = event.get("stream") != "stderr" and not (as_json or quiet())
+            target = sys.stdout if to_stdout else sys.stderr
             data = output_bytes(event)
             if many:
                 prefix = f"[{run_.environment}] ".encode()
@@ -217,7 +219,10 @@ def start_through_hub(
 
     runs = asyncio.run(run_through_hub(store, requests, show))
     data = [{**r.to_dict(), "timed_out": r.id in timed_out} for r in runs]
-    lines = [f"{r.id} {r.status} (exit {r.exit_code}) result {r.result_snapshot}" for r in runs]
+    lines = [
+        r.id if quiet() else f"{r.id} {r.status} (exit {r.exit_code}) result {r.result_snapshot}"
+        for r in runs
+    ]
     emit(as_json, data if many else data[0], "\n".join(lines))
     failed = [r for r in runs if r.status != "succeeded"]
     for r in failed:

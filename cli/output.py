@@ -31,12 +31,16 @@ def emit(as_json: bool, data: Any, human: str | Callable[[], str]) -> None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
+def quiet() -> bool:
+    """Whether ``-q`` was given (anywhere before ``--``)."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and (ctx.find_root().obj or {}).get("quiet"))
+
+
 def note(message: str) -> None:
     """A remark for the person at the terminal (stderr, never mixed into results; off with -q)."""
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None and (ctx.find_root().obj or {}).get("quiet"):
-        return
-    click.echo(message, err=True)
+    if not quiet():
+        click.echo(message, err=True)
 
 
 def fail(as_json: bool, code: str, message: str, exit_code: int) -> NoReturn:

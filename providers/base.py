@@ -431,10 +431,13 @@ class BaseProvider(ABC):
             RuntimeBroken: the runtime does not start, or a module of the workspace shadows
                 one of its own (named in the message).
         """
-        from .errors import RuntimeBroken
+        from .errors import ExecFailed, RuntimeBroken
 
         argv = [*self.runtime_command(), "runtime", "--check"]
-        result = self.exec(resource_id, argv, env={"NARRATIVE_STORE": ""}, timeout=120)
+        try:
+            result = self.exec(resource_id, argv, env={"NARRATIVE_STORE": ""}, timeout=120)
+        except ExecFailed as exc:  # the program itself is missing
+            raise RuntimeBroken(f"no runtime in {resource_id}: {exc}; {self.runtime_hint}") from exc
         shadowed = _check_report(result.stdout)
         if result.exit_code != 0 or shadowed is None:
             tail = (result.stderr or result.stdout).decode(errors="replace").strip()
@@ -442,7 +445,16 @@ class BaseProvider(ABC):
             if shadowed:
                 modules = ", ".join(f"{name} ({path})" for name, path in sorted(shadowed.items()))
                 tail = f"workspace files shadow its modules: {modules}"
+            elif result.exit_code in (126, 127) or "ModuleNotFoundError" in tail:
+                tail = f"{tail}; {self.runtime_hint}"  # no program, no Python, or no package
             raise RuntimeBroken(f"the runtime in {resource_id} is broken: {tail}")
+
+    runtime_hint: ClassVar[str] = (
+        "the environment needs Python 3.11+ with narrative-engine installed, "
+        "or --config runtime=... naming the CLI there"
+    )
+    """How to give an environment a working runtime, appended to a :class:`RuntimeBroken`
+    that says it has none."""
 
 
 def _check_report(stdout: bytes) -> dict[str, str] | None:

@@ -13,7 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .base import ProviderConfig
 from .shipping import DEFAULT_MAX_COLLECT_BYTES
 
-__all__ = ["DockerConfig", "DockerMount"]
+__all__ = ["DEFAULT_IMAGE", "DockerConfig", "DockerMount"]
+
+DEFAULT_IMAGE = "narrative-host:1"
+"""The image used without ``--config image``: a skeleton that runs the host's Python and
+narrative (:mod:`providers.docker_image`), built offline on first use."""
 
 
 class DockerMount(BaseModel):
@@ -41,8 +45,13 @@ class DockerConfig(ProviderConfig):
 
     type: Literal["docker"] = "docker"
     """Discriminator of the provider configs."""
-    image: str
-    """Image to run; it must already be present on the daemon (it is never pulled)."""
+    image: str = DEFAULT_IMAGE
+    """Image to run; it must already be present on the daemon (it is never pulled), except
+    the default, which is built offline when missing (``narrative env image build``)."""
+    host_runtime: bool | None = None
+    """Run the runtime with the host's ``/usr``, Python and narrative, mounted read-only
+    (what the default image is made for). Default: on for the default image, off for
+    others, which need Python 3.11+ with narrative-engine installed (``docker/Dockerfile``)."""
     workdir: str = "/work"
     """Absolute directory in the container holding the workspace; commands run there."""
     network: bool | Literal["host"] = False
@@ -79,8 +88,13 @@ class DockerConfig(ProviderConfig):
     max_collect_bytes: int = Field(default=DEFAULT_MAX_COLLECT_BYTES, gt=0)
     """Upper bound on the file bytes a collect accepts from the container."""
     runtime: list[str] | None = None
-    """argv prefix that runs the narrative CLI in the environment
-    (default: ``narrative`` on the container's PATH)."""
+    """argv prefix that runs the narrative CLI in the environment (default: the host's, with
+    ``host_runtime``; else ``narrative`` on the container's PATH)."""
+
+    @property
+    def uses_host_runtime(self) -> bool:
+        """Whether the container runs the host's Python and narrative (see ``host_runtime``)."""
+        return self.host_runtime if self.host_runtime is not None else self.image == DEFAULT_IMAGE
 
     @field_validator("workdir")
     @classmethod

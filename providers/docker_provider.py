@@ -58,7 +58,8 @@ from .base import (
     check_relative_path,
     tail_start,
 )
-from .docker_config import DockerConfig, DockerMount
+from .docker_config import DEFAULT_IMAGE, DockerConfig, DockerMount
+from .docker_image import build_image, host_runtime
 from .errors import (
     ExecFailed,
     ImageNotFound,
@@ -80,6 +81,8 @@ __all__ = [
     "LABEL_NAME",
     "LABEL_OWNER",
     "DockerProvider",
+    "build_default_image",
+    "connect",
 ]
 
 log = logging.getLogger(__name__)
@@ -120,6 +123,46 @@ if [ -d "$1" ] && [ ! -L "$1" ]; then exit 3; fi
 if [ ! -e "$1" ] && [ ! -L "$1" ]; then exit 2; fi
 rm -f -- "$1"
 """
+
+
+def connect(base_url: str | None = None, timeout: float = 60.0) -> Any:
+    """A low-level Engine API client for ``base_url`` (default: ``DOCKER_HOST`` and friends).
+
+    Raises:
+        ProviderUnavailable: no daemon answers there.
+    """
+    with _errors("connect"):
+        if base_url is not None:
+            kwargs: dict[str, Any] = {"base_url": base_url}
+        else:
+            kwargs = docker.utils.kwargs_from_env()
+        url = str(kwargs.get("base_url") or "unix:///var/run/docker.sock")
+        # Checked here because the SDK leaks a socket when a unix connect fails.
+        if url.startswith("unix://") and not os.path.exists(url[len("unix://") :]):
+            raise ProviderUnavailable(f"docker daemon unreachable: no socket at {url}")
+        return docker.APIClient(version="auto", timeout=timeout, **kwargs)
+
+
+def build_default_image(tag: str = DEFAULT_IMAGE, base_url: str | None = None) -> str:
+    """Build (or rebuild) the default image offline under ``tag``; returns its id."""
+    api = connect(base_url)
+    try:
+        with _errors("build", image=tag):
+            return build_image(api, tag)
+    finally:
+        api.close()
+
+
+def _check_workdir(workdir: str, mounts: Sequence[DockerMount]) -> None:
+    """Refuse a workdir inside a mount or holding one: restore empties the workdir, and a run
+    must neither write through a mount nor have a read-only one in its way."""
+    for mount in mounts:
+        inner, outer = sorted((workdir, mount.target), key=len, reverse=True)
+        if inner == outer or inner.startswith(outer.rstrip("/") + "/"):
+            raise InvalidInput(
+                f"workdir {workdir} overlaps the mount at {mount.target}: "
+                f"choose another one (--config workdir=/somewhere)"
+            )
 
 
 def _translate(
@@ -293,16 +336,7 @@ class DockerProvider(BaseProvider):
     def api(self) -> Any:
         """The low-level Engine API client, connected on first use."""
         if self._api is None:
-            with _errors("connect"):
-                if self.cfg.base_url is not None:
-                    kwargs: dict[str, Any] = {"base_url": self.cfg.base_url}
-                else:
-                    kwargs = docker.utils.kwargs_from_env()
-                url = str(kwargs.get("base_url") or "unix:///var/run/docker.sock")
-                # Checked here because the SDK leaks a socket when a unix connect fails.
-                if url.startswith("unix://") and not os.path.exists(url[len("unix://") :]):
-                    raise ProviderUnavailable(f"docker daemon unreachable: no socket at {url}")
-                self._api = docker.APIClient(version="auto", timeout=self.cfg.api_timeout, **kwargs)
+            self._api = connect(self.cfg.base_url, self.cfg.api_timeout)
         return self._api
 
     def close(self) -> None:
@@ -315,10 +349,10 @@ class DockerProvider(BaseProvider):
 
     def create(self) -> str:
         cfg = self.cfg
-        # Checked first: create_container itself never pulls, but nothing must be created for
-        # an image that is absent, and the error must name the image.
-        with _errors("create", image=cfg.image):
-            self.api.inspect_image(cfg.image)
+        self._ensure_image()
+        host = host_runtime() if cfg.uses_host_runtime else None
+        mounts = [*(host.mounts if host else []), *cfg.mounts]
+        _check_workdir(cfg.workdir, mounts)
         labels = {
             LABEL_OWNER: self.context.owner,
             LABEL_ENV: self.context.env_id,
@@ -330,7 +364,7 @@ class DockerProvider(BaseProvider):
         )
         with _errors("create", image=cfg.image):
             host_config = self.api.create_host_config(
-                binds=[_bind(m) for m in [*cfg.mounts, hub_dir]],
+                binds=[_bind(m) for m in [*mounts, hub_dir]],
                 network_mode=_network_mode(cfg.network),
                 mem_limit=cfg.mem_limit,
                 nano_cpus=round(cfg.cpus * 1e9) if cfg.cpus is not None else None,
@@ -346,7 +380,7 @@ class DockerProvider(BaseProvider):
                         cfg.image,
                         command=list(cfg.command),
                         working_dir=cfg.workdir,
-                        environment=dict(cfg.env),
+                        environment={**(host.env if host else {}), **cfg.env},
                         labels=labels,
                         host_config=host_config,
                         network_disabled=not cfg.network,
@@ -367,6 +401,21 @@ class DockerProvider(BaseProvider):
         log.debug("created container %s for %s", container_id, self.context.env_name)
         return container_id
 
+    def _ensure_image(self) -> None:
+        """Build the default image when it is missing (offline, from the host); any other
+        image must be present. Checked before anything is created: create_container itself
+        never pulls, but nothing must be created for an absent image, and the error names it."""
+        image = self.cfg.image
+        try:
+            with _errors("create", image=image):
+                self.api.inspect_image(image)
+        except ImageNotFound:
+            if image != DEFAULT_IMAGE:
+                raise
+            log.info("building the default image %s (offline, from this host)", image)
+            with _errors("create", image=image):
+                build_image(self.api, image)
+
     def _remove_leftover(self, name: str) -> bool:
         """Remove a container left under ``name`` by an earlier, interrupted create of this
         very environment; anything else holding the name is left alone."""
@@ -386,6 +435,26 @@ class DockerProvider(BaseProvider):
     def start(self, resource_id: str) -> None:
         with _errors("start", resource_id):
             self.api.start(resource_id)
+        self._check_running(resource_id)
+
+    def _check_running(self, resource_id: str) -> None:
+        """Raise if the container has already exited, with its exit code and last output: an
+        image whose keep-alive command cannot run (no ``sleep``, no ``/usr``) stops at once.
+
+        Raises:
+            ProviderError: the container is not running.
+        """
+        with _errors("start", resource_id):
+            state = self.api.inspect_container(resource_id)["State"]
+            if state.get("Running"):
+                return
+            output = self.api.logs(resource_id, tail=3).decode(errors="replace").strip()
+        raise ProviderError(
+            f"container {resource_id[:12]} stopped at once (exit {state.get('ExitCode')}"
+            f"{': ' + output if output else ''}); the image needs a POSIX sh, rm, grep and "
+            f"{self.cfg.command[0]} (the keep-alive command), or leave out --config image to "
+            f"use the default image"
+        )
 
     def stop(self, resource_id: str) -> None:
         with _errors("stop", resource_id):
@@ -426,7 +495,8 @@ class DockerProvider(BaseProvider):
             return Health.UNREACHABLE
         if not state.get("Running") or state.get("Paused"):
             return Health.UNREACHABLE
-        if self.cfg.runtime:  # the default runtime may be absent: nothing runs it yet
+        # the image's own `narrative` may be absent: nothing runs it yet
+        if self.cfg.runtime or self.cfg.uses_host_runtime:
             self.check_runtime(resource_id)
         return Health.OK
 
@@ -641,9 +711,18 @@ class DockerProvider(BaseProvider):
             log.debug("no spawn log %s in %s: %s", path, resource_id, exc)
             return SpawnLog(0, b"")
 
+    runtime_hint: ClassVar[str] = (
+        "the image needs Python 3.11+ with narrative-engine installed: leave out "
+        "--config image to use the default image (built offline from this host, "
+        "see 'narrative env image build'), build one from docker/Dockerfile, "
+        "or name the CLI in the image with --config runtime=..."
+    )
+
     def runtime_command(self) -> list[str]:
         """The configured ``runtime``, else ``narrative`` from the container's ``PATH``."""
-        return list(self.cfg.runtime) if self.cfg.runtime else ["narrative"]
+        if self.cfg.runtime:
+            return list(self.cfg.runtime)
+        return host_runtime().runtime if self.cfg.uses_host_runtime else ["narrative"]
 
     # -- files ----------------------------------------------------------------------------------
 

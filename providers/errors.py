@@ -95,7 +95,8 @@ class ImageNotFound(ProviderError, LookupError):
     def __init__(self, image: str) -> None:
         super().__init__(
             f"docker image {image!r} is not present locally and is never pulled; "
-            f"build or load it first (e.g. 'docker import' / 'docker load')"
+            f"build or load it first ('docker build' / 'docker load'), or leave out "
+            f"--config image to use the default image"
         )
         self.image = image
 

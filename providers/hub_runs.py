@@ -33,7 +33,7 @@ from narrative.models import AgentRun, Snapshot
 from narrative.runs import incoming_ref, withheld_files
 
 from .base import DEFAULT_MAX_RESULT_BYTES, HubSocket, ProviderConfig
-from .errors import ResultTooLarge
+from .errors import ResultTooLarge, RuntimeBroken
 from .events import EventBudget, RunEventLog
 from .hub import pid_alive
 from .leases import EnvironmentBusy
@@ -417,9 +417,27 @@ class RunDriver:
             if self._connected.is_set():
                 return
             if self.handle is not None and not await self._runtime_alive():
-                raise RunFailed(f"the runtime exited before connecting ({what})")
+                raise RunFailed(
+                    f"the runtime exited before connecting ({what}){await self._diagnosis()}"
+                )
             if loop.time() > deadline:
                 raise RunFailed(f"the runtime did not connect within {timeout:g}s ({what})")
+
+    async def _diagnosis(self) -> str:
+        """Why the environment's runtime does not start (``": ..."``), when its import check
+        says (no program, no Python, no package, shadowed modules); else nothing."""
+
+        def check() -> None:
+            _record, provider, resource = self.hub.manager.require_active(self.environment)
+            provider.check_runtime(resource)
+
+        try:
+            await self.hub.blocking(check)
+        except RuntimeBroken as exc:
+            return f": {exc}"
+        except NarrativeError:
+            pass
+        return ""
 
     async def _runtime_alive(self) -> bool:
         handle = self.handle

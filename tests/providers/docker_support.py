@@ -10,15 +10,15 @@ and ``export DOCKER_HOST=unix:///tmp/narrative-dockerd/docker.sock``.
 from __future__ import annotations
 
 import gc
-import io
 import os
-import tarfile
 import uuid
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from providers.docker_image import build_image
 
 REQUIRE_DOCKER = os.environ.get("NARRATIVE_REQUIRE_DOCKER") == "1"
 TEST_IMAGE = "narrative-test-base:2"
@@ -30,34 +30,6 @@ def docker_unavailable(reason: str) -> None:
     if REQUIRE_DOCKER:
         pytest.fail(f"{reason} (NARRATIVE_REQUIRE_DOCKER=1 demands the Docker tests run)")
     pytest.skip(reason)
-
-
-def rootfs_tar() -> bytes:
-    """A skeleton root file system: enough for the host's ``/usr`` to run in it."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-
-        def add(
-            name: str, kind: bytes, mode: int = 0o755, data: bytes = b"", link: str = ""
-        ) -> None:
-            info = tarfile.TarInfo(name)
-            info.type = kind
-            info.mode = mode
-            info.linkname = link
-            info.size = len(data) if kind == tarfile.REGTYPE else 0
-            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
-
-        for directory in ("etc", "usr", "work", "proc", "sys", "dev", "root"):
-            add(directory, tarfile.DIRTYPE)
-        add("tmp", tarfile.DIRTYPE, 0o1777)
-        for link, target in (("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
-            add(link, tarfile.SYMTYPE, 0o777, link=target)
-        # A real directory, not a link into the read-only /usr: the daemon mounts its init
-        # at /sbin/docker-init.
-        add("sbin", tarfile.DIRTYPE)
-        add("etc/passwd", tarfile.REGTYPE, 0o644, b"root:x:0:0:root:/root:/bin/sh\n")
-        add("etc/group", tarfile.REGTYPE, 0o644, b"root:x:0:\n")
-    return buf.getvalue()
 
 
 def connect() -> Any:
@@ -93,9 +65,7 @@ def ensure_image(api: Any) -> str:
     try:
         api.inspect_image(TEST_IMAGE)
     except docker.errors.ImageNotFound:
-        repo, tag = TEST_IMAGE.split(":")
-        api.import_image_from_data(rootfs_tar(), repository=repo, tag=tag)
-        api.inspect_image(TEST_IMAGE)
+        build_image(api, TEST_IMAGE)
     return TEST_IMAGE
 
 
