@@ -290,6 +290,15 @@ def test_readme_s3_walkthrough_runs_against_moto(
     run_walkthrough("S3 and MinIO", tmp_path, {"S3_ENDPOINT": s3_endpoint, "S3_BUCKET": BUCKET})
 
 
+def test_readme_docker_walkthrough_runs_on_the_engine(tmp_path: Path) -> None:
+    """'## Agents in Docker' on the private engine (skipped without one unless
+    NARRATIVE_REQUIRE_DOCKER=1): the default image is built offline on first use."""
+    from .providers.docker_support import connect
+
+    connect().close()
+    run_walkthrough("Agents in Docker", tmp_path, {})
+
+
 def run_walkthrough(section: str, tmp_path: Path, extra_env: dict[str, str]) -> None:
     import subprocess
     import sys
