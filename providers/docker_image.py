@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_IMAGE",
     "IMAGE_LABEL",
     "LIB_MOUNT",
+    "PACKAGES",
     "VENV_MOUNT",
     "HostRuntime",
     "build_image",
@@ -38,7 +39,7 @@ __all__ = [
 IMAGE_LABEL = "narrative.image"
 """Label of the images :func:`build_image` makes (value ``host``)."""
 LIB_MOUNT = "/opt/narrative/lib"
-"""Where the directory holding this installation's packages is mounted."""
+"""Where this installation's packages are mounted, each on its own (:data:`PACKAGES`)."""
 VENV_MOUNT = "/opt/narrative/venv"
 """Where the host's virtualenv (when narrative runs from one) is mounted."""
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -117,15 +118,22 @@ def host_runtime() -> HostRuntime:
         mounts.append(DockerMount(source=os.path.realpath(sys.prefix), target=VENV_MOUNT))
         python = f"{VENV_MOUNT}/bin/{os.path.basename(sys.executable)}"
         path = f"{VENV_MOUNT}/bin:{_PATH}"
-    mounts.append(DockerMount(source=_package_root(), target=LIB_MOUNT))
+    # each package on its own: the directory holding them may be a whole checkout (.git...)
+    root = _package_root()
+    for package in PACKAGES:
+        mounts.append(DockerMount(source=str(root / package), target=f"{LIB_MOUNT}/{package}"))
     return HostRuntime(mounts, python, {"PATH": path, "PYTHONPATH": LIB_MOUNT})
 
 
-def _package_root() -> str:
+PACKAGES = ("narrative", "transfer", "providers", "gateway", "cli")
+"""The top-level packages of narrative-engine."""
+
+
+def _package_root() -> Path:
     """The directory holding the ``narrative``, ``cli``, ... packages of this installation."""
     import narrative
 
-    return str(Path(narrative.__file__).resolve().parent.parent)
+    return Path(narrative.__file__).resolve().parent.parent
 
 
 def _within(path: str, directory: str) -> bool:

@@ -15,7 +15,7 @@ import pytest
 from narrative.store import Store
 from providers.base import ProviderContext
 from providers.docker_config import DEFAULT_IMAGE
-from providers.docker_image import IMAGE_LABEL, LIB_MOUNT
+from providers.docker_image import IMAGE_LABEL, LIB_MOUNT, PACKAGES
 from providers.errors import RuntimeBroken
 from providers.worktree import WorktreeConfig, WorktreeProvider
 
@@ -37,7 +37,9 @@ def test_the_default_image_is_built_on_first_use_and_runs_an_agent(
         assert docker_api.inspect_image(DEFAULT_IMAGE)["Config"]["Labels"][IMAGE_LABEL] == "host"
         container = docker_api.inspect_container(created["resource_id"])
         mounts = {m["Destination"]: m for m in container["Mounts"]}
-        assert mounts[LIB_MOUNT]["RW"] is False and mounts["/usr"]["RW"] is False
+        ours = [f"{LIB_MOUNT}/{package}" for package in PACKAGES]
+        assert all(mounts[target]["RW"] is False for target in [*ours, "/usr"])
+        assert LIB_MOUNT not in mounts  # never the directory holding them (a checkout's .git)
         assert not any(str(workspace) in m["Source"] for m in container["Mounts"])
         assert cli.json("env", "health", "box", "--json")[0]["health"] == "ok"
         agent = "import gateway.client, sys; open('v.txt', 'w').write(sys.version[:4])"
@@ -68,11 +70,11 @@ def test_an_image_without_narrative_fails_the_run_saying_how_to_fix_it(
 def test_a_workdir_over_a_mount_is_refused(cli: Cli, docker_api: Any) -> None:
     cli.run("init")
     out = cli.run(
-        "env", "create", "box", "--provider", "docker", "--config", f"workdir={LIB_MOUNT}/x",
+        "env", "create", "box", "--provider", "docker", "--config", f"workdir={LIB_MOUNT}",
         check=False,
     )  # fmt: skip
     assert out.returncode == 1
-    assert f"overlaps the mount at {LIB_MOUNT}" in out.stderr
+    assert f"overlaps the mount at {LIB_MOUNT}/narrative" in out.stderr
     assert "Traceback" not in out.stderr
 
 
