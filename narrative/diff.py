@@ -13,9 +13,9 @@ from typing import Any
 
 from .models import Snapshot
 from .objects import MODE_DIR, MODE_LINK
-from .restore import FlatTree, flatten_tree
 from .scan import DirNode
 from .store import Store
+from .trees import FlatTree, flatten_tree
 
 __all__ = ["DiffResult", "FileChange", "diff_snapshots", "diff_trees"]
 

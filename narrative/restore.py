@@ -17,28 +17,27 @@ from dataclasses import dataclass, field
 
 from . import progress
 from .confined import ConfinedRoot
-from .errors import RestoreError, StoreCorrupted, UnsafePath
+from .errors import RestoreError, StoreCorrupted
 from .fsutil import WORKSPACE_TMP_PREFIX, mkstemp
 from .models import Snapshot
-from .objects import MODE_DIR, MODE_EXEC, MODE_LINK, parse_tree
+from .objects import MODE_EXEC, MODE_LINK
 from .odb import ObjectStore
-from .paths import check_component, check_path
+from .paths import check_path
 from .statcache import StatKey
 from .store import Store
+from .trees import FlatTree, flatten_tree
 
 __all__ = [
     "WORKSPACE_LOCK",
     "RestoreResult",
     "apply_changes",
     "check_changes",
-    "flatten_tree",
     "materialize",
     "materialize_confined",
     "restore_workspace",
     "sync_directory",
 ]
 
-FlatTree = dict[str, tuple[int, bytes]]
 _PARALLEL_MIN = 64
 
 
@@ -52,37 +51,6 @@ class RestoreResult:
     deleted: int = 0
     safety_snapshot: str | None = None
     kept: list[str] = field(default_factory=list)
-
-
-def flatten_tree(odb: ObjectStore, tree: bytes, prefix: str = "") -> FlatTree:
-    """path → (mode, oid) for every non-directory entry below ``tree``.
-
-    Every entry name passes the path rule (:mod:`narrative.paths`): a tree that would write
-    into a ``.git`` or the store is refused whole (:class:`UnsafePath`), before anything is
-    written. Iterative, so a hostile deep tree cannot exhaust the stack.
-    """
-    out: FlatTree = {}
-    # depth first in tree order (as git lists a tree), without recursion
-    stack: list[tuple[bytes, str] | tuple[str, int, bytes]] = [(tree, prefix)]
-    while stack:
-        item = stack.pop()
-        if len(item) == 3:
-            path, mode, blob = item
-            out[path] = (mode, blob)
-            continue
-        oid, at = item
-        kind, data = odb.read(oid)
-        if kind != "tree":
-            raise StoreCorrupted(f"{oid.hex()} is not a tree")
-        children: list[tuple[bytes, str] | tuple[str, int, bytes]] = []
-        for name, mode, child in parse_tree(data):
-            path = at + os.fsdecode(name)
-            if b"/" in name:
-                raise UnsafePath(path, "a tree entry name holds '/'")
-            check_component(name, top_level=not at, path=path)
-            children.append((child, path + "/") if mode == MODE_DIR else (path, mode, child))
-        stack.extend(reversed(children))
-    return out
 
 
 def _write_file(

@@ -270,7 +270,7 @@ def check_deletions(store: Store, base: Snapshot | None, result: Snapshot, force
     what an agent that wiped its checkout (or never received it) would look like."""
     if force or base is None:
         return
-    from .restore import flatten_tree
+    from .trees import flatten_tree
 
     before = flatten_tree(store.odb, bytes.fromhex(base.tree))
     after = flatten_tree(store.odb, bytes.fromhex(result.tree))

@@ -48,12 +48,12 @@ from .restore import (
     RestoreResult,
     apply_changes,
     check_changes,
-    flatten_tree,
     restore_workspace,
 )
 from .runs import check_merge, is_run_ref, resolve_run, run_snapshots, withheld_files
 from .snapshot import take_snapshot
 from .store import Store
+from .trees import flatten_tree
 
 __all__ = [
     "MergeResult",

@@ -41,15 +41,10 @@ from narrative.errors import InvalidInput, RestoreError
 from narrative.fsutil import write_atomic
 from narrative.models import Snapshot
 from narrative.objects import hash_object
-from narrative.restore import (
-    FlatTree,
-    flatten_tree,
-    materialize,
-    materialize_confined,
-    sync_directory,
-)
+from narrative.restore import materialize, materialize_confined, sync_directory
 from narrative.runs import incoming_ref
 from narrative.snapshot import scan_tree, take_snapshot
+from narrative.trees import FlatTree, flatten_tree
 
 from .base import (
     SPAWN_LOG_LIMIT,

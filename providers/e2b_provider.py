@@ -56,7 +56,7 @@ from e2b import (
 from e2b.exceptions import SandboxNotRunningException, SandboxUnreachableException
 
 from narrative.errors import InvalidInput, NarrativeError
-from narrative.restore import flatten_tree
+from narrative.trees import flatten_tree
 
 from .base import (
     SPAWN_LOG_LIMIT,

@@ -25,10 +25,10 @@ from typing import IO
 from narrative.errors import InvalidInput
 from narrative.models import Snapshot
 from narrative.objects import MODE_EXEC, MODE_LINK
-from narrative.restore import flatten_tree
 from narrative.runs import incoming_ref
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
+from narrative.trees import flatten_tree
 
 from .records import env_state_dir
 

@@ -76,8 +76,8 @@ from narrative.objects import (
 )
 from narrative.odb import ObjectStore, PackWriter, deflate, parse_entry_header
 from narrative.paths import path_problem
-from narrative.restore import flatten_tree
 from narrative.store import Store
+from narrative.trees import flatten_tree
 
 from .errors import IncompleteExport, InvalidArtifact
 from .packin import DEFAULT_MAX_EXPANDED

@@ -15,7 +15,7 @@ from ..conftest import Cli, store_dir_of, tree_bytes
 
 def _file(store: Store, snapshot_id: str, path: str) -> str:
     from narrative.history import resolve_snapshot
-    from narrative.restore import flatten_tree
+    from narrative.trees import flatten_tree
 
     snap = resolve_snapshot(store, snapshot_id)
     _mode, oid = flatten_tree(store.odb, bytes.fromhex(snap.tree))[path]

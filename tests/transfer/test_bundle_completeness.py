@@ -125,7 +125,7 @@ def test_an_archive_missing_a_file_is_never_published(
     a tree flattener that drops one), the archive would not rebuild its snapshot's tree, so the
     export fails before anything is published."""
     import transfer.archive
-    from narrative.restore import flatten_tree
+    from narrative.trees import flatten_tree
     from transfer.exporter import export
 
     (workspace / "src" / "more.py").write_text("x = 1\n")
