@@ -230,7 +230,8 @@ def log(
     ``origin/main`` (the thread as the remote ``origin`` last had it).
     """
     from narrative import hierarchy
-    from narrative.history import all_snapshots, resolve_snapshot, thread_snapshots
+    from narrative.commits import all_snapshots, thread_snapshots
+    from narrative.history import resolve_snapshot
 
     if sum(bool(x) for x in (start, thread_ref, objective_ref, all_threads)) > 1:
         raise click.UsageError("use at most one of SNAPSHOT, --thread, --objective, --all")

@@ -140,8 +140,8 @@ def thread_list(ctx: click.Context, objective_ref: str | None, as_json: bool) ->
 @click.pass_context
 def thread_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Show a thread with its snapshot count and runs."""
+    from narrative.commits import thread_snapshots
     from narrative.hierarchy import list_runs, resolve_thread
-    from narrative.history import thread_snapshots
 
     store = open_store(ctx)
     t = resolve_thread(store, ref)

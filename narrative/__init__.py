@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .commits import all_snapshots, thread_snapshots
     from .diff import DiffResult, diff_snapshots
     from .errors import NarrativeError
     from .gc import GcReport, RetentionPolicy, collect_garbage
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
         resolve_thread,
         start_run,
     )
-    from .history import all_snapshots, resolve_snapshot, thread_snapshots
+    from .history import resolve_snapshot
     from .merge import Conflict, TreeMerge, merge_trees
     from .merge3 import merge_text
     from .models import AgentRun, Objective, Snapshot, Thread
@@ -86,7 +87,7 @@ _HOMES = {
     "create_objective": "hierarchy", "create_thread": "hierarchy", "finish_run": "hierarchy",
     "list_objectives": "hierarchy", "list_runs": "hierarchy", "list_threads": "hierarchy",
     "resolve_thread": "hierarchy", "start_run": "hierarchy",
-    "all_snapshots": "history", "resolve_snapshot": "history", "thread_snapshots": "history",
+    "all_snapshots": "commits", "resolve_snapshot": "history", "thread_snapshots": "commits",
     "Conflict": "merge", "TreeMerge": "merge", "merge_trees": "merge", "merge_text": "merge3",
     "AgentRun": "models", "Objective": "models", "Snapshot": "models", "Thread": "models",
     "RestoreResult": "restore", "materialize": "restore", "restore_workspace": "restore",

@@ -26,10 +26,10 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from .commits import read_commit, thread_snapshots
 from .errors import ConcurrentUpdate, InvalidInput
 from .fsutil import unlink_quiet
 from .hierarchy import list_runs, list_threads
-from .history import read_commit, thread_snapshots
 from .models import Snapshot
 from .objects import MODE_DIR, Commit, encode_commit, parse_commit, parse_tree
 from .odb import PackWriter

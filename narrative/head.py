@@ -71,7 +71,7 @@ def fork_thread(store: Store, from_thread: str, from_snapshot: str) -> Thread:
 def describe_head(store: Store) -> dict[str, str | None]:
     """For ``narrative info``: the workspace HEAD's snapshot, the thread it continues, and
     where the next snapshot taken without ``--thread`` goes."""
-    from .history import snapshot_at
+    from .commits import snapshot_at
 
     current = store.config.default_thread
     head = read_head(store)

@@ -1,89 +1,24 @@
-"""Reading snapshots back: walking threads, and resolving ids, prefixes and commits.
+"""Resolving names to snapshots: ids, prefixes, thread names, ``thread@{n}``, remote-tracking
+names, run ids and commits.
 
-:func:`resolve_snapshot` is the one resolver of snapshot names every command uses.
+:func:`resolve_snapshot` is the one resolver of snapshot names every command uses; reading the
+snapshots themselves is :mod:`narrative.commits`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from .commitmsg import is_snapshot_commit, snapshot_from_commit
-from .errors import AmbiguousId, InvalidInput, SnapshotNotFound, StoreCorrupted
+from .commits import all_snapshots, snapshot_at
+from .errors import AmbiguousId, InvalidInput, SnapshotNotFound
 from .models import Snapshot
-from .objects import Commit, parse_commit
+from .runs import resolve_run, run_snapshots
 
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = [
-    "all_snapshots",
-    "read_commit",
-    "reference_names",
-    "resolve_snapshot",
-    "snapshot_at",
-    "thread_snapshots",
-]
-
-
-def read_commit(store: Store, oid: bytes) -> Commit:
-    kind, data = store.odb.read(oid)
-    if kind != "commit":
-        raise StoreCorrupted(f"{oid.hex()} is a {kind}, not a commit")
-    return parse_commit(data)
-
-
-def _snapshot_id_of(store: Store, oid: bytes | None) -> str | None:
-    if oid is None:
-        return None
-    commit = read_commit(store, oid)
-    return snapshot_from_commit(oid, commit, None).id if is_snapshot_commit(commit) else None
-
-
-def snapshot_at(store: Store, oid: bytes) -> Snapshot:
-    """The snapshot stored in commit ``oid`` (with its parent's snapshot id)."""
-    commit = read_commit(store, oid)
-    if not is_snapshot_commit(commit):
-        raise SnapshotNotFound(oid.hex())
-    parent = _snapshot_id_of(store, commit.parents[0] if commit.parents else None)
-    return snapshot_from_commit(oid, commit, parent)
-
-
-def thread_snapshots(store: Store, thread_id: str, head: bytes | None = None) -> Iterator[Snapshot]:
-    """Snapshots of one thread, newest first (stops where the thread was forked)."""
-    oid = head if head is not None else store.refs.read(store.thread_ref(thread_id))
-    if oid is None:
-        return
-    commit = read_commit(store, oid)
-    while True:
-        parent_oid = commit.parents[0] if commit.parents else None
-        parent_commit = read_commit(store, parent_oid) if parent_oid is not None else None
-        parent_id = (
-            snapshot_from_commit(parent_oid, parent_commit, None).id
-            if parent_oid is not None
-            and parent_commit is not None
-            and is_snapshot_commit(parent_commit)
-            else None
-        )
-        snap = snapshot_from_commit(oid, commit, parent_id)
-        if snap.thread != thread_id:
-            return
-        yield snap
-        if parent_oid is None or parent_commit is None or not is_snapshot_commit(parent_commit):
-            return
-        oid, commit = parent_oid, parent_commit
-
-
-def all_snapshots(store: Store) -> Iterator[Snapshot]:
-    """Every snapshot reachable from any thread, each once (thread by thread, newest first)."""
-    seen: set[str] = set()
-    for thread_id, head in sorted(store.thread_heads().items()):
-        for snap in thread_snapshots(store, thread_id, head):
-            if snap.commit in seen:
-                break
-            seen.add(snap.commit)
-            yield snap
+__all__ = ["reference_names", "resolve_snapshot"]
 
 
 _PREVIOUS_HEAD = re.compile(r"(.+)@\{(\d+)\}")
@@ -215,6 +150,4 @@ def _previous_head(store: Store, thread: str, n: int) -> bytes:
 def _run_result(store: Store, ref: str) -> Snapshot:
     """The result snapshot of run ``ref`` (id or unique prefix): only a run that succeeded has
     one a plain name may use (``diff``/``merge RUN --allow-failed`` read the others)."""
-    from .runs import resolve_run, run_snapshots
-
     return run_snapshots(store, resolve_run(store, ref))[1]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Mapping
 
+from .commits import read_commit
 from .errors import ConcurrentUpdate, StoreCorrupted
-from .history import read_commit
 from .store import Store
 
 __all__ = ["REMOTE_REF_PREFIX", "SHARED_REF_PREFIX", "mark_shared", "shared_commits"]

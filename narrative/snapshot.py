@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 from .blobs import write_blobs
 from .commitmsg import encode_message, snapshot_from_commit
+from .commits import read_commit, snapshot_at
 from .errors import ConcurrentUpdate, InvalidInput
 from .head import HEAD_LOCK, fork_thread, read_head, set_head
-from .history import read_commit, resolve_snapshot, snapshot_at
+from .history import resolve_snapshot
 from .ids import new_id
 from .models import Snapshot
 from .objects import MODE_DIR, Commit, Signature, encode_commit, encode_tree, hash_object

@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .commits import snapshot_at
 from .diff import diff_snapshots
 from .errors import ThreadNotFound
 from .head import describe_head, read_head
 from .hierarchy import get_thread, list_runs, run_age
-from .history import snapshot_at
 from .store import Store
 from .workspace_merge import merge_state
 

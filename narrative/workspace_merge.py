@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .commitmsg import is_snapshot_commit, merged_from
+from .commits import all_snapshots, read_commit, snapshot_at
 from .errors import (
     MergeError,
     MergeInProgress,
@@ -37,9 +38,10 @@ from .errors import (
 )
 from .fsutil import unlink_quiet, write_atomic
 from .head import read_head
-from .history import all_snapshots, read_commit, resolve_snapshot, snapshot_at
+from .history import resolve_snapshot
 from .jsonio import load_json
 from .merge import Conflict, Strategy, merge_trees
+from .merge_guards import check_merge
 from .models import AgentRun, Snapshot, now_iso
 from .objects import MODE_LINK, hash_object
 from .odb import PackWriter
@@ -50,7 +52,7 @@ from .restore import (
     check_changes,
     restore_workspace,
 )
-from .runs import check_merge, is_run_ref, resolve_run, run_snapshots, withheld_files
+from .runs import is_run_ref, resolve_run, run_snapshots, withheld_files
 from .snapshot import take_snapshot
 from .store import Store
 from .trees import flatten_tree

@@ -25,9 +25,10 @@ from gateway.errors import GatewayError, OutOfScope
 from gateway.protocol import ProviderAgentStart, ProviderStart, ProviderStop
 from gateway.tokens import TokenClaims
 from gateway.unix import unix_url
+from narrative.commits import snapshot_at
 from narrative.errors import InvalidInput, NarrativeError
 from narrative.hierarchy import create_thread, finish_run, get_thread, list_runs, start_run
-from narrative.history import resolve_snapshot, snapshot_at
+from narrative.history import resolve_snapshot
 from narrative.ids import new_id
 from narrative.models import AgentRun, Snapshot
 from narrative.runs import incoming_ref, withheld_files

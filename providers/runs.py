@@ -17,13 +17,14 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from narrative.commits import snapshot_at
 from narrative.credentials import secret_forms
 from narrative.errors import NarrativeError
 from narrative.hierarchy import create_thread, finish_run, get_thread, resolve_thread, start_run
-from narrative.history import resolve_snapshot, snapshot_at
+from narrative.history import resolve_snapshot
 from narrative.ids import new_id
 from narrative.models import AgentRun, Snapshot
-from narrative.runs import withhold_secrets
+from narrative.screening import withhold_secrets
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from narrative.commits import thread_snapshots
 from narrative.errors import InvalidInput
 from narrative.gc import RetentionPolicy, collect_garbage, parse_duration
 from narrative.hierarchy import create_thread, finish_run, start_run
-from narrative.history import resolve_snapshot, thread_snapshots
+from narrative.history import resolve_snapshot
 from narrative.restore import materialize
 from narrative.snapshot import take_snapshot
 from narrative.store import Store

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from narrative.commits import read_commit
 from narrative.errors import MergeInProgress, RestoreError
 from narrative.hierarchy import create_thread, finish_run, start_run
-from narrative.history import read_commit, resolve_snapshot
+from narrative.history import resolve_snapshot
 from narrative.merge3 import merge_text
 from narrative.restore import materialize
 from narrative.snapshot import take_snapshot

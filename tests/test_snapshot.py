@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
+from narrative.commits import thread_snapshots
 from narrative.errors import InvalidInput, ThreadNotFound
 from narrative.hierarchy import create_thread, start_run
-from narrative.history import resolve_snapshot, thread_snapshots
+from narrative.history import resolve_snapshot
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 

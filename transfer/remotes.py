@@ -390,8 +390,8 @@ def pull(
     thread that moved on both sides, as ``git pull`` would: into the workspace when it is the
     workspace's thread and the workspace is at its head (a two-parent merge snapshot, or a
     conflict report with the merge left in progress), else recorded as pending."""
+    from narrative.commits import snapshot_at
     from narrative.head import read_head
-    from narrative.history import snapshot_at
     from narrative.restore import restore_workspace
     from narrative.workspace_merge import merge_workspace
 

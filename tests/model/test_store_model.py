@@ -40,10 +40,11 @@ from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from narrative.commits import all_snapshots
 from narrative.errors import NarrativeError
 from narrative.gc import RetentionPolicy, collect_garbage
 from narrative.hierarchy import create_thread, get_thread
-from narrative.history import all_snapshots, resolve_snapshot
+from narrative.history import resolve_snapshot
 from narrative.restore import materialize, restore_workspace
 from narrative.snapshot import take_snapshot
 from narrative.store import THREAD_REF_PREFIX, Store

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from narrative.commits import thread_snapshots
 from narrative.errors import InvalidInput
 from narrative.hierarchy import list_threads
-from narrative.history import thread_snapshots
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from providers.base import BaseProvider, Health, ProviderContext

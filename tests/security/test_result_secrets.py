@@ -26,7 +26,8 @@ import pytest
 from narrative.credentials import secret_content_problem, secret_forms
 from narrative.hierarchy import create_thread, get_thread, start_run
 from narrative.history import resolve_snapshot
-from narrative.runs import WITHHELD_REF_PREFIX, incoming_ref, withheld_files, withhold_secrets
+from narrative.runs import WITHHELD_REF_PREFIX, incoming_ref, withheld_files
+from narrative.screening import withhold_secrets
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 

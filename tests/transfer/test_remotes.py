@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from narrative.commits import thread_snapshots
 from narrative.hierarchy import create_thread
-from narrative.history import thread_snapshots
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from transfer import fsio

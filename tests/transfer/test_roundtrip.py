@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from narrative.commits import all_snapshots, thread_snapshots
 from narrative.errors import NarrativeError
 from narrative.hierarchy import (
     create_objective,
@@ -17,7 +18,6 @@ from narrative.hierarchy import (
     list_threads,
     start_run,
 )
-from narrative.history import all_snapshots, thread_snapshots
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from transfer.exporter import export
