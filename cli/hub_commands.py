@@ -128,7 +128,8 @@ def runtime(
     check: bool,
 ) -> None:
     """Run inside an environment: connect back to the hub and run its agent."""
-    from providers.runtime import CHECK_DONE, Runtime, shadowed_modules
+    from providers.base import CHECK_DONE
+    from providers.runtime import Runtime, shadowed_modules
 
     if check:
         # Plain lines, no json: a shadowed json module must not hide its own report.

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from narrative.store import Store
 
 __all__ = [
+    "CHECK_DONE",
     "DEFAULT_MAX_EVENTS",
     "DEFAULT_MAX_EVENT_BYTES",
     "DEFAULT_MAX_OUTPUT_BYTES",
@@ -457,11 +458,14 @@ class BaseProvider(ABC):
     that says it has none."""
 
 
+CHECK_DONE = "narrative-runtime-check"
+"""The last line ``narrative runtime --check`` prints, followed by ``ok`` or ``broken``; lines
+before it are ``shadowed<TAB>module<TAB>path``."""
+
+
 def _check_report(stdout: bytes) -> dict[str, str] | None:
     """The shadowed modules ``narrative runtime --check`` reported, or None when it did not
     finish its report."""
-    from .runtime import CHECK_DONE
-
     lines = stdout.decode(errors="replace").splitlines()
     if not lines or not lines[-1].startswith(CHECK_DONE + " "):
         return None

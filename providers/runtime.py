@@ -45,9 +45,7 @@ from .narratives import fetch_bundle, have_commits
 from .sandbox import keep_environment_private
 from .token_policy import run_token
 
-__all__ = ["CHECK_DONE", "Runtime", "open_runtime_store", "shadowed_modules"]
-
-CHECK_DONE = "narrative-runtime-check"
+__all__ = ["Runtime", "open_runtime_store", "shadowed_modules"]
 """Starts the last line of ``narrative runtime --check`` (then ``ok`` or ``broken``), after
 one ``shadowed<TAB>module<TAB>file`` line per module the workspace replaced."""
 
