@@ -26,8 +26,8 @@ from narrative.jsonio import parse_json
 
 from .errors import TokenInvalid
 from .handlers import Handler
+from .limits import Limits
 from .node import CallStream, Gateway, NotificationListener
-from .state import Limits
 
 __all__ = ["GatewayClient", "token_environment"]
 

@@ -26,6 +26,18 @@ from websockets.exceptions import ConnectionClosed
 
 from narrative.errors import validation_problem
 
+from .actions import (
+    Action,
+    CancelLocal,
+    Deliver,
+    DeliverNotification,
+    DeliverPartial,
+    Key,
+    NotifyLocal,
+    Outcome,
+    RunLocal,
+    Send,
+)
 from .config import ProxyExecutionConfig
 from .errors import (
     AuthError,
@@ -39,6 +51,7 @@ from .errors import (
     error_from_wire,
 )
 from .handlers import Handler, HandlerContext, HandlerRegistry, error_body
+from .limits import Limits
 from .observe import PeerListener, RouteObserver, RouteRecord
 from .protocol import (
     PROVIDER_TYPES,
@@ -63,20 +76,7 @@ from .protocol import (
     parse_message,
 )
 from .router import Router
-from .state import (
-    Action,
-    CancelLocal,
-    Deliver,
-    DeliverNotification,
-    DeliverPartial,
-    GatewayState,
-    Key,
-    Limits,
-    NotifyLocal,
-    Outcome,
-    RunLocal,
-    Send,
-)
+from .state import GatewayState
 from .tokens import TokenClaims
 
 __all__ = [

@@ -11,8 +11,8 @@ from .errors import GatewayError
 from .protocol import Notification
 
 if TYPE_CHECKING:
+    from .actions import Outcome
     from .node import Gateway, _Pending
-    from .state import Outcome
 
 __all__ = ["CallStream"]
 

@@ -23,10 +23,10 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.handlers import HandlerContext
+from gateway.limits import Limits
 from gateway.node import Gateway
 from gateway.plugins import RemoteExecutionPlugin
 from gateway.protocol import Notification
-from gateway.state import Limits
 from gateway.tokens import TokenSigner
 
 from .conftest import FAST, async_test, hub
