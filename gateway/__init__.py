@@ -23,11 +23,13 @@ if TYPE_CHECKING:
     from .config import ProxyExecutionConfig, load_config
     from .handlers import HandlerContext
     from .limits import Limits
-    from .node import CallStream, Gateway, Link
+    from .link import Link
+    from .node import Gateway
     from .observe import RouteRecord
     from .plugins import RemoteExecutionPlugin
     from .router import Router
     from .server import ProviderServer
+    from .stream import CallStream
     from .tokens import TokenClaims, TokenSigner, load_or_create_key
 
 __all__ = [
@@ -51,13 +53,13 @@ __all__ = [
 ]
 
 _HOME = {
-    "CallStream": "node",
+    "CallStream": "stream",
     "Confined": "builtins",
     "Gateway": "node",
     "GatewayClient": "client",
     "HandlerContext": "handlers",
     "Limits": "limits",
-    "Link": "node",
+    "Link": "link",
     "ProviderServer": "server",
     "ProxyExecutionConfig": "config",
     "RemoteExecutionPlugin": "plugins",
