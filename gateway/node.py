@@ -111,22 +111,23 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._links: list[Link] = []
         #: token claims of accepted connections, and the checks calls from them pass
-        self.access = ConnectionAccess(environment_id, self.spawn)
-        self.peer_events = PeerEvents()
+        self.access = ConnectionAccess(environment_id, self._spawn)
         #: route observers, and the requests watched for them
         self.routes = RouteTracker(self.state)
+        #: provider messages sent to neighbours, waiting for their responses
         self.provider_requests = ProviderRequests(environment_id)
-        self.calls = OwnCalls(self.state, self.apply, self.limits.max_pending)
-        self.local = LocalHandlers(self.state, self.handlers, self.apply, self.spawn)
-        self.dispatcher = Dispatcher(
+        self._peer_events = PeerEvents()
+        self._calls = OwnCalls(self.state, self._apply, self.limits.max_pending)
+        self._local = LocalHandlers(self.state, self.handlers, self._apply, self._spawn)
+        self._dispatcher = Dispatcher(
             self.state,
             self.limits,
             self.access,
             self.routes,
             self.provider_requests,
-            self.calls,
-            self.apply,
-            self.spawn,
+            self._calls,
+            self._apply,
+            self._spawn,
         )
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -253,12 +254,12 @@ class Gateway:
                 :class:`~gateway.errors.TargetNotFound`, :class:`~gateway.errors.GatewayTimeout`,
                 :class:`~gateway.errors.Unavailable`); ``environment_id`` says where.
         """
-        calls = self.calls
+        calls = self._calls
         async with calls.slots:
             request_id, pending, actions = calls.start(
                 kind, action, payload, timeout, target, via, None
             )
-            await self.apply(actions)
+            await self._apply(actions)
             return (await calls.wait(request_id, pending)).unwrap()
 
     def stream(
@@ -280,7 +281,7 @@ class Gateway:
                     print(part["data"], end="")
             print(call.result["exitCode"])
         """
-        return CallStream(self.calls, kind, action, payload, timeout, target, via)
+        return CallStream(self._calls, kind, action, payload, timeout, target, via)
 
     async def notify(self, kind: str, result: Any, *, peer: str | None = None) -> None:
         """Send a notification to one neighbour (or every connected one)."""
@@ -290,7 +291,7 @@ class Gateway:
 
     def add_listener(self, listener: NotificationListener) -> None:
         """Receive notifications from neighbours and about this process's own calls."""
-        self.calls.listeners.append(listener)
+        self._calls.listeners.append(listener)
 
     def new_request_id(self) -> str:
         """A fresh request id, unique to this node (for :meth:`provider_request` messages)."""
@@ -339,11 +340,11 @@ class Gateway:
         when its last connection closes. Nothing is reported for the connections that
         :meth:`close` itself shuts down. Exceptions are logged and otherwise ignored.
         """
-        self.peer_events.add(listener)
+        self._peer_events.add(listener)
 
     def remove_peer_listener(self, listener: PeerListener) -> None:
         """Stop calling ``listener`` (no error if it is not registered)."""
-        self.peer_events.remove(listener)
+        self._peer_events.remove(listener)
 
     def add_route_observer(self, observer: RouteObserver) -> None:
         """Receive a :class:`~gateway.observe.RouteRecord` for every request a peer sends here,
@@ -414,16 +415,16 @@ class Gateway:
             self.access.admit(ws, claims)
         try:
             if first:
-                await self.apply(self.state.peer_up(peer, capabilities))
-                self.peer_events.report(peer, True)
-            await self.dispatcher.read(ws, peer)
+                await self._apply(self.state.peer_up(peer, capabilities))
+                self._peer_events.report(peer, True)
+            await self._dispatcher.read(ws, peer)
         finally:
             last = self.connections.remove(peer, ws)
             self.access.forget(ws)
             self.provider_requests.fail(ws, f"connection to {peer} closed before it answered")
             if last and not self._closed:
-                await self.apply(self.state.peer_down(peer, self._now()))
-                self.peer_events.report(peer, False)
+                await self._apply(self.state.peer_down(peer, self._now()))
+                self._peer_events.report(peer, False)
 
     def hello(self) -> Hello:
         """This node's hello (what it says when it dials)."""
@@ -455,12 +456,12 @@ class Gateway:
             await link.close()
         for ws in self.connections.all():
             await ws.close()
-        self.local.cancel_all()
+        self._local.cancel_all()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.calls.fail_all(self.environment_id)
+        self._calls.fail_all(self.environment_id)
         self.provider_requests.fail(None, "gateway closed")
         self.routes.tracked.clear()
         if self._timer is not None:
@@ -479,7 +480,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ the I/O shell
 
-    async def apply(self, actions: list[Action]) -> None:
+    async def _apply(self, actions: list[Action]) -> None:
         """Perform the actions the state returned (sends, local handlers, deliveries), then
         re-arm the timer for the state's next deadline."""
         for action in actions:
@@ -488,20 +489,20 @@ class Gateway:
                 if self.routes.tracked and type(action.message) is Reply:
                     self.routes.replied(action.peer, action.message)
             elif isinstance(action, Deliver):
-                self.calls.deliver(action)
+                self._calls.deliver(action)
             elif isinstance(action, RunLocal):
-                self.local.run(action.key, action.request)
+                self._local.run(action.key, action.request)
             elif isinstance(action, DeliverPartial):
-                self.calls.deliver_partial(action)
+                self._calls.deliver_partial(action)
             elif isinstance(action, CancelLocal):
-                self.local.cancel(action.key)
+                self._local.cancel(action.key)
             elif isinstance(action, NotifyLocal):
-                self.local.notify(action.key, action.notification)
+                self._local.notify(action.key, action.notification)
             elif isinstance(action, DeliverNotification):
-                self.calls.deliver_notification(action)
+                self._calls.deliver_notification(action)
         self._rearm()
 
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run ``coro`` as one of this node's tasks (cancelled by :meth:`close`)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -526,7 +527,7 @@ class Gateway:
         self._timer = self._timer_at = None
         actions = self.state.tick(self._now())
         if actions:
-            self.spawn(self.apply(actions))
+            self._spawn(self._apply(actions))
         else:
             self._rearm()
 
