@@ -51,7 +51,7 @@ from .errors import (
     Unavailable,
 )
 from .limits import Limits
-from .protocol import Cancel, Notification, Partial, Reply, Request, trusted
+from .protocol import Cancel, Notification, Partial, Reply, Request, check_sender, trusted
 from .router import Decision, Router
 
 __all__ = ["GatewayState"]
@@ -246,7 +246,7 @@ class GatewayState:
         budget = request.timeoutMs / 1000 if request.timeoutMs else self.limits.execution_timeout
         try:
             if peer:
-                self._check_sender(peer, request)
+                check_sender(peer, request)
             if peer and len(self._calls) >= self.limits.max_inflight:
                 raise Busy(f"{self.environment_id} has {len(self._calls)} calls in flight")
             if via is not None:
@@ -299,28 +299,6 @@ class GatewayState:
                 state.lost_since = lost = info.lost_at or now
                 self._arm(lost + self.limits.transport_timeout, "leg", leg.requestId)
         return actions
-
-    @staticmethod
-    def _check_sender(peer: str, request: Request) -> None:
-        # Each hop appends itself before forwarding, so the path must end with the sender and
-        # start with the origin: a peer cannot hide a loop or speak for another environment.
-        path = request.routePath
-        if not path or path[-1] != peer:
-            raise ProtocolError(
-                f"routePath must end with the sending environment {peer!r}",
-                request_id=request.requestId,
-            )
-        if request.originEnvironmentId not in (
-            None,
-            path[0],
-        ) or request.parentEnvironmentId not in (
-            None,
-            peer,
-        ):
-            raise ProtocolError(
-                "originEnvironmentId/parentEnvironmentId disagree with routePath",
-                request_id=request.requestId,
-            )
 
     def cancel(self, request_id: str) -> list[Action]:
         """This process gives up on its call ``request_id``."""
