@@ -83,8 +83,8 @@ from common import (
 )
 
 from gateway.config import parse_config
+from gateway.limits import Limits
 from gateway.node import Gateway
-from gateway.state import Limits
 from gateway.tokens import TokenSigner, load_or_create_key
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,7 +113,7 @@ AGENT = textwrap.dedent(
     """
     import asyncio, json, os, sys, time
     from gateway.client import GatewayClient
-    from gateway.state import Limits
+    from gateway.limits import Limits
 
     async def main(out, n, payload):
         url, token = os.environ["NARRATIVE_GATEWAY_URL"], os.environ["NARRATIVE_GATEWAY_TOKEN"]

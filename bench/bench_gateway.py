@@ -42,7 +42,7 @@ from common import RESULTS_DIR, cpu_model, isolated_env, log, start_announcing
 from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.client import GatewayClient
-from gateway.state import Limits
+from gateway.limits import Limits
 from gateway.tokens import TokenSigner, load_or_create_key
 
 SCENARIOS = {

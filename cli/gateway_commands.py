@@ -129,9 +129,9 @@ def serve(
 ) -> None:
     """Serve a gateway (ProviderServer) until interrupted; prints its URL first."""
     from gateway.builtins import install_builtins
+    from gateway.limits import Limits
     from gateway.node import Gateway
     from gateway.plugins import RemoteExecutionPlugin
-    from gateway.state import Limits
 
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
@@ -250,7 +250,7 @@ def call(
 ) -> None:
     """Call TYPE ACTION through a gateway; partial results stream to stderr."""
     from gateway.client import GatewayClient
-    from gateway.state import Limits
+    from gateway.limits import Limits
 
     if not token:
         raise click.UsageError("no token: pass --token or set NARRATIVE_TOKEN")

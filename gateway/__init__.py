@@ -3,7 +3,8 @@ environment, and chains environments in any topology (linear, fan-out, tree, mes
 
 Layers, bottom up: :mod:`gateway.protocol` (wire messages), :mod:`gateway.config`
 (``proxyExecution.json``), :mod:`gateway.router` and :mod:`gateway.state` (every decision,
-free of I/O), :mod:`gateway.tokens` (run-scoped HMAC tokens), :mod:`gateway.handlers` and
+free of I/O, returned as :mod:`gateway.actions`; bounds in :mod:`gateway.limits`),
+:mod:`gateway.tokens` (run-scoped HMAC tokens), :mod:`gateway.handlers` and
 :mod:`gateway.builtins` (local work), then the asyncio shell: :mod:`gateway.node`
 (with :mod:`gateway.observe`: route records and peer events), :mod:`gateway.server`,
 :mod:`gateway.plugins` and :mod:`gateway.client`.
@@ -21,12 +22,14 @@ if TYPE_CHECKING:
     from .client import GatewayClient
     from .config import ProxyExecutionConfig, load_config
     from .handlers import HandlerContext
-    from .node import CallStream, Gateway, Link
+    from .limits import Limits
+    from .link import Link
+    from .node import Gateway
     from .observe import RouteRecord
     from .plugins import RemoteExecutionPlugin
     from .router import Router
     from .server import ProviderServer
-    from .state import Limits
+    from .stream import CallStream
     from .tokens import TokenClaims, TokenSigner, load_or_create_key
 
 __all__ = [
@@ -50,13 +53,13 @@ __all__ = [
 ]
 
 _HOME = {
-    "CallStream": "node",
+    "CallStream": "stream",
     "Confined": "builtins",
     "Gateway": "node",
     "GatewayClient": "client",
     "HandlerContext": "handlers",
-    "Limits": "state",
-    "Link": "node",
+    "Limits": "limits",
+    "Link": "link",
     "ProviderServer": "server",
     "ProxyExecutionConfig": "config",
     "RemoteExecutionPlugin": "plugins",

@@ -24,10 +24,12 @@ from typing import Any
 
 from narrative.jsonio import parse_json
 
+from .calls import NotificationListener
 from .errors import TokenInvalid
 from .handlers import Handler
-from .node import CallStream, Gateway, NotificationListener
-from .state import Limits
+from .limits import Limits
+from .node import Gateway
+from .stream import CallStream
 
 __all__ = ["GatewayClient", "token_environment"]
 

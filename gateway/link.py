@@ -6,21 +6,34 @@ import asyncio
 import contextlib
 import logging
 import ssl as ssl_module
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from .errors import GatewayError, ProtocolError, TokenInvalid, Unavailable
-from .protocol import Welcome, dump, parse_message
+from .limits import Limits
+from .protocol import Hello, Welcome, dump, parse_message
 from .unix import dialable_path, unix_socket_path
 
-if TYPE_CHECKING:
-    from .node import Gateway
-
-__all__ = ["Link"]
+__all__ = ["Link", "LinkHost"]
 
 log = logging.getLogger(__name__)
+
+
+class LinkHost(Protocol):
+    """What a link needs of the node it serves (a :class:`~gateway.node.Gateway`)."""
+
+    limits: Limits
+
+    def hello(self) -> Hello:
+        """What the node says when it dials."""
+
+    async def run_connection(
+        self, ws: ClientConnection, peer: str, capabilities: Iterable[str]
+    ) -> None:
+        """Serve the established connection until it closes."""
 
 
 class Link:
@@ -28,7 +41,7 @@ class Link:
     :meth:`Gateway.connect`)."""
 
     def __init__(
-        self, gateway: Gateway, url: str, token: str, ssl: ssl_module.SSLContext | None
+        self, gateway: LinkHost, url: str, token: str, ssl: ssl_module.SSLContext | None
     ) -> None:
         self.gateway = gateway
         self.url = url

@@ -61,6 +61,7 @@ __all__ = [
     "Reply",
     "Request",
     "Welcome",
+    "check_sender",
     "dump",
     "parse_message",
     "trusted",
@@ -406,6 +407,34 @@ def trusted(cls: type[M], **fields: Any) -> M:
     object.__setattr__(message, "__pydantic_extra__", None)
     object.__setattr__(message, "__pydantic_private__", None)
     return message
+
+
+def check_sender(peer: str, request: Request) -> None:
+    """Check that a request received from the neighbour ``peer`` names it as its sender.
+
+    Raises:
+        ProtocolError: ``routePath`` does not end with ``peer``, or the origin/parent ids
+            disagree with it.
+    """
+    # Each hop appends itself before forwarding, so the path must end with the sender and
+    # start with the origin: a peer cannot hide a loop or speak for another environment.
+    path = request.routePath
+    if not path or path[-1] != peer:
+        raise ProtocolError(
+            f"routePath must end with the sending environment {peer!r}",
+            request_id=request.requestId,
+        )
+    if request.originEnvironmentId not in (
+        None,
+        path[0],
+    ) or request.parentEnvironmentId not in (
+        None,
+        peer,
+    ):
+        raise ProtocolError(
+            "originEnvironmentId/parentEnvironmentId disagree with routePath",
+            request_id=request.requestId,
+        )
 
 
 def dump(message: BaseModel) -> str:

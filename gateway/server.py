@@ -3,7 +3,7 @@ each connection to a :class:`~gateway.node.Gateway`.
 
 The token is checked during the HTTP upgrade (``Authorization: Bearer <token>``): a missing,
 forged, expired, wrong-audience or wrong-run token, or one the gateway's
-:class:`~gateway.node.TokenPolicy` refuses (its run ended), gets HTTP 401 and the WebSocket is
+:class:`~gateway.access.TokenPolicy` refuses (its run ended), gets HTTP 401 and the WebSocket is
 never opened, so no message from an unauthenticated client is ever parsed. After the upgrade
 the peer must send a hello for the environment its token names, within the transport timeout;
 from then on the gateway holds every call to the token and closes the connection when the

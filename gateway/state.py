@@ -8,9 +8,10 @@ results and notifications back along the path (and notifications down it), fan-o
 idempotent resends, execution deadlines and the grace period for a lost hop. Time is passed in
 (``now``), so timeouts are tested without sleeping.
 
-Keys: a call is known by ``(peer, requestId)``, where ``peer`` is the environment it came from,
-or ``""`` when it was made in this process. Requests sent onwards ("legs") get fresh ids, so the
-same call reaching a node twice through a mesh is never confused with a resend.
+Keys: a call is known by ``(peer, requestId)`` (see :mod:`gateway.actions`, which also holds the
+actions and the :class:`~gateway.actions.Outcome` of a call). Requests sent onwards ("legs")
+get fresh ids, so the same call reaching a node twice through a mesh is never confused with a
+resend.
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ from pydantic import ValidationError
 
 from narrative.errors import validation_problem
 
+from .actions import (
+    Action,
+    CancelLocal,
+    Deliver,
+    DeliverNotification,
+    DeliverPartial,
+    Key,
+    NotifyLocal,
+    Outcome,
+    RunLocal,
+    Send,
+)
 from .errors import (
     Busy,
     Cancelled,
@@ -36,169 +49,14 @@ from .errors import (
     ProtocolError,
     RoutingError,
     Unavailable,
-    error_from_wire,
 )
-from .protocol import Cancel, ErrorBody, Notification, Partial, Reply, Request, trusted
+from .limits import Limits
+from .protocol import Cancel, Notification, Partial, Reply, Request, check_sender, trusted
 from .router import Decision, Router
 
-__all__ = [
-    "Action",
-    "CancelLocal",
-    "Deliver",
-    "DeliverNotification",
-    "DeliverPartial",
-    "GatewayState",
-    "Key",
-    "Limits",
-    "NotifyLocal",
-    "Outcome",
-    "RunLocal",
-    "Send",
-]
+__all__ = ["GatewayState"]
 
 log = logging.getLogger(__name__)
-
-#: ``(peer environment or "" for this process, request id)``.
-Key = tuple[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Timeouts and bounds of one gateway.
-
-    Attributes:
-        execution_timeout: Seconds a call may run when its caller set no budget.
-        transport_timeout: Seconds for connecting, the hello exchange and pings, and how long a
-            lost hop may take to come back before the calls it carries fail as unavailable.
-        max_frame: Largest frame accepted, in bytes (larger ones close the connection).
-        max_queue: Frames buffered per connection before reading pauses (backpressure).
-        max_inflight: Calls from peers running or proxied at once; more are refused as busy.
-        max_pending: Calls this process may have outstanding; more wait for a slot.
-        done_cache: Replies kept to answer resent requests without running them again.
-        max_bad_frames: Malformed frames tolerated per connection before it is closed.
-    """
-
-    execution_timeout: float = 300.0
-    transport_timeout: float = 10.0
-    max_frame: int = 1 << 20
-    max_queue: int = 64
-    max_inflight: int = 1024
-    max_pending: int = 1024
-    done_cache: int = 4096
-    max_bad_frames: int = 64
-
-    def websocket_options(self) -> dict[str, Any]:
-        """The websockets settings both ends of a gateway connection use (server and link)."""
-        return {
-            "compression": None,
-            "open_timeout": self.transport_timeout,
-            "ping_interval": self.transport_timeout,
-            "ping_timeout": self.transport_timeout,
-            "close_timeout": 1,
-            "max_size": self.max_frame,
-            "max_queue": self.max_queue,
-        }
-
-
-@dataclass(slots=True)
-class Outcome:
-    """The result of a call: success with a result, or an error.
-
-    Attributes:
-        success: Whether the call succeeded.
-        result: Its result (or the gathered list for a fan-out).
-        error: The error when it failed.
-        environment_id: Where the outcome was produced.
-    """
-
-    success: bool
-    result: Any = None
-    error: ErrorBody | None = None
-    environment_id: str | None = None
-
-    @classmethod
-    def failure(cls, exc: GatewayError, environment_id: str | None) -> Outcome:
-        return cls(False, None, ErrorBody(code=exc.code, message=str(exc)), environment_id)
-
-    def unwrap(self) -> Any:
-        """The result, or raise the error as its :mod:`gateway.errors` class."""
-        if self.success:
-            return self.result
-        error = self.error or ErrorBody(code="internal", message="failed without an error")
-        raise error_from_wire(error.code, error.message, self.environment_id)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The per-target entry of a gathered fan-out result."""
-        return {
-            "environmentId": self.environment_id,
-            "success": self.success,
-            "result": self.result,
-            "error": self.error.model_dump() if self.error else None,
-        }
-
-
-# ----------------------------------------------------------------------------- actions
-
-
-@dataclass(slots=True)
-class Send:
-    """Send ``message`` to ``peer`` (dropped by the shell if the peer is not connected)."""
-
-    peer: str
-    message: Request | Reply | Partial | Notification | Cancel
-
-
-@dataclass(slots=True)
-class RunLocal:
-    """Run the handler for ``request`` here; report back with ``local_*`` calls using ``key``."""
-
-    key: Key
-    request: Request
-
-
-@dataclass(slots=True)
-class CancelLocal:
-    """Stop the handler running for ``key``."""
-
-    key: Key
-
-
-@dataclass(slots=True)
-class NotifyLocal:
-    """Hand a notification from the caller to the handler running for ``key``."""
-
-    key: Key
-    notification: Notification
-
-
-@dataclass(slots=True)
-class Deliver:
-    """Complete the call this process made under ``request_id``."""
-
-    request_id: str
-    outcome: Outcome
-
-
-@dataclass(slots=True)
-class DeliverPartial:
-    """A streamed partial result for the call this process made under ``request_id``."""
-
-    request_id: str
-    partial: Partial
-
-
-@dataclass(slots=True)
-class DeliverNotification:
-    """A notification for this process: about its call ``request_id``, or (None) from ``peer``."""
-
-    request_id: str | None
-    peer: str | None
-    notification: Notification
-
-
-Action = (
-    Send | RunLocal | CancelLocal | NotifyLocal | Deliver | DeliverPartial | DeliverNotification
-)
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -300,6 +158,16 @@ class GatewayState:
         """Calls currently running here or proxied from here."""
         return len(self._calls)
 
+    @property
+    def remembered_replies(self) -> int:
+        """Replies kept to answer resent requests (at most ``limits.done_cache``)."""
+        return len(self._done)
+
+    @property
+    def armed_timers(self) -> int:
+        """Deadlines on the timer heap, stale ones included (kept proportional to live calls)."""
+        return len(self._timers)
+
     def earliest_deadline(self) -> float | None:
         """The earliest armed deadline, possibly stale (a cheap lower bound for timers)."""
         return self._timers[0][0] if self._timers else None
@@ -378,7 +246,7 @@ class GatewayState:
         budget = request.timeoutMs / 1000 if request.timeoutMs else self.limits.execution_timeout
         try:
             if peer:
-                self._check_sender(peer, request)
+                check_sender(peer, request)
             if peer and len(self._calls) >= self.limits.max_inflight:
                 raise Busy(f"{self.environment_id} has {len(self._calls)} calls in flight")
             if via is not None:
@@ -431,28 +299,6 @@ class GatewayState:
                 state.lost_since = lost = info.lost_at or now
                 self._arm(lost + self.limits.transport_timeout, "leg", leg.requestId)
         return actions
-
-    @staticmethod
-    def _check_sender(peer: str, request: Request) -> None:
-        # Each hop appends itself before forwarding, so the path must end with the sender and
-        # start with the origin: a peer cannot hide a loop or speak for another environment.
-        path = request.routePath
-        if not path or path[-1] != peer:
-            raise ProtocolError(
-                f"routePath must end with the sending environment {peer!r}",
-                request_id=request.requestId,
-            )
-        if request.originEnvironmentId not in (
-            None,
-            path[0],
-        ) or request.parentEnvironmentId not in (
-            None,
-            peer,
-        ):
-            raise ProtocolError(
-                "originEnvironmentId/parentEnvironmentId disagree with routePath",
-                request_id=request.requestId,
-            )
 
     def cancel(self, request_id: str) -> list[Action]:
         """This process gives up on its call ``request_id``."""

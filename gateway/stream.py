@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .actions import Outcome
+from .calls import OwnCalls, PendingCall
 from .errors import GatewayError
 from .protocol import Notification
-
-if TYPE_CHECKING:
-    from .node import Gateway, _Pending
-    from .state import Outcome
 
 __all__ = ["CallStream"]
 
@@ -26,7 +24,7 @@ class CallStream:
 
     def __init__(
         self,
-        gateway: Gateway,
+        calls: OwnCalls,
         kind: str,
         action: str,
         payload: dict[str, Any] | None,
@@ -34,22 +32,22 @@ class CallStream:
         target: str | None,
         via: str | None,
     ) -> None:
-        self._gateway = gateway
+        self._calls = calls
         self._args = (kind, action, payload, timeout, target, via)
         self._request_id: str | None = None
-        self._pending: _Pending | None = None
+        self._pending: PendingCall | None = None
         self._waiter: asyncio.Task[Outcome] | None = None
         self.result: Any = None
         self.finished = False
 
     async def __aenter__(self) -> CallStream:
         kind, action, payload, timeout, target, via = self._args
-        gw = self._gateway
-        self._request_id, self._pending, actions = gw._start(
+        calls = self._calls
+        self._request_id, self._pending, actions = calls.start(
             kind, action, payload, timeout, target, via, None, streaming=True
         )
-        await gw._apply(actions)
-        self._waiter = asyncio.ensure_future(gw._wait(self._request_id, self._pending))
+        await calls.apply(actions)
+        self._waiter = asyncio.ensure_future(calls.wait(self._request_id, self._pending))
         return self
 
     async def __aexit__(
@@ -87,8 +85,7 @@ class CallStream:
     async def notify(self, kind: str, result: Any) -> None:
         """Send a notification down to the handler running this call."""
         if self._request_id is not None:
-            gw = self._gateway
-            await gw._apply(gw.state.notify_down(self._request_id, kind, result))
+            await self._calls.notify_down(self._request_id, kind, result)
 
     async def next_notification(self, timeout: float | None = None) -> Notification:
         """The next notification the handler sent back about this call."""

@@ -32,11 +32,11 @@ from gateway.builtins import install_builtins
 from gateway.config import ProxyExecutionConfig
 from gateway.errors import AccessDenied, TargetNotFound
 from gateway.handlers import HandlerContext, HandlerRegistry
+from gateway.limits import Limits
 from gateway.node import Gateway
 from gateway.plugins import RemoteExecutionPlugin
 from gateway.protocol import Notification
 from gateway.server import DEFAULT_HOST
-from gateway.state import Limits
 from gateway.tokens import TokenSigner, load_or_create_key
 from narrative.errors import InvalidInput
 from narrative.fsutil import write_atomic

@@ -26,10 +26,10 @@ from gateway.client import token_environment
 from gateway.config import load_config, parse_config
 from gateway.errors import Busy, GatewayError, GatewayTimeout
 from gateway.handlers import HandlerContext
+from gateway.limits import Limits
 from gateway.link import Link
 from gateway.observe import RouteRecord
 from gateway.protocol import Heartbeat
-from gateway.state import Limits
 from narrative.errors import InvalidInput, StoreNotFound
 from narrative.history import resolve_snapshot
 from narrative.models import now_iso

@@ -1,5 +1,5 @@
 """What a run's token lets it do on a hub (or on a runtime, the hub of its agent and of the
-nested runs it drives): the :class:`~gateway.node.TokenPolicy` every connection is held to.
+nested runs it drives): the :class:`~gateway.access.TokenPolicy` every connection is held to.
 
 A hub gives each run a token scoped to the run (see :func:`run_token`): it may fetch the run's
 input (the base snapshot and the run's thread), write the run's result thread, and create new

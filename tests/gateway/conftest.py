@@ -18,9 +18,9 @@ from typing import Any, ParamSpec
 import pytest
 
 from gateway.builtins import install_builtins
+from gateway.limits import Limits
 from gateway.node import Gateway
 from gateway.plugins import RemoteExecutionPlugin
-from gateway.state import Limits
 from gateway.tokens import TokenSigner, load_or_create_key
 
 from ..conftest import NARRATIVE

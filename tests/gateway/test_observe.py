@@ -69,7 +69,7 @@ async def test_local_proxied_fan_out_refused_and_failed_calls(signer: TokenSigne
                 return "b"
 
             b_recs = _records(b)
-            await until(lambda: {"b", "c"} <= set(node._conns), "b and c on the hub")
+            await until(lambda: {"b", "c"} <= set(node.connections.peers()), "b and c on the hub")
 
             # 1. runs on the hub itself
             assert await a.call("gateway", "echo", {"x": 1}) == {"x": 1}
@@ -132,7 +132,7 @@ async def test_local_proxied_fan_out_refused_and_failed_calls(signer: TokenSigne
                 "no_handler",
             )
             assert len(b_recs) == 4  # whoami, multi, fail (+ work:x first)
-        assert node._tracked == {}
+        assert node.routes.tracked == {}
 
 
 @async_test
@@ -209,7 +209,7 @@ async def test_loop_timeout_cancel_resend_and_bad_sender(signer: TokenSigner) ->
             assert first == again and first["result"] == {"k": 1}
             await asyncio.sleep(0.05)
             assert [r.request_id for r in recs] == ["l1", "b1", "t1", "c1", "e1"]
-            assert node._tracked == {}
+            assert node.routes.tracked == {}
 
 
 @async_test
@@ -218,8 +218,8 @@ async def test_held_leg_to_a_lost_peer(signer: TokenSigner) -> None:
         recs = _records(node)
         async with GatewayClient(plugin.url, signer.issue("r", "a", 60), limits=FAST) as a:
             async with spoke(signer, plugin.url, "b"):
-                await until(lambda: "b" in node._conns, "b on the hub")
-            await until(lambda: "b" not in node._conns, "b gone")
+                await until(lambda: "b" in node.connections, "b on the hub")
+            await until(lambda: "b" not in node.connections, "b gone")
             assert "b" in node.peers()  # still within its grace period: the leg is held
             with pytest.raises(Unavailable, match="b disconnected"):
                 await a.call("work", "x", target="b")
@@ -245,7 +245,7 @@ async def test_observers_cost_nothing_when_absent_and_can_fail(signer: TokenSign
 
         async with GatewayClient(plugin.url, signer.issue("r", "a", 60), limits=FAST) as a:
             assert await a.call("gateway", "echo") == {}
-            assert node._tracked == {}  # nothing watched without an observer
+            assert node.routes.tracked == {}  # nothing watched without an observer
 
             def broken(record: RouteRecord) -> None:
                 raise RuntimeError("observer bug")
@@ -253,7 +253,7 @@ async def test_observers_cost_nothing_when_absent_and_can_fail(signer: TokenSign
             recs = _records(node)
             node.add_route_observer(broken)  # logged; the call and the other observer are fine
             task = asyncio.create_task(a.call("slow", "x"))
-            await until(lambda: len(node._tracked) == 1, "tracked")
+            await until(lambda: len(node.routes.tracked) == 1, "tracked")
             assert await a.call("gateway", "echo", {"z": 1}) == {"z": 1}
             await until(lambda: len(recs) == 1, "echo record")
             node.remove_route_observer(broken)
@@ -261,5 +261,5 @@ async def test_observers_cost_nothing_when_absent_and_can_fail(signer: TokenSign
             node.remove_route_observer(recs.append)  # twice: no error
             release.set()
             assert await task == 1
-            await until(lambda: node._tracked == {}, "tracked entry dropped")
+            await until(lambda: node.routes.tracked == {}, "tracked entry dropped")
             assert [(r.kind, r.action) for r in recs] == [("gateway", "echo")]

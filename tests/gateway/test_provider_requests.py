@@ -103,7 +103,7 @@ async def raw_peer(url: str, token: str, env: str) -> AsyncIterator[ClientConnec
 @async_test
 async def test_round_trip_of_every_provider_message(signer: TokenSigner, root: Path) -> None:
     async with hub(signer) as (node, plugin), runtime(signer, plugin.url, root) as rt:
-        await until(lambda: "rt" in node._conns, "rt on the hub")
+        await until(lambda: "rt" in node.connections, "rt on the hub")
         ask = node.provider_request
 
         start = await ask("rt", ProviderStart(requestId="s1", options={"a": 1}))
@@ -143,8 +143,8 @@ async def test_round_trip_of_every_provider_message(signer: TokenSigner, root: P
             *(ask("rt", Heartbeat(requestId=f"h{i}", timestamp=float(i))) for i in range(50))
         )
         assert [m.result["timestamp"] for m in many] == [float(i) for i in range(50)]
-        assert node._asked == {}
-        assert rt._asked == {}
+        assert node.provider_requests.waiting == set()
+        assert rt.provider_requests.waiting == set()
 
 
 @async_test
@@ -158,7 +158,7 @@ async def test_failed_responses_raise_the_class_for_their_code(
 
         rt.handlers.register("provider", "stop", stop, replace=True)
 
-        await until(lambda: "rt" in node._conns, "rt on the hub")
+        await until(lambda: "rt" in node.connections, "rt on the hub")
 
         with pytest.raises(AccessDenied) as denied:
             await node.provider_request("rt", ProviderReadFile(requestId="x1", path="../../x"))
@@ -170,7 +170,7 @@ async def test_failed_responses_raise_the_class_for_their_code(
 
         with pytest.raises(HandlerFailed, match="RuntimeError"):
             await node.provider_request("rt", ProviderStop(requestId="x3"))
-        assert node._asked == {}
+        assert node.provider_requests.waiting == set()
 
 
 @async_test
@@ -179,12 +179,12 @@ async def test_no_handler_is_reported_as_no_handler(signer: TokenSigner, root: P
         bare = Gateway("bare", limits=FAST)  # no provider:* handlers at all
         await bare.connect(plugin.url, signer.issue("r", "bare", 60))
         try:
-            await until(lambda: "bare" in node._conns, "bare on the hub")
+            await until(lambda: "bare" in node.connections, "bare on the hub")
             with pytest.raises(NoHandler, match="provider:start"):
                 await node.provider_request("bare", ProviderStart(requestId="n1"))
         finally:
             await bare.close()
-        assert node._asked == {}
+        assert node.provider_requests.waiting == set()
 
 
 @async_test
@@ -203,23 +203,23 @@ async def test_not_connected_timeout_and_cancel(signer: TokenSigner, root: Path)
 
         rt.handlers.register("provider", "start", slow, replace=True)
 
-        await until(lambda: "rt" in node._conns, "rt on the hub")
+        await until(lambda: "rt" in node.connections, "rt on the hub")
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         with pytest.raises(GatewayTimeout, match=r"rt did not answer providerStart t1 within 0.2s"):
             await node.provider_request("rt", ProviderStart(requestId="t1"), timeout=0.2)
         assert 0.15 < loop.time() - t0 < 2
-        assert node._asked == {}
+        assert node.provider_requests.waiting == set()
 
         # the caller gives up (cancelled): nothing is left waiting either
         entered.clear()
         task = asyncio.create_task(node.provider_request("rt", ProviderStart(requestId="c1")))
         await asyncio.wait_for(entered.wait(), 5)
-        assert ("rt", "c1") in node._asked
+        assert ("rt", "c1") in node.provider_requests.waiting
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert node._asked == {}
+        assert node.provider_requests.waiting == set()
 
         # the late answers arrive and are dropped without harm
         release.set()
@@ -239,14 +239,16 @@ async def test_duplicate_request_id_is_refused(signer: TokenSigner, root: Path) 
 
         rt.handlers.register("provider", "start", slow, replace=True)
 
-        await until(lambda: "rt" in node._conns, "rt on the hub")
+        await until(lambda: "rt" in node.connections, "rt on the hub")
         first = asyncio.create_task(node.provider_request("rt", ProviderStart(requestId="dup")))
-        await until(lambda: ("rt", "dup") in node._asked, "the first request registered")
+        await until(
+            lambda: ("rt", "dup") in node.provider_requests.waiting, "the first request registered"
+        )
         with pytest.raises(ProtocolError, match="already waiting"):
             await node.provider_request("rt", ProviderStop(requestId="dup"))
         release.set()
         assert (await first).result == "first"
-        assert node._asked == {}
+        assert node.provider_requests.waiting == set()
 
 
 @async_test
@@ -260,25 +262,25 @@ async def test_peer_drops_mid_request(signer: TokenSigner, root: Path) -> None:
 
         rt.handlers.register("provider", "start", hang, replace=True)
 
-        await until(lambda: "rt" in node._conns, "rt on the hub")
+        await until(lambda: "rt" in node.connections, "rt on the hub")
         # 1. the hub closes the connection (the runtime's link will dial again)
         task = asyncio.create_task(node.provider_request("rt", ProviderStart(requestId="p1")))
         await asyncio.wait_for(entered.wait(), 5)
-        for ws in list(node._conns["rt"]):
+        for ws in list(node.connections.of("rt")):
             await ws.close()
         with pytest.raises(Unavailable, match="connection to rt closed before it answered"):
             await asyncio.wait_for(task, 5)
-        assert node._asked == {}
+        assert node.provider_requests.waiting == set()
 
         # 2. the runtime goes away for good
-        await until(lambda: "rt" in node._conns, "rt back on the hub")
+        await until(lambda: "rt" in node.connections, "rt back on the hub")
         entered.clear()
         task = asyncio.create_task(node.provider_request("rt", ProviderStart(requestId="p2")))
         await asyncio.wait_for(entered.wait(), 5)
         await rt.close()
         with pytest.raises(Unavailable, match="closed before it answered"):
             await asyncio.wait_for(task, 5)
-        assert node._asked == {}
+        assert node.provider_requests.waiting == set()
 
 
 @async_test
@@ -292,13 +294,13 @@ async def test_hub_closing_fails_waiting_requests(signer: TokenSigner, root: Pat
 
         rt.handlers.register("provider", "start", hang, replace=True)
 
-        await until(lambda: "rt" in node._conns, "rt on the hub")
+        await until(lambda: "rt" in node.connections, "rt on the hub")
         task = asyncio.create_task(node.provider_request("rt", ProviderStart(requestId="z1")))
         await asyncio.wait_for(entered.wait(), 5)
         await node.close()
         with pytest.raises(Unavailable):
             await asyncio.wait_for(task, 5)
-        assert node._asked == {}
+        assert node.provider_requests.waiting == set()
         with pytest.raises(Unavailable):
             await node.provider_request("rt", ProviderStop(requestId="z2"))
 
@@ -311,8 +313,8 @@ async def test_unsolicited_and_mismatched_responses(
         hub(signer) as (node, plugin),
         raw_peer(plugin.url, signer.issue("r", "raw", 60), "raw") as ws,
     ):
-        await until(lambda: "raw" in node._conns, "raw on the hub")
-        with caplog.at_level(logging.DEBUG, logger="gateway.node"):
+        await until(lambda: "raw" in node.connections, "raw on the hub")
+        with caplog.at_level(logging.DEBUG, logger="gateway.provider_calls"):
             unsolicited = {
                 "type": "providerStopResponse",
                 "requestId": "nobody",
@@ -346,7 +348,7 @@ async def test_unsolicited_and_mismatched_responses(
         await answer(type="providerStopResponse", success=True, result={"ok": 1})
         got = await task
         assert isinstance(got, ProviderStopResponse) and got.result == {"ok": 1}
-        assert node._asked == {}
+        assert node.provider_requests.waiting == set()
 
 
 # ----------------------------------------------------------------------------- peer claims
@@ -357,31 +359,31 @@ async def test_peer_claims_for_accepted_and_dialled_peers(signer: TokenSigner, r
     async with hub(signer) as (node, plugin):
         assert node.peer_claims("rt") is None
         async with runtime(signer, plugin.url, root) as rt:
-            await until(lambda: "rt" in node._conns, "rt on the hub")
+            await until(lambda: "rt" in node.connections, "rt on the hub")
             claims = node.peer_claims("rt")
             assert claims is not None
             assert (claims.run_id, claims.environment_id) == ("r", "rt")
             assert rt.peer_claims("hub") is None  # we dialled it: it presented no token
             assert node.peer_claims("nope") is None
-        await until(lambda: "rt" not in node._conns, "rt gone")
+        await until(lambda: "rt" not in node.connections, "rt gone")
         assert node.peer_claims("rt") is None
-        assert node._claims == {}
+        assert node.access.claims == {}
 
 
 @async_test
 async def test_peer_claims_follow_the_open_connection(signer: TokenSigner, root: Path) -> None:
     async with hub(signer, env="a") as (a, pa), hub(signer, env="b") as (b, pb):
         link_ab = await a.connect(pb.url, signer.issue("run-ab", "a", 60))
-        await until(lambda: "a" in b._conns, "a on b")
+        await until(lambda: "a" in b.connections, "a on b")
         assert a.peer_claims("b") is None  # only dialled so far
         claims_b = b.peer_claims("a")
         assert claims_b is not None and claims_b.run_id == "run-ab"
         await b.connect(pa.url, signer.issue("run-ba", "b", 60))
-        await until(lambda: len(a._conns.get("b", [])) == 2, "both directions on a")
+        await until(lambda: len(a.connections.of("b")) == 2, "both directions on a")
         got = a.peer_claims("b")
         assert got is not None and got.run_id == "run-ba"
         await link_ab.close()  # b's accepted connection from a goes; b's dialled one stays
-        await until(lambda: len(b._conns.get("a", [])) == 1, "one connection left on b")
+        await until(lambda: len(b.connections.of("a")) == 1, "one connection left on b")
         assert b.peer_claims("a") is None
         assert "a" in b.peers()
 
@@ -409,7 +411,8 @@ async def test_peer_listeners_up_down_and_reconnect(signer: TokenSigner, root: P
             # the state knows the peer by the time the listener hears of it
             assert (await node.call("gateway", "whoami", target="rt"))["environmentId"] == "rt"
 
-            for ws in list(node._conns["rt"]):  # drop it from the hub's side: the link redials
+            # drop it from the hub's side: the link redials
+            for ws in list(node.connections.of("rt")):
                 await ws.close()
             await until(lambda: len(hub_events) == 3, "rt down and up again on the hub")
             assert hub_events == [("rt", True), ("rt", False), ("rt", True)]
@@ -426,10 +429,10 @@ async def test_peer_listeners_up_down_and_reconnect(signer: TokenSigner, root: P
         try:
             await rt2.connect(plugin.url, signer.issue("r", "rt", 60))
             await rt2.connect(plugin.url, signer.issue("r", "rt", 60))
-            await until(lambda: len(node._conns.get("rt", [])) == 2, "two connections")
+            await until(lambda: len(node.connections.of("rt")) == 2, "two connections")
             assert hub_events[4:] == [("rt", True)]
             await rt2._links[0].close()
-            await until(lambda: len(node._conns.get("rt", [])) == 1, "one connection")
+            await until(lambda: len(node.connections.of("rt")) == 1, "one connection")
             assert hub_events[4:] == [("rt", True)]
         finally:
             await rt2.close()

@@ -23,10 +23,10 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.handlers import HandlerContext
+from gateway.limits import Limits
 from gateway.node import Gateway
 from gateway.plugins import RemoteExecutionPlugin
 from gateway.protocol import Notification
-from gateway.state import Limits
 from gateway.tokens import TokenSigner
 
 from .conftest import FAST, async_test, hub
@@ -212,10 +212,10 @@ async def test_reconnect_resends_unanswered_requests_once(signer: TokenSigner) -
             while runs == 0:
                 await asyncio.sleep(0.01)
             # drop the connection from the server side while the call is running
-            for ws in list(node._conns["agent"]):
+            for ws in list(node.connections.of("agent")):
                 await ws.close()
             for _ in range(200):  # the client reconnects and resends the request
-                if "agent" in node._conns:
+                if "agent" in node.connections:
                     break
                 await asyncio.sleep(0.02)
             release.set()
@@ -448,18 +448,18 @@ async def test_two_gateways_dialling_each_other_share_one_peer(signer: TokenSign
         link_ab = await a.connect(pb.url, signer.issue("r", "a", 60))
         await b.connect(pa.url, signer.issue("r", "b", 60))
         for _ in range(100):  # both directions registered on both sides
-            if len(a._conns.get("b", [])) == 2 and len(b._conns.get("a", [])) == 2:
+            if len(a.connections.of("b")) == 2 and len(b.connections.of("a")) == 2:
                 break
             await asyncio.sleep(0.02)
-        assert len(a._conns["b"]) == 2 and len(b._conns["a"]) == 2
+        assert len(a.connections.of("b")) == 2 and len(b.connections.of("a")) == 2
         assert (await a.call("gateway", "whoami", target="b"))["environmentId"] == "b"
         assert (await b.call("gateway", "whoami", target="a"))["environmentId"] == "a"
         await link_ab.close()  # one of the two connections goes away: the peer stays up
         for _ in range(100):
-            if len(a._conns.get("b", [])) == 1:
+            if len(a.connections.of("b")) == 1:
                 break
             await asyncio.sleep(0.02)
-        assert len(a._conns["b"]) == 1
+        assert len(a.connections.of("b")) == 1
         assert a.peers() == {"b": []}
         assert (await a.call("gateway", "whoami", target="b"))["routePath"] == ["a"]
 

@@ -7,21 +7,21 @@ from typing import Any
 
 import pytest
 
-from gateway.config import parse_config
-from gateway.protocol import Cancel, Notification, Partial, Reply, Request
-from gateway.router import Router
-from gateway.state import (
+from gateway.actions import (
     CancelLocal,
     Deliver,
     DeliverNotification,
     DeliverPartial,
-    GatewayState,
-    Limits,
     NotifyLocal,
     Outcome,
     RunLocal,
     Send,
 )
+from gateway.config import parse_config
+from gateway.limits import Limits
+from gateway.protocol import Cancel, Notification, Partial, Reply, Request
+from gateway.router import Router
+from gateway.state import GatewayState
 
 
 def node(env: str, rules: dict[str, Any] | None = None, **limits: Any) -> GatewayState:
@@ -258,8 +258,8 @@ def test_done_cache_and_timer_heap_stay_bounded() -> None:
     for i in range(5000):
         run = only(a.receive_request("x", req(f"r{i}", timeoutMs=60_000), float(i)), RunLocal)
         a.local_done(run.key, Outcome(True))
-    assert len(a._done) == 10
-    assert len(a._timers) <= 1024 + 1
+    assert a.remembered_replies == 10
+    assert a.armed_timers <= 1024 + 1
     assert a.next_deadline() is None
 
 

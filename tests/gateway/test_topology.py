@@ -11,7 +11,7 @@ import pytest
 
 from gateway.client import GatewayClient
 from gateway.errors import RouteLoop, Unavailable
-from gateway.state import Limits
+from gateway.limits import Limits
 from gateway.tokens import TokenSigner
 
 from .conftest import Processes, async_test, proxy

@@ -311,7 +311,7 @@ def test_dropped_connection_reconnects_and_loses_no_output(store: Store) -> None
     async def drop(hub: Hub, run: Any) -> None:
         log = RunEventLog(store, run.id)
         await until(lambda: "line-3" in output(log.read()))
-        for ws in list(hub.gateway._conns.get("sandbox", [])):
+        for ws in list(hub.gateway.connections.of("sandbox")):
             await ws.close()
 
     request = RunRequest("sandbox", counting_agent(30, 0.05))
@@ -330,7 +330,7 @@ def test_token_expiring_mid_run_is_renewed(store: Store) -> None:
 
     async def drop_after_expiry(hub: Hub, run: Any) -> None:
         await asyncio.sleep(2.5)  # the first token (ttl 1.5 s) has expired by now
-        for ws in list(hub.gateway._conns.get("sandbox", [])):
+        for ws in list(hub.gateway.connections.of("sandbox")):
             await ws.close()
 
     request = RunRequest("sandbox", counting_agent(40, 0.1))
