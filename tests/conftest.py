@@ -143,6 +143,13 @@ class Cli:
     def json(self, *args: str, **kwargs: Any) -> Any:
         return json.loads(self.run(*args, "--json", **kwargs).stdout)
 
+    def items(self, *args: str, **kwargs: Any) -> list[Any]:
+        """The items of a list command's ``--json`` document (``{"kind": "..._list",
+        "items": [...]}``)."""
+        doc = self.json(*args, **kwargs)
+        assert doc["kind"].endswith("_list"), doc
+        return list(doc["items"])
+
 
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
