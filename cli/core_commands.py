@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from narrative.models import Snapshot
 
 from .context import complete_refs, open_store
-from .output import emit, json_option, note
+from .output import emit, emit_list, json_option, note
 
 __all__ = ["COMMANDS"]
 
@@ -61,7 +61,9 @@ def init(ctx: click.Context, path: str | None, adopt: bool, fork: bool, as_json:
         store = Store.init(where, store_dir)
         done = "initialised"
     data = _info(store)
-    emit(as_json, data, f"{done} narrative store {store.git_dir} for {store.workspace}")
+    emit(
+        as_json, "store_info", data, f"{done} narrative store {store.git_dir} for {store.workspace}"
+    )
 
 
 def _info(store: Any) -> dict[str, Any]:
@@ -106,6 +108,7 @@ def info(ctx: click.Context, as_json: bool) -> None:
     data = _info(open_store(ctx))
     emit(
         as_json,
+        "store_info",
         data,
         lambda: "\n".join(f"{k}: {v}" for k, v in data.items() if v is not None),
     )
@@ -123,7 +126,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     store = open_store(ctx)
     data = workspace_status(store).to_dict()
     data["pending_merges"] = _pending_merges(store)
-    emit(as_json, data, lambda: _status_text(data))
+    emit(as_json, "status", data, lambda: _status_text(data))
 
 
 def _status_text(data: dict[str, Any]) -> str:
@@ -204,7 +207,7 @@ def snapshot(
             f"nothing changed since snapshot {result.snapshot.id}; no new snapshot "
             "(use --allow-empty to force one)"
         )
-    emit(as_json, data, result.snapshot.id)
+    emit(as_json, "snapshot_result", data, result.snapshot.id)
 
 
 @click.command()
@@ -254,7 +257,7 @@ def log(
         # Stable: snapshots of one thread keep their chain order within the same second.
         snaps.sort(key=lambda s: s.created_at, reverse=True)
     data = [s.to_dict() for s in snaps[:max_count]]
-    emit(as_json, data, lambda: "\n".join(_short(s) for s in data))
+    emit_list(as_json, "snapshot_list", data, lambda: "\n".join(_short(s) for s in data))
 
 
 @click.command()
@@ -282,7 +285,7 @@ def show(ctx: click.Context, snapshot_ref: str, as_json: bool) -> None:
         message = str(snap["message"]).replace("\n", "\n    ")
         return "\n".join(lines) + "\n\n    " + message
 
-    emit(as_json, snap, human)
+    emit(as_json, "snapshot", snap, human)
 
 
 @click.command()
@@ -368,7 +371,7 @@ def diff(
         doc["skipped"] = skipped
         for line in skipped_lines(skipped):
             note(line)
-    emit(as_json, doc, human)
+    emit(as_json, "diff", doc, human)
 
 
 @click.command()
@@ -423,7 +426,7 @@ def restore(
 
         data["pending_merge"] = merge.to_dict()
         human += "\nthis thread had a pending merge: " + merge_summary(merge.to_dict())
-    emit(as_json, data, human)
+    emit(as_json, "restore", data, human)
     if merge is not None and merge.conflicts:
         ctx.exit(1)
 
@@ -446,6 +449,7 @@ def gc(
     report = collect_garbage(open_store(ctx), policy, dry_run=dry_run)
     emit(
         as_json,
+        "gc_report",
         asdict(report),
         f"{'would drop' if dry_run else 'dropped'} {len(report.dropped)} snapshots; "
         f"{report.packs_before} packs -> {report.packs_after}; "
@@ -463,6 +467,7 @@ def fsck(ctx: click.Context, as_json: bool) -> None:
     problems = check_store(open_store(ctx))
     emit(
         as_json,
+        "fsck_report",
         {"ok": not problems, "problems": problems},
         "\n".join(problems) if problems else "store is consistent",
     )
@@ -512,7 +517,7 @@ def config(ctx: click.Context, key: str | None, value: str | None, as_json: bool
     data = {k: v for k, v in store.config.to_dict().items() if k != "version"}
     if key is not None:
         data = {key: data[key]}
-    emit(as_json, data, lambda: "\n".join(f"{k} = {v}" for k, v in data.items()))
+    emit(as_json, "config", data, lambda: "\n".join(f"{k} = {v}" for k, v in data.items()))
 
 
 COMMANDS = [init, info, status, snapshot, log, show, diff, restore, gc, fsck, config]

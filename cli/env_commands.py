@@ -10,7 +10,7 @@ import click
 from narrative.jsonio import parse_json
 
 from .context import open_store
-from .output import emit, json_option, note
+from .output import emit, emit_list, json_option, note
 
 if TYPE_CHECKING:
     from providers.manager import EnvironmentManager
@@ -138,7 +138,12 @@ def env_create(
     )
     for warning in _warnings(manager, record):
         note(f"warning: {warning}")
-    emit(as_json, _row(record), f"{record.name} ({record.provider}) {record.state.value}")
+    emit(
+        as_json,
+        "environment",
+        _row(record),
+        f"{record.name} ({record.provider}) {record.state.value}",
+    )
 
 
 def _warnings(manager: EnvironmentManager, record: Any) -> list[str]:
@@ -163,7 +168,7 @@ def env_list(ctx: click.Context, include_archived: bool, as_json: bool) -> None:
             f"{r['name']:20} {r['provider']:10} {r['state']:14} {r['id']}" for r in rows
         )
 
-    emit(as_json, rows, human)
+    emit_list(as_json, "environment_list", rows, human)
 
 
 @env.command("show")
@@ -175,7 +180,7 @@ def env_show(ctx: click.Context, name: str, as_json: bool) -> None:
     manager = open_manager(ctx)
     record = manager.get(name)
     data = {**_row(record), "warnings": _warnings(manager, record)}
-    emit(as_json, data, lambda: _human(data))
+    emit(as_json, "environment_detail", data, lambda: _human(data))
 
 
 def _lifecycle(action: str, doc: str) -> click.Command:
@@ -184,7 +189,7 @@ def _lifecycle(action: str, doc: str) -> click.Command:
     @click.pass_context
     def command(ctx: click.Context, name: str, as_json: bool) -> None:
         record = getattr(open_manager(ctx), action)(name)
-        emit(as_json, _row(record), f"{record.name} {record.state.value}")
+        emit(as_json, "environment", _row(record), f"{record.name} {record.state.value}")
 
     command.__doc__ = doc
     return env.command(action)(command)
@@ -210,7 +215,9 @@ def env_exec(
         name, list(command), timeout=timeout, on_output=stream_output(as_json)
     )
     if as_json:
-        emit(True, {"exit_code": result.exit_code, "timed_out": result.timed_out}, "")
+        emit(
+            True, "exec_result", {"exit_code": result.exit_code, "timed_out": result.timed_out}, ""
+        )
     if result.timed_out:
         note(f"command timed out after {timeout}s")
     ctx.exit(result.exit_code)
@@ -234,7 +241,7 @@ def env_logs(
     the runtimes started in it printed."""
     manager = open_manager(ctx)
     lines = manager.runtime_logs(name, tail) if runtime_log else manager.logs(name, tail)
-    emit(as_json, lines, "\n".join(lines))
+    emit_list(as_json, "log_line_list", lines, "\n".join(lines))
 
 
 @env.command("health")
@@ -255,7 +262,7 @@ def env_health(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> Non
             for line, r in zip(lines, rows, strict=True)
         )
 
-    emit(as_json, rows, human)
+    emit_list(as_json, "health_list", rows, human)
 
 
 @env.command("watch")
@@ -286,7 +293,7 @@ def env_watch(ctx: click.Context, interval: float, count: int | None) -> None:
 def env_sweep(ctx: click.Context, as_json: bool) -> None:
     """Delete resources labelled with this store that no environment record knows."""
     swept = open_manager(ctx).sweep()
-    emit(as_json, swept, "\n".join(swept) or "nothing to sweep")
+    emit_list(as_json, "swept_resource_list", swept, "\n".join(swept) or "nothing to sweep")
 
 
 @env.group("image")
@@ -309,7 +316,7 @@ def env_image_build(tag: str | None, base_url: str | None, as_json: bool) -> Non
 
     name = tag or DEFAULT_IMAGE
     image_id = build_default_image(name, base_url)
-    emit(as_json, {"image": name, "id": image_id}, f"built {name} ({image_id[:19]})")
+    emit(as_json, "image", {"image": name, "id": image_id}, f"built {name} ({image_id[:19]})")
 
 
 COMMANDS = [env]

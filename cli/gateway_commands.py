@@ -12,7 +12,7 @@ from narrative.errors import InvalidInput, NarrativeError, StoreError
 from narrative.jsonio import parse_json
 
 from .context import open_store
-from .output import emit, json_option, note
+from .output import emit, json_document, json_option, note
 from .serving import announce_and_wait
 
 if TYPE_CHECKING:
@@ -185,7 +185,9 @@ def serve(
                     note(f"{exc}; retrying in the background")
             ready = {"url": plugin.url, "environment": env_id, "pid": os.getpid(), "root": root}
             human = f"gateway {env_id} listening on {plugin.url} (root {root})"
-            await announce_and_wait(json.dumps(ready) if as_json else human)
+            await announce_and_wait(
+                json_document("gateway_ready", ready, None) if as_json else human
+            )
         finally:
             await plugin.stop()
             await node.close()
@@ -224,7 +226,7 @@ def token(
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
     data = {"token": value, "run": run_id, "environment": env_id, "expires_at": now + seconds}
-    emit(as_json, data, value)
+    emit(as_json, "token", data, value)
 
 
 @gateway.command()
@@ -276,9 +278,9 @@ def call(
 
     result = asyncio.run(main())
     if as_json:
-        emit(True, {"result": result, "partials": partials}, "")
+        emit(True, "call_result", {"result": result, "partials": partials}, "")
     else:
-        emit(False, None, json.dumps(result, indent=2))
+        click.echo(json.dumps(result, indent=2))
 
 
 def _show_partial(part: Any) -> None:
@@ -314,11 +316,12 @@ def routes(kind: str | None, action: str | None, config_path: str | None, as_jso
             raise click.UsageError("give both TYPE and ACTION")
         found = router.match(kind, action)
         data = {"call": f"{kind}:{action}", "config": path, **row(found)}
-        emit(as_json, data, f"{kind}:{action} -> {show(found)}")
+        emit(as_json, "route", data, f"{kind}:{action} -> {show(found)}")
         return
     rows = [row(m) for m in router.explain()]
     emit(
         as_json,
+        "route_table",
         {"config": path, "hopLimit": config.hopLimit, "rules": rows},
         lambda: "\n".join(
             [f"# {path or 'no config: every call runs locally'}; hop limit {config.hopLimit}"]

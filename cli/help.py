@@ -47,7 +47,7 @@ EXAMPLES: dict[str, str] = {
     "push": "narrative push origin",
     "fetch": "narrative fetch origin",
     "pull": "narrative pull origin",
-    "env create": "narrative env create box --provider docker --config image=python:3.11-slim",
+    "env create": "narrative env create box --provider docker   # the default image",
     "env list": "narrative env list --all",
     "env show": "narrative env show box",
     "env start": "narrative env start box",

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from .context import open_store
-from .output import emit, json_option, note
+from .output import emit, emit_list, json_option, note
 
 __all__ = ["COMMANDS"]
 
@@ -33,7 +33,7 @@ def objective_create(ctx: click.Context, title: str, description: str, as_json: 
     from narrative.hierarchy import create_objective
 
     obj = create_objective(open_store(ctx), title, description)
-    emit(as_json, obj.to_dict(), obj.id)
+    emit(as_json, "objective", obj.to_dict(), obj.id)
 
 
 @objective.command("list")
@@ -44,7 +44,12 @@ def objective_list(ctx: click.Context, as_json: bool) -> None:
     from narrative.hierarchy import list_objectives
 
     rows = [o.to_dict() for o in list_objectives(open_store(ctx))]
-    emit(as_json, rows, lambda: _table(rows, ["id", "status", "created_at", "title"]))
+    emit_list(
+        as_json,
+        "objective_list",
+        rows,
+        lambda: _table(rows, ["id", "status", "created_at", "title"]),
+    )
 
 
 @objective.command("show")
@@ -60,6 +65,7 @@ def objective_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     data = {**obj.to_dict(), "threads": [t.to_dict() for t in list_threads(store, obj.id)]}
     emit(
         as_json,
+        "objective_detail",
         data,
         lambda: (
             _table([data], ["id", "status", "title"])
@@ -80,7 +86,7 @@ def objective_status(ctx: click.Context, ref: str, status: str, as_json: bool) -
 
     store = open_store(ctx)
     obj = set_objective_status(store, resolve_objective(store, ref).id, status)
-    emit(as_json, obj.to_dict(), f"{obj.id} {obj.status}")
+    emit(as_json, "objective", obj.to_dict(), f"{obj.id} {obj.status}")
 
 
 @click.group()
@@ -113,7 +119,7 @@ def thread_create(
     )
     fork = resolve_snapshot(store, from_snapshot).id if from_snapshot else None
     created = create_thread(store, objective_id, name, fork)
-    emit(as_json, created.to_dict(), created.id)
+    emit(as_json, "thread", created.to_dict(), created.id)
 
 
 @thread.command("list")
@@ -128,10 +134,15 @@ def thread_list(ctx: click.Context, objective_ref: str | None, as_json: bool) ->
     objective_id = resolve_objective(store, objective_ref).id if objective_ref else None
     heads = store.thread_heads()
     rows = [
-        {**t.to_dict(), "head": heads[t.id].hex() if t.id in heads else None}
+        {**t.to_dict(), "head_commit": heads[t.id].hex() if t.id in heads else None}
         for t in list_threads(store, objective_id)
     ]
-    emit(as_json, rows, lambda: _table(rows, ["id", "name", "objective_id", "head"]))
+    emit_list(
+        as_json,
+        "thread_list",
+        rows,
+        lambda: _table(rows, ["id", "name", "objective_id", "head_commit"]),
+    )
 
 
 @thread.command("show")
@@ -152,7 +163,7 @@ def thread_show(ctx: click.Context, ref: str, as_json: bool) -> None:
         "snapshots": len(snaps),
         "runs": [r.id for r in list_runs(store, t.id)],
     }
-    emit(as_json, data, lambda: "\n".join(f"{k}: {v}" for k, v in data.items()))
+    emit(as_json, "thread_detail", data, lambda: "\n".join(f"{k}: {v}" for k, v in data.items()))
 
 
 @thread.command("reset")
@@ -181,7 +192,7 @@ def thread_reset(
     snap = resolve_snapshot(store, snapshot_ref)
     old = reset_thread(store, t.id, snap, force=force)
     data = {"thread": t.id, "head": snap.id, "previous_commit": old.hex() if old else None}
-    emit(as_json, data, f"thread {t.name} is now at {snap.id}")
+    emit(as_json, "thread_reset", data, f"thread {t.name} is now at {snap.id}")
 
 
 @click.group()
@@ -301,7 +312,7 @@ def run_start(
     if not no_snapshot:
         base = take_snapshot(store, t.id, message=f"base of a run by {agent}").snapshot.id
     started = start_run(store, t.id, agent, environment, base, manual=True)
-    emit(as_json, started.to_dict(), started.id)
+    emit(as_json, "run", started.to_dict(), started.id)
 
 
 def _run_isolated(
@@ -335,7 +346,10 @@ def _run_isolated(
     run = outcome.run
     data = {**run.to_dict(), "timed_out": outcome.timed_out}
     emit(
-        as_json, data, f"{run.id} {run.status} (exit {run.exit_code}) result {run.result_snapshot}"
+        as_json,
+        "run_result",
+        data,
+        f"{run.id} {run.status} (exit {run.exit_code}) result {run.result_snapshot}",
     )
     if run.status != "succeeded":
         note(f"run {run.id} {run.status}" + (" (timed out)" if outcome.timed_out else ""))
@@ -376,7 +390,7 @@ def run_finish(
             store, current.thread_id, run_id, message or f"result of run {run_id}"
         ).snapshot.id
     done = finish_run(store, run_id, status, exit_code, result)
-    emit(as_json, done.to_dict(), f"{done.id} {done.status}")
+    emit(as_json, "run", done.to_dict(), f"{done.id} {done.status}")
 
 
 @run.command("list")
@@ -403,7 +417,7 @@ def run_list(ctx: click.Context, thread_ref: str | None, as_json: bool) -> None:
             }
         )
     columns = ["id", "status", "agent", "thread", "started_at", "waiting"]
-    emit(as_json, rows, lambda: _table(rows, columns))
+    emit_list(as_json, "run_list", rows, lambda: _table(rows, columns))
 
 
 def _duration(seconds: float) -> str:
@@ -438,7 +452,7 @@ def run_show(ctx: click.Context, run_id: str, as_json: bool) -> None:
         text = "\n".join(f"{k}: {v}" for k, v in found.to_dict().items())
         return text + ("\n" + render_events(events) if events else "")
 
-    emit(as_json, data, human)
+    emit(as_json, "run_detail", data, human)
 
 
 COMMANDS = [objective, thread, run]

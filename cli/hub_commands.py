@@ -3,7 +3,6 @@ commands that talk to a hub: ``run stop``, ``run kill``, and the hub side of ``r
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
@@ -12,7 +11,7 @@ import click
 
 from .context import open_store
 from .hierarchy_commands import run
-from .output import emit, json_option, note, quiet
+from .output import emit, emit_list, json_document, json_option, note, quiet
 from .serving import announce_and_wait
 
 __all__ = ["COMMANDS", "render_events", "start_through_hub"]
@@ -79,7 +78,11 @@ def serve(
         await hub.start()
         try:
             ready = {"url": hub.url, "pid": os.getpid(), "environment": hub.environment_id}
-            await announce_and_wait(json.dumps(ready) if as_json else f"hub listening on {hub.url}")
+            await announce_and_wait(
+                json_document("hub_ready", ready, None)
+                if as_json
+                else f"hub listening on {hub.url}"
+            )
         finally:
             await hub.close()
 
@@ -224,7 +227,10 @@ def start_through_hub(
         r.id if quiet() else f"{r.id} {r.status} (exit {r.exit_code}) result {r.result_snapshot}"
         for r in runs
     ]
-    emit(as_json, data if many else data[0], "\n".join(lines))
+    if many:
+        emit_list(as_json, "run_result_list", data, "\n".join(lines))
+    else:
+        emit(as_json, "run_result", data[0], "\n".join(lines))
     failed = [r for r in runs if r.status != "succeeded"]
     for r in failed:
         note(f"run {r.id} {r.status}" + (" (timed out)" if r.id in timed_out else ""))
@@ -277,7 +283,7 @@ def run_stop(ctx: click.Context, run_id: str, grace: float | None, as_json: bool
     import asyncio  # imported late: it costs every command's start-up
 
     asyncio.run(stop_run(store, found, grace))
-    emit(as_json, {"run": found.id, "requested": "stop"}, f"stopping {found.id}")
+    emit(as_json, "run_request", {"run": found.id, "requested": "stop"}, f"stopping {found.id}")
 
 
 @run.command("kill")
@@ -294,7 +300,7 @@ def run_kill(ctx: click.Context, run_id: str, as_json: bool) -> None:
     import asyncio  # imported late: it costs every command's start-up
 
     asyncio.run(kill_run(store, found))
-    emit(as_json, {"run": found.id, "requested": "kill"}, f"killing {found.id}")
+    emit(as_json, "run_request", {"run": found.id, "requested": "kill"}, f"killing {found.id}")
 
 
 COMMANDS = [serve, runtime]

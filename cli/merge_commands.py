@@ -132,20 +132,26 @@ def merge(
         note(f"safety snapshot {restored.safety_snapshot} holds the merged state")
         emit(
             as_json,
-            {"aborted": True, "restored": restored.snapshot, "safety": restored.safety_snapshot},
+            "merge_aborted",
+            {
+                "aborted": True,
+                "snapshot": restored.snapshot,
+                "safety_snapshot": restored.safety_snapshot,
+            },
             f"merge aborted: workspace restored to {restored.snapshot}",
         )
         return
     if cont:
         snap = wm.continue_merge(store)
-        emit(as_json, {"snapshot": snap}, f"recorded merge snapshot {snap}")
+        emit(as_json, "merge_continued", {"snapshot": snap}, f"recorded merge snapshot {snap}")
         return
     if source is None:
         state = wm.merge_state(store)
         data = state.to_dict() if state is not None else None
         emit(
             as_json,
-            data,
+            "merge_state",
+            {"merge": data},
             "no merge in progress"
             if state is None
             else f"merging {state.source} ({state.theirs}), {state.phase}; "
@@ -166,7 +172,7 @@ def merge(
     data = result.to_dict()
     if not result.up_to_date:
         note(f"pre-merge snapshot {result.pre_merge}; base {result.base or '(none: two-way)'}")
-    emit(as_json, data, lambda: merge_summary(data))
+    emit(as_json, "merge", data, lambda: merge_summary(data))
     if result.conflicts:
         ctx.exit(1)
 

@@ -2,18 +2,21 @@
 
 ``--json`` prints exactly one JSON document on stdout; human text goes to stdout without it;
 notes, warnings and logs always go to stderr. ``NO_COLOR`` is honoured by rich.
+
+Every JSON document is an object whose ``"kind"`` names its shape (one hand-written JSON Schema
+per kind in ``docs/schema/``); a list is ``{"kind": "<item>_list", "items": [...]}``.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import click
 
-__all__ = ["emit", "fail", "json_option", "note"]
+__all__ = ["emit", "emit_list", "fail", "json_document", "json_option", "note"]
 
 
 def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -21,14 +24,28 @@ def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(func)
 
 
-def emit(as_json: bool, data: Any, human: str | Callable[[], str]) -> None:
-    """Print the command's result: JSON, or the human rendering."""
+def json_document(kind: str, data: Mapping[str, Any], indent: int | None = 2) -> str:
+    """``data`` as the JSON document of ``kind``: ``{"kind": kind, **data}``."""
+    if data.get("kind", kind) != kind:  # a field of the record would hide the document's kind
+        raise ValueError(f"a {kind} document cannot have a field named kind")
+    return json.dumps({"kind": kind, **data}, indent=indent)
+
+
+def emit(as_json: bool, kind: str, data: Mapping[str, Any], human: str | Callable[[], str]) -> None:
+    """Print the command's result: the JSON document of ``kind``, or the human rendering."""
     if as_json:
-        sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        sys.stdout.write(json_document(kind, data) + "\n")
         return
     text = human() if callable(human) else human
     if text:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def emit_list(
+    as_json: bool, kind: str, items: Sequence[Any], human: str | Callable[[], str]
+) -> None:
+    """Print a list: ``{"kind": kind, "items": [...]}`` (``kind`` ends in ``_list``)."""
+    emit(as_json, kind, {"items": list(items)}, human)
 
 
 def quiet() -> bool:

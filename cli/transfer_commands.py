@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from .context import open_store
-from .output import emit, json_option, note
+from .output import emit, emit_list, json_option, note
 
 __all__ = ["COMMANDS"]
 
@@ -87,6 +87,7 @@ def export_cmd(
         note(f"nothing new since {since}: no bundle written")
     emit(
         as_json,
+        "export",
         asdict(result),
         lambda: (
             "nothing new"
@@ -123,7 +124,7 @@ def import_cmd(ctx: click.Context, url: str, storage_pairs: tuple[str, ...], as_
             f"{result.records} records"
         )
 
-    emit(as_json, asdict(result), human)
+    emit(as_json, "import", asdict(result), human)
 
 
 @click.group()
@@ -153,7 +154,7 @@ def remote_add(
                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or NARRATIVE_STORAGE_* "
                 "variables"
             )
-    emit(as_json, _remote_row(added), f"added remote {added.name} at {added.url}")
+    emit(as_json, "remote", _remote_row(added), f"added remote {added.name} at {added.url}")
 
 
 @remote.command("list")
@@ -171,7 +172,7 @@ def remote_list(ctx: click.Context, as_json: bool) -> None:
             for r in rows
         )
 
-    emit(as_json, rows, human)
+    emit_list(as_json, "remote_list", rows, human)
 
 
 @remote.command("remove")
@@ -183,7 +184,7 @@ def remote_remove(ctx: click.Context, name: str, as_json: bool) -> None:
     from transfer.remotes import remove_remote
 
     remove_remote(open_store(ctx), name)
-    emit(as_json, {"removed": name}, f"removed remote {name}")
+    emit(as_json, "remote_removed", {"removed": name}, f"removed remote {name}")
 
 
 @click.command()
@@ -207,6 +208,7 @@ def push(
     )
     emit(
         as_json,
+        "push",
         asdict(result),
         lambda: (
             f"pushed {len(result.pushed)} threads to {name} ({result.size} bytes)"
@@ -231,7 +233,7 @@ def _fetch(
                 f"incoming one is at {ref}"
             )
     data = [asdict(r) for r in results]
-    emit(as_json, data, f"imported {len(results)} bundles from {name}")
+    emit_list(as_json, "import_list", data, f"imported {len(results)} bundles from {name}")
 
 
 @click.command()
@@ -278,7 +280,7 @@ def pull(ctx: click.Context, name: str, storage_pairs: tuple[str, ...], as_json:
             + ", ".join(c.path for c in merge.conflicts)
             + " (resolve, then 'narrative merge --continue')"
         )
-    emit(as_json, data, human)
+    emit(as_json, "pull", data, human)
     if merge is not None and merge.conflicts:
         ctx.exit(1)
 

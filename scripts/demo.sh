@@ -43,7 +43,7 @@ narrative env create sandbox --require python,git
 narrative run start --env sandbox --snapshot "$base" --agent demo-agent -- \
     sh -c 'printf "\n\ndef sub(a, b):\n    return a - b\n" >> src/calc.py && echo "sub added"'
 test ! -e "$ws/CHANGES.md"
-iso_run=$(narrative run list --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
+iso_run=$(narrative run list --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["items"][-1]["id"])')
 narrative env list
 step "its event log: the runtime connected back, the base went in and the result came out as bundles"
 narrative run show "$iso_run"

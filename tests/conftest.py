@@ -21,7 +21,12 @@ NARRATIVE = str(Path(sys.executable).with_name("narrative"))
 def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test sees the developer's HOME, data directory, git config or store variables; no
     two tests share a data directory (where stores live by default)."""
-    home = tmp_path_factory.mktemp("home")
+    isolate(tmp_path_factory.mktemp("home"), monkeypatch)
+
+
+def isolate(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point HOME, the data directory and git's configuration into ``home`` (also for fixtures
+    wider than one test, which the function-scoped ``isolated_env`` cannot serve)."""
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
     monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
@@ -137,6 +142,13 @@ class Cli:
 
     def json(self, *args: str, **kwargs: Any) -> Any:
         return json.loads(self.run(*args, "--json", **kwargs).stdout)
+
+    def items(self, *args: str, **kwargs: Any) -> list[Any]:
+        """The items of a list command's ``--json`` document (``{"kind": "..._list",
+        "items": [...]}``)."""
+        doc = self.json(*args, **kwargs)
+        assert doc["kind"].endswith("_list"), doc
+        return list(doc["items"])
 
 
 @pytest.fixture

@@ -56,7 +56,7 @@ def test_store_elsewhere_via_flag_and_env(workspace: Path, tmp_path: Path) -> No
     assert snap["created"] is True
     # from any directory, the store knows its workspace
     other = Cli(tmp_path)
-    assert other.json("--store", str(store_dir), "log")[0]["id"] == snap["id"]
+    assert other.items("--store", str(store_dir), "log")[0]["id"] == snap["id"]
 
 
 def test_snapshot_log_show_json_shapes(cli: Cli, workspace: Path) -> None:
@@ -70,9 +70,9 @@ def test_snapshot_log_show_json_shapes(cli: Cli, workspace: Path) -> None:
     (workspace / "x.txt").write_text("x")
     second = cli.json("snapshot", "-m", "second")
     assert second["parent"] == snap["id"]
-    log = cli.json("log")
+    log = cli.items("log")
     assert [s["id"] for s in log] == [second["id"], snap["id"]]
-    assert set(log[0]) >= set(snap) - {"created", "new_thread"}
+    assert set(log[0]) >= set(snap) - {"kind", "created", "new_thread"}
     shown = cli.json("show", second["id"][:10])
     assert shown["id"] == second["id"] and shown["message"] == "second"
     quiet = cli.run("-q", "snapshot")
@@ -93,14 +93,14 @@ def test_hierarchy_commands(cli: Cli, workspace: Path) -> None:
     assert done["status"] == "succeeded" and done["exit_code"] == 0
     result = cli.json("show", done["result_snapshot"])
     assert result["run"] == run["id"] and result["thread"] == thread["id"]
-    runs = cli.json("run", "list")
+    runs = cli.items("run", "list")
     assert [(r["id"], r["thread"], r["status"]) for r in runs] == [
         (run["id"], thread["id"], "succeeded")
     ]
-    assert len(cli.json("log", "--objective", obj["id"])) == 2
+    assert len(cli.items("log", "--objective", obj["id"])) == 2
     fork = cli.json("thread", "create", "fork", "--from", result["id"])
     assert fork["forked_from"] == result["id"]
-    assert {t["name"] for t in cli.json("thread", "list")} == {"main", "attempt-1", "fork"}
+    assert {t["name"] for t in cli.items("thread", "list")} == {"main", "attempt-1", "fork"}
     twice = cli.run("run", "finish", run["id"], check=False)
     assert twice.returncode == 1 and "already finished" in twice.stderr
 
@@ -190,12 +190,15 @@ def test_corrupted_store_is_reported(cli: Cli, workspace: Path) -> None:
 
 def test_config_sets_the_size_cap_and_default_thread(cli: Cli, workspace: Path) -> None:
     cli.run("init")
-    assert cli.json("config", "max_file_size", "1k") == {"max_file_size": 1024}
+    assert cli.json("config", "max_file_size", "1k") == {"kind": "config", "max_file_size": 1024}
     (workspace / "big.bin").write_bytes(b"b" * 2000)
     snap = cli.json("snapshot")
     assert [s["path"] for s in snap["skipped"]] == ["big.bin"]
     other = cli.json("thread", "create", "other")
-    assert cli.json("config", "default_thread", "other") == {"default_thread": other["id"]}
+    assert cli.json("config", "default_thread", "other") == {
+        "kind": "config",
+        "default_thread": other["id"],
+    }
     (workspace / "x.txt").write_text("x")
     assert cli.json("snapshot")["thread"] == other["id"]
     bad = cli.run("config", "max_file_size", "lots", check=False)

@@ -48,11 +48,11 @@ def test_global_options_after_the_subcommand(cli: Cli, workspace: Path, tmp_path
     quiet = cli.run("snapshot", "-m", "one", "-q")
     assert quiet.stderr == ""
     elsewhere = Cli(tmp_path)
-    assert elsewhere.json("log", "-C", str(workspace))[0]["message"] == "one"
-    assert elsewhere.json("log", "--json", "-C", str(workspace), "-n", "1")[0]["message"] == "one"
+    assert elsewhere.items("log", "-C", str(workspace))[0]["message"] == "one"
+    assert elsewhere.items("log", "--json", "-C", str(workspace), "-n", "1")[0]["message"] == "one"
     store = cli.json("info")["store"]
-    assert elsewhere.json("log", "--store", store)[0]["message"] == "one"
-    nested = elsewhere.json("thread", "list", "-C", str(workspace))
+    assert elsewhere.items("log", "--store", store)[0]["message"] == "one"
+    nested = elsewhere.items("thread", "list", "-C", str(workspace))
     assert len(nested) == 1
 
 
@@ -160,7 +160,7 @@ def test_env_create_help_lists_each_providers_config_keys(cli: Cli) -> None:
             if field != "type":
                 assert f"{field}=" in shown, (name, field)
     docker = " ".join(cli.run("env", "create", "--help", "--provider=docker").stdout.split())
-    assert "image=str [required]" in docker and "network=bool | 'host' [default False]" in docker
+    assert "image=str [default 'narrative-host:1']" in docker and "network=bool | 'host' [default False]" in docker
 
 
 def test_an_unknown_name_suggests_what_it_may_have_meant(cli: Cli, workspace: Path) -> None:

@@ -76,7 +76,7 @@ def populated(store: Store, workspace: Path) -> Store:
 
 def test_healthy_store_passes(populated: Store, workspace: Path) -> None:
     code, report = _fsck(workspace)
-    assert (code, report) == (0, {"ok": True, "problems": []})
+    assert (code, report) == (0, {"kind": "fsck_report", "ok": True, "problems": []})
     assert _git(populated, "fsck", "--strict", "--no-dangling").returncode == 0
 
 

@@ -15,7 +15,7 @@ def test_a_run_without_a_command_needs_manual(cli: Cli, workspace: Path) -> None
     cli.run("init")
     proc = cli.run("run", "start", check=False)
     assert proc.returncode == 2 and "--manual" in proc.stderr
-    assert cli.json("run", "list") == []  # nothing recorded
+    assert cli.items("run", "list") == []  # nothing recorded
     both = cli.run("run", "start", "--manual", "--", "true", check=False)
     assert both.returncode == 2 and "--manual" in both.stderr
 
@@ -25,7 +25,7 @@ def test_a_manual_run_waits_for_finish_and_is_swept_when_abandoned(
 ) -> None:
     cli.run("init")
     kept = cli.json("run", "start", "--manual", "--agent", "me")
-    listed = cli.json("run", "list")
+    listed = cli.items("run", "list")
     assert listed[0]["id"] == kept["id"] and listed[0]["manual"] is True
     assert listed[0]["waiting"].startswith("run finish (") and listed[0]["age_seconds"] >= 0
     assert "run finish (" in cli.run("run", "list").stdout
@@ -37,7 +37,7 @@ def test_a_manual_run_waits_for_finish_and_is_swept_when_abandoned(
     time.sleep(1.5)
     proc = cli.run("run", "list", "--json")
     assert "abandoned" in proc.stderr
-    swept = {r["id"]: r for r in json.loads(proc.stdout)}[left["id"]]
+    swept = {r["id"]: r for r in json.loads(proc.stdout)["items"]}[left["id"]]
     assert swept["status"] == "cancelled" and "abandoned" in swept["reason"]
     assert swept["waiting"] == ""
     late = cli.run("run", "finish", left["id"], check=False)

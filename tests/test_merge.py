@@ -224,10 +224,10 @@ def test_conflicts_markers_binary_delete_and_exact_abort(
     assert "in progress" not in human and "merging" in human
 
     # a second merge is refused, and changes nothing
-    snapshot_count = len(cli.json("log"))
+    snapshot_count = len(cli.items("log"))
     second = cli.run("merge", run_id, check=False)
     assert second.returncode == 1 and "in progress" in second.stderr
-    assert len(cli.json("log")) == snapshot_count
+    assert len(cli.items("log")) == snapshot_count
     refused = cli.run("merge", "--continue", check=False)
     assert refused.returncode == 1 and "conflict markers" in refused.stderr
 

@@ -19,7 +19,7 @@ def _fsck(store_dir: Path) -> None:
 
 
 def _snapshots(cli: Cli) -> list[str]:
-    return [s["id"] for s in cli.json("log", "--all")]
+    return [s["id"] for s in cli.items("log", "--all")]
 
 
 def _restored(cli: Cli, snapshot: str, target: Path) -> dict[str, bytes]:
@@ -81,7 +81,7 @@ def test_rm_rf_of_a_worktree_checkout_leaves_the_store_intact(
     assert tree_bytes(store_dir) == before
     _fsck(store_dir)
     assert set(states) <= set(_snapshots(cli))
-    assert cli.json("env", "health", "box")[0]["health"] == "gone"
+    assert cli.items("env", "health", "box")[0]["health"] == "gone"
     cli.run("env", "delete", "box")
 
 
@@ -139,7 +139,7 @@ def test_fork_gives_the_copy_its_own_store_with_the_shared_history(
     before = tree_bytes(store_dir)
     in_copy = Cli(copy)
     forked = in_copy.json("init", "--fork")
-    assert in_copy.json("remote", "list") == cli.json("remote", "list")  # goes on syncing
+    assert in_copy.items("remote", "list") == cli.items("remote", "list")  # goes on syncing
     assert forked["workspace"] == str(copy.resolve()) and forked["copy_of"] is None
     assert forked["store"] != str(store_dir)
     snap = in_copy.json("snapshot", "-m", "in the copy")
@@ -171,7 +171,7 @@ def test_adopt_makes_a_moved_workspace_the_stores_workspace(
     assert snap["created"] is True and snap["parent"] == first
     # the index follows: found by its new path even without the marker
     shutil.rmtree(moved / ".narrative")
-    assert cli.json("log")[0]["id"] == snap["id"]
+    assert cli.items("log")[0]["id"] == snap["id"]
     assert Cli(moved).run("init", "--adopt", check=False).returncode == 1  # nothing to adopt
 
 
@@ -197,7 +197,7 @@ def test_an_old_layout_store_migrates_on_first_use(workspace: Path, tmp_path: Pa
         states[snap["id"]] = _user_files(workspace)
     proc = cli.run("log", "--all", "--json")
     assert "moved the store" in proc.stderr and proc.stderr.count("\n") == 1
-    assert sorted(s["id"] for s in json.loads(proc.stdout)) == sorted(states)
+    assert sorted(s["id"] for s in json.loads(proc.stdout)["items"]) == sorted(states)
     assert sorted(os.listdir(workspace / ".narrative")) == [".gitignore", "id"]
     store_dir = store_dir_of(workspace)
     assert not store_dir.is_relative_to(workspace)
@@ -213,7 +213,7 @@ def test_a_store_put_in_the_workspace_on_purpose_stays_there(cli: Cli, workspace
     cli.run("--store", str(inside), "init")
     snap = cli.json("snapshot", env={"NARRATIVE_STORE": str(inside)})
     proc = cli.run("log", "--json")  # found from the workspace, used where it is
-    assert proc.stderr == "" and json.loads(proc.stdout)[0]["id"] == snap["id"]
+    assert proc.stderr == "" and json.loads(proc.stdout)["items"][0]["id"] == snap["id"]
     assert cli.json("info")["store"] == str(inside.resolve())
     assert (inside / "narrative" / "config.json").is_file()
 
@@ -250,7 +250,7 @@ def test_an_old_layout_migration_killed_at_any_point_loses_nothing(
         )
         landed += legacy.exists() or bool(leftovers)
         # whatever state the kill left: the snapshot is still there and restores
-        assert [s["id"] for s in cli.json("log")] == [first]
+        assert [s["id"] for s in cli.items("log")] == [first]
         stores = Path(os.environ["XDG_DATA_HOME"]) / "narrative" / "stores"
         assert not list(stores.glob(".tmp-*"))  # what a killed copy left is cleaned up
         assert _restored(cli, first, tmp_path / f"check-{step}") == expected

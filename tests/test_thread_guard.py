@@ -206,7 +206,7 @@ def test_previous_heads_resolve_in_log_show_diff_and_restore(
         ids.append(cli.json("snapshot", "-m", f"s{i}")["id"])
     assert cli.json("show", "main@{0}")["id"] == ids[2]
     assert cli.json("show", "main@{1}")["id"] == ids[1]
-    assert [s["id"] for s in cli.json("log", "main@{1}")] == [ids[1], ids[0]]
+    assert [s["id"] for s in cli.items("log", "main@{1}")] == [ids[1], ids[0]]
     thread = cli.json("show", "main")["thread"]
     assert cli.json("show", f"{thread}@{{2}}")["id"] == ids[0]
     diff = cli.run("diff", "main@{2}", "main@{0}", "--name-status").stdout
@@ -229,7 +229,7 @@ def test_a_run_id_names_its_result(store: Store, workspace: Path, cli: Cli) -> N
     result = take_snapshot(store, thread_id=main, run_id=run.id, allow_empty=True).snapshot
     finish_run(store, run.id, "succeeded", 0, result.id)
     assert cli.json("show", run.id)["id"] == result.id
-    assert cli.json("log", run.id, "-n", "1")[0]["id"] == result.id
+    assert cli.items("log", run.id, "-n", "1")[0]["id"] == result.id
     failed = start_run(store, main, base_snapshot=base.id)
     finish_run(store, failed.id, "failed", 1, result.id)
     refused = cli.run("show", failed.id, check=False)

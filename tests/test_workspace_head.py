@@ -64,9 +64,9 @@ def test_restore_keeps_unsnapshotted_work_on_the_restore_backup_thread(
     backup = restored["safety_snapshot"]
     assert backup not in (first["id"], second["id"])
     assert _head(cli, second["thread"]) == second["id"]
-    listed = {s["id"]: s for s in cli.json("log", "--all")}
+    listed = {s["id"]: s for s in cli.items("log", "--all")}
     assert backup in listed
-    threads = {t["id"]: t["name"] for t in cli.json("thread", "list")}
+    threads = {t["id"]: t["name"] for t in cli.items("thread", "list")}
     assert threads[listed[backup]["thread"]] == "restore-backup"
     # a restore of a workspace that equals its HEAD needs no backup
     again = cli.json("restore", second["id"])

@@ -58,6 +58,16 @@ def connect() -> Any:
     return api
 
 
+def docker_reachable() -> bool:
+    """Whether an engine answers at ``DOCKER_HOST``; where Docker is required
+    (``NARRATIVE_REQUIRE_DOCKER=1``) a missing one fails the caller instead."""
+    try:
+        connect().close()
+    except pytest.skip.Exception:
+        return False
+    return True
+
+
 def ensure_image(api: Any) -> str:
     """The test image, imported offline when it is not present yet."""
     import docker.errors

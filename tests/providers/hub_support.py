@@ -68,8 +68,10 @@ PLUGIN = textwrap.dedent(
 
 
 def start(cli: Cli, *args: str, env: dict[str, str] | None = None) -> Any:
-    """``narrative run start --json ARGS`` (``--json`` before the command's ``--``)."""
-    return json.loads(cli.run("run", "start", "--json", *args, env=env).stdout)
+    """``narrative run start --json ARGS`` (``--json`` before the command's ``--``): the run,
+    or the list of runs of a fan-out."""
+    doc = json.loads(cli.run("run", "start", "--json", *args, env=env).stdout)
+    return doc["items"] if doc["kind"] == "run_result_list" else doc
 
 
 def events(store_dir: Path, run_id: str) -> list[dict[str, Any]]:
@@ -193,10 +195,10 @@ def check_failing_runtime(cli: Cli, workspace: Path, env: str) -> None:
     with open(host_log) as f:
         assert f.read().count("boom-marker") == 1
     for _ in range(2):
-        lines = cli.json("env", "logs", env, "--runtime")
+        lines = cli.items("env", "logs", env, "--runtime")
         assert lines[-1] == "boom-marker" and "\n".join(lines).count("boom-marker") == 1
     assert cli.run("env", "logs", env, "--runtime", "--tail", "1").stdout == "boom-marker\n"
-    assert "boom-marker" not in "\n".join(cli.json("env", "logs", env))  # the lifecycle log
+    assert "boom-marker" not in "\n".join(cli.items("env", "logs", env))  # the lifecycle log
 
 
 #: An agent that dials ``127.0.0.1:<port>`` (its first argument) and writes what it got, or

@@ -41,7 +41,7 @@ def test_the_default_image_is_built_on_first_use_and_runs_an_agent(
         assert all(mounts[target]["RW"] is False for target in [*ours, "/usr"])
         assert LIB_MOUNT not in mounts  # never the directory holding them (a checkout's .git)
         assert not any(str(workspace) in m["Source"] for m in container["Mounts"])
-        assert cli.json("env", "health", "box", "--json")[0]["health"] == "ok"
+        assert cli.items("env", "health", "box", "--json")[0]["health"] == "ok"
         agent = "import gateway.client, sys; open('v.txt', 'w').write(sys.version[:4])"
         out = cli.run("-q", "run", "start", "--env", "box", "--", "python", "-c", agent)
         run = out.stdout.strip()

@@ -72,7 +72,7 @@ def test_a_run_whose_environment_never_got_its_input_has_no_result(
     checkout.write_text("not a directory\n")
     proc = cli.run("run", "start", "--env", "wt", "--direct", "--json", "--", "true", check=False)
     assert proc.returncode == 1
-    runs = cli.json("run", "list")
+    runs = cli.items("run", "list")
     assert runs and runs[-1]["result_snapshot"] is None
     merge = cli.run("merge", runs[-1]["id"], "--allow-failed", check=False)
     assert merge.returncode == 1 and "no result" in merge.stderr

@@ -146,7 +146,7 @@ def test_failed_timed_out_and_second_runs_reuse_the_environment(hub_cli: Cli) ->
     assert slow.returncode == 1 and data["timed_out"] and data["exit_code"] == 124
     ok = start(hub_cli, "--env", "sandbox", "--", "cat", "README.md")
     assert ok["status"] == "succeeded"
-    runs = hub_cli.json("run", "list")
+    runs = hub_cli.items("run", "list")
     assert [(r["status"], r["exit_code"]) for r in runs] == [
         ("failed", 5),
         ("failed", 124),
@@ -167,7 +167,7 @@ def test_runtime_failing_at_once_shows_its_output(hub_cli: Cli, workspace: Path)
     run = json.loads(again.stdout)
     history = events(store_dir_of(workspace), run["id"])
     assert [e["lines"] for e in history if e["type"] == "runtime.log"] == [["boom-marker"]]
-    lines = hub_cli.json("env", "logs", "broken", "--runtime")
+    lines = hub_cli.items("env", "logs", "broken", "--runtime")
     assert lines.count("boom-marker") == 2 and lines[-1] == "boom-marker"
 
 

@@ -135,7 +135,7 @@ def test_runtime_failing_at_once_in_a_container_shows_its_output(
         check_failing_runtime(cli, workspace, "box")
         # the host's copy outlives the container (removed behind the store's back)
         docker_api.remove_container(box["resource_id"], force=True, v=True)
-        assert cli.json("env", "logs", "box", "--runtime")[-1] == "boom-marker"
+        assert cli.items("env", "logs", "box", "--runtime")[-1] == "boom-marker"
     finally:
         cli.run("env", "delete", "box")
 
@@ -176,9 +176,9 @@ def test_health_runs_the_runtime_import_check_in_the_container(
     create_box(cli, docker_image, "exposed", "--config", f"runtime={EXPOSED_RUNTIME}")
     create_box(cli, docker_image, "isolated")
     for env in ("exposed", "isolated"):
-        assert cli.json("env", "health", env)[0]["health"] == "ok"  # an empty workdir
+        assert cli.items("env", "health", env)[0]["health"] == "ok"  # an empty workdir
         cli.run("run", "start", "--env", env, "--direct", "--", "true")  # restores json.py
-    report = cli.json("env", "health", "exposed")[0]
+    report = cli.items("env", "health", "exposed")[0]
     assert report["health"] != "ok" and "broken" in report["detail"], report
     assert "planted json.py ran" in report["detail"], report
-    assert cli.json("env", "health", "isolated")[0]["health"] == "ok"
+    assert cli.items("env", "health", "isolated")[0]["health"] == "ok"

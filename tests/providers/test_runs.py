@@ -49,7 +49,7 @@ def test_cli_failed_and_timed_out_runs(cli: Cli) -> None:
     )  # fmt: skip
     data = __import__("json").loads(slow.stdout)
     assert slow.returncode == 1 and data["timed_out"] and data["status"] == "failed"
-    runs = cli.json("run", "list")
+    runs = cli.items("run", "list")
     assert [(r["status"], r["exit_code"]) for r in runs] == [("failed", 5), ("failed", 124)]
     assert all(r["result_snapshot"] for r in runs)
 
@@ -67,7 +67,7 @@ def test_cli_bad_requests_record_nothing(cli: Cli) -> None:
         check=False,
     )  # fmt: skip
     assert both.returncode == 2
-    assert cli.json("run", "list") == []
+    assert cli.items("run", "list") == []
 
 
 def test_cli_env_commands(cli: Cli) -> None:
@@ -77,15 +77,15 @@ def test_cli_env_commands(cli: Cli) -> None:
     assert cli.json("env", "start", "wt")["state"] == "running"
     out = cli.run("env", "exec", "wt", "--", "sh", "-c", "echo hi; exit 4", check=False)
     assert (out.returncode, out.stdout) == (4, "hi\n")
-    assert "hi" in cli.json("env", "logs", "wt")
-    assert [e["name"] for e in cli.json("env", "list")] == ["wt"]
+    assert "hi" in cli.items("env", "logs", "wt")
+    assert [e["name"] for e in cli.items("env", "list")] == ["wt"]
     health = [{"name": "wt", "health": "ok", "state": "running", "detail": ""}]
-    assert cli.json("env", "health") == health
+    assert cli.items("env", "health") == health
     assert cli.json("env", "stop", "wt")["state"] == "stopped"
     assert cli.json("env", "delete", "wt")["state"] == "archived"
-    assert cli.json("env", "list") == []
-    assert len(cli.json("env", "list", "--all")) == 1
-    assert cli.json("env", "sweep") == []
+    assert cli.items("env", "list") == []
+    assert len(cli.items("env", "list", "--all")) == 1
+    assert cli.items("env", "sweep") == []
 
 
 def test_cli_env_watch_reconnects_and_reports(cli: Cli) -> None:

@@ -73,7 +73,7 @@ def test_the_hub_creates_reuses_and_starts_environments(cli: Cli, workspace: Pat
     cli.run("env", "stop", "auto-worktree-1")
     third = json.loads(cli.run("run", "start", "--json", "--", "true").stdout)
     assert _selected(store_dir, third["id"]) == ("auto-worktree-1", "started")
-    assert [e["name"] for e in cli.json("env", "list")] == ["auto-worktree-1"]
+    assert [e["name"] for e in cli.items("env", "list")] == ["auto-worktree-1"]
     # only environments with the capabilities are candidates
     assert cli.json("env", "show", "auto-worktree-1")["capabilities"]
 

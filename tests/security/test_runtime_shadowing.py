@@ -32,7 +32,7 @@ def checkout(cli: Cli, env: str) -> Path:
 
 
 def health(cli: Cli, env: str) -> dict[str, str]:
-    rows = cli.json("env", "health", env)
+    rows = cli.items("env", "health", env)
     assert len(rows) == 1
     return dict(rows[0])
 

@@ -209,7 +209,7 @@ def test_without_bwrap_env_create_refuses_and_says_how_to_install(
     assert refused.returncode == 1
     assert "apt-get install bubblewrap" in refused.stderr and "sandbox=none" in refused.stderr
     assert "Traceback" not in refused.stderr
-    assert cli.json("env", "list", "--all") == []  # refused before anything was recorded
+    assert cli.items("env", "list", "--all") == []  # refused before anything was recorded
     cli.run("env", "create", "open", "--provider", "worktree", "--config", "sandbox=none", env=env)
 
 

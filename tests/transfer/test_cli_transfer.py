@@ -48,7 +48,7 @@ def test_export_import_and_remotes_over_s3(
     assert again["updated"] == {} and again["unchanged"] == [snap["thread"]]
     # remotes
     a.run("remote", "add", "origin", f"{s3_bucket}/remote", *_opts(s3_options))
-    assert [r["name"] for r in a.json("remote", "list")] == ["origin"]
+    assert [r["name"] for r in a.items("remote", "list")] == ["origin"]
     pushed = a.json("push", "origin")
     assert pushed["pushed"] == {snap["thread"]: snap["commit"]}
     (workspace / "more.txt").write_text("more\n")
@@ -56,7 +56,7 @@ def test_export_import_and_remotes_over_s3(
     a.json("push", "origin")
     b.run("remote", "add", "origin", f"{s3_bucket}/remote", *_opts(s3_options))
     b.json("pull", "origin")
-    assert b.json("log", "--thread", snap["thread"], "-n", "1")[0]["id"] == second["id"]
+    assert b.items("log", "--thread", snap["thread"], "-n", "1")[0]["id"] == second["id"]
     # piped output: no progress bar noise, one JSON document
     empty = b.run("export", str(tmp_path / "y.tar.zst"), "--format", "tar.zst", check=False)
     assert empty.returncode == 1 and "has no snapshots" in empty.stderr

@@ -55,7 +55,8 @@ def test_pull_merges_a_diverged_thread_and_push_then_fast_forwards(tmp_path: Pat
     alice.run("push", "origin")  # a fast-forward now
     bob.run("pull", "origin")
     assert (b_ws / "alice.txt").read_text() == "alice\n"  # the workspace followed the pull
-    assert next(s["message"] for s in bob.json("log", "origin/main", "-n", "1")).startswith("merge")
+    [tip] = bob.items("log", "origin/main", "-n", "1")
+    assert tip["message"].startswith("merge")
     for ws in (a_ws, b_ws):
         _fsck(ws)
 
@@ -150,7 +151,7 @@ def test_pull_merges_a_teammates_gitignore_edit(
     alice.run("snapshot", "-m", "alice")
     alice.run("pull", "origin")
     assert (a_ws / ".gitignore").read_text() == "*.log\n"
-    assert alice.json("log", "-n", "1")[0]["message"].startswith("merge")
+    assert alice.items("log", "-n", "1")[0]["message"].startswith("merge")
     _fsck(a_ws)
 
 
@@ -158,7 +159,7 @@ def test_a_thread_name_shared_after_a_pull_means_the_current_thread(tmp_path: Pa
     """Bob's store has his own empty ``main`` and Alice's pulled ``main``; every name lookup
     (snapshot references and thread arguments alike) picks the one his workspace is on."""
     _alice, bob, _a_ws, _b_ws, thread = _pair(tmp_path)
-    names = [t["name"] for t in bob.json("thread", "list")]
+    names = [t["name"] for t in bob.items("thread", "list")]
     assert names.count("main") == 2
     assert bob.json("thread", "show", "main")["id"] == thread
     assert bob.json("show", "main")["thread"] == thread

@@ -59,5 +59,5 @@ def test_kill_during_export_and_import(tmp_path: Path) -> None:
     result = other.json("import", good)
     assert result["format"] == "bundle"
     git("--git-dir", store, "fsck", "--strict", "--no-dangling")
-    head = cli.json("log", "-n", "1")[0]
+    head = cli.items("log", "-n", "1")[0]
     assert other.json("show", head["id"])["tree"] == head["tree"]

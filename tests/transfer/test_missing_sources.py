@@ -76,4 +76,4 @@ def test_s3_missing_bucket_fails_for_fetch_pull_and_import(
         assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
         assert "no-such-bucket-here" in proc.stderr and "Traceback" not in proc.stderr
     assert _store_files(cli) == before
-    assert json.loads(cli.run("remote", "list", "--json").stdout)
+    assert json.loads(cli.run("remote", "list", "--json").stdout)["items"]

@@ -29,7 +29,7 @@ def test_remote_list_shows_options_but_never_credentials(cli: Cli, workspace: Pa
         "--json",
     )  # fmt: skip
     assert "plain text" in added.stderr and "hunter2" not in added.stdout + added.stderr
-    [listed] = cli.json("remote", "list")
+    [listed] = cli.items("remote", "list")
     assert listed["storage_options"] == {
         "client_kwargs.endpoint_url": "http://127.0.0.1:9000",
         "client_kwargs.aws_session_token": "***",
