@@ -160,7 +160,8 @@ def test_env_create_help_lists_each_providers_config_keys(cli: Cli) -> None:
             if field != "type":
                 assert f"{field}=" in shown, (name, field)
     docker = " ".join(cli.run("env", "create", "--help", "--provider=docker").stdout.split())
-    assert "image=str [default 'narrative-host:1']" in docker and "network=bool | 'host' [default False]" in docker
+    assert "image=str [default 'narrative-host:1']" in docker
+    assert "network=bool | 'host' [default False]" in docker
 
 
 def test_an_unknown_name_suggests_what_it_may_have_meant(cli: Cli, workspace: Path) -> None:
