@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -77,6 +78,7 @@ from .sandbox import (
     sandboxed,
     secret_paths,
 )
+from .usage import ProcessUsage, ReapedProcesses, UsageMeter, rusage_usage
 
 __all__ = ["RUNTIME_BOOTSTRAP", "SPAWN_MARKER_VAR", "DirectoryProvider", "command_env"]
 
@@ -388,9 +390,20 @@ class DirectoryProvider(BaseProvider):
                 output.close()
         # Read before the reaper starts: even a process that exited at once is still a zombie.
         stat = _proc_stat(proc.pid)
-        threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
         start = stat[19] if stat is not None else "0"
-        return f"proc:{proc.pid}:{start}:{token}"
+        handle = f"proc:{proc.pid}:{start}:{token}"
+
+        def reap() -> None:
+            usage = _wait_rusage(proc)
+            if usage is not None:
+                _REAPED.record(handle, usage)
+
+        threading.Thread(target=reap, name=f"reap-{proc.pid}", daemon=True).start()
+        return handle
+
+    def usage_meter(self, resource_id: str) -> UsageMeter:
+        how = "in its bwrap sandbox" if self.sandbox_enabled else "unsandboxed"
+        return _ReapedMeter(f"{self.name}: wait4 rusage of the runtime's process tree ({how})")
 
     def _marker_env(self) -> dict[str, str]:
         var, value = environment_marker(self.context.env_id)
@@ -683,7 +696,8 @@ def _pump(stream: IO[bytes], name: str, sink: list[bytes], on_output: OutputFn |
 def _wait_streaming(
     proc: subprocess.Popen[bytes], timeout: float | None, on_output: OutputFn | None
 ) -> ExecResult:
-    """Stream both pipes as output arrives; on timeout kill the command's process group."""
+    """Stream both pipes as output arrives; on timeout kill the command's process group. The
+    command is reaped with ``wait4``, so its CPU time and peak memory come back with it."""
     out: list[bytes] = []
     err: list[bytes] = []
     assert proc.stdout is not None and proc.stderr is not None
@@ -693,25 +707,57 @@ def _wait_streaming(
     ]
     for pump in pumps:
         pump.start()
-    timed_out = False
+    reaped: list[resource.struct_rusage | None] = []
+    reaper = threading.Thread(target=lambda: reaped.append(_wait_rusage(proc)), daemon=True)
+    reaper.start()
     try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        reaper.join(timeout)
     except BaseException:
         _kill_group(proc)
+        reaper.join()
         raise
+    timed_out = reaper.is_alive()
     if timed_out:
         _kill_group(proc)
+        reaper.join()
     for pump in pumps:
         pump.join()
     proc.stdout.close()
     proc.stderr.close()
-    code = proc.wait()
-    return ExecResult(code if not timed_out else 124, b"".join(out), b"".join(err), timed_out)
+    code = proc.returncode if proc.returncode is not None else proc.wait()
+    rusage = reaped[0] if reaped else None
+    usage = rusage_usage(rusage, "wait4 rusage of the command") if rusage is not None else None
+    return ExecResult(
+        code if not timed_out else 124, b"".join(out), b"".join(err), timed_out, usage
+    )
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+
+
+_REAPED = ReapedProcesses()
+"""The rusage of the processes this process spawned (:meth:`DirectoryProvider.spawn`), by
+handle: a hub reads its run's runtime's when the run ends."""
+
+
+def _wait_rusage(proc: subprocess.Popen[bytes]) -> resource.struct_rusage | None:
+    """Reap ``proc`` with ``wait4`` (setting its return code); its rusage, covering every
+    descendant it waited for. None when someone else reaped it."""
+    try:
+        _pid, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage
+
+
+class _ReapedMeter(UsageMeter):
+    """The rusage of the spawned runtime, recorded when this process reaped it."""
+
+    def finish(self, handle: str | None) -> ProcessUsage:
+        usage = _REAPED.take(handle, timeout=5.0) if handle is not None else None
+        if usage is None:
+            return ProcessUsage(None, None, f"{self.measured_by}: not reaped by this process")
+        return rusage_usage(usage, self.measured_by)
