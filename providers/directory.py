@@ -521,7 +521,8 @@ class DirectoryProvider(BaseProvider):
         with sandboxed(bwrap, plan, argv, environment) as (command, bwrap_env, fds):
             # bwrap itself carries the marker too: killing its init (PID 1 of the sandbox's
             # namespace) ends every process in there, also one that dropped its environment
-            yield command, {**bwrap_env, **self._marker_env()}, fds
+            reaped = [sys.executable, "-I", "-S", "-c", _SUBREAPER, *command]
+            yield reaped, {**bwrap_env, **self._marker_env()}, fds
 
     def runtime_command(self) -> list[str]:
         """The configured ``runtime``, else this interpreter in isolated mode running this
@@ -736,6 +737,29 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
 
+
+_SUBREAPER = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+ends = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+child = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ, setsigdef=ends)
+for number in ends:
+    signal.signal(number, signal.SIG_IGN)
+code = 1
+while True:
+    try:
+        pid, status = os.waitpid(-1, 0)
+    except ChildProcessError:
+        break
+    if pid == child:
+        code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+"""Runs a sandboxed command (bwrap) outside the sandbox and waits for it and for the sandbox's
+init, which bwrap leaves unreaped when it exits: the CPU time and peak memory of everything
+that ran in there then add up in this process's ``wait4`` rusage, which its caller reads.
+Stopping signals are for the command (this one waits until it has ended: it is how a handle
+tells whether the command still runs), which gets them by process group or tree."""
 
 _REAPED = ReapedProcesses()
 """The rusage of the processes this process spawned (:meth:`DirectoryProvider.spawn`), by
