@@ -35,6 +35,7 @@ from .hub_support import (
 from .hub_support import (
     routes as routes_of,
 )
+from .test_usage import burn_and_nap, check_hub_run_usage
 
 REPO = str(Path(__file__).resolve().parents[2])
 WORKDIR = "/agent"  # outside every mount below
@@ -182,3 +183,12 @@ def test_health_runs_the_runtime_import_check_in_the_container(
     assert report["health"] != "ok" and "broken" in report["detail"], report
     assert "planted json.py ran" in report["detail"], report
     assert cli.json("env", "health", "isolated")[0]["health"] == "ok"
+
+
+def test_run_and_env_show_report_what_container_runs_cost(
+    cli: Cli, workspace: Path, docker_image: str
+) -> None:
+    cli.run("init")
+    create_box(cli, docker_image)
+    burn, nap = burn_and_nap(cli, workspace, "box")
+    check_hub_run_usage(cli, workspace, burn, nap, "docker: the container's cgroup counters")
