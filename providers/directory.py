@@ -60,6 +60,7 @@ from .base import (
     HubSocket,
     OutputFn,
     ProviderConfig,
+    ProviderContext,
     Signal,
     SpawnLog,
     check_relative_path,
@@ -144,6 +145,13 @@ class DirectoryProvider(BaseProvider):
     category = "local"
     capabilities: ClassVar[frozenset[str]] = frozenset({"exec", "files", "git", "python"})
     spawn_log_on_host: ClassVar[bool] = True
+
+    def __init__(self, context: ProviderContext, config: ProviderConfig) -> None:
+        super().__init__(context, config)
+        self.meters = 0
+        """Meters open on the environment: while one is, sandboxed commands run under the
+        subreaper (:data:`_SUBREAPER`), as spawned ones always do; otherwise a command does
+        not pay for its start."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -329,6 +337,7 @@ class DirectoryProvider(BaseProvider):
         self.reconnect(resource_id)
         if not argv:
             raise InvalidInput("no command given")
+        measured_by = self._exec_measured_by()  # (before the command: it decides how it runs)
         try:
             environment = command_env({**(env or {}), **self._marker_env()})
             with self._command(resource_id, argv, environment, False) as (cmd, cmd_env, fds):
@@ -344,7 +353,17 @@ class DirectoryProvider(BaseProvider):
                 )
         except OSError as exc:
             raise ExecFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
-        return _wait_streaming(proc, timeout, on_output)
+        return _wait_streaming(proc, timeout, on_output, measured_by)
+
+    def _exec_measured_by(self) -> str | None:
+        """Who measures a command's CPU and memory: its ``wait4`` — of the subreaper that a
+        sandboxed command runs under while a meter is open (bwrap's alone leaves out the
+        sandbox), else of the command itself; None: not measured."""
+        if not self.sandbox_enabled or inside_sandbox():
+            return f"{self.name}: wait4 rusage of the command (unsandboxed)"
+        if self.meters > 0:
+            return f"{self.name}: wait4 rusage of the command (in its bwrap sandbox)"
+        return None
 
     # -- background processes -------------------------------------------------------------------
 
@@ -403,7 +422,9 @@ class DirectoryProvider(BaseProvider):
 
     def usage_meter(self, resource_id: str) -> UsageMeter:
         how = "in its bwrap sandbox" if self.sandbox_enabled else "unsandboxed"
-        return _ReapedMeter(f"{self.name}: wait4 rusage of the runtime's process tree ({how})")
+        return _ReapedMeter(
+            f"{self.name}: wait4 rusage of the runtime's process tree ({how})", self
+        )
 
     def _marker_env(self) -> dict[str, str]:
         var, value = environment_marker(self.context.env_id)
@@ -518,11 +539,12 @@ class DirectoryProvider(BaseProvider):
             network=getattr(self.config, "network", "host") != "none",
             die_with_parent=not background,
         )
-        with sandboxed(bwrap, plan, argv, environment) as (command, bwrap_env, fds):
+        with sandboxed(bwrap, plan, argv, environment) as (sandbox, bwrap_env, fds):
             # bwrap itself carries the marker too: killing its init (PID 1 of the sandbox's
             # namespace) ends every process in there, also one that dropped its environment
-            reaped = [sys.executable, "-I", "-S", "-c", _SUBREAPER, *command]
-            yield reaped, {**bwrap_env, **self._marker_env()}, fds
+            measured = background or self.meters > 0
+            command = [sys.executable, "-I", "-S", "-c", _SUBREAPER] if measured else []
+            yield [*command, *sandbox], {**bwrap_env, **self._marker_env()}, fds
 
     def runtime_command(self) -> list[str]:
         """The configured ``runtime``, else this interpreter in isolated mode running this
@@ -695,10 +717,14 @@ def _pump(stream: IO[bytes], name: str, sink: list[bytes], on_output: OutputFn |
 
 
 def _wait_streaming(
-    proc: subprocess.Popen[bytes], timeout: float | None, on_output: OutputFn | None
+    proc: subprocess.Popen[bytes],
+    timeout: float | None,
+    on_output: OutputFn | None,
+    measured_by: str | None = None,
 ) -> ExecResult:
     """Stream both pipes as output arrives; on timeout kill the command's process group. The
-    command is reaped with ``wait4``, so its CPU time and peak memory come back with it."""
+    command is reaped with ``wait4``: with ``measured_by``, its CPU time and peak memory come
+    back with it."""
     out: list[bytes] = []
     err: list[bytes] = []
     assert proc.stdout is not None and proc.stderr is not None
@@ -727,7 +753,7 @@ def _wait_streaming(
     proc.stderr.close()
     code = proc.returncode if proc.returncode is not None else proc.wait()
     rusage = reaped[0] if reaped else None
-    usage = rusage_usage(rusage, "wait4 rusage of the command") if rusage is not None else None
+    usage = rusage_usage(rusage, measured_by) if rusage is not None and measured_by else None
     return ExecResult(
         code if not timed_out else 124, b"".join(out), b"".join(err), timed_out, usage
     )
@@ -778,9 +804,18 @@ def _wait_rusage(proc: subprocess.Popen[bytes]) -> resource.struct_rusage | None
 
 
 class _ReapedMeter(UsageMeter):
-    """The rusage of the spawned runtime, recorded when this process reaped it."""
+    """The rusage of the spawned runtime, recorded when this process reaped it (a command's
+    comes back in its :class:`ExecResult`)."""
+
+    def __init__(self, measured_by: str, provider: DirectoryProvider) -> None:
+        super().__init__(measured_by)
+        self._provider: DirectoryProvider | None = provider
+        provider.meters += 1
 
     def finish(self, handle: str | None) -> ProcessUsage:
+        if self._provider is not None:
+            self._provider.meters -= 1
+            self._provider = None
         usage = _REAPED.take(handle, timeout=5.0) if handle is not None else None
         if usage is None:
             return ProcessUsage(None, None, f"{self.measured_by}: not reaped by this process")

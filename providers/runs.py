@@ -160,12 +160,11 @@ class _PhaseClock:
 def _process_usage(meter: UsageMeter, measured: ProcessUsage | None) -> ProcessUsage:
     """What the command used: as the provider measured it when the command ended (the
     ``wait4`` of a directory provider), else by the environment's meter."""
-    if measured is not None:
-        return measured
     try:
-        return meter.finish(None)
+        metered = meter.finish(None)  # (also when unused: it closes the meter)
     except NarrativeError as exc:
-        return ProcessUsage(None, None, f"{meter.measured_by}: failed ({exc})")
+        metered = ProcessUsage(None, None, f"{meter.measured_by}: failed ({exc})")
+    return measured if measured is not None else metered
 
 
 def _save_direct_usage(
