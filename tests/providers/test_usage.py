@@ -121,7 +121,9 @@ def test_direct_run_reports_its_cost_without_bytes(cli: Cli, workspace: Path) ->
         assert usage["wall_seconds"] >= sum(usage["phases"].values()) - 0.01
         # no bundle travels: the provider copies the files itself
         assert usage["bytes_to_environment"] is None and usage["bytes_from_environment"] is None
-        assert "wait4 rusage of the command" in usage["measured_by"]
+        assert (
+            "worktree: wait4 rusage of the command (in its bwrap sandbox)" in usage["measured_by"]
+        )
     assert hot["cpu_seconds"] >= 0.5 and hot["peak_memory_bytes"] >= 120 * MIB, hot
     assert idle["phases"]["agent"] >= NAP and idle["cpu_seconds"] < 0.3, idle
     assert idle["peak_memory_bytes"] < 80 * MIB, idle
