@@ -798,6 +798,8 @@ class _CgroupMeter(UsageMeter):
     (the kernel's own peak covers the container's whole life, not one run); memory excludes
     the inactive page cache, as ``docker stats`` does."""
 
+    samples: ClassVar[bool] = True
+
     def __init__(self, api: Any, container: str, measured_by: str) -> None:
         super().__init__(measured_by)
         self._api, self._container = api, container

@@ -45,6 +45,7 @@ from .selection import select_environment
 from .token_policy import result_scope, run_token
 from .usage import (
     ProcessUsage,
+    Sampler,
     UsageMeter,
     phases_from_events,
     save_usage,
@@ -70,8 +71,6 @@ _TIMEOUT_EXIT = 124  # what timeout(1) exits with, as the runtime reports a time
 _RUNTIME_EVENTS = frozenset({"agent.started", "agent.output", "agent.exited", "call.routed"})
 """What a runtime reports. Anything else it sends is recorded as ``runtime.event`` (its claimed
 type in ``event``), never as one of the hub's own events (``run.finished``, ``runtime.spawned``)."""
-_USAGE_SAMPLE_INTERVAL = 0.2
-"""Seconds between two samples of a run's usage (a provider whose peak memory is sampled)."""
 _HUB_FIELDS = frozenset({"seq", "time", "type", "kind", "run", "hub", "at", "event"})
 """Fields only the hub writes into its log (readers trust ``hub`` to find the driving hub)."""
 
@@ -247,7 +246,7 @@ class RunDriver:
         self._socket: str | None = None  # the unix socket this hub listens on for the runtime
         self._tasks: set[asyncio.Task[None]] = set()
         self.meter: UsageMeter | None = None  # None: not measured (an adopted run)
-        self._sampling: asyncio.Task[None] | None = None
+        self._sampler: Sampler | None = None
         self.bytes_to_environment = 0
         """Bytes of bundles this hub served the run's runtime (counted as it read them)."""
 
@@ -384,7 +383,8 @@ class RunDriver:
 
         self.handle, argv = await hub.blocking(spawn)
         self.events.append("runtime.spawned", handle=self.handle, argv=argv)
-        self._sampling = asyncio.get_running_loop().create_task(self._sample_usage())
+        if self.meter is not None:
+            self._sampler = Sampler(self.meter).start()
         await self._await_connection(hub.startup_timeout, "start")
         self._start_renewal()
 
@@ -635,20 +635,12 @@ class RunDriver:
             hub.unregister(self)
             self.finished.set()
 
-    async def _sample_usage(self) -> None:
-        meter = self.meter
-        while meter is not None:
-            await asyncio.to_thread(meter.sample)  # (not on the store's thread: it may wait)
-            await asyncio.sleep(_USAGE_SAMPLE_INTERVAL)
-
     async def _record_usage(self) -> None:
         """Record what the run cost (:mod:`providers.usage`), once its runtime has ended: the
         provider's CPU and memory of it, the bytes this hub sent and received, the wall time
         and phases by this hub's clock. Never fails the run."""
-        if self._sampling is not None:
-            self._sampling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampling
+        if self._sampler is not None:
+            await asyncio.to_thread(self._sampler.stop)
         meter, handle = self.meter, self.handle
         try:
             if meter is not None:

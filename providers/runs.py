@@ -33,7 +33,7 @@ from .keys import key_path
 from .leases import EnvironmentBusy, EnvironmentLease
 from .manager import EnvironmentManager
 from .records import EnvironmentRecord
-from .usage import ProcessUsage, UsageMeter, save_usage, usage_record
+from .usage import ProcessUsage, Sampler, UsageMeter, save_usage, usage_record
 
 __all__ = ["IsolatedRun", "pick_base", "run_isolated", "screen_result"]
 
@@ -121,11 +121,13 @@ def _run_leased(
         restored = True
         clock.lap("restore")
         meter = manager.usage_meter(env_name)
+        sampler = Sampler(meter).start()
         outcome: ExecResult | None = None
         try:
             outcome = manager.exec(record.name, argv, env=env, timeout=timeout, on_output=on_output)
         finally:
             clock.lap("agent")
+            sampler.stop()
             process = _process_usage(meter, outcome.usage if outcome is not None else None)
         exit_code, timed_out = outcome.exit_code, outcome.timed_out
         status = "succeeded" if exit_code == 0 and not timed_out else "failed"

@@ -19,7 +19,7 @@ import resource
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from narrative.fsutil import write_atomic
 from narrative.jsonio import parse_json
@@ -28,6 +28,7 @@ from narrative.store import Store
 __all__ = [
     "ProcessUsage",
     "ReapedProcesses",
+    "Sampler",
     "UsageMeter",
     "load_usage",
     "phases_from_events",
@@ -64,6 +65,9 @@ class UsageMeter:
     says why. Providers that can measure subclass it.
     """
 
+    samples: ClassVar[bool] = False
+    """Whether :meth:`sample` does anything (else nobody need call it)."""
+
     def __init__(self, measured_by: str) -> None:
         self.measured_by = measured_by
 
@@ -74,6 +78,36 @@ class UsageMeter:
         """The usage since the meter was made; ``handle`` is the spawned process the run ran
         in, if it had one."""
         return ProcessUsage(None, None, self.measured_by)
+
+
+SAMPLE_INTERVAL = 0.2
+"""Seconds between two samples of a meter that samples (a peak memory read from samples)."""
+
+
+class Sampler:
+    """Calls a meter's :meth:`UsageMeter.sample` every :data:`SAMPLE_INTERVAL` seconds on a
+    thread of its own, from :meth:`start` to :meth:`stop` (nothing for a meter that does not
+    sample)."""
+
+    def __init__(self, meter: UsageMeter) -> None:
+        self.meter = meter
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Sampler:
+        if self.meter.samples:
+            self._thread = threading.Thread(target=self._run, name="usage-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_INTERVAL):
+            self.meter.sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 class ReapedProcesses:
