@@ -504,8 +504,11 @@ class EnvironmentManager:
     def usage_meter(self, name: str) -> UsageMeter:
         """A meter of what runs in the environment from now on (see
         :class:`providers.usage.UsageMeter`)."""
-        _record, provider, resource = self.require_active(name)
-        return provider.usage_meter(resource)
+        record, provider, resource = self.require_active(name)
+        try:
+            return provider.usage_meter(resource)
+        except NarrativeError as exc:  # measuring never stops a run
+            return UsageMeter(f"{record.provider}: CPU and memory not measured ({exc})")
 
     def alive(self, name: str, handle: str) -> bool:
         """Whether a spawned process is still running."""

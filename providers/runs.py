@@ -140,7 +140,8 @@ def _run_leased(
         screened = screen_result(store, run.id, result.id if result is not None else None)
         if result is not None and screened != result.id:
             result = resolve_snapshot(store, screened) if screened is not None else None
-        clock.lap("collect")
+        if restored:
+            clock.lap("collect")
         run = finish_run(store, run.id, status, exit_code=exit_code, result_snapshot=screened)
         _save_direct_usage(store, run.id, clock, process)
     return IsolatedRun(run, base, result, exit_code, timed_out)
