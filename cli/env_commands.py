@@ -10,7 +10,7 @@ import click
 from narrative.jsonio import parse_json
 
 from .context import open_store
-from .output import emit, emit_list, json_option, note
+from .output import emit, emit_list, json_option, note, usage_line
 
 if TYPE_CHECKING:
     from providers.manager import EnvironmentManager
@@ -60,7 +60,8 @@ def _human(data: dict[str, Any]) -> str:
         "last_error",
     ]  # fmt: skip
     lines = [f"{k}: {data[k]}" for k in keys if data.get(k) not in (None, [], {})]
-    return "\n".join([*lines, *(f"warning: {w}" for w in data.get("warnings", []))])
+    usage = [usage_line(data["usage"])] if data.get("usage", {}).get("runs") else []
+    return "\n".join([*lines, *usage, *(f"warning: {w}" for w in data.get("warnings", []))])
 
 
 @click.group()
@@ -176,10 +177,16 @@ def env_list(ctx: click.Context, include_archived: bool, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def env_show(ctx: click.Context, name: str, as_json: bool) -> None:
-    """Show one environment's record (with warnings about its isolation)."""
+    """Show one environment's record (with warnings about its isolation and what its runs
+    cost)."""
+    from narrative.hierarchy import list_runs
+    from providers.usage import load_usage, total_usage
+
     manager = open_manager(ctx)
     record = manager.get(name)
-    data = {**_row(record), "warnings": _warnings(manager, record)}
+    runs = [r for r in list_runs(manager.store) if r.environment == record.name]
+    usage = total_usage(u for u in (load_usage(manager.store, r.id) for r in runs) if u)
+    data = {**_row(record), "warnings": _warnings(manager, record), "usage": usage}
     emit(as_json, "environment_detail", data, lambda: _human(data))
 
 

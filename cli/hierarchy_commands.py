@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from .context import open_store
-from .output import emit, emit_list, json_option, note
+from .output import emit, emit_list, json_option, note, usage_line
 
 __all__ = ["COMMANDS"]
 
@@ -437,19 +437,22 @@ def _note_swept(runs: list[Any]) -> None:
 @json_option
 @click.pass_context
 def run_show(ctx: click.Context, run_id: str, as_json: bool) -> None:
-    """Show one run, with its event log and the route each proxied call took."""
+    """Show one run, with what it cost, its event log and the route each proxied call took."""
     from narrative.runs import resolve_run
     from providers.events import RunEventLog
+    from providers.usage import load_usage
 
     store = open_store(ctx)
     found = resolve_run(store, run_id)
     events = RunEventLog(store, found.id).read()
-    data = {**found.to_dict(), "events": events}
+    usage = load_usage(store, found.id)
+    data = {**found.to_dict(), **({"usage": usage} if usage is not None else {}), "events": events}
 
     def human() -> str:
         from .hub_commands import render_events
 
         text = "\n".join(f"{k}: {v}" for k, v in found.to_dict().items())
+        text += "\n" + usage_line(usage) if usage is not None else ""
         return text + ("\n" + render_events(events) if events else "")
 
     emit(as_json, "run_detail", data, human)

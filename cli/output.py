@@ -16,7 +16,16 @@ from typing import Any, NoReturn
 
 import click
 
-__all__ = ["emit", "emit_list", "fail", "json_document", "json_option", "note"]
+__all__ = [
+    "emit",
+    "emit_list",
+    "fail",
+    "json_document",
+    "json_option",
+    "note",
+    "quiet",
+    "usage_line",
+]
 
 
 def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,3 +78,35 @@ def fail(as_json: bool, code: str, message: str, exit_code: int) -> NoReturn:
     elif code != "usage":
         click.echo(f"narrative: error: {message}", err=True)
     sys.exit(exit_code)
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def usage_line(usage: dict[str, Any]) -> str:
+    """A usage record (``providers.usage``) in a line or two: ``usage: 3.2 s wall, ...``."""
+
+    def part(key: str, text: Callable[[Any], str], what: str) -> str:
+        value = usage.get(key)
+        return text(value) if isinstance(value, int | float) else f"{what} unknown"
+
+    parts = [
+        part("wall_seconds", lambda v: f"{v:.1f} s wall", "wall"),
+        part("cpu_seconds", lambda v: f"{v:.1f} s CPU", "CPU"),
+        part("peak_memory_bytes", lambda v: f"{_size(v)} peak", "peak"),
+        part("bytes_to_environment", lambda v: f"{_size(v)} in", "in")
+        + " / "
+        + part("bytes_from_environment", lambda v: f"{_size(v)} out", "out"),
+    ]
+    runs = f" over {usage['runs']} run(s)" if "runs" in usage else ""
+    line = f"usage{runs}: {', '.join(parts)} (measured by {usage.get('measured_by')})"
+    phases = usage.get("phases") or {}
+    if phases:
+        line += "\nphases: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+    return line

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from narrative.errors import InvalidInput
 
+from .usage import ProcessUsage, UsageMeter
+
 if TYPE_CHECKING:
     from narrative.models import Snapshot
     from narrative.store import Store
@@ -74,6 +76,8 @@ class ExecResult:
     stdout: bytes
     stderr: bytes
     timed_out: bool = False
+    usage: ProcessUsage | None = None
+    """CPU and memory of the command, when the provider measured them as it ended."""
 
 
 @dataclass(frozen=True)
@@ -409,6 +413,11 @@ class BaseProvider(ABC):
         Raises:
             InvalidInput: ``handle`` is not a handle this provider issues.
         """
+
+    def usage_meter(self, resource_id: str) -> UsageMeter:
+        """A meter of what runs in the environment from now on (see
+        :class:`providers.usage.UsageMeter`); this one measures nothing."""
+        return UsageMeter(f"{self.name}: CPU and memory not measured")
 
     def warnings(self) -> list[str]:
         """What the user should know about this environment's isolation (``env show``)."""

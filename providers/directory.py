@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -54,6 +55,7 @@ from .base import (
     HubSocket,
     OutputFn,
     ProviderConfig,
+    ProviderContext,
     Signal,
     SpawnLog,
     check_relative_path,
@@ -72,6 +74,7 @@ from .sandbox import (
     sandboxed,
     secret_paths,
 )
+from .usage import ProcessUsage, ReapedProcesses, UsageMeter, rusage_usage
 
 __all__ = ["RUNTIME_BOOTSTRAP", "SPAWN_MARKER_VAR", "DirectoryProvider", "command_env"]
 
@@ -137,6 +140,13 @@ class DirectoryProvider(BaseProvider):
     category = "local"
     capabilities: ClassVar[frozenset[str]] = frozenset({"exec", "files", "git", "python"})
     spawn_log_on_host: ClassVar[bool] = True
+
+    def __init__(self, context: ProviderContext, config: ProviderConfig) -> None:
+        super().__init__(context, config)
+        self.meters = 0
+        """Meters open on the environment: while one is, sandboxed commands run under the
+        subreaper (:data:`_SUBREAPER`), as spawned ones always do; otherwise a command does
+        not pay for its start."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -322,6 +332,7 @@ class DirectoryProvider(BaseProvider):
         self.reconnect(resource_id)
         if not argv:
             raise InvalidInput("no command given")
+        measured_by = self._exec_measured_by()  # (before the command: it decides how it runs)
         try:
             environment = command_env({**(env or {}), **self._marker_env()})
             with self._command(resource_id, argv, environment, False) as (cmd, cmd_env, fds):
@@ -337,7 +348,17 @@ class DirectoryProvider(BaseProvider):
                 )
         except OSError as exc:
             raise ExecFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
-        return _wait_streaming(proc, timeout, on_output)
+        return _wait_streaming(proc, timeout, on_output, measured_by)
+
+    def _exec_measured_by(self) -> str | None:
+        """Who measures a command's CPU and memory: its ``wait4`` — of the subreaper that a
+        sandboxed command runs under while a meter is open (bwrap's alone leaves out the
+        sandbox), else of the command itself; None: not measured."""
+        if not self.sandbox_enabled or inside_sandbox():
+            return f"{self.name}: wait4 rusage of the command (unsandboxed)"
+        if self.meters > 0:
+            return f"{self.name}: wait4 rusage of the command (in its bwrap sandbox)"
+        return None
 
     # -- background processes -------------------------------------------------------------------
 
@@ -383,9 +404,22 @@ class DirectoryProvider(BaseProvider):
                 output.close()
         # Read before the reaper starts: even a process that exited at once is still a zombie.
         stat = _proc_stat(proc.pid)
-        threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
         start = stat[19] if stat is not None else "0"
-        return f"proc:{proc.pid}:{start}:{token}"
+        handle = f"proc:{proc.pid}:{start}:{token}"
+
+        def reap() -> None:
+            usage = _wait_rusage(proc)
+            if usage is not None:
+                _REAPED.record(handle, usage)
+
+        threading.Thread(target=reap, name=f"reap-{proc.pid}", daemon=True).start()
+        return handle
+
+    def usage_meter(self, resource_id: str) -> UsageMeter:
+        how = "in its bwrap sandbox" if self.sandbox_enabled else "unsandboxed"
+        return _ReapedMeter(
+            f"{self.name}: wait4 rusage of the runtime's process tree ({how})", self
+        )
 
     def _marker_env(self) -> dict[str, str]:
         var, value = environment_marker(self.context.env_id)
@@ -500,10 +534,12 @@ class DirectoryProvider(BaseProvider):
             network=getattr(self.config, "network", "host") != "none",
             die_with_parent=not background,
         )
-        with sandboxed(bwrap, plan, argv, environment) as (command, bwrap_env, fds):
+        with sandboxed(bwrap, plan, argv, environment) as (sandbox, bwrap_env, fds):
             # bwrap itself carries the marker too: killing its init (PID 1 of the sandbox's
             # namespace) ends every process in there, also one that dropped its environment
-            yield command, {**bwrap_env, **self._marker_env()}, fds
+            measured = background or self.meters > 0
+            command = [sys.executable, "-I", "-S", "-c", _SUBREAPER] if measured else []
+            yield [*command, *sandbox], {**bwrap_env, **self._marker_env()}, fds
 
     def runtime_command(self) -> list[str]:
         """The configured ``runtime``, else this interpreter in isolated mode running this
@@ -676,9 +712,14 @@ def _pump(stream: IO[bytes], name: str, sink: list[bytes], on_output: OutputFn |
 
 
 def _wait_streaming(
-    proc: subprocess.Popen[bytes], timeout: float | None, on_output: OutputFn | None
+    proc: subprocess.Popen[bytes],
+    timeout: float | None,
+    on_output: OutputFn | None,
+    measured_by: str | None = None,
 ) -> ExecResult:
-    """Stream both pipes as output arrives; on timeout kill the command's process group."""
+    """Stream both pipes as output arrives; on timeout kill the command's process group. The
+    command is reaped with ``wait4``: with ``measured_by``, its CPU time and peak memory come
+    back with it."""
     out: list[bytes] = []
     err: list[bytes] = []
     assert proc.stdout is not None and proc.stderr is not None
@@ -688,25 +729,89 @@ def _wait_streaming(
     ]
     for pump in pumps:
         pump.start()
-    timed_out = False
+    reaped: list[resource.struct_rusage | None] = []
+    reaper = threading.Thread(target=lambda: reaped.append(_wait_rusage(proc)), daemon=True)
+    reaper.start()
     try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        reaper.join(timeout)
     except BaseException:
         _kill_group(proc)
+        reaper.join()
         raise
+    timed_out = reaper.is_alive()
     if timed_out:
         _kill_group(proc)
+        reaper.join()
     for pump in pumps:
         pump.join()
     proc.stdout.close()
     proc.stderr.close()
-    code = proc.wait()
-    return ExecResult(code if not timed_out else 124, b"".join(out), b"".join(err), timed_out)
+    code = proc.returncode if proc.returncode is not None else proc.wait()
+    rusage = reaped[0] if reaped else None
+    usage = rusage_usage(rusage, measured_by) if rusage is not None and measured_by else None
+    return ExecResult(
+        code if not timed_out else 124, b"".join(out), b"".join(err), timed_out, usage
+    )
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+
+
+_SUBREAPER = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+ends = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+child = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ, setsigdef=ends)
+for number in ends:
+    signal.signal(number, signal.SIG_IGN)
+code = 1
+while True:
+    try:
+        pid, status = os.waitpid(-1, 0)
+    except ChildProcessError:
+        break
+    if pid == child:
+        code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+"""Runs a sandboxed command (bwrap) outside the sandbox and waits for it and for the sandbox's
+init, which bwrap leaves unreaped when it exits: the CPU time and peak memory of everything
+that ran in there then add up in this process's ``wait4`` rusage, which its caller reads.
+Stopping signals are for the command (this one waits until it has ended: it is how a handle
+tells whether the command still runs), which gets them by process group or tree."""
+
+_REAPED = ReapedProcesses()
+"""The rusage of the processes this process spawned (:meth:`DirectoryProvider.spawn`), by
+handle: a hub reads its run's runtime's when the run ends."""
+
+
+def _wait_rusage(proc: subprocess.Popen[bytes]) -> resource.struct_rusage | None:
+    """Reap ``proc`` with ``wait4`` (setting its return code); its rusage, covering every
+    descendant it waited for. None when someone else reaped it."""
+    try:
+        _pid, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage
+
+
+class _ReapedMeter(UsageMeter):
+    """The rusage of the spawned runtime, recorded when this process reaped it (a command's
+    comes back in its :class:`ExecResult`)."""
+
+    def __init__(self, measured_by: str, provider: DirectoryProvider) -> None:
+        super().__init__(measured_by)
+        self._provider: DirectoryProvider | None = provider
+        provider.meters += 1
+
+    def finish(self, handle: str | None) -> ProcessUsage:
+        if self._provider is not None:
+            self._provider.meters -= 1
+            self._provider = None
+        usage = _REAPED.take(handle, timeout=5.0) if handle is not None else None
+        if usage is None:
+            return ProcessUsage(None, None, f"{self.measured_by}: not reaped by this process")
+        return rusage_usage(usage, self.measured_by)

@@ -70,6 +70,7 @@ from .errors import (
 from .proctree import MARKER_VAR, signal_argv, sweep_argv
 from .records import HUB_SOCKET, hub_socket_dir
 from .shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
+from .usage import ProcessUsage, UsageMeter
 
 if TYPE_CHECKING:
     from narrative.models import Snapshot
@@ -590,6 +591,14 @@ class DockerProvider(BaseProvider):
             output = self.api.exec_start(exec_id)
         return self._exit_code(resource_id, exec_id), bytes(output or b"")
 
+    def usage_meter(self, resource_id: str) -> UsageMeter:
+        return _CgroupMeter(
+            self.api,
+            resource_id,
+            "docker: the container's cgroup counters (Engine API stats: CPU as a delta over "
+            "the run, peak memory as the largest sample)",
+        )
+
     # -- background processes -------------------------------------------------------------------
 
     def spawn(
@@ -860,3 +869,45 @@ class DockerProvider(BaseProvider):
                 strip=posixpath.basename(self.cfg.workdir) + "/",
                 max_bytes=min(self.cfg.max_collect_bytes, self.cfg.max_result_bytes),
             )
+
+
+class _CgroupMeter(UsageMeter):
+    """The container's cgroup counters, read through the Engine API from outside it: CPU
+    time as the difference from the meter's start, peak memory as the largest of the samples
+    (the kernel's own peak covers the container's whole life, not one run); memory excludes
+    the inactive page cache, as ``docker stats`` does."""
+
+    samples: ClassVar[bool] = True
+
+    def __init__(self, api: Any, container: str, measured_by: str) -> None:
+        super().__init__(measured_by)
+        self._api, self._container = api, container
+        self._peak: int | None = None
+        self._cpu_start = self._read()
+
+    def _read(self) -> int | None:
+        """One sample: the memory in use now (kept if the largest), and the CPU nanoseconds
+        used so far."""
+        try:
+            stats = self._api.stats(self._container, stream=False, one_shot=True)
+        except _SDK_ERRORS as exc:
+            log.info("cannot read the stats of %s: %s", self._container, exc)
+            return None
+        memory = stats.get("memory_stats") or {}
+        usage = memory.get("usage")
+        if isinstance(usage, int):
+            inner = memory.get("stats") or {}
+            cache = inner.get("total_inactive_file", inner.get("inactive_file", 0))
+            used = usage - cache if isinstance(cache, int) and cache <= usage else usage
+            self._peak = max(self._peak or 0, used)
+        total = ((stats.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage")
+        return total if isinstance(total, int) else None
+
+    def sample(self) -> None:
+        self._read()
+
+    def finish(self, handle: str | None) -> ProcessUsage:
+        end = self._read()
+        start = self._cpu_start
+        cpu = (end - start) / 1e9 if end is not None and start is not None else None
+        return ProcessUsage(cpu, self._peak, self.measured_by)

@@ -75,6 +75,7 @@ from .e2b_config import E2BConfig, check_upload_content, check_upload_name
 from .errors import ExecFailed, ProviderError, ProviderUnavailable, ResourceGone
 from .proctree import MARKER_VAR, signal_argv
 from .shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
+from .usage import UsageMeter
 
 if TYPE_CHECKING:
     from narrative.models import Snapshot
@@ -469,6 +470,12 @@ class E2BProvider(BaseProvider):
             return SpawnLog(0, b"")
         wanted = size - tail_start(size, since, limit)
         return SpawnLog(size, bytes(tail[len(tail) - wanted :]))
+
+    def usage_meter(self, resource_id: str) -> UsageMeter:
+        # The SDK's sandbox metrics (a CPU percentage and memory in use, sampled by E2B) come
+        # from E2B's control plane, which a sandbox reached directly (E2B_DEBUG, the local
+        # envd stand-in) does not have: nothing is measured rather than something guessed.
+        return UsageMeter("e2b: CPU and memory not measured (the SDK's metrics are not used)")
 
     def runtime_command(self) -> list[str]:
         """The configured ``runtime``, else ``narrative`` from the sandbox's ``PATH``."""

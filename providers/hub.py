@@ -194,7 +194,7 @@ class Hub:
         self.gateway.token_policy = self.policy
         self.plugin = RemoteExecutionPlugin(self.gateway, self.signer, host=host, port=port)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hub-store")
-        self.shelf = BundleShelf(store, self.blocking)
+        self.shelf = BundleShelf(store, self.blocking, on_read=self._bundle_read)
         self.drivers: dict[str, RunDriver] = {}
         """run id → :class:`providers.hub_runs.RunDriver` of the runs this hub drives."""
         self._by_env: dict[str, RunDriver] = {}
@@ -347,6 +347,11 @@ class Hub:
     def register(self, driver: RunDriver) -> None:
         self.drivers[driver.run.id] = driver
         self._by_env[driver.gateway_id] = driver
+
+    def _bundle_read(self, peer: str, size: int) -> None:
+        driver = self._by_env.get(peer)
+        if driver is not None:
+            driver.bytes_to_environment += size
 
     def unregister(self, driver: RunDriver) -> None:
         self.drivers.pop(driver.run.id, None)

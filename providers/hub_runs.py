@@ -44,6 +44,15 @@ from .narratives import fetch_bundle
 from .runs import pick_base, screen_result
 from .selection import select_environment
 from .token_policy import result_scope, run_token
+from .usage import (
+    ProcessUsage,
+    Sampler,
+    UsageMeter,
+    phases_from_events,
+    save_usage,
+    usage_record,
+    wall_from_events,
+)
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -237,6 +246,10 @@ class RunDriver:
         self._issued: list[str] = []  # every token handed to the runtime
         self._socket: str | None = None  # the unix socket this hub listens on for the runtime
         self._tasks: set[asyncio.Task[None]] = set()
+        self.meter: UsageMeter | None = None  # None: not measured (an adopted run)
+        self._sampler: Sampler | None = None
+        self.bytes_to_environment = 0
+        """Bytes of bundles this hub served the run's runtime (counted as it read them)."""
 
     # -- creation -------------------------------------------------------------------------------
 
@@ -361,6 +374,7 @@ class RunDriver:
             # nothing of an earlier run may reach this one: its processes are killed and the
             # workspace emptied (the runtime restores the run's input into it)
             hub.manager.prepare_run(self.environment, None)
+            self.meter = hub.manager.usage_meter(self.environment)
             _record, provider, _resource = hub.manager.require_active(self.environment)
             argv = [*provider.runtime_command(), "runtime", "--connect", url]
             # The runtime uses the store in its own workspace, never one named by the hub's
@@ -370,6 +384,8 @@ class RunDriver:
 
         self.handle, argv = await hub.blocking(spawn)
         self.events.append("runtime.spawned", handle=self.handle, argv=argv)
+        if self.meter is not None:
+            self._sampler = Sampler(self.meter).start()
         await self._await_connection(hub.startup_timeout, "start")
         self._start_renewal()
 
@@ -628,6 +644,7 @@ class RunDriver:
                 "run.finished", status=status, exitCode=exit_code, resultSnapshot=result_id
             )
             await self._retire_runtime()
+            await self._record_usage()
             await hub.end_tokens(self.run.id, "the run ended")
         finally:
             if self._socket is not None:
@@ -636,6 +653,33 @@ class RunDriver:
                 self.lease.release()
             hub.unregister(self)
             self.finished.set()
+
+    async def _record_usage(self) -> None:
+        """Record what the run cost (:mod:`providers.usage`), once its runtime has ended: the
+        provider's CPU and memory of it, the bytes this hub sent and received, the wall time
+        and phases by this hub's clock. Never fails the run."""
+        if self._sampler is not None:
+            await asyncio.to_thread(self._sampler.stop)
+        meter, handle = self.meter, self.handle
+        try:
+            if meter is not None:
+                process = await asyncio.to_thread(meter.finish, handle)
+            else:
+                process = ProcessUsage(None, None, "CPU and memory not measured (adopted run)")
+            events = await self.hub.blocking(self.events.read)
+            received = [e.get("bytes") for e in events if e.get("type") == "result.collected"]
+            bytes_back = next((b for b in received if type(b) is int), None)
+            record = usage_record(
+                wall_from_events(events),
+                process,
+                self.bytes_to_environment if self.meter is not None else None,
+                bytes_back,
+                phases_from_events(events),
+                "wall time, phases and bytes: the hub",
+            )
+            await self.hub.blocking(lambda: save_usage(self.hub.store, self.run.id, record))
+        except (NarrativeError, OSError) as exc:
+            log.warning("cannot record the usage of run %s: %s", self.run.id, exc)
 
     async def _record_runtime_log(self) -> None:
         """Put the end of the runtime's own output into the event log: why a runtime failed

@@ -39,6 +39,7 @@ from .errors import IllegalTransition, ProviderError, ProviderUnavailable, Resou
 from .lifecycle import EnvState, can_transition, is_active
 from .records import EnvironmentRecord, EnvironmentStore, env_state_dir, hub_socket_dir
 from .registry import get_provider_class, pick_provider
+from .usage import UsageMeter
 
 __all__ = ["DEFAULT_HEALTH_INTERVAL", "EnvironmentManager", "HealthReport"]
 
@@ -499,6 +500,15 @@ class EnvironmentManager:
         except (ResourceGone, ProviderUnavailable) as exc:
             self._fail(record, exc)
             raise
+
+    def usage_meter(self, name: str) -> UsageMeter:
+        """A meter of what runs in the environment from now on (see
+        :class:`providers.usage.UsageMeter`)."""
+        record, provider, resource = self.require_active(name)
+        try:
+            return provider.usage_meter(resource)
+        except NarrativeError as exc:  # measuring never stops a run
+            return UsageMeter(f"{record.provider}: CPU and memory not measured ({exc})")
 
     def alive(self, name: str, handle: str) -> bool:
         """Whether a spawned process is still running."""

@@ -140,6 +140,8 @@ class BundleShelf:
             it restored the base: its own bookkeeping never travels home).
         run_blocking: Runs store work off the event loop (one worker: the store is not
             thread-safe).
+        on_read: Told the peer (the first of a call's route) and the size of each chunk
+            served (a hub counts what it sends each run's runtime).
     """
 
     def __init__(
@@ -147,9 +149,11 @@ class BundleShelf:
         store: Store,
         run_blocking: Blocking,
         baseline: Callable[[], frozenset[bytes]] = frozenset,
+        on_read: Callable[[str, int], None] | None = None,
     ) -> None:
         self.store = store
         self.baseline = baseline
+        self.on_read = on_read
         self.directory = os.path.join(store.git_dir, "narrative", "tmp", "bundles")
         self._run = run_blocking
 
@@ -188,6 +192,8 @@ class BundleShelf:
         with open(path, "rb") as f:
             f.seek(offset)
             data = f.read(CHUNK)
+        if self.on_read is not None and ctx.route_path:
+            self.on_read(ctx.route_path[0], len(data))
         return {"data": base64.b64encode(data).decode("ascii")}
 
     async def _drop(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:

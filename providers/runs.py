@@ -14,6 +14,7 @@ is taken if the environment can still be read.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,11 +29,12 @@ from narrative.screening import withhold_secrets
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 
-from .base import OutputFn
+from .base import ExecResult, OutputFn
 from .keys import key_path
 from .leases import EnvironmentBusy, EnvironmentLease
 from .manager import EnvironmentManager
 from .records import EnvironmentRecord
+from .usage import ProcessUsage, Sampler, UsageMeter, save_usage, usage_record
 
 __all__ = ["IsolatedRun", "pick_base", "run_isolated", "screen_result"]
 
@@ -113,10 +115,21 @@ def _run_leased(
     status, exit_code, timed_out = "failed", None, False
     result: Snapshot | None = None
     restored = False
+    clock = _PhaseClock()
+    process = ProcessUsage(None, None, "CPU and memory not measured (the command never ran)")
     try:
         manager.prepare_run(env_name, base)
         restored = True
-        outcome = manager.exec(record.name, argv, env=env, timeout=timeout, on_output=on_output)
+        clock.lap("restore")
+        meter = manager.usage_meter(env_name)
+        sampler = Sampler(meter).start()
+        outcome: ExecResult | None = None
+        try:
+            outcome = manager.exec(record.name, argv, env=env, timeout=timeout, on_output=on_output)
+        finally:
+            clock.lap("agent")
+            sampler.stop()
+            process = _process_usage(meter, outcome.usage if outcome is not None else None)
         exit_code, timed_out = outcome.exit_code, outcome.timed_out
         status = "succeeded" if exit_code == 0 and not timed_out else "failed"
     except KeyboardInterrupt:
@@ -128,8 +141,51 @@ def _run_leased(
         screened = screen_result(store, run.id, result.id if result is not None else None)
         if result is not None and screened != result.id:
             result = resolve_snapshot(store, screened) if screened is not None else None
+        if restored:
+            clock.lap("collect")
         run = finish_run(store, run.id, status, exit_code=exit_code, result_snapshot=screened)
+        _save_direct_usage(store, run.id, clock, process)
     return IsolatedRun(run, base, result, exit_code, timed_out)
+
+
+class _PhaseClock:
+    """Seconds each phase of a direct run took, by this process's monotonic clock."""
+
+    def __init__(self) -> None:
+        self.started = self._mark = time.monotonic()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name] = round(now - self._mark, 3)
+        self._mark = now
+
+
+def _process_usage(meter: UsageMeter, measured: ProcessUsage | None) -> ProcessUsage:
+    """What the command used: as the provider measured it when the command ended (the
+    ``wait4`` of a directory provider), else by the environment's meter."""
+    try:
+        metered = meter.finish(None)  # (also when unused: it closes the meter)
+    except NarrativeError as exc:
+        metered = ProcessUsage(None, None, f"{meter.measured_by}: failed ({exc})")
+    return measured if measured is not None else metered
+
+
+def _save_direct_usage(
+    store: Store, run_id: str, clock: _PhaseClock, process: ProcessUsage
+) -> None:
+    record = usage_record(
+        time.monotonic() - clock.started,
+        process,
+        None,  # the provider restores and collects the files itself: no bundle travels
+        None,
+        clock.phases,
+        "wall time and phases: the CLI (a direct run)",
+    )
+    try:
+        save_usage(store, run_id, record)
+    except OSError as exc:
+        log.warning("cannot record the usage of run %s: %s", run_id, exc)
 
 
 def screen_result(

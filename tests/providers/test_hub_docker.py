@@ -35,6 +35,7 @@ from .hub_support import (
 from .hub_support import (
     routes as routes_of,
 )
+from .test_usage import BURN, MIB, burn_and_nap, check_hub_run_usage, usage_of
 
 REPO = str(Path(__file__).resolve().parents[2])
 WORKDIR = "/agent"  # outside every mount below
@@ -182,3 +183,25 @@ def test_health_runs_the_runtime_import_check_in_the_container(
     assert report["health"] != "ok" and "broken" in report["detail"], report
     assert "planted json.py ran" in report["detail"], report
     assert cli.items("env", "health", "isolated")[0]["health"] == "ok"
+
+
+def test_run_and_env_show_report_what_container_runs_cost(
+    cli: Cli, workspace: Path, docker_image: str
+) -> None:
+    cli.run("init")
+    create_box(cli, docker_image)
+    burn, nap = burn_and_nap(cli, workspace, "box")
+    check_hub_run_usage(cli, workspace, burn, nap, "docker: the container's cgroup counters")
+
+
+def test_direct_run_in_a_container_reports_its_cost(
+    cli: Cli, workspace: Path, docker_image: str
+) -> None:
+    cli.run("init")
+    create_box(cli, docker_image)
+    (workspace / "burn.py").write_text(BURN)
+    burn = start(cli, "--direct", "--env", "box", "--", sys.executable, "burn.py")
+    usage = usage_of(cli, burn["id"])
+    assert "docker: the container's cgroup counters" in usage["measured_by"]
+    assert usage["cpu_seconds"] >= 0.5 and usage["peak_memory_bytes"] >= 120 * MIB, usage
+    assert list(usage["phases"]) == ["restore", "agent", "collect"]

@@ -13,6 +13,7 @@ from providers.events import RunEventLog
 from providers.hub import Hub
 from providers.hub_runs import RunRequest
 from providers.manager import EnvironmentManager
+from providers.usage import load_usage
 from tests.providers.e2b_support import (  # noqa: F401  (fixtures)
     envd_fixture,
     envd_server_fixture,
@@ -39,6 +40,12 @@ def test_run_in_an_e2b_sandbox_through_the_hub(store: Store, envd: EnvdStandIn) 
     assert output(history) == "in-sandbox\n"
     assert final.result_snapshot is not None
     assert file(store, final.result_snapshot, "copy.md") == "# demo\n"
+    # the hub measured the run's time and transfers; CPU and memory are unknown, never made up
+    usage = load_usage(store, final.id)
+    assert usage is not None and usage["bytes_to_environment"] > 0, usage
+    assert usage["bytes_from_environment"] > 0 and usage["wall_seconds"] > 0
+    assert usage["cpu_seconds"] is None and usage["peak_memory_bytes"] is None
+    assert usage["measured_by"].startswith("e2b: CPU and memory not measured")
 
 
 def test_runtime_failing_at_once_in_a_sandbox_shows_its_output(
