@@ -141,7 +141,7 @@ def _export_archive(
     storage_options: dict[str, Any] | None,
     callback: Callback | None,
 ) -> ExportResult:
-    from .archive import write_archive
+    from .archive_write import write_archive
 
     if snapshot is not None:
         snap = resolve_snapshot(store, snapshot)

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import zstandard
 
-import transfer.archive as archive_mod
+import transfer.archive_codec as archive_codec
+import transfer.archive_write as archive_write
 from narrative.errors import InvalidInput
 from narrative.hierarchy import get_objective, get_thread, start_run
 from narrative.ids import new_id
@@ -28,14 +29,10 @@ from narrative.models import Snapshot
 from narrative.objects import MODE_DIR, encode_tree, hash_object
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
-from transfer.archive import (
-    ARCHIVE_FORMATS,
-    MANIFEST_NAME,
-    ArchiveError,
-    ArchiveManifest,
-    read_archive,
-    write_archive,
-)
+from transfer.archive import ARCHIVE_FORMATS, MANIFEST_NAME, ArchiveError
+from transfer.archive_manifest import ArchiveManifest
+from transfer.archive_read import read_archive
+from transfer.archive_write import write_archive
 from transfer.errors import InvalidArtifact
 
 from ..conftest import call_in_own_process, git, tree_bytes
@@ -208,7 +205,7 @@ def test_export_is_deterministic(
     assert _export(store, snap, fmt) == first
     assert _export(store, snap, fmt, spool=False) == first  # both strategies, same bytes
     # the thread count never changes the output
-    monkeypatch.setattr(archive_mod, "_default_workers", lambda: 3)
+    monkeypatch.setattr(archive_write, "default_workers", lambda: 3)
     assert _export(store, snap, fmt) == first
     if fmt == "tar.gz":
         assert first[4:8] == b"\x00\x00\x00\x00"  # no timestamp in the gzip header
@@ -238,7 +235,7 @@ def test_tar_headers_match_tarfile() -> None:
         info.size, info.mtime, info.mode, info.type, info.linkname = size, mtime, mode, kind, link
         info.uname = info.gname = ""
         expected = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-        assert archive_mod._tar_header(name, mode, size, mtime, kind, link) == expected
+        assert archive_write.tar_header(name, mode, size, mtime, kind, link) == expected
 
 
 def _archive_peaks(root: str, fmt: str) -> dict[str, Any]:
@@ -771,14 +768,14 @@ def test_own_archive_truncated_or_flipped(store: Store, workspace: Path, tmp_pat
 def _bomb_tally(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the decompressed bytes the reader actually pulls."""
     tally = [0]
-    original = archive_mod._Limited.read
+    original = archive_codec.Limited.read
 
     def counting(self: Any, n: int = -1) -> bytes:
         data = original(self, n)
         tally[0] += len(data)
         return data
 
-    monkeypatch.setattr(archive_mod._Limited, "read", counting)
+    monkeypatch.setattr(archive_codec.Limited, "read", counting)
     return tally
 
 
