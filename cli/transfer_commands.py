@@ -14,7 +14,11 @@ __all__ = ["COMMANDS"]
 
 
 def _storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
-    from transfer.fsio import merge_storage_options, parse_storage_options, storage_options_from_env
+    from transfer.storage_options import (
+        merge_storage_options,
+        parse_storage_options,
+        storage_options_from_env,
+    )
 
     return merge_storage_options(storage_options_from_env(), parse_storage_options(pairs))
 
@@ -33,7 +37,7 @@ _storage_option = click.option(
 
 def _remote_row(remote: Any) -> dict[str, Any]:
     """A remote for output: its options flattened, credentials shown as ***."""
-    from transfer.fsio import flat_storage_options
+    from transfer.storage_options import flat_storage_options
 
     return {
         "name": remote.name,
@@ -143,8 +147,8 @@ def remote_add(
 ) -> None:
     """Add a remote NAME at URL (a directory, file://, s3://bucket/prefix, memory://...). Its
     --storage-option values are kept with it (in the store, in plain text)."""
-    from transfer.fsio import flat_storage_options, parse_storage_options
     from transfer.remotes import add_remote
+    from transfer.storage_options import flat_storage_options, parse_storage_options
 
     added = add_remote(open_store(ctx), name, url, parse_storage_options(storage_pairs))
     for key, value in flat_storage_options(added.storage_options).items():

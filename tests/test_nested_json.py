@@ -51,7 +51,7 @@ def test_a_nested_remote_index_is_one_line_exit_1(tmp_path: Path) -> None:
     remote, ws = tmp_path / "remote", tmp_path / "ws"
     remote.mkdir()
     ws.mkdir()
-    from transfer.fsio import write_small_atomic
+    from transfer.publishing import write_small_atomic
 
     write_small_atomic(str(remote / "index.json"), DEEP)  # published, with its sidecar
     cli = Cli(ws)

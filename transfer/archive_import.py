@@ -1,8 +1,8 @@
 """Turning an imported archive back into a snapshot on its thread.
 
-The archive's files become blobs and trees (:func:`transfer.archive.read_archive` verifies the
-tree id); here the snapshot commit is rebuilt from the manifest — same message and trailers, same
-time, same parent when this store holds it — so the commit id comes out identical to the
+The archive's files become blobs and trees (:func:`transfer.archive_read.read_archive` verifies
+the tree id); here the snapshot commit is rebuilt from the manifest — same message and trailers,
+same time, same parent when this store holds it — so the commit id comes out identical to the
 original's whenever the parent is present. Records are merged, and the thread moves like a
 bundle import would: created, fast-forwarded, or kept beside the local head when both moved.
 """
@@ -18,7 +18,7 @@ from narrative.errors import NarrativeError
 from narrative.history import resolve_snapshot
 from narrative.objects import Commit, Signature, encode_commit
 
-from .archive import read_archive
+from .archive_read import read_archive
 from .errors import InvalidArtifact
 from .importer import ImportResult, Readable, fast_forward
 from .records import Records, merge_records

@@ -17,7 +17,7 @@ the raiser) and mix in a built-in where one fits::
                                                  files do not rebuild the snapshot's tree)
 
 Backend exceptions (``OSError`` from local files, botocore/s3fs/aiohttp errors) are translated
-into this tree in exactly one place, :func:`transfer.fsio._translate`.
+into this tree in exactly one place, :func:`transfer.fsio.translate`.
 """
 
 from __future__ import annotations

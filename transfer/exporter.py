@@ -1,7 +1,7 @@
 """``export``: write threads as a git bundle, or one snapshot as an archive, to any fsspec URL.
 
 The store is only read. The artifact is streamed to the backend and published atomically with
-a ``.sha256`` sidecar (see :mod:`transfer.fsio`).
+a ``.sha256`` sidecar (see :mod:`transfer.publishing`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from narrative.restore import RESTORE_BACKUP_THREAD
 from narrative.shared import mark_shared
 from narrative.store import THREAD_REF_PREFIX, Store
 
-from . import fsio
+from . import publishing
 from .bundle import write_bundle
 from .records import BUNDLE_META_REF, collect_records, encode_records
 
@@ -117,7 +117,7 @@ def _export_bundle(
     if not refs:
         raise InvalidInput("nothing to export: the selected threads have no snapshots")
     meta_commit, meta_objects = encode_records(collect_records(store, thread_ids), int(time.time()))
-    with fsio.publish(url, storage_options, callback=callback) as out:
+    with publishing.publish(url, storage_options, callback=callback) as out:
         stats = write_bundle(
             store.odb,
             out,
@@ -141,7 +141,7 @@ def _export_archive(
     storage_options: dict[str, Any] | None,
     callback: Callback | None,
 ) -> ExportResult:
-    from .archive import write_archive
+    from .archive_write import write_archive
 
     if snapshot is not None:
         snap = resolve_snapshot(store, snapshot)
@@ -162,7 +162,7 @@ def _export_archive(
         "objective": get_objective(store, thread.objective_id).to_dict(),
         "run": get_run(store, snap.run).to_dict() if snap.run else None,
     }
-    with fsio.publish(url, storage_options, callback=callback) as out:
+    with publishing.publish(url, storage_options, callback=callback) as out:
         stats = write_archive(store, snap, cast(BinaryIO, out), fmt, records=records)
     mark_shared(store, {snap.thread: bytes.fromhex(snap.commit)})
     return ExportResult(url, fmt, out.size, out.sha256, stats.files, snapshot=snap.id)

@@ -26,7 +26,7 @@ from narrative.errors import ConcurrentUpdate
 from narrative.objects import parse_commit
 from narrative.store import THREAD_REF_PREFIX, Store
 
-from . import fsio
+from . import verified
 from .bundle import BUNDLE_SIGNATURE, BundleFormatError, read_bundle_header
 from .errors import InvalidArtifact
 from .packin import receive_pack
@@ -75,7 +75,7 @@ def import_(
     source: str | None = None,
 ) -> ImportResult:
     """Import the artifact at ``url`` (format detected from its content)."""
-    with fsio.open_verified(url, storage_options, callback=callback) as stream:
+    with verified.open_verified(url, storage_options, callback=callback) as stream:
         return import_stream(store, stream, url, source or source_name(url))
 
 

@@ -35,7 +35,7 @@ from narrative.fsutil import write_atomic
 from narrative.jsonio import load_json, parse_json
 from narrative.store import THREAD_REF_PREFIX, Store
 
-from . import fsio
+from . import fsio, publishing, storage_options, verified
 from .bundle import write_bundle
 from .errors import ArtifactNotFound, InvalidArtifact, TransferError
 from .exporter import selected_threads
@@ -143,7 +143,7 @@ def remove_remote(store: Store, name: str) -> None:
 
 
 def _options(remote: Remote, extra: dict[str, Any] | None) -> dict[str, Any]:
-    return fsio.merge_storage_options(remote.storage_options, extra or {})
+    return storage_options.merge_storage_options(remote.storage_options, extra or {})
 
 
 def _read_index(
@@ -154,9 +154,9 @@ def _read_index(
     remote: a typo in a path or bucket name must never read as "nothing new"."""
     url = posixpath.join(remote.url, _INDEX)
     try:
-        raw = fsio.read_small(url, options, limit=64 << 20)
+        raw = verified.read_small(url, options, limit=64 << 20)
     except ArtifactNotFound:
-        if must_exist and not fsio.location_exists(remote.url, options):
+        if must_exist and not verified.location_exists(remote.url, options):
             raise RemoteNotFound(remote.name, remote.url) from None
         return {"version": 1, "heads": {}, "bundles": []}, None
     try:
@@ -223,15 +223,15 @@ def push(
             refs[ref] = local
         if not refs:
             if bundle_url:
-                fsio.remove(bundle_url, options, missing_ok=True)
+                publishing.remove(bundle_url, options, missing_ok=True)
             return result
         wanted = {k: v.hex() for k, v in refs.items()}
         if bundle_for != {**wanted, **{p.hex(): "" for p in prerequisites}}:
             if bundle_url:
-                fsio.remove(bundle_url, options, missing_ok=True)
+                publishing.remove(bundle_url, options, missing_ok=True)
             bundle_url = posixpath.join(remote.url, "bundles", f"{secrets.token_hex(12)}.bundle")
             meta_commit, meta_objects = encode_records(collect_records(store, thread_ids), 0)
-            with fsio.publish(bundle_url, options) as out:
+            with publishing.publish(bundle_url, options) as out:
                 write_bundle(
                     store.odb,
                     out,
@@ -255,7 +255,9 @@ def push(
             "bundles": [*index["bundles"], entry],
         }
         data = json.dumps(new_index, indent=1, sort_keys=True).encode()
-        if fsio.compare_and_swap_small(posixpath.join(remote.url, _INDEX), digest, data, options):
+        if publishing.compare_and_swap_small(
+            posixpath.join(remote.url, _INDEX), digest, data, options
+        ):
             result.pushed = {k[len(THREAD_REF_PREFIX) :]: v for k, v in wanted.items()}
             result.bundle = str(entry["name"])
             _track(store, name, {k: bytes.fromhex(v) for k, v in new_heads.items()})
@@ -292,7 +294,7 @@ def fetch(
         if refs and all(store.odb.exists(bytes.fromhex(oid)) for oid in refs.values()):
             continue
         url = posixpath.join(remote.url, "bundles", str(entry["name"]))
-        with fsio.open_verified(url, options) as stream:
+        with verified.open_verified(url, options) as stream:
             results.append(import_stream(store, stream, url, name, move_threads=move_threads))
     store.odb.invalidate()
     _track(store, name, {k: bytes.fromhex(v) for k, v in index["heads"].items()})

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import zstandard
 
-import transfer.archive as archive_mod
+import transfer.archive_codec as archive_codec
+import transfer.archive_write as archive_write
 from narrative.errors import InvalidInput
 from narrative.hierarchy import get_objective, get_thread, start_run
 from narrative.ids import new_id
@@ -28,14 +29,10 @@ from narrative.models import Snapshot
 from narrative.objects import MODE_DIR, encode_tree, hash_object
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
-from transfer.archive import (
-    ARCHIVE_FORMATS,
-    MANIFEST_NAME,
-    ArchiveError,
-    ArchiveManifest,
-    read_archive,
-    write_archive,
-)
+from transfer.archive import ARCHIVE_FORMATS, MANIFEST_NAME, ArchiveError
+from transfer.archive_manifest import ArchiveManifest
+from transfer.archive_read import read_archive
+from transfer.archive_write import write_archive
 from transfer.errors import InvalidArtifact
 
 from ..conftest import call_in_own_process, git, tree_bytes
@@ -208,7 +205,7 @@ def test_export_is_deterministic(
     assert _export(store, snap, fmt) == first
     assert _export(store, snap, fmt, spool=False) == first  # both strategies, same bytes
     # the thread count never changes the output
-    monkeypatch.setattr(archive_mod, "_default_workers", lambda: 3)
+    monkeypatch.setattr(archive_write, "default_workers", lambda: 3)
     assert _export(store, snap, fmt) == first
     if fmt == "tar.gz":
         assert first[4:8] == b"\x00\x00\x00\x00"  # no timestamp in the gzip header
@@ -238,7 +235,7 @@ def test_tar_headers_match_tarfile() -> None:
         info.size, info.mtime, info.mode, info.type, info.linkname = size, mtime, mode, kind, link
         info.uname = info.gname = ""
         expected = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-        assert archive_mod._tar_header(name, mode, size, mtime, kind, link) == expected
+        assert archive_write.tar_header(name, mode, size, mtime, kind, link) == expected
 
 
 def _archive_peaks(root: str, fmt: str) -> dict[str, Any]:
@@ -344,7 +341,7 @@ GOOD_FILES: dict[str, tuple[str, bytes]] = {
 }
 
 
-def _manifest(files: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
+def build_manifest(files: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
     tree = _tree_of(files)
     snapshot = {
         "id": new_id("snapshot"),
@@ -425,7 +422,7 @@ def _compress(raw: bytes, fmt: str) -> bytes:
     return zstandard.ZstdCompressor(level=19, write_checksum=True).compress(raw)
 
 
-def _archive(
+def build_archive(
     files: dict[str, tuple[str, bytes]] | None = None,
     manifest: dict[str, Any] | bytes | None = None,
     members: list[Member] | None = None,
@@ -433,7 +430,7 @@ def _archive(
     trailing: bytes = b"",
 ) -> bytes:
     files = GOOD_FILES if files is None else files
-    manifest = _manifest(files) if manifest is None else manifest
+    manifest = build_manifest(files) if manifest is None else manifest
     if members is None:
         members = [_manifest_member(manifest), *_file_members(files)]
     return _compress(_tar(members, trailing), fmt)
@@ -473,214 +470,217 @@ class _CountingStream(io.RawIOBase):
 
 @FORMATS
 def test_corpus_builder_makes_valid_archives(target: Store, fmt: str) -> None:
-    result = read_archive(io.BytesIO(_archive(fmt=fmt)), target)
+    result = read_archive(io.BytesIO(build_archive(fmt=fmt)), target)
     assert result.tree.hex() == _tree_of(GOOD_FILES)
     git("--git-dir", target.git_dir, "fsck", "--no-dangling")
 
 
 def _with(*extra: Member, drop: str | None = None) -> list[Member]:
-    members = [_manifest_member(_manifest(GOOD_FILES)), *_file_members(GOOD_FILES)]
+    members = [_manifest_member(build_manifest(GOOD_FILES)), *_file_members(GOOD_FILES)]
     members = [m for m in members if m[0].name != drop]
     return [*members, *extra]
 
 
 HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
     "traversal": (
-        lambda: _archive(members=_with(_member("files/../../etc/x", b"x"))),
+        lambda: build_archive(members=_with(_member("files/../../etc/x", b"x"))),
         r"archive member files/\.\./\.\./etc/x escapes the tree",
     ),
     "absolute": (
-        lambda: _archive(members=_with(_member("/etc/passwd", b"root"))),
+        lambda: build_archive(members=_with(_member("/etc/passwd", b"root"))),
         "has an absolute name",
     ),
     "outside files/": (
-        lambda: _archive(members=_with(_member("other/x", b"x"))),
+        lambda: build_archive(members=_with(_member("other/x", b"x"))),
         r"is outside files/",
     ),
     "not in manifest": (
-        lambda: _archive(members=_with(_member("files/extra.txt", b"x"))),
+        lambda: build_archive(members=_with(_member("files/extra.txt", b"x"))),
         "is not listed in the manifest",
     ),
     "missing member": (
-        lambda: _archive(members=_with(drop="files/dir/b.txt")),
+        lambda: build_archive(members=_with(drop="files/dir/b.txt")),
         "missing member files/dir/b.txt",
     ),
     "hard link": (
-        lambda: _archive(
+        lambda: build_archive(
             members=_with(_member("files/hl", kind=tarfile.LNKTYPE, linkname="/etc/passwd"))
         ),
         "is a hard link",
     ),
     "char device": (
-        lambda: _archive(members=_with(_member("files/dev", kind=tarfile.CHRTYPE))),
+        lambda: build_archive(members=_with(_member("files/dev", kind=tarfile.CHRTYPE))),
         "is a device file",
     ),
     "block device": (
-        lambda: _archive(members=_with(_member("files/blk", kind=tarfile.BLKTYPE))),
+        lambda: build_archive(members=_with(_member("files/blk", kind=tarfile.BLKTYPE))),
         "is a device file",
     ),
     "fifo": (
-        lambda: _archive(members=_with(_member("files/fifo", kind=tarfile.FIFOTYPE))),
+        lambda: build_archive(members=_with(_member("files/fifo", kind=tarfile.FIFOTYPE))),
         "is a fifo",
     ),
     "directory as file": (
-        lambda: _archive(
+        lambda: build_archive(
             members=[
-                _manifest_member(_manifest(GOOD_FILES)),
+                _manifest_member(build_manifest(GOOD_FILES)),
                 _member("files/a.txt", kind=tarfile.DIRTYPE, mode=0o755),
             ]
         ),
         "is a directory",
     ),
     "symlink where manifest says file": (
-        lambda: _archive(
+        lambda: build_archive(
             members=[
-                _manifest_member(_manifest(GOOD_FILES)),
+                _manifest_member(build_manifest(GOOD_FILES)),
                 _member("files/a.txt", kind=tarfile.SYMTYPE, linkname="hello\n"),
             ]
         ),
         "is a symlink but the manifest says mode 100644",
     ),
     "file where manifest says symlink": (
-        lambda: _archive(
-            members=[_manifest_member(_manifest(GOOD_FILES)), _member("files/link", b"dir/b.txt")]
+        lambda: build_archive(
+            members=[
+                _manifest_member(build_manifest(GOOD_FILES)),
+                _member("files/link", b"dir/b.txt"),
+            ]
         ),
         "is a regular file but the manifest says mode 120000",
     ),
     "duplicate member": (
-        lambda: _archive(members=_with(_member("files/a.txt", b"hello\n"))),
+        lambda: build_archive(members=_with(_member("files/a.txt", b"hello\n"))),
         "appears twice",
     ),
     "sha256 lie": (
-        lambda: _archive(
-            manifest=_manifest(GOOD_FILES)
+        lambda: build_archive(
+            manifest=build_manifest(GOOD_FILES)
             | {
                 "files": [
                     e | {"sha256": "0" * 64} if e["path"] == "a.txt" else e
-                    for e in _manifest(GOOD_FILES)["files"]
+                    for e in build_manifest(GOOD_FILES)["files"]
                 ]
             }
         ),
         "files/a.txt: content does not match its sha256",
     ),
     "blob id lie": (
-        lambda: _archive(
-            manifest=_manifest(GOOD_FILES)
+        lambda: build_archive(
+            manifest=build_manifest(GOOD_FILES)
             | {
                 "files": [
                     e | {"blob": "1" * 40} if e["path"] == "dir/b.txt" else e
-                    for e in _manifest(GOOD_FILES)["files"]
+                    for e in build_manifest(GOOD_FILES)["files"]
                 ]
             }
         ),
         "files/dir/b.txt: content does not match its blob id",
     ),
     "size lie": (
-        lambda: _archive(
-            manifest=_manifest(GOOD_FILES)
+        lambda: build_archive(
+            manifest=build_manifest(GOOD_FILES)
             | {
                 "files": [
                     e | {"size": 3} if e["path"] == "a.txt" else e
-                    for e in _manifest(GOOD_FILES)["files"]
+                    for e in build_manifest(GOOD_FILES)["files"]
                 ]
             }
         ),
         "files/a.txt is 6 bytes, the manifest says 3",
     ),
     "tree lie": (
-        lambda: _archive(manifest=_lying_tree(_manifest(GOOD_FILES))),
+        lambda: build_archive(manifest=_lying_tree(build_manifest(GOOD_FILES))),
         "archive content builds tree",
     ),
     "manifest not first": (
-        lambda: _archive(
-            members=[*_file_members(GOOD_FILES), _manifest_member(_manifest(GOOD_FILES))]
+        lambda: build_archive(
+            members=[*_file_members(GOOD_FILES), _manifest_member(build_manifest(GOOD_FILES))]
         ),
         "does not start with narrative.json",
     ),
     "manifest is a symlink": (
-        lambda: _archive(members=[_member(MANIFEST_NAME, kind=tarfile.SYMTYPE, linkname="x")]),
+        lambda: build_archive(members=[_member(MANIFEST_NAME, kind=tarfile.SYMTYPE, linkname="x")]),
         "narrative.json is not a regular file",
     ),
     "manifest not json": (
-        lambda: _archive(manifest=b"{not json"),
+        lambda: build_archive(manifest=b"{not json"),
         "manifest is not valid JSON",
     ),
     "manifest unknown field": (
-        lambda: _archive(manifest=_manifest(GOOD_FILES) | {"extra": 1}),
+        lambda: build_archive(manifest=build_manifest(GOOD_FILES) | {"extra": 1}),
         "unknown field 'extra'",
     ),
     "manifest duplicate key": (
-        lambda: _archive(manifest=b'{"version": 1, "version": 1}'),
+        lambda: build_archive(manifest=b'{"version": 1, "version": 1}'),
         "repeats a key",
     ),
     "manifest NaN": (
-        lambda: _archive(manifest=b'{"version": NaN}'),
+        lambda: build_archive(manifest=b'{"version": NaN}'),
         "holds NaN",
     ),
     "manifest bad version": (
-        lambda: _archive(manifest=_manifest(GOOD_FILES) | {"version": 2}),
+        lambda: build_archive(manifest=build_manifest(GOOD_FILES) | {"version": 2}),
         "unsupported archive manifest version 2",
     ),
     "manifest bad mode": (
-        lambda: _archive(manifest=_patched_entry("a.txt", mode="100664")),
+        lambda: build_archive(manifest=_patched_entry("a.txt", mode="100664")),
         "invalid mode '100664'",
     ),
     "manifest .git path": (
-        lambda: _archive(files={".git/config": ("100644", b"[core]\n")}),
+        lambda: build_archive(files={".git/config": ("100644", b"[core]\n")}),
         "a ..git. component",
     ),
     "manifest dot-dot path": (
-        lambda: _archive(manifest=_patched_entry("a.txt", path="dir/../a.txt")),
+        lambda: build_archive(manifest=_patched_entry("a.txt", path="dir/../a.txt")),
         "escapes the tree",
     ),
     "manifest absolute path": (
-        lambda: _archive(manifest=_patched_entry("a.txt", path="/a.txt")),
+        lambda: build_archive(manifest=_patched_entry("a.txt", path="/a.txt")),
         "is absolute",
     ),
     "manifest unnormalised path": (
-        lambda: _archive(manifest=_patched_entry("a.txt", path="dir//a.txt")),
+        lambda: build_archive(manifest=_patched_entry("a.txt", path="dir//a.txt")),
         "empty path component",
     ),
     "manifest duplicate path": (
-        lambda: _archive(manifest=_patched_entry("a.txt", path="dir/b.txt")),
+        lambda: build_archive(manifest=_patched_entry("a.txt", path="dir/b.txt")),
         "lists 'dir/b.txt' twice",
     ),
     "manifest file and directory": (
-        lambda: _archive(manifest=_patched_entry("a.txt", path="dir/b.txt/x")),
+        lambda: build_archive(manifest=_patched_entry("a.txt", path="dir/b.txt/x")),
         "'dir/b.txt' is both a file and a directory",
     ),
     "manifest bad hex": (
-        lambda: _archive(manifest=_patched_entry("a.txt", blob="XYZ")),
+        lambda: build_archive(manifest=_patched_entry("a.txt", blob="XYZ")),
         "invalid blob id",
     ),
     "manifest bad snapshot": (
-        lambda: _archive(
-            manifest=_manifest(GOOD_FILES)
-            | {"snapshot": _manifest(GOOD_FILES)["snapshot"] | {"id": "../../x"}}
+        lambda: build_archive(
+            manifest=build_manifest(GOOD_FILES)
+            | {"snapshot": build_manifest(GOOD_FILES)["snapshot"] | {"id": "../../x"}}
         ),
         "snapshot has an invalid 'id'",
     ),
     "manifest bad thread record": (
-        lambda: _archive(manifest=_manifest(GOOD_FILES) | {"thread": {"id": "nope"}}),
+        lambda: build_archive(manifest=build_manifest(GOOD_FILES) | {"thread": {"id": "nope"}}),
         "invalid thread record",
     ),
     "symlink escaping": (
-        lambda: _archive(files=GOOD_FILES | {"a": ("120000", b"../../outside")}),
+        lambda: build_archive(files=GOOD_FILES | {"a": ("120000", b"../../outside")}),
         "symlink a -> ../../outside points outside the tree",
     ),
     "symlink absolute": (
-        lambda: _archive(files=GOOD_FILES | {"abs": ("120000", b"/etc/passwd")}),
+        lambda: build_archive(files=GOOD_FILES | {"abs": ("120000", b"/etc/passwd")}),
         "symlink abs -> /etc/passwd points outside the tree",
     ),
     "symlink escaping through another link": (
         # dir/up2 -> .. is harmless alone; x -> dir/up2/.. climbs above the root through it
-        lambda: _archive(
+        lambda: build_archive(
             files=GOOD_FILES | {"dir/up2": ("120000", b".."), "x": ("120000", b"dir/up2/..")}
         ),
         "symlink x -> dir/up2/.. points outside the tree",
     ),
     "sparse member": (
-        lambda: _archive(
+        lambda: build_archive(
             members=_with(
                 _member(
                     "files/sparse",
@@ -692,13 +692,13 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
         "unsupported member type|is not listed",
     ),
     "trailing garbage after the end": (
-        lambda: _archive(trailing=b"\x00" * 4096 + b"garbage"),
+        lambda: build_archive(trailing=b"\x00" * 4096 + b"garbage"),
         "data after its end",
     ),
     "plain text": (lambda: b"hello, I am not an archive at all", "not a narrative archive"),
     "empty input": (lambda: b"", "not a narrative archive"),
     "uncompressed tar": (
-        lambda: _tar([_manifest_member(_manifest(GOOD_FILES)), *_file_members(GOOD_FILES)]),
+        lambda: _tar([_manifest_member(build_manifest(GOOD_FILES)), *_file_members(GOOD_FILES)]),
         "not a narrative archive",
     ),
     "gzip of non-tar": (
@@ -710,7 +710,7 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
 
 
 def _patched_entry(which: str, **changes: Any) -> dict[str, Any]:
-    manifest = _manifest(GOOD_FILES)
+    manifest = build_manifest(GOOD_FILES)
     manifest["files"] = [e | changes if e["path"] == which else e for e in manifest["files"]]
     return manifest
 
@@ -734,13 +734,13 @@ def test_hostile_zstd_variants(target: Store, fmt: str) -> None:
         (_with(drop="files/a.txt"), "missing member"),
         (_with(_member("files/dev", kind=tarfile.CHRTYPE)), "device"),
     ]:
-        _refused(target, _archive(members=members, fmt=fmt), match)
+        _refused(target, build_archive(members=members, fmt=fmt), match)
 
 
 @FORMATS
 def test_corrupted_data_is_refused(target: Store, fmt: str) -> None:
     files = GOOD_FILES | {"noise.bin": ("100644", _noise(200_000))}
-    data = _archive(files=files, fmt=fmt)
+    data = build_archive(files=files, fmt=fmt)
     read_archive(io.BytesIO(data), _other_store(Path(target.workspace).parent, "sanity"))
     for pos in (20, len(data) // 4, len(data) // 2, (3 * len(data)) // 4, len(data) - 12):
         flipped = bytearray(data)
@@ -750,7 +750,7 @@ def test_corrupted_data_is_refused(target: Store, fmt: str) -> None:
 
 @FORMATS
 def test_truncated_stream_is_refused(target: Store, fmt: str) -> None:
-    data = _archive(fmt=fmt)
+    data = build_archive(fmt=fmt)
     for cut in (5, len(data) // 3, len(data) // 2, len(data) - 40, len(data) - 4, len(data) - 1):
         _refused(target, data[:cut], "truncated|corrupt|missing|not a narrative")
 
@@ -771,14 +771,14 @@ def test_own_archive_truncated_or_flipped(store: Store, workspace: Path, tmp_pat
 def _bomb_tally(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the decompressed bytes the reader actually pulls."""
     tally = [0]
-    original = archive_mod._Limited.read
+    original = archive_codec.Limited.read
 
     def counting(self: Any, n: int = -1) -> bytes:
         data = original(self, n)
         tally[0] += len(data)
         return data
 
-    monkeypatch.setattr(archive_mod._Limited, "read", counting)
+    monkeypatch.setattr(archive_codec.Limited, "read", counting)
     return tally
 
 
@@ -791,21 +791,21 @@ def test_decompression_bombs_stop_early(
     zeros = b"\x00" * (100 << 20)
     # honest manifest declaring a 100 MB member: refused before reading any member data
     files = {"bomb.bin": ("100644", zeros)}
-    _refused(target, _archive(files=files, fmt=fmt), "over the limit of 10485760", **limits)
+    _refused(target, build_archive(files=files, fmt=fmt), "over the limit of 10485760", **limits)
     assert tally[0] < 1 << 20
     # lying manifest (10 bytes) in front of a 100 MB member: refused at the member's header
     tally[0] = 0
-    lie = _manifest({"bomb.bin": ("100644", b"\x00" * 10)})
+    lie = build_manifest({"bomb.bin": ("100644", b"\x00" * 10)})
     members = [_manifest_member(lie), _member("files/bomb.bin", zeros)]
-    _refused(target, _archive(manifest=lie, members=members, fmt=fmt), "the manifest says 10")
+    _refused(target, build_archive(manifest=lie, members=members, fmt=fmt), "the manifest says 10")
     assert tally[0] < 1 << 20
     # 100 MB of zeros after the end-of-archive blocks
     tally[0] = 0
-    _refused(target, _archive(fmt=fmt, trailing=zeros), "decompresses to more", **limits)
+    _refused(target, build_archive(fmt=fmt, trailing=zeros), "decompresses to more", **limits)
     assert tally[0] < 4 << 20
     # a 100 MB pax header in front of a member
     tally[0] = 0
-    raw = _member_bytes(_manifest_member(_manifest(GOOD_FILES)))
+    raw = _member_bytes(_manifest_member(build_manifest(GOOD_FILES)))
     raw += _pax_block(b"comment=" + b"A" * (100 << 20))
     raw += _member_bytes(_member("files/a.txt", b"hello\n")) + b"\x00" * 1024
     _refused(target, _compress(raw, fmt), "decompresses to more", **limits)
@@ -832,14 +832,14 @@ def _pax_block(record: bytes) -> bytes:
 
 
 def test_limits(target: Store) -> None:
-    data = _archive()
+    data = build_archive()
     _refused(target, data, "5 files, over the limit of 4", max_files=4)
     _refused(target, data, "over the limit of 100", max_manifest=100)
     _refused(target, data, "bytes of files, over the limit", max_total=100)
 
 
 def test_manifest_dict_round_trip() -> None:
-    raw = _manifest(GOOD_FILES)
+    raw = build_manifest(GOOD_FILES)
     manifest = ArchiveManifest.from_dict(raw)
     assert manifest.to_dict() == raw
     assert ArchiveManifest.from_dict(json.loads(manifest.encode())) == manifest
@@ -852,10 +852,11 @@ def test_manifest_dict_round_trip() -> None:
     "path", ["n" * 256, "/".join(["d" * 200] * 21) + "/f"], ids=["name", "path"]
 )
 def test_paths_longer_than_file_systems_allow_are_refused(target: Store, path: str) -> None:
-    _refused(target, _archive(files={path: ("100644", b"x\n")}), "longer than file systems allow")
+    archive = build_archive(files={path: ("100644", b"x\n")})
+    _refused(target, archive, "longer than file systems allow")
 
 
 def test_symlink_target_longer_than_file_systems_allow_is_refused(target: Store) -> None:
     """Its length also sets how many header bytes each member may take (parsing cost)."""
     files = GOOD_FILES | {"long-link": ("120000", b"t" * 5000)}
-    _refused(target, _archive(files=files), "longer than file systems allow")
+    _refused(target, build_archive(files=files), "longer than file systems allow")

@@ -23,7 +23,7 @@ from transfer.importer import import_, import_stream
 from transfer.records import BUNDLE_META_REF
 
 from ..conftest import git
-from .test_archive import GOOD_FILES, _archive, _manifest
+from .test_archive import GOOD_FILES, build_archive, build_manifest
 from .test_fsck_import import store_listing
 
 
@@ -35,18 +35,18 @@ def _publish(tmp_path: Path, name: str, data: bytes) -> str:
 
 
 def _archive_bad_created_at(store: Store) -> tuple[str, bytes]:
-    manifest = _manifest(GOOD_FILES)
+    manifest = build_manifest(GOOD_FILES)
     manifest["snapshot"]["created_at"] = "yesterday"
-    return "bad-time.tar.gz", _archive(manifest=manifest)
+    return "bad-time.tar.gz", build_archive(manifest=manifest)
 
 
 def _archive_parent_is_a_blob(store: Store) -> tuple[str, bytes]:
     """The manifest's parent_commit names a blob the store holds: must not become a parent."""
-    manifest = _manifest(GOOD_FILES)
+    manifest = build_manifest(GOOD_FILES)
     blob = store.odb.write_loose("blob", b"not a commit\n")
     manifest["snapshot"]["parent_commit"] = blob.hex()
     manifest["snapshot"]["parent"] = None
-    return "parent-blob.tar.gz", _archive(manifest=manifest)
+    return "parent-blob.tar.gz", build_archive(manifest=manifest)
 
 
 def _bundle_nested_record(store: Store) -> tuple[str, bytes]:

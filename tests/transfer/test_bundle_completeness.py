@@ -124,7 +124,7 @@ def test_an_archive_missing_a_file_is_never_published(
     """The archive's connectivity check: if the file list ever lost an entry (simulated here by
     a tree flattener that drops one), the archive would not rebuild its snapshot's tree, so the
     export fails before anything is published."""
-    import transfer.archive
+    import transfer.archive_write
     from narrative.trees import flatten_tree
     from transfer.exporter import export
 
@@ -136,7 +136,7 @@ def test_an_archive_missing_a_file_is_never_published(
         flat.pop("src/more.py")
         return flat
 
-    monkeypatch.setattr(transfer.archive, "flatten_tree", lossy)
+    monkeypatch.setattr(transfer.archive_write, "flatten_tree", lossy)
     for fmt in ("tar.gz", "tar.zst"):
         out = tmp_path / f"x.{fmt}"
         with pytest.raises(IncompleteExport, match="would build tree"):

@@ -15,7 +15,7 @@ import pytest
 from fsspec.callbacks import Callback
 
 from narrative.errors import InvalidInput, NarrativeError
-from transfer import fsio
+from transfer import fsio, publishing, storage_lock, storage_options, verified
 from transfer.errors import (
     ArtifactNotFound,
     ChecksumMismatch,
@@ -50,74 +50,74 @@ def test_round_trip(backend: Backend) -> None:
         memoryview(b"world"),
     ]
     cb = Callback()
-    with fsio.publish(url, backend.options, callback=cb, size=20) as out:
+    with publishing.publish(url, backend.options, callback=cb, size=20) as out:
         for part in parts:
             assert out.write(part) == len(part)
     data = b"hello streamed world"
     assert (out.sha256, out.size, out.published) == (sha(data), len(data), True)
     assert (cb.size, cb.value) == (20, len(data))
 
-    assert fsio.exists(url, backend.options)
-    assert fsio.list_dir(backend.url("dir"), backend.options) == ["a.bundle"]
+    assert verified.exists(url, backend.options)
+    assert verified.list_dir(backend.url("dir"), backend.options) == ["a.bundle"]
     assert backend.files() == ["dir/a.bundle", "dir/a.bundle.sha256"]
     assert backend.raw_read("dir/a.bundle.sha256") == f"{sha(data)}  a.bundle\n".encode()
-    assert fsio.read_small(url, backend.options) == data
-    assert fsio.verify(url, backend.options) == sha(data)
+    assert verified.read_small(url, backend.options) == data
+    assert verified.verify(url, backend.options) == sha(data)
 
     read_cb = Callback()
-    with fsio.open_verified(url, backend.options, callback=read_cb) as f:
+    with verified.open_verified(url, backend.options, callback=read_cb) as f:
         got = b"".join(iter(lambda: f.read(4), b""))
         assert f.verified and f.sha256 == sha(data)
     assert got == data
     assert (read_cb.size, read_cb.value) == (len(data), len(data))
 
-    fsio.remove(url, backend.options)
-    assert not fsio.exists(url, backend.options)
-    assert fsio.list_dir(backend.url("dir"), backend.options) == []
+    publishing.remove(url, backend.options)
+    assert not verified.exists(url, backend.options)
+    assert verified.list_dir(backend.url("dir"), backend.options) == []
     assert backend.files() == []
     with pytest.raises(ArtifactNotFound):
-        fsio.remove(url, backend.options)
-    fsio.remove(url, backend.options, missing_ok=True)
+        publishing.remove(url, backend.options)
+    publishing.remove(url, backend.options, missing_ok=True)
 
 
 def test_overwrite_and_small_documents(backend: Backend) -> None:
     url = backend.url("index.json")
-    fsio.write_small_atomic(url, b'{"v": 1}', backend.options)
-    fsio.write_small_atomic(url, b'{"v": 2}', backend.options)
-    assert fsio.read_small(url, backend.options) == b'{"v": 2}'
+    publishing.write_small_atomic(url, b'{"v": 1}', backend.options)
+    publishing.write_small_atomic(url, b'{"v": 2}', backend.options)
+    assert verified.read_small(url, backend.options) == b'{"v": 2}'
     assert backend.files() == ["index.json", "index.json.sha256"]
 
     with pytest.raises(InvalidArtifact, match="limit"):
-        fsio.read_small(url, backend.options, limit=4)
+        verified.read_small(url, backend.options, limit=4)
 
 
 def test_empty_artifact(backend: Backend) -> None:
     url = backend.url("empty")
-    with fsio.publish(url, backend.options):
+    with publishing.publish(url, backend.options):
         pass
-    assert fsio.read_small(url, backend.options) == b""
-    assert fsio.verify(url, backend.options) == sha(b"")
+    assert verified.read_small(url, backend.options) == b""
+    assert verified.verify(url, backend.options) == sha(b"")
 
 
 def test_list_dir_shows_only_published(backend: Backend) -> None:
-    fsio.write_small_atomic(backend.url("b"), b"2", backend.options)
-    fsio.write_small_atomic(backend.url("a"), b"1", backend.options)
-    fsio.write_small_atomic(backend.url("sub", "c"), b"3", backend.options)
+    publishing.write_small_atomic(backend.url("b"), b"2", backend.options)
+    publishing.write_small_atomic(backend.url("a"), b"1", backend.options)
+    publishing.write_small_atomic(backend.url("sub", "c"), b"3", backend.options)
     backend.raw_write("unpublished", b"x")
     backend.raw_write(".a.0123.tmp", b"x")
-    assert fsio.list_dir(backend.base, backend.options) == ["a", "b"]
-    assert fsio.list_dir(backend.url("nothing-here"), backend.options) == []
+    assert verified.list_dir(backend.base, backend.options) == ["a", "b"]
+    assert verified.list_dir(backend.url("nothing-here"), backend.options) == []
 
 
 def test_writer_closed_early_still_publishes(backend: Backend) -> None:
     # Compressors close their output stream; publishing happens at the end of the block.
     url = backend.url("x")
-    with fsio.publish(url, backend.options) as out:
+    with publishing.publish(url, backend.options) as out:
         out.write(b"abc")
         out.close()
         with pytest.raises(ValueError):
             out.write(b"more")
-    assert fsio.read_small(url, backend.options) == b"abc"
+    assert verified.read_small(url, backend.options) == b"abc"
 
 
 # --------------------------------------------------------------------------- streaming
@@ -126,10 +126,10 @@ def test_writer_closed_early_still_publishes(backend: Backend) -> None:
 def _stream_and_measure(url: str, options: dict[str, Any], total_mib: int) -> tuple[int, int]:
     parts = chunks(4)
     expected = hashlib.sha256()
-    fsio.exists(url, options)  # set the client up first: botocore's models alone take ~20 MiB
+    verified.exists(url, options)  # set the client up first: botocore's models alone take ~20 MiB
     tracemalloc.start()
     try:
-        with fsio.publish(url, options) as out:
+        with publishing.publish(url, options) as out:
             for i in range(total_mib):
                 out.write(parts[i % 4])
                 expected.update(parts[i % 4])
@@ -137,7 +137,7 @@ def _stream_and_measure(url: str, options: dict[str, Any], total_mib: int) -> tu
         tracemalloc.reset_peak()
         assert out.sha256 == expected.hexdigest()
         assert out.size == total_mib * MiB
-        assert fsio.verify(url, options) == expected.hexdigest()
+        assert verified.verify(url, options) == expected.hexdigest()
         read_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -176,10 +176,10 @@ def test_streaming_50mb_s3_multipart(s3_bucket: str, s3_options: dict[str, Any])
 
 def test_exception_leaves_nothing(backend: Backend) -> None:
     url = backend.url("d", "partial.bin")
-    with pytest.raises(RuntimeError, match="boom"), fsio.publish(url, backend.options) as out:
+    with pytest.raises(RuntimeError, match="boom"), publishing.publish(url, backend.options) as out:
         out.write(b"x" * 1000)
         raise RuntimeError("boom")
-    assert not fsio.exists(url, backend.options)
+    assert not verified.exists(url, backend.options)
     assert [f for f in backend.files() if not f.endswith("/")] == []
 
 
@@ -190,7 +190,7 @@ def test_exception_after_multipart_upload_started_leaves_nothing(
     import s3fs
 
     url = f"{s3_bucket}/partial.bin"
-    with pytest.raises(RuntimeError), fsio.publish(url, s3_options) as out:
+    with pytest.raises(RuntimeError), publishing.publish(url, s3_options) as out:
         for part in chunks(10):  # > one 8 MiB part: a multipart upload is in flight
             out.write(part)
         raise RuntimeError("boom")
@@ -202,11 +202,11 @@ def test_exception_after_multipart_upload_started_leaves_nothing(
 
 def test_failed_overwrite_keeps_old_version(backend: Backend) -> None:
     url = backend.url("keep")
-    fsio.write_small_atomic(url, b"old", backend.options)
-    with pytest.raises(KeyError), fsio.publish(url, backend.options) as out:
+    publishing.write_small_atomic(url, b"old", backend.options)
+    with pytest.raises(KeyError), publishing.publish(url, backend.options) as out:
         out.write(b"new new new")
         raise KeyError("interrupted")
-    assert fsio.read_small(url, backend.options) == b"old"
+    assert verified.read_small(url, backend.options) == b"old"
     assert backend.files() == ["keep", "keep.sha256"]
 
 
@@ -214,12 +214,12 @@ def test_failed_overwrite_keeps_old_version(backend: Backend) -> None:
 def test_local_readers_never_see_a_partial_file(kind: str, tmp_path: Path) -> None:
     final = tmp_path / "out" / "artifact.tar.zst"
     url = str(final) if kind == "local" else f"file://{final}"
-    with fsio.publish(url) as out:
+    with publishing.publish(url) as out:
         for part in chunks(3):
             out.write(part)
             assert not final.exists()
-            assert not fsio.exists(url)
-            assert fsio.list_dir(str(final.parent)) == []
+            assert not verified.exists(url)
+            assert verified.list_dir(str(final.parent)) == []
             hidden = os.listdir(final.parent)
             assert len(hidden) == 1 and hidden[0].startswith(".artifact.tar.zst.")
     assert final.stat().st_size == 3 * MiB
@@ -227,7 +227,7 @@ def test_local_readers_never_see_a_partial_file(kind: str, tmp_path: Path) -> No
 
 
 def test_sidecar_is_sha256sum_format(tmp_path: Path) -> None:
-    fsio.write_small_atomic(str(tmp_path / "doc.json"), b"{}")
+    publishing.write_small_atomic(str(tmp_path / "doc.json"), b"{}")
     proc = subprocess.run(
         ["sha256sum", "-c", "doc.json.sha256"],
         cwd=tmp_path,
@@ -243,22 +243,22 @@ def test_sidecar_is_sha256sum_format(tmp_path: Path) -> None:
 
 def test_tampered_data_is_detected(backend: Backend) -> None:
     url = backend.url("t.bin")
-    fsio.write_small_atomic(url, b"original content", backend.options)
+    publishing.write_small_atomic(url, b"original content", backend.options)
     backend.raw_write("t.bin", b"tampered content")  # same length, different bytes
 
     with pytest.raises(ChecksumMismatch) as info:
-        fsio.verify(url, backend.options)
+        verified.verify(url, backend.options)
     assert info.value.expected == sha(b"original content")
     assert info.value.actual == sha(b"tampered content")
     assert isinstance(info.value, TransferError) and isinstance(info.value, NarrativeError)
 
-    with fsio.open_verified(url, backend.options) as f, pytest.raises(ChecksumMismatch):
+    with verified.open_verified(url, backend.options) as f, pytest.raises(ChecksumMismatch):
         f.read()
     with pytest.raises(ChecksumMismatch):
-        fsio.read_small(url, backend.options)
+        verified.read_small(url, backend.options)
 
     # Stopping exactly at the end without reading past it is checked on close.
-    f = fsio.open_verified(url, backend.options)
+    f = verified.open_verified(url, backend.options)
     f.read(4)
     with pytest.raises(ChecksumMismatch):
         f.read(len(b"tampered content") - 4)
@@ -267,9 +267,9 @@ def test_tampered_data_is_detected(backend: Backend) -> None:
 
 def test_truncated_data_is_detected_on_read(backend: Backend) -> None:
     url = backend.url("t.bin")
-    fsio.write_small_atomic(url, b"0123456789", backend.options)
+    publishing.write_small_atomic(url, b"0123456789", backend.options)
     backend.raw_write("t.bin", b"01234")
-    with fsio.open_verified(url, backend.options) as f, pytest.raises(ChecksumMismatch):
+    with verified.open_verified(url, backend.options) as f, pytest.raises(ChecksumMismatch):
         while f.read(3):
             pass
 
@@ -277,22 +277,22 @@ def test_truncated_data_is_detected_on_read(backend: Backend) -> None:
 def test_missing_sidecar_means_not_found(backend: Backend) -> None:
     backend.raw_write("orphan.bin", b"data without sidecar")
     url = backend.url("orphan.bin")
-    assert not fsio.exists(url, backend.options)
+    assert not verified.exists(url, backend.options)
     with pytest.raises(ArtifactNotFound, match="missing or unpublished") as info:
-        fsio.open_verified(url, backend.options)
+        verified.open_verified(url, backend.options)
     assert isinstance(info.value, LookupError)
     with pytest.raises(ArtifactNotFound):
-        fsio.read_small(url, backend.options)
+        verified.read_small(url, backend.options)
     with pytest.raises(ArtifactNotFound):
-        fsio.verify(backend.url("never-written"), backend.options)
+        verified.verify(backend.url("never-written"), backend.options)
 
 
 def test_sidecar_without_data_is_not_found(backend: Backend) -> None:
     backend.raw_write("ghost.bin.sha256", f"{sha(b'')}  ghost.bin\n".encode())
     url = backend.url("ghost.bin")
-    assert not fsio.exists(url, backend.options)
+    assert not verified.exists(url, backend.options)
     with pytest.raises(ArtifactNotFound):
-        fsio.open_verified(url, backend.options)
+        verified.open_verified(url, backend.options)
 
 
 @pytest.mark.parametrize(
@@ -304,32 +304,35 @@ def test_hostile_sidecar_is_invalid_artifact(tmp_path: Path, sidecar: bytes) -> 
     (tmp_path / "x").write_bytes(b"data")
     (tmp_path / "x.sha256").write_bytes(sidecar)
     with pytest.raises(InvalidArtifact):
-        fsio.open_verified(str(tmp_path / "x"))
+        verified.open_verified(str(tmp_path / "x"))
     with pytest.raises(InvalidArtifact):
-        fsio.read_small(str(tmp_path / "x"))
+        verified.read_small(str(tmp_path / "x"))
 
 
 def test_oversized_small_document_refused(memory_root: str) -> None:
     url = f"{memory_root}/big.json"
-    fsio.write_small_atomic(url, b"x" * 2000)
+    publishing.write_small_atomic(url, b"x" * 2000)
     with pytest.raises(InvalidArtifact, match="2000 bytes"):
-        fsio.read_small(url, limit=1000)
+        verified.read_small(url, limit=1000)
 
 
 def test_reserved_and_directory_names_rejected(tmp_path: Path) -> None:
     for name in ("x.sha256", "x.lock"):
-        with pytest.raises(InvalidInput, match="reserved"), fsio.publish(str(tmp_path / name)):
+        with (
+            pytest.raises(InvalidInput, match="reserved"),
+            publishing.publish(str(tmp_path / name)),
+        ):
             pass
     assert os.listdir(tmp_path) == []
     with pytest.raises(InvalidInput, match="directory"):
-        fsio.write_small_atomic("memory://", b"")
+        publishing.write_small_atomic("memory://", b"")
 
 
 def test_publishing_over_a_directory_fails_cleanly(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "inside").write_bytes(b"keep")
     with pytest.raises(StorageError):
-        fsio.write_small_atomic(str(tmp_path / "d"), b"x")
+        publishing.write_small_atomic(str(tmp_path / "d"), b"x")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["d", "inside"]
 
 
@@ -347,7 +350,7 @@ def test_resolve_bad_urls() -> None:
 
 def test_local_io_errors_become_storage_errors(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"")
-    with pytest.raises(StorageError) as info, fsio.publish(str(tmp_path / "file" / "x")):
+    with pytest.raises(StorageError) as info, publishing.publish(str(tmp_path / "file" / "x")):
         pass
     assert str(tmp_path / "file" / "x") in str(info.value)
     assert isinstance(info.value.__cause__, OSError)
@@ -356,26 +359,26 @@ def test_local_io_errors_become_storage_errors(tmp_path: Path) -> None:
 @pytest.mark.heavy
 def test_s3_errors_become_transfer_errors(s3_options: dict[str, Any]) -> None:
     with pytest.raises(StorageError, match="no such bucket"):
-        fsio.write_small_atomic("s3://no-such-bucket-here/x", b"1", s3_options)
+        publishing.write_small_atomic("s3://no-such-bucket-here/x", b"1", s3_options)
     with pytest.raises(ArtifactNotFound):
-        fsio.read_small("s3://no-such-bucket-here/x", s3_options)
+        verified.read_small("s3://no-such-bucket-here/x", s3_options)
     dead = {**s3_options, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
     dead["config_kwargs"] = {"retries": {"max_attempts": 1}, "connect_timeout": 1}
     with pytest.raises(StorageError, match=r"127\.0\.0\.1:9") as info:
-        fsio.exists(f"s3://{BUCKET}/x", dead)  # not "absent": fsspec's exists() would say so
+        verified.exists(f"s3://{BUCKET}/x", dead)  # not "absent": fsspec's exists() would say so
     assert "testing" not in str(info.value)
 
 
 def test_credentials_in_urls_are_redacted() -> None:
-    assert fsio._redact("s3://AKIA:hunter2@bucket/k") == "s3://***@bucket/k"
-    assert fsio._redact("simplecache::ftp://u:p@host/x") == "simplecache::ftp://***@host/x"
+    assert fsio.redact("s3://AKIA:hunter2@bucket/k") == "s3://***@bucket/k"
+    assert fsio.redact("simplecache::ftp://u:p@host/x") == "simplecache::ftp://***@host/x"
 
 
 # --------------------------------------------------------------------------- storage options
 
 
 def test_parse_storage_options() -> None:
-    opts = fsio.parse_storage_options(
+    opts = storage_options.parse_storage_options(
         [
             "anon=false",
             "key=AKIA",
@@ -401,8 +404,8 @@ def test_parse_storage_options() -> None:
         "empty": "",
         "n": None,
     }
-    assert fsio.parse_storage_options(["a=1", "a=2"]) == {"a": 2}
-    assert fsio.parse_storage_options([]) == {}
+    assert storage_options.parse_storage_options(["a=1", "a=2"]) == {"a": 2}
+    assert storage_options.parse_storage_options([]) == {}
 
 
 @pytest.mark.parametrize(
@@ -419,7 +422,7 @@ def test_parse_storage_options() -> None:
 )
 def test_parse_storage_options_rejects(pairs: list[Any], match: str) -> None:
     with pytest.raises(InvalidInput, match=match):
-        fsio.parse_storage_options(pairs)
+        storage_options.parse_storage_options(pairs)
 
 
 def test_storage_options_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -428,14 +431,14 @@ def test_storage_options_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NARRATIVE_STORAGE_CLIENT_KWARGS__ENDPOINT_URL", "http://127.0.0.1:1")
     monkeypatch.setenv("NARRATIVE_STORAGE_CONFIG_KWARGS__RETRIES__MAX_ATTEMPTS", "3")
     monkeypatch.setenv("NARRATIVE_STORE", "/elsewhere")  # a different prefix
-    assert fsio.storage_options_from_env() == {
+    assert storage_options.storage_options_from_env() == {
         "key": "AKIA",
         "anon": False,
         "client_kwargs": {"endpoint_url": "http://127.0.0.1:1"},
         "config_kwargs": {"retries": {"max_attempts": 3}},
     }
-    assert fsio.storage_options_from_env("OTHER_", environ={"OTHER_X": "1"}) == {"x": 1}
-    assert fsio.storage_options_from_env(environ={}) == {}
+    assert storage_options.storage_options_from_env("OTHER_", environ={"OTHER_X": "1"}) == {"x": 1}
+    assert storage_options.storage_options_from_env(environ={}) == {}
 
 
 @pytest.mark.parametrize(
@@ -448,13 +451,13 @@ def test_storage_options_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_storage_options_from_env_rejects(env: dict[str, str]) -> None:
     with pytest.raises(InvalidInput, match="NARRATIVE_STORAGE_"):
-        fsio.storage_options_from_env(environ=env)
+        storage_options.storage_options_from_env(environ=env)
 
 
 def test_merge_storage_options() -> None:
     base = {"key": "env", "client_kwargs": {"endpoint_url": "http://a", "verify": True}}
     over = {"client_kwargs": {"endpoint_url": "http://b"}, "anon": False}
-    assert fsio.merge_storage_options(base, over) == {
+    assert storage_options.merge_storage_options(base, over) == {
         "key": "env",
         "anon": False,
         "client_kwargs": {"endpoint_url": "http://b", "verify": True},
@@ -468,33 +471,33 @@ def test_merge_storage_options() -> None:
 def test_compare_and_swap_semantics(backend: Backend) -> None:
     url = backend.url("refs", "index.json")
     opts = backend.options
-    assert fsio.compare_and_swap_small(url, None, b"v1", opts)
-    assert not fsio.compare_and_swap_small(url, None, b"again", opts)
-    assert not fsio.compare_and_swap_small(url, sha(b"something else"), b"v2", opts)
-    assert fsio.read_small(url, opts) == b"v1"
-    assert fsio.compare_and_swap_small(url, sha(b"v1").upper(), b"v2", opts)
-    assert fsio.read_small(url, opts) == b"v2"
+    assert publishing.compare_and_swap_small(url, None, b"v1", opts)
+    assert not publishing.compare_and_swap_small(url, None, b"again", opts)
+    assert not publishing.compare_and_swap_small(url, sha(b"something else"), b"v2", opts)
+    assert verified.read_small(url, opts) == b"v1"
+    assert publishing.compare_and_swap_small(url, sha(b"v1").upper(), b"v2", opts)
+    assert verified.read_small(url, opts) == b"v2"
     assert backend.files() == ["refs/index.json", "refs/index.json.sha256"]  # lock released
 
     with pytest.raises(InvalidInput):
-        fsio.compare_and_swap_small(url, "abc", b"v3", opts)
+        publishing.compare_and_swap_small(url, "abc", b"v3", opts)
     with pytest.raises(InvalidInput):
-        fsio.compare_and_swap_small(url, sha(b"v2"), "text", opts)  # type: ignore[arg-type]
+        publishing.compare_and_swap_small(url, sha(b"v2"), "text", opts)  # type: ignore[arg-type]
 
 
 def test_compare_and_swap_over_unpublished_leftover(backend: Backend) -> None:
     backend.raw_write("doc", b"debris of a crashed write")
     url = backend.url("doc")
-    assert fsio.compare_and_swap_small(url, None, b"fresh", backend.options)
-    assert fsio.read_small(url, backend.options) == b"fresh"
+    assert publishing.compare_and_swap_small(url, None, b"fresh", backend.options)
+    assert verified.read_small(url, backend.options) == b"fresh"
 
 
 def test_compare_and_swap_refuses_corrupt_current(backend: Backend) -> None:
     url = backend.url("doc")
-    fsio.write_small_atomic(url, b"good", backend.options)
+    publishing.write_small_atomic(url, b"good", backend.options)
     backend.raw_write("doc", b"evil")
     with pytest.raises(ChecksumMismatch):
-        fsio.compare_and_swap_small(url, sha(b"good"), b"new", backend.options)
+        publishing.compare_and_swap_small(url, sha(b"good"), b"new", backend.options)
     assert backend.raw_read("doc") == b"evil"
 
 
@@ -508,7 +511,7 @@ def _race_round(url: str, options: dict[str, Any], expected: str | None, rnd: in
         try:
             barrier.wait()
             data = f"round {rnd} by {i}".encode()
-            results[i] = fsio.compare_and_swap_small(url, expected, data, options)
+            results[i] = publishing.compare_and_swap_small(url, expected, data, options)
         except BaseException as exc:
             errors.append(exc)
 
@@ -527,7 +530,7 @@ def _race(url: str, options: dict[str, Any], rounds: int) -> None:
     expected: str | None = None  # round 0 races to create the document
     for rnd in range(rounds):
         winner = _race_round(url, options, expected, rnd)
-        current = fsio.read_small(url, options)
+        current = verified.read_small(url, options)
         assert current == f"round {rnd} by {winner}".encode()
         expected = sha(current)
 
@@ -543,7 +546,7 @@ def test_compare_and_swap_race(kind: str, tmp_path: Path, memory_root: str) -> N
 @pytest.mark.heavy
 def test_compare_and_swap_race_s3(s3_bucket: str, s3_options: dict[str, Any]) -> None:
     _race(f"{s3_bucket}/remote/index.json", s3_options, rounds=6)
-    assert fsio.list_dir(f"{s3_bucket}/remote", s3_options) == ["index.json"]
+    assert verified.list_dir(f"{s3_bucket}/remote", s3_options) == ["index.json"]
     import s3fs
 
     fs = s3fs.S3FileSystem(**s3_options)
@@ -565,12 +568,12 @@ def test_s3_conditional_put_is_the_fence(s3_bucket: str, s3_options: dict[str, A
     fs.pipe_file(path, b"one", IfNoneMatch="*")
     with pytest.raises(Exception) as created:
         fs.pipe_file(path, b"two", IfNoneMatch="*")
-    assert fsio._precondition_failed(created.value)
+    assert fsio.precondition_failed(created.value)
     etag = fs.info(path)["ETag"]
     fs.pipe_file(path, b"three", IfMatch=etag)
     with pytest.raises(Exception) as stale:
         fs.pipe_file(path, b"four", IfMatch=etag)
-    assert fsio._precondition_failed(stale.value)
+    assert fsio.precondition_failed(stale.value)
     assert fs.cat_file(path) == b"three"
 
 
@@ -586,17 +589,17 @@ def test_s3_swap_is_fenced_even_if_the_lock_is_lost(
     # and its write: the conditional PUT must refuse, and the intruder's bytes must survive.
     url = f"{s3_bucket}/doc"
     if existing is not None:
-        fsio.write_small_atomic(url, existing, s3_options)
-    real_current = fsio._current
+        publishing.write_small_atomic(url, existing, s3_options)
+    real_current = publishing.current_version
 
     def read_then_intrude(fs: Any, path: str, url_: str) -> tuple[str | None, str | None]:
         state = real_current(fs, path, url_)
         fs.pipe_file(path, b"intruder")
         return state
 
-    monkeypatch.setattr(fsio, "_current", read_then_intrude)
+    monkeypatch.setattr(publishing, "current_version", read_then_intrude)
     expected = None if existing is None else sha(existing)
-    assert not fsio.compare_and_swap_small(url, expected, b"mine", s3_options)
+    assert not publishing.compare_and_swap_small(url, expected, b"mine", s3_options)
     monkeypatch.undo()
     fs, path = fsio.resolve(url, s3_options)
     fs.invalidate_cache()
@@ -608,19 +611,23 @@ def test_lock_held_times_out(backend: Backend) -> None:
     backend.raw_write("doc.lock", b'{"token": "someone", "created": %f}' % time.time())
     start = time.monotonic()
     with pytest.raises(StorageLockTimeout) as info:
-        fsio.compare_and_swap_small(backend.url("doc"), None, b"x", backend.options, timeout=0.3)
+        publishing.compare_and_swap_small(
+            backend.url("doc"), None, b"x", backend.options, timeout=0.3
+        )
     assert isinstance(info.value, TimeoutError)
     assert time.monotonic() - start < 5
     assert backend.raw_read("doc.lock").startswith(b'{"token": "someone"')
 
 
 def test_stale_lock_is_broken(backend: Backend) -> None:
-    old = time.time() - fsio.STALE_LOCK_SECONDS - 5
+    old = time.time() - storage_lock.STALE_LOCK_SECONDS - 5
     backend.raw_write("doc.lock", b'{"token": "crashed", "created": %f}' % old)
     if backend.name in ("local", "file"):
         _, base = backend.fs()
         os.utime(os.path.join(base, "doc.lock"), (old, old))
-    assert fsio.compare_and_swap_small(backend.url("doc"), None, b"x", backend.options, timeout=5)
+    assert publishing.compare_and_swap_small(
+        backend.url("doc"), None, b"x", backend.options, timeout=5
+    )
     assert backend.files() == ["doc", "doc.sha256"]
 
 
@@ -630,31 +637,33 @@ def test_stale_lock_is_broken(backend: Backend) -> None:
 @pytest.mark.heavy
 def test_chained_simplecache_s3(s3_bucket: str, s3_options: dict[str, Any], tmp_path: Path) -> None:
     data = b"cached bundle bytes" * 1000
-    fsio.write_small_atomic(f"{s3_bucket}/c/x.bundle", data, s3_options)
+    publishing.write_small_atomic(f"{s3_bucket}/c/x.bundle", data, s3_options)
 
     url = f"simplecache::{s3_bucket}/c/x.bundle"
     opts = {"s3": s3_options, "cache_storage": str(tmp_path / "cache")}
-    assert fsio.exists(url, opts)
-    assert fsio.verify(url, opts) == sha(data)
-    with fsio.open_verified(url, opts) as f:
+    assert verified.exists(url, opts)
+    assert verified.verify(url, opts) == sha(data)
+    with verified.open_verified(url, opts) as f:
         assert f.read() == data
-    assert fsio.read_small(url, opts) == data
+    assert verified.read_small(url, opts) == data
     assert any((tmp_path / "cache").iterdir())  # served through the local cache
 
     # Flat options work too: what the cache layer does not take goes to the s3 layer.
     flat = {**s3_options, "cache_storage": str(tmp_path / "cache2")}
-    assert fsio.read_small(url, flat) == data
+    assert verified.read_small(url, flat) == data
     assert any((tmp_path / "cache2").iterdir())
 
     # Writes go through to the bucket, never only into the cache.
-    fsio.write_small_atomic(f"simplecache::{s3_bucket}/c/y", b"written", opts)
-    assert fsio.read_small(f"{s3_bucket}/c/y", s3_options) == b"written"
-    assert fsio.compare_and_swap_small(f"simplecache::{s3_bucket}/c/y", sha(b"written"), b"2", opts)
-    assert fsio.read_small(f"{s3_bucket}/c/y", s3_options) == b"2"
-    assert fsio.list_dir(f"{s3_bucket}/c", s3_options) == ["x.bundle", "y"]
+    publishing.write_small_atomic(f"simplecache::{s3_bucket}/c/y", b"written", opts)
+    assert verified.read_small(f"{s3_bucket}/c/y", s3_options) == b"written"
+    assert publishing.compare_and_swap_small(
+        f"simplecache::{s3_bucket}/c/y", sha(b"written"), b"2", opts
+    )
+    assert verified.read_small(f"{s3_bucket}/c/y", s3_options) == b"2"
+    assert verified.list_dir(f"{s3_bucket}/c", s3_options) == ["x.bundle", "y"]
 
 
 def test_chained_simplecache_local(tmp_path: Path) -> None:
-    fsio.write_small_atomic(str(tmp_path / "a"), b"local")
+    publishing.write_small_atomic(str(tmp_path / "a"), b"local")
     opts = {"cache_storage": str(tmp_path / "cache")}
-    assert fsio.read_small(f"simplecache::file://{tmp_path}/a", opts) == b"local"
+    assert verified.read_small(f"simplecache::file://{tmp_path}/a", opts) == b"local"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from transfer import fsio
+from transfer import verified
 
 from ..conftest import Cli, git, kill_after
 
@@ -43,8 +43,8 @@ def test_kill_during_export_and_import(tmp_path: Path) -> None:
             kills += 1
             # never a half-published artifact: either complete and verified, or no object at all
             # under its final name
-            if fsio.exists(url):
-                fsio.verify(url)
+            if verified.exists(url):
+                verified.verify(url)
             else:
                 assert not (out / f"x{i}.bundle").exists(), "partial artifact under final name"
     good = str(out / "good.bundle")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from transfer import fsio
+from transfer import verified
 
 from ..conftest import NARRATIVE, Cli, git
 
@@ -61,7 +61,7 @@ def test_four_concurrent_pushers_lose_nothing(
     ]
     outcomes = [(p.wait(timeout=120), *p.communicate()) for p in procs]
     assert all(code == 0 for code, _out, _err in outcomes), outcomes
-    index = json.loads(fsio.read_small(f"{url}/index.json", options))
+    index = json.loads(verified.read_small(f"{url}/index.json", options))
     for ref, commit in heads.items():
         assert index["heads"][ref] == commit  # every push is in the index
     # stock git takes every published bundle, and together they hold every thread
@@ -69,7 +69,9 @@ def test_four_concurrent_pushers_lose_nothing(
     git("init", "-q", "--bare", str(receiver))
     for entry in index["bundles"]:
         local = tmp_path / entry["name"]
-        local.write_bytes(fsio.read_small(f"{url}/bundles/{entry['name']}", options, limit=1 << 30))
+        local.write_bytes(
+            verified.read_small(f"{url}/bundles/{entry['name']}", options, limit=1 << 30)
+        )
         git("--git-dir", str(receiver), "bundle", "verify", str(local))
         git(
             "--git-dir",

@@ -12,7 +12,7 @@ from narrative.commits import thread_snapshots
 from narrative.hierarchy import create_thread
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
-from transfer import fsio
+from transfer import verified
 from transfer.remotes import PushRejected, add_remote, fetch, push
 
 from ..conftest import git
@@ -26,7 +26,7 @@ def _machine(tmp_path: Path, name: str) -> Store:
 
 
 def _index(backend: Backend) -> dict:  # type: ignore[type-arg]
-    return json.loads(fsio.read_small(backend.url("remote", "index.json"), backend.options))
+    return json.loads(verified.read_small(backend.url("remote", "index.json"), backend.options))
 
 
 def test_push_fetch_pull_round_trip(

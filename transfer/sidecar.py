@@ -1,0 +1,119 @@
+"""The ``.sha256`` sidecar, which marks an artifact as published, and the names kept beside
+artifacts.
+
+An artifact at ``URL`` is a data object plus a sidecar ``URL.sha256`` holding its sha256 in
+``sha256sum`` format. **An artifact counts as published exactly when its sidecar exists**: the
+sidecar is written last, after the data is complete and visible under its final name;
+overwriting an artifact first removes the old sidecar (:func:`unpublish`), so no reader ever
+pairs new data with an old digest (it sees "not published" for that moment instead); removing
+an artifact removes the sidecar first. Names ending in ``.sha256`` or ``.lock`` and hidden
+``.<name>.<hex>.tmp`` files are the storage layer's bookkeeping: they are never listed as
+artifacts and cannot be published to (:func:`check_artifact_path`).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+
+from fsspec import AbstractFileSystem
+
+from narrative.errors import InvalidInput
+
+from .errors import ArtifactNotFound, InvalidArtifact
+from .fsio import TMP_SUFFIX, put_small, read_capped, redact, rm_if_exists
+from .storage_lock import LOCK_SUFFIX
+
+__all__ = [
+    "HEX64",
+    "SIDECAR_SUFFIX",
+    "check_artifact_path",
+    "is_bookkeeping",
+    "not_published",
+    "read_sidecar",
+    "restore_sidecar",
+    "sidecar_text",
+    "unpublish",
+]
+
+logger = logging.getLogger(__name__)
+
+
+SIDECAR_SUFFIX = ".sha256"
+"""Suffix of the checksum sidecar whose presence marks an artifact as published."""
+_SIDECAR_LIMIT = 1024
+HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def check_artifact_path(path: str, url: str) -> None:
+    """InvalidInput unless ``path`` names an artifact: not a directory, not a reserved name."""
+    name = posixpath.basename(path.rstrip("/"))
+    if not name or path.endswith("/"):
+        raise InvalidInput(f"{redact(url)} names a directory, not an artifact")
+    if name.endswith((SIDECAR_SUFFIX, LOCK_SUFFIX)):
+        raise InvalidInput(
+            f"{redact(url)}: names ending in {SIDECAR_SUFFIX} or {LOCK_SUFFIX} are reserved"
+        )
+
+
+def is_bookkeeping(name: str) -> bool:
+    """Whether ``name`` is a sidecar, lock, temporary or stale-lock file, never an artifact."""
+    return (
+        name.endswith((SIDECAR_SUFFIX, LOCK_SUFFIX))
+        or (name.startswith(".") and name.endswith(TMP_SUFFIX))
+        or ".stale-" in name
+    )
+
+
+def sidecar_text(digest: str, path: str) -> bytes:
+    """The sidecar's content for ``digest``: ``sha256sum`` format."""
+    return f"{digest}  {posixpath.basename(path)}\n".encode()
+
+
+def _parse_sidecar(raw: bytes, url: str) -> str:
+    shown = redact(url) + SIDECAR_SUFFIX
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidArtifact(f"checksum sidecar {shown} is not ASCII text", shown) from None
+    fields = text.split()
+    if not fields or not HEX64.fullmatch(fields[0]):
+        raise InvalidArtifact(f"checksum sidecar {shown} holds no sha256 digest", shown)
+    return fields[0].lower()
+
+
+def read_sidecar(fs: AbstractFileSystem, path: str, url: str) -> str | None:
+    """The digest recorded for ``path``, or None when it is not published."""
+    try:
+        raw = read_capped(fs, path + SIDECAR_SUFFIX, _SIDECAR_LIMIT, url + SIDECAR_SUFFIX)
+    except FileNotFoundError:
+        return None
+    return _parse_sidecar(raw, url)
+
+
+def not_published(url: str) -> ArtifactNotFound:
+    """The error for an artifact with no sidecar (missing or unpublished)."""
+    shown = redact(url)
+    return ArtifactNotFound(
+        shown,
+        f"artifact {shown} is missing or unpublished (no {SIDECAR_SUFFIX} sidecar)",
+    )
+
+
+def unpublish(fs: AbstractFileSystem, side: str) -> bytes | None:
+    """Remove a sidecar before its data is replaced; return its old content, if any."""
+    try:
+        old = bytes(fs.cat_file(side))
+    except FileNotFoundError:
+        return None
+    rm_if_exists(fs, side)
+    return old
+
+
+def restore_sidecar(fs: AbstractFileSystem, side: str, content: bytes, url: str) -> None:
+    """Put an old sidecar back after a failed overwrite (logged, never raised)."""
+    try:
+        put_small(fs, side, content)
+    except Exception:
+        logger.warning("could not restore the sidecar of %s", redact(url), exc_info=True)

@@ -1,0 +1,352 @@
+"""Reading published artifacts, always against their sidecar: :class:`VerifiedReader` streams
+and checks the digest at the end of the data, :func:`open_verified`, :func:`verify` and
+:func:`read_small` build on it, and :func:`exists`, :func:`location_exists` and
+:func:`list_dir` tell what is published (unpublished data and bookkeeping names never count).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import posixpath
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from fsspec.callbacks import Callback
+
+from .errors import ChecksumMismatch
+from .fsio import (
+    BLOCK_SIZE,
+    IO_CHUNK,
+    StageProgress,
+    file_exists,
+    read_capped,
+    redact,
+    refresh,
+    resolve,
+    translate,
+)
+from .sidecar import (
+    SIDECAR_SUFFIX,
+    check_artifact_path,
+    is_bookkeeping,
+    not_published,
+    read_sidecar,
+)
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+__all__ = [
+    "VerifiedReader",
+    "exists",
+    "list_dir",
+    "location_exists",
+    "open_verified",
+    "read_small",
+    "verify",
+]
+
+
+_SMALL_READ_ATTEMPTS = 4
+
+
+class VerifiedReader(io.BufferedIOBase):
+    """A streaming reader that checks the artifact against its sidecar at end of data.
+
+    Not seekable: the digest is computed over the bytes in the order they are read. When a
+    read reaches the end of the data (or the known size), the digest is compared with the
+    sidecar and :class:`~transfer.errors.ChecksumMismatch` is raised on a difference.
+    ``close()`` does the same check if everything was read but the end was never seen.
+    Closing after a partial read does not verify anything.
+    """
+
+    def __init__(
+        self,
+        raw: Any,
+        url: str,
+        expected: str,
+        size: int | None,
+        callback: Callback | None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self._on_close = on_close
+        self._raw = raw
+        self._url = url
+        self._expected = expected
+        self._size = size
+        self._callback = callback
+        self._hash = hashlib.sha256()
+        self._pos = 0
+        self._checked = False
+        self._verified = False
+
+    @property
+    def sha256(self) -> str:
+        """The digest the sidecar records."""
+        return self._expected
+
+    @property
+    def size(self) -> int | None:
+        """The object's size in bytes, when the backend reports it."""
+        return self._size
+
+    @property
+    def verified(self) -> bool:
+        """True once the whole content was read and matched the sidecar."""
+        return self._verified
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Read up to ``size`` bytes (all remaining when negative or None).
+
+        Raises:
+            ChecksumMismatch: This read reached the end and the content differs.
+            StorageError: The backend failed.
+        """
+        if self.closed:
+            raise ValueError("read of a closed file")
+        whole = size is None or size < 0
+        with translate(self._url, "reading"):
+            data = self._raw.read() if whole else self._raw.read(size)
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        self._hash.update(data)
+        self._pos += len(data)
+        if data and self._callback is not None:
+            self._callback.relative_update(len(data))
+        at_end = whole or (size != 0 and not data) or self._pos == self._size
+        if at_end and not self._checked:
+            self._check()
+        return data
+
+    def read1(self, size: int = -1) -> bytes:
+        return self.read(size if size >= 0 else IO_CHUNK)
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(view.nbytes)
+        view[: len(data)] = data
+        return len(data)
+
+    def readinto1(self, buffer: WriteableBuffer) -> int:
+        return self.readinto(buffer)
+
+    def _check(self) -> None:
+        self._checked = True  # report a mismatch once, not again on close
+        actual = self._hash.hexdigest()
+        if actual != self._expected:
+            raise ChecksumMismatch(redact(self._url), self._expected, actual)
+        self._verified = True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if not self._checked and self._size is not None and self._pos == self._size:
+                self._check()
+        finally:
+            try:
+                with translate(self._url, "closing"):
+                    self._raw.close()
+            finally:
+                if self._on_close is not None:
+                    self._on_close()
+                super().close()
+
+
+def open_verified(
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    callback: Callback | None = None,
+) -> VerifiedReader:
+    """Open a published artifact for a streaming, checksum-verified read.
+
+    Use it as a context manager: ``with open_verified(url, opts) as f: ...``. The sidecar is
+    read first; the data is hashed as it is read and compared at the end (see
+    :class:`VerifiedReader`). With a caching URL (``simplecache::...``) the data and sidecar
+    both come through the cache.
+
+    Args:
+        url: The artifact.
+        storage_options: Options for the filesystem.
+        callback: fsspec progress callback: ``set_size`` with the object's size (when known),
+            ``relative_update(n)`` per read.
+
+    Returns:
+        A :class:`VerifiedReader`.
+
+    Raises:
+        ArtifactNotFound: No data, or no sidecar (missing or unpublished artifact).
+        InvalidArtifact: The sidecar is malformed.
+        StorageError: The backend failed.
+    """
+    fs, path = resolve(url, storage_options)
+    check_artifact_path(path, url)
+    with translate(url, "opening"):
+        refresh(fs, path)
+        expected = read_sidecar(fs, path, url)
+        if expected is None:
+            raise not_published(url)
+        raw = fs.open(path, "rb", block_size=BLOCK_SIZE)
+    size = getattr(raw, "size", None)
+    size = size if isinstance(size, int) else None
+    if callback is not None and size is not None:
+        callback.set_size(size)
+    if callback is None:
+        shown = StageProgress("receiving", size)
+        return VerifiedReader(raw, url, expected, size, shown, on_close=shown.finish)
+    return VerifiedReader(raw, url, expected, size, callback)
+
+
+def verify(
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    callback: Callback | None = None,
+) -> str:
+    """Stream a whole published artifact and check it against its sidecar.
+
+    Args:
+        url: The artifact.
+        storage_options: Options for the filesystem.
+        callback: fsspec progress callback.
+
+    Returns:
+        The artifact's hex sha256.
+
+    Raises:
+        ArtifactNotFound: Missing or unpublished.
+        ChecksumMismatch: The content does not match the sidecar.
+        InvalidArtifact: The sidecar is malformed.
+        StorageError: The backend failed.
+    """
+    with open_verified(url, storage_options, callback=callback) as f:
+        while f.read(IO_CHUNK):
+            pass
+        if not f.verified:  # pragma: no cover - reaching EOF always checks
+            raise ChecksumMismatch(redact(url), f.sha256, "unverified")
+        return f.sha256
+
+
+def read_small(
+    url: str, storage_options: dict[str, Any] | None = None, limit: int = 1 << 20
+) -> bytes:
+    """Read a small published document (manifest, index) whole, verified.
+
+    A read that overlaps an overwrite can see the data and sidecar of different versions, or
+    the moment with no sidecar; such reads are retried a few times (about 0.15 s in all)
+    before giving up.
+
+    Args:
+        url: The document.
+        storage_options: Options for the filesystem.
+        limit: The largest size accepted, in bytes.
+
+    Returns:
+        The document's bytes.
+
+    Raises:
+        ArtifactNotFound: Missing or unpublished.
+        InvalidArtifact: Larger than ``limit``, or the sidecar is malformed.
+        ChecksumMismatch: The content does not match the sidecar.
+        StorageError: The backend failed.
+    """
+    fs, path = resolve(url, storage_options)
+    check_artifact_path(path, url)
+    delay = 0.02
+    for attempt in range(_SMALL_READ_ATTEMPTS):
+        last = attempt == _SMALL_READ_ATTEMPTS - 1
+        with translate(url, "reading"):
+            refresh(fs, path)
+            expected = read_sidecar(fs, path, url)
+            if expected is None:
+                if last or not file_exists(fs, path):
+                    raise not_published(url)
+                time.sleep(delay)
+                delay *= 2
+                continue
+            data = read_capped(fs, path, limit, url)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual == expected:
+            return data
+        if last:
+            raise ChecksumMismatch(redact(url), expected, actual)
+        time.sleep(delay)
+        delay *= 2
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether a published artifact is at ``url`` (its data and its sidecar both exist).
+
+    Args:
+        url: The artifact.
+        storage_options: Options for the filesystem.
+
+    Raises:
+        StorageError: The backend failed.
+    """
+    fs, path = resolve(url, storage_options)
+    with translate(url, "checking"):
+        refresh(fs, path)
+        return file_exists(fs, path + SIDECAR_SUFFIX) and file_exists(fs, path)
+
+
+def location_exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether anything is at ``url``: a directory, a file, or (object stores) a bucket or a
+    prefix holding at least one object. Distinguishes an empty place from a wrong URL.
+
+    Raises:
+        StorageError: The backend failed (an unreachable endpoint is never "absent").
+    """
+    fs, path = resolve(url, storage_options)
+    with translate(url, "checking"):
+        refresh(fs, path)
+        try:
+            fs.info(path.rstrip("/") or path)
+        except FileNotFoundError:
+            return False
+        return True
+
+
+def list_dir(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Names of the published artifacts directly inside the directory (or prefix) ``url``.
+
+    Sidecars, locks, temporary files, subdirectories and unpublished data are left out. A
+    missing directory lists as empty (object stores have no directories to be missing).
+
+    Args:
+        url: The directory or prefix.
+        storage_options: Options for the filesystem.
+
+    Returns:
+        Sorted base names.
+
+    Raises:
+        StorageError: The backend failed.
+    """
+    fs, path = resolve(url, storage_options)
+    with translate(url, "listing"):
+        refresh(fs, path)
+        try:
+            entries = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+    files = {
+        posixpath.basename(str(e["name"]).rstrip("/"))
+        for e in entries
+        if isinstance(e, Mapping) and e.get("type") == "file"
+    }
+    return sorted(n for n in files if not is_bookkeeping(n) and n + SIDECAR_SUFFIX in files)
