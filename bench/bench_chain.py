@@ -289,8 +289,8 @@ PHASES = [
 
 def phases(store_dir: Path, run_id: str, t_start: float, t_end: float) -> dict[str, float]:
     """Seconds per phase of one run (wall clock; the CLI's launch and exit bound it)."""
+    from gateway.hub.events import RunEventLog
     from narrative.store import Store
-    from providers.events import RunEventLog
 
     events = RunEventLog(Store.open(str(store_dir)), run_id).read()
     first: dict[str, float] = {}

@@ -179,8 +179,8 @@ def env_list(ctx: click.Context, include_archived: bool, as_json: bool) -> None:
 def env_show(ctx: click.Context, name: str, as_json: bool) -> None:
     """Show one environment's record (with warnings about its isolation and what its runs
     cost)."""
+    from gateway.hub.usage_records import load_usage, total_usage
     from narrative.hierarchy import list_runs
-    from providers.usage import load_usage, total_usage
 
     manager = open_manager(ctx)
     record = manager.get(name)

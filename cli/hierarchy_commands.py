@@ -325,7 +325,7 @@ def _run_isolated(
     timeout: float | None,
     as_json: bool,
 ) -> None:
-    from providers.runs import pick_base, run_isolated
+    from gateway.hub.direct import pick_base, run_isolated
 
     from .env_commands import open_manager, stream_output
 
@@ -438,9 +438,9 @@ def _note_swept(runs: list[Any]) -> None:
 @click.pass_context
 def run_show(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """Show one run, with what it cost, its event log and the route each proxied call took."""
+    from gateway.hub.events import RunEventLog
+    from gateway.hub.usage_records import load_usage
     from narrative.runs import resolve_run
-    from providers.events import RunEventLog
-    from providers.usage import load_usage
 
     store = open_store(ctx)
     found = resolve_run(store, run_id)

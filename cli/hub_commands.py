@@ -57,7 +57,7 @@ def serve(
     unfinished from an earlier hub are adopted when their runtimes reconnect.
     """
     from gateway.config import load_config
-    from providers.hub import Hub
+    from gateway.hub.server import Hub
 
     store = open_store(ctx)
     config = load_config(config_path) if config_path else None
@@ -131,8 +131,8 @@ def runtime(
     check: bool,
 ) -> None:
     """Run inside an environment: connect back to the hub and run its agent."""
+    from gateway.hub.runtime import Runtime, shadowed_modules
     from providers.base import CHECK_DONE
-    from providers.runtime import Runtime, shadowed_modules
 
     if check:
         # Plain lines, no json: a shadowed json module must not hide its own report.
@@ -174,9 +174,9 @@ def start_through_hub(
 ) -> None:
     """``run start --env E [--env F ...] -- CMD`` through the hub (fan-out with several; an
     environment None: the hub selects one with the ``require`` capabilities)."""
-    from providers.agent_output import output_bytes
-    from providers.hub_client import run_through_hub
-    from providers.hub_runs import RunRequest
+    from gateway.hub.agent_output import output_bytes
+    from gateway.hub.client import run_through_hub
+    from gateway.hub.runs import RunRequest
 
     store = open_store(ctx)
     requests = [
@@ -240,7 +240,7 @@ def start_through_hub(
 
 def render_events(events: list[dict[str, Any]]) -> str:
     """The event log and the routes of a run, for people."""
-    from providers.agent_output import output_bytes
+    from gateway.hub.agent_output import output_bytes
 
     lines, routes = ["events:"], []
     for event in events:
@@ -275,8 +275,8 @@ def render_events(events: list[dict[str, Any]]) -> str:
 @click.pass_context
 def run_stop(ctx: click.Context, run_id: str, grace: float | None, as_json: bool) -> None:
     """Ask a run's agent to stop; it is killed if it has not stopped after --grace seconds."""
+    from gateway.hub.client import stop_run
     from narrative.runs import resolve_run
-    from providers.hub_client import stop_run
 
     store = open_store(ctx)
     found = resolve_run(store, run_id)
@@ -292,8 +292,8 @@ def run_stop(ctx: click.Context, run_id: str, grace: float | None, as_json: bool
 @click.pass_context
 def run_kill(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """Kill a run's runtime and agent at once (the run is recorded as killed)."""
+    from gateway.hub.client import kill_run
     from narrative.runs import resolve_run
-    from providers.hub_client import kill_run
 
     store = open_store(ctx)
     found = resolve_run(store, run_id)

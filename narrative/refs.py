@@ -33,6 +33,7 @@ from .ancestry import is_ancestor
 from .errors import ConcurrentUpdate, InvalidInput, LockTimeout, NonFastForward, StoreCorrupted
 from .fsutil import mkstemp, unlink_quiet, write_atomic
 from .odb import ObjectStore
+from .processes import process_start_time
 
 __all__ = [
     "ANY",
@@ -42,7 +43,6 @@ __all__ = [
     "RefStore",
     "lock_owner_stamp",
     "owner_is_gone",
-    "process_start_time",
     "validate_ref_name",
 ]
 
@@ -56,19 +56,6 @@ THREAD_REF_PREFIX: Final = "refs/narrative/threads/"
 _ZERO = b"\x00" * 20
 _LOG_IDENTITY = b"narrative <narrative@localhost>"
 _OWNER_MAGIC = b"narrative-lock"
-
-
-def process_start_time(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot), or None if there is no such
-    process (or no /proc to ask)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # the command name (field 2) may hold spaces and parentheses: count after the last ')'
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return fields[19].decode() if len(fields) > 19 else None
 
 
 @functools.cache

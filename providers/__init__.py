@@ -2,8 +2,8 @@
 
 ``EnvironmentManager`` persists environment records and drives their lifecycle; providers
 (``local``, ``worktree``, ``docker``, ``e2b``, or third-party ones from the entry-point group
-``narrative.providers``) are imported only when used; ``run_isolated`` runs a command in an
-environment from a snapshot and records the result as an Agent Run.
+``narrative.providers``) are imported only when used. Nothing here knows about the gateway:
+runs, the hub that coordinates them and the in-environment runtime are :mod:`gateway.hub`.
 """
 
 from .base import BaseProvider, ExecResult, Health, ProviderConfig, ProviderContext, SpawnLog
@@ -23,7 +23,6 @@ from .lifecycle import EnvState
 from .manager import EnvironmentManager, HealthReport
 from .records import EnvironmentRecord
 from .registry import available, get_provider_class, pick_provider, register
-from .runs import IsolatedRun, pick_base, run_isolated
 
 __all__ = [
     "BaseProvider",
@@ -37,7 +36,6 @@ __all__ = [
     "HealthReport",
     "IllegalTransition",
     "ImageNotFound",
-    "IsolatedRun",
     "MissingDependency",
     "NoProviderAvailable",
     "ProviderConfig",
@@ -49,8 +47,6 @@ __all__ = [
     "SpawnLog",
     "available",
     "get_provider_class",
-    "pick_base",
     "pick_provider",
     "register",
-    "run_isolated",
 ]

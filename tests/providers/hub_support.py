@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway.hub.agent_output import output_bytes
+from gateway.hub.events import RunEventLog
 from narrative.history import resolve_snapshot
 from narrative.store import Store
-from providers.agent_output import output_bytes
-from providers.events import RunEventLog
 from providers.manager import EnvironmentManager
 
 from ..conftest import NARRATIVE, Cli, store_dir_of, tree_bytes

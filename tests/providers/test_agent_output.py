@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from providers.agent_output import OutputEncoder, output_bytes
+from gateway.hub.agent_output import OutputEncoder, output_bytes
 
 SAMPLES = [
     b"plain ascii\n",

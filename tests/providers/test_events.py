@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gateway.hub.events import RunEventLog, RuntimeEvents
 from narrative.store import Store
-from providers.events import RunEventLog, RuntimeEvents
 
 
 def test_follower_reads_whole_new_lines_once(store: Store) -> None:

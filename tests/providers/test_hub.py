@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
+from gateway.hub.client import follow_runs
+from gateway.hub.events import RunEventLog
+from gateway.hub.runs import RunRequest
+from gateway.hub.server import Hub
 from narrative.hierarchy import get_run, list_threads
 from narrative.history import resolve_snapshot
 from narrative.store import Store
-from providers.events import RunEventLog
-from providers.hub import Hub
-from providers.hub_client import follow_runs
-from providers.hub_runs import RunRequest
 
 from ..conftest import NARRATIVE, Cli, git, store_dir_of
 from .hub_support import (
@@ -380,8 +380,8 @@ def test_control_calls_need_a_control_token_and_bad_requests_record_nothing(
 ) -> None:
     from gateway.client import GatewayClient
     from gateway.errors import AccessDenied, GatewayError, NoHandler, ProtocolError
+    from gateway.hub.server import control_token
     from narrative.hierarchy import list_runs
-    from providers.hub import control_token
     from providers.manager import EnvironmentManager
 
     EnvironmentManager(store).create("sandbox")
@@ -421,7 +421,7 @@ def test_control_calls_need_a_control_token_and_bad_requests_record_nothing(
 
 
 def test_runtime_heartbeats_are_answered_by_the_hub(store: Store, tmp_path: Path) -> None:
-    from providers.runtime import Runtime
+    from gateway.hub.runtime import Runtime
 
     box = tmp_path / "box"
     box.mkdir()
@@ -469,7 +469,7 @@ def test_kill_with_no_hub_alive_kills_the_orphaned_runtime(hub_cli: Cli, workspa
 
 
 def test_runtime_gives_up_when_no_hub_comes_back(store: Store, tmp_path: Path) -> None:
-    from providers.runtime import Runtime
+    from gateway.hub.runtime import Runtime
 
     box = tmp_path / "box"
     box.mkdir()

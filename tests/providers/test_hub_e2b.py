@@ -7,13 +7,13 @@ import asyncio
 import sys
 from typing import Any
 
+from gateway.hub.events import RunEventLog
+from gateway.hub.runs import RunRequest
+from gateway.hub.server import Hub
+from gateway.hub.usage_records import load_usage
 from narrative.models import AgentRun
 from narrative.store import Store
-from providers.events import RunEventLog
-from providers.hub import Hub
-from providers.hub_runs import RunRequest
 from providers.manager import EnvironmentManager
-from providers.usage import load_usage
 from tests.providers.e2b_support import (  # noqa: F401  (fixtures)
     envd_fixture,
     envd_server_fixture,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gateway.hub.direct import pick_base, run_isolated
 from narrative.hierarchy import get_thread, list_runs
 from narrative.history import resolve_snapshot
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from providers.manager import EnvironmentManager
-from providers.runs import pick_base, run_isolated
 
 from ..conftest import Cli, tree_bytes
 

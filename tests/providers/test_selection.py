@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from gateway.hub.leases import EnvironmentLease
+from gateway.hub.runs import RunRequest
+from gateway.hub.server import Hub
 from narrative.hierarchy import list_runs
 from narrative.store import Store
 from providers.errors import NoProviderAvailable
-from providers.hub import Hub
-from providers.hub_runs import RunRequest
-from providers.leases import EnvironmentLease
 from providers.manager import EnvironmentManager
 
 from ..conftest import NARRATIVE, Cli, store_dir_of, tree_bytes
@@ -42,7 +42,7 @@ def test_a_lease_is_exclusive_until_released_or_its_holder_dies(store: Store) ->
     script = (
         "import sys, time\n"
         "from narrative.store import Store\n"
-        "from providers.leases import EnvironmentLease\n"
+        "from gateway.hub.leases import EnvironmentLease\n"
         "lease = EnvironmentLease.acquire(Store.open(sys.argv[1]), 'env-x')\n"
         "print('held' if lease else 'busy', flush=True)\n"
         "time.sleep(60)\n"
@@ -135,7 +135,7 @@ def test_selection_refuses_missing_capabilities_and_changes_nothing(
 
 
 def test_select_environment_skips_leased_and_incapable_ones(store: Store) -> None:
-    from providers.selection import select_environment
+    from gateway.hub.selection import select_environment
 
     manager = EnvironmentManager(store)
     manager.create("plain", provider="worktree")

@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 
+from gateway.hub.agent_output import output_bytes
+from gateway.hub.client import follow_runs
+from gateway.hub.events import events_path
+from gateway.hub.runs import RunRequest
+from gateway.hub.server import Hub
 from narrative.history import resolve_snapshot
 from narrative.store import Store
-from providers.agent_output import output_bytes
-from providers.events import events_path
-from providers.hub import Hub
-from providers.hub_client import follow_runs
-from providers.hub_runs import RunRequest
 
 from ..conftest import Cli, git, store_dir_of
 from ..providers.hub_support import events, start, types
@@ -41,7 +41,7 @@ HOSTILE_RUNTIME = textwrap.dedent(
     import os, runpy, sys
     root, mode = sys.argv.pop(1), sys.argv.pop(1)
     sys.path.insert(0, root)
-    from providers.runtime import Runtime
+    from gateway.hub.runtime import Runtime
 
     honest_event, honest_start = Runtime._event, Runtime._provider_start
     honest_agent_start = Runtime._agent_start

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.hub.server import control_token
 from narrative.store import Store
-from providers.hub import control_token
 from providers.keys import key_path
 
 from ..conftest import Cli, git, tree_bytes

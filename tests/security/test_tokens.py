@@ -26,6 +26,10 @@ from websockets.exceptions import InvalidStatus
 
 from gateway.client import GatewayClient
 from gateway.errors import AuthError
+from gateway.hub.client import follow_runs
+from gateway.hub.events import RunEventLog
+from gateway.hub.runs import RunRequest
+from gateway.hub.server import Hub, control_token, key_path
 from gateway.node import Gateway
 from gateway.plugins import RemoteExecutionPlugin
 from gateway.protocol import Hello, Welcome, dump, parse_message
@@ -34,10 +38,6 @@ from gateway.unix import unix_url
 from narrative.hierarchy import create_objective, create_thread, get_run
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
-from providers.events import RunEventLog
-from providers.hub import Hub, control_token, key_path
-from providers.hub_client import follow_runs
-from providers.hub_runs import RunRequest
 from providers.manager import EnvironmentManager
 from providers.records import HUB_SOCKET, hub_socket_dir
 

@@ -14,9 +14,8 @@ import fcntl
 import os
 
 from narrative.store import Store
-
-from .errors import ProviderError
-from .records import env_state_dir
+from providers.errors import ProviderError
+from providers.records import env_state_dir
 
 __all__ = ["EnvironmentBusy", "EnvironmentLease"]
 

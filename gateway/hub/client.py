@@ -17,12 +17,12 @@ from narrative.errors import InvalidInput, NarrativeError
 from narrative.hierarchy import finish_run, get_run
 from narrative.models import AgentRun
 from narrative.store import Store
+from providers.manager import EnvironmentManager
 
+from .direct import screen_result
 from .events import RunEventLog
-from .hub import Hub, control_token, find_hub
-from .hub_runs import RunRequest, collect_from_environment
-from .manager import EnvironmentManager
-from .runs import screen_result
+from .runs import RunRequest, collect_from_environment
+from .server import Hub, control_token, find_hub
 
 __all__ = ["follow_runs", "kill_run", "run_through_hub", "stop_run"]
 

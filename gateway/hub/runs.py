@@ -1,6 +1,6 @@
 """One run driven by a hub, from the runtime's start to the result snapshot coming home.
 
-The driver records every step in the run's event log (:mod:`providers.events`) before it acts
+The driver records every step in the run's event log (:mod:`gateway.hub.events`) before it acts
 on the next one. Runtime events carry their own sequence numbers (``rseq``): one that arrives
 out of order, or a reconnect, makes the driver ask the runtime for what it missed
 (``runtime:events``), so a dropped connection loses nothing. Whatever happens — the agent
@@ -31,31 +31,24 @@ from narrative.hierarchy import create_thread, finish_run, get_thread, list_runs
 from narrative.history import resolve_snapshot
 from narrative.ids import new_id
 from narrative.models import AgentRun, Snapshot
+from narrative.processes import pid_alive
 from narrative.runs import incoming_ref, withheld_files
+from providers.base import DEFAULT_MAX_RESULT_BYTES, HubSocket, ProviderConfig
+from providers.errors import ResultTooLarge, RuntimeBroken
+from providers.manager import EnvironmentManager
+from providers.usage import ProcessUsage, Sampler, UsageMeter
 
-from .base import DEFAULT_MAX_RESULT_BYTES, HubSocket, ProviderConfig
-from .errors import ResultTooLarge, RuntimeBroken
+from .direct import pick_base, screen_result
 from .events import EventBudget, RunEventLog
-from .hub import pid_alive
 from .leases import EnvironmentBusy
 from .leases import EnvironmentLease as Lease
-from .manager import EnvironmentManager
 from .narratives import fetch_bundle
-from .runs import pick_base, screen_result
 from .selection import select_environment
 from .token_policy import result_scope, run_token
-from .usage import (
-    ProcessUsage,
-    Sampler,
-    UsageMeter,
-    phases_from_events,
-    save_usage,
-    usage_record,
-    wall_from_events,
-)
+from .usage_records import phases_from_events, save_usage, usage_record, wall_from_events
 
 if TYPE_CHECKING:
-    from .hub import Hub
+    from .server import Hub
 
 __all__ = ["RunDriver", "RunRequest", "adopt_interrupted", "collect_from_environment"]
 
@@ -407,7 +400,7 @@ class RunDriver:
 
     def _token(self) -> str:
         """A fresh token for the run's runtime, scoped to the run (see
-        :func:`providers.token_policy.run_token`)."""
+        :func:`gateway.hub.token_policy.run_token`)."""
         ttl = self.hub.token_ttl
         token = run_token(
             self.hub.signer,

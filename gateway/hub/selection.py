@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .errors import EnvironmentExists, ProviderError
+from providers.errors import EnvironmentExists, ProviderError
+from providers.lifecycle import EnvState
+from providers.manager import EnvironmentManager
+from providers.records import EnvironmentRecord
+from providers.registry import pick_provider
+
 from .leases import EnvironmentLease
-from .lifecycle import EnvState
-from .manager import EnvironmentManager
-from .records import EnvironmentRecord
-from .registry import pick_provider
 
 __all__ = ["Selection", "select_environment"]
 

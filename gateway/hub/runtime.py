@@ -7,7 +7,7 @@ agent, ``providerStop`` stops it gracefully, file reads and writes — and repor
 output, its calls' routes and its exit as numbered events. When the agent exits, the runtime
 snapshots the workspace onto the run's thread; the hub pulls that snapshot back as a bundle.
 
-A runtime is a hub itself (:class:`~providers.hub.Hub`): the agent connects to it with its own
+A runtime is a hub itself (:class:`~gateway.hub.server.Hub`): the agent connects to it with its own
 token, and its calls run here or are proxied by the routing rules (``proxyExecution.json`` in
 the workspace, or the rules the hub sent) — to the hub upstream or to environments this runtime
 drives in turn, which is how a chain A → B → C is built.
@@ -36,13 +36,13 @@ from narrative.models import now_iso
 from narrative.restore import restore_workspace
 from narrative.snapshot import take_snapshot
 from narrative.store import DEFAULT_STORE_NAME, Store
+from providers.sandbox import keep_environment_private
 
 from .agent_output import OutputEncoder
 from .agent_process import AgentProcess
 from .events import RuntimeEvents
-from .hub import Hub
 from .narratives import fetch_bundle, have_commits
-from .sandbox import keep_environment_private
+from .server import Hub
 from .token_policy import run_token
 
 __all__ = ["Runtime", "open_runtime_store", "shadowed_modules"]
@@ -78,7 +78,7 @@ def shadowed_modules(workspace: str) -> dict[str, str]:
 
 
 # What a runtime imports before it serves (importing this module pulled in most already).
-_RUNTIME_MODULES = ("providers.runtime", "gateway.client", "gateway.server", "websockets")
+_RUNTIME_MODULES = ("gateway.hub.runtime", "gateway.client", "gateway.server", "websockets")
 
 
 def open_runtime_store(workspace: str, store_dir: str | None = None) -> Store:

@@ -36,12 +36,11 @@ from narrative.errors import InvalidInput, NarrativeError
 from narrative.history import resolve_snapshot
 from narrative.shared import mark_shared
 from narrative.store import THREAD_REF_PREFIX, Store
+from providers.errors import ResultTooLarge
 from transfer.bundle import write_bundle
 from transfer.importer import ImportResult, import_stream
 from transfer.packin import PackTooLarge
 from transfer.records import BUNDLE_META_REF, collect_records, encode_records
-
-from .errors import ResultTooLarge
 
 __all__ = ["CHUNK", "BundleShelf", "fetch_bundle"]
 

@@ -25,9 +25,9 @@ from typing import Any
 from narrative.jsonio import parse_json
 from narrative.models import now_iso
 from narrative.store import Store
+from providers.base import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_EVENTS, DEFAULT_MAX_OUTPUT_BYTES
 
 from .agent_output import output_bytes
-from .base import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_EVENTS, DEFAULT_MAX_OUTPUT_BYTES
 
 __all__ = ["EventBudget", "RunEventLog", "RuntimeEvents", "events_path"]
 

@@ -28,13 +28,14 @@ from narrative.models import AgentRun, Snapshot
 from narrative.screening import withhold_secrets
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
+from providers.base import ExecResult, OutputFn
+from providers.keys import key_path
+from providers.manager import EnvironmentManager
+from providers.records import EnvironmentRecord
+from providers.usage import ProcessUsage, Sampler, UsageMeter
 
-from .base import ExecResult, OutputFn
-from .keys import key_path
 from .leases import EnvironmentBusy, EnvironmentLease
-from .manager import EnvironmentManager
-from .records import EnvironmentRecord
-from .usage import ProcessUsage, Sampler, UsageMeter, save_usage, usage_record
+from .usage_records import save_usage, usage_record
 
 __all__ = ["IsolatedRun", "pick_base", "run_isolated", "screen_result"]
 

@@ -5,14 +5,14 @@ A run through the hub: the hub creates the run's thread and record, has the prov
 ``narrative runtime`` in the environment with a run-scoped token and the hub's URL, waits for
 the runtime to connect back, ships the base snapshot in as a bundle (``providerStart``), starts
 the agent (``providerAgentStart``), records the runtime's events (output, routes, exit) in the
-run's event log, and pulls the result snapshot back as a bundle. See :mod:`providers.hub_runs`.
+run's event log, and pulls the result snapshot back as a bundle. See :mod:`gateway.hub.runs`.
 
 The hub also serves capabilities to the environments it drives: files (and, when allowed,
 commands) in its workspace, ``narrative:snapshot``, the bundle capabilities of
-:mod:`providers.narratives`, and whatever handler plugins the user loads (an ``inference``
+:mod:`gateway.hub.narratives`, and whatever handler plugins the user loads (an ``inference``
 handler only the hub can serve is the canonical example). Control calls (``hub:*``) are only
 taken from a direct peer holding a ``control`` token, which only the owner of the store's key
-can mint. Every other token is held to its run by :class:`providers.token_policy.RunTokenPolicy`.
+can mint. Every other token is held to its run by :class:`gateway.hub.token_policy.RunTokenPolicy`.
 """
 
 from __future__ import annotations
@@ -43,16 +43,17 @@ from narrative.fsutil import write_atomic
 from narrative.hierarchy import get_run
 from narrative.jsonio import load_json
 from narrative.models import AgentRun, now_iso
+from narrative.processes import pid_alive
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
+from providers.keys import key_path
+from providers.manager import EnvironmentManager
 
-from .keys import key_path
-from .manager import EnvironmentManager
 from .narratives import BundleShelf
 from .token_policy import CONTROL_RUN, RunTokenPolicy
 
 if TYPE_CHECKING:
-    from .hub_runs import RunDriver, RunRequest
+    from .runs import RunDriver, RunRequest
 
 __all__ = [
     "CONTROL_RUN",
@@ -81,16 +82,6 @@ def control_token(store: Store, name: str) -> str:
 
 def hub_files(store: Store) -> str:
     return os.path.join(store.git_dir, "narrative", "hubs")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def find_hub(store: Store, pid: int | None = None) -> dict[str, Any] | None:
@@ -196,7 +187,7 @@ class Hub:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hub-store")
         self.shelf = BundleShelf(store, self.blocking, on_read=self._bundle_read)
         self.drivers: dict[str, RunDriver] = {}
-        """run id → :class:`providers.hub_runs.RunDriver` of the runs this hub drives."""
+        """run id → :class:`gateway.hub.runs.RunDriver` of the runs this hub drives."""
         self._by_env: dict[str, RunDriver] = {}
         self._hub_file: str | None = None
         self._install(allow_exec, allow_writes, plugins)
@@ -261,7 +252,7 @@ class Hub:
         if self.daemon:  # a hub embedded in one command reconnects lazily, as commands do
             await self.blocking(self.manager.reconnect_all)
         self._announce()
-        from .hub_runs import adopt_interrupted
+        from .runs import adopt_interrupted
 
         await adopt_interrupted(self)
 
@@ -302,13 +293,13 @@ class Hub:
     # -- runs -----------------------------------------------------------------------------------
 
     async def submit(self, request: RunRequest) -> AgentRun:
-        """Start a run (see :class:`providers.hub_runs.RunRequest`); returns once it is recorded.
+        """Start a run (see :class:`gateway.hub.runs.RunRequest`); returns once it is recorded.
 
         Raises:
             NarrativeError: the request is invalid or the environment cannot run it (nothing
                 is recorded then).
         """
-        from .hub_runs import RunDriver
+        from .runs import RunDriver
 
         driver = await RunDriver.create(self, request)
         return driver.run
@@ -394,7 +385,7 @@ class Hub:
             raise AccessDenied("hub control calls need a control token from the store's owner")
 
     async def _control_start(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
-        from .hub_runs import RunRequest
+        from .runs import RunRequest
 
         self._check_control(ctx)
         run = await self.submit(RunRequest.from_payload(payload))
