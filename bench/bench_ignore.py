@@ -10,6 +10,7 @@ given to ``git check-ignore --stdin``.
 
 Usage::
 
+    pip install -e ".[bench]"              # pathspec
     python bench/bench_ignore.py            # 50k paths, best of 5
 """
 

@@ -9,6 +9,7 @@ edge cases of ``tests/test_merge.py`` (adjacent hunks, no final newline, add/add
 
 Usage::
 
+    pip install -e ".[bench]"              # merge3
     python bench/bench_merge3.py            # 1,000 files, best of 3
 """
 

@@ -4,6 +4,7 @@ Builds a store of ``--files`` text files snapshotted ``--rounds`` times with sma
 reads every object of the store, each reader in a fresh interpreter, best of ``--reps``:
 
 * whole objects, as the store writes them: own reader (``ObjectStore.read``), pygit2, dulwich;
+* the same objects loose (``git unpack-objects``): own reader, pygit2, dulwich;
 * the same store after stock ``git repack -adf`` (deltas, what the library fallback is for):
   pygit2, dulwich with its Rust extensions, dulwich pure Python (extensions blocked: what a
   platform without wheels gets).
@@ -32,7 +33,11 @@ if pure:
     sys.modules["dulwich._objects"] = None
 from narrative.odb import ObjectStore
 odb = ObjectStore(git_dir)
-oids = [o for path in odb.pack_index_paths() for o in odb.pack_oids(path)]
+oids = [o for path in odb.pack_index_paths() for o in odb.pack_oids(path)] or [
+    bytes.fromhex(d + name)
+    for d in os.listdir(odb.objects_dir) if len(d) == 2
+    for name in os.listdir(os.path.join(odb.objects_dir, d))
+]
 start = time.perf_counter()
 if reader == "own":
     total = sum(len(odb.read(o)[1]) for o in oids)
@@ -93,10 +98,22 @@ def main() -> None:
         deltified = os.path.join(root, "deltified.git")
         shutil.copytree(whole, deltified)
         subprocess.run(["git", "--git-dir", deltified, "repack", "-adfq"], check=True)
+        loose = os.path.join(root, "loose.git")
+        subprocess.run(["git", "init", "-q", "--bare", loose], check=True)
+        [pack] = [
+            n for n in os.listdir(os.path.join(deltified, "objects", "pack")) if n.endswith(".pack")
+        ]
+        with open(os.path.join(deltified, "objects", "pack", pack), "rb") as packed:
+            subprocess.run(
+                ["git", "--git-dir", loose, "unpack-objects", "-q"], stdin=packed, check=True
+            )
         rows = [
             ("whole objects", "own", whole, False),
             ("whole objects", "pygit2", whole, False),
             ("whole objects", "dulwich", whole, False),
+            ("loose objects", "own", loose, False),
+            ("loose objects", "pygit2", loose, False),
+            ("loose objects", "dulwich", loose, False),
             ("deltified (git repack)", "pygit2", deltified, False),
             ("deltified (git repack)", "dulwich", deltified, False),
             ("deltified (git repack)", "dulwich-pure", deltified, True),
