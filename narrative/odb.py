@@ -387,6 +387,9 @@ class ObjectStore:
         self._loose_dirs: set[str] | None = None
         self._repo: Any = None
         self._dulwich: Any = None
+        # dulwich fills its pack list lazily and unlocked: threads racing on a fresh store find
+        # objects "missing" (restores read on several threads), so its reads go one at a time
+        self._dulwich_lock = threading.Lock()
 
     def invalidate(self) -> None:
         """Forget cached pack indexes (new packs appeared or old ones were removed)."""
@@ -396,9 +399,10 @@ class ObjectStore:
         self._indexes = None
         self._loose_dirs = None
         self._repo = None
-        if self._dulwich is not None:
-            self._dulwich.close()
-        self._dulwich = None
+        with self._dulwich_lock:
+            if self._dulwich is not None:
+                self._dulwich.close()
+            self._dulwich = None
 
     def _pack_indexes(self) -> dict[str, _PackIndex]:
         if self._indexes is None:
@@ -580,7 +584,8 @@ class ObjectStore:
                 return read_object(self.repo(), oid)
             from ._dulwich import read_object as dulwich_read_object
 
-            return dulwich_read_object(self._fallback_store(), oid)
+            with self._dulwich_lock:
+                return dulwich_read_object(self._fallback_store(), oid)
         except KeyError:
             raise StoreCorrupted(f"object {oid.hex()} is missing from the store") from None
 
