@@ -92,3 +92,55 @@ def test_pygit2_is_preferred_when_it_imports() -> None:
     from narrative.odb import fallback_reader
 
     assert fallback_reader() == "pygit2"
+
+
+_CONCURRENT_READS = r"""
+import subprocess, sys
+sys.modules["pygit2"] = None
+from concurrent.futures import ThreadPoolExecutor
+from narrative.errors import StoreCorrupted
+from narrative.objects import hash_object
+from narrative.odb import ObjectStore
+
+git_dir = sys.argv[1]
+failures = 0
+for _trial in range(20):
+    odb = ObjectStore(git_dir)  # fresh each time: the race is on first use
+    oids = [o for path in odb.pack_index_paths() for o in odb.pack_oids(path)]
+
+    def read_ok(oid):
+        try:
+            kind, data = odb.read(oid)
+        except StoreCorrupted:
+            return False
+        return hash_object(kind, data) == oid
+
+    with ThreadPoolExecutor(8) as pool:
+        failures += sum(1 for ok in pool.map(read_ok, oids * 3) if not ok)
+print(failures)
+"""
+
+
+def test_deltified_reads_on_several_threads_without_pygit2(tmp_path: Path) -> None:
+    """Restores read on several threads; dulwich must not report objects missing then."""
+    git_dir = tmp_path / "store.git"
+    git("init", "-q", "--bare", str(git_dir))
+    work = tmp_path / "work"
+    work.mkdir()
+    base = "".join(f"line {i} of a file that changes a little each time\n" for i in range(300))
+    for round_ in range(4):
+        for i in range(150):
+            (work / f"f{i}.txt").write_text(base + f"{i} {round_}\n")
+        git("--git-dir", str(git_dir), "--work-tree", str(work), "add", "-A")
+        git("--git-dir", str(git_dir), "--work-tree", str(work), "commit", "-qm", f"r{round_}")
+    git("--git-dir", str(git_dir), "repack", "-adfq")
+    proc = subprocess.run(
+        [sys.executable, "-c", _CONCURRENT_READS, str(git_dir)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        cwd=Path(__file__).parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "0", "objects read wrong or reported missing"
