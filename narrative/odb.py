@@ -21,8 +21,9 @@ import mmap
 import os
 import struct
 import threading
+import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from .errors import StoreCorrupted
@@ -390,6 +391,7 @@ class ObjectStore:
         # dulwich fills its pack list lazily and unlocked: threads racing on a fresh store find
         # objects "missing" (restores read on several threads), so its reads go one at a time
         self._dulwich_lock = threading.Lock()
+        self._close_dulwich: Callable[[], Any] | None = None
 
     def invalidate(self) -> None:
         """Forget cached pack indexes (new packs appeared or old ones were removed)."""
@@ -400,9 +402,9 @@ class ObjectStore:
         self._loose_dirs = None
         self._repo = None
         with self._dulwich_lock:
-            if self._dulwich is not None:
-                self._dulwich.close()
-            self._dulwich = None
+            if self._close_dulwich is not None:
+                self._close_dulwich()
+            self._dulwich = self._close_dulwich = None
 
     def _pack_indexes(self) -> dict[str, _PackIndex]:
         if self._indexes is None:
@@ -489,7 +491,11 @@ class ObjectStore:
         if self._dulwich is None:
             from ._dulwich import open_object_store
 
-            self._dulwich = open_object_store(self.git_dir)
+            store = open_object_store(self.git_dir)
+            # closed with this object or at exit at the latest: an unclosed dulwich store warns
+            # (ResourceWarning) when collected, and prints tracebacks at interpreter shutdown
+            self._close_dulwich = weakref.finalize(self, store.close)
+            self._dulwich = store
         return self._dulwich
 
     def read(self, oid: bytes) -> tuple[str, bytes]:
