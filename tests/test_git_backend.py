@@ -71,7 +71,7 @@ print(json.dumps({
 
 def test_core_loop_without_pygit2_reads_deltas_with_dulwich(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", _CORE_LOOP, str(tmp_path)],
+        [sys.executable, "-W", "error::ResourceWarning", "-c", _CORE_LOOP, str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=240,
@@ -79,6 +79,8 @@ def test_core_loop_without_pygit2_reads_deltas_with_dulwich(tmp_path: Path) -> N
         cwd=Path(__file__).parents[1],
     )
     assert proc.returncode == 0, proc.stderr
+    # nothing on stderr: no unclosed dulwich pack warned when collected or at shutdown
+    assert proc.stderr == ""
     outcome = json.loads(proc.stdout.strip().splitlines()[-1])
     assert outcome["deltas"] > 5, "stock git left no deltas: the fallback was not exercised"
     assert outcome["reader"] == "dulwich"
