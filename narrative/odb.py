@@ -5,8 +5,11 @@ loose files: one file create and two fsyncs instead of tens of thousands of smal
 loose-object explosion. Objects are deflated once, by the caller's threads (zlib releases the
 GIL), at level 1, or stored uncompressed when a sample shows the data is incompressible.
 
-Reading stays with libgit2 (pygit2), loaded lazily: the snapshot fast path only needs
-:meth:`ObjectStore.exists`, which reads pack indexes directly.
+Whole (undeltified) objects, which is all this module ever writes, are read directly. Deltified
+objects (packs written by stock ``git gc``/``git repack`` in the store) go to a library, loaded
+lazily: libgit2 (pygit2) when it imports, else dulwich, pure Python, for platforms without a
+pygit2 wheel (:func:`fallback_reader` says which; measurements in ``docs/decisions.md``). The
+snapshot fast path only needs :meth:`ObjectStore.exists`, which reads pack indexes directly.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import mmap
 import os
 import struct
 import threading
+import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from .errors import StoreCorrupted
@@ -31,6 +35,7 @@ __all__ = [
     "ObjectStore",
     "PackWriter",
     "deflate",
+    "fallback_reader",
     "pack_entry_header",
     "pack_object_header",
     "parse_entry_header",
@@ -41,6 +46,23 @@ _CODE_TYPES = {v: k for k, v in TYPE_CODES.items()}
 _SAMPLE = 4096
 _SCAN_BUCKET = 256  # fan-out buckets up to this many oids are searched, not bisected
 _FIRST_READ = 8192  # first pread of a packed object: the header and, often, all of its data
+
+
+_fallback: dict[str, str] = {}
+
+
+def fallback_reader() -> str:
+    """Which library reads deltified objects in this process: ``"pygit2"`` when it imports (the
+    ``fast`` extra; libgit2 reads deltas 1.1-1.3x faster, bench/bench_pack_read.py), else
+    ``"dulwich"``."""
+    if not _fallback:
+        try:
+            import pygit2  # noqa: F401
+        except ImportError:
+            _fallback["name"] = "dulwich"
+        else:
+            _fallback["name"] = "pygit2"
+    return _fallback["name"]
 
 
 def deflate(data: bytes | memoryview) -> bytes:
@@ -365,6 +387,11 @@ class ObjectStore:
         self._indexes: dict[str, _PackIndex] | None = None
         self._loose_dirs: set[str] | None = None
         self._repo: Any = None
+        self._dulwich: Any = None
+        # dulwich fills its pack list lazily and unlocked: threads racing on a fresh store find
+        # objects "missing" (restores read on several threads), so its reads go one at a time
+        self._dulwich_lock = threading.Lock()
+        self._close_dulwich: Callable[[], Any] | None = None
 
     def invalidate(self) -> None:
         """Forget cached pack indexes (new packs appeared or old ones were removed)."""
@@ -374,6 +401,10 @@ class ObjectStore:
         self._indexes = None
         self._loose_dirs = None
         self._repo = None
+        with self._dulwich_lock:
+            if self._close_dulwich is not None:
+                self._close_dulwich()
+            self._dulwich = self._close_dulwich = None
 
     def _pack_indexes(self) -> dict[str, _PackIndex]:
         if self._indexes is None:
@@ -448,19 +479,31 @@ class ObjectStore:
         return len(self._pack_indexes())
 
     def repo(self) -> Any:
-        """A pygit2 Repository on this git dir, loaded on first use."""
+        """A pygit2 Repository on this git dir, loaded on first use (ImportError without pygit2;
+        the store itself never needs it, see :func:`fallback_reader`)."""
         if self._repo is None:
             from ._pygit2 import open_repository
 
             self._repo = open_repository(self.git_dir)
         return self._repo
 
+    def _fallback_store(self) -> Any:
+        if self._dulwich is None:
+            from ._dulwich import open_object_store
+
+            store = open_object_store(self.git_dir)
+            # closed with this object or at exit at the latest: an unclosed dulwich store warns
+            # (ResourceWarning) when collected, and prints tracebacks at interpreter shutdown
+            self._close_dulwich = weakref.finalize(self, store.close)
+            self._dulwich = store
+        return self._dulwich
+
     def read(self, oid: bytes) -> tuple[str, bytes]:
         """Type and content of an object; StoreCorrupted if missing or unreadable."""
         try:
             if oid[:1].hex() not in self._loose_fanout():
                 # no loose object shares the first byte (as of the last invalidate): skip the
-                # failed open; one written since is still found by the libgit2 fallback below
+                # failed open; one written since is still found by the library fallback below
                 raise FileNotFoundError
             with open(self._loose_path(oid), "rb") as f:
                 raw = zlib.decompress(f.read())
@@ -482,7 +525,7 @@ class ObjectStore:
             if found is not None:
                 return found
             break
-        return self._read_libgit2(oid)
+        return self._read_with_library(oid)
 
     def _read_whole_packed(self, oid: bytes) -> tuple[str, bytes] | None:
         """An undeltified packed object; None when it is not packed whole in a known pack."""
@@ -493,7 +536,7 @@ class ObjectStore:
         return None
 
     def _read_packed(self, idx: _PackIndex, i: int) -> tuple[str, bytes] | None:
-        """Read an undeltified packed object directly; None for deltas (libgit2 handles those).
+        """Read an undeltified packed object directly; None for deltas (read by a library).
 
         zlib releases the GIL, so restores can inflate on several threads at once.
         """
@@ -539,11 +582,16 @@ class ObjectStore:
             return idx.pread(idx.next_offset(i, idx.pack_size - 20) - start, start)
         return None
 
-    def _read_libgit2(self, oid: bytes) -> tuple[str, bytes]:
-        from ._pygit2 import read_object
-
+    def _read_with_library(self, oid: bytes) -> tuple[str, bytes]:
         try:
-            return read_object(self.repo(), oid)
+            if fallback_reader() == "pygit2":
+                from ._pygit2 import read_object
+
+                return read_object(self.repo(), oid)
+            from ._dulwich import read_object as dulwich_read_object
+
+            with self._dulwich_lock:
+                return dulwich_read_object(self._fallback_store(), oid)
         except KeyError:
             raise StoreCorrupted(f"object {oid.hex()} is missing from the store") from None
 
