@@ -6,8 +6,9 @@
 from __future__ import annotations
 
 from .exporter import ExportResult, export
-from .importer import ImportResult, import_
+from .importer import import_
 from .remotes import add_remote, fetch, list_remotes, push, remove_remote
+from .thread_updates import ImportResult
 
 __all__ = [
     "ExportResult",

@@ -20,8 +20,8 @@ from narrative.objects import Commit, Signature, encode_commit
 
 from .archive_read import read_archive
 from .errors import InvalidArtifact
-from .importer import ImportResult, Readable, fast_forward
 from .records import Records, merge_records
+from .thread_updates import ImportResult, Readable, fast_forward
 
 __all__ = ["import_archive_snapshot"]
 

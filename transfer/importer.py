@@ -15,49 +15,27 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from fsspec.callbacks import Callback
 
-from narrative import ancestry
 from narrative.commitmsg import is_snapshot_commit, snapshot_from_commit
-from narrative.errors import ConcurrentUpdate
 from narrative.objects import parse_commit
 from narrative.store import THREAD_REF_PREFIX, Store
 
 from . import verified
+from .archive_import import import_archive_snapshot
 from .bundle import BUNDLE_SIGNATURE, BundleFormatError, read_bundle_header
 from .errors import InvalidArtifact
 from .packin import receive_pack
 from .records import BUNDLE_META_REF, merge_records, parse_records
+from .thread_updates import ImportResult, Readable, fast_forward
 
-__all__ = ["ImportResult", "fast_forward", "import_", "import_stream", "is_ancestor"]
+__all__ = ["import_", "import_stream"]
 
-_REMOTE_PREFIX = "refs/narrative/remotes/"
 _GZIP = b"\x1f\x8b"
 _ZSTD = b"\x28\xb5\x2f\xfd"
 _LINE_CHUNK = 64 << 10
-
-
-@dataclass
-class ImportResult:
-    """What an import changed."""
-
-    url: str
-    format: str
-    source: str
-    objects: int = 0
-    updated: dict[str, str] = field(default_factory=dict)
-    """thread id → new head commit (created or fast-forwarded)."""
-    unchanged: list[str] = field(default_factory=list)
-    diverged: dict[str, str] = field(default_factory=dict)
-    """thread id → ref where the incoming head was kept beside the local one."""
-    staged: dict[str, str] = field(default_factory=dict)
-    """thread id → incoming head, put under the ref ``stage`` named instead of the thread."""
-    records: int = 0
-    conflicts: list[str] = field(default_factory=list)
-    snapshot: str | None = None
 
 
 def source_name(url: str) -> str:
@@ -77,12 +55,6 @@ def import_(
     """Import the artifact at ``url`` (format detected from its content)."""
     with verified.open_verified(url, storage_options, callback=callback) as stream:
         return import_stream(store, stream, url, source or source_name(url))
-
-
-class Readable(Protocol):
-    """A binary stream to import from."""
-
-    def read(self, n: int = -1, /) -> bytes: ...
 
 
 class _Peek:
@@ -166,11 +138,6 @@ def import_stream(
     if head.startswith((_GZIP, _ZSTD)):
         return _import_archive(store, peek, url, source)
     raise InvalidArtifact(f"{url} is neither a narrative bundle nor a narrative archive")
-
-
-def is_ancestor(store: Store, ancestor: bytes, descendant: bytes, limit: int = 100_000) -> bool:
-    """:func:`narrative.ancestry.is_ancestor` in ``store``, giving up after ``limit`` commits."""
-    return ancestry.is_ancestor(store.odb, ancestor, descendant, limit)
 
 
 def _import_bundle(
@@ -273,33 +240,5 @@ def _check_thread_refs(
     return threads
 
 
-def fast_forward(
-    store: Store, thread_id: str, incoming: bytes, source: str, result: ImportResult
-) -> None:
-    """Move a thread to ``incoming`` if that is a fast-forward; if both sides moved, keep the
-    local head and put the incoming one under ``refs/narrative/remotes/<source>/``."""
-    ref = store.thread_ref(thread_id)
-    for _attempt in range(20):
-        local = store.refs.read(ref)
-        if local == incoming or (local is not None and is_ancestor(store, incoming, local)):
-            result.unchanged.append(thread_id)
-            return
-        if local is None or is_ancestor(store, local, incoming):
-            try:
-                reason = f"fast-forward from {source}"
-                store.refs.update(ref, incoming, expected=local, reason=reason)
-            except ConcurrentUpdate:
-                continue
-            result.updated[thread_id] = incoming.hex()
-            return
-        side = f"{_REMOTE_PREFIX}{source}/threads/{thread_id}"
-        store.refs.update(side, incoming)
-        result.diverged[thread_id] = side
-        return
-    raise ConcurrentUpdate(f"thread {thread_id} keeps moving; import it again")
-
-
 def _import_archive(store: Store, stream: Any, url: str, source: str) -> ImportResult:
-    from .archive_import import import_archive_snapshot
-
     return import_archive_snapshot(store, stream, url, source)

@@ -39,8 +39,9 @@ from . import fsio, publishing, storage_options, verified
 from .bundle import write_bundle
 from .errors import ArtifactNotFound, InvalidArtifact, TransferError
 from .exporter import selected_threads
-from .importer import ImportResult, fast_forward, import_stream, is_ancestor
+from .importer import import_stream
 from .records import BUNDLE_META_REF, collect_records, encode_records
+from .thread_updates import ImportResult, fast_forward, is_ancestor
 
 __all__ = [
     "PullResult",

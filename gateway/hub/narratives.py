@@ -38,9 +38,10 @@ from narrative.shared import mark_shared
 from narrative.store import THREAD_REF_PREFIX, Store
 from providers.errors import ResultTooLarge
 from transfer.bundle import write_bundle
-from transfer.importer import ImportResult, import_stream
+from transfer.importer import import_stream
 from transfer.packin import PackTooLarge
 from transfer.records import BUNDLE_META_REF, collect_records, encode_records
+from transfer.thread_updates import ImportResult
 
 __all__ = ["CHUNK", "BundleShelf", "fetch_bundle"]
 
