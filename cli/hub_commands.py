@@ -1,20 +1,16 @@
-"""``narrative serve`` (the hub), ``narrative runtime`` (inside an environment), and the run
-commands that talk to a hub: ``run stop``, ``run kill``, and the hub side of ``run start``."""
+"""``narrative serve`` (the hub) and ``narrative runtime`` (inside an environment)."""
 
 from __future__ import annotations
 
 import os
-import sys
-from typing import Any
 
 import click
 
 from .context import open_store
-from .hierarchy_commands import run
-from .output import emit, emit_list, json_document, json_option, note, quiet
+from .output import json_document, json_option
 from .serving import announce_and_wait
 
-__all__ = ["COMMANDS", "render_events", "start_through_hub"]
+__all__ = ["COMMANDS"]
 
 
 @click.command()
@@ -159,148 +155,6 @@ def runtime(
     import asyncio  # imported late: it costs every command's start-up
 
     ctx.exit(asyncio.run(main()))
-
-
-def start_through_hub(
-    ctx: click.Context,
-    command: tuple[str, ...],
-    environments: tuple[str | None, ...],
-    require: list[str],
-    agent: str,
-    snapshot_ref: str | None,
-    thread_ref: str | None,
-    timeout: float | None,
-    as_json: bool,
-) -> None:
-    """``run start --env E [--env F ...] -- CMD`` through the hub (fan-out with several; an
-    environment None: the hub selects one with the ``require`` capabilities)."""
-    from gateway.hub.agent_output import output_bytes
-    from gateway.hub.client import run_through_hub
-    from gateway.hub.runs import RunRequest
-
-    store = open_store(ctx)
-    requests = [
-        RunRequest(
-            environment=env,
-            argv=list(command),
-            agent=agent,
-            snapshot=snapshot_ref,
-            thread=thread_ref,
-            timeout=timeout,
-            require=require if env is None else [],
-        )
-        for env in environments
-    ]
-    many = len(requests) > 1
-    timed_out: set[str] = set()
-
-    def show(run_: Any, event: dict[str, Any]) -> None:
-        if event["type"] == "run.timed_out" or (
-            event["type"] == "agent.exited" and event.get("reason") == "timeout"
-        ):
-            timed_out.add(run_.id)
-        if event["type"] == "agent.output":
-            # with --json or -q, stdout holds only the document or the run ids
-            to_stdout = event.get("stream") != "stderr" and not (as_json or quiet())
-            target = sys.stdout if to_stdout else sys.stderr
-            data = output_bytes(event)
-            if many:
-                prefix = f"[{run_.environment}] ".encode()
-                data = b"".join(prefix + line for line in data.splitlines(True))
-            target.flush()  # text written before must come out first
-            target.buffer.write(data)
-            target.buffer.flush()
-        elif event["type"] == "environment.selected":
-            note(f"{run_.id}: in environment {event.get('environment')} ({event.get('how')})")
-        elif event["type"] in ("run.error", "runtime.lost", "result.unavailable"):
-            note(f"{run_.id}: {event.get('reason')}")
-        elif event["type"] == "runtime.log":
-            note(f"{run_.id}: the runtime's last output:")
-            for line in event.get("lines") or []:
-                note(f"  | {line}")
-
-    import asyncio  # imported late: it costs every command's start-up
-
-    runs = asyncio.run(run_through_hub(store, requests, show))
-    data = [{**r.to_dict(), "timed_out": r.id in timed_out} for r in runs]
-    lines = [
-        r.id if quiet() else f"{r.id} {r.status} (exit {r.exit_code}) result {r.result_snapshot}"
-        for r in runs
-    ]
-    if many:
-        emit_list(as_json, "run_result_list", data, "\n".join(lines))
-    else:
-        emit(as_json, "run_result", data[0], "\n".join(lines))
-    failed = [r for r in runs if r.status != "succeeded"]
-    for r in failed:
-        note(f"run {r.id} {r.status}" + (" (timed out)" if r.id in timed_out else ""))
-    if failed:
-        ctx.exit(1)
-
-
-def render_events(events: list[dict[str, Any]]) -> str:
-    """The event log and the routes of a run, for people."""
-    from gateway.hub.agent_output import output_bytes
-
-    lines, routes = ["events:"], []
-    for event in events:
-        kind = event["type"]
-        if kind == "call.routed":
-            status = "ok" if event.get("success") else f"error {event.get('error')}"
-            route = " -> ".join(event.get("route", []))
-            routes.append(
-                f"  {event.get('call')}: {route} (ran in {event.get('ranIn')}, "
-                f"{event.get('ms')} ms, {status})"
-            )
-            continue
-        skip = ("seq", "time", "type", "at", "rseq")
-        if kind == "agent.output":
-            detail = repr(output_bytes(event).decode("utf-8", "replace")[:120])
-        elif kind == "runtime.log":
-            detail = f"handle={event.get('handle')}" + "".join(
-                f"\n    | {line}" for line in event.get("lines") or []
-            )
-        else:
-            detail = " ".join(f"{k}={v}" for k, v in event.items() if k not in skip)
-        lines.append(f"  {event['time']} {kind} {detail}".rstrip())
-    if routes:
-        lines += ["routes:", *routes]
-    return "\n".join(lines)
-
-
-@run.command("stop")
-@click.argument("run_id")
-@click.option("--grace", type=click.FloatRange(0), help="Seconds before killing (hub default).")
-@json_option
-@click.pass_context
-def run_stop(ctx: click.Context, run_id: str, grace: float | None, as_json: bool) -> None:
-    """Ask a run's agent to stop; it is killed if it has not stopped after --grace seconds."""
-    from gateway.hub.client import stop_run
-    from narrative.runs import resolve_run
-
-    store = open_store(ctx)
-    found = resolve_run(store, run_id)
-    import asyncio  # imported late: it costs every command's start-up
-
-    asyncio.run(stop_run(store, found, grace))
-    emit(as_json, "run_request", {"run": found.id, "requested": "stop"}, f"stopping {found.id}")
-
-
-@run.command("kill")
-@click.argument("run_id")
-@json_option
-@click.pass_context
-def run_kill(ctx: click.Context, run_id: str, as_json: bool) -> None:
-    """Kill a run's runtime and agent at once (the run is recorded as killed)."""
-    from gateway.hub.client import kill_run
-    from narrative.runs import resolve_run
-
-    store = open_store(ctx)
-    found = resolve_run(store, run_id)
-    import asyncio  # imported late: it costs every command's start-up
-
-    asyncio.run(kill_run(store, found))
-    emit(as_json, "run_request", {"run": found.id, "requested": "kill"}, f"killing {found.id}")
 
 
 COMMANDS = [serve, runtime]

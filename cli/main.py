@@ -161,12 +161,14 @@ def _register() -> None:
         hierarchy_commands,
         hub_commands,
         merge_commands,
+        run_commands,
         transfer_commands,
     )
 
     modules = (
         core_commands,
         hierarchy_commands,
+        run_commands,
         transfer_commands,
         merge_commands,
         env_commands,

@@ -24,6 +24,7 @@ __all__ = [
     "json_option",
     "note",
     "quiet",
+    "table",
     "usage_line",
 ]
 
@@ -55,6 +56,13 @@ def emit_list(
 ) -> None:
     """Print a list: ``{"kind": kind, "items": [...]}`` (``kind`` ends in ``_list``)."""
     emit(as_json, kind, {"items": list(items)}, human)
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Rows as space-separated columns, ``-`` for a missing value (for people, not scripts)."""
+    return "\n".join(
+        "  ".join(str(r.get(c) if r.get(c) is not None else "-") for c in columns) for r in rows
+    )
 
 
 def quiet() -> bool:
