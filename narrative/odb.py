@@ -422,7 +422,8 @@ class ObjectStore:
                         continue  # a pack being removed by gc at this instant
         return self._indexes
 
-    def _loose_path(self, oid: bytes) -> str:
+    def loose_path(self, oid: bytes) -> str:
+        """Where ``oid`` is (or would be) stored as a loose object."""
         hexed = oid.hex()
         return os.path.join(self.objects_dir, hexed[:2], hexed[2:])
 
@@ -442,7 +443,7 @@ class ObjectStore:
         # Skip the stat when no loose object shares the first byte (the common case here).
         if oid[:1].hex() not in self._loose_fanout():
             return False
-        return os.path.exists(self._loose_path(oid))
+        return os.path.exists(self.loose_path(oid))
 
     def exists(self, oid: bytes) -> bool:
         """Whether the store holds ``oid``, as of the last :meth:`invalidate`.
@@ -457,7 +458,7 @@ class ObjectStore:
         oid = hash_object(kind, data)
         if self.exists(oid):
             return oid
-        path = self._loose_path(oid)
+        path = self.loose_path(oid)
         os.makedirs(self.tmp_dir, exist_ok=True)
         fd, tmp = mkstemp("obj-", self.tmp_dir)
         try:
@@ -505,7 +506,7 @@ class ObjectStore:
                 # no loose object shares the first byte (as of the last invalidate): skip the
                 # failed open; one written since is still found by the library fallback below
                 raise FileNotFoundError
-            with open(self._loose_path(oid), "rb") as f:
+            with open(self.loose_path(oid), "rb") as f:
                 raw = zlib.decompress(f.read())
             header, _, data = raw.partition(b"\x00")
             kind = header.split(b" ")[0].decode()
@@ -594,6 +595,15 @@ class ObjectStore:
                 return dulwich_read_object(self._fallback_store(), oid)
         except KeyError:
             raise StoreCorrupted(f"object {oid.hex()} is missing from the store") from None
+
+    def locate_packed(self, oid: bytes) -> tuple[str, int] | None:
+        """The pack file holding ``oid`` and the offset of its entry there, as of the last
+        :meth:`invalidate`; None when no known pack has it (it may be loose, or packed since)."""
+        for idx in list(self._pack_indexes().values()):
+            i = idx.find(oid)
+            if i is not None:
+                return idx.pack_path, idx.offset(i)
+        return None
 
     def pack_index_paths(self) -> list[str]:
         """Index paths of the packs known as of the last :meth:`invalidate`."""

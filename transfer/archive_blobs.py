@@ -92,31 +92,27 @@ class BlobSource:
 
     def _locate(self, odb: ObjectStore) -> int:
         for attempt in range(2):
-            # Private access on purpose: narrative.odb has no chunked reader yet.
-            for idx in list(odb._pack_indexes().values()):
-                i = idx.find(self.oid)
-                if i is None:
-                    continue
-                start = idx.offset(i)
-                try:
-                    fd = self._packs.fd(idx.pack_path)
-                except FileNotFoundError:
-                    break  # repacked away since the index was read: look again
-                code, size, hlen = parse_entry_header(os.pread(fd, 32, start))
-                if code == 3:
-                    self._pack = (fd, start + hlen)
-                    return size
-                if code in (6, 7):
-                    return self._whole(odb)
-                raise StoreCorrupted(f"object {self.oid.hex()} is not a blob")
-            else:
-                loose = odb._loose_path(self.oid)
+            found = odb.locate_packed(self.oid)
+            if found is None:
+                loose = odb.loose_path(self.oid)
                 if os.path.exists(loose):
                     self._loose = loose
                     return self._loose_size(loose)
                 return self._whole(odb)
-            if attempt == 0:
-                odb.invalidate()
+            pack_path, start = found
+            try:
+                fd = self._packs.fd(pack_path)
+            except FileNotFoundError:  # repacked away since the index was read: look again
+                if attempt == 0:
+                    odb.invalidate()
+                continue
+            code, size, hlen = parse_entry_header(os.pread(fd, 32, start))
+            if code == 3:
+                self._pack = (fd, start + hlen)
+                return size
+            if code in (6, 7):
+                return self._whole(odb)
+            raise StoreCorrupted(f"object {self.oid.hex()} is not a blob")
         return self._whole(odb)
 
     def _whole(self, odb: ObjectStore) -> int:
