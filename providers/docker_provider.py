@@ -35,6 +35,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, ClassVar, cast
 
@@ -141,7 +142,9 @@ def connect(base_url: str | None = None, timeout: float = 60.0) -> Any:
         # Checked here because the SDK leaks a socket when a unix connect fails.
         if url.startswith("unix://") and not os.path.exists(url[len("unix://") :]):
             raise ProviderUnavailable(f"docker daemon unreachable: no socket at {url}")
-        return docker.APIClient(version="auto", timeout=timeout, **kwargs)
+        api = docker.APIClient(version="auto", timeout=timeout, **kwargs)
+        api.hooks["response"].append(_remember_response)
+        return api
 
 
 def build_default_image(tag: str = DEFAULT_IMAGE, base_url: str | None = None) -> str:
@@ -266,14 +269,52 @@ class _OutputPump(threading.Thread):
             self.on_output(name, chunk)
 
 
-def _close_stream(stream: Any) -> None:
+_responses = threading.local()
+"""Per thread, while :func:`_capturing_responses` runs: the HTTP responses the client got."""
+
+
+def _remember_response(response: Any, *args: Any, **kwargs: Any) -> Any:
+    """A requests response hook (installed on every client :func:`connect` makes)."""
+    held = getattr(_responses, "held", None)
+    if held is not None:
+        held.append(response)
+    return response
+
+
+@contextlib.contextmanager
+def _capturing_responses() -> Iterator[list[Any]]:
+    """The responses the client receives in this thread inside the block."""
+    held: list[Any] = []
+    _responses.held = held
+    try:
+        yield held
+    finally:
+        _responses.held = None
+
+
+def _close_stream(stream: Any, responses: Iterable[Any]) -> None:
     """Close an exec's attached stream for good. ``CancellableStream.close`` shuts the socket
     down only while the response is open, and never closes the response (which owns the
-    socket), so both are done here."""
+    socket), so both are done here (the response, as the request hook saw it)."""
     with contextlib.suppress(OSError):
         stream.close()
-    with contextlib.suppress(OSError):
-        stream._response.close()
+    for response in responses:
+        with contextlib.suppress(OSError):
+            response.close()
+
+
+def _archive_url(api: Any, resource_id: str) -> str:
+    """The Engine API's archive endpoint of a container (what ``get_archive`` calls)."""
+    container = urllib.parse.quote(resource_id, safe="")
+    return f"{api.base_url}/v{api.api_version}/containers/{container}/archive"
+
+
+def _raise_for_status(response: Any) -> None:
+    """Raise the SDK's error for a failed response (as its own calls do)."""
+    try:
+        response.raise_for_status()
+    except requests.exceptions.HTTPError as exc:
+        raise docker.errors.create_api_error_from_http_exception(exc) from exc
 
 
 def _parse_handle(handle: str) -> tuple[str, str]:
@@ -543,7 +584,8 @@ class DockerProvider(BaseProvider):
                 workdir=self.cfg.workdir,
                 environment=environment,
             )["Id"]
-            stream = self.api.exec_start(exec_id, stream=True, demux=True)
+            with _capturing_responses() as responses:
+                stream = self.api.exec_start(exec_id, stream=True, demux=True)
         pump = _OutputPump(stream, on_output)
         pump.start()
         try:
@@ -554,7 +596,7 @@ class DockerProvider(BaseProvider):
                 self._kill_marked(resource_id, marker)
                 pump.join(_GRACE)
         finally:
-            _close_stream(stream)  # also unblocks a pump still waiting for output
+            _close_stream(stream, responses)  # also unblocks a pump still waiting for output
             pump.join(_GRACE)
         if pump.error is not None and not timed_out:
             if isinstance(pump.error, (*_SDK_ERRORS, OSError)):
@@ -743,13 +785,13 @@ class DockerProvider(BaseProvider):
 
         docker-py exposes no HEAD helper, so the request is made on the client session itself.
         """
-        url = self.api._url("/containers/{0}/archive", resource_id)
+        url = _archive_url(self.api, resource_id)
         with _errors("stat", resource_id, path=rel):
             response = self.api.head(url, params={"path": self._container_path(rel)})
             if response.status_code == 404:
                 self.api.inspect_container(resource_id)  # ResourceGone if the container is
                 return None
-            self.api._raise_for_status(response)
+            _raise_for_status(response)
             header = response.headers.get("X-Docker-Container-Path-Stat")
         return cast(dict[str, Any], docker.utils.decode_json_header(header)) if header else {}
 
@@ -757,7 +799,7 @@ class DockerProvider(BaseProvider):
     def _archive(self, resource_id: str, path: str) -> Iterator[IO[bytes]]:
         """The tar stream of a container path, read as it arrives; the response is closed on
         exit even when the stream was not read to its end (``get_archive`` leaves it open)."""
-        url = self.api._url("/containers/{0}/archive", resource_id)
+        url = _archive_url(self.api, resource_id)
         response = self.api.get(
             url,
             params={"path": path},
@@ -766,7 +808,7 @@ class DockerProvider(BaseProvider):
             timeout=self.cfg.api_timeout,
         )
         try:
-            self.api._raise_for_status(response)
+            _raise_for_status(response)
             yield io.BufferedReader(_ChunkReader(response.iter_content(_CHUNK)), _CHUNK)
         finally:
             response.close()
