@@ -9,7 +9,9 @@ free of I/O, returned as :mod:`gateway.actions`; bounds in :mod:`gateway.limits`
 (with :mod:`gateway.observe`: route records and peer events), :mod:`gateway.server`,
 :mod:`gateway.plugins` and :mod:`gateway.client`.
 
-Names are imported lazily, so ``import gateway.errors`` stays cheap.
+Every error is a :class:`GatewayError` (the tree is in :mod:`gateway.errors`). Names are
+imported lazily, so ``import gateway.errors`` stays cheap. The control plane that coordinates
+environments through the gateway is :mod:`gateway.hub`, the only part that knows providers.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from .builtins import Confined, install_builtins
     from .client import GatewayClient
     from .config import ProxyExecutionConfig, load_config
+    from .errors import GatewayError
     from .handlers import HandlerContext
     from .limits import Limits
     from .link import Link
@@ -37,6 +40,7 @@ __all__ = [
     "Confined",
     "Gateway",
     "GatewayClient",
+    "GatewayError",
     "HandlerContext",
     "Limits",
     "Link",
@@ -57,6 +61,7 @@ _HOME = {
     "Confined": "builtins",
     "Gateway": "node",
     "GatewayClient": "client",
+    "GatewayError": "errors",
     "HandlerContext": "handlers",
     "Limits": "limits",
     "Link": "link",

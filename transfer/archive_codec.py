@@ -20,6 +20,7 @@ from typing import IO, Any, BinaryIO, cast
 import zstandard
 
 from .archive import CHUNK, ArchiveError
+from .errors import TransferError
 
 __all__ = [
     "CountingWriter",
@@ -156,7 +157,7 @@ class ZstdSink:
             self._writer.close()
 
 
-class LimitExceeded(Exception):
+class LimitExceeded(TransferError):
     """The decompressed stream went past what the manifest allows."""
 
 

@@ -13,14 +13,14 @@ import contextlib
 import fcntl
 import os
 
+from gateway.errors import Busy
 from narrative.store import Store
-from providers.errors import ProviderError
 from providers.records import env_state_dir
 
 __all__ = ["EnvironmentBusy", "EnvironmentLease"]
 
 
-class EnvironmentBusy(ProviderError):
+class EnvironmentBusy(Busy):
     """Another run holds the environment."""
 
     def __init__(self, name: str, holder: str | None) -> None:

@@ -187,7 +187,7 @@ def _lease_environment(
     return lease, record.name, None
 
 
-class RunFailed(NarrativeError):
+class RunFailed(GatewayError):
     """The run cannot go on (the reason is recorded in its event log)."""
 
 
