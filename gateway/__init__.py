@@ -16,8 +16,9 @@ environments through the gateway is :mod:`gateway.hub`, the only part that knows
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from narrative.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .builtins import Confined, install_builtins
@@ -78,8 +79,4 @@ _HOME = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _HOME.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gateway' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+__getattr__ = lazy_exports(__name__, _HOME)
