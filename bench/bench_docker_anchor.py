@@ -32,7 +32,7 @@ from pathlib import Path
 
 from common import Proc, check, log, run
 
-from providers.docker_image import skeleton_rootfs
+from providers.docker.image import skeleton_rootfs
 
 __all__ = [
     "BENCH_IMAGE",

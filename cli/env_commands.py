@@ -318,8 +318,8 @@ def env_image() -> None:
 def env_image_build(tag: str | None, base_url: str | None, as_json: bool) -> None:
     """Build the default docker image: a skeleton that runs this host's Python and
     narrative, mounted read-only (env create builds it on first use; this rebuilds it)."""
-    from providers.docker_config import DEFAULT_IMAGE
-    from providers.docker_provider import build_default_image
+    from providers.docker.client import build_default_image
+    from providers.docker.config import DEFAULT_IMAGE
 
     name = tag or DEFAULT_IMAGE
     image_id = build_default_image(name, base_url)

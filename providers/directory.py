@@ -4,48 +4,36 @@
 Commands run as child processes of the caller in the directory (a new session, so a timeout
 kills the whole process group), inside a bubblewrap sandbox unless the environment says
 ``sandbox=none`` (:mod:`providers.sandbox`: the file system read-only but for the directory,
-the user's workspace, the store, the keys and the home directory's secrets hidden).
-
-Commands see the caller's environment without the variables that point git at a repository
-(``GIT_DIR``, ``GIT_WORK_TREE``, ``GIT_INDEX_FILE``, ...: the list of
-``git rev-parse --local-env-vars``), so a ``git`` run in the directory never writes the
-caller's repository; the variables a call passes are added on top.
+the user's workspace, the store, the keys and the home directory's secrets hidden). How they
+are started, streamed, reaped, found and signalled is :mod:`providers.directory_processes`.
 
 Every command, spawned process and sandbox (``bwrap`` itself) carries the environment's marker
 (:func:`providers.proctree.environment_marker`), by which
 :meth:`~DirectoryProvider.end_leftovers` kills what earlier runs left before the next starts.
 
-Background processes (:meth:`DirectoryProvider.spawn`) run in a session of their own, with
-``NARRATIVE_SPAWN_ID`` in their environment. Their handle is ``proc:<pid>:<start>:<token>``
-(``start``: the start time from ``/proc/<pid>/stat``, which guards against a reused pid);
-:meth:`~DirectoryProvider.signal` signals the process group and every process still carrying
-the token (descendants that left the group), so it needs Linux's ``/proc``.
+The directory's files are restored incrementally: the tree it was last restored to or
+collected as is recorded beside the environment, and a restore writes only what differs
+while the directory still holds it; what it holds that was never captured is snapshotted onto
+the environment's own thread before anything overwrites it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
-import resource
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, ClassVar
 
 from narrative.errors import InvalidInput, RestoreError
 from narrative.fsutil import write_atomic
 from narrative.models import Snapshot
-from narrative.objects import hash_object
-from narrative.restore import materialize, materialize_confined, sync_directory
+from narrative.restore import materialize, materialize_confined
 from narrative.runs import incoming_ref
-from narrative.snapshot import scan_tree, take_snapshot
-from narrative.trees import FlatTree, flatten_tree
+from narrative.snapshot import take_snapshot
 
 from .base import (
     SPAWN_LOG_LIMIT,
@@ -61,10 +49,30 @@ from .base import (
     check_relative_path,
     tail_start,
 )
+from .directory_processes import (
+    SPAWN_MARKER_VAR,
+    SUBREAPER,
+    check_spawn_handle,
+    command_env,
+    kill_marked,
+    signal_spawned,
+    spawned_alive,
+    take_reaped_usage,
+    track_spawned,
+    wait_streaming,
+)
+from .directory_workspace import (
+    EMPTY_TREE,
+    empty_directory,
+    holds_tree,
+    known_tree,
+    remember_tree,
+    sync_changes,
+)
 from .errors import ExecFailed, ResourceGone
 from .keys import key_path
 from .proctree import environment_marker
-from .records import HUB_SOCKET, env_state_dir, hub_socket_dir
+from .records import HUB_SOCKET, hub_socket_dir
 from .sandbox import (
     SandboxPlan,
     inside_sandbox,
@@ -74,11 +82,9 @@ from .sandbox import (
     sandboxed,
     secret_paths,
 )
-from .usage import ProcessUsage, ReapedProcesses, UsageMeter, rusage_usage
+from .usage import ProcessUsage, UsageMeter, rusage_usage
 
-__all__ = ["RUNTIME_BOOTSTRAP", "SPAWN_MARKER_VAR", "DirectoryProvider", "command_env"]
-
-_CHUNK = 64 * 1024
+__all__ = ["RUNTIME_BOOTSTRAP", "DirectoryProvider"]
 
 RUNTIME_BOOTSTRAP = (
     "import runpy, sys; root = sys.argv.pop(1); "
@@ -90,48 +96,6 @@ directory (the environment's workspace, which the agent controls) off ``sys.path
 ``PYTHON*`` variables, so no workspace file (``cli/``, ``json.py``...) replaces a module of the
 runtime; the installation's own directory (the first argument) is put back explicitly, which
 also serves a checkout run through ``PYTHONPATH`` or an editable install."""
-
-SPAWN_MARKER_VAR = "NARRATIVE_SPAWN_ID"
-"""Set in a spawned process's environment (and so inherited by its descendants)."""
-
-# What ``git rev-parse --local-env-vars`` lists: the variables that tie git to one repository.
-_GIT_REPO_VARS = frozenset(
-    {
-        "GIT_ALTERNATE_OBJECT_DIRECTORIES",
-        "GIT_CONFIG",
-        "GIT_CONFIG_PARAMETERS",
-        "GIT_CONFIG_COUNT",
-        "GIT_OBJECT_DIRECTORY",
-        "GIT_DIR",
-        "GIT_WORK_TREE",
-        "GIT_IMPLICIT_WORK_TREE",
-        "GIT_GRAFT_FILE",
-        "GIT_INDEX_FILE",
-        "GIT_NO_REPLACE_OBJECTS",
-        "GIT_REPLACE_REF_BASE",
-        "GIT_PREFIX",
-        "GIT_INTERNAL_SUPER_PREFIX",
-        "GIT_SHALLOW_FILE",
-        "GIT_COMMON_DIR",
-    }
-)
-_GIT_CONFIG_PAIRS = ("GIT_CONFIG_KEY_", "GIT_CONFIG_VALUE_")
-_HANDLE = re.compile(r"proc:([1-9][0-9]{0,9}):([0-9]{1,20}):([0-9a-f]{24})")
-_SIGNALS = {"term": signal.SIGTERM, "kill": signal.SIGKILL}
-_EMPTY_TREE = hash_object("tree", b"")
-
-
-def command_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a command run in a directory environment: the caller's, minus the
-    variables that point git at a repository (``GIT_CONFIG_KEY_<n>``/``VALUE_<n>`` go with
-    ``GIT_CONFIG_COUNT``), plus ``extra``."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in _GIT_REPO_VARS and not key.startswith(_GIT_CONFIG_PAIRS)
-    }
-    env.update(extra or {})
-    return env
 
 
 class DirectoryProvider(BaseProvider):
@@ -145,8 +109,8 @@ class DirectoryProvider(BaseProvider):
         super().__init__(context, config)
         self.meters = 0
         """Meters open on the environment: while one is, sandboxed commands run under the
-        subreaper (:data:`_SUBREAPER`), as spawned ones always do; otherwise a command does
-        not pay for its start."""
+        subreaper (:data:`~providers.directory_processes.SUBREAPER`), as spawned ones always
+        do; otherwise a command does not pay for its start."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -214,29 +178,17 @@ class DirectoryProvider(BaseProvider):
         self.reconnect(resource_id)
         known = self._known_tree()
         try:
-            if known is not None and self._captured(resource_id, known):
-                if self._sync(resource_id, known, snapshot):
+            if known is not None and holds_tree(self.context.store, resource_id, known):
+                if sync_changes(self.context.store, resource_id, known, snapshot):
                     self._remember(snapshot.tree)
                     return
             elif os.listdir(resource_id):
                 self._save_to_env_thread(resource_id, f"left in {self.context.env_name}")
-            _empty(resource_id)
+            empty_directory(resource_id)
             materialize(self.context.store, snapshot, resource_id)
         except OSError as exc:
             raise RestoreError(f"cannot restore into {resource_id}: {exc}") from exc
         self._remember(snapshot.tree)
-
-    def _sync(self, resource_id: str, known: bytes, snapshot: Snapshot) -> bool:
-        """Write only what differs between ``known`` and ``snapshot``; False when an ignored
-        file blocks a path (the caller then rewrites everything)."""
-        store = self.context.store
-        target = flatten_tree(store.odb, bytes.fromhex(snapshot.tree))
-        try:
-            sync_directory(store, resource_id, flatten_tree(store.odb, known), target)
-        except RestoreError:
-            return False
-        _remove_strays(resource_id, target)
-        return True
 
     def reset(self, resource_id: str, snapshot: Snapshot | None) -> None:
         """Empty the directory (what it holds that was never captured is first snapshotted
@@ -247,12 +199,12 @@ class DirectoryProvider(BaseProvider):
         try:
             if os.listdir(resource_id):
                 self.save_leftovers(resource_id, f"left in {self.context.env_name}")
-            _empty(resource_id)
+            empty_directory(resource_id)
             if snapshot is not None:
                 materialize_confined(self.context.store, snapshot, resource_id)
         except OSError as exc:
             raise RestoreError(f"cannot reset {resource_id}: {exc}") from exc
-        self._remember(snapshot.tree if snapshot is not None else _EMPTY_TREE.hex())
+        self._remember(snapshot.tree if snapshot is not None else EMPTY_TREE.hex())
 
     def end_leftovers(self, resource_id: str) -> None:
         """Kill every process carrying this environment's marker (a sandboxed command's
@@ -260,8 +212,7 @@ class DirectoryProvider(BaseProvider):
         ``sandbox=none`` and of a runtime whose hub went away). Never this process or its
         ancestors, which carry it when a run in this environment drives the environment."""
         var, value = environment_marker(self.context.env_id)
-        spared = _ancestors(os.getpid())
-        _kill_all(lambda: set(_marked(value, var)) - spared, "kill")
+        kill_marked(var, value)
 
     def collect(
         self, resource_id: str, thread_id: str, run_id: str | None, message: str
@@ -278,32 +229,16 @@ class DirectoryProvider(BaseProvider):
         self._remember(snapshot.tree)
         return snapshot
 
-    def _marker(self) -> str:
-        return os.path.join(env_state_dir(self.context.store, self.context.env_id), "tree")
-
     def _remember(self, tree: str) -> None:
-        """Record the tree the directory is known to hold (restored or collected)."""
-        write_atomic(self._marker(), tree.encode(), durable=False)
+        remember_tree(self.context.store, self.context.env_id, tree)
 
     def _known_tree(self) -> bytes | None:
-        """The tree last restored or collected, if recorded."""
-        try:
-            with open(self._marker(), "rb") as f:
-                return bytes.fromhex(f.read().decode())
-        except (FileNotFoundError, ValueError):
-            return None
-
-    def _captured(self, resource_id: str, known: bytes | None) -> bool:
-        """Whether the directory still holds ``known`` (the tree last restored or collected)."""
-        if known is None:
-            return False
-        _scan, root, _cache = scan_tree(self.context.store, resource_id)
-        return (root or _EMPTY_TREE) == known
+        return known_tree(self.context.store, self.context.env_id)
 
     def save_leftovers(self, resource_id: str, message: str) -> Snapshot | None:
         """Snapshot the directory onto the environment's thread (created on first use), unless
         it holds exactly what was last restored or collected (then it is saved already)."""
-        if self._captured(resource_id, self._known_tree()):
+        if holds_tree(self.context.store, resource_id, self._known_tree()):
             return None
         return self._save_to_env_thread(resource_id, message)
 
@@ -348,7 +283,7 @@ class DirectoryProvider(BaseProvider):
                 )
         except OSError as exc:
             raise ExecFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
-        return _wait_streaming(proc, timeout, on_output, measured_by)
+        return wait_streaming(proc, timeout, on_output, measured_by)
 
     def _exec_measured_by(self) -> str | None:
         """Who measures a command's CPU and memory: its ``wait4`` — of the subreaper that a
@@ -402,18 +337,7 @@ class DirectoryProvider(BaseProvider):
         finally:
             if output is not None:
                 output.close()
-        # Read before the reaper starts: even a process that exited at once is still a zombie.
-        stat = _proc_stat(proc.pid)
-        start = stat[19] if stat is not None else "0"
-        handle = f"proc:{proc.pid}:{start}:{token}"
-
-        def reap() -> None:
-            usage = _wait_rusage(proc)
-            if usage is not None:
-                _REAPED.record(handle, usage)
-
-        threading.Thread(target=reap, name=f"reap-{proc.pid}", daemon=True).start()
-        return handle
+        return track_spawned(proc, token)
 
     def usage_meter(self, resource_id: str) -> UsageMeter:
         how = "in its bwrap sandbox" if self.sandbox_enabled else "unsandboxed"
@@ -428,13 +352,10 @@ class DirectoryProvider(BaseProvider):
     def signal(self, resource_id: str, handle: str, sig: Signal) -> None:
         """Signal the process group of the spawned process and every process that still
         carries its token."""
-        pid, start, token = _parse_handle(handle)
-        _kill_all(lambda: _tree(pid, start, token), sig)
+        signal_spawned(handle, sig)
 
     def alive(self, resource_id: str, handle: str) -> bool:
-        pid, start, _token = _parse_handle(handle)
-        stat = _proc_stat(pid)
-        return stat is not None and stat[19] == start and stat[0] not in ("Z", "X")
+        return spawned_alive(handle)
 
     def read_spawn_log(
         self,
@@ -448,7 +369,7 @@ class DirectoryProvider(BaseProvider):
         """The end of ``log_path``, the host file :meth:`spawn` appended the output to (the
         handle does not name it; without it there is nothing to read). The file is shared by
         every process spawned with it, so its end may hold earlier processes' output too."""
-        _parse_handle(handle)
+        check_spawn_handle(handle)
         if log_path is None:
             return SpawnLog(0, b"")
         try:
@@ -538,7 +459,7 @@ class DirectoryProvider(BaseProvider):
             # bwrap itself carries the marker too: killing its init (PID 1 of the sandbox's
             # namespace) ends every process in there, also one that dropped its environment
             measured = background or self.meters > 0
-            command = [sys.executable, "-I", "-S", "-c", _SUBREAPER] if measured else []
+            command = [sys.executable, "-I", "-S", "-c", SUBREAPER] if measured else []
             yield [*command, *sandbox], {**bwrap_env, **self._marker_env()}, fds
 
     def runtime_command(self) -> list[str]:
@@ -580,224 +501,6 @@ def _check_program(cwd: str, program: str, environment: Mapping[str, str]) -> No
         raise ExecFailed(f"cannot run {program!r}: No such file or directory")
 
 
-def _parse_handle(handle: str) -> tuple[int, str, str]:
-    match = _HANDLE.fullmatch(handle) if isinstance(handle, str) else None
-    if match is None:
-        raise InvalidInput(f"not a process handle of a directory environment: {handle!r}")
-    return int(match[1]), match[2], match[3]
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """The fields of ``/proc/<pid>/stat`` after the command name (``[0]`` is the state,
-    ``[2]`` the process group, ``[19]`` the start time); None when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return raw[raw.rindex(")") + 2 :].split()
-
-
-def _tree(pid: int, start: str, token: str) -> set[int]:
-    """The live processes of a spawned tree: its process group and whoever carries its token."""
-    targets = set(_marked(token))
-    stat = _proc_stat(pid)
-    members = _group_members(pid)
-    # The pid still names our group when it is the leader (same start time), or when the leader
-    # is gone: a pid is not reused while a process group of that number has members.
-    if stat is None or stat[19] == start:
-        targets.update(members)
-    return targets
-
-
-def _kill_all(find: Callable[[], set[int]], sig: Signal) -> None:
-    """Send ``sig`` to the processes ``find`` returns; when killing, they are stopped first,
-    so that none reacts to another's death by starting something new, and it is repeated
-    until none is left (a process may fork while it is being killed)."""
-    for _round in range(20 if sig == "kill" else 1):
-        targets = find()
-        if not targets:
-            return
-        if sig == "kill":
-            for target in targets:
-                _send(target, signal.SIGSTOP)
-        for target in targets:
-            _send(target, _SIGNALS[sig])
-        if sig == "kill":
-            time.sleep(0.01)
-
-
-def _ancestors(pid: int) -> set[int]:
-    """``pid`` and its ancestors."""
-    found = set()
-    while pid > 0 and pid not in found:
-        found.add(pid)
-        stat = _proc_stat(pid)
-        pid = int(stat[1]) if stat is not None else 0
-    return found
-
-
-def _pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for pid in _pids():
-        stat = _proc_stat(pid)
-        if stat is not None and stat[2] == str(pgid) and stat[0] not in ("Z", "X"):
-            members.append(pid)
-    return members
-
-
-def _marked(token: str, var: str = SPAWN_MARKER_VAR) -> list[int]:
-    """Processes whose (initial) environment carries ``var=token`` (the spawn token)."""
-    needle = f"{var}={token}".encode()
-    found = []
-    for pid in _pids():
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    found.append(pid)
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-    return found
-
-
-def _send(pid: int, number: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, number)
-
-
-def _remove_strays(root: str, target: FlatTree) -> None:
-    """Remove what ``target`` does not hold (ignored files left by an earlier run)."""
-    dirs = {""}
-    for path in target:
-        parent = os.path.dirname(path)
-        while parent not in dirs:
-            dirs.add(parent)
-            parent = os.path.dirname(parent)
-    for current, subdirs, files in os.walk(root):
-        rel = os.path.relpath(current, root)
-        rel = "" if rel == "." else rel.replace(os.sep, "/")
-        prefix = rel + "/" if rel else ""
-        for name in list(subdirs):
-            full = os.path.join(current, name)
-            if os.path.islink(full):
-                files.append(name)
-            elif prefix + name not in dirs:
-                shutil.rmtree(full)
-            else:
-                continue
-            subdirs.remove(name)
-        for name in files:
-            if prefix + name not in target:
-                os.unlink(os.path.join(current, name))
-
-
-def _empty(directory: str) -> None:
-    for name in os.listdir(directory):
-        full = os.path.join(directory, name)
-        if os.path.isdir(full) and not os.path.islink(full):
-            shutil.rmtree(full)
-        else:
-            os.unlink(full)
-
-
-def _pump(stream: IO[bytes], name: str, sink: list[bytes], on_output: OutputFn | None) -> None:
-    while chunk := stream.read1(_CHUNK):  # type: ignore[attr-defined]
-        sink.append(chunk)
-        if on_output is not None:
-            on_output(name, chunk)
-
-
-def _wait_streaming(
-    proc: subprocess.Popen[bytes],
-    timeout: float | None,
-    on_output: OutputFn | None,
-    measured_by: str | None = None,
-) -> ExecResult:
-    """Stream both pipes as output arrives; on timeout kill the command's process group. The
-    command is reaped with ``wait4``: with ``measured_by``, its CPU time and peak memory come
-    back with it."""
-    out: list[bytes] = []
-    err: list[bytes] = []
-    assert proc.stdout is not None and proc.stderr is not None
-    pumps = [
-        threading.Thread(target=_pump, args=(proc.stdout, "stdout", out, on_output), daemon=True),
-        threading.Thread(target=_pump, args=(proc.stderr, "stderr", err, on_output), daemon=True),
-    ]
-    for pump in pumps:
-        pump.start()
-    reaped: list[resource.struct_rusage | None] = []
-    reaper = threading.Thread(target=lambda: reaped.append(_wait_rusage(proc)), daemon=True)
-    reaper.start()
-    try:
-        reaper.join(timeout)
-    except BaseException:
-        _kill_group(proc)
-        reaper.join()
-        raise
-    timed_out = reaper.is_alive()
-    if timed_out:
-        _kill_group(proc)
-        reaper.join()
-    for pump in pumps:
-        pump.join()
-    proc.stdout.close()
-    proc.stderr.close()
-    code = proc.returncode if proc.returncode is not None else proc.wait()
-    rusage = reaped[0] if reaped else None
-    usage = rusage_usage(rusage, measured_by) if rusage is not None and measured_by else None
-    return ExecResult(
-        code if not timed_out else 124, b"".join(out), b"".join(err), timed_out, usage
-    )
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-_SUBREAPER = """
-import ctypes, os, signal, sys
-ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-ends = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-child = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ, setsigdef=ends)
-for number in ends:
-    signal.signal(number, signal.SIG_IGN)
-code = 1
-while True:
-    try:
-        pid, status = os.waitpid(-1, 0)
-    except ChildProcessError:
-        break
-    if pid == child:
-        code = os.waitstatus_to_exitcode(status)
-sys.exit(code if code >= 0 else 128 - code)
-"""
-"""Runs a sandboxed command (bwrap) outside the sandbox and waits for it and for the sandbox's
-init, which bwrap leaves unreaped when it exits: the CPU time and peak memory of everything
-that ran in there then add up in this process's ``wait4`` rusage, which its caller reads.
-Stopping signals are for the command (this one waits until it has ended: it is how a handle
-tells whether the command still runs), which gets them by process group or tree."""
-
-_REAPED = ReapedProcesses()
-"""The rusage of the processes this process spawned (:meth:`DirectoryProvider.spawn`), by
-handle: a hub reads its run's runtime's when the run ends."""
-
-
-def _wait_rusage(proc: subprocess.Popen[bytes]) -> resource.struct_rusage | None:
-    """Reap ``proc`` with ``wait4`` (setting its return code); its rusage, covering every
-    descendant it waited for. None when someone else reaped it."""
-    try:
-        _pid, status, usage = os.wait4(proc.pid, 0)
-    except ChildProcessError:
-        return None
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return usage
-
-
 class _ReapedMeter(UsageMeter):
     """The rusage of the spawned runtime, recorded when this process reaped it (a command's
     comes back in its :class:`ExecResult`)."""
@@ -811,7 +514,7 @@ class _ReapedMeter(UsageMeter):
         if self._provider is not None:
             self._provider.meters -= 1
             self._provider = None
-        usage = _REAPED.take(handle, timeout=5.0) if handle is not None else None
+        usage = take_reaped_usage(handle, timeout=5.0) if handle is not None else None
         if usage is None:
             return ProcessUsage(None, None, f"{self.measured_by}: not reaped by this process")
         return rusage_usage(usage, self.measured_by)

@@ -21,7 +21,7 @@ line and exits 1::
         └── ResultTooLarge                                a run's result is over its cap
 
 Errors of the Docker SDK and the e2b SDK are translated into this tree in one place each
-(``providers.docker_provider._translate`` and ``providers.e2b_provider._translate``).
+(``providers.docker.client.translate_error`` and ``providers.e2b_provider._translate``).
 """
 
 from __future__ import annotations

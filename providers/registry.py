@@ -28,7 +28,7 @@ _BUILTIN: dict[str, tuple[str, str | None]] = {
     # name: (import path, pip extra that provides its dependency)
     "local": ("providers.local:LocalProvider", None),
     "worktree": ("providers.worktree:WorktreeProvider", None),
-    "docker": ("providers.docker_provider:DockerProvider", "docker"),
+    "docker": ("providers.docker.provider:DockerProvider", "docker"),
     "e2b": ("providers.e2b_provider:E2BProvider", "e2b"),
 }
 _EXTRA: dict[str, tuple[str, str | None]] = {}

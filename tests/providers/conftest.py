@@ -40,8 +40,8 @@ def make_docker_provider(
     Keyword arguments override config fields; ``owner``/``env_id`` override the context.
     """
     from providers.base import ProviderContext
-    from providers.docker_config import DockerConfig
-    from providers.docker_provider import DockerProvider
+    from providers.docker.config import DockerConfig
+    from providers.docker.provider import DockerProvider
 
     from .docker_support import HOST_MOUNTS, new_owner
 

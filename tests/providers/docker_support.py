@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from providers.docker_image import build_image
+from providers.docker.image import build_image
 
 REQUIRE_DOCKER = os.environ.get("NARRATIVE_REQUIRE_DOCKER") == "1"
 TEST_IMAGE = "narrative-test-base:2"

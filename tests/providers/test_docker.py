@@ -201,8 +201,8 @@ def test_resource_limits_and_read_only_mounts(
 
 
 def test_capabilities_follow_config() -> None:
-    from providers.docker_config import DockerConfig
-    from providers.docker_provider import DockerProvider
+    from providers.docker.config import DockerConfig
+    from providers.docker.provider import DockerProvider
     from providers.registry import get_provider_class
 
     assert get_provider_class("docker") is DockerProvider
@@ -417,7 +417,7 @@ def test_hostile_collect_is_refused(
 def test_bad_config_is_refused(fields: dict[str, Any]) -> None:
     from pydantic import ValidationError
 
-    from providers.docker_config import DockerConfig
+    from providers.docker.config import DockerConfig
 
     with pytest.raises(ValidationError):
         DockerConfig.model_validate({"image": "x", **fields})
@@ -431,7 +431,8 @@ def test_missing_sdk_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None
 
     # As if the optional SDK were not installed: importing it raises ImportError(name="docker").
     monkeypatch.setitem(sys.modules, "docker", None)
-    monkeypatch.delitem(sys.modules, "providers.docker_provider", raising=False)
+    for module in [m for m in sys.modules if m.startswith("providers.docker.")]:
+        monkeypatch.delitem(sys.modules, module)  # each would be re-imported without the SDK
     monkeypatch.delitem(registry._LOADED, "docker", raising=False)
     with pytest.raises(MissingDependency, match=r"narrative-engine\[docker\]"):
         registry.get_provider_class("docker")

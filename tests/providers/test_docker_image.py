@@ -14,8 +14,8 @@ import pytest
 
 from narrative.store import Store
 from providers.base import ProviderContext
-from providers.docker_config import DEFAULT_IMAGE
-from providers.docker_image import IMAGE_LABEL, LIB_MOUNT, PACKAGES
+from providers.docker.config import DEFAULT_IMAGE
+from providers.docker.image import IMAGE_LABEL, LIB_MOUNT, PACKAGES
 from providers.errors import RuntimeBroken
 from providers.worktree import WorktreeConfig, WorktreeProvider
 

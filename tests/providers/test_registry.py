@@ -31,7 +31,9 @@ def test_missing_optional_dependency_gives_install_hint(
     monkeypatch: pytest.MonkeyPatch, provider: str, module: str
 ) -> None:
     monkeypatch.delitem(registry._LOADED, provider, raising=False)
-    monkeypatch.delitem(sys.modules, f"providers.{provider}_provider", raising=False)
+    # every module of the provider, so that importing it needs the SDK again
+    for name in [m for m in sys.modules if m.startswith(f"providers.{provider}")]:
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     with pytest.raises(MissingDependency) as info:
         registry.get_provider_class(provider)

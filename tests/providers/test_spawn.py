@@ -513,7 +513,7 @@ def test_docker_default_network_cannot_reach_host_loopback(
 
 
 def test_docker_host_network_config() -> None:
-    from providers.docker_config import DockerConfig
+    from providers.docker.config import DockerConfig
 
     assert DockerConfig(image="x", network="host").network == "host"
     assert DockerConfig(image="x", runtime=["/usr/local/bin/narrative"]).runtime == [

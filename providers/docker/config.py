@@ -10,14 +10,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .base import ProviderConfig
-from .shipping import DEFAULT_MAX_COLLECT_BYTES
+from ..base import ProviderConfig
+from ..shipping import DEFAULT_MAX_COLLECT_BYTES
 
 __all__ = ["DEFAULT_IMAGE", "DockerConfig", "DockerMount"]
 
 DEFAULT_IMAGE = "narrative-host:1"
 """The image used without ``--config image``: a skeleton that runs the host's Python and
-narrative (:mod:`providers.docker_image`), built offline on first use."""
+narrative (:mod:`providers.docker.image`), built offline on first use."""
 
 
 class DockerMount(BaseModel):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .docker_config import DEFAULT_IMAGE, DockerMount
+from .config import DEFAULT_IMAGE, DockerMount
 
 __all__ = [
     "DEFAULT_IMAGE",
@@ -101,7 +101,7 @@ class HostRuntime:
     @property
     def runtime(self) -> list[str]:
         """The argv prefix that runs the CLI (in isolated mode; see ``RUNTIME_BOOTSTRAP``)."""
-        from .directory import RUNTIME_BOOTSTRAP
+        from ..directory import RUNTIME_BOOTSTRAP
 
         return [self.python, "-I", "-c", RUNTIME_BOOTSTRAP, LIB_MOUNT]
 
