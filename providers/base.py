@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECK_DONE",
+    "RUNTIME_BOOTSTRAP",
     "DEFAULT_MAX_EVENTS",
     "DEFAULT_MAX_EVENT_BYTES",
     "DEFAULT_MAX_OUTPUT_BYTES",
@@ -465,6 +466,18 @@ class BaseProvider(ABC):
     )
     """How to give an environment a working runtime, appended to a :class:`RuntimeBroken`
     that says it has none."""
+
+
+RUNTIME_BOOTSTRAP = (
+    "import runpy, sys; root = sys.argv.pop(1); "
+    "root in sys.path or sys.path.insert(0, root); "
+    "runpy.run_module('cli', run_name='__main__', alter_sys=True)"
+)
+"""What ``python -I -c`` runs to start the runtime. Isolated mode (``-I``) keeps the working
+directory (the environment's workspace, which the agent controls) off ``sys.path`` and ignores
+``PYTHON*`` variables, so no workspace file (``cli/``, ``json.py``...) replaces a module of the
+runtime; the installation's own directory (the first argument) is put back explicitly, which
+also serves a checkout run through ``PYTHONPATH`` or an editable install."""
 
 
 CHECK_DONE = "narrative-runtime-check"

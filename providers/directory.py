@@ -36,6 +36,7 @@ from narrative.runs import incoming_ref
 from narrative.snapshot import take_snapshot
 
 from .base import (
+    RUNTIME_BOOTSTRAP,
     SPAWN_LOG_LIMIT,
     BaseProvider,
     ExecResult,
@@ -84,18 +85,7 @@ from .sandbox import (
 )
 from .usage import ProcessUsage, UsageMeter, rusage_usage
 
-__all__ = ["RUNTIME_BOOTSTRAP", "DirectoryProvider"]
-
-RUNTIME_BOOTSTRAP = (
-    "import runpy, sys; root = sys.argv.pop(1); "
-    "root in sys.path or sys.path.insert(0, root); "
-    "runpy.run_module('cli', run_name='__main__', alter_sys=True)"
-)
-"""What ``python -I -c`` runs to start the runtime. Isolated mode (``-I``) keeps the working
-directory (the environment's workspace, which the agent controls) off ``sys.path`` and ignores
-``PYTHON*`` variables, so no workspace file (``cli/``, ``json.py``...) replaces a module of the
-runtime; the installation's own directory (the first argument) is put back explicitly, which
-also serves a checkout run through ``PYTHONPATH`` or an editable install."""
+__all__ = ["DirectoryProvider"]
 
 
 class DirectoryProvider(BaseProvider):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..base import RUNTIME_BOOTSTRAP
 from .config import DEFAULT_IMAGE, DockerMount
 
 __all__ = [
@@ -101,8 +102,6 @@ class HostRuntime:
     @property
     def runtime(self) -> list[str]:
         """The argv prefix that runs the CLI (in isolated mode; see ``RUNTIME_BOOTSTRAP``)."""
-        from ..directory import RUNTIME_BOOTSTRAP
-
         return [self.python, "-I", "-c", RUNTIME_BOOTSTRAP, LIB_MOUNT]
 
 

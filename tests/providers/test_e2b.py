@@ -24,8 +24,7 @@ from pydantic import ValidationError
 from narrative.errors import InvalidInput
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
-from providers.base import Health
-from providers.directory import RUNTIME_BOOTSTRAP
+from providers.base import RUNTIME_BOOTSTRAP, Health
 from providers.e2b_provider import E2BProvider, _translate
 from providers.errors import ProviderError, ProviderUnavailable, ResourceGone, RuntimeBroken
 from providers.registry import get_provider_class

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from narrative.store import Store
-from providers.directory import RUNTIME_BOOTSTRAP
+from providers.base import RUNTIME_BOOTSTRAP
 from providers.manager import EnvironmentManager
 from providers.records import hub_socket_dir
 
