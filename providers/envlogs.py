@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 _SYNC_KEEP = 100
 """Processes remembered in ``runtime-sync.json`` (the oldest finished ones are forgotten)."""
 _HEADER = "--- narrative: "
-"""Starts the lines the manager writes into ``runtime.log`` between processes' output."""
+"""Starts the lines written into ``runtime.log`` between processes' output."""
 
 
 class EnvironmentLogs:
@@ -53,7 +53,8 @@ class EnvironmentLogs:
         """The (cached) provider instance driving an environment."""
 
     def path(self, record: EnvironmentRecord) -> str:
-        """The environment's own log: lifecycle events and the output of :meth:`exec`."""
+        """The environment's own log: lifecycle events and the output of
+        :meth:`~providers.manager.EnvironmentManager.exec`."""
         return os.path.join(env_state_dir(self._store, record.id), "log")
 
     def runtime_path(self, name: str) -> str:
@@ -63,6 +64,7 @@ class EnvironmentLogs:
         return os.path.join(env_state_dir(self._store, self._records.get(name).id), "runtime.log")
 
     def append(self, record: EnvironmentRecord, line: str) -> None:
+        """Add a timestamped line to the environment's own log."""
         path = self.path(record)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "ab") as f:
