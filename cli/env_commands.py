@@ -246,8 +246,8 @@ def env_logs(
 ) -> None:
     """Show an environment's log: lifecycle events and command output, or with --runtime what
     the runtimes started in it printed."""
-    manager = open_manager(ctx)
-    lines = manager.runtime_logs(name, tail) if runtime_log else manager.logs(name, tail)
+    logs = open_manager(ctx).logs
+    lines = logs.runtime_lines(name, tail) if runtime_log else logs.lines(name, tail)
     emit_list(as_json, "log_line_list", lines, "\n".join(lines))
 
 

@@ -160,6 +160,7 @@ def _register() -> None:
         gateway_commands,
         hierarchy_commands,
         hub_commands,
+        maintenance_commands,
         merge_commands,
         run_commands,
         transfer_commands,
@@ -167,6 +168,7 @@ def _register() -> None:
 
     modules = (
         core_commands,
+        maintenance_commands,
         hierarchy_commands,
         run_commands,
         transfer_commands,

@@ -9,26 +9,26 @@ Whole (undeltified) objects, which is all this module ever writes, are read dire
 objects (packs written by stock ``git gc``/``git repack`` in the store) go to a library, loaded
 lazily: libgit2 (pygit2) when it imports, else dulwich, pure Python, for platforms without a
 pygit2 wheel (:func:`fallback_reader` says which; measurements in ``docs/decisions.md``). The
-snapshot fast path only needs :meth:`ObjectStore.exists`, which reads pack indexes directly.
+snapshot fast path only needs :meth:`ObjectStore.exists`, which reads pack indexes directly
+(:mod:`narrative.packindex`).
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import hashlib
-import mmap
 import os
 import struct
 import threading
 import weakref
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import IO, Any
 
 from .errors import StoreCorrupted
 from .fsutil import fsync_dir, mkstemp, unlink_quiet
 from .objects import hash_object, object_header
+from .packindex import PackIndex, encode_index
 
 __all__ = [
     "TYPE_CODES",
@@ -44,7 +44,6 @@ __all__ = [
 TYPE_CODES = {"commit": 1, "tree": 2, "blob": 3, "tag": 4}
 _CODE_TYPES = {v: k for k, v in TYPE_CODES.items()}
 _SAMPLE = 4096
-_SCAN_BUCKET = 256  # fan-out buckets up to this many oids are searched, not bisected
 _FIRST_READ = 8192  # first pread of a packed object: the header and, often, all of its data
 
 
@@ -233,7 +232,7 @@ class PackWriter:
         f.close()
         idx_tmp = self._tmp_path + ".idx"
         with open(idx_tmp, "wb") as idx:
-            idx.write(_encode_idx(self._entries, pack_sha))
+            idx.write(encode_index(self._entries, pack_sha))
             idx.flush()
             if durable:
                 os.fsync(idx.fileno())
@@ -248,134 +247,6 @@ class PackWriter:
         return name
 
 
-def _encode_idx(entries: dict[bytes, tuple[int, int]], pack_sha: bytes) -> bytes:
-    oids = sorted(entries)
-    fanout = [0] * 256
-    for oid in oids:
-        fanout[oid[0]] += 1
-    total = 0
-    for i in range(256):
-        total += fanout[i]
-        fanout[i] = total
-    large: list[int] = []
-    offsets = bytearray()
-    for oid in oids:
-        off = entries[oid][0]
-        if off < 0x80000000:
-            offsets += struct.pack(">I", off)
-        else:
-            offsets += struct.pack(">I", 0x80000000 | len(large))
-            large.append(off)
-    body = b"".join(
-        [
-            b"\xfftOc",
-            struct.pack(">I", 2),
-            struct.pack(">256I", *fanout),
-            b"".join(oids),
-            b"".join(struct.pack(">I", entries[o][1]) for o in oids),
-            bytes(offsets),
-            b"".join(struct.pack(">Q", off) for off in large),
-            pack_sha,
-        ]
-    )
-    return body + hashlib.sha1(body).digest()
-
-
-class _PackIndex:
-    """Read-only view of one ``.idx`` (version 2) for lookups."""
-
-    def __init__(self, path: str) -> None:
-        with open(path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        if self._map[:8] != b"\xfftOc\x00\x00\x00\x02":
-            raise StoreCorrupted(f"unsupported pack index {path}")
-        self.pack_path = path[:-4] + ".pack"
-        self._fanout: tuple[int, ...] = struct.unpack_from(">256I", self._map, 8)
-        self.count: int = self._fanout[255]
-        self._oid_base = 8 + 1024
-        self._pack_fd = -1
-        self._open_lock = threading.Lock()
-        self.pack_size = 0
-        self._sorted_offsets: list[int] | None = None
-
-    def _oid_at(self, i: int) -> bytes:
-        start = self._oid_base + 20 * i
-        return self._map[start : start + 20]
-
-    def find(self, oid: bytes) -> int | None:
-        """Position of ``oid`` in the index, or None."""
-        lo = self._fanout[oid[0] - 1] if oid[0] else 0
-        hi = self._fanout[oid[0]]
-        if hi - lo <= _SCAN_BUCKET:
-            # A small fan-out bucket: one slice and a C-speed substring search beat a bisection
-            # through Python-level __getitem__ calls. A hit must sit on a 20-byte boundary.
-            start = self._oid_base + 20 * lo
-            bucket = self._map[start : start + 20 * (hi - lo)]
-            pos = bucket.find(oid)
-            while pos >= 0:
-                if pos % 20 == 0:
-                    return lo + pos // 20
-                pos = bucket.find(oid, pos + 1)
-            return None
-        i = bisect.bisect_left(_OidView(self), oid, lo, hi)
-        if i < hi and self._oid_at(i) == oid:
-            return i
-        return None
-
-    def offset(self, i: int) -> int:
-        base = self._oid_base + 24 * self.count
-        off: int = struct.unpack_from(">I", self._map, base + 4 * i)[0]
-        if off & 0x80000000:
-            large_base = base + 4 * self.count
-            off = struct.unpack_from(">Q", self._map, large_base + 8 * (off & 0x7FFFFFFF))[0]
-        return off
-
-    def oid_at(self, i: int) -> bytes:
-        return self._oid_at(i)
-
-    def oids(self) -> Iterator[bytes]:
-        for i in range(self.count):
-            yield self._oid_at(i)
-
-    def pread(self, length: int, offset: int) -> bytes:
-        """Bytes of the pack file. Positional reads rather than a mapping: safe on several
-        threads, and restoring a 1 GB pack does not grow the process by 1 GB of mapped pages."""
-        if self._pack_fd < 0:
-            with self._open_lock:
-                if self._pack_fd < 0:
-                    fd = os.open(self.pack_path, os.O_RDONLY)
-                    self.pack_size = os.fstat(fd).st_size
-                    self._pack_fd = fd
-        return os.pread(self._pack_fd, length, offset)
-
-    def next_offset(self, i: int, pack_end: int) -> int:
-        """Where the object after index entry ``i`` starts (objects are contiguous)."""
-        if self._sorted_offsets is None:
-            self._sorted_offsets = sorted(self.offset(j) for j in range(self.count))
-        offsets = self._sorted_offsets
-        k = bisect.bisect_right(offsets, self.offset(i))
-        return offsets[k] if k < len(offsets) else pack_end
-
-    def close(self) -> None:
-        self._map.close()
-        if self._pack_fd >= 0:
-            os.close(self._pack_fd)
-            self._pack_fd = -1
-
-
-class _OidView:
-    """Sequence adapter so :func:`bisect.bisect_left` can search the mmapped oid table."""
-
-    def __init__(self, index: _PackIndex) -> None:
-        self._index = index
-
-    def __getitem__(self, i: int) -> bytes:
-        return self._index._oid_at(i)
-
-    def __len__(self) -> int:
-        return self._index.count
-
-
 class ObjectStore:
     """Existence checks and raw reads over loose objects and packs of one git dir."""
 
@@ -384,7 +255,7 @@ class ObjectStore:
         self.objects_dir = os.path.join(git_dir, "objects")
         self.pack_dir = os.path.join(self.objects_dir, "pack")
         self.tmp_dir = os.path.join(git_dir, "narrative", "tmp")
-        self._indexes: dict[str, _PackIndex] | None = None
+        self._indexes: dict[str, PackIndex] | None = None
         self._loose_dirs: set[str] | None = None
         self._repo: Any = None
         self._dulwich: Any = None
@@ -406,7 +277,7 @@ class ObjectStore:
                 self._close_dulwich()
             self._dulwich = self._close_dulwich = None
 
-    def _pack_indexes(self) -> dict[str, _PackIndex]:
+    def _pack_indexes(self) -> dict[str, PackIndex]:
         if self._indexes is None:
             self._indexes = {}
             try:
@@ -417,7 +288,7 @@ class ObjectStore:
                 if name.endswith(".idx") and name[:-4] + ".pack" in names:
                     path = os.path.join(self.pack_dir, name)
                     try:
-                        self._indexes[path] = _PackIndex(path)
+                        self._indexes[path] = PackIndex(path)
                     except (OSError, ValueError):
                         continue  # a pack being removed by gc at this instant
         return self._indexes
@@ -536,7 +407,7 @@ class ObjectStore:
                 return self._read_packed(idx, i)
         return None
 
-    def _read_packed(self, idx: _PackIndex, i: int) -> tuple[str, bytes] | None:
+    def _read_packed(self, idx: PackIndex, i: int) -> tuple[str, bytes] | None:
         """Read an undeltified packed object directly; None for deltas (read by a library).
 
         zlib releases the GIL, so restores can inflate on several threads at once.

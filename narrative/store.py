@@ -16,7 +16,8 @@ directory the first time it is found: copied, verified by opening the copy, and 
 the old directory turned into a marker.
 
 Isolation: the store never uses the user's repository, config, hooks or index; git config is
-written so that stock git run against the store runs no hooks and signs nothing.
+written so that stock git run against the store runs no hooks and signs nothing (the files that
+make a store, and its config, are :mod:`narrative.storeconfig`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
 
 from . import location
 from .errors import (
@@ -45,19 +45,23 @@ from .errors import (
 )
 from .fsutil import fsync_dir, write_atomic
 from .ids import is_id, new_id
-from .jsonio import load_json
 from .meta import MetaStore
 from .odb import ObjectStore
 from .refs import THREAD_REF_PREFIX, RefStore
+from .storeconfig import (
+    StoreConfig,
+    is_store,
+    load_config,
+    read_config,
+    write_config,
+    write_git_config,
+    write_skeleton,
+)
 
 __all__ = [
-    "DEFAULT_MANUAL_RUN_TIMEOUT",
-    "DEFAULT_MAX_FILE_SIZE",
-    "DEFAULT_MAX_IMPORT_SIZE",
     "DEFAULT_STORE_NAME",
     "THREAD_REF_PREFIX",
     "Store",
-    "StoreConfig",
     "discover_store",
     "orphaned_checkouts",
 ]
@@ -65,106 +69,20 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_STORE_NAME = location.MARKER_NAME
-DEFAULT_MAX_FILE_SIZE = 50 << 20
-#: The most bytes one import may expand to (and so the largest single file it may carry):
-#: a hostile bundle or archive must not fill the disk or memory. ``config max_import_size``.
-DEFAULT_MAX_IMPORT_SIZE = 4 << 30
-DEFAULT_MANUAL_RUN_TIMEOUT = 24 * 3600.0
-_CONFIG = os.path.join("narrative", "config.json")
 _MIGRATING_TO = os.path.join("narrative", "migrating-to")
 # Local files a fork takes along besides objects and refs: its remotes and the event logs of
 # the runs its history names. Environments, hubs, caches and keys stay with the original.
 _FORK_SHARED = (os.path.join("narrative", "remotes.json"), os.path.join("narrative", "runs"))
 
-_GIT_CONFIG = """\
-[core]
-\trepositoryformatversion = 0
-\tfilemode = true
-\tbare = true
-\tlogAllRefUpdates = false
-\thooksPath = {hooks}
-[gc]
-\tauto = 0
-[commit]
-\tgpgSign = false
-[tag]
-\tgpgSign = false
-[receive]
-\tdenyNonFastForwards = false
-"""
-
-
-@dataclass
-class StoreConfig:
-    """Local settings of one store (not part of the narrative; not shipped in bundles)."""
-
-    workspace: str
-    default_objective: str = ""
-    default_thread: str = ""
-    max_file_size: int = DEFAULT_MAX_FILE_SIZE
-    max_import_size: int = DEFAULT_MAX_IMPORT_SIZE
-    manual_run_timeout: float = DEFAULT_MANUAL_RUN_TIMEOUT
-    """Seconds a ``run start --manual`` run may wait for ``run finish`` before it is swept."""
-    workspace_id: str = ""
-    """The id the workspace's marker holds (empty in stores of the old layout)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "workspace": self.workspace,
-            "workspace_id": self.workspace_id,
-            "default_objective": self.default_objective,
-            "default_thread": self.default_thread,
-            "max_file_size": self.max_file_size,
-            "max_import_size": self.max_import_size,
-            "manual_run_timeout": self.manual_run_timeout,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Any, path: str) -> StoreConfig:
-        try:
-            cfg = cls(
-                workspace=str(data["workspace"]),
-                default_objective=str(data.get("default_objective", "")),
-                default_thread=str(data.get("default_thread", "")),
-                max_file_size=int(data.get("max_file_size", DEFAULT_MAX_FILE_SIZE)),
-                max_import_size=int(data.get("max_import_size", DEFAULT_MAX_IMPORT_SIZE)),
-                manual_run_timeout=float(
-                    data.get("manual_run_timeout", DEFAULT_MANUAL_RUN_TIMEOUT)
-                ),
-                workspace_id=str(data.get("workspace_id", "")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StoreCorrupted(f"invalid store config {path}: {exc}") from exc
-        if not (is_id(cfg.default_thread, "thread") and is_id(cfg.default_objective, "objective")):
-            raise StoreCorrupted(f"invalid store config {path}: no default objective/thread")
-        if cfg.workspace_id and not is_id(cfg.workspace_id, "workspace"):
-            raise StoreCorrupted(f"invalid store config {path}: bad workspace id")
-        return cfg
-
-
-def _is_store(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, _CONFIG))
-
-
-def _read_config(git_dir: str) -> StoreConfig | None:
-    """The config of the store at ``git_dir``; None when there is no readable one."""
-    path = os.path.join(git_dir, _CONFIG)
-    try:
-        with open(path, "rb") as f:
-            return StoreConfig.from_dict(load_json(f), path)
-    except (OSError, ValueError, StoreCorrupted):
-        return None
-
 
 def orphaned_checkouts() -> list[str]:
     """Worktree checkouts in the data directory whose store no longer exists."""
-    return location.orphaned_checkouts(_is_store)
+    return location.orphaned_checkouts(is_store)
 
 
 def _indexed_store_matches(workspace: str, workspace_id: str) -> bool:
     """An index entry counts only while its store still records that workspace."""
-    config = _read_config(location.default_store_dir(workspace_id))
+    config = read_config(location.default_store_dir(workspace_id))
     return config is not None and config.workspace == workspace
 
 
@@ -177,7 +95,7 @@ def discover_store(start: str) -> str | None:
     if found.workspace_id is None:
         return location.marker_dir(found.workspace)
     git_dir = location.default_store_dir(found.workspace_id)
-    return git_dir if _is_store(git_dir) else None
+    return git_dir if is_store(git_dir) else None
 
 
 class Store:
@@ -242,7 +160,7 @@ class Store:
             existing = location.read_marker(workspace)
             if existing is None:
                 existing = location.index_lookup(workspace)
-            config = _read_config(location.default_store_dir(existing)) if existing else None
+            config = read_config(location.default_store_dir(existing)) if existing else None
             if existing is not None and config is not None:
                 if config.workspace == workspace:
                     raise StoreExists(location.default_store_dir(existing))
@@ -267,11 +185,11 @@ class Store:
 
     @classmethod
     def _create(cls, git_dir: str, workspace: str, workspace_id: str) -> Store:
-        if _is_store(git_dir):
+        if is_store(git_dir):
             raise StoreExists(git_dir)
         if os.path.isdir(git_dir) and os.listdir(git_dir):
             raise InvalidInput(f"refusing to create a store in a non-empty directory: {git_dir}")
-        _write_skeleton(git_dir, git_dir)
+        write_skeleton(git_dir, git_dir)
         config = StoreConfig(workspace=workspace, workspace_id=workspace_id)
         store = cls(git_dir, config)
         # Written last: a store is only recognised once its config exists.
@@ -301,7 +219,7 @@ class Store:
         migrated_from = None
         if found.workspace_id is None:
             in_place = location.marker_dir(found.workspace)
-            placed = _read_config(in_place)
+            placed = read_config(in_place)
             if placed is not None and placed.workspace_id:
                 # Put in the workspace on purpose (``init --store <ws>/.narrative``, the store of
                 # an environment's runtime): used where it is, never moved.
@@ -313,7 +231,7 @@ class Store:
         else:
             workspace_id = found.workspace_id
         git_dir = location.default_store_dir(workspace_id)
-        if not _is_store(git_dir):
+        if not is_store(git_dir):
             raise StoreNotFound(
                 found.workspace,
                 f"the marker of {found.workspace} names workspace {workspace_id}, but its store "
@@ -331,18 +249,12 @@ class Store:
 
     @classmethod
     def _load(cls, git_dir: str) -> Store:
-        config_path = os.path.join(git_dir, _CONFIG)
-        if not os.path.isfile(config_path):
+        if not is_store(git_dir):
             raise StoreNotFound(git_dir)
         for required in ("HEAD", "objects", "refs"):
             if not os.path.exists(os.path.join(git_dir, required)):
                 raise StoreCorrupted(f"store {git_dir} is missing {required}")
-        try:
-            with open(config_path, "rb") as f:
-                data = load_json(f)
-        except (OSError, ValueError) as exc:
-            raise StoreCorrupted(f"unreadable store config {config_path}: {exc}") from exc
-        return cls(git_dir, StoreConfig.from_dict(data, config_path))
+        return cls(git_dir, load_config(git_dir))
 
     @classmethod
     def adopt(cls, start: str) -> Store:
@@ -385,8 +297,7 @@ class Store:
         return store
 
     def save_config(self) -> None:
-        data = json.dumps(self.config.to_dict(), indent=2).encode() + b"\n"
-        write_atomic(os.path.join(self.git_dir, _CONFIG), data)
+        write_config(self.git_dir, self.config)
 
     # -- locking --------------------------------------------------------------------------------
 
@@ -435,7 +346,7 @@ def _copied_workspace(start: str) -> tuple[location.Found, str]:
         git_dir = location.marker_dir(found.workspace)  # a store kept in the workspace
     else:
         git_dir = location.default_store_dir(found.workspace_id)
-    config = _read_config(git_dir)
+    config = read_config(git_dir)
     if config is None:
         raise StoreNotFound(
             found.workspace,
@@ -455,26 +366,6 @@ def _repair_marker(workspace: str, workspace_id: str) -> None:
             location.write_marker(workspace, workspace_id)
     except (OSError, StoreError) as exc:
         log.warning("cannot write the marker of %s: %s", workspace, exc)
-
-
-def _write_skeleton(git_dir: str, final_dir: str) -> None:
-    """The files of an empty store at ``git_dir`` that will live at ``final_dir`` (git's
-    config names its hooks directory by absolute path)."""
-    for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags", "refs/narrative"):
-        os.makedirs(os.path.join(git_dir, sub), exist_ok=True)
-    os.makedirs(os.path.join(git_dir, "narrative", "no-hooks"), exist_ok=True)
-    os.makedirs(os.path.join(git_dir, "narrative", "tmp"), exist_ok=True)
-    _write_git_config(git_dir, final_dir)
-    write_atomic(os.path.join(git_dir, "HEAD"), b"ref: refs/heads/main\n")
-    write_atomic(os.path.join(git_dir, ".gitignore"), b"*\n")
-    write_atomic(
-        os.path.join(git_dir, "description"), b"narrative-engine shadow store (do not edit)\n"
-    )
-
-
-def _write_git_config(git_dir: str, final_dir: str) -> None:
-    hooks = os.path.join(final_dir, "narrative", "no-hooks")
-    write_atomic(os.path.join(git_dir, "config"), _GIT_CONFIG.format(hooks=hooks).encode())
 
 
 def _replicate(source: Store, final: str, config: StoreConfig, whole: bool) -> Store:
@@ -505,10 +396,10 @@ def _replicate(source: Store, final: str, config: StoreConfig, whole: bool) -> S
                 symlinks=True,
                 ignore=shutil.ignore_patterns("*.lock", ".tmp-*", "migrating-to"),
             )
-            _write_git_config(tmp, final)
+            write_git_config(tmp, final)
             _relocate_paths(os.path.join(tmp, "narrative"), source.git_dir, final)
         else:
-            _write_skeleton(tmp, final)
+            write_skeleton(tmp, final)
             # refs first: every object they name was written before them, so it is copied too
             shutil.copytree(
                 os.path.join(source.git_dir, "refs"),
@@ -533,9 +424,7 @@ def _replicate(source: Store, final: str, config: StoreConfig, whole: bool) -> S
                     shutil.copytree(src, os.path.join(tmp, shared), symlinks=True)
                 elif os.path.isfile(src):
                     shutil.copy2(src, os.path.join(tmp, shared))
-        write_atomic(
-            os.path.join(tmp, _CONFIG), json.dumps(config.to_dict(), indent=2).encode() + b"\n"
-        )
+        write_config(tmp, config)
         copy = Store._load(tmp)
         refs = copy.refs.list("refs/")
         missing = [name for name, oid in refs.items() if not copy.odb.exists(oid)]
@@ -602,7 +491,7 @@ def _migrate_legacy_locked(workspace: str) -> str:
             write_atomic(os.path.join(legacy, _MIGRATING_TO), workspace_id.encode() + b"\n")
             final = location.default_store_dir(workspace_id)
             config = replace(source.config, workspace_id=workspace_id)
-            existing = _read_config(final)
+            existing = read_config(final)
             if existing is not None and Store._load(final).refs.list("refs/") != (
                 source.refs.list("refs/")
             ):

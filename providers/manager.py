@@ -3,41 +3,33 @@
 Every state change goes through :meth:`EnvironmentManager._move`, which checks the lifecycle
 table and persists the record (with a short history) before and after the provider acts, so a
 crash mid-operation leaves a record that says what was under way (``starting``, ``stopping``...)
-and the next health check or :meth:`reconnect_all` settles it. Each environment has an
-append-only log (``<store>/narrative/envs/<env-id>/log``) of lifecycle events and command output;
-the output of background processes (:meth:`EnvironmentManager.spawn`, the hub's runtimes) goes to
-``runtime.log`` beside it: directly where the provider can write host files (directory
-providers), else copied from the environment by :meth:`EnvironmentManager.sync_runtime_log`
-(docker, e2b), which remembers in ``runtime-sync.json`` how much of each process's log it copied.
+and the next health check or :meth:`reconnect_all` settles it. The environments' logs are
+:class:`providers.envlogs.EnvironmentLogs` (:attr:`EnvironmentManager.logs`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-import json
 import logging
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 from pydantic import ValidationError
 
 from narrative.errors import InvalidInput, NarrativeError, validation_problem
-from narrative.fsutil import write_atomic
-from narrative.jsonio import parse_json
 from narrative.models import Snapshot, now_iso
 from narrative.store import Store
 
 from .base import BaseProvider, ExecResult, Health, OutputFn, ProviderContext, Signal
+from .envlogs import EnvironmentLogs
 from .errors import IllegalTransition, ProviderError, ProviderUnavailable, ResourceGone
 from .lifecycle import EnvState, can_transition, is_active
-from .records import EnvironmentRecord, EnvironmentStore, env_state_dir, hub_socket_dir
+from .records import EnvironmentRecord, EnvironmentStore, hub_socket_dir
 from .registry import get_provider_class, pick_provider
 from .usage import UsageMeter
 
@@ -48,10 +40,6 @@ log = logging.getLogger(__name__)
 DEFAULT_HEALTH_INTERVAL = 30.0
 _HISTORY = 50
 _NAME_MAX = 64
-_SYNC_KEEP = 100
-"""Processes remembered in ``runtime-sync.json`` (the oldest finished ones are forgotten)."""
-_HEADER = "--- narrative: "
-"""Starts the lines the manager writes into ``runtime.log`` between processes' output."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +77,8 @@ class EnvironmentManager:
         self.owner = f"narrative-{digest[:16]}"
         """Label value on every resource this store creates (leaked ones are swept by it)."""
         self._providers: dict[str, BaseProvider] = {}
+        self.logs = EnvironmentLogs(store, self.records, self.provider)
+        """The environments' host-side logs (lifecycle events, command and process output)."""
 
     # -- providers ------------------------------------------------------------------------------
 
@@ -103,127 +93,6 @@ class EnvironmentManager:
         instance = cls(context, config)
         self._providers[record.id] = instance
         return instance
-
-    def _log_path(self, record: EnvironmentRecord) -> str:
-        return os.path.join(env_state_dir(self.store, record.id), "log")
-
-    def runtime_log_path(self, name: str) -> str:
-        """Where the output of the environment's background processes goes on the host
-        (written there by directory providers; copied there by :meth:`sync_runtime_log` from
-        docker and e2b, which keep it inside the environment, see their ``spawn``)."""
-        return os.path.join(env_state_dir(self.store, self.records.get(name).id), "runtime.log")
-
-    def _log(self, record: EnvironmentRecord, line: str) -> None:
-        path = self._log_path(record)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "ab") as f:
-            f.write(f"{now_iso()} {line}\n".encode(errors="surrogateescape"))
-
-    def logs(self, name: str, tail: int | None = None) -> list[str]:
-        """The environment's log lines (the last ``tail`` of them)."""
-        return _tail_lines(self._log_path(self.records.get(name)), tail)
-
-    def runtime_logs(self, name: str, tail: int | None = None) -> list[str]:
-        """The lines of the host's ``runtime.log`` (the last ``tail`` of them), after copying
-        what the environment holds that is not there yet, when it can be read."""
-        try:
-            self.sync_runtime_log(name)
-        except NarrativeError as exc:  # what the host has is still worth showing
-            log.info("cannot copy the runtime log of %s: %s", name, exc)
-        return _tail_lines(self.runtime_log_path(name), tail)
-
-    def runtime_log_tail(self, name: str, handle: str, lines: int = 20) -> list[str]:
-        """The last ``lines`` lines one spawned process wrote (read from the environment, or
-        from the host file that directory providers share between processes, from the
-        manager's line before that process on); [] when there is nothing to read."""
-        record = self.records.get(name)
-        if record.resource_id is None:
-            return []
-        provider = self.provider(record)
-        try:
-            piece = provider.read_spawn_log(
-                record.resource_id, handle, log_path=self.runtime_log_path(record.id)
-            )
-        except NarrativeError as exc:
-            log.info("cannot read the log of %s in %s: %s", handle, record.name, exc)
-            return []
-        found = piece.data.decode(errors="replace").splitlines()
-        if provider.spawn_log_on_host:
-            starts = [i for i, line in enumerate(found) if line.startswith(_HEADER)]
-            found = found[starts[-1] + 1 :] if starts else found
-        return found[-lines:]
-
-    def sync_runtime_log(self, name: str, handle: str | None = None) -> None:
-        """Append to the host's ``runtime.log`` what the environment holds of the output of
-        ``handle`` (default: of every spawned process whose output may still grow) that was
-        not copied yet. Nothing to do for providers that write that file themselves.
-
-        Best effort: an environment that cannot be read adds nothing now (a later call
-        copies it). A process found finished is copied one last time and then left alone.
-        Concurrent calls (a hub and ``env logs``) are serialised by a lock on the log.
-        """
-        record = self.records.get(name)
-        resource = record.resource_id
-        provider = self.provider(record)
-        if resource is None or provider.spawn_log_on_host:
-            return
-        with self._syncing(record) as (out, state):
-            if handle is not None:
-                state.setdefault(handle, {"copied": 0, "done": False})
-            for known, entry in state.items():
-                if entry["done"] or (handle is not None and known != handle):
-                    continue
-                try:
-                    finished = not provider.alive(resource, known)  # asked before the read
-                except (ResourceGone, InvalidInput):  # gone, or never a handle of this resource
-                    entry["done"] = True
-                    continue
-                except NarrativeError:
-                    finished = False
-                piece = provider.read_spawn_log(resource, known, since=entry["copied"])
-                if piece.data:
-                    if entry["copied"] == 0:
-                        out.write(f"{_HEADER}{now_iso()} output of {known} ---\n".encode())
-                    if piece.start > entry["copied"]:
-                        skipped = piece.start - entry["copied"]
-                        out.write(f"{_HEADER}{skipped} bytes left out ---\n".encode())
-                    out.write(piece.data)
-                    if finished and not piece.data.endswith(b"\n"):
-                        out.write(b"\n")  # the next process's output starts on a line of its own
-                    entry["copied"] = piece.size
-                entry["done"] = finished
-
-    @contextlib.contextmanager
-    def _syncing(
-        self, record: EnvironmentRecord
-    ) -> Iterator[tuple[BinaryIO, dict[str, dict[str, Any]]]]:
-        """The host's ``runtime.log`` open for appending, locked, and how much of each spawned
-        process's log was copied into it (saved on exit). A damaged state file counts as
-        empty: at worst some output is copied twice."""
-        path = self.runtime_log_path(record.id)
-        state_path = os.path.join(os.path.dirname(path), "runtime-sync.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "ab") as out:
-            fcntl.flock(out.fileno(), fcntl.LOCK_EX)
-            try:
-                with open(state_path, "rb") as f:
-                    raw = parse_json(f.read())
-            except (FileNotFoundError, ValueError):
-                raw = {}
-            state = {
-                str(key): {"copied": entry["copied"], "done": entry["done"]}
-                for key, entry in (raw.items() if isinstance(raw, dict) else ())
-                if isinstance(entry, dict)
-                and isinstance(entry.get("copied"), int)
-                and isinstance(entry.get("done"), bool)
-            }
-            try:
-                yield out, state
-            finally:  # also after a failure part way: what was written is recorded as copied
-                done = [key for key, entry in state.items() if entry["done"]]
-                for key in done[: max(len(state) - _SYNC_KEEP, 0)]:
-                    del state[key]
-                write_atomic(state_path, json.dumps(state).encode(), durable=False)
 
     # -- records and transitions ----------------------------------------------------------------
 
@@ -252,7 +121,9 @@ class EnvironmentManager:
 
         updated, _ = self.records.change(record.id, change)
         if record.state is not target:
-            self._log(updated, f"state {record.state.value} -> {target.value} {reason}".rstrip())
+            self.logs.append(
+                updated, f"state {record.state.value} -> {target.value} {reason}".rstrip()
+            )
         return updated
 
     def _fail(self, record: EnvironmentRecord, exc: BaseException) -> None:
@@ -338,14 +209,14 @@ class EnvironmentManager:
                 unenforced=unenforced,
             )
         )
-        self._log(record, f"created with provider {provider}")
+        self.logs.append(record, f"created with provider {provider}")
         try:
             resource = self.provider(record).create()
         except BaseException as exc:
             self._fail(record, exc)
             raise
         record, _ = self.records.change(record.id, lambda r: setattr(r, "resource_id", resource))
-        self._log(record, f"resource {resource}")
+        self.logs.append(record, f"resource {resource}")
         return self.start(record.id) if start else record
 
     def _resource(self, record: EnvironmentRecord) -> str:
@@ -427,8 +298,8 @@ class EnvironmentManager:
     ) -> ExecResult:
         """Run a command in the environment; output is streamed and appended to its log."""
         record, provider, resource = self.require_active(name)
-        self._log(record, f"exec {' '.join(argv)}")
-        with open(self._log_path(record), "ab") as logf:
+        self.logs.append(record, f"exec {' '.join(argv)}")
+        with open(self.logs.path(record), "ab") as logf:
 
             def tee(stream: str, chunk: bytes) -> None:
                 logf.write(chunk)
@@ -442,7 +313,7 @@ class EnvironmentManager:
                 self._fail(record, exc)
                 raise
         suffix = " (timed out)" if result.timed_out else ""
-        self._log(record, f"exit {result.exit_code}{suffix}")
+        self.logs.append(record, f"exit {result.exit_code}{suffix}")
         return result
 
     def prepare_run(self, name: str, snapshot: Snapshot | None) -> None:
@@ -452,10 +323,10 @@ class EnvironmentManager:
         restores the run's input itself) and the private temporary directories emptied.
         The caller holds the environment's lease."""
         record, provider, resource = self.require_active(name)
-        self._log(record, f"reset for a run from {snapshot.id if snapshot else 'nothing'}")
+        self.logs.append(record, f"reset for a run from {snapshot.id if snapshot else 'nothing'}")
         try:
             # the output of earlier runtimes is copied out before their temp files go
-            self.sync_runtime_log(record.id)
+            self.logs.sync_runtime(record.id)
         except NarrativeError as exc:
             log.info("cannot copy the runtime log of %s: %s", name, exc)
         try:
@@ -467,26 +338,19 @@ class EnvironmentManager:
 
     def spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
         """Start a background process in the environment (which must be active); return its
-        handle for :meth:`signal` and :meth:`alive`. Its output goes to :meth:`runtime_log_path`.
-        """
+        handle for :meth:`signal` and :meth:`alive`. Its output goes to the host's
+        ``runtime.log`` (:meth:`EnvironmentLogs.runtime_path`)."""
         record, provider, resource = self.require_active(name)
-        self._log(record, f"spawn {' '.join(argv)}")
-        log_path = self.runtime_log_path(record.id)
-        os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        if provider.spawn_log_on_host:
-            # The file holds every process's output: this line marks where this one's starts.
-            with open(log_path, "ab") as f:
-                f.write(f"{_HEADER}{now_iso()} spawn {' '.join(argv)} ---\n".encode())
+        self.logs.append(record, f"spawn {' '.join(argv)}")
+        log_path = self.logs.start_spawn(record, argv, provider.spawn_log_on_host)
         try:
             handle = provider.spawn(resource, argv, env=env, log_path=log_path)
         except (ResourceGone, ProviderUnavailable) as exc:
             self._fail(record, exc)
             raise
-        self._log(record, f"spawned {handle}")
+        self.logs.append(record, f"spawned {handle}")
         if not provider.spawn_log_on_host:
-            # Remembered, so that a sync without a handle (``env logs --runtime``) copies it.
-            with self._syncing(record) as (_out, state):
-                state[handle] = {"copied": 0, "done": False}
+            self.logs.track_spawn(record, handle)
         return handle
 
     def signal(self, name: str, handle: str, sig: Signal) -> None:
@@ -494,7 +358,7 @@ class EnvironmentManager:
         exited). Allowed in any state in which the environment has a resource."""
         record = self.records.get(name)
         resource = self._resource(record)
-        self._log(record, f"signal {sig} {handle}")
+        self.logs.append(record, f"signal {sig} {handle}")
         try:
             self.provider(record).signal(resource, handle, sig)
         except (ResourceGone, ProviderUnavailable) as exc:
@@ -621,13 +485,3 @@ class EnvironmentManager:
             except NarrativeError:
                 log.warning("health check failed", exc_info=True)
             log.debug("health check took %.3fs", time.monotonic() - started)
-
-
-def _tail_lines(path: str, tail: int | None) -> list[str]:
-    """The lines of a log file (the last ``tail`` of them); [] when there is none yet."""
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().decode(errors="replace").splitlines()
-    except FileNotFoundError:
-        return []
-    return lines[-tail:] if tail else lines

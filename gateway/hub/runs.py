@@ -682,7 +682,7 @@ class RunDriver:
             return
         try:
             lines = await self.hub.blocking(
-                lambda: self.hub.manager.runtime_log_tail(env, handle, _LOG_LINES)
+                lambda: self.hub.manager.logs.runtime_tail(env, handle, _LOG_LINES)
             )
         except (NarrativeError, OSError) as exc:
             log.info("cannot read the runtime log of %s: %s", self.run.id, exc)
@@ -709,7 +709,7 @@ class RunDriver:
                 await self.hub.blocking(lambda: self.hub.manager.signal(env, handle, "kill"))
         # Docker and e2b keep the runtime's output inside: copy it next to the others'.
         try:
-            await self.hub.blocking(lambda: self.hub.manager.sync_runtime_log(env, handle))
+            await self.hub.blocking(lambda: self.hub.manager.logs.sync_runtime(env, handle))
         except (NarrativeError, OSError) as exc:
             log.info("cannot copy the runtime log of %s: %s", self.run.id, exc)
 

@@ -191,7 +191,7 @@ def check_failing_runtime(cli: Cli, workspace: Path, env: str) -> None:
     assert "| boom-marker" in cli.run("run", "show", run["id"]).stdout
     # on the host already: written there, or copied when the runtime was retired
     store = Store.open(str(store_dir_of(workspace)))
-    host_log = EnvironmentManager(store).runtime_log_path(env)
+    host_log = EnvironmentManager(store).logs.runtime_path(env)
     with open(host_log) as f:
         assert f.read().count("boom-marker") == 1
     for _ in range(2):

@@ -66,8 +66,8 @@ def test_runtime_failing_at_once_in_a_sandbox_shows_its_output(
     assert final.status == "failed"
     logged = [e for e in history if e["type"] == "runtime.log"]
     assert [e["lines"] for e in logged] == [["boom-marker"]]
-    with open(manager.runtime_log_path("sb")) as f:
+    with open(manager.logs.runtime_path("sb")) as f:
         copied = f.read()
     assert copied.count("boom-marker") == 1 and logged[0]["handle"] in copied
-    assert manager.runtime_logs("sb")[-1:] == ["boom-marker"]
-    assert manager.runtime_logs("sb").count("boom-marker") == 1
+    assert manager.logs.runtime_lines("sb")[-1:] == ["boom-marker"]
+    assert manager.logs.runtime_lines("sb").count("boom-marker") == 1

@@ -106,10 +106,10 @@ def test_exec_output_goes_to_the_log(store: Store) -> None:
         "box", ["sh", "-c", "echo visible; exit 3"], on_output=lambda s, c: chunks.append(c)
     )
     assert result.exit_code == 3 and b"".join(chunks) == b"visible\n"
-    lines = manager.logs("box")
+    lines = manager.logs.lines("box")
     assert any(line.endswith("exec sh -c echo visible; exit 3") for line in lines)
     assert "visible" in lines and lines[-1].endswith("exit 3")
-    assert manager.logs("box", tail=1) == lines[-1:]
+    assert manager.logs.lines("box", tail=1) == lines[-1:]
 
 
 def test_heartbeat_loss_and_recovery(store: Store, flaky: type[FlakyProvider]) -> None:

@@ -309,12 +309,12 @@ def test_manager_spawn_signal_alive(store: Store) -> None:
     handle = manager.spawn("box", ["sh", "-c", f"echo started; {TREE}"], env={"SPAWN_TEST": tag})
     pids = wait_tree(tag)
     assert manager.alive("box", handle)
-    log = Path(manager.runtime_log_path("box"))
+    log = Path(manager.logs.runtime_path("box"))
     assert log.parent.name == record.id
     wait_for(lambda: log.exists() and b"started" in log.read_bytes(), what="runtime.log")
     manager.signal("box", handle, "term")
     assert_ended(pids, lambda: manager.alive("box", handle))
-    lines = manager.logs("box")
+    lines = manager.logs.lines("box")
     assert any(line.endswith(f"spawned {handle}") for line in lines)
     assert any(line.endswith(f"signal term {handle}") for line in lines)
     manager.stop("box")
@@ -416,24 +416,24 @@ def test_docker_manager_copies_the_runtime_log_to_the_host_once(
     try:
         script = "echo first; while [ ! -e go ]; do sleep 0.05; done; echo second; echo oops >&2"
         handle = manager.spawn("box", ["sh", "-c", script])
-        log = Path(manager.runtime_log_path("box"))
-        wait_for(lambda: manager.runtime_log_tail("box", handle) == ["first"], what="first line")
-        manager.sync_runtime_log("box")  # every process still running
+        log = Path(manager.logs.runtime_path("box"))
+        wait_for(lambda: manager.logs.runtime_tail("box", handle) == ["first"], what="first line")
+        manager.logs.sync_runtime("box")  # every process still running
         assert manager.alive("box", handle)
         assert log.read_text().splitlines()[1:] == ["first"]
         manager.exec("box", ["touch", "go"])
         wait_for(lambda: not manager.alive("box", handle), what="the process to end")
-        assert manager.runtime_log_tail("box", handle) == ["first", "second", "oops"]
-        manager.sync_runtime_log("box", handle)
-        manager.sync_runtime_log("box", handle)
-        lines = manager.runtime_logs("box")
+        assert manager.logs.runtime_tail("box", handle) == ["first", "second", "oops"]
+        manager.logs.sync_runtime("box", handle)
+        manager.logs.sync_runtime("box", handle)
+        lines = manager.logs.runtime_lines("box")
         assert lines[0].startswith("--- narrative: ") and handle in lines[0]
         assert lines[1:] == ["first", "second", "oops"]
-        assert manager.runtime_logs("box", tail=2) == ["second", "oops"]
+        assert manager.logs.runtime_lines("box", tail=2) == ["second", "oops"]
         # a finished process was copied for good: a later sync adds nothing
         manager.stop("box")
-        manager.sync_runtime_log("box")
-        assert manager.runtime_logs("box")[1:] == ["first", "second", "oops"]
+        manager.logs.sync_runtime("box")
+        assert manager.logs.runtime_lines("box")[1:] == ["first", "second", "oops"]
     finally:
         provider: Any = manager.provider(manager.get("box"))
         manager.delete("box")
