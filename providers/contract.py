@@ -57,6 +57,9 @@ class ContractTarget:
     lists_resources: bool = True
     """``list_resources`` finds this store's resources by their owner label, so
     :meth:`~providers.manager.EnvironmentManager.sweep` can remove leaked ones."""
+    foreign_handles: tuple[str, ...] = ()
+    """Process handles of the provider's own shape that it never issued (besides ``""`` and
+    ``"garbage"``, which every provider must refuse)."""
 
 
 def _git(*args: str, env: Mapping[str, str] | None = None) -> str:
@@ -93,6 +96,8 @@ def _new_store(scratch: Path) -> Store:
     (workspace / "a" / "b").mkdir(parents=True)
     (workspace / "a" / "b" / "deep.txt").write_text("deep\n")
     (workspace / "ünïcode name.txt").write_text("ü\n")
+    (workspace / ".hidden").write_text("dot file\n")
+    (workspace / ".gitignore").write_text("*.log\n")
     return Store.init(str(workspace))
 
 
@@ -147,10 +152,11 @@ def check_lifecycle(target: ContractTarget, scratch: Path) -> None:
     assert record.state is EnvState.CREATED, record
     assert manager.start("life").state is EnvState.RUNNING
     assert provider.health(resource) is Health.OK
+    provider.write_file(resource, "kept.txt", b"kept across stop and start")
     assert manager.stop("life").state is EnvState.STOPPED
     assert manager.start("life").state is EnvState.RUNNING
     assert manager.restart("life").state is EnvState.RUNNING
-    assert manager.exec("life", ["true"]).exit_code == 0
+    assert manager.exec("life", ["cat", "kept.txt"]).stdout == b"kept across stop and start"
     record = _delete(target, manager, "life", resource)
     assert record.state is EnvState.ARCHIVED
     moves = [(EnvState(h["from"]), EnvState(h["to"])) for h in record.history]
@@ -186,11 +192,12 @@ def check_exec(target: ContractTarget, scratch: Path) -> None:
         assert missing.exit_code == 127, missing
     started = time.monotonic()
     timed = provider.exec(
-        rid, ["sh", "-c", "(sleep 3; echo late > late.txt) & sleep 60"], timeout=1.0
+        rid, ["sh", "-c", "echo begun; (sleep 1; echo late > late.txt) & sleep 60"], timeout=0.5
     )
     assert timed.timed_out and timed.exit_code != 0, timed
+    assert timed.stdout == b"begun\n", timed
     assert time.monotonic() - started < DEADLINE
-    time.sleep(3.5)
+    time.sleep(1.5)
     assert provider.exec(rid, ["test", "-e", "late.txt"]).exit_code != 0, "a child outlived it"
     _delete(target, manager, "exec", rid)
 
@@ -202,11 +209,15 @@ def check_files(target: ContractTarget, scratch: Path) -> None:
     blob = bytes(range(256)) * 1024
     provider.write_file(rid, "deep/dir/data.bin", blob)
     assert provider.read_file(rid, "deep/dir/data.bin") == blob
+    assert provider.read_file(rid, "./deep//dir/data.bin") == blob
+    provider.write_file(rid, "deep/dir/data.bin", b"replaced")
+    assert provider.exec(rid, ["cat", "deep/dir/data.bin"]).stdout == b"replaced"
     provider.delete_file(rid, "deep/dir/data.bin")
     assert provider.exec(rid, ["test", "-e", "deep/dir/data.bin"]).exit_code != 0
-    for bad in ("/etc/passwd", "../x", "a/../../x", "", "."):
+    for bad in ("/etc/passwd", "../x", "a/../../x", "", ".", "a\x00b"):
         _refused(f"writing {bad!r}", provider.write_file, rid, bad, b"x")
         _refused(f"reading {bad!r}", provider.read_file, rid, bad)
+        _refused(f"deleting {bad!r}", provider.delete_file, rid, bad)
     _delete(target, manager, "files", rid)
 
 
@@ -220,21 +231,30 @@ def check_restore_and_collect(target: ContractTarget, scratch: Path) -> None:
     manager = EnvironmentManager(store)
     _, provider, rid = _create(target, manager, "restore")
     provider.write_file(rid, "stale.txt", b"must vanish on restore")
+    provider.write_file(rid, "old/stale.txt", b"and its directory")
     provider.restore(rid, base)
-    assert provider.exec(rid, ["test", "-e", "stale.txt"]).exit_code != 0
+    listing = provider.exec(rid, ["ls", "-A"]).stdout.decode().split()
+    assert "stale.txt" not in listing and "old" not in listing, listing
+    assert ".hidden" in listing, listing
     assert provider.exec(rid, ["./tool.sh"]).stdout == b"tool\n"  # the exec bit survived
     assert provider.exec(rid, ["cat", "link"]).stdout == b"print('hello')\n"
     assert provider.read_file(rid, "data.bin") == (workspace / "data.bin").read_bytes()
     thread = store.config.default_thread
     same = provider.collect(rid, thread, None, "unchanged")
     assert same.tree == base.tree
-    script = "echo changed > README.md && rm data.bin && mkdir -p n && echo n > n/new.txt"
+    script = (
+        "echo changed > README.md && rm data.bin && mkdir -p n && echo n > n/new.txt"
+        " && chmod +x empty.txt && echo ignored > build.log"
+    )
     assert provider.exec(rid, ["sh", "-c", script]).exit_code == 0
     changed = provider.collect(rid, thread, None, "changed")
+    assert changed.thread == thread
     (workspace / "README.md").write_text("changed\n")
     (workspace / "data.bin").unlink()
     (workspace / "n").mkdir()
     (workspace / "n" / "new.txt").write_text("n\n")
+    (workspace / "empty.txt").chmod(0o755)
+    (workspace / "build.log").write_text("ignored\n")  # .gitignore keeps it out of both
     assert changed.tree == git_tree_of(workspace, scratch) != base.tree
     _delete(target, manager, "restore", rid)
 
@@ -261,7 +281,7 @@ def check_spawn_signal_alive(target: ContractTarget, scratch: Path) -> None:
         time.sleep(0.5)
         assert _beats(provider, rid) == ended, f"a child outlived {sig}"
         provider.signal(rid, handle, "term")  # ended: no error
-    for bad in ("", "garbage"):
+    for bad in ("", "garbage", *target.foreign_handles):
         _refused(f"signalling handle {bad!r}", provider.signal, rid, bad, "term")
         _refused(f"probing handle {bad!r}", provider.alive, rid, bad)
     _refused("spawning an empty argv", provider.spawn, rid, [])

@@ -18,6 +18,10 @@ from providers.contract import ContractTarget
 
 #: every provider of the contract suite
 PROVIDERS = ["worktree", "local", "docker", "e2b"]
+#: handles of each provider's shape (and of the others') that it never issued
+DIRECTORY_FOREIGN = ("proc:1", "proc:0:1:" + "0" * 24, "docker:x:y", "proc:12:34:zz")
+DOCKER_FOREIGN = ("proc:1:2:" + "0" * 24, "docker:abc:def", "e2b:1:" + "0" * 24)
+E2B_FOREIGN = ("e2b:0:" + "0" * 24, "e2b:12:short")
 #: those an agent can be run in from the CLI on this machine, isolated: the directory providers
 #: in their sandbox and Docker on the test engine (e2b needs a control plane the tests lack)
 ISOLATED_PROVIDERS = ["worktree", "local", "docker"]
@@ -57,12 +61,19 @@ def contract_target(request: pytest.FixtureRequest, provider: str, scratch: Path
             before_create=envd.add_sandbox,  # debug mode: one sandbox id, made afresh
             after_delete=envd.kill,  # debug mode: the SDK's kill is the control plane's
             lists_resources=False,  # debug mode has no control plane to list from
+            foreign_handles=E2B_FOREIGN,
         )
     sandbox_or_skip()
     if provider == "local":
         config = {"path": str(scratch / "local-env")}
-        return ContractTarget("local", config, keeps_resource=True, lists_resources=False)
-    return ContractTarget(provider, lists_resources=False)
+        return ContractTarget(
+            "local",
+            config,
+            keeps_resource=True,
+            lists_resources=False,
+            foreign_handles=DIRECTORY_FOREIGN,
+        )
+    return ContractTarget(provider, foreign_handles=DIRECTORY_FOREIGN)
 
 
 def env_create_args(request: pytest.FixtureRequest, provider: str, tmp_path: Path) -> list[str]:
