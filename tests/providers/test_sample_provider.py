@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from narrative.models import Snapshot
+from providers import registry
 from providers.base import ExecResult, OutputFn
 from providers.contract import (
     CHECKS,
@@ -24,7 +25,6 @@ from providers.contract import (
     check_reconnect,
     check_restore_and_collect,
 )
-from providers.registry import register
 from providers.worktree import WorktreeProvider
 
 from ..conftest import Cli
@@ -155,10 +155,12 @@ def test_each_check_catches_its_breach(
     broken: type[WorktreeProvider],
     check: Callable[[ContractTarget, Path], None],
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     sandbox_or_skip()
     name = f"broken-{broken.__name__.lower()}"
-    register(name, broken)
+    # registered for this test only (as test_registry does), so no later pick finds it
+    monkeypatch.setitem(registry._LOADED, name, broken)
     with pytest.raises(AssertionError):
         check(ContractTarget(name), tmp_path)
     # and the unbroken provider passes the same check
