@@ -163,7 +163,7 @@ def check_lifecycle(target: ContractTarget, scratch: Path) -> None:
     assert all(can_transition(a, b) for a, b in moves), moves
     assert [b for _, b in moves][-1] is EnvState.ARCHIVED
     if not target.keeps_resource:
-        assert provider.health(resource) is Health.GONE
+        assert provider.health(resource) is Health.GONE, "the resource outlived its delete"
 
 
 def check_exec(target: ContractTarget, scratch: Path) -> None:
@@ -179,7 +179,7 @@ def check_exec(target: ContractTarget, scratch: Path) -> None:
         on_output=lambda stream, chunk: seen.append((stream, chunk)),
     )
     assert (result.exit_code, result.timed_out) == (7, False), result
-    assert (result.stdout, result.stderr) == (b"out\nv", b"err\n"), result
+    assert (result.stdout, result.stderr) == (b"out\nv", b"err\n"), f"output: {result}"
     assert b"".join(c for s, c in seen if s == "stdout") == result.stdout
     assert b"".join(c for s, c in seen if s == "stderr") == result.stderr
     provider.write_file(rid, "here.txt", b"in the workspace")
@@ -241,7 +241,7 @@ def check_restore_and_collect(target: ContractTarget, scratch: Path) -> None:
     assert provider.read_file(rid, "data.bin") == (workspace / "data.bin").read_bytes()
     thread = store.config.default_thread
     same = provider.collect(rid, thread, None, "unchanged")
-    assert same.tree == base.tree
+    assert same.tree == base.tree, "the restored workspace differs from the snapshot"
     script = (
         "echo changed > README.md && rm data.bin && mkdir -p n && echo n > n/new.txt"
         " && chmod +x empty.txt && echo ignored > build.log"
@@ -351,7 +351,7 @@ def check_labels_and_sweep(target: ContractTarget, scratch: Path) -> None:
         _delete(target, manager, "kept", kept)
         return
     listed = provider.list_resources()
-    assert kept in listed, listed
+    assert kept in listed, f"{kept} is not listed: {listed}"
     # a leak: a resource created for this store that no record knows (a crash mid-create)
     if target.before_create is not None:
         target.before_create()

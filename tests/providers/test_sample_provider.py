@@ -4,8 +4,10 @@ providers that break one promise each are caught by the check for it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -16,14 +18,16 @@ import pytest
 
 from narrative.models import Snapshot
 from providers import registry
-from providers.base import ExecResult, OutputFn
+from providers.base import ExecResult, OutputFn, Signal
 from providers.contract import (
     CHECKS,
     ContractTarget,
     check_exec,
+    check_labels_and_sweep,
     check_lifecycle,
     check_reconnect,
     check_restore_and_collect,
+    check_spawn_signal_alive,
 )
 from providers.worktree import WorktreeProvider
 
@@ -142,18 +146,38 @@ class ForgetsGone(WorktreeProvider):
         return None
 
 
+class SignalsTheLeaderOnly(WorktreeProvider):
+    """Signals the spawned process but not its children."""
+
+    def signal(self, resource_id: str, handle: str, sig: Signal) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(handle.split(":")[1]), signal.SIGKILL)
+
+
+class ListsNothing(WorktreeProvider):
+    """Cannot find its resources, so leaked ones are never swept."""
+
+    def list_resources(self) -> list[str]:
+        return []
+
+
 BREACHES = [
-    (DropsVariables, check_exec),
-    (RestoresTooMuch, check_restore_and_collect),
-    (NeverDeletes, check_lifecycle),
-    (ForgetsGone, check_reconnect),
+    (DropsVariables, check_exec, "output"),
+    (RestoresTooMuch, check_restore_and_collect, "differs from the snapshot"),
+    (NeverDeletes, check_lifecycle, "outlived its delete"),
+    (ForgetsGone, check_reconnect, "did not raise ResourceGone"),
+    (SignalsTheLeaderOnly, check_spawn_signal_alive, "a child outlived term"),
+    (ListsNothing, check_labels_and_sweep, "is not listed"),
 ]
 
 
-@pytest.mark.parametrize(("broken", "check"), BREACHES, ids=[cls.__name__ for cls, _ in BREACHES])
+@pytest.mark.parametrize(
+    ("broken", "check", "breach"), BREACHES, ids=[cls.__name__ for cls, _, _ in BREACHES]
+)
 def test_each_check_catches_its_breach(
     broken: type[WorktreeProvider],
     check: Callable[[ContractTarget, Path], None],
+    breach: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -161,7 +185,8 @@ def test_each_check_catches_its_breach(
     name = f"broken-{broken.__name__.lower()}"
     # registered for this test only (as test_registry does), so no later pick finds it
     monkeypatch.setitem(registry._LOADED, name, broken)
-    with pytest.raises(AssertionError):
-        check(ContractTarget(name), tmp_path)
+    # unsandboxed: bwrap's pid namespace would end the children with their leader
+    with pytest.raises(AssertionError, match=breach):
+        check(ContractTarget(name, {"sandbox": "none"}), tmp_path)
     # and the unbroken provider passes the same check
     check(ContractTarget("worktree"), tmp_path / "unbroken")
