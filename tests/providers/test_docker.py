@@ -18,7 +18,6 @@ from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from providers.base import Health
 from providers.errors import ExecFailed, ImageNotFound, ProviderUnavailable, ResourceGone
-from tests.conftest import git_tree_of
 from tests.providers.test_shipping import entries
 
 pytestmark = pytest.mark.heavy
@@ -121,19 +120,13 @@ def test_stop_start_keeps_state(make_docker_provider: MakeProvider) -> None:
     assert sh(provider, cid, "cat kept.txt").stdout == b"still here\n"
 
 
-def test_reconnect_from_fresh_instance(make_docker_provider: MakeProvider) -> None:
+def test_reconnect_refuses_another_environments_container(
+    make_docker_provider: MakeProvider,
+) -> None:
     provider, cid = running(make_docker_provider)
-    provider.write_file(cid, "state", b"1")
-    ctx = provider.context
-    fresh = make_docker_provider(owner=ctx.owner, env_id=ctx.env_id)
-    fresh.reconnect(cid)
-    assert fresh.exec(cid, ["cat", "state"]).stdout == b"1"
-    stranger = make_docker_provider(owner=ctx.owner)
+    stranger = make_docker_provider(owner=provider.context.owner)  # same store, other env
     with pytest.raises(ResourceGone):
         stranger.reconnect(cid)
-    provider.delete(cid)
-    with pytest.raises(ResourceGone):
-        fresh.reconnect(cid)
 
 
 def test_health_gone_and_idempotent_delete(
@@ -257,19 +250,6 @@ def test_exec_exit_code_env_and_workdir(make_docker_provider: MakeProvider) -> N
         provider.exec(cid, [])
 
 
-def test_exec_timeout_kills_the_command(make_docker_provider: MakeProvider) -> None:
-    provider, cid = running(make_docker_provider)
-    start = time.monotonic()
-    result = sh(provider, cid, "echo begun; sleep 41 & sleep 42; echo never", timeout=1)
-    assert result.timed_out
-    assert result.stdout == b"begun\n"
-    assert result.exit_code != 0
-    assert time.monotonic() - start < 10
-    left = sh(provider, cid, "cat /proc/[0-9]*/cmdline | tr '\\0' ' '").stdout
-    assert b"sleep 41" not in left
-    assert b"sleep 42" not in left
-
-
 def test_exec_callback_error_stops_the_command(make_docker_provider: MakeProvider) -> None:
     provider, cid = running(make_docker_provider)
 
@@ -313,61 +293,7 @@ def test_files_round_trip(make_docker_provider: MakeProvider) -> None:
     assert provider.read_file(cid, "deep/er/blob.bin") == binary
 
 
-@pytest.mark.parametrize("path", ["../etc/passwd", "/etc/passwd", "a/../../x", "", ".", "a\x00b"])
-def test_escaping_paths_are_refused(make_docker_provider: MakeProvider, path: str) -> None:
-    provider, cid = running(make_docker_provider)
-    sh(provider, cid, "echo secret > /tmp/secret; echo x > /etc/probe")
-    for op in (
-        lambda: provider.read_file(cid, path),
-        lambda: provider.write_file(cid, path, b"x"),
-        lambda: provider.delete_file(cid, path),
-    ):
-        with pytest.raises(InvalidInput):
-            op()
-    assert sh(provider, cid, "cat /etc/probe").stdout == b"x\n"
-
-
 # -- snapshots ----------------------------------------------------------------------------------
-
-
-def _rich_workspace(ws: Path) -> None:
-    (ws / "bin").mkdir()
-    tool = ws / "bin" / "tool.sh"
-    tool.write_text("#!/bin/sh\necho tool\n")
-    tool.chmod(0o755)
-    (ws / "data.bin").write_bytes(bytes(range(256)) * 64)
-    (ws / "link").symlink_to("src/app.py")
-    (ws / ".hidden").write_text("dot file\n")
-    (ws / "a" / "b" / "c").mkdir(parents=True)
-    (ws / "a" / "b" / "c" / "deep.txt").write_text("deep\n")
-
-
-def test_restore_then_collect_is_identical(
-    make_docker_provider: MakeProvider, store: Store, workspace: Path, tmp_path: Path
-) -> None:
-    _rich_workspace(workspace)
-    snap = take_snapshot(store, message="base").snapshot
-    assert snap.tree == git_tree_of(workspace, tmp_path)
-    provider, cid = running(make_docker_provider)
-    sh(provider, cid, "mkdir -p old && echo stale > old/x && echo stale > .stale")
-    provider.restore(cid, snap)
-    listing = sh(provider, cid, "ls -A; test -x bin/tool.sh && readlink link").stdout
-    assert b"old" not in listing and b".stale" not in listing
-    assert listing.endswith(b"src/app.py\n")
-    assert sh(provider, cid, "./bin/tool.sh").stdout == b"tool\n"
-
-    thread = new_thread(store, "docker-result")
-    same = provider.collect(cid, thread, None, "unchanged")
-    assert same.tree == snap.tree
-
-    sh(provider, cid, "echo new > src/new.py && rm README.md && chmod +x data.bin")
-    changed = provider.collect(cid, thread, None, "changed")
-    (workspace / "src" / "new.py").write_text("new\n")
-    (workspace / "README.md").unlink()
-    (workspace / "data.bin").chmod(0o755)
-    assert changed.tree == git_tree_of(workspace, tmp_path)
-    assert changed.tree != snap.tree
-    assert changed.thread == thread
 
 
 def test_links_out_of_the_workspace_are_collected_as_data(

@@ -1,10 +1,9 @@
-"""The e2b provider through the real e2b SDK, against the local envd stand-in (E2B_DEBUG)."""
+"""The e2b provider through the real e2b SDK, against the local envd stand-in (E2B_DEBUG), beyond
+the provider contract (``test_contract.py``): debug mode, credentials, error translation."""
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,6 @@ from providers.base import RUNTIME_BOOTSTRAP, Health
 from providers.e2b_provider import E2BProvider, _translate
 from providers.errors import ProviderError, ProviderUnavailable, ResourceGone, RuntimeBroken
 from providers.registry import get_provider_class
-from tests.conftest import git_tree_of
 from tests.providers.e2b_support import (  # noqa: F401  (fixtures)
     WORKDIR,
     envd_fixture,
@@ -53,24 +51,16 @@ def test_registry_and_capabilities() -> None:
         E2BProvider.config_model.model_validate({"type": "e2b", "api_key_env": "e2b_123 key"})
 
 
-def test_exec_streams_output_env_cwd_and_exit_codes(envd: EnvdStandIn, store: Store) -> None:
+def test_exec_env_cwd_quoting_and_missing_programs(envd: EnvdStandIn, store: Store) -> None:
     provider = make_provider(store, env={"FROM_CONFIG": "c"})
     rid = provider.create()
     assert rid == "debug_sandbox_id"
-    chunks: list[tuple[str, bytes]] = []
     result = provider.exec(
-        rid,
-        ["sh", "-c", 'echo "out $FROM_CONFIG $FROM_CALL"; echo err >&2; pwd; exit 3'],
-        env={"FROM_CALL": "x y"},
-        on_output=lambda kind, data: chunks.append((kind, data)),
+        rid, ["sh", "-c", 'echo "$FROM_CONFIG $FROM_CALL"; pwd'], env={"FROM_CALL": "x y"}
     )
-    assert result.exit_code == 3 and not result.timed_out
     lines = result.stdout.decode().splitlines()
-    assert lines[0] == "out c x y"
+    assert lines[0] == "c x y"
     assert lines[1].endswith("/home/user/workspace")  # cwd is the workdir
-    assert result.stderr == b"err\n"
-    assert b"".join(d for k, d in chunks if k == "stdout") == result.stdout
-    assert b"".join(d for k, d in chunks if k == "stderr") == b"err\n"
     # Arguments are passed through the sandbox shell exactly (quoting survives).
     ok = provider.exec(rid, ["printf", "%s|", "a b", "$HOME", "it's"])
     assert (ok.exit_code, ok.stdout) == (0, b"a b|$HOME|it's|")
@@ -80,29 +70,15 @@ def test_exec_streams_output_env_cwd_and_exit_codes(envd: EnvdStandIn, store: St
         provider.exec(rid, [])
 
 
-def test_exec_timeout_kills_the_command(envd: EnvdStandIn, store: Store) -> None:
-    provider = make_provider(store)
-    rid = provider.create()
-    started = time.monotonic()
-    result = provider.exec(rid, ["sh", "-c", "echo begun; sleep 30"], timeout=1.5)
-    assert result.timed_out and result.exit_code == -1
-    assert result.stdout == b"begun\n"
-    assert time.monotonic() - started < 10
-    deadline = time.monotonic() + 5
-    while envd.sandboxes[rid].procs and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not envd.sandboxes[rid].procs, "the timed-out command still runs in the sandbox"
-
-
-def test_files_round_trip_including_binary(envd: EnvdStandIn, store: Store) -> None:
+def test_files_land_in_the_workdir_and_errors_keep_their_kind(
+    envd: EnvdStandIn, store: Store
+) -> None:
     provider = make_provider(store)
     rid = provider.create()
     blob = bytes(range(256)) * 64 + b"\x00\xff\r\n"
     provider.write_file(rid, "deep/dir/blob.bin", blob)
-    assert provider.read_file(rid, "deep/dir/blob.bin") == blob
     assert on_disk(envd, f"{WORKDIR}/deep/dir/blob.bin").read_bytes() == blob
-    provider.write_file(rid, "deep/dir/blob.bin", b"replaced")
-    assert provider.read_file(rid, "./deep/dir/../dir/blob.bin") == b"replaced"
+    assert provider.read_file(rid, "./deep/dir/../dir/blob.bin") == blob
     provider.delete_file(rid, "deep/dir/blob.bin")
     assert not on_disk(envd, f"{WORKDIR}/deep/dir/blob.bin").exists()
     with pytest.raises(FileNotFoundError):
@@ -111,19 +87,6 @@ def test_files_round_trip_including_binary(envd: EnvdStandIn, store: Store) -> N
         provider.delete_file(rid, "deep/dir/blob.bin")
     with pytest.raises(IsADirectoryError):
         provider.delete_file(rid, "deep")
-
-
-@pytest.mark.parametrize("path", ["../outside", "/etc/passwd", "a/../../outside", "", "."])
-def test_escaping_paths_refused(envd: EnvdStandIn, store: Store, path: str) -> None:
-    provider = make_provider(store)
-    rid = provider.create()
-    with pytest.raises(InvalidInput):
-        provider.write_file(rid, path, b"x")
-    with pytest.raises(InvalidInput):
-        provider.read_file(rid, path)
-    with pytest.raises(InvalidInput):
-        provider.delete_file(rid, path)
-    assert not on_disk(envd, "/home/user/outside").exists()
 
 
 def test_standin_refuses_symlinks_out_of_its_root(
@@ -143,55 +106,19 @@ def test_standin_refuses_symlinks_out_of_its_root(
     assert not (secret / "planted").exists()
 
 
-def _rich_workspace(workspace: Path) -> None:
-    (workspace / "bin").mkdir()
-    tool = workspace / "bin" / "tool.sh"
-    tool.write_text("#!/bin/sh\necho tool\n")
-    tool.chmod(0o755)
-    (workspace / "data.bin").write_bytes(bytes(range(256)) * 8)
-    (workspace / "link").symlink_to("src/app.py")
-    (workspace / "empty.txt").write_bytes(b"")
-    (workspace / "a" / "b" / "c").mkdir(parents=True)
-    (workspace / "a" / "b" / "c" / "deep.txt").write_text("deep\n")
-    (workspace / "ünïcode name.txt").write_text("ü\n")
-
-
-def test_restore_then_collect_gives_the_identical_tree(
-    envd: EnvdStandIn, store: Store, workspace: Path, tmp_path: Path
-) -> None:
-    _rich_workspace(workspace)
+def test_restore_and_collect_leave_no_staged_tars(envd: EnvdStandIn, store: Store) -> None:
     base = take_snapshot(store, message="base").snapshot
-    assert base.tree == git_tree_of(workspace, tmp_path)
     provider = make_provider(store)
     rid = provider.create()
-    provider.write_file(rid, "stale.txt", b"must vanish on restore")
     provider.restore(rid, base)
-    assert not on_disk(envd, f"{WORKDIR}/stale.txt").exists()
-    assert provider.exec(rid, ["./bin/tool.sh"]).stdout == b"tool\n"  # exec bit survived
-    assert os.readlink(on_disk(envd, f"{WORKDIR}/link")) == "src/app.py"
-
-    same = provider.collect(rid, store.config.default_thread, None, "collect unchanged")
-    assert same.tree == base.tree == git_tree_of(workspace, tmp_path)
-
-    provider.exec(rid, ["sh", "-c", "echo changed > README.md && rm data.bin && echo n > new.txt"])
-    changed = provider.collect(rid, store.config.default_thread, None, "collect changed")
-    (workspace / "README.md").write_text("changed\n")
-    (workspace / "data.bin").unlink()
-    (workspace / "new.txt").write_text("n\n")
-    assert changed.tree == git_tree_of(workspace, tmp_path) != base.tree
+    provider.exec(rid, ["sh", "-c", "echo changed > README.md"])
+    provider.collect(rid, store.config.default_thread, None, "collect changed")
     leftovers = list(on_disk(envd, "/home/user/.narrative-staging").iterdir())
     assert leftovers == [], "staged tars must be removed from the sandbox"
 
 
-def test_reconnect_by_sandbox_id_from_a_fresh_provider(envd: EnvdStandIn, store: Store) -> None:
-    first = make_provider(store)
-    rid = first.create()
-    first.write_file(rid, "note.txt", b"kept across processes")
-    fresh = make_provider(store)  # a new process knows only the persisted resource id
-    fresh.reconnect(rid)
-    assert fresh.read_file(rid, "note.txt") == b"kept across processes"
-    fresh.start(rid)
-    assert fresh.health(rid) is Health.OK
+def test_reconnect_to_a_sandbox_that_never_was(envd: EnvdStandIn, store: Store) -> None:
+    fresh = make_provider(store)
     with pytest.raises(ResourceGone):
         fresh.reconnect("sandbox-that-never-was")
     assert fresh.health("sandbox-that-never-was") is Health.GONE

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import hashlib
 import os
-import shutil
 import stat
 import subprocess
 import threading
@@ -25,6 +24,16 @@ from gateway.node import Gateway
 from gateway.tokens import TokenSigner, load_or_create_key
 
 from ..gateway.conftest import FAST, hub
+
+# The environments an agent attacks from are the providers of the contract suite, listed there
+# once: a provider added to it is attacked by every suite here too.
+from ..providers.contract_targets import (  # noqa: F401  (re-exported to the attack suites)
+    ISOLATED_PROVIDERS,
+    docker_image_or_skip,
+    env_create_args,
+    over_isolated_providers,
+    sandbox_or_skip,
+)
 
 
 class GatewayThread:
@@ -149,52 +158,3 @@ def tree_digest(top: Path) -> dict[str, str]:
             else:
                 out[rel] = oct(info.st_mode)
     return out
-
-
-# -- the environments an agent attacks from --------------------------------------------------
-
-HAVE_BWRAP = shutil.which("bwrap") is not None
-REQUIRE_SANDBOX = os.environ.get("NARRATIVE_REQUIRE_SANDBOX") == "1"
-#: every provider that can run here: worktree and local in their sandbox, Docker on the engine
-ISOLATED_PROVIDERS = ["worktree", "local", "docker"]
-
-
-@pytest.fixture(scope="session")
-def docker_image_or_skip() -> Iterator[str]:
-    """The offline-built test image (skips without an engine, fails in CI without one)."""
-    from ..providers.docker_support import ensure_image, session_api
-
-    for api in session_api():
-        yield ensure_image(api)
-
-
-def sandbox_or_skip() -> None:
-    if not HAVE_BWRAP:
-        if REQUIRE_SANDBOX:
-            pytest.fail("bwrap is missing and NARRATIVE_REQUIRE_SANDBOX=1")
-        pytest.skip("bwrap (bubblewrap) is not installed")
-
-
-def env_create_args(request: pytest.FixtureRequest, provider: str, tmp_path: Path) -> list[str]:
-    """``env create`` arguments of an environment of ``provider`` as users get it: sandboxed
-    directory providers, or a network-less container running this checkout's runtime."""
-    if provider == "docker":
-        import json
-        import sys
-
-        from providers.directory import RUNTIME_BOOTSTRAP
-
-        from ..providers.test_hub_docker import REPO, runtime_config
-
-        image = request.getfixturevalue("docker_image_or_skip")
-        runtime = json.dumps([sys.executable, "-I", "-c", RUNTIME_BOOTSTRAP, REPO])
-        return ["--provider", "docker", *runtime_config(image), "--config", f"runtime={runtime}"]
-    sandbox_or_skip()
-    if provider == "local":
-        return ["--provider", "local", "--config", f"path={tmp_path / 'local-env'}"]
-    return ["--provider", provider]
-
-
-#: parametrizes a test over :data:`ISOLATED_PROVIDERS` (``env_create_args(request,
-#: provider, tmp_path)`` then gives its environment)
-over_isolated_providers = pytest.mark.parametrize("provider", ISOLATED_PROVIDERS)

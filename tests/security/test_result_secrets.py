@@ -32,7 +32,7 @@ from narrative.snapshot import take_snapshot
 from narrative.store import Store
 
 from ..conftest import Cli, git, store_dir_of, tree_bytes
-from .conftest import env_create_args, sandbox_or_skip
+from .conftest import ISOLATED_PROVIDERS, env_create_args, sandbox_or_skip
 
 USER_KEY = "the user's own key\n"
 AGENT_KEY = "the agent's key\n"
@@ -50,7 +50,7 @@ SECRETS = [".aws/credentials", "env-dump.txt", "id_rsa", "notes.txt"]
 _TOKEN = re.compile(rb"NARRATIVE_GATEWAY_TOKEN=(ng2\.[A-Za-z0-9_.-]+)")
 
 
-@pytest.fixture(params=["worktree", "docker"])
+@pytest.fixture(params=ISOLATED_PROVIDERS)
 def provider(request: pytest.FixtureRequest, tmp_path: Path) -> list[str]:
     """``env create`` arguments of the environment the agent runs in."""
     return env_create_args(request, request.param, tmp_path)

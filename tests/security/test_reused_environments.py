@@ -21,7 +21,6 @@ The negative controls run the same two runs with the reset disabled (the CLI's
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 import signal
@@ -41,10 +40,8 @@ from narrative.snapshot import take_snapshot
 from narrative.store import Store
 
 from ..conftest import Cli, git, tree_bytes
-from ..providers.conftest import docker_api, docker_image  # noqa: F401 - fixtures
-from ..providers.docker_support import HOST_MOUNTS
-from ..providers.test_hub_docker import REPO, runtime_config
-from .test_sandbox import digest, sandbox_required  # noqa: F401 - fixture
+from .conftest import ISOLATED_PROVIDERS, env_create_args
+from .test_sandbox import digest
 
 DAEMON = textwrap.dedent(
     """
@@ -116,7 +113,8 @@ NO_RESET = textwrap.dedent(
     """
 )
 
-KINDS = ["worktree", "local", "worktree-nosandbox", "docker"]
+KINDS = [*ISOLATED_PROVIDERS, "worktree-nosandbox"]
+"""Every isolated provider, and the negative control of a worktree without its sandbox."""
 
 
 @pytest.fixture
@@ -154,24 +152,15 @@ def tag() -> Iterator[str]:
 
 
 def _environment(cli: Cli, tmp_path: Path, kind: str, hub: bool, request: Any) -> None:
+    """Environment ``box`` of ``kind``, as users get it (the same for a direct run and one
+    through the hub: a container's runtime is this checkout, mounted read-only)."""
+    if kind == "worktree-nosandbox":
+        args = ["--provider", "worktree", "--config", "sandbox=none"]
+    else:
+        args = env_create_args(request, kind, tmp_path)
+    cli.run("env", "create", "box", *args)
     if kind == "docker":
-        image = request.getfixturevalue("docker_image")
-        if hub:
-            # PYTHONPATH: the runtime is this checkout (an editable install may point elsewhere)
-            env = {"HOME": "/tmp", "PYTHONPATH": REPO}
-            config = [*runtime_config(image), "--config", f"env={json.dumps(env)}"]
-        else:
-            config = ["--config", f"image={image}", "--config", f"mounts={json.dumps(HOST_MOUNTS)}"]
-        cli.run("env", "create", "box", "--provider", "docker", *config)
         request.addfinalizer(lambda: cli.run("env", "delete", "box", check=False))
-        return
-    if kind != "worktree-nosandbox":
-        request.getfixturevalue("sandbox_required")
-    provider = "local" if kind == "local" else "worktree"
-    config = ["--config", "sandbox=none"] if kind == "worktree-nosandbox" else []
-    if kind == "local":
-        config += ["--config", f"path={tmp_path / 'local-env'}"]
-    cli.run("env", "create", "box", "--provider", provider, *config)
 
 
 def _run(cli: Cli, hub: bool, script: str, env: dict[str, str]) -> list[str]:
