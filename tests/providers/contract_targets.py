@@ -80,7 +80,7 @@ def env_create_args(request: pytest.FixtureRequest, provider: str, tmp_path: Pat
     """``env create`` arguments of an environment of ``provider`` as users get it: sandboxed
     directory providers, or a network-less container running this checkout's runtime."""
     if provider == "docker":
-        from providers.directory import RUNTIME_BOOTSTRAP
+        from providers.base import RUNTIME_BOOTSTRAP
 
         from .test_hub_docker import REPO, runtime_config
 
