@@ -1,13 +1,13 @@
 """The control plane: the hub that coordinates environments over the gateway.
 
 The hub (:mod:`.server`) leases environments (:mod:`.leases`, :mod:`.selection`), drives runs
-through them (:mod:`.run_request`; :mod:`.runs` with :mod:`.run_tokens`, :mod:`.runtime_events`
-and :mod:`.run_result`; :mod:`.adoption` after a restart; without a hub, :mod:`.direct`), ships
-narratives both ways as git bundles (:mod:`.narratives`), records each run's events and usage
-(:mod:`.events`, :mod:`.usage_records`) and issues run-scoped tokens (:mod:`.token_policy`); the
-runtime inside an environment (:mod:`.runtime`, with :mod:`.agent_process` and
-:mod:`.agent_output`) dials it back; :mod:`.client` starts runs through a running hub or an
-embedded one. This is the only part of the gateway that knows about providers.
+through them (:mod:`.run_request`; :mod:`.runs` with :mod:`.runtime_process`, :mod:`.run_tokens`,
+:mod:`.runtime_events` and :mod:`.run_result`; :mod:`.adoption` after a restart; without a hub,
+:mod:`.direct`), ships narratives both ways as git bundles (:mod:`.narratives`), records each run's
+events and usage (:mod:`.events`, :mod:`.usage_records`) and issues run-scoped tokens
+(:mod:`.token_policy`); the runtime inside an environment (:mod:`.runtime`, with
+:mod:`.agent_process` and :mod:`.agent_output`) dials it back; :mod:`.client` starts runs through a
+running hub or an embedded one. This is the only part of the gateway that knows about providers.
 """
 
 from __future__ import annotations

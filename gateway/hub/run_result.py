@@ -4,7 +4,7 @@ The result comes back as a bundle from the runtime, staged and checked against w
 may change (:func:`gateway.hub.token_policy.result_scope`); a result the runtime cannot ship,
 or one it shipped out of scope, is read by the provider straight from the environment instead.
 Either way it is screened for secrets (:func:`gateway.hub.direct.screen_result`) before it
-lands. Once the run is over, its usage and the end of its runtime's own output are recorded.
+lands. Once the run is over, what it cost is recorded (:func:`record_usage`).
 """
 
 from __future__ import annotations
@@ -31,12 +31,9 @@ from .run_request import collect_from_environment
 from .token_policy import result_scope
 from .usage_records import phases_from_events, save_usage, usage_record, wall_from_events
 
-__all__ = ["ResultHomecoming", "record_runtime_log", "record_usage"]
+__all__ = ["ResultHomecoming", "record_usage"]
 
 log = logging.getLogger(__name__)
-
-LOG_LINES = 20
-"""Lines of the runtime's own output recorded when a run fails."""
 
 
 class ResultHomecoming:
@@ -196,25 +193,3 @@ async def record_usage(
         await blocking(lambda: save_usage(store, run_id, record))
     except (NarrativeError, OSError) as exc:
         log.warning("cannot record the usage of run %s: %s", run_id, exc)
-
-
-async def record_runtime_log(
-    manager: EnvironmentManager,
-    blocking: Blocking,
-    run_id: str,
-    events: RunEventLog,
-    *,
-    environment: str,
-    handle: str | None,
-) -> None:
-    """Put the end of the runtime's own output into the event log: why a runtime failed
-    (a traceback, a bad command) is there, and with docker and e2b nowhere on the host."""
-    if handle is None:
-        return
-    try:
-        lines = await blocking(lambda: manager.runtime_log_tail(environment, handle, LOG_LINES))
-    except (NarrativeError, OSError) as exc:
-        log.info("cannot read the runtime log of %s: %s", run_id, exc)
-        return
-    if lines:
-        events.append("runtime.log", handle=handle, lines=lines)

@@ -1,13 +1,13 @@
 """One run driven by a hub, from the runtime's start to the result snapshot coming home.
 
-The driver records every step in the run's event log (:mod:`gateway.hub.events`) before it acts
-on the next one. Its collaborators each hold one part of the run: the runtime's tokens
-(:mod:`.run_tokens`), the intake of the runtime's numbered events, gaps filled after a dropped
-connection (:mod:`.runtime_events`), and the result's way home (:mod:`.run_result`). Whatever
-happens — the agent exits, is stopped or killed, the runtime or its environment dies, the hub is
-interrupted (then a later hub adopts the run: :mod:`.adoption`) — the run ends with a recorded
-status and whatever result snapshot could be taken: through the runtime when it is alive, else
-by the provider reading the environment directly.
+The driver records every step in the run's event log (:mod:`gateway.hub.events`) before it acts on
+the next one. Its collaborators each hold one part of the run: the runtime's process
+(:mod:`.runtime_process`), its tokens (:mod:`.run_tokens`), the intake of the runtime's numbered
+events, gaps filled after a dropped connection (:mod:`.runtime_events`), and the result's way home
+(:mod:`.run_result`). Whatever happens — the agent exits, is stopped or killed, the runtime or its
+environment dies, the hub is interrupted (then a later hub adopts the run: :mod:`.adoption`) — the
+run ends with a recorded status and whatever result snapshot could be taken: through the runtime
+when it is alive, else by the provider reading the environment directly.
 """
 
 from __future__ import annotations
@@ -28,16 +28,17 @@ from narrative.hierarchy import create_thread, finish_run, get_thread, start_run
 from narrative.ids import new_id
 from narrative.models import AgentRun, Snapshot
 from providers.base import DEFAULT_MAX_RESULT_BYTES, HubSocket, ProviderConfig
-from providers.errors import ResultTooLarge, RuntimeBroken
+from providers.errors import ResultTooLarge
 from providers.usage import Sampler, UsageMeter
 
 from .direct import pick_base
 from .events import EventBudget, RunEventLog
 from .leases import EnvironmentLease as Lease
 from .run_request import RunRequest, lease_environment
-from .run_result import ResultHomecoming, record_runtime_log, record_usage
+from .run_result import ResultHomecoming, record_usage
 from .run_tokens import RunTokens
 from .runtime_events import RuntimeEventIntake, claimed_fields
+from .runtime_process import RuntimeProcess
 
 if TYPE_CHECKING:
     from .server import Hub
@@ -86,7 +87,7 @@ class RunDriver:
         self.gateway_id = request.environment
         self.lease: Lease | None = None
         self.finished = asyncio.Event()
-        self.handle: str | None = None
+        self.runtime = RuntimeProcess(hub.manager, hub.blocking, self.environment, run.id)
         self.max_result_bytes = DEFAULT_MAX_RESULT_BYTES
         self.tokens = RunTokens(
             hub.signer,
@@ -262,8 +263,8 @@ class RunDriver:
             env = {"NARRATIVE_TOKEN": token, "NARRATIVE_STORE": ""}
             return hub.manager.spawn(self.environment, argv, env=env), argv
 
-        self.handle, argv = await hub.blocking(spawn)
-        self.events.append("runtime.spawned", handle=self.handle, argv=argv)
+        self.runtime.handle, argv = await hub.blocking(spawn)
+        self.events.append("runtime.spawned", handle=self.runtime.handle, argv=argv)
         if self.meter is not None:
             self._sampler = Sampler(self.meter).start()
         await self._await_connection(hub.startup_timeout, "start")
@@ -293,37 +294,12 @@ class RunDriver:
                 await asyncio.wait_for(self._connected.wait(), 0.5)
             if self._connected.is_set():
                 return
-            if self.handle is not None and not await self._runtime_alive():
+            if self.runtime.handle is not None and not await self.runtime.alive():
                 raise RunFailed(
-                    f"the runtime exited before connecting ({what}){await self._diagnosis()}"
+                    f"the runtime exited before connecting ({what}){await self.runtime.diagnosis()}"
                 )
             if loop.time() > deadline:
                 raise RunFailed(f"the runtime did not connect within {timeout:g}s ({what})")
-
-    async def _diagnosis(self) -> str:
-        """Why the environment's runtime does not start (``": ..."``), when its import check
-        says (no program, no Python, no package, shadowed modules); else nothing."""
-
-        def check() -> None:
-            _record, provider, resource = self.hub.manager.require_active(self.environment)
-            provider.check_runtime(resource)
-
-        try:
-            await self.hub.blocking(check)
-        except RuntimeBroken as exc:
-            return f": {exc}"
-        except NarrativeError:
-            pass
-        return ""
-
-    async def _runtime_alive(self) -> bool:
-        handle = self.handle
-        if handle is None:
-            return False
-        try:
-            return await self.hub.blocking(lambda: self.hub.manager.alive(self.environment, handle))
-        except NarrativeError:
-            return False
 
     async def _ship_in(self) -> None:
         options = {
@@ -360,7 +336,7 @@ class RunDriver:
                 continue
             if self._disconnected_at is None:
                 continue
-            if not await self._runtime_alive():
+            if not await self.runtime.alive():
                 await self._lost("the runtime died")
             elif loop.time() - self._disconnected_at > self.hub.reconnect_grace:
                 await self._lost(
@@ -397,14 +373,7 @@ class RunDriver:
             self._result_id = await self.result.screen(self._result_id, self.tokens.issued)
             if reason:
                 self.events.append("run.error", reason=reason)
-                await record_runtime_log(
-                    hub.manager,
-                    hub.blocking,
-                    self.run.id,
-                    self.events,
-                    environment=self.environment,
-                    handle=self.handle,
-                )
+                await self.runtime.record_log_tail(self.events)
             status, exit_code = self._outcome(reason)
             result_id = self._result_id
             final = await hub.blocking(
@@ -424,7 +393,7 @@ class RunDriver:
                 self.events,
                 meter=self.meter,
                 sampler=self._sampler,
-                handle=self.handle,
+                handle=self.runtime.handle,
                 bytes_to_environment=self.bytes_to_environment,
             )
             await hub.end_tokens(self.run.id, "the run ended")
@@ -443,21 +412,7 @@ class RunDriver:
                 await self.hub.gateway.call(
                     "runtime", "shutdown", {}, target=self.gateway_id, timeout=5
                 )
-        handle, env = self.handle, self.environment
-        if handle is None:
-            return
-        for _ in range(50):
-            if not await self._runtime_alive():
-                break
-            await asyncio.sleep(0.1)
-        else:
-            with contextlib.suppress(NarrativeError):
-                await self.hub.blocking(lambda: self.hub.manager.signal(env, handle, "kill"))
-        # Docker and e2b keep the runtime's output inside: copy it next to the others'.
-        try:
-            await self.hub.blocking(lambda: self.hub.manager.sync_runtime_log(env, handle))
-        except (NarrativeError, OSError) as exc:
-            log.info("cannot copy the runtime log of %s: %s", self.run.id, exc)
+        await self.runtime.end()
 
     # -- adoption (see :func:`gateway.hub.adoption.adopt_interrupted`) -------------------------
 
@@ -465,7 +420,7 @@ class RunDriver:
         """Take up where an earlier hub's log of the run ends: its runtime, its events."""
         for event in history:
             if event["type"] == "runtime.spawned":
-                self.handle = event.get("handle")
+                self.runtime.handle = event.get("handle")
         self.intake.replay(history)
 
     def resume(self) -> None:
@@ -499,11 +454,7 @@ class RunDriver:
         """Kill the runtime and the agent at once, through the provider."""
         self._ending = "kill"
         self.events.append("run.killing")
-        handle = self.handle
-        if handle is not None:
-            await self.hub.blocking(
-                lambda: self.hub.manager.signal(self.environment, handle, "kill")
-            )
+        await self.runtime.kill()
         self.intake.exited.set()
 
     @property
