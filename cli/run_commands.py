@@ -289,7 +289,7 @@ def start_through_hub(
     environment None: the hub selects one with the ``require`` capabilities)."""
     from gateway.hub.agent_output import output_bytes
     from gateway.hub.client import run_through_hub
-    from gateway.hub.runs import RunRequest
+    from gateway.hub.run_request import RunRequest
 
     store = open_store(ctx)
     requests = [

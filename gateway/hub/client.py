@@ -21,7 +21,7 @@ from providers.manager import EnvironmentManager
 
 from .direct import screen_result
 from .events import RunEventLog
-from .runs import RunRequest, collect_from_environment
+from .run_request import RunRequest, collect_from_environment
 from .server import Hub, control_token, find_hub
 
 __all__ = ["follow_runs", "kill_run", "run_through_hub", "stop_run"]

@@ -53,7 +53,8 @@ from .narratives import BundleShelf
 from .token_policy import CONTROL_RUN, RunTokenPolicy
 
 if TYPE_CHECKING:
-    from .runs import RunDriver, RunRequest
+    from .run_request import RunRequest
+    from .runs import RunDriver
 
 __all__ = [
     "CONTROL_RUN",
@@ -252,7 +253,7 @@ class Hub:
         if self.daemon:  # a hub embedded in one command reconnects lazily, as commands do
             await self.blocking(self.manager.reconnect_all)
         self._announce()
-        from .runs import adopt_interrupted
+        from .adoption import adopt_interrupted
 
         await adopt_interrupted(self)
 
@@ -293,7 +294,7 @@ class Hub:
     # -- runs -----------------------------------------------------------------------------------
 
     async def submit(self, request: RunRequest) -> AgentRun:
-        """Start a run (see :class:`gateway.hub.runs.RunRequest`); returns once it is recorded.
+        """Start a run (see :class:`.run_request.RunRequest`); returns once it is recorded.
 
         Raises:
             NarrativeError: the request is invalid or the environment cannot run it (nothing
@@ -385,7 +386,7 @@ class Hub:
             raise AccessDenied("hub control calls need a control token from the store's owner")
 
     async def _control_start(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
-        from .runs import RunRequest
+        from .run_request import RunRequest
 
         self._check_control(ctx)
         run = await self.submit(RunRequest.from_payload(payload))

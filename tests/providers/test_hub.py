@@ -21,7 +21,7 @@ import pytest
 
 from gateway.hub.client import follow_runs
 from gateway.hub.events import RunEventLog
-from gateway.hub.runs import RunRequest
+from gateway.hub.run_request import RunRequest
 from gateway.hub.server import Hub
 from narrative.hierarchy import get_run, list_threads
 from narrative.history import resolve_snapshot

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from gateway.hub.events import RunEventLog
-from gateway.hub.runs import RunRequest
+from gateway.hub.run_request import RunRequest
 from gateway.hub.server import Hub
 from gateway.hub.usage_records import load_usage
 from narrative.models import AgentRun

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.hub.leases import EnvironmentLease
-from gateway.hub.runs import RunRequest
+from gateway.hub.run_request import RunRequest
 from gateway.hub.server import Hub
 from narrative.hierarchy import list_runs
 from narrative.store import Store

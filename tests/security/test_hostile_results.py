@@ -23,7 +23,7 @@ import pytest
 from gateway.hub.agent_output import output_bytes
 from gateway.hub.client import follow_runs
 from gateway.hub.events import events_path
-from gateway.hub.runs import RunRequest
+from gateway.hub.run_request import RunRequest
 from gateway.hub.server import Hub
 from narrative.history import resolve_snapshot
 from narrative.store import Store

@@ -28,7 +28,7 @@ from gateway.client import GatewayClient
 from gateway.errors import AuthError
 from gateway.hub.client import follow_runs
 from gateway.hub.events import RunEventLog
-from gateway.hub.runs import RunRequest
+from gateway.hub.run_request import RunRequest
 from gateway.hub.server import Hub, control_token, key_path
 from gateway.node import Gateway
 from gateway.plugins import RemoteExecutionPlugin

@@ -1,0 +1,105 @@
+"""The runtime process a hub spawned in a run's environment, as the provider sees it.
+
+The hub asks the provider whether it is alive, why it does not start (its import check), to
+kill it, and for the end of its own output: what a runtime that failed said (a traceback, a bad
+command) is there, and with Docker and E2B nowhere on the host until it is copied out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from narrative.errors import NarrativeError
+from providers.errors import RuntimeBroken
+from providers.manager import EnvironmentManager
+
+from .events import RunEventLog
+from .narratives import Blocking
+
+__all__ = ["RuntimeProcess"]
+
+log = logging.getLogger(__name__)
+
+LOG_LINES = 20
+"""Lines of the runtime's own output recorded when a run fails."""
+
+
+class RuntimeProcess:
+    """The runtime of run ``run_id`` in ``environment`` (``handle``: the provider's handle of
+    the spawned process; None until it is spawned)."""
+
+    def __init__(
+        self, manager: EnvironmentManager, blocking: Blocking, environment: str, run_id: str
+    ) -> None:
+        self.manager = manager
+        self.blocking = blocking
+        self.environment = environment
+        self.run_id = run_id
+        self.handle: str | None = None
+
+    async def alive(self) -> bool:
+        handle = self.handle
+        if handle is None:
+            return False
+        try:
+            return await self.blocking(lambda: self.manager.alive(self.environment, handle))
+        except NarrativeError:
+            return False
+
+    async def diagnosis(self) -> str:
+        """Why the environment's runtime does not start (``": ..."``), when its import check
+        says (no program, no Python, no package, shadowed modules); else nothing."""
+
+        def check() -> None:
+            _record, provider, resource = self.manager.require_active(self.environment)
+            provider.check_runtime(resource)
+
+        try:
+            await self.blocking(check)
+        except RuntimeBroken as exc:
+            return f": {exc}"
+        except NarrativeError:
+            pass
+        return ""
+
+    async def kill(self) -> None:
+        """Kill the runtime and its agent at once (if it was spawned)."""
+        handle = self.handle
+        if handle is not None:
+            await self.blocking(lambda: self.manager.signal(self.environment, handle, "kill"))
+
+    async def end(self) -> None:
+        """Give the runtime five seconds to exit (it was asked to), then kill it; copy its
+        output out of the environment."""
+        handle, env = self.handle, self.environment
+        if handle is None:
+            return
+        for _ in range(50):
+            if not await self.alive():
+                break
+            await asyncio.sleep(0.1)
+        else:
+            with contextlib.suppress(NarrativeError):
+                await self.blocking(lambda: self.manager.signal(env, handle, "kill"))
+        # Docker and e2b keep the runtime's output inside: copy it next to the others'.
+        try:
+            await self.blocking(lambda: self.manager.logs.sync_runtime(env, handle))
+        except (NarrativeError, OSError) as exc:
+            log.info("cannot copy the runtime log of %s: %s", self.run_id, exc)
+
+    async def record_log_tail(self, events: RunEventLog) -> None:
+        """Put the end of the runtime's own output into the run's event log."""
+        handle, env = self.handle, self.environment
+        if handle is None:
+            return
+        try:
+            lines = await self.blocking(
+                lambda: self.manager.logs.runtime_tail(env, handle, LOG_LINES)
+            )
+        except (NarrativeError, OSError) as exc:
+            log.info("cannot read the runtime log of %s: %s", self.run_id, exc)
+            return
+        if lines:
+            events.append("runtime.log", handle=handle, lines=lines)
