@@ -22,7 +22,7 @@ test-long: $(STAMP)  ## the long tests: the model-based store test (ci profile),
 	$(BIN)/pytest -q -m long
 
 soak: $(STAMP)  ## the model-based store test with its long hypothesis profile (~an hour)
-	NARRATIVE_HYPOTHESIS_PROFILE=soak $(BIN)/pytest -q tests/model --timeout 0 --hypothesis-show-statistics
+	NARRATIVE_HYPOTHESIS_PROFILE=soak $(BIN)/pytest -q tests/e2e/model --timeout 0 --hypothesis-show-statistics
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

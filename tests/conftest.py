@@ -199,3 +199,7 @@ def two_machines(
         ws.mkdir()
         clis.append(Cli(ws))
     return remote, clis[0], clis[1]
+
+
+#: fixtures shared across folders (the Docker engine and test image)
+pytest_plugins = ["tests.providers.fixtures"]

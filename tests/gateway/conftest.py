@@ -22,8 +22,7 @@ from gateway.limits import Limits
 from gateway.node import Gateway
 from gateway.plugins import RemoteExecutionPlugin
 from gateway.tokens import TokenSigner, load_or_create_key
-
-from ..conftest import NARRATIVE
+from tests.conftest import NARRATIVE
 
 P = ParamSpec("P")
 #: Hard ceiling for one async test body: a hang fails fast instead of eating the suite's time.

@@ -16,8 +16,7 @@ from gateway.errors import (
     TargetNotFound,
 )
 from gateway.node import Gateway
-
-from .conftest import async_test
+from tests.gateway.conftest import async_test
 
 
 def _node(root: Path, **kw: object) -> Gateway:

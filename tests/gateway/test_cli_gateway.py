@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import NARRATIVE, Cli, store_dir_of
+from tests.conftest import NARRATIVE, Cli, store_dir_of
 
 
 @pytest.fixture

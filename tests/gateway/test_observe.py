@@ -18,9 +18,8 @@ from gateway.errors import HandlerFailed, NoHandler, RoutingError, Unavailable
 from gateway.handlers import HandlerContext
 from gateway.node import Gateway
 from gateway.tokens import TokenSigner
-
-from .conftest import FAST, async_test, hub, proxy
-from .test_provider_requests import raw_peer, until
+from tests.gateway.conftest import FAST, async_test, hub, proxy
+from tests.gateway.test_provider_requests import raw_peer, until
 
 
 def _records(node: Gateway) -> list[RouteRecord]:

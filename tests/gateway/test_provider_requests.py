@@ -45,8 +45,7 @@ from gateway.protocol import (
     ProviderWriteFileResponse,
 )
 from gateway.tokens import TokenSigner
-
-from .conftest import FAST, async_test, hub
+from tests.gateway.conftest import FAST, async_test, hub
 
 
 async def until(pred: Callable[[], bool], what: str, timeout: float = 5.0) -> None:

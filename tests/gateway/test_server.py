@@ -28,8 +28,7 @@ from gateway.node import Gateway
 from gateway.plugins import RemoteExecutionPlugin
 from gateway.protocol import Notification
 from gateway.tokens import TokenSigner
-
-from .conftest import FAST, async_test, hub
+from tests.gateway.conftest import FAST, async_test, hub
 
 
 def _raw(url: str, token: str | None, **kw: Any) -> Any:

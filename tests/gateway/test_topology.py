@@ -13,8 +13,7 @@ from gateway.client import GatewayClient
 from gateway.errors import RouteLoop, Unavailable
 from gateway.limits import Limits
 from gateway.tokens import TokenSigner
-
-from .conftest import Processes, async_test, proxy
+from tests.gateway.conftest import Processes, async_test, proxy
 
 pytestmark = pytest.mark.slow
 

@@ -40,7 +40,7 @@ def sandbox_or_skip() -> None:
 @pytest.fixture(scope="session")
 def docker_image_or_skip() -> Iterator[str]:
     """The offline-built test image (skips without an engine, fails in CI without one)."""
-    from .docker_support import ensure_image, session_api
+    from tests.providers.docker_support import ensure_image, session_api
 
     for api in session_api():
         yield ensure_image(api)
@@ -50,7 +50,7 @@ def contract_target(request: pytest.FixtureRequest, provider: str, scratch: Path
     """``provider`` as the contract suite drives it: the config users get (sandboxed directory
     providers, a network-less container), e2b through its SDK against the envd stand-in."""
     if provider == "docker":
-        from .docker_support import HOST_MOUNTS
+        from tests.providers.docker_support import HOST_MOUNTS
 
         image = request.getfixturevalue("docker_image_or_skip")
         return ContractTarget("docker", {"image": image, "mounts": HOST_MOUNTS, "stop_timeout": 2})
@@ -81,8 +81,7 @@ def env_create_args(request: pytest.FixtureRequest, provider: str, tmp_path: Pat
     directory providers, or a network-less container running this checkout's runtime."""
     if provider == "docker":
         from providers.base import RUNTIME_BOOTSTRAP
-
-        from .test_hub_docker import REPO, runtime_config
+        from tests.gateway.hub.test_hub_docker import REPO, runtime_config
 
         image = request.getfixturevalue("docker_image_or_skip")
         runtime = json.dumps([sys.executable, "-I", "-c", RUNTIME_BOOTSTRAP, REPO])

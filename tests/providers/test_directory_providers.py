@@ -18,8 +18,7 @@ from narrative.store import Store
 from providers.base import BaseProvider, ProviderContext
 from providers.local import LocalConfig, LocalProvider
 from providers.worktree import WorktreeConfig, WorktreeProvider
-
-from ..conftest import git_tree_of
+from tests.conftest import git_tree_of
 
 
 @pytest.fixture(params=["worktree", "local"])

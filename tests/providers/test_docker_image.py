@@ -18,8 +18,7 @@ from providers.docker.config import DEFAULT_IMAGE
 from providers.docker.image import IMAGE_LABEL, LIB_MOUNT, PACKAGES
 from providers.errors import RuntimeBroken
 from providers.worktree import WorktreeConfig, WorktreeProvider
-
-from ..conftest import Cli
+from tests.conftest import Cli
 
 
 def _remove_image(api: Any, tag: str) -> None:

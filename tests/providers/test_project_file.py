@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from narrative.store import Store
-
-from ..conftest import Cli, store_dir_of, tree_bytes
+from tests.conftest import Cli, store_dir_of, tree_bytes
 
 
 def _file(store: Store, snapshot_id: str, path: str) -> str:

@@ -30,9 +30,8 @@ from providers.contract import (
     check_spawn_signal_alive,
 )
 from providers.worktree import WorktreeProvider
-
-from ..conftest import Cli
-from .contract_targets import sandbox_or_skip
+from tests.conftest import Cli
+from tests.providers.contract_targets import sandbox_or_skip
 
 pytestmark = pytest.mark.timeout(300)
 

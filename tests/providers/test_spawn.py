@@ -374,7 +374,7 @@ def test_docker_manager_copies_the_runtime_log_to_the_host_once(
 ) -> None:
     """Output that stays in the container reaches the host's runtime.log: a part while the
     process runs, the rest once it ended, and nothing twice however often it is synced."""
-    from .docker_support import HOST_MOUNTS
+    from tests.providers.docker_support import HOST_MOUNTS
 
     manager = EnvironmentManager(store)
     config = {"image": docker_image, "mounts": HOST_MOUNTS, "stop_timeout": 2}

@@ -29,13 +29,12 @@ from narrative.models import Snapshot
 from narrative.objects import MODE_DIR, encode_tree, hash_object
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
+from tests.conftest import call_in_own_process, git, tree_bytes
 from transfer.archive import ARCHIVE_FORMATS, MANIFEST_NAME, ArchiveError
 from transfer.archive_manifest import ArchiveManifest
 from transfer.archive_read import read_archive
 from transfer.archive_write import write_archive
 from transfer.errors import InvalidArtifact
-
-from ..conftest import call_in_own_process, git, tree_bytes
 
 FORMATS = pytest.mark.parametrize("fmt", ARCHIVE_FORMATS)
 

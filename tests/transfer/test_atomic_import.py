@@ -18,13 +18,12 @@ from narrative.errors import NarrativeError
 from narrative.objects import MODE_DIR, MODE_FILE, Commit, Signature, encode_commit, encode_tree
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
+from tests.conftest import git
+from tests.transfer.test_archive import GOOD_FILES, build_archive, build_manifest
+from tests.transfer.test_fsck_import import store_listing
 from transfer.bundle import write_bundle
 from transfer.importer import import_, import_stream
 from transfer.records import BUNDLE_META_REF
-
-from ..conftest import git
-from .test_archive import GOOD_FILES, build_archive, build_manifest
-from .test_fsck_import import store_listing
 
 
 def _publish(tmp_path: Path, name: str, data: bytes) -> str:

@@ -10,9 +10,8 @@ from narrative.hierarchy import create_thread
 from narrative.meta import META_REF
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
+from tests.conftest import git
 from transfer.bundle import write_bundle
-
-from ..conftest import git
 
 
 def _bundle(

@@ -15,10 +15,9 @@ import pytest
 
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
+from tests.conftest import Cli, git
 from transfer.bundle import write_bundle
 from transfer.errors import IncompleteExport
-
-from ..conftest import Cli, git
 
 
 def _clone_tree(bundle: Path, tmp_path: Path, ref: str) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ..conftest import Cli
+from tests.conftest import Cli
 
 
 def _opts(s3_options: dict[str, Any]) -> list[str]:

@@ -7,8 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from narrative.store import Store
-
-from ..conftest import Cli, git, two_machines
+from tests.conftest import Cli, git, two_machines
 
 
 def _pair(tmp_path: Path) -> tuple[Cli, Cli, Path, Path, str]:

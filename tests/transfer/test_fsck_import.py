@@ -17,11 +17,10 @@ import pytest
 
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
+from tests.conftest import git
 from transfer.errors import InvalidArtifact
 from transfer.exporter import export
 from transfer.importer import import_stream
-
-from ..conftest import git
 
 BLOB = "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # the empty blob
 TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # the empty tree

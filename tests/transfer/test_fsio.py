@@ -15,6 +15,8 @@ import pytest
 from fsspec.callbacks import Callback
 
 from narrative.errors import InvalidInput, NarrativeError
+from tests.conftest import call_in_own_process
+from tests.transfer.conftest import BUCKET, Backend
 from transfer import fsio, publishing, storage_lock, storage_options, verified
 from transfer.errors import (
     ArtifactNotFound,
@@ -24,9 +26,6 @@ from transfer.errors import (
     StorageLockTimeout,
     TransferError,
 )
-
-from ..conftest import call_in_own_process
-from .conftest import BUCKET, Backend
 
 MiB = 1 << 20
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import Cli, store_dir_of, tree_bytes
+from tests.conftest import Cli, store_dir_of, tree_bytes
 
 
 @pytest.mark.parametrize("fmt", ["bundle", "tar.gz"])

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import Cli, git, kill_after
 from transfer import verified
-
-from ..conftest import Cli, git, kill_after
 
 
 def _populate(ws: Path, files: int) -> None:

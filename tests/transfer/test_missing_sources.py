@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from ..conftest import Cli
+from tests.conftest import Cli
 
 
 def _store_files(cli: Cli) -> dict[str, bytes]:

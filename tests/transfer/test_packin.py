@@ -13,10 +13,9 @@ import pytest
 
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
+from tests.conftest import call_in_own_process, git
 from transfer.bundle import write_bundle
 from transfer.packin import PackError, receive_pack
-
-from ..conftest import call_in_own_process, git
 
 
 def _git_pack(repo: Path, revs: str, *extra: str) -> bytes:

@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import NARRATIVE, Cli, git
 from transfer import verified
-
-from ..conftest import NARRATIVE, Cli, git
 
 
 @pytest.mark.parametrize("kind", ["local", "s3"])

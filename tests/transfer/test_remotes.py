@@ -12,11 +12,10 @@ from narrative.commits import thread_snapshots
 from narrative.hierarchy import create_thread
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
+from tests.conftest import git
+from tests.transfer.conftest import Backend
 from transfer import verified
 from transfer.remotes import PushRejected, add_remote, fetch, push
-
-from ..conftest import git
-from .conftest import Backend
 
 
 def _machine(tmp_path: Path, name: str) -> Store:

@@ -20,11 +20,10 @@ from narrative.hierarchy import (
 )
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
+from tests.conftest import git
+from tests.transfer.conftest import Backend
 from transfer.exporter import export
 from transfer.importer import import_
-
-from ..conftest import git
-from .conftest import Backend
 
 
 def _store_state(store: Store) -> Path:

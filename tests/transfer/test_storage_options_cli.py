@@ -9,7 +9,7 @@ import socket
 import time
 from pathlib import Path
 
-from ..conftest import Cli
+from tests.conftest import Cli
 
 
 def _closed_port() -> int:

@@ -1,0 +1,110 @@
+"""Pack writing and compare-and-swap refs, checked by stock git."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from narrative.errors import ConcurrentUpdate, InvalidInput, StoreCorrupted
+from narrative.objects import hash_object
+from narrative.odb import PackWriter
+from narrative.refs import STALE_LOCK_SECONDS, RefStore
+from narrative.snapshot import take_snapshot
+from narrative.store import Store
+from tests.conftest import git
+
+
+def test_pack_is_valid_for_git(store: Store) -> None:
+    writer = PackWriter(store.odb)
+    small = writer.add_raw("blob", b"hello\n")
+    random_data = os.urandom(300_000)  # stored uncompressed
+    big = writer.add_raw("blob", random_data)
+    text = writer.add_raw("blob", b"line\n" * 100_000)  # deflated
+    name = writer.publish()
+    assert name is not None
+    pack = Path(store.odb.pack_dir) / f"{name}.pack"
+    out = git("verify-pack", "-v", str(pack.with_suffix(".idx")))
+    for oid in (small, big, text):
+        assert oid.hex() in out
+        assert store.odb.exists(oid)
+    assert git("--git-dir", store.git_dir, "cat-file", "-p", small.hex()) == "hello\n"
+    assert store.odb.read(big) == ("blob", random_data)
+    assert store.odb.read(text)[1] == b"line\n" * 100_000
+    assert store.odb.raw_entry(small) is not None
+
+
+def test_empty_pack_is_not_published(store: Store) -> None:
+    before = store.odb.pack_count()
+    assert PackWriter(store.odb).publish() is None
+    assert store.odb.pack_count() == before
+    assert os.listdir(store.odb.tmp_dir) == []
+
+
+def test_large_files_stream_through_the_pack(store: Store, workspace: Path) -> None:
+    data = os.urandom(9 << 20) + b"tail"
+    (workspace / "big.bin").write_bytes(data)
+    snap = take_snapshot(store).snapshot
+    listing = git("--git-dir", store.git_dir, "ls-tree", "-r", snap.tree)
+    assert hash_object("blob", data).hex() in listing
+    git("--git-dir", store.git_dir, "fsck", "--strict", "--no-dangling")
+
+
+def test_missing_object_is_a_clear_error(store: Store) -> None:
+    with pytest.raises(StoreCorrupted, match="missing"):
+        store.odb.read(b"\x01" * 20)
+
+
+def test_compare_and_swap(store: Store) -> None:
+    refs = RefStore(store.git_dir)
+    a = store.odb.write_loose("blob", b"a")
+    b = store.odb.write_loose("blob", b"b")
+    refs.update("refs/narrative/test", a, expected=None)
+    with pytest.raises(ConcurrentUpdate):
+        refs.update("refs/narrative/test", b, expected=None)
+    with pytest.raises(ConcurrentUpdate):
+        refs.update("refs/narrative/test", b, expected=b)
+    refs.update("refs/narrative/test", b, expected=a)
+    assert refs.read("refs/narrative/test") == b
+    assert git("--git-dir", store.git_dir, "rev-parse", "refs/narrative/test").strip() == b.hex()
+    # packed refs (after a user's git gc) are read and deleted correctly
+    git("--git-dir", store.git_dir, "pack-refs", "--all")
+    assert refs.read("refs/narrative/test") == b
+    refs.update("refs/narrative/test", None, expected=b)
+    assert refs.read("refs/narrative/test") is None
+    assert "refs/narrative/test" not in (Path(store.git_dir) / "packed-refs").read_text()
+
+
+def test_stale_lock_from_a_killed_writer_is_broken(store: Store) -> None:
+    refs = RefStore(store.git_dir, lock_timeout=1.0)
+    oid = store.odb.write_loose("blob", b"x")
+    lock = Path(store.git_dir) / "refs" / "narrative" / "stale.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text("")
+    old = time.time() - STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    refs.update("refs/narrative/stale", oid)
+    assert refs.read("refs/narrative/stale") == oid
+
+
+@pytest.mark.parametrize(
+    "name", ["refs/narrative/../x", "heads/x", "refs/narrative/a b", "refs/x.lock", "refs/x/"]
+)
+def test_bad_ref_names_are_refused(store: Store, name: str) -> None:
+    with pytest.raises(InvalidInput):
+        RefStore(store.git_dir).read(name)
+
+
+def test_pack_count_stays_bounded(store: Store, workspace: Path) -> None:
+    from narrative.repack import MAX_PACKS
+
+    commits = []
+    for i in range(MAX_PACKS + 6):
+        (workspace / "n.txt").write_text(f"{i}\n")
+        commits.append(take_snapshot(store).snapshot.commit)
+    assert store.odb.pack_count() <= MAX_PACKS
+    git("--git-dir", store.git_dir, "fsck", "--strict", "--no-dangling")
+    for commit in commits:
+        assert git("--git-dir", store.git_dir, "cat-file", "-t", commit).strip() == "commit"

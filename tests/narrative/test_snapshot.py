@@ -1,0 +1,237 @@
+"""Snapshots against stock git as the oracle: tree ids, fsck, exclusions, nested repos."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from narrative.commits import thread_snapshots
+from narrative.errors import InvalidInput, ThreadNotFound
+from narrative.hierarchy import create_thread, start_run
+from narrative.history import resolve_snapshot
+from narrative.snapshot import take_snapshot
+from narrative.store import Store
+from tests.conftest import git, git_tree_of
+
+
+def _rich_workspace(ws: Path) -> None:
+    (ws / "a" / "b" / "c").mkdir(parents=True)
+    (ws / "a" / "b" / "c" / "deep.txt").write_text("deep\n")
+    (ws / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (ws / "run.sh").chmod(0o755)
+    (ws / "link-to-readme").symlink_to("README.md")
+    (ws / "dangling").symlink_to("does/not/exist")
+    (ws / "dirlink").symlink_to("a")
+    (ws / "ünïcödé name.txt").write_text("unicode\n")
+    (ws / "binary.bin").write_bytes(bytes(range(256)) * 100)
+    (ws / "empty").write_bytes(b"")
+    (ws / "emptydir").mkdir()
+    (ws / "a" / "file-and-dir-order").mkdir()
+    (ws / "a" / "file-and-dir-order" / "x").write_text("x")
+    (ws / "a" / "file-and-dir-order.txt").write_text("y")
+    (ws / "a" / "file-and-dir-order-z").write_text("z")
+
+
+def test_tree_matches_git_and_fsck_passes(store: Store, workspace: Path, tmp_path: Path) -> None:
+    _rich_workspace(workspace)
+    result = take_snapshot(store, message="first")
+    assert result.created
+    assert result.snapshot.tree == git_tree_of(workspace, tmp_path)
+    git("--git-dir", store.git_dir, "fsck", "--strict", "--no-dangling")
+    body = git("--git-dir", store.git_dir, "cat-file", "-p", result.snapshot.commit)
+    assert f"Narrative-Snapshot: {result.snapshot.id}" in body
+    assert f"Narrative-Thread: {store.config.default_thread}" in body
+    # stock git reads the symlink and the exec bit the way we stored them
+    listing = git("--git-dir", store.git_dir, "ls-tree", "-r", result.snapshot.tree)
+    assert "120000 blob" in listing and "100755 blob" in listing
+
+
+def test_ignore_rules_match_git(store: Store, workspace: Path, tmp_path: Path) -> None:
+    (workspace / ".gitignore").write_text("*.log\nbuild/\n!keep.log\n/rootonly.txt\n")
+    (workspace / "x.log").write_text("ignored")
+    (workspace / "keep.log").write_text("kept")
+    (workspace / "rootonly.txt").write_text("ignored")
+    (workspace / "src" / "rootonly.txt").write_text("kept: pattern is anchored")
+    (workspace / "build").mkdir()
+    (workspace / "build" / "out.o").write_text("ignored")
+    (workspace / "src" / ".gitignore").write_text("*.tmp\n")
+    (workspace / "src" / "a.tmp").write_text("ignored")
+    (workspace / "a.tmp").write_text("kept: rule only below src")
+    (workspace / ".narrativeignore").write_text("secret.txt\n")
+    (workspace / "secret.txt").write_text("never snapshotted")
+    snap = take_snapshot(store).snapshot
+    # git does not know .narrativeignore: give the oracle the same rule as an exclude
+    expected = git_tree_of(workspace, tmp_path, exclude=("/.narrative", "secret.txt"))
+    assert snap.tree == expected
+    names = git("--git-dir", store.git_dir, "ls-tree", "-r", "--name-only", snap.tree).split()
+    assert "secret.txt" not in names and "keep.log" in names and "x.log" not in names
+
+
+def test_store_and_git_dirs_are_never_snapshotted(store: Store, workspace: Path) -> None:
+    git("init", "-q", cwd=workspace)
+    snap = take_snapshot(store).snapshot
+    names = git("--git-dir", store.git_dir, "ls-tree", "-r", "--name-only", snap.tree).split()
+    assert not any(n.startswith((".narrative", ".git/")) for n in names)
+    assert names == ["README.md", "src/app.py"]
+
+
+def test_nested_repository_files_are_plain_files(store: Store, workspace: Path) -> None:
+    nested = workspace / "vendor" / "lib"
+    nested.mkdir(parents=True)
+    git("init", "-q", cwd=nested)
+    (nested / "lib.py").write_text("x = 1\n")
+    (nested / "local.cfg").write_text("excluded by the nested repo's info/exclude\n")
+    (nested / ".git" / "info").mkdir(exist_ok=True)
+    (nested / ".git" / "info" / "exclude").write_text("local.cfg\n")
+    git("add", "lib.py", cwd=nested)
+    git("commit", "-qm", "nested", cwd=nested)
+    snap = take_snapshot(store).snapshot
+    listing = git("--git-dir", store.git_dir, "ls-tree", "-r", snap.tree)
+    assert "160000" not in listing  # never a gitlink
+    paths = [line.split("\t")[1] for line in listing.splitlines()]
+    assert "vendor/lib/lib.py" in paths
+    assert "vendor/lib/local.cfg" not in paths
+    assert not any("/.git/" in p for p in paths)
+    assert (nested / ".git").is_dir()  # the nested repo was not renamed or touched
+
+
+def test_large_files_are_skipped_and_reported(store: Store, workspace: Path) -> None:
+    store.config.max_file_size = 1000
+    store.save_config()
+    (workspace / "big.bin").write_bytes(b"x" * 1001)
+    snap = take_snapshot(store).snapshot
+    assert snap.skipped == [{"path": "big.bin", "size": 1001, "reason": "too-large"}]
+    names = git("--git-dir", store.git_dir, "ls-tree", "-r", "--name-only", snap.tree).split()
+    assert "big.bin" not in names
+    # the list survives a round trip through the commit
+    assert resolve_snapshot(store, snap.id).skipped == snap.skipped
+    # and is still reported when the directory is reused from the stat cache
+    (workspace / "src" / "new.py").write_text("1\n")
+    assert take_snapshot(store).snapshot.skipped == snap.skipped
+
+
+def test_incremental_snapshots(store: Store, workspace: Path, tmp_path: Path) -> None:
+    first = take_snapshot(store, message="one")
+    again = take_snapshot(store)
+    assert not again.created and again.snapshot.id == first.snapshot.id
+    forced = take_snapshot(store, allow_empty=True)
+    assert forced.created and forced.snapshot.parent == first.snapshot.id
+    assert forced.snapshot.tree == first.snapshot.tree
+    (workspace / "src" / "app.py").write_text("print('changed')\n")
+    changed = take_snapshot(store)
+    assert changed.created
+    assert changed.snapshot.stats["hashed"] >= 1
+    assert changed.snapshot.tree == git_tree_of(workspace, tmp_path)
+    os.unlink(workspace / "README.md")
+    removed = take_snapshot(store).snapshot
+    assert removed.tree == git_tree_of(workspace, tmp_path)
+    chain = [s.id for s in thread_snapshots(store, store.config.default_thread)]
+    assert chain == [removed.id, changed.snapshot.id, forced.snapshot.id, first.snapshot.id]
+
+
+def test_stat_cache_only_rehashes_changed_files(store: Store, workspace: Path) -> None:
+    for i in range(50):
+        (workspace / "src" / f"f{i}.txt").write_text(f"{i}\n")
+    take_snapshot(store)
+    # age every file beyond the racy window so the cache trusts them
+    old = 1_000_000_000
+    for root, _dirs, files in os.walk(workspace):
+        for name in files:
+            os.utime(os.path.join(root, name), (old, old))
+    take_snapshot(store, allow_empty=True)
+    (workspace / "src" / "f7.txt").write_text("changed\n")
+    snap = take_snapshot(store).snapshot
+    assert snap.stats["hashed"] == 1
+    assert snap.stats["files"] == 52
+
+
+def test_stat_cache_is_optional(store: Store, workspace: Path, tmp_path: Path) -> None:
+    take_snapshot(store)
+    cache_dir = Path(store.git_dir) / "narrative" / "cache"
+    for f in cache_dir.iterdir():
+        f.write_bytes(b"garbage")
+    (workspace / "new.txt").write_text("n\n")
+    assert take_snapshot(store).snapshot.tree == git_tree_of(workspace, tmp_path)
+
+
+def test_racy_edit_within_the_same_tick_is_seen(store: Store, workspace: Path) -> None:
+    target = workspace / "src" / "app.py"
+    take_snapshot(store)
+    st = target.stat()
+    target.write_text("print('HELLO')\n")  # same size
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime, as within one tick
+    snap = take_snapshot(store)
+    assert snap.created, "an edit keeping size and mtime must still be captured"
+
+
+def test_threads_runs_and_forks(store: Store, workspace: Path) -> None:
+    base = take_snapshot(store).snapshot
+    main = store.config.default_thread
+    fork = create_thread(store, store.config.default_objective, "experiment", base.id)
+    (workspace / "exp.txt").write_text("experiment\n")
+    run = start_run(store, fork.id, agent="claude", base_snapshot=base.id)
+    snap = take_snapshot(store, fork.id, run.id, "in the fork").snapshot
+    assert snap.thread == fork.id and snap.run == run.id and snap.parent == base.id
+    git("--git-dir", store.git_dir, "merge-base", "--is-ancestor", base.commit, snap.commit)
+    assert [s.id for s in thread_snapshots(store, fork.id)] == [snap.id]
+    with pytest.raises(InvalidInput):
+        take_snapshot(store, main, run.id)
+    with pytest.raises(ThreadNotFound):
+        take_snapshot(store, "th-0000000000zzzzzzzzzz")
+
+
+def test_snapshot_ids_resolve_by_prefix_and_commit(store: Store, workspace: Path) -> None:
+    snap = take_snapshot(store).snapshot
+    assert resolve_snapshot(store, snap.id[:12]).id == snap.id
+    assert resolve_snapshot(store, snap.commit[:10]).id == snap.id
+    assert resolve_snapshot(store, store.config.default_thread).id == snap.id
+
+
+def test_parallel_walk_of_a_large_tree_matches_git(
+    store: Store, workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from narrative import scan
+
+    forks = []
+    real = scan._walk_in_workers
+
+    def counting(*args: Any) -> Any:
+        forks.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(scan, "_walk_in_workers", counting)
+
+    for i in range(scan._PARALLEL_MIN_DIRS + 20):
+        d = workspace / f"top{i % 7}" / f"mid{i % 13}" / f"leaf{i}"
+        d.mkdir(parents=True)
+        (d / "f.txt").write_text(f"{i}\n")
+    (workspace / "top3" / ".gitignore").write_text("*.tmp\n")
+    (workspace / "top3" / "mid0" / "x.tmp").write_text("ignored below top3\n")
+    first = take_snapshot(store).snapshot  # serial: no cache yet
+    assert first.tree == git_tree_of(workspace, tmp_path)
+    # now the cache is large enough for forked workers; change things at several depths
+    (workspace / "top1" / "mid1" / "leaf1" / "f.txt").write_text("changed\n")
+    (workspace / "top2" / "new.txt").write_text("new\n")
+    os.unlink(workspace / "README.md")
+    (workspace / "top4" / "mid4" / "leaf4" / "f.txt").unlink()
+    (workspace / "top4" / "mid4" / "leaf4").rmdir()
+    second = take_snapshot(store).snapshot
+    assert forks, "the large tree must take the forked-worker path"
+    assert second.tree == git_tree_of(workspace, tmp_path)
+    third = take_snapshot(store)
+    assert not third.created and third.snapshot.id == second.id
+
+
+def test_a_symlink_hashed_first_is_stored(tmp_path: Path) -> None:
+    """Regression: the link's blob was only hashed, never written, while the pack was empty."""
+    ws = tmp_path / "only-links"
+    (ws / "sub").mkdir(parents=True)
+    os.symlink("../../..", ws / "sub" / "up")
+    store = Store.init(str(ws))
+    snap = take_snapshot(store).snapshot
+    git("--git-dir", store.git_dir, "fsck", "--full", "--no-dangling")
+    tree = git("--git-dir", store.git_dir, "ls-tree", "-r", snap.tree).split()
+    assert git("--git-dir", store.git_dir, "cat-file", "-p", tree[2]) == "../../.."
