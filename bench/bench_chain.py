@@ -115,7 +115,7 @@ AGENT = textwrap.dedent(
     from gateway.client import GatewayClient
     from gateway.limits import Limits
 
-    async def main(out, n, payload):
+    async def main(n, payload):
         url, token = os.environ["NARRATIVE_GATEWAY_URL"], os.environ["NARRATIVE_GATEWAY_TOKEN"]
         async with GatewayClient(url, token, limits=Limits(transport_timeout=10)) as client:
             for _ in range(min(200, n)):
@@ -125,10 +125,10 @@ AGENT = textwrap.dedent(
                 t0 = clock()
                 await client.call("bench", "echo", payload)
                 samples.append(clock() - t0)
-        with open(out, "w") as f:
-            json.dump(samples, f)
+        # on stdout (the CLI's stderr under --json): the sandbox hides the host's /tmp
+        print("SAMPLES " + json.dumps(samples), flush=True)
 
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])))
+    asyncio.run(main(int(sys.argv[1]), json.loads(sys.argv[2])))
     """
 )
 
@@ -212,25 +212,26 @@ async def node_latency(url: str, token: str, n: int) -> list[float]:
         return await gw.timed(n, lambda: node.call("bench", "echo", PAYLOAD))
 
 
-def latency_row(key: str, hub: HubSide, echo: gw.Server, reps: int, n: int, root: Path) -> Row:
+def latency_row(key: str, hub: HubSide, echo: gw.Server, reps: int, n: int) -> Row:
     label, target, limit = SCENARIOS[key]
     row = Row(key, label, target, limit)
     p90o: list[float] = []
     p90a: list[float] = []
-    counter = iter(range(1_000_000))
 
     def ours() -> None:
         if key == "proxied":
             samples = asyncio.run(node_latency(hub.server.url, hub.token("b"), n))
         else:
-            out = root / f"agent-{next(counter)}.json"
             argv = [hub.narrative, "run", "start", "--env", "sandbox", "--json", "--"]
-            argv += [sys.executable, "agent.py", str(out), str(n), json.dumps(PAYLOAD)]
+            argv += [sys.executable, "agent.py", str(n), json.dumps(PAYLOAD)]
             p = check(run(argv, env=hub.env, cwd=hub.ws))
             done = json.loads(p.stdout)
             if done.get("status") != "succeeded":
                 raise SideError(f"the agent's run did not succeed: {done}")
-            samples = json.loads(out.read_text())
+            lines = [x for x in p.stderr.splitlines() if x.startswith("SAMPLES ")]
+            if not lines:
+                raise SideError("the agent printed no samples")
+            samples = json.loads(lines[-1][len("SAMPLES ") :])
         row.ours.append(gw.pct(samples, 0.5))
         p90o.append(gw.pct(samples, 0.9))
 
@@ -509,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                 for key in latency:
                     log(f"scenario {key}")
                     try:
-                        rows.append(latency_row(key, hub, echo, args.reps, args.requests, root))
+                        rows.append(latency_row(key, hub, echo, args.reps, args.requests))
                     except SideError as exc:
                         rows.append(Row(key, *SCENARIOS[key], error=str(exc)))
             finally:
