@@ -179,13 +179,11 @@ def env_list(ctx: click.Context, include_archived: bool, as_json: bool) -> None:
 def env_show(ctx: click.Context, name: str, as_json: bool) -> None:
     """Show one environment's record (with warnings about its isolation and what its runs
     cost)."""
-    from gateway.hub.usage_records import load_usage, total_usage
-    from narrative.hierarchy import list_runs
+    from gateway.hub.usage_records import environment_usage
 
     manager = open_manager(ctx)
     record = manager.get(name)
-    runs = [r for r in list_runs(manager.store) if r.environment == record.name]
-    usage = total_usage(u for u in (load_usage(manager.store, r.id) for r in runs) if u)
+    usage = environment_usage(manager.store, record.name, record.created_at)
     data = {**_row(record), "warnings": _warnings(manager, record), "usage": usage}
     emit(as_json, "environment_detail", data, lambda: _human(data))
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from narrative.fsutil import write_atomic
+from narrative.hierarchy import list_runs
 from narrative.jsonio import parse_json
 from narrative.store import Store
 from providers.usage import ProcessUsage
@@ -20,6 +21,7 @@ from providers.usage import ProcessUsage
 from .events import events_path
 
 __all__ = [
+    "environment_usage",
     "load_usage",
     "phases_from_events",
     "save_usage",
@@ -120,6 +122,14 @@ def load_usage(store: Store, run_id: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def environment_usage(store: Store, name: str, created_at: str) -> dict[str, Any]:
+    """What the runs of environment ``name`` cost in all (:func:`total_usage`): the runs
+    started since it was created (``created_at``), so that an earlier, deleted environment of
+    the same name is not counted."""
+    runs = [r for r in list_runs(store) if r.environment == name and r.started_at >= created_at]
+    return total_usage(u for u in (load_usage(store, r.id) for r in runs) if u)
 
 
 def total_usage(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
