@@ -138,3 +138,15 @@ def test_a_manual_run_has_no_usage_and_env_show_counts_none(cli: Cli) -> None:
     assert "usage" not in cli.json("run", "show", run["id"])
     env = cli.json("env", "show", "box")["usage"]
     assert env["runs"] == 0 and env["cpu_seconds"] is None and env["phases"] == {}
+
+
+def test_env_show_counts_only_the_runs_of_this_environment_not_an_earlier_one_of_its_name(
+    cli: Cli,
+) -> None:
+    cli.run("init")
+    cli.run("env", "create", "box", "--provider", "worktree")
+    start(cli, "--direct", "--env", "box", "--", "true")
+    assert cli.json("env", "show", "box")["usage"]["runs"] == 1
+    cli.run("env", "delete", "box")
+    cli.run("env", "create", "box", "--provider", "worktree")
+    assert cli.json("env", "show", "box")["usage"]["runs"] == 0
