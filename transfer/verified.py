@@ -6,6 +6,7 @@ and checks the digest at the end of the data, :func:`open_verified`, :func:`veri
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import posixpath
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 
-_SMALL_READ_ATTEMPTS = 4
+_SMALL_READ_ATTEMPTS = 6
 
 
 class VerifiedReader(io.BufferedIOBase):
@@ -245,9 +246,9 @@ def read_small(
 ) -> bytes:
     """Read a small published document (manifest, index) whole, verified.
 
-    A read that overlaps an overwrite can see the data and sidecar of different versions, or
-    the moment with no sidecar; such reads are retried a few times (about 0.15 s in all)
-    before giving up.
+    A read that overlaps an overwrite can see the data and sidecar of different versions, the
+    moment with no sidecar, or (where the backend checks) an object replaced since it was
+    opened; such reads are retried a few times (about 0.6 s in all) before giving up.
 
     Args:
         url: The document.
@@ -277,7 +278,15 @@ def read_small(
                 time.sleep(delay)
                 delay *= 2
                 continue
-            data = read_capped(fs, path, limit, url)
+            try:
+                data = read_capped(fs, path, limit, url)
+            except OSError as exc:
+                # replaced since it was opened (s3fs checks the ETag on each read): read again
+                if exc.errno != errno.EBUSY or last:
+                    raise
+                time.sleep(delay)
+                delay *= 2
+                continue
         actual = hashlib.sha256(data).hexdigest()
         if actual == expected:
             return data
