@@ -20,8 +20,9 @@ import argparse
 import os
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
+
+from common import best_of
 
 IGNORE = (
     """\
@@ -188,15 +189,6 @@ def effective(is_ignored: Callable[[str, bool], bool], paths: list[tuple[str, bo
         if (parent and parent in ignored) or is_ignored(path, is_dir):
             ignored.add(path)
     return ignored
-
-
-def best_of(reps: int, fn: Callable[[], object]) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

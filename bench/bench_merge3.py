@@ -23,6 +23,8 @@ import tempfile
 import time
 from collections.abc import Callable
 
+from common import best_of
+
 Triple = tuple[bytes, bytes, bytes]
 
 
@@ -102,15 +104,6 @@ def git_merge(triples: list[Triple], root: str) -> list[tuple[bytes, int]]:
         )
         out.append((proc.stdout, max(proc.returncode, 0)))
     return out
-
-
-def best_of(reps: int, fn: Callable[[], object]) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,3 +310,13 @@ def write_results(
     }
     out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def best_of(reps: int, fn: Callable[[], object]) -> float:
+    """The fastest of ``reps`` timed calls of ``fn`` (seconds)."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
