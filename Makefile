@@ -18,7 +18,7 @@ demo: $(STAMP)  ## the main job on embedded defaults: snapshot, change, diff, re
 test: $(STAMP)  ## the test suite, under ten minutes (CI runs it and test-long)
 	$(BIN)/pytest -q -m "not long"
 
-test-long: $(STAMP)  ## the long tests: the model-based store test (ci profile), the wheel install
+test-long: $(STAMP)  ## the long tests: the model-based store test (ci profile), the wheel install, reused-environment attacks
 	$(BIN)/pytest -q -m long
 
 soak: $(STAMP)  ## the model-based store test with its long hypothesis profile (~an hour)

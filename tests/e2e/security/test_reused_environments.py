@@ -42,6 +42,10 @@ from tests.conftest import Cli, git, tree_bytes
 from tests.e2e.security.conftest import ISOLATED_PROVIDERS, env_create_args
 from tests.e2e.security.test_sandbox import digest
 
+# two runs through the hub per case on every provider, about 75 s in all: run by
+# `make test-long` (and CI), to keep `make test` under ten minutes
+pytestmark = pytest.mark.long
+
 DAEMON = textwrap.dedent(
     """
     import os, sys, time
