@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import IO
 
 from narrative.errors import InvalidInput
+from narrative.processes import proc_stat
 
 from .base import ExecResult, OutputFn, Signal
 from .usage import ReapedProcesses, rusage_usage
@@ -94,7 +95,7 @@ def track_spawned(proc: subprocess.Popen[bytes], token: str) -> str:
     never lingers as a zombie while this process lives) and records its rusage for
     :func:`take_reaped_usage`."""
     # Read before the reaper starts: even a process that exited at once is still a zombie.
-    stat = _proc_stat(proc.pid)
+    stat = proc_stat(proc.pid)
     start = stat[19] if stat is not None else "0"
     handle = f"proc:{proc.pid}:{start}:{token}"
 
@@ -123,7 +124,7 @@ def signal_spawned(handle: str, sig: Signal) -> None:
 def spawned_alive(handle: str) -> bool:
     """Whether the spawned process still runs (not a zombie, not a reused pid)."""
     pid, start, _token = _parse_handle(handle)
-    stat = _proc_stat(pid)
+    stat = proc_stat(pid)
     return stat is not None and stat[19] == start and stat[0] not in ("Z", "X")
 
 
@@ -146,21 +147,10 @@ def _parse_handle(handle: str) -> tuple[int, str, str]:
     return int(match[1]), match[2], match[3]
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """The fields of ``/proc/<pid>/stat`` after the command name (``[0]`` is the state,
-    ``[2]`` the process group, ``[19]`` the start time); None when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return raw[raw.rindex(")") + 2 :].split()
-
-
 def _tree(pid: int, start: str, token: str) -> set[int]:
     """The live processes of a spawned tree: its process group and whoever carries its token."""
     targets = set(_marked(token))
-    stat = _proc_stat(pid)
+    stat = proc_stat(pid)
     members = _group_members(pid)
     # The pid still names our group when it is the leader (same start time), or when the leader
     # is gone: a pid is not reused while a process group of that number has members.
@@ -191,7 +181,7 @@ def _ancestors(pid: int) -> set[int]:
     found = set()
     while pid > 0 and pid not in found:
         found.add(pid)
-        stat = _proc_stat(pid)
+        stat = proc_stat(pid)
         pid = int(stat[1]) if stat is not None else 0
     return found
 
@@ -203,7 +193,7 @@ def _pids() -> list[int]:
 def _group_members(pgid: int) -> list[int]:
     members = []
     for pid in _pids():
-        stat = _proc_stat(pid)
+        stat = proc_stat(pid)
         if stat is not None and stat[2] == str(pgid) and stat[0] not in ("Z", "X"):
             members.append(pid)
     return members
