@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 
 from .blobs import write_blobs
 from .commitmsg import encode_message, snapshot_from_commit
-from .commits import read_commit, snapshot_at
+from .commits import read_commit, snapshot_at, snapshot_by_id
 from .errors import ConcurrentUpdate, InvalidInput
 from .head import HEAD_LOCK, fork_thread, read_head, set_head
-from .history import resolve_snapshot
 from .ids import new_id
 from .models import Snapshot
 from .objects import MODE_DIR, Commit, Signature, encode_commit, encode_tree, hash_object
@@ -258,7 +257,7 @@ def _take(
 
         thread = get_thread(store, thread_id)
         if head is None and thread.forked_from:
-            fork_parent = bytes.fromhex(resolve_snapshot(store, thread.forked_from).commit)
+            fork_parent = bytes.fromhex(snapshot_by_id(store, thread.forked_from).commit)
         if run_id is not None and get_run(store, run_id).thread_id != thread_id:
             raise InvalidInput(f"run {run_id} does not belong to thread {thread_id}")
     ws = os.path.realpath(workspace or store.workspace)
