@@ -1,0 +1,410 @@
+"""The ``ssh`` provider: one directory per environment on a remote Linux host.
+
+The resource id is ``ssh:<env id>``; the host, login and directories come from the
+environment's config, so a fresh process reconnects with nothing else. On the host, under
+``work_dir``::
+
+    envs/<env id>/ws      the workspace (commands run here)
+    envs/<env id>/tmp     TMPDIR of its commands, emptied between runs
+    envs/<env id>/procs   output logs of spawned processes
+    envs/<env id>/hub     (0700) the socket through which the runtime reaches the hub
+    envs/<env id>/owner   the store's owner label (``env sweep`` finds leaked environments)
+    runtime/<key>         the runtime (:mod:`providers.ssh.install`)
+
+Every command carries the environment's marker and its own (:mod:`providers.proctree`), so a
+timeout, a signal or the end of a run reaches the whole process tree by marker, whatever
+process groups it made; a spawned process runs in a new session (``setsid``) with its output
+in ``procs/``, and outlives the SSH connection. Snapshots travel as tar streams over the
+connection: a collect's tar is hostile input (:func:`providers.shipping.snapshot_from_tar`).
+
+With ``hub=tunnel`` (the default) the runtime dials ``envs/<id>/hub/hub.sock`` on the host,
+which the SSH connection forwards to the hub's socket on this machine
+(:meth:`providers.ssh.session.Session.forward_socket`, kept up across reconnects): the host
+needs no route to the hub, and the hub no address the host can reach.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shlex
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import IO, TYPE_CHECKING, ClassVar
+
+from narrative.errors import InvalidInput
+
+from ..base import (
+    SPAWN_LOG_LIMIT,
+    BaseProvider,
+    ExecResult,
+    Health,
+    HubSocket,
+    OutputFn,
+    ProviderConfig,
+    ProviderContext,
+    Signal,
+    SpawnLog,
+    check_relative_path,
+    tail_start,
+)
+from ..errors import ProviderError, ProviderUnavailable, ResourceGone, ResultTooLarge
+from ..proctree import MARKER_VAR, environment_marker, signal_argv
+from ..records import HUB_SOCKET, hub_socket_dir
+from ..shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
+from .config import SSHConfig
+from .install import ensure_runtime, runtime_argv
+from .session import Session, make_target, quote_argv, run_env, session_for
+
+if TYPE_CHECKING:
+    from narrative.models import Snapshot
+
+__all__ = ["SSHProvider"]
+
+_RESOURCE = re.compile(r"ssh:([A-Za-z0-9_-]{1,64})")
+_HANDLE = re.compile(r"ssh:([1-9][0-9]{0,9}):([0-9a-f]{24})")
+
+
+class _Capped:
+    """A file that refuses more than ``limit`` bytes (a collect's tar is the host's to size)."""
+
+    def __init__(self, out: IO[bytes], limit: int) -> None:
+        self.out, self.limit, self.size = out, limit, 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise ResultTooLarge(f"the environment's workspace exceeds {self.limit} bytes")
+        return self.out.write(data)
+
+
+class SSHProvider(BaseProvider):
+    name = "ssh"
+    category = "hybrid"
+    capabilities: ClassVar[frozenset[str]] = frozenset({"ssh", "remote", "exec", "files", "python"})
+    config_model = SSHConfig
+    preference = 70
+    runtime_hint = (
+        "the host needs Python 3.11+ (--config python=...); the runtime is installed there "
+        "from the wheelhouse, or set --config runtime=..."
+    )
+
+    def __init__(self, context: ProviderContext, config: ProviderConfig) -> None:
+        super().__init__(context, config)
+        assert isinstance(config, SSHConfig)
+        self.cfg = config
+        self.session: Session = session_for(
+            make_target(
+                config.host,
+                config.port,
+                config.user,
+                config.key_file,
+                config.known_hosts,
+                config.host_key,
+                config.connect_timeout,
+            )
+        )
+
+    # -- paths ----------------------------------------------------------------------------------
+
+    def _env_id(self, resource_id: str) -> str:
+        match = _RESOURCE.fullmatch(resource_id) if isinstance(resource_id, str) else None
+        if match is None:
+            raise InvalidInput(f"not a resource of an ssh environment: {resource_id!r}")
+        return match[1]
+
+    def _dir(self, resource_id: str, *parts: str) -> str:
+        return "/".join((self.cfg.work_dir, "envs", self._env_id(resource_id), *parts))
+
+    def _q(self, path: str) -> str:
+        return quote_argv([path])
+
+    def _in_workspace(self, resource_id: str, path: str) -> str:
+        return self._dir(resource_id, "ws", check_relative_path(path))
+
+    def _command(
+        self, resource_id: str, argv: Sequence[str], env: Mapping[str, str] | None, marker: str
+    ) -> str:
+        var, value = environment_marker(self.context.env_id)
+        variables = {**self.cfg.env, **(env or {}), var: value, MARKER_VAR: marker}
+        return (
+            f"cd {self._q(self._dir(resource_id, 'ws'))} && "
+            f"TMPDIR={self._q(self._dir(resource_id, 'tmp'))} && export TMPDIR && "
+            f"exec {run_env(variables)}{quote_argv(argv)}"
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def create(self) -> str:
+        resource_id = f"ssh:{self.context.env_id}"
+        dirs = [self._dir(resource_id, name) for name in ("ws", "tmp", "procs", "hub")]
+        owner = self._dir(resource_id, "owner")
+        self.session.check(
+            f"mkdir -p {' '.join(self._q(d) for d in dirs)} && chmod 700 {self._q(dirs[-1])} && "
+            f"printf %s {shlex.quote(self.context.owner)} > {self._q(owner)}",
+            "creating the environment's directories",
+        )
+        if self.cfg.runtime is None:
+            self._ensure_runtime()
+        return resource_id
+
+    def start(self, resource_id: str) -> None:
+        self.reconnect(resource_id)
+        self.session.check(f"rm -f {self._q(self._dir(resource_id, 'stopped'))}", "starting")
+
+    def stop(self, resource_id: str) -> None:
+        self.end_leftovers(resource_id)
+        self.session.check(f": > {self._q(self._dir(resource_id, 'stopped'))}", "stopping")
+
+    def delete(self, resource_id: str) -> None:
+        base = self._dir(resource_id)
+        self.end_leftovers(resource_id)
+        self.session.unforward(self._remote_socket(resource_id))
+        self.session.check(
+            f"if [ -d {self._q(base)} ]; then chmod -R u+rwx {self._q(base)} 2>/dev/null; "
+            f"rm -rf {self._q(base)}; fi",
+            "deleting the environment",
+        )
+
+    def reconnect(self, resource_id: str) -> None:
+        if self.session.run(f"test -d {self._q(self._dir(resource_id, 'ws'))}").exit_code != 0:
+            raise ResourceGone(resource_id)
+
+    def health(self, resource_id: str) -> Health:
+        try:
+            self.reconnect(resource_id)
+        except ResourceGone:
+            return Health.GONE
+        except ProviderUnavailable:
+            return Health.UNREACHABLE
+        return Health.OK
+
+    def list_resources(self) -> list[str]:
+        envs = self._q(f"{self.cfg.work_dir}/envs")
+        script = (
+            f'for d in {envs}/*/; do [ -f "$d/owner" ] || continue; '
+            f'[ "$(cat "$d/owner")" = {shlex.quote(self.context.owner)} ] && '
+            'basename "$d"; done; true'
+        )
+        out = self.session.check(script, "listing environments")
+        return sorted(
+            f"ssh:{name}" for name in out.decode().split() if _RESOURCE.fullmatch(f"ssh:{name}")
+        )
+
+    def warnings(self) -> list[str]:
+        user = self.session.target.user
+        return [
+            f"ssh: commands run as {user} on {self.cfg.host} without a sandbox; every "
+            f"environment of {user} there can reach the others' files: give untrusted agents "
+            "their own user or host"
+        ]
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def exec(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputFn | None = None,
+    ) -> ExecResult:
+        if not argv:
+            raise InvalidInput("empty command")
+        marker = secrets.token_hex(12)
+        result = self.session.run(
+            self._command(resource_id, argv, env, marker),
+            on_output=on_output,
+            timeout=timeout,
+            on_timeout=quote_argv(signal_argv(marker, "kill")),
+        )
+        return ExecResult(result.exit_code, result.stdout, result.stderr, result.timed_out)
+
+    def end_leftovers(self, resource_id: str) -> None:
+        var, value = environment_marker(self.context.env_id)
+        self.session.check(quote_argv(signal_argv(value, "kill", var)), "ending leftover processes")
+
+    def spawn(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> str:
+        """Start ``argv`` in a new session on the host; the handle is ``ssh:<pid>:<marker>``.
+        The output goes to ``procs/<marker>.log`` in the environment's directory on the host
+        (with a ``log_path``; else nowhere), which :meth:`read_spawn_log` reads."""
+        if not argv:
+            raise InvalidInput("empty command")
+        marker = secrets.token_hex(12)
+        log = self._log(resource_id, marker) if log_path is not None else "/dev/null"
+        command = self._command(resource_id, ["setsid", *argv], env, marker)
+        # a background job of a non-interactive shell leads no process group, so setsid needs
+        # no fork and $! is the process itself
+        out = self.session.check(
+            f"( {command} ) >>{self._q(log)} 2>&1 </dev/null & echo $!", f"starting {argv[0]!r}"
+        )
+        pid = out.decode().strip()
+        if not pid.isdigit():
+            raise ProviderError(f"ssh: no process id for {argv[0]!r}: {out[:100]!r}")
+        return f"ssh:{pid}:{marker}"
+
+    def _log(self, resource_id: str, marker: str) -> str:
+        return self._dir(resource_id, "procs", f"{marker}.log")
+
+    def _handle(self, handle: str) -> tuple[int, str]:
+        match = _HANDLE.fullmatch(handle) if isinstance(handle, str) else None
+        if match is None:
+            raise InvalidInput(f"not a process handle of an ssh environment: {handle!r}")
+        return int(match[1]), match[2]
+
+    def signal(self, resource_id: str, handle: str, sig: Signal) -> None:
+        _pid, marker = self._handle(handle)
+        self.session.check(quote_argv(signal_argv(marker, sig)), f"signalling {handle}")
+
+    def alive(self, resource_id: str, handle: str) -> bool:
+        """Whether the spawned pid still runs with the handle's marker (a zombie's environment
+        reads empty, and a reused pid lacks the marker)."""
+        pid, marker = self._handle(handle)
+        probe = f"grep -qzxF {shlex.quote(f'{MARKER_VAR}={marker}')} /proc/{pid}/environ"
+        return self.session.run(probe).exit_code == 0
+
+    def read_spawn_log(
+        self,
+        resource_id: str,
+        handle: str,
+        *,
+        log_path: str | None = None,
+        since: int = 0,
+        limit: int = SPAWN_LOG_LIMIT,
+    ) -> SpawnLog:
+        _pid, marker = self._handle(handle)
+        log = self._q(self._log(resource_id, marker))
+        try:
+            result = self.session.run(
+                f"[ -f {log} ] || exit 3; wc -c < {log}; tail -c {int(limit)} {log}"
+            )
+        except ProviderError:
+            return SpawnLog(0, b"")
+        if result.exit_code != 0:
+            return SpawnLog(0, b"")
+        head, _, data = result.stdout.partition(b"\n")
+        size = int(head.strip() or 0)
+        wanted = size - tail_start(size, since, limit)
+        return SpawnLog(size, data[len(data) - wanted :] if wanted > 0 else b"")
+
+    def runtime_command(self) -> list[str]:
+        """The configured ``runtime``, else the one installed under ``work_dir`` (installed
+        first when the host lacks the version this machine runs)."""
+        if self.cfg.runtime:
+            return list(self.cfg.runtime)
+        self._ensure_runtime()
+        return runtime_argv(self.cfg.work_dir)
+
+    def _ensure_runtime(self) -> None:
+        ensure_runtime(self.session, self.cfg.python, self.cfg.work_dir, self.cfg.wheelhouse)
+
+    def hub_socket(self, resource_id: str) -> HubSocket | None:
+        """With ``hub=tunnel``: the socket in the environment's ``hub`` directory on the host,
+        forwarded to the hub's socket here through the SSH connection."""
+        if self.cfg.hub != "tunnel":
+            return None
+        local = os.path.join(hub_socket_dir(self.context.env_id), HUB_SOCKET)
+        remote = self._remote_socket(resource_id)
+        self.session.forward_socket(remote, local)
+        return HubSocket(local, remote)
+
+    def _remote_socket(self, resource_id: str) -> str:
+        path = self._dir(resource_id, "hub", HUB_SOCKET)
+        return self.session.absolute(path)
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def read_file(self, resource_id: str, path: str) -> bytes:
+        target = self._q(self._in_workspace(resource_id, path))
+        result = self.session.run(f"[ -f {target} ] || exit 3; cat {target}")
+        if result.exit_code == 3:
+            raise FileNotFoundError(f"no file {path} in {resource_id}")
+        if result.exit_code != 0:
+            raise ProviderError(
+                f"ssh: reading {path} failed: {result.stderr.decode(errors='replace').strip()}"
+            )
+        return result.stdout
+
+    def write_file(self, resource_id: str, path: str, data: bytes) -> None:
+        target = self._in_workspace(resource_id, path)
+        parent = self._q(target.rsplit("/", 1)[0])
+        self.session.check(
+            f"mkdir -p {parent} && cat > {self._q(target)}", f"writing {path}", stdin=data
+        )
+
+    def delete_file(self, resource_id: str, path: str) -> None:
+        target = self._q(self._in_workspace(resource_id, path))
+        result = self.session.run(
+            f"[ -d {target} ] && exit 4; [ -e {target} ] || [ -L {target} ] || exit 3; "
+            f"rm -f {target}"
+        )
+        if result.exit_code == 3:
+            raise FileNotFoundError(f"no file {path} in {resource_id}")
+        if result.exit_code == 4:
+            raise IsADirectoryError(f"{path} is a directory")
+        if result.exit_code != 0:
+            raise ProviderError(f"ssh: deleting {path} failed")
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def _empty(self, resource_id: str, names: Sequence[str]) -> str:
+        dirs = " ".join(self._q(self._dir(resource_id, name)) for name in names)
+        return f"chmod -R u+rwx {dirs} 2>/dev/null; rm -rf {dirs} && mkdir -p {dirs}"
+
+    def restore(self, resource_id: str, snapshot: Snapshot) -> None:
+        self._put(resource_id, snapshot, ["ws"])
+
+    def reset(self, resource_id: str, snapshot: Snapshot | None) -> None:
+        """Empty the workspace and the environment's TMPDIR, then restore ``snapshot``."""
+        if snapshot is None:
+            self.session.check(self._empty(resource_id, ["ws", "tmp"]), "emptying the workspace")
+        else:
+            self._put(resource_id, snapshot, ["ws", "tmp"])
+
+    def _put(self, resource_id: str, snapshot: Snapshot, empty: Sequence[str]) -> None:
+        with tempfile.TemporaryFile() as tar:
+            write_snapshot_tar(self.context.store, snapshot, tar)
+            tar.seek(0)
+            result = self.session.run(
+                f"{self._empty(resource_id, empty)} && "
+                f"tar -x -f - -C {self._q(self._dir(resource_id, 'ws'))}",
+                stdin=tar,
+                timeout=3600,
+            )
+        if result.exit_code != 0:
+            detail = result.stderr.decode(errors="replace").strip()
+            raise ProviderError(f"ssh: restoring into {resource_id} failed: {detail}")
+
+    def collect(
+        self, resource_id: str, thread_id: str, run_id: str | None, message: str
+    ) -> Snapshot:
+        limit = min(self.cfg.max_collect_bytes, self.cfg.max_result_bytes)
+        with tempfile.TemporaryFile() as tar:
+            result = self.session.run(
+                f"cd {self._q(self._dir(resource_id, 'ws'))} && tar -c -f - .",
+                stdout=_Capped(tar, limit + (64 << 20)),  # type: ignore[arg-type]
+                timeout=3600,
+            )
+            if result.exit_code != 0:
+                detail = result.stderr.decode(errors="replace").strip()
+                raise ProviderError(f"ssh: collecting from {resource_id} failed: {detail}")
+            tar.seek(0)
+            return snapshot_from_tar(
+                self.context.store,
+                tar,
+                scratch_dir(self.context.store, self.context.env_id),
+                thread_id,
+                run_id,
+                message,
+                strip="./",
+                max_bytes=limit,
+            )
