@@ -9,6 +9,7 @@ and the next health check or :meth:`reconnect_all` settles it. The environments'
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -25,7 +26,15 @@ from narrative.errors import InvalidInput, NarrativeError, validation_problem
 from narrative.models import Snapshot, now_iso
 from narrative.store import Store
 
-from .base import BaseProvider, ExecResult, Health, OutputFn, ProviderContext, Signal
+from .base import (
+    BaseProvider,
+    ExecResult,
+    Health,
+    OutputFn,
+    ProviderConfig,
+    ProviderContext,
+    Signal,
+)
 from .envlogs import EnvironmentLogs
 from .errors import IllegalTransition, ProviderError, ProviderUnavailable, ResourceGone
 from .lifecycle import EnvState, can_transition, is_active
@@ -463,18 +472,36 @@ class EnvironmentManager:
             if providers is not None
             else {r.provider for r in self.environments(True)}
         )
-        swept = []
+        swept: list[str] = []
         for name in sorted(names):
             cls = get_provider_class(name)
-            config = cls.config_model.model_construct()
             context = ProviderContext(self.store, self.owner, "env-sweep", "sweep")
-            instance = cls(context, config)
-            for resource in instance.list_resources():
-                if resource not in known:
-                    log.info("sweeping leaked %s resource %s", name, resource)
-                    instance.delete(resource)
-                    swept.append(resource)
+            for config in self._sweep_configs(name, cls.config_model):
+                instance = cls(context, config)
+                for resource in instance.list_resources():
+                    if resource not in known and resource not in swept:
+                        log.info("sweeping leaked %s resource %s", name, resource)
+                        instance.delete(resource)
+                        swept.append(resource)
         return swept
+
+    def _sweep_configs(self, provider: str, model: type[ProviderConfig]) -> list[ProviderConfig]:
+        """Where to look for leaked resources of ``provider``: its default configuration, and
+        every distinct one an environment of the store had (an ``ssh`` host, a daemon
+        address), archived environments included."""
+        configs: list[ProviderConfig] = []
+        with contextlib.suppress(ValidationError):  # no default: the host is required, say
+            configs.append(model())
+        for record in self.records.load():
+            if record.provider != provider:
+                continue
+            try:
+                config = model.model_validate(record.config)
+            except ValidationError:
+                continue
+            if config not in configs:
+                configs.append(config)
+        return configs
 
     def watch(self, stop: threading.Event) -> None:
         """Run health checks every ``health_interval`` seconds until ``stop`` is set."""

@@ -63,6 +63,9 @@ if TYPE_CHECKING:
 __all__ = ["SSHProvider"]
 
 _RESOURCE = re.compile(r"ssh:([A-Za-z0-9_-]{1,64})")
+_NO_WORKSPACE = 237
+"""Exit status of a command line whose workspace is missing (then checked: the resource is
+gone, or the command itself exited so)."""
 _HANDLE = re.compile(r"ssh:([1-9][0-9]{0,9}):([0-9a-f]{24})")
 
 
@@ -129,7 +132,7 @@ class SSHProvider(BaseProvider):
         var, value = environment_marker(self.context.env_id)
         variables = {**self.cfg.env, **(env or {}), var: value, MARKER_VAR: marker}
         return (
-            f"cd {self._q(self._dir(resource_id, 'ws'))} && "
+            f"cd {self._q(self._dir(resource_id, 'ws'))} 2>/dev/null || exit {_NO_WORKSPACE}; "
             f"TMPDIR={self._q(self._dir(resource_id, 'tmp'))} && export TMPDIR && "
             f"exec {run_env(variables)}{quote_argv(argv)}"
         )
@@ -220,6 +223,8 @@ class SSHProvider(BaseProvider):
             timeout=timeout,
             on_timeout=quote_argv(signal_argv(marker, "kill")),
         )
+        if result.exit_code == _NO_WORKSPACE:
+            self.reconnect(resource_id)  # ResourceGone when the workspace is
         return ExecResult(result.exit_code, result.stdout, result.stderr, result.timed_out)
 
     def end_leftovers(self, resource_id: str) -> None:
@@ -244,9 +249,14 @@ class SSHProvider(BaseProvider):
         command = self._command(resource_id, ["setsid", *argv], env, marker)
         # a background job of a non-interactive shell leads no process group, so setsid needs
         # no fork and $! is the process itself
-        out = self.session.check(
-            f"( {command} ) >>{self._q(log)} 2>&1 </dev/null & echo $!", f"starting {argv[0]!r}"
+        workspace = self._q(self._dir(resource_id, "ws"))
+        result = self.session.run(
+            f"test -d {workspace} || exit {_NO_WORKSPACE}; "
+            f"( {command} ) >>{self._q(log)} 2>&1 </dev/null & echo $!"
         )
+        if result.exit_code == _NO_WORKSPACE:
+            raise ResourceGone(resource_id)
+        out = result.stdout
         pid = out.decode().strip()
         if not pid.isdigit():
             raise ProviderError(f"ssh: no process id for {argv[0]!r}: {out[:100]!r}")
