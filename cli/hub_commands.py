@@ -31,7 +31,20 @@ __all__ = ["COMMANDS"]
 )
 @click.option("--allow-exec", is_flag=True, help="Serve exec:run in the workspace too.")
 @click.option("--allow-writes", is_flag=True, help="Let environments write the workspace.")
-@click.option("--reconnect-grace", type=click.FloatRange(0.1), default=30.0, show_default=True)
+@click.option(
+    "--reconnect-grace",
+    type=click.FloatRange(0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds a runtime may stay disconnected before its run fails.",
+)
+@click.option(
+    "--unreachable-grace",
+    type=click.FloatRange(0.1),
+    default=600.0,
+    show_default=True,
+    help="Seconds a runtime may stay disconnected while its environment's host is unreachable.",
+)
 @click.option("--token-ttl", type=click.FloatRange(1.0), default=900.0, show_default=True)
 @json_option
 @click.pass_context
@@ -44,6 +57,7 @@ def serve(
     allow_exec: bool,
     allow_writes: bool,
     reconnect_grace: float,
+    unreachable_grace: float,
     token_ttl: float,
     as_json: bool,
 ) -> None:
@@ -69,6 +83,7 @@ def serve(
             plugins=plugins,
             daemon=True,
             reconnect_grace=reconnect_grace,
+            unreachable_grace=unreachable_grace,
             token_ttl=token_ttl,
         )
         await hub.start()

@@ -294,7 +294,7 @@ class RunDriver:
                 await asyncio.wait_for(self._connected.wait(), 0.5)
             if self._connected.is_set():
                 return
-            if self.runtime.handle is not None and not await self.runtime.alive():
+            if self.runtime.handle is not None and await self.runtime.liveness() is False:
                 raise RunFailed(
                     f"the runtime exited before connecting ({what}){await self.runtime.diagnosis()}"
                 )
@@ -336,9 +336,15 @@ class RunDriver:
                 continue
             if self._disconnected_at is None:
                 continue
-            if not await self.runtime.alive():
+            alive = await self.runtime.liveness()
+            away = loop.time() - self._disconnected_at
+            if alive is False:
                 await self._lost("the runtime died")
-            elif loop.time() - self._disconnected_at > self.hub.reconnect_grace:
+            elif alive is None and away > self.hub.unreachable_grace:
+                await self._lost(
+                    f"the environment stayed unreachable for over {self.hub.unreachable_grace:g}s"
+                )
+            elif alive and away > self.hub.reconnect_grace:
                 await self._lost(
                     f"the runtime stayed disconnected for over {self.hub.reconnect_grace:g}s"
                 )

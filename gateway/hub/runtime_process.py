@@ -12,7 +12,7 @@ import contextlib
 import logging
 
 from narrative.errors import NarrativeError
-from providers.errors import RuntimeBroken
+from providers.errors import ProviderUnavailable, RuntimeBroken
 from providers.manager import EnvironmentManager
 
 from .events import RunEventLog
@@ -40,11 +40,20 @@ class RuntimeProcess:
         self.handle: str | None = None
 
     async def alive(self) -> bool:
+        """Whether the runtime is known to run (an environment that cannot be asked: no)."""
+        return await self.liveness() is True
+
+    async def liveness(self) -> bool | None:
+        """True: the runtime runs; False: it ended (or was never spawned); None: the
+        environment cannot be asked now (its host unreachable: a link down, say), so nobody
+        knows."""
         handle = self.handle
         if handle is None:
             return False
         try:
             return await self.blocking(lambda: self.manager.alive(self.environment, handle))
+        except ProviderUnavailable:
+            return None
         except NarrativeError:
             return False
 

@@ -147,6 +147,8 @@ class Hub:
         token_ttl: Lifetime of a runtime's token; the hub renews it while the run lasts.
         startup_timeout: Seconds for a runtime to connect back.
         reconnect_grace: Seconds a runtime may stay disconnected before its run fails.
+        unreachable_grace: Seconds a runtime may stay disconnected while its environment
+            cannot be asked whether it still runs (its host unreachable) before its run fails.
         stop_grace: Seconds between asking an agent to stop and killing it.
     """
 
@@ -166,6 +168,7 @@ class Hub:
         token_ttl: float = 900.0,
         startup_timeout: float = 60.0,
         reconnect_grace: float = 30.0,
+        unreachable_grace: float = 600.0,
         stop_grace: float = 10.0,
         capabilities: Iterable[str] = (),
     ) -> None:
@@ -175,6 +178,7 @@ class Hub:
         self.token_ttl = token_ttl
         self.startup_timeout = startup_timeout
         self.reconnect_grace = reconnect_grace
+        self.unreachable_grace = unreachable_grace
         self.stop_grace = stop_grace
         self.signer = TokenSigner(load_or_create_key(key_path(store)), "hub")
         self.gateway = Gateway(

@@ -66,6 +66,8 @@ _RESOURCE = re.compile(r"ssh:([A-Za-z0-9_-]{1,64})")
 _NO_WORKSPACE = 237
 """Exit status of a command line whose workspace is missing (then checked: the resource is
 gone, or the command itself exited so)."""
+_PROBE_TIMEOUT = 10.0
+"""Seconds for a short probe of the host (is a process alive, is the workspace there)."""
 _HANDLE = re.compile(r"ssh:([1-9][0-9]{0,9}):([0-9a-f]{24})")
 
 
@@ -171,7 +173,8 @@ class SSHProvider(BaseProvider):
         )
 
     def reconnect(self, resource_id: str) -> None:
-        if self.session.run(f"test -d {self._q(self._dir(resource_id, 'ws'))}").exit_code != 0:
+        probe = f"test -d {self._q(self._dir(resource_id, 'ws'))}"
+        if self.session.run(probe, timeout=_PROBE_TIMEOUT).exit_code != 0:
             raise ResourceGone(resource_id)
 
     def health(self, resource_id: str) -> Health:
@@ -280,7 +283,7 @@ class SSHProvider(BaseProvider):
         reads empty, and a reused pid lacks the marker)."""
         pid, marker = self._handle(handle)
         probe = f"grep -qzxF {shlex.quote(f'{MARKER_VAR}={marker}')} /proc/{pid}/environ"
-        return self.session.run(probe).exit_code == 0
+        return self.session.run(probe, timeout=_PROBE_TIMEOUT).exit_code == 0
 
     def read_spawn_log(
         self,

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _CHUNK = 1 << 16
-_KEEPALIVE = 5.0
+_KEEPALIVE = 2.0
 """Seconds between keepalives: a dead link is noticed within three of them."""
 
 
@@ -216,13 +216,19 @@ class Session:
             return ProviderUnavailable(f"{where}: connection lost ({exc.reason})")
         return ProviderUnavailable(f"{where}: {exc}")
 
-    async def _connection(self) -> asyncssh.SSHClientConnection:
+    async def _connection(self, *, keeper: bool = False) -> asyncssh.SSHClientConnection:
+        if self._conn is not None and self._conn.is_closed() and not keeper and self._keeping():
+            # the keeper is reconnecting: do not make every caller wait for the link too
+            raise ProviderUnavailable(f"ssh {self.target.label}: connection lost, reconnecting")
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._conn is None or self._conn.is_closed():
                 self._conn = await self._connect()
             return self._conn
+
+    def _keeping(self) -> bool:
+        return bool(self._forwards) and self._keeper is not None and not self._keeper.done()
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
         target = self.target
@@ -318,6 +324,11 @@ class Session:
                 await asyncio.wait_for(asyncio.shield(pumps), timeout)
             except TimeoutError:
                 timed_out = True
+                if on_timeout is None:  # a probe: no answer means the host is not reachable
+                    process.close()
+                    raise ProviderUnavailable(
+                        f"ssh {self.target.label}: no answer within {timeout:g}s"
+                    ) from None
                 if on_timeout is not None:
                     with contextlib.suppress(asyncssh.Error, OSError):
                         await conn.run(on_timeout, check=False, timeout=30)
@@ -382,7 +393,7 @@ class Session:
                     await asyncio.wait_for(conn.wait_closed(), 1.0)
                 continue
             try:
-                conn = await self._connection()
+                conn = await self._connection(keeper=True)
                 for remote, local in list(self._forwards.items()):
                     await self._forward(conn, remote, local)
                 log.info("ssh %s: tunnel up again", self.target.label)
