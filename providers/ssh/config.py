@@ -54,6 +54,14 @@ class SSHConfig(ProviderConfig):
     """How the runtime reaches the hub: ``tunnel`` (default), a unix socket forwarded back
     through the SSH connection, so the host needs no route to the hub; ``direct``, the hub's
     own (advertised) URL."""
+    sandbox: Literal["bwrap", "none"] = "bwrap"
+    """``bwrap`` (default): every command runs under bubblewrap on the host, seeing of the
+    remote user's files only its own workspace, ``/tmp`` and the runtime, and none of the
+    user's processes (the host needs ``bwrap``; creating is refused without it); ``none``:
+    commands run with everything the remote user can reach, other environments included."""
+    network: Literal["host", "none"] = "host"
+    """With the sandbox: ``host``, the host's network; ``none``, only a loopback of its own
+    (runs through the hub still work: the runtime reaches it through the tunnel's socket)."""
     connect_timeout: float = Field(default=15.0, gt=0)
     """Seconds to wait for the SSH connection and login."""
     env: dict[str, str] = Field(default_factory=dict)

@@ -35,7 +35,14 @@ from ..base import RUNTIME_BOOTSTRAP
 from ..errors import ProviderError
 from .session import Session, quote_argv
 
-__all__ = ["ensure_runtime", "runtime_argv", "runtime_key", "wheelhouse"]
+__all__ = [
+    "ensure_runtime",
+    "interpreter_prefix",
+    "runtime_argv",
+    "runtime_dir",
+    "runtime_key",
+    "wheelhouse",
+]
 
 _PACKAGES = ("narrative", "transfer", "gateway", "providers", "cli")
 _DISTRIBUTION = "narrative-engine"
@@ -204,3 +211,14 @@ def ensure_runtime(session: Session, python: str, work_dir: str, configured: str
     )
     session.check(install, "installing the runtime from the wheelhouse", timeout=600)
     session.runtimes.add(base)
+
+
+def interpreter_prefix(session: Session, work_dir: str) -> str:
+    """Where the runtime's base Python lives on the host (its ``sys.base_prefix``), which a
+    sandbox hiding the home directory must bind back when it lies there (pyenv, say)."""
+    base = runtime_dir(work_dir)
+    if base not in session.prefixes:
+        argv = [f"{base}/bin/python", "-I", "-c", "import sys; print(sys.base_prefix)"]
+        out = session.check(quote_argv(argv), "asking the runtime's Python for its prefix")
+        session.prefixes[base] = out.decode().strip()
+    return session.prefixes[base]

@@ -49,12 +49,19 @@ from ..base import (
     check_relative_path,
     tail_start,
 )
-from ..errors import ProviderError, ProviderUnavailable, ResourceGone, ResultTooLarge
+from ..errors import (
+    ProviderError,
+    ProviderUnavailable,
+    ResourceGone,
+    ResultTooLarge,
+    SandboxUnavailable,
+)
 from ..proctree import MARKER_VAR, environment_marker, signal_argv
 from ..records import HUB_SOCKET, hub_socket_dir
 from ..shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
 from .config import SSHConfig
-from .install import ensure_runtime, runtime_argv
+from .install import ensure_runtime, interpreter_prefix, runtime_argv, runtime_dir
+from .sandbox import RemoteSandbox, bwrap_argv
 from .session import Session, make_target, quote_argv, run_env, session_for
 
 if TYPE_CHECKING:
@@ -129,15 +136,59 @@ class SSHProvider(BaseProvider):
         return self._dir(resource_id, "ws", check_relative_path(path))
 
     def _command(
-        self, resource_id: str, argv: Sequence[str], env: Mapping[str, str] | None, marker: str
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None,
+        marker: str,
+        *,
+        background: bool = False,
     ) -> str:
         var, value = environment_marker(self.context.env_id)
         variables = {**self.cfg.env, **(env or {}), var: value, MARKER_VAR: marker}
+        prefix = ["setsid"] if background else []
+        if self.cfg.sandbox == "bwrap":
+            prefix += [*bwrap_argv(self._box(resource_id), background=background), "--"]
         return (
             f"cd {self._q(self._dir(resource_id, 'ws'))} 2>/dev/null || exit {_NO_WORKSPACE}; "
             f"TMPDIR={self._q(self._dir(resource_id, 'tmp'))} && export TMPDIR && "
-            f"exec {run_env(variables)}{quote_argv(argv)}"
+            # a missing program is exit 127, as a shell says, not bwrap's exit 1
+            f"{{ command -v {quote_argv(argv[:1])} >/dev/null || {{ echo "
+            f"{shlex.quote(f'cannot run {argv[0]!r}: No such file or directory')} >&2; "
+            f"exit 127; }}; }} && "
+            f"exec {run_env(variables)}{quote_argv([*prefix, *argv])}"
         )
+
+    def _box(self, resource_id: str) -> RemoteSandbox:
+        absolute = self.session.absolute
+        runtime = interpreter = ""
+        if not self.cfg.runtime:
+            self._ensure_runtime()
+            runtime = absolute(runtime_dir(self.cfg.work_dir))
+            interpreter = interpreter_prefix(self.session, self.cfg.work_dir)
+        return RemoteSandbox(
+            home=absolute("~"),
+            work_dir=absolute(self.cfg.work_dir),
+            workspace=absolute(self._dir(resource_id, "ws")),
+            tmp=absolute(self._dir(resource_id, "tmp")),
+            hub=absolute(self._dir(resource_id, "hub")),
+            runtime=runtime,
+            interpreter=interpreter,
+            network=self.cfg.network == "host",
+        )
+
+    def _check_sandbox(self) -> None:
+        if self.cfg.sandbox != "bwrap":
+            return
+        probe = "bwrap --ro-bind / / --unshare-pid --cap-drop ALL true"
+        result = self.session.run(probe, timeout=60)
+        if result.exit_code != 0:
+            detail = result.stderr.decode(errors="replace").strip() or f"exit {result.exit_code}"
+            raise SandboxUnavailable(
+                f"ssh {self.session.target.label}: no working bubblewrap on the host ({detail});"
+                " install it there (Debian: apt-get install bubblewrap) or pass --config "
+                "sandbox=none to run agents with everything the remote user can reach"
+            )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -150,6 +201,7 @@ class SSHProvider(BaseProvider):
             f"printf %s {shlex.quote(self.context.owner)} > {self._q(owner)}",
             "creating the environment's directories",
         )
+        self._check_sandbox()
         if self.cfg.runtime is None:
             self._ensure_runtime()
         return resource_id
@@ -199,11 +251,12 @@ class SSHProvider(BaseProvider):
         )
 
     def warnings(self) -> list[str]:
+        if self.cfg.sandbox == "bwrap":
+            return []
         user = self.session.target.user
         return [
-            f"ssh: commands run as {user} on {self.cfg.host} without a sandbox; every "
-            f"environment of {user} there can reach the others' files: give untrusted agents "
-            "their own user or host"
+            f"ssh: sandbox=none: commands run as {user} on {self.cfg.host} with everything "
+            f"{user} can reach there, the other environments of {user} included"
         ]
 
     # -- commands -------------------------------------------------------------------------------
@@ -249,7 +302,7 @@ class SSHProvider(BaseProvider):
             raise InvalidInput("empty command")
         marker = secrets.token_hex(12)
         log = self._log(resource_id, marker) if log_path is not None else "/dev/null"
-        command = self._command(resource_id, ["setsid", *argv], env, marker)
+        command = self._command(resource_id, argv, env, marker, background=True)
         # a background job of a non-interactive shell leads no process group, so setsid needs
         # no fork and $! is the process itself
         workspace = self._q(self._dir(resource_id, "ws"))

@@ -175,14 +175,16 @@ class Session:
         self._home: str | None = None
         self.runtimes: set[str] = set()
         """Runtime directories known to be installed on the host (checked once a process)."""
+        self.prefixes: dict[str, str] = {}
+        """Runtime directory → ``sys.base_prefix`` of its Python on the host."""
 
     def absolute(self, path: str) -> str:
         """``path`` with a leading ``~/`` replaced by the remote user's home."""
-        if not path.startswith("~/"):
+        if path != "~" and not path.startswith("~/"):
             return path
         if self._home is None:
             self._home = self.check('printf %s "$HOME"', "finding the home directory").decode()
-        return f"{self._home}/{path[2:]}"
+        return self._home if path == "~" else f"{self._home}/{path[2:]}"
 
     # -- connection -----------------------------------------------------------------------------
 
