@@ -98,7 +98,7 @@ def _probe() -> str | None:
         missing.append(f"{SSHD} (Debian's openssh-server)")
     if missing:
         return "missing: " + ", ".join(missing)
-    name = f"{PREFIX}-probe-{os.getpid()}"
+    name = f"{PREFIX}-0-{_owner_tag()}-probe"  # subnet 0 is never handed out; swept if left
     try:
         _cmd("ip", "netns", "add", name)
         _cmd("ip", "netns", "exec", name, "unshare", "--mount", "--pid", "--fork", "true")
@@ -789,6 +789,10 @@ class Host:
         if not self.sees_checkout:
             raise HarnessError(f"host {self.name} does not see the checkout")
         return CHECKOUT_PYTHON
+
+    def narrative(self) -> str:
+        """The checkout's ``narrative`` command (needs sees_checkout; use with checkout_env)."""
+        return str(Path(self.python()).with_name("narrative"))
 
     def checkout_env(self) -> dict[str, str]:
         """Environment that makes ``python()`` import this checkout's packages."""

@@ -145,6 +145,7 @@ def test_files_and_users_are_private(network: Network) -> None:
     code = "import narrative, sys; print(narrative.__file__)"
     out = dev.run([dev.python(), "-c", code], env=dev.checkout_env()).stdout.decode().strip()
     assert out == f"{CHECKOUT}/narrative/__init__.py"
+    assert b"Usage" in dev.run([dev.narrative(), "--help"], env=dev.checkout_env()).stdout
     # read-only rebinds still keep the user out of other people's files
     with pytest.raises(HostCommandError):
         dev.run(["touch", f"{CHECKOUT}/should-not-exist"])
