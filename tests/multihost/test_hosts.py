@@ -19,6 +19,8 @@ import pytest
 from tests.multihost.hosts import (
     CHECKOUT,
     PREFIX,
+    REQUIRE_ENV,
+    HarnessError,
     Host,
     HostCommandError,
     Network,
@@ -56,6 +58,33 @@ PROBE = textwrap.dedent(
         result = {"ok": False, "error": type(exc).__name__ + ": " + str(exc)}
     result["seconds"] = time.monotonic() - start
     print(json.dumps(result))
+    """
+)
+
+
+# receives one connection on ADDRESS:9000 and prints its length and sha256
+SINK = textwrap.dedent(
+    """
+    import hashlib, socket, sys
+    server = socket.create_server((sys.argv[1], 9000))
+    print("listening", flush=True)
+    conn, _ = server.accept()
+    digest, size = hashlib.sha256(), 0
+    while data := conn.recv(1 << 16):
+        digest.update(data)
+        size += len(data)
+    print(size, digest.hexdigest(), flush=True)
+    """
+)
+
+# sends SIZE random bytes to ADDRESS:9000 and prints their length and sha256
+SOURCE = textwrap.dedent(
+    """
+    import hashlib, os, socket, sys
+    data = os.urandom(int(sys.argv[2]))
+    with socket.create_connection((sys.argv[1], 9000)) as conn:
+        conn.sendall(data)
+    print(len(data), hashlib.sha256(data).hexdigest())
     """
 )
 
@@ -274,6 +303,13 @@ def test_netem_adds_latency(network: Network) -> None:
     b.netem(loss_pct=100)
     lost = probe(a, b.address, 8000, timeout=1)
     assert not lost["ok"], lost
+    # bulk data crosses the emulated link intact (segments bigger than the MTU included)
+    b.netem(delay_ms=5, loss_pct=1)
+    sink = b.popen(["python3", "-c", SINK, b.address], stdout=subprocess.PIPE)
+    assert sink.stdout is not None and sink.stdout.readline() == b"listening\n"
+    sent = a.run(["python3", "-c", SOURCE, b.address, str(4 << 20)]).stdout.split()
+    assert sink.stdout.readline().split() == sent and sent[0] == str(4 << 20).encode()
+    assert sink.wait(10) == 0
     b.clear_netem()
 
 
@@ -378,3 +414,17 @@ def _describe(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() + str(status)
     except OSError:
         return "gone"
+
+
+def test_missing_namespaces_skip_or_fail_as_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.multihost import conftest, hosts
+
+    monkeypatch.setattr(hosts, "_probe_result", ["network namespaces need root"])
+    monkeypatch.delenv(REQUIRE_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="need root"):
+        conftest.require_namespaces()
+    monkeypatch.setenv(REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="need root"):
+        conftest.require_namespaces()
+    with pytest.raises(HarnessError, match="need root"):
+        Network("unavailable")
