@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-long soak lint bench bench-quick bench-transfer bench-merge bench-run bench-sandbox bench-gateway bench-chain clean
+.PHONY: demo test test-long test-hosts soak lint bench bench-quick bench-transfer bench-merge bench-run bench-sandbox bench-gateway bench-chain clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +16,13 @@ demo: $(STAMP)  ## the main job on embedded defaults: snapshot, change, diff, re
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 test: $(STAMP)  ## the test suite, under ten minutes (CI runs it and test-long)
-	$(BIN)/pytest -q -m "not long"
+	$(BIN)/pytest -q -m "not long and not hosts"
 
 test-long: $(STAMP)  ## the long tests: the model-based store test (ci profile), the wheel install, reused-environment attacks
 	$(BIN)/pytest -q -m long
+
+test-hosts: $(STAMP)  ## tests on a multi-host network of Linux namespaces (root; tests/multihost)
+	$(BIN)/pytest -q -m hosts tests/multihost
 
 soak: $(STAMP)  ## the model-based store test with its long hypothesis profile (~an hour)
 	NARRATIVE_HYPOTHESIS_PROFILE=soak $(BIN)/pytest -q tests/e2e/model --timeout 0 --hypothesis-show-statistics
