@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -59,6 +60,11 @@ TAG_MANAGED = "narrative:managed"
 """Always ``true``: the machine was launched by narrative and may be terminated by it."""
 TAG_LAST_USED = "narrative:last-used"
 """When the machine was last used (:func:`format_time`), set by :meth:`MachineDriver.touch`."""
+
+# One line: the key type, base64 of the key, an optional comment.
+_PUBLIC_KEY_RE = re.compile(
+    r"(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+) [A-Za-z0-9+/]+={0,3}( [^\n]*)?"
+)
 
 LIVE_STATES = frozenset({"pending", "running", "stopping", "stopped"})
 """Machine states that count against the cap (anything not on its way out)."""
@@ -249,8 +255,11 @@ class MachineDriver(ABC):
             ProviderError: the cloud refused (its message included).
             ProviderUnavailable: the cloud API cannot be reached, or no credentials.
         """
-        if not spec.public_key.strip() or "PRIVATE KEY" in spec.public_key:
-            raise InvalidInput("the machine needs an OpenSSH public key line, not a private key")
+        if not _PUBLIC_KEY_RE.fullmatch(spec.public_key.strip()):
+            raise InvalidInput(
+                "the machine needs one OpenSSH public key line (ssh-ed25519 AAAA...), "
+                "never a private key"
+            )
         live = self.list_labelled(spec.owner)
         if len(live) >= self.config.max_machines:
             raise QuotaExceeded(self.config.max_machines, sorted(m.id for m in live))

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.parsers
 
 from narrative.errors import InvalidInput
 
@@ -99,6 +100,8 @@ def api_errors(action: str, resource: str = "") -> Iterator[None]:
         if _code(exc) == "InvalidKeyPair.Format":
             raise InvalidInput(f"{where}: the public key is refused: {message}") from exc
         raise ProviderError(f"{where}: {_code(exc)}: {message}") from exc
+    except botocore.parsers.ResponseParserError as exc:  # e.g. an HTML error page
+        raise ProviderError(f"{where}: unreadable reply from the EC2 API: {exc}") from exc
     except (botocore.exceptions.BotoCoreError, OSError) as exc:
         # Connection refused or timed out, a bad endpoint URL, a broken response.
         raise ProviderUnavailable(f"{where}: EC2 API unreachable: {exc}") from exc
