@@ -250,7 +250,8 @@ class MachineDriver(ABC):
 
         Raises:
             QuotaExceeded: ``max_machines`` machines with ``spec.owner``'s label are live
-                already; nothing was created.
+                already: nothing was created; or launches racing in other processes passed
+                the cap meanwhile: this one's machine was terminated again.
             InvalidInput: the public key is no OpenSSH public key line.
             ProviderError: the cloud refused (its message included).
             ProviderUnavailable: the cloud API cannot be reached, or no credentials.
@@ -260,10 +261,19 @@ class MachineDriver(ABC):
                 "the machine needs one OpenSSH public key line (ssh-ed25519 AAAA...), "
                 "never a private key"
             )
+        limit = self.config.max_machines
         live = self.list_labelled(spec.owner)
-        if len(live) >= self.config.max_machines:
-            raise QuotaExceeded(self.config.max_machines, sorted(m.id for m in live))
+        if len(live) >= limit:
+            raise QuotaExceeded(limit, sorted(m.id for m in live))
         machine = self._launch(spec, now or datetime.now(UTC))
+        # Launches racing in other processes passed the same count: counted again, each one
+        # that finds the cap passed backs off. The last to count sees every machine still
+        # live, so no more than the cap stay live (racers may all back off: retry).
+        live = self.list_labelled(spec.owner)
+        if len(live) > limit:
+            log.info("terminating %s: %d machines are live, max %d", machine.id, len(live), limit)
+            self.terminate(machine.id)
+            raise QuotaExceeded(limit, sorted(m.id for m in live if m.id != machine.id))
         log.info("launched %s for %s (%s)", machine.id, spec.env_id, spec.name)
         return machine
 
