@@ -326,3 +326,39 @@ def test_a_missing_sdk_is_missing_dependency(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setitem(sys.modules, "providers.cloud.ec2", None)
     with pytest.raises(MissingDependency, match=r"narrative-engine\[cloud\]"):
         open_driver(CloudMachineConfig(image_id="ami-1", ssh_cidr=CIDR))
+
+
+def test_racing_launches_never_leave_more_than_max_machines_live(
+    ec2: Any, ec2_endpoint: str, public_key: str
+) -> None:
+    """Six processes launch at once with room for two: each passes the first count before
+    any machine exists, so only the count after the launch keeps the cap."""
+    import threading
+
+    max_machines, launchers = 2, 6
+    barrier = threading.Barrier(launchers)
+    outcomes: dict[int, str] = {}
+
+    def launch(n: int) -> None:
+        driver = make_driver(ec2_endpoint, max_machines=max_machines)  # one per "process"
+        driver.list_labelled(OWNER)  # the client is made and connected before the race
+        barrier.wait()
+        try:
+            outcomes[n] = driver.launch(spec_for(driver, f"env-r{n}", public_key)).id
+        except QuotaExceeded:
+            outcomes[n] = "refused"
+
+    threads = [threading.Thread(target=launch, args=(n,)) for n in range(launchers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert len(outcomes) == launchers
+    launched = sorted(v for v in outcomes.values() if v != "refused")
+    live = sorted(m.id for m in make_driver(ec2_endpoint).list_labelled(OWNER))
+    assert live == launched
+    assert len(live) <= max_machines
+    # A refused launch leaves nothing behind.
+    kept = {tags_of(instances(ec2)[i])[TAG_ENV] for i in live}
+    assert key_names(ec2) == group_names(ec2) == sorted(f"narrative-{env}" for env in kept)
