@@ -26,6 +26,7 @@ never written anywhere by this module. Errors of botocore are translated in
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import re
 import time
@@ -105,6 +106,16 @@ def api_errors(action: str, resource: str = "") -> Iterator[None]:
     except (botocore.exceptions.BotoCoreError, OSError) as exc:
         # Connection refused or timed out, a bad endpoint URL, a broken response.
         raise ProviderUnavailable(f"{where}: EC2 API unreachable: {exc}") from exc
+
+
+def _ssh_rule(cidr: str) -> dict[str, Any]:
+    """The ingress rule admitting TCP port 22 from ``cidr`` (IPv4 or IPv6), and nothing else."""
+    rule: dict[str, Any] = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22}
+    if ipaddress.ip_network(cidr).version == 6:
+        rule["Ipv6Ranges"] = [{"CidrIpv6": cidr, "Description": "narrative SSH"}]
+    else:
+        rule["IpRanges"] = [{"CidrIp": cidr, "Description": "narrative SSH"}]
+    return rule
 
 
 def _tag_list(tags: Mapping[str, str]) -> list[dict[str, str]]:
@@ -232,14 +243,7 @@ class Ec2Driver(MachineDriver):
                 group_id = self._reset_leftover_group(name, tags)
             self.client.authorize_security_group_ingress(
                 GroupId=group_id,
-                IpPermissions=[
-                    {
-                        "IpProtocol": "tcp",
-                        "FromPort": 22,
-                        "ToPort": 22,
-                        "IpRanges": [{"CidrIp": cidr, "Description": "narrative SSH"}],
-                    }
-                ],
+                IpPermissions=[_ssh_rule(cidr)],
             )
         return group_id
 
