@@ -153,6 +153,20 @@ def test_launch_makes_a_tagged_running_machine_reachable_by_ssh_only(
     assert driver.describe(machine.id) == machine
 
 
+def test_an_ipv6_source_network_is_the_only_one_admitted(
+    ec2: Any, ec2_endpoint: str, public_key: str
+) -> None:
+    driver = make_driver(ec2_endpoint, ssh_cidr="2001:db8:7::/48")
+    machine = driver.launch(spec_for(driver, "env-v6", public_key))
+
+    (group_ref,) = instances(ec2)[machine.id]["SecurityGroups"]
+    (group,) = ec2.describe_security_groups(GroupIds=[group_ref["GroupId"]])["SecurityGroups"]
+    (rule,) = group["IpPermissions"]
+    assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 22, 22)
+    assert [r["CidrIpv6"] for r in rule["Ipv6Ranges"]] == ["2001:db8:7::/48"]
+    assert not rule.get("IpRanges")
+
+
 def test_terminate_removes_the_machine_its_key_and_its_group_and_may_repeat(
     driver: MachineDriver, ec2: Any, public_key: str
 ) -> None:
