@@ -240,17 +240,19 @@ class Ec2Driver(MachineDriver):
             except botocore.exceptions.ClientError as exc:
                 if _code(exc) != "InvalidGroup.Duplicate":
                     raise
-                group_id = self._reset_leftover_group(name, tags)
+                group_id = self._reset_leftover_group(name, tags, kwargs.get("VpcId"))
+        with api_errors("authorize-security-group-ingress", name):
             self.client.authorize_security_group_ingress(
-                GroupId=group_id,
-                IpPermissions=[_ssh_rule(cidr)],
+                GroupId=group_id, IpPermissions=[_ssh_rule(cidr)]
             )
         return group_id
 
-    def _reset_leftover_group(self, name: str, tags: Mapping[str, str]) -> str:
+    def _reset_leftover_group(self, name: str, tags: Mapping[str, str], vpc_id: str | None) -> str:
         """The group ``name`` left by an interrupted launch of this environment, emptied of
         ingress rules; a group of that name that is not ours is refused."""
         filters = [{"Name": "group-name", "Values": [name]}]
+        if vpc_id:
+            filters.append({"Name": "vpc-id", "Values": [vpc_id]})
         filters += [{"Name": f"tag:{key}", "Values": [value]} for key, value in tags.items()]
         groups = self.client.describe_security_groups(Filters=filters)["SecurityGroups"]
         if not groups:
