@@ -35,6 +35,7 @@ boto3 = pytest.importorskip("boto3")
 
 OWNER = "narrative-test0000owner"
 CIDR = "198.51.100.0/24"
+ANYWHERE = [{"CidrIp": "0.0.0.0/0"}]
 T0 = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 
 
@@ -308,6 +309,46 @@ def test_an_interrupted_launch_is_cleaned_up_and_leftovers_swept(
     assert driver.sweep_leftovers(OWNER) == ["narrative-env-y"]
     assert key_names(ec2) == ["narrative-env-z"]
     assert driver.describe(live.id) is not None
+
+
+def test_a_relaunch_replaces_the_leftover_key_and_resets_the_leftover_group(
+    driver: MachineDriver, ec2: Any, public_key: str, tmp_path: Path
+) -> None:
+    """An earlier launch of the environment died after its key and group: the new launch
+    imports its own key over the old one and leaves the group with the SSH rule only."""
+    old_key = tmp_path / "old"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(old_key)], check=True)
+    mine = [
+        {"Key": TAG_OWNER, "Value": OWNER},
+        {"Key": TAG_ENV, "Value": "env-l"},
+        {"Key": TAG_MANAGED, "Value": "true"},
+    ]
+    old_public = old_key.with_suffix(".pub").read_bytes()
+    ec2.import_key_pair(KeyName="narrative-env-l", PublicKeyMaterial=old_public)
+    group = ec2.create_security_group(
+        GroupName="narrative-env-l",
+        Description="left over",
+        TagSpecifications=[{"ResourceType": "security-group", "Tags": mine}],
+    )["GroupId"]
+    ec2.authorize_security_group_ingress(
+        GroupId=group,
+        IpPermissions=[{"IpProtocol": "tcp", "FromPort": 80, "ToPort": 80, "IpRanges": ANYWHERE}],
+    )
+
+    machine = driver.launch(spec_for(driver, "env-l", public_key))
+
+    instance = instances(ec2)[machine.id]
+    assert [g["GroupId"] for g in instance["SecurityGroups"]] == [group]
+    (rule,) = ec2.describe_security_groups(GroupIds=[group])["SecurityGroups"][0]["IpPermissions"]
+    assert (rule["FromPort"], [r["CidrIp"] for r in rule["IpRanges"]]) == (22, [CIDR])
+    (pair,) = ec2.describe_key_pairs(KeyNames=["narrative-env-l"])["KeyPairs"]
+    assert tags_of(pair)[TAG_ENV] == "env-l"  # the new import, not the untagged old one
+
+    # A group of that name that narrative did not make is not taken over.
+    ec2.create_security_group(GroupName="narrative-env-f", Description="someone else's")
+    with pytest.raises(ProviderError, match="not narrative's"):
+        driver.launch(spec_for(driver, "env-f", public_key))
+    assert "narrative-env-f" not in key_names(ec2)
 
 
 def test_bad_input_is_one_clear_error(
