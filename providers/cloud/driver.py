@@ -343,15 +343,25 @@ class MachineDriver(ABC):
         ``last_used_by_id`` adds what the caller knows of machines' last use (see
         :meth:`expired`). A machine running a run must have been touched when the run started,
         or it may be reaped under it.
+
+        Raises:
+            ProviderError: some idle machines could not be terminated (named, with why); the
+                others were terminated all the same.
         """
         moment = now or datetime.now(UTC)
         known = last_used_by_id or {}
-        reaped = []
+        reaped, failed = [], []
         for machine in self.list_labelled(owner):
-            if self.expired(machine, known.get(machine.id), moment):
-                log.info(
-                    "terminating %s: idle for longer than %d s", machine.id, self.config.idle_ttl
-                )
+            if not self.expired(machine, known.get(machine.id), moment):
+                continue
+            log.info("terminating %s: idle for longer than %d s", machine.id, self.config.idle_ttl)
+            try:
                 self.terminate(machine.id)
-                reaped.append(machine.id)
+            except ProviderError as exc:  # one that cannot go keeps no other alive
+                failed.append(f"{machine.id}: {exc}")
+                continue
+            reaped.append(machine.id)
+        if failed:
+            done = f" (terminated {', '.join(reaped)})" if reaped else ""
+            raise ProviderError(f"could not terminate idle machines{done}: {'; '.join(failed)}")
         return reaped
