@@ -260,6 +260,32 @@ def test_idle_time_to_live_reaps_only_the_idle_machine(
     assert key_names(ec2) == ["narrative-env-busy", "narrative-env-known"]
 
 
+def test_one_machine_that_cannot_be_reaped_does_not_keep_the_others_alive(
+    driver: MachineDriver, ec2: Any, public_key: str
+) -> None:
+    """An instance carrying the owner label and the managed tag but no environment (tagged by
+    hand): terminate refuses it, and the reaper still ends the idle machine after it."""
+    odd = ec2.run_instances(
+        ImageId="ami-03cf127a",
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[
+            {
+                "ResourceType": "instance",
+                "Tags": [{"Key": TAG_OWNER, "Value": OWNER}, {"Key": TAG_MANAGED, "Value": "true"}],
+            }
+        ],
+    )["Instances"][0]["InstanceId"]
+    idle = driver.launch(spec_for(driver, "env-idle", public_key), now=T0)
+    assert len(driver.list_labelled(OWNER)) == 2
+
+    with pytest.raises(ProviderError, match=f"{odd}.*not launched by narrative"):
+        driver.reap_idle(OWNER, now=datetime.now(UTC) + timedelta(days=1))
+
+    assert instances(ec2)[idle.id]["State"]["Name"] == "terminated"
+    assert instances(ec2)[odd]["State"]["Name"] != "terminated"
+
+
 def test_the_address_override_maps_the_dialled_address(
     ec2: Any, ec2_endpoint: str, public_key: str
 ) -> None:
