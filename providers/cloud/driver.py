@@ -177,12 +177,13 @@ class CloudMachineConfig(BaseModel):
     max_machines: int = Field(default=4, ge=1)
     """At most this many live machines with this store's owner label at a time."""
     idle_ttl: int = Field(default=3600, ge=1)
-    """Seconds a machine may stay unused before reap_idle terminates it."""
+    """Seconds a machine may stay unused before it is terminated as idle."""
     ready_timeout: float = Field(default=300.0, gt=0)
     """Seconds to wait for a launched machine to run and have an address."""
     address_override: dict[str, str] = Field(default_factory=dict)
-    """Machine address -> address actually dialled (a NAT, a bastion port, or a test's stand-in
-    for the machine); addresses not listed are dialled as they are."""
+    """Machine address or network (CIDR) -> host actually dialled (a NAT, a bastion, or a
+    test's stand-in for the machine); the most specific match wins, and an address matching
+    none is dialled as it is."""
     tags: dict[str, str] = Field(default_factory=dict)
     """More tags for every machine (cost centre, team); not secrets."""
 
@@ -193,6 +194,34 @@ class CloudMachineConfig(BaseModel):
             return str(ipaddress.ip_network(value, strict=True))
         except ValueError as exc:
             raise ValueError(f"ssh_cidr must be a network such as 203.0.113.7/32: {exc}") from exc
+
+    @field_validator("address_override")
+    @classmethod
+    def _override_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, target in value.items():
+            try:
+                ipaddress.ip_network(key, strict=True)
+            except ValueError as exc:
+                raise ValueError(
+                    f"address_override key {key!r} must be an address or a network: {exc}"
+                ) from exc
+            if not target.strip():
+                raise ValueError(f"address_override maps {key!r} to nothing")
+        return value
+
+    def override_for(self, address: str) -> str | None:
+        """The host ``address_override`` dials instead of ``address`` (the match with the
+        longest prefix), or None."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:  # a DNS name: the keys are addresses and networks only
+            return None
+        matches = [
+            (network.prefixlen, target)
+            for key, target in self.address_override.items()
+            if ip in (network := ipaddress.ip_network(key))
+        ]
+        return max(matches)[1] if matches else None
 
     def launch_spec(self, *, name: str, owner: str, env_id: str, public_key: str) -> LaunchSpec:
         """The spec of an environment's machine under this configuration."""
@@ -302,16 +331,15 @@ class MachineDriver(ABC):
             delay = min(delay * 2, 5.0)
 
     def dial_address(self, machine: Machine) -> str:
-        """The address to SSH to: its public address, else its private one, mapped through
-        ``address_override`` (looked up by either of its addresses).
+        """The host to SSH to: its public address, else its private one, mapped through
+        ``address_override`` (its public address is looked up first, then its private one).
 
         Raises:
             ProviderError: the machine has no address yet.
         """
-        overrides = self.config.address_override
         for address in (machine.public_address, machine.private_address):
-            if address and address in overrides:
-                return overrides[address]
+            if address and (target := self.config.override_for(address)) is not None:
+                return target
         address = machine.public_address or machine.private_address
         if not address:
             raise ProviderError(f"machine {machine.id} has no address (state {machine.state})")

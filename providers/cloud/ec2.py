@@ -156,10 +156,10 @@ class Ec2Driver(MachineDriver):
                     "ec2",
                     region_name=self.config.region,
                     endpoint_url=self.config.endpoint_url,
+                    # Retries: botocore's standard mode, 3 attempts unless AWS_MAX_ATTEMPTS or
+                    # the shared config says otherwise.
                     config=botocore.config.Config(
-                        connect_timeout=10,
-                        read_timeout=60,
-                        retries={"max_attempts": 4, "mode": "standard"},
+                        connect_timeout=10, read_timeout=60, retries={"mode": "standard"}
                     ),
                 )
         return self._client

@@ -291,15 +291,21 @@ def test_the_address_override_maps_the_dialled_address(
 ) -> None:
     plain = make_driver(ec2_endpoint)
     machine = plain.wait_ready(plain.launch(spec_for(plain, "env-o", public_key)).id)
-    assert machine.public_address is not None and machine.private_address is not None
+    public, private = machine.public_address, machine.private_address
+    assert public is not None and private is not None
 
-    by_public = make_driver(ec2_endpoint, address_override={machine.public_address: "10.9.0.2"})
-    by_private = make_driver(ec2_endpoint, address_override={machine.private_address: "sshd"})
-    other = make_driver(ec2_endpoint, address_override={"192.0.2.1": "10.9.0.2"})
+    def dialled(override: dict[str, str]) -> str:
+        return make_driver(ec2_endpoint, address_override=override).dial_address(machine)
 
-    assert by_public.dial_address(machine) == "10.9.0.2"
-    assert by_private.dial_address(machine) == "sshd"
-    assert other.dial_address(machine) == machine.public_address
+    assert dialled({public: "10.9.0.2"}) == "10.9.0.2"
+    assert dialled({private: "sshd"}) == "sshd"
+    assert dialled({"192.0.2.1": "10.9.0.2"}) == public  # no match: dialled as it is
+    # Networks: any address of moto's goes to the stand-in; the most specific match wins, and
+    # the public address is looked up before the private one.
+    assert dialled({"0.0.0.0/0": "standin"}) == "standin"
+    assert dialled({"0.0.0.0/0": "standin", f"{public}/32": "exact"}) == "exact"
+    assert dialled({"0.0.0.0/0": "any", f"{private}/32": "private"}) == "any"
+    assert dialled({"::/0": "v6 only"}) == public
     pending = Machine(machine.id, "pending", None, None, machine.launched_at)
     with pytest.raises(ProviderError, match="no address"):
         plain.dial_address(pending)
@@ -387,12 +393,19 @@ def test_bad_input_is_one_clear_error(
     assert instances(ec2) == {} and key_names(ec2) == [] and group_names(ec2) == []
     with pytest.raises(ValueError, match="ssh_cidr"):
         CloudMachineConfig(image_id="ami-1", ssh_cidr="198.51.100.7/24")  # host bits set
+    for override in ({"not-an-address": "x"}, {"10.0.0.1/8": "x"}, {"10.0.0.1": " "}):
+        with pytest.raises(ValueError, match="address_override"):
+            CloudMachineConfig(image_id="ami-1", ssh_cidr=CIDR, address_override=override)
     with pytest.raises(ValueError, match="extra"):
         CloudMachineConfig(image_id="ami-1", ssh_cidr=CIDR, secret_key="x")  # type: ignore[call-arg]
 
 
-def test_an_unreachable_endpoint_is_provider_unavailable(ec2: Any) -> None:
+def test_an_unreachable_endpoint_is_provider_unavailable(
+    ec2: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from providers.errors import ProviderUnavailable
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # no retries with backoff: the test is quick
 
     driver = make_driver("http://127.0.0.1:9")  # discard port: nothing listens
     with pytest.raises(ProviderUnavailable, match="unreachable"):
