@@ -330,6 +330,18 @@ class MachineDriver(ABC):
             time.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
             delay = min(delay * 2, 5.0)
 
+    def machine_for(self, machine_id: str, *, owner: str, env_id: str) -> Machine:
+        """The live machine ``machine_id`` if it was launched for environment ``env_id`` of
+        ``owner`` (what a reconnect from a record checks).
+
+        Raises:
+            ResourceGone: it is terminated, unknown, or some other environment's machine.
+        """
+        machine = self.describe(machine_id)
+        if machine is None or machine.owner != owner or machine.env_id != env_id:
+            raise ResourceGone(machine_id)
+        return machine
+
     def dial_address(self, machine: Machine) -> str:
         """The host to SSH to: its public address, else its private one, mapped through
         ``address_override`` (its public address is looked up first, then its private one).

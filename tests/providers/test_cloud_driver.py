@@ -188,6 +188,25 @@ def test_terminate_removes_the_machine_its_key_and_its_group_and_may_repeat(
     assert key_names(ec2) == ["narrative-env-keep"]
 
 
+def test_machine_for_finds_only_the_environments_live_machine(
+    driver: MachineDriver, ec2: Any, public_key: str
+) -> None:
+    machine = driver.launch(spec_for(driver, "env-r", public_key))
+    other = driver.launch(spec_for(driver, "env-s", public_key, owner="narrative-other"))
+
+    assert driver.machine_for(machine.id, owner=OWNER, env_id="env-r").id == machine.id
+    for machine_id, owner, env_id in (
+        (machine.id, OWNER, "env-s"),  # another environment's
+        (other.id, OWNER, "env-s"),  # another store's
+        ("i-0123456789abcdef0", OWNER, "env-r"),  # unknown
+    ):
+        with pytest.raises(ResourceGone):
+            driver.machine_for(machine_id, owner=owner, env_id=env_id)
+    driver.terminate(machine.id)
+    with pytest.raises(ResourceGone):
+        driver.machine_for(machine.id, owner=OWNER, env_id="env-r")
+
+
 def test_terminate_refuses_an_instance_narrative_did_not_launch(
     driver: MachineDriver, ec2: Any
 ) -> None:
