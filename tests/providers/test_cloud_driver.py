@@ -207,6 +207,19 @@ def test_machine_for_finds_only_the_environments_live_machine(
         driver.machine_for(machine.id, owner=OWNER, env_id="env-r")
 
 
+def test_wait_ready_gives_up_on_a_machine_that_does_not_run(
+    driver: MachineDriver, ec2: Any, public_key: str
+) -> None:
+    machine = driver.launch(spec_for(driver, "env-w", public_key))
+    ec2.stop_instances(InstanceIds=[machine.id])  # stopped by someone: never ready
+
+    with pytest.raises(ProviderError, match=r"not running with an address after 0.5 s \(state"):
+        driver.wait_ready(machine.id, timeout=0.5)
+    assert [m.id for m in driver.list_labelled(OWNER)] == [machine.id]  # stopped counts
+    driver.terminate(machine.id)
+    assert key_names(ec2) == [] and group_names(ec2) == []
+
+
 def test_terminate_refuses_an_instance_narrative_did_not_launch(
     driver: MachineDriver, ec2: Any
 ) -> None:
