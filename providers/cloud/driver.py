@@ -9,7 +9,8 @@ holds what every cloud shares: the cap on the number of machines (:meth:`Machine
 refuses the one past ``max_machines`` before any write), the idle time-to-live
 (:meth:`~MachineDriver.expired`, :meth:`~MachineDriver.reap_idle`) and the address actually
 dialled (:meth:`~MachineDriver.dial_address`, through ``address_override``). A cloud's driver
-implements the ``_``-less abstract methods; see ``docs/cloud-vm.md`` for adding one.
+implements the abstract methods (``_launch``, ``_set_tags``, ``describe``, ``terminate``,
+``list_labelled``); see ``docs/cloud-vm.md`` for adding one.
 
 Credentials never pass through here: drivers take them from their SDK's usual chain
 (environment, shared config, instance role), and records keep only machine ids.
