@@ -18,10 +18,12 @@ line and exits 1::
         ├── EnvironmentStateError                         environment records unreadable
         ├── ExecFailed                                    a command could not be started at all
         ├── RuntimeBroken                                 the runtime's import check failed
-        └── ResultTooLarge                                a run's result is over its cap
+        ├── ResultTooLarge                                a run's result is over its cap
+        └── QuotaExceeded(limit, live)                    a cloud machine past max_machines
 
-Errors of the Docker SDK and the e2b SDK are translated into this tree in one place each
-(``providers.docker.client.translate_error`` and ``providers.e2b_provider._translate``).
+Errors of the Docker SDK, the e2b SDK and botocore are translated into this tree in one place
+each (``providers.docker.client.translate_error``, ``providers.e2b_provider._translate`` and
+``providers.cloud.ec2.api_errors``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ __all__ = [
     "ProviderError",
     "ProviderNotFound",
     "ProviderUnavailable",
+    "QuotaExceeded",
     "ResourceGone",
     "ResultTooLarge",
     "RuntimeBroken",
@@ -156,3 +159,16 @@ class RuntimeBroken(ProviderError):
 class ResultTooLarge(ProviderError):
     """A run's result is over the environment's ``max_result_bytes``: nothing of it is taken
     in (it stays in the environment)."""
+
+
+class QuotaExceeded(ProviderError):
+    """Launching another cloud machine would pass the configured cap on live machines of this
+    store (``max_machines``): nothing was created."""
+
+    def __init__(self, limit: int, live: Sequence[str]) -> None:
+        super().__init__(
+            f"{len(live)} cloud machines of this store are live already (max_machines={limit}: "
+            f"{', '.join(live)}); delete an environment, or raise max_machines"
+        )
+        self.limit = limit
+        self.live = list(live)

@@ -7,14 +7,12 @@
   an empty bucket's URL, for any transfer test to reuse.
 
 S3 tests skip when moto or s3fs is missing, unless ``NARRATIVE_REQUIRE_S3=1`` is set (CI), in
-which case they fail.
+which case they fail (:mod:`tests.moto_support`).
 """
 
 from __future__ import annotations
 
-import os
 import posixpath
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,53 +22,9 @@ import fsspec.core
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
+from tests.moto_support import moto_server, moto_unavailable, post, use_test_credentials
+
 BUCKET = "narrative-test"
-REQUIRE_S3 = os.environ.get("NARRATIVE_REQUIRE_S3") == "1"
-
-# Variables that could send S3 traffic somewhere other than the local moto server, or make
-# botocore read the developer's AWS setup.
-_AWS_ENV_DROP = (
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ROLE_ARN",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-)
-_AWS_ENV_SET = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    "NO_PROXY": "127.0.0.1,localhost",
-    "no_proxy": "127.0.0.1,localhost",
-}
-
-
-def _s3_unavailable(reason: str) -> None:
-    if REQUIRE_S3:
-        pytest.fail(f"{reason} (NARRATIVE_REQUIRE_S3=1 demands the S3 tests run)")
-    pytest.skip(reason)
-
-
-def _post(url: str) -> None:
-    # No proxy handler: the request must go straight to the loopback server.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(urllib.request.Request(url, data=b"", method="POST"), timeout=10) as resp:
-        resp.read()
 
 
 @pytest.fixture(scope="session")
@@ -78,21 +32,9 @@ def s3_endpoint() -> Iterator[str]:
     """``http://127.0.0.1:PORT`` of a moto S3 server running for the whole session."""
     try:
         import s3fs  # noqa: F401
-        from moto.server import ThreadedMotoServer
     except ImportError as exc:
-        _s3_unavailable(f"S3 tests need moto[server] and s3fs: {exc}")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    try:
-        server.start()
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        _post(f"{endpoint}/moto-api/reset")
-    except Exception as exc:
-        _s3_unavailable(f"moto server did not start: {exc!r}")
-    try:
-        yield endpoint
-    finally:
-        server.stop()
+        moto_unavailable(f"S3 tests need moto[server] and s3fs: {exc}")
+    yield from moto_server()
 
 
 @pytest.fixture
@@ -103,11 +45,8 @@ def s3_options(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[di
     """
     import s3fs
 
-    for name in _AWS_ENV_DROP:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in _AWS_ENV_SET.items():
-        monkeypatch.setenv(name, value)
-    _post(f"{s3_endpoint}/moto-api/reset")
+    use_test_credentials(monkeypatch)
+    post(f"{s3_endpoint}/moto-api/reset")
     # Cached instances keep listing caches (and sessions) from earlier tests.
     s3fs.S3FileSystem.clear_instance_cache()
     options: dict[str, Any] = {
