@@ -36,7 +36,9 @@ from ..errors import ProviderError
 from .session import Session, quote_argv
 
 __all__ = [
+    "check_installable",
     "ensure_runtime",
+    "runtime_installed",
     "interpreter_prefix",
     "runtime_argv",
     "runtime_dir",
@@ -153,15 +155,23 @@ _PIP_INSTALL = (
 _PROBE = "import platform, sys; print(sys.version_info[0], sys.version_info[1], platform.machine())"
 
 
-def ensure_runtime(session: Session, python: str, work_dir: str, configured: str | None) -> None:
-    """Install the runtime on the host unless the one this machine expects is there."""
+def runtime_installed(session: Session, work_dir: str) -> bool:
+    """Whether the runtime this machine expects is on the host (asked once a process)."""
     base = runtime_dir(work_dir)
     if base in session.runtimes:
-        return
+        return True
     probe = quote_argv([f"{base}/bin/python", "-I", "-c", "pass"])
-    if session.run(f"test -e {quote_argv([base + '/root'])} && {probe}", timeout=60).exit_code == 0:
-        session.runtimes.add(base)
-        return
+    if session.run(f"test -e {quote_argv([base + '/root'])} && {probe}", timeout=60).exit_code:
+        return False
+    session.runtimes.add(base)
+    return True
+
+
+def check_installable(
+    session: Session, python: str, configured: str | None
+) -> tuple[Path, tuple[int, int]]:
+    """The wheelhouse to install from and the host's Python version; refused when the host's
+    Python is too old or the wheels do not fit it."""
     out = session.check(
         quote_argv([python, "-c", _PROBE]), f"running {python} on the host", timeout=60
     )
@@ -179,6 +189,15 @@ def ensure_runtime(session: Session, python: str, work_dir: str, configured: str
         )
     house = wheelhouse(configured)
     check_wheels(house, version, machine, session.target.label)
+    return house, version
+
+
+def ensure_runtime(session: Session, python: str, work_dir: str, configured: str | None) -> None:
+    """Install the runtime on the host unless the one this machine expects is there."""
+    if runtime_installed(session, work_dir):
+        return
+    base = runtime_dir(work_dir)
+    house, version = check_installable(session, python, configured)
     partial = f"{base}.partial-{os.getpid()}"
     staging = f"{partial}/wheels"
     with tempfile.TemporaryFile() as tar:

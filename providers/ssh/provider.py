@@ -60,7 +60,14 @@ from ..proctree import MARKER_VAR, environment_marker, signal_argv
 from ..records import HUB_SOCKET, hub_socket_dir
 from ..shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
 from .config import SSHConfig
-from .install import ensure_runtime, interpreter_prefix, runtime_argv, runtime_dir
+from .install import (
+    check_installable,
+    ensure_runtime,
+    interpreter_prefix,
+    runtime_argv,
+    runtime_dir,
+    runtime_installed,
+)
 from .sandbox import RemoteSandbox, bwrap_argv
 from .session import Session, make_target, quote_argv, run_env, session_for
 
@@ -91,6 +98,33 @@ class _Capped:
         return self.out.write(data)
 
 
+def _session(config: SSHConfig) -> Session:
+    return session_for(
+        make_target(
+            config.host,
+            config.port,
+            config.user,
+            config.key_file,
+            config.known_hosts,
+            config.host_key,
+            config.connect_timeout,
+        )
+    )
+
+
+def _check_sandbox(session: Session, config: SSHConfig) -> None:
+    if config.sandbox != "bwrap":
+        return
+    result = session.run("bwrap --ro-bind / / --unshare-pid --cap-drop ALL true", timeout=60)
+    if result.exit_code != 0:
+        detail = result.stderr.decode(errors="replace").strip() or f"exit {result.exit_code}"
+        raise SandboxUnavailable(
+            f"ssh {session.target.label}: no working bubblewrap on the host ({detail}); "
+            "install it there (Debian: apt-get install bubblewrap) or pass --config "
+            "sandbox=none to run agents with everything the remote user can reach"
+        )
+
+
 class SSHProvider(BaseProvider):
     name = "ssh"
     category = "hybrid"
@@ -106,17 +140,18 @@ class SSHProvider(BaseProvider):
         super().__init__(context, config)
         assert isinstance(config, SSHConfig)
         self.cfg = config
-        self.session: Session = session_for(
-            make_target(
-                config.host,
-                config.port,
-                config.user,
-                config.key_file,
-                config.known_hosts,
-                config.host_key,
-                config.connect_timeout,
-            )
-        )
+        self.session = _session(config)
+
+    @classmethod
+    def check_config(cls, config: ProviderConfig) -> None:
+        """Before anything is recorded: the host answers, its key is trusted, the login works,
+        it has a working sandbox (unless ``sandbox=none``), and a runtime or a Python the
+        wheelhouse fits."""
+        assert isinstance(config, SSHConfig)
+        session = _session(config)
+        _check_sandbox(session, config)
+        if config.runtime is None and not runtime_installed(session, config.work_dir):
+            check_installable(session, config.python, config.wheelhouse)
 
     # -- paths ----------------------------------------------------------------------------------
 
@@ -177,19 +212,6 @@ class SSHProvider(BaseProvider):
             network=self.cfg.network == "host",
         )
 
-    def _check_sandbox(self) -> None:
-        if self.cfg.sandbox != "bwrap":
-            return
-        probe = "bwrap --ro-bind / / --unshare-pid --cap-drop ALL true"
-        result = self.session.run(probe, timeout=60)
-        if result.exit_code != 0:
-            detail = result.stderr.decode(errors="replace").strip() or f"exit {result.exit_code}"
-            raise SandboxUnavailable(
-                f"ssh {self.session.target.label}: no working bubblewrap on the host ({detail});"
-                " install it there (Debian: apt-get install bubblewrap) or pass --config "
-                "sandbox=none to run agents with everything the remote user can reach"
-            )
-
     # -- lifecycle ------------------------------------------------------------------------------
 
     def create(self) -> str:
@@ -201,7 +223,6 @@ class SSHProvider(BaseProvider):
             f"printf %s {shlex.quote(self.context.owner)} > {self._q(owner)}",
             "creating the environment's directories",
         )
-        self._check_sandbox()
         if self.cfg.runtime is None:
             self._ensure_runtime()
         return resource_id
