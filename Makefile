@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-long test-hosts soak lint bench bench-quick bench-transfer bench-merge bench-run bench-sandbox bench-gateway bench-chain clean
+.PHONY: demo test test-long test-hosts test-faults soak lint bench bench-quick bench-transfer bench-merge bench-run bench-sandbox bench-gateway bench-chain clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,10 @@ test-long: $(STAMP)  ## the long tests: the model-based store test (ci profile),
 	$(BIN)/pytest -q -m long
 
 test-hosts: $(STAMP)  ## tests on a multi-host network of Linux namespaces (root; tests/multihost)
-	$(BIN)/pytest -q -m hosts tests/multihost
+	$(BIN)/pytest -q -m "hosts and not faults" tests/multihost
+
+test-faults: $(STAMP)  ## fault tests on the multi-host network: link drops, latency and loss, hub kill, reboots (root)
+	$(BIN)/pytest -q -m faults tests/multihost
 
 soak: $(STAMP)  ## the model-based store test with its long hypothesis profile (~an hour)
 	NARRATIVE_HYPOTHESIS_PROFILE=soak $(BIN)/pytest -q tests/e2e/model --timeout 0 --hypothesis-show-statistics
