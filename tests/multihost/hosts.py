@@ -234,6 +234,21 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+class HostProcess(subprocess.Popen[bytes]):
+    """A process started inside a host: ``pid`` is the machine-side ``nsenter`` in front of
+    it; signals (``terminate``, ``kill``, ``send_signal``) go to the command itself, so
+    nsenter reaps it and exits with its status (killing nsenter first would leave the command
+    a zombie of the machine's init, which holds up the host's next reboot)."""
+
+    def send_signal(self, sig: int) -> None:
+        inner = _children(self.pid) if self.returncode is None else []
+        if inner:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(inner[0], sig)
+        else:
+            super().send_signal(sig)
+
+
 def _reap(proc: subprocess.Popen[bytes], grace: float = 0, close_pipes: bool = True) -> None:
     """Wait for ``proc`` (up to ``grace`` seconds, then kill it) and close its pipes."""
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -480,7 +495,7 @@ class Host:
         self.home_dir = self.state_dir / "home"  # the home as the machine sees it
         self._init: subprocess.Popen[bytes] | None = None
         self._init_pid = 0
-        self._sshd: subprocess.Popen[bytes] | None = None
+        self._sshd: HostProcess | None = None
         self._popens: list[subprocess.Popen[bytes]] = []
         self._link_emulator: subprocess.Popen[bytes] | None = None
         self._spare_link = False
@@ -737,13 +752,12 @@ class Host:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         **kw: Any,
-    ) -> subprocess.Popen[bytes]:
+    ) -> HostProcess:
         """Start ``argv`` inside the host (as its user unless ``as_user=False``, in ``cwd`` or
         the home, with a clean environment plus ``env``); other keywords go to Popen.
-        Killing the returned process kills the command inside; a reboot or close kills it too."""
-        proc: subprocess.Popen[bytes] = subprocess.Popen(
-            self._argv(argv, as_user, env, cwd), env=_root_env(), **kw
-        )
+        Signalling the returned process signals the command inside; a reboot or close kills
+        it."""
+        proc = HostProcess(self._argv(argv, as_user, env, cwd), env=_root_env(), **kw)
         with self._lock:
             self._popens.append(proc)
         return proc
@@ -761,7 +775,7 @@ class Host:
     ) -> subprocess.CompletedProcess[bytes]:
         """Run ``argv`` inside the host and return its output (HostCommandError on a non-zero
         exit when ``check``; subprocess.TimeoutExpired, after killing it, on ``timeout``)."""
-        with subprocess.Popen(
+        with HostProcess(
             self._argv(argv, as_user, env, cwd),
             env=_root_env(),
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
@@ -867,9 +881,7 @@ class Host:
         """SIGTERM the listening sshd (open sessions stay, as on a real server)."""
         self._require_sshd()
         if self._sshd is not None:
-            for pid in _children(self._sshd.pid):  # the sshd behind nsenter
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
+            self._sshd.terminate()
             try:
                 self._sshd.wait(10)
             except subprocess.TimeoutExpired:

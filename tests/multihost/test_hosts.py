@@ -186,10 +186,7 @@ def test_processes_are_private(network: Network) -> None:
     a = network.add_host("alpha")
     b = network.add_host("beta")
     sleeper = a.popen(["sleep", "1234"])
-    deadline = time.monotonic() + 5
-    while b"sleep 1234" not in a.run(["ps", "-eo", "args"]).stdout:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_process(a, "sleep 1234")
     seen_on_b = b.run(["ps", "-eo", "pid,args"]).stdout.decode()
     assert "sleep 1234" not in seen_on_b
     assert "1 " in seen_on_b  # b's own init
@@ -198,12 +195,24 @@ def test_processes_are_private(network: Network) -> None:
         " for p in os.listdir('/proc') if p.isdigit()])"
     )
     assert b"sleep" not in b.run(["python3", "-c", listing]).stdout
-    # killing what popen returned kills the command inside
+    # signalling what popen returned signals the command inside, and its status comes back
     sleeper.terminate()
-    sleeper.wait(5)
+    assert sleeper.wait(5) == -signal.SIGTERM
+    # the command also dies when the nsenter in front of it does (e.g. the test process died)
+    other = a.popen(["sleep", "1235"])
+    wait_for_process(a, "sleep 1235")
+    os.kill(other.pid, signal.SIGKILL)
+    assert other.wait(5) == -signal.SIGKILL
     deadline = time.monotonic() + 5
-    while b"sleep 1234" in a.run(["ps", "-eo", "args"]).stdout:
+    while b"sleep 123" in a.run(["ps", "-eo", "args"]).stdout:
         assert time.monotonic() < deadline, "the command outlived its popen"
+        time.sleep(0.05)
+
+
+def wait_for_process(host: Host, args: str) -> None:
+    deadline = time.monotonic() + 5
+    while args.encode() not in host.run(["ps", "-eo", "args"]).stdout:
+        assert time.monotonic() < deadline, f"{args} did not start on {host.name}"
         time.sleep(0.05)
 
 
