@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from tests.multihost.hosts import (
     CHECKOUT,
     PREFIX,
     REQUIRE_ENV,
+    SSHD,
     HarnessError,
     Host,
     HostCommandError,
@@ -226,27 +228,16 @@ def client_files(host: Host, key: SshKey, known_hosts_line: str) -> tuple[str, s
 
 
 def ssh(
-    src: Host, dst: Host, identity: str, known: str, *command: str
+    src: Host, dst: Host, identity: str, known: str, *command: str, options: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[bytes]:
+    """Stock OpenSSH from ``src`` to ``dst``'s user, strict about the host key."""
+    strict = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=5"]
     return src.run(
-        [
-            "ssh",
-            "-i",
-            identity,
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            f"UserKnownHostsFile={known}",
-            "-o",
-            "ConnectTimeout=5",
-            f"{dst.user}@{dst.address}",
-            *command,
-        ],
+        ["ssh", "-i", identity, *strict, "-o", f"UserKnownHostsFile={known}", *options,
+         f"{dst.user}@{dst.address}", *command],
         check=False,
         timeout=30,
-    )
+    )  # fmt: skip
 
 
 def test_ssh_between_hosts(network: Network, ssh_key: SshKey, tmp_path: Path) -> None:
@@ -262,6 +253,29 @@ def test_ssh_between_hosts(network: Network, ssh_key: SshKey, tmp_path: Path) ->
     listed = a.run(["ssh-keygen", "-lf", known]).stdout.decode().split()
     assert listed[1] == b.host_key_fingerprint() and listed[1].startswith("SHA256:")
     assert b.host_key_line().startswith(f"{b.address} ssh-ed25519 ")
+
+    # the server's settings, as sshd itself reports them
+    settings = b.run([SSHD, "-T", "-f", "/run/host/sshd_config"], as_user=False).stdout.decode()
+    for expected in [
+        "pubkeyauthentication yes",
+        "passwordauthentication no",
+        "kbdinteractiveauthentication no",
+        "allowagentforwarding no",
+        "allowtcpforwarding remote",
+        "allowstreamlocalforwarding yes",
+        "streamlocalbindunlink yes",
+        f"listenaddress {b.address}:22",
+    ]:
+        assert expected in settings.splitlines(), expected
+
+    # a reverse tunnel (what a provider opens when the remote cannot reach the hub) carries
+    # connections on beta back to a server on alpha
+    serve(a)
+    forward = ("-o", "ExitOnForwardFailure=yes", "-R", f"127.0.0.1:7001:{a.address}:8000")
+    tunnel = ssh(a, b, identity, known, "python3", "-c", shlex.quote(PROBE), "127.0.0.1", "7001",
+                 "5", options=forward)  # fmt: skip
+    assert tunnel.returncode == 0, tunnel.stderr
+    assert json.loads(tunnel.stdout)["answer"] == "alpha"
 
     # a known_hosts line for another key is refused
     impostor = make_ssh_key(tmp_path / "impostor").public_line.split()
