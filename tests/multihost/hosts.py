@@ -595,16 +595,19 @@ class Host:
         """The shell script the host's init runs in its fresh mount namespace before it
         becomes the reaper."""
         q = shlex.quote
+        hidden = ("/root/", "/home/", "/tmp/", "/var/tmp/")  # tmpfs on every host
         keep = []  # paths under a hidden directory that a checkout-seeing host must still see
         if self.sees_checkout:
-            for path in (CHECKOUT, sys.prefix, os.path.realpath(sys.base_prefix)):
-                if path.startswith(("/root/", "/home/")) and path not in keep:
+            for path in sorted({CHECKOUT, sys.prefix, os.path.realpath(sys.base_prefix)}):
+                if path.startswith(hidden) and not path.startswith(tuple(f"{k}/" for k in keep)):
                     keep.append(path)
-        hide_work = []
+        hide_work = []  # the checkout, and the venv that runs it (if it is one), elsewhere
         if not self.sees_checkout:
-            hide_work = [p for p in ("/work",) if os.path.isdir(p)]
-            if not CHECKOUT.startswith(("/work/", "/root/", "/home/", "/tmp/")):
-                hide_work.append(CHECKOUT)
+            venv = [sys.prefix] if sys.prefix != sys.base_prefix else []
+            for path in ("/work", CHECKOUT, *venv):
+                covered = (*hidden, *(f"{p}/" for p in hide_work))
+                if os.path.isdir(path) and not path.startswith(covered) and path not in hide_work:
+                    hide_work.append(path)
         lines = [
             "set -e",
             f"hostname {q(self.name)}",
