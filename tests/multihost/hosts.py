@@ -14,7 +14,7 @@ process of the host, which is how ``reboot`` works. Every name the harness creat
 creating process's pid and start time, so a later run can sweep what a killed run left behind
 without touching a run still going in parallel.
 
-Needs root, ``ip``/``tc`` (iproute2), util-linux (``unshare``, ``nsenter``, ``setpriv``) and
+Needs root, ``ip`` (iproute2), util-linux (``unshare``, ``nsenter``, ``setpriv``) and
 Debian's ``openssh-server``/``openssh-client``; ``unavailable_reason()`` says what is missing.
 """
 
@@ -51,7 +51,7 @@ CHECKOUT_PYTHON = sys.executable
 FIRST_UID = 2000
 USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_TOOLS = ("ip", "tc", "unshare", "nsenter", "setpriv", "mount", "ssh", "ssh-keygen")
+_TOOLS = ("ip", "unshare", "nsenter", "setpriv", "mount", "ssh", "ssh-keygen")
 _CLONE_NEWNET = 0x40000000
 
 
