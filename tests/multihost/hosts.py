@@ -14,7 +14,7 @@ process of the host, which is how ``reboot`` works. Every name the harness creat
 creating process's pid and start time, so a later run can sweep what a killed run left behind
 without touching a run still going in parallel.
 
-Needs root, ``ip``/``tc`` (iproute2), util-linux (``unshare``, ``nsenter``, ``setpriv``) and
+Needs root, ``ip`` (iproute2), util-linux (``unshare``, ``nsenter``, ``setpriv``) and
 Debian's ``openssh-server``/``openssh-client``; ``unavailable_reason()`` says what is missing.
 """
 
@@ -51,7 +51,7 @@ CHECKOUT_PYTHON = sys.executable
 FIRST_UID = 2000
 USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_TOOLS = ("ip", "tc", "unshare", "nsenter", "setpriv", "mount", "ssh", "ssh-keygen")
+_TOOLS = ("ip", "unshare", "nsenter", "setpriv", "mount", "ssh", "ssh-keygen")
 _CLONE_NEWNET = 0x40000000
 
 
@@ -232,6 +232,21 @@ def _children(pid: int) -> list[int]:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+class HostProcess(subprocess.Popen[bytes]):
+    """A process started inside a host: ``pid`` is the machine-side ``nsenter`` in front of
+    it; signals (``terminate``, ``kill``, ``send_signal``) go to the command itself, so
+    nsenter reaps it and exits with its status (killing nsenter first would leave the command
+    a zombie of the machine's init, which holds up the host's next reboot)."""
+
+    def send_signal(self, sig: int) -> None:
+        inner = _children(self.pid) if self.returncode is None else []
+        if inner:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(inner[0], sig)
+        else:
+            super().send_signal(sig)
 
 
 def _reap(proc: subprocess.Popen[bytes], grace: float = 0, close_pipes: bool = True) -> None:
@@ -480,7 +495,7 @@ class Host:
         self.home_dir = self.state_dir / "home"  # the home as the machine sees it
         self._init: subprocess.Popen[bytes] | None = None
         self._init_pid = 0
-        self._sshd: subprocess.Popen[bytes] | None = None
+        self._sshd: HostProcess | None = None
         self._popens: list[subprocess.Popen[bytes]] = []
         self._link_emulator: subprocess.Popen[bytes] | None = None
         self._spare_link = False
@@ -580,16 +595,19 @@ class Host:
         """The shell script the host's init runs in its fresh mount namespace before it
         becomes the reaper."""
         q = shlex.quote
+        hidden = ("/root/", "/home/", "/tmp/", "/var/tmp/")  # tmpfs on every host
         keep = []  # paths under a hidden directory that a checkout-seeing host must still see
         if self.sees_checkout:
-            for path in (CHECKOUT, sys.prefix, os.path.realpath(sys.base_prefix)):
-                if path.startswith(("/root/", "/home/")) and path not in keep:
+            for path in sorted({CHECKOUT, sys.prefix, os.path.realpath(sys.base_prefix)}):
+                if path.startswith(hidden) and not path.startswith(tuple(f"{k}/" for k in keep)):
                     keep.append(path)
-        hide_work = []
+        hide_work = []  # the checkout, and the venv that runs it (if it is one), elsewhere
         if not self.sees_checkout:
-            hide_work = [p for p in ("/work",) if os.path.isdir(p)]
-            if not CHECKOUT.startswith(("/work/", "/root/", "/home/", "/tmp/")):
-                hide_work.append(CHECKOUT)
+            venv = [sys.prefix] if sys.prefix != sys.base_prefix else []
+            for path in ("/work", CHECKOUT, *venv):
+                covered = (*hidden, *(f"{p}/" for p in hide_work))
+                if os.path.isdir(path) and not path.startswith(covered) and path not in hide_work:
+                    hide_work.append(path)
         lines = [
             "set -e",
             f"hostname {q(self.name)}",
@@ -737,13 +755,12 @@ class Host:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         **kw: Any,
-    ) -> subprocess.Popen[bytes]:
+    ) -> HostProcess:
         """Start ``argv`` inside the host (as its user unless ``as_user=False``, in ``cwd`` or
         the home, with a clean environment plus ``env``); other keywords go to Popen.
-        Killing the returned process kills the command inside; a reboot or close kills it too."""
-        proc: subprocess.Popen[bytes] = subprocess.Popen(
-            self._argv(argv, as_user, env, cwd), env=_root_env(), **kw
-        )
+        Signalling the returned process signals the command inside; a reboot or close kills
+        it."""
+        proc = HostProcess(self._argv(argv, as_user, env, cwd), env=_root_env(), **kw)
         with self._lock:
             self._popens.append(proc)
         return proc
@@ -761,7 +778,7 @@ class Host:
     ) -> subprocess.CompletedProcess[bytes]:
         """Run ``argv`` inside the host and return its output (HostCommandError on a non-zero
         exit when ``check``; subprocess.TimeoutExpired, after killing it, on ``timeout``)."""
-        with subprocess.Popen(
+        with HostProcess(
             self._argv(argv, as_user, env, cwd),
             env=_root_env(),
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
@@ -867,9 +884,7 @@ class Host:
         """SIGTERM the listening sshd (open sessions stay, as on a real server)."""
         self._require_sshd()
         if self._sshd is not None:
-            for pid in _children(self._sshd.pid):  # the sshd behind nsenter
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
+            self._sshd.terminate()
             try:
                 self._sshd.wait(10)
             except subprocess.TimeoutExpired:

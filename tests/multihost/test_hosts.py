@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from tests.multihost.hosts import (
     CHECKOUT,
     PREFIX,
     REQUIRE_ENV,
+    SSHD,
     HarnessError,
     Host,
     HostCommandError,
@@ -186,10 +188,7 @@ def test_processes_are_private(network: Network) -> None:
     a = network.add_host("alpha")
     b = network.add_host("beta")
     sleeper = a.popen(["sleep", "1234"])
-    deadline = time.monotonic() + 5
-    while b"sleep 1234" not in a.run(["ps", "-eo", "args"]).stdout:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_process(a, "sleep 1234")
     seen_on_b = b.run(["ps", "-eo", "pid,args"]).stdout.decode()
     assert "sleep 1234" not in seen_on_b
     assert "1 " in seen_on_b  # b's own init
@@ -198,12 +197,24 @@ def test_processes_are_private(network: Network) -> None:
         " for p in os.listdir('/proc') if p.isdigit()])"
     )
     assert b"sleep" not in b.run(["python3", "-c", listing]).stdout
-    # killing what popen returned kills the command inside
+    # signalling what popen returned signals the command inside, and its status comes back
     sleeper.terminate()
-    sleeper.wait(5)
+    assert sleeper.wait(5) == -signal.SIGTERM
+    # the command also dies when the nsenter in front of it does (e.g. the test process died)
+    other = a.popen(["sleep", "1235"])
+    wait_for_process(a, "sleep 1235")
+    os.kill(other.pid, signal.SIGKILL)
+    assert other.wait(5) == -signal.SIGKILL
     deadline = time.monotonic() + 5
-    while b"sleep 1234" in a.run(["ps", "-eo", "args"]).stdout:
+    while b"sleep 123" in a.run(["ps", "-eo", "args"]).stdout:
         assert time.monotonic() < deadline, "the command outlived its popen"
+        time.sleep(0.05)
+
+
+def wait_for_process(host: Host, args: str) -> None:
+    deadline = time.monotonic() + 5
+    while args.encode() not in host.run(["ps", "-eo", "args"]).stdout:
+        assert time.monotonic() < deadline, f"{args} did not start on {host.name}"
         time.sleep(0.05)
 
 
@@ -217,27 +228,16 @@ def client_files(host: Host, key: SshKey, known_hosts_line: str) -> tuple[str, s
 
 
 def ssh(
-    src: Host, dst: Host, identity: str, known: str, *command: str
+    src: Host, dst: Host, identity: str, known: str, *command: str, options: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[bytes]:
+    """Stock OpenSSH from ``src`` to ``dst``'s user, strict about the host key."""
+    strict = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=5"]
     return src.run(
-        [
-            "ssh",
-            "-i",
-            identity,
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            f"UserKnownHostsFile={known}",
-            "-o",
-            "ConnectTimeout=5",
-            f"{dst.user}@{dst.address}",
-            *command,
-        ],
+        ["ssh", "-i", identity, *strict, "-o", f"UserKnownHostsFile={known}", *options,
+         f"{dst.user}@{dst.address}", *command],
         check=False,
         timeout=30,
-    )
+    )  # fmt: skip
 
 
 def test_ssh_between_hosts(network: Network, ssh_key: SshKey, tmp_path: Path) -> None:
@@ -253,6 +253,29 @@ def test_ssh_between_hosts(network: Network, ssh_key: SshKey, tmp_path: Path) ->
     listed = a.run(["ssh-keygen", "-lf", known]).stdout.decode().split()
     assert listed[1] == b.host_key_fingerprint() and listed[1].startswith("SHA256:")
     assert b.host_key_line().startswith(f"{b.address} ssh-ed25519 ")
+
+    # the server's settings, as sshd itself reports them
+    settings = b.run([SSHD, "-T", "-f", "/run/host/sshd_config"], as_user=False).stdout.decode()
+    for expected in [
+        "pubkeyauthentication yes",
+        "passwordauthentication no",
+        "kbdinteractiveauthentication no",
+        "allowagentforwarding no",
+        "allowtcpforwarding remote",
+        "allowstreamlocalforwarding yes",
+        "streamlocalbindunlink yes",
+        f"listenaddress {b.address}:22",
+    ]:
+        assert expected in settings.splitlines(), expected
+
+    # a reverse tunnel (what a provider opens when the remote cannot reach the hub) carries
+    # connections on beta back to a server on alpha
+    serve(a)
+    forward = ("-o", "ExitOnForwardFailure=yes", "-R", f"127.0.0.1:7001:{a.address}:8000")
+    tunnel = ssh(a, b, identity, known, "python3", "-c", shlex.quote(PROBE), "127.0.0.1", "7001",
+                 "5", options=forward)  # fmt: skip
+    assert tunnel.returncode == 0, tunnel.stderr
+    assert json.loads(tunnel.stdout)["answer"] == "alpha"
 
     # a known_hosts line for another key is refused
     impostor = make_ssh_key(tmp_path / "impostor").public_line.split()
