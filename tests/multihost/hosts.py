@@ -370,6 +370,9 @@ class Network:
         host = Host(self, name, index, sshd=sshd, sees_checkout=sees_checkout, user=user)
         self.hosts.append(host)
         host._build()
+        for other in self.hosts[:-1]:  # every host knows the others by name (/etc/hosts)
+            other.know(host.name, host.address)
+            host.know(other.name, other.address)
         return host
 
     def host(self, name: str) -> Host:
@@ -549,6 +552,7 @@ class Host:
             "group": f"{self.user}:x:{self.gid}:\n",
             # "*": no password, yet not locked ("!" makes sshd refuse the key without PAM)
             "shadow": f"{self.user}:*:19000:0:99999:7:::\n",
+            "hosts": "",  # the other hosts' names are added as they join (know)
         }
         for file, line in entries.items():
             real = Path("/etc") / file
@@ -617,7 +621,7 @@ class Host:
         ]
         for i, path in enumerate(keep):
             lines += [f"mkdir /run/keep/{i}", f"mount --bind {q(path)} /run/keep/{i}"]
-        for file in ("passwd", "group", "shadow"):
+        for file in ("passwd", "group", "shadow", "hosts"):
             if Path("/etc", file).exists():
                 lines.append(f"mount --bind /run/host/{file} /etc/{file}")
         lines += [
@@ -841,6 +845,11 @@ class Host:
         os.chmod(target, mode)
         if as_user:
             os.chown(target, self.uid, self.gid)
+
+    def know(self, name: str, address: str) -> None:
+        """Resolve ``name`` to ``address`` on this host (its private ``/etc/hosts``)."""
+        with open(self.system_dir / "hosts", "a") as hosts:
+            hosts.write(f"{address} {name}\n")
 
     def read_file(self, inside: str) -> bytes:
         return Path(self.path(inside)).read_bytes()

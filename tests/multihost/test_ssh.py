@@ -177,3 +177,31 @@ def test_the_sandbox_hides_the_remote_users_home_and_other_environments(lab: Lab
     assert seen.count("env-") == 1, seen  # its own environment only
     for name in ("s1", "s2"):
         lab.narrative("env", "delete", name, cwd=ws)
+
+
+def test_readme_ssh_walkthrough(tmp_path: Path, wheelhouse: Path) -> None:
+    """'## Agents on an SSH host' as written, on a developer host, with ``box`` a plain host
+    whose user is ``agent``: the key and known_hosts where ssh keeps them, and the wheelhouse
+    where narrative caches the one it builds (the hosts have no package index)."""
+    from providers.ssh.install import runtime_key
+    from tests.e2e.test_readme import README, parse_blocks, walkthrough_script
+
+    require_namespaces()
+    key = make_ssh_key(tmp_path / "id_ed25519")
+    with Network("readme-ssh") as network:
+        dev = network.add_host("dev", sees_checkout=True)
+        box = network.add_host("box", sshd=True, user="agent")
+        box.authorize(key.public_line)
+        dev.write_file(f"{dev.home}/.ssh/id_ed25519", key.private_bytes, mode=0o600)
+        dev.write_file(f"{dev.home}/.ssh/known_hosts", f"box,{box.host_key_line()}\n")
+        cache = f"{dev.home}/.cache/narrative/wheelhouse/{runtime_key()}"
+        for wheel in wheelhouse.glob("*.whl"):
+            dev.write_file(f"{cache}/{wheel.name}", wheel.read_bytes())
+        dev.write_file(f"{cache}/complete", runtime_key())
+        script = walkthrough_script(parse_blocks(README.read_text()), "Agents on an SSH host")
+        assert "--provider ssh" in script
+        bin_dir = str(Path(dev.narrative()).parent)
+        env = {**dev.checkout_env(), "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin"}
+        done = dev.run(["bash", "-c", script], env=env, check=False, timeout=300)
+        assert done.returncode == 0, (done.stdout + done.stderr).decode()[-3000:]
+        assert b"hello from afar" in done.stdout
