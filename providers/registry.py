@@ -30,6 +30,7 @@ _BUILTIN: dict[str, tuple[str, str | None]] = {
     "worktree": ("providers.worktree:WorktreeProvider", None),
     "docker": ("providers.docker.provider:DockerProvider", "docker"),
     "e2b": ("providers.e2b_provider:E2BProvider", "e2b"),
+    "hybrid": ("providers.hybrid:HybridProvider", None),
 }
 _EXTRA: dict[str, tuple[str, str | None]] = {}
 _LOADED: dict[str, type[BaseProvider]] = {}
