@@ -62,6 +62,10 @@ class HybridConfig(ProviderConfig):
     route: Annotated[list[RouteKey], Field(min_length=1, max_length=64)]
     """Capability calls served in the tools environment, as routing rule keys
     (``["llm:*", "fs:*"]``, ``fs:readFile``...; not ``*``: the agent's own calls stay)."""
+    handlers: list[str] = Field(default_factory=list)
+    """Handler plugins (``module[:function]``, importable in the tools environment) the
+    tools environment's gateway node loads besides the built-in ``fs`` and ``exec`` ones:
+    what serves ``llm:*`` there, say."""
 
 
 def route_types(route: Sequence[str]) -> frozenset[str]:

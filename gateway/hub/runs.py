@@ -188,6 +188,7 @@ class RunDriver:
                 self._input_restored = any(
                     e.get("type") == "snapshot.shipped" for e in self.events.read()
                 )
+                await self._resume_tools()
                 await self._await_connection(self.hub.reconnect_grace, "after a hub restart")
                 self.tokens.start_renewal()
             else:
@@ -261,6 +262,16 @@ class RunDriver:
         ttl = hub.token_ttl + (self.request.timeout or 0) + hub.stop_grace + _DEADLINE_MARGIN
         routing = await self.tools.start(self.gateway_id, self.request.routing, ttl)
         self.request = replace(self.request, routing=routing)
+
+    async def _resume_tools(self) -> None:
+        """An adopted run in a hybrid environment: take over its tools node."""
+        history = self.events.read()
+        if not any(e.get("type") == "hybrid.routing" for e in history):
+            return
+        self.tools = await ToolsNode.of(self.hub, self.environment, self.run.id, self.events)
+        if self.tools is None:  # never route its calls anywhere but where they were sent
+            raise RunFailed(f"environment {self.environment!r} is no longer hybrid")
+        await self.tools.resume(self.gateway_id, history)
 
     async def _launch(self) -> None:
         hub = self.hub
@@ -381,6 +392,8 @@ class RunDriver:
         hub = self.hub
         self.tokens.stop_renewal()
         try:
+            if self.tools is not None:  # the agent is done with it
+                await self.tools.stop()
             if self._result_id is None and self._input_restored and not self.result.refused:
                 # the runtime did not ship a result (it failed, was killed, or the transfer
                 # broke): read the environment directly, so the agent's work is not lost
@@ -403,8 +416,6 @@ class RunDriver:
                 "run.finished", status=status, exitCode=exit_code, resultSnapshot=result_id
             )
             await self._retire_runtime()
-            if self.tools is not None:  # before the run's tokens go, which would drop its link
-                await self.tools.stop()
             await record_usage(
                 hub.store,
                 hub.blocking,

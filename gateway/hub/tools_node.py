@@ -87,6 +87,7 @@ class ToolsNode:
         self.tools = ""
         """The tools environment's name (also the node's id on the gateway)."""
         self.route: list[str] = []
+        self.handlers: list[str] = []
         self.handle: str | None = None
         self._socket: str | None = None
         self._runtime_peer: str | None = None
@@ -97,17 +98,18 @@ class ToolsNode:
     ) -> ToolsNode | None:
         """The tools node a run in ``environment`` needs (None: not a hybrid environment)."""
 
-        def find() -> tuple[str, list[str]] | None:
+        def find() -> tuple[str, list[str], list[str]] | None:
             provider = hub.manager.provider(hub.manager.get(environment))
             if not isinstance(provider, HybridProvider):
                 return None
-            return provider.component("tools").name, list(provider.hybrid.route)
+            config = provider.hybrid
+            return provider.component("tools").name, list(config.route), list(config.handlers)
 
         found = await hub.blocking(find)
         if found is None:
             return None
         node = cls(hub, environment, run_id, events)
-        node.tools, node.route = found
+        node.tools, node.route, node.handlers = found
         return node
 
     async def start(
@@ -132,16 +134,14 @@ class ToolsNode:
             argv += ["--env", self.tools]
             for kind in sorted(route_types(self.route)):
                 argv += ["--capability", kind]
+            for spec in self.handlers:
+                argv += ["--handlers", spec]
             if found is None:
                 return argv, None, None
             return argv, found.host_path, found.environment_path
 
         argv, host_path, env_path = await hub.blocking(prepare)
-        url = hub.url
-        if host_path is not None and env_path is not None:
-            await hub.listen_unix(host_path)
-            self._socket = host_path
-            url = unix_url(env_path)
+        url = await self._listen(host_path, env_path)
         argv = ["sh", "-c", _WRAPPER, "sh", *argv, "--connect", url]
         # scoped like a run's token, minus every read and write: it only lets the node connect
         token = hub.signer.issue(self.run_id, self.tools, ttl)
@@ -150,6 +150,42 @@ class ToolsNode:
         self.events.append("tools.spawned", environment=self.tools, handle=self.handle, argv=argv)
         await self._await_connection()
         return self._install(runtime_peer, routing)
+
+    async def _listen(self, host_path: str | None, env_path: str | None) -> str:
+        """Listen on the tools environment's unix socket when it has one; the URL the node
+        dials (that socket as the environment sees it, or the hub's TCP address)."""
+        if host_path is None or env_path is None:
+            return self.hub.url
+        await self.hub.listen_unix(host_path)
+        self._socket = host_path
+        return unix_url(env_path)
+
+    async def resume(self, runtime_peer: str, history: list[dict[str, Any]]) -> None:
+        """Take over the node of an adopted run (an earlier hub started it): listen where it
+        dials again and route the runtime's calls to it as that hub did. Its node keeps
+        trying to reconnect; calls wait for it like for any peer that is away."""
+        for event in history:
+            if event.get("type") == "tools.spawned" and isinstance(event.get("handle"), str):
+                self.handle = event["handle"]
+
+        def socket() -> tuple[str | None, str | None]:
+            _record, provider, resource = self.hub.manager.require_active(self.tools)
+            found = provider.hub_socket(resource)
+            return (found.host_path, found.environment_path) if found else (None, None)
+
+        await self._listen(*(await self.hub.blocking(socket)))
+        self._route(runtime_peer)
+        self.events.append("tools.resumed", environment=self.tools, handle=self.handle)
+
+    def _route(self, runtime_peer: str) -> dict[str, Rule]:
+        """Send the routed calls from ``runtime_peer`` on to the node; the rules used."""
+        hub = self.hub
+        to_node: dict[str, Rule] = {
+            key: ProxyRule(mode="proxy", environment=self.tools) for key in self.route
+        }
+        hub.gateway.route_from(runtime_peer, with_rules(hub.gateway.state.router.config, to_node))
+        self._runtime_peer = runtime_peer
+        return to_node
 
     async def _await_connection(self) -> None:
         hub, handle = self.hub, self.handle
@@ -172,16 +208,11 @@ class ToolsNode:
         to_hub: dict[str, Rule] = {
             key: ProxyRule(mode="proxy", environment=hub.environment_id) for key in self.route
         }
-        to_node: dict[str, Rule] = {
-            key: ProxyRule(mode="proxy", environment=self.tools) for key in self.route
-        }
         given = parse_config(routing or {}, "the run's routing rules")
         runtime_rules = with_rules(given, to_hub).model_dump(
             mode="json", by_alias=True, exclude_none=True, exclude_defaults=True
         )
-        hub_rules = with_rules(hub.gateway.state.router.config, to_node)
-        hub.gateway.route_from(runtime_peer, hub_rules)
-        self._runtime_peer = runtime_peer
+        to_node = self._route(runtime_peer)
         self.events.append(
             "hybrid.routing",
             tools=self.tools,
