@@ -1,0 +1,218 @@
+"""Runs in a hybrid environment (:mod:`providers.hybrid`, :mod:`gateway.hub.tools_node`), with
+real processes: the agent runs in one environment (a worktree; a container when the test engine
+is there), its routed calls are served by a gateway node in another (a local directory), through
+the hub; both are leased while the run lasts and the node is gone after it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from narrative.hierarchy import list_runs
+from narrative.store import Store
+from providers.manager import EnvironmentManager
+from providers.records import hub_socket_dir
+from tests.conftest import NARRATIVE, Cli, git, store_dir_of, tree_bytes
+from tests.gateway.hub.hub_support import events, file, start, types, wait_for_output
+from tests.gateway.hub.hub_support import routes as routes_of
+
+pytestmark = pytest.mark.timeout(180)
+
+#: An agent that calls a routed capability (fs, llm) and one that is not (exec).
+AGENT = textwrap.dedent(
+    """
+    import asyncio, json, os
+    from gateway.client import GatewayClient
+
+    async def main():
+        url, token = os.environ["NARRATIVE_GATEWAY_URL"], os.environ["NARRATIVE_GATEWAY_TOKEN"]
+        out = {}
+        async with GatewayClient(url, token) as client:
+            out["tools_file"] = await client.call("fs", "readFile", {"path": "only-in-tools.txt"})
+            try:  # in the agent's workspace, not in the tools environment's
+                await client.call("fs", "readFile", {"path": "README.md"})
+                out["readme"] = "served"
+            except Exception as exc:
+                out["readme"] = str(exc)
+            out["llm"] = await client.call("llm", "complete", {"prompt": "2+2"})
+            out["exec"] = await client.call("exec", "run", {"argv": ["ls"]})
+        with open("agent-result.json", "w") as f:
+            json.dump(out, f)
+        print("agent done", flush=True)
+
+    asyncio.run(main())
+    """
+)
+ROUTE = '["fs:*","llm:*"]'
+PLUGIN = "tests.gateway.hub.hybrid_llm"
+
+
+def make_tools(cli: Cli, tmp_path: Path) -> Path:
+    """The tools environment ``side``: a local directory holding a file nothing else has."""
+    side = tmp_path / "side"
+    cli.run("env", "create", "side", "--provider", "local", "--config", f"path={side}")
+    (side / "only-in-tools.txt").write_text("served where the tools are\n")
+    return side
+
+
+def make_pair(cli: Cli) -> None:
+    cli.run(
+        "env", "create", "pair", "--provider", "hybrid",
+        "--config", "agent=box", "--config", "tools=side",
+        "--config", f"route={ROUTE}", "--config", f'handlers=["{PLUGIN}"]',
+    )  # fmt: skip
+
+
+@pytest.fixture
+def pair_cli(cli: Cli, workspace: Path, tmp_path: Path) -> Cli:
+    cli.run("init")
+    cli.run("env", "create", "box", "--provider", "worktree")
+    make_tools(cli, tmp_path)
+    make_pair(cli)
+    (workspace / "agent.py").write_text(AGENT)
+    return cli
+
+
+def tools_nodes(store_dir: Path) -> list[int]:
+    """Pids of gateway nodes still serving the store's ``side`` environment (they dial its
+    hub socket, whose path holds the environment's id)."""
+    store = Store.open(str(store_dir))
+    socket_dir = hub_socket_dir(EnvironmentManager(store).get("side").id, create=False)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in argv and any(socket_dir.encode() in a for a in argv):
+            found.append(int(entry))
+    return found
+
+
+def check_hybrid_run(cli: Cli, workspace: Path, run: dict[str, Any], agent_env: str) -> None:
+    """The routed calls ran in ``side`` by way of the hub, the others where the agent is; the
+    routing is in the event log; the node is gone and the leases free."""
+    assert run["status"] == "succeeded", run
+    store_dir = store_dir_of(workspace)
+    store = Store.open(str(store_dir))
+    result = json.loads(file(store, run["result_snapshot"], "agent-result.json"))
+    assert result["tools_file"]["content"] == "served where the tools are\n"
+    assert "README.md" in result["readme"] and result["readme"] != "served", result
+    assert result["llm"]["servedBy"] == "side" and result["llm"]["completion"] == "4"
+    listed = result["exec"]["stdout"].split()
+    assert "README.md" in listed and "only-in-tools.txt" not in listed, listed
+    routes = routes_of(store_dir, run["id"])
+    hop = ["pair.agent", "pair", "hub", "side"]
+    assert routes["fs:readFile"]["route"] == hop and routes["fs:readFile"]["ranIn"] == "side"
+    assert routes["llm:complete"]["route"] == hop
+    assert routes["exec:run"]["route"] == ["pair.agent", "pair"], routes["exec:run"]
+    assert routes["exec:run"]["ranIn"] == "pair"
+    history = events(store_dir, run["id"])
+    kinds = types(history)
+    routing = history[kinds.index("hybrid.routing")]
+    assert routing["route"] == ["fs:*", "llm:*"] and routing["tools"] == "side"
+    to_hub = {"mode": "proxy", "environment": "hub"}
+    assert routing["runtime"] == {"fs:*": to_hub, "llm:*": to_hub}
+    to_side = {"mode": "proxy", "environment": "side"}
+    assert routing["hub"] == {"from": "pair", "rules": {"fs:*": to_side, "llm:*": to_side}}
+    order = ["tools.spawned", "hybrid.routing", "runtime.spawned", "agent.exited"]
+    assert [kinds.index(k) for k in order] == sorted(kinds.index(k) for k in order), kinds
+    assert kinds.index("tools.stopped") < kinds.index("run.finished") == len(kinds) - 1
+    spawned = history[kinds.index("tools.spawned")]
+    assert "NARRATIVE_TOKEN" not in json.dumps(spawned["argv"])  # in its environment only
+    manager = EnvironmentManager(store)
+    assert not manager.alive("side", spawned["handle"])
+    assert tools_nodes(store_dir) == []
+    assert {e.name: e.state.value for e in manager.environments()} == {
+        "box": "running",
+        "side": "running",
+        "pair": "running",
+    }
+    assert cli.json("env", "show", agent_env)["state"] == "running"
+    git("fsck", "--strict", cwd=store_dir)
+
+
+def test_routed_calls_run_in_the_tools_environment(pair_cli: Cli, workspace: Path) -> None:
+    run = start(pair_cli, "--env", "pair", "--", sys.executable, "agent.py")
+    check_hybrid_run(pair_cli, workspace, run, "box")
+    # the leases went with the run: each environment takes the next one
+    again = start(pair_cli, "--env", "side", "--", "true")
+    assert again["status"] == "succeeded", again
+
+
+def test_both_environments_are_leased_while_the_run_lasts(pair_cli: Cli, workspace: Path) -> None:
+    long = subprocess.Popen(
+        [NARRATIVE, "run", "start", "--env", "pair", "--json", "--",
+         "sh", "-c", "echo started; sleep 3"],
+        cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        holder = wait_for_output(workspace, "started")
+        store = Store.open(str(store_dir_of(workspace)))
+        runs_before = {r.id for r in list_runs(store)}
+        assert tools_nodes(store_dir_of(workspace))  # (with its sandbox's processes)
+        for env in ("side", "box", "pair"):
+            refused = pair_cli.run("run", "start", "--env", env, "--", "true", check=False)
+            assert refused.returncode == 1, refused.stderr
+            assert f"environment '{env}' is busy with run {holder}" in refused.stderr
+        assert {r.id for r in list_runs(store)} == runs_before  # nothing recorded
+    finally:
+        out, err = long.communicate(timeout=60)
+    assert long.returncode == 0, err
+    assert json.loads(out)["status"] == "succeeded"
+    assert tools_nodes(store_dir_of(workspace)) == []
+    assert start(pair_cli, "--env", "box", "--", "true")["status"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (["agent=nope", "tools=side", "route=[\"fs\"]"], "agent environment 'nope' does not exist"),
+        (["agent=box", "tools=gone", "route=[\"fs\"]"], "tools environment 'gone' does not exist"),
+        (["agent=box", "tools=box", "route=[\"fs\"]"], "agent and tools are both 'box'"),
+        (["agent=pair", "tools=side", "route=[\"fs\"]"], "'pair' is hybrid itself (no nesting)"),
+        (["agent=box", "tools=pair", "route=[\"fs\"]"], "'pair' is hybrid itself (no nesting)"),
+        (["agent=box", "tools=side", "route=[\"*\"]"], "route '*' must name a capability type"),
+        (["agent=box", "tools=side", "route=[\"fs:*\",\"fs\"]"], "route 'fs' is given twice"),
+        (["agent=box", "tools=side", "route=[\"f s\"]"], "route.0: String should match"),
+        (["agent=box", "tools=side", "route=[]"], "route: List should have at least 1 item"),
+        (["agent=box", "tools=side"], "route: Field required"),
+    ],
+    ids=["unknown-agent", "unknown-tools", "same", "nested-agent", "nested-tools",
+         "star", "twice", "bad-key", "empty", "no-route"],
+)  # fmt: skip
+def test_bad_configs_are_refused_and_change_nothing(
+    pair_cli: Cli, workspace: Path, config: list[str], message: str
+) -> None:
+    before = tree_bytes(store_dir_of(workspace))
+    args = [a for pair in config for a in ("--config", pair)]
+    refused = pair_cli.run("env", "create", "bad", "--provider", "hybrid", *args, check=False)
+    assert refused.returncode == 1, refused
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("narrative: error: "), refused.stderr
+    assert message in lines[0], lines[0]
+    assert tree_bytes(store_dir_of(workspace)) == before
+
+
+def test_agent_in_a_container_tools_in_a_directory(
+    cli: Cli, workspace: Path, tmp_path: Path, docker_image: str
+) -> None:
+    from tests.gateway.hub.test_hub_docker import create_box
+
+    cli.run("init")
+    create_box(cli, docker_image)
+    make_tools(cli, tmp_path)
+    make_pair(cli)
+    (workspace / "agent.py").write_text(AGENT)
+    run = start(cli, "--env", "pair", "--", sys.executable, "agent.py")
+    check_hybrid_run(cli, workspace, run, "box")
