@@ -216,3 +216,68 @@ def test_agent_in_a_container_tools_in_a_directory(
     (workspace / "agent.py").write_text(AGENT)
     run = start(cli, "--env", "pair", "--", sys.executable, "agent.py")
     check_hybrid_run(cli, workspace, run, "box")
+
+
+#: Reads the tools environment's file, says so, and reads it again after ``pause`` seconds (the
+#: hub is restarted meanwhile), retrying while the connections come back.
+RESTART_AGENT = textwrap.dedent(
+    """
+    import asyncio, json, os, time
+    from gateway.client import GatewayClient
+
+    async def read():
+        url, token = os.environ["NARRATIVE_GATEWAY_URL"], os.environ["NARRATIVE_GATEWAY_TOKEN"]
+        async with GatewayClient(url, token) as client:
+            return await client.call("fs", "readFile", {"path": "only-in-tools.txt"})
+
+    async def main():
+        first = await read()
+        print("first-read", flush=True)
+        await asyncio.sleep(4)
+        deadline, second = time.monotonic() + 60, None
+        while second is None:
+            try:
+                second = await read()
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise
+                print("retrying:", exc, flush=True)
+                await asyncio.sleep(0.5)
+        with open("agent-result.json", "w") as f:
+            json.dump({"first": first, "second": second}, f)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_a_restarted_hub_adopts_the_run_and_its_tools_node(pair_cli: Cli, workspace: Path) -> None:
+    import signal
+
+    from tests.gateway.hub.hub_support import serve
+
+    (workspace / "agent.py").write_text(RESTART_AGENT)
+    with serve(pair_cli, workspace) as first:
+        starter = subprocess.Popen(
+            [NARRATIVE, "run", "start", "--env", "pair", "--json", "--",
+             sys.executable, "agent.py"],
+            cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        run_id = wait_for_output(workspace, "first-read")
+        os.kill(first["pid"], signal.SIGKILL)
+    with serve(pair_cli, workspace):
+        out, err = starter.communicate(timeout=120)
+    run = json.loads(out)
+    store_dir = store_dir_of(workspace)
+    history = events(store_dir, run_id)
+    kinds = types(history)
+    assert run["id"] == run_id and run["status"] == "succeeded", (err, history[-6:])
+    assert kinds.index("run.adopted") < kinds.index("tools.resumed") < kinds.index("tools.stopped")
+    result = json.loads(
+        file(Store.open(str(store_dir)), run["result_snapshot"], "agent-result.json")
+    )
+    assert result["first"] == result["second"]
+    assert result["second"]["content"] == "served where the tools are\n"
+    reads = [e for e in history if e["type"] == "call.routed" and e["success"]]
+    assert len(reads) >= 2 and {e["ranIn"] for e in reads} == {"side"}, reads
+    assert tools_nodes(store_dir) == []
