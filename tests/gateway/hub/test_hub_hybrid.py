@@ -281,3 +281,48 @@ def test_a_restarted_hub_adopts_the_run_and_its_tools_node(pair_cli: Cli, worksp
     reads = [e for e in history if e["type"] == "call.routed" and e["success"]]
     assert len(reads) >= 2 and {e["ranIn"] for e in reads} == {"side"}, reads
     assert tools_nodes(store_dir) == []
+
+
+def test_a_direct_run_in_the_pair_waits_for_its_agent_environment(
+    pair_cli: Cli, workspace: Path
+) -> None:
+    """``run start --direct`` runs in the agent environment: not while a run holds it."""
+    long = subprocess.Popen(
+        [NARRATIVE, "run", "start", "--env", "box", "--json", "--",
+         "sh", "-c", "echo started; sleep 3"],
+        cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        holder = wait_for_output(workspace, "started")
+        refused = pair_cli.run(
+            "run", "start", "--direct", "--env", "pair", "--", "true", check=False
+        )
+        assert refused.returncode == 1, refused.stderr
+        assert f"environment 'box' is busy with run {holder}" in refused.stderr
+    finally:
+        out, err = long.communicate(timeout=60)
+    assert json.loads(out)["status"] == "succeeded", err
+    direct = start(pair_cli, "--direct", "--env", "pair", "--", "ls")
+    assert direct["status"] == "succeeded", direct
+
+
+def test_a_tools_node_that_does_not_start_fails_the_run_saying_why(
+    cli: Cli, workspace: Path, tmp_path: Path
+) -> None:
+    cli.run("init")
+    cli.run("env", "create", "box", "--provider", "worktree")
+    broken = '["sh", "-c", "echo tools-broken >&2; exit 3"]'
+    side = tmp_path / "side"
+    cli.run("env", "create", "side", "--provider", "local",
+            "--config", f"path={side}", "--config", f"runtime={broken}")  # fmt: skip
+    make_pair(cli)
+    proc = cli.run("run", "start", "--env", "pair", "--json", "--", "true", check=False)
+    assert proc.returncode == 1, proc.stderr
+    run = json.loads(proc.stdout)
+    history = events(store_dir_of(workspace), run["id"])
+    kinds = types(history)
+    reason = history[kinds.index("run.error")]["reason"]
+    assert "the tools node in 'side' exited: tools-broken" in reason, reason
+    assert "runtime.spawned" not in kinds  # the agent never started
+    assert tools_nodes(store_dir_of(workspace)) == []
+    assert start(cli, "--env", "box", "--", "true")["status"] == "succeeded"  # leases freed
