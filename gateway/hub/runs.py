@@ -260,7 +260,7 @@ class RunDriver:
         # voided with the run's other tokens; not renewed: a run without a timeout that
         # outlasts the hub's token lifetime loses its tools node
         ttl = hub.token_ttl + (self.request.timeout or 0) + hub.stop_grace + _DEADLINE_MARGIN
-        routing = await self.tools.start(self.gateway_id, self.request.routing, ttl)
+        routing = await self.tools.start(self.gateway_id, self.request.routing, self.base, ttl)
         self.request = replace(self.request, routing=routing)
 
     async def _resume_tools(self) -> None:

@@ -28,8 +28,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import ProxyRule, Rule, parse_config, with_rules
+from gateway.errors import ConfigError
 from gateway.unix import unix_url
 from narrative.errors import NarrativeError
+from narrative.jsonio import parse_json
+from narrative.objects import MODE_EXEC, MODE_FILE, parse_tree
 from providers.errors import ProviderError
 from providers.hybrid import HybridProvider, route_types
 from providers.lifecycle import EnvState
@@ -40,13 +43,17 @@ from .leases import EnvironmentBusy
 from .leases import EnvironmentLease as Lease
 
 if TYPE_CHECKING:
+    from narrative.models import Snapshot
+    from narrative.store import Store
+
     from .server import Hub
 
-__all__ = ["ToolsNode", "lease_components"]
+__all__ = ["ToolsNode", "lease_components", "snapshot_routing"]
 
 log = logging.getLogger(__name__)
 
 _STOP_WAIT = 5.0
+_ROUTING_FILE = "proxyExecution.json"
 #: Runs ``gateway serve`` with its (unused) listening key in the environment's temporary
 #: directory and the workspace (the working directory) as the root of its handlers: both paths
 #: are only known inside the environment.
@@ -74,6 +81,28 @@ def lease_components(manager: EnvironmentManager, name: str, lease: Lease) -> No
         lease.hold_too(held)
         if component.state is not EnvState.RUNNING:
             manager.start(component.id)
+
+
+def snapshot_routing(store: Store, snapshot: Snapshot) -> dict[str, Any] | None:
+    """The routing rules at the top of ``snapshot`` (its ``proxyExecution.json``, which a
+    runtime restoring it would load), or None when it has none.
+
+    Raises:
+        ConfigError: the file is not JSON.
+    """
+    _kind, data = store.odb.read(bytes.fromhex(snapshot.tree))
+    for name, mode, oid in parse_tree(data):
+        if name == _ROUTING_FILE.encode() and mode in (MODE_FILE, MODE_EXEC):
+            _kind, blob = store.odb.read(oid)
+            where = f"{_ROUTING_FILE} of {snapshot.id}"
+            try:
+                document = parse_json(blob.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise ConfigError(where, f"not valid JSON: {exc}") from None
+            if not isinstance(document, dict):
+                raise ConfigError(where, "not a JSON object")
+            return document
+    return None
 
 
 class ToolsNode:
@@ -113,12 +142,13 @@ class ToolsNode:
         return node
 
     async def start(
-        self, runtime_peer: str, routing: dict[str, Any] | None, ttl: float
+        self, runtime_peer: str, routing: dict[str, Any] | None, base: Snapshot, ttl: float
     ) -> dict[str, Any]:
         """Start the node (its token lives ``ttl`` seconds at most, and no longer than the
         run), wait for it to connect and route the calls of the run's runtime
-        (``runtime_peer``) to it; returns the run's routing for its runtime (``routing`` with
-        the routed keys sent to the hub).
+        (``runtime_peer``) to it; returns the run's routing for its runtime: the given
+        ``routing`` (None: the ``proxyExecution.json`` of ``base``, as a runtime would load
+        it) with the routed keys sent to the hub.
 
         Raises:
             ProviderError: the node did not start or connect in time.
@@ -149,6 +179,8 @@ class ToolsNode:
         self.handle = await hub.blocking(lambda: manager.spawn(self.tools, argv, env=env))
         self.events.append("tools.spawned", environment=self.tools, handle=self.handle, argv=argv)
         await self._await_connection()
+        if routing is None:
+            routing = await hub.blocking(lambda: snapshot_routing(hub.store, base))
         return self._install(runtime_peer, routing)
 
     async def _listen(self, host_path: str | None, env_path: str | None) -> str:
