@@ -27,8 +27,9 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from gateway.config import ProxyRule, Rule, parse_config, with_rules
+from gateway.config import LocalRule, ProxyRule, Rule, parse_config, with_rules
 from gateway.errors import ConfigError
+from gateway.router import Router
 from gateway.unix import unix_url
 from narrative.errors import NarrativeError
 from narrative.jsonio import parse_json
@@ -217,6 +218,9 @@ class ToolsNode:
         }
         hub.gateway.route_from(runtime_peer, with_rules(hub.gateway.state.router.config, to_node))
         self._runtime_peer = runtime_peer
+        # a call that names the node as its target is held to the route too
+        routed: dict[str, Rule] = {key: LocalRule(mode="local") for key in self.route}
+        hub.policy.route_to(self.tools, self.run_id, Router(parse_config({"rules": routed})))
         return to_node
 
     async def _await_connection(self) -> None:
@@ -260,6 +264,7 @@ class ToolsNode:
         hub, handle = self.hub, self.handle
         if self._runtime_peer is not None:
             hub.gateway.route_from(self._runtime_peer, None)
+            hub.policy.route_to(self.tools, self.run_id, None)
             self._runtime_peer = None
         if handle is not None:
             try:
