@@ -326,3 +326,66 @@ def test_a_tools_node_that_does_not_start_fails_the_run_saying_why(
     assert "runtime.spawned" not in kinds  # the agent never started
     assert tools_nodes(store_dir_of(workspace)) == []
     assert start(cli, "--env", "box", "--", "true")["status"] == "succeeded"  # leases freed
+
+
+#: Makes ``exec:run`` calls: plain, and aimed at the tools node; says how each went.
+EXEC_AGENT = textwrap.dedent(
+    """
+    import asyncio, json, os
+    from gateway.client import GatewayClient
+
+    async def main():
+        url, token = os.environ["NARRATIVE_GATEWAY_URL"], os.environ["NARRATIVE_GATEWAY_TOKEN"]
+        out = {}
+        async with GatewayClient(url, token) as client:
+            for name, target in (("plain", None), ("at-tools", "side")):
+                try:
+                    ran = await client.call("exec", "run", {"argv": ["ls"]}, target=target)
+                    out[name] = {"ran": ran["stdout"]}
+                except Exception as exc:
+                    out[name] = {"refused": getattr(exc, "code", ""), "message": str(exc)}
+            read = await client.call("fs", "readFile", {"path": "only-in-tools.txt"}, target="side")
+            out["read-at-tools"] = read["content"]
+        with open("agent-result.json", "w") as f:
+            json.dump(out, f)
+
+    asyncio.run(main())
+    """
+)
+#: The workspace's own routing: commands go to the hub (which serves none by default).
+EXEC_TO_HUB = {"rules": {"exec": {"mode": "proxy", "environment": "hub"}}}
+
+
+def exec_run(pair_cli: Cli, workspace: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A run of :data:`EXEC_AGENT` in ``pair`` with :data:`EXEC_TO_HUB` in the snapshot: its
+    result and its events."""
+    (workspace / "agent.py").write_text(EXEC_AGENT)
+    (workspace / "proxyExecution.json").write_text(json.dumps(EXEC_TO_HUB))
+    run = start(pair_cli, "--env", "pair", "--", sys.executable, "agent.py")
+    assert run["status"] == "succeeded", run
+    store_dir = store_dir_of(workspace)
+    store = Store.open(str(store_dir))
+    result = json.loads(file(store, run["result_snapshot"], "agent-result.json"))
+    return result, events(store_dir, run["id"])
+
+
+def test_the_snapshots_own_routing_is_kept_beside_the_routed_keys(
+    pair_cli: Cli, workspace: Path
+) -> None:
+    result, history = exec_run(pair_cli, workspace)
+    routing = history[types(history).index("hybrid.routing")]["runtime"]
+    assert routing["exec"] == {"mode": "proxy", "environment": "hub"}, routing
+    assert routing["fs:*"] == {"mode": "proxy", "environment": "hub"}
+    # the user's rule sent the plain call to the hub, which runs no commands
+    assert "refused" in result["plain"] and "ran" not in result["plain"], result
+    plain = next(e for e in history if e["type"] == "call.routed" and e["call"] == "exec:run")
+    assert plain["route"] == ["pair.agent", "pair", "hub"], plain
+
+
+def test_a_target_reaches_the_tools_node_only_with_a_routed_call(
+    pair_cli: Cli, workspace: Path
+) -> None:
+    result, _history = exec_run(pair_cli, workspace)
+    assert result["at-tools"]["refused"] == "out_of_scope", result
+    assert "exec:run of run" in result["at-tools"]["message"]
+    assert result["read-at-tools"] == "served where the tools are\n"  # fs is routed there
