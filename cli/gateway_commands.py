@@ -92,6 +92,13 @@ def gateway() -> None:
     help="Directory the file and exec handlers are confined to (default: the workspace).",
 )
 @click.option("--capability", "capabilities", multiple=True, help="Declare a capability.")
+@click.option(
+    "--handlers",
+    "plugins",
+    multiple=True,
+    metavar="MODULE[:FUNC]",
+    help="Load handler plugins (FUNC, default register, gets the handler registry).",
+)
 @click.option("--connect", "connects", multiple=True, metavar="URL", help="Dial a peer gateway.")
 @click.option(
     "--token",
@@ -116,6 +123,7 @@ def serve(
     run_id: str | None,
     root: str | None,
     capabilities: tuple[str, ...],
+    plugins: tuple[str, ...],
     connects: tuple[str, ...],
     token: str | None,
     tls_cert: str | None,
@@ -164,6 +172,11 @@ def serve(
     try:
         node = Gateway(env_id, config=config, capabilities=capabilities, limits=limits)
         install_builtins(node.handlers, root, deny=deny)
+        if plugins:
+            from gateway.hub.server import load_handler_plugin
+
+            for spec in plugins:
+                load_handler_plugin(spec, node.handlers)
         link_token = token or signer.issue(run_id or "local", env_id, _LINK_TTL)
     except ValueError as exc:  # GatewayError subclasses included: a bad --env/--run/...
         if isinstance(exc, NarrativeError):

@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from narrative.errors import validation_problem
+from narrative.ids import RULE_KEY_PATTERN
 from narrative.jsonio import parse_json
 
 from .errors import ConfigError
@@ -46,11 +47,9 @@ __all__ = [
     "config_schema",
     "load_config",
     "parse_config",
+    "with_rules",
 ]
 
-_SEG = r"(?:\*|[A-Za-z0-9_][A-Za-z0-9._-]{0,63})"
-#: A rule key: ``type``, ``type:action``, with ``*`` allowed for either segment.
-RULE_KEY_PATTERN = rf"^{_SEG}(?::{_SEG})?$"
 _KEY_RE = re.compile(RULE_KEY_PATTERN)
 SCHEMA_PATH = Path(__file__).with_name("proxyExecution.schema.json")
 
@@ -128,6 +127,19 @@ class ProxyExecutionConfig(BaseModel):
         if "*:*" in self.rules and "*" in self.rules:
             raise ValueError("rules '*' and '*:*' are the same rule")
         return self
+
+
+def _canonical(key: str) -> str:
+    """The one spelling of a rule key (``fs:*`` is ``fs``, ``*:*`` is ``*``)."""
+    return key[:-2] if key.endswith(":*") else key
+
+
+def with_rules(config: ProxyExecutionConfig, rules: dict[str, Rule]) -> ProxyExecutionConfig:
+    """``config`` with ``rules`` added, each replacing the rule of the same key (or of its
+    synonym: ``fs`` and ``fs:*``); the other rules and settings are kept."""
+    replaced = {_canonical(key) for key in rules}
+    kept = {k: v for k, v in config.rules.items() if _canonical(k) not in replaced}
+    return config.model_copy(update={"rules": {**kept, **rules}})
 
 
 def parse_config(data: Any, path: str = "<config>") -> ProxyExecutionConfig:

@@ -168,6 +168,14 @@ class Gateway:
         """Replace the routing rules (calls already routed are unaffected)."""
         self.state.router = Router(config)
 
+    def route_from(self, peer: str, config: ProxyExecutionConfig | None) -> None:
+        """Route the calls arriving from ``peer`` by ``config`` instead of this node's own rules
+        (None: by its own rules again). A hub gives one run's runtime rules of its own so."""
+        if config is None:
+            self.state.peer_routers.pop(peer, None)
+        else:
+            self.state.peer_routers[peer] = Router(config)
+
     def handler(self, kind: str, action: str) -> Callable[[Handler], Handler]:
         """Decorator: register an ``async (ctx, payload) -> result`` handler for ``kind:action``
         (``action`` may be ``"*"``)."""

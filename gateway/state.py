@@ -111,6 +111,8 @@ class GatewayState:
         self.environment_id = environment_id
         self.runtime_id = runtime_id
         self.router = router or Router()
+        #: peer -> the rules for calls arriving from that peer, in place of :attr:`router`
+        self.peer_routers: dict[str, Router] = {}
         self.limits = limits or Limits()
         #: False until a plugin claims the gateway: routing is lazy, no claim, no proxying.
         self.proxying = False
@@ -244,18 +246,19 @@ class GatewayState:
             if done is not None:
                 return [Send(peer, done)]
         budget = request.timeoutMs / 1000 if request.timeoutMs else self.limits.execution_timeout
+        router = self.peer_routers.get(peer, self.router) if peer else self.router
         try:
             if peer:
                 check_sender(peer, request)
             if peer and len(self._calls) >= self.limits.max_inflight:
                 raise Busy(f"{self.environment_id} has {len(self._calls)} calls in flight")
             if via is not None:
-                self.router.check_path(request.routePath, self.environment_id)
+                router.check_path(request.routePath, self.environment_id)
                 if via not in self._reach:
                     raise RoutingError(f"{via!r} is not connected to {self.environment_id!r}")
                 decision = Decision((via,))
             else:
-                decision = self.router.decide(
+                decision = router.decide(
                     request.originalType,
                     request.originalAction,
                     request.routePath,

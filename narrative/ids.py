@@ -13,7 +13,7 @@ import time
 
 from .errors import InvalidInput
 
-__all__ = ["KINDS", "is_id", "new_id", "validate_id"]
+__all__ = ["KINDS", "RULE_KEY_PATTERN", "is_id", "new_id", "validate_id"]
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 KINDS = {
@@ -24,6 +24,11 @@ KINDS = {
     "environment": "env",
     "workspace": "ws",
 }
+_SEG = r"(?:\*|[A-Za-z0-9_][A-Za-z0-9._-]{0,63})"
+#: A capability routing key (``type``, ``type:action``, with ``*`` allowed for either segment):
+#: the key of a ``proxyExecution.json`` rule and a route of a hybrid environment, named here
+#: so that the gateway and the providers, which may not import each other, share one pattern.
+RULE_KEY_PATTERN = rf"^{_SEG}(?::{_SEG})?$"
 _ID_RE = re.compile(r"^(obj|th|run|snap|env|ws)-[0-9a-hjkmnp-tv-z]{20}$")
 
 

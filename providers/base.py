@@ -221,6 +221,14 @@ class BaseProvider(ABC):
         return cls.capabilities
 
     @classmethod
+    def capabilities_in(cls, config: ProviderConfig, store: Store) -> frozenset[str]:
+        """Capabilities of an environment with ``config`` among the other environments of
+        ``store``, refusing (``InvalidInput``) a config that does not fit them, before
+        anything is recorded (default: :meth:`capabilities_for`; a hybrid environment's
+        depend on the environments it is made of)."""
+        return cls.capabilities_for(config)
+
+    @classmethod
     def resource_config(cls, resources: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """The config keys that enforce ``resources`` (``cpus``, ``memory``, ``disk`` from the
         project file) and the names of those this provider cannot enforce (default: none

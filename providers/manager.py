@@ -201,7 +201,7 @@ class EnvironmentManager:
             problem = validation_problem(exc, "config")
             raise InvalidInput(f"invalid {provider} config: {problem}") from None
         cls.check_config(model)
-        capabilities = cls.capabilities_for(model)
+        capabilities = cls.capabilities_in(model, self.store)
         lacking = [cap for cap in wanted if cap not in capabilities]
         if lacking:
             from .errors import NoProviderAvailable

@@ -25,6 +25,7 @@ from .events import RunEventLog
 from .leases import EnvironmentLease as Lease
 from .run_request import RunRequest
 from .runs import RunDriver
+from .tools_node import lease_components
 
 if TYPE_CHECKING:
     from .server import Hub
@@ -70,6 +71,12 @@ async def adopt_interrupted(hub: Hub) -> None:
         lease = await hub.blocking(partial(Lease.acquire, hub.store, env_id))
         if lease is None:
             log.warning("cannot adopt run %s: its environment is leased by another hub", run.id)
+            continue
+        try:  # a hybrid environment's agent and tools environments too
+            await hub.blocking(partial(lease_components, hub.manager, environment, lease))
+        except NarrativeError as exc:
+            lease.release()
+            log.warning("cannot adopt run %s: %s", run.id, exc)
             continue
         lease.note(run.id)
         events = RunEventLog(hub.store, run.id)

@@ -35,6 +35,7 @@ from providers.records import EnvironmentRecord
 from providers.usage import ProcessUsage, Sampler, UsageMeter
 
 from .leases import EnvironmentBusy, EnvironmentLease
+from .tools_node import lease_components
 from .usage_records import save_usage, usage_record
 
 __all__ = ["IsolatedRun", "pick_base", "run_isolated", "screen_result"]
@@ -89,6 +90,7 @@ def run_isolated(
     if lease is None:
         raise EnvironmentBusy(record.name, EnvironmentLease.holder(store, record.id))
     try:
+        lease_components(manager, record.name, lease)  # a hybrid environment's two as well
         return _run_leased(manager, lease, record, argv, base, agent, env, timeout, on_output)
     finally:
         lease.release()

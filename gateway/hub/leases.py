@@ -36,6 +36,12 @@ class EnvironmentLease:
     def __init__(self, fd: int, path: str) -> None:
         self._fd: int | None = fd
         self.path = path
+        self._companions: list[EnvironmentLease] = []
+
+    def hold_too(self, other: EnvironmentLease) -> None:
+        """Hold ``other`` with this lease: noted and released with it (the environments a
+        hybrid environment is made of)."""
+        self._companions.append(other)
 
     @classmethod
     def acquire(cls, store: Store, env_id: str) -> EnvironmentLease | None:
@@ -64,9 +70,14 @@ class EnvironmentLease:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, run_id.encode(), 0)
+        for other in self._companions:
+            other.note(run_id)
 
     def release(self) -> None:
-        """Give the environment up (idempotent)."""
+        """Give the environment up, and those held with it (idempotent)."""
+        companions, self._companions = self._companions, []
+        for other in companions:
+            other.release()
         fd, self._fd = self._fd, None
         if fd is not None:
             with contextlib.suppress(OSError):

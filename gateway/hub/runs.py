@@ -39,6 +39,7 @@ from .run_result import ResultHomecoming, record_usage
 from .run_tokens import RunTokens
 from .runtime_events import RuntimeEventIntake, claimed_fields
 from .runtime_process import RuntimeProcess
+from .tools_node import ToolsNode, lease_components
 
 if TYPE_CHECKING:
     from .server import Hub
@@ -126,6 +127,8 @@ class RunDriver:
         self._tasks: set[asyncio.Task[None]] = set()
         self.meter: UsageMeter | None = None  # None: not measured (an adopted run)
         self._sampler: Sampler | None = None
+        self.tools: ToolsNode | None = None
+        """The gateway node serving the routed calls of a run in a hybrid environment."""
         self.bytes_to_environment = 0
         """Bytes of bundles this hub served the run's runtime (counted as it read them)."""
 
@@ -144,6 +147,7 @@ class RunDriver:
             base = pick_base(manager, request.snapshot, request.thread) if named else None
             lease, env, how = lease_environment(manager, request)
             try:
+                lease_components(manager, env, lease)
                 base = base or pick_base(manager)
                 objective = get_thread(hub.store, base.thread).objective_id
                 name = f"run/{env}/{new_id('run')[4:14]}"
@@ -184,9 +188,11 @@ class RunDriver:
                 self._input_restored = any(
                     e.get("type") == "snapshot.shipped" for e in self.events.read()
                 )
+                await self._resume_tools()
                 await self._await_connection(self.hub.reconnect_grace, "after a hub restart")
                 self.tokens.start_renewal()
             else:
+                await self._start_tools()
                 await self._launch()
                 await self._ship_in()
                 self._input_restored = True
@@ -244,6 +250,28 @@ class RunDriver:
         if failure or exit_code != 0 or self._result_id is None:
             return "failed", exit_code
         return "succeeded", exit_code
+
+    async def _start_tools(self) -> None:
+        """In a hybrid environment: start its tools node and route the run's calls to it."""
+        hub = self.hub
+        self.tools = await ToolsNode.of(hub, self.environment, self.run.id, self.events)
+        if self.tools is None:
+            return
+        # voided with the run's other tokens; not renewed: a run without a timeout that
+        # outlasts the hub's token lifetime loses its tools node
+        ttl = hub.token_ttl + (self.request.timeout or 0) + hub.stop_grace + _DEADLINE_MARGIN
+        routing = await self.tools.start(self.gateway_id, self.request.routing, self.base, ttl)
+        self.request = replace(self.request, routing=routing)
+
+    async def _resume_tools(self) -> None:
+        """An adopted run in a hybrid environment: take over its tools node."""
+        history = self.events.read()
+        if not any(e.get("type") == "hybrid.routing" for e in history):
+            return
+        self.tools = await ToolsNode.of(self.hub, self.environment, self.run.id, self.events)
+        if self.tools is None:  # never route its calls anywhere but where they were sent
+            raise RunFailed(f"environment {self.environment!r} is no longer hybrid")
+        await self.tools.resume(self.gateway_id, history)
 
     async def _launch(self) -> None:
         hub = self.hub
@@ -370,6 +398,8 @@ class RunDriver:
         hub = self.hub
         self.tokens.stop_renewal()
         try:
+            if self.tools is not None:  # the agent is done with it
+                await self.tools.stop()
             if self._result_id is None and self._input_restored and not self.result.refused:
                 # the runtime did not ship a result (it failed, was killed, or the transfer
                 # broke): read the environment directly, so the agent's work is not lost
@@ -404,6 +434,8 @@ class RunDriver:
             )
             await hub.end_tokens(self.run.id, "the run ended")
         finally:
+            if self.tools is not None:  # (idempotent) also when finishing failed part way
+                await self.tools.stop()
             if self._socket is not None:
                 await hub.close_unix(self._socket)
             if self.lease is not None:

@@ -15,7 +15,8 @@ for every call from a connection that presented a token (and at the connection's
   never ``changed`` (every thread of the store);
 * ``narrative:snapshot`` only onto a thread of the token's write scope;
 * ``provider:*`` and ``runtime:*`` only from the upstream hub (a dialled connection carries
-  no token), and no call aimed at the environment of another run;
+  no token), and no call aimed at the environment of another run, nor at a hybrid run's tools
+  node unless it is one of the calls that run routes there;
 
 and a result brought home is refused when it would move a thread that exists and is not the
 run's own (:func:`result_scope`). Refusals are logged by the gateway: run, environment, reason.
@@ -32,6 +33,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from gateway.errors import OutOfScope, TokenRevoked
+from gateway.router import Router
 from gateway.tokens import TokenClaims, TokenSigner
 from narrative.errors import NarrativeError
 from narrative.fsutil import write_atomic
@@ -121,6 +123,8 @@ class RunTokenPolicy:
         self._run_at = run_at
         #: runs whose tokens are refused from now on (their record may not say so yet)
         self.ended: set[str] = set()
+        #: a hybrid run's tools node -> (its run, the calls routed to it): only those reach it
+        self._routed: dict[str, tuple[str, Router]] = {}
         self._revoked_file = os.path.join(store.git_dir, "narrative", "revoked-tokens.json")
         #: token id → its expiry, for tokens revoked before they expire
         self.revoked: dict[str, float] = self._load_revoked()
@@ -149,6 +153,14 @@ class RunTokenPolicy:
                 del self.revoked[token_id]
         data = json.dumps(self.revoked, sort_keys=True).encode()
         await self._blocking(lambda: write_atomic(self._revoked_file, data))
+
+    def route_to(self, node: str, run_id: str, calls: Router | None) -> None:
+        """Let only run ``run_id``'s ``calls`` (the keys its rules match) name ``node`` as
+        their target (a hybrid run's tools node); None: forget the node."""
+        if calls is None:
+            self._routed.pop(node, None)
+        else:
+            self._routed[node] = (run_id, calls)
 
     def end(self, run_id: str) -> None:
         """Refuse the tokens of ``run_id`` from now on."""
@@ -186,6 +198,11 @@ class RunTokenPolicy:
             other = self._run_at(target)
             if other is not None and other != run:
                 raise OutOfScope(f"a token of run {run} cannot call {target}, the run {other}'s")
+            routed = self._routed.get(target)
+            if routed is not None and (
+                routed[0] != run or routed[1].match(kind, action).key is None
+            ):
+                raise OutOfScope(f"{kind}:{action} of run {run} is not routed to {target}")
         if kind in _UPSTREAM_ONLY:
             raise OutOfScope(f"{kind}:{action} is only taken from the hub upstream")
         if kind != "narrative":

@@ -92,3 +92,16 @@ def test_published_schema_is_in_sync() -> None:
     assert SCHEMA_PATH.read_text(encoding="utf-8") == schema_text(), (
         "gateway/proxyExecution.schema.json is stale: run python -m gateway.config"
     )
+
+
+def test_with_rules_replaces_a_key_and_its_synonym_and_keeps_the_rest(tmp_path: Path) -> None:
+    from gateway.config import ProxyRule, parse_config, with_rules
+
+    given = parse_config(GOOD)
+    to_hub = ProxyRule(mode="proxy", environment="hub")
+    merged = with_rules(given, {"fs": to_hub, "search": to_hub, "*:*": to_hub})
+    assert merged.rules["fs"] == merged.rules["search"] == merged.rules["*:*"] == to_hub
+    assert {"fs:*", "search:*", "*"}.isdisjoint(merged.rules)  # their synonyms went
+    assert merged.rules["exec:run"] == given.rules["exec:run"]  # the others stayed
+    assert merged.hopLimit == 4 and given.rules["fs:*"].mode == "local"  # a copy
+    parse_config(merged.model_dump(mode="json", by_alias=True, exclude_none=True))  # valid

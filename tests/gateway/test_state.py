@@ -307,3 +307,38 @@ def test_bad_call_arguments_are_refused_before_anything_is_sent(
     with pytest.raises(ProtocolError, match="invalid call"):
         a.call(kind, action, {}, 0.0, **kw)
     assert a.inflight == 0
+
+
+def test_rules_of_one_peer_route_only_that_peers_calls() -> None:
+    """A hub routes one runtime's calls by rules of their own (a hybrid run's): its fs calls
+    go on to the tools node, every other peer's and every other kind keep the node's rules."""
+    hub = node("hub", {"exec": {"mode": "proxy", "environment": "elsewhere"}})
+    for peer in ("run-env", "other-env", "tools", "elsewhere"):
+        hub.peer_up(peer, [])
+    hub.peer_routers["run-env"] = Router(
+        parse_config(
+            {
+                "rules": {
+                    "exec": {"mode": "proxy", "environment": "elsewhere"},
+                    "fs": {"mode": "proxy", "environment": "tools"},
+                }
+            }
+        )
+    )
+    to_tools = only(hub.receive_request("run-env", req("r1", ["agent", "run-env"]), 0.0), Send)
+    assert to_tools.peer == "tools" and to_tools.message.routePath == ["agent", "run-env", "hub"]
+    only(hub.receive_request("other-env", req("r2", ["other-env"]), 0.0), RunLocal)
+    exec_call = Request(
+        requestId="r3", originalType="exec", originalAction="run", routePath=["run-env"]
+    )
+    ran = only(hub.receive_request("run-env", exec_call, 0.0), Send)
+    assert ran.peer == "elsewhere"
+    # the peer's rules are checked like the node's: a loop back to the caller is refused
+    hub.peer_routers["run-env"] = Router(
+        parse_config({"rules": {"fs": {"mode": "proxy", "environment": "run-env"}}})
+    )
+    refused = only(hub.receive_request("run-env", req("r4", ["run-env"]), 0.0), Send)
+    assert isinstance(refused.message, Reply) and refused.message.error is not None
+    assert refused.message.error.code == "loop"
+    del hub.peer_routers["run-env"]
+    only(hub.receive_request("run-env", req("r5", ["run-env"]), 0.0), RunLocal)

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from providers.contract import ContractTarget
+from providers.manager import EnvironmentManager
 
 #: every provider of the contract suite
-PROVIDERS = ["worktree", "local", "docker", "e2b"]
+PROVIDERS = ["worktree", "local", "docker", "e2b", "hybrid"]
 #: handles of each provider's shape (and of the others') that it never issued
 DIRECTORY_FOREIGN = ("proc:1", "proc:0:1:" + "0" * 24, "docker:x:y", "proc:12:34:zz")
 DOCKER_FOREIGN = ("proc:1:2:" + "0" * 24, "docker:abc:def", "e2b:1:" + "0" * 24)
@@ -64,6 +65,16 @@ def contract_target(request: pytest.FixtureRequest, provider: str, scratch: Path
             foreign_handles=E2B_FOREIGN,
         )
     sandbox_or_skip()
+    if provider == "hybrid":  # over two worktrees: every operation is the agent one's
+        config = {"agent": "contract-agent", "tools": "contract-tools", "route": ["fs:*"]}
+        return ContractTarget(
+            "hybrid",
+            config,
+            prepare=_hybrid_components,
+            keeps_resource=True,  # its two environments are the user's: a delete keeps them
+            lists_resources=False,  # nothing of its own to list: its components are listed
+            foreign_handles=DIRECTORY_FOREIGN,
+        )
     if provider == "local":
         config = {"path": str(scratch / "local-env")}
         return ContractTarget(
@@ -74,6 +85,14 @@ def contract_target(request: pytest.FixtureRequest, provider: str, scratch: Path
             foreign_handles=DIRECTORY_FOREIGN,
         )
     return ContractTarget(provider, foreign_handles=DIRECTORY_FOREIGN)
+
+
+def _hybrid_components(manager: EnvironmentManager) -> None:
+    """The agent and tools environments of the hybrid contract target, in a check's store."""
+    known = {record.name for record in manager.environments()}
+    for name in ("contract-agent", "contract-tools"):
+        if name not in known:
+            manager.create(name, "worktree")
 
 
 def env_create_args(request: pytest.FixtureRequest, provider: str, tmp_path: Path) -> list[str]:
