@@ -50,7 +50,9 @@ from providers.keys import key_path
 from providers.manager import EnvironmentManager
 
 from .narratives import BundleShelf
+from .team import TeamHandlers, TeamPolicy, TeamSigner
 from .token_policy import CONTROL_RUN, RunTokenPolicy
+from .users import AuditLog, UserRegistry
 
 if TYPE_CHECKING:
     from .run_request import RunRequest
@@ -176,14 +178,18 @@ class Hub:
         self.startup_timeout = startup_timeout
         self.reconnect_grace = reconnect_grace
         self.stop_grace = stop_grace
-        self.signer = TokenSigner(load_or_create_key(key_path(store)), "hub")
+        self.users = UserRegistry(store)
+        self.audit = AuditLog(store)
+        self.signer = TeamSigner(load_or_create_key(key_path(store)), self.users, self.audit)
         self.gateway = Gateway(
             environment_id, config=config, limits=limits, capabilities=capabilities
         )
         self.policy = RunTokenPolicy(
             store, environment_id, self.blocking, self.snapshot_thread, self.driven_run
         )
-        self.gateway.token_policy = self.policy
+        team_policy = TeamPolicy(self.policy, self.users, environment_id)
+        self.gateway.token_policy = team_policy
+        self.team = TeamHandlers(self.gateway, self.signer, team_policy, self.blocking)
         self.plugin = RemoteExecutionPlugin(self.gateway, self.signer, host=host, port=port)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hub-store")
         self.shelf = BundleShelf(store, self.blocking, on_read=self._bundle_read)
@@ -227,6 +233,7 @@ class Hub:
             writes=allow_writes,
         )
         self.shelf.install(registry)
+        self.team.install(registry)
         registry.register("narrative", "snapshot", self._snapshot)
         for action, handler in (
             ("runStart", self._control_start),

@@ -1,0 +1,214 @@
+"""A developer's side of a shared team hub: logging in with an invite, the login records kept
+in the user's config directory, and the session connections every team command opens.
+
+Login records live in ``platformdirs.user_config_dir("narrative")/hubs.json`` (directory mode
+0700, file mode 0600, replaced atomically): ``{name: {url, user, role, credential, hub,
+fingerprint}}``. Every connection to a team hub is made by :func:`dial`, the one place where
+transport options (the TLS fingerprint pinned at login) are applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import ssl as ssl_module
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import platformdirs
+
+from gateway.client import GatewayClient
+from gateway.errors import AuthError, Unavailable
+from narrative.errors import InvalidInput
+from narrative.fsutil import write_atomic
+from narrative.jsonio import load_json
+
+from .team import team_bearer
+
+__all__ = [
+    "HubLogin",
+    "TeamSession",
+    "dial",
+    "hubs_file",
+    "load_logins",
+    "login",
+    "logout",
+    "open_session",
+    "transport_security",
+]
+
+DEFAULT_NAME = "default"
+
+
+def hubs_file() -> str:
+    """Where this user's hub logins are kept."""
+    return os.path.join(platformdirs.user_config_dir("narrative"), "hubs.json")
+
+
+@dataclass(frozen=True, slots=True)
+class HubLogin:
+    """One login record: which hub, as whom, with which credential."""
+
+    name: str
+    url: str
+    user: str
+    role: str
+    credential: str
+    hub: str
+    fingerprint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "user": self.user,
+            "role": self.role,
+            "credential": self.credential,
+            "hub": self.hub,
+            "fingerprint": self.fingerprint,
+        }
+
+
+def load_logins() -> dict[str, HubLogin]:
+    """Every login record of this user, by name.
+
+    Raises:
+        InvalidInput: the file is not a valid login file.
+    """
+    try:
+        with open(hubs_file(), "rb") as f:
+            data = load_json(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"cannot read {hubs_file()}: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{hubs_file()} is not a hub login file")
+    try:
+        return {name: HubLogin(name=name, **record) for name, record in data.items()}
+    except TypeError:
+        raise InvalidInput(f"{hubs_file()} is not a hub login file") from None
+
+
+def _save(logins: dict[str, HubLogin]) -> None:
+    path = hubs_file()
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
+    data = {name: login.to_dict() for name, login in sorted(logins.items())}
+    write_atomic(path, json.dumps(data, indent=1).encode())  # mkstemp: created 0600
+    os.chmod(path, 0o600)
+
+
+def find_login(name: str | None) -> HubLogin:
+    """The login record ``name`` (None: the only one there is).
+
+    Raises:
+        InvalidInput: no such login, or several and no name given.
+    """
+    logins = load_logins()
+    if name is None:
+        if len(logins) == 1:
+            return next(iter(logins.values()))
+        if not logins:
+            raise InvalidInput("not logged in to any hub (narrative hub login URL CODE)")
+        raise InvalidInput(f"logged in to several hubs ({', '.join(sorted(logins))}): name one")
+    if name not in logins:
+        raise InvalidInput(f"no hub login named {name!r} (narrative hub login URL CODE)")
+    return logins[name]
+
+
+def transport_security(url: str, fingerprint: str | None) -> ssl_module.SSLContext | None:
+    """The TLS context for dialling ``url`` (None for plain ``ws://``). ``fingerprint`` is the
+    certificate fingerprint the hub announced at login; how it is pinned is up to the TLS
+    support of the gateway (which verifies against the system's roots until then)."""
+    if not url.startswith("wss://"):
+        return None
+    return ssl_module.create_default_context()
+
+
+@contextlib.asynccontextmanager
+async def dial(
+    url: str, bearer: str, fingerprint: str | None = None
+) -> AsyncIterator[GatewayClient]:
+    """A connection to the hub at ``url`` presenting ``bearer`` (a token or a team bearer):
+    every connection to a team hub is made here."""
+    client = GatewayClient(url, bearer, ssl=transport_security(url, fingerprint))
+    async with client:
+        yield client
+
+
+async def login(url: str, code: str, name: str | None) -> HubLogin:
+    """Trade the invite ``code`` at the hub ``url`` for a credential and keep it as the login
+    record ``name`` (default ``default``), replacing one of that name.
+
+    Raises:
+        AuthError: the code was refused (unknown, used, expired, rate-limited).
+        Unavailable: the hub cannot be reached.
+    """
+    name = name or DEFAULT_NAME
+    async with dial(url, team_bearer("invite", code)) as client:
+        answer = await client.call("team", "login", {"code": code}, target=client.server)
+    record = HubLogin(
+        name=name,
+        url=url,
+        user=answer["user"],
+        role=answer["role"],
+        credential=answer["credential"],
+        hub=answer["hub"],
+        fingerprint=answer.get("fingerprint"),
+    )
+    logins = load_logins()
+    logins[name] = record
+    _save(logins)
+    return record
+
+
+async def logout(name: str | None) -> tuple[HubLogin, str | None]:
+    """Void the credential of login ``name`` at its hub and delete the record; the record
+    and, when the hub could not be told, why (the record is deleted all the same)."""
+    record = find_login(name)
+    problem = None
+    try:
+        async with dial(
+            record.url, team_bearer("credential", record.credential), record.fingerprint
+        ) as client:
+            await client.call("team", "logout", {}, target=record.hub)
+    except (AuthError, Unavailable) as exc:
+        problem = str(exc)
+    logins = load_logins()
+    logins.pop(record.name, None)
+    _save(logins)
+    return record, problem
+
+
+@dataclass(frozen=True, slots=True)
+class TeamSession:
+    """An open session on a team hub: the connection, the hub's id and who we are there."""
+
+    client: GatewayClient
+    login: HubLogin
+    user: str
+    role: str
+
+    async def call(self, action: str, payload: dict[str, Any]) -> Any:
+        """Call ``team:<action>`` at the hub."""
+        return await self.client.call("team", action, payload, target=self.login.hub)
+
+
+@contextlib.asynccontextmanager
+async def open_session(name: str | None) -> AsyncIterator[TeamSession]:
+    """A session on the hub of login ``name``: the credential buys a short-lived session
+    token, and the session's connection presents that.
+
+    Raises:
+        InvalidInput: no such login. AuthError: the credential was refused (revoked).
+    """
+    record = find_login(name)
+    async with dial(
+        record.url, team_bearer("credential", record.credential), record.fingerprint
+    ) as client:
+        answer = await client.call("team", "session", {}, target=record.hub)
+    async with dial(record.url, answer["token"], record.fingerprint) as client:
+        yield TeamSession(client, record, answer["user"], answer["role"])
