@@ -1,0 +1,150 @@
+"""A shared team hub, end to end: a real ``narrative serve`` on loopback, its owner's CLI on the
+hub's machine, and two developers' CLIs, each with its own HOME and config directory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.errors import AuthError
+from gateway.hub.team import team_bearer
+from gateway.hub.team_client import dial
+from tests.conftest import Cli, store_dir_of
+from tests.gateway.hub.hub_support import serve
+
+
+class Developer:
+    """A developer's machine: a home (config directory) and a workspace, and their CLI."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.name = name
+        self.home = root / f"home-{name}"
+        self.workspace = root / f"ws-{name}"
+        self.workspace.mkdir(parents=True)
+        (self.workspace / "notes.txt").write_text(f"{name}'s notes\n")
+        self.env = {
+            "HOME": str(self.home),
+            "XDG_CONFIG_HOME": str(self.home / ".config"),
+            "XDG_DATA_HOME": str(self.home / ".local" / "share"),
+        }
+        self.cli = Cli(self.workspace)
+
+    @property
+    def hubs_file(self) -> Path:
+        return self.home / ".config" / "narrative" / "hubs.json"
+
+    def run(self, *args: str, check: bool = True) -> Any:
+        return self.cli.run(*args, env=self.env, check=check)
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.run(*args, "--json").stdout)
+
+
+@pytest.fixture
+def owner(cli: Cli) -> Cli:
+    cli.run("init")
+    return cli
+
+
+def invite(owner: Cli, user: str, *args: str) -> str:
+    return str(owner.json("hub", "invite", user, *args)["code"])
+
+
+def test_invite_login_logout_revoke_and_audit(owner: Cli, workspace: Path, tmp_path: Path) -> None:
+    alice, bob = Developer(tmp_path, "alice"), Developer(tmp_path, "bob")
+    with serve(owner, workspace) as info:
+        url = info["url"]
+        code = invite(owner, "alice")
+        login = alice.json("hub", "login", url, code, "--name", "team")
+        assert login["kind"] == "hub_login"
+        assert (login["user"], login["role"]) == ("alice", "member")
+        # the credential is kept for alice alone
+        assert stat.S_IMODE(alice.hubs_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(alice.hubs_file.parent.stat().st_mode) == 0o700
+        record = json.loads(alice.hubs_file.read_text())["team"]
+        assert record["user"] == "alice" and record["credential"].startswith("ncred_")
+        # the hub keeps only its hash
+        stored = _team_file(workspace, "users.json")
+        assert record["credential"].split("_", 2)[2] not in stored.read_text()
+        assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+        assert stat.S_IMODE(stored.parent.stat().st_mode) == 0o700
+
+        # the code was good once
+        again = bob.run("hub", "login", url, code, check=False)
+        assert again.returncode == 1
+        assert "already used" in again.stderr and "Traceback" not in again.stderr
+        # an expired invite is refused
+        short = invite(owner, "bob", "--ttl", "1")
+        time.sleep(1.2)
+        late = bob.run("hub", "login", url, short, check=False)
+        assert late.returncode == 1 and "expired" in late.stderr
+        # a made-up code is refused
+        forged = bob.run("hub", "login", url, short[:-4] + "abcd", check=False)
+        assert forged.returncode == 1 and "unknown invite code" in forged.stderr
+
+        bob.run("hub", "login", url, invite(owner, "bob", "--role", "admin"))
+        bob_credential = json.loads(bob.hubs_file.read_text())["default"]["credential"]
+        users = {u["name"]: u for u in owner.json("hub", "users")["items"]}
+        assert users["bob"]["role"] == "admin" and users["alice"]["revoked"] is None
+
+        # bob has a session open when he is revoked: it is closed, his credential refused
+        async def revoked_while_connected() -> tuple[str, str]:
+            async with dial(url, team_bearer("credential", bob_credential)) as client:
+                session = await client.call("team", "session", {}, target=info["environment"])
+            async with dial(url, session["token"]) as client:
+                closed = asyncio.get_running_loop().create_future()
+                client.gateway.add_peer_listener(
+                    lambda peer, up: closed.done() or up or closed.set_result(peer)
+                )
+                result = owner.json("hub", "revoke", "bob")
+                assert result["closed"] == 1
+                await asyncio.wait_for(closed, 10)
+            with pytest.raises(AuthError) as refused:
+                async with dial(url, team_bearer("credential", bob_credential)):
+                    pass
+            return str(closed.result()), str(refused.value)
+
+        _, refusal = asyncio.run(revoked_while_connected())
+        assert "revoked" in refusal
+        users = {u["name"]: u for u in owner.json("hub", "users")["items"]}
+        assert users["bob"]["revoked"] is not None
+
+        # alice logs out: the record is gone and her credential void at the hub
+        alice_credential = record["credential"]
+        out = alice.json("hub", "logout", "team")
+        assert out["kind"] == "hub_logout" and out["revoked"] is True
+        assert json.loads(alice.hubs_file.read_text()) == {}
+
+        async def use_void_credential() -> str:
+            with pytest.raises(AuthError) as refused:
+                async with dial(url, team_bearer("credential", alice_credential)):
+                    pass
+            return str(refused.value)
+
+        assert "revoked" in asyncio.run(use_void_credential())
+        nothing = alice.run("hub", "logout", check=False)
+        assert nothing.returncode == 1 and "not logged in" in nothing.stderr
+
+    audit = owner.json("hub", "audit")["items"]
+    seen = [(e["user"], e["action"], e["target"], e["outcome"][:7]) for e in audit]
+    assert ("owner", "invite", "alice", "ok") in seen
+    assert ("alice", "login", None, "ok") in seen
+    assert ("owner", "revoke", "bob", "ok") in seen
+    assert ("alice", "logout", None, "ok") in seen
+    refused = [e["outcome"] for e in audit if e["outcome"].startswith("refused")]
+    assert any("already used" in r for r in refused)
+    assert any("expired" in r for r in refused)
+    assert any("revoked" in r for r in refused)
+    assert set(audit[0]) == {"time", "user", "action", "target", "outcome"}
+    human = owner.run("hub", "audit").stdout
+    assert "invite" in human and "revoke" in human
+
+
+def _team_file(workspace: Path, name: str) -> Path:
+    return store_dir_of(workspace) / "narrative" / "team" / name
