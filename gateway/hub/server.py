@@ -50,6 +50,7 @@ from providers.keys import key_path
 from providers.manager import EnvironmentManager
 
 from .narratives import BundleShelf
+from .remote_runs import RemoteRuns
 from .team import TeamHandlers, TeamPolicy, TeamSigner
 from .token_policy import CONTROL_RUN, RunTokenPolicy
 from .users import AuditLog, UserRegistry
@@ -234,6 +235,7 @@ class Hub:
         )
         self.shelf.install(registry)
         self.team.install(registry)
+        RemoteRuns(self).install(registry)
         registry.register("narrative", "snapshot", self._snapshot)
         for action, handler in (
             ("runStart", self._control_start),

@@ -76,6 +76,8 @@ _ALLOWED = {
     INVITE_RUN: frozenset({"login"}),
     CREDENTIAL_RUN: frozenset({"session", "logout"}),
 }
+#: What a session may call to pull a bundle ``team:prepareResult`` prepared.
+_CHUNK_ACTIONS = frozenset({"readBundle", "dropBundle"})
 #: Actions only the store's owner (a control token) may call.
 _OWNER_ONLY = frozenset({"revoke"})
 
@@ -177,6 +179,8 @@ class TeamPolicy:
             return
         if claims.run_id != INVITE_RUN:
             self.credential_of(claims)
+        if claims.run_id == SESSION_RUN and kind == "narrative" and action in _CHUNK_ACTIONS:
+            return  # pulling a result bundle its user prepared (bundle ids are secrets)
         allowed = _ALLOWED.get(claims.run_id)
         if (
             kind != "team"

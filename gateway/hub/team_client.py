@@ -9,37 +9,51 @@ transport options (the TLS fingerprint pinned at login) are applied.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import ssl as ssl_module
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import platformdirs
 
 from gateway.client import GatewayClient
-from gateway.errors import AuthError, Unavailable
+from gateway.errors import AuthError, OutOfScope, Unavailable
+from gateway.handlers import HandlerContext
 from narrative.errors import InvalidInput
 from narrative.fsutil import write_atomic
+from narrative.hierarchy import get_run
 from narrative.jsonio import load_json
+from narrative.models import AgentRun, Snapshot
+from narrative.store import Store
+from providers.manager import EnvironmentManager
 
+from .direct import pick_base
+from .narratives import BundleShelf, fetch_bundle, have_commits
+from .run_request import RunRequest
 from .team import team_bearer
+from .token_policy import result_scope
 
 __all__ = [
     "HubLogin",
     "TeamSession",
+    "control_team_run",
     "dial",
     "hubs_file",
     "load_logins",
     "login",
     "logout",
     "open_session",
+    "run_on_team_hub",
+    "team_runs",
     "transport_security",
 ]
 
 DEFAULT_NAME = "default"
+T = TypeVar("T")
 
 
 def hubs_file() -> str:
@@ -212,3 +226,100 @@ async def open_session(name: str | None) -> AsyncIterator[TeamSession]:
         answer = await client.call("team", "session", {}, target=record.hub)
     async with dial(record.url, answer["token"], record.fingerprint) as client:
         yield TeamSession(client, record, answer["user"], answer["role"])
+
+
+# -- runs on a team hub ---------------------------------------------------------------------------
+
+EventFn = Callable[[AgentRun, dict[str, Any]], None]
+_POLL = 0.1
+
+
+def _serve_base(session: TeamSession, store: Store, bases: dict[str, str]) -> None:
+    """Let the hub pull ``bases`` (snapshot id → its thread) from ``store``, and nothing else
+    of it: the session's bundle shelf refuses any other request."""
+    registry = session.client.gateway.handlers
+    shelf = BundleShelf(store, _blocking)
+    shelf.install(registry)
+    prepare = registry.lookup("narrative", "prepareBundle")
+    assert prepare is not None
+
+    async def guarded(ctx: HandlerContext, payload: dict[str, Any]) -> Any:
+        snapshot, threads = payload.get("snapshot"), payload.get("threads")
+        if payload.get("changed") or snapshot not in bases or threads != [bases[snapshot]]:
+            raise OutOfScope("the hub may only pull the base of a run this CLI starts")
+        return await prepare(ctx, payload)
+
+    registry.register("narrative", "prepareBundle", guarded, replace=True)
+
+
+async def _blocking(func: Callable[[], T]) -> T:
+    return await asyncio.to_thread(func)
+
+
+async def _bring_home(session: TeamSession, store: Store, run: AgentRun) -> AgentRun:
+    """The run's final record; its result imported into ``store`` (on the run's own thread,
+    forked from the user's base) when it has one."""
+    answer = await session.call("runs", {"run": run.id})
+    final = AgentRun.from_dict(answer["runs"][0])
+    if not final.result_snapshot:
+        return final
+
+    async def call(kind: str, action: str, payload: dict[str, Any]) -> Any:
+        if action == "prepareBundle":
+            return await session.call("prepareResult", {"run": run.id, **payload})
+        return await session.client.call(kind, action, payload, target=session.login.hub)
+
+    spec = {"have": await _blocking(lambda: have_commits(store))}
+    scope = result_scope(store, final.thread_id, f"run {run.id}")
+    await fetch_bundle(call, store, spec, _blocking, session.login.url, check_threads=scope)
+    return await _blocking(lambda: get_run(store, run.id))
+
+
+async def _follow(session: TeamSession, runs: list[AgentRun], on_event: EventFn) -> None:
+    since = dict.fromkeys((run.id for run in runs), 0)
+    pending = {run.id: run for run in runs}
+    while pending:
+        for run_id, run in list(pending.items()):
+            answer = await session.call("runEvents", {"run": run_id, "since": since[run_id]})
+            for event in answer["events"]:
+                since[run_id] = int(event["seq"])
+                on_event(run, event)
+                if event["type"] == "run.finished":
+                    del pending[run_id]
+                    break
+        if pending:
+            await asyncio.sleep(_POLL)
+
+
+async def run_on_team_hub(
+    store: Store, name: str | None, requests: Sequence[RunRequest], on_event: EventFn
+) -> list[AgentRun]:
+    """Start ``requests`` on the team hub of login ``name`` from bases in ``store`` (a fresh
+    snapshot of the workspace unless a request names a snapshot or thread), follow their
+    events, and bring each result home into ``store``; the runs' final records."""
+    manager = EnvironmentManager(store)
+
+    def base_of(request: RunRequest) -> Snapshot:
+        return pick_base(manager, request.snapshot, request.thread)
+
+    bases = [await asyncio.to_thread(base_of, request) for request in requests]
+    async with open_session(name) as session:
+        _serve_base(session, store, {base.id: base.thread for base in bases})
+        runs = []
+        for request, base in zip(requests, bases, strict=True):
+            payload = {**request.to_payload(), "snapshot": base.id, "thread": base.thread}
+            runs.append(AgentRun.from_dict(await session.call("runStart", payload)))
+        await _follow(session, runs, on_event)
+        return [await _bring_home(session, store, run) for run in runs]
+
+
+async def team_runs(name: str | None) -> list[dict[str, Any]]:
+    """The runs the user of login ``name`` may see on its hub (an admin: everyone's)."""
+    async with open_session(name) as session:
+        return list((await session.call("runs", {}))["runs"])
+
+
+async def control_team_run(name: str | None, action: str, payload: dict[str, Any]) -> None:
+    """``runStop`` or ``runKill`` a run on the hub of login ``name``."""
+    async with open_session(name) as session:
+        await session.call(action, payload)
