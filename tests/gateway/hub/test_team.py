@@ -4,17 +4,21 @@ hub's machine, and two developers' CLIs, each with its own HOME and config direc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import stat
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.errors import AuthError
+from gateway.errors import AccessDenied, AuthError
 from gateway.hub.team import team_bearer
-from gateway.hub.team_client import dial
+from gateway.hub.team_client import dial, open_session
 from tests.conftest import Cli, store_dir_of
 from tests.gateway.hub.hub_support import serve
 
@@ -148,3 +152,86 @@ def test_invite_login_logout_revoke_and_audit(owner: Cli, workspace: Path, tmp_p
 
 def _team_file(workspace: Path, name: str) -> Path:
     return store_dir_of(workspace) / "narrative" / "team" / name
+
+
+def git_fsck(store_dir: Path) -> None:
+    proc = subprocess.run(
+        ["git", "--git-dir", str(store_dir), "fsck", "--strict"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_runs_of_two_developers_on_a_shared_environment(
+    owner: Cli, workspace: Path, tmp_path: Path
+) -> None:
+    owner.run("env", "create", "sandbox", "--provider", "worktree")
+    alice, bob, carol = (Developer(tmp_path, n) for n in ("alice", "bob", "carol"))
+    with serve(owner, workspace) as info:
+        url = info["url"]
+        for dev, role in ((alice, "member"), (bob, "member"), (carol, "admin")):
+            dev.run("init")
+            dev.run("hub", "login", url, invite(owner, dev.name, "--role", role))
+
+        script = "echo from-the-hub; echo 'changed on the hub' >> notes.txt"
+        proc = alice.run("run", "start", "--hub", "default", "--env", "sandbox", "--json",
+                         "--", "sh", "-c", script)  # fmt: skip
+        result = json.loads(proc.stdout)
+        assert "from-the-hub" in proc.stderr
+        assert result["status"] == "succeeded" and result["result_snapshot"]
+        run_id = result["id"]
+        # the run came home into alice's own store, on its own thread
+        shown = alice.json("run", "show", run_id)
+        assert shown["status"] == "succeeded"
+        diff = alice.run("diff", run_id).stdout
+        assert "changed on the hub" in diff
+        alice.run("merge", run_id)
+        assert "changed on the hub" in (alice.workspace / "notes.txt").read_text()
+        with as_developer(alice):
+            git_fsck(store_dir_of(alice.workspace))
+        git_fsck(store_dir_of(workspace))
+
+        # bob neither sees, nor stops, nor fetches alice's run
+        assert [r["id"] for r in alice.json("run", "list", "--hub", "default")["items"]] == [run_id]
+        assert bob.json("run", "list", "--hub", "default")["items"] == []
+        for args in (("stop", run_id), ("kill", run_id)):
+            refused = bob.run("run", *args, "--hub", "default", check=False)
+            assert refused.returncode == 1, refused.stderr
+            assert "not one of yours" in refused.stderr and "Traceback" not in refused.stderr
+
+        async def fetch_as_bob() -> str:
+            async with open_session(None) as session:
+                with pytest.raises(AccessDenied) as denied:
+                    await session.call("prepareResult", {"run": run_id})
+            return str(denied.value)
+
+        with as_developer(bob):
+            assert "not one of yours" in asyncio.run(fetch_as_bob())
+        bob_runs = bob.json("run", "list")["items"]
+        assert bob_runs == []
+        # the admin sees every run
+        assert run_id in [r["id"] for r in carol.json("run", "list", "--hub", "default")["items"]]
+
+    audit = owner.json("hub", "audit")["items"]
+    seen = [(e["user"], e["action"], e["target"], e["outcome"][:7]) for e in audit]
+    assert ("alice", "runStart", run_id, "ok") in seen
+    assert ("bob", "runStop", run_id, "refused") in seen
+    assert ("bob", "runKill", run_id, "refused") in seen
+    assert ("bob", "prepareResult", run_id, "refused") in seen
+
+
+@contextlib.contextmanager
+def as_developer(dev: Developer) -> Iterator[None]:
+    """This process sees ``dev``'s home and config directory (for library calls)."""
+    saved = {k: os.environ.get(k) for k in dev.env}
+    os.environ.update(dev.env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
