@@ -23,7 +23,9 @@ from gateway.handlers import HandlerContext, HandlerRegistry
 from narrative.errors import InvalidInput, NarrativeError
 from narrative.fsutil import write_atomic
 from narrative.hierarchy import get_run
+from narrative.history import resolve_snapshot
 from narrative.jsonio import load_json
+from narrative.models import AgentRun
 
 from .events import RunEventLog
 from .narratives import fetch_bundle, have_commits
@@ -207,16 +209,22 @@ class RemoteRuns:
     async def _prepare_result(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
         run_id = await self._owned(caller, "prepareResult", payload)
-        run = await self.hub.blocking(lambda: get_run(self.hub.store, run_id))
-        if run.status == "running" or not run.result_snapshot:
-            raise InvalidInput(f"run {run_id} has no result (yet): {run.status}")
+
+        def result() -> tuple[AgentRun, str | None]:
+            run = get_run(self.hub.store, run_id)
+            if run.status == "running" or not run.result_snapshot:
+                raise InvalidInput(f"run {run_id} has no result (yet): {run.status}")
+            # a run that changed nothing has its base as its result: that thread is the
+            # user's, and only the run's own thread travels
+            snap = resolve_snapshot(self.hub.store, run.result_snapshot)
+            return run, snap.id if snap.thread == run.thread_id else None
+
+        run, snapshot = await self.hub.blocking(result)
         prepare = self.hub.gateway.handlers.lookup("narrative", "prepareBundle")
         if prepare is None:
             raise NarrativeError("this hub serves no bundles")
-        spec = {
-            "snapshot": run.result_snapshot,
-            "threads": [run.thread_id],
-            "have": payload.get("have", []),
-        }
-        result: dict[str, Any] = await prepare(ctx, spec)
-        return result
+        spec = {"threads": [run.thread_id], "have": payload.get("have", [])}
+        if snapshot is not None:
+            spec["snapshot"] = snapshot
+        prepared: dict[str, Any] = await prepare(ctx, spec)
+        return prepared
