@@ -43,7 +43,7 @@ def invite(ctx: click.Context, user: str, role: str, ttl: float, as_json: bool) 
     code = UserRegistry(store).invite(user, role, ttl)
     AuditLog(store).record(OWNER, "invite", user, "ok")
     data = {"user": user, "role": role, "code": code, "expiresIn": ttl}
-    emit(as_json, "invite", data, code)
+    emit(as_json, "hub_invite", data, code)
 
 
 @hub.command("login")
@@ -115,7 +115,7 @@ def audit(ctx: click.Context, as_json: bool) -> None:
 
     items = AuditLog(open_store(ctx)).entries()
     columns = ["time", "user", "action", "target", "outcome"]
-    emit_list(as_json, "audit_entry_list", items, lambda: table(items, columns))
+    emit_list(as_json, "hub_audit_entry_list", items, lambda: table(items, columns))
 
 
 COMMANDS = [hub]
