@@ -19,7 +19,7 @@ import pytest
 from gateway.errors import AccessDenied, AuthError
 from gateway.hub.team import team_bearer
 from gateway.hub.team_client import dial, open_session
-from tests.conftest import Cli, store_dir_of
+from tests.conftest import NARRATIVE, Cli, store_dir_of
 from tests.gateway.hub.hub_support import serve
 
 
@@ -211,8 +211,31 @@ def test_runs_of_two_developers_on_a_shared_environment(
             assert "not one of yours" in asyncio.run(fetch_as_bob())
         bob_runs = bob.json("run", "list")["items"]
         assert bob_runs == []
-        # the admin sees every run
+        # the admin sees every run, and stops any
         assert run_id in [r["id"] for r in carol.json("run", "list", "--hub", "default")["items"]]
+        (alice.workspace / "patient.sh").write_text(
+            "echo started\nwhile true; do sleep 0.1; done\n"
+        )
+        starter = subprocess.Popen(
+            [NARRATIVE, "run", "start", "--hub", "default", "--env", "sandbox", "--json",
+             "--", "sh", "patient.sh"],
+            cwd=alice.workspace, env={**os.environ, **alice.env},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        patient = _running_run(alice)
+        refused = bob.run("run", "kill", "--hub", "default", patient, check=False)
+        assert refused.returncode == 1 and "not one of yours" in refused.stderr
+        carol.run("run", "kill", "--hub", "default", patient)
+        out, err = starter.communicate(timeout=60)
+        assert starter.returncode == 1, err
+        assert json.loads(out).get("status") == "killed", (out, err)
+        assert alice.json("run", "show", patient)["status"] == "killed"
+
+        # bob is revoked: his next command fails with one clear line
+        owner.run("hub", "revoke", "bob")
+        gone = bob.run("run", "list", "--hub", "default", check=False)
+        assert gone.returncode == 1 and "revoked" in gone.stderr, gone.stderr
+        assert "Traceback" not in gone.stderr and len(gone.stderr.strip().splitlines()) == 1
 
     audit = owner.json("hub", "audit")["items"]
     seen = [(e["user"], e["action"], e["target"], e["outcome"][:7]) for e in audit]
@@ -220,6 +243,24 @@ def test_runs_of_two_developers_on_a_shared_environment(
     assert ("bob", "runStop", run_id, "refused") in seen
     assert ("bob", "runKill", run_id, "refused") in seen
     assert ("bob", "prepareResult", run_id, "refused") in seen
+    assert ("bob", "runKill", patient, "refused") in seen
+    assert ("carol", "runKill", patient, "ok") in seen
+    assert ("owner", "revoke", "bob", "ok") in seen
+
+
+def _running_run(dev: Developer, timeout: float = 30) -> str:
+    """The id of ``dev``'s run on the hub once one is running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = [
+            r["id"]
+            for r in dev.json("run", "list", "--hub", "default")["items"]
+            if r["status"] == "running"
+        ]
+        if running:
+            return str(running[0])
+        time.sleep(0.2)
+    raise AssertionError(f"no run of {dev.name} is running")
 
 
 @contextlib.contextmanager
