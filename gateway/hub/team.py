@@ -62,7 +62,7 @@ INVITE_RUN = "team-invite"
 CREDENTIAL_RUN = "team-credential"
 #: The run claim of a user's session token.
 SESSION_RUN = "team-session"
-#: Seconds a session token lives (a CLI asks for a new one when it reconnects).
+#: Seconds a session token lives (a CLI renews it on its open connection before then).
 SESSION_TTL = 900.0
 #: Failed team logins (bad invite codes or credentials) tolerated per window, hub-wide.
 LOGIN_FAILURE_LIMIT = 10
@@ -179,8 +179,11 @@ class TeamPolicy:
             return
         if claims.run_id != INVITE_RUN:
             self.credential_of(claims)
-        if claims.run_id == SESSION_RUN and kind == "narrative" and action in _CHUNK_ACTIONS:
-            return  # pulling a result bundle its user prepared (bundle ids are secrets)
+        if claims.run_id == SESSION_RUN and (
+            (kind == "narrative" and action in _CHUNK_ACTIONS)
+            or (kind, action) == ("gateway", "refresh")
+        ):
+            return  # a result bundle its user prepared (bundle ids are secrets); a renewal
         allowed = _ALLOWED.get(claims.run_id)
         if (
             kind != "team"
@@ -222,6 +225,8 @@ class TeamHandlers:
         self.audit = signer.audit
         self.blocking = blocking
         self.fingerprint = fingerprint
+        #: seconds a session token lives (its CLI renews it on the open connection)
+        self.session_ttl = SESSION_TTL
 
     def install(self, registry: HandlerRegistry) -> None:
         for action, handler in (
@@ -280,10 +285,20 @@ class TeamHandlers:
 
     async def _session(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         credential = self.policy.credential_of(self.claims(ctx))
-        env = f"u-{credential.user}-{secrets.token_hex(4)}"
-        token = self.signer.issue(SESSION_RUN, env, SESSION_TTL, subject=credential.id)
+        prefix = f"u-{credential.user}-"
+        env = payload.get("environment")  # renewing the session of an open connection
+        if env is None:
+            env = prefix + secrets.token_hex(4)
+        elif not isinstance(env, str) or not env.startswith(prefix) or not _ENV_RE.match(env):
+            raise InvalidInput(f"'environment' must be a session of {credential.user}")
+        token = self.signer.issue(SESSION_RUN, env, self.session_ttl, subject=credential.id)
         await self.blocking(lambda: self.registry.seen(credential))
-        return {"token": token, "user": credential.user, "role": credential.role}
+        return {
+            "token": token,
+            "user": credential.user,
+            "role": credential.role,
+            "expiresIn": self.session_ttl,
+        }
 
     async def _logout(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         credential = self.policy.credential_of(self.claims(ctx))

@@ -23,7 +23,7 @@ import platformdirs
 from gateway.client import GatewayClient
 from gateway.errors import AuthError, OutOfScope, Unavailable
 from gateway.handlers import HandlerContext
-from narrative.errors import InvalidInput
+from narrative.errors import InvalidInput, NarrativeError
 from narrative.fsutil import write_atomic
 from narrative.hierarchy import get_run
 from narrative.jsonio import load_json
@@ -220,12 +220,38 @@ async def open_session(name: str | None) -> AsyncIterator[TeamSession]:
         InvalidInput: no such login. AuthError: the credential was refused (revoked).
     """
     record = find_login(name)
-    async with dial(
-        record.url, team_bearer("credential", record.credential), record.fingerprint
-    ) as client:
-        answer = await client.call("team", "session", {}, target=record.hub)
+    answer = await _new_session(record, {})
     async with dial(record.url, answer["token"], record.fingerprint) as client:
-        yield TeamSession(client, record, answer["user"], answer["role"])
+        renewal = asyncio.create_task(_renew(client, record, answer))
+        try:
+            yield TeamSession(client, record, answer["user"], answer["role"])
+        finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
+
+
+async def _new_session(record: HubLogin, payload: dict[str, Any]) -> Any:
+    """A session token bought with the credential of ``record`` (``team:session``)."""
+    bearer = team_bearer("credential", record.credential)
+    async with dial(record.url, bearer, record.fingerprint) as client:
+        return await client.call("team", "session", payload, target=record.hub)
+
+
+async def _renew(client: GatewayClient, record: HubLogin, answer: dict[str, Any]) -> None:
+    """Keep the session's connection alive: halfway through each token's life, buy a fresh
+    token for the same session and present it on the connection (``gateway:refresh``)."""
+    environment = client.gateway.environment_id
+    while True:
+        await asyncio.sleep(float(answer["expiresIn"]) / 2)
+        try:
+            answer = await _new_session(record, {"environment": environment})
+            token = {"token": answer["token"]}
+            await client.call("gateway", "refresh", token, target=record.hub, timeout=10)
+        except NarrativeError:
+            # revoked, or the hub is gone: the connection ends with its token, and the next
+            # call says why
+            return
 
 
 # -- runs on a team hub ---------------------------------------------------------------------------
