@@ -17,8 +17,11 @@ from typing import Any
 import pytest
 
 from gateway.errors import AccessDenied, AuthError
+from gateway.hub.server import Hub
 from gateway.hub.team import team_bearer
-from gateway.hub.team_client import dial, open_session
+from gateway.hub.team_client import dial, login, open_session
+from gateway.tokens import CLOCK_SKEW_TOLERANCE
+from narrative.store import Store
 from tests.conftest import NARRATIVE, Cli, store_dir_of
 from tests.gateway.hub.hub_support import serve
 
@@ -276,3 +279,19 @@ def as_developer(dev: Developer) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def test_a_session_outlives_its_token(store: Store) -> None:
+    """The CLI renews its session on the open connection (``gateway:refresh``) halfway through
+    each token's life, so a command following a long run keeps its connection."""
+
+    async def main() -> Any:
+        async with Hub(store) as hub:
+            hub.team.session_ttl = 1.0
+            code = hub.users.invite("dana", "member", 60)
+            await login(hub.url, code, None)
+            async with open_session(None) as session:
+                await asyncio.sleep(1.0 + CLOCK_SKEW_TOLERANCE + 1.5)  # the first token is dead
+                return await session.call("runs", {})
+
+    assert asyncio.run(main()) == {"runs": []}
