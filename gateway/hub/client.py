@@ -142,7 +142,8 @@ async def revoke_user_on_hub(store: Store, user: str) -> int:
     connections too (how many it closed is returned), else in the store directly."""
     info = find_hub(store)
     if info is None:
-        return await revoke_user(UserRegistry(store), AuditLog(store), user, OWNER, None)
+        revoke_user(UserRegistry(store), AuditLog(store), user, OWNER)
+        return 0
     token = control_token(store, f"cli-{os.getpid()}")
     async with GatewayClient(info["url"], token) as client:
         answer = await client.call("team", "revoke", {"user": user}, target=info["environment"])

@@ -12,7 +12,9 @@ commands) in its workspace, ``narrative:snapshot``, the bundle capabilities of
 :mod:`gateway.hub.narratives`, and whatever handler plugins the user loads (an ``inference``
 handler only the hub can serve is the canonical example). Control calls (``hub:*``) are only
 taken from a direct peer holding a ``control`` token, which only the owner of the store's key
-can mint. Every other token is held to its run by :class:`gateway.hub.token_policy.RunTokenPolicy`.
+can mint. Every other token is held to its run by :class:`gateway.hub.token_policy.RunTokenPolicy`,
+except a team's users (invite codes, credentials and their sessions: :mod:`gateway.hub.team`),
+whose runs are :mod:`gateway.hub.remote_runs`.
 """
 
 from __future__ import annotations

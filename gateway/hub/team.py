@@ -53,6 +53,7 @@ __all__ = [
     "TeamHandlers",
     "TeamPolicy",
     "TeamSigner",
+    "revoke_user",
     "team_bearer",
 ]
 
@@ -313,21 +314,20 @@ class TeamHandlers:
         if not isinstance(user, str):
             raise InvalidInput("'user' must be a user name")
         check_user_name(user)
-        closed = await revoke_user(self.registry, self.audit, user, caller.user, self.gateway)
+        credentials = await self.blocking(
+            lambda: revoke_user(self.registry, self.audit, user, caller.user)
+        )
+        closed = await self.gateway.revoke(f"user {user} revoked", subjects=credentials)
         return {"user": user, "closed": closed}
 
 
-async def revoke_user(
-    registry: UserRegistry, audit: AuditLog, user: str, by: str, gateway: Gateway | None
-) -> int:
-    """Revoke ``user`` (every credential of theirs), audit it, and close their open
-    connections on ``gateway`` (the serving hub's, if any); how many were closed."""
+def revoke_user(registry: UserRegistry, audit: AuditLog, user: str, by: str) -> frozenset[str]:
+    """Revoke ``user`` (every credential of theirs) and audit it; the credential ids (a
+    serving hub closes the connections that stem from them)."""
     try:
         credentials = registry.revoke_user(user)
     except InvalidInput as exc:
         audit.record(by, "revoke", user, f"refused: {exc}")
         raise
     audit.record(by, "revoke", user, "ok")
-    if gateway is None:
-        return 0
-    return await gateway.revoke(f"user {user} revoked", subjects=credentials)
+    return credentials
