@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
 import pytest
 
 from gateway.errors import TokenInvalid, TokenRevoked
+from gateway.hub.client import revoke_user_on_hub
 from gateway.hub.team import INVITE_RUN, LOGIN_FAILURE_LIMIT, TeamSigner, team_bearer
 from gateway.hub.users import AuditLog, UserRegistry
 from narrative.errors import InvalidInput
@@ -59,3 +61,12 @@ def test_failed_logins_are_rate_limited(store: Store) -> None:
         signer.verify(good)  # even a good code, until the window passes
     refused = [e for e in AuditLog(store).entries() if e["outcome"].startswith("refused")]
     assert len(refused) == LOGIN_FAILURE_LIMIT
+
+
+def test_revoking_without_a_serving_hub_changes_the_store(store: Store) -> None:
+    users = UserRegistry(store)
+    _, credential = users.redeem(users.invite("dana", "member", 60))
+    assert asyncio.run(revoke_user_on_hub(store, "dana")) == 0
+    with pytest.raises(TokenRevoked):
+        UserRegistry(store).check_credential(credential)  # a hub started later reads it
+    assert AuditLog(store).entries()[-1]["action"] == "revoke"
