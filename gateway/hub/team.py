@@ -176,10 +176,15 @@ class TeamPolicy:
         target: str | None,
     ) -> None:
         if claims.run_id not in (SESSION_RUN, CREDENTIAL_RUN, INVITE_RUN):
+            if kind == "team" and claims.run_id != CONTROL_RUN:
+                raise OutOfScope(f"a token of run {claims.run_id} may not call team:{action}")
             self.runs.authorize(claims, kind, action, payload, target)
             return
         if claims.run_id != INVITE_RUN:
             self.credential_of(claims)
+        what = f"a team {claims.run_id[5:]} connection may not call {kind}:{action}"
+        if target is not None and target != self.environment_id:
+            raise OutOfScope(what + " on another node")
         if claims.run_id == SESSION_RUN and (
             (kind == "narrative" and action in _CHUNK_ACTIONS)
             or (kind, action) == ("gateway", "refresh")
@@ -188,11 +193,10 @@ class TeamPolicy:
         allowed = _ALLOWED.get(claims.run_id)
         if (
             kind != "team"
-            or (target is not None and target != self.environment_id)
             or (allowed is not None and action not in allowed)
             or (allowed is None and (action in _OWNER_ONLY or action in _ALL_LIMITED))
         ):
-            raise OutOfScope(f"a team {claims.run_id[5:]} connection may not call {kind}:{action}")
+            raise OutOfScope(what)
 
 
 _ALL_LIMITED = frozenset().union(*_ALLOWED.values())
