@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import AccessDenied, AuthError
+from gateway.errors import AccessDenied, AuthError, OutOfScope
 from gateway.hub.server import Hub
 from gateway.hub.team import team_bearer
 from gateway.hub.team_client import dial, login, open_session
@@ -295,3 +295,35 @@ def test_a_session_outlives_its_token(store: Store) -> None:
                 return await session.call("runs", {})
 
     assert asyncio.run(main()) == {"runs": []}
+
+
+def test_team_connections_reach_only_their_calls(store: Store) -> None:
+    """A session calls the team's run actions and nothing else of the hub (files, bundles of
+    its choosing, the owner's revoke, another login); an invite only logs in; a run's token
+    makes no team call."""
+
+    async def main() -> None:
+        async with Hub(store) as hub:
+            code = hub.users.invite("erin", "admin", 60)
+            async with dial(hub.url, team_bearer("invite", code)) as client:
+                with pytest.raises(OutOfScope):
+                    await client.call("team", "runs", {}, target=hub.environment_id)
+                await login(hub.url, code, None)
+            async with open_session(None) as session:
+                env = hub.environment_id
+                for kind, action, payload in (
+                    ("fs", "readFile", {"path": "README.md"}),
+                    ("narrative", "prepareBundle", {"changed": True}),
+                    ("narrative", "snapshot", {}),
+                    ("team", "revoke", {"user": "erin"}),
+                    ("team", "session", {}),
+                ):
+                    with pytest.raises(OutOfScope):
+                        await session.client.call(kind, action, payload, target=env)
+                assert await session.call("runs", {}) == {"runs": []}
+            token = hub.signer.issue("run-x", "probe", 60)
+            async with dial(hub.url, token) as client:
+                with pytest.raises(OutOfScope):
+                    await client.call("team", "runs", {}, target=hub.environment_id)
+
+    asyncio.run(main())
