@@ -151,12 +151,15 @@ class RemoteRuns:
             await self.team.refuse(caller.user, "runStart", request.environment, exc)
             raise
 
-        def own_run() -> None:
-            self._load()["runs"][run.id] = {"user": caller.user, "thread": run.thread_id}
+        # owned before the driver's first step (no await since submit returned): the run's
+        # runtime is held to its user's limits from its first call
+        self._load()["runs"][run.id] = {"user": caller.user, "thread": run.thread_id}
+
+        def persist() -> None:
             self._save()
             self.team.audit.record(caller.user, "runStart", run.id, "ok")
 
-        await hub.blocking(own_run)
+        await hub.blocking(persist)
         return {**run.to_dict(), "user": caller.user}
 
     async def _runs(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:

@@ -237,7 +237,9 @@ class Hub:
         )
         self.shelf.install(registry)
         self.team.install(registry)
-        RemoteRuns(self).install(registry)
+        remote_runs = RemoteRuns(self)
+        remote_runs.install(registry)
+        self.team.policy.run_owner = remote_runs.owner
         registry.register("narrative", "snapshot", self._snapshot)
         for action, handler in (
             ("runStart", self._control_start),

@@ -79,6 +79,8 @@ _ALLOWED = {
 }
 #: What a session may call to pull a bundle ``team:prepareResult`` prepared.
 _CHUNK_ACTIONS = frozenset({"readBundle", "dropBundle"})
+#: Capabilities that reach the hub's own workspace, which a team user's run never may.
+_OWNER_WORKSPACE = frozenset({"fs", "exec"})
 #: Actions only the store's owner (a control token) may call.
 _OWNER_ONLY = frozenset({"revoke"})
 
@@ -155,6 +157,8 @@ class TeamPolicy:
         self.runs = runs
         self.registry = registry
         self.environment_id = environment_id
+        #: the user who started a run (None: the hub owner's run); set by the hub
+        self.run_owner: Callable[[str], str | None] = lambda run_id: None
 
     def credential_of(self, claims: TokenClaims) -> Credential:
         """The credential in force behind team ``claims`` (raises TokenRevoked if void)."""
@@ -178,6 +182,11 @@ class TeamPolicy:
         if claims.run_id not in (SESSION_RUN, CREDENTIAL_RUN, INVITE_RUN):
             if kind == "team" and claims.run_id != CONTROL_RUN:
                 raise OutOfScope(f"a token of run {claims.run_id} may not call team:{action}")
+            if kind in _OWNER_WORKSPACE and self.run_owner(claims.run_id) is not None:
+                raise OutOfScope(
+                    f"run {claims.run_id} is a team user's: the hub's workspace is not theirs "
+                    f"({kind}:{action})"
+                )
             self.runs.authorize(claims, kind, action, payload, target)
             return
         if claims.run_id != INVITE_RUN:
