@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from gateway.hub.team_client import dial, login, open_session
 from gateway.tokens import CLOCK_SKEW_TOLERANCE
 from narrative.store import Store
 from tests.conftest import NARRATIVE, Cli, store_dir_of
-from tests.gateway.hub.hub_support import serve
+from tests.gateway.hub.hub_support import ROUTING, serve
 
 
 class Developer:
@@ -327,3 +328,42 @@ def test_team_connections_reach_only_their_calls(store: Store) -> None:
                     await client.call("team", "runs", {}, target=hub.environment_id)
 
     asyncio.run(main())
+
+
+PROBE = """
+import asyncio, os
+from gateway.client import GatewayClient
+
+async def main():
+    url, token = os.environ["NARRATIVE_GATEWAY_URL"], os.environ["NARRATIVE_GATEWAY_TOKEN"]
+    async with GatewayClient(url, token) as client:
+        try:
+            got = (await client.call("fs", "readFile", {"path": "owner-secret.txt"}))["content"]
+        except Exception as exc:
+            got = f"refused: {exc}"
+    with open("probe.txt", "w") as f:
+        f.write(got)
+
+asyncio.run(main())
+"""
+
+
+def test_a_users_run_cannot_read_the_hubs_workspace(
+    owner: Cli, workspace: Path, tmp_path: Path
+) -> None:
+    """Files proxied to the hub are the hub owner's workspace: a team user's run is refused."""
+    (workspace / "owner-secret.txt").write_text("the owner's secret\n")
+    owner.run("env", "create", "sandbox", "--provider", "worktree")
+    alice = Developer(tmp_path, "alice")
+    (alice.workspace / "probe.py").write_text(PROBE)
+    (alice.workspace / "proxyExecution.json").write_text(json.dumps(ROUTING))
+    with serve(owner, workspace) as info:
+        alice.run("init")
+        alice.run("hub", "login", info["url"], invite(owner, "alice"))
+        run = json.loads(
+            alice.run("run", "start", "--hub", "default", "--env", "sandbox", "--json",
+                      "--", sys.executable, "probe.py").stdout
+        )  # fmt: skip
+    alice.run("merge", run["id"])
+    probe = (alice.workspace / "probe.txt").read_text()
+    assert probe.startswith("refused") and "not theirs" in probe, probe
