@@ -6,9 +6,9 @@ does not have or moving only threads that user brought in before, never another'
 the run like any other (:meth:`gateway.hub.server.Hub.submit`). The run belongs to the user
 (``runs.json`` in the store's team directory): ``team:runs``, ``team:runEvents`` (the run's
 events after a sequence number), ``team:runStop``, ``team:runKill`` and ``team:prepareResult``
-(the run's result as a bundle, which the CLI pulls with ``narrative:readBundle``) refuse any
-run that is not the caller's, unless the caller is an admin. Every start, stop and kill, and
-every refusal, goes to the audit log.
+(the finished run's records and result as a bundle, which the CLI pulls with
+``narrative:readBundle``) refuse any run that is not the caller's, unless the caller is an
+admin. Every start, stop and kill, and every refusal, goes to the audit log.
 """
 
 from __future__ import annotations
@@ -215,8 +215,10 @@ class RemoteRuns:
 
         def result() -> tuple[AgentRun, str | None]:
             run = get_run(self.hub.store, run_id)
-            if run.status == "running" or not run.result_snapshot:
-                raise InvalidInput(f"run {run_id} has no result (yet): {run.status}")
+            if run.status == "running":
+                raise InvalidInput(f"run {run_id} is still running")
+            if not run.result_snapshot:
+                return run, None  # its records travel all the same
             # a run that changed nothing has its base as its result: that thread is the
             # user's, and only the run's own thread travels
             snap = resolve_snapshot(self.hub.store, run.result_snapshot)

@@ -283,12 +283,10 @@ async def _blocking(func: Callable[[], T]) -> T:
 
 
 async def _bring_home(session: TeamSession, store: Store, run: AgentRun) -> AgentRun:
-    """The run's final record; its result imported into ``store`` (on the run's own thread,
-    forked from the user's base) when it has one."""
+    """The run's final record, imported into ``store`` with its result (on the run's own
+    thread, forked from the user's base) when it has one."""
     answer = await session.call("runs", {"run": run.id})
     final = AgentRun.from_dict(answer["runs"][0])
-    if not final.result_snapshot:
-        return final
 
     async def call(kind: str, action: str, payload: dict[str, Any]) -> Any:
         if action == "prepareBundle":
