@@ -364,6 +364,12 @@ def test_a_users_run_cannot_read_the_hubs_workspace(
             alice.run("run", "start", "--hub", "default", "--env", "sandbox", "--json",
                       "--", sys.executable, "probe.py").stdout
         )  # fmt: skip
+        failed = alice.run("run", "start", "--hub", "default", "--env", "sandbox", "--json",
+                           "--", "sh", "-c", "exit 3", check=False)  # fmt: skip
+    assert failed.returncode == 1
+    failed_run = json.loads(failed.stdout)
+    assert (failed_run["status"], failed_run["exit_code"]) == ("failed", 3)
+    assert alice.json("run", "show", failed_run["id"])["status"] == "failed"  # it came home too
     alice.run("merge", run["id"])
     probe = (alice.workspace / "probe.txt").read_text()
     assert probe.startswith("refused") and "not theirs" in probe, probe
