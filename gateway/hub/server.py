@@ -55,7 +55,7 @@ from .narratives import BundleShelf
 from .remote_runs import RemoteRuns
 from .team import TeamHandlers, TeamPolicy, TeamSigner
 from .token_policy import CONTROL_RUN, RunTokenPolicy
-from .users import AuditLog, UserRegistry
+from .users import OWNER, AuditLog, UserRegistry
 
 if TYPE_CHECKING:
     from .run_request import RunRequest
@@ -392,16 +392,26 @@ class Hub:
         snap = result.snapshot
         return {"snapshot": snap.id, "commit": snap.commit, "created": result.created}
 
-    def _check_control(self, ctx: HandlerContext) -> None:
+    def _check_control(
+        self, ctx: HandlerContext, audited: str | None = None, target: str | None = None
+    ) -> None:
+        """Refuse the call unless it comes with the owner's control token; an ``audited``
+        action goes to the team's audit log (refused or not)."""
         path = ctx.route_path
         claims = self.gateway.peer_claims(path[0]) if len(path) == 1 else None
         if claims is None or claims.run_id != CONTROL_RUN:
-            raise AccessDenied("hub control calls need a control token from the store's owner")
+            exc = AccessDenied("hub control calls need a control token from the store's owner")
+            if audited is not None:
+                self.audit.record("-", audited, target, f"refused: {exc}")
+            raise exc
+        if audited is not None:
+            self.audit.record(OWNER, audited, target, "ok")
 
     async def _control_start(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         from .run_request import RunRequest
 
-        self._check_control(ctx)
+        environment = payload.get("environment")
+        self._check_control(ctx, "runStart", environment if isinstance(environment, str) else None)
         run = await self.submit(RunRequest.from_payload(payload))
         return run.to_dict()
 
@@ -410,7 +420,7 @@ class Hub:
         return (await self.wait(_run_id(payload))).to_dict()
 
     async def _control_stop(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
-        self._check_control(ctx)
+        self._check_control(ctx, "runStop", str(payload.get("run")))
         grace = payload.get("grace")
         if grace is not None and (not isinstance(grace, int | float) or grace < 0):
             raise InvalidInput("'grace' must be a non-negative number of seconds")
@@ -418,7 +428,7 @@ class Hub:
         return {}
 
     async def _control_kill(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
-        self._check_control(ctx)
+        self._check_control(ctx, "runKill", str(payload.get("run")))
         await self.kill_run(_run_id(payload))
         return {}
 
