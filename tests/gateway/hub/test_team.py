@@ -366,6 +366,9 @@ def test_a_users_run_cannot_read_the_hubs_workspace(
         )  # fmt: skip
         failed = alice.run("run", "start", "--hub", "default", "--env", "sandbox", "--json",
                            "--", "sh", "-c", "exit 3", check=False)  # fmt: skip
+        owners = json.loads(
+            owner.run("run", "start", "--env", "sandbox", "--json", "--", "true").stdout
+        )
     assert failed.returncode == 1
     failed_run = json.loads(failed.stdout)
     assert (failed_run["status"], failed_run["exit_code"]) == ("failed", 3)
@@ -373,3 +376,6 @@ def test_a_users_run_cannot_read_the_hubs_workspace(
     alice.run("merge", run["id"])
     probe = (alice.workspace / "probe.txt").read_text()
     assert probe.startswith("refused") and "not theirs" in probe, probe
+    # the owner's own control calls are audited too
+    seen = [(e["user"], e["action"], e["target"]) for e in owner.json("hub", "audit")["items"]]
+    assert ("owner", "runStart", "sandbox") in seen and owners["status"] == "succeeded"
