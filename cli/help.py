@@ -12,7 +12,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "Snapshots": ("init", "info", "status", "snapshot", "restore", "config", "gc", "fsck"),
     "History": ("log", "show", "diff", "merge", "objective", "thread"),
     "Transfer": ("export", "import", "remote", "push", "fetch", "pull"),
-    "Environments and runs": ("env", "run", "serve", "runtime"),
+    "Environments and runs": ("env", "run", "serve", "runtime", "hub"),
     "Gateway": ("gateway",),
 }
 
@@ -67,6 +67,12 @@ EXAMPLES: dict[str, str] = {
     "run stop": "narrative run stop run-01j... --grace 10",
     "run kill": "narrative run kill run-01j...",
     "serve": "narrative serve --port 3100",
+    "hub invite": "narrative hub invite alice --role member --ttl 600",
+    "hub login": "narrative hub login wss://hub.example:3100 ninv_... --name team",
+    "hub logout": "narrative hub logout team",
+    "hub users": "narrative hub users",
+    "hub revoke": "narrative hub revoke alice",
+    "hub audit": "narrative hub audit --json",
     "runtime": "narrative runtime --connect ws://127.0.0.1:3100 --workspace .",
     "gateway serve": "narrative gateway serve --root . --port 3100",
     "gateway call": 'narrative gateway call fs readFile --payload \'{"path": "README.md"}\'',

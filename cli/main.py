@@ -163,6 +163,7 @@ def _register() -> None:
         maintenance_commands,
         merge_commands,
         run_commands,
+        team_commands,
         transfer_commands,
     )
 
@@ -176,6 +177,7 @@ def _register() -> None:
         env_commands,
         gateway_commands,
         hub_commands,
+        team_commands,
     )
     for module in modules:
         for command in module.COMMANDS:

@@ -49,6 +49,7 @@ def run() -> None:
     is_flag=True,
     help="No command: record a run that you (or your agent) end with 'narrative run finish'.",
 )
+@click.option("--hub", "hub_login", metavar="NAME", help="On the team hub of login NAME.")
 @json_option
 @click.pass_context
 def run_start(
@@ -63,6 +64,7 @@ def run_start(
     no_snapshot: bool,
     direct: bool,
     manual: bool,
+    hub_login: str | None,
     as_json: bool,
 ) -> None:
     """Start a run; its base is a snapshot of the workspace taken now.
@@ -79,6 +81,10 @@ def run_start(
     With --manual there is no command: the run is recorded and waits for 'narrative run
     finish' (an agent working in the workspace itself); one left running longer than
     'config manual_run_timeout' (default 24h) is recorded as cancelled (abandoned).
+
+    With --hub NAME the run goes to the shared team hub you logged in to (`narrative hub
+    login`): the base is pushed there, the run's events followed, and its result imported
+    into this store when it ends.
     """
     wanted = [c.strip() for c in require.split(",") if c.strip()]
     if manual and command:
@@ -97,12 +103,14 @@ def run_start(
     environment = environments[0] if environments else "local"
     if wanted and (direct or not command):
         raise click.UsageError("--require selects an environment for a command run through the hub")
+    if hub_login is not None and (direct or not command):
+        raise click.UsageError("--hub runs a command (after --) on a team hub, not --direct")
     if command and not direct:
         if snapshot_ref and thread_ref:
             raise click.UsageError("give --snapshot or --thread, not both")
         envs: tuple[str | None, ...] = environments or (None,)
         start_through_hub(
-            ctx, command, envs, wanted, agent, snapshot_ref, thread_ref, timeout, as_json
+            ctx, command, envs, wanted, agent, snapshot_ref, thread_ref, timeout, as_json, hub_login
         )
         return
     if len(environments) > 1:
@@ -212,12 +220,28 @@ def run_finish(
 
 @run.command("list")
 @click.option("--thread", "thread_ref", help="Only runs on this thread.")
+@click.option("--hub", "hub_login", metavar="NAME", help="On the team hub of login NAME.")
 @json_option
 @click.pass_context
-def run_list(ctx: click.Context, thread_ref: str | None, as_json: bool) -> None:
+def run_list(
+    ctx: click.Context, thread_ref: str | None, hub_login: str | None, as_json: bool
+) -> None:
     """List agent runs (manual runs still running show how long they have waited for
-    'narrative run finish'; abandoned ones are swept first, see 'run start --manual')."""
+    'narrative run finish'; abandoned ones are swept first, see 'run start --manual').
+    With --hub NAME: your runs on that team hub (an admin's: everyone's)."""
     from narrative.hierarchy import list_runs, resolve_thread, run_age, sweep_abandoned_runs
+
+    if hub_login is not None:
+        import asyncio
+
+        from gateway.hub.team_client import team_runs
+
+        if thread_ref:
+            raise click.UsageError("--thread lists runs of this store, not of a team hub")
+        items = asyncio.run(team_runs(hub_login))
+        columns = ["id", "status", "user", "environment", "started_at"]
+        emit_list(as_json, "team_run_list", items, lambda: table(items, columns))
+        return
 
     store = open_store(ctx)
     _note_swept(sweep_abandoned_runs(store))
@@ -284,9 +308,11 @@ def start_through_hub(
     thread_ref: str | None,
     timeout: float | None,
     as_json: bool,
+    hub_login: str | None = None,
 ) -> None:
     """``run start --env E [--env F ...] -- CMD`` through the hub (fan-out with several; an
-    environment None: the hub selects one with the ``require`` capabilities)."""
+    environment None: the hub selects one with the ``require`` capabilities); with
+    ``hub_login``, through that team hub."""
     from gateway.hub.agent_output import output_bytes
     from gateway.hub.client import run_through_hub
     from gateway.hub.run_request import RunRequest
@@ -334,7 +360,12 @@ def start_through_hub(
 
     import asyncio  # imported late: it costs every command's start-up
 
-    runs = asyncio.run(run_through_hub(store, requests, show))
+    if hub_login is None:
+        runs = asyncio.run(run_through_hub(store, requests, show))
+    else:
+        from gateway.hub.team_client import run_on_team_hub
+
+        runs = asyncio.run(run_on_team_hub(store, hub_login, requests, show))
     data = [{**r.to_dict(), "timed_out": r.id in timed_out} for r in runs]
     lines = [
         r.id if quiet() else f"{r.id} {r.status} (exit {r.exit_code}) result {r.result_snapshot}"
@@ -384,13 +415,19 @@ def render_events(events: list[dict[str, Any]]) -> str:
 @run.command("stop")
 @click.argument("run_id")
 @click.option("--grace", type=click.FloatRange(0), help="Seconds before killing (hub default).")
+@click.option("--hub", "hub_login", metavar="NAME", help="On the team hub of login NAME.")
 @json_option
 @click.pass_context
-def run_stop(ctx: click.Context, run_id: str, grace: float | None, as_json: bool) -> None:
+def run_stop(
+    ctx: click.Context, run_id: str, grace: float | None, hub_login: str | None, as_json: bool
+) -> None:
     """Ask a run's agent to stop; it is killed if it has not stopped after --grace seconds."""
     from gateway.hub.client import stop_run
     from narrative.runs import resolve_run
 
+    if hub_login is not None:
+        _control_team_run(hub_login, "runStop", {"run": run_id, "grace": grace}, as_json)
+        return
     store = open_store(ctx)
     found = resolve_run(store, run_id)
     import asyncio  # imported late: it costs every command's start-up
@@ -401,19 +438,34 @@ def run_stop(ctx: click.Context, run_id: str, grace: float | None, as_json: bool
 
 @run.command("kill")
 @click.argument("run_id")
+@click.option("--hub", "hub_login", metavar="NAME", help="On the team hub of login NAME.")
 @json_option
 @click.pass_context
-def run_kill(ctx: click.Context, run_id: str, as_json: bool) -> None:
+def run_kill(ctx: click.Context, run_id: str, hub_login: str | None, as_json: bool) -> None:
     """Kill a run's runtime and agent at once (the run is recorded as killed)."""
     from gateway.hub.client import kill_run
     from narrative.runs import resolve_run
 
+    if hub_login is not None:
+        _control_team_run(hub_login, "runKill", {"run": run_id}, as_json)
+        return
     store = open_store(ctx)
     found = resolve_run(store, run_id)
     import asyncio  # imported late: it costs every command's start-up
 
     asyncio.run(kill_run(store, found))
     emit(as_json, "run_request", {"run": found.id, "requested": "kill"}, f"killing {found.id}")
+
+
+def _control_team_run(name: str, action: str, payload: dict[str, Any], as_json: bool) -> None:
+    import asyncio
+
+    from gateway.hub.team_client import control_team_run
+
+    asyncio.run(control_team_run(name, action, payload))
+    requested = "stop" if action == "runStop" else "kill"
+    run_id = payload["run"]
+    emit(as_json, "run_request", {"run": run_id, "requested": requested}, f"{requested} {run_id}")
 
 
 COMMANDS = [run]

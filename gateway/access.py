@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from websockets.asyncio.connection import Connection
 
 from .errors import AuthError, GatewayError, TokenExpired, TokenInvalid
-from .tokens import TokenClaims
+from .tokens import CLOCK_SKEW_TOLERANCE, TokenClaims, is_expired
 
 __all__ = ["ConnectionAccess", "TokenPolicy"]
 
@@ -102,7 +102,7 @@ class ConnectionAccess:
         if claims is None:  # a connection this node dialled: its peer is our upstream
             return None
         try:
-            if time.time() >= claims.expires_at:
+            if is_expired(claims.expires_at):
                 raise TokenExpired(f"token for {claims.environment_id} expired")
             if self.policy is not None:
                 self.policy.authorize(
@@ -154,13 +154,23 @@ class ConnectionAccess:
         self._arm_expiry(ws, fresh)
         return fresh
 
-    async def revoke(self, reason: str, *, run_id: str | None = None, token_id: str = "") -> int:
+    async def revoke(
+        self,
+        reason: str,
+        *,
+        run_id: str | None = None,
+        token_id: str = "",
+        subjects: frozenset[str] = frozenset(),
+    ) -> int:
         """Close every accepted connection whose token is for ``run_id``, or is the token
-        ``token_id`` (close code 1008, reason ``token revoked: <reason>``); returns how many."""
+        ``token_id``, or was issued to one of ``subjects`` (close code 1008, reason
+        ``token revoked: <reason>``); returns how many."""
         doomed = [
             ws
             for ws, claims in self._claims.items()
-            if claims.run_id == run_id or (token_id and claims.token_id == token_id)
+            if claims.run_id == run_id
+            or (token_id and claims.token_id == token_id)
+            or (claims.subject and claims.subject in subjects)
         ]
         for ws in doomed:
             claims = self._claims[ws]
@@ -182,7 +192,7 @@ class ConnectionAccess:
     def _arm_expiry(self, ws: Connection, claims: TokenClaims) -> None:
         if (old := self._expiry.pop(ws, None)) is not None:
             old.cancel()
-        delay = max(0.0, claims.expires_at - time.time())
+        delay = max(0.0, claims.expires_at + CLOCK_SKEW_TOLERANCE - time.time())
         self._expiry[ws] = asyncio.get_running_loop().call_later(delay, self._expire, ws)
 
     def _expire(self, ws: Connection) -> None:

@@ -446,15 +446,23 @@ class Gateway:
             capabilities=self.capabilities,
         )
 
-    async def revoke(self, reason: str, *, run_id: str | None = None, token_id: str = "") -> int:
+    async def revoke(
+        self,
+        reason: str,
+        *,
+        run_id: str | None = None,
+        token_id: str = "",
+        subjects: frozenset[str] = frozenset(),
+    ) -> int:
         """Close every accepted connection whose token is for ``run_id``, or is the token
-        ``token_id`` (close code 1008, reason ``token revoked: <reason>``). The policy must
-        refuse those tokens from now on too, or the peer simply reconnects.
+        ``token_id``, or was issued to one of ``subjects`` (close code 1008, reason
+        ``token revoked: <reason>``). The policy must refuse those tokens from now on too, or
+        the peer simply reconnects.
 
         Returns:
             How many connections were closed.
         """
-        return await self.access.revoke(reason, run_id=run_id, token_id=token_id)
+        return await self.access.revoke(reason, run_id=run_id, token_id=token_id, subjects=subjects)
 
     async def close(self) -> None:
         """Stop links, handlers and timers; fail the calls still waiting as unavailable."""

@@ -42,9 +42,11 @@ from .errors import AuthError, TokenExpired, TokenInvalid, TokenMissing, WrongAu
 
 __all__ = [
     "AUDIENCES",
+    "CLOCK_SKEW_TOLERANCE",
     "TokenClaims",
     "TokenSigner",
     "load_or_create_key",
+    "is_expired",
     "parse_ttl",
     "token_audience",
 ]
@@ -57,6 +59,15 @@ _MAX_SCOPE = 64
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Who a token is for: a stand-alone gateway node, or a hub (and the runtimes it starts).
 AUDIENCES = ("gateway", "hub")
+#: Seconds past its expiry a token is still accepted: the host that issued it and the host that
+#: checks it may disagree on the time by a few seconds (a team hub and its developers' machines).
+CLOCK_SKEW_TOLERANCE = 5.0
+
+
+def is_expired(expires_at: float, now: float | None = None) -> bool:
+    """Whether a token expiring at ``expires_at`` is refused at ``now`` (default: the time now),
+    allowing :data:`CLOCK_SKEW_TOLERANCE` seconds of clock skew between hosts."""
+    return (time.time() if now is None else now) >= expires_at + CLOCK_SKEW_TOLERANCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +84,8 @@ class TokenClaims:
         read_threads: Threads whose records (and heads) the holder may fetch.
         write_threads: Threads the holder may write (its result thread).
         create_threads: Whether the holder may create new threads (its nested runs' threads).
+        subject: Who the token was issued to beyond its run (a team hub's user sessions: the
+            credential the session derives from); empty for run tokens.
     """
 
     run_id: str
@@ -84,6 +97,7 @@ class TokenClaims:
     read_threads: frozenset[str] = frozenset()
     write_threads: frozenset[str] = frozenset()
     create_threads: bool = False
+    subject: str = ""
 
 
 def _b64(data: bytes) -> str:
@@ -215,6 +229,7 @@ class TokenSigner:
         read_threads: Iterable[str] = (),
         write_threads: Iterable[str] = (),
         create_threads: bool = False,
+        subject: str = "",
         now: float | None = None,
     ) -> str:
         """A token letting ``environment_id`` connect for run ``run_id`` for ``ttl`` seconds,
@@ -241,6 +256,10 @@ class TokenSigner:
             },
             "write": {"threads": _scope(write_threads, "threads"), "create": create_threads},
         }
+        if subject:
+            if not _ID_RE.match(subject):
+                raise ValueError(f"malformed subject: {subject!r}")
+            data["sub"] = subject
         body = _b64(json.dumps(data, separators=(",", ":")).encode()).encode()
         return f"{_PREFIX}.{body.decode()}.{_b64(self._mac(body))}"
 
@@ -296,12 +315,13 @@ class TokenSigner:
                 read_threads=_strings(read["threads"]),
                 write_threads=_strings(write["threads"]),
                 create_threads=write["create"] is True,
+                subject=str(data.get("sub", "")),
             )
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise TokenInvalid("malformed token claims") from None
         if claims.audience != self.audience:  # same key, other label: cannot happen, but cheap
             raise WrongAudience(f"token is for the {claims.audience}, not the {self.audience}")
-        if (time.time() if now is None else now) >= claims.expires_at:
+        if is_expired(claims.expires_at, now):
             raise TokenExpired(f"token for {claims.environment_id} expired")
         if run_id is not None and claims.run_id != run_id:
             raise TokenInvalid(f"token is for run {claims.run_id!r}, not {run_id!r}")

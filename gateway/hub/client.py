@@ -23,8 +23,10 @@ from .direct import screen_result
 from .events import RunEventLog
 from .run_request import RunRequest, collect_from_environment
 from .server import Hub, control_token, find_hub
+from .team import revoke_user
+from .users import OWNER, AuditLog, UserRegistry
 
-__all__ = ["follow_runs", "kill_run", "run_through_hub", "stop_run"]
+__all__ = ["follow_runs", "kill_run", "revoke_user_on_hub", "run_through_hub", "stop_run"]
 
 EventFn = Callable[[AgentRun, dict[str, Any]], None]
 
@@ -133,3 +135,16 @@ def _kill_orphan(store: Store, run: AgentRun) -> None:
     result = screen_result(store, run.id, collect_from_environment(manager, run, events))
     finish_run(store, run.id, "killed", None, result)
     events.append("run.finished", status="killed", exitCode=None, resultSnapshot=result)
+
+
+async def revoke_user_on_hub(store: Store, user: str) -> int:
+    """Revoke a team user of ``store``'s hub: through the serving hub, which closes their open
+    connections too (how many it closed is returned), else in the store directly."""
+    info = find_hub(store)
+    if info is None:
+        revoke_user(UserRegistry(store), AuditLog(store), user, OWNER)
+        return 0
+    token = control_token(store, f"cli-{os.getpid()}")
+    async with GatewayClient(info["url"], token) as client:
+        answer = await client.call("team", "revoke", {"user": user}, target=info["environment"])
+    return int(answer["closed"])

@@ -12,7 +12,9 @@ commands) in its workspace, ``narrative:snapshot``, the bundle capabilities of
 :mod:`gateway.hub.narratives`, and whatever handler plugins the user loads (an ``inference``
 handler only the hub can serve is the canonical example). Control calls (``hub:*``) are only
 taken from a direct peer holding a ``control`` token, which only the owner of the store's key
-can mint. Every other token is held to its run by :class:`gateway.hub.token_policy.RunTokenPolicy`.
+can mint. Every other token is held to its run by :class:`gateway.hub.token_policy.RunTokenPolicy`,
+except a team's users (invite codes, credentials and their sessions: :mod:`gateway.hub.team`),
+whose runs are :mod:`gateway.hub.remote_runs`.
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ from providers.keys import key_path
 from providers.manager import EnvironmentManager
 
 from .narratives import BundleShelf
+from .remote_runs import RemoteRuns
+from .team import TeamHandlers, TeamPolicy, TeamSigner
 from .token_policy import CONTROL_RUN, RunTokenPolicy
+from .users import OWNER, AuditLog, UserRegistry
 
 if TYPE_CHECKING:
     from .run_request import RunRequest
@@ -180,14 +185,18 @@ class Hub:
         self.reconnect_grace = reconnect_grace
         self.unreachable_grace = unreachable_grace
         self.stop_grace = stop_grace
-        self.signer = TokenSigner(load_or_create_key(key_path(store)), "hub")
+        self.users = UserRegistry(store)
+        self.audit = AuditLog(store)
+        self.signer = TeamSigner(load_or_create_key(key_path(store)), self.users, self.audit)
         self.gateway = Gateway(
             environment_id, config=config, limits=limits, capabilities=capabilities
         )
         self.policy = RunTokenPolicy(
             store, environment_id, self.blocking, self.snapshot_thread, self.driven_run
         )
-        self.gateway.token_policy = self.policy
+        team_policy = TeamPolicy(self.policy, self.users, environment_id)
+        self.gateway.token_policy = team_policy
+        self.team = TeamHandlers(self.gateway, self.signer, team_policy, self.blocking)
         self.plugin = RemoteExecutionPlugin(self.gateway, self.signer, host=host, port=port)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hub-store")
         self.shelf = BundleShelf(store, self.blocking, on_read=self._bundle_read)
@@ -231,6 +240,10 @@ class Hub:
             writes=allow_writes,
         )
         self.shelf.install(registry)
+        self.team.install(registry)
+        remote_runs = RemoteRuns(self)
+        remote_runs.install(registry)
+        self.team.policy.run_owner = remote_runs.owner
         registry.register("narrative", "snapshot", self._snapshot)
         for action, handler in (
             ("runStart", self._control_start),
@@ -383,16 +396,26 @@ class Hub:
         snap = result.snapshot
         return {"snapshot": snap.id, "commit": snap.commit, "created": result.created}
 
-    def _check_control(self, ctx: HandlerContext) -> None:
+    def _check_control(
+        self, ctx: HandlerContext, audited: str | None = None, target: str | None = None
+    ) -> None:
+        """Refuse the call unless it comes with the owner's control token; an ``audited``
+        action goes to the team's audit log (refused or not)."""
         path = ctx.route_path
         claims = self.gateway.peer_claims(path[0]) if len(path) == 1 else None
         if claims is None or claims.run_id != CONTROL_RUN:
-            raise AccessDenied("hub control calls need a control token from the store's owner")
+            exc = AccessDenied("hub control calls need a control token from the store's owner")
+            if audited is not None:
+                self.audit.record("-", audited, target, f"refused: {exc}")
+            raise exc
+        if audited is not None:
+            self.audit.record(OWNER, audited, target, "ok")
 
     async def _control_start(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         from .run_request import RunRequest
 
-        self._check_control(ctx)
+        environment = payload.get("environment")
+        self._check_control(ctx, "runStart", environment if isinstance(environment, str) else None)
         run = await self.submit(RunRequest.from_payload(payload))
         return run.to_dict()
 
@@ -401,7 +424,7 @@ class Hub:
         return (await self.wait(_run_id(payload))).to_dict()
 
     async def _control_stop(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
-        self._check_control(ctx)
+        self._check_control(ctx, "runStop", str(payload.get("run")))
         grace = payload.get("grace")
         if grace is not None and (not isinstance(grace, int | float) or grace < 0):
             raise InvalidInput("'grace' must be a non-negative number of seconds")
@@ -409,7 +432,7 @@ class Hub:
         return {}
 
     async def _control_kill(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
-        self._check_control(ctx)
+        self._check_control(ctx, "runKill", str(payload.get("run")))
         await self.kill_run(_run_id(payload))
         return {}
 

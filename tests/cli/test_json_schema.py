@@ -158,6 +158,19 @@ def _scenario(tmp: Path) -> dict[str, list[dict[str, Any]]]:
             )
             j(cli, "run", action, wait_for_output(ws, "started"))
             starter.communicate(timeout=60)
+        # a team hub: a developer with their own home logs in and runs there
+        dev_ws, home = tmp / "dev", tmp / "dev-home"
+        dev_ws.mkdir()
+        dev = {"HOME": str(home), "XDG_CONFIG_HOME": str(home / "c"), "XDG_DATA_HOME": str(home)}
+        Cli(dev_ws).run("init", env=dev)
+        code = j(cli, "hub", "invite", "dev")["code"]
+        j(Cli(dev_ws), "hub", "login", ready["url"], code, env=dev)
+        j(Cli(dev_ws), "run", "start", "--hub", "default", "--env", "box", "--", "true", env=dev)
+        j(Cli(dev_ws), "run", "list", "--hub", "default", env=dev)
+        j(cli, "hub", "users")
+        j(Cli(dev_ws), "hub", "logout", env=dev)
+        j(cli, "hub", "revoke", "dev")
+        j(cli, "hub", "audit")
     j(cli, "env", "delete", "other")
     j(cli, "env", "sweep")
     if docker_reachable():  # else the command's check skips, or fails where Docker is required

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import AuthError, TokenExpired, TokenInvalid, TokenMissing, WrongAudience
-from gateway.tokens import TokenSigner, load_or_create_key, parse_ttl
+from gateway.tokens import (
+    CLOCK_SKEW_TOLERANCE,
+    TokenSigner,
+    is_expired,
+    load_or_create_key,
+    parse_ttl,
+)
 
 
 @pytest.fixture
@@ -26,10 +32,32 @@ def test_issue_and_verify(signer: TokenSigner) -> None:
     assert (claims.run_id, claims.environment_id, claims.expires_at) == ("run-1", "sandbox", 1060.0)
 
 
+def test_expiry_tolerates_a_few_seconds_of_clock_skew(signer: TokenSigner) -> None:
+    """A token checked on a host whose clock runs ahead of the issuer's is still good for
+    :data:`CLOCK_SKEW_TOLERANCE` seconds past its expiry, and refused after that."""
+    assert CLOCK_SKEW_TOLERANCE >= 3
+    assert not is_expired(1000.0, now=1003.0)  # expired 3 s ago by this clock: accepted
+    assert not is_expired(1000.0, now=1000.0 + CLOCK_SKEW_TOLERANCE - 0.001)
+    assert is_expired(1000.0, now=1000.0 + CLOCK_SKEW_TOLERANCE)
+    assert is_expired(1000.0, now=1000.0 + CLOCK_SKEW_TOLERANCE + 1)
+    token = signer.issue("run-1", "sandbox", 60, now=1000.0)
+    assert signer.verify(token, now=1063.0).run_id == "run-1"
+    with pytest.raises(TokenExpired):
+        signer.verify(token, now=1060.0 + CLOCK_SKEW_TOLERANCE + 1)
+
+
+def test_a_subject_travels_in_the_token(signer: TokenSigner) -> None:
+    token = signer.issue("user", "cli-1", 60, subject="c0ffee", now=1000.0)
+    assert signer.verify(token, now=1001.0).subject == "c0ffee"
+    assert signer.verify(signer.issue("run-1", "x", 60, now=1000.0), now=1001.0).subject == ""
+    with pytest.raises(ValueError, match="subject"):
+        signer.issue("user", "cli-1", 60, subject="no spaces")
+
+
 def test_expired_forged_wrong_run_missing(signer: TokenSigner, tmp_path: Path) -> None:
     token = signer.issue("run-1", "sandbox", 60, now=1000.0)
     with pytest.raises(TokenExpired):
-        signer.verify(token, now=1060.0)
+        signer.verify(token, now=1060.0 + CLOCK_SKEW_TOLERANCE)
     with pytest.raises(TokenInvalid, match="run"):
         signer.verify(token, run_id="run-2", now=1001.0)
     other = TokenSigner(load_or_create_key(tmp_path / "other.key"))
