@@ -37,6 +37,7 @@ from gateway.node import Gateway
 from gateway.plugins import RemoteExecutionPlugin
 from gateway.protocol import Notification
 from gateway.server import DEFAULT_HOST
+from gateway.tls import ServerTls
 from gateway.tokens import TokenSigner, load_or_create_key
 from narrative.errors import InvalidInput
 from narrative.fsutil import write_atomic
@@ -63,6 +64,7 @@ __all__ = [
     "control_token",
     "find_hub",
     "hub_files",
+    "hub_tls_directory",
     "load_handler_plugin",
 ]
 
@@ -79,6 +81,12 @@ def control_token(store: Store, name: str) -> str:
     """A token that lets the holder of the store's key drive the store's hub."""
     signer = TokenSigner(load_or_create_key(key_path(store)), "hub")
     return signer.issue(CONTROL_RUN, name, _CONTROL_TTL)
+
+
+def hub_tls_directory(store: Store) -> str:
+    """Where ``narrative serve --tls-self-signed`` keeps its certificate and key (in the
+    store's private state, hidden from environments like the signing key)."""
+    return os.path.join(store.git_dir, "narrative", "hub-tls")
 
 
 def hub_files(store: Store) -> str:
@@ -148,6 +156,9 @@ class Hub:
         startup_timeout: Seconds for a runtime to connect back.
         reconnect_grace: Seconds a runtime may stay disconnected before its run fails.
         stop_grace: Seconds between asking an agent to stop and killing it.
+        tls: Serve ``wss://`` with this certificate (runtimes the hub starts pin it).
+        advertise_url: The URL runtimes and clients are told to dial (default: the one the
+            hub listens on), for a hub behind a name or address of its own.
     """
 
     def __init__(
@@ -168,8 +179,12 @@ class Hub:
         reconnect_grace: float = 30.0,
         stop_grace: float = 10.0,
         capabilities: Iterable[str] = (),
+        tls: ServerTls | None = None,
+        advertise_url: str | None = None,
     ) -> None:
         self.store = store
+        self.tls = tls
+        self.advertise_url = advertise_url
         self.manager = EnvironmentManager(store)
         self.daemon = daemon
         self.token_ttl = token_ttl
@@ -184,7 +199,13 @@ class Hub:
             store, environment_id, self.blocking, self.snapshot_thread, self.driven_run
         )
         self.gateway.token_policy = self.policy
-        self.plugin = RemoteExecutionPlugin(self.gateway, self.signer, host=host, port=port)
+        self.plugin = RemoteExecutionPlugin(
+            self.gateway,
+            self.signer,
+            host=host,
+            port=port,
+            ssl=tls.context if tls is not None else None,
+        )
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hub-store")
         self.shelf = BundleShelf(store, self.blocking, on_read=self._bundle_read)
         self.drivers: dict[str, RunDriver] = {}
@@ -197,7 +218,13 @@ class Hub:
 
     @property
     def url(self) -> str:
-        return self.plugin.url
+        """The URL to dial the hub at (the advertised one, else the one it listens on)."""
+        return self.advertise_url or self.plugin.url
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The fingerprint of the hub's TLS certificate (None: plain ``ws://``)."""
+        return self.tls.fingerprint if self.tls is not None else None
 
     async def listen_unix(self, path: str) -> str:
         """Serve on the unix socket ``path`` too (a runtime without a network reaches the hub
@@ -260,6 +287,7 @@ class Hub:
     def _announce(self) -> None:
         info = {
             "url": self.url,
+            "fingerprint": self.fingerprint,
             "pid": os.getpid(),
             "environment": self.environment_id,
             "daemon": self.daemon,
