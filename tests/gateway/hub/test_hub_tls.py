@@ -76,6 +76,22 @@ def serving(workspace: Path, *args: str) -> Iterator[tuple[dict[str, Any], Path]
             assert proc.wait(timeout=30) == 0
 
 
+def refused(cli: Cli, *args: str) -> subprocess.CompletedProcess[str]:
+    """``narrative ARGS``, which must end by itself (a server that starts instead is killed
+    after a few seconds, failing the test rather than hanging it)."""
+    try:
+        return subprocess.run(
+            [NARRATIVE, *args],
+            cwd=cli.cwd,
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"narrative {' '.join(args)} kept running") from None
+
+
 @pytest.fixture
 def hub_cli(cli: Cli) -> Cli:
     cli.run("init")
@@ -134,7 +150,7 @@ def test_self_signed_hub_is_pinned_and_keeps_its_certificate(hub_cli: Cli, works
     assert (tls_dir / "cert.pem").read_bytes() == cert_bytes
 
     (tls_dir / "key.pem").chmod(0o644)
-    res = hub_cli.run("serve", "--port", "0", "--tls-self-signed", check=False)
+    res = refused(hub_cli, "serve", "--port", "0", "--tls-self-signed")
     assert res.returncode == 1 and "accessible to others" in res.stderr, res
 
 
@@ -164,7 +180,7 @@ def test_given_certificate_serves_wss_verified_by_its_ca(
     ],
 )
 def test_serve_refuses_in_one_line(hub_cli: Cli, args: list[str], message: str) -> None:
-    res = hub_cli.run("serve", "--port", "0", *args, check=False)
+    res = refused(hub_cli, "serve", "--port", "0", *args)
     assert res.returncode in (1, 2) and message in res.stderr, res
     assert "Traceback" not in res.stderr
     if res.returncode == 1:
@@ -172,7 +188,7 @@ def test_serve_refuses_in_one_line(hub_cli: Cli, args: list[str], message: str) 
 
 
 def test_gateway_serve_refuses_plain_ws_off_loopback(cli: Cli) -> None:
-    res = cli.run("gateway", "serve", "--host", "0.0.0.0", "--port", "0", check=False)
+    res = refused(cli, "gateway", "serve", "--host", "0.0.0.0", "--port", "0")
     assert res.returncode == 1 and "refusing to serve plain ws://" in res.stderr, res
 
 
