@@ -14,9 +14,9 @@ from narrative.jsonio import parse_json
 from .context import open_store
 from .output import emit, json_document, json_option, note
 from .serving import announce_and_wait
+from .tls_options import client_trust_options, server_tls, server_tls_options
 
 if TYPE_CHECKING:
-    import ssl
     from pathlib import Path
 
     from gateway.config import ProxyExecutionConfig
@@ -53,12 +53,6 @@ def _config(path: str | None) -> tuple[ProxyExecutionConfig, str | None]:
     if path is None:
         return ProxyExecutionConfig(), None
     return load_config(path), path
-
-
-def _client_ssl(cafile: str | None) -> ssl.SSLContext | None:
-    import ssl
-
-    return ssl.create_default_context(cafile=cafile) if cafile else None
 
 
 _key_option = click.option(
@@ -105,9 +99,8 @@ def gateway() -> None:
     envvar="NARRATIVE_TOKEN",
     help="Token for --connect (default: minted for --env with the key; env NARRATIVE_TOKEN).",
 )
-@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="Serve wss://.")
-@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="Key of --tls-cert.")
-@click.option("--cafile", type=click.Path(dir_okay=False, exists=True), help="CA for wss:// peers.")
+@server_tls_options
+@client_trust_options
 @click.option("--max-frame", type=click.IntRange(1024), default=1 << 20, show_default=True)
 @click.option("--transport-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True)
 @click.option("--execution-timeout", type=click.FloatRange(0.1), default=300.0, show_default=True)
@@ -128,7 +121,9 @@ def serve(
     token: str | None,
     tls_cert: str | None,
     tls_key: str | None,
-    cafile: str | None,
+    insecure: bool,
+    fingerprint: str | None,
+    ca_file: str | None,
     max_frame: int,
     transport_timeout: float,
     execution_timeout: float,
@@ -140,9 +135,9 @@ def serve(
     from gateway.limits import Limits
     from gateway.node import Gateway
     from gateway.plugins import RemoteExecutionPlugin
+    from gateway.tls import client_ssl_context
 
-    if bool(tls_cert) != bool(tls_key):
-        raise click.UsageError("--tls-cert and --tls-key go together")
+    tls = server_tls(host, tls_cert, tls_key, insecure)
     config, _ = _config(config_path)
     key_path = _key_path(ctx, key_file)
     signer = _signer(ctx, key_file)
@@ -155,15 +150,6 @@ def serve(
         deny.append(store.git_dir)
     if root is None:
         root = store.workspace if store is not None else os.getcwd()
-    server_ssl = None
-    if tls_cert and tls_key:
-        import ssl
-
-        server_ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            server_ssl.load_cert_chain(tls_cert, tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise InvalidInput(f"cannot load TLS certificate {tls_cert}: {exc}") from None
     limits = Limits(
         execution_timeout=execution_timeout,
         transport_timeout=transport_timeout,
@@ -186,6 +172,7 @@ def serve(
     async def main() -> None:
         from gateway.errors import Unavailable
 
+        server_ssl = tls.context if tls is not None else None
         plugin = RemoteExecutionPlugin(
             node, signer, host=host, port=port, ssl=server_ssl, run_id=run_id
         )
@@ -193,7 +180,8 @@ def serve(
         try:
             for url in connects:
                 try:
-                    await node.connect(url, link_token, ssl=_client_ssl(cafile))
+                    trust = client_ssl_context(url, fingerprint=fingerprint, ca_file=ca_file)
+                    await node.connect(url, link_token, ssl=trust)
                 except Unavailable as exc:
                     note(f"{exc}; retrying in the background")
             ready = {"url": plugin.url, "environment": env_id, "pid": os.getpid(), "root": root}
@@ -250,7 +238,7 @@ def token(
 @click.option("--token", envvar="NARRATIVE_TOKEN", help="Token (env NARRATIVE_TOKEN).")
 @click.option("--target", help="Run in exactly this environment.")
 @click.option("--timeout", type=click.FloatRange(0.001), default=60.0, show_default=True)
-@click.option("--cafile", type=click.Path(dir_okay=False, exists=True), help="CA for wss://.")
+@client_trust_options
 @json_option
 def call(
     kind: str,
@@ -260,7 +248,8 @@ def call(
     token: str | None,
     target: str | None,
     timeout: float,
-    cafile: str | None,
+    fingerprint: str | None,
+    ca_file: str | None,
     as_json: bool,
 ) -> None:
     """Call TYPE ACTION through a gateway; partial results stream to stderr."""
@@ -279,7 +268,8 @@ def call(
 
     async def main() -> Any:
         limits = Limits(transport_timeout=min(timeout, 10.0))
-        async with GatewayClient(url, token, ssl=_client_ssl(cafile), limits=limits) as client:
+        client = GatewayClient(url, token, fingerprint=fingerprint, ca_file=ca_file, limits=limits)
+        async with client:
             async with client.stream(kind, action, body, timeout=timeout, target=target) as run:
                 async for part in run:
                     partials.append(part)

@@ -9,6 +9,7 @@ import click
 from .context import open_store
 from .output import json_document, json_option
 from .serving import announce_and_wait
+from .tls_options import client_trust_options, server_tls, server_tls_options
 
 __all__ = ["COMMANDS"]
 
@@ -46,6 +47,18 @@ __all__ = ["COMMANDS"]
     help="Seconds a runtime may stay disconnected while its environment's host is unreachable.",
 )
 @click.option("--token-ttl", type=click.FloatRange(1.0), default=900.0, show_default=True)
+@server_tls_options
+@click.option(
+    "--tls-self-signed",
+    is_flag=True,
+    help="Serve wss:// with a self-signed certificate, made once and kept in the store; "
+    "its fingerprint is printed for clients to pin.",
+)
+@click.option(
+    "--advertise-url",
+    metavar="URL",
+    help="The URL runtimes and clients are told to dial (default: the listening one).",
+)
 @json_option
 @click.pass_context
 def serve(
@@ -59,18 +72,39 @@ def serve(
     reconnect_grace: float,
     unreachable_grace: float,
     token_ttl: float,
+    tls_cert: str | None,
+    tls_key: str | None,
+    insecure: bool,
+    tls_self_signed: bool,
+    advertise_url: str | None,
     as_json: bool,
 ) -> None:
     """Serve the hub: environments, runs and the gateway, until interrupted.
 
     Runs started with `narrative run start --env E -- CMD` go through it; runs it finds
     unfinished from an earlier hub are adopted when their runtimes reconnect.
+
+    Off loopback the hub serves wss:// (--tls-cert/--tls-key, or --tls-self-signed);
+    clients pin the printed fingerprint (sha256:HEX) with --fingerprint.
     """
     from gateway.config import load_config
-    from gateway.hub.server import Hub
+    from gateway.hub.server import Hub, hub_tls_directory
+    from gateway.tls import self_signed_certificate
 
     store = open_store(ctx)
     config = load_config(config_path) if config_path else None
+    if advertise_url is not None and not advertise_url.startswith(("ws://", "wss://")):
+        raise click.BadParameter("must be a ws:// or wss:// URL", param_hint="--advertise-url")
+    hosts = [host, *([_url_host(advertise_url)] if advertise_url else [])]
+    tls = server_tls(
+        host,
+        tls_cert,
+        tls_key,
+        insecure,
+        (lambda: self_signed_certificate(hub_tls_directory(store), hosts))
+        if tls_self_signed
+        else None,
+    )
 
     async def main() -> None:
         hub = Hub(
@@ -85,14 +119,22 @@ def serve(
             reconnect_grace=reconnect_grace,
             unreachable_grace=unreachable_grace,
             token_ttl=token_ttl,
+            tls=tls,
+            advertise_url=advertise_url,
         )
         await hub.start()
         try:
-            ready = {"url": hub.url, "pid": os.getpid(), "environment": hub.environment_id}
+            ready = {
+                "url": hub.url,
+                "fingerprint": hub.fingerprint,
+                "pid": os.getpid(),
+                "environment": hub.environment_id,
+            }
+            pin = f" (certificate fingerprint {hub.fingerprint})" if hub.fingerprint else ""
             await announce_and_wait(
                 json_document("hub_ready", ready, None)
                 if as_json
-                else f"hub listening on {hub.url}"
+                else f"hub listening on {hub.url}{pin}"
             )
         finally:
             await hub.close()
@@ -102,14 +144,21 @@ def serve(
     asyncio.run(main())
 
 
+def _url_host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or ""
+
+
 @click.command()
 @click.option(
     "--connect",
     "url",
     metavar="URL",
-    help="The hub's ws:// URL, or ws+unix:///PATH of its unix socket (required).",
+    help="The hub's ws:// or wss:// URL, or ws+unix:///PATH of its unix socket (required).",
 )
 @click.option("--token", envvar="NARRATIVE_TOKEN", help="Run-scoped token (required).")
+@client_trust_options
 @click.option(
     "--workspace",
     type=click.Path(file_okay=False, exists=True),
@@ -136,6 +185,8 @@ def runtime(
     ctx: click.Context,
     url: str | None,
     token: str | None,
+    fingerprint: str | None,
+    ca_file: str | None,
     workspace: str,
     stop_grace: float,
     give_up_after: float,
@@ -164,6 +215,8 @@ def runtime(
             store_dir=store_dir,
             stop_grace=stop_grace,
             give_up_after=give_up_after,
+            fingerprint=fingerprint,
+            ca_file=ca_file,
         )
         return await node.serve()
 

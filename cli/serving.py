@@ -13,10 +13,11 @@ async def announce_and_wait(line: str) -> None:
     signal), then wait for SIGINT or SIGTERM."""
     import asyncio  # running already (this is a coroutine); not imported by every command
 
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # handlers first: a SIGTERM sent as soon as the line is read still ends the server cleanly
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
     await stop.wait()

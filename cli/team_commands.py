@@ -50,15 +50,22 @@ def invite(ctx: click.Context, user: str, role: str, ttl: float, as_json: bool) 
 @click.argument("url")
 @click.argument("code")
 @click.option("--name", help="Name of this login (default: default).")
+@click.option(
+    "--fingerprint",
+    help="Pin the hub's certificate (sha256:HEX, as narrative serve printed it; check it with "
+    "the hub's admin); without it a wss:// hub's certificate is checked against the system's CAs.",
+)
 @json_option
-def login_command(url: str, code: str, name: str | None, as_json: bool) -> None:
+def login_command(
+    url: str, code: str, name: str | None, fingerprint: str | None, as_json: bool
+) -> None:
     """Log in to the hub at URL with an invite CODE; the credential it answers is kept in your
     config directory (mode 0600)."""
     import asyncio
 
     from gateway.hub.team_client import login
 
-    record = asyncio.run(login(url, code, name))
+    record = asyncio.run(login(url, code, name, fingerprint))
     data = {"name": record.name, "url": record.url, "user": record.user, "role": record.role}
     emit(as_json, "hub_login", data, f"logged in to {record.url} as {record.user} ({record.name})")
 

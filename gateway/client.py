@@ -30,6 +30,7 @@ from .handlers import Handler
 from .limits import Limits
 from .node import Gateway
 from .stream import CallStream
+from .tls import client_ssl_context
 
 __all__ = ["GatewayClient", "token_environment"]
 
@@ -58,7 +59,11 @@ class GatewayClient:
         url: ``ws://`` or ``wss://`` URL of the gateway.
         token: A run-scoped token for this client's environment (``narrative gateway token``).
         capabilities: Capabilities this client declares (so the hub can route to it).
-        ssl: TLS context for ``wss://``.
+        ssl: TLS context for ``wss://`` (default: built by
+            :func:`gateway.tls.client_ssl_context` from ``fingerprint`` and ``ca_file``).
+        fingerprint: The server certificate's pinned SHA-256 fingerprint (``wss://`` only).
+        ca_file: CA file to verify the server's certificate with, when none is pinned
+            (default: the system's trust store).
         limits: Timeouts and bounds (``transport_timeout`` bounds connecting).
     """
 
@@ -71,12 +76,14 @@ class GatewayClient:
         *,
         capabilities: Iterable[str] = (),
         ssl: ssl_module.SSLContext | None = None,
+        fingerprint: str | None = None,
+        ca_file: str | None = None,
         limits: Limits | None = None,
     ) -> None:
         self.url = url
         self.gateway = Gateway(token_environment(token), capabilities=capabilities, limits=limits)
         self._token = token
-        self._ssl = ssl
+        self._ssl = ssl or client_ssl_context(url, fingerprint=fingerprint, ca_file=ca_file)
         self.server: str | None = None
 
     async def connect(self) -> str:
@@ -84,6 +91,7 @@ class GatewayClient:
 
         Raises:
             AuthError: the token was refused.
+            TlsError: the server's certificate is not the pinned one, or does not verify.
             Unavailable: no connection within the transport timeout.
         """
         self.gateway.claim(self)

@@ -28,6 +28,7 @@ receiving side turns the code back into the class below (:func:`error_from_wire`
         ├── GatewayTimeout (+TimeoutError)         "timeout": the execution deadline passed
         ├── Cancelled                              "cancelled"
         ├── Unavailable (+ConnectionError)         "unavailable": a hop went away
+        │   └── TlsError                           a certificate not verified or not the pinned one
         ├── Busy                                   "busy": too many calls in flight
         └── HandlerFailed                          "handler_error": the handler raised
 """
@@ -58,6 +59,7 @@ __all__ = [
     "RouteLoop",
     "RoutingError",
     "TargetNotFound",
+    "TlsError",
     "TokenExpired",
     "TokenInvalid",
     "TokenMissing",
@@ -246,6 +248,11 @@ class Unavailable(GatewayError, ConnectionError):
     """A hop the call depends on disconnected and did not come back in time."""
 
     code: ErrorCode = "unavailable"
+
+
+class TlsError(Unavailable):
+    """The TLS handshake with a server failed: its certificate does not verify, or is not the
+    one pinned. Never retried (the same server would present the same certificate)."""
 
 
 class Busy(GatewayError):

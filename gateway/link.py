@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from .errors import GatewayError, ProtocolError, TokenInvalid, Unavailable
 from .limits import Limits
 from .protocol import Hello, Welcome, dump, parse_message
+from .tls import tls_failure
 from .unix import dialable_path, unix_socket_path
 
 __all__ = ["Link", "LinkHost"]
@@ -49,6 +50,7 @@ class Link:
         self._ssl = ssl
         self.peer: str | None = None
         self.error: GatewayError | None = None
+        self._last_failure = ""
         self._up = asyncio.Event()
         self._done = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -88,7 +90,8 @@ class Link:
         if self.error is not None:
             raise self.error
         if not self._up.is_set() or self.peer is None:
-            raise Unavailable(f"cannot connect to {self.url} within {timeout:g}s")
+            why = f" (last attempt: {self._last_failure})" if self._last_failure else ""
+            raise Unavailable(f"cannot connect to {self.url} within {timeout:g}s{why}")
         return self.peer
 
     async def close(self) -> None:
@@ -142,8 +145,15 @@ class Link:
                     self._done.set()
                     return
                 log.warning("connecting to %s: HTTP %s", self.url, status)
+            except ssl_module.SSLCertVerificationError as exc:
+                # not the pinned certificate, or one that does not verify: retrying would
+                # meet the same one (and a token must never go to it)
+                self.error = tls_failure(self.url, exc)
+                self._done.set()
+                return
             except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, GatewayError) as exc:
-                log.info("link to %s: %s", self.url, exc or type(exc).__name__)
+                self._last_failure = _failure_text(self.url, exc)
+                log.info("link to %s: %s", self.url, self._last_failure)
             finally:
                 self._ws = None
                 self._up.clear()
@@ -152,3 +162,14 @@ class Link:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._done.wait(), delay)
             delay = min(delay * 2, 2.0)
+
+
+def _failure_text(url: str, exc: BaseException) -> str:
+    """Why a connection attempt failed, in words (with a hint when the URL's scheme is
+    likely the wrong one for the server)."""
+    if isinstance(exc, ssl_module.SSLError):
+        return str(tls_failure(url, exc))
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, InvalidHandshake) and url.startswith("ws://"):
+        text += "; if the server serves TLS, dial wss://"
+    return text

@@ -26,9 +26,25 @@ from .server import Hub, control_token, find_hub
 from .team import revoke_user
 from .users import OWNER, AuditLog, UserRegistry
 
-__all__ = ["follow_runs", "kill_run", "revoke_user_on_hub", "run_through_hub", "stop_run"]
+__all__ = [
+    "follow_runs",
+    "hub_client",
+    "kill_run",
+    "revoke_user_on_hub",
+    "run_through_hub",
+    "stop_run",
+]
 
 EventFn = Callable[[AgentRun, dict[str, Any]], None]
+
+
+def hub_client(info: dict[str, Any], token: str) -> GatewayClient:
+    """A client for the hub a hub file describes (:func:`.server.find_hub`): its URL, and
+    the fingerprint of its certificate pinned when it serves TLS."""
+    fingerprint = info.get("fingerprint")
+    return GatewayClient(
+        info["url"], token, fingerprint=fingerprint if isinstance(fingerprint, str) else None
+    )
 
 
 async def follow_runs(store: Store, runs: Sequence[AgentRun], on_event: EventFn) -> None:
@@ -52,7 +68,7 @@ async def run_through_hub(
     info = find_hub(store)
     if info is not None:
         token = control_token(store, f"cli-{os.getpid()}")
-        async with GatewayClient(info["url"], token) as client:
+        async with hub_client(info, token) as client:
             target = info["environment"]
             runs = [
                 AgentRun.from_dict(
@@ -96,7 +112,7 @@ async def _control(store: Store, run: AgentRun, action: str, payload: dict[str, 
     if info is None:
         return False
     token = control_token(store, f"cli-{os.getpid()}")
-    async with GatewayClient(info["url"], token) as client:
+    async with hub_client(info, token) as client:
         await client.call("hub", action, payload, target=info["environment"])
     return True
 

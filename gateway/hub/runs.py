@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.errors import GatewayError
 from gateway.protocol import ProviderAgentStart, ProviderStart, ProviderStop
+from gateway.tls import FINGERPRINT_ENV
 from gateway.unix import unix_url
 from narrative.errors import InvalidInput, NarrativeError
 from narrative.hierarchy import create_thread, finish_run, get_thread, start_run
@@ -289,6 +290,9 @@ class RunDriver:
             # The runtime uses the store in its own workspace, never one named by the hub's
             # environment; the token travels in the environment, not on the command line.
             env = {"NARRATIVE_TOKEN": token, "NARRATIVE_STORE": ""}
+            if url == hub.url and hub.fingerprint is not None:
+                # dialling the hub over TCP: the runtime pins the hub's certificate
+                env[FINGERPRINT_ENV] = hub.fingerprint
             return hub.manager.spawn(self.environment, argv, env=env), argv
 
         self.runtime.handle, argv = await hub.blocking(spawn)

@@ -30,6 +30,7 @@ from gateway.limits import Limits
 from gateway.link import Link
 from gateway.observe import RouteRecord
 from gateway.protocol import Heartbeat
+from gateway.tls import client_ssl_context
 from narrative.errors import InvalidInput, StoreNotFound
 from narrative.history import resolve_snapshot
 from narrative.models import now_iso
@@ -105,6 +106,8 @@ class Runtime(Hub):
         give_up_after: Seconds without a hub after which the runtime stops its agent and
             exits (a hub that restarts within that time adopts the run).
         limits: Gateway timeouts and bounds.
+        fingerprint: The hub certificate's pinned fingerprint (``wss://`` URLs).
+        ca_file: CA file to verify the hub's certificate with when none is pinned.
     """
 
     def __init__(
@@ -118,6 +121,8 @@ class Runtime(Hub):
         heartbeat_interval: float = 15.0,
         give_up_after: float = 600.0,
         limits: Limits | None = None,
+        fingerprint: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         workspace = os.path.realpath(workspace)
         store = open_runtime_store(workspace, store_dir)
@@ -132,6 +137,7 @@ class Runtime(Hub):
             capabilities=["runtime"],
         )
         self.upstream_url = url
+        self.upstream_ssl = client_ssl_context(url, fingerprint=fingerprint, ca_file=ca_file)
         self.heartbeat_interval = heartbeat_interval
         self.give_up_after = give_up_after
         self.heartbeats = 0
@@ -171,7 +177,9 @@ class Runtime(Hub):
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._shutdown.set)
         try:
-            self.link = await self.gateway.connect(self.upstream_url, self._token)
+            self.link = await self.gateway.connect(
+                self.upstream_url, self._token, ssl=self.upstream_ssl
+            )
             self.upstream = self.link.peer
             beating = loop.create_task(self._heartbeats(self.link))
             await self._shutdown.wait()

@@ -39,6 +39,7 @@ from gateway.node import Gateway
 from gateway.plugins import RemoteExecutionPlugin
 from gateway.protocol import Notification
 from gateway.server import DEFAULT_HOST
+from gateway.tls import ServerTls
 from gateway.tokens import TokenSigner, load_or_create_key
 from narrative.errors import InvalidInput
 from narrative.fsutil import write_atomic
@@ -68,6 +69,7 @@ __all__ = [
     "control_token",
     "find_hub",
     "hub_files",
+    "hub_tls_directory",
     "load_handler_plugin",
 ]
 
@@ -84,6 +86,12 @@ def control_token(store: Store, name: str) -> str:
     """A token that lets the holder of the store's key drive the store's hub."""
     signer = TokenSigner(load_or_create_key(key_path(store)), "hub")
     return signer.issue(CONTROL_RUN, name, _CONTROL_TTL)
+
+
+def hub_tls_directory(store: Store) -> str:
+    """Where ``narrative serve --tls-self-signed`` keeps its certificate and key (in the
+    store's private state, hidden from environments like the signing key)."""
+    return os.path.join(store.git_dir, "narrative", "hub-tls")
 
 
 def hub_files(store: Store) -> str:
@@ -155,6 +163,9 @@ class Hub:
         unreachable_grace: Seconds a runtime may stay disconnected while its environment
             cannot be asked whether it still runs (its host unreachable) before its run fails.
         stop_grace: Seconds between asking an agent to stop and killing it.
+        tls: Serve ``wss://`` with this certificate (runtimes the hub starts pin it).
+        advertise_url: The URL runtimes and clients are told to dial (default: the one the
+            hub listens on), for a hub behind a name or address of its own.
     """
 
     def __init__(
@@ -176,8 +187,12 @@ class Hub:
         unreachable_grace: float = 600.0,
         stop_grace: float = 10.0,
         capabilities: Iterable[str] = (),
+        tls: ServerTls | None = None,
+        advertise_url: str | None = None,
     ) -> None:
         self.store = store
+        self.tls = tls
+        self.advertise_url = advertise_url
         self.manager = EnvironmentManager(store)
         self.daemon = daemon
         self.token_ttl = token_ttl
@@ -197,7 +212,13 @@ class Hub:
         team_policy = TeamPolicy(self.policy, self.users, environment_id)
         self.gateway.token_policy = team_policy
         self.team = TeamHandlers(self.gateway, self.signer, team_policy, self.blocking)
-        self.plugin = RemoteExecutionPlugin(self.gateway, self.signer, host=host, port=port)
+        self.plugin = RemoteExecutionPlugin(
+            self.gateway,
+            self.signer,
+            host=host,
+            port=port,
+            ssl=tls.context if tls is not None else None,
+        )
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hub-store")
         self.shelf = BundleShelf(store, self.blocking, on_read=self._bundle_read)
         self.drivers: dict[str, RunDriver] = {}
@@ -210,7 +231,13 @@ class Hub:
 
     @property
     def url(self) -> str:
-        return self.plugin.url
+        """The URL to dial the hub at (the advertised one, else the one it listens on)."""
+        return self.advertise_url or self.plugin.url
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The fingerprint of the hub's TLS certificate (None: plain ``ws://``)."""
+        return self.tls.fingerprint if self.tls is not None else None
 
     async def listen_unix(self, path: str) -> str:
         """Serve on the unix socket ``path`` too (a runtime without a network reaches the hub
@@ -277,6 +304,7 @@ class Hub:
     def _announce(self) -> None:
         info = {
             "url": self.url,
+            "fingerprint": self.fingerprint,
             "pid": os.getpid(),
             "environment": self.environment_id,
             "daemon": self.daemon,

@@ -23,6 +23,7 @@ import platformdirs
 from gateway.client import GatewayClient
 from gateway.errors import AuthError, OutOfScope, Unavailable
 from gateway.handlers import HandlerContext
+from gateway.tls import client_ssl_context, normalize_fingerprint
 from narrative.errors import InvalidInput, NarrativeError
 from narrative.fsutil import write_atomic
 from narrative.hierarchy import get_run
@@ -134,12 +135,10 @@ def find_login(name: str | None) -> HubLogin:
 
 
 def transport_security(url: str, fingerprint: str | None) -> ssl_module.SSLContext | None:
-    """The TLS context for dialling ``url`` (None for plain ``ws://``). ``fingerprint`` is the
-    certificate fingerprint the hub announced at login; how it is pinned is up to the TLS
-    support of the gateway (which verifies against the system's roots until then)."""
-    if not url.startswith("wss://"):
-        return None
-    return ssl_module.create_default_context()
+    """The TLS context for dialling ``url`` (None for plain ``ws://``): the hub's certificate
+    pinned by ``fingerprint`` (the one given at login), else verified against the system's
+    roots."""
+    return client_ssl_context(url, fingerprint=fingerprint)
 
 
 @contextlib.asynccontextmanager
@@ -153,16 +152,19 @@ async def dial(
         yield client
 
 
-async def login(url: str, code: str, name: str | None) -> HubLogin:
+async def login(url: str, code: str, name: str | None, fingerprint: str | None = None) -> HubLogin:
     """Trade the invite ``code`` at the hub ``url`` for a credential and keep it as the login
-    record ``name`` (default ``default``), replacing one of that name.
+    record ``name`` (default ``default``), replacing one of that name. ``fingerprint`` pins
+    the hub's certificate (as ``narrative serve`` printed it) for this and every later
+    connection; without it a ``wss://`` hub's certificate is verified against the system's
+    roots.
 
     Raises:
         AuthError: the code was refused (unknown, used, expired, rate-limited).
         Unavailable: the hub cannot be reached.
     """
     name = name or DEFAULT_NAME
-    async with dial(url, team_bearer("invite", code)) as client:
+    async with dial(url, team_bearer("invite", code), fingerprint) as client:
         answer = await client.call("team", "login", {"code": code}, target=client.server)
     record = HubLogin(
         name=name,
@@ -171,7 +173,8 @@ async def login(url: str, code: str, name: str | None) -> HubLogin:
         role=answer["role"],
         credential=answer["credential"],
         hub=answer["hub"],
-        fingerprint=answer.get("fingerprint"),
+        # what this connection was pinned with; what the hub says of itself proves nothing
+        fingerprint=normalize_fingerprint(fingerprint) if fingerprint else None,
     )
     logins = load_logins()
     logins[name] = record
