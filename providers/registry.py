@@ -20,6 +20,7 @@ __all__ = [
     "get_provider_class",
     "pick_provider",
     "register",
+    "unregister",
 ]
 
 ENTRY_POINT_GROUP = "narrative.providers"
@@ -44,6 +45,12 @@ def register(name: str, target: str | type[BaseProvider], extra: str | None = No
         _LOADED.pop(name, None)
     else:
         _LOADED[name] = target
+
+
+def unregister(name: str) -> None:
+    """Forget a provider registered with :func:`register` (nothing for an unknown name)."""
+    _EXTRA.pop(name, None)
+    _LOADED.pop(name, None)
 
 
 def _known() -> dict[str, tuple[str, str | None]]:

@@ -30,7 +30,7 @@ from gateway.tokens import TokenSigner
 from narrative.errors import InvalidInput
 from narrative.store import Store
 from providers.manager import EnvironmentManager
-from providers.registry import register
+from providers.registry import register, unregister
 from providers.worktree import WorktreeProvider
 from tests.conftest import NARRATIVE, Cli, store_dir_of
 from tests.gateway.conftest import FAST, async_test
@@ -259,10 +259,18 @@ class TcpWorktreeProvider(WorktreeProvider):
         return None
 
 
-def test_a_runtime_dials_a_tls_hub_over_tcp_pinning_its_certificate(
-    store: Store, tmp_path: Path
-) -> None:
+@pytest.fixture
+def tcp_worktree() -> Iterator[str]:
+    """The provider registered for one test only: left registered, it would be the default
+    provider of later tests (it sorts before ``worktree``)."""
     register("tcp-worktree", TcpWorktreeProvider)
+    yield "tcp-worktree"
+    unregister("tcp-worktree")
+
+
+def test_a_runtime_dials_a_tls_hub_over_tcp_pinning_its_certificate(
+    store: Store, tmp_path: Path, tcp_worktree: str
+) -> None:
     EnvironmentManager(store).create("far", provider="tcp-worktree", config={"sandbox": "none"})
     tls = ServerTls.load(*self_signed_certificate(str(tmp_path / "tls"), ["127.0.0.1"]))
 
