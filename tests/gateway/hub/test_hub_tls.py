@@ -29,8 +29,8 @@ from gateway.tls import ServerTls, self_signed_certificate
 from gateway.tokens import TokenSigner
 from narrative.errors import InvalidInput
 from narrative.store import Store
+from providers import registry
 from providers.manager import EnvironmentManager
-from providers.registry import register
 from providers.worktree import WorktreeProvider
 from tests.conftest import NARRATIVE, Cli, store_dir_of
 from tests.gateway.conftest import FAST, async_test
@@ -260,9 +260,10 @@ class TcpWorktreeProvider(WorktreeProvider):
 
 
 def test_a_runtime_dials_a_tls_hub_over_tcp_pinning_its_certificate(
-    store: Store, tmp_path: Path
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    register("tcp-worktree", TcpWorktreeProvider)
+    # registered for this test only: the hub's provider selection must never meet it
+    monkeypatch.setitem(registry._LOADED, "tcp-worktree", TcpWorktreeProvider)
     EnvironmentManager(store).create("far", provider="tcp-worktree", config={"sandbox": "none"})
     tls = ServerTls.load(*self_signed_certificate(str(tmp_path / "tls"), ["127.0.0.1"]))
 
