@@ -379,10 +379,14 @@ class CloudVMProvider(BaseProvider):
     def warnings(self) -> list[str]:
         notes = []
         if self.cfg.host_keys == "first-use":
+            try:
+                key = self._parse(self._own_resource()).host_key or "not yet known"
+            except (ProviderError, LookupError, InvalidInput):
+                key = "not yet known"
             notes.append(
-                "cloud-vm: host_keys=first-use: the machine's host key was trusted as it was "
-                "first offered (its fingerprint is in the resource id and the log), not checked "
-                "against its console"
+                f"cloud-vm: host_keys=first-use: the machine's host key {key} was trusted as "
+                "it was first offered, not checked against its console; compare it with the "
+                "machine's console output"
             )
         if self.cfg.sandbox == "none":
             notes.append(

@@ -275,7 +275,9 @@ def test_delete_terminates_sweep_reaps_leaked_and_idle_machines(lab: CloudLab) -
     resource = shown["resource_id"]
     machine = resource.split(":")[1]
     assert lab.states()[machine] == "running"
-    assert any("first-use" in w for w in json.dumps(shown).split("\\n")), shown
+    fingerprint = resource.split(":")[3] + ":" + resource.split(":")[4]
+    assert fingerprint.startswith("SHA256:"), resource
+    assert any("first-use" in w and fingerprint in w for w in shown["warnings"]), shown
     lab.narrative("env", "delete", "one", cwd=ws)
     assert lab.states()[machine] == "terminated"
     names = [k["KeyName"] for k in lab.ec2("describe_key_pairs")["KeyPairs"]]
