@@ -18,7 +18,8 @@ afterwards, and the user's ``known_hosts`` is not consulted (cloud addresses are
 Every operation but ``health``, ``reconnect``, ``delete`` and ``list_resources`` records the
 machine's use (its ``narrative:last-used`` tag, at most once a minute per process); ``narrative
 env sweep`` terminates machines of this store idle past their ``idle_ttl`` (in
-:meth:`CloudVMProvider.list_resources`), then the leaked ones no record knows.
+:meth:`CloudVMProvider.list_resources`), except those still running a process of their
+environment (a run in progress makes no calls), then the leaked ones no record knows.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import dataclasses
 import logging
 import os
 import re
+import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar
 
 from pydantic import Field, field_validator, model_validator
@@ -48,6 +51,7 @@ from ..base import (
     SpawnLog,
 )
 from ..errors import ProviderError, ProviderUnavailable, ResourceGone
+from ..proctree import environment_marker
 from ..ssh.config import FINGERPRINT, SSHConfig, SSHSessionSettings
 from ..ssh.session import default_key_file
 from .driver import TAG_HOST_KEY, CloudMachineConfig, Machine, MachineDriver
@@ -71,6 +75,8 @@ _TOUCH_EVERY = 60.0
 """Seconds between two records of a machine's use by one process."""
 _SSH_PORT = 22
 """The only port the machine's firewall opens."""
+_PROBE_TIMEOUT = 15.0
+"""Seconds for asking a machine whether it is in use."""
 
 
 class CloudVMConfig(ProviderConfig, CloudMachineConfig, SSHSessionSettings):
@@ -359,8 +365,7 @@ class CloudVMProvider(BaseProvider):
     def list_resources(self) -> list[str]:
         """The machines labelled with this store's owner, after terminating those idle past
         their ``idle_ttl`` (so ``narrative env sweep`` reaps idle machines too)."""
-        for machine_id in self.driver.reap_idle(self.context.owner):
-            log.info("cloud-vm: terminated %s, idle past its time-to-live", machine_id)
+        self._reap_idle()
         resources = []
         for machine in self.driver.list_labelled(self.context.owner):
             if not machine.env_id or not _RESOURCE.fullmatch(
@@ -375,6 +380,35 @@ class CloudVMProvider(BaseProvider):
             key = key if key and FINGERPRINT.fullmatch(key) else None
             resources.append(resource_id_of(machine.id, machine.env_id, key, host))
         return sorted(resources)
+
+    def _reap_idle(self) -> None:
+        """Terminate this store's machines idle past their time-to-live, except those still
+        running a process an environment started (a long run makes no calls that count as
+        uses): their use is recorded instead."""
+        now = datetime.now(UTC)
+        in_use: dict[str, datetime] = {}
+        for machine in self.driver.list_labelled(self.context.owner):
+            if self.driver.expired(machine, None, now) and self._busy(machine):
+                in_use[machine.id] = now
+                self._touch(machine.id)
+        for machine_id in self.driver.reap_idle(self.context.owner, in_use, now):
+            log.info("cloud-vm: terminated %s, idle past its time-to-live", machine_id)
+
+    def _busy(self, machine: Machine) -> bool:
+        """Whether a process of the machine's environment (its marker in its environment)
+        runs there; a machine that cannot be asked counts as not busy."""
+        key = machine.tags.get(TAG_HOST_KEY)
+        if machine.state != "running" or not machine.env_id or not key:
+            return False
+        try:
+            res = _Resource(machine.id, machine.env_id, key, self.driver.dial_address(machine))
+            var, value = environment_marker(machine.env_id)
+            probe = f"grep -lqsz {shlex.quote(f'^{var}={value}$')} /proc/[0-9]*/environ"
+            result = self._ssh_for(res).session.run(probe, timeout=_PROBE_TIMEOUT)
+        except ProviderError as exc:
+            log.info("cloud-vm: cannot ask %s whether it is in use: %s", machine.id, exc)
+            return False
+        return result.exit_code == 0
 
     def warnings(self) -> list[str]:
         notes = []
