@@ -263,7 +263,8 @@ def _init(lab: CloudLab, name: str) -> str:
 def test_delete_terminates_sweep_reaps_leaked_and_idle_machines(lab: CloudLab) -> None:
     """Through the CLI: create shows the first-use host key; delete terminates the instance
     (and its key pair and group) in moto; ``env sweep`` terminates a leaked machine found by
-    its owner tag, and one idle past its time-to-live, leaving a recorded, used one alone."""
+    its owner tag, and machines idle past their time-to-live, but not one still running a
+    process of its environment, nor a recorded one in use."""
     ws = _init(lab, "sweepy")
     config = [
         p
@@ -287,6 +288,12 @@ def test_delete_terminates_sweep_reaps_leaked_and_idle_machines(lab: CloudLab) -
     kept = json.loads(lab.narrative("env", "show", "two", "--json", cwd=ws).stdout)
     kept_machine = kept["resource_id"].split(":")[1]
     store = json.loads(lab.narrative("info", "--json", cwd=ws).stdout)["store"]
+    # an environment idle past its 1 s time-to-live by its tags, but running a process
+    short = [*config, "--config", "idle_ttl=1"]
+    lab.narrative("env", "create", "busy", "--provider", "cloud-vm", *short, cwd=ws)
+    busy = json.loads(lab.narrative("env", "show", "busy", "--json", cwd=ws).stdout)
+    busy_machine = busy["resource_id"].split(":")[1]
+    lab.narrative("env", "exec", "busy", "--", "sh", "-c", "sleep 300 >/dev/null 2>&1 &", cwd=ws)
     owner_script = (
         "import json, sys\n"
         "from narrative.store import Store\n"
@@ -323,6 +330,13 @@ def test_delete_terminates_sweep_reaps_leaked_and_idle_machines(lab: CloudLab) -
     states = lab.states()
     assert states[leaked] == "terminated", states
     assert states[idle] == "terminated", states
+    assert states[kept_machine] == "running", states
+    assert states[busy_machine] == "running", states  # its process runs: in use
+    lab.narrative("env", "stop", "busy", cwd=ws)  # ends the process
+    time.sleep(2.5)
+    lab.narrative("env", "sweep", cwd=ws)
+    states = lab.states()
+    assert states[busy_machine] == "terminated", states
     assert states[kept_machine] == "running", states
     alive = lab.narrative("env", "exec", "two", "--", "echo", "still here", cwd=ws)
     assert alive.stdout == b"still here\n"
