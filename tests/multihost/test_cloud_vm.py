@@ -74,6 +74,8 @@ class CloudLab:
     endpoint: str
     wheels: str
     key_file: str
+    host_fingerprint: str
+    """The fingerprint of the container's (the machines') SSH host key."""
 
     def settings(self, **extra: Any) -> dict[str, Any]:
         return {
@@ -219,7 +221,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudLab]:
                 stderr=subprocess.DEVNULL,
             )
             endpoint = f"http://{dev.address}:{MOTO_PORT}"
-            lab = CloudLab(network, dev, name, machine_ip, endpoint, wheels, key_file)
+            listed = subprocess.run(
+                ["ssh-keygen", "-lf", f"{root}/etc/ssh/ssh_host_ed25519_key.pub"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.split()[1]
+            lab = CloudLab(network, dev, name, machine_ip, endpoint, wheels, key_file, listed)
             deadline = time.monotonic() + 30
             while True:
                 try:
@@ -342,3 +350,77 @@ def test_delete_terminates_sweep_reaps_leaked_and_idle_machines(lab: CloudLab) -
     assert alive.stdout == b"still here\n"
     lab.narrative("env", "delete", "two", cwd=ws)
     assert lab.states()[kept_machine] == "terminated"
+
+
+_CONSOLE_SCRIPT = """
+import json, sys
+import providers.cloud.provider as cloud_provider
+from narrative.errors import NarrativeError
+from narrative.store import Store
+from providers.cloud.ec2 import Ec2Driver
+from providers.manager import EnvironmentManager
+
+settings, console = json.loads(sys.argv[1]), sys.argv[2]
+
+
+class ConsoleDriver(Ec2Driver):
+    # moto's console text has no fingerprints: this one prints what cloud-init would
+    def _console_output(self, machine_id):
+        return console
+
+
+cloud_provider.open_driver = lambda config, name="cloud-vm": ConsoleDriver(config)
+manager = EnvironmentManager(Store.open(sys.argv[3]))
+try:
+    record = manager.create(sys.argv[4], "cloud-vm", settings)
+    print(json.dumps({"resource": record.resource_id}))
+except NarrativeError as exc:
+    print(json.dumps({"error": str(exc)}))
+"""
+
+
+def _console(*fingerprints: str) -> str:
+    lines = [f"ec2: 256 {fp} root@ip-10-0-0-9 (ED25519)" for fp in fingerprints]
+    return "\n".join(
+        [
+            "[    6.1] cloud-init[412]: Generating public/private ed25519 key pair.",
+            "ec2: -----BEGIN SSH HOST KEY FINGERPRINTS-----",
+            *lines,
+            "ec2: -----END SSH HOST KEY FINGERPRINTS-----",
+        ]
+    )
+
+
+def test_console_host_keys_pin_the_printed_key_and_refuse_another(lab: CloudLab) -> None:
+    """host_keys=console (the default): the key the machine's sshd offers is trusted when its
+    fingerprint is in the console's cloud-init block (the console text is the one stand-in:
+    moto prints none), and refused, the machine terminated, when it is not."""
+    ws = _init(lab, "console")
+    store = json.loads(lab.narrative("info", "--json", cwd=ws).stdout)["store"]
+    settings = {**lab.settings(), "host_keys": "console"}
+    other = "SHA256:" + "Q" * 43
+
+    def create(name: str, console: str) -> dict[str, str]:
+        done = lab.dev.run(
+            [lab.dev.python(), "-c", _CONSOLE_SCRIPT, json.dumps(settings), console, store, name],
+            env=lab.env(),
+            cwd=ws,
+            check=False,
+            timeout=180,
+        )
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        return dict(json.loads(done.stdout.decode().splitlines()[-1]))
+
+    before = set(lab.states())
+    trusted = create("printed", _console(other, lab.host_fingerprint))
+    assert "resource" in trusted, trusted
+    assert trusted["resource"].split(":", 3)[3].startswith(lab.host_fingerprint), trusted
+    refused = create("forged", _console(other))
+    assert "not among those its console printed" in refused.get("error", ""), refused
+    assert lab.host_fingerprint in refused["error"], refused
+    states = {k: v for k, v in lab.states().items() if k not in before}
+    machine = trusted["resource"].split(":")[1]
+    assert states.pop(machine) == "running", states
+    assert list(states.values()) == ["terminated"], states
+    lab.narrative("env", "delete", "printed", cwd=ws)
+    assert lab.states()[machine] == "terminated"
