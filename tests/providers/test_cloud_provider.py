@@ -207,3 +207,38 @@ def test_help_lists_every_setting() -> None:
     for name in CloudVMConfig.model_fields:
         if name != "type":
             assert f"{name}=" in shown.output, name
+
+
+def test_health_follows_the_machine_state(
+    ec2: Any, ec2_endpoint: str, key_file: str, manager: EnvironmentManager
+) -> None:
+    """Running without a trusted key, pending, stopped: unreachable; terminated, or another
+    store's or environment's machine: gone (and delete leaves those alone)."""
+    from providers.base import Health, ProviderContext
+    from providers.cloud.provider import CloudVMConfig, CloudVMProvider, resource_id_of
+
+    config = CloudVMConfig(**settings(ec2_endpoint, key_file))
+    provider = CloudVMProvider(ProviderContext(manager.store, manager.owner, "env-h", "h"), config)
+    public = Path(f"{key_file}.pub").read_text()
+
+    def launch(env: str, owner: str) -> str:
+        spec = config.launch_spec(name=env, owner=owner, env_id=env, public_key=public)
+        return provider.driver.launch(spec).id
+
+    mine = launch("env-h1", manager.owner)
+    theirs = launch("env-h2", "narrative-someone-else")
+    address = provider.driver.dial_address(provider.driver.wait_ready(mine))
+    rid = resource_id_of(mine, "env-h1", None, address)
+    assert provider.list_resources() == [rid]  # by its owner tag: not the other store's
+    assert provider.health(rid) is Health.UNREACHABLE  # running, but never trusted over SSH
+    ec2.stop_instances(InstanceIds=[mine])
+    assert provider.health(rid) is Health.UNREACHABLE
+    assert provider.health(resource_id_of(mine, "env-other", None, None)) is Health.GONE
+    foreign = resource_id_of(theirs, "env-h2", None, None)
+    assert provider.health(foreign) is Health.GONE
+    assert foreign not in provider.list_resources()
+    provider.delete(foreign)  # not this store's: left alone
+    assert live_instances(ec2, "narrative-someone-else") == [theirs]
+    provider.delete(rid)
+    assert provider.health(rid) is Health.GONE
+    assert rid not in provider.list_resources()
