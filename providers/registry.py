@@ -32,6 +32,7 @@ _BUILTIN: dict[str, tuple[str, str | None]] = {
     "docker": ("providers.docker.provider:DockerProvider", "docker"),
     "e2b": ("providers.e2b_provider:E2BProvider", "e2b"),
     "ssh": ("providers.ssh.provider:SSHProvider", "ssh"),
+    "cloud-vm": ("providers.cloud.provider:CloudVMProvider", "cloud"),
     "hybrid": ("providers.hybrid:HybridProvider", None),
 }
 _EXTRA: dict[str, tuple[str, str | None]] = {}

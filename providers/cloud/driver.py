@@ -37,6 +37,8 @@ from ..errors import ProviderError, QuotaExceeded, ResourceGone
 __all__ = [
     "LIVE_STATES",
     "TAG_ENV",
+    "TAG_HOST_KEY",
+    "TAG_IDLE_TTL",
     "TAG_LAST_USED",
     "TAG_MANAGED",
     "TAG_NAME",
@@ -46,6 +48,7 @@ __all__ = [
     "Machine",
     "MachineDriver",
     "format_time",
+    "parse_host_key_fingerprints",
     "parse_time",
 ]
 
@@ -61,6 +64,15 @@ TAG_MANAGED = "narrative:managed"
 """Always ``true``: the machine was launched by narrative and may be terminated by it."""
 TAG_LAST_USED = "narrative:last-used"
 """When the machine was last used (:func:`format_time`), set by :meth:`MachineDriver.touch`."""
+TAG_IDLE_TTL = "narrative:idle-ttl"
+"""The seconds of ``idle_ttl`` it was launched with: its own time-to-live, whichever
+configuration reaps it."""
+TAG_HOST_KEY = "narrative:host-key"
+"""The fingerprint of the SSH host key the machine is trusted with (set once it is pinned)."""
+
+_FINGERPRINTS_BEGIN = "-----BEGIN SSH HOST KEY FINGERPRINTS-----"
+_FINGERPRINTS_END = "-----END SSH HOST KEY FINGERPRINTS-----"
+_FINGERPRINT_RE = re.compile(r"\bSHA256:[A-Za-z0-9+/]{43}(?![A-Za-z0-9+/])")
 
 # One line: the key type, base64 of the key, an optional comment.
 _PUBLIC_KEY_RE = re.compile(
@@ -85,6 +97,22 @@ def parse_time(text: str | None) -> datetime | None:
     except ValueError:
         return None
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def parse_host_key_fingerprints(console: str) -> list[str]:
+    """The SHA256 fingerprints of the first ``BEGIN SSH HOST KEY FINGERPRINTS`` block that
+    cloud-init printed to a machine's console (lines may carry a prefix such as ``ec2:`` or a
+    kernel timestamp); empty when there is no complete block. The first block is the one
+    written at first boot, before anything else ran on the machine."""
+    inside, found = False, list[str]()
+    for line in console.splitlines():
+        if _FINGERPRINTS_BEGIN in line:
+            inside, found = True, []
+        elif _FINGERPRINTS_END in line and inside:
+            return found
+        elif inside:
+            found += _FINGERPRINT_RE.findall(line)
+    return []
 
 
 @dataclass(frozen=True)
@@ -116,6 +144,12 @@ class Machine:
     def last_used(self) -> datetime | None:
         """Its ``narrative:last-used`` tag, if set and readable."""
         return parse_time(self.tags.get(TAG_LAST_USED))
+
+    @property
+    def idle_ttl(self) -> int | None:
+        """The idle time-to-live it was launched with (its ``narrative:idle-ttl`` tag)."""
+        text = self.tags.get(TAG_IDLE_TTL, "")
+        return int(text) if text.isdigit() and int(text) > 0 else None
 
     @property
     def live(self) -> bool:
@@ -234,7 +268,7 @@ class CloudMachineConfig(BaseModel):
             image_id=self.image_id,
             instance_type=self.instance_type,
             ssh_cidr=self.ssh_cidr,
-            tags=dict(self.tags),
+            tags={**self.tags, TAG_IDLE_TTL: str(self.idle_ttl)},
         )
 
 
@@ -272,7 +306,47 @@ class MachineDriver(ABC):
     def _set_tags(self, machine_id: str, tags: Mapping[str, str]) -> None:
         """Add or replace tags on the machine."""
 
+    def _console_output(self, machine_id: str) -> str:
+        """What the machine printed to its console so far (empty when nothing yet).
+
+        Raises:
+            ProviderError: this cloud's driver cannot read consoles (the default).
+        """
+        raise ProviderError(
+            f"the {self.name} driver cannot read a machine's console: use host_keys=pinned "
+            "with the host key's fingerprint, or host_keys=first-use"
+        )
+
     # -- shared ---------------------------------------------------------------------------------
+
+    def host_key_fingerprints(self, machine_id: str, timeout: float) -> list[str]:
+        """The SSH host key fingerprints the machine printed to its console at first boot
+        (:func:`parse_host_key_fingerprints`), waiting up to ``timeout`` seconds for them.
+
+        Raises:
+            ResourceGone: the machine is terminated meanwhile.
+            ProviderError: none within ``timeout`` (the image does not run cloud-init, or
+                prints no fingerprints).
+        """
+        deadline = time.monotonic() + timeout
+        delay = 0.5
+        while not (found := parse_host_key_fingerprints(self._console_output(machine_id))):
+            if self.describe(machine_id) is None:
+                raise ResourceGone(machine_id)
+            if time.monotonic() >= deadline:
+                raise ProviderError(
+                    f"machine {machine_id} printed no SSH host key fingerprints to its console "
+                    f"within {timeout:g} s (an image without cloud-init prints none): use "
+                    "host_keys=pinned with a fingerprint checked out of band, or host_keys="
+                    "first-use to trust the first key offered"
+                )
+            time.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
+            delay = min(delay * 2, 10.0)
+        return found
+
+    def set_tags(self, machine_id: str, tags: Mapping[str, str]) -> None:
+        """Add or replace tags on the machine (``narrative:*`` ones are the driver's)."""
+        self._set_tags(machine_id, tags)
 
     def launch(self, spec: LaunchSpec, *, now: datetime | None = None) -> Machine:
         """Launch a machine for ``spec`` (returned as soon as the cloud accepted it; see
@@ -364,14 +438,16 @@ class MachineDriver(ABC):
         self._set_tags(machine_id, {TAG_LAST_USED: format_time(now or datetime.now(UTC))})
 
     def expired(self, machine: Machine, last_used: datetime | None, now: datetime) -> bool:
-        """Whether the machine has been unused for longer than ``idle_ttl`` at ``now``.
+        """Whether the machine has been unused for longer than its idle time-to-live at
+        ``now``: the ``idle_ttl`` it was launched with (its tag), else this configuration's.
 
         Its last use is the latest of ``last_used`` (what the caller knows, e.g. from its
         records), its ``narrative:last-used`` tag and its launch: a use any source knows of
         keeps it alive.
         """
         known = [t for t in (last_used, machine.last_used, machine.launched_at) if t is not None]
-        return now - max(known) > timedelta(seconds=self.config.idle_ttl)
+        ttl = machine.idle_ttl or self.config.idle_ttl  # its own, whoever reaps
+        return now - max(known) > timedelta(seconds=ttl)
 
     def reap_idle(
         self,
@@ -395,7 +471,8 @@ class MachineDriver(ABC):
         for machine in self.list_labelled(owner):
             if not self.expired(machine, known.get(machine.id), moment):
                 continue
-            log.info("terminating %s: idle for longer than %d s", machine.id, self.config.idle_ttl)
+            ttl = machine.idle_ttl or self.config.idle_ttl
+            log.info("terminating %s: idle for longer than %d s", machine.id, ttl)
             try:
                 self.terminate(machine.id)
             except ProviderError as exc:  # one that cannot go keeps no other alive

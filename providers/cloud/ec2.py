@@ -299,6 +299,11 @@ class Ec2Driver(MachineDriver):
                     machines += [_machine(i) for i in reservation.get("Instances", [])]
         return sorted(machines, key=lambda m: (m.launched_at, m.id))
 
+    def _console_output(self, machine_id: str) -> str:
+        with api_errors("get-console-output", machine_id):
+            # botocore decodes the base64 of the reply; None until the machine printed anything
+            return str(self.client.get_console_output(InstanceId=machine_id).get("Output") or "")
+
     def _set_tags(self, machine_id: str, tags: Mapping[str, str]) -> None:
         with api_errors("create-tags", machine_id):
             self.client.create_tags(Resources=[machine_id], Tags=_tag_list(tags))

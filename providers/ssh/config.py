@@ -7,37 +7,28 @@ import posixpath
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..base import ProviderConfig
 from ..shipping import DEFAULT_MAX_COLLECT_BYTES
 
-__all__ = ["FINGERPRINT", "SSHConfig"]
+__all__ = ["FINGERPRINT", "SSHConfig", "SSHSessionSettings"]
 
 FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 """A host key fingerprint as ``ssh-keygen -lf`` prints it."""
 
 
-class SSHConfig(ProviderConfig):
-    """One directory per environment on a remote Linux host, driven over SSH."""
+class SSHSessionSettings(BaseModel):
+    """How to log in and what to run on a host, whoever names the host: the settings the
+    ``ssh`` provider shares with ``cloud-vm`` (which launches the host first)."""
 
-    type: Literal["ssh"] = "ssh"
-    """Discriminator of the provider configs."""
-    host: str = Field(min_length=1)
-    """Address or name of the remote host."""
-    port: int = Field(default=22, ge=1, le=65535)
-    """Port of its SSH server."""
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
     user: str | None = None
     """Remote user name (default: the local user's name)."""
     key_file: str | None = None
     """Private key to log in with (default: ``~/.ssh/id_ed25519``, else ``~/.ssh/id_rsa``).
     Only this key is offered; no SSH agent is used or forwarded."""
-    known_hosts: str = "~/.ssh/known_hosts"
-    """known_hosts file holding the host's key: the host key must be in it (strict, the
-    default) or match ``host_key``."""
-    host_key: str | None = None
-    """The host key's fingerprint (``SHA256:...``) to trust on first use, as the refusal of
-    an unknown host prints it: check it out of band before you pass it."""
     work_dir: str = "~/.narrative"
     """Remote directory for environments (``envs/<id>``) and the runtime (``runtime/``);
     ``~`` is the remote user's home."""
@@ -69,6 +60,36 @@ class SSHConfig(ProviderConfig):
     max_collect_bytes: int = Field(default=DEFAULT_MAX_COLLECT_BYTES, gt=0)
     """Upper bound on the file bytes a collect accepts from the host."""
 
+    @field_validator("work_dir")
+    @classmethod
+    def _work_dir(cls, value: str) -> str:
+        if "\x00" in value or "\n" in value:
+            raise ValueError("work_dir must be a plain path")
+        rest = value[2:] if value.startswith("~/") else value
+        if value != "~" and not value.startswith(("/", "~/")):
+            raise ValueError(f"work_dir must be absolute or start with ~/ ({value!r})")
+        norm = posixpath.normpath(rest)
+        if norm.startswith("..") or value in ("/", "~"):
+            raise ValueError(f"work_dir must be a directory below / or ~ ({value!r})")
+        return value.rstrip("/")
+
+
+class SSHConfig(ProviderConfig, SSHSessionSettings):
+    """One directory per environment on a remote Linux host, driven over SSH."""
+
+    type: Literal["ssh"] = "ssh"
+    """Discriminator of the provider configs."""
+    host: str = Field(min_length=1)
+    """Address or name of the remote host."""
+    port: int = Field(default=22, ge=1, le=65535)
+    """Port of its SSH server."""
+    known_hosts: str = "~/.ssh/known_hosts"
+    """known_hosts file holding the host's key: the host key must be in it (strict, the
+    default) or match ``host_key``."""
+    host_key: str | None = None
+    """The host key's fingerprint (``SHA256:...``) to trust on first use, as the refusal of
+    an unknown host prints it: check it out of band before you pass it."""
+
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
@@ -82,16 +103,3 @@ class SSHConfig(ProviderConfig):
         if value is not None and not FINGERPRINT.fullmatch(value):
             raise ValueError(f"host_key must be a SHA256:... fingerprint ({value!r})")
         return value
-
-    @field_validator("work_dir")
-    @classmethod
-    def _work_dir(cls, value: str) -> str:
-        if "\x00" in value or "\n" in value:
-            raise ValueError("work_dir must be a plain path")
-        rest = value[2:] if value.startswith("~/") else value
-        if value != "~" and not value.startswith(("/", "~/")):
-            raise ValueError(f"work_dir must be absolute or start with ~/ ({value!r})")
-        norm = posixpath.normpath(rest)
-        if norm.startswith("..") or value in ("/", "~"):
-            raise ValueError(f"work_dir must be a directory below / or ~ ({value!r})")
-        return value.rstrip("/")

@@ -31,7 +31,14 @@ import asyncssh
 
 from ..errors import ExecFailed, ProviderError, ProviderUnavailable
 
-__all__ = ["CommandResult", "Session", "SSHTarget", "quote_argv", "session_for"]
+__all__ = [
+    "CommandResult",
+    "Session",
+    "SSHTarget",
+    "offered_host_key",
+    "quote_argv",
+    "session_for",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -146,6 +153,27 @@ def session_for(target: SSHTarget) -> Session:
         if session is None:
             session = _SESSIONS[target] = Session(target)
         return session
+
+
+def offered_host_key(host: str, port: int, timeout: float) -> str:
+    """The fingerprint (``SHA256:...``) of the host key ``host`` offers, as a connection of
+    :class:`Session` with nothing in known_hosts would be offered it (same algorithm
+    preference); nothing is trusted or sent but the key exchange.
+
+    Raises:
+        ProviderUnavailable: no SSH server answers within ``timeout``.
+    """
+
+    async def probe() -> str:
+        key = await asyncio.wait_for(asyncssh.get_server_host_key(host, port, config=[]), timeout)
+        if key is None:
+            raise ProviderUnavailable(f"ssh {host}:{port}: no host key offered")
+        return str(key.get_fingerprint("sha256"))
+
+    try:
+        return _loop().call(probe(), timeout + 5)
+    except (TimeoutError, asyncssh.Error, OSError) as exc:
+        raise ProviderUnavailable(f"ssh {host}:{port}: no SSH server answers ({exc})") from None
 
 
 class _Client(asyncssh.SSHClient):
