@@ -14,6 +14,7 @@ once, until it expires; a credential until its user logs out or is revoked.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import hmac
 import json
@@ -28,7 +29,7 @@ from typing import Any
 from gateway.errors import AccessDenied, TokenInvalid, TokenRevoked
 from narrative.errors import InvalidInput
 from narrative.fsutil import write_atomic
-from narrative.jsonio import load_json
+from narrative.jsonio import load_json, parse_json
 from narrative.models import now_iso
 from narrative.store import Store
 
@@ -133,7 +134,7 @@ class UserRegistry:
         _private_dir(self.store)
         with self.store.lock("team", timeout=30.0):
             self._stamp = None  # always read what is on disk under the lock
-            data = json.loads(json.dumps(self._read()))
+            data = copy.deepcopy(self._read())  # the cached document stays as it was
             yield data
             encoded = json.dumps(data, indent=1, sort_keys=True).encode()
             write_atomic(self.path, encoded)
@@ -336,7 +337,7 @@ class AuditLog:
         found = []
         for line in lines:
             with contextlib.suppress(ValueError):
-                entry = json.loads(line)
+                entry = parse_json(line)
                 if isinstance(entry, dict):
                     found.append(entry)
         return found

@@ -29,7 +29,8 @@ from providers.cloud.driver import (
 from providers.errors import MissingDependency, ProviderError, QuotaExceeded, ResourceGone
 from tests.moto_support import moto_server, post, use_test_credentials
 
-pytestmark = pytest.mark.heavy
+# moto EC2 round trips (~30 s): in make test-long (CI runs it), to keep make test under ten minutes
+pytestmark = [pytest.mark.heavy, pytest.mark.long]
 
 boto3 = pytest.importorskip("boto3")
 

@@ -26,6 +26,10 @@ from narrative.store import Store
 from tests.conftest import NARRATIVE, Cli, store_dir_of
 from tests.gateway.hub.hub_support import ROUTING, serve
 
+# several served hubs and developers' CLIs (~35 s): make test-long, which CI runs too, so that
+# make test stays under ten minutes; tests/multihost/test_team_hosts.py runs the same between hosts
+pytestmark = pytest.mark.long
+
 
 class Developer:
     """A developer's machine: a home (config directory) and a workspace, and their CLI."""
