@@ -23,11 +23,15 @@ import logging
 import os
 import shlex
 import threading
+import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
-import asyncssh
+with warnings.catch_warnings():
+    # cryptography 51 deprecates DSA, which asyncssh still names at import: not ours to show
+    warnings.filterwarnings("ignore", message="DSA is deprecated")
+    import asyncssh
 
 from ..errors import ExecFailed, ProviderError, ProviderUnavailable
 
