@@ -18,7 +18,7 @@ demo: $(STAMP)  ## the main job on embedded defaults: snapshot, change, diff, re
 test: $(STAMP)  ## the test suite, under ten minutes (CI runs it and test-long)
 	$(BIN)/pytest -q -m "not long and not hosts"
 
-test-long: $(STAMP)  ## the long tests: the model-based store test (ci profile), the wheel install, reused-environment attacks, the team hub, the EC2 driver
+test-long: $(STAMP)  ## the long tests: the model-based store test (ci profile), the wheel install, reused-environment attacks, the slower hub tests (Docker, TLS, hybrid, team, EC2 on moto)
 	$(BIN)/pytest -q -m long
 
 test-hosts: $(STAMP)  ## tests on a multi-host network of Linux namespaces (root; tests/multihost)

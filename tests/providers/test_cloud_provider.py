@@ -25,7 +25,8 @@ from providers.errors import ProviderError, QuotaExceeded
 from providers.manager import EnvironmentManager
 from tests.moto_support import moto_server, post, use_test_credentials
 
-pytestmark = pytest.mark.heavy
+# moto EC2 round trips: make test-long (CI runs it), to keep make test under ten minutes
+pytestmark = [pytest.mark.heavy, pytest.mark.long]
 boto3 = pytest.importorskip("boto3")
 
 # What an EC2 instance's console shows at first boot (Debian 12 image, cloud-init 22.4),

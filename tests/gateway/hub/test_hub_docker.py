@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from narrative.store import Store
 from providers.base import RUNTIME_BOOTSTRAP
 from providers.manager import EnvironmentManager
@@ -35,6 +37,10 @@ from tests.gateway.hub.hub_support import (
     routes as routes_of,
 )
 from tests.gateway.hub.test_usage import BURN, MIB, burn_and_nap, check_hub_run_usage, usage_of
+
+# real servers and runtimes over TLS / in containers: make test-long (CI runs it), to keep
+# make test under ten minutes
+pytestmark = pytest.mark.long
 
 REPO = str(Path(__file__).resolve().parents[3])
 WORKDIR = "/agent"  # outside every mount below

@@ -23,7 +23,9 @@ from tests.conftest import NARRATIVE, Cli, git, store_dir_of, tree_bytes
 from tests.gateway.hub.hub_support import events, file, start, types, wait_for_output
 from tests.gateway.hub.hub_support import routes as routes_of
 
-pytestmark = pytest.mark.timeout(180)
+# runs over two environments each (~60 s in all): make test-long, which CI runs too, keeps
+# make test under ten minutes
+pytestmark = [pytest.mark.timeout(180), pytest.mark.long]
 
 #: An agent that calls a routed capability (fs, llm) and one that is not (exec).
 AGENT = textwrap.dedent(

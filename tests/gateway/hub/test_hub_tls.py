@@ -37,6 +37,10 @@ from tests.gateway.conftest import FAST, async_test
 
 from .hub_support import types
 
+# real servers and runtimes over TLS / in containers: make test-long (CI runs it), to keep
+# make test under ten minutes
+pytestmark = pytest.mark.long
+
 PIN = re.compile(r"^sha256:[0-9a-f]{64}$")
 WRONG = "sha256:" + "0" * 64
 
