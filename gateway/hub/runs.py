@@ -117,6 +117,8 @@ class RunDriver:
         self._timed_out = False
         self._connected = asyncio.Event()
         self._disconnected_at: float | None = None
+        self._unreachable_at: float | None = None
+        """When the environment last could not be asked whether the runtime runs."""
         self._ending: str | None = None
         # A result exists only if the environment received the run's input: an environment
         # that never restored it holds a stale or empty tree, and "merging" that deletes files.
@@ -369,14 +371,18 @@ class RunDriver:
             if self._disconnected_at is None:
                 continue
             alive = await self.runtime.liveness()
-            away = loop.time() - self._disconnected_at
+            now = loop.time()
+            away = now - self._disconnected_at
+            if alive is None:  # the grace for reconnecting starts once the host answers again
+                self._unreachable_at = now
+            waiting = now - max(self._disconnected_at, self._unreachable_at or 0.0)
             if alive is False:
                 await self._lost("the runtime died")
             elif alive is None and away > self.hub.unreachable_grace:
                 await self._lost(
                     f"the environment stayed unreachable for over {self.hub.unreachable_grace:g}s"
                 )
-            elif alive and away > self.hub.reconnect_grace:
+            elif alive and waiting > self.hub.reconnect_grace:
                 await self._lost(
                     f"the runtime stayed disconnected for over {self.hub.reconnect_grace:g}s"
                 )

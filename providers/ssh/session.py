@@ -33,7 +33,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="DSA is deprecated")
     import asyncssh
 
-from ..errors import ExecFailed, ProviderError, ProviderUnavailable
+from ..errors import ProviderError, ProviderUnavailable
 
 __all__ = [
     "CommandResult",
@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _CHUNK = 1 << 16
+_RECONNECT_ATTEMPT = 5.0
+"""Seconds one reconnection attempt of the tunnel keeper may take: a SYN lost while the link
+was down is sent again soon after it is back."""
 _KEEPALIVE = 2.0
 """Seconds between keepalives: a dead link is noticed within three of them."""
 
@@ -251,6 +254,8 @@ class Session:
         return ProviderUnavailable(f"{where}: {exc}")
 
     async def _connection(self, *, keeper: bool = False) -> asyncssh.SSHClientConnection:
+        """The open connection, made (again) when there is none; while the keeper reconnects,
+        other callers fail at once instead of waiting for the link."""
         if self._conn is not None and self._conn.is_closed() and not keeper and self._keeping():
             # the keeper is reconnecting: do not make every caller wait for the link too
             raise ProviderUnavailable(f"ssh {self.target.label}: connection lost, reconnecting")
@@ -258,13 +263,13 @@ class Session:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._conn is None or self._conn.is_closed():
-                self._conn = await self._connect()
+                self._conn = await self._connect(_RECONNECT_ATTEMPT if keeper else None)
             return self._conn
 
     def _keeping(self) -> bool:
         return bool(self._forwards) and self._keeper is not None and not self._keeper.done()
 
-    async def _connect(self) -> asyncssh.SSHClientConnection:
+    async def _connect(self, timeout: float | None = None) -> asyncssh.SSHClientConnection:
         target = self.target
         if not os.path.exists(target.key_file):
             raise ProviderError(f"ssh {target.label}: no private key at {target.key_file}")
@@ -285,7 +290,7 @@ class Session:
                 agent_path=None,
                 agent_forwarding=False,
                 config=[],
-                connect_timeout=target.connect_timeout,
+                connect_timeout=min(timeout or target.connect_timeout, target.connect_timeout),
                 keepalive_interval=_KEEPALIVE,
                 keepalive_count_max=3,
             )
@@ -328,7 +333,12 @@ class Session:
             try:
                 process = await conn.create_process(command, encoding=None)
             except asyncssh.ChannelOpenError as exc:
-                raise ExecFailed(f"ssh {self.target.label}: could not start: {exc}") from None
+                # the server could not open a session (connection lost, sessions exhausted):
+                # nothing is known about the host, so nothing may be concluded from it (a
+                # missing program is the command's exit status 127, not this)
+                raise ProviderUnavailable(
+                    f"ssh {self.target.label}: no session channel: {exc.reason}"
+                ) from None
             chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
 
             async def pump(name: str, stream: Any) -> None:
@@ -401,7 +411,7 @@ class Session:
             await self._forward(conn, remote_path, local_path)
             self._forwards[remote_path] = local_path
             if self._keeper is None or self._keeper.done():
-                self._keeper = asyncio.get_running_loop().create_task(self._keep())
+                self._keeper = asyncio.get_running_loop().create_task(self._keep(conn))
 
         self.call(go, 60)
 
@@ -416,24 +426,30 @@ class Session:
         await conn.run(f"rm -f {quote_argv([remote])}", check=False, timeout=30)
         await conn.forward_remote_path(remote, local)
 
-    async def _keep(self) -> None:
+    async def _keep(self, forwarded: asyncssh.SSHClientConnection) -> None:
         """Reconnect and forward again whenever the connection is lost, while any forward is
-        wanted (backoff from 0.5 s up to 5 s, so a link back up is used within seconds)."""
+        wanted: attempts of at most :data:`_RECONNECT_ATTEMPT` seconds, backoff from 0.5 s up
+        to 5 s, so a link back up is used within seconds. ``forwarded`` is the connection the
+        forwards are on; a connection made meanwhile by someone else gets them too, and a
+        forward that failed is tried again."""
         delay = 0.5
         while self._forwards:
             conn = self._conn
-            if conn is not None and not conn.is_closed():
+            if conn is forwarded and conn is not None and not conn.is_closed():
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.wait_closed(), 1.0)
                 continue
             try:
-                conn = await self._connection(keeper=True)
+                conn = await asyncio.wait_for(self._connection(keeper=True), _RECONNECT_ATTEMPT + 1)
                 for remote, local in list(self._forwards.items()):
-                    await self._forward(conn, remote, local)
+                    await asyncio.wait_for(self._forward(conn, remote, local), 30)
+                forwarded = conn
                 log.info("ssh %s: tunnel up again", self.target.label)
                 delay = 0.5
-            except (asyncssh.Error, OSError, ProviderError) as exc:
-                log.debug("ssh %s: reconnect failed: %s", self.target.label, exc)
+            except (asyncssh.Error, OSError, ProviderError) as exc:  # TimeoutError included
+                log.info("ssh %s: reconnecting the tunnel failed: %s", self.target.label, exc)
+                if conn is not None and conn is not forwarded and not conn.is_closed():
+                    conn.close()  # forwards half made: start again on a fresh connection
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

@@ -14,7 +14,9 @@ import pytest
 from tests.conftest import Cli, store_dir_of
 from tests.gateway.hub.hub_support import events, start
 
-pytestmark = pytest.mark.timeout(180) if hasattr(pytest.mark, "timeout") else []
+# runs that burn CPU and memory on purpose (~30 s): make test-long (CI runs it), so that make
+# test keeps a margin under ten minutes
+pytestmark = [pytest.mark.timeout(180), pytest.mark.long]
 
 MIB = 1024 * 1024
 NAP = 1.5
