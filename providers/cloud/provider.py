@@ -53,7 +53,7 @@ from ..base import (
 from ..errors import ProviderError, ProviderUnavailable, ResourceGone
 from ..proctree import environment_marker
 from ..ssh.config import FINGERPRINT, SSHConfig, SSHSessionSettings
-from ..ssh.session import default_key_file
+from ..ssh.target import default_key_file
 from .driver import TAG_HOST_KEY, CloudMachineConfig, Machine, MachineDriver
 from .drivers import open_driver
 

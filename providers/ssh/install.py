@@ -23,19 +23,25 @@ import importlib.metadata
 import os
 import posixpath
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from platformdirs import user_cache_dir
 
 from ..base import RUNTIME_BOOTSTRAP
 from ..errors import ProviderError
-from .session import Session, quote_argv
+from .target import quote_argv
+
+if TYPE_CHECKING:
+    from .session import Session
 
 __all__ = [
+    "build_wheelhouse",
     "check_installable",
     "ensure_runtime",
     "runtime_installed",
@@ -93,30 +99,38 @@ def wheelhouse(configured: str | None) -> Path:
     path = Path(user_cache_dir("narrative")) / "wheelhouse" / runtime_key()
     if (path / "complete").exists():
         return path
-    building = Path(
-        tempfile.mkdtemp(prefix="wheelhouse-", dir=path.parent if path.parent.exists() else None)
-    )
+    # built beside its final place, so that the rename below is atomic on one file system
+    path.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix="wheelhouse-", dir=path.parent))
+    try:
+        build_wheelhouse(building)
+        (building / "complete").write_text(runtime_key())
+        with contextlib.suppress(OSError):  # another process built it meanwhile
+            building.rename(path)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)  # (gone already once renamed)
+    return path
+
+
+def build_wheelhouse(directory: Path) -> None:
+    """narrative-engine and its dependencies as wheels, and pip's, with ``pip wheel``: from the
+    checkout when this runs from one, else from the package index."""
     root = _code_root()
     source = (
         str(root)
         if (root / "pyproject.toml").exists()
         else f"{_DISTRIBUTION}=={runtime_key().split('-')[0]}"
     )
-    for args in (
-        ["wheel", "--quiet", "-w", str(building), source],
-        ["wheel", "--quiet", "-w", str(building), "pip"],
-    ):
+    for what in (source, "pip"):
         done = subprocess.run(
-            [sys.executable, "-m", "pip", *args], capture_output=True, text=True, check=False
+            [sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(directory), what],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["?"])[-1]
             raise ProviderError(f"could not build the wheelhouse for ssh hosts: {tail}")
-    (building / "complete").write_text(runtime_key())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(OSError):  # another process built it meanwhile
-        building.rename(path)
-    return path
 
 
 _WHEEL = re.compile(

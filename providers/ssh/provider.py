@@ -69,10 +69,12 @@ from .install import (
     runtime_installed,
 )
 from .sandbox import RemoteSandbox, bwrap_argv
-from .session import Session, make_target, quote_argv, run_env, session_for
+from .target import make_target, quote_argv, run_env
 
 if TYPE_CHECKING:
     from narrative.models import Snapshot
+
+    from .session import Session
 
 __all__ = ["SSHProvider"]
 
@@ -99,6 +101,8 @@ class _Capped:
 
 
 def _session(config: SSHConfig) -> Session:
+    from .session import session_for  # asyncssh only once an environment is used
+
     return session_for(
         make_target(
             config.host,
@@ -228,12 +232,13 @@ class SSHProvider(BaseProvider):
         return resource_id
 
     def start(self, resource_id: str) -> None:
+        """Nothing to start on the host: its directories are there (the manager's lifecycle
+        table says whether the environment is started)."""
         self.reconnect(resource_id)
-        self.session.check(f"rm -f {self._q(self._dir(resource_id, 'stopped'))}", "starting")
 
     def stop(self, resource_id: str) -> None:
+        """End every process of the environment; its files stay."""
         self.end_leftovers(resource_id)
-        self.session.check(f": > {self._q(self._dir(resource_id, 'stopped'))}", "stopping")
 
     def delete(self, resource_id: str) -> None:
         base = self._dir(resource_id)
@@ -478,7 +483,7 @@ class SSHProvider(BaseProvider):
         with tempfile.TemporaryFile() as tar:
             result = self.session.run(
                 f"cd {self._q(self._dir(resource_id, 'ws'))} && tar -c -f - .",
-                stdout=_Capped(tar, limit + (64 << 20)),  # type: ignore[arg-type]
+                stdout=_Capped(tar, limit + (64 << 20)).write,
                 timeout=3600,
             )
             if result.exit_code != 0:

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
 import logging
 import os
-import shlex
+import signal
 import threading
 import warnings
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
@@ -34,15 +33,9 @@ with warnings.catch_warnings():
     import asyncssh
 
 from ..errors import ProviderError, ProviderUnavailable
+from .target import SSHTarget, quote_argv
 
-__all__ = [
-    "CommandResult",
-    "Session",
-    "SSHTarget",
-    "offered_host_key",
-    "quote_argv",
-    "session_for",
-]
+__all__ = ["CommandResult", "Session", "offered_host_key", "session_for"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,66 +49,11 @@ _KEEPALIVE = 2.0
 
 
 @dataclass(frozen=True)
-class SSHTarget:
-    """Where and as whom to log in, and which host key to trust."""
-
-    host: str
-    port: int
-    user: str
-    key_file: str
-    known_hosts: str
-    host_key: str | None
-    connect_timeout: float
-
-    @property
-    def label(self) -> str:
-        return f"{self.user}@{self.host}:{self.port}"
-
-
-def default_key_file() -> str:
-    """``~/.ssh/id_ed25519`` if it exists, else ``~/.ssh/id_rsa``."""
-    for name in ("id_ed25519", "id_rsa"):
-        path = os.path.expanduser(f"~/.ssh/{name}")
-        if os.path.exists(path):
-            return path
-    return os.path.expanduser("~/.ssh/id_ed25519")
-
-
-def make_target(
-    host: str,
-    port: int,
-    user: str | None,
-    key_file: str | None,
-    known_hosts: str,
-    host_key: str | None,
-    connect_timeout: float,
-) -> SSHTarget:
-    return SSHTarget(
-        host,
-        port,
-        user or getpass.getuser(),
-        os.path.expanduser(key_file) if key_file else default_key_file(),
-        os.path.expanduser(known_hosts),
-        host_key,
-        connect_timeout,
-    )
-
-
-@dataclass(frozen=True)
 class CommandResult:
     exit_code: int
     stdout: bytes
     stderr: bytes
     timed_out: bool = False
-
-
-def quote_argv(argv: Sequence[str]) -> str:
-    """A shell command line for ``argv``; an argument starting with ``~/`` is expanded by the
-    remote shell to the remote user's home (the rest stays quoted)."""
-    return " ".join(
-        f'"$HOME"/{shlex.quote(arg[2:])}' if arg.startswith("~/") else shlex.quote(arg)
-        for arg in argv
-    )
 
 
 class _Loop:
@@ -205,6 +143,8 @@ class Session:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._connecting: asyncio.Lock | None = None
         self._forwards: dict[str, str] = {}
+        self._listeners: dict[str, tuple[asyncssh.SSHClientConnection, asyncssh.SSHListener]] = {}
+        """remote socket path → the connection and listener forwarding it now."""
         """remote socket path → local socket path, forwarded again after a reconnect."""
         self._keeper: asyncio.Task[None] | None = None
         self._home: str | None = None
@@ -316,17 +256,17 @@ class Session:
         command: str,
         *,
         stdin: IO[bytes] | bytes | None = None,
-        stdout: IO[bytes] | None = None,
+        stdout: Callable[[bytes], object] | None = None,
         on_output: Callable[[str, bytes], None] | None = None,
         timeout: float | None = None,
         on_timeout: str | None = None,
     ) -> CommandResult:
         """Run ``command`` (a shell command line) and wait for it.
 
-        ``stdin`` is streamed in; ``stdout``, when given, receives the output instead of the
-        result; ``on_output`` gets ``("stdout" | "stderr", chunk)`` as they arrive. After
-        ``timeout`` seconds ``on_timeout`` (a command that ends the first one's processes) runs
-        on a second channel and the output so far is kept.
+        ``stdin`` is streamed in; ``stdout``, when given, is called with each chunk of the
+        output, which the result then leaves out; ``on_output`` gets ``("stdout" | "stderr",
+        chunk)`` as they arrive. After ``timeout`` seconds ``on_timeout`` (a command that ends
+        the first one's processes) runs on a second channel and the output so far is kept.
         """
 
         async def go(conn: asyncssh.SSHClientConnection) -> CommandResult:
@@ -344,7 +284,7 @@ class Session:
             async def pump(name: str, stream: Any) -> None:
                 while data := await stream.read(_CHUNK):
                     if name == "stdout" and stdout is not None:
-                        await asyncio.get_running_loop().run_in_executor(None, stdout.write, data)
+                        await asyncio.get_running_loop().run_in_executor(None, stdout, data)
                     else:
                         chunks[name].append(data)
                     if on_output is not None:
@@ -408,7 +348,12 @@ class Session:
         ``local_path`` here, now and after every reconnect, until :meth:`unforward`."""
 
         async def go(conn: asyncssh.SSHClientConnection) -> None:
-            await self._forward(conn, remote_path, local_path)
+            current = self._listeners.get(remote_path)
+            if not (
+                current and current[0] is conn and self._forwards.get(remote_path) == local_path
+            ):
+                await self._forward(conn, remote_path, local_path)  # (a run before this one
+                # on the same connection forwarded it already: nothing to do)
             self._forwards[remote_path] = local_path
             if self._keeper is None or self._keeper.done():
                 self._keeper = asyncio.get_running_loop().create_task(self._keep(conn))
@@ -418,13 +363,19 @@ class Session:
     def unforward(self, remote_path: str) -> None:
         async def go() -> None:
             self._forwards.pop(remote_path, None)
+            _conn, listener = self._listeners.pop(remote_path, (None, None))
+            if listener is not None:
+                listener.close()
 
         _loop().call(go(), 10)
 
     async def _forward(self, conn: asyncssh.SSHClientConnection, remote: str, local: str) -> None:
+        _old_conn, old = self._listeners.pop(remote, (None, None))
+        if old is not None:
+            old.close()  # (a no-op on a connection that is gone)
         # a socket file left by an earlier connection would make the server refuse to listen
         await conn.run(f"rm -f {quote_argv([remote])}", check=False, timeout=30)
-        await conn.forward_remote_path(remote, local)
+        self._listeners[remote] = (conn, await conn.forward_remote_path(remote, local))
 
     async def _keep(self, forwarded: asyncssh.SSHClientConnection) -> None:
         """Reconnect and forward again whenever the connection is lost, while any forward is
@@ -455,16 +406,7 @@ class Session:
 
 
 def _signal_number(name: str | None) -> int:
-    import signal
-
     try:
         return int(signal.Signals[f"SIG{name}"]) if name else 1
     except KeyError:
         return 1
-
-
-def run_env(env: Mapping[str, str]) -> str:
-    """``env K=V ...`` for a command line (empty when there is nothing to set)."""
-    if not env:
-        return ""
-    return "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " "

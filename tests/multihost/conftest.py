@@ -45,3 +45,12 @@ def network(request: pytest.FixtureRequest) -> Iterator[Network]:
 def ssh_key(tmp_path: Path) -> SshKey:
     """An ed25519 client key pair on the machine (copy it into a host with write_file)."""
     return make_ssh_key(tmp_path / "id_ed25519")
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheels ssh hosts install narrative from, built once per test session on the machine
+    (the hosts have no route to a package index)."""
+    from tests.multihost.ssh_hosts import build_wheelhouse
+
+    return build_wheelhouse(str(tmp_path_factory.mktemp("wheelhouse")))

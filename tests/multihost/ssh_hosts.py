@@ -10,30 +10,24 @@ from __future__ import annotations
 import functools
 import json
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from providers.ssh import install
 from tests.multihost.hosts import Host, Network, SshKey
 
 __all__ = ["Lab", "build_wheelhouse", "make_lab"]
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @functools.cache
 def build_wheelhouse(directory: str) -> Path:
     """narrative-engine and its dependencies as wheels (and pip's), built on the machine once
-    per test session: the hosts have no route to a package index."""
+    per test session as the provider builds its own: the hosts have no route to a package
+    index."""
     house = Path(directory)
     house.mkdir(parents=True, exist_ok=True)
-    for what in (str(REPO), "pip"):
-        subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(house), what],
-            check=True,
-            capture_output=True,
-        )
+    install.build_wheelhouse(house)
     return house
 
 
@@ -88,6 +82,12 @@ class Lab:
             self.dev.write_file(f"{path}/{rel}", text)
         self.narrative("init", cwd=path)
         return path
+
+    def assert_store_sound(self, cwd: str | None = None) -> None:
+        """Stock git finds the developer's store sound (``fsck --strict``)."""
+        store = self.json("info", cwd=cwd)["store"]
+        fsck = self.dev.run(["git", "--git-dir", str(store), "fsck", "--strict"], check=False)
+        assert fsck.returncode == 0, fsck.stderr.decode()
 
     def sh_on_box(self, script: str, box: Host | None = None) -> str:
         return (box or self.box).sh(script, check=False).stdout.decode()

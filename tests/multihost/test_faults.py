@@ -26,17 +26,12 @@ import pytest
 
 from tests.multihost.conftest import require_namespaces
 from tests.multihost.hosts import Network, make_ssh_key
-from tests.multihost.ssh_hosts import Lab, build_wheelhouse, make_lab
+from tests.multihost.ssh_hosts import Lab, make_lab
 
 pytestmark = pytest.mark.faults
 
 RECONNECT_WITHIN = 30.0
 """Seconds within which a runtime is connected again once its link is back (issue 16)."""
-
-
-@pytest.fixture(scope="session")
-def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_wheelhouse(str(tmp_path_factory.mktemp("wheelhouse")))
 
 
 @pytest.fixture
@@ -162,13 +157,7 @@ def assert_complete(lab: Lab, shown: dict[str, Any], ticks: int = TICKS) -> None
     assert ticks_of(shown) == [f"tick {i}" for i in range(1, ticks + 1)], ticks_of(shown)
     diff = lab.narrative("diff", shown["id"]).stdout.decode()
     assert "fin.txt" in diff, diff
-    assert_store_sound(lab)
-
-
-def assert_store_sound(lab: Lab) -> None:
-    store = lab.json("info")["store"]
-    fsck = lab.dev.run(["git", "--git-dir", str(store), "fsck", "--strict"], check=False)
-    assert fsck.returncode == 0, fsck.stderr.decode()
+    lab.assert_store_sound()
 
 
 def reconnected_within(lab: Lab, run_id: str, link_back: float, after: int) -> float:
@@ -240,7 +229,7 @@ def test_remote_host_reboots(lab: Lab, hub: Hub) -> None:
     assert shown["status"] == "failed", shown["status"]
     assert ticks_of(shown)[:2] == ["tick 1", "tick 2"]
     cli.wait(30)
-    assert_store_sound(lab)
+    lab.assert_store_sound()
     # the environment is marked as in error (its runtime was lost); started again, it serves
     assert lab.json("env", "show", "far")["state"] == "error"
     lab.narrative("env", "start", "far")

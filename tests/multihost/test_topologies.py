@@ -13,12 +13,7 @@ import pytest
 
 from tests.multihost.conftest import require_namespaces
 from tests.multihost.hosts import Network, make_ssh_key
-from tests.multihost.ssh_hosts import Lab, build_wheelhouse, make_lab
-
-
-@pytest.fixture(scope="session")
-def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_wheelhouse(str(tmp_path_factory.mktemp("wheelhouse")))
+from tests.multihost.ssh_hosts import Lab, make_lab
 
 
 @pytest.fixture
@@ -49,6 +44,4 @@ def test_fan_out_to_three_hosts(lab3: Lab) -> None:
         diff = lab3.narrative("diff", run_id, cwd=ws).stdout.decode()
         hosts.update(line[1:] for line in diff.splitlines() if line.startswith("+box"))
     assert hosts == {"box1", "box2", "box3"}, hosts
-    store = lab3.json("info", cwd=ws)["store"]
-    fsck = lab3.dev.run(["git", "--git-dir", str(store), "fsck", "--strict"], check=False)
-    assert fsck.returncode == 0, fsck.stderr.decode()
+    lab3.assert_store_sound(ws)
