@@ -33,3 +33,25 @@ def test_a_document_replaced_between_open_and_read_is_read_again(
     monkeypatch.setattr(s3fs.S3FileSystem, "_open", open_then_replace)
     assert verified.read_small(url, s3_options) == b'{"version": 2}'
     assert replaced  # the race really happened
+
+
+def test_a_document_replaced_under_the_reader_again_and_again_is_still_read(
+    s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writers that keep replacing the document for a second (four pushers on a loaded machine)
+    do not make the read fail: it is retried for seconds, not for six attempts."""
+    url = "s3://narrative-test/replaced-often/index.json"
+    write_small_atomic(url, b'{"version": 0}', s3_options)
+    real_open = s3fs.S3FileSystem._open
+    versions: list[int] = []
+
+    def open_then_replace(self: Any, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        handle = real_open(self, path, mode, **kwargs)
+        if mode == "rb" and path.endswith("replaced-often/index.json") and len(versions) < 10:
+            versions.append(len(versions) + 1)
+            write_small_atomic(url, b'{"version": %d}' % versions[-1], s3_options)
+        return handle
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_open", open_then_replace)
+    assert verified.read_small(url, s3_options) == b'{"version": 10}'
+    assert len(versions) == 10  # replaced under each of ten reads
