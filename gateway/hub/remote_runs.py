@@ -129,6 +129,9 @@ class RemoteRuns:
 
         spec = {"snapshot": snapshot, "threads": [thread], "have": have_commits(hub.store)}
         try:
+            # the thread named is recorded as the user's below, even when the bundle leaves
+            # its head out: it must be new or theirs already
+            self._thread_check(caller.user)({thread: b""})
             imported, _ = await fetch_bundle(
                 call,
                 hub.store,
