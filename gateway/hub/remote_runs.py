@@ -8,7 +8,8 @@ the run like any other (:meth:`gateway.hub.server.Hub.submit`). The run belongs 
 events after a sequence number), ``team:runStop``, ``team:runKill`` and ``team:prepareResult``
 (the finished run's records and result as a bundle, which the CLI pulls with
 ``narrative:readBundle``) refuse any run that is not the caller's, unless the caller is an
-admin. Every start, stop and kill, and every refusal, goes to the audit log.
+admin. A run in another user's private environment (:mod:`gateway.hub.remote_envs`) is
+refused. Every start, stop and kill, and every refusal, goes to the audit log.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from narrative.hierarchy import get_run
 from narrative.history import resolve_snapshot
 from narrative.jsonio import load_json
 from narrative.models import AgentRun
+from transfer.thread_updates import ImportResult
 
 from .events import RunEventLog
 from .narratives import fetch_bundle, have_commits
@@ -51,6 +53,9 @@ class RemoteRuns:
         self.team = hub.team
         self.path = os.path.join(team_dir(hub.store), "runs.json")
         self._owners: dict[str, Any] | None = None
+        #: the user whose private environment a name or id is (None: the hub's own); set by
+        #: the hub (:class:`gateway.hub.remote_envs.RemoteEnvironments`)
+        self.environment_owner: Callable[[str], str | None] = lambda environment: None
 
     def install(self, registry: HandlerRegistry) -> None:
         for action, handler in (
@@ -113,42 +118,73 @@ class RemoteRuns:
 
         return check
 
+    def thread_owner(self, thread_id: str) -> str | None:
+        """The user who brought ``thread_id`` to the hub (None: the hub's own, or unknown)."""
+        owner = self._load()["threads"].get(thread_id)
+        return str(owner) if owner is not None else None
+
+    async def pull_from_user(
+        self, ctx: HandlerContext, user: str, thread: str, snapshot: str | None
+    ) -> ImportResult:
+        """Import from the CLI making the call (``ctx``) the records of ``thread`` and, when
+        given, ``snapshot`` (which the CLI serves as a bundle): the import may create threads
+        and move those ``user`` brought before, never another's; ``thread`` and every thread
+        the import moved are ``user``'s from then on."""
+        hub = self.hub
+        peer = ctx.route_path[0]
+
+        async def call(kind: str, action: str, spec: dict[str, Any]) -> Any:
+            return await hub.gateway.call(kind, action, spec, target=peer, timeout=_PULL_TIMEOUT)
+
+        check = self._thread_check(user)
+
+        def ask() -> dict[str, Any]:
+            # the thread named is recorded as the user's below, even when the bundle leaves
+            # its head out: it must be new or theirs already
+            check({thread: b""})
+            return {"threads": [thread], "have": have_commits(hub.store)}
+
+        spec = await hub.blocking(ask)
+        if snapshot is not None:
+            spec["snapshot"] = snapshot
+        imported, _ = await fetch_bundle(
+            call,
+            hub.store,
+            spec,
+            hub.blocking,
+            f"user {user}",
+            check_threads=check,
+            max_bytes=hub.store.config.max_import_size,
+        )
+
+        def own_threads() -> None:
+            owners = self._load()["threads"]
+            for thread_id in [thread, *imported.updated]:
+                owners.setdefault(thread_id, user)
+            self._save()
+
+        await hub.blocking(own_threads)
+        return imported
+
+    def _check_environment(self, caller: Caller, environment: str) -> None:
+        """Refuse a run in another user's private environment."""
+        owner = self.environment_owner(environment)
+        if owner is not None and owner != caller.user and not caller.admin:
+            raise AccessDenied(f"environment {environment} is not one of yours on this hub")
+
     # -- handlers -------------------------------------------------------------------------------
 
     async def _start(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
-        peer = ctx.route_path[0]
         snapshot, thread = payload.get("snapshot"), payload.get("thread")
         if not isinstance(snapshot, str) or not isinstance(thread, str):
             raise InvalidInput("'snapshot' and 'thread' must name the base the CLI serves")
         request = RunRequest.from_payload({**payload, "thread": None})
         hub = self.hub
-
-        async def call(kind: str, action: str, spec: dict[str, Any]) -> Any:
-            return await hub.gateway.call(kind, action, spec, target=peer, timeout=_PULL_TIMEOUT)
-
-        spec = {"snapshot": snapshot, "threads": [thread], "have": have_commits(hub.store)}
         try:
-            # the thread named is recorded as the user's below, even when the bundle leaves
-            # its head out: it must be new or theirs already
-            self._thread_check(caller.user)({thread: b""})
-            imported, _ = await fetch_bundle(
-                call,
-                hub.store,
-                spec,
-                hub.blocking,
-                f"user {caller.user}",
-                check_threads=self._thread_check(caller.user),
-                max_bytes=hub.store.config.max_import_size,
-            )
-
-            def own_threads() -> None:
-                owners = self._load()["threads"]
-                for thread_id in [thread, *imported.updated]:
-                    owners.setdefault(thread_id, caller.user)
-                self._save()
-
-            await hub.blocking(own_threads)
+            if request.environment is not None:
+                self._check_environment(caller, request.environment)
+            await self.pull_from_user(ctx, caller.user, thread, snapshot)
             run = await hub.submit(request)
         except NarrativeError as exc:
             await self.team.refuse(caller.user, "runStart", request.environment, exc)

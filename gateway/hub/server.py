@@ -14,7 +14,8 @@ handler only the hub can serve is the canonical example). Control calls (``hub:*
 taken from a direct peer holding a ``control`` token, which only the owner of the store's key
 can mint. Every other token is held to its run by :class:`gateway.hub.token_policy.RunTokenPolicy`,
 except a team's users (invite codes, credentials and their sessions: :mod:`gateway.hub.team`),
-whose runs are :mod:`gateway.hub.remote_runs`.
+whose runs are :mod:`gateway.hub.remote_runs` and private environments
+:mod:`gateway.hub.remote_envs`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from providers.keys import key_path
 from providers.manager import EnvironmentManager
 
 from .narratives import BundleShelf
+from .remote_envs import RemoteEnvironments
 from .remote_runs import RemoteRuns
 from .team import TeamHandlers, TeamPolicy, TeamSigner
 from .token_policy import CONTROL_RUN, RunTokenPolicy
@@ -271,6 +273,9 @@ class Hub:
         remote_runs = RemoteRuns(self)
         remote_runs.install(registry)
         self.team.policy.run_owner = remote_runs.owner
+        remote_envs = RemoteEnvironments(self, remote_runs)
+        remote_envs.install(registry)
+        remote_runs.environment_owner = remote_envs.owner
         registry.register("narrative", "snapshot", self._snapshot)
         for action, handler in (
             ("runStart", self._control_start),
