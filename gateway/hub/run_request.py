@@ -8,6 +8,7 @@ provider when no runtime can ship it (used by the hub's driver and by the hub cl
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,12 +112,12 @@ def collect_from_environment(
 
 
 def lease_environment(
-    manager: EnvironmentManager, request: RunRequest
+    manager: EnvironmentManager, request: RunRequest, private: Container[str] = ()
 ) -> tuple[Lease, str, str | None]:
     """The run's environment, leased and able to run commands: the one named, or one the hub
-    selects (then also how: reused, started or created)."""
+    selects (then also how: reused, started or created), never one whose id is in ``private``."""
     if request.environment is None:
-        chosen = select_environment(manager, request.require)
+        chosen = select_environment(manager, request.require, private)
         return chosen.lease, chosen.record.name, chosen.how
     record = manager.get(request.environment)
     lease = Lease.acquire(manager.store, record.id)

@@ -148,7 +148,7 @@ class RunDriver:
                 raise InvalidInput("give a snapshot or a thread, not both")
             named = request.snapshot or request.thread  # resolved before anything changes
             base = pick_base(manager, request.snapshot, request.thread) if named else None
-            lease, env, how = lease_environment(manager, request)
+            lease, env, how = lease_environment(manager, request, hub.private_environments())
             try:
                 lease_components(manager, env, lease)
                 base = base or pick_base(manager)

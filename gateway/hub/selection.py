@@ -8,7 +8,7 @@ hubs selecting at once never pick the same environment.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 from providers.errors import EnvironmentExists, ProviderError
@@ -41,8 +41,11 @@ class Selection:
     lease: EnvironmentLease
 
 
-def select_environment(manager: EnvironmentManager, require: Iterable[str] = ()) -> Selection:
-    """Lease an environment with every capability in ``require`` (see the module docstring).
+def select_environment(
+    manager: EnvironmentManager, require: Iterable[str] = (), private: Container[str] = ()
+) -> Selection:
+    """Lease an environment with every capability in ``require`` (see the module docstring),
+    never one whose id is in ``private`` (a team user's own, which only a run naming it gets).
 
     Raises:
         NoProviderAvailable: none exists and no provider has the capabilities.
@@ -53,7 +56,9 @@ def select_environment(manager: EnvironmentManager, require: Iterable[str] = ())
         (
             r
             for r in manager.environments()
-            if r.state in _PREFERENCE and all(c in r.capabilities for c in wanted)
+            if r.state in _PREFERENCE
+            and r.id not in private
+            and all(c in r.capabilities for c in wanted)
         ),
         key=lambda r: (_PREFERENCE[r.state], r.created_at),
     )

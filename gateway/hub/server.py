@@ -227,6 +227,8 @@ class Hub:
         """run id → :class:`gateway.hub.runs.RunDriver` of the runs this hub drives."""
         self._by_env: dict[str, RunDriver] = {}
         self._hub_file: str | None = None
+        self.private_environments: Callable[[], frozenset[str]] = frozenset
+        """The ids of the team users' private environments, which the hub never selects."""
         self._install(allow_exec, allow_writes, plugins)
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -276,6 +278,7 @@ class Hub:
         remote_envs = RemoteEnvironments(self, remote_runs)
         remote_envs.install(registry)
         remote_runs.environment_owner = remote_envs.owner
+        self.private_environments = remote_envs.private_ids
         registry.register("narrative", "snapshot", self._snapshot)
         for action, handler in (
             ("runStart", self._control_start),
