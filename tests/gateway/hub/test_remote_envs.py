@@ -19,6 +19,7 @@ import pytest
 from gateway.errors import AccessDenied, AuthError, GatewayError, OutOfScope
 from gateway.handlers import HandlerContext
 from gateway.hub.narratives import BundleShelf, fetch_bundle, have_commits
+from gateway.hub.run_request import RunRequest
 from gateway.hub.server import Hub
 from gateway.hub.team import revoke_user
 from gateway.hub.team_client import TeamSession, login, open_session
@@ -397,5 +398,34 @@ def test_a_run_cannot_claim_the_hubs_thread(store: Store, tmp_path: Path) -> Non
             runs = Path(store.git_dir) / "narrative" / "team" / "runs.json"
             owners = json.loads(runs.read_text())["threads"] if runs.exists() else {}
             assert hub_thread not in owners
+
+    asyncio.run(main())
+
+
+def test_the_hub_never_selects_a_users_clone(store: Store, tmp_path: Path) -> None:
+    """A run that names no environment gets one the hub selects: never a user's clone, even
+    when that is the only one running (it would run another user's agent in alice's clone)."""
+    bob_store = user_store(tmp_path, "bob", {"b.txt": b"b\n"})
+    base = take_snapshot(bob_store, message="base").snapshot
+
+    async def main() -> None:
+        async with Hub(store) as hub:
+            config = {"sandbox": "none"}
+            await hub.blocking(lambda: hub.manager.create(TEMPLATE, "worktree", config))
+            await enrol(hub, "alice")
+            await enrol(hub, "bob")
+            async with open_session("alice") as alice:
+                created = await alice.call("envCreate", {"template": TEMPLATE, "label": ""})
+            clone = created["environment"]
+            await hub.blocking(lambda: hub.manager.stop(TEMPLATE))  # the clone alone runs
+            async with open_session("bob") as bob:
+                serve_store(bob, bob_store)
+                run = {"argv": ["true"], "snapshot": base.id, "thread": base.thread}
+                started = await bob.call("runStart", run)
+                assert started["environment"] != clone
+                await hub.wait(started["id"])
+            owner_run = await hub.submit(RunRequest(None, ["true"]))
+            assert owner_run.environment != clone
+            await hub.wait(owner_run.id)
 
     asyncio.run(main())
