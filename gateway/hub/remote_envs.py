@@ -3,7 +3,8 @@ through ``team:env*`` calls by the user who made it (the server side of the ``re
 provider, whose every operation runs here).
 
 A *template* is an environment the hub's owner made (not archived, not a user's clone, no
-``path`` in its config, which every clone would share). ``team:envCreate`` clones one, with its
+``path`` in its config and not ``hybrid``: its clones would share that directory or those
+environments). ``team:envCreate`` clones one, with its
 provider and config exactly, under a fresh name ``u-<8 hex>``, and records who owns it in
 ``envs.json`` in the store's team directory (mode 0600, replaced atomically)::
 
@@ -219,6 +220,11 @@ class RemoteEnvironments:
             raise EnvironmentNotFound(name)
         if self._entry(record.name) is not None or self._entry(record.id) is not None:
             raise InvalidInput(f"environment {name} is a user's environment, not a template")
+        if record.provider == "hybrid":  # made of two others, which its clones would share
+            raise InvalidInput(
+                f"environment {name} is made of other environments, which its clones would "
+                "share, so it cannot be a template"
+            )
         if record.config.get("path"):
             raise InvalidInput(
                 f"environment {name} has a fixed path: its clones would share it, so it "

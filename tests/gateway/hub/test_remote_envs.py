@@ -32,6 +32,9 @@ from narrative.store import Store
 from providers.lifecycle import EnvState
 from tests.providers.contract_targets import sandbox_or_skip
 
+# real sessions and sandboxed clones (~30 s): make test-long, which CI runs too
+pytestmark = pytest.mark.long
+
 T = TypeVar("T")
 TEMPLATE = "sandbox"
 
@@ -344,6 +347,8 @@ def test_only_the_owners_environments_are_templates(store: Store, tmp_path: Path
             await hub.blocking(
                 lambda: hub.manager.create("fixed", "worktree", {"path": fixed}, start=False)
             )
+            hybrid = {"agent": TEMPLATE, "tools": "fixed", "route": ["fs:*"]}
+            await hub.blocking(lambda: hub.manager.create("both", "hybrid", hybrid, start=False))
             old = await hub.blocking(lambda: hub.manager.create("old", "worktree", start=False))
             await hub.blocking(lambda: hub.manager.delete("old"))
             await enrol(hub, "alice")
@@ -354,6 +359,7 @@ def test_only_the_owners_environments_are_templates(store: Store, tmp_path: Path
                 for template, message in (
                     (clone, "not a template"),
                     ("fixed", "fixed path"),
+                    ("both", "made of other environments"),
                     ("nowhere", "no environment named"),
                     (old.id, "no environment named"),
                 ):
@@ -362,7 +368,7 @@ def test_only_the_owners_environments_are_templates(store: Store, tmp_path: Path
                 listed = await session.call("envList", {})
                 assert [e["environment"] for e in listed["environments"]] == [clone]
             refused = [a for a in audit_of(hub) if a[1] == "envCreate" and a[3] == "refused"]
-            assert len(refused) == 4
+            assert len(refused) == 5
 
     asyncio.run(main())
 
