@@ -193,7 +193,7 @@ class RemoteEnvironments:
         self, caller: Caller, action: str, payload: dict[str, Any]
     ) -> tuple[str, EnvironmentRecord]:
         environment = _string(payload, "environment")
-        found = self._entry(environment)
+        found = await self.hub.blocking(lambda: self._entry(environment))
         if found is None or (found[1]["user"] != caller.user and not caller.admin):
             exc = AccessDenied(f"environment {environment} is not one of yours on this hub")
             await self.team.refuse(caller.user, action, environment, exc)
@@ -204,10 +204,22 @@ class RemoteEnvironments:
     async def _audit_ok(self, caller: Caller, action: str, target: str) -> None:
         await self.hub.blocking(lambda: self.team.audit.record(caller.user, action, target, "ok"))
 
-    async def _relay(self, func: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """``func``'s answer, run off the loop; a :data:`RELAYED` failure as an answer."""
+    async def _relay(
+        self, func: Callable[[], dict[str, Any]], live: EnvironmentRecord | None = None
+    ) -> dict[str, Any]:
+        """``func``'s answer, run off the loop; a :data:`RELAYED` failure as an answer. With
+        ``live``, a deleted environment fails as ``ResourceGone`` first (as a provider's
+        operation on a resource that is gone does)."""
+
+        def checked() -> dict[str, Any]:
+            if live is not None:
+                current = self.manager.get(live.id)
+                if current.state is EnvState.ARCHIVED or current.resource_id is None:
+                    raise ResourceGone(current.resource_id or current.name)
+            return func()
+
         try:
-            return await self.hub.blocking(func)
+            return await self.hub.blocking(checked)
         except RELAYED as exc:
             kind = next(cls for cls in RELAYED if isinstance(exc, cls))
             return {"failure": {"type": kind.__name__, "message": str(exc)}}
@@ -330,12 +342,16 @@ class RemoteEnvironments:
     async def _start(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
         _, record = await self._owned(caller, "envStart", payload)
-        return await self._relay(lambda: {"state": self.manager.start(record.id).state.value})
+        return await self._relay(
+            lambda: {"state": self.manager.start(record.id).state.value}, record
+        )
 
     async def _stop(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
         _, record = await self._owned(caller, "envStop", payload)
-        return await self._relay(lambda: {"state": self.manager.stop(record.id).state.value})
+        return await self._relay(
+            lambda: {"state": self.manager.stop(record.id).state.value}, record
+        )
 
     async def _health(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
@@ -375,7 +391,7 @@ class RemoteEnvironments:
                 "stderr": _b64(result.stderr),
             }
 
-        return await self._relay(run)
+        return await self._relay(run, record)
 
     async def _read_file(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
@@ -386,7 +402,7 @@ class RemoteEnvironments:
             _, provider, resource = self.manager.require_active(record.id)
             return {"data": _b64(provider.read_file(resource, path))}
 
-        return await self._relay(read)
+        return await self._relay(read, record)
 
     async def _write_file(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
@@ -398,7 +414,7 @@ class RemoteEnvironments:
             provider.write_file(resource, path, data)
             return {}
 
-        return await self._relay(write)
+        return await self._relay(write, record)
 
     async def _delete_file(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
@@ -410,13 +426,15 @@ class RemoteEnvironments:
             provider.delete_file(resource, path)
             return {}
 
-        return await self._relay(delete)
+        return await self._relay(delete, record)
 
     async def _spawn(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
         _, record = await self._owned(caller, "envSpawn", payload)
         argv, env = _argv(payload), _env(payload)
-        return await self._relay(lambda: {"handle": self.manager.spawn(record.id, argv, env)})
+        return await self._relay(
+            lambda: {"handle": self.manager.spawn(record.id, argv, env)}, record
+        )
 
     async def _signal(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
@@ -429,13 +447,13 @@ class RemoteEnvironments:
             self.manager.signal(record.id, handle, _SIGNALS[sig])
             return {}
 
-        return await self._relay(send)
+        return await self._relay(send, record)
 
     async def _alive(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
         _, record = await self._owned(caller, "envAlive", payload)
         handle = _string(payload, "handle")
-        return await self._relay(lambda: {"alive": self.manager.alive(record.id, handle)})
+        return await self._relay(lambda: {"alive": self.manager.alive(record.id, handle)}, record)
 
     # -- snapshots ------------------------------------------------------------------------------
 
@@ -463,7 +481,7 @@ class RemoteEnvironments:
             provider.restore(resource, snap)
             return {"snapshot": snap.id}
 
-        return await self._relay(restore)
+        return await self._relay(restore, record)
 
     def _user_of(self, name: str, caller: Caller) -> str:
         """The user whose threads a call on clone ``name`` moves: its owner's, whoever calls
@@ -495,7 +513,7 @@ class RemoteEnvironments:
                 self._land(thread, run, snap)
             return {"snapshot": snap.to_dict()}
 
-        return await self._relay(collect)
+        return await self._relay(collect, record)
 
     def _land(self, thread: str, run: str, snap: Snapshot) -> None:
         """Put a run's result that the provider staged onto its thread: it is screened where

@@ -183,7 +183,8 @@ class RemoteRuns:
         hub = self.hub
         try:
             if request.environment is not None:
-                self._check_environment(caller, request.environment)
+                named = request.environment
+                await hub.blocking(lambda: self._check_environment(caller, named))
             await self.pull_from_user(ctx, caller.user, thread, snapshot)
             run = await hub.submit(request)
         except NarrativeError as exc:

@@ -32,9 +32,6 @@ from narrative.store import Store
 from providers.lifecycle import EnvState
 from tests.providers.contract_targets import sandbox_or_skip
 
-# real sessions and sandboxed clones (~30 s): make test-long, which CI runs too
-pytestmark = pytest.mark.long
-
 T = TypeVar("T")
 TEMPLATE = "sandbox"
 
@@ -248,6 +245,14 @@ def test_a_clone_of_a_template_runs_commands_files_processes_and_snapshots(
                 assert await call("envDelete") == {}
                 assert await call("envDelete") == {}
                 assert await call("envHealth") == {"health": "gone", "state": "archived"}
+                for action, extra in (
+                    ("envExec", {"argv": ["true"], "env": {}, "timeout": None}),
+                    ("envReadFile", {"path": "notes.txt"}),
+                    ("envAlive", {"handle": handle}),
+                    ("envStart", {}),
+                ):
+                    after = await call(action, **extra)
+                    assert after["failure"]["type"] == "ResourceGone", (action, after)
                 listed = await session.call("envList", {})
                 assert [(e["environment"], e["state"]) for e in listed["environments"]] == [
                     (name, "archived")
