@@ -183,7 +183,13 @@ class RemoteEnvironments:
 
     def private_ids(self) -> frozenset[str]:
         """The ids of every user's clone (which the hub never selects for a run)."""
-        return frozenset(str(e["id"]) for e in self._load().values() if e.get("id"))
+        clones = self._load()
+        ids = {str(e["id"]) for e in clones.values() if e.get("id")}
+        # a creation cut short before its id was written down: found by its name
+        pending = {name for name, e in clones.items() if not e.get("id")}
+        if pending:
+            ids |= {r.id for r in self.manager.environments() if r.name in pending}
+        return frozenset(ids)
 
     def _record(self, name: str, entry: dict[str, Any]) -> EnvironmentRecord:
         """The clone's record (by its id, so an archived one is found too)."""
@@ -192,6 +198,9 @@ class RemoteEnvironments:
     async def _owned(
         self, caller: Caller, action: str, payload: dict[str, Any]
     ) -> tuple[str, EnvironmentRecord]:
+        """The caller's clone that ``payload`` names (its name and record); anything else is
+        refused, audited. An admin's call on a user's clone moves that user's threads
+        (:meth:`_user_of`)."""
         environment = _string(payload, "environment")
         found = await self.hub.blocking(lambda: self._entry(environment))
         if found is None or (found[1]["user"] != caller.user and not caller.admin):
@@ -468,7 +477,7 @@ class RemoteEnvironments:
         caller = self.team.caller(ctx)
         name, record = await self._owned(caller, "envRestore", payload)
         snapshot, thread = _string(payload, "snapshot"), _string(payload, "thread")
-        user = self._user_of(name, caller)
+        user = self._user_of(name)
         try:
             await self.runs.pull_from_user(ctx, user, thread, snapshot)
         except NarrativeError as exc:
@@ -483,11 +492,10 @@ class RemoteEnvironments:
 
         return await self._relay(restore, record)
 
-    def _user_of(self, name: str, caller: Caller) -> str:
-        """The user whose threads a call on clone ``name`` moves: its owner's, whoever calls
-        (an admin working on a user's clone moves that user's threads)."""
-        found = self._entry(name)
-        return str(found[1]["user"]) if found is not None else caller.user
+    def _user_of(self, name: str) -> str:
+        """The user whose threads a call on clone ``name`` (found by :meth:`_owned`) moves:
+        its owner's, whoever calls."""
+        return str(self._load()[name]["user"])
 
     async def _collect(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
@@ -498,7 +506,7 @@ class RemoteEnvironments:
         message = payload.get("message", "")
         if not isinstance(message, str):
             raise InvalidInput("'message' must be a string")
-        user = self._user_of(name, caller)
+        user = self._user_of(name)
         try:
             # the thread's records (a run's, with the run) and head come from the CLI
             await self.runs.pull_from_user(ctx, user, thread, head)
@@ -534,9 +542,14 @@ class RemoteEnvironments:
         caller = self.team.caller(ctx)
         name, _ = await self._owned(caller, "envPrepareSnapshot", payload)
         snapshot = _string(payload, "snapshot")
-        user = self._user_of(name, caller)
-        snap = await self.hub.blocking(lambda: self._snapshot(snapshot))
-        if self.runs.thread_owner(snap.thread) != user:
+        user = self._user_of(name)
+
+        def find() -> tuple[Snapshot, bool]:
+            snap = self._snapshot(snapshot)
+            return snap, self.runs.thread_owner(snap.thread) == user
+
+        snap, theirs = await self.hub.blocking(find)
+        if not theirs:
             exc = AccessDenied(f"snapshot {snapshot} is not one of yours on this hub")
             await self.team.refuse(caller.user, "envPrepareSnapshot", snapshot, exc)
             raise exc

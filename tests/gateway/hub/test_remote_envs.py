@@ -269,6 +269,7 @@ def test_a_clone_of_a_template_runs_commands_files_processes_and_snapshots(
 def test_users_reach_only_their_own_clones(store: Store, tmp_path: Path) -> None:
     sandbox_or_skip()
     alice_store = user_store(tmp_path, "alice", {"a.txt": b"a\n"})
+    alice_base = take_snapshot(alice_store, message="alice's base").snapshot
     bob_store = user_store(tmp_path, "bob", {"b.txt": b"b\n"})
     bob_base = take_snapshot(bob_store, message="bob's base").snapshot
 
@@ -312,6 +313,16 @@ def test_users_reach_only_their_own_clones(store: Store, tmp_path: Path) -> None
                     ]
                     started = await bob.call("runStart", {**run, "environment": own})
                     assert started["user"] == "bob" and started["environment"] == own
+                    # alice's thread and snapshot, once on the hub, stay out of his reach
+                    restored = {"snapshot": alice_base.id, "thread": alice_base.thread}
+                    await alice.call("envRestore", {"environment": mine, **restored})
+                    collect = {"environment": own, "thread": alice_base.thread, "head": None,
+                               "run": None, "message": "m"}  # fmt: skip
+                    with pytest.raises(OutOfScope, match="would move thread"):
+                        await bob.call("envCollect", collect)
+                    prepare = {"environment": own, "snapshot": alice_base.id, "have": []}
+                    with pytest.raises(AccessDenied, match="not one of yours"):
+                        await bob.call("envPrepareSnapshot", prepare)
                     # and alice's clone still answers her
                     ok = await alice.call(
                         "envExec", {"environment": mine, "argv": ["true"], "env": {}}
@@ -337,6 +348,8 @@ def test_users_reach_only_their_own_clones(store: Store, tmp_path: Path) -> None
                 assert ("bob", action, mine, "refused") in seen, action
             assert ("bob", "envExec", TEMPLATE, "refused") in seen
             assert ("bob", "runStart", mine, "refused") in seen
+            assert ("bob", "envPrepareSnapshot", alice_base.id, "refused") in seen
+            assert any(e[:2] == ("bob", "envCollect") and e[3] == "refused" for e in seen)
             assert ("alice", "envCreate", mine, "ok") in seen
 
     asyncio.run(main())
