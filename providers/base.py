@@ -363,6 +363,22 @@ class BaseProvider(ABC):
             ExecFailed: The command could not be started.
         """
 
+    def spawn_runtime(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> str:
+        """Start the runtime a hub drives a run through (``narrative runtime``), as
+        :meth:`spawn` does; its handle goes to :meth:`signal` and :meth:`alive` like any other.
+
+        Default: :meth:`spawn` in the environment. A provider whose environment is driven
+        from this machine (``remote``: another hub runs the agent) starts it here instead.
+        """
+        return self.spawn(resource_id, argv, env=env, log_path=log_path)
+
     @abstractmethod
     def signal(self, resource_id: str, handle: str, sig: Signal) -> None:
         """Send SIGTERM (``"term"``) or SIGKILL (``"kill"``) to a spawned process and all

@@ -239,6 +239,17 @@ class HybridProvider(BaseProvider):
         provider, resource = self._agent()
         return provider.spawn(resource, argv, env=env, log_path=log_path)
 
+    def spawn_runtime(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> str:
+        provider, resource = self._agent()
+        return provider.spawn_runtime(resource, argv, env=env, log_path=log_path)
+
     def signal(self, resource_id: str, handle: str, sig: Signal) -> None:
         provider, resource = self._agent()
         provider.signal(resource, handle, sig)

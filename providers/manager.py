@@ -345,15 +345,24 @@ class EnvironmentManager:
             self._fail(record, exc)
             raise
 
-    def spawn(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        *,
+        runtime: bool = False,
+    ) -> str:
         """Start a background process in the environment (which must be active); return its
         handle for :meth:`signal` and :meth:`alive`. Its output goes to the host's
-        ``runtime.log`` (:meth:`EnvironmentLogs.runtime_path`)."""
+        ``runtime.log`` (:meth:`EnvironmentLogs.runtime_path`). ``runtime``: the process is
+        the hub's runtime of a run (:meth:`~providers.base.BaseProvider.spawn_runtime`)."""
         record, provider, resource = self.require_active(name)
         self.logs.append(record, f"spawn {' '.join(argv)}")
         log_path = self.logs.start_spawn(record, argv, provider.spawn_log_on_host)
+        start = provider.spawn_runtime if runtime else provider.spawn
         try:
-            handle = provider.spawn(resource, argv, env=env, log_path=log_path)
+            handle = start(resource, argv, env=env, log_path=log_path)
         except (ResourceGone, ProviderUnavailable) as exc:
             self._fail(record, exc)
             raise

@@ -295,7 +295,7 @@ class RunDriver:
             if url == hub.url and hub.fingerprint is not None:
                 # dialling the hub over TCP: the runtime pins the hub's certificate
                 env[FINGERPRINT_ENV] = hub.fingerprint
-            return hub.manager.spawn(self.environment, argv, env=env), argv
+            return hub.manager.spawn(self.environment, argv, env=env, runtime=True), argv
 
         self.runtime.handle, argv = await hub.blocking(spawn)
         self.events.append("runtime.spawned", handle=self.runtime.handle, argv=argv)
