@@ -180,6 +180,19 @@ def _url_host(url: str) -> str:
     help="Only check that no file of the workspace shadows a module of the runtime "
     "(prints one line per shadowing module; exit 1 when there is one).",
 )
+@click.option(
+    "--delegate-hub",
+    envvar="NARRATIVE_DELEGATE_HUB",
+    metavar="LOGIN",
+    help="Hand the agent to another hub as a run of its own, with this login "
+    "(set by the remote provider).",
+)
+@click.option(
+    "--delegate-env",
+    envvar="NARRATIVE_DELEGATE_ENV",
+    metavar="NAME",
+    help="The environment on that hub the agent's run goes to.",
+)
 @click.pass_context
 def runtime(
     ctx: click.Context,
@@ -191,6 +204,8 @@ def runtime(
     stop_grace: float,
     give_up_after: float,
     check: bool,
+    delegate_hub: str | None,
+    delegate_env: str | None,
 ) -> None:
     """Run inside an environment: connect back to the hub and run its agent."""
     from gateway.hub.runtime import Runtime, shadowed_modules
@@ -217,6 +232,7 @@ def runtime(
             give_up_after=give_up_after,
             fingerprint=fingerprint,
             ca_file=ca_file,
+            delegate=(delegate_hub, delegate_env) if delegate_hub and delegate_env else None,
         )
         return await node.serve()
 

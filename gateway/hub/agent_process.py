@@ -13,10 +13,11 @@ import contextlib
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Protocol
 
 from narrative.errors import InvalidInput
 
-__all__ = ["AgentProcess", "descendants"]
+__all__ = ["Agent", "AgentProcess", "descendants"]
 
 OutputSink = Callable[[str, bytes], Awaitable[None]]
 _CHUNK = 64 * 1024
@@ -50,6 +51,27 @@ def _send(pids: list[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
+
+
+class Agent(Protocol):
+    """What a runtime needs of its agent: a process here (:class:`AgentProcess`) or a run
+    on another hub (:class:`gateway.hub.delegated_agent.DelegatedAgent`)."""
+
+    pid: int
+    stopping: str | None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the agent ended (None while it runs)."""
+        ...
+
+    async def wait(self) -> int:
+        """Wait until the agent ended and its output is drained; its exit code."""
+        ...
+
+    async def stop(self, grace: float, reason: str = "stop") -> int:
+        """Stop it (forcibly after ``grace`` seconds); its exit code."""
+        ...
 
 
 class AgentProcess:
@@ -89,6 +111,10 @@ class AgentProcess:
         except OSError as exc:
             raise InvalidInput(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
         return cls(proc, sink)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
 
     async def _pump(self, stream: asyncio.StreamReader | None, name: str) -> None:
         if stream is None:

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import time
+from functools import partial
 from typing import Any
 
 from gateway.client import token_environment
@@ -40,7 +41,8 @@ from narrative.store import DEFAULT_STORE_NAME, Store
 from providers.sandbox import keep_environment_private
 
 from .agent_output import OutputEncoder
-from .agent_process import AgentProcess
+from .agent_process import Agent, AgentProcess
+from .delegated_agent import DelegatedAgent
 from .events import RuntimeEvents
 from .narratives import fetch_bundle, have_commits
 from .server import Hub
@@ -108,6 +110,8 @@ class Runtime(Hub):
         limits: Gateway timeouts and bounds.
         fingerprint: The hub certificate's pinned fingerprint (``wss://`` URLs).
         ca_file: CA file to verify the hub's certificate with when none is pinned.
+        delegate: ``(login, environment)``: the agent is not started here but delegated as a
+            run to that environment on the hub of that login (the ``remote`` provider).
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class Runtime(Hub):
         limits: Limits | None = None,
         fingerprint: str | None = None,
         ca_file: str | None = None,
+        delegate: tuple[str, str] | None = None,
     ) -> None:
         workspace = os.path.realpath(workspace)
         store = open_runtime_store(workspace, store_dir)
@@ -145,7 +150,9 @@ class Runtime(Hub):
         self._token = token
         self.link: Link | None = None
         self.upstream: str | None = None
-        self.agent: AgentProcess | None = None
+        self.agent: Agent | None = None
+        self.delegate = delegate
+        self._base: str | None = None
         self.run_id: str | None = None
         self.thread_id: str | None = None
         self.events = RuntimeEvents(
@@ -185,7 +192,7 @@ class Runtime(Hub):
             await self._shutdown.wait()
             beating.cancel()
         finally:
-            if self.agent is not None and self.agent.proc.returncode is None:
+            if self.agent is not None and self.agent.returncode is None:
                 await self.agent.stop(self.stop_grace)
             await self.close()
         return 0
@@ -223,7 +230,7 @@ class Runtime(Hub):
         if not all(isinstance(v, str) and v for v in (run, thread, snapshot)):
             raise InvalidInput("providerStart needs run, thread and snapshot")
         assert isinstance(run, str) and isinstance(thread, str) and isinstance(snapshot, str)
-        if self.agent is not None and self.agent.proc.returncode is None:
+        if self.agent is not None and self.agent.returncode is None:
             raise Busy(f"{self.environment_id} is running the agent of run {self.run_id}")
         store = self.store
         have = await self.blocking(lambda: have_commits(store))
@@ -243,7 +250,7 @@ class Runtime(Hub):
             return result.written
 
         written = await self.blocking(restore)
-        self.run_id, self.thread_id = run, thread
+        self.run_id, self.thread_id, self._base = run, thread, snapshot
         self.events = RuntimeEvents(self.events.path)
         self._agent_done.clear()
         self._load_routing(options.get("routing"))
@@ -264,7 +271,7 @@ class Runtime(Hub):
     async def _agent_start(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         if self.run_id is None or self.thread_id is None:
             raise InvalidInput("providerAgentStart before providerStart")
-        if self.agent is not None and self.agent.proc.returncode is None:
+        if self.agent is not None and self.agent.returncode is None:
             raise Busy(f"the agent of run {self.run_id} is still running")
         options = payload.get("options") or {}
         argv, extra, timeout = options.get("argv"), options.get("env") or {}, options.get("timeout")
@@ -288,15 +295,23 @@ class Runtime(Hub):
             }
         )
         self._encoders = {}
-        self.agent = await AgentProcess.start(argv, self.store.workspace, env, self._output)
-        await self._event("agent.started", pid=self.agent.pid, argv=argv)
         limit = float(timeout) if isinstance(timeout, int | float) else None
+        if self.delegate is not None and self._base is not None:
+            login, remote_env = self.delegate
+            base = await self.blocking(partial(resolve_snapshot, self.store, self._base))
+            extras = {str(k): str(v) for k, v in extra.items()}
+            self.agent = await DelegatedAgent.start(
+                login, remote_env, self.store, base, argv, extras, limit, self._output
+            )
+        else:
+            self.agent = await AgentProcess.start(argv, self.store.workspace, env, self._output)
+        await self._event("agent.started", pid=self.agent.pid, argv=argv)
         watcher = asyncio.get_running_loop().create_task(self._watch(self.agent, limit))
         self._tasks.add(watcher)
         watcher.add_done_callback(self._tasks.discard)
         return {"pid": self.agent.pid}
 
-    async def _watch(self, agent: AgentProcess, timeout: float | None) -> None:
+    async def _watch(self, agent: Agent, timeout: float | None) -> None:
         try:
             code = await asyncio.wait_for(asyncio.shield(agent.wait()), timeout)
         except TimeoutError:
@@ -324,10 +339,10 @@ class Runtime(Hub):
         agent = self.agent
         if agent is None:
             return {}
-        if agent.proc.returncode is None:
+        if agent.returncode is None:
             await agent.stop(self.stop_grace, "stop")
         await self._agent_done.wait()
-        return {"exitCode": agent.proc.returncode}
+        return {"exitCode": agent.returncode}
 
     # -- runtime calls from the hub ---------------------------------------------------------------
 

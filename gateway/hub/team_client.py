@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import ssl as ssl_module
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -41,6 +41,7 @@ from .token_policy import result_scope
 __all__ = [
     "HubLogin",
     "TeamSession",
+    "bring_home",
     "control_team_run",
     "dial",
     "hubs_file",
@@ -49,6 +50,7 @@ __all__ = [
     "logout",
     "open_session",
     "run_on_team_hub",
+    "serve_bases",
     "team_runs",
     "transport_security",
 ]
@@ -263,19 +265,33 @@ EventFn = Callable[[AgentRun, dict[str, Any]], None]
 _POLL = 0.1
 
 
-def _serve_base(session: TeamSession, store: Store, bases: dict[str, str]) -> None:
-    """Let the hub pull ``bases`` (snapshot id → its thread) from ``store``, and nothing else
-    of it: the session's bundle shelf refuses any other request."""
+def serve_bases(
+    session: TeamSession, store: Store, bases: Mapping[str | None, str | Sequence[str]]
+) -> None:
+    """Let the hub pull ``bases`` from ``store`` and nothing else of it: each maps a snapshot
+    id to its thread (the hub pulls that snapshot with that thread's records), or None to the
+    threads whose records alone it may pull; the session's bundle shelf refuses any other
+    request."""
     registry = session.client.gateway.handlers
     shelf = BundleShelf(store, _blocking)
     shelf.install(registry)
     prepare = registry.lookup("narrative", "prepareBundle")
     assert prepare is not None
+    allowed = {
+        (snapshot, thread)
+        for snapshot, threads in bases.items()
+        for thread in ([threads] if isinstance(threads, str) else threads)
+    }
 
     async def guarded(ctx: HandlerContext, payload: dict[str, Any]) -> Any:
         snapshot, threads = payload.get("snapshot"), payload.get("threads")
-        if payload.get("changed") or snapshot not in bases or threads != [bases[snapshot]]:
-            raise OutOfScope("the hub may only pull the base of a run this CLI starts")
+        if (
+            payload.get("changed")
+            or not isinstance(threads, list)
+            or len(threads) != 1
+            or (snapshot, threads[0]) not in allowed
+        ):
+            raise OutOfScope("the hub may only pull what this CLI offered it")
         return await prepare(ctx, payload)
 
     registry.register("narrative", "prepareBundle", guarded, replace=True)
@@ -285,7 +301,7 @@ async def _blocking(func: Callable[[], T]) -> T:
     return await asyncio.to_thread(func)
 
 
-async def _bring_home(session: TeamSession, store: Store, run: AgentRun) -> AgentRun:
+async def bring_home(session: TeamSession, store: Store, run: AgentRun) -> AgentRun:
     """The run's final record, imported into ``store`` with its result (on the run's own
     thread, forked from the user's base) when it has one."""
     answer = await session.call("runs", {"run": run.id})
@@ -331,13 +347,13 @@ async def run_on_team_hub(
 
     bases = [await asyncio.to_thread(base_of, request) for request in requests]
     async with open_session(name) as session:
-        _serve_base(session, store, {base.id: base.thread for base in bases})
+        serve_bases(session, store, {base.id: base.thread for base in bases})
         runs = []
         for request, base in zip(requests, bases, strict=True):
             payload = {**request.to_payload(), "snapshot": base.id, "thread": base.thread}
             runs.append(AgentRun.from_dict(await session.call("runStart", payload)))
         await _follow(session, runs, on_event)
-        return [await _bring_home(session, store, run) for run in runs]
+        return [await bring_home(session, store, run) for run in runs]
 
 
 async def team_runs(name: str | None) -> list[dict[str, Any]]:
