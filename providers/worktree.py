@@ -50,7 +50,8 @@ class WorktreeProvider(DirectoryProvider):
     config_model = WorktreeConfig
     preference = 10  # needs no configuration: the default pick
 
-    def _target(self) -> str:
+    def checkout_dir(self) -> str:
+        """Where this environment's checkout lives."""
         assert isinstance(self.config, WorktreeConfig)
         if self.config.path:
             return os.path.realpath(os.path.expanduser(self.config.path))
@@ -58,7 +59,7 @@ class WorktreeProvider(DirectoryProvider):
 
     def create(self) -> str:
         self.check_sandbox()
-        path = self._target()
+        path = self.checkout_dir()
         workspace = os.path.realpath(self.context.store.workspace)
         store = os.path.realpath(self.context.store.git_dir)
         for inside, what in ((workspace, "the workspace"), (store, "the store")):
