@@ -245,7 +245,12 @@ def test_readme_cli_reference_line(line: str) -> None:
 #: Level-2 sections whose ```console blocks are shell sessions run as written, one bash script
 #: per section (blocks in order), in a fresh directory with the package's ``narrative`` on PATH.
 #: A command line ending in ``# fails`` must exit non-zero; lines without ``$ `` are sample output.
-WALKTHROUGHS = ("Two machines", "Hybrid environments", "Share a hub")
+WALKTHROUGHS = (
+    "Two machines",
+    "Hybrid environments",
+    "Share a hub",
+    "Another hub as an environment",
+)
 
 
 def walkthrough_script(blocks: list[Block], section: str) -> str:
