@@ -144,6 +144,7 @@ class Link:
                     self.error = TokenInvalid(f"{self.url} refused the token: {body}")
                     self._done.set()
                     return
+                self._last_failure = f"HTTP {status}"
                 log.warning("connecting to %s: HTTP %s", self.url, status)
             except ssl_module.SSLCertVerificationError as exc:
                 # not the pinned certificate, or one that does not verify: retrying would
