@@ -24,12 +24,14 @@ carry the class. Every create and delete, and every refusal, goes to the audit l
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import os
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import AccessDenied
@@ -128,6 +130,11 @@ class RemoteEnvironments:
         self.manager = hub.manager
         self.path = os.path.join(team_dir(hub.store), "envs.json")
         self._clones: dict[str, dict[str, Any]] | None = None
+        # Commands, files and processes of a user's clones run on that user's own thread, not
+        # the hub's store thread: a long command of one user must not hold up every run and
+        # every other user's calls (the store thread serializes the store, which these do not
+        # write but through the environment records' own lock).
+        self._workers: dict[str, ThreadPoolExecutor] = {}
 
     def install(self, registry: HandlerRegistry) -> None:
         for action, handler in (
@@ -213,12 +220,23 @@ class RemoteEnvironments:
     async def _audit_ok(self, caller: Caller, action: str, target: str) -> None:
         await self.hub.blocking(lambda: self.team.audit.record(caller.user, action, target, "ok"))
 
+    def close(self) -> None:
+        """Let the users' threads go (a command still running there is not waited for)."""
+        for pool in self._workers.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._workers.clear()
+
     async def _relay(
-        self, func: Callable[[], dict[str, Any]], live: EnvironmentRecord | None = None
+        self,
+        func: Callable[[], dict[str, Any]],
+        live: EnvironmentRecord | None = None,
+        *,
+        user: str | None = None,
     ) -> dict[str, Any]:
-        """``func``'s answer, run off the loop; a :data:`RELAYED` failure as an answer. With
-        ``live``, a deleted environment fails as ``ResourceGone`` first (as a provider's
-        operation on a resource that is gone does)."""
+        """``func``'s answer, run off the loop (on ``user``'s own thread when given, else on
+        the store thread); a :data:`RELAYED` failure as an answer. With ``live``, a deleted
+        environment fails as ``ResourceGone`` first (as a provider's operation on a resource
+        that is gone does)."""
 
         def checked() -> dict[str, Any]:
             if live is not None:
@@ -228,7 +246,12 @@ class RemoteEnvironments:
             return func()
 
         try:
-            return await self.hub.blocking(checked)
+            if user is None:
+                return await self.hub.blocking(checked)
+            pool = self._workers.get(user)
+            if pool is None:
+                pool = self._workers[user] = ThreadPoolExecutor(1, thread_name_prefix="hub-user")
+            return await asyncio.get_running_loop().run_in_executor(pool, checked)
         except RELAYED as exc:
             kind = next(cls for cls in RELAYED if isinstance(exc, cls))
             return {"failure": {"type": kind.__name__, "message": str(exc)}}
@@ -400,7 +423,7 @@ class RemoteEnvironments:
                 "stderr": _b64(result.stderr),
             }
 
-        return await self._relay(run, record)
+        return await self._relay(run, record, user=caller.user)
 
     async def _read_file(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
@@ -411,7 +434,7 @@ class RemoteEnvironments:
             _, provider, resource = self.manager.require_active(record.id)
             return {"data": _b64(provider.read_file(resource, path))}
 
-        return await self._relay(read, record)
+        return await self._relay(read, record, user=caller.user)
 
     async def _write_file(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
@@ -423,7 +446,7 @@ class RemoteEnvironments:
             provider.write_file(resource, path, data)
             return {}
 
-        return await self._relay(write, record)
+        return await self._relay(write, record, user=caller.user)
 
     async def _delete_file(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
@@ -435,14 +458,14 @@ class RemoteEnvironments:
             provider.delete_file(resource, path)
             return {}
 
-        return await self._relay(delete, record)
+        return await self._relay(delete, record, user=caller.user)
 
     async def _spawn(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
         _, record = await self._owned(caller, "envSpawn", payload)
         argv, env = _argv(payload), _env(payload)
         return await self._relay(
-            lambda: {"handle": self.manager.spawn(record.id, argv, env)}, record
+            lambda: {"handle": self.manager.spawn(record.id, argv, env)}, record, user=caller.user
         )
 
     async def _signal(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -456,13 +479,15 @@ class RemoteEnvironments:
             self.manager.signal(record.id, handle, _SIGNALS[sig])
             return {}
 
-        return await self._relay(send, record)
+        return await self._relay(send, record, user=caller.user)
 
     async def _alive(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)
         _, record = await self._owned(caller, "envAlive", payload)
         handle = _string(payload, "handle")
-        return await self._relay(lambda: {"alive": self.manager.alive(record.id, handle)}, record)
+        return await self._relay(
+            lambda: {"alive": self.manager.alive(record.id, handle)}, record, user=caller.user
+        )
 
     # -- snapshots ------------------------------------------------------------------------------
 

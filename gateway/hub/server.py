@@ -275,7 +275,7 @@ class Hub:
         remote_runs = RemoteRuns(self)
         remote_runs.install(registry)
         self.team.policy.run_owner = remote_runs.owner
-        remote_envs = RemoteEnvironments(self, remote_runs)
+        remote_envs = self.remote_envs = RemoteEnvironments(self, remote_runs)
         remote_envs.install(registry)
         remote_runs.environment_owner = remote_envs.owner
         self.private_environments = remote_envs.private_ids
@@ -335,6 +335,7 @@ class Hub:
         if self._hub_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._hub_file)
+        self.remote_envs.close()
         self._pool.shutdown(wait=True)
 
     async def __aenter__(self) -> Hub:
