@@ -453,3 +453,34 @@ def test_the_hub_never_selects_a_users_clone(store: Store, tmp_path: Path) -> No
             await hub.wait(owner_run.id)
 
     asyncio.run(main())
+
+
+def test_a_long_command_holds_up_nobody_else(store: Store, tmp_path: Path) -> None:
+    """While alice's command runs in her clone for seconds, bob's calls and the hub's own
+    store work answer at once (her command runs on her own thread, not the store thread)."""
+    sandbox_or_skip()
+
+    async def main() -> None:
+        async with Hub(store) as hub:
+            await hub.blocking(lambda: hub.manager.create(TEMPLATE, "worktree"))
+            await enrol(hub, "alice")
+            await enrol(hub, "bob")
+            async with open_session("alice") as alice, open_session("bob") as bob:
+                mine = await alice.call("envCreate", {"template": TEMPLATE, "label": "a"})
+                theirs = await bob.call("envCreate", {"template": TEMPLATE, "label": "b"})
+                payload = {"argv": ["sleep", "6"], "env": {}, "timeout": None}
+                slow = asyncio.ensure_future(
+                    alice.call("envExec", {"environment": mine["environment"], **payload})
+                )
+                await asyncio.sleep(1)  # her command runs now
+                started = asyncio.get_running_loop().time()
+                quick = {"environment": theirs["environment"], "argv": ["true"]}
+                done = await bob.call("envExec", {**quick, "env": {}, "timeout": None})
+                assert done["exitCode"] == 0
+                await bob.call("envList", {})
+                await hub.blocking(hub.manager.environments)
+                assert asyncio.get_running_loop().time() - started < 3, "held up by alice"
+                assert not slow.done()
+                assert (await slow)["exitCode"] == 0
+
+    asyncio.run(main())
