@@ -216,6 +216,9 @@ class RunDriver:
             if self._detached:  # the hub is closing: a later hub adopts the run
                 raise
             reason = "the hub stopped driving the run"
+        except Exception as exc:  # a bug here or in a provider: the run fails and says so
+            log.exception("driving run %s", self.run.id)
+            reason = f"internal error: {type(exc).__name__}: {exc}"
         finally:
             if not self._detached:
                 await self._finish(reason)
