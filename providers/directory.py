@@ -435,8 +435,10 @@ class DirectoryProvider(BaseProvider):
             return
         bwrap = require_bwrap()
         _check_program(resource_id, argv[0], environment)
-        # the runtime (a background process) reaches the hub through the socket directory
-        shared = (os.path.dirname(self.hub_socket(resource_id).host_path),) if background else ()
+        # the runtime (a background process) reaches the hub through the socket directory, if
+        # the environment has one (a subclass may have its runtime dial the hub's address)
+        socket = self.hub_socket(resource_id) if background else None
+        shared = (os.path.dirname(socket.host_path),) if socket is not None else ()
         plan = SandboxPlan(
             writable=resource_id,
             hidden=tuple(self.hidden_paths()),
@@ -473,7 +475,7 @@ class DirectoryProvider(BaseProvider):
         self.check_runtime(resource_id)
         return Health.OK
 
-    def hub_socket(self, resource_id: str) -> HubSocket:
+    def hub_socket(self, resource_id: str) -> HubSocket | None:
         """The environment's private socket directory, bound read-only into the sandbox at
         the same path (so the runtime reaches the hub even with ``network=none``)."""
         path = os.path.join(hub_socket_dir(self.context.env_id), HUB_SOCKET)

@@ -377,7 +377,7 @@ class RemoteProvider(BaseProvider):
     def runtime_command(self) -> list[str]:
         return self.bridge.runtime_command()
 
-    def hub_socket(self, resource_id: str) -> HubSocket:
+    def hub_socket(self, resource_id: str) -> HubSocket | None:
         return self.bridge.hub_socket(self._bridge_dir())
 
     def check_runtime(self, resource_id: str) -> None:
