@@ -16,6 +16,7 @@ import os
 import ssl as ssl_module
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import platformdirs
@@ -33,6 +34,7 @@ from narrative.store import Store
 from providers.manager import EnvironmentManager
 
 from .direct import pick_base
+from .events import EventBudget, RunEventLog
 from .narratives import BundleShelf, fetch_bundle, have_commits
 from .run_request import RunRequest
 from .team import team_bearer
@@ -263,6 +265,10 @@ async def _renew(client: GatewayClient, record: HubLogin, answer: dict[str, Any]
 
 EventFn = Callable[[AgentRun, dict[str, Any]], None]
 _POLL = 0.1
+_NOT_COPIED = frozenset({"seq", "type", "hub", "handle"})
+"""Fields of a team hub's events its local copy leaves out: the numbering is the local log's,
+and what names a hub or a process is the remote side's, never one of this machine's (local
+readers look for the hub driving a run, or its runtime's handle, there)."""
 
 
 def serve_bases(
@@ -318,15 +324,25 @@ async def bring_home(session: TeamSession, store: Store, run: AgentRun) -> Agent
     return await _blocking(lambda: get_run(store, run.id))
 
 
-async def _follow(session: TeamSession, runs: list[AgentRun], on_event: EventFn) -> None:
+async def _follow(
+    session: TeamSession, store: Store, runs: list[AgentRun], on_event: EventFn
+) -> None:
+    """Pass the runs' events on as they arrive until each finished, and keep a copy of each
+    run's log in ``store`` (held to the default caps of a run's log: the hub is not trusted to
+    send a bounded one), so that ``run show`` tells its story here too."""
     since = dict.fromkeys((run.id for run in runs), 0)
     pending = {run.id: run for run in runs}
+    logs = {run.id: (RunEventLog(store, run.id), EventBudget()) for run in runs}
     while pending:
         for run_id, run in list(pending.items()):
             answer = await session.call("runEvents", {"run": run_id, "since": since[run_id]})
+            log, budget = logs[run_id]
             for event in answer["events"]:
                 since[run_id] = int(event["seq"])
                 on_event(run, event)
+                fields = {k: v for k, v in event.items() if k not in _NOT_COPIED}
+                for kind, kept in budget.admit(str(event["type"]), fields):
+                    await _blocking(partial(log.append, kind, **kept))
                 if event["type"] == "run.finished":
                     del pending[run_id]
                     break
@@ -352,7 +368,7 @@ async def run_on_team_hub(
         for request, base in zip(requests, bases, strict=True):
             payload = {**request.to_payload(), "snapshot": base.id, "thread": base.thread}
             runs.append(AgentRun.from_dict(await session.call("runStart", payload)))
-        await _follow(session, runs, on_event)
+        await _follow(session, store, runs, on_event)
         return [await bring_home(session, store, run) for run in runs]
 
 
