@@ -193,6 +193,11 @@ def test_runs_of_two_developers_on_a_shared_environment(
         # the run came home into alice's own store, on its own thread
         shown = alice.json("run", "show", run_id)
         assert shown["status"] == "succeeded"
+        # its story too: the hub's events, copied as they arrived, without the hub's own pointers
+        said = "".join(e.get("data", "") for e in shown["events"] if e["type"] == "agent.output")
+        assert "from-the-hub" in said, shown["events"]
+        assert [e["type"] for e in shown["events"]][-1] == "run.finished"
+        assert not [e for e in shown["events"] if "hub" in e or "handle" in e]
         diff = alice.run("diff", run_id).stdout
         assert "changed on the hub" in diff
         alice.run("merge", run_id)
