@@ -40,12 +40,47 @@ def _contract_script(config: dict[str, str], check: str) -> str:
     )
 
 
+def _hybrid_contract_script(ssh_config: dict[str, str], check: str) -> str:
+    """The contract against a hybrid environment whose agent environment is on the box (ssh)
+    and whose tools environment is a worktree on the developer's machine."""
+    return (
+        "import json, tempfile, pathlib\n"
+        "from providers.contract import CHECKS, ContractTarget\n"
+        f"ssh_config = json.loads({json.dumps(json.dumps(ssh_config))})\n"
+        "def prepare(manager):\n"
+        "    known = {r.name for r in manager.environments()}\n"
+        "    if 'agent-far' not in known:\n"
+        "        manager.create('agent-far', 'ssh', ssh_config)\n"
+        "    if 'tools-here' not in known:\n"
+        "        manager.create('tools-here', 'worktree')\n"
+        "config = {'agent': 'agent-far', 'tools': 'tools-here', 'route': ['fs:*']}\n"
+        "target = ContractTarget('hybrid', config, prepare=prepare, keeps_resource=True,\n"
+        "                        lists_resources=False)\n"
+        "with tempfile.TemporaryDirectory() as scratch:\n"
+        f"    CHECKS[{check!r}](target, pathlib.Path(scratch))\n"
+        "print('contract-ok')\n"
+    )
+
+
 @pytest.mark.parametrize("check", list(CHECKS))
 def test_contract_on_a_remote_host(lab: Lab, check: str) -> None:
     """Every check of the provider contract, run on the developer's machine against the box."""
     settings = lab.settings()
     done = lab.dev.run(
         [lab.dev.python(), "-c", _contract_script(settings, check)],
+        env=lab.dev.checkout_env(),
+        check=False,
+        timeout=240,
+    )
+    assert done.returncode == 0 and b"contract-ok" in done.stdout, done.stderr.decode()[-3000:]
+
+
+@pytest.mark.parametrize("check", list(CHECKS))
+def test_hybrid_contract_with_its_agent_on_a_remote_host(lab: Lab, check: str) -> None:
+    """Every check of the contract against a hybrid environment made of an ssh environment
+    on the box (where its operations run) and a worktree on the developer's machine."""
+    done = lab.dev.run(
+        [lab.dev.python(), "-c", _hybrid_contract_script(lab.settings(), check)],
         env=lab.dev.checkout_env(),
         check=False,
         timeout=240,
