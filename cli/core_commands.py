@@ -89,7 +89,7 @@ def _info(store: Any) -> dict[str, Any]:
 
 def _pending_merges(store: Any) -> dict[str, dict[str, str]] | None:
     """Threads a pull found moved on both sides (None when there are none)."""
-    from transfer.remotes import pending_merges
+    from transfer.pending import pending_merges
 
     return pending_merges(store) or None
 
@@ -415,7 +415,7 @@ def restore(
             f"what the workspace held is snapshot {result.safety_snapshot} "
             f"(undo with: narrative restore {result.safety_snapshot})"
         )
-        from transfer.remotes import merge_pending
+        from transfer.pending import merge_pending
 
         merge = merge_pending(store)  # this thread moved on both sides at the last pull
     data = asdict(result)
