@@ -1,0 +1,279 @@
+"""What the web view's pages show, read from the store with the library functions the CLI uses
+(``run list``, ``run show``, ``diff``, ``log``, ``env list``/``logs``): plain data for the
+templates, no HTML here. Everything is called on the hub's store thread."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from narrative.commits import thread_snapshots
+from narrative.diff import diff_snapshots
+from narrative.errors import NarrativeError
+from narrative.hierarchy import list_objectives, list_runs, list_threads
+from narrative.models import AgentRun
+from narrative.runs import run_snapshots, withheld_files
+from narrative.store import Store
+from providers.manager import EnvironmentManager
+
+from ..agent_output import output_bytes
+from ..usage_records import load_usage
+
+__all__ = [
+    "RUN_STATUSES",
+    "FileDiff",
+    "RunDiff",
+    "RunPage",
+    "describe_event",
+    "environments",
+    "mergeable",
+    "overview",
+    "run_diff",
+    "run_seconds",
+    "runs_page",
+]
+
+RUN_STATUSES = ("running", "succeeded", "failed", "cancelled", "killed")
+_SNAPSHOTS_PER_THREAD = 20
+_MAX_PAGE = 1000
+_MAX_DIFF_FILES = 200
+_MAX_FILE_PATCH = 256 << 10
+
+
+@dataclass
+class RunPage:
+    """One page of the runs table, newest first."""
+
+    rows: list[dict[str, Any]]
+    total: int
+    page: int
+    per: int
+    environments: list[str]
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.per))
+
+
+def _seconds(start: str, end: str | None) -> float | None:
+    try:
+        begin = datetime.fromisoformat(start).timestamp()
+        finish = datetime.fromisoformat(end).timestamp() if end else time.time()
+    except ValueError:
+        return None
+    return max(0.0, finish - begin)
+
+
+def run_seconds(run: AgentRun) -> float | None:
+    """How long ``run`` took (so far, while it runs)."""
+    return _seconds(run.started_at, run.finished_at)
+
+
+def duration_text(seconds: float | None) -> str:
+    """``1h 2m``, ``3m 4s``, ``5s`` (empty: unknown)."""
+    if seconds is None:
+        return ""
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
+
+
+def run_row(run: AgentRun, providers: dict[str, str]) -> dict[str, Any]:
+    """A run as a row of the table (what ``run list --json`` says, plus provider and
+    duration)."""
+    return {
+        **run.to_dict(),
+        "provider": providers.get(run.environment, ""),
+        "duration": duration_text(run_seconds(run)),
+    }
+
+
+def runs_page(
+    store: Store,
+    manager: EnvironmentManager,
+    *,
+    status: str = "",
+    environment: str = "",
+    text: str = "",
+    page: int = 1,
+    per: int = 100,
+) -> RunPage:
+    """Runs matching the filters (status, environment, a substring of id, agent or thread),
+    newest first, one page of ``per`` (at most 1,000)."""
+    providers = {r.name: r.provider for r in manager.environments()}
+    runs = list_runs(store)
+    envs = sorted({r.environment for r in runs})
+    needle = text.strip().lower()
+    chosen = [
+        r
+        for r in runs
+        if (not status or r.status == status)
+        and (not environment or r.environment == environment)
+        and (not needle or needle in f"{r.id} {r.agent} {r.thread_id}".lower())
+    ]
+    chosen.sort(key=lambda r: (r.started_at, r.id), reverse=True)
+    per = min(max(per, 1), _MAX_PAGE)
+    page = max(page, 1)
+    shown = chosen[(page - 1) * per : page * per]
+    return RunPage([run_row(r, providers) for r in shown], len(chosen), page, per, envs)
+
+
+def mergeable(run: AgentRun) -> tuple[bool, str]:
+    """Whether the page offers to merge ``run``, and why not (the same rule as ``narrative
+    merge``: only a finished, successful run with a result; no --allow-failed from the page)."""
+    if run.status == "running":
+        return False, "the run is still going"
+    if run.status != "succeeded":
+        return False, f"the run did not succeed ({run.status}): merge it with the CLI"
+    if run.result_snapshot is None:
+        return False, "the run has no result snapshot"
+    return True, ""
+
+
+def describe_event(event: dict[str, Any]) -> dict[str, str]:
+    """One event of a run's log as the page shows it: time, kind, and a line of text (agent
+    output decoded; the page escapes all of it)."""
+    kind = str(event.get("type", ""))
+    skip = ("seq", "time", "type", "at", "rseq", "data", "data64")
+    if kind == "agent.output":
+        try:
+            text = output_bytes(event).decode("utf-8", "replace")
+        except ValueError:
+            text = ""
+    elif kind == "call.routed":
+        route = " → ".join(str(hop) for hop in event.get("route") or [])
+        state = "ok" if event.get("success") else f"error {event.get('error')}"
+        text = f"{event.get('call')} via {route} ({event.get('ms')} ms, {state})"
+    elif kind == "runtime.log":
+        text = "\n".join(str(line) for line in event.get("lines") or [])
+    else:
+        text = " ".join(f"{k}={v}" for k, v in event.items() if k not in skip)
+    stream = str(event.get("stream", "")) if kind == "agent.output" else ""
+    return {
+        "seq": str(event.get("seq", "")),
+        "time": str(event.get("time", "")),
+        "kind": kind,
+        "stream": stream,
+        "text": text,
+    }
+
+
+@dataclass
+class FileDiff:
+    path: str
+    status: str
+    insertions: int
+    deletions: int
+    binary: bool
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    """(css class, line) of the unified diff."""
+    cut: bool = False
+
+
+@dataclass
+class RunDiff:
+    files: list[FileDiff]
+    error: str = ""
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    more_files: int = 0
+
+
+def _line_class(line: str) -> str:
+    if line.startswith(("+++", "---", "diff --git", "index ", "new file", "deleted file")):
+        return "meta"
+    if line.startswith("@@"):
+        return "hunk"
+    if line.startswith("+"):
+        return "add"
+    if line.startswith("-"):
+        return "del"
+    return "ctx"
+
+
+def run_diff(store: Store, run: AgentRun) -> RunDiff:
+    """The diff of ``run``'s result against its base (as ``narrative diff RUN --allow-failed``),
+    split per file."""
+    try:
+        base, result = run_snapshots(store, run, allow_failed=True)
+    except NarrativeError as exc:
+        return RunDiff([], str(exc))
+    if base is None:
+        return RunDiff([], f"run {run.id} has no base snapshot to diff against")
+    found = diff_snapshots(store, base, result, patch=True)
+    patches = _split_patch(found.patch or "")
+    files = []
+    for change in found.files[:_MAX_DIFF_FILES]:
+        text = patches.get(change.path, "")
+        cut = len(text) > _MAX_FILE_PATCH
+        lines = text[:_MAX_FILE_PATCH].splitlines()
+        files.append(
+            FileDiff(
+                change.path,
+                change.status,
+                change.insertions,
+                change.deletions,
+                change.binary,
+                [(_line_class(line), line) for line in lines],
+                cut,
+            )
+        )
+    more = max(0, len(found.files) - _MAX_DIFF_FILES)
+    return RunDiff(files, skipped=withheld_files(result), more_files=more)
+
+
+def _split_patch(patch: str) -> dict[str, str]:
+    """A whole patch by file. Every file's part starts with a ``diff --git a/P b/P`` line, and
+    no line of a file's content can (those start with ``+``, ``-``, space or backslash)."""
+    parts: dict[str, list[str]] = {}
+    path = ""
+    for line in patch.splitlines(keepends=True):
+        if line.startswith("diff --git a/"):
+            header = line[len("diff --git a/") :].rstrip("\n")
+            path = header[: (len(header) - 3) // 2]  # "P b/P": the same path twice
+        parts.setdefault(path, []).append(line)
+    return {k: "".join(v) for k, v in parts.items()}
+
+
+def overview(store: Store) -> list[dict[str, Any]]:
+    """Objectives, their threads and each thread's newest snapshots; the objective and thread
+    with the newest activity first."""
+    objectives = []
+    for objective in list_objectives(store):
+        threads = []
+        for thread in list_threads(store, objective.id):
+            snaps = []
+            for snap in thread_snapshots(store, thread.id):
+                snaps.append(snap)
+                if len(snaps) >= _SNAPSHOTS_PER_THREAD:
+                    break
+            latest = snaps[0].created_at if snaps else thread.created_at
+            threads.append({"thread": thread, "snapshots": snaps, "latest": latest})
+        threads.sort(key=lambda t: str(t["latest"]), reverse=True)
+        newest = str(threads[0]["latest"]) if threads else objective.created_at
+        objectives.append({"objective": objective, "threads": threads, "latest": newest})
+    objectives.sort(key=lambda o: str(o["latest"]), reverse=True)
+    return objectives
+
+
+def environments(manager: EnvironmentManager, tail: int = 20) -> list[dict[str, Any]]:
+    """Every environment with its state, health and the tail of its log."""
+    rows = []
+    for record in manager.environments():
+        rows.append(
+            {
+                "record": record,
+                "health": "failing" if record.consecutive_failures else "ok",
+                "log": manager.logs.lines(record.name, tail),
+            }
+        )
+    return rows
+
+
+def usage_of(store: Store, run_id: str) -> dict[str, Any] | None:
+    """What the run used (``run show``'s usage), if recorded."""
+    return load_usage(store, run_id)
