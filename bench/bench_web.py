@@ -69,6 +69,7 @@ def main() -> None:
             ready = json.loads(hub.stdout.readline())
             login = subprocess.run(
                 [NARRATIVE, "hub", "ui"],
+                check=False,
                 cwd=workspace,
                 env=env,
                 capture_output=True,
