@@ -431,10 +431,16 @@ class WebView:
         self._log_run_action(run, action, session)
         if run.id in self.hub.drivers:
             work = self.hub.stop_run(run.id) if action == "stop" else self.hub.kill_run(run.id)
-        else:  # driven by another hub of this store, or by none: as the CLI does it
-            work = (
-                stop_run(self.store, run, None) if action == "stop" else kill_run(self.store, run)
-            )
+        else:
+            # driven by another hub of this store, or by none: as the CLI does it, on the
+            # store's thread (with no hub alive, a kill records the run in the store)
+            def as_the_cli() -> None:
+                if action == "stop":
+                    asyncio.run(stop_run(self.store, run, None))
+                else:
+                    asyncio.run(kill_run(self.store, run))
+
+            work = self.hub.blocking(as_the_cli)
         self._spawn(work, f"{action} {run.id}")
         return RedirectResponse(f"/runs/{run.id}", status_code=303)
 
