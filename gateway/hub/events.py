@@ -91,13 +91,11 @@ class RunEventLog:
             with open(self.path, "rb") as f:
                 f.seek(offset)
                 data = f.read(max_bytes)
-                while data and not data.endswith(b"\n"):
+                while data and b"\n" not in data:  # one line longer than max_bytes: read it whole
                     more = f.read(max_bytes)
                     if not more:
                         break
                     data += more
-                    if b"\n" in more:
-                        break
         except FileNotFoundError:
             return [], offset
         whole = data[: data.rfind(b"\n") + 1]
