@@ -184,6 +184,7 @@ class WebView:
             Route("/runs/{run}/merge", self._page(self.merge_confirm)),
             Route("/runs/{run}/merge", self._action(self.merge), methods=["POST"]),
             Route("/environments", self._page(self.environments)),
+            Route("/environments/logs", self._page(self.environment_logs)),
             Route("/environments/{env}/{act}", self._action(self.env_action), methods=["POST"]),
             Route("/routes", self._page(self.routes)),
             Mount("/static", StaticFiles(directory=os.path.join(_HERE, "static")), name="static"),
@@ -510,6 +511,24 @@ class WebView:
             "environments.html", session, title="Environments", nav="environments", envs=envs
         )
 
+    async def environment_logs(self, request: Request, session: Session) -> Response:
+        """SSE: the tail of every environment's log whenever it changes (one stream for the
+        page: a browser opens only a few connections to one server)."""
+
+        async def tails() -> AsyncIterator[str]:
+            shown: dict[str, list[str]] = {}
+            while not self._closing.is_set() and not await request.is_disconnected():
+                envs = await self.hub.blocking(lambda: views.environments(self.hub.manager))
+                for env in envs:
+                    name = env["record"].name
+                    if shown.get(name) != env["log"]:
+                        shown[name] = env["log"]
+                        yield _sse("log", {"env": name, "lines": env["log"]})
+                yield ": keep-alive\n\n"
+                await self._pause(2.0)
+
+        return _event_stream(tails())
+
     async def env_action(
         self, request: Request, session: Session, form: dict[str, str]
     ) -> Response:
@@ -541,6 +560,7 @@ class WebView:
             nav="routes",
             hub=self.hub.environment_id,
             peers=peers,
+            graph=views.topology(self.hub.environment_id, peers),
             rules={k: r.model_dump(exclude_none=True) for k, r in rules.items()},
             hop_limit=gateway.state.router.config.hopLimit,
         )

@@ -4,6 +4,7 @@ templates, no HTML here. Everything is called on the hub's store thread."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,6 +34,7 @@ __all__ = [
     "run_diff",
     "run_seconds",
     "runs_page",
+    "topology",
 ]
 
 RUN_STATUSES = ("running", "succeeded", "failed", "cancelled", "killed")
@@ -83,13 +85,31 @@ def duration_text(seconds: float | None) -> str:
     return f"{minutes}m {secs}s" if minutes else f"{secs}s"
 
 
-def run_row(run: AgentRun, providers: dict[str, str]) -> dict[str, Any]:
-    """A run as a row of the table (what ``run list --json`` says, plus provider and
-    duration)."""
+def usage_text(usage: dict[str, Any] | None) -> str:
+    """What a run used, short: ``1.2 s CPU, 35 MB peak`` (empty: not recorded)."""
+    if not usage:
+        return ""
+    parts = []
+    cpu, peak = usage.get("cpu_seconds"), usage.get("peak_memory_bytes")
+    if isinstance(cpu, int | float):
+        parts.append(f"{cpu:.1f} s CPU")
+    if isinstance(peak, int | float):
+        parts.append(f"{peak / 1e6:.0f} MB peak")
+    return ", ".join(parts)
+
+
+def run_row(
+    store: Store, run: AgentRun, environments: dict[str, tuple[str, str]]
+) -> dict[str, Any]:
+    """A run as a row of the table (what ``run list --json`` says, plus provider, host,
+    duration and what it used)."""
+    provider, host = environments.get(run.environment, ("", ""))
     return {
         **run.to_dict(),
-        "provider": providers.get(run.environment, ""),
+        "provider": provider,
+        "host": host,
         "duration": duration_text(run_seconds(run)),
+        "used": usage_text(load_usage(store, run.id)),
     }
 
 
@@ -105,7 +125,7 @@ def runs_page(
 ) -> RunPage:
     """Runs matching the filters (status, environment, a substring of id, agent or thread),
     newest first, one page of ``per`` (at most 1,000)."""
-    providers = {r.name: r.provider for r in manager.environments()}
+    known = {r.name: (r.provider, str(r.config.get("host", ""))) for r in manager.environments()}
     runs = list_runs(store)
     envs = sorted({r.environment for r in runs})
     needle = text.strip().lower()
@@ -120,7 +140,7 @@ def runs_page(
     per = min(max(per, 1), _MAX_PAGE)
     page = max(page, 1)
     shown = chosen[(page - 1) * per : page * per]
-    return RunPage([run_row(r, providers) for r in shown], len(chosen), page, per, envs)
+    return RunPage([run_row(store, r, known) for r in shown], len(chosen), page, per, envs)
 
 
 def mergeable(run: AgentRun) -> tuple[bool, str]:
@@ -277,3 +297,19 @@ def environments(manager: EnvironmentManager, tail: int = 20) -> list[dict[str, 
 def usage_of(store: Store, run_id: str) -> dict[str, Any] | None:
     """What the run used (``run show``'s usage), if recorded."""
     return load_usage(store, run_id)
+
+
+def topology(hub: str, peers: dict[str, list[str]]) -> dict[str, Any]:
+    """Where to draw the hub (centre) and its connected nodes (around it) in a 400x300 box."""
+    names = sorted(peers)
+    nodes = []
+    for i, name in enumerate(names):
+        angle = 2 * math.pi * i / max(len(names), 1) - math.pi / 2
+        nodes.append(
+            {
+                "name": name,
+                "x": round(200 + 130 * math.cos(angle)),
+                "y": round(150 + 110 * math.sin(angle)),
+            }
+        )
+    return {"hub": hub, "x": 200, "y": 150, "nodes": nodes}

@@ -69,4 +69,15 @@
       });
     }
   }
+
+  const logs = new Map();
+  document.querySelectorAll("pre.envlog[data-env]").forEach((pre) => logs.set(pre.dataset.env, pre));
+  if (logs.size) {
+    const source = new EventSource("/environments/logs");
+    source.addEventListener("log", (m) => {
+      const update = JSON.parse(m.data);
+      const pre = logs.get(update.env);
+      if (pre) pre.textContent = update.lines.join("\n");
+    });
+  }
 })();
