@@ -130,14 +130,6 @@ def test_a_person_watches_runs_reads_diffs_stops_and_merges(
         )  # fmt: skip
         failed_run = json.loads(failed.stdout)
         assert failed_run["status"] == "failed"
-        streamer = _start(
-            workspace,
-            "streamer",
-            "for i in 1 2 3 4 5 6; do echo line-$i; sleep 0.5; done; "
-            f"printf '%s\\n' '{HOSTILE}'; echo streamed >> README.md",
-        )
-        streaming_id = wait_for_output(workspace, "line-1")
-
         # not logged in: nothing to see
         page.goto(base + "runs")
         expect(page.get_by_role("alert")).to_contain_text("narrative hub ui")
@@ -152,6 +144,13 @@ def test_a_person_watches_runs_reads_diffs_stops_and_merges(
         expect(page.get_by_role("alert")).to_contain_text("unknown, used or expired")
 
         # the streaming run turns from running to succeeded without a reload
+        streamer = _start(
+            workspace,
+            "streamer",
+            "for i in 1 2 3 4 5 6 7 8 9 10; do echo line-$i; sleep 0.5; done; "
+            f"printf '%s\\n' '{HOSTILE}'; echo streamed >> README.md",
+        )
+        streaming_id = wait_for_output(workspace, "line-1")
         page.goto(f"{base}runs/{streaming_id}")
         status = page.locator("#run-status")
         expect(status).to_have_text("running")
@@ -234,8 +233,17 @@ def test_a_person_watches_runs_reads_diffs_stops_and_merges(
             expect(page.get_by_role("heading", level=1)).to_have_text(heading)
             shot(path or "overview")
         expect(page.get_by_role("heading", name="Routing rules")).to_be_visible()
+        expect(page.get_by_role("img", name=re.compile("hub and the .* connected"))).to_be_visible()
+        # environments: the log tail follows without a reload; a button acts as the CLI does
         page.goto(base + "environments")
-        expect(page.get_by_role("button", name="Stop streamer")).to_be_visible()
+        page.evaluate("window.loadedOnce = true")
+        web_cli.run("env", "stop", "quick")
+        quick_log = page.locator("pre.envlog[data-env='quick']")
+        expect(quick_log).to_contain_text("-> stopped", timeout=15_000)
+        assert page.evaluate("window.loadedOnce") is True
+        page.get_by_role("button", name="Start quick", exact=True).click()
+        expect(page.locator("pre.envlog[data-env='quick']")).to_contain_text("-> running")
+        assert web_cli.json("env", "show", "quick")["state"] == "running"
 
         # accessibility basics: every control labelled, buttons named, status colours legible
         page.goto(base + "runs")
