@@ -6,7 +6,9 @@ hub records them; statuses mixed), a real ``narrative serve`` in a child process
 view, and a logged-in session (``narrative hub ui``, then the login URL). Timed, alternating,
 REPS times each: ours is one HTTP GET of ``/runs?per=N`` (the whole page received, on a fresh
 connection); the anchor is the CLI process ``narrative run list --json`` (fork to exit), which
-a person or script would otherwise run. Medians; the ratio is ours/anchor.
+a person or script would otherwise run. Medians; the ratio is ours/anchor. Most of the anchor is
+the CLI's start-up, so the same listing done in-process (``list_runs`` and JSON, what ``run list``
+does once started) is printed too, for information.
 
 Usage: ``python bench/bench_web.py [--runs N] [--reps R]``
 """
@@ -29,19 +31,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from narrative.hierarchy import finish_run, resolve_thread, start_run  # noqa: E402
+from narrative.hierarchy import finish_run, list_runs, resolve_thread, start_run  # noqa: E402
 from narrative.store import Store  # noqa: E402
 
 NARRATIVE = str(Path(sys.executable).with_name("narrative"))
 STATUSES = ("succeeded", "failed", "cancelled", "killed")
 
 
-def make_runs(workspace: Path, count: int) -> None:
+def make_runs(workspace: Path, count: int) -> Store:
     store = Store.init(str(workspace))
     thread = resolve_thread(store, None).id
     for i in range(count):
         run = start_run(store, thread, agent=f"agent-{i % 7}", environment=f"env-{i % 5}")
         finish_run(store, run.id, STATUSES[i % len(STATUSES)], i % 3)
+    return store
 
 
 def main() -> None:
@@ -56,7 +59,7 @@ def main() -> None:
         # the store's data directory in the temp dir, for this process and the children alike
         os.environ["HOME"] = env["HOME"] = tmp
         os.environ["XDG_DATA_HOME"] = env["XDG_DATA_HOME"] = str(Path(tmp) / "data")
-        make_runs(workspace, args.runs)
+        store = make_runs(workspace, args.runs)
         hub = subprocess.Popen(
             [NARRATIVE, "serve", "--port", "0", "--json"],
             cwd=workspace,
@@ -104,11 +107,17 @@ def main() -> None:
                 assert len(json.loads(out)["items"]) == args.runs
                 return elapsed
 
+            def in_process() -> float:
+                start = time.perf_counter()
+                json.dumps([r.to_dict() for r in list_runs(store)])
+                return time.perf_counter() - start
+
             ours(), anchor()  # warm-up: page cache, templates compiled
-            web, cli = [], []
+            web, cli, library = [], [], []
             for _ in range(args.reps):
                 web.append(ours())
                 cli.append(anchor())
+                library.append(in_process())
         finally:
             hub.send_signal(signal.SIGTERM)
             hub.wait(timeout=60)
@@ -117,6 +126,8 @@ def main() -> None:
     print(f"web view page /runs?per={args.runs}: median {web_ms:.1f} ms")
     print(f"narrative run list --json:        median {cli_ms:.1f} ms")
     print(f"ratio web/cli: x{web_ms / cli_ms:.2f} (target <= 2)")
+    lib_ms = statistics.median(library) * 1000
+    print(f"(informational: the same list in-process, no CLI start-up: {lib_ms:.1f} ms)")
 
 
 if __name__ == "__main__":
