@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from narrative.commits import thread_snapshots
+from narrative.commits import read_commit, thread_snapshots
 from narrative.diff import diff_snapshots
 from narrative.errors import NarrativeError
 from narrative.hierarchy import list_objectives, list_runs, list_threads
 from narrative.models import AgentRun
 from narrative.runs import run_snapshots, withheld_files
+from narrative.shared import REMOTE_REF_PREFIX
 from narrative.store import Store
 from providers.manager import EnvironmentManager
 
@@ -260,8 +261,12 @@ def _split_patch(patch: str) -> dict[str, str]:
 
 
 def overview(store: Store) -> list[dict[str, Any]]:
-    """Objectives, their threads and each thread's newest snapshots; the objective and thread
-    with the newest activity first."""
+    """Objectives, their threads and each thread's newest snapshots (with the remotes whose
+    tracking head each is); the objective and thread with the newest activity first."""
+    remote_heads: dict[str, list[str]] = {}
+    for name, oid in store.refs.list(REMOTE_REF_PREFIX).items():
+        remote = name[len(REMOTE_REF_PREFIX) :].partition("/threads/")[0]
+        remote_heads.setdefault(oid.hex(), []).append(remote)
     objectives = []
     for objective in list_objectives(store):
         threads = []
@@ -272,7 +277,19 @@ def overview(store: Store) -> list[dict[str, Any]]:
                 if len(snaps) >= _SNAPSHOTS_PER_THREAD:
                     break
             latest = snaps[0].created_at if snaps else thread.created_at
-            threads.append({"thread": thread, "snapshots": snaps, "latest": latest})
+            threads.append(
+                {
+                    "thread": thread,
+                    "snapshots": snaps,
+                    "latest": latest,
+                    "remote": {s.id: remote_heads.get(s.commit, []) for s in snaps},
+                    "merges": {
+                        s.id
+                        for s in snaps
+                        if len(read_commit(store, bytes.fromhex(s.commit)).parents) > 1
+                    },
+                }
+            )
         threads.sort(key=lambda t: str(t["latest"]), reverse=True)
         newest = str(threads[0]["latest"]) if threads else objective.created_at
         objectives.append({"objective": objective, "threads": threads, "latest": newest})
