@@ -198,3 +198,22 @@ def test_only_a_succeeded_run_with_a_result_is_mergeable(store: Store, status: s
     assert mergeable(run)[0] is False
     good = AgentRun(id="run-x", thread_id="th-x", status="succeeded", result_snapshot="snap-x")
     assert mergeable(good) == (True, "")
+
+
+@async_test
+async def test_overview_marks_forks_merges_and_remote_heads(store: Store, workspace: Path) -> None:
+    from narrative.shared import REMOTE_REF_PREFIX
+    from narrative.workspace_merge import merge_workspace
+
+    run_id = _recorded_run(store, workspace, "succeeded")
+    merge_workspace(store, run_id)
+    main = resolve_thread(store, None)
+    head = store.refs.read(store.thread_ref(main.id))
+    assert head is not None
+    store.refs.update(f"{REMOTE_REF_PREFIX}origin/threads/{main.id}", head)
+    async with _view(store) as (_hub, web), httpx.AsyncClient() as client:
+        await _login(web, client)
+        page = html.unescape((await client.get(web.url)).text)
+    assert "run-web" in page and "forked from" in page
+    assert page.count('<span class="tag">merge</span>') == 1  # the merge snapshot only
+    assert f'<span class="tag remote">origin/{main.name}</span>' in page
