@@ -5,6 +5,7 @@ templates, no HTML here. Everything is called on the hub's store thread."""
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,6 +31,8 @@ __all__ = [
     "RunPage",
     "describe_event",
     "environments",
+    "highlight",
+    "language_of",
     "mergeable",
     "overview",
     "run_diff",
@@ -184,6 +187,68 @@ def describe_event(event: dict[str, Any]) -> dict[str, str]:
     }
 
 
+_KEYWORDS = {
+    "py": "and as assert async await break class continue def del elif else except False "
+    "finally for from global if import in is lambda None nonlocal not or pass raise return "
+    "True try while with yield",
+    "js": "async await break case catch class const continue default delete do else export "
+    "extends false finally for function if import in instanceof let new null return super "
+    "switch this throw true try typeof undefined var void while yield",
+    "go": "break case chan const continue default defer else fallthrough for func go goto if "
+    "import interface map nil package range return select struct switch type var",
+    "rs": "as async await break const continue crate else enum extern false fn for if impl in "
+    "let loop match mod move mut pub ref return self Self static struct super trait true type "
+    "unsafe use where while",
+    "sh": "case do done elif else esac export fi for function if in local return then until while",
+    "c": "auto break case char const continue default do double else enum extern float for goto "
+    "if int long register return short signed sizeof static struct switch typedef union "
+    "unsigned void volatile while",
+}
+_LANGUAGES = {
+    "py": "py", "pyi": "py", "js": "js", "mjs": "js", "ts": "js", "tsx": "js", "jsx": "js",
+    "go": "go", "rs": "rs", "sh": "sh", "bash": "sh", "c": "c", "h": "c", "cc": "c",
+    "cpp": "c", "hpp": "c", "java": "c",
+}  # fmt: skip
+_TOKENS = re.compile(
+    r"(?P<str>\"(?:[^\"\\]|\\.)*\"?|'(?:[^'\\]|\\.)*'?)"
+    r"|(?P<com>(?:#|//).*)"
+    r"|(?P<num>\b\d[\d_.xXa-fA-F]*\b)"
+    r"|(?P<word>\b[A-Za-z_]\w*\b)"
+)
+
+
+def language_of(path: str) -> str | None:
+    """The highlighting language of a file, by its extension (None: plain)."""
+    return _LANGUAGES.get(path.rsplit(".", 1)[-1].lower()) if "." in path else None
+
+
+def highlight(code: str, language: str | None) -> list[tuple[str, str]]:
+    """``code`` (one line) as (token class, text) pieces: strings, comments, numbers and the
+    language's keywords get a class, everything else ``""``. Escaping is the template's."""
+    if language is None:
+        return [("", code)]
+    keywords = set(_KEYWORDS[language].split())
+    comment = "#" if language in ("py", "sh") else "//"
+    pieces: list[tuple[str, str]] = []
+    last = 0
+    for match in _TOKENS.finditer(code):
+        kind = match.lastgroup or ""
+        text = match.group()
+        if kind == "com" and not text.startswith(comment):
+            continue
+        if kind == "word":
+            if text not in keywords:
+                continue
+            kind = "kw"
+        if match.start() > last:
+            pieces.append(("", code[last : match.start()]))
+        pieces.append((kind, text))
+        last = match.end()
+    if last < len(code):
+        pieces.append(("", code[last:]))
+    return pieces
+
+
 @dataclass
 class FileDiff:
     path: str
@@ -191,8 +256,8 @@ class FileDiff:
     insertions: int
     deletions: int
     binary: bool
-    lines: list[tuple[str, str]] = field(default_factory=list)
-    """(css class, line) of the unified diff."""
+    lines: list[tuple[str, str, list[tuple[str, str]]]] = field(default_factory=list)
+    """(css class, sign or header, highlighted pieces) of each line of the unified diff."""
     cut: bool = False
 
 
@@ -231,7 +296,14 @@ def run_diff(store: Store, run: AgentRun) -> RunDiff:
     for change in found.files[:_MAX_DIFF_FILES]:
         text = patches.get(change.path, "")
         cut = len(text) > _MAX_FILE_PATCH
-        lines = text[:_MAX_FILE_PATCH].splitlines()
+        language = language_of(change.path)
+        lines = []
+        for line in text[:_MAX_FILE_PATCH].splitlines():
+            kind = _line_class(line)
+            if kind in ("add", "del", "ctx"):
+                lines.append((kind, line[:1], highlight(line[1:], language)))
+            else:
+                lines.append((kind, line, []))
         files.append(
             FileDiff(
                 change.path,
@@ -239,7 +311,7 @@ def run_diff(store: Store, run: AgentRun) -> RunDiff:
                 change.insertions,
                 change.deletions,
                 change.binary,
-                [(_line_class(line), line) for line in lines],
+                lines,
                 cut,
             )
         )
