@@ -217,3 +217,37 @@ async def test_overview_marks_forks_merges_and_remote_heads(store: Store, worksp
     assert "run-web" in page and "forked from" in page
     assert page.count('<span class="tag">merge</span>') == 1  # the merge snapshot only
     assert f'<span class="tag remote">origin/{main.name}</span>' in page
+
+
+def test_diff_lines_are_highlighted_by_language() -> None:
+    from gateway.hub.web.views import highlight, language_of
+
+    assert language_of("src/app.py") == "py" and language_of("README") is None
+    assert highlight('if x: return "a#b"  # why', "py") == [
+        ("kw", "if"),
+        ("", " x: "),
+        ("kw", "return"),
+        ("", " "),
+        ("str", '"a#b"'),
+        ("", "  "),
+        ("com", "# why"),
+    ]
+    assert highlight("a // b", "py") == [("", "a // b")]  # floor division, not a comment
+    assert highlight("x = 1 // one", "js")[-1] == ("com", "// one")
+
+
+@async_test
+async def test_highlighted_code_is_still_escaped(store: Store, workspace: Path) -> None:
+    main = resolve_thread(store, None)
+    base = take_snapshot(store, main.id, message="base").snapshot
+    thread = create_thread(store, main.objective_id, "run-code", forked_from=base.id).id
+    run = start_run(store, thread, environment="box", base_snapshot=base.id)
+    (workspace / "evil.py").write_text('tag = "<script>alert(1)</script>"  # <b>bold</b>\n')
+    result = take_snapshot(store, thread, run.id, "result", track_head=False).snapshot
+    finish_run(store, run.id, "succeeded", 0, result.id)
+    async with _view(store) as (_hub, web), httpx.AsyncClient() as client:
+        await _login(web, client)
+        page = (await client.get(f"{web.url}runs/{run.id}")).text
+    assert "<script>alert" not in page and "<b>bold" not in page
+    assert '<span class="t-str">&#34;&lt;script&gt;alert(1)&lt;/script&gt;&#34;</span>' in page
+    assert '<span class="t-com"># &lt;b&gt;bold&lt;/b&gt;</span>' in page
