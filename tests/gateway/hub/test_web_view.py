@@ -251,3 +251,14 @@ async def test_highlighted_code_is_still_escaped(store: Store, workspace: Path) 
     assert "<script>alert" not in page and "<b>bold" not in page
     assert '<span class="t-str">&#34;&lt;script&gt;alert(1)&lt;/script&gt;&#34;</span>' in page
     assert '<span class="t-com"># &lt;b&gt;bold&lt;/b&gt;</span>' in page
+
+
+def test_serve_without_a_web_view(cli: Cli, workspace: Path) -> None:
+    from tests.gateway.hub.hub_support import serve
+
+    cli.run("init")
+    with serve(cli, workspace, "--no-web") as ready:
+        assert ready["web"] is None
+        proc = cli.run("hub", "ui", check=False)
+    assert proc.returncode == 1
+    assert "serves no web view" in proc.stderr and len(proc.stderr.splitlines()) == 1
