@@ -176,7 +176,7 @@ def describe_event(event: dict[str, Any]) -> dict[str, str]:
     elif kind == "runtime.log":
         text = "\n".join(str(line) for line in event.get("lines") or [])
     else:
-        text = " ".join(f"{k}={v}" for k, v in event.items() if k not in skip)
+        text = " ".join(f"{k}={_scrub(k, v)}" for k, v in event.items() if k not in skip)
     stream = str(event.get("stream", "")) if kind == "agent.output" else ""
     return {
         "seq": str(event.get("seq", "")),
@@ -247,6 +247,21 @@ def highlight(code: str, language: str | None) -> list[tuple[str, str]]:
     if last < len(code):
         pieces.append(("", code[last:]))
     return pieces
+
+
+_SECRET_KEY = re.compile(r"token|secret|password|passwd|credential|key|env", re.IGNORECASE)
+
+
+def _scrub(key: str, value: Any) -> Any:
+    """``value`` with what may be a secret hidden: the values of environment variables passed
+    to a run and of any field named like a token, password or key (the names stay)."""
+    if isinstance(value, dict):
+        if _SECRET_KEY.search(key):
+            return {k: "(hidden)" for k in value}
+        return {k: _scrub(str(k), v) for k, v in value.items()}
+    if isinstance(value, str) and _SECRET_KEY.search(key) and key not in ("environment",):
+        return "(hidden)"
+    return value
 
 
 @dataclass
