@@ -262,3 +262,15 @@ def test_serve_without_a_web_view(cli: Cli, workspace: Path) -> None:
         proc = cli.run("hub", "ui", check=False)
     assert proc.returncode == 1
     assert "serves no web view" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+@async_test
+async def test_no_secrets_of_a_run_request_in_its_page(store: Store, workspace: Path) -> None:
+    run_id = _recorded_run(store, workspace, "succeeded")
+    request = {"environment": "box", "env": {"API_KEY": "sk-live-123"}, "argv": ["true"]}
+    RunEventLog(store, run_id).append("run.created", environment="box", request=request)
+    async with _view(store) as (_hub, web), httpx.AsyncClient() as client:
+        await _login(web, client)
+        page = html.unescape((await client.get(f"{web.url}runs/{run_id}")).text)
+    assert "sk-live-123" not in page
+    assert "'API_KEY': '(hidden)'" in page and "environment=box" in page
