@@ -31,6 +31,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.errors import Unavailable
 from gateway.handlers import HandlerContext
 from narrative.errors import NarrativeError
 from narrative.hierarchy import get_run
@@ -133,12 +134,19 @@ class WebView:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        sock.listen(128)
+        try:
+            sock.bind((self.host, self.port))
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise Unavailable(
+                f"cannot serve the web view on {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from None
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             _SecurityHeaders(self.app),
+            log_config=None,  # the hub's own logging, not a config of uvicorn's
             log_level="warning",
             lifespan="off",
             access_log=False,
