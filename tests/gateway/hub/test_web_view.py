@@ -274,3 +274,18 @@ async def test_no_secrets_of_a_run_request_in_its_page(store: Store, workspace: 
         page = html.unescape((await client.get(f"{web.url}runs/{run_id}")).text)
     assert "sk-live-123" not in page
     assert "'API_KEY': '(hidden)'" in page and "environment=box" in page
+
+
+def test_a_busy_web_port_is_one_clear_error(cli: Cli) -> None:
+    import socket
+
+    cli.run("init")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = str(busy.getsockname()[1])
+        proc = cli.run("serve", "--port", "0", "--web-port", port, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"narrative: error: cannot serve the web view on 127.0.0.1:{port}: Address already in use"
+    ]
