@@ -274,10 +274,16 @@ class WebView:
         self.hub.audit.record(session.user, f"web:{action}", target, outcome)
 
     def _log_run_action(self, run: AgentRun, action: str, session: Session) -> None:
-        """The action in the run's event log, through the driver's log when this hub drives
-        the run (the one writer of its log)."""
+        """The action in the run's event log: through the driver's log when this hub drives
+        the run, directly for a finished run; a run another hub drives is left to that hub,
+        the one writer of its log (the audit log has the action either way)."""
         driver = self.hub.drivers.get(run.id)
-        events = driver.events if driver is not None else RunEventLog(self.store, run.id)
+        if driver is not None:
+            events = driver.events
+        elif run.status != "running":
+            events = RunEventLog(self.store, run.id)
+        else:
+            return
         events.append("run.requested", action=action, by=f"{session.user} (web view)")
 
     # -- pages ----------------------------------------------------------------------------------
