@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-long test-hosts test-faults soak lint bench bench-quick bench-transfer bench-merge bench-run bench-sandbox bench-gateway bench-chain clean
+.PHONY: demo test test-long test-hosts test-faults soak lint bench bench-quick bench-transfer bench-merge bench-run bench-sandbox bench-gateway bench-chain bench-web clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,9 @@ bench-gateway: $(STAMP)  ## gateway vs raw websockets echo (add ARGS=--quick for
 
 bench-chain: $(STAMP)  ## hub: proxied calls vs raw echo, Docker run round trip vs docker cp/exec (ARGS=--quick)
 	$(BIN)/python bench/bench_chain.py $(ARGS)
+
+bench-web: $(STAMP)  ## a web view page of 1,000 runs vs narrative run list --json (target ≤ 2x)
+	$(BIN)/python bench/bench_web.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -59,6 +59,14 @@ __all__ = ["COMMANDS"]
     metavar="URL",
     help="The URL runtimes and clients are told to dial (default: the listening one).",
 )
+@click.option(
+    "--web-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Port of the web view on 127.0.0.1 (0: a free one; 'narrative hub ui' logs in).",
+)
+@click.option("--no-web", is_flag=True, help="Serve no web view.")
 @json_option
 @click.pass_context
 def serve(
@@ -77,6 +85,8 @@ def serve(
     insecure: bool,
     tls_self_signed: bool,
     advertise_url: str | None,
+    web_port: int,
+    no_web: bool,
     as_json: bool,
 ) -> None:
     """Serve the hub: environments, runs and the gateway, until interrupted.
@@ -86,9 +96,13 @@ def serve(
 
     Off loopback the hub serves wss:// (--tls-cert/--tls-key, or --tls-self-signed);
     clients pin the printed fingerprint (sha256:HEX) with --fingerprint.
+
+    The hub's web view listens on 127.0.0.1 (--web-port); `narrative hub ui` prints a
+    one-time login URL for it.
     """
     from gateway.config import load_config
     from gateway.hub.server import Hub, hub_tls_directory
+    from gateway.hub.web import WebView
     from gateway.tls import self_signed_certificate
 
     store = open_store(ctx)
@@ -122,22 +136,31 @@ def serve(
             tls=tls,
             advertise_url=advertise_url,
         )
-        await hub.start()
+        web = None if no_web else WebView(hub, port=web_port)
+        if web is not None:
+            await web.start()  # first: the hub announces the view's URL with its own
         try:
-            ready = {
-                "url": hub.url,
-                "fingerprint": hub.fingerprint,
-                "pid": os.getpid(),
-                "environment": hub.environment_id,
-            }
-            pin = f" (certificate fingerprint {hub.fingerprint})" if hub.fingerprint else ""
-            await announce_and_wait(
-                json_document("hub_ready", ready, None)
-                if as_json
-                else f"hub listening on {hub.url}{pin}"
-            )
+            await hub.start()
+            try:
+                ready = {
+                    "url": hub.url,
+                    "fingerprint": hub.fingerprint,
+                    "pid": os.getpid(),
+                    "environment": hub.environment_id,
+                    "web": hub.web_url,
+                }
+                pin = f" (certificate fingerprint {hub.fingerprint})" if hub.fingerprint else ""
+                view = f"; web view on {hub.web_url} (log in: narrative hub ui)" if web else ""
+                await announce_and_wait(
+                    json_document("hub_ready", ready, None)
+                    if as_json
+                    else f"hub listening on {hub.url}{pin}{view}"
+                )
+            finally:
+                await hub.close()
         finally:
-            await hub.close()
+            if web is not None:
+                await web.close()
 
     import asyncio  # imported late: it costs every command's start-up
 

@@ -16,7 +16,7 @@ __all__ = ["COMMANDS"]
 
 @click.group()
 def hub() -> None:
-    """Share a hub: invite users, log in to a hub, revoke, audit."""
+    """Share a hub: invite users, log in to a hub, revoke, audit; open its web view."""
 
 
 @hub.command("invite")
@@ -44,6 +44,20 @@ def invite(ctx: click.Context, user: str, role: str, ttl: float, as_json: bool) 
     AuditLog(store).record(OWNER, "invite", user, "ok")
     data = {"user": user, "role": role, "code": code, "expiresIn": ttl}
     emit(as_json, "hub_invite", data, code)
+
+
+@hub.command("ui")
+@json_option
+@click.pass_context
+def ui(ctx: click.Context, as_json: bool) -> None:
+    """Print a one-time URL that logs a browser in to the web view of this store's serving
+    hub (`narrative serve`); the login lasts 12 hours in that browser."""
+    import asyncio
+
+    from gateway.hub.web import web_login_url
+
+    url = asyncio.run(web_login_url(open_store(ctx)))
+    emit(as_json, "hub_ui", {"url": url}, url)
 
 
 @hub.command("login")

@@ -83,6 +83,39 @@ class RunEventLog:
     def _bytes_from(self, offset: int) -> tuple[bytes, int]:
         return _whole_lines(self.path, offset)
 
+    def read_page(self, offset: int, max_bytes: int = 1 << 18) -> tuple[list[dict[str, Any]], int]:
+        """The events of the whole lines in about ``max_bytes`` from byte ``offset`` on, and the
+        offset after them (a reader pages through a log of any size in bounded memory; a line
+        longer than ``max_bytes`` is read whole)."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                data = f.read(max_bytes)
+                while data and b"\n" not in data:  # one line longer than max_bytes: read it whole
+                    more = f.read(max_bytes)
+                    if not more:
+                        break
+                    data += more
+        except FileNotFoundError:
+            return [], offset
+        whole = data[: data.rfind(b"\n") + 1]
+        return _parse(whole), offset + len(whole)
+
+    def tail_offset(self, max_bytes: int) -> int:
+        """The offset of the first whole line in the last ``max_bytes`` of the log (0 for a log
+        that short): where a reader showing only the newest events starts."""
+        try:
+            with open(self.path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size <= max_bytes:
+                    return 0
+                f.seek(size - max_bytes - 1)
+                chunk = f.read(max_bytes + 1)
+        except FileNotFoundError:
+            return 0
+        newline = chunk.find(b"\n")
+        return size if newline < 0 else size - max_bytes - 1 + newline + 1
+
 
 class EventBudget:
     """How much of a runtime's reporting one run's log records: at most ``max_events`` events

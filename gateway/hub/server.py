@@ -227,6 +227,8 @@ class Hub:
         """run id → :class:`gateway.hub.runs.RunDriver` of the runs this hub drives."""
         self._by_env: dict[str, RunDriver] = {}
         self._hub_file: str | None = None
+        self.web_url: str | None = None
+        """The URL of the hub's web view (:mod:`gateway.hub.web`), announced with the hub."""
         self.private_environments: Callable[[], frozenset[str]] = frozenset
         """The ids of the team users' private environments, which the hub never selects."""
         self._install(allow_exec, allow_writes, plugins)
@@ -317,6 +319,7 @@ class Hub:
             "environment": self.environment_id,
             "daemon": self.daemon,
             "started": now_iso(),
+            **({"web": self.web_url} if self.web_url else {}),
         }
         self._hub_file = os.path.join(hub_files(self.store), f"{os.getpid()}.json")
         write_atomic(self._hub_file, json.dumps(info).encode())
@@ -433,7 +436,7 @@ class Hub:
         snap = result.snapshot
         return {"snapshot": snap.id, "commit": snap.commit, "created": result.created}
 
-    def _check_control(
+    def check_control(
         self, ctx: HandlerContext, audited: str | None = None, target: str | None = None
     ) -> None:
         """Refuse the call unless it comes with the owner's control token; an ``audited``
@@ -452,16 +455,16 @@ class Hub:
         from .run_request import RunRequest
 
         environment = payload.get("environment")
-        self._check_control(ctx, "runStart", environment if isinstance(environment, str) else None)
+        self.check_control(ctx, "runStart", environment if isinstance(environment, str) else None)
         run = await self.submit(RunRequest.from_payload(payload))
         return run.to_dict()
 
     async def _control_wait(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
-        self._check_control(ctx)
+        self.check_control(ctx)
         return (await self.wait(_run_id(payload))).to_dict()
 
     async def _control_stop(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
-        self._check_control(ctx, "runStop", str(payload.get("run")))
+        self.check_control(ctx, "runStop", str(payload.get("run")))
         grace = payload.get("grace")
         if grace is not None and (not isinstance(grace, int | float) or grace < 0):
             raise InvalidInput("'grace' must be a non-negative number of seconds")
@@ -469,12 +472,12 @@ class Hub:
         return {}
 
     async def _control_kill(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
-        self._check_control(ctx, "runKill", str(payload.get("run")))
+        self.check_control(ctx, "runKill", str(payload.get("run")))
         await self.kill_run(_run_id(payload))
         return {}
 
     async def _control_runs(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
-        self._check_control(ctx)
+        self.check_control(ctx)
         return {"runs": sorted(self.drivers)}
 
 

@@ -171,6 +171,7 @@ def _scenario(tmp: Path) -> dict[str, list[dict[str, Any]]]:
         j(Cli(dev_ws), "hub", "logout", env=dev)
         j(cli, "hub", "revoke", "dev")
         j(cli, "hub", "audit")
+        j(cli, "hub", "ui")
     j(cli, "env", "delete", "other")
     j(cli, "env", "sweep")
     if docker_reachable():  # else the command's check skips, or fails where Docker is required
