@@ -407,6 +407,11 @@ class BaseProvider(ABC):
             InvalidInput: ``handle`` is not a handle this provider issues.
         """
 
+    extra_stop_time: ClassVar[float] = 0.0
+    """Seconds that ending an agent here takes beyond what the hub allows any environment
+    (a remote run stopped there and its result brought home); the hub waits that much longer
+    before it kills the runtime of a run being stopped or past its deadline."""
+
     spawn_log_on_host: ClassVar[bool] = False
     """Whether :meth:`spawn` appends the output to the host's ``log_path`` itself; when not,
     the output stays in the environment and :meth:`read_spawn_log` fetches it."""

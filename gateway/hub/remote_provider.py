@@ -92,6 +92,9 @@ class RemoteProvider(BaseProvider):
     config_model = RemoteConfig
     preference = 90  # never a default: it needs a login and a remote environment
     spawn_log_on_host: ClassVar[bool] = True  # the runtime's; remote processes' logs stay there
+    # a stop goes to the other hub, which stops its run and ships its result, which then comes
+    # home here: more than one environment's stop, on two hubs' time
+    extra_stop_time: ClassVar[float] = 120.0
 
     def __init__(self, context: ProviderContext, config: ProviderConfig) -> None:
         super().__init__(context, config)

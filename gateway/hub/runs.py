@@ -28,7 +28,7 @@ from narrative.errors import InvalidInput, NarrativeError
 from narrative.hierarchy import create_thread, finish_run, get_thread, start_run
 from narrative.ids import new_id
 from narrative.models import AgentRun, Snapshot
-from providers.base import DEFAULT_MAX_RESULT_BYTES, HubSocket, ProviderConfig
+from providers.base import DEFAULT_MAX_RESULT_BYTES, BaseProvider, HubSocket
 from providers.errors import ResultTooLarge
 from providers.usage import Sampler, UsageMeter
 
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 _CALL_TIMEOUT = 600.0
 _DEADLINE_MARGIN = 5.0
+_STOP_MARGIN = 30.0
+"""Seconds beyond the grace a runtime has to answer a stop (its result snapshotted)."""
 """Seconds past a run's timeout (and the stop grace) the hub waits for the runtime to end the
 agent and report before it stops the run itself (the stop still waits for the runtime to
 snapshot the result)."""
@@ -91,6 +93,7 @@ class RunDriver:
         self.finished = asyncio.Event()
         self.runtime = RuntimeProcess(hub.manager, hub.blocking, self.environment, run.id)
         self.max_result_bytes = DEFAULT_MAX_RESULT_BYTES
+        self.extra_stop_time = 0.0
         self.tokens = RunTokens(
             hub.signer,
             hub.token_ttl,
@@ -226,11 +229,13 @@ class RunDriver:
     async def _load_limits(self) -> None:
         """The caps of the run's environment (its config's ``max_*`` keys)."""
 
-        def read() -> ProviderConfig:
+        def read() -> BaseProvider:
             manager = self.hub.manager
-            return manager.provider(manager.get(self.environment)).config
+            return manager.provider(manager.get(self.environment))
 
-        config = await self.hub.blocking(read)
+        provider = await self.hub.blocking(read)
+        config = provider.config
+        self.extra_stop_time = provider.extra_stop_time
         self.intake.budget = EventBudget(
             config.max_events, config.max_event_bytes, config.max_output_bytes
         )
@@ -238,7 +243,7 @@ class RunDriver:
 
     def _set_deadline(self) -> None:
         if self.request.timeout is not None:
-            slack = self.hub.stop_grace + _DEADLINE_MARGIN
+            slack = self.hub.stop_grace + _DEADLINE_MARGIN + self.extra_stop_time
             self._deadline = asyncio.get_running_loop().time() + self.request.timeout + slack
 
     def _outcome(self, failure: str) -> tuple[str, int | None]:
@@ -496,7 +501,9 @@ class RunDriver:
             await self.hub.gateway.call(
                 "runtime", "setStopGrace", {"grace": grace}, target=self.gateway_id, timeout=5
             )
-            await self.hub.gateway.provider_request(self.gateway_id, message, timeout=grace + 30)
+            await self.hub.gateway.provider_request(
+                self.gateway_id, message, timeout=grace + _STOP_MARGIN + self.extra_stop_time
+            )
         except GatewayError as exc:
             self.events.append("run.stop_failed", reason=str(exc))
             await self.kill()
