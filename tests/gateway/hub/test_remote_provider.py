@@ -125,6 +125,7 @@ def test_stopping_a_run_stops_it_on_the_hub(lab: RemoteLab) -> None:
     try:
         run_id = _running_run(lab.json)
         _running_run(lab.hub_cli.json)  # delegated: it runs on the hub now
+        _said(lab, run_id, "started")  # and its agent has written partial.txt there
         lab.run("run", "stop", run_id, "--grace", "2")
         _, err = proc.communicate(timeout=120)
     finally:
@@ -164,6 +165,18 @@ def test_killing_a_run_kills_it_on_the_hub(lab: RemoteLab) -> None:
         assert time.monotonic() < deadline, "the hub's run outlived the kill"
         time.sleep(0.2)
     assert lab.hub_cli.json("run", "show", hub_run)["status"] == "killed"
+
+
+def _said(lab: RemoteLab, run_id: str, text: str, timeout: float = 60) -> None:
+    """Wait until the run's output (as it came home) holds ``text``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = lab.json("run", "show", run_id)["events"]
+        assert isinstance(events, list)
+        if text in "".join(e.get("data", "") for e in events if e["type"] == "agent.output"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the run never said {text!r}")
 
 
 def _running_run(listing: Callable[..., Any], timeout: float = 60) -> str:
