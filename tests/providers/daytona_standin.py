@@ -178,6 +178,10 @@ class DaytonaStandIn:
         with self._lock:
             self._throttle.extend([retry_after or ""] * count)
 
+    def clear_rate_limit(self) -> None:
+        with self._lock:
+            self._throttle.clear()
+
     def state_of(self, sandbox_id: str) -> str | None:
         box = self.boxes.get(sandbox_id)
         return None if box is None else box.state
