@@ -25,7 +25,6 @@ goes only into the SDK's client; it is never logged, stored or sent into a sandb
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import os
 import posixpath
@@ -37,25 +36,13 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import httpx
 from daytona import (
     CreateSandboxFromImageParams,
     CreateSandboxFromSnapshotParams,
     Daytona,
-    DaytonaAuthenticationError,
-    DaytonaBadRequestError,
-    DaytonaConnectionError,
     DaytonaError,
-    DaytonaFileNotFoundError,
-    DaytonaForbiddenError,
-    DaytonaNotFoundError,
-    DaytonaRateLimitError,
-    DaytonaServiceUnavailableError,
-    DaytonaTimeoutError,
-    DaytonaValidationError,
     FileUpload,
     ListSandboxesQuery,
     Resources,
@@ -81,6 +68,7 @@ from .base import (
     check_relative_path,
     tail_start,
 )
+from .daytona_calls import call_daytona, translate
 from .daytona_config import DaytonaConfig
 from .e2b_config import read_uploads
 from .errors import ProviderError, ProviderUnavailable, ResourceGone, ResultTooLarge
@@ -90,7 +78,7 @@ from .shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
 if TYPE_CHECKING:
     from narrative.models import Snapshot
 
-__all__ = ["DaytonaConfig", "DaytonaProvider", "retry_after"]
+__all__ = ["DaytonaConfig", "DaytonaProvider"]
 
 log = logging.getLogger(__name__)
 
@@ -104,68 +92,6 @@ _MARKER_LENGTH = 24
 _ASLEEP = {SandboxState.STOPPED, SandboxState.ARCHIVED, SandboxState.STOPPING}
 _DEAD = {SandboxState.DESTROYED, SandboxState.DESTROYING}
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_BACKOFF_FIRST = 0.5
-_BACKOFF_MAX = 30.0
-
-
-def retry_after(headers: Mapping[str, Any], now: datetime | None = None) -> float | None:
-    """The wait a 429 answer asks for: ``Retry-After`` in seconds or as an HTTP date."""
-    value = next((str(v) for k, v in headers.items() if k.lower() == "retry-after"), None)
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max((when - (now or datetime.now(UTC))).total_seconds(), 0.0)
-
-
-def _translate(exc: Exception, resource_id: str | None, path: str | None) -> Exception:
-    """The one place Daytona SDK and transport errors become the providers' error tree."""
-    if isinstance(exc, NarrativeError | OSError) and not isinstance(exc, ConnectionError):
-        return exc
-    if isinstance(exc, DaytonaFileNotFoundError) or (
-        isinstance(exc, DaytonaNotFoundError) and path is not None
-    ):
-        return FileNotFoundError(f"{path}: no such file in the environment")
-    if isinstance(exc, DaytonaNotFoundError):
-        return ResourceGone(resource_id or "(daytona sandbox)")
-    if isinstance(exc, DaytonaAuthenticationError | DaytonaForbiddenError):
-        return ProviderUnavailable("daytona refused the API key (check the configured api_key_env)")
-    if isinstance(exc, DaytonaRateLimitError):
-        return ProviderUnavailable(f"daytona rate limit: {exc}")
-    if isinstance(
-        exc,
-        DaytonaConnectionError
-        | DaytonaTimeoutError
-        | DaytonaServiceUnavailableError
-        | httpx.TransportError
-        | ConnectionError,
-    ):
-        return ProviderUnavailable(f"daytona sandbox {resource_id} unreachable: {exc}")
-    if isinstance(exc, DaytonaBadRequestError | DaytonaValidationError):
-        return InvalidInput(f"daytona refused the request: {exc}")
-    if isinstance(exc, DaytonaError | httpx.HTTPStatusError):
-        return ProviderError(f"daytona: {exc}")
-    return exc
-
-
-def _rate_limited(exc: Exception) -> Mapping[str, Any] | None:
-    """The headers of an HTTP 429 answer, whichever SDK path raised it; None otherwise."""
-    if isinstance(exc, DaytonaRateLimitError):
-        return exc.headers
-    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 429:
-        return exc.response.headers
-    if isinstance(exc, DaytonaError) and exc.status_code == 429:
-        return exc.headers
-    return None
 
 
 class DaytonaProvider(BaseProvider):
@@ -210,31 +136,12 @@ class DaytonaProvider(BaseProvider):
                     warnings.simplefilter("ignore", DeprecationWarning)
                     self._client = Daytona(options)
             except DaytonaError as exc:
-                raise _translate(exc, None, None) from exc
+                raise translate(exc, None, None) from exc
         return self._client
 
     def _call(self, fn: Callable[[], T], resource_id: str | None, path: str | None = None) -> T:
         """``fn()``, retried while Daytona answers 429, with every error translated."""
-        waited = 0.0
-        backoff = _BACKOFF_FIRST
-        while True:
-            try:
-                return fn()
-            except Exception as exc:
-                headers = _rate_limited(exc)
-                if headers is not None:
-                    delay = retry_after(headers)
-                    if delay is None:
-                        delay, backoff = backoff, min(backoff * 2, _BACKOFF_MAX)
-                    if waited + delay <= self.cfg.rate_limit_wait:
-                        log.info("daytona rate limit: retrying in %.1fs", delay)
-                        self.sleep(delay)
-                        waited += delay
-                        continue
-                translated = _translate(exc, resource_id, path)
-                if translated is exc:
-                    raise
-                raise translated from exc
+        return call_daytona(fn, resource_id, path, self.cfg.rate_limit_wait, self.sleep)
 
     def _sandbox(self, resource_id: str) -> Sandbox:
         """A handle on the sandbox, started again when Daytona stopped it for idleness."""
@@ -460,15 +367,12 @@ class DaytonaProvider(BaseProvider):
                     self._kill_marked(resource_id, marker)
                     stdout, stderr, _ = self._logs(resource_id, session, command_id)
                     break
-                self.sleep_poll()
+                time.sleep(self.cfg.poll_interval)
         finally:
             self._end_session(resource_id, session)
         if timed_out:
             return ExecResult(-1, stdout.encode(), stderr.encode(), timed_out=True)
         return ExecResult(int(code or 0), stdout.encode(), stderr.encode())
-
-    def sleep_poll(self) -> None:
-        time.sleep(self.cfg.poll_interval)
 
     def _shell(self, resource_id: str, script: str) -> ExecResult:
         """Run a shell script of the provider's own in ``/`` (unmarked, so the environment's

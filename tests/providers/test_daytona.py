@@ -18,8 +18,8 @@ import pytest
 from narrative.errors import InvalidInput
 from narrative.store import Store
 from providers.base import Health
+from providers.daytona_calls import retry_after
 from providers.daytona_config import DaytonaConfig
-from providers.daytona_provider import retry_after
 from providers.errors import ProviderUnavailable
 from tests.conftest import Cli, git, store_dir_of
 from tests.gateway.hub.hub_support import AGENT, ROUTING, file, start

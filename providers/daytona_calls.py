@@ -1,0 +1,130 @@
+"""Calls into the ``daytona`` SDK for the daytona provider: HTTP 429 waited out as the server
+asks (``Retry-After`` in seconds or as an HTTP date, else a doubling backoff), and every SDK or
+transport error translated into the providers' error tree in one place."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import httpx
+from daytona import (
+    DaytonaAuthenticationError,
+    DaytonaBadRequestError,
+    DaytonaConnectionError,
+    DaytonaError,
+    DaytonaFileNotFoundError,
+    DaytonaForbiddenError,
+    DaytonaNotFoundError,
+    DaytonaRateLimitError,
+    DaytonaServiceUnavailableError,
+    DaytonaTimeoutError,
+    DaytonaValidationError,
+)
+
+from narrative.errors import InvalidInput, NarrativeError
+
+from .errors import ProviderError, ProviderUnavailable, ResourceGone
+
+__all__ = ["call_daytona", "retry_after", "translate"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_BACKOFF_FIRST = 0.5
+_BACKOFF_MAX = 30.0
+
+
+def call_daytona(
+    fn: Callable[[], T],
+    resource_id: str | None,
+    path: str | None,
+    max_wait: float,
+    sleep: Callable[[float], None],
+) -> T:
+    """``fn()``, retried while Daytona answers 429 for at most ``max_wait`` seconds of
+    ``sleep`` in all; any error (a 429 past that too) translated by :func:`translate`."""
+    waited = 0.0
+    backoff = _BACKOFF_FIRST
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            headers = _rate_limited(exc)
+            if headers is not None:
+                delay = retry_after(headers)
+                if delay is None:
+                    delay, backoff = backoff, min(backoff * 2, _BACKOFF_MAX)
+                if waited + delay <= max_wait:
+                    log.info("daytona rate limit: retrying in %.1fs", delay)
+                    sleep(delay)
+                    waited += delay
+                    continue
+            translated = translate(exc, resource_id, path)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+
+def retry_after(headers: Mapping[str, Any], now: datetime | None = None) -> float | None:
+    """The wait a 429 answer asks for: ``Retry-After`` in seconds or as an HTTP date."""
+    value = next((str(v) for k, v in headers.items() if k.lower() == "retry-after"), None)
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max((when - (now or datetime.now(UTC))).total_seconds(), 0.0)
+
+
+def translate(exc: Exception, resource_id: str | None, path: str | None) -> Exception:
+    """The one place Daytona SDK and transport errors become the providers' error tree."""
+    if isinstance(exc, NarrativeError | OSError) and not isinstance(exc, ConnectionError):
+        return exc
+    if isinstance(exc, DaytonaFileNotFoundError) or (
+        isinstance(exc, DaytonaNotFoundError) and path is not None
+    ):
+        return FileNotFoundError(f"{path}: no such file in the environment")
+    if isinstance(exc, DaytonaNotFoundError):
+        return ResourceGone(resource_id or "(daytona sandbox)")
+    if isinstance(exc, DaytonaAuthenticationError | DaytonaForbiddenError):
+        return ProviderUnavailable("daytona refused the API key (check the configured api_key_env)")
+    if isinstance(exc, DaytonaRateLimitError):
+        return ProviderUnavailable(f"daytona rate limit: {exc}")
+    if isinstance(
+        exc,
+        DaytonaConnectionError
+        | DaytonaTimeoutError
+        | DaytonaServiceUnavailableError
+        | httpx.TransportError
+        | ConnectionError,
+    ):
+        return ProviderUnavailable(f"daytona sandbox {resource_id} unreachable: {exc}")
+    if isinstance(exc, DaytonaBadRequestError | DaytonaValidationError):
+        return InvalidInput(f"daytona refused the request: {exc}")
+    if isinstance(exc, DaytonaError | httpx.HTTPStatusError):
+        return ProviderError(f"daytona: {exc}")
+    return exc
+
+
+def _rate_limited(exc: Exception) -> Mapping[str, Any] | None:
+    """The headers of an HTTP 429 answer, whichever SDK path raised it; None otherwise."""
+    if isinstance(exc, DaytonaRateLimitError):
+        return exc.headers
+    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 429:
+        return exc.response.headers
+    if isinstance(exc, DaytonaError) and exc.status_code == 429:
+        return exc.headers
+    return None
