@@ -1,6 +1,8 @@
 """Calls into the ``daytona`` SDK for the daytona provider: HTTP 429 waited out as the server
-asks (``Retry-After`` in seconds or as an HTTP date, else a doubling backoff), and every SDK or
-transport error translated into the providers' error tree in one place."""
+asks (``Retry-After`` in seconds or as an HTTP date, else a doubling backoff), every SDK or
+transport error translated into the providers' error tree in one place, and the shape of the
+provider's process handles (``daytona:<command id>:<marker>``, the session named after the
+marker)."""
 
 from __future__ import annotations
 
@@ -29,12 +31,25 @@ from narrative.errors import InvalidInput, NarrativeError
 
 from .errors import ProviderError, ProviderUnavailable, ResourceGone
 
-__all__ = ["call_daytona", "retry_after", "translate"]
+__all__ = [
+    "HANDLE_PREFIX",
+    "MARKER_LENGTH",
+    "SESSION_PREFIX",
+    "call_daytona",
+    "parse_handle",
+    "retry_after",
+    "translate",
+]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+SESSION_PREFIX = "narrative-"
+"""Sessions the provider opens (``end_leftovers`` ends them all)."""
+HANDLE_PREFIX = "daytona:"
+MARKER_LENGTH = 24
+"""Hex digits of a command's marker (:data:`providers.proctree.MARKER_VAR`)."""
 _BACKOFF_FIRST = 0.5
 _BACKOFF_MAX = 30.0
 
@@ -128,3 +143,19 @@ def _rate_limited(exc: Exception) -> Mapping[str, Any] | None:
     if isinstance(exc, DaytonaError) and exc.status_code == 429:
         return exc.headers
     return None
+
+
+def parse_handle(handle: str) -> tuple[str, str]:
+    """``(session, command id)`` of a process handle; anything else is refused."""
+    parts = handle.split(":") if isinstance(handle, str) else []
+    valid = (
+        len(parts) == 3
+        and f"{parts[0]}:" == HANDLE_PREFIX
+        and 0 < len(parts[1]) <= 64
+        and all(c.isalnum() or c in "-_" for c in parts[1])
+        and len(parts[2]) == MARKER_LENGTH
+        and all(c in "0123456789abcdef" for c in parts[2])
+    )
+    if not valid:
+        raise InvalidInput(f"not a process handle of a daytona environment: {handle!r}")
+    return f"{SESSION_PREFIX}{parts[2]}", parts[1]

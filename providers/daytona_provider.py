@@ -49,6 +49,7 @@ from daytona import (
     Sandbox,
     SandboxState,
     SessionExecuteRequest,
+    SessionExecuteResponse,
 )
 from daytona import DaytonaConfig as SDKConfig
 
@@ -68,7 +69,14 @@ from .base import (
     check_relative_path,
     tail_start,
 )
-from .daytona_calls import call_daytona, translate
+from .daytona_calls import (
+    HANDLE_PREFIX,
+    MARKER_LENGTH,
+    SESSION_PREFIX,
+    call_daytona,
+    parse_handle,
+    translate,
+)
 from .daytona_config import DaytonaConfig
 from .e2b_config import read_uploads
 from .errors import ProviderError, ProviderUnavailable, ResourceGone, ResultTooLarge
@@ -86,9 +94,6 @@ T = TypeVar("T")
 
 _STAGING = ".narrative-staging"
 """Directory beside the workdir for tars in transit (never inside the collected tree)."""
-_SESSION_PREFIX = "narrative-"
-_HANDLE_PREFIX = "daytona:"
-_MARKER_LENGTH = 24
 _ASLEEP = {SandboxState.STOPPED, SandboxState.ARCHIVED, SandboxState.STOPPING}
 _DEAD = {SandboxState.DESTROYED, SandboxState.DESTROYING}
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -307,11 +312,16 @@ class DaytonaProvider(BaseProvider):
         self._toolbox(resource_id, lambda s: s.fs.upload_files(upload))
         return f". {shlex.quote(path)} && rm -f {shlex.quote(path)} && {line}"
 
-    def _start(self, resource_id: str, session: str, line: str) -> str:
-        def run(sandbox: Sandbox) -> str:
+    def _start(
+        self, resource_id: str, session: str, line: str, wait: bool = False
+    ) -> SessionExecuteResponse:
+        """Run ``line`` in a new session; with ``wait``, until it ends (one request, which
+        answers the exit code and both outputs)."""
+
+        def run(sandbox: Sandbox) -> SessionExecuteResponse:
             sandbox.process.create_session(session)
-            request = SessionExecuteRequest(command=line, run_async=True)
-            return str(sandbox.process.execute_session_command(session, request).cmd_id)
+            request = SessionExecuteRequest(command=line, run_async=not wait)
+            return sandbox.process.execute_session_command(session, request)
 
         return self._toolbox(resource_id, run)
 
@@ -346,13 +356,18 @@ class DaytonaProvider(BaseProvider):
     ) -> ExecResult:
         """Run ``line`` as a session command; output is polled and streamed, a non-zero exit is
         a result. The daemon's logs are text: bytes are that text re-encoded."""
-        session = f"{_SESSION_PREFIX}{marker}"
-        command_id = self._start(resource_id, session, line)
+        session = f"{SESSION_PREFIX}{marker}"
+        wait = not timeout and on_output is None  # nothing to stream or watch: one request
+        started = self._start(resource_id, session, line, wait)
+        command_id = str(started.cmd_id)
         sent = {"stdout": 0, "stderr": 0}
         deadline = None if not timeout else time.monotonic() + timeout
         code: int | None = None
         timed_out = False
         try:
+            if wait and started.exit_code is not None:
+                out, err = started.stdout or "", started.stderr or ""
+                return ExecResult(int(started.exit_code), out.encode(), err.encode())
             while True:
                 code = self._exit_code(resource_id, session, command_id)
                 stdout, stderr, _ = self._logs(resource_id, session, command_id)
@@ -377,7 +392,7 @@ class DaytonaProvider(BaseProvider):
     def _shell(self, resource_id: str, script: str) -> ExecResult:
         """Run a shell script of the provider's own in ``/`` (unmarked, so the environment's
         sweep spares it)."""
-        marker = secrets.token_hex(_MARKER_LENGTH // 2)
+        marker = secrets.token_hex(MARKER_LENGTH // 2)
         script_line = f"sh -c {shlex.quote(script)}"
         line = self._command(resource_id, script_line, marker, None, marked=False, cwd="/")
         return self._run(resource_id, line, marker, None, None)
@@ -404,7 +419,7 @@ class DaytonaProvider(BaseProvider):
     ) -> ExecResult:
         if not argv:
             raise InvalidInput("empty command")
-        marker = secrets.token_hex(_MARKER_LENGTH // 2)
+        marker = secrets.token_hex(MARKER_LENGTH // 2)
         line = self._command(resource_id, shlex.join(argv), marker, env)
         return self._run(resource_id, line, marker, timeout, on_output)
 
@@ -415,7 +430,7 @@ class DaytonaProvider(BaseProvider):
         self._script(resource_id, shlex.join(signal_argv(value, "kill", var)), "ending leftovers")
         sessions = self._toolbox(resource_id, lambda s: s.process.list_sessions())
         for session in sessions:
-            if str(session.session_id).startswith(_SESSION_PREFIX):
+            if str(session.session_id).startswith(SESSION_PREFIX):
                 self._end_session(resource_id, str(session.session_id))
 
     # -- background processes -------------------------------------------------------------------
@@ -436,29 +451,14 @@ class DaytonaProvider(BaseProvider):
         """
         if not argv:
             raise InvalidInput("empty command")
-        marker = secrets.token_hex(_MARKER_LENGTH // 2)
+        marker = secrets.token_hex(MARKER_LENGTH // 2)
         line = self._command(resource_id, shlex.join(argv), marker, env, quiet=log_path is None)
-        command_id = self._start(resource_id, f"{_SESSION_PREFIX}{marker}", line)
-        return f"{_HANDLE_PREFIX}{command_id}:{marker}"
-
-    def _spawned(self, handle: str) -> tuple[str, str]:
-        """``(session, command id)`` of a handle."""
-        parts = handle.split(":") if isinstance(handle, str) else []
-        valid = (
-            len(parts) == 3
-            and f"{parts[0]}:" == _HANDLE_PREFIX
-            and 0 < len(parts[1]) <= 64
-            and all(c.isalnum() or c in "-_" for c in parts[1])
-            and len(parts[2]) == _MARKER_LENGTH
-            and all(c in "0123456789abcdef" for c in parts[2])
-        )
-        if not valid:
-            raise InvalidInput(f"not a process handle of a daytona environment: {handle!r}")
-        return f"{_SESSION_PREFIX}{parts[2]}", parts[1]
+        started = self._start(resource_id, f"{SESSION_PREFIX}{marker}", line)
+        return f"{HANDLE_PREFIX}{started.cmd_id}:{marker}"
 
     def _spawned_code(self, resource_id: str, handle: str) -> int | None:
         """The exit code of a spawned process (None while it runs)."""
-        session, command_id = self._spawned(handle)
+        session, command_id = parse_handle(handle)
         try:
             return self._exit_code(resource_id, session, command_id)
         except ResourceGone:
@@ -491,7 +491,7 @@ class DaytonaProvider(BaseProvider):
     ) -> SpawnLog:
         """The end of the spawned command's session log (stdout and stderr as the daemon
         interleaved them); a session that is gone, or a sandbox that is: an empty log."""
-        session, command_id = self._spawned(handle)
+        session, command_id = parse_handle(handle)
         try:
             _, _, output = self._logs(resource_id, session, command_id)
         except (NarrativeError, OSError) as exc:
