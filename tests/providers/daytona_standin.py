@@ -5,8 +5,9 @@ A real threaded HTTP server on 127.0.0.1 serving two route trees, as Daytona doe
 * ``/api``: the control plane (``/sandbox`` create, get, list by labels, start, stop, delete,
   ``last-activity``), with the API key checked as a bearer token (401 otherwise);
 * ``/toolbox/<sandbox id>``: the daemon's toolbox, as the SDK reaches it through the
-  ``toolboxProxyUrl`` of a sandbox: sessions (create, run a command asynchronously, the
-  command's exit code and its stdout and stderr logs kept apart, list, delete) and files
+  ``toolboxProxyUrl`` of a sandbox: ``process/execute`` (one-shot, output merged), sessions
+  (create, run a command asynchronously, the command's exit code and its stdout and stderr
+  logs kept apart, list, delete) and files
   (``bulk-upload`` multipart, ``bulk-download`` answered as multipart with an ``error`` part
   for a missing file).
 
@@ -121,6 +122,8 @@ class DaytonaStandIn:
         """Requests answered 429 so far."""
         self.requests: list[tuple[str, str]] = []
         """``(method, path)`` of every request, in order."""
+        self.command_lines: list[str] = []
+        """Every command line a sandbox's daemon was given (the daemon keeps and lists them)."""
         self._throttle: list[str] = []
         self._lock = threading.RLock()
         self._owner = new_owner()
@@ -385,6 +388,15 @@ class DaytonaStandIn:
         parts = rest.split("/")
         if parts[:2] == ["process", "session"]:
             return self._session(environ, method, box, parts[2:], start_response)
+        if rest == "process/execute" and method == "POST":  # one-shot, output merged
+            body = _body(environ)
+            command = self._run(box, "", str(body["command"]))
+            while command.exit_code is None:
+                time.sleep(0.02)
+            result = command.output.decode(errors="replace")
+            return _Answer(200, {"exitCode": command.exit_code, "result": result}).send(
+                start_response
+            )
         if rest == "files/bulk-upload" and method == "POST":
             self._upload(environ, box)
             return _Answer(200, None).send(start_response)
@@ -452,6 +464,7 @@ class DaytonaStandIn:
     def _run(self, box: _Box, session: str, line: str) -> _Command:
         """Start ``line`` (under ``sh``) as a ``docker exec`` and pump its output."""
         command = _Command(uuid.uuid4().hex, line)
+        self.command_lines.append(line)
         api = self._api()
         command.exec_id = api.exec_create(
             box.container,

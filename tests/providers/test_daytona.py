@@ -233,6 +233,13 @@ def test_a_run_in_a_daytona_sandbox_comes_home_and_merges(
         result = json.loads(file(store, run["result_snapshot"], "agent-result.json"))
         assert result["readme"] == "# demo\n"  # read through the hub from the user's files
         assert result["exec"]["stdout"].split("\n")[1] == "/home/daytona/workspace"
+        # the run's token went to the runtime in a file it read and removed, never on a
+        # command line the daemon keeps
+        lines = daytona.command_lines
+        assert any("runtime --connect" in line for line in lines), lines
+        assert not any("NARRATIVE_TOKEN" in line for line in lines)
+        left = cli.run("env", "exec", "box", "--", "ls", "-A", "../.narrative-staging").stdout
+        assert "env-" not in left, left
         cli.run("merge", run["id"])
         assert (workspace / "progress.txt").read_text() == "half way\n"
         assert json.loads((workspace / "agent-result.json").read_text())["readme"] == "# demo\n"
