@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import threading
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -36,6 +38,7 @@ __all__ = [
     "MARKER_LENGTH",
     "SESSION_PREFIX",
     "call_daytona",
+    "keep_awake",
     "parse_handle",
     "retry_after",
     "translate",
@@ -159,3 +162,22 @@ def parse_handle(handle: str) -> tuple[str, str]:
     if not valid:
         raise InvalidInput(f"not a process handle of a daytona environment: {handle!r}")
     return f"{SESSION_PREFIX}{parts[2]}", parts[1]
+
+
+def keep_awake(still_running: Callable[[], bool], period: float, name: str) -> threading.Thread:
+    """A daemon thread that calls ``still_running`` every ``period`` seconds until it answers
+    False or fails (what a call records as activity is the caller's business)."""
+
+    def loop() -> None:
+        while True:
+            time.sleep(period)
+            try:
+                if not still_running():
+                    return
+            except (NarrativeError, OSError) as exc:
+                log.debug("%s: no longer kept awake: %s", name, exc)
+                return
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    return thread

@@ -44,7 +44,10 @@ class DaytonaConfig(ProviderConfig):
     auto_stop_interval: int = Field(default=15, ge=0)
     """Minutes without activity after which Daytona stops the sandbox (0: never). A stopped
     sandbox keeps its files; the next start, reconnect or command starts it again, and a run
-    keeps it awake while the hub watches its runtime."""
+    keeps it awake (``keepalive_interval``)."""
+    keepalive_interval: float | None = Field(default=None, gt=0)
+    """Seconds between the activity records that keep a sandbox awake while a run's runtime
+    works in it (``None``: a third of ``auto_stop_interval``)."""
     auto_delete_interval: int | None = Field(default=None, ge=-1)
     """Minutes after it stopped that Daytona deletes the sandbox (``None``: Daytona's default,
     never; -1 disables it explicitly; 0 deletes it as soon as it stops)."""

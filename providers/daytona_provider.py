@@ -1,26 +1,15 @@
 """The ``daytona`` provider: one Daytona sandbox per environment, through the official SDK.
 
-The sandbox id is the resource id, so any later process reconnects with ``Daytona.get``.
-Snapshots travel as tar files, as with e2b: restore uploads a tar written by
-:func:`~providers.shipping.write_snapshot_tar` and extracts it with ``tar`` in the sandbox;
-collect runs ``tar -c`` there, downloads the file and hands it to
-:func:`~providers.shipping.snapshot_from_tar`, which treats it as hostile.
-
-Commands run as commands of a session of the sandbox's daemon (``run_async``), one session
-each: the daemon keeps stdout and stderr apart, which the one-shot ``process.exec`` does not.
-The provider polls the command's logs (streamed to ``on_output``) and exit code; a timeout
-kills the command's processes by the marker they carry (:mod:`providers.proctree`) and ends
-the session. Spawned processes (the runtime) are such commands left running: their handle is
-``daytona:<command id>:<marker>``, their output (with a ``log_path``) the session's log.
-
-Auto-stop is Daytona's: a sandbox idle for ``auto_stop_interval`` minutes is stopped by the
-service and keeps its files. The provider honours it rather than fighting it: ``health``
-reports such a sandbox ``unreachable``; start, reconnect and every command start it again;
-:meth:`DaytonaProvider.alive` (which the hub polls while a run goes on) records activity so a
-running agent is not stopped under it. Every call that Daytona answers with HTTP 429 is
-retried after the server's ``Retry-After`` (else a doubling backoff), for at most
-``rate_limit_wait`` seconds in all. The API key is read from the variable the config names and
-goes only into the SDK's client; it is never logged, stored or sent into a sandbox.
+The sandbox id is the resource id (``Daytona.get`` reconnects). Snapshots travel as tar files,
+as with e2b (:mod:`providers.shipping`; what comes back is treated as hostile). Every command is
+a command of a session of its own in the sandbox's daemon, which keeps stdout and stderr apart
+(``process.exec`` merges them): with output to stream or a timeout it runs asynchronously and
+is polled, a timeout killing its processes by their marker (:mod:`providers.proctree`); spawned
+processes are such commands left running (handle ``daytona:<command id>:<marker>``, output in
+the session's log). Auto-stop is honoured (docs/decisions.md): a stopped sandbox is
+``unreachable`` and is started again on use, and activity is recorded while a runtime works.
+Calls answered 429 are retried after ``Retry-After`` (:mod:`providers.daytona_calls`). The API
+key is read from the variable the config names into the SDK's client only.
 """
 
 from __future__ import annotations
@@ -74,6 +63,7 @@ from .daytona_calls import (
     MARKER_LENGTH,
     SESSION_PREFIX,
     call_daytona,
+    keep_awake,
     parse_handle,
     translate,
 )
@@ -150,13 +140,7 @@ class DaytonaProvider(BaseProvider):
 
     def _sandbox(self, resource_id: str) -> Sandbox:
         """A handle on the sandbox, started again when Daytona stopped it for idleness."""
-        handle = self._handles.get(resource_id)
-        if handle is None:
-            client = self._daytona()
-            handle = self._call(lambda: client.get(resource_id), resource_id)
-            if handle.state in _DEAD:
-                raise ResourceGone(resource_id)
-            self._handles[resource_id] = handle
+        handle = self._handles.get(resource_id) or self._sandbox_as_is(resource_id)
         if handle.state in _ASLEEP:
             self._wake(resource_id, handle)
         return handle
@@ -222,8 +206,7 @@ class DaytonaProvider(BaseProvider):
             log.debug("uploaded %s to daytona sandbox %s", [n for n, _ in files], resource_id)
 
     def start(self, resource_id: str) -> None:
-        self._handles.pop(resource_id, None)  # look afresh: Daytona may have stopped it
-        self._sandbox(resource_id)
+        self.reconnect(resource_id)  # afresh: Daytona may have stopped it
         self._prepare(resource_id)
 
     def stop(self, resource_id: str) -> None:
@@ -402,10 +385,7 @@ class DaytonaProvider(BaseProvider):
         result = self._shell(resource_id, script)
         if result.exit_code != 0:
             detail = result.stderr.decode(errors="replace").strip()
-            raise ProviderError(
-                f"{what} in daytona sandbox {resource_id} failed (exit {result.exit_code}): "
-                f"{detail}"
-            )
+            raise ProviderError(f"{what} in daytona sandbox {resource_id} failed: {detail}")
         return result
 
     def exec(
@@ -455,6 +435,28 @@ class DaytonaProvider(BaseProvider):
         line = self._command(resource_id, shlex.join(argv), marker, env, quiet=log_path is None)
         started = self._start(resource_id, f"{SESSION_PREFIX}{marker}", line)
         return f"{HANDLE_PREFIX}{started.cmd_id}:{marker}"
+
+    def spawn_runtime(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> str:
+        """:meth:`spawn`, and while the runtime runs, activity recorded every
+        ``keepalive_interval`` seconds: its traffic with the hub is no activity to Daytona, so
+        a run longer than ``auto_stop_interval`` would be stopped under it otherwise."""
+        handle = self.spawn(resource_id, argv, env=env, log_path=log_path)
+        if self.cfg.auto_stop_interval:
+            period = self.cfg.keepalive_interval or self.cfg.auto_stop_interval * 20.0
+
+            def still_running() -> bool:
+                sandbox = self._sandbox_as_is(resource_id)  # stopped by someone: not woken
+                return sandbox.state == SandboxState.STARTED and self.alive(resource_id, handle)
+
+            keep_awake(still_running, period, f"daytona-keepalive-{resource_id}")
+        return handle
 
     def _spawned_code(self, resource_id: str, handle: str) -> int | None:
         """The exit code of a spawned process (None while it runs)."""
