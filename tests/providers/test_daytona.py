@@ -127,21 +127,23 @@ def test_auto_stop_is_passed_on_and_a_stopped_sandbox_wakes_on_use(
         provider.delete(resource)
 
 
-def test_a_watched_run_keeps_its_sandbox_awake_and_an_unwatched_one_does_not(
+def test_a_runtime_keeps_its_sandbox_awake_and_other_processes_do_not(
     daytona: Any, store: Store
 ) -> None:
     daytona.minute = 0.5
-    provider = make_provider(store, daytona, auto_stop_interval=2)  # one second idle
+    # one second idle; a runtime's keep-alive every 0.3 s
+    provider = make_provider(store, daytona, auto_stop_interval=2, keepalive_interval=0.3)
     resource = provider.create()
     try:
-        handle = provider.spawn(resource, ["sleep", "60"])
-        watched_until = time.monotonic() + 3.0
-        while time.monotonic() < watched_until:  # what the hub does while a run goes on
-            assert provider.alive(resource, handle)
-            time.sleep(0.3)
+        runtime = provider.spawn_runtime(resource, ["sleep", "60"], log_path="/unused")
+        time.sleep(3.0)  # nothing asks about it meanwhile: the hub does not while it is connected
         assert daytona.state_of(resource) == "started"
-        # a process running on its own is no activity: Daytona stops the sandbox
+        provider.signal(resource, runtime, "kill")
+        # a process running on its own is no activity: once the runtime ended, Daytona stops it
+        provider.spawn(resource, ["sleep", "60"])
         _wait_for(lambda: daytona.state_of(resource) == "stopped", "auto-stop", 10.0)
+        time.sleep(1.0)
+        assert daytona.state_of(resource) == "stopped", "the keep-alive woke a stopped sandbox"
     finally:
         provider.delete(resource)
 
@@ -213,6 +215,23 @@ def test_env_create_help_documents_every_setting(cli: Cli) -> None:
 
 def _value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
+
+
+@pytest.mark.long
+def test_a_run_longer_than_auto_stop_is_kept_awake(daytona: Any, cli: Cli, workspace: Path) -> None:
+    """Its runtime talks only to the hub, which Daytona does not count as activity."""
+    daytona.minute = 0.5  # auto-stop after one idle second
+    cli.run("init")
+    config = standin_config(daytona, auto_stop_interval=2, keepalive_interval=0.3)
+    args = [a for k, v in config.items() for a in ("--config", f"{k}={_value(v)}")]
+    cli.run("env", "create", "box", "--provider", "daytona", *args)
+    try:
+        run = start(cli, "--env", "box", "--", "sh", "-c", "sleep 4; echo slept > slept.txt")
+        assert run["status"] == "succeeded", run
+        cli.run("merge", run["id"])
+        assert (workspace / "slept.txt").read_text() == "slept\n"
+    finally:
+        cli.run("env", "delete", "box", check=False)
 
 
 @pytest.mark.long
