@@ -104,6 +104,8 @@ class _Box:
     created: str = field(default_factory=_now)
     last_activity: float = field(default_factory=time.monotonic)
     sessions: dict[str, dict[str, _Command]] = field(default_factory=dict)
+    lifecycle: threading.Lock = field(default_factory=threading.Lock)
+    """Held by a start or stop: one at a time, as Daytona's runner does them."""
 
 
 class _Quiet(WSGIRequestHandler):
@@ -338,21 +340,22 @@ class DaytonaStandIn:
         return self._dto(box)
 
     def _start_box(self, box: _Box) -> None:
-        api = self._api()
-        api.start(box.container)
-        self._exec_quiet(box, ["mkdir", "-p", HOME])
-        box.sessions.clear()  # the daemon starts afresh
-        box.last_activity = time.monotonic()
-        box.state = "started"
+        with box.lifecycle:
+            api = self._api()
+            api.start(box.container)
+            self._exec_quiet(box, ["mkdir", "-p", HOME])
+            box.sessions.clear()  # the daemon starts afresh
+            box.last_activity = time.monotonic()
+            box.state = "started"
 
     def _stop_box(self, box: _Box) -> None:
-        with self._lock:
+        with box.lifecycle:
             if box.state != "started":
                 return
             box.state = "stopping"
-        self._api().stop(box.container, timeout=1)
-        box.sessions.clear()
-        box.state = "stopped"
+            self._api().stop(box.container, timeout=1)
+            box.sessions.clear()
+            box.state = "stopped"
 
     def _delete(self, box: _Box) -> None:
         with self._lock:

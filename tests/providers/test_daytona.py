@@ -130,20 +130,22 @@ def test_auto_stop_is_passed_on_and_a_stopped_sandbox_wakes_on_use(
 def test_a_runtime_keeps_its_sandbox_awake_and_other_processes_do_not(
     daytona: Any, store: Store
 ) -> None:
-    daytona.minute = 0.5
-    # one second idle; a runtime's keep-alive every 0.3 s
+    daytona.minute = 1.0
+    # two seconds idle; a runtime's keep-alive every 0.3 s (margin for a loaded machine)
     provider = make_provider(store, daytona, auto_stop_interval=2, keepalive_interval=0.3)
     resource = provider.create()
     try:
         runtime = provider.spawn_runtime(resource, ["sleep", "60"], log_path="/unused")
-        time.sleep(3.0)  # nothing asks about it meanwhile: the hub does not while it is connected
+        time.sleep(4.0)  # nothing asks about it meanwhile: the hub does not while it is connected
         assert daytona.state_of(resource) == "started"
-        provider.signal(resource, runtime, "kill")
-        # a process running on its own is no activity: once the runtime ended, Daytona stops it
+        assert provider.alive(resource, runtime)
+        provider.stop(resource)  # someone stops it: the keep-alive must not start it again
+        time.sleep(2.0)
+        assert daytona.state_of(resource) == "stopped", "the keep-alive woke a stopped sandbox"
+        provider.start(resource)
+        # a process running on its own is no activity: Daytona stops the sandbox
         provider.spawn(resource, ["sleep", "60"])
         _wait_for(lambda: daytona.state_of(resource) == "stopped", "auto-stop", 10.0)
-        time.sleep(1.0)
-        assert daytona.state_of(resource) == "stopped", "the keep-alive woke a stopped sandbox"
     finally:
         provider.delete(resource)
 
@@ -220,13 +222,13 @@ def _value(value: Any) -> str:
 @pytest.mark.long
 def test_a_run_longer_than_auto_stop_is_kept_awake(daytona: Any, cli: Cli, workspace: Path) -> None:
     """Its runtime talks only to the hub, which Daytona does not count as activity."""
-    daytona.minute = 0.5  # auto-stop after one idle second
+    daytona.minute = 1.0  # auto-stop after two idle seconds
     cli.run("init")
     config = standin_config(daytona, auto_stop_interval=2, keepalive_interval=0.3)
     args = [a for k, v in config.items() for a in ("--config", f"{k}={_value(v)}")]
     cli.run("env", "create", "box", "--provider", "daytona", *args)
     try:
-        run = start(cli, "--env", "box", "--", "sh", "-c", "sleep 4; echo slept > slept.txt")
+        run = start(cli, "--env", "box", "--", "sh", "-c", "sleep 6; echo slept > slept.txt")
         assert run["status"] == "succeeded", run
         cli.run("merge", run["id"])
         assert (workspace / "slept.txt").read_text() == "slept\n"
