@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import httpx
 from daytona import (
+    Daytona,
     DaytonaAuthenticationError,
     DaytonaBadRequestError,
     DaytonaConnectionError,
@@ -28,6 +31,7 @@ from daytona import (
     DaytonaTimeoutError,
     DaytonaValidationError,
 )
+from daytona import DaytonaConfig as SDKConfig
 
 from narrative.errors import InvalidInput, NarrativeError
 
@@ -39,6 +43,7 @@ __all__ = [
     "SESSION_PREFIX",
     "call_daytona",
     "keep_awake",
+    "make_client",
     "parse_handle",
     "retry_after",
     "translate",
@@ -55,6 +60,25 @@ MARKER_LENGTH = 24
 """Hex digits of a command's marker (:data:`providers.proctree.MARKER_VAR`)."""
 _BACKOFF_FIRST = 0.5
 _BACKOFF_MAX = 30.0
+
+
+def make_client(api_key_env: str, api_url: str | None, target: str | None) -> Daytona:
+    """An SDK client with the key from the variable ``api_key_env`` (never from records).
+
+    Raises:
+        ProviderUnavailable: the variable is unset, or the SDK refuses to start.
+    """
+    key = os.environ.get(api_key_env)
+    if not key:
+        raise ProviderUnavailable(f"no Daytona API key: set the variable {api_key_env}")
+    options = SDKConfig(api_key=key, api_url=api_url, target=target)
+    try:
+        with warnings.catch_warnings():
+            # the SDK reads its own deprecated ``server_url`` when no api_url is given
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return Daytona(options)
+    except DaytonaError as exc:
+        raise translate(exc, None, None) from exc
 
 
 def call_daytona(

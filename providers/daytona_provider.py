@@ -21,9 +21,9 @@ import re
 import secrets
 import shlex
 import tempfile
+import threading
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -31,7 +31,6 @@ from daytona import (
     CreateSandboxFromImageParams,
     CreateSandboxFromSnapshotParams,
     Daytona,
-    DaytonaError,
     FileUpload,
     ListSandboxesQuery,
     Resources,
@@ -40,7 +39,6 @@ from daytona import (
     SessionExecuteRequest,
     SessionExecuteResponse,
 )
-from daytona import DaytonaConfig as SDKConfig
 
 from narrative.errors import InvalidInput, NarrativeError
 from narrative.trees import flatten_tree
@@ -64,8 +62,8 @@ from .daytona_calls import (
     SESSION_PREFIX,
     call_daytona,
     keep_awake,
+    make_client,
     parse_handle,
-    translate,
 )
 from .daytona_config import DaytonaConfig
 from .e2b_config import read_uploads
@@ -105,6 +103,7 @@ class DaytonaProvider(BaseProvider):
         super().__init__(context, config)
         self.cfg = config
         self._client: Daytona | None = None
+        self._client_lock = threading.Lock()
         self._handles: dict[str, Sandbox] = {}
         self.sleep: Callable[[float], None] = time.sleep
         """How the provider waits out a 429 (tests replace it to record the waits)."""
@@ -117,22 +116,11 @@ class DaytonaProvider(BaseProvider):
     # -- the SDK --------------------------------------------------------------------------------
 
     def _daytona(self) -> Daytona:
-        """The SDK client; the key comes from the configured variable, never from records."""
-        if self._client is None:
-            key = os.environ.get(self.cfg.api_key_env)
-            if not key:
-                raise ProviderUnavailable(
-                    f"no Daytona API key: set the variable {self.cfg.api_key_env}"
-                )
-            options = SDKConfig(api_key=key, api_url=self.cfg.api_url, target=self.cfg.target)
-            try:
-                with warnings.catch_warnings():
-                    # the SDK reads its own deprecated ``server_url`` when no api_url is given
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    self._client = Daytona(options)
-            except DaytonaError as exc:
-                raise translate(exc, None, None) from exc
-        return self._client
+        """The SDK client, made once (the hub's threads and the keep-alive share it)."""
+        with self._client_lock:
+            if self._client is None:
+                self._client = make_client(self.cfg.api_key_env, self.cfg.api_url, self.cfg.target)
+            return self._client
 
     def _call(self, fn: Callable[[], T], resource_id: str | None, path: str | None = None) -> T:
         """``fn()``, retried while Daytona answers 429, with every error translated."""
