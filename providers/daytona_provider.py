@@ -440,8 +440,7 @@ class DaytonaProvider(BaseProvider):
             period = self.cfg.keepalive_interval or self.cfg.auto_stop_interval * 20.0
 
             def still_running() -> bool:
-                sandbox = self._sandbox_as_is(resource_id)  # stopped by someone: not woken
-                return sandbox.state == SandboxState.STARTED and self.alive(resource_id, handle)
+                return self.alive(resource_id, handle)
 
             keep_awake(still_running, period, f"daytona-keepalive-{resource_id}")
         return handle
@@ -455,16 +454,26 @@ class DaytonaProvider(BaseProvider):
             self._sandbox_as_is(resource_id)  # the sandbox is there: the session is not
             raise InvalidInput(f"no process {handle} in daytona sandbox {resource_id}") from None
 
+    def _awake(self, resource_id: str, handle: str) -> bool:
+        """Whether the sandbox runs (a stopped one's processes are gone: nothing wakes it to
+        ask about them); ``handle`` is refused unless it has the provider's shape."""
+        parse_handle(handle)
+        return self._sandbox_as_is(resource_id).state == SandboxState.STARTED
+
     def signal(self, resource_id: str, handle: str, sig: Signal) -> None:
         """Send ``sig`` to every process carrying the handle's marker (the spawned process and
         its descendants); nothing when none is left."""
+        if not self._awake(resource_id, handle):
+            return
         self._spawned_code(resource_id, handle)  # refuses a handle this sandbox never issued
         self._kill_marked(resource_id, handle.rsplit(":", 1)[1], sig)
 
     def alive(self, resource_id: str, handle: str) -> bool:
-        """Whether the spawned command has no exit code yet. Asking counts as activity, so a
-        sandbox whose run the hub watches is not auto-stopped under it."""
-        running = self._spawned_code(resource_id, handle) is None
+        """Whether the spawned command has no exit code yet (never, in a stopped sandbox).
+        Asking counts as activity: the keep-alive of :meth:`spawn_runtime` asks."""
+        running = (
+            self._awake(resource_id, handle) and self._spawned_code(resource_id, handle) is None
+        )
         if running and self.cfg.auto_stop_interval:
             sandbox = self._sandbox(resource_id)
             self._call(sandbox.refresh_activity, resource_id)
@@ -483,6 +492,8 @@ class DaytonaProvider(BaseProvider):
         interleaved them); a session that is gone, or a sandbox that is: an empty log."""
         session, command_id = parse_handle(handle)
         try:
+            if not self._awake(resource_id, handle):
+                return SpawnLog(0, b"")
             _, _, output = self._logs(resource_id, session, command_id)
         except (NarrativeError, OSError) as exc:
             log.debug("no log of %s in daytona sandbox %s: %s", handle, resource_id, exc)
