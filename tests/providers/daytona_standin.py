@@ -54,7 +54,7 @@ from providers.docker.client import capturing_responses
 from providers.docker.client import connect as connect_engine
 from providers.docker.image import host_runtime
 from providers.proctree import signal_argv
-from tests.providers.docker_support import connect, ensure_image, new_owner
+from tests.providers.docker_support import connect, ensure_image
 
 StartResponse = Any
 Environ = dict[str, Any]
@@ -62,6 +62,12 @@ Environ = dict[str, Any]
 HOME = "/home/daytona"
 API_KEY = "standin-key-0123456789"
 """The key the stand-in accepts (a test value, never a real one)."""
+OWNER_LABEL = "daytona.standin.owner"
+"""Label of a stand-in's containers (``<start time>-<random>``). Not ``narrative.owner``: the
+docker tests' sweep of ``pytest-`` owners would remove the containers of a stand-in serving a
+test session running beside them; a stand-in removes its own when it stops, and those of
+stand-ins started over :data:`LEAK_AGE` seconds ago (killed before they could)."""
+LEAK_AGE = 6 * 3600
 SESSION_VAR = "DAYTONA_STANDIN_SESSION"
 """Set in each session command's environment, so a session's processes can be killed."""
 _REASONS = {
@@ -114,7 +120,7 @@ class _Quiet(WSGIRequestHandler):
 
 
 class DaytonaStandIn:
-    """The server; sandboxes are containers labelled with a test owner (swept afterwards)."""
+    """The server; sandboxes are containers labelled with this stand-in (removed afterwards)."""
 
     def __init__(self, minute: float = 60.0) -> None:
         self.minute = minute
@@ -128,7 +134,7 @@ class DaytonaStandIn:
         """Every command line a sandbox's daemon was given (the daemon keeps and lists them)."""
         self._throttle: list[str] = []
         self._lock = threading.RLock()
-        self._owner = new_owner()
+        self._owner = f"{time.time():.0f}-{uuid.uuid4().hex[:12]}"
         probe = connect()  # skips (fails where Docker is required) without an engine
         self.image = ensure_image(probe)
         probe.close()
@@ -155,6 +161,12 @@ class DaytonaStandIn:
         return f"{self.url}/api"
 
     def start(self) -> DaytonaStandIn:
+        api = self._api()
+        for container in api.containers(all=True, filters={"label": OWNER_LABEL}):
+            started = container["Labels"].get(OWNER_LABEL, "").split("-")[0]
+            if started.isdigit() and time.time() - int(started) > LEAK_AGE:
+                with contextlib.suppress(Exception):
+                    api.remove_container(container["Id"], force=True, v=True)
         self._server = make_server("127.0.0.1", 0, self, threaded=True, request_handler=_Quiet)
         for target, name in ((self._server.serve_forever, "serve"), (self._reap, "auto-stop")):
             thread = threading.Thread(target=target, name=f"daytona-standin-{name}", daemon=True)
@@ -171,7 +183,7 @@ class DaytonaStandIn:
             thread.join(timeout=5)
         api = self._api()
         for container in api.containers(
-            all=True, filters={"label": f"narrative.owner={self._owner}"}
+            all=True, filters={"label": f"{OWNER_LABEL}={self._owner}"}
         ):
             with contextlib.suppress(Exception):
                 api.remove_container(container["Id"], force=True, v=True)
@@ -322,7 +334,7 @@ class DaytonaStandIn:
             self.image,
             command=["sleep", "infinity"],
             environment={**self._env, **env},
-            labels={"narrative.owner": self._owner, "daytona.standin.sandbox": sandbox_id},
+            labels={OWNER_LABEL: self._owner, "daytona.standin.sandbox": sandbox_id},
             host_config=api.create_host_config(binds=self._binds, network_mode="host"),
         )["Id"]
         box = _Box(
