@@ -17,7 +17,7 @@ import pytest
 
 from narrative.errors import InvalidInput
 from narrative.store import Store
-from providers.base import Health
+from providers.base import Health, SpawnLog
 from providers.daytona_calls import retry_after
 from providers.daytona_config import DaytonaConfig
 from providers.errors import ProviderUnavailable
@@ -117,8 +117,14 @@ def test_auto_stop_is_passed_on_and_a_stopped_sandbox_wakes_on_use(
     try:
         assert daytona.boxes[resource].auto_stop == 2
         provider.write_file(resource, "kept.txt", b"kept while stopped")
+        handle = provider.spawn(resource, ["sleep", "60"], log_path="/unused")
         _wait_for(lambda: daytona.state_of(resource) == "stopped", "Daytona's auto-stop")
         assert provider.health(resource) is Health.UNREACHABLE  # stopped, not gone
+        # its processes are gone with it; asking about them does not start it again
+        assert not provider.alive(resource, handle)
+        assert provider.read_spawn_log(resource, handle) == SpawnLog(0, b"")
+        provider.signal(resource, handle, "kill")
+        assert daytona.state_of(resource) == "stopped"
         # the next command starts it again, with its files
         assert provider.exec(resource, ["cat", "kept.txt"]).stdout == b"kept while stopped"
         assert daytona.state_of(resource) == "started"
