@@ -6,11 +6,11 @@ marker)."""
 
 from __future__ import annotations
 
+import atexit
 import email.utils
 import logging
 import os
 import threading
-import time
 import warnings
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -190,18 +190,32 @@ def parse_handle(handle: str) -> tuple[str, str]:
 
 def keep_awake(still_running: Callable[[], bool], period: float, name: str) -> threading.Thread:
     """A daemon thread that calls ``still_running`` every ``period`` seconds until it answers
-    False or fails (what a call records as activity is the caller's business)."""
+    False or fails (what a call records as activity is the caller's business). At exit the
+    threads are told to end and waited for: a daemon thread caught mid-request by the
+    interpreter's shutdown can abort the process."""
 
     def loop() -> None:
-        while True:
-            time.sleep(period)
-            try:
+        try:
+            while not _QUIT.wait(period):
                 if not still_running():
                     return
-            except (NarrativeError, OSError) as exc:
-                log.debug("%s: no longer kept awake: %s", name, exc)
-                return
+        except (NarrativeError, OSError) as exc:
+            log.debug("%s: no longer kept awake: %s", name, exc)
+        finally:
+            _AWAKE.discard(threading.current_thread())
 
     thread = threading.Thread(target=loop, name=name, daemon=True)
+    _AWAKE.add(thread)
     thread.start()
     return thread
+
+
+_QUIT = threading.Event()
+_AWAKE: set[threading.Thread] = set()
+
+
+@atexit.register
+def _end_keep_awake() -> None:
+    _QUIT.set()
+    for thread in list(_AWAKE):
+        thread.join(timeout=10)
