@@ -173,6 +173,7 @@ class DaytonaProvider(BaseProvider):
             params = CreateSandboxFromImageParams(image=cfg.image, resources=resources, **common)
         else:
             params = CreateSandboxFromSnapshotParams(snapshot=cfg.snapshot, **common)
+        read_uploads(self.context.store.workspace, cfg.upload)  # refused before anything is made
         client = self._daytona()
         sandbox = self._call(lambda: client.create(params, timeout=cfg.create_timeout), None)
         resource_id = str(sandbox.id)
