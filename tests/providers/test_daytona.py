@@ -211,6 +211,19 @@ def test_config_refuses_a_key_in_place_of_its_variable_and_credential_uploads() 
         DaytonaConfig(snapshot="s", image="i")
 
 
+def test_a_refused_upload_creates_no_sandbox(daytona: Any, store: Store) -> None:
+    workspace = Path(store.workspace)
+    (workspace / "proxyExecution.json").write_text('{"apiKey": "literal-secret-value"}')
+    provider = make_provider(store, daytona, upload=["proxyExecution.json"])
+    before = set(daytona.boxes)
+    with pytest.raises(InvalidInput, match="credential"):
+        provider.create()
+    assert set(daytona.boxes) == before
+    with pytest.raises(InvalidInput, match="does not exist"):
+        make_provider(store, daytona, upload=["missing.json"]).create()
+    assert set(daytona.boxes) == before
+
+
 def test_env_create_help_documents_every_setting(cli: Cli) -> None:
     shown = cli.run("env", "create", "--provider", "daytona", "--help").stdout
     for name in DaytonaConfig.model_fields:
