@@ -16,6 +16,7 @@ is :mod:`narrative.credentials`, shared with the gateway's file reads.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 from typing import Literal
@@ -27,7 +28,15 @@ from narrative.errors import InvalidInput
 
 from .base import ProviderConfig, check_relative_path
 
-__all__ = ["DEFAULT_WORKDIR", "E2BConfig", "check_upload_content", "check_upload_name"]
+__all__ = [
+    "DEFAULT_WORKDIR",
+    "E2BConfig",
+    "absolute_workdir",
+    "check_upload_content",
+    "check_upload_name",
+    "env_var_name",
+    "read_uploads",
+]
 
 DEFAULT_WORKDIR = "/home/user/workspace"
 
@@ -65,6 +74,42 @@ def check_upload_content(path: str, data: bytes) -> None:
             )
 
 
+def read_uploads(
+    workspace: str, names: list[str], skip: set[str] | None = None
+) -> list[tuple[str, bytes]]:
+    """The configured project files ``names`` (relative to ``workspace``) as ``(path, data)``,
+    all read and checked before the caller sends any; those in ``skip`` are left out."""
+    files: list[tuple[str, bytes]] = []
+    for rel in names:
+        norm = check_upload_name(rel)
+        if skip and norm in skip:
+            continue
+        local = os.path.join(workspace, *norm.split("/"))
+        try:
+            with open(local, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise InvalidInput(f"configured upload {rel} does not exist in the workspace") from None
+        check_upload_content(rel, data)
+        files.append((norm, data))
+    return files
+
+
+def absolute_workdir(value: str) -> str:
+    """A sandbox workdir, normalised: absolute and below ``/`` (a pydantic validator's body)."""
+    norm = posixpath.normpath(value)
+    if not norm.startswith("/") or norm == "/":
+        raise ValueError("workdir must be an absolute path below /")
+    return norm
+
+
+def env_var_name(value: str) -> str:
+    """The name of the variable holding an API key, never the key (a validator's body)."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise ValueError("api_key_env must name an environment variable, not hold a key")
+    return value
+
+
 class E2BConfig(ProviderConfig):
     """An E2B sandbox per environment."""
 
@@ -93,10 +138,7 @@ class E2BConfig(ProviderConfig):
     @field_validator("workdir")
     @classmethod
     def _absolute_workdir(cls, value: str) -> str:
-        norm = posixpath.normpath(value)
-        if not norm.startswith("/") or norm == "/":
-            raise ValueError("workdir must be an absolute path below /")
-        return norm
+        return absolute_workdir(value)
 
     @field_validator("upload")
     @classmethod
@@ -106,6 +148,4 @@ class E2BConfig(ProviderConfig):
     @field_validator("api_key_env")
     @classmethod
     def _env_name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
-            raise ValueError("api_key_env must name an environment variable, not hold a key")
-        return value
+        return env_var_name(value)

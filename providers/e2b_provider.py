@@ -71,7 +71,7 @@ from .base import (
     check_relative_path,
     tail_start,
 )
-from .e2b_config import E2BConfig, check_upload_content, check_upload_name
+from .e2b_config import E2BConfig, read_uploads
 from .errors import ExecFailed, ProviderError, ProviderUnavailable, ResourceGone
 from .proctree import MARKER_VAR, signal_argv
 from .shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
@@ -509,21 +509,7 @@ class E2BProvider(BaseProvider):
         self, resource_id: str, sandbox: Sandbox, skip: set[str] | None = None
     ) -> None:
         """Upload the configured project files; all are checked before any is sent."""
-        files: list[tuple[str, bytes]] = []
-        for rel in self.cfg.upload:
-            norm = check_upload_name(rel)
-            if skip and norm in skip:
-                continue
-            local = os.path.join(self.context.store.workspace, *norm.split("/"))
-            try:
-                with open(local, "rb") as f:
-                    data = f.read()
-            except FileNotFoundError:
-                raise InvalidInput(
-                    f"configured upload {rel} does not exist in the workspace"
-                ) from None
-            check_upload_content(rel, data)
-            files.append((norm, data))
+        files = read_uploads(self.context.store.workspace, self.cfg.upload, skip)
         for norm, data in files:
             with _translating(resource_id, norm):
                 sandbox.files.write(posixpath.join(self.cfg.workdir, norm), data)

@@ -31,6 +31,7 @@ _BUILTIN: dict[str, tuple[str, str | None]] = {
     "worktree": ("providers.worktree:WorktreeProvider", None),
     "docker": ("providers.docker.provider:DockerProvider", "docker"),
     "e2b": ("providers.e2b_provider:E2BProvider", "e2b"),
+    "daytona": ("providers.daytona_provider:DaytonaProvider", "daytona"),
     "ssh": ("providers.ssh.provider:SSHProvider", "ssh"),
     "cloud-vm": ("providers.cloud.provider:CloudVMProvider", "cloud"),
     "hybrid": ("providers.hybrid:HybridProvider", None),

@@ -18,11 +18,12 @@ from providers.contract import ContractTarget
 from providers.manager import EnvironmentManager
 
 #: every provider of the contract suite
-PROVIDERS = ["worktree", "local", "docker", "e2b", "hybrid"]
+PROVIDERS = ["worktree", "local", "docker", "e2b", "daytona", "hybrid"]
 #: handles of each provider's shape (and of the others') that it never issued
 DIRECTORY_FOREIGN = ("proc:1", "proc:0:1:" + "0" * 24, "docker:x:y", "proc:12:34:zz")
 DOCKER_FOREIGN = ("proc:1:2:" + "0" * 24, "docker:abc:def", "e2b:1:" + "0" * 24)
 E2B_FOREIGN = ("e2b:0:" + "0" * 24, "e2b:12:short")
+DAYTONA_FOREIGN = ("daytona:nosuchcommand:" + "0" * 24, "daytona:x:short", "daytona::" + "0" * 24)
 #: those an agent can be run in from the CLI on this machine, isolated: the directory providers
 #: in their sandbox and Docker on the test engine (e2b needs a control plane the tests lack)
 ISOLATED_PROVIDERS = ["worktree", "local", "docker"]
@@ -63,6 +64,13 @@ def contract_target(request: pytest.FixtureRequest, provider: str, scratch: Path
             after_delete=envd.kill,  # debug mode: the SDK's kill is the control plane's
             lists_resources=False,  # debug mode has no control plane to list from
             foreign_handles=E2B_FOREIGN,
+        )
+    if provider == "daytona":  # through its SDK against the Daytona stand-in
+        from tests.providers.daytona_support import standin_config
+
+        daytona = request.getfixturevalue("daytona")
+        return ContractTarget(
+            "daytona", standin_config(daytona, poll_interval=0.05), foreign_handles=DAYTONA_FOREIGN
         )
     sandbox_or_skip()
     if provider == "hybrid":  # over two worktrees: every operation is the agent one's

@@ -16,6 +16,7 @@ from tests.providers.contract_targets import (  # noqa: F401  (fixtures)
     contract_target,
     docker_image_or_skip,
 )
+from tests.providers.daytona_support import daytona_fixture, daytona_server_fixture  # noqa: F401
 from tests.providers.e2b_support import envd_fixture, envd_server_fixture  # noqa: F401
 
 pytestmark = pytest.mark.timeout(180)
