@@ -201,6 +201,9 @@ class E2BProvider(BaseProvider):
     # -- lifecycle ------------------------------------------------------------------------------
 
     def create(self) -> str:
+        # the configured uploads are read and checked before anything is made: a refused one
+        # must not leave a sandbox behind
+        uploads = read_uploads(self.context.store.workspace, self.cfg.upload)
         metadata = {
             **self.cfg.metadata,
             "narrative.owner": self.context.owner,
@@ -219,7 +222,7 @@ class E2BProvider(BaseProvider):
         log.info("created e2b sandbox %s for environment %s", resource_id, self.context.env_name)
         with _translating(resource_id):
             sandbox.files.make_dir(self.cfg.workdir)
-        self._upload_config(resource_id, sandbox)
+        self._send_uploads(resource_id, sandbox, uploads)
         return resource_id
 
     def start(self, resource_id: str) -> None:
@@ -509,7 +512,13 @@ class E2BProvider(BaseProvider):
         self, resource_id: str, sandbox: Sandbox, skip: set[str] | None = None
     ) -> None:
         """Upload the configured project files; all are checked before any is sent."""
-        files = read_uploads(self.context.store.workspace, self.cfg.upload, skip)
+        self._send_uploads(
+            resource_id, sandbox, read_uploads(self.context.store.workspace, self.cfg.upload, skip)
+        )
+
+    def _send_uploads(
+        self, resource_id: str, sandbox: Sandbox, files: list[tuple[str, bytes]]
+    ) -> None:
         for norm, data in files:
             with _translating(resource_id, norm):
                 sandbox.files.write(posixpath.join(self.cfg.workdir, norm), data)
