@@ -195,9 +195,11 @@ def test_files_holding_keys_are_never_uploaded(
     with pytest.raises(InvalidInput) as info:
         provider.create()
     assert content.decode() not in str(info.value)  # the secret is not echoed either
-    # All files are checked before any is sent: not even the harmless one arrived.
+    # All files are checked before any is sent: not even the harmless one arrived, and
+    # nothing was made (before the sandbox was even created: none is left behind)
     assert not on_disk(envd, f"{WORKDIR}/settings.json").exists()
     assert not on_disk(envd, f"{WORKDIR}/proxyExecution.json").exists()
+    assert not on_disk(envd, WORKDIR).exists()
 
 
 def test_health_ok_then_gone_after_the_sandbox_is_killed(envd: EnvdStandIn, store: Store) -> None:
