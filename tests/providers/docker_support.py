@@ -9,6 +9,7 @@ and ``export DOCKER_HOST=unix:///tmp/narrative-dockerd/docker.sock``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import uuid
@@ -85,9 +86,12 @@ def new_owner() -> str:
 
 def sweep_test_containers(api: Any) -> None:
     """Remove every container a test run left behind (owner label with the test prefix)."""
+    import docker
+
     for container in api.containers(all=True, filters={"label": "narrative.owner"}):
         if str(container["Labels"].get("narrative.owner", "")).startswith(OWNER_PREFIX):
-            api.remove_container(container["Id"], force=True, v=True)
+            with contextlib.suppress(docker.errors.NotFound):  # removed meanwhile
+                api.remove_container(container["Id"], force=True, v=True)
 
 
 def session_api() -> Iterator[Any]:
