@@ -63,6 +63,8 @@ __all__ = [
 JournalMark = tuple[str, int]
 """(generation, journal offset) a stat cache was taken at."""
 
+JOURNAL_LIMIT = 64 << 20
+"""A journal this large is replaced by a new generation (costing one full scan)."""
 SYNC_TIMEOUT = 2.0
 """How long a snapshot waits for the watcher to journal its cookie before scanning in full."""
 
@@ -172,10 +174,13 @@ class _Session:
             os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
             0o600,
         )
-        self.pending: list[bytes] = []
+        self.pending: dict[bytes, None] = {}
+        self.written = 0
         cookies = os.path.join(private, "cookies")
         self.watches[self.inotify.add(cookies, IN_CREATE | IN_ONLYDIR)] = _Watch("", "cookies")
         self.add_tree("")
+        if not any(w.kind == "dir" and not w.rel for w in self.watches.values()):
+            raise WatcherStopped(f"cannot watch {workspace}: gone or unreadable")
 
     def _abs(self, rel: str) -> str:
         return os.path.join(self.workspace, rel) if rel else self.workspace
@@ -189,7 +194,11 @@ class _Session:
                     "inotify watch limit reached (raise fs.inotify.max_user_watches); "
                     "snapshots scan in full"
                 ) from exc
-            return False  # gone already, or unreadable: its parent's events cover it
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+                # gone or replaced already (its parent's events cover it), or unreadable (the
+                # scan cannot list it either; a chmod that opens it is an event: watched then)
+                return False
+            raise WatcherStopped(f"cannot watch {self._abs(rel)}: {exc.strerror}") from exc
         self.watches[wd] = _Watch(rel, kind)
         return True
 
@@ -230,7 +239,8 @@ class _Session:
                 self.inotify.remove(wd)
 
     def record(self, kind: str, rel: str = "") -> None:
-        self.pending.append(kind.encode() + os.fsencode(rel) + b"\0")
+        # (a dict: one record per directory and batch however many events it had)
+        self.pending[kind.encode() + os.fsencode(rel) + b"\0"] = None
 
     def handle(self, wd: int, mask: int, raw_name: bytes) -> bool:
         """Journal one event; False when the generation can no longer be trusted."""
@@ -241,7 +251,7 @@ class _Session:
             return True  # a watch dropped since (its events are covered by a ``t`` record)
         if mask & IN_IGNORED:
             del self.watches[wd]
-            return True
+            return bool(watch.rel) or watch.kind != "dir"  # the root's watch: start over
         name = os.fsdecode(raw_name)
         if watch.kind == "cookies":
             self.record("c", name)
@@ -270,17 +280,22 @@ class _Session:
         if mask & IN_ISDIR:
             if mask & (IN_MOVED_FROM | IN_DELETE):
                 self.drop_tree(rel)
-            elif mask & (IN_CREATE | IN_MOVED_TO):
-                self.drop_tree(rel)  # a stale watch under that name would journal wrong paths
+            elif mask & (IN_CREATE | IN_MOVED_TO | IN_ATTRIB):
+                if not mask & IN_ATTRIB:
+                    self.drop_tree(rel)  # a stale watch under that name would journal wrong paths
+                # (a chmod may have made an unreadable directory watchable)
                 self.add_tree(rel)  # before the record: what lands before the watch is walked
                 self.record("t", rel)
         return True
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Append the batch to the journal; False once the journal is due for a new one."""
         if self.pending:
             data = b"".join(self.pending)
             self.pending.clear()
             os.write(self.journal, data)
+            self.written += len(data)
+        return self.written < JOURNAL_LIMIT
 
     def close(self) -> None:
         self.inotify.close()
@@ -353,13 +368,15 @@ def run_watcher(
 
 
 def _pump(session: _Session, stop: Callable[[], bool]) -> None:
-    """Journal events until told to stop or the generation breaks (then return to restart)."""
+    """Journal events until told to stop or the generation breaks or its journal is full
+    (then return, to start a new generation)."""
     while not stop():
         for wd, mask, name in session.inotify.read(0.2):
             if not session.handle(wd, mask, name):
                 session.flush()
                 return
-        session.flush()
+        if not session.flush():
+            return
 
 
 def watcher_running(store_dir: str, workspace: str) -> bool:
