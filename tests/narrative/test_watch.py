@@ -124,6 +124,10 @@ def test_journal_lists_only_changed_directories(watched: tuple[Store, Watcher]) 
     tree, listed, _mark = _tree(store, use_watcher=True)
     assert listed == 3  # the root, d7, d7/sub
     assert tree == _tree(store, use_watcher=False)[0] == git_tree_of(ws, ws.parent)
+    (ws / "d8" / "sub" / "new").write_text("a new file\n")
+    tree, listed, _mark = _tree(store, use_watcher=True)
+    assert listed == 5  # and d8, d8/sub
+    assert tree == git_tree_of(ws, ws.parent)
 
 
 def test_edit_immediately_before_the_snapshot_is_seen(watched: tuple[Store, Watcher]) -> None:
@@ -373,3 +377,20 @@ def _dir_count(ws: Path) -> int:
 
 WatchedWorkspace.TestCase.settings = settings.get_profile("watch-soak" if SOAK else "watch-ci")
 test_watched_workspace_model = WatchedWorkspace.TestCase
+
+
+def test_watcher_stops_when_the_workspace_goes(watched: tuple[Store, Watcher]) -> None:
+    store, watcher = watched
+    ws = Path(store.workspace)
+    take_snapshot(store, message="base")
+    os.rename(ws, ws.parent / "elsewhere")
+    assert watcher.proc is not None
+    assert watcher.proc.wait(timeout=30) == 1
+    last = watcher.proc.communicate()[1].decode().strip().splitlines()[-1]  # after "watching …"
+    assert last.startswith("narrative: error: cannot watch"), last
+    watcher.proc = None
+    os.rename(ws.parent / "elsewhere", ws)
+    (ws / "d6" / "sub" / "f").write_text("edited with no watcher\n")
+    tree, listed, mark = _tree(store, use_watcher=True)
+    assert mark is None and listed == ALL_DIRS
+    assert tree == git_tree_of(ws, ws.parent)
