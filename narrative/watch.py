@@ -28,8 +28,6 @@ another machine through a network file system. Do not run the watcher on such wo
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import json
@@ -38,7 +36,6 @@ import select
 import signal
 import struct
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -108,7 +105,9 @@ class _Inotify:
     """A minimal ctypes binding of inotify(7) (the standard library has none)."""
 
     def __init__(self) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        import ctypes  # (only the watcher needs it: snapshots import this module too)
+
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library the interpreter runs on
         self._add = libc.inotify_add_watch
         self._add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
         self._rm = libc.inotify_rm_watch
@@ -118,11 +117,12 @@ class _Inotify:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code))
         self.fd: int = fd
+        self._errno = ctypes.get_errno
 
     def add(self, path: str, mask: int) -> int:
         wd = int(self._add(self.fd, os.fsencode(path), mask))
         if wd < 0:
-            code = ctypes.get_errno()
+            code = self._errno()
             raise OSError(code, os.strerror(code), path)
         return wd
 
@@ -166,7 +166,7 @@ class _Session:
         self.workspace = workspace
         self.private = private
         self.exclude = exclude
-        self.generation = uuid.uuid4().hex
+        self.generation = os.urandom(16).hex()
         self.inotify = _Inotify()
         self.watches: dict[int, _Watch] = {}
         self.journal = os.open(
@@ -461,7 +461,7 @@ def sync_journal(
         start = os.stat(path).st_size
     except OSError:
         return None
-    cookie = f"{os.getpid()}-{uuid.uuid4().hex}"
+    cookie = f"{os.getpid()}-{os.urandom(16).hex()}"
     cookie_path = os.path.join(private, "cookies", cookie)
     try:
         os.close(os.open(cookie_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
