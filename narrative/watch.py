@@ -21,8 +21,9 @@ whole, and takes everything else from the cache. Whatever could make the journal
 no watcher, a restart (new generation), a queue overflow (the watcher starts a new generation),
 a watch it could not add (the watcher stops), a sync timeout, a ``!`` record — means the full scan.
 
-Not seen by inotify, hence by no journal: writes through a shared ``mmap`` and changes made on
-another machine through a network file system. Do not run the watcher on such workspaces.
+Not seen by inotify, hence by no journal: writes through a shared ``mmap``, writes to a file
+through a hard link (or bind mount) outside the workspace, and changes made on another machine
+through a network file system. Do not run the watcher on such workspaces.
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ _DIR_MASK = (
     | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK
 )  # fmt: skip
 _ENTRY_MASK = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_ONLYDIR | IN_DONT_FOLLOW
-"""For ``.git`` and ``.git/info`` (only the names that change ignore rules matter there)."""
+"""For ``.git`` (only ``info`` coming or going matters there: ignore rules)."""
+_INFO_MASK = _ENTRY_MASK | IN_MODIFY | IN_CLOSE_WRITE | IN_ATTRIB
+"""For ``.git/info`` (``exclude`` holds ignore rules)."""
 _EVENT = struct.Struct("iIII")
 _RULE_FILES = frozenset((".gitignore", ".narrativeignore"))
 
@@ -223,7 +226,7 @@ class _Session:
 
     def add_git(self, rel: str) -> None:
         if self._add(rel, "git", _ENTRY_MASK):
-            self._add(rel + "/info", "info", _ENTRY_MASK | IN_MODIFY | IN_CLOSE_WRITE | IN_ATTRIB)
+            self._add(rel + "/info", "info", _INFO_MASK)
 
     def excluded(self, rel: str) -> bool:
         if rel == STORE_DIR_NAME:
@@ -260,7 +263,7 @@ class _Session:
             if (watch.kind, name) in (("git", "info"), ("info", "exclude")):
                 self.record("!")
                 if watch.kind == "git" and mask & (IN_CREATE | IN_MOVED_TO):
-                    self._add(watch.rel + "/info", "info", _ENTRY_MASK | IN_MODIFY | IN_ATTRIB)
+                    self._add(watch.rel + "/info", "info", _INFO_MASK)
             return True
         if mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT):
             return bool(watch.rel)  # the workspace itself went away: start over
