@@ -20,8 +20,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from narrative.snapshot import scan_tree, take_snapshot
 from narrative.store import Store
-from narrative.watch import watch_dir, watcher_pid
-from tests.conftest import NARRATIVE, git_tree_of
+from narrative.watch import watch_dir
+from tests.conftest import git, git_tree_of, start_watcher
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/sys/fs/inotify"), reason="no inotify")
 
@@ -55,17 +55,7 @@ class Watcher:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [NARRATIVE, "--store", self.store.git_dir, "watch"],
-            cwd=self.store.workspace,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 60
-        while watcher_pid(self.store.git_dir, self.store.workspace) != self.proc.pid:
-            assert self.proc.poll() is None, self.proc.communicate()[1].decode()
-            assert time.monotonic() < deadline, "the watcher did not get ready"
-            time.sleep(0.01)
+        self.proc = start_watcher(self.store.git_dir, self.store.workspace)
 
     def generation(self) -> str:
         state = Path(watch_dir(self.store.git_dir, self.store.workspace), "state")
@@ -394,3 +384,19 @@ def test_watcher_stops_when_the_workspace_goes(watched: tuple[Store, Watcher]) -
     tree, listed, mark = _tree(store, use_watcher=True)
     assert mark is None and listed == ALL_DIRS
     assert tree == git_tree_of(ws, ws.parent)
+
+
+def test_ignore_rule_changes_mean_full_scan(watched: tuple[Store, Watcher]) -> None:
+    store, _watcher = watched
+    ws = Path(store.workspace)
+    git("init", "-q", cwd=ws)  # a .git appears: its info/exclude now holds rules
+    take_snapshot(store, message="base")
+    (ws / ".git" / "info" / "exclude").write_text("d3/\n")
+    tree, listed, mark = _tree(store, use_watcher=True)
+    assert mark is not None and listed == ALL_DIRS - 2  # full scan; d3 and d3/sub left out
+    assert tree == _tree(store, use_watcher=False)[0]
+    take_snapshot(store, message="d3 excluded")
+    (ws / "d4" / ".gitignore").write_text("sub/\n")  # (d3 is untouched: no event there)
+    tree, listed, _mark = _tree(store, use_watcher=True)
+    assert listed == ALL_DIRS - 3  # full scan; d4/sub left out too
+    assert tree == _tree(store, use_watcher=False)[0]
