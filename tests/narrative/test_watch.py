@@ -21,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from narrative.snapshot import scan_tree, take_snapshot
 from narrative.store import Store
 from narrative.watch import watch_dir
-from tests.conftest import git, git_tree_of, start_watcher
+from tests.conftest import Cli, git, git_tree_of, start_watcher
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/sys/fs/inotify"), reason="no inotify")
 
@@ -400,3 +400,21 @@ def test_ignore_rule_changes_mean_full_scan(watched: tuple[Store, Watcher]) -> N
     tree, listed, _mark = _tree(store, use_watcher=True)
     assert listed == ALL_DIRS - 3  # full scan; d4/sub left out too
     assert tree == _tree(store, use_watcher=False)[0]
+
+
+def test_cli_background_and_stop(cli: Cli, workspace: Path) -> None:
+    cli.run("init")
+    pid = int(cli.run("watch", "--background").stdout)
+    again = cli.run("watch", "--background", check=False)
+    assert again.returncode == 1 and again.stderr.count("\n") == 1
+    assert "already running" in again.stderr
+    (workspace / "src" / "app.py").write_text("print('edited')\n")
+    snap = cli.json("snapshot", "-m", "watched")
+    assert snap["tree"] == git_tree_of(workspace, workspace.parent)
+    cli.run("watch", "--stop")
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    gone = cli.run("watch", "--stop", check=False)
+    assert gone.returncode == 1 and "no watcher" in gone.stderr
