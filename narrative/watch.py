@@ -242,7 +242,9 @@ class _Session:
                 self.inotify.remove(wd)
 
     def record(self, kind: str, rel: str = "") -> None:
-        # (a dict: one record per directory and batch however many events it had)
+        # A dict: one record per directory and batch, however many events it had. A repeat
+        # after a cookie in the same batch may go: every event of a batch was queued before the
+        # batch is written, so before the snapshot waiting for that cookie starts its scan.
         self.pending[kind.encode() + os.fsencode(rel) + b"\0"] = None
 
     def handle(self, wd: int, mask: int, raw_name: bytes) -> bool:
@@ -273,7 +275,9 @@ class _Session:
         if name == ".git":
             if mask & (IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM):
                 self.record("!")  # a nested repo came or went: its info/exclude rules too
-                if mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
+                if mask & (IN_DELETE | IN_MOVED_FROM):
+                    self.drop_tree(rel)
+                elif mask & IN_ISDIR:
                     self.add_git(rel)
             return True
         if name in _RULE_FILES:
