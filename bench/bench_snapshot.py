@@ -7,7 +7,8 @@ ratios ours/anchor and peak RSS as a markdown table on stdout (progress goes to 
 copy of all samples is written under ``bench/results/``.
 
 Scenarios: first snapshot (fresh store each rep), no-op snapshot, 1-file change, 1,000-file
-change, restore --to an empty directory.
+change, restore --to an empty directory; the no-op and 1-file rows again with ``narrative watch``
+running (started, and one untimed snapshot taken, before the reps; the anchor is unchanged).
 
 Anchor, per snapshot (timed as the sum of the four processes)::
 
@@ -114,6 +115,13 @@ class Ours:
             str(sid) if sid is not None else None,
             {k: info[k] for k in ("created", "stats") if k in info},
         )
+
+    def watch(self, on: bool) -> None:
+        """Start (``narrative watch --background``) or stop the workspace's watcher (untimed)."""
+        args = ["watch", "--background"] if on else ["watch", "--stop"]
+        _check(run([str(self.exe), *args], env=self.env, cwd=self.ws))
+        if not on:
+            time.sleep(0.5)  # it notices SIGTERM within 0.2 s
 
     def restore(self, dest: Path) -> Sample:
         if self.last_id is None:
@@ -251,6 +259,8 @@ SCENARIOS: dict[str, tuple[str, float]] = {
     "first": ("first snapshot", 0.7),
     "noop": ("no-op snapshot", 1.0),
     "one": ("1-file change", 1.0),
+    "noop-watch": ("no-op snapshot, watcher on", 0.5),
+    "one-watch": ("1-file change, watcher on", 0.5),
     "thousand": ("1,000-file change", 1.0),
     "restore": ("restore --to (empty dir)", 1.0),
 }
@@ -339,6 +349,20 @@ class Bench:
         label, target = SCENARIOS[key]
         sc = self.results[key] = Scenario(key, label, target)
         log(f"scenario: {label} ({self.reps} reps)")
+        watching = key.endswith("-watch") and self.ours is not None
+        if watching:
+            assert self.ours is not None
+            self.ours.watch(True)
+            self.ours.snapshot("bench watcher warm-up")  # full scan: records the journal mark
+        try:
+            self._scenario_reps(sc, key)
+        finally:
+            if watching:
+                assert self.ours is not None
+                self.ours.watch(False)
+        return sc
+
+    def _scenario_reps(self, sc: Scenario, key: str) -> None:
         for rep in range(self.reps):
             log(f" rep {rep + 1}/{self.reps}")
             if key == "restore":
@@ -354,13 +378,12 @@ class Bench:
                         except SideError as exc:
                             log(f"  ours init FAILED: {exc}")
                             sc.ours.errors.append(f"init: {exc}")
-                elif key == "one":
-                    workspace.touch_files(self.ws, 1, f"one-{rep}")
+                elif key in ("one", "one-watch"):
+                    workspace.touch_files(self.ws, 1, f"{key}-{rep}")
                 elif key == "thousand":
                     workspace.touch_files(self.ws, 1000, f"thousand-{rep}")
 
             self._snapshot_round(sc, rep, prepare)
-        return sc
 
     def _restore_round(self, sc: Scenario, rep: int) -> None:
         dests: dict[str, Path] = {}

@@ -433,4 +433,50 @@ def restore(
         ctx.exit(1)
 
 
-COMMANDS = [init, info, status, snapshot, log, show, diff, restore]
+@click.command()
+@click.option(
+    "--background", is_flag=True, help="Detach; print the watcher's pid once it is ready."
+)
+@click.option("--stop", is_flag=True, help="Stop the workspace's running watcher.")
+@click.pass_context
+def watch(ctx: click.Context, background: bool, stop: bool) -> None:
+    """Watch the workspace (inotify) so snapshots list only what changed.
+
+    Optional: without a watcher, or whenever its journal may be incomplete, a snapshot scans
+    the whole workspace. Runs in the foreground until interrupted, unless --background.
+    """
+    import signal
+
+    from narrative import watch as watcher
+
+    store = open_store(ctx)
+    workspace = store.workspace
+    if stop:
+        pid = watcher.watcher_pid(store.git_dir, workspace)
+        if pid is None:
+            raise InvalidInput("no watcher is running for this workspace")
+        os.kill(pid, signal.SIGTERM)
+        return
+    if watcher.watcher_running(store.git_dir, workspace):
+        raise InvalidInput("a watcher is already running for this workspace")
+    if not background:
+        watcher.run_watcher(store.git_dir, workspace, lambda gen: note(f"watching {workspace}"))
+        return
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the detached watcher
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        code = 0
+        try:
+            watcher.run_watcher(store.git_dir, workspace)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    if watcher.wait_ready(store.git_dir, workspace, pid, timeout=120.0) is None:
+        raise InvalidInput("the watcher did not start (see `narrative watch` in the foreground)")
+    click.echo(pid)
+
+
+COMMANDS = [init, info, status, snapshot, log, show, diff, restore, watch]

@@ -9,7 +9,7 @@ __all__ = ["EXAMPLES", "SECTIONS", "add_example", "format_sections"]
 
 #: ``narrative --help`` lists the top-level commands under these headings, in this order.
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "Snapshots": ("init", "info", "status", "snapshot", "restore", "config", "gc", "fsck"),
+    "Snapshots": ("init", "info", "status", "snapshot", "watch", "restore", "config", "gc", "fsck"),
     "History": ("log", "show", "diff", "merge", "objective", "thread"),
     "Transfer": ("export", "import", "remote", "push", "fetch", "pull"),
     "Environments and runs": ("env", "run", "serve", "runtime", "hub"),
@@ -22,6 +22,7 @@ EXAMPLES: dict[str, str] = {
     "info": "narrative info --json",
     "status": "narrative status",
     "snapshot": "narrative snapshot -m 'before the refactor'",
+    "watch": "narrative watch --background   # snapshots then list only what changed",
     "restore": "narrative restore main        # or a snapshot id, origin/main, a run id",
     "config": "narrative config max_file_size 100M",
     "gc": "narrative gc --keep-within 30d --dry-run",

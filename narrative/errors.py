@@ -60,6 +60,7 @@ __all__ = [
     "StoreNotFound",
     "ThreadNotFound",
     "UnsafePath",
+    "WatcherStopped",
     "WorkspaceCopied",
 ]
 
@@ -210,6 +211,11 @@ class UnsafePath(InvalidInput):
 
 class ConcurrentUpdate(NarrativeError):
     """A compare-and-swap update kept losing against other writers."""
+
+
+class WatcherStopped(NarrativeError):
+    """The file watcher cannot keep a complete journal (e.g. the inotify watch limit):
+    snapshots scan in full."""
 
 
 class NonFastForward(NarrativeError):

@@ -35,7 +35,7 @@ from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK
 from .paths import STORE_DIR_NAME, component_problem, is_plain_name
 from .statcache import DirRecord, FileDetail, StatCache, StatKey, decode_details
 
-__all__ = ["DirNode", "FileJob", "ScanResult", "scan_workspace"]
+__all__ = ["DirNode", "FileJob", "KnownChanges", "ScanResult", "scan_workspace"]
 
 _SPECIAL = frozenset((".git", ".gitignore", ".narrativeignore"))
 _PARALLEL_MIN_DIRS = 200
@@ -81,6 +81,20 @@ class ScanResult:
     jobs: list[FileJob]
     dirs: list[DirNode]
     skipped: list[dict[str, Any]]
+    listed: int = 0
+    """Directories listed and stat'ed (the rest came from the cache untouched)."""
+    journal: tuple[str, int] | None = None
+    """The watcher's journal position this scan is complete as of (:mod:`narrative.watch`)."""
+
+
+@dataclass(frozen=True)
+class KnownChanges:
+    """What a complete journal says changed since the cache was written."""
+
+    dirs: frozenset[str]
+    """Directories whose entries, or an entry's content or metadata, may have changed."""
+    trees: frozenset[str]
+    """Directories (new or moved in) to walk entirely."""
 
 
 _DirScan = tuple[str, int, bool, list[str], list[tuple[str, StatKey]] | None]
@@ -106,6 +120,7 @@ class _Walker:
         self.exclude = exclude
         self.sweep_tmp = sweep_tmp
         self.scans: list[_DirScan] = []
+        self.reused: set[str] = set()
         self.unreadable: list[dict[str, Any]] = []
         #: counts the files listed (a no-op in forked workers: the parent counts theirs)
         self.advance: Callable[[int], None] = progress.ignore
@@ -201,8 +216,34 @@ class _Walker:
         for child_abs, child_rel, child_rules in visited[1]:
             complete = self.walk(child_abs, child_rel, child_rules) and complete
         if not complete:
-            rel, sig, _c, children, own = self.scans[index]
-            self.scans[index] = (rel, sig, False, children, own)
+            self._mark_incomplete(index)
+        return True
+
+    def _mark_incomplete(self, index: int) -> None:
+        rel, sig, _c, children, own = self.scans[index]
+        self.scans[index] = (rel, sig, False, children, own)
+
+    def walk_known(
+        self, abs_dir: str, rel_dir: str, rules: IgnoreRules, visit: set[str], known: KnownChanges
+    ) -> bool:
+        """Like :meth:`walk`, but only into ``visit`` (the changed directories and their
+        ancestors) and directories the cache does not know; every other subdirectory is left
+        to be taken from the cache as is (listed in :attr:`reused`)."""
+        if rel_dir in known.trees or rel_dir not in self.cached:
+            return self.walk(abs_dir, rel_dir, rules)
+        visited = self.visit(abs_dir, rel_dir, rules)
+        if visited is None:
+            return False
+        index = len(self.scans) - 1
+        complete = True
+        for child_abs, child_rel, child_rules in visited[1]:
+            if child_rel in visit or child_rel not in self.cached:
+                walked = self.walk_known(child_abs, child_rel, child_rules, visit, known)
+                complete = walked and complete
+            else:
+                self.reused.add(child_rel)
+        if not complete:
+            self._mark_incomplete(index)
         return True
 
 
@@ -273,12 +314,23 @@ class _Resolver:
     """Turns directory scans into DirNodes, reusing cached trees where nothing changed."""
 
     def __init__(
-        self, workspace: str, cache: StatCache, max_size: int, scans: dict[str, _DirScan]
+        self,
+        workspace: str,
+        cache: StatCache,
+        max_size: int,
+        scans: dict[str, _DirScan],
+        reused: set[str],
     ) -> None:
         self.workspace = workspace
         self.cached = cache.dirs
         self.max_size = max_size
         self.scans = scans
+        self.reused = reused
+        self.cached_children: dict[str, list[str]] = {}
+        if reused:
+            for rel in self.cached:
+                if rel:
+                    self.cached_children.setdefault(rel.rpartition("/")[0], []).append(rel)
         self.jobs: list[FileJob] = []
         self.dirs: list[DirNode] = []
         self.skipped: list[dict[str, Any]] = []
@@ -288,6 +340,9 @@ class _Resolver:
         node = DirNode(rel, sig if complete else None)
         reusable = complete
         for child_rel in children:
+            if child_rel in self.reused:
+                node.children.append(self._reuse(child_rel))
+                continue
             if child_rel not in self.scans:
                 reusable = False  # unreadable: never reuse the parent's old tree
                 continue
@@ -309,6 +364,17 @@ class _Resolver:
             node.entries.append([os.fsencode(os.path.basename(child.rel)), MODE_DIR, child])
         self.dirs.append(node)
         self.skipped.extend(node.skipped)
+        return node
+
+    def _reuse(self, rel: str) -> DirNode:
+        """A subtree the journal says is unchanged: its records carried over, nothing read."""
+        record = self.cached[rel]
+        node = DirNode(rel, record[0], record, oid=record[1] or None)
+        node.file_count, node.byte_count, node.skipped = record[2], record[3], record[4]
+        self.dirs.append(node)
+        self.skipped.extend(node.skipped)
+        for child_rel in self.cached_children.get(rel, ()):
+            self._reuse(child_rel)
         return node
 
     @staticmethod
@@ -366,19 +432,43 @@ def _units(walker: _Walker, workspace: str, want: int) -> list[tuple[str, str, I
     return frontier
 
 
+def _to_visit(known: KnownChanges, cached: dict[str, DirRecord]) -> set[str]:
+    """The changed directories, those the cache cannot vouch for (racy or incomplete, stored
+    without a signature), and all their ancestors."""
+    targets = set(known.dirs) | known.trees
+    targets.update(rel for rel, record in cached.items() if record[0] is None)
+    visit = {""}
+    for target in targets:
+        rel = target
+        while rel not in visit:
+            visit.add(rel)
+            rel = rel.rpartition("/")[0]
+    return visit
+
+
 def scan_workspace(
-    workspace: str, cache: StatCache, exclude: set[str], max_size: int, sweep_tmp: bool = False
+    workspace: str,
+    cache: StatCache,
+    exclude: set[str],
+    max_size: int,
+    sweep_tmp: bool = False,
+    known: KnownChanges | None = None,
 ) -> ScanResult:
     """Walk ``workspace`` (absolute) and return its tree plus the files still to hash.
 
     ``exclude`` holds absolute directory paths never to enter (the store, worktrees).
     ``sweep_tmp``: remove every temporary file of ours found (the caller holds the workspace
-    lock, so none of them belongs to a live writer).
+    lock, so none of them belongs to a live writer). ``known``: a complete account of what
+    changed since ``cache`` was written (the watcher's journal); only those directories are
+    listed, the rest is taken from the cache.
     """
     walker = _Walker(cache.dirs, exclude, sweep_tmp)
     workers = min(os.cpu_count() or 1, 4)
     with progress.stage("scanning", None, "files") as walker.advance:
-        if workers > 1 and len(cache.dirs) >= _PARALLEL_MIN_DIRS:
+        if known is not None:
+            visit = _to_visit(known, cache.dirs)
+            walker.walk_known(workspace, "", IgnoreRules.empty(), visit, known)
+        elif workers > 1 and len(cache.dirs) >= _PARALLEL_MIN_DIRS:
             units = _units(walker, workspace, workers * _UNITS_PER_WORKER)
             failed = _walk_in_workers(walker, units, workers) if units else None
             if units and failed is None:
@@ -387,10 +477,11 @@ def scan_workspace(
         else:
             walker.walk(workspace, "", IgnoreRules.empty())
     scans = {scan[0]: scan for scan in walker.scans}
-    resolver = _Resolver(workspace, cache, max_size, scans)
+    resolver = _Resolver(workspace, cache, max_size, scans, walker.reused)
     if "" in scans:
         root = resolver.resolve("")
     else:
         root = DirNode("")
         resolver.dirs.append(root)
-    return ScanResult(root, resolver.jobs, resolver.dirs, walker.unreadable + resolver.skipped)
+    skipped = walker.unreadable + resolver.skipped
+    return ScanResult(root, resolver.jobs, resolver.dirs, skipped, len(walker.scans))

@@ -37,6 +37,7 @@ from .statcache import (
     encode_details,
 )
 from .store import Store
+from .watch import known_changes, sync_journal, watcher_running
 
 __all__ = ["SnapshotResult", "take_snapshot", "scan_tree"]
 
@@ -76,16 +77,26 @@ def scan_tree(
     workspace: str | None = None,
     writer: PackWriter | None = None,
     sweep_tmp: bool = False,
+    *,
+    use_watcher: bool = True,
 ) -> tuple[ScanResult, bytes | None, StatCache]:
     """Walk and hash a workspace; returns the scan, its root tree id and the old stat cache.
 
-    Without a writer nothing is stored (used by ``diff`` against the live workspace).
+    Without a writer nothing is stored (used by ``diff`` against the live workspace). With a
+    live watcher (:mod:`narrative.watch`) only what its journal names is listed, unless
+    ``use_watcher`` is False.
     """
     ws = os.path.realpath(workspace or store.workspace)
     if not os.path.isdir(ws):
         raise InvalidInput(f"workspace {ws} does not exist")
     cache = StatCache.load(cache_path(store.git_dir, ws), store.config.max_file_size)
-    result = scan_workspace(ws, cache, {store.git_dir}, store.config.max_file_size, sweep_tmp)
+    # with a live watcher: synchronise with it first, so the scan is complete as of its journal
+    live = use_watcher and watcher_running(store.git_dir, ws)
+    sync = sync_journal(store.git_dir, ws) if live else None
+    known = known_changes(sync, cache.journal) if sync is not None else None
+    exclude = {store.git_dir}
+    result = scan_workspace(ws, cache, exclude, store.config.max_file_size, sweep_tmp, known)
+    result.journal = sync.mark if sync is not None else None
     store.odb.invalidate()
     failed = write_blobs(result.jobs, store.odb, writer)
     if failed:
@@ -129,7 +140,7 @@ def _new_cache(result: ScanResult, old: StatCache, start_ns: int) -> StatCache:
             node.skipped,
             encode_details(details),
         )
-    return StatCache(dirs, old.head, old.max_file_size)
+    return StatCache(dirs, old.head, old.max_file_size, result.journal)
 
 
 @dataclass
@@ -163,10 +174,15 @@ class _Capture:
         return bytes.fromhex(snap.tree), snap.id
 
     def save_cache(self, head: tuple[bytes, bytes, str]) -> None:
-        """Persist the stat cache, only when something in it changed."""
+        """Persist the stat cache, only when something in it changed.
+
+        An unchanged cache keeps its older journal mark: replaying the journal from there is
+        still complete, and saves rewriting the whole cache on every no-op snapshot.
+        """
         self.cache.head = head
         old = self.old_cache
-        if self.cache.dirs != old.dirs or self.cache.head != old.head:
+        new_generation = (self.cache.journal or ("",))[0] != (old.journal or ("",))[0]
+        if self.cache.dirs != old.dirs or self.cache.head != old.head or new_generation:
             self.cache.save(cache_path(self.store.git_dir, self.workspace))
 
 

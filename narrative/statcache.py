@@ -16,6 +16,9 @@ timestamp tick as the read would otherwise go unnoticed (git's "racy clean" prob
 
 The cache is one marshal file per workspace, replaced atomically; an unreadable cache is ignored.
 It is an optimisation only: deleting it never changes a snapshot's result.
+
+``journal`` is the file watcher's ``(generation, offset)`` the records are complete as of
+(:mod:`narrative.watch`); None when they were not taken with a live watcher.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ FileDetail = tuple[StatKey, bytes, bool]
 DirRecord = tuple[int | None, bytes, int, int, list[dict[str, Any]], bytes]
 """(signature, tree id or b"" when empty, file count, byte count, skipped, details)."""
 RACY_WINDOW_NS = 2_000_000_000
-_VERSION = 3
+_VERSION = 4
 
 
 def cache_path(store_dir: str, workspace: str) -> str:
@@ -65,21 +68,24 @@ class StatCache:
     head: tuple[bytes, bytes, str] | None = None
     """(commit, tree, snapshot id) of the snapshot the cache was saved with (skips a read)."""
     max_file_size: int = 0
+    journal: tuple[str, int] | None = None
+    """The watcher's journal position the records are complete as of (see the module doc)."""
 
     @classmethod
     def load(cls, path: str, max_file_size: int) -> StatCache:
         try:
             with open(path, "rb") as f:
-                version, size_cap, dirs, head = marshal.load(f)
+                version, size_cap, dirs, head, journal = marshal.load(f)
         except (OSError, EOFError, ValueError, TypeError):
             return cls(max_file_size=max_file_size)
         if version != _VERSION or size_cap != max_file_size or not isinstance(dirs, dict):
             return cls(max_file_size=max_file_size)
-        return cls(dirs, head if isinstance(head, tuple) else None, max_file_size)
+        head = head if isinstance(head, tuple) else None
+        return cls(dirs, head, max_file_size, journal if isinstance(journal, tuple) else None)
 
     def save(self, path: str) -> None:
         # Not fsynced: after a power cut a stale or missing cache only costs a re-hash.
-        data = marshal.dumps((_VERSION, self.max_file_size, self.dirs, self.head))
+        data = marshal.dumps((_VERSION, self.max_file_size, self.dirs, self.head, self.journal))
         write_atomic(path, data, durable=False)
 
     def file_keys(self) -> dict[str, StatKey]:

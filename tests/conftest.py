@@ -203,3 +203,24 @@ def two_machines(
 
 #: fixtures shared across folders (the Docker engine and test image)
 pytest_plugins = ["tests.providers.fixtures"]
+
+
+def start_watcher(store_dir: str, workspace: str) -> subprocess.Popen[bytes]:
+    """A real ``narrative watch`` on ``workspace``, returned once its watches are in place."""
+    import time
+
+    from narrative.watch import watcher_pid
+
+    proc = subprocess.Popen(
+        [NARRATIVE, "--store", store_dir, "watch"],
+        cwd=workspace,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while watcher_pid(store_dir, workspace) != proc.pid:
+        if proc.poll() is not None:
+            raise AssertionError(f"narrative watch exited: {proc.communicate()[1].decode()}")
+        assert time.monotonic() < deadline, "the watcher did not get ready"
+        time.sleep(0.01)
+    return proc

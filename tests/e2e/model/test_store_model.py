@@ -19,7 +19,8 @@ model decide:
 * the user's own ``.git`` is byte-identical.
 
 Profiles (``NARRATIVE_HYPOTHESIS_PROFILE``): ``ci`` (bounded, the default) and ``soak``
-(``make soak``).
+(``make soak``). ``NARRATIVE_MODEL_WATCHER=1`` runs a ``narrative watch`` on each workspace, so
+snapshots list only what its journal names (issue 18; ``make soak`` runs both ways).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from narrative.restore import materialize, restore_workspace
 from narrative.snapshot import take_snapshot
 from narrative.store import THREAD_REF_PREFIX, Store
 from narrative.workspace_merge import abort_merge, merge_state, merge_workspace
-from tests.conftest import NARRATIVE, git
+from tests.conftest import NARRATIVE, git, start_watcher
 from transfer.exporter import export
 from transfer.importer import import_
 from transfer.remotes import add_remote, fetch, pull, push
@@ -75,6 +76,8 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 settings.load_profile(os.environ.get("NARRATIVE_HYPOTHESIS_PROFILE", "ci"))
+
+WATCHER = os.environ.get("NARRATIVE_MODEL_WATCHER") == "1"
 
 Files = dict[str, tuple[str, bytes]]
 """path → (kind, content): kind ``f`` file, ``x`` executable, ``l`` symlink (target)."""
@@ -147,6 +150,7 @@ class StoreModel(RuleBasedStateMachine):
         self.git_digest: list[str] = []
         self.bundles = 0
         self.rng = random.Random(0)
+        self.watchers: list[subprocess.Popen[bytes]] = []
         for name in ("alice", "bob"):
             ws = self.root / name
             ws.mkdir()
@@ -162,6 +166,8 @@ class StoreModel(RuleBasedStateMachine):
             self.reported.append({})
             self.heads.append(store.thread_heads())
             self.git_digest.append(tree_digest(ws / ".git"))
+            if WATCHER:
+                self.watchers.append(start_watcher(store.git_dir, str(ws)))
 
     def teardown(self) -> None:
         try:
@@ -169,6 +175,9 @@ class StoreModel(RuleBasedStateMachine):
                 for snap_id in list(self.reported[i]):
                     self._check_restores(i, snap_id)
         finally:
+            for watcher in self.watchers:
+                watcher.kill()
+                watcher.communicate()
             shutil.rmtree(self.root, ignore_errors=True)
             import fsspec
 
