@@ -74,6 +74,7 @@ EXAMPLES: dict[str, str] = {
     "hub users": "narrative hub users",
     "hub revoke": "narrative hub revoke alice",
     "hub audit": "narrative hub audit --json",
+    "hub ui": "narrative hub ui",
     "runtime": "narrative runtime --connect ws://127.0.0.1:3100 --workspace .",
     "gateway serve": "narrative gateway serve --root . --port 3100",
     "gateway call": 'narrative gateway call fs readFile --payload \'{"path": "README.md"}\'',

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -26,10 +25,9 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import Unavailable
 from gateway.handlers import HandlerContext
@@ -44,6 +42,7 @@ from ..client import kill_run, stop_run
 from ..events import RunEventLog
 from . import views
 from .auth import SESSION_COOKIE, LoginCodes, Session, Sessions
+from .transport import InLoopServer, SecurityHeaders, event_stream, sse
 
 if TYPE_CHECKING:
     from ..server import Hub
@@ -56,40 +55,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _TAIL_BYTES = 256 << 10
 _PAGE_BYTES = 256 << 10
 _POLL = 0.25
-_SECURITY_HEADERS = [
-    (
-        b"content-security-policy",
-        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-        b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    ),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"same-origin"),  # no-referrer would make Origin "null"
-    (b"x-frame-options", b"DENY"),
-    (b"cache-control", b"no-store"),
-]
-
-
-class _SecurityHeaders:
-    """Adds the security headers to every response (plain ASGI: streaming stays streaming)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def sending(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *_SECURITY_HEADERS]
-            await send(message)
-
-        await self.app(scope, receive, sending)
-
-
-class _Quiet(uvicorn.Server):
-    """uvicorn inside the hub's loop: the hub's command owns the process's signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Any:
-        yield
 
 
 class WebView:
@@ -110,7 +75,7 @@ class WebView:
         self.sessions = Sessions()
         self._closing = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._server: _Quiet | None = None
+        self._server: InLoopServer | None = None
         self._serving: asyncio.Task[None] | None = None
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(os.path.join(_HERE, "templates")),
@@ -145,14 +110,14 @@ class WebView:
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
-            _SecurityHeaders(self.app),
+            SecurityHeaders(self.app),
             log_config=None,  # the hub's own logging, not a config of uvicorn's
             log_level="warning",
             lifespan="off",
             access_log=False,
             timeout_graceful_shutdown=2,
         )
-        self._server = _Quiet(config)
+        self._server = InLoopServer(config)
         self._serving = asyncio.get_running_loop().create_task(self._server.serve([sock]))
         while not self._server.started:
             if self._serving.done():
@@ -332,13 +297,13 @@ class WebView:
                 for run in runs:
                     if seen.get(run.id) != run.status:
                         seen[run.id] = run.status
-                        yield _sse("status", _status_of(run))
+                        yield sse("status", _status_of(run))
                 if all(r.status != "running" for r in runs) or await request.is_disconnected():
                     return
                 yield ": keep-alive\n\n"
                 await self._pause(1.0)
 
-        return _event_stream(changes())
+        return event_stream(changes())
 
     async def run(self, request: Request, session: Session) -> Response:
         run = await self._run(request.path_params["run"])
@@ -403,14 +368,14 @@ class WebView:
             nonlocal offset
             idle = 0.0
             if run.status != "running":  # finished before the page asked: nothing will come
-                yield _sse("finished", {"status": run.status})
+                yield sse("finished", {"status": run.status})
                 return
             while not self._closing.is_set():
                 page, offset = await asyncio.to_thread(events.read_page, offset, _PAGE_BYTES)
                 for event in page:
-                    yield _sse("log", views.describe_event(event))
+                    yield sse("log", views.describe_event(event))
                     if event.get("type") == "run.finished":
-                        yield _sse("finished", {"status": event.get("status")})
+                        yield sse("finished", {"status": event.get("status")})
                         return
                 if page:
                     idle = 0.0
@@ -423,7 +388,7 @@ class WebView:
                     idle = 0.0
                 await self._pause(_POLL)
 
-        return _event_stream(appended())
+        return event_stream(appended())
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -537,11 +502,11 @@ class WebView:
                     name = env["record"].name
                     if shown.get(name) != env["log"]:
                         shown[name] = env["log"]
-                        yield _sse("log", {"env": name, "lines": env["log"]})
+                        yield sse("log", {"env": name, "lines": env["log"]})
                 yield ": keep-alive\n\n"
                 await self._pause(2.0)
 
-        return _event_stream(tails())
+        return event_stream(tails())
 
     async def env_action(
         self, request: Request, session: Session, form: dict[str, str]
@@ -602,13 +567,3 @@ def _status_of(run: AgentRun) -> dict[str, Any]:
         "exit": run.exit_code,
         "duration": views.duration_text(views.run_seconds(run)),
     }
-
-
-def _sse(event: str, data: Any) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
-
-
-def _event_stream(body: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        body, media_type="text/event-stream", headers={"x-accel-buffering": "no"}
-    )
