@@ -22,7 +22,11 @@ from tests.providers.e2b_support import envd_fixture, envd_server_fixture  # noq
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(params=PROVIDERS)
+#: daytona's checks go through its stand-in's containers (about 25 s): make test-long
+_PARAMS = [pytest.param(p, marks=pytest.mark.long) if p == "daytona" else p for p in PROVIDERS]
+
+
+@pytest.fixture(params=_PARAMS)
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> ContractTarget:
     return contract_target(request, request.param, tmp_path)
 

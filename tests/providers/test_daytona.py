@@ -30,7 +30,8 @@ from tests.providers.daytona_support import (  # noqa: F401  (fixtures)
     standin_config,
 )
 
-pytestmark = pytest.mark.timeout(240)
+# a Daytona stand-in over containers (about a minute in all): make test-long, which CI runs too
+pytestmark = [pytest.mark.timeout(240), pytest.mark.long]
 
 
 @pytest.fixture
