@@ -47,8 +47,10 @@ LABEL_ENV = "narrative-engine/env"
 ENV_MOUNT = "/var/run/narrative-env"
 """Where the environment Secret is mounted in the container (one file per spawn)."""
 TMP_MOUNT = "/tmp"
-KEEP_ALIVE = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"
-"""PID 1 of the container: idles, and ends at once on the SIGTERM of a pod deletion."""
+KEEP_ALIVE = "trap 'exit 0' TERM; sleep 2147483647 & wait $!"
+"""PID 1 of the container: a shell (which, unlike a bare ``sleep`` as PID 1, ends at once on
+the SIGTERM of a pod deletion) whose only child, its first, is one endless ``sleep``: the
+"command" that :data:`providers.proctree.SWEEP_SCRIPT` spares in ``init`` mode."""
 
 _LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 

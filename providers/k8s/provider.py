@@ -453,8 +453,9 @@ class K8sProvider(BaseProvider):
         return self.pods.run(pod, ["sh", "-c", ALIVE_SCRIPT, marker]).exit_code == 0
 
     def end_leftovers(self, resource_id: str) -> None:
-        """Kill every process in the pod's container but PID 1 (its keep-alive shell)."""
-        self._helper(resource_id, sweep_argv(False), "ending earlier runs' processes")
+        """Kill every process in the pod's container but PID 1 and its endless ``sleep``
+        (:data:`~providers.k8s.manifests.KEEP_ALIVE`)."""
+        self._helper(resource_id, sweep_argv(True), "ending earlier runs' processes")
 
     def read_spawn_log(
         self,
