@@ -104,6 +104,8 @@ class StandinApiServer:
         """Pod uid → its container id (set by the kubelet)."""
         self.created: list[dict[str, Any]] = []
         """Every object created, as sent (for schema assertions)."""
+        self.exec_commands: list[list[str]] = []
+        """The command line of every exec, in order."""
         self._version = 0
         self._exec_sockets: dict[int, Any] = {}
         self._watchers: list[tuple[str, str, Any, asyncio.Queue[dict[str, Any]]]] = []
@@ -298,6 +300,7 @@ class StandinApiServer:
         if pod is None or container is None:
             return _status(404, "NotFound", f"pod {request.match_info['name']} not running")
         command = request.query.getall("command")
+        self.exec_commands.append(list(command))
         want_stdin = request.query.get("stdin", "").lower() == "true"
         ws = web.WebSocketResponse(protocols=("v5.channel.k8s.io", "v4.channel.k8s.io"))
         await ws.prepare(request)
@@ -608,8 +611,10 @@ def write_kubeconfig(path: str, server: str) -> str:
     return path
 
 
-def standin_cluster(docker_api: Any, directory: str, label: str) -> Iterator[str]:
-    """Serve the stand-in with a kubelet; yields a kubeconfig path for it."""
+def standin_cluster(
+    docker_api: Any, directory: str, label: str
+) -> Iterator[tuple[str, StandinApiServer]]:
+    """Serve the stand-in with a kubelet; yields a kubeconfig path for it and the server."""
     from kubernetes import config
 
     server = StandinApiServer(docker_api)
@@ -620,7 +625,7 @@ def standin_cluster(docker_api: Any, directory: str, label: str) -> Iterator[str
     )
     kubelet.start()
     try:
-        yield kubeconfig
+        yield kubeconfig, server
     finally:
         kubelet.stop()
         server.stop()

@@ -22,6 +22,10 @@ REAL_CONTEXT = os.environ.get("NARRATIVE_K8S_CONTEXT")
 K8S_FOREIGN = ("docker:abc:def", "proc:1:2:" + "0" * 24, "e2b:1:" + "0" * 24, "k8s:short", "k8s:")
 
 
+STANDIN: list[Any] = []
+"""The stand-in API server of the session, while it serves (none on a real cluster)."""
+
+
 def k8s_unavailable(reason: str) -> None:
     if REQUIRE_K8S:
         pytest.fail(f"{reason} (NARRATIVE_REQUIRE_K8S=1 demands the k8s tests run)")
@@ -66,8 +70,10 @@ def k8s_config_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
         build_image(api, DEFAULT_IMAGE)
     directory = str(tmp_path_factory.mktemp("k8s"))
     try:
-        for kubeconfig in standin_cluster(api, directory, new_owner()):
+        for kubeconfig, server in standin_cluster(api, directory, new_owner()):
+            STANDIN.append(server)
             yield {"kubeconfig": kubeconfig, "image": DEFAULT_IMAGE, "grace_period": 2}
+            STANDIN.remove(server)
     finally:
         from providers.k8s.provider import close_clients
 

@@ -4,12 +4,16 @@ or a real cluster with ``NARRATIVE_K8S_CONTEXT`` (see :mod:`tests.providers.k8s_
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from narrative.store import Store
 from providers.contract import CHECKS, ContractTarget
 from tests.providers.k8s_support import K8S_FOREIGN, k8s_config_fixture  # noqa: F401
 
@@ -21,3 +25,35 @@ def test_contract(
     k8s_config: dict[str, Any], check: Callable[[ContractTarget, Path], None], tmp_path: Path
 ) -> None:
     check(ContractTarget("k8s", dict(k8s_config), foreign_handles=K8S_FOREIGN), tmp_path)
+
+
+def test_a_spawned_process_gets_its_token_from_the_secret_never_the_spec_or_a_command_line(
+    k8s_config: dict[str, Any], tmp_path: Path
+) -> None:
+    """The run token reaches the runtime through the environment's Secret (mounted in the pod),
+    is gone from the Secret once the process read it, and appears in no pod spec and no exec
+    command line the API server saw."""
+    from providers.manager import EnvironmentManager
+    from tests.providers.k8s_support import STANDIN
+
+    if not STANDIN:
+        pytest.skip("inspects the stand-in API server's records")
+    server = STANDIN[0]
+    token = "tok-" + uuid.uuid4().hex
+    (tmp_path / "ws").mkdir()
+    manager = EnvironmentManager(Store.init(str(tmp_path / "ws")))
+    record = manager.create("secret", "k8s", dict(k8s_config))
+    provider, rid = manager.provider(record), str(record.resource_id)
+    script = 'printf %s "$NARRATIVE_TOKEN" > got.txt'
+    handle = provider.spawn(rid, ["sh", "-c", script], env={"NARRATIVE_TOKEN": token})
+    deadline = time.monotonic() + 20
+    while provider.alive(rid, handle) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert provider.read_file(rid, "got.txt") == token.encode()
+    secret = server.objects[("secrets", "default", f"{rid}-env")]
+    assert not secret.get("data"), secret  # taken out once read
+    seen = json.dumps([server.created, server.exec_commands])
+    assert token not in seen
+    pod = server.objects[("pods", "default", rid)]
+    assert token not in json.dumps(pod)
+    manager.delete("secret")
