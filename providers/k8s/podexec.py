@@ -31,8 +31,7 @@ _WRAP = 'cd "$0" || exit 126\nexec env "$@"\n'
 """Runs ``env NAME=VALUE... argv`` in the workdir ($0)."""
 
 SPAWN_SCRIPT = r"""
-cd "$0" || exit 126
-m=$1; log=$2; envfile=$3; shift 3
+log=$1; envfile=$2; shift 2
 if [ -n "$envfile" ]; then
     i=0
     while [ ! -r "$envfile" ]; do
@@ -45,25 +44,32 @@ if [ -n "$envfile" ]; then
     done
     . "$envfile"
 fi
-export NARRATIVE_EXEC_ID="$m"
 [ -n "$log" ] || log=/dev/null
 setsid "$@" >>"$log" 2>&1 </dev/null &
-echo $! > "/tmp/narrative-spawn-$m.pid"
+echo $! > "/tmp/narrative-spawn-$NARRATIVE_EXEC_ID.pid"
 """
 """Starts ``argv`` detached (its own session, re-parented to PID 1 when this shell ends), after
 sourcing its environment from the mounted Secret file (waiting for the kubelet to project it),
-and records its pid. $0 workdir, $1 marker, $2 log file or "", $3 env file or ""."""
+and records its pid. $1 log file or "", $2 env file or "". Run through :func:`wrap` with the
+marker in its environment from the start: a child forked here carries it in
+``/proc/PID/environ`` before it execs the command (an ``export`` would not show there), so
+:data:`ALIVE_SCRIPT` never takes a process being started for one that ended."""
 
 ALIVE_SCRIPT = r"""
 m=$0
 pid=$(cat "/tmp/narrative-spawn-$m.pid" 2>/dev/null) || exit 1
-read -r line < "/proc/$pid/stat" 2>/dev/null || exit 1
-set -- ${line##*") "}
-[ "$1" = Z ] && exit 1
-grep -qzxF -- "NARRATIVE_EXEC_ID=$m" "/proc/$pid/environ" 2>/dev/null || exit 1
-exit 0
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+    read -r line < "/proc/$pid/stat" 2>/dev/null || exit 1
+    set -- ${line##*") "}
+    [ "$1" = Z ] && exit 1
+    grep -qzxF -- "NARRATIVE_EXEC_ID=$m" "/proc/$pid/environ" 2>/dev/null && exit 0
+    sleep 0.05
+done
+exit 1
 """
-"""Exit 0 when the spawned process of marker $0 runs (not a zombie, not a reused pid)."""
+"""Exit 0 when the spawned process of marker $0 runs (not a zombie, not a reused pid). Its
+``environ`` reads empty while it is in the middle of an ``execve`` (``setsid``, then the
+command): only a marker missing for half a second says the pid is another process's."""
 
 EMPTY_SCRIPT = 'for d; do find "$d" -mindepth 1 -maxdepth 1 -exec rm -rf {} + || exit 1; done'
 """Empties each directory given, keeping the directory."""

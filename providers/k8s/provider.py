@@ -422,11 +422,8 @@ class K8sProvider(BaseProvider):
             envfile = f"{manifests.ENV_MOUNT}/{key}"
         logfile = _SPAWN_LOG.format(marker=marker) if log_path is not None else ""
         try:
-            self.pods.quiet(
-                pod,
-                ["sh", "-c", SPAWN_SCRIPT, self.cfg.workdir, marker, logfile, envfile, *argv],
-                "spawn",
-            )
+            launcher = ["sh", "-c", SPAWN_SCRIPT, "spawn", logfile, envfile, *argv]
+            self.pods.quiet(pod, wrap(self.cfg.workdir, launcher, {MARKER_VAR: marker}), "spawn")
         finally:
             if env:
                 self._secret_data(resource_id, {key: None})
