@@ -57,3 +57,21 @@ def test_a_spawned_process_gets_its_token_from_the_secret_never_the_spec_or_a_co
     pod = server.objects[("pods", "default", rid)]
     assert token not in json.dumps(pod)
     manager.delete("secret")
+
+
+def test_a_process_stays_alive_while_it_execs(k8s_config: dict[str, Any], tmp_path: Path) -> None:
+    """``alive`` is never false for a process that is running but in the middle of an
+    ``execve`` (its ``/proc/PID/environ`` reads empty then): a hub would take its runtime for
+    one that exited before connecting."""
+    from providers.manager import EnvironmentManager
+
+    (tmp_path / "ws").mkdir()
+    manager = EnvironmentManager(Store.init(str(tmp_path / "ws")))
+    record = manager.create("execs", "k8s", dict(k8s_config))
+    provider, rid = manager.provider(record), str(record.resource_id)
+    # re-executes itself 3,000 times, then sleeps: one process, always running
+    script = 'n=$1; [ "$n" -lt 3000 ] && exec sh -c "$0" "$0" $((n+1)); exec sleep 2'
+    handle = provider.spawn(rid, ["sh", "-c", script, script, "0"])
+    probes = [provider.alive(rid, handle) for _ in range(40)]
+    assert all(probes), probes
+    manager.delete("execs")
