@@ -108,6 +108,7 @@ class StandinApiServer:
         """The command line of every exec, in order."""
         self._version = 0
         self._exec_sockets: dict[int, Any] = {}
+        self._watch_tasks: set[asyncio.Task[Any]] = set()
         self._watchers: list[tuple[str, str, Any, asyncio.Queue[dict[str, Any]]]] = []
         self.loop = asyncio.new_event_loop()
         self.port = 0
@@ -122,7 +123,12 @@ class StandinApiServer:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(30)
+        async def shutdown() -> None:
+            for task in list(self._watch_tasks):  # watches a client still holds open
+                task.cancel()
+            await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
@@ -143,7 +149,8 @@ class StandinApiServer:
             app.router.add_route("DELETE", base + "/{name}", self.delete)
         app.router.add_route("GET", "/api/v1/namespaces/{ns}/pods/{name}/exec", self.exec)
         app.router.add_route("POST", "/api/v1/namespaces/{ns}/pods/{name}/exec", self.exec)
-        runner = self._runner = web.AppRunner(app)
+        # a client that drops a watch ends its handler (else it would wait for its timeout)
+        runner = self._runner = web.AppRunner(app, handler_cancellation=True)
         self.loop.run_until_complete(runner.setup())
         site = web.SockSite(runner, self._listen())
         self.loop.run_until_complete(site.start())
@@ -276,6 +283,9 @@ class StandinApiServer:
             queue.put_nowait({"type": "ADDED", "object": copy.deepcopy(obj)})
         watcher = (plural, ns, request.query, queue)
         self._watchers.append(watcher)
+        task = asyncio.current_task()
+        assert task is not None
+        self._watch_tasks.add(task)
         response = web.StreamResponse()
         response.content_type = "application/json"
         await response.prepare(request)
@@ -292,6 +302,7 @@ class StandinApiServer:
             pass
         finally:
             self._watchers.remove(watcher)
+            self._watch_tasks.discard(task)
         return response
 
     async def exec(self, request: web.Request) -> web.StreamResponse:
