@@ -488,8 +488,11 @@ class TestKubelet:
         if meta.get("deletionTimestamp"):
             container = self.server.containers.get(uid)
             if container:
+                import docker.errors
+
                 grace = int(meta.get("deletionGracePeriodSeconds") or 0)
-                self.docker.stop(container, timeout=grace)
+                with contextlib.suppress(docker.errors.NotFound):  # removed behind our back
+                    self.docker.stop(container, timeout=grace)
             self.core.delete_namespaced_pod(meta["name"], meta["namespace"], grace_period_seconds=0)
             return
         if uid in self.server.kubelet_pods:
