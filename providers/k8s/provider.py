@@ -442,12 +442,20 @@ class K8sProvider(BaseProvider):
         self._helper(resource_id, signal_argv(marker, sig), f"signalling {handle}")
 
     def alive(self, resource_id: str, handle: str) -> bool:
+        """Whether the spawned process runs; :class:`ProviderUnavailable` when the probe itself
+        failed (the API server or the exec did not answer): a hub then waits, instead of taking
+        its runtime for one that ended."""
         marker = _parse_handle(handle)
         try:
             pod = self._live_pod(resource_id)
+            code = self.pods.run(pod, ["sh", "-c", ALIVE_SCRIPT, marker]).exit_code
         except ResourceGone:
             return False
-        return self.pods.run(pod, ["sh", "-c", ALIVE_SCRIPT, marker]).exit_code == 0
+        except ProviderError as exc:
+            raise ProviderUnavailable(f"cannot tell whether {handle} runs: {exc}") from exc
+        if code not in (0, 1):
+            raise ProviderUnavailable(f"cannot tell whether {handle} runs (probe exit {code})")
+        return code == 0
 
     def end_leftovers(self, resource_id: str) -> None:
         """Kill every process in the pod's container but PID 1 and its endless ``sleep``
