@@ -106,6 +106,8 @@ class StandinApiServer:
         """Every object created, as sent (for schema assertions)."""
         self.exec_commands: list[list[str]] = []
         """The command line of every exec, in order."""
+        self.exec_fails = False
+        """Refuse every exec (500), as an overloaded API server might."""
         self._version = 0
         self._exec_sockets: dict[int, Any] = {}
         self._watch_tasks: set[asyncio.Task[Any]] = set()
@@ -310,6 +312,8 @@ class StandinApiServer:
         container = self.containers.get(pod["metadata"]["uid"]) if pod else None
         if pod is None or container is None:
             return _status(404, "NotFound", f"pod {request.match_info['name']} not running")
+        if self.exec_fails:
+            return _status(500, "InternalError", "exec refused (a test asked for it)")
         command = request.query.getall("command")
         self.exec_commands.append(list(command))
         want_stdin = request.query.get("stdin", "").lower() == "true"

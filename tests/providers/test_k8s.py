@@ -75,3 +75,30 @@ def test_a_process_stays_alive_while_it_execs(k8s_config: dict[str, Any], tmp_pa
     probes = [provider.alive(rid, handle) for _ in range(40)]
     assert all(probes), probes
     manager.delete("execs")
+
+
+def test_a_probe_that_fails_is_not_taken_for_a_process_that_ended(
+    k8s_config: dict[str, Any], tmp_path: Path
+) -> None:
+    """When the exec of the liveness probe fails (API server overloaded), ``alive`` says it
+    cannot tell (``ProviderUnavailable``: a hub waits) rather than False (a hub fails the run
+    with "the runtime exited before connecting")."""
+    from providers.errors import ProviderUnavailable
+    from providers.manager import EnvironmentManager
+    from tests.providers.k8s_support import STANDIN
+
+    if not STANDIN:
+        pytest.skip("makes the stand-in API server refuse execs")
+    (tmp_path / "ws").mkdir()
+    manager = EnvironmentManager(Store.init(str(tmp_path / "ws")))
+    record = manager.create("probe", "k8s", dict(k8s_config))
+    provider, rid = manager.provider(record), str(record.resource_id)
+    handle = provider.spawn(rid, ["sleep", "30"])
+    STANDIN[0].exec_fails = True
+    try:
+        with pytest.raises(ProviderUnavailable):
+            provider.alive(rid, handle)
+    finally:
+        STANDIN[0].exec_fails = False
+    assert provider.alive(rid, handle)
+    manager.delete("probe")
