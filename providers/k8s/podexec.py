@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +25,8 @@ from ..proctree import signal_argv
 
 __all__ = ["ALIVE_SCRIPT", "EMPTY_SCRIPT", "SPAWN_SCRIPT", "PodExec", "new_marker", "wrap"]
 
+_OPEN_LOCK = threading.Lock()
+"""Serialises the opening of exec WebSockets (a few milliseconds each) on the exec client."""
 _GRACE = 5.0
 """Seconds to wait for a command's output to end once its processes were killed."""
 
@@ -98,19 +101,20 @@ class PodExec:
         from kubernetes.stream import stream
 
         try:
-            return stream(
-                self.core.connect_get_namespaced_pod_exec,
-                pod,
-                self.namespace,
-                command=argv,
-                container=self.container,
-                stderr=True,
-                stdin=stdin,
-                stdout=True,
-                tty=False,
-                _preload_content=False,
-                binary=True,
-            )
+            with _OPEN_LOCK:  # stream() swaps the client's call_api while it opens
+                return stream(
+                    self.core.connect_get_namespaced_pod_exec,
+                    pod,
+                    self.namespace,
+                    command=argv,
+                    container=self.container,
+                    stderr=True,
+                    stdin=stdin,
+                    stdout=True,
+                    tty=False,
+                    _preload_content=False,
+                    binary=True,
+                )
         except ApiException as exc:
             text = f"{exc.status} {exc.reason}"
             if exc.status == 404 or " 404" in str(exc.reason):

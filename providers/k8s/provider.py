@@ -61,18 +61,26 @@ _HANDLE = re.compile(r"k8s:([0-9a-f]{24})")
 _SPAWN_LOG = "/tmp/narrative-spawn-{marker}.log"
 
 
-_CLIENTS: dict[tuple[str | None, str | None], Any] = {}
+_CLIENTS: dict[tuple[str | None, str | None, str], Any] = {}
 """One client (and connection pool) per cluster configuration, shared by every provider
 instance of the process: a hub drives many environments of one cluster."""
 _CLIENTS_LOCK = threading.Lock()
 
 
-def api_client(cfg: K8sConfig) -> Any:
-    """The shared client of the configured cluster (:func:`new_api_client`)."""
-    key = (cfg.kubeconfig, cfg.context)
+def api_client(cfg: K8sConfig, purpose: str = "rest") -> Any:
+    """The shared client of the configured cluster (:func:`new_api_client`). Execs get a
+    client of their own (``purpose="exec"``): the client's ``stream()`` swaps the
+    ``call_api`` of the client it is given while it opens the WebSocket, which would send a
+    concurrent REST call of another thread down the WebSocket path."""
+    key = (cfg.kubeconfig, cfg.context, purpose)
     with _CLIENTS_LOCK:
         if key not in _CLIENTS:
-            _CLIENTS[key] = new_api_client(cfg)
+            rest = (cfg.kubeconfig, cfg.context, "rest")
+            if purpose != "rest" and rest in _CLIENTS:
+                configuration = _CLIENTS[rest].configuration
+                _CLIENTS[key] = _module("kubernetes.client").ApiClient(configuration)
+            else:
+                _CLIENTS[key] = new_api_client(cfg)
         return _CLIENTS[key]
 
 
@@ -182,7 +190,10 @@ class K8sProvider(BaseProvider):
 
     @property
     def pods(self) -> PodExec:
-        return PodExec(self.core, self.cfg.namespace)
+        """Commands in pods, through the exec client (see :func:`api_client`)."""
+        self.client  # noqa: B018 (the REST client first: the exec client shares its config)
+        core = _module("kubernetes.client").CoreV1Api(api_client(self.cfg, "exec"))
+        return PodExec(core, self.cfg.namespace)
 
     @property
     def _labels(self) -> dict[str, str]:
