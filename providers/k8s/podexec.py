@@ -49,7 +49,13 @@ if [ -n "$envfile" ]; then
 fi
 [ -n "$log" ] || log=/dev/null
 setsid "$@" >>"$log" 2>&1 </dev/null &
-echo $! > "/tmp/narrative-spawn-$NARRATIVE_EXEC_ID.pid"
+pid=$!
+start=-
+if read -r line < "/proc/$pid/stat" 2>/dev/null; then
+    set -- ${line##*") "}
+    start=${20}
+fi
+echo "$pid $start" > "/tmp/narrative-spawn-$NARRATIVE_EXEC_ID.pid"
 """
 """Starts ``argv`` detached (its own session, re-parented to PID 1 when this shell ends), after
 sourcing its environment from the mounted Secret file (waiting for the kubelet to project it),
@@ -59,20 +65,17 @@ marker in its environment from the start: a child forked here carries it in
 :data:`ALIVE_SCRIPT` never takes a process being started for one that ended."""
 
 ALIVE_SCRIPT = r"""
-m=$0
-pid=$(cat "/tmp/narrative-spawn-$m.pid" 2>/dev/null) || exit 1
-for _ in 1 2 3 4 5 6 7 8 9 10; do
-    read -r line < "/proc/$pid/stat" 2>/dev/null || exit 1
-    set -- ${line##*") "}
-    [ "$1" = Z ] && exit 1
-    grep -qzxF -- "NARRATIVE_EXEC_ID=$m" "/proc/$pid/environ" 2>/dev/null && exit 0
-    sleep 0.05
-done
-exit 1
+read -r pid start < "/tmp/narrative-spawn-$0.pid" 2>/dev/null || exit 1
+read -r line < "/proc/$pid/stat" 2>/dev/null || exit 1
+set -- ${line##*") "}
+[ "$1" = Z ] && exit 1
+[ "${20}" = "$start" ] || exit 1
+exit 0
 """
-"""Exit 0 when the spawned process of marker $0 runs (not a zombie, not a reused pid). Its
-``environ`` reads empty while it is in the middle of an ``execve`` (``setsid``, then the
-command): only a marker missing for half a second says the pid is another process's."""
+"""Exit 0 when the spawned process of marker $0 runs: its pid (recorded at spawn with its start
+time) is not a zombie and started when it did (so it is not a reused pid). Not its
+``environ``: the runtime makes itself non-dumpable (``keep_environment_private``), which makes
+that file unreadable, and it reads empty mid-``execve``."""
 
 EMPTY_SCRIPT = 'for d; do find "$d" -mindepth 1 -maxdepth 1 -exec rm -rf {} + || exit 1; done'
 """Empties each directory given, keeping the directory."""
