@@ -102,3 +102,27 @@ def test_a_probe_that_fails_is_not_taken_for_a_process_that_ended(
         STANDIN[0].exec_fails = False
     assert provider.alive(rid, handle)
     manager.delete("probe")
+
+
+def test_a_process_that_makes_itself_non_dumpable_stays_alive(
+    k8s_config: dict[str, Any], tmp_path: Path
+) -> None:
+    """The hub's runtime makes itself non-dumpable (its ``/proc/PID/environ`` then belongs to
+    root): ``alive`` must still see it run, or the hub fails the run as "exited before
+    connecting"."""
+    from providers.manager import EnvironmentManager
+
+    (tmp_path / "ws").mkdir()
+    manager = EnvironmentManager(Store.init(str(tmp_path / "ws")))
+    record = manager.create("private", "k8s", dict(k8s_config))
+    provider, rid = manager.provider(record), str(record.resource_id)
+    code = "import ctypes, time; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); time.sleep(20)"
+    handle = provider.spawn(rid, ["python3", "-c", code])
+    time.sleep(2)  # python is up and non-dumpable
+    assert [provider.alive(rid, handle) for _ in range(5)] == [True] * 5
+    provider.signal(rid, handle, "kill")
+    deadline = time.monotonic() + 20
+    while provider.alive(rid, handle):
+        assert time.monotonic() < deadline, "still alive after a kill"
+        time.sleep(0.2)
+    manager.delete("private")
