@@ -23,7 +23,15 @@ from ..base import ExecResult, OutputFn
 from ..errors import ExecFailed, ProviderError, ResourceGone
 from ..proctree import signal_argv
 
-__all__ = ["ALIVE_SCRIPT", "EMPTY_SCRIPT", "SPAWN_SCRIPT", "PodExec", "new_marker", "wrap"]
+__all__ = [
+    "ALIVE_SCRIPT",
+    "EMPTY_SCRIPT",
+    "SIGNAL_PID_SCRIPT",
+    "SPAWN_SCRIPT",
+    "PodExec",
+    "new_marker",
+    "wrap",
+]
 
 _OPEN_LOCK = threading.Lock()
 """Serialises the opening of exec WebSockets (a few milliseconds each) on the exec client."""
@@ -76,6 +84,18 @@ exit 0
 time) is not a zombie and started when it did (so it is not a reused pid). Not its
 ``environ``: the runtime makes itself non-dumpable (``keep_environment_private``), which makes
 that file unreadable, and it reads empty mid-``execve``."""
+
+SIGNAL_PID_SCRIPT = r"""
+m=$0; sig=$1
+read -r pid start < "/tmp/narrative-spawn-$m.pid" 2>/dev/null || exit 0
+read -r line < "/proc/$pid/stat" 2>/dev/null || exit 0
+set -- ${line##*") "}
+[ "${20}" = "$start" ] && kill -"$sig" "$pid" 2>/dev/null
+exit 0
+"""
+"""Sends SIGTERM or SIGKILL ($1) to the spawned process of marker $0 itself, by its recorded pid
+and start time: a non-dumpable process (the hub's runtime) hides the marker in its environ
+from :data:`providers.proctree.SIGNAL_SCRIPT`, which still finds its descendants."""
 
 EMPTY_SCRIPT = 'for d; do find "$d" -mindepth 1 -maxdepth 1 -exec rm -rf {} + || exit 1; done'
 """Empties each directory given, keeping the directory."""

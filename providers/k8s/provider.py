@@ -48,7 +48,15 @@ from ..proctree import MARKER_VAR, signal_argv, sweep_argv
 from ..shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
 from . import manifests
 from .config import K8sConfig
-from .podexec import ALIVE_SCRIPT, EMPTY_SCRIPT, SPAWN_SCRIPT, PodExec, new_marker, wrap
+from .podexec import (
+    ALIVE_SCRIPT,
+    EMPTY_SCRIPT,
+    SIGNAL_PID_SCRIPT,
+    SPAWN_SCRIPT,
+    PodExec,
+    new_marker,
+    wrap,
+)
 
 if TYPE_CHECKING:
     from narrative.models import Snapshot
@@ -450,6 +458,8 @@ class K8sProvider(BaseProvider):
         marker = _parse_handle(handle)
         if self._pod(resource_id) is None:
             return  # its processes died with the pod
+        by_pid = ["sh", "-c", SIGNAL_PID_SCRIPT, marker, "TERM" if sig == "term" else "KILL"]
+        self._helper(resource_id, by_pid, f"signalling {handle}")
         self._helper(resource_id, signal_argv(marker, sig), f"signalling {handle}")
 
     def alive(self, resource_id: str, handle: str) -> bool:
