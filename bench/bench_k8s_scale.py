@@ -12,9 +12,9 @@ private Docker engine, ``DOCKER_HOST``; the default image is built offline if mi
   and wait until it runs, then run the same command in each through ``pods/exec`` and read
   ``out.txt`` back, then delete each pod and claim and wait until it is gone.
 
-Measured here (2 shared vCPUs under other agents' load, one run each, see the README's
-Performance section): with 10 environments the anchor took 3.1 s, narrative 34.6 s (11x,
-target MISSED), of which the fan-out run 8.8 s; the hub's peak RSS 84 MB (target met). Most of
+Measured here (2 shared vCPUs under other agents' load, one run each): 50 environments,
+anchor 16.3 s, narrative 185.0 s (11.3x, target MISSED), of which the fan-out run 44.9 s, hub
+peak RSS 86 MB (target met); 10 environments: 3.1 s vs 34.6 s (11x), fan-out 8.8 s, 84 MB. Most of
 narrative's time is one CLI process per ``env create`` / ``env delete`` (Python start-up, store
 open, waiting for the pod), which the anchor does not pay: a bulk create/delete would be the fix.
 
