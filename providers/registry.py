@@ -35,6 +35,7 @@ _BUILTIN: dict[str, tuple[str, str | None]] = {
     "ssh": ("providers.ssh.provider:SSHProvider", "ssh"),
     "cloud-vm": ("providers.cloud.provider:CloudVMProvider", "cloud"),
     "hybrid": ("providers.hybrid:HybridProvider", None),
+    "k8s": ("providers.k8s.provider:K8sProvider", "k8s"),
 }
 _EXTRA: dict[str, tuple[str, str | None]] = {}
 _LOADED: dict[str, type[BaseProvider]] = {}

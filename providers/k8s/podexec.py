@@ -1,0 +1,234 @@
+"""Commands in an environment's pod through the ``pods/exec`` API (a WebSocket, channel
+protocol ``v5.channel.k8s.io``: stdin is closed by a close frame, so files and snapshots go in
+on stdin), and the shell scripts that run there.
+
+Every command carries a marker in its environment (:data:`providers.proctree.MARKER_VAR`),
+inherited by its children, so a timed-out command or a spawned tree is found and signalled
+wherever it was re-parented (:data:`providers.proctree.SIGNAL_SCRIPT`). The image needs a
+POSIX ``sh``, ``env``, ``setsid``, ``tar``, ``find``, ``grep`` and ``sleep``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from narrative.errors import InvalidInput
+
+from ..base import ExecResult, OutputFn
+from ..errors import ExecFailed, ProviderError, ResourceGone
+from ..proctree import signal_argv
+
+__all__ = [
+    "ALIVE_SCRIPT",
+    "EMPTY_SCRIPT",
+    "SIGNAL_PID_SCRIPT",
+    "SPAWN_SCRIPT",
+    "PodExec",
+    "new_marker",
+    "wrap",
+]
+
+_OPEN_LOCK = threading.Lock()
+"""Serialises the opening of exec WebSockets (a few milliseconds each) on the exec client."""
+_GRACE = 5.0
+"""Seconds to wait for a command's output to end once its processes were killed."""
+
+_WRAP = 'cd "$0" || exit 126\nexec env "$@"\n'
+"""Runs ``env NAME=VALUE... argv`` in the workdir ($0)."""
+
+SPAWN_SCRIPT = r"""
+log=$1; envfile=$2; shift 2
+if [ -n "$envfile" ]; then
+    i=0
+    while [ ! -r "$envfile" ]; do
+        i=$((i + 1))
+        if [ "$i" -gt 1800 ]; then
+            echo "the spawned process's environment never reached the pod ($envfile)" >&2
+            exit 125
+        fi
+        sleep 0.1
+    done
+    . "$envfile"
+fi
+[ -n "$log" ] || log=/dev/null
+setsid "$@" >>"$log" 2>&1 </dev/null &
+pid=$!
+start=-
+if read -r line < "/proc/$pid/stat" 2>/dev/null; then
+    set -- ${line##*") "}
+    start=${20}
+fi
+echo "$pid $start" > "/tmp/narrative-spawn-$NARRATIVE_EXEC_ID.pid"
+"""
+"""Starts ``argv`` detached (its own session, re-parented to PID 1 when this shell ends), after
+sourcing its environment from the mounted Secret file (waiting for the kubelet to project it),
+and records its pid. $1 log file or "", $2 env file or "". Run through :func:`wrap` with the
+marker in its environment from the start: a child forked here carries it in
+``/proc/PID/environ`` before it execs the command (an ``export`` would not show there), so
+:data:`ALIVE_SCRIPT` never takes a process being started for one that ended."""
+
+ALIVE_SCRIPT = r"""
+read -r pid start < "/tmp/narrative-spawn-$0.pid" 2>/dev/null || exit 1
+read -r line < "/proc/$pid/stat" 2>/dev/null || exit 1
+set -- ${line##*") "}
+[ "$1" = Z ] && exit 1
+[ "${20}" = "$start" ] || exit 1
+exit 0
+"""
+"""Exit 0 when the spawned process of marker $0 runs: its pid (recorded at spawn with its start
+time) is not a zombie and started when it did (so it is not a reused pid). Not its
+``environ``: the runtime makes itself non-dumpable (``keep_environment_private``), which makes
+that file unreadable, and it reads empty mid-``execve``."""
+
+SIGNAL_PID_SCRIPT = r"""
+m=$0; sig=$1
+read -r pid start < "/tmp/narrative-spawn-$m.pid" 2>/dev/null || exit 0
+read -r line < "/proc/$pid/stat" 2>/dev/null || exit 0
+set -- ${line##*") "}
+[ "${20}" = "$start" ] && kill -"$sig" "$pid" 2>/dev/null
+exit 0
+"""
+"""Sends SIGTERM or SIGKILL ($1) to the spawned process of marker $0 itself, by its recorded pid
+and start time: a non-dumpable process (the hub's runtime) hides the marker in its environ
+from :data:`providers.proctree.SIGNAL_SCRIPT`, which still finds its descendants."""
+
+EMPTY_SCRIPT = 'for d; do find "$d" -mindepth 1 -maxdepth 1 -exec rm -rf {} + || exit 1; done'
+"""Empties each directory given, keeping the directory."""
+
+
+def wrap(workdir: str, argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """``argv`` run in ``workdir`` with ``env`` added (values on the exec's command line: only
+    for what is not secret; a spawn's environment goes through the Secret)."""
+    if not argv:
+        raise InvalidInput("empty command")
+    if "=" in argv[0]:
+        raise InvalidInput(f"a program name cannot hold '=': {argv[0]!r}")
+    return ["sh", "-c", _WRAP, workdir, *(f"{k}={v}" for k, v in env.items()), *argv]
+
+
+class PodExec:
+    """Runs commands in one container of a pod through the exec WebSocket."""
+
+    def __init__(self, core: Any, namespace: str, container: str = "env") -> None:
+        self.core = core
+        self.namespace = namespace
+        self.container = container
+
+    def _open(self, pod: str, argv: list[str], stdin: bool) -> Any:
+        from kubernetes.client.exceptions import ApiException
+        from kubernetes.stream import stream
+
+        try:
+            with _OPEN_LOCK:  # stream() swaps the client's call_api while it opens
+                return stream(
+                    self.core.connect_get_namespaced_pod_exec,
+                    pod,
+                    self.namespace,
+                    command=argv,
+                    container=self.container,
+                    stderr=True,
+                    stdin=stdin,
+                    stdout=True,
+                    tty=False,
+                    _preload_content=False,
+                    binary=True,
+                )
+        except ApiException as exc:
+            text = f"{exc.status} {exc.reason}"
+            if exc.status == 404 or " 404" in str(exc.reason):
+                raise ResourceGone(pod) from exc
+            raise ExecFailed(f"cannot run {argv[-1]!r} in pod {pod}: {text}") from exc
+
+    def run(
+        self,
+        pod: str,
+        argv: list[str],
+        *,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        on_output: OutputFn | None = None,
+        kill_marker: str | None = None,
+        max_stdout: int | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` (already wrapped) to completion, streaming its output; on timeout, the
+        processes carrying ``kill_marker`` are killed."""
+        client = self._open(pod, argv, stdin is not None)
+        out, err = bytearray(), bytearray()
+        timed_out = False
+        try:
+            if stdin is not None:
+                view = memoryview(stdin)
+                for start in range(0, len(view), 1 << 20):
+                    client.write_stdin(bytes(view[start : start + (1 << 20)]))
+                client.close_channel(0)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while client.is_open():
+                wait = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+                client.update(timeout=wait)
+                self._drain(client, out, err, on_output)
+                if max_stdout is not None and len(out) > max_stdout:
+                    raise InvalidInput(f"the pod's output exceeds the limit of {max_stdout} bytes")
+                if deadline is not None and time.monotonic() >= deadline and not timed_out:
+                    timed_out = True
+                    if kill_marker is not None:
+                        self.run(pod, signal_argv(kill_marker, "kill"), timeout=_GRACE * 4)
+                    deadline = time.monotonic() + _GRACE
+                elif timed_out and deadline is not None and time.monotonic() >= deadline:
+                    break
+            self._drain(client, out, err, on_output)
+            code = -1 if timed_out else _exit_code(client, argv)
+        finally:
+            client.close()
+            # after the server's close frame, close() returns early: the socket stays open
+            if getattr(client, "sock", None) is not None:
+                client.sock.shutdown()
+        return ExecResult(code, bytes(out), bytes(err), timed_out)
+
+    @staticmethod
+    def _drain(client: Any, out: bytearray, err: bytearray, on_output: OutputFn | None) -> None:
+        for channel, name, sink in ((1, "stdout", out), (2, "stderr", err)):
+            chunk = (
+                client.read_channel(channel, timeout=0) if client.peek_channel(channel, 0) else b""
+            )
+            if chunk:
+                sink.extend(chunk)
+                if on_output is not None:
+                    on_output(name, bytes(chunk))
+
+    def quiet(self, pod: str, argv: list[str], what: str, stdin: bytes | None = None) -> bytes:
+        """Run a helper command; its stdout, or a :class:`ProviderError` naming ``what``."""
+        result = self.run(pod, argv, stdin=stdin)
+        if result.exit_code != 0:
+            detail = (result.stderr or result.stdout).decode(errors="replace").strip()
+            raise ProviderError(
+                f"{what} failed in pod {pod}: {detail or f'exit {result.exit_code}'}"
+            )
+        return result.stdout
+
+
+def _exit_code(client: Any, argv: list[str]) -> int:
+    """The exit code the status channel (3) reports; ``ExecFailed`` when it could not start."""
+    raw = client.read_channel(3, timeout=0) if client.peek_channel(3, 0) else b""
+    if not raw:
+        return -1
+    try:
+        status = json.loads(raw)
+    except ValueError:
+        return -1
+    if status.get("status") == "Success":
+        return 0
+    causes = (status.get("details") or {}).get("causes") or []
+    for cause in causes:
+        if cause.get("reason") == "ExitCode":
+            return int(cause.get("message", -1))
+    raise ExecFailed(f"cannot run {argv[-1]!r}: {status.get('message') or status}")
+
+
+def new_marker() -> str:
+    """A fresh process-tree marker."""
+    return secrets.token_hex(12)

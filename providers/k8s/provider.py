@@ -1,0 +1,606 @@
+"""The ``k8s`` provider: one pod per environment, through the official ``kubernetes`` client.
+
+The resource id is the name shared by the environment's objects (:mod:`.manifests`): its
+workspace claim (the root, kept across stop and start), its pod (made by :meth:`start`, deleted
+with its grace period, SIGTERM first, by :meth:`stop`), its Secret and NetworkPolicy. Deleting
+the claim deletes the rest through their ``ownerReferences``. The pod's phase and conditions are
+followed with the watch API while it starts, and a pod that does not run says why (the
+scheduler's reason: unschedulable, quota; the kubelet's: image pull back-off).
+
+Commands, files and snapshots go through the ``pods/exec`` API (:mod:`.podexec`): files and
+snapshots as tar on stdin and stdout. The runtime a hub spawns dials the hub over TCP at its
+advertised URL (``narrative hub serve --advertise-url``); the run token travels in the
+environment's Secret, which the pod mounts, never in the pod spec or on a command line.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import logging
+import re
+import shlex
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from narrative.errors import InvalidInput
+
+from ..base import (
+    SPAWN_LOG_LIMIT,
+    BaseProvider,
+    ExecResult,
+    Health,
+    OutputFn,
+    ProviderConfig,
+    ProviderContext,
+    Signal,
+    SpawnLog,
+    check_relative_path,
+    tail_start,
+)
+from ..errors import ProviderError, ProviderUnavailable, ResourceGone
+from ..proctree import MARKER_VAR, signal_argv, sweep_argv
+from ..shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
+from . import manifests
+from .config import K8sConfig
+from .podexec import (
+    ALIVE_SCRIPT,
+    EMPTY_SCRIPT,
+    SIGNAL_PID_SCRIPT,
+    SPAWN_SCRIPT,
+    PodExec,
+    new_marker,
+    wrap,
+)
+
+if TYPE_CHECKING:
+    from narrative.models import Snapshot
+
+__all__ = ["K8sProvider", "api_client", "close_clients", "new_api_client"]
+
+log = logging.getLogger(__name__)
+
+_HANDLE = re.compile(r"k8s:([0-9a-f]{24})")
+_SPAWN_LOG = "/tmp/narrative-spawn-{marker}.log"
+
+
+_CLIENTS: dict[tuple[str | None, str | None, str], Any] = {}
+"""One client (and connection pool) per cluster configuration, shared by every provider
+instance of the process: a hub drives many environments of one cluster."""
+_CLIENTS_LOCK = threading.Lock()
+
+
+def api_client(cfg: K8sConfig, purpose: str = "rest") -> Any:
+    """The shared client of the configured cluster (:func:`new_api_client`). Execs get a
+    client of their own (``purpose="exec"``): the client's ``stream()`` swaps the
+    ``call_api`` of the client it is given while it opens the WebSocket, which would send a
+    concurrent REST call of another thread down the WebSocket path."""
+    key = (cfg.kubeconfig, cfg.context, purpose)
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            rest = (cfg.kubeconfig, cfg.context, "rest")
+            if purpose != "rest" and rest in _CLIENTS:
+                configuration = _CLIENTS[rest].configuration
+                _CLIENTS[key] = _module("kubernetes.client").ApiClient(configuration)
+            else:
+                _CLIENTS[key] = new_api_client(cfg)
+        return _CLIENTS[key]
+
+
+def close_clients() -> None:
+    """Close the shared clients (their connection pools)."""
+    with _CLIENTS_LOCK:
+        for client in _CLIENTS.values():
+            client.close()
+        _CLIENTS.clear()
+
+
+def new_api_client(cfg: K8sConfig) -> Any:
+    """A client for the configured cluster: the kubeconfig (and context) given, else the
+    in-cluster config inside a pod, else the usual kubeconfig discovery."""
+    client, config = _module("kubernetes.client"), _module("kubernetes.config")
+    try:
+        if cfg.kubeconfig is None and cfg.context is None:
+            try:
+                configuration = client.Configuration()
+                config.load_incluster_config(client_configuration=configuration)
+                return client.ApiClient(configuration)
+            except config.ConfigException:
+                pass
+        return config.new_client_from_config(config_file=cfg.kubeconfig, context=cfg.context)
+    except (config.ConfigException, OSError, ValueError) as exc:
+        raise ProviderUnavailable(f"k8s: no usable cluster configuration: {exc}") from exc
+
+
+@contextmanager
+def api_errors(op: str, name: str = "") -> Iterator[None]:
+    """Translate the client's errors: 404 → :class:`ResourceGone`, others → ProviderError."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        yield
+    except ApiException as exc:
+        if exc.status == 404 and name:
+            raise ResourceGone(name) from exc
+        detail = exc.reason
+        try:
+            import json
+
+            detail = json.loads(exc.body or "{}").get("message") or detail
+        except ValueError:
+            pass
+        raise ProviderError(f"k8s {op} {name}: {exc.status} {detail}".replace("  ", " ")) from exc
+    except (HTTPError, OSError) as exc:
+        raise ProviderError(f"k8s {op} {name}: the API server does not answer: {exc}") from exc
+
+
+def _parse_handle(handle: str) -> str:
+    match = _HANDLE.fullmatch(handle)
+    if match is None:
+        raise InvalidInput(f"not a process handle of the k8s provider: {handle!r}")
+    return match.group(1)
+
+
+class K8sProvider(BaseProvider):
+    """One pod per environment on a Kubernetes cluster; the resource id is the objects' name."""
+
+    name: ClassVar[str] = "k8s"
+    category = "cloud"
+    capabilities: ClassVar[frozenset[str]] = frozenset({"k8s", "isolation", "exec", "files"})
+    config_model: ClassVar[type[ProviderConfig]] = K8sConfig
+    preference: ClassVar[int] = 70
+
+    def __init__(self, context: ProviderContext, config: ProviderConfig) -> None:
+        if not isinstance(config, K8sConfig):
+            raise InvalidInput(f"k8s provider needs a K8sConfig, not {type(config).__name__}")
+        super().__init__(context, config)
+        self.cfg: K8sConfig = config
+        self._client: Any = None
+
+    @classmethod
+    def capabilities_for(cls, config: ProviderConfig) -> frozenset[str]:
+        extra = set(config.capabilities) if isinstance(config, K8sConfig) else set()
+        if isinstance(config, K8sConfig) and config.resources.gpu:
+            extra.add("gpu")
+        return cls.capabilities | extra
+
+    @classmethod
+    def resource_config(cls, resources: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """cpus → a CPU limit, memory → a memory limit, disk → the workspace claim's size."""
+        res: dict[str, Any] = {}
+        if "cpus" in resources:
+            res["cpu_limit"] = str(resources["cpus"])
+        if "memory" in resources:
+            res["memory_limit"] = str(resources["memory"])
+        config: dict[str, Any] = {"resources": res} if res else {}
+        if "disk" in resources:
+            config["workspace_size"] = str(resources["disk"])
+        return config, sorted(k for k in resources if k not in ("cpus", "memory", "disk"))
+
+    # -- connection -----------------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        """The API client, connected on first use."""
+        if self._client is None:
+            self._client = api_client(self.cfg)
+        return self._client
+
+    @property
+    def core(self) -> Any:
+        return _module("kubernetes.client").CoreV1Api(self.client)
+
+    @property
+    def pods(self) -> PodExec:
+        """Commands in pods, through the exec client (see :func:`api_client`)."""
+        self.client  # noqa: B018 (the REST client first: the exec client shares its config)
+        core = _module("kubernetes.client").CoreV1Api(api_client(self.cfg, "exec"))
+        return PodExec(core, self.cfg.namespace)
+
+    @property
+    def _labels(self) -> dict[str, str]:
+        return manifests.object_labels(self.context.owner, self.context.env_id, self.cfg.labels)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def create(self) -> str:
+        """The workspace claim, then the Secret and NetworkPolicy it owns (the pod comes with
+        :meth:`start`)."""
+        client = _module("kubernetes.client")
+        cfg, name, labels = self.cfg, manifests.object_name(self.context.env_id), self._labels
+        with api_errors("create", name):
+            claim = self.core.create_namespaced_persistent_volume_claim(
+                cfg.namespace, manifests.claim_manifest(name, cfg, labels)
+            )
+        owner = manifests.owner_reference("PersistentVolumeClaim", name, claim.metadata.uid)
+        with api_errors("create", name):
+            self.core.create_namespaced_secret(
+                cfg.namespace, manifests.secret_manifest(name, cfg, labels, owner)
+            )
+            client.NetworkingV1Api(self.client).create_namespaced_network_policy(
+                cfg.namespace, manifests.network_policy_manifest(name, cfg, labels, owner)
+            )
+        log.debug("created k8s environment %s for %s", name, self.context.env_name)
+        return str(name)
+
+    def _claim(self, name: str) -> Any:
+        with api_errors("read", name):
+            claim = self.core.read_namespaced_persistent_volume_claim(name, self.cfg.namespace)
+        if claim.metadata.deletion_timestamp is not None:
+            raise ResourceGone(name)
+        return claim
+
+    def _pod(self, name: str) -> dict[str, Any] | None:
+        try:
+            with api_errors("read", name):
+                pod = self.core.read_namespaced_pod(name, self.cfg.namespace)
+        except ResourceGone:
+            return None
+        return dict(self.client.sanitize_for_serialization(pod))
+
+    def start(self, resource_id: str) -> None:
+        """Create the pod (unless one runs already) and wait, watching it, until it runs."""
+        claim = self._claim(resource_id)
+        pod = self._pod(resource_id)
+        if pod is not None and manifests.pod_state(pod).state in ("error", "not_available"):
+            self._delete_pod(resource_id, 0)
+            pod = None
+        if pod is None:
+            owner = manifests.owner_reference(
+                "PersistentVolumeClaim", resource_id, claim.metadata.uid
+            )
+            manifest = manifests.pod_manifest(resource_id, self.cfg, self._labels, owner)
+            with api_errors("start", resource_id):
+                self.core.create_namespaced_pod(self.cfg.namespace, manifest)
+        self._wait_pod(resource_id, self._running, "run", self.cfg.start_timeout)
+
+    @staticmethod
+    def _running(pod: dict[str, Any] | None, name: str) -> bool:
+        if pod is None:
+            raise ProviderError(f"pod {name} vanished while starting")
+        state = manifests.pod_state(pod)
+        if state.state in ("error", "not_available"):
+            raise ProviderError(f"pod {name} does not run: {state.state}: {state.reason}")
+        return state.state == "running"
+
+    def _wait_pod(
+        self,
+        name: str,
+        done: Callable[[dict[str, Any] | None, str], bool],
+        what: str,
+        timeout: float,
+    ) -> None:
+        """Follow the pod with the watch API until ``done`` (given the pod, None once
+        deleted); the last reason it gave when the time is up."""
+        watch = _module("kubernetes.watch")
+        deadline = time.monotonic() + timeout
+        pod = self._pod(name)
+        last = ""
+        while not done(pod, name):
+            if pod is not None:
+                last = manifests.pod_state(pod).reason or last
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProviderError(
+                    f"pod {name} did not {what} within {timeout:g}s{': ' + last if last else ''}"
+                )
+            events = watch.Watch().stream(
+                self.core.list_namespaced_pod,
+                self.cfg.namespace,
+                field_selector=f"metadata.name={name}",
+                timeout_seconds=max(1, int(min(remaining, 30))),
+                _request_timeout=min(remaining, 30) + 5,
+            )
+            with api_errors("watch", name), contextlib.closing(events):
+                for event in events:
+                    obj = self.client.sanitize_for_serialization(event["object"])
+                    pod = None if event["type"] == "DELETED" else dict(obj)
+                    if done(pod, name):
+                        return
+                    if pod is not None:
+                        last = manifests.pod_state(pod).reason or last
+            pod = self._pod(name)
+
+    def _delete_pod(self, name: str, grace: int) -> None:
+        """Delete the pod (SIGTERM, then SIGKILL after ``grace`` seconds) and wait until gone."""
+        client = _module("kubernetes.client")
+        try:
+            with api_errors("delete", name):
+                self.core.delete_namespaced_pod(
+                    name,
+                    self.cfg.namespace,
+                    body=client.V1DeleteOptions(grace_period_seconds=grace),
+                )
+        except ResourceGone:
+            return
+        self._wait_pod(name, lambda pod, _name: pod is None, "end", grace + 60)
+
+    def stop(self, resource_id: str) -> None:
+        """Delete the pod with its grace period; the workspace claim stays."""
+        self._claim(resource_id)
+        self._delete_pod(resource_id, self.cfg.grace_period)
+
+    def delete(self, resource_id: str) -> None:
+        """Delete the pod (with its grace period) and the claim, whose dependents the garbage
+        collector removes. Idempotent."""
+        client = _module("kubernetes.client")
+        self._delete_pod(resource_id, self.cfg.grace_period)
+        try:
+            with api_errors("delete", resource_id):
+                self.core.delete_namespaced_persistent_volume_claim(
+                    resource_id,
+                    self.cfg.namespace,
+                    body=client.V1DeleteOptions(propagation_policy="Background"),
+                )
+        except ResourceGone:
+            pass
+
+    def reconnect(self, resource_id: str) -> None:
+        claim = self._claim(resource_id)
+        labels = claim.metadata.labels or {}
+        if labels.get(manifests.LABEL_ENV) != manifests.label_value(self.context.env_id):
+            raise ResourceGone(resource_id)
+
+    def health(self, resource_id: str) -> Health:
+        """GONE without the claim, UNREACHABLE while its pod does not run (stopped, starting,
+        node lost); with a ``runtime`` configured, the runtime's import check too."""
+        try:
+            self._claim(resource_id)
+            pod = self._pod(resource_id)
+        except ResourceGone:
+            return Health.GONE
+        except ProviderError:
+            return Health.UNREACHABLE
+        if pod is None or manifests.pod_state(pod).state != "running":
+            return Health.UNREACHABLE
+        if self.cfg.runtime:
+            self.check_runtime(resource_id)
+        return Health.OK
+
+    def list_resources(self) -> list[str]:
+        """The environments' claims labelled with this store's owner; none when no cluster is
+        configured at all (a sweep with the default config on a machine without one)."""
+        try:
+            if self._client is None:
+                self._client = api_client(self.cfg)
+        except ProviderUnavailable as exc:
+            log.debug("no k8s cluster to sweep: %s", exc)
+            return []
+        selector = f"{manifests.LABEL_OWNER}={manifests.label_value(self.context.owner)}"
+        with api_errors("list"):
+            claims = self.core.list_namespaced_persistent_volume_claim(
+                self.cfg.namespace, label_selector=selector
+            )
+        return sorted(
+            str(c.metadata.name) for c in claims.items if c.metadata.deletion_timestamp is None
+        )
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def _live_pod(self, resource_id: str) -> str:
+        """The pod's name if it can run commands (``ResourceGone`` when it is being deleted)."""
+        pod = self._pod(resource_id)
+        if pod is None or (pod.get("metadata") or {}).get("deletionTimestamp"):
+            raise ResourceGone(resource_id)
+        return resource_id
+
+    def exec(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputFn | None = None,
+    ) -> ExecResult:
+        marker = new_marker()
+        command = wrap(self.cfg.workdir, argv, {**(env or {}), MARKER_VAR: marker})
+        return self.pods.run(
+            self._live_pod(resource_id),
+            command,
+            timeout=timeout,
+            on_output=on_output,
+            kill_marker=marker,
+        )
+
+    def _helper(
+        self, resource_id: str, argv: list[str], what: str, stdin: bytes | None = None
+    ) -> bytes:
+        return self.pods.quiet(self._live_pod(resource_id), argv, what, stdin)
+
+    def spawn(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> str:
+        """Start ``argv`` detached in the workdir; its environment goes through the
+        environment's Secret (mounted in the pod), so a run token is never on a command line or
+        in the pod spec, and is taken out of the Secret once the process read it. The output
+        goes to ``/tmp/narrative-spawn-<marker>.log`` in the pod with ``log_path`` (read by
+        :meth:`read_spawn_log`), else nowhere. The handle is ``k8s:<marker>``."""
+        if not argv:
+            raise InvalidInput("empty command")
+        pod = self._live_pod(resource_id)
+        marker = new_marker()
+        key = f"spawn-{marker}"
+        envfile = ""
+        if env:
+            script = "".join(
+                f"export {k}={shlex.quote(v)}\n" for k, v in env.items() if _name_ok(k)
+            )
+            self._secret_data(resource_id, {key: base64.b64encode(script.encode()).decode()})
+            envfile = f"{manifests.ENV_MOUNT}/{key}"
+        logfile = _SPAWN_LOG.format(marker=marker) if log_path is not None else ""
+        try:
+            launcher = ["sh", "-c", SPAWN_SCRIPT, "spawn", logfile, envfile, *argv]
+            self.pods.quiet(pod, wrap(self.cfg.workdir, launcher, {MARKER_VAR: marker}), "spawn")
+        finally:
+            if env:
+                self._secret_data(resource_id, {key: None})
+        return f"k8s:{marker}"
+
+    def _secret_data(self, resource_id: str, data: Mapping[str, str | None]) -> None:
+        """Add (or with None, remove) keys of the environment's Secret (a JSON merge patch)."""
+        name = manifests.env_secret_name(resource_id)
+        with api_errors("update", name):
+            self.core.patch_namespaced_secret(name, self.cfg.namespace, {"data": dict(data)})
+
+    def signal(self, resource_id: str, handle: str, sig: Signal) -> None:
+        marker = _parse_handle(handle)
+        if self._pod(resource_id) is None:
+            return  # its processes died with the pod
+        by_pid = ["sh", "-c", SIGNAL_PID_SCRIPT, marker, "TERM" if sig == "term" else "KILL"]
+        self._helper(resource_id, by_pid, f"signalling {handle}")
+        self._helper(resource_id, signal_argv(marker, sig), f"signalling {handle}")
+
+    def alive(self, resource_id: str, handle: str) -> bool:
+        """Whether the spawned process runs; :class:`ProviderUnavailable` when the probe itself
+        failed (the API server or the exec did not answer): a hub then waits, instead of taking
+        its runtime for one that ended."""
+        marker = _parse_handle(handle)
+        try:
+            pod = self._live_pod(resource_id)
+            code = self.pods.run(pod, ["sh", "-c", ALIVE_SCRIPT, marker]).exit_code
+        except ResourceGone:
+            return False
+        except ProviderError as exc:
+            raise ProviderUnavailable(f"cannot tell whether {handle} runs: {exc}") from exc
+        if code not in (0, 1):
+            raise ProviderUnavailable(f"cannot tell whether {handle} runs (probe exit {code})")
+        return code == 0
+
+    def end_leftovers(self, resource_id: str) -> None:
+        """Kill every process in the pod's container but PID 1 and its endless ``sleep``
+        (:data:`~providers.k8s.manifests.KEEP_ALIVE`)."""
+        self._helper(resource_id, sweep_argv(True), "ending earlier runs' processes")
+
+    def read_spawn_log(
+        self,
+        resource_id: str,
+        handle: str,
+        *,
+        log_path: str | None = None,
+        since: int = 0,
+        limit: int = SPAWN_LOG_LIMIT,
+    ) -> SpawnLog:
+        """The end of ``/tmp/narrative-spawn-<marker>.log`` in the pod; empty when there is
+        none (or no pod)."""
+        path = _SPAWN_LOG.format(marker=_parse_handle(handle))
+        try:
+            pod = self._live_pod(resource_id)
+            size_out = self.pods.run(pod, ["sh", "-c", 'wc -c < "$0"', path])
+            if size_out.exit_code != 0:
+                return SpawnLog(0, b"")
+            size = int(size_out.stdout.strip() or 0)
+            start = tail_start(size, since, limit)
+            data = self.pods.run(
+                pod,
+                [
+                    "sh",
+                    "-c",
+                    'tail -c +"$1" "$0" | head -c "$2"',
+                    path,
+                    str(start + 1),
+                    str(size - start),
+                ],
+            ).stdout
+        except (ProviderError, ValueError) as exc:
+            log.debug("no spawn log %s in %s: %s", path, resource_id, exc)
+            return SpawnLog(0, b"")
+        return SpawnLog(start + len(data), data)
+
+    runtime_hint: ClassVar[str] = (
+        "the image needs Python 3.11+ with narrative-engine installed (docker/Dockerfile), "
+        "or name the CLI in it with --config runtime=..."
+    )
+
+    def runtime_command(self) -> list[str]:
+        return list(self.cfg.runtime) if self.cfg.runtime else ["narrative"]
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def read_file(self, resource_id: str, path: str) -> bytes:
+        rel = check_relative_path(path)
+        return self._helper(
+            resource_id, wrap(self.cfg.workdir, ["cat", "--", rel], {}), f"reading {rel}"
+        )
+
+    def write_file(self, resource_id: str, path: str, data: bytes) -> None:
+        rel = check_relative_path(path)
+        script = 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"'
+        argv = wrap(self.cfg.workdir, ["sh", "-c", script, "sh", rel], {})
+        self._helper(resource_id, argv, f"writing {rel}", stdin=data)
+
+    def delete_file(self, resource_id: str, path: str) -> None:
+        rel = check_relative_path(path)
+        self._helper(
+            resource_id, wrap(self.cfg.workdir, ["rm", "-f", "--", rel], {}), f"deleting {rel}"
+        )
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def _empty(self, resource_id: str, directories: list[str]) -> None:
+        self._helper(resource_id, ["sh", "-c", EMPTY_SCRIPT, "sh", *directories], "emptying")
+
+    def restore(self, resource_id: str, snapshot: Snapshot) -> None:
+        self._empty(resource_id, [self.cfg.workdir])
+        self._put_snapshot(resource_id, snapshot)
+
+    def reset(self, resource_id: str, snapshot: Snapshot | None) -> None:
+        """Empty the workdir and ``/tmp``, then restore ``snapshot``."""
+        self._empty(resource_id, [self.cfg.workdir, manifests.TMP_MOUNT])
+        if snapshot is not None:
+            self._put_snapshot(resource_id, snapshot)
+
+    def _put_snapshot(self, resource_id: str, snapshot: Snapshot) -> None:
+        store = self.context.store
+        with tempfile.TemporaryFile(dir=f"{store.git_dir}/narrative/tmp") as spool:
+            write_snapshot_tar(store, snapshot, spool)
+            spool.seek(0)
+            archive = spool.read()
+        argv = ["tar", "-C", self.cfg.workdir, "--no-same-owner", "-xf", "-"]
+        self._helper(resource_id, argv, "restoring", stdin=archive)
+
+    def collect(
+        self, resource_id: str, thread_id: str, run_id: str | None, message: str
+    ) -> Snapshot:
+        limit = min(self.cfg.max_collect_bytes, self.cfg.max_result_bytes)
+        pod = self._live_pod(resource_id)
+        result = self.pods.run(
+            pod, ["tar", "-C", self.cfg.workdir, "-cf", "-", "."], max_stdout=limit + (1 << 20)
+        )
+        if result.exit_code != 0:
+            detail = result.stderr.decode(errors="replace").strip()
+            raise ProviderError(f"collecting from pod {pod} failed: {detail}")
+        return snapshot_from_tar(
+            self.context.store,
+            io.BytesIO(result.stdout),
+            scratch_dir(self.context.store, self.context.env_id),
+            thread_id,
+            run_id,
+            message,
+            strip="./",
+            max_bytes=limit,
+        )
+
+
+def _name_ok(name: str) -> bool:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise InvalidInput(f"not an environment variable name: {name!r}")
+    return True
+
+
+def _module(name: str) -> Any:
+    """A module of the (optional, loosely typed) ``kubernetes`` client."""
+    import importlib
+
+    return importlib.import_module(name)
