@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 from .errors import InvalidInput, WatcherStopped
 from .fsutil import write_atomic
+from .jsonio import load_json
 from .paths import STORE_DIR_NAME
 from .scan import KnownChanges
 from .statcache import cache_path
@@ -405,7 +406,7 @@ def watcher_running(store_dir: str, workspace: str) -> bool:
 def _state(private: str) -> dict[str, object] | None:
     try:
         with open(os.path.join(private, "state"), "rb") as f:
-            state = json.loads(f.read())
+            state = load_json(f)
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None

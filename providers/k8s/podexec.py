@@ -10,7 +10,6 @@ POSIX ``sh``, ``env``, ``setsid``, ``tar``, ``find``, ``grep`` and ``sleep``.
 
 from __future__ import annotations
 
-import json
 import secrets
 import threading
 import time
@@ -18,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from narrative.errors import InvalidInput
+from narrative.jsonio import parse_json
 
 from ..base import ExecResult, OutputFn
 from ..errors import ExecFailed, ProviderError, ResourceGone
@@ -217,7 +217,7 @@ def _exit_code(client: Any, argv: list[str]) -> int:
     if not raw:
         return -1
     try:
-        status = json.loads(raw)
+        status = parse_json(raw)
     except ValueError:
         return -1
     if status.get("status") == "Success":

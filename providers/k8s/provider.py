@@ -22,10 +22,8 @@ import logging
 import re
 import shlex
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from narrative.errors import InvalidInput
@@ -47,6 +45,7 @@ from ..errors import ProviderError, ProviderUnavailable, ResourceGone
 from ..proctree import MARKER_VAR, signal_argv, sweep_argv
 from ..shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
 from . import manifests
+from .client import api_client, api_errors, k8s_module
 from .config import K8sConfig
 from .podexec import (
     ALIVE_SCRIPT,
@@ -61,83 +60,12 @@ from .podexec import (
 if TYPE_CHECKING:
     from narrative.models import Snapshot
 
-__all__ = ["K8sProvider", "api_client", "close_clients", "new_api_client"]
+__all__ = ["K8sProvider"]
 
 log = logging.getLogger(__name__)
 
 _HANDLE = re.compile(r"k8s:([0-9a-f]{24})")
 _SPAWN_LOG = "/tmp/narrative-spawn-{marker}.log"
-
-
-_CLIENTS: dict[tuple[str | None, str | None, str], Any] = {}
-"""One client (and connection pool) per cluster configuration, shared by every provider
-instance of the process: a hub drives many environments of one cluster."""
-_CLIENTS_LOCK = threading.Lock()
-
-
-def api_client(cfg: K8sConfig, purpose: str = "rest") -> Any:
-    """The shared client of the configured cluster (:func:`new_api_client`). Execs get a
-    client of their own (``purpose="exec"``): the client's ``stream()`` swaps the
-    ``call_api`` of the client it is given while it opens the WebSocket, which would send a
-    concurrent REST call of another thread down the WebSocket path."""
-    key = (cfg.kubeconfig, cfg.context, purpose)
-    with _CLIENTS_LOCK:
-        if key not in _CLIENTS:
-            rest = (cfg.kubeconfig, cfg.context, "rest")
-            if purpose != "rest" and rest in _CLIENTS:
-                configuration = _CLIENTS[rest].configuration
-                _CLIENTS[key] = _module("kubernetes.client").ApiClient(configuration)
-            else:
-                _CLIENTS[key] = new_api_client(cfg)
-        return _CLIENTS[key]
-
-
-def close_clients() -> None:
-    """Close the shared clients (their connection pools)."""
-    with _CLIENTS_LOCK:
-        for client in _CLIENTS.values():
-            client.close()
-        _CLIENTS.clear()
-
-
-def new_api_client(cfg: K8sConfig) -> Any:
-    """A client for the configured cluster: the kubeconfig (and context) given, else the
-    in-cluster config inside a pod, else the usual kubeconfig discovery."""
-    client, config = _module("kubernetes.client"), _module("kubernetes.config")
-    try:
-        if cfg.kubeconfig is None and cfg.context is None:
-            try:
-                configuration = client.Configuration()
-                config.load_incluster_config(client_configuration=configuration)
-                return client.ApiClient(configuration)
-            except config.ConfigException:
-                pass
-        return config.new_client_from_config(config_file=cfg.kubeconfig, context=cfg.context)
-    except (config.ConfigException, OSError, ValueError) as exc:
-        raise ProviderUnavailable(f"k8s: no usable cluster configuration: {exc}") from exc
-
-
-@contextmanager
-def api_errors(op: str, name: str = "") -> Iterator[None]:
-    """Translate the client's errors: 404 → :class:`ResourceGone`, others → ProviderError."""
-    from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import HTTPError
-
-    try:
-        yield
-    except ApiException as exc:
-        if exc.status == 404 and name:
-            raise ResourceGone(name) from exc
-        detail = exc.reason
-        try:
-            import json
-
-            detail = json.loads(exc.body or "{}").get("message") or detail
-        except ValueError:
-            pass
-        raise ProviderError(f"k8s {op} {name}: {exc.status} {detail}".replace("  ", " ")) from exc
-    except (HTTPError, OSError) as exc:
-        raise ProviderError(f"k8s {op} {name}: the API server does not answer: {exc}") from exc
 
 
 def _parse_handle(handle: str) -> str:
@@ -194,13 +122,13 @@ class K8sProvider(BaseProvider):
 
     @property
     def core(self) -> Any:
-        return _module("kubernetes.client").CoreV1Api(self.client)
+        return k8s_module("kubernetes.client").CoreV1Api(self.client)
 
     @property
     def pods(self) -> PodExec:
         """Commands in pods, through the exec client (see :func:`api_client`)."""
         self.client  # noqa: B018 (the REST client first: the exec client shares its config)
-        core = _module("kubernetes.client").CoreV1Api(api_client(self.cfg, "exec"))
+        core = k8s_module("kubernetes.client").CoreV1Api(api_client(self.cfg, "exec"))
         return PodExec(core, self.cfg.namespace)
 
     @property
@@ -212,7 +140,7 @@ class K8sProvider(BaseProvider):
     def create(self) -> str:
         """The workspace claim, then the Secret and NetworkPolicy it owns (the pod comes with
         :meth:`start`)."""
-        client = _module("kubernetes.client")
+        client = k8s_module("kubernetes.client")
         cfg, name, labels = self.cfg, manifests.object_name(self.context.env_id), self._labels
         with api_errors("create", name):
             claim = self.core.create_namespaced_persistent_volume_claim(
@@ -278,7 +206,7 @@ class K8sProvider(BaseProvider):
     ) -> None:
         """Follow the pod with the watch API until ``done`` (given the pod, None once
         deleted); the last reason it gave when the time is up."""
-        watch = _module("kubernetes.watch")
+        watch = k8s_module("kubernetes.watch")
         deadline = time.monotonic() + timeout
         pod = self._pod(name)
         last = ""
@@ -309,7 +237,7 @@ class K8sProvider(BaseProvider):
 
     def _delete_pod(self, name: str, grace: int) -> None:
         """Delete the pod (SIGTERM, then SIGKILL after ``grace`` seconds) and wait until gone."""
-        client = _module("kubernetes.client")
+        client = k8s_module("kubernetes.client")
         try:
             with api_errors("delete", name):
                 self.core.delete_namespaced_pod(
@@ -329,7 +257,7 @@ class K8sProvider(BaseProvider):
     def delete(self, resource_id: str) -> None:
         """Delete the pod (with its grace period) and the claim, whose dependents the garbage
         collector removes. Idempotent."""
-        client = _module("kubernetes.client")
+        client = k8s_module("kubernetes.client")
         self._delete_pod(resource_id, self.cfg.grace_period)
         try:
             with api_errors("delete", resource_id):
@@ -597,10 +525,3 @@ def _name_ok(name: str) -> bool:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise InvalidInput(f"not an environment variable name: {name!r}")
     return True
-
-
-def _module(name: str) -> Any:
-    """A module of the (optional, loosely typed) ``kubernetes`` client."""
-    import importlib
-
-    return importlib.import_module(name)

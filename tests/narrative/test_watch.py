@@ -23,7 +23,11 @@ from narrative.store import Store
 from narrative.watch import watch_dir
 from tests.conftest import Cli, git, git_tree_of, start_watcher
 
-pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/sys/fs/inotify"), reason="no inotify")
+# a watcher process per test and a hypothesis model (about 30 s): make test-long, which CI runs
+pytestmark = [
+    pytest.mark.skipif(not os.path.isdir("/proc/sys/fs/inotify"), reason="no inotify"),
+    pytest.mark.long,
+]
 
 settings.register_profile(
     "watch-ci",

@@ -75,7 +75,7 @@ def k8s_config_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
             yield {"kubeconfig": kubeconfig, "image": DEFAULT_IMAGE, "grace_period": 2}
             STANDIN.remove(server)
     finally:
-        from providers.k8s.provider import close_clients
+        from providers.k8s.client import close_clients
 
         close_clients()
         api.close()

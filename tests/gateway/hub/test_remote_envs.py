@@ -32,6 +32,9 @@ from narrative.store import Store
 from providers.lifecycle import EnvState
 from tests.providers.contract_targets import sandbox_or_skip
 
+# hubs with users and sandboxed clones (about 15 s): make test-long, which CI runs too
+pytestmark = pytest.mark.long
+
 T = TypeVar("T")
 TEMPLATE = "sandbox"
 
