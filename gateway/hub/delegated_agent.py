@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
 
 from narrative.errors import NarrativeError
 from narrative.fsutil import write_atomic
@@ -29,7 +28,7 @@ from narrative.restore import restore_workspace
 from narrative.store import Store
 
 from .agent_output import output_bytes
-from .team_client import TeamSession, bring_home, open_session, serve_bases
+from .team_client import TeamSession, bring_home, open_session, run_events, serve_bases
 
 __all__ = ["DELEGATED_RUN_FILE", "DelegatedAgent", "delegated_run_path"]
 
@@ -37,7 +36,6 @@ log = logging.getLogger(__name__)
 
 OutputSink = Callable[[str, bytes], Awaitable[None]]
 DELEGATED_RUN_FILE = "delegated-run"
-_POLL = 0.1
 _EXIT_CODES = {"succeeded": 0, "cancelled": 143, "killed": 137}
 
 
@@ -174,15 +172,6 @@ class _Delegation:
 
     async def _follow(self, session: TeamSession, run_id: str) -> None:
         """Pass the remote run's output on until it finished."""
-        since = 0
-        while True:
-            answer = await session.call("runEvents", {"run": run_id, "since": since})
-            events: list[dict[str, Any]] = answer["events"]
-            for event in events:
-                since = int(event["seq"])
-                if event["type"] == "agent.output":
-                    await self.sink(str(event.get("stream", "stdout")), output_bytes(event))
-                elif event["type"] == "run.finished":
-                    return
-            if not events:
-                await asyncio.sleep(_POLL)
+        async for event in run_events(session, run_id):
+            if event["type"] == "agent.output":
+                await self.sink(str(event.get("stream", "stdout")), output_bytes(event))

@@ -368,10 +368,6 @@ class RemoteProvider(BaseProvider):
         leave there before each of them)."""
         self.bridge.end_leftovers(self._bridge_dir())
 
-    def reset(self, resource_id: str, snapshot: Snapshot | None) -> None:
-        if snapshot is not None:
-            self.restore(resource_id, snapshot)
-
     # -- the runtime, which runs here ----------------------------------------------------------
 
     def _bridge_dir(self) -> str:

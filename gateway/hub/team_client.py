@@ -51,6 +51,7 @@ __all__ = [
     "login",
     "logout",
     "open_session",
+    "run_events",
     "run_on_team_hub",
     "serve_bases",
     "team_runs",
@@ -324,30 +325,38 @@ async def bring_home(session: TeamSession, store: Store, run: AgentRun) -> Agent
     return await _blocking(lambda: get_run(store, run.id))
 
 
+async def run_events(session: TeamSession, run_id: str) -> AsyncIterator[dict[str, Any]]:
+    """The events of run ``run_id`` on the session's hub as they come, up to and including
+    its ``run.finished``."""
+    since = 0
+    while True:
+        answer = await session.call("runEvents", {"run": run_id, "since": since})
+        events: list[dict[str, Any]] = answer["events"]
+        for event in events:
+            since = int(event["seq"])
+            yield event
+            if event["type"] == "run.finished":
+                return
+        if not events:
+            await asyncio.sleep(_POLL)
+
+
 async def _follow(
     session: TeamSession, store: Store, runs: list[AgentRun], on_event: EventFn
 ) -> None:
     """Pass the runs' events on as they arrive until each finished, and keep a copy of each
     run's log in ``store`` (held to the default caps of a run's log: the hub is not trusted to
     send a bounded one), so that ``run show`` tells its story here too."""
-    since = dict.fromkeys((run.id for run in runs), 0)
-    pending = {run.id: run for run in runs}
-    logs = {run.id: (RunEventLog(store, run.id), EventBudget()) for run in runs}
-    while pending:
-        for run_id, run in list(pending.items()):
-            answer = await session.call("runEvents", {"run": run_id, "since": since[run_id]})
-            log, budget = logs[run_id]
-            for event in answer["events"]:
-                since[run_id] = int(event["seq"])
-                on_event(run, event)
-                fields = {k: v for k, v in event.items() if k not in _NOT_COPIED}
-                for kind, kept in budget.admit(str(event["type"]), fields):
-                    await _blocking(partial(log.append, kind, **kept))
-                if event["type"] == "run.finished":
-                    del pending[run_id]
-                    break
-        if pending:
-            await asyncio.sleep(_POLL)
+
+    async def follow(run: AgentRun) -> None:
+        log, budget = RunEventLog(store, run.id), EventBudget()
+        async for event in run_events(session, run.id):
+            on_event(run, event)
+            fields = {k: v for k, v in event.items() if k not in _NOT_COPIED}
+            for kind, kept in budget.admit(str(event["type"]), fields):
+                await _blocking(partial(log.append, kind, **kept))
+
+    await asyncio.gather(*(follow(run) for run in runs))
 
 
 async def run_on_team_hub(
