@@ -412,6 +412,13 @@ class BaseProvider(ABC):
     (a remote run stopped there and its result brought home); the hub waits that much longer
     before it kills the runtime of a run being stopped or past its deadline."""
 
+    resets_without_store: ClassVar[bool] = False
+    """Whether :meth:`end_leftovers`, :meth:`reset` with no snapshot, :meth:`usage_meter` and
+    :meth:`spawn_runtime` leave the store alone (a backend whose workspace lives elsewhere
+    just empties it; a directory's first snapshots what a run left there). A hub then starts
+    runs here in the environment's own lane, beside other environments' starts, instead of
+    on its one store thread."""
+
     spawn_log_on_host: ClassVar[bool] = False
     """Whether :meth:`spawn` appends the output to the host's ``log_path`` itself; when not,
     the output stays in the environment and :meth:`read_spawn_log` fetches it."""

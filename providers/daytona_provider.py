@@ -92,6 +92,7 @@ class DaytonaProvider(BaseProvider):
 
     name = "daytona"
     category = "cloud"
+    resets_without_store = True  # its workspace lives elsewhere
     capabilities = frozenset({"python", "exec", "files", "network", "isolation"})
     config_model = DaytonaConfig
 

@@ -159,6 +159,7 @@ class E2BProvider(BaseProvider):
 
     name = "e2b"
     category = "cloud"
+    resets_without_store = True  # its workspace lives elsewhere
     capabilities = frozenset({"python", "exec", "files", "network", "isolation"})
     config_model = E2BConfig
 

@@ -86,6 +86,7 @@ class EnvironmentManager:
         self.owner = f"narrative-{digest[:16]}"
         """Label value on every resource this store creates (leaked ones are swept by it)."""
         self._providers: dict[str, BaseProvider] = {}
+        self._providers_lock = threading.Lock()  # a hub drives environments from many threads
         self.logs = EnvironmentLogs(store, self.records, self.provider)
         """The environments' host-side logs (lifecycle events, command and process output)."""
 
@@ -93,15 +94,16 @@ class EnvironmentManager:
 
     def provider(self, record: EnvironmentRecord) -> BaseProvider:
         """The provider instance driving ``record`` (cached per environment)."""
-        cached = self._providers.get(record.id)
-        if cached is not None:
-            return cached
-        cls = get_provider_class(record.provider)
-        config = cls.config_model.model_validate(record.config)
-        context = ProviderContext(self.store, self.owner, record.id, record.name)
-        instance = cls(context, config)
-        self._providers[record.id] = instance
-        return instance
+        with self._providers_lock:
+            cached = self._providers.get(record.id)
+            if cached is not None:
+                return cached
+            cls = get_provider_class(record.provider)
+            config = cls.config_model.model_validate(record.config)
+            context = ProviderContext(self.store, self.owner, record.id, record.name)
+            instance = cls(context, config)
+            self._providers[record.id] = instance
+            return instance
 
     # -- records and transitions ----------------------------------------------------------------
 
@@ -282,7 +284,8 @@ class EnvironmentManager:
             except BaseException as exc:
                 self._fail(record, exc)
                 raise
-        self._providers.pop(record.id, None)
+        with self._providers_lock:
+            self._providers.pop(record.id, None)
         shutil.rmtree(hub_socket_dir(record.id, create=False), ignore_errors=True)
         return self._move(record, EnvState.ARCHIVED, "deleted")
 

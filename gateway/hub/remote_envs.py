@@ -24,14 +24,12 @@ carry the class. Every create and delete, and every refusal, goes to the audit l
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
 import os
 import secrets
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import AccessDenied
@@ -130,11 +128,10 @@ class RemoteEnvironments:
         self.manager = hub.manager
         self.path = os.path.join(team_dir(hub.store), "envs.json")
         self._clones: dict[str, dict[str, Any]] | None = None
-        # Commands, files and processes of a user's clones run on that user's own thread, not
-        # the hub's store thread: a long command of one user must not hold up every run and
-        # every other user's calls (the store thread serializes the store, which these do not
-        # write but through the environment records' own lock).
-        self._workers: dict[str, ThreadPoolExecutor] = {}
+        # Commands, files and processes of a user's clones run in that user's lane of the hub
+        # (:mod:`gateway.hub.lanes`), not on its store thread: a long command of one user must
+        # not hold up every run and every other user's calls (the store thread serializes the
+        # store, which these do not write but through the environment records' own lock).
 
     def install(self, registry: HandlerRegistry) -> None:
         for action, handler in (
@@ -220,12 +217,6 @@ class RemoteEnvironments:
     async def _audit_ok(self, caller: Caller, action: str, target: str) -> None:
         await self.hub.blocking(lambda: self.team.audit.record(caller.user, action, target, "ok"))
 
-    def close(self) -> None:
-        """Let the users' threads go (a command still running there is not waited for)."""
-        for pool in self._workers.values():
-            pool.shutdown(wait=False, cancel_futures=True)
-        self._workers.clear()
-
     async def _relay(
         self,
         func: Callable[[], dict[str, Any]],
@@ -233,7 +224,7 @@ class RemoteEnvironments:
         *,
         user: str | None = None,
     ) -> dict[str, Any]:
-        """``func``'s answer, run off the loop (on ``user``'s own thread when given, else on
+        """``func``'s answer, run off the loop (in ``user``'s lane when given, else on
         the store thread); a :data:`RELAYED` failure as an answer. With ``live``, a deleted
         environment fails as ``ResourceGone`` first (as a provider's operation on a resource
         that is gone does)."""
@@ -248,10 +239,7 @@ class RemoteEnvironments:
         try:
             if user is None:
                 return await self.hub.blocking(checked)
-            pool = self._workers.get(user)
-            if pool is None:
-                pool = self._workers[user] = ThreadPoolExecutor(1, thread_name_prefix="hub-user")
-            return await asyncio.get_running_loop().run_in_executor(pool, checked)
+            return await self.hub.lanes.run(f"user:{user}", checked)
         except RELAYED as exc:
             kind = next(cls for cls in RELAYED if isinstance(exc, cls))
             return {"failure": {"type": kind.__name__, "message": str(exc)}}

@@ -35,6 +35,7 @@ from providers.usage import Sampler, UsageMeter
 from .direct import pick_base
 from .events import EventBudget, RunEventLog
 from .leases import EnvironmentLease as Lease
+from .narratives import Blocking
 from .run_request import RunRequest, lease_environment
 from .run_result import ResultHomecoming, record_usage
 from .run_tokens import RunTokens
@@ -51,11 +52,13 @@ log = logging.getLogger(__name__)
 
 _CALL_TIMEOUT = 600.0
 _DEADLINE_MARGIN = 5.0
-_STOP_MARGIN = 30.0
-"""Seconds beyond the grace a runtime has to answer a stop (its result snapshotted)."""
 """Seconds past a run's timeout (and the stop grace) the hub waits for the runtime to end the
 agent and report before it stops the run itself (the stop still waits for the runtime to
 snapshot the result)."""
+_STOP_MARGIN = 30.0
+"""Seconds beyond the grace a runtime has to answer a stop (its result snapshotted)."""
+_LIVENESS_MAX_PAUSE = 2.0
+"""Longest wait between two looks at whether a runtime that has not connected yet still lives."""
 _TIMEOUT_EXIT = 124  # what timeout(1) exits with, as the runtime reports a timeout
 
 
@@ -91,7 +94,9 @@ class RunDriver:
         self.gateway_id = request.environment
         self.lease: Lease | None = None
         self.finished = asyncio.Event()
-        self.runtime = RuntimeProcess(hub.manager, hub.blocking, self.environment, run.id)
+        self.runtime = RuntimeProcess(
+            hub.manager, hub.environment_lane(self.environment), self.environment, run.id
+        )
         self.max_result_bytes = DEFAULT_MAX_RESULT_BYTES
         self.extra_stop_time = 0.0
         self.tokens = RunTokens(
@@ -136,6 +141,9 @@ class RunDriver:
         self.tools: ToolsNode | None = None
         """The gateway node serving the routed calls of a run in a hybrid environment."""
         self.bytes_to_environment = 0
+        self._start_lane: Blocking = hub.blocking
+        """Where the environment is reset and the runtime spawned: the store thread, unless
+        the provider does that without the store (then the environment's own lane)."""
         """Bytes of bundles this hub served the run's runtime (counted as it read them)."""
 
     # -- creation -------------------------------------------------------------------------------
@@ -236,6 +244,8 @@ class RunDriver:
         provider = await self.hub.blocking(read)
         config = provider.config
         self.extra_stop_time = provider.extra_stop_time
+        if provider.resets_without_store:  # start beside other environments' runs
+            self._start_lane = self.hub.environment_lane(self.environment)
         self.intake.budget = EventBudget(
             config.max_events, config.max_event_bytes, config.max_output_bytes
         )
@@ -305,7 +315,7 @@ class RunDriver:
                 env[FINGERPRINT_ENV] = hub.fingerprint
             return hub.manager.spawn(self.environment, argv, env=env, runtime=True), argv
 
-        self.runtime.handle, argv = await hub.blocking(spawn)
+        self.runtime.handle, argv = await self._start_lane(spawn)
         self.events.append("runtime.spawned", handle=self.runtime.handle, argv=argv)
         if self.meter is not None:
             self._sampler = Sampler(self.meter).start()
@@ -331,9 +341,13 @@ class RunDriver:
     async def _await_connection(self, timeout: float, what: str) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        pause = 0.5
         while not self._connected.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._connected.wait(), 0.5)
+                await asyncio.wait_for(self._connected.wait(), pause)
+            # each look at the runtime may be a round trip into its environment (a pod exec):
+            # fifty starting runtimes asked twice a second would crowd out their own starts
+            pause = min(pause * 2, _LIVENESS_MAX_PAUSE)
             if self._connected.is_set():
                 return
             if self.runtime.handle is not None and await self.runtime.liveness() is False:

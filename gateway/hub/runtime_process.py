@@ -28,13 +28,14 @@ LOG_LINES = 20
 
 class RuntimeProcess:
     """The runtime of run ``run_id`` in ``environment`` (``handle``: the provider's handle of
-    the spawned process; None until it is spawned)."""
+    the spawned process; None until it is spawned). ``lane`` runs the provider's calls off the
+    event loop: the environment's lane of the hub (they write nothing to the store)."""
 
     def __init__(
-        self, manager: EnvironmentManager, blocking: Blocking, environment: str, run_id: str
+        self, manager: EnvironmentManager, lane: Blocking, environment: str, run_id: str
     ) -> None:
         self.manager = manager
-        self.blocking = blocking
+        self.blocking = lane
         self.environment = environment
         self.run_id = run_id
         self.handle: str | None = None

@@ -53,7 +53,8 @@ from narrative.store import Store
 from providers.keys import key_path
 from providers.manager import EnvironmentManager
 
-from .narratives import BundleShelf
+from .lanes import Lanes
+from .narratives import Blocking, BundleShelf
 from .remote_envs import RemoteEnvironments
 from .remote_runs import RemoteRuns
 from .team import TeamHandlers, TeamPolicy, TeamSigner
@@ -222,6 +223,9 @@ class Hub:
             ssl=tls.context if tls is not None else None,
         )
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hub-store")
+        self.lanes = Lanes()
+        """Provider work of one environment (or one team user) at a time, in parallel across
+        them, off the store thread (:mod:`gateway.hub.lanes`)."""
         self.shelf = BundleShelf(store, self.blocking, on_read=self._bundle_read)
         self.drivers: dict[str, RunDriver] = {}
         """run id → :class:`gateway.hub.runs.RunDriver` of the runs this hub drives."""
@@ -262,6 +266,15 @@ class Hub:
         """Run store or provider work on the hub's one store thread (the store is not
         thread-safe, and the event loop must not block)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, func)
+
+    def environment_lane(self, environment: str) -> Blocking:
+        """Run provider work of ``environment`` (that writes nothing to the store) in that
+        environment's lane, in parallel with other environments' (see :mod:`.lanes`)."""
+
+        async def run(func: Callable[[], T]) -> T:
+            return await self.lanes.run(f"env:{environment}", func)
+
+        return run
 
     def _install(self, allow_exec: bool, allow_writes: bool, plugins: Iterable[str]) -> None:
         registry = self.gateway.handlers
@@ -338,7 +351,7 @@ class Hub:
         if self._hub_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._hub_file)
-        self.remote_envs.close()
+        self.lanes.close()
         self._pool.shutdown(wait=True)
 
     async def __aenter__(self) -> Hub:

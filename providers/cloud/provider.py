@@ -158,6 +158,7 @@ def resource_id_of(machine_id: str, env_id: str, host_key: str | None, host: str
 class CloudVMProvider(BaseProvider):
     name = "cloud-vm"
     category = "cloud"
+    resets_without_store: ClassVar[bool] = True  # its workspace lives elsewhere
     capabilities: ClassVar[frozenset[str]] = frozenset(
         {"vm", "cloud", "ssh", "remote", "exec", "files", "python"}
     )

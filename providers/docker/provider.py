@@ -109,6 +109,7 @@ class DockerProvider(BaseProvider):
 
     name: ClassVar[str] = "docker"
     category = "local"
+    resets_without_store: ClassVar[bool] = True  # its workspace lives elsewhere
     capabilities: ClassVar[frozenset[str]] = frozenset({"docker", "isolation", "exec", "files"})
     config_model: ClassVar[type[ProviderConfig]] = DockerConfig
 

@@ -80,6 +80,7 @@ class K8sProvider(BaseProvider):
 
     name: ClassVar[str] = "k8s"
     category = "cloud"
+    resets_without_store: ClassVar[bool] = True  # its workspace lives elsewhere
     capabilities: ClassVar[frozenset[str]] = frozenset({"k8s", "isolation", "exec", "files"})
     config_model: ClassVar[type[ProviderConfig]] = K8sConfig
     preference: ClassVar[int] = 70

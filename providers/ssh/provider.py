@@ -132,6 +132,7 @@ def _check_sandbox(session: Session, config: SSHConfig) -> None:
 class SSHProvider(BaseProvider):
     name = "ssh"
     category = "hybrid"
+    resets_without_store: ClassVar[bool] = True  # its workspace lives elsewhere
     capabilities: ClassVar[frozenset[str]] = frozenset({"ssh", "remote", "exec", "files", "python"})
     config_model = SSHConfig
     preference = 70
