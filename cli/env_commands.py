@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -16,6 +17,9 @@ if TYPE_CHECKING:
     from providers.manager import EnvironmentManager
 
 __all__ = ["COMMANDS", "open_manager", "parse_config", "stream_output"]
+
+DEFAULT_PARALLEL = 16
+"""Environments one command creates or drives at a time (each mostly waits on its backend)."""
 
 
 def open_manager(ctx: click.Context) -> EnvironmentManager:
@@ -104,7 +108,7 @@ class _CreateCommand(click.Command):
 
 
 @env.command("create", cls=_CreateCommand)
-@click.argument("name")
+@click.argument("names", nargs=-1, required=True)
 @click.option(
     "--provider",
     help="Provider name (default: narrative.toml's profile or default, else the first that "
@@ -113,38 +117,86 @@ class _CreateCommand(click.Command):
 @click.option("--require", default="", help="Comma-separated capabilities, e.g. gpu,python.")
 @click.option("--config", "config_pairs", multiple=True, metavar="KEY=VALUE", help="Config.")
 @click.option("--no-start", is_flag=True, help="Create without starting.")
+@click.option(
+    "--parallel",
+    type=click.IntRange(1, 64),
+    default=DEFAULT_PARALLEL,
+    show_default=True,
+    help="With several names: how many to create at a time.",
+)
 @json_option
 @click.pass_context
 def env_create(
     ctx: click.Context,
-    name: str,
+    names: tuple[str, ...],
     provider: str | None,
     require: str,
     config_pairs: tuple[str, ...],
     no_start: bool,
+    parallel: int,
     as_json: bool,
 ) -> None:
-    """Create an environment, picking a provider that has the required capabilities.
+    """Create environments NAMES (several alike, side by side), picking a provider that has
+    the required capabilities.
 
     narrative.toml fills in what is not given: [environments.NAME] (provider, config,
     resources), [defaults] provider, [providers.P] base config and [resources] limits.
+    With several names, the names and settings are checked before any is created, and one
+    that fails does not stop the others (exit 1 when any failed).
     """
     manager = open_manager(ctx)
-    record = manager.create(
-        name,
+    progress = _Progress("created", len(names))
+    outcomes = manager.create_many(
+        names,
         provider=provider,
         config=parse_config(config_pairs),
         require=require.split(","),
         start=not no_start,
+        workers=parallel,
+        on_done=progress.done,
     )
-    for warning in _warnings(manager, record):
-        note(f"warning: {warning}")
-    emit(
+    for outcome in outcomes:
+        if not isinstance(outcome, Exception):
+            for warning in _warnings(manager, outcome):
+                note(f"warning: {outcome.name}: {warning}")
+    _emit_outcomes(ctx, as_json, outcomes, lambda r: f"{r.name} ({r.provider}) {r.state.value}")
+
+
+class _Progress:
+    """One line on stderr per environment as it ends, counted (only when there are several)."""
+
+    def __init__(self, verb: str, total: int) -> None:
+        self.verb, self.total, self.ended = verb, total, 0
+
+    def done(self, name: str, outcome: Any) -> None:
+        if self.total < 2:
+            return
+        self.ended += 1  # (the GIL makes the count exact; only the order of lines may vary)
+        what = f"failed: {outcome}" if isinstance(outcome, Exception) else self.verb
+        note(f"[{self.ended}/{self.total}] {name} {what}")
+
+
+def _emit_outcomes(
+    ctx: click.Context, as_json: bool, outcomes: list[Any], line: Callable[[Any], str]
+) -> None:
+    """One environment as before; several as a list (the failed ones as errors on stderr)."""
+    records = [o for o in outcomes if not isinstance(o, Exception)]
+    failures = [o for o in outcomes if isinstance(o, Exception)]
+    if len(outcomes) == 1:
+        if failures:
+            raise failures[0]
+        record = records[0]
+        emit(as_json, "environment", _row(record), line(record))
+        return
+    emit_list(
         as_json,
-        "environment",
-        _row(record),
-        f"{record.name} ({record.provider}) {record.state.value}",
+        "environment_list",
+        [_row(r) for r in records],
+        "\n".join(line(r) for r in records),
     )
+    if failures:
+        note(f"error: {len(failures)} of {len(outcomes)} environments failed")
+        ctx.exit(1)
 
 
 def _warnings(manager: EnvironmentManager, record: Any) -> list[str]:
@@ -188,22 +240,36 @@ def env_show(ctx: click.Context, name: str, as_json: bool) -> None:
     emit(as_json, "environment_detail", data, lambda: _human(data))
 
 
-def _lifecycle(action: str, doc: str) -> click.Command:
-    @click.argument("name")
+def _lifecycle(action: str, done: str, doc: str) -> click.Command:
+    @click.argument("names", nargs=-1, required=True)
+    @click.option(
+        "--parallel",
+        type=click.IntRange(1, 64),
+        default=DEFAULT_PARALLEL,
+        show_default=True,
+        help="With several names: how many at a time.",
+    )
     @json_option
     @click.pass_context
-    def command(ctx: click.Context, name: str, as_json: bool) -> None:
-        record = getattr(open_manager(ctx), action)(name)
-        emit(as_json, "environment", _row(record), f"{record.name} {record.state.value}")
+    def command(ctx: click.Context, names: tuple[str, ...], parallel: int, as_json: bool) -> None:
+        manager = open_manager(ctx)
+        for name in names:  # every name must be known before any is acted on
+            manager.get(name)
+        act = getattr(manager, action)
+        progress = _Progress(done, len(names))
+        outcomes = manager.for_each(names, lambda i: act(names[i]), parallel, progress.done)
+        _emit_outcomes(ctx, as_json, outcomes, lambda r: f"{r.name} {r.state.value}")
 
     command.__doc__ = doc
     return env.command(action)(command)
 
 
-_lifecycle("start", "Start (or resume) an environment.")
-_lifecycle("stop", "Stop an environment, keeping its state.")
-_lifecycle("restart", "Stop and start an environment.")
-_lifecycle("delete", "Destroy an environment's resource and archive its record (any state).")
+_lifecycle("start", "started", "Start (or resume) environments NAMES (several side by side).")
+_lifecycle("stop", "stopped", "Stop environments NAMES, keeping their state.")
+_lifecycle("restart", "restarted", "Stop and start environments NAMES.")
+_lifecycle(
+    "delete", "deleted", "Destroy environments' resources and archive their records (any state)."
+)
 
 
 @env.command("exec", context_settings={"ignore_unknown_options": True})

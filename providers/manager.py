@@ -36,17 +36,25 @@ from .base import (
     Signal,
 )
 from .envlogs import EnvironmentLogs
-from .errors import IllegalTransition, ProviderError, ProviderUnavailable, ResourceGone
+from .errors import (
+    EnvironmentExists,
+    IllegalTransition,
+    ProviderError,
+    ProviderUnavailable,
+    ResourceGone,
+)
 from .lifecycle import EnvState, can_transition, is_active
 from .records import EnvironmentRecord, EnvironmentStore, hub_socket_dir
 from .registry import get_provider_class, pick_provider
 from .usage import UsageMeter
 
-__all__ = ["DEFAULT_HEALTH_INTERVAL", "EnvironmentManager", "HealthReport"]
+__all__ = ["DEFAULT_HEALTH_INTERVAL", "DEFAULT_WORKERS", "EnvironmentManager", "HealthReport"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HEALTH_INTERVAL = 30.0
+DEFAULT_WORKERS = 16
+"""Environments created or deleted at a time by one command (each mostly waits on its backend)."""
 _HISTORY = 50
 _NAME_MAX = 64
 
@@ -186,6 +194,70 @@ class EnvironmentManager:
         limits. ``provider`` defaults to the first one that declares every capability in
         ``require``.
         """
+        return self._make(self._plan(name, provider, config, require), start)
+
+    def create_many(
+        self,
+        names: Sequence[str],
+        provider: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        require: Iterable[str] = (),
+        start: bool = True,
+        *,
+        workers: int = DEFAULT_WORKERS,
+        on_done: Callable[[str, EnvironmentRecord | NarrativeError], None] | None = None,
+    ) -> list[EnvironmentRecord | NarrativeError]:
+        """Create several environments alike (each as :meth:`create` would), side by side.
+
+        Every name and the settings are checked first: bad input fails before anything is
+        created. Then each is created and started on its own thread (up to ``workers`` at a
+        time); one that fails does not stop the others. Returns, in the order of ``names``,
+        each record or the error that stopped it; ``on_done`` hears of each as it ends.
+        """
+        if len(set(names)) != len(names):
+            raise InvalidInput("an environment name is given twice")
+        live = {r.name for r in self.records.live()}
+        taken = [name for name in names if name in live]
+        if taken:
+            raise EnvironmentExists(taken[0])
+        wanted = list(require)
+        plans = [self._plan(name, provider, config, wanted) for name in names]
+        return self.for_each(names, lambda i: self._make(plans[i], start), workers, on_done)
+
+    def for_each(
+        self,
+        names: Sequence[str],
+        act: Callable[[int], EnvironmentRecord],
+        workers: int = DEFAULT_WORKERS,
+        on_done: Callable[[str, EnvironmentRecord | NarrativeError], None] | None = None,
+    ) -> list[EnvironmentRecord | NarrativeError]:
+        """``act(i)`` for the i-th of ``names``, side by side on up to ``workers`` threads
+        (environments are independent: their records change under the store's lock); each
+        record, or the :class:`NarrativeError` that stopped it, in the order of ``names``."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(i: int) -> EnvironmentRecord | NarrativeError:
+            try:
+                outcome: EnvironmentRecord | NarrativeError = act(i)
+            except NarrativeError as exc:
+                outcome = exc
+            if on_done is not None:
+                on_done(names[i], outcome)
+            return outcome
+
+        if len(names) == 1:
+            return [one(0)]
+        with ThreadPoolExecutor(max(1, min(workers, len(names))), "env") as pool:
+            return list(pool.map(one, range(len(names))))
+
+    def _plan(
+        self,
+        name: str,
+        provider: str | None,
+        config: Mapping[str, Any] | None,
+        require: Iterable[str],
+    ) -> EnvironmentRecord:
+        """The record ``create`` would add, checked (nothing is written)."""
         from .project import load_project
 
         _check_env_name(name)
@@ -210,17 +282,19 @@ class EnvironmentManager:
 
             raise NoProviderAvailable(wanted, {provider: lacking})
         stored = model.model_dump(mode="json", exclude={"type"}, exclude_defaults=True)
-        record = self.records.add(
-            EnvironmentRecord(
-                name=name,
-                provider=provider,
-                config=stored,
-                capabilities=sorted(capabilities),
-                resources=limits,
-                unenforced=unenforced,
-            )
+        return EnvironmentRecord(
+            name=name,
+            provider=provider,
+            config=stored,
+            capabilities=sorted(capabilities),
+            resources=limits,
+            unenforced=unenforced,
         )
-        self.logs.append(record, f"created with provider {provider}")
+
+    def _make(self, planned: EnvironmentRecord, start: bool) -> EnvironmentRecord:
+        """Add the record ``_plan`` made, create its resource and start it."""
+        record = self.records.add(planned)
+        self.logs.append(record, f"created with provider {record.provider}")
         try:
             resource = self.provider(record).create()
         except BaseException as exc:
