@@ -332,8 +332,13 @@ def start_through_hub(
     ]
     many = len(requests) > 1
     timed_out: set[str] = set()
+    finished: list[str] = []
 
     def show(run_: Any, event: dict[str, Any]) -> None:
+        if many and event["type"] == "run.finished":  # the fan-out's progress, a line a run
+            finished.append(run_.id)
+            status, code = event.get("status"), event.get("exitCode")
+            note(f"[{len(finished)}/{len(requests)}] {run_.environment} {status} (exit {code})")
         if event["type"] == "run.timed_out" or (
             event["type"] == "agent.exited" and event.get("reason") == "timeout"
         ):
