@@ -214,12 +214,15 @@ def test_agent_calls_are_routed_and_the_routes_recorded(
 
 
 def test_fan_out_to_three_environments_gathers_three_results(hub_cli: Cli, workspace: Path) -> None:
-    for name in ("b", "c"):
-        hub_cli.run("env", "create", name, "--provider", "worktree")
-    runs = start(
-        hub_cli, "--env", "sandbox", "--env", "b", "--env", "c", "--",
+    hub_cli.run("env", "create", "b", "c", "--provider", "worktree")  # side by side
+    fan_out = hub_cli.run(
+        "run", "start", "--json", "--env", "sandbox", "--env", "b", "--env", "c", "--",
         "sh", "-c", 'echo "$NARRATIVE_ENVIRONMENT" > where.txt',
     )  # fmt: skip
+    runs = json.loads(fan_out.stdout)["items"]
+    progress = [line for line in fan_out.stderr.splitlines() if line.startswith("[")]
+    assert len(progress) == 3 and progress[-1].startswith("[3/3] ")  # a line per run as it ends
+    assert all(line.endswith("succeeded (exit 0)") for line in progress)
     assert [r["environment"] for r in runs] == ["sandbox", "b", "c"]
     assert all(r["status"] == "succeeded" for r in runs)
     assert len({r["base_snapshot"] for r in runs}) == 1
