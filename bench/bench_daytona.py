@@ -3,12 +3,13 @@ Daytona stand-in of the test suite (``tests/providers/daytona_standin.py``: the 
 sandbox a container on the engine at ``DOCKER_HOST``), one trivial command in each through ONE
 ``narrative run start --env d1 ... --env dN -- sh -c 'echo hi'`` (the hub fans out).
 
-Reported: the time to create the N environments (``env create`` each, one CLI process each),
-the fan-out's wall time, the time to delete them, their total, the time to the first run's
-result (its ``finished_at``), the hub's peak resident memory (the ``run start`` process: the
-hub runs in it; the runtimes run in the containers), and the ANCHOR: the same N sandboxes
-created, commanded and deleted directly through the SDK from N threads, with no hub. Nothing
-leaves the machine: the stand-in listens on 127.0.0.1 and its key is a test value.
+Reported: the time to create the N environments (one ``env create d1 ... dN``, side by side),
+the fan-out's wall time, the time to delete them (one ``env delete``), their total, the time
+to the first run's result (its ``finished_at``), the hub's peak resident memory (the ``run
+start`` process: the hub runs in it; the runtimes run in the containers), and the ANCHOR:
+the same N sandboxes created, commanded and deleted directly through the SDK from N threads,
+with no hub. Nothing leaves the machine: the stand-in listens on 127.0.0.1 and its key is a
+test value.
 
 Measured on this project's 2-core machine shared with other work (load average about 5), 20
 environments, 2026-12-06: every run succeeded; fan-out 32.2 s (33.8 s in an earlier run), first
@@ -131,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             names = [f"d{i + 1}" for i in range(args.envs)]
             log(f"creating {len(names)} daytona environments on the stand-in ...")
             started = time.perf_counter()
-            for name in names:
-                _narrative(env, ws, "env", "create", name, "--provider", "daytona", *pairs)
+            _narrative(env, ws, "env", "create", *names, "--provider", "daytona", *pairs)
             create_seconds = time.perf_counter() - started
             log("fan-out: one run start over all of them ...")
             wall_clock = datetime.now().astimezone()
@@ -144,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             first = (finished[0] - wall_clock).total_seconds() if finished else None
             log(f"fan-out {seconds:.1f}s, first result {first}s, peak RSS {rss_kib / 1024:.0f} MB")
             started = time.perf_counter()
-            for name in names:
-                _narrative(env, ws, "env", "delete", name)
+            _narrative(env, ws, "env", "delete", *names)
             delete_seconds = time.perf_counter() - started
         log("anchor: the same sandboxes straight through the SDK ...")
         anchor = _anchor(stand_in, args.envs)
