@@ -22,6 +22,7 @@ import docker
 from narrative.errors import InvalidInput
 
 from ..base import SpawnLog, check_relative_path, tail_start
+from ..emptying import TEMP_DIRS, empty_argv
 from ..errors import ProviderError
 from ..shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
 from .client import archive_url, raise_for_status, sdk_errors
@@ -47,19 +48,6 @@ _CHUNK = 1 << 20
 _DIR_BIT = 1 << 31
 """``os.ModeDir`` of Go, as found in the ``mode`` of the archive stat header."""
 
-# Empties directories, dot files included, without removing the directories themselves (they
-# may be mount points or carry the image's ownership). The first one must exist; later ones
-# (temporary directories the image may lack) are skipped when missing.
-_EMPTY_SCRIPT = r"""
-[ -d "$1" ] || { echo "no directory $1" >&2; exit 1; }
-for d in "$@"; do
-    if [ -L "$d" ]; then echo "$d is a symbolic link" >&2; exit 1; fi
-    [ -d "$d" ] || continue
-    (cd -- "$d" && rm -rf -- ./* ./.[!.]* ./..?*) || exit 1
-done
-"""
-TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
-"""What a run may write besides the workdir, emptied before the next run starts."""
 # Removes one file (or symlink); 2: absent, 3: a directory.
 _DELETE_SCRIPT = r"""
 if [ -d "$1" ] && [ ! -L "$1" ]; then exit 3; fi
@@ -207,9 +195,7 @@ def read_tail(
 
 def empty_directories(api: Any, resource_id: str, workdir: str, directories: list[str]) -> None:
     """Empty ``directories`` (the first must exist), keeping the directories themselves."""
-    code, output = run_quiet(
-        api, resource_id, workdir, ["sh", "-c", _EMPTY_SCRIPT, "sh", *directories]
-    )
+    code, output = run_quiet(api, resource_id, workdir, empty_argv(directories))
     if code != 0:
         raise ProviderError(
             f"cannot empty {' '.join(directories)} in {resource_id}: "

@@ -25,7 +25,6 @@ from ..proctree import signal_argv
 
 __all__ = [
     "ALIVE_SCRIPT",
-    "EMPTY_SCRIPT",
     "SIGNAL_PID_SCRIPT",
     "SPAWN_SCRIPT",
     "PodExec",
@@ -96,9 +95,6 @@ exit 0
 """Sends SIGTERM or SIGKILL ($1) to the spawned process of marker $0 itself, by its recorded pid
 and start time: a non-dumpable process (the hub's runtime) hides the marker in its environ
 from :data:`providers.proctree.SIGNAL_SCRIPT`, which still finds its descendants."""
-
-EMPTY_SCRIPT = 'for d; do find "$d" -mindepth 1 -maxdepth 1 -exec rm -rf {} + || exit 1; done'
-"""Empties each directory given, keeping the directory."""
 
 
 def wrap(workdir: str, argv: Sequence[str], env: Mapping[str, str]) -> list[str]:

@@ -41,6 +41,7 @@ from ..base import (
     check_relative_path,
     tail_start,
 )
+from ..emptying import empty_argv
 from ..errors import ProviderError, ProviderUnavailable, ResourceGone
 from ..proctree import MARKER_VAR, signal_argv, sweep_argv
 from ..shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
@@ -49,7 +50,6 @@ from .client import api_client, api_errors, k8s_module
 from .config import K8sConfig
 from .podexec import (
     ALIVE_SCRIPT,
-    EMPTY_SCRIPT,
     SIGNAL_PID_SCRIPT,
     SPAWN_SCRIPT,
     PodExec,
@@ -478,7 +478,7 @@ class K8sProvider(BaseProvider):
     # -- snapshots ------------------------------------------------------------------------------
 
     def _empty(self, resource_id: str, directories: list[str]) -> None:
-        self._helper(resource_id, ["sh", "-c", EMPTY_SCRIPT, "sh", *directories], "emptying")
+        self._helper(resource_id, empty_argv(directories), "emptying")
 
     def restore(self, resource_id: str, snapshot: Snapshot) -> None:
         self._empty(resource_id, [self.cfg.workdir])

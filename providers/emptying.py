@@ -1,0 +1,28 @@
+"""Emptying an environment's workspace and temporary directories between runs, by a script
+run inside it (a container, a pod, a sandbox), so that nothing of one run reaches the next."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["EMPTY_SCRIPT", "TEMP_DIRS", "empty_argv"]
+
+TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+"""What a run may write besides the workdir, emptied before the next run starts."""
+
+# Empties each directory given, keeping the directory itself; the first must exist, a missing
+# later one is skipped. A directory replaced by a symbolic link is refused: emptying through
+# it would empty wherever it points.
+EMPTY_SCRIPT = r"""
+[ -d "$1" ] || { echo "no directory $1" >&2; exit 1; }
+for d in "$@"; do
+    if [ -L "$d" ]; then echo "$d is a symbolic link" >&2; exit 1; fi
+    [ -d "$d" ] || continue
+    (cd -- "$d" && rm -rf -- ./* ./.[!.]* ./..?*) || exit 1
+done
+"""
+
+
+def empty_argv(directories: Sequence[str]) -> list[str]:
+    """The command that empties ``directories`` (see :data:`EMPTY_SCRIPT`)."""
+    return ["sh", "-c", EMPTY_SCRIPT, "sh", *directories]
