@@ -73,7 +73,7 @@ from .base import (
 )
 from .e2b_config import E2BConfig, read_uploads
 from .errors import ExecFailed, ProviderError, ProviderUnavailable, ResourceGone
-from .proctree import MARKER_VAR, signal_argv
+from .proctree import MARKER_VAR, environment_marker, signal_argv
 from .shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
 from .usage import UsageMeter
 
@@ -314,10 +314,41 @@ class E2BProvider(BaseProvider):
             resource_id,
             shlex.join(argv),
             cwd=self.cfg.workdir,
-            env={**self.cfg.env, **(env or {})},
+            env={**self.cfg.env, **(env or {}), **self._marker},
             timeout=timeout,
             on_output=on_output,
         )
+
+    @property
+    def _marker(self) -> dict[str, str]:
+        """The variable every command and process of this environment carries (never the
+        provider's own scripts), so that :meth:`end_leftovers` finds what a run left behind
+        (a daemon that left its process group and session included)."""
+        var, value = environment_marker(self.context.env_id)
+        return {var: value}
+
+    def end_leftovers(self, resource_id: str) -> None:
+        """Kill every process a command of this environment left running."""
+        var, value = environment_marker(self.context.env_id)
+        result = self._run(
+            resource_id, shlex.join(signal_argv(value, "kill", var)), cwd=self.cfg.workdir
+        )
+        if result.exit_code != 0:
+            detail = result.stderr.decode(errors="replace").strip() or f"exit {result.exit_code}"
+            raise ProviderError(f"could not end leftovers in e2b sandbox {resource_id}: {detail}")
+
+    def reset(self, resource_id: str, snapshot: Snapshot | None) -> None:
+        """Empty the workdir, then restore ``snapshot`` (None: put back only the configured
+        uploads). The sandbox's temporary directories are not emptied (docs/security.md)."""
+        if snapshot is not None:
+            self.restore(resource_id, snapshot)
+            return
+        sandbox = self._sandbox(resource_id)
+        with _translating(resource_id):
+            if sandbox.files.exists(self.cfg.workdir):
+                sandbox.files.remove(self.cfg.workdir)
+            sandbox.files.make_dir(self.cfg.workdir)
+        self._upload_config(resource_id, sandbox)
 
     def _run(
         self,
@@ -409,7 +440,7 @@ class E2BProvider(BaseProvider):
             handle = sandbox.commands.run(
                 command,
                 background=True,
-                envs={**self.cfg.env, **(env or {}), MARKER_VAR: marker},
+                envs={**self.cfg.env, **(env or {}), **self._marker, MARKER_VAR: marker},
                 cwd=self.cfg.workdir,
                 timeout=0,  # envd ends a process whose stream's deadline passes
                 retain_output=False,
