@@ -67,6 +67,7 @@ from .daytona_calls import (
 )
 from .daytona_config import DaytonaConfig
 from .e2b_config import read_uploads
+from .emptying import TEMP_DIRS, empty_argv
 from .errors import ProviderError, ProviderUnavailable, ResourceGone, ResultTooLarge
 from .proctree import MARKER_VAR, environment_marker, signal_argv
 from .shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
@@ -106,6 +107,8 @@ class DaytonaProvider(BaseProvider):
         self._client: Daytona | None = None
         self._client_lock = threading.Lock()
         self._handles: dict[str, Sandbox] = {}
+        self._ended_sessions: set[str] = set()
+        """Sessions :meth:`end_leftovers` deleted: their processes ended (not unknown)."""
         self.sleep: Callable[[float], None] = time.sleep
         """How the provider waits out a 429 (tests replace it to record the waits)."""
 
@@ -401,7 +404,17 @@ class DaytonaProvider(BaseProvider):
         sessions = self._toolbox(resource_id, lambda s: s.process.list_sessions())
         for session in sessions:
             if str(session.session_id).startswith(SESSION_PREFIX):
+                self._ended_sessions.add(str(session.session_id))
                 self._end_session(resource_id, str(session.session_id))
+
+    def reset(self, resource_id: str, snapshot: Snapshot | None) -> None:
+        """Empty the workdir and the temporary directories, then restore ``snapshot`` (None:
+        put back only the configured uploads)."""
+        self._script(resource_id, shlex.join(empty_argv([self.cfg.workdir, *TEMP_DIRS])), "reset")
+        if snapshot is not None:
+            self.restore(resource_id, snapshot)
+        else:
+            self._prepare(resource_id)
 
     # -- background processes -------------------------------------------------------------------
 
@@ -454,6 +467,8 @@ class DaytonaProvider(BaseProvider):
             return self._exit_code(resource_id, session, command_id)
         except ResourceGone:
             self._sandbox_as_is(resource_id)  # the sandbox is there: the session is not
+            if session in self._ended_sessions:
+                return -9  # killed with the session by end_leftovers
             raise InvalidInput(f"no process {handle} in daytona sandbox {resource_id}") from None
 
     def _awake(self, resource_id: str, handle: str) -> bool:
