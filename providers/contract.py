@@ -60,6 +60,9 @@ class ContractTarget:
     foreign_handles: tuple[str, ...] = ()
     """Process handles of the provider's own shape that it never issued (besides ``""`` and
     ``"garbage"``, which every provider must refuse)."""
+    empties_temp: bool = True
+    """Preparing a run empties the environment's temporary directory (False: the provider
+    says in docs/security.md why it does not)."""
     prepare: Callable[[EnvironmentManager], None] | None = None
     """Creates in a check's store what an environment of the provider needs there first (a
     hybrid environment's two environments), before each environment is created."""
@@ -264,6 +267,45 @@ def check_restore_and_collect(target: ContractTarget, scratch: Path) -> None:
     _delete(target, manager, "restore", rid)
 
 
+def _exists(provider: BaseProvider, rid: str, path: str) -> bool:
+    return provider.exec(rid, ["test", "-e", path]).exit_code == 0
+
+
+_LEFTOVERS = (
+    "echo u > untracked.txt && echo i > build.log && mkdir -p d/e && echo x > d/e/f"
+    ' && ln -s /etc escape && echo t > "${TMPDIR:-/tmp}/leftover-$1"'
+)
+"""What a run leaves behind: untracked, ignored and nested files, a symlink out, and a file in
+its temporary directory (named after ``$1``)."""
+
+
+def check_reset_between_runs(target: ContractTarget, scratch: Path) -> None:
+    """Nothing of one run reaches the next in the same environment: preparing it for a run
+    ends what the last one left running and empties the workspace (ignored files and links
+    included) and the temporary directory; with a base, exactly the base is there."""
+    store = _new_store(scratch)
+    base = take_snapshot(store, message="base").snapshot
+    manager = EnvironmentManager(store)
+    _, provider, rid = _create(target, manager, "reused")
+    manager.prepare_run("reused", base)
+    tag = uuid.uuid4().hex[:12]
+    assert provider.exec(rid, ["sh", "-c", _LEFTOVERS, "sh", tag]).exit_code == 0
+    handle = manager.spawn("reused", ["sh", "-c", "echo up > spawned.txt && exec sleep 60"])
+    _wait(lambda: _exists(provider, rid, "spawned.txt"), "the spawned process to run")
+    manager.prepare_run("reused", None)
+    _wait(lambda: not manager.alive("reused", handle), "the last run's process to end")
+    assert provider.exec(rid, ["ls", "-A"]).stdout.split() == [], "the workspace was not emptied"
+    temp = provider.exec(rid, ["sh", "-c", 'ls -A "${TMPDIR:-/tmp}"']).stdout.decode()
+    if target.empties_temp:
+        assert f"leftover-{tag}" not in temp, "the temporary directory kept the last run's file"
+    else:
+        provider.exec(rid, ["sh", "-c", 'rm -f "${TMPDIR:-/tmp}/leftover-$1"', "sh", tag])
+    manager.prepare_run("reused", base)
+    again = provider.collect(rid, store.config.default_thread, None, "after a reset")
+    assert again.tree == base.tree, "a reset with a base does not hold exactly the base"
+    _delete(target, manager, "reused", rid)
+
+
 _TREE = "(while :; do echo beat >> beats; sleep 0.1; done) & sleep 60 & wait"
 """A shell with two children, one of which shows it runs by appending to ``beats``."""
 
@@ -382,6 +424,7 @@ CHECKS: dict[str, Callable[[ContractTarget, Path], None]] = {
     "files": check_files,
     "restore_and_collect": check_restore_and_collect,
     "spawn_signal_alive": check_spawn_signal_alive,
+    "reset_between_runs": check_reset_between_runs,
     "reconnect": check_reconnect,
     "delete": check_delete,
     "labels_and_sweep": check_labels_and_sweep,

@@ -64,6 +64,9 @@ def contract_target(request: pytest.FixtureRequest, provider: str, scratch: Path
             after_delete=envd.kill,  # debug mode: the SDK's kill is the control plane's
             lists_resources=False,  # debug mode has no control plane to list from
             foreign_handles=E2B_FOREIGN,
+            # the provider leaves the sandbox's /tmp (docs/security.md); the stand-in's
+            # commands run on this host, whose /tmp nothing may empty
+            empties_temp=False,
         )
     if provider == "daytona":  # through its SDK against the Daytona stand-in
         from tests.providers.daytona_support import standin_config
