@@ -30,7 +30,11 @@ from .fsutil import fsync_dir, mkstemp, unlink_quiet
 from .objects import hash_object, object_header
 from .packindex import PackIndex, encode_index
 
+EMPTY_TREE_OID = hash_object("tree", b"")
+"""The tree of no entries (``4b825dc...``), which git reads without storing."""
+
 __all__ = [
+    "EMPTY_TREE_OID",
     "TYPE_CODES",
     "ObjectStore",
     "PackWriter",
@@ -371,7 +375,11 @@ class ObjectStore:
         return self._dulwich
 
     def read(self, oid: bytes) -> tuple[str, bytes]:
-        """Type and content of an object; StoreCorrupted if missing or unreadable."""
+        """Type and content of an object; StoreCorrupted if missing or unreadable. The empty
+        tree reads as such whether it is stored or not, as in git (an emptied directory is
+        remembered as holding it before any snapshot wrote it)."""
+        if oid == EMPTY_TREE_OID:
+            return "tree", b""
         try:
             if oid[:1].hex() not in self._loose_fanout():
                 # no loose object shares the first byte (as of the last invalidate): skip the

@@ -15,7 +15,7 @@ import shutil
 from narrative.errors import RestoreError
 from narrative.fsutil import write_atomic
 from narrative.models import Snapshot
-from narrative.objects import hash_object
+from narrative.odb import EMPTY_TREE_OID
 from narrative.restore import sync_directory
 from narrative.snapshot import scan_tree
 from narrative.store import Store
@@ -32,7 +32,7 @@ __all__ = [
     "sync_changes",
 ]
 
-EMPTY_TREE = hash_object("tree", b"")
+EMPTY_TREE = EMPTY_TREE_OID
 """The id of the empty tree (what an empty directory holds)."""
 
 
