@@ -108,3 +108,15 @@ def test_local_refuses_non_empty_or_nested_directories(store: Store, tmp_path: P
     for path in (busy, Path(store.workspace) / "inside", Path(store.git_dir)):
         with pytest.raises(InvalidInput):
             LocalProvider(context, LocalConfig(path=str(path))).create()
+
+
+def test_a_restore_after_an_emptying_reset(provider: BaseProvider, store: Store) -> None:
+    """An emptied directory is remembered as holding the empty tree, which no snapshot may
+    have stored: a restore that follows must still write the snapshot (it failed with the
+    empty tree "missing from the store", e.g. a remote environment reset then restored)."""
+    base = take_snapshot(store, message="base").snapshot
+    rid = provider.create()
+    provider.reset(rid, None)
+    provider.restore(rid, base)
+    collected = provider.collect(rid, store.config.default_thread, None, "restored")
+    assert collected.tree == base.tree
