@@ -12,7 +12,8 @@ provider and config exactly, under a fresh name ``u-<8 hex>``, and records who o
 
 Every other call names the environment and refuses (``AccessDenied``, audited) one that is not
 the caller's (an admin reaches every user's clones; nobody reaches a template through these
-calls). Snapshots travel as in :mod:`gateway.hub.remote_runs`: ``envRestore`` and
+calls). ``envReset`` readies a clone for a run as the hub readies its own environments.
+Snapshots travel as in :mod:`gateway.hub.remote_runs`: ``envRestore`` and
 ``envCollect`` pull from the caller's CLI over its own connection, with the same per-user
 thread ownership; ``envPrepareSnapshot`` prepares a snapshot ``envCollect`` made as a bundle
 the CLI pulls with ``narrative:readBundle``.
@@ -148,6 +149,7 @@ class RemoteEnvironments:
             ("envSpawn", self._spawn),
             ("envSignal", self._signal),
             ("envAlive", self._alive),
+            ("envReset", self._reset),
             ("envRestore", self._restore),
             ("envCollect", self._collect),
             ("envPrepareSnapshot", self._prepare_snapshot),
@@ -468,6 +470,18 @@ class RemoteEnvironments:
             return {}
 
         return await self._relay(send, record, user=caller.user)
+
+    async def _reset(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+        """Make the clone ready for a new run: what runs there is killed, the workspace and
+        temporary directories emptied (:meth:`EnvironmentManager.prepare_run`)."""
+        caller = self.team.caller(ctx)
+        _, record = await self._owned(caller, "envReset", payload)
+
+        def reset() -> dict[str, Any]:
+            self.manager.prepare_run(record.id, None)
+            return {}
+
+        return await self._relay(reset, record, user=caller.user)
 
     async def _alive(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         caller = self.team.caller(ctx)

@@ -364,9 +364,16 @@ class RemoteProvider(BaseProvider):
         )
 
     def end_leftovers(self, resource_id: str) -> None:
-        """What an earlier runtime left running here (the remote hub ends what its own runs
-        leave there before each of them)."""
+        """What an earlier runtime left running here (what runs there ends with :meth:`reset`,
+        and before each of the remote hub's own runs)."""
         self.bridge.end_leftovers(self._bridge_dir())
+
+    def reset(self, resource_id: str, snapshot: Snapshot | None) -> None:
+        """Have the hub ready the environment there as for a run of its own (its processes
+        killed, its workspace and temporary directories emptied), then restore ``snapshot``."""
+        self._call("envReset", {"environment": resource_id})
+        if snapshot is not None:
+            self.restore(resource_id, snapshot)
 
     # -- the runtime, which runs here ----------------------------------------------------------
 
