@@ -10,6 +10,8 @@ import atexit
 import email.utils
 import logging
 import os
+import re
+import shlex
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -41,10 +43,15 @@ __all__ = [
     "HANDLE_PREFIX",
     "MARKER_LENGTH",
     "SESSION_PREFIX",
+    "TOO_LARGE",
     "call_daytona",
+    "exports_file",
+    "extract_script",
     "keep_awake",
     "make_client",
+    "pack_script",
     "parse_handle",
+    "session_line",
     "retry_after",
     "translate",
 ]
@@ -170,6 +177,50 @@ def _rate_limited(exc: Exception) -> Mapping[str, Any] | None:
     if isinstance(exc, DaytonaError) and exc.status_code == 429:
         return exc.headers
     return None
+
+
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def session_line(directory: str, variables: Mapping[str, str], command: str, quiet: bool) -> str:
+    """The shell line a session runs: ``command`` in ``directory`` with ``variables``, its
+    input closed (its output discarded when ``quiet``)."""
+    assigned = " ".join(shlex.quote(f"{k}={v}") for k, v in variables.items())
+    line = f"cd {shlex.quote(directory)} && exec env {assigned} {command}"
+    return line + (" </dev/null >/dev/null 2>&1" if quiet else " </dev/null")
+
+
+def exports_file(variables: Mapping[str, str]) -> bytes:
+    """A file of ``export`` lines a session line sources and removes: what must not be on the
+    line, which the daemon keeps and lists (a run's token)."""
+    for name in variables:
+        if not _VARIABLE.fullmatch(name):
+            raise InvalidInput(f"not a variable name: {name!r}")
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in variables.items()).encode()
+
+
+TOO_LARGE = 9
+"""What :func:`pack_script` exits with when the workspace is over the limit."""
+
+
+def pack_script(workdir: str, tar: str, limit: int) -> str:
+    """The script that packs ``workdir`` into ``tar`` (its directory made first) and removes
+    it again, exiting :data:`TOO_LARGE`, when it is over ``limit`` bytes (plus tar's own)."""
+    staging, tar_q = shlex.quote(os.path.dirname(tar)), shlex.quote(tar)
+    return (
+        f"mkdir -p {staging} && cd {shlex.quote(workdir)} && tar -c -f {tar_q} . || exit 1;"
+        f" size=$(wc -c < {tar_q})"
+        f' && if [ "$size" -gt {limit + (1 << 20)} ]; then rm -f {tar_q}; exit {TOO_LARGE}; fi'
+    )
+
+
+def extract_script(workdir: str, tar: str) -> str:
+    """The script that replaces ``workdir`` by what ``tar`` holds and removes ``tar``."""
+    workdir_q, tar_q = shlex.quote(workdir), shlex.quote(tar)
+    return (
+        f"rm -rf {workdir_q} && mkdir -p {workdir_q} && cd {workdir_q}"
+        f" && tar -x -f {tar_q}; code=$?; rm -f {tar_q}; exit $code"
+    )
 
 
 def parse_handle(handle: str) -> tuple[str, str]:

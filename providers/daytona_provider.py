@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import re
 import secrets
 import shlex
 import tempfile
@@ -60,10 +59,15 @@ from .daytona_calls import (
     HANDLE_PREFIX,
     MARKER_LENGTH,
     SESSION_PREFIX,
+    TOO_LARGE,
     call_daytona,
+    exports_file,
+    extract_script,
     keep_awake,
     make_client,
+    pack_script,
     parse_handle,
+    session_line,
 )
 from .daytona_config import DaytonaConfig
 from .e2b_config import read_uploads
@@ -85,7 +89,6 @@ _STAGING = ".narrative-staging"
 """Directory beside the workdir for tars in transit (never inside the collected tree)."""
 _ASLEEP = {SandboxState.STOPPED, SandboxState.ARCHIVED, SandboxState.STOPPING}
 _DEAD = {SandboxState.DESTROYED, SandboxState.DESTROYING}
-_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class DaytonaProvider(BaseProvider):
@@ -273,18 +276,11 @@ class DaytonaProvider(BaseProvider):
         if marked:
             var, value = environment_marker(self.context.env_id)
             variables[var] = value
-        assigned = " ".join(shlex.quote(f"{k}={v}") for k, v in variables.items())
-        line = f"cd {shlex.quote(cwd or self.cfg.workdir)} && exec env {assigned} {argv_or_script}"
-        line += " </dev/null >/dev/null 2>&1" if quiet else " </dev/null"
+        line = session_line(cwd or self.cfg.workdir, variables, argv_or_script, quiet)
         if not private_env:
             return line
-        for name in private_env:
-            if not _VARIABLE.fullmatch(name):
-                raise InvalidInput(f"not a variable name: {name!r}")
-        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in private_env.items())
-        staging = posixpath.join(posixpath.dirname(self.cfg.workdir), _STAGING)
-        path = posixpath.join(staging, f"env-{marker}")
-        upload = [FileUpload(exports.encode(), path)]
+        path = posixpath.join(posixpath.dirname(self.cfg.workdir), _STAGING, f"env-{marker}")
+        upload = [FileUpload(exports_file(private_env), path)]
         self._toolbox(resource_id, lambda s: s.fs.upload_files(upload))
         return f". {shlex.quote(path)} && rm -f {shlex.quote(path)} && {line}"
 
@@ -560,32 +556,19 @@ class DaytonaProvider(BaseProvider):
             tar.flush()
             upload = [FileUpload(tar.name, posixpath.join(staging, name))]
             self._toolbox(resource_id, lambda s: s.fs.upload_files(upload))
-        workdir = shlex.quote(self.cfg.workdir)
-        staged = shlex.quote(posixpath.join(staging, name))
-        self._script(
-            resource_id,
-            f"rm -rf {workdir} && mkdir -p {workdir} && cd {workdir}"
-            f" && tar -x -f {staged}; code=$?; rm -f {staged}; exit $code",
-            "restore",
-        )
+        staged = posixpath.join(staging, name)
+        self._script(resource_id, extract_script(self.cfg.workdir, staged), "restore")
         present = set(flatten_tree(self.context.store.odb, bytes.fromhex(snapshot.tree)))
         self._prepare(resource_id, skip=present)
 
     def collect(
         self, resource_id: str, thread_id: str, run_id: str | None, message: str
     ) -> Snapshot:
-        staging = posixpath.join(posixpath.dirname(self.cfg.workdir), _STAGING)
-        staged = posixpath.join(staging, f"collect-{uuid.uuid4().hex}.tar")
-        limit = self.config.max_result_bytes
-        tar = shlex.quote(staged)
+        parent, limit = posixpath.dirname(self.cfg.workdir), self.config.max_result_bytes
+        staged = posixpath.join(parent, _STAGING, f"collect-{uuid.uuid4().hex}.tar")
         # the size is checked in the sandbox, so an oversized tar is never downloaded
-        packed = self._shell(
-            resource_id,
-            f"mkdir -p {shlex.quote(staging)} && cd {shlex.quote(self.cfg.workdir)}"
-            f" && tar -c -f {tar} . || exit 1; size=$(wc -c < {tar})"
-            f' && if [ "$size" -gt {limit + (1 << 20)} ]; then rm -f {tar}; exit 9; fi',
-        )
-        if packed.exit_code == 9:
+        packed = self._shell(resource_id, pack_script(self.cfg.workdir, staged, limit))
+        if packed.exit_code == TOO_LARGE:
             raise ResultTooLarge(
                 f"the workspace in daytona sandbox {resource_id} exceeds {limit} bytes"
             )

@@ -11,7 +11,8 @@ With ``E2B_DEBUG=true`` the SDK talks to a local envd and has no control plane: 
 yields the sandbox ``debug_sandbox_id``, connect and kill are no-ops, and sandbox metadata and
 env vars are dropped. The provider then skips the control-plane calls the SDK would still make
 (pause, info, list): ``stop`` leaves the sandbox running, ``health`` probes envd only, and
-``list_resources`` returns nothing. Every e2b error is translated in :func:`_translate`.
+``list_resources`` returns nothing. Every e2b error is translated in one place
+(:func:`providers.e2b_calls.translate_error`).
 API keys are read from the environment variable the config names and never logged or stored.
 
 Background processes (:meth:`E2BProvider.spawn`) are envd processes started without a time
@@ -33,23 +34,15 @@ import secrets
 import shlex
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import httpx
 from e2b import (
-    AuthenticationException,
     CommandExitException,
     ConnectionConfig,
-    FileNotFoundException,
     FileType,
-    InvalidArgumentException,
-    NotFoundException,
-    RateLimitException,
     Sandbox,
     SandboxException,
-    SandboxNotFoundException,
     SandboxQuery,
     TimeoutException,
 )
@@ -71,6 +64,7 @@ from .base import (
     check_relative_path,
     tail_start,
 )
+from .e2b_calls import StreamReader, tar_failed, translating
 from .e2b_config import E2BConfig, read_uploads
 from .errors import ExecFailed, ProviderError, ProviderUnavailable, ResourceGone
 from .proctree import MARKER_VAR, environment_marker, signal_argv
@@ -87,71 +81,6 @@ log = logging.getLogger(__name__)
 _STAGING = ".narrative-staging"
 """Directory beside the workdir for tars in transit (never inside the collected tree)."""
 _HANDLE = re.compile(r"e2b:([1-9][0-9]{0,9}):([0-9a-f]{24})")
-
-
-def _translate(exc: Exception, resource_id: str | None, path: str | None = None) -> Exception:
-    """The one place e2b SDK and transport errors become the providers' error tree."""
-    if isinstance(exc, NarrativeError | OSError) and not isinstance(exc, ConnectionError):
-        return exc  # ours already (or a builtin file error we raised on purpose)
-    if isinstance(exc, FileNotFoundException) and path is not None:
-        return FileNotFoundError(f"{path}: no such file in the environment")
-    if isinstance(exc, SandboxNotFoundException | SandboxNotRunningException):
-        return ResourceGone(resource_id or "(e2b sandbox)")
-    if isinstance(exc, AuthenticationException):
-        return ProviderUnavailable("e2b refused the API key (check the configured api_key_env)")
-    if isinstance(exc, RateLimitException):
-        return ProviderUnavailable(f"e2b rate limit: {exc}")
-    if isinstance(exc, SandboxUnreachableException | httpx.TransportError | ConnectionError) or (
-        isinstance(exc, TimeoutException) and not isinstance(exc, SandboxNotRunningException)
-    ):
-        return ProviderUnavailable(f"e2b sandbox {resource_id} unreachable: {exc}")
-    if isinstance(exc, InvalidArgumentException):
-        return InvalidInput(f"e2b refused the request: {exc}")
-    if isinstance(exc, NotFoundException) and path is not None:
-        return FileNotFoundError(f"{path}: no such file in the environment")
-    if isinstance(exc, SandboxException):
-        return ProviderError(f"e2b: {exc}")
-    return exc
-
-
-@contextmanager
-def _translating(resource_id: str | None, path: str | None = None) -> Iterator[None]:
-    try:
-        yield
-    except Exception as exc:
-        translated = _translate(exc, resource_id, path)
-        if translated is exc:
-            raise
-        raise translated from exc
-
-
-def _tar_failed(what: str, resource_id: str, result: ExecResult) -> ProviderError:
-    detail = result.stderr.decode(errors="replace").strip()
-    return ProviderError(
-        f"{what} e2b sandbox {resource_id} failed (tar exit {result.exit_code}): {detail}"
-    )
-
-
-class _StreamReader(io.RawIOBase):
-    """A file object over an iterator of byte chunks (a streamed download, for tarfile)."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._pending = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._pending:
-            try:
-                self._pending = next(self._chunks)
-            except StopIteration:
-                return 0
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
 
 
 class E2BProvider(BaseProvider):
@@ -190,13 +119,13 @@ class E2BProvider(BaseProvider):
         """A handle on the sandbox (connecting resumes a paused one, as E2B defines it)."""
         handle = self._handles.get(resource_id)
         if handle is None:
-            with _translating(resource_id):
+            with translating(resource_id):
                 handle = Sandbox.connect(resource_id, timeout=self.cfg.timeout, **self._opts())
             self._handles[resource_id] = handle
         return handle
 
     def _probe(self, sandbox: Sandbox, resource_id: str) -> bool:
-        with _translating(resource_id):
+        with translating(resource_id):
             return bool(sandbox.is_running())
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -210,7 +139,7 @@ class E2BProvider(BaseProvider):
             "narrative.owner": self.context.owner,
             "narrative.env": self.context.env_id,
         }
-        with _translating(None):
+        with translating(None):
             sandbox = Sandbox.create(
                 template=self.cfg.template,
                 timeout=self.cfg.timeout,
@@ -221,7 +150,7 @@ class E2BProvider(BaseProvider):
         resource_id = str(sandbox.sandbox_id)
         self._handles[resource_id] = sandbox
         log.info("created e2b sandbox %s for environment %s", resource_id, self.context.env_name)
-        with _translating(resource_id):
+        with translating(resource_id):
             sandbox.files.make_dir(self.cfg.workdir)
         self._send_uploads(resource_id, sandbox, uploads)
         return resource_id
@@ -231,7 +160,7 @@ class E2BProvider(BaseProvider):
         sandbox = self._sandbox(resource_id)
         if not self._probe(sandbox, resource_id):
             raise ResourceGone(resource_id)
-        with _translating(resource_id):
+        with translating(resource_id):
             sandbox.files.make_dir(self.cfg.workdir)
         self._upload_config(resource_id, sandbox)
 
@@ -240,14 +169,14 @@ class E2BProvider(BaseProvider):
             # No control plane in debug mode: nothing can pause the sandbox; it keeps running.
             log.debug("e2b debug mode: sandbox %s left running on stop", resource_id)
             return
-        with _translating(resource_id):
+        with translating(resource_id):
             Sandbox.pause(resource_id, **self._opts())
         self._handles.pop(resource_id, None)
 
     def delete(self, resource_id: str) -> None:
         self._handles.pop(resource_id, None)
         try:
-            with _translating(resource_id):
+            with translating(resource_id):
                 Sandbox.kill(resource_id, **self._opts())  # False when it is gone already
         except ResourceGone:
             pass
@@ -269,7 +198,7 @@ class E2BProvider(BaseProvider):
         """
         try:
             if not self._debug:
-                with _translating(resource_id):
+                with translating(resource_id):
                     info = Sandbox.get_info(resource_id, **self._opts())
                 if str(info.state) != "running":
                     return Health.UNREACHABLE  # paused: exists, does not answer until resumed
@@ -291,7 +220,7 @@ class E2BProvider(BaseProvider):
             return []  # debug mode has no control plane to list from
         query = SandboxQuery(metadata={"narrative.owner": self.context.owner})
         ids: list[str] = []
-        with _translating(None):
+        with translating(None):
             paginator = Sandbox.list(query=query, **self._opts())
             while paginator.has_next:
                 ids.extend(str(info.sandbox_id) for info in paginator.next_items())
@@ -344,7 +273,7 @@ class E2BProvider(BaseProvider):
             self.restore(resource_id, snapshot)
             return
         sandbox = self._sandbox(resource_id)
-        with _translating(resource_id):
+        with translating(resource_id):
             if sandbox.files.exists(self.cfg.workdir):
                 sandbox.files.remove(self.cfg.workdir)
             sandbox.files.make_dir(self.cfg.workdir)
@@ -377,7 +306,7 @@ class E2BProvider(BaseProvider):
 
             return receive
 
-        with _translating(resource_id):
+        with translating(resource_id):
             handle = sandbox.commands.run(
                 command,
                 background=True,
@@ -430,13 +359,13 @@ class E2BProvider(BaseProvider):
         command = f"exec {shlex.join(argv)}"
         if log_path is not None:
             parent = posixpath.dirname(self.cfg.workdir)
-            with _translating(resource_id):
+            with translating(resource_id):
                 sandbox.files.make_dir(posixpath.join(parent, _STAGING))
             log_file = shlex.quote(f"../{_STAGING}/spawn-{marker}.log")
             command += f" >>{log_file} 2>&1"
         else:
             command += " >/dev/null 2>&1"
-        with _translating(resource_id):
+        with translating(resource_id):
             handle = sandbox.commands.run(
                 command,
                 background=True,
@@ -471,7 +400,7 @@ class E2BProvider(BaseProvider):
         its processes, so an exited one is no longer listed)."""
         pid, marker = self._spawned(handle)
         sandbox = self._sandbox(resource_id)
-        with _translating(resource_id):
+        with translating(resource_id):
             processes = sandbox.commands.list()
         return any(p.pid == pid and p.envs.get(MARKER_VAR) == marker for p in processes)
 
@@ -493,7 +422,7 @@ class E2BProvider(BaseProvider):
         size = 0
         try:
             sandbox = self._sandbox(resource_id)
-            with _translating(resource_id, path):
+            with translating(resource_id, path):
                 reader = sandbox.files.read(path, format="stream")
                 with reader:
                     for chunk in reader:
@@ -522,19 +451,19 @@ class E2BProvider(BaseProvider):
     def read_file(self, resource_id: str, path: str) -> bytes:
         target = self._abs(path)
         sandbox = self._sandbox(resource_id)
-        with _translating(resource_id, path):
+        with translating(resource_id, path):
             return bytes(sandbox.files.read(target, format="bytes"))
 
     def write_file(self, resource_id: str, path: str, data: bytes) -> None:
         target = self._abs(path)
         sandbox = self._sandbox(resource_id)
-        with _translating(resource_id, path):
+        with translating(resource_id, path):
             sandbox.files.write(target, data)
 
     def delete_file(self, resource_id: str, path: str) -> None:
         target = self._abs(path)
         sandbox = self._sandbox(resource_id)
-        with _translating(resource_id, path):
+        with translating(resource_id, path):
             info = sandbox.files.get_info(target)
             if info.type == FileType.DIR:
                 raise IsADirectoryError(f"{path} is a directory")
@@ -552,7 +481,7 @@ class E2BProvider(BaseProvider):
         self, resource_id: str, sandbox: Sandbox, files: list[tuple[str, bytes]]
     ) -> None:
         for norm, data in files:
-            with _translating(resource_id, norm):
+            with translating(resource_id, norm):
                 sandbox.files.write(posixpath.join(self.cfg.workdir, norm), data)
             log.debug("uploaded %s to e2b sandbox %s", norm, resource_id)
 
@@ -564,7 +493,7 @@ class E2BProvider(BaseProvider):
         with tempfile.TemporaryFile() as tar:
             write_snapshot_tar(self.context.store, snapshot, tar)
             tar.seek(0)
-            with _translating(resource_id):
+            with translating(resource_id):
                 sandbox.files.write(posixpath.join(staging, name), tar)
                 if sandbox.files.exists(self.cfg.workdir):
                     sandbox.files.remove(self.cfg.workdir)
@@ -575,7 +504,7 @@ class E2BProvider(BaseProvider):
             cwd=self.cfg.workdir,
         )
         if result.exit_code != 0:
-            raise _tar_failed("restore into", resource_id, result)
+            raise tar_failed("restore into", resource_id, result)
         present = set(flatten_tree(self.context.store.odb, bytes.fromhex(snapshot.tree)))
         self._upload_config(resource_id, sandbox, skip=present)
 
@@ -586,7 +515,7 @@ class E2BProvider(BaseProvider):
         parent = posixpath.dirname(self.cfg.workdir)
         name = f"collect-{uuid.uuid4().hex}.tar"
         staged = posixpath.join(parent, _STAGING, name)
-        with _translating(resource_id):
+        with translating(resource_id):
             sandbox.files.make_dir(posixpath.join(parent, _STAGING))
         result = self._run(
             resource_id,
@@ -594,11 +523,11 @@ class E2BProvider(BaseProvider):
             cwd=self.cfg.workdir,
         )
         if result.exit_code != 0:
-            raise _tar_failed("collect from", resource_id, result)
+            raise tar_failed("collect from", resource_id, result)
         try:
-            with _translating(resource_id):
+            with translating(resource_id):
                 reader = sandbox.files.read(staged, format="stream")
-                with reader, io.BufferedReader(_StreamReader(iter(reader))) as stream:
+                with reader, io.BufferedReader(StreamReader(iter(reader))) as stream:
                     return snapshot_from_tar(
                         self.context.store,
                         stream,
@@ -611,7 +540,7 @@ class E2BProvider(BaseProvider):
                     )
         finally:
             try:
-                with _translating(resource_id):
+                with translating(resource_id):
                     sandbox.files.remove(staged)
             except ProviderError as exc:
                 log.warning("could not remove %s from e2b sandbox %s: %s", staged, resource_id, exc)

@@ -22,7 +22,7 @@ line and exits 1::
         └── QuotaExceeded(limit, live)                    a cloud machine past max_machines
 
 Errors of the Docker SDK, the e2b SDK and botocore are translated into this tree in one place
-each (``providers.docker.client.translate_error``, ``providers.e2b_provider._translate`` and
+each (``providers.docker.client.translate_error``, ``providers.e2b_calls.translate_error`` and
 ``providers.cloud.ec2.api_errors``).
 """
 

@@ -24,7 +24,8 @@ from narrative.errors import InvalidInput
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from providers.base import RUNTIME_BOOTSTRAP, Health
-from providers.e2b_provider import E2BProvider, _translate
+from providers.e2b_calls import translate_error
+from providers.e2b_provider import E2BProvider
 from providers.errors import ProviderError, ProviderUnavailable, ResourceGone, RuntimeBroken
 from providers.registry import get_provider_class
 from tests.providers.e2b_support import (  # noqa: F401  (fixtures)
@@ -254,17 +255,18 @@ def test_unreachable_envd_is_provider_unavailable(
 
 
 def test_sdk_errors_translated_in_one_place() -> None:
-    assert isinstance(_translate(SandboxNotRunningException("was not found"), "sb"), ResourceGone)
-    assert isinstance(_translate(SandboxNotFoundException("nope"), "sb"), ResourceGone)
-    auth = _translate(AuthenticationException("bad key e2b_secret"), "sb")
+    gone = translate_error(SandboxNotRunningException("was not found"), "sb")
+    assert isinstance(gone, ResourceGone)
+    assert isinstance(translate_error(SandboxNotFoundException("nope"), "sb"), ResourceGone)
+    auth = translate_error(AuthenticationException("bad key e2b_secret"), "sb")
     assert isinstance(auth, ProviderUnavailable) and "e2b_secret" not in str(auth)
-    assert isinstance(_translate(SandboxUnreachableException("x"), "sb"), ProviderUnavailable)
-    assert isinstance(_translate(RateLimitException("slow down"), "sb"), ProviderUnavailable)
-    assert isinstance(_translate(InvalidArgumentException("bad"), "sb"), InvalidInput)
-    missing = _translate(FileNotFoundException("no file"), "sb", "a.txt")
+    assert isinstance(translate_error(SandboxUnreachableException("x"), "sb"), ProviderUnavailable)
+    assert isinstance(translate_error(RateLimitException("slow down"), "sb"), ProviderUnavailable)
+    assert isinstance(translate_error(InvalidArgumentException("bad"), "sb"), InvalidInput)
+    missing = translate_error(FileNotFoundException("no file"), "sb", "a.txt")
     assert isinstance(missing, FileNotFoundError) and "a.txt" in str(missing)
     other = ValueError("not an e2b error")
-    assert _translate(other, "sb") is other
+    assert translate_error(other, "sb") is other
 
 
 def test_api_key_is_read_from_the_named_variable_and_never_persisted(
