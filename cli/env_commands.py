@@ -21,6 +21,14 @@ __all__ = ["COMMANDS", "open_manager", "parse_config", "stream_output"]
 DEFAULT_PARALLEL = 16
 """Environments one command creates or drives at a time (each mostly waits on its backend)."""
 
+parallel_option = click.option(
+    "--parallel",
+    type=click.IntRange(1, 64),
+    default=DEFAULT_PARALLEL,
+    show_default=True,
+    help="With several names: how many at a time.",
+)
+
 
 def open_manager(ctx: click.Context) -> EnvironmentManager:
     from providers.manager import EnvironmentManager
@@ -117,13 +125,7 @@ class _CreateCommand(click.Command):
 @click.option("--require", default="", help="Comma-separated capabilities, e.g. gpu,python.")
 @click.option("--config", "config_pairs", multiple=True, metavar="KEY=VALUE", help="Config.")
 @click.option("--no-start", is_flag=True, help="Create without starting.")
-@click.option(
-    "--parallel",
-    type=click.IntRange(1, 64),
-    default=DEFAULT_PARALLEL,
-    show_default=True,
-    help="With several names: how many to create at a time.",
-)
+@parallel_option
 @json_option
 @click.pass_context
 def env_create(
@@ -242,13 +244,7 @@ def env_show(ctx: click.Context, name: str, as_json: bool) -> None:
 
 def _lifecycle(action: str, done: str, doc: str) -> click.Command:
     @click.argument("names", nargs=-1, required=True)
-    @click.option(
-        "--parallel",
-        type=click.IntRange(1, 64),
-        default=DEFAULT_PARALLEL,
-        show_default=True,
-        help="With several names: how many at a time.",
-    )
+    @parallel_option
     @json_option
     @click.pass_context
     def command(ctx: click.Context, names: tuple[str, ...], parallel: int, as_json: bool) -> None:

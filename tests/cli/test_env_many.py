@@ -15,16 +15,15 @@ from narrative.store import Store
 from providers.errors import EnvironmentExists
 from providers.lifecycle import EnvState
 from providers.manager import EnvironmentManager
-from providers.registry import register, unregister
 from providers.worktree import WorktreeProvider
 from tests.conftest import Cli, store_dir_of, tree_bytes
+from tests.providers.fixtures import rendezvous
 
 
 class RendezvousProvider(WorktreeProvider):
-    """A worktree that is created only once the other two are being created too: created one
-    after another, none would ever be."""
+    """A worktree that is created only once the other two are being created too."""
 
-    met = threading.Barrier(3, timeout=20)
+    met: threading.Barrier
 
     def create(self) -> str:
         self.met.wait()
@@ -32,14 +31,12 @@ class RendezvousProvider(WorktreeProvider):
 
 
 @pytest.fixture
-def rendezvous() -> Iterator[None]:
-    register("rendezvous", RendezvousProvider)
-    RendezvousProvider.met.reset()
-    yield
-    unregister("rendezvous")
+def three() -> Iterator[threading.Barrier]:
+    with rendezvous("rendezvous", RendezvousProvider, 3) as met:
+        yield met
 
 
-def test_environments_are_created_side_by_side(store: Store, rendezvous: None) -> None:
+def test_environments_are_created_side_by_side(store: Store, three: threading.Barrier) -> None:
     done: list[str] = []
     outcomes = EnvironmentManager(store).create_many(
         ["a", "b", "c"], provider="rendezvous", on_done=lambda name, _: done.append(name)

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
 from narrative.ids import new_id
 from narrative.store import Store
+from providers.base import BaseProvider
+from providers.registry import register, unregister
+
+
+@contextmanager
+def rendezvous(name: str, cls: type[BaseProvider], parties: int) -> Iterator[threading.Barrier]:
+    """``cls`` registered as provider ``name`` while the block runs, with a fresh barrier of
+    ``parties`` in its ``met`` (a provider whose calls wait for one another: done one after
+    another, they never meet)."""
+    met = threading.Barrier(parties, timeout=20)
+    setattr(cls, "met", met)  # noqa: B010 (a class of the caller's, not of BaseProvider)
+    register(name, cls)
+    try:
+        yield met
+    finally:
+        unregister(name)
+
 
 # ---------------------------------------------------------------------------------------------
 # Docker (real engine at DOCKER_HOST; see tests/providers/docker_support.py)

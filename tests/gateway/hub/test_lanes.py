@@ -15,8 +15,8 @@ from gateway.hub.run_request import RunRequest
 from gateway.hub.server import Hub
 from narrative.store import Store
 from providers.manager import EnvironmentManager
-from providers.registry import register, unregister
 from providers.worktree import WorktreeProvider
+from tests.providers.fixtures import rendezvous
 
 RENDEZVOUS = 20.0
 """Seconds a function waits for its partner in another lane (serialized lanes never meet)."""
@@ -67,11 +67,10 @@ def test_a_lane_runs_in_order_even_when_its_caller_is_cancelled() -> None:
 
 
 class RendezvousProvider(WorktreeProvider):
-    """A worktree whose runtime starts only once another environment's is starting too: on
-    one shared thread, the two starts could never meet."""
+    """A worktree whose runtime starts only once another environment's is starting too."""
 
     resets_without_store = True  # (the test's fresh worktrees hold nothing to save)
-    met = threading.Barrier(2, timeout=RENDEZVOUS)
+    met: threading.Barrier
 
     def spawn_runtime(
         self,
@@ -86,14 +85,12 @@ class RendezvousProvider(WorktreeProvider):
 
 
 @pytest.fixture
-def rendezvous() -> Iterator[None]:
-    register("rendezvous", RendezvousProvider)
-    RendezvousProvider.met.reset()
-    yield
-    unregister("rendezvous")
+def two() -> Iterator[threading.Barrier]:
+    with rendezvous("rendezvous", RendezvousProvider, 2) as met:
+        yield met
 
 
-def test_runs_in_two_environments_start_side_by_side(store: Store, rendezvous: None) -> None:
+def test_runs_in_two_environments_start_side_by_side(store: Store, two: threading.Barrier) -> None:
     manager = EnvironmentManager(store)
     for name in ("one", "two"):
         manager.create(name, provider="rendezvous", config={"sandbox": "none"})
