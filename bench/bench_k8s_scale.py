@@ -71,7 +71,7 @@ def anchor(kubeconfig: str, count: int, workers: int = 1, prefix: str = "anchor"
             core.list_namespaced_pod,
             "default",
             field_selector=f"metadata.name={name}",
-            timeout_seconds=120,
+            timeout_seconds=600,
         ):
             pod = api.sanitize_for_serialization(event["object"])
             if gone and event["type"] == "DELETED":
