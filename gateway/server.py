@@ -23,6 +23,7 @@ import os
 import ssl as ssl_module
 from http import HTTPStatus
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from websockets.asyncio.server import Server, ServerConnection, serve, unix_serve
 from websockets.datastructures import Headers
@@ -30,10 +31,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response as HttpResponse
 
-from .errors import AuthError, ProtocolError
+from .errors import AuthError, ProtocolError, TokenExpired
 from .node import Gateway
 from .protocol import Hello, dump, parse_message
-from .tokens import TokenClaims, TokenSigner
+from .tokens import TokenClaims, TokenSigner, is_expired
 from .unix import bind_unix, unix_url
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ProviderServer", "bearer_token"]
@@ -83,6 +84,9 @@ class ProviderServer:
         self.run_id = run_id
         self._server: Server | None = None
         self._unix: dict[str, Server] = {}
+        #: claims verified at a connection's upgrade, until its handler takes them (the token
+        #: is verified once per connection; gone with the connection if the handshake fails)
+        self._admitted: WeakKeyDictionary[ServerConnection, TokenClaims] = WeakKeyDictionary()
         gateway.verify_token = lambda token: signer.verify(token, run_id=run_id)
 
     @property
@@ -164,13 +168,18 @@ class ProviderServer:
                     exc,
                 )
             return conn.respond(HTTPStatus.UNAUTHORIZED, f"{exc}\n")
+        self._admitted[conn] = claims
         return None
 
     async def _handle(self, conn: ServerConnection) -> None:
         gw = self.gateway
         try:
-            assert conn.request is not None  # set once the handshake completed
-            claims = self._verify(conn.request.headers)
+            claims = self._admitted.pop(conn, None)
+            if claims is None:  # not through _authorize: cannot happen, but verify then
+                assert conn.request is not None  # set once the handshake completed
+                claims = self._verify(conn.request.headers)
+            elif is_expired(claims.expires_at):  # expired since the upgrade
+                raise TokenExpired(f"token for {claims.environment_id} expired")
             frame = await asyncio.wait_for(conn.recv(), gw.limits.transport_timeout)
             hello = parse_message(frame)
             if not isinstance(hello, Hello):

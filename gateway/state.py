@@ -467,11 +467,13 @@ class GatewayState:
         )
 
     def _arm(self, when: float, kind: str, ref: Any) -> None:
-        heapq.heappush(self._timers, (when, next(self._tick), kind, ref))
+        timers = self._timers
+        heapq.heappush(timers, (when, next(self._tick), kind, ref))
         # Finished calls leave their deadline behind; compact now and then so the heap stays
         # proportional to the live calls rather than to the request rate times the timeout.
-        live = len(self._calls) + len(self._legs) + len(self._peers)
-        if len(self._timers) > max(1024, 4 * live):
+        if len(timers) > 1024 and len(timers) > 4 * (
+            len(self._calls) + len(self._legs) + len(self._peers)
+        ):
             self._timers = [t for t in self._timers if self._timer_live(t[0], t[2], t[3])]
             heapq.heapify(self._timers)
 

@@ -184,10 +184,12 @@ class Runtime(Hub):
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._shutdown.set)
         try:
+            # The link is held before it is up: the hub may renew the token (runtime:setToken)
+            # the moment the connection is, before connect() would have returned.
             self.link = await self.gateway.connect(
-                self.upstream_url, self._token, ssl=self.upstream_ssl
+                self.upstream_url, self._token, ssl=self.upstream_ssl, wait=False
             )
-            self.upstream = self.link.peer
+            self.upstream = await self.link.wait_connected(self.gateway.limits.transport_timeout)
             beating = loop.create_task(self._heartbeats(self.link))
             await self._shutdown.wait()
             beating.cancel()
@@ -363,9 +365,10 @@ class Runtime(Hub):
             raise InvalidInput("'token' must be a token for this environment")
         if self.link is not None:
             self.link.set_token(token)
-            # the open connection lives until the new expiry too, not only the next one
+            # the open connection lives until the new expiry too, not only the next one (the
+            # call came on it, so the link knows its peer even before serve() does)
             await self.gateway.call(
-                "gateway", "refresh", {"token": token}, target=self.upstream, timeout=10
+                "gateway", "refresh", {"token": token}, target=self.link.peer, timeout=10
             )
         return {}
 

@@ -332,6 +332,62 @@ async def test_missing_forged_expired_and_wrong_run_tokens_are_refused(
 
 
 @async_test
+async def test_a_connection_lives_only_as_long_as_its_token(signer: TokenSigner) -> None:
+    """The token is verified once, at the upgrade; the connection is still held to it: closed
+    (1008) when it expires or is revoked, and no call is served after that."""
+    import time
+
+    from gateway.tokens import CLOCK_SKEW_TOLERANCE
+
+    request = json.dumps(
+        {
+            "type": "executionGateway.request",
+            "requestId": "q1",
+            "originalType": "gateway",
+            "originalAction": "echo",
+            "originalMessage": {"n": 1},
+            "routePath": ["agent"],
+        }
+    )
+
+    async def served_then_closed(ws: Any) -> tuple[dict[str, Any], int, str, float]:
+        await ws.send(_hello("agent"))
+        assert json.loads(await ws.recv())["type"] == "executionGateway.welcome"
+        await ws.send(request)
+        reply = json.loads(await ws.recv())
+        with pytest.raises(ConnectionClosed) as closed:  # and nothing else before the close
+            await asyncio.wait_for(ws.recv(), 10)
+        rcvd = closed.value.rcvd
+        assert rcvd is not None
+        return reply, rcvd.code, rcvd.reason, time.time()
+
+    async with hub(signer) as (node, plugin):
+        # good for about 1.5 s more: expired 3.5 s ago, within the clock-skew tolerance
+        expires = time.time() - CLOCK_SKEW_TOLERANCE + 1.5
+        expiring = signer.issue("run-1", "agent", 1.0, now=expires - 1.0)
+        async with _raw(plugin.url, expiring) as ws:
+            reply, code, reason, at = await served_then_closed(ws)
+        assert reply["success"] and reply["result"] == {"n": 1}
+        assert (code, reason) == (1008, "token expired")
+        assert at >= expires + CLOCK_SKEW_TOLERANCE - 0.1
+
+        async with _raw(plugin.url, signer.issue("run-2", "agent", 600)) as ws:
+            await ws.send(_hello("agent"))
+            await ws.recv()
+            await ws.send(request)
+            assert json.loads(await ws.recv())["success"]
+            assert await node.revoke("run ended", run_id="run-2") == 1
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+                1008,
+                "token revoked: run ended",
+            )
+        assert node.access.claims == {}
+
+
+@async_test
 async def test_garbage_oversized_and_floods_never_crash_the_server(signer: TokenSigner) -> None:
     limits = Limits(transport_timeout=1.0, max_frame=64 * 1024, max_bad_frames=20, max_inflight=50)
     async with hub(signer, limits=limits) as (node, plugin):

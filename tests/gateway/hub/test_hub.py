@@ -442,6 +442,46 @@ def test_runtime_heartbeats_are_answered_by_the_hub(store: Store, tmp_path: Path
     assert asyncio.run(main()) >= 3
 
 
+def test_a_token_renewed_as_the_runtime_connects_is_presented(store: Store, tmp_path: Path) -> None:
+    """The hub renews a runtime's token (runtime:setToken) the moment its connection is up, as
+    it does for a runtime that took longer to start than a third of its token's life: the
+    runtime presents the new token on that connection (gateway:refresh), or the hub, revoking
+    the old one, would close the runtime's only connection."""
+    from gateway.hub.runtime import Runtime
+
+    box = tmp_path / "box"
+    box.mkdir()
+
+    async def main() -> tuple[str, str]:
+        async with Hub(store) as hub:
+            old = hub.signer.issue("run-renew", "box", 60)
+            fresh = hub.signer.issue("run-renew", "box", 60)
+            renewals: list[asyncio.Task[Any]] = []
+
+            def renew_at_once(peer: str, up: bool) -> None:
+                if peer == "box" and up and not renewals:
+                    call = hub.gateway.call(
+                        "runtime", "setToken", {"token": fresh}, target="box", timeout=10
+                    )
+                    renewals.append(asyncio.get_running_loop().create_task(call))
+
+            hub.gateway.add_peer_listener(renew_at_once)
+            runtime = Runtime(hub.url, old, str(box), heartbeat_interval=0.05)
+            serving = asyncio.get_running_loop().create_task(runtime.serve())
+            try:
+                await until(lambda: bool(renewals) and renewals[0].done(), timeout=20)
+                await renewals[0]
+                claims = hub.gateway.peer_claims("box")
+                assert claims is not None
+                return claims.token_id, hub.signer.verify(fresh).token_id
+            finally:
+                runtime._shutdown.set()
+                await serving
+
+    held, renewed = asyncio.run(main())
+    assert held == renewed
+
+
 def test_kill_with_no_hub_alive_kills_the_orphaned_runtime(hub_cli: Cli, workspace: Path) -> None:
     """The process embedding the hub dies (kill -9); `run kill` then reaches the runtime through
     the provider, collects what the environment holds and records the run as killed."""
