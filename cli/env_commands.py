@@ -159,8 +159,9 @@ def env_create(
     )
     for outcome in outcomes:
         if not isinstance(outcome, Exception):
+            which = f"{outcome.name}: " if len(names) > 1 else ""
             for warning in _warnings(manager, outcome):
-                note(f"warning: {outcome.name}: {warning}")
+                note(f"warning: {which}{warning}")
     _emit_outcomes(ctx, as_json, outcomes, lambda r: f"{r.name} ({r.provider}) {r.state.value}")
 
 
