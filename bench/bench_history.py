@@ -118,11 +118,11 @@ class History:
         self.counter = 0
 
     def ours(self, *argv: str | Path) -> Sample:
-        p = check(run([self.exe, *map(str, argv)], env=self.env, cwd=self.ws))
+        p = check(run([str(self.exe), *map(str, argv)], env=self.env, cwd=self.ws))
         return Sample(p.seconds, p.maxrss_kib)
 
     def git(self, *argv: str | Path, env: dict[str, str] | None = None) -> Sample:
-        p = check(run(["git", "--git-dir", self.store, *map(str, argv)], env=env or self.env,
+        p = check(run(["git", "--git-dir", str(self.store), *map(str, argv)], env=env or self.env,
                       cwd=self.root))  # fmt: skip
         return Sample(p.seconds, p.maxrss_kib)
 
