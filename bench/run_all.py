@@ -61,7 +61,9 @@ class Goal:
     bench: str  # the script: bench/bench_<bench>.py
     key: str  # the row (scenario) key in that script's JSON
     goal: float | None  # None: reported, no goal
-    unit: str = "x"  # "x": median ours/anchor ≤ goal; "s": ours seconds ≤ goal; "KiB": ours size
+    #: "x": median ours/anchor ≤ goal; "s": ours seconds ≤ goal; "KiB": ours output size;
+    #: "MB": ours peak memory over the rows named by ``key`` (comma-separated)
+    unit: str = "x"
     docker: bool = False
     quick: bool = True  # part of the quick profile
     max_mb: float | None = None  # a memory goal for ours' peak
@@ -130,6 +132,14 @@ GOALS: tuple[Goal, ...] = (
         scenario="s3",
         max_mb=TRANSFER_MAX_MB,
     ),
+    Goal(
+        "transfer-memory",
+        "peak memory of exports and imports (bundle, tar.zst, import)",
+        "transfer",
+        "bundle,zst,import",
+        TRANSFER_MAX_MB,
+        unit="MB",
+    ),
     Goal("merge", "3-way merge of 1k files vs git merge-tree", "merge", "merge", 1.0),
     Goal("gw-hop", "gateway one-hop round trip p50 vs raw websockets", "gateway", "latency", 1.5),
     Goal("gw-chain", "gateway three-hop chain vs raw one hop", "gateway", "chain", 4.0),
@@ -195,20 +205,13 @@ GOALS: tuple[Goal, ...] = (
     ),
 )
 
-#: Rows CI gates (``--gate``): those that met 1.5x their goal in ``make bench-quick`` on the
-#: development machine (2 shared vCPUs) on 2026-12-06. The others missed by more (snapshot
-#: scans without the watcher, transfer, merge, gateway, history, CLI start-up are being worked
-#: on): they are printed as "not gated (known miss)" until they join this set.
-GATED: frozenset[str] = frozenset(
-    {
-        "snap-first",
-        "snap-thousand",
-        "tar-zst",
-        "incr-size",
-        "import",
-        "run-worktree",
-    }
-)
+#: Rows CI gates (``--gate``): those within 1.5x their goal in both runs of
+#: ``make bench-quick`` on the development machine (2 vCPUs shared with four other agents'
+#: builds, load average 6-9) on 2026-12-06, with a margin against that noise. Every other row
+#: with a goal missed by more than 1.5x in at least one of the runs, or was within a few percent
+#: of the limit (hub-proxied 2.75x/2.92x against 3.0x, import 1.13x against 1.2x): the table
+#: prints them and the gate lists them as "not gated (known miss)" until they join this set.
+GATED: frozenset[str] = frozenset({"snap-thousand", "transfer-memory"})
 
 
 # --------------------------------------------------------------------------- scripts
@@ -339,6 +342,8 @@ class Row:
             return self.min_ratio if best else self.median_ratio
         if not self.ours.values:
             return None
+        if self.goal.unit == "MB":  # memory: the highest peak, however fast
+            return max(self.ours.values)
         return min(self.ours.values) if best else statistics.median(self.ours.values)
 
 
@@ -350,6 +355,8 @@ def build_row(goal: Goal, outcome: Outcome | None) -> Row:
     if outcome.doc is None:
         row.status = f"error: {outcome.error}"
         return row
+    if goal.unit == "MB":
+        return _memory_row(row, outcome.doc)
     entry = _entry(outcome.doc, goal.key)
     if entry is None:
         row.status = f"error: bench_{goal.bench}.py reported no row {goal.key!r}"
@@ -387,6 +394,21 @@ def build_row(goal: Goal, outcome: Outcome | None) -> Row:
     return row
 
 
+def _memory_row(row: Row, doc: dict[str, Any]) -> Row:
+    """Ours' peak memory in every sample of the rows named by the goal's key, in MB."""
+    peaks: list[float] = []
+    for key in row.goal.key.split(","):
+        entry = _entry(doc, key)
+        if entry is not None:
+            peaks += [kib / 1024 for kib in _side(entry, "ours").rss_kib]
+    row.ours = Side(peaks, [int(p * 1024) for p in peaks])
+    if not peaks:
+        row.status = "error: no samples"
+    else:
+        row.status = "met" if max(peaks) <= (row.goal.goal or 0.0) else "MISS"
+    return row
+
+
 def gate_failure(row: Row) -> str | None:
     """Why a gated row fails CI, or None."""
     goal = row.goal.goal
@@ -416,14 +438,16 @@ def _value(v: float | None, unit: str) -> str:
         return "—"
     if unit == "x":
         return f"{v:.2f}x"
-    if unit == "KiB":
-        return f"{v:.1f} KiB"
+    if unit in ("KiB", "MB"):
+        return f"{v:.1f} {unit}"
     return _seconds(v)
 
 
 def _median(side: Side, unit: str) -> str:
     if not side.values:
         return "—"
+    if unit == "MB":
+        return f"{max(side.values):.0f} MB"
     m = statistics.median(side.values)
     return f"{m:.1f} KiB" if unit == "KiB" else _seconds(m)
 
@@ -538,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             doc = json.loads(path.read_text()) if path.exists() else None
             outcomes[bench] = Outcome(doc, None if doc else f"no {path.name}")
             continue
-        scenarios = list(dict.fromkeys(g.scenario or g.key for g in mine))
+        keys = [k for g in mine for k in (g.scenario or g.key).split(",")]
+        scenarios = list(dict.fromkeys(keys))
         outcomes[bench] = run_script(bench, script_argv(bench, args.quick, scenarios), out_dir)
     rows = []
     for g in goals:
