@@ -152,6 +152,7 @@ GOALS: tuple[Goal, ...] = (
         "docker",
         1.1,
         docker=True,
+        quick=False,
     ),
     Goal("history", "history of 10,000 snapshots: log, resolve, restore", "history", "total", 2.0),
     Goal("history-log", "  of which log -n 20", "history", "log", None),
