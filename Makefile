@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-long test-hosts test-faults soak lint bench bench-quick bench-transfer bench-merge bench-run bench-sandbox bench-gateway bench-chain bench-web clean
+.PHONY: demo test test-long test-hosts test-faults soak lint bench bench-quick bench-snapshot bench-history bench-transfer bench-merge bench-run bench-sandbox bench-gateway bench-chain bench-web clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,11 +37,17 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-bench: $(STAMP)  ## full benchmarks (50,000 files / 1 GB; takes a while)
-	$(BIN)/python bench/bench_snapshot.py
+bench: $(STAMP)  ## every benchmark against its anchor, one table of ratios, appended to bench/RESULTS.md (full sizes; takes a long while)
+	$(BIN)/python bench/run_all.py --record $(ARGS)
 
-bench-quick: $(STAMP)
-	$(BIN)/python bench/bench_snapshot.py --quick
+bench-quick: $(STAMP)  ## the small profile of make bench (a few minutes); fails when a gated row is worse than 1.5x its goal (CI)
+	$(BIN)/python bench/run_all.py --quick --gate $(ARGS)
+
+bench-snapshot: $(STAMP)  ## snapshot and restore vs git alone (add ARGS=--quick for a smoke run)
+	$(BIN)/python bench/bench_snapshot.py $(ARGS)
+
+bench-history: $(STAMP)  ## a history of 10,000 snapshots: log, resolve, restore vs git on the same commits
+	$(BIN)/python bench/bench_history.py $(ARGS)
 
 bench-run: $(STAMP)  ## isolated-run overhead per provider (docker needs DOCKER_HOST)
 	$(BIN)/python bench/bench_run.py $(ARGS)

@@ -167,7 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(body, indent=2))
     out = args.json_out or RESULTS_DIR / time.strftime("daytona-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "daytona", "cpus": os.cpu_count(), **body}) + "\n")
+    # samples in the shape bench/run_all.py reads (one run: one sample per side)
+    rows = [
+        {"key": "total", "ours": [body["total_seconds"]], "anchor": [anchor],
+         "ours_rss_kib": [int(rss_kib)]},
+        {"key": "fan-out", "ours": [seconds], "anchor": [anchor], "ours_rss_kib": [int(rss_kib)]},
+    ]  # fmt: skip
+    doc = {"benchmark": "daytona", "cpus": os.cpu_count(), **body, "rows": rows}
+    out.write_text(json.dumps(doc) + "\n")
     log(f"results: {out}")
     return 0 if statuses == ["succeeded"] else 1
 

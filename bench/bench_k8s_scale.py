@@ -154,6 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=50)
     parser.add_argument("--skip-anchor", action="store_true", help="(debugging) only ours")
+    parser.add_argument("--json-out", type=Path, help="samples as JSON (for bench/run_all.py)")
     args = parser.parse_args()
     from tests.providers import docker_support
     from tests.providers.k8s_standin import standin_cluster
@@ -203,6 +204,10 @@ def main() -> None:
         f"  hub peak RSS during the fan-out {rss:.0f} MB (target <= 200 MB: "
         f"{'ok' if rss <= 200 else 'MISSED'})"
     )
+    if args.json_out is not None:
+        row = {"key": "scale", "ours": [total], "anchor": [direct], "fan_out": fan_out,
+               "ours_rss_kib": [int(rss * 1024)], "target": 1.5}  # fmt: skip
+        args.json_out.write_text(json.dumps({"benchmark": "k8s_scale", "rows": [row]}) + "\n")
 
 
 if __name__ == "__main__":

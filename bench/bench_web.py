@@ -51,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--json-out", type=Path, help="samples as JSON (for bench/run_all.py)")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,6 +129,9 @@ def main() -> None:
     print(f"ratio web/cli: x{web_ms / cli_ms:.2f} (target <= 2)")
     lib_ms = statistics.median(library) * 1000
     print(f"(informational: the same list in-process, no CLI start-up: {lib_ms:.1f} ms)")
+    if args.json_out is not None:
+        row = {"key": "page", "ours": web, "anchor": cli, "in_process": library, "target": 2.0}
+        args.json_out.write_text(json.dumps({"benchmark": "web", "rows": [row]}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

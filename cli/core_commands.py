@@ -234,6 +234,8 @@ def log(
     SNAPSHOT starts the list there, on its thread: any name ``show`` takes, such as
     ``origin/main`` (the thread as the remote ``origin`` last had it).
     """
+    from itertools import islice
+
     from narrative import hierarchy
     from narrative.commits import all_snapshots, thread_snapshots
     from narrative.history import resolve_snapshot
@@ -241,9 +243,11 @@ def log(
     if sum(bool(x) for x in (start, thread_ref, objective_ref, all_threads)) > 1:
         raise click.UsageError("use at most one of SNAPSHOT, --thread, --objective, --all")
     store = open_store(ctx)
+    # one thread is already newest first: read only the first N of its history
     if start:
         first = resolve_snapshot(store, start)
-        snaps = list(thread_snapshots(store, first.thread, bytes.fromhex(first.commit)))
+        head = bytes.fromhex(first.commit)
+        snaps = list(islice(thread_snapshots(store, first.thread, head), max_count))
     elif all_threads:
         snaps = list(all_snapshots(store))
     elif objective_ref:
@@ -254,7 +258,8 @@ def log(
             for s in thread_snapshots(store, t.id)
         ]
     else:
-        snaps = list(thread_snapshots(store, hierarchy.resolve_thread(store, thread_ref).id))
+        thread_id = hierarchy.resolve_thread(store, thread_ref).id
+        snaps = list(islice(thread_snapshots(store, thread_id), max_count))
     if all_threads or objective_ref:
         # Stable: snapshots of one thread keep their chain order within the same second.
         snaps.sort(key=lambda s: s.created_at, reverse=True)

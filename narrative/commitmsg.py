@@ -25,7 +25,13 @@ from .jsonio import parse_json
 from .models import Snapshot, iso_from_timestamp
 from .objects import Commit
 
-__all__ = ["encode_message", "is_snapshot_commit", "merged_from", "snapshot_from_commit"]
+__all__ = [
+    "encode_message",
+    "is_snapshot_commit",
+    "merged_from",
+    "snapshot_from_commit",
+    "snapshot_names",
+]
 
 _PREFIX = "Narrative-"
 
@@ -70,6 +76,16 @@ def _trailers(message: str) -> tuple[str, dict[str, list[str]]]:
 def is_snapshot_commit(commit: Commit) -> bool:
     """Whether a commit carries snapshot trailers."""
     return "Snapshot" in _trailers(commit.message)[1]
+
+
+def snapshot_names(message: str) -> tuple[str, str] | None:
+    """``(snapshot id, thread id)`` named by a commit message's trailers, or None for a commit
+    that is not a snapshot; nothing else is decoded (history walks read thousands)."""
+    trailers = _trailers(message)[1]
+    snapshot, thread = trailers.get("Snapshot"), trailers.get("Thread")
+    if not snapshot:
+        return None
+    return snapshot[0], thread[0] if thread else ""
 
 
 def merged_from(commit: Commit) -> list[str]:

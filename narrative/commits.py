@@ -7,9 +7,10 @@ Names (prefixes, thread names, ``origin/main``, run ids) are :mod:`narrative.his
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .commitmsg import is_snapshot_commit, snapshot_from_commit
+from .commitmsg import is_snapshot_commit, snapshot_from_commit, snapshot_names
 from .errors import SnapshotNotFound, StoreCorrupted
 from .models import Snapshot
 from .objects import Commit, parse_commit
@@ -17,7 +18,14 @@ from .objects import Commit, parse_commit
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["all_snapshots", "read_commit", "snapshot_at", "snapshot_by_id", "thread_snapshots"]
+__all__ = [
+    "all_snapshots",
+    "read_commit",
+    "snapshot_at",
+    "snapshot_by_id",
+    "snapshot_ids",
+    "thread_snapshots",
+]
 
 
 def read_commit(store: Store, oid: bytes) -> Commit:
@@ -43,40 +51,81 @@ def snapshot_at(store: Store, oid: bytes) -> Snapshot:
     return snapshot_from_commit(oid, commit, parent)
 
 
+@dataclass(frozen=True)
+class _Link:
+    """One commit of a history walk, decoded only as far as the walk needs."""
+
+    oid: bytes
+    data: bytes
+    parent: bytes | None
+    snapshot_id: str | None
+    thread: str | None
+
+
+def _link(store: Store, oid: bytes) -> _Link:
+    kind, data = store.odb.read(oid)
+    if kind != "commit":
+        raise StoreCorrupted(f"{oid.hex()} is a {kind}, not a commit")
+    head, _, message = data.partition(b"\n\n")
+    parent = None
+    for line in head.split(b"\n"):
+        if line.startswith(b"parent "):  # the first one (continuation lines start with " ")
+            parent = bytes.fromhex(line[7:].decode())
+            break
+    names = snapshot_names(message.decode("utf-8", "replace"))
+    snapshot_id, thread = names if names is not None else (None, None)
+    return _Link(oid, data, parent, snapshot_id, thread)
+
+
+def _chain(store: Store, thread_id: str, head: bytes) -> Iterator[tuple[_Link, _Link | None]]:
+    """A thread's snapshot commits from ``head``, newest first, each with its first parent
+    (also when that parent ends the thread); every commit is read once and lazily, so a
+    caller that stops after n snapshots reads n + 1 commits, not the whole history."""
+    link = _link(store, head)
+    if link.snapshot_id is None:
+        raise StoreCorrupted(f"commit {head.hex()} is not a valid snapshot")
+    while link.thread == thread_id:
+        parent = _link(store, link.parent) if link.parent is not None else None
+        yield link, parent
+        if parent is None or parent.snapshot_id is None:
+            return
+        link = parent
+
+
 def thread_snapshots(store: Store, thread_id: str, head: bytes | None = None) -> Iterator[Snapshot]:
     """Snapshots of one thread, newest first (stops where the thread was forked)."""
     oid = head if head is not None else store.refs.read(store.thread_ref(thread_id))
     if oid is None:
         return
-    commit = read_commit(store, oid)
-    while True:
-        parent_oid = commit.parents[0] if commit.parents else None
-        parent_commit = read_commit(store, parent_oid) if parent_oid is not None else None
-        parent_id = (
-            snapshot_from_commit(parent_oid, parent_commit, None).id
-            if parent_oid is not None
-            and parent_commit is not None
-            and is_snapshot_commit(parent_commit)
-            else None
-        )
-        snap = snapshot_from_commit(oid, commit, parent_id)
-        if snap.thread != thread_id:
-            return
-        yield snap
-        if parent_oid is None or parent_commit is None or not is_snapshot_commit(parent_commit):
-            return
-        oid, commit = parent_oid, parent_commit
+    for link, parent in _chain(store, thread_id, oid):
+        parent_id = parent.snapshot_id if parent is not None else None
+        yield snapshot_from_commit(link.oid, parse_commit(link.data), parent_id)
+
+
+def _all_links(store: Store) -> Iterator[tuple[_Link, _Link | None]]:
+    """The commits of every thread's snapshots, each once (thread by thread, newest first)."""
+    seen: set[bytes] = set()
+    for thread_id, head in sorted(store.thread_heads().items()):
+        for link, parent in _chain(store, thread_id, head):
+            if link.oid in seen:
+                break
+            seen.add(link.oid)
+            yield link, parent
 
 
 def all_snapshots(store: Store) -> Iterator[Snapshot]:
     """Every snapshot reachable from any thread, each once (thread by thread, newest first)."""
-    seen: set[str] = set()
-    for thread_id, head in sorted(store.thread_heads().items()):
-        for snap in thread_snapshots(store, thread_id, head):
-            if snap.commit in seen:
-                break
-            seen.add(snap.commit)
-            yield snap
+    for link, parent in _all_links(store):
+        parent_id = parent.snapshot_id if parent is not None else None
+        yield snapshot_from_commit(link.oid, parse_commit(link.data), parent_id)
+
+
+def snapshot_ids(store: Store) -> Iterator[tuple[str, bytes]]:
+    """``(snapshot id, commit)`` of every snapshot :func:`all_snapshots` yields, in its order,
+    without decoding the snapshots (resolving a name scans them all)."""
+    for link, _parent in _all_links(store):
+        assert link.snapshot_id is not None  # _chain yields snapshot commits only
+        yield link.snapshot_id, link.oid
 
 
 def snapshot_by_id(store: Store, snapshot_id: str) -> Snapshot:
@@ -85,7 +134,7 @@ def snapshot_by_id(store: Store, snapshot_id: str) -> Snapshot:
     Raises:
         SnapshotNotFound: no snapshot of the store has it.
     """
-    for snap in all_snapshots(store):
-        if snapshot_id in (snap.id, snap.commit):
-            return snap
+    for found, oid in snapshot_ids(store):
+        if snapshot_id in (found, oid.hex()):
+            return snapshot_at(store, oid)
     raise SnapshotNotFound(snapshot_id)
