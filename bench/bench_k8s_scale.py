@@ -13,14 +13,16 @@ private Docker engine, ``DOCKER_HOST``; the default image is built offline if mi
   and wait until it runs, then run the same command in each through ``pods/exec`` and read
   ``out.txt`` back, then delete each pod and claim and wait until it is gone.
 
-Measured here (2 shared vCPUs under other agents' load, one run each): 50 environments,
-anchor 16.3 s, narrative 185.0 s (11.3x, target MISSED), of which the fan-out run 44.9 s, hub
-peak RSS 86 MB (target met); 10 environments: 3.1 s vs 34.6 s (11x), fan-out 8.8 s, 84 MB. Most of
-narrative's time is one CLI process per ``env create`` / ``env delete`` (Python start-up, store
-open, waiting for the pod), which the anchor does not pay: a bulk create/delete would be the fix.
+Measured here (2 shared vCPUs under other agents' load, load average 7-11, one run each),
+50 environments: narrative 90.5 s (creates 16.8 s, fan-out 62.0 s, deletes 11.6 s), the anchor
+one pod at a time 46.9 s (1.93x, target MISSED), 16 at a time 28.6 s (3.16x); hub peak RSS 93
+MB (target met). Before creates and deletes went side by side in one command and the hub's
+provider work left its store thread: 185.0 s against 16.3 s (11.3x). The fan-out is what is
+left: fifty runtimes, each a Python process restoring, running, snapshotting and shipping its
+result in its pod, on two cores.
 
-Target: OURS / ANCHOR ≤ 1.5x. Both sides sequential per environment except the fan-out run,
-which is what narrative does in one command.
+Target: OURS / ANCHOR ≤ 1.5x against the anchor one pod at a time; the anchor 16 pods at a
+time (as ``env create`` works) is reported beside it.
 
 Usage::
 
