@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import marshal
+import operator
 import os
 import stat as stat_mod
 import zlib
@@ -32,7 +33,7 @@ from . import progress
 from .fsutil import is_workspace_tmp, remove_stale_workspace_tmp
 from .ignore import IgnoreRules, read_ignore_file
 from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK
-from .paths import STORE_DIR_NAME, component_problem, is_plain_name
+from .paths import STORE_DIR_NAME, are_plain_names, component_problem, is_plain_name
 from .statcache import DirRecord, FileDetail, StatCache, StatKey, decode_details
 
 __all__ = ["DirNode", "FileJob", "KnownChanges", "ScanResult", "scan_workspace"]
@@ -41,6 +42,10 @@ _SPECIAL = frozenset((".git", ".gitignore", ".narrativeignore"))
 _PARALLEL_MIN_DIRS = 200
 """Fork workers only for workspaces whose last snapshot had at least this many directories."""
 _UNITS_PER_WORKER = 8
+_stat_key: Callable[[os.stat_result], StatKey] = operator.attrgetter(
+    "st_mtime_ns", "st_ctime_ns", "st_size", "st_ino", "st_mode"
+)
+"""The stat key of a file (see :mod:`narrative.statcache`), taken in C."""
 
 
 @dataclass(slots=True)
@@ -136,19 +141,16 @@ class _Walker:
                 rules = rules.extend(lines, rel_dir)
         return rules
 
-    def visit(
-        self, abs_dir: str, rel_dir: str, rules: IgnoreRules
-    ) -> tuple[list[str], list[tuple[str, str, IgnoreRules]]] | None:
-        """Scan one directory; returns its subdirectory rels and what to visit next."""
-        try:
-            with os.scandir(abs_dir) as it:
-                entries = list(it)
-        except OSError as exc:
-            self.unreadable.append(
-                {"path": rel_dir or ".", "reason": f"unreadable: {exc.strerror}"}
-            )
-            return None
-        names = {e.name for e in entries}
+    def _sort_entries(
+        self,
+        abs_dir: str,
+        rel_dir: str,
+        entries: list[os.DirEntry[str]],
+        names: set[str],
+        rules: IgnoreRules,
+    ) -> tuple[list[os.DirEntry[str]], list[os.DirEntry[str]], IgnoreRules]:
+        """Files and subdirectories to take, applying every naming and ignore rule; returns
+        them with the rules in force below (this directory's ignore files added)."""
         if not names.isdisjoint(_SPECIAL):
             rules = self._rules_for(abs_dir, rel_dir, names, rules)
         prefix = rel_dir + "/" if rel_dir else ""
@@ -186,11 +188,40 @@ class _Walker:
                 subdirs.append(entry)
             elif not (rules and rules.is_ignored(prefix + name, False)):
                 files.append(entry)
+        return files, subdirs, rules
+
+    def visit(
+        self, abs_dir: str, rel_dir: str, rules: IgnoreRules
+    ) -> tuple[list[str], list[tuple[str, str, IgnoreRules]]] | None:
+        """Scan one directory; returns its subdirectory rels and what to visit next."""
+        try:
+            with os.scandir(abs_dir) as it:
+                entries = list(it)
+        except OSError as exc:
+            self.unreadable.append(
+                {"path": rel_dir or ".", "reason": f"unreadable: {exc.strerror}"}
+            )
+            return None
+        names = [e.name for e in entries]
+        if rules or not are_plain_names("\0".join(names) + "\0"):
+            files, subdirs, rules = self._sort_entries(abs_dir, rel_dir, entries, set(names), rules)
+        else:
+            # the common case, decided in one match: no special, unsafe or temporary name and
+            # no ignore rule, so each entry only needs its type (from the listing, no syscall)
+            files, subdirs = [], []
+            for entry in entries:
+                try:
+                    (subdirs if entry.is_dir(follow_symlinks=False) else files).append(entry)
+                except OSError:
+                    continue
+            if self.exclude:
+                subdirs = [e for e in subdirs if e.path not in self.exclude]
+        prefix = rel_dir + "/" if rel_dir else ""
         try:
             stats = [e.stat(follow_symlinks=False) for e in files]
         except OSError:
             files, stats = _stat_slowly(files)
-        keys = [(s.st_mtime_ns, s.st_ctime_ns, s.st_size, s.st_ino, s.st_mode) for s in stats]
+        keys: list[StatKey] = list(map(_stat_key, stats))
         self.advance(len(keys))
         file_names = [e.name for e in files]
         sub_names = [e.name for e in subdirs]
