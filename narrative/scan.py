@@ -46,6 +46,7 @@ _stat_key: Callable[[os.stat_result], StatKey] = operator.attrgetter(
     "st_mtime_ns", "st_ctime_ns", "st_size", "st_ino", "st_mode"
 )
 """The stat key of a file (see :mod:`narrative.statcache`), taken in C."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(slots=True)
@@ -141,6 +142,26 @@ class _Walker:
                 rules = rules.extend(lines, rel_dir)
         return rules
 
+    def _sort(
+        self, abs_dir: str, rel_dir: str, entries: list[os.DirEntry[str]], rules: IgnoreRules
+    ) -> tuple[list[os.DirEntry[str]], list[os.DirEntry[str]], IgnoreRules]:
+        """Files and subdirectories to take, and the rules in force below."""
+        names = [e.name for e in entries]
+        if rules or not are_plain_names("\0".join(names) + "\0"):
+            return self._sort_entries(abs_dir, rel_dir, entries, set(names), rules)
+        # the common case, decided in one match: no special, unsafe or temporary name and no
+        # ignore rule, so each entry only needs its type (from the listing, no syscall)
+        files: list[os.DirEntry[str]] = []
+        subdirs: list[os.DirEntry[str]] = []
+        for entry in entries:
+            try:
+                (subdirs if entry.is_dir(follow_symlinks=False) else files).append(entry)
+            except OSError:
+                continue
+        if self.exclude and subdirs:
+            subdirs = [e for e in subdirs if os.path.join(abs_dir, e.name) not in self.exclude]
+        return files, subdirs, rules
+
     def _sort_entries(
         self,
         abs_dir: str,
@@ -172,18 +193,21 @@ class _Walker:
             if is_workspace_tmp(name):
                 # a restore's or merge's file in flight (or left by a kill): never captured;
                 # swept at once by a writer holding the workspace lock, else once stale
+                path = os.path.join(abs_dir, name)
                 with contextlib.suppress(OSError):
                     if self.sweep_tmp:
-                        os.unlink(entry.path)
+                        os.unlink(path)
                     else:
-                        remove_stale_workspace_tmp(entry.path, entry.stat(follow_symlinks=False))
+                        remove_stale_workspace_tmp(path, entry.stat(follow_symlinks=False))
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
             except OSError:
                 continue
             if is_dir:
-                if entry.path in self.exclude or (rules and rules.is_ignored(prefix + name, True)):
+                if os.path.join(abs_dir, name) in self.exclude or (
+                    rules and rules.is_ignored(prefix + name, True)
+                ):
                     continue
                 subdirs.append(entry)
             elif not (rules and rules.is_ignored(prefix + name, False)):
@@ -195,32 +219,30 @@ class _Walker:
     ) -> tuple[list[str], list[tuple[str, str, IgnoreRules]]] | None:
         """Scan one directory; returns its subdirectory rels and what to visit next."""
         try:
-            with os.scandir(abs_dir) as it:
-                entries = list(it)
+            # listed through a descriptor, so each entry's lstat is an fstatat of its name
+            # alone (no walk of the whole path per file); never through a symlink
+            fd = os.open(abs_dir, _DIR_FLAGS)
         except OSError as exc:
             self.unreadable.append(
                 {"path": rel_dir or ".", "reason": f"unreadable: {exc.strerror}"}
             )
             return None
-        names = [e.name for e in entries]
-        if rules or not are_plain_names("\0".join(names) + "\0"):
-            files, subdirs, rules = self._sort_entries(abs_dir, rel_dir, entries, set(names), rules)
-        else:
-            # the common case, decided in one match: no special, unsafe or temporary name and
-            # no ignore rule, so each entry only needs its type (from the listing, no syscall)
-            files, subdirs = [], []
-            for entry in entries:
-                try:
-                    (subdirs if entry.is_dir(follow_symlinks=False) else files).append(entry)
-                except OSError:
-                    continue
-            if self.exclude:
-                subdirs = [e for e in subdirs if e.path not in self.exclude]
-        prefix = rel_dir + "/" if rel_dir else ""
         try:
-            stats = [e.stat(follow_symlinks=False) for e in files]
-        except OSError:
-            files, stats = _stat_slowly(files)
+            with os.scandir(fd) as it:
+                entries = list(it)
+            files, subdirs, rules = self._sort(abs_dir, rel_dir, entries, rules)
+            try:
+                stats = [e.stat(follow_symlinks=False) for e in files]
+            except OSError:
+                files, stats = _stat_slowly(files)
+        except OSError as exc:
+            self.unreadable.append(
+                {"path": rel_dir or ".", "reason": f"unreadable: {exc.strerror}"}
+            )
+            return None
+        finally:
+            os.close(fd)
+        prefix = rel_dir + "/" if rel_dir else ""
         keys: list[StatKey] = list(map(_stat_key, stats))
         self.advance(len(keys))
         file_names = [e.name for e in files]
@@ -235,7 +257,7 @@ class _Walker:
         )
         children = [prefix + n for n in sub_names]
         self.scans.append((rel_dir, sig, True, children, own))
-        return children, [(e.path, prefix + e.name, rules) for e in subdirs]
+        return children, [(os.path.join(abs_dir, name), prefix + name, rules) for name in sub_names]
 
     def walk(self, abs_dir: str, rel_dir: str, rules: IgnoreRules) -> bool:
         """Scan a whole subtree; False if its top could not be read."""
