@@ -13,8 +13,11 @@ Only changed directories look at individual files; files whose stat key moved be
 :class:`FileJob` objects that the blob writer hashes later, in parallel.
 
 ``lstat`` dominates and scales across processes (not threads: here they contend), so large
-workspaces are walked by forked worker processes, each taking a share of the subtrees and
-sending back only signatures, plus file listings of the directories that changed.
+workspaces are walked by this process and forked worker processes, each taking a share of the
+subtrees; the workers send back only signatures, plus file listings of the directories that
+changed. Each directory is listed through a descriptor and its files are ``fstatat``-ed by
+name; a directory whose names are all plain and that no ignore rule reaches is sorted without
+per-name checks.
 """
 
 from __future__ import annotations
@@ -316,35 +319,43 @@ def _stat_slowly(
 
 def _walk_in_workers(
     walker: _Walker, units: list[tuple[str, str, IgnoreRules]], workers: int
-) -> set[str] | None:
-    """Walk ``units`` in forked processes; returns the rels of unreadable units, or None
-    if forking is not possible (the caller then walks them itself)."""
+) -> None:
+    """Walk ``units`` in ``workers`` processes: this one and forked ones (a share this process
+    cannot fork for, it walks itself). Unreadable units are left out of the scans."""
     shares = [units[i::workers] for i in range(workers)]
+    own = shares[:1]
     pipes: list[tuple[int, int]] = []
-    try:
-        for share in shares:
+    for share in shares[1:]:
+        try:
             read_fd, write_fd = os.pipe()
+        except OSError:
+            own.append(share)
+            continue
+        try:
             pid = os.fork()
-            if pid == 0:  # pragma: no cover - runs in the child
-                os.close(read_fd)
-                code = 0
-                try:
-                    child = _Walker(walker.cached, walker.exclude, walker.sweep_tmp)
-                    failed = [rel for path, rel, rules in share if not child.walk(path, rel, rules)]
-                    payload = marshal.dumps((child.scans, child.unreadable, failed))
-                    with os.fdopen(write_fd, "wb") as out:
-                        out.write(payload)
-                except BaseException:
-                    code = 1
-                os._exit(code)
-            os.close(write_fd)
-            pipes.append((pid, read_fd))
-    except OSError:
-        for pid, read_fd in pipes:
+        except OSError:
             os.close(read_fd)
-            os.waitpid(pid, 0)
-        return None
-    failed_units: set[str] = set()
+            os.close(write_fd)
+            own.append(share)
+            continue
+        if pid == 0:  # pragma: no cover - runs in the child
+            os.close(read_fd)
+            code = 0
+            try:
+                child = _Walker(walker.cached, walker.exclude, walker.sweep_tmp)
+                for path, rel, rules in share:
+                    child.walk(path, rel, rules)
+                payload = marshal.dumps((child.scans, child.unreadable))
+                with os.fdopen(write_fd, "wb") as out:
+                    out.write(payload)
+            except BaseException:
+                code = 1
+            os._exit(code)
+        os.close(write_fd)
+        pipes.append((pid, read_fd))
+    for share in own:  # meanwhile: this process is one of the workers
+        for path, rel, rules in share:
+            walker.walk(path, rel, rules)
     broken = False
     for pid, read_fd in pipes:
         with os.fdopen(read_fd, "rb") as inp:
@@ -353,14 +364,12 @@ def _walk_in_workers(
         if status != 0 or not data:
             broken = True
             continue
-        scans, unreadable, failed = marshal.loads(data)
+        scans, unreadable = marshal.loads(data)
         walker.advance(sum(len(scan[4]) for scan in scans if scan[4] is not None))
         walker.scans.extend(scans)
         walker.unreadable.extend(unreadable)
-        failed_units.update(failed)
     if broken:
         raise OSError("a workspace scanning worker failed")
-    return failed_units
 
 
 class _Resolver:
@@ -523,10 +532,9 @@ def scan_workspace(
             walker.walk_known(workspace, "", IgnoreRules.empty(), visit, known)
         elif workers > 1 and len(cache.dirs) >= _PARALLEL_MIN_DIRS:
             units = _units(walker, workspace, workers * _UNITS_PER_WORKER)
-            failed = _walk_in_workers(walker, units, workers) if units else None
-            if units and failed is None:
-                failed = {rel for path, rel, rules in units if not walker.walk(path, rel, rules)}
-            del failed  # unreadable units are absent from the scans; resolve() handles that
+            if units:
+                # unreadable units are absent from the scans; resolve() handles that
+                _walk_in_workers(walker, units, workers)
         else:
             walker.walk(workspace, "", IgnoreRules.empty())
     scans = {scan[0]: scan for scan in walker.scans}
