@@ -35,7 +35,7 @@ from .objects import MODE_DIR, Commit, encode_commit, parse_commit, parse_tree
 from .odb import PackWriter
 from .repack import copy_objects
 from .shared import shared_commits
-from .statcache import StatCache
+from .statcache import StatCache, is_delta_file
 from .store import Store
 
 __all__ = [
@@ -278,12 +278,12 @@ def _prune_caches(store: Store, keep: set[bytes]) -> None:
     if not os.path.isdir(cache_dir):
         return
     for name in os.listdir(cache_dir):
-        if not name.startswith("stat-"):
-            continue
+        if not name.startswith("stat-") or is_delta_file(name):
+            continue  # (a delta is read, and removed, with its base)
         path = os.path.join(cache_dir, name)
         cache = StatCache.load(path, store.config.max_file_size)
         if not cache.oids() <= keep or (cache.head and cache.head[0] not in keep):
-            unlink_quiet(path)
+            StatCache.remove(path)
 
 
 def _clean_tmp(store: Store) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "STORE_DIR_NAME",
     "check_component",
     "is_plain_name",
+    "are_plain_names",
     "check_path",
     "component_problem",
     "is_dotgit",
@@ -147,6 +148,8 @@ _PLAIN = re.compile(_PLAIN_PATTERN.encode())
 is_plain_name = re.compile(_PLAIN_PATTERN).fullmatch
 """Fast path for scanners (``str`` names): a match is a name the rule accepts at any depth;
 no match means :func:`component_problem` must decide."""
+are_plain_names = re.compile(f"(?:{_PLAIN_PATTERN}\0)*").fullmatch
+"""The same for a whole directory listing in one match: the names, each followed by a NUL."""
 
 
 def _component_problem(raw: bytes, top_level: bool) -> str | None:

@@ -13,14 +13,18 @@ Only changed directories look at individual files; files whose stat key moved be
 :class:`FileJob` objects that the blob writer hashes later, in parallel.
 
 ``lstat`` dominates and scales across processes (not threads: here they contend), so large
-workspaces are walked by forked worker processes, each taking a share of the subtrees and
-sending back only signatures, plus file listings of the directories that changed.
+workspaces are walked by this process and forked worker processes, each taking a share of the
+subtrees; the workers send back only signatures, plus file listings of the directories that
+changed. Each directory is listed through a descriptor and its files are ``fstatat``-ed by
+name; a directory whose names are all plain and that no ignore rule reaches is sorted without
+per-name checks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import marshal
+import operator
 import os
 import stat as stat_mod
 import zlib
@@ -32,7 +36,7 @@ from . import progress
 from .fsutil import is_workspace_tmp, remove_stale_workspace_tmp
 from .ignore import IgnoreRules, read_ignore_file
 from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK
-from .paths import STORE_DIR_NAME, component_problem, is_plain_name
+from .paths import STORE_DIR_NAME, are_plain_names, component_problem, is_plain_name
 from .statcache import DirRecord, FileDetail, StatCache, StatKey, decode_details
 
 __all__ = ["DirNode", "FileJob", "KnownChanges", "ScanResult", "scan_workspace"]
@@ -41,6 +45,11 @@ _SPECIAL = frozenset((".git", ".gitignore", ".narrativeignore"))
 _PARALLEL_MIN_DIRS = 200
 """Fork workers only for workspaces whose last snapshot had at least this many directories."""
 _UNITS_PER_WORKER = 8
+_stat_key: Callable[[os.stat_result], StatKey] = operator.attrgetter(
+    "st_mtime_ns", "st_ctime_ns", "st_size", "st_ino", "st_mode"
+)
+"""The stat key of a file (see :mod:`narrative.statcache`), taken in C."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(slots=True)
@@ -136,19 +145,36 @@ class _Walker:
                 rules = rules.extend(lines, rel_dir)
         return rules
 
-    def visit(
-        self, abs_dir: str, rel_dir: str, rules: IgnoreRules
-    ) -> tuple[list[str], list[tuple[str, str, IgnoreRules]]] | None:
-        """Scan one directory; returns its subdirectory rels and what to visit next."""
-        try:
-            with os.scandir(abs_dir) as it:
-                entries = list(it)
-        except OSError as exc:
-            self.unreadable.append(
-                {"path": rel_dir or ".", "reason": f"unreadable: {exc.strerror}"}
-            )
-            return None
-        names = {e.name for e in entries}
+    def _sort(
+        self, abs_dir: str, rel_dir: str, entries: list[os.DirEntry[str]], rules: IgnoreRules
+    ) -> tuple[list[os.DirEntry[str]], list[os.DirEntry[str]], IgnoreRules]:
+        """Files and subdirectories to take, and the rules in force below."""
+        names = [e.name for e in entries]
+        if rules or not are_plain_names("\0".join(names) + "\0"):
+            return self._sort_entries(abs_dir, rel_dir, entries, set(names), rules)
+        # the common case, decided in one match: no special, unsafe or temporary name and no
+        # ignore rule, so each entry only needs its type (from the listing, no syscall)
+        files: list[os.DirEntry[str]] = []
+        subdirs: list[os.DirEntry[str]] = []
+        for entry in entries:
+            try:
+                (subdirs if entry.is_dir(follow_symlinks=False) else files).append(entry)
+            except OSError:
+                continue
+        if self.exclude and subdirs:
+            subdirs = [e for e in subdirs if os.path.join(abs_dir, e.name) not in self.exclude]
+        return files, subdirs, rules
+
+    def _sort_entries(
+        self,
+        abs_dir: str,
+        rel_dir: str,
+        entries: list[os.DirEntry[str]],
+        names: set[str],
+        rules: IgnoreRules,
+    ) -> tuple[list[os.DirEntry[str]], list[os.DirEntry[str]], IgnoreRules]:
+        """Files and subdirectories to take, applying every naming and ignore rule; returns
+        them with the rules in force below (this directory's ignore files added)."""
         if not names.isdisjoint(_SPECIAL):
             rules = self._rules_for(abs_dir, rel_dir, names, rules)
         prefix = rel_dir + "/" if rel_dir else ""
@@ -170,27 +196,57 @@ class _Walker:
             if is_workspace_tmp(name):
                 # a restore's or merge's file in flight (or left by a kill): never captured;
                 # swept at once by a writer holding the workspace lock, else once stale
+                path = os.path.join(abs_dir, name)
                 with contextlib.suppress(OSError):
                     if self.sweep_tmp:
-                        os.unlink(entry.path)
+                        os.unlink(path)
                     else:
-                        remove_stale_workspace_tmp(entry.path, entry.stat(follow_symlinks=False))
+                        remove_stale_workspace_tmp(path, entry.stat(follow_symlinks=False))
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
             except OSError:
                 continue
             if is_dir:
-                if entry.path in self.exclude or (rules and rules.is_ignored(prefix + name, True)):
+                if os.path.join(abs_dir, name) in self.exclude or (
+                    rules and rules.is_ignored(prefix + name, True)
+                ):
                     continue
                 subdirs.append(entry)
             elif not (rules and rules.is_ignored(prefix + name, False)):
                 files.append(entry)
+        return files, subdirs, rules
+
+    def visit(
+        self, abs_dir: str, rel_dir: str, rules: IgnoreRules
+    ) -> tuple[list[str], list[tuple[str, str, IgnoreRules]]] | None:
+        """Scan one directory; returns its subdirectory rels and what to visit next."""
         try:
-            stats = [e.stat(follow_symlinks=False) for e in files]
-        except OSError:
-            files, stats = _stat_slowly(files)
-        keys = [(s.st_mtime_ns, s.st_ctime_ns, s.st_size, s.st_ino, s.st_mode) for s in stats]
+            # listed through a descriptor, so each entry's lstat is an fstatat of its name
+            # alone (no walk of the whole path per file); never through a symlink
+            fd = os.open(abs_dir, _DIR_FLAGS)
+        except OSError as exc:
+            self.unreadable.append(
+                {"path": rel_dir or ".", "reason": f"unreadable: {exc.strerror}"}
+            )
+            return None
+        try:
+            with os.scandir(fd) as it:
+                entries = list(it)
+            files, subdirs, rules = self._sort(abs_dir, rel_dir, entries, rules)
+            try:
+                stats = [e.stat(follow_symlinks=False) for e in files]
+            except OSError:
+                files, stats = _stat_slowly(files)
+        except OSError as exc:
+            self.unreadable.append(
+                {"path": rel_dir or ".", "reason": f"unreadable: {exc.strerror}"}
+            )
+            return None
+        finally:
+            os.close(fd)
+        prefix = rel_dir + "/" if rel_dir else ""
+        keys: list[StatKey] = list(map(_stat_key, stats))
         self.advance(len(keys))
         file_names = [e.name for e in files]
         sub_names = [e.name for e in subdirs]
@@ -204,7 +260,7 @@ class _Walker:
         )
         children = [prefix + n for n in sub_names]
         self.scans.append((rel_dir, sig, True, children, own))
-        return children, [(e.path, prefix + e.name, rules) for e in subdirs]
+        return children, [(os.path.join(abs_dir, name), prefix + name, rules) for name in sub_names]
 
     def walk(self, abs_dir: str, rel_dir: str, rules: IgnoreRules) -> bool:
         """Scan a whole subtree; False if its top could not be read."""
@@ -263,35 +319,43 @@ def _stat_slowly(
 
 def _walk_in_workers(
     walker: _Walker, units: list[tuple[str, str, IgnoreRules]], workers: int
-) -> set[str] | None:
-    """Walk ``units`` in forked processes; returns the rels of unreadable units, or None
-    if forking is not possible (the caller then walks them itself)."""
+) -> None:
+    """Walk ``units`` in ``workers`` processes: this one and forked ones (a share this process
+    cannot fork for, it walks itself). Unreadable units are left out of the scans."""
     shares = [units[i::workers] for i in range(workers)]
+    own = shares[:1]
     pipes: list[tuple[int, int]] = []
-    try:
-        for share in shares:
+    for share in shares[1:]:
+        try:
             read_fd, write_fd = os.pipe()
+        except OSError:
+            own.append(share)
+            continue
+        try:
             pid = os.fork()
-            if pid == 0:  # pragma: no cover - runs in the child
-                os.close(read_fd)
-                code = 0
-                try:
-                    child = _Walker(walker.cached, walker.exclude, walker.sweep_tmp)
-                    failed = [rel for path, rel, rules in share if not child.walk(path, rel, rules)]
-                    payload = marshal.dumps((child.scans, child.unreadable, failed))
-                    with os.fdopen(write_fd, "wb") as out:
-                        out.write(payload)
-                except BaseException:
-                    code = 1
-                os._exit(code)
-            os.close(write_fd)
-            pipes.append((pid, read_fd))
-    except OSError:
-        for pid, read_fd in pipes:
+        except OSError:
             os.close(read_fd)
-            os.waitpid(pid, 0)
-        return None
-    failed_units: set[str] = set()
+            os.close(write_fd)
+            own.append(share)
+            continue
+        if pid == 0:  # pragma: no cover - runs in the child
+            os.close(read_fd)
+            code = 0
+            try:
+                child = _Walker(walker.cached, walker.exclude, walker.sweep_tmp)
+                for path, rel, rules in share:
+                    child.walk(path, rel, rules)
+                payload = marshal.dumps((child.scans, child.unreadable))
+                with os.fdopen(write_fd, "wb") as out:
+                    out.write(payload)
+            except BaseException:
+                code = 1
+            os._exit(code)
+        os.close(write_fd)
+        pipes.append((pid, read_fd))
+    for share in own:  # meanwhile: this process is one of the workers
+        for path, rel, rules in share:
+            walker.walk(path, rel, rules)
     broken = False
     for pid, read_fd in pipes:
         with os.fdopen(read_fd, "rb") as inp:
@@ -300,14 +364,12 @@ def _walk_in_workers(
         if status != 0 or not data:
             broken = True
             continue
-        scans, unreadable, failed = marshal.loads(data)
+        scans, unreadable = marshal.loads(data)
         walker.advance(sum(len(scan[4]) for scan in scans if scan[4] is not None))
         walker.scans.extend(scans)
         walker.unreadable.extend(unreadable)
-        failed_units.update(failed)
     if broken:
         raise OSError("a workspace scanning worker failed")
-    return failed_units
 
 
 class _Resolver:
@@ -470,10 +532,9 @@ def scan_workspace(
             walker.walk_known(workspace, "", IgnoreRules.empty(), visit, known)
         elif workers > 1 and len(cache.dirs) >= _PARALLEL_MIN_DIRS:
             units = _units(walker, workspace, workers * _UNITS_PER_WORKER)
-            failed = _walk_in_workers(walker, units, workers) if units else None
-            if units and failed is None:
-                failed = {rel for path, rel, rules in units if not walker.walk(path, rel, rules)}
-            del failed  # unreadable units are absent from the scans; resolve() handles that
+            if units:
+                # unreadable units are absent from the scans; resolve() handles that
+                _walk_in_workers(walker, units, workers)
         else:
             walker.walk(workspace, "", IgnoreRules.empty())
     scans = {scan[0]: scan for scan in walker.scans}

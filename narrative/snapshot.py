@@ -140,7 +140,7 @@ def _new_cache(result: ScanResult, old: StatCache, start_ns: int) -> StatCache:
             node.skipped,
             encode_details(details),
         )
-    return StatCache(dirs, old.head, old.max_file_size, result.journal)
+    return StatCache(dirs, old.head, old.max_file_size, result.journal, old.base)
 
 
 @dataclass
