@@ -24,6 +24,7 @@ where one fits (``LookupError`` for unknown ids, ``TimeoutError`` for lock waits
     ├── ConcurrentUpdate             compare-and-swap lost too many times
     ├── NonFastForward(ref, old, new) a thread head would stop descending from its old value
     ├── RestoreError                 a restore that would lose data, or cannot proceed
+    ├── WorkspaceUnreadable(path)    a snapshot cannot read the workspace's top directory
     └── MergeError                   a workspace merge cannot start, continue or be undone
         ├── MergeInProgress          another merge has not been finished or aborted
         └── NoMergeInProgress        --continue/--abort with nothing to act on
@@ -61,6 +62,7 @@ __all__ = [
     "ThreadNotFound",
     "UnsafePath",
     "WatcherStopped",
+    "WorkspaceUnreadable",
     "WorkspaceCopied",
 ]
 
@@ -233,6 +235,15 @@ class NonFastForward(NarrativeError):
         self.ref = ref
         self.old = old
         self.new = new
+
+
+class WorkspaceUnreadable(NarrativeError):
+    """The workspace's top directory cannot be listed (gone, or refused): a snapshot of it
+    would record every file as deleted, so none is taken."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        super().__init__(f"cannot read the workspace {path}: {reason}; nothing was snapshotted")
 
 
 class RestoreError(NarrativeError):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import progress
+from .errors import WorkspaceUnreadable
 from .fsutil import is_workspace_tmp, remove_stale_workspace_tmp
 from .ignore import IgnoreRules, read_ignore_file
 from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK
@@ -539,10 +540,9 @@ def scan_workspace(
             walker.walk(workspace, "", IgnoreRules.empty())
     scans = {scan[0]: scan for scan in walker.scans}
     resolver = _Resolver(workspace, cache, max_size, scans, walker.reused)
-    if "" in scans:
-        root = resolver.resolve("")
-    else:
-        root = DirNode("")
-        resolver.dirs.append(root)
+    if "" not in scans:  # the top could not be listed: an empty tree would say all was deleted
+        why = next((u["reason"] for u in walker.unreadable if u["path"] == "."), "unreadable")
+        raise WorkspaceUnreadable(workspace, why)
+    root = resolver.resolve("")
     skipped = walker.unreadable + resolver.skipped
     return ScanResult(root, resolver.jobs, resolver.dirs, skipped, len(walker.scans))
