@@ -235,3 +235,27 @@ def test_a_symlink_hashed_first_is_stored(tmp_path: Path) -> None:
     git("--git-dir", store.git_dir, "fsck", "--full", "--no-dangling")
     tree = git("--git-dir", store.git_dir, "ls-tree", "-r", snap.tree).split()
     assert git("--git-dir", store.git_dir, "cat-file", "-p", tree[2]) == "../../.."
+
+
+def test_a_workspace_that_cannot_be_listed_is_not_snapshotted_as_empty(
+    store: Store, workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot whose scan cannot list the workspace's top directory would record every
+    file as deleted and move the thread's head there: it is refused, and nothing moves. (The
+    refusal comes from the OS, which root's tests cannot provoke: open(2) fails for it here.)"""
+    from narrative.errors import WorkspaceUnreadable
+
+    first = take_snapshot(store, message="first").snapshot
+    (workspace / "new.txt").write_text("unsaved work\n")
+    real_open, top = os.open, os.path.realpath(workspace)
+
+    def refusing(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if path == top:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing)
+    with pytest.raises(WorkspaceUnreadable, match="nothing was snapshotted"):
+        take_snapshot(store, message="unreadable")
+    monkeypatch.undo()
+    assert store.thread_heads()[first.thread] == bytes.fromhex(first.commit)
