@@ -37,6 +37,21 @@ _BUILTIN: dict[str, tuple[str, str | None]] = {
     "hybrid": ("providers.hybrid:HybridProvider", None),
     "k8s": ("providers.k8s.provider:K8sProvider", "k8s"),
 }
+_BUILTIN_PREFERENCE: dict[str, int] = {
+    "worktree": 10,
+    "local": 20,
+    "docker": 50,
+    "e2b": 50,
+    "daytona": 50,
+    "ssh": 70,
+    "k8s": 70,
+    "cloud-vm": 90,
+    "hybrid": 1000,
+}
+"""The ``preference`` of each built-in provider class, known without importing it, so that
+:func:`pick_provider` tries them in that order and stops at the first that fits instead of
+importing every SDK (those of e2b and daytona take seconds). A test checks them against the
+classes."""
 _EXTRA: dict[str, tuple[str, str | None]] = {}
 _LOADED: dict[str, type[BaseProvider]] = {}
 
@@ -92,12 +107,31 @@ def get_provider_class(name: str) -> type[BaseProvider]:
     return cls
 
 
+def _known_preference(name: str, known: dict[str, tuple[str, str | None]]) -> float:
+    """A provider's ``preference`` when it is known without importing it, else -inf (a
+    provider that must be imported to be ranked is tried first)."""
+    if name in _LOADED:
+        return _LOADED[name].preference
+    if name in _BUILTIN_PREFERENCE and known.get(name) == _BUILTIN.get(name):
+        return _BUILTIN_PREFERENCE[name]
+    return float("-inf")
+
+
 def pick_provider(requirements: Iterable[str], candidates: Iterable[str] | None = None) -> str:
-    """The preferred provider (lowest ``preference``) that declares every required capability."""
+    """The preferred provider (lowest ``preference``, then name) that declares every required
+    capability. Providers are imported in the order of their known preference, and no further
+    once none left can be preferred to one that fits."""
     wanted = sorted({r.strip() for r in requirements if r.strip()})
+    known = _known()
+    names = sorted(
+        set(candidates if candidates is not None else available()),
+        key=lambda n: (_known_preference(n, known), n),
+    )
     missing: dict[str, list[str]] = {}
-    fits: list[tuple[int, str]] = []
-    for name in candidates if candidates is not None else available():
+    best: tuple[int, str] | None = None
+    for name in names:
+        if best is not None and (_known_preference(name, known), name) > best:
+            break  # this one and every later one rank after the fit already found
         try:
             cls = get_provider_class(name)
         except MissingDependency:
@@ -109,8 +143,8 @@ def pick_provider(requirements: Iterable[str], candidates: Iterable[str] | None 
         lacking = [cap for cap in wanted if cap not in cls.capabilities]
         if lacking:
             missing[name] = lacking
-        else:
-            fits.append((cls.preference, name))
-    if not fits:
+        elif best is None or (cls.preference, name) < best:
+            best = (cls.preference, name)
+    if best is None:
         raise NoProviderAvailable(wanted, missing)
-    return min(fits)[1]
+    return best[1]
