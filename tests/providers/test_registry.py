@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,3 +80,44 @@ def test_non_provider_target_is_refused() -> None:
             registry.get_provider_class("bogus")
     finally:
         registry._EXTRA.pop("bogus")
+
+
+def test_picking_the_default_provider_imports_no_other_provider() -> None:
+    """``env create`` without ``--provider`` imported every provider to rank them, the e2b and
+    daytona SDKs included (seconds of a run's start): the ranking is known without them."""
+    script = (
+        "import sys\n"
+        "from providers.registry import pick_provider\n"
+        "assert pick_provider([]) == 'worktree'\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'e2b', 'daytona', 'docker'}"
+        " or m.startswith(('providers.e2b', 'providers.daytona', 'providers.docker'))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_known_preferences_are_those_of_the_classes() -> None:
+    for name, preference in registry._BUILTIN_PREFERENCE.items():
+        try:
+            cls = registry.get_provider_class(name)
+        except MissingDependency:
+            continue
+        assert cls.preference == preference, name
+    assert set(registry._BUILTIN_PREFERENCE) == set(registry._BUILTIN)
+
+
+def test_pick_ranks_an_imported_provider_by_its_class() -> None:
+    """A registered class that is preferred to the worktree wins without anything else."""
+
+    class Favourite(WorktreeProvider):
+        name = "favourite"
+        preference = 1
+
+    registry.register("favourite", Favourite)
+    try:
+        assert registry.pick_provider([]) == "favourite"
+        assert registry.pick_provider(["python"], candidates=["local", "worktree"]) == "worktree"
+    finally:
+        registry.unregister("favourite")
