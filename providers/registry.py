@@ -37,21 +37,23 @@ _BUILTIN: dict[str, tuple[str, str | None]] = {
     "hybrid": ("providers.hybrid:HybridProvider", None),
     "k8s": ("providers.k8s.provider:K8sProvider", "k8s"),
 }
-_BUILTIN_PREFERENCE: dict[str, int] = {
-    "worktree": 10,
-    "local": 20,
-    "docker": 50,
-    "e2b": 50,
-    "daytona": 50,
-    "ssh": 70,
-    "k8s": 70,
-    "cloud-vm": 90,
-    "hybrid": 1000,
+_KNOWN_PREFERENCE: dict[str, int] = {
+    "providers.worktree:WorktreeProvider": 10,
+    "providers.local:LocalProvider": 20,
+    "providers.docker.provider:DockerProvider": 50,
+    "providers.e2b_provider:E2BProvider": 50,
+    "providers.daytona_provider:DaytonaProvider": 50,
+    "providers.ssh.provider:SSHProvider": 70,
+    "providers.k8s.provider:K8sProvider": 70,
+    "providers.cloud.provider:CloudVMProvider": 90,
+    "providers.hybrid:HybridProvider": 1000,
+    # this project's own entry point (the team hub's environments)
+    "gateway.hub.remote_provider:RemoteProvider": 90,
 }
-"""The ``preference`` of each built-in provider class, known without importing it, so that
-:func:`pick_provider` tries them in that order and stops at the first that fits instead of
-importing every SDK (those of e2b and daytona take seconds). A test checks them against the
-classes."""
+"""The ``preference`` of this project's provider classes by import path, known without
+importing them, so that :func:`pick_provider` tries them in that order and stops at the first
+that fits instead of importing every SDK (those of e2b and daytona take seconds). A test checks
+them against the classes."""
 _EXTRA: dict[str, tuple[str, str | None]] = {}
 _LOADED: dict[str, type[BaseProvider]] = {}
 
@@ -112,8 +114,9 @@ def _known_preference(name: str, known: dict[str, tuple[str, str | None]]) -> fl
     provider that must be imported to be ranked is tried first)."""
     if name in _LOADED:
         return _LOADED[name].preference
-    if name in _BUILTIN_PREFERENCE and known.get(name) == _BUILTIN.get(name):
-        return _BUILTIN_PREFERENCE[name]
+    target = known.get(name)
+    if target is not None and target[0] in _KNOWN_PREFERENCE:
+        return _KNOWN_PREFERENCE[target[0]]
     return float("-inf")
 
 
