@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +91,8 @@ def test_picking_the_default_provider_imports_no_other_provider() -> None:
         "from providers.registry import pick_provider\n"
         "assert pick_provider([]) == 'worktree'\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in {'e2b', 'daytona', 'docker'}"
-        " or m.startswith(('providers.e2b', 'providers.daytona', 'providers.docker'))))\n"
+        " or m.startswith(('providers.e2b', 'providers.daytona', 'providers.docker',"
+        " 'gateway'))))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
@@ -99,13 +101,18 @@ def test_picking_the_default_provider_imports_no_other_provider() -> None:
 
 
 def test_the_known_preferences_are_those_of_the_classes() -> None:
-    for name, preference in registry._BUILTIN_PREFERENCE.items():
+    for target, preference in registry._KNOWN_PREFERENCE.items():
+        module_name, _, attr = target.partition(":")
         try:
-            cls = registry.get_provider_class(name)
-        except MissingDependency:
+            module = importlib.import_module(module_name)
+        except ImportError:  # an optional SDK that is not installed
             continue
-        assert cls.preference == preference, name
-    assert set(registry._BUILTIN_PREFERENCE) == set(registry._BUILTIN)
+        assert getattr(module, attr).preference == preference, target
+    known = {target for target, _extra in registry._known().values()}
+    assert {target for target, _extra in registry._BUILTIN.values()} <= set(
+        registry._KNOWN_PREFERENCE
+    )
+    assert set(registry._KNOWN_PREFERENCE) <= known
 
 
 def test_pick_ranks_an_imported_provider_by_its_class() -> None:
