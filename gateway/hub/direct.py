@@ -29,13 +29,13 @@ from narrative.screening import withhold_secrets
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from providers.base import ExecResult, OutputFn
+from providers.hybrid import HybridProvider
 from providers.keys import key_path
 from providers.manager import EnvironmentManager
 from providers.records import EnvironmentRecord
 from providers.usage import ProcessUsage, Sampler, UsageMeter
 
 from .leases import EnvironmentBusy, EnvironmentLease
-from .tools_node import lease_components
 from .usage_records import save_usage, usage_record
 
 __all__ = ["IsolatedRun", "PhaseClock", "pick_base", "run_isolated", "screen_result"]
@@ -89,12 +89,16 @@ def run_isolated(
     added; its start is the start of the run's wall time."""
     clock = clock or PhaseClock()
     store = manager.store
-    record, _provider, _resource = manager.require_active(env_name)
+    record, provider, _resource = manager.require_active(env_name)
     lease = EnvironmentLease.acquire(store, record.id)
     if lease is None:
         raise EnvironmentBusy(record.name, EnvironmentLease.holder(store, record.id))
     try:
-        lease_components(manager, record.name, lease)  # a hybrid environment's two as well
+        if isinstance(provider, HybridProvider):  # its two environments are leased too
+            # imported only here: the tools node's gateway modules cost a direct run ~0.1 s
+            from .tools_node import lease_components
+
+            lease_components(manager, record.name, lease)
         clock.lap("lease")
         return _run_leased(
             manager, lease, record, argv, base, agent, env, timeout, on_output, clock
