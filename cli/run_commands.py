@@ -150,15 +150,17 @@ def _run_isolated(
     timeout: float | None,
     as_json: bool,
 ) -> None:
-    from gateway.hub.direct import pick_base, run_isolated
+    from gateway.hub.direct import PhaseClock, pick_base, run_isolated
 
     from .env_commands import open_manager, stream_output
 
     if snapshot_ref and thread_ref:
         raise click.UsageError("give --snapshot or --thread, not both")
+    clock = PhaseClock()
     manager = open_manager(ctx)
     manager.require_active(environment)
     base = pick_base(manager, snapshot_ref, thread_ref)
+    clock.lap("base")
     outcome = run_isolated(
         manager,
         environment,
@@ -167,6 +169,7 @@ def _run_isolated(
         agent=agent,
         timeout=timeout,
         on_output=stream_output(as_json),
+        clock=clock,
     )
     run = outcome.run
     data = {**run.to_dict(), "timed_out": outcome.timed_out}

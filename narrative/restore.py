@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat as stat_mod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from . import progress
@@ -53,6 +53,22 @@ class RestoreResult:
     kept: list[str] = field(default_factory=list)
 
 
+def _create_new(path: str, mode: int, data: bytes, dir_fd: int | None = None) -> None:
+    """Create the file or symlink ``path`` (relative to ``dir_fd`` when given) holding
+    ``data``: never over anything already there, never through a symlink in its place."""
+    if mode == MODE_LINK:
+        os.symlink(os.fsdecode(data), path, dir_fd=dir_fd)
+        return
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o755 if mode == MODE_EXEC else 0o644, dir_fd=dir_fd)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
 def _write_file(
     odb: ObjectStore, root: str, path: str, mode: int, oid: bytes, fresh: bool = False
 ) -> None:
@@ -60,21 +76,13 @@ def _write_file(
     otherwise write a temp file and rename it over the old one (never a torn file)."""
     data = _blob(odb, path, oid)
     full = os.path.join(root, path)
-    if mode == MODE_LINK:
-        if not fresh:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(full)
-        os.symlink(os.fsdecode(data), full)
-        return
     if fresh:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(full, flags, 0o755 if mode == MODE_EXEC else 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
+        _create_new(full, mode, data)
+        return
+    if mode == MODE_LINK:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(full)
+        os.symlink(os.fsdecode(data), full)
         return
     directory = os.path.dirname(full)
     fd, tmp = mkstemp(WORKSPACE_TMP_PREFIX, directory)
@@ -95,18 +103,24 @@ def _write_all(
     for directory in sorted({os.path.dirname(p) for p, _m, _o in items}):
         if directory:
             os.makedirs(os.path.join(root, directory), exist_ok=True)
+    _each_in_parallel(items, lambda path, mode, oid: _write_file(odb, root, path, mode, oid, fresh))
 
+
+def _each_in_parallel(
+    items: list[tuple[str, int, bytes]], write: Callable[[str, int, bytes], None]
+) -> None:
+    """``write(path, mode, blob id)`` for every item, on several threads when there are many
+    (inflating and writing release the GIL), with progress."""
     with progress.stage("restoring", len(items), "files") as advance:
 
         def write_batch(batch: list[tuple[str, int, bytes]]) -> None:
             for path, mode, oid in batch:
-                _write_file(odb, root, path, mode, oid, fresh)
+                write(path, mode, oid)
                 advance(1)
 
         if len(items) < _PARALLEL_MIN:
             write_batch(items)
             return
-        # inflate and write on several threads (zlib and file writes release the GIL)
         workers = max(2, min(4, os.cpu_count() or 2))
         batches = [items[i :: workers * 4] for i in range(workers * 4)]
         from concurrent.futures import ThreadPoolExecutor  # imported late: costly at start-up
@@ -133,12 +147,16 @@ def materialize_confined(store: Store, snapshot: Snapshot, target: str) -> Resto
     if os.listdir(root.root):
         raise RestoreError(f"target {target} is not an empty directory")
     flat = flatten_tree(store.odb, bytes.fromhex(snapshot.tree))
-    for path, (mode, oid) in flat.items():
-        data = _blob(store.odb, path, oid)
-        if mode == MODE_LINK:
-            root.symlink(path, os.fsdecode(data))
-        else:
-            root.write_bytes(path, data, mode=0o755 if mode == MODE_EXEC else 0o644)
+    items = [(check_path(path), mode, oid) for path, (mode, oid) in flat.items()]
+    # each directory is opened once, confined; each entry is created in its directory's
+    # descriptor with O_EXCL | O_NOFOLLOW, so nothing planted in its place is followed
+    with root.directories({path.rpartition("/")[0] for path, _m, _o in items}) as dirs:
+
+        def write(path: str, mode: int, oid: bytes) -> None:
+            parent, _, name = path.rpartition("/")
+            _create_new(name, mode, _blob(store.odb, path, oid), dir_fd=dirs[parent])
+
+        _each_in_parallel(items, write)
     return RestoreResult(snapshot.id, root.root, written=len(flat))
 
 

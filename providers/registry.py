@@ -37,6 +37,23 @@ _BUILTIN: dict[str, tuple[str, str | None]] = {
     "hybrid": ("providers.hybrid:HybridProvider", None),
     "k8s": ("providers.k8s.provider:K8sProvider", "k8s"),
 }
+_KNOWN_PREFERENCE: dict[str, int] = {
+    "providers.worktree:WorktreeProvider": 10,
+    "providers.local:LocalProvider": 20,
+    "providers.docker.provider:DockerProvider": 50,
+    "providers.e2b_provider:E2BProvider": 50,
+    "providers.daytona_provider:DaytonaProvider": 50,
+    "providers.ssh.provider:SSHProvider": 70,
+    "providers.k8s.provider:K8sProvider": 70,
+    "providers.cloud.provider:CloudVMProvider": 90,
+    "providers.hybrid:HybridProvider": 1000,
+    # this project's own entry point (the team hub's environments)
+    "gateway.hub.remote_provider:RemoteProvider": 90,
+}
+"""The ``preference`` of this project's provider classes by import path, known without
+importing them, so that :func:`pick_provider` tries them in that order and stops at the first
+that fits instead of importing every SDK (those of e2b and daytona take seconds). A test checks
+them against the classes."""
 _EXTRA: dict[str, tuple[str, str | None]] = {}
 _LOADED: dict[str, type[BaseProvider]] = {}
 
@@ -92,12 +109,32 @@ def get_provider_class(name: str) -> type[BaseProvider]:
     return cls
 
 
+def _known_preference(name: str, known: dict[str, tuple[str, str | None]]) -> float:
+    """A provider's ``preference`` when it is known without importing it, else -inf (a
+    provider that must be imported to be ranked is tried first)."""
+    if name in _LOADED:
+        return _LOADED[name].preference
+    target = known.get(name)
+    if target is not None and target[0] in _KNOWN_PREFERENCE:
+        return _KNOWN_PREFERENCE[target[0]]
+    return float("-inf")
+
+
 def pick_provider(requirements: Iterable[str], candidates: Iterable[str] | None = None) -> str:
-    """The preferred provider (lowest ``preference``) that declares every required capability."""
+    """The preferred provider (lowest ``preference``, then name) that declares every required
+    capability. Providers are imported in the order of their known preference, and no further
+    once none left can be preferred to one that fits."""
     wanted = sorted({r.strip() for r in requirements if r.strip()})
+    known = _known()
+    names = sorted(
+        set(candidates if candidates is not None else available()),
+        key=lambda n: (_known_preference(n, known), n),
+    )
     missing: dict[str, list[str]] = {}
-    fits: list[tuple[int, str]] = []
-    for name in candidates if candidates is not None else available():
+    best: tuple[int, str] | None = None
+    for name in names:
+        if best is not None and (_known_preference(name, known), name) > best:
+            break  # this one and every later one rank after the fit already found
         try:
             cls = get_provider_class(name)
         except MissingDependency:
@@ -109,8 +146,8 @@ def pick_provider(requirements: Iterable[str], candidates: Iterable[str] | None 
         lacking = [cap for cap in wanted if cap not in cls.capabilities]
         if lacking:
             missing[name] = lacking
-        else:
-            fits.append((cls.preference, name))
-    if not fits:
+        elif best is None or (cls.preference, name) < best:
+            best = (cls.preference, name)
+    if best is None:
         raise NoProviderAvailable(wanted, missing)
-    return min(fits)[1]
+    return best[1]

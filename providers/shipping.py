@@ -17,10 +17,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import queue
 import shutil
 import stat as stat_mod
 import tarfile
-from typing import IO
+import threading
+from collections.abc import Iterator
+from typing import IO, Any
 
 from narrative.errors import InvalidInput
 from narrative.models import Snapshot
@@ -32,7 +35,13 @@ from narrative.trees import flatten_tree
 
 from .records import env_state_dir
 
-__all__ = ["DEFAULT_MAX_COLLECT_BYTES", "scratch_dir", "snapshot_from_tar", "write_snapshot_tar"]
+__all__ = [
+    "DEFAULT_MAX_COLLECT_BYTES",
+    "scratch_dir",
+    "snapshot_from_tar",
+    "snapshot_tar_chunks",
+    "write_snapshot_tar",
+]
 
 DEFAULT_MAX_COLLECT_BYTES = 8 << 30
 
@@ -67,6 +76,80 @@ def write_snapshot_tar(store: Store, snapshot: Snapshot, out: IO[bytes], prefix:
             info.mode = 0o755 if mode == MODE_EXEC else 0o644
             tar.addfile(info, io.BytesIO(data))
     return len(flat)
+
+
+_CHUNK = 1 << 20
+_QUEUED_CHUNKS = 8
+
+
+class _ChunkQueue(io.RawIOBase):
+    """The writing end of :func:`snapshot_tar_chunks`: bytes gathered into chunks, queued."""
+
+    def __init__(self, chunks: queue.Queue[bytes | BaseException | None]) -> None:
+        self._chunks = chunks
+        self._pending = bytearray()
+        self.cancelled = threading.Event()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._pending += data
+        if len(self._pending) >= _CHUNK:
+            self.send(bytes(self._pending))
+            self._pending.clear()
+        return len(data)
+
+    def send(self, item: bytes | BaseException | None) -> None:
+        while not self.cancelled.is_set():
+            with contextlib.suppress(queue.Full):
+                self._chunks.put(item, timeout=0.1)
+                return
+        raise _Cancelled
+
+    def finish(self) -> None:
+        if self._pending:
+            self.send(bytes(self._pending))
+        self.send(None)
+
+
+class _Cancelled(Exception):
+    """The reader of the chunks went away."""
+
+
+@contextlib.contextmanager
+def snapshot_tar_chunks(
+    store: Store, snapshot: Snapshot, prefix: str = ""
+) -> Iterator[Iterator[bytes]]:
+    """``snapshot`` as a tar (:func:`write_snapshot_tar`) in chunks, written on a thread while
+    they are read: an upload streams the tar as it is made, with no copy of it on disk. An
+    error writing it is raised by the iterator; leaving the context stops the writer."""
+    chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(_QUEUED_CHUNKS)
+    sink = _ChunkQueue(chunks)
+
+    def write() -> None:
+        try:
+            write_snapshot_tar(store, snapshot, sink, prefix)  # type: ignore[arg-type]
+            sink.finish()
+        except _Cancelled:
+            pass
+        except BaseException as exc:  # handed to the reader, which raises it
+            with contextlib.suppress(_Cancelled):
+                sink.send(exc)
+
+    def read() -> Iterator[bytes]:
+        while (item := chunks.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    writer = threading.Thread(target=write, name="snapshot-tar", daemon=True)
+    writer.start()
+    try:
+        yield read()
+    finally:
+        sink.cancelled.set()
+        writer.join()
 
 
 def scratch_dir(store: Store, env_id: str) -> str:

@@ -29,16 +29,16 @@ from narrative.screening import withhold_secrets
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from providers.base import ExecResult, OutputFn
+from providers.hybrid import HybridProvider
 from providers.keys import key_path
 from providers.manager import EnvironmentManager
 from providers.records import EnvironmentRecord
 from providers.usage import ProcessUsage, Sampler, UsageMeter
 
 from .leases import EnvironmentBusy, EnvironmentLease
-from .tools_node import lease_components
 from .usage_records import save_usage, usage_record
 
-__all__ = ["IsolatedRun", "pick_base", "run_isolated", "screen_result"]
+__all__ = ["IsolatedRun", "PhaseClock", "pick_base", "run_isolated", "screen_result"]
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +82,27 @@ def run_isolated(
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
     on_output: OutputFn | None = None,
+    clock: PhaseClock | None = None,
 ) -> IsolatedRun:
-    """Run ``argv`` in environment ``env_name`` starting from ``base``."""
+    """Run ``argv`` in environment ``env_name`` starting from ``base``. ``clock``: the run's
+    phases so far (the caller's, e.g. taking the base snapshot), to which the run's own are
+    added; its start is the start of the run's wall time."""
+    clock = clock or PhaseClock()
     store = manager.store
-    record, _provider, _resource = manager.require_active(env_name)
+    record, provider, _resource = manager.require_active(env_name)
     lease = EnvironmentLease.acquire(store, record.id)
     if lease is None:
         raise EnvironmentBusy(record.name, EnvironmentLease.holder(store, record.id))
     try:
-        lease_components(manager, record.name, lease)  # a hybrid environment's two as well
-        return _run_leased(manager, lease, record, argv, base, agent, env, timeout, on_output)
+        if isinstance(provider, HybridProvider):  # its two environments are leased too
+            # imported only here: the tools node's gateway modules cost a direct run ~0.1 s
+            from .tools_node import lease_components
+
+            lease_components(manager, record.name, lease)
+        clock.lap("lease")
+        return _run_leased(
+            manager, lease, record, argv, base, agent, env, timeout, on_output, clock
+        )
     finally:
         lease.release()
 
@@ -106,6 +117,7 @@ def _run_leased(
     env: Mapping[str, str] | None,
     timeout: float | None,
     on_output: OutputFn | None,
+    clock: PhaseClock,
 ) -> IsolatedRun:
     store = manager.store
     env_name = record.name
@@ -118,7 +130,7 @@ def _run_leased(
     status, exit_code, timed_out = "failed", None, False
     result: Snapshot | None = None
     restored = False
-    clock = _PhaseClock()
+    clock.lap("start")  # the run and its thread recorded
     process = ProcessUsage(None, None, "CPU and memory not measured (the command never ran)")
     try:
         manager.prepare_run(env_name, base)
@@ -141,26 +153,31 @@ def _run_leased(
     finally:
         # no result from an environment that never received the base: it holds another state
         result = _collect(manager, env_name, thread.id, run.id, status) if restored else None
+        if restored:
+            clock.lap("collect")
         screened = screen_result(store, run.id, result.id if result is not None else None)
         if result is not None and screened != result.id:
             result = resolve_snapshot(store, screened) if screened is not None else None
         if restored:
-            clock.lap("collect")
+            clock.lap("screen")
         run = finish_run(store, run.id, status, exit_code=exit_code, result_snapshot=screened)
+        clock.lap("record")
         _save_direct_usage(store, run.id, clock, process)
     return IsolatedRun(run, base, result, exit_code, timed_out)
 
 
-class _PhaseClock:
-    """Seconds each phase of a direct run took, by this process's monotonic clock."""
+class PhaseClock:
+    """Seconds each phase of a direct run took, by this process's monotonic clock: a phase
+    ends where the next begins, so they add up to the run's wall time."""
 
     def __init__(self) -> None:
         self.started = self._mark = time.monotonic()
         self.phases: dict[str, float] = {}
 
     def lap(self, name: str) -> None:
+        """End phase ``name`` now (a name given again adds to its earlier time)."""
         now = time.monotonic()
-        self.phases[name] = round(now - self._mark, 3)
+        self.phases[name] = round(self.phases.get(name, 0.0) + now - self._mark, 3)
         self._mark = now
 
 
@@ -174,9 +191,7 @@ def _process_usage(meter: UsageMeter, measured: ProcessUsage | None) -> ProcessU
     return measured if measured is not None else metered
 
 
-def _save_direct_usage(
-    store: Store, run_id: str, clock: _PhaseClock, process: ProcessUsage
-) -> None:
+def _save_direct_usage(store: Store, run_id: str, clock: PhaseClock, process: ProcessUsage) -> None:
     record = usage_record(
         time.monotonic() - clock.started,
         process,

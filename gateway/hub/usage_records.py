@@ -41,14 +41,18 @@ def _seconds_between(start: str, end: str) -> float:
 
 
 _PHASE_MARKS = (
-    ("start", "runtime.connected"),
+    ("prepare", "runtime.spawned"),
+    ("connect", "runtime.connected"),
     ("restore", "snapshot.shipped"),
     ("agent", "agent.exited"),
-    ("collect", "run.finished"),
+    ("collect", "result.collected"),
+    ("record", "run.finished"),
 )
 """Each phase of a hub's run ends at the first event of its type (the hub's own clock): the
-runtime started and connected, the input restored in the environment, the agent ran, the
-result came home and the run was recorded."""
+environment reset and the runtime spawned, the runtime started and connected, the input
+restored in the environment, the agent ran, the result came home, and it was screened and the
+run recorded. A phase whose event is missing (a run that failed on the way) is counted in the
+next one that has its event."""
 
 
 def first_times(events: Iterable[Mapping[str, Any]]) -> dict[str, str]:

@@ -24,7 +24,7 @@ from narrative.errors import InvalidInput
 from ..base import SpawnLog, check_relative_path, tail_start
 from ..emptying import TEMP_DIRS, empty_argv
 from ..errors import ProviderError
-from ..shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
+from ..shipping import scratch_dir, snapshot_from_tar, snapshot_tar_chunks
 from .client import archive_url, raise_for_status, sdk_errors
 from .commands import run_quiet
 
@@ -152,7 +152,9 @@ def write_file(api: Any, resource_id: str, workdir: str, path: str, data: bytes)
         _put_archive(api, resource_id, workdir, spool, "write_file")
 
 
-def _put_archive(api: Any, resource_id: str, workdir: str, tar: IO[bytes], op: str) -> None:
+def _put_archive(
+    api: Any, resource_id: str, workdir: str, tar: IO[bytes] | Iterator[bytes], op: str
+) -> None:
     with sdk_errors(op, resource_id):
         if not api.put_archive(resource_id, workdir, tar):
             raise ProviderError(f"docker {op} failed: the daemon refused the archive")
@@ -206,13 +208,11 @@ def empty_directories(api: Any, resource_id: str, workdir: str, directories: lis
 def put_snapshot(
     api: Any, resource_id: str, workdir: str, store: Store, snapshot: Snapshot
 ) -> None:
-    """Extract ``snapshot`` into ``workdir`` (which the caller emptied)."""
-    # Spooled to disk in the store's tmp dir: the snapshot may be far larger than memory.
-    tmp = posixpath.join(store.git_dir, "narrative", "tmp")
-    with tempfile.TemporaryFile(dir=tmp) as spool:
-        write_snapshot_tar(store, snapshot, spool)
-        spool.seek(0)
-        _put_archive(api, resource_id, workdir, spool, "restore")
+    """Extract ``snapshot`` into ``workdir`` (which the caller emptied): the tar is streamed
+    to the daemon as it is made (chunked), so the snapshot may be far larger than memory and
+    never lands on disk on this side."""
+    with snapshot_tar_chunks(store, snapshot) as chunks:
+        _put_archive(api, resource_id, workdir, chunks, "restore")
 
 
 def collect_snapshot(

@@ -94,3 +94,23 @@ def test_walk_lists_without_following(layout: tuple[ConfinedRoot, Path, Path]) -
     ]
     assert [e.path for e in box.walk("sub")] == ["sub/f"]
     assert [e.path for e in box.walk(recursive=False)] == [p for p, _ in listed[:4]]
+
+
+def test_directories_opens_each_once_and_never_through_a_symlink(
+    layout: tuple[ConfinedRoot, Path, Path],
+) -> None:
+    box, root, outside = layout
+    with box.directories(["a/b", "a/c", ""]) as fds:
+        assert set(fds) == {"", "a", "a/b", "a/c"}
+        os.mkdir("made", dir_fd=fds["a/b"])
+        held = list(fds.values())
+    assert (root / "a/b/made").is_dir() and (root / "a/c").is_dir()
+    for fd in held:  # all closed on exit
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    for planted in ("link-dir", "link-dir/x", "plain/x"):
+        with pytest.raises((UnsafePath, NotADirectoryError)), box.directories([planted]):
+            pass
+    with pytest.raises(UnsafePath), box.directories([".git/hooks"]):
+        pass
+    assert os.listdir(outside) == ["secret"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,3 +81,50 @@ def test_non_provider_target_is_refused() -> None:
             registry.get_provider_class("bogus")
     finally:
         registry._EXTRA.pop("bogus")
+
+
+def test_picking_the_default_provider_imports_no_other_provider() -> None:
+    """``env create`` without ``--provider`` imported every provider to rank them, the e2b and
+    daytona SDKs included (seconds of a run's start): the ranking is known without them."""
+    script = (
+        "import sys\n"
+        "from providers.registry import pick_provider\n"
+        "assert pick_provider([]) == 'worktree'\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'e2b', 'daytona', 'docker'}"
+        " or m.startswith(('providers.e2b', 'providers.daytona', 'providers.docker',"
+        " 'gateway'))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_known_preferences_are_those_of_the_classes() -> None:
+    for target, preference in registry._KNOWN_PREFERENCE.items():
+        module_name, _, attr = target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # an optional SDK that is not installed
+            continue
+        assert getattr(module, attr).preference == preference, target
+    known = {target for target, _extra in registry._known().values()}
+    assert {target for target, _extra in registry._BUILTIN.values()} <= set(
+        registry._KNOWN_PREFERENCE
+    )
+    assert set(registry._KNOWN_PREFERENCE) <= known
+
+
+def test_pick_ranks_an_imported_provider_by_its_class() -> None:
+    """A registered class that is preferred to the worktree wins without anything else."""
+
+    class Favourite(WorktreeProvider):
+        name = "favourite"
+        preference = 1
+
+    registry.register("favourite", Favourite)
+    try:
+        assert registry.pick_provider([]) == "favourite"
+        assert registry.pick_provider(["python"], candidates=["local", "worktree"]) == "worktree"
+    finally:
+        registry.unregister("favourite")

@@ -95,3 +95,27 @@ def entries(store: Store, tree: bytes) -> dict[str, tuple[int, bytes]]:
     for name, mode, oid in parse_tree(store.odb.read(tree)[1]):
         out[name.decode()] = (mode, oid if mode == 0o040000 else store.odb.read(oid)[1])
     return out
+
+
+def test_snapshot_tar_chunks_streams_the_same_tar_and_stops_when_left(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from narrative.snapshot import take_snapshot
+    from providers import shipping
+
+    for i in range(40):
+        (Path(store.workspace) / f"f{i}.bin").write_bytes(bytes([i]) * 70_000)
+    snapshot = take_snapshot(store, message="input").snapshot
+    whole = io.BytesIO()
+    shipping.write_snapshot_tar(store, snapshot, whole)
+    with shipping.snapshot_tar_chunks(store, snapshot) as chunks:
+        assert b"".join(chunks) == whole.getvalue()
+    # a reader that stops after one chunk does not leave the writer blocked
+    monkeypatch.setattr(shipping, "_QUEUED_CHUNKS", 1)
+    monkeypatch.setattr(shipping, "_CHUNK", 4096)
+    with shipping.snapshot_tar_chunks(store, snapshot) as chunks:
+        assert len(next(chunks)) >= 4096
+    # an error writing the tar is raised by the reader
+    monkeypatch.setattr(store.odb, "read", lambda oid: (_ for _ in ()).throw(OSError("gone")))
+    with pytest.raises(OSError, match="gone"), shipping.snapshot_tar_chunks(store, snapshot) as c:
+        b"".join(c)

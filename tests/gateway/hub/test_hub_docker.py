@@ -36,7 +36,14 @@ from tests.gateway.hub.hub_support import (
 from tests.gateway.hub.hub_support import (
     routes as routes_of,
 )
-from tests.gateway.hub.test_usage import BURN, MIB, burn_and_nap, check_hub_run_usage, usage_of
+from tests.gateway.hub.test_usage import (
+    BURN,
+    DIRECT_PHASES,
+    MIB,
+    burn_and_nap,
+    check_hub_run_usage,
+    usage_of,
+)
 
 # real servers and runtimes over TLS / in containers: make test-long (CI runs it), to keep
 # make test under ten minutes
@@ -209,4 +216,4 @@ def test_direct_run_in_a_container_reports_its_cost(
     usage = usage_of(cli, burn["id"])
     assert "docker: the container's cgroup counters" in usage["measured_by"]
     assert usage["cpu_seconds"] >= 0.5 and usage["peak_memory_bytes"] >= 120 * MIB, usage
-    assert list(usage["phases"]) == ["restore", "agent", "collect"]
+    assert list(usage["phases"]) == DIRECT_PHASES

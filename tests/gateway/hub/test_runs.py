@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from gateway.hub.direct import pick_base, run_isolated
@@ -124,3 +126,17 @@ def test_api_run_that_changes_nothing_reports_the_base(store: Store) -> None:
     outcome = run_isolated(manager, "wt", ["true"], base)
     assert outcome.result is not None and outcome.result.tree == base.tree
     assert outcome.run.status == "succeeded"
+
+
+def test_a_direct_run_does_not_load_the_gateway_for_a_plain_environment() -> None:
+    """The tools node (and with it the gateway's config, router and protocol) serves hybrid
+    environments only: a direct run elsewhere does not pay for importing it at start."""
+    script = (
+        "import sys, gateway.hub.direct\n"
+        "print(sorted(m for m in ('gateway.hub.tools_node', 'gateway.config', 'gateway.router')"
+        " if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr)
