@@ -279,6 +279,8 @@ class Bench:
 
     def head(self, store_dir: Path | None = None) -> dict[str, Any]:
         doc = _json_doc(self.ours("log", "--json", "-n", "1", cwd=store_dir or self.ws))
+        if isinstance(doc, dict) and "items" in doc:  # the CLI's list envelope
+            doc = doc["items"]
         if not isinstance(doc, list) or not doc or not isinstance(doc[0], dict):
             raise SideError(f"`narrative log --json -n 1` gave no snapshot: {str(doc)[:300]}")
         return doc[0]
