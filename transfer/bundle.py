@@ -241,30 +241,81 @@ def _copy_op(offset: int, size: int) -> bytes:
     return bytes([op]) + bytes(args)
 
 
-def prefix_suffix_delta(base: bytes, target: bytes) -> bytes:
-    """A git delta turning ``base`` into ``target``: copy the common prefix and suffix, insert
-    the middle. Cheap, and exact for the usual edit: a few changed lines in a big file."""
-    limit = min(len(base), len(target))
-    prefix = 0
-    while prefix < limit and base[prefix] == target[prefix]:
-        prefix += 1
-    suffix = 0
-    while (
-        suffix < limit - prefix and base[len(base) - 1 - suffix] == target[len(target) - 1 - suffix]
-    ):
-        suffix += 1
+_MATCH_BLOCK = 16
+"""Bytes of the base indexed per entry (at block-aligned offsets) when looking for copies."""
+_DELTA_BASE_MAX = 64 << 20
+"""Bases above this size are not indexed (the index would cost more than it saves)."""
+_DELTA_LITERAL_MAX = 128 << 10
+"""Literal bytes after which a delta is given up (the blob is sent whole)."""
+
+
+def _common_length(a: bytes, a_at: int, b: bytes, b_at: int) -> int:
+    """How many bytes ``a[a_at:]`` and ``b[b_at:]`` share at their start: galloping slice
+    comparisons (memcmp), never a Python loop per byte."""
+    limit = min(len(a) - a_at, len(b) - b_at)
+    length, step, growing = 0, 64, True
+    while step:
+        size = min(step, limit - length)
+        if (
+            size > 0
+            and a[a_at + length : a_at + length + size] == b[b_at + length : b_at + length + size]
+        ):
+            length += size
+            if growing:
+                step *= 2
+        else:
+            growing = False
+            step //= 2
+    return length
+
+
+def make_delta(base: bytes, target: bytes, max_insert: int) -> bytes | None:
+    """A git delta turning ``base`` into ``target``, or None when it would insert more than
+    ``max_insert`` literal bytes.
+
+    Every block-aligned 16-byte piece of the base is indexed; the target is scanned for those
+    pieces and each hit is extended both ways into one copy, so an edit anywhere (an overwrite
+    in the middle, an append, a truncation, moved text) costs about the bytes it changed."""
+    if len(base) > _DELTA_BASE_MAX:
+        return None
+    block = _MATCH_BLOCK
+    index: dict[bytes, int] = {}
+    for offset in range(len(base) - block, -1, -block):  # backwards: the first offset wins
+        index[base[offset : offset + block]] = offset
     ops = bytearray(_varint(len(base)) + _varint(len(target)))
-    for start in range(0, prefix, _COPY_MAX):
-        ops += _copy_op(start, min(_COPY_MAX, prefix - start))
-    middle = target[prefix : len(target) - suffix]
-    for start in range(0, len(middle), 127):
-        chunk = middle[start : start + 127]
+    inserted = 0
+    literal_from = 0  # target bytes from here to ``at`` are not covered by a copy yet
+    at = 0
+    last = len(target) - block
+    while at <= last:
+        found = index.get(target[at : at + block])
+        if found is None:
+            at += 1
+            if at - literal_from + inserted > max_insert:
+                return None
+            continue
+        # extend backwards over the pending literal, then forwards as far as both agree
+        back = 0
+        while at - back > literal_from and found - back > 0:
+            if base[found - back - 1] != target[at - back - 1]:
+                break
+            back += 1
+        start, source = at - back, found - back
+        length = _common_length(base, source, target, start)
+        inserted += _insert_ops(ops, target[literal_from:start])
+        for piece in range(0, length, _COPY_MAX):
+            ops += _copy_op(source + piece, min(_COPY_MAX, length - piece))
+        at = literal_from = start + length
+    inserted += _insert_ops(ops, target[literal_from:])
+    return bytes(ops) if inserted <= max_insert else None
+
+
+def _insert_ops(ops: bytearray, literal: bytes) -> int:
+    """Append insert instructions for ``literal`` (at most 127 bytes each); its length."""
+    for start in range(0, len(literal), 127):
+        chunk = literal[start : start + 127]
         ops += bytes([len(chunk)]) + chunk
-    tail = len(base) - suffix
-    for start in range(0, suffix, _COPY_MAX):
-        size = min(_COPY_MAX, suffix - start)
-        ops += _copy_op(tail + start, size)
-    return bytes(ops)
+    return len(literal)
 
 
 class Sink(Protocol):
@@ -280,8 +331,9 @@ def _delta_entry(odb: ObjectStore, oid: bytes, base_oid: bytes) -> bytes | None:
     if len(target) < _DELTA_MIN:
         return None
     _base_kind, base = odb.read(base_oid)
-    delta = prefix_suffix_delta(base, target)
-    if len(delta) > len(target) // 2:
+    # the literal budget also bounds the time spent on a blob that was rewritten wholesale
+    delta = make_delta(base, target, min(len(target) // 2, _DELTA_LITERAL_MAX))
+    if delta is None or len(delta) > len(target) // 2:
         return None
     return pack_entry_header(7, len(delta)) + base_oid + zlib.compress(delta, 6)
 
