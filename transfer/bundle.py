@@ -1,13 +1,14 @@
 """Writing git bundles (v2) straight from the store, without the ``git`` CLI.
 
 A bundle is a short text header (prerequisite commits the receiver must already have, then the
-refs it carries) followed by one pack. Objects are chosen as ``git rev-list --objects`` chooses
-them (everything reachable from the tips, minus everything in the trees of the prerequisites the
-walk meets), so an incremental bundle after a one-file change holds one blob, the trees on its
-path and one commit; the selection is checked to be closed before a byte is written. Pack
-entries are copied verbatim from the store's packs (no recompression, no delta search):
-exporting is mostly sequential I/O, and stock git reads the result (``git bundle verify``,
-``git fetch``).
+refs it carries) followed by one pack. Objects are chosen much as ``git rev-list --objects``
+chooses them (everything reachable from the tips, minus what the trees of the prerequisites the
+walk meets hold at the same paths), so an incremental bundle after a one-file change holds one
+blob, the trees on its path and one commit; the selection is checked to be closed before a byte
+is written. Pack entries are copied verbatim from the store's packs (no recompression, no delta
+search); a changed blob of an incremental bundle is sent as a delta against its previous version
+at the same path. Exporting is mostly sequential I/O, and stock git reads the result (``git
+bundle verify``, ``git fetch``).
 """
 
 from __future__ import annotations
@@ -64,49 +65,55 @@ def _read_commit(odb: ObjectStore, oid: bytes) -> Commit:
 
 
 class _ObjectWalk:
-    """Object selection as ``git rev-list --objects TIPS --not HAVES`` does it.
+    """Object selection close to ``git rev-list --objects TIPS --not HAVES``.
 
-    Trees of the boundary (commits the receiver has, met as parents of commits being sent) are
-    walked in full first and everything below them is *known*. Then every sent commit's tree is
-    walked in full, pruned only by objects already known or already selected. A tree is added to
-    the selection only while being walked to the end, so a selected tree always implies its whole
-    content is selected or known; per-commit tree diffs, which made that untrue, are not used for
-    selection (issue 12, bug 1).
+    Every sent commit's tree is walked in full, pruned by objects already selected and by
+    objects *known* to the receiver: an entry whose id equals the entry at the same path in the
+    tree of a boundary commit (a commit the receiver has, met as a parent of a commit being
+    sent) is known, with everything below it, so only the paths that changed are read on both
+    sides — not the boundary's whole tree, which dominated an incremental export. (Content the
+    receiver holds at another path, e.g. after a rename, is sent again: more bytes, never too
+    few.) A tree is added to the selection only while being walked to the end, so a selected
+    tree always implies its whole content is selected or known; per-commit tree diffs, which
+    made that untrue, are not used for selection (issue 12, bug 1).
     """
 
-    def __init__(self, odb: ObjectStore) -> None:
+    def __init__(self, odb: ObjectStore, boundary_trees: list[bytes]) -> None:
         self.odb = odb
-        self.known: set[bytes] = set()
+        self.boundary_trees = tuple(dict.fromkeys(boundary_trees))
+        self.known: set[bytes] = set(self.boundary_trees)
         self.selected: dict[bytes, None] = {}
         # tree → the oids its entries name, for the connectivity check
         self.children: dict[bytes, list[bytes]] = {}
 
-    def mark_known(self, tree: bytes) -> None:
-        stack = [tree]
-        while stack:
-            oid = stack.pop()
-            if oid in self.known:
-                continue
-            self.known.add(oid)
-            for _name, mode, child in _tree_entries(self.odb, oid):
-                if mode == MODE_DIR:
-                    stack.append(child)
-                elif mode != _GITLINK:
-                    self.known.add(child)
+    def _same_path(self, trees: tuple[bytes, ...]) -> dict[bytes, list[tuple[int, bytes]]]:
+        """name → (mode, oid) of that name in each of ``trees`` (the receiver's side)."""
+        theirs: dict[bytes, list[tuple[int, bytes]]] = {}
+        for tree in trees:
+            for name, mode, oid in _tree_entries(self.odb, tree):
+                theirs.setdefault(name, []).append((mode, oid))
+        return theirs
 
     def select_tree(self, tree: bytes) -> None:
-        stack = [tree]
+        stack = [(tree, self.boundary_trees)]
         while stack:
-            oid = stack.pop()
+            oid, their_trees = stack.pop()
             if oid in self.known or oid in self.selected:
                 continue
             self.selected[oid] = None
             entries = _tree_entries(self.odb, oid)
             self.children[oid] = [child for _n, mode, child in entries if mode != _GITLINK]
-            for _name, mode, child in reversed(entries):
-                if mode == MODE_DIR:
-                    stack.append(child)
-                elif mode != _GITLINK and child not in self.known:
+            theirs = self._same_path(their_trees) if their_trees else {}
+            for name, mode, child in reversed(entries):
+                if mode == _GITLINK:
+                    continue
+                same = theirs.get(name, ())
+                if any(their_oid == child for _m, their_oid in same):
+                    self.known.add(child)  # the receiver has it, and all below it
+                elif mode == MODE_DIR:
+                    below = tuple(their_oid for m, their_oid in same if m == MODE_DIR)
+                    stack.append((child, below))
+                elif child not in self.known:
                     self.selected.setdefault(child, None)
 
 
@@ -167,9 +174,7 @@ def collect_objects(
             commit = _read_commit(odb, oid)
             commits[oid] = commit
             stack.extend(commit.parents)
-        walk = _ObjectWalk(odb)
-        for oid in boundary:
-            walk.mark_known(_read_commit(odb, oid).tree)
+        walk = _ObjectWalk(odb, [_read_commit(odb, oid).tree for oid in boundary])
         ordered: dict[bytes, None] = {}
         for oid, commit in commits.items():
             ordered[oid] = None
