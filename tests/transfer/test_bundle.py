@@ -150,3 +150,84 @@ def test_incremental_bundle_deltas_a_small_edit_of_a_big_file(
     import_(other, str(tmp_path / "e-inc.bundle"))
     assert other.refs.read(ref) == bytes.fromhex(after.commit)
     git("--git-dir", other.git_dir, "fsck", "--strict", "--no-dangling")
+
+
+def _fetch_on_top_of(store: Store, tmp_path: Path, base: str, inc: Path, ref: str) -> Path:
+    """A bare git repository holding ``base`` (from a full bundle), then ``inc`` fetched on top
+    and checked with ``git fsck --strict``."""
+    full = tmp_path / "base.bundle"
+    _bundle(store, full, {ref: bytes.fromhex(base)})
+    clone = tmp_path / "onto.git"
+    git("init", "-q", "--bare", str(clone))
+    git("--git-dir", str(clone), "fetch", "-q", str(full), f"{ref}:{ref}")
+    git("--git-dir", str(clone), "bundle", "verify", str(inc))
+    git("--git-dir", str(clone), "fetch", "-q", str(inc), f"{ref}:{ref}")
+    git("--git-dir", str(clone), "fsck", "--strict", "--no-dangling")
+    return clone
+
+
+def test_incremental_bundle_deltas_an_overwrite_in_the_middle_plus_an_append(
+    store: Store, workspace: Path, tmp_path: Path
+) -> None:
+    """The edit the transfer bench makes (a marker written mid-file, another appended): a
+    prefix/suffix delta had to send everything after the marker as a literal."""
+    import random
+
+    rng = random.Random(7)
+    content = bytearray(rng.randbytes(200_000))
+    (workspace / "data.bin").write_bytes(content)
+    base = take_snapshot(store).snapshot
+    content[61_234 : 61_234 + 40] = b"<<touch marker 0123456789abcdef>>\n".ljust(40, b"-")
+    content += b"<<appended marker>>\n" * 3
+    (workspace / "data.bin").write_bytes(content)
+    after = take_snapshot(store).snapshot
+    ref = store.thread_ref(store.config.default_thread)
+    inc = tmp_path / "inc.bundle"
+    _bundle(store, inc, {ref: bytes.fromhex(after.commit)}, {bytes.fromhex(base.commit): "b"})
+    assert inc.stat().st_size < 2048
+    clone = _fetch_on_top_of(store, tmp_path, base.commit, inc, ref)
+    assert git("--git-dir", str(clone), "rev-parse", ref).strip() == after.commit
+
+
+class _CountingStore:
+    """The store's object database, counting the trees it is asked for."""
+
+    def __init__(self, odb: object) -> None:
+        self._odb = odb
+        self.trees = 0
+
+    def read(self, oid: bytes) -> tuple[str, bytes]:
+        kind, data = self._odb.read(oid)  # type: ignore[attr-defined]
+        self.trees += kind == "tree"
+        return kind, data
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._odb, name)
+
+
+def test_incremental_bundle_reads_only_the_changed_paths_of_the_prerequisite(
+    store: Store, workspace: Path, tmp_path: Path
+) -> None:
+    for i in range(60):
+        for j in range(5):
+            sub = workspace / f"top{i}" / f"mid{j}"
+            sub.mkdir(parents=True)
+            (sub / "f.txt").write_text(f"{i} {j}\n")
+    base = take_snapshot(store).snapshot
+    (workspace / "top3" / "mid2" / "f.txt").write_text("changed\n")
+    after = take_snapshot(store).snapshot
+    ref = store.thread_ref(store.config.default_thread)
+    counting = _CountingStore(store.odb)
+    buf = io.BytesIO()
+    stats = write_bundle(
+        counting,  # type: ignore[arg-type]
+        buf,
+        {ref: bytes.fromhex(after.commit)},
+        {bytes.fromhex(base.commit): "b"},
+    )
+    assert stats.objects == 5  # commit, root, top3, mid2, blob
+    # both sides of the changed path, not the prerequisite's 361 trees
+    assert counting.trees <= 12
+    inc = tmp_path / "inc.bundle"
+    inc.write_bytes(buf.getvalue())
+    _fetch_on_top_of(store, tmp_path, base.commit, inc, ref)
