@@ -124,14 +124,17 @@ def _pair_delta_bases(
     selected: dict[bytes, None],
     bases: dict[bytes, bytes],
 ) -> None:
-    """Remember, for each blob of ``new`` that is being sent, the blob at the same path in
-    ``old`` (a tree the receiver holds) as its delta base. Only an optimisation: selection
-    never depends on it."""
+    """Remember, for each tree and blob of ``new`` that is being sent, the object at the same
+    path in ``old`` (a tree the receiver holds) as its delta base: a changed tree differs from
+    its previous version by an entry or two, which is what keeps a one-file change small (as
+    git's thin packs do). Only an optimisation: selection never depends on it."""
     pairs = [(new, old)]
     while pairs:
         new_tree, old_tree = pairs.pop()
         if new_tree == old_tree:
             continue
+        if new_tree in selected:
+            bases.setdefault(new_tree, old_tree)
         before = {name: (mode, oid) for name, mode, oid in _tree_entries(odb, old_tree)}
         for name, mode, oid in _tree_entries(odb, new_tree):
             prev = before.get(name)
@@ -152,8 +155,9 @@ def collect_objects(
     """Every object reachable from ``tips`` and not from ``haves`` (commits the receiver has,
     with all their history and content), checked to be closed before it is returned.
 
-    When ``bases`` is given, it is filled with new blob → previous version at the same path, for
-    commits whose parent the receiver has (delta bases; see :func:`write_bundle`).
+    When ``bases`` is given, it is filled with new object → its previous version (the parent
+    commit, the tree or blob at the same path), for commits whose parent the receiver has
+    (delta bases; see :func:`write_bundle`).
 
     Raises:
         IncompleteExport: An object the selection needs is missing from the store, or the
@@ -182,6 +186,7 @@ def collect_objects(
             if bases is not None and commit.parents and commit.parents[0] in boundary:
                 parent_tree = _read_commit(odb, commit.parents[0]).tree
                 _pair_delta_bases(odb, commit.tree, parent_tree, walk.selected, bases)
+                bases.setdefault(oid, commit.parents[0])
     except StoreCorrupted as exc:
         raise IncompleteExport(f"cannot export: {exc}") from exc
     ordered.update(walk.selected)
@@ -214,7 +219,7 @@ def _check_closed(
             raise IncompleteExport(f"object {oid.hex()} is missing from the store")
 
 
-_DELTA_MIN = 1024
+_DELTA_MIN = 64
 _COPY_MAX = 0x10000
 
 
@@ -340,7 +345,9 @@ def _delta_entry(odb: ObjectStore, oid: bytes, base_oid: bytes) -> bytes | None:
     delta = make_delta(base, target, min(len(target) // 2, _DELTA_LITERAL_MAX))
     if delta is None or len(delta) > len(target) // 2:
         return None
-    return pack_entry_header(7, len(delta)) + base_oid + zlib.compress(delta, 6)
+    entry = pack_entry_header(7, len(delta)) + base_oid + zlib.compress(delta, 6)
+    whole = odb.raw_entry(oid)
+    return None if whole is not None and len(whole) <= len(entry) else entry
 
 
 class _HashingWriter:
