@@ -232,3 +232,40 @@ def test_incremental_bundle_reads_only_the_changed_paths_of_the_prerequisite(
     inc = tmp_path / "inc.bundle"
     inc.write_bytes(buf.getvalue())
     _fetch_on_top_of(store, tmp_path, base.commit, inc, ref)
+
+
+def test_incremental_bundle_deltas_the_trees_on_a_deep_changed_path(
+    store: Store, workspace: Path, tmp_path: Path
+) -> None:
+    """A small file changed deep in wide directories: the trees on its path, not the file,
+    were most of the bundle until they were sent as deltas against the prerequisite's."""
+    path = workspace
+    for depth in range(5):
+        for i in range(60):
+            (path / f"sibling-{depth}-{i}.txt").write_text(f"{depth} {i}\n")
+        path = path / f"level{depth}"
+        path.mkdir()
+    (path / "small.txt").write_text("before\n")
+    base = take_snapshot(store).snapshot
+    (path / "small.txt").write_text("after\n")
+    after = take_snapshot(store).snapshot
+    ref = store.thread_ref(store.config.default_thread)
+    inc = tmp_path / "inc.bundle"
+    _bundle(store, inc, {ref: bytes.fromhex(after.commit)}, {bytes.fromhex(base.commit): "b"})
+    # six trees of ~2.6 KiB each: 10 KiB when sent whole
+    assert inc.stat().st_size < 1200
+    clone = _fetch_on_top_of(store, tmp_path, base.commit, inc, ref)
+    assert git("--git-dir", str(clone), "rev-parse", ref).strip() == after.commit
+    # our own intake resolves the tree deltas against its store
+    from transfer.exporter import export
+    from transfer.importer import import_
+
+    export(store, str(tmp_path / "e-full.bundle"), snapshot=base.id)
+    export(store, str(tmp_path / "e-inc.bundle"), since=base.id)
+    other_ws = tmp_path / "other"
+    other_ws.mkdir()
+    other = Store.init(str(other_ws))
+    import_(other, str(tmp_path / "e-full.bundle"))
+    import_(other, str(tmp_path / "e-inc.bundle"))
+    assert other.refs.read(ref) == bytes.fromhex(after.commit)
+    git("--git-dir", other.git_dir, "fsck", "--strict", "--no-dangling")
