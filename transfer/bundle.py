@@ -350,16 +350,36 @@ def _delta_entry(odb: ObjectStore, oid: bytes, base_oid: bytes) -> bytes | None:
     return None if whole is not None and len(whole) <= len(entry) else entry
 
 
+_WRITE_BATCH = 1 << 20
+
+
 class _HashingWriter:
+    """Hashes and counts the pack; small entries are gathered into writes of about 1 MiB (a
+    write per object cost more than the copying)."""
+
     def __init__(self, out: Sink) -> None:
         self.out = out
         self.sha = hashlib.sha1()
         self.size = 0
+        self._batch = bytearray()
 
     def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if len(data) < _WRITE_BATCH:
+            self._batch += data
+            if len(self._batch) < _WRITE_BATCH:
+                return
+            data, self._batch = bytes(self._batch), bytearray()
+        else:
+            self.flush()
         self.sha.update(data)
         self.out.write(data)
-        self.size += len(data)
+
+    def flush(self) -> None:
+        if self._batch:
+            data, self._batch = bytes(self._batch), bytearray()
+            self.sha.update(data)
+            self.out.write(data)
 
 
 def write_bundle(
@@ -389,7 +409,16 @@ def write_bundle(
     out.write(bytes(header))
     pack = _HashingWriter(out)
     pack.write(b"PACK" + struct.pack(">II", 2, len(objects)))
+    # Stored entries first, read in pack order with one read per run of neighbours; deltas,
+    # loose and in-memory objects after them, one by one (git does not care about the order).
+    copied: set[bytes] = set()
+    plain = (o for o in objects if o not in bases and o not in in_memory)
+    for oid, stored in odb.raw_entries(plain):
+        pack.write(stored)
+        copied.add(oid)
     for oid in objects:
+        if oid in copied:
+            continue
         base = bases.get(oid)
         if base is not None:
             entry = _delta_entry(odb, oid, base)
@@ -401,6 +430,7 @@ def write_bundle(
             kind, data = in_memory[oid] if oid in in_memory else odb.read(oid)
             entry = pack_object_header(kind, len(data)) + deflate(data)
         pack.write(entry)
+    pack.flush()
     out.write(pack.sha.digest())
     return BundleStats(
         {name: oid.hex() for name, oid in refs.items()},
