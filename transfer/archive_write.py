@@ -22,8 +22,7 @@ import os
 import struct
 import tarfile
 import tempfile
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -360,40 +359,21 @@ class _MemberWriter:
         """Write every file member into a new compressed part (left open for :meth:`finish`).
 
         With ``known`` entries (two-pass mode) sizes are checked against them; without, each
-        file's sha256 is computed as it streams by. Returns the entries and symlink targets.
-
-        Inflating and hashing ran on this thread alone, ahead of the compressor, and bounded
-        the export (profile: ``_inflate`` and ``sha256`` over half the samples); blobs up to
-        :data:`_PREFETCH_MAX` are now inflated and hashed on ``workers`` threads, a bounded
-        window ahead, and written here in tree order. Bigger ones stream as before."""
-        for path, (mode, _oid) in flat.items():
-            if mode not in MODE_NAMES:
-                raise ArchiveError(
-                    f"snapshot entry {path} has mode {mode:o}, which archives cannot hold"
-                )
+        file's sha256 is computed as it streams by. Returns the entries and symlink targets."""
         sink = self._sink = self._open(target)
         files: list[dict[str, Any]] = []
         links: dict[str, str] = {}
-        items = list(flat.items())
-        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="archive-read")
-        window: deque[Future[_Loaded]] = deque()
-        hashing = known is None
-
-        def top_up(upto: int) -> None:
-            while len(window) < _PREFETCH_WINDOW and upto + len(window) < len(items):
-                _path, (_mode, oid) = items[upto + len(window)]
-                window.append(pool.submit(_load, odb, packs, oid, hashing))
-
         try:
-            for i, (path, (mode, oid)) in enumerate(items):
-                top_up(i)
-                loaded = window.popleft().result()
-                source = loaded.source
-                digest = hashlib.sha256() if hashing and loaded.chunks is None else None
-                chunks = source.chunks() if loaded.chunks is None else iter(loaded.chunks)
+            for i, (path, (mode, oid)) in enumerate(flat.items()):
+                if mode not in MODE_NAMES:
+                    raise ArchiveError(
+                        f"snapshot entry {path} has mode {mode:o}, which archives cannot hold"
+                    )
+                source = BlobSource(odb, oid, packs)
+                digest = hashlib.sha256() if known is None else None
                 name = FILES_PREFIX + path
                 if mode == MODE_LINK:
-                    data = b"".join(chunks)
+                    data = b"".join(source.chunks())
                     links[path] = os.fsdecode(data)
                     if digest is not None:
                         digest.update(data)
@@ -404,7 +384,7 @@ class _MemberWriter:
                     file_mode = 0o755 if mode == MODE_EXEC else 0o644
                     self._emit(tar_header(name, file_mode, size, self.mtime))
                     written = 0
-                    for chunk in chunks:
+                    for chunk in source.chunks():
                         written += len(chunk)
                         if digest is not None:
                             digest.update(chunk)
@@ -412,21 +392,20 @@ class _MemberWriter:
                     if written != size:
                         raise StoreCorrupted(f"blob {oid.hex()} changed size while archived")
                     self._emit(_padding(size))
-                if hashing:
+                if known is None:
+                    assert digest is not None
                     files.append(
                         {
                             "path": path,
                             "mode": MODE_NAMES[mode],
                             "size": source.size,
-                            "sha256": digest.hexdigest() if digest is not None else loaded.sha256,
+                            "sha256": digest.hexdigest(),
                             "blob": oid.hex(),
                         }
                     )
         except BaseException:
             sink.abort()
             raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
         return (files if known is None else known), links
 
     def _emit(self, data: bytes) -> None:
@@ -460,35 +439,6 @@ class _MemberWriter:
             sink.abort()
             raise
         sink.close()
-
-
-_PREFETCH_MAX = 1 << 20
-"""Blobs up to this size are inflated (and hashed) whole on the reader threads."""
-_PREFETCH_WINDOW = 32
-"""Blobs being read ahead of the compressor: at most this many times _PREFETCH_MAX held."""
-
-
-@dataclass(frozen=True)
-class _Loaded:
-    """A blob read ahead: its source, and for a small one its content and sha256."""
-
-    source: BlobSource
-    chunks: list[bytes] | None
-    sha256: str
-
-
-def _load(odb: ObjectStore, packs: PackFiles, oid: bytes, hashing: bool) -> _Loaded:
-    """Locate a blob; a small one is inflated (and hashed) here, on a reader thread: zlib and
-    hashlib release the GIL."""
-    source = BlobSource(odb, oid, packs)
-    if source.size > _PREFETCH_MAX:
-        return _Loaded(source, None, "")
-    chunks = list(source.chunks())
-    digest = hashlib.sha256()
-    if hashing:
-        for chunk in chunks:
-            digest.update(chunk)
-    return _Loaded(source, chunks, digest.hexdigest())
 
 
 def _padding(size: int) -> bytes:
