@@ -43,7 +43,7 @@ __all__ = [
 
 TYPE_CODES = {"commit": 1, "tree": 2, "blob": 3, "tag": 4}
 _CODE_TYPES = {v: k for k, v in TYPE_CODES.items()}
-_RUN_READ = 8 << 20
+_RUN_READ = 1 << 20
 _SAMPLE = 4096
 _FIRST_READ = 8192  # first pread of a packed object: the header and, often, all of its data
 
@@ -457,7 +457,7 @@ class ObjectStore:
 
     def raw_entries(self, oids: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
         """(oid, undeltified pack entry) for those of ``oids`` that have one, in pack order:
-        neighbouring entries come from one positional read of up to 8 MiB, not one each.
+        neighbouring entries come from one positional read of up to 1 MiB, not one each.
         Objects left out (loose, deltified, or in a pack removed meanwhile) are for
         :meth:`raw_entry` / :meth:`read`."""
         by_pack: dict[str, list[tuple[int, int, bytes]]] = {}
