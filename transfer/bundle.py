@@ -1,13 +1,14 @@
 """Writing git bundles (v2) straight from the store, without the ``git`` CLI.
 
 A bundle is a short text header (prerequisite commits the receiver must already have, then the
-refs it carries) followed by one pack. Objects are chosen as ``git rev-list --objects`` chooses
-them (everything reachable from the tips, minus everything in the trees of the prerequisites the
-walk meets), so an incremental bundle after a one-file change holds one blob, the trees on its
-path and one commit; the selection is checked to be closed before a byte is written. Pack
-entries are copied verbatim from the store's packs (no recompression, no delta search):
-exporting is mostly sequential I/O, and stock git reads the result (``git bundle verify``,
-``git fetch``).
+refs it carries) followed by one pack. Objects are chosen much as ``git rev-list --objects``
+chooses them (everything reachable from the tips, minus what the trees of the prerequisites the
+walk meets hold at the same paths), so an incremental bundle after a one-file change holds one
+blob, the trees on its path and one commit; the selection is checked to be closed before a byte
+is written. Pack entries are copied verbatim from the store's packs (no recompression, no delta
+search); a changed blob of an incremental bundle is sent as a delta against its previous version
+at the same path. Exporting is mostly sequential I/O, and stock git reads the result (``git
+bundle verify``, ``git fetch``).
 """
 
 from __future__ import annotations
@@ -64,49 +65,55 @@ def _read_commit(odb: ObjectStore, oid: bytes) -> Commit:
 
 
 class _ObjectWalk:
-    """Object selection as ``git rev-list --objects TIPS --not HAVES`` does it.
+    """Object selection close to ``git rev-list --objects TIPS --not HAVES``.
 
-    Trees of the boundary (commits the receiver has, met as parents of commits being sent) are
-    walked in full first and everything below them is *known*. Then every sent commit's tree is
-    walked in full, pruned only by objects already known or already selected. A tree is added to
-    the selection only while being walked to the end, so a selected tree always implies its whole
-    content is selected or known; per-commit tree diffs, which made that untrue, are not used for
-    selection (issue 12, bug 1).
+    Every sent commit's tree is walked in full, pruned by objects already selected and by
+    objects *known* to the receiver: an entry whose id equals the entry at the same path in the
+    tree of a boundary commit (a commit the receiver has, met as a parent of a commit being
+    sent) is known, with everything below it, so only the paths that changed are read on both
+    sides — not the boundary's whole tree, which dominated an incremental export. (Content the
+    receiver holds at another path, e.g. after a rename, is sent again: more bytes, never too
+    few.) A tree is added to the selection only while being walked to the end, so a selected
+    tree always implies its whole content is selected or known; per-commit tree diffs, which
+    made that untrue, are not used for selection (issue 12, bug 1).
     """
 
-    def __init__(self, odb: ObjectStore) -> None:
+    def __init__(self, odb: ObjectStore, boundary_trees: list[bytes]) -> None:
         self.odb = odb
-        self.known: set[bytes] = set()
+        self.boundary_trees = tuple(dict.fromkeys(boundary_trees))
+        self.known: set[bytes] = set(self.boundary_trees)
         self.selected: dict[bytes, None] = {}
         # tree → the oids its entries name, for the connectivity check
         self.children: dict[bytes, list[bytes]] = {}
 
-    def mark_known(self, tree: bytes) -> None:
-        stack = [tree]
-        while stack:
-            oid = stack.pop()
-            if oid in self.known:
-                continue
-            self.known.add(oid)
-            for _name, mode, child in _tree_entries(self.odb, oid):
-                if mode == MODE_DIR:
-                    stack.append(child)
-                elif mode != _GITLINK:
-                    self.known.add(child)
+    def _same_path(self, trees: tuple[bytes, ...]) -> dict[bytes, list[tuple[int, bytes]]]:
+        """name → (mode, oid) of that name in each of ``trees`` (the receiver's side)."""
+        theirs: dict[bytes, list[tuple[int, bytes]]] = {}
+        for tree in trees:
+            for name, mode, oid in _tree_entries(self.odb, tree):
+                theirs.setdefault(name, []).append((mode, oid))
+        return theirs
 
     def select_tree(self, tree: bytes) -> None:
-        stack = [tree]
+        stack = [(tree, self.boundary_trees)]
         while stack:
-            oid = stack.pop()
+            oid, their_trees = stack.pop()
             if oid in self.known or oid in self.selected:
                 continue
             self.selected[oid] = None
             entries = _tree_entries(self.odb, oid)
             self.children[oid] = [child for _n, mode, child in entries if mode != _GITLINK]
-            for _name, mode, child in reversed(entries):
-                if mode == MODE_DIR:
-                    stack.append(child)
-                elif mode != _GITLINK and child not in self.known:
+            theirs = self._same_path(their_trees) if their_trees else {}
+            for name, mode, child in reversed(entries):
+                if mode == _GITLINK:
+                    continue
+                same = theirs.get(name, ())
+                if any(their_oid == child for _m, their_oid in same):
+                    self.known.add(child)  # the receiver has it, and all below it
+                elif mode == MODE_DIR:
+                    below = tuple(their_oid for m, their_oid in same if m == MODE_DIR)
+                    stack.append((child, below))
+                elif child not in self.known:
                     self.selected.setdefault(child, None)
 
 
@@ -117,14 +124,17 @@ def _pair_delta_bases(
     selected: dict[bytes, None],
     bases: dict[bytes, bytes],
 ) -> None:
-    """Remember, for each blob of ``new`` that is being sent, the blob at the same path in
-    ``old`` (a tree the receiver holds) as its delta base. Only an optimisation: selection
-    never depends on it."""
+    """Remember, for each tree and blob of ``new`` that is being sent, the object at the same
+    path in ``old`` (a tree the receiver holds) as its delta base: a changed tree differs from
+    its previous version by an entry or two, which is what keeps a one-file change small (as
+    git's thin packs do). Only an optimisation: selection never depends on it."""
     pairs = [(new, old)]
     while pairs:
         new_tree, old_tree = pairs.pop()
         if new_tree == old_tree:
             continue
+        if new_tree in selected:
+            bases.setdefault(new_tree, old_tree)
         before = {name: (mode, oid) for name, mode, oid in _tree_entries(odb, old_tree)}
         for name, mode, oid in _tree_entries(odb, new_tree):
             prev = before.get(name)
@@ -145,8 +155,9 @@ def collect_objects(
     """Every object reachable from ``tips`` and not from ``haves`` (commits the receiver has,
     with all their history and content), checked to be closed before it is returned.
 
-    When ``bases`` is given, it is filled with new blob → previous version at the same path, for
-    commits whose parent the receiver has (delta bases; see :func:`write_bundle`).
+    When ``bases`` is given, it is filled with new object → its previous version (the parent
+    commit, the tree or blob at the same path), for commits whose parent the receiver has
+    (delta bases; see :func:`write_bundle`).
 
     Raises:
         IncompleteExport: An object the selection needs is missing from the store, or the
@@ -167,9 +178,7 @@ def collect_objects(
             commit = _read_commit(odb, oid)
             commits[oid] = commit
             stack.extend(commit.parents)
-        walk = _ObjectWalk(odb)
-        for oid in boundary:
-            walk.mark_known(_read_commit(odb, oid).tree)
+        walk = _ObjectWalk(odb, [_read_commit(odb, oid).tree for oid in boundary])
         ordered: dict[bytes, None] = {}
         for oid, commit in commits.items():
             ordered[oid] = None
@@ -177,6 +186,7 @@ def collect_objects(
             if bases is not None and commit.parents and commit.parents[0] in boundary:
                 parent_tree = _read_commit(odb, commit.parents[0]).tree
                 _pair_delta_bases(odb, commit.tree, parent_tree, walk.selected, bases)
+                bases.setdefault(oid, commit.parents[0])
     except StoreCorrupted as exc:
         raise IncompleteExport(f"cannot export: {exc}") from exc
     ordered.update(walk.selected)
@@ -209,7 +219,7 @@ def _check_closed(
             raise IncompleteExport(f"object {oid.hex()} is missing from the store")
 
 
-_DELTA_MIN = 1024
+_DELTA_MIN = 64
 _COPY_MAX = 0x10000
 
 
@@ -241,30 +251,81 @@ def _copy_op(offset: int, size: int) -> bytes:
     return bytes([op]) + bytes(args)
 
 
-def prefix_suffix_delta(base: bytes, target: bytes) -> bytes:
-    """A git delta turning ``base`` into ``target``: copy the common prefix and suffix, insert
-    the middle. Cheap, and exact for the usual edit: a few changed lines in a big file."""
-    limit = min(len(base), len(target))
-    prefix = 0
-    while prefix < limit and base[prefix] == target[prefix]:
-        prefix += 1
-    suffix = 0
-    while (
-        suffix < limit - prefix and base[len(base) - 1 - suffix] == target[len(target) - 1 - suffix]
-    ):
-        suffix += 1
+_MATCH_BLOCK = 16
+"""Bytes of the base indexed per entry (at block-aligned offsets) when looking for copies."""
+_DELTA_BASE_MAX = 64 << 20
+"""Bases above this size are not indexed (the index would cost more than it saves)."""
+_DELTA_LITERAL_MAX = 128 << 10
+"""Literal bytes after which a delta is given up (the blob is sent whole)."""
+
+
+def _common_length(a: bytes, a_at: int, b: bytes, b_at: int) -> int:
+    """How many bytes ``a[a_at:]`` and ``b[b_at:]`` share at their start: galloping slice
+    comparisons (memcmp), never a Python loop per byte."""
+    limit = min(len(a) - a_at, len(b) - b_at)
+    length, step, growing = 0, 64, True
+    while step:
+        size = min(step, limit - length)
+        if (
+            size > 0
+            and a[a_at + length : a_at + length + size] == b[b_at + length : b_at + length + size]
+        ):
+            length += size
+            if growing:
+                step *= 2
+        else:
+            growing = False
+            step //= 2
+    return length
+
+
+def make_delta(base: bytes, target: bytes, max_insert: int) -> bytes | None:
+    """A git delta turning ``base`` into ``target``, or None when it would insert more than
+    ``max_insert`` literal bytes.
+
+    Every block-aligned 16-byte piece of the base is indexed; the target is scanned for those
+    pieces and each hit is extended both ways into one copy, so an edit anywhere (an overwrite
+    in the middle, an append, a truncation, moved text) costs about the bytes it changed."""
+    if len(base) > _DELTA_BASE_MAX:
+        return None
+    block = _MATCH_BLOCK
+    index: dict[bytes, int] = {}
+    for offset in range(len(base) - block, -1, -block):  # backwards: the first offset wins
+        index[base[offset : offset + block]] = offset
     ops = bytearray(_varint(len(base)) + _varint(len(target)))
-    for start in range(0, prefix, _COPY_MAX):
-        ops += _copy_op(start, min(_COPY_MAX, prefix - start))
-    middle = target[prefix : len(target) - suffix]
-    for start in range(0, len(middle), 127):
-        chunk = middle[start : start + 127]
+    inserted = 0
+    literal_from = 0  # target bytes from here to ``at`` are not covered by a copy yet
+    at = 0
+    last = len(target) - block
+    while at <= last:
+        found = index.get(target[at : at + block])
+        if found is None:
+            at += 1
+            if at - literal_from + inserted > max_insert:
+                return None
+            continue
+        # extend backwards over the pending literal, then forwards as far as both agree
+        back = 0
+        while at - back > literal_from and found - back > 0:
+            if base[found - back - 1] != target[at - back - 1]:
+                break
+            back += 1
+        start, source = at - back, found - back
+        length = _common_length(base, source, target, start)
+        inserted += _insert_ops(ops, target[literal_from:start])
+        for piece in range(0, length, _COPY_MAX):
+            ops += _copy_op(source + piece, min(_COPY_MAX, length - piece))
+        at = literal_from = start + length
+    inserted += _insert_ops(ops, target[literal_from:])
+    return bytes(ops) if inserted <= max_insert else None
+
+
+def _insert_ops(ops: bytearray, literal: bytes) -> int:
+    """Append insert instructions for ``literal`` (at most 127 bytes each); its length."""
+    for start in range(0, len(literal), 127):
+        chunk = literal[start : start + 127]
         ops += bytes([len(chunk)]) + chunk
-    tail = len(base) - suffix
-    for start in range(0, suffix, _COPY_MAX):
-        size = min(_COPY_MAX, suffix - start)
-        ops += _copy_op(tail + start, size)
-    return bytes(ops)
+    return len(literal)
 
 
 class Sink(Protocol):
@@ -280,22 +341,45 @@ def _delta_entry(odb: ObjectStore, oid: bytes, base_oid: bytes) -> bytes | None:
     if len(target) < _DELTA_MIN:
         return None
     _base_kind, base = odb.read(base_oid)
-    delta = prefix_suffix_delta(base, target)
-    if len(delta) > len(target) // 2:
+    # the literal budget also bounds the time spent on a blob that was rewritten wholesale
+    delta = make_delta(base, target, min(len(target) // 2, _DELTA_LITERAL_MAX))
+    if delta is None or len(delta) > len(target) // 2:
         return None
-    return pack_entry_header(7, len(delta)) + base_oid + zlib.compress(delta, 6)
+    entry = pack_entry_header(7, len(delta)) + base_oid + zlib.compress(delta, 6)
+    whole = odb.raw_entry(oid)
+    return None if whole is not None and len(whole) <= len(entry) else entry
+
+
+_WRITE_BATCH = 1 << 20
 
 
 class _HashingWriter:
+    """Hashes and counts the pack; small entries are gathered into writes of about 1 MiB (a
+    write per object cost more than the copying)."""
+
     def __init__(self, out: Sink) -> None:
         self.out = out
         self.sha = hashlib.sha1()
         self.size = 0
+        self._batch = bytearray()
 
     def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if len(data) < _WRITE_BATCH:
+            self._batch += data
+            if len(self._batch) < _WRITE_BATCH:
+                return
+            data, self._batch = bytes(self._batch), bytearray()
+        else:
+            self.flush()
         self.sha.update(data)
         self.out.write(data)
-        self.size += len(data)
+
+    def flush(self) -> None:
+        if self._batch:
+            data, self._batch = bytes(self._batch), bytearray()
+            self.sha.update(data)
+            self.out.write(data)
 
 
 def write_bundle(
@@ -325,7 +409,16 @@ def write_bundle(
     out.write(bytes(header))
     pack = _HashingWriter(out)
     pack.write(b"PACK" + struct.pack(">II", 2, len(objects)))
+    # Stored entries first, read in pack order with one read per run of neighbours; deltas,
+    # loose and in-memory objects after them, one by one (git does not care about the order).
+    copied: set[bytes] = set()
+    plain = (o for o in objects if o not in bases and o not in in_memory)
+    for oid, stored in odb.raw_entries(plain):
+        pack.write(stored)
+        copied.add(oid)
     for oid in objects:
+        if oid in copied:
+            continue
         base = bases.get(oid)
         if base is not None:
             entry = _delta_entry(odb, oid, base)
@@ -337,6 +430,7 @@ def write_bundle(
             kind, data = in_memory[oid] if oid in in_memory else odb.read(oid)
             entry = pack_object_header(kind, len(data)) + deflate(data)
         pack.write(entry)
+    pack.flush()
     out.write(pack.sha.digest())
     return BundleStats(
         {name: oid.hex() for name, oid in refs.items()},

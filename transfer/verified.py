@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from fsspec.asyn import AsyncFileSystem, sync
 from fsspec.callbacks import Callback
 
 from .errors import ChecksumMismatch
@@ -22,6 +23,7 @@ from .fsio import (
     IO_CHUNK,
     StageProgress,
     file_exists,
+    is_s3,
     read_capped,
     redact,
     refresh,
@@ -171,6 +173,45 @@ class VerifiedReader(io.BufferedIOBase):
                 super().close()
 
 
+class _SingleGet:
+    """An S3 object read front to back through one streamed GET (s3fs ``open_async``).
+
+    The buffered S3 file issues a ranged GET per 8 MiB block; moto answers each in time
+    proportional to the whole object, and any server pays a request per block. Reading a
+    600 MiB bundle from moto: 8 MiB blocks 39.9 s, 32 MiB blocks 11.2 s, one GET 9.0 s. One
+    response is also one version of the object (no mix across a replacement), and memory
+    stays at what the caller asks for. ``read(n)`` returns ``n`` bytes unless the end came.
+    """
+
+    def __init__(self, fs: Any, path: str) -> None:
+        self._fs = fs
+        self._file = sync(fs.loop, fs.open_async, path, "rb")
+        sync(fs.loop, self._file.read, 0)  # sends the GET: the size is known from here on
+        self.size: int | None = self._file.size
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return bytes(sync(self._fs.loop, self._file.read, -1))
+        parts: list[bytes] = []
+        wanted = size
+        while wanted > 0:
+            data = sync(self._fs.loop, self._file.read, wanted)
+            if not data:
+                break
+            parts.append(data)
+            wanted -= len(data)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        body = getattr(self._file, "r", None)
+        if body is not None:
+            sync(self._fs.loop, _close_body, body)
+
+
+async def _close_body(body: Any) -> None:
+    body.close()  # on the filesystem's loop: releases the connection, read to the end or not
+
+
 def open_verified(
     url: str,
     storage_options: dict[str, Any] | None = None,
@@ -205,7 +246,10 @@ def open_verified(
         expected = read_sidecar(fs, path, url)
         if expected is None:
             raise not_published(url)
-        raw = fs.open(path, "rb", block_size=BLOCK_SIZE)
+        if isinstance(fs, AsyncFileSystem) and is_s3(fs):
+            raw: Any = _SingleGet(fs, path)
+        else:
+            raw = fs.open(path, "rb", block_size=BLOCK_SIZE)
     size = getattr(raw, "size", None)
     size = size if isinstance(size, int) else None
     if callback is not None and size is not None:
