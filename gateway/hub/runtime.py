@@ -42,7 +42,6 @@ from providers.sandbox import keep_environment_private
 
 from .agent_output import OutputEncoder
 from .agent_process import Agent, AgentProcess
-from .delegated_agent import DelegatedAgent
 from .events import RuntimeEvents
 from .narratives import fetch_bundle, have_commits
 from .server import Hub
@@ -299,6 +298,10 @@ class Runtime(Hub):
         self._encoders = {}
         limit = float(timeout) if isinstance(timeout, int | float) else None
         if self.delegate is not None and self._base is not None:
+            # imported here: the team client costs every runtime's start-up ~50 ms, and only
+            # a runtime that delegates its agent to another hub needs it
+            from .delegated_agent import DelegatedAgent
+
             login, remote_env = self.delegate
             base = await self.blocking(partial(resolve_snapshot, self.store, self._base))
             extras = {str(k): str(v) for k, v in extra.items()}
