@@ -45,3 +45,11 @@ def test_everyday_commands_load_no_heavy_library(
     )
     loaded = json.loads(done.stderr.strip().splitlines()[-1])
     assert loaded == [], f"narrative {' '.join(args)} imported {loaded}"
+
+
+def test_a_runtime_loads_no_team_client() -> None:
+    """Every run starts a runtime in its environment (fifty pods at once on a fan-out): only a
+    runtime that delegates its agent to another hub needs the team client (~50 ms)."""
+    code = "import sys, cli.main, gateway.hub.runtime; print(sorted(sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "gateway.hub.team_client" not in done.stdout
