@@ -41,7 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import RESULTS_DIR, isolated_env, log  # noqa: E402
+from common import RESULTS_DIR, isolated_env, log, report_phases  # noqa: E402
 
 
 def _narrative(env: dict[str, str], cwd: Path, *args: str) -> str:
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             first = (finished[0] - wall_clock).total_seconds() if finished else None
             log(f"fan-out {seconds:.1f}s, first result {first}s, peak RSS {rss_kib / 1024:.0f} MB")
+            report_phases([sys.executable, "-m", "cli"], env, ws, [r["id"] for r in runs])
             started = time.perf_counter()
             _narrative(env, ws, "env", "delete", *names)
             delete_seconds = time.perf_counter() - started

@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import isolated_env, log, run  # noqa: E402
+from common import isolated_env, log, report_phases, run  # noqa: E402
 
 COMMAND = "echo hi > out.txt"
 PARALLEL = 16
@@ -144,28 +144,13 @@ def ours(kubeconfig: str, count: int, scratch: Path) -> tuple[float, float, floa
     failed = [r for r in items if r["status"] != "succeeded"]
     if failed or len(items) != count:
         raise RuntimeError(f"{len(failed)} of {len(items)} runs failed: {failed[:2]}")
-    _report_phases(exe, env, ws, [r["id"] for r in items])
+    report_phases(exe, env, ws, [r["id"] for r in items])
     deleted = run([*exe, "env", "delete", *names], env=env, cwd=ws)
     if deleted.rc != 0:
         raise RuntimeError(deleted.stderr[-2000:])
     creating = created - started
     log(f"  creates {creating:.1f} s, fan-out {fan.seconds:.1f} s, deletes {deleted.seconds:.1f} s")
     return time.perf_counter() - started, fan.seconds, fan.maxrss_kib / 1024
-
-
-def _report_phases(exe: list[str], env: dict[str, str], ws: Path, run_ids: list[str]) -> None:
-    """The median of each phase of the fan-out's runs by the hub's clock (``run show``; not
-    timed): where a run's time goes."""
-    import statistics
-
-    phases: dict[str, list[float]] = {}
-    for run_id in run_ids:
-        shown = run([*exe, "run", "show", run_id, "--json"], env=env, cwd=ws)
-        usage = json.loads(shown.stdout).get("usage") or {} if shown.rc == 0 else {}
-        for name, seconds in (usage.get("phases") or {}).items():
-            phases.setdefault(name, []).append(seconds)
-    medians = ", ".join(f"{k} {statistics.median(v):.2f} s" for k, v in phases.items())
-    log(f"  phases of a fan-out run (median over {len(run_ids)}): {medians}")
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ statistics, and small reporting utilities.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -140,8 +141,6 @@ class Sample:
 def store_of(exe: str | Path, ws: Path, env: dict[str, str]) -> Path:
     """The store directory of the workspace ``ws`` (stores live in the per-user data directory
     of ``env``, not in the workspace)."""
-    import json
-
     p = check(run([str(exe), "info", "--json"], env=env, cwd=ws))
     return Path(json.loads(p.stdout)["store"])
 
@@ -320,3 +319,16 @@ def best_of(reps: int, fn: Callable[[], object]) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def report_phases(exe: list[str], env: dict[str, str], ws: Path, run_ids: list[str]) -> None:
+    """Log the median of each phase of runs ``run_ids`` by the hub's clock (``run show``
+    through ``exe``; not timed): where a fan-out's run spends its time."""
+    phases: dict[str, list[float]] = {}
+    for run_id in run_ids:
+        shown = run([*exe, "run", "show", run_id, "--json"], env=env, cwd=ws)
+        usage = json.loads(shown.stdout).get("usage") or {} if shown.rc == 0 else {}
+        for name, seconds in (usage.get("phases") or {}).items():
+            phases.setdefault(name, []).append(seconds)
+    medians = ", ".join(f"{k} {statistics.median(v):.2f} s" for k, v in phases.items())
+    log(f"  phases of a fan-out run (median over {len(run_ids)}): {medians}")
