@@ -16,7 +16,7 @@ demo: $(STAMP)  ## the main job on embedded defaults: snapshot, change, diff, re
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 test: $(STAMP)  ## the test suite, under ten minutes (CI runs it and test-long)
-	$(BIN)/pytest -q -m "not long and not hosts"
+	$(BIN)/pytest -q -m "not long and not hosts" --durations=20
 
 test-long: $(STAMP)  ## the long tests: the model-based store test (ci profile), the wheel install, reused-environment attacks, the slower hub tests (Docker, TLS, hybrid, team, EC2 on moto)
 	$(BIN)/pytest -q -m long
