@@ -1,15 +1,15 @@
 """The ``daytona`` provider: one Daytona sandbox per environment, through the official SDK.
 
 The sandbox id is the resource id (``Daytona.get`` reconnects). Snapshots travel as tar files,
-as with e2b (:mod:`providers.shipping`; what comes back is treated as hostile). Every command is
-a command of a session of its own in the sandbox's daemon, which keeps stdout and stderr apart
-(``process.exec`` merges them): with output to stream or a timeout it runs asynchronously and
-is polled, a timeout killing its processes by their marker (:mod:`providers.proctree`); spawned
-processes are such commands left running (handle ``daytona:<command id>:<marker>``, output in
-the session's log). Auto-stop is honoured (docs/decisions.md): a stopped sandbox is
-``unreachable`` and is started again on use, and activity is recorded while a runtime works.
-Calls answered 429 are retried after ``Retry-After`` (:mod:`providers.daytona_calls`). The API
-key is read from the variable the config names into the SDK's client only.
+as with e2b (:mod:`providers.shipping`; what comes back is treated as hostile). Each command is
+a command of its own session in the sandbox's daemon, which keeps stdout and stderr apart: with
+output to stream or a timeout it runs asynchronously and is polled, a timeout killing its
+processes by their marker (:mod:`providers.proctree`); spawned processes are such commands left
+running (handle ``daytona:<command id>:<marker>``, output in the session's log). Auto-stop is
+honoured (docs/decisions.md): a stopped sandbox is ``unreachable`` and started again on use
+(never by asking whether a process lives), and activity is recorded while a runtime works;
+429s are retried after ``Retry-After`` (:mod:`providers.daytona_calls`). The API key is read
+from the variable the config names into the SDK's client only.
 """
 
 from __future__ import annotations
@@ -110,8 +110,7 @@ class DaytonaProvider(BaseProvider):
         self._client: Daytona | None = None
         self._client_lock = threading.Lock()
         self._handles: dict[str, Sandbox] = {}
-        self._ended_sessions: set[str] = set()
-        """Sessions :meth:`end_leftovers` deleted: their processes ended (not unknown)."""
+        self._ended_sessions: set[str] = set()  # by end_leftovers: ended, not unknown
         self.sleep: Callable[[float], None] = time.sleep
         """How the provider waits out a 429 (tests replace it to record the waits)."""
 
@@ -146,26 +145,28 @@ class DaytonaProvider(BaseProvider):
             self._call(lambda: sandbox.wait_for_sandbox_stop(self.cfg.create_timeout), resource_id)
         self._call(lambda: sandbox.start(self.cfg.create_timeout), resource_id)
 
-    def _toolbox(self, resource_id: str, fn: Callable[[Sandbox], T], path: str | None = None) -> T:
+    def _toolbox(
+        self, rid: str, fn: Callable[[Sandbox], T], path: str | None = None, wake: bool = True
+    ) -> T:
         """``fn(sandbox)`` on the toolbox; once more after a start when the sandbox turns out
-        to have been stopped meanwhile (auto-stop)."""
-        sandbox = self._sandbox(resource_id)
+        to have been stopped meanwhile (auto-stop). ``wake=False``: a stopped sandbox stays
+        stopped, and the call fails."""
+        sandbox = self._sandbox(rid) if wake else self._sandbox_as_is(rid)
         try:
-            return self._call(lambda: fn(sandbox), resource_id, path)
+            return self._call(lambda: fn(sandbox), rid, path)
         except (ProviderError, InvalidInput):
             # a stopped sandbox's toolbox answers 400 "... Is the Sandbox started?"
-            self._call(sandbox.refresh_data, resource_id)
-            if sandbox.state not in _ASLEEP:
+            self._call(sandbox.refresh_data, rid)
+            if sandbox.state not in _ASLEEP or not wake:
                 raise
-        self._wake(resource_id, sandbox)
-        return self._call(lambda: fn(sandbox), resource_id, path)
+        self._wake(rid, sandbox)
+        return self._call(lambda: fn(sandbox), rid, path)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def create(self) -> str:
-        cfg = self.cfg
-        labels = {**cfg.labels, "narrative.owner": self.context.owner}
-        labels["narrative.env"] = self.context.env_id
+        cfg, ctx = self.cfg, self.context
+        labels = {**cfg.labels, "narrative.owner": ctx.owner, "narrative.env": ctx.env_id}
         common: dict[str, Any] = {
             "env_vars": dict(cfg.env),
             "labels": labels,
@@ -183,13 +184,10 @@ class DaytonaProvider(BaseProvider):
         read_uploads(self.context.store.workspace, cfg.upload)  # refused before anything is made
         client = self._daytona()
         sandbox = self._call(lambda: client.create(params, timeout=cfg.create_timeout), None)
-        resource_id = str(sandbox.id)
-        self._handles[resource_id] = sandbox
-        log.info(
-            "created daytona sandbox %s for environment %s", resource_id, self.context.env_name
-        )
-        self._prepare(resource_id)
-        return resource_id
+        self._handles[rid := str(sandbox.id)] = sandbox
+        log.info("created daytona sandbox %s for environment %s", rid, self.context.env_name)
+        self._prepare(rid)
+        return rid
 
     def _prepare(self, resource_id: str, skip: set[str] | None = None) -> None:
         """The workdir exists and holds the configured uploads (all checked before any is
@@ -309,11 +307,9 @@ class DaytonaProvider(BaseProvider):
         )
         return logs.stdout or "", logs.stderr or "", logs.output or ""
 
-    def _exit_code(self, resource_id: str, session: str, command_id: str) -> int | None:
-        command = self._toolbox(
-            resource_id, lambda s: s.process.get_session_command(session, command_id)
-        )
-        return None if command.exit_code is None else int(command.exit_code)
+    def _exit_code(self, rid: str, session: str, cmd: str, wake: bool = True) -> int | None:
+        get = self._toolbox(rid, lambda s: s.process.get_session_command(session, cmd), None, wake)
+        return None if get.exit_code is None else int(get.exit_code)
 
     def _kill_marked(self, resource_id: str, marker: str, sig: Signal = "kill") -> ExecResult:
         return self._script(resource_id, shlex.join(signal_argv(marker, sig)), "signal")
@@ -456,11 +452,11 @@ class DaytonaProvider(BaseProvider):
             keep_awake(still_running, period, f"daytona-keepalive-{resource_id}")
         return handle
 
-    def _spawned_code(self, resource_id: str, handle: str) -> int | None:
+    def _spawned_code(self, resource_id: str, handle: str, wake: bool = True) -> int | None:
         """The exit code of a spawned process (None while it runs)."""
         session, command_id = parse_handle(handle)
         try:
-            return self._exit_code(resource_id, session, command_id)
+            return self._exit_code(resource_id, session, command_id, wake)
         except ResourceGone:
             self._sandbox_as_is(resource_id)  # the sandbox is there: the session is not
             if session in self._ended_sessions:
@@ -482,14 +478,19 @@ class DaytonaProvider(BaseProvider):
         self._kill_marked(resource_id, handle.rsplit(":", 1)[1], sig)
 
     def alive(self, resource_id: str, handle: str) -> bool:
-        """Whether the spawned command has no exit code yet (never, in a stopped sandbox).
-        Asking counts as activity: the keep-alive of :meth:`spawn_runtime` asks."""
-        running = (
-            self._awake(resource_id, handle) and self._spawned_code(resource_id, handle) is None
-        )
+        """Whether the spawned command has no exit code yet (never, in a stopped sandbox: its
+        processes are gone, and asking never starts it again). Asking counts as activity: the
+        keep-alive of :meth:`spawn_runtime` asks, and must not undo a stop."""
+        try:
+            running = self._awake(resource_id, handle) and (
+                self._spawned_code(resource_id, handle, wake=False) is None
+            )
+        except (ProviderError, InvalidInput):  # a stopped toolbox answers 400
+            if self._awake(resource_id, handle):
+                raise
+            return False  # stopped while asked
         if running and self.cfg.auto_stop_interval:
-            sandbox = self._sandbox(resource_id)
-            self._call(sandbox.refresh_activity, resource_id)
+            self._call(self._sandbox_as_is(resource_id).refresh_activity, resource_id)
         return running
 
     def read_spawn_log(
