@@ -133,6 +133,7 @@ class DaytonaStandIn:
         self.command_lines: list[str] = []
         """Every command line a sandbox's daemon was given (the daemon keeps and lists them)."""
         self._throttle: list[str] = []
+        self._stop_at_toolbox: set[str] = set()
         self._lock = threading.RLock()
         self._owner = f"{time.time():.0f}-{uuid.uuid4().hex[:12]}"
         probe = connect()  # skips (fails where Docker is required) without an engine
@@ -194,6 +195,12 @@ class DaytonaStandIn:
         given, as the header's value)."""
         with self._lock:
             self._throttle.extend([retry_after or ""] * count)
+
+    def stop_at_next_toolbox_call(self, sandbox_id: str) -> None:
+        """Stop the sandbox just before its toolbox's next request is served: an auto-stop (or
+        a stop by another client) landing between two calls of a provider."""
+        with self._lock:
+            self._stop_at_toolbox.add(sandbox_id)
 
     def clear_rate_limit(self) -> None:
         with self._lock:
@@ -394,6 +401,11 @@ class DaytonaStandIn:
     ) -> Iterable[bytes]:
         sandbox_id, _, rest = path.lstrip("/").partition("/")
         box = self._box(sandbox_id)
+        with self._lock:
+            stop_now = sandbox_id in self._stop_at_toolbox
+            self._stop_at_toolbox.discard(sandbox_id)
+        if stop_now:
+            self._stop_box(box)
         if box.state != "started":
             raise _Answer(
                 400,

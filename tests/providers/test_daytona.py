@@ -157,6 +157,23 @@ def test_a_runtime_keeps_its_sandbox_awake_and_other_processes_do_not(
         provider.delete(resource)
 
 
+def test_asking_whether_a_process_lives_never_wakes_a_stopped_sandbox(
+    daytona: Any, store: Store
+) -> None:
+    """A stop landing between the two requests of ``alive`` (the sandbox's state, then the
+    command's): the keep-alive asks this every few seconds, and must not undo the stop."""
+    provider = make_provider(store, daytona, auto_stop_interval=0)
+    resource = provider.create()
+    try:
+        handle = provider.spawn(resource, ["sleep", "60"])
+        assert provider.alive(resource, handle)
+        daytona.stop_at_next_toolbox_call(resource)
+        assert not provider.alive(resource, handle)
+        assert daytona.state_of(resource) == "stopped", "asking woke the stopped sandbox"
+    finally:
+        provider.delete(resource)
+
+
 def test_auto_stop_zero_means_never(daytona: Any, store: Store) -> None:
     daytona.minute = 0.2
     provider = make_provider(store, daytona, auto_stop_interval=0)
