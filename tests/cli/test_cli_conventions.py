@@ -148,6 +148,7 @@ echo "${{COMPREPLY[@]}}"
     assert lines[1] == "feature" and lines[2] == "status"
 
 
+@pytest.mark.long  # several seconds: make test stays under ten minutes
 def test_env_create_help_lists_each_providers_config_keys(cli: Cli) -> None:
     from providers.registry import available, get_provider_class
 

@@ -82,6 +82,7 @@ def _populate(ws: Path, files: int, seed: int) -> None:
         (d / f"f{i}.txt").write_bytes(rng.randbytes(rng.randint(100, 20000)))
 
 
+@pytest.mark.long  # several seconds: make test stays under ten minutes
 @pytest.mark.slow
 def test_kill_9_at_any_moment_leaves_a_consistent_store(workspace: Path) -> None:
     cli = Cli(workspace)

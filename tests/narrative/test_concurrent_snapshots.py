@@ -11,6 +11,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from narrative.odb import ObjectStore, PackWriter
 from narrative.repack import MAX_PACKS, consolidate_small_packs
 from narrative.store import Store
@@ -35,6 +37,7 @@ def test_reader_finds_objects_of_packs_merged_away_since_it_listed_them(store: S
     assert reader.raw_entry(oids[1]) is not None
 
 
+@pytest.mark.long  # several seconds: make test stays under ten minutes
 def test_eight_concurrent_snapshots_never_traceback_nor_lose_work(
     store: Store, workspace: Path
 ) -> None:

@@ -230,6 +230,7 @@ def test_an_unusable_data_directory_is_one_clear_error(workspace: Path, tmp_path
     assert tree_bytes(workspace) == before
 
 
+@pytest.mark.long  # several seconds: make test stays under ten minutes
 @pytest.mark.slow
 def test_an_old_layout_migration_killed_at_any_point_loses_nothing(
     workspace: Path, tmp_path: Path

@@ -62,6 +62,7 @@ class _Watch:
             self.seen[git_dir] = now
 
 
+@pytest.mark.long  # several seconds: make test stays under ten minutes
 def test_no_command_moves_a_thread_head_backwards(tmp_path: Path) -> None:
     remote, alice, bob = two_machines(tmp_path)
     a_ws, b_ws = alice.cwd, bob.cwd

@@ -19,6 +19,7 @@ def _opts(s3_options: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.long  # several seconds: make test stays under ten minutes
 @pytest.mark.heavy
 def test_export_import_and_remotes_over_s3(
     s3_bucket: str, s3_options: dict[str, Any], workspace: Path, tmp_path: Path

@@ -20,6 +20,7 @@ def _populate(ws: Path, files: int) -> None:
         (d / f"f{i}.bin").write_bytes(rng.randbytes(rng.randint(2000, 40000)))
 
 
+@pytest.mark.long  # several seconds: make test stays under ten minutes
 @pytest.mark.slow
 def test_kill_during_export_and_import(tmp_path: Path) -> None:
     src = tmp_path / "a"

@@ -203,6 +203,7 @@ def test_a_result_over_the_cap_is_refused_and_the_store_stays_valid(
     fsck(workspace)
 
 
+@pytest.mark.long  # several seconds: make test stays under ten minutes
 def test_a_runtime_ignoring_the_timeout_is_stopped_by_the_hub(store: Store, tmp_path: Path) -> None:
     cli = Cli(Path(store.workspace))
     hostile_env(cli, tmp_path, "slow", "no-timeout")

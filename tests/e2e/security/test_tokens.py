@@ -351,6 +351,7 @@ def test_a_renewed_runtime_token_voids_the_one_in_its_environment(store: Store) 
     assert token_id in Hub(store).policy.revoked
 
 
+@pytest.mark.long  # several seconds: make test stays under ten minutes
 def test_an_expired_tokens_connection_is_closed(store: Store) -> None:
     async def main() -> str:
         async with Hub(store) as hub:

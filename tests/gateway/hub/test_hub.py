@@ -342,6 +342,7 @@ def test_token_expiring_mid_run_is_renewed(store: Store) -> None:
     assert types(events).count("runtime.connected") >= 2
 
 
+@pytest.mark.long  # several seconds: make test stays under ten minutes
 @pytest.mark.parametrize("same_port", [True, False], ids=["same-port", "other-port"])
 def test_hub_restart_adopts_the_run(hub_cli: Cli, workspace: Path, same_port: bool) -> None:
     """The runtime keeps dialling its hub's unix socket (a fixed path per environment), so a

@@ -91,6 +91,7 @@ def test_a_busy_environment_makes_the_hub_create_another(store: Store) -> None:
     assert statuses == ["succeeded", "succeeded"]
 
 
+@pytest.mark.long  # several seconds: make test stays under ten minutes
 def test_a_run_in_a_busy_environment_is_refused_across_processes(cli: Cli, workspace: Path) -> None:
     cli.run("init")
     cli.run("env", "create", "sandbox", "--provider", "worktree")
