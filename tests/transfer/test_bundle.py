@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from narrative.hierarchy import create_thread
 from narrative.meta import META_REF
@@ -166,6 +167,17 @@ def _fetch_on_top_of(store: Store, tmp_path: Path, base: str, inc: Path, ref: st
     return clone
 
 
+def _incremental(store: Store, tmp_path: Path, base: Any, after: Any) -> tuple[int, str]:
+    """The size of the incremental bundle from snapshot ``base`` to ``after`` on the default
+    thread, which stock git fetches on top of ``base`` to exactly ``after``; and the ref."""
+    ref = store.thread_ref(store.config.default_thread)
+    inc = tmp_path / "inc.bundle"
+    _bundle(store, inc, {ref: bytes.fromhex(after.commit)}, {bytes.fromhex(base.commit): "b"})
+    clone = _fetch_on_top_of(store, tmp_path, base.commit, inc, ref)
+    assert git("--git-dir", str(clone), "rev-parse", ref).strip() == after.commit
+    return inc.stat().st_size, ref
+
+
 def test_incremental_bundle_deltas_an_overwrite_in_the_middle_plus_an_append(
     store: Store, workspace: Path, tmp_path: Path
 ) -> None:
@@ -181,12 +193,8 @@ def test_incremental_bundle_deltas_an_overwrite_in_the_middle_plus_an_append(
     content += b"<<appended marker>>\n" * 3
     (workspace / "data.bin").write_bytes(content)
     after = take_snapshot(store).snapshot
-    ref = store.thread_ref(store.config.default_thread)
-    inc = tmp_path / "inc.bundle"
-    _bundle(store, inc, {ref: bytes.fromhex(after.commit)}, {bytes.fromhex(base.commit): "b"})
-    assert inc.stat().st_size < 2048
-    clone = _fetch_on_top_of(store, tmp_path, base.commit, inc, ref)
-    assert git("--git-dir", str(clone), "rev-parse", ref).strip() == after.commit
+    size, _ref = _incremental(store, tmp_path, base, after)
+    assert size < 2048
 
 
 class _CountingStore:
@@ -249,13 +257,8 @@ def test_incremental_bundle_deltas_the_trees_on_a_deep_changed_path(
     base = take_snapshot(store).snapshot
     (path / "small.txt").write_text("after\n")
     after = take_snapshot(store).snapshot
-    ref = store.thread_ref(store.config.default_thread)
-    inc = tmp_path / "inc.bundle"
-    _bundle(store, inc, {ref: bytes.fromhex(after.commit)}, {bytes.fromhex(base.commit): "b"})
-    # six trees of ~2.6 KiB each: 10 KiB when sent whole
-    assert inc.stat().st_size < 1200
-    clone = _fetch_on_top_of(store, tmp_path, base.commit, inc, ref)
-    assert git("--git-dir", str(clone), "rev-parse", ref).strip() == after.commit
+    size, ref = _incremental(store, tmp_path, base, after)
+    assert size < 1200  # six trees of ~2.6 KiB each: 10 KiB when sent whole
     # our own intake resolves the tree deltas against its store
     from transfer.exporter import export
     from transfer.importer import import_
