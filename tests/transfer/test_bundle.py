@@ -138,19 +138,8 @@ def test_incremental_bundle_deltas_a_small_edit_of_a_big_file(
     git("--git-dir", str(clone), "fetch", "-q", str(inc), f"{ref}:{ref}")
     git("--git-dir", str(clone), "fsck", "--strict", "--no-dangling")
     # and so does our own intake, into a store holding only the base
-    from transfer.exporter import export
-    from transfer.importer import import_
 
-    export(store, str(tmp_path / "e-full.bundle"), snapshot=base.id)
-    small = export(store, str(tmp_path / "e-inc.bundle"), since=base.id)
-    assert small.size < 8192
-    other_ws = tmp_path / "other"
-    other_ws.mkdir()
-    other = Store.init(str(other_ws))
-    import_(other, str(tmp_path / "e-full.bundle"))
-    import_(other, str(tmp_path / "e-inc.bundle"))
-    assert other.refs.read(ref) == bytes.fromhex(after.commit)
-    git("--git-dir", other.git_dir, "fsck", "--strict", "--no-dangling")
+    assert _through_our_intake(store, tmp_path, base, after, ref) < 8192
 
 
 def _fetch_on_top_of(store: Store, tmp_path: Path, base: str, inc: Path, ref: str) -> Path:
@@ -165,6 +154,25 @@ def _fetch_on_top_of(store: Store, tmp_path: Path, base: str, inc: Path, ref: st
     git("--git-dir", str(clone), "fetch", "-q", str(inc), f"{ref}:{ref}")
     git("--git-dir", str(clone), "fsck", "--strict", "--no-dangling")
     return clone
+
+
+def _through_our_intake(store: Store, tmp_path: Path, base: Any, after: Any, ref: str) -> int:
+    """Export ``base`` whole and ``after`` incrementally, import both into a fresh store with
+    our own code (which must resolve the deltas) and check it with ``git fsck --strict``;
+    the incremental export's size."""
+    from transfer.exporter import export
+    from transfer.importer import import_
+
+    export(store, str(tmp_path / "e-full.bundle"), snapshot=base.id)
+    small = export(store, str(tmp_path / "e-inc.bundle"), since=base.id)
+    other_ws = tmp_path / "other"
+    other_ws.mkdir()
+    other = Store.init(str(other_ws))
+    import_(other, str(tmp_path / "e-full.bundle"))
+    import_(other, str(tmp_path / "e-inc.bundle"))
+    assert other.refs.read(ref) == bytes.fromhex(after.commit)
+    git("--git-dir", other.git_dir, "fsck", "--strict", "--no-dangling")
+    return int(small.size)
 
 
 def _incremental(store: Store, tmp_path: Path, base: Any, after: Any) -> tuple[int, str]:
@@ -260,18 +268,8 @@ def test_incremental_bundle_deltas_the_trees_on_a_deep_changed_path(
     size, ref = _incremental(store, tmp_path, base, after)
     assert size < 1200  # six trees of ~2.6 KiB each: 10 KiB when sent whole
     # our own intake resolves the tree deltas against its store
-    from transfer.exporter import export
-    from transfer.importer import import_
 
-    export(store, str(tmp_path / "e-full.bundle"), snapshot=base.id)
-    export(store, str(tmp_path / "e-inc.bundle"), since=base.id)
-    other_ws = tmp_path / "other"
-    other_ws.mkdir()
-    other = Store.init(str(other_ws))
-    import_(other, str(tmp_path / "e-full.bundle"))
-    import_(other, str(tmp_path / "e-inc.bundle"))
-    assert other.refs.read(ref) == bytes.fromhex(after.commit)
-    git("--git-dir", other.git_dir, "fsck", "--strict", "--no-dangling")
+    _through_our_intake(store, tmp_path, base, after, ref)
 
 
 def test_raw_entries_match_raw_entry_and_skip_deltas(store: Store, workspace: Path) -> None:
