@@ -46,6 +46,8 @@ __all__ = [
     "Signal",
     "SpawnLog",
     "check_relative_path",
+    "tail_argv",
+    "tail_read",
     "tail_start",
 ]
 
@@ -100,6 +102,35 @@ def tail_start(size: int, since: int, limit: int) -> int:
     """Where a read of the end of a ``size``-byte log starts: after ``since`` (ignored when the
     log is shorter, i.e. was replaced), and no more than ``limit`` bytes before its end."""
     return max(since if since <= size else 0, size - limit, 0)
+
+
+# $0: the log, $1: since, $2: limit. Prints the log's size on a line of its own, then the bytes
+# from :func:`tail_start` to that size (exactly those, should the log grow meanwhile); exit 3
+# when there is no log. One command: where each is a round trip into an environment.
+_TAIL_SCRIPT = r"""
+[ -f "$0" ] || exit 3
+size=$(wc -c < "$0") || exit 3
+start=$1
+[ "$start" -le "$size" ] || start=0
+[ "$start" -ge $((size - $2)) ] || start=$((size - $2))
+[ "$start" -ge 0 ] || start=0
+echo "$size"
+tail -c +$((start + 1)) "$0" | head -c $((size - start))
+"""
+
+
+def tail_argv(path: str, since: int, limit: int) -> list[str]:
+    """The command printing the end of the log ``path`` in an environment (read its output
+    with :func:`tail_read`)."""
+    return ["sh", "-c", _TAIL_SCRIPT, path, str(int(since)), str(int(limit))]
+
+
+def tail_read(exit_code: int, stdout: bytes) -> SpawnLog:
+    """What a :func:`tail_argv` command printed, as a :class:`SpawnLog` (empty: no log)."""
+    head, newline, data = stdout.partition(b"\n")
+    if exit_code != 0 or not newline or not head.strip().isdigit():
+        return SpawnLog(0, b"")
+    return SpawnLog(int(head), data)
 
 
 @dataclass(frozen=True)
@@ -315,6 +346,14 @@ class BaseProvider(ABC):
 
         Default: nothing, for a backend whose processes all end with their command."""
         return None
+
+    def prepare_for_run(self, resource_id: str, snapshot: Snapshot | None) -> None:
+        """:meth:`end_leftovers`, then :meth:`reset` (what a new run needs first).
+
+        Default: those two; a backend where each command is a round trip into the environment
+        does both in one."""
+        self.end_leftovers(resource_id)
+        self.reset(resource_id, snapshot)
 
     def reset(self, resource_id: str, snapshot: Snapshot | None) -> None:
         """Make the workspace hold exactly ``snapshot`` (None: nothing) for a new run, whatever

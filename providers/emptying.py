@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["EMPTY_SCRIPT", "TEMP_DIRS", "empty_argv"]
+from .proctree import SWEEP_SCRIPT
+
+__all__ = ["EMPTY_SCRIPT", "TEMP_DIRS", "empty_argv", "sweep_and_empty_argv"]
 
 TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 """What a run may write besides the workdir, emptied before the next run starts."""
@@ -26,3 +28,16 @@ done
 def empty_argv(directories: Sequence[str]) -> list[str]:
     """The command that empties ``directories`` (see :data:`EMPTY_SCRIPT`)."""
     return ["sh", "-c", EMPTY_SCRIPT, "sh", *directories]
+
+
+# SWEEP_SCRIPT in a subshell (a child of this shell: spared, as the sweep's own children are;
+# its ``exit`` ends only the subshell), then EMPTY_SCRIPT: one round trip into an environment
+# where each command is one (a pod or container exec) instead of two.
+_SWEEP_AND_EMPTY_SCRIPT = "(" + SWEEP_SCRIPT + ") || exit 1\n" + EMPTY_SCRIPT
+
+
+def sweep_and_empty_argv(init: bool, directories: Sequence[str]) -> list[str]:
+    """The command that kills every process of a container but its own (as
+    :func:`~providers.proctree.sweep_argv`), then empties ``directories`` (as
+    :func:`empty_argv`)."""
+    return ["sh", "-c", _SWEEP_AND_EMPTY_SCRIPT, "init" if init else "none", *directories]

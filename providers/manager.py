@@ -416,8 +416,7 @@ class EnvironmentManager:
         except NarrativeError as exc:
             log.info("cannot copy the runtime log of %s: %s", name, exc)
         try:
-            provider.end_leftovers(resource)
-            provider.reset(resource, snapshot)
+            provider.prepare_for_run(resource, snapshot)
         except (ResourceGone, ProviderUnavailable) as exc:
             self._fail(record, exc)
             raise

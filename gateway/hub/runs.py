@@ -58,7 +58,8 @@ snapshot the result)."""
 _STOP_MARGIN = 30.0
 """Seconds beyond the grace a runtime has to answer a stop (its result snapshotted)."""
 _LIVENESS_MAX_PAUSE = 2.0
-"""Longest wait between two looks at whether a runtime that has not connected yet still lives."""
+"""Longest wait between two looks at whether a runtime that has not connected yet still lives,
+where a look is cheap (:meth:`RuntimeProcess.pause` stretches it where it is not)."""
 _TIMEOUT_EXIT = 124  # what timeout(1) exits with, as the runtime reports a timeout
 
 
@@ -344,9 +345,7 @@ class RunDriver:
         pause = 0.5
         while not self._connected.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._connected.wait(), pause)
-            # each look at the runtime may be a round trip into its environment (a pod exec):
-            # fifty starting runtimes asked twice a second would crowd out their own starts
+                await asyncio.wait_for(self._connected.wait(), self.runtime.pause(pause))
             pause = min(pause * 2, _LIVENESS_MAX_PAUSE)
             if self._connected.is_set():
                 return

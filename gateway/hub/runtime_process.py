@@ -25,6 +25,19 @@ log = logging.getLogger(__name__)
 LOG_LINES = 20
 """Lines of the runtime's own output recorded when a run fails."""
 
+PROBE_SHARE = 10.0
+"""A look at whether the runtime lives is followed by a pause at least this many times as long
+as the look took: where each look is a round trip into the environment (a pod or container
+exec), fifty runs looking every second would crowd out their own runtimes' start, and a look
+that slows down (the engine is loaded) spaces the next ones further apart."""
+
+MAX_PROBE_PAUSE = 15.0
+"""Longest pause between two looks (a runtime that died is noticed within about this)."""
+
+
+_EXIT_GRACE = 5.0
+"""Seconds a runtime asked to exit has before it is killed."""
+
 
 class RuntimeProcess:
     """The runtime of run ``run_id`` in ``environment`` (``handle``: the provider's handle of
@@ -39,6 +52,13 @@ class RuntimeProcess:
         self.environment = environment
         self.run_id = run_id
         self.handle: str | None = None
+        self._probe_seconds = 0.0
+        """How long the last look at the runtime took."""
+
+    def pause(self, wanted: float) -> float:
+        """Seconds to wait before the next look: ``wanted``, stretched to
+        :data:`PROBE_SHARE` times the last look's length (at most :data:`MAX_PROBE_PAUSE`)."""
+        return max(wanted, min(PROBE_SHARE * self._probe_seconds, MAX_PROBE_PAUSE))
 
     async def alive(self) -> bool:
         """Whether the runtime is known to run (an environment that cannot be asked: no)."""
@@ -51,12 +71,16 @@ class RuntimeProcess:
         handle = self.handle
         if handle is None:
             return False
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             return await self.blocking(lambda: self.manager.alive(self.environment, handle))
         except ProviderUnavailable:
             return None
         except NarrativeError:
             return False
+        finally:
+            self._probe_seconds = loop.time() - started
 
     async def diagnosis(self) -> str:
         """Why the environment's runtime does not start (``": ..."``), when its import check
@@ -81,16 +105,12 @@ class RuntimeProcess:
             await self.blocking(lambda: self.manager.signal(self.environment, handle, "kill"))
 
     async def end(self) -> None:
-        """Give the runtime five seconds to exit (it was asked to), then kill it; copy its
-        output out of the environment."""
+        """Give the runtime :data:`_EXIT_GRACE` seconds to exit (it was asked to), then kill
+        it; copy its output out of the environment."""
         handle, env = self.handle, self.environment
         if handle is None:
             return
-        for _ in range(50):
-            if not await self.alive():
-                break
-            await asyncio.sleep(0.1)
-        else:
+        if not await self._exited_within(_EXIT_GRACE):
             with contextlib.suppress(NarrativeError):
                 await self.blocking(lambda: self.manager.signal(env, handle, "kill"))
         # Docker and e2b keep the runtime's output inside: copy it next to the others'.
@@ -98,6 +118,18 @@ class RuntimeProcess:
             await self.blocking(lambda: self.manager.logs.sync_runtime(env, handle))
         except (NarrativeError, OSError) as exc:
             log.info("cannot copy the runtime log of %s: %s", self.run_id, exc)
+
+    async def _exited_within(self, seconds: float) -> bool:
+        """Whether the runtime ends within ``seconds``, looked at more rarely as time goes."""
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + seconds, 0.05
+        while await self.alive():
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(self.pause(pause), left))
+            pause = min(pause * 2, 1.0)
+        return True
 
     async def record_log_tail(self, events: RunEventLog) -> None:
         """Put the end of the runtime's own output into the run's event log."""

@@ -30,6 +30,7 @@ __all__ = [
     "end_leftovers",
     "exit_code",
     "parse_handle",
+    "run_checked",
     "run_quiet",
     "run_streamed",
     "signal_spawned",
@@ -215,14 +216,18 @@ def spawn_detached(
     return f"docker:{exec_id}:{marker}"
 
 
+def run_checked(api: Any, resource_id: str, workdir: str, argv: list[str], what: str) -> None:
+    """Run a helper command that must succeed (:class:`ProviderError` saying ``what`` could
+    not be done, with its output, when it fails)."""
+    code, output = run_quiet(api, resource_id, workdir, argv)
+    if code != 0:
+        said = output.decode(errors="replace").strip() or f"exit {code}"
+        raise ProviderError(f"could not {what} in {resource_id}: {said}")
+
+
 def end_leftovers(api: Any, resource_id: str, workdir: str, init: bool) -> None:
     """Kill every process in the container but its init and keep-alive command."""
-    code, output = run_quiet(api, resource_id, workdir, sweep_argv(init))
-    if code != 0:
-        raise ProviderError(
-            f"could not kill what earlier runs left in {resource_id}: "
-            f"{output.decode(errors='replace').strip() or f'exit {code}'}"
-        )
+    run_checked(api, resource_id, workdir, sweep_argv(init), "kill what earlier runs left")
 
 
 def spawned(api: Any, resource_id: str, handle: str) -> tuple[dict[str, Any] | None, str]:

@@ -26,7 +26,7 @@ from ..emptying import TEMP_DIRS, empty_argv
 from ..errors import ProviderError
 from ..shipping import scratch_dir, snapshot_from_tar, snapshot_tar_chunks
 from .client import archive_url, raise_for_status, sdk_errors
-from .commands import run_quiet
+from .commands import run_checked, run_quiet
 
 if TYPE_CHECKING:
     from narrative.models import Snapshot
@@ -197,12 +197,8 @@ def read_tail(
 
 def empty_directories(api: Any, resource_id: str, workdir: str, directories: list[str]) -> None:
     """Empty ``directories`` (the first must exist), keeping the directories themselves."""
-    code, output = run_quiet(api, resource_id, workdir, empty_argv(directories))
-    if code != 0:
-        raise ProviderError(
-            f"cannot empty {' '.join(directories)} in {resource_id}: "
-            f"{output.decode(errors='replace').strip()}"
-        )
+    what = f"empty {' '.join(directories)}"
+    run_checked(api, resource_id, workdir, empty_argv(directories), what)
 
 
 def put_snapshot(

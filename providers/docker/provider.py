@@ -49,6 +49,7 @@ from ..base import (
     Signal,
     SpawnLog,
 )
+from ..emptying import sweep_and_empty_argv
 from ..errors import ImageNotFound, ProviderError, ResourceGone
 from ..records import HUB_SOCKET, hub_socket_dir
 from ..usage import UsageMeter
@@ -446,6 +447,14 @@ class DockerProvider(BaseProvider):
     def restore(self, resource_id: str, snapshot: Snapshot) -> None:
         files.empty_directories(self.api, resource_id, self.cfg.workdir, [self.cfg.workdir])
         self._put_snapshot(resource_id, snapshot)
+
+    def prepare_for_run(self, resource_id: str, snapshot: Snapshot | None) -> None:
+        """:meth:`end_leftovers` and :meth:`reset` in one exec."""
+        workdir = self.cfg.workdir
+        argv = sweep_and_empty_argv(self.cfg.init, [workdir, *files.TEMP_DIRS])
+        commands.run_checked(self.api, resource_id, workdir, argv, "reset for a run")
+        if snapshot is not None:
+            self._put_snapshot(resource_id, snapshot)
 
     def reset(self, resource_id: str, snapshot: Snapshot | None) -> None:
         """Empty the workdir and the temporary directories, then restore ``snapshot``."""

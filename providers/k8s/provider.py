@@ -39,9 +39,10 @@ from ..base import (
     Signal,
     SpawnLog,
     check_relative_path,
-    tail_start,
+    tail_argv,
+    tail_read,
 )
-from ..emptying import empty_argv
+from ..emptying import empty_argv, sweep_and_empty_argv
 from ..errors import ProviderError, ProviderUnavailable, ResourceGone
 from ..proctree import MARKER_VAR, signal_argv, sweep_argv
 from ..shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
@@ -425,27 +426,11 @@ class K8sProvider(BaseProvider):
         none (or no pod)."""
         path = _SPAWN_LOG.format(marker=_parse_handle(handle))
         try:
-            pod = self._live_pod(resource_id)
-            size_out = self.pods.run(pod, ["sh", "-c", 'wc -c < "$0"', path])
-            if size_out.exit_code != 0:
-                return SpawnLog(0, b"")
-            size = int(size_out.stdout.strip() or 0)
-            start = tail_start(size, since, limit)
-            data = self.pods.run(
-                pod,
-                [
-                    "sh",
-                    "-c",
-                    'tail -c +"$1" "$0" | head -c "$2"',
-                    path,
-                    str(start + 1),
-                    str(size - start),
-                ],
-            ).stdout
-        except (ProviderError, ValueError) as exc:
+            out = self.pods.run(self._live_pod(resource_id), tail_argv(path, since, limit))
+        except ProviderError as exc:
             log.debug("no spawn log %s in %s: %s", path, resource_id, exc)
             return SpawnLog(0, b"")
-        return SpawnLog(start + len(data), data)
+        return tail_read(out.exit_code, out.stdout)
 
     runtime_hint: ClassVar[str] = (
         "the image needs Python 3.11+ with narrative-engine installed (docker/Dockerfile), "
@@ -487,6 +472,13 @@ class K8sProvider(BaseProvider):
     def reset(self, resource_id: str, snapshot: Snapshot | None) -> None:
         """Empty the workdir and ``/tmp``, then restore ``snapshot``."""
         self._empty(resource_id, [self.cfg.workdir, manifests.TMP_MOUNT])
+        if snapshot is not None:
+            self._put_snapshot(resource_id, snapshot)
+
+    def prepare_for_run(self, resource_id: str, snapshot: Snapshot | None) -> None:
+        """:meth:`end_leftovers` and :meth:`reset` in one exec."""
+        argv = sweep_and_empty_argv(True, [self.cfg.workdir, manifests.TMP_MOUNT])
+        self._helper(resource_id, argv, "resetting for a run")
         if snapshot is not None:
             self._put_snapshot(resource_id, snapshot)
 

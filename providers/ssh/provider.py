@@ -47,7 +47,8 @@ from ..base import (
     Signal,
     SpawnLog,
     check_relative_path,
-    tail_start,
+    tail_argv,
+    tail_read,
 )
 from ..errors import (
     ProviderError,
@@ -375,19 +376,12 @@ class SSHProvider(BaseProvider):
         limit: int = SPAWN_LOG_LIMIT,
     ) -> SpawnLog:
         _pid, marker = self._handle(handle)
-        log = self._q(self._log(resource_id, marker))
+        argv = tail_argv(self._log(resource_id, marker), since, limit)
         try:
-            result = self.session.run(
-                f"[ -f {log} ] || exit 3; wc -c < {log}; tail -c {int(limit)} {log}"
-            )
+            result = self.session.run(quote_argv(argv))
         except ProviderError:
             return SpawnLog(0, b"")
-        if result.exit_code != 0:
-            return SpawnLog(0, b"")
-        head, _, data = result.stdout.partition(b"\n")
-        size = int(head.strip() or 0)
-        wanted = size - tail_start(size, since, limit)
-        return SpawnLog(size, data[len(data) - wanted :] if wanted > 0 else b"")
+        return tail_read(result.exit_code, result.stdout)
 
     def runtime_command(self) -> list[str]:
         """The configured ``runtime``, else the one installed under ``work_dir`` (installed
