@@ -102,10 +102,13 @@ def anchor(kubeconfig: str, count: int, workers: int = 1, prefix: str = "anchor"
         core.delete_namespaced_persistent_volume_claim(name, "default")
 
     started = time.perf_counter()
+    seconds = []
     with ThreadPoolExecutor(workers) as pool:
         for phase in (make, use, remove):
             list(pool.map(phase, names))
+            seconds.append(time.perf_counter() - started - sum(seconds))
     elapsed = time.perf_counter() - started
+    log(f"  creates {seconds[0]:.1f} s, runs {seconds[1]:.1f} s, deletes {seconds[2]:.1f} s")
     api.close()
     return elapsed
 

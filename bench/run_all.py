@@ -212,7 +212,11 @@ GOALS: tuple[Goal, ...] = (
 #: with a goal missed by more than 1.5x in at least one of the runs, or was within a few percent
 #: of the limit (hub-proxied 2.75x/2.92x against 3.0x, import 1.13x against 1.2x): the table
 #: prints them and the gate lists them as "not gated (known miss)" until they join this set.
-GATED: frozenset[str] = frozenset({"snap-thousand", "transfer-memory"})
+#: Joined later: the incremental bundle's size (a byte count: 1.5 KiB against 4 KiB, no noise)
+#: and the history row (1.61x quiet, 2.04x at load 7, against a limit of 3x). Rows met only on
+#: a quiet machine (import + restore 0.65x quiet but 1.13-1.72x loaded, the worktree run 0.76x
+#: quiet but 2.7-3.7x loaded) stay out: a loaded CI machine would fail them.
+GATED: frozenset[str] = frozenset({"snap-thousand", "transfer-memory", "incr-size", "history"})
 
 
 # --------------------------------------------------------------------------- scripts

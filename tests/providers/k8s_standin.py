@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import copy
 import datetime
@@ -106,6 +107,8 @@ class StandinApiServer:
         """Every object created, as sent (for schema assertions)."""
         self.exec_commands: list[list[str]] = []
         """The command line of every exec, in order."""
+        self.requests: collections.Counter[str] = collections.Counter()
+        """Requests served, by method and route (what a client's work costs the API server)."""
         self.exec_fails = False
         """Refuse every exec (500), as an overloaded API server might."""
         self._version = 0
@@ -140,7 +143,16 @@ class StandinApiServer:
 
         asyncio.set_event_loop(self.loop)
         self.loop.set_default_executor(ThreadPoolExecutor(64))
-        app = web.Application(client_max_size=1 << 30)
+
+        @web.middleware
+        async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+            route = request.match_info.route.resource
+            path = route.canonical if route else request.path
+            plural = request.match_info.get("plural", "")
+            self.requests[f"{request.method} {path.replace('{plural}', plural)}"] += 1
+            return await handler(request)
+
+        app = web.Application(client_max_size=1 << 30, middlewares=[count])
         for prefix in ("/api/v1", "/apis/networking.k8s.io/v1"):
             base = prefix + "/namespaces/{ns}/{plural}"
             app.router.add_route("GET", base, self.list_or_watch)
