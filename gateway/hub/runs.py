@@ -60,6 +60,9 @@ _STOP_MARGIN = 30.0
 _LIVENESS_MAX_PAUSE = 2.0
 """Longest wait between two looks at whether a runtime that has not connected yet still lives,
 where a look is cheap (:meth:`RuntimeProcess.pause` stretches it where it is not)."""
+_RUNTIME_EXIT_WAIT = 2.0
+"""Seconds a runtime asked to shut down has to close its connection before the hub looks
+whether its process still runs (and kills it after :data:`.runtime_process.EXIT_GRACE`)."""
 _TIMEOUT_EXIT = 124  # what timeout(1) exits with, as the runtime reports a timeout
 
 
@@ -125,6 +128,8 @@ class RunDriver:
         self._deadline: float | None = None  # loop time the hub stops a run with a timeout
         self._timed_out = False
         self._connected = asyncio.Event()
+        self._gone = asyncio.Event()
+        """Set while the runtime is not connected (after it was)."""
         self._disconnected_at: float | None = None
         self._unreachable_at: float | None = None
         """When the environment last could not be asked whether the runtime runs."""
@@ -481,6 +486,10 @@ class RunDriver:
                 await self.hub.gateway.call(
                     "runtime", "shutdown", {}, target=self.gateway_id, timeout=5
                 )
+            # a runtime's connection closes as it exits: only then is a look at whether it
+            # still runs (a round trip into the environment) likely to find it gone
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._gone.wait(), _RUNTIME_EXIT_WAIT)
         await self.runtime.end()
 
     # -- adoption (see :func:`gateway.hub.adoption.adopt_interrupted`) -------------------------
@@ -546,6 +555,10 @@ class RunDriver:
     # -- events ---------------------------------------------------------------------------------
 
     def on_connection(self, up: bool) -> None:
+        if up:
+            self._gone.clear()
+        else:
+            self._gone.set()
         if self._retiring:  # the run is over: the runtime leaving is expected
             return
         loop = asyncio.get_running_loop()

@@ -18,7 +18,7 @@ from providers.manager import EnvironmentManager
 from .events import RunEventLog
 from .narratives import Blocking
 
-__all__ = ["RuntimeProcess"]
+__all__ = ["EXIT_GRACE", "RuntimeProcess"]
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,11 @@ MAX_PROBE_PAUSE = 15.0
 """Longest pause between two looks (a runtime that died is noticed within about this)."""
 
 
-_EXIT_GRACE = 5.0
+EXIT_GRACE = 5.0
 """Seconds a runtime asked to exit has before it is killed."""
+
+_FIRST_LOOK_DELAY = 0.25
+"""Longest wait before the first look at whether a runtime asked to exit did."""
 
 
 class RuntimeProcess:
@@ -105,12 +108,12 @@ class RuntimeProcess:
             await self.blocking(lambda: self.manager.signal(self.environment, handle, "kill"))
 
     async def end(self) -> None:
-        """Give the runtime :data:`_EXIT_GRACE` seconds to exit (it was asked to), then kill
+        """Give the runtime :data:`EXIT_GRACE` seconds to exit (it was asked to), then kill
         it; copy its output out of the environment."""
         handle, env = self.handle, self.environment
         if handle is None:
             return
-        if not await self._exited_within(_EXIT_GRACE):
+        if not await self._exited_within(EXIT_GRACE):
             with contextlib.suppress(NarrativeError):
                 await self.blocking(lambda: self.manager.signal(env, handle, "kill"))
         # Docker and e2b keep the runtime's output inside: copy it next to the others'.
@@ -123,6 +126,8 @@ class RuntimeProcess:
         """Whether the runtime ends within ``seconds``, looked at more rarely as time goes."""
         loop = asyncio.get_running_loop()
         deadline, pause = loop.time() + seconds, 0.05
+        # a process asked to exit takes a moment: where a look is slow, do not spend one at once
+        await asyncio.sleep(min(self.pause(0.0), _FIRST_LOOK_DELAY))
         while await self.alive():
             left = deadline - loop.time()
             if left <= 0:
