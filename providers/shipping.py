@@ -4,9 +4,10 @@ Out: :func:`write_snapshot_tar` streams one snapshot's files as a plain tar (dir
 files with their exec bit, symlinks), reading blobs straight from the store.
 
 In: :func:`snapshot_from_tar` treats the environment's tar as hostile input. Members are
-extracted into a scratch directory inside the store with Python's ``data`` filter, which refuses
+extracted into a scratch directory inside the store (:mod:`providers.tar_intake`), refusing
 absolute paths, ``..``, paths through symlinks that leave the directory, device files and
-fifos; a size limit stops tar bombs. Symlinks themselves are recorded with whatever target they
+fifos (Python's ``data`` filter decides for all but plain files and directories); a size limit
+stops tar bombs. Symlinks themselves are recorded with whatever target they
 have (a workspace may legitimately point at ``/usr/bin/python3``): they are data, never followed.
 The scratch directory is then snapshotted like any workspace (its ``.gitignore`` honoured), so
 what comes back is exactly what a snapshot of that tree would hold, and is removed afterwards.
@@ -25,7 +26,6 @@ import threading
 from collections.abc import Iterator
 from typing import IO, Any
 
-from narrative.errors import InvalidInput
 from narrative.models import Snapshot
 from narrative.objects import MODE_EXEC, MODE_LINK
 from narrative.runs import incoming_ref
@@ -34,6 +34,7 @@ from narrative.store import Store
 from narrative.trees import flatten_tree
 
 from .records import env_state_dir
+from .tar_intake import extract_tar
 
 __all__ = [
     "DEFAULT_MAX_COLLECT_BYTES",
@@ -157,21 +158,6 @@ def scratch_dir(store: Store, env_id: str) -> str:
     return os.path.join(env_state_dir(store, env_id), "collect")
 
 
-def _strip(member: tarfile.TarInfo, strip: str) -> tarfile.TarInfo | None:
-    name = member.name
-    if name.startswith("/"):
-        raise InvalidInput(f"refused member of the environment tar: absolute path {name!r}")
-    if strip:
-        if name.rstrip("/") == strip.rstrip("/"):
-            return None
-        if not name.startswith(strip):
-            raise InvalidInput(
-                f"unexpected member {name!r} outside {strip!r} in the environment tar"
-            )
-        name = name[len(strip) :]
-    return member.replace(name=name, deep=False)
-
-
 def snapshot_from_tar(
     store: Store,
     stream: IO[bytes],
@@ -189,25 +175,7 @@ def snapshot_from_tar(
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(scratch)
     try:
-        total = 0
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                stripped = _strip(member, strip)
-                if stripped is None:
-                    continue
-                if member.isreg():
-                    total += member.size
-                    if total > max_bytes:
-                        raise InvalidInput(
-                            f"environment workspace exceeds the collect limit of {max_bytes} bytes"
-                        )
-                if stripped.issym():
-                    _place_symlink(scratch, stripped)
-                    continue
-                try:
-                    tar.extract(stripped, scratch, filter="data")
-                except tarfile.FilterError as exc:
-                    raise InvalidInput(f"refused member of the environment tar: {exc}") from None
+        extract_tar(stream, scratch, strip, max_bytes)
         _normalise_modes(scratch)
         return take_snapshot(
             store,
@@ -219,26 +187,6 @@ def snapshot_from_tar(
         ).snapshot
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _place_symlink(scratch: str, member: tarfile.TarInfo) -> None:
-    """Create a symlink member as it is: its target is data (git stores any target, and
-    refusing one would lose the whole result). It is never followed here, and ``data``
-    extraction of later members refuses any path that leads through it out of ``scratch``."""
-    parts = [p for p in member.name.split("/") if p not in ("", ".")]
-    if member.name.startswith("/") or not parts or ".." in parts:
-        raise InvalidInput(f"refused member of the environment tar: {member.name!r}")
-    root = os.path.realpath(scratch)
-    parent = os.path.realpath(os.path.join(root, *parts[:-1]))
-    if parent != root and not parent.startswith(root + os.sep):
-        raise InvalidInput(f"refused member of the environment tar: {member.name!r} escapes")
-    os.makedirs(parent, exist_ok=True)
-    dest = os.path.join(parent, parts[-1])
-    if os.path.isdir(dest) and not os.path.islink(dest):
-        raise InvalidInput(f"refused member of the environment tar: {member.name!r} is a directory")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(dest)
-    os.symlink(member.linkname, dest)
 
 
 def _normalise_modes(root: str) -> None:
