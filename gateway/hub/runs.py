@@ -40,7 +40,7 @@ from .run_request import RunRequest, lease_environment
 from .run_result import ResultHomecoming, record_usage
 from .run_tokens import RunTokens
 from .runtime_events import RuntimeEventIntake, claimed_fields
-from .runtime_process import RuntimeProcess
+from .runtime_process import RunFailed, RuntimeProcess
 from .tools_node import ToolsNode, lease_components
 
 if TYPE_CHECKING:
@@ -57,9 +57,6 @@ agent and report before it stops the run itself (the stop still waits for the ru
 snapshot the result)."""
 _STOP_MARGIN = 30.0
 """Seconds beyond the grace a runtime has to answer a stop (its result snapshotted)."""
-_LIVENESS_MAX_PAUSE = 2.0
-"""Longest wait between two looks at whether a runtime that has not connected yet still lives,
-where a look is cheap (:meth:`RuntimeProcess.pause` stretches it where it is not)."""
 _RUNTIME_EXIT_WAIT = 2.0
 """Seconds a runtime asked to shut down has to close its connection before the hub looks
 whether its process still runs (and kills it after :data:`.runtime_process.EXIT_GRACE`)."""
@@ -70,10 +67,6 @@ def _exit_code(event: dict[str, Any] | None) -> int | None:
     """The agent's exit code a runtime reported, if it is one (negative: killed by a signal)."""
     code = (event or {}).get("exitCode")
     return code if type(code) is int and -128 <= code <= 255 else None
-
-
-class RunFailed(GatewayError):
-    """The run cannot go on (the reason is recorded in its event log)."""
 
 
 class RunDriver:
@@ -209,7 +202,9 @@ class RunDriver:
                     e.get("type") == "snapshot.shipped" for e in self.events.read()
                 )
                 await self._resume_tools()
-                await self._await_connection(self.hub.reconnect_grace, "after a hub restart")
+                await self.runtime.await_connection(
+                    self._connected, self.hub.reconnect_grace, "after a hub restart"
+                )
                 self.tokens.start_renewal()
             else:
                 await self._start_tools()
@@ -325,7 +320,7 @@ class RunDriver:
         self.events.append("runtime.spawned", handle=self.runtime.handle, argv=argv)
         if self.meter is not None:
             self._sampler = Sampler(self.meter).start()
-        await self._await_connection(hub.startup_timeout, "start")
+        await self.runtime.await_connection(self._connected, hub.startup_timeout, "start")
         self.tokens.start_renewal()
 
     async def listen(self) -> str:
@@ -343,23 +338,6 @@ class RunDriver:
         await hub.listen_unix(found.host_path)
         self._socket = found.host_path
         return unix_url(found.environment_path)
-
-    async def _await_connection(self, timeout: float, what: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        pause = 0.5
-        while not self._connected.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._connected.wait(), self.runtime.pause(pause))
-            pause = min(pause * 2, _LIVENESS_MAX_PAUSE)
-            if self._connected.is_set():
-                return
-            if self.runtime.handle is not None and await self.runtime.liveness() is False:
-                raise RunFailed(
-                    f"the runtime exited before connecting ({what}){await self.runtime.diagnosis()}"
-                )
-            if loop.time() > deadline:
-                raise RunFailed(f"the runtime did not connect within {timeout:g}s ({what})")
 
     async def _ship_in(self) -> None:
         options = {

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 
+from gateway.errors import GatewayError
 from narrative.errors import NarrativeError
 from providers.errors import ProviderUnavailable, RuntimeBroken
 from providers.manager import EnvironmentManager
@@ -18,7 +19,7 @@ from providers.manager import EnvironmentManager
 from .events import RunEventLog
 from .narratives import Blocking
 
-__all__ = ["EXIT_GRACE", "RuntimeProcess"]
+__all__ = ["EXIT_GRACE", "RunFailed", "RuntimeProcess"]
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,16 @@ MAX_PROBE_PAUSE = 15.0
 EXIT_GRACE = 5.0
 """Seconds a runtime asked to exit has before it is killed."""
 
+_CONNECT_LOOK_PAUSE = 2.0
+"""Longest wait between two looks at whether a runtime that has not connected yet still lives,
+where a look is cheap (:meth:`RuntimeProcess.pause` stretches it where it is not)."""
+
 _FIRST_LOOK_DELAY = 0.25
 """Longest wait before the first look at whether a runtime asked to exit did."""
+
+
+class RunFailed(GatewayError):
+    """The run cannot go on (the reason is recorded in its event log)."""
 
 
 class RuntimeProcess:
@@ -84,6 +93,25 @@ class RuntimeProcess:
             return False
         finally:
             self._probe_seconds = loop.time() - started
+
+    async def await_connection(self, connected: asyncio.Event, timeout: float, what: str) -> None:
+        """Wait for ``connected``, looking now and then whether the runtime still lives
+        (:class:`RunFailed` when it ended first, with its :meth:`diagnosis`, or timed out)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pause = 0.5
+        while not connected.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(connected.wait(), self.pause(pause))
+            pause = min(pause * 2, _CONNECT_LOOK_PAUSE)
+            if connected.is_set():
+                return
+            if self.handle is not None and await self.liveness() is False:
+                raise RunFailed(
+                    f"the runtime exited before connecting ({what}){await self.diagnosis()}"
+                )
+            if loop.time() > deadline:
+                raise RunFailed(f"the runtime did not connect within {timeout:g}s ({what})")
 
     async def diagnosis(self) -> str:
         """Why the environment's runtime does not start (``": ..."``), when its import check
