@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from narrative.commits import read_commit
 from narrative.errors import MergeInProgress, RestoreError
@@ -89,6 +91,10 @@ TEXT_CASES = {
         _edit(_edit(LINES, 4, "s"), 5, "o"),
         _edit(_edit(LINES, 4, "s"), 5, "t"),
     ),
+    # the merge bench's clean merges: theirs inserts at the top, ours appends
+    "top-and-tail": (LINES, LINES + "ours tail\n", "theirs head\n" + LINES),
+    "head-dropped": (LINES, LINES[LINES.index("line 4") :], LINES + "t\n"),
+    "tail-without-newline": (LINES + "end", "o\n" + LINES + "end", LINES + "end2"),
 }
 
 
@@ -101,6 +107,36 @@ def test_text_merge_matches_git_merge_file(case: str, tmp_path: Path) -> None:
         favoured = merge_text(base, ours, theirs, favour=side)  # type: ignore[arg-type]
         assert favoured.data == _merge_file(tmp_path, base, ours, theirs, f"--{side}")
         assert b"<<<<<<<" not in favoured.data
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.lists(st.sampled_from(["a\n", "b\n", "\n", "x\n", "ab\n", "a"]), max_size=12),
+    edits=st.lists(
+        st.tuples(st.booleans(), st.integers(0, 12), st.sampled_from(["", "a\n", "n\n", "b"])),
+        max_size=8,
+    ),
+)
+def test_text_merge_without_cr_matches_the_line_by_line_path(
+    base: list[str], edits: list[tuple[bool, int, str]]
+) -> None:
+    """Contents without ``\\r`` are merged on byte offsets (most lines never split); with one
+    they go through line lists. Both must agree: the same texts with CRLF line ends take the
+    line path, and with CRLF turned back into LF the results are identical."""
+    sides: dict[bool, list[str]] = {True: list(base), False: list(base)}
+    for ours_side, at, line in edits:
+        lines = sides[ours_side]
+        if line:
+            lines.insert(min(at, len(lines)), line)
+        elif lines:
+            del lines[min(at, len(lines) - 1)]
+    texts = ["".join(base).encode(), "".join(sides[True]).encode(), "".join(sides[False]).encode()]
+    crlf = [t.replace(b"\n", b"\r\n") for t in texts]
+    for favour in (None, "ours", "theirs"):
+        lf_merge = merge_text(*texts, favour=favour)  # type: ignore[arg-type]
+        crlf_merge = merge_text(*crlf, favour=favour)  # type: ignore[arg-type]
+        assert lf_merge.conflicts == crlf_merge.conflicts
+        assert lf_merge.data == crlf_merge.data.replace(b"\r\n", b"\n")
 
 
 # -- workspace merges ----------------------------------------------------------------------------
