@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from narrative.commits import read_commit
-from narrative.errors import MergeInProgress, RestoreError
+from narrative.errors import MergeInProgress, RestoreError, StoreCorrupted
 from narrative.hierarchy import create_thread, finish_run, start_run
 from narrative.history import resolve_snapshot
+from narrative.merge import tree_changes
 from narrative.merge3 import merge_text
 from narrative.restore import materialize
 from narrative.snapshot import take_snapshot
@@ -347,6 +348,28 @@ def test_refuses_to_overwrite_an_unsnapshotted_file(
         merge_workspace(store, run_id)
     abort_merge(store)
     assert not (workspace / "debug.log").exists()
+
+
+_OID = bytes(range(20))
+_ENTRY = b"100644 a.txt\x00" + _OID
+DAMAGED_TREES = {
+    "truncated": _ENTRY + b"100644 b\x00" + _OID[:5],
+    "garbage-first": b"junk" + _ENTRY,
+    "no-mode": b" a\x00" + _OID,
+    "dot-dot": _ENTRY + b"40000 ..\x00" + _OID,
+    "slash": b"100644 a/b\x00" + _OID,
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_TREES))
+def test_damaged_trees_are_refused(store: Store, case: str) -> None:
+    """Trees are parsed with one scan; whatever is not a whole run of entries with safe names
+    is StoreCorrupted, never a merge through it."""
+    good = store.odb.write_loose("tree", _ENTRY)
+    assert tree_changes(store.odb, None, good) == {"a.txt": (None, (0o100644, _OID))}
+    bad = store.odb.write_loose("tree", DAMAGED_TREES[case])
+    with pytest.raises(StoreCorrupted):
+        tree_changes(store.odb, good, bad)
 
 
 def test_bad_input_changes_nothing(store: Store, workspace: Path, tmp_path: Path, cli: Cli) -> None:
