@@ -55,13 +55,21 @@ _FIRST_READ = 8192  # first pread of a packed object: the header and, often, all
 
 _fallback: dict[str, str] = {}
 
-try:  # ISA-L inflates git's zlib streams 2.3x faster than zlib (docs/decisions.md); optional
-    from isal import isal_zlib
+_inflate: dict[str, Any] = {}
 
-    _inflater: Any = isal_zlib
-except ImportError:  # pragma: no cover - isal is in the fast extra
-    _inflater = zlib
-_INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error, _inflater.error)
+
+def _inflater() -> Any:
+    """``isal.isal_zlib`` when it imports (ISA-L inflates git's zlib streams 2.3x faster than
+    zlib, docs/decisions.md; the ``fast`` extra), else ``zlib``. Loaded on the first packed
+    read, so that commands reading no object never pay for the import."""
+    if not _inflate:
+        try:
+            from isal import isal_zlib
+        except ImportError:  # pragma: no cover - isal is in the fast extra
+            _inflate["module"], _inflate["errors"] = zlib, (zlib.error,)
+        else:
+            _inflate["module"], _inflate["errors"] = isal_zlib, (zlib.error, isal_zlib.error)
+    return _inflate["module"]
 
 
 def fallback_reader() -> str:
@@ -443,9 +451,10 @@ class ObjectStore:
             stream = first[header_len : end - start]  # small objects: one read, not two
         else:
             stream = idx.pread(end - data_start, data_start)
+        inflater = _inflate.get("module") or _inflater()
         try:
-            data: bytes = _inflater.decompressobj().decompress(stream)
-        except _INFLATE_ERRORS as exc:
+            data: bytes = inflater.decompressobj().decompress(stream)
+        except _inflate["errors"] as exc:
             raise StoreCorrupted(
                 f"corrupt object {idx.oid_at(i).hex()} in {idx.pack_path}"
             ) from exc
