@@ -28,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import sys
@@ -199,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     env = isolated_env(work / "home")
     (work / "home").mkdir(exist_ok=True)
+    # the store built below lives under the work directory and goes with it, not in the
+    # user's data directory (every run used to leave a ~60 MB store behind there)
+    os.environ["XDG_DATA_HOME"] = env["XDG_DATA_HOME"]
     try:
         log(f"building {args.files:,} files / {args.size_mb} MiB in {work} ...")
         setup = build(args, work, env)

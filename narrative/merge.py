@@ -102,6 +102,7 @@ class TreeMerge:
 
 _MODES = {b"100644": MODE_FILE, b"100755": MODE_EXEC, b"120000": MODE_LINK, b"40000": MODE_DIR}
 _TREE_ENTRY = re.compile(rb"([0-7]+) ([^\x00]*)\x00(.{20})", re.DOTALL)  # mode, name, oid
+_WHOLE_TREE = re.compile(rb"(?:[0-7]+ [^\x00]*\x00.{20})*", re.DOTALL)  # entries, nothing else
 _UNSAFE_NAMES = frozenset((b"", b".", b"..", b".git"))
 
 
@@ -124,6 +125,7 @@ class _Trees:
     def __init__(self, odb: ObjectStore) -> None:
         self.odb = odb
         self._cache: dict[bytes, dict[bytes, tuple[int, bytes]]] = {}
+        self._dirs: dict[tuple[bytes, str], bytes | None] = {}  # (root, dir path) → its tree
 
     def entries(self, oid: bytes | None) -> dict[bytes, tuple[int, bytes]]:
         if oid is None:
@@ -140,31 +142,39 @@ class _Trees:
     @staticmethod
     def _parse(oid: bytes, data: bytes) -> dict[bytes, tuple[int, bytes]]:
         """:func:`narrative.objects.parse_tree` into a dict, fused with the name checks."""
-        found: dict[bytes, tuple[int, bytes]] = {}
-        modes, size = _MODES, 0
-        for mode, name, child in _TREE_ENTRY.findall(data):
-            found[name] = (modes.get(mode) or int(mode, 8), child)
-            size += len(mode) + len(name) + 22
-        if size != len(data):  # the matches must tile the whole tree, nothing skipped
+        if _WHOLE_TREE.fullmatch(data) is None:  # the entries must tile the whole tree
             raise StoreCorrupted(f"tree {oid.hex()} is malformed")
+        modes = _MODES
+        found = {
+            name: (modes.get(mode) or int(mode, 8), child)
+            for mode, name, child in _TREE_ENTRY.findall(data)
+        }
         # Checked in bulk: names never hold NUL (it ends them), so joining on NUL is lossless.
         if not _UNSAFE_NAMES.isdisjoint(found) or b"/" in b"\x00".join(found):
             bad = next(n for n in found if n in _UNSAFE_NAMES or b"/" in n)
             raise StoreCorrupted(f"tree {oid.hex()} has an unsafe entry {bad!r}")
         return found
 
+    def _dir(self, root: bytes, path: str) -> bytes | None:
+        """The tree at directory ``path`` ("" for ``root``), or None when it is no directory;
+        remembered, since the paths looked up share their parents."""
+        if not path:
+            return root
+        key = (root, path)
+        if key not in self._dirs:
+            parent, _, name = path.rpartition("/")
+            tree = self._dir(root, parent)
+            node = self.entries(tree).get(_raw(name)) if tree is not None else None
+            self._dirs[key] = node[1] if node is not None and node[0] == MODE_DIR else None
+        return self._dirs[key]
+
     def lookup(self, root: bytes | None, path: str) -> tuple[int, bytes] | None:
         """The entry at ``path`` (a directory entry included), or None."""
-        node: tuple[int, bytes] | None = None
-        tree = root
-        for part in path.split("/"):
-            if tree is None:
-                return None
-            node = self.entries(tree).get(_raw(part))
-            if node is None:
-                return None
-            tree = node[1] if node[0] == MODE_DIR else None
-        return node
+        if root is None:
+            return None
+        parent, _, name = path.rpartition("/")
+        tree = self._dir(root, parent)
+        return self.entries(tree).get(_raw(name)) if tree is not None else None
 
     def files_below(self, tree: bytes, prefix: str) -> Iterable[str]:
         for name, (mode, oid) in self.entries(tree).items():
@@ -178,10 +188,9 @@ class _Trees:
         if a == b:
             return
         ea, eb = self.entries(a), self.entries(b)
-        for name in ea.keys() | eb.keys():
+        # the symmetric difference of the items holds just the changed names (found in C)
+        for name in {name for name, _ in ea.items() ^ eb.items()}:
             x, y = ea.get(name), eb.get(name)
-            if x == y:
-                continue
             path = prefix + _name(name)
             x_dir = x is not None and x[0] == MODE_DIR
             y_dir = y is not None and y[0] == MODE_DIR

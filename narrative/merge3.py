@@ -12,6 +12,7 @@ merges and on simple conflicts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Literal
 
 __all__ = ["TextMerge", "is_binary", "merge_text"]
@@ -144,7 +145,16 @@ def _bisect_tail(a: list[bytes], b: list[bytes], limit: int) -> int:
     return lo
 
 
-def _matches(
+def _matcher_blocks(a: list[bytes], b: list[bytes]) -> list[tuple[int, int, int]]:
+    """SequenceMatcher's non-empty matching blocks of two line lists (line indexes)."""
+    from difflib import SequenceMatcher  # only paid for files both sides edited in the middle
+
+    # autojunk off: it would treat frequent lines (blank lines, braces) as noise.
+    matcher = SequenceMatcher(None, a, b, autojunk=False)
+    return [(m.a, m.b, m.size) for m in matcher.get_matching_blocks() if m.size]
+
+
+def _line_blocks(
     base: list[bytes], side: list[bytes], base_raw: bytes, side_raw: bytes
 ) -> list[tuple[int, int, int]]:
     """Matching blocks (base start, side start, length), ending with a zero-length sentinel.
@@ -157,12 +167,8 @@ def _matches(
     blocks = [(0, 0, head)] if head else []
     middle_base, middle_side = base[head : len(base) - tail], side[head : len(side) - tail]
     if middle_base and middle_side:
-        from difflib import SequenceMatcher  # only paid for files both sides edited
-
-        # autojunk off: it would treat frequent lines (blank lines, braces) as noise.
-        matcher = SequenceMatcher(None, middle_base, middle_side, autojunk=False)
         blocks += [
-            (m.a + head, m.b + head, m.size) for m in matcher.get_matching_blocks() if m.size
+            (a + head, b + head, size) for a, b, size in _matcher_blocks(middle_base, middle_side)
         ]
     if tail:
         blocks.append((len(base) - tail, len(side) - tail, tail))
@@ -170,17 +176,61 @@ def _matches(
     return blocks
 
 
-def _sync_regions(
-    base: list[bytes],
-    ours: list[bytes],
-    theirs: list[bytes],
-    raw: tuple[bytes, bytes, bytes],
-) -> list[tuple[int, int, int, int]]:
-    """(base start, length, ours start, theirs start) of runs all three share, plus a sentinel.
+def _byte_blocks(base: bytes, side: bytes) -> list[tuple[int, int, int]]:
+    """:func:`_line_blocks` of two contents without ``\r``, in byte offsets.
 
-    ``raw`` holds the three contents the line lists were split from."""
-    a_blocks = _matches(base, ours, raw[0], raw[1])
-    b_blocks = _matches(base, theirs, raw[0], raw[2])
+    Lines then end at ``\n`` only, so the common head and tail are found on the bytes alone and
+    only the middle between them is split into lines (for the matcher): on a long file with a
+    few edits, most lines are never split at all. Same blocks as :func:`_line_blocks`, each
+    (base start, side start, length) measured in bytes instead of lines.
+    """
+    lb, ls = len(base), len(side)
+    if base == side:
+        return [(0, 0, lb), (lb, ls, 0)] if lb else [(0, 0, 0)]
+    head = base.rfind(b"\n", 0, _byte_prefix(base, side)) + 1  # whole equal lines
+    tail = 0
+    rest = min(lb, ls) - head  # the tail may not reach into the head on either side
+    if rest > 0:
+        suffix = _byte_suffix(base, side)
+        sb, ss = lb - suffix, ls - suffix
+        if (sb == 0 or base[sb - 1] == 10) and (ss == 0 or side[ss - 1] == 10):
+            start = sb  # the suffix starts a line on both sides (one of them is whole)
+        else:
+            nl = base.find(b"\n", sb)
+            start = lb if nl < 0 else nl + 1
+        tail = min(lb - start, rest)
+    blocks = [(0, 0, head)] if head else []
+    if lb - tail > head and ls - tail > head:
+        middle_base = base[head : lb - tail].splitlines(keepends=True)
+        middle_side = side[head : ls - tail].splitlines(keepends=True)
+        at_base = list(accumulate(map(len, middle_base), initial=head))
+        at_side = list(accumulate(map(len, middle_side), initial=head))
+        blocks += [
+            (at_base[a], at_side[b], at_base[a + size] - at_base[a])
+            for a, b, size in _matcher_blocks(middle_base, middle_side)
+        ]
+    if tail:
+        blocks.append((lb - tail, ls - tail, tail))
+    blocks.append((lb, ls, 0))
+    return blocks
+
+
+def _in_bytes(
+    blocks: list[tuple[int, int, int]], base: list[bytes], side: list[bytes]
+) -> list[tuple[int, int, int]]:
+    """Line-indexed blocks of ``base``/``side`` converted to byte offsets."""
+    at_base = list(accumulate(map(len, base), initial=0))
+    at_side = list(accumulate(map(len, side), initial=0))
+    return [(at_base[a], at_side[b], at_base[a + n] - at_base[a]) for a, b, n in blocks]
+
+
+def _sync_regions(
+    a_blocks: list[tuple[int, int, int]],
+    b_blocks: list[tuple[int, int, int]],
+    ends: tuple[int, int, int],
+) -> list[tuple[int, int, int, int]]:
+    """(base start, length, ours start, theirs start) of runs all three share, plus a sentinel
+    at ``ends`` (the three lengths), from the base↔ours and base↔theirs matching blocks."""
     out = []
     ia = ib = 0
     while ia < len(a_blocks) and ib < len(b_blocks):
@@ -193,7 +243,7 @@ def _sync_regions(
             ia += 1
         else:
             ib += 1
-    out.append((len(base), 0, len(ours), len(theirs)))
+    out.append((ends[0], 0, ends[1], ends[2]))
     return out
 
 
@@ -204,23 +254,24 @@ def _terminated(lines: list[bytes]) -> list[bytes]:
     return lines
 
 
-def _conflict(
-    out: list[bytes], ours: list[bytes], theirs: list[bytes], labels: tuple[str, str]
-) -> None:
+def _conflict(out: list[bytes], ours: bytes, theirs: bytes, labels: tuple[str, str]) -> None:
     """Append a conflict block, with lines common to both ends of the two sides moved out."""
+    o_lines, t_lines = ours.splitlines(keepends=True), theirs.splitlines(keepends=True)
     head = 0
-    while head < min(len(ours), len(theirs)) and ours[head] == theirs[head]:
+    while head < min(len(o_lines), len(t_lines)) and o_lines[head] == t_lines[head]:
         head += 1
     tail = 0
-    while tail < min(len(ours), len(theirs)) - head and ours[-1 - tail] == theirs[-1 - tail]:
+    while (
+        tail < min(len(o_lines), len(t_lines)) - head and o_lines[-1 - tail] == t_lines[-1 - tail]
+    ):
         tail += 1
-    out += ours[:head]
+    out += o_lines[:head]
     out.append(b"<<<<<<< " + labels[0].encode() + b"\n")
-    out += _terminated(ours[head : len(ours) - tail])
+    out += _terminated(o_lines[head : len(o_lines) - tail])
     out.append(b"=======\n")
-    out += _terminated(theirs[head : len(theirs) - tail])
+    out += _terminated(t_lines[head : len(t_lines) - tail])
     out.append(b">>>>>>> " + labels[1].encode() + b"\n")
-    out += ours[len(ours) - tail :]
+    out += o_lines[len(o_lines) - tail :]
 
 
 def merge_text(
@@ -235,30 +286,37 @@ def merge_text(
     With ``favour`` a conflicting hunk takes that side's lines instead of markers (like
     ``git merge-file --ours/--theirs``); ``conflicts`` still counts those hunks.
     """
-    b_lines = base.splitlines(keepends=True)
-    o_lines = ours.splitlines(keepends=True)
-    t_lines = theirs.splitlines(keepends=True)
+    if b"\r" in base or b"\r" in ours or b"\r" in theirs:
+        # ``\r`` also ends a line (bytes.splitlines): match on line lists, then in bytes
+        b_lines = base.splitlines(keepends=True)
+        o_lines = ours.splitlines(keepends=True)
+        t_lines = theirs.splitlines(keepends=True)
+        a_blocks = _in_bytes(_line_blocks(b_lines, o_lines, base, ours), b_lines, o_lines)
+        b_blocks = _in_bytes(_line_blocks(b_lines, t_lines, base, theirs), b_lines, t_lines)
+    else:
+        a_blocks, b_blocks = _byte_blocks(base, ours), _byte_blocks(base, theirs)
     out: list[bytes] = []
     conflicts = 0
     ib = io = it = 0
+    # Regions and chunks are byte ranges on whole-line boundaries: equal bytes, equal lines.
     for b_start, length, o_start, t_start in _sync_regions(
-        b_lines, o_lines, t_lines, (base, ours, theirs)
+        a_blocks, b_blocks, (len(base), len(ours), len(theirs))
     ):
-        o_chunk, t_chunk = o_lines[io:o_start], t_lines[it:t_start]
+        o_chunk, t_chunk = ours[io:o_start], theirs[it:t_start]
         if o_chunk or t_chunk or b_start > ib:
-            b_chunk = b_lines[ib:b_start]
+            b_chunk = base[ib:b_start]
             if o_chunk == t_chunk:
-                out += o_chunk
+                out.append(o_chunk)
             elif o_chunk == b_chunk:
-                out += t_chunk
+                out.append(t_chunk)
             elif t_chunk == b_chunk:
-                out += o_chunk
+                out.append(o_chunk)
             else:
                 conflicts += 1
                 if favour is None:
                     _conflict(out, o_chunk, t_chunk, labels)
                 else:
-                    out += o_chunk if favour == "ours" else t_chunk
-        out += b_lines[b_start : b_start + length]
+                    out.append(o_chunk if favour == "ours" else t_chunk)
+        out.append(base[b_start : b_start + length])
         ib, io, it = b_start + length, o_start + length, t_start + length
     return TextMerge(b"".join(out), conflicts)

@@ -5,7 +5,8 @@ loose files: one file create and two fsyncs instead of tens of thousands of smal
 loose-object explosion. Objects are deflated once, by the caller's threads (zlib releases the
 GIL), at level 1, or stored uncompressed when a sample shows the data is incompressible.
 
-Whole (undeltified) objects, which is all this module ever writes, are read directly. Deltified
+Whole (undeltified) objects, which is all this module ever writes, are read directly (inflated
+by ISA-L when the ``isal`` package of the ``fast`` extra is installed, else by zlib). Deltified
 objects (packs written by stock ``git gc``/``git repack`` in the store) go to a library, loaded
 lazily: libgit2 (pygit2) when it imports, else dulwich, pure Python, for platforms without a
 pygit2 wheel (:func:`fallback_reader` says which; measurements in ``docs/decisions.md``). The
@@ -53,6 +54,22 @@ _FIRST_READ = 8192  # first pread of a packed object: the header and, often, all
 
 
 _fallback: dict[str, str] = {}
+
+_inflate: dict[str, Any] = {}
+
+
+def _inflater() -> Any:
+    """``isal.isal_zlib`` when it imports (ISA-L inflates git's zlib streams 2.3x faster than
+    zlib, docs/decisions.md; the ``fast`` extra), else ``zlib``. Loaded on the first packed
+    read, so that commands reading no object never pay for the import."""
+    if not _inflate:
+        try:
+            from isal import isal_zlib
+        except ImportError:  # pragma: no cover - isal is in the fast extra
+            _inflate["module"], _inflate["errors"] = zlib, (zlib.error,)
+        else:
+            _inflate["module"], _inflate["errors"] = isal_zlib, (zlib.error, isal_zlib.error)
+    return _inflate["module"]
 
 
 def fallback_reader() -> str:
@@ -419,7 +436,7 @@ class ObjectStore:
     def _read_packed(self, idx: PackIndex, i: int) -> tuple[str, bytes] | None:
         """Read an undeltified packed object directly; None for deltas (read by a library).
 
-        zlib releases the GIL, so restores can inflate on several threads at once.
+        zlib and ISA-L release the GIL, so restores can inflate on several threads at once.
         """
         start = idx.offset(i)
         first = idx.pread(_FIRST_READ, start)
@@ -434,9 +451,10 @@ class ObjectStore:
             stream = first[header_len : end - start]  # small objects: one read, not two
         else:
             stream = idx.pread(end - data_start, data_start)
+        inflater = _inflate.get("module") or _inflater()
         try:
-            data = zlib.decompressobj().decompress(stream)
-        except zlib.error as exc:
+            data: bytes = inflater.decompressobj().decompress(stream)
+        except _inflate["errors"] as exc:
             raise StoreCorrupted(
                 f"corrupt object {idx.oid_at(i).hex()} in {idx.pack_path}"
             ) from exc

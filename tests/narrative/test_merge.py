@@ -9,11 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from narrative.commits import read_commit
-from narrative.errors import MergeInProgress, RestoreError
+from narrative.errors import MergeInProgress, RestoreError, StoreCorrupted
 from narrative.hierarchy import create_thread, finish_run, start_run
 from narrative.history import resolve_snapshot
+from narrative.merge import tree_changes
 from narrative.merge3 import merge_text
 from narrative.restore import materialize
 from narrative.snapshot import take_snapshot
@@ -89,6 +92,10 @@ TEXT_CASES = {
         _edit(_edit(LINES, 4, "s"), 5, "o"),
         _edit(_edit(LINES, 4, "s"), 5, "t"),
     ),
+    # the merge bench's clean merges: theirs inserts at the top, ours appends
+    "top-and-tail": (LINES, LINES + "ours tail\n", "theirs head\n" + LINES),
+    "head-dropped": (LINES, LINES[LINES.index("line 4") :], LINES + "t\n"),
+    "tail-without-newline": (LINES + "end", "o\n" + LINES + "end", LINES + "end2"),
 }
 
 
@@ -101,6 +108,36 @@ def test_text_merge_matches_git_merge_file(case: str, tmp_path: Path) -> None:
         favoured = merge_text(base, ours, theirs, favour=side)  # type: ignore[arg-type]
         assert favoured.data == _merge_file(tmp_path, base, ours, theirs, f"--{side}")
         assert b"<<<<<<<" not in favoured.data
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.lists(st.sampled_from(["a\n", "b\n", "\n", "x\n", "ab\n", "a"]), max_size=12),
+    edits=st.lists(
+        st.tuples(st.booleans(), st.integers(0, 12), st.sampled_from(["", "a\n", "n\n", "b"])),
+        max_size=8,
+    ),
+)
+def test_text_merge_without_cr_matches_the_line_by_line_path(
+    base: list[str], edits: list[tuple[bool, int, str]]
+) -> None:
+    """Contents without ``\\r`` are merged on byte offsets (most lines never split); with one
+    they go through line lists. Both must agree: the same texts with CRLF line ends take the
+    line path, and with CRLF turned back into LF the results are identical."""
+    sides: dict[bool, list[str]] = {True: list(base), False: list(base)}
+    for ours_side, at, line in edits:
+        lines = sides[ours_side]
+        if line:
+            lines.insert(min(at, len(lines)), line)
+        elif lines:
+            del lines[min(at, len(lines) - 1)]
+    texts = ["".join(base).encode(), "".join(sides[True]).encode(), "".join(sides[False]).encode()]
+    crlf = [t.replace(b"\n", b"\r\n") for t in texts]
+    for favour in (None, "ours", "theirs"):
+        lf_merge = merge_text(*texts, favour=favour)  # type: ignore[arg-type]
+        crlf_merge = merge_text(*crlf, favour=favour)  # type: ignore[arg-type]
+        assert lf_merge.conflicts == crlf_merge.conflicts
+        assert lf_merge.data == crlf_merge.data.replace(b"\r\n", b"\n")
 
 
 # -- workspace merges ----------------------------------------------------------------------------
@@ -311,6 +348,28 @@ def test_refuses_to_overwrite_an_unsnapshotted_file(
         merge_workspace(store, run_id)
     abort_merge(store)
     assert not (workspace / "debug.log").exists()
+
+
+_OID = bytes(range(20))
+_ENTRY = b"100644 a.txt\x00" + _OID
+DAMAGED_TREES = {
+    "truncated": _ENTRY + b"100644 b\x00" + _OID[:5],
+    "garbage-first": b"junk" + _ENTRY,
+    "no-mode": b" a\x00" + _OID,
+    "dot-dot": _ENTRY + b"40000 ..\x00" + _OID,
+    "slash": b"100644 a/b\x00" + _OID,
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_TREES))
+def test_damaged_trees_are_refused(store: Store, case: str) -> None:
+    """Trees are parsed with one scan; whatever is not a whole run of entries with safe names
+    is StoreCorrupted, never a merge through it."""
+    good = store.odb.write_loose("tree", _ENTRY)
+    assert tree_changes(store.odb, None, good) == {"a.txt": (None, (0o100644, _OID))}
+    bad = store.odb.write_loose("tree", DAMAGED_TREES[case])
+    with pytest.raises(StoreCorrupted):
+        tree_changes(store.odb, good, bad)
 
 
 def test_bad_input_changes_nothing(store: Store, workspace: Path, tmp_path: Path, cli: Cli) -> None:

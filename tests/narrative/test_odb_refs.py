@@ -10,7 +10,7 @@ import pytest
 
 from narrative.errors import ConcurrentUpdate, InvalidInput, StoreCorrupted
 from narrative.objects import hash_object
-from narrative.odb import PackWriter
+from narrative.odb import PackWriter, parse_entry_header
 from narrative.refs import STALE_LOCK_SECONDS, RefStore
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
@@ -55,6 +55,28 @@ def test_large_files_stream_through_the_pack(store: Store, workspace: Path) -> N
 def test_missing_object_is_a_clear_error(store: Store) -> None:
     with pytest.raises(StoreCorrupted, match="missing"):
         store.odb.read(b"\x01" * 20)
+
+
+def test_damaged_packed_object_is_a_clear_error(store: Store) -> None:
+    """A packed object whose zlib stream is damaged reads as StoreCorrupted, whichever inflater
+    (ISA-L or zlib, with their own exception types) reads it."""
+    writer = PackWriter(store.odb)
+    oid = writer.add_raw("blob", b"line\n" * 1000)
+    writer.publish()
+    found = store.odb.locate_packed(oid)
+    assert found is not None
+    pack, offset = found
+    os.chmod(pack, 0o644)
+    with open(pack, "r+b") as f:
+        f.seek(offset)
+        start = offset + parse_entry_header(f.read(32))[2]  # the zlib stream after the header
+        f.seek(start)
+        assert f.read(1) == b"\x78"
+        f.seek(start)
+        f.write(b"\xff\xff")  # no valid zlib header starts so
+    store.odb.invalidate()
+    with pytest.raises(StoreCorrupted, match="corrupt object"):
+        store.odb.read(oid)
 
 
 def test_compare_and_swap(store: Store) -> None:
