@@ -89,9 +89,14 @@ def test_the_command_map_names_every_command_and_its_module() -> None:
 
 #: What a runtime never needs at start-up (fifty pods at once on a fan-out each pay for it): the
 #: team client (only a runtime that delegates its agent to another hub), fsspec and the archive
-#: reader (a runtime takes bundles from a stream), the other commands' modules.
+#: reader (a runtime takes bundles from a stream), the run driver and the merge code (a hub
+#: with runs to adopt), the other commands' modules.
 RUNTIME_NEVER = (
     "gateway.hub.team_client",
+    "gateway.hub.runs",
+    "gateway.hub.tools_node",
+    "narrative.merge",
+    "providers.hybrid",
     "fsspec",
     "transfer.verified",
     "transfer.archive_import",
@@ -106,12 +111,13 @@ RUNTIME_NEVER = (
 
 def test_a_runtime_loads_nothing_it_does_not_need() -> None:
     """Every run starts a runtime in its environment: ``narrative runtime`` imports the hub
-    commands' module and the runtime, and none of :data:`RUNTIME_NEVER`."""
+    commands' module, the runtime and what its start imports (adoption), and none of
+    :data:`RUNTIME_NEVER`."""
     code = (
         "import sys; sys.argv = ['narrative', 'runtime', '--help']\n"
         "from cli.main import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "import gateway.hub.runtime\n"
+        "import gateway.hub.runtime, gateway.hub.adoption\n"
         "print(sorted(sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
