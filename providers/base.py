@@ -165,9 +165,11 @@ class ProviderConfig(BaseModel):
     """Base of every provider's configuration model, with the caps on what a run in the
     environment may send home (all of it is hostile input: the agent controls the environment
     and its runtime). Each field's docstring is its help: ``narrative env create --provider P
-    --help`` lists them (:func:`config_help`)."""
+    --help`` lists them (:func:`config_help`, which reads them from the source when asked:
+    pydantic's ``use_attribute_docstrings`` reads it at import, and finding the source costs
+    ~10 ms in a process with hundreds of modules loaded, as the runtime every run starts)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid")
 
     max_result_bytes: int = Field(default=DEFAULT_MAX_RESULT_BYTES, gt=0)
     """Most bytes a run's result may take: the bundle its runtime ships, the objects in it once
@@ -199,8 +201,46 @@ def _type_name(annotation: Any) -> str:
     return str(getattr(annotation, "__name__", annotation))
 
 
+def _attribute_docstrings(cls: type) -> dict[str, str]:
+    """The docstring under each annotated attribute of ``cls`` itself (name → text); empty when
+    its source cannot be read."""
+    import ast
+    import inspect
+    import itertools
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, after in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def _field_docs(model: type[BaseModel]) -> dict[str, str]:
+    """Each field's attribute docstring, from the nearest class of ``model``'s MRO that has one."""
+    docs: dict[str, str] = {}
+    for cls in model.__mro__:
+        if issubclass(cls, BaseModel) and cls is not BaseModel:
+            for name, text in _attribute_docstrings(cls).items():
+                docs.setdefault(name, text)
+    return docs
+
+
 def config_help(model: type[BaseModel]) -> list[tuple[str, str]]:
-    """``(key=TYPE [default], description)`` for every settable field of a config model."""
+    """``(key=TYPE [default], description)`` for every settable field of a config model (its
+    description: the field's ``description``, else its attribute docstring)."""
+    docs = _field_docs(model)
     rows = []
     for name, field in model.model_fields.items():
         if name == "type":
@@ -211,7 +251,7 @@ def config_help(model: type[BaseModel]) -> list[tuple[str, str]]:
         else:
             value = field.get_default(call_default_factory=True)
             default = f"default {value!r}" if value not in (None, [], {}) else "optional"
-        text = " ".join((field.description or "").replace("``", "").split())
+        text = " ".join((field.description or docs.get(name, "")).replace("``", "").split())
         rows.append((f"{name}={annotation}", f"[{default}] {text}".strip()))
     return rows
 
