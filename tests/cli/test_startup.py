@@ -128,3 +128,36 @@ def test_a_runtime_loads_nothing_it_does_not_need() -> None:
     loaded = set(done.stdout.splitlines()[-1].strip("[]").replace("'", "").split(", "))
     assert {"cli.hub_commands", "gateway.hub.runtime"} <= loaded
     assert sorted(loaded & set(RUNTIME_NEVER)) == []
+
+
+_MODEL_PROBE = """
+import json
+import gateway.hub.runtime, gateway.hub.adoption
+from pydantic import BaseModel
+
+def subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from subclasses(sub)
+
+builtin_factories = (list, dict, set, tuple)
+print(json.dumps({
+    "docstrings": sorted({f"{c.__module__}.{c.__qualname__}" for c in subclasses(BaseModel)
+                          if c.model_config.get("use_attribute_docstrings")}),
+    "builtin_factories": sorted({f"{c.__module__}.{c.__qualname__}.{n}"
+                                 for c in subclasses(BaseModel) if c.__module__ != "pydantic.main"
+                                 for n, f in c.model_fields.items()
+                                 if f.default_factory in builtin_factories}),
+}))
+"""
+
+
+def test_the_runtimes_models_are_cheap_to_build() -> None:
+    """No pydantic model a runtime loads has pydantic read source at import: attribute
+    docstrings (finding a class's source scans every loaded module) or a builtin
+    default_factory (its signature is read through inspect, compiling tokenize's regex)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MODEL_PROBE], capture_output=True, text=True, check=True
+    )
+    found = json.loads(done.stdout)
+    assert found == {"docstrings": [], "builtin_factories": []}
