@@ -121,11 +121,11 @@ def test_a_runtime_loads_nothing_it_does_not_need() -> None:
         "import sys; sys.argv = ['narrative', 'runtime', '--help']\n"
         "from cli.main import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "import gateway.hub.runtime, gateway.hub.adoption\n"
-        "print(sorted(sys.modules))"
+        "import json, gateway.hub.runtime, gateway.hub.adoption\n"
+        "print(json.dumps(sorted(sys.modules)))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded = set(done.stdout.splitlines()[-1].strip("[]").replace("'", "").split(", "))
+    loaded = set(json.loads(done.stdout.splitlines()[-1]))
     assert {"cli.hub_commands", "gateway.hub.runtime"} <= loaded
     assert sorted(loaded & set(RUNTIME_NEVER)) == []
 
