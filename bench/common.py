@@ -159,6 +159,17 @@ def drop_store(exe: str | Path, ws: Path, env: dict[str, str]) -> None:
     shutil.rmtree(ws / ".narrative", ignore_errors=True)
 
 
+def compile_bytecode(env: dict[str, str], cwd: Path) -> None:
+    """Write ``__pycache__`` for narrative's packages, as installing a wheel does: a checkout run
+    under ``PYTHONDONTWRITEBYTECODE=1`` would otherwise compile every module from source at
+    every start (and a runtime in a sandbox cannot write its bytecode at all)."""
+    import narrative
+
+    root = Path(narrative.__file__).parent.parent
+    packages = [str(root / p) for p in ("narrative", "transfer", "providers", "gateway", "cli")]
+    check(run([sys.executable, "-m", "compileall", "-q", *packages], env=env, cwd=cwd))
+
+
 def isolated_env(home: Path) -> dict[str, str]:
     """Inherited env minus GIT_* and NARRATIVE_* variables; private HOME, no git config."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "NARRATIVE_"))}

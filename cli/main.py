@@ -7,8 +7,10 @@ Heavy modules are imported inside commands so that ``narrative snapshot`` starts
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import click
@@ -19,7 +21,7 @@ from .help import add_example, format_sections
 from .output import fail
 from .progress import reporting
 
-__all__ = ["cli", "main"]
+__all__ = ["COMMAND_MODULES", "cli", "main"]
 
 
 def _before_double_dash(args: list[str]) -> list[str]:
@@ -27,10 +29,66 @@ def _before_double_dash(args: list[str]) -> list[str]:
     return args[: args.index("--")] if "--" in args else args
 
 
+#: Each top-level command → the module below ``cli`` that defines it, in ``narrative --help``
+#: registration order. A command's module is imported when the command is looked up, so one
+#: command's start-up does not pay for every other command's imports (``narrative info``, and
+#: the runtime each run starts in its environment, load one module of the ten).
+COMMAND_MODULES: dict[str, str] = {
+    **dict.fromkeys(
+        ("init", "info", "status", "snapshot", "log", "show", "diff", "restore", "watch"),
+        "core_commands",
+    ),
+    **dict.fromkeys(("config", "gc", "fsck"), "maintenance_commands"),
+    **dict.fromkeys(("objective", "thread"), "hierarchy_commands"),
+    "run": "run_commands",
+    **dict.fromkeys(("export", "import", "remote", "push", "fetch", "pull"), "transfer_commands"),
+    "merge": "merge_commands",
+    "env": "env_commands",
+    "gateway": "gateway_commands",
+    **dict.fromkeys(("serve", "runtime"), "hub_commands"),
+    "hub": "team_commands",
+}
+
+
 class _Group(click.Group):
     """Errors in one place: a NarrativeError is one line and exit 1, a usage error exit 2;
     with ``--json`` anywhere before ``--``, either is ``{"error": {"code", "message"}}`` on
-    stdout instead (see :func:`cli.output.fail`)."""
+    stdout instead (see :func:`cli.output.fail`).
+
+    Commands are loaded on demand (:data:`COMMAND_MODULES`): :meth:`get_command` imports the
+    module of the one command asked for; :attr:`commands` is every command (all imported)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._loaded: dict[str, click.Command] = {}
+        super().__init__(*args, **kwargs)
+
+    @property
+    def commands(self) -> MutableMapping[str, click.Command]:
+        for module in dict.fromkeys(COMMAND_MODULES.values()):
+            self._load(module)
+        return self._loaded
+
+    @commands.setter
+    def commands(self, value: MutableMapping[str, click.Command]) -> None:
+        self._loaded = dict(value)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self._loaded and cmd_name in COMMAND_MODULES:
+            self._load(COMMAND_MODULES[cmd_name])
+        return self._loaded.get(cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*COMMAND_MODULES, *self._loaded})
+
+    def _load(self, module_name: str) -> None:
+        module = importlib.import_module(f"{__package__}.{module_name}")
+        for command in module.COMMANDS:
+            name = command.name or ""
+            if name in self._loaded:
+                continue
+            _global_options(command)
+            add_example(command, name)
+            self._loaded[name] = command
 
     def main(  # type: ignore[override]
         self,
@@ -151,42 +209,6 @@ def _global_options(command: click.Command) -> None:
     if isinstance(command, click.Group):
         for sub in command.commands.values():
             _global_options(sub)
-
-
-def _register() -> None:
-    from . import (
-        core_commands,
-        env_commands,
-        gateway_commands,
-        hierarchy_commands,
-        hub_commands,
-        maintenance_commands,
-        merge_commands,
-        run_commands,
-        team_commands,
-        transfer_commands,
-    )
-
-    modules = (
-        core_commands,
-        maintenance_commands,
-        hierarchy_commands,
-        run_commands,
-        transfer_commands,
-        merge_commands,
-        env_commands,
-        gateway_commands,
-        hub_commands,
-        team_commands,
-    )
-    for module in modules:
-        for command in module.COMMANDS:
-            _global_options(command)
-            add_example(command, command.name or "")
-            cli.add_command(command)
-
-
-_register()
 
 
 def main() -> None:

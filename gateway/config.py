@@ -60,27 +60,34 @@ Capability = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 class LocalRule(BaseModel):
     """Run matching calls in this environment, with the handler registered for them."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["local"]
-    """Run here."""
+    mode: Literal["local"] = Field(description="Run here.")
 
 
 class ProxyRule(BaseModel):
     """Send matching calls to another environment (exactly one kind of target)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["proxy"]
-    """Run elsewhere."""
-    environment: EnvId | None = None
-    """A named environment connected to this gateway."""
-    environments: Annotated[list[EnvId], Field(min_length=1, max_length=64)] | None = None
-    """Fan-out: every one of these environments; the results are gathered in this order."""
-    capability: Capability | None = None
-    """Any connected environment that declares this capability (the first by id)."""
-    fanout: bool = False
-    """With ``capability``: every connected environment declaring it, results gathered."""
+    mode: Literal["proxy"] = Field(description="Run elsewhere.")
+    environment: EnvId | None = Field(
+        default=None, description="A named environment connected to this gateway."
+    )
+    environments: Annotated[list[EnvId], Field(min_length=1, max_length=64)] | None = Field(
+        default=None,
+        description="Fan-out: every one of these environments; the results are gathered in "
+        "this order.",
+    )
+    capability: Capability | None = Field(
+        default=None,
+        description="Any connected environment that declares this capability (the first by id).",
+    )
+    fanout: bool = Field(
+        default=False,
+        description="With ``capability``: every connected environment declaring it, results "
+        "gathered.",
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> Self:
@@ -105,18 +112,25 @@ Rule = Annotated[LocalRule | ProxyRule, Field(discriminator="mode")]
 class ProxyExecutionConfig(BaseModel):
     """The whole ``proxyExecution.json`` document."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, use_attribute_docstrings=True)
+    # Descriptions as Field arguments, not attribute docstrings (use_attribute_docstrings):
+    # pydantic finds those by reading this file's source at import, which costs every runtime
+    # and hub process a few milliseconds for text only the JSON Schema needs.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    schema_: str | None = Field(default=None, alias="$schema")
-    """Optional pointer to the JSON Schema, for editors; ignored."""
-    version: Literal[1] = 1
-    """Format version."""
-    hopLimit: Annotated[int, Field(ge=1, le=64)] = 8
-    """Most gateways a call may pass through, the origin included."""
-    rules: dict[Annotated[str, Field(pattern=RULE_KEY_PATTERN)], Rule] = Field(
-        default={}, json_schema_extra={"propertyNames": {"pattern": RULE_KEY_PATTERN}}
+    schema_: str | None = Field(
+        default=None,
+        alias="$schema",
+        description="Optional pointer to the JSON Schema, for editors; ignored.",
     )
-    """Rule key -> rule; the most specific key matching a call decides."""
+    version: Literal[1] = Field(default=1, description="Format version.")
+    hopLimit: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=8, description="Most gateways a call may pass through, the origin included."
+    )
+    rules: dict[Annotated[str, Field(pattern=RULE_KEY_PATTERN)], Rule] = Field(
+        default={},
+        json_schema_extra={"propertyNames": {"pattern": RULE_KEY_PATTERN}},
+        description="Rule key -> rule; the most specific key matching a call decides.",
+    )
 
     @model_validator(mode="after")
     def _no_synonyms(self) -> Self:

@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -65,9 +66,26 @@ _LEGACY_CONFIG = os.path.join("narrative", "config.json")
 
 def data_dir() -> str:
     """The per-user data directory of narrative (``$XDG_DATA_HOME/narrative`` on Linux)."""
+    if (common := _linux_data_dir()) is not None:
+        return common
     import platformdirs  # imported on demand: most commands never need it twice
 
     return str(platformdirs.user_data_dir("narrative", appauthor=False))
+
+
+def _linux_data_dir() -> str | None:
+    """What ``platformdirs.user_data_dir`` answers in the common Linux cases (``$XDG_DATA_HOME``
+    absolute, or unset with an absolute ``$HOME``), None for any other case. Importing
+    platformdirs (pathlib, tempfile, shutil...) cost every command's start-up ~8 ms."""
+    env = os.environ
+    if sys.platform != "linux" or "ANDROID_DATA" in env or "ANDROID_ROOT" in env:
+        return None
+    xdg = env.get("XDG_DATA_HOME", "")
+    if xdg:
+        return os.path.join(xdg, "narrative") if os.path.isabs(xdg) else None
+    if not os.path.isabs(env.get("HOME", "")):
+        return None  # platformdirs asks the password database
+    return os.path.join(os.path.expanduser("~/.local/share"), "narrative")
 
 
 def _private_dir(*parts: str) -> str:

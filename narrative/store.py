@@ -26,12 +26,12 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import re
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from . import location
 from .errors import (
@@ -58,6 +58,9 @@ from .storeconfig import (
     write_skeleton,
 )
 
+if TYPE_CHECKING:
+    import logging
+
 __all__ = [
     "DEFAULT_STORE_NAME",
     "THREAD_REF_PREFIX",
@@ -66,7 +69,14 @@ __all__ = [
     "orphaned_checkouts",
 ]
 
-log = logging.getLogger(__name__)
+
+def _log() -> logging.Logger:
+    """This module's logger; logging is imported on first use only (it costs every command's
+    start-up ~3 ms, and a store logs only on rare repairs and migrations)."""
+    import logging
+
+    return logging.getLogger(__name__)
+
 
 DEFAULT_STORE_NAME = location.MARKER_NAME
 _MIGRATING_TO = os.path.join("narrative", "migrating-to")
@@ -365,7 +375,7 @@ def _repair_marker(workspace: str, workspace_id: str) -> None:
         with location.workspace_lock(workspace):
             location.write_marker(workspace, workspace_id)
     except (OSError, StoreError) as exc:
-        log.warning("cannot write the marker of %s: %s", workspace, exc)
+        _log().warning("cannot write the marker of %s: %s", workspace, exc)
 
 
 def _replicate(source: Store, final: str, config: StoreConfig, whole: bool) -> Store:
@@ -505,7 +515,7 @@ def _migrate_legacy_locked(workspace: str) -> str:
             if source.config.workspace == workspace:
                 location.index_record(workspace, workspace_id)
             location.write_marker(workspace, workspace_id)
-        log.info("migrated the store of %s from %s to %s", workspace, legacy, final)
+        _log().info("migrated the store of %s from %s to %s", workspace, legacy, final)
         return workspace_id
 
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from narrative.errors import InvalidInput
 
+from .config_help import config_help
 from .usage import ProcessUsage, UsageMeter
 
 if TYPE_CHECKING:
@@ -165,9 +166,11 @@ class ProviderConfig(BaseModel):
     """Base of every provider's configuration model, with the caps on what a run in the
     environment may send home (all of it is hostile input: the agent controls the environment
     and its runtime). Each field's docstring is its help: ``narrative env create --provider P
-    --help`` lists them (:func:`config_help`)."""
+    --help`` lists them (:func:`config_help`, which reads them from the source when asked:
+    pydantic's ``use_attribute_docstrings`` reads it at import, and finding the source costs
+    ~10 ms in a process with hundreds of modules loaded, as the runtime every run starts)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid")
 
     max_result_bytes: int = Field(default=DEFAULT_MAX_RESULT_BYTES, gt=0)
     """Most bytes a run's result may take: the bundle its runtime ships, the objects in it once
@@ -179,41 +182,6 @@ class ProviderConfig(BaseModel):
     max_output_bytes: int = Field(default=DEFAULT_MAX_OUTPUT_BYTES, gt=0)
     """Most bytes of agent output a run's log records (the head; then one
     ``output.truncated``)."""
-
-
-def _type_name(annotation: Any) -> str:
-    """``bool | 'host'``, ``list[str]``, ``int | str | None``: how a value is written."""
-    import types
-    import typing
-
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
-    if origin is typing.Literal:
-        return " | ".join(repr(a) for a in typing.get_args(annotation))
-    if origin is not None:
-        args = ", ".join(_type_name(a) for a in typing.get_args(annotation))
-        return f"{getattr(origin, '__name__', origin)}[{args}]"
-    if annotation is type(None):
-        return "None"
-    return str(getattr(annotation, "__name__", annotation))
-
-
-def config_help(model: type[BaseModel]) -> list[tuple[str, str]]:
-    """``(key=TYPE [default], description)`` for every settable field of a config model."""
-    rows = []
-    for name, field in model.model_fields.items():
-        if name == "type":
-            continue  # the discriminator, not a setting
-        annotation = _type_name(field.annotation)
-        if field.is_required():
-            default = "required"
-        else:
-            value = field.get_default(call_default_factory=True)
-            default = f"default {value!r}" if value not in (None, [], {}) else "optional"
-        text = " ".join((field.description or "").replace("``", "").split())
-        rows.append((f"{name}={annotation}", f"[{default}] {text}".strip()))
-    return rows
 
 
 def check_relative_path(path: str) -> str:

@@ -46,6 +46,9 @@ T = TypeVar("T")
 class EnvironmentRecord(BaseModel):
     """One environment as persisted."""
 
+    # Empty containers as plain defaults (pydantic copies them for each record), not
+    # default_factory=list: pydantic reads a builtin factory's signature through inspect, which
+    # compiles tokenize's regex (~10 ms) in every process that loads this model, every runtime's.
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(default_factory=lambda: new_id("environment"))
@@ -54,15 +57,15 @@ class EnvironmentRecord(BaseModel):
     """Unique among the environments that are not archived."""
     provider: str
     """Registry name of the provider (``worktree``, ``docker``, ...)."""
-    config: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] = {}
     """Provider configuration, validated by the provider's own model."""
     resource_id: str | None = None
     """The provider's handle: a directory, a container id, a sandbox id."""
     state: EnvState = EnvState.CREATED
-    capabilities: list[str] = Field(default_factory=list)
-    resources: dict[str, Any] = Field(default_factory=dict)
+    capabilities: list[str] = []
+    resources: dict[str, Any] = {}
     """Resource limits asked for by the project file (``cpus``, ``memory``, ``disk``)."""
-    unenforced: list[str] = Field(default_factory=list)
+    unenforced: list[str] = []
     """Those of ``resources`` the provider cannot enforce (reported, never silently dropped)."""
     created_at: str = Field(default_factory=now_iso)
     updated_at: str = Field(default_factory=now_iso)
@@ -73,7 +76,7 @@ class EnvironmentRecord(BaseModel):
     consecutive_failures: int = 0
     """Health checks failed in a row (reset by a good one)."""
     last_error: str | None = None
-    history: list[dict[str, str]] = Field(default_factory=list)
+    history: list[dict[str, str]] = []
     """State changes, oldest first: ``{"at", "from", "to", "reason"}`` (last 50)."""
 
 

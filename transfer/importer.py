@@ -15,21 +15,20 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
-
-from fsspec.callbacks import Callback
+from typing import TYPE_CHECKING, Any
 
 from narrative.commitmsg import is_snapshot_commit, snapshot_from_commit
 from narrative.objects import parse_commit
 from narrative.store import THREAD_REF_PREFIX, Store
 
-from . import verified
-from .archive_import import import_archive_snapshot
 from .bundle import BUNDLE_SIGNATURE, BundleFormatError, read_bundle_header
 from .errors import InvalidArtifact
 from .packin import receive_pack
 from .records import BUNDLE_META_REF, merge_records, parse_records
 from .thread_updates import ImportResult, Readable, fast_forward
+
+if TYPE_CHECKING:
+    from fsspec.callbacks import Callback
 
 __all__ = ["import_", "import_stream"]
 
@@ -53,6 +52,9 @@ def import_(
     source: str | None = None,
 ) -> ImportResult:
     """Import the artifact at ``url`` (format detected from its content)."""
+    # imported here: fsspec is for URLs, and a runtime imports bundles from a stream only
+    from . import verified
+
     with verified.open_verified(url, storage_options, callback=callback) as stream:
         return import_stream(store, stream, url, source or source_name(url))
 
@@ -241,4 +243,7 @@ def _check_thread_refs(
 
 
 def _import_archive(store: Store, stream: Any, url: str, source: str) -> ImportResult:
+    # imported here: archives (tar, zstd) arrive by ``narrative import`` only, never at a runtime
+    from .archive_import import import_archive_snapshot
+
     return import_archive_snapshot(store, stream, url, source)

@@ -24,8 +24,6 @@ from narrative.processes import pid_alive
 from .events import RunEventLog
 from .leases import EnvironmentLease as Lease
 from .run_request import RunRequest
-from .runs import RunDriver
-from .tools_node import lease_components
 
 if TYPE_CHECKING:
     from .server import Hub
@@ -56,7 +54,15 @@ async def adopt_interrupted(hub: Hub) -> None:
             found.append((run, history))
         return found
 
-    for run, history in await hub.blocking(interrupted):
+    found = await hub.blocking(interrupted)
+    if not found:
+        return
+    # imported here: the run driver (and the merge code it needs) is for a hub with runs to
+    # adopt; every hub starts here, and so does the runtime every run starts in its environment
+    from .runs import RunDriver
+    from .tools_node import lease_components
+
+    for run, history in found:
         created = history[0]
         try:
             request = RunRequest.from_payload(created.get("request") or {})

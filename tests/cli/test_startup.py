@@ -5,7 +5,9 @@ this catches the import that would quietly add a tenth of a second to every comm
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,10 @@ import pytest
 from tests.conftest import Cli
 
 HEAVY = ("fsspec", "asyncio", "websockets", "pydantic", "rich", "dulwich", "pygit2", "s3fs")
+#: What a store opens without (~3-8 ms each): logging is imported when something is logged,
+#: the lock stamp's host name comes from os.uname(), the data directory from $XDG_DATA_HOME or
+#: $HOME (platformdirs only in the unusual cases).
+STORE_UNNEEDED = ("logging", "socket", "platformdirs")
 
 _PROBE = """
 import json, sys
@@ -28,6 +34,19 @@ print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)), file=sys.std
 """
 
 
+def _loaded_after(args: list[str], cwd: Path, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` are imported once ``narrative ARGS`` has run (in a fresh process)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(heavy=names), json.dumps(args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    loaded: list[str] = json.loads(done.stderr.strip().splitlines()[-1])
+    return loaded
+
+
 @pytest.mark.parametrize("args", [["info"], ["status"], ["log"], ["--help"]], ids=" ".join)
 def test_everyday_commands_load_no_heavy_library(
     cli: Cli, workspace: Path, args: list[str]
@@ -35,21 +54,110 @@ def test_everyday_commands_load_no_heavy_library(
     cli.run("init")
     (workspace / "a.txt").write_text("a\n")
     cli.run("snapshot", "-m", "one")
-    probe = _PROBE.format(heavy=HEAVY)
-    done = subprocess.run(
-        [sys.executable, "-c", probe, json.dumps(args)],
-        cwd=workspace,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    loaded = json.loads(done.stderr.strip().splitlines()[-1])
+    loaded = _loaded_after(args, workspace, HEAVY + STORE_UNNEEDED)
     assert loaded == [], f"narrative {' '.join(args)} imported {loaded}"
 
 
-def test_a_runtime_loads_no_team_client() -> None:
-    """Every run starts a runtime in its environment (fifty pods at once on a fan-out): only a
-    runtime that delegates its agent to another hub needs the team client (~50 ms)."""
-    code = "import sys, cli.main, gateway.hub.runtime; print(sorted(sys.modules))"
+def _command_modules() -> tuple[str, ...]:
+    import cli
+
+    return tuple(
+        f"cli.{info.name}"
+        for info in pkgutil.iter_modules(cli.__path__)
+        if info.name not in ("main", "__main__")  # the latter runs the command line
+    )
+
+
+@pytest.mark.parametrize("args", [["info"], ["status"], ["log"]], ids=" ".join)
+def test_a_command_imports_its_own_command_module_only(
+    cli: Cli, workspace: Path, args: list[str]
+) -> None:
+    """Commands load on demand: ``narrative info`` pays for no other command's module."""
+    cli.run("init")
+    loaded = _loaded_after(args, workspace, _command_modules())
+    commands = [m for m in loaded if m.endswith("_commands")]
+    assert commands == ["cli.core_commands"], f"narrative {args[0]} imported {commands}"
+
+
+def test_the_command_map_names_every_command_and_its_module() -> None:
+    """A command missing from :data:`cli.main.COMMAND_MODULES` (or under the wrong module)
+    would be 'No such command'; every module of ``cli`` with COMMANDS is in the map, whole."""
+    from cli.main import COMMAND_MODULES
+
+    found = {}
+    for name in _command_modules():
+        for command in getattr(importlib.import_module(name), "COMMANDS", ()):
+            found[command.name] = name.removeprefix("cli.")
+    assert found == COMMAND_MODULES
+
+
+#: What a runtime never needs at start-up (fifty pods at once on a fan-out each pay for it): the
+#: team client (only a runtime that delegates its agent to another hub), fsspec and the archive
+#: reader (a runtime takes bundles from a stream), the run driver and the merge code (a hub
+#: with runs to adopt), the other commands' modules.
+RUNTIME_NEVER = (
+    "gateway.hub.team_client",
+    "gateway.hub.runs",
+    "gateway.hub.tools_node",
+    "narrative.merge",
+    "providers.hybrid",
+    "fsspec",
+    "transfer.verified",
+    "transfer.archive_import",
+    "tarfile",
+    "zstandard",
+    "cli.core_commands",
+    "cli.env_commands",
+    "cli.run_commands",
+    "cli.transfer_commands",
+)
+
+
+def test_a_runtime_loads_nothing_it_does_not_need() -> None:
+    """Every run starts a runtime in its environment: ``narrative runtime`` imports the hub
+    commands' module, the runtime and what its start imports (adoption), and none of
+    :data:`RUNTIME_NEVER`."""
+    code = (
+        "import sys; sys.argv = ['narrative', 'runtime', '--help']\n"
+        "from cli.main import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "import json, gateway.hub.runtime, gateway.hub.adoption\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "gateway.hub.team_client" not in done.stdout
+    loaded = set(json.loads(done.stdout.splitlines()[-1]))
+    assert {"cli.hub_commands", "gateway.hub.runtime"} <= loaded
+    assert sorted(loaded & set(RUNTIME_NEVER)) == []
+
+
+_MODEL_PROBE = """
+import json
+import gateway.hub.runtime, gateway.hub.adoption
+from pydantic import BaseModel
+
+def subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from subclasses(sub)
+
+builtin_factories = (list, dict, set, tuple)
+print(json.dumps({
+    "docstrings": sorted({f"{c.__module__}.{c.__qualname__}" for c in subclasses(BaseModel)
+                          if c.model_config.get("use_attribute_docstrings")}),
+    "builtin_factories": sorted({f"{c.__module__}.{c.__qualname__}.{n}"
+                                 for c in subclasses(BaseModel) if c.__module__ != "pydantic.main"
+                                 for n, f in c.model_fields.items()
+                                 if f.default_factory in builtin_factories}),
+}))
+"""
+
+
+def test_the_runtimes_models_are_cheap_to_build() -> None:
+    """No pydantic model a runtime loads has pydantic read source at import: attribute
+    docstrings (finding a class's source scans every loaded module) or a builtin
+    default_factory (its signature is read through inspect, compiling tokenize's regex)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MODEL_PROBE], capture_output=True, text=True, check=True
+    )
+    found = json.loads(done.stdout)
+    assert found == {"docstrings": [], "builtin_factories": []}

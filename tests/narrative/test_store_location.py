@@ -267,3 +267,41 @@ def test_an_old_layout_migration_killed_at_any_point_loses_nothing(
         for leftover in data_stores.iterdir():
             shutil.rmtree(leftover)
     print(f"{landed} of 12 kills landed mid-migration")
+
+
+@pytest.mark.parametrize(
+    ("xdg_data_home", "home"),
+    [
+        ("/data/xdg", "/home/u"),
+        ("/data/xdg/", "/home/u"),
+        ("relative/xdg", "/home/u"),
+        ("", "/home/u"),
+        ("  ", "/home/u"),
+        (None, "/home/u"),
+        (None, "/home/u//"),
+        (None, "/"),
+        (None, "relative-home"),
+        (None, None),
+    ],
+)
+def test_the_data_directory_is_where_platformdirs_puts_it(
+    monkeypatch: pytest.MonkeyPatch, xdg_data_home: str | None, home: str | None
+) -> None:
+    """The stores live where they always did: :func:`narrative.location.data_dir` answers
+    without platformdirs in the common cases, and exactly what platformdirs answers."""
+    import platformdirs
+
+    from narrative.location import data_dir
+
+    for name, value in (("XDG_DATA_HOME", xdg_data_home), ("HOME", home)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    try:
+        expected = platformdirs.user_data_dir("narrative", appauthor=False)
+    except RuntimeError:  # no home at all: platformdirs gives up, and so must we
+        with pytest.raises(RuntimeError):
+            data_dir()
+        return
+    assert data_dir() == expected
