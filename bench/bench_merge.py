@@ -42,6 +42,7 @@ from common import (
     Sample,
     SideStats,
     check,
+    compile_bytecode,
     fmt,
     git_version,
     isolated_env,
@@ -183,14 +184,6 @@ def build(args: argparse.Namespace, work: Path, env: dict[str, str]) -> dict[str
     }
 
 
-def _compile_bytecode(env: dict[str, str], work: Path) -> None:
-    """Write ``__pycache__`` for the narrative package, like installing a wheel does."""
-    import narrative
-
-    package = str(Path(narrative.__file__).parent)
-    check(run([sys.executable, "-m", "compileall", "-q", package], env=env, cwd=work))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_bench_args(argv, "merge vs git merge-tree --write-tree", ["merge"])
     if not args.quick and "--files" not in (argv or sys.argv):
@@ -207,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"building {args.files:,} files / {args.size_mb} MiB in {work} ...")
         setup = build(args, work, env)
         base, ours, theirs = setup["trees"]
-        _compile_bytecode(env, work)
+        compile_bytecode(env, work)
         sides = {
             "ours": [sys.executable, "-c", _OURS_SCRIPT, setup["store"], base, ours, theirs],
             "anchor": ["git", "--git-dir", str(setup["anchor"]), "merge-tree", "--write-tree",
