@@ -17,6 +17,15 @@ from narrative.store import Store
 NARRATIVE = str(Path(sys.executable).with_name("narrative"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The same isolation for fixtures wider than one test, set up before them: a
+    module-scoped store used to land in the developer's own data directory."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        isolate(tmp_path_factory.mktemp("session-home"), monkeypatch)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test sees the developer's HOME, data directory, git config or store variables; no
