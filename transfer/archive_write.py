@@ -318,7 +318,10 @@ class _MemberWriter:
         self.mtime = mtime
         self._sink: GzipSink | ZstdSink | None = None
         self._offset = 0
-        self._batch = bytearray()
+        # one buffer for the whole export: clearing and regrowing a bytearray costs an mremap
+        # and fresh page faults per batch (thousands per export)
+        self._batch = bytearray(_BATCH)
+        self._batched = 0
 
     def __enter__(self) -> _MemberWriter:
         return self
@@ -411,21 +414,23 @@ class _MemberWriter:
     def _emit(self, data: bytes) -> None:
         """Queue bytes of the member part; small pieces (headers, small files) are batched
         into one compressor call."""
-        self._offset += len(data)
-        if len(data) >= _BATCH:
+        size = len(data)
+        self._offset += size
+        if self._batched + size > _BATCH:
             self._flush()
+        if size >= _BATCH:
             assert self._sink is not None
             self._sink.write(data)
             return
-        self._batch += data
-        if len(self._batch) >= _BATCH:
-            self._flush()
+        self._batch[self._batched : self._batched + size] = data
+        self._batched += size
 
     def _flush(self) -> None:
-        if self._batch:
+        if self._batched:
             assert self._sink is not None
-            self._sink.write(bytes(self._batch))
-            self._batch.clear()
+            with memoryview(self._batch)[: self._batched] as view:
+                self._sink.write(view)
+            self._batched = 0
 
     def finish(self, manifest: ArchiveManifest) -> None:
         """End the archive: two zero blocks, then zeros up to a whole record (as tar does)."""
