@@ -159,6 +159,17 @@ def drop_store(exe: str | Path, ws: Path, env: dict[str, str]) -> None:
     shutil.rmtree(ws / ".narrative", ignore_errors=True)
 
 
+def compile_bytecode(env: dict[str, str], cwd: Path) -> None:
+    """Write ``__pycache__`` for narrative's packages, as installing a wheel does: a checkout run
+    under ``PYTHONDONTWRITEBYTECODE=1`` would otherwise compile every module from source at
+    every start (and a runtime in a sandbox cannot write its bytecode at all)."""
+    import narrative
+
+    root = Path(narrative.__file__).parent.parent
+    packages = [str(root / p) for p in ("narrative", "transfer", "providers", "gateway", "cli")]
+    check(run([sys.executable, "-m", "compileall", "-q", *packages], env=env, cwd=cwd))
+
+
 def isolated_env(home: Path) -> dict[str, str]:
     """Inherited env minus GIT_* and NARRATIVE_* variables; private HOME, no git config."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "NARRATIVE_"))}
@@ -192,25 +203,6 @@ class SideStats:
     @property
     def peak_mb(self) -> float | None:
         return max(self.maxrss_kib) / 1024 if self.maxrss_kib else None
-
-
-#: the project's top-level packages, as the ``narrative`` CLI imports them
-PROJECT_PACKAGES = ("narrative", "transfer", "providers", "gateway", "cli")
-
-
-def compile_bytecode(env: dict[str, str], cwd: Path) -> None:
-    """Write ``__pycache__`` for the project's packages (the ones on the benchmark's
-    ``PYTHONPATH``), as installing a wheel does: an editable install run under
-    ``PYTHONDONTWRITEBYTECODE=1`` would otherwise recompile every imported module from source
-    in every timed run (~0.1 s), a cost no installed ``narrative`` pays."""
-    import importlib.util
-
-    dirs = []
-    for name in PROJECT_PACKAGES:
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.submodule_search_locations:
-            dirs.extend(spec.submodule_search_locations)
-    check(run([sys.executable, "-m", "compileall", "-q", *dirs], env=env, cwd=cwd))
 
 
 def log(msg: str) -> None:
