@@ -228,6 +228,8 @@ def test_tar_headers_match_tarfile() -> None:
         ("files/" + "y" * 200, 0o644, 1, 1, tarfile.REGTYPE, ""),  # pax path
         ("files/ü", 0o644, 8**11, 1, tarfile.REGTYPE, ""),  # pax path and size
         ("files/l2", 0o777, 0, 1, tarfile.SYMTYPE, "é/" * 80),
+        # the largest checksum a directly encoded header can have (every byte 0x7f)
+        ("\x7f" * 100, 0o7777, 8**11 - 1, 8**11 - 1, tarfile.SYMTYPE, "\x7f" * 100),
     ]
     for name, mode, size, mtime, kind, link in cases:
         info = tarfile.TarInfo(name)
