@@ -25,6 +25,10 @@ __all__ = [
     "PackFiles",
 ]
 
+# bytes read with a pack entry's header: most blobs of a source tree are entirely in it, so
+# they cost one read instead of two
+_PEEK = 16 << 10
+
 # isal's stub declares its error as an instance, not a class
 _InflateError = cast("type[Exception]", isal_zlib.error)
 
@@ -97,6 +101,7 @@ class BlobSource:
         self._pack: tuple[int, int] | None = None
         self._loose: str | None = None
         self._data: bytes | None = None
+        self._peeked: memoryview | None = None
         self.size = self._locate(odb)
 
     def _locate(self, odb: ObjectStore) -> int:
@@ -115,9 +120,11 @@ class BlobSource:
                 if attempt == 0:
                     odb.invalidate()
                 continue
-            code, size, hlen = parse_entry_header(os.pread(fd, 32, start))
+            head = os.pread(fd, _PEEK, start)
+            code, size, hlen = parse_entry_header(head)
             if code == 3:
-                self._pack = (fd, start + hlen)
+                self._pack = (fd, start + len(head))
+                self._peeked = memoryview(head)[hlen:]
                 return size
             if code in (6, 7):
                 return self._whole(odb)
@@ -157,9 +164,13 @@ class BlobSource:
             return
         if self._pack is not None:
             fd, pos = self._pack
+            peeked, self._peeked = self._peeked, None
 
-            def read(n: int) -> bytes:
-                nonlocal pos
+            def read(n: int) -> bytes | memoryview:
+                nonlocal pos, peeked
+                if peeked:  # the entry's start, read with its header
+                    first, peeked = peeked, None
+                    return first
                 data = os.pread(fd, n, pos)
                 pos += len(data)
                 return data
