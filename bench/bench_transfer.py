@@ -24,10 +24,11 @@ Scenarios (target = ours/anchor median ratio unless stated):
 * ``s3``: ``narrative push`` (full) and ``narrative pull`` into an empty store against a moto S3
   server on 127.0.0.1 started in this process; MB/s reported, no anchor.
 
-Peak RSS of ours (export, import) must stay ≤ 256 MB. Both sides of ``import`` read OUR bundle
-(same input). A plain ``git clone --bare`` of a bundle whose refs all live under
-``refs/narrative/*`` fetches no refs (only heads and tags), so the anchor clones with
-``--mirror`` (a bare clone fetching ``refs/*``).
+Our packages' bytecode is compiled once before the scenarios (``compileall``, as a wheel install
+does; see ``common.compile_bytecode``). Peak RSS of ours (export, import) must stay ≤ 256 MB.
+Both sides of ``import`` read OUR bundle (same input). A plain ``git clone --bare`` of a bundle
+whose refs all live under ``refs/narrative/*`` fetches no refs (only heads and tags), so the
+anchor clones with ``--mirror`` (a bare clone fetching ``refs/*``).
 
 Untimed checks (first rep): our full bundle passes ``git bundle verify`` in an empty repository
 and ``git clone --mirror`` of it yields exactly the refs our export reported; the incremental
@@ -67,6 +68,7 @@ from common import (
     SideError,
     SideStats,
     check,
+    compile_bytecode,
     cpu_model,
     drop_store,
     fmt,
@@ -884,6 +886,7 @@ def main(argv: list[str] | None = None) -> int:
             "ours": ours_version,
         }
         info = bench.setup()
+        compile_bytecode(env, workdir)
         handlers: dict[str, Callable[[], None]] = {
             "bundle": bench.sc_bundle,
             "zst": lambda: bench.sc_archive("zst"),

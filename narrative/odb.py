@@ -6,7 +6,7 @@ loose-object explosion. Objects are deflated once, by the caller's threads (zlib
 GIL), at level 1, or stored uncompressed when a sample shows the data is incompressible.
 
 Whole (undeltified) objects, which is all this module ever writes, are read directly (inflated
-by ISA-L when the ``isal`` package of the ``fast`` extra is installed, else by zlib). Deltified
+by ISA-L, :func:`inflater`). Deltified
 objects (packs written by stock ``git gc``/``git repack`` in the store) go to a library, loaded
 lazily: libgit2 (pygit2) when it imports, else dulwich, pure Python, for platforms without a
 pygit2 wheel (:func:`fallback_reader` says which; measurements in ``docs/decisions.md``). The
@@ -24,7 +24,7 @@ import threading
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from .errors import StoreCorrupted
 from .fsutil import fsync_dir, mkstemp, unlink_quiet
@@ -58,18 +58,20 @@ _fallback: dict[str, str] = {}
 _inflate: dict[str, Any] = {}
 
 
-def _inflater() -> Any:
-    """``isal.isal_zlib`` when it imports (ISA-L inflates git's zlib streams 2.3x faster than
-    zlib, docs/decisions.md; the ``fast`` extra), else ``zlib``. Loaded on the first packed
-    read, so that commands reading no object never pay for the import."""
+def inflater() -> tuple[Any, tuple[type[Exception], ...]]:
+    """The module that inflates git's zlib streams (its ``decompressobj()``) and the errors it
+    raises on a damaged one: ``isal.isal_zlib`` when it imports (ISA-L inflates 2.3x faster
+    than zlib, docs/decisions.md), else ``zlib``. Loaded on the first call, so that commands
+    reading no object never pay for the import."""
     if not _inflate:
         try:
             from isal import isal_zlib
-        except ImportError:  # pragma: no cover - isal is in the fast extra
+        except ImportError:  # pragma: no cover - isal is a dependency; a build may lack it
             _inflate["module"], _inflate["errors"] = zlib, (zlib.error,)
         else:
-            _inflate["module"], _inflate["errors"] = isal_zlib, (zlib.error, isal_zlib.error)
-    return _inflate["module"]
+            errors = (zlib.error, cast("type[Exception]", isal_zlib.error))  # stub: an instance
+            _inflate["module"], _inflate["errors"] = isal_zlib, errors
+    return _inflate["module"], _inflate["errors"]
 
 
 def fallback_reader() -> str:
@@ -451,10 +453,10 @@ class ObjectStore:
             stream = first[header_len : end - start]  # small objects: one read, not two
         else:
             stream = idx.pread(end - data_start, data_start)
-        inflater = _inflate.get("module") or _inflater()
+        module, errors = inflater()
         try:
-            data: bytes = inflater.decompressobj().decompress(stream)
-        except _inflate["errors"] as exc:
+            data: bytes = module.decompressobj().decompress(stream)
+        except errors as exc:
             raise StoreCorrupted(
                 f"corrupt object {idx.oid_at(i).hex()} in {idx.pack_path}"
             ) from exc

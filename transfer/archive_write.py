@@ -22,6 +22,7 @@ import os
 import struct
 import tarfile
 import tempfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -111,7 +112,11 @@ def tar_header(
             linkname.encode(),
             tarfile.POSIX_MAGIC,
         )
-        return head[:148] + b"%06o\x00" % sum(head) + head[155:] + _USTAR_TAIL
+        # The checksum is the sum of the header's bytes. adler32's low half is 1 + that sum
+        # modulo 65521, exact here (at most 265 ASCII bytes: below 34,000) and 15x faster
+        # than sum() over the bytes, which was a tenth of the header's cost.
+        checksum = (zlib.adler32(head) & 0xFFFF) - 1
+        return head[:148] + b"%06o\x00" % checksum + head[155:] + _USTAR_TAIL
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = mtime
@@ -318,7 +323,11 @@ class _MemberWriter:
         self.mtime = mtime
         self._sink: GzipSink | ZstdSink | None = None
         self._offset = 0
-        self._batch = bytearray()
+        self._manifest: tuple[ArchiveManifest, bytes] | None = None
+        # one buffer for the whole export: clearing and regrowing a bytearray costs an mremap
+        # and fresh page faults per batch (thousands per export)
+        self._batch = bytearray(_BATCH)
+        self._batched = 0
 
     def __enter__(self) -> _MemberWriter:
         return self
@@ -335,9 +344,13 @@ class _MemberWriter:
         return ZstdSink(target, self.level, self.workers)
 
     def _manifest_part(self, manifest: ArchiveManifest) -> bytes:
-        document = manifest.encode()
-        header = tar_header(MANIFEST_NAME, 0o644, len(document), self.mtime)
-        return header + document + _padding(len(document))
+        """The manifest's tar member, encoded once (both parts need it: ~10 MB of JSON for
+        50,000 files)."""
+        if self._manifest is None or self._manifest[0] is not manifest:
+            document = manifest.encode()
+            header = tar_header(MANIFEST_NAME, 0o644, len(document), self.mtime)
+            self._manifest = (manifest, header + document + _padding(len(document)))
+        return self._manifest[1]
 
     def write_manifest(self, target: CountingWriter, manifest: ArchiveManifest) -> None:
         sink = self._open(target)
@@ -411,21 +424,23 @@ class _MemberWriter:
     def _emit(self, data: bytes) -> None:
         """Queue bytes of the member part; small pieces (headers, small files) are batched
         into one compressor call."""
-        self._offset += len(data)
-        if len(data) >= _BATCH:
+        size = len(data)
+        self._offset += size
+        if self._batched + size > _BATCH:
             self._flush()
+        if size >= _BATCH:
             assert self._sink is not None
             self._sink.write(data)
             return
-        self._batch += data
-        if len(self._batch) >= _BATCH:
-            self._flush()
+        self._batch[self._batched : self._batched + size] = data
+        self._batched += size
 
     def _flush(self) -> None:
-        if self._batch:
+        if self._batched:
             assert self._sink is not None
-            self._sink.write(bytes(self._batch))
-            self._batch.clear()
+            with memoryview(self._batch)[: self._batched] as view:
+                self._sink.write(view)
+            self._batched = 0
 
     def finish(self, manifest: ArchiveManifest) -> None:
         """End the archive: two zero blocks, then zeros up to a whole record (as tar does)."""

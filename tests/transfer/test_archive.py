@@ -22,7 +22,7 @@ import zstandard
 
 import transfer.archive_codec as archive_codec
 import transfer.archive_write as archive_write
-from narrative.errors import InvalidInput
+from narrative.errors import InvalidInput, StoreCorrupted
 from narrative.hierarchy import get_objective, get_thread, start_run
 from narrative.ids import new_id
 from narrative.models import Snapshot
@@ -228,6 +228,8 @@ def test_tar_headers_match_tarfile() -> None:
         ("files/" + "y" * 200, 0o644, 1, 1, tarfile.REGTYPE, ""),  # pax path
         ("files/ü", 0o644, 8**11, 1, tarfile.REGTYPE, ""),  # pax path and size
         ("files/l2", 0o777, 0, 1, tarfile.SYMTYPE, "é/" * 80),
+        # the largest checksum a directly encoded header can have (every byte 0x7f)
+        ("\x7f" * 100, 0o7777, 8**11 - 1, 8**11 - 1, tarfile.SYMTYPE, "\x7f" * 100),
     ]
     for name, mode, size, mtime, kind, link in cases:
         info = tarfile.TarInfo(name)
@@ -286,6 +288,29 @@ def test_bad_arguments(store: Store, workspace: Path) -> None:
     wrong = {"thread": get_thread(store, snap.thread).to_dict() | {"id": new_id("thread")}}
     with pytest.raises(InvalidInput, match="not the snapshot's thread"):
         write_archive(store, snap, io.BytesIO(), "tar.gz", records=wrong)
+
+
+@FORMATS
+def test_a_damaged_blob_fails_the_export_as_store_corruption(
+    store: Store, workspace: Path, fmt: str
+) -> None:
+    """A blob whose compressed bytes are damaged in its pack stops the export with one clear
+    error (StoreCorrupted), not the decompressor's own exception, and nothing is written."""
+    data = _noise(64 << 10)
+    (workspace / "data.bin").write_bytes(data)
+    snap = take_snapshot(store).snapshot
+    found = store.odb.locate_packed(hash_object("blob", data))
+    assert found is not None
+    pack_path, start = found
+    with open(pack_path, "r+b") as pack:
+        pack.seek(start + (32 << 10))
+        byte = pack.read(1)
+        pack.seek(start + (32 << 10))
+        pack.write(bytes([byte[0] ^ 0xFF]))
+    out = io.BytesIO()
+    with pytest.raises(StoreCorrupted, match="corrupt"):
+        write_archive(store, snap, out, fmt)
+    assert out.getvalue() == b""
 
 
 @pytest.mark.parametrize("target", ["/etc/passwd", "../../outside"])
