@@ -9,6 +9,8 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Cli
 
 
@@ -40,6 +42,7 @@ def test_remote_list_shows_options_but_never_credentials(cli: Cli, workspace: Pa
     assert "hunter2" not in human and "t0k3n-value" not in human
 
 
+@pytest.mark.long  # ~14 s: it waits out the client's retries against a closed port
 def test_an_unknown_option_and_an_unreachable_endpoint_are_named(cli: Cli, workspace: Path) -> None:
     cli.run("init")
     (workspace / "a.txt").write_text("a\n")
