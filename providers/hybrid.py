@@ -228,6 +228,10 @@ class HybridProvider(BaseProvider):
         provider, resource = self._agent()
         provider.reset(resource, snapshot)
 
+    def prepare_for_run(self, resource_id: str, snapshot: Snapshot | None) -> None:
+        provider, resource = self._agent()
+        provider.prepare_for_run(resource, snapshot)
+
     def spawn(
         self,
         resource_id: str,
