@@ -17,6 +17,7 @@ snapshot fast path only needs :meth:`ObjectStore.exists`, which reads pack index
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import struct
@@ -55,23 +56,18 @@ _FIRST_READ = 8192  # first pread of a packed object: the header and, often, all
 
 _fallback: dict[str, str] = {}
 
-_inflate: dict[str, Any] = {}
 
-
+@functools.cache
 def inflater() -> tuple[Any, tuple[type[Exception], ...]]:
     """The module that inflates git's zlib streams (its ``decompressobj()``) and the errors it
     raises on a damaged one: ``isal.isal_zlib`` when it imports (ISA-L inflates 2.3x faster
     than zlib, docs/decisions.md), else ``zlib``. Loaded on the first call, so that commands
     reading no object never pay for the import."""
-    if not _inflate:
-        try:
-            from isal import isal_zlib
-        except ImportError:  # pragma: no cover - isal is a dependency; a build may lack it
-            _inflate["module"], _inflate["errors"] = zlib, (zlib.error,)
-        else:
-            errors = (zlib.error, cast("type[Exception]", isal_zlib.error))  # stub: an instance
-            _inflate["module"], _inflate["errors"] = isal_zlib, errors
-    return _inflate["module"], _inflate["errors"]
+    try:
+        from isal import isal_zlib
+    except ImportError:  # pragma: no cover - isal is a dependency; a build may lack it
+        return zlib, (zlib.error,)
+    return isal_zlib, (zlib.error, cast("type[Exception]", isal_zlib.error))  # stub: an instance
 
 
 def fallback_reader() -> str:

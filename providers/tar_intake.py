@@ -1,32 +1,37 @@
 """Extracting an environment's (hostile) tar into a fresh scratch directory.
 
-Regular files and directories, nearly every member of a workspace's tar, are written here
-directly: the path is checked part by part (no absolute path, no ``..``, nothing under a
-symbolic link this extraction made; the directory was empty, so those are the only links in
-it), the file created without following a link and filled in 1 MiB copies, with only its exec
-bit kept. Python's ``data`` filter checks the same by resolving each path through the file
-system (``os.path.realpath``: an ``lstat`` per part per member) and then also sets owners and
-times a snapshot never reads; on a 5,000-file tar it cost about a fifth of a collect. Every
-other member (a hard link, a device, a path through a link, a file over a link) still goes
-through ``tarfile`` with the ``data`` filter, which keeps deciding what is refused there.
-Symbolic links are data: made with whatever target they have, never followed.
+Regular files and directories, nearly every member of a workspace's tar, are written through
+:class:`~narrative.confined.ConfinedRoot` (each part opened relative to its parent with
+``O_NOFOLLOW``, the path rule of :mod:`narrative.paths` first), the file filled in 1 MiB copies
+with only its exec bit kept. Python's ``data`` filter checks a path by resolving it through the
+file system (``os.path.realpath``: an ``lstat`` per part per member) and then also sets owners
+and times a snapshot never reads; on a 5,000-file tar it cost about a fifth of a collect. Every
+other member (a hard link, a device, a path the rule refuses or one with a link on the way or
+in its place) still goes through ``tarfile`` with the ``data`` filter, which keeps deciding
+what is refused there. Symbolic links are data: made with whatever target they have, never
+followed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import stat
 import tarfile
 from typing import IO
 
-from narrative.errors import InvalidInput
+from narrative.confined import ConfinedRoot
+from narrative.errors import InvalidInput, UnsafePath
+from narrative.paths import is_safe_path
 
 __all__ = ["extract_tar"]
 
 _COPY = 1 << 20
 _READ_BUFFER = 1 << 20
 """tarfile's stream buffer (default 10 KiB: a read call per 20 blocks)."""
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def extract_tar(stream: IO[bytes], scratch: str, strip: str, max_bytes: int) -> None:
@@ -34,15 +39,15 @@ def extract_tar(stream: IO[bytes], scratch: str, strip: str, max_bytes: int) -> 
     removing the leading ``strip``; :class:`InvalidInput` for a member refused or when the
     regular files add up to more than ``max_bytes``."""
     try:
-        _extract(stream, os.path.realpath(scratch), strip, max_bytes)
+        _extract(stream, scratch, strip, max_bytes)
     except tarfile.TarError as exc:  # the data filter's refusals, a broken stream
         raise InvalidInput(f"refused the environment tar: {exc}") from None
     except KeyError as exc:  # a hard link to a member the stream did not hold before it
         raise InvalidInput(f"refused the environment tar: {exc.args[0]}") from None
 
 
-def _extract(stream: IO[bytes], root: str, strip: str, max_bytes: int) -> None:
-    links: set[tuple[str, ...]] = set()
+def _extract(stream: IO[bytes], scratch: str, strip: str, max_bytes: int) -> None:
+    root = ConfinedRoot(scratch)
     total = 0
     with tarfile.open(fileobj=stream, mode="r|*", bufsize=_READ_BUFFER) as tar:
         for member in tar:
@@ -57,13 +62,14 @@ def _extract(stream: IO[bytes], root: str, strip: str, max_bytes: int) -> None:
                     )
             parts = _parts(stripped.name)
             if stripped.issym():
-                links.add(_place_symlink(root, parts, stripped))
+                _place_symlink(root.root, parts, stripped)
             elif not parts:
                 continue  # the directory itself
-            elif (stripped.isreg() or stripped.isdir()) and not _under_link(parts, links):
-                _write_plain(tar, stripped, root, parts)
-            else:
-                tar.extract(stripped, root, filter="data")
+            elif not (
+                (stripped.isreg() or stripped.isdir())
+                and _write_plain(tar, stripped, root, "/".join(parts))
+            ):
+                tar.extract(stripped, root.root, filter="data")
 
 
 def _strip(member: tarfile.TarInfo, strip: str) -> tarfile.TarInfo | None:
@@ -88,38 +94,46 @@ def _parts(name: str) -> tuple[str, ...]:
     return parts
 
 
-def _under_link(parts: tuple[str, ...], links: set[tuple[str, ...]]) -> bool:
-    """Whether the path or one of its parents is a link this extraction made (``links``: where
-    each really is). Exact: up to its first part that is a link, a path is where it says."""
-    return bool(links) and any(parts[:i] in links for i in range(1, len(parts) + 1))
-
-
 def _write_plain(
-    tar: tarfile.TarFile, member: tarfile.TarInfo, root: str, parts: tuple[str, ...]
-) -> None:
-    """A directory, or a regular file with only its exec bit kept, at ``parts`` under
-    ``root`` (no part of which is a link)."""
-    path = os.path.join(root, *parts)
-    if member.isdir():
-        # a file of that name came first: tarfile leaves it too
-        with contextlib.suppress(FileExistsError):
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        return
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    mode = 0o755 if member.mode & 0o100 else 0o644
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    source = tar.extractfile(member)
-    with open(os.open(path, flags, mode), "wb") as out:
-        if source is not None:
-            shutil.copyfileobj(source, out, _COPY)
-        os.fchmod(out.fileno(), mode)  # an existing file (a member given twice) kept its own
+    tar: tarfile.TarFile, member: tarfile.TarInfo, root: ConfinedRoot, path: str
+) -> bool:
+    """A directory, or a regular file with only its exec bit kept, at ``path``, opened through
+    ``root`` (each part relative to its parent, never following a link). False, with nothing
+    read or written, where the path rule refuses ``path`` (``.git``...) or a link lies on the
+    way or in its place: the ``data`` filter decides those, as every other member."""
+    if not is_safe_path(path):
+        return False
+    try:
+        with root.parent(path, create=True) as (dir_fd, name):
+            if member.isdir():
+                try:
+                    os.mkdir(name, 0o700, dir_fd=dir_fd)
+                except FileExistsError:  # a file of that name is left, as tarfile leaves it
+                    info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    return not stat.S_ISLNK(info.st_mode)
+                return True
+            mode = 0o755 if member.mode & 0o100 else 0o644
+            try:
+                fd = os.open(name, _CREATE, mode, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # a link in its place
+                    return False
+                raise
+            source = tar.extractfile(member)
+            with open(fd, "wb") as out:
+                if source is not None:
+                    shutil.copyfileobj(source, out, _COPY)
+                os.fchmod(out.fileno(), mode)  # a file given twice kept its first mode
+    except UnsafePath:  # a link on the way
+        return False
+    return True
 
 
-def _place_symlink(root: str, parts: tuple[str, ...], member: tarfile.TarInfo) -> tuple[str, ...]:
-    """Create a symlink member as it is; where it is under ``root``, as parts. Its target is
-    data (git stores any target, and refusing one would lose the whole result). It is never
-    followed here, and no later member is written under it but through the ``data`` filter,
-    which refuses a path that leads out of ``root``."""
+def _place_symlink(root: str, parts: tuple[str, ...], member: tarfile.TarInfo) -> None:
+    """Create a symlink member as it is: its target is data (git stores any target, and
+    refusing one would lose the whole result). It is never followed here, and no later member
+    is written under it but through the ``data`` filter, which refuses a path that leads out
+    of ``root``."""
     if not parts:
         raise InvalidInput(f"refused member of the environment tar: {member.name!r}")
     parent = os.path.realpath(os.path.join(root, *parts[:-1]))
@@ -132,4 +146,3 @@ def _place_symlink(root: str, parts: tuple[str, ...], member: tarfile.TarInfo) -
     with contextlib.suppress(FileNotFoundError):
         os.unlink(dest)
     os.symlink(member.linkname, dest)
-    return tuple(os.path.relpath(dest, root).split(os.sep))

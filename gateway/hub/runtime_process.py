@@ -35,7 +35,6 @@ that slows down (the engine is loaded) spaces the next ones further apart."""
 MAX_PROBE_PAUSE = 15.0
 """Longest pause between two looks (a runtime that died is noticed within about this)."""
 
-
 EXIT_GRACE = 5.0
 """Seconds a runtime asked to exit has before it is killed."""
 

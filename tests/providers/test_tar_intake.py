@@ -19,7 +19,19 @@ from hypothesis import strategies as st
 from narrative.errors import InvalidInput
 from providers.tar_intake import extract_tar
 
-NAMES = ["a", "b", "a/x", "b/x", "a/x/y", "b/y", "sub", "sub/x", "sub/x/evil"]
+NAMES = [
+    "a",
+    "b",
+    "a/x",
+    "b/x",
+    "a/x/y",
+    "b/y",
+    "sub",
+    "sub/x",
+    "sub/x/evil",
+    ".git/config",
+    "a/.git",
+]
 
 
 def oracle(data: bytes, scratch: str) -> None:
