@@ -50,6 +50,7 @@ __all__ = [
     "tail_argv",
     "tail_read",
     "tail_start",
+    "UP_FD_VAR",
 ]
 
 Category = Literal["local", "cloud", "hybrid"]
@@ -414,6 +415,16 @@ class BaseProvider(ABC):
             InvalidInput: ``handle`` is not a handle this provider issues.
         """
 
+    def await_end(self, resource_id: str, handle: str, seconds: float) -> bool | None:
+        """Wait up to ``seconds`` for a spawned process to end, where the environment can wait
+        by itself: one round trip instead of a look (:meth:`alive`) now and then.
+
+        Returns:
+            True: it ended (or never ran); False: it still runs; None: this provider does not
+            wait in the environment (the default): the caller looks with :meth:`alive`.
+        """
+        return None
+
     extra_stop_time: ClassVar[float] = 0.0
     """Seconds that ending an agent here takes beyond what the hub allows any environment
     (a remote run stopped there and its result brought home); the hub waits that much longer
@@ -521,6 +532,13 @@ directory (the environment's workspace, which the agent controls) off ``sys.path
 ``PYTHON*`` variables, so no workspace file (``cli/``, ``json.py``...) replaces a module of the
 runtime; the installation's own directory (the first argument) is put back explicitly, which
 also serves a checkout run through ``PYTHONPATH`` or an editable install."""
+
+
+UP_FD_VAR = "NARRATIVE_UP_FD"
+"""Names a file descriptor (3 or above) a spawned runtime inherits: it writes ``up`` there once
+it is connected to its hub, then closes it. A provider whose spawn is a round trip into the
+environment holds that spawn open on it (:meth:`BaseProvider.spawn_runtime`): the spawn returns
+when the runtime is up or ended, so the hub need not look again and again while it starts."""
 
 
 CHECK_DONE = "narrative-runtime-check"

@@ -121,10 +121,11 @@ class EnvironmentLogs:
         with self._syncing(record) as (_out, state):
             state[handle] = {"copied": 0, "done": False}
 
-    def sync_runtime(self, name: str, handle: str | None = None) -> None:
+    def sync_runtime(self, name: str, handle: str | None = None, *, ended: bool = False) -> None:
         """Append to the host's ``runtime.log`` what the environment holds of the output of
         ``handle`` (default: of every spawned process whose output may still grow) that was
         not copied yet. Nothing to do for providers that write that file themselves.
+        ``ended``: the caller knows ``handle`` ended (no need to ask the environment).
 
         Best effort: an environment that cannot be read adds nothing now (a later call
         copies it). A process found finished is copied one last time and then left alone.
@@ -141,8 +142,8 @@ class EnvironmentLogs:
             for known, entry in state.items():
                 if entry["done"] or (handle is not None and known != handle):
                     continue
-                try:
-                    finished = not provider.alive(resource, known)  # asked before the read
+                try:  # asked before the read
+                    finished = ended or not provider.alive(resource, known)
                 except (ResourceGone, InvalidInput):  # gone, or never a handle of this resource
                     entry["done"] = True
                     continue

@@ -473,6 +473,12 @@ class EnvironmentManager:
         record = self.records.get(name)
         return self.provider(record).alive(self._resource(record), handle)
 
+    def await_end(self, name: str, handle: str, seconds: float) -> bool | None:
+        """Wait up to ``seconds`` for a spawned process to end, where its environment can
+        (:meth:`~providers.base.BaseProvider.await_end`); None: look with :meth:`alive`."""
+        record = self.records.get(name)
+        return self.provider(record).await_end(self._resource(record), handle, seconds)
+
     # -- health, reconnect, sweep -----------------------------------------------------------------
 
     def check_health(self, names: Iterable[str] | None = None) -> list[HealthReport]:

@@ -16,6 +16,7 @@ drives in turn, which is how a chain A → B → C is built.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from narrative.models import now_iso
 from narrative.restore import restore_workspace
 from narrative.snapshot import take_snapshot
 from narrative.store import DEFAULT_STORE_NAME, Store
+from providers.base import UP_FD_VAR
 from providers.sandbox import keep_environment_private
 
 from .agent_output import OutputEncoder
@@ -47,7 +49,7 @@ from .narratives import fetch_bundle, have_commits
 from .server import Hub
 from .token_policy import run_token
 
-__all__ = ["Runtime", "open_runtime_store", "shadowed_modules"]
+__all__ = ["Runtime", "announce_up", "open_runtime_store", "shadowed_modules", "take_up_fd"]
 """Starts the last line of ``narrative runtime --check`` (then ``ok`` or ``broken``), after
 one ``shadowed<TAB>module<TAB>file`` line per module the workspace replaced."""
 
@@ -178,6 +180,7 @@ class Runtime(Hub):
     async def serve(self) -> int:
         """Connect to the hub and serve until told to shut down (or SIGTERM/SIGINT)."""
         keep_environment_private()  # the agent below must not read the token from /proc
+        up_fd = take_up_fd()
         await self.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -189,6 +192,7 @@ class Runtime(Hub):
                 self.upstream_url, self._token, ssl=self.upstream_ssl, wait=False
             )
             self.upstream = await self.link.wait_connected(self.gateway.limits.transport_timeout)
+            announce_up(up_fd)
             beating = loop.create_task(self._heartbeats(self.link))
             await self._shutdown.wait()
             beating.cancel()
@@ -422,3 +426,27 @@ class Runtime(Hub):
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def take_up_fd() -> int | None:
+    """The descriptor named by :data:`~providers.base.UP_FD_VAR`, kept from the agent (out of
+    the environment, not inherited); None when there is none."""
+    value = os.environ.pop(UP_FD_VAR, "")
+    if not value.isdigit() or int(value) < 3:
+        return None
+    fd = int(value)
+    try:
+        os.set_inheritable(fd, False)
+    except OSError:  # not open
+        return None
+    return fd
+
+
+def announce_up(fd: int | None) -> None:
+    """Tell the spawn holding on ``fd`` that the runtime is connected, and let it go."""
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):  # the spawn gave up waiting: nobody reads any more
+        os.write(fd, b"up\n")
+    with contextlib.suppress(OSError):
+        os.close(fd)

@@ -144,13 +144,24 @@ class RuntimeProcess:
             with contextlib.suppress(NarrativeError):
                 await self.blocking(lambda: self.manager.signal(env, handle, "kill"))
         # Docker and e2b keep the runtime's output inside: copy it next to the others'.
-        try:
-            await self.blocking(lambda: self.manager.logs.sync_runtime(env, handle))
+        try:  # (ended: asked to exit, then killed if it had not)
+            await self.blocking(lambda: self.manager.logs.sync_runtime(env, handle, ended=True))
         except (NarrativeError, OSError) as exc:
             log.info("cannot copy the runtime log of %s: %s", self.run_id, exc)
 
     async def _exited_within(self, seconds: float) -> bool:
-        """Whether the runtime ends within ``seconds``, looked at more rarely as time goes."""
+        """Whether the runtime ends within ``seconds``: waited for in its environment where
+        the provider can, else looked at more rarely as time goes."""
+        handle = self.handle
+        if handle is not None:
+            try:
+                ended = await self.blocking(
+                    lambda: self.manager.await_end(self.environment, handle, seconds)
+                )
+            except NarrativeError:
+                ended = None
+            if ended is not None:
+                return ended
         loop = asyncio.get_running_loop()
         deadline, pause = loop.time() + seconds, 0.05
         # a process asked to exit takes a moment: where a look is slow, do not spend one at once

@@ -5,7 +5,7 @@ on stdin), and the shell scripts that run there.
 Every command carries a marker in its environment (:data:`providers.proctree.MARKER_VAR`),
 inherited by its children, so a timed-out command or a spawned tree is found and signalled
 wherever it was re-parented (:data:`providers.proctree.SIGNAL_SCRIPT`). The image needs a
-POSIX ``sh``, ``env``, ``setsid``, ``tar``, ``find``, ``grep`` and ``sleep``.
+POSIX ``sh``, ``env``, ``setsid``, ``tar``, ``find``, ``grep``, ``sleep`` and ``mkfifo``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..proctree import signal_argv
 
 __all__ = [
     "ALIVE_SCRIPT",
+    "AWAIT_END_SCRIPT",
     "SIGNAL_PID_SCRIPT",
     "SPAWN_SCRIPT",
     "PodExec",
@@ -41,7 +42,7 @@ _WRAP = 'cd "$0" || exit 126\nexec env "$@"\n'
 """Runs ``env NAME=VALUE... argv`` in the workdir ($0)."""
 
 SPAWN_SCRIPT = r"""
-log=$1; envfile=$2; shift 2
+log=$1; envfile=$2; hold=$3; shift 3
 if [ -n "$envfile" ]; then
     i=0
     while [ ! -r "$envfile" ]; do
@@ -55,7 +56,13 @@ if [ -n "$envfile" ]; then
     . "$envfile"
 fi
 [ -n "$log" ] || log=/dev/null
-setsid "$@" >>"$log" 2>&1 </dev/null &
+up=/tmp/narrative-spawn-$NARRATIVE_EXEC_ID.up
+if [ -n "$hold" ]; then
+    rm -f "$up" && mkfifo -m 600 "$up" || exit 125
+    NARRATIVE_UP_FD=3 setsid "$@" 3>"$up" >>"$log" 2>&1 </dev/null &
+else
+    setsid "$@" >>"$log" 2>&1 </dev/null &
+fi
 pid=$!
 start=-
 if read -r line < "/proc/$pid/stat" 2>/dev/null; then
@@ -63,11 +70,22 @@ if read -r line < "/proc/$pid/stat" 2>/dev/null; then
     start=${20}
 fi
 echo "$pid $start" > "/tmp/narrative-spawn-$NARRATIVE_EXEC_ID.pid"
+if [ -n "$hold" ]; then
+    (sleep "$hold"; echo waiting >"$up") >/dev/null 2>&1 </dev/null &
+    timer=$!
+    read -r said <"$up" || said=ended
+    kill "$timer" 2>/dev/null
+    rm -f "$up"
+    echo "${said:-ended}"
+fi
 """
 """Starts ``argv`` detached (its own session, re-parented to PID 1 when this shell ends), after
 sourcing its environment from the mounted Secret file (waiting for the kubelet to project it),
-and records its pid. $1 log file or "", $2 env file or "". Run through :func:`wrap` with the
-marker in its environment from the start: a child forked here carries it in
+and records its pid. $1 log file or "", $2 env file or "", $3 seconds to hold or "": with it, the
+command gets the write end of a FIFO as fd 3 (:data:`~providers.base.UP_FD_VAR`) and the script
+waits on the read end, so it ends when the runtime says ``up``, when it ended (end of file) or
+after that many seconds, and prints ``up``, ``ended`` or ``waiting``. Run through :func:`wrap`
+with the marker in its environment from the start: a child forked here carries it in
 ``/proc/PID/environ`` before it execs the command (an ``export`` would not show there), so
 :data:`ALIVE_SCRIPT` never takes a process being started for one that ended."""
 
@@ -83,6 +101,22 @@ exit 0
 time) is not a zombie and started when it did (so it is not a reused pid). Not its
 ``environ``: the runtime makes itself non-dumpable (``keep_environment_private``), which makes
 that file unreadable, and it reads empty mid-``execve``."""
+
+AWAIT_END_SCRIPT = r"""
+read -r pid start < "/tmp/narrative-spawn-$0.pid" 2>/dev/null || exit 0
+left=$1
+while read -r line < "/proc/$pid/stat" 2>/dev/null; do
+    set -- ${line##*") "}
+    [ "$1" = Z ] && exit 0
+    [ "${20}" = "$start" ] || exit 0
+    [ "$left" -gt 0 ] || exit 1
+    left=$((left - 1))
+    sleep 0.1
+done
+exit 0
+"""
+"""Exit 0 once the spawned process of marker $0 ended (as :data:`ALIVE_SCRIPT` tells), 1 when it
+still runs after $1 tenths of a second."""
 
 SIGNAL_PID_SCRIPT = r"""
 m=$0; sig=$1

@@ -51,6 +51,7 @@ from .client import api_client, api_errors, k8s_module
 from .config import K8sConfig
 from .podexec import (
     ALIVE_SCRIPT,
+    AWAIT_END_SCRIPT,
     SIGNAL_PID_SCRIPT,
     SPAWN_SCRIPT,
     PodExec,
@@ -67,6 +68,8 @@ log = logging.getLogger(__name__)
 
 _HANDLE = re.compile(r"k8s:([0-9a-f]{24})")
 _SPAWN_LOG = "/tmp/narrative-spawn-{marker}.log"
+RUNTIME_UP_HOLD = 30.0
+"""Longest hold of a runtime's spawn waiting for it to be up (:meth:`K8sProvider.spawn_runtime`)."""
 
 
 def _parse_handle(handle: str) -> str:
@@ -357,6 +360,31 @@ class K8sProvider(BaseProvider):
         in the pod spec, and is taken out of the Secret once the process read it. The output
         goes to ``/tmp/narrative-spawn-<marker>.log`` in the pod with ``log_path`` (read by
         :meth:`read_spawn_log`), else nowhere. The handle is ``k8s:<marker>``."""
+        return self._spawn(resource_id, argv, env, log_path, hold=False)
+
+    def spawn_runtime(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> str:
+        """As :meth:`spawn`, but the exec returns only once the runtime is connected to its hub
+        or ended (:data:`~providers.base.UP_FD_VAR`), or after :data:`RUNTIME_UP_HOLD`
+        seconds: a hub waiting for fifty runtimes to start then does not look into each pod
+        again and again meanwhile (each look is an exec)."""
+        return self._spawn(resource_id, argv, env, log_path, hold=True)
+
+    def _spawn(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None,
+        log_path: str | None,
+        *,
+        hold: bool,
+    ) -> str:
         if not argv:
             raise InvalidInput("empty command")
         pod = self._live_pod(resource_id)
@@ -371,7 +399,9 @@ class K8sProvider(BaseProvider):
             envfile = f"{manifests.ENV_MOUNT}/{key}"
         logfile = _SPAWN_LOG.format(marker=marker) if log_path is not None else ""
         try:
-            launcher = ["sh", "-c", SPAWN_SCRIPT, "spawn", logfile, envfile, *argv]
+            held = f"{RUNTIME_UP_HOLD:g}" if hold else ""
+            launcher = ["sh", "-c", SPAWN_SCRIPT, "spawn", logfile, envfile, held, *argv]
+            # a runtime slower than the hold is looked at by the hub as before
             self.pods.quiet(pod, wrap(self.cfg.workdir, launcher, {MARKER_VAR: marker}), "spawn")
         finally:
             if env:
@@ -407,6 +437,23 @@ class K8sProvider(BaseProvider):
         if code not in (0, 1):
             raise ProviderUnavailable(f"cannot tell whether {handle} runs (probe exit {code})")
         return code == 0
+
+    def await_end(self, resource_id: str, handle: str, seconds: float) -> bool | None:
+        """One exec that looks every tenth of a second in the pod (None when that exec
+        failed: the caller looks with :meth:`alive`)."""
+        marker = _parse_handle(handle)
+        tenths = str(max(0, round(seconds * 10)))
+        try:
+            pod = self._live_pod(resource_id)
+            result = self.pods.run(
+                pod, ["sh", "-c", AWAIT_END_SCRIPT, marker, tenths], timeout=seconds + 30
+            )
+        except ResourceGone:
+            return True
+        except ProviderError as exc:
+            log.debug("cannot wait for %s in %s: %s", handle, resource_id, exc)
+            return None
+        return {0: True, 1: False}.get(result.exit_code)
 
     def end_leftovers(self, resource_id: str) -> None:
         """Kill every process in the pod's container but PID 1 and its endless ``sleep``
