@@ -95,6 +95,8 @@ class K8sProvider(BaseProvider):
         super().__init__(context, config)
         self.cfg: K8sConfig = config
         self._client: Any = None
+        self._claim_uids: dict[str, str] = {}
+        """The uid of each claim this instance created (the owner of its pod): no read for it."""
 
     @classmethod
     def capabilities_for(cls, config: ProviderConfig) -> frozenset[str]:
@@ -151,6 +153,7 @@ class K8sProvider(BaseProvider):
             claim = self.core.create_namespaced_persistent_volume_claim(
                 cfg.namespace, manifests.claim_manifest(name, cfg, labels)
             )
+        self._claim_uids[name] = str(claim.metadata.uid)
         owner = manifests.owner_reference("PersistentVolumeClaim", name, claim.metadata.uid)
         with api_errors("create", name):
             self.core.create_namespaced_secret(
@@ -178,20 +181,26 @@ class K8sProvider(BaseProvider):
         return dict(self.client.sanitize_for_serialization(pod))
 
     def start(self, resource_id: str) -> None:
-        """Create the pod (unless one runs already) and wait, watching it, until it runs."""
-        claim = self._claim(resource_id)
-        pod = self._pod(resource_id)
-        if pod is not None and manifests.pod_state(pod).state in ("error", "not_available"):
-            self._delete_pod(resource_id, 0)
-            pod = None
-        if pod is None:
-            owner = manifests.owner_reference(
-                "PersistentVolumeClaim", resource_id, claim.metadata.uid
-            )
-            manifest = manifests.pod_manifest(resource_id, self.cfg, self._labels, owner)
-            with api_errors("start", resource_id):
-                self.core.create_namespaced_pod(self.cfg.namespace, manifest)
-        self._wait_pod(resource_id, self._running, "run", self.cfg.start_timeout)
+        """Create the pod (unless one runs already) and wait, watching it, until it runs.
+
+        An environment this instance just created has no pod yet: its pod is made at once,
+        with no reads first (each request counts when fifty environments start)."""
+        uid = self._claim_uids.pop(resource_id, None)
+        if uid is None:
+            uid = str(self._claim(resource_id).metadata.uid)
+            pod = self._pod(resource_id)
+            if pod is not None and manifests.pod_state(pod).state in ("error", "not_available"):
+                self._delete_pod(resource_id, 0)
+                pod = None
+            if pod is not None:
+                self._wait_pod(resource_id, self._running, "run", self.cfg.start_timeout, pod)
+                return
+        owner = manifests.owner_reference("PersistentVolumeClaim", resource_id, uid)
+        manifest = manifests.pod_manifest(resource_id, self.cfg, self._labels, owner)
+        with api_errors("start", resource_id):
+            made = self.core.create_namespaced_pod(self.cfg.namespace, manifest)
+        pod = dict(self.client.sanitize_for_serialization(made))
+        self._wait_pod(resource_id, self._running, "run", self.cfg.start_timeout, pod)
 
     @staticmethod
     def _running(pod: dict[str, Any] | None, name: str) -> bool:
@@ -208,12 +217,15 @@ class K8sProvider(BaseProvider):
         done: Callable[[dict[str, Any] | None, str], bool],
         what: str,
         timeout: float,
+        pod: dict[str, Any] | None = None,
     ) -> None:
         """Follow the pod with the watch API until ``done`` (given the pod, None once
-        deleted); the last reason it gave when the time is up."""
+        deleted); the last reason it gave when the time is up. ``pod``: as it is now (read
+        when not given)."""
         watch = k8s_module("kubernetes.watch")
         deadline = time.monotonic() + timeout
-        pod = self._pod(name)
+        if pod is None:
+            pod = self._pod(name)
         last = ""
         while not done(pod, name):
             if pod is not None:

@@ -126,3 +126,40 @@ def test_a_process_that_makes_itself_non_dumpable_stays_alive(
         assert time.monotonic() < deadline, "still alive after a kill"
         time.sleep(0.2)
     manager.delete("private")
+
+
+def test_the_standin_refuses_what_the_kubernetes_schema_refuses(k8s_config: dict[str, Any]) -> None:
+    """The stand-in validates every object created against the schema (its validators are
+    built once per kind): a field the schema does not know is a 422, as from a real server
+    (sent over plain HTTP: the client would refuse it before sending)."""
+    import urllib.error
+    import urllib.request
+
+    from kubernetes import config as kconfig
+
+    from tests.providers.k8s_support import STANDIN
+
+    if not STANDIN:
+        pytest.skip("a check of the stand-in API server itself")
+    api = kconfig.new_client_from_config(config_file=k8s_config["kubeconfig"])
+    host = api.configuration.host
+    api.close()
+
+    def post(obj: dict[str, Any]) -> int:
+        request = urllib.request.Request(
+            f"{host}/api/v1/namespaces/default/secrets",
+            data=json.dumps(obj).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+    name = "schema-" + uuid.uuid4().hex[:8]
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}}
+    assert post({**secret, "bogus": 1}) == 422
+    assert post({**secret, "metadata": {"name": name, "labels": {"a": 1}}}) == 422
+    assert post(secret) == 201
+    STANDIN[0].call(STANDIN[0].remove, ("secrets", "default", name))
