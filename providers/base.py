@@ -387,6 +387,22 @@ class BaseProvider(ABC):
         """
         return self.spawn(resource_id, argv, env=env, log_path=log_path)
 
+    def start_runtime(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> str:
+        """Ready the environment for a run that restores its own input
+        (:meth:`prepare_for_run` with no snapshot), then :meth:`spawn_runtime`.
+
+        Default: the two calls; a provider whose every call is a round trip into the
+        environment makes them one."""
+        self.prepare_for_run(resource_id, None)
+        return self.spawn_runtime(resource_id, argv, env=env, log_path=log_path)
+
     @abstractmethod
     def signal(self, resource_id: str, handle: str, sig: Signal) -> None:
         """Send SIGTERM (``"term"``) or SIGKILL (``"kill"``) to a spawned process and all

@@ -3,11 +3,18 @@ run inside it (a container, a pod, a sandbox), so that nothing of one run reache
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 
 from .proctree import SWEEP_SCRIPT
 
-__all__ = ["EMPTY_SCRIPT", "TEMP_DIRS", "empty_argv", "sweep_and_empty_argv"]
+__all__ = [
+    "EMPTY_SCRIPT",
+    "TEMP_DIRS",
+    "empty_argv",
+    "sweep_and_empty_argv",
+    "sweep_empty_then_argv",
+]
 
 TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 """What a run may write besides the workdir, emptied before the next run starts."""
@@ -41,3 +48,12 @@ def sweep_and_empty_argv(init: bool, directories: Sequence[str]) -> list[str]:
     :func:`~providers.proctree.sweep_argv`), then empties ``directories`` (as
     :func:`empty_argv`)."""
     return ["sh", "-c", _SWEEP_AND_EMPTY_SCRIPT, "init" if init else "none", *directories]
+
+
+def sweep_empty_then_argv(init: bool, directories: Sequence[str], then: Sequence[str]) -> list[str]:
+    """As :func:`sweep_and_empty_argv`, then ``then`` in the same process (``exec``): what
+    readies an environment for a run and starts its runtime in one round trip. The sweep
+    runs in a subshell of that process, so it spares the process."""
+    empty = " ".join(shlex.quote(a) for a in empty_argv(directories))
+    script = f'({SWEEP_SCRIPT}) || exit 1\n{empty} || exit 1\nexec "$@"\n'
+    return ["sh", "-c", script, "init" if init else "none", *then]

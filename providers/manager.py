@@ -408,6 +408,23 @@ class EnvironmentManager:
         emptied and ``snapshot`` restored into it (None: left empty, for a runtime that
         restores the run's input itself) and the private temporary directories emptied.
         The caller holds the environment's lease."""
+        record, provider, resource = self._before_run(name, snapshot)
+        try:
+            provider.prepare_for_run(resource, snapshot)
+        except (ResourceGone, ProviderUnavailable) as exc:
+            self._fail(record, exc)
+            raise
+
+    def start_runtime(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> str:
+        """:meth:`prepare_run` with no snapshot, then :meth:`spawn` of the hub's runtime
+        ``argv``, in one call to the provider
+        (:meth:`~providers.base.BaseProvider.start_runtime`)."""
+        record, provider, resource = self._before_run(name, None)
+        return self._spawn(record, provider, resource, argv, env, provider.start_runtime)
+
+    def _before_run(
+        self, name: str, snapshot: Snapshot | None
+    ) -> tuple[EnvironmentRecord, BaseProvider, str]:
         record, provider, resource = self.require_active(name)
         self.logs.append(record, f"reset for a run from {snapshot.id if snapshot else 'nothing'}")
         try:
@@ -415,11 +432,7 @@ class EnvironmentManager:
             self.logs.sync_runtime(record.id)
         except NarrativeError as exc:
             log.info("cannot copy the runtime log of %s: %s", name, exc)
-        try:
-            provider.prepare_for_run(resource, snapshot)
-        except (ResourceGone, ProviderUnavailable) as exc:
-            self._fail(record, exc)
-            raise
+        return record, provider, resource
 
     def spawn(
         self,
@@ -434,9 +447,20 @@ class EnvironmentManager:
         ``runtime.log`` (:meth:`EnvironmentLogs.runtime_path`). ``runtime``: the process is
         the hub's runtime of a run (:meth:`~providers.base.BaseProvider.spawn_runtime`)."""
         record, provider, resource = self.require_active(name)
+        start = provider.spawn_runtime if runtime else provider.spawn
+        return self._spawn(record, provider, resource, argv, env, start)
+
+    def _spawn(
+        self,
+        record: EnvironmentRecord,
+        provider: BaseProvider,
+        resource: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None,
+        start: Callable[..., str],
+    ) -> str:
         self.logs.append(record, f"spawn {' '.join(argv)}")
         log_path = self.logs.start_spawn(record, argv, provider.spawn_log_on_host)
-        start = provider.spawn_runtime if runtime else provider.spawn
         try:
             handle = start(resource, argv, env=env, log_path=log_path)
         except (ResourceGone, ProviderUnavailable) as exc:

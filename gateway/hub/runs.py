@@ -302,9 +302,6 @@ class RunDriver:
         url = await self.listen()
 
         def spawn() -> tuple[str, list[str]]:
-            # nothing of an earlier run may reach this one: its processes are killed and the
-            # workspace emptied (the runtime restores the run's input into it)
-            hub.manager.prepare_run(self.environment, None)
             self.meter = hub.manager.usage_meter(self.environment)
             _record, provider, _resource = hub.manager.require_active(self.environment)
             argv = [*provider.runtime_command(), "runtime", "--connect", url]
@@ -314,7 +311,9 @@ class RunDriver:
             if url == hub.url and hub.fingerprint is not None:
                 # dialling the hub over TCP: the runtime pins the hub's certificate
                 env[FINGERPRINT_ENV] = hub.fingerprint
-            return hub.manager.spawn(self.environment, argv, env=env, runtime=True), argv
+            # nothing of an earlier run may reach this one: its processes are killed and the
+            # workspace emptied (the runtime restores the run's input into it)
+            return hub.manager.start_runtime(self.environment, argv, env), argv
 
         self.runtime.handle, argv = await self._start_lane(spawn)
         self.events.append("runtime.spawned", handle=self.runtime.handle, argv=argv)

@@ -42,7 +42,7 @@ from ..base import (
     tail_argv,
     tail_read,
 )
-from ..emptying import empty_argv, sweep_and_empty_argv
+from ..emptying import empty_argv, sweep_and_empty_argv, sweep_empty_then_argv
 from ..errors import ProviderError, ProviderUnavailable, ResourceGone
 from ..proctree import MARKER_VAR, signal_argv, sweep_argv
 from ..shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
@@ -388,6 +388,17 @@ class K8sProvider(BaseProvider):
         again and again meanwhile (each look is an exec)."""
         return self._spawn(resource_id, argv, env, log_path, hold=True)
 
+    def start_runtime(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> str:
+        """:meth:`prepare_for_run` and :meth:`spawn_runtime` in one exec."""
+        return self._spawn(resource_id, argv, env, log_path, hold=True, prepare=True)
+
     def _spawn(
         self,
         resource_id: str,
@@ -396,6 +407,7 @@ class K8sProvider(BaseProvider):
         log_path: str | None,
         *,
         hold: bool,
+        prepare: bool = False,
     ) -> str:
         if not argv:
             raise InvalidInput("empty command")
@@ -413,8 +425,11 @@ class K8sProvider(BaseProvider):
         try:
             held = f"{RUNTIME_UP_HOLD:g}" if hold else ""
             launcher = ["sh", "-c", SPAWN_SCRIPT, "spawn", logfile, envfile, held, *argv]
+            command = wrap(self.cfg.workdir, launcher, {MARKER_VAR: marker})
+            if prepare:  # the Secret's key written above is a file the emptying leaves alone
+                command = sweep_empty_then_argv(True, self._run_dirs, command)
             # a runtime slower than the hold is looked at by the hub as before
-            self.pods.quiet(pod, wrap(self.cfg.workdir, launcher, {MARKER_VAR: marker}), "spawn")
+            self.pods.quiet(pod, command, "spawn")
         finally:
             if env:
                 self._secret_data(resource_id, {key: None})
@@ -530,13 +545,18 @@ class K8sProvider(BaseProvider):
 
     def reset(self, resource_id: str, snapshot: Snapshot | None) -> None:
         """Empty the workdir and ``/tmp``, then restore ``snapshot``."""
-        self._empty(resource_id, [self.cfg.workdir, manifests.TMP_MOUNT])
+        self._empty(resource_id, self._run_dirs)
         if snapshot is not None:
             self._put_snapshot(resource_id, snapshot)
 
+    @property
+    def _run_dirs(self) -> list[str]:
+        """What a run may write: emptied before the next one."""
+        return [self.cfg.workdir, manifests.TMP_MOUNT]
+
     def prepare_for_run(self, resource_id: str, snapshot: Snapshot | None) -> None:
         """:meth:`end_leftovers` and :meth:`reset` in one exec."""
-        argv = sweep_and_empty_argv(True, [self.cfg.workdir, manifests.TMP_MOUNT])
+        argv = sweep_and_empty_argv(True, self._run_dirs)
         self._helper(resource_id, argv, "resetting for a run")
         if snapshot is not None:
             self._put_snapshot(resource_id, snapshot)

@@ -75,10 +75,10 @@ def test_a_run_in_a_pod_comes_home_and_delete_removes_everything(
         "cat README.md > seen.txt; echo done > out.txt; id -u > uid.txt",
     )
     assert run["status"] == "succeeded", run
-    # prepare, spawn (held until the runtime is up), wait for its end, copy its log: a hub
+    # ready the pod and spawn (held until the runtime is up), wait for its end, copy its log: a hub
     # that looks into the pod again and again while the runtime starts costs fifty pods dear
     execs = STANDIN[0].exec_commands[execs_before:]
-    assert len(execs) <= 4, [" ".join(argv)[:80] for argv in execs]
+    assert len(execs) <= 3, [" ".join(argv)[:80] for argv in execs]
     store = Store.open(str(store_dir_of(workspace)))
     assert file(store, run["result_snapshot"], "out.txt") == "done\n"
     assert file(store, run["result_snapshot"], "seen.txt") == "# demo\n"  # the input came in

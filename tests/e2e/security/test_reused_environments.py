@@ -14,8 +14,9 @@ would grow), no such process, nothing in its temp dir; the user's workspace and 
 directory are untouched.
 
 The negative controls run the same two runs with the reset disabled (the CLI's
-``prepare_run`` patched back to a plain restore, through a ``sitecustomize`` on its
-``PYTHONPATH``) and show run 2 seeing what run 1 left, so the test can fail.
+``prepare_run`` patched back to a plain restore and ``start_runtime`` to a plain spawn,
+through a ``sitecustomize`` on its ``PYTHONPATH``) and show run 2 seeing what run 1 left, so
+the test can fail.
 """
 
 from __future__ import annotations
@@ -112,7 +113,11 @@ NO_RESET = textwrap.dedent(
             if snapshot is not None:
                 provider.restore(resource, snapshot)
 
+        def start_runtime(self, name, argv, env):
+            return self.spawn(name, argv, env=env, runtime=True)
+
         EnvironmentManager.prepare_run = prepare_run
+        EnvironmentManager.start_runtime = start_runtime
     """
 )
 
