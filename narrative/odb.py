@@ -344,6 +344,15 @@ class ObjectStore:
         """
         return self._exists_once(oid)
 
+    def missing(self, oids: Iterable[bytes]) -> list[bytes]:
+        """Those of ``oids`` the store does not hold (as :meth:`exists` sees it), looked up in
+        bulk: a full export asks about every object of its packs."""
+        left = list(oids)
+        for idx in self._pack_indexes().values():
+            if left:
+                left = [oid for oid, i in zip(left, idx.find_many(left), strict=True) if i is None]
+        return [oid for oid in left if not self._exists_once(oid)]  # loose ones, or none
+
     def write_loose(self, kind: str, data: bytes) -> bytes:
         """Write one small object as a loose file (fsynced, then renamed); returns its oid."""
         oid = hash_object(kind, data)
@@ -491,12 +500,17 @@ class ObjectStore:
         """
         by_pack: dict[str, list[tuple[int, int, bytes]]] = {}
         indexes = self._pack_indexes()
-        for oid in oids:
-            for path, idx in indexes.items():
-                i = idx.find(oid)
-                if i is not None:
-                    by_pack.setdefault(path, []).append((idx.offset(i), i, oid))
-                    break
+        left = list(oids)
+        for path, idx in indexes.items():
+            wanted, rest = [], []
+            for oid, i in zip(left, idx.find_many(left), strict=True):
+                if i is None:
+                    rest.append(oid)
+                else:
+                    wanted.append((idx.offset(i), i, oid))
+            if wanted:
+                by_pack[path] = wanted
+            left = rest
         try:
             for path, wanted in by_pack.items():
                 idx = indexes[path]

@@ -72,6 +72,7 @@ class PackIndex:
         self._open_lock = threading.Lock()
         self.pack_size = 0
         self._sorted_offsets: list[int] | None = None
+        self._positions: dict[bytes, int] | None = None
 
     def _oid_at(self, i: int) -> bytes:
         start = self._oid_base + 20 * i
@@ -96,6 +97,19 @@ class PackIndex:
         if i < hi and self._oid_at(i) == oid:
             return i
         return None
+
+    def find_many(self, oids: list[bytes]) -> list[int | None]:
+        """Positions of ``oids`` (None where absent). Asked about a large share of the pack
+        (a full export), one dict of every oid in the pack, built once, beats a search each."""
+        if self._positions is None and len(oids) * 8 < self.count:
+            return [self.find(oid) for oid in oids]
+        if self._positions is None:
+            table = self._map[self._oid_base : self._oid_base + 20 * self.count]
+            self._positions = {
+                table[at : at + 20]: i for i, at in enumerate(range(0, len(table), 20))
+            }
+        get = self._positions.get
+        return [get(oid) for oid in oids]
 
     def offset(self, i: int) -> int:
         base = self._oid_base + 24 * self.count
@@ -126,7 +140,12 @@ class PackIndex:
     def next_offset(self, i: int, pack_end: int) -> int:
         """Where the object after index entry ``i`` starts (objects are contiguous)."""
         if self._sorted_offsets is None:
-            self._sorted_offsets = sorted(self.offset(j) for j in range(self.count))
+            base = self._oid_base + 24 * self.count
+            small = struct.unpack_from(f">{self.count}I", self._map, base)
+            if small and max(small) & 0x80000000:  # large offsets: rare, read one by one
+                self._sorted_offsets = sorted(self.offset(j) for j in range(self.count))
+            else:
+                self._sorted_offsets = sorted(small)
         offsets = self._sorted_offsets
         k = bisect.bisect_right(offsets, self.offset(i))
         return offsets[k] if k < len(offsets) else pack_end
