@@ -16,7 +16,9 @@ import io
 import logging
 import os
 import posixpath
+import queue
 import re
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
@@ -243,37 +245,87 @@ class Stage(abc.ABC):
 
 _WRITEBACK_STEP = 8 << 20
 _DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
+_ASYNC_MIN = 64 << 10
+_QUEUED = 8
 
 
 class _WritebackFile:
-    """A local artifact being written: every 8 MiB it asks the kernel to start writing what came
-    before to disk (``POSIX_FADV_DONTNEED`` starts an asynchronous writeback on Linux), so the
-    fsync before publishing waits for the last few MiB, not the whole artifact (262 vs 384 ms
-    for 600 MiB here). Nothing is skipped: the fsync still covers every byte."""
+    """A local artifact being written. Writes of 64 KiB and more (and all after the first) go to
+    the file on a thread of its own, so they overlap with the caller's hashing (the publish
+    stream's sha256; 600 MiB spend about as long in ``write`` as in sha256 here); at most 8
+    are queued. Every 8 MiB the kernel is asked to start writing what came before to disk
+    (``POSIX_FADV_DONTNEED`` starts an asynchronous writeback on Linux), so the fsync before
+    publishing waits for the last few MiB, not the whole artifact (262 vs 384 ms for 600 MiB
+    here). Nothing is skipped: the fsync still covers every byte. A failed write is raised by
+    the next ``write``, ``flush`` or ``close``."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._file = os.fdopen(fd, "wb")
         self._written = self._started = 0
+        self._queue: queue.Queue[bytes | memoryview | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def write(self, data: ReadableBuffer) -> int:
-        n = self._file.write(data)
-        self._written += n
+        self._raise()
+        view = memoryview(data)
+        n = view.nbytes
+        if self._queue is None and n < _ASYNC_MIN:
+            self._write_now(view)
+            return n
+        if not (view.readonly and isinstance(view.obj, bytes)):
+            view = memoryview(bytes(view))  # the caller may reuse its buffer once we return
+        if self._queue is None:
+            self._queue = queue.Queue(_QUEUED)
+            self._thread = threading.Thread(target=self._drain, name="publish-writer", daemon=True)
+            self._thread.start()
+        self._queue.put(view)
+        return n
+
+    def _write_now(self, view: memoryview) -> None:
+        self._file.write(view)
+        self._written += view.nbytes
         if _DONTNEED is not None and self._written - self._started >= _WRITEBACK_STEP:
             self._file.flush()
             with contextlib.suppress(OSError):  # only a hint: the fsync is what counts
                 os.posix_fadvise(self._fd, self._started, self._written - self._started, _DONTNEED)
             self._started = self._written
-        return n
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while (view := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._write_now(memoryview(view))
+                except BaseException as exc:  # raised on the caller's thread
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _stop(self) -> None:
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = self._queue = None
 
     def flush(self) -> None:
+        self._stop()  # the queue drained: later writes start a new thread
+        self._raise()
         self._file.flush()
 
     def fileno(self) -> int:
         return self._fd
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._stop()
+        finally:
+            self._file.close()
+        self._raise()
 
 
 class LocalStage(Stage):
@@ -297,9 +349,11 @@ class LocalStage(Stage):
         fsync_dir(self.parent)
 
     def abort(self) -> None:
-        self.file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
+        try:
+            self.file.close()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
 
 
 def abort_stage(stage: Stage, url: str) -> None:

@@ -99,3 +99,32 @@ def test_a_local_export_does_not_import_fsspec_and_publishes_alike(
     assert sorted(os.listdir(out.parent)) == ["all.bundle", "all.bundle.sha256"]
     git("clone", "-q", "--mirror", str(out), str(tmp_path / "clone.git"))
     git("--git-dir", str(tmp_path / "clone.git"), "fsck", "--strict", "--no-dangling")
+
+
+def test_a_full_disk_fails_a_local_export_cleanly(
+    store: Store, workspace: Path, tmp_path: Path
+) -> None:
+    """ENOSPC met by the artifact's writer thread surfaces as one StorageError, and neither the
+    artifact, its sidecar nor the temporary file is left behind."""
+    import random
+    import subprocess
+
+    from transfer.errors import StorageError
+    from transfer.exporter import export
+
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)]
+    proc = subprocess.run(mount, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        rng = random.Random(3)
+        for i in range(12):
+            (workspace / f"big{i}.bin").write_bytes(rng.randbytes(500_000))
+        take_snapshot(store)
+        with pytest.raises(StorageError, match="No space left"):
+            export(store, str(disk / "all.bundle"))
+        assert os.listdir(disk) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
