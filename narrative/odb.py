@@ -348,10 +348,14 @@ class ObjectStore:
         """Those of ``oids`` the store does not hold (as :meth:`exists` sees it), looked up in
         bulk: a full export asks about every object of its packs."""
         left = list(oids)
-        for idx in self._pack_indexes().values():
+        for idx in self._largest_first():
             if left:
-                left = [oid for oid, i in zip(left, idx.find_many(left), strict=True) if i is None]
-        return [oid for oid in left if not self._exists_once(oid)]  # loose ones, or none
+                left = idx.absent(left)
+        return sorted(oid for oid in left if not self._exists_once(oid))  # loose ones, or none
+
+    def _largest_first(self) -> list[PackIndex]:
+        """The pack indexes, the biggest first: bulk lookups then leave little for the rest."""
+        return sorted(self._pack_indexes().values(), key=lambda idx: -idx.count)
 
     def write_loose(self, kind: str, data: bytes) -> bytes:
         """Write one small object as a loose file (fsynced, then renamed); returns its oid."""
@@ -498,22 +502,23 @@ class ObjectStore:
         Raises:
             StoreCorrupted: A pack is shorter than its index says.
         """
-        by_pack: dict[str, list[tuple[int, int, bytes]]] = {}
-        indexes = self._pack_indexes()
+        by_pack: list[tuple[PackIndex, list[tuple[int, int, bytes]]]] = []
         left = list(oids)
-        for path, idx in indexes.items():
+        for idx in self._largest_first():
+            if not left:
+                break
             wanted, rest = [], []
+            offsets = idx.offsets()
             for oid, i in zip(left, idx.find_many(left), strict=True):
                 if i is None:
                     rest.append(oid)
                 else:
-                    wanted.append((idx.offset(i), i, oid))
+                    wanted.append((offsets[i], i, oid))
             if wanted:
-                by_pack[path] = wanted
+                by_pack.append((idx, wanted))
             left = rest
         try:
-            for path, wanted in by_pack.items():
-                idx = indexes[path]
+            for idx, wanted in by_pack:
                 idx.pread(0, 0)  # opens the pack, which sets its size
                 wanted.sort()
                 run: list[tuple[int, int, bytes]] = []

@@ -105,7 +105,14 @@ class _ObjectWalk:
             self.selected[oid] = None
             entries = _tree_entries(self.odb, oid)
             self.children[oid] = [child for _n, mode, child in entries if mode != _GITLINK]
-            theirs = self._same_path(their_trees) if their_trees else {}
+            if not their_trees:  # the receiver has nothing at this path (a full export)
+                for _name, mode, child in reversed(entries):
+                    if mode == MODE_DIR:
+                        stack.append((child, ()))
+                    elif mode != _GITLINK and child not in self.known:
+                        self.selected.setdefault(child, None)
+                continue
+            theirs = self._same_path(their_trees)
             for name, mode, child in reversed(entries):
                 if mode == _GITLINK:
                     continue

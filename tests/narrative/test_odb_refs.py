@@ -134,8 +134,9 @@ def test_pack_count_stays_bounded(store: Store, workspace: Path) -> None:
 
 
 def test_bulk_lookups_agree_with_one_by_one(store: Store, workspace: Path) -> None:
-    """find_many (one search each for a few oids, one dict of the pack for many) and missing()
-    answer as find() and exists() do, loose objects and absent ones included."""
+    """find_many and absent (one search each for a few oids, one dict of the pack for many),
+    offsets() and missing() answer as find(), offset() and exists() do, loose objects and
+    absent ones included."""
     for i in range(40):
         (workspace / f"f{i}.txt").write_text(f"file {i}\n")
     take_snapshot(store)
@@ -147,7 +148,9 @@ def test_bulk_lookups_agree_with_one_by_one(store: Store, workspace: Path) -> No
     for subset in ([*packed[:2], absent[0]], [*packed, *absent, loose]):  # few, then many
         for idx in indexes:
             assert idx.find_many(subset) == [idx.find(oid) for oid in subset]
-        assert store.odb.missing(subset) == [o for o in subset if not store.odb.exists(o)]
+            assert sorted(idx.absent(subset)) == sorted(o for o in subset if idx.find(o) is None)
+            assert idx.offsets() == tuple(idx.offset(i) for i in range(idx.count))
+        assert store.odb.missing(subset) == sorted(o for o in subset if not store.odb.exists(o))
     assert store.odb.missing([*packed, loose, *absent]) == absent
     for idx in indexes:
         idx.close()
