@@ -344,6 +344,19 @@ class ObjectStore:
         """
         return self._exists_once(oid)
 
+    def missing(self, oids: Iterable[bytes]) -> list[bytes]:
+        """Those of ``oids`` the store does not hold (as :meth:`exists` sees it), looked up in
+        bulk: a full export asks about every object of its packs."""
+        left = list(oids)
+        for idx in self._largest_first():
+            if left:
+                left = idx.absent(left)
+        return sorted(oid for oid in left if not self._exists_once(oid))  # loose ones, or none
+
+    def _largest_first(self) -> list[PackIndex]:
+        """The pack indexes, the biggest first: bulk lookups then leave little for the rest."""
+        return sorted(self._pack_indexes().values(), key=lambda idx: -idx.count)
+
     def write_loose(self, kind: str, data: bytes) -> bytes:
         """Write one small object as a loose file (fsynced, then renamed); returns its oid."""
         oid = hash_object(kind, data)
@@ -479,46 +492,71 @@ class ObjectStore:
             return idx.pread(idx.next_offset(i, idx.pack_size - 20) - start, start)
         return None
 
-    def raw_entries(self, oids: Iterable[bytes]) -> Iterator[tuple[bytes, bytes]]:
-        """(oid, undeltified pack entry) for those of ``oids`` that have one, in pack order:
-        neighbouring entries come from one positional read of up to 1 MiB, not one each.
-        Objects left out (loose, deltified, or in a pack removed meanwhile) are for
-        :meth:`raw_entry` / :meth:`read`."""
-        by_pack: dict[str, list[tuple[int, int, bytes]]] = {}
-        indexes = self._pack_indexes()
-        for oid in oids:
-            for path, idx in indexes.items():
-                i = idx.find(oid)
-                if i is not None:
-                    by_pack.setdefault(path, []).append((idx.offset(i), i, oid))
-                    break
+    def raw_runs(self, oids: Iterable[bytes]) -> Iterator[tuple[list[bytes], bytes]]:
+        """Stored pack entries of ``oids``, in pack order, as runs: (the oids of a run of
+        neighbouring undeltified entries, those entries back to back, verbatim). One positional
+        read of up to 1 MiB per run and no per-entry slices, so a full export copies each byte
+        once on its way out. Objects left out (loose, deltified, or in a pack removed
+        meanwhile) are for :meth:`raw_entry` / :meth:`read`.
+
+        Raises:
+            StoreCorrupted: A pack is shorter than its index says.
+        """
+        by_pack: list[tuple[PackIndex, list[tuple[int, int, bytes]]]] = []
+        left = list(oids)
+        for idx in self._largest_first():
+            if not left:
+                break
+            wanted, rest = [], []
+            offsets = idx.offsets()
+            for oid, i in zip(left, idx.find_many(left), strict=True):
+                if i is None:
+                    rest.append(oid)
+                else:
+                    wanted.append((offsets[i], i, oid))
+            if wanted:
+                by_pack.append((idx, wanted))
+            left = rest
         try:
-            for path, wanted in by_pack.items():
-                idx = indexes[path]
+            for idx, wanted in by_pack:
                 idx.pread(0, 0)  # opens the pack, which sets its size
                 wanted.sort()
                 run: list[tuple[int, int, bytes]] = []
                 for item in wanted:
                     end = idx.next_offset(item[1], idx.pack_size - 20)
                     if run and (run[-1][1] != item[0] or end - run[0][0] > _RUN_READ):
-                        yield from self._split_run(idx, run)
+                        yield from self._whole_parts(idx, run)
                         run = []
                     run.append((item[0], end, item[2]))
-                yield from self._split_run(idx, run)
+                yield from self._whole_parts(idx, run)
         except FileNotFoundError:  # a pack removed under us: the rest goes one by one
             self.invalidate()
 
     @staticmethod
-    def _split_run(
+    def _whole_parts(
         idx: PackIndex, run: list[tuple[int, int, bytes]]
-    ) -> Iterator[tuple[bytes, bytes]]:
+    ) -> Iterator[tuple[list[bytes], bytes]]:
+        """One read of a run of neighbouring entries, split around its deltified ones."""
         if not run:
             return
         base = run[0][0]
         data = idx.pread(run[-1][1] - base, base)
+        if len(data) != run[-1][1] - base:
+            raise StoreCorrupted(f"{idx.pack_path} is truncated")
+        part: list[bytes] = []
+        part_start = part_end = 0
         for start, end, oid in run:
             if ((data[start - base] >> 4) & 7) in _CODE_TYPES:
-                yield oid, data[start - base : end - base]
+                if not part:
+                    part_start = start - base
+                part.append(oid)
+                part_end = end - base
+            elif part:  # a delta: the run so far goes out whole, the delta is left out
+                yield part, data[part_start:part_end]
+                part = []
+        if part:
+            whole = part_start == 0 and part_end == len(data)  # the common case: no copy
+            yield part, data if whole else data[part_start:part_end]
 
     def _read_with_library(self, oid: bytes) -> tuple[str, bytes]:
         try:

@@ -72,6 +72,8 @@ class PackIndex:
         self._open_lock = threading.Lock()
         self.pack_size = 0
         self._sorted_offsets: list[int] | None = None
+        self._positions: dict[bytes, int] | None = None
+        self._offsets: tuple[int, ...] | None = None
 
     def _oid_at(self, i: int) -> bytes:
         start = self._oid_base + 20 * i
@@ -96,6 +98,41 @@ class PackIndex:
         if i < hi and self._oid_at(i) == oid:
             return i
         return None
+
+    def _bulk(self, asked: int) -> dict[bytes, int] | None:
+        """oid → position of every object in the pack, when ``asked`` lookups are a large share
+        of it (a full export): one dict, built once, beats a search each."""
+        if self._positions is None and asked * 8 >= self.count:
+            table = self._map[self._oid_base : self._oid_base + 20 * self.count]
+            self._positions = {
+                table[at : at + 20]: i for i, at in enumerate(range(0, len(table), 20))
+            }
+        return self._positions
+
+    def find_many(self, oids: list[bytes]) -> list[int | None]:
+        """Positions of ``oids`` (None where absent)."""
+        positions = self._bulk(len(oids))
+        if positions is None:
+            return [self.find(oid) for oid in oids]
+        get = positions.get
+        return [get(oid) for oid in oids]
+
+    def absent(self, oids: list[bytes]) -> list[bytes]:
+        """Those of ``oids`` not in this pack (in no particular order)."""
+        positions = self._bulk(len(oids))
+        if positions is None:
+            return [oid for oid in oids if self.find(oid) is None]
+        return list(set(oids).difference(positions))
+
+    def offsets(self) -> tuple[int, ...]:
+        """The pack offset of every object, by position (read in one go, for bulk use)."""
+        if self._offsets is None:
+            base = self._oid_base + 24 * self.count
+            small: tuple[int, ...] = struct.unpack_from(f">{self.count}I", self._map, base)
+            if small and max(small) & 0x80000000:  # large offsets: rare, read one by one
+                small = tuple(self.offset(j) for j in range(self.count))
+            self._offsets = small
+        return self._offsets
 
     def offset(self, i: int) -> int:
         base = self._oid_base + 24 * self.count
@@ -126,9 +163,9 @@ class PackIndex:
     def next_offset(self, i: int, pack_end: int) -> int:
         """Where the object after index entry ``i`` starts (objects are contiguous)."""
         if self._sorted_offsets is None:
-            self._sorted_offsets = sorted(self.offset(j) for j in range(self.count))
+            self._sorted_offsets = sorted(self.offsets())
         offsets = self._sorted_offsets
-        k = bisect.bisect_right(offsets, self.offset(i))
+        k = bisect.bisect_right(offsets, self.offsets()[i])
         return offsets[k] if k < len(offsets) else pack_end
 
     def close(self) -> None:

@@ -14,7 +14,9 @@ bundle verify``, ``git fetch``).
 from __future__ import annotations
 
 import hashlib
+import queue
 import struct
+import threading
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -103,12 +105,19 @@ class _ObjectWalk:
             self.selected[oid] = None
             entries = _tree_entries(self.odb, oid)
             self.children[oid] = [child for _n, mode, child in entries if mode != _GITLINK]
-            theirs = self._same_path(their_trees) if their_trees else {}
+            if not their_trees:  # the receiver has nothing at this path (a full export)
+                for _name, mode, child in reversed(entries):
+                    if mode == MODE_DIR:
+                        stack.append((child, ()))
+                    elif mode != _GITLINK and child not in self.known:
+                        self.selected.setdefault(child, None)
+                continue
+            theirs = self._same_path(their_trees)
             for name, mode, child in reversed(entries):
                 if mode == _GITLINK:
                     continue
                 same = theirs.get(name, ())
-                if any(their_oid == child for _m, their_oid in same):
+                if same and any(their_oid == child for _m, their_oid in same):
                     self.known.add(child)  # the receiver has it, and all below it
                 elif mode == MODE_DIR:
                     below = tuple(their_oid for m, their_oid in same if m == MODE_DIR)
@@ -210,13 +219,16 @@ def _check_closed(
             missing.append(commit.tree)
         if missing:
             raise IncompleteExport(f"commit {oid.hex()} names {missing[0].hex()}, not sent")
-    for tree, children in walk.children.items():
+    # every name in every selected tree, checked as sets (C loops): thousands of entries
+    named = set().union(*walk.children.values())
+    unsent = named.difference(selected, walk.known, commits)
+    for tree, children in walk.children.items() if unsent else ():
         for child in children:
-            if not present(child):
+            if child in unsent:
                 raise IncompleteExport(f"tree {tree.hex()} names {child.hex()}, not sent")
-    for oid in selected:
-        if oid not in walk.children and not odb.exists(oid):
-            raise IncompleteExport(f"object {oid.hex()} is missing from the store")
+    absent = odb.missing(oid for oid in selected if oid not in walk.children)
+    if absent:
+        raise IncompleteExport(f"object {absent[0].hex()} is missing from the store")
 
 
 _DELTA_MIN = 64
@@ -351,35 +363,107 @@ def _delta_entry(odb: ObjectStore, oid: bytes, base_oid: bytes) -> bytes | None:
 
 
 _WRITE_BATCH = 1 << 20
+_WRITE_DIRECT = 64 << 10
+"""Data this big (a run of stored entries) goes to the sink as it is, not copied into a batch."""
+_QUEUED = 8
+"""Chunks (up to about 1 MiB each) handed to the sink's thread and not yet written: bounds the
+memory the overlap costs."""
 
 
-class _HashingWriter:
-    """Hashes and counts the pack; small entries are gathered into writes of about 1 MiB (a
-    write per object cost more than the copying)."""
+class _PackStream:
+    """Hashes (SHA-1, the pack's trailer) and counts the pack on the caller's thread, and feeds
+    the sink from a second thread once the pack is big enough to pay for one: the sink's write
+    and its own hashing (the publish stream's sha256) then overlap with the SHA-1 and the pack
+    reads, as hashlib, file writes and ``pread`` all release the GIL. Small entries are gathered
+    into writes of about 1 MiB (a write per object cost more than the copying). Use as a
+    context manager; :meth:`finish` writes out the rest before the trailer goes out."""
 
     def __init__(self, out: Sink) -> None:
         self.out = out
         self.sha = hashlib.sha1()
         self.size = 0
         self._batch = bytearray()
+        self._queue: queue.Queue[bytes | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> _PackStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
-        if len(data) < _WRITE_BATCH:
+        if len(data) < _WRITE_DIRECT:
             self._batch += data
-            if len(self._batch) < _WRITE_BATCH:
-                return
-            data, self._batch = bytes(self._batch), bytearray()
-        else:
-            self.flush()
-        self.sha.update(data)
-        self.out.write(data)
+            if len(self._batch) >= _WRITE_BATCH:
+                self._send_batch()
+            return
+        self._send_batch()
+        self._send(data)
 
-    def flush(self) -> None:
+    def _send_batch(self) -> None:
         if self._batch:
             data, self._batch = bytes(self._batch), bytearray()
+            self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        self.sha.update(data)
+        if self._queue is None:
+            self._queue = queue.Queue(_QUEUED)
+            self._thread = threading.Thread(target=self._drain, name="bundle-writer", daemon=True)
+            self._thread.start()
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while (data := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.out.write(data)
+                except BaseException as exc:  # re-raised on the caller's thread
+                    self._error = exc
+
+    def _stop(self) -> None:
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def finish(self) -> None:
+        """Write out everything (the sink's thread is done after this); errors surface here."""
+        if self._thread is None:  # a small pack: one write, no thread
+            data, self._batch = bytes(self._batch), bytearray()
             self.sha.update(data)
-            self.out.write(data)
+            if data:
+                self.out.write(data)
+            return
+        self._send_batch()
+        self._stop()
+        if self._error is not None:
+            raise self._error
+
+
+def _entry(
+    odb: ObjectStore,
+    oid: bytes,
+    base: bytes | None,
+    in_memory: dict[bytes, tuple[str, bytes]],
+) -> bytes:
+    """The pack entry of one object that is not copied in a run: a delta against ``base``
+    when that pays, else the stored entry, else the object deflated anew."""
+    if base is not None:
+        entry = _delta_entry(odb, oid, base)
+        if entry is not None:
+            return entry
+    stored = None if oid in in_memory else odb.raw_entry(oid)
+    if stored is not None:
+        return stored
+    kind, data = in_memory[oid] if oid in in_memory else odb.read(oid)
+    return pack_object_header(kind, len(data)) + deflate(data)
 
 
 def write_bundle(
@@ -399,7 +483,8 @@ def write_bundle(
     tips = [oid for oid in refs.values() if oid not in in_memory]
     bases: dict[bytes, bytes] = {}
     objects = collect_objects(odb, tips, prerequisites, bases)
-    objects += [oid for oid in in_memory if oid not in set(objects)]
+    chosen = set(objects)
+    objects += [oid for oid in in_memory if oid not in chosen]
     header = bytearray(BUNDLE_SIGNATURE)
     for oid, comment in sorted(prerequisites.items()):
         header += b"-" + oid.hex().encode() + (b" " + comment.encode() if comment else b"") + b"\n"
@@ -407,30 +492,19 @@ def write_bundle(
         header += oid.hex().encode() + b" " + name.encode() + b"\n"
     header += b"\n"
     out.write(bytes(header))
-    pack = _HashingWriter(out)
-    pack.write(b"PACK" + struct.pack(">II", 2, len(objects)))
-    # Stored entries first, read in pack order with one read per run of neighbours; deltas,
-    # loose and in-memory objects after them, one by one (git does not care about the order).
-    copied: set[bytes] = set()
-    plain = (o for o in objects if o not in bases and o not in in_memory)
-    for oid, stored in odb.raw_entries(plain):
-        pack.write(stored)
-        copied.add(oid)
-    for oid in objects:
-        if oid in copied:
-            continue
-        base = bases.get(oid)
-        if base is not None:
-            entry = _delta_entry(odb, oid, base)
-            if entry is not None:
-                pack.write(entry)
-                continue
-        entry = None if oid in in_memory else odb.raw_entry(oid)
-        if entry is None:
-            kind, data = in_memory[oid] if oid in in_memory else odb.read(oid)
-            entry = pack_object_header(kind, len(data)) + deflate(data)
-        pack.write(entry)
-    pack.flush()
+    with _PackStream(out) as pack:
+        pack.write(b"PACK" + struct.pack(">II", 2, len(objects)))
+        # Stored entries first, whole runs of neighbours in pack order; deltas, loose and
+        # in-memory objects after them, one by one (git does not care about the order).
+        copied: set[bytes] = set()
+        plain = (o for o in objects if o not in bases and o not in in_memory)
+        for oids, stored in odb.raw_runs(plain):
+            pack.write(stored)
+            copied.update(oids)
+        for oid in objects:
+            if oid not in copied:
+                pack.write(_entry(odb, oid, bases.get(oid), in_memory))
+        pack.finish()
     out.write(pack.sha.digest())
     return BundleStats(
         {name: oid.hex() for name, oid in refs.items()},

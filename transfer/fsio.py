@@ -7,11 +7,12 @@ resolve them with :func:`resolve` (:func:`fsspec.core.url_to_fs`), so plain path
 chained URL, options for a layer can be nested under its protocol (fsspec's rule), e.g.
 ``{"s3": {"key": ..., "client_kwargs": {...}}, "cache_storage": "/tmp/c"}``; flat options that
 a caching layer does not take are passed on to the storage below it, so ``--storage-option
-key=...`` works the same with or without ``simplecache::``. This module also owns the one
-place where backend exceptions become the transfer error tree (:func:`translate`), what kind of
-filesystem a path lives on, the small-object primitives the other storage modules build on
-(atomic small writes, existence checks that do not swallow errors, capped reads), and the
-progress stage a transfer advances. The storage layer around it: :mod:`transfer.publishing`
+key=...`` works the same with or without ``simplecache::``. This module also owns what kind of
+filesystem a path lives on and the small-object primitives the other storage modules build on
+(atomic small writes, existence checks that do not swallow errors, capped reads); it passes on
+the fsspec-free ones of :mod:`transfer.storage_base` (:func:`translate`, the one place where
+backend exceptions become the transfer error tree, and the progress stage a transfer
+advances). The storage layer around it: :mod:`transfer.publishing`
 (atomic publish, conditional replace, removal), :mod:`transfer.verified` (checksum-verified
 reads and listings), :mod:`transfer.sidecar` (the ``.sha256`` sidecar that marks an artifact
 published), :mod:`transfer.storage_lock` (lock objects) and :mod:`transfer.storage_options`.
@@ -21,25 +22,29 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
-import posixpath
-import re
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import fsspec
 import fsspec.core
 from fsspec import AbstractFileSystem
 from fsspec.asyn import AsyncFileSystem
-from fsspec.callbacks import Callback
 from fsspec.implementations.cached import CachingFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from narrative import progress
-from narrative.errors import InvalidInput, NarrativeError
+from narrative.errors import InvalidInput
 
-from .errors import ArtifactNotFound, InvalidArtifact, StorageError
+from .errors import InvalidArtifact, StorageError
+from .storage_base import (
+    TMP_SUFFIX,
+    StageProgress,
+    describe,
+    fsync_dir,
+    local_write_atomic,
+    redact,
+    tmp_path,
+    translate,
+)
 from .storage_options import merge_storage_options
 
 __all__ = [
@@ -65,77 +70,11 @@ __all__ = [
 ]
 
 
-TMP_SUFFIX = ".tmp"
 IO_CHUNK = 1 << 20
 # Upload part / read-ahead size for object stores. s3fs defaults to 50 MiB, which would hold a
 # 50 MiB artifact wholly in memory; 8 MiB keeps streaming bounded and is above S3's 5 MiB
 # minimum part size.
 BLOCK_SIZE = 8 << 20
-_USERINFO = re.compile(r"(?<=://)[^/@]*@")
-_BACKEND_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "urllib3", "requests")
-
-
-def redact(url: str) -> str:
-    """``url`` with any ``user:password@`` part hidden, for messages."""
-    return _USERINFO.sub("***@", url)
-
-
-_UNKNOWN_OPTION = re.compile(r"unexpected keyword argument '([^']+)'")
-#: botocore's and aiohttp's names for "nothing answers at that address"
-_UNREACHABLE = re.compile(r"EndpointConnectionError|ConnectTimeout|ClientConnectorError")
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return _USERINFO.sub("***@", text)
-
-
-def _is_backend_error(exc: BaseException) -> bool:
-    """Whether ``exc`` comes from a storage client library (botocore, aiohttp, ...)."""
-    return any(cls.__module__.split(".", 1)[0] in _BACKEND_MODULES for cls in type(exc).__mro__)
-
-
-@contextlib.contextmanager
-def translate(url: str, action: str, *, writing: bool = False) -> Iterator[None]:
-    """Translate backend exceptions raised inside the block into the transfer error tree.
-
-    This is the single place where ``OSError`` and botocore/s3fs/aiohttp errors become
-    :class:`~transfer.errors.StorageError` (or :class:`~transfer.errors.ArtifactNotFound` for a
-    missing object when reading). Errors of our own tree pass through unchanged; anything else
-    (programming errors) propagates as is.
-    """
-    try:
-        yield
-    except NarrativeError:
-        raise
-    except FileNotFoundError as exc:
-        shown = redact(url)
-        if writing:  # a missing bucket or parent, not a missing artifact
-            raise StorageError(
-                shown, f"{action} {shown} failed: no such bucket or directory"
-            ) from exc
-        raise ArtifactNotFound(shown) from exc
-    except OSError as exc:
-        shown = redact(url)
-        raise StorageError(shown, f"{action} {shown} failed: {_describe(exc)}") from exc
-    except TypeError as exc:
-        # backends take their options as **kwargs and may only use them at the first request:
-        # an option they do not know is bad input, named, not a traceback
-        option = _UNKNOWN_OPTION.search(str(exc))
-        if option is None:
-            raise
-        raise InvalidInput(
-            f"storage option {option.group(1)!r} is not accepted for {redact(url)} "
-            f"({_describe(exc)})"
-        ) from exc
-    except Exception as exc:
-        if not _is_backend_error(exc):
-            raise
-        shown = redact(url)
-        hint = ""
-        if _UNREACHABLE.search(type(exc).__name__):
-            hint = " (is the endpoint right? set it with client_kwargs.endpoint_url)"
-        raise StorageError(shown, f"{action} {shown} failed: {_describe(exc)}{hint}") from exc
 
 
 def _error_codes(exc: BaseException) -> set[str]:
@@ -194,11 +133,11 @@ def resolve(
             shown, f"cannot open {shown}: {exc} (for s3:// install narrative-engine[s3])"
         ) from exc
     except ValueError as exc:
-        raise InvalidInput(f"cannot use storage URL {shown}: {_describe(exc)}") from exc
+        raise InvalidInput(f"cannot use storage URL {shown}: {describe(exc)}") from exc
     except TypeError as exc:
-        raise InvalidInput(f"bad storage options for {shown}: {_describe(exc)}") from exc
+        raise InvalidInput(f"bad storage options for {shown}: {describe(exc)}") from exc
     except OSError as exc:
-        raise StorageError(shown, f"cannot open {shown}: {_describe(exc)}") from exc
+        raise StorageError(shown, f"cannot open {shown}: {describe(exc)}") from exc
     rerouted = _route_to_target(fs, options)
     if rerouted is not None:
         return resolve(url, rerouted)
@@ -262,45 +201,10 @@ def commits_on_close(fs: AbstractFileSystem) -> bool:
     return isinstance(fs, AsyncFileSystem)
 
 
-def tmp_path(path: str) -> str:
-    """A hidden, unique temporary name beside ``path`` (bookkeeping, never listed)."""
-    parent, name = posixpath.split(path)
-    return posixpath.join(parent, f".{name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename in directory ``path`` durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _local_write_atomic(path: str, data: bytes) -> None:
-    parent = os.path.dirname(path)
-    tmp = tmp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(parent)
-
-
 def put_small(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a small object so that it appears complete or not at all."""
     if is_local(fs):
-        _local_write_atomic(path, data)
+        local_write_atomic(path, data)
     elif commits_on_close(fs):
         fs.pipe_file(path, data)
     else:
@@ -351,22 +255,3 @@ def read_capped(fs: AbstractFileSystem, path: str, limit: int, url: str) -> byte
     if len(data) > limit:
         raise InvalidArtifact(f"{redact(url)} is over the {limit}-byte limit", redact(url))
     return data
-
-
-class StageProgress(Callback):  # type: ignore[misc]
-    """The default callback of a transfer: its bytes advance a :mod:`narrative.progress` stage
-    (shown by the CLI on a terminal; free when nobody listens)."""
-
-    def __init__(self, label: str, size: int | None) -> None:
-        super().__init__()
-        self._stage = progress.stage(label, size, "bytes")
-        self._advance = self._stage.__enter__()
-        self._open = True
-
-    def relative_update(self, inc: int = 1) -> None:
-        self._advance(inc)
-
-    def finish(self) -> None:
-        if self._open:
-            self._open = False
-            self._stage.__exit__(None, None, None)

@@ -14,14 +14,12 @@ in.
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import hashlib
-import io
 import logging
 import os
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fsspec import AbstractFileSystem
 from fsspec.callbacks import Callback
@@ -34,7 +32,6 @@ from .fsio import (
     StageProgress,
     commits_on_close,
     file_exists,
-    fsync_dir,
     is_local,
     is_s3,
     precondition_failed,
@@ -57,10 +54,8 @@ from .sidecar import (
     sidecar_text,
     unpublish,
 )
+from .storage_base import PublishWriter, Stage, abort_stage, publish_local
 from .storage_lock import DEFAULT_LOCK_TIMEOUT, LOCK_SUFFIX, StorageLock
-
-if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
 
 __all__ = [
     "PublishWriter",
@@ -78,50 +73,7 @@ _MAX_PARTS = 9_000  # below S3's 10,000-part limit, with room to spare
 _CAS_READ_LIMIT = 64 << 20
 
 
-class _Stage(abc.ABC):
-    """One in-flight write: where the bytes go, how they become visible, how to undo it."""
-
-    file: Any
-
-    def finish(self) -> None:  # noqa: B027 - a hook: stages with nothing to flush keep it
-        """Flush and make durable everything written so far (before anything is visible)."""
-
-    @abc.abstractmethod
-    def commit(self) -> None:
-        """Make the data visible under the final name."""
-
-    @abc.abstractmethod
-    def abort(self) -> None:
-        """Throw the write away, leaving nothing behind."""
-
-
-class _LocalStage(_Stage):
-    """Hidden temp file in the target directory, then ``os.replace`` (atomic on POSIX)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.parent = os.path.dirname(path)
-        os.makedirs(self.parent, exist_ok=True)
-        self.tmp = tmp_path(path)
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        self.file = os.fdopen(fd, "wb")
-
-    def finish(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-
-    def commit(self) -> None:
-        os.replace(self.tmp, self.path)
-        fsync_dir(self.parent)
-
-    def abort(self) -> None:
-        self.file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
-
-
-class _DirectStage(_Stage):
+class _DirectStage(Stage):
     """Object-store writer on the final key: nothing is visible until ``close`` commits."""
 
     def __init__(self, fs: AbstractFileSystem, path: str, size: int | None) -> None:
@@ -145,7 +97,7 @@ class _DirectStage(_Stage):
             self.file.closed = True
 
 
-class _CopyStage(_Stage):
+class _CopyStage(Stage):
     """Hidden temporary key, then a move (for backends with neither rename nor commit)."""
 
     def __init__(self, fs: AbstractFileSystem, path: str) -> None:
@@ -166,67 +118,10 @@ class _CopyStage(_Stage):
         rm_if_exists(self.fs, self.tmp)
 
 
-def _stage(fs: AbstractFileSystem, path: str, size: int | None) -> _Stage:
-    if is_local(fs):
-        return _LocalStage(path)
+def _stage(fs: AbstractFileSystem, path: str, size: int | None) -> Stage:
     if commits_on_close(fs):
         return _DirectStage(fs, path, size)
     return _CopyStage(fs, path)
-
-
-class PublishWriter(io.BufferedIOBase):
-    """The writable binary stream :func:`publish` yields.
-
-    Hashes (sha256) and counts every byte on the way through. After the ``with`` block exits
-    cleanly, :attr:`sha256` and :attr:`size` describe the published artifact. Closing the
-    writer early (as some compressors do with their output) only stops further writes; the
-    artifact is published when the ``publish`` block exits.
-    """
-
-    def __init__(self, raw: Any, url: str, callback: Callback | None) -> None:
-        super().__init__()
-        self._raw = raw
-        self._url = url
-        self._callback = callback
-        self._hash = hashlib.sha256()
-        self._size = 0
-        self.published = False
-
-    @property
-    def sha256(self) -> str:
-        """Hex sha256 of everything written so far (the artifact's, once published)."""
-        return self._hash.hexdigest()
-
-    @property
-    def size(self) -> int:
-        """Number of bytes written so far (the artifact's size, once published)."""
-        return self._size
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: ReadableBuffer) -> int:
-        """Write ``data`` through to the backend, hashing it.
-
-        Raises:
-            ValueError: The writer is closed.
-            StorageError: The backend failed.
-        """
-        if self.closed:
-            raise ValueError("write to a closed publish stream")
-        view = memoryview(data).cast("B")
-        with translate(self._url, "writing", writing=True):
-            self._raw.write(view)
-        self._hash.update(view)
-        n = view.nbytes
-        self._size += n
-        if self._callback is not None:
-            self._callback.relative_update(n)
-        return n
-
-    def flush(self) -> None:
-        if self.closed:
-            raise ValueError("flush of a closed publish stream")
 
 
 @contextlib.contextmanager
@@ -271,18 +166,22 @@ def publish(
     fs, path = resolve(url, storage_options)
     fs = storage_fs(fs)
     check_artifact_path(path, url)
+    if callback is not None and size is not None:
+        callback.set_size(size)
+    if is_local(fs):
+        with publish_local(path, url, callback, size) as writer:
+            yield writer
+        return
     with translate(url, "opening for write", writing=True):
         stage = _stage(fs, path, size)
     shown = StageProgress("sending", size) if callback is None else None
     writer = PublishWriter(stage.file, url, callback or shown)
-    if callback is not None and size is not None:
-        callback.set_size(size)
     try:
         yield writer
         with translate(url, "finishing", writing=True):
             stage.finish()
     except BaseException:
-        _abort(stage, url)
+        abort_stage(stage, url)
         writer.close()
         raise
     finally:
@@ -295,20 +194,13 @@ def publish(
         try:
             stage.commit()
         except BaseException:
-            _abort(stage, url)
+            abort_stage(stage, url)
             if old_sidecar is not None:
                 restore_sidecar(fs, side, old_sidecar, url)
             raise
         put_small(fs, side, sidecar_text(writer.sha256, path))
     writer.published = True
     logger.debug("published %s (%d bytes, sha256 %s)", redact(url), writer.size, writer.sha256)
-
-
-def _abort(stage: _Stage, url: str) -> None:
-    try:
-        stage.abort()
-    except Exception:  # never hide the error that made us abort
-        logger.warning("could not clean up a failed write to %s", redact(url), exc_info=True)
 
 
 def write_small_atomic(

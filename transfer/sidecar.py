@@ -14,16 +14,20 @@ artifacts and cannot be published to (:func:`check_artifact_path`).
 from __future__ import annotations
 
 import logging
-import posixpath
 import re
 
 from fsspec import AbstractFileSystem
 
-from narrative.errors import InvalidInput
-
 from .errors import ArtifactNotFound, InvalidArtifact
-from .fsio import TMP_SUFFIX, put_small, read_capped, redact, rm_if_exists
-from .storage_lock import LOCK_SUFFIX
+from .fsio import put_small, read_capped, rm_if_exists
+from .storage_base import (
+    LOCK_SUFFIX,
+    SIDECAR_SUFFIX,
+    TMP_SUFFIX,
+    check_artifact_path,
+    redact,
+    sidecar_text,
+)
 
 __all__ = [
     "HEX64",
@@ -40,21 +44,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-SIDECAR_SUFFIX = ".sha256"
-"""Suffix of the checksum sidecar whose presence marks an artifact as published."""
 _SIDECAR_LIMIT = 1024
 HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-
-
-def check_artifact_path(path: str, url: str) -> None:
-    """InvalidInput unless ``path`` names an artifact: not a directory, not a reserved name."""
-    name = posixpath.basename(path.rstrip("/"))
-    if not name or path.endswith("/"):
-        raise InvalidInput(f"{redact(url)} names a directory, not an artifact")
-    if name.endswith((SIDECAR_SUFFIX, LOCK_SUFFIX)):
-        raise InvalidInput(
-            f"{redact(url)}: names ending in {SIDECAR_SUFFIX} or {LOCK_SUFFIX} are reserved"
-        )
 
 
 def is_bookkeeping(name: str) -> bool:
@@ -64,11 +55,6 @@ def is_bookkeeping(name: str) -> bool:
         or (name.startswith(".") and name.endswith(TMP_SUFFIX))
         or ".stale-" in name
     )
-
-
-def sidecar_text(digest: str, path: str) -> bytes:
-    """The sidecar's content for ``digest``: ``sha256sum`` format."""
-    return f"{digest}  {posixpath.basename(path)}\n".encode()
 
 
 def _parse_sidecar(raw: bytes, url: str) -> str:

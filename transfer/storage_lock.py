@@ -25,6 +25,7 @@ from narrative.jsonio import parse_json
 
 from .errors import StorageLockTimeout
 from .fsio import file_exists, is_local, is_s3, precondition_failed, redact, rm_if_exists, translate
+from .storage_base import LOCK_SUFFIX
 
 __all__ = [
     "DEFAULT_LOCK_TIMEOUT",
@@ -36,8 +37,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-LOCK_SUFFIX = ".lock"
-"""Suffix of the lock object :func:`transfer.publishing.compare_and_swap_small` takes."""
 DEFAULT_LOCK_TIMEOUT = 30.0
 """Seconds :func:`transfer.publishing.compare_and_swap_small` waits for its lock, at most."""
 STALE_LOCK_SECONDS = 60.0

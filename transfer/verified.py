@@ -37,6 +37,7 @@ from .sidecar import (
     not_published,
     read_sidecar,
 )
+from .storage_base import Progress
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -76,7 +77,7 @@ class VerifiedReader(io.BufferedIOBase):
         url: str,
         expected: str,
         size: int | None,
-        callback: Callback | None,
+        callback: Progress | None,
         on_close: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()

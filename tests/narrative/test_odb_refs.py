@@ -11,6 +11,7 @@ import pytest
 from narrative.errors import ConcurrentUpdate, InvalidInput, StoreCorrupted
 from narrative.objects import hash_object
 from narrative.odb import PackWriter, parse_entry_header
+from narrative.packindex import PackIndex
 from narrative.refs import STALE_LOCK_SECONDS, RefStore
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
@@ -130,3 +131,26 @@ def test_pack_count_stays_bounded(store: Store, workspace: Path) -> None:
     git("--git-dir", store.git_dir, "fsck", "--strict", "--no-dangling")
     for commit in commits:
         assert git("--git-dir", store.git_dir, "cat-file", "-t", commit).strip() == "commit"
+
+
+def test_bulk_lookups_agree_with_one_by_one(store: Store, workspace: Path) -> None:
+    """find_many and absent (one search each for a few oids, one dict of the pack for many),
+    offsets() and missing() answer as find(), offset() and exists() do, loose objects and
+    absent ones included."""
+    for i in range(40):
+        (workspace / f"f{i}.txt").write_text(f"file {i}\n")
+    take_snapshot(store)
+    loose = store.odb.write_loose("blob", b"only loose\n")
+    absent = [bytes([n]) * 20 for n in (0, 7, 255)]
+    packed = [oid for path in store.odb.pack_index_paths() for oid in store.odb.pack_oids(path)]
+    assert len(packed) > 40
+    indexes = [PackIndex(path) for path in store.odb.pack_index_paths()]
+    for subset in ([*packed[:2], absent[0]], [*packed, *absent, loose]):  # few, then many
+        for idx in indexes:
+            assert idx.find_many(subset) == [idx.find(oid) for oid in subset]
+            assert sorted(idx.absent(subset)) == sorted(o for o in subset if idx.find(o) is None)
+            assert idx.offsets() == tuple(idx.offset(i) for i in range(idx.count))
+        assert store.odb.missing(subset) == sorted(o for o in subset if not store.odb.exists(o))
+    assert store.odb.missing([*packed, loose, *absent]) == absent
+    for idx in indexes:
+        idx.close()

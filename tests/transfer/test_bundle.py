@@ -272,9 +272,10 @@ def test_incremental_bundle_deltas_the_trees_on_a_deep_changed_path(
     _through_our_intake(store, tmp_path, base, after, ref)
 
 
-def test_raw_entries_match_raw_entry_and_skip_deltas(store: Store, workspace: Path) -> None:
-    """The bulk pack reader the full export uses gives each stored entry byte for byte as the
-    one-by-one reader does, and leaves deltified entries (from a git repack) out."""
+def test_raw_runs_match_raw_entry_and_skip_deltas(store: Store, workspace: Path) -> None:
+    """The bulk pack reader the full export uses gives runs that are the stored entries byte
+    for byte as the one-by-one reader gives them, back to back, and leaves deltified entries
+    (from a git repack) out."""
     text = "".join(f"line {i}\n" for i in range(3000))
     for i in range(30):
         (workspace / f"f{i}.txt").write_text(text + f"variant {i}\n")
@@ -288,6 +289,67 @@ def test_raw_entries_match_raw_entry_and_skip_deltas(store: Store, workspace: Pa
         ).splitlines()
     ]
     one_by_one = {oid: store.odb.raw_entry(oid) for oid in oids}
-    bulk = dict(store.odb.raw_entries(oids))
-    assert bulk == {oid: entry for oid, entry in one_by_one.items() if entry is not None}
+    runs = list(store.odb.raw_runs(oids))
+    for run_oids, data in runs:
+        assert data == b"".join(one_by_one[oid] or b"" for oid in run_oids)
+    bulk = [oid for run_oids, _data in runs for oid in run_oids]
+    assert sorted(bulk) == sorted(oid for oid, entry in one_by_one.items() if entry is not None)
     assert len(bulk) < len(oids)  # the repack made deltas, which are left out
+    assert len(runs) > 1  # and split the runs around them
+
+
+def _mebibytes_of_snapshots(store: Store, workspace: Path) -> list[str]:
+    """Two snapshots of incompressible files, several MiB of pack: the export's writer thread
+    and whole-run copies are used (small bundles take neither)."""
+    import random
+
+    rng = random.Random(7)
+    for i in range(24):
+        (workspace / f"big{i}.bin").write_bytes(rng.randbytes(200_000 + i))
+    first = take_snapshot(store).snapshot
+    (workspace / "big3.bin").write_bytes(rng.randbytes(150_000))
+    (workspace / "sub").mkdir()
+    (workspace / "sub" / "small.txt").write_text("x\n")
+    second = take_snapshot(store).snapshot
+    return [first.commit, second.commit]
+
+
+def test_a_bundle_of_several_mebibytes_clones_with_stock_git(
+    store: Store, workspace: Path, tmp_path: Path
+) -> None:
+    commits = _mebibytes_of_snapshots(store, workspace)
+    bundle = tmp_path / "big.bundle"
+    with bundle.open("wb") as f:
+        stats = write_bundle(store.odb, f, _all_refs(store))
+    assert stats.size == bundle.stat().st_size > 4 << 20
+    empty = tmp_path / "empty.git"
+    git("init", "-q", "--bare", str(empty))
+    git("--git-dir", str(empty), "bundle", "verify", "-q", str(bundle))
+    clone = tmp_path / "clone.git"
+    git("clone", "-q", "--mirror", str(bundle), str(clone))
+    git("--git-dir", str(clone), "fsck", "--strict", "--no-dangling")
+    ref = store.thread_ref(store.config.default_thread)
+    assert git("--git-dir", str(clone), "rev-parse", ref).strip() == commits[-1]
+    assert git("--git-dir", str(clone), "rev-parse", f"{ref}~1").strip() == commits[0]
+
+
+def test_a_sink_failing_mid_pack_fails_the_export(store: Store, workspace: Path) -> None:
+    """An error of the sink (written to on the writer thread) surfaces on the caller's thread,
+    and the export neither hangs nor writes the trailer after it."""
+    import pytest
+
+    _mebibytes_of_snapshots(store, workspace)
+
+    class Failing:
+        def __init__(self) -> None:
+            self.written = 0
+
+        def write(self, data: bytes) -> None:
+            if self.written > 1 << 20:
+                raise OSError(28, "No space left on device")
+            self.written += len(data)
+
+    sink = Failing()
+    with pytest.raises(OSError, match="No space left"):
+        write_bundle(store.odb, sink, _all_refs(store))
+    assert sink.written < 4 << 20

@@ -141,3 +141,33 @@ def test_an_archive_missing_a_file_is_never_published(
         with pytest.raises(IncompleteExport, match="would build tree"):
             export(store, str(out), fmt=fmt, snapshot=snap.id)
         assert list(tmp_path.glob("x.*")) == []
+
+
+def test_a_missing_subtree_or_blob_among_many_refuses_the_export(
+    store: Store, workspace: Path, tmp_path: Path
+) -> None:
+    """The connectivity check's bulk lookups (a dict of the pack when most of it is sent) still
+    find the one object that is not there: a missing directory and a missing file of a commit
+    that shares everything else with a real snapshot."""
+    from transfer.exporter import export
+
+    for i in range(60):
+        (workspace / f"f{i}.txt").write_text(f"file {i}\n")
+    snap = take_snapshot(store).snapshot
+    git_dir = ["--git-dir", store.git_dir]
+    listing = git(*git_dir, "ls-tree", snap.tree)
+    for ghost in ("040000 tree " + "2" * 40, "100644 blob " + "3" * 40):
+        tree = subprocess.run(
+            ["git", *git_dir, "mktree", "--missing"],
+            input=listing + f"{ghost}\tghost\n",
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        commit = git(*git_dir, "commit-tree", tree, "-p", snap.commit, "-m", "x").strip()
+        git(*git_dir, "update-ref", store.thread_ref(snap.thread), commit)
+        store.odb.invalidate()
+        out = tmp_path / "x.bundle"
+        with pytest.raises(IncompleteExport, match=ghost.split()[-1]):
+            export(store, str(out))
+        assert list(tmp_path.glob("x.bundle*")) == []
