@@ -9,7 +9,6 @@ and the next health check or :meth:`reconnect_all` settles it. The environments'
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -31,7 +30,6 @@ from .base import (
     ExecResult,
     Health,
     OutputFn,
-    ProviderConfig,
     ProviderContext,
     Signal,
 )
@@ -46,6 +44,7 @@ from .errors import (
 from .lifecycle import EnvState, can_transition, is_active
 from .records import EnvironmentRecord, EnvironmentStore, hub_socket_dir
 from .registry import get_provider_class, pick_provider
+from .sweeping import sweep_leaked
 from .usage import UsageMeter
 
 __all__ = ["DEFAULT_HEALTH_INTERVAL", "DEFAULT_WORKERS", "EnvironmentManager", "HealthReport"]
@@ -581,42 +580,7 @@ class EnvironmentManager:
 
     def sweep(self, providers: Iterable[str] | None = None) -> list[str]:
         """Delete resources labelled with this store's owner that no record knows."""
-        known = {r.resource_id for r in self.records.live() if r.resource_id}
-        names = (
-            set(providers)
-            if providers is not None
-            else {r.provider for r in self.environments(True)}
-        )
-        swept: list[str] = []
-        for name in sorted(names):
-            cls = get_provider_class(name)
-            context = ProviderContext(self.store, self.owner, "env-sweep", "sweep")
-            for config in self._sweep_configs(name, cls.config_model):
-                instance = cls(context, config)
-                for resource in instance.list_resources():
-                    if resource not in known and resource not in swept:
-                        log.info("sweeping leaked %s resource %s", name, resource)
-                        instance.delete(resource)
-                        swept.append(resource)
-        return swept
-
-    def _sweep_configs(self, provider: str, model: type[ProviderConfig]) -> list[ProviderConfig]:
-        """Where to look for leaked resources of ``provider``: its default configuration, and
-        every distinct one an environment of the store had (an ``ssh`` host, a daemon
-        address), archived environments included."""
-        configs: list[ProviderConfig] = []
-        with contextlib.suppress(ValidationError):  # no default: the host is required, say
-            configs.append(model())
-        for record in self.records.load():
-            if record.provider != provider:
-                continue
-            try:
-                config = model.model_validate(record.config)
-            except ValidationError:
-                continue
-            if config not in configs:
-                configs.append(config)
-        return configs
+        return sweep_leaked(self.store, self.owner, self.records, providers)
 
     def watch(self, stop: threading.Event) -> None:
         """Run health checks every ``health_interval`` seconds until ``stop`` is set."""
