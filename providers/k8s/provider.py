@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from narrative.errors import InvalidInput
+from narrative.jsonio import parse_json
 
 from ..base import (
     SPAWN_LOG_LIMIT,
@@ -173,12 +174,24 @@ class K8sProvider(BaseProvider):
         return claim
 
     def _pod(self, name: str) -> dict[str, Any] | None:
+        """The pod as the API server sent it (its JSON, not the client's models: reading
+        one is a tenth of the work), None when there is none."""
         try:
             with api_errors("read", name):
-                pod = self.core.read_namespaced_pod(name, self.cfg.namespace)
+                response = self.core.read_namespaced_pod(
+                    name, self.cfg.namespace, _preload_content=False
+                )
+                try:
+                    pod = parse_json(response.data)
+                finally:
+                    response.release_conn()
         except ResourceGone:
             return None
-        return dict(self.client.sanitize_for_serialization(pod))
+        except ValueError as exc:
+            raise ProviderError(f"k8s read {name}: not JSON: {exc}") from exc
+        if not isinstance(pod, dict):
+            raise ProviderError(f"k8s read {name}: not a pod: {type(pod).__name__}")
+        return pod
 
     def start(self, resource_id: str) -> None:
         """Create the pod (unless one runs already) and wait, watching it, until it runs.
@@ -470,10 +483,9 @@ class K8sProvider(BaseProvider):
         failed: the caller looks with :meth:`alive`)."""
         marker = _parse_handle(handle)
         tenths = str(max(0, round(seconds * 10)))
-        try:
-            pod = self._live_pod(resource_id)
+        try:  # no read of the pod first: a pod being deleted is waited for as any other
             result = self.pods.run(
-                pod, ["sh", "-c", AWAIT_END_SCRIPT, marker, tenths], timeout=seconds + 30
+                resource_id, ["sh", "-c", AWAIT_END_SCRIPT, marker, tenths], timeout=seconds + 30
             )
         except ResourceGone:
             return True
@@ -500,7 +512,7 @@ class K8sProvider(BaseProvider):
         none (or no pod)."""
         path = _SPAWN_LOG.format(marker=_parse_handle(handle))
         try:
-            out = self.pods.run(self._live_pod(resource_id), tail_argv(path, since, limit))
+            out = self.pods.run(resource_id, tail_argv(path, since, limit))  # (no read first)
         except ProviderError as exc:
             log.debug("no spawn log %s in %s: %s", path, resource_id, exc)
             return SpawnLog(0, b"")
