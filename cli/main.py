@@ -6,6 +6,8 @@ Heavy modules are imported inside commands so that ``narrative snapshot`` starts
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import errno
 import importlib
 import os
@@ -213,7 +215,25 @@ def _global_options(command: click.Command) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    cli(prog_name="narrative")
+    status = [1]  # an exception other than SystemExit: Python's own exit status for it
+    atexit.register(_end_now, status)
+    try:
+        cli(prog_name="narrative")
+    except SystemExit as exc:
+        code = exc.code
+        status[0] = 0 if code is None else code if isinstance(code, int) else 1
+        raise
+
+
+def _end_now(status: list[int]) -> None:
+    """End the process without the interpreter's teardown (freeing every module and object:
+    10-20 ms of a 70 ms command). Registered first, this runs last of the exit handlers
+    (they run last in, first out), after Python printed any error, joined the non-daemon
+    threads and ran every other handler (logging's flush, ``weakref.finalize``...)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed stream
+            stream.flush()
+    os._exit(status[0])
 
 
 if __name__ == "__main__":  # pragma: no cover
