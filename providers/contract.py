@@ -27,7 +27,7 @@ from narrative.ids import new_id
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 
-from .base import BaseProvider, Health, ProviderContext, Signal
+from .base import UP_FD_VAR, BaseProvider, Health, ProviderContext, Signal
 from .errors import ExecFailed, ResourceGone
 from .lifecycle import EnvState, can_transition
 from .manager import EnvironmentManager
@@ -300,10 +300,42 @@ def check_reset_between_runs(target: ContractTarget, scratch: Path) -> None:
         assert f"leftover-{tag}" not in temp, "the temporary directory kept the last run's file"
     else:
         provider.exec(rid, ["sh", "-c", 'rm -f "${TMPDIR:-/tmp}/leftover-$1"', "sh", tag])
+    _runtime_start_resets(target, manager, provider, rid)
     manager.prepare_run("reused", base)
     again = provider.collect(rid, store.config.default_thread, None, "after a reset")
     assert again.tree == base.tree, "a reset with a base does not hold exactly the base"
     _delete(target, manager, "reused", rid)
+
+
+_RUNTIME = (
+    f'echo up > runtime.txt; [ -z "${{{UP_FD_VAR}:-}}" ] || echo up >&"${UP_FD_VAR}"; exec sleep 60'
+)
+"""Stands for a hub's runtime: says it is up where :data:`~providers.base.UP_FD_VAR` asks."""
+
+
+def _runtime_start_resets(
+    target: ContractTarget, manager: EnvironmentManager, provider: BaseProvider, rid: str
+) -> None:
+    """Starting a run's runtime (``start_runtime``, which a provider may do in one round
+    trip) readies the environment as ``prepare_run`` does: the last run's process ends, its
+    files go, and the runtime runs."""
+    tag = uuid.uuid4().hex[:12]
+    assert provider.exec(rid, ["sh", "-c", _LEFTOVERS, "sh", tag]).exit_code == 0
+    left = manager.spawn("reused", ["sh", "-c", "echo up > spawned.txt && exec sleep 60"])
+    _wait(lambda: _exists(provider, rid, "spawned.txt"), "the spawned process to run")
+    runtime = manager.start_runtime("reused", ["sh", "-c", _RUNTIME], {})
+    _wait(lambda: not manager.alive("reused", left), "the last run's process to end")
+    assert manager.alive("reused", runtime), "the runtime does not run"
+    # (a provider may start the runtime elsewhere: the remote one, on this machine)
+    listed = provider.exec(rid, ["ls", "-A"]).stdout.split()
+    assert set(listed) <= {b"runtime.txt"}, f"the workspace was not emptied: {listed}"
+    if target.empties_temp:
+        temp = provider.exec(rid, ["sh", "-c", 'ls -A "${TMPDIR:-/tmp}"']).stdout.decode()
+        assert f"leftover-{tag}" not in temp, "the temporary directory kept the last run's file"
+    else:
+        provider.exec(rid, ["sh", "-c", 'rm -f "${TMPDIR:-/tmp}/leftover-$1"', "sh", tag])
+    manager.signal("reused", runtime, "kill")
+    _wait(lambda: not manager.alive("reused", runtime), "the runtime to end")
 
 
 _TREE = "(while :; do echo beat >> beats; sleep 0.1; done) & sleep 60 & wait"
