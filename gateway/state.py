@@ -58,9 +58,6 @@ __all__ = ["GatewayState"]
 
 log = logging.getLogger(__name__)
 
-#: The bound of ``Request.timeoutMs`` (checked without pydantic for names validated before).
-_MAX_TIMEOUT_MS = 86_400_000
-
 
 # ----------------------------------------------------------------------------- bookkeeping
 
@@ -129,8 +126,6 @@ class GatewayState:
         self._tick = itertools.count()
         self._prefix = secrets.token_hex(6)
         self._ids = itertools.count()
-        #: (kind, action, target, *route path) of calls made here that passed validation
-        self._valid_names: set[tuple[str | None, ...]] = set()
 
     # ------------------------------------------------------------------ queries
 
@@ -222,37 +217,21 @@ class GatewayState:
         """
         budget = self.limits.execution_timeout if timeout is None else timeout
         path = route_path or []
-        fields: dict[str, Any] = {
-            "requestId": self.new_id(),
-            "originalType": kind,
-            "originalAction": action,
-            "originalMessage": payload,
-            "routePath": path,
-            "originRuntimeId": self.runtime_id,
-            "originEnvironmentId": path[0] if path else self.environment_id,
-            "timeoutMs": max(1, int(budget * 1000)),
-            "target": target,
-        }
-        # Names, target and path seen valid before need no second look: only the payload's
-        # shape and the budget's bound are checked again (what pydantic would check of them).
-        names = (kind, action, target, *path)
-        if (
-            names in self._valid_names
-            and type(payload) is dict
-            and fields["timeoutMs"] <= _MAX_TIMEOUT_MS
-            and all(type(k) is str for k in payload)
-        ):
-            fields["originalMessage"] = dict(payload)  # a copy, as validation makes
-            request = trusted(Request, **fields)
-        else:
-            try:
-                request = Request(**fields)
-            except ValidationError as exc:  # the caller's own arguments: say which is wrong
-                problem = validation_problem(exc)
-                raise ProtocolError(f"invalid call {kind}:{action}: {problem}") from None
-            if len(self._valid_names) >= 4096:
-                self._valid_names.clear()
-            self._valid_names.add(names)
+        try:
+            request = Request(
+                requestId=self.new_id(),
+                originalType=kind,
+                originalAction=action,
+                originalMessage=payload,
+                routePath=path,
+                originRuntimeId=self.runtime_id,
+                originEnvironmentId=path[0] if path else self.environment_id,
+                timeoutMs=max(1, int(budget * 1000)),
+                target=target,
+            )
+        except ValidationError as exc:  # the caller's own arguments: say which one is wrong
+            problem = validation_problem(exc)
+            raise ProtocolError(f"invalid call {kind}:{action}: {problem}") from None
         return request.requestId, self.receive_request("", request, now, via=via)
 
     def receive_request(

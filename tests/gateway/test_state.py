@@ -345,11 +345,11 @@ def test_rules_of_one_peer_route_only_that_peers_calls() -> None:
 
 
 def test_calls_with_names_seen_before_are_still_checked() -> None:
-    """The fast path for names validated before still refuses a bad payload or budget."""
+    """A second call with the same names is validated like the first (payload, budget)."""
     from gateway.errors import ProtocolError as _ProtocolError
 
     st = GatewayState("a", "rt-a")
-    for _ in range(2):  # the second call takes the fast path
+    for _ in range(2):
         rid, _actions = st.call("fs", "read", {"p": 1}, 0.0)
         assert rid
     payload = {"p": [1]}
