@@ -19,7 +19,7 @@ from narrative.errors import InvalidInput, NarrativeError, NotFound
 from .errors import GatewayError
 from .protocol import ErrorBody, Notification, Request
 
-__all__ = ["Handler", "HandlerContext", "HandlerRegistry", "error_body"]
+__all__ = ["Handler", "HandlerContext", "HandlerRegistry", "InlineHandler", "error_body"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,9 @@ class HandlerContext:
 
 
 Handler = Callable[[HandlerContext, dict[str, Any]], Awaitable[Any]]
+#: A cheap synchronous handler (``(ctx, payload) -> result``), run inline by the connection's
+#: reader: no task per call (see :meth:`HandlerRegistry.register_inline`).
+InlineHandler = Callable[[HandlerContext, dict[str, Any]], Any]
 H = TypeVar("H", bound=Handler)
 
 
@@ -87,6 +90,8 @@ class HandlerRegistry:
 
     def __init__(self) -> None:
         self._handlers: dict[tuple[str, str], Handler] = {}
+        #: the synchronous form of handlers registered with :meth:`register_inline`
+        self._inline: dict[tuple[str, str], InlineHandler] = {}
 
     def register(self, kind: str, action: str, handler: Handler, *, replace: bool = False) -> None:
         """Register ``handler`` for ``kind:action``.
@@ -97,6 +102,24 @@ class HandlerRegistry:
         if not replace and (kind, action) in self._handlers:
             raise ValueError(f"a handler for {kind}:{action} is already registered")
         self._handlers[kind, action] = handler
+        self._inline.pop((kind, action), None)
+
+    def register_inline(
+        self, kind: str, action: str, handler: InlineHandler, *, replace: bool = False
+    ) -> None:
+        """Register a synchronous ``handler`` for ``kind:action``, run inline: for cheap work
+        that never waits (it holds up its connection's other messages while it runs, and
+        cannot stream). :meth:`lookup` still returns an ``async`` form of it.
+
+        Raises:
+            ValueError: one is registered already and ``replace`` is false.
+        """
+
+        async def run(ctx: HandlerContext, payload: dict[str, Any]) -> Any:
+            return handler(ctx, payload)
+
+        self.register(kind, action, run, replace=replace)
+        self._inline[kind, action] = handler
 
     def handler(self, kind: str, action: str) -> Callable[[H], H]:
         """Decorator form of :meth:`register`."""
@@ -111,6 +134,11 @@ class HandlerRegistry:
         """The handler for ``kind:action``, or for ``kind:*``, or None."""
         found = self._handlers.get((kind, action))
         return found if found is not None else self._handlers.get((kind, "*"))
+
+    def resolve(self, kind: str, action: str) -> tuple[Handler | None, InlineHandler | None]:
+        """Like :meth:`lookup`, also giving the synchronous form of an inline handler."""
+        key = (kind, action) if (kind, action) in self._handlers else (kind, "*")
+        return self._handlers.get(key), self._inline.get(key)
 
     def names(self) -> list[str]:
         """Registered ``type:action`` names, sorted."""

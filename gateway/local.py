@@ -61,12 +61,26 @@ class LocalHandlers:
         self.spawn = spawn
         self._running: dict[Key, _Running] = {}
 
-    def run(self, key: Key, request: Request) -> None:
-        """Start the handler for ``request`` (a ``no_handler`` failure if there is none)."""
-        handler = self.handlers.lookup(request.originalType, request.originalAction)
+    def run(self, key: Key, request: Request) -> list[Action]:
+        """Start the handler for ``request`` (a ``no_handler`` failure if there is none).
+
+        Returns:
+            The actions of its end when it is an inline handler (it ran to completion here,
+            in the caller's task: no task per call), else none (a task reports its end).
+        """
+        handler, inline = self.handlers.resolve(request.originalType, request.originalAction)
+        if inline is not None:
+            env = self.state.environment_id
+            ctx = HandlerContext(request, env, _no_stream, _no_notify, _no_inbox)
+            try:
+                outcome = _checked(request, inline(ctx, request.originalMessage), env)
+            except Exception as exc:
+                outcome = Outcome(False, error=error_body(exc, env), environment_id=env)
+            return self.state.local_done(key, outcome)
         running = _Running()
         self._running[key] = running
         running.task = self.spawn(self._execute(key, request, handler, running))
+        return []
 
     def cancel(self, key: Key) -> None:
         """Stop the handler for ``key``, if it still runs."""
@@ -106,24 +120,38 @@ class LocalHandlers:
 
             ctx = HandlerContext(request, env, partial, notify, running.inbox)
             try:
-                result = await handler(ctx, request.originalMessage)
-                # Checked here, once, so a bad result fails this call instead of the send of
-                # its reply (and so a handler behaves the same for local and remote callers).
-                to_json(result)
-                outcome = Outcome(True, result, None, env)
+                outcome = _checked(request, await handler(ctx, request.originalMessage), env)
             except asyncio.CancelledError:
                 self._running.pop(key, None)
                 raise
-            except PydanticSerializationError as exc:
-                log.error(
-                    "%s:%s returned non-JSON data: %s",
-                    request.originalType,
-                    request.originalAction,
-                    exc,
-                )
-                failure = ErrorBody(code="handler_error", message="handler returned non-JSON data")
-                outcome = Outcome(False, None, failure, env)
             except Exception as exc:
                 outcome = Outcome(False, error=error_body(exc, env), environment_id=env)
         self._running.pop(key, None)
         await self.apply(self.state.local_done(key, outcome))
+
+
+def _checked(request: Request, result: Any, env: str) -> Outcome:
+    """The outcome of a handler that returned ``result``: checked here, once, so a bad result
+    fails this call instead of the send of its reply (and so a handler behaves the same for
+    local and remote callers)."""
+    try:
+        to_json(result)
+    except PydanticSerializationError as exc:
+        log.error(
+            "%s:%s returned non-JSON data: %s", request.originalType, request.originalAction, exc
+        )
+        failure = ErrorBody(code="handler_error", message="handler returned non-JSON data")
+        return Outcome(False, None, failure, env)
+    return Outcome(True, result, None, env)
+
+
+async def _no_stream(result: Any) -> None:
+    raise RuntimeError("an inline handler cannot stream partial results")
+
+
+async def _no_notify(kind: str, result: Any) -> None:
+    raise RuntimeError("an inline handler cannot send notifications")
+
+
+def _no_inbox() -> asyncio.Queue[Notification]:
+    raise RuntimeError("an inline handler cannot wait for notifications")

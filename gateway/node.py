@@ -132,8 +132,8 @@ class Gateway:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closed = False
-        self.handlers.register("gateway", "echo", _echo)
-        self.handlers.register("gateway", "whoami", self._whoami)
+        self.handlers.register_inline("gateway", "echo", _echo)
+        self.handlers.register_inline("gateway", "whoami", self._whoami)
 
     @property
     def token_policy(self) -> TokenPolicy | None:
@@ -507,7 +507,8 @@ class Gateway:
             elif isinstance(action, Deliver):
                 self._calls.deliver(action)
             elif isinstance(action, RunLocal):
-                self._local.run(action.key, action.request)
+                # an inline handler's reply: sent by this same loop (the list grows under it)
+                actions.extend(self._local.run(action.key, action.request))
             elif isinstance(action, DeliverPartial):
                 self._calls.deliver_partial(action)
             elif isinstance(action, CancelLocal):
@@ -547,7 +548,7 @@ class Gateway:
         else:
             self._rearm()
 
-    async def _whoami(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+    def _whoami(self, ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
         return {
             "environmentId": self.environment_id,
             "runtimeId": self.runtime_id,
@@ -556,5 +557,5 @@ class Gateway:
         }
 
 
-async def _echo(ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
+def _echo(ctx: HandlerContext, payload: dict[str, Any]) -> dict[str, Any]:
     return payload

@@ -342,3 +342,26 @@ def test_rules_of_one_peer_route_only_that_peers_calls() -> None:
     assert refused.message.error.code == "loop"
     del hub.peer_routers["run-env"]
     only(hub.receive_request("run-env", req("r5", ["run-env"]), 0.0), RunLocal)
+
+
+def test_calls_with_names_seen_before_are_still_checked() -> None:
+    """A second call with the same names is validated like the first (payload, budget)."""
+    from gateway.errors import ProtocolError as _ProtocolError
+
+    st = GatewayState("a", "rt-a")
+    for _ in range(2):
+        rid, _actions = st.call("fs", "read", {"p": 1}, 0.0)
+        assert rid
+    payload = {"p": [1]}
+    _, actions = st.call("fs", "read", payload, 0.0)
+    run = actions[0]
+    assert isinstance(run, RunLocal)
+    assert run.request.originalMessage == payload
+    assert run.request.originalMessage is not payload  # copied, as validation does
+    for bad in ({1: "x"}, ["not", "a", "dict"]):
+        with pytest.raises(_ProtocolError, match="invalid call fs:read"):
+            st.call("fs", "read", bad, 0.0)  # type: ignore[arg-type]
+    with pytest.raises(_ProtocolError, match="timeoutMs"):
+        st.call("fs", "read", {}, 0.0, timeout=10**9)
+    with pytest.raises(_ProtocolError, match="invalid call"):
+        st.call("fs", "bad name!", {}, 0.0)
