@@ -19,8 +19,6 @@ import base64
 import contextlib
 import io
 import logging
-import re
-import shlex
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +41,7 @@ from ..base import (
     tail_argv,
     tail_read,
 )
-from ..emptying import empty_argv, sweep_and_empty_argv, sweep_empty_then_argv
+from ..emptying import empty_argv, sweep_and_empty_argv
 from ..errors import ProviderError, ProviderUnavailable, ResourceGone
 from ..proctree import MARKER_VAR, signal_argv, sweep_argv
 from ..shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
@@ -54,11 +52,11 @@ from .podexec import (
     ALIVE_SCRIPT,
     AWAIT_END_SCRIPT,
     SIGNAL_PID_SCRIPT,
-    SPAWN_SCRIPT,
     PodExec,
     new_marker,
     wrap,
 )
+from .spawning import env_script, parse_handle, spawn_command, spawn_log
 
 if TYPE_CHECKING:
     from narrative.models import Snapshot
@@ -66,18 +64,6 @@ if TYPE_CHECKING:
 __all__ = ["K8sProvider"]
 
 log = logging.getLogger(__name__)
-
-_HANDLE = re.compile(r"k8s:([0-9a-f]{24})")
-_SPAWN_LOG = "/tmp/narrative-spawn-{marker}.log"
-RUNTIME_UP_HOLD = 30.0
-"""Longest hold of a runtime's spawn waiting for it to be up (:meth:`K8sProvider.spawn_runtime`)."""
-
-
-def _parse_handle(handle: str) -> str:
-    match = _HANDLE.fullmatch(handle)
-    if match is None:
-        raise InvalidInput(f"not a process handle of the k8s provider: {handle!r}")
-    return match.group(1)
 
 
 class K8sProvider(BaseProvider):
@@ -396,9 +382,10 @@ class K8sProvider(BaseProvider):
         log_path: str | None = None,
     ) -> str:
         """As :meth:`spawn`, but the exec returns only once the runtime is connected to its hub
-        or ended (:data:`~providers.base.UP_FD_VAR`), or after :data:`RUNTIME_UP_HOLD`
-        seconds: a hub waiting for fifty runtimes to start then does not look into each pod
-        again and again meanwhile (each look is an exec)."""
+        or ended (:data:`~providers.base.UP_FD_VAR`), or after
+        :data:`~providers.k8s.spawning.RUNTIME_UP_HOLD` seconds: a hub waiting for fifty
+        runtimes to start then does not look into each pod again and again (each look is an
+        exec)."""
         return self._spawn(resource_id, argv, env, log_path, hold=True)
 
     def start_runtime(
@@ -429,19 +416,20 @@ class K8sProvider(BaseProvider):
         key = f"spawn-{marker}"
         envfile = ""
         if env:
-            script = "".join(
-                f"export {k}={shlex.quote(v)}\n" for k, v in env.items() if _name_ok(k)
-            )
+            script = env_script(env)
             self._secret_data(resource_id, {key: base64.b64encode(script.encode()).decode()})
             envfile = f"{manifests.ENV_MOUNT}/{key}"
-        logfile = _SPAWN_LOG.format(marker=marker) if log_path is not None else ""
         try:
-            held = f"{RUNTIME_UP_HOLD:g}" if hold else ""
-            launcher = ["sh", "-c", SPAWN_SCRIPT, "spawn", logfile, envfile, held, *argv]
-            command = wrap(self.cfg.workdir, launcher, {MARKER_VAR: marker})
-            if prepare:  # the Secret's key written above is a file the emptying leaves alone
-                command = sweep_empty_then_argv(True, self._run_dirs, command)
-            # a runtime slower than the hold is looked at by the hub as before
+            command = spawn_command(
+                self.cfg.workdir,
+                marker,
+                argv,
+                logfile=spawn_log(marker) if log_path is not None else "",
+                envfile=envfile,
+                hold=hold,
+                # the Secret's key written above is a file the emptying leaves alone
+                empty_first=self._run_dirs if prepare else None,
+            )
             self.pods.quiet(pod, command, "spawn")
         finally:
             if env:
@@ -455,7 +443,7 @@ class K8sProvider(BaseProvider):
             self.core.patch_namespaced_secret(name, self.cfg.namespace, {"data": dict(data)})
 
     def signal(self, resource_id: str, handle: str, sig: Signal) -> None:
-        marker = _parse_handle(handle)
+        marker = parse_handle(handle)
         if self._pod(resource_id) is None:
             return  # its processes died with the pod
         by_pid = ["sh", "-c", SIGNAL_PID_SCRIPT, marker, "TERM" if sig == "term" else "KILL"]
@@ -466,7 +454,7 @@ class K8sProvider(BaseProvider):
         """Whether the spawned process runs; :class:`ProviderUnavailable` when the probe itself
         failed (the API server or the exec did not answer): a hub then waits, instead of taking
         its runtime for one that ended."""
-        marker = _parse_handle(handle)
+        marker = parse_handle(handle)
         try:
             pod = self._live_pod(resource_id)
             code = self.pods.run(pod, ["sh", "-c", ALIVE_SCRIPT, marker]).exit_code
@@ -481,7 +469,7 @@ class K8sProvider(BaseProvider):
     def await_end(self, resource_id: str, handle: str, seconds: float) -> bool | None:
         """One exec that looks every tenth of a second in the pod (None when that exec
         failed: the caller looks with :meth:`alive`)."""
-        marker = _parse_handle(handle)
+        marker = parse_handle(handle)
         tenths = str(max(0, round(seconds * 10)))
         try:  # no read of the pod first: a pod being deleted is waited for as any other
             result = self.pods.run(
@@ -510,7 +498,7 @@ class K8sProvider(BaseProvider):
     ) -> SpawnLog:
         """The end of ``/tmp/narrative-spawn-<marker>.log`` in the pod; empty when there is
         none (or no pod)."""
-        path = _SPAWN_LOG.format(marker=_parse_handle(handle))
+        path = spawn_log(parse_handle(handle))
         try:
             out = self.pods.run(resource_id, tail_argv(path, since, limit))  # (no read first)
         except ProviderError as exc:
@@ -603,9 +591,3 @@ class K8sProvider(BaseProvider):
             strip="./",
             max_bytes=limit,
         )
-
-
-def _name_ok(name: str) -> bool:
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise InvalidInput(f"not an environment variable name: {name!r}")
-    return True
