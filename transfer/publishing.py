@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from functools import partial
 from typing import Any
 
 from fsspec import AbstractFileSystem
@@ -29,7 +30,6 @@ from narrative.errors import InvalidInput
 from .errors import ArtifactNotFound, ChecksumMismatch
 from .fsio import (
     BLOCK_SIZE,
-    StageProgress,
     commits_on_close,
     file_exists,
     is_local,
@@ -54,7 +54,13 @@ from .sidecar import (
     sidecar_text,
     unpublish,
 )
-from .storage_base import PublishWriter, Stage, abort_stage, publish_local
+from .storage_base import (
+    PublishWriter,
+    Sidecars,
+    Stage,
+    publish_local,
+    publish_staged,
+)
 from .storage_lock import DEFAULT_LOCK_TIMEOUT, LOCK_SUFFIX, StorageLock
 
 __all__ = [
@@ -174,33 +180,13 @@ def publish(
         return
     with translate(url, "opening for write", writing=True):
         stage = _stage(fs, path, size)
-    shown = StageProgress("sending", size) if callback is None else None
-    writer = PublishWriter(stage.file, url, callback or shown)
-    try:
+    sidecars = Sidecars(
+        partial(unpublish, fs),
+        lambda side, old: restore_sidecar(fs, side, old, url),
+        partial(put_small, fs),
+    )
+    with publish_staged(stage, path, url, sidecars, callback, size) as writer:
         yield writer
-        with translate(url, "finishing", writing=True):
-            stage.finish()
-    except BaseException:
-        abort_stage(stage, url)
-        writer.close()
-        raise
-    finally:
-        if shown is not None:
-            shown.finish()
-    writer.close()
-    side = path + SIDECAR_SUFFIX
-    with translate(url, "publishing", writing=True):
-        old_sidecar = unpublish(fs, side)
-        try:
-            stage.commit()
-        except BaseException:
-            abort_stage(stage, url)
-            if old_sidecar is not None:
-                restore_sidecar(fs, side, old_sidecar, url)
-            raise
-        put_small(fs, side, sidecar_text(writer.sha256, path))
-    writer.published = True
-    logger.debug("published %s (%d bytes, sha256 %s)", redact(url), writer.size, writer.sha256)
 
 
 def write_small_atomic(

@@ -20,7 +20,8 @@ import queue
 import re
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from narrative import progress
@@ -38,6 +39,7 @@ __all__ = [
     "LocalStage",
     "Progress",
     "PublishWriter",
+    "Sidecars",
     "Stage",
     "StageProgress",
     "abort_stage",
@@ -47,6 +49,7 @@ __all__ = [
     "local_write_atomic",
     "plain_local_path",
     "publish_local",
+    "publish_staged",
     "redact",
     "sidecar_text",
     "tmp_path",
@@ -443,6 +446,40 @@ def publish_local(
     check_artifact_path(path, url)
     with translate(url, "opening for write", writing=True):
         stage = LocalStage(path)
+
+    def restore(side: str, old: bytes) -> None:
+        try:
+            local_write_atomic(side, old)
+        except Exception:
+            logger.warning("could not restore the sidecar of %s", url, exc_info=True)
+
+    sidecars = Sidecars(_unpublish_local, restore, local_write_atomic)
+    with publish_staged(stage, path, url, sidecars, callback, size) as writer:
+        yield writer
+
+
+@dataclass(frozen=True)
+class Sidecars:
+    """How a backend takes an artifact's sidecar away (returning its old content, None when
+    there was none), puts an old one back after a failure (never raising) and writes one."""
+
+    unpublish: Callable[[str], bytes | None]
+    restore: Callable[[str, bytes], None]
+    write: Callable[[str, bytes], None]
+
+
+@contextlib.contextmanager
+def publish_staged(
+    stage: Stage,
+    path: str,
+    url: str,
+    sidecars: Sidecars,
+    callback: Progress | None = None,
+    size: int | None = None,
+) -> Iterator[PublishWriter]:
+    """Write an artifact through ``stage`` (opened for ``path``, named ``url`` in messages),
+    then publish it: the sidecar is taken away, the stage committed, the new sidecar written;
+    a failure anywhere leaves the previous artifact and its sidecar as they were."""
     shown = StageProgress("sending", size) if callback is None else None
     writer = PublishWriter(stage.file, url, callback or shown)
     try:
@@ -459,17 +496,14 @@ def publish_local(
     writer.close()
     side = path + SIDECAR_SUFFIX
     with translate(url, "publishing", writing=True):
-        old_sidecar = _unpublish_local(side)
+        old_sidecar = sidecars.unpublish(side)
         try:
             stage.commit()
         except BaseException:
             abort_stage(stage, url)
             if old_sidecar is not None:
-                try:
-                    local_write_atomic(side, old_sidecar)
-                except Exception:
-                    logger.warning("could not restore the sidecar of %s", url, exc_info=True)
+                sidecars.restore(side, old_sidecar)
             raise
-        local_write_atomic(side, sidecar_text(writer.sha256, path))
+        sidecars.write(side, sidecar_text(writer.sha256, path))
     writer.published = True
-    logger.debug("published %s (%d bytes, sha256 %s)", url, writer.size, writer.sha256)
+    logger.debug("published %s (%d bytes, sha256 %s)", redact(url), writer.size, writer.sha256)
