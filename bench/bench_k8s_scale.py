@@ -13,13 +13,12 @@ private Docker engine, ``DOCKER_HOST``; the default image is built offline if mi
   and wait until it runs, then run the same command in each through ``pods/exec`` and read
   ``out.txt`` back, then delete each pod and claim and wait until it is gone.
 
-Measured here (2 shared vCPUs under other agents' load, load average 7-11, one run each),
-50 environments: narrative 90.5 s (creates 16.8 s, fan-out 62.0 s, deletes 11.6 s), the anchor
-one pod at a time 46.9 s (1.93x, target MISSED), 16 at a time 28.6 s (3.16x); hub peak RSS 93
-MB (target met). Before creates and deletes went side by side in one command and the hub's
-provider work left its store thread: 185.0 s against 16.3 s (11.3x). The fan-out is what is
-left: fifty runtimes, each a Python process restoring, running, snapshotting and shipping its
-result in its pod, on two cores.
+Measured here on a quiet machine (2 vCPUs), 50 environments: narrative 28.3 s (creates 6.7 s,
+fan-out 17.9 s, deletes 3.8 s), the anchor one pod at a time 15.3 s (1.85x, target MISSED), 16
+at a time 10.8 s (2.63x); hub peak RSS 89 MB (target met). Three ``pods/exec`` a run (ready +
+spawn held until the runtime is up, wait for its end, copy its log). What is left is fifty
+Python runtimes starting at once on two cores (~30 of the fan-out's ~41 CPU-s). Before:
+11.3x, 4.6x, 2.76x (README, "Kubernetes scale").
 
 Target: OURS / ANCHOR ≤ 1.5x against the anchor one pod at a time; the anchor 16 pods at a
 time (as ``env create`` works) is reported beside it.
