@@ -283,7 +283,8 @@ def test_idle_time_to_live_reaps_only_the_idle_machine(
     assert not driver.expired(busy_now, None, later)
     assert not driver.expired(idle_now, T0 + ttl, later)  # the caller's knowledge counts too
 
-    far = later + timedelta(days=1)  # past the TTL of every launch time, moto's real one too
+    # past the TTL of every launch time, moto's real one (today's clock) too: T0 is fixed
+    far = max(later, datetime.now(UTC)) + timedelta(days=1)
     reaped = driver.reap_idle(OWNER, {busy.id: far, known.id: far - ttl}, far)
 
     assert reaped == [idle.id]
