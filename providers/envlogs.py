@@ -143,7 +143,7 @@ class EnvironmentLogs:
                 if entry["done"] or (handle is not None and known != handle):
                     continue
                 try:  # asked before the read
-                    finished = ended or not provider.alive(resource, known)
+                    finished = (ended and known == handle) or not provider.alive(resource, known)
                 except (ResourceGone, InvalidInput):  # gone, or never a handle of this resource
                     entry["done"] = True
                     continue

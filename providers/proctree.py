@@ -24,11 +24,19 @@ __all__ = [
     "SWEEP_SCRIPT",
     "environment_marker",
     "signal_argv",
+    "spawn_log_in_environment",
     "sweep_argv",
 ]
 
 MARKER_VAR = "NARRATIVE_EXEC_ID"
 """Set in the environment of each command so that the command and its children can be found."""
+
+
+def spawn_log_in_environment(marker: str) -> str:
+    """Where, inside a container or pod, the output of the process spawned with ``marker``
+    goes (the providers that reach in by exec: docker, k8s)."""
+    return f"/tmp/narrative-spawn-{marker}.log"
+
 
 # The end of both scripts below: ``{find}`` (a shell function) sets $pids; they are all stopped
 # before any is killed, so that no parent reacts to a child's death (a shell would go on to

@@ -140,12 +140,14 @@ class RuntimeProcess:
         handle, env = self.handle, self.environment
         if handle is None:
             return
-        if not await self._exited_within(EXIT_GRACE):
+        ended = await self._exited_within(EXIT_GRACE)
+        if not ended:
             with contextlib.suppress(NarrativeError):
                 await self.blocking(lambda: self.manager.signal(env, handle, "kill"))
+                ended = True  # killed: it writes nothing more
         # Docker and e2b keep the runtime's output inside: copy it next to the others'.
-        try:  # (ended: asked to exit, then killed if it had not)
-            await self.blocking(lambda: self.manager.logs.sync_runtime(env, handle, ended=True))
+        try:
+            await self.blocking(lambda: self.manager.logs.sync_runtime(env, handle, ended=ended))
         except (NarrativeError, OSError) as exc:
             log.info("cannot copy the runtime log of %s: %s", self.run_id, exc)
 

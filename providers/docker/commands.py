@@ -22,7 +22,7 @@ from narrative.errors import InvalidInput, NarrativeError
 
 from ..base import ExecResult, OutputFn, Signal
 from ..errors import ExecFailed, ProviderError, ResourceGone
-from ..proctree import MARKER_VAR, signal_argv, sweep_argv
+from ..proctree import MARKER_VAR, signal_argv, spawn_log_in_environment, sweep_argv
 from .client import SDK_ERRORS, capturing_responses, sdk_errors, translate_error
 
 __all__ = [
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 EXEC_MARKER_VAR = MARKER_VAR
 """Set in every exec's environment so that a timed-out command and its children can be found."""
 _HANDLE = re.compile(r"docker:([0-9a-f]{64}):([0-9a-f]{24})")
-_SPAWN_LOG = "/tmp/narrative-spawn-{marker}.log"
 """Where a spawned process's output goes inside the container when a log is asked for."""
 _GRACE = 5.0
 """Seconds to wait for an exec's output to end once its processes were killed."""
@@ -99,7 +98,7 @@ def parse_handle(handle: str) -> tuple[str, str]:
 def spawn_log_path(handle: str) -> str:
     """The file in the container that a spawned process's output was appended to."""
     _exec_id, marker = parse_handle(handle)
-    return _SPAWN_LOG.format(marker=marker)
+    return spawn_log_in_environment(marker)
 
 
 def run_streamed(
@@ -198,7 +197,7 @@ def spawn_detached(
     command = list(argv)
     if log_path is not None:
         # exec: the spawned process is argv itself, not a shell waiting for it
-        command = ["sh", "-c", 'exec "$@" >>"$0" 2>&1', _SPAWN_LOG.format(marker=marker)]
+        command = ["sh", "-c", 'exec "$@" >>"$0" 2>&1', spawn_log_in_environment(marker)]
         command += argv
     with sdk_errors("spawn", resource_id):
         exec_id = str(

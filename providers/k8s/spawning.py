@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from narrative.errors import InvalidInput
 
 from ..emptying import sweep_empty_then_argv
-from ..proctree import MARKER_VAR
+from ..proctree import MARKER_VAR, spawn_log_in_environment
 from .podexec import SPAWN_SCRIPT, wrap
 
 __all__ = [
@@ -27,7 +27,6 @@ RUNTIME_UP_HOLD = 30.0
 by the hub as before)."""
 
 _HANDLE = re.compile(r"k8s:([0-9a-f]{24})")
-_SPAWN_LOG = "/tmp/narrative-spawn-{marker}.log"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -41,7 +40,7 @@ def parse_handle(handle: str) -> str:
 
 def spawn_log(marker: str) -> str:
     """Where in the pod the output of the process with ``marker`` goes."""
-    return _SPAWN_LOG.format(marker=marker)
+    return spawn_log_in_environment(marker)
 
 
 def env_script(env: Mapping[str, str]) -> str:
