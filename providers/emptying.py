@@ -10,6 +10,7 @@ from .proctree import SWEEP_SCRIPT
 
 __all__ = [
     "EMPTY_SCRIPT",
+    "SWEPT_CUE",
     "TEMP_DIRS",
     "empty_argv",
     "sweep_and_empty_argv",
@@ -50,10 +51,17 @@ def sweep_and_empty_argv(init: bool, directories: Sequence[str]) -> list[str]:
     return ["sh", "-c", _SWEEP_AND_EMPTY_SCRIPT, "init" if init else "none", *directories]
 
 
+SWEPT_CUE = "narrative: swept"
+"""The line :func:`sweep_empty_then_argv` prints once nothing of an earlier run is left: the
+moment from which a secret meant for the next run may be handed into the environment (any
+earlier, a process the last run left could read it before the sweep kills it)."""
+
+
 def sweep_empty_then_argv(init: bool, directories: Sequence[str], then: Sequence[str]) -> list[str]:
-    """As :func:`sweep_and_empty_argv`, then ``then`` in the same process (``exec``): what
-    readies an environment for a run and starts its runtime in one round trip. The sweep
-    runs in a subshell of that process, so it spares the process."""
+    """As :func:`sweep_and_empty_argv`, then prints :data:`SWEPT_CUE` and runs ``then`` in the
+    same process (``exec``): what readies an environment for a run and starts its runtime in
+    one round trip. The sweep runs in a subshell of that process, so it spares the process."""
     empty = " ".join(shlex.quote(a) for a in empty_argv(directories))
-    script = f'({SWEEP_SCRIPT}) || exit 1\n{empty} || exit 1\nexec "$@"\n'
+    cue = shlex.quote(SWEPT_CUE)
+    script = f'({SWEEP_SCRIPT}) || exit 1\n{empty} || exit 1\necho {cue}\nexec "$@"\n'
     return ["sh", "-c", script, "init" if init else "none", *then]

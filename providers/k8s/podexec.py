@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from narrative.errors import InvalidInput
@@ -30,6 +30,7 @@ __all__ = [
     "SPAWN_SCRIPT",
     "PodExec",
     "new_marker",
+    "on_line",
     "wrap",
 ]
 
@@ -230,9 +231,16 @@ class PodExec:
                 if on_output is not None:
                     on_output(name, bytes(chunk))
 
-    def quiet(self, pod: str, argv: list[str], what: str, stdin: bytes | None = None) -> bytes:
+    def quiet(
+        self,
+        pod: str,
+        argv: list[str],
+        what: str,
+        stdin: bytes | None = None,
+        on_output: OutputFn | None = None,
+    ) -> bytes:
         """Run a helper command; its stdout, or a :class:`ProviderError` naming ``what``."""
-        result = self.run(pod, argv, stdin=stdin)
+        result = self.run(pod, argv, stdin=stdin, on_output=on_output)
         if result.exit_code != 0:
             detail = (result.stderr or result.stdout).decode(errors="replace").strip()
             raise ProviderError(
@@ -257,6 +265,25 @@ def _exit_code(client: Any, argv: list[str]) -> int:
         if cause.get("reason") == "ExitCode":
             return int(cause.get("message", -1))
     raise ExecFailed(f"cannot run {argv[-1]!r}: {status.get('message') or status}")
+
+
+def on_line(line: str, action: Callable[[], None]) -> OutputFn:
+    """An output callback that calls ``action`` once, when a command's stdout has printed
+    ``line`` (whole, however its chunks were cut)."""
+    wanted = b"\n" + line.encode() + b"\n"
+    seen = bytearray(b"\n")
+    done = False
+
+    def watch(stream: str, chunk: bytes) -> None:
+        nonlocal done
+        if done or stream != "stdout":
+            return
+        seen.extend(chunk)
+        if wanted in seen:
+            done = True
+            action()
+
+    return watch
 
 
 def new_marker() -> str:

@@ -41,7 +41,7 @@ from ..base import (
     tail_argv,
     tail_read,
 )
-from ..emptying import empty_argv, sweep_and_empty_argv
+from ..emptying import SWEPT_CUE, empty_argv, sweep_and_empty_argv
 from ..errors import ProviderError, ProviderUnavailable, ResourceGone
 from ..proctree import MARKER_VAR, signal_argv, sweep_argv
 from ..shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
@@ -54,6 +54,7 @@ from .podexec import (
     SIGNAL_PID_SCRIPT,
     PodExec,
     new_marker,
+    on_line,
     wrap,
 )
 from .spawning import env_script, parse_handle, spawn_command, spawn_log
@@ -414,11 +415,16 @@ class K8sProvider(BaseProvider):
         pod = self._live_pod(resource_id)
         marker = new_marker()
         key = f"spawn-{marker}"
-        envfile = ""
-        if env:
-            script = env_script(env)
-            self._secret_data(resource_id, {key: base64.b64encode(script.encode()).decode()})
-            envfile = f"{manifests.ENV_MOUNT}/{key}"
+        envfile = f"{manifests.ENV_MOUNT}/{key}" if env else ""
+        handed = False
+
+        def hand_env() -> None:
+            nonlocal handed
+            if env and not handed:
+                handed = True
+                script = env_script(env)
+                self._secret_data(resource_id, {key: base64.b64encode(script.encode()).decode()})
+
         try:
             command = spawn_command(
                 self.cfg.workdir,
@@ -427,12 +433,18 @@ class K8sProvider(BaseProvider):
                 logfile=spawn_log(marker) if log_path is not None else "",
                 envfile=envfile,
                 hold=hold,
-                # the Secret's key written above is a file the emptying leaves alone
                 empty_first=self._run_dirs if prepare else None,
             )
-            self.pods.quiet(pod, command, "spawn")
+            if prepare:
+                # The environment (a run's token) goes into the Secret only once the sweep
+                # killed every process of the last run: one left running could read it there.
+                # The spawn waits for its projection.
+                self.pods.quiet(pod, command, "spawn", on_output=on_line(SWEPT_CUE, hand_env))
+            else:
+                hand_env()
+                self.pods.quiet(pod, command, "spawn")
         finally:
-            if env:
+            if handed:
                 self._secret_data(resource_id, {key: None})
         return f"k8s:{marker}"
 

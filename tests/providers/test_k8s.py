@@ -15,7 +15,7 @@ import pytest
 
 from narrative.store import Store
 from providers.contract import CHECKS, ContractTarget
-from tests.providers.k8s_support import K8S_FOREIGN, k8s_config_fixture  # noqa: F401
+from tests.providers.k8s_support import K8S_FOREIGN
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.long]
 

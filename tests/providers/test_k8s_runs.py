@@ -15,8 +15,8 @@ import pytest
 from narrative.store import Store
 from providers.docker.image import host_runtime
 from tests.conftest import Cli, git, store_dir_of
-from tests.gateway.hub.hub_support import file, start
-from tests.providers.k8s_support import REAL_CONTEXT, k8s_config_fixture  # noqa: F401
+from tests.gateway.hub.hub_support import events, file, start
+from tests.providers.k8s_support import REAL_CONTEXT
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.long]
 
@@ -91,6 +91,53 @@ def test_a_run_in_a_pod_comes_home_and_delete_removes_everything(
     objects = _objects(k8s_config)
     leftovers = [n for names in objects.values() for n in names if n.startswith(name)]
     assert leftovers == [], objects
+
+
+# Run 1's agent leaves a reader of the environment's Secret that dropped its environment and
+# session; it copies every key it finds to PID 1's output (the container's log), after a pause
+# that lets run 1's own key go.
+LEAVE_A_READER = r"""
+setsid env -i sh -c '
+    echo "reader up" >/proc/1/fd/1
+    sleep 1
+    while :; do
+        for f in "$0"/*; do [ -f "$f" ] && echo "READ $f $(cat "$f")"; done
+    done >/proc/1/fd/1 2>/dev/null
+' /var/run/narrative-env </dev/null >/dev/null 2>&1 &
+sleep 1.5
+"""
+
+
+@pytest.mark.skipif(bool(REAL_CONTEXT), reason="reads the test kubelet's container log")
+def test_a_process_a_run_leaves_never_reads_the_next_runs_token(
+    cli: Cli, workspace: Path, k8s_config: dict[str, Any]
+) -> None:
+    """The next run's token goes into the environment's Secret only once every process of
+    the last run was killed: a reader run 1 leaves behind sees none of run 2's keys. (Before
+    the fix the hub wrote the Secret first, then swept in the same exec: this test read run
+    2's token there.)"""
+    from tests.providers import docker_support
+    from tests.providers.k8s_support import STANDIN
+
+    cli.run("init")
+    rid = _create(cli, "leak", k8s_config)["resource_id"]
+    assert start(cli, "--env", "leak", "--", "sh", "-c", LEAVE_A_READER)["status"] == "succeeded"
+    second = start(cli, "--env", "leak", "--", "true")
+    assert second["status"] == "succeeded", second
+    spawned = [
+        e for e in events(store_dir_of(workspace), second["id"]) if e["type"] == "runtime.spawned"
+    ]
+    marker = spawned[0]["handle"].removeprefix("k8s:")
+    server = STANDIN[0]
+    uid = server.objects[("pods", k8s_config.get("namespace", "default"), rid)]["metadata"]["uid"]
+    api = docker_support.connect()
+    try:
+        log = api.logs(server.containers[uid]).decode(errors="replace")
+    finally:
+        api.close()
+    assert "reader up" in log  # the reader ran, and was looking when run 2 started
+    assert marker not in log and "NARRATIVE_TOKEN" not in log, log[-2000:]
+    cli.run("env", "delete", "leak")
 
 
 def test_a_pod_that_cannot_run_says_why(

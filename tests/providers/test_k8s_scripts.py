@@ -17,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from providers.k8s.podexec import ALIVE_SCRIPT, AWAIT_END_SCRIPT, SIGNAL_PID_SCRIPT, SPAWN_SCRIPT
+from providers.k8s.podexec import (
+    ALIVE_SCRIPT,
+    AWAIT_END_SCRIPT,
+    SIGNAL_PID_SCRIPT,
+    SPAWN_SCRIPT,
+    on_line,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,3 +104,21 @@ def test_await_end_returns_as_soon_as_the_process_ends(spawn) -> None:
     assert got.await_end(300) == 0
     assert time.monotonic() - started < 20  # not the 30 s it was allowed
     assert not got.alive()
+
+
+def test_a_line_is_seen_however_the_output_is_cut() -> None:
+    """The sweep's cue triggers its action once, split across chunks or not; a line that
+    only ends with it, stderr, or a cue without its newline do not."""
+    calls: list[int] = []
+    watch = on_line("narrative: swept", lambda: calls.append(1))
+    for chunk in (b"xnarrative: swept\n", b"narr", b"ative: swe", b"pt"):
+        watch("stdout", chunk)
+    watch("stderr", b"\nnarrative: swept\n")
+    assert calls == []
+    watch("stdout", b"\nup\n")
+    assert calls == [1]
+    watch("stdout", b"narrative: swept\n")
+    assert calls == [1]
+    first = on_line("narrative: swept", lambda: calls.append(2))
+    first("stdout", b"narrative: swept\nup\n")
+    assert calls == [1, 2]
