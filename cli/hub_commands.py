@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import NoReturn
 
 import click
 
@@ -216,6 +217,13 @@ def _url_host(url: str) -> str:
     metavar="NAME",
     help="The environment on that hub the agent's run goes to.",
 )
+@click.option(
+    "--warm",
+    is_flag=True,
+    hidden=True,
+    help="Import the runtime, then fork one per SIGUSR1 with the order a run's start left "
+    "(providers.zygote; started by a k8s pod's keep-alive).",
+)
 @click.pass_context
 def runtime(
     ctx: click.Context,
@@ -229,10 +237,21 @@ def runtime(
     check: bool,
     delegate_hub: str | None,
     delegate_env: str | None,
+    warm: bool,
 ) -> None:
     """Run inside an environment: connect back to the hub and run its agent."""
-    from gateway.hub.runtime import Runtime, shadowed_modules
+    from gateway.hub.runtime import RUNTIME_MODULES, Runtime, shadowed_modules
     from providers.base import CHECK_DONE
+
+    if warm:
+        from providers.zygote import serve
+
+        from .main import RunInstead
+
+        def become(args: list[str]) -> NoReturn:
+            raise RunInstead(args)
+
+        serve((*RUNTIME_MODULES, "asyncio"), become)
 
     if check:
         # Plain lines, no json: a shadowed json module must not hide its own report.

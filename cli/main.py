@@ -213,16 +213,29 @@ def _global_options(command: click.Command) -> None:
             _global_options(sub)
 
 
+class RunInstead(BaseException):
+    """Raised in a process that is to run the CLI anew with ``args`` (a runtime forked by the
+    warm runtime, :mod:`providers.zygote`): it unwinds the command it interrupts."""
+
+    def __init__(self, args: list[str]) -> None:
+        super().__init__(args)
+        self.argv = args
+
+
 def main() -> None:
     """Console-script entry point."""
     status = [1]  # an exception other than SystemExit: Python's own exit status for it
     atexit.register(_end_now, status)
-    try:
-        cli(prog_name="narrative")
-    except SystemExit as exc:
-        code = exc.code
-        status[0] = 0 if code is None else code if isinstance(code, int) else 1
-        raise
+    args: list[str] | None = None
+    while True:
+        try:
+            cli(args=args, prog_name="narrative")
+        except RunInstead as instead:
+            args = instead.argv
+        except SystemExit as exc:
+            code = exc.code
+            status[0] = 0 if code is None else code if isinstance(code, int) else 1
+            raise
 
 
 def _end_now(status: list[int]) -> None:

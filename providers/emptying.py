@@ -6,7 +6,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-from .proctree import SWEEP_SCRIPT
+from .proctree import SWEEP_SCRIPT, compact
 
 __all__ = [
     "EMPTY_SCRIPT",
@@ -23,14 +23,14 @@ TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 # Empties each directory given, keeping the directory itself; the first must exist, a missing
 # later one is skipped. A directory replaced by a symbolic link is refused: emptying through
 # it would empty wherever it points.
-EMPTY_SCRIPT = r"""
+EMPTY_SCRIPT = compact(r"""
 [ -d "$1" ] || { echo "no directory $1" >&2; exit 1; }
 for d in "$@"; do
     if [ -L "$d" ]; then echo "$d is a symbolic link" >&2; exit 1; fi
     [ -d "$d" ] || continue
     (cd -- "$d" && rm -rf -- ./* ./.[!.]* ./..?*) || exit 1
 done
-"""
+""")
 
 
 def empty_argv(directories: Sequence[str]) -> list[str]:

@@ -22,6 +22,7 @@ __all__ = [
     "MARKER_VAR",
     "SIGNAL_SCRIPT",
     "SWEEP_SCRIPT",
+    "compact",
     "environment_marker",
     "signal_argv",
     "spawn_log_in_environment",
@@ -30,6 +31,13 @@ __all__ = [
 
 MARKER_VAR = "NARRATIVE_EXEC_ID"
 """Set in the environment of each command so that the command and its children can be found."""
+
+
+def compact(script: str) -> str:
+    """``script`` without its indentation and blank lines: what travels in an exec's URL,
+    where each space costs three bytes (URL lengths are bounded: the test API server at 8 KiB,
+    proxies in front of real ones often too). For scripts without multi-line strings."""
+    return "\n".join(line.strip() for line in script.splitlines() if line.strip()) + "\n"
 
 
 def spawn_log_in_environment(marker: str) -> str:
@@ -55,7 +63,8 @@ exit 1
 # SIGTERM once to every marked process; ``kill`` is :data:`_KILL_ALL`. Plain ``kill PID``:
 # dash's builtin takes neither ``--`` nor process groups. Zombies are not matched (their
 # environ reads empty).
-SIGNAL_SCRIPT = r"""
+SIGNAL_SCRIPT = compact(
+    r"""
 m="$0=$1"
 marked() {
     pids=
@@ -70,7 +79,9 @@ if [ "$2" = term ]; then
     for pid in $pids; do kill -TERM "$pid" 2>/dev/null; done
     exit 0
 fi
-""" + _KILL_ALL.format(find="marked")
+"""
+    + _KILL_ALL.format(find="marked")
+)
 
 
 # $0: ``init`` when PID 1 is an init whose first child is the container's command, else
@@ -79,7 +90,8 @@ fi
 # is left, as SIGNAL_SCRIPT does; the command is the init's child that started first (orphans
 # re-parented to the init started later). /proc/<pid>/stat after the name's ``) ``: $1 state,
 # $2 parent, ${20} start time. Builtins only while scanning: a subshell would be a target.
-SWEEP_SCRIPT = r"""
+SWEEP_SCRIPT = compact(
+    r"""
 self=$$
 main=
 if [ "$0" = init ]; then
@@ -103,7 +115,9 @@ others() {
         pids="$pids $pid"
     done
 }
-""" + _KILL_ALL.format(find="others")
+"""
+    + _KILL_ALL.format(find="others")
+)
 
 
 def sweep_argv(init: bool) -> list[str]:

@@ -49,7 +49,14 @@ from .narratives import fetch_bundle, have_commits
 from .server import Hub
 from .token_policy import run_token
 
-__all__ = ["Runtime", "announce_up", "open_runtime_store", "shadowed_modules", "take_up_fd"]
+__all__ = [
+    "RUNTIME_MODULES",
+    "Runtime",
+    "announce_up",
+    "open_runtime_store",
+    "shadowed_modules",
+    "take_up_fd",
+]
 """Starts the last line of ``narrative runtime --check`` (then ``ok`` or ``broken``), after
 one ``shadowed<TAB>module<TAB>file`` line per module the workspace replaced."""
 
@@ -68,7 +75,7 @@ def shadowed_modules(workspace: str) -> dict[str, str]:
     import importlib
     import sys
 
-    for name in _RUNTIME_MODULES:
+    for name in RUNTIME_MODULES:
         importlib.import_module(name)
     root = os.path.realpath(workspace)
     shadowed = {}
@@ -81,8 +88,8 @@ def shadowed_modules(workspace: str) -> dict[str, str]:
     return shadowed
 
 
-# What a runtime imports before it serves (importing this module pulled in most already).
-_RUNTIME_MODULES = ("gateway.hub.runtime", "gateway.client", "gateway.server", "websockets")
+RUNTIME_MODULES = ("gateway.hub.runtime", "gateway.client", "gateway.server", "websockets")
+"""What a runtime imports before it serves (importing this module pulled in most already)."""
 
 
 def open_runtime_store(workspace: str, store_dir: str | None = None) -> Store:

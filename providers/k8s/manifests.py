@@ -22,15 +22,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..zygote import WARM_FLAG
 from .config import K8sConfig
 
 __all__ = [
     "ENV_MOUNT",
     "LABEL_ENV",
     "LABEL_OWNER",
+    "KEEP_ALIVE",
+    "WARM_KEEP_ALIVE",
     "PodState",
     "claim_manifest",
     "env_secret_name",
+    "keep_alive_command",
     "network_policy_manifest",
     "object_labels",
     "object_name",
@@ -51,6 +55,24 @@ KEEP_ALIVE = "trap 'exit 0' TERM; sleep 2147483647 & wait $!"
 """PID 1 of the container: a shell (which, unlike a bare ``sleep`` as PID 1, ends at once on
 the SIGTERM of a pod deletion) whose only child, its first, is one endless ``sleep``: the
 "command" that :data:`providers.proctree.SWEEP_SCRIPT` spares in ``init`` mode."""
+
+WARM_KEEP_ALIVE = (
+    "trap 'exit 0' TERM\n\"$@\" & wait $!\ncase $? in 126|127) sleep 2147483647 & wait $!;; esac\n"
+)
+"""As :data:`KEEP_ALIVE`, but its first child is the warm runtime ($@: ``narrative runtime
+--warm``, :mod:`providers.zygote`). Where the image cannot run that program (126, 127: not
+found, a missing interpreter), the endless ``sleep`` takes its place at once, at boot, before
+any exec (so it is still the first child alive, the one sweeps spare); a warm runtime that
+cannot import becomes that ``sleep`` itself. Any other end of it ends the pod, as the end of
+the ``sleep`` does."""
+
+
+def keep_alive_command(cfg: K8sConfig) -> list[str]:
+    """The container's command: :data:`WARM_KEEP_ALIVE` or :data:`KEEP_ALIVE`."""
+    if not cfg.warm_runtime:
+        return ["sh", "-c", KEEP_ALIVE]
+    return ["sh", "-c", WARM_KEEP_ALIVE, "keep-alive", *cfg.runtime_command(), "runtime", WARM_FLAG]
+
 
 _LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 
@@ -135,7 +157,7 @@ def pod_manifest(
         "name": "env",
         "image": cfg.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["sh", "-c", KEEP_ALIVE],
+        "command": keep_alive_command(cfg),
         "workingDir": cfg.workdir,
         "env": [{"name": k, "value": v} for k, v in {"HOME": TMP_MOUNT, **cfg.env}.items()],
         "securityContext": {

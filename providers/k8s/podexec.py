@@ -21,7 +21,8 @@ from narrative.jsonio import parse_json
 
 from ..base import ExecResult, OutputFn
 from ..errors import ExecFailed, ProviderError, ResourceGone
-from ..proctree import signal_argv
+from ..proctree import compact, signal_argv
+from ..zygote import ORDER_FILE, ORDER_VERSION, WARM_FLAG
 
 __all__ = [
     "ALIVE_SCRIPT",
@@ -42,35 +43,84 @@ _GRACE = 5.0
 _WRAP = 'cd "$0" || exit 126\nexec env "$@"\n'
 """Runs ``env NAME=VALUE... argv`` in the workdir ($0)."""
 
-SPAWN_SCRIPT = r"""
-log=$1; envfile=$2; hold=$3; shift 3
-if [ -n "$envfile" ]; then
+_WARM_PID = r"""
+warm_pid() {
+    first= main=
+    for p in /proc/[0-9]*; do
+        read -r line < "$p/stat" 2>/dev/null || continue
+        set -- ${line##*") "}
+        [ "$2" = 1 ] || continue
+        if [ -z "$first" ] || [ "${20}" -lt "$first" ]; then first=${20}; main=${p#/proc/}; fi
+    done
+    [ -n "$main" ] || return 1
     i=0
-    while [ ! -r "$envfile" ]; do
-        i=$((i + 1))
-        if [ "$i" -gt 1800 ]; then
-            echo "the spawned process's environment never reached the pod ($envfile)" >&2
-            exit 125
+    while :; do
+        case "$(tr '\0' ' ' < "/proc/$main/cmdline" 2>/dev/null)" in
+            *" runtime @FLAG@ ") ;;
+            *) return 1;;
+        esac
+        caught=
+        { while read -r key value; do
+            [ "$key" = SigCgt: ] && caught=$value
+        done < "/proc/$main/status"; } 2>/dev/null
+        if [ -n "$caught" ] && [ $(( 0x${caught#????????} & 512 )) -ne 0 ]; then
+            echo "$main"
+            return 0
         fi
+        i=$((i + 1))
+        [ "$i" -le 200 ] || return 1
         sleep 0.1
     done
-    . "$envfile"
-fi
+}
+""".replace("@FLAG@", WARM_FLAG)
+"""Prints the pid of the pod's warm runtime (:mod:`providers.zygote`): PID 1's first child, as
+:data:`~providers.proctree.SWEEP_SCRIPT` tells it (started before any exec, so no later process
+can pass for it), when its command is ``runtime --warm`` and it is ready (it catches ``SIGUSR1``,
+bit 9 of ``SigCgt``, once it has imported everything: waited for up to 20 s). Else fails."""
+
+SPAWN_SCRIPT = compact(
+    _WARM_PID
+    + r"""
+log=$1; envfile=$2; hold=$3; warm=$4; shift 4
 [ -n "$log" ] || log=/dev/null
 up=/tmp/narrative-spawn-$NARRATIVE_EXEC_ID.up
-if [ -n "$hold" ]; then
+pidfile=/tmp/narrative-spawn-$NARRATIVE_EXEC_ID.pid
+if [ -n "$warm" ] && [ -n "$hold" ] && z=$(warm_pid); then
     rm -f "$up" && mkfifo -m 600 "$up" || exit 125
-    NARRATIVE_UP_FD=3 setsid "$@" 3>"$up" >>"$log" 2>&1 </dev/null &
+    n=$(($# - warm)); i=0
+    {
+        printf '%s\0' @VERSION@ "$log" "$envfile" "$up" "$pidfile" "$PWD" "$NARRATIVE_EXEC_ID"
+        for a do i=$((i + 1)); [ "$i" -le "$n" ] || printf '%s\0' "$a"; done
+    } > @ORDER@ || exit 125
+    kill -CONT "$z" 2>/dev/null
+    kill -USR1 "$z" || exit 125
 else
-    setsid "$@" >>"$log" 2>&1 </dev/null &
+    if [ -n "$envfile" ]; then
+        i=0
+        while [ ! -r "$envfile" ]; do
+            i=$((i + 1))
+            if [ "$i" -gt 1800 ]; then
+                echo "the spawned process's environment never reached the pod ($envfile)" >&2
+                exit 125
+            fi
+            sleep 0.1
+        done
+        . "$envfile"
+    fi
+    if [ -n "$hold" ]; then
+        rm -f "$up" && mkfifo -m 600 "$up" || exit 125
+        NARRATIVE_UP_FD=3 setsid "$@" 3>"$up" >>"$log" 2>&1 </dev/null &
+    else
+        setsid "$@" >>"$log" 2>&1 </dev/null &
+    fi
+    pid=$!
+    start=-
+    if read -r line < "/proc/$pid/stat" 2>/dev/null; then
+        set -- ${line##*") "}
+        start=${20}
+    fi
+    echo "$pid $start" > "$pidfile"
 fi
-pid=$!
-start=-
-if read -r line < "/proc/$pid/stat" 2>/dev/null; then
-    set -- ${line##*") "}
-    start=${20}
-fi
-echo "$pid $start" > "/tmp/narrative-spawn-$NARRATIVE_EXEC_ID.pid"
 if [ -n "$hold" ]; then
     (sleep "$hold"; echo waiting >"$up") >/dev/null 2>&1 </dev/null &
     timer=$!
@@ -79,31 +129,35 @@ if [ -n "$hold" ]; then
     rm -f "$up"
     echo "${said:-ended}"
 fi
-"""
+""".replace("@VERSION@", ORDER_VERSION).replace("@ORDER@", ORDER_FILE)
+)
 """Starts ``argv`` detached (its own session, re-parented to PID 1 when this shell ends), after
 sourcing its environment from the mounted Secret file (waiting for the kubelet to project it),
 and records its pid. $1 log file or "", $2 env file or "", $3 seconds to hold or "": with it, the
 command gets the write end of a FIFO as fd 3 (:data:`~providers.base.UP_FD_VAR`) and the script
 waits on the read end, so it ends when the runtime says ``up``, when it ended (end of file) or
-after that many seconds, and prints ``up``, ``ended`` or ``waiting``. Run through :func:`wrap`
-with the marker in its environment from the start: a child forked here carries it in
-``/proc/PID/environ`` before it execs the command (an ``export`` would not show there), so
+after that many seconds, and prints ``up``, ``ended`` or ``waiting``. $4: with a hold, the number
+of trailing arguments that are ``narrative``'s own (``runtime --connect URL``), or "": when the
+pod has a ready warm runtime (:data:`_WARM_PID`), it is handed an order with those
+(:mod:`providers.zygote`) instead, and its child does all of the above itself. Run through
+:func:`wrap` with the marker in its environment from the start: a child forked here carries it
+in ``/proc/PID/environ`` before it execs the command (an ``export`` would not show there), so
 :data:`ALIVE_SCRIPT` never takes a process being started for one that ended."""
 
-ALIVE_SCRIPT = r"""
+ALIVE_SCRIPT = compact(r"""
 read -r pid start < "/tmp/narrative-spawn-$0.pid" 2>/dev/null || exit 1
 read -r line < "/proc/$pid/stat" 2>/dev/null || exit 1
 set -- ${line##*") "}
 [ "$1" = Z ] && exit 1
 [ "${20}" = "$start" ] || exit 1
 exit 0
-"""
+""")
 """Exit 0 when the spawned process of marker $0 runs: its pid (recorded at spawn with its start
 time) is not a zombie and started when it did (so it is not a reused pid). Not its
 ``environ``: the runtime makes itself non-dumpable (``keep_environment_private``), which makes
 that file unreadable, and it reads empty mid-``execve``."""
 
-AWAIT_END_SCRIPT = r"""
+AWAIT_END_SCRIPT = compact(r"""
 read -r pid start < "/tmp/narrative-spawn-$0.pid" 2>/dev/null || exit 0
 left=$1
 while read -r line < "/proc/$pid/stat" 2>/dev/null; do
@@ -115,18 +169,18 @@ while read -r line < "/proc/$pid/stat" 2>/dev/null; do
     sleep 0.1
 done
 exit 0
-"""
+""")
 """Exit 0 once the spawned process of marker $0 ended (as :data:`ALIVE_SCRIPT` tells), 1 when it
 still runs after $1 tenths of a second."""
 
-SIGNAL_PID_SCRIPT = r"""
+SIGNAL_PID_SCRIPT = compact(r"""
 m=$0; sig=$1
 read -r pid start < "/tmp/narrative-spawn-$m.pid" 2>/dev/null || exit 0
 read -r line < "/proc/$pid/stat" 2>/dev/null || exit 0
 set -- ${line##*") "}
 [ "${20}" = "$start" ] && kill -"$sig" "$pid" 2>/dev/null
 exit 0
-"""
+""")
 """Sends SIGTERM or SIGKILL ($1) to the spawned process of marker $0 itself, by its recorded pid
 and start time: a non-dumpable process (the hub's runtime) hides the marker in its environ
 from :data:`providers.proctree.SIGNAL_SCRIPT`, which still finds its descendants."""

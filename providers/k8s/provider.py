@@ -15,7 +15,6 @@ environment's Secret, which the pod mounts, never in the pod spec or on a comman
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import io
 import logging
@@ -41,7 +40,7 @@ from ..base import (
     tail_argv,
     tail_read,
 )
-from ..emptying import SWEPT_CUE, empty_argv, sweep_and_empty_argv
+from ..emptying import empty_argv, sweep_and_empty_argv
 from ..errors import ProviderError, ProviderUnavailable, ResourceGone
 from ..proctree import MARKER_VAR, signal_argv, sweep_argv
 from ..shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
@@ -54,10 +53,9 @@ from .podexec import (
     SIGNAL_PID_SCRIPT,
     PodExec,
     new_marker,
-    on_line,
     wrap,
 )
-from .spawning import env_script, parse_handle, spawn_command, spawn_log
+from .spawning import PodSpawn, parse_handle, spawn_log
 
 if TYPE_CHECKING:
     from narrative.models import Snapshot
@@ -414,38 +412,15 @@ class K8sProvider(BaseProvider):
             raise InvalidInput("empty command")
         pod = self._live_pod(resource_id)
         marker = new_marker()
-        key = f"spawn-{marker}"
-        envfile = f"{manifests.ENV_MOUNT}/{key}" if env else ""
-        handed = False
-
-        def hand_env() -> None:
-            nonlocal handed
-            if env and not handed:
-                handed = True
-                script = env_script(env)
-                self._secret_data(resource_id, {key: base64.b64encode(script.encode()).decode()})
-
-        try:
-            command = spawn_command(
-                self.cfg.workdir,
-                marker,
-                argv,
-                logfile=spawn_log(marker) if log_path is not None else "",
-                envfile=envfile,
-                hold=hold,
-                empty_first=self._run_dirs if prepare else None,
-            )
-            if prepare:
-                # The environment (a run's token) goes into the Secret only once the sweep
-                # killed every process of the last run: one left running could read it there.
-                # The spawn waits for its projection.
-                self.pods.quiet(pod, command, "spawn", on_output=on_line(SWEPT_CUE, hand_env))
-            else:
-                hand_env()
-                self.pods.quiet(pod, command, "spawn")
-        finally:
-            if handed:
-                self._secret_data(resource_id, {key: None})
+        spawn = PodSpawn(self.cfg, marker, lambda data: self._secret_data(resource_id, data))
+        command = spawn.command(
+            argv,
+            env,
+            logfile=spawn_log(marker) if log_path is not None else "",
+            hold=hold,
+            empty_first=self._run_dirs if prepare else None,
+        )
+        spawn.run(self.pods, pod, command, env, after_sweep=prepare)
         return f"k8s:{marker}"
 
     def _secret_data(self, resource_id: str, data: Mapping[str, str | None]) -> None:
@@ -495,8 +470,8 @@ class K8sProvider(BaseProvider):
         return {0: True, 1: False}.get(result.exit_code)
 
     def end_leftovers(self, resource_id: str) -> None:
-        """Kill every process in the pod's container but PID 1 and its endless ``sleep``
-        (:data:`~providers.k8s.manifests.KEEP_ALIVE`)."""
+        """Kill every process in the pod's container but PID 1 and its first child (the endless
+        ``sleep`` of :data:`~providers.k8s.manifests.KEEP_ALIVE`, or the warm runtime)."""
         self._helper(resource_id, sweep_argv(True), "ending earlier runs' processes")
 
     def read_spawn_log(
@@ -524,7 +499,7 @@ class K8sProvider(BaseProvider):
     )
 
     def runtime_command(self) -> list[str]:
-        return list(self.cfg.runtime) if self.cfg.runtime else ["narrative"]
+        return self.cfg.runtime_command()
 
     # -- files ----------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import pytest
 
 from narrative.store import Store
 from providers.docker.image import host_runtime
+from providers.zygote import WARM_LINE
 from tests.conftest import Cli, git, store_dir_of
 from tests.gateway.hub.hub_support import events, file, start
 from tests.providers.k8s_support import REAL_CONTEXT
@@ -79,6 +80,8 @@ def test_a_run_in_a_pod_comes_home_and_delete_removes_everything(
     # that looks into the pod again and again while the runtime starts costs fifty pods dear
     execs = STANDIN[0].exec_commands[execs_before:]
     assert len(execs) <= 3, [" ".join(argv)[:80] for argv in execs]
+    # the pod's warm runtime forked the run's (providers.zygote)
+    assert WARM_LINE.strip() in cli.run("env", "logs", "pod", "--runtime").stdout
     store = Store.open(str(store_dir_of(workspace)))
     assert file(store, run["result_snapshot"], "out.txt") == "done\n"
     assert file(store, run["result_snapshot"], "seen.txt") == "# demo\n"  # the input came in
@@ -91,6 +94,37 @@ def test_a_run_in_a_pod_comes_home_and_delete_removes_everything(
     objects = _objects(k8s_config)
     leftovers = [n for names in objects.values() for n in names if n.startswith(name)]
     assert leftovers == [], objects
+
+
+@pytest.mark.skipif(bool(REAL_CONTEXT), reason="runs the host's runtime: the stand-in only")
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+def test_runs_one_after_another_in_one_pod(
+    cli: Cli, workspace: Path, k8s_config: dict[str, Any], warm: bool
+) -> None:
+    """Three runs in one pod, each seeing only its own input, each runtime forked by the warm
+    runtime (or, with ``warm_runtime=false``, started afresh). Run 1's agent stops the warm
+    runtime (SIGSTOP) and sends it an order of its own: run 2 starts all the same."""
+    cli.run("init")
+    _create(cli, "again", k8s_config, "--config", f"warm_runtime={str(warm).lower()}")
+    meddle = r"""
+for p in /proc/[0-9]*; do
+    read -r line < "$p/stat"; set -- ${line##*") "}; [ "$2" = 1 ] || continue
+    case "$(tr '\0' ' ' < "$p/cmdline")" in *" runtime --warm "*) kill -STOP "${p#/proc/}";; esac
+done
+printf 'bogus\0' > /tmp/narrative-warm-runtime.order
+echo left > /tmp/left.txt
+echo one > out.txt
+"""
+    second = "if [ -e /tmp/left.txt ]; then echo stale; else echo fresh; fi > out.txt"
+    for i, script in enumerate([meddle, second, "cat README.md > out.txt"]):
+        run = start(cli, "--env", "again", "--", "sh", "-c", script)
+        assert run["status"] == "succeeded", run
+        store = Store.open(str(store_dir_of(workspace)))
+        want = ["one\n", "fresh\n", "# demo\n"][i]
+        assert file(store, run["result_snapshot"], "out.txt") == want
+    log = cli.run("env", "logs", "again", "--runtime").stdout
+    assert log.count(WARM_LINE.strip()) == (3 if warm else 0), log[-3000:]
+    cli.run("env", "delete", "again")
 
 
 # Run 1's agent leaves a reader of the environment's Secret that dropped its environment and

@@ -48,7 +48,7 @@ def spawn(tmp_path: Path) -> Iterator[object]:
         marker = secrets.token_hex(12)
         markers.append(marker)
         env = {**os.environ, "NARRATIVE_EXEC_ID": marker}
-        script = ["sh", "-c", SPAWN_SCRIPT, "spawn", str(tmp_path / "log"), "", hold, *argv]
+        script = ["sh", "-c", SPAWN_SCRIPT, "spawn", str(tmp_path / "log"), "", hold, "", *argv]
         started = time.monotonic()
         # capture_output: this returns only when every holder of the output closed it
         done = subprocess.run(script, env=env, capture_output=True, check=True, timeout=60)
