@@ -2,10 +2,10 @@
 
 Extracting the tar and then walking it costs a file creation per member (about half a
 millisecond each here: most of a 5,000-file collect). Here each regular file's bytes are hashed
-as they stream by (and deflated into a spool when the store lacks them); directories, files and
+as they stream by (and kept in a spool when the store lacks them); directories, files and
 links are kept as an in-memory tree; at the end the ignore rules are applied to that tree
 exactly as the scanner applies them to a directory (:mod:`narrative.scan`), and only the blobs
-the tree keeps are written to the snapshot's pack. An ignored file never reaches the store.
+the tree keeps are deflated into the snapshot's pack. An ignored file never reaches the store.
 
 Only *plain* members are taken this way: a directory, regular file or symlink whose path the
 path rule accepts (:func:`narrative.paths.is_safe_path`: no ``.git``, no top-level store name,
@@ -66,18 +66,26 @@ class _Entry:
     data: bytes | None = None
 
 
-class _Window:
-    """``length`` bytes of ``spool`` from ``offset``, read as a file (for PackWriter)."""
+class _Deflating:
+    """``length`` bytes of ``spool`` from ``offset``, read deflated (for PackWriter)."""
 
     def __init__(self, spool: IO[bytes], offset: int, length: int) -> None:
-        spool.seek(offset)
-        self._spool, self._left = spool, length
+        self._spool, self._offset, self._left = spool, offset, length
+        self._comp: Any = zlib.compressobj(1)
 
-    def read(self, size: int = -1) -> bytes:
-        n = self._left if size < 0 else min(size, self._left)
-        data = self._spool.read(n)
-        self._left -= len(data)
-        return data
+    def read(self, size: int = _CHUNK) -> bytes:
+        while self._comp is not None:
+            self._spool.seek(self._offset)
+            chunk = self._spool.read(min(size, self._left))
+            self._offset += len(chunk)
+            self._left -= len(chunk)
+            if chunk:
+                out = self._comp.compress(chunk)
+            else:
+                out, self._comp = self._comp.flush(), None
+            if out:
+                return bytes(out)
+        return b""
 
 
 class _TarScan:
@@ -90,7 +98,7 @@ class _TarScan:
         self.entries: dict[str, _Entry] = {"": _Entry("dir")}
         self.children: dict[str, list[str]] = {}
         self.staged: dict[bytes, tuple[int, int]] = {}
-        """oid → (offset, length) of its deflated content in the spool."""
+        """oid → (offset, length) of its content in the spool."""
         self.spool: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by run
             _SPOOL_IN_MEMORY, dir=store.odb.tmp_dir
         )
@@ -158,7 +166,7 @@ class _TarScan:
             data = source.read()
             oid = _blob_id(data)
             if oid not in self.staged and not self.store.odb.exists(oid):
-                self._stage(oid, deflate(data))
+                self._stage(oid, data)
             entry = _Entry("file", mode, oid, size, data if keep else None)
         else:
             entry = _Entry("file", mode, self._stream(source, size), size)
@@ -182,21 +190,19 @@ class _TarScan:
                 self.entries[path] = entry if depth == len(parts) else _Entry("dir")
                 self.children.setdefault("/".join(parts[: depth - 1]), []).append(parts[depth - 1])
 
-    def _stage(self, oid: bytes, deflated: bytes) -> None:
+    def _stage(self, oid: bytes, data: bytes) -> None:
         offset = self.spool.seek(0, os.SEEK_END)
-        self.spool.write(deflated)
-        self.staged[oid] = (offset, len(deflated))
+        self.spool.write(data)
+        self.staged[oid] = (offset, len(data))
 
     def _stream(self, source: IO[bytes], size: int) -> bytes:
-        """Hash a large file as it streams, deflating it into the spool on the way (dropped
+        """Hash a large file as it streams, copying it into the spool on the way (dropped
         again when the store has it)."""
         digest = hashlib.sha1(object_header("blob", size))
-        comp = zlib.compressobj(1)
         offset = self.spool.seek(0, os.SEEK_END)
         while chunk := source.read(_CHUNK):
             digest.update(chunk)
-            self.spool.write(comp.compress(chunk))
-        self.spool.write(comp.flush())
+            self.spool.write(chunk)
         oid = digest.digest()
         if oid in self.staged or self.store.odb.exists(oid):
             self.spool.truncate(offset)
@@ -262,8 +268,13 @@ class _TarScan:
             writer.add_raw("blob", entry.data)
             return
         staged = self.staged.get(entry.oid)
-        if staged is not None and entry.oid not in writer:
-            writer.add_stream("blob", entry.oid, entry.size, _Window(self.spool, *staged))  # type: ignore[arg-type]
+        if staged is None or entry.oid in writer:
+            return
+        if entry.size <= STREAM_THRESHOLD:
+            self.spool.seek(staged[0])
+            writer.add("blob", entry.oid, entry.size, deflate(self.spool.read(staged[1])))
+        else:
+            writer.add_stream("blob", entry.oid, entry.size, _Deflating(self.spool, *staged))  # type: ignore[arg-type]
 
     # -- falling back to the extractor ----------------------------------------------------------
 
@@ -297,7 +308,7 @@ class _TarScan:
         if staged is None:
             return self.store.odb.read(entry.oid)[1]
         self.spool.seek(staged[0])
-        return zlib.decompress(self.spool.read(staged[1]))
+        return self.spool.read(staged[1])
 
 
 def _blob_id(data: bytes) -> bytes:
