@@ -10,12 +10,13 @@ the tree keeps are deflated into the snapshot's pack. An ignored file never reac
 Only *plain* members are taken this way: a directory, regular file or symlink whose path the
 path rule accepts (:func:`narrative.paths.is_safe_path`: no ``.git``, no top-level store name,
 no ``..``), no component one of our temporary names, nothing of that name given before (but a
-directory again) and no file or link on the way. At the first other member (a hard link, a
-device, a duplicate, a ``.git`` directory, ...) everything taken so far is written into the
-scratch directory and the rest of the stream goes through the extractor
-(:func:`providers.tar_intake.extract_members`); the caller then snapshots that directory. So
-every member that is not plain is decided, refused or written, by the same code as before, and
-a plain one is what the extractor would have written: the tree is the same either way.
+directory again), no file or link on the way, and no more than :data:`MAX_MEMBERS` of them. At
+the first other member (a hard link, a device, a duplicate, a ``.git`` directory, ...)
+everything taken so far is written into the scratch directory and the rest of the stream goes
+through the extractor (:func:`providers.tar_intake.extract_members`); the caller then
+snapshots that directory. So every member that is not plain is decided, refused or written, by
+the same code as before, and a plain one is what the extractor would have written: the tree is
+the same either way.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ __all__ = ["scan_tar"]
 _IGNORE_FILES = (".gitignore", ".narrativeignore")
 _CHUNK = 1 << 20
 _SPOOL_IN_MEMORY = 32 << 20
+MAX_MEMBERS = 200_000
+"""Members kept in memory (~50 MB); past them the rest is extracted to disk, as before: the
+size limit does not count empty files and directories, so memory is bounded here."""
 
 
 @dataclass(slots=True)
@@ -136,6 +140,8 @@ class _TarScan:
         if not parts:
             return not member.issym()  # the directory itself: skipped, as the extractor does
         path = "/".join(parts)
+        if len(self.entries) > MAX_MEMBERS:
+            return False
         if not is_safe_path(path) or any(map(is_workspace_tmp, parts)):
             return False
         if member.isdir():

@@ -11,6 +11,7 @@ import io
 import random
 import tarfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -23,6 +24,7 @@ from narrative.hierarchy import create_thread
 from narrative.models import Snapshot
 from narrative.objects import hash_object
 from narrative.store import Store
+from providers import tar_snapshot
 from providers.shipping import scratch_dir, snapshot_from_tar
 from tests.conftest import git
 from tests.providers.test_tar_intake import build, member
@@ -115,13 +117,20 @@ workspace_tars = st.composite(_workspace_tar)
 
 
 @settings(max_examples=150, deadline=None)
-@given(data=workspace_tars(), cap=st.sampled_from([1 << 20, 16]))
+@given(
+    data=workspace_tars(),
+    cap=st.sampled_from([1 << 20, 16]),
+    members=st.sampled_from([tar_snapshot.MAX_MEMBERS, 3, 1]),
+)
 def test_random_workspaces_give_the_same_tree_both_ways(
-    tmp_path_factory: pytest.TempPathFactory, data: bytes, cap: int
+    tmp_path_factory: pytest.TempPathFactory, data: bytes, cap: int, members: int
 ) -> None:
+    """Also with few members kept in memory: the rest extracted, the first ones written out
+    (files over the size cap as sparse files of their size)."""
     store = Store.init(str(tmp_path_factory.mktemp("ws")))
     store.config = dataclasses.replace(store.config, max_file_size=cap)  # some files too large
-    streamed, extracted = both_ways(store, data)
+    with mock.patch.object(tar_snapshot, "MAX_MEMBERS", members):
+        streamed, extracted = both_ways(store, data)
     assert isinstance(extracted, tuple), extracted
     assert streamed == extracted
     git("--git-dir", store.git_dir, "fsck", "--strict", "--no-dangling")
@@ -238,3 +247,20 @@ def test_a_large_file_streams_through_and_dedupes(store: Store) -> None:
     streamed, extracted = both_ways(store, data, strip="")
     assert streamed == extracted
     git("--git-dir", store.git_dir, "fsck", "--strict", "--no-dangling")
+
+
+def test_past_the_member_cap_what_was_taken_is_written_out_exactly(store: Store) -> None:
+    """The members taken before the cap are written to disk for the extractor: contents, exec
+    bits, links, and a file over the size cap as a file of its size (reported, not stored)."""
+    store.config = dataclasses.replace(store.config, max_file_size=16)
+    data = _tar(
+        ("big", "file", b"x" * 40),
+        ("run.sh", "exe", b"#!/bin/sh\n"),
+        ("d/l", "sym", "../big"),
+        ("d/e", "file", b"e"),
+        ("z", "file", b"z"),
+    )
+    with mock.patch.object(tar_snapshot, "MAX_MEMBERS", 3):
+        streamed, extracted = both_ways(store, data, strip="")
+    assert streamed == extracted
+    assert isinstance(streamed, tuple) and streamed[2] == ["big"]
