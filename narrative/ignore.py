@@ -25,7 +25,7 @@ import stat
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-__all__ = ["IgnoreRules", "read_ignore_file"]
+__all__ = ["IgnoreRules", "ignore_lines", "read_ignore_file"]
 
 _Match = Callable[[str, int, int], "re.Match[str] | None"]
 
@@ -476,8 +476,12 @@ def read_ignore_file(path: str, *, follow_symlinks: bool = True) -> list[str]:
         return []
     finally:
         os.close(fd)
-    data = b"".join(chunks).removeprefix(b"\xef\xbb\xbf")
-    lines = data.decode("utf-8", "surrogateescape").split("\n")
+    return ignore_lines(b"".join(chunks))
+
+
+def ignore_lines(data: bytes) -> list[str]:
+    """The lines of an ignore file's content, as :func:`read_ignore_file` returns them."""
+    lines = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape").split("\n")
     if lines[-1] == "":
         lines.pop()
     return lines

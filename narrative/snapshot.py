@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .blobs import write_blobs
@@ -39,9 +40,14 @@ from .statcache import (
 from .store import Store
 from .watch import known_changes, sync_journal, watcher_running
 
-__all__ = ["SnapshotResult", "take_snapshot", "scan_tree"]
+__all__ = ["Fill", "SnapshotResult", "take_snapshot", "scan_tree"]
 
 _MAX_ATTEMPTS = 100
+
+Fill = Callable[[PackWriter], ScanResult | None]
+"""Builds a snapshot's content without walking a directory: given the snapshot's pack
+writer (called under the store's shared ``gc`` lock), it writes the blobs and returns the
+tree as a scan would (``jobs`` only counted, already stored); or None: walk the workspace."""
 
 
 @dataclass(frozen=True)
@@ -151,11 +157,13 @@ class _Capture:
     workspace: str
     result: ScanResult
     root: bytes
-    old_cache: StatCache
+    old_cache: StatCache | None
+    """None: no directory was walked (a :data:`Fill`), so there is no stat cache to keep."""
     start_ns: int
 
     def __post_init__(self) -> None:
-        self.cache = _new_cache(self.result, self.old_cache, self.start_ns)
+        old = self.old_cache
+        self.cache = StatCache() if old is None else _new_cache(self.result, old, self.start_ns)
 
     def stats(self) -> dict[str, int]:
         return {
@@ -167,7 +175,7 @@ class _Capture:
 
     def head_info(self, head: bytes) -> tuple[bytes, str]:
         """(tree, snapshot id) of a thread head, from the cache when it is still current."""
-        cached = self.old_cache.head
+        cached = self.old_cache.head if self.old_cache is not None else None
         if cached is not None and cached[0] == head:
             return cached[1], str(cached[2])
         snap = snapshot_at(self.store, head)
@@ -181,6 +189,8 @@ class _Capture:
         """
         self.cache.head = head
         old = self.old_cache
+        if old is None:
+            return
         new_generation = (self.cache.journal or ("",))[0] != (old.journal or ("",))[0]
         if self.cache.dirs != old.dirs or self.cache.head != old.head or new_generation:
             self.cache.save(cache_path(self.store.git_dir, self.workspace))
@@ -200,6 +210,7 @@ def take_snapshot(
     sweep_tmp: bool = False,
     merge_parents: tuple[bytes, ...] = (),
     stage_as: str | None = None,
+    fill: Fill | None = None,
 ) -> SnapshotResult:
     """Snapshot the workspace onto a thread.
 
@@ -218,7 +229,8 @@ def take_snapshot(
     ``sweep_tmp``: the caller holds the workspace lock; temporary files left in the workspace
     are removed whatever their age. ``stage_as`` names a ref (not a thread's) that receives the
     snapshot instead of the thread, which stays where it is: a run's result waits there to be
-    screened (:func:`narrative.runs.withhold_secrets`).
+    screened (:func:`narrative.runs.withhold_secrets`). ``fill`` builds the content instead of
+    a walk of ``workspace`` (see :data:`Fill`); it needs ``workspace`` (another directory).
     """
     tracks = (
         track_head
@@ -228,14 +240,16 @@ def take_snapshot(
     if not tracks:
         return _take(
             store, thread_id, run_id, message, allow_empty, workspace, trailers,
-            unchanged_if, False, sweep_tmp, merge_parents, stage_as,
+            unchanged_if, False, sweep_tmp, merge_parents, stage_as, fill,
         )  # fmt: skip
+    if fill is not None:
+        raise InvalidInput("a filled snapshot needs a workspace other than the store's")
     # The workspace HEAD and the thread head move together: snapshots of one workspace take
     # turns, or one could see the thread moved before the HEAD did and fork a thread for nothing.
     with store.lock(HEAD_LOCK, timeout=120.0):
         return _take(
             store, thread_id, run_id, message, allow_empty, workspace, trailers,
-            unchanged_if, True, sweep_tmp, merge_parents, None,
+            unchanged_if, True, sweep_tmp, merge_parents, None, None,
         )  # fmt: skip
 
 
@@ -252,6 +266,7 @@ def _take(
     sweep_tmp: bool,
     merge_parents: tuple[bytes, ...],
     stage_as: str | None,
+    fill: Fill | None,
 ) -> SnapshotResult:
     fork_from: Snapshot | None = None
     if thread_id is None and tracks:
@@ -281,7 +296,12 @@ def _take(
     with store.lock("gc", shared=True):
         writer = PackWriter(store.odb)
         try:
-            result, root, cache = scan_tree(store, ws, writer, sweep_tmp)
+            filled = fill(writer) if fill is not None else None
+            cache: StatCache | None
+            if filled is not None:
+                result, root, cache = filled, _build_tree(filled.root, writer), None
+            else:
+                result, root, cache = scan_tree(store, ws, writer, sweep_tmp)
             if root is None:
                 root = writer.add_raw("tree", b"")
             capture = _Capture(store, ws, result, root, cache, start_ns)

@@ -3,14 +3,15 @@
 Out: :func:`write_snapshot_tar` streams one snapshot's files as a plain tar (directories, regular
 files with their exec bit, symlinks), reading blobs straight from the store.
 
-In: :func:`snapshot_from_tar` treats the environment's tar as hostile input. Members are
+In: :func:`snapshot_from_tar` treats the environment's tar as hostile input. What a snapshot
+of its extraction would hold is built straight from the stream (:mod:`providers.tar_snapshot`):
+no file is created for a plain member. From the first member that is not plain on, the tar is
 extracted into a scratch directory inside the store (:mod:`providers.tar_intake`), refusing
 absolute paths, ``..``, paths through symlinks that leave the directory, device files and
-fifos (Python's ``data`` filter decides for all but plain files and directories); a size limit
-stops tar bombs. Symlinks themselves are recorded with whatever target they
-have (a workspace may legitimately point at ``/usr/bin/python3``): they are data, never followed.
-The scratch directory is then snapshotted like any workspace (its ``.gitignore`` honoured), so
-what comes back is exactly what a snapshot of that tree would hold, and is removed afterwards.
+fifos (Python's ``data`` filter decides for all but plain files and directories), and that
+directory is snapshotted like any workspace (its ``.gitignore`` honoured). A size limit stops
+tar bombs on both paths. Symlinks themselves are recorded with whatever target they have (a
+workspace may legitimately point at ``/usr/bin/python3``): they are data, never followed.
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ from typing import IO, Any
 
 from narrative.models import Snapshot
 from narrative.objects import MODE_EXEC, MODE_LINK
+from narrative.odb import PackWriter
 from narrative.runs import incoming_ref
-from narrative.snapshot import take_snapshot
+from narrative.scan import ScanResult
+from narrative.snapshot import Fill, take_snapshot
 from narrative.store import Store
 from narrative.trees import flatten_tree
 
 from .records import env_state_dir
 from .tar_intake import extract_tar
+from .tar_snapshot import scan_tar
 
 __all__ = [
     "DEFAULT_MAX_COLLECT_BYTES",
@@ -167,16 +171,30 @@ def snapshot_from_tar(
     message: str,
     strip: str = "",
     max_bytes: int = DEFAULT_MAX_COLLECT_BYTES,
+    *,
+    extract: bool = False,
 ) -> Snapshot:
-    """Extract a (hostile) tar stream safely, snapshot it onto ``thread_id``, clean up.
+    """Snapshot a (hostile) tar stream onto ``thread_id``, safely; clean up.
 
     ``strip`` removes a leading directory (``docker get_archive`` names members ``work/...``).
+    ``extract``: extract every member and snapshot the directory, as before the snapshot was
+    built from the stream (the same tree, slower; kept as the oracle of the tests).
     """
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(scratch)
+
+    def from_stream(writer: PackWriter) -> ScanResult | None:
+        scan = scan_tar(store, writer, stream, scratch, strip, max_bytes)
+        if scan is None:  # extracted after all: walked as any workspace
+            _normalise_modes(scratch)
+        return scan
+
+    fill: Fill | None = from_stream
     try:
-        extract_tar(stream, scratch, strip, max_bytes)
-        _normalise_modes(scratch)
+        if extract:
+            extract_tar(stream, scratch, strip, max_bytes)
+            _normalise_modes(scratch)
+            fill = None
         return take_snapshot(
             store,
             thread_id=thread_id,
@@ -184,6 +202,7 @@ def snapshot_from_tar(
             message=message,
             workspace=scratch,
             stage_as=incoming_ref(run_id) if run_id else None,  # a result: screened first
+            fill=fill,
         ).snapshot
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -20,16 +20,25 @@ import os
 import shutil
 import stat
 import tarfile
+from collections.abc import Iterable, Iterator
 from typing import IO
 
 from narrative.confined import ConfinedRoot
 from narrative.errors import InvalidInput, UnsafePath
 from narrative.paths import is_safe_path
 
-__all__ = ["extract_tar"]
+__all__ = [
+    "READ_BUFFER",
+    "check_total",
+    "extract_members",
+    "extract_tar",
+    "member_parts",
+    "refusals",
+    "strip_member",
+]
 
 _COPY = 1 << 20
-_READ_BUFFER = 1 << 20
+READ_BUFFER = 1 << 20
 """tarfile's stream buffer (default 10 KiB: a read call per 20 blocks)."""
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -38,41 +47,61 @@ def extract_tar(stream: IO[bytes], scratch: str, strip: str, max_bytes: int) -> 
     """Extract the tar ``stream`` into the empty directory ``scratch``, members renamed by
     removing the leading ``strip``; :class:`InvalidInput` for a member refused or when the
     regular files add up to more than ``max_bytes``."""
+    with refusals(), tarfile.open(fileobj=stream, mode="r|*", bufsize=READ_BUFFER) as tar:
+        extract_members(tar, tar, scratch, strip, max_bytes)
+
+
+@contextlib.contextmanager
+def refusals() -> Iterator[None]:
+    """Errors of reading or extracting an environment's tar as one :class:`InvalidInput`."""
     try:
-        _extract(stream, scratch, strip, max_bytes)
+        yield
     except tarfile.TarError as exc:  # the data filter's refusals, a broken stream
         raise InvalidInput(f"refused the environment tar: {exc}") from None
     except KeyError as exc:  # a hard link to a member the stream did not hold before it
         raise InvalidInput(f"refused the environment tar: {exc.args[0]}") from None
 
 
-def _extract(stream: IO[bytes], scratch: str, strip: str, max_bytes: int) -> None:
+def check_total(total: int, member: tarfile.TarInfo, max_bytes: int) -> int:
+    """``total`` plus the size of ``member`` if it is a regular file; refused over the limit."""
+    if member.isreg():
+        total += member.size
+        if total > max_bytes:
+            raise InvalidInput(
+                f"environment workspace exceeds the collect limit of {max_bytes} bytes"
+            )
+    return total
+
+
+def extract_members(
+    tar: tarfile.TarFile,
+    members: Iterable[tarfile.TarInfo],
+    scratch: str,
+    strip: str,
+    max_bytes: int,
+    total: int = 0,
+) -> None:
+    """Extract ``members`` of the stream ``tar`` (the rest of it, when another reader took
+    the first ones and left ``total`` bytes of regular files) into ``scratch``."""
     root = ConfinedRoot(scratch)
-    total = 0
-    with tarfile.open(fileobj=stream, mode="r|*", bufsize=_READ_BUFFER) as tar:
-        for member in tar:
-            stripped = _strip(member, strip)
-            if stripped is None:
-                continue
-            if member.isreg():
-                total += member.size
-                if total > max_bytes:
-                    raise InvalidInput(
-                        f"environment workspace exceeds the collect limit of {max_bytes} bytes"
-                    )
-            parts = _parts(stripped.name)
-            if stripped.issym():
-                _place_symlink(root.root, parts, stripped)
-            elif not parts:
-                continue  # the directory itself
-            elif not (
-                (stripped.isreg() or stripped.isdir())
-                and _write_plain(tar, stripped, root, "/".join(parts))
-            ):
-                tar.extract(stripped, root.root, filter="data")
+    for member in members:
+        stripped = strip_member(member, strip)
+        if stripped is None:
+            continue
+        total = check_total(total, member, max_bytes)
+        parts = member_parts(stripped.name)
+        if stripped.issym():
+            _place_symlink(root.root, parts, stripped)
+        elif not parts:
+            continue  # the directory itself
+        elif not (
+            (stripped.isreg() or stripped.isdir())
+            and _write_plain(tar, stripped, root, "/".join(parts))
+        ):
+            tar.extract(stripped, root.root, filter="data")
 
 
-def _strip(member: tarfile.TarInfo, strip: str) -> tarfile.TarInfo | None:
+def strip_member(member: tarfile.TarInfo, strip: str) -> tarfile.TarInfo | None:
     name = member.name
     if name.startswith("/"):
         raise InvalidInput(f"refused member of the environment tar: absolute path {name!r}")
@@ -87,7 +116,7 @@ def _strip(member: tarfile.TarInfo, strip: str) -> tarfile.TarInfo | None:
     return member.replace(name=name, deep=False)
 
 
-def _parts(name: str) -> tuple[str, ...]:
+def member_parts(name: str) -> tuple[str, ...]:
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
         raise InvalidInput(f"refused member of the environment tar: {name!r}")

@@ -309,6 +309,52 @@ def test_links_out_of_the_workspace_are_collected_as_data(
     assert entries(store, tree["d"][1])["up"] == (0o120000, b"../../../etc")
 
 
+@pytest.mark.parametrize(
+    "script",
+    [
+        "mkdir -p d/e && echo x > d/e/f && chmod +x d/e/f && echo '*.log' > d/.gitignore"
+        " && echo y > d/a.log && mkdir empty && ln -s /etc/passwd out",
+        "echo x > a && ln a b",  # the engine sends a hard link for the second name
+        "mkdir -p r/.git/info && echo '*.o' > r/.git/info/exclude && echo 1 > r/m.o"
+        " && echo 2 > r/m.c",
+        "echo x > a && mkfifo p",
+    ],
+    ids=["plain", "hard-link", "nested-repo", "fifo"],
+)
+def test_collect_from_the_stream_equals_extract_then_snapshot(
+    make_docker_provider: MakeProvider, store: Store, script: str
+) -> None:
+    """What the engine really sends: the streamed snapshot and the extracted one agree (the
+    same tree, or both refuse)."""
+    from providers.docker.files import open_archive
+    from providers.shipping import scratch_dir, snapshot_from_tar
+
+    snap = take_snapshot(store, message="base").snapshot
+    provider, cid = running(make_docker_provider)
+    provider.restore(cid, snap)
+    sh(provider, cid, script)
+    outcomes = []
+    for extract in (False, True):
+        thread = new_thread(store, f"t{extract}")
+        with open_archive(provider.api, cid, "/work", 60) as stream:
+            try:
+                outcomes.append(
+                    snapshot_from_tar(
+                        store,
+                        stream,
+                        scratch_dir(store, "e"),
+                        thread,
+                        None,
+                        "m",
+                        "work/",
+                        extract=extract,
+                    ).tree
+                )
+            except InvalidInput as exc:
+                outcomes.append(type(exc).__name__)
+    assert outcomes[0] == outcomes[1]
+
+
 @pytest.mark.parametrize("script", ["head -c 3000000 /dev/zero > big"], ids=["over-size-limit"])
 def test_hostile_collect_is_refused(
     make_docker_provider: MakeProvider, store: Store, script: str

@@ -1,5 +1,6 @@
 """Hostile tars coming back from an environment: refused, nothing written outside, store as
-it was."""
+it was; both when the snapshot is built from the stream and when the tar is extracted first
+(``extract``; :mod:`tests.providers.test_tar_snapshot` compares the two on random tars)."""
 
 from __future__ import annotations
 
@@ -52,11 +53,21 @@ def _state(store: Store) -> tuple[dict[str, bytes], list[str]]:
         [("d/../../evil", "link", "x")],
         [("dev", "dev", b"")],
         [("hard", "hard", "/etc/passwd")],
+        [("small", "file", b"x" * 1000), ("big", "file", b"x" * 1000)],
     ],
-    ids=["dotdot", "absolute", "through-symlink", "symlink-dotdot-name", "device", "hardlink-out"],
+    ids=[
+        "dotdot",
+        "absolute",
+        "through-symlink",
+        "symlink-dotdot-name",
+        "device",
+        "hardlink-out",
+        "over-the-limit",
+    ],
 )
+@pytest.mark.parametrize("extract", [False, True], ids=["stream", "extract"])
 def test_hostile_members_are_refused(
-    store: Store, tmp_path: Path, members: list[tuple[str, str, bytes | str]]
+    store: Store, tmp_path: Path, members: list[tuple[str, str, bytes | str]], extract: bool
 ) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -67,13 +78,23 @@ def test_hostile_members_are_refused(
     before = _state(store)
     scratch = scratch_dir(store, "env-test")
     with pytest.raises(InvalidInput):
-        snapshot_from_tar(store, _tar(*resolved), scratch, thread, None, "hostile")
+        snapshot_from_tar(
+            store,
+            _tar(*resolved),
+            scratch,
+            thread,
+            None,
+            "hostile",
+            max_bytes=1500,
+            extract=extract,
+        )
     assert list(outside.iterdir()) == []
     assert _state(store) == before
     assert not Path(scratch).exists()
 
 
-def test_links_are_data_and_the_tree_is_exact(store: Store) -> None:
+@pytest.mark.parametrize("extract", [False, True], ids=["stream", "extract"])
+def test_links_are_data_and_the_tree_is_exact(store: Store, extract: bool) -> None:
     thread = create_thread(store, store.config.default_objective, "ok").id
     tar = _tar(
         ("work/abs", "link", "/usr/bin/python3"),
@@ -81,7 +102,7 @@ def test_links_are_data_and_the_tree_is_exact(store: Store) -> None:
         ("work/sub/file.txt", "file", b"hello\n"),
     )
     snap = snapshot_from_tar(
-        store, tar, scratch_dir(store, "env-test"), thread, None, "m", strip="work/"
+        store, tar, scratch_dir(store, "env-test"), thread, None, "m", "work/", extract=extract
     )
     tree = entries(store, bytes.fromhex(snap.tree))
     assert tree["abs"] == (0o120000, b"/usr/bin/python3")
