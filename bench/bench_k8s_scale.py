@@ -13,12 +13,12 @@ private Docker engine, ``DOCKER_HOST``; the default image is built offline if mi
   and wait until it runs, then run the same command in each through ``pods/exec`` and read
   ``out.txt`` back, then delete each pod and claim and wait until it is gone.
 
-Measured here on a quiet machine (2 vCPUs), 50 environments: narrative 28.3 s (creates 6.7 s,
-fan-out 17.9 s, deletes 3.8 s), the anchor one pod at a time 15.3 s (1.85x, target MISSED), 16
-at a time 10.8 s (2.63x); hub peak RSS 89 MB (target met). Three ``pods/exec`` a run (ready +
-spawn held until the runtime is up, wait for its end, copy its log). What is left is fifty
-Python runtimes starting at once on two cores (~30 of the fan-out's ~41 CPU-s). Before:
-11.3x, 4.6x, 2.76x (README, "Kubernetes scale").
+Measured here on a quiet machine (2 vCPUs), 50 environments: narrative 25.6 s (creates 11.6 s,
+fan-out 10.2 s, deletes 3.7 s), the anchor one pod at a time 14.6 s (1.75x, target MISSED), 16
+at a time 10.6 s (2.42x); hub peak RSS 90 MB (target met). Each pod's warm runtime
+(``providers/zygote.py``) imports the runtime during the creates, and each run's runtime is
+forked from it: the fan-out halved, the creates doubled. Before: 11.3x, 4.6x, 2.76x, 1.85x
+(README, "Kubernetes scale").
 
 Target: OURS / ANCHOR ≤ 1.5x against the anchor one pod at a time; the anchor 16 pods at a
 time (as ``env create`` works) is reported beside it.
