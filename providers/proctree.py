@@ -21,6 +21,7 @@ from typing import Literal
 __all__ = [
     "MARKER_VAR",
     "SIGNAL_SCRIPT",
+    "FIND_MAIN",
     "SWEEP_SCRIPT",
     "compact",
     "environment_marker",
@@ -90,19 +91,27 @@ fi
 # is left, as SIGNAL_SCRIPT does; the command is the init's child that started first (orphans
 # re-parented to the init started later). /proc/<pid>/stat after the name's ``) ``: $1 state,
 # $2 parent, ${20} start time. Builtins only while scanning: a subshell would be a target.
-SWEEP_SCRIPT = compact(
-    r"""
-self=$$
-main=
-if [ "$0" = init ]; then
-    first=
+FIND_MAIN = r"""
+find_main() {
+    first= main=
     for p in /proc/[0-9]*; do
         read -r line < "$p/stat" 2>/dev/null || continue
         set -- ${line##*") "}
         [ "$2" = 1 ] || continue
         if [ -z "$first" ] || [ "${20}" -lt "$first" ]; then first=${20}; main=${p#/proc/}; fi
     done
-fi
+}
+"""
+"""A shell function that sets ``$main`` to the pid of the container's command under an init:
+PID 1's child that started first (orphans re-parented to the init started later; empty when
+there is none). The process every sweep spares, and a ``k8s`` pod's warm runtime."""
+
+SWEEP_SCRIPT = compact(
+    FIND_MAIN
+    + r"""
+self=$$
+main=
+[ "$0" = init ] && find_main
 others() {
     pids=
     for p in /proc/[0-9]*; do

@@ -21,7 +21,7 @@ from narrative.jsonio import parse_json
 
 from ..base import ExecResult, OutputFn
 from ..errors import ExecFailed, ProviderError, ResourceGone
-from ..proctree import compact, signal_argv
+from ..proctree import FIND_MAIN, compact, signal_argv
 from ..zygote import ORDER_FILE, ORDER_VERSION, WARM_FLAG
 
 __all__ = [
@@ -43,15 +43,11 @@ _GRACE = 5.0
 _WRAP = 'cd "$0" || exit 126\nexec env "$@"\n'
 """Runs ``env NAME=VALUE... argv`` in the workdir ($0)."""
 
-_WARM_PID = r"""
+_WARM_PID = (
+    FIND_MAIN
+    + r"""
 warm_pid() {
-    first= main=
-    for p in /proc/[0-9]*; do
-        read -r line < "$p/stat" 2>/dev/null || continue
-        set -- ${line##*") "}
-        [ "$2" = 1 ] || continue
-        if [ -z "$first" ] || [ "${20}" -lt "$first" ]; then first=${20}; main=${p#/proc/}; fi
-    done
+    find_main
     [ -n "$main" ] || return 1
     i=0
     while :; do
@@ -73,8 +69,9 @@ warm_pid() {
     done
 }
 """.replace("@FLAG@", WARM_FLAG)
+)
 """Prints the pid of the pod's warm runtime (:mod:`providers.zygote`): PID 1's first child, as
-:data:`~providers.proctree.SWEEP_SCRIPT` tells it (started before any exec, so no later process
+:data:`~providers.proctree.FIND_MAIN` tells it (started before any exec, so no later process
 can pass for it), when its command is ``runtime --warm`` and it is ready (it catches ``SIGUSR1``,
 bit 9 of ``SigCgt``, once it has imported everything: waited for up to 20 s). Else fails."""
 
