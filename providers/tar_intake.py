@@ -113,6 +113,10 @@ def strip_member(member: tarfile.TarInfo, strip: str) -> tarfile.TarInfo | None:
                 f"unexpected member {name!r} outside {strip!r} in the environment tar"
             )
         name = name[len(strip) :]
+        if member.islnk() and member.linkname.startswith(strip):
+            # the engine names a hard link's target as it names members: strip it alike (else
+            # the link points nowhere in the scratch directory and the whole collect fails)
+            return member.replace(name=name, linkname=member.linkname[len(strip) :], deep=False)
     return member.replace(name=name, deep=False)
 
 

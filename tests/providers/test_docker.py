@@ -18,6 +18,7 @@ from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from providers.base import Health
 from providers.errors import ExecFailed, ImageNotFound, ProviderUnavailable, ResourceGone
+from tests.conftest import git
 from tests.providers.test_shipping import entries
 
 pytestmark = pytest.mark.heavy
@@ -307,6 +308,21 @@ def test_links_out_of_the_workspace_are_collected_as_data(
     tree = entries(store, bytes.fromhex(result.tree))
     assert tree["escape"] == (0o120000, b"/etc/passwd")
     assert entries(store, tree["d"][1])["up"] == (0o120000, b"../../../etc")
+
+
+def test_hard_links_come_home_as_files(make_docker_provider: MakeProvider, store: Store) -> None:
+    """A hard link the agent made is collected as a second file of the same content (the engine
+    names its target ``work/...`` as it names members; that prefix was not stripped there, and
+    the whole collect failed: the run's work did not come home)."""
+    snap = take_snapshot(store, message="base").snapshot
+    provider, cid = running(make_docker_provider)
+    provider.restore(cid, snap)
+    sh(provider, cid, "mkdir d && echo x > a && ln a b && ln a d/c && chmod +x a")
+    result = provider.collect(cid, new_thread(store, "hard"), None, "hard")
+    tree = entries(store, bytes.fromhex(result.tree))
+    assert tree["a"] == tree["b"] == (0o100755, b"x\n")
+    assert entries(store, tree["d"][1])["c"] == tree["a"]
+    git("fsck", "--strict", cwd=store.git_dir)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from narrative.errors import InvalidInput
@@ -158,3 +158,35 @@ def test_only_the_exec_bit_is_kept(tmp_path: Path) -> None:
     extract_tar(io.BytesIO(data), str(tmp_path / "s"), "", 1 << 20)
     assert stat.S_IMODE((tmp_path / "s" / "run.sh").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "s" / "plain").stat().st_mode) == 0o644
+
+
+@settings(max_examples=150, deadline=None)
+@given(members=st.lists(member, min_size=1, max_size=6))
+@example(members=[("a", "file", "body"), ("sub", "dir", ""), ("sub/x", "hard", "a")])
+def test_a_stripped_prefix_is_stripped_from_every_name_a_member_carries(
+    tmp_path_factory: pytest.TempPathFactory, members
+) -> None:
+    """A tar whose names (and hard links' targets, as the Docker engine writes them) all start
+    with ``work/``, extracted with that prefix stripped, gives what the same tar without the
+    prefix gives whenever that one is accepted (a symbolic link's target is data: never
+    rewritten). Where the tar without the prefix is refused for a hard link that tarfile cannot
+    resolve within the stream (to itself, to a later member), the prefixed one may instead
+    leave that link out: ``tarfile`` looks such links up by the names as they were read."""
+    base = tmp_path_factory.mktemp("strip")
+    outside = base / "outside"
+    outside.mkdir()
+    prefixed = [("work", "dir", "")] + [
+        ("work/" + name, kind, "work/" + arg if kind == "hard" else arg)
+        for name, kind, arg in members
+    ]
+    plain = run(
+        lambda d, s: extract_tar(io.BytesIO(d), s, "", 1 << 20), build(members, outside), base / "p"
+    )
+    stripped = run(
+        lambda d, s: extract_tar(io.BytesIO(d), s, "work/", 1 << 20),
+        build(prefixed, outside),
+        base / "s",
+    )
+    assert list(outside.iterdir()) == [], "something was written outside"
+    if isinstance(plain, dict):
+        assert stripped == plain
