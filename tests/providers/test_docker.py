@@ -297,15 +297,21 @@ def test_files_round_trip(make_docker_provider: MakeProvider) -> None:
 # -- snapshots ----------------------------------------------------------------------------------
 
 
+def collected(make: MakeProvider, store: Store, script: str) -> dict[str, tuple[int, bytes]]:
+    """The top of the tree collected from a fresh container where ``script`` ran."""
+    snap = take_snapshot(store, message="base").snapshot
+    provider, cid = running(make)
+    provider.restore(cid, snap)
+    sh(provider, cid, script)
+    result = provider.collect(cid, new_thread(store, "collected"), None, "collected")
+    return entries(store, bytes.fromhex(result.tree))
+
+
 def test_links_out_of_the_workspace_are_collected_as_data(
     make_docker_provider: MakeProvider, store: Store, tmp_path: Path
 ) -> None:
-    snap = take_snapshot(store, message="base").snapshot
-    provider, cid = running(make_docker_provider)
-    provider.restore(cid, snap)
-    sh(provider, cid, "ln -s /etc/passwd escape && mkdir d && ln -s ../../../etc d/up")
-    result = provider.collect(cid, new_thread(store, "links"), None, "links")
-    tree = entries(store, bytes.fromhex(result.tree))
+    script = "ln -s /etc/passwd escape && mkdir d && ln -s ../../../etc d/up"
+    tree = collected(make_docker_provider, store, script)
     assert tree["escape"] == (0o120000, b"/etc/passwd")
     assert entries(store, tree["d"][1])["up"] == (0o120000, b"../../../etc")
 
@@ -314,12 +320,8 @@ def test_hard_links_come_home_as_files(make_docker_provider: MakeProvider, store
     """A hard link the agent made is collected as a second file of the same content (the engine
     names its target ``work/...`` as it names members; that prefix was not stripped there, and
     the whole collect failed: the run's work did not come home)."""
-    snap = take_snapshot(store, message="base").snapshot
-    provider, cid = running(make_docker_provider)
-    provider.restore(cid, snap)
-    sh(provider, cid, "mkdir d && echo x > a && ln a b && ln a d/c && chmod +x a")
-    result = provider.collect(cid, new_thread(store, "hard"), None, "hard")
-    tree = entries(store, bytes.fromhex(result.tree))
+    script = "mkdir d && echo x > a && ln a b && ln a d/c && chmod +x a"
+    tree = collected(make_docker_provider, store, script)
     assert tree["a"] == tree["b"] == (0o100755, b"x\n")
     assert entries(store, tree["d"][1])["c"] == tree["a"]
     git("fsck", "--strict", cwd=store.git_dir)
