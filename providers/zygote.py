@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from narrative.processes import process_start_time
+
 from .base import UP_FD_VAR
 from .proctree import MARKER_VAR
 from .sandbox import keep_environment_private
@@ -182,10 +184,9 @@ def _read_env(path: str) -> dict[str, str]:
 def _record_pid(path: str) -> None:
     """``pid start`` where the provider's scripts look (``/proc/PID/stat``'s start time tells
     this process from a later one with its pid)."""
-    with open("/proc/self/stat", encoding="ascii") as f:
-        fields = f.read().rpartition(") ")[2].split()
+    pid = os.getpid()
     with open(path, "w", encoding="ascii") as f:
-        f.write(f"{os.getpid()} {fields[19]}\n")
+        f.write(f"{pid} {process_start_time(pid) or '-'}\n")
 
 
 def _max_fd() -> int:
