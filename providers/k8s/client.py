@@ -1,6 +1,5 @@
 """The ``kubernetes`` client as the k8s provider uses it: one shared client per cluster
-configuration, execs on clients of their own, and the client's errors in the provider's
-terms."""
+configuration, and the client's errors in the provider's terms."""
 
 from __future__ import annotations
 
@@ -17,26 +16,18 @@ from .config import K8sConfig
 
 __all__ = ["api_client", "api_errors", "close_clients", "k8s_module", "new_api_client"]
 
-_CLIENTS: dict[tuple[str | None, str | None, str], Any] = {}
+_CLIENTS: dict[tuple[str | None, str | None], Any] = {}
 """One client (and connection pool) per cluster configuration, shared by every provider
 instance of the process: a hub drives many environments of one cluster."""
 _CLIENTS_LOCK = threading.Lock()
 
 
-def api_client(cfg: K8sConfig, purpose: str = "rest") -> Any:
-    """The shared client of the configured cluster (:func:`new_api_client`). Execs get a
-    client of their own (``purpose="exec"``): the client's ``stream()`` swaps the
-    ``call_api`` of the client it is given while it opens the WebSocket, which would send a
-    concurrent REST call of another thread down the WebSocket path."""
-    key = (cfg.kubeconfig, cfg.context, purpose)
+def api_client(cfg: K8sConfig) -> Any:
+    """The shared client of the configured cluster (:func:`new_api_client`)."""
+    key = (cfg.kubeconfig, cfg.context)
     with _CLIENTS_LOCK:
         if key not in _CLIENTS:
-            rest = (cfg.kubeconfig, cfg.context, "rest")
-            if purpose != "rest" and rest in _CLIENTS:
-                configuration = _CLIENTS[rest].configuration
-                _CLIENTS[key] = k8s_module("kubernetes.client").ApiClient(configuration)
-            else:
-                _CLIENTS[key] = new_api_client(cfg)
+            _CLIENTS[key] = new_api_client(cfg)
         return _CLIENTS[key]
 
 

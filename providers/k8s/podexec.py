@@ -11,7 +11,6 @@ POSIX ``sh``, ``env``, ``setsid``, ``tar``, ``find``, ``grep``, ``sleep`` and ``
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -23,6 +22,7 @@ from ..base import ExecResult, OutputFn
 from ..errors import ExecFailed, ProviderError, ResourceGone
 from ..proctree import FIND_MAIN, compact, signal_argv
 from ..zygote import ORDER_FILE, ORDER_VERSION, WARM_FLAG
+from .rest import KubeRest
 
 __all__ = [
     "ALIVE_SCRIPT",
@@ -35,8 +35,6 @@ __all__ = [
     "wrap",
 ]
 
-_OPEN_LOCK = threading.Lock()
-"""Serialises the opening of exec WebSockets (a few milliseconds each) on the exec client."""
 _GRACE = 5.0
 """Seconds to wait for a command's output to end once its processes were killed."""
 
@@ -196,30 +194,19 @@ def wrap(workdir: str, argv: Sequence[str], env: Mapping[str, str]) -> list[str]
 class PodExec:
     """Runs commands in one container of a pod through the exec WebSocket."""
 
-    def __init__(self, core: Any, namespace: str, container: str = "env") -> None:
-        self.core = core
+    def __init__(self, api: KubeRest, namespace: str, container: str = "env") -> None:
+        self.api = api
         self.namespace = namespace
         self.container = container
 
     def _open(self, pod: str, argv: list[str], stdin: bool) -> Any:
         from kubernetes.client.exceptions import ApiException
-        from kubernetes.stream import stream
 
+        flags = {"stderr": True, "stdin": stdin, "stdout": True, "tty": False}
+        query = [("command", argv), ("container", self.container)]
+        query += [(flag, "true" if on else "false") for flag, on in flags.items()]
         try:
-            with _OPEN_LOCK:  # stream() swaps the client's call_api while it opens
-                return stream(
-                    self.core.connect_get_namespaced_pod_exec,
-                    pod,
-                    self.namespace,
-                    command=argv,
-                    container=self.container,
-                    stderr=True,
-                    stdin=stdin,
-                    stdout=True,
-                    tty=False,
-                    _preload_content=False,
-                    binary=True,
-                )
+            return self.api.open_exec(pod, self.namespace, query)
         except ApiException as exc:
             text = f"{exc.status} {exc.reason}"
             if exc.status == 404 or " 404" in str(exc.reason):

@@ -24,7 +24,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from narrative.errors import InvalidInput
-from narrative.jsonio import parse_json
 
 from ..base import (
     SPAWN_LOG_LIMIT,
@@ -45,7 +44,7 @@ from ..errors import ProviderError, ProviderUnavailable, ResourceGone
 from ..proctree import MARKER_VAR, signal_argv, sweep_argv
 from ..shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
 from . import manifests
-from .client import api_client, api_errors, k8s_module
+from .client import api_client, api_errors
 from .config import K8sConfig
 from .podexec import (
     ALIVE_SCRIPT,
@@ -55,6 +54,7 @@ from .podexec import (
     new_marker,
     wrap,
 )
+from .rest import CLAIMS, NETWORK_POLICIES, PODS, SECRETS, KubeRest
 from .spawning import PodSpawn, parse_handle, spawn_log
 
 if TYPE_CHECKING:
@@ -114,15 +114,13 @@ class K8sProvider(BaseProvider):
         return self._client
 
     @property
-    def core(self) -> Any:
-        return k8s_module("kubernetes.client").CoreV1Api(self.client)
+    def api(self) -> KubeRest:
+        return KubeRest(self.client)
 
     @property
     def pods(self) -> PodExec:
-        """Commands in pods, through the exec client (see :func:`api_client`)."""
-        self.client  # noqa: B018 (the REST client first: the exec client shares its config)
-        core = k8s_module("kubernetes.client").CoreV1Api(api_client(self.cfg, "exec"))
-        return PodExec(core, self.cfg.namespace)
+        """Commands in pods (their WebSockets use the client's configuration only)."""
+        return PodExec(self.api, self.cfg.namespace)
 
     @property
     def _labels(self) -> dict[str, str]:
@@ -133,50 +131,41 @@ class K8sProvider(BaseProvider):
     def create(self) -> str:
         """The workspace claim, then the Secret and NetworkPolicy it owns (the pod comes with
         :meth:`start`)."""
-        client = k8s_module("kubernetes.client")
         cfg, name, labels = self.cfg, manifests.object_name(self.context.env_id), self._labels
+        ns = cfg.namespace
         with api_errors("create", name):
-            claim = self.core.create_namespaced_persistent_volume_claim(
-                cfg.namespace, manifests.claim_manifest(name, cfg, labels)
+            claim = self.api.create(
+                CLAIMS.collection(ns), manifests.claim_manifest(name, cfg, labels)
             )
-        self._claim_uids[name] = str(claim.metadata.uid)
-        owner = manifests.owner_reference("PersistentVolumeClaim", name, claim.metadata.uid)
+        uid = _uid(claim, name)
+        self._claim_uids[name] = uid
+        owner = manifests.owner_reference("PersistentVolumeClaim", name, uid)
         with api_errors("create", name):
-            self.core.create_namespaced_secret(
-                cfg.namespace, manifests.secret_manifest(name, cfg, labels, owner)
+            self.api.create(
+                SECRETS.collection(ns), manifests.secret_manifest(name, cfg, labels, owner)
             )
-            client.NetworkingV1Api(self.client).create_namespaced_network_policy(
-                cfg.namespace, manifests.network_policy_manifest(name, cfg, labels, owner)
+            self.api.create(
+                NETWORK_POLICIES.collection(ns),
+                manifests.network_policy_manifest(name, cfg, labels, owner),
             )
         log.debug("created k8s environment %s for %s", name, self.context.env_name)
         return str(name)
 
-    def _claim(self, name: str) -> Any:
+    def _claim(self, name: str) -> dict[str, Any]:
+        """The workspace claim (its JSON); ResourceGone when it is gone or going."""
         with api_errors("read", name):
-            claim = self.core.read_namespaced_persistent_volume_claim(name, self.cfg.namespace)
-        if claim.metadata.deletion_timestamp is not None:
+            claim = self.api.get(CLAIMS.item(self.cfg.namespace, name))
+        if _metadata(claim).get("deletionTimestamp") is not None:
             raise ResourceGone(name)
         return claim
 
     def _pod(self, name: str) -> dict[str, Any] | None:
-        """The pod as the API server sent it (its JSON, not the client's models: reading
-        one is a tenth of the work), None when there is none."""
+        """The pod as the API server sent it, None when there is none."""
         try:
             with api_errors("read", name):
-                response = self.core.read_namespaced_pod(
-                    name, self.cfg.namespace, _preload_content=False
-                )
-                try:
-                    pod = parse_json(response.data)
-                finally:
-                    response.release_conn()
+                return self.api.get(PODS.item(self.cfg.namespace, name))
         except ResourceGone:
             return None
-        except ValueError as exc:
-            raise ProviderError(f"k8s read {name}: not JSON: {exc}") from exc
-        if not isinstance(pod, dict):
-            raise ProviderError(f"k8s read {name}: not a pod: {type(pod).__name__}")
-        return pod
 
     def start(self, resource_id: str) -> None:
         """Create the pod (unless one runs already) and wait, watching it, until it runs.
@@ -185,7 +174,7 @@ class K8sProvider(BaseProvider):
         with no reads first (each request counts when fifty environments start)."""
         uid = self._claim_uids.pop(resource_id, None)
         if uid is None:
-            uid = str(self._claim(resource_id).metadata.uid)
+            uid = _uid(self._claim(resource_id), resource_id)
             pod = self._pod(resource_id)
             if pod is not None and manifests.pod_state(pod).state in ("error", "not_available"):
                 self._delete_pod(resource_id, 0)
@@ -196,8 +185,7 @@ class K8sProvider(BaseProvider):
         owner = manifests.owner_reference("PersistentVolumeClaim", resource_id, uid)
         manifest = manifests.pod_manifest(resource_id, self.cfg, self._labels, owner)
         with api_errors("start", resource_id):
-            made = self.core.create_namespaced_pod(self.cfg.namespace, manifest)
-        pod = dict(self.client.sanitize_for_serialization(made))
+            pod = self.api.create(PODS.collection(self.cfg.namespace), manifest)
         self._wait_pod(resource_id, self._running, "run", self.cfg.start_timeout, pod)
 
     @staticmethod
@@ -220,7 +208,6 @@ class K8sProvider(BaseProvider):
         """Follow the pod with the watch API until ``done`` (given the pod, None once
         deleted); the last reason it gave when the time is up. ``pod``: as it is now (read
         when not given)."""
-        watch = k8s_module("kubernetes.watch")
         deadline = time.monotonic() + timeout
         if pod is None:
             pod = self._pod(name)
@@ -233,17 +220,15 @@ class K8sProvider(BaseProvider):
                 raise ProviderError(
                     f"pod {name} did not {what} within {timeout:g}s{': ' + last if last else ''}"
                 )
-            events = watch.Watch().stream(
-                self.core.list_namespaced_pod,
-                self.cfg.namespace,
-                field_selector=f"metadata.name={name}",
-                timeout_seconds=max(1, int(min(remaining, 30))),
-                _request_timeout=min(remaining, 30) + 5,
+            events = self.api.watch(
+                PODS.collection(self.cfg.namespace),
+                [("fieldSelector", f"metadata.name={name}")],
+                seconds=max(1, int(min(remaining, 30))),
+                timeout=min(remaining, 30) + 5,
             )
             with api_errors("watch", name), contextlib.closing(events):
                 for event in events:
-                    obj = self.client.sanitize_for_serialization(event["object"])
-                    pod = None if event["type"] == "DELETED" else dict(obj)
+                    pod = None if event["type"] == "DELETED" else event["object"]
                     if done(pod, name):
                         return
                     if pod is not None:
@@ -252,14 +237,9 @@ class K8sProvider(BaseProvider):
 
     def _delete_pod(self, name: str, grace: int) -> None:
         """Delete the pod (SIGTERM, then SIGKILL after ``grace`` seconds) and wait until gone."""
-        client = k8s_module("kubernetes.client")
         try:
             with api_errors("delete", name):
-                self.core.delete_namespaced_pod(
-                    name,
-                    self.cfg.namespace,
-                    body=client.V1DeleteOptions(grace_period_seconds=grace),
-                )
+                self.api.delete(PODS.item(self.cfg.namespace, name), {"gracePeriodSeconds": grace})
         except ResourceGone:
             return
         self._wait_pod(name, lambda pod, _name: pod is None, "end", grace + 60)
@@ -272,21 +252,18 @@ class K8sProvider(BaseProvider):
     def delete(self, resource_id: str) -> None:
         """Delete the pod (with its grace period) and the claim, whose dependents the garbage
         collector removes. Idempotent."""
-        client = k8s_module("kubernetes.client")
         self._delete_pod(resource_id, self.cfg.grace_period)
         try:
             with api_errors("delete", resource_id):
-                self.core.delete_namespaced_persistent_volume_claim(
-                    resource_id,
-                    self.cfg.namespace,
-                    body=client.V1DeleteOptions(propagation_policy="Background"),
+                self.api.delete(
+                    CLAIMS.item(self.cfg.namespace, resource_id),
+                    {"propagationPolicy": "Background"},
                 )
         except ResourceGone:
             pass
 
     def reconnect(self, resource_id: str) -> None:
-        claim = self._claim(resource_id)
-        labels = claim.metadata.labels or {}
+        labels = _metadata(self._claim(resource_id)).get("labels") or {}
         if labels.get(manifests.LABEL_ENV) != manifests.label_value(self.context.env_id):
             raise ResourceGone(resource_id)
 
@@ -317,11 +294,15 @@ class K8sProvider(BaseProvider):
             return []
         selector = f"{manifests.LABEL_OWNER}={manifests.label_value(self.context.owner)}"
         with api_errors("list"):
-            claims = self.core.list_namespaced_persistent_volume_claim(
-                self.cfg.namespace, label_selector=selector
-            )
+            claims = self.api.get(
+                CLAIMS.collection(self.cfg.namespace), [("labelSelector", selector)]
+            ).get("items")
+        if not isinstance(claims, list):
+            raise ProviderError("k8s list: the answer has no items")
         return sorted(
-            str(c.metadata.name) for c in claims.items if c.metadata.deletion_timestamp is None
+            str(_metadata(c).get("name"))
+            for c in claims
+            if _metadata(c).get("deletionTimestamp") is None
         )
 
     # -- commands -------------------------------------------------------------------------------
@@ -427,7 +408,7 @@ class K8sProvider(BaseProvider):
         """Add (or with None, remove) keys of the environment's Secret (a JSON merge patch)."""
         name = manifests.env_secret_name(resource_id)
         with api_errors("update", name):
-            self.core.patch_namespaced_secret(name, self.cfg.namespace, {"data": dict(data)})
+            self.api.merge_patch(SECRETS.item(self.cfg.namespace, name), {"data": dict(data)})
 
     def signal(self, resource_id: str, handle: str, sig: Signal) -> None:
         marker = parse_handle(handle)
@@ -578,3 +559,16 @@ class K8sProvider(BaseProvider):
             strip="./",
             max_bytes=limit,
         )
+
+
+def _metadata(obj: Any) -> dict[str, Any]:
+    """The ``metadata`` of an object the API server sent (empty when it has none)."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _uid(obj: dict[str, Any], name: str) -> str:
+    uid = _metadata(obj).get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise ProviderError(f"k8s: {name} came back without a uid")
+    return uid
