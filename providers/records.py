@@ -41,6 +41,8 @@ HUB_SOCKET = "hub.sock"
 _FILE = os.path.join("narrative", "environments.json")
 _VERSION = 1
 T = TypeVar("T")
+_PARSED: dict[str, tuple[bytes, list[EnvironmentRecord]]] = {}
+"""Per records file: its bytes when last parsed and the records they gave (see ``_shared``)."""
 
 
 class EnvironmentRecord(BaseModel):
@@ -118,13 +120,20 @@ class EnvironmentStore:
         self.path = records_path(store)
 
     def load(self) -> list[EnvironmentRecord]:
+        """Every record, parsed afresh (the caller may change them)."""
+        raw = self._read()
+        return [] if raw is None else self._parse(raw)
+
+    def _read(self) -> bytes | None:
         try:
             with open(self.path, "rb") as f:
-                raw = f.read()
+                return f.read()
         except FileNotFoundError:
-            return []
+            return None
         except OSError as exc:
             raise EnvironmentStateError(f"cannot read {self.path}: {exc}") from exc
+
+    def _parse(self, raw: bytes) -> list[EnvironmentRecord]:
         try:
             doc = _Document.model_validate_json(raw)
         except ValidationError as exc:
@@ -134,6 +143,20 @@ class EnvironmentStore:
         if doc.version != _VERSION:
             raise EnvironmentStateError(f"unsupported version {doc.version} in {self.path}")
         return doc.environments
+
+    def _shared(self) -> list[EnvironmentRecord]:
+        """The records as last parsed from the same bytes, never handed out themselves: a hub
+        looks records up many times per run, and the file changes far less often (the parse
+        is the work; reading and comparing the bytes is not)."""
+        raw = self._read()
+        if raw is None:
+            return []
+        cached = _PARSED.get(self.path)
+        if cached is not None and cached[0] == raw:
+            return cached[1]
+        records = self._parse(raw)
+        _PARSED[self.path] = (raw, records)
+        return records
 
     def _save(self, records: list[EnvironmentRecord]) -> None:
         doc = _Document(version=_VERSION, environments=records)
@@ -152,14 +175,15 @@ class EnvironmentStore:
         return [r for r in self.load() if r.state is not EnvState.ARCHIVED]
 
     def get(self, name_or_id: str) -> EnvironmentRecord:
-        """A live environment by name or id (an archived one only by its exact id)."""
-        records = self.load()
+        """A live environment by name or id (an archived one only by its exact id), a copy the
+        caller may change."""
+        records = self._shared()
         for record in records:
             if record.state is not EnvState.ARCHIVED and name_or_id in (record.name, record.id):
-                return record
+                return record.model_copy(deep=True)
         for record in records:
             if record.id == name_or_id:
-                return record
+                return record.model_copy(deep=True)
         raise EnvironmentNotFound(name_or_id)
 
     def add(self, record: EnvironmentRecord) -> EnvironmentRecord:

@@ -37,6 +37,25 @@ def test_names_are_unique_among_live_records(store: Store) -> None:
     assert [r.id for r in records.live()] == [second.id]
 
 
+def test_a_looked_up_record_is_the_callers_and_the_file_decides(store: Store) -> None:
+    """``get`` answers from the records parsed last while the file's bytes are the same: what
+    it hands out must be a copy, and any other writer's change must be seen at once."""
+    records = EnvironmentStore(store)
+    added = records.add(EnvironmentRecord(name="a", provider="worktree", history=[]))
+    mine = records.get("a")
+    mine.history.append({"at": "x", "from": "a", "to": "b", "reason": "mutated by a caller"})
+    mine.state = EnvState.ERROR
+    assert records.get("a") == added  # the shared parse was not touched
+    # another process rewrites the file (same length, other bytes): seen at the next lookup
+    path = records_path(store)
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data.replace(b'"provider": "worktree"', b'"provider": "worktre2"'))
+    assert EnvironmentStore(store).get("a").provider == "worktre2"
+    Path(path).write_bytes(b'{"version": 1, "environments": []}')
+    with pytest.raises(EnvironmentNotFound):
+        records.get("a")
+
+
 def test_unknown_name(store: Store) -> None:
     with pytest.raises(EnvironmentNotFound, match="nope"):
         EnvironmentStore(store).get("nope")
