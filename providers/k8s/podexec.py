@@ -153,20 +153,22 @@ time) is not a zombie and started when it did (so it is not a reused pid). Not i
 that file unreadable, and it reads empty mid-``execve``."""
 
 AWAIT_END_SCRIPT = compact(r"""
-read -r pid start < "/tmp/narrative-spawn-$0.pid" 2>/dev/null || exit 0
-left=$1
+left=$1; shift
+read -r pid start < "/tmp/narrative-spawn-$0.pid" 2>/dev/null || { [ $# -eq 0 ] || "$@"; exit 0; }
+gone() { set -- $1; [ "$1" = Z ] || [ "${20}" != "$start" ]; }
 while read -r line < "/proc/$pid/stat" 2>/dev/null; do
-    set -- ${line##*") "}
-    [ "$1" = Z ] && exit 0
-    [ "${20}" = "$start" ] || exit 0
+    gone "${line##*") "}" && break
     [ "$left" -gt 0 ] || exit 1
     left=$((left - 1))
     sleep 0.1
 done
+[ $# -eq 0 ] || "$@"
 exit 0
 """)
 """Exit 0 once the spawned process of marker $0 ended (as :data:`ALIVE_SCRIPT` tells), 1 when it
-still runs after $1 tenths of a second."""
+still runs after $1 tenths of a second. Any further arguments are a command run once it ended
+(before the exit 0, whatever its own status): the read of its log that would otherwise be the
+hub's next exec."""
 
 SIGNAL_PID_SCRIPT = compact(r"""
 m=$0; sig=$1

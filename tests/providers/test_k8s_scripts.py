@@ -35,9 +35,12 @@ class Spawned:
     def alive(self) -> bool:
         return subprocess.run(["sh", "-c", ALIVE_SCRIPT, self.marker], check=False).returncode == 0
 
-    def await_end(self, tenths: int) -> int:
-        argv = ["sh", "-c", AWAIT_END_SCRIPT, self.marker, str(tenths)]
-        return subprocess.run(argv, check=False, timeout=30).returncode
+    def await_end(self, tenths: int, *then: str) -> int:
+        return self.await_end_output(tenths, *then).returncode
+
+    def await_end_output(self, tenths: int, *then: str) -> subprocess.CompletedProcess[bytes]:
+        argv = ["sh", "-c", AWAIT_END_SCRIPT, self.marker, str(tenths), *then]
+        return subprocess.run(argv, check=False, timeout=30, capture_output=True)
 
 
 @pytest.fixture
@@ -104,6 +107,22 @@ def test_await_end_returns_as_soon_as_the_process_ends(spawn) -> None:
     assert got.await_end(300) == 0
     assert time.monotonic() - started < 20  # not the 30 s it was allowed
     assert not got.alive()
+
+
+def test_await_end_runs_the_command_it_is_given_once_the_process_ended_and_only_then(
+    spawn, tmp_path: Path
+) -> None:
+    """The k8s provider reads a runtime's log in the exec that saw it end: the command runs
+    after the end, never while the process runs, and its failure is not the wait's."""
+    got = spawn(["sleep", "60"], "")
+    still = got.await_end_output(2, "sh", "-c", "echo read too early; exit 3")
+    assert still.returncode == 1 and still.stdout == b""
+    subprocess.run(["sh", "-c", SIGNAL_PID_SCRIPT, got.marker, "KILL"], check=True)
+    ended = got.await_end_output(100, "sh", "-c", "echo read; exit 3")
+    assert ended.returncode == 0 and ended.stdout == b"read\n"
+    gone = Spawned("0" * 24, "", 0.0)  # never spawned: no pid file
+    assert gone.await_end_output(5, "echo", "a", "b").stdout == b"a b\n"
+    assert gone.await_end(5) == 0
 
 
 def test_a_line_is_seen_however_the_output_is_cut() -> None:
