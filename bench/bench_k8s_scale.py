@@ -60,6 +60,7 @@ def anchor(kubeconfig: str, count: int, workers: int = 1, prefix: str = "anchor"
     from providers.k8s import manifests
     from providers.k8s.config import K8sConfig
     from providers.k8s.podexec import PodExec
+    from providers.k8s.rest import KubeRest
 
     api = config.new_client_from_config(config_file=kubeconfig)
     core = client.CoreV1Api(api)
@@ -89,7 +90,7 @@ def anchor(kubeconfig: str, count: int, workers: int = 1, prefix: str = "anchor"
         core.create_namespaced_pod("default", manifests.pod_manifest(name, cfg, labels, owner))
         wait(name, gone=False)
 
-    pods = PodExec(core, "default")
+    pods = PodExec(KubeRest(api), "default")  # the client's exec WebSocket (ws_client)
 
     def use(name: str) -> None:
         pods.quiet(name, ["sh", "-c", f"cd /work && {COMMAND}"], "run")
