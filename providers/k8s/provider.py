@@ -394,7 +394,7 @@ class K8sProvider(BaseProvider):
     ) -> str:
         if not argv:
             raise InvalidInput("empty command")
-        pod = self._live_pod(resource_id)
+        pod = resource_id  # no read first (one request per run): a failed exec asks why below
         marker = new_marker()
         spawn = PodSpawn(self.cfg, marker, lambda data: self._secret_data(resource_id, data))
         command = spawn.command(
@@ -404,7 +404,13 @@ class K8sProvider(BaseProvider):
             hold=hold,
             empty_first=self._run_dirs if prepare else None,
         )
-        spawn.run(self.pods, pod, command, env, after_sweep=prepare)
+        try:
+            spawn.run(self.pods, pod, command, env, after_sweep=prepare)
+        except ResourceGone:
+            raise
+        except ProviderError:
+            self._live_pod(resource_id)  # ResourceGone when the pod is gone or going
+            raise
         return f"k8s:{marker}"
 
     def _secret_data(self, resource_id: str, data: Mapping[str, str | None]) -> None:
