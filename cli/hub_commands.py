@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NoReturn
 
@@ -251,6 +252,10 @@ def runtime(
         def become(args: list[str]) -> NoReturn:
             raise RunInstead(args)
 
+        from narrative.entrypoints import entry_points_in
+
+        with contextlib.suppress(Exception):  # else each forked runtime lists them itself
+            entry_points_in("")  # plugins listed once here, not by every forked runtime
         serve((*RUNTIME_MODULES, "asyncio"), become)
 
     if check:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable
-from importlib.metadata import entry_points
+
+from narrative.entrypoints import entry_points_in
 
 from .base import BaseProvider
 from .errors import MissingDependency, NoProviderAvailable, ProviderError, ProviderNotFound
@@ -75,7 +76,7 @@ def unregister(name: str) -> None:
 
 def _known() -> dict[str, tuple[str, str | None]]:
     known = dict(_BUILTIN)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    for ep in entry_points_in(ENTRY_POINT_GROUP):
         known.setdefault(ep.name, (ep.value, None))
     known.update(_EXTRA)
     return known

@@ -28,7 +28,6 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.builtins import install_builtins
@@ -42,6 +41,7 @@ from gateway.protocol import Notification
 from gateway.server import DEFAULT_HOST
 from gateway.tls import ServerTls
 from gateway.tokens import TokenSigner, load_or_create_key
+from narrative.entrypoints import entry_points_in
 from narrative.errors import InvalidInput
 from narrative.fsutil import write_atomic
 from narrative.hierarchy import get_run
@@ -303,7 +303,7 @@ class Hub:
             ("runs", self._control_runs),
         ):
             registry.register("hub", action, handler)
-        for entry in entry_points(group=HANDLER_GROUP):
+        for entry in entry_points_in(HANDLER_GROUP):
             entry.load()(registry)
         for spec in plugins:
             load_handler_plugin(spec, registry)
