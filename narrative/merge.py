@@ -103,7 +103,12 @@ class TreeMerge:
 _MODES = {b"100644": MODE_FILE, b"100755": MODE_EXEC, b"120000": MODE_LINK, b"40000": MODE_DIR}
 _TREE_ENTRY = re.compile(rb"([0-7]+) ([^\x00]*)\x00(.{20})", re.DOTALL)  # mode, name, oid
 _WHOLE_TREE = re.compile(rb"(?:[0-7]+ [^\x00]*\x00.{20})*", re.DOTALL)  # entries, nothing else
+_RECORD = re.compile(rb"[0-7]+ [^\x00]*\x00.{20}", re.DOTALL)  # one whole entry
+# A whole tree whose names are all safe (not empty, ".", "..", ".git", no "/"): one C-level
+# match validates a tree; only a tree failing it is parsed again to say what is wrong.
+_SAFE_TREE = re.compile(rb"(?:[0-7]+ (?!(?:\.\.?|\.git)\x00)[^\x00/]+\x00.{20})*", re.DOTALL)
 _UNSAFE_NAMES = frozenset((b"", b".", b"..", b".git"))
+_NO_RECORDS: frozenset[bytes] = frozenset()
 
 
 def _name(raw: bytes) -> str:
@@ -115,27 +120,65 @@ def _raw(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
 
 
+def _changed_entries(records: frozenset[bytes]) -> dict[bytes, tuple[int, bytes]]:
+    """name → (mode, oid) of raw tree entries (one regex pass over all of them)."""
+    if not records:
+        return {}
+    modes = _MODES
+    return {
+        name: (modes.get(mode) or int(mode, 8), oid)
+        for mode, name, oid in _TREE_ENTRY.findall(b"".join(records))
+    }
+
+
 class _Trees:
-    """Parsed trees by id (each read once), path lookups, and validated entry names.
+    """Trees by id (each read and validated once), path lookups, and validated entry names.
 
     Entries are keyed by their raw (bytes) names: a name is decoded only when a path through it
-    is reported, not for each of the thousands of entries merely compared.
+    is reported, not for each of the thousands of entries merely compared. A diff compares the
+    trees' raw entries as sets (in C), so only the changed entries are ever split into fields;
+    the name → entry dict of a tree is built only for trees that are looked into or rebuilt.
     """
 
     def __init__(self, odb: ObjectStore) -> None:
         self.odb = odb
+        self._data: dict[bytes, bytes] = {}
+        self._records: dict[bytes, frozenset[bytes]] = {}
         self._cache: dict[bytes, dict[bytes, tuple[int, bytes]]] = {}
         self._dirs: dict[tuple[bytes, str], bytes | None] = {}  # (root, dir path) → its tree
+
+    def _read(self, oid: bytes) -> bytes:
+        data = self._data.get(oid)
+        if data is None:
+            kind, data = self.odb.read(oid)
+            if kind != "tree":
+                raise StoreCorrupted(f"{oid.hex()} is not a tree")
+            if _SAFE_TREE.fullmatch(data) is None:
+                self._parse(oid, data)  # raises, naming the problem
+                raise StoreCorrupted(f"tree {oid.hex()} is malformed")  # pragma: no cover
+            self._data[oid] = data
+        return data
+
+    def records(self, oid: bytes | None) -> frozenset[bytes]:
+        """The tree's entries as raw bytes, one per entry."""
+        if oid is None:
+            return _NO_RECORDS
+        found = self._records.get(oid)
+        if found is None:
+            found = frozenset(_RECORD.findall(self._read(oid)))
+            self._records[oid] = found
+        return found
 
     def entries(self, oid: bytes | None) -> dict[bytes, tuple[int, bytes]]:
         if oid is None:
             return {}
         found = self._cache.get(oid)
         if found is None:
-            kind, data = self.odb.read(oid)
-            if kind != "tree":
-                raise StoreCorrupted(f"{oid.hex()} is not a tree")
-            found = self._parse(oid, data)
+            modes = _MODES
+            found = {
+                name: (modes.get(mode) or int(mode, 8), child)
+                for mode, name, child in _TREE_ENTRY.findall(self._read(oid))
+            }
             self._cache[oid] = found
         return found
 
@@ -187,13 +230,15 @@ class _Trees:
         """Changed non-directory paths from tree ``a`` to ``b``; equal subtrees are skipped."""
         if a == b:
             return
-        ea, eb = self.entries(a), self.entries(b)
-        # the symmetric difference of the items holds just the changed names (found in C)
-        for name in {name for name, _ in ea.items() ^ eb.items()}:
+        ra, rb = self.records(a), self.records(b)
+        # The set differences of the raw entries hold just the changed ones (found in C); only
+        # those are split into fields, in one regex pass over each side's changed entries.
+        ea, eb = _changed_entries(ra - rb), _changed_entries(rb - ra)
+        for name in ea.keys() | eb.keys():
             x, y = ea.get(name), eb.get(name)
-            path = prefix + _name(name)
             x_dir = x is not None and x[0] == MODE_DIR
             y_dir = y is not None and y[0] == MODE_DIR
+            path = prefix + _name(name)
             if x_dir or y_dir:
                 self.diff(
                     x[1] if x is not None and x_dir else None,
@@ -201,10 +246,12 @@ class _Trees:
                     path + "/",
                     out,
                 )
-            fx = None if x_dir else x
-            fy = None if y_dir else y
-            if fx != fy:
-                out[path] = (fx, fy)
+                if x_dir:
+                    x = None
+                if y_dir:
+                    y = None
+            if x != y:
+                out[path] = (x, y)
 
 
 def _exact_renames(changes: dict[str, _Change]) -> dict[str, str]:

@@ -358,6 +358,9 @@ DAMAGED_TREES = {
     "no-mode": b" a\x00" + _OID,
     "dot-dot": _ENTRY + b"40000 ..\x00" + _OID,
     "slash": b"100644 a/b\x00" + _OID,
+    "dot": _ENTRY + b"40000 .\x00" + _OID,
+    "dot-git": b"40000 .git\x00" + _OID + _ENTRY,
+    "empty-name": b"100644 \x00" + _OID,
 }
 
 
