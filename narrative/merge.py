@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import InvalidInput, StoreCorrupted
@@ -47,7 +46,9 @@ _Change = tuple[Entry | None, Entry | None]  # (base, side) of one changed path
 _EMPTY_BLOB = bytes.fromhex("e69de29bb2d1d6434b8b29ae775ad8c2e48c5391")
 
 
-@dataclass(frozen=True)
+_CONFLICT_FIELDS = ("path", "kind", "base", "ours", "theirs", "markers", "other")  # in order
+
+
 class Conflict:
     """A path the merge could not settle on its own.
 
@@ -55,15 +56,57 @@ class Conflict:
     (ours modified, theirs deleted), ``delete/modify``, ``mode``, ``symlink``, ``type`` (file vs
     symlink), ``rename/delete``, ``rename/rename``, ``directory/file``. ``markers``: the merged
     file holds ``<<<<<<<`` markers. ``other`` names the second path of a rename conflict.
+
+    Immutable, compared and hashed by value. A plain class rather than a dataclass: the merge
+    runs in short-lived processes, and building the dataclasses of this module cost ~0.6 ms
+    each at import (their methods are generated with ``exec``).
     """
 
+    __slots__ = _CONFLICT_FIELDS
     path: str
     kind: str
     base: Entry | None
     ours: Entry | None
     theirs: Entry | None
-    markers: bool = False
-    other: str | None = None
+    markers: bool
+    other: str | None
+
+    def __init__(
+        self,
+        path: str,
+        kind: str,
+        base: Entry | None,
+        ours: Entry | None,
+        theirs: Entry | None,
+        markers: bool = False,
+        other: str | None = None,
+    ) -> None:
+        for name, value in zip(
+            _CONFLICT_FIELDS, (path, kind, base, ours, theirs, markers, other), strict=True
+        ):
+            object.__setattr__(self, name, value)
+
+    def _key(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in _CONFLICT_FIELDS)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of a Conflict")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} of a Conflict")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Conflict)
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in _CONFLICT_FIELDS)
+        return f"Conflict({fields})"
 
     def to_dict(self) -> dict[str, Any]:
         def show(entry: Entry | None) -> dict[str, str] | None:
@@ -80,7 +123,6 @@ class Conflict:
         }
 
 
-@dataclass
 class TreeMerge:
     """The outcome of :func:`merge_trees`.
 
@@ -89,11 +131,33 @@ class TreeMerge:
     strategy settled; ``renames`` are the detected (side, old path, new path).
     """
 
-    tree: bytes
-    edits: dict[str, Entry | None] = field(default_factory=dict)
-    conflicts: list[Conflict] = field(default_factory=list)
-    resolved: list[Conflict] = field(default_factory=list)
-    renames: list[tuple[str, str, str]] = field(default_factory=list)
+    def __init__(
+        self,
+        tree: bytes,
+        edits: dict[str, Entry | None] | None = None,
+        conflicts: list[Conflict] | None = None,
+        resolved: list[Conflict] | None = None,
+        renames: list[tuple[str, str, str]] | None = None,
+    ) -> None:
+        self.tree = tree
+        self.edits: dict[str, Entry | None] = {} if edits is None else edits
+        self.conflicts: list[Conflict] = [] if conflicts is None else conflicts
+        self.resolved: list[Conflict] = [] if resolved is None else resolved
+        self.renames: list[tuple[str, str, str]] = [] if renames is None else renames
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, TreeMerge)
+        return self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaced
+
+    def __repr__(self) -> str:
+        return (
+            f"TreeMerge(tree={self.tree!r}, edits={self.edits!r}, conflicts={self.conflicts!r}, "
+            f"resolved={self.resolved!r}, renames={self.renames!r})"
+        )
 
     @property
     def clean(self) -> bool:

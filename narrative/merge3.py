@@ -11,7 +11,6 @@ merges and on simple conflicts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from itertools import accumulate
 from typing import Literal
 
@@ -25,12 +24,38 @@ def is_binary(data: bytes) -> bool:
     return b"\x00" in data[:_BINARY_PROBE]
 
 
-@dataclass(frozen=True)
 class TextMerge:
-    """Merged content and how many conflict blocks it holds (0: a clean merge)."""
+    """Merged content and how many conflict blocks it holds (0: a clean merge).
 
+    Immutable, compared by value; a plain class, not a dataclass, for the import cost (see
+    :class:`narrative.merge.Conflict`).
+    """
+
+    __slots__ = ("conflicts", "data")
     data: bytes
     conflicts: int
+
+    def __init__(self, data: bytes, conflicts: int) -> None:
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "conflicts", conflicts)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of a TextMerge")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} of a TextMerge")
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, TextMerge)
+        return (self.data, self.conflicts) == (other.data, other.conflicts)
+
+    def __hash__(self) -> int:
+        return hash((self.data, self.conflicts))
+
+    def __repr__(self) -> str:
+        return f"TextMerge(data={self.data!r}, conflicts={self.conflicts!r})"
 
 
 def _byte_prefix(a: bytes, b: bytes) -> int:
