@@ -12,7 +12,10 @@ merges and on simple conflicts.
 from __future__ import annotations
 
 from itertools import accumulate
-from typing import Literal
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (~3 ms a process)
+if TYPE_CHECKING:
+    from typing import Literal
 
 __all__ = ["TextMerge", "is_binary", "merge_text"]
 
@@ -28,7 +31,7 @@ class TextMerge:
     """Merged content and how many conflict blocks it holds (0: a clean merge).
 
     Immutable, compared by value; a plain class, not a dataclass, for the import cost (see
-    :class:`narrative.merge.Conflict`).
+    :class:`narrative.merge_result.Conflict`).
     """
 
     __slots__ = ("conflicts", "data")

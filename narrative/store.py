@@ -31,7 +31,6 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from . import location
 from .errors import (
@@ -57,6 +56,8 @@ from .storeconfig import (
     write_git_config,
     write_skeleton,
 )
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (~3 ms a process)
 
 if TYPE_CHECKING:
     import logging
