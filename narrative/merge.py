@@ -357,9 +357,12 @@ def _rename_pass(
                 edits[dst] = merged
 
 
-def _check_paths(m: _Merger, ours_tree: bytes, edits: dict[str, Entry | None]) -> None:
+def _check_paths(
+    m: _Merger, ours_tree: bytes, edits: dict[str, Entry | None], ours_files: set[str]
+) -> None:
     """Drop (and report) edits that would put a file where a directory must stay, or below a
-    path that stays a file."""
+    path that stays a file. ``ours_files``: paths known (from the diffs) to hold a file in ours,
+    where no directory can be in the way and every parent is a directory in ours."""
     trees = m.trees
     stays_file: dict[str, bool] = {}  # parent path → it is a file in the result
 
@@ -379,11 +382,15 @@ def _check_paths(m: _Merger, ours_tree: bytes, edits: dict[str, Entry | None]) -
             continue
         blocker = None
         parts = path.split("/")
-        for depth in range(1, len(parts)):
-            parent = "/".join(parts[:depth])
-            if is_file(parent):
-                blocker = parent
-                break
+        parents = ("/".join(parts[:depth]) for depth in range(1, len(parts)))
+        if path in ours_files:
+            # ours holds a file here: its parents are directories in ours (only an edit can
+            # make one a file) and no directory of ours is in the way; no tree lookups
+            blocker = next((p for p in parents if edits.get(p) is not None), None)
+            if blocker is None:
+                continue
+        else:
+            blocker = next((p for p in parents if is_file(p)), None)
         if blocker is None:
             found = trees.lookup(ours_tree, path)
             if found is not None and found[0] == MODE_DIR:
@@ -485,7 +492,10 @@ def merge_trees(
         merged = m.entry(path, b, o, t)
         if merged != o:
             edits[path] = merged
-    _check_paths(m, ours, edits)
+    # paths where ours holds a file: changed to one by ours, or left by ours as base had it
+    ours_files = {path for path, (_b, o) in d_ours.items() if o is not None}
+    ours_files.update(path for path, (b, _t) in d_theirs.items() if b and path not in d_ours)
+    _check_paths(m, ours, edits, ours_files)
     tree = _build(m.trees, writer, ours, edits) if edits else ours
     if tree is None:
         tree = writer.add_raw("tree", b"")
