@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from .errors import InvalidInput, StoreCorrupted
 from .merge3 import is_binary, merge_text
 from .merge_result import Conflict, Entry, TreeMerge
-from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK, encode_tree
+from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK
 from .odb import ObjectStore, PackWriter
 
 TYPE_CHECKING = False  # typing's, without importing typing at run time (~3 ms a process)
@@ -59,6 +59,9 @@ _RECORD = re.compile(rb"[0-7]+ [^\x00]*\x00.{20}", re.DOTALL)  # one whole entry
 # match validates a tree; only a tree failing it is parsed again to say what is wrong.
 _SAFE_TREE = re.compile(rb"(?:[0-7]+ (?!(?:\.\.?|\.git)\x00)[^\x00/]+\x00.{20})*", re.DOTALL)
 _UNSAFE_NAMES = frozenset((b"", b".", b"..", b".git"))
+_RAW_ENTRY = re.compile(rb"(([0-7]+) ([^\x00]*)\x00.{20})", re.DOTALL)  # entry, mode, name
+_CANONICAL_MODES = frozenset((b"100644", b"100755", b"120000", b"40000", b"160000"))
+_DIR_MODE = b"40000 "  # how a (canonical) directory entry starts
 _NO_RECORDS: frozenset[bytes] = frozenset()
 
 
@@ -109,6 +112,10 @@ class _Trees:
                 raise StoreCorrupted(f"tree {oid.hex()} is malformed")  # pragma: no cover
             self._data[oid] = data
         return data
+
+    def data(self, oid: bytes) -> bytes:
+        """The tree's raw content, validated."""
+        return self._read(oid)
 
     def records(self, oid: bytes | None) -> frozenset[bytes]:
         """The tree's entries as raw bytes, one per entry."""
@@ -405,36 +412,76 @@ def _check_paths(
             del edits[path]
 
 
+class _Edits:
+    """The edits below one directory: its own entries by name, and those of each subdirectory."""
+
+    __slots__ = ("dirs", "files")
+
+    def __init__(self) -> None:
+        self.files: dict[bytes, Entry | None] = {}
+        self.dirs: dict[bytes, _Edits] = {}
+
+
 def _build(
     trees: _Trees, writer: PackWriter, tree: bytes | None, edits: dict[str, Entry | None]
 ) -> bytes | None:
     """``tree`` with ``edits`` applied (new trees written); None when it ends up empty."""
-    direct: dict[bytes, Entry | None] = {}
-    nested: dict[bytes, dict[str, Entry | None]] = {}
+    root = _Edits()  # each path is split once, not once per directory level it crosses
     for path, entry in edits.items():
-        head, sep, rest = path.partition("/")
-        if sep:
-            nested.setdefault(_raw(head), {})[rest] = entry
-        else:
-            direct[_raw(head)] = entry
-    entries = dict(trees.entries(tree))
+        *dirs, name = _raw(path).split(b"/")
+        node = root
+        for part in dirs:
+            child = node.dirs.get(part)
+            if child is None:
+                child = node.dirs[part] = _Edits()
+            node = child
+        node.files[name] = entry
+    return _build_tree(trees, writer, tree, root)
+
+
+def _build_tree(
+    trees: _Trees, writer: PackWriter, tree: bytes | None, edits: _Edits
+) -> bytes | None:
+    direct, nested = edits.files, edits.dirs
+    # The tree is rebuilt from its raw entries: unchanged ones are copied as they are, and when
+    # no name comes or goes (the usual edit) they are already in git's order, so no sort.
+    found = _RAW_ENTRY.findall(trees.data(tree)) if tree is not None else []
+    canonical = _CANONICAL_MODES
+    raw = {
+        name: record
+        if mode in canonical
+        else _record(_MODES.get(mode) or int(mode, 8), name, record[-20:])
+        for record, mode, name in found
+    }
+    reorder = False
     for name, sub in nested.items():
-        current = entries.get(name)
-        subtree = current[1] if current is not None and current[0] == MODE_DIR else None
-        built = _build(trees, writer, subtree, sub)
+        current = raw.get(name)
+        subtree = current[-20:] if current is not None and current.startswith(_DIR_MODE) else None
+        built = _build_tree(trees, writer, subtree, sub)
         if built is not None:
-            entries[name] = (MODE_DIR, built)
+            reorder = reorder or subtree is None  # a new name, or a file that became a directory
+            raw[name] = _record(MODE_DIR, name, built)
         elif subtree is not None:
-            del entries[name]
+            del raw[name]
     for name, entry in direct.items():
+        current = raw.get(name)
         if entry is not None:
-            entries[name] = entry
-        elif name in entries and entries[name][0] != MODE_DIR:
-            del entries[name]  # a file that became a directory keeps the directory built above
-    if not entries:
+            is_dir = entry[0] == MODE_DIR
+            reorder = reorder or current is None or current.startswith(_DIR_MODE) != is_dir
+            raw[name] = _record(entry[0], name, entry[1])
+        elif current is not None and not current.startswith(_DIR_MODE):
+            del raw[name]  # a file that became a directory keeps the directory built above
+    if not raw:
         return None
-    data = encode_tree([(n, mode, oid) for n, (mode, oid) in entries.items()])
-    return writer.add_raw("tree", data)
+    if reorder:  # git's order: by name, a directory's as if it ended with "/"
+        keyed = sorted((n + b"/" if r.startswith(_DIR_MODE) else n, r) for n, r in raw.items())
+        return writer.add_raw("tree", b"".join(r for _k, r in keyed))
+    return writer.add_raw("tree", b"".join(raw.values()))
+
+
+def _record(mode: int, name: bytes, oid: bytes) -> bytes:
+    """One raw tree entry, as git writes it."""
+    return b"%o %s\x00%s" % (mode, name, oid)
 
 
 def tree_changes(

@@ -488,3 +488,20 @@ def test_directory_file_conflicts(store: Store) -> None:
     assert ("p/q", "modify/delete", None) in kinds and ("a/f", "delete/modify", None) in kinds
     assert result.edits == {"s/t": blob("3\n")}
     git("--git-dir", store.git_dir, "fsck", "--no-dangling")
+
+
+def test_edit_tree_writes_git_order_and_canonical_modes(store: Store) -> None:
+    """A rebuilt tree is in git's order (a directory sorts as if its name ended with "/") and
+    spells modes as git writes them, whatever the tree it started from spelled."""
+    from narrative.merge import edit_tree
+    from narrative.objects import encode_tree, parse_tree
+    from narrative.odb import PackWriter
+
+    sub = store.odb.write_loose("tree", b"100644 x\x00" + _OID)
+    odd = store.odb.write_loose("tree", b"100664 a\x00" + _OID + b"040000 b\x00" + sub)
+    writer = PackWriter(store.odb)
+    edited = edit_tree(store.odb, writer, odd, {"b.txt": (0o100644, _OID), "b-c": None})
+    writer.publish()
+    want = [(b"a", 0o100664, _OID), (b"b", 0o40000, sub), (b"b.txt", 0o100644, _OID)]
+    assert store.odb.read(edited) == ("tree", encode_tree(want))
+    assert [e[0] for e in parse_tree(store.odb.read(edited)[1])] == [b"a", b"b.txt", b"b"]
