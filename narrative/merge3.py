@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from itertools import accumulate
 
+from .plain import Frozen
+
 TYPE_CHECKING = False  # typing's, without importing typing at run time (~3 ms a process)
 if TYPE_CHECKING:
     from typing import Literal
@@ -27,38 +29,16 @@ def is_binary(data: bytes) -> bool:
     return b"\x00" in data[:_BINARY_PROBE]
 
 
-class TextMerge:
-    """Merged content and how many conflict blocks it holds (0: a clean merge).
-
-    Immutable, compared by value; a plain class, not a dataclass, for the import cost (see
-    :class:`narrative.merge_result.Conflict`).
-    """
+class TextMerge(Frozen):
+    """Merged content and how many conflict blocks it holds (0: a clean merge)."""
 
     __slots__ = ("conflicts", "data")
+    FIELDS = ("data", "conflicts")
     data: bytes
     conflicts: int
 
     def __init__(self, data: bytes, conflicts: int) -> None:
-        object.__setattr__(self, "data", data)
-        object.__setattr__(self, "conflicts", conflicts)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r} of a TextMerge")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r} of a TextMerge")
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        assert isinstance(other, TextMerge)
-        return (self.data, self.conflicts) == (other.data, other.conflicts)
-
-    def __hash__(self) -> int:
-        return hash((self.data, self.conflicts))
-
-    def __repr__(self) -> str:
-        return f"TextMerge(data={self.data!r}, conflicts={self.conflicts!r})"
+        self.set_fields(data, conflicts)
 
 
 def _byte_prefix(a: bytes, b: bytes) -> int:
