@@ -6,9 +6,9 @@ for the CLI's fast paths.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .lazy import lazy_exports
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (~3 ms a process)
 
 if TYPE_CHECKING:
     from .commits import all_snapshots, thread_snapshots

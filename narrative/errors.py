@@ -35,7 +35,10 @@ Sibling packages (transfer, gateway, providers) hang their own subtrees below
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing's, without importing typing at run time (~3 ms a process)
+if TYPE_CHECKING:
+    from typing import Any
+
 
 __all__ = [
     "validation_problem",

@@ -30,12 +30,12 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from .errors import StoreError
 from .fsutil import unlink_quiet, write_atomic
 from .ids import is_id
 from .jsonio import parse_json
+from .plain import Frozen
 
 __all__ = [
     "MARKER_NAME",
@@ -259,16 +259,20 @@ def workspace_lock(workspace: str) -> Iterator[None]:
 # -- discovery --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Found:
+class Found(Frozen):
     """A workspace directory and how it was recognised."""
 
+    __slots__ = ("by_marker", "workspace", "workspace_id")
+    FIELDS = ("workspace", "workspace_id", "by_marker")
     workspace: str
     """Its canonical path."""
     workspace_id: str | None
     """The id from its marker or the index; None for an old-layout store."""
     by_marker: bool
     """Whether ``.narrative`` is there (a marker, or a whole store); else the index knew it."""
+
+    def __init__(self, workspace: str, workspace_id: str | None, by_marker: bool) -> None:
+        self.set_fields(workspace, workspace_id, by_marker)
 
 
 def inspect_directory(

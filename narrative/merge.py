@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, Literal
 
 from .errors import InvalidInput, StoreCorrupted
 from .merge3 import is_binary, merge_text
-from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK, encode_tree
+from .merge_result import Conflict, Entry, TreeMerge
+from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK
 from .odb import ObjectStore, PackWriter
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (~3 ms a process)
+if TYPE_CHECKING:
+    from typing import Literal
 
 __all__ = [
     "STRATEGIES",
@@ -38,72 +41,28 @@ __all__ = [
     "tree_changes",
 ]
 
-Entry = tuple[int, bytes]
-"""(mode, 20-byte oid) of a non-directory tree entry."""
-Strategy = Literal["ours", "theirs"]
+if TYPE_CHECKING:
+    Strategy = Literal["ours", "theirs"]
+else:
+    Strategy = str  # at run time the alias needs no typing.Literal
 STRATEGIES: tuple[Strategy, ...] = ("ours", "theirs")
 
 _Change = tuple[Entry | None, Entry | None]  # (base, side) of one changed path
 _EMPTY_BLOB = bytes.fromhex("e69de29bb2d1d6434b8b29ae775ad8c2e48c5391")
 
 
-@dataclass(frozen=True)
-class Conflict:
-    """A path the merge could not settle on its own.
-
-    kind: ``content`` (both edited the same lines), ``add/add``, ``binary``, ``modify/delete``
-    (ours modified, theirs deleted), ``delete/modify``, ``mode``, ``symlink``, ``type`` (file vs
-    symlink), ``rename/delete``, ``rename/rename``, ``directory/file``. ``markers``: the merged
-    file holds ``<<<<<<<`` markers. ``other`` names the second path of a rename conflict.
-    """
-
-    path: str
-    kind: str
-    base: Entry | None
-    ours: Entry | None
-    theirs: Entry | None
-    markers: bool = False
-    other: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        def show(entry: Entry | None) -> dict[str, str] | None:
-            return None if entry is None else {"mode": f"{entry[0]:06o}", "oid": entry[1].hex()}
-
-        return {
-            "path": self.path,
-            "kind": self.kind,
-            "markers": self.markers,
-            "other": self.other,
-            "base": show(self.base),
-            "ours": show(self.ours),
-            "theirs": show(self.theirs),
-        }
-
-
-@dataclass
-class TreeMerge:
-    """The outcome of :func:`merge_trees`.
-
-    ``tree`` is the merged tree (conflicted text files with markers, binary conflicts as ours);
-    ``edits`` turn ours into it; ``conflicts`` are unresolved, ``resolved`` lists conflicts a
-    strategy settled; ``renames`` are the detected (side, old path, new path).
-    """
-
-    tree: bytes
-    edits: dict[str, Entry | None] = field(default_factory=dict)
-    conflicts: list[Conflict] = field(default_factory=list)
-    resolved: list[Conflict] = field(default_factory=list)
-    renames: list[tuple[str, str, str]] = field(default_factory=list)
-
-    @property
-    def clean(self) -> bool:
-        return not self.conflicts
-
-
 _MODES = {b"100644": MODE_FILE, b"100755": MODE_EXEC, b"120000": MODE_LINK, b"40000": MODE_DIR}
 _TREE_ENTRY = re.compile(rb"([0-7]+) ([^\x00]*)\x00(.{20})", re.DOTALL)  # mode, name, oid
 _WHOLE_TREE = re.compile(rb"(?:[0-7]+ [^\x00]*\x00.{20})*", re.DOTALL)  # entries, nothing else
+_RECORD = re.compile(rb"[0-7]+ [^\x00]*\x00.{20}", re.DOTALL)  # one whole entry
+# A whole tree whose names are all safe (not empty, ".", "..", ".git", no "/"): one C-level
+# match validates a tree; only a tree failing it is parsed again to say what is wrong.
+_SAFE_TREE = re.compile(rb"(?:[0-7]+ (?!(?:\.\.?|\.git)\x00)[^\x00/]+\x00.{20})*", re.DOTALL)
 _UNSAFE_NAMES = frozenset((b"", b".", b"..", b".git"))
+_RAW_ENTRY = re.compile(rb"(([0-7]+) ([^\x00]*)\x00.{20})", re.DOTALL)  # entry, mode, name
+_CANONICAL_MODES = frozenset((b"100644", b"100755", b"120000", b"40000", b"160000"))
+_DIR_MODE = b"40000 "  # how a (canonical) directory entry starts
+_NO_RECORDS: frozenset[bytes] = frozenset()
 
 
 def _name(raw: bytes) -> str:
@@ -115,27 +74,69 @@ def _raw(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
 
 
+def _changed_entries(records: frozenset[bytes]) -> dict[bytes, tuple[int, bytes]]:
+    """name → (mode, oid) of raw tree entries (one regex pass over all of them)."""
+    if not records:
+        return {}
+    modes = _MODES
+    return {
+        name: (modes.get(mode) or int(mode, 8), oid)
+        for mode, name, oid in _TREE_ENTRY.findall(b"".join(records))
+    }
+
+
 class _Trees:
-    """Parsed trees by id (each read once), path lookups, and validated entry names.
+    """Trees by id (each read and validated once), path lookups, and validated entry names.
 
     Entries are keyed by their raw (bytes) names: a name is decoded only when a path through it
-    is reported, not for each of the thousands of entries merely compared.
+    is reported, not for each of the thousands of entries merely compared. A diff compares the
+    trees' raw entries as sets (in C), so only the changed entries are ever split into fields;
+    the name → entry dict of a tree is built only for trees that are looked into or rebuilt.
     """
 
     def __init__(self, odb: ObjectStore) -> None:
         self.odb = odb
+        self._data: dict[bytes, bytes] = {}
+        self._records: dict[bytes, frozenset[bytes]] = {}
         self._cache: dict[bytes, dict[bytes, tuple[int, bytes]]] = {}
         self._dirs: dict[tuple[bytes, str], bytes | None] = {}  # (root, dir path) → its tree
+
+    def _read(self, oid: bytes) -> bytes:
+        data = self._data.get(oid)
+        if data is None:
+            kind, data = self.odb.read(oid)
+            if kind != "tree":
+                raise StoreCorrupted(f"{oid.hex()} is not a tree")
+            if _SAFE_TREE.fullmatch(data) is None:
+                self._parse(oid, data)  # raises, naming the problem
+                raise StoreCorrupted(f"tree {oid.hex()} is malformed")  # pragma: no cover
+            self._data[oid] = data
+        return data
+
+    def data(self, oid: bytes) -> bytes:
+        """The tree's raw content, validated."""
+        return self._read(oid)
+
+    def records(self, oid: bytes | None) -> frozenset[bytes]:
+        """The tree's entries as raw bytes, one per entry."""
+        if oid is None:
+            return _NO_RECORDS
+        found = self._records.get(oid)
+        if found is None:
+            found = frozenset(_RECORD.findall(self._read(oid)))
+            self._records[oid] = found
+        return found
 
     def entries(self, oid: bytes | None) -> dict[bytes, tuple[int, bytes]]:
         if oid is None:
             return {}
         found = self._cache.get(oid)
         if found is None:
-            kind, data = self.odb.read(oid)
-            if kind != "tree":
-                raise StoreCorrupted(f"{oid.hex()} is not a tree")
-            found = self._parse(oid, data)
+            modes = _MODES
+            found = {
+                name: (modes.get(mode) or int(mode, 8), child)
+                for mode, name, child in _TREE_ENTRY.findall(self._read(oid))
+            }
             self._cache[oid] = found
         return found
 
@@ -187,13 +188,15 @@ class _Trees:
         """Changed non-directory paths from tree ``a`` to ``b``; equal subtrees are skipped."""
         if a == b:
             return
-        ea, eb = self.entries(a), self.entries(b)
-        # the symmetric difference of the items holds just the changed names (found in C)
-        for name in {name for name, _ in ea.items() ^ eb.items()}:
+        ra, rb = self.records(a), self.records(b)
+        # The set differences of the raw entries hold just the changed ones (found in C); only
+        # those are split into fields, in one regex pass over each side's changed entries.
+        ea, eb = _changed_entries(ra - rb), _changed_entries(rb - ra)
+        for name in ea.keys() | eb.keys():
             x, y = ea.get(name), eb.get(name)
-            path = prefix + _name(name)
             x_dir = x is not None and x[0] == MODE_DIR
             y_dir = y is not None and y[0] == MODE_DIR
+            path = prefix + _name(name)
             if x_dir or y_dir:
                 self.diff(
                     x[1] if x is not None and x_dir else None,
@@ -201,10 +204,12 @@ class _Trees:
                     path + "/",
                     out,
                 )
-            fx = None if x_dir else x
-            fy = None if y_dir else y
-            if fx != fy:
-                out[path] = (fx, fy)
+                if x_dir:
+                    x = None
+                if y_dir:
+                    y = None
+            if x != y:
+                out[path] = (x, y)
 
 
 def _exact_renames(changes: dict[str, _Change]) -> dict[str, str]:
@@ -359,9 +364,12 @@ def _rename_pass(
                 edits[dst] = merged
 
 
-def _check_paths(m: _Merger, ours_tree: bytes, edits: dict[str, Entry | None]) -> None:
+def _check_paths(
+    m: _Merger, ours_tree: bytes, edits: dict[str, Entry | None], ours_files: set[str]
+) -> None:
     """Drop (and report) edits that would put a file where a directory must stay, or below a
-    path that stays a file."""
+    path that stays a file. ``ours_files``: paths known (from the diffs) to hold a file in ours,
+    where no directory can be in the way and every parent is a directory in ours."""
     trees = m.trees
     stays_file: dict[str, bool] = {}  # parent path → it is a file in the result
 
@@ -381,11 +389,15 @@ def _check_paths(m: _Merger, ours_tree: bytes, edits: dict[str, Entry | None]) -
             continue
         blocker = None
         parts = path.split("/")
-        for depth in range(1, len(parts)):
-            parent = "/".join(parts[:depth])
-            if is_file(parent):
-                blocker = parent
-                break
+        parents = ("/".join(parts[:depth]) for depth in range(1, len(parts)))
+        if path in ours_files:
+            # ours holds a file here: its parents are directories in ours (only an edit can
+            # make one a file) and no directory of ours is in the way; no tree lookups
+            blocker = next((p for p in parents if edits.get(p) is not None), None)
+            if blocker is None:
+                continue
+        else:
+            blocker = next((p for p in parents if is_file(p)), None)
         if blocker is None:
             found = trees.lookup(ours_tree, path)
             if found is not None and found[0] == MODE_DIR:
@@ -400,36 +412,76 @@ def _check_paths(m: _Merger, ours_tree: bytes, edits: dict[str, Entry | None]) -
             del edits[path]
 
 
+class _Edits:
+    """The edits below one directory: its own entries by name, and those of each subdirectory."""
+
+    __slots__ = ("dirs", "files")
+
+    def __init__(self) -> None:
+        self.files: dict[bytes, Entry | None] = {}
+        self.dirs: dict[bytes, _Edits] = {}
+
+
 def _build(
     trees: _Trees, writer: PackWriter, tree: bytes | None, edits: dict[str, Entry | None]
 ) -> bytes | None:
     """``tree`` with ``edits`` applied (new trees written); None when it ends up empty."""
-    direct: dict[bytes, Entry | None] = {}
-    nested: dict[bytes, dict[str, Entry | None]] = {}
+    root = _Edits()  # each path is split once, not once per directory level it crosses
     for path, entry in edits.items():
-        head, sep, rest = path.partition("/")
-        if sep:
-            nested.setdefault(_raw(head), {})[rest] = entry
-        else:
-            direct[_raw(head)] = entry
-    entries = dict(trees.entries(tree))
+        *dirs, name = _raw(path).split(b"/")
+        node = root
+        for part in dirs:
+            child = node.dirs.get(part)
+            if child is None:
+                child = node.dirs[part] = _Edits()
+            node = child
+        node.files[name] = entry
+    return _build_tree(trees, writer, tree, root)
+
+
+def _build_tree(
+    trees: _Trees, writer: PackWriter, tree: bytes | None, edits: _Edits
+) -> bytes | None:
+    direct, nested = edits.files, edits.dirs
+    # The tree is rebuilt from its raw entries: unchanged ones are copied as they are, and when
+    # no name comes or goes (the usual edit) they are already in git's order, so no sort.
+    found = _RAW_ENTRY.findall(trees.data(tree)) if tree is not None else []
+    canonical = _CANONICAL_MODES
+    raw = {
+        name: record
+        if mode in canonical
+        else _record(_MODES.get(mode) or int(mode, 8), name, record[-20:])
+        for record, mode, name in found
+    }
+    reorder = False
     for name, sub in nested.items():
-        current = entries.get(name)
-        subtree = current[1] if current is not None and current[0] == MODE_DIR else None
-        built = _build(trees, writer, subtree, sub)
+        current = raw.get(name)
+        subtree = current[-20:] if current is not None and current.startswith(_DIR_MODE) else None
+        built = _build_tree(trees, writer, subtree, sub)
         if built is not None:
-            entries[name] = (MODE_DIR, built)
+            reorder = reorder or subtree is None  # a new name, or a file that became a directory
+            raw[name] = _record(MODE_DIR, name, built)
         elif subtree is not None:
-            del entries[name]
+            del raw[name]
     for name, entry in direct.items():
+        current = raw.get(name)
         if entry is not None:
-            entries[name] = entry
-        elif name in entries and entries[name][0] != MODE_DIR:
-            del entries[name]  # a file that became a directory keeps the directory built above
-    if not entries:
+            is_dir = entry[0] == MODE_DIR
+            reorder = reorder or current is None or current.startswith(_DIR_MODE) != is_dir
+            raw[name] = _record(entry[0], name, entry[1])
+        elif current is not None and not current.startswith(_DIR_MODE):
+            del raw[name]  # a file that became a directory keeps the directory built above
+    if not raw:
         return None
-    data = encode_tree([(n, mode, oid) for n, (mode, oid) in entries.items()])
-    return writer.add_raw("tree", data)
+    if reorder:  # git's order: by name, a directory's as if it ended with "/"
+        keyed = sorted((n + b"/" if r.startswith(_DIR_MODE) else n, r) for n, r in raw.items())
+        return writer.add_raw("tree", b"".join(r for _k, r in keyed))
+    return writer.add_raw("tree", b"".join(raw.values()))
+
+
+def _record(mode: int, name: bytes, oid: bytes) -> bytes:
+    """One raw tree entry, as git writes it."""
+    return b"%o %s\x00%s" % (mode, name, oid)
 
 
 def tree_changes(
@@ -487,7 +539,10 @@ def merge_trees(
         merged = m.entry(path, b, o, t)
         if merged != o:
             edits[path] = merged
-    _check_paths(m, ours, edits)
+    # paths where ours holds a file: changed to one by ours, or left by ours as base had it
+    ours_files = {path for path, (_b, o) in d_ours.items() if o is not None}
+    ours_files.update(path for path, (b, _t) in d_theirs.items() if b and path not in d_ours)
+    _check_paths(m, ours, edits, ours_files)
     tree = _build(m.trees, writer, ours, edits) if edits else ours
     if tree is None:
         tree = writer.add_raw("tree", b"")

@@ -7,7 +7,8 @@ must be read from packs we did not write (see :mod:`narrative.odb`).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+
+from .plain import Frozen
 
 __all__ = [
     "MODE_DIR",
@@ -72,14 +73,18 @@ def parse_tree(data: bytes) -> list[TreeEntry]:
     return entries
 
 
-@dataclass(frozen=True)
-class Signature:
+class Signature(Frozen):
     """Author/committer line: name, email, unix time and utc offset in minutes."""
 
+    __slots__ = ("email", "name", "offset", "time")
+    FIELDS = ("name", "email", "time", "offset")
     name: str
     email: str
     time: int
-    offset: int = 0
+    offset: int
+
+    def __init__(self, name: str, email: str, time: int, offset: int = 0) -> None:
+        self.set_fields(name, email, time, offset)
 
     def encode(self) -> bytes:
         sign = "-" if self.offset < 0 else "+"
@@ -98,15 +103,26 @@ class Signature:
         )
 
 
-@dataclass(frozen=True)
-class Commit:
+class Commit(Frozen):
     """A decoded commit (only what the engine needs)."""
 
+    __slots__ = ("author", "committer", "message", "parents", "tree")
+    FIELDS = ("tree", "parents", "author", "committer", "message")
     tree: bytes
     parents: tuple[bytes, ...]
     author: Signature
     committer: Signature
     message: str
+
+    def __init__(
+        self,
+        tree: bytes,
+        parents: tuple[bytes, ...],
+        author: Signature,
+        committer: Signature,
+        message: str,
+    ) -> None:
+        self.set_fields(tree, parents, author, committer, message)
 
 
 def encode_commit(commit: Commit) -> bytes:

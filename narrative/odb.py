@@ -6,12 +6,11 @@ loose-object explosion. Objects are deflated once, by the caller's threads (zlib
 GIL), at level 1, or stored uncompressed when a sample shows the data is incompressible.
 
 Whole (undeltified) objects, which is all this module ever writes, are read directly (inflated
-by ISA-L, :func:`inflater`). Deltified
-objects (packs written by stock ``git gc``/``git repack`` in the store) go to a library, loaded
-lazily: libgit2 (pygit2) when it imports, else dulwich, pure Python, for platforms without a
-pygit2 wheel (:func:`fallback_reader` says which; measurements in ``docs/decisions.md``). The
-snapshot fast path only needs :meth:`ObjectStore.exists`, which reads pack indexes directly
-(:mod:`narrative.packindex`).
+by ISA-L, :func:`inflater`). Deltified objects (packs written by stock ``git gc``/``git
+repack`` in the store) go to a library, loaded lazily: libgit2 (pygit2) when it imports, else
+dulwich, pure Python, for platforms without a pygit2 wheel (:func:`fallback_reader` says which;
+measurements in ``docs/decisions.md``). The snapshot fast path only needs
+:meth:`ObjectStore.exists`, which reads pack indexes directly (:mod:`narrative.packindex`).
 """
 
 from __future__ import annotations
@@ -25,12 +24,15 @@ import threading
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, Any, cast
 
 from .errors import StoreCorrupted
 from .fsutil import fsync_dir, mkstemp, unlink_quiet
 from .objects import hash_object, object_header
 from .packindex import PackIndex, encode_index
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (~3 ms a process)
+if TYPE_CHECKING:
+    from typing import IO, Any
 
 EMPTY_TREE_OID = hash_object("tree", b"")
 """The tree of no entries (``4b825dc...``), which git reads without storing."""
@@ -67,7 +69,8 @@ def inflater() -> tuple[Any, tuple[type[Exception], ...]]:
         from isal import isal_zlib
     except ImportError:  # pragma: no cover - isal is a dependency; a build may lack it
         return zlib, (zlib.error,)
-    return isal_zlib, (zlib.error, cast("type[Exception]", isal_zlib.error))  # stub: an instance
+    error: type[Exception] = isal_zlib.error  # type: ignore[assignment]  # stub: an instance
+    return isal_zlib, (zlib.error, error)
 
 
 def fallback_reader() -> str:
@@ -276,6 +279,8 @@ class ObjectStore:
         self.pack_dir = os.path.join(self.objects_dir, "pack")
         self.tmp_dir = os.path.join(git_dir, "narrative", "tmp")
         self._indexes: dict[str, PackIndex] | None = None
+        self._order: list[PackIndex] = []
+        self._order_of: dict[str, PackIndex] | None = None  # the listing _order is of
         self._loose_dirs: set[str] | None = None
         self._repo: Any = None
         self._dulwich: Any = None
@@ -329,7 +334,7 @@ class ObjectStore:
         return self._loose_dirs
 
     def _exists_once(self, oid: bytes) -> bool:
-        if any(idx.find(oid) is not None for idx in self._pack_indexes().values()):
+        if any(idx.find(oid) is not None for idx in self._largest_first()):
             return True
         # Skip the stat when no loose object shares the first byte (the common case here).
         if oid[:1].hex() not in self._loose_fanout():
@@ -354,8 +359,12 @@ class ObjectStore:
         return sorted(oid for oid in left if not self._exists_once(oid))  # loose ones, or none
 
     def _largest_first(self) -> list[PackIndex]:
-        """The pack indexes, the biggest first: bulk lookups then leave little for the rest."""
-        return sorted(self._pack_indexes().values(), key=lambda idx: -idx.count)
+        """The pack indexes, biggest (likeliest to hold an oid) first; cached per listing."""
+        indexes = self._pack_indexes()
+        if self._order_of is not indexes or len(self._order) != len(indexes):
+            self._order = sorted(indexes.values(), key=lambda idx: -idx.count)
+            self._order_of = indexes
+        return self._order
 
     def write_loose(self, kind: str, data: bytes) -> bytes:
         """Write one small object as a loose file (fsynced, then renamed); returns its oid."""
@@ -438,7 +447,7 @@ class ObjectStore:
 
     def _read_whole_packed(self, oid: bytes) -> tuple[str, bytes] | None:
         """An undeltified packed object; None when it is not packed whole in a known pack."""
-        for idx in self._pack_indexes().values():
+        for idx in self._largest_first():
             i = idx.find(oid)
             if i is not None:
                 return self._read_packed(idx, i)
@@ -464,7 +473,8 @@ class ObjectStore:
             stream = idx.pread(end - data_start, data_start)
         module, errors = inflater()
         try:
-            data: bytes = module.decompressobj().decompress(stream)
+            # one call, into a buffer of the known size (capped against forged headers)
+            data: bytes = module.decompress(stream, 15, min(size, 1032 * len(stream)) or 1)
         except errors as exc:
             raise StoreCorrupted(
                 f"corrupt object {idx.oid_at(i).hex()} in {idx.pack_path}"

@@ -30,8 +30,6 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from . import location
 from .errors import (
@@ -57,6 +55,8 @@ from .storeconfig import (
     write_git_config,
     write_skeleton,
 )
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (~3 ms a process)
 
 if TYPE_CHECKING:
     import logging
@@ -296,7 +296,7 @@ class Store:
         with location.workspace_lock(found.workspace):
             source = cls._load(git_dir)
             workspace_id = new_id("workspace")
-            config = replace(source.config, workspace=found.workspace, workspace_id=workspace_id)
+            config = source.config.replace(workspace=found.workspace, workspace_id=workspace_id)
             with source.lock("gc", shared=True):  # gc must not prune what is being copied
                 store = _replicate(
                     source, location.default_store_dir(workspace_id), config, whole=False
@@ -500,7 +500,7 @@ def _migrate_legacy_locked(workspace: str) -> str:
             workspace_id = _read_id(os.path.join(legacy, _MIGRATING_TO)) or new_id("workspace")
             write_atomic(os.path.join(legacy, _MIGRATING_TO), workspace_id.encode() + b"\n")
             final = location.default_store_dir(workspace_id)
-            config = replace(source.config, workspace_id=workspace_id)
+            config = source.config.replace(workspace_id=workspace_id)
             existing = read_config(final)
             if existing is not None and Store._load(final).refs.list("refs/") != (
                 source.refs.list("refs/")

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from typing import Any
 
 from .errors import StoreCorrupted
 from .fsutil import write_atomic
 from .ids import is_id
 from .jsonio import load_json
+from .plain import Record
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (~3 ms a process)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "CONFIG_FILE",
@@ -57,19 +60,38 @@ _GIT_CONFIG = """\
 """
 
 
-@dataclass
-class StoreConfig:
+class StoreConfig(Record):
     """Local settings of one store (not part of the narrative; not shipped in bundles)."""
 
-    workspace: str
-    default_objective: str = ""
-    default_thread: str = ""
-    max_file_size: int = DEFAULT_MAX_FILE_SIZE
-    max_import_size: int = DEFAULT_MAX_IMPORT_SIZE
-    manual_run_timeout: float = DEFAULT_MANUAL_RUN_TIMEOUT
-    """Seconds a ``run start --manual`` run may wait for ``run finish`` before it is swept."""
-    workspace_id: str = ""
-    """The id the workspace's marker holds (empty in stores of the old layout)."""
+    FIELDS = (
+        "workspace",
+        "default_objective",
+        "default_thread",
+        "max_file_size",
+        "max_import_size",
+        "manual_run_timeout",
+        "workspace_id",
+    )
+
+    def __init__(
+        self,
+        workspace: str,
+        default_objective: str = "",
+        default_thread: str = "",
+        max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+        max_import_size: int = DEFAULT_MAX_IMPORT_SIZE,
+        manual_run_timeout: float = DEFAULT_MANUAL_RUN_TIMEOUT,
+        workspace_id: str = "",
+    ) -> None:
+        self.workspace = workspace
+        self.default_objective = default_objective
+        self.default_thread = default_thread
+        self.max_file_size = max_file_size
+        self.max_import_size = max_import_size
+        self.manual_run_timeout = manual_run_timeout
+        """Seconds a ``run start --manual`` run may wait for ``run finish`` before it is swept."""
+        self.workspace_id = workspace_id
+        """The id the workspace's marker holds (empty in stores of the old layout)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -358,6 +358,9 @@ DAMAGED_TREES = {
     "no-mode": b" a\x00" + _OID,
     "dot-dot": _ENTRY + b"40000 ..\x00" + _OID,
     "slash": b"100644 a/b\x00" + _OID,
+    "dot": _ENTRY + b"40000 .\x00" + _OID,
+    "dot-git": b"40000 .git\x00" + _OID + _ENTRY,
+    "empty-name": b"100644 \x00" + _OID,
 }
 
 
@@ -454,3 +457,51 @@ def test_killed_merge_leaves_store_consistent_and_work_recoverable(
         assert not [p for p in tree_bytes(workspace) if ".narrative-" in p]
     assert -9 in outcomes  # at least one kill landed mid-merge
     shutil.rmtree(pristine)
+
+
+def test_directory_file_conflicts(store: Store) -> None:
+    """A file where the other side keeps a directory, both ways round, is a directory/file
+    conflict; the edits around it still merge."""
+    from narrative.merge import edit_tree, merge_trees
+    from narrative.odb import EMPTY_TREE_OID, PackWriter
+
+    def blob(text: str) -> tuple[int, bytes]:
+        return 0o100644, store.odb.write_loose("blob", text.encode())
+
+    def tree(files: dict[str, str]) -> bytes:
+        writer = PackWriter(store.odb)
+        edits: dict[str, tuple[int, bytes] | None] = {p: blob(t) for p, t in files.items()}
+        oid = edit_tree(store.odb, writer, EMPTY_TREE_OID, edits)
+        writer.publish()
+        return oid
+
+    base = tree({"a/f": "1\n", "p/q": "1\n", "k": "1\n", "s/t": "1\n"})
+    ours = tree({"a": "file\n", "p/q": "2\n", "k": "2\n", "s/t": "1\n", "d/x": "new\n"})
+    theirs = tree({"a/f": "3\n", "p": "file\n", "k": "1\n", "s/t": "3\n", "d": "file\n"})
+    writer = PackWriter(store.odb)
+    result = merge_trees(store.odb, base, ours, theirs, writer)
+    writer.publish()
+    kinds = {(c.path, c.kind, c.other) for c in result.conflicts}
+    assert ("d", "directory/file", "d/x") in kinds  # theirs' file, ours' new directory
+    assert ("p", "directory/file", "p/q") in kinds  # theirs' file, ours' edited directory
+    assert ("a/f", "directory/file", "a") in kinds  # theirs' edit below ours' file
+    assert ("p/q", "modify/delete", None) in kinds and ("a/f", "delete/modify", None) in kinds
+    assert result.edits == {"s/t": blob("3\n")}
+    git("--git-dir", store.git_dir, "fsck", "--no-dangling")
+
+
+def test_edit_tree_writes_git_order_and_canonical_modes(store: Store) -> None:
+    """A rebuilt tree is in git's order (a directory sorts as if its name ended with "/") and
+    spells modes as git writes them, whatever the tree it started from spelled."""
+    from narrative.merge import edit_tree
+    from narrative.objects import encode_tree, parse_tree
+    from narrative.odb import PackWriter
+
+    sub = store.odb.write_loose("tree", b"100644 x\x00" + _OID)
+    odd = store.odb.write_loose("tree", b"100664 a\x00" + _OID + b"040000 b\x00" + sub)
+    writer = PackWriter(store.odb)
+    edited = edit_tree(store.odb, writer, odd, {"b.txt": (0o100644, _OID), "b-c": None})
+    writer.publish()
+    want = [(b"a", 0o100664, _OID), (b"b", 0o40000, sub), (b"b.txt", 0o100644, _OID)]
+    assert store.odb.read(edited) == ("tree", encode_tree(want))
+    assert [e[0] for e in parse_tree(store.odb.read(edited)[1])] == [b"a", b"b.txt", b"b"]

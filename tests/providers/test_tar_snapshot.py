@@ -6,7 +6,6 @@ random hostile tars; stock ``git fsck --strict`` on every store."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import random
 import tarfile
@@ -128,7 +127,7 @@ def test_random_workspaces_give_the_same_tree_both_ways(
     """Also with few members kept in memory: the rest extracted, the first ones written out
     (files over the size cap as sparse files of their size)."""
     store = Store.init(str(tmp_path_factory.mktemp("ws")))
-    store.config = dataclasses.replace(store.config, max_file_size=cap)  # some files too large
+    store.config = store.config.replace(max_file_size=cap)  # some files too large
     with mock.patch.object(tar_snapshot, "MAX_MEMBERS", members):
         streamed, extracted = both_ways(store, data)
     assert isinstance(extracted, tuple), extracted
@@ -253,7 +252,7 @@ def test_a_large_file_streams_through_and_dedupes(store: Store) -> None:
 def test_past_the_member_cap_what_was_taken_is_written_out_exactly(store: Store) -> None:
     """The members taken before the cap are written to disk for the extractor: contents, exec
     bits, links, and a file over the size cap as a file of its size (reported, not stored)."""
-    store.config = dataclasses.replace(store.config, max_file_size=16)
+    store.config = store.config.replace(max_file_size=16)
     data = _tar(
         ("big", "file", b"x" * 40),
         ("run.sh", "exe", b"#!/bin/sh\n"),
