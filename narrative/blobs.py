@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import zlib
 from collections.abc import Callable
 
@@ -56,6 +55,8 @@ def _hash_stream(path: str, size: int) -> bytes:
 
 
 def _write_stream(writer: PackWriter, path: str, size: int, oid: bytes) -> None:
+    import tempfile  # (~2 ms to import: paid only when a large file is stored)
+
     h = hashlib.sha1(object_header("blob", size))
     comp = zlib.compressobj(1)
     with tempfile.SpooledTemporaryFile(max_size=_CHUNK * 4) as spool:

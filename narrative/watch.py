@@ -33,8 +33,6 @@ import errno
 import fcntl
 import json
 import os
-import select
-import signal
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -135,6 +133,8 @@ class _Inotify:
 
     def read(self, timeout: float) -> list[tuple[int, int, bytes]]:
         """Events ``(wd, mask, name)`` available within ``timeout`` seconds."""
+        import select  # (here, as signal below: a snapshot imports this module, never runs it)
+
         ready, _, _ = select.select([self.fd], [], [], timeout)
         if not ready:
             return []
@@ -345,6 +345,8 @@ def run_watcher(
     ``on_ready(generation)`` is called each time a generation's watches are all in place.
     Raises :class:`WatcherStopped` when the journal cannot be kept complete.
     """
+    import signal
+
     ws = os.path.realpath(workspace)
     if not os.path.isdir(ws):
         raise InvalidInput(f"workspace {ws} does not exist")
