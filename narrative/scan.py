@@ -95,6 +95,9 @@ class ScanResult:
     """Directories listed and stat'ed (the rest came from the cache untouched)."""
     journal: tuple[str, int] | None = None
     """The watcher's journal position this scan is complete as of (:mod:`narrative.watch`)."""
+    unchanged: bool = False
+    """Nothing was listed: the journal shows no change since the stat cache was taken, whose
+    records and tree stand as they are (``root``, ``dirs`` and ``jobs`` are left empty)."""
 
 
 @dataclass(frozen=True)

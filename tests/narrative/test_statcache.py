@@ -102,7 +102,7 @@ def test_delta_of_another_base_is_ignored(store: Store, workspace: Path, tmp_pat
     take_snapshot(store)
     assert base.exists() and not delta.exists()
     delta.write_bytes(stale)  # the stale delta comes back (written late by the first writer)
-    _version, token, changed, _removed, _head, _journal = marshal.loads(stale)
+    _version, token, changed, _removed, _head, _journal, _unvouched = marshal.loads(stale)
     loaded = StatCache.load(str(base), store.config.max_file_size)
     assert loaded.base is not None and loaded.base.token != token
     assert changed["d2"] != loaded.dirs["d2"]  # applying it would change the records
@@ -117,12 +117,13 @@ def test_format_4_cache_is_read(store: Store, workspace: Path, tmp_path: Path) -
     _settled(store, workspace)
     base, _delta = _paths(store, workspace)
     cache = StatCache.load(str(base), store.config.max_file_size)
+    dirs = cache.dirs  # (decoded on first use: before the file goes)
     StatCache.remove(str(base))
-    base.write_bytes(marshal.dumps((4, cache.max_file_size, cache.dirs, cache.head, cache.journal)))
+    base.write_bytes(marshal.dumps((4, cache.max_file_size, dirs, cache.head, cache.journal)))
     snap = take_snapshot(store, allow_empty=True).snapshot
     assert snap.stats["hashed"] == 0  # the old records were used
     assert snap.tree == git_tree_of(workspace, tmp_path)
-    assert marshal.loads(base.read_bytes())[0] == 5  # and rewritten in the new format
+    assert base.read_bytes()[:4] == b"NSC\x06"  # and rewritten in the new format
 
 
 def test_gc_removes_a_delta_with_its_base(store: Store, workspace: Path) -> None:
