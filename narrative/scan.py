@@ -53,7 +53,7 @@ _stat_key: Callable[[os.stat_result], StatKey] = operator.attrgetter(
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False, repr=False)  # (each generated method costs import time)
 class FileJob:
     """A file whose blob id must be computed (stat cache miss)."""
 
@@ -67,7 +67,7 @@ class FileJob:
     """Set when the file changed while being read (its key must not be trusted)."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False, repr=False)
 class DirNode:
     """One directory. ``record`` is set when its cached record is reused as is."""
 
@@ -83,7 +83,7 @@ class DirNode:
     oid: bytes | None = None
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class ScanResult:
     """Everything a snapshot needs from the walk."""
 

@@ -162,7 +162,7 @@ def _new_cache(result: ScanResult, old: StatCache, start_ns: int) -> StatCache:
     return StatCache(dirs, old.head, old.max_file_size, result.journal, old.base)
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _Capture:
     """A scanned and hashed workspace state, ready to be committed."""
 

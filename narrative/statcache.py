@@ -107,7 +107,7 @@ def _unvouched(dirs: dict[str, DirRecord]) -> list[str]:
     return [rel for rel, record in dirs.items() if record[0] is None]
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _Base:
     """What the base file on disk holds: deltas are computed against it."""
 

@@ -156,8 +156,10 @@ class _Inotify:
         os.close(self.fd)
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _Watch:
+    """What one inotify watch descriptor watches."""
+
     rel: str
     kind: str
     """``dir`` a workspace directory, ``git`` a ``.git``, ``info`` a ``.git/info``, ``cookies``."""
