@@ -141,13 +141,22 @@ class PackWriter:
 
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
-        os.makedirs(store.tmp_dir, exist_ok=True)
-        fd, self._tmp_path = mkstemp("pack-", store.tmp_dir)
-        self._file: IO[bytes] = os.fdopen(fd, "w+b")
-        self._file.write(b"PACK" + struct.pack(">II", 2, 0))
+        self._opened: IO[bytes] | None = None
+        self._tmp_path = ""
         self._offset = 12
         self._entries: dict[bytes, tuple[int, int]] = {}
         self._lock = threading.Lock()
+
+    @property
+    def _file(self) -> IO[bytes]:
+        """The temporary pack, created with the first object (a snapshot that finds nothing
+        new writes nothing at all)."""
+        if self._opened is None:
+            os.makedirs(self._store.tmp_dir, exist_ok=True)
+            fd, self._tmp_path = mkstemp("pack-", self._store.tmp_dir)
+            self._opened = os.fdopen(fd, "w+b")
+            self._opened.write(b"PACK" + struct.pack(">II", 2, 0))
+        return self._opened
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -226,8 +235,10 @@ class PackWriter:
 
     def abort(self) -> None:
         """Discard everything written so far (also after a failed :meth:`publish`)."""
+        if self._opened is None:
+            return
         with contextlib.suppress(OSError):  # on a full disk, flushing the buffer fails: drop it
-            self._file.close()
+            self._opened.close()
         unlink_quiet(self._tmp_path)
         unlink_quiet(self._tmp_path + ".idx")
 
