@@ -139,7 +139,7 @@ def _new_cache(result: ScanResult, old: StatCache, start_ns: int) -> StatCache:
     """Records for every directory: reused ones as they were, changed ones rebuilt."""
     racy_after = start_ns - RACY_WINDOW_NS
     changed = {id(job.entry) for job in result.jobs if job.changed}
-    dirs: dict[str, DirRecord] = {}
+    dirs: dict[str, DirRecord] = dict(result.carried)
     for node in result.dirs:
         if node.record is not None:
             dirs[node.rel] = node.record
@@ -184,9 +184,10 @@ class _Capture:
             self.cache = _new_cache(self.result, old, self.start_ns)
 
     def stats(self) -> dict[str, int]:
+        carried = self.result.carried.values()
         return {
-            "files": sum(n.file_count for n in self.result.dirs),
-            "bytes": sum(n.byte_count for n in self.result.dirs),
+            "files": sum(n.file_count for n in self.result.dirs) + sum(r[2] for r in carried),
+            "bytes": sum(n.byte_count for n in self.result.dirs) + sum(r[3] for r in carried),
             "hashed": len(self.result.jobs),
             "skipped": len(self.result.skipped),
         }

@@ -224,6 +224,29 @@ def test_quiet_journal_against_another_head_scans(watched: tuple[Store, Watcher]
     assert result.snapshot.stats["files"] == first.stats["files"] > 0
 
 
+def test_journal_snapshot_keeps_what_unlisted_subtrees_hold(
+    watched: tuple[Store, Watcher],
+) -> None:
+    """Directories the journal leaves alone are carried over from the cache whole: their files
+    count in the figures and their too-large files are still reported as skipped."""
+    store, _watcher = watched
+    ws = Path(store.workspace)
+    store.config.max_file_size = 1000
+    (ws / "d1" / "sub" / "deeper").mkdir()
+    (ws / "d1" / "sub" / "deeper" / "big.bin").write_bytes(b"x" * 1001)
+    _age(ws)
+    full = take_snapshot(store, message="full scan").snapshot
+    assert full.skipped == [{"path": "d1/sub/deeper/big.bin", "size": 1001, "reason": "too-large"}]
+    (ws / "d2" / "sub" / "f").write_text("edited\n")
+    result, _root, _cache = scan_tree(store)
+    assert result.listed == 3  # the root, d2, d2/sub: d1 and below come from the cache
+    journal = take_snapshot(store, message="journal").snapshot
+    assert journal.skipped == full.skipped
+    assert journal.stats["files"] == full.stats["files"]
+    assert journal.stats["bytes"] == full.stats["bytes"] + len("edited\n") - len("file 2\n")
+    assert journal.tree == _tree(store, use_watcher=False)[0]  # (git would take big.bin)
+
+
 def test_new_directory_filled_before_its_watch_is_walked(watched: tuple[Store, Watcher]) -> None:
     store, _watcher = watched
     ws = Path(store.workspace)
