@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import struct
 import threading
@@ -29,11 +28,12 @@ from typing import IO, Any, cast
 
 from .errors import StoreCorrupted
 from .fsutil import fsync_dir, mkstemp, unlink_quiet
-from .objects import hash_object, object_header
+from .objects import hash_object, object_header, sha1
 from .packindex import PackIndex, encode_index
 
-EMPTY_TREE_OID = hash_object("tree", b"")
-"""The tree of no entries (``4b825dc...``), which git reads without storing."""
+EMPTY_TREE_OID = bytes.fromhex("4b825dc642cb6eb9a060e54bf8d69288fbee4904")
+"""The tree of no entries, which git reads without storing (``hash_object("tree", b"")``,
+written out: importing this module hashes nothing, hashlib loads OpenSSL)."""
 
 __all__ = [
     "EMPTY_TREE_OID",
@@ -52,10 +52,7 @@ _CODE_TYPES = {v: k for k, v in TYPE_CODES.items()}
 _RUN_READ = 1 << 20
 _SAMPLE = 4096
 _FIRST_READ = 8192  # first pread of a packed object: the header and, often, all of its data
-_ISAL_MIN = 1024
-"""Smaller objects (a commit) inflate as fast with zlib (3 us both), without the ~2 ms import of
-ISA-L that a no-op snapshot reading its head commit would otherwise pay."""
-
+_ISAL_MIN = 1024  # smaller objects inflate as fast with zlib, without ISA-L's ~2 ms import
 
 _fallback: dict[str, str] = {}
 
@@ -149,8 +146,7 @@ class PackWriter:
 
     @property
     def _file(self) -> IO[bytes]:
-        """The temporary pack, created with the first object (a snapshot that finds nothing
-        new writes nothing at all)."""
+        """The temporary pack, created with the first object (a no-op writes nothing)."""
         if self._opened is None:
             os.makedirs(self._store.tmp_dir, exist_ok=True)
             fd, self._tmp_path = mkstemp("pack-", self._store.tmp_dir)
@@ -253,7 +249,7 @@ class PackWriter:
         f.flush()
         # The trailer hashes the whole file, header included, so it is computed after patching
         # the object count: one sequential re-read, mostly from the page cache.
-        digest = hashlib.sha1()
+        digest = sha1()
         f.seek(0)
         while chunk := f.read(1 << 20):
             digest.update(chunk)
@@ -476,12 +472,7 @@ class ObjectStore:
             stream = first[header_len : end - start]  # small objects: one read, not two
         else:
             stream = idx.pread(end - data_start, data_start)
-        module: Any
-        errors: tuple[type[Exception], ...]
-        if size < _ISAL_MIN:
-            module, errors = zlib, (zlib.error,)
-        else:
-            module, errors = inflater()
+        module, errors = (zlib, (zlib.error,)) if size < _ISAL_MIN else inflater()
         try:
             data: bytes = module.decompressobj().decompress(stream)
         except errors as exc:

@@ -3,6 +3,7 @@ stale deltas are read safely (stock git's tree ids are the oracle)."""
 
 from __future__ import annotations
 
+import hashlib
 import marshal
 import os
 from pathlib import Path
@@ -47,6 +48,13 @@ def _settled(store: Store, ws: Path) -> None:
     take_snapshot(store)
     _age(ws)
     take_snapshot(store, allow_empty=True)
+
+
+def test_cache_path_is_the_sha1_of_the_workspace_path(tmp_path: Path) -> None:
+    """(computed without hashlib's OpenSSL, the name must not change)"""
+    ws = str(tmp_path / "wörkspace")
+    digest = hashlib.sha1(os.path.abspath(ws).encode("utf-8")).hexdigest()
+    assert cache_path("/store", ws) == f"/store/narrative/cache/stat-{digest[:16]}"
 
 
 def test_small_change_writes_a_delta_and_leaves_the_base(
