@@ -103,7 +103,7 @@ class ScanResult:
     records and tree stand as they are (``root``, ``dirs`` and ``jobs`` are left empty)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class KnownChanges:
     """What a complete journal says changed since the cache was written."""
 

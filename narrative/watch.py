@@ -441,7 +441,7 @@ def wait_ready(store_dir: str, workspace: str, pid: int, timeout: float) -> str 
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class JournalSync:
     """The live watcher's journal, synchronised up to ``offset`` (just after our cookie)."""
 
