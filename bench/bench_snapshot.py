@@ -47,6 +47,7 @@ from common import (
     Sample,
     SideError,
     SideStats,
+    compile_bytecode,
     drop_store,
     isolated_env,
     log,
@@ -488,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             v = run([str(args.narrative), "--version"], env=env, cwd=workdir)
             ours_version = v.stdout.strip() if v.rc == 0 else None
+            compile_bytecode(env, workdir)  # measured as installed, not compiling from source
 
         log(f"generating workspace: {args.files:,} files, {args.size_mb:g} MiB in {bench.ws}")
         info = workspace.generate(bench.ws, args.files, args.size_mb, args.seed, force=True)

@@ -8,14 +8,12 @@ file so memory stays flat whatever the size cap.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 import zlib
 from collections.abc import Callable
 
 from . import progress
-from .objects import MODE_LINK, hash_object, object_header
+from .objects import MODE_LINK, hash_object, object_header, sha1
 from .odb import ObjectStore, PackWriter, deflate
 from .scan import FileJob
 
@@ -43,7 +41,7 @@ def _read_small(path: str, size: int) -> bytes:
 
 
 def _hash_stream(path: str, size: int) -> bytes:
-    h = hashlib.sha1(object_header("blob", size))
+    h = sha1(object_header("blob", size))
     got = 0
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd, "rb") as f:
@@ -56,7 +54,9 @@ def _hash_stream(path: str, size: int) -> bytes:
 
 
 def _write_stream(writer: PackWriter, path: str, size: int, oid: bytes) -> None:
-    h = hashlib.sha1(object_header("blob", size))
+    import tempfile  # (~2 ms to import: paid only when a large file is stored)
+
+    h = sha1(object_header("blob", size))
     comp = zlib.compressobj(1)
     with tempfile.SpooledTemporaryFile(max_size=_CHUNK * 4) as spool:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -81,7 +81,7 @@ def _store_one(job: FileJob, store: ObjectStore, writer: PackWriter | None) -> N
             try:
                 if size <= STREAM_THRESHOLD:
                     data = _read_small(job.path, size)
-                    h = hashlib.sha1(object_header("blob", size))
+                    h = sha1(object_header("blob", size))
                     h.update(data)
                     oid = h.digest()
                     if writer is not None and oid not in writer and not store.exists(oid):

@@ -51,7 +51,7 @@ def snapshot_at(store: Store, oid: bytes) -> Snapshot:
     return snapshot_from_commit(oid, commit, parent)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class _Link:
     """One commit of a history walk, decoded only as far as the walk needs."""
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import sys
@@ -203,6 +202,8 @@ def marker_is_clean(workspace: str) -> bool:
 
 
 def _digest(path: str) -> str:
+    import hashlib  # (only here: it loads OpenSSL, which most commands do without)
+
     return hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import struct
 import threading
@@ -27,15 +26,16 @@ from collections.abc import Callable, Iterable, Iterator
 
 from .errors import StoreCorrupted
 from .fsutil import fsync_dir, mkstemp, unlink_quiet
-from .objects import hash_object, object_header
+from .objects import hash_object, object_header, sha1
 from .packindex import PackIndex, encode_index
 
 TYPE_CHECKING = False  # typing's, without importing typing at run time (~3 ms a process)
 if TYPE_CHECKING:
     from typing import IO, Any
 
-EMPTY_TREE_OID = hash_object("tree", b"")
-"""The tree of no entries (``4b825dc...``), which git reads without storing."""
+EMPTY_TREE_OID = bytes.fromhex("4b825dc642cb6eb9a060e54bf8d69288fbee4904")
+"""The tree of no entries, which git reads without storing (``hash_object("tree", b"")``,
+written out: importing this module hashes nothing, hashlib loads OpenSSL)."""
 
 __all__ = [
     "EMPTY_TREE_OID",
@@ -54,7 +54,7 @@ _CODE_TYPES = {v: k for k, v in TYPE_CODES.items()}
 _RUN_READ = 1 << 20
 _SAMPLE = 4096
 _FIRST_READ = 8192  # first pread of a packed object: the header and, often, all of its data
-
+_ISAL_MIN = 1024  # smaller objects inflate as fast with zlib, without ISA-L's ~2 ms import
 
 _fallback: dict[str, str] = {}
 
@@ -141,13 +141,21 @@ class PackWriter:
 
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
-        os.makedirs(store.tmp_dir, exist_ok=True)
-        fd, self._tmp_path = mkstemp("pack-", store.tmp_dir)
-        self._file: IO[bytes] = os.fdopen(fd, "w+b")
-        self._file.write(b"PACK" + struct.pack(">II", 2, 0))
+        self._opened: IO[bytes] | None = None
+        self._tmp_path = ""
         self._offset = 12
         self._entries: dict[bytes, tuple[int, int]] = {}
         self._lock = threading.Lock()
+
+    @property
+    def _file(self) -> IO[bytes]:
+        """The temporary pack, created with the first object (a no-op writes nothing)."""
+        if self._opened is None:
+            os.makedirs(self._store.tmp_dir, exist_ok=True)
+            fd, self._tmp_path = mkstemp("pack-", self._store.tmp_dir)
+            self._opened = os.fdopen(fd, "w+b")
+            self._opened.write(b"PACK" + struct.pack(">II", 2, 0))
+        return self._opened
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -226,8 +234,10 @@ class PackWriter:
 
     def abort(self) -> None:
         """Discard everything written so far (also after a failed :meth:`publish`)."""
+        if self._opened is None:
+            return
         with contextlib.suppress(OSError):  # on a full disk, flushing the buffer fails: drop it
-            self._file.close()
+            self._opened.close()
         unlink_quiet(self._tmp_path)
         unlink_quiet(self._tmp_path + ".idx")
 
@@ -242,7 +252,7 @@ class PackWriter:
         f.flush()
         # The trailer hashes the whole file, header included, so it is computed after patching
         # the object count: one sequential re-read, mostly from the page cache.
-        digest = hashlib.sha1()
+        digest = sha1()
         f.seek(0)
         while chunk := f.read(1 << 20):
             digest.update(chunk)
@@ -471,7 +481,7 @@ class ObjectStore:
             stream = first[header_len : end - start]  # small objects: one read, not two
         else:
             stream = idx.pread(end - data_start, data_start)
-        module, errors = inflater()
+        module, errors = (zlib, (zlib.error,)) if size < _ISAL_MIN else inflater()
         try:
             # one call, into a buffer of the known size (capped against forged headers)
             data: bytes = module.decompress(stream, 15, min(size, 1032 * len(stream)) or 1)

@@ -8,7 +8,6 @@ avoids Python-level bisection for small fan-out buckets.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import mmap
 import os
 import struct
@@ -16,6 +15,7 @@ import threading
 from collections.abc import Iterator
 
 from .errors import StoreCorrupted
+from .objects import sha1
 
 __all__ = ["PackIndex", "encode_index"]
 
@@ -53,7 +53,7 @@ def encode_index(entries: dict[bytes, tuple[int, int]], pack_sha: bytes) -> byte
             pack_sha,
         ]
     )
-    return body + hashlib.sha1(body).digest()
+    return body + sha1(body).digest()
 
 
 class PackIndex:

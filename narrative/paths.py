@@ -28,7 +28,6 @@ Two entry points for whole paths: :func:`check_path` raises :class:`~narrative.e
 from __future__ import annotations
 
 import re
-import unicodedata
 from typing import Final
 
 from .errors import UnsafePath
@@ -125,6 +124,8 @@ def is_dotgit(name: str | bytes) -> bool:
 
 def _fold_store_name(name: str) -> str:
     """``name`` as the most aggressive file system we know would compare it."""
+    import unicodedata  # (~1 ms to import: a scan of plain names never gets here)
+
     kept = "".join(c for c in name if c not in HFS_IGNORABLES)
     folded = unicodedata.normalize("NFC", kept).casefold()
     folded = unicodedata.normalize("NFC", folded)

@@ -53,7 +53,7 @@ _stat_key: Callable[[os.stat_result], StatKey] = operator.attrgetter(
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False, repr=False)  # (each generated method costs import time)
 class FileJob:
     """A file whose blob id must be computed (stat cache miss)."""
 
@@ -67,7 +67,7 @@ class FileJob:
     """Set when the file changed while being read (its key must not be trusted)."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False, repr=False)
 class DirNode:
     """One directory. ``record`` is set when its cached record is reused as is."""
 
@@ -83,7 +83,7 @@ class DirNode:
     oid: bytes | None = None
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class ScanResult:
     """Everything a snapshot needs from the walk."""
 
@@ -95,9 +95,15 @@ class ScanResult:
     """Directories listed and stat'ed (the rest came from the cache untouched)."""
     journal: tuple[str, int] | None = None
     """The watcher's journal position this scan is complete as of (:mod:`narrative.watch`)."""
+    carried: dict[str, DirRecord] = field(default_factory=dict)
+    """Records of the directories below those reused from the cache as they are (a journal's
+    unchanged subtrees): part of the tree, but not in ``dirs`` (no node is built for them)."""
+    unchanged: bool = False
+    """Nothing was listed: the journal shows no change since the stat cache was taken, whose
+    records and tree stand as they are (``root``, ``dirs`` and ``jobs`` are left empty)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class KnownChanges:
     """What a complete journal says changed since the cache was written."""
 
@@ -389,11 +395,6 @@ class _Resolver:
         self.max_size = max_size
         self.scans = scans
         self.reused = reused
-        self.cached_children: dict[str, list[str]] = {}
-        if reused:
-            for rel in self.cached:
-                if rel:
-                    self.cached_children.setdefault(rel.rpartition("/")[0], []).append(rel)
         self.jobs: list[FileJob] = []
         self.dirs: list[DirNode] = []
         self.skipped: list[dict[str, Any]] = []
@@ -430,14 +431,13 @@ class _Resolver:
         return node
 
     def _reuse(self, rel: str) -> DirNode:
-        """A subtree the journal says is unchanged: its records carried over, nothing read."""
+        """A subtree the journal says is unchanged: its top's record as is, nothing read (the
+        records below it are carried over by :func:`_carried`)."""
         record = self.cached[rel]
         node = DirNode(rel, record[0], record, oid=record[1] or None)
         node.file_count, node.byte_count, node.skipped = record[2], record[3], record[4]
         self.dirs.append(node)
         self.skipped.extend(node.skipped)
-        for child_rel in self.cached_children.get(rel, ()):
-            self._reuse(child_rel)
         return node
 
     @staticmethod
@@ -495,6 +495,37 @@ def _units(walker: _Walker, workspace: str, want: int) -> list[tuple[str, str, I
     return frontier
 
 
+def _carried(cached: dict[str, DirRecord], tops: set[str], nodes: set[str]) -> dict[str, DirRecord]:
+    """The cached records strictly below the reused directories ``tops``. ``nodes`` are the
+    directories of the new tree that have nodes (listed, or reused tops): a record under a
+    listed directory but no top is gone (deleted, moved away, unreadable now). One pass over
+    the records, each deciding by its nearest decided ancestor (a node is built for none)."""
+    below: dict[str, bool] = {}
+    carried: dict[str, DirRecord] = {}
+    for rel, record in cached.items():
+        if rel in nodes:
+            continue
+        chain = [rel]
+        while True:
+            parent = chain[-1].rpartition("/")[0]
+            if parent in tops:
+                keep = True
+                break
+            if parent in nodes or not chain[-1]:
+                keep = False
+                break
+            known = below.get(parent)
+            if known is not None:
+                keep = known
+                break
+            chain.append(parent)
+        for step in chain:
+            below[step] = keep
+        if keep:
+            carried[rel] = record
+    return carried
+
+
 def _to_visit(known: KnownChanges, cached: dict[str, DirRecord]) -> set[str]:
     """The changed directories, those the cache cannot vouch for (racy or incomplete, stored
     without a signature), and all their ancestors."""
@@ -544,5 +575,12 @@ def scan_workspace(
         why = next((u["reason"] for u in walker.unreadable if u["path"] == "."), "unreadable")
         raise WorkspaceUnreadable(workspace, why)
     root = resolver.resolve("")
+    carried: dict[str, DirRecord] = {}
+    if walker.reused:
+        carried = _carried(cache.dirs, walker.reused, {node.rel for node in resolver.dirs})
+        for record in carried.values():
+            resolver.skipped.extend(record[4])
     skipped = walker.unreadable + resolver.skipped
-    return ScanResult(root, resolver.jobs, resolver.dirs, skipped, len(walker.scans))
+    return ScanResult(
+        root, resolver.jobs, resolver.dirs, skipped, len(walker.scans), carried=carried
+    )

@@ -38,7 +38,7 @@ from .statcache import (
     encode_details,
 )
 from .store import Store
-from .watch import known_changes, sync_journal, watcher_running
+from .watch import known_changes, sync_journal
 
 __all__ = ["Fill", "SnapshotResult", "take_snapshot", "scan_tree"]
 
@@ -85,21 +85,34 @@ def scan_tree(
     sweep_tmp: bool = False,
     *,
     use_watcher: bool = True,
+    unchanged_ok: bool = False,
 ) -> tuple[ScanResult, bytes | None, StatCache]:
     """Walk and hash a workspace; returns the scan, its root tree id and the old stat cache.
 
     Without a writer nothing is stored (used by ``diff`` against the live workspace). With a
     live watcher (:mod:`narrative.watch`) only what its journal names is listed, unless
-    ``use_watcher`` is False.
+    ``use_watcher`` is False. ``unchanged_ok``: when the journal shows no change at all since
+    the stat cache was taken, return at once with ``ScanResult.unchanged`` and the cache's
+    tree (the cache's records are not even decoded).
     """
     ws = os.path.realpath(workspace or store.workspace)
     if not os.path.isdir(ws):
         raise InvalidInput(f"workspace {ws} does not exist")
     cache = StatCache.load(cache_path(store.git_dir, ws), store.config.max_file_size)
     # with a live watcher: synchronise with it first, so the scan is complete as of its journal
-    live = use_watcher and watcher_running(store.git_dir, ws)
-    sync = sync_journal(store.git_dir, ws) if live else None
+    sync = sync_journal(store.git_dir, ws) if use_watcher else None
     known = known_changes(sync, cache.journal) if sync is not None else None
+    if (
+        unchanged_ok
+        and sync is not None
+        and known is not None
+        and not (known.dirs or known.trees)
+        and cache.head is not None
+        and not cache.unvouched  # (listed again whatever the journal says, as in a scan)
+    ):
+        store.odb.invalidate()
+        unchanged = ScanResult(DirNode(""), [], [], [], journal=sync.mark, unchanged=True)
+        return unchanged, cache.head[1], cache
     exclude = {store.git_dir}
     result = scan_workspace(ws, cache, exclude, store.config.max_file_size, sweep_tmp, known)
     result.journal = sync.mark if sync is not None else None
@@ -126,7 +139,7 @@ def _new_cache(result: ScanResult, old: StatCache, start_ns: int) -> StatCache:
     """Records for every directory: reused ones as they were, changed ones rebuilt."""
     racy_after = start_ns - RACY_WINDOW_NS
     changed = {id(job.entry) for job in result.jobs if job.changed}
-    dirs: dict[str, DirRecord] = {}
+    dirs: dict[str, DirRecord] = dict(result.carried)
     for node in result.dirs:
         if node.record is not None:
             dirs[node.rel] = node.record
@@ -149,7 +162,7 @@ def _new_cache(result: ScanResult, old: StatCache, start_ns: int) -> StatCache:
     return StatCache(dirs, old.head, old.max_file_size, result.journal, old.base)
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _Capture:
     """A scanned and hashed workspace state, ready to be committed."""
 
@@ -163,12 +176,18 @@ class _Capture:
 
     def __post_init__(self) -> None:
         old = self.old_cache
-        self.cache = StatCache() if old is None else _new_cache(self.result, old, self.start_ns)
+        if old is None:
+            self.cache = StatCache()
+        elif self.result.unchanged:
+            self.cache = old
+        else:
+            self.cache = _new_cache(self.result, old, self.start_ns)
 
     def stats(self) -> dict[str, int]:
+        carried = self.result.carried.values()
         return {
-            "files": sum(n.file_count for n in self.result.dirs),
-            "bytes": sum(n.byte_count for n in self.result.dirs),
+            "files": sum(n.file_count for n in self.result.dirs) + sum(r[2] for r in carried),
+            "bytes": sum(n.byte_count for n in self.result.dirs) + sum(r[3] for r in carried),
             "hashed": len(self.result.jobs),
             "skipped": len(self.result.skipped),
         }
@@ -187,8 +206,13 @@ class _Capture:
         An unchanged cache keeps its older journal mark: replaying the journal from there is
         still complete, and saves rewriting the whole cache on every no-op snapshot.
         """
-        self.cache.head = head
         old = self.old_cache
+        if self.result.unchanged and old is not None:
+            if head != old.head:  # the same tree, under another commit
+                old.head = head
+                old.save(cache_path(self.store.git_dir, self.workspace))
+            return
+        self.cache.head = head
         if old is None:
             return
         new_generation = (self.cache.journal or ("",))[0] != (old.journal or ("",))[0]
@@ -301,12 +325,20 @@ def _take(
             if filled is not None:
                 result, root, cache = filled, _build_tree(filled.root, writer), None
             else:
-                result, root, cache = scan_tree(store, ws, writer, sweep_tmp)
+                result, root, cache = scan_tree(
+                    store, ws, writer, sweep_tmp, unchanged_ok=not allow_empty
+                )
             if root is None:
                 root = writer.add_raw("tree", b"")
             capture = _Capture(store, ws, result, root, cache, start_ns)
             # A new forked thread whose workspace still equals the fork point needs no snapshot.
             current = unchanged_if or head or fork_parent
+            if result.unchanged and (current is None or capture.head_info(current)[0] != root):
+                # nothing changed since the stat cache, but that is not the head's state: a
+                # commit needs the scan's figures
+                result, root, cache = scan_tree(store, ws, writer, sweep_tmp)
+                root = root or writer.add_raw("tree", b"")
+                capture = _Capture(store, ws, result, root, cache, start_ns)
             if current is not None and not allow_empty:
                 head_tree, head_snap = capture.head_info(current)
                 if head_tree == root:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -150,6 +149,8 @@ class Store:
         old-layout store a digest of its directory."""
         if self.config.workspace_id:
             return self.config.workspace_id
+        import hashlib  # (only here: it loads OpenSSL, which most commands do without)
+
         return "store-" + hashlib.sha256(self.git_dir.encode()).hexdigest()[:20]
 
     # -- creation and discovery -------------------------------------------------------------

@@ -33,8 +33,6 @@ import errno
 import fcntl
 import json
 import os
-import select
-import signal
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -135,6 +133,8 @@ class _Inotify:
 
     def read(self, timeout: float) -> list[tuple[int, int, bytes]]:
         """Events ``(wd, mask, name)`` available within ``timeout`` seconds."""
+        import select  # (here, as signal below: a snapshot imports this module, never runs it)
+
         ready, _, _ = select.select([self.fd], [], [], timeout)
         if not ready:
             return []
@@ -156,8 +156,10 @@ class _Inotify:
         os.close(self.fd)
 
 
-@dataclass
+@dataclass(eq=False, repr=False)
 class _Watch:
+    """What one inotify watch descriptor watches."""
+
     rel: str
     kind: str
     """``dir`` a workspace directory, ``git`` a ``.git``, ``info`` a ``.git/info``, ``cookies``."""
@@ -345,6 +347,8 @@ def run_watcher(
     ``on_ready(generation)`` is called each time a generation's watches are all in place.
     Raises :class:`WatcherStopped` when the journal cannot be kept complete.
     """
+    import signal
+
     ws = os.path.realpath(workspace)
     if not os.path.isdir(ws):
         raise InvalidInput(f"workspace {ws} does not exist")
@@ -437,7 +441,7 @@ def wait_ready(store_dir: str, workspace: str, pid: int, timeout: float) -> str 
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class JournalSync:
     """The live watcher's journal, synchronised up to ``offset`` (just after our cookie)."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pkgutil
 import subprocess
 import sys
@@ -56,6 +57,27 @@ def test_everyday_commands_load_no_heavy_library(
     cli.run("snapshot", "-m", "one")
     loaded = _loaded_after(args, workspace, HEAVY + STORE_UNNEEDED)
     assert loaded == [], f"narrative {' '.join(args)} imported {loaded}"
+
+
+#: What a watched no-op snapshot does without: OpenSSL's hashlib (it hashes nothing), ISA-L (its
+#: one read is a small commit), tempfile (no large file is stored), unicodedata (no odd name).
+WATCHED_NO_OP_UNNEEDED = ("hashlib", "isal", "tempfile", "unicodedata", "ctypes")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/sys/fs/inotify"), reason="no inotify")
+def test_a_watched_no_op_snapshot_loads_only_what_it_needs(cli: Cli, workspace: Path) -> None:
+    cli.run("init")
+    (workspace / "a.txt").write_text("a\n")
+    for base, _dirs, files in os.walk(workspace):  # none racy: every record trusted next time
+        for name in files:
+            os.utime(os.path.join(base, name), (1_000_000_000, 1_000_000_000))
+    cli.run("watch", "--background")
+    try:
+        cli.run("snapshot", "-m", "full scan, records the journal mark")
+        loaded = _loaded_after(["snapshot", "-m", "nothing"], workspace, WATCHED_NO_OP_UNNEEDED)
+        assert loaded == [], f"a watched no-op snapshot imported {loaded}"
+    finally:
+        cli.run("watch", "--stop")
 
 
 def _command_modules() -> tuple[str, ...]:

@@ -3,6 +3,7 @@ stale deltas are read safely (stock git's tree ids are the oracle)."""
 
 from __future__ import annotations
 
+import hashlib
 import marshal
 import os
 from pathlib import Path
@@ -47,6 +48,13 @@ def _settled(store: Store, ws: Path) -> None:
     take_snapshot(store)
     _age(ws)
     take_snapshot(store, allow_empty=True)
+
+
+def test_cache_path_is_the_sha1_of_the_workspace_path(tmp_path: Path) -> None:
+    """(computed without hashlib's OpenSSL, the name must not change)"""
+    ws = str(tmp_path / "wörkspace")
+    digest = hashlib.sha1(os.path.abspath(ws).encode("utf-8")).hexdigest()
+    assert cache_path("/store", ws) == f"/store/narrative/cache/stat-{digest[:16]}"
 
 
 def test_small_change_writes_a_delta_and_leaves_the_base(
@@ -102,7 +110,7 @@ def test_delta_of_another_base_is_ignored(store: Store, workspace: Path, tmp_pat
     take_snapshot(store)
     assert base.exists() and not delta.exists()
     delta.write_bytes(stale)  # the stale delta comes back (written late by the first writer)
-    _version, token, changed, _removed, _head, _journal = marshal.loads(stale)
+    _version, token, changed, _removed, _head, _journal, _unvouched = marshal.loads(stale)
     loaded = StatCache.load(str(base), store.config.max_file_size)
     assert loaded.base is not None and loaded.base.token != token
     assert changed["d2"] != loaded.dirs["d2"]  # applying it would change the records
@@ -117,12 +125,13 @@ def test_format_4_cache_is_read(store: Store, workspace: Path, tmp_path: Path) -
     _settled(store, workspace)
     base, _delta = _paths(store, workspace)
     cache = StatCache.load(str(base), store.config.max_file_size)
+    dirs = cache.dirs  # (decoded on first use: before the file goes)
     StatCache.remove(str(base))
-    base.write_bytes(marshal.dumps((4, cache.max_file_size, cache.dirs, cache.head, cache.journal)))
+    base.write_bytes(marshal.dumps((4, cache.max_file_size, dirs, cache.head, cache.journal)))
     snap = take_snapshot(store, allow_empty=True).snapshot
     assert snap.stats["hashed"] == 0  # the old records were used
     assert snap.tree == git_tree_of(workspace, tmp_path)
-    assert marshal.loads(base.read_bytes())[0] == 5  # and rewritten in the new format
+    assert base.read_bytes()[:4] == b"NSC\x06"  # and rewritten in the new format
 
 
 def test_gc_removes_a_delta_with_its_base(store: Store, workspace: Path) -> None:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from narrative.snapshot import scan_tree, take_snapshot
+from narrative.statcache import cache_path
 from narrative.store import Store
 from narrative.watch import watch_dir
 from tests.conftest import Cli, git, git_tree_of, start_watcher
@@ -175,6 +176,75 @@ def test_queue_overflow_means_full_scan(watched: tuple[Store, Watcher]) -> None:
     assert listed == ALL_DIRS  # full scan
     assert tree == git_tree_of(ws, ws.parent)
     assert watcher.generation() != generation
+
+
+def test_quiet_journal_no_op_lists_nothing_and_writes_nothing(
+    watched: tuple[Store, Watcher],
+) -> None:
+    """A snapshot for which the journal shows no change takes the stat cache's tree as is (no
+    directory listed, no file of the store written); the next edit is still captured, and a
+    racy record still makes the directory listed again."""
+    store, _watcher = watched
+    ws = Path(store.workspace)
+    base = take_snapshot(store, message="base").snapshot
+    cache_dir = Path(cache_path(store.git_dir, os.path.realpath(ws))).parent
+    before = {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
+    result, root, _cache = scan_tree(store, unchanged_ok=True)
+    assert result.unchanged and result.listed == 0 and root is not None
+    assert root.hex() == base.tree == git_tree_of(ws, ws.parent)
+    again = take_snapshot(store, message="nothing changed")
+    assert not again.created and again.snapshot.id == base.id
+    assert {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()} == before
+    target = ws / "d3" / "sub" / "f"
+    with open(target, "r+b") as f:  # same size, in place, mtime put back: only inotify sees it
+        stat = os.stat(target)
+        f.write(b"FILE")
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    edited = take_snapshot(store, message="edited")
+    assert edited.created and edited.snapshot.tree == git_tree_of(ws, ws.parent)
+    (ws / "d4" / "sub" / "new").write_text("racy: written just now\n")
+    take_snapshot(store, message="racy")
+    result, _root, _cache = scan_tree(store, unchanged_ok=True)
+    assert not result.unchanged and result.listed == 3  # the root, d4, d4/sub
+
+
+def test_quiet_journal_against_another_head_scans(watched: tuple[Store, Watcher]) -> None:
+    """The journal shows no change since the cache, but the state to compare with is another
+    tree (a restore's safety snapshot): the snapshot is taken from a scan, with its figures."""
+    store, _watcher = watched
+    ws = Path(store.workspace)
+    first = take_snapshot(store, message="first").snapshot
+    (ws / "d5" / "sub" / "f").write_text("second state\n")
+    _age(ws)
+    take_snapshot(store, message="second")
+    assert scan_tree(store, unchanged_ok=True)[0].unchanged
+    result = take_snapshot(store, message="safety", unchanged_if=bytes.fromhex(first.commit))
+    assert result.created
+    assert result.snapshot.tree == git_tree_of(ws, ws.parent) != first.tree
+    assert result.snapshot.stats["files"] == first.stats["files"] > 0
+
+
+def test_journal_snapshot_keeps_what_unlisted_subtrees_hold(
+    watched: tuple[Store, Watcher],
+) -> None:
+    """Directories the journal leaves alone are carried over from the cache whole: their files
+    count in the figures and their too-large files are still reported as skipped."""
+    store, _watcher = watched
+    ws = Path(store.workspace)
+    store.config.max_file_size = 1000
+    (ws / "d1" / "sub" / "deeper").mkdir()
+    (ws / "d1" / "sub" / "deeper" / "big.bin").write_bytes(b"x" * 1001)
+    _age(ws)
+    full = take_snapshot(store, message="full scan").snapshot
+    assert full.skipped == [{"path": "d1/sub/deeper/big.bin", "size": 1001, "reason": "too-large"}]
+    (ws / "d2" / "sub" / "f").write_text("edited\n")
+    result, _root, _cache = scan_tree(store)
+    assert result.listed == 3  # the root, d2, d2/sub: d1 and below come from the cache
+    journal = take_snapshot(store, message="journal").snapshot
+    assert journal.skipped == full.skipped
+    assert journal.stats["files"] == full.stats["files"]
+    assert journal.stats["bytes"] == full.stats["bytes"] + len("edited\n") - len("file 2\n")
+    assert journal.tree == _tree(store, use_watcher=False)[0]  # (git would take big.bin)
 
 
 def test_new_directory_filled_before_its_watch_is_walked(watched: tuple[Store, Watcher]) -> None:
