@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from .errors import StoreCorrupted
 from .fsutil import fsync_dir, mkstemp, unlink_quiet
 from .objects import hash_object, object_header, sha1
+from .packentry import TYPE_CODES, pack_entry_header, parse_entry_header
 from .packindex import PackIndex, encode_index
 
 TYPE_CHECKING = False  # typing's, without importing typing at run time (~3 ms a process)
@@ -39,17 +40,12 @@ written out: importing this module hashes nothing, hashlib loads OpenSSL)."""
 
 __all__ = [
     "EMPTY_TREE_OID",
-    "TYPE_CODES",
     "ObjectStore",
     "PackWriter",
     "deflate",
     "fallback_reader",
-    "pack_entry_header",
-    "pack_object_header",
-    "parse_entry_header",
 ]
 
-TYPE_CODES = {"commit": 1, "tree": 2, "blob": 3, "tag": 4}
 _CODE_TYPES = {v: k for k, v in TYPE_CODES.items()}
 _RUN_READ = 1 << 20
 _SAMPLE = 4096
@@ -94,41 +90,6 @@ def deflate(data: bytes | memoryview) -> bytes:
         if len(zlib.compress(sample, 1)) > _SAMPLE * 0.94:
             return zlib.compress(data, 0)
     return zlib.compress(data, 1)
-
-
-def pack_object_header(kind: str, size: int) -> bytes:
-    """The type-and-size header that starts a pack entry."""
-    return pack_entry_header(TYPE_CODES[kind], size)
-
-
-def parse_entry_header(head: bytes) -> tuple[int, int, int]:
-    """(type code, inflated size, header length) of the pack entry starting ``head``.
-
-    ValueError when the header runs past ``head`` or encodes an absurd size (hostile packs).
-    """
-    byte = head[0]
-    code, size, shift, pos = (byte >> 4) & 7, byte & 15, 4, 0
-    while byte & 0x80:
-        pos += 1
-        if pos >= len(head) or shift > 56:
-            raise ValueError("corrupt pack entry header")
-        byte = head[pos]
-        size |= (byte & 0x7F) << shift
-        shift += 7
-    return code, size, pos + 1
-
-
-def pack_entry_header(code: int, size: int) -> bytes:
-    """Pack entry header for a type code (1-4 objects, 6/7 deltas) and inflated size."""
-    out = bytearray()
-    byte = (code << 4) | (size & 15)
-    size >>= 4
-    while size:
-        out.append(byte | 0x80)
-        byte = size & 0x7F
-        size >>= 7
-    out.append(byte)
-    return bytes(out)
 
 
 class PackWriter:

@@ -14,7 +14,8 @@ from typing import Any
 
 from narrative.errors import StoreCorrupted
 from narrative.objects import object_header
-from narrative.odb import ObjectStore, inflater, parse_entry_header
+from narrative.odb import ObjectStore, inflater
+from narrative.packentry import parse_entry_header
 
 from .archive import CHUNK
 

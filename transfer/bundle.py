@@ -24,7 +24,8 @@ from typing import BinaryIO, Protocol
 
 from narrative.errors import StoreCorrupted
 from narrative.objects import MODE_DIR, Commit, hash_object, parse_commit, parse_tree
-from narrative.odb import ObjectStore, deflate, pack_entry_header, pack_object_header
+from narrative.odb import ObjectStore, deflate
+from narrative.packentry import pack_entry_header, pack_object_header
 
 from .errors import IncompleteExport, InvalidArtifact
 

@@ -21,7 +21,8 @@ from typing import IO, BinaryIO, cast
 
 from narrative.fsck import NAME_MAX, long_names, object_problems, tree_links
 from narrative.objects import hash_object, object_header, parse_commit
-from narrative.odb import ObjectStore, PackWriter, deflate, parse_entry_header
+from narrative.odb import ObjectStore, PackWriter, deflate
+from narrative.packentry import parse_entry_header
 from narrative.storeconfig import DEFAULT_MAX_IMPORT_SIZE
 
 from .errors import InvalidArtifact

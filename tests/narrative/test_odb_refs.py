@@ -10,7 +10,8 @@ import pytest
 
 from narrative.errors import ConcurrentUpdate, InvalidInput, StoreCorrupted
 from narrative.objects import hash_object
-from narrative.odb import PackWriter, parse_entry_header
+from narrative.odb import PackWriter
+from narrative.packentry import parse_entry_header
 from narrative.packindex import PackIndex
 from narrative.refs import STALE_LOCK_SECONDS, RefStore
 from narrative.snapshot import take_snapshot

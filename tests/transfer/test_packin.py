@@ -131,7 +131,7 @@ def test_oversized_objects_are_refused(store: Store, workspace: Path, tmp_path: 
 def _zero_blob_pack(path: str, size: int) -> str:
     """A pack holding one blob of ``size`` zero bytes, written as a stream; returns its id."""
     from narrative.objects import object_header
-    from narrative.odb import pack_object_header
+    from narrative.packentry import pack_object_header
 
     blob_id = hashlib.sha1(object_header("blob", size))
     comp = zlib.compressobj(1)
