@@ -13,11 +13,11 @@ private Docker engine, ``DOCKER_HOST``; the default image is built offline if mi
   and wait until it runs, then run the same command in each through ``pods/exec`` and read
   ``out.txt`` back, then delete each pod and claim and wait until it is gone.
 
-Measured here on a quiet machine (2 vCPUs), 50 environments: narrative 25.6 s (creates 11.6 s,
-fan-out 10.2 s, deletes 3.7 s), the anchor one pod at a time 14.6 s (1.75x, target MISSED), 16
-at a time 10.6 s (2.42x); hub peak RSS 90 MB (target met). Each pod's warm runtime
-(``providers/zygote.py``) imports the runtime during the creates, and each run's runtime is
-forked from it: the fan-out halved, the creates doubled. Before: 11.3x, 4.6x, 2.76x, 1.85x
+Measured here (2 vCPUs), 50 environments, five runs in one afternoon: 1.53-1.81x, median
+1.59x (target MISSED); the code before (three execs a run, the generated ``CoreV1Api``, entry
+points listed by every runtime) alternating in the same period: 1.89x vs 1.65x. Hub peak RSS
+65 MB (target met). Each pod's warm runtime (``providers/zygote.py``) imports the runtime during
+the creates, and each run's runtime is forked from it. Before: 11.3x, 4.6x, 2.76x, 1.85x, 1.75x
 (README, "Kubernetes scale").
 
 Target: OURS / ANCHOR ≤ 1.5x against the anchor one pod at a time; the anchor 16 pods at a
