@@ -63,6 +63,9 @@ if TYPE_CHECKING:
 
 __all__ = ["K8sProvider"]
 
+_END_LOGS_KEPT = 64
+"""Ended runtimes' logs kept for the read that follows (see :meth:`K8sProvider.await_end`)."""
+
 log = logging.getLogger(__name__)
 
 
@@ -462,6 +465,8 @@ class K8sProvider(BaseProvider):
         ended = {0: True, 1: False}.get(result.exit_code)
         if ended and result.stdout:  # nothing printed: no log, or the read failed (read again)
             self._end_logs[handle] = tail_read(0, result.stdout)
+            while len(self._end_logs) > _END_LOGS_KEPT:  # a read that never came: drop the oldest
+                self._end_logs.pop(next(iter(self._end_logs), ""), None)
         return ended
 
     def end_leftovers(self, resource_id: str) -> None:
