@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from .errors import InvalidInput, StoreCorrupted
 from .merge3 import is_binary, merge_text
 from .merge_result import Conflict, Entry, TreeMerge
-from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK
+from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK, TREE_ENTRY, tree_sort_key
 from .odb import ObjectStore, PackWriter
 
 TYPE_CHECKING = False  # typing's, without importing typing at run time (~3 ms a process)
@@ -55,10 +55,14 @@ _MODES = {b"100644": MODE_FILE, b"100755": MODE_EXEC, b"120000": MODE_LINK, b"40
 _TREE_ENTRY = re.compile(rb"([0-7]+) ([^\x00]*)\x00(.{20})", re.DOTALL)  # mode, name, oid
 _WHOLE_TREE = re.compile(rb"(?:[0-7]+ [^\x00]*\x00.{20})*", re.DOTALL)  # entries, nothing else
 _RECORD = re.compile(rb"[0-7]+ [^\x00]*\x00.{20}", re.DOTALL)  # one whole entry
-# A whole tree whose names are all safe (not empty, ".", "..", ".git", no "/"): one C-level
-# match validates a tree; only a tree failing it is parsed again to say what is wrong.
-_SAFE_TREE = re.compile(rb"(?:[0-7]+ (?!(?:\.\.?|\.git)\x00)[^\x00/]+\x00.{20})*", re.DOTALL)
 _UNSAFE_NAMES = frozenset((b"", b".", b"..", b".git"))
+# A whole tree whose names are all safe (none of _UNSAFE_NAMES, no "/"): one C-level match
+# validates a tree; only a tree failing it is parsed again to say what is wrong.
+_SAFE_TREE = re.compile(
+    rb"(?:[0-7]+ (?!(?:%s)\x00)[^\x00/]+\x00.{20})*"
+    % b"|".join(re.escape(name) for name in sorted(_UNSAFE_NAMES) if name),  # "": by the "+"
+    re.DOTALL,
+)
 _RAW_ENTRY = re.compile(rb"(([0-7]+) ([^\x00]*)\x00.{20})", re.DOTALL)  # entry, mode, name
 _CANONICAL_MODES = frozenset((b"100644", b"100755", b"120000", b"40000", b"160000"))
 _DIR_MODE = b"40000 "  # how a (canonical) directory entry starts
@@ -474,14 +478,17 @@ def _build_tree(
     if not raw:
         return None
     if reorder:  # git's order: by name, a directory's as if it ended with "/"
-        keyed = sorted((n + b"/" if r.startswith(_DIR_MODE) else n, r) for n, r in raw.items())
+        keyed = sorted(
+            (tree_sort_key(n, MODE_DIR if r.startswith(_DIR_MODE) else MODE_FILE), r)
+            for n, r in raw.items()
+        )
         return writer.add_raw("tree", b"".join(r for _k, r in keyed))
     return writer.add_raw("tree", b"".join(raw.values()))
 
 
 def _record(mode: int, name: bytes, oid: bytes) -> bytes:
     """One raw tree entry, as git writes it."""
-    return b"%o %s\x00%s" % (mode, name, oid)
+    return TREE_ENTRY % (mode, name, oid)
 
 
 def tree_changes(

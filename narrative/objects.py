@@ -17,6 +17,7 @@ __all__ = [
     "MODE_EXEC",
     "MODE_FILE",
     "MODE_LINK",
+    "TREE_ENTRY",
     "Commit",
     "Signature",
     "TreeEntry",
@@ -58,6 +59,10 @@ def hash_object(kind: str, data: bytes) -> bytes:
     return h.digest()
 
 
+TREE_ENTRY = b"%o %s\x00%s"
+"""One raw tree entry, as git writes it: ``TREE_ENTRY % (mode, name, oid)``."""
+
+
 def tree_sort_key(name: bytes, mode: int) -> bytes:
     """Git orders tree entries as if directory names ended with '/'."""
     return name + b"/" if mode == MODE_DIR else name
@@ -66,7 +71,7 @@ def tree_sort_key(name: bytes, mode: int) -> bytes:
 def encode_tree(entries: list[TreeEntry]) -> bytes:
     """Serialise entries (any order) into a canonical git tree."""
     ordered = sorted(entries, key=lambda e: tree_sort_key(e[0], e[1]))
-    return b"".join(b"%o %s\x00%s" % (mode, name, oid) for name, mode, oid in ordered)
+    return b"".join(TREE_ENTRY % (mode, name, oid) for name, mode, oid in ordered)
 
 
 def parse_tree(data: bytes) -> list[TreeEntry]:

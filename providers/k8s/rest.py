@@ -11,7 +11,7 @@ which needs no lock: nothing of the shared client is swapped while it opens.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -24,8 +24,6 @@ __all__ = ["CLAIMS", "NETWORK_POLICIES", "PODS", "SECRETS", "KubeRest", "ObjectP
 
 _AUTH = ["BearerToken"]
 """The client's name for the kubeconfig's credentials (token, client certificate or plugin)."""
-_LINE_LIMIT = 16 << 20
-"""Longest watch event taken (a pod is a few KiB; a server sending more is refused)."""
 
 
 class ObjectPath:
@@ -121,8 +119,11 @@ class KubeRest:
             timeout=timeout,
         )  # fmt: skip
         raw = response.response  # urllib3's, streaming
+        lines = k8s_module("kubernetes.watch.watch").iter_resp_lines  # the client's own reader
         try:
-            for line in _lines(raw):
+            for line in lines(raw):
+                if not line:
+                    continue
                 event = _event(line, path)
                 if event["type"] == "ERROR":
                     status = event["object"]
@@ -151,21 +152,7 @@ class KubeRest:
         )  # fmt: skip
 
 
-def _lines(raw: Any) -> Iterator[bytes]:
-    """The non-empty lines of a streamed body."""
-    pending = bytearray()
-    for chunk in raw.stream(amt=None, decode_content=False):
-        pending += chunk
-        if len(pending) > _LINE_LIMIT and b"\n" not in pending:
-            raise ProviderError(f"k8s watch: an event longer than {_LINE_LIMIT} bytes")
-        *done, rest = pending.split(b"\n")
-        pending = bytearray(rest)
-        yield from (bytes(line) for line in done if line.strip())
-    if pending.strip():
-        yield bytes(pending)
-
-
-def _event(line: bytes, path: str) -> dict[str, Any]:
+def _event(line: str, path: str) -> dict[str, Any]:
     try:
         event = parse_json(line)
     except ValueError as exc:
