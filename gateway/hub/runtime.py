@@ -450,10 +450,11 @@ def take_up_fd() -> int | None:
 
 
 def announce_up(fd: int | None) -> None:
-    """Tell the spawn holding on ``fd`` that the runtime is connected, and let it go."""
+    """Tell the spawn holding on ``fd`` that the runtime is connected. ``fd`` stays open until
+    this process exits (it is not inherited): a spawn that waits on sees its end of file then,
+    which is how one exec both starts a run's runtime and learns of its end
+    (:data:`providers.k8s.podexec.SPAWN_SCRIPT`)."""
     if fd is None:
         return
     with contextlib.suppress(OSError):  # the spawn gave up waiting: nobody reads any more
         os.write(fd, b"up\n")
-    with contextlib.suppress(OSError):
-        os.close(fd)

@@ -11,8 +11,10 @@ POSIX ``sh``, ``env``, ``setsid``, ``tar``, ``find``, ``grep``, ``sleep`` and ``
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, wait
 from typing import Any
 
 from narrative.errors import InvalidInput
@@ -27,8 +29,10 @@ from .rest import KubeRest
 __all__ = [
     "ALIVE_SCRIPT",
     "AWAIT_END_SCRIPT",
+    "END_CUE",
     "SIGNAL_PID_SCRIPT",
     "SPAWN_SCRIPT",
+    "HeldExec",
     "PodExec",
     "new_marker",
     "on_line",
@@ -40,6 +44,9 @@ _GRACE = 5.0
 
 _WRAP = 'cd "$0" || exit 126\nexec env "$@"\n'
 """Runs ``env NAME=VALUE... argv`` in the workdir ($0)."""
+
+END_CUE = "narrative: the spawned process ended"
+"""The line a held spawn prints once its process ended, before the read of its log."""
 
 _WARM_PID = (
     FIND_MAIN
@@ -76,7 +83,7 @@ bit 9 of ``SigCgt``, once it has imported everything: waited for up to 20 s). El
 SPAWN_SCRIPT = compact(
     _WARM_PID
     + r"""
-log=$1; envfile=$2; hold=$3; warm=$4; shift 4
+log=$1; envfile=$2; hold=$3; warm=$4; after=$5; shift 5
 [ -n "$log" ] || log=/dev/null
 up=/tmp/narrative-spawn-$NARRATIVE_EXEC_ID.up
 pidfile=/tmp/narrative-spawn-$NARRATIVE_EXEC_ID.pid
@@ -119,12 +126,28 @@ fi
 if [ -n "$hold" ]; then
     (sleep "$hold"; echo waiting >"$up") >/dev/null 2>&1 </dev/null &
     timer=$!
-    read -r said <"$up" || said=ended
+    exec 4<"$up"
+    read -r said <&4 || said=ended
     kill "$timer" 2>/dev/null
     rm -f "$up"
     echo "${said:-ended}"
+    if [ -n "$after" ]; then
+        cat <&4 >/dev/null 2>&1
+        exec 4<&-
+        if read -r pid start < "$pidfile" 2>/dev/null; then
+            while read -r line < "/proc/$pid/stat" 2>/dev/null; do
+                set -- ${line##*") "}
+                { [ "$1" = Z ] || [ "${20}" != "$start" ]; } && break
+                sleep 0.1
+            done
+        fi
+        echo "@END@"
+        sh -c "$after"
+    fi
 fi
-""".replace("@VERSION@", ORDER_VERSION).replace("@ORDER@", ORDER_FILE)
+""".replace("@VERSION@", ORDER_VERSION)
+    .replace("@ORDER@", ORDER_FILE)
+    .replace("@END@", END_CUE)
 )
 """Starts ``argv`` detached (its own session, re-parented to PID 1 when this shell ends), after
 sourcing its environment from the mounted Secret file (waiting for the kubelet to project it),
@@ -134,7 +157,11 @@ waits on the read end, so it ends when the runtime says ``up``, when it ended (e
 after that many seconds, and prints ``up``, ``ended`` or ``waiting``. $4: with a hold, the number
 of trailing arguments that are ``narrative``'s own (``runtime --connect URL``), or "": when the
 pod has a ready warm runtime (:data:`_WARM_PID`), it is handed an order with those
-(:mod:`providers.zygote`) instead, and its child does all of the above itself. Run through
+(:mod:`providers.zygote`) instead, and its child does all of the above itself. $5: with a hold,
+a shell command or "": with one, the exec goes on until the process ended (the end of file of
+the FIFO, whose write end the runtime holds until it exits, then its recorded pid gone), prints
+:data:`END_CUE` and runs that command (the read of its log): one exec a run, not a second one
+to wait for its end. Run through
 :func:`wrap` with the marker in its environment from the start: a child forked here carries it
 in ``/proc/PID/environ`` before it execs the command (an ``export`` would not show there), so
 :data:`ALIVE_SCRIPT` never takes a process being started for one that ended."""
@@ -305,6 +332,50 @@ def _exit_code(client: Any, argv: list[str]) -> int:
         if cause.get("reason") == "ExitCode":
             return int(cause.get("message", -1))
     raise ExecFailed(f"cannot run {argv[-1]!r}: {status.get('message') or status}")
+
+
+class HeldExec:
+    """An exec run by a thread of its own: its caller goes on once the exec printed one of
+    ``lines`` (:meth:`wait_line`) and takes its result later (:meth:`wait_end`), so that one
+    exec can start a process and, still open, learn of its end."""
+
+    def __init__(self, run: Callable[[OutputFn], bytes], lines: Sequence[str]) -> None:
+        self._wanted = [b"\n" + line.encode() + b"\n" for line in lines]
+        self._seen = bytearray(b"\n")
+        self._printed = threading.Event()
+        self._said = False
+        self._end: Future[bytes] = Future()
+        threading.Thread(target=self._main, args=(run,), name="k8s-held-exec", daemon=True).start()
+
+    def _main(self, run: Callable[[OutputFn], bytes]) -> None:
+        try:
+            self._end.set_result(run(self._watch))
+        except BaseException as exc:  # handed to whoever waits (wait_line or wait_end)
+            self._end.set_exception(exc)
+        finally:
+            self._printed.set()
+
+    def _watch(self, stream: str, chunk: bytes) -> None:
+        if stream != "stdout" or self._said:
+            return
+        self._seen.extend(chunk)
+        if any(wanted in self._seen for wanted in self._wanted):
+            self._said = True
+            self._seen.clear()
+            self._printed.set()
+
+    def wait_line(self) -> None:
+        """Return once one of the lines was printed, or the exec ended (raising what it
+        raised; when it ended without error but without the line, returning all the same)."""
+        self._printed.wait()
+        if not self._said:
+            self._end.result()
+
+    def wait_end(self, seconds: float) -> bytes | None:
+        """The exec's stdout once it ended, None when it runs ``seconds`` on (what it raised,
+        raised)."""
+        done, _ = wait([self._end], timeout=seconds)
+        return self._end.result() if done else None
 
 
 def on_line(line: str, action: Callable[[], None]) -> OutputFn:

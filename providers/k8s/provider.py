@@ -38,7 +38,6 @@ from ..base import (
     check_relative_path,
     tail_argv,
     tail_read,
-    tail_start,
 )
 from ..emptying import empty_argv, sweep_and_empty_argv
 from ..errors import ProviderError, ProviderUnavailable, ResourceGone
@@ -56,15 +55,13 @@ from .podexec import (
     wrap,
 )
 from .rest import CLAIMS, NETWORK_POLICIES, PODS, SECRETS, KubeRest
-from .spawning import PodSpawn, parse_handle, spawn_log
+from .spawning import PodSpawn, SpawnEnds, parse_handle, spawn_log
 
 if TYPE_CHECKING:
     from narrative.models import Snapshot
 
 __all__ = ["K8sProvider"]
 
-_END_LOGS_KEPT = 64
-"""Ended runtimes' logs kept for the read that follows (see :meth:`K8sProvider.await_end`)."""
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +84,8 @@ class K8sProvider(BaseProvider):
         self._client: Any = None
         self._claim_uids: dict[str, str] = {}
         """The uid of each claim this instance created (the owner of its pod): no read for it."""
-        self._end_logs: dict[str, SpawnLog] = {}
-        """Per handle: the end of its log as read by the exec that saw it end (await_end)."""
+        self._ends = SpawnEnds()
+        """Held spawns and ended runtimes' logs (see :meth:`_spawn` and :meth:`await_end`)."""
 
     @classmethod
     def capabilities_for(cls, config: ProviderConfig) -> frozenset[str]:
@@ -399,6 +396,7 @@ class K8sProvider(BaseProvider):
             raise InvalidInput("empty command")
         pod = resource_id  # no read first (one request per run): a failed exec asks why below
         marker = new_marker()
+        handle = f"k8s:{marker}"
         spawn = PodSpawn(self.cfg, marker, lambda data: self._secret_data(resource_id, data))
         command = spawn.command(
             argv,
@@ -408,13 +406,16 @@ class K8sProvider(BaseProvider):
             empty_first=self._run_dirs if prepare else None,
         )
         try:
-            spawn.run(self.pods, pod, command, env, after_sweep=prepare)
+            if hold:  # open until the runtime ended: no exec of await_end's needed
+                self._ends.hold(handle, spawn.run_held(self.pods, pod, command, env, prepare))
+            else:
+                spawn.run(self.pods, pod, command, env, after_sweep=prepare)
         except ResourceGone:
             raise
         except ProviderError:
             self._live_pod(resource_id)  # ResourceGone when the pod is gone or going
             raise
-        return f"k8s:{marker}"
+        return handle
 
     def _secret_data(self, resource_id: str, data: Mapping[str, str | None]) -> None:
         """Add (or with None, remove) keys of the environment's Secret (a JSON merge patch)."""
@@ -452,6 +453,9 @@ class K8sProvider(BaseProvider):
         reads the end of its log, which the caller's next :meth:`read_spawn_log` of it takes
         (one exec per run fewer: fifty runs' execs cost CPU-seconds)."""
         marker = parse_handle(handle)
+        ended = self._ends.from_held(handle, seconds)
+        if ended is not None:
+            return ended
         tenths = str(max(0, round(seconds * 10)))
         then = tail_argv(spawn_log(marker), 0, SPAWN_LOG_LIMIT)
         argv = ["sh", "-c", AWAIT_END_SCRIPT, marker, tenths, *then]
@@ -463,10 +467,8 @@ class K8sProvider(BaseProvider):
             log.debug("cannot wait for %s in %s: %s", handle, resource_id, exc)
             return None
         ended = {0: True, 1: False}.get(result.exit_code)
-        if ended and result.stdout:  # nothing printed: no log, or the read failed (read again)
-            self._end_logs[handle] = tail_read(0, result.stdout)
-            while len(self._end_logs) > _END_LOGS_KEPT:  # a read that never came: drop the oldest
-                self._end_logs.pop(next(iter(self._end_logs), ""), None)
+        if ended:
+            self._ends.keep_log(handle, result.stdout)
         return ended
 
     def end_leftovers(self, resource_id: str) -> None:
@@ -486,11 +488,9 @@ class K8sProvider(BaseProvider):
         """The end of ``/tmp/narrative-spawn-<marker>.log`` in the pod; empty when there is
         none (or no pod)."""
         path = spawn_log(parse_handle(handle))
-        ended = self._end_logs.pop(handle, None)
+        ended = self._ends.take_log(handle, since, limit)
         if ended is not None:
-            start = tail_start(ended.size, since, limit)
-            if start >= ended.start:  # what a read now would give: an ended process's log is whole
-                return SpawnLog(ended.size, ended.data[start - ended.start :])
+            return ended
         try:
             out = self.pods.run(resource_id, tail_argv(path, since, limit))  # (no read first)
         except ProviderError as exc:

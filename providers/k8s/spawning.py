@@ -5,21 +5,28 @@ readies the pod for a run and) starts one."""
 from __future__ import annotations
 
 import base64
+import logging
 import re
 import shlex
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from narrative.errors import InvalidInput
 
+from ..base import SPAWN_LOG_LIMIT, OutputFn, SpawnLog, tail_argv, tail_read, tail_start
 from ..emptying import SWEPT_CUE, sweep_empty_then_argv
+from ..errors import ProviderError
 from ..proctree import MARKER_VAR, spawn_log_in_environment
 from .config import K8sConfig
 from .manifests import ENV_MOUNT
-from .podexec import SPAWN_SCRIPT, PodExec, on_line, wrap
+from .podexec import END_CUE, SPAWN_SCRIPT, HeldExec, PodExec, on_line, wrap
 
 __all__ = [
+    "HOLD_SAYS",
     "PodSpawn",
     "RUNTIME_UP_HOLD",
+    "SpawnEnds",
     "env_script",
     "parse_handle",
     "spawn_command",
@@ -30,6 +37,14 @@ __all__ = [
 RUNTIME_UP_HOLD = 30.0
 """Longest hold of a runtime's spawn waiting for it to be up (a slower runtime is looked at
 by the hub as before)."""
+HOLD_SAYS = ("up", "ended", "waiting")
+"""What a held spawn prints once its runtime is up, ended first, or slower than the hold."""
+_HELD_KEPT = 4096
+"""Held spawns kept for their end (one a running runtime): more, and the oldest is forgotten."""
+_END_LOGS_KEPT = 64
+"""Ended runtimes' logs kept for the read that follows their end."""
+
+log = logging.getLogger(__name__)
 
 _HANDLE = re.compile(r"k8s:([0-9a-f]{24})")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -66,15 +81,20 @@ def spawn_command(
     hold: bool,
     empty_first: Sequence[str] | None = None,
     warm_args: int | None = None,
+    after_end: Sequence[str] | None = None,
 ) -> list[str]:
-    """The exec that starts ``argv`` detached (see :data:`SPAWN_SCRIPT`); ``hold``: it returns
-    once the process says it is up or ends; ``empty_first``: before that, every earlier
-    process of the pod is killed and these directories emptied; ``warm_args``: the last that
-    many of ``argv`` are ``narrative``'s arguments, which the pod's warm runtime (when it has
-    a ready one) runs instead of ``argv`` (only after that emptying: nothing else may run)."""
+    """The exec that starts ``argv`` detached (see :data:`SPAWN_SCRIPT`); ``hold``: it prints
+    ``up``, ``ended`` or ``waiting`` once the process says it is up or ends; ``after_end``
+    (with ``hold``): it then goes on until the process ended, prints
+    :data:`~providers.k8s.podexec.END_CUE` and runs that command; ``empty_first``: before all
+    that, every earlier process of the pod is killed and these directories emptied;
+    ``warm_args``: the last that many of ``argv`` are ``narrative``'s arguments, which the
+    pod's warm runtime (when it has a ready one) runs instead of ``argv`` (only after that
+    emptying: nothing else may run)."""
     held = f"{RUNTIME_UP_HOLD:g}" if hold else ""
     warm = str(warm_args) if warm_args and empty_first is not None else ""
-    launcher = ["sh", "-c", SPAWN_SCRIPT, "spawn", logfile, envfile, held, warm, *argv]
+    after = shlex.join(after_end) if hold and after_end else ""
+    launcher = ["sh", "-c", SPAWN_SCRIPT, "spawn", logfile, envfile, held, warm, after, *argv]
     command = wrap(workdir, launcher, {MARKER_VAR: marker})
     return command if empty_first is None else sweep_empty_then_argv(True, empty_first, command)
 
@@ -98,6 +118,8 @@ class PodSpawn:
         self.cfg, self.marker, self.patch_secret = cfg, marker, patch_secret
         self.key = f"spawn-{marker}"
         self.handed = False
+        self._taken_back = False
+        self._lock = threading.Lock()
 
     def command(
         self,
@@ -118,6 +140,8 @@ class PodSpawn:
             hold=hold,
             empty_first=empty_first,
             warm_args=warm_args(self.cfg, argv),
+            # a held spawn's exec reads the log once its process ended (see run_held)
+            after_end=tail_argv(logfile, 0, SPAWN_LOG_LIMIT) if logfile else ["true"],
         )
 
     def run(
@@ -128,11 +152,13 @@ class PodSpawn:
         env: Mapping[str, str] | None,
         *,
         after_sweep: bool,
-    ) -> None:
-        """Run ``command`` in ``pod``; the spawn's environment goes into the Secret before it,
-        or with ``after_sweep``, once its sweep killed every process of the last run (a run's
-        token: one left running could read it there; the spawn waits for the projection). The
-        key is removed once the exec returned."""
+        on_output: OutputFn | None = None,
+    ) -> bytes:
+        """Run ``command`` in ``pod``; its stdout (also given to ``on_output``). The spawn's
+        environment goes into the Secret before it, or with ``after_sweep``, once its sweep
+        killed every process of the last run (a run's token: one left running could read it
+        there; the spawn waits for the projection). The key is removed once the exec returned,
+        if :meth:`take_back` did not remove it before."""
 
         def hand_env() -> None:
             if env and not self.handed:
@@ -140,12 +166,106 @@ class PodSpawn:
                 data = base64.b64encode(env_script(env).encode()).decode()
                 self.patch_secret({self.key: data})
 
+        watch = on_line(SWEPT_CUE, hand_env) if after_sweep else None
+
+        def output(stream: str, chunk: bytes) -> None:
+            for each in (watch, on_output):
+                if each is not None:
+                    each(stream, chunk)
+
         try:
-            if after_sweep:
-                pods.quiet(pod, command, "spawn", on_output=on_line(SWEPT_CUE, hand_env))
-            else:
+            if not after_sweep:
                 hand_env()
-                pods.quiet(pod, command, "spawn")
+            return pods.quiet(pod, command, "spawn", on_output=output)
         finally:
-            if self.handed:
+            self.take_back()
+
+    def run_held(
+        self,
+        pods: PodExec,
+        pod: str,
+        command: list[str],
+        env: Mapping[str, str] | None,
+        after_sweep: bool,
+    ) -> HeldExec:
+        """:meth:`run` (a held spawn's ``command``) by a thread of its own, returning once it
+        said whether the runtime is up (:data:`HOLD_SAYS`), its environment then taken back out
+        of the Secret. The exec goes on until the runtime ended (see :class:`SpawnEnds`)."""
+        held = HeldExec(
+            lambda out: self.run(pods, pod, command, env, after_sweep=after_sweep, on_output=out),
+            HOLD_SAYS,
+        )
+        try:
+            held.wait_line()
+        finally:
+            self.take_back()  # the runtime has read its environment (or never will)
+        return held
+
+    def take_back(self) -> None:
+        """Remove the spawn's environment from the Secret (once; nothing when it was not
+        handed in): called once the process has read it, which a held spawn's exec says long
+        before it returns."""
+        with self._lock:
+            if self.handed and not self._taken_back:
+                self._taken_back = True
                 self.patch_secret({self.key: None})
+
+
+class SpawnEnds:
+    """What the provider learns of its runtimes' ends without an exec of its own: the spawns'
+    execs, open until their runtime ended (:class:`~providers.k8s.podexec.HeldExec`), and the
+    end of a log read by the exec that saw its runtime end, for the read that follows. Both
+    bounded: a wait or a read that never comes leaks nothing."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, HeldExec] = {}
+        self._logs: dict[str, SpawnLog] = {}
+
+    def hold(self, handle: str, held: HeldExec) -> None:
+        self._held[handle] = held
+        _bound(self._held, _HELD_KEPT)
+
+    def from_held(self, handle: str, seconds: float) -> bool | None:
+        """From the spawn's held exec: False while the runtime runs after ``seconds``, True once
+        it ended (its log kept), None when there is none or it broke off (look another way)."""
+        held = self._held.get(handle)
+        if held is None:
+            return None
+        try:
+            result = held.wait_end(seconds)
+        except (ProviderError, OSError) as exc:
+            log.debug("the held spawn of %s broke off: %s", handle, exc)
+            result = None
+        else:
+            if result is None:
+                return False
+        self._held.pop(handle, None)
+        if result is None:
+            return None
+        _, cue, after = result.partition(f"\n{END_CUE}\n".encode())
+        if not cue:
+            return None  # ended without saying so: look the usual way
+        self.keep_log(handle, after)
+        return True
+
+    def keep_log(self, handle: str, printed: bytes) -> None:
+        """Keep what a :func:`~providers.base.tail_argv` read printed at the runtime's end."""
+        if printed:  # nothing printed: no log, or the read failed (read again)
+            self._logs[handle] = tail_read(0, printed)
+            _bound(self._logs, _END_LOGS_KEPT)
+
+    def take_log(self, handle: str, since: int, limit: int) -> SpawnLog | None:
+        """The kept end of ``handle``'s log as a read now would give it (an ended process's
+        log is whole), or None (read it)."""
+        ended = self._logs.pop(handle, None)
+        if ended is None:
+            return None
+        start = tail_start(ended.size, since, limit)
+        if start < ended.start:
+            return None
+        return SpawnLog(ended.size, ended.data[start - ended.start :])
+
+
+def _bound(kept: dict[str, Any], most: int) -> None:
+    while len(kept) > most:  # the oldest first
+        kept.pop(next(iter(kept)))

@@ -20,6 +20,7 @@ import pytest
 from providers.k8s.podexec import (
     ALIVE_SCRIPT,
     AWAIT_END_SCRIPT,
+    END_CUE,
     SIGNAL_PID_SCRIPT,
     SPAWN_SCRIPT,
     on_line,
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 class Spawned:
     def __init__(self, marker: str, said: str, seconds: float) -> None:
         self.marker, self.said, self.seconds = marker, said, seconds
+        self.printed = b""
 
     def alive(self) -> bool:
         return subprocess.run(["sh", "-c", ALIVE_SCRIPT, self.marker], check=False).returncode == 0
@@ -47,16 +49,20 @@ class Spawned:
 def spawn(tmp_path: Path) -> Iterator[object]:
     markers: list[str] = []
 
-    def run(argv: list[str], hold: str) -> Spawned:
+    def run(argv: list[str], hold: str, after: str = "") -> Spawned:
         marker = secrets.token_hex(12)
         markers.append(marker)
         env = {**os.environ, "NARRATIVE_EXEC_ID": marker}
-        script = ["sh", "-c", SPAWN_SCRIPT, "spawn", str(tmp_path / "log"), "", hold, "", *argv]
+        log = str(tmp_path / "log")
+        script = ["sh", "-c", SPAWN_SCRIPT, "spawn", log, "", hold, "", after, *argv]
         started = time.monotonic()
         # capture_output: this returns only when every holder of the output closed it
         done = subprocess.run(script, env=env, capture_output=True, check=True, timeout=60)
         seconds = time.monotonic() - started
-        return Spawned(marker, done.stdout.decode().strip(), seconds)
+        said, _, rest = done.stdout.decode().partition("\n")
+        spawned = Spawned(marker, said.strip(), seconds)
+        spawned.printed = rest.encode()
+        return spawned
 
     yield run
     for marker in markers:
@@ -85,6 +91,65 @@ def test_the_spawn_returns_when_the_runtime_ends_before_it_is_up(spawn) -> None:
     assert got.seconds < 20
     assert not got.alive()
     assert got.await_end(0) == 0
+
+
+ANNOUNCE = (
+    "import sys, time; sys.path.insert(0, sys.argv[1]);"
+    "from gateway.hub.runtime import announce_up, take_up_fd;"
+    "fd = take_up_fd(); time.sleep(float(sys.argv[2])); announce_up(fd);"
+    "print('runtime log line', flush=True); time.sleep(float(sys.argv[3]))"
+)
+
+
+def held_spawn(
+    tmp_path: Path, marker: str, up_after: float, end_after: float
+) -> subprocess.Popen[bytes]:
+    """The k8s provider's one exec a run: spawn, say "up", stay open until the runtime ended."""
+    env = {**os.environ, "NARRATIVE_EXEC_ID": marker}
+    log = str(tmp_path / "log")
+    after = f"echo log:; cat {log}"
+    runtime = [sys.executable, "-I", "-c", ANNOUNCE, str(REPO), str(up_after), str(end_after)]
+    script = ["sh", "-c", SPAWN_SCRIPT, "spawn", log, "", "30", "", after, *runtime]
+    return subprocess.Popen(script, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_a_held_spawn_says_up_then_stays_open_until_the_runtime_ended_and_reads_its_log(
+    tmp_path: Path,
+) -> None:
+    """The runtime holds the FIFO's write end until it exits (announce_up keeps it): the exec
+    prints ``up`` at once, then, only after the runtime's end, the cue and its whole log."""
+    marker = secrets.token_hex(12)
+    started = time.monotonic()
+    proc = held_spawn(tmp_path, marker, 0.2, 2.0)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"up\n"
+        said_at = time.monotonic() - started
+        assert Spawned(marker, "up", 0).alive()  # "up" came while it runs
+        rest, _ = proc.communicate(timeout=60)
+        ended_at = time.monotonic() - started
+    finally:
+        proc.kill()
+        subprocess.run(["sh", "-c", SIGNAL_PID_SCRIPT, marker, "KILL"], check=False)
+    assert rest == f"{END_CUE}\nlog:\nruntime log line\n".encode()
+    assert ended_at - said_at >= 1.5  # it waited for the end, not for a hold
+    assert not Spawned(marker, "", 0).alive()
+
+
+def test_a_held_spawn_whose_runtime_lets_go_of_its_fifo_early_still_waits_for_its_end(
+    spawn,
+) -> None:
+    """An older runtime closes the FIFO once it said "up": the exec still waits until the
+    process is gone (its recorded pid), so an end is never reported early."""
+    early = (
+        "import os, sys, time; fd = int(os.environ['NARRATIVE_UP_FD']);"
+        "os.write(fd, b'up\\n'); os.close(fd); time.sleep(1.5)"
+    )
+    got = spawn([sys.executable, "-I", "-c", early], "30", "echo read")
+    assert got.said == "up"
+    assert got.printed == f"{END_CUE}\nread\n".encode()
+    assert got.seconds >= 1.4
+    assert not got.alive()
 
 
 def test_a_runtime_that_never_says_so_is_held_no_longer_than_the_hold(spawn) -> None:
