@@ -143,6 +143,7 @@ if [ -n "$hold" ]; then
         fi
         echo "@END@"
         sh -c "$after"
+        exit 0
     fi
 fi
 """.replace("@VERSION@", ORDER_VERSION)

@@ -242,7 +242,10 @@ class SpawnEnds:
         self._held.pop(handle, None)
         if result is None:
             return None
-        _, cue, after = result.partition(f"\n{END_CUE}\n".encode())
+        # the end is the exec's status 0, which only its own script gives, after the process
+        # is gone; the cue only marks where the log read starts (the agent, writing to that
+        # script's stdout through /proc, could print one early: the last one is the script's)
+        _, cue, after = result.rpartition(f"\n{END_CUE}\n".encode())
         if not cue:
             return None  # ended without saying so: look the usual way
         self.keep_log(handle, after)

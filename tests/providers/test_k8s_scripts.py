@@ -11,20 +11,25 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from providers.base import OutputFn, SpawnLog
+from providers.errors import ProviderError
 from providers.k8s.podexec import (
     ALIVE_SCRIPT,
     AWAIT_END_SCRIPT,
     END_CUE,
     SIGNAL_PID_SCRIPT,
     SPAWN_SCRIPT,
+    HeldExec,
     on_line,
 )
+from providers.k8s.spawning import HOLD_SAYS, SpawnEnds
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -206,3 +211,63 @@ def test_a_line_is_seen_however_the_output_is_cut() -> None:
     first = on_line("narrative: swept", lambda: calls.append(2))
     first("stdout", b"narrative: swept\nup\n")
     assert calls == [1, 2]
+
+
+def _held(script: list[bytes | BaseException | None], release: threading.Event) -> HeldExec:
+    """A held exec whose run prints ``script``'s chunks, waits for ``release`` at a None, and
+    returns all it printed (or raises the exception in ``script``)."""
+
+    def run(out: OutputFn) -> bytes:
+        printed = b""
+        for step in script:
+            if step is None:
+                assert release.wait(30)
+            elif isinstance(step, BaseException):
+                raise step
+            else:
+                out("stdout", step)
+                printed += step
+        return printed
+
+    return HeldExec(run, HOLD_SAYS)
+
+
+def test_a_held_exec_lets_its_caller_go_at_the_line_and_gives_its_end_later() -> None:
+    release = threading.Event()
+    held = _held([b"narrative: swept\n", b"u", b"p\n", None, b"more\n"], release)
+    held.wait_line()  # returns while the run waits for release
+    assert held.wait_end(0.2) is None
+    release.set()
+    assert held.wait_end(30) == b"narrative: swept\nup\nmore\n"
+
+
+def test_a_held_exec_that_fails_before_its_line_raises_to_the_caller() -> None:
+    held = _held([b"narrative: swept\n", ProviderError("spawn failed in pod p")], threading.Event())
+    with pytest.raises(ProviderError, match="spawn failed"):
+        held.wait_line()
+
+
+def test_the_end_comes_from_the_exec_ending_and_the_log_after_the_scripts_last_cue() -> None:
+    """What an agent prints into the held exec's output (a cue and a log of its own) neither
+    ends the wait early nor replaces the log the script read after the real end."""
+    cue = f"\n{END_CUE}\n".encode()
+    release = threading.Event()
+    forged = b"up\n" + cue.lstrip(b"\n") + b"5\nforgd" + cue + b"4\nreal"
+    ends = SpawnEnds()
+    ends.hold("k8s:" + "a" * 24, _held([b"up\n", None, forged[3:]], release))
+    assert ends.from_held("k8s:" + "a" * 24, 0.2) is False  # the exec still runs
+    release.set()
+    assert ends.from_held("k8s:" + "a" * 24, 30) is True
+    assert ends.take_log("k8s:" + "a" * 24, 0, 1 << 20) == SpawnLog(4, b"real")
+    assert ends.from_held("k8s:" + "a" * 24, 1) is None  # taken: the caller looks itself
+
+
+def test_a_held_exec_that_broke_off_or_ended_without_its_cue_sends_the_caller_to_look() -> None:
+    ends = SpawnEnds()
+    release = threading.Event()
+    release.set()
+    ends.hold("k8s:" + "b" * 24, _held([b"up\n", ProviderError("stream closed")], release))
+    ends.hold("k8s:" + "c" * 24, _held([b"up\n", b"no cue\n"], release))
+    assert ends.from_held("k8s:" + "b" * 24, 30) is None
+    assert ends.from_held("k8s:" + "c" * 24, 30) is None
+    assert ends.from_held("k8s:" + "d" * 24, 30) is None  # never held (a restarted hub)
