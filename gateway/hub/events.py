@@ -76,7 +76,13 @@ class RunEventLog:
 
     def read_new(self) -> list[dict[str, Any]]:
         """The events appended since the last call (only whole lines; a follower polls this
-        without reading the log from the start each time)."""
+        without reading the log from the start each time, nor opening it while it did not
+        grow: fifty runs followed at once are fifty polls every few hundredths of a second)."""
+        try:
+            if os.stat(self.path).st_size <= self._offset:
+                return []
+        except FileNotFoundError:
+            return []
         data, self._offset = self._bytes_from(self._offset)
         return _parse(data)
 
