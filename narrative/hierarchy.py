@@ -117,7 +117,7 @@ def get_objective(store: Store, objective_id: str) -> Objective:
 
 
 def list_objectives(store: Store) -> list[Objective]:
-    objectives = [Objective.from_dict(r) for r in store.meta.all("objectives")]
+    objectives = store.meta.decoded("objectives", Objective.from_dict)
     return sorted(objectives, key=lambda o: (o.created_at, o.id))
 
 
@@ -168,7 +168,7 @@ def get_thread(store: Store, thread_id: str) -> Thread:
 
 
 def list_threads(store: Store, objective_id: str | None = None) -> list[Thread]:
-    threads = [Thread.from_dict(r) for r in store.meta.all("threads")]
+    threads = store.meta.decoded("threads", Thread.from_dict)
     threads.sort(key=lambda t: (t.created_at, t.id))
     return [t for t in threads if objective_id is None or t.objective_id == objective_id]
 
@@ -256,7 +256,7 @@ def get_run(store: Store, run_id: str) -> AgentRun:
 
 
 def list_runs(store: Store, thread_id: str | None = None) -> list[AgentRun]:
-    runs = [AgentRun.from_dict(r) for r in store.meta.all("runs")]
+    runs = store.meta.decoded("runs", AgentRun.from_dict)
     runs.sort(key=lambda r: (r.started_at, r.id))
     return [r for r in runs if thread_id is None or r.thread_id == thread_id]
 

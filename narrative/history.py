@@ -8,7 +8,7 @@ snapshots themselves is :mod:`narrative.commits`.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .commits import snapshot_at, snapshot_ids
 from .errors import AmbiguousId, InvalidInput, SnapshotNotFound
@@ -91,7 +91,11 @@ _REMOTES_PREFIX = "refs/narrative/remotes/"
 
 
 def _thread_names(store: Store) -> dict[str, str]:
-    return {str(r["id"]): str(r.get("name", "")) for r in store.meta.all("threads")}
+    return dict(store.meta.decoded("threads", _id_and_name))
+
+
+def _id_and_name(record: dict[str, Any]) -> tuple[str, str]:
+    return str(record["id"]), str(record.get("name", ""))
 
 
 def _remote_thread_head(store: Store, ref: str) -> bytes | None:

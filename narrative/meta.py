@@ -14,6 +14,7 @@ ref, a bundle carries the whole hierarchy with it.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -27,6 +28,7 @@ from .objects import (
     Signature,
     encode_commit,
     encode_tree,
+    hash_object,
     parse_commit,
     parse_tree,
 )
@@ -35,7 +37,9 @@ from .refs import RefStore
 
 TYPE_CHECKING = False  # typing's, without importing typing at run time (~3 ms a process)
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
 
 __all__ = ["META_REF", "RECORD_KINDS", "MetaStore"]
 
@@ -43,6 +47,11 @@ META_REF = "refs/narrative/meta"
 RECORD_KINDS = ("objectives", "threads", "runs")
 _IDENTITY = ("narrative", "narrative@localhost")
 _MAX_ATTEMPTS = 50
+_DECODED_KEPT = 50_000
+"""Decoded records kept per store (a few tens of MB at most): a hub lists a store's runs for
+every run it starts, so each version of a record is decoded once, not once per listing."""
+_TREES_KEPT = 16
+"""Parsed record trees kept (``runs/`` of a store with 10,000 runs: ~10k entries)."""
 if TYPE_CHECKING:
     _Change = Callable[[dict[str, Any] | None], dict[str, Any] | None]
 
@@ -59,6 +68,10 @@ class MetaStore:
         self.odb = odb
         self.refs = refs
         self._writer_lock = writer_lock
+        # Both keyed by object id: an object's content never changes, so neither can go stale.
+        self._decoded: dict[tuple[bytes, object], object] = {}
+        self._trees: dict[bytes, dict[bytes, bytes]] = {}
+        self._cache_lock = threading.Lock()
 
     def _head(self) -> tuple[bytes | None, dict[bytes, bytes]]:
         """Current meta commit and its root tree entries (name → subtree oid)."""
@@ -72,11 +85,22 @@ class MetaStore:
         return head, {name: oid for name, _mode, oid in parse_tree(tdata)}
 
     def _subtree(self, root: dict[bytes, bytes], kind: str) -> dict[bytes, bytes]:
+        """The record name → blob id entries of ``kind`` (a copy: callers change it)."""
         oid = root.get(kind.encode())
         if oid is None:
             return {}
-        _, data = self.odb.read(oid)
-        return {name: boid for name, _mode, boid in parse_tree(data)}
+        entries = self._trees.get(oid)
+        if entries is None:
+            _, data = self.odb.read(oid)
+            entries = {name: boid for name, _mode, boid in parse_tree(data)}
+            self._keep(self._trees, oid, entries, _TREES_KEPT)
+        return dict(entries)
+
+    def _keep(self, cache: dict[Any, Any], key: Any, value: Any, most: int) -> None:
+        with self._cache_lock:
+            cache[key] = value
+            while len(cache) > most:  # the oldest first
+                cache.pop(next(iter(cache)))
 
     def _decode(self, oid: bytes, name: bytes) -> dict[str, Any]:
         _, data = self.odb.read(oid)
@@ -100,6 +124,23 @@ class MetaStore:
         _, root = self._head()
         sub = self._subtree(root, kind)
         return [self._decode(sub[name], name) for name in sorted(sub)]
+
+    def decoded(self, kind: str, decode: Callable[[dict[str, Any]], T]) -> list[T]:
+        """Every record of ``kind`` as ``decode`` makes it, in id order. What ``decode`` made
+        of a record is kept by the record's content (its blob id) and handed out again, so it
+        must be immutable (the models' frozen dataclasses); a record that changed is a new
+        blob, decoded anew."""
+        _, root = self._head()
+        sub = self._subtree(root, kind)
+        out = []
+        for name in sorted(sub):
+            key = (sub[name], decode)
+            value = self._decoded.get(key)
+            if value is None:
+                value = decode(self._decode(sub[name], name))
+                self._keep(self._decoded, key, value, _DECODED_KEPT)
+            out.append(value)
+        return out  # type: ignore[return-value]
 
     def ids(self, kind: str) -> list[str]:
         """Ids of every record of ``kind`` without reading the records."""
@@ -140,8 +181,11 @@ class MetaStore:
                         results[(kind, ident)] = new
                         if new is None:
                             sub.pop(name, None)
-                        elif new != current:
-                            blob = json.dumps(new, sort_keys=True, indent=1).encode() + b"\n"
+                            continue
+                        # compared as stored, not with ``current``: a change function may
+                        # have edited ``current`` in place and returned it
+                        blob = json.dumps(new, sort_keys=True, indent=1).encode() + b"\n"
+                        if hash_object("blob", blob) != sub.get(name):
                             sub[name] = self.odb.write_loose("blob", blob)
                     if sub == before:
                         continue
