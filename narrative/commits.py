@@ -6,6 +6,8 @@ Names (prefixes, thread names, ``origin/main``, run ids) are :mod:`narrative.his
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -122,10 +124,61 @@ def all_snapshots(store: Store) -> Iterator[Snapshot]:
 
 def snapshot_ids(store: Store) -> Iterator[tuple[str, bytes]]:
     """``(snapshot id, commit)`` of every snapshot :func:`all_snapshots` yields, in its order,
-    without decoding the snapshots (resolving a name scans them all)."""
-    for link, _parent in _all_links(store):
-        assert link.snapshot_id is not None  # _chain yields snapshot commits only
-        yield link.snapshot_id, link.oid
+    without decoding the snapshots (resolving a name scans them all). Read through the store's
+    :class:`_SnapshotIndex`: a long-lived process (a hub resolving a snapshot for every run)
+    reads only what was added since it last asked."""
+    with _INDEXES_LOCK:
+        index = _INDEXES.get(store)
+        if index is None:
+            index = _INDEXES[store] = _SnapshotIndex()
+    yield from index.entries(store)
+
+
+class _SnapshotIndex:
+    """Each thread's ``(snapshot id, commit)`` pairs, newest first, with the head they were
+    read from. A thread whose head moved is read from its new head down to the old one when it
+    only grew (a snapshot taken, a result merged), else (reset, rewritten) again whole; a
+    thread gone is dropped. Snapshot commits never change: a pair read once stays true as long
+    as its thread's head still leads to it, which the old head being met on the way proves."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._threads: dict[str, tuple[bytes, list[tuple[str, bytes]]]] = {}
+
+    def entries(self, store: Store) -> list[tuple[str, bytes]]:
+        heads = store.thread_heads()
+        out: list[tuple[str, bytes]] = []
+        with self._lock:
+            for gone in self._threads.keys() - heads.keys():
+                del self._threads[gone]
+            # thread by thread, as _all_links: chains of two threads never share a commit (each
+            # commit names its one thread, and a chain stops at the first that names another)
+            for thread_id, head in sorted(heads.items()):
+                kept = self._threads.get(thread_id)
+                if kept is None or kept[0] != head:
+                    kept = (head, self._read(store, thread_id, head, kept))
+                    self._threads[thread_id] = kept
+                out.extend(kept[1])
+        return out
+
+    @staticmethod
+    def _read(
+        store: Store,
+        thread_id: str,
+        head: bytes,
+        kept: tuple[bytes, list[tuple[str, bytes]]] | None,
+    ) -> list[tuple[str, bytes]]:
+        new: list[tuple[str, bytes]] = []
+        for link, _parent in _chain(store, thread_id, head):
+            if kept is not None and link.oid == kept[0]:
+                return new + kept[1]  # it only grew: the rest is what was read before
+            assert link.snapshot_id is not None  # _chain yields snapshot commits only
+            new.append((link.snapshot_id, link.oid))
+        return new
+
+
+_INDEXES: weakref.WeakKeyDictionary[Store, _SnapshotIndex] = weakref.WeakKeyDictionary()
+_INDEXES_LOCK = threading.Lock()
 
 
 def snapshot_by_id(store: Store, snapshot_id: str) -> Snapshot:
