@@ -56,11 +56,14 @@ _MODELS: dict[str, Callable[[dict[str, Any]], Any]] = {
 _MAX_RECORD = 1 << 20
 
 
-def collect_records(store: Store, thread_ids: Iterable[str]) -> Records:
-    """Records for ``thread_ids``, the threads they fork from, their objectives and runs."""
+def collect_records(store: Store, thread_ids: Iterable[str], *, fork_runs: bool = True) -> Records:
+    """Records for ``thread_ids``, the threads they fork from, their objectives and runs;
+    without ``fork_runs``, only the runs of ``thread_ids`` themselves (a runtime restoring a
+    run's base needs none of the thousands of runs its user's main thread may hold)."""
     threads = {t.id: t for t in list_threads(store)}
+    asked = {t for t in thread_ids if t in threads}
     wanted: set[str] = set()
-    todo = [t for t in thread_ids if t in threads]
+    todo = sorted(asked)
     while todo:
         tid = todo.pop()
         if tid in wanted:
@@ -75,7 +78,11 @@ def collect_records(store: Store, thread_ids: Iterable[str]) -> Records:
     return {
         "objectives": {o.id: o.to_dict() for o in list_objectives(store) if o.id in objectives},
         "threads": {t: threads[t].to_dict() for t in sorted(wanted)},
-        "runs": {r.id: r.to_dict() for r in list_runs(store) if r.thread_id in wanted},
+        "runs": {
+            r.id: r.to_dict()
+            for r in list_runs(store)
+            if r.thread_id in (wanted if fork_runs else asked)
+        },
     }
 
 

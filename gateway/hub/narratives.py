@@ -6,8 +6,9 @@ that is itself a hub for the next environment passes narratives on:
 
 * ``narrative:prepareBundle`` writes a bundle to a scratch file and answers its id, size and
   sha256. The bundle holds the refs asked for (a snapshot, and/or every thread head the caller
-  does not have), the records of the threads named (with their forks, objectives and runs),
-  and only the objects the caller lacks (``have`` lists commits it holds).
+  does not have), the records of the threads named (with their forks, objectives and runs;
+  ``forkRuns: false``: not the runs of the forks), and only the objects the caller lacks
+  (``have`` lists commits it holds).
 * ``narrative:readBundle`` answers one chunk (base64) at an offset: the caller pulls, so the
   transfer is flow-controlled by the caller and never outruns a frame or a queue.
 * ``narrative:dropBundle`` deletes the scratch file (it also expires after an hour).
@@ -104,7 +105,9 @@ def make_bundle(
     unknown = sorted(set(threads) - known)
     if unknown:
         raise InvalidInput(f"unknown thread {unknown[0]}")
-    meta_commit, meta_objects = encode_records(collect_records(store, threads), int(time.time()))
+    fork_runs = spec.get("forkRuns", True) is not False  # False: the caller wants fewer
+    records = collect_records(store, threads, fork_runs=fork_runs)
+    meta_commit, meta_objects = encode_records(records, int(time.time()))
     digest = hashlib.sha256()
     size = 0
 

@@ -246,7 +246,8 @@ class Runtime(Hub):
             raise Busy(f"{self.environment_id} is running the agent of run {self.run_id}")
         store = self.store
         have = await self.blocking(lambda: have_commits(store))
-        spec = {"snapshot": snapshot, "threads": [thread], "have": have}
+        # the base's thread's runs (a user's main thread may hold thousands) are of no use here
+        spec = {"snapshot": snapshot, "threads": [thread], "have": have, "forkRuns": False}
         imported, size = await fetch_bundle(
             self._call_upstream, store, spec, self.blocking, self.upstream or "hub"
         )
