@@ -196,8 +196,9 @@ class _UsageEnd:
 
         def finish() -> None:
             try:
-                sampler.stop()
+                sampler.stop(wait=False)  # a sample under way ends at the same tick
                 self._usage = _process_usage(meter, measured)
+                sampler.stop()
             except BaseException as exc:  # handed to the caller's thread by result()
                 self._error = exc
 
