@@ -187,8 +187,8 @@ class PhaseClock:
 class _UsageEnd:
     """Stops a run's sampler and reads its meter's last sample on a thread of its own, while
     the result is collected: a meter may wait for its source's next tick (the Docker daemon
-    samples a container once a second: up to 1 s per run otherwise). The reading is asked
-    for at the same moment as before, so it is the same sample."""
+    samples a container once a second: up to 1 s per run otherwise). The reading is still
+    asked for as soon as the command has ended, so it covers the same run."""
 
     def __init__(self, sampler: Sampler, meter: UsageMeter, measured: ProcessUsage | None) -> None:
         self._usage: ProcessUsage | None = None
