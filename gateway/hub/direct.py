@@ -14,6 +14,7 @@ is taken if the environment can still be read.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -130,6 +131,7 @@ def _run_leased(
     status, exit_code, timed_out = "failed", None, False
     result: Snapshot | None = None
     restored = False
+    usage: _UsageEnd | None = None
     clock.lap("start")  # the run and its thread recorded
     process = ProcessUsage(None, None, "CPU and memory not measured (the command never ran)")
     try:
@@ -143,8 +145,7 @@ def _run_leased(
             outcome = manager.exec(record.name, argv, env=env, timeout=timeout, on_output=on_output)
         finally:
             clock.lap("agent")
-            sampler.stop()
-            process = _process_usage(meter, outcome.usage if outcome is not None else None)
+            usage = _UsageEnd(sampler, meter, outcome.usage if outcome is not None else None)
         exit_code, timed_out = outcome.exit_code, outcome.timed_out
         status = "succeeded" if exit_code == 0 and not timed_out else "failed"
     except KeyboardInterrupt:
@@ -153,6 +154,8 @@ def _run_leased(
     finally:
         # no result from an environment that never received the base: it holds another state
         result = _collect(manager, env_name, thread.id, run.id, status) if restored else None
+        if usage is not None:
+            process = usage.result()
         if restored:
             clock.lap("collect")
         screened = screen_result(store, run.id, result.id if result is not None else None)
@@ -179,6 +182,35 @@ class PhaseClock:
         now = time.monotonic()
         self.phases[name] = round(self.phases.get(name, 0.0) + now - self._mark, 3)
         self._mark = now
+
+
+class _UsageEnd:
+    """Stops a run's sampler and reads its meter's last sample on a thread of its own, while
+    the result is collected: a meter may wait for its source's next tick (the Docker daemon
+    samples a container once a second: up to 1 s per run otherwise). The reading is still
+    asked for as soon as the command has ended, so it covers the same run."""
+
+    def __init__(self, sampler: Sampler, meter: UsageMeter, measured: ProcessUsage | None) -> None:
+        self._usage: ProcessUsage | None = None
+        self._error: BaseException | None = None
+
+        def finish() -> None:
+            try:
+                sampler.stop(wait=False)  # a sample under way ends at the same tick
+                self._usage = _process_usage(meter, measured)
+                sampler.stop()
+            except BaseException as exc:  # handed to the caller's thread by result()
+                self._error = exc
+
+        self._thread = threading.Thread(target=finish, name="usage-end", daemon=True)
+        self._thread.start()
+
+    def result(self) -> ProcessUsage:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._usage is not None
+        return self._usage
 
 
 def _process_usage(meter: UsageMeter, measured: ProcessUsage | None) -> ProcessUsage:

@@ -173,12 +173,14 @@ async def record_usage(
     bytes the hub sent and received, the wall time and phases by the hub's clock. Never fails
     the run."""
     if sampler is not None:
-        await asyncio.to_thread(sampler.stop)
+        sampler.stop(wait=False)  # a sample under way overlaps the end reading
     try:
         if meter is not None:
             process = await asyncio.to_thread(meter.finish, handle)
         else:
             process = ProcessUsage(None, None, "CPU and memory not measured (adopted run)")
+        if sampler is not None:
+            await asyncio.to_thread(sampler.stop)
         history = await blocking(events.read)
         received = [e.get("bytes") for e in history if e.get("type") == "result.collected"]
         bytes_back = next((b for b in received if type(b) is int), None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, ClassVar
 
 from ..usage import ProcessUsage, UsageMeter
@@ -25,6 +26,7 @@ class CgroupMeter(UsageMeter):
         super().__init__(measured_by)
         self._api, self._container = api, container
         self._peak: int | None = None
+        self._lock = threading.Lock()  # the sampler's last sample may overlap finish()
         self._cpu_start = self._read()
 
     def _read(self) -> int | None:
@@ -41,7 +43,8 @@ class CgroupMeter(UsageMeter):
             inner = memory.get("stats") or {}
             cache = inner.get("total_inactive_file", inner.get("inactive_file", 0))
             used = usage - cache if isinstance(cache, int) and cache <= usage else usage
-            self._peak = max(self._peak or 0, used)
+            with self._lock:
+                self._peak = max(self._peak or 0, used)
         total = ((stats.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage")
         return total if isinstance(total, int) else None
 
@@ -52,4 +55,5 @@ class CgroupMeter(UsageMeter):
         end = self._read()
         start = self._cpu_start
         cpu = (end - start) / 1e9 if end is not None and start is not None else None
-        return ProcessUsage(cpu, self._peak, self.measured_by)
+        with self._lock:
+            return ProcessUsage(cpu, self._peak, self.measured_by)
