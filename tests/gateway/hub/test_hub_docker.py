@@ -55,6 +55,20 @@ WORKDIR = "/agent"  # outside every mount below
 RUNTIME = [sys.executable, "-I", "-c", RUNTIME_BOOTSTRAP, REPO]
 
 
+@pytest.fixture(autouse=True)
+def _no_container_left(cli: Cli) -> Any:
+    """Whatever a test leaves (it failed, or its point was elsewhere), its environments'
+    containers go with it: they would pile up on the engine, run after run."""
+    yield
+    listed = cli.run("env", "list", "--json", check=False)
+    if listed.returncode != 0:
+        return  # no store: nothing was made
+    names = [item["name"] for item in json.loads(listed.stdout)["items"]]
+    if names:
+        cli.run("env", "delete", *names, check=False)
+    cli.run("env", "sweep", check=False)
+
+
 def runtime_config(image: str) -> list[str]:
     """``--config`` pairs of a container whose runtime is this checkout, mounted read-only."""
     mounts = [
