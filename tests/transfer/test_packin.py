@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from narrative.objects import hash_object
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from tests.conftest import call_in_own_process, git
@@ -198,3 +199,44 @@ def test_pack_expanding_past_the_limit_is_refused(store: Store, tmp_path: Path) 
     assert (
         sorted(os.listdir(store.odb.tmp_dir)) if os.path.isdir(store.odb.tmp_dir) else []
     ) == before
+
+
+def _one_entry_pack(declared: int, stream: bytes) -> bytes:
+    from narrative.packentry import pack_object_header
+
+    body = b"PACK" + (2).to_bytes(4, "big") + (1).to_bytes(4, "big")
+    body += pack_object_header("blob", declared) + stream
+    return body + hashlib.sha1(body).digest()
+
+
+def test_a_padded_stream_longer_than_deflate_makes_is_taken_in(
+    store: Store, tmp_path: Path
+) -> None:
+    """Empty stored blocks make a legal stream longer than the one-read bound of whole
+    objects: it is read on, taken in verbatim, and stock git reads the result."""
+    data = b"padded blob\n"
+    n = len(data)
+    stream = b"\x78\x01" + b"\x00\x00\x00\xff\xff" * 40  # 40 empty stored blocks
+    stream += b"\x01" + n.to_bytes(2, "little") + (n ^ 0xFFFF).to_bytes(2, "little") + data
+    stream += zlib.adler32(data).to_bytes(4, "big")
+    assert zlib.decompress(stream) == data
+    assert len(stream) > len(data) + 5 + 64
+    pack = _one_entry_pack(len(data), stream)
+    oid = hash_object("blob", data)
+    got = receive_pack(io.BytesIO(pack), store.odb)
+    assert got.objects == {oid: "blob"} and got.small[oid] == data
+    got.publish()
+    store.odb.invalidate()
+    assert store.odb.read(oid) == ("blob", data)
+    git("--git-dir", store.git_dir, "fsck", "--strict", "--no-dangling")
+    assert git("--git-dir", store.git_dir, "cat-file", "blob", oid.hex()) == data.decode()
+
+
+@pytest.mark.parametrize("declared", [10, 2000])
+def test_a_stream_not_matching_its_declared_size_is_refused(
+    store: Store, tmp_path: Path, declared: int
+) -> None:
+    pack = _one_entry_pack(declared, zlib.compress(b"z" * 1000, 9))
+    with pytest.raises(PackError, match="declared size"):
+        receive_pack(io.BytesIO(pack), store.odb)
+    assert os.listdir(store.odb.tmp_dir) == []
