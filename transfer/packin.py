@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, BinaryIO, cast
 
-from narrative.fsck import NAME_MAX, long_names, object_problems, tree_links
+from narrative.fsck import NAME_MAX, check_tree, object_problems
 from narrative.objects import hash_object, object_header, parse_commit
 from narrative.odb import ObjectStore, PackWriter, deflate, inflater
 from narrative.packentry import parse_entry_header
@@ -308,20 +308,22 @@ def _apply_delta(base: bytes, delta: bytes, limit: int) -> bytes:
 
 def _links(kind: str, data: bytes, oid: bytes) -> list[bytes]:
     """What a commit or tree points to; PackError if ``git fsck --strict`` would reject it."""
-    problems = object_problems(kind, data)
+    if kind == "tree":
+        problems, links, too_long = check_tree(data)  # one parse, not three
+    else:
+        problems, links, too_long = object_problems(kind, data), [], []
     if problems:
         raise PackError(f"malformed {kind} {oid.hex()}: {'; '.join(problems)}")
     if kind == "commit":
         commit = parse_commit(data)
         return [commit.tree, *commit.parents]
     if kind == "tree":
-        too_long = long_names(data)
         if too_long:
             raise PackError(
                 f"tree {oid.hex()} holds a name of {len(too_long[0])} bytes, longer than file "
                 f"systems allow ({NAME_MAX})"
             )
-        return tree_links(data)
+        return links
     return []
 
 
