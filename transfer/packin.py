@@ -82,9 +82,12 @@ class ReceivedPack:
     small: dict[bytes, bytes]
     """Content of commits, trees and small blobs (metadata records are read from here)."""
     writer: PackWriter
+    trailer: bytes | None = None
+    """The received pack's verified SHA-1 when the writer holds that very pack, byte for byte
+    (every entry copied in order, none skipped): its trailer is then not computed again."""
 
     def publish(self) -> str | None:
-        return self.writer.publish()
+        return self.writer.publish(trailer=self.trailer)
 
     def abort(self) -> None:
         self.writer.abort()
@@ -370,6 +373,9 @@ def receive_pack(
         links: dict[bytes, list[bytes]] = {}
         small: dict[bytes, bytes] = {}
         kept = expanded = 0
+        # whether the writer holds the received pack byte for byte so far (version 2 header,
+        # every entry copied in order: offsets then match, and so does the trailer)
+        verbatim = head[4:8] == struct.pack(">I", 2)
         try:
             offset = 12
             for _ in range(count):
@@ -387,6 +393,7 @@ def receive_pack(
                     oid = digest_blob.digest()
                     reader.by_oid[oid] = offset
                     objects[oid] = "blob"
+                    verbatim = False  # its header is written anew
                     if oid not in writer and not odb.exists(oid):
                         writer.add_stream(
                             "blob", oid, size, cast(IO[bytes], _Slice(spool, data_start, end))
@@ -407,16 +414,18 @@ def receive_pack(
                     kept += len(data)
                 reader.by_oid[oid] = offset
                 objects[oid] = kind
-                if oid not in writer and not odb.exists(oid):
-                    if entry is not None:
-                        # stored whole and verified: copy the entry as it is, no recompression
-                        writer.add_entry(oid, entry)
-                    else:
-                        writer.add(kind, oid, len(data), deflate(data))
+                if oid in writer or odb.exists(oid):
+                    verbatim = False
+                elif entry is not None:
+                    # stored whole and verified: copy the entry as it is, no recompression
+                    writer.add_entry(oid, entry)
+                else:
+                    verbatim = False
+                    writer.add(kind, oid, len(data), deflate(data))
                 offset = end
             if offset != total - 20:
                 raise PackError("unexpected data after the last object")
         except BaseException:
             writer.abort()
             raise
-    return ReceivedPack(objects, links, small, writer)
+    return ReceivedPack(objects, links, small, writer, tail if verbatim else None)

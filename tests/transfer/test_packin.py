@@ -240,3 +240,36 @@ def test_a_stream_not_matching_its_declared_size_is_refused(
     with pytest.raises(PackError, match="declared size"):
         receive_pack(io.BytesIO(pack), store.odb)
     assert os.listdir(store.odb.tmp_dir) == []
+
+
+def test_published_packs_verify_with_git_whether_copied_whole_or_not(
+    store: Store, workspace: Path, tmp_path: Path
+) -> None:
+    """A received pack copied entry for entry keeps its verified trailer; one with objects the
+    store already held (skipped) is hashed anew. Stock git checks both packs' checksums."""
+    (workspace / "a.txt").write_text("a" * 3000)
+    first = take_snapshot(store).snapshot
+    (workspace / "b.txt").write_text("b" * 3000)
+    second = take_snapshot(store).snapshot
+    packs: list[bytes] = []
+    for snap in (first, second):
+        buf = io.BytesIO()
+        write_bundle(store.odb, buf, {"refs/narrative/x": bytes.fromhex(snap.commit)})
+        packs.append(buf.getvalue().split(b"\n\n", 1)[1])
+    other = _other_store(tmp_path)
+    copied = []
+    for pack, tip in ((packs[0], first), (packs[1], second)):  # the second repeats the first
+        got = receive_pack(io.BytesIO(pack), other.odb)
+        copied.append(got.trailer == pack[-20:])
+        got.publish()
+        other.odb.invalidate()
+        other.refs.update("refs/narrative/x", bytes.fromhex(tip.commit))
+    assert copied == [True, False]
+    names = sorted(n for n in _pack_files(other) if n.endswith(".pack"))
+    assert len(names) == 2
+    counts = set()
+    for name in names:
+        out = git("verify-pack", "-v", os.path.join(other.odb.pack_dir, name))
+        counts.add(sum(1 for line in out.splitlines() if len(line.split()[0]) == 40))
+    assert len(counts) == 2  # one pack holds every object, the other only the new ones
+    git("--git-dir", other.git_dir, "fsck", "--strict", "--no-dangling")
