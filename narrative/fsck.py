@@ -22,7 +22,15 @@ from .objects import parse_commit
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["NAME_MAX", "PATH_MAX", "check_store", "long_names", "object_problems", "tree_links"]
+__all__ = [
+    "NAME_MAX",
+    "PATH_MAX",
+    "check_store",
+    "check_tree",
+    "long_names",
+    "object_problems",
+    "tree_links",
+]
 
 NAME_MAX = 255
 """Longest file name (bytes) Linux file systems accept: longer ones could never be restored."""
@@ -59,7 +67,10 @@ def _tree_entries(data: bytes) -> list[tuple[bytes, bytes, bytes]]:
         if space < 0 or nul < 0 or nul + 21 > end:
             raise ValueError("truncated tree entry")
         mode = data[pos:space]
-        if not mode or not mode.isdigit() or any(c > ord("7") for c in mode):
+        # the five valid modes first: the digit scan was a third of a received tree's checks
+        if mode not in _MODES and (
+            not mode or not mode.isdigit() or any(c > ord("7") for c in mode)
+        ):
             raise ValueError(f"bad mode {mode!r}")
         entries.append((mode, data[space + 1 : nul], data[nul + 1 : nul + 21]))
         pos = nul + 21
@@ -71,6 +82,10 @@ def _tree_problems(data: bytes) -> list[str]:
         entries = _tree_entries(data)
     except ValueError as exc:
         return [f"badTree: {exc}"]
+    return _entry_problems(entries)
+
+
+def _entry_problems(entries: list[tuple[bytes, bytes, bytes]]) -> list[str]:
     problems: list[str] = []
     names: set[bytes] = set()
     previous: bytes | None = None
@@ -182,6 +197,21 @@ def object_problems(kind: str, data: bytes) -> list[str]:
     if kind == "blob":
         return []
     return [f"unsupportedType: {kind} objects are not accepted"]
+
+
+def check_tree(data: bytes) -> tuple[list[str], list[bytes], list[bytes]]:
+    """What :func:`object_problems`, :func:`tree_links` and :func:`long_names` say of one tree,
+    from one parse (an import checks every tree it receives); links and names are empty when
+    there are problems."""
+    try:
+        entries = _tree_entries(data)
+    except ValueError as exc:
+        return [f"badTree: {exc}"], [], []
+    problems = _entry_problems(entries)
+    if problems:
+        return problems, [], []
+    links = [oid for mode, _name, oid in entries if mode != _GITLINK]
+    return [], links, [name for _mode, name, _oid in entries if len(name) > NAME_MAX]
 
 
 def long_names(data: bytes) -> list[bytes]:

@@ -202,8 +202,11 @@ class PackWriter:
         unlink_quiet(self._tmp_path)
         unlink_quiet(self._tmp_path + ".idx")
 
-    def publish(self, durable: bool = True) -> str | None:
-        """Finish the pack and move it into the store; returns its name, or None if empty."""
+    def publish(self, durable: bool = True, trailer: bytes | None = None) -> str | None:
+        """Finish the pack and move it into the store; returns its name, or None if empty.
+
+        ``trailer``: the pack's SHA-1, when the caller wrote, byte for byte, a pack whose
+        trailer it verified (a received pack copied whole), so it is not hashed again."""
         if not self._entries:
             self.abort()
             return None
@@ -211,13 +214,16 @@ class PackWriter:
         f.seek(8)
         f.write(struct.pack(">I", len(self._entries)))
         f.flush()
-        # The trailer hashes the whole file, header included, so it is computed after patching
-        # the object count: one sequential re-read, mostly from the page cache.
-        digest = sha1()
-        f.seek(0)
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-        pack_sha = digest.digest()
+        if trailer is not None:
+            pack_sha = trailer
+        else:
+            # The trailer hashes the whole file, header included, so it is computed after
+            # patching the object count: one sequential re-read, mostly from the page cache.
+            digest = sha1()
+            f.seek(0)
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+            pack_sha = digest.digest()
         f.seek(0, os.SEEK_END)
         f.write(pack_sha)
         f.flush()

@@ -100,10 +100,25 @@ def _write_file(
 def _write_all(
     odb: ObjectStore, root: str, items: list[tuple[str, int, bytes]], fresh: bool = False
 ) -> None:
-    for directory in sorted({os.path.dirname(p) for p, _m, _o in items}):
-        if directory:
-            os.makedirs(os.path.join(root, directory), exist_ok=True)
-    _each_in_parallel(items, lambda path, mode, oid: _write_file(odb, root, path, mode, oid, fresh))
+    if not fresh:  # every directory exists before a file of the workspace is replaced
+        for directory in sorted({os.path.dirname(p) for p, _m, _o in items}):
+            if directory:
+                os.makedirs(os.path.join(root, directory), exist_ok=True)
+        _each_in_parallel(items, lambda path, mode, oid: _write_file(odb, root, path, mode, oid))
+        return
+    # An empty target: each directory is made by the worker that first writes into it, so the
+    # mkdirs run in parallel too (an inode cost 0.3-0.8 ms of kernel time on the development
+    # VM: a quick-profile restore's 200 directories were 0.1 s on one thread before any file).
+    made: set[str] = set()
+
+    def write(path: str, mode: int, oid: bytes) -> None:
+        directory = os.path.dirname(path)
+        if directory and directory not in made:
+            os.makedirs(os.path.join(root, directory), exist_ok=True)  # a racing twin is fine
+            made.add(directory)
+        _write_file(odb, root, path, mode, oid, fresh=True)
+
+    _each_in_parallel(items, write)
 
 
 def _each_in_parallel(

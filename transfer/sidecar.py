@@ -14,11 +14,9 @@ artifacts and cannot be published to (:func:`check_artifact_path`).
 from __future__ import annotations
 
 import logging
-import re
 
 from fsspec import AbstractFileSystem
 
-from .errors import ArtifactNotFound, InvalidArtifact
 from .fsio import put_small, read_capped, rm_if_exists
 from .storage_base import (
     LOCK_SUFFIX,
@@ -28,6 +26,7 @@ from .storage_base import (
     redact,
     sidecar_text,
 )
+from .verified_local import HEX64, SIDECAR_LIMIT, not_published, parse_sidecar
 
 __all__ = [
     "HEX64",
@@ -44,10 +43,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-_SIDECAR_LIMIT = 1024
-HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-
-
 def is_bookkeeping(name: str) -> bool:
     """Whether ``name`` is a sidecar, lock, temporary or stale-lock file, never an artifact."""
     return (
@@ -57,34 +52,13 @@ def is_bookkeeping(name: str) -> bool:
     )
 
 
-def _parse_sidecar(raw: bytes, url: str) -> str:
-    shown = redact(url) + SIDECAR_SUFFIX
-    try:
-        text = raw.decode("ascii")
-    except UnicodeDecodeError:
-        raise InvalidArtifact(f"checksum sidecar {shown} is not ASCII text", shown) from None
-    fields = text.split()
-    if not fields or not HEX64.fullmatch(fields[0]):
-        raise InvalidArtifact(f"checksum sidecar {shown} holds no sha256 digest", shown)
-    return fields[0].lower()
-
-
 def read_sidecar(fs: AbstractFileSystem, path: str, url: str) -> str | None:
     """The digest recorded for ``path``, or None when it is not published."""
     try:
-        raw = read_capped(fs, path + SIDECAR_SUFFIX, _SIDECAR_LIMIT, url + SIDECAR_SUFFIX)
+        raw = read_capped(fs, path + SIDECAR_SUFFIX, SIDECAR_LIMIT, url + SIDECAR_SUFFIX)
     except FileNotFoundError:
         return None
-    return _parse_sidecar(raw, url)
-
-
-def not_published(url: str) -> ArtifactNotFound:
-    """The error for an artifact with no sidecar (missing or unpublished)."""
-    shown = redact(url)
-    return ArtifactNotFound(
-        shown,
-        f"artifact {shown} is missing or unpublished (no {SIDECAR_SUFFIX} sidecar)",
-    )
+    return parse_sidecar(raw, url)
 
 
 def unpublish(fs: AbstractFileSystem, side: str) -> bytes | None:

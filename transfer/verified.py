@@ -1,5 +1,6 @@
-"""Reading published artifacts, always against their sidecar: :class:`VerifiedReader` streams
-and checks the digest at the end of the data, :func:`open_verified`, :func:`verify` and
+"""Reading published artifacts, always against their sidecar: :class:`VerifiedReader` (in
+:mod:`transfer.verified_local`) streams and checks the digest at the end of the data,
+:func:`open_verified`, :func:`verify` and
 :func:`read_small` build on it, and :func:`exists`, :func:`location_exists` and
 :func:`list_dir` tell what is published (unpublished data and bookkeeping names never count).
 """
@@ -8,11 +9,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import posixpath
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 from fsspec.asyn import AsyncFileSystem, sync
 from fsspec.callbacks import Callback
@@ -37,10 +37,7 @@ from .sidecar import (
     not_published,
     read_sidecar,
 )
-from .storage_base import Progress
-
-if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
+from .verified_local import VerifiedReader
 
 __all__ = [
     "VerifiedReader",
@@ -59,119 +56,6 @@ _SMALL_READ_WINDOW = 5.0
 machine replaced an index more often than a 0.6 s window allowed."""
 _UNPUBLISHED_ATTEMPTS = 6
 """Reads of a document whose sidecar is missing before it counts as unpublished (~0.6 s)."""
-
-
-class VerifiedReader(io.BufferedIOBase):
-    """A streaming reader that checks the artifact against its sidecar at end of data.
-
-    Not seekable: the digest is computed over the bytes in the order they are read. When a
-    read reaches the end of the data (or the known size), the digest is compared with the
-    sidecar and :class:`~transfer.errors.ChecksumMismatch` is raised on a difference.
-    ``close()`` does the same check if everything was read but the end was never seen.
-    Closing after a partial read does not verify anything.
-    """
-
-    def __init__(
-        self,
-        raw: Any,
-        url: str,
-        expected: str,
-        size: int | None,
-        callback: Progress | None,
-        on_close: Callable[[], None] | None = None,
-    ) -> None:
-        super().__init__()
-        self._on_close = on_close
-        self._raw = raw
-        self._url = url
-        self._expected = expected
-        self._size = size
-        self._callback = callback
-        self._hash = hashlib.sha256()
-        self._pos = 0
-        self._checked = False
-        self._verified = False
-
-    @property
-    def sha256(self) -> str:
-        """The digest the sidecar records."""
-        return self._expected
-
-    @property
-    def size(self) -> int | None:
-        """The object's size in bytes, when the backend reports it."""
-        return self._size
-
-    @property
-    def verified(self) -> bool:
-        """True once the whole content was read and matched the sidecar."""
-        return self._verified
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def tell(self) -> int:
-        return self._pos
-
-    def read(self, size: int | None = -1) -> bytes:
-        """Read up to ``size`` bytes (all remaining when negative or None).
-
-        Raises:
-            ChecksumMismatch: This read reached the end and the content differs.
-            StorageError: The backend failed.
-        """
-        if self.closed:
-            raise ValueError("read of a closed file")
-        whole = size is None or size < 0
-        with translate(self._url, "reading"):
-            data = self._raw.read() if whole else self._raw.read(size)
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        self._hash.update(data)
-        self._pos += len(data)
-        if data and self._callback is not None:
-            self._callback.relative_update(len(data))
-        at_end = whole or (size != 0 and not data) or self._pos == self._size
-        if at_end and not self._checked:
-            self._check()
-        return data
-
-    def read1(self, size: int = -1) -> bytes:
-        return self.read(size if size >= 0 else IO_CHUNK)
-
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.read(view.nbytes)
-        view[: len(data)] = data
-        return len(data)
-
-    def readinto1(self, buffer: WriteableBuffer) -> int:
-        return self.readinto(buffer)
-
-    def _check(self) -> None:
-        self._checked = True  # report a mismatch once, not again on close
-        actual = self._hash.hexdigest()
-        if actual != self._expected:
-            raise ChecksumMismatch(redact(self._url), self._expected, actual)
-        self._verified = True
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        try:
-            if not self._checked and self._size is not None and self._pos == self._size:
-                self._check()
-        finally:
-            try:
-                with translate(self._url, "closing"):
-                    self._raw.close()
-            finally:
-                if self._on_close is not None:
-                    self._on_close()
-                super().close()
 
 
 class _SingleGet:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from narrative.objects import hash_object
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from tests.conftest import call_in_own_process, git
@@ -198,3 +199,77 @@ def test_pack_expanding_past_the_limit_is_refused(store: Store, tmp_path: Path) 
     assert (
         sorted(os.listdir(store.odb.tmp_dir)) if os.path.isdir(store.odb.tmp_dir) else []
     ) == before
+
+
+def _one_entry_pack(declared: int, stream: bytes) -> bytes:
+    from narrative.packentry import pack_object_header
+
+    body = b"PACK" + (2).to_bytes(4, "big") + (1).to_bytes(4, "big")
+    body += pack_object_header("blob", declared) + stream
+    return body + hashlib.sha1(body).digest()
+
+
+def test_a_padded_stream_longer_than_deflate_makes_is_taken_in(
+    store: Store, tmp_path: Path
+) -> None:
+    """Empty stored blocks make a legal stream longer than the one-read bound of whole
+    objects: it is read on, taken in verbatim, and stock git reads the result."""
+    data = b"padded blob\n"
+    n = len(data)
+    stream = b"\x78\x01" + b"\x00\x00\x00\xff\xff" * 40  # 40 empty stored blocks
+    stream += b"\x01" + n.to_bytes(2, "little") + (n ^ 0xFFFF).to_bytes(2, "little") + data
+    stream += zlib.adler32(data).to_bytes(4, "big")
+    assert zlib.decompress(stream) == data
+    assert len(stream) > len(data) + 5 + 64
+    pack = _one_entry_pack(len(data), stream)
+    oid = hash_object("blob", data)
+    got = receive_pack(io.BytesIO(pack), store.odb)
+    assert got.objects == {oid: "blob"} and got.small[oid] == data
+    got.publish()
+    store.odb.invalidate()
+    assert store.odb.read(oid) == ("blob", data)
+    git("--git-dir", store.git_dir, "fsck", "--strict", "--no-dangling")
+    assert git("--git-dir", store.git_dir, "cat-file", "blob", oid.hex()) == data.decode()
+
+
+@pytest.mark.parametrize("declared", [10, 2000])
+def test_a_stream_not_matching_its_declared_size_is_refused(
+    store: Store, tmp_path: Path, declared: int
+) -> None:
+    pack = _one_entry_pack(declared, zlib.compress(b"z" * 1000, 9))
+    with pytest.raises(PackError, match="declared size"):
+        receive_pack(io.BytesIO(pack), store.odb)
+    assert os.listdir(store.odb.tmp_dir) == []
+
+
+def test_published_packs_verify_with_git_whether_copied_whole_or_not(
+    store: Store, workspace: Path, tmp_path: Path
+) -> None:
+    """A received pack copied entry for entry keeps its verified trailer; one with objects the
+    store already held (skipped) is hashed anew. Stock git checks both packs' checksums."""
+    (workspace / "a.txt").write_text("a" * 3000)
+    first = take_snapshot(store).snapshot
+    (workspace / "b.txt").write_text("b" * 3000)
+    second = take_snapshot(store).snapshot
+    packs: list[bytes] = []
+    for snap in (first, second):
+        buf = io.BytesIO()
+        write_bundle(store.odb, buf, {"refs/narrative/x": bytes.fromhex(snap.commit)})
+        packs.append(buf.getvalue().split(b"\n\n", 1)[1])
+    other = _other_store(tmp_path)
+    copied = []
+    for pack, tip in ((packs[0], first), (packs[1], second)):  # the second repeats the first
+        got = receive_pack(io.BytesIO(pack), other.odb)
+        copied.append(got.trailer == pack[-20:])
+        got.publish()
+        other.odb.invalidate()
+        other.refs.update("refs/narrative/x", bytes.fromhex(tip.commit))
+    assert copied == [True, False]
+    names = sorted(n for n in _pack_files(other) if n.endswith(".pack"))
+    assert len(names) == 2
+    counts = set()
+    for name in names:
+        out = git("verify-pack", "-v", os.path.join(other.odb.pack_dir, name))
+        counts.add(sum(1 for line in out.splitlines() if len(line.split()[0]) == 40))
+    assert len(counts) == 2  # one pack holds every object, the other only the new ones
+    git("--git-dir", other.git_dir, "fsck", "--strict", "--no-dangling")
