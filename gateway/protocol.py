@@ -399,9 +399,6 @@ M = TypeVar("M", bound=BaseModel)
 #: model class -> its fields in order, each with its default and whether that default must be
 #: made afresh for each message (a factory or a mutable container, as pydantic does)
 _PLANS: dict[type[BaseModel], tuple[tuple[str, Any, bool], ...]] = {}
-#: model class -> (its fields but ``type``, its ``type``): when a caller gives exactly those,
-#: the message is that ``type`` and the fields as given (the hot path: replies and legs)
-_FULL: dict[type[BaseModel], tuple[frozenset[str], Any]] = {}
 
 
 def _plan(cls: type[BaseModel]) -> tuple[tuple[str, Any, bool], ...]:
@@ -414,8 +411,6 @@ def _plan(cls: type[BaseModel]) -> tuple[tuple[str, Any, bool], ...]:
         for name, info in cls.model_fields.items()
     )
     _PLANS[cls] = plan
-    if plan and plan[0][0] == "type":
-        _FULL[cls] = (frozenset(name for name, _, _ in plan[1:]), plan[0][1])
     return plan
 
 
@@ -425,18 +420,12 @@ def trusted(cls: type[M], **fields: Any) -> M:
     path). Never use it for data that came from outside.
     """
     plan = _PLANS.get(cls) or _plan(cls)
-    full = _FULL.get(cls)
-    if full is not None and fields.keys() == full[0]:
-        data = {"type": full[1], **fields}
-    else:
-        data = {
-            name: fields[name]
-            if name in fields
-            else (
-                cls.model_fields[name].get_default(call_default_factory=True) if fresh else default
-            )
-            for name, default, fresh in plan
-        }
+    data = {
+        name: fields[name]
+        if name in fields
+        else (cls.model_fields[name].get_default(call_default_factory=True) if fresh else default)
+        for name, default, fresh in plan
+    }
     message = cls.__new__(cls)
     object.__setattr__(message, "__dict__", data)
     object.__setattr__(message, "__pydantic_fields_set__", set(fields))
