@@ -24,7 +24,6 @@ so the caller can answer with an error reply instead of dropping the frame.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -64,7 +63,6 @@ __all__ = [
     "Welcome",
     "check_sender",
     "dump",
-    "own_request",
     "parse_message",
     "trusted",
 ]
@@ -432,76 +430,6 @@ def trusted(cls: type[M], **fields: Any) -> M:
     object.__setattr__(message, "__pydantic_extra__", None)
     object.__setattr__(message, "__pydantic_private__", None)
     return message
-
-
-# fullmatch: the whole string, as pydantic's (Rust) regex reads ``^...$``; Python's ``$`` alone
-# would also match before a final newline
-_ENV_ID_RE = re.compile(ENV_ID_PATTERN)
-_NAME_RE = re.compile(_NAME_PATTERN)
-_MAX_TIMEOUT_MS = 86_400_000
-
-
-def _env_id_ok(value: object) -> bool:
-    return type(value) is str and _ENV_ID_RE.fullmatch(value) is not None
-
-
-def own_request(
-    request_id: str,
-    kind: object,
-    action: object,
-    payload: object,
-    route_path: object,
-    origin_runtime: object,
-    origin_env: object,
-    timeout_ms: object,
-    target: object,
-) -> Request:
-    """The :class:`Request` for a call made in this process (``request_id`` is this node's
-    own), checked by plain comparisons instead of a full validation: the call per request on the
-    caller's side. Arguments that a plain check does not accept go through pydantic, which
-    raises the usual ``ValidationError`` (or accepts what it would always have accepted).
-    """
-    if (
-        type(kind) is str
-        and _NAME_RE.fullmatch(kind) is not None
-        and type(action) is str
-        and _NAME_RE.fullmatch(action) is not None
-        and type(payload) is dict
-        and all(type(k) is str for k in payload)
-        and type(route_path) is list
-        and len(route_path) <= 64
-        and all(_env_id_ok(p) for p in route_path)
-        and _env_id_ok(origin_runtime)
-        and _env_id_ok(origin_env)
-        and type(timeout_ms) is int
-        and 0 < timeout_ms <= _MAX_TIMEOUT_MS
-        and (target is None or _env_id_ok(target))
-    ):
-        return trusted(
-            Request,
-            requestId=request_id,
-            originalType=kind,
-            originalAction=action,
-            originalMessage=dict(payload),  # a copy, as validation makes
-            routePath=list(route_path),
-            originRuntimeId=origin_runtime,
-            originEnvironmentId=origin_env,
-            parentRuntimeId=None,
-            parentEnvironmentId=None,
-            timeoutMs=timeout_ms,
-            target=target,
-        )
-    return Request(
-        requestId=request_id,
-        originalType=kind,
-        originalAction=action,
-        originalMessage=payload,
-        routePath=route_path,
-        originRuntimeId=origin_runtime,
-        originEnvironmentId=origin_env,
-        timeoutMs=timeout_ms,
-        target=target,
-    )
 
 
 def check_sender(peer: str, request: Request) -> None:

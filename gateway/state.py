@@ -51,16 +51,7 @@ from .errors import (
     Unavailable,
 )
 from .limits import Limits
-from .protocol import (
-    Cancel,
-    Notification,
-    Partial,
-    Reply,
-    Request,
-    check_sender,
-    own_request,
-    trusted,
-)
+from .protocol import Cancel, Notification, Partial, Reply, Request, check_sender, trusted
 from .router import Decision, Router
 
 __all__ = ["GatewayState"]
@@ -227,16 +218,16 @@ class GatewayState:
         budget = self.limits.execution_timeout if timeout is None else timeout
         path = route_path or []
         try:
-            request = own_request(
-                self.new_id(),
-                kind,
-                action,
-                payload,
-                path,
-                self.runtime_id,
-                path[0] if path else self.environment_id,
-                max(1, int(budget * 1000)),
-                target,
+            request = Request(
+                requestId=self.new_id(),
+                originalType=kind,
+                originalAction=action,
+                originalMessage=payload,
+                routePath=path,
+                originRuntimeId=self.runtime_id,
+                originEnvironmentId=path[0] if path else self.environment_id,
+                timeoutMs=max(1, int(budget * 1000)),
+                target=target,
             )
         except ValidationError as exc:  # the caller's own arguments: say which one is wrong
             problem = validation_problem(exc)
