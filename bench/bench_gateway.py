@@ -8,7 +8,9 @@ figures are the gateway's own cost: envelope, validation, routing, handler task,
 
 Scenarios (targets from issue 5):
 
-* ``latency``: sequential request/reply, one hop; p50 ≤ 1.5x raw echo p50 (p99 reported).
+* ``latency``: sequential request/reply, one hop; p50 ≤ 1.5x raw echo p50 (p99 reported, and
+  the CPU time per call of all the side's processes, client and servers: on a loaded machine
+  the p50 is mostly waiting for a core, the CPU time is not).
 * ``throughput``: 64 requests in flight; rate ≥ 0.4x the raw echo's pipelined rate.
 * ``chain``: a 3-hop linear chain (client → A → B → C, handler at C); p50 ≤ 3.5x raw one-hop
   echo p50.
@@ -241,17 +243,31 @@ def run_latency(servers: Servers, reps: int, n: int, chain: bool) -> Row:
     row = Row(key, SCENARIOS[key], "p50 ≤ 3.5x" if chain else "p50 ≤ 1.5x")
     echo = servers.echo()
     ours = servers.chain() if chain else servers.gateway("hub")
+    ours_procs = [s for s in servers.started if s is not echo]
     token = servers.token()
     p50o, p50a, p99o, p99a = [], [], [], []
+    # CPU time per call of every process of a side (this client + its servers): steadier than
+    # wall-clock latency on a shared machine, where waiting for a core dominates the p50
+    cpu_o: list[float] = []
+    cpu_a: list[float] = []
+
+    def cpu_of(procs: list[Server]) -> float:
+        return time.process_time() + sum(p.cpu_seconds() for p in procs)
+
+    calls = n + min(200, n)  # timed() warms up with 200 calls first
     for rep in range(reps):
         order = ["ours", "anchor"] if rep % 2 == 0 else ["anchor", "ours"]
         for side in order:
             if side == "ours":
+                c0 = cpu_of(ours_procs)
                 s = asyncio.run(ours_latency(ours.url, token, n))
+                cpu_o.append((cpu_of(ours_procs) - c0) / calls)
                 p50o.append(pct(s, 0.5))
                 p99o.append(pct(s, 0.99))
             else:
+                c0 = cpu_of([echo])
                 s = asyncio.run(raw_latency(echo.url, n))
+                cpu_a.append((cpu_of([echo]) - c0) / calls)
                 p50a.append(pct(s, 0.5))
                 p99a.append(pct(s, 0.99))
         log(f"  rep {rep + 1}: ours p50 {p50o[-1] * 1e3:.3f} ms, raw p50 {p50a[-1] * 1e3:.3f} ms")
@@ -260,6 +276,8 @@ def run_latency(servers: Servers, reps: int, n: int, chain: bool) -> Row:
     row.extra = {
         "ours_p99_ms": statistics.median(p99o) * 1e3,
         "anchor_p99_ms": statistics.median(p99a) * 1e3,
+        "ours_cpu_us_per_call": statistics.median(cpu_o) * 1e6,
+        "anchor_cpu_us_per_call": statistics.median(cpu_a) * 1e6,
     }
     row.ratio = statistics.median(p50o) / statistics.median(p50a)
     row.ok = row.ratio <= (3.5 if chain else 1.5)
@@ -347,6 +365,9 @@ def render(rows: list[Row], header: str) -> str:
             o50, a50 = statistics.median(r.ours) * 1e3, statistics.median(r.anchor) * 1e3
             o = f"p50 {o50:.3f} ms, p99 {r.extra['ours_p99_ms']:.3f} ms"
             a = f"p50 {a50:.3f} ms, p99 {r.extra['anchor_p99_ms']:.3f} ms"
+            if "ours_cpu_us_per_call" in r.extra:  # all processes of the side, per call
+                o += f", CPU {r.extra['ours_cpu_us_per_call']:.0f} µs/call"
+                a += f", CPU {r.extra['anchor_cpu_us_per_call']:.0f} µs/call"
             if r.key == "chain":
                 a += " (one hop)"
         elif r.key == "throughput":
