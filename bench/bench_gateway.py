@@ -12,7 +12,7 @@ Scenarios (targets from issue 5):
   the CPU time per call of all the side's processes, client and servers: on a loaded machine
   the p50 is mostly waiting for a core, the CPU time is not).
 * ``throughput``: 64 requests in flight; rate ≥ 0.4x the raw echo's pipelined rate.
-* ``chain``: a 3-hop linear chain (client → A → B → C, handler at C); p50 ≤ 3.5x raw one-hop
+* ``chain``: a 3-hop linear chain (client → A → B → C, handler at C); p50 ≤ 4x raw one-hop (issue 18)
   echo p50.
 * ``memory``: 100,000 requests (64 in flight) through one hop; the server's RSS growth after a
   warm-up must stay ≤ 64 MB (the raw echo server's growth is shown for reference).
@@ -240,7 +240,7 @@ def pct(samples: list[float], q: float) -> float:
 
 def run_latency(servers: Servers, reps: int, n: int, chain: bool) -> Row:
     key = "chain" if chain else "latency"
-    row = Row(key, SCENARIOS[key], "p50 ≤ 3.5x" if chain else "p50 ≤ 1.5x")
+    row = Row(key, SCENARIOS[key], "p50 ≤ 4x" if chain else "p50 ≤ 1.5x")
     echo = servers.echo()
     ours = servers.chain() if chain else servers.gateway("hub")
     ours_procs = [s for s in servers.started if s is not echo]
@@ -280,7 +280,7 @@ def run_latency(servers: Servers, reps: int, n: int, chain: bool) -> Row:
         "anchor_cpu_us_per_call": statistics.median(cpu_a) * 1e6,
     }
     row.ratio = statistics.median(p50o) / statistics.median(p50a)
-    row.ok = row.ratio <= (3.5 if chain else 1.5)
+    row.ok = row.ratio <= (4.0 if chain else 1.5)
     return row
 
 
