@@ -13,11 +13,12 @@ private Docker engine, ``DOCKER_HOST``; the default image is built offline if mi
   and wait until it runs, then run the same command in each through ``pods/exec`` and read
   ``out.txt`` back, then delete each pod and claim and wait until it is gone.
 
-Measured here (2 vCPUs), 50 environments, five runs in one afternoon: 1.53-1.81x, median
-1.59x (target MISSED); the code before (three execs a run, the generated ``CoreV1Api``, entry
-points listed by every runtime) alternating in the same period: 1.89x vs 1.65x. Hub peak RSS
-65 MB (target met). Each pod's warm runtime (``providers/zygote.py``) imports the runtime during
-the creates, and each run's runtime is forked from it. Before: 11.3x, 4.6x, 2.76x, 1.85x, 1.75x
+Measured here (2 vCPUs, quiet), 50 environments, seven runs: 1.29-1.64x, median 1.40x (target
+met in six of seven); the code before (two execs a run, every record of the store decoded per
+run, runtimes importing the runs of their base's thread), alternating in the same period:
+1.58x, 1.92x. Hub peak RSS 67 MB (target met). Each pod's warm runtime
+(``providers/zygote.py``) imports the runtime during the creates, and each run's runtime is
+forked from it; one ``pods/exec`` a run. Before: 11.3x, 4.6x, 2.76x, 1.85x, 1.75x, 1.59x
 (README, "Kubernetes scale").
 
 Target: OURS / ANCHOR ≤ 1.5x against the anchor one pod at a time; the anchor 16 pods at a
