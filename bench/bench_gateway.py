@@ -12,7 +12,7 @@ Scenarios (targets from issue 5):
   the CPU time per call of all the side's processes, client and servers: on a loaded machine
   the p50 is mostly waiting for a core, the CPU time is not).
 * ``throughput``: 64 requests in flight; rate ≥ 0.4x the raw echo's pipelined rate.
-* ``chain``: a 3-hop linear chain (client → A → B → C, handler at C); p50 ≤ 4x raw one-hop (issue 18)
+* ``chain``: a 3-hop linear chain (client → A → B → C, handler at C); p50 ≤ 4x raw one-hop
   echo p50.
 * ``memory``: 100,000 requests (64 in flight) through one hop; the server's RSS growth after a
   warm-up must stay ≤ 64 MB (the raw echo server's growth is shown for reference).
