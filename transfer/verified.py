@@ -208,20 +208,21 @@ def read_small(
         last = time.monotonic() + delay > deadline
         with translate(url, "reading"):
             refresh(fs, path)
-            expected = read_sidecar(fs, path, url)
+            try:
+                expected = read_sidecar(fs, path, url)
+                data = read_capped(fs, path, limit, url) if expected is not None else b""
+            except OSError as exc:
+                # the document or its sidecar replaced since it was opened (s3fs checks the
+                # ETag on each read): read both again
+                if exc.errno != errno.EBUSY or last:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
             if expected is None:  # half published, or never: wait only briefly for it
                 waited += 1
                 if last or waited >= _UNPUBLISHED_ATTEMPTS or not file_exists(fs, path):
                     raise not_published(url)
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
-                continue
-            try:
-                data = read_capped(fs, path, limit, url)
-            except OSError as exc:
-                # replaced since it was opened (s3fs checks the ETag on each read): read again
-                if exc.errno != errno.EBUSY or last:
-                    raise
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
                 continue
