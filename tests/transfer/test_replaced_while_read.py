@@ -14,23 +14,38 @@ from transfer import verified
 from transfer.publishing import write_small_atomic
 
 
+def _replace_when_opened(
+    monkeypatch: pytest.MonkeyPatch,
+    url: str,
+    options: dict[str, Any],
+    opened: str,
+    times: int,
+    initial: int = 1,
+) -> list[int]:
+    """Each of the first ``times`` opens of the object whose path ends with ``opened`` is
+    followed by another writer publishing the next version of ``url`` (``{"version": n}``,
+    counting on from ``initial``); the versions written, for the test to see the race really
+    happened."""
+    write_small_atomic(url, b'{"version": %d}' % initial, options)
+    real_open = s3fs.S3FileSystem._open
+    versions: list[int] = []
+
+    def open_then_replace(self: Any, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        handle = real_open(self, path, mode, **kwargs)
+        if mode == "rb" and path.endswith(opened) and len(versions) < times:
+            versions.append(len(versions) + 1)
+            write_small_atomic(url, b'{"version": %d}' % (initial + versions[-1]), options)
+        return handle
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_open", open_then_replace)
+    return versions
+
+
 def test_a_document_replaced_between_open_and_read_is_read_again(
     s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = "s3://narrative-test/replaced/index.json"
-    write_small_atomic(url, b'{"version": 1}', s3_options)
-    real_open = s3fs.S3FileSystem._open
-    replaced: list[str] = []
-
-    def open_then_replace(self: Any, path: str, mode: str = "rb", **kwargs: Any) -> Any:
-        handle = real_open(self, path, mode, **kwargs)
-        if mode == "rb" and path.endswith("index.json") and not replaced:
-            # another writer publishes the next version after this reader opened the file
-            replaced.append(path)
-            write_small_atomic(url, b'{"version": 2}', s3_options)
-        return handle
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_open", open_then_replace)
+    replaced = _replace_when_opened(monkeypatch, url, s3_options, "replaced/index.json", 1)
     assert verified.read_small(url, s3_options) == b'{"version": 2}'
     assert replaced  # the race really happened
 
@@ -41,18 +56,8 @@ def test_a_document_replaced_under_the_reader_again_and_again_is_still_read(
     """Writers that keep replacing the document for a second (four pushers on a loaded machine)
     do not make the read fail: it is retried for seconds, not for six attempts."""
     url = "s3://narrative-test/replaced-often/index.json"
-    write_small_atomic(url, b'{"version": 0}', s3_options)
-    real_open = s3fs.S3FileSystem._open
-    versions: list[int] = []
-
-    def open_then_replace(self: Any, path: str, mode: str = "rb", **kwargs: Any) -> Any:
-        handle = real_open(self, path, mode, **kwargs)
-        if mode == "rb" and path.endswith("replaced-often/index.json") and len(versions) < 10:
-            versions.append(len(versions) + 1)
-            write_small_atomic(url, b'{"version": %d}' % versions[-1], s3_options)
-        return handle
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_open", open_then_replace)
+    opened = "replaced-often/index.json"
+    versions = _replace_when_opened(monkeypatch, url, s3_options, opened, 10, initial=0)
     assert verified.read_small(url, s3_options) == b'{"version": 10}'
     assert len(versions) == 10  # replaced under each of ten reads
 
@@ -63,17 +68,7 @@ def test_a_sidecar_replaced_between_open_and_read_is_read_again(
     """The four-pusher race once failed a push here: the sidecar, not the document, was the
     object replaced under the reader (``[Errno 16] ... index.json``)."""
     url = "s3://narrative-test/replaced-sidecar/index.json"
-    write_small_atomic(url, b'{"version": 1}', s3_options)
-    real_open = s3fs.S3FileSystem._open
-    replaced: list[str] = []
-
-    def open_then_replace(self: Any, path: str, mode: str = "rb", **kwargs: Any) -> Any:
-        handle = real_open(self, path, mode, **kwargs)
-        if mode == "rb" and path.endswith("replaced-sidecar/index.json.sha256") and not replaced:
-            replaced.append(path)
-            write_small_atomic(url, b'{"version": 2}', s3_options)
-        return handle
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_open", open_then_replace)
+    opened = "replaced-sidecar/index.json.sha256"
+    replaced = _replace_when_opened(monkeypatch, url, s3_options, opened, 1)
     assert verified.read_small(url, s3_options) == b'{"version": 2}'
     assert replaced  # the race really happened
