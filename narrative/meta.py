@@ -28,7 +28,6 @@ from .objects import (
     Signature,
     encode_commit,
     encode_tree,
-    hash_object,
     parse_commit,
     parse_tree,
 )
@@ -182,11 +181,11 @@ class MetaStore:
                         if new is None:
                             sub.pop(name, None)
                             continue
-                        # compared as stored, not with ``current``: a change function may
-                        # have edited ``current`` in place and returned it
+                        # compared as stored (``sub == before`` below), not with ``current``:
+                        # a change function may have edited ``current`` in place and returned
+                        # it; an unchanged record's blob exists, so nothing is written for it
                         blob = json.dumps(new, sort_keys=True, indent=1).encode() + b"\n"
-                        if hash_object("blob", blob) != sub.get(name):
-                            sub[name] = self.odb.write_loose("blob", blob)
+                        sub[name] = self.odb.write_loose("blob", blob)
                     if sub == before:
                         continue
                     changed = True
