@@ -135,46 +135,57 @@ def snapshot_ids(store: Store) -> Iterator[tuple[str, bytes]]:
 
 
 class _SnapshotIndex:
-    """Each thread's ``(snapshot id, commit)`` pairs, newest first, with the head they were
-    read from. A thread whose head moved is read from its new head down to the old one when it
-    only grew (a snapshot taken, a result merged), else (reset, rewritten) again whole; a
-    thread gone is dropped. Snapshot commits never change: a pair read once stays true as long
-    as its thread's head still leads to it, which the old head being met on the way proves."""
+    """Each thread's ``(snapshot id, commit)`` pairs, newest first, as far as they were read,
+    with the head they were read from and the commit the reading goes on from (None: the whole
+    chain was read). Read lazily: a caller that stops at what it looked for (a cold process
+    resolving a recent snapshot) reads no further, and the next goes on from there. A thread
+    whose head moved is read from its new head down to the old one when it only grew (a
+    snapshot taken, a result merged), else (reset, rewritten) again from its head; a thread
+    gone is dropped. Snapshot commits never change: a pair read once stays true as long as its
+    thread's head still leads to it, which the old head being met on the way proves."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._threads: dict[str, tuple[bytes, list[tuple[str, bytes]]]] = {}
+        self._threads: dict[str, tuple[bytes, list[tuple[str, bytes]], bytes | None]] = {}
 
-    def entries(self, store: Store) -> list[tuple[str, bytes]]:
+    def entries(self, store: Store) -> Iterator[tuple[str, bytes]]:
+        """The pairs, thread by thread as :func:`_all_links` gives them (chains of two threads
+        never share a commit: each commit names its one thread, and a chain stops at the first
+        that names another)."""
         heads = store.thread_heads()
-        out: list[tuple[str, bytes]] = []
         with self._lock:
             for gone in self._threads.keys() - heads.keys():
                 del self._threads[gone]
-            # thread by thread, as _all_links: chains of two threads never share a commit (each
-            # commit names its one thread, and a chain stops at the first that names another)
-            for thread_id, head in sorted(heads.items()):
-                kept = self._threads.get(thread_id)
-                if kept is None or kept[0] != head:
-                    kept = (head, self._read(store, thread_id, head, kept))
-                    self._threads[thread_id] = kept
-                out.extend(kept[1])
-        return out
+        for thread_id, head in sorted(heads.items()):
+            yield from self._pairs(store, thread_id, head)
 
-    @staticmethod
-    def _read(
-        store: Store,
-        thread_id: str,
-        head: bytes,
-        kept: tuple[bytes, list[tuple[str, bytes]]] | None,
-    ) -> list[tuple[str, bytes]]:
-        new: list[tuple[str, bytes]] = []
-        for link, _parent in _chain(store, thread_id, head):
-            if kept is not None and link.oid == kept[0]:
-                return new + kept[1]  # it only grew: the rest is what was read before
-            assert link.snapshot_id is not None  # _chain yields snapshot commits only
-            new.append((link.snapshot_id, link.oid))
-        return new
+    def _pairs(self, store: Store, thread_id: str, head: bytes) -> Iterator[tuple[str, bytes]]:
+        with self._lock:
+            kept = self._threads.get(thread_id)
+        older = None  # what was read from an older head, met again if the thread only grew
+        if kept is not None and kept[0] == head:
+            pairs, start = list(kept[1]), kept[2]
+        else:
+            pairs, start, older = [], head, kept
+        try:
+            yield from tuple(pairs)  # read before (none when the head moved)
+            while start is not None:
+                chain, start = _chain(store, thread_id, start), None
+                for link, parent in chain:
+                    if older is not None and link.oid == older[0]:
+                        pairs += older[1]
+                        start, grown, older = older[2], older[1], None
+                        yield from grown
+                        break
+                    assert link.snapshot_id is not None  # _chain yields snapshot commits only
+                    start = None  # where a later reading goes on: the parent, if the chain does
+                    if parent is not None and parent.snapshot_id and parent.thread == thread_id:
+                        start = parent.oid
+                    pairs.append((link.snapshot_id, link.oid))
+                    yield pairs[-1]
+        finally:  # what was read, also when the caller stopped early
+            with self._lock:
+                self._threads[thread_id] = (head, pairs, start)
 
 
 _INDEXES: weakref.WeakKeyDictionary[Store, _SnapshotIndex] = weakref.WeakKeyDictionary()

@@ -5,6 +5,7 @@ nothing a fresh scan would not."""
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -20,22 +21,22 @@ from narrative.store import Store
 
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["snapshot", "reset", "new-thread", "drop-thread"]),
+        st.sampled_from(["snapshot", "reset", "new-thread", "drop-thread", "resolve"]),
         st.booleans(),  # through another instance of the store (another process's view)
         st.integers(0, 7),
     ),
     min_size=1,
-    max_size=14,
+    max_size=20,
 )
 
 
 def _scan(store: Store) -> list[tuple[str, bytes]]:
-    """What a process that never asked before sees: the whole walk."""
+    """What a process that never asked before sees: the whole walk (not through the index)."""
     return [(link.snapshot_id or "", link.oid) for link, _ in _all_links(store)]
 
 
 @settings(
-    max_examples=12,
+    max_examples=25,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -57,7 +58,9 @@ def test_the_index_lists_what_a_fresh_scan_lists(
         thread = threads[pick % len(threads)]
         if op == "snapshot":
             (workspace / "f.txt").write_text(f"{step}\n")
-            take_snapshot(store, thread, message=f"s{step}", allow_empty=True)
+            # mostly the workspace's own thread, which grows (another thread gets a fork of it)
+            on = None if pick % 4 else thread
+            take_snapshot(store, on, message=f"s{step}", allow_empty=True)
         elif op == "reset" and thread in heads:
             older = [s for s in thread_snapshots(store, thread)][1:]
             if older:
@@ -66,7 +69,18 @@ def test_the_index_lists_what_a_fresh_scan_lists(
             create_thread(store, objective, f"t{step}")
         elif op == "drop-thread" and thread in heads:
             store.refs.update(store.thread_ref(thread), None, expected=heads[thread], force=True)
-        assert list(snapshot_ids(mine)) == _scan(Store.open(mine.git_dir))
+        scan = _scan(Store.open(mine.git_dir))
+        if op == "resolve" and scan:  # stops reading at the snapshot it looks for
+            sid = scan[pick % len(scan)][0]
+            assert resolve_snapshot(mine, sid).id == sid
+        # a reader that stops early (what is read stays kept, the rest is read later) ...
+        assert list(islice(snapshot_ids(mine), pick)) == scan[:pick]
+        # ... also in a process that starts now: part of the history first, then all of it
+        fresh = Store.open(mine.git_dir)
+        assert list(islice(snapshot_ids(fresh), pick)) == scan[:pick]
+        assert list(snapshot_ids(fresh)) == scan
+    # ... and one that reads all, after all of that
+    assert list(snapshot_ids(mine)) == _scan(Store.open(mine.git_dir))
     for sid, _oid in _scan(Store.open(mine.git_dir)):
         assert resolve_snapshot(mine, sid).id == sid
 
