@@ -7,10 +7,10 @@ recorded as symlinks (never followed); only regular files, symlinks and director
 regular files over the size cap are skipped and reported.
 
 The walk is the hot path of every snapshot. Per directory it lists, stats, and hashes the stat
-keys and names into a signature (see :mod:`narrative.statcache`); a directory whose signature
-matches and whose subdirectories are all unchanged reuses its cached tree without further work.
-Only changed directories look at individual files; files whose stat key moved become
-:class:`FileJob` objects that the blob writer hashes later, in parallel.
+keys and names into a signature (see :mod:`narrative.statcache`); :mod:`narrative.dirtree` then
+reuses the cached tree of every subtree whose signatures all match, and looks at individual
+files only in changed directories; files whose stat key moved become :class:`FileJob` objects
+that the blob writer hashes later, in parallel.
 
 ``lstat`` dominates and scales across processes (not threads: here they contend), so large
 workspaces are walked by this process and forked worker processes, each taking a share of the
@@ -26,19 +26,18 @@ import contextlib
 import marshal
 import operator
 import os
-import stat as stat_mod
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import progress
+from .dirtree import DirNode, DirScan, FileJob, Resolver, carried_records
 from .errors import WorkspaceUnreadable
 from .fsutil import is_workspace_tmp, remove_stale_workspace_tmp
 from .ignore import IgnoreRules, read_ignore_file
-from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK
 from .paths import STORE_DIR_NAME, are_plain_names, component_problem, is_plain_name
-from .statcache import DirRecord, FileDetail, StatCache, StatKey, decode_details
+from .statcache import DirRecord, StatCache, StatKey
 
 __all__ = ["DirNode", "FileJob", "KnownChanges", "ScanResult", "scan_workspace"]
 
@@ -51,36 +50,6 @@ _stat_key: Callable[[os.stat_result], StatKey] = operator.attrgetter(
 )
 """The stat key of a file (see :mod:`narrative.statcache`), taken in C."""
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-@dataclass(slots=True, eq=False, repr=False)  # (each generated method costs import time)
-class FileJob:
-    """A file whose blob id must be computed (stat cache miss)."""
-
-    rel: str
-    path: str
-    key: StatKey
-    mode: int
-    entry: list[Any]
-    """The owning directory's entry ``[name, mode, oid]``; the writer fills in the oid."""
-    changed: bool = False
-    """Set when the file changed while being read (its key must not be trusted)."""
-
-
-@dataclass(slots=True, eq=False, repr=False)
-class DirNode:
-    """One directory. ``record`` is set when its cached record is reused as is."""
-
-    rel: str
-    sig: int | None = None
-    record: DirRecord | None = None
-    entries: list[list[Any]] = field(default_factory=list)
-    children: list[DirNode] = field(default_factory=list)
-    files: list[tuple[str, StatKey, list[Any]]] = field(default_factory=list)
-    file_count: int = 0
-    byte_count: int = 0
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-    oid: bytes | None = None
 
 
 @dataclass(eq=False, repr=False)
@@ -96,8 +65,9 @@ class ScanResult:
     journal: tuple[str, int] | None = None
     """The watcher's journal position this scan is complete as of (:mod:`narrative.watch`)."""
     carried: dict[str, DirRecord] = field(default_factory=dict)
-    """Records of the directories below those reused from the cache as they are (a journal's
-    unchanged subtrees): part of the tree, but not in ``dirs`` (no node is built for them)."""
+    """Records of the directories below those reused from the cache as they are (settled
+    subtrees, a journal's unchanged ones): part of the tree, but not in ``dirs`` (no node is
+    built for them)."""
     unchanged: bool = False
     """Nothing was listed: the journal shows no change since the stat cache was taken, whose
     records and tree stand as they are (``root``, ``dirs`` and ``jobs`` are left empty)."""
@@ -113,19 +83,6 @@ class KnownChanges:
     """Directories (new or moved in) to walk entirely."""
 
 
-_DirScan = tuple[str, int, bool, list[str], list[tuple[str, StatKey]] | None]
-"""(rel, signature, complete, child rels, files) — files is None when the directory's own
-entries are exactly those of its cached record."""
-
-
-def _mode_of(st_mode: int) -> int | None:
-    if stat_mod.S_ISREG(st_mode):
-        return MODE_EXEC if st_mode & stat_mod.S_IXUSR else MODE_FILE
-    if stat_mod.S_ISLNK(st_mode):
-        return MODE_LINK
-    return None
-
-
 class _Walker:
     """Lists and stats directories; shared by the parent and the forked workers."""
 
@@ -135,7 +92,7 @@ class _Walker:
         self.cached = cached
         self.exclude = exclude
         self.sweep_tmp = sweep_tmp
-        self.scans: list[_DirScan] = []
+        self.scans: list[DirScan] = []
         self.reused: set[str] = set()
         self.unreadable: list[dict[str, Any]] = []
         #: counts the files listed (a no-op in forked workers: the parent counts theirs)
@@ -379,102 +336,6 @@ def _walk_in_workers(
         raise OSError("a workspace scanning worker failed")
 
 
-class _Resolver:
-    """Turns directory scans into DirNodes, reusing cached trees where nothing changed."""
-
-    def __init__(
-        self,
-        workspace: str,
-        cache: StatCache,
-        max_size: int,
-        scans: dict[str, _DirScan],
-        reused: set[str],
-    ) -> None:
-        self.workspace = workspace
-        self.cached = cache.dirs
-        self.max_size = max_size
-        self.scans = scans
-        self.reused = reused
-        self.jobs: list[FileJob] = []
-        self.dirs: list[DirNode] = []
-        self.skipped: list[dict[str, Any]] = []
-
-    def resolve(self, rel: str) -> DirNode:
-        _, sig, complete, children, own = self.scans[rel]
-        node = DirNode(rel, sig if complete else None)
-        reusable = complete
-        for child_rel in children:
-            if child_rel in self.reused:
-                node.children.append(self._reuse(child_rel))
-                continue
-            if child_rel not in self.scans:
-                reusable = False  # unreadable: never reuse the parent's old tree
-                continue
-            child = self.resolve(child_rel)
-            node.children.append(child)
-            reusable = reusable and child.record is not None
-        cached = self.cached.get(rel)
-        if reusable and cached is not None and cached[0] == sig:
-            node.record = cached
-            node.oid = cached[1] or None
-            node.file_count, node.byte_count = cached[2], cached[3]
-            node.skipped = cached[4]
-        elif own is None and cached is not None:
-            self._fill_from_cache(node, cached)
-        else:
-            details = decode_details(cached[5]) if cached is not None else {}
-            self._fill(node, own or [], details)
-        for child in node.children:
-            node.entries.append([os.fsencode(os.path.basename(child.rel)), MODE_DIR, child])
-        self.dirs.append(node)
-        self.skipped.extend(node.skipped)
-        return node
-
-    def _reuse(self, rel: str) -> DirNode:
-        """A subtree the journal says is unchanged: its top's record as is, nothing read (the
-        records below it are carried over by :func:`_carried`)."""
-        record = self.cached[rel]
-        node = DirNode(rel, record[0], record, oid=record[1] or None)
-        node.file_count, node.byte_count, node.skipped = record[2], record[3], record[4]
-        self.dirs.append(node)
-        self.skipped.extend(node.skipped)
-        return node
-
-    @staticmethod
-    def _fill_from_cache(node: DirNode, cached: DirRecord) -> None:
-        """Own files unchanged (only a subdirectory moved): entries straight from the cache."""
-        node.file_count, node.byte_count, node.skipped = cached[2], cached[3], cached[4]
-        for name, (key, oid, _racy) in decode_details(cached[5]).items():
-            item: list[Any] = [os.fsencode(name), _mode_of(key[4]), oid]
-            node.entries.append(item)
-            node.files.append((name, key, item))
-
-    def _fill(
-        self, node: DirNode, files: list[tuple[str, StatKey]], details: dict[str, FileDetail]
-    ) -> None:
-        """Build the entries of a changed directory, queueing files whose stat key moved."""
-        prefix = node.rel + "/" if node.rel else ""
-        base = os.path.join(self.workspace, node.rel) if node.rel else self.workspace
-        for name, key in files:
-            mode = _mode_of(key[4])
-            if mode is None:
-                continue  # sockets, fifos, devices: never content
-            if mode != MODE_LINK and key[2] > self.max_size:
-                node.skipped.append({"path": prefix + name, "size": key[2], "reason": "too-large"})
-                continue
-            node.file_count += 1
-            node.byte_count += key[2]
-            hit = details.get(name)
-            item: list[Any] = [os.fsencode(name), mode, None]
-            if hit is not None and tuple(hit[0]) == key and not hit[2]:
-                item[2] = hit[1]
-            else:
-                path = os.path.join(base, name)
-                self.jobs.append(FileJob(prefix + name, path, key, mode, item))
-            node.entries.append(item)
-            node.files.append((name, key, item))
-
-
 def _units(walker: _Walker, workspace: str, want: int) -> list[tuple[str, str, IgnoreRules]] | None:
     """Scan the top of the tree in this process until there are ``want`` subtrees to share."""
     frontier: list[tuple[str, str, IgnoreRules]] = [(workspace, "", IgnoreRules.empty())]
@@ -493,37 +354,6 @@ def _units(walker: _Walker, workspace: str, want: int) -> list[tuple[str, str, I
         if len(walker.scans) > 64:
             break
     return frontier
-
-
-def _carried(cached: dict[str, DirRecord], tops: set[str], nodes: set[str]) -> dict[str, DirRecord]:
-    """The cached records strictly below the reused directories ``tops``. ``nodes`` are the
-    directories of the new tree that have nodes (listed, or reused tops): a record under a
-    listed directory but no top is gone (deleted, moved away, unreadable now). One pass over
-    the records, each deciding by its nearest decided ancestor (a node is built for none)."""
-    below: dict[str, bool] = {}
-    carried: dict[str, DirRecord] = {}
-    for rel, record in cached.items():
-        if rel in nodes:
-            continue
-        chain = [rel]
-        while True:
-            parent = chain[-1].rpartition("/")[0]
-            if parent in tops:
-                keep = True
-                break
-            if parent in nodes or not chain[-1]:
-                keep = False
-                break
-            known = below.get(parent)
-            if known is not None:
-                keep = known
-                break
-            chain.append(parent)
-        for step in chain:
-            below[step] = keep
-        if keep:
-            carried[rel] = record
-    return carried
 
 
 def _to_visit(known: KnownChanges, cached: dict[str, DirRecord]) -> set[str]:
@@ -570,17 +400,21 @@ def scan_workspace(
         else:
             walker.walk(workspace, "", IgnoreRules.empty())
     scans = {scan[0]: scan for scan in walker.scans}
-    resolver = _Resolver(workspace, cache, max_size, scans, walker.reused)
+    resolver = Resolver(workspace, cache, max_size, scans, walker.reused)
     if "" not in scans:  # the top could not be listed: an empty tree would say all was deleted
         why = next((u["reason"] for u in walker.unreadable if u["path"] == "."), "unreadable")
         raise WorkspaceUnreadable(workspace, why)
+    resolver.settle("")
     root = resolver.resolve("")
-    carried: dict[str, DirRecord] = {}
+    carried = resolver.carried
     if walker.reused:
-        carried = _carried(cache.dirs, walker.reused, {node.rel for node in resolver.dirs})
-        for record in carried.values():
+        decided = {node.rel for node in resolver.dirs}.union(carried)
+        below_reused = carried_records(cache.dirs, walker.reused, decided)
+        for record in below_reused.values():
             resolver.skipped.extend(record[4])
-    skipped = walker.unreadable + resolver.skipped
+        carried.update(below_reused)
+    # in path order: the same report whichever worker listed what, and whatever was reused
+    skipped = sorted(walker.unreadable + resolver.skipped, key=lambda s: str(s["path"]))
     return ScanResult(
         root, resolver.jobs, resolver.dirs, skipped, len(walker.scans), carried=carried
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from narrative.commits import thread_snapshots
 from narrative.errors import InvalidInput, ThreadNotFound
 from narrative.hierarchy import create_thread, start_run
 from narrative.history import resolve_snapshot
-from narrative.snapshot import take_snapshot
+from narrative.snapshot import scan_tree, take_snapshot
 from narrative.store import Store
 from tests.conftest import git, git_tree_of
 
@@ -223,6 +224,48 @@ def test_parallel_walk_of_a_large_tree_matches_git(
     assert second.tree == git_tree_of(workspace, tmp_path)
     third = take_snapshot(store)
     assert not third.created and third.snapshot.id == second.id
+
+
+def test_unchanged_subtrees_are_taken_whole_from_the_cache(
+    store: Store, workspace: Path, tmp_path: Path
+) -> None:
+    """A no-op scan builds one node (the root's record stands for everything); after a deep
+    change, nodes only along its path, each other subtree carried over as cached records."""
+    for i in range(40):
+        d = workspace / f"top{i % 4}" / f"mid{i % 8}" / f"leaf{i}"
+        d.mkdir(parents=True)
+        (d / "f.txt").write_text(f"{i}\n")
+    past = time.time() - 60  # nothing racy: every directory's record is kept with a signature
+    for base, names, files in os.walk(workspace):
+        for name in names + files:
+            os.utime(os.path.join(base, name), (past, past), follow_symlinks=False)
+    first = take_snapshot(store).snapshot
+    every_dir = {
+        os.path.relpath(base, workspace).removeprefix(".")
+        for base, _dirs, _files in os.walk(workspace)
+        if ".narrative" not in base
+    }
+
+    noop, root, _cache = scan_tree(store, use_watcher=False)
+    assert root is not None and root.hex() == first.tree
+    assert [node.rel for node in noop.dirs] == [""] and noop.root.record is not None
+    assert set(noop.carried) == every_dir - {""} and not noop.jobs
+
+    (workspace / "top1" / "mid1" / "leaf1" / "f.txt").write_text("changed\n")
+    changed, root, _cache = scan_tree(store, use_watcher=False)
+    path = ["", "top1", "top1/mid1", "top1/mid1/leaf1"]
+    built = {node.rel for node in changed.dirs if node.record is None}
+    assert built == set(path)
+    reused = {node.rel for node in changed.dirs if node.record is not None}
+    assert reused == {
+        os.path.join(parent, name).removeprefix("/")
+        for parent in path[:-1]
+        for name in os.listdir(workspace / parent)
+        if (workspace / parent / name).is_dir() and name != ".narrative"
+    } - set(path)
+    assert set(changed.carried) | built | reused == every_dir
+    assert [job.rel for job in changed.jobs] == ["top1/mid1/leaf1/f.txt"]
+    assert root is not None and root.hex() == git_tree_of(workspace, tmp_path)
 
 
 def test_a_symlink_hashed_first_is_stored(tmp_path: Path) -> None:

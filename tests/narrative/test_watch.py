@@ -4,6 +4,7 @@ the journal may be incomplete (no watcher, killed, restarted, queue overflow).""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from narrative.snapshot import scan_tree, take_snapshot
-from narrative.statcache import cache_path
+from narrative.statcache import StatCache, cache_path
 from narrative.store import Store
 from narrative.watch import watch_dir
 from tests.conftest import Cli, git, git_tree_of, start_watcher
@@ -87,6 +88,24 @@ def _age(root: Path) -> None:
             os.utime(os.path.join(base, name), (past, past), follow_symlinks=False)
 
 
+def _cache_records(store: Store) -> dict[str, tuple[object, ...]]:
+    """What the stat cache holds for each directory: tree id, counts and skipped entries (not
+    its signatures and racy marks, which depend on the moment of the scan)."""
+    path = cache_path(store.git_dir, store.workspace)
+    cache = StatCache.load(path, store.config.max_file_size)
+    return {rel: (r[1], r[2], r[3], r[4]) for rel, r in cache.dirs.items()}
+
+
+def _rebuilt_cache_records(store: Store) -> dict[str, tuple[object, ...]]:
+    """The records a snapshot writes when it starts from no stat cache at all."""
+    path = cache_path(store.git_dir, store.workspace)
+    for stale in (path, path + ".delta"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
+    take_snapshot(store, message="from no cache")
+    return _cache_records(store)
+
+
 def _tree(store: Store, use_watcher: bool) -> tuple[str, int, tuple[str, int] | None]:
     result, root, _cache = scan_tree(store, use_watcher=use_watcher)
     return (root.hex() if root else EMPTY_TREE), result.listed, result.journal
@@ -123,6 +142,29 @@ def test_journal_lists_only_changed_directories(watched: tuple[Store, Watcher]) 
     tree, listed, _mark = _tree(store, use_watcher=True)
     assert listed == 5  # and d8, d8/sub
     assert tree == git_tree_of(ws, ws.parent)
+
+
+def test_a_journaled_change_that_changed_nothing_keeps_the_records_below(
+    watched: tuple[Store, Watcher],
+) -> None:
+    """d3 is listed (the journal saw a file come and go) and found as cached, while its sub
+    is not listed at all: what lies below sub must stay in the stat cache."""
+    store, _watcher = watched
+    ws = Path(store.workspace)
+    (ws / "d3" / "sub" / "deeper").mkdir()
+    (ws / "d3" / "sub" / "deeper" / "g").write_text("deep\n")
+    _age(ws)
+    take_snapshot(store, message="full scan, records the journal mark")
+    before = _cache_records(store)
+    assert "d3/sub/deeper" in before
+    (ws / "d3" / "passing").write_text("here and gone\n")
+    os.unlink(ws / "d3" / "passing")
+    result = take_snapshot(store, message="nothing changed")
+    assert not result.created
+    assert _cache_records(store) == before
+    _tree_now, listed, _mark = _tree(store, use_watcher=True)
+    assert listed == 2  # the root and d3 (the no-op kept the cache and its journal mark)
+    assert before == _rebuilt_cache_records(store)
 
 
 def test_edit_immediately_before_the_snapshot_is_seen(watched: tuple[Store, Watcher]) -> None:
@@ -429,6 +471,10 @@ class WatchedWorkspace(RuleBasedStateMachine):
         full, _listed, _mark = _tree(self.store, use_watcher=False)
         oracle = git_tree_of(self.ws, self.tmp)
         assert watched == snap.tree == full == oracle
+        # the stat cache the snapshots left (nodes only for what changed, the records of
+        # unchanged subtrees carried over) holds what one built from nothing holds: no record
+        # lost, none kept for a directory that is gone
+        assert _cache_records(self.store) == _rebuilt_cache_records(self.store)
         # Age every entry and let a snapshot absorb it, so the next step's cache has no racy
         # directory: those are re-listed whatever the journal says, which would hide a miss.
         _age(self.ws)
