@@ -45,6 +45,8 @@ _SPECIAL = frozenset((".git", ".gitignore", ".narrativeignore"))
 _PARALLEL_MIN_DIRS = 200
 """Fork workers only for workspaces whose last snapshot had at least this many directories."""
 _UNITS_PER_WORKER = 8
+_MAX_BATCHES = 1024
+"""Units are queued in at most this many batches (two bytes a batch number: PIPE_BUF holds them)."""
 _stat_key: Callable[[os.stat_result], StatKey] = operator.attrgetter(
     "st_mtime_ns", "st_ctime_ns", "st_size", "st_ino", "st_mode"
 )
@@ -284,47 +286,55 @@ def _stat_slowly(
 def _walk_in_workers(
     walker: _Walker, units: list[tuple[str, str, IgnoreRules]], workers: int
 ) -> None:
-    """Walk ``units`` in ``workers`` processes: this one and forked ones (a share this process
-    cannot fork for, it walks itself). Unreadable units are left out of the scans."""
-    shares = [units[i::workers] for i in range(workers)]
-    own = shares[:1]
-    pipes: list[tuple[int, int]] = []
-    for share in shares[1:]:
-        try:
-            read_fd, write_fd = os.pipe()
-        except OSError:
-            own.append(share)
-            continue
-        try:
-            pid = os.fork()
-        except OSError:
-            os.close(read_fd)
-            os.close(write_fd)
-            own.append(share)
-            continue
-        if pid == 0:  # pragma: no cover - runs in the child
-            os.close(read_fd)
-            code = 0
+    """Walk ``units`` in ``workers`` processes: this one and forked ones (as many as it can
+    fork), each taking the next batch of units from a shared queue until it is empty, so one
+    that drew small subtrees takes more of them. Unreadable units are left out of the scans."""
+    size = -(-len(units) // _MAX_BATCHES)
+    batches = [units[i : i + size] for i in range(0, len(units), size)]
+    try:
+        queue, filler = os.pipe()
+    except OSError:
+        batches, queue = [units], -1
+    else:
+        # every batch number at once: at most PIPE_BUF bytes, so this never blocks; with the
+        # write end closed before any fork, a read of the empty queue says the work is done
+        os.write(filler, b"".join(i.to_bytes(2, "big") for i in range(len(batches))))
+        os.close(filler)
+    results: list[tuple[int, int]] = []
+    try:
+        for _ in range(workers - 1 if queue >= 0 else 0):
             try:
-                child = _Walker(walker.cached, walker.exclude, walker.sweep_tmp)
-                for path, rel, rules in share:
-                    child.walk(path, rel, rules)
-                payload = marshal.dumps((child.scans, child.unreadable))
-                with os.fdopen(write_fd, "wb") as out:
-                    out.write(payload)
-            except BaseException:
-                code = 1
-            os._exit(code)
-        os.close(write_fd)
-        pipes.append((pid, read_fd))
-    for share in own:  # meanwhile: this process is one of the workers
-        for path, rel, rules in share:
-            walker.walk(path, rel, rules)
+                read_fd, write_fd = os.pipe()
+            except OSError:
+                break
+            try:
+                pid = os.fork()
+            except OSError:
+                os.close(read_fd)
+                os.close(write_fd)
+                break
+            if pid == 0:  # pragma: no cover - runs in the child
+                os.close(read_fd)
+                code = 0
+                try:
+                    child = _Walker(walker.cached, walker.exclude, walker.sweep_tmp)
+                    _walk_queued(child, queue, batches)
+                    payload = marshal.dumps((child.scans, child.unreadable))
+                    with os.fdopen(write_fd, "wb") as out:
+                        out.write(payload)
+                except BaseException:
+                    code = 1
+                os._exit(code)
+            os.close(write_fd)
+            results.append((pid, read_fd))
+        # meanwhile: this process is one of the workers
+        _walk_queued(walker, queue, batches)
+    finally:
+        if queue >= 0:
+            os.close(queue)
+        returned = [(_read_all(read_fd), os.waitpid(pid, 0)[1]) for pid, read_fd in results]
     broken = False
-    for pid, read_fd in pipes:
-        with os.fdopen(read_fd, "rb") as inp:
-            data = inp.read()
-        _, status = os.waitpid(pid, 0)
+    for data, status in returned:
         if status != 0 or not data:
             broken = True
             continue
@@ -334,6 +344,28 @@ def _walk_in_workers(
         walker.unreadable.extend(unreadable)
     if broken:
         raise OSError("a workspace scanning worker failed")
+
+
+def _walk_queued(
+    walker: _Walker, queue: int, batches: list[list[tuple[str, str, IgnoreRules]]]
+) -> None:
+    """Walk batches of units by the numbers read from ``queue`` until it is empty (-1: no
+    queue, walk them all)."""
+    if queue < 0:
+        for batch in batches:
+            for path, rel, rules in batch:
+                walker.walk(path, rel, rules)
+        return
+    # each number is two bytes and the queue holds whole numbers only: a read of two bytes
+    # takes one whole number (readers of a pipe take turns), or none at the end
+    while number := os.read(queue, 2):
+        for path, rel, rules in batches[int.from_bytes(number, "big")]:
+            walker.walk(path, rel, rules)
+
+
+def _read_all(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as inp:
+        return inp.read()
 
 
 def _units(walker: _Walker, workspace: str, want: int) -> list[tuple[str, str, IgnoreRules]] | None:

@@ -204,6 +204,35 @@ def test_parallel_walk_of_a_large_tree_matches_git(
         return real(*args)
 
     monkeypatch.setattr(scan, "_walk_in_workers", counting)
+    _large_tree_changed_since_a_snapshot(store, workspace, tmp_path)
+    second = take_snapshot(store).snapshot
+    assert forks, "the large tree must take the forked-worker path"
+    assert second.tree == git_tree_of(workspace, tmp_path)
+    third = take_snapshot(store)
+    assert not third.created and third.snapshot.id == second.id
+
+
+@pytest.mark.parametrize("failing", ["fork", "pipe"])
+def test_a_walk_that_cannot_fork_is_done_by_this_process(
+    store: Store, workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """No worker (fork fails) or no queue to share the work through (pipe fails): this
+    process walks every subtree itself, and nothing is missed."""
+
+    def refuse(*_args: Any) -> Any:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    _large_tree_changed_since_a_snapshot(store, workspace, tmp_path)
+    with monkeypatch.context() as patched:
+        patched.setattr(os, failing, refuse)
+        second = take_snapshot(store).snapshot
+    assert second.tree == git_tree_of(workspace, tmp_path)
+
+
+def _large_tree_changed_since_a_snapshot(store: Store, workspace: Path, tmp_path: Path) -> None:
+    """A tree large enough for the forked walk, snapshot (as git has it), then changed at
+    several depths."""
+    from narrative import scan
 
     for i in range(scan._PARALLEL_MIN_DIRS + 20):
         d = workspace / f"top{i % 7}" / f"mid{i % 13}" / f"leaf{i}"
@@ -219,11 +248,6 @@ def test_parallel_walk_of_a_large_tree_matches_git(
     os.unlink(workspace / "README.md")
     (workspace / "top4" / "mid4" / "leaf4" / "f.txt").unlink()
     (workspace / "top4" / "mid4" / "leaf4").rmdir()
-    second = take_snapshot(store).snapshot
-    assert forks, "the large tree must take the forked-worker path"
-    assert second.tree == git_tree_of(workspace, tmp_path)
-    third = take_snapshot(store)
-    assert not third.created and third.snapshot.id == second.id
 
 
 def test_unchanged_subtrees_are_taken_whole_from_the_cache(
