@@ -9,12 +9,11 @@ file so memory stays flat whatever the size cap.
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Callable
 
 from . import progress
 from .objects import MODE_LINK, hash_object, object_header, sha1
-from .odb import ObjectStore, PackWriter, deflate
+from .odb import ObjectStore, PackWriter, deflate, deflated_bound, stream_compressors
 from .scan import FileJob
 
 __all__ = ["STREAM_THRESHOLD", "write_blobs"]
@@ -29,15 +28,23 @@ class _Changed(Exception):
 
 
 def _read_small(path: str, size: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    """The file's ``size`` bytes, read straight into one buffer (no file object: a first
+    snapshot reads tens of thousands of files)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(size + 1)
+        parts = []
+        got = 0
+        while got <= size:  # one byte more than expected: a file that grew is seen
+            chunk = os.read(fd, size + 1 - got)
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
     finally:
         os.close(fd)
-    if len(data) != size:
+    if got != size:
         raise _Changed
-    return data
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _hash_stream(path: str, size: int) -> bytes:
@@ -56,19 +63,24 @@ def _hash_stream(path: str, size: int) -> bytes:
 def _write_stream(writer: PackWriter, path: str, size: int, oid: bytes) -> None:
     import tempfile  # (~2 ms to import: paid only when a large file is stored)
 
-    h = sha1(object_header("blob", size))
-    comp = zlib.compressobj(1)
-    with tempfile.SpooledTemporaryFile(max_size=_CHUNK * 4) as spool:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-                spool.write(comp.compress(chunk))
-        spool.write(comp.flush())
-        if h.digest() != oid:
-            raise _Changed
-        spool.seek(0)
-        writer.add_stream("blob", oid, size, spool)
+    compressors = stream_compressors()
+    for module in compressors:
+        h = sha1(object_header("blob", size))
+        comp = module.compressobj(1)
+        with tempfile.SpooledTemporaryFile(max_size=_CHUNK * 4) as spool:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    h.update(chunk)
+                    spool.write(comp.compress(chunk))
+            spool.write(comp.flush())
+            if h.digest() != oid:
+                raise _Changed
+            if spool.tell() > deflated_bound(size) and module is not compressors[-1]:
+                continue  # ISA-L's stream grew past what the reader allows: zlib's instead
+            spool.seek(0)
+            writer.add_stream("blob", oid, size, spool)
+            return
 
 
 def _store_one(job: FileJob, store: ObjectStore, writer: PackWriter | None) -> None:

@@ -61,12 +61,30 @@ def inflater() -> tuple[Any, tuple[type[Exception], ...]]:
     raises on a damaged one: ``isal.isal_zlib`` when it imports (ISA-L inflates 2.3x faster
     than zlib, docs/decisions.md), else ``zlib``. Loaded on the first call, so that commands
     reading no object never pay for the import."""
+    module = _isal_zlib()
+    if module is None:  # pragma: no cover - isal is a dependency; a build may lack it
+        return zlib, (zlib.error,)
+    error: type[Exception] = module.error
+    return module, (zlib.error, error)
+
+
+@functools.cache
+def _isal_zlib() -> Any:
+    """``isal.isal_zlib`` (ISA-L's zlib-compatible API), or None when it does not import."""
     try:
         from isal import isal_zlib
     except ImportError:  # pragma: no cover - isal is a dependency; a build may lack it
-        return zlib, (zlib.error,)
-    error: type[Exception] = isal_zlib.error  # type: ignore[assignment]  # stub: an instance
-    return isal_zlib, (zlib.error, error)
+        return None
+    return isal_zlib
+
+
+def deflated_bound(size: int) -> int:
+    """The longest zlib stream of ``size`` bytes this store writes, or keeps as it was received.
+
+    Deflate never grows data by more than 5 bytes per 16 KiB block plus a few header bytes, and
+    the store's reader relies on that: it reads this many bytes of a packed object at once
+    instead of locating the next object (:meth:`ObjectStore.read`)."""
+    return size + 5 * (size // 16000 + 1) + 64
 
 
 def fallback_reader() -> str:
@@ -83,12 +101,36 @@ def fallback_reader() -> str:
     return _fallback["name"]
 
 
+def stream_compressors() -> list[Any]:
+    """Modules whose ``compressobj(1)`` deflates a large object piece by piece, fastest first:
+    ISA-L's, whose stream must then be checked against :func:`deflated_bound`, and zlib's,
+    which stays within it."""
+    module = _isal_zlib()
+    return [zlib] if module is None else [module, zlib]
+
+
 def deflate(data: bytes | memoryview) -> bytes:
-    """zlib-deflate ``data`` at level 1, or store it when a sample does not compress."""
+    """A zlib stream of ``data`` at level 1, or stored when a sample does not compress."""
     if len(data) > 2 * _SAMPLE:
         sample = bytes(data[:_SAMPLE])
-        if len(zlib.compress(sample, 1)) > _SAMPLE * 0.94:
+        if len((_isal_zlib() or zlib).compress(sample, 1)) > _SAMPLE * 0.94:
             return zlib.compress(data, 0)
+    return deflate_within_bound(data)
+
+
+def deflate_within_bound(data: bytes | memoryview) -> bytes:
+    """A level-1 zlib stream of ``data`` no longer than :func:`deflated_bound` of its size.
+
+    ISA-L compresses as tightly as zlib's level 1 at about 4.5x its speed (docs/decisions.md);
+    its output on incompressible data can pass the bound by a few hundred bytes, and then zlib's
+    (which stores such blocks) is taken instead. Small objects go to zlib directly: as fast,
+    without ISA-L's import."""
+    size = len(data)
+    module = _isal_zlib() if size >= _ISAL_MIN else None
+    if module is not None:
+        stream: bytes = module.compress(data, 1)
+        if len(stream) <= deflated_bound(size):
+            return stream
     return zlib.compress(data, 1)
 
 
@@ -440,10 +482,9 @@ class ObjectStore:
         code, size, header_len = parse_entry_header(first[:32])
         if code not in _CODE_TYPES:
             return None
-        # Deflate never expands by more than 5 bytes per 16 KiB block plus a few header bytes,
-        # so this bound covers the whole stream without locating the next object.
+        # the whole stream, without locating the next object (see deflated_bound)
         data_start = start + header_len
-        end = min(data_start + size + 5 * (size // 16000 + 1) + 64, idx.pack_size - 20)
+        end = min(data_start + deflated_bound(size), idx.pack_size - 20)
         if end <= start + len(first):
             stream = first[header_len : end - start]  # small objects: one read, not two
         else:

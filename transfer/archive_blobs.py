@@ -14,7 +14,7 @@ from typing import Any
 
 from narrative.errors import StoreCorrupted
 from narrative.objects import object_header
-from narrative.odb import ObjectStore, inflater
+from narrative.odb import ObjectStore, deflated_bound, inflater
 from narrative.packentry import parse_entry_header
 
 from .archive import CHUNK
@@ -35,9 +35,9 @@ def _inflate(read: Any, size: int, oid: bytes) -> Iterator[bytes]:
     module, errors = inflater()
     dec = module.decompressobj()
     produced = 0
-    # Deflate grows data by at most 5 bytes per 16 KiB block plus a few header bytes: never
-    # read (much) past the end of the object, small blobs would otherwise cost a 1 MiB read.
-    left = size + 5 * (size // 16000 + 1) + 64
+    # never read (much) past the end of the object (a stream of ours is within the bound):
+    # small blobs would otherwise cost a 1 MiB read
+    left = deflated_bound(size)
     while not dec.eof:
         try:
             if dec.unconsumed_tail:

@@ -20,7 +20,7 @@ from typing import IO, BinaryIO, cast
 
 from narrative.fsck import NAME_MAX, check_tree, object_problems
 from narrative.objects import hash_object, object_header, parse_commit
-from narrative.odb import ObjectStore, PackWriter, deflate, inflater
+from narrative.odb import ObjectStore, PackWriter, deflate, deflated_bound, inflater
 from narrative.packentry import parse_entry_header
 from narrative.storeconfig import DEFAULT_MAX_IMPORT_SIZE
 
@@ -145,10 +145,10 @@ class _Reader:
         dec = module.decompressobj()
         got = read = 0
         pending = b""
-        # Deflate grows data by at most 5 bytes per 16 KiB block plus a few header bytes: read
-        # (about) the object, not a whole chunk, which zlib then copied into unused_data for
-        # every small object (most of an import's time, by profile).
-        expect = size + 5 * (size // 16000 + 1) + 64
+        # read (about) the object, not a whole chunk, which zlib then copied into unused_data
+        # for every small object (most of an import's time, by profile); a longer stream is
+        # read on in chunks
+        expect = deflated_bound(size)
         while not dec.eof:
             if not pending:
                 pending = self.f.read(min(_CHUNK, expect - read) if read < expect else _CHUNK)
@@ -171,14 +171,14 @@ class _Reader:
 
     def whole(self, offset: int, data_start: int, size: int) -> tuple[bytes, int, bytes | None]:
         """(content, end offset, the entry verbatim) of the whole object at ``offset``, read
-        with one positional read and inflated with one call: deflate never grows data by more
-        than 5 bytes per 16 KiB block plus a few header bytes, so the read covers the stream
-        (the per-object seeks and reads of the streaming path were a fifth of an import).
+        with one positional read and inflated with one call: the read covers any stream within
+        :func:`narrative.odb.deflated_bound` (the per-object seeks and reads of the streaming
+        path were a fifth of an import).
 
         The entry is None for a stream longer than that bound (legal, but padded): the store's
         reader relies on the bound (:meth:`ObjectStore.read`), so such an object is deflated
         anew rather than copied."""
-        bound = data_start + size + 5 * (size // 16000 + 1) + 64
+        bound = data_start + deflated_bound(size)
         span = os.pread(self.fd, min(bound, self.size) - offset, offset)
         module, errors = inflater()
         dec = module.decompressobj()
