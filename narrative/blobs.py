@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 from . import progress
 from .objects import MODE_LINK, hash_object, object_header, sha1
-from .odb import ObjectStore, PackWriter, deflate, deflated_bound, stream_compressors
+from .odb import ObjectStore, PackWriter
 from .scan import FileJob
+from .zstream import deflate, deflated_bound, stream_compressors
 
 __all__ = ["STREAM_THRESHOLD", "write_blobs"]
 

@@ -2,8 +2,9 @@
 
 New objects are always written as a pack (one ``.pack`` + ``.idx`` per write batch) instead of
 loose files: one file create and two fsyncs instead of tens of thousands of small files, and no
-loose-object explosion. Objects are deflated once, by the caller's threads (zlib releases the
-GIL), at level 1, or stored uncompressed when a sample shows the data is incompressible.
+loose-object explosion. Objects are deflated once, by the caller's threads (ISA-L and zlib release
+the GIL), at level 1, or stored uncompressed when a sample shows the data is incompressible
+(:mod:`narrative.zstream`).
 
 Whole (undeltified) objects, which is all this module ever writes, are read directly (inflated
 by ISA-L, :func:`inflater`). Deltified objects (packs written by stock ``git gc``/``git
@@ -16,7 +17,6 @@ measurements in ``docs/decisions.md``). The snapshot fast path only needs
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import struct
 import threading
@@ -29,6 +29,7 @@ from .fsutil import fsync_dir, mkstemp, unlink_quiet
 from .objects import hash_object, object_header, sha1
 from .packentry import TYPE_CODES, pack_entry_header, parse_entry_header
 from .packindex import PackIndex, encode_index
+from .zstream import ISAL_MIN, deflate, deflated_bound, inflater
 
 TYPE_CHECKING = False  # typing's, without importing typing at run time (~3 ms a process)
 if TYPE_CHECKING:
@@ -38,53 +39,13 @@ EMPTY_TREE_OID = bytes.fromhex("4b825dc642cb6eb9a060e54bf8d69288fbee4904")
 """The tree of no entries, which git reads without storing (``hash_object("tree", b"")``,
 written out: importing this module hashes nothing, hashlib loads OpenSSL)."""
 
-__all__ = [
-    "EMPTY_TREE_OID",
-    "ObjectStore",
-    "PackWriter",
-    "deflate",
-    "fallback_reader",
-]
+__all__ = ["EMPTY_TREE_OID", "ObjectStore", "PackWriter", "fallback_reader"]
 
 _CODE_TYPES = {v: k for k, v in TYPE_CODES.items()}
 _RUN_READ = 1 << 20
-_SAMPLE = 4096
 _FIRST_READ = 8192  # first pread of a packed object: the header and, often, all of its data
-_ISAL_MIN = 1024  # smaller objects inflate as fast with zlib, without ISA-L's ~2 ms import
 
 _fallback: dict[str, str] = {}
-
-
-@functools.cache
-def inflater() -> tuple[Any, tuple[type[Exception], ...]]:
-    """The module that inflates git's zlib streams (its ``decompressobj()``) and the errors it
-    raises on a damaged one: ``isal.isal_zlib`` when it imports (ISA-L inflates 2.3x faster
-    than zlib, docs/decisions.md), else ``zlib``. Loaded on the first call, so that commands
-    reading no object never pay for the import."""
-    module = _isal_zlib()
-    if module is None:  # pragma: no cover - isal is a dependency; a build may lack it
-        return zlib, (zlib.error,)
-    error: type[Exception] = module.error
-    return module, (zlib.error, error)
-
-
-@functools.cache
-def _isal_zlib() -> Any:
-    """``isal.isal_zlib`` (ISA-L's zlib-compatible API), or None when it does not import."""
-    try:
-        from isal import isal_zlib
-    except ImportError:  # pragma: no cover - isal is a dependency; a build may lack it
-        return None
-    return isal_zlib
-
-
-def deflated_bound(size: int) -> int:
-    """The longest zlib stream of ``size`` bytes this store writes, or keeps as it was received.
-
-    Deflate never grows data by more than 5 bytes per 16 KiB block plus a few header bytes, and
-    the store's reader relies on that: it reads this many bytes of a packed object at once
-    instead of locating the next object (:meth:`ObjectStore.read`)."""
-    return size + 5 * (size // 16000 + 1) + 64
 
 
 def fallback_reader() -> str:
@@ -99,39 +60,6 @@ def fallback_reader() -> str:
         else:
             _fallback["name"] = "pygit2"
     return _fallback["name"]
-
-
-def stream_compressors() -> list[Any]:
-    """Modules whose ``compressobj(1)`` deflates a large object piece by piece, fastest first:
-    ISA-L's, whose stream must then be checked against :func:`deflated_bound`, and zlib's,
-    which stays within it."""
-    module = _isal_zlib()
-    return [zlib] if module is None else [module, zlib]
-
-
-def deflate(data: bytes | memoryview) -> bytes:
-    """A zlib stream of ``data`` at level 1, or stored when a sample does not compress."""
-    if len(data) > 2 * _SAMPLE:
-        sample = bytes(data[:_SAMPLE])
-        if len((_isal_zlib() or zlib).compress(sample, 1)) > _SAMPLE * 0.94:
-            return zlib.compress(data, 0)
-    return deflate_within_bound(data)
-
-
-def deflate_within_bound(data: bytes | memoryview) -> bytes:
-    """A level-1 zlib stream of ``data`` no longer than :func:`deflated_bound` of its size.
-
-    ISA-L compresses as tightly as zlib's level 1 at about 4.5x its speed (docs/decisions.md);
-    its output on incompressible data can pass the bound by a few hundred bytes, and then zlib's
-    (which stores such blocks) is taken instead. Small objects go to zlib directly: as fast,
-    without ISA-L's import."""
-    size = len(data)
-    module = _isal_zlib() if size >= _ISAL_MIN else None
-    if module is not None:
-        stream: bytes = module.compress(data, 1)
-        if len(stream) <= deflated_bound(size):
-            return stream
-    return zlib.compress(data, 1)
 
 
 class PackWriter:
@@ -489,7 +417,7 @@ class ObjectStore:
             stream = first[header_len : end - start]  # small objects: one read, not two
         else:
             stream = idx.pread(end - data_start, data_start)
-        module, errors = (zlib, (zlib.error,)) if size < _ISAL_MIN else inflater()
+        module, errors = (zlib, (zlib.error,)) if size < ISAL_MIN else inflater()
         try:
             # one call, into a buffer of the known size (capped against forged headers)
             data: bytes = module.decompress(stream, 15, min(size, 1032 * len(stream)) or 1)

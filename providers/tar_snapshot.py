@@ -34,10 +34,11 @@ from narrative.blobs import STREAM_THRESHOLD
 from narrative.fsutil import is_workspace_tmp
 from narrative.ignore import IgnoreRules, ignore_lines
 from narrative.objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK, object_header
-from narrative.odb import PackWriter, deflate
+from narrative.odb import PackWriter
 from narrative.paths import is_safe_path
 from narrative.scan import DirNode, FileJob, ScanResult
 from narrative.store import Store
+from narrative.zstream import deflate
 
 from .tar_intake import (
     READ_BUFFER,

@@ -1,7 +1,7 @@
 """The store's blobs read in chunks for the archive writer, so memory stays flat whatever the
 file sizes: straight from their pack with positional reads on descriptors opened once per export
 and shared by threads, as loose objects, or whole (deltas, objects only libgit2 can read).
-Inflating goes through :func:`narrative.odb.inflater` (ISA-L, about twice as fast as zlib):
+Inflating goes through :func:`narrative.zstream.inflater` (ISA-L, about twice as fast as zlib):
 inflating is most of an archive export's own work besides compressing.
 """
 
@@ -14,8 +14,9 @@ from typing import Any
 
 from narrative.errors import StoreCorrupted
 from narrative.objects import object_header
-from narrative.odb import ObjectStore, deflated_bound, inflater
+from narrative.odb import ObjectStore
 from narrative.packentry import parse_entry_header
+from narrative.zstream import deflated_bound, inflater
 
 from .archive import CHUNK
 

@@ -25,8 +25,9 @@ import zstandard
 from narrative.fsck import object_problems
 from narrative.jsonio import parse_json
 from narrative.objects import object_header
-from narrative.odb import ObjectStore, PackWriter, deflate
+from narrative.odb import ObjectStore, PackWriter
 from narrative.store import Store
+from narrative.zstream import deflate
 
 from .archive import CHUNK, FILES_PREFIX, MANIFEST_NAME, ArchiveError
 from .archive_codec import Limited, LimitExceeded, ZstdFrames, decompressor, read_exact

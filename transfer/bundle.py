@@ -24,8 +24,9 @@ from typing import BinaryIO, Protocol
 
 from narrative.errors import StoreCorrupted
 from narrative.objects import MODE_DIR, Commit, hash_object, parse_commit, parse_tree
-from narrative.odb import ObjectStore, deflate
+from narrative.odb import ObjectStore
 from narrative.packentry import pack_entry_header, pack_object_header
+from narrative.zstream import deflate
 
 from .errors import IncompleteExport, InvalidArtifact
 

@@ -20,9 +20,10 @@ from typing import IO, BinaryIO, cast
 
 from narrative.fsck import NAME_MAX, check_tree, object_problems
 from narrative.objects import hash_object, object_header, parse_commit
-from narrative.odb import ObjectStore, PackWriter, deflate, deflated_bound, inflater
+from narrative.odb import ObjectStore, PackWriter
 from narrative.packentry import parse_entry_header
 from narrative.storeconfig import DEFAULT_MAX_IMPORT_SIZE
+from narrative.zstream import deflate, deflated_bound, inflater
 
 from .errors import InvalidArtifact
 
@@ -172,7 +173,7 @@ class _Reader:
     def whole(self, offset: int, data_start: int, size: int) -> tuple[bytes, int, bytes | None]:
         """(content, end offset, the entry verbatim) of the whole object at ``offset``, read
         with one positional read and inflated with one call: the read covers any stream within
-        :func:`narrative.odb.deflated_bound` (the per-object seeks and reads of the streaming
+        :func:`narrative.zstream.deflated_bound` (the per-object seeks and reads of the streaming
         path were a fifth of an import).
 
         The entry is None for a stream longer than that bound (legal, but padded): the store's

@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 
 from narrative.errors import ConcurrentUpdate, InvalidInput, StoreCorrupted
 from narrative.objects import hash_object
-from narrative.odb import PackWriter, deflate, deflate_within_bound, deflated_bound
+from narrative.odb import PackWriter
 from narrative.packentry import parse_entry_header
 from narrative.packindex import PackIndex
 from narrative.refs import STALE_LOCK_SECONDS, RefStore
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
+from narrative.zstream import deflate, deflate_within_bound, deflated_bound
 from tests.conftest import git
 
 
