@@ -293,16 +293,17 @@ def _walk_in_workers(
     batches = [units[i : i + size] for i in range(0, len(units), size)]
     try:
         queue, filler = os.pipe()
-    except OSError:
-        batches, queue = [units], -1
-    else:
-        # every batch number at once: at most PIPE_BUF bytes, so this never blocks; with the
-        # write end closed before any fork, a read of the empty queue says the work is done
-        os.write(filler, b"".join(i.to_bytes(2, "big") for i in range(len(batches))))
-        os.close(filler)
+    except OSError:  # no queue to share: this process walks every unit
+        for path, rel, rules in units:
+            walker.walk(path, rel, rules)
+        return
+    # every batch number at once: at most PIPE_BUF bytes, so this never blocks; with the write
+    # end closed before any fork, a read of the empty queue says the work is done
+    os.write(filler, b"".join(i.to_bytes(2, "big") for i in range(len(batches))))
+    os.close(filler)
     results: list[tuple[int, int]] = []
     try:
-        for _ in range(workers - 1 if queue >= 0 else 0):
+        for _ in range(workers - 1):
             try:
                 read_fd, write_fd = os.pipe()
             except OSError:
@@ -330,8 +331,7 @@ def _walk_in_workers(
         # meanwhile: this process is one of the workers
         _walk_queued(walker, queue, batches)
     finally:
-        if queue >= 0:
-            os.close(queue)
+        os.close(queue)
         returned = [(_read_all(read_fd), os.waitpid(pid, 0)[1]) for pid, read_fd in results]
     broken = False
     for data, status in returned:
@@ -349,13 +349,7 @@ def _walk_in_workers(
 def _walk_queued(
     walker: _Walker, queue: int, batches: list[list[tuple[str, str, IgnoreRules]]]
 ) -> None:
-    """Walk batches of units by the numbers read from ``queue`` until it is empty (-1: no
-    queue, walk them all)."""
-    if queue < 0:
-        for batch in batches:
-            for path, rel, rules in batch:
-                walker.walk(path, rel, rules)
-        return
+    """Walk batches of units by the numbers read from ``queue`` until it is empty."""
     # each number is two bytes and the queue holds whole numbers only: a read of two bytes
     # takes one whole number (readers of a pipe take turns), or none at the end
     while number := os.read(queue, 2):
