@@ -9,13 +9,13 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .commitmsg import is_snapshot_commit, snapshot_from_commit, snapshot_names
 from .errors import SnapshotNotFound, StoreCorrupted
 from .models import Snapshot
 from .objects import Commit, parse_commit
+from .plain import Frozen
 
 if TYPE_CHECKING:
     from .store import Store
@@ -53,15 +53,26 @@ def snapshot_at(store: Store, oid: bytes) -> Snapshot:
     return snapshot_from_commit(oid, commit, parent)
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class _Link:
+class _Link(Frozen):
     """One commit of a history walk, decoded only as far as the walk needs."""
 
+    __slots__ = ("data", "oid", "parent", "snapshot_id", "thread")
+    FIELDS = ("oid", "data", "parent", "snapshot_id", "thread")
     oid: bytes
     data: bytes
     parent: bytes | None
     snapshot_id: str | None
     thread: str | None
+
+    def __init__(
+        self,
+        oid: bytes,
+        data: bytes,
+        parent: bytes | None,
+        snapshot_id: str | None,
+        thread: str | None,
+    ) -> None:
+        self.set_fields(oid, data, parent, snapshot_id, thread)
 
 
 def _link(store: Store, oid: bytes) -> _Link:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import stat as stat_mod
-from dataclasses import dataclass, field
 from typing import Any
 
 from .objects import MODE_DIR, MODE_EXEC, MODE_FILE, MODE_LINK
@@ -27,35 +26,76 @@ DirScan = tuple[str, int, bool, list[str], list[tuple[str, StatKey]] | None]
 entries are exactly those of its cached record."""
 
 
-@dataclass(slots=True, eq=False, repr=False)  # (each generated method costs import time)
 class FileJob:
-    """A file whose blob id must be computed (stat cache miss)."""
+    """A file whose blob id must be computed (stat cache miss).
 
+    (Plain classes, not dataclasses: the decorator costs import time at every snapshot.)"""
+
+    __slots__ = ("changed", "entry", "key", "mode", "path", "rel")
     rel: str
     path: str
     key: StatKey
     mode: int
     entry: list[Any]
     """The owning directory's entry ``[name, mode, oid]``; the writer fills in the oid."""
-    changed: bool = False
+    changed: bool
     """Set when the file changed while being read (its key must not be trusted)."""
 
+    def __init__(
+        self, rel: str, path: str, key: StatKey, mode: int, entry: list[Any], changed: bool = False
+    ) -> None:
+        self.rel = rel
+        self.path = path
+        self.key = key
+        self.mode = mode
+        self.entry = entry
+        self.changed = changed
 
-@dataclass(slots=True, eq=False, repr=False)
+
 class DirNode:
     """One directory. ``record`` is set when its cached record is reused as is (then it has
     neither children nor entries: the record's tree stands for the whole subtree)."""
 
+    __slots__ = (
+        "byte_count",
+        "children",
+        "entries",
+        "file_count",
+        "files",
+        "oid",
+        "record",
+        "rel",
+        "sig",
+        "skipped",
+    )
     rel: str
-    sig: int | None = None
-    record: DirRecord | None = None
-    entries: list[list[Any]] = field(default_factory=list)
-    children: list[DirNode] = field(default_factory=list)
-    files: list[tuple[str, StatKey, list[Any]]] = field(default_factory=list)
-    file_count: int = 0
-    byte_count: int = 0
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-    oid: bytes | None = None
+    sig: int | None
+    record: DirRecord | None
+    entries: list[list[Any]]
+    children: list[DirNode]
+    files: list[tuple[str, StatKey, list[Any]]]
+    file_count: int
+    byte_count: int
+    skipped: list[dict[str, Any]]
+    oid: bytes | None
+
+    def __init__(
+        self,
+        rel: str,
+        sig: int | None = None,
+        record: DirRecord | None = None,
+        oid: bytes | None = None,
+    ) -> None:
+        self.rel = rel
+        self.sig = sig
+        self.record = record
+        self.entries = []
+        self.children = []
+        self.files = []
+        self.file_count = 0
+        self.byte_count = 0
+        self.skipped = []
+        self.oid = oid
 
 
 def file_mode(st_mode: int) -> int | None:

@@ -1,19 +1,20 @@
 """The data model: Objective → Thread → Agent Run → Snapshot.
 
-Plain frozen dataclasses rather than pydantic models: they are built on every snapshot and log
-line, and the CLI's snapshot fast path must not pay pydantic's import time. Each has ``to_dict``
-(the JSON shape printed by ``--json``) and ``from_dict`` (validating what is read back from git
-objects, which may come from another machine).
+Plain frozen records (:mod:`narrative.plain`) rather than pydantic models or dataclasses: they
+are built on every snapshot and log line, and the CLI's snapshot fast path must pay neither
+pydantic's import time nor the dataclass decorator's (~1-2 ms a class, at every start). Each has
+``to_dict`` (the JSON shape printed by ``--json``) and ``from_dict`` (validating what is read
+back from git objects, which may come from another machine).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import StoreCorrupted
 from .ids import is_id
+from .plain import Frozen
 
 __all__ = [
     "RUN_STATUSES",
@@ -55,21 +56,34 @@ def _require_id(data: dict[str, Any], key: str, kind: str, optional: bool = Fals
     return value
 
 
-def _fields_of(record: Objective | Thread | AgentRun) -> dict[str, Any]:
-    """The fields of a record whose fields are all plain values, as ``asdict`` gives them (its
-    recursive copy costs ~10 µs a record; a hub turns thousands into dicts per bundle)."""
-    return dict(record.__dict__)
+def _fields_of(record: Frozen) -> dict[str, Any]:
+    """The fields of a record whose fields are all plain values (no recursive copy: a hub turns
+    thousands of records into dicts per bundle)."""
+    return dict(zip(record.FIELDS, record.values(), strict=True))
 
 
-@dataclass(frozen=True)
-class Objective:
+class Objective(Frozen):
     """What the agent work is for; groups threads."""
 
+    __slots__ = ("created_at", "description", "id", "status", "title")
+    FIELDS = ("id", "title", "description", "status", "created_at")
     id: str
     title: str
-    description: str = ""
-    status: str = "open"
-    created_at: str = field(default_factory=now_iso)
+    description: str
+    status: str
+    created_at: str
+
+    def __init__(
+        self,
+        id: str,
+        title: str,
+        description: str = "",
+        status: str = "open",
+        created_at: str | None = None,
+    ) -> None:
+        self.set_fields(
+            id, title, description, status, now_iso() if created_at is None else created_at
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return _fields_of(self)
@@ -88,15 +102,28 @@ class Objective:
         )
 
 
-@dataclass(frozen=True)
-class Thread:
+class Thread(Frozen):
     """A line of snapshots (one ref), optionally forked from a snapshot of another thread."""
 
+    __slots__ = ("created_at", "forked_from", "id", "name", "objective_id")
+    FIELDS = ("id", "objective_id", "name", "forked_from", "created_at")
     id: str
     objective_id: str
     name: str
-    forked_from: str | None = None
-    created_at: str = field(default_factory=now_iso)
+    forked_from: str | None
+    created_at: str
+
+    def __init__(
+        self,
+        id: str,
+        objective_id: str,
+        name: str,
+        forked_from: str | None = None,
+        created_at: str | None = None,
+    ) -> None:
+        self.set_fields(
+            id, objective_id, name, forked_from, now_iso() if created_at is None else created_at
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return _fields_of(self)
@@ -112,24 +139,81 @@ class Thread:
         )
 
 
-@dataclass(frozen=True)
-class AgentRun:
+class AgentRun(Frozen):
     """One execution of an agent on a thread, from a base snapshot to a result snapshot."""
 
+    __slots__ = (
+        "agent",
+        "base_snapshot",
+        "environment",
+        "exit_code",
+        "finished_at",
+        "id",
+        "manual",
+        "reason",
+        "result_snapshot",
+        "started_at",
+        "status",
+        "thread_id",
+    )
+    FIELDS = (
+        "id",
+        "thread_id",
+        "agent",
+        "environment",
+        "base_snapshot",
+        "result_snapshot",
+        "status",
+        "exit_code",
+        "started_at",
+        "finished_at",
+        "manual",
+        "reason",
+    )
     id: str
     thread_id: str
-    agent: str = "agent"
-    environment: str = "local"
-    base_snapshot: str | None = None
-    result_snapshot: str | None = None
-    status: str = "running"
-    exit_code: int | None = None
-    started_at: str = field(default_factory=now_iso)
-    finished_at: str | None = None
-    manual: bool = False
+    agent: str
+    environment: str
+    base_snapshot: str | None
+    result_snapshot: str | None
+    status: str
+    exit_code: int | None
+    started_at: str
+    finished_at: str | None
+    manual: bool
     """Started without a command (``run start --manual``): it waits for ``run finish``."""
-    reason: str | None = None
+    reason: str | None
     """Why the run ended as it did, when it was not told (e.g. swept as abandoned)."""
+
+    def __init__(
+        self,
+        id: str,
+        thread_id: str,
+        agent: str = "agent",
+        environment: str = "local",
+        base_snapshot: str | None = None,
+        result_snapshot: str | None = None,
+        status: str = "running",
+        exit_code: int | None = None,
+        started_at: str | None = None,
+        finished_at: str | None = None,
+        manual: bool = False,
+        reason: str | None = None,
+    ) -> None:
+        self.set_fields(
+            id,
+            thread_id,
+            agent,
+            environment,
+            base_snapshot,
+            result_snapshot,
+            status,
+            exit_code,
+            now_iso() if started_at is None else started_at,
+            finished_at,
+            manual,
+            reason,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = _fields_of(self)
@@ -161,10 +245,35 @@ class AgentRun:
         )
 
 
-@dataclass(frozen=True)
-class Snapshot:
+class Snapshot(Frozen):
     """One captured state of a workspace: a commit on its thread's ref."""
 
+    __slots__ = (
+        "commit",
+        "created_at",
+        "id",
+        "message",
+        "parent",
+        "parent_commit",
+        "run",
+        "skipped",
+        "stats",
+        "thread",
+        "tree",
+    )
+    FIELDS = (
+        "id",
+        "commit",
+        "tree",
+        "thread",
+        "run",
+        "parent",
+        "message",
+        "created_at",
+        "stats",
+        "skipped",
+        "parent_commit",
+    )
     id: str
     commit: str
     tree: str
@@ -173,9 +282,44 @@ class Snapshot:
     parent: str | None
     message: str
     created_at: str
-    stats: dict[str, int] = field(default_factory=dict)
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-    parent_commit: str | None = None
+    stats: dict[str, int]
+    skipped: list[dict[str, Any]]
+    parent_commit: str | None
+
+    def __init__(
+        self,
+        id: str,
+        commit: str,
+        tree: str,
+        thread: str,
+        run: str | None,
+        parent: str | None,
+        message: str,
+        created_at: str,
+        stats: dict[str, int] | None = None,
+        skipped: list[dict[str, Any]] | None = None,
+        parent_commit: str | None = None,
+    ) -> None:
+        self.set_fields(
+            id,
+            commit,
+            tree,
+            thread,
+            run,
+            parent,
+            message,
+            created_at,
+            {} if stats is None else stats,
+            [] if skipped is None else skipped,
+            parent_commit,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        import copy
+
+        # deep copies of the mutable fields, as ``dataclasses.asdict`` gave them (``skipped``
+        # is read from commit trailers: any JSON)
+        data = _fields_of(self)
+        data["stats"] = copy.deepcopy(self.stats)
+        data["skipped"] = copy.deepcopy(self.skipped)
+        return data

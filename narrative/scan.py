@@ -28,7 +28,6 @@ import operator
 import os
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from . import progress
@@ -37,6 +36,7 @@ from .errors import WorkspaceUnreadable
 from .fsutil import is_workspace_tmp, remove_stale_workspace_tmp
 from .ignore import IgnoreRules, read_ignore_file
 from .paths import STORE_DIR_NAME, are_plain_names, component_problem, is_plain_name
+from .plain import Frozen
 from .statcache import DirRecord, StatCache, StatKey
 
 __all__ = ["DirNode", "FileJob", "KnownChanges", "ScanResult", "scan_workspace"]
@@ -54,35 +54,61 @@ _stat_key: Callable[[os.stat_result], StatKey] = operator.attrgetter(
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-@dataclass(eq=False, repr=False)
 class ScanResult:
-    """Everything a snapshot needs from the walk."""
+    """Everything a snapshot needs from the walk.
+
+    (The scan's records are plain classes, not dataclasses: the decorator costs import time at
+    every snapshot's start.)"""
 
     root: DirNode
     jobs: list[FileJob]
     dirs: list[DirNode]
     skipped: list[dict[str, Any]]
-    listed: int = 0
+    listed: int
     """Directories listed and stat'ed (the rest came from the cache untouched)."""
-    journal: tuple[str, int] | None = None
+    journal: tuple[str, int] | None
     """The watcher's journal position this scan is complete as of (:mod:`narrative.watch`)."""
-    carried: dict[str, DirRecord] = field(default_factory=dict)
+    carried: dict[str, DirRecord]
     """Records of the directories below those reused from the cache as they are (settled
     subtrees, a journal's unchanged ones): part of the tree, but not in ``dirs`` (no node is
     built for them)."""
-    unchanged: bool = False
+    unchanged: bool
     """Nothing was listed: the journal shows no change since the stat cache was taken, whose
     records and tree stand as they are (``root``, ``dirs`` and ``jobs`` are left empty)."""
 
+    def __init__(
+        self,
+        root: DirNode,
+        jobs: list[FileJob],
+        dirs: list[DirNode],
+        skipped: list[dict[str, Any]],
+        listed: int = 0,
+        journal: tuple[str, int] | None = None,
+        carried: dict[str, DirRecord] | None = None,
+        unchanged: bool = False,
+    ) -> None:
+        self.root = root
+        self.jobs = jobs
+        self.dirs = dirs
+        self.skipped = skipped
+        self.listed = listed
+        self.journal = journal
+        self.carried = {} if carried is None else carried
+        self.unchanged = unchanged
 
-@dataclass(frozen=True, eq=False, repr=False)
-class KnownChanges:
+
+class KnownChanges(Frozen):
     """What a complete journal says changed since the cache was written."""
 
+    __slots__ = ("dirs", "trees")
+    FIELDS = ("dirs", "trees")
     dirs: frozenset[str]
     """Directories whose entries, or an entry's content or metadata, may have changed."""
     trees: frozenset[str]
     """Directories (new or moved in) to walk entirely."""
+
+    def __init__(self, dirs: frozenset[str], trees: frozenset[str]) -> None:
+        self.set_fields(dirs, trees)
 
 
 class _Walker:

@@ -12,11 +12,9 @@ its snapshot is returned).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from .blobs import write_blobs
 from .commitmsg import encode_message, snapshot_from_commit
@@ -27,6 +25,7 @@ from .ids import new_id
 from .models import Snapshot
 from .objects import MODE_DIR, Commit, Signature, encode_commit, encode_tree, hash_object
 from .odb import PackWriter
+from .plain import Frozen
 from .repack import MAX_PACKS, consolidate_small_packs
 from .scan import DirNode, FileJob, ScanResult, scan_workspace
 from .statcache import (
@@ -50,16 +49,26 @@ writer (called under the store's shared ``gc`` lock), it writes the blobs and re
 tree as a scan would (``jobs`` only counted, already stored); or None: walk the workspace."""
 
 
-@dataclass(frozen=True)
-class SnapshotResult:
+class SnapshotResult(Frozen):
     """The snapshot now at the thread's head, and whether this call created it."""
 
+    __slots__ = ("cache", "created", "new_thread", "snapshot")
+    FIELDS = ("snapshot", "created", "cache", "new_thread")
     snapshot: Snapshot
     created: bool
-    cache: StatCache = field(default_factory=StatCache, repr=False)
+    cache: StatCache
     """The workspace's stat records as of this snapshot (restore checks edits against it)."""
-    new_thread: bool = False
+    new_thread: bool
     """The snapshot started a new thread (the workspace was not at its thread's head)."""
+
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        created: bool,
+        cache: StatCache | None = None,
+        new_thread: bool = False,
+    ) -> None:
+        self.set_fields(snapshot, created, StatCache() if cache is None else cache, new_thread)
 
 
 def _build_tree(node: DirNode, writer: PackWriter | None) -> bytes | None:
@@ -162,26 +171,33 @@ def _new_cache(result: ScanResult, old: StatCache, start_ns: int) -> StatCache:
     return StatCache(dirs, old.head, old.max_file_size, result.journal, old.base)
 
 
-@dataclass(eq=False, repr=False)
 class _Capture:
     """A scanned and hashed workspace state, ready to be committed."""
 
-    store: Store
-    workspace: str
-    result: ScanResult
-    root: bytes
     old_cache: StatCache | None
     """None: no directory was walked (a :data:`Fill`), so there is no stat cache to keep."""
-    start_ns: int
 
-    def __post_init__(self) -> None:
-        old = self.old_cache
-        if old is None:
+    def __init__(
+        self,
+        store: Store,
+        workspace: str,
+        result: ScanResult,
+        root: bytes,
+        old_cache: StatCache | None,
+        start_ns: int,
+    ) -> None:
+        self.store = store
+        self.workspace = workspace
+        self.result = result
+        self.root = root
+        self.old_cache = old_cache
+        self.start_ns = start_ns
+        if old_cache is None:
             self.cache = StatCache()
-        elif self.result.unchanged:
-            self.cache = old
+        elif result.unchanged:
+            self.cache = old_cache
         else:
-            self.cache = _new_cache(self.result, old, self.start_ns)
+            self.cache = _new_cache(result, old_cache, start_ns)
 
     def stats(self) -> dict[str, int]:
         carried = self.result.carried.values()
@@ -370,7 +386,7 @@ def _take(
         if tracks:
             set_head(store, bytes.fromhex(outcome.snapshot.commit), thread_id)
         if fork_from is not None:
-            outcome = dataclasses.replace(outcome, new_thread=True)
+            outcome = outcome.replace(new_thread=True)
         if store.odb.pack_count() > MAX_PACKS:
             consolidate_small_packs(store.odb)
         return outcome

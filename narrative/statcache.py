@@ -36,7 +36,6 @@ import importlib
 import marshal
 import os
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 from .fsutil import unlink_quiet, write_atomic
@@ -118,14 +117,19 @@ def _unvouched(dirs: dict[str, DirRecord]) -> list[str]:
     return [rel for rel, record in dirs.items() if record[0] is None]
 
 
-@dataclass(eq=False, repr=False)
 class _Base:
     """What the base file on disk holds: deltas are computed against it."""
 
+    __slots__ = ("dirs", "size", "token")
     token: bytes
     dirs: dict[str, DirRecord] | None
     """None until the records are decoded (a delta is then never computed against them)."""
     size: int
+
+    def __init__(self, token: bytes, dirs: dict[str, DirRecord] | None, size: int) -> None:
+        self.token = token
+        self.dirs = dirs
+        self.size = size
 
 
 _Pending = tuple[str, bytes, tuple[dict[str, DirRecord], list[str]] | None]

@@ -36,12 +36,12 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from .errors import InvalidInput, WatcherStopped
 from .fsutil import write_atomic
 from .jsonio import load_json
 from .paths import STORE_DIR_NAME
+from .plain import Frozen
 from .scan import KnownChanges
 from .statcache import cache_path
 
@@ -156,13 +156,17 @@ class _Inotify:
         os.close(self.fd)
 
 
-@dataclass(eq=False, repr=False)
 class _Watch:
     """What one inotify watch descriptor watches."""
 
+    __slots__ = ("kind", "rel")
     rel: str
     kind: str
     """``dir`` a workspace directory, ``git`` a ``.git``, ``info`` a ``.git/info``, ``cookies``."""
+
+    def __init__(self, rel: str, kind: str) -> None:
+        self.rel = rel
+        self.kind = kind
 
 
 class _Session:
@@ -441,13 +445,17 @@ def wait_ready(store_dir: str, workspace: str, pid: int, timeout: float) -> str 
     return None
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class JournalSync:
+class JournalSync(Frozen):
     """The live watcher's journal, synchronised up to ``offset`` (just after our cookie)."""
 
+    __slots__ = ("generation", "offset", "path")
+    FIELDS = ("generation", "offset", "path")
     generation: str
     offset: int
     path: str
+
+    def __init__(self, generation: str, offset: int, path: str) -> None:
+        self.set_fields(generation, offset, path)
 
     @property
     def mark(self) -> JournalMark:

@@ -6,7 +6,6 @@ file entries build, shared by the writer's connectivity check and the reader's r
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import re
@@ -32,7 +31,7 @@ __all__ = [
 
 _FILE_KEYS = frozenset({"path", "mode", "size", "sha256", "blob"})
 _TOP_KEYS = frozenset({"version", "snapshot", "objective", "thread", "run", "tree", "files"})
-_SNAPSHOT_KEYS = frozenset(f.name for f in dataclasses.fields(Snapshot))
+_SNAPSHOT_KEYS = frozenset(Snapshot.FIELDS)
 _HEX_RE = re.compile("[0-9a-f]*")
 
 

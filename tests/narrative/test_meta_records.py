@@ -1,10 +1,9 @@
 """Listing records decodes each version of a record once per store (a hub lists a store's runs
 for every run it starts): what a listing hands out is never stale, whoever changed the record,
-and the records' dicts are what ``dataclasses.asdict`` would give."""
+and the records' dicts keep the keys and order they had as dataclasses (the JSON bytes of
+``--json`` and of the metadata records)."""
 
 from __future__ import annotations
-
-from dataclasses import asdict, replace
 
 from narrative.hierarchy import (
     create_thread,
@@ -14,7 +13,7 @@ from narrative.hierarchy import (
     list_threads,
     start_run,
 )
-from narrative.models import AgentRun, Objective, Thread
+from narrative.models import AgentRun, Objective, Snapshot, Thread
 from narrative.store import Store
 
 
@@ -51,16 +50,62 @@ def test_a_record_changed_in_place_by_an_update_is_listed_changed(store: Store) 
     assert before.agent == run.agent  # what was handed out before is unchanged
 
 
-def test_records_as_dicts_are_what_asdict_gives(store: Store) -> None:
+# the keys, in order, that ``dataclasses.asdict`` gave when the records were dataclasses
+_KEYS = {
+    Objective: ["id", "title", "description", "status", "created_at"],
+    Thread: ["id", "objective_id", "name", "forked_from", "created_at"],
+    AgentRun: [
+        "id",
+        "thread_id",
+        "agent",
+        "environment",
+        "base_snapshot",
+        "result_snapshot",
+        "status",
+        "exit_code",
+        "started_at",
+        "finished_at",
+        "manual",
+        "reason",
+        "thread",
+    ],
+}
+
+
+def test_records_as_dicts_keep_their_keys_values_and_order(store: Store) -> None:
     objective = list_objectives(store)[0]
     thread = create_thread(store, objective.id, "side")
-    run = replace(start_run(store, thread.id), reason="why", exit_code=3)
+    run = start_run(store, thread.id).replace(reason="why", exit_code=3)
     for record in (objective, thread, run):
-        expected = asdict(record)
-        if isinstance(record, AgentRun):
-            expected["thread"] = record.thread_id
-        assert record.to_dict() == expected
-        assert list(record.to_dict()) == list(expected)  # same order: same JSON bytes
+        data = record.to_dict()
+        assert list(data) == _KEYS[type(record)]  # same order: same JSON bytes
+        for key, value in data.items():
+            assert value == getattr(record, "thread_id" if key == "thread" else key)
     assert Objective.from_dict(objective.to_dict()) == objective
     assert Thread.from_dict(thread.to_dict()) == thread
     assert AgentRun.from_dict(run.to_dict()) == run
+
+
+def test_a_snapshot_as_a_dict_is_a_deep_copy_in_field_order() -> None:
+    skipped = [{"path": "a", "reason": "too large", "sizes": [1, 2]}]
+    snap = Snapshot(
+        "snap-x", "c" * 40, "t" * 40, "thread-x", None, None, "msg", "2026", {"files": 1}, skipped
+    )
+    data = snap.to_dict()
+    assert list(data) == [
+        "id",
+        "commit",
+        "tree",
+        "thread",
+        "run",
+        "parent",
+        "message",
+        "created_at",
+        "stats",
+        "skipped",
+        "parent_commit",
+    ]
+    data["stats"]["files"] = 9
+    data["skipped"][0]["sizes"].append(3)
+    assert snap.stats == {"files": 1} and snap.skipped[0]["sizes"] == [1, 2]
+    assert snap == Snapshot(**{**data, "stats": {"files": 1}, "skipped": skipped})
