@@ -60,8 +60,18 @@ def test_everyday_commands_load_no_heavy_library(
 
 
 #: What a watched no-op snapshot does without: OpenSSL's hashlib (it hashes nothing), ISA-L (its
-#: one read is a small commit), tempfile (no large file is stored), unicodedata (no odd name).
-WATCHED_NO_OP_UNNEEDED = ("hashlib", "isal", "tempfile", "unicodedata", "ctypes")
+#: one read is a small commit), tempfile (no large file is stored), unicodedata (no odd name),
+#: dataclasses (the snapshot path's records are plain classes: the decorator costs ~1 ms a class).
+WATCHED_NO_OP_UNNEEDED = ("hashlib", "isal", "tempfile", "unicodedata", "ctypes", "dataclasses")
+
+
+def test_a_snapshot_of_a_change_builds_no_dataclass(cli: Cli, workspace: Path) -> None:
+    cli.run("init")
+    (workspace / "a.txt").write_text("a\n")
+    cli.run("snapshot", "-m", "one")
+    (workspace / "a.txt").write_text("b\n")
+    loaded = _loaded_after(["snapshot", "-m", "two"], workspace, ("dataclasses",))
+    assert loaded == [], "a snapshot imported dataclasses"
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/sys/fs/inotify"), reason="no inotify")
