@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest-xdist workers for make test and make test-long (the multi-host suites stay serial: their
+# namespaces and links are machine-wide); TEST_WORKERS=0 runs in one process
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-long test-hosts test-faults soak lint bench bench-quick bench-snapshot bench-history bench-transfer bench-merge bench-run bench-sandbox bench-gateway bench-chain bench-web clean
 
@@ -16,10 +19,10 @@ demo: $(STAMP)  ## the main job on embedded defaults: snapshot, change, diff, re
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 test: $(STAMP)  ## the test suite, under ten minutes (CI runs it and test-long)
-	$(BIN)/pytest -q -m "not long and not hosts" --durations=20
+	$(BIN)/pytest -q -n $(TEST_WORKERS) -m "not long and not hosts" --durations=20
 
 test-long: $(STAMP)  ## the long tests: the model-based store test (ci profile), the wheel install, reused-environment attacks, the slower hub tests (Docker, TLS, hybrid, team, EC2 on moto)
-	$(BIN)/pytest -q -m long
+	$(BIN)/pytest -q -n $(TEST_WORKERS) -m long --durations=10
 
 test-hosts: $(STAMP)  ## tests on a multi-host network of Linux namespaces (root; tests/multihost)
 	$(BIN)/pytest -q -m "hosts and not faults" tests/multihost
