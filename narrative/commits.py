@@ -6,13 +6,17 @@ Names (prefixes, thread names, ``origin/main``, run ids) are :mod:`narrative.his
 
 from __future__ import annotations
 
+import contextlib
+import marshal
+import os
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING
 
 from .commitmsg import is_snapshot_commit, snapshot_from_commit, snapshot_names
 from .errors import SnapshotNotFound, StoreCorrupted
+from .fsutil import write_atomic
 from .models import Snapshot
 from .objects import Commit, parse_commit
 from .plain import Frozen
@@ -22,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "all_snapshots",
+    "keep_snapshot_ids",
     "read_commit",
     "snapshot_at",
     "snapshot_by_id",
@@ -133,16 +138,41 @@ def all_snapshots(store: Store) -> Iterator[Snapshot]:
         yield snapshot_from_commit(link.oid, parse_commit(link.data), parent_id)
 
 
-def snapshot_ids(store: Store) -> Iterator[tuple[str, bytes]]:
+def snapshot_ids(store: Store) -> Generator[tuple[str, bytes], None, None]:
     """``(snapshot id, commit)`` of every snapshot :func:`all_snapshots` yields, in its order,
     without decoding the snapshots (resolving a name scans them all). Read through the store's
     :class:`_SnapshotIndex`: a long-lived process (a hub resolving a snapshot for every run)
-    reads only what was added since it last asked."""
+    reads only what was added since it last asked, and a new process starts from what an
+    earlier one kept (:func:`keep_snapshot_ids`)."""
+    yield from _index_of(store).entries(store)
+
+
+def keep_snapshot_ids(store: Store) -> None:
+    """Keep what this process read of the snapshot index in the store's cache directory, when
+    it read enough commits to be worth a file (a cold ``show`` of a snapshot deep in a history
+    of 10,000 reads thousands of commits; the next process then reads only what is newer).
+    Called after a name resolved: a name that resolves to nothing leaves the store as it was.
+    The file is only a cache: a process that cannot write it goes on without it."""
+    _index_of(store).keep(store)
+
+
+def _index_of(store: Store) -> _SnapshotIndex:
     with _INDEXES_LOCK:
         index = _INDEXES.get(store)
         if index is None:
             index = _INDEXES[store] = _SnapshotIndex()
-    yield from index.entries(store)
+    return index
+
+
+_Chain = tuple[bytes, list[tuple[str, bytes]], bytes | None]
+"""One thread's entry of the index: the head it was read from, the ``(snapshot id, commit)``
+pairs read from there (newest first), and the commit the reading goes on from (None: all read)."""
+
+_INDEX_FILE = ("narrative", "cache", "snapshot-index")
+_INDEX_VERSION = 1
+KEEP_INDEX_AFTER = 64
+"""Commits read since the file was loaded or written before :func:`keep_snapshot_ids` writes
+it again (a few new snapshots are cheaper to read again than the file to rewrite)."""
 
 
 class _SnapshotIndex:
@@ -153,11 +183,14 @@ class _SnapshotIndex:
     whose head moved is read from its new head down to the old one when it only grew (a
     snapshot taken, a result merged), else (reset, rewritten) again from its head; a thread
     gone is dropped. Snapshot commits never change: a pair read once stays true as long as its
-    thread's head still leads to it, which the old head being met on the way proves."""
+    thread's head still leads to it, which the old head being met on the way proves. That is
+    also why the pairs an earlier process kept (:meth:`keep`) can be trusted the same way: an
+    entry is used only from the very head it was read from."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._threads: dict[str, tuple[bytes, list[tuple[str, bytes]], bytes | None]] = {}
+        self._threads: dict[str, _Chain] | None = None  # None: the kept file not loaded yet
+        self._read = 0  # commits read since the kept file was loaded or written
 
     def entries(self, store: Store) -> Iterator[tuple[str, bytes]]:
         """The pairs, thread by thread as :func:`_all_links` gives them (chains of two threads
@@ -165,24 +198,53 @@ class _SnapshotIndex:
         that names another)."""
         heads = store.thread_heads()
         with self._lock:
-            for gone in self._threads.keys() - heads.keys():
-                del self._threads[gone]
+            threads = self._loaded(store)
+            for gone in threads.keys() - heads.keys():
+                del threads[gone]
         for thread_id, head in sorted(heads.items()):
             yield from self._pairs(store, thread_id, head)
 
+    def keep(self, store: Store) -> None:
+        with self._lock:
+            if self._threads is None or self._read < KEEP_INDEX_AFTER:
+                return
+            kept = {
+                thread_id: (
+                    head,
+                    " ".join(snapshot_id for snapshot_id, _ in pairs),
+                    b"".join(oid for _, oid in pairs),
+                    start,
+                )
+                for thread_id, (head, pairs, start) in self._threads.items()
+            }
+            self._read = 0
+        with contextlib.suppress(OSError):  # a read-only store: resolving works without it
+            write_atomic(
+                os.path.join(store.git_dir, *_INDEX_FILE),
+                marshal.dumps((_INDEX_VERSION, kept)),
+                durable=False,  # a cache: a torn file is refused when loaded, and read again
+            )
+
+    def _loaded(self, store: Store) -> dict[str, _Chain]:
+        if self._threads is None:
+            self._threads = _load_kept(os.path.join(store.git_dir, *_INDEX_FILE))
+        return self._threads
+
     def _pairs(self, store: Store, thread_id: str, head: bytes) -> Iterator[tuple[str, bytes]]:
         with self._lock:
-            kept = self._threads.get(thread_id)
+            kept = self._loaded(store).get(thread_id)
         older = None  # what was read from an older head, met again if the thread only grew
         if kept is not None and kept[0] == head:
             pairs, start = list(kept[1]), kept[2]
         else:
             pairs, start, older = [], head, kept
+        read = 0
         try:
             yield from tuple(pairs)  # read before (none when the head moved)
             while start is not None:
                 chain, start = _chain(store, thread_id, start), None
                 for link, parent in chain:
+                    read += 1
                     if older is not None and link.oid == older[0]:
                         pairs += older[1]
                         start, grown, older = older[2], older[1], None
@@ -196,7 +258,34 @@ class _SnapshotIndex:
                     yield pairs[-1]
         finally:  # what was read, also when the caller stopped early
             with self._lock:
-                self._threads[thread_id] = (head, pairs, start)
+                self._loaded(store)[thread_id] = (head, pairs, start)
+                self._read += read
+
+
+def _load_kept(path: str) -> dict[str, _Chain]:
+    """The index an earlier process kept; empty when there is none or it is not one this
+    version wrote whole (torn, truncated, another version: it is read again from the commits)."""
+    try:
+        with open(path, "rb") as f:
+            version, kept = marshal.loads(f.read())
+        if version != _INDEX_VERSION or not isinstance(kept, dict):
+            return {}
+        threads: dict[str, _Chain] = {}
+        for thread_id, (head, ids, oids, start) in kept.items():
+            names = ids.split(" ") if ids else []
+            if (
+                not isinstance(thread_id, str)
+                or not isinstance(head, bytes)
+                or not isinstance(oids, bytes)
+                or len(oids) != 20 * len(names)
+                or not (start is None or isinstance(start, bytes))
+            ):
+                return {}
+            commits = [oids[i : i + 20] for i in range(0, len(oids), 20)]
+            threads[thread_id] = (head, list(zip(names, commits, strict=True)), start)
+        return threads
+    except (OSError, EOFError, ValueError, TypeError, AttributeError):
+        return {}
 
 
 _INDEXES: weakref.WeakKeyDictionary[Store, _SnapshotIndex] = weakref.WeakKeyDictionary()
@@ -209,7 +298,10 @@ def snapshot_by_id(store: Store, snapshot_id: str) -> Snapshot:
     Raises:
         SnapshotNotFound: no snapshot of the store has it.
     """
-    for found, oid in snapshot_ids(store):
-        if snapshot_id in (found, oid.hex()):
-            return snapshot_at(store, oid)
-    raise SnapshotNotFound(snapshot_id)
+    with contextlib.closing(snapshot_ids(store)) as pairs:  # closed: what it read is recorded
+        oid = next((oid for found, oid in pairs if snapshot_id in (found, oid.hex())), None)
+    if oid is None:
+        raise SnapshotNotFound(snapshot_id)
+    snapshot = snapshot_at(store, oid)
+    keep_snapshot_ids(store)
+    return snapshot

@@ -7,10 +7,11 @@ snapshots themselves is :mod:`narrative.commits`.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import TYPE_CHECKING, Any
 
-from .commits import snapshot_at, snapshot_ids
+from .commits import keep_snapshot_ids, snapshot_at, snapshot_ids
 from .errors import AmbiguousId, InvalidInput, SnapshotNotFound
 from .models import Snapshot
 from .runs import resolve_run, run_snapshots
@@ -51,17 +52,28 @@ def resolve_snapshot(store: Store, ref: str) -> Snapshot:
     matches: dict[str, bytes] = {}
     is_hex = len(ref) >= 4 and all(c in "0123456789abcdef" for c in ref)
     # ids only: decoding 10,000 snapshots to return one was most of a resolve's time
-    for snapshot_id, oid in snapshot_ids(store):
-        commit = oid.hex()
-        if snapshot_id.startswith(ref) or (is_hex and commit.startswith(ref)):
-            if ref in (snapshot_id, commit):
-                return snapshot_at(store, oid)
-            matches[snapshot_id] = oid
+    exact = None
+    with contextlib.closing(snapshot_ids(store)) as pairs:  # closed: what it read is recorded
+        for snapshot_id, oid in pairs:
+            commit = oid.hex()
+            if snapshot_id.startswith(ref) or (is_hex and commit.startswith(ref)):
+                if ref in (snapshot_id, commit):
+                    exact = oid
+                    break
+                matches[snapshot_id] = oid
+    if exact is not None:
+        return _resolved(store, exact)
     if len(matches) == 1:
-        return snapshot_at(store, next(iter(matches.values())))
+        return _resolved(store, next(iter(matches.values())))
     if not matches:
         raise _not_found(store, ref)
     raise AmbiguousId(ref, list(matches))
+
+
+def _resolved(store: Store, oid: bytes) -> Snapshot:
+    snapshot = snapshot_at(store, oid)
+    keep_snapshot_ids(store)  # the next process reads only snapshots newer than these
+    return snapshot
 
 
 def _not_found(store: Store, ref: str) -> SnapshotNotFound:
