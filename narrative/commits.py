@@ -28,6 +28,7 @@ __all__ = [
     "all_snapshots",
     "keep_snapshot_ids",
     "read_commit",
+    "resolved_snapshot",
     "snapshot_at",
     "snapshot_by_id",
     "snapshot_ids",
@@ -302,6 +303,12 @@ def snapshot_by_id(store: Store, snapshot_id: str) -> Snapshot:
         oid = next((oid for found, oid in pairs if snapshot_id in (found, oid.hex())), None)
     if oid is None:
         raise SnapshotNotFound(snapshot_id)
+    return resolved_snapshot(store, oid)
+
+
+def resolved_snapshot(store: Store, oid: bytes) -> Snapshot:
+    """The snapshot a name resolved to, through :func:`snapshot_ids`: read, and what the
+    resolving read of the index kept for the next process (:func:`keep_snapshot_ids`)."""
     snapshot = snapshot_at(store, oid)
     keep_snapshot_ids(store)
     return snapshot

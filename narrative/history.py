@@ -11,7 +11,7 @@ import contextlib
 import re
 from typing import TYPE_CHECKING, Any
 
-from .commits import keep_snapshot_ids, snapshot_at, snapshot_ids
+from .commits import resolved_snapshot, snapshot_at, snapshot_ids
 from .errors import AmbiguousId, InvalidInput, SnapshotNotFound
 from .models import Snapshot
 from .runs import resolve_run, run_snapshots
@@ -62,18 +62,12 @@ def resolve_snapshot(store: Store, ref: str) -> Snapshot:
                     break
                 matches[snapshot_id] = oid
     if exact is not None:
-        return _resolved(store, exact)
+        return resolved_snapshot(store, exact)
     if len(matches) == 1:
-        return _resolved(store, next(iter(matches.values())))
+        return resolved_snapshot(store, next(iter(matches.values())))
     if not matches:
         raise _not_found(store, ref)
     raise AmbiguousId(ref, list(matches))
-
-
-def _resolved(store: Store, oid: bytes) -> Snapshot:
-    snapshot = snapshot_at(store, oid)
-    keep_snapshot_ids(store)  # the next process reads only snapshots newer than these
-    return snapshot
 
 
 def _not_found(store: Store, ref: str) -> SnapshotNotFound:
