@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -119,6 +120,42 @@ def kill_after(args: list[str], cwd: Path, delay: float) -> int:
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     return proc.wait()
+
+
+class Killer:
+    """SIGKILLs commands at random moments within how long they take on this machine.
+
+    A fixed range of delays lets a fast machine finish most commands before their kill, and a
+    test guarding that its kills interrupted real work then fails for no fault of the code. The
+    delay is drawn as a fraction (``low``..``high``) of the expected duration, which starts at
+    ``guess`` seconds and becomes the duration of the last command that finished before its
+    kill."""
+
+    def __init__(
+        self, rng: random.Random, guess: float, low: float = 0.05, high: float = 0.9
+    ) -> None:
+        self.rng = rng
+        self.expected = guess
+        self.low, self.high = low, high
+
+    def kill(self, args: list[str], cwd: Path) -> int:
+        """Start ``narrative ARGS`` and SIGKILL it; its exit status (``-SIGKILL`` when the kill
+        interrupted it)."""
+        import signal
+        import time
+
+        delay = self.rng.uniform(self.low, self.high) * self.expected
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            [NARRATIVE, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            status = proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            return proc.wait()
+        self.expected = time.monotonic() - start  # done before its kill: aim within that next
+        return status
 
 
 class Cli:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NARRATIVE, Cli, git, git_tree_of, kill_after
+from tests.conftest import NARRATIVE, Cli, Killer, git, git_tree_of
 
 
 def _fsck(store: str) -> None:
@@ -90,13 +90,14 @@ def test_kill_9_at_any_moment_leaves_a_consistent_store(workspace: Path) -> None
     _populate(workspace, 3000, 1)
     rng = random.Random(7)
     killed = 0
+    killer = Killer(rng, guess=1.0)
     for round_no in range(8):
         for i in rng.sample(range(3000), 200):
             path = workspace / f"d{i % 37}" / f"e{i % 5}" / f"f{i}.txt"
             path.write_bytes(os.urandom(rng.randint(100, 20000)))
         (workspace / f"round{round_no}.txt").write_text(str(round_no))
         args = ["gc", "--keep-last", "2"] if round_no % 3 == 2 else ["snapshot", "-m", "r"]
-        if kill_after(args, workspace, rng.uniform(0.05, 0.9)) == -signal.SIGKILL:
+        if killer.kill(args, workspace) == -signal.SIGKILL:
             killed += 1
         _fsck(store)
         for line in git("--git-dir", store, "for-each-ref", "--format=%(objectname)").split():

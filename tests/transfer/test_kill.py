@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import random
 import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cli, git, kill_after
+from tests.conftest import Cli, Killer, git
 from transfer import verified
-
-
-def _timed(run: Callable[[], object]) -> float:
-    start = time.monotonic()
-    run()
-    return time.monotonic() - start
 
 
 def _populate(ws: Path, files: int) -> None:
@@ -44,19 +36,11 @@ def test_kill_during_export_and_import(tmp_path: Path) -> None:
     rng = random.Random(11)
     out = tmp_path / "out"
     out.mkdir()
-    # the kills land within how long each command takes on this machine (a fixed 0.05-0.6 s
-    # let a fast machine finish most of them first: no kill, nothing tested)
-    good = str(out / "good.bundle")
-    export_time = _timed(lambda: cli.run("export", good))
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    Cli(scratch).run("init")
-    import_time = _timed(lambda: Cli(scratch).run("import", good))
     kills = 0
+    exports = Killer(rng, guess=0.6)
     for i in range(6):
         url = str(out / f"x{i}.bundle")
-        delay = rng.uniform(0.05, 0.9) * export_time
-        if kill_after(["export", url], src, delay) == -signal.SIGKILL:
+        if exports.kill(["export", url], src) == -signal.SIGKILL:
             kills += 1
             # never a half-published artifact: either complete and verified, or nothing a reader
             # takes for one. A kill between the data's rename into place and its sidecar's
@@ -66,9 +50,11 @@ def test_kill_during_export_and_import(tmp_path: Path) -> None:
                 verified.verify(url)
             elif (out / f"x{i}.bundle").exists():
                 git("clone", "-q", "--bare", url, str(tmp_path / f"check{i}.git"))
+    good = str(out / "good.bundle")
+    cli.run("export", good)
+    imports = Killer(rng, guess=0.6)
     for _ in range(4):
-        delay = rng.uniform(0.05, 0.9) * import_time
-        if kill_after(["import", good], dst, delay) == -signal.SIGKILL:
+        if imports.kill(["import", good], dst) == -signal.SIGKILL:
             kills += 1
         git("--git-dir", store, "fsck", "--strict", "--no-dangling", "--connectivity-only")
         for oid in git("--git-dir", store, "for-each-ref", "--format=%(objectname)").split():
