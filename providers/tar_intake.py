@@ -6,10 +6,10 @@ Regular files and directories, nearly every member of a workspace's tar, are wri
 with only its exec bit kept. Python's ``data`` filter checks a path by resolving it through the
 file system (``os.path.realpath``: an ``lstat`` per part per member) and then also sets owners
 and times a snapshot never reads; on a 5,000-file tar it cost about a fifth of a collect. Every
-other member (a hard link, a device, a path the rule refuses or one with a link on the way or
-in its place) still goes through ``tarfile`` with the ``data`` filter, which keeps deciding
-what is refused there. Symbolic links are data: made with whatever target they have, never
-followed.
+other member (a device, a path the rule refuses or one with a link on the way or in its place)
+still goes through ``tarfile`` with the ``data`` filter, which keeps deciding what is refused
+there. Symbolic links are data: made with whatever target they have, never followed. A hard
+link is made here too, only to a file extracted before it (see :func:`_hard_link`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def refusals() -> Iterator[None]:
         yield
     except tarfile.TarError as exc:  # the data filter's refusals, a broken stream
         raise InvalidInput(f"refused the environment tar: {exc}") from None
-    except KeyError as exc:  # a hard link to a member the stream did not hold before it
+    except KeyError as exc:  # tarfile's lookup of a member by name, should one still happen
         raise InvalidInput(f"refused the environment tar: {exc.args[0]}") from None
 
 
@@ -94,6 +94,8 @@ def extract_members(
             _place_symlink(root.root, parts, stripped)
         elif not parts:
             continue  # the directory itself
+        elif stripped.islnk():
+            _hard_link(root.root, parts, stripped)
         elif not (
             (stripped.isreg() or stripped.isdir())
             and _write_plain(tar, stripped, root, "/".join(parts))
@@ -160,6 +162,54 @@ def _write_plain(
     except UnsafePath:  # a link on the way
         return False
     return True
+
+
+def _hard_link(root: str, parts: tuple[str, ...], member: tarfile.TarInfo) -> None:
+    """Make a hard link member: only to a regular file already extracted in ``root`` (not
+    through a symbolic link in its place), only at a name not yet taken; refused otherwise.
+    Its mode is set as ``tarfile`` sets it: the exec bit rule, on the inode both names share.
+
+    Not through ``tarfile``: where its ``os.link`` fails (a directory, nothing there yet, a name
+    taken, a file on the way), it looks the target up among the members by the names as they
+    were read, not as they were stripped, and in a stream that lookup reads every header left.
+    The same tar then gave different trees with and without a prefix, and what followed the
+    link decided whether it was refused. A real tree's tar never holds such a link: a file
+    system links no directory, and a tar names each path once."""
+    source_parts = member_parts(member.linkname)
+    if member.linkname.startswith("/") or not source_parts:
+        raise InvalidInput(
+            f"refused the environment tar: hard link {member.name!r} to {member.linkname!r}"
+        )
+    source = _in_real_parent(root, source_parts)
+    place = _in_real_parent(root, parts)
+    try:
+        mode = os.lstat(source).st_mode
+        if (
+            not stat.S_ISREG(mode)
+            or not _inside(root, source)
+            or not _inside(root, place)
+            or os.path.lexists(place)
+        ):
+            raise FileExistsError(place)
+        upper = os.path.join(root, *parts[:-1])
+        if not os.path.exists(upper):  # as tarfile makes a member's directories
+            os.makedirs(upper)
+        os.link(source, place, follow_symlinks=False)
+    except OSError:
+        raise InvalidInput(
+            f"refused the environment tar: hard link {member.name!r} to {member.linkname!r}: "
+            "links are kept only to a file the tar held before them, at a name not yet taken"
+        ) from None
+    os.chmod(place, 0o755 if member.mode & 0o100 else 0o644)
+
+
+def _in_real_parent(root: str, parts: tuple[str, ...]) -> str:
+    """``parts`` below ``root`` with every link on the way resolved, the last part not."""
+    return os.path.join(os.path.realpath(os.path.join(root, *parts[:-1])), parts[-1])
+
+
+def _inside(root: str, path: str) -> bool:
+    return path.startswith(root + os.sep)
 
 
 def _place_symlink(root: str, parts: tuple[str, ...], member: tarfile.TarInfo) -> None:
