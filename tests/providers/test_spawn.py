@@ -111,12 +111,31 @@ def tagged(tag: str) -> set[int]:
 def wait_tree(tag: str, count: int = 3) -> set[int]:
     """The tagged processes, once there are ``count`` of them."""
 
-    def complete() -> set[int] | None:
-        found = tagged(tag)
-        return found if len(found) == count else None
+    last: set[int] = set()
 
-    result: set[int] = wait_for(complete, what=f"{count} processes tagged {tag}")
+    def complete() -> set[int] | None:
+        last.clear()
+        last.update(tagged(tag))
+        return set(last) if len(last) == count else None
+
+    try:
+        result: set[int] = wait_for(complete, what=f"{count} processes tagged {tag}")
+    except AssertionError as exc:  # say what ran instead: too few, or one too many
+        raise AssertionError(f"{exc}; found {describe(last) or 'none'}") from None
     return result
+
+
+def describe(pids: set[int]) -> str:
+    """Each process as ``pid state argv``, for a failure's message."""
+    out = []
+    for pid in sorted(pids):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            argv = "?"
+        out.append(f"{pid} {_state(pid)} {argv}")
+    return "; ".join(out)
 
 
 def spawn_tree(
@@ -228,6 +247,7 @@ def test_directory_process_outlives_the_caller(
     provider, resource = directory
     tag = uuid.uuid4().hex
     kind = "local" if isinstance(provider, LocalProvider) else "worktree"
+    log = tmp_path / "spawn.log"
     program = f"""
 import json, sys
 from narrative.store import Store
@@ -240,14 +260,19 @@ if {kind!r} == "local":
     provider = LocalProvider(context, LocalConfig(path={str(tmp_path / "local-env")!r}))
 else:
     provider = WorktreeProvider(context, WorktreeConfig())
-handle = provider.spawn({resource!r}, ["sh", "-c", {TREE!r}], env={{"SPAWN_TEST": {tag!r}}})
+handle = provider.spawn(
+    {resource!r}, ["sh", "-c", {TREE!r}], env={{"SPAWN_TEST": {tag!r}}}, log_path={str(log)!r}
+)
 print(json.dumps(handle))
 """
     child = subprocess.run(
         [sys.executable, "-c", program], capture_output=True, text=True, check=True, timeout=60
     )
     handle = json.loads(child.stdout)
-    pids = wait_tree(tag)
+    try:
+        pids = wait_tree(tag)
+    except AssertionError as exc:  # once in CI: what the sandbox said, if it did not start
+        raise AssertionError(f"{exc}; its log: {log.read_bytes()[-2000:]!r}") from None
     fresh = _directory_provider(kind, store, tmp_path)
     assert fresh.alive(resource, handle)
     fresh.signal(resource, handle, "term")
