@@ -30,7 +30,8 @@ test-hosts: $(STAMP)  ## tests on a multi-host network of Linux namespaces (root
 test-faults: $(STAMP)  ## fault tests on the multi-host network: link drops, latency and loss, hub kill, reboots (root)
 	$(BIN)/pytest -q -m faults tests/multihost
 
-soak: $(STAMP)  ## the model-based store and watcher tests with their long hypothesis profiles, the store model also with the watcher on (~two hours)
+soak: $(STAMP)  ## every property test with random draws and 20x the examples, then the model-based store and watcher tests with their long hypothesis profiles, the store model also with the watcher on (~two hours)
+	NARRATIVE_HYPOTHESIS_PROFILE=soak $(BIN)/pytest -q -n $(TEST_WORKERS) -m "property and not long" --timeout 0 --hypothesis-show-statistics
 	NARRATIVE_HYPOTHESIS_PROFILE=soak $(BIN)/pytest -q tests/e2e/model tests/narrative/test_watch.py -k "model" --timeout 0 --hypothesis-show-statistics
 	NARRATIVE_HYPOTHESIS_PROFILE=soak NARRATIVE_MODEL_WATCHER=1 $(BIN)/pytest -q tests/e2e/model --timeout 0 --hypothesis-show-statistics
 

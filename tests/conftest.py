@@ -12,8 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import is_hypothesis_test, settings
 
 from narrative.store import Store
+from tests.properties import PROFILE
+
+settings.load_profile(PROFILE)
 
 NARRATIVE = str(Path(sys.executable).with_name("narrative"))
 
@@ -270,3 +274,11 @@ def start_watcher(store_dir: str, workspace: str) -> subprocess.Popen[bytes]:
         assert time.monotonic() < deadline, "the watcher did not get ready"
         time.sleep(0.01)
     return proc
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every property test (``@given``, or a state machine's case) ``property``: ``make
+    soak`` runs them all with the ``soak`` profile, however many are added later."""
+    for item in items:
+        if is_hypothesis_test(getattr(item, "obj", None)):
+            item.add_marker(pytest.mark.property)

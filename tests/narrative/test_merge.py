@@ -23,6 +23,7 @@ from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from narrative.workspace_merge import abort_merge, merge_state, merge_workspace
 from tests.conftest import Cli, git, kill_after, tree_bytes
+from tests.properties import examples
 
 LINES = "".join(f"line {i}\n" for i in range(1, 21))
 
@@ -110,7 +111,7 @@ def test_text_merge_matches_git_merge_file(case: str, tmp_path: Path) -> None:
         assert b"<<<<<<<" not in favoured.data
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     base=st.lists(st.sampled_from(["a\n", "b\n", "\n", "x\n", "ab\n", "a"]), max_size=12),
     edits=st.lists(

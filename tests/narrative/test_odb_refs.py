@@ -23,6 +23,7 @@ from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from narrative.zstream import deflate, deflate_within_bound, deflated_bound
 from tests.conftest import git
+from tests.properties import examples
 
 
 def test_pack_is_valid_for_git(store: Store) -> None:
@@ -106,7 +107,7 @@ def _pieces(seed: int, parts: list[tuple[str, int]]) -> bytes:
     return b"".join(make[kind](n) for kind, n in parts)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**32),
     parts=st.lists(

@@ -30,6 +30,7 @@ from narrative.paths import (
     is_store_name,
     path_problem,
 )
+from tests.properties import examples
 
 REFUSED = [
     "",
@@ -265,7 +266,7 @@ def paths(draw: st.DrawFn) -> str:
     return prefix + "/".join(parts)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(path=paths())
 def test_rule_agrees_with_stock_git(oracle: tuple[Path, str], path: str) -> None:
     ours = path_problem(path)

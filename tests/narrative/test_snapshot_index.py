@@ -22,6 +22,7 @@ from narrative.hierarchy import create_thread, list_objectives, list_threads, re
 from narrative.history import resolve_snapshot
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
+from tests.properties import examples
 
 OPS = st.lists(
     st.tuples(
@@ -40,7 +41,7 @@ def _scan(store: Store) -> list[tuple[str, bytes]]:
 
 
 @settings(
-    max_examples=25,
+    max_examples=examples(25),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

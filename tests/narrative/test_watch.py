@@ -24,6 +24,7 @@ from narrative.statcache import StatCache, cache_path
 from narrative.store import Store
 from narrative.watch import watch_dir
 from tests.conftest import Cli, git, git_tree_of, start_watcher
+from tests.properties import SOAK
 
 # a watcher process per test and a hypothesis model (about 30 s): make test-long, which CI runs
 pytestmark = [
@@ -50,7 +51,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
-SOAK = os.environ.get("NARRATIVE_HYPOTHESIS_PROFILE") == "soak"
 
 
 class Watcher:

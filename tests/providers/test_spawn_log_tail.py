@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from providers.base import SpawnLog, tail_argv, tail_read, tail_start
+from tests.properties import examples
 
 
 def read(path: Path, since: int, limit: int) -> SpawnLog:
@@ -18,7 +19,7 @@ def read(path: Path, since: int, limit: int) -> SpawnLog:
     return tail_read(done.returncode, done.stdout)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     content=st.binary(max_size=300),
     since=st.integers(min_value=0, max_value=400),

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from narrative.errors import InvalidInput
 from providers.tar_intake import extract_tar
+from tests.properties import examples
 
 NAMES = [
     "a",
@@ -119,7 +120,7 @@ def run(extract, data: bytes, scratch: Path):
     return listing(scratch)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(members=st.lists(member, min_size=1, max_size=6))
 @example(members=[("a", "file", "x body"), ("b", "hard", "a")])  # the link's mode on both names
 @example(members=[("a", "dir", ""), ("b", "hard", "a")])  # a directory is never linked
@@ -173,7 +174,7 @@ def test_only_the_exec_bit_is_kept(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "s" / "plain").stat().st_mode) == 0o644
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(members=st.lists(member, min_size=1, max_size=6))
 @example(members=[("a", "file", "body"), ("sub", "dir", ""), ("sub/x", "hard", "a")])
 @example(members=[("a", "dir", "out"), ("b", "hard", "a")])  # found by hypothesis in CI

@@ -26,6 +26,7 @@ from narrative.store import Store
 from providers import tar_snapshot
 from providers.shipping import scratch_dir, snapshot_from_tar
 from tests.conftest import git
+from tests.properties import examples
 from tests.providers.test_tar_intake import build, member
 
 DIRS = ["", "a", "a/b", "a/b/c", "build", "sub"]
@@ -115,7 +116,7 @@ def _dir_info(name: str) -> tarfile.TarInfo:
 workspace_tars = st.composite(_workspace_tar)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     data=workspace_tars(),
     cap=st.sampled_from([1 << 20, 16]),
@@ -135,7 +136,7 @@ def test_random_workspaces_give_the_same_tree_both_ways(
     git("--git-dir", store.git_dir, "fsck", "--strict", "--no-dangling")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(members=st.lists(member, min_size=1, max_size=6))
 def test_random_hostile_tars_give_the_same_outcome_both_ways(
     tmp_path_factory: pytest.TempPathFactory, members: list[tuple[str, str, str]]

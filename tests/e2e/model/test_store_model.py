@@ -51,12 +51,13 @@ from narrative.snapshot import take_snapshot
 from narrative.store import THREAD_REF_PREFIX, Store
 from narrative.workspace_merge import abort_merge, merge_state, merge_workspace
 from tests.conftest import NARRATIVE, git, start_watcher
+from tests.properties import SOAK
 from transfer.exporter import export
 from transfer.importer import import_
 from transfer.remotes import add_remote, fetch, pull, push
 
 settings.register_profile(
-    "ci",
+    "store-model-ci",
     # no shrinking in CI: it can take longer than the whole suite; the failing steps are
     # printed as generated, and `make soak` shrinks
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
@@ -68,14 +69,13 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 settings.register_profile(
-    "soak",
+    "store-model-soak",
     max_examples=400,
     stateful_step_count=60,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-settings.load_profile(os.environ.get("NARRATIVE_HYPOTHESIS_PROFILE", "ci"))
 
 WATCHER = os.environ.get("NARRATIVE_MODEL_WATCHER") == "1"
 
@@ -516,4 +516,5 @@ class StoreModel(RuleBasedStateMachine):
                 self._check_restores(i, self.rng.choice(list(self.reported[i])))
 
 
+StoreModel.TestCase.settings = settings.get_profile(f"store-model-{'soak' if SOAK else 'ci'}")
 TestStoreModel = pytest.mark.long(StoreModel.TestCase)

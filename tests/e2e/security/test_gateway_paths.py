@@ -19,6 +19,7 @@ from narrative.credentials import is_credential_name
 from narrative.paths import path_problem
 from tests.e2e.security.conftest import GatewayThread, tree_digest
 from tests.narrative.test_paths import paths
+from tests.properties import examples
 
 
 def _sendable(path: str) -> bool:
@@ -45,7 +46,7 @@ def _clear(root: Path) -> None:
 # which it reports as a strategy using `random`; the draws here do not
 @pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
 @settings(
-    max_examples=300,
+    max_examples=examples(300),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
