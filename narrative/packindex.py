@@ -12,6 +12,7 @@ import mmap
 import os
 import struct
 import threading
+import weakref
 from collections.abc import Iterator
 
 from .errors import StoreCorrupted
@@ -69,6 +70,7 @@ class PackIndex:
         self.count: int = self._fanout[255]
         self._oid_base = 8 + 1024
         self._pack_fd = -1
+        self._close_pack: weakref.finalize[[int], PackIndex] | None = None
         self._open_lock = threading.Lock()
         self.pack_size = 0
         self._sorted_offsets: list[int] | None = None
@@ -155,7 +157,10 @@ class PackIndex:
         if self._pack_fd < 0:
             with self._open_lock:
                 if self._pack_fd < 0:
-                    fd = os.open(self.pack_path, os.O_RDONLY)
+                    fd = os.open(self.pack_path, os.O_RDONLY | os.O_CLOEXEC)
+                    # closed with this view too, not only by close(): a store dropped without
+                    # invalidating its packs left one descriptor per pack open for good
+                    self._close_pack = weakref.finalize(self, os.close, fd)
                     self.pack_size = os.fstat(fd).st_size
                     self._pack_fd = fd
         return os.pread(self._pack_fd, length, offset)
@@ -170,8 +175,8 @@ class PackIndex:
 
     def close(self) -> None:
         self._map.close()
-        if self._pack_fd >= 0:
-            os.close(self._pack_fd)
+        if self._close_pack is not None:
+            self._close_pack()  # at most once, whoever asks first
             self._pack_fd = -1
 
 
