@@ -261,8 +261,11 @@ class ObjectStore:
                     path = os.path.join(self.pack_dir, name)
                     try:
                         self._indexes[path] = PackIndex(path)
-                    except (OSError, ValueError):
-                        continue  # a pack being removed by gc at this instant
+                    except (FileNotFoundError, ValueError):
+                        # a pack being removed by gc at this instant; any other failure (out
+                        # of descriptors, no permission) is raised: skipping the pack would
+                        # report its objects missing ("unknown snapshot"), not the failure
+                        continue
         return self._indexes
 
     def loose_path(self, oid: bytes) -> str:

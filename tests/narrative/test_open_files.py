@@ -8,10 +8,14 @@ without it left one descriptor per pack and reader open for good, and a long pro
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 from pathlib import Path
 
+import pytest
+
+from narrative import odb
 from narrative.commits import all_snapshots
 from narrative.history import resolve_snapshot
 from narrative.restore import materialize
@@ -55,3 +59,24 @@ def test_a_dropped_store_keeps_no_file_open(tmp_path: Path) -> None:
         one_store_lifetime(tmp_path / str(i))
     gc.collect()
     assert open_descriptors() - before <= 1, "descriptors left open by dropped stores"
+
+
+def test_out_of_descriptors_is_an_error_not_a_missing_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pack that cannot be opened for any reason but its removal (here: the process is out of
+    descriptors, the failure make soak met) fails the read with that error; it used to be
+    skipped as if gc had just removed it, so a snapshot that exists was reported unknown."""
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "a.txt").write_text("one\n")
+    store = Store.init(str(tmp_path / "ws"), str(tmp_path / "store"))
+    snapshot = take_snapshot(store, None, message="first").snapshot
+    fresh = Store.open(store.git_dir)
+
+    def out_of_descriptors(path: str) -> None:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), path)
+
+    monkeypatch.setattr(odb, "PackIndex", out_of_descriptors)  # the system call's answer
+    with pytest.raises(OSError) as failure:
+        resolve_snapshot(fresh, snapshot.id)
+    assert failure.value.errno == errno.EMFILE
