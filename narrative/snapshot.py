@@ -19,7 +19,7 @@ from collections.abc import Callable
 from .blobs import write_blobs
 from .commitmsg import encode_message, snapshot_from_commit
 from .commits import read_commit, snapshot_at, snapshot_by_id
-from .errors import ConcurrentUpdate, InvalidInput
+from .errors import ConcurrentUpdate, InvalidInput, SnapshotNotFound
 from .head import HEAD_LOCK, fork_thread, read_head, set_head
 from .ids import new_id
 from .models import Snapshot
@@ -293,6 +293,17 @@ def take_snapshot(
         )  # fmt: skip
 
 
+def _fork_point(store: Store, snapshot_id: str) -> bytes | None:
+    """The commit an empty thread continues from: its fork point's, or None (the thread's
+    first snapshot starts a history of its own) once that snapshot is dropped (the thread it
+    was on reset past it, or dropped). The workspace is snapshotted whole either way; failing
+    instead left a workspace no snapshot could be taken of until the thread was switched."""
+    try:
+        return bytes.fromhex(snapshot_by_id(store, snapshot_id).commit)
+    except SnapshotNotFound:
+        return None
+
+
 def _take(
     store: Store,
     thread_id: str | None,
@@ -328,7 +339,7 @@ def _take(
 
         thread = get_thread(store, thread_id)
         if head is None and thread.forked_from:
-            fork_parent = bytes.fromhex(snapshot_by_id(store, thread.forked_from).commit)
+            fork_parent = _fork_point(store, thread.forked_from)
         if run_id is not None and get_run(store, run_id).thread_id != thread_id:
             raise InvalidInput(f"run {run_id} does not belong to thread {thread_id}")
     ws = os.path.realpath(workspace or store.workspace)

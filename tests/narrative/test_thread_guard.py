@@ -258,3 +258,32 @@ def test_gc_keeps_the_heads_the_head_log_names(store: Store, workspace: Path, cl
     )
     assert gone.returncode != 0
     git("--git-dir", store.git_dir, "fsck", "--strict")
+
+
+def test_an_empty_thread_whose_fork_point_was_dropped_still_takes_snapshots(
+    tmp_path: Path,
+) -> None:
+    """A thread forked from a snapshot that a reset of its own thread then dropped: its first
+    snapshot starts a history of its own (before, every snapshot of it failed with "unknown
+    snapshot", found by the snapshot index's model under make soak). Stock git checks it."""
+    from narrative.commits import snapshot_at
+    from narrative.hierarchy import create_thread, list_objectives, reset_thread
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "a.txt").write_text("one\n")
+    store = Store.init(str(workspace), str(tmp_path / "store"))
+    first = take_snapshot(store, None, message="first").snapshot
+    (workspace / "a.txt").write_text("two\n")
+    second = take_snapshot(store, None, message="second").snapshot
+    objective = list_objectives(store)[0].id
+    fork = create_thread(store, objective, "fork", forked_from=second.id)
+    reset_thread(store, store.config.default_thread, first, force=True)  # drops the fork point
+    (workspace / "b.txt").write_text("three\n")
+    taken = take_snapshot(store, fork.id, message="on the fork").snapshot
+    head = store.refs.read(store.thread_ref(fork.id))
+    assert head is not None and snapshot_at(store, head).id == taken.id
+    assert git("--git-dir", store.git_dir, "rev-list", "--count", head.hex()).strip() == "1"
+    files = git("--git-dir", store.git_dir, "ls-tree", "--name-only", "-r", taken.tree)
+    assert files.split() == ["a.txt", "b.txt"]
+    git("--git-dir", store.git_dir, "fsck", "--strict")
