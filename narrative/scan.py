@@ -151,8 +151,8 @@ class _Walker:
         for entry in entries:
             try:
                 (subdirs if entry.is_dir(follow_symlinks=False) else files).append(entry)
-            except OSError:
-                continue
+            except OSError as exc:
+                self._unreadable_entry(rel_dir, entry.name, exc)
         if self.exclude and subdirs:
             subdirs = [e for e in subdirs if os.path.join(abs_dir, e.name) not in self.exclude]
         return files, subdirs, rules
@@ -197,7 +197,8 @@ class _Walker:
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
-            except OSError:
+            except OSError as exc:
+                self._unreadable_entry(rel_dir, name, exc)
                 continue
             if is_dir:
                 if os.path.join(abs_dir, name) in self.exclude or (
@@ -208,6 +209,28 @@ class _Walker:
             elif not (rules and rules.is_ignored(prefix + name, False)):
                 files.append(entry)
         return files, subdirs, rules
+
+    def _stat_slowly(
+        self, rel_dir: str, files: list[os.DirEntry[str]]
+    ) -> tuple[list[os.DirEntry[str]], list[os.stat_result]]:
+        """Stat one by one: entries that vanished since the listing are left out, those that
+        fail otherwise are left out and reported."""
+        kept, stats = [], []
+        for entry in files:
+            try:
+                stats.append(entry.stat(follow_symlinks=False))
+                kept.append(entry)
+            except OSError as exc:
+                self._unreadable_entry(rel_dir, entry.name, exc)
+        return kept, stats
+
+    def _unreadable_entry(self, rel_dir: str, name: str, exc: OSError) -> None:
+        """An entry of a listing that cannot be looked at: gone since (nothing to say), or
+        reported with the snapshot's skipped paths, as an unreadable directory is (a file
+        dropped without a word would read as deleted in the snapshot)."""
+        if not isinstance(exc, FileNotFoundError):
+            path = f"{rel_dir}/{name}" if rel_dir else name
+            self.unreadable.append({"path": path, "reason": f"unreadable: {exc.strerror}"})
 
     def visit(
         self, abs_dir: str, rel_dir: str, rules: IgnoreRules
@@ -229,7 +252,7 @@ class _Walker:
             try:
                 stats = [e.stat(follow_symlinks=False) for e in files]
             except OSError:
-                files, stats = _stat_slowly(files)
+                files, stats = self._stat_slowly(rel_dir, files)
         except OSError as exc:
             self.unreadable.append(
                 {"path": rel_dir or ".", "reason": f"unreadable: {exc.strerror}"}
@@ -293,20 +316,6 @@ class _Walker:
         if not complete:
             self._mark_incomplete(index)
         return True
-
-
-def _stat_slowly(
-    files: list[os.DirEntry[str]],
-) -> tuple[list[os.DirEntry[str]], list[os.stat_result]]:
-    """Stat one by one, dropping entries that vanished since the listing."""
-    kept, stats = [], []
-    for entry in files:
-        try:
-            stats.append(entry.stat(follow_symlinks=False))
-            kept.append(entry)
-        except OSError:
-            continue
-    return kept, stats
 
 
 def _walk_in_workers(

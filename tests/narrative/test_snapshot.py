@@ -326,3 +326,62 @@ def test_a_workspace_that_cannot_be_listed_is_not_snapshotted_as_empty(
         take_snapshot(store, message="unreadable")
     monkeypatch.undo()
     assert store.thread_heads()[first.thread] == bytes.fromhex(first.commit)
+
+
+class _Entry:
+    """A listing's entry whose ``lstat`` fails with ``error`` (what the OS answers for a file
+    in a directory that may be listed but not searched: root's tests cannot provoke it)."""
+
+    def __init__(self, entry: os.DirEntry[str], error: OSError) -> None:
+        self._entry, self._error = entry, error
+        self.name, self.path = entry.name, entry.path
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+        return self._entry.is_dir(follow_symlinks=follow_symlinks)
+
+    def is_symlink(self) -> bool:
+        return self._entry.is_symlink()
+
+    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+        raise self._error
+
+
+@pytest.mark.parametrize(
+    ("error", "reported"),
+    [(PermissionError(13, "Permission denied"), True), (FileNotFoundError(2, "gone"), False)],
+    ids=["cannot-stat", "vanished"],
+)
+def test_a_file_that_cannot_be_looked_at_is_reported_not_dropped_silently(
+    store: Store,
+    workspace: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    error: OSError,
+    reported: bool,
+) -> None:
+    """A file the walk lists but cannot ``lstat`` is left out of the snapshot, which then reads
+    as if it had been deleted: unless it vanished since the listing, the snapshot says so in
+    its skipped paths, as for an unreadable directory (before, it was dropped without a word)."""
+    take_snapshot(store, message="first")
+    (workspace / "src" / "app.py").write_text("print('changed')\n")
+    real_scandir = os.scandir
+
+    class Listing:
+        def __init__(self, target: Any) -> None:
+            self._it = real_scandir(target)
+
+        def __enter__(self) -> list[Any]:
+            entries = list(self._it.__enter__())
+            return [_Entry(e, error) if e.name == "README.md" else e for e in entries]
+
+        def __exit__(self, *exc: object) -> None:
+            self._it.__exit__(*exc)
+
+    monkeypatch.setattr(os, "scandir", Listing)
+    result = take_snapshot(store, message="second")
+    monkeypatch.undo()
+    skipped = [s for s in result.snapshot.skipped if s["path"] == "README.md"]
+    assert skipped == (
+        [{"path": "README.md", "reason": "unreadable: Permission denied"}] if reported else []
+    )
+    files = git("--git-dir", store.git_dir, "ls-tree", "-r", "--name-only", result.snapshot.tree)
+    assert files.split() == ["src/app.py"]
