@@ -208,8 +208,10 @@ def _marked(token: str, var: str = SPAWN_MARKER_VAR) -> list[int]:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 if needle in f.read().split(b"\0"):
                     found.append(pid)
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # gone meanwhile, or not ours to read (not a process we started)
+        # any other failure (out of descriptors) is raised: a marked process skipped would
+        # outlive the reset that was to end it, and reach the next run
     return found
 
 

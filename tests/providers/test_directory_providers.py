@@ -5,8 +5,11 @@ work, the directory rules of each."""
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +18,7 @@ from narrative.errors import InvalidInput
 from narrative.hierarchy import list_threads
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
+from providers import directory_processes
 from providers.base import BaseProvider, ProviderContext
 from providers.local import LocalConfig, LocalProvider
 from providers.worktree import WorktreeConfig, WorktreeProvider
@@ -120,3 +124,31 @@ def test_a_restore_after_an_emptying_reset(provider: BaseProvider, store: Store)
     provider.restore(rid, base)
     collected = provider.collect(rid, store.config.default_thread, None, "restored")
     assert collected.tree == base.tree
+
+
+def test_a_reset_that_cannot_read_the_process_list_fails(
+    provider: BaseProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ending an environment's leftovers reads each process's environment for its marker: a
+    read that fails for any reason but the process being gone or not ours (here: out of
+    descriptors, which root's tests provoke only at the boundary) fails the reset. It used to
+    skip the process, which then outlived the reset and reached the next run."""
+    rid = provider.create()
+    handle = provider.spawn(rid, ["sleep", "60"])
+    real_open = open
+
+    def out_of_descriptors(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(path).startswith("/proc/") and str(path).endswith("/environ"):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(directory_processes, "open", out_of_descriptors, raising=False)
+    with pytest.raises(OSError) as failure:
+        provider.end_leftovers(rid)
+    assert failure.value.errno == errno.EMFILE
+    monkeypatch.undo()
+    provider.end_leftovers(rid)
+    deadline = time.monotonic() + 15
+    while provider.alive(rid, handle):
+        assert time.monotonic() < deadline, "the spawned process outlived the reset"
+        time.sleep(0.05)
