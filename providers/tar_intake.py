@@ -209,6 +209,7 @@ def _in_real_parent(root: str, parts: tuple[str, ...]) -> str:
 
 
 def _inside(root: str, path: str) -> bool:
+    """Whether ``path`` (resolved) lies below ``root``, never ``root`` itself."""
     return path.startswith(root + os.sep)
 
 
@@ -219,11 +220,10 @@ def _place_symlink(root: str, parts: tuple[str, ...], member: tarfile.TarInfo) -
     of ``root``."""
     if not parts:
         raise InvalidInput(f"refused member of the environment tar: {member.name!r}")
-    parent = os.path.realpath(os.path.join(root, *parts[:-1]))
-    if parent != root and not parent.startswith(root + os.sep):
+    dest = _in_real_parent(root, parts)
+    if not _inside(root, dest):
         raise InvalidInput(f"refused member of the environment tar: {member.name!r} escapes")
-    os.makedirs(parent, exist_ok=True)
-    dest = os.path.join(parent, parts[-1])
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
     if os.path.isdir(dest) and not os.path.islink(dest):
         raise InvalidInput(f"refused member of the environment tar: {member.name!r} is a directory")
     with contextlib.suppress(FileNotFoundError):

@@ -116,14 +116,15 @@ def kill_after(args: list[str], cwd: Path, delay: float) -> int:
     """Start ``narrative ARGS``, SIGKILL it after ``delay`` seconds; returns its exit status
     (``-SIGKILL`` when the kill interrupted it)."""
     import signal
-    import time
 
     proc = subprocess.Popen(
         [NARRATIVE, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    return proc.wait()
+    try:
+        return proc.wait(timeout=delay)  # done before its kill
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        return proc.wait()
 
 
 class Killer:
@@ -148,17 +149,10 @@ class Killer:
         import signal
         import time
 
-        delay = self.rng.uniform(self.low, self.high) * self.expected
         start = time.monotonic()
-        proc = subprocess.Popen(
-            [NARRATIVE, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            status = proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            return proc.wait()
-        self.expected = time.monotonic() - start  # done before its kill: aim within that next
+        status = kill_after(args, cwd, self.rng.uniform(self.low, self.high) * self.expected)
+        if status != -signal.SIGKILL:
+            self.expected = time.monotonic() - start  # done before its kill: aim within that
         return status
 
 
