@@ -9,7 +9,8 @@ are started, streamed, reaped, found and signalled is :mod:`providers.directory_
 
 Every command, spawned process and sandbox (``bwrap`` itself) carries the environment's marker
 (:func:`providers.proctree.environment_marker`), by which
-:meth:`~DirectoryProvider.end_leftovers` kills what earlier runs left before the next starts.
+:meth:`~DirectoryProvider.end_leftovers` kills what earlier runs left before the next starts, and
+what runs there when the environment is stopped or deleted.
 
 The directory's files are restored incrementally: the tree it was last restored to or
 collected as is recorded beside the environment, and a restore writes only what differs
@@ -108,7 +109,9 @@ class DirectoryProvider(BaseProvider):
         self.reconnect(resource_id)
 
     def stop(self, resource_id: str) -> None:
-        """A directory has nothing to stop; its files stay as they are."""
+        """End every process of the environment (as stopping a container does); its files
+        stay as they are."""
+        self.end_leftovers(resource_id)
 
     def reconnect(self, resource_id: str) -> None:
         if not os.path.isdir(resource_id):

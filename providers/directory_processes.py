@@ -39,6 +39,7 @@ __all__ = [
     "check_spawn_handle",
     "command_env",
     "kill_marked",
+    "marked_processes",
     "signal_spawned",
     "spawned_alive",
     "take_reaped_usage",
@@ -137,7 +138,7 @@ def kill_marked(var: str, value: str) -> None:
     """Kill every process carrying ``var=value`` in its environment, never this process or
     its ancestors."""
     spared = _ancestors(os.getpid())
-    _kill_all(lambda: set(_marked(value, var)) - spared, "kill")
+    _kill_all(lambda: set(marked_processes(value, var)) - spared, "kill")
 
 
 def _parse_handle(handle: str) -> tuple[int, str, str]:
@@ -149,7 +150,7 @@ def _parse_handle(handle: str) -> tuple[int, str, str]:
 
 def _tree(pid: int, start: str, token: str) -> set[int]:
     """The live processes of a spawned tree: its process group and whoever carries its token."""
-    targets = set(_marked(token))
+    targets = set(marked_processes(token))
     stat = proc_stat(pid)
     members = _group_members(pid)
     # The pid still names our group when it is the leader (same start time), or when the leader
@@ -199,8 +200,9 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
-def _marked(token: str, var: str = SPAWN_MARKER_VAR) -> list[int]:
-    """Processes whose (initial) environment carries ``var=token`` (the spawn token)."""
+def marked_processes(token: str, var: str = SPAWN_MARKER_VAR) -> list[int]:
+    """The processes whose (initial) environment carries ``var=token`` (by default: the
+    processes of the spawn with that token)."""
     needle = f"{var}={token}".encode()
     found = []
     for pid in _pids():

@@ -10,8 +10,9 @@ through its own provider, with the agent environment's record moved by the
 starts a gateway node there that serves the routed capabilities, and routes them to it (see
 :mod:`gateway.hub.tools_node`).
 
-The two environments stay the user's own: deleting the hybrid environment forgets it and leaves
-both of them as they are; starting it starts both; stopping it stops the agent environment.
+The two environments stay the user's own: deleting the hybrid environment ends what runs in the
+agent environment and forgets the pair, leaving both environments and their files; starting it
+starts both; stopping it stops the agent environment.
 """
 
 from __future__ import annotations
@@ -168,8 +169,13 @@ class HybridProvider(BaseProvider):
             self._manager().stop(record.id)
 
     def delete(self, resource_id: str) -> None:
-        """Forget the pair; both environments are the user's and stay as they are."""
-        return None
+        """End what runs in the agent environment (what the pair started runs there; as a
+        stop does) and forget the pair; both environments and their files stay the user's."""
+        try:
+            provider, resource = self._agent()
+        except (ProviderError, ResourceGone):
+            return  # deleted or never made: nothing of it runs
+        provider.end_leftovers(resource)
 
     def reconnect(self, resource_id: str) -> None:
         self.component("tools")

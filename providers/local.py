@@ -49,4 +49,5 @@ class LocalProvider(DirectoryProvider):
         return path
 
     def delete(self, resource_id: str) -> None:
-        """Forget the environment; the directory and its files stay."""
+        """End the environment's processes and forget it; the directory and its files stay."""
+        self.end_leftovers(resource_id)

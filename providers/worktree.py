@@ -72,6 +72,9 @@ class WorktreeProvider(DirectoryProvider):
         return path
 
     def delete(self, resource_id: str) -> None:
+        """End the environment's processes (first: nothing writes while its leftovers are
+        saved), save what it holds that was never captured, remove the checkout."""
+        self.end_leftovers(resource_id)
         if not os.path.isdir(resource_id):
             return
         if os.listdir(resource_id):

@@ -16,18 +16,22 @@ import pytest
 from narrative.commits import thread_snapshots
 from narrative.errors import InvalidInput
 from narrative.hierarchy import list_threads
+from narrative.ids import new_id
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from providers import directory_processes
 from providers.base import BaseProvider, ProviderContext
+from providers.directory_processes import marked_processes
 from providers.local import LocalConfig, LocalProvider
+from providers.proctree import environment_marker
 from providers.worktree import WorktreeConfig, WorktreeProvider
 from tests.conftest import git_tree_of
+from tests.providers.contract_targets import sandbox_or_skip
 
 
 @pytest.fixture(params=["worktree", "local"])
 def provider(request: pytest.FixtureRequest, store: Store, tmp_path: Path) -> BaseProvider:
-    context = ProviderContext(store, "owner-test", "env-0000000000test000000", "box")
+    context = ProviderContext(store, "owner-test", new_id("environment"), "box")
     if request.param == "local":
         return LocalProvider(context, LocalConfig(path=str(tmp_path / "local-env")))
     return WorktreeProvider(context, WorktreeConfig())
@@ -93,7 +97,7 @@ def test_restore_saves_uncaptured_leftovers(provider: BaseProvider, store: Store
 
 
 def test_worktree_delete_keeps_uncollected_work(store: Store) -> None:
-    context = ProviderContext(store, "o", "env-0000000000test000001", "wt")
+    context = ProviderContext(store, "o", new_id("environment"), "wt")
     provider = WorktreeProvider(context, WorktreeConfig())
     rid = provider.create()
     provider.restore(rid, take_snapshot(store).snapshot)
@@ -105,7 +109,7 @@ def test_worktree_delete_keeps_uncollected_work(store: Store) -> None:
 
 
 def test_local_refuses_non_empty_or_nested_directories(store: Store, tmp_path: Path) -> None:
-    context = ProviderContext(store, "o", "env-0000000000test000002", "l")
+    context = ProviderContext(store, "o", new_id("environment"), "l")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "f").write_text("x")
@@ -152,3 +156,50 @@ def test_a_reset_that_cannot_read_the_process_list_fails(
     while provider.alive(rid, handle):
         assert time.monotonic() < deadline, "the spawned process outlived the reset"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("ending", ["stop", "delete"])
+@pytest.mark.parametrize("sandbox", ["bwrap", "none"])
+@pytest.mark.parametrize("kind", ["worktree", "local"])
+def test_stop_and_delete_end_every_process_started_in_the_environment(
+    kind: str, sandbox: str, ending: str, store: Store, tmp_path: Path
+) -> None:
+    """A spawned tree, a process of it that left for a session of its own, and (unsandboxed)
+    a daemon an exec left behind all end when the environment is stopped or deleted. Both
+    left them running before: the agent's processes outlived the environment the user had
+    stopped or deleted."""
+    if sandbox == "bwrap":
+        sandbox_or_skip()
+    env_id = new_id("environment")
+    context = ProviderContext(store, "owner-test", env_id, "box")
+    provider: BaseProvider
+    if kind == "local":
+        config = LocalConfig(path=str(tmp_path / "local-env"), sandbox=sandbox)
+        provider = LocalProvider(context, config)
+    else:
+        provider = WorktreeProvider(context, WorktreeConfig(sandbox=sandbox))
+    rid = provider.create()
+    provider.spawn(rid, ["sh", "-c", "setsid sleep 300 & exec sleep 300"])
+    provider.exec(rid, ["sh", "-c", "setsid sleep 301 < /dev/null > /dev/null 2>&1 &"])
+    var, value = environment_marker(env_id)
+    running = {"sleep 300": 2, "sleep 301": 1 if sandbox == "none" else 0}
+    deadline = time.monotonic() + 15
+    while _commands(marked_processes(value, var)) != running:
+        assert time.monotonic() < deadline, _commands(marked_processes(value, var))
+        time.sleep(0.05)
+    getattr(provider, ending)(rid)
+    assert marked_processes(value, var) == []
+
+
+def _commands(pids: list[int]) -> dict[str, int]:
+    """How many of ``pids`` run each ``sleep`` (their other processes aside: the sandbox's)."""
+    counted = {"sleep 300": 0, "sleep 301": 0}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode().strip()
+        except FileNotFoundError:
+            continue
+        if command in counted:
+            counted[command] += 1
+    return counted
