@@ -12,11 +12,14 @@ e2b; ``docs/providers.md`` shows how to run them against another provider.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import subprocess
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -63,6 +66,9 @@ class ContractTarget:
     empties_temp: bool = True
     """Preparing a run empties the environment's temporary directory (False: the provider
     says in docs/security.md why it does not)."""
+    stop_ends_processes: bool = True
+    """Stopping the environment ends its processes (False: stopping pauses it, and starting
+    resumes them, as an e2b sandbox's pause does)."""
     prepare: Callable[[EnvironmentManager], None] | None = None
     """Creates in a check's store what an environment of the provider needs there first (a
     hybrid environment's two environments), before each environment is created."""
@@ -117,7 +123,40 @@ def _create(
         target.before_create()
     record = manager.create(name, target.provider, dict(target.config), start=start)
     assert record.resource_id, f"no resource recorded for {name}: {record}"
+    created = _CREATED.get(None)
+    if created is not None:
+        created.append((target, manager, name, record.resource_id))
     return record, manager.provider(record), record.resource_id
+
+
+_CREATED: ContextVar[list[tuple[ContractTarget, EnvironmentManager, str, str]]] = ContextVar(
+    "contract_created"
+)
+"""The environments the running check created (by :func:`_create`)."""
+
+
+def _deleting_on_failure(
+    check: Callable[[ContractTarget, Path], None],
+) -> Callable[[ContractTarget, Path], None]:
+    """``check``, deleting every environment it created when it fails: a breach found must
+    not leave the provider's resources, or processes still running, behind it."""
+
+    @functools.wraps(check)
+    def checked(target: ContractTarget, scratch: Path) -> None:
+        created: list[tuple[ContractTarget, EnvironmentManager, str, str]] = []
+        reset = _CREATED.set(created)
+        try:
+            check(target, scratch)
+        except BaseException:
+            for owner, manager, name, resource in created:
+                # the check's error is the one to see; one deleted already is not found
+                with contextlib.suppress(Exception):
+                    _delete(owner, manager, name, resource)
+            raise
+        finally:
+            _CREATED.reset(reset)
+
+    return checked
 
 
 def _refused(what: str, call: Callable[..., object], *args: Any) -> None:
@@ -152,6 +191,7 @@ def _delete(
 # -- the checks ---------------------------------------------------------------------------------
 
 
+@_deleting_on_failure
 def check_lifecycle(target: ContractTarget, scratch: Path) -> None:
     """create → start → stop → start → restart → delete through the manager: each state the
     table allows, the resource healthy while it lives and gone (or kept, by design) after."""
@@ -174,6 +214,7 @@ def check_lifecycle(target: ContractTarget, scratch: Path) -> None:
         assert provider.health(resource) is Health.GONE, "the resource outlived its delete"
 
 
+@_deleting_on_failure
 def check_exec(target: ContractTarget, scratch: Path) -> None:
     """Exit codes, stdout and stderr apart and streamed, variables, the workspace as working
     directory, a missing program, a timeout that ends the command and its children."""
@@ -210,6 +251,7 @@ def check_exec(target: ContractTarget, scratch: Path) -> None:
     _delete(target, manager, "exec", rid)
 
 
+@_deleting_on_failure
 def check_files(target: ContractTarget, scratch: Path) -> None:
     """Binary files round-trip; paths out of the workspace are refused."""
     manager = EnvironmentManager(_new_store(scratch))
@@ -229,6 +271,7 @@ def check_files(target: ContractTarget, scratch: Path) -> None:
     _delete(target, manager, "files", rid)
 
 
+@_deleting_on_failure
 def check_restore_and_collect(target: ContractTarget, scratch: Path) -> None:
     """A restore makes the workspace hold exactly the snapshot (earlier files gone, modes and
     links kept); a collect gives the tree stock git computes for the same files."""
@@ -279,6 +322,7 @@ _LEFTOVERS = (
 its temporary directory (named after ``$1``)."""
 
 
+@_deleting_on_failure
 def check_reset_between_runs(target: ContractTarget, scratch: Path) -> None:
     """Nothing of one run reaches the next in the same environment: preparing it for a run
     ends what the last one left running and empties the workspace (ignored files and links
@@ -342,6 +386,7 @@ _TREE = "(while :; do echo beat >> beats; sleep 0.1; done) & sleep 60 & wait"
 """A shell with two children, one of which shows it runs by appending to ``beats``."""
 
 
+@_deleting_on_failure
 def check_spawn_signal_alive(target: ContractTarget, scratch: Path) -> None:
     """A spawned tree is alive; ``term`` and ``kill`` end all of it (its children stop
     writing); a signal after the end is no error; handles that are not the provider's and an
@@ -351,14 +396,11 @@ def check_spawn_signal_alive(target: ContractTarget, scratch: Path) -> None:
     signals: tuple[Signal, ...] = ("term", "kill")
     for sig in signals:
         provider.exec(rid, ["rm", "-f", "beats"])
-        handle = provider.spawn(rid, ["sh", "-c", _TREE])
-        _wait(lambda: _beats(provider, rid) > 2, "the spawned tree to run")
+        handle = _running_tree(provider, rid, scratch / f"spawn-{sig}.log")
         assert provider.alive(rid, handle)
         provider.signal(rid, handle, sig)
         _wait(partial(_ended, provider, rid, handle), f"alive() to turn false after {sig}")
-        ended = _beats(provider, rid)
-        time.sleep(0.5)
-        assert _beats(provider, rid) == ended, f"a child outlived {sig}"
+        _assert_still(provider, rid, f"a child outlived {sig}")
         provider.signal(rid, handle, "term")  # ended: no error
     for bad in ("", "garbage", *target.foreign_handles):
         _refused(f"signalling handle {bad!r}", provider.signal, rid, bad, "term")
@@ -369,9 +411,11 @@ def check_spawn_signal_alive(target: ContractTarget, scratch: Path) -> None:
 
 def _beats(provider: BaseProvider, rid: str) -> int:
     counted = provider.exec(rid, ["sh", "-c", "cat beats 2>/dev/null | wc -c"])
-    return int(counted.stdout.strip() or 0)
+    assert counted.exit_code == 0, f"counting the beats failed: {counted.stderr[-2000:]!r}"
+    return int(counted.stdout.strip())
 
 
+@_deleting_on_failure
 def check_reconnect(target: ContractTarget, scratch: Path) -> None:
     """A fresh store, manager and provider, knowing only the persisted record, reattach to
     the environment: its files and a process spawned by the first are still there."""
@@ -404,13 +448,38 @@ def check_reconnect(target: ContractTarget, scratch: Path) -> None:
             raise AssertionError("reconnect to a deleted resource did not raise ResourceGone")
 
 
+@_deleting_on_failure
+def check_stop_ends_processes(target: ContractTarget, scratch: Path) -> None:
+    """Stopping the environment ends every process in it (a spawned tree, children and all);
+    started again, none of them runs and the files are still there."""
+    manager = EnvironmentManager(_new_store(scratch))
+    _, provider, rid = _create(target, manager, "halt")
+    handle = _running_tree(provider, rid, scratch / "spawn.log")
+    assert manager.stop("halt").state is EnvState.STOPPED
+    assert manager.start("halt").state is EnvState.RUNNING
+    if target.stop_ends_processes:
+        assert not manager.alive("halt", handle), "the spawned process outlived the stop"
+        _assert_still(provider, rid, "a process outlived the stop")
+    else:
+        assert manager.alive("halt", handle), "the paused process was not resumed"
+    _delete(target, manager, "halt", rid)
+
+
+@_deleting_on_failure
 def check_delete(target: ContractTarget, scratch: Path) -> None:
     """Delete ends the environment's processes and removes its resource, nothing of it left
     listed; a second delete is no error."""
     manager = EnvironmentManager(_new_store(scratch))
     _, provider, rid = _create(target, manager, "gone")
-    manager.spawn("gone", ["sleep", "60"])
+    handle = _running_tree(provider, rid, scratch / "spawn.log")
     _delete(target, manager, "gone", rid)
+    try:
+        running = provider.alive(rid, handle)
+    except (ResourceGone, ExecFailed):
+        running = False  # the resource is gone, and its processes with it
+    assert not running, "the spawned process outlived the delete"
+    if target.keeps_resource:  # the directory stays: its files show whether anything writes
+        _assert_still(provider, rid, "a process outlived the delete")
     provider.delete(rid)  # idempotent
     assert rid not in provider.list_resources()
     if not target.keeps_resource:
@@ -423,6 +492,26 @@ def check_delete(target: ContractTarget, scratch: Path) -> None:
             raise AssertionError("a deleted resource still runs commands")
 
 
+def _running_tree(provider: BaseProvider, rid: str, log: Path) -> str:
+    """The handle of :data:`_TREE` spawned with its output to ``log``, once it runs."""
+    handle = provider.spawn(rid, ["sh", "-c", _TREE], log_path=str(log))
+    try:
+        _wait(lambda: _beats(provider, rid) > 2, "the spawned tree to run")
+    except AssertionError as exc:  # what it said, if it did not start
+        said = provider.read_spawn_log(rid, handle, log_path=str(log)).data[-2000:]
+        alive = provider.alive(rid, handle)
+        raise AssertionError(f"{exc} (running: {alive}; its output: {said!r})") from None
+    return handle
+
+
+def _assert_still(provider: BaseProvider, rid: str, breach: str) -> None:
+    """Nothing appends to ``beats`` any more (a child of :data:`_TREE` would)."""
+    ended = _beats(provider, rid)
+    time.sleep(0.5)
+    assert _beats(provider, rid) == ended, breach
+
+
+@_deleting_on_failure
 def check_labels_and_sweep(target: ContractTarget, scratch: Path) -> None:
     """A resource carries the store's owner label: ``list_resources`` finds it, and a sweep
     removes it once no record knows it (a leak), leaving recorded environments alone."""
@@ -458,6 +547,7 @@ CHECKS: dict[str, Callable[[ContractTarget, Path], None]] = {
     "spawn_signal_alive": check_spawn_signal_alive,
     "reset_between_runs": check_reset_between_runs,
     "reconnect": check_reconnect,
+    "stop_ends_processes": check_stop_ends_processes,
     "delete": check_delete,
     "labels_and_sweep": check_labels_and_sweep,
 }

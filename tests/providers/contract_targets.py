@@ -67,6 +67,9 @@ def contract_target(request: pytest.FixtureRequest, provider: str, scratch: Path
             # the provider leaves the sandbox's /tmp (docs/security.md); the stand-in's
             # commands run on this host, whose /tmp nothing may empty
             empties_temp=False,
+            # stop pauses an e2b sandbox and start resumes it, its processes with it (the
+            # stand-in's debug mode cannot pause: they run on either way)
+            stop_ends_processes=False,
         )
     if provider == "daytona":  # through its SDK against the Daytona stand-in
         from tests.providers.daytona_support import standin_config

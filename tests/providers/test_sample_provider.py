@@ -17,18 +17,24 @@ from pathlib import Path
 import pytest
 
 from narrative.models import Snapshot
+from narrative.store import Store
 from providers import registry
 from providers.base import ExecResult, OutputFn, Signal
 from providers.contract import (
     CHECKS,
     ContractTarget,
+    check_delete,
     check_exec,
     check_labels_and_sweep,
     check_lifecycle,
     check_reconnect,
     check_restore_and_collect,
     check_spawn_signal_alive,
+    check_stop_ends_processes,
 )
+from providers.directory_processes import kill_marked, marked_processes
+from providers.manager import EnvironmentManager
+from providers.proctree import environment_marker
 from providers.worktree import WorktreeProvider
 from tests.conftest import Cli
 from tests.providers.contract_targets import sandbox_or_skip
@@ -153,6 +159,20 @@ class SignalsTheLeaderOnly(WorktreeProvider):
             os.kill(int(handle.split(":")[1]), signal.SIGKILL)
 
 
+class StopsNothing(WorktreeProvider):
+    """Leaves the environment's processes running when it is stopped."""
+
+    def stop(self, resource_id: str) -> None:
+        return None
+
+
+class DeletesFilesOnly(WorktreeProvider):
+    """Removes the checkout but leaves the environment's processes running."""
+
+    def delete(self, resource_id: str) -> None:
+        shutil.rmtree(resource_id, ignore_errors=True)
+
+
 class ListsNothing(WorktreeProvider):
     """Cannot find its resources, so leaked ones are never swept."""
 
@@ -166,6 +186,8 @@ BREACHES = [
     (NeverDeletes, check_lifecycle, "outlived its delete"),
     (ForgetsGone, check_reconnect, "did not raise ResourceGone"),
     (SignalsTheLeaderOnly, check_spawn_signal_alive, "a child outlived term"),
+    (StopsNothing, check_stop_ends_processes, "outlived the stop"),
+    (DeletesFilesOnly, check_delete, "outlived the delete"),
     (ListsNothing, check_labels_and_sweep, "is not listed"),
 ]
 
@@ -185,7 +207,28 @@ def test_each_check_catches_its_breach(
     # registered for this test only (as test_registry does), so no later pick finds it
     monkeypatch.setitem(registry._LOADED, name, broken)
     # unsandboxed: bwrap's pid namespace would end the children with their leader
-    with pytest.raises(AssertionError, match=breach):
-        check(ContractTarget(name, {"sandbox": "none"}), tmp_path)
+    try:
+        with pytest.raises(AssertionError, match=breach):
+            check(ContractTarget(name, {"sandbox": "none"}), tmp_path)
+    finally:
+        left = _end_processes_of_stores_in(tmp_path)
+    # the failed check deleted its environments, which ended their processes, unless the
+    # breach is in how they end
+    assert left == [] or check in (check_stop_ends_processes, check_delete), left
     # and the unbroken provider passes the same check
     check(ContractTarget("worktree"), tmp_path / "unbroken")
+    assert _end_processes_of_stores_in(tmp_path / "unbroken") == []
+
+
+def _end_processes_of_stores_in(scratch: Path) -> list[str]:
+    """Kill what still runs in an environment of a store under ``scratch``; the environments
+    it ran in."""
+    left = []
+    for workspace in scratch.glob("ws-*"):
+        manager = EnvironmentManager(Store.open(workspace=str(workspace)))
+        for record in manager.environments(include_archived=True):
+            var, value = environment_marker(record.id)
+            if marked_processes(value, var):
+                left.append(record.name)
+                kill_marked(var, value)
+    return left
