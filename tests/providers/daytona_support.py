@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from narrative.ids import new_id
 from narrative.store import Store
 from providers.base import ProviderContext
 from providers.daytona_provider import DaytonaConfig, DaytonaProvider
@@ -73,5 +74,7 @@ def standin_config(server: Any, **config: Any) -> dict[str, Any]:
 
 
 def make_provider(store: Store, server: Any, **config: Any) -> DaytonaProvider:
-    context = ProviderContext(store=store, owner="owner-test", env_id="env-dt", env_name="dt")
+    context = ProviderContext(
+        store=store, owner="owner-test", env_id=new_id("environment"), env_name="dt"
+    )
     return DaytonaProvider(context, DaytonaConfig(**standin_config(server, **config)))

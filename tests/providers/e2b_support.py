@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from narrative.ids import new_id
 from narrative.store import Store
 from providers.base import ProviderContext
 from providers.e2b_provider import E2BConfig, E2BProvider
@@ -40,7 +41,9 @@ def envd_fixture(envd_server: EnvdStandIn, monkeypatch: pytest.MonkeyPatch) -> E
 
 
 def make_provider(store: Store, **config: Any) -> E2BProvider:
-    context = ProviderContext(store=store, owner="owner-test", env_id="env-e2b", env_name="e2b")
+    context = ProviderContext(
+        store=store, owner="owner-test", env_id=new_id("environment"), env_name="e2b"
+    )
     return E2BProvider(context, E2BConfig(**config))
 
 

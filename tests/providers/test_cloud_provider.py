@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from narrative.errors import InvalidInput
+from narrative.ids import new_id
 from narrative.store import Store
 from providers.cloud.driver import (
     TAG_OWNER,
@@ -181,7 +182,7 @@ def test_bad_configs_and_resource_ids_are_refused(
     from providers.base import ProviderContext
     from providers.cloud.provider import CloudVMConfig, CloudVMProvider
 
-    context = ProviderContext(manager.store, manager.owner, "env-1", "one")
+    context = ProviderContext(manager.store, manager.owner, new_id("environment"), "one")
     provider = CloudVMProvider(context, CloudVMConfig(**settings(ec2_endpoint, key_file)))
     fingerprint = "SHA256:" + "B" * 43
     for bad in (
@@ -219,7 +220,9 @@ def test_health_follows_the_machine_state(
     from providers.cloud.provider import CloudVMConfig, CloudVMProvider, resource_id_of
 
     config = CloudVMConfig(**settings(ec2_endpoint, key_file))
-    provider = CloudVMProvider(ProviderContext(manager.store, manager.owner, "env-h", "h"), config)
+    provider = CloudVMProvider(
+        ProviderContext(manager.store, manager.owner, new_id("environment"), "h"), config
+    )
     public = Path(f"{key_file}.pub").read_text()
 
     def launch(env: str, owner: str) -> str:

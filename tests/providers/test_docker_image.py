@@ -12,6 +12,7 @@ from typing import Any
 import docker.errors
 import pytest
 
+from narrative.ids import new_id
 from narrative.store import Store
 from providers.base import ProviderContext
 from providers.docker.config import DEFAULT_IMAGE
@@ -93,7 +94,7 @@ def test_image_build_makes_a_labelled_image_offline(cli: Cli, docker_api: Any) -
 def test_a_directory_environment_without_its_runtime_program_says_how_to_fix_it(
     store: Store,
 ) -> None:
-    context = ProviderContext(store, "owner-test", "env-0000000000runtime000", "box")
+    context = ProviderContext(store, "owner-test", new_id("environment"), "box")
     provider = WorktreeProvider(context, WorktreeConfig(runtime=["/nonexistent/narrative"]))
     resource = provider.create()
     try:

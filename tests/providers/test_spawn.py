@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from narrative.errors import InvalidInput
+from narrative.ids import new_id
 from narrative.store import Store
 from providers.base import SPAWN_LOG_LIMIT, BaseProvider, ProviderContext, SpawnLog
 from providers.errors import ExecFailed, ProviderError
@@ -39,7 +40,8 @@ pytestmark = pytest.mark.timeout(120)
 
 TREE = "sleep 60 & sleep 60 & wait"
 """A shell with two children: three processes, none of which ends on its own in a test's time."""
-ENV_ID = "env-0000000000spawn00000"
+ENV_ID = new_id("environment")
+"""This process's environment of the directory tests (a child process drives it too)."""
 DEADLINE = 15.0
 
 
