@@ -37,7 +37,9 @@ from daytona import DaytonaConfig as SDKConfig
 
 from narrative.errors import InvalidInput, NarrativeError
 
+from .base import ProviderContext
 from .errors import ProviderError, ProviderUnavailable, ResourceGone
+from .records import env_state_dir
 
 __all__ = [
     "HANDLE_PREFIX",
@@ -51,7 +53,9 @@ __all__ = [
     "make_client",
     "pack_script",
     "parse_handle",
+    "record_session",
     "session_line",
+    "session_recorded",
     "retry_after",
     "translate",
 ]
@@ -270,3 +274,27 @@ def _end_keep_awake() -> None:
     _QUIT.set()
     for thread in list(_AWAKE):
         thread.join(timeout=10)
+
+
+_SESSIONS_FILE = "sessions"
+
+
+def record_session(context: ProviderContext, session: str) -> None:
+    """Note beside the environment's record (on this machine) that it spawned a process in
+    ``session``: once Daytona forgets the session (ended by ``end_leftovers``, or with a
+    stop), its handle is a process that ended, for every provider instance, and not one never
+    issued."""
+    state = env_state_dir(context.store, context.env_id)
+    os.makedirs(state, exist_ok=True)
+    with open(os.path.join(state, _SESSIONS_FILE), "a", encoding="ascii") as f:
+        f.write(session + "\n")  # one short line: appended whole
+
+
+def session_recorded(context: ProviderContext, session: str) -> bool:
+    """Whether :func:`record_session` noted ``session``."""
+    state = env_state_dir(context.store, context.env_id)
+    try:
+        with open(os.path.join(state, _SESSIONS_FILE), encoding="ascii") as f:
+            return session in f.read().split()
+    except FileNotFoundError:
+        return False

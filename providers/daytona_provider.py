@@ -67,14 +67,15 @@ from .daytona_calls import (
     make_client,
     pack_script,
     parse_handle,
+    record_session,
     session_line,
+    session_recorded,
 )
 from .daytona_config import DaytonaConfig
 from .e2b_config import read_uploads
 from .emptying import TEMP_DIRS, empty_argv
 from .errors import ProviderError, ProviderUnavailable, ResourceGone, ResultTooLarge
 from .proctree import MARKER_VAR, environment_marker, signal_argv
-from .records import env_state_dir
 from .shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
 
 if TYPE_CHECKING:
@@ -393,10 +394,9 @@ class DaytonaProvider(BaseProvider):
         sessions the provider opened."""
         var, value = environment_marker(self.context.env_id)
         self._script(resource_id, shlex.join(signal_argv(value, "kill", var)), "ending leftovers")
-        sessions = self._toolbox(resource_id, lambda s: s.process.list_sessions())
-        for session in sessions:
-            if str(session.session_id).startswith(SESSION_PREFIX):
-                self._end_session(resource_id, str(session.session_id))
+        for session in self._toolbox(resource_id, lambda s: s.process.list_sessions()):
+            if (name := str(session.session_id)).startswith(SESSION_PREFIX):
+                self._end_session(resource_id, name)
 
     def reset(self, resource_id: str, snapshot: Snapshot | None) -> None:
         """Empty the workdir and the temporary directories, then restore ``snapshot`` (None:
@@ -427,29 +427,9 @@ class DaytonaProvider(BaseProvider):
             raise InvalidInput("empty command")
         marker = secrets.token_hex(MARKER_LENGTH // 2)
         line = self._command(resource_id, shlex.join(argv), marker, env, quiet=log_path is None)
-        session = f"{SESSION_PREFIX}{marker}"
-        self._record_spawned(session)
-        started = self._start(resource_id, session, line)
+        record_session(self.context, f"{SESSION_PREFIX}{marker}")
+        started = self._start(resource_id, f"{SESSION_PREFIX}{marker}", line)
         return f"{HANDLE_PREFIX}{started.cmd_id}:{marker}"
-
-    def _spawned_sessions(self) -> str:
-        """The file naming, a line each, the session of every process this environment
-        spawned: a session gone (ended by :meth:`end_leftovers` or with a stop, by any
-        provider instance) then tells a process that ended from a handle never issued."""
-        return os.path.join(env_state_dir(self.context.store, self.context.env_id), "sessions")
-
-    def _record_spawned(self, session: str) -> None:
-        path = self._spawned_sessions()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a", encoding="ascii") as f:  # one short line: appended whole
-            f.write(session + "\n")
-
-    def _spawned_here(self, session: str) -> bool:
-        try:
-            with open(self._spawned_sessions(), encoding="ascii") as f:
-                return session in f.read().split()
-        except FileNotFoundError:
-            return False
 
     def spawn_runtime(
         self,
@@ -479,7 +459,7 @@ class DaytonaProvider(BaseProvider):
             return self._exit_code(resource_id, session, command_id, wake)
         except ResourceGone:
             self._sandbox_as_is(resource_id)  # the sandbox is there: the session is not
-            if self._spawned_here(session):
+            if session_recorded(self.context, session):
                 return -9  # killed with its session (by end_leftovers, or a stop)
             raise InvalidInput(f"no process {handle} in daytona sandbox {resource_id}") from None
 
