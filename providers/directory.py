@@ -21,11 +21,14 @@ the environment's own thread before anything overwrites it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, ClassVar
 
@@ -77,6 +80,7 @@ from .proctree import environment_marker
 from .records import HUB_SOCKET, hub_socket_dir
 from .sandbox import (
     SandboxPlan,
+    SandboxStart,
     inside_sandbox,
     installation_root,
     interpreter_paths,
@@ -87,6 +91,8 @@ from .sandbox import (
 from .usage import ProcessUsage, UsageMeter, rusage_usage
 
 __all__ = ["DirectoryProvider"]
+
+log = logging.getLogger(__name__)
 
 
 class DirectoryProvider(BaseProvider):
@@ -261,21 +267,8 @@ class DirectoryProvider(BaseProvider):
         if not argv:
             raise InvalidInput("no command given")
         measured_by = self._exec_measured_by()  # (before the command: it decides how it runs)
-        try:
-            environment = command_env({**(env or {}), **self._marker_env()})
-            with self._command(resource_id, argv, environment, False) as (cmd, cmd_env, fds):
-                proc = subprocess.Popen(
-                    cmd,
-                    cwd=resource_id,
-                    env=cmd_env,
-                    pass_fds=fds,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,
-                )
-        except OSError as exc:
-            raise ExecFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
+        environment = command_env({**(env or {}), **self._marker_env()})
+        proc = self._popen(resource_id, argv, environment, False, subprocess.PIPE, subprocess.PIPE)
         return wait_streaming(proc, timeout, on_output, measured_by)
 
     def _exec_measured_by(self) -> str | None:
@@ -314,23 +307,59 @@ class DirectoryProvider(BaseProvider):
             if log_path is not None:
                 os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
                 output = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
-            with self._command(resource_id, argv, environment, True) as (cmd, cmd_env, fds):
-                proc = subprocess.Popen(
-                    cmd,
-                    cwd=resource_id,
-                    env=cmd_env,
-                    pass_fds=fds,
-                    stdin=subprocess.DEVNULL,
-                    stdout=output if output is not None else subprocess.DEVNULL,
-                    stderr=subprocess.STDOUT if output is not None else subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+            stdout = output if output is not None else subprocess.DEVNULL
+            stderr = subprocess.STDOUT if output is not None else subprocess.DEVNULL
+            proc = self._popen(resource_id, argv, environment, True, stdout, stderr)
         except OSError as exc:
             raise ExecFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
         finally:
             if output is not None:
                 output.close()
         return track_spawned(proc, token)
+
+    def _popen(
+        self,
+        resource_id: str,
+        argv: Sequence[str],
+        environment: dict[str, str],
+        background: bool,
+        stdout: IO[bytes] | int,
+        stderr: IO[bytes] | int,
+    ) -> subprocess.Popen[bytes]:
+        """``argv`` started in the directory, in a new session, in the sandbox unless there
+        is none; once the sandbox was set up. When bwrap fails to set it up (the machine's
+        mounts changed meanwhile, see :func:`~providers.sandbox.sandboxed`: here 4 commands in
+        18,000 while Docker tests ran) the command never ran, and it is started again.
+
+        Raises:
+            ExecFailed: the program cannot be run, or the sandbox never started.
+        """
+        reasons: list[str] = []
+        for attempt in range(_SANDBOX_ATTEMPTS):
+            time.sleep(0.02 * attempt)
+            try:
+                with self._command(resource_id, argv, environment, background) as launch:
+                    cmd, cmd_env, fds, start = launch
+                    proc = subprocess.Popen(
+                        cmd,
+                        cwd=resource_id,
+                        env=cmd_env,
+                        pass_fds=fds,
+                        stdin=start.stdin if start is not None else subprocess.DEVNULL,
+                        stdout=stdout,
+                        stderr=stderr,
+                        start_new_session=True,
+                    )
+            except OSError as exc:
+                raise ExecFailed(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from exc
+            if start is None or start.started(_SANDBOX_START_TIMEOUT):
+                return proc
+            reasons.append(_why_not_started(proc))
+            log.info("the sandbox of %s did not start: %s", self.context.env_name, reasons[-1])
+        raise ExecFailed(
+            f"cannot run {argv[0]!r}: its sandbox did not start ({_SANDBOX_ATTEMPTS} times): "
+            + reasons[-1]
+        )
 
     def usage_meter(self, resource_id: str) -> UsageMeter:
         how = "in its bwrap sandbox" if self.sandbox_enabled else "unsandboxed"
@@ -426,15 +455,16 @@ class DirectoryProvider(BaseProvider):
         argv: Sequence[str],
         environment: dict[str, str],
         background: bool,
-    ) -> Iterator[tuple[list[str], dict[str, str], tuple[int, ...]]]:
-        """``(command, environment, pass_fds)`` running ``argv`` in the environment's sandbox
-        (as it is with ``sandbox=none``); Popen is called inside the block.
+    ) -> Iterator[tuple[list[str], dict[str, str], tuple[int, ...], SandboxStart | None]]:
+        """``(command, environment, pass_fds, start)`` running ``argv`` in the environment's
+        sandbox (as it is with ``sandbox=none``, ``start`` None); Popen is called inside the
+        block, with ``start.stdin`` as standard input (see :func:`~providers.sandbox.sandboxed`).
 
         ``background`` is a spawned process (the runtime): it outlives its caller, since a hub
         that restarts adopts it, so it is not tied to the caller's life.
         """
         if not self.sandbox_enabled or inside_sandbox():
-            yield list(argv), environment, ()
+            yield list(argv), environment, (), None
             return
         bwrap = require_bwrap()
         _check_program(resource_id, argv[0], environment)
@@ -450,12 +480,12 @@ class DirectoryProvider(BaseProvider):
             network=getattr(self.config, "network", "host") != "none",
             die_with_parent=not background,
         )
-        with sandboxed(bwrap, plan, argv, environment) as (sandbox, bwrap_env, fds):
+        with sandboxed(bwrap, plan, argv, environment) as (sandbox, bwrap_env, fds, start):
             # bwrap itself carries the marker too: killing its init (PID 1 of the sandbox's
             # namespace) ends every process in there, also one that dropped its environment
             measured = background or self.meters > 0
             command = [sys.executable, "-I", "-S", "-c", SUBREAPER] if measured else []
-            yield [*command, *sandbox], {**bwrap_env, **self._marker_env()}, fds
+            yield [*command, *sandbox], {**bwrap_env, **self._marker_env()}, fds, start
 
     def runtime_command(self) -> list[str]:
         """The configured ``runtime``, else this interpreter in isolated mode running this
@@ -513,3 +543,20 @@ class _ReapedMeter(UsageMeter):
         if usage is None:
             return ProcessUsage(None, None, f"{self.measured_by}: not reaped by this process")
         return rusage_usage(usage, self.measured_by)
+
+
+_SANDBOX_ATTEMPTS = 5
+"""How often a command is started when its sandbox is not set up (see :meth:`_popen`)."""
+_SANDBOX_START_TIMEOUT = 60.0
+"""Seconds bwrap may take to set a sandbox up."""
+
+
+def _why_not_started(proc: subprocess.Popen[bytes]) -> str:
+    """What bwrap said when it did not set the sandbox up (its standard error, when piped),
+    once it is ended and reaped."""
+    if proc.poll() is None:  # timed out setting up: end the whole attempt
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    _out, err = proc.communicate()
+    said = (err or b"").decode(errors="replace").strip()
+    return said or f"bwrap exited with {proc.returncode}"

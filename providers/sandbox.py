@@ -17,7 +17,8 @@ spawns there (with the agent below it) run under ``bwrap`` (Debian package ``bub
   its own); either way the runtime reaches the hub through a unix socket in a private
   directory bound read-only into the sandbox (:attr:`SandboxPlan.shared`).
 
-This module only builds command lines; :class:`~providers.directory.DirectoryProvider` runs them.
+This module builds command lines and tells whether a sandbox started;
+:class:`~providers.directory.DirectoryProvider` runs them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import shutil
 import sys
 import tempfile
@@ -39,6 +41,7 @@ __all__ = [
     "HOME_SECRETS",
     "SandboxConfig",
     "SandboxPlan",
+    "SandboxStart",
     "bwrap_options",
     "find_bwrap",
     "inside_sandbox",
@@ -238,26 +241,79 @@ _PRIVATE_DIRS = {
 }
 
 
+class SandboxStart:
+    """Whether a sandboxed command started. bwrap sets the sandbox up before it runs the
+    command, and may fail to (see :func:`sandboxed`); the command, wrapped by
+    :data:`_ANNOUNCE`, first writes one byte to its standard input, which is the write end of a
+    pipe read here."""
+
+    def __init__(self) -> None:
+        # stdin: the write end, the command's standard input (Popen's ``stdin``)
+        self._read, self.stdin = os.pipe()
+
+    def close_writer(self) -> None:
+        """Called once the command was started: the started processes hold the write end."""
+        if self.stdin >= 0:
+            os.close(self.stdin)
+            self.stdin = -1
+
+    def started(self, timeout: float) -> bool:
+        """Wait until the command says it runs (True), every process that could say so has
+        exited (False: the sandbox was not set up), or ``timeout`` seconds passed (False)."""
+        self.close_writer()
+        try:
+            ready, _, _ = select.select([self._read], [], [], timeout)
+            return bool(ready) and os.read(self._read, 1) == b"."
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.close_writer()
+        if self._read >= 0:
+            os.close(self._read)
+            self._read = -1
+
+
+_ANNOUNCE = 'printf . >&0 && exec "$@" < /dev/null'
+"""What runs in the sandbox before the command: one byte to :class:`SandboxStart`'s pipe on
+standard input (a single-digit descriptor: dash takes no other), then the command with
+/dev/null as its standard input, so the command never holds the pipe."""
+
+
 @contextlib.contextmanager
 def sandboxed(
     bwrap: str, plan: SandboxPlan, argv: Sequence[str], environment: Mapping[str, str]
-) -> Iterator[tuple[list[str], dict[str, str], tuple[int, ...]]]:
-    """``(command, environment, pass_fds)`` for :class:`subprocess.Popen` running ``argv``
-    in ``plan``'s sandbox with ``environment``.
+) -> Iterator[tuple[list[str], dict[str, str], tuple[int, ...], SandboxStart]]:
+    """``(command, environment, pass_fds, start)`` for :class:`subprocess.Popen` running
+    ``argv`` in ``plan``'s sandbox with ``environment``, with ``start.stdin`` as its standard
+    input; ``start.started()`` then says whether the sandbox was set up and the command runs.
 
     bwrap reads its options, the command's environment among them, from an unlinked file
     (``--args FD``, closed before the command starts) and runs with an empty environment
     itself: neither its command line nor the environment of its init process (PID 1 of the
     namespace, which the agent can read) holds the command's variables (the runtime's token).
     Popen must be called inside the block.
+
+    Setting the sandbox up fails now and then when the machine's mounts change meanwhile:
+    bwrap remounts each mount below ``/`` read-only, and one that goes away first (Docker
+    starting or stopping a container) fails it with "Can't bind mount /oldroot/ on /newroot/"
+    (bubblewrap issue 650). The command never ran then; ``start`` tells the caller, which may
+    start it again.
     """
     options = bwrap_options(plan, environment)
-    with tempfile.TemporaryFile() as args:
-        args.write(b"".join(os.fsencode(option) + b"\0" for option in options))
-        args.flush()
-        args.seek(0)
-        fd = args.fileno()
-        yield [bwrap, "--args", str(fd), "--", *argv], {}, (fd,)
+    start = SandboxStart()
+    try:
+        with tempfile.TemporaryFile() as args:
+            args.write(b"".join(os.fsencode(option) + b"\0" for option in options))
+            args.flush()
+            args.seek(0)
+            fd = args.fileno()
+            announced = ["/bin/sh", "-c", _ANNOUNCE, "sh", *argv]
+            yield [bwrap, "--args", str(fd), "--", *announced], {}, (fd,), start
+    except BaseException:
+        start.close()
+        raise
+    start.close_writer()
 
 
 def keep_environment_private() -> None:

@@ -1,0 +1,117 @@
+"""A sandbox that bwrap fails to set up: the command never ran, so it is started again.
+
+bwrap remounts every mount below ``/`` read-only while it sets a sandbox up; a mount that goes
+away meanwhile (Docker starting or stopping a container) fails it with "Can't bind mount
+/oldroot/ on /newroot/" (bubblewrap issue 650). Measured here: 4 commands in 18,000 while the
+Docker tests ran. A spawned runtime or agent then silently never ran, and an exec failed with
+bwrap's message. Here bwrap is replaced, on ``PATH``, by a script that fails its first
+invocations as bwrap does and then runs the real one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from narrative.ids import new_id
+from narrative.store import Store
+from providers.base import ProviderContext
+from providers.errors import ExecFailed
+from providers.worktree import WorktreeConfig, WorktreeProvider
+from tests.providers.contract_targets import sandbox_or_skip
+
+_MESSAGE = "bwrap: Can't bind mount /oldroot/ on /newroot/: Unable to apply mount flags"
+
+
+@pytest.fixture
+def failing_bwrap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A ``bwrap`` first on PATH that fails while ``failures`` (a file) holds a number above
+    zero, counting it down, and runs the real one otherwise; each call is one line of
+    ``calls``."""
+    sandbox_or_skip()
+    real = shutil.which("bwrap")
+    assert real is not None
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "bwrap"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"echo call >> {tmp_path / 'calls'}\n"
+        f"left=$(cat {tmp_path / 'failures'})\n"
+        'if [ "$left" -gt 0 ]; then\n'
+        f"  echo $((left - 1)) > {tmp_path / 'failures'}\n"
+        f'  echo "{_MESSAGE}: remount /newroot/x: Invalid argument" >&2\n'
+        "  exit 1\n"
+        "fi\n"
+        f'exec {real} "$@"\n'
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return tmp_path
+
+
+def _calls(state: Path) -> int:
+    path = state / "calls"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _provider(store: Store) -> tuple[WorktreeProvider, str]:
+    provider = WorktreeProvider(
+        ProviderContext(store, "owner-test", new_id("environment"), "box"), WorktreeConfig()
+    )
+    return provider, provider.create()
+
+
+def test_a_command_whose_sandbox_failed_to_start_is_run_again(
+    failing_bwrap: Path, store: Store
+) -> None:
+    provider, rid = _provider(store)
+    (failing_bwrap / "failures").write_text("2")
+    done = provider.exec(rid, ["sh", "-c", "echo ran >> runs.txt; echo out; echo err >&2"])
+    assert (done.exit_code, done.stdout, done.stderr) == (0, b"out\n", b"err\n")
+    assert _calls(failing_bwrap) == 3
+    assert (Path(rid) / "runs.txt").read_text() == "ran\n"  # once: the failed ones never ran
+
+
+def test_a_spawn_whose_sandbox_failed_to_start_is_started_again(
+    failing_bwrap: Path, store: Store
+) -> None:
+    provider, rid = _provider(store)
+    (failing_bwrap / "failures").write_text("2")
+    log = failing_bwrap / "spawn.log"
+    handle = provider.spawn(rid, ["sh", "-c", "echo up; exec sleep 60"], log_path=str(log))
+    assert _calls(failing_bwrap) == 3
+    deadline = time.monotonic() + 15
+    while b"up" not in log.read_bytes():
+        assert time.monotonic() < deadline, log.read_bytes()
+        time.sleep(0.05)
+    assert provider.alive(rid, handle)
+    assert log.read_bytes().count(_MESSAGE.encode()) == 2  # each failed attempt, for the record
+    provider.signal(rid, handle, "kill")
+
+
+def test_a_command_that_fails_once_started_is_not_run_again(
+    failing_bwrap: Path, store: Store
+) -> None:
+    provider, rid = _provider(store)
+    (failing_bwrap / "failures").write_text("0")
+    done = provider.exec(rid, ["sh", "-c", 'echo "$0" >&2; exit 1', _MESSAGE])
+    assert done.exit_code == 1 and _MESSAGE.encode() in done.stderr
+    assert _calls(failing_bwrap) == 1
+
+
+def test_a_sandbox_that_never_starts_is_an_error_naming_bwrap_s_reason(
+    failing_bwrap: Path, store: Store
+) -> None:
+    provider, rid = _provider(store)
+    (failing_bwrap / "failures").write_text("100")
+    with pytest.raises(ExecFailed, match=r"sandbox did not start.*Can.t bind mount"):
+        provider.exec(rid, ["true"])
+    assert _calls(failing_bwrap) == 5
+    with pytest.raises(ExecFailed, match="sandbox did not start"):
+        provider.spawn(rid, ["sleep", "60"])
+    assert _calls(failing_bwrap) == 10
