@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +25,7 @@ from providers.base import ProviderContext
 from providers.errors import ExecFailed
 from providers.worktree import WorktreeConfig, WorktreeProvider
 from tests.providers.contract_targets import sandbox_or_skip
+from tests.providers.docker_support import new_owner
 
 _MESSAGE = "bwrap: Can't bind mount /oldroot/ on /newroot/: Unable to apply mount flags"
 
@@ -115,3 +118,36 @@ def test_a_sandbox_that_never_starts_is_an_error_naming_bwrap_s_reason(
     with pytest.raises(ExecFailed, match="sandbox did not start"):
         provider.spawn(rid, ["sleep", "60"])
     assert _calls(failing_bwrap) == 10
+
+
+@pytest.mark.long
+def test_sandboxed_commands_start_while_containers_come_and_go(
+    store: Store, docker_api: Any, docker_image: str
+) -> None:
+    """The race itself, with the real bwrap and engine: containers are started and removed in
+    a loop (each mounts and unmounts an overlay below ``/``) while sandboxed commands run.
+    Before the fix about 4 in 1,500 failed this way here; every one must run."""
+    sandbox_or_skip()
+    stop = threading.Event()
+
+    def churn() -> None:
+        config = docker_api.create_host_config(binds=["/usr:/usr:ro"], network_mode="none")
+        labels = {"narrative.owner": new_owner()}  # swept with the session's test containers
+        while not stop.is_set():
+            made = docker_api.create_container(
+                docker_image, command=["/usr/bin/true"], host_config=config, labels=labels
+            )
+            docker_api.start(made)
+            docker_api.wait(made)
+            docker_api.remove_container(made, force=True)
+
+    churning = threading.Thread(target=churn, name="container-churn", daemon=True)
+    churning.start()
+    try:
+        provider, rid = _provider(store)
+        results = [provider.exec(rid, ["true"]) for _ in range(1500)]
+    finally:
+        stop.set()
+        churning.join(60)
+    failed = [result.stderr[-300:] for result in results if result.exit_code != 0]
+    assert failed == []
