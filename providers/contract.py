@@ -13,7 +13,6 @@ e2b; ``docs/providers.md`` shows how to run them against another provider.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import subprocess
 import time
@@ -21,7 +20,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +140,7 @@ def _deleting_on_failure(
     """``check``, deleting every environment it created when it fails: a breach found must
     not leave the provider's resources, or processes still running, behind it."""
 
-    @functools.wraps(check)
+    @wraps(check)
     def checked(target: ContractTarget, scratch: Path) -> None:
         created: list[tuple[ContractTarget, EnvironmentManager, str, str]] = []
         reset = _CREATED.set(created)

@@ -336,7 +336,8 @@ class DirectoryProvider(BaseProvider):
         """
         reasons: list[str] = []
         for attempt in range(_SANDBOX_ATTEMPTS):
-            time.sleep(0.02 * attempt)
+            if attempt:
+                time.sleep(0.02 * attempt)
             try:
                 with self._command(resource_id, argv, environment, background) as launch:
                     cmd, cmd_env, fds, start = launch

@@ -173,7 +173,7 @@ class HybridProvider(BaseProvider):
         stop does) and forget the pair; both environments and their files stay the user's."""
         try:
             provider, resource = self._agent()
-        except (ProviderError, ResourceGone):
+        except ProviderError:  # ResourceGone included
             return  # deleted or never made: nothing of it runs
         provider.end_leftovers(resource)
 

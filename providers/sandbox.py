@@ -262,7 +262,10 @@ class SandboxStart:
         exited (False: the sandbox was not set up), or ``timeout`` seconds passed (False)."""
         self.close_writer()
         try:
-            ready, _, _ = select.select([self._read], [], [], timeout)
+            # poll, not select: a hub holding many connections has descriptors above 1023
+            waiting = select.poll()
+            waiting.register(self._read, select.POLLIN)
+            ready = waiting.poll(timeout * 1000)
             return bool(ready) and os.read(self._read, 1) == b"."
         finally:
             self.close()

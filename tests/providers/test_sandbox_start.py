@@ -11,6 +11,7 @@ invocations as bwrap does and then runs the real one.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import threading
 import time
@@ -161,3 +162,23 @@ def test_sandboxed_commands_start_while_containers_come_and_go(
     failed = [result.stderr[-300:] for result in results if result.exit_code != 0]
     assert failed == []
     assert len(churned) >= 10, "the containers did not come and go meanwhile"
+
+
+def test_a_sandbox_starts_in_a_process_holding_more_than_1024_descriptors(store: Store) -> None:
+    """A hub holds a descriptor per connection: the start's pipe may be numbered above 1023,
+    which ``select()`` cannot wait on."""
+    sandbox_or_skip()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the descriptor limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    held: list[int] = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        provider, rid = _provider(store)
+        assert provider.exec(rid, ["echo", "ran"]).stdout == b"ran\n"
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
