@@ -23,6 +23,7 @@ from providers import directory_processes
 from providers.base import BaseProvider, ProviderContext
 from providers.directory_processes import marked_processes
 from providers.local import LocalConfig, LocalProvider
+from providers.manager import EnvironmentManager
 from providers.proctree import environment_marker
 from providers.worktree import WorktreeConfig, WorktreeProvider
 from tests.conftest import git_tree_of
@@ -203,3 +204,28 @@ def _commands(pids: list[int]) -> dict[str, int]:
         if command in counted:
             counted[command] += 1
     return counted
+
+
+@pytest.mark.parametrize("sandbox", ["bwrap", "none"])
+def test_sweeping_a_leaked_checkout_ends_its_processes(
+    sandbox: str, store: Store, tmp_path: Path
+) -> None:
+    """A checkout whose record was lost is deleted by ``env sweep``; the processes its agent
+    started end with it. Before, the sweep looked for its own marker ("env-sweep") and left
+    them running on the user's machine."""
+    if sandbox == "bwrap":
+        sandbox_or_skip()
+    env_id = new_id("environment")
+    provider = WorktreeProvider(
+        ProviderContext(store, "owner-test", env_id, "box"), WorktreeConfig(sandbox=sandbox)
+    )
+    rid = provider.create()  # never recorded: as if the manager died before it wrote the record
+    provider.spawn(rid, ["sh", "-c", "setsid sleep 300 & exec sleep 300"])
+    var, value = environment_marker(env_id)
+    deadline = time.monotonic() + 15
+    while _commands(marked_processes(value, var))["sleep 300"] != 2:
+        assert time.monotonic() < deadline, _commands(marked_processes(value, var))
+        time.sleep(0.05)
+    assert EnvironmentManager(store).sweep(["worktree"]) == [rid]
+    assert not os.path.exists(rid)
+    assert marked_processes(value, var) == []
