@@ -271,6 +271,13 @@ class BaseProvider(ABC):
         """Ids of every resource labelled with this store's owner (for sweeping leaks)."""
         return []
 
+    def environment_of(self, resource_id: str) -> str | None:
+        """The id of the environment ``resource_id`` was made for, when the resource itself
+        says so (None: it does not). A leaked resource has no record to ask; sweeping deletes
+        it as that environment, so that what it keys by the environment's id (the marker of
+        its processes, state beside the store) is found."""
+        return None
+
     # -- operations -----------------------------------------------------------------------------
 
     @abstractmethod

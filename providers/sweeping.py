@@ -25,7 +25,9 @@ def sweep_leaked(
 ) -> list[str]:
     """Delete the resources labelled with ``owner`` that no live record of ``records`` knows,
     of ``providers`` (default: every provider an environment of the store ever used)."""
-    known = {r.resource_id for r in records.live() if r.resource_id}
+    live = records.live()
+    known = {r.resource_id for r in live if r.resource_id}
+    live_ids = {r.id for r in live}
     names = set(providers) if providers is not None else {r.provider for r in records.load()}
     swept: list[str] = []
     for name in sorted(names):
@@ -36,7 +38,15 @@ def sweep_leaked(
             for resource in instance.list_resources():
                 if resource not in known and resource not in swept:
                     log.info("sweeping leaked %s resource %s", name, resource)
-                    instance.delete(resource)
+                    # deleted as the environment it was made for, so that its processes are
+                    # found by that environment's marker; never as a live one (whose marker
+                    # its own processes carry)
+                    made_for = instance.environment_of(resource)
+                    if made_for is not None and made_for not in live_ids:
+                        as_made = ProviderContext(store, owner, made_for, "sweep")
+                        cls(as_made, config).delete(resource)
+                    else:
+                        instance.delete(resource)
                     swept.append(resource)
     return swept
 

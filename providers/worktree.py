@@ -22,8 +22,6 @@ from narrative.location import checkouts_root, claim_checkouts
 from narrative.store import Store
 
 from .directory import DirectoryProvider
-from .directory_processes import kill_marked
-from .proctree import environment_marker
 from .sandbox import SandboxConfig
 
 __all__ = ["WorktreeConfig", "WorktreeProvider", "worktrees_dir"]
@@ -84,18 +82,11 @@ class WorktreeProvider(DirectoryProvider):
             self.save_leftovers(resource_id, f"left in {self.context.env_name} when deleted")
         shutil.rmtree(resource_id)
 
-    def end_leftovers(self, resource_id: str) -> None:
-        """Also end the processes of the environment a checkout in the default place was made
-        for (named by its directory): the one ``env sweep`` deletes has no record any more, and
-        the sweep's own context is no environment, so its marker alone would find nothing."""
-        super().end_leftovers(resource_id)
+    def environment_of(self, resource_id: str) -> str | None:
+        """A checkout in the default place is named by its environment's id."""
         owner = os.path.basename(resource_id)
-        if (
-            owner != self.context.env_id
-            and is_id(owner, "environment")
-            and os.path.dirname(resource_id) in self._checkout_roots()
-        ):
-            kill_marked(*environment_marker(owner))
+        in_place = os.path.dirname(resource_id) in self._checkout_roots()
+        return owner if in_place and is_id(owner, "environment") else None
 
     def _checkout_roots(self) -> tuple[str, str]:
         store = self.context.store

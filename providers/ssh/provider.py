@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, ClassVar
 
 from narrative.errors import InvalidInput
+from narrative.ids import is_id
 
 from ..base import (
     SPAWN_LOG_LIMIT,
@@ -277,6 +278,10 @@ class SSHProvider(BaseProvider):
         return sorted(
             f"ssh:{name}" for name in out.decode().split() if _RESOURCE.fullmatch(f"ssh:{name}")
         )
+
+    def environment_of(self, resource_id: str) -> str | None:
+        match = _RESOURCE.fullmatch(resource_id)
+        return match[1] if match and is_id(match[1], "environment") else None
 
     def warnings(self) -> list[str]:
         if self.cfg.sandbox == "bwrap":

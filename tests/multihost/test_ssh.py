@@ -204,6 +204,30 @@ def test_the_sandbox_hides_the_remote_users_home_and_other_environments(lab: Lab
         lab.narrative("env", "delete", name, cwd=ws)
 
 
+def test_a_sweep_ends_the_processes_of_a_leaked_environment_on_the_box(lab: Lab) -> None:
+    """An environment whose record was lost (the manager died between making the resource and
+    recording it) is swept, and what its agent left running on the box ends with it. Before,
+    the sweep looked for the processes of an environment named "env-sweep"."""
+    ws = lab.init_workspace({"a.txt": "a\n"}, name="sweep")
+    for name in ("kept", "leaked"):
+        config = lab.config(sandbox="none")
+        lab.narrative("env", "create", name, "--provider", "ssh", *config, cwd=ws)
+    daemon = "setsid sleep 307 < /dev/null > /dev/null 2>&1 &"
+    lab.narrative("env", "exec", "leaked", "--", "sh", "-c", daemon, cwd=ws)
+    running = "pgrep -fc 'slee[p] 307' || true"
+    assert lab.sh_on_box(running).strip() == "1"
+    records = f"{lab.json('info', cwd=ws)['store']}/narrative/environments.json"
+    doc = json.loads(lab.dev.read_file(records))
+    doc["environments"] = [e for e in doc["environments"] if e["name"] != "leaked"]
+    lab.dev.write_file(records, json.dumps(doc))
+    lab.narrative("env", "sweep", cwd=ws)
+    assert lab.sh_on_box(running).strip() == "0"
+    assert lab.sh_on_box("ls ~/.narrative/envs").split() == [
+        lab.json("env", "show", "kept", cwd=ws)["id"]
+    ]
+    lab.narrative("env", "delete", "kept", cwd=ws)
+
+
 def test_readme_ssh_walkthrough(tmp_path: Path, wheelhouse: Path) -> None:
     """'## Agents on an SSH host' as written, on a developer host, with ``box`` a plain host
     whose user is ``agent``: the key and known_hosts where ssh keeps them, and the wheelhouse

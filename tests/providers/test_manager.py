@@ -185,3 +185,20 @@ def test_watch_runs_health_checks_in_the_background(store: Store) -> None:
         stop.set()
         watcher.join()
     assert manager.get("box").state is EnvState.NOT_AVAILABLE
+
+
+def test_a_sweep_never_ends_the_processes_of_a_live_environment(
+    store: Store, tmp_path: Path
+) -> None:
+    """A leaked checkout named by a live environment's id (that environment now lives at a
+    path of its own) is swept as a leak, not as that environment: its processes run on."""
+    manager = EnvironmentManager(store)
+    record = manager.create("box", "worktree", {"path": str(tmp_path / "own"), "sandbox": "none"})
+    handle = manager.spawn("box", ["sleep", "300"])
+    leaked = Path(worktrees_dir(store)) / record.id
+    leaked.mkdir(parents=True)
+    try:
+        assert manager.sweep(["worktree"]) == [str(leaked)]
+        assert manager.alive("box", handle)
+    finally:
+        manager.delete("box")
