@@ -472,11 +472,7 @@ def check_delete(target: ContractTarget, scratch: Path) -> None:
     _, provider, rid = _create(target, manager, "gone")
     handle = _running_tree(provider, rid, scratch / "spawn.log")
     _delete(target, manager, "gone", rid)
-    try:
-        running = provider.alive(rid, handle)
-    except (ResourceGone, ExecFailed):
-        running = False  # the resource is gone, and its processes with it
-    assert not running, "the spawned process outlived the delete"
+    assert not _runs(provider, rid, handle), "the spawned process outlived the delete"
     if target.keeps_resource:  # the directory stays: its files show whether anything writes
         _assert_still(provider, rid, "a process outlived the delete")
     provider.delete(rid)  # idempotent
@@ -489,6 +485,14 @@ def check_delete(target: ContractTarget, scratch: Path) -> None:
             pass
         else:
             raise AssertionError("a deleted resource still runs commands")
+
+
+def _runs(provider: BaseProvider, rid: str, handle: str) -> bool:
+    """Whether the spawned ``handle`` still runs, its resource deleted."""
+    try:
+        return provider.alive(rid, handle)
+    except (ResourceGone, ExecFailed):
+        return False  # the resource is gone, and its processes with it
 
 
 def _running_tree(provider: BaseProvider, rid: str, log: Path) -> str:
@@ -513,7 +517,8 @@ def _assert_still(provider: BaseProvider, rid: str, breach: str) -> None:
 @_deleting_on_failure
 def check_labels_and_sweep(target: ContractTarget, scratch: Path) -> None:
     """A resource carries the store's owner label: ``list_resources`` finds it, and a sweep
-    removes it once no record knows it (a leak), leaving recorded environments alone."""
+    removes it once no record knows it (a leak), with every process it ran, leaving recorded
+    environments alone."""
     manager = EnvironmentManager(_new_store(scratch))
     _, provider, kept = _create(target, manager, "kept")
     if not target.lists_resources:
@@ -526,9 +531,18 @@ def check_labels_and_sweep(target: ContractTarget, scratch: Path) -> None:
     if target.before_create is not None:
         target.before_create()
     context = ProviderContext(manager.store, manager.owner, new_id("environment"), "leaked")
-    leaked = type(provider)(context, provider.config).create()
-    assert leaked in provider.list_resources()
-    assert manager.sweep([target.provider]) == [leaked]
+    leaky = type(provider)(context, provider.config)
+    leaked = leaky.create()
+    try:
+        leaky.start(leaked)
+        handle = _running_tree(leaky, leaked, scratch / "leaked.log")
+        assert leaked in provider.list_resources()
+        assert manager.sweep([target.provider]) == [leaked]
+        assert not _runs(provider, leaked, handle), "a leaked process outlived the sweep"
+    except BaseException:  # no record knows it: it is deleted here or never
+        with contextlib.suppress(Exception):
+            leaky.delete(leaked)
+        raise
     if target.after_delete is not None:
         target.after_delete(leaked)
     assert leaked not in provider.list_resources()

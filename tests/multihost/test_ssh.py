@@ -216,15 +216,15 @@ def test_a_sweep_ends_the_processes_of_a_leaked_environment_on_the_box(lab: Lab)
     lab.narrative("env", "exec", "leaked", "--", "sh", "-c", daemon, cwd=ws)
     running = "pgrep -fc 'slee[p] 307' || true"
     assert lab.sh_on_box(running).strip() == "1"
+    ids = {name: lab.json("env", "show", name, cwd=ws)["id"] for name in ("kept", "leaked")}
     records = f"{lab.json('info', cwd=ws)['store']}/narrative/environments.json"
     doc = json.loads(lab.dev.read_file(records))
     doc["environments"] = [e for e in doc["environments"] if e["name"] != "leaked"]
     lab.dev.write_file(records, json.dumps(doc))
     lab.narrative("env", "sweep", cwd=ws)
     assert lab.sh_on_box(running).strip() == "0"
-    assert lab.sh_on_box("ls ~/.narrative/envs").split() == [
-        lab.json("env", "show", "kept", cwd=ws)["id"]
-    ]
+    on_box = lab.sh_on_box("ls ~/.narrative/envs").split()
+    assert ids["kept"] in on_box and ids["leaked"] not in on_box
     lab.narrative("env", "delete", "kept", cwd=ws)
 
 

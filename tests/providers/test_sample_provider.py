@@ -180,6 +180,14 @@ class ListsNothing(WorktreeProvider):
         return []
 
 
+class SweepsAsNobody(WorktreeProvider):
+    """Cannot tell which environment a resource was made for, so a sweep deletes a leaked
+    checkout as no environment and leaves its processes running."""
+
+    def environment_of(self, resource_id: str) -> str | None:
+        return None
+
+
 BREACHES = [
     (DropsVariables, check_exec, "output"),
     (RestoresTooMuch, check_restore_and_collect, "differs from the snapshot"),
@@ -189,6 +197,7 @@ BREACHES = [
     (StopsNothing, check_stop_ends_processes, "outlived the stop"),
     (DeletesFilesOnly, check_delete, "outlived the delete"),
     (ListsNothing, check_labels_and_sweep, "is not listed"),
+    (SweepsAsNobody, check_labels_and_sweep, "outlived the sweep"),
 ]
 
 
