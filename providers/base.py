@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from narrative.errors import InvalidInput
+from narrative.ids import is_id
 
 from .config_help import config_help
 from .usage import ProcessUsage, UsageMeter
@@ -214,6 +215,7 @@ class BaseProvider(ABC):
     def __init__(self, context: ProviderContext, config: ProviderConfig) -> None:
         self.context = context
         self.config = config
+        self._listed_environments: dict[str, str] = {}
 
     @classmethod
     def capabilities_for(cls, config: ProviderConfig) -> frozenset[str]:
@@ -273,10 +275,23 @@ class BaseProvider(ABC):
 
     def environment_of(self, resource_id: str) -> str | None:
         """The id of the environment ``resource_id`` was made for, when the resource itself
-        says so (None: it does not). A leaked resource has no record to ask; sweeping deletes
-        it as that environment, so that what it keys by the environment's id (the marker of
-        its processes, state beside the store) is found."""
-        return None
+        says so (None: it does not); by default as its labels said when
+        :meth:`list_resources` last listed it (see :meth:`listed`). The sweep asks: it leaves
+        the resource of an environment being created alone, and deletes a leaked one as the
+        environment it was made for, so that what that keys by the environment's id (the
+        marker of its processes, state beside the store) is found."""
+        return self._listed_environments.get(resource_id)
+
+    def listed(self, labels: Mapping[str, Mapping[str, Any] | None], key: str) -> list[str]:
+        """What :meth:`list_resources` returns: the ids of ``labels`` (resource id -> its
+        labels), sorted; the environment each one's label ``key`` names is noted for
+        :meth:`environment_of` (a value that is no environment id is ignored)."""
+        self._listed_environments = {}
+        for resource, its in labels.items():
+            env = its.get(key) if isinstance(its, Mapping) else None
+            if isinstance(env, str) and is_id(env, "environment"):
+                self._listed_environments[resource] = env
+        return sorted(labels)
 
     # -- operations -----------------------------------------------------------------------------
 

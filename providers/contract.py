@@ -33,7 +33,7 @@ from .base import UP_FD_VAR, BaseProvider, Health, ProviderContext, Signal
 from .errors import ExecFailed, ResourceGone
 from .lifecycle import EnvState, can_transition
 from .manager import EnvironmentManager
-from .records import EnvironmentRecord
+from .records import EnvironmentRecord, creating
 
 __all__ = ["CHECKS", "ContractTarget", "git_tree_of", "run_contract"]
 
@@ -548,8 +548,29 @@ def check_labels_and_sweep(target: ContractTarget, scratch: Path) -> None:
     assert leaked not in provider.list_resources()
     assert provider.health(leaked) is Health.GONE
     assert provider.health(kept) is Health.OK
+    _sweep_spares_a_creation(target, manager, provider)
     _delete(target, manager, "kept", kept)
     assert kept not in provider.list_resources()
+
+
+def _sweep_spares_a_creation(
+    target: ContractTarget, manager: EnvironmentManager, provider: BaseProvider
+) -> None:
+    """A sweep while an environment is created (its record written, its resource made, the
+    resource's id not recorded yet) leaves that resource alone."""
+    planned = EnvironmentRecord(name="coming", provider=target.provider, config=dict(target.config))
+    record = manager.records.add(planned)
+    context = ProviderContext(manager.store, manager.owner, record.id, record.name)
+    maker = type(provider)(context, provider.config)
+    with creating(manager.store, record.id):
+        if target.before_create is not None:
+            target.before_create()
+        made = maker.create()
+        try:
+            swept = manager.sweep([target.provider])
+            assert made not in swept, "a sweep deleted the resource of an environment in creation"
+        finally:
+            maker.delete(made)
 
 
 CHECKS: dict[str, Callable[[ContractTarget, Path], None]] = {

@@ -251,8 +251,8 @@ class DaytonaProvider(BaseProvider):
     def list_resources(self) -> list[str]:
         client = self._daytona()
         query = ListSandboxesQuery(labels={"narrative.owner": self.context.owner})
-        found = self._call(lambda: list(client.list(query)), None)
-        return [str(s.id) for s in found if s.state not in _DEAD]
+        found = self._call(lambda: [s for s in client.list(query) if s.state not in _DEAD], None)
+        return self.listed({str(s.id): s.labels for s in found}, "narrative.env")
 
     # -- commands -------------------------------------------------------------------------------
 

@@ -219,12 +219,12 @@ class E2BProvider(BaseProvider):
         if self._debug:
             return []  # debug mode has no control plane to list from
         query = SandboxQuery(metadata={"narrative.owner": self.context.owner})
-        ids: list[str] = []
+        found: dict[str, dict[str, str] | None] = {}
         with translating(None):
             paginator = Sandbox.list(query=query, **self._opts())
             while paginator.has_next:
-                ids.extend(str(info.sandbox_id) for info in paginator.next_items())
-        return ids
+                found.update((str(i.sandbox_id), i.metadata) for i in paginator.next_items())
+        return self.listed(found, "narrative.env")
 
     # -- operations -----------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from .errors import (
     ResourceGone,
 )
 from .lifecycle import EnvState, can_transition, is_active
-from .records import EnvironmentRecord, EnvironmentStore, hub_socket_dir
+from .records import EnvironmentRecord, EnvironmentStore, creating, hub_socket_dir
 from .registry import get_provider_class, pick_provider
 from .sweeping import sweep_leaked
 from .usage import UsageMeter
@@ -294,12 +294,15 @@ class EnvironmentManager:
         """Add the record ``_plan`` made, create its resource and start it."""
         record = self.records.add(planned)
         self.logs.append(record, f"created with provider {record.provider}")
-        try:
-            resource = self.provider(record).create()
-        except BaseException as exc:
-            self._fail(record, exc)
-            raise
-        record, _ = self.records.change(record.id, lambda r: setattr(r, "resource_id", resource))
+        with creating(self.store, record.id):  # until recorded, a sweep leaves it alone
+            try:
+                resource = self.provider(record).create()
+            except BaseException as exc:
+                self._fail(record, exc)
+                raise
+            record, _ = self.records.change(
+                record.id, lambda r: setattr(r, "resource_id", resource)
+            )
         self.logs.append(record, f"resource {resource}")
         return self.start(record.id) if start else record
 

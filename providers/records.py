@@ -9,6 +9,7 @@ it is input from disk — and a damaged file gives one clear error naming it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -30,6 +31,8 @@ __all__ = [
     "HUB_SOCKET",
     "EnvironmentRecord",
     "EnvironmentStore",
+    "being_created",
+    "creating",
     "env_state_dir",
     "hub_socket_dir",
     "records_path",
@@ -92,6 +95,38 @@ class _Document(BaseModel):
 def env_state_dir(store: Store, env_id: str) -> str:
     """Local working state of one environment: its log, scratch space, last known tree."""
     return os.path.join(store.git_dir, "narrative", "envs", env_id)
+
+
+@contextmanager
+def creating(store: Store, env_id: str) -> Iterator[None]:
+    """Held while environment ``env_id``'s resource is made and recorded (an exclusive
+    ``flock`` on ``creating`` in its state directory): a sweep meanwhile leaves that resource
+    alone (:func:`being_created`). The kernel drops the lock when the creating process dies, so
+    the resource of a create that crashed is swept as the leak it is."""
+    directory = env_state_dir(store, env_id)
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(os.path.join(directory, "creating"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+def being_created(store: Store, env_id: str) -> bool:
+    """Whether a process is making environment ``env_id``'s resource now (see
+    :func:`creating`)."""
+    try:
+        fd = os.open(os.path.join(env_state_dir(store, env_id), "creating"), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def hub_socket_dir(env_id: str, *, create: bool = True) -> str:

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from narrative.store import Store
 
 from .base import ProviderConfig, ProviderContext
-from .records import EnvironmentStore
+from .records import EnvironmentStore, being_created
 from .registry import get_provider_class
 
 __all__ = ["sweep_leaked"]
@@ -24,30 +24,44 @@ def sweep_leaked(
     store: Store, owner: str, records: EnvironmentStore, providers: Iterable[str] | None = None
 ) -> list[str]:
     """Delete the resources labelled with ``owner`` that no live record of ``records`` knows,
-    of ``providers`` (default: every provider an environment of the store ever used)."""
+    of ``providers`` (default: every provider an environment of the store ever used).
+
+    An environment's record is written before its resource is made and names it only once
+    made (:meth:`EnvironmentManager.create`, which holds :func:`~providers.records.creating`
+    meanwhile): a resource whose environment is being created is left alone, and so is every
+    resource that does not say which environment it was made for while one of its provider is
+    being created (the next sweep takes it, if leaked)."""
     live = records.live()
     known = {r.resource_id for r in live if r.resource_id}
-    live_ids = {r.id for r in live}
+    placed = {r.id for r in live if r.resource_id}  # environments with a resource recorded
     names = set(providers) if providers is not None else {r.provider for r in records.load()}
     swept: list[str] = []
     for name in sorted(names):
         cls = get_provider_class(name)
         context = ProviderContext(store, owner, "env-sweep", "sweep")
+        coming = {
+            r.id
+            for r in live
+            if r.provider == name and not r.resource_id and being_created(store, r.id)
+        }
         for config in _sweep_configs(records, name, cls.config_model):
             instance = cls(context, config)
             for resource in instance.list_resources():
-                if resource not in known and resource not in swept:
-                    log.info("sweeping leaked %s resource %s", name, resource)
-                    # deleted as the environment it was made for, so that its processes are
-                    # found by that environment's marker; never as a live one (whose marker
-                    # its own processes carry)
-                    made_for = instance.environment_of(resource)
-                    if made_for is not None and made_for not in live_ids:
-                        as_made = ProviderContext(store, owner, made_for, "sweep")
-                        cls(as_made, config).delete(resource)
-                    else:
-                        instance.delete(resource)
-                    swept.append(resource)
+                if resource in known or resource in swept:
+                    continue
+                made_for = instance.environment_of(resource)
+                if made_for in coming or (made_for is None and coming):
+                    log.info("leaving %s: an environment is being created", resource)
+                    continue
+                log.info("sweeping leaked %s resource %s", name, resource)
+                # deleted as the environment it was made for, so that its processes are found
+                # by that environment's marker; never as one with a resource of its own
+                # (whose processes carry the same marker)
+                if made_for is not None and made_for not in placed:
+                    cls(ProviderContext(store, owner, made_for, "sweep"), config).delete(resource)
+                else:
+                    instance.delete(resource)
+                swept.append(resource)
     return swept
 
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar
 from pydantic import Field, field_validator, model_validator
 
 from narrative.errors import InvalidInput
+from narrative.ids import is_id
 
 from ..base import (
     SPAWN_LOG_LIMIT,
@@ -381,6 +382,10 @@ class CloudVMProvider(BaseProvider):
             key = key if key and FINGERPRINT.fullmatch(key) else None
             resources.append(resource_id_of(machine.id, machine.env_id, key, host))
         return sorted(resources)
+
+    def environment_of(self, resource_id: str) -> str | None:
+        match = _RESOURCE.fullmatch(resource_id)
+        return match["env"] if match and is_id(match["env"], "environment") else None
 
     def _reap_idle(self) -> None:
         """Terminate this store's machines idle past their time-to-live, except those still

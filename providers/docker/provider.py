@@ -325,7 +325,7 @@ class DockerProvider(BaseProvider):
             found = self.api.containers(
                 all=True, filters={"label": f"{LABEL_OWNER}={self.context.owner}"}
             )
-        return sorted(str(c["Id"]) for c in found)
+        return self.listed({str(c["Id"]): c.get("Labels") for c in found}, LABEL_ENV)
 
     # -- exec -----------------------------------------------------------------------------------
     # -- exec -----------------------------------------------------------------------------------

@@ -302,10 +302,9 @@ class K8sProvider(BaseProvider):
             ).get("items")
         if not isinstance(claims, list):
             raise ProviderError("k8s list: the answer has no items")
-        return sorted(
-            str(_metadata(c).get("name"))
-            for c in claims
-            if _metadata(c).get("deletionTimestamp") is None
+        alive = [_metadata(c) for c in claims if _metadata(c).get("deletionTimestamp") is None]
+        return self.listed(
+            {str(m.get("name")): m.get("labels") for m in alive}, manifests.LABEL_ENV
         )
 
     # -- commands -------------------------------------------------------------------------------

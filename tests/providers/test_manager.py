@@ -14,7 +14,7 @@ import pytest
 from narrative.errors import InvalidInput
 from narrative.store import Store
 from providers import registry
-from providers.base import Health
+from providers.base import Health, ProviderContext
 from providers.errors import (
     EnvironmentExists,
     IllegalTransition,
@@ -23,7 +23,8 @@ from providers.errors import (
 )
 from providers.lifecycle import EnvState
 from providers.manager import EnvironmentManager
-from providers.worktree import WorktreeProvider, worktrees_dir
+from providers.records import EnvironmentRecord
+from providers.worktree import WorktreeConfig, WorktreeProvider, worktrees_dir
 
 
 class FlakyProvider(WorktreeProvider):
@@ -202,3 +203,51 @@ def test_a_sweep_never_ends_the_processes_of_a_live_environment(
         assert manager.alive("box", handle)
     finally:
         manager.delete("box")
+
+
+class SlowCreate(WorktreeProvider):
+    """A worktree whose create waits, once its checkout is made, until the test lets it go."""
+
+    name = "slow-create"
+    made = threading.Event()
+    go = threading.Event()
+
+    def create(self) -> str:
+        resource = super().create()
+        SlowCreate.made.set()
+        assert SlowCreate.go.wait(30)
+        return resource
+
+
+def test_a_sweep_during_a_create_leaves_its_resource_alone(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record is written before the resource is made and names it only afterwards: a
+    sweep in between (another shell's ``env sweep``) deleted the new checkout before."""
+    monkeypatch.setitem(registry._LOADED, "slow-create", SlowCreate)
+    SlowCreate.made.clear()
+    SlowCreate.go.clear()
+    created: list[EnvironmentRecord] = []
+    creator = threading.Thread(
+        target=lambda: created.append(EnvironmentManager(store).create("box", "slow-create"))
+    )
+    creator.start()
+    try:
+        assert SlowCreate.made.wait(30)
+        assert EnvironmentManager(store).sweep(["slow-create"]) == []
+    finally:
+        SlowCreate.go.set()
+        creator.join(30)
+    assert created and created[0].state is EnvState.RUNNING
+    assert os.path.isdir(created[0].resource_id or "")
+
+
+def test_the_resource_of_a_create_that_died_is_swept(store: Store) -> None:
+    """A record written and its resource made by a process that died before it recorded the
+    resource: the sweep takes the resource (nothing holds the environment's creation)."""
+    manager = EnvironmentManager(store)
+    record = manager.records.add(EnvironmentRecord(name="box", provider="worktree"))
+    context = ProviderContext(store, manager.owner, record.id, "box")
+    made = WorktreeProvider(context, WorktreeConfig()).create()
+    assert manager.sweep(["worktree"]) == [made]
+    assert not os.path.exists(made)
