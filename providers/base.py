@@ -211,11 +211,12 @@ class BaseProvider(ABC):
     config_model: ClassVar[type[ProviderConfig]]
     preference: ClassVar[int] = 50
     """Lower is picked first when several providers meet a ``--require`` (ties: by name)."""
+    _listed_environments: Mapping[str, str] = {}
+    """Each listed resource's environment (see :meth:`listed`; replaced, never changed)."""
 
     def __init__(self, context: ProviderContext, config: ProviderConfig) -> None:
         self.context = context
         self.config = config
-        self._listed_environments: dict[str, str] = {}
 
     @classmethod
     def capabilities_for(cls, config: ProviderConfig) -> frozenset[str]:
@@ -274,23 +275,22 @@ class BaseProvider(ABC):
         return []
 
     def environment_of(self, resource_id: str) -> str | None:
-        """The id of the environment ``resource_id`` was made for, when the resource itself
-        says so (None: it does not); by default as its labels said when
-        :meth:`list_resources` last listed it (see :meth:`listed`). The sweep asks: it leaves
-        the resource of an environment being created alone, and deletes a leaked one as the
-        environment it was made for, so that what that keys by the environment's id (the
-        marker of its processes, state beside the store) is found."""
+        """The id of the environment ``resource_id`` was made for, if the resource says so
+        (default: its label as :meth:`listed` noted it). The sweep leaves the resource of an
+        environment being created alone, and deletes a leak as the environment it was made
+        for, so that what that keys by the id (its processes' marker, its state) is found."""
         return self._listed_environments.get(resource_id)
 
     def listed(self, labels: Mapping[str, Mapping[str, Any] | None], key: str) -> list[str]:
         """What :meth:`list_resources` returns: the ids of ``labels`` (resource id -> its
         labels), sorted; the environment each one's label ``key`` names is noted for
         :meth:`environment_of` (a value that is no environment id is ignored)."""
-        self._listed_environments = {}
+        environments = {}
         for resource, its in labels.items():
             env = its.get(key) if isinstance(its, Mapping) else None
             if isinstance(env, str) and is_id(env, "environment"):
-                self._listed_environments[resource] = env
+                environments[resource] = env
+        self._listed_environments = environments
         return sorted(labels)
 
     # -- operations -----------------------------------------------------------------------------
