@@ -25,11 +25,13 @@ needs no route to the hub, and the hub no address the host can reach.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
 import shlex
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, ClassVar
 
@@ -69,7 +71,7 @@ from .install import (
     runtime_dir,
     runtime_installed,
 )
-from .sandbox import RemoteSandbox, bwrap_argv
+from .sandbox import CHECK_COMMAND, SANDBOX_ATTEMPTS, RemoteSandbox, bwrap_argv
 from .target import make_target, quote_argv, run_env
 
 if TYPE_CHECKING:
@@ -78,6 +80,8 @@ if TYPE_CHECKING:
     from .session import Session
 
 __all__ = ["SSHProvider"]
+
+log = logging.getLogger(__name__)
 
 _RESOURCE = re.compile(r"ssh:([A-Za-z0-9_-]{1,64})")
 _NO_WORKSPACE = 237
@@ -118,16 +122,25 @@ def _session(config: SSHConfig) -> Session:
 
 
 def _check_sandbox(session: Session, config: SSHConfig) -> None:
+    """bwrap sets a sandbox up on the host; tried again when it did not (it fails now and then
+    while the host's mounts change: bubblewrap issue 650), but not when it is missing."""
     if config.sandbox != "bwrap":
         return
-    result = session.run("bwrap --ro-bind / / --unshare-pid --cap-drop ALL true", timeout=60)
-    if result.exit_code != 0:
+    for attempt in range(SANDBOX_ATTEMPTS):
+        if attempt:
+            time.sleep(0.02 * attempt)
+        result = session.run(CHECK_COMMAND, timeout=60)
+        if result.exit_code == 0:
+            return
         detail = result.stderr.decode(errors="replace").strip() or f"exit {result.exit_code}"
-        raise SandboxUnavailable(
-            f"ssh {session.target.label}: no working bubblewrap on the host ({detail}); "
-            "install it there (Debian: apt-get install bubblewrap) or pass --config "
-            "sandbox=none to run agents with everything the remote user can reach"
-        )
+        if result.exit_code == 127:  # not installed: no use trying again
+            break
+        log.info("ssh %s: bwrap did not set a sandbox up: %s", session.target.label, detail)
+    raise SandboxUnavailable(
+        f"ssh {session.target.label}: no working bubblewrap on the host ({detail}); "
+        "install it there (Debian: apt-get install bubblewrap) or pass --config "
+        "sandbox=none to run agents with everything the remote user can reach"
+    )
 
 
 class SSHProvider(BaseProvider):

@@ -19,7 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["RemoteSandbox", "bwrap_argv"]
+__all__ = ["CHECK_COMMAND", "SANDBOX_ATTEMPTS", "RemoteSandbox", "bwrap_argv"]
+
+CHECK_COMMAND = "bwrap --ro-bind / / --unshare-pid --cap-drop ALL true"
+"""Exits 0 where bwrap can set a sandbox up."""
+SANDBOX_ATTEMPTS = 5
+"""How often a command is started when bwrap did not set its sandbox up."""
 
 
 @dataclass(frozen=True)
