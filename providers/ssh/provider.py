@@ -17,6 +17,10 @@ process groups it made; a spawned process runs in a new session (``setsid``) wit
 in ``procs/``, and outlives the SSH connection. Snapshots travel as tar streams over the
 connection: a collect's tar is hostile input (:func:`providers.shipping.snapshot_from_tar`).
 
+A sandboxed command says when its sandbox was set up (:mod:`providers.ssh.sandbox`); one that
+bwrap failed to set up never ran, and is started again: an exec from here (an attempt is a
+round trip, the line taken off its output), a spawn by the one remote script starting it.
+
 With ``hub=tunnel`` (the default) the runtime dials ``envs/<id>/hub/hub.sock`` on the host,
 which the SSH connection forwards to the hub's socket on this machine
 (:meth:`providers.ssh.session.Session.forward_socket`, kept up across reconnects): the host
@@ -25,11 +29,13 @@ needs no route to the hub, and the hub no address the host can reach.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
 import shlex
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, ClassVar
 
@@ -52,6 +58,7 @@ from ..base import (
     tail_read,
 )
 from ..errors import (
+    ExecFailed,
     ProviderError,
     ProviderUnavailable,
     ResourceGone,
@@ -70,8 +77,21 @@ from .install import (
     runtime_dir,
     runtime_installed,
 )
-from .sandbox import RemoteSandbox, bwrap_argv
-from .target import make_target, quote_argv, run_env
+from .sandbox import (
+    CHECK_COMMAND,
+    EXEC_REDIRECTIONS,
+    NOT_STARTED,
+    SANDBOX_ATTEMPTS,
+    ExecStart,
+    RemoteSandbox,
+    StartFiles,
+    announced_argv,
+    background_attempts,
+    marked_shell,
+    never_started,
+    split_start,
+)
+from .target import enter_workspace, make_target, quote_argv, run_env
 
 if TYPE_CHECKING:
     from narrative.models import Snapshot
@@ -80,6 +100,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SSHProvider"]
 
+log = logging.getLogger(__name__)
+
 _RESOURCE = re.compile(r"ssh:([A-Za-z0-9_-]{1,64})")
 _NO_WORKSPACE = 237
 """Exit status of a command line whose workspace is missing (then checked: the resource is
@@ -87,6 +109,8 @@ gone, or the command itself exited so)."""
 _PROBE_TIMEOUT = 10.0
 """Seconds for a short probe of the host (is a process alive, is the workspace there)."""
 _HANDLE = re.compile(r"ssh:([1-9][0-9]{0,9}):([0-9a-f]{24})")
+_SPAWN_START_TIMEOUT = 120.0
+"""Seconds a spawn's sandbox may take to be set up (all its attempts)."""
 
 
 class _Capped:
@@ -119,16 +143,25 @@ def _session(config: SSHConfig) -> Session:
 
 
 def _check_sandbox(session: Session, config: SSHConfig) -> None:
+    """bwrap sets a sandbox up on the host; tried again when it did not (it fails now and then
+    while the host's mounts change: bubblewrap issue 650), but not when it is missing."""
     if config.sandbox != "bwrap":
         return
-    result = session.run("bwrap --ro-bind / / --unshare-pid --cap-drop ALL true", timeout=60)
-    if result.exit_code != 0:
+    for attempt in range(SANDBOX_ATTEMPTS):
+        if attempt:
+            time.sleep(0.02 * attempt)
+        result = session.run(CHECK_COMMAND, timeout=60)
+        if result.exit_code == 0:
+            return
         detail = result.stderr.decode(errors="replace").strip() or f"exit {result.exit_code}"
-        raise SandboxUnavailable(
-            f"ssh {session.target.label}: no working bubblewrap on the host ({detail}); "
-            "install it there (Debian: apt-get install bubblewrap) or pass --config "
-            "sandbox=none to run agents with everything the remote user can reach"
-        )
+        if result.exit_code == 127:  # not installed: no use trying again
+            break
+        log.info("ssh %s: bwrap did not set a sandbox up: %s", session.target.label, detail)
+    raise SandboxUnavailable(
+        f"ssh {session.target.label}: no working bubblewrap on the host ({detail}); "
+        "install it there (Debian: apt-get install bubblewrap) or pass --config "
+        "sandbox=none to run agents with everything the remote user can reach"
+    )
 
 
 class SSHProvider(BaseProvider):
@@ -177,7 +210,20 @@ class SSHProvider(BaseProvider):
     def _in_workspace(self, resource_id: str, path: str) -> str:
         return self._dir(resource_id, "ws", check_relative_path(path))
 
-    def _command(
+    def _marks(self, marker: str) -> dict[str, str]:
+        """The environment's marker and the command's (:mod:`providers.proctree`)."""
+        var, value = environment_marker(self.context.env_id)
+        return {var: value, MARKER_VAR: marker}
+
+    @property
+    def _sandboxed(self) -> bool:
+        return self.cfg.sandbox == "bwrap"
+
+    def _prelude(self, resource_id: str, argv: Sequence[str]) -> str:
+        ws, tmp = self._dir(resource_id, "ws"), self._dir(resource_id, "tmp")
+        return enter_workspace(ws, tmp, argv[0], _NO_WORKSPACE)
+
+    def _program(
         self,
         resource_id: str,
         argv: Sequence[str],
@@ -186,20 +232,16 @@ class SSHProvider(BaseProvider):
         *,
         background: bool = False,
     ) -> str:
-        var, value = environment_marker(self.context.env_id)
-        variables = {**self.cfg.env, **(env or {}), var: value, MARKER_VAR: marker}
+        """``argv`` with its variables, in its sandbox (saying it started) unless there is
+        none; a spawned one in a session of its own."""
+        variables = {**self.cfg.env, **(env or {}), **self._marks(marker)}
         prefix = ["setsid"] if background else []
-        if self.cfg.sandbox == "bwrap":
-            prefix += [*bwrap_argv(self._box(resource_id), background=background), "--"]
-        return (
-            f"cd {self._q(self._dir(resource_id, 'ws'))} 2>/dev/null || exit {_NO_WORKSPACE}; "
-            f"TMPDIR={self._q(self._dir(resource_id, 'tmp'))} && export TMPDIR && "
-            # a missing program is exit 127, as a shell says, not bwrap's exit 1
-            f"{{ command -v {quote_argv(argv[:1])} >/dev/null || {{ echo "
-            f"{shlex.quote(f'cannot run {argv[0]!r}: No such file or directory')} >&2; "
-            f"exit 127; }}; }} && "
-            f"exec {run_env(variables)}{quote_argv([*prefix, *argv])}"
-        )
+        if self._sandboxed:
+            argv = announced_argv(self._box(resource_id), argv, background=background)
+        return f"{run_env(variables)}{quote_argv([*prefix, *argv])}"
+
+    def _start_files(self, resource_id: str, marker: str) -> StartFiles:
+        return StartFiles.of(self._dir(resource_id, "procs"), marker)
 
     def _box(self, resource_id: str) -> RemoteSandbox:
         absolute = self.session.absolute
@@ -303,18 +345,45 @@ class SSHProvider(BaseProvider):
         timeout: float | None = None,
         on_output: OutputFn | None = None,
     ) -> ExecResult:
+        """Run ``argv`` in the workspace. In the sandbox an attempt whose sandbox bwrap did
+        not set up (the command never ran) is made again, up to
+        :data:`~providers.ssh.sandbox.SANDBOX_ATTEMPTS` times, each logged.
+
+        Raises:
+            ExecFailed: the sandbox never started.
+        """
         if not argv:
             raise InvalidInput("empty command")
-        marker = secrets.token_hex(12)
-        result = self.session.run(
-            self._command(resource_id, argv, env, marker),
-            on_output=on_output,
-            timeout=timeout,
-            on_timeout=quote_argv(signal_argv(marker, "kill")),
-        )
-        if result.exit_code == _NO_WORKSPACE:
-            self.reconnect(resource_id)  # ResourceGone when the workspace is
-        return ExecResult(result.exit_code, result.stdout, result.stderr, result.timed_out)
+        prelude = self._prelude(resource_id, argv)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        reasons: list[str] = []
+        for attempt in range(SANDBOX_ATTEMPTS if self._sandboxed else 1):
+            if attempt:
+                time.sleep(0.02 * attempt)
+            marker = secrets.token_hex(12)
+            command = f"{prelude}exec {self._program(resource_id, argv, env, marker)}"
+            watch = ExecStart(on_output) if self._sandboxed else None
+            if watch is not None:
+                command += f" {EXEC_REDIRECTIONS}"
+            result = self.session.run(
+                command,
+                on_output=watch or on_output,
+                timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0),
+                on_timeout=quote_argv(signal_argv(marker, "kill")),
+            )
+            if result.exit_code == _NO_WORKSPACE:
+                self.reconnect(resource_id)  # ResourceGone when the workspace is
+            started, stdout = split_start(result.stdout) if watch else (True, result.stdout)
+            # the prelude's exits (no workspace, no such program) are the command line's own
+            if started or result.timed_out or result.exit_code in (127, _NO_WORKSPACE):
+                if watch is not None:
+                    watch.release()
+                return ExecResult(result.exit_code, stdout, result.stderr, result.timed_out)
+            reasons.append(
+                result.stderr.decode(errors="replace").strip() or f"exit {result.exit_code}"
+            )
+            log.info("ssh: the sandbox of %s did not start: %s", self.context.env_name, reasons[-1])
+        raise never_started(argv[0], reasons)
 
     def end_leftovers(self, resource_id: str) -> None:
         var, value = environment_marker(self.context.env_id)
@@ -330,21 +399,46 @@ class SSHProvider(BaseProvider):
     ) -> str:
         """Start ``argv`` in a new session on the host; the handle is ``ssh:<pid>:<marker>``.
         The output goes to ``procs/<marker>.log`` in the environment's directory on the host
-        (with a ``log_path``; else nowhere), which :meth:`read_spawn_log` reads."""
+        (with a ``log_path``; else nowhere), which :meth:`read_spawn_log` reads. In the
+        sandbox one remote script starts it until its sandbox is set up (up to
+        :data:`~providers.ssh.sandbox.SANDBOX_ATTEMPTS` times, each failed one logged here).
+
+        Raises:
+            ExecFailed: the sandbox never started.
+        """
         if not argv:
             raise InvalidInput("empty command")
         marker = secrets.token_hex(12)
-        log = self._log(resource_id, marker) if log_path is not None else "/dev/null"
-        command = self._command(resource_id, argv, env, marker, background=True)
-        # a background job of a non-interactive shell leads no process group, so setsid needs
-        # no fork and $! is the process itself
-        workspace = self._q(self._dir(resource_id, "ws"))
-        result = self.session.run(
-            f"test -d {workspace} || exit {_NO_WORKSPACE}; "
-            f"( {command} ) >>{self._q(log)} 2>&1 </dev/null & echo $!"
-        )
+        output = self._log(resource_id, marker) if log_path is not None else "/dev/null"
+        prelude = self._prelude(resource_id, argv)
+        program = self._program(resource_id, argv, env, marker, background=True)
+        check = f"test -d {self._q(self._dir(resource_id, 'ws'))} || exit {_NO_WORKSPACE}\n"
+        if self._sandboxed:
+            files = self._start_files(resource_id, marker)
+            script = check + background_attempts(prelude, program, files, output)
+            kill = quote_argv(signal_argv(marker, "kill"))
+            result = self.session.run(
+                marked_shell(self._marks(marker), script),
+                timeout=_SPAWN_START_TIMEOUT,
+                on_timeout=f"{kill}; {files.remove()}",
+            )
+        else:
+            # a background job of a non-interactive shell leads no process group, so setsid
+            # needs no fork and $! is the process itself
+            result = self.session.run(
+                f"{check}( {prelude}exec {program} ) >>{self._q(output)} 2>&1 </dev/null & echo $!"
+            )
         if result.exit_code == _NO_WORKSPACE:
             raise ResourceGone(resource_id)
+        reasons = result.stderr.decode(errors="replace").splitlines() if self._sandboxed else []
+        for why in reasons:
+            log.info("ssh: the sandbox of %s did not start: %s", self.context.env_name, why)
+        if result.timed_out:
+            raise ExecFailed(
+                f"cannot run {argv[0]!r}: its sandbox did not start in {_SPAWN_START_TIMEOUT:g}s"
+            )
+        if self._sandboxed and result.exit_code == NOT_STARTED:
+            raise never_started(argv[0], reasons)
         out = result.stdout
         pid = out.decode().strip()
         if not pid.isdigit():

@@ -11,7 +11,14 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["SSHTarget", "default_key_file", "make_target", "quote_argv", "run_env"]
+__all__ = [
+    "SSHTarget",
+    "default_key_file",
+    "enter_workspace",
+    "make_target",
+    "quote_argv",
+    "run_env",
+]
 
 
 @dataclass(frozen=True)
@@ -74,3 +81,15 @@ def run_env(env: Mapping[str, str]) -> str:
     if not env:
         return ""
     return "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " "
+
+
+def enter_workspace(workspace: str, tmp: str, program: str, missing: int) -> str:
+    """Shell lines that enter ``workspace`` (exit status ``missing`` when it is not there),
+    set ``TMPDIR`` to ``tmp`` and exit 127 when ``program`` cannot be found, as a shell says
+    (not the exit 1 of a sandbox that could not exec it)."""
+    cannot = shlex.quote(f"cannot run {program!r}: No such file or directory")
+    return (
+        f"cd {quote_argv([workspace])} 2>/dev/null || exit {missing}\n"
+        f"TMPDIR={quote_argv([tmp])}; export TMPDIR\n"
+        f"command -v {quote_argv([program])} >/dev/null || {{ echo {cannot} >&2; exit 127; }}\n"
+    )
