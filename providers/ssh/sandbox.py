@@ -138,7 +138,7 @@ class ExecStart:
             self._held.append(chunk)
         else:
             self._head += chunk
-            if START_LINE in self._head:
+            if split_start(self._head)[0]:
                 self.started = True
                 self.release()
 
@@ -157,10 +157,15 @@ class ExecStart:
 
 
 def split_start(stdout: bytes) -> tuple[bool, bytes]:
-    """Whether an exec's command started (:data:`START_LINE` in its standard output: first,
-    unless a login script printed something before), and the output without the line."""
-    before, line, after = stdout.partition(START_LINE)
-    return bool(line), before + after
+    """Whether an exec's command started (:data:`START_LINE` as a whole line of its standard
+    output: the first, unless a login script printed lines before), and the output without
+    that line (a login script's "Welcome.", say, is no start line)."""
+    if stdout.startswith(START_LINE):
+        return True, stdout[len(START_LINE) :]
+    at = stdout.find(b"\n" + START_LINE) + 1  # where the line starts (0: nowhere)
+    if not at:
+        return False, stdout
+    return True, stdout[:at] + stdout[at + len(START_LINE) :]
 
 
 @dataclass(frozen=True)

@@ -52,3 +52,13 @@ def test_a_line_after_something_a_login_script_printed_still_says_started() -> N
     watch("stdout", b"motd\n")
     watch("stdout", START_LINE + b"out\n")
     assert watch.started and _joined(seen, "stdout") == b"motd\nout\n"
+
+
+def test_a_line_that_only_ends_in_a_dot_is_no_start_line() -> None:
+    """A login script's "Welcome." before a sandbox that did not start: not taken for the
+    line (then the failure would read as the command's own), and left as it was."""
+    assert split_start(b"Welcome.\n") == (False, b"Welcome.\n")
+    assert split_start(b"Welcome.\n" + START_LINE + b"x.\n") == (True, b"Welcome.\nx.\n")
+    watch, seen = _watch()
+    watch("stdout", b"Welcome.\n")
+    assert not watch.started and seen == []
