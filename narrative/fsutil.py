@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import time
@@ -10,6 +11,7 @@ import time
 __all__ = [
     "WORKSPACE_TMP_PREFIX",
     "fsync_dir",
+    "is_locked",
     "is_workspace_tmp",
     "mkstemp",
     "remove_stale_workspace_tmp",
@@ -82,3 +84,19 @@ def write_atomic(path: str, data: bytes, durable: bool = True) -> None:
     except BaseException:
         unlink_quiet(tmp)
         raise
+
+
+def is_locked(path: str) -> bool:
+    """Whether a live process holds an exclusive ``flock`` on ``path`` (a file that cannot be
+    opened is locked by nobody); the kernel drops such a lock when its holder dies."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

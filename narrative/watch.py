@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from .errors import InvalidInput, WatcherStopped
-from .fsutil import write_atomic
+from .fsutil import is_locked, write_atomic
 from .jsonio import load_json
 from .paths import STORE_DIR_NAME
 from .plain import Frozen
@@ -397,18 +397,7 @@ def _pump(session: _Session, stop: Callable[[], bool]) -> None:
 
 def watcher_running(store_dir: str, workspace: str) -> bool:
     """Whether a live watcher holds the workspace's watch lock."""
-    path = os.path.join(watch_dir(store_dir, os.path.realpath(workspace)), "lock")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return is_locked(os.path.join(watch_dir(store_dir, os.path.realpath(workspace)), "lock"))
 
 
 def _state(private: str) -> dict[str, object] | None:

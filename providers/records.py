@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from narrative.errors import validation_problem
-from narrative.fsutil import write_atomic
+from narrative.fsutil import is_locked, write_atomic
 from narrative.ids import new_id
 from narrative.models import now_iso
 from narrative.store import Store
@@ -116,17 +116,7 @@ def creating(store: Store, env_id: str) -> Iterator[None]:
 def being_created(store: Store, env_id: str) -> bool:
     """Whether a process is making environment ``env_id``'s resource now (see
     :func:`creating`)."""
-    try:
-        fd = os.open(os.path.join(env_state_dir(store, env_id), "creating"), os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return is_locked(os.path.join(env_state_dir(store, env_id), "creating"))
 
 
 def hub_socket_dir(env_id: str, *, create: bool = True) -> str:
