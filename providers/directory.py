@@ -28,7 +28,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, ClassVar
 
@@ -84,7 +83,9 @@ from .sandbox import (
     inside_sandbox,
     installation_root,
     interpreter_paths,
+    never_started,
     require_bwrap,
+    sandbox_attempts,
     sandboxed,
     secret_paths,
 )
@@ -335,9 +336,7 @@ class DirectoryProvider(BaseProvider):
             ExecFailed: the program cannot be run, or the sandbox never started.
         """
         reasons: list[str] = []
-        for attempt in range(_SANDBOX_ATTEMPTS):
-            if attempt:
-                time.sleep(0.02 * attempt)
+        for _attempt in sandbox_attempts():
             try:
                 with self._command(resource_id, argv, environment, background) as launch:
                     cmd, cmd_env, fds, start = launch
@@ -357,10 +356,7 @@ class DirectoryProvider(BaseProvider):
                 return proc
             reasons.append(_why_not_started(proc))
             log.info("the sandbox of %s did not start: %s", self.context.env_name, reasons[-1])
-        raise ExecFailed(
-            f"cannot run {argv[0]!r}: its sandbox did not start ({_SANDBOX_ATTEMPTS} times): "
-            + reasons[-1]
-        )
+        raise never_started(argv[0], reasons)
 
     def usage_meter(self, resource_id: str) -> UsageMeter:
         how = "in its bwrap sandbox" if self.sandbox_enabled else "unsandboxed"
@@ -546,8 +542,6 @@ class _ReapedMeter(UsageMeter):
         return rusage_usage(usage, self.measured_by)
 
 
-_SANDBOX_ATTEMPTS = 5
-"""How often a command is started when its sandbox is not set up (see :meth:`_popen`)."""
 _SANDBOX_START_TIMEOUT = 60.0
 """Seconds bwrap may take to set a sandbox up."""
 

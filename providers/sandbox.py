@@ -30,15 +30,17 @@ import select
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from .base import ProviderConfig
-from .errors import SandboxUnavailable
+from .errors import ExecFailed, SandboxUnavailable
 
 __all__ = [
     "HOME_SECRETS",
+    "SANDBOX_ATTEMPTS",
     "SandboxConfig",
     "SandboxPlan",
     "SandboxStart",
@@ -48,7 +50,9 @@ __all__ = [
     "installation_root",
     "interpreter_paths",
     "keep_environment_private",
+    "never_started",
     "require_bwrap",
+    "sandbox_attempts",
     "sandboxed",
     "secret_paths",
 ]
@@ -275,6 +279,28 @@ class SandboxStart:
         if self._read >= 0:
             os.close(self._read)
             self._read = -1
+
+
+SANDBOX_ATTEMPTS = 5
+"""How often a command is started when bwrap did not set its sandbox up (here or on an ssh
+host): each attempt that did not ran nothing."""
+
+
+def sandbox_attempts(attempts: int = SANDBOX_ATTEMPTS) -> Iterator[int]:
+    """The numbers of ``attempts`` attempts, pausing a little longer before each next one (the
+    mounts that changed under bwrap settle)."""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(0.02 * attempt)
+        yield attempt
+
+
+def never_started(program: str, reasons: Sequence[str]) -> ExecFailed:
+    """The error of a command whose sandbox bwrap never set up, ``reasons`` its attempts'."""
+    why = reasons[-1] if reasons else "bwrap failed"
+    return ExecFailed(
+        f"cannot run {program!r}: its sandbox did not start ({len(reasons)} times): {why}"
+    )
 
 
 _ANNOUNCE = 'printf . >&0 && exec "$@" < /dev/null'

@@ -67,6 +67,7 @@ from ..errors import (
 )
 from ..proctree import MARKER_VAR, environment_marker, signal_argv
 from ..records import HUB_SOCKET, hub_socket_dir
+from ..sandbox import SANDBOX_ATTEMPTS, never_started, sandbox_attempts
 from ..shipping import scratch_dir, snapshot_from_tar, write_snapshot_tar
 from .config import SSHConfig
 from .install import (
@@ -81,14 +82,12 @@ from .sandbox import (
     CHECK_COMMAND,
     EXEC_REDIRECTIONS,
     NOT_STARTED,
-    SANDBOX_ATTEMPTS,
     ExecStart,
     RemoteSandbox,
     StartFiles,
     announced_argv,
     background_attempts,
     marked_shell,
-    never_started,
     split_start,
 )
 from .target import enter_workspace, make_target, quote_argv, run_env
@@ -147,9 +146,7 @@ def _check_sandbox(session: Session, config: SSHConfig) -> None:
     while the host's mounts change: bubblewrap issue 650), but not when it is missing."""
     if config.sandbox != "bwrap":
         return
-    for attempt in range(SANDBOX_ATTEMPTS):
-        if attempt:
-            time.sleep(0.02 * attempt)
+    for _attempt in sandbox_attempts():
         result = session.run(CHECK_COMMAND, timeout=60)
         if result.exit_code == 0:
             return
@@ -347,7 +344,7 @@ class SSHProvider(BaseProvider):
     ) -> ExecResult:
         """Run ``argv`` in the workspace. In the sandbox an attempt whose sandbox bwrap did
         not set up (the command never ran) is made again, up to
-        :data:`~providers.ssh.sandbox.SANDBOX_ATTEMPTS` times, each logged.
+        :data:`~providers.sandbox.SANDBOX_ATTEMPTS` times, each logged.
 
         Raises:
             ExecFailed: the sandbox never started.
@@ -357,9 +354,7 @@ class SSHProvider(BaseProvider):
         prelude = self._prelude(resource_id, argv)
         deadline = None if timeout is None else time.monotonic() + timeout
         reasons: list[str] = []
-        for attempt in range(SANDBOX_ATTEMPTS if self._sandboxed else 1):
-            if attempt:
-                time.sleep(0.02 * attempt)
+        for _attempt in sandbox_attempts(SANDBOX_ATTEMPTS if self._sandboxed else 1):
             marker = secrets.token_hex(12)
             command = f"{prelude}exec {self._program(resource_id, argv, env, marker)}"
             watch = ExecStart(on_output) if self._sandboxed else None
@@ -401,7 +396,7 @@ class SSHProvider(BaseProvider):
         The output goes to ``procs/<marker>.log`` in the environment's directory on the host
         (with a ``log_path``; else nowhere), which :meth:`read_spawn_log` reads. In the
         sandbox one remote script starts it until its sandbox is set up (up to
-        :data:`~providers.ssh.sandbox.SANDBOX_ATTEMPTS` times, each failed one logged here).
+        :data:`~providers.sandbox.SANDBOX_ATTEMPTS` times, each failed one logged here).
 
         Raises:
             ExecFailed: the sandbox never started.

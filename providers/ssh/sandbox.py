@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..base import OutputFn
-from ..errors import ExecFailed
+from ..sandbox import SANDBOX_ATTEMPTS
 from .target import quote_argv
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "CHECK_COMMAND",
     "EXEC_REDIRECTIONS",
     "NOT_STARTED",
-    "SANDBOX_ATTEMPTS",
     "START_LINE",
     "ExecStart",
     "RemoteSandbox",
@@ -57,14 +56,11 @@ __all__ = [
     "background_attempts",
     "bwrap_argv",
     "marked_shell",
-    "never_started",
     "split_start",
 ]
 
 CHECK_COMMAND = "bwrap --ro-bind / / --unshare-pid --cap-drop ALL true"
 """Exits 0 where bwrap can set a sandbox up."""
-SANDBOX_ATTEMPTS = 5
-"""How often a command is started when bwrap did not set its sandbox up."""
 NOT_STARTED = 236
 """Exit status of :func:`background_attempts` when no attempt's sandbox was set up."""
 START_LINE = b".\n"
@@ -229,11 +225,3 @@ def marked_shell(variables: Mapping[str, str], script: str) -> str:
     attempt starts after it."""
     pairs = " ".join(shlex.quote(f"{k}={v}") for k, v in variables.items())
     return f"exec env {pairs} /bin/sh -c {shlex.quote(script)}"
-
-
-def never_started(program: str, reasons: Sequence[str]) -> ExecFailed:
-    """The error of a command whose sandbox bwrap never set up, ``reasons`` its attempts'."""
-    why = reasons[-1] if reasons else "bwrap failed"
-    return ExecFailed(
-        f"cannot run {program!r}: its sandbox did not start ({len(reasons)} times): {why}"
-    )
