@@ -83,6 +83,16 @@ bit 9 of ``SigCgt``, once it has imported everything: waited for up to 20 s). El
 SPAWN_SCRIPT = compact(
     _WARM_PID
     + r"""
+await_gone() {
+    read -r pid start < "$pidfile" 2>/dev/null || return 0
+    tenths=${1:--1}
+    while [ "$tenths" -ne 0 ] && read -r line < "/proc/$pid/stat" 2>/dev/null; do
+        set -- ${line##*") "}
+        { [ "$1" = Z ] || [ "${20}" != "$start" ]; } && return 0
+        tenths=$((tenths - 1))
+        sleep 0.1
+    done
+}
 log=$1; envfile=$2; hold=$3; warm=$4; after=$5; shift 5
 [ -n "$log" ] || log=/dev/null
 up=/tmp/narrative-spawn-$NARRATIVE_EXEC_ID.up
@@ -127,20 +137,16 @@ if [ -n "$hold" ]; then
     (sleep "$hold"; echo waiting >"$up") >/dev/null 2>&1 </dev/null &
     timer=$!
     exec 4<"$up"
-    read -r said <&4 || said=ended
+    read -r said <&4 || said=
     kill "$timer" 2>/dev/null
     rm -f "$up"
+    # the end of the FIFO comes as the process exits, a moment before /proc shows it ended
+    [ -n "$said" ] || await_gone 50
     echo "${said:-ended}"
     if [ -n "$after" ]; then
         cat <&4 >/dev/null 2>&1
         exec 4<&-
-        if read -r pid start < "$pidfile" 2>/dev/null; then
-            while read -r line < "/proc/$pid/stat" 2>/dev/null; do
-                set -- ${line##*") "}
-                { [ "$1" = Z ] || [ "${20}" != "$start" ]; } && break
-                sleep 0.1
-            done
-        fi
+        await_gone
         echo "@END@"
         sh -c "$after"
         exit 0
@@ -155,10 +161,12 @@ sourcing its environment from the mounted Secret file (waiting for the kubelet t
 and records its pid. $1 log file or "", $2 env file or "", $3 seconds to hold or "": with it, the
 command gets the write end of a FIFO as fd 3 (:data:`~providers.base.UP_FD_VAR`) and the script
 waits on the read end, so it ends when the runtime says ``up``, when it ended (end of file) or
-after that many seconds, and prints ``up``, ``ended`` or ``waiting``. $4: with a hold, the number
-of trailing arguments that are ``narrative``'s own (``runtime --connect URL``), or "": when the
-pod has a ready warm runtime (:data:`_WARM_PID`), it is handed an order with those
-(:mod:`providers.zygote`) instead, and its child does all of the above itself. $5: with a hold,
+after that many seconds, and prints ``up``, ``ended`` or ``waiting`` (``ended`` only once
+:data:`ALIVE_SCRIPT` would say so, waiting up to 5 s for ``/proc`` to show it). $4: with a
+hold, the number of trailing arguments that are ``narrative``'s own (``runtime --connect
+URL``), or "": when the pod has a ready warm runtime (:data:`_WARM_PID`), it is handed an
+order with those (:mod:`providers.zygote`) instead, and its child does all of the above itself.
+$5: with a hold,
 a shell command or "": with one, the exec goes on until the process ended (the end of file of
 the FIFO, whose write end the runtime holds until it exits, then its recorded pid gone), prints
 :data:`END_CUE` and runs that command (the read of its log): one exec a run, not a second one

@@ -98,6 +98,15 @@ def test_the_spawn_returns_when_the_runtime_ends_before_it_is_up(spawn) -> None:
     assert got.await_end(0) == 0
 
 
+def test_ended_is_said_only_once_the_process_shows_as_ended(spawn) -> None:
+    """The end of the FIFO comes while the process exits, a moment before /proc shows it gone
+    (the flake of CI run 36). Here the moment is made a second long: the process closes its
+    write end, then lives on."""
+    got = spawn(["sh", "-c", "exec 3>&-; sleep 1; exit 3"], "30")
+    assert got.said == "ended"
+    assert not got.alive()
+
+
 ANNOUNCE = (
     "import sys, time; sys.path.insert(0, sys.argv[1]);"
     "from gateway.hub.runtime import announce_up, take_up_fd;"
