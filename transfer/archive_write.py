@@ -6,10 +6,13 @@ manifest's member first, then the file members and the end of the archive. That 
 compress the files before it knows the manifest: by default it makes one pass over the blobs,
 hashing them while their members are compressed into an unnamed temporary file, then writes the
 manifest part and copies that file (every blob is inflated once, which is what keeps the export
-near ``tar | zstd``). ``spool=False`` makes two passes instead (hash, then compress straight into
-the output) and produces the same bytes. Output is deterministic: fixed mtime (the snapshot's
-time), uid/gid 0, no owner names, gzip headers without name or time, and compressed data that
-depends only on the content and the level.
+near ``tar | zstd``). When the store already knows the size and sha256 of most of the contents
+(:mod:`narrative.blobdigests`: an earlier export hashed them), the rest are hashed first and the
+archive is compressed straight into the output in one pass, without that copy; ``spool=False``
+always does so (hashing what is not known, then compressing) and produces the same bytes.
+Output is deterministic: fixed mtime (the snapshot's time), uid/gid 0, no owner names, gzip
+headers without name or time, and compressed data that depends only on the content and the
+level.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from narrative.blobdigests import BlobDigests
 from narrative.errors import InvalidInput, StoreCorrupted
 from narrative.jsonio import parse_json
 from narrative.models import Snapshot
@@ -175,13 +179,15 @@ def write_archive(
         records: ``{"objective": ..., "thread": ..., "run": ...}`` records (dicts or None),
             already looked up by the caller; stored in the manifest.
         level: Compression level (gzip 0-9, default 1; zstd 1-22, default 3).
-        spool: True (default): one pass over the blobs, hashing while the file members are
-            compressed into an unnamed temporary file in the store's tmp directory (as large
-            as the compressed archive), then the manifest and that file are written out. Every
-            blob is inflated once, and nothing reaches ``out`` unless the export succeeds.
-            False: two passes, hashing first, then compressing straight into ``out`` — no
-            temporary file, and a slow ``out`` (an upload) overlaps the compression, at the
-            cost of inflating every blob twice.
+        spool: True (default): when the store does not know the size and sha256 of more
+            than a quarter of the contents (:class:`~narrative.blobdigests.BlobDigests`), one
+            pass over the blobs, hashing while the file members are compressed into an
+            unnamed temporary file in the store's tmp directory (as large as the compressed
+            archive), then the manifest and that file are written out; else as False.
+            False: the contents not known are hashed first, then everything is compressed
+            straight into ``out`` — no temporary file, and a slow ``out`` (an upload)
+            overlaps the compression, at the cost of inflating the blobs not known twice.
+            Either way the digests hashed are kept in the store for the next export.
 
     Returns:
         Files archived, their content bytes and the compressed bytes written.
@@ -231,7 +237,13 @@ def write_archive(
 
     with store.lock("gc", shared=True), writer, PackFiles() as packs:
         flat = flatten_tree(store.odb, bytes.fromhex(snapshot.tree))
-        if spool:
+        digests = BlobDigests.load(store.git_dir)
+        unknown = {
+            path: (mode, oid)
+            for path, (mode, oid) in flat.items()
+            if mode == MODE_LINK or digests.get(oid) is None  # a link's target is checked
+        }
+        if spool and 4 * len(unknown) > len(flat):
             os.makedirs(store.odb.tmp_dir, exist_ok=True)
             # unnamed (O_TMPFILE where available): nothing is left behind, even by kill -9
             with tempfile.TemporaryFile(dir=store.odb.tmp_dir, prefix="archive-") as tmp:
@@ -242,15 +254,48 @@ def write_archive(
                 tmp.seek(0)
                 while chunk := tmp.read(CHUNK):
                     counting.write(chunk)
+            hashed = files
         else:
-            files, links = _hash_pass(store.odb, packs, flat, workers)
+            # known contents are not hashed again, the rest before: one pass straight out
+            hashed, links = _hash_pass(store.odb, packs, unknown, workers)
+            files = _entries(flat, hashed, digests)
             manifest = make_manifest(files, links)
             writer.write_manifest(counting, manifest)
             writer.members(store.odb, packs, flat, counting, manifest.files)
             writer.finish(manifest)
+        for entry in hashed:
+            digests.add(bytes.fromhex(entry["blob"]), entry["size"], bytes.fromhex(entry["sha256"]))
+        digests.save()
     bytes_in = sum(entry["size"] for entry in files)
     logger.debug("archived %s: %d files, %d content bytes", snapshot.id, len(files), bytes_in)
     return ArchiveStats(len(files), bytes_in, counting.count)
+
+
+def _entries(
+    flat: dict[str, tuple[int, bytes]], hashed: list[dict[str, Any]], digests: BlobDigests
+) -> list[dict[str, Any]]:
+    """Manifest entries in tree order: those ``hashed``, the rest from ``digests``."""
+    by_path = {entry["path"]: entry for entry in hashed}
+    files: list[dict[str, Any]] = []
+    for path, (mode, oid) in flat.items():
+        entry = by_path.get(path)
+        if entry is None:
+            if mode not in MODE_NAMES:
+                raise ArchiveError(
+                    f"snapshot entry {path} has mode {mode:o}, which archives cannot hold"
+                )
+            known = digests.get(oid)
+            assert known is not None  # what is not known was hashed
+            size, sha256 = known
+            entry = {
+                "path": path,
+                "mode": MODE_NAMES[mode],
+                "size": size,
+                "sha256": sha256.hex(),
+                "blob": oid.hex(),
+            }
+        files.append(entry)
+    return files
 
 
 def _hash_one(

@@ -260,11 +260,13 @@ class _WritebackFile:
     (``POSIX_FADV_DONTNEED`` starts an asynchronous writeback on Linux), so the fsync before
     publishing waits for the last few MiB, not the whole artifact (262 vs 384 ms for 600 MiB
     here). Nothing is skipped: the fsync still covers every byte. A failed write is raised by
-    the next ``write``, ``flush`` or ``close``."""
+    the next ``write``, ``flush`` or ``close``. The publish stream's sha256 is taken on that
+    thread too (:attr:`digest`, in write order), which takes it off the caller's."""
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._file = os.fdopen(fd, "wb")
+        self.digest = hashlib.sha256()
         self._written = self._started = 0
         self._queue: queue.Queue[bytes | memoryview | None] | None = None
         self._thread: threading.Thread | None = None
@@ -288,6 +290,7 @@ class _WritebackFile:
 
     def _write_now(self, view: memoryview) -> None:
         self._file.write(view)
+        self.digest.update(view)
         self._written += view.nbytes
         if _DONTNEED is not None and self._written - self._started >= _WRITEBACK_STEP:
             self._file.flush()
@@ -319,6 +322,11 @@ class _WritebackFile:
         self._stop()  # the queue drained: later writes start a new thread
         self._raise()
         self._file.flush()
+
+    def hexdigest(self) -> str:
+        """The sha256 of everything written so far (queued writes are waited for)."""
+        self._stop()
+        return self.digest.hexdigest()
 
     def fileno(self) -> int:
         return self._fd
@@ -381,14 +389,15 @@ class PublishWriter(io.BufferedIOBase):
         self._raw = raw
         self._url = url
         self._callback = callback
-        self._hash = hashlib.sha256()
+        # a local file hashes what it writes on its writer thread; other backends here
+        self._hash = None if isinstance(raw, _WritebackFile) else hashlib.sha256()
         self._size = 0
         self.published = False
 
     @property
     def sha256(self) -> str:
         """Hex sha256 of everything written so far (the artifact's, once published)."""
-        return self._hash.hexdigest()
+        return self._raw.hexdigest() if self._hash is None else self._hash.hexdigest()
 
     @property
     def size(self) -> int:
@@ -410,7 +419,8 @@ class PublishWriter(io.BufferedIOBase):
         view = memoryview(data).cast("B")
         with translate(self._url, "writing", writing=True):
             self._raw.write(view)
-        self._hash.update(view)
+        if self._hash is not None:
+            self._hash.update(view)
         n = view.nbytes
         self._size += n
         if self._callback is not None:
