@@ -14,7 +14,7 @@ def pack_object_header(kind: str, size: int) -> bytes:
     return pack_entry_header(TYPE_CODES[kind], size)
 
 
-def parse_entry_header(head: bytes) -> tuple[int, int, int]:
+def parse_entry_header(head: bytes | memoryview) -> tuple[int, int, int]:
     """(type code, inflated size, header length) of the pack entry starting ``head``.
 
     ValueError when the header runs past ``head`` or encodes an absurd size (hostile packs).
