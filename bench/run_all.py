@@ -98,6 +98,14 @@ GOALS: tuple[Goal, ...] = (
         max_mb=TRANSFER_MAX_MB,
     ),
     Goal(
+        "tar-zst-cold",
+        "tar.zst export, no digest of the contents kept yet",
+        "transfer",
+        "zst-cold",
+        None,
+        quick=False,
+    ),
+    Goal(
         "incr-time",
         "incremental bundle after a 1-file change (time)",
         "transfer",
