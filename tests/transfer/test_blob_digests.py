@@ -24,6 +24,7 @@ from narrative.models import Snapshot
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from tests.conftest import git
+from tests.properties import examples
 from transfer.archive import ARCHIVE_FORMATS
 from transfer.archive_read import read_archive
 from transfer.archive_write import write_archive
@@ -121,7 +122,9 @@ def test_a_changed_file_is_the_only_content_hashed_again(store: Store, workspace
 
 
 @settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(25),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(keep=st.lists(st.booleans(), min_size=42, max_size=42))
 def test_any_part_of_the_digests_known_gives_the_bytes_of_a_cold_export(
