@@ -410,7 +410,12 @@ class ObjectStore:
         """
         start = idx.offset(i)
         first = idx.pread(_FIRST_READ, start)
-        code, size, header_len = parse_entry_header(first[:32])
+        try:
+            code, size, header_len = parse_entry_header(first[:32])
+        except ValueError:
+            raise StoreCorrupted(
+                f"corrupt object {idx.oid_at(i).hex()} in {idx.pack_path}"
+            ) from None
         if code not in _CODE_TYPES:
             return None
         # the whole stream, without locating the next object (see deflated_bound)

@@ -17,8 +17,11 @@ def pack_object_header(kind: str, size: int) -> bytes:
 def parse_entry_header(head: bytes | memoryview) -> tuple[int, int, int]:
     """(type code, inflated size, header length) of the pack entry starting ``head``.
 
-    ValueError when the header runs past ``head`` or encodes an absurd size (hostile packs).
+    ValueError when ``head`` is empty, or the header runs past it or encodes an absurd size
+    (hostile or truncated packs).
     """
+    if not head:
+        raise ValueError("pack entry header missing (the pack ends)")
     byte = head[0]
     code, size, shift, pos = (byte >> 4) & 7, byte & 15, 4, 0
     while byte & 0x80:

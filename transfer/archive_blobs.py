@@ -94,6 +94,8 @@ class PackFiles:
                     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                     try:
                         mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                    except ValueError:  # an empty file cannot be mapped
+                        raise StoreCorrupted(f"pack {path} is empty") from None
                     finally:
                         os.close(fd)
                     found = self._maps[path] = (mapped, memoryview(mapped))
@@ -136,7 +138,10 @@ class BlobSource:
                 if attempt == 0:
                     odb.invalidate()
                 continue
-            code, size, hlen = parse_entry_header(pack[start : start + 32])
+            try:
+                code, size, hlen = parse_entry_header(pack[start : start + 32])
+            except ValueError:  # a damaged header, or one past the pack's end
+                raise StoreCorrupted(f"object {self.oid.hex()} has a damaged entry") from None
             if code == 3:
                 self._pack = (pack, start + hlen)
                 return size

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import narrative.blobdigests as blobdigests
 from narrative.blobdigests import BlobDigests
+from narrative.errors import StoreCorrupted
 from narrative.history import resolve_snapshot
 from narrative.models import Snapshot
 from narrative.snapshot import take_snapshot
@@ -28,6 +29,7 @@ from tests.properties import examples
 from transfer.archive import ARCHIVE_FORMATS
 from transfer.archive_read import read_archive
 from transfer.archive_write import write_archive
+from transfer.exporter import export
 
 FORMATS = pytest.mark.parametrize("fmt", ARCHIVE_FORMATS)
 
@@ -199,3 +201,43 @@ def test_past_the_cap_only_this_exports_digests_are_kept(
     assert len(kept) == 5
     assert kept.get(bytes([12]) * 20) == (12, bytes([12]) * 32)
     assert kept.get(bytes([3]) * 20) is None
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_a_failed_export_publishes_nothing_and_keeps_the_old_archive(
+    store: Store, workspace: Path, tmp_path: Path, warm: bool, damage: str
+) -> None:
+    """A warm export writes straight to its output: when a damaged pack stops it midway, the
+    publish is abandoned, the archive already there and its sidecar stay as they were, and the
+    store's other files are untouched."""
+    _fill(workspace, 8)
+    big = random.Random(3).randbytes(256 << 10)
+    (workspace / "z-big.bin").write_bytes(big)  # last in tree order: the output is started
+    take_snapshot(store)
+    (tmp_path / "exports").mkdir()
+    target = tmp_path / "exports" / "out.tar.zst"
+    export(store, str(target), fmt="tar.zst")
+    old = target.read_bytes(), Path(f"{target}.sha256").read_bytes()
+    if not warm:
+        _digest_file(store).unlink()
+    found = store.odb.locate_packed(bytes.fromhex(git("hash-object", str(workspace / "z-big.bin"))))
+    assert found is not None
+    pack_path, start = found
+    with open(pack_path, "r+b") as pack:
+        if damage == "truncated":
+            pack.truncate(start + (100 << 10))
+        else:
+            pack.seek(start + (100 << 10))
+            byte = pack.read(1)
+            pack.seek(start + (100 << 10))
+            pack.write(bytes([byte[0] ^ 0xFF]))
+    digests = _digest_file(store).read_bytes() if warm else None
+    with pytest.raises(StoreCorrupted):
+        export(store, str(target), fmt="tar.zst")
+    assert (target.read_bytes(), Path(f"{target}.sha256").read_bytes()) == old
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.tar.zst", "out.tar.zst.sha256"]
+    if warm:
+        assert _digest_file(store).read_bytes() == digests
+    else:
+        assert not _digest_file(store).exists()
