@@ -280,30 +280,36 @@ def _entries(
     for path, (mode, oid) in flat.items():
         entry = by_path.get(path)
         if entry is None:
-            if mode not in MODE_NAMES:
-                raise ArchiveError(
-                    f"snapshot entry {path} has mode {mode:o}, which archives cannot hold"
-                )
             known = digests.get(oid)
-            assert known is not None  # what is not known was hashed
-            size, sha256 = known
-            entry = {
-                "path": path,
-                "mode": MODE_NAMES[mode],
-                "size": size,
-                "sha256": sha256.hex(),
-                "blob": oid.hex(),
-            }
+            assert known is not None  # what is not known was hashed (or refused, a submodule)
+            entry = _manifest_entry(path, mode, oid, known[0], known[1].hex())
         files.append(entry)
     return files
+
+
+def _mode_name(path: str, mode: int) -> str:
+    """The manifest's name of ``mode``; ArchiveError for one an archive cannot hold."""
+    name = MODE_NAMES.get(mode)
+    if name is None:
+        raise ArchiveError(f"snapshot entry {path} has mode {mode:o}, which archives cannot hold")
+    return name
+
+
+def _manifest_entry(path: str, mode: int, oid: bytes, size: int, sha256: str) -> dict[str, Any]:
+    return {
+        "path": path,
+        "mode": _mode_name(path, mode),
+        "size": size,
+        "sha256": sha256,
+        "blob": oid.hex(),
+    }
 
 
 def _hash_one(
     odb: ObjectStore, packs: PackFiles, path: str, mode: int, oid: bytes
 ) -> tuple[dict[str, Any], str]:
     """A manifest entry (sha256 streamed chunk by chunk) and, for symlinks, the target."""
-    if mode not in MODE_NAMES:
-        raise ArchiveError(f"snapshot entry {path} has mode {mode:o}, which archives cannot hold")
+    _mode_name(path, mode)
     source = BlobSource(odb, oid, packs)
     digest = hashlib.sha256()
     target = ""
@@ -314,14 +320,7 @@ def _hash_one(
     else:
         for chunk in source.chunks():
             digest.update(chunk)
-    entry = {
-        "path": path,
-        "mode": MODE_NAMES[mode],
-        "size": source.size,
-        "sha256": digest.hexdigest(),
-        "blob": oid.hex(),
-    }
-    return entry, target
+    return _manifest_entry(path, mode, oid, source.size, digest.hexdigest()), target
 
 
 def _hash_pass(
@@ -423,10 +422,7 @@ class _MemberWriter:
         links: dict[str, str] = {}
         try:
             for i, (path, (mode, oid)) in enumerate(flat.items()):
-                if mode not in MODE_NAMES:
-                    raise ArchiveError(
-                        f"snapshot entry {path} has mode {mode:o}, which archives cannot hold"
-                    )
+                _mode_name(path, mode)
                 source = BlobSource(odb, oid, packs)
                 digest = hashlib.sha256() if known is None else None
                 name = FILES_PREFIX + path
@@ -452,15 +448,7 @@ class _MemberWriter:
                     self._emit(_padding(size))
                 if known is None:
                     assert digest is not None
-                    files.append(
-                        {
-                            "path": path,
-                            "mode": MODE_NAMES[mode],
-                            "size": source.size,
-                            "sha256": digest.hexdigest(),
-                            "blob": oid.hex(),
-                        }
-                    )
+                    files.append(_manifest_entry(path, mode, oid, source.size, digest.hexdigest()))
         except BaseException:
             sink.abort()
             raise
