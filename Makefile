@@ -9,7 +9,8 @@ TEST_WORKERS ?= 2
 
 .PHONY: demo test test-long test-hosts test-faults soak lint bench bench-quick bench-snapshot bench-history bench-transfer bench-merge bench-run bench-sandbox bench-gateway bench-chain bench-web clean
 
-$(STAMP): pyproject.toml
+# (the install compiles narrative/_listing.c: a change to it or to its build hook reinstalls)
+$(STAMP): pyproject.toml hatch_build.py narrative/_listing.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

@@ -31,10 +31,10 @@ def is_workspace_tmp(name: str) -> bool:
     return _WORKSPACE_TMP.fullmatch(name) is not None
 
 
-def remove_stale_workspace_tmp(path: str, st: os.stat_result) -> None:
+def remove_stale_workspace_tmp(path: str, mtime_ns: int) -> None:
     """Remove a temporary file left by a killed writer (no change for a while: a live writer
     renames it within moments of its last write)."""
-    if time.time() - st.st_mtime > _STALE_TMP_SECONDS:
+    if time.time() - mtime_ns / 1e9 > _STALE_TMP_SECONDS:
         unlink_quiet(path)
 
 

@@ -15,43 +15,29 @@ that the blob writer hashes later, in parallel.
 ``lstat`` dominates and scales across processes (not threads: here they contend), so large
 workspaces are walked by this process and forked worker processes, each taking a share of the
 subtrees; the workers send back only signatures, plus file listings of the directories that
-changed. Each directory is listed through a descriptor and its files are ``fstatat``-ed by
-name; a directory whose names are all plain and that no ignore rule reaches is sorted without
-per-name checks.
+changed. Listing and ``lstat``-ing one directory is :mod:`narrative.walker`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import marshal
-import operator
 import os
-import zlib
-from collections.abc import Callable
 from typing import Any
 
 from . import progress
-from .dirtree import DirNode, DirScan, FileJob, Resolver, carried_records
+from .dirtree import DirNode, FileJob, Resolver, carried_records
 from .errors import WorkspaceUnreadable
-from .fsutil import is_workspace_tmp, remove_stale_workspace_tmp
-from .ignore import IgnoreRules, read_ignore_file
-from .paths import STORE_DIR_NAME, are_plain_names, component_problem, is_plain_name
-from .plain import Frozen
-from .statcache import DirRecord, StatCache, StatKey
+from .ignore import IgnoreRules
+from .statcache import DirRecord, StatCache
+from .walker import NATIVE_LISTER, KnownChanges, Walker
 
 __all__ = ["DirNode", "FileJob", "KnownChanges", "ScanResult", "scan_workspace"]
 
-_SPECIAL = frozenset((".git", ".gitignore", ".narrativeignore"))
 _PARALLEL_MIN_DIRS = 200
 """Fork workers only for workspaces whose last snapshot had at least this many directories."""
 _UNITS_PER_WORKER = 8
 _MAX_BATCHES = 1024
 """Units are queued in at most this many batches (two bytes a batch number: PIPE_BUF holds them)."""
-_stat_key: Callable[[os.stat_result], StatKey] = operator.attrgetter(
-    "st_mtime_ns", "st_ctime_ns", "st_size", "st_ino", "st_mode"
-)
-"""The stat key of a file (see :mod:`narrative.statcache`), taken in C."""
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class ScanResult:
@@ -97,229 +83,8 @@ class ScanResult:
         self.unchanged = unchanged
 
 
-class KnownChanges(Frozen):
-    """What a complete journal says changed since the cache was written."""
-
-    __slots__ = ("dirs", "trees")
-    FIELDS = ("dirs", "trees")
-    dirs: frozenset[str]
-    """Directories whose entries, or an entry's content or metadata, may have changed."""
-    trees: frozenset[str]
-    """Directories (new or moved in) to walk entirely."""
-
-    def __init__(self, dirs: frozenset[str], trees: frozenset[str]) -> None:
-        self.set_fields(dirs, trees)
-
-
-class _Walker:
-    """Lists and stats directories; shared by the parent and the forked workers."""
-
-    def __init__(
-        self, cached: dict[str, DirRecord], exclude: set[str], sweep_tmp: bool = False
-    ) -> None:
-        self.cached = cached
-        self.exclude = exclude
-        self.sweep_tmp = sweep_tmp
-        self.scans: list[DirScan] = []
-        self.reused: set[str] = set()
-        self.unreadable: list[dict[str, Any]] = []
-        #: counts the files listed (a no-op in forked workers: the parent counts theirs)
-        self.advance: Callable[[int], None] = progress.ignore
-
-    @staticmethod
-    def _rules_for(abs_dir: str, rel_dir: str, names: set[str], rules: IgnoreRules) -> IgnoreRules:
-        if ".git" in names:
-            exclude = os.path.join(abs_dir, ".git", "info", "exclude")
-            rules = rules.extend(read_ignore_file(exclude), rel_dir)
-        for fname in (".gitignore", ".narrativeignore"):
-            if fname in names:
-                lines = read_ignore_file(os.path.join(abs_dir, fname), follow_symlinks=False)
-                rules = rules.extend(lines, rel_dir)
-        return rules
-
-    def _sort(
-        self, abs_dir: str, rel_dir: str, entries: list[os.DirEntry[str]], rules: IgnoreRules
-    ) -> tuple[list[os.DirEntry[str]], list[os.DirEntry[str]], IgnoreRules]:
-        """Files and subdirectories to take, and the rules in force below."""
-        names = [e.name for e in entries]
-        if rules or not are_plain_names("\0".join(names) + "\0"):
-            return self._sort_entries(abs_dir, rel_dir, entries, set(names), rules)
-        # the common case, decided in one match: no special, unsafe or temporary name and no
-        # ignore rule, so each entry only needs its type (from the listing, no syscall)
-        files: list[os.DirEntry[str]] = []
-        subdirs: list[os.DirEntry[str]] = []
-        for entry in entries:
-            try:
-                (subdirs if entry.is_dir(follow_symlinks=False) else files).append(entry)
-            except OSError as exc:
-                self._unreadable_entry(rel_dir, entry.name, exc)
-        if self.exclude and subdirs:
-            subdirs = [e for e in subdirs if os.path.join(abs_dir, e.name) not in self.exclude]
-        return files, subdirs, rules
-
-    def _sort_entries(
-        self,
-        abs_dir: str,
-        rel_dir: str,
-        entries: list[os.DirEntry[str]],
-        names: set[str],
-        rules: IgnoreRules,
-    ) -> tuple[list[os.DirEntry[str]], list[os.DirEntry[str]], IgnoreRules]:
-        """Files and subdirectories to take, applying every naming and ignore rule; returns
-        them with the rules in force below (this directory's ignore files added)."""
-        if not names.isdisjoint(_SPECIAL):
-            rules = self._rules_for(abs_dir, rel_dir, names, rules)
-        prefix = rel_dir + "/" if rel_dir else ""
-        files: list[os.DirEntry[str]] = []
-        subdirs: list[os.DirEntry[str]] = []
-        for entry in entries:
-            name = entry.name
-            if name == ".git":
-                continue
-            if not rel_dir and name == STORE_DIR_NAME:
-                continue  # the store's marker: never captured, whatever an agent put there
-            if not is_plain_name(name):
-                problem = component_problem(name, top_level=not rel_dir)
-                if problem is not None:
-                    # e.g. ".GIT", "git~1", ".Narrative": never stored, so no restore, merge
-                    # or import elsewhere can write it into a .git or the store
-                    self.unreadable.append({"path": prefix + name, "reason": f"unsafe: {problem}"})
-                    continue
-            if is_workspace_tmp(name):
-                # a restore's or merge's file in flight (or left by a kill): never captured;
-                # swept at once by a writer holding the workspace lock, else once stale
-                path = os.path.join(abs_dir, name)
-                with contextlib.suppress(OSError):
-                    if self.sweep_tmp:
-                        os.unlink(path)
-                    else:
-                        remove_stale_workspace_tmp(path, entry.stat(follow_symlinks=False))
-                continue
-            try:
-                is_dir = entry.is_dir(follow_symlinks=False)
-            except OSError as exc:
-                self._unreadable_entry(rel_dir, name, exc)
-                continue
-            if is_dir:
-                if os.path.join(abs_dir, name) in self.exclude or (
-                    rules and rules.is_ignored(prefix + name, True)
-                ):
-                    continue
-                subdirs.append(entry)
-            elif not (rules and rules.is_ignored(prefix + name, False)):
-                files.append(entry)
-        return files, subdirs, rules
-
-    def _stat_slowly(
-        self, rel_dir: str, files: list[os.DirEntry[str]]
-    ) -> tuple[list[os.DirEntry[str]], list[os.stat_result]]:
-        """Stat one by one: entries that vanished since the listing are left out, those that
-        fail otherwise are left out and reported."""
-        kept, stats = [], []
-        for entry in files:
-            try:
-                stats.append(entry.stat(follow_symlinks=False))
-                kept.append(entry)
-            except OSError as exc:
-                self._unreadable_entry(rel_dir, entry.name, exc)
-        return kept, stats
-
-    def _unreadable_entry(self, rel_dir: str, name: str, exc: OSError) -> None:
-        """An entry of a listing that cannot be looked at: gone since (nothing to say), or
-        reported with the snapshot's skipped paths, as an unreadable directory is (a file
-        dropped without a word would read as deleted in the snapshot)."""
-        if not isinstance(exc, FileNotFoundError):
-            path = f"{rel_dir}/{name}" if rel_dir else name
-            self.unreadable.append({"path": path, "reason": f"unreadable: {exc.strerror}"})
-
-    def visit(
-        self, abs_dir: str, rel_dir: str, rules: IgnoreRules
-    ) -> tuple[list[str], list[tuple[str, str, IgnoreRules]]] | None:
-        """Scan one directory; returns its subdirectory rels and what to visit next."""
-        try:
-            # listed through a descriptor, so each entry's lstat is an fstatat of its name
-            # alone (no walk of the whole path per file); never through a symlink
-            fd = os.open(abs_dir, _DIR_FLAGS)
-        except OSError as exc:
-            self.unreadable.append(
-                {"path": rel_dir or ".", "reason": f"unreadable: {exc.strerror}"}
-            )
-            return None
-        try:
-            with os.scandir(fd) as it:
-                entries = list(it)
-            files, subdirs, rules = self._sort(abs_dir, rel_dir, entries, rules)
-            try:
-                stats = [e.stat(follow_symlinks=False) for e in files]
-            except OSError:
-                files, stats = self._stat_slowly(rel_dir, files)
-        except OSError as exc:
-            self.unreadable.append(
-                {"path": rel_dir or ".", "reason": f"unreadable: {exc.strerror}"}
-            )
-            return None
-        finally:
-            os.close(fd)
-        prefix = rel_dir + "/" if rel_dir else ""
-        keys: list[StatKey] = list(map(_stat_key, stats))
-        self.advance(len(keys))
-        file_names = [e.name for e in files]
-        sub_names = [e.name for e in subdirs]
-        listing = "\0".join(file_names) + "\0/\0" + "\0".join(sub_names)
-        sig = hash((tuple(keys), zlib.crc32(listing.encode("utf-8", "surrogateescape"))))
-        cached = self.cached.get(rel_dir)
-        own = (
-            None
-            if cached is not None and cached[0] == sig
-            else list(zip(file_names, keys, strict=True))
-        )
-        children = [prefix + n for n in sub_names]
-        self.scans.append((rel_dir, sig, True, children, own))
-        return children, [(os.path.join(abs_dir, name), prefix + name, rules) for name in sub_names]
-
-    def walk(self, abs_dir: str, rel_dir: str, rules: IgnoreRules) -> bool:
-        """Scan a whole subtree; False if its top could not be read."""
-        visited = self.visit(abs_dir, rel_dir, rules)
-        if visited is None:
-            return False
-        index = len(self.scans) - 1
-        complete = True
-        for child_abs, child_rel, child_rules in visited[1]:
-            complete = self.walk(child_abs, child_rel, child_rules) and complete
-        if not complete:
-            self._mark_incomplete(index)
-        return True
-
-    def _mark_incomplete(self, index: int) -> None:
-        rel, sig, _c, children, own = self.scans[index]
-        self.scans[index] = (rel, sig, False, children, own)
-
-    def walk_known(
-        self, abs_dir: str, rel_dir: str, rules: IgnoreRules, visit: set[str], known: KnownChanges
-    ) -> bool:
-        """Like :meth:`walk`, but only into ``visit`` (the changed directories and their
-        ancestors) and directories the cache does not know; every other subdirectory is left
-        to be taken from the cache as is (listed in :attr:`reused`)."""
-        if rel_dir in known.trees or rel_dir not in self.cached:
-            return self.walk(abs_dir, rel_dir, rules)
-        visited = self.visit(abs_dir, rel_dir, rules)
-        if visited is None:
-            return False
-        index = len(self.scans) - 1
-        complete = True
-        for child_abs, child_rel, child_rules in visited[1]:
-            if child_rel in visit or child_rel not in self.cached:
-                walked = self.walk_known(child_abs, child_rel, child_rules, visit, known)
-                complete = walked and complete
-            else:
-                self.reused.add(child_rel)
-        if not complete:
-            self._mark_incomplete(index)
-        return True
-
-
 def _walk_in_workers(
-    walker: _Walker, units: list[tuple[str, str, IgnoreRules]], workers: int
+    walker: Walker, units: list[tuple[str, str, IgnoreRules]], workers: int
 ) -> None:
     """Walk ``units`` in ``workers`` processes: this one and forked ones (as many as it can
     fork), each taking the next batch of units from a shared queue until it is empty, so one
@@ -353,7 +118,7 @@ def _walk_in_workers(
                 os.close(read_fd)
                 code = 0
                 try:
-                    child = _Walker(walker.cached, walker.exclude, walker.sweep_tmp)
+                    child = Walker(walker.cached, walker.exclude, walker.sweep_tmp, walker.lister)
                     _walk_queued(child, queue, batches)
                     payload = marshal.dumps((child.scans, child.unreadable))
                     with os.fdopen(write_fd, "wb") as out:
@@ -382,7 +147,7 @@ def _walk_in_workers(
 
 
 def _walk_queued(
-    walker: _Walker, queue: int, batches: list[list[tuple[str, str, IgnoreRules]]]
+    walker: Walker, queue: int, batches: list[list[tuple[str, str, IgnoreRules]]]
 ) -> None:
     """Walk batches of units by the numbers read from ``queue`` until it is empty."""
     # each number is two bytes and the queue holds whole numbers only: a read of two bytes
@@ -397,7 +162,7 @@ def _read_all(fd: int) -> bytes:
         return inp.read()
 
 
-def _units(walker: _Walker, workspace: str, want: int) -> list[tuple[str, str, IgnoreRules]] | None:
+def _units(walker: Walker, workspace: str, want: int) -> list[tuple[str, str, IgnoreRules]] | None:
     """Scan the top of the tree in this process until there are ``want`` subtrees to share."""
     frontier: list[tuple[str, str, IgnoreRules]] = [(workspace, "", IgnoreRules.empty())]
     top = True
@@ -438,6 +203,7 @@ def scan_workspace(
     max_size: int,
     sweep_tmp: bool = False,
     known: KnownChanges | None = None,
+    native: bool = True,
 ) -> ScanResult:
     """Walk ``workspace`` (absolute) and return its tree plus the files still to hash.
 
@@ -445,9 +211,10 @@ def scan_workspace(
     ``sweep_tmp``: remove every temporary file of ours found (the caller holds the workspace
     lock, so none of them belongs to a live writer). ``known``: a complete account of what
     changed since ``cache`` was written (the watcher's journal); only those directories are
-    listed, the rest is taken from the cache.
+    listed, the rest is taken from the cache. ``native``: list with the C lister when it is
+    built (:data:`NATIVE_LISTER`); False lists through ``os.scandir``, with the same result.
     """
-    walker = _Walker(cache.dirs, exclude, sweep_tmp)
+    walker = Walker(cache.dirs, exclude, sweep_tmp, NATIVE_LISTER if native else None)
     workers = min(os.cpu_count() or 1, 4)
     with progress.stage("scanning", None, "files") as walker.advance:
         if known is not None:

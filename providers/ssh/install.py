@@ -68,7 +68,7 @@ def runtime_key() -> str:
     root = _code_root()
     for package in _PACKAGES:
         for path in sorted((root / package).rglob("*")):
-            if path.suffix in (".py", ".json") and "__pycache__" not in path.parts:
+            if path.suffix in (".py", ".json", ".c") and "__pycache__" not in path.parts:
                 digest.update(str(path.relative_to(root)).encode() + b"\0")
                 digest.update(path.read_bytes())
     try:

@@ -376,6 +376,10 @@ def test_a_file_that_cannot_be_looked_at_is_reported_not_dropped_silently(
         def __exit__(self, *exc: object) -> None:
             self._it.__exit__(*exc)
 
+    # the os.scandir walk (the C lister's failures, provoked for real: test_native_listing.py)
+    from narrative import scan
+
+    monkeypatch.setattr(scan, "NATIVE_LISTER", None)
     monkeypatch.setattr(os, "scandir", Listing)
     result = take_snapshot(store, message="second")
     monkeypatch.undo()
