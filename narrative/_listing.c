@@ -32,6 +32,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#if defined(__APPLE__) /* the same timestamps under their BSD names */
+#define st_mtim st_mtimespec
+#define st_ctim st_ctimespec
+#endif
+
 /* seconds * 10**9 + nanoseconds, as os.stat_result's st_*_ns; Python arithmetic past int64
  * (a timestamp an agent set far out of range must give the value Python gives, not a wrap). */
 static PyObject *nanoseconds(time_t sec, long nsec) {
