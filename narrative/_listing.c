@@ -1,11 +1,11 @@
 /* narrative._listing: one directory listed and its non-directories lstat-ed in one call.
  *
- * The snapshot walk (narrative/scan.py) does this for every directory of the workspace; in
+ * The snapshot walk (narrative/walker.py) does this for every directory of the workspace; in
  * Python each entry costs a DirEntry, an os.stat_result (twenty fields, floats included) and a
  * tuple of its stat key, about as much CPU as the lstat itself. Here each entry costs its name
- * and, for a non-directory, the key tuple the walk keeps: half the walk's CPU (docs/decisions.md,
- * "The snapshot walk lists directories in C"). narrative/scan.py falls back to os.scandir when
- * this module is not built, with the same results.
+ * and, for a non-directory, the key tuple the walk keeps (docs/decisions.md, "The snapshot walk
+ * lists directories in C"). The walk lists through os.scandir when this module is not built,
+ * with the same results.
  *
  * list_dir(fd) -> (files, keys, subdirs, failed)
  *   fd       an open directory (not consumed: the caller closes it)
