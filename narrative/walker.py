@@ -40,16 +40,14 @@ names of its subdirectories, and (name, errno, type unknown) of the entries it c
 ``lstat`` (type unknown: the listing did not say whether it is a directory)."""
 
 
-def _mtime_of(entry: os.DirEntry[str]) -> Callable[[], int]:
-    return lambda: entry.stat(follow_symlinks=False).st_mtime_ns
-
-
-def _key_mtime(key: StatKey) -> Callable[[], int]:
-    return lambda: key[0]
-
-
-def _unknown_mtime() -> int:
-    raise OSError("not stat-ed")  # a temporary name of no known age: left for a later sweep
+def _mtime_ns(source: os.DirEntry[str] | StatKey | None) -> int:
+    """An entry's mtime from what the listing gave: its ``DirEntry``, its stat key, or nothing
+    (OSError: an entry of no known age, left for a later sweep)."""
+    if source is None:
+        raise OSError("not stat-ed")
+    if isinstance(source, tuple):
+        return source[0]
+    return source.stat(follow_symlinks=False).st_mtime_ns
 
 
 def _native_lister() -> Callable[[int], Listing] | None:
@@ -149,7 +147,7 @@ class Walker:
         subdirs: list[os.DirEntry[str]] = []
         for entry in entries:
             name = entry.name
-            if not self._admit(abs_dir, rel_dir, name, _mtime_of(entry)):
+            if not self._admit(abs_dir, rel_dir, name, entry):
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
@@ -166,10 +164,12 @@ class Walker:
                 files.append(entry)
         return files, subdirs, rules
 
-    def _admit(self, abs_dir: str, rel_dir: str, name: str, mtime_ns: Callable[[], int]) -> bool:
+    def _admit(
+        self, abs_dir: str, rel_dir: str, name: str, source: os.DirEntry[str] | StatKey | None
+    ) -> bool:
         """Whether an entry's name may be taken, before its type and the ignore rules are
         asked: never ``.git``, the store's marker, an unsafe name (reported) or a temporary
-        file of ours (swept; ``mtime_ns`` tells whether one is stale, or raises OSError)."""
+        file of ours (swept once stale: its age from ``source``, see :func:`_mtime_ns`)."""
         if name == ".git":
             return False
         if not rel_dir and name == STORE_DIR_NAME:
@@ -190,23 +190,22 @@ class Walker:
                 if self.sweep_tmp:
                     os.unlink(path)
                 else:
-                    remove_stale_workspace_tmp(path, mtime_ns())
+                    remove_stale_workspace_tmp(path, _mtime_ns(source))
             return False
         return True
 
     def _sort_listed(
-        self, abs_dir: str, rel_dir: str, listed: Listing, rules: IgnoreRules
+        self, abs_dir: str, rel_dir: str, listed: Listing, names: set[str], rules: IgnoreRules
     ) -> tuple[list[str], list[StatKey], list[str], IgnoreRules]:
         """:meth:`_sort_entries` for the C lister's listing: the same rules, the same result."""
         files, keys, subdirs, failed = listed
-        names = {*files, *subdirs, *(name for name, _, _ in failed)}
         if not names.isdisjoint(_SPECIAL):
             rules = self._rules_for(abs_dir, rel_dir, names, rules)
         prefix = rel_dir + "/" if rel_dir else ""
         taken: list[str] = []
         taken_keys: list[StatKey] = []
         for name, key in zip(files, keys, strict=True):
-            if self._admit(abs_dir, rel_dir, name, _key_mtime(key)) and not (
+            if self._admit(abs_dir, rel_dir, name, key) and not (
                 rules and rules.is_ignored(prefix + name, False)
             ):
                 taken.append(name)
@@ -214,17 +213,17 @@ class Walker:
         entered = [
             name
             for name in subdirs
-            if self._admit(abs_dir, rel_dir, name, _unknown_mtime)
+            if self._admit(abs_dir, rel_dir, name, None)
             and os.path.join(abs_dir, name) not in self.exclude
             and not (rules and rules.is_ignored(prefix + name, True))
         ]
         for name, error, type_unknown in failed:
             # as os.scandir's path: an entry of unknown type fails at its is_dir (reported
             # whatever the rules); a non-directory is reported unless ignored
-            if self._admit(abs_dir, rel_dir, name, _unknown_mtime) and (
+            if self._admit(abs_dir, rel_dir, name, None) and (
                 type_unknown or not (rules and rules.is_ignored(prefix + name, False))
             ):
-                self._unreadable_entry(rel_dir, name, OSError(error, os.strerror(error)))
+                self._unlisted(rel_dir, name, error)
         return taken, taken_keys, entered, rules
 
     def _stat_slowly(
@@ -249,20 +248,19 @@ class Walker:
             path = f"{rel_dir}/{name}" if rel_dir else name
             self.unreadable.append({"path": path, "reason": f"unreadable: {exc.strerror}"})
 
+    def _unlisted(self, rel_dir: str, name: str, error: int) -> None:
+        """:meth:`_unreadable_entry` for an entry the C lister could not ``lstat``."""
+        self._unreadable_entry(rel_dir, name, OSError(error, os.strerror(error)))
+
     def visit(
         self, abs_dir: str, rel_dir: str, rules: IgnoreRules
     ) -> tuple[list[str], list[tuple[str, str, IgnoreRules]]] | None:
         """Scan one directory; returns its subdirectory rels and what to visit next."""
+        fd = -1
         try:
             # listed through a descriptor, so each entry's lstat is an fstatat of its name
             # alone (no walk of the whole path per file); never through a symlink
             fd = os.open(abs_dir, _DIR_FLAGS)
-        except OSError as exc:
-            self.unreadable.append(
-                {"path": rel_dir or ".", "reason": f"unreadable: {exc.strerror}"}
-            )
-            return None
-        try:
             file_names, keys, sub_names, rules = self._list(fd, abs_dir, rel_dir, rules)
         except OSError as exc:
             self.unreadable.append(
@@ -270,7 +268,8 @@ class Walker:
             )
             return None
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         prefix = rel_dir + "/" if rel_dir else ""
         self.advance(len(keys))
         listing = "\0".join(file_names) + "\0/\0" + "\0".join(sub_names)
@@ -295,10 +294,10 @@ class Walker:
             files, keys, subdirs, failed = listed
             names = [*files, *subdirs, *(name for name, _, _ in failed)]
             if rules or not are_plain_names("\0".join(names) + "\0"):
-                return self._sort_listed(abs_dir, rel_dir, listed, rules)
+                return self._sort_listed(abs_dir, rel_dir, listed, set(names), rules)
             # the common case (see _sort): every entry is taken as the listing typed it
             for name, error, _ in failed:
-                self._unreadable_entry(rel_dir, name, OSError(error, os.strerror(error)))
+                self._unlisted(rel_dir, name, error)
             if self.exclude and subdirs:
                 subdirs = [n for n in subdirs if os.path.join(abs_dir, n) not in self.exclude]
             return files, keys, subdirs, rules
