@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tarfile
 import tracemalloc
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,12 @@ from narrative.hierarchy import get_objective, get_thread, start_run
 from narrative.ids import new_id
 from narrative.models import Snapshot
 from narrative.objects import MODE_DIR, encode_tree, hash_object
+from narrative.packentry import pack_entry_header
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from tests.conftest import call_in_own_process, git, tree_bytes
 from transfer.archive import ARCHIVE_FORMATS, MANIFEST_NAME, ArchiveError
+from transfer.archive_blobs import BlobSource, PackFiles
 from transfer.archive_manifest import ArchiveManifest
 from transfer.archive_read import read_archive
 from transfer.archive_write import write_archive
@@ -46,6 +49,11 @@ def _noise(size: int) -> bytes:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _unzstd(data: bytes) -> bytes:
+    with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True) as reader:
+        return reader.read()
 
 
 def _other_store(tmp_path: Path, name: str = "other") -> Store:
@@ -334,6 +342,87 @@ def test_a_damaged_blob_fails_the_export_as_store_corruption(
     with pytest.raises(StoreCorrupted, match="corrupt"):
         write_archive(store, snap, out, fmt)
     assert out.getvalue() == b""
+
+
+@FORMATS
+def test_sizes_at_every_read_and_batch_boundary_extract_with_stock_tar(
+    store: Store, workspace: Path, tmp_path: Path, fmt: str
+) -> None:
+    """Blobs read whole in one call (up to CHUNK) and streamed (past it), members queued whole
+    into the compressor's batch and those that overflow it: stock tar extracts every byte, and
+    both export strategies write the same archive."""
+    chunk, batch, block = archive_write.CHUNK, archive_write._BATCH, 512
+    sizes = [0, 1, block - 1, block, block + 1, batch - 2 * block, batch - block, batch - 1]
+    sizes += [batch, batch + 1, chunk - 1, chunk, chunk + 1, 2 * chunk + 3]
+    for i, size in enumerate(sizes):
+        (workspace / f"f{i:02d}.bin").write_bytes(_noise(size))
+    for i in range(300):  # many small members: the batch fills and flushes mid-member
+        (workspace / "many" / f"{i:03d}").parent.mkdir(exist_ok=True)
+        (workspace / "many" / f"{i:03d}").write_bytes(_noise(i * 37))
+    snap = take_snapshot(store).snapshot
+    data = _export(store, snap, fmt, spool=True)
+    assert _export(store, snap, fmt, spool=False) == data
+    raw = gzip.decompress(data) if fmt == "tar.gz" else _unzstd(data)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        members = tar.getmembers()
+    assert len(members) >= 1 + len(sizes) + 300
+    for member in members:  # what stock tar ignores: each member is padded with zeros
+        end = member.offset_data + member.size
+        assert raw[end : end + (-member.size % block)].count(0) == -member.size % block
+    if fmt == "tar.zst" and shutil.which("zstd") is None:
+        pytest.skip("the zstd CLI is not installed (apt-get install -y zstd)")
+    path = tmp_path / f"snap.{fmt}"
+    path.write_bytes(data)
+    out = tmp_path / "extracted"
+    out.mkdir()
+    flags = ["-xzf"] if fmt == "tar.gz" else ["--zstd", "-xf"]
+    subprocess.run(["tar", *flags, str(path), "-C", str(out)], check=True)
+    expected = {k: v for k, v in tree_bytes(workspace).items() if ".narrative" not in k}
+    assert tree_bytes(out / "files") == expected
+
+
+@pytest.mark.parametrize("size", [600, 64 << 10, 3 << 20], ids=["tiny", "small", "streamed"])
+@pytest.mark.parametrize(
+    ("said", "cut", "error"),
+    [
+        (0, 0.5, "is truncated"),
+        (-7, None, "longer than its header says"),
+        (7, None, "shorter than its header says"),
+        (0, -4, "corrupt|truncated"),  # no adler32 trailer: the stream never ends
+    ],
+    ids=["cut", "longer", "shorter", "no-trailer"],
+)
+def test_a_packed_blob_that_does_not_inflate_to_its_size_is_store_corruption(
+    store: Store, tmp_path: Path, size: int, said: int, cut: float | None, error: str
+) -> None:
+    """Read whole in one call (up to CHUNK) or streamed, a blob's stream that ends early, runs
+    past its header's size or stops short of it is refused as StoreCorrupted, naming it."""
+    data = _noise(size)
+    stream = zlib.compress(data)
+    if cut is not None:
+        stream = stream[: int(len(stream) * cut)] if cut > 0 else stream[: int(cut)]
+    pack = tmp_path / "crafted.pack"
+    pack.write_bytes(pack_entry_header(3, size + said) + stream)
+    oid = hash_object("blob", data)
+    with PackFiles() as packs:
+        source = BlobSource(store.odb, oid, packs, (str(pack), 0))
+        assert source.size == size + said
+        with pytest.raises(StoreCorrupted, match=f"{oid.hex()}.*({error})"):
+            whole = source.small()
+            if whole is None:
+                b"".join(source.chunks())
+
+
+def test_a_packed_blob_read_whole_or_streamed_is_the_same(store: Store, tmp_path: Path) -> None:
+    for size in (0, 1, archive_write.CHUNK - 1, archive_write.CHUNK, archive_write.CHUNK + 1):
+        data = _noise(size)
+        pack = tmp_path / f"blob-{size}.pack"
+        pack.write_bytes(pack_entry_header(3, size) + zlib.compress(data) + b"next entry")
+        with PackFiles() as packs:
+            source = BlobSource(store.odb, hash_object("blob", data), packs, (str(pack), 0))
+            whole = source.small()
+            assert whole == (data if size <= archive_write.CHUNK else None)
+            assert b"".join(source.chunks()) == data
 
 
 @pytest.mark.parametrize("target", ["/etc/passwd", "../../outside"])
