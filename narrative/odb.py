@@ -466,7 +466,21 @@ class ObjectStore:
         Raises:
             StoreCorrupted: A pack is shorter than its index says.
         """
-        by_pack = self._by_pack(oids)
+        by_pack: list[tuple[PackIndex, list[tuple[int, int, bytes]]]] = []
+        left = list(oids)
+        for idx in self._largest_first():
+            if not left:
+                break
+            wanted, rest = [], []
+            offsets = idx.offsets()
+            for oid, i in zip(left, idx.find_many(left), strict=True):
+                if i is None:
+                    rest.append(oid)
+                else:
+                    wanted.append((offsets[i], i, oid))
+            if wanted:
+                by_pack.append((idx, wanted))
+            left = rest
         try:
             for idx, wanted in by_pack:
                 idx.pread(0, 0)  # opens the pack, which sets its size
@@ -529,37 +543,6 @@ class ObjectStore:
             if i is not None:
                 return idx.pack_path, idx.offset(i)
         return None
-
-    def locate_packed_many(self, oids: Iterable[bytes]) -> dict[bytes, tuple[str, int]]:
-        """:meth:`locate_packed` of many objects at once (an export's every blob): one lookup
-        table per pack instead of a search each. Objects in no known pack are left out."""
-        return {
-            oid: (idx.pack_path, offset)
-            for idx, found in self._by_pack(oids)
-            for offset, _, oid in found
-        }
-
-    def _by_pack(
-        self, oids: Iterable[bytes]
-    ) -> list[tuple[PackIndex, list[tuple[int, int, bytes]]]]:
-        """The packs holding ``oids`` (biggest first), each with (offset, position, oid) of
-        those it holds; an oid in two packs is taken from the first."""
-        by_pack: list[tuple[PackIndex, list[tuple[int, int, bytes]]]] = []
-        left = list(oids)
-        for idx in self._largest_first():
-            if not left:
-                break
-            wanted, rest = [], []
-            offsets = idx.offsets()
-            for oid, i in zip(left, idx.find_many(left), strict=True):
-                if i is None:
-                    rest.append(oid)
-                else:
-                    wanted.append((offsets[i], i, oid))
-            if wanted:
-                by_pack.append((idx, wanted))
-            left = rest
-        return by_pack
 
     def pack_index_paths(self) -> list[str]:
         """Index paths of the packs known as of the last :meth:`invalidate`."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from narrative.errors import StoreCorrupted
@@ -114,25 +114,17 @@ class BlobSource:
     """A blob of the store read in chunks: from its pack, as a loose object, or (deltas,
     objects only libgit2 can read) whole."""
 
-    def __init__(
-        self,
-        odb: ObjectStore,
-        oid: bytes,
-        packs: PackFiles,
-        where: tuple[str, int] | None = None,
-    ) -> None:
-        """``where``: the pack and offset of ``oid`` if already looked up
-        (:meth:`~narrative.odb.ObjectStore.locate_packed_many`)."""
+    def __init__(self, odb: ObjectStore, oid: bytes, packs: PackFiles) -> None:
         self.oid = oid
         self._packs = packs
         self._pack: tuple[memoryview, int] | None = None
         self._loose: str | None = None
         self._data: bytes | None = None
-        self.size = self._locate(odb, where)
+        self.size = self._locate(odb)
 
-    def _locate(self, odb: ObjectStore, where: tuple[str, int] | None) -> int:
+    def _locate(self, odb: ObjectStore) -> int:
         for attempt in range(2):
-            found = where if attempt == 0 and where is not None else odb.locate_packed(self.oid)
+            found = odb.locate_packed(self.oid)
             if found is None:
                 loose = odb.loose_path(self.oid)
                 if os.path.exists(loose):
@@ -183,39 +175,6 @@ class BlobSource:
             raise StoreCorrupted(f"object {self.oid.hex()} is not a blob")
         return int(size)
 
-    def small(self) -> bytes | None:
-        """The whole content of a packed blob of at most :data:`~transfer.archive.CHUNK`
-        bytes, inflated in one call (most files of a workspace: no generator per file); None
-        for any other blob, to be read through :meth:`chunks`."""
-        if self._pack is None or self.size > CHUNK:
-            return None
-        pack, pos = self._pack
-        module, errors = inflater()
-        dec = module.decompressobj()
-        try:
-            data: bytes = dec.decompress(
-                self._packs.read(pack, pos, deflated_bound(self.size)), self.size
-            )
-        except errors as exc:
-            raise StoreCorrupted(f"object {self.oid.hex()} is corrupt: {exc}") from None
-        if len(data) != self.size or not dec.eof:
-            # cut short, longer than its header says, or damaged: the streamed read says which
-            return b"".join(_inflate(self._reader(), self.size, self.oid))
-        return data
-
-    def _reader(self) -> Callable[[int], bytes | memoryview]:
-        """``read(n)`` of this packed blob's compressed stream, from its start."""
-        assert self._pack is not None
-        pack, pos = self._pack
-
-        def read(n: int) -> bytes | memoryview:
-            nonlocal pos
-            data = self._packs.read(pack, pos, n)
-            pos += len(data)
-            return data
-
-        return read
-
     def chunks(self) -> Iterator[bytes]:
         """The blob's content, in chunks of at most 1 MiB."""
         if self._data is not None:
@@ -224,7 +183,15 @@ class BlobSource:
                 yield bytes(view[pos : pos + CHUNK])
             return
         if self._pack is not None:
-            yield from _inflate(self._reader(), self.size, self.oid)
+            pack, pos = self._pack
+
+            def read(n: int) -> bytes | memoryview:
+                nonlocal pos
+                data = self._packs.read(pack, pos, n)
+                pos += len(data)
+                return data
+
+            yield from _inflate(read, self.size, self.oid)
             return
         assert self._loose is not None
         header = object_header("blob", self.size)

@@ -305,33 +305,21 @@ def _manifest_entry(path: str, mode: int, oid: bytes, size: int, sha256: str) ->
     }
 
 
-def _whole(source: BlobSource, mode: int) -> bytes | None:
-    """The content of a small blob or of any symlink in one piece; None for a large file,
-    to be streamed through ``source.chunks()``."""
-    data = source.small()
-    if data is None and mode == MODE_LINK:
-        data = b"".join(source.chunks())
-    return data
-
-
 def _hash_one(
-    odb: ObjectStore,
-    packs: PackFiles,
-    item: tuple[str, tuple[int, bytes]],
-    where: tuple[str, int] | None,
+    odb: ObjectStore, packs: PackFiles, path: str, mode: int, oid: bytes
 ) -> tuple[dict[str, Any], str]:
     """A manifest entry (sha256 streamed chunk by chunk) and, for symlinks, the target."""
-    path, (mode, oid) = item
     _mode_name(path, mode)
-    source = BlobSource(odb, oid, packs, where)
+    source = BlobSource(odb, oid, packs)
     digest = hashlib.sha256()
-    data = _whole(source, mode)
-    if data is not None:
+    target = ""
+    if mode == MODE_LINK:
+        data = b"".join(source.chunks())
         digest.update(data)
+        target = os.fsdecode(data)
     else:
         for chunk in source.chunks():
             digest.update(chunk)
-    target = os.fsdecode(data) if mode == MODE_LINK and data is not None else ""
     return _manifest_entry(path, mode, oid, source.size, digest.hexdigest()), target
 
 
@@ -344,11 +332,11 @@ def _hash_pass(
     threads; each holds one chunk at a time."""
     items = list(flat.items())
     results: list[tuple[dict[str, Any], str] | None] = [None] * len(items)
-    where = odb.locate_packed_many(oid for _, oid in flat.values())
 
     def run(batch: range) -> None:
         for i in batch:
-            results[i] = _hash_one(odb, packs, items[i], where.get(items[i][1][1]))
+            path, (mode, oid) = items[i]
+            results[i] = _hash_one(odb, packs, path, mode, oid)
 
     if workers < 2 or len(items) < 2:
         run(range(len(items)))
@@ -432,28 +420,19 @@ class _MemberWriter:
         sink = self._sink = self._open(target)
         files: list[dict[str, Any]] = []
         links: dict[str, str] = {}
-        where = odb.locate_packed_many(oid for _, oid in flat.values())
         try:
             for i, (path, (mode, oid)) in enumerate(flat.items()):
                 _mode_name(path, mode)
-                source = BlobSource(odb, oid, packs, where.get(oid))
+                source = BlobSource(odb, oid, packs)
                 digest = hashlib.sha256() if known is None else None
                 name = FILES_PREFIX + path
-                data = _whole(source, mode)
-                if digest is not None and data is not None:
-                    digest.update(data)
                 if mode == MODE_LINK:
-                    assert data is not None
+                    data = b"".join(source.chunks())
                     links[path] = os.fsdecode(data)
+                    if digest is not None:
+                        digest.update(data)
                     link = tar_header(name, 0o777, 0, self.mtime, tarfile.SYMTYPE, links[path])
                     self._emit(link)
-                elif data is not None:
-                    # most files: header, content and padding queued at once
-                    size = len(data)
-                    if known is not None and size != known[i]["size"]:
-                        raise StoreCorrupted(f"blob {oid.hex()} changed size while archived")
-                    file_mode = 0o755 if mode == MODE_EXEC else 0o644
-                    self._emit_member(tar_header(name, file_mode, size, self.mtime), data)
                 else:
                     size = source.size if known is None else known[i]["size"]
                     file_mode = 0o755 if mode == MODE_EXEC else 0o644
@@ -489,24 +468,6 @@ class _MemberWriter:
         self._batch[self._batched : self._batched + size] = data
         self._batched += size
 
-    def _emit_member(self, header: bytes, data: bytes) -> None:
-        """:meth:`_emit` of a whole small member: its header, ``data`` and the padding."""
-        size = len(data)
-        end = len(header) + size
-        total = end + (-size % _BLOCK)
-        if self._batched + total > _BATCH or total >= _BATCH:
-            self._emit(header)
-            self._emit(data)
-            self._emit(_padding(size))
-            return
-        start = self._batched
-        batch = self._batch
-        batch[start : start + len(header)] = header
-        batch[start + len(header) : start + end] = data
-        batch[start + end : start + total] = _ZEROS[: total - end]
-        self._batched = start + total
-        self._offset += total
-
     def _flush(self) -> None:
         if self._batched:
             assert self._sink is not None
@@ -526,9 +487,6 @@ class _MemberWriter:
             sink.abort()
             raise
         sink.close()
-
-
-_ZEROS = bytes(_BLOCK)
 
 
 def _padding(size: int) -> bytes:

@@ -251,8 +251,8 @@ def test_pack_count_stays_bounded(store: Store, workspace: Path) -> None:
 
 def test_bulk_lookups_agree_with_one_by_one(store: Store, workspace: Path) -> None:
     """find_many and absent (one search each for a few oids, one dict of the pack for many),
-    offsets(), missing() and locate_packed_many() answer as find(), offset(), exists() and
-    locate_packed() do, loose objects and absent ones included."""
+    offsets() and missing() answer as find(), offset() and exists() do, loose objects and
+    absent ones included."""
     for i in range(40):
         (workspace / f"f{i}.txt").write_text(f"file {i}\n")
     take_snapshot(store)
@@ -267,10 +267,6 @@ def test_bulk_lookups_agree_with_one_by_one(store: Store, workspace: Path) -> No
             assert sorted(idx.absent(subset)) == sorted(o for o in subset if idx.find(o) is None)
             assert idx.offsets() == tuple(idx.offset(i) for i in range(idx.count))
         assert store.odb.missing(subset) == sorted(o for o in subset if not store.odb.exists(o))
-        located = {oid: store.odb.locate_packed(oid) for oid in subset}
-        assert store.odb.locate_packed_many(subset) == {
-            oid: where for oid, where in located.items() if where is not None
-        }
     assert store.odb.missing([*packed, loose, *absent]) == absent
     for idx in indexes:
         idx.close()
