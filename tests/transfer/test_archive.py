@@ -34,7 +34,7 @@ from narrative.packindex import encode_index
 from narrative.snapshot import take_snapshot
 from narrative.store import Store
 from tests.conftest import call_in_own_process, git, tree_bytes
-from transfer.archive import ARCHIVE_FORMATS, MANIFEST_NAME, ArchiveError
+from transfer.archive import ARCHIVE_FORMATS, CHUNK, MANIFEST_NAME, ArchiveError
 from transfer.archive_blobs import BlobSource, PackFiles
 from transfer.archive_manifest import ArchiveManifest
 from transfer.archive_read import read_archive
@@ -353,7 +353,7 @@ def test_sizes_at_every_read_and_batch_boundary_extract_with_stock_tar(
     """Blobs read whole in one call (up to CHUNK) and streamed (past it), members queued whole
     into the compressor's batch and those that overflow it: stock tar extracts every byte, and
     both export strategies write the same archive."""
-    chunk, batch, block = archive_write.CHUNK, archive_write._BATCH, 512
+    chunk, batch, block = CHUNK, 128 << 10, 512  # batch: what the member writer queues at once
     sizes = [0, 1, block - 1, block, block + 1, batch - 2 * block, batch - block, batch - 1]
     sizes += [batch, batch + 1, chunk - 1, chunk, chunk + 1, 2 * chunk + 3]
     for i, size in enumerate(sizes):
