@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 
-_BATCH = 128 << 10
+_BATCH = 128 << 10  # tests/transfer/test_archive.py puts file sizes at this boundary
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
 
