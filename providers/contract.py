@@ -450,11 +450,20 @@ def check_reconnect(target: ContractTarget, scratch: Path) -> None:
 @_deleting_on_failure
 def check_stop_ends_processes(target: ContractTarget, scratch: Path) -> None:
     """Stopping the environment ends every process in it (a spawned tree, children and all);
-    started again, none of them runs and the files are still there."""
+    a fresh process reattaching to every environment (``reconnect_all``, as ``env watch``
+    starts) leaves it stopped, neither started nor resumed; started again, none of the
+    processes runs and the files are still there."""
     manager = EnvironmentManager(_new_store(scratch))
     _, provider, rid = _create(target, manager, "halt")
     handle = _running_tree(provider, rid, scratch / "spawn.log")
     assert manager.stop("halt").state is EnvState.STOPPED
+    stopped = provider.health(rid)
+    fresh = EnvironmentManager(Store.open(manager.store.git_dir))
+    fresh.reconnect_all()
+    record = fresh.get("halt")
+    assert record.state is EnvState.STOPPED, record
+    again = fresh.provider(record).health(rid)
+    assert again is stopped, f"reconnecting changed a stopped environment: {stopped} -> {again}"
     assert manager.start("halt").state is EnvState.RUNNING
     if target.stop_ends_processes:
         assert not manager.alive("halt", handle), "the spawned process outlived the stop"

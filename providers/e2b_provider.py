@@ -25,6 +25,7 @@ envd's process list for the pid with that marker.
 
 from __future__ import annotations
 
+import datetime
 import io
 import logging
 import os
@@ -79,6 +80,8 @@ __all__ = ["E2BConfig", "E2BProvider"]
 log = logging.getLogger(__name__)
 
 _STAGING = ".narrative-staging"
+_SKEW = 5
+"""Seconds our clock may be behind the control plane's (see :meth:`E2BProvider.health`)."""
 """Directory beside the workdir for tars in transit (never inside the collected tree)."""
 _HANDLE = re.compile(r"e2b:([1-9][0-9]{0,9}):([0-9a-f]{24})")
 
@@ -115,12 +118,15 @@ class E2BProvider(BaseProvider):
     def _debug(self) -> bool:
         return bool(ConnectionConfig(**self._opts()).debug)
 
-    def _sandbox(self, resource_id: str) -> Sandbox:
-        """A handle on the sandbox (connecting resumes a paused one, as E2B defines it)."""
+    def _sandbox(self, resource_id: str, timeout: int | None = None) -> Sandbox:
+        """A handle on the sandbox (connecting resumes a paused one, as E2B defines it, and
+        makes a running one live at least ``timeout`` seconds more: default, the configured
+        timeout)."""
         handle = self._handles.get(resource_id)
         if handle is None:
+            lives = self.cfg.timeout if timeout is None else timeout
             with translating(resource_id):
-                handle = Sandbox.connect(resource_id, timeout=self.cfg.timeout, **self._opts())
+                handle = Sandbox.connect(resource_id, timeout=lives, **self._opts())
             self._handles[resource_id] = handle
         return handle
 
@@ -197,14 +203,17 @@ class E2BProvider(BaseProvider):
             RuntimeBroken: the runtime does not start, or workspace files shadow its modules.
         """
         try:
+            left = None
             if not self._debug:
                 with translating(resource_id):
                     info = Sandbox.get_info(resource_id, **self._opts())
                 if str(info.state) != "running":
                     return Health.UNREACHABLE  # paused: exists, does not answer until resumed
-            handle = self._handles.get(resource_id)
-            if handle is None:
-                handle = self._sandbox(resource_id)
+                # attached for no longer than it has left (minus clock skew): a probe from a
+                # fresh process must not keep the sandbox alive
+                now = datetime.datetime.now(datetime.UTC)
+                left = max(1, int((info.end_at - now).total_seconds()) - _SKEW)
+            handle = self._sandbox(resource_id, left)
             if not self._probe(handle, resource_id):
                 return Health.GONE
         except ResourceGone:

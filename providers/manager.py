@@ -556,9 +556,14 @@ class EnvironmentManager:
         return self._move(record, state, **fields)
 
     def reconnect_all(self) -> list[HealthReport]:
-        """On start-up: reattach to every environment whose resource still exists."""
+        """On start-up: reattach to every environment whose resource still exists. A stopped
+        one is only probed (:meth:`BaseProvider.health` changes nothing), not reattached:
+        reattaching starts or resumes a resource on some providers (Daytona, e2b), and a
+        stopped environment must stay stopped, its resource neither billed nor timed out."""
         return [
-            self._reconnect_one(record, record.resource_id)
+            self._check_one(record, record.resource_id)
+            if record.state is EnvState.STOPPED
+            else self._reconnect_one(record, record.resource_id)
             for record in self.records.live()
             if record.resource_id is not None
         ]
