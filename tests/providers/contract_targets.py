@@ -25,7 +25,8 @@ DOCKER_FOREIGN = ("proc:1:2:" + "0" * 24, "docker:abc:def", "e2b:1:" + "0" * 24)
 E2B_FOREIGN = ("e2b:0:" + "0" * 24, "e2b:12:short")
 DAYTONA_FOREIGN = ("daytona:nosuchcommand:" + "0" * 24, "daytona:x:short", "daytona::" + "0" * 24)
 #: those an agent can be run in from the CLI on this machine, isolated: the directory providers
-#: in their sandbox and Docker on the test engine (e2b needs a control plane the tests lack)
+#: in their sandbox and Docker on the test engine (e2b's stand-ins, envd and the control plane,
+#: serve the provider's own tests in-process, not runs from the CLI)
 ISOLATED_PROVIDERS = ["worktree", "local", "docker"]
 
 HAVE_BWRAP = shutil.which("bwrap") is not None

@@ -48,13 +48,14 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from werkzeug.formparser import parse_form_data
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.serving import BaseWSGIServer
 
 from providers.docker.client import capturing_responses
 from providers.docker.client import connect as connect_engine
 from providers.docker.image import host_runtime
 from providers.proctree import signal_argv
 from tests.providers.docker_support import connect, ensure_image
+from tests.providers.envd_standin import loopback_server
 
 StartResponse = Any
 Environ = dict[str, Any]
@@ -114,11 +115,6 @@ class _Box:
     """Held by a start or stop: one at a time, as Daytona's runner does them."""
 
 
-class _Quiet(WSGIRequestHandler):
-    def log_request(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 class DaytonaStandIn:
     """The server; sandboxes are containers labelled with this stand-in (removed afterwards)."""
 
@@ -168,7 +164,7 @@ class DaytonaStandIn:
             if started.isdigit() and time.time() - int(started) > LEAK_AGE:
                 with contextlib.suppress(Exception):
                     api.remove_container(container["Id"], force=True, v=True)
-        self._server = make_server("127.0.0.1", 0, self, threaded=True, request_handler=_Quiet)
+        self._server = loopback_server(self)
         for target, name in ((self._server.serve_forever, "serve"), (self._reap, "auto-stop")):
             thread = threading.Thread(target=target, name=f"daytona-standin-{name}", daemon=True)
             thread.start()

@@ -1,8 +1,11 @@
-"""Fixtures for the e2b provider tests: the envd stand-in on a free loopback port.
+"""Fixtures for the e2b provider tests: the envd stand-in on a free loopback port, and the
+control-plane stand-in in front of it.
 
-The server lives for the test module; each test gets a fresh debug sandbox and an environment
-where the e2b SDK is in debug mode and pointed at the stand-in (monkeypatched, so nothing leaks
-into other tests, and never a key or a non-loopback URL).
+The servers live for the test module. With ``envd`` a test gets a fresh debug sandbox and an
+environment where the e2b SDK is in debug mode and pointed at the stand-in; with ``control``
+the SDK is out of debug mode, its API at the control-plane stand-in (with that stand-in's test
+key) and its sandboxes at the envd stand-in. Both are monkeypatched, so nothing leaks into
+other tests, and never a real key or a non-loopback URL.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from narrative.ids import new_id
 from narrative.store import Store
 from providers.base import ProviderContext
 from providers.e2b_provider import E2BConfig, E2BProvider
+from tests.providers.e2b_control_standin import API_KEY, ControlPlaneStandIn
 from tests.providers.envd_standin import HOME, EnvdStandIn
 
 WORKDIR = f"{HOME}/workspace"
@@ -38,6 +42,33 @@ def envd_fixture(envd_server: EnvdStandIn, monkeypatch: pytest.MonkeyPatch) -> E
     monkeypatch.setenv("E2B_SANDBOX_URL", envd_server.url)
     envd_server.add_sandbox()
     return envd_server
+
+
+@pytest.fixture(scope="module", name="control_server")
+def control_server_fixture(envd_server: EnvdStandIn) -> Iterator[ControlPlaneStandIn]:
+    server = ControlPlaneStandIn(envd_server).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(name="control")
+def control_fixture(
+    control_server: ControlPlaneStandIn, envd_server: EnvdStandIn, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ControlPlaneStandIn]:
+    """The control-plane stand-in, emptied, with the SDK out of debug mode and aimed at it (its
+    sandboxes served by the envd stand-in) and its key in ``E2B_API_KEY``."""
+    for var in ("E2B_DEBUG", "E2B_DOMAIN", "E2B_ACCESS_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("E2B_API_KEY", API_KEY)
+    monkeypatch.setenv("E2B_API_URL", control_server.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", envd_server.url)
+    yield control_server
+    for sandbox_id in list(control_server.sandboxes):
+        envd_server.kill(sandbox_id)
+    control_server.sandboxes.clear()
+    control_server.requests.clear()
+    control_server.page_size = 100
+    control_server.skew = 0.0
 
 
 def make_provider(store: Store, **config: Any) -> E2BProvider:

@@ -110,10 +110,10 @@ class SandboxState:
         with self.lock:
             procs = list(self.procs.values())
         for proc in procs:
-            _signal_group(proc.popen, signal.SIGKILL)
+            signal_group(proc.popen, signal.SIGKILL)
 
 
-def _signal_group(popen: subprocess.Popen[bytes], sig: int) -> None:
+def signal_group(popen: subprocess.Popen[bytes], sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(popen.pid, sig)
 
@@ -326,7 +326,7 @@ class _Process:
             # the client sent no timeout), not by the client staying connected: a client that
             # disconnects leaves it running, and it stays listed until it exits.
             if deadline_passed and proc.popen.poll() is None:
-                _signal_group(proc.popen, signal.SIGKILL)
+                signal_group(proc.popen, signal.SIGKILL)
             if proc.popen.poll() is None:
                 threading.Thread(
                     target=self._finish, args=(proc, end_at), name="envd-reap", daemon=True
@@ -340,7 +340,7 @@ class _Process:
         try:
             proc.popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            _signal_group(proc.popen, signal.SIGKILL)
+            signal_group(proc.popen, signal.SIGKILL)
         proc.popen.wait()
         for pipe in (proc.popen.stdin, proc.popen.stdout, proc.popen.stderr):
             if pipe is not None:
@@ -372,7 +372,7 @@ class _Process:
     def send_signal(self, request: process_pb.SendSignalRequest, ctx: RequestContext) -> Any:
         proc = self._find(request.process)
         sig = signal.SIGKILL if request.signal == process_pb.Signal.SIGKILL else signal.SIGTERM
-        _signal_group(proc.popen, sig)
+        signal_group(proc.popen, sig)
         return process_pb.SendSignalResponse()
 
     def send_input(self, request: process_pb.SendInputRequest, ctx: RequestContext) -> Any:
@@ -489,9 +489,16 @@ class _FilesRoute:
         return _json(start_response, "200 OK", written)
 
 
-class _Quiet(WSGIRequestHandler):
+class QuietHandler(WSGIRequestHandler):
+    """Serves requests without logging each one."""
+
     def log_request(self, *args: Any, **kwargs: Any) -> None:
         pass
+
+
+def loopback_server(app: Any) -> BaseWSGIServer:
+    """A threaded server of the WSGI ``app`` on a free port of 127.0.0.1 (every stand-in's)."""
+    return make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietHandler)
 
 
 class EnvdStandIn:
@@ -551,7 +558,7 @@ class EnvdStandIn:
         return _error(start_response, 404, f"no route {path}")
 
     def start(self) -> EnvdStandIn:
-        self._server = make_server("127.0.0.1", 0, self, threaded=True, request_handler=_Quiet)
+        self._server = loopback_server(self)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="envd-standin", daemon=True
         )
