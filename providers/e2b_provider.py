@@ -211,8 +211,11 @@ class E2BProvider(BaseProvider):
                     return Health.UNREACHABLE  # paused: exists, does not answer until resumed
                 # attached for no longer than it has left (minus clock skew): a probe from a
                 # fresh process must not keep the sandbox alive
+                end = info.end_at
+                if end.tzinfo is None:  # the API's times are UTC
+                    end = end.replace(tzinfo=datetime.UTC)
                 now = datetime.datetime.now(datetime.UTC)
-                left = max(1, int((info.end_at - now).total_seconds()) - _SKEW)
+                left = max(1, int((end - now).total_seconds()) - _SKEW)
             handle = self._sandbox(resource_id, left)
             if not self._probe(handle, resource_id):
                 return Health.GONE
