@@ -40,10 +40,9 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-from werkzeug.serving import BaseWSGIServer
 from werkzeug.wrappers import Request, Response
 
-from tests.providers.envd_standin import EnvdStandIn, loopback_server, signal_group
+from tests.providers.envd_standin import EnvdStandIn, LoopbackServing, signal_group
 
 API_KEY = "e2b_standin_0123456789abcdef0123456789abcdef"
 """The key the stand-in accepts (a test value, never a real one)."""
@@ -80,10 +79,11 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(json.dumps(body), status, mimetype="application/json")
 
 
-class ControlPlaneStandIn:
+class ControlPlaneStandIn(LoopbackServing):
     """The server: sandboxes by id, each served by ``envd`` while it exists."""
 
     def __init__(self, envd: EnvdStandIn) -> None:
+        super().__init__()
         self.envd = envd
         self.sandboxes: dict[str, ControlSandbox] = {}
         self.page_size = 100
@@ -93,13 +93,6 @@ class ControlPlaneStandIn:
         """``(method, path)`` of every authenticated request, in order."""
         self._seq = 0
         self._lock = threading.Lock()
-        self._server: BaseWSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None, "stand-in not started"
-        return f"http://127.0.0.1:{self._server.server_port}"
 
     def now(self) -> float:
         return time.time() + self.skew
@@ -286,16 +279,8 @@ class ControlPlaneStandIn:
     # -- the server -----------------------------------------------------------------------------
 
     def start(self) -> ControlPlaneStandIn:
-        self._server = loopback_server(self)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="e2b-control-standin", daemon=True
-        )
-        self._thread.start()
+        self.serve("e2b-control-standin")
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self.stop_serving()

@@ -501,13 +501,11 @@ def loopback_server(app: Any) -> BaseWSGIServer:
     return make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietHandler)
 
 
-class EnvdStandIn:
-    """The server: many sandboxes by id, each with its own root below ``base``."""
+class LoopbackServing:
+    """A stand-in that serves itself (a WSGI app) on a free port of 127.0.0.1, from a thread
+    of its own."""
 
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.sandboxes: dict[str, SandboxState] = {}
-        self._apps: dict[str, dict[str, Any]] = {}
+    def __init__(self) -> None:
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -515,6 +513,28 @@ class EnvdStandIn:
     def url(self) -> str:
         assert self._server is not None, "stand-in not started"
         return f"http://127.0.0.1:{self._server.server_port}"
+
+    def serve(self, name: str) -> None:
+        self._server = loopback_server(self)
+        self._thread = threading.Thread(target=self._server.serve_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def stop_serving(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+class EnvdStandIn(LoopbackServing):
+    """The server: many sandboxes by id, each with its own root below ``base``."""
+
+    def __init__(self, base: Path) -> None:
+        super().__init__()
+        self.base = base
+        self.sandboxes: dict[str, SandboxState] = {}
+        self._apps: dict[str, dict[str, Any]] = {}
 
     def add_sandbox(self, sandbox_id: str = DEBUG_SANDBOX_ID) -> SandboxState:
         """A fresh sandbox (replacing any earlier one of that id, whose processes die)."""
@@ -558,18 +578,10 @@ class EnvdStandIn:
         return _error(start_response, 404, f"no route {path}")
 
     def start(self) -> EnvdStandIn:
-        self._server = loopback_server(self)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="envd-standin", daemon=True
-        )
-        self._thread.start()
+        self.serve("envd-standin")
         return self
 
     def stop(self) -> None:
         for sandbox in self.sandboxes.values():
             sandbox.kill()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self.stop_serving()
