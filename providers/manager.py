@@ -557,9 +557,8 @@ class EnvironmentManager:
 
     def reconnect_all(self) -> list[HealthReport]:
         """On start-up: reattach to every environment whose resource still exists. A stopped
-        one is only probed (:meth:`BaseProvider.health` changes nothing), not reattached:
-        reattaching starts or resumes a resource on some providers (Daytona, e2b), and a
-        stopped environment must stay stopped, its resource neither billed nor timed out."""
+        one is only probed (health changes nothing): reattaching starts or resumes a resource
+        on some providers (Daytona, e2b), and a stopped environment must stay stopped."""
         return [
             self._check_one(record, record.resource_id)
             if record.state is EnvState.STOPPED
