@@ -13,8 +13,6 @@ e2b; ``docs/providers.md`` shows how to run them against another provider.
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -31,6 +29,7 @@ from narrative.store import Store
 
 from .base import UP_FD_VAR, BaseProvider, Health, ProviderContext, Signal
 from .errors import ExecFailed, ResourceGone
+from .gitoracle import git_tree_of
 from .lifecycle import EnvState, can_transition
 from .manager import EnvironmentManager
 from .records import EnvironmentRecord, creating
@@ -71,24 +70,6 @@ class ContractTarget:
     prepare: Callable[[EnvironmentManager], None] | None = None
     """Creates in a check's store what an environment of the provider needs there first (a
     hybrid environment's two environments), before each environment is created."""
-
-
-def _git(*args: str, env: Mapping[str, str] | None = None) -> str:
-    environ = {**os.environ, **(env or {})}
-    return subprocess.run(
-        ["git", *args], check=True, capture_output=True, text=True, env=environ
-    ).stdout
-
-
-def git_tree_of(workspace: Path, scratch: Path, exclude: tuple[str, ...] = ("/.narrative",)) -> str:
-    """The tree id stock git computes for a directory (the anchor of every collect)."""
-    shadow = scratch / f"oracle-{uuid.uuid4().hex[:8]}.git"
-    _git("init", "-q", "--bare", str(shadow))
-    (shadow / "info").mkdir(exist_ok=True)
-    (shadow / "info" / "exclude").write_text("\n".join(exclude) + "\n")
-    env = {"GIT_DIR": str(shadow), "GIT_WORK_TREE": str(workspace)}
-    _git("add", "-A", env=env)
-    return _git("write-tree", env=env).strip()
 
 
 def _new_store(scratch: Path) -> Store:

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import is_hypothesis_test, settings
 
 from narrative.store import Store
+from providers.gitoracle import git_tree_of  # noqa: F401  (the tests import it from here)
 from tests.properties import PROFILE
 
 settings.load_profile(PROFILE)
@@ -97,19 +98,6 @@ def call_in_own_process(function: str, *args: Any) -> Any:
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def git_tree_of(
-    workspace: Path, tmp_path: Path, exclude: tuple[str, ...] = ("/.narrative",)
-) -> str:
-    """The tree id stock git computes for a workspace (anchor of DESIGN.md §6)."""
-    shadow = tmp_path / f"oracle-{os.urandom(4).hex()}.git"
-    git("init", "-q", "--bare", str(shadow))
-    (shadow / "info").mkdir(exist_ok=True)
-    (shadow / "info" / "exclude").write_text("\n".join(exclude) + "\n")
-    env = {"GIT_DIR": str(shadow), "GIT_WORK_TREE": str(workspace)}
-    git("add", "-A", env=env)
-    return git("write-tree", env=env).strip()
 
 
 def kill_after(args: list[str], cwd: Path, delay: float) -> int:
