@@ -80,9 +80,9 @@ __all__ = ["E2BConfig", "E2BProvider"]
 log = logging.getLogger(__name__)
 
 _STAGING = ".narrative-staging"
-_SKEW = 5
-"""Seconds our clock may be behind the control plane's (see :meth:`E2BProvider.health`)."""
 """Directory beside the workdir for tars in transit (never inside the collected tree)."""
+_SKEW = 5
+"""Seconds our clock may be behind the control plane's (see :func:`_time_left`)."""
 _HANDLE = re.compile(r"e2b:([1-9][0-9]{0,9}):([0-9a-f]{24})")
 
 
@@ -209,13 +209,8 @@ class E2BProvider(BaseProvider):
                     info = Sandbox.get_info(resource_id, **self._opts())
                 if str(info.state) != "running":
                     return Health.UNREACHABLE  # paused: exists, does not answer until resumed
-                # attached for no longer than it has left (minus clock skew): a probe from a
-                # fresh process must not keep the sandbox alive
-                end = info.end_at
-                if end.tzinfo is None:  # the API's times are UTC
-                    end = end.replace(tzinfo=datetime.UTC)
-                now = datetime.datetime.now(datetime.UTC)
-                left = max(1, int((end - now).total_seconds()) - _SKEW)
+                # a probe from a fresh process must not keep the sandbox alive
+                left = _time_left(info.end_at)
             handle = self._sandbox(resource_id, left)
             if not self._probe(handle, resource_id):
                 return Health.GONE
@@ -556,3 +551,11 @@ class E2BProvider(BaseProvider):
                     sandbox.files.remove(staged)
             except ProviderError as exc:
                 log.warning("could not remove %s from e2b sandbox %s: %s", staged, resource_id, exc)
+
+
+def _time_left(end: datetime.datetime) -> int:
+    """Seconds a sandbox ending at ``end`` has left, less :data:`_SKEW`, at least 1: attaching
+    for that long leaves its end where it is (E2B only ever moves it later)."""
+    if end.tzinfo is None:  # the API's times are UTC
+        end = end.replace(tzinfo=datetime.UTC)
+    return max(1, int((end - datetime.datetime.now(datetime.UTC)).total_seconds()) - _SKEW)

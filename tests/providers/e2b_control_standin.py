@@ -22,7 +22,7 @@ What it imitates of E2B:
   already paused; unknown or killed ids answer 404 on get, connect, pause and delete.
 
 Not implemented: templates (any name is accepted), fork, snapshots, metrics, logs, network
-and timeout updates, auto-pause and auto-resume; a sandbox's ``envVars`` are kept, not applied to
+and timeout updates, auto-pause and auto-resume; a sandbox's ``envVars`` are not applied to
 its commands (the provider passes its variables with every command anyway).
 """
 
@@ -35,7 +35,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -62,7 +62,6 @@ class ControlSandbox:
     seq: int
     """Creation order: what pages are cut by."""
     state: str = "running"
-    env_vars: dict[str, str] = field(default_factory=dict)
 
 
 def _iso(ts: float) -> str:
@@ -108,11 +107,9 @@ class ControlPlaneStandIn(LoopbackServing):
     ) -> ControlSandbox:
         """A running sandbox, as another client of the account would create it."""
         with self._lock:
-            return self._create(template, metadata or {}, timeout, {})
+            return self._create(template, metadata or {}, timeout)
 
-    def _create(
-        self, template: str, metadata: dict[str, str], timeout: int, env_vars: dict[str, str]
-    ) -> ControlSandbox:
+    def _create(self, template: str, metadata: dict[str, str], timeout: int) -> ControlSandbox:
         self._seq += 1
         now = self.now()
         sandbox = ControlSandbox(
@@ -122,7 +119,6 @@ class ControlPlaneStandIn(LoopbackServing):
             started_at=now,
             end_at=now + timeout,
             seq=self._seq,
-            env_vars=env_vars,
         )
         self.sandboxes[sandbox.id] = sandbox
         self.envd.add_sandbox(sandbox.id)
@@ -187,7 +183,7 @@ class ControlPlaneStandIn(LoopbackServing):
         timeout = body.get("timeout", DEFAULT_TIMEOUT)
         if not isinstance(metadata, dict) or not isinstance(timeout, int) or timeout < 0:
             return _error(400, "invalid metadata or timeout")
-        sandbox = self._create(body["templateID"], metadata, timeout, body.get("envVars") or {})
+        sandbox = self._create(body["templateID"], metadata, timeout)
         return _json(self._created(sandbox), 201)
 
     def _one(
